@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# `make demo`: the Service Mesh Hub shared-trust guide, with every manual step automated.
+#   1. a SoftHSM token and a root CA whose key is generated inside it
+#   2. the signer (mTLS, VirtualMesh policy, audit log)
+#   3. both meshes of config/virtual-mesh.yaml get intermediates via `meshca request`
+#   4. both chains shown ending at the same root (the seed's `openssl s_client -showcerts` check)
+#   5. a workload certificate from each cluster's intermediate and an mTLS handshake between them
+# Everything lands in var/demo/ (rebuilt from scratch each run).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+meshca=${MESHCA:-$repo/target/release/meshca}
+demo=$repo/var/demo
+listen=127.0.0.1:8443
+signer_url=https://$listen
+
+bold=$(tput bold 2>/dev/null || true)
+normal=$(tput sgr0 2>/dev/null || true)
+step() { printf '\n%s==> %s%s\n' "$bold" "$*" "$normal"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+signer_pid=""
+server_pid=""
+cleanup() {
+  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
+  if [ -n "$signer_pid" ] && kill -0 "$signer_pid" 2>/dev/null; then
+    kill -TERM "$signer_pid" 2>/dev/null || true
+    wait "$signer_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+[ -x "$meshca" ] || { echo "meshca binary not found at $meshca (run: make build)" >&2; exit 1; }
+if (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null; then
+  echo "something already listens on $listen; stop it and run make demo again" >&2
+  exit 1
+fi
+
+step "Fresh demo directory var/demo"
+rm -rf "$demo"
+mkdir -p "$demo/clusters"
+cd "$demo"
+
+step "1. A SoftHSM token (its PINs live in files, mode 0600, never on a command line)"
+"$repo/softhsm/setup-token-dir.sh" "$demo/softhsm"
+export SOFTHSM2_CONF=$demo/softhsm/softhsm2.conf
+module=$("$repo/scripts/softhsm-module.sh")
+
+step "   The transport PKI for mTLS between the signer and the clusters (openssl)"
+"$repo/scripts/transport-pki.sh" ca pki
+"$repo/scripts/transport-pki.sh" server pki signer
+"$repo/scripts/transport-pki.sh" client pki management-plane spiffe://meshca.demo/cluster/management-plane
+"$repo/scripts/transport-pki.sh" client pki remote-cluster spiffe://meshca.demo/cluster/remote-cluster
+ls -l pki | sed 's/^/    /'
+
+cat > signer.toml <<EOF
+# meshca signer configuration written by \`make demo\`. Relative paths are relative to
+# this file. Run it again with: meshca serve --config var/demo/signer.toml
+listen = "$listen"
+virtual_meshes = ["../../config/virtual-mesh.yaml"]
+audit_log = "audit.log"
+
+[tls]
+cert = "pki/signer.pem"
+key = "pki/signer.key"
+client_ca = "pki/ca.pem"
+
+[root]
+certificate = "root-cert.pem"
+virtual_mesh = "service-mesh-hub/virtual-mesh"
+key_type = "rsa4096"
+common_name = "meshca demo root CA"
+backend = "pkcs11"
+
+[pkcs11]
+module = "$module"
+key = "pkcs11:token=meshca;object=root-ca"
+pin_file = "softhsm/user-pin"
+softhsm2_conf = "softhsm/softhsm2.conf"
+
+# Each cluster's agent may ask only for its own mesh.
+[[clients]]
+identity = "spiffe://meshca.demo/cluster/management-plane"
+allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-hub/istio-istio-system-management-plane" }]
+
+[[clients]]
+identity = "spiffe://meshca.demo/cluster/remote-cluster"
+allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-hub/istio-istio-system-new-remote-cluster" }]
+EOF
+run "$meshca" token init --config signer.toml --so-pin-file softhsm/so-pin
+
+step "   The root CA: RSA-4096 generated inside the token, self-signed through C_Sign"
+run "$meshca" root init --config signer.toml
+run "$meshca" root show --config signer.toml
+
+step "2. The signer: mTLS on $listen, policy from config/virtual-mesh.yaml"
+"$meshca" serve --config signer.toml > signer.log 2>&1 &
+signer_pid=$!
+for _ in $(seq 1 100); do
+  if curl -sf --cacert pki/ca.pem --cert pki/management-plane.pem --key pki/management-plane.key \
+       "$signer_url/readyz" >/dev/null 2>&1; then
+    break
+  fi
+  kill -0 "$signer_pid" 2>/dev/null || { echo "signer exited:" >&2; cat signer.log >&2; exit 1; }
+  sleep 0.1
+done
+run curl -s --cacert pki/ca.pem --cert pki/management-plane.pem --key pki/management-plane.key \
+  "$signer_url/v1/virtualmeshes/service-mesh-hub/virtual-mesh"
+echo
+
+step "3. Each cluster generates its intermediate key locally and has it signed"
+run "$meshca" request --signer "$signer_url" --ca-cert pki/ca.pem \
+  --client-cert pki/management-plane.pem --client-key pki/management-plane.key \
+  --virtual-mesh service-mesh-hub/virtual-mesh --mesh service-mesh-hub/istio-istio-system-management-plane \
+  --out-dir clusters/management-plane/cacerts
+run "$meshca" request --signer "$signer_url" --ca-cert pki/ca.pem \
+  --client-cert pki/remote-cluster.pem --client-key pki/remote-cluster.key \
+  --virtual-mesh service-mesh-hub/virtual-mesh --mesh service-mesh-hub/istio-istio-system-new-remote-cluster \
+  --out-dir clusters/remote-cluster/cacerts
+
+step "   Policy at work: the remote cluster may not ask for the management plane's mesh"
+if "$meshca" request --signer "$signer_url" --ca-cert pki/ca.pem \
+     --client-cert pki/remote-cluster.pem --client-key pki/remote-cluster.key \
+     --virtual-mesh service-mesh-hub/virtual-mesh --mesh service-mesh-hub/istio-istio-system-management-plane \
+     --out-dir clusters/denied 2>denied.txt; then
+  echo "expected a denial" >&2; exit 1
+fi
+sed 's/^/    /' denied.txt
+[ ! -e clusters/denied/ca-cert.pem ] || { echo "a denied request wrote files" >&2; exit 1; }
+
+step "   Each cacerts directory checked the way istiod checks it"
+for cluster in management-plane remote-cluster; do
+  run "$meshca" verify "clusters/$cluster/cacerts" --root root-cert.pem
+done
+for cluster in management-plane remote-cluster; do
+  openssl verify -CAfile "clusters/$cluster/cacerts/root-cert.pem" "clusters/$cluster/cacerts/ca-cert.pem"
+done
+
+step "4. Both chains end at the same root (compare with the seed's two different roots)"
+for cluster in management-plane remote-cluster; do
+  echo "$cluster: cert-chain.pem"
+  openssl crl2pkcs7 -nocrl -certfile "clusters/$cluster/cacerts/cert-chain.pem" \
+    | openssl pkcs7 -print_certs -noout | grep -E '^(subject|issuer)' | sed 's/^/    /'
+  printf '    root sha256 %s\n' "$(openssl x509 -in "clusters/$cluster/cacerts/root-cert.pem" -noout -fingerprint -sha256 | cut -d= -f2)"
+done
+mgmt_root=$(openssl x509 -in clusters/management-plane/cacerts/root-cert.pem -noout -fingerprint -sha256)
+remote_root=$(openssl x509 -in clusters/remote-cluster/cacerts/root-cert.pem -noout -fingerprint -sha256)
+[ "$mgmt_root" = "$remote_root" ] || { echo "roots differ!" >&2; exit 1; }
+echo "    => one root for both meshes"
+
+step "5. Workload certificates, issued from each cluster's intermediate as istiod would"
+issue_workload() { # cluster spiffe-id name
+  local dir=clusters/$1/workload
+  mkdir -p "$dir"
+  (umask 077; openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$dir/$3.key" -out "$dir/$3.csr" -subj "/" 2>/dev/null)
+  openssl x509 -req -in "$dir/$3.csr" -CA "clusters/$1/cacerts/ca-cert.pem" -CAkey "clusters/$1/cacerts/ca-key.pem" \
+    -set_serial "0x$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n' | sed 's/^./4/')" -days 1 -sha256 -out "$dir/$3.pem" \
+    -extfile <(printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:%s\n' "$2") 2>/dev/null
+  rm -f "$dir/$3.csr"
+  # What the sidecar presents: its certificate, then istiod's cert-chain.pem.
+  cat "$dir/$3.pem" "clusters/$1/cacerts/cert-chain.pem" > "$dir/$3-chain.pem"
+  printf '    %-17s %s\n' "$1" "$(openssl x509 -in "$dir/$3.pem" -noout -ext subjectAltName | tail -1 | sed 's/^ *//')"
+}
+issue_workload management-plane spiffe://cluster.local/ns/default/sa/bookinfo-reviews reviews
+issue_workload remote-cluster spiffe://cluster.local/ns/default/sa/bookinfo-ratings ratings
+
+step "   mTLS between reviews (management-plane) and ratings (remote-cluster)"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# ratings serves, trusting only the root its own cluster was given; it requires a client
+# certificate. (Its stdin is held open: s_server stops when stdin closes.)
+sleep 30 | openssl s_server -quiet -naccept 1 -accept "127.0.0.1:$port" \
+  -cert clusters/remote-cluster/workload/ratings.pem -key clusters/remote-cluster/workload/ratings.key \
+  -cert_chain clusters/remote-cluster/cacerts/cert-chain.pem \
+  -CAfile clusters/remote-cluster/cacerts/root-cert.pem -Verify 3 -verify_return_error \
+  > server.txt 2>&1 &
+server_pid=$!
+listening() { awk -v p="$(printf ':%04X' "$port")" '$2 ~ p"$" && $4 == "0A" {found=1} END {exit !found}' /proc/net/tcp; }
+for _ in $(seq 1 100); do listening && break; sleep 0.05; done
+# reviews connects, trusting only the root of its own cluster.
+(echo "ping from reviews"; sleep 1) | openssl s_client -connect "127.0.0.1:$port" -showcerts \
+  -cert clusters/management-plane/workload/reviews.pem -key clusters/management-plane/workload/reviews.key \
+  -cert_chain clusters/management-plane/cacerts/cert-chain.pem \
+  -CAfile clusters/management-plane/cacerts/root-cert.pem -verify_return_error > client.txt 2>&1 || true
+wait "$server_pid" 2>/dev/null || true
+server_pid=""
+sed -n '/^Certificate chain/,/^---$/p' client.txt | grep -E '^ *[0-9]+ s:|^ *i:' | sed 's/^/    /'
+grep -E 'Verify return code' client.txt | head -1 | sed 's/^/    /'
+grep -q 'Verify return code: 0 (ok)' client.txt || { echo "handshake failed:" >&2; cat client.txt server.txt >&2; exit 1; }
+grep -q 'ping from reviews' server.txt || { echo "ratings did not accept reviews' certificate:" >&2; cat server.txt >&2; exit 1; }
+echo "    => ratings verified reviews' certificate and received: $(grep 'ping from reviews' server.txt)"
+
+step "Stopping the signer (SIGTERM drains in-flight requests)"
+kill -TERM "$signer_pid"
+wait "$signer_pid"
+signer_pid=""
+run "$meshca" audit verify audit.log
+echo "    decisions:"
+sed -E 's/.*"client":"([^"]*)".*"mesh":"([^"]*)".*"decision":"([^"]*)","rule":"([^"]*)".*/      \3 \4  \1 -> \2/' audit.log
+
+step "Done. Left in var/demo:"
+cat <<EOF
+    signer.toml                  the signer config (meshca serve --config var/demo/signer.toml)
+    softhsm/softhsm2.conf        for SOFTHSM2_CONF; softhsm/user-pin holds the user PIN
+    root-cert.pem                the root; its key never left the token
+    pki/                         transport mTLS: ca.pem, signer, management-plane, remote-cluster
+    clusters/*/cacerts/          Istio's ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem
+    audit.log                    one hash-chained line per decision
+EOF

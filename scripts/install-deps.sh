@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what meshca's demo and tests need, when it is missing:
+#   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl
+# Never skips: if something cannot be installed, this fails and says what is missing.
+set -euo pipefail
+
+need_apt=()
+command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "meshca: installing system packages: ${need_apt[*]}"
+  sudo_cmd=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      sudo_cmd=(sudo -n)
+    else
+      echo "meshca: need root (or sudo) to install: ${need_apt[*]}" >&2
+      exit 1
+    fi
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+"$(dirname "$0")/softhsm-module.sh" >/dev/null
+for tool in softhsm2-util pkcs11-tool openssl curl; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
+done

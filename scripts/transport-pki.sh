@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The mTLS transport PKI between the signer and the clusters' agents, made with the
+# openssl CLI. (In production this is your existing PKI: cert-manager, SPIRE, ...; it is
+# separate from the mesh root that meshca protects.)
+#
+#   transport-pki.sh ca     DIR                 -> DIR/ca.pem, DIR/ca.key
+#   transport-pki.sh server DIR NAME            -> DIR/NAME.pem/.key (localhost, 127.0.0.1)
+#   transport-pki.sh client DIR NAME URI [DAYS] -> DIR/NAME.pem/.key (URI SAN, clientAuth)
+#
+# Keys are written mode 0600.
+set -euo pipefail
+umask 077
+cmd=${1:?usage: transport-pki.sh ca|server|client DIR ...}
+dir=${2:?DIR missing}
+mkdir -p "$dir"
+
+serial() { echo "0x$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n' | sed 's/^./4/')"; }
+
+issue() { # name subject days extensions
+  local name=$1 subject=$2 days=$3 extensions=$4
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$dir/$name.key" -out "$dir/$name.csr" -subj "$subject" 2>/dev/null
+  openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -set_serial "$(serial)" -days "$days" -sha256 \
+    -extfile <(printf '%s\n' "$extensions") -out "$dir/$name.pem" 2>/dev/null
+  rm -f "$dir/$name.csr"
+  chmod 644 "$dir/$name.pem"
+}
+
+case "$cmd" in
+  ca)
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -keyout "$dir/ca.key" -out "$dir/ca.pem" -days 3650 -sha256 \
+      -subj "/O=meshca demo/CN=meshca transport CA" \
+      -addext "basicConstraints=critical,CA:true,pathlen:0" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    chmod 644 "$dir/ca.pem"
+    ;;
+  server)
+    name=${3:?NAME missing}
+    issue "$name" "/CN=$name" 825 "basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:localhost,IP:127.0.0.1"
+    ;;
+  client)
+    name=${3:?NAME missing}
+    uri=${4:?URI missing}
+    days=${5:-825}
+    issue "$name" "/CN=$name" "$days" "basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=clientAuth
+subjectAltName=URI:$uri"
+    ;;
+  *)
+    echo "unknown command $cmd" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,151 @@
+//! Istio's plugged-in CA files in a directory (`/etc/cacerts`, or a cluster's directory in
+//! the demo), written as one atomic set.
+//!
+//! The layout is the one kubelet uses for Secret volumes, which istiod already reads:
+//! the files live in a versioned directory `..<time>`, `..data` points at it, and each of
+//! the four names is a symlink into `..data`. Replacing the set is a single rename of
+//! `..data`, so a reader sees the old four files or the new four, never a mix, and a crash
+//! at any point leaves one complete set.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::fsutil::{sync_dir, write_atomic};
+use crate::pki::bundle::{BundleFiles, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
+
+const DATA_LINK: &str = "..data";
+
+/// The four files, in write order, with their modes.
+fn entries(files: &BundleFiles) -> [(&'static str, &str, u32); 4] {
+    [
+        (CA_CERT, files.ca_cert.as_str(), 0o644),
+        (CA_KEY, files.ca_key.as_str(), 0o600),
+        (CERT_CHAIN, files.cert_chain.as_str(), 0o644),
+        (ROOT_CERT, files.root_cert.as_str(), 0o644),
+    ]
+}
+
+/// Reads the four files (following the symlinks), or says which is missing.
+pub fn read_bundle(dir: &Path) -> io::Result<BundleFiles> {
+    let read = |name: &str| {
+        fs::read_to_string(dir.join(name))
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(name).display())))
+    };
+    Ok(BundleFiles {
+        ca_cert: read(CA_CERT)?,
+        ca_key: read(CA_KEY)?,
+        cert_chain: read(CERT_CHAIN)?,
+        root_cert: read(ROOT_CERT)?,
+    })
+}
+
+/// Writes the bundle into `dir` as one atomic set (see the module docs).
+pub fn write_bundle(dir: &Path, files: &BundleFiles) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    let previous = fs::read_link(dir.join(DATA_LINK)).ok();
+
+    let version = new_version_dir(dir)?;
+    for (name, contents, mode) in entries(files) {
+        write_atomic(&version.join(name), contents.as_bytes(), mode)?;
+    }
+    sync_dir(&version)?;
+
+    let version_name = version
+        .file_name()
+        .map(PathBuf::from)
+        .ok_or_else(|| io::Error::other("version directory has no name"))?;
+    replace_with_symlink(dir, DATA_LINK, &version_name)?;
+    for (name, _, _) in entries(files) {
+        let target = Path::new(DATA_LINK).join(name);
+        if fs::read_link(dir.join(name)).ok().as_deref() != Some(target.as_path()) {
+            replace_with_symlink(dir, name, &target)?;
+        }
+    }
+    sync_dir(dir)?;
+
+    if let Some(old) = previous
+        && old != version_name
+        && old.to_string_lossy().starts_with("..")
+    {
+        // Best effort: the old set is no longer referenced.
+        let _ = fs::remove_dir_all(dir.join(old));
+    }
+    Ok(())
+}
+
+/// Creates `..<unique time>` with mode 0755 (the key inside is 0600).
+fn new_version_dir(dir: &Path) -> io::Result<PathBuf> {
+    let since = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    for attempt in 0..100u32 {
+        let path = dir.join(format!("..{}.{:09}.{attempt}", since.as_secs(), since.subsec_nanos()));
+        match fs::DirBuilder::new().mode(0o755).create(&path) {
+            Ok(()) => {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("cannot create a unique version directory"))
+}
+
+/// Atomically makes `dir/name` a symlink to `target` (whatever was there before).
+fn replace_with_symlink(dir: &Path, name: &str, target: &Path) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    fs::rename(&tmp, dir.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(tag: &str) -> BundleFiles {
+        BundleFiles {
+            ca_cert: format!("cert {tag}\n"),
+            ca_key: format!("key {tag}\n"),
+            cert_chain: format!("chain {tag}\n"),
+            root_cert: format!("root {tag}\n"),
+        }
+    }
+
+    #[test]
+    fn writes_replaces_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        write_bundle(&target, &files("one")).unwrap();
+        assert_eq!(read_bundle(&target).unwrap().ca_key, "key one\n");
+        let key_mode = fs::metadata(target.join(CA_KEY)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(key_mode, 0o600);
+
+        write_bundle(&target, &files("two")).unwrap();
+        let bundle = read_bundle(&target).unwrap();
+        assert_eq!(bundle.ca_cert, "cert two\n");
+        assert_eq!(bundle.root_cert, "root two\n");
+        // Only the current version directory, the ..data link and the four links remain.
+        let mut names: Vec<String> = fs::read_dir(&target)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 6, "{names:?}");
+        assert!(names.contains(&"..data".to_string()));
+    }
+
+    #[test]
+    fn plain_files_from_elsewhere_are_replaced_by_the_set() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT] {
+            fs::write(dir.path().join(name), "old").unwrap();
+        }
+        write_bundle(dir.path(), &files("new")).unwrap();
+        assert_eq!(read_bundle(dir.path()).unwrap().cert_chain, "chain new\n");
+    }
+}

@@ -1,0 +1,167 @@
+//! The signer's client: mTLS with the cluster's client certificate, the public policy,
+//! and signing requests. Refusals carry the signer's code and message unchanged.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::ObjectRef;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the signer at {url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("the signer refused ({status} {code}): {message}")]
+    Refused { status: u16, code: String, message: String },
+    #[error("the signer's answer is not what meshca expects: {0}")]
+    BadResponse(String),
+}
+
+/// `GET /v1/virtualmeshes/<ns>/<name>`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicPolicy {
+    pub virtual_mesh: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    pub org_name: String,
+    pub max_ttl_seconds: u64,
+    pub min_rsa_bits: u32,
+    pub accepted_key_types: Vec<String>,
+    pub meshes: Vec<String>,
+    pub root_not_after: String,
+}
+
+/// `POST /v1/sign` request.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignRequestBody {
+    pub virtual_mesh: String,
+    pub mesh: String,
+    pub csr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `POST /v1/sign` answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignResponse {
+    pub certificate: String,
+    pub cert_chain: String,
+    pub root_cert: String,
+    pub serial: String,
+    pub not_after: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+/// A connection to one signer.
+#[derive(Clone)]
+pub struct SignerClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl SignerClient {
+    /// `base` is `https://host:port`; `ca` verifies the signer, `cert`/`key` identify us.
+    pub fn new(base: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Self, ClientError> {
+        if !base.starts_with("https://") {
+            return Err(ClientError::Config(format!("signer URL {base:?} must start with https://")));
+        }
+        let tls = crate::tlsutil::client_config(ca, cert, key).map_err(|e| ClientError::Config(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Config(format!("HTTP client: {e}")))?;
+        Ok(SignerClient {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub async fn policy(&self, virtual_mesh: &ObjectRef) -> Result<PublicPolicy, ClientError> {
+        let url = format!(
+            "{}/v1/virtualmeshes/{}/{}",
+            self.base, virtual_mesh.namespace, virtual_mesh.name
+        );
+        let response = self.http.get(&url).send().await.map_err(|e| transport(&url, e))?;
+        decode(response).await
+    }
+
+    pub async fn sign(&self, body: &SignRequestBody) -> Result<SignResponse, ClientError> {
+        let url = format!("{}/v1/sign", self.base);
+        let response = self
+            .http
+            .post(&url)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| transport(&url, e))?;
+        decode(response).await
+    }
+
+    pub async fn trust_bundle(&self) -> Result<String, ClientError> {
+        let url = format!("{}/v1/trust-bundle", self.base);
+        let response = self.http.get(&url).send().await.map_err(|e| transport(&url, e))?;
+        if !response.status().is_success() {
+            return Err(refusal(response).await);
+        }
+        response.text().await.map_err(|e| ClientError::BadResponse(e.to_string()))
+    }
+}
+
+fn transport(url: &str, e: reqwest::Error) -> ClientError {
+    // reqwest's Display hides the cause (TLS alert, refused connection): walk the chain.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    ClientError::Transport {
+        url: url.to_string(),
+        message,
+    }
+}
+
+async fn refusal(response: reqwest::Response) -> ClientError {
+    let status = response.status().as_u16();
+    match response.json::<ErrorBody>().await {
+        Ok(body) => ClientError::Refused {
+            status,
+            code: body.error.code,
+            message: body.error.message,
+        },
+        Err(_) => ClientError::Refused {
+            status,
+            code: "unknown".into(),
+            message: "the signer answered with an error but no error body".into(),
+        },
+    }
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
+    if !response.status().is_success() {
+        return Err(refusal(response).await);
+    }
+    response
+        .json::<T>()
+        .await
+        .map_err(|e| ClientError::BadResponse(e.to_string()))
+}

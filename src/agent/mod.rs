@@ -1,0 +1,135 @@
+//! The cluster side: generate the intermediate key here (it leaves only into `cacerts`),
+//! build a CSR the signer's public policy accepts, get it signed, check the answer as
+//! istiod would, and install the four files as one set.
+
+pub mod cacerts;
+pub mod client;
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use der::EncodePem;
+
+use self::client::{ClientError, SignRequestBody, SignerClient};
+use crate::pki::bundle::{BundleError, BundleFiles, BundleSummary, verify_bundle};
+use crate::pki::csr::build_csr;
+use crate::pki::keys::{KeyError, KeyType, PrivateKey};
+use crate::pki::profile::subject_name;
+use crate::policy::ObjectRef;
+
+/// Key types in the order the agent prefers them: ECDSA is cheap for istiod to sign with.
+const PREFERENCE: [KeyType; 5] = [
+    KeyType::EcdsaP256,
+    KeyType::EcdsaP384,
+    KeyType::Rsa2048,
+    KeyType::Rsa3072,
+    KeyType::Rsa4096,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("key type {requested} is not accepted by virtual mesh {virtual_mesh} (accepted: {accepted})")]
+    KeyTypeRefused {
+        requested: KeyType,
+        virtual_mesh: String,
+        accepted: String,
+    },
+    #[error("virtual mesh {0} accepts no key type this agent can generate")]
+    NoKeyType(String),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot build CSR: {0}")]
+    Csr(String),
+    #[error("the signer's certificate fails the checks istiod makes, so it was not installed: {0}")]
+    Bundle(#[from] BundleError),
+    #[error("cannot write {dir}: {message}")]
+    Write { dir: String, message: String },
+}
+
+/// Picks the key type: the requested one if the policy accepts it, else the most
+/// preferred accepted type.
+pub fn choose_key_type(accepted: &[String], requested: Option<KeyType>, virtual_mesh: &str) -> Result<KeyType, AgentError> {
+    let accepts = |k: &KeyType| accepted.iter().any(|a| a == k.name());
+    match requested {
+        Some(k) if accepts(&k) => Ok(k),
+        Some(k) => Err(AgentError::KeyTypeRefused {
+            requested: k,
+            virtual_mesh: virtual_mesh.to_string(),
+            accepted: accepted.join(", "),
+        }),
+        None => PREFERENCE
+            .into_iter()
+            .find(accepts)
+            .ok_or_else(|| AgentError::NoKeyType(virtual_mesh.to_string())),
+    }
+}
+
+/// What `meshca request` needs.
+pub struct RequestOptions {
+    pub virtual_mesh: ObjectRef,
+    pub mesh: ObjectRef,
+    pub key_type: Option<KeyType>,
+    pub ttl_seconds: Option<u64>,
+    pub out_dir: PathBuf,
+}
+
+/// What was installed.
+pub struct RequestOutcome {
+    pub key_type: KeyType,
+    pub summary: BundleSummary,
+}
+
+/// Fetch policy, generate key, CSR, sign, verify, install: one intermediate.
+pub async fn request_intermediate(client: &SignerClient, opts: &RequestOptions) -> Result<RequestOutcome, AgentError> {
+    let policy = client.policy(&opts.virtual_mesh).await?;
+    let key_type = choose_key_type(&policy.accepted_key_types, opts.key_type, &policy.virtual_mesh)?;
+    // RSA generation takes a while: keep it off the async workers.
+    let key = tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
+        .await
+        .map_err(|e| AgentError::Csr(e.to_string()))??;
+    let subject = subject_name(&policy.org_name, &opts.mesh.name).map_err(|e| AgentError::Csr(e.to_string()))?;
+    let csr = build_csr(&key, subject)
+        .map_err(|e| AgentError::Csr(e.to_string()))?
+        .to_pem(der::pem::LineEnding::LF)
+        .map_err(|e| AgentError::Csr(e.to_string()))?;
+    let response = client
+        .sign(&SignRequestBody {
+            virtual_mesh: opts.virtual_mesh.to_string(),
+            mesh: opts.mesh.to_string(),
+            csr,
+            ttl_seconds: opts.ttl_seconds,
+        })
+        .await?;
+    let files = BundleFiles {
+        ca_cert: response.certificate,
+        ca_key: key.to_pkcs8_pem()?.to_string(),
+        cert_chain: response.cert_chain,
+        root_cert: response.root_cert,
+    };
+    let summary = verify_bundle(&files, None, SystemTime::now())?;
+    cacerts::write_bundle(&opts.out_dir, &files).map_err(|e| AgentError::Write {
+        dir: opts.out_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(RequestOutcome { key_type, summary })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_type_choice_follows_policy() {
+        let accepted: Vec<String> = vec!["rsa4096".into(), "ecdsa-p384".into()];
+        assert_eq!(choose_key_type(&accepted, None, "vm").unwrap(), KeyType::EcdsaP384);
+        assert_eq!(
+            choose_key_type(&accepted, Some(KeyType::Rsa4096), "vm").unwrap(),
+            KeyType::Rsa4096
+        );
+        let err = choose_key_type(&accepted, Some(KeyType::EcdsaP256), "ns/vm").unwrap_err();
+        assert!(err.to_string().contains("ecdsa-p256") && err.to_string().contains("rsa4096, ecdsa-p384"));
+        assert!(choose_key_type(&[], None, "vm").is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! Where the root key lives. [`RootSigner`] is the one interface the signer uses; the
+//! PKCS#11 token implements it here, Vault/OpenBao PKI can implement it beside it.
+//!
+//! A backend receives a plan the policy already approved and returns a certificate that
+//! it has checked against that plan; the signer checks it again before handing it out.
+
+pub mod pkcs11;
+pub mod pkcs11_uri;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use x509_cert::Certificate;
+
+use crate::pki::lint::{IntermediateExpectations, LintFailure};
+use crate::pki::profile::{IntermediatePlan, RootCa};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An intermediate the policy approved: the plan and the limits it must stay within.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    pub plan: IntermediatePlan,
+    pub org_name: String,
+    /// Latest notAfter the policy allows (ttl and root expiry applied).
+    pub latest_not_after: SystemTime,
+    pub min_rsa_bits: u32,
+}
+
+impl IssueRequest {
+    /// What the linter checks this request's certificate against.
+    pub fn expectations<'a>(&'a self, root: &'a RootCa, exact_plan: bool) -> IntermediateExpectations<'a> {
+        IntermediateExpectations {
+            root,
+            public_key: &self.plan.public_key,
+            org_name: &self.org_name,
+            latest_not_after: self.latest_not_after,
+            min_rsa_bits: self.min_rsa_bits,
+            plan: exact_plan.then_some(&self.plan),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The token (or Vault) cannot be used right now; the request may be retried.
+    #[error("root key backend unavailable: {0}")]
+    Unavailable(String),
+    /// The token refused the PIN. meshca never retries a refused PIN: each try counts
+    /// towards locking the token.
+    #[error("the token refused the user PIN; meshca does not retry a refused PIN (that would lock the token): fix the PIN and restart the signer")]
+    PinRejected,
+    /// The certificate about to be signed (or returned) failed lint: a meshca defect or a
+    /// backend that does not do what it was asked. Nothing was issued.
+    #[error("issuance stopped: {0}")]
+    Lint(#[from] LintFailure),
+    /// The signature or the signed bytes did not check out. Nothing was issued.
+    #[error("issuance stopped: {0}")]
+    Check(String),
+}
+
+/// The root CA: its certificate and the means to sign under it.
+pub trait RootSigner: Send + Sync {
+    /// The root certificate this backend signs under.
+    fn root(&self) -> &RootCa;
+
+    /// Issues an intermediate exactly as planned, or explains why not.
+    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>>;
+
+    /// Whether the backend can sign right now (token reachable and logged in).
+    fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// A one-line description for logs: backend kind and key name, never a secret.
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,703 @@
+//! The root key in a PKCS#11 token (an HSM; SoftHSM in tests): token setup, root key
+//! generation and self-signing, and a pool of sessions that signs intermediates.
+//!
+//! The private key is generated on the token as CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE and
+//! not CKA_EXTRACTABLE: no call exists that returns its value. `Session` is Send but not
+//! Sync, so signing uses a pool with one session per worker.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use const_oid::ObjectIdentifier;
+use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1, SECP_384_R_1};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use der::asn1::{BitString, OctetString};
+use der::{Any, Decode, Encode};
+use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+use tokio::sync::Semaphore;
+use x509_cert::Certificate;
+
+use super::pkcs11_uri::Pkcs11Uri;
+use super::{BackendError, BoxFuture, IssueRequest, RootSigner};
+use crate::config::{Pkcs11Settings, SignerConfig};
+use crate::pki::keys::{KeyType, PublicKeyKind, describe_public_key};
+use crate::pki::lint::{check_signed_certificate, lint_intermediate, lint_root};
+use crate::pki::profile::{
+    IntermediatePlan, RootCa, assemble, decode_tbs, intermediate_tbs, random_serial, root_tbs, subject_name,
+};
+use crate::pki::sigalg::{SignatureAlgorithm, ecdsa_prehash, ecdsa_raw_to_der};
+use crate::policy::rules::{BACKDATE, check_public_key};
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot load PKCS#11 module {module}: {message}")]
+    Module { module: String, message: String },
+    #[error("no token matches {uri}; tokens present: {present}")]
+    NoToken { uri: String, present: String },
+    #[error("more than one token matches {uri}; add serial= or slot-id= to the URI")]
+    AmbiguousToken { uri: String },
+    #[error("no private key matches {0} on the token; run `meshca root init` first")]
+    NoKey(String),
+    #[error("more than one private key matches {0}; add id= to the URI")]
+    AmbiguousKey(String),
+    #[error("a key named {0} already exists on the token; pass --force to replace it")]
+    KeyExists(String),
+    #[error("the token refused the user PIN; meshca will not retry (each refusal counts towards locking the token)")]
+    PinIncorrect,
+    #[error("the token's user PIN is locked; unlock it with the security officer PIN")]
+    PinLocked,
+    #[error("PKCS#11 {function} failed: {rv}")]
+    Call { function: String, rv: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<CkError> for TokenError {
+    fn from(e: CkError) -> Self {
+        match e {
+            CkError::Pkcs11(RvError::PinIncorrect, _) => TokenError::PinIncorrect,
+            CkError::Pkcs11(RvError::PinLocked, _) => TokenError::PinLocked,
+            CkError::Pkcs11(rv, function) => TokenError::Call {
+                function: format!("{function:?}"),
+                rv: format!("{rv:?}"),
+            },
+            other => TokenError::Other(other.to_string()),
+        }
+    }
+}
+
+/// Errors after which a session must be thrown away and a new one opened.
+fn session_is_broken(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::TokenNotPresent
+                | RvError::UserNotLoggedIn
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid
+                | RvError::GeneralError,
+            _
+        )
+    )
+}
+
+fn auth_pin(pin: &Secret) -> AuthPin {
+    AuthPin::from(pin.expose())
+}
+
+/// A loaded PKCS#11 module and the slot of the token named by the key URI.
+pub struct Token {
+    context: Pkcs11,
+    slot: Slot,
+    uri: Pkcs11Uri,
+}
+
+impl Token {
+    /// Loads the module and finds the one token the URI names.
+    pub fn open(settings: &Pkcs11Settings) -> Result<Token, TokenError> {
+        let context = load_module(settings)?;
+        let slot = find_token(&context, &settings.key)?;
+        Ok(Token {
+            context,
+            slot,
+            uri: settings.key.clone(),
+        })
+    }
+
+    /// Opens a session and makes sure the user is logged in (login state is shared by all
+    /// sessions of this process, so most calls find it already done).
+    pub fn logged_in_session(&self, pin: &Secret, read_write: bool) -> Result<Session, TokenError> {
+        let session = if read_write {
+            self.context.open_rw_session(self.slot)?
+        } else {
+            self.context.open_ro_session(self.slot)?
+        };
+        let state = session.get_session_info()?.session_state();
+        if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
+            match session.login(UserType::User, Some(&auth_pin(pin))) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(session)
+    }
+
+    fn key_template(&self, class: ObjectClass) -> Vec<Attribute> {
+        let mut template = vec![Attribute::Class(class)];
+        if let Some(label) = &self.uri.object {
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+        }
+        if let Some(id) = &self.uri.id {
+            template.push(Attribute::Id(id.clone()));
+        }
+        template
+    }
+
+    /// The private key the URI names; exactly one must exist.
+    pub fn find_private_key(&self, session: &Session) -> Result<ObjectHandle, TokenError> {
+        let mut found = session.find_objects(&self.key_template(ObjectClass::PRIVATE_KEY))?;
+        match found.len() {
+            0 => Err(TokenError::NoKey(self.uri.to_string())),
+            1 => Ok(found.remove(0)),
+            _ => Err(TokenError::AmbiguousKey(self.uri.to_string())),
+        }
+    }
+
+    fn find_all(&self, session: &Session) -> Result<Vec<ObjectHandle>, TokenError> {
+        let mut handles = session.find_objects(&self.key_template(ObjectClass::PRIVATE_KEY))?;
+        handles.extend(session.find_objects(&self.key_template(ObjectClass::PUBLIC_KEY))?);
+        Ok(handles)
+    }
+
+    /// Generates a key pair on the token: the private half sensitive, never extractable.
+    fn generate_key_pair(
+        &self,
+        session: &Session,
+        key_type: KeyType,
+    ) -> Result<(ObjectHandle, ObjectHandle), TokenError> {
+        let label = self.uri.object.clone().unwrap_or_else(|| "meshca-root".into());
+        let id = match &self.uri.id {
+            Some(id) => id.clone(),
+            None => {
+                let mut id = vec![0u8; 16];
+                getrandom::fill(&mut id).map_err(|e| TokenError::Other(e.to_string()))?;
+                id
+            }
+        };
+        let mut public = vec![
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.clone()),
+        ];
+        let private = vec![
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Derive(false),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id),
+        ];
+        let mechanism = match key_type.rsa_bits() {
+            Some(bits) => {
+                public.push(Attribute::ModulusBits(u64::from(bits).into()));
+                public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
+                Mechanism::RsaPkcsKeyPairGen
+            }
+            None => {
+                let curve = if key_type == KeyType::EcdsaP256 { SECP_256_R_1 } else { SECP_384_R_1 };
+                let params = curve.to_der().map_err(|e| TokenError::Other(e.to_string()))?;
+                public.push(Attribute::EcParams(params));
+                Mechanism::EccKeyPairGen
+            }
+        };
+        Ok(session.generate_key_pair(&mechanism, &public, &private)?)
+    }
+
+    /// Reads a public key object and builds its SubjectPublicKeyInfo.
+    fn public_key_info(&self, session: &Session, public: ObjectHandle) -> Result<SubjectPublicKeyInfoOwned, TokenError> {
+        let other = |m: String| TokenError::Other(format!("public key on token: {m}"));
+        let attrs = session.get_attributes(
+            public,
+            &[
+                AttributeType::KeyType,
+                AttributeType::Modulus,
+                AttributeType::PublicExponent,
+                AttributeType::EcParams,
+                AttributeType::EcPoint,
+            ],
+        )?;
+        let mut key_type = None;
+        let (mut modulus, mut exponent, mut params, mut point) = (None, None, None, None);
+        for attr in attrs {
+            match attr {
+                Attribute::KeyType(k) => key_type = Some(k),
+                Attribute::Modulus(v) => modulus = Some(v),
+                Attribute::PublicExponent(v) => exponent = Some(v),
+                Attribute::EcParams(v) => params = Some(v),
+                Attribute::EcPoint(v) => point = Some(v),
+                _ => {}
+            }
+        }
+        if key_type == Some(CkKeyType::RSA) {
+            let (Some(n), Some(e)) = (modulus, exponent) else {
+                return Err(other("RSA key lacks modulus or exponent".into()));
+            };
+            let key = rsa::pkcs1::RsaPublicKeyRef {
+                modulus: der::asn1::UintRef::new(&n).map_err(|e| other(e.to_string()))?,
+                public_exponent: der::asn1::UintRef::new(&e).map_err(|e| other(e.to_string()))?,
+            };
+            let der = key.to_der().map_err(|e| other(e.to_string()))?;
+            return Ok(SubjectPublicKeyInfoOwned {
+                algorithm: AlgorithmIdentifierOwned {
+                    oid: RSA_ENCRYPTION,
+                    parameters: Some(Any::from(der::asn1::Null)),
+                },
+                subject_public_key: BitString::from_bytes(&der).map_err(|e| other(e.to_string()))?,
+            });
+        }
+        if key_type == Some(CkKeyType::EC) {
+            let (Some(params), Some(point)) = (params, point) else {
+                return Err(other("EC key lacks parameters or point".into()));
+            };
+            let curve: ObjectIdentifier = ObjectIdentifier::from_der(&params).map_err(|e| other(format!("EC parameters: {e}")))?;
+            let point = unwrap_ec_point(&point);
+            return Ok(SubjectPublicKeyInfoOwned {
+                algorithm: AlgorithmIdentifierOwned {
+                    oid: ID_EC_PUBLIC_KEY,
+                    parameters: Some(Any::encode_from(&curve).map_err(|e| other(e.to_string()))?),
+                },
+                subject_public_key: BitString::from_bytes(&point).map_err(|e| other(e.to_string()))?,
+            });
+        }
+        Err(other(format!("unsupported key type {key_type:?}")))
+    }
+}
+
+/// CKA_EC_POINT is specified as a DER OCTET STRING around the point; some tokens return
+/// the bare point. Accept both.
+fn unwrap_ec_point(value: &[u8]) -> Vec<u8> {
+    match OctetString::from_der(value) {
+        Ok(inner) if inner.as_bytes().first() == Some(&0x04) => inner.as_bytes().to_vec(),
+        _ => value.to_vec(),
+    }
+}
+
+/// Signs `message` with the token key, returning the signature as X.509 carries it.
+fn token_sign(
+    session: &Session,
+    key: ObjectHandle,
+    kind: &PublicKeyKind,
+    algorithm: SignatureAlgorithm,
+    message: &[u8],
+) -> Result<Vec<u8>, CkError> {
+    match kind {
+        PublicKeyKind::Ec(curve) => {
+            // CKM_ECDSA signs a digest we compute, and returns raw r || s.
+            let digest = ecdsa_prehash(algorithm, message);
+            let raw = session.sign(&Mechanism::Ecdsa, key, &digest)?;
+            ecdsa_raw_to_der(curve, &raw).map_err(|_| CkError::InvalidValue)
+        }
+        _ => session.sign(&Mechanism::Sha256RsaPkcs, key, message),
+    }
+}
+
+fn load_module(settings: &Pkcs11Settings) -> Result<Pkcs11, TokenError> {
+    let module_error = |message: String| TokenError::Module {
+        module: settings.module.display().to_string(),
+        message,
+    };
+    let context = Pkcs11::new(&settings.module).map_err(|e| module_error(e.to_string()))?;
+    match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(context),
+        Err(e) => Err(module_error(e.to_string())),
+    }
+}
+
+fn find_token(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
+    let mut matching = Vec::new();
+    let mut present = Vec::new();
+    for slot in context.get_slots_with_initialized_token()? {
+        let info = context.get_token_info(slot)?;
+        present.push(format!("{:?}", info.label().trim()));
+        let matches = uri.token.as_deref().is_none_or(|t| info.label().trim() == t)
+            && uri.manufacturer.as_deref().is_none_or(|m| info.manufacturer_id().trim() == m)
+            && uri.model.as_deref().is_none_or(|m| info.model().trim() == m)
+            && uri.serial.as_deref().is_none_or(|s| info.serial_number().trim() == s)
+            && uri.slot_id.is_none_or(|id| slot.id() == id);
+        if matches {
+            matching.push(slot);
+        }
+    }
+    match matching.len() {
+        1 => Ok(matching[0]),
+        0 => Err(TokenError::NoToken {
+            uri: uri.to_string(),
+            present: if present.is_empty() { "none".into() } else { present.join(", ") },
+        }),
+        _ => Err(TokenError::AmbiguousToken { uri: uri.to_string() }),
+    }
+}
+
+/// `meshca token init`: initializes a fresh token (SoftHSM, a test or demo HSM slot) with
+/// the label from the key URI, its security officer PIN and the user PIN.
+pub fn init_token(settings: &Pkcs11Settings, so_pin: &Secret, user_pin: &Secret) -> Result<String, TokenError> {
+    let label = settings
+        .key
+        .token
+        .clone()
+        .ok_or_else(|| TokenError::Other("the key URI names no token= label to initialize".into()))?;
+    let context = load_module(settings)?;
+    for slot in context.get_slots_with_initialized_token()? {
+        if context.get_token_info(slot)?.label().trim() == label {
+            return Err(TokenError::Other(format!("a token labelled {label:?} already exists")));
+        }
+    }
+    let free = context
+        .get_slots_with_token()?
+        .into_iter()
+        .find(|slot| context.get_token_info(*slot).is_ok_and(|i| !i.token_initialized()))
+        .ok_or_else(|| TokenError::Other("no uninitialized token slot is available".into()))?;
+    context.init_token(free, &auth_pin(so_pin), &label)?;
+    // SoftHSM moves an initialized token to a new slot: look it up again by label.
+    let uri = Pkcs11Uri {
+        token: Some(label.clone()),
+        object: Some(String::new()),
+        ..Default::default()
+    };
+    let slot = find_token(&context, &uri)?;
+    let session = context.open_rw_session(slot)?;
+    session.login(UserType::So, Some(&auth_pin(so_pin)))?;
+    session.init_pin(&auth_pin(user_pin))?;
+    session.logout()?;
+    Ok(label)
+}
+
+/// What `root init` produced.
+pub struct RootInitOutcome {
+    pub root: RootCa,
+    pub replaced_existing_key: bool,
+}
+
+/// `meshca root init`: a key pair on the token, a self-signed root through C_Sign, linted
+/// before signing and verified after, written as PEM.
+pub fn root_init(config: &SignerConfig, settings: &Pkcs11Settings, pin: &Secret, force: bool) -> Result<RootInitOutcome, TokenError> {
+    let policy = config.root_policy();
+    let key_type = config.root.key_type;
+    check_public_key(&key_type.public_key_kind(), policy.min_rsa_bits).map_err(|d| {
+        TokenError::Other(format!(
+            "root.key_type {key_type} does not satisfy virtual mesh {}: {}",
+            policy.id, d.message
+        ))
+    })?;
+    let token = Token::open(settings)?;
+    let session = token.logged_in_session(pin, true)?;
+    let existing = token.find_all(&session)?;
+    if !existing.is_empty() && !force {
+        return Err(TokenError::KeyExists(token.uri.to_string()));
+    }
+
+    let (public, private) = token.generate_key_pair(&session, key_type)?;
+    let result = self_sign_root(config, &token, &session, public, private);
+    let root = match result {
+        Ok(root) => root,
+        Err(e) => {
+            // Leave the token as it was: no half-made root key behind.
+            let _ = session.destroy_object(private);
+            let _ = session.destroy_object(public);
+            return Err(e);
+        }
+    };
+    if let Err(e) = crate::fsutil::write_public(&config.root.certificate, root.pem.as_bytes()) {
+        let _ = session.destroy_object(private);
+        let _ = session.destroy_object(public);
+        return Err(TokenError::Other(format!(
+            "cannot write root certificate {}: {e}",
+            config.root.certificate.display()
+        )));
+    }
+    for handle in &existing {
+        session.destroy_object(*handle)?;
+    }
+    Ok(RootInitOutcome {
+        root,
+        replaced_existing_key: !existing.is_empty(),
+    })
+}
+
+fn self_sign_root(
+    config: &SignerConfig,
+    token: &Token,
+    session: &Session,
+    public: ObjectHandle,
+    private: ObjectHandle,
+) -> Result<RootCa, TokenError> {
+    let policy = config.root_policy();
+    let other = |m: String| TokenError::Other(m);
+    let public_key = token.public_key_info(session, public)?;
+    let kind = describe_public_key(&public_key).map_err(|e| other(e.to_string()))?;
+    let algorithm = SignatureAlgorithm::for_key_type(config.root.key_type);
+    let now = SystemTime::now();
+    let plan = IntermediatePlan {
+        subject: subject_name(&policy.org_name, &config.root.common_name).map_err(|e| other(e.to_string()))?,
+        public_key,
+        serial: random_serial().map_err(|e| other(e.to_string()))?,
+        not_before: now.checked_sub(BACKDATE).unwrap_or(now),
+        not_after: now + policy.max_ttl,
+    };
+    let tbs = root_tbs(&plan, algorithm).map_err(|e| other(e.to_string()))?;
+    let decoded = decode_tbs(&tbs).map_err(|e| other(e.to_string()))?;
+    lint_root(&decoded, &plan, algorithm, &policy.org_name, policy.min_rsa_bits)
+        .map_err(|e| other(e.to_string()))?;
+    let signature = token_sign(session, private, &kind, algorithm, &tbs)?;
+    let cert_der = assemble(&tbs, algorithm, &signature).map_err(|e| other(e.to_string()))?;
+    let certificate = Certificate::from_der(&cert_der).map_err(|e| other(e.to_string()))?;
+    if certificate.tbs_certificate().to_der().ok().as_deref() != Some(tbs.as_slice()) {
+        return Err(other("signed root does not carry the linted TBS".into()));
+    }
+    // from_certificate verifies the self-signature with the token's public key.
+    RootCa::from_certificate(certificate).map_err(|e| other(e.to_string()))
+}
+
+/// Attributes of the root private key, for `meshca root show` and the security checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAttributes {
+    pub token: bool,
+    pub private: bool,
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub always_sensitive: bool,
+    pub never_extractable: bool,
+    /// What the token answered when asked for CKA_VALUE.
+    pub value_readable: bool,
+}
+
+pub fn inspect_key(settings: &Pkcs11Settings, pin: &Secret) -> Result<KeyAttributes, TokenError> {
+    let token = Token::open(settings)?;
+    let session = token.logged_in_session(pin, false)?;
+    let key = token.find_private_key(&session)?;
+    let mut attributes = KeyAttributes {
+        token: false,
+        private: false,
+        sensitive: false,
+        extractable: true,
+        always_sensitive: false,
+        never_extractable: false,
+        value_readable: true,
+    };
+    for attr in session.get_attributes(
+        key,
+        &[
+            AttributeType::Token,
+            AttributeType::Private,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+        ],
+    )? {
+        match attr {
+            Attribute::Token(v) => attributes.token = v,
+            Attribute::Private(v) => attributes.private = v,
+            Attribute::Sensitive(v) => attributes.sensitive = v,
+            Attribute::Extractable(v) => attributes.extractable = v,
+            Attribute::AlwaysSensitive(v) => attributes.always_sensitive = v,
+            Attribute::NeverExtractable(v) => attributes.never_extractable = v,
+            _ => {}
+        }
+    }
+    // Ask for the secret parts directly: a sound token answers "sensitive".
+    let probes = [
+        AttributeType::Value,
+        AttributeType::PrivateExponent,
+        AttributeType::Prime1,
+    ];
+    let info = session.get_attribute_info(key, &probes)?;
+    attributes.value_readable = info.iter().any(|i| matches!(i, AttributeInfo::Available(_)));
+    let values = session.get_attributes(key, &probes)?;
+    attributes.value_readable |= !values.is_empty();
+    Ok(attributes)
+}
+
+/// The serving backend: a pool of logged-in sessions signing intermediates.
+#[derive(Clone)]
+pub struct Pkcs11Backend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    token: Token,
+    pin: Secret,
+    root: RootCa,
+    key: Mutex<ObjectHandle>,
+    sessions: Mutex<Vec<Session>>,
+    permits: Semaphore,
+    pin_rejected: AtomicBool,
+}
+
+impl Pkcs11Backend {
+    /// Opens the token, logs in, finds the key and proves it matches the root certificate
+    /// by signing a random challenge: a signer never starts against the wrong key.
+    pub fn start(settings: &Pkcs11Settings, pin: Secret, root: RootCa) -> Result<Self, TokenError> {
+        let token = Token::open(settings)?;
+        let session = token.logged_in_session(&pin, false)?;
+        let key = token.find_private_key(&session)?;
+        let mut challenge = [0u8; 32];
+        getrandom::fill(&mut challenge).map_err(|e| TokenError::Other(e.to_string()))?;
+        let signature = token_sign(&session, key, &root.key_kind, root.signature_algorithm, &challenge)?;
+        root.verifier
+            .verify(root.signature_algorithm, &challenge, &signature)
+            .map_err(|_| {
+                TokenError::Other(format!(
+                    "the key {} on the token does not match the root certificate: was the root re-initialized without updating the certificate file?",
+                    token.uri
+                ))
+            })?;
+        let mut sessions = vec![session];
+        for _ in 1..settings.sessions {
+            sessions.push(token.logged_in_session(&pin, false)?);
+        }
+        Ok(Pkcs11Backend {
+            inner: Arc::new(Inner {
+                token,
+                pin,
+                root,
+                key: Mutex::new(key),
+                permits: Semaphore::new(settings.sessions),
+                sessions: Mutex::new(sessions),
+                pin_rejected: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn checkout(&self) -> Result<Session, BackendError> {
+        if let Some(session) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(session);
+        }
+        self.open_session()
+    }
+
+    fn checkin(&self, session: Session) {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).push(session);
+    }
+
+    /// A replacement session. A refused PIN is remembered and never tried again.
+    fn open_session(&self) -> Result<Session, BackendError> {
+        if self.pin_rejected.load(Ordering::SeqCst) {
+            return Err(BackendError::PinRejected);
+        }
+        match self.token.logged_in_session(&self.pin, false) {
+            Ok(session) => Ok(session),
+            Err(TokenError::PinIncorrect | TokenError::PinLocked) => {
+                self.pin_rejected.store(true, Ordering::SeqCst);
+                Err(BackendError::PinRejected)
+            }
+            Err(e) => Err(BackendError::Unavailable(e.to_string())),
+        }
+    }
+
+    fn key(&self) -> ObjectHandle {
+        *self.key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Signs with a pooled session; a broken session is dropped and the signature tried
+    /// once more on a fresh one (and the key looked up again, in case its handle changed).
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, BackendError> {
+        let root = &self.root;
+        let session = self.checkout()?;
+        match token_sign(&session, self.key(), &root.key_kind, root.signature_algorithm, message) {
+            Ok(signature) => {
+                self.checkin(session);
+                return Ok(signature);
+            }
+            Err(e) if session_is_broken(&e) => {
+                tracing::warn!(error = %e, "PKCS#11 session failed; replacing it");
+                drop(session);
+            }
+            Err(e) => {
+                self.checkin(session);
+                return Err(BackendError::Unavailable(format!("token signing failed: {e}")));
+            }
+        }
+        let session = self.open_session()?;
+        let key = self
+            .token
+            .find_private_key(&session)
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
+        let signature = token_sign(&session, key, &root.key_kind, root.signature_algorithm, message)
+            .map_err(|e| BackendError::Unavailable(format!("token signing failed: {e}")))?;
+        self.checkin(session);
+        Ok(signature)
+    }
+
+    /// Build, lint, sign, check: the whole issuance of one intermediate.
+    fn issue_blocking(&self, request: &IssueRequest) -> Result<Certificate, BackendError> {
+        let root = &self.root;
+        let tbs = intermediate_tbs(&request.plan, root).map_err(|e| BackendError::Check(e.to_string()))?;
+        let decoded = decode_tbs(&tbs).map_err(|e| BackendError::Check(e.to_string()))?;
+        lint_intermediate(&decoded, &request.expectations(root, true))?;
+        let signature = self.sign(&tbs)?;
+        let cert_der =
+            assemble(&tbs, root.signature_algorithm, &signature).map_err(|e| BackendError::Check(e.to_string()))?;
+        check_signed_certificate(&cert_der, &tbs, root).map_err(|e| BackendError::Check(e.to_string()))
+    }
+
+    fn ready(&self) -> Result<(), BackendError> {
+        let session = self.checkout()?;
+        let state = session.get_session_info().map(|i| i.session_state());
+        match state {
+            Ok(SessionState::RoUser | SessionState::RwUser) => {
+                self.checkin(session);
+                Ok(())
+            }
+            Ok(_) => {
+                drop(session);
+                // Logged out behind our back (token reinserted): a fresh session logs in.
+                let fresh = self.open_session()?;
+                self.checkin(fresh);
+                Ok(())
+            }
+            Err(e) => Err(BackendError::Unavailable(format!("token session: {e}"))),
+        }
+    }
+}
+
+impl RootSigner for Pkcs11Backend {
+    fn root(&self) -> &RootCa {
+        &self.inner.root
+    }
+
+    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>> {
+        Box::pin(async move {
+            // One signing at a time per session; waiting here costs no thread.
+            let _permit = self
+                .inner
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| BackendError::Unavailable("signer is shutting down".into()))?;
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || inner.issue_blocking(&request))
+                .await
+                .map_err(|e| BackendError::Unavailable(format!("signing task failed: {e}")))?
+        })
+    }
+
+    fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let _permit = self
+                .inner
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| BackendError::Unavailable("signer is shutting down".into()))?;
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || inner.ready())
+                .await
+                .map_err(|e| BackendError::Unavailable(format!("readiness task failed: {e}")))?
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("pkcs11 {}", self.inner.token.uri)
+    }
+}

@@ -1,0 +1,416 @@
+//! The signer's configuration file (TOML). Relative paths are relative to the file itself,
+//! so a config directory can be moved as a whole. Every problem is reported with the field
+//! it concerns; unknown fields are errors (a typo must not silently weaken policy).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::backend::pkcs11_uri::Pkcs11Uri;
+use crate::pki::keys::KeyType;
+use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
+use crate::secret::SecretSource;
+
+/// Default address of the mTLS API.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<String>,
+    ops_listen: Option<String>,
+    virtual_meshes: Vec<PathBuf>,
+    audit_log: PathBuf,
+    tls: TlsSection,
+    root: RootSection,
+    pkcs11: Option<Pkcs11Section>,
+    #[serde(default)]
+    clients: Vec<ClientSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootSection {
+    certificate: PathBuf,
+    virtual_mesh: ObjectRef,
+    key_type: KeyType,
+    #[serde(default)]
+    common_name: Option<String>,
+    backend: BackendKind,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Pkcs11,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pkcs11Section {
+    module: Option<PathBuf>,
+    key: String,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    sessions: Option<usize>,
+    softhsm2_conf: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientSection {
+    identity: String,
+    allow: Vec<GrantSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantSection {
+    virtual_mesh: ObjectRef,
+    mesh: ObjectRef,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// The PKCS#11 backend's settings, resolved.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Settings {
+    pub module: PathBuf,
+    pub key: Pkcs11Uri,
+    pub pin: SecretSource,
+    /// Sessions in the signing pool (one per worker).
+    pub sessions: usize,
+    /// SOFTHSM2_CONF to set for the module, if the config names one.
+    pub softhsm2_conf: Option<PathBuf>,
+}
+
+/// Settings of the root CA, whatever the backend.
+#[derive(Debug, Clone)]
+pub struct RootSettings {
+    pub certificate: PathBuf,
+    pub virtual_mesh: ObjectRef,
+    pub key_type: KeyType,
+    pub common_name: String,
+    pub backend: BackendKind,
+}
+
+/// Who may ask for which (virtual mesh, mesh) pairs.
+#[derive(Debug, Clone, Default)]
+pub struct AuthorizationTable {
+    grants: BTreeMap<String, BTreeSet<(ObjectRef, ObjectRef)>>,
+}
+
+impl AuthorizationTable {
+    pub fn allows(&self, identity: &str, virtual_mesh: &ObjectRef, mesh: &ObjectRef) -> bool {
+        self.grants
+            .get(identity)
+            .is_some_and(|g| g.contains(&(virtual_mesh.clone(), mesh.clone())))
+    }
+
+    pub fn knows(&self, identity: &str) -> bool {
+        self.grants.contains_key(identity)
+    }
+
+    pub fn insert(&mut self, identity: &str, virtual_mesh: ObjectRef, mesh: ObjectRef) {
+        self.grants
+            .entry(identity.to_string())
+            .or_default()
+            .insert((virtual_mesh, mesh));
+    }
+}
+
+/// The signer configuration, loaded and validated.
+#[derive(Debug, Clone)]
+pub struct SignerConfig {
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    pub ops_listen: Option<SocketAddr>,
+    pub policies: PolicySet,
+    pub audit_log: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: PathBuf,
+    pub root: RootSettings,
+    pub pkcs11: Option<Pkcs11Settings>,
+    pub authorization: AuthorizationTable,
+}
+
+impl SignerConfig {
+    /// Reads, resolves and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = crate::fsutil::read_text(path).map_err(|message| invalid(path, message))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| invalid(path, toml_error(text, &e)))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| -> PathBuf {
+            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+        };
+        let err = |message: String| invalid(path, message);
+
+        let listen = parse_addr(file.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen").map_err(err)?;
+        let ops_listen = file
+            .ops_listen
+            .as_deref()
+            .map(|a| parse_addr(a, "ops_listen"))
+            .transpose()
+            .map_err(err)?;
+
+        let mut policies = PolicySet::default();
+        if file.virtual_meshes.is_empty() {
+            return Err(err("virtual_meshes lists no files".into()));
+        }
+        for vm_path in &file.virtual_meshes {
+            let vm_path = resolve(vm_path);
+            let yaml = crate::fsutil::read_text(&vm_path).map_err(err)?;
+            policies
+                .add_yaml(&vm_path.display().to_string(), &yaml)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        if policies.is_empty() {
+            return Err(err("no VirtualMesh documents found in virtual_meshes".into()));
+        }
+
+        let root_policy = policies.get(&file.root.virtual_mesh).ok_or_else(|| {
+            err(format!(
+                "root.virtual_mesh {} is not among the loaded VirtualMeshes",
+                file.root.virtual_mesh
+            ))
+        })?;
+        let root = RootSettings {
+            certificate: resolve(&file.root.certificate),
+            common_name: file
+                .root
+                .common_name
+                .clone()
+                .unwrap_or_else(|| format!("{} root CA", root_policy.org_name)),
+            virtual_mesh: file.root.virtual_mesh.clone(),
+            key_type: file.root.key_type,
+            backend: file.root.backend,
+        };
+
+        let pkcs11 = match (&root.backend, file.pkcs11) {
+            (BackendKind::Pkcs11, None) => {
+                return Err(err("root.backend is \"pkcs11\" but there is no [pkcs11] section".into()));
+            }
+            (BackendKind::Pkcs11, Some(section)) => Some(pkcs11_settings(section, &resolve).map_err(err)?),
+        };
+
+        let mut authorization = AuthorizationTable::default();
+        for client in &file.clients {
+            let identity = client.identity.trim();
+            if identity.is_empty() {
+                return Err(err("clients: identity is empty".into()));
+            }
+            if authorization.knows(identity) {
+                return Err(err(format!("clients: identity {identity:?} is listed twice")));
+            }
+            if client.allow.is_empty() {
+                return Err(err(format!("clients: {identity:?} has an empty allow list")));
+            }
+            for grant in &client.allow {
+                let policy = policies.get(&grant.virtual_mesh).ok_or_else(|| {
+                    err(format!(
+                        "clients: {identity:?} is granted unknown virtual mesh {}",
+                        grant.virtual_mesh
+                    ))
+                })?;
+                check_member(policy, &grant.mesh).map_err(|m| err(format!("clients: {identity:?}: {m}")))?;
+                authorization.insert(identity, grant.virtual_mesh.clone(), grant.mesh.clone());
+            }
+        }
+
+        Ok(SignerConfig {
+            path: path.to_path_buf(),
+            listen,
+            ops_listen,
+            audit_log: resolve(&file.audit_log),
+            tls_cert: resolve(&file.tls.cert),
+            tls_key: resolve(&file.tls.key),
+            client_ca: resolve(&file.tls.client_ca),
+            root,
+            pkcs11,
+            policies,
+            authorization,
+        })
+    }
+
+    /// The VirtualMesh that governs the root.
+    pub fn root_policy(&self) -> &VirtualMeshPolicy {
+        // Checked at load time.
+        self.policies
+            .get(&self.root.virtual_mesh)
+            .expect("root.virtual_mesh validated at load")
+    }
+}
+
+fn check_member(policy: &VirtualMeshPolicy, mesh: &ObjectRef) -> Result<(), String> {
+    if policy.has_member(mesh) {
+        Ok(())
+    } else {
+        Err(format!("mesh {mesh} is not a member of virtual mesh {}", policy.id))
+    }
+}
+
+fn pkcs11_settings(section: Pkcs11Section, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Pkcs11Settings, String> {
+    let key: Pkcs11Uri = section.key.parse().map_err(|e| format!("pkcs11.key: {e}"))?;
+    let module = match (&section.module, &key.module_path) {
+        (Some(m), _) => resolve(m),
+        (None, Some(m)) => PathBuf::from(m),
+        (None, None) => return Err("pkcs11.module is required (or module-path in the key URI)".into()),
+    };
+    let uri_pin = key
+        .pin_source
+        .as_deref()
+        .map(|p| PathBuf::from(p.strip_prefix("file:").unwrap_or(p)));
+    let pin = match (section.pin_file, section.pin_env, uri_pin) {
+        (Some(file), None, None) => SecretSource::File(resolve(&file)),
+        (None, Some(env), None) => SecretSource::Env(env),
+        (None, None, Some(file)) => SecretSource::File(resolve(&file)),
+        (None, None, None) => {
+            return Err("pkcs11: set pin_file or pin_env (PINs are never accepted inline or on the command line)".into());
+        }
+        _ => return Err("pkcs11: set only one of pin_file, pin_env or pin-source in the key URI".into()),
+    };
+    let sessions = section.sessions.unwrap_or_else(default_sessions);
+    if !(1..=256).contains(&sessions) {
+        return Err(format!("pkcs11.sessions must be between 1 and 256, got {sessions}"));
+    }
+    Ok(Pkcs11Settings {
+        module,
+        key,
+        pin,
+        sessions,
+        softhsm2_conf: section.softhsm2_conf.map(|p| resolve(&p)),
+    })
+}
+
+/// One session per core: signing in the token is CPU-bound.
+pub fn default_sessions() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+/// A TOML error without the source snippet toml prints by default: the offending line
+/// could hold a secret someone pasted inline.
+fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", error.message())
+        }
+        None => error.message().to_string(),
+    }
+}
+
+fn parse_addr(value: &str, field: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{field}: {value:?} is not an address like 127.0.0.1:8443"))
+}
+
+fn invalid(path: &Path, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_fixture(dir: &Path, extra: &str) -> PathBuf {
+        std::fs::write(
+            dir.join("vm.yaml"),
+            include_str!("../config/virtual-mesh.yaml"),
+        )
+        .unwrap();
+        let path = dir.join("signer.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+virtual_meshes = ["vm.yaml"]
+audit_log = "audit.log"
+[tls]
+cert = "pki/signer.pem"
+key = "pki/signer.key"
+client_ca = "pki/ca.pem"
+[root]
+certificate = "root-cert.pem"
+virtual_mesh = "service-mesh-hub/virtual-mesh"
+key_type = "rsa4096"
+backend = "pkcs11"
+[pkcs11]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+key = "pkcs11:token=meshca;object=root-ca"
+pin_file = "user-pin"
+{extra}
+"#
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    const GRANT: &str = r#"
+[[clients]]
+identity = "spiffe://demo/cluster/a"
+allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-hub/istio-istio-system-management-plane" }]
+"#;
+
+    #[test]
+    fn loads_and_resolves_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SignerConfig::load(&write_fixture(dir.path(), GRANT)).unwrap();
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(cfg.audit_log, dir.path().join("audit.log"));
+        assert_eq!(cfg.root.common_name, "service-mesh-hub root CA");
+        let pkcs11 = cfg.pkcs11.unwrap();
+        assert_eq!(pkcs11.pin, SecretSource::File(dir.path().join("user-pin")));
+        let vm = "service-mesh-hub/virtual-mesh".parse().unwrap();
+        let mgmt = "service-mesh-hub/istio-istio-system-management-plane".parse().unwrap();
+        let remote = "service-mesh-hub/istio-istio-system-new-remote-cluster".parse().unwrap();
+        assert!(cfg.authorization.allows("spiffe://demo/cluster/a", &vm, &mgmt));
+        assert!(!cfg.authorization.allows("spiffe://demo/cluster/a", &vm, &remote));
+        assert!(!cfg.authorization.allows("someone-else", &vm, &mgmt));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            ("pin = \"1234\"\n", "unknown field `pin`"),
+            ("sessions = 0\n", "pkcs11.sessions"),
+            (
+                "[[clients]]\nidentity = \"x\"\nallow = [{ virtual_mesh = \"service-mesh-hub/virtual-mesh\", mesh = \"service-mesh-hub/nope\" }]\n",
+                "not a member",
+            ),
+            (
+                "[[clients]]\nidentity = \"x\"\nallow = [{ virtual_mesh = \"a/b\", mesh = \"service-mesh-hub/nope\" }]\n",
+                "unknown virtual mesh a/b",
+            ),
+        ];
+        for (extra, needle) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let err = SignerConfig::load(&write_fixture(dir.path(), extra)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+            assert!(!err.contains("1234"), "secret echoed: {err}");
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! File writes that never leave a half-written file behind: write a temporary file in the
+//! same directory, fsync it, rename it over the target, fsync the directory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Atomically replaces `path` with `contents`, created with `mode` (e.g. 0o600 for keys).
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let dir = parent_dir(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".meshca-tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .tempfile_in(dir)?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+/// Atomically writes a file only its owner can read (mode 0600).
+pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_atomic(path, contents, 0o600)
+}
+
+/// Atomically writes a file anyone may read (mode 0644): certificates, public data.
+pub fn write_public(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_atomic(path, contents, 0o644)
+}
+
+/// Creates (or truncates) nothing: opens `path` for appending, creating it with `mode`.
+pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(mode).open(path)
+}
+
+/// fsyncs a directory so a rename or a new file in it survives a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Reads at most `limit` bytes of a file, refusing larger ones (config and PEM inputs).
+pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let mut buf = Vec::new();
+    file.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {limit} bytes", path.display()),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Reads a UTF-8 text file of at most 1 MiB, with the path in any error.
+pub fn read_text(path: &Path) -> Result<String, String> {
+    let bytes = read_limited(path, 1 << 20).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_write_replaces_and_sets_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        write_private(&path, b"one").unwrap();
+        write_private(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        write_public(&path, b"three").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn read_limited_refuses_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, vec![b'x'; 11]).unwrap();
+        assert!(read_limited(&path, 10).is_err());
+        assert_eq!(read_limited(&path, 11).unwrap().len(), 11);
+    }
+}

@@ -1,0 +1,326 @@
+//! `meshca`: CLI wiring only. Each subcommand calls into the library.
+
+use std::io::BufReader;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use meshca::agent::client::SignerClient;
+use meshca::agent::{RequestOptions, cacerts, request_intermediate};
+use meshca::backend::pkcs11;
+use meshca::config::SignerConfig;
+use meshca::pki::bundle::verify_bundle;
+use meshca::pki::keys::KeyType;
+use meshca::pki::pem::decode_certificates;
+use meshca::policy::ObjectRef;
+use meshca::secret::SecretSource;
+use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
+
+#[derive(Parser)]
+#[command(name = "meshca", version, about = "External CA for multi-cluster Istio meshes: root key in a PKCS#11 token, policy enforced by the signer")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log filter (RUST_LOG syntax), e.g. info or meshca=debug.
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Initialize a token (SoftHSM or a test HSM slot) for the config's key URI.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Create or inspect the root CA.
+    Root {
+        #[command(subcommand)]
+        command: RootCommand,
+    },
+    /// Run the signing daemon (mTLS HTTPS API).
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Address to listen on, overriding the config (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Generate an intermediate key here, have it signed, write Istio's cacerts files.
+    Request(RequestArgs),
+    /// Check a cacerts directory the way istiod does, plus meshca's profile.
+    Verify {
+        dir: PathBuf,
+        /// The root the bundle must chain to.
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Initialize a free slot with the key URI's token label, the SO PIN and the user PIN
+    /// from the config's pin_file/pin_env.
+    Init {
+        #[arg(long)]
+        config: PathBuf,
+        /// File holding the security officer PIN.
+        #[arg(long)]
+        so_pin_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootCommand {
+    /// Generate the root key on the token and self-sign the root certificate.
+    Init {
+        #[arg(long)]
+        config: PathBuf,
+        /// Replace an existing key of the same name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the root certificate and the key's protection attributes.
+    Show {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit log and say where it breaks.
+    Verify { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct RequestArgs {
+    /// Signer base URL, e.g. https://127.0.0.1:8443
+    #[arg(long)]
+    signer: String,
+    /// CA bundle that verifies the signer's server certificate.
+    #[arg(long)]
+    ca_cert: PathBuf,
+    /// This cluster's client certificate.
+    #[arg(long)]
+    client_cert: PathBuf,
+    /// Its private key.
+    #[arg(long)]
+    client_key: PathBuf,
+    /// <namespace>/<name> of the virtual mesh.
+    #[arg(long)]
+    virtual_mesh: ObjectRef,
+    /// <namespace>/<name> of this cluster's mesh.
+    #[arg(long)]
+    mesh: ObjectRef,
+    /// Key type of the intermediate (default: the first of ecdsa-p256, ecdsa-p384,
+    /// rsa2048, rsa3072, rsa4096 the policy accepts).
+    #[arg(long)]
+    key_type: Option<KeyType>,
+    /// Ask for a shorter lifetime than the policy's maximum.
+    #[arg(long)]
+    ttl_seconds: Option<u64>,
+    /// Directory to write ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem into.
+    #[arg(long)]
+    out_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshca: error: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping a cause whose text an outer message already quotes.
+fn describe(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Loads a signer config and applies its module environment. Must run before any thread
+/// is started: it may set SOFTHSM2_CONF, which the PKCS#11 module reads.
+fn load_config(path: &Path) -> Result<SignerConfig> {
+    let config = SignerConfig::load(path)?;
+    if let Some(conf) = config.pkcs11.as_ref().and_then(|p| p.softhsm2_conf.as_ref()) {
+        // SAFETY: called from main before the runtime or any other thread exists.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+    }
+    Ok(config)
+}
+
+fn pkcs11_settings(config: &SignerConfig) -> Result<&meshca::config::Pkcs11Settings> {
+    config
+        .pkcs11
+        .as_ref()
+        .ok_or_else(|| anyhow!("{}: no [pkcs11] section", config.path.display()))
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Token {
+            command: TokenCommand::Init { config, so_pin_file },
+        } => {
+            let config = load_config(&config)?;
+            let settings = pkcs11_settings(&config)?;
+            let so_pin = SecretSource::File(so_pin_file).read()?;
+            let user_pin = settings.pin.read()?;
+            let label = pkcs11::init_token(settings, &so_pin, &user_pin)?;
+            println!("meshca: token {label:?} initialized (user PIN from {})", settings.pin);
+        }
+        Command::Root {
+            command: RootCommand::Init { config, force },
+        } => {
+            let config = load_config(&config)?;
+            let settings = pkcs11_settings(&config)?;
+            let pin = settings.pin.read()?;
+            let outcome = pkcs11::root_init(&config, settings, &pin, force)?;
+            let root = &outcome.root;
+            println!(
+                "meshca: root CA created in the token{}",
+                if outcome.replaced_existing_key { " (replaced the previous key)" } else { "" }
+            );
+            println!("  key          {} ({}, generated inside the token, not extractable)", settings.key, root.key_kind);
+            println!("  subject      {}", root.subject);
+            println!("  not after    {}", rfc3339(root.not_after));
+            println!("  sha256       {}", root.fingerprint_sha256);
+            println!("  certificate  {}", config.root.certificate.display());
+        }
+        Command::Root {
+            command: RootCommand::Show { config },
+        } => {
+            let config = load_config(&config)?;
+            let settings = pkcs11_settings(&config)?;
+            let root = meshca::signer::server::load_root(&config)?;
+            println!("root certificate {}", config.root.certificate.display());
+            println!("  subject      {}", root.subject);
+            println!("  key          {}", root.key_kind);
+            println!("  not after    {}", rfc3339(root.not_after));
+            println!("  sha256       {}", root.fingerprint_sha256);
+            let pin = settings.pin.read()?;
+            let attrs = pkcs11::inspect_key(settings, &pin)?;
+            println!("private key {}", settings.key);
+            println!("  CKA_TOKEN             {}", attrs.token);
+            println!("  CKA_PRIVATE           {}", attrs.private);
+            println!("  CKA_SENSITIVE         {}", attrs.sensitive);
+            println!("  CKA_EXTRACTABLE       {}", attrs.extractable);
+            println!("  CKA_ALWAYS_SENSITIVE  {}", attrs.always_sensitive);
+            println!("  CKA_NEVER_EXTRACTABLE {}", attrs.never_extractable);
+            println!(
+                "  CKA_VALUE readable    {}",
+                if attrs.value_readable { "YES (the key can be read out!)" } else { "no" }
+            );
+        }
+        Command::Serve { config, listen } => {
+            let config = load_config(&config)?;
+            runtime()?.block_on(meshca::signer::server::run(config, listen))?;
+        }
+        Command::Request(args) => {
+            let client = SignerClient::new(&args.signer, &args.ca_cert, &args.client_cert, &args.client_key)?;
+            let opts = RequestOptions {
+                virtual_mesh: args.virtual_mesh,
+                mesh: args.mesh,
+                key_type: args.key_type,
+                ttl_seconds: args.ttl_seconds,
+                out_dir: args.out_dir,
+            };
+            let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
+            let s = &outcome.summary;
+            println!("meshca: intermediate for {} installed in {}", opts.mesh, opts.out_dir.display());
+            println!("  subject      {}", s.subject);
+            println!("  issuer       {}", s.issuer);
+            println!("  serial       {}", s.serial);
+            println!("  key          {} (generated here; ca-key.pem is mode 0600)", outcome.key_type);
+            println!("  not after    {}", rfc3339(s.not_after));
+            println!("  root sha256  {}", s.anchor_fingerprint);
+        }
+        Command::Verify { dir, root } => {
+            let files = cacerts::read_bundle(&dir)?;
+            let expected = match root {
+                Some(path) => {
+                    let pem = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let mut certs = decode_certificates(&pem).with_context(|| path.display().to_string())?;
+                    Some(certs.remove(0))
+                }
+                None => None,
+            };
+            let s = verify_bundle(&files, expected.as_ref(), SystemTime::now())
+                .with_context(|| format!("{} is not a valid Istio cacerts bundle", dir.display()))?;
+            println!("meshca: {} is a valid plugged-in CA bundle", dir.display());
+            println!("  subject      {}", s.subject);
+            println!("  issuer       {}", s.issuer);
+            println!("  serial       {}", s.serial);
+            println!("  key          {} (matches ca-key.pem)", s.key);
+            println!("  valid        {} to {}", rfc3339(s.not_before), rfc3339(s.not_after));
+            println!("  chain        {} certificate(s), ends at root sha256 {}", s.chain_length, s.anchor_fingerprint);
+            for fp in &s.root_fingerprints {
+                println!("  trusts root  sha256 {fp}");
+            }
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => {
+            let reader = BufReader::new(std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?);
+            match audit::verify(reader)? {
+                VerifyOutcome::Intact { records, last_hash } => {
+                    println!("meshca: audit log {} is intact: {records} records, last hash {last_hash}", file.display());
+                }
+                VerifyOutcome::Broken { line, problem } => {
+                    bail!("audit log {} breaks at line {line}: {problem}", file.display());
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

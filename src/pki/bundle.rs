@@ -1,0 +1,212 @@
+//! The checks an Istio plugged-in CA bundle (`cacerts`) must pass, as istiod makes them
+//! plus meshca's profile: ca-cert.pem is a CA whose key is ca-key.pem, cert-chain.pem
+//! starts with it and climbs to a root in root-cert.pem, every signature verifies and
+//! every certificate is within its validity.
+
+use std::time::SystemTime;
+
+use der::Encode;
+use sha2::Digest;
+use x509_cert::Certificate;
+use x509_cert::ext::pkix::{BasicConstraints, SubjectKeyIdentifier};
+
+use super::csr::hex;
+use super::keys::{PrivateKey, describe_public_key};
+use super::lint::lint_intermediate_profile;
+use super::pem::decode_certificates;
+use super::profile::{serial_hex, verify_certificate_signature};
+use super::sigalg::PublicKeyVerifier;
+
+/// The four files of a bundle, as text.
+#[derive(Debug, Clone)]
+pub struct BundleFiles {
+    pub ca_cert: String,
+    pub ca_key: String,
+    pub cert_chain: String,
+    pub root_cert: String,
+}
+
+/// File names Istio reads, in the order meshca writes them.
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+pub const ROOT_CERT: &str = "root-cert.pem";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BundleError {
+    #[error("{file}: {message}")]
+    File { file: &'static str, message: String },
+    #[error("ca-key.pem does not match the public key of ca-cert.pem")]
+    KeyMismatch,
+    #[error("ca-cert.pem is not a CA certificate (basicConstraints cA is not true)")]
+    NotCa,
+    #[error("cert-chain.pem must start with ca-cert.pem (istiod sends it to workloads as their chain)")]
+    ChainStart,
+    #[error("cert-chain.pem: certificate {index} is not signed by certificate {next}")]
+    ChainLink { index: usize, next: usize },
+    #[error("the chain does not end at a root in root-cert.pem")]
+    NoTrustedRoot,
+    #[error("root-cert.pem: certificate {0} is not a self-signed CA")]
+    BadRoot(usize),
+    #[error("{which} is not valid now (valid {not_before} to {not_after})")]
+    Expired {
+        which: String,
+        not_before: String,
+        not_after: String,
+    },
+    #[error("ca-cert.pem does not follow meshca's intermediate profile: {0}")]
+    Profile(String),
+    #[error("the bundle's roots do not include the expected root (fingerprint {0})")]
+    UnexpectedRoot(String),
+}
+
+/// What a verified bundle holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleSummary {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub key: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub chain_length: usize,
+    /// SHA-256 fingerprints of every root in root-cert.pem.
+    pub root_fingerprints: Vec<String>,
+    /// Fingerprint of the root the chain ends at.
+    pub anchor_fingerprint: String,
+}
+
+/// SHA-256 of a certificate's DER, lowercase hex.
+pub fn fingerprint(cert: &Certificate) -> String {
+    hex(&sha2::Sha256::digest(cert.to_der().unwrap_or_default()))
+}
+
+fn certs(file: &'static str, pem: &str) -> Result<Vec<Certificate>, BundleError> {
+    decode_certificates(pem).map_err(|e| BundleError::File {
+        file,
+        message: e.to_string(),
+    })
+}
+
+fn same(a: &Certificate, b: &Certificate) -> bool {
+    a.to_der().ok() == b.to_der().ok()
+}
+
+fn verifier(cert: &Certificate) -> Option<PublicKeyVerifier> {
+    PublicKeyVerifier::new(cert.tbs_certificate().subject_public_key_info()).ok()
+}
+
+fn signed_by(child: &Certificate, parent: &Certificate) -> bool {
+    child.tbs_certificate().issuer() == parent.tbs_certificate().subject()
+        && verifier(parent).is_some_and(|v| verify_certificate_signature(child, &v).is_ok())
+}
+
+fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), BundleError> {
+    let validity = cert.tbs_certificate().validity();
+    let (nb, na) = (validity.not_before.to_system_time(), validity.not_after.to_system_time());
+    if now < nb || now > na {
+        return Err(BundleError::Expired {
+            which,
+            not_before: validity.not_before.to_string(),
+            not_after: validity.not_after.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn subject_key_id(cert: &Certificate) -> Vec<u8> {
+    cert.tbs_certificate()
+        .get_extension::<SubjectKeyIdentifier>()
+        .ok()
+        .flatten()
+        .map(|(_, ski)| ski.0.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+/// Verifies a bundle at time `now`. With `expected_root`, one of the bundle's roots must
+/// be that certificate.
+pub fn verify_bundle(
+    files: &BundleFiles,
+    expected_root: Option<&Certificate>,
+    now: SystemTime,
+) -> Result<BundleSummary, BundleError> {
+    let ca_cert = certs(CA_CERT, &files.ca_cert)?.remove(0);
+    let chain = certs(CERT_CHAIN, &files.cert_chain)?;
+    let roots = certs(ROOT_CERT, &files.root_cert)?;
+    let key = PrivateKey::from_pem(&files.ca_key).map_err(|e| BundleError::File {
+        file: CA_KEY,
+        message: e.to_string(),
+    })?;
+
+    let tbs = ca_cert.tbs_certificate();
+    let key_spki = key.public_key_info().map_err(|e| BundleError::File {
+        file: CA_KEY,
+        message: e.to_string(),
+    })?;
+    if key_spki.to_der().ok() != tbs.subject_public_key_info().to_der().ok() {
+        return Err(BundleError::KeyMismatch);
+    }
+    let is_ca = tbs
+        .get_extension::<BasicConstraints>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, bc)| bc.ca);
+    if !is_ca {
+        return Err(BundleError::NotCa);
+    }
+    if !same(&chain[0], &ca_cert) {
+        return Err(BundleError::ChainStart);
+    }
+    for (index, root) in roots.iter().enumerate() {
+        let self_signed_ca = signed_by(root, root)
+            && root
+                .tbs_certificate()
+                .get_extension::<BasicConstraints>()
+                .ok()
+                .flatten()
+                .is_some_and(|(_, bc)| bc.ca);
+        if !self_signed_ca {
+            return Err(BundleError::BadRoot(index + 1));
+        }
+    }
+    for index in 0..chain.len() - 1 {
+        if !signed_by(&chain[index], &chain[index + 1]) {
+            return Err(BundleError::ChainLink {
+                index: index + 1,
+                next: index + 2,
+            });
+        }
+    }
+    let top = &chain[chain.len() - 1];
+    let anchor = roots
+        .iter()
+        .find(|root| same(root, top) || signed_by(top, root))
+        .ok_or(BundleError::NoTrustedRoot)?;
+    if let Some(expected) = expected_root
+        && !roots.iter().any(|r| same(r, expected))
+    {
+        return Err(BundleError::UnexpectedRoot(fingerprint(expected)));
+    }
+
+    for (index, cert) in chain.iter().enumerate() {
+        check_time(format!("{CERT_CHAIN} certificate {}", index + 1), cert, now)?;
+    }
+    check_time(format!("the anchoring root in {ROOT_CERT}"), anchor, now)?;
+
+    let issuer = if chain.len() > 1 { &chain[1] } else { anchor };
+    lint_intermediate_profile(tbs, &subject_key_id(issuer)).map_err(|e| BundleError::Profile(e.0.join("; ")))?;
+
+    Ok(BundleSummary {
+        subject: tbs.subject().to_string(),
+        issuer: tbs.issuer().to_string(),
+        serial: serial_hex(tbs.serial_number()),
+        key: describe_public_key(tbs.subject_public_key_info())
+            .map(|k| k.to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+        not_before: tbs.validity().not_before.to_system_time(),
+        not_after: tbs.validity().not_after.to_system_time(),
+        chain_length: chain.len(),
+        root_fingerprints: roots.iter().map(fingerprint).collect(),
+        anchor_fingerprint: fingerprint(anchor),
+    })
+}

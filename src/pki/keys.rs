@@ -1,0 +1,393 @@
+//! Key types meshca knows, what a public key is (algorithm, size, curve), and software
+//! keys for the agent side: generation, PEM encoding, loading.
+//!
+//! Root keys never pass through here: they live in the token or in Vault.
+
+use std::fmt;
+use std::str::FromStr;
+
+use const_oid::ObjectIdentifier;
+use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1, SECP_384_R_1};
+use der::{Decode, Encode};
+use getrandom::SysRng;
+use getrandom::rand_core::UnwrapErr;
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
+use serde::{Deserialize, Serialize};
+use spki::SubjectPublicKeyInfoOwned;
+use zeroize::Zeroizing;
+
+/// A key algorithm and size meshca can generate, sign with or accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum KeyType {
+    #[serde(rename = "rsa2048")]
+    Rsa2048,
+    #[serde(rename = "rsa3072")]
+    Rsa3072,
+    #[serde(rename = "rsa4096")]
+    Rsa4096,
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+    #[serde(rename = "ecdsa-p384")]
+    EcdsaP384,
+}
+
+impl KeyType {
+    pub const ALL: [KeyType; 5] = [
+        KeyType::Rsa2048,
+        KeyType::Rsa3072,
+        KeyType::Rsa4096,
+        KeyType::EcdsaP256,
+        KeyType::EcdsaP384,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::Rsa2048 => "rsa2048",
+            KeyType::Rsa3072 => "rsa3072",
+            KeyType::Rsa4096 => "rsa4096",
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+        }
+    }
+
+    /// RSA modulus size in bits, or `None` for ECDSA.
+    pub fn rsa_bits(self) -> Option<u32> {
+        match self {
+            KeyType::Rsa2048 => Some(2048),
+            KeyType::Rsa3072 => Some(3072),
+            KeyType::Rsa4096 => Some(4096),
+            KeyType::EcdsaP256 | KeyType::EcdsaP384 => None,
+        }
+    }
+
+    /// The public-key description a key of this type has.
+    pub fn public_key_kind(self) -> PublicKeyKind {
+        match self {
+            KeyType::EcdsaP256 => PublicKeyKind::Ec(NamedCurve::P256),
+            KeyType::EcdsaP384 => PublicKeyKind::Ec(NamedCurve::P384),
+            rsa => PublicKeyKind::Rsa {
+                modulus_bits: rsa.rsa_bits().unwrap_or_default(),
+                exponent: RsaExponent::F4,
+            },
+        }
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KeyType {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KeyType::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| KeyError::UnknownKeyType(s.to_string()))
+    }
+}
+
+/// Named elliptic curves, as far as meshca cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamedCurve {
+    P256,
+    P384,
+    Other(ObjectIdentifier),
+}
+
+impl fmt::Display for NamedCurve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamedCurve::P256 => f.write_str("P-256"),
+            NamedCurve::P384 => f.write_str("P-384"),
+            NamedCurve::Other(oid) => write!(f, "curve {oid}"),
+        }
+    }
+}
+
+/// An RSA public exponent, reduced to what the policy needs to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RsaExponent {
+    /// 65537, the only exponent anyone should use.
+    F4,
+    /// Another value that fits in 64 bits.
+    Small(u64),
+    /// Larger than 64 bits; `odd` records its parity.
+    Large { odd: bool },
+}
+
+/// What a subject public key is: the facts the policy rules decide on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublicKeyKind {
+    Rsa {
+        modulus_bits: u32,
+        exponent: RsaExponent,
+    },
+    Ec(NamedCurve),
+    /// Any other algorithm (DSA, Ed25519, ...), named by its OID.
+    Other(ObjectIdentifier),
+}
+
+impl fmt::Display for PublicKeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublicKeyKind::Rsa { modulus_bits, .. } => write!(f, "RSA-{modulus_bits}"),
+            PublicKeyKind::Ec(curve) => write!(f, "ECDSA {curve}"),
+            PublicKeyKind::Other(oid) => write!(f, "algorithm {oid}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("unknown key type {0:?} (expected one of rsa2048, rsa3072, rsa4096, ecdsa-p256, ecdsa-p384)")]
+    UnknownKeyType(String),
+    #[error("malformed RSA public key: {0}")]
+    MalformedRsa(String),
+    #[error("malformed EC public key: {0}")]
+    MalformedEc(String),
+    #[error("EC public key has no named-curve parameter")]
+    MissingCurve,
+    #[error("key generation failed: {0}")]
+    Generation(String),
+    #[error("cannot encode key: {0}")]
+    Encoding(String),
+    #[error(
+        "cannot read private key PEM: expected PKCS#8 (PRIVATE KEY), PKCS#1 (RSA PRIVATE KEY) or SEC1 (EC PRIVATE KEY) of a supported type"
+    )]
+    UnreadablePrivateKey,
+}
+
+/// Describes a subject public key: algorithm, RSA size and exponent, or curve.
+///
+/// Fails only when the key claims a known algorithm but its encoding is broken (an RSA key
+/// that is not an RSAPublicKey, an EC point not on its curve): such a key could never
+/// verify anything, so it is malformed input rather than a policy question.
+pub fn describe_public_key(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKeyKind, KeyError> {
+    let algorithm = spki.algorithm.oid;
+    if algorithm == RSA_ENCRYPTION {
+        let key = rsa::pkcs1::RsaPublicKeyRef::from_der(spki.subject_public_key.raw_bytes())
+            .map_err(|e| KeyError::MalformedRsa(e.to_string()))?;
+        let modulus = key.modulus.as_bytes();
+        let modulus_bits = bit_length(modulus);
+        if modulus_bits == 0 || modulus.last().is_some_and(|b| b & 1 == 0) {
+            return Err(KeyError::MalformedRsa("modulus is zero or even".into()));
+        }
+        let exponent = key.public_exponent.as_bytes();
+        let odd = exponent.last().is_some_and(|b| b & 1 == 1);
+        let exponent = if exponent.len() <= 8 {
+            let value = exponent.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            if value == 65537 {
+                RsaExponent::F4
+            } else {
+                RsaExponent::Small(value)
+            }
+        } else {
+            RsaExponent::Large { odd }
+        };
+        return Ok(PublicKeyKind::Rsa {
+            modulus_bits,
+            exponent,
+        });
+    }
+    if algorithm == ID_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
+            .ok_or(KeyError::MissingCurve)?;
+        let point = spki.subject_public_key.raw_bytes();
+        let curve = if curve == SECP_256_R_1 {
+            p256::PublicKey::from_sec1_bytes(point)
+                .map_err(|_| KeyError::MalformedEc("point is not on P-256".into()))?;
+            NamedCurve::P256
+        } else if curve == SECP_384_R_1 {
+            p384::PublicKey::from_sec1_bytes(point)
+                .map_err(|_| KeyError::MalformedEc("point is not on P-384".into()))?;
+            NamedCurve::P384
+        } else {
+            NamedCurve::Other(curve)
+        };
+        return Ok(PublicKeyKind::Ec(curve));
+    }
+    Ok(PublicKeyKind::Other(algorithm))
+}
+
+/// Number of significant bits in a big-endian unsigned integer.
+fn bit_length(bytes: &[u8]) -> u32 {
+    match bytes.iter().position(|b| *b != 0) {
+        None => 0,
+        Some(first) => {
+            let rest = (bytes.len() - first - 1) as u32;
+            rest * 8 + (8 - bytes[first].leading_zeros())
+        }
+    }
+}
+
+/// A private key held in this process (the agent's intermediate key).
+pub enum PrivateKey {
+    Rsa(Box<rsa::PrivateKey>),
+    P256(p256::ecdsa::SigningKey),
+    P384(p384::ecdsa::SigningKey),
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print key material.
+        write!(f, "PrivateKey({})", self.key_type())
+    }
+}
+
+/// The operating system's CSPRNG, as the infallible RNG the RustCrypto crates expect.
+pub fn system_rng() -> UnwrapErr<SysRng> {
+    UnwrapErr(SysRng)
+}
+
+impl PrivateKey {
+    /// Generates a fresh key in this process.
+    pub fn generate(key_type: KeyType) -> Result<Self, KeyError> {
+        use p256::elliptic_curve::Generate;
+        let mut rng = system_rng();
+        Ok(match key_type {
+            KeyType::EcdsaP256 => PrivateKey::P256(p256::ecdsa::SigningKey::generate_from_rng(&mut rng)),
+            KeyType::EcdsaP384 => PrivateKey::P384(p384::ecdsa::SigningKey::generate_from_rng(&mut rng)),
+            rsa_type => {
+                let bits = rsa_type.rsa_bits().unwrap_or(4096) as usize;
+                let key = rsa::PrivateKey::new(&mut rng, bits)
+                    .map_err(|e| KeyError::Generation(e.to_string()))?;
+                PrivateKey::Rsa(Box::new(key))
+            }
+        })
+    }
+
+    pub fn key_type(&self) -> KeyType {
+        use rsa::traits::PublicKeyParts;
+        match self {
+            PrivateKey::P256(_) => KeyType::EcdsaP256,
+            PrivateKey::P384(_) => KeyType::EcdsaP384,
+            PrivateKey::Rsa(key) => match key.n().bit_width() {
+                0..=2048 => KeyType::Rsa2048,
+                2049..=3072 => KeyType::Rsa3072,
+                _ => KeyType::Rsa4096,
+            },
+        }
+    }
+
+    /// The SubjectPublicKeyInfo of this key.
+    pub fn public_key_info(&self) -> Result<SubjectPublicKeyInfoOwned, KeyError> {
+        let der = match self {
+            PrivateKey::Rsa(key) => key.to_public_key().to_public_key_der(),
+            PrivateKey::P256(key) => key.verifying_key().to_public_key_der(),
+            PrivateKey::P384(key) => key.verifying_key().to_public_key_der(),
+        }
+        .map_err(|e| KeyError::Encoding(e.to_string()))?;
+        SubjectPublicKeyInfoOwned::from_der(der.as_bytes())
+            .map_err(|e| KeyError::Encoding(e.to_string()))
+    }
+
+    /// PKCS#8 PEM (`PRIVATE KEY`), which istiod reads for RSA and ECDSA alike.
+    pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
+        let line_ending = p256::pkcs8::LineEnding::LF;
+        match self {
+            PrivateKey::Rsa(key) => key.to_pkcs8_pem(line_ending),
+            PrivateKey::P256(key) => key.to_pkcs8_pem(line_ending),
+            PrivateKey::P384(key) => key.to_pkcs8_pem(line_ending),
+        }
+        .map_err(|e| KeyError::Encoding(e.to_string()))
+    }
+
+    /// Reads a private key PEM: PKCS#8, PKCS#1 RSA or SEC1 EC.
+    pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
+        use rsa::pkcs1::DecodeRsaPrivateKey;
+        if let Ok(key) = p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(PrivateKey::P256(key));
+        }
+        if let Ok(key) = p384::ecdsa::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(PrivateKey::P384(key));
+        }
+        if let Ok(key) = rsa::PrivateKey::from_pkcs8_pem(pem) {
+            return Ok(PrivateKey::Rsa(Box::new(key)));
+        }
+        if let Ok(key) = rsa::PrivateKey::from_pkcs1_pem(pem) {
+            return Ok(PrivateKey::Rsa(Box::new(key)));
+        }
+        if let Ok(key) = p256::SecretKey::from_sec1_pem(pem) {
+            return Ok(PrivateKey::P256(key.into()));
+        }
+        if let Ok(key) = p384::SecretKey::from_sec1_pem(pem) {
+            return Ok(PrivateKey::P384(key.into()));
+        }
+        Err(KeyError::UnreadablePrivateKey)
+    }
+}
+
+/// The DER encoding of a SubjectPublicKeyInfo (what key fingerprints are taken over).
+pub fn spki_der(spki: &SubjectPublicKeyInfoOwned) -> Vec<u8> {
+    spki.to_der().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_type_names_round_trip() {
+        for key_type in KeyType::ALL {
+            assert_eq!(key_type.name().parse::<KeyType>().unwrap(), key_type);
+        }
+        let err = "rsa1024".parse::<KeyType>().unwrap_err().to_string();
+        assert!(err.contains("rsa1024"), "{err}");
+    }
+
+    #[test]
+    fn bit_length_counts_significant_bits() {
+        assert_eq!(bit_length(&[]), 0);
+        assert_eq!(bit_length(&[0, 0]), 0);
+        assert_eq!(bit_length(&[0, 1]), 1);
+        assert_eq!(bit_length(&[0x80, 0]), 16);
+        assert_eq!(bit_length(&[0, 0x7f, 0xff]), 15);
+    }
+
+    #[test]
+    fn generated_ec_keys_describe_themselves() {
+        for key_type in [KeyType::EcdsaP256, KeyType::EcdsaP384] {
+            let key = PrivateKey::generate(key_type).unwrap();
+            assert_eq!(key.key_type(), key_type);
+            let kind = describe_public_key(&key.public_key_info().unwrap()).unwrap();
+            assert_eq!(kind, key_type.public_key_kind());
+            let pem = key.to_pkcs8_pem().unwrap();
+            let again = PrivateKey::from_pem(&pem).unwrap();
+            assert_eq!(
+                again.public_key_info().unwrap(),
+                key.public_key_info().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn generated_rsa_key_describes_itself() {
+        let key = PrivateKey::generate(KeyType::Rsa2048).unwrap();
+        let kind = describe_public_key(&key.public_key_info().unwrap()).unwrap();
+        assert_eq!(
+            kind,
+            PublicKeyKind::Rsa {
+                modulus_bits: 2048,
+                exponent: RsaExponent::F4
+            }
+        );
+        let pem = key.to_pkcs8_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert_eq!(PrivateKey::from_pem(&pem).unwrap().key_type(), KeyType::Rsa2048);
+    }
+
+    #[test]
+    fn garbage_private_key_is_refused_without_echoing_it() {
+        let err = PrivateKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("AAAA"));
+    }
+}

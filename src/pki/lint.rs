@@ -1,0 +1,333 @@
+//! Lint before sign: every TBSCertificate meshca is about to have signed (and every
+//! certificate a backend hands back) is checked against RFC 5280 basics and the policy.
+//! A finding stops issuance; nothing is ever signed on a guess.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::SystemTime;
+
+use const_oid::AssociatedOid;
+use der::Encode;
+use spki::SubjectPublicKeyInfoOwned;
+use x509_cert::TbsCertificate;
+use x509_cert::certificate::Version;
+use x509_cert::ext::pkix::{
+    AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectKeyIdentifier,
+};
+use x509_cert::time::Time;
+
+use super::profile::{IntermediatePlan, RootCa, intermediate_key_usage, root_key_usage, ROOT_PATH_LEN};
+use super::sigalg::SignatureAlgorithm;
+use crate::policy::rules::check_public_key;
+
+/// Everything found wrong with a TBS. Empty never escapes: see [`Findings::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LintFailure(pub Vec<String>);
+
+impl fmt::Display for LintFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "certificate failed lint: {}", self.0.join("; "))
+    }
+}
+
+impl std::error::Error for LintFailure {}
+
+#[derive(Default)]
+struct Findings(Vec<String>);
+
+impl Findings {
+    fn check(&mut self, ok: bool, finding: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(finding());
+        }
+    }
+
+    fn finish(self) -> Result<(), LintFailure> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(LintFailure(self.0))
+        }
+    }
+}
+
+/// What an intermediate must look like.
+pub struct IntermediateExpectations<'a> {
+    pub root: &'a RootCa,
+    /// The CSR's key: the only thing taken from the request.
+    pub public_key: &'a SubjectPublicKeyInfoOwned,
+    pub org_name: &'a str,
+    /// Latest acceptable notAfter (policy ttl and root expiry already applied).
+    pub latest_not_after: SystemTime,
+    pub min_rsa_bits: u32,
+    /// When meshca built the TBS itself, the exact plan it must match.
+    pub plan: Option<&'a IntermediatePlan>,
+}
+
+/// Lints an intermediate's TBS against the profile and policy.
+pub fn lint_intermediate(tbs: &TbsCertificate, expect: &IntermediateExpectations<'_>) -> Result<(), LintFailure> {
+    let mut f = Findings::default();
+    common_checks(tbs, &mut f);
+    let root = expect.root;
+    f.check(
+        *tbs.signature() == root.signature_algorithm.algorithm_identifier(),
+        || format!("signature algorithm is not the root's ({})", root.signature_algorithm),
+    );
+    f.check(same_der(tbs.issuer(), &root.subject), || {
+        format!("issuer {} is not the root's subject {}", tbs.issuer(), root.subject)
+    });
+    f.check(
+        same_der(tbs.subject_public_key_info(), expect.public_key),
+        || "subject public key is not the CSR's key".into(),
+    );
+    let not_after = tbs.validity().not_after.to_system_time();
+    f.check(not_after <= expect.latest_not_after, || {
+        "notAfter is later than the policy allows".into()
+    });
+    f.check(not_after <= root.not_after, || "notAfter is later than the root's notAfter".into());
+    check_org(tbs, expect.org_name, &mut f);
+    if let Ok(kind) = super::keys::describe_public_key(tbs.subject_public_key_info()) {
+        if let Err(denial) = check_public_key(&kind, expect.min_rsa_bits) {
+            f.0.push(format!("subject key fails policy: {}", denial.message));
+        }
+    } else {
+        f.0.push("subject public key is malformed".into());
+    }
+    check_extensions(
+        tbs,
+        &ExpectedExtensions {
+            path_len: 0,
+            key_usage: intermediate_key_usage(),
+            authority_key_id: &root.subject_key_id,
+        },
+        &mut f,
+    );
+    if let Some(plan) = expect.plan {
+        check_plan(tbs, plan, &mut f);
+    }
+    f.finish()
+}
+
+/// Lints a self-signed root's TBS.
+pub fn lint_root(
+    tbs: &TbsCertificate,
+    plan: &IntermediatePlan,
+    algorithm: SignatureAlgorithm,
+    org_name: &str,
+    min_rsa_bits: u32,
+) -> Result<(), LintFailure> {
+    let mut f = Findings::default();
+    common_checks(tbs, &mut f);
+    f.check(*tbs.signature() == algorithm.algorithm_identifier(), || {
+        format!("signature algorithm is not {algorithm}")
+    });
+    f.check(same_der(tbs.issuer(), tbs.subject()), || "root issuer differs from its subject".into());
+    check_org(tbs, org_name, &mut f);
+    match super::keys::describe_public_key(tbs.subject_public_key_info()) {
+        Ok(kind) => {
+            if let Err(denial) = check_public_key(&kind, min_rsa_bits) {
+                f.0.push(format!("root key fails policy: {}", denial.message));
+            }
+        }
+        Err(e) => f.0.push(format!("root key is malformed: {e}")),
+    }
+    let ski = tbs
+        .get_extension::<SubjectKeyIdentifier>()
+        .ok()
+        .flatten()
+        .map(|(_, s)| s.0.as_bytes().to_vec())
+        .unwrap_or_default();
+    check_extensions(
+        tbs,
+        &ExpectedExtensions {
+            path_len: ROOT_PATH_LEN,
+            key_usage: root_key_usage(),
+            authority_key_id: &ski,
+        },
+        &mut f,
+    );
+    check_plan(tbs, plan, &mut f);
+    f.finish()
+}
+
+fn same_der<T: Encode>(a: &T, b: &T) -> bool {
+    matches!((a.to_der(), b.to_der()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Version, serial, unique identifiers, validity order and time encodings.
+fn common_checks(tbs: &TbsCertificate, f: &mut Findings) {
+    f.check(tbs.version() == Version::V3, || "version is not v3".into());
+    let serial = tbs.serial_number().as_bytes();
+    f.check(!serial.is_empty() && serial.iter().any(|b| *b != 0), || {
+        "serial number is zero".into()
+    });
+    f.check(serial.len() <= 20, || "serial number is longer than 20 octets".into());
+    // At least 64 bits of entropy (CA/B Forum ballot 164) means at least 8 octets.
+    f.check(serial.len() >= 8, || "serial number is shorter than 8 octets".into());
+    f.check(
+        tbs.issuer_unique_id().is_none() && tbs.subject_unique_id().is_none(),
+        || "unique identifiers must not be present (RFC 5280 4.1.2.8)".into(),
+    );
+    let validity = tbs.validity();
+    f.check(
+        validity.not_before.to_system_time() < validity.not_after.to_system_time(),
+        || "notBefore is not before notAfter".into(),
+    );
+    for (name, time) in [("notBefore", &validity.not_before), ("notAfter", &validity.not_after)] {
+        let year = time.to_date_time().year();
+        let utc = matches!(time, Time::UtcTime(_));
+        f.check(utc == (year < 2050), || {
+            format!("{name} in {year} must be encoded as {}", if year < 2050 { "UTCTime" } else { "GeneralizedTime" })
+        });
+    }
+    f.check(!tbs.subject().is_empty(), || "subject is empty".into());
+}
+
+fn check_org(tbs: &TbsCertificate, org_name: &str, f: &mut Findings) {
+    let orgs: Vec<String> = tbs
+        .subject()
+        .iter()
+        .filter(|atv| atv.oid == const_oid::db::rfc4519::O)
+        .map(|atv| {
+            atv.value
+                .decode_as::<x509_cert::ext::pkix::name::DirectoryString>()
+                .map(String::from)
+                .unwrap_or_default()
+        })
+        .collect();
+    f.check(orgs.len() == 1 && orgs[0] == org_name, || {
+        format!("subject organization is {orgs:?}, policy requires exactly {org_name:?}")
+    });
+}
+
+struct ExpectedExtensions<'a> {
+    path_len: u8,
+    key_usage: KeyUsage,
+    authority_key_id: &'a [u8],
+}
+
+/// Exactly four extensions, each once: basicConstraints (critical, CA, path length),
+/// keyUsage (critical, the profile's bits), SKI (non-empty) and AKI (key id only).
+fn check_extensions(tbs: &TbsCertificate, expect: &ExpectedExtensions<'_>, f: &mut Findings) {
+    let allowed = [
+        BasicConstraints::OID,
+        KeyUsage::OID,
+        SubjectKeyIdentifier::OID,
+        AuthorityKeyIdentifier::OID,
+    ];
+    let extensions = tbs.extensions().map(|e| e.as_slice()).unwrap_or_default();
+    let mut seen = HashSet::new();
+    for ext in extensions {
+        f.check(seen.insert(ext.extn_id), || format!("extension {} appears twice", ext.extn_id));
+        f.check(allowed.contains(&ext.extn_id), || {
+            format!("unexpected extension {} (the profile has only basicConstraints, keyUsage, SKI and AKI)", ext.extn_id)
+        });
+    }
+    match tbs.get_extension::<BasicConstraints>() {
+        Ok(Some((critical, bc))) => {
+            f.check(critical, || "basicConstraints is not critical".into());
+            f.check(bc.ca, || "basicConstraints cA is not true".into());
+            f.check(bc.path_len_constraint == Some(expect.path_len), || {
+                format!(
+                    "pathLenConstraint is {:?}, expected {}",
+                    bc.path_len_constraint, expect.path_len
+                )
+            });
+        }
+        _ => f.0.push("basicConstraints is missing or malformed".into()),
+    }
+    match tbs.get_extension::<KeyUsage>() {
+        Ok(Some((critical, ku))) => {
+            f.check(critical, || "keyUsage is not critical".into());
+            f.check(ku == expect.key_usage, || {
+                format!("keyUsage is {:?}, expected {:?}", ku.0, expect.key_usage.0)
+            });
+            f.check(ku.key_cert_sign(), || "keyUsage lacks keyCertSign for a CA".into());
+        }
+        _ => f.0.push("keyUsage is missing or malformed".into()),
+    }
+    match tbs.get_extension::<SubjectKeyIdentifier>() {
+        Ok(Some((critical, ski))) => {
+            f.check(!critical, || "subjectKeyIdentifier must not be critical".into());
+            f.check(!ski.0.as_bytes().is_empty(), || "subjectKeyIdentifier is empty".into());
+        }
+        _ => f.0.push("subjectKeyIdentifier is missing or malformed".into()),
+    }
+    match tbs.get_extension::<AuthorityKeyIdentifier>() {
+        Ok(Some((critical, aki))) => {
+            f.check(!critical, || "authorityKeyIdentifier must not be critical".into());
+            f.check(
+                aki.key_identifier.as_ref().map(|k| k.as_bytes()) == Some(expect.authority_key_id),
+                || "authorityKeyIdentifier does not match the issuer's subjectKeyIdentifier".into(),
+            );
+            f.check(
+                aki.authority_cert_issuer.is_none() && aki.authority_cert_serial_number.is_none(),
+                || "authorityKeyIdentifier carries issuer name or serial".into(),
+            );
+        }
+        _ => f.0.push("authorityKeyIdentifier is missing or malformed".into()),
+    }
+}
+
+/// The TBS must carry exactly what was planned.
+fn check_plan(tbs: &TbsCertificate, plan: &IntermediatePlan, f: &mut Findings) {
+    f.check(*tbs.serial_number() == plan.serial, || "serial differs from the plan".into());
+    f.check(same_der(tbs.subject(), &plan.subject), || "subject differs from the plan".into());
+    f.check(same_der(tbs.subject_public_key_info(), &plan.public_key), || {
+        "public key differs from the plan".into()
+    });
+    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let validity = tbs.validity();
+    f.check(
+        secs(validity.not_before.to_system_time()) == secs(plan.not_before)
+            && secs(validity.not_after.to_system_time()) == secs(plan.not_after),
+        || "validity differs from the plan".into(),
+    );
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignedCheckError {
+    #[error("signed certificate does not parse: {0}")]
+    Parse(String),
+    #[error("signed certificate does not carry the TBS bytes that were linted")]
+    TbsChanged,
+    #[error("signed certificate's signature does not verify with the root public key: {0}")]
+    Signature(#[from] super::sigalg::SignatureError),
+}
+
+/// After the token signs: the certificate must parse, carry byte for byte the TBS that
+/// was linted, and verify under the root's public key. Only then is it handed out.
+pub fn check_signed_certificate(
+    cert_der: &[u8],
+    linted_tbs: &[u8],
+    root: &RootCa,
+) -> Result<x509_cert::Certificate, SignedCheckError> {
+    use der::Decode;
+    let cert = x509_cert::Certificate::from_der(cert_der).map_err(|e| SignedCheckError::Parse(e.to_string()))?;
+    let tbs = cert
+        .tbs_certificate()
+        .to_der()
+        .map_err(|e| SignedCheckError::Parse(e.to_string()))?;
+    if tbs != linted_tbs {
+        return Err(SignedCheckError::TbsChanged);
+    }
+    super::profile::verify_certificate_signature(&cert, &root.verifier)?;
+    Ok(cert)
+}
+
+/// The profile checks alone (no policy): RFC 5280 basics plus meshca's intermediate
+/// extensions, with the issuer's key identifier. Used to check installed bundles.
+pub fn lint_intermediate_profile(tbs: &TbsCertificate, issuer_key_id: &[u8]) -> Result<(), LintFailure> {
+    let mut f = Findings::default();
+    common_checks(tbs, &mut f);
+    check_extensions(
+        tbs,
+        &ExpectedExtensions {
+            path_len: 0,
+            key_usage: intermediate_key_usage(),
+            authority_key_id: issuer_key_id,
+        },
+        &mut f,
+    );
+    f.finish()
+}

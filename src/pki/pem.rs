@@ -1,0 +1,89 @@
+//! PEM helpers: strict single-object decoding, certificate chains, encoding.
+
+use der::{Decode, Encode};
+use x509_cert::Certificate;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PemError {
+    #[error("not a PEM document ({0})")]
+    Malformed(String),
+    #[error("PEM label is {found:?}, expected {expected}")]
+    WrongLabel { found: String, expected: String },
+    #[error("no certificate found in PEM")]
+    NoCertificates,
+    #[error("certificate {index} in PEM is not a valid X.509 certificate: {message}")]
+    BadCertificate { index: usize, message: String },
+}
+
+/// Decodes exactly one PEM object whose label is one of `labels`.
+pub fn decode_single(pem: &str, labels: &[&str]) -> Result<Vec<u8>, PemError> {
+    let (label, der) = pem_rfc7468::decode_vec(pem.trim().as_bytes())
+        .map_err(|e| PemError::Malformed(e.to_string()))?;
+    if !labels.contains(&label) {
+        return Err(PemError::WrongLabel {
+            found: label.to_string(),
+            expected: labels.join(" or "),
+        });
+    }
+    Ok(der)
+}
+
+/// Decodes every `CERTIFICATE` block in order (a bundle or a chain).
+pub fn decode_certificates(pem: &str) -> Result<Vec<Certificate>, PemError> {
+    const BEGIN: &str = "-----BEGIN ";
+    let mut certs = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let block = &rest[start..];
+        let end_marker = block
+            .find("-----END ")
+            .and_then(|e| block[e + 9..].find("-----").map(|t| e + 9 + t + 5))
+            .ok_or_else(|| PemError::Malformed("unterminated PEM block".into()))?;
+        let der = decode_single(&block[..end_marker], &["CERTIFICATE"])?;
+        let cert = Certificate::from_der(&der).map_err(|e| PemError::BadCertificate {
+            index: certs.len() + 1,
+            message: e.to_string(),
+        })?;
+        certs.push(cert);
+        rest = &block[end_marker..];
+    }
+    if certs.is_empty() {
+        return Err(PemError::NoCertificates);
+    }
+    Ok(certs)
+}
+
+/// PEM for DER bytes under a label, LF line endings.
+pub fn encode(label: &str, der: &[u8]) -> String {
+    // Encoding only fails for invalid labels, and every label here is a constant.
+    pem_rfc7468::encode_string(label, pem_rfc7468::LineEnding::LF, der).unwrap_or_default()
+}
+
+/// A certificate as PEM.
+pub fn certificate_pem(cert: &Certificate) -> String {
+    encode("CERTIFICATE", &cert.to_der().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_checked() {
+        let pem = encode("PRIVATE KEY", &[1, 2, 3]);
+        assert_eq!(decode_single(&pem, &["PRIVATE KEY"]).unwrap(), vec![1, 2, 3]);
+        let err = decode_single(&pem, &["CERTIFICATE REQUEST"]).unwrap_err();
+        assert!(err.to_string().contains("PRIVATE KEY"));
+        assert!(matches!(decode_single("junk", &["X"]), Err(PemError::Malformed(_))));
+    }
+
+    #[test]
+    fn empty_bundle_is_an_error() {
+        assert_eq!(decode_certificates("nothing here"), Err(PemError::NoCertificates));
+        let not_a_cert = encode("CERTIFICATE", &[0x30, 0x00]);
+        assert!(matches!(
+            decode_certificates(&not_a_cert),
+            Err(PemError::BadCertificate { index: 1, .. })
+        ));
+    }
+}

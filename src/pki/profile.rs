@@ -1,0 +1,359 @@
+//! Certificate profiles meshca issues, built by meshca alone: the root (self-signed) and
+//! intermediates (CA:true, pathlen 0). Nothing is ever copied from a CSR but its key.
+//!
+//! Building yields the exact DER TBSCertificate bytes; the caller lints them, has them
+//! signed and assembles the certificate from those same bytes.
+
+use std::time::SystemTime;
+
+use der::asn1::{Any, AnyRef, BitString, OctetString};
+use der::{Decode, Encode, Sequence, Tag};
+use sha2::Digest;
+use spki::{
+    AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier, EncodePublicKey,
+    SubjectPublicKeyInfoOwned, SubjectPublicKeyInfoRef,
+};
+use x509_cert::Certificate;
+use x509_cert::attr::AttributeTypeAndValue;
+use x509_cert::builder::{Builder, CertificateBuilder, Profile as BuilderProfile};
+use x509_cert::ext::pkix::{
+    AuthorityKeyIdentifier, BasicConstraints, KeyUsage, KeyUsages, SubjectKeyIdentifier,
+};
+use x509_cert::ext::{Extension, ToExtension};
+use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
+use x509_cert::serial_number::SerialNumber;
+use x509_cert::time::{Time, Validity};
+
+use super::csr::hex;
+use super::keys::{PublicKeyKind, describe_public_key};
+use super::pem::{PemError, certificate_pem, decode_certificates};
+use super::sigalg::{PublicKeyVerifier, SignatureAlgorithm, SignatureError};
+
+/// Path length of the root: it signs intermediates, which sign workloads.
+pub const ROOT_PATH_LEN: u8 = 1;
+/// Key usages of every meshca CA certificate (RFC 5280 4.2.1.3).
+pub fn intermediate_key_usage() -> KeyUsage {
+    KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign | KeyUsages::DigitalSignature)
+}
+pub fn root_key_usage() -> KeyUsage {
+    KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign)
+}
+/// RFC 5280's upper bound for a common name.
+const MAX_COMMON_NAME: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("cannot build certificate: {0}")]
+    Build(String),
+    #[error("cannot encode certificate: {0}")]
+    Encoding(#[from] der::Error),
+    #[error("time {0:?} cannot be written into a certificate")]
+    Time(SystemTime),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error("root certificate: {0}")]
+    Pem(#[from] PemError),
+    #[error("root certificate file holds {0} certificates, expected exactly one")]
+    NotOne(usize),
+    #[error("root certificate key: {0}")]
+    Key(#[from] SignatureError),
+    #[error("root certificate has no subject key identifier")]
+    NoSubjectKeyId,
+    #[error("root certificate is not a CA (basicConstraints cA is not true)")]
+    NotCa,
+    #[error("root certificate self-signature does not verify")]
+    BadSelfSignature,
+}
+
+/// A subject Name `O=<org>, CN=<common name>`, both UTF8String.
+pub fn subject_name(org: &str, common_name: &str) -> Result<Name, der::Error> {
+    let common_name: String = common_name.chars().take(MAX_COMMON_NAME).collect();
+    let mut rdns = RdnSequence::default();
+    for (oid, value) in [
+        (const_oid::db::rfc4519::O, org),
+        (const_oid::db::rfc4519::CN, common_name.as_str()),
+    ] {
+        let mut rdn = RelativeDistinguishedName::default();
+        rdn.insert(AttributeTypeAndValue {
+            oid,
+            value: Any::new(Tag::Utf8String, value.as_bytes())?,
+        })?;
+        rdns.push(rdn);
+    }
+    Name::from_der(&rdns.to_der()?)
+}
+
+/// The root CA as the signer knows it: its certificate and what is derived from it once.
+#[derive(Debug, Clone)]
+pub struct RootCa {
+    pub certificate: Certificate,
+    pub pem: String,
+    pub subject: Name,
+    pub key_kind: PublicKeyKind,
+    pub public_key: SubjectPublicKeyInfoOwned,
+    /// The algorithm this root signs with.
+    pub signature_algorithm: SignatureAlgorithm,
+    pub subject_key_id: Vec<u8>,
+    pub not_after: SystemTime,
+    pub verifier: PublicKeyVerifier,
+    /// SHA-256 of the certificate DER, lowercase hex.
+    pub fingerprint_sha256: String,
+}
+
+impl RootCa {
+    /// Reads a PEM file holding exactly one self-signed CA certificate.
+    pub fn from_pem(pem: &str) -> Result<Self, RootError> {
+        let mut certs = decode_certificates(pem)?;
+        if certs.len() != 1 {
+            return Err(RootError::NotOne(certs.len()));
+        }
+        Self::from_certificate(certs.remove(0))
+    }
+
+    pub fn from_certificate(certificate: Certificate) -> Result<Self, RootError> {
+        let tbs = certificate.tbs_certificate();
+        let public_key = tbs.subject_public_key_info().clone();
+        let verifier = PublicKeyVerifier::new(&public_key)?;
+        let key_kind = describe_public_key(&public_key)
+            .map_err(|e| RootError::Key(SignatureError::BadKey(e.to_string())))?;
+        let signature_algorithm = match &key_kind {
+            PublicKeyKind::Ec(super::keys::NamedCurve::P384) => SignatureAlgorithm::EcdsaSha384,
+            PublicKeyKind::Ec(_) => SignatureAlgorithm::EcdsaSha256,
+            _ => SignatureAlgorithm::RsaPkcs1Sha256,
+        };
+        let subject_key_id = tbs
+            .get_extension::<SubjectKeyIdentifier>()
+            .ok()
+            .flatten()
+            .map(|(_, ski)| ski.0.as_bytes().to_vec())
+            .ok_or(RootError::NoSubjectKeyId)?;
+        let is_ca = tbs
+            .get_extension::<BasicConstraints>()
+            .ok()
+            .flatten()
+            .is_some_and(|(_, bc)| bc.ca);
+        if !is_ca {
+            return Err(RootError::NotCa);
+        }
+        verify_certificate_signature(&certificate, &verifier)
+            .map_err(|_| RootError::BadSelfSignature)?;
+        let der = certificate.to_der().map_err(|e| RootError::Pem(PemError::Malformed(e.to_string())))?;
+        Ok(RootCa {
+            pem: certificate_pem(&certificate),
+            subject: tbs.subject().clone(),
+            not_after: tbs.validity().not_after.to_system_time(),
+            fingerprint_sha256: hex(&sha2::Sha256::digest(&der)),
+            key_kind,
+            public_key,
+            signature_algorithm,
+            subject_key_id,
+            verifier,
+            certificate,
+        })
+    }
+}
+
+/// Checks a certificate's signature with an issuer key.
+pub fn verify_certificate_signature(
+    cert: &Certificate,
+    issuer: &PublicKeyVerifier,
+) -> Result<(), SignatureError> {
+    let algorithm = SignatureAlgorithm::from_identifier(cert.signature_algorithm())?;
+    let tbs = cert
+        .tbs_certificate()
+        .to_der()
+        .map_err(|e| SignatureError::BadKey(e.to_string()))?;
+    let signature = cert.signature().as_bytes().ok_or(SignatureError::Invalid)?;
+    issuer.verify(algorithm, &tbs, signature)
+}
+
+/// What the signer decided an intermediate will contain.
+#[derive(Debug, Clone)]
+pub struct IntermediatePlan {
+    pub subject: Name,
+    pub public_key: SubjectPublicKeyInfoOwned,
+    pub serial: SerialNumber,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// A fresh random serial: 16 bytes from the OS CSPRNG, positive, no leading zero octet.
+pub fn random_serial() -> Result<SerialNumber, ProfileError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| ProfileError::Build(format!("random serial: {e}")))?;
+    // Top bit clear keeps it positive; a set bit 6 keeps the first octet non-zero, so the
+    // encoding is exactly 16 octets (well inside RFC 5280's 20).
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::new(&bytes)?)
+}
+
+/// The exact DER TBSCertificate of an intermediate under `root`.
+pub fn intermediate_tbs(plan: &IntermediatePlan, root: &RootCa) -> Result<Vec<u8>, ProfileError> {
+    let profile = CaProfile {
+        subject: plan.subject.clone(),
+        issuer: Some(root.subject.clone()),
+        basic_constraints: BasicConstraints {
+            ca: true,
+            path_len_constraint: Some(0),
+        },
+        key_usage: intermediate_key_usage(),
+        authority_key_id: Some(root.subject_key_id.clone()),
+    };
+    let issuer = IssuerKey {
+        public_key: root.public_key.clone(),
+        algorithm: root.signature_algorithm,
+    };
+    build_tbs(profile, plan, &issuer)
+}
+
+/// The exact DER TBSCertificate of a self-signed root.
+pub fn root_tbs(
+    plan: &IntermediatePlan,
+    algorithm: SignatureAlgorithm,
+) -> Result<Vec<u8>, ProfileError> {
+    let profile = CaProfile {
+        subject: plan.subject.clone(),
+        issuer: None,
+        basic_constraints: BasicConstraints {
+            ca: true,
+            path_len_constraint: Some(ROOT_PATH_LEN),
+        },
+        key_usage: root_key_usage(),
+        authority_key_id: None,
+    };
+    let issuer = IssuerKey {
+        public_key: plan.public_key.clone(),
+        algorithm,
+    };
+    build_tbs(profile, plan, &issuer)
+}
+
+fn build_tbs(profile: CaProfile, plan: &IntermediatePlan, issuer: &IssuerKey) -> Result<Vec<u8>, ProfileError> {
+    let time = |t: SystemTime| Time::try_from(t).map_err(|_| ProfileError::Time(t));
+    let validity = Validity::new(time(plan.not_before)?, time(plan.not_after)?);
+    let mut builder = CertificateBuilder::new(profile, plan.serial.clone(), validity, plan.public_key.clone())
+        .map_err(|e| ProfileError::Build(e.to_string()))?;
+    builder
+        .finalize(issuer)
+        .map_err(|e| ProfileError::Build(e.to_string()))
+}
+
+/// Certificate = SEQUENCE { tbsCertificate, signatureAlgorithm, signature }, with the TBS
+/// kept as the exact bytes that were linted and signed.
+#[derive(Sequence)]
+struct RawCertificate<'a> {
+    tbs: AnyRef<'a>,
+    algorithm: AlgorithmIdentifierOwned,
+    signature: BitString,
+}
+
+/// Assembles a certificate around exactly `tbs_der` and returns its DER.
+pub fn assemble(
+    tbs_der: &[u8],
+    algorithm: SignatureAlgorithm,
+    signature: &[u8],
+) -> Result<Vec<u8>, ProfileError> {
+    let raw = RawCertificate {
+        tbs: AnyRef::from_der(tbs_der)?,
+        algorithm: algorithm.algorithm_identifier(),
+        signature: BitString::from_bytes(signature)?,
+    };
+    Ok(raw.to_der()?)
+}
+
+/// The profile meshca's CA certificates follow (root and intermediate differ only in the
+/// values passed in).
+struct CaProfile {
+    subject: Name,
+    /// `None` for self-signed.
+    issuer: Option<Name>,
+    basic_constraints: BasicConstraints,
+    key_usage: KeyUsage,
+    /// The issuer's subject key identifier; `None` means self-signed (AKI = own SKI).
+    authority_key_id: Option<Vec<u8>>,
+}
+
+impl BuilderProfile for CaProfile {
+    fn get_issuer(&self, subject: &Name) -> Name {
+        self.issuer.clone().unwrap_or_else(|| subject.clone())
+    }
+
+    fn get_subject(&self) -> Name {
+        self.subject.clone()
+    }
+
+    fn build_extensions(
+        &self,
+        spk: SubjectPublicKeyInfoRef<'_>,
+        _issuer_spk: SubjectPublicKeyInfoRef<'_>,
+        tbs: &x509_cert::TbsCertificate,
+    ) -> x509_cert::builder::Result<Vec<Extension>> {
+        let subject = tbs.subject();
+        let ski = SubjectKeyIdentifier::try_from(spk)?;
+        let aki_bytes = match &self.authority_key_id {
+            Some(id) => id.clone(),
+            None => ski.0.as_bytes().to_vec(),
+        };
+        let aki = AuthorityKeyIdentifier {
+            key_identifier: Some(OctetString::new(aki_bytes)?),
+            authority_cert_issuer: None,
+            authority_cert_serial_number: None,
+        };
+        Ok(vec![
+            extension(&self.basic_constraints, true, subject)?,
+            extension(&self.key_usage, true, subject)?,
+            extension(&ski, false, subject)?,
+            extension(&aki, false, subject)?,
+        ])
+    }
+}
+
+/// An extension with the criticality this profile demands (not the library default).
+fn extension<E: const_oid::AssociatedOid + Encode>(
+    value: &E,
+    critical: bool,
+    subject: &Name,
+) -> Result<Extension, der::Error> {
+    (critical, value).to_extension(subject, &[])
+}
+
+/// The issuer's public key and algorithm, in the shape the x509-cert builder asks for.
+/// It never signs: signing happens in the token, over the bytes `finalize` returns.
+struct IssuerKey {
+    public_key: SubjectPublicKeyInfoOwned,
+    algorithm: SignatureAlgorithm,
+}
+
+#[derive(Clone)]
+struct IssuerPublicKey(SubjectPublicKeyInfoOwned);
+
+impl EncodePublicKey for IssuerPublicKey {
+    fn to_public_key_der(&self) -> spki::Result<der::Document> {
+        Ok(der::Document::encode_msg(&self.0)?)
+    }
+}
+
+impl signature::Keypair for IssuerKey {
+    type VerifyingKey = IssuerPublicKey;
+    fn verifying_key(&self) -> IssuerPublicKey {
+        IssuerPublicKey(self.public_key.clone())
+    }
+}
+
+impl DynSignatureAlgorithmIdentifier for IssuerKey {
+    fn signature_algorithm_identifier(&self) -> spki::Result<AlgorithmIdentifierOwned> {
+        Ok(self.algorithm.algorithm_identifier())
+    }
+}
+
+/// Decodes a TBSCertificate from DER (for the linter).
+pub fn decode_tbs(tbs_der: &[u8]) -> Result<x509_cert::TbsCertificate, der::Error> {
+    x509_cert::TbsCertificate::from_der(tbs_der)
+}
+
+/// Reads the serial of a certificate as uppercase-free hex, as the API reports it.
+pub fn serial_hex(serial: &SerialNumber) -> String {
+    hex(serial.as_bytes())
+}

@@ -1,0 +1,399 @@
+//! VirtualMesh documents in the shape of the Service Mesh Hub guide, and their reduction to
+//! the policy the signer enforces.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::rules::{accepted_key_types, effective_min_rsa_bits};
+use crate::pki::keys::KeyType;
+
+/// `<namespace>/<name>`: how virtual meshes and meshes are named everywhere in meshca.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not of the form <namespace>/<name> (lowercase letters, digits, '-' and '.')")]
+pub struct ObjectRefError(pub String);
+
+impl FromStr for ObjectRef {
+    type Err = ObjectRefError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (namespace, name) = s.split_once('/').ok_or_else(|| ObjectRefError(s.into()))?;
+        if !is_dns_name(namespace) || !is_dns_name(name) {
+            return Err(ObjectRefError(s.into()));
+        }
+        Ok(ObjectRef::new(namespace, name))
+    }
+}
+
+impl Serialize for ObjectRef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ObjectRef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Kubernetes object names: DNS subdomain characters, at most 253 long.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// A VirtualMesh document as written in YAML (only the fields meshca reads).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMeshDocument {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: VirtualMeshSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Metadata {
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMeshSpec {
+    #[serde(default)]
+    pub display_name: Option<String>,
+    pub certificate_authority: CertificateAuthority,
+    #[serde(default)]
+    pub federation: Option<Federation>,
+    #[serde(default)]
+    pub shared: Option<serde_json::Value>,
+    #[serde(default)]
+    pub limited: Option<serde_json::Value>,
+    #[serde(default)]
+    pub enforce_access_control: Option<bool>,
+    #[serde(default)]
+    pub meshes: Vec<MeshReference>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateAuthority {
+    #[serde(default)]
+    pub builtin: Option<BuiltinCa>,
+    #[serde(default)]
+    pub provided: Option<serde_json::Value>,
+}
+
+/// `spec.certificateAuthority.builtin`: the rules for the root and its intermediates.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BuiltinCa {
+    pub ttl_days: u32,
+    /// Despite the name, a size in bits (the seed's value is 4096).
+    pub rsa_key_size_bytes: u32,
+    pub org_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Federation {
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MeshReference {
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    #[error("{source_name}: not valid VirtualMesh YAML: {message}")]
+    Yaml { source_name: String, message: String },
+    #[error("{source_name}: document {index} has kind {kind:?}, expected VirtualMesh")]
+    WrongKind {
+        source_name: String,
+        index: usize,
+        kind: String,
+    },
+    #[error("{source_name}: VirtualMesh {id}: {problem}")]
+    Invalid {
+        source_name: String,
+        id: String,
+        problem: String,
+    },
+    #[error("VirtualMesh {id} is defined twice ({first} and {second})")]
+    Duplicate {
+        id: String,
+        first: String,
+        second: String,
+    },
+    #[error("no VirtualMesh documents were loaded")]
+    Empty,
+}
+
+/// The policy of one virtual mesh, as the signer enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualMeshPolicy {
+    pub id: ObjectRef,
+    pub display_name: Option<String>,
+    /// Subject organization of the root and of every intermediate.
+    pub org_name: String,
+    /// Longest lifetime an intermediate (or the root) may get.
+    pub max_ttl: Duration,
+    /// Minimum RSA modulus in bits (never below 2048, whatever the document says).
+    pub min_rsa_bits: u32,
+    /// Meshes that may receive an intermediate under this virtual mesh.
+    pub meshes: BTreeSet<ObjectRef>,
+    /// Where this policy was read from, for error messages.
+    pub source: String,
+}
+
+impl VirtualMeshPolicy {
+    pub fn accepted_key_types(&self) -> Vec<KeyType> {
+        accepted_key_types(self.min_rsa_bits)
+    }
+
+    pub fn has_member(&self, mesh: &ObjectRef) -> bool {
+        self.meshes.contains(mesh)
+    }
+}
+
+/// Longest ttlDays accepted: beyond a century is a typo, not a policy.
+const MAX_TTL_DAYS: u32 = 36_500;
+/// RFC 5280's upper bound for an organization name.
+const MAX_ORG_NAME_LEN: usize = 64;
+
+impl VirtualMeshDocument {
+    /// Validates the document and reduces it to the signer's policy.
+    pub fn into_policy(self, source_name: &str) -> Result<VirtualMeshPolicy, PolicyLoadError> {
+        let id_text = format!("{}/{}", self.metadata.namespace, self.metadata.name);
+        let invalid = |problem: String| PolicyLoadError::Invalid {
+            source_name: source_name.to_string(),
+            id: id_text.clone(),
+            problem,
+        };
+        let id: ObjectRef = id_text
+            .parse()
+            .map_err(|e: ObjectRefError| invalid(format!("metadata: {e}")))?;
+        let ca = &self.spec.certificate_authority;
+        if ca.provided.is_some() {
+            return Err(invalid(
+                "spec.certificateAuthority.provided is not supported by the signer: the root key lives in the signer's token, so use builtin".into(),
+            ));
+        }
+        let builtin = ca
+            .builtin
+            .as_ref()
+            .ok_or_else(|| invalid("spec.certificateAuthority.builtin is required".into()))?;
+        if builtin.ttl_days == 0 || builtin.ttl_days > MAX_TTL_DAYS {
+            return Err(invalid(format!(
+                "spec.certificateAuthority.builtin.ttlDays must be between 1 and {MAX_TTL_DAYS}, got {}",
+                builtin.ttl_days
+            )));
+        }
+        let org_name = builtin.org_name.trim();
+        if org_name.is_empty() || org_name.len() > MAX_ORG_NAME_LEN || org_name.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "spec.certificateAuthority.builtin.orgName must be 1 to {MAX_ORG_NAME_LEN} printable characters"
+            )));
+        }
+        if builtin.rsa_key_size_bytes > 16_384 {
+            return Err(invalid(format!(
+                "spec.certificateAuthority.builtin.rsaKeySizeBytes is a size in bits; {} is beyond any supported key",
+                builtin.rsa_key_size_bytes
+            )));
+        }
+        if self.spec.limited.is_some() {
+            return Err(invalid(
+                "the limited trust model is not supported; meshca implements shared trust (one root)".into(),
+            ));
+        }
+        let mut meshes = BTreeSet::new();
+        for mesh in &self.spec.meshes {
+            let mesh_ref: ObjectRef = format!("{}/{}", mesh.namespace, mesh.name)
+                .parse()
+                .map_err(|e: ObjectRefError| invalid(format!("spec.meshes: {e}")))?;
+            if !meshes.insert(mesh_ref.clone()) {
+                return Err(invalid(format!("spec.meshes lists {mesh_ref} twice")));
+            }
+        }
+        if meshes.is_empty() {
+            return Err(invalid("spec.meshes is empty".into()));
+        }
+        Ok(VirtualMeshPolicy {
+            id,
+            display_name: self.spec.display_name.clone(),
+            org_name: org_name.to_string(),
+            max_ttl: Duration::from_secs(u64::from(builtin.ttl_days) * 86_400),
+            min_rsa_bits: effective_min_rsa_bits(builtin.rsa_key_size_bytes),
+            meshes,
+            source: source_name.to_string(),
+        })
+    }
+}
+
+/// Every VirtualMesh the signer knows, by `<namespace>/<name>`.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    meshes: BTreeMap<ObjectRef, VirtualMeshPolicy>,
+}
+
+impl PolicySet {
+    /// Parses one multi-document YAML text and adds its VirtualMeshes.
+    pub fn add_yaml(&mut self, source_name: &str, yaml: &str) -> Result<(), PolicyLoadError> {
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(yaml).map_err(|e| PolicyLoadError::Yaml {
+                source_name: source_name.to_string(),
+                message: e.to_string(),
+            })?;
+        for (index, doc) in docs.into_iter().enumerate() {
+            if doc.is_null() {
+                continue;
+            }
+            let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+            if kind != "VirtualMesh" {
+                return Err(PolicyLoadError::WrongKind {
+                    source_name: source_name.to_string(),
+                    index: index + 1,
+                    kind: kind.to_string(),
+                });
+            }
+            let document: VirtualMeshDocument =
+                serde_json::from_value(doc).map_err(|e| PolicyLoadError::Yaml {
+                    source_name: source_name.to_string(),
+                    message: format!("document {}: {e}", index + 1),
+                })?;
+            self.insert(document.into_policy(source_name)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn insert(&mut self, policy: VirtualMeshPolicy) -> Result<(), PolicyLoadError> {
+        if let Some(existing) = self.meshes.get(&policy.id) {
+            return Err(PolicyLoadError::Duplicate {
+                id: policy.id.to_string(),
+                first: existing.source.clone(),
+                second: policy.source,
+            });
+        }
+        self.meshes.insert(policy.id.clone(), policy);
+        Ok(())
+    }
+
+    pub fn get(&self, id: &ObjectRef) -> Option<&VirtualMeshPolicy> {
+        self.meshes.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &VirtualMeshPolicy> {
+        self.meshes.values()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meshes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const SEED: &str = include_str!("../../config/virtual-mesh.yaml");
+
+    #[test]
+    fn seed_document_loads_with_its_two_meshes() {
+        let mut set = PolicySet::default();
+        set.add_yaml("seed", SEED).unwrap();
+        let policy = set
+            .get(&"service-mesh-hub/virtual-mesh".parse().unwrap())
+            .unwrap();
+        assert_eq!(policy.org_name, "service-mesh-hub");
+        assert_eq!(policy.max_ttl, Duration::from_secs(356 * 86_400));
+        assert_eq!(policy.min_rsa_bits, 4096);
+        assert_eq!(policy.display_name.as_deref(), Some("Demo Mesh Federation"));
+        let members: Vec<String> = policy.meshes.iter().map(|m| m.to_string()).collect();
+        assert_eq!(
+            members,
+            [
+                "service-mesh-hub/istio-istio-system-management-plane",
+                "service-mesh-hub/istio-istio-system-new-remote-cluster"
+            ]
+        );
+    }
+
+    fn doc(builtin: &str, extra: &str) -> String {
+        format!(
+            "kind: VirtualMesh\nmetadata:\n  name: vm\n  namespace: ns\nspec:\n  certificateAuthority:\n{builtin}\n  meshes:\n  - name: a\n    namespace: ns\n{extra}"
+        )
+    }
+
+    fn load(yaml: &str) -> Result<PolicySet, PolicyLoadError> {
+        let mut set = PolicySet::default();
+        set.add_yaml("test.yaml", yaml).map(|_| set)
+    }
+
+    #[test]
+    fn invalid_documents_are_refused_with_the_field_named() {
+        let cases = [
+            (doc("    builtin:\n      ttlDays: 0\n      rsaKeySizeBytes: 4096\n      orgName: o", ""), "ttlDays"),
+            (doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: ''", ""), "orgName"),
+            (doc("    builtin:\n      ttlDay: 10\n      rsaKeySizeBytes: 4096\n      orgName: o", ""), "ttlDay"),
+            (doc("    provided:\n      certificate:\n        name: x\n        namespace: y", ""), "provided"),
+            (doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: o", "  limited: {}\n"), "limited"),
+            (doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: o", "  - name: a\n    namespace: ns\n"), "twice"),
+        ];
+        for (yaml, needle) in cases {
+            let err = load(&yaml).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+            assert!(err.contains("test.yaml"), "source missing in {err:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_kind_and_duplicates_are_refused() {
+        let err = load("kind: Mesh\nmetadata: {name: a, namespace: b}\n").unwrap_err();
+        assert!(err.to_string().contains("expected VirtualMesh"), "{err}");
+        let one = doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 2048\n      orgName: o", "");
+        let err = load(&format!("{one}---\n{one}")).unwrap_err();
+        assert!(err.to_string().contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn object_refs_parse_strictly() {
+        assert!("a/b".parse::<ObjectRef>().is_ok());
+        for bad in ["a", "/b", "a/", "A/b", "a/b/c", "a/-b", "a/b c"] {
+            assert!(bad.parse::<ObjectRef>().is_err(), "{bad} accepted");
+        }
+    }
+}

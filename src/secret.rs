@@ -1,0 +1,121 @@
+//! Secrets (HSM PINs, Vault tokens) read from a file or an environment variable.
+//! They are never accepted on the command line, never printed, and wiped on drop.
+
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+/// A secret value. `Debug` and `Display` print only `<redacted>`.
+#[derive(Clone)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(Zeroizing::new(value))
+    }
+
+    /// The secret itself, for handing to the token or Vault and nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where a secret comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::File(path) => write!(f, "file {}", path.display()),
+            SecretSource::Env(name) => write!(f, "environment variable {name}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read secret from {source_name}: {message}")]
+    Unreadable { source_name: String, message: String },
+    #[error("secret from {0} is empty")]
+    Empty(String),
+    #[error("secret file {path} can be read by other users (mode {mode:o}); run: chmod 600 {path}")]
+    TooOpen { path: String, mode: u32 },
+}
+
+impl SecretSource {
+    /// Reads the secret; surrounding whitespace (a trailing newline) is dropped.
+    pub fn read(&self) -> Result<Secret, SecretError> {
+        let raw = match self {
+            SecretSource::File(path) => read_secret_file(path)?,
+            SecretSource::Env(name) => Zeroizing::new(std::env::var(name).map_err(|e| SecretError::Unreadable {
+                source_name: self.to_string(),
+                message: e.to_string(),
+            })?),
+        };
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(SecretError::Empty(self.to_string()));
+        }
+        Ok(Secret::new(trimmed.to_string()))
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
+    let unreadable = |e: std::io::Error| SecretError::Unreadable {
+        source_name: format!("file {}", path.display()),
+        message: e.to_string(),
+    };
+    let mode = std::fs::metadata(path).map_err(unreadable)?.permissions().mode();
+    if mode & 0o007 != 0 {
+        return Err(SecretError::TooOpen {
+            path: path.display().to_string(),
+            mode: mode & 0o777,
+        });
+    }
+    std::fs::read_to_string(path).map(Zeroizing::new).map_err(unreadable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("1234".into());
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert_eq!(s.expose(), "1234");
+    }
+
+    #[test]
+    fn files_are_trimmed_and_permissions_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        crate::fsutil::write_private(&path, b"s3cret\n").unwrap();
+        let secret = SecretSource::File(path.clone()).read().unwrap();
+        assert_eq!(secret.expose(), "s3cret");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = SecretSource::File(path.clone()).read().unwrap_err().to_string();
+        assert!(err.contains("chmod 600") && !err.contains("s3cret"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "\n").unwrap();
+        assert!(matches!(SecretSource::File(path).read(), Err(SecretError::Empty(_))));
+    }
+
+    #[test]
+    fn missing_env_is_named() {
+        let err = SecretSource::Env("MESHCA_TEST_SURELY_UNSET".into()).read().unwrap_err();
+        assert!(err.to_string().contains("MESHCA_TEST_SURELY_UNSET"));
+    }
+}

@@ -1,0 +1,299 @@
+//! The signer's HTTP API: routes, JSON shapes, error mapping. Every `/v1/sign` outcome is
+//! written to the audit log before the response leaves.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::json;
+
+use super::SignerState;
+use super::audit::{AuditRecord, rfc3339};
+use super::decision::{DecisionContext, Refusal, RequestFacts, SignRequest, Status, decide};
+use crate::backend::BackendError;
+use crate::pki::pem::certificate_pem;
+use crate::pki::profile::{random_serial, serial_hex};
+use crate::policy::ObjectRef;
+use crate::policy::rules::human_duration;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How long readiness may take before it counts as "not ready".
+const READINESS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The authenticated client of a connection (from its certificate), set per request by
+/// the TLS server.
+#[derive(Clone, Debug)]
+pub struct ClientIdentity(pub Option<String>);
+
+/// Routes served over mTLS.
+pub fn router(state: Arc<SignerState>) -> Router {
+    Router::new()
+        .route("/v1/sign", post(sign))
+        .route("/v1/virtualmeshes/{namespace}/{name}", get(virtual_mesh))
+        .route("/v1/trust-bundle", get(trust_bundle))
+        .merge(ops_routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Health and metrics, served on the mTLS port and on the optional plain ops port.
+pub fn ops_router(state: Arc<SignerState>) -> Router {
+    ops_routes().fallback(not_found).with_state(state)
+}
+
+fn ops_routes() -> Router<Arc<SignerState>> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SignResponse {
+    certificate: String,
+    cert_chain: String,
+    root_cert: String,
+    serial: String,
+    not_after: String,
+}
+
+fn error_response(status: Status, code: &str, message: &str) -> Response {
+    let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response()
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error_response(self.status, self.code, &self.message)
+    }
+}
+
+async fn sign(
+    State(state): State<Arc<SignerState>>,
+    identity: Option<axum::Extension<ClientIdentity>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let identity = identity.and_then(|axum::Extension(ClientIdentity(id))| id);
+    let mut facts = RequestFacts::default();
+    let outcome = sign_inner(&state, identity.as_deref(), &headers, body, &mut facts).await;
+    let now = SystemTime::now();
+    let mut record = AuditRecord {
+        time: rfc3339(now),
+        event: "decision".into(),
+        client: identity.clone(),
+        virtual_mesh: facts.virtual_mesh.clone(),
+        mesh: facts.mesh.clone(),
+        csr_public_key_sha256: facts.csr_public_key_sha256.clone(),
+        ignored_csr_extensions: facts.ignored_csr_extensions.clone(),
+        ..Default::default()
+    };
+    match &outcome {
+        Ok(issued) => {
+            record.decision = Some("allow".into());
+            record.rule = Some("issued".into());
+            record.serial = Some(issued.serial.clone());
+            record.not_after = Some(issued.not_after.clone());
+        }
+        Err(refusal) => {
+            record.decision = Some(refusal.decision().into());
+            record.rule = Some(refusal.code.into());
+            record.message = Some(refusal.message.clone());
+        }
+    }
+    // Nothing is answered, and no certificate leaves, before its audit line is on disk.
+    if let Err(e) = state.audit.append(record).await {
+        state.metrics.audit_error();
+        state.metrics.request("audit_unavailable");
+        tracing::error!(error = %e, "audit log write failed; answering 503");
+        return error_response(
+            Status::Unavailable,
+            "audit_unavailable",
+            "the signer cannot write its audit log, so it issues nothing; try again later",
+        );
+    }
+    match outcome {
+        Ok(issued) => {
+            state.metrics.request("issued");
+            tracing::info!(
+                client = identity.as_deref().unwrap_or(""),
+                virtual_mesh = facts.virtual_mesh.as_deref().unwrap_or(""),
+                mesh = facts.mesh.as_deref().unwrap_or(""),
+                serial = %issued.serial,
+                not_after = %issued.not_after,
+                "issued intermediate"
+            );
+            (StatusCode::OK, axum::Json(issued)).into_response()
+        }
+        Err(refusal) => {
+            state.metrics.request(refusal.code);
+            tracing::info!(
+                client = identity.as_deref().unwrap_or(""),
+                code = refusal.code,
+                message = %refusal.message,
+                "refused signing request"
+            );
+            refusal.into_response()
+        }
+    }
+}
+
+async fn sign_inner(
+    state: &SignerState,
+    identity: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    facts: &mut RequestFacts,
+) -> Result<SignResponse, Refusal> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case("application/json") {
+        return Err(Refusal::new(
+            Status::UnsupportedMediaType,
+            "unsupported_media_type",
+            format!("Content-Type must be application/json, got {content_type:?}"),
+        ));
+    }
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        Refusal::new(
+            Status::PayloadTooLarge,
+            "body_too_large",
+            format!("request body is larger than {} KiB (or could not be read)", MAX_BODY / 1024),
+        )
+    })?;
+    let request: SignRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        Refusal::new(
+            Status::BadRequest,
+            "malformed_request",
+            format!("request body is not the expected JSON object {{virtualMesh, mesh, csr[, ttlSeconds]}}: {e}"),
+        )
+    })?;
+    let serial = random_serial().map_err(|e| Refusal::new(Status::Internal, "internal", e.to_string()))?;
+    let backend = &state.backend;
+    let ctx = DecisionContext {
+        policies: &state.policies,
+        authorization: &state.authorization,
+        root: backend.root(),
+    };
+    let approval = decide(&ctx, identity, &request, SystemTime::now(), serial, facts)?;
+    if approval.capped_by_root {
+        tracing::info!(
+            root_not_after = %rfc3339(backend.root().not_after),
+            "intermediate lifetime shortened to the root's expiry"
+        );
+    }
+
+    let started = Instant::now();
+    let certificate = backend.issue(approval.issue).await.map_err(|e| {
+        state.metrics.backend_error();
+        match e {
+            BackendError::Unavailable(_) | BackendError::PinRejected => {
+                Refusal::new(Status::Unavailable, "backend_unavailable", e.to_string())
+            }
+            BackendError::Lint(_) | BackendError::Check(_) => {
+                tracing::error!(error = %e, "issuance check failed");
+                Refusal::new(Status::Internal, "issuance_check_failed", e.to_string())
+            }
+        }
+    })?;
+    state.metrics.signing_took(started.elapsed());
+
+    let tbs = certificate.tbs_certificate();
+    let certificate_pem = certificate_pem(&certificate);
+    let root_pem = backend.root().pem.clone();
+    Ok(SignResponse {
+        cert_chain: format!("{certificate_pem}{root_pem}"),
+        certificate: certificate_pem,
+        root_cert: root_pem,
+        serial: serial_hex(tbs.serial_number()),
+        not_after: rfc3339(tbs.validity().not_after.to_system_time()),
+    })
+}
+
+async fn virtual_mesh(
+    State(state): State<Arc<SignerState>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let id = ObjectRef::new(namespace, name);
+    let Some(policy) = state.policies.get(&id) else {
+        return error_response(
+            Status::NotFound,
+            "unknown_virtual_mesh",
+            &format!("virtual mesh {id} is not configured on this signer"),
+        );
+    };
+    let root = state.backend.root();
+    let max_ttl = policy.max_ttl.as_secs();
+    axum::Json(json!({
+        "virtualMesh": policy.id.to_string(),
+        "displayName": policy.display_name,
+        "orgName": policy.org_name,
+        "maxTtlSeconds": max_ttl,
+        "maxTtl": human_duration(policy.max_ttl),
+        "minRsaBits": policy.min_rsa_bits,
+        "acceptedKeyTypes": policy.accepted_key_types().iter().map(|k| k.name()).collect::<Vec<_>>(),
+        "meshes": policy.meshes.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+        "rootNotAfter": rfc3339(root.not_after),
+        "rootFingerprintSha256": root.fingerprint_sha256,
+    }))
+    .into_response()
+}
+
+async fn trust_bundle(State(state): State<Arc<SignerState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        state.backend.root().pem.clone(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
+    if !state.audit.is_healthy() {
+        return error_response(Status::Unavailable, "audit_unavailable", "the audit log cannot be written");
+    }
+    match tokio::time::timeout(READINESS_TIMEOUT, state.backend.readiness()).await {
+        Ok(Ok(())) => axum::Json(json!({"status": "ready", "backend": state.backend.describe()})).into_response(),
+        Ok(Err(e)) => error_response(Status::Unavailable, "backend_unavailable", &e.to_string()),
+        Err(_) => error_response(
+            Status::Unavailable,
+            "backend_unavailable",
+            &format!("the root key backend did not answer within {}s", READINESS_TIMEOUT.as_secs()),
+        ),
+    }
+}
+
+async fn metrics(State(state): State<Arc<SignerState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    error_response(Status::NotFound, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(json!({"error": {"code": "method_not_allowed", "message": "method not allowed on this endpoint"}})),
+    )
+        .into_response()
+}

@@ -1,0 +1,430 @@
+//! The audit log: one JSON line per signing decision, each carrying the SHA-256 of the line
+//! before it, written and fsynced before the client gets its answer.
+//!
+//! A single writer thread owns the file and commits in groups: every line waiting when a
+//! write starts goes into that write and its one fsync (still before any of those
+//! requests is answered). A failed write is rolled back, so the file never holds a line
+//! that was not acknowledged as written.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::sync::oneshot;
+
+use crate::pki::csr::hex;
+
+/// `prev` of the first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Most lines committed by one write + fsync.
+const MAX_BATCH: usize = 512;
+
+/// One decision. Field names are the log's stable format.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord {
+    pub time: String,
+    /// `decision` for a signing decision; `recovery` for a repair of the log itself.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_mesh: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr_public_key_sha256: Option<String>,
+    /// `allow`, `deny` (policy or request refused) or `error` (signer could not issue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// The machine code of the outcome (`issued`, `policy_org`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// Extensions the CSR asked for, which were not honoured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_csr_extensions: Vec<String>,
+    /// SHA-256 of the previous line (without its newline), hex.
+    #[serde(default)]
+    pub prev: String,
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuditError {
+    #[error("audit log {path}: {message}")]
+    Io { path: String, message: String },
+    #[error("audit log writer has stopped")]
+    Stopped,
+}
+
+struct Pending {
+    record: AuditRecord,
+    done: oneshot::Sender<Result<(), AuditError>>,
+}
+
+/// Handle to the audit writer. Cloning shares the one writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Pending>,
+    healthy: Arc<AtomicBool>,
+    path: PathBuf,
+}
+
+/// What opening the log found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    pub records: Option<usize>,
+    /// Where an incomplete last line (a write torn by a crash) was moved to.
+    pub torn_tail_saved_to: Option<PathBuf>,
+}
+
+impl AuditLog {
+    /// Opens (or creates, mode 0600) the log and starts its writer thread. An incomplete
+    /// last line is moved to a side file and a `recovery` record says so.
+    pub fn open(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {
+        let io = |e: std::io::Error| AuditError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let mut file = crate::fsutil::open_append(path, 0o600).map_err(io)?;
+        let tail = read_tail(path).map_err(io)?;
+        let mut report = OpenReport {
+            records: None,
+            torn_tail_saved_to: None,
+        };
+        let mut last_hash = tail.last_line_hash.unwrap_or_else(|| GENESIS.to_string());
+        if !tail.torn.is_empty() {
+            let side = path.with_extension(format!(
+                "torn-{}",
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            ));
+            crate::fsutil::write_private(&side, &tail.torn).map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
+            file.set_len(len - tail.torn.len() as u64).map_err(io)?;
+            let record = AuditRecord {
+                time: rfc3339(SystemTime::now()),
+                event: "recovery".into(),
+                message: Some(format!(
+                    "incomplete last line of {} bytes (sha256 {}) moved to {}",
+                    tail.torn.len(),
+                    hex(&sha2::Sha256::digest(&tail.torn)),
+                    side.display()
+                )),
+                ..Default::default()
+            };
+            let mut buf = Vec::new();
+            last_hash = encode_line(record, &last_hash, &mut buf);
+            file.write_all(&buf).map_err(io)?;
+            file.sync_data().map_err(io)?;
+            report.torn_tail_saved_to = Some(side);
+        }
+        crate::fsutil::sync_dir(crate::fsutil::parent_dir(path)).map_err(io)?;
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            file,
+            path: path.to_path_buf(),
+            last_hash,
+            healthy: healthy.clone(),
+        };
+        std::thread::Builder::new()
+            .name("meshca-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io)?;
+        Ok((
+            AuditLog {
+                tx,
+                healthy,
+                path: path.to_path_buf(),
+            },
+            report,
+        ))
+    }
+
+    /// Appends a record; returns once it is on disk (fsynced) or the write failed.
+    pub async fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Pending { record, done }).map_err(|_| AuditError::Stopped)?;
+        wait.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// False after a write failed and could not be rolled back cleanly.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+struct Writer {
+    file: File,
+    path: PathBuf,
+    last_hash: String,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Pending>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let result = self.commit(&mut batch);
+            for pending in batch {
+                let _ = pending.done.send(result.clone());
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
+        let io = |e: std::io::Error| AuditError::Io {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        };
+        if !self.healthy.load(Ordering::SeqCst) {
+            return Err(AuditError::Io {
+                path: self.path.display().to_string(),
+                message: "an earlier write failed and could not be rolled back; restart the signer".into(),
+            });
+        }
+        let mut buf = Vec::with_capacity(batch.len() * 512);
+        let mut hash = self.last_hash.clone();
+        for pending in batch.iter_mut() {
+            hash = encode_line(std::mem::take(&mut pending.record), &hash, &mut buf);
+        }
+        let before = self.file.metadata().map_err(io)?.len();
+        let written = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.last_hash = hash;
+                Ok(())
+            }
+            Err(e) => {
+                // Take back whatever part of the batch reached the file; if that fails the
+                // chain can no longer be trusted to continue, so stop accepting records.
+                if self.file.set_len(before).and_then(|()| self.file.sync_data()).is_err() {
+                    self.healthy.store(false, Ordering::SeqCst);
+                }
+                tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing to issue");
+                Err(io(e))
+            }
+        }
+    }
+}
+
+/// Serializes `record` with `prev`, appends the line and its newline, returns its hash.
+fn encode_line(mut record: AuditRecord, prev: &str, buf: &mut Vec<u8>) -> String {
+    record.prev = prev.to_string();
+    let start = buf.len();
+    // Serializing a struct of strings cannot fail.
+    serde_json::to_writer(&mut *buf, &record).unwrap_or_default();
+    let hash = hex(&sha2::Sha256::digest(&buf[start..]));
+    buf.push(b'\n');
+    hash
+}
+
+struct Tail {
+    last_line_hash: Option<String>,
+    /// Bytes after the last newline: a line whose write never completed.
+    torn: Vec<u8>,
+}
+
+/// Reads backwards from the end of the file to the last complete line.
+fn read_tail(path: &Path) -> std::io::Result<Tail> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut window: Vec<u8> = Vec::new();
+    let mut start = len;
+    loop {
+        // Need the position of the last newline and the newline before it (or the start).
+        let newlines: Vec<usize> = window
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
+        if (newlines.len() >= 2) || start == 0 {
+            let torn_from = newlines.last().map(|i| i + 1).unwrap_or(0);
+            let torn = window[torn_from..].to_vec();
+            let last_line_hash = newlines.last().map(|last| {
+                let line_start = if newlines.len() >= 2 { newlines[newlines.len() - 2] + 1 } else { 0 };
+                hex(&sha2::Sha256::digest(&window[line_start..*last]))
+            });
+            return Ok(Tail { last_line_hash, torn });
+        }
+        let step = (64 * 1024).min(start);
+        start -= step;
+        file.seek(SeekFrom::Start(start))?;
+        let mut chunk = vec![0u8; step as usize];
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&window);
+        window = chunk;
+    }
+}
+
+/// How a log checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    Intact { records: usize, last_hash: String },
+    Broken { line: usize, problem: String },
+}
+
+/// Checks every line's `prev` against the hash of the line before it.
+pub fn verify(reader: impl std::io::BufRead) -> std::io::Result<VerifyOutcome> {
+    let mut prev = GENESIS.to_string();
+    let mut records = 0;
+    let mut lines = reader.split(b'\n').peekable();
+    let mut number = 0;
+    // `split` cannot tell whether the last piece ended in a newline; track it by peeking.
+    while let Some(line) = lines.next() {
+        let line = line?;
+        number += 1;
+        let is_last = lines.peek().is_none();
+        if line.is_empty() && is_last {
+            break;
+        }
+        let record: AuditRecord = match serde_json::from_slice(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let problem = if is_last {
+                    format!("incomplete or unreadable last line (a torn write?): {e}")
+                } else {
+                    format!("not a valid audit record: {e}")
+                };
+                return Ok(VerifyOutcome::Broken { line: number, problem });
+            }
+        };
+        if record.prev != prev {
+            return Ok(VerifyOutcome::Broken {
+                line: number,
+                problem: format!(
+                    "chain broken: prev is {}, but the line before hashes to {prev} (a line was changed, removed or inserted)",
+                    record.prev
+                ),
+            });
+        }
+        prev = hex(&sha2::Sha256::digest(&line));
+        records += 1;
+    }
+    Ok(VerifyOutcome::Intact {
+        records,
+        last_hash: prev,
+    })
+}
+
+/// RFC 3339 UTC time with milliseconds.
+pub fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    match der::DateTime::from_unix_duration(std::time::Duration::from_secs(since.as_secs())) {
+        Ok(dt) => {
+            let s = dt.to_string();
+            format!("{}.{:03}Z", s.trim_end_matches('Z'), since.subsec_millis())
+        }
+        Err(_) => "invalid-time".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: usize) -> AuditRecord {
+        AuditRecord {
+            time: rfc3339(SystemTime::now()),
+            event: "decision".into(),
+            client: Some(format!("client-{n}")),
+            decision: Some("allow".into()),
+            ..Default::default()
+        }
+    }
+
+    fn verify_file(path: &Path) -> VerifyOutcome {
+        verify(std::io::BufReader::new(File::open(path).unwrap())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn chain_survives_reopen_and_detects_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let (log, _) = AuditLog::open(&path).unwrap();
+            for n in 0..3 {
+                log.append(record(n)).await.unwrap();
+            }
+        }
+        {
+            let (log, report) = AuditLog::open(&path).unwrap();
+            assert_eq!(report.torn_tail_saved_to, None);
+            let handles: Vec<_> = (3..40)
+                .map(|n| {
+                    let log = log.clone();
+                    tokio::spawn(async move { log.append(record(n)).await })
+                })
+                .collect();
+            for h in handles {
+                h.await.unwrap().unwrap();
+            }
+        }
+        assert!(matches!(verify_file(&path), VerifyOutcome::Intact { records: 40, .. }));
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tampered = text.replacen("client-1", "client-X", 1);
+        std::fs::write(&path, tampered).unwrap();
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line, problem } => {
+                assert_eq!(line, 3, "{problem}");
+                assert!(problem.contains("chain broken"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_reported_then_recovered_into_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let (log, _) = AuditLog::open(&path).unwrap();
+            log.append(record(0)).await.unwrap();
+        }
+        let mut f = crate::fsutil::open_append(&path, 0o600).unwrap();
+        f.write_all(br#"{"time":"2026-"#).unwrap();
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line: 2, problem } => assert!(problem.contains("torn"), "{problem}"),
+            other => panic!("{other:?}"),
+        }
+        let (log, report) = AuditLog::open(&path).unwrap();
+        let side = report.torn_tail_saved_to.unwrap();
+        assert_eq!(std::fs::read(&side).unwrap(), br#"{"time":"2026-"#);
+        log.append(record(1)).await.unwrap();
+        assert!(matches!(verify_file(&path), VerifyOutcome::Intact { records: 3, .. }));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().nth(1).unwrap().contains("\"event\":\"recovery\""));
+    }
+
+    #[test]
+    fn times_are_rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_800_000_000_123);
+        assert_eq!(rfc3339(t), "2027-01-15T08:00:00.123Z");
+    }
+}

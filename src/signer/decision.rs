@@ -1,0 +1,188 @@
+//! The signing decision, as a pure function: who asks, for which mesh, with which CSR,
+//! against which policy. Returns the plan to issue, or the refusal with its status, code
+//! and message. No I/O: the clock reading and the serial are passed in.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use x509_cert::serial_number::SerialNumber;
+
+use crate::backend::IssueRequest;
+use crate::config::AuthorizationTable;
+use crate::pki::csr::ParsedCsr;
+use crate::pki::profile::{IntermediatePlan, RootCa, subject_name};
+use crate::policy::rules::{check_org, check_public_key, intermediate_validity};
+use crate::policy::{ObjectRef, PolicySet, Rule, ValidityError};
+
+/// The body of `POST /v1/sign`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignRequest {
+    pub virtual_mesh: String,
+    pub mesh: String,
+    pub csr: String,
+    /// Optional shorter lifetime; never more than the policy's ttlDays.
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// HTTP status classes the API answers with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    BadRequest = 400,
+    Forbidden = 403,
+    NotFound = 404,
+    PayloadTooLarge = 413,
+    UnsupportedMediaType = 415,
+    Internal = 500,
+    BadGateway = 502,
+    Unavailable = 503,
+}
+
+/// A refused request: what the client is told, and what the audit log records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: Status,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(status: Status, code: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn policy(rule: Rule, message: String) -> Self {
+        Refusal::new(Status::Forbidden, rule.code(), message)
+    }
+
+    /// `deny` for refusals of the request, `error` when the signer could not do its part.
+    pub fn decision(&self) -> &'static str {
+        match self.status {
+            Status::Internal | Status::BadGateway | Status::Unavailable => "error",
+            _ => "deny",
+        }
+    }
+}
+
+/// Facts gathered while deciding, for the audit line, whatever the outcome.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub virtual_mesh: Option<String>,
+    pub mesh: Option<String>,
+    pub csr_public_key_sha256: Option<String>,
+    pub ignored_csr_extensions: Vec<String>,
+}
+
+/// An approved request: the plan, ready for the backend.
+#[derive(Debug, Clone)]
+pub struct Approval {
+    pub issue: IssueRequest,
+    /// notAfter was shortened to the root's expiry.
+    pub capped_by_root: bool,
+}
+
+/// Everything the decision reads, borrowed from the signer's state.
+pub struct DecisionContext<'a> {
+    pub policies: &'a PolicySet,
+    pub authorization: &'a AuthorizationTable,
+    pub root: &'a RootCa,
+}
+
+/// Decides a signing request. Order: request shape, virtual mesh and membership (404),
+/// authorization (403), CSR syntax (400), key policy, proof of possession, org, ttl (403).
+pub fn decide(
+    ctx: &DecisionContext<'_>,
+    identity: Option<&str>,
+    request: &SignRequest,
+    now: SystemTime,
+    serial: SerialNumber,
+    facts: &mut RequestFacts,
+) -> Result<Approval, Refusal> {
+    facts.virtual_mesh = Some(request.virtual_mesh.clone());
+    facts.mesh = Some(request.mesh.clone());
+    let bad_ref = |field: &str, e: &dyn std::fmt::Display| {
+        Refusal::new(Status::BadRequest, "malformed_request", format!("{field}: {e}"))
+    };
+    let vm_ref: ObjectRef = request
+        .virtual_mesh
+        .parse()
+        .map_err(|e| bad_ref("virtualMesh", &e))?;
+    let mesh_ref: ObjectRef = request.mesh.parse().map_err(|e| bad_ref("mesh", &e))?;
+
+    let policy = ctx.policies.get(&vm_ref).ok_or_else(|| {
+        Refusal::new(
+            Status::NotFound,
+            "unknown_virtual_mesh",
+            format!("virtual mesh {vm_ref} is not configured on this signer"),
+        )
+    })?;
+    if !policy.has_member(&mesh_ref) {
+        return Err(Refusal::new(
+            Status::NotFound,
+            "unknown_mesh",
+            format!("mesh {mesh_ref} is not a member of virtual mesh {vm_ref}"),
+        ));
+    }
+
+    let identity = identity.filter(|i| !i.is_empty()).ok_or_else(|| {
+        Refusal::new(
+            Status::Forbidden,
+            "not_authorized",
+            "the client certificate carries no identity (URI SAN, DNS SAN or CN)",
+        )
+    })?;
+    if !ctx.authorization.allows(identity, &vm_ref, &mesh_ref) {
+        return Err(Refusal::new(
+            Status::Forbidden,
+            "not_authorized",
+            format!("client {identity} is not authorized to request intermediates for mesh {mesh_ref} in virtual mesh {vm_ref}"),
+        ));
+    }
+
+    let csr = ParsedCsr::from_pem(&request.csr)
+        .map_err(|e| Refusal::new(Status::BadRequest, "malformed_csr", e.to_string()))?;
+    facts.csr_public_key_sha256 = Some(csr.public_key_sha256());
+    facts.ignored_csr_extensions = csr.requested_extensions.iter().map(|o| o.to_string()).collect();
+
+    // Key policy before the signature check: a tiny or huge key is refused without
+    // spending a verification on it.
+    check_public_key(&csr.key_kind, policy.min_rsa_bits).map_err(|d| Refusal::policy(d.rule, d.message))?;
+    csr.verify_possession()
+        .map_err(|e| Refusal::policy(Rule::ProofOfPossession, e.to_string()))?;
+    check_org(&csr.requested_orgs, &policy.org_name).map_err(|d| Refusal::policy(d.rule, d.message))?;
+
+    let requested_ttl = match request.ttl_seconds {
+        Some(0) => {
+            return Err(Refusal::new(Status::BadRequest, "malformed_request", "ttlSeconds must be positive"));
+        }
+        other => other.map(Duration::from_secs),
+    };
+    let window = intermediate_validity(now, requested_ttl, policy.max_ttl, ctx.root.not_after).map_err(|e| match e {
+        ValidityError::Denied(d) => Refusal::policy(d.rule, d.message),
+        ValidityError::TooShort(m) => Refusal::new(Status::BadRequest, "malformed_request", m),
+        ValidityError::RootExpired(m) => Refusal::new(Status::Unavailable, "root_expired", m),
+    })?;
+
+    let subject = subject_name(&policy.org_name, &mesh_ref.name)
+        .map_err(|e| Refusal::new(Status::Internal, "internal", format!("cannot build subject: {e}")))?;
+    Ok(Approval {
+        capped_by_root: window.capped_by_root,
+        issue: IssueRequest {
+            plan: IntermediatePlan {
+                subject,
+                public_key: csr.public_key,
+                serial,
+                not_before: window.not_before,
+                not_after: window.not_after,
+            },
+            org_name: policy.org_name.clone(),
+            latest_not_after: window.not_after,
+            min_rsa_bits: policy.min_rsa_bits,
+        },
+    })
+}

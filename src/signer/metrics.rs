@@ -1,0 +1,131 @@
+//! Prometheus metrics of the signer, served as text at `/metrics`.
+
+use std::sync::atomic::AtomicI64;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `issued`, or the error code of the refusal.
+    pub outcome: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OutcomeLabels, Counter>,
+    signing_seconds: Histogram,
+    backend_errors: Counter,
+    audit_errors: Counter,
+    root_expiry_seconds: Gauge<i64, AtomicI64>,
+    root_not_after: SystemTime,
+}
+
+impl Metrics {
+    pub fn new(root_not_after: SystemTime) -> Self {
+        let mut registry = Registry::with_prefix("meshca");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "sign_requests",
+            "Signing requests by outcome (issued, or the refusal's error code)",
+            requests.clone(),
+        );
+        // 1 ms .. ~16 s: ECDSA on a fast token up to RSA-4096 on a busy one.
+        let signing_seconds = Histogram::new((0..15).map(|i| 0.001 * 2f64.powi(i)));
+        registry.register(
+            "signing_duration_seconds",
+            "Time to build, lint, sign in the backend and check one intermediate",
+            signing_seconds.clone(),
+        );
+        let backend_errors = Counter::default();
+        registry.register(
+            "backend_errors",
+            "Signing attempts that failed in the root key backend",
+            backend_errors.clone(),
+        );
+        let audit_errors = Counter::default();
+        registry.register(
+            "audit_write_errors",
+            "Decisions that could not be written to the audit log (nothing was issued for them)",
+            audit_errors.clone(),
+        );
+        let root_expiry_seconds = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "root_expiry_seconds",
+            "Seconds until the root certificate expires",
+            root_expiry_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            signing_seconds,
+            backend_errors,
+            audit_errors,
+            root_expiry_seconds,
+            root_not_after,
+        }
+    }
+
+    pub fn request(&self, outcome: &str) {
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn signing_took(&self, elapsed: Duration) {
+        self.signing_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn backend_error(&self) {
+        self.backend_errors.inc();
+    }
+
+    pub fn audit_error(&self) {
+        self.audit_errors.inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let remaining = match self.root_not_after.duration_since(SystemTime::now()) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        };
+        self.root_expiry_seconds.set(remaining);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family() {
+        let m = Metrics::new(SystemTime::now() + Duration::from_secs(3600));
+        m.request("issued");
+        m.request("policy_org");
+        m.signing_took(Duration::from_millis(3));
+        m.backend_error();
+        let text = m.render();
+        for needle in [
+            "meshca_sign_requests_total{outcome=\"issued\"} 1",
+            "meshca_sign_requests_total{outcome=\"policy_org\"} 1",
+            "meshca_signing_duration_seconds_count 1",
+            "meshca_backend_errors_total 1",
+            "meshca_audit_write_errors_total 0",
+            "meshca_root_expiry_seconds 3",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+}

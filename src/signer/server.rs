@@ -1,0 +1,280 @@
+//! Starting and running the signer: backend, audit log, TLS listener with bounded
+//! connections and timeouts, an optional plain ops listener, and a graceful drain on
+//! SIGTERM (in-flight requests finish, then exit 0).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use super::api::{self, ClientIdentity};
+use super::audit::AuditLog;
+use super::metrics::Metrics;
+use super::{BoundAddresses, SignerState};
+use crate::backend::RootSigner;
+use crate::backend::pkcs11::Pkcs11Backend;
+use crate::config::{BackendKind, SignerConfig};
+use crate::pki::profile::RootCa;
+use crate::policy::rules::check_public_key;
+use crate::tlsutil::{client_identity, server_config};
+
+/// Connections served at once; further clients wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// A TLS handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request headers must arrive within this (slow-header clients are cut off).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long SIGTERM waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Root(String),
+    #[error("{0}")]
+    Backend(String),
+    #[error(transparent)]
+    Audit(#[from] super::audit::AuditError),
+    #[error(transparent)]
+    Tls(#[from] crate::tlsutil::TlsError),
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: SocketAddr, message: String },
+}
+
+/// Loads the root certificate named by the config.
+pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
+    let path = &config.root.certificate;
+    let pem = crate::fsutil::read_text(path).map_err(|e| {
+        StartError::Root(format!("{e} (run `meshca root init --config {}` first)", config.path.display()))
+    })?;
+    let root = RootCa::from_pem(&pem).map_err(|e| StartError::Root(format!("{}: {e}", path.display())))?;
+    // The root must be at least as strong as every virtual mesh it serves demands.
+    for policy in config.policies.iter() {
+        check_public_key(&root.key_kind, policy.min_rsa_bits).map_err(|d| {
+            StartError::Root(format!(
+                "the root key ({}) is too weak for virtual mesh {}: {}",
+                root.key_kind, policy.id, d.message
+            ))
+        })?;
+    }
+    Ok(root)
+}
+
+/// Opens the backend the config names (blocking: token login, key check).
+pub fn start_backend(config: &SignerConfig, root: RootCa) -> Result<Arc<dyn RootSigner>, StartError> {
+    match config.root.backend {
+        BackendKind::Pkcs11 => {
+            let settings = config
+                .pkcs11
+                .as_ref()
+                .ok_or_else(|| StartError::Backend("no [pkcs11] section".into()))?;
+            let pin = settings
+                .pin
+                .read()
+                .map_err(|e| StartError::Backend(format!("user PIN: {e}")))?;
+            let backend = Pkcs11Backend::start(settings, pin, root)
+                .map_err(|e| StartError::Backend(format!("PKCS#11 token: {e}")))?;
+            Ok(Arc::new(backend))
+        }
+    }
+}
+
+/// A running signer: its addresses and the handle that stops it.
+pub struct RunningSigner {
+    pub addresses: BoundAddresses,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningSigner {
+    /// Stops accepting, drains in-flight requests (bounded), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts everything and returns once the listeners are bound.
+pub async fn start(config: SignerConfig, listen_override: Option<SocketAddr>) -> Result<RunningSigner, StartError> {
+    let started = Instant::now();
+    let root = load_root(&config)?;
+    let metrics = Metrics::new(root.not_after);
+    let backend = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || start_backend(&config, root))
+            .await
+            .map_err(|e| StartError::Backend(e.to_string()))??
+    };
+    let backend_ready_ms = started.elapsed().as_millis();
+    let (audit, report) = AuditLog::open(&config.audit_log)?;
+    if let Some(side) = &report.torn_tail_saved_to {
+        tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
+    }
+    let tls = server_config(&config.tls_cert, &config.tls_key, &config.client_ca)?;
+
+    let api_addr = listen_override.unwrap_or(config.listen);
+    let api_listener = bind(api_addr).await?;
+    let ops_listener = match config.ops_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let addresses = BoundAddresses {
+        api: local(&api_listener, api_addr),
+        ops: ops_listener.as_ref().map(|l| local(l, api_addr)),
+    };
+
+    let state = Arc::new(SignerState {
+        policies: config.policies.clone(),
+        authorization: config.authorization.clone(),
+        backend: backend.clone(),
+        audit,
+        metrics,
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn(serve_tls(
+        api_listener,
+        TlsAcceptor::from(Arc::new(tls)),
+        api::router(state.clone()),
+        shutdown_rx.clone(),
+    ))];
+    if let Some(listener) = ops_listener {
+        let router = api::ops_router(state.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move { stopped(&mut rx).await };
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "ops listener failed");
+            }
+        }));
+    }
+    tracing::info!(
+        api = %addresses.api,
+        ops = ?addresses.ops,
+        backend = %backend.describe(),
+        root_fingerprint_sha256 = %backend.root().fingerprint_sha256,
+        virtual_meshes = config.policies.iter().count(),
+        audit_log = %config.audit_log.display(),
+        backend_ready_ms = backend_ready_ms as u64,
+        ready_ms = started.elapsed().as_millis() as u64,
+        "signer listening on https://{}",
+        addresses.api
+    );
+    Ok(RunningSigner {
+        addresses,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|e| StartError::Listen {
+        addr,
+        message: e.to_string(),
+    })
+}
+
+fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}
+
+async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, app: axum::Router, mut shutdown: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| client_identity(cert));
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(ClientIdentity(identity.clone()));
+                app.clone().oneshot(request)
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+}
+
+/// Resolves once shutdown is requested (without holding the watch lock across awaits).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Runs the signer until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: SignerConfig, listen_override: Option<SocketAddr>) -> Result<(), StartError> {
+    let running = start(config, listen_override).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("signer stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! rustls configurations for both ends of the signer's mTLS (ring provider, TLS 1.3 and
+//! TLS 1.2 with forward-secret AEAD suites only), and the client identity a certificate
+//! carries.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use der::Decode;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_cert::Certificate;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::ext::pkix::name::GeneralName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificates from {path}: {message}")]
+    Certificates { path: String, message: String },
+    #[error("cannot read private key from {path}: {message}")]
+    Key { path: String, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The crypto provider every meshca TLS endpoint uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |message: String| TlsError::Certificates {
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no CERTIFICATE blocks found".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key PEM (PKCS#8, PKCS#1 or SEC1). The error never quotes the file.
+pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+        path: path.display().to_string(),
+        message: match e {
+            rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+            _ => "no usable PRIVATE KEY block".into(),
+        },
+    })
+}
+
+fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certificates(path)? {
+        roots.add(cert).map_err(|e| TlsError::Certificates {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Server side: a client certificate is required and must chain to `client_ca`.
+pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(client_ca)?), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certificates(cert)?, load_private_key(key)?)
+        .map_err(|e| TlsError::Config(format!("server certificate {}: {e}", cert.display())))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Client side: trust only `ca` for the server, present `client_cert`/`client_key`.
+pub fn client_config(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(root_store(ca)?)
+        .with_client_auth_cert(load_certificates(client_cert)?, load_private_key(client_key)?)
+        .map_err(|e| TlsError::Config(format!("client certificate {}: {e}", client_cert.display())))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The identity of a client certificate: its first URI SAN, else its first DNS SAN, else
+/// its subject common name.
+pub fn client_identity(cert_der: &[u8]) -> Option<String> {
+    let cert = Certificate::from_der(cert_der).ok()?;
+    let tbs = cert.tbs_certificate();
+    if let Ok(Some((_, san))) = tbs.get_extension::<SubjectAltName>() {
+        let uri = san.0.iter().find_map(|n| match n {
+            GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
+            _ => None,
+        });
+        let dns = san.0.iter().find_map(|n| match n {
+            GeneralName::DnsName(d) => Some(d.to_string()),
+            _ => None,
+        });
+        if let Some(id) = uri.or(dns) {
+            return Some(id);
+        }
+    }
+    tbs.subject()
+        .common_name()
+        .ok()
+        .flatten()
+        .map(String::from)
+}
