@@ -157,14 +157,20 @@ impl SignerConfig {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let file: ConfigFile = toml::from_str(text).map_err(|e| invalid(path, toml_error(text, &e)))?;
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| invalid(path, toml_error(text, &e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| -> PathBuf {
-            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
         };
         let err = |message: String| invalid(path, message);
 
-        let listen = parse_addr(file.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen").map_err(err)?;
+        let listen =
+            parse_addr(file.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen").map_err(err)?;
         let ops_listen = file
             .ops_listen
             .as_deref()
@@ -184,7 +190,9 @@ impl SignerConfig {
                 .map_err(|e| err(e.to_string()))?;
         }
         if policies.is_empty() {
-            return Err(err("no VirtualMesh documents found in virtual_meshes".into()));
+            return Err(err(
+                "no VirtualMesh documents found in virtual_meshes".into()
+            ));
         }
 
         let root_policy = policies.get(&file.root.virtual_mesh).ok_or_else(|| {
@@ -207,9 +215,13 @@ impl SignerConfig {
 
         let pkcs11 = match (&root.backend, file.pkcs11) {
             (BackendKind::Pkcs11, None) => {
-                return Err(err("root.backend is \"pkcs11\" but there is no [pkcs11] section".into()));
+                return Err(err(
+                    "root.backend is \"pkcs11\" but there is no [pkcs11] section".into(),
+                ));
             }
-            (BackendKind::Pkcs11, Some(section)) => Some(pkcs11_settings(section, &resolve).map_err(err)?),
+            (BackendKind::Pkcs11, Some(section)) => {
+                Some(pkcs11_settings(section, &resolve).map_err(err)?)
+            }
         };
 
         let mut authorization = AuthorizationTable::default();
@@ -219,10 +231,14 @@ impl SignerConfig {
                 return Err(err("clients: identity is empty".into()));
             }
             if authorization.knows(identity) {
-                return Err(err(format!("clients: identity {identity:?} is listed twice")));
+                return Err(err(format!(
+                    "clients: identity {identity:?} is listed twice"
+                )));
             }
             if client.allow.is_empty() {
-                return Err(err(format!("clients: {identity:?} has an empty allow list")));
+                return Err(err(format!(
+                    "clients: {identity:?} has an empty allow list"
+                )));
             }
             for grant in &client.allow {
                 let policy = policies.get(&grant.virtual_mesh).ok_or_else(|| {
@@ -231,7 +247,8 @@ impl SignerConfig {
                         grant.virtual_mesh
                     ))
                 })?;
-                check_member(policy, &grant.mesh).map_err(|m| err(format!("clients: {identity:?}: {m}")))?;
+                check_member(policy, &grant.mesh)
+                    .map_err(|m| err(format!("clients: {identity:?}: {m}")))?;
                 authorization.insert(identity, grant.virtual_mesh.clone(), grant.mesh.clone());
             }
         }
@@ -264,16 +281,27 @@ fn check_member(policy: &VirtualMeshPolicy, mesh: &ObjectRef) -> Result<(), Stri
     if policy.has_member(mesh) {
         Ok(())
     } else {
-        Err(format!("mesh {mesh} is not a member of virtual mesh {}", policy.id))
+        Err(format!(
+            "mesh {mesh} is not a member of virtual mesh {}",
+            policy.id
+        ))
     }
 }
 
-fn pkcs11_settings(section: Pkcs11Section, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Pkcs11Settings, String> {
-    let key: Pkcs11Uri = section.key.parse().map_err(|e| format!("pkcs11.key: {e}"))?;
+fn pkcs11_settings(
+    section: Pkcs11Section,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Pkcs11Settings, String> {
+    let key: Pkcs11Uri = section
+        .key
+        .parse()
+        .map_err(|e| format!("pkcs11.key: {e}"))?;
     let module = match (&section.module, &key.module_path) {
         (Some(m), _) => resolve(m),
         (None, Some(m)) => PathBuf::from(m),
-        (None, None) => return Err("pkcs11.module is required (or module-path in the key URI)".into()),
+        (None, None) => {
+            return Err("pkcs11.module is required (or module-path in the key URI)".into());
+        }
     };
     let uri_pin = key
         .pin_source
@@ -286,11 +314,17 @@ fn pkcs11_settings(section: Pkcs11Section, resolve: &dyn Fn(&Path) -> PathBuf) -
         (None, None, None) => {
             return Err("pkcs11: set pin_file or pin_env (PINs are never accepted inline or on the command line)".into());
         }
-        _ => return Err("pkcs11: set only one of pin_file, pin_env or pin-source in the key URI".into()),
+        _ => {
+            return Err(
+                "pkcs11: set only one of pin_file, pin_env or pin-source in the key URI".into(),
+            );
+        }
     };
     let sessions = section.sessions.unwrap_or_else(default_sessions);
     if !(1..=256).contains(&sessions) {
-        return Err(format!("pkcs11.sessions must be between 1 and 256, got {sessions}"));
+        return Err(format!(
+            "pkcs11.sessions must be between 1 and 256, got {sessions}"
+        ));
     }
     Ok(Pkcs11Settings {
         module,
@@ -303,7 +337,9 @@ fn pkcs11_settings(section: Pkcs11Section, resolve: &dyn Fn(&Path) -> PathBuf) -
 
 /// One session per core: signing in the token is CPU-bound.
 pub fn default_sessions() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 /// A TOML error without the source snippet toml prints by default: the offending line
@@ -385,10 +421,20 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let pkcs11 = cfg.pkcs11.unwrap();
         assert_eq!(pkcs11.pin, SecretSource::File(dir.path().join("user-pin")));
         let vm = "service-mesh-hub/virtual-mesh".parse().unwrap();
-        let mgmt = "service-mesh-hub/istio-istio-system-management-plane".parse().unwrap();
-        let remote = "service-mesh-hub/istio-istio-system-new-remote-cluster".parse().unwrap();
-        assert!(cfg.authorization.allows("spiffe://demo/cluster/a", &vm, &mgmt));
-        assert!(!cfg.authorization.allows("spiffe://demo/cluster/a", &vm, &remote));
+        let mgmt = "service-mesh-hub/istio-istio-system-management-plane"
+            .parse()
+            .unwrap();
+        let remote = "service-mesh-hub/istio-istio-system-new-remote-cluster"
+            .parse()
+            .unwrap();
+        assert!(
+            cfg.authorization
+                .allows("spiffe://demo/cluster/a", &vm, &mgmt)
+        );
+        assert!(
+            !cfg.authorization
+                .allows("spiffe://demo/cluster/a", &vm, &remote)
+        );
         assert!(!cfg.authorization.allows("someone-else", &vm, &mgmt));
     }
 
@@ -408,7 +454,9 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         ];
         for (extra, needle) in cases {
             let dir = tempfile::tempdir().unwrap();
-            let err = SignerConfig::load(&write_fixture(dir.path(), extra)).unwrap_err().to_string();
+            let err = SignerConfig::load(&write_fixture(dir.path(), extra))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{needle:?} not in {err}");
             assert!(!err.contains("1234"), "secret echoed: {err}");
         }

@@ -31,7 +31,11 @@ pub fn write_public(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// Creates (or truncates) nothing: opens `path` for appending, creating it with `mode`.
 pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).mode(mode).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(mode)
+        .open(path)
 }
 
 /// fsyncs a directory so a rename or a new file in it survives a crash.
@@ -55,7 +59,8 @@ pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
 
 /// Reads a UTF-8 text file of at most 1 MiB, with the path in any error.
 pub fn read_text(path: &Path) -> Result<String, String> {
-    let bytes = read_limited(path, 1 << 20).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes =
+        read_limited(path, 1 << 20).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))
 }
 
@@ -79,9 +84,15 @@ mod tests {
         write_private(&path, b"one").unwrap();
         write_private(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         write_public(&path, b"three").unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

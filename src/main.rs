@@ -21,7 +21,11 @@ use meshca::secret::SecretSource;
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 
 #[derive(Parser)]
-#[command(name = "meshca", version, about = "External CA for multi-cluster Istio meshes: root key in a PKCS#11 token, policy enforced by the signer")]
+#[command(
+    name = "meshca",
+    version,
+    about = "External CA for multi-cluster Istio meshes: root key in a PKCS#11 token, policy enforced by the signer"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -193,7 +197,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// is started: it may set SOFTHSM2_CONF, which the PKCS#11 module reads.
 fn load_config(path: &Path) -> Result<SignerConfig> {
     let config = SignerConfig::load(path)?;
-    if let Some(conf) = config.pkcs11.as_ref().and_then(|p| p.softhsm2_conf.as_ref()) {
+    if let Some(conf) = config
+        .pkcs11
+        .as_ref()
+        .and_then(|p| p.softhsm2_conf.as_ref())
+    {
         // SAFETY: called from main before the runtime or any other thread exists.
         unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
     }
@@ -210,14 +218,21 @@ fn pkcs11_settings(config: &SignerConfig) -> Result<&meshca::config::Pkcs11Setti
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Token {
-            command: TokenCommand::Init { config, so_pin_file },
+            command:
+                TokenCommand::Init {
+                    config,
+                    so_pin_file,
+                },
         } => {
             let config = load_config(&config)?;
             let settings = pkcs11_settings(&config)?;
             let so_pin = SecretSource::File(so_pin_file).read()?;
             let user_pin = settings.pin.read()?;
             let label = pkcs11::init_token(settings, &so_pin, &user_pin)?;
-            println!("meshca: token {label:?} initialized (user PIN from {})", settings.pin);
+            println!(
+                "meshca: token {label:?} initialized (user PIN from {})",
+                settings.pin
+            );
         }
         Command::Root {
             command: RootCommand::Init { config, force },
@@ -229,9 +244,16 @@ fn run(command: Command) -> Result<ExitCode> {
             let root = &outcome.root;
             println!(
                 "meshca: root CA created in the token{}",
-                if outcome.replaced_existing_key { " (replaced the previous key)" } else { "" }
+                if outcome.replaced_existing_key {
+                    " (replaced the previous key)"
+                } else {
+                    ""
+                }
             );
-            println!("  key          {} ({}, generated inside the token, not extractable)", settings.key, root.key_kind);
+            println!(
+                "  key          {} ({}, generated inside the token, not extractable)",
+                settings.key, root.key_kind
+            );
             println!("  subject      {}", root.subject);
             println!("  not after    {}", rfc3339(root.not_after));
             println!("  sha256       {}", root.fingerprint_sha256);
@@ -259,7 +281,11 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("  CKA_NEVER_EXTRACTABLE {}", attrs.never_extractable);
             println!(
                 "  CKA_VALUE readable    {}",
-                if attrs.value_readable { "YES (the key can be read out!)" } else { "no" }
+                if attrs.value_readable {
+                    "YES (the key can be read out!)"
+                } else {
+                    "no"
+                }
             );
         }
         Command::Serve { config, listen } => {
@@ -267,7 +293,12 @@ fn run(command: Command) -> Result<ExitCode> {
             runtime()?.block_on(meshca::signer::server::run(config, listen))?;
         }
         Command::Request(args) => {
-            let client = SignerClient::new(&args.signer, &args.ca_cert, &args.client_cert, &args.client_key)?;
+            let client = SignerClient::new(
+                &args.signer,
+                &args.ca_cert,
+                &args.client_cert,
+                &args.client_key,
+            )?;
             let opts = RequestOptions {
                 virtual_mesh: args.virtual_mesh,
                 mesh: args.mesh,
@@ -277,11 +308,18 @@ fn run(command: Command) -> Result<ExitCode> {
             };
             let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
             let s = &outcome.summary;
-            println!("meshca: intermediate for {} installed in {}", opts.mesh, opts.out_dir.display());
+            println!(
+                "meshca: intermediate for {} installed in {}",
+                opts.mesh,
+                opts.out_dir.display()
+            );
             println!("  subject      {}", s.subject);
             println!("  issuer       {}", s.issuer);
             println!("  serial       {}", s.serial);
-            println!("  key          {} (generated here; ca-key.pem is mode 0600)", outcome.key_type);
+            println!(
+                "  key          {} (generated here; ca-key.pem is mode 0600)",
+                outcome.key_type
+            );
             println!("  not after    {}", rfc3339(s.not_after));
             println!("  root sha256  {}", s.anchor_fingerprint);
         }
@@ -289,21 +327,32 @@ fn run(command: Command) -> Result<ExitCode> {
             let files = cacerts::read_bundle(&dir)?;
             let expected = match root {
                 Some(path) => {
-                    let pem = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                    let mut certs = decode_certificates(&pem).with_context(|| path.display().to_string())?;
+                    let pem = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let mut certs =
+                        decode_certificates(&pem).with_context(|| path.display().to_string())?;
                     Some(certs.remove(0))
                 }
                 None => None,
             };
-            let s = verify_bundle(&files, expected.as_ref(), SystemTime::now())
-                .with_context(|| format!("{} is not a valid Istio cacerts bundle", dir.display()))?;
+            let s =
+                verify_bundle(&files, expected.as_ref(), SystemTime::now()).with_context(|| {
+                    format!("{} is not a valid Istio cacerts bundle", dir.display())
+                })?;
             println!("meshca: {} is a valid plugged-in CA bundle", dir.display());
             println!("  subject      {}", s.subject);
             println!("  issuer       {}", s.issuer);
             println!("  serial       {}", s.serial);
             println!("  key          {} (matches ca-key.pem)", s.key);
-            println!("  valid        {} to {}", rfc3339(s.not_before), rfc3339(s.not_after));
-            println!("  chain        {} certificate(s), ends at root sha256 {}", s.chain_length, s.anchor_fingerprint);
+            println!(
+                "  valid        {} to {}",
+                rfc3339(s.not_before),
+                rfc3339(s.not_after)
+            );
+            println!(
+                "  chain        {} certificate(s), ends at root sha256 {}",
+                s.chain_length, s.anchor_fingerprint
+            );
             for fp in &s.root_fingerprints {
                 println!("  trusts root  sha256 {fp}");
             }
@@ -311,13 +360,22 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => {
-            let reader = BufReader::new(std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?);
+            let reader = BufReader::new(
+                std::fs::File::open(&file)
+                    .with_context(|| format!("cannot open {}", file.display()))?,
+            );
             match audit::verify(reader)? {
                 VerifyOutcome::Intact { records, last_hash } => {
-                    println!("meshca: audit log {} is intact: {records} records, last hash {last_hash}", file.display());
+                    println!(
+                        "meshca: audit log {} is intact: {records} records, last hash {last_hash}",
+                        file.display()
+                    );
                 }
                 VerifyOutcome::Broken { line, problem } => {
-                    bail!("audit log {} breaks at line {line}: {problem}", file.display());
+                    bail!(
+                        "audit log {} breaks at line {line}: {problem}",
+                        file.display()
+                    );
                 }
             }
         }

@@ -47,7 +47,10 @@ impl fmt::Display for SecretSource {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("cannot read secret from {source_name}: {message}")]
-    Unreadable { source_name: String, message: String },
+    Unreadable {
+        source_name: String,
+        message: String,
+    },
     #[error("secret from {0} is empty")]
     Empty(String),
     #[error("secret file {path} can be read by other users (mode {mode:o}); run: chmod 600 {path}")]
@@ -59,10 +62,12 @@ impl SecretSource {
     pub fn read(&self) -> Result<Secret, SecretError> {
         let raw = match self {
             SecretSource::File(path) => read_secret_file(path)?,
-            SecretSource::Env(name) => Zeroizing::new(std::env::var(name).map_err(|e| SecretError::Unreadable {
-                source_name: self.to_string(),
-                message: e.to_string(),
-            })?),
+            SecretSource::Env(name) => {
+                Zeroizing::new(std::env::var(name).map_err(|e| SecretError::Unreadable {
+                    source_name: self.to_string(),
+                    message: e.to_string(),
+                })?)
+            }
         };
         let trimmed = raw.trim();
         if trimmed.is_empty() {
@@ -77,14 +82,19 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
         source_name: format!("file {}", path.display()),
         message: e.to_string(),
     };
-    let mode = std::fs::metadata(path).map_err(unreadable)?.permissions().mode();
+    let mode = std::fs::metadata(path)
+        .map_err(unreadable)?
+        .permissions()
+        .mode();
     if mode & 0o007 != 0 {
         return Err(SecretError::TooOpen {
             path: path.display().to_string(),
             mode: mode & 0o777,
         });
     }
-    std::fs::read_to_string(path).map(Zeroizing::new).map_err(unreadable)
+    std::fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(unreadable)
 }
 
 #[cfg(test)]
@@ -106,16 +116,27 @@ mod tests {
         let secret = SecretSource::File(path.clone()).read().unwrap();
         assert_eq!(secret.expose(), "s3cret");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = SecretSource::File(path.clone()).read().unwrap_err().to_string();
-        assert!(err.contains("chmod 600") && !err.contains("s3cret"), "{err}");
+        let err = SecretSource::File(path.clone())
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("chmod 600") && !err.contains("s3cret"),
+            "{err}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(SecretSource::File(path).read(), Err(SecretError::Empty(_))));
+        assert!(matches!(
+            SecretSource::File(path).read(),
+            Err(SecretError::Empty(_))
+        ));
     }
 
     #[test]
     fn missing_env_is_named() {
-        let err = SecretSource::Env("MESHCA_TEST_SURELY_UNSET".into()).read().unwrap_err();
+        let err = SecretSource::Env("MESHCA_TEST_SURELY_UNSET".into())
+            .read()
+            .unwrap_err();
         assert!(err.to_string().contains("MESHCA_TEST_SURELY_UNSET"));
     }
 }

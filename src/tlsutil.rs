@@ -69,11 +69,18 @@ fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 /// Server side: a client certificate is required and must chain to `client_ca`.
-pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<rustls::ServerConfig, TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(client_ca)?), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(root_store(client_ca)?),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -85,13 +92,22 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<rustls
 }
 
 /// Client side: trust only `ca` for the server, present `client_cert`/`client_key`.
-pub fn client_config(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<rustls::ClientConfig, TlsError> {
+pub fn client_config(
+    ca: &Path,
+    client_cert: &Path,
+    client_key: &Path,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(root_store(ca)?)
-        .with_client_auth_cert(load_certificates(client_cert)?, load_private_key(client_key)?)
-        .map_err(|e| TlsError::Config(format!("client certificate {}: {e}", client_cert.display())))?;
+        .with_client_auth_cert(
+            load_certificates(client_cert)?,
+            load_private_key(client_key)?,
+        )
+        .map_err(|e| {
+            TlsError::Config(format!("client certificate {}: {e}", client_cert.display()))
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -114,9 +130,5 @@ pub fn client_identity(cert_der: &[u8]) -> Option<String> {
             return Some(id);
         }
     }
-    tbs.subject()
-        .common_name()
-        .ok()
-        .flatten()
-        .map(String::from)
+    tbs.subject().common_name().ok().flatten().map(String::from)
 }

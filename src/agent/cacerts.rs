@@ -44,7 +44,10 @@ pub fn read_bundle(dir: &Path) -> io::Result<BundleFiles> {
 
 /// Writes the bundle into `dir` as one atomic set (see the module docs).
 pub fn write_bundle(dir: &Path, files: &BundleFiles) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
     let previous = fs::read_link(dir.join(DATA_LINK)).ok();
 
     let version = new_version_dir(dir)?;
@@ -82,7 +85,11 @@ fn new_version_dir(dir: &Path) -> io::Result<PathBuf> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     for attempt in 0..100u32 {
-        let path = dir.join(format!("..{}.{:09}.{attempt}", since.as_secs(), since.subsec_nanos()));
+        let path = dir.join(format!(
+            "..{}.{:09}.{attempt}",
+            since.as_secs(),
+            since.subsec_nanos()
+        ));
         match fs::DirBuilder::new().mode(0o755).create(&path) {
             Ok(()) => {
                 fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
@@ -122,7 +129,11 @@ mod tests {
         let target = dir.path().join("cacerts");
         write_bundle(&target, &files("one")).unwrap();
         assert_eq!(read_bundle(&target).unwrap().ca_key, "key one\n");
-        let key_mode = fs::metadata(target.join(CA_KEY)).unwrap().permissions().mode() & 0o777;
+        let key_mode = fs::metadata(target.join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(key_mode, 0o600);
 
         write_bundle(&target, &files("two")).unwrap();

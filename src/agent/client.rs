@@ -15,7 +15,11 @@ pub enum ClientError {
     #[error("cannot reach the signer at {url}: {message}")]
     Transport { url: String, message: String },
     #[error("the signer refused ({status} {code}): {message}")]
-    Refused { status: u16, code: String, message: String },
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("the signer's answer is not what meshca expects: {0}")]
     BadResponse(String),
 }
@@ -79,9 +83,12 @@ impl SignerClient {
     /// `base` is `https://host:port`; `ca` verifies the signer, `cert`/`key` identify us.
     pub fn new(base: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Self, ClientError> {
         if !base.starts_with("https://") {
-            return Err(ClientError::Config(format!("signer URL {base:?} must start with https://")));
+            return Err(ClientError::Config(format!(
+                "signer URL {base:?} must start with https://"
+            )));
         }
-        let tls = crate::tlsutil::client_config(ca, cert, key).map_err(|e| ClientError::Config(e.to_string()))?;
+        let tls = crate::tlsutil::client_config(ca, cert, key)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(Duration::from_secs(10))
@@ -99,7 +106,12 @@ impl SignerClient {
             "{}/v1/virtualmeshes/{}/{}",
             self.base, virtual_mesh.namespace, virtual_mesh.name
         );
-        let response = self.http.get(&url).send().await.map_err(|e| transport(&url, e))?;
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| transport(&url, e))?;
         decode(response).await
     }
 
@@ -117,11 +129,19 @@ impl SignerClient {
 
     pub async fn trust_bundle(&self) -> Result<String, ClientError> {
         let url = format!("{}/v1/trust-bundle", self.base);
-        let response = self.http.get(&url).send().await.map_err(|e| transport(&url, e))?;
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| transport(&url, e))?;
         if !response.status().is_success() {
             return Err(refusal(response).await);
         }
-        response.text().await.map_err(|e| ClientError::BadResponse(e.to_string()))
+        response
+            .text()
+            .await
+            .map_err(|e| ClientError::BadResponse(e.to_string()))
     }
 }
 
@@ -156,7 +176,9 @@ async fn refusal(response: reqwest::Response) -> ClientError {
     }
 }
 
-async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
+async fn decode<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, ClientError> {
     if !response.status().is_success() {
         return Err(refusal(response).await);
     }

@@ -30,7 +30,9 @@ const PREFERENCE: [KeyType; 5] = [
 pub enum AgentError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("key type {requested} is not accepted by virtual mesh {virtual_mesh} (accepted: {accepted})")]
+    #[error(
+        "key type {requested} is not accepted by virtual mesh {virtual_mesh} (accepted: {accepted})"
+    )]
     KeyTypeRefused {
         requested: KeyType,
         virtual_mesh: String,
@@ -50,7 +52,11 @@ pub enum AgentError {
 
 /// Picks the key type: the requested one if the policy accepts it, else the most
 /// preferred accepted type.
-pub fn choose_key_type(accepted: &[String], requested: Option<KeyType>, virtual_mesh: &str) -> Result<KeyType, AgentError> {
+pub fn choose_key_type(
+    accepted: &[String],
+    requested: Option<KeyType>,
+    virtual_mesh: &str,
+) -> Result<KeyType, AgentError> {
     let accepts = |k: &KeyType| accepted.iter().any(|a| a == k.name());
     match requested {
         Some(k) if accepts(&k) => Ok(k),
@@ -82,14 +88,22 @@ pub struct RequestOutcome {
 }
 
 /// Fetch policy, generate key, CSR, sign, verify, install: one intermediate.
-pub async fn request_intermediate(client: &SignerClient, opts: &RequestOptions) -> Result<RequestOutcome, AgentError> {
+pub async fn request_intermediate(
+    client: &SignerClient,
+    opts: &RequestOptions,
+) -> Result<RequestOutcome, AgentError> {
     let policy = client.policy(&opts.virtual_mesh).await?;
-    let key_type = choose_key_type(&policy.accepted_key_types, opts.key_type, &policy.virtual_mesh)?;
+    let key_type = choose_key_type(
+        &policy.accepted_key_types,
+        opts.key_type,
+        &policy.virtual_mesh,
+    )?;
     // RSA generation takes a while: keep it off the async workers.
     let key = tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
         .await
         .map_err(|e| AgentError::Csr(e.to_string()))??;
-    let subject = subject_name(&policy.org_name, &opts.mesh.name).map_err(|e| AgentError::Csr(e.to_string()))?;
+    let subject = subject_name(&policy.org_name, &opts.mesh.name)
+        .map_err(|e| AgentError::Csr(e.to_string()))?;
     let csr = build_csr(&key, subject)
         .map_err(|e| AgentError::Csr(e.to_string()))?
         .to_pem(der::pem::LineEnding::LF)
@@ -123,13 +137,19 @@ mod tests {
     #[test]
     fn key_type_choice_follows_policy() {
         let accepted: Vec<String> = vec!["rsa4096".into(), "ecdsa-p384".into()];
-        assert_eq!(choose_key_type(&accepted, None, "vm").unwrap(), KeyType::EcdsaP384);
+        assert_eq!(
+            choose_key_type(&accepted, None, "vm").unwrap(),
+            KeyType::EcdsaP384
+        );
         assert_eq!(
             choose_key_type(&accepted, Some(KeyType::Rsa4096), "vm").unwrap(),
             KeyType::Rsa4096
         );
         let err = choose_key_type(&accepted, Some(KeyType::EcdsaP256), "ns/vm").unwrap_err();
-        assert!(err.to_string().contains("ecdsa-p256") && err.to_string().contains("rsa4096, ecdsa-p384"));
+        assert!(
+            err.to_string().contains("ecdsa-p256")
+                && err.to_string().contains("rsa4096, ecdsa-p384")
+        );
         assert!(choose_key_type(&[], None, "vm").is_err());
     }
 }

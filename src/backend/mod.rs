@@ -30,7 +30,11 @@ pub struct IssueRequest {
 
 impl IssueRequest {
     /// What the linter checks this request's certificate against.
-    pub fn expectations<'a>(&'a self, root: &'a RootCa, exact_plan: bool) -> IntermediateExpectations<'a> {
+    pub fn expectations<'a>(
+        &'a self,
+        root: &'a RootCa,
+        exact_plan: bool,
+    ) -> IntermediateExpectations<'a> {
         IntermediateExpectations {
             root,
             public_key: &self.plan.public_key,
@@ -49,7 +53,9 @@ pub enum BackendError {
     Unavailable(String),
     /// The token refused the PIN. meshca never retries a refused PIN: each try counts
     /// towards locking the token.
-    #[error("the token refused the user PIN; meshca does not retry a refused PIN (that would lock the token): fix the PIN and restart the signer")]
+    #[error(
+        "the token refused the user PIN; meshca does not retry a refused PIN (that would lock the token): fix the PIN and restart the signer"
+    )]
     PinRejected,
     /// The certificate about to be signed (or returned) failed lint: a meshca defect or a
     /// backend that does not do what it was asked. Nothing was issued.

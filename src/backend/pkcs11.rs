@@ -14,7 +14,9 @@ use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1, SEC
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
@@ -30,7 +32,8 @@ use crate::config::{Pkcs11Settings, SignerConfig};
 use crate::pki::keys::{KeyType, PublicKeyKind, describe_public_key};
 use crate::pki::lint::{check_signed_certificate, lint_intermediate, lint_root};
 use crate::pki::profile::{
-    IntermediatePlan, RootCa, assemble, decode_tbs, intermediate_tbs, random_serial, root_tbs, subject_name,
+    IntermediatePlan, RootCa, assemble, decode_tbs, intermediate_tbs, random_serial, root_tbs,
+    subject_name,
 };
 use crate::pki::sigalg::{SignatureAlgorithm, ecdsa_prehash, ecdsa_raw_to_der};
 use crate::policy::rules::{BACKDATE, check_public_key};
@@ -50,7 +53,9 @@ pub enum TokenError {
     AmbiguousKey(String),
     #[error("a key named {0} already exists on the token; pass --force to replace it")]
     KeyExists(String),
-    #[error("the token refused the user PIN; meshca will not retry (each refusal counts towards locking the token)")]
+    #[error(
+        "the token refused the user PIN; meshca will not retry (each refusal counts towards locking the token)"
+    )]
     PinIncorrect,
     #[error("the token's user PIN is locked; unlock it with the security officer PIN")]
     PinLocked,
@@ -167,7 +172,11 @@ impl Token {
         session: &Session,
         key_type: KeyType,
     ) -> Result<(ObjectHandle, ObjectHandle), TokenError> {
-        let label = self.uri.object.clone().unwrap_or_else(|| "meshca-root".into());
+        let label = self
+            .uri
+            .object
+            .clone()
+            .unwrap_or_else(|| "meshca-root".into());
         let id = match &self.uri.id {
             Some(id) => id.clone(),
             None => {
@@ -201,8 +210,14 @@ impl Token {
                 Mechanism::RsaPkcsKeyPairGen
             }
             None => {
-                let curve = if key_type == KeyType::EcdsaP256 { SECP_256_R_1 } else { SECP_384_R_1 };
-                let params = curve.to_der().map_err(|e| TokenError::Other(e.to_string()))?;
+                let curve = if key_type == KeyType::EcdsaP256 {
+                    SECP_256_R_1
+                } else {
+                    SECP_384_R_1
+                };
+                let params = curve
+                    .to_der()
+                    .map_err(|e| TokenError::Other(e.to_string()))?;
                 public.push(Attribute::EcParams(params));
                 Mechanism::EccKeyPairGen
             }
@@ -211,7 +226,11 @@ impl Token {
     }
 
     /// Reads a public key object and builds its SubjectPublicKeyInfo.
-    fn public_key_info(&self, session: &Session, public: ObjectHandle) -> Result<SubjectPublicKeyInfoOwned, TokenError> {
+    fn public_key_info(
+        &self,
+        session: &Session,
+        public: ObjectHandle,
+    ) -> Result<SubjectPublicKeyInfoOwned, TokenError> {
         let other = |m: String| TokenError::Other(format!("public key on token: {m}"));
         let attrs = session.get_attributes(
             public,
@@ -249,21 +268,24 @@ impl Token {
                     oid: RSA_ENCRYPTION,
                     parameters: Some(Any::from(der::asn1::Null)),
                 },
-                subject_public_key: BitString::from_bytes(&der).map_err(|e| other(e.to_string()))?,
+                subject_public_key: BitString::from_bytes(&der)
+                    .map_err(|e| other(e.to_string()))?,
             });
         }
         if key_type == Some(CkKeyType::EC) {
             let (Some(params), Some(point)) = (params, point) else {
                 return Err(other("EC key lacks parameters or point".into()));
             };
-            let curve: ObjectIdentifier = ObjectIdentifier::from_der(&params).map_err(|e| other(format!("EC parameters: {e}")))?;
+            let curve: ObjectIdentifier = ObjectIdentifier::from_der(&params)
+                .map_err(|e| other(format!("EC parameters: {e}")))?;
             let point = unwrap_ec_point(&point);
             return Ok(SubjectPublicKeyInfoOwned {
                 algorithm: AlgorithmIdentifierOwned {
                     oid: ID_EC_PUBLIC_KEY,
                     parameters: Some(Any::encode_from(&curve).map_err(|e| other(e.to_string()))?),
                 },
-                subject_public_key: BitString::from_bytes(&point).map_err(|e| other(e.to_string()))?,
+                subject_public_key: BitString::from_bytes(&point)
+                    .map_err(|e| other(e.to_string()))?,
             });
         }
         Err(other(format!("unsupported key type {key_type:?}")))
@@ -316,10 +338,22 @@ fn find_token(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
     for slot in context.get_slots_with_initialized_token()? {
         let info = context.get_token_info(slot)?;
         present.push(format!("{:?}", info.label().trim()));
-        let matches = uri.token.as_deref().is_none_or(|t| info.label().trim() == t)
-            && uri.manufacturer.as_deref().is_none_or(|m| info.manufacturer_id().trim() == m)
-            && uri.model.as_deref().is_none_or(|m| info.model().trim() == m)
-            && uri.serial.as_deref().is_none_or(|s| info.serial_number().trim() == s)
+        let matches = uri
+            .token
+            .as_deref()
+            .is_none_or(|t| info.label().trim() == t)
+            && uri
+                .manufacturer
+                .as_deref()
+                .is_none_or(|m| info.manufacturer_id().trim() == m)
+            && uri
+                .model
+                .as_deref()
+                .is_none_or(|m| info.model().trim() == m)
+            && uri
+                .serial
+                .as_deref()
+                .is_none_or(|s| info.serial_number().trim() == s)
             && uri.slot_id.is_none_or(|id| slot.id() == id);
         if matches {
             matching.push(slot);
@@ -329,30 +363,44 @@ fn find_token(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
         1 => Ok(matching[0]),
         0 => Err(TokenError::NoToken {
             uri: uri.to_string(),
-            present: if present.is_empty() { "none".into() } else { present.join(", ") },
+            present: if present.is_empty() {
+                "none".into()
+            } else {
+                present.join(", ")
+            },
         }),
-        _ => Err(TokenError::AmbiguousToken { uri: uri.to_string() }),
+        _ => Err(TokenError::AmbiguousToken {
+            uri: uri.to_string(),
+        }),
     }
 }
 
 /// `meshca token init`: initializes a fresh token (SoftHSM, a test or demo HSM slot) with
 /// the label from the key URI, its security officer PIN and the user PIN.
-pub fn init_token(settings: &Pkcs11Settings, so_pin: &Secret, user_pin: &Secret) -> Result<String, TokenError> {
-    let label = settings
-        .key
-        .token
-        .clone()
-        .ok_or_else(|| TokenError::Other("the key URI names no token= label to initialize".into()))?;
+pub fn init_token(
+    settings: &Pkcs11Settings,
+    so_pin: &Secret,
+    user_pin: &Secret,
+) -> Result<String, TokenError> {
+    let label = settings.key.token.clone().ok_or_else(|| {
+        TokenError::Other("the key URI names no token= label to initialize".into())
+    })?;
     let context = load_module(settings)?;
     for slot in context.get_slots_with_initialized_token()? {
         if context.get_token_info(slot)?.label().trim() == label {
-            return Err(TokenError::Other(format!("a token labelled {label:?} already exists")));
+            return Err(TokenError::Other(format!(
+                "a token labelled {label:?} already exists"
+            )));
         }
     }
     let free = context
         .get_slots_with_token()?
         .into_iter()
-        .find(|slot| context.get_token_info(*slot).is_ok_and(|i| !i.token_initialized()))
+        .find(|slot| {
+            context
+                .get_token_info(*slot)
+                .is_ok_and(|i| !i.token_initialized())
+        })
         .ok_or_else(|| TokenError::Other("no uninitialized token slot is available".into()))?;
     context.init_token(free, &auth_pin(so_pin), &label)?;
     // SoftHSM moves an initialized token to a new slot: look it up again by label.
@@ -377,7 +425,12 @@ pub struct RootInitOutcome {
 
 /// `meshca root init`: a key pair on the token, a self-signed root through C_Sign, linted
 /// before signing and verified after, written as PEM.
-pub fn root_init(config: &SignerConfig, settings: &Pkcs11Settings, pin: &Secret, force: bool) -> Result<RootInitOutcome, TokenError> {
+pub fn root_init(
+    config: &SignerConfig,
+    settings: &Pkcs11Settings,
+    pin: &Secret,
+    force: bool,
+) -> Result<RootInitOutcome, TokenError> {
     let policy = config.root_policy();
     let key_type = config.root.key_type;
     check_public_key(&key_type.public_key_kind(), policy.min_rsa_bits).map_err(|d| {
@@ -435,7 +488,8 @@ fn self_sign_root(
     let algorithm = SignatureAlgorithm::for_key_type(config.root.key_type);
     let now = SystemTime::now();
     let plan = IntermediatePlan {
-        subject: subject_name(&policy.org_name, &config.root.common_name).map_err(|e| other(e.to_string()))?,
+        subject: subject_name(&policy.org_name, &config.root.common_name)
+            .map_err(|e| other(e.to_string()))?,
         public_key,
         serial: random_serial().map_err(|e| other(e.to_string()))?,
         not_before: now.checked_sub(BACKDATE).unwrap_or(now),
@@ -443,8 +497,14 @@ fn self_sign_root(
     };
     let tbs = root_tbs(&plan, algorithm).map_err(|e| other(e.to_string()))?;
     let decoded = decode_tbs(&tbs).map_err(|e| other(e.to_string()))?;
-    lint_root(&decoded, &plan, algorithm, &policy.org_name, policy.min_rsa_bits)
-        .map_err(|e| other(e.to_string()))?;
+    lint_root(
+        &decoded,
+        &plan,
+        algorithm,
+        &policy.org_name,
+        policy.min_rsa_bits,
+    )
+    .map_err(|e| other(e.to_string()))?;
     let signature = token_sign(session, private, &kind, algorithm, &tbs)?;
     let cert_der = assemble(&tbs, algorithm, &signature).map_err(|e| other(e.to_string()))?;
     let certificate = Certificate::from_der(&cert_der).map_err(|e| other(e.to_string()))?;
@@ -509,7 +569,9 @@ pub fn inspect_key(settings: &Pkcs11Settings, pin: &Secret) -> Result<KeyAttribu
         AttributeType::Prime1,
     ];
     let info = session.get_attribute_info(key, &probes)?;
-    attributes.value_readable = info.iter().any(|i| matches!(i, AttributeInfo::Available(_)));
+    attributes.value_readable = info
+        .iter()
+        .any(|i| matches!(i, AttributeInfo::Available(_)));
     let values = session.get_attributes(key, &probes)?;
     attributes.value_readable |= !values.is_empty();
     Ok(attributes)
@@ -540,7 +602,13 @@ impl Pkcs11Backend {
         let key = token.find_private_key(&session)?;
         let mut challenge = [0u8; 32];
         getrandom::fill(&mut challenge).map_err(|e| TokenError::Other(e.to_string()))?;
-        let signature = token_sign(&session, key, &root.key_kind, root.signature_algorithm, &challenge)?;
+        let signature = token_sign(
+            &session,
+            key,
+            &root.key_kind,
+            root.signature_algorithm,
+            &challenge,
+        )?;
         root.verifier
             .verify(root.signature_algorithm, &challenge, &signature)
             .map_err(|_| {
@@ -569,14 +637,22 @@ impl Pkcs11Backend {
 
 impl Inner {
     fn checkout(&self) -> Result<Session, BackendError> {
-        if let Some(session) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        if let Some(session) = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+        {
             return Ok(session);
         }
         self.open_session()
     }
 
     fn checkin(&self, session: Session) {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).push(session);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(session);
     }
 
     /// A replacement session. A refused PIN is remembered and never tried again.
@@ -603,7 +679,13 @@ impl Inner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, BackendError> {
         let root = &self.root;
         let session = self.checkout()?;
-        match token_sign(&session, self.key(), &root.key_kind, root.signature_algorithm, message) {
+        match token_sign(
+            &session,
+            self.key(),
+            &root.key_kind,
+            root.signature_algorithm,
+            message,
+        ) {
             Ok(signature) => {
                 self.checkin(session);
                 return Ok(signature);
@@ -614,7 +696,9 @@ impl Inner {
             }
             Err(e) => {
                 self.checkin(session);
-                return Err(BackendError::Unavailable(format!("token signing failed: {e}")));
+                return Err(BackendError::Unavailable(format!(
+                    "token signing failed: {e}"
+                )));
             }
         }
         let session = self.open_session()?;
@@ -623,8 +707,14 @@ impl Inner {
             .find_private_key(&session)
             .map_err(|e| BackendError::Unavailable(e.to_string()))?;
         *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
-        let signature = token_sign(&session, key, &root.key_kind, root.signature_algorithm, message)
-            .map_err(|e| BackendError::Unavailable(format!("token signing failed: {e}")))?;
+        let signature = token_sign(
+            &session,
+            key,
+            &root.key_kind,
+            root.signature_algorithm,
+            message,
+        )
+        .map_err(|e| BackendError::Unavailable(format!("token signing failed: {e}")))?;
         self.checkin(session);
         Ok(signature)
     }
@@ -632,13 +722,15 @@ impl Inner {
     /// Build, lint, sign, check: the whole issuance of one intermediate.
     fn issue_blocking(&self, request: &IssueRequest) -> Result<Certificate, BackendError> {
         let root = &self.root;
-        let tbs = intermediate_tbs(&request.plan, root).map_err(|e| BackendError::Check(e.to_string()))?;
+        let tbs = intermediate_tbs(&request.plan, root)
+            .map_err(|e| BackendError::Check(e.to_string()))?;
         let decoded = decode_tbs(&tbs).map_err(|e| BackendError::Check(e.to_string()))?;
         lint_intermediate(&decoded, &request.expectations(root, true))?;
         let signature = self.sign(&tbs)?;
-        let cert_der =
-            assemble(&tbs, root.signature_algorithm, &signature).map_err(|e| BackendError::Check(e.to_string()))?;
-        check_signed_certificate(&cert_der, &tbs, root).map_err(|e| BackendError::Check(e.to_string()))
+        let cert_der = assemble(&tbs, root.signature_algorithm, &signature)
+            .map_err(|e| BackendError::Check(e.to_string()))?;
+        check_signed_certificate(&cert_der, &tbs, root)
+            .map_err(|e| BackendError::Check(e.to_string()))
     }
 
     fn ready(&self) -> Result<(), BackendError> {

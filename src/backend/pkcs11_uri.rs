@@ -27,7 +27,9 @@ pub enum UriError {
     Scheme,
     #[error("PKCS#11 URI attribute {0:?} is not of the form name=value")]
     NotAttribute(String),
-    #[error("PKCS#11 URI attribute {0:?} is not supported (supported: token, manufacturer, model, serial, slot-id, object, id, type; query: module-path, pin-source)")]
+    #[error(
+        "PKCS#11 URI attribute {0:?} is not supported (supported: token, manufacturer, model, serial, slot-id, object, id, type; query: module-path, pin-source)"
+    )]
     Unsupported(String),
     #[error("PKCS#11 URI attribute {0:?} appears twice")]
     Repeated(String),
@@ -61,8 +63,10 @@ impl FromStr for Pkcs11Uri {
             let (name, raw_value) = attribute
                 .split_once('=')
                 .ok_or_else(|| UriError::NotAttribute(attribute.into()))?;
-            let bytes = percent_decode(raw_value).ok_or_else(|| UriError::BadPercent(name.into()))?;
-            let text = || String::from_utf8(bytes.clone()).map_err(|_| UriError::NotUtf8(name.into()));
+            let bytes =
+                percent_decode(raw_value).ok_or_else(|| UriError::BadPercent(name.into()))?;
+            let text =
+                || String::from_utf8(bytes.clone()).map_err(|_| UriError::NotUtf8(name.into()));
             match (in_query, name) {
                 (false, "token") => set(&mut uri.token, text()?, name)?,
                 (false, "manufacturer") => set(&mut uri.manufacturer, text()?, name)?,
@@ -191,7 +195,10 @@ mod tests {
         assert_eq!(uri.slot_id, Some(3));
         assert_eq!(uri.module_path.as_deref(), Some("/usr/lib/x.so"));
         assert_eq!(uri.pin_source.as_deref(), Some("file:/run/pin"));
-        assert_eq!(uri.to_string(), "pkcs11:token=My%20Token;slot-id=3;id=%01%02%FF;type=private");
+        assert_eq!(
+            uri.to_string(),
+            "pkcs11:token=My%20Token;slot-id=3;id=%01%02%FF;type=private"
+        );
     }
 
     #[test]
@@ -200,10 +207,19 @@ mod tests {
             ("token=a;object=b", UriError::Scheme),
             ("pkcs11:token=a", UriError::NoKey),
             ("pkcs11:object=a?pin-value=1234", UriError::InlinePin),
-            ("pkcs11:object=a;object=b", UriError::Repeated("object".into())),
-            ("pkcs11:object=a;colour=red", UriError::Unsupported("colour".into())),
+            (
+                "pkcs11:object=a;object=b",
+                UriError::Repeated("object".into()),
+            ),
+            (
+                "pkcs11:object=a;colour=red",
+                UriError::Unsupported("colour".into()),
+            ),
             ("pkcs11:object=a%zz", UriError::BadPercent("object".into())),
-            ("pkcs11:object=a;type=cert", UriError::NotPrivate("cert".into())),
+            (
+                "pkcs11:object=a;type=cert",
+                UriError::NotPrivate("cert".into()),
+            ),
             ("pkcs11:object", UriError::NotAttribute("object".into())),
             ("pkcs11:object=a;slot-id=x", UriError::BadSlotId("x".into())),
         ];
@@ -211,7 +227,9 @@ mod tests {
             assert_eq!(input.parse::<Pkcs11Uri>(), Err(expected), "{input}");
         }
         // The error for an inline PIN never repeats the PIN.
-        let err = "pkcs11:object=a?pin-value=s3cret".parse::<Pkcs11Uri>().unwrap_err();
+        let err = "pkcs11:object=a?pin-value=s3cret"
+            .parse::<Pkcs11Uri>()
+            .unwrap_err();
         assert!(!err.to_string().contains("s3cret"));
         // Vendor attributes are allowed and ignored.
         assert!("pkcs11:object=a;x-vendor=1".parse::<Pkcs11Uri>().is_ok());

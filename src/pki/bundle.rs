@@ -40,7 +40,9 @@ pub enum BundleError {
     KeyMismatch,
     #[error("ca-cert.pem is not a CA certificate (basicConstraints cA is not true)")]
     NotCa,
-    #[error("cert-chain.pem must start with ca-cert.pem (istiod sends it to workloads as their chain)")]
+    #[error(
+        "cert-chain.pem must start with ca-cert.pem (istiod sends it to workloads as their chain)"
+    )]
     ChainStart,
     #[error("cert-chain.pem: certificate {index} is not signed by certificate {next}")]
     ChainLink { index: usize, next: usize },
@@ -103,7 +105,10 @@ fn signed_by(child: &Certificate, parent: &Certificate) -> bool {
 
 fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), BundleError> {
     let validity = cert.tbs_certificate().validity();
-    let (nb, na) = (validity.not_before.to_system_time(), validity.not_after.to_system_time());
+    let (nb, na) = (
+        validity.not_before.to_system_time(),
+        validity.not_after.to_system_time(),
+    );
     if now < nb || now > na {
         return Err(BundleError::Expired {
             which,
@@ -194,7 +199,8 @@ pub fn verify_bundle(
     check_time(format!("the anchoring root in {ROOT_CERT}"), anchor, now)?;
 
     let issuer = if chain.len() > 1 { &chain[1] } else { anchor };
-    lint_intermediate_profile(tbs, &subject_key_id(issuer)).map_err(|e| BundleError::Profile(e.0.join("; ")))?;
+    lint_intermediate_profile(tbs, &subject_key_id(issuer))
+        .map_err(|e| BundleError::Profile(e.0.join("; ")))?;
 
     Ok(BundleSummary {
         subject: tbs.subject().to_string(),

@@ -80,7 +80,10 @@ impl ParsedCsr {
             return Err(CsrError::TooLarge);
         }
         let raw = RawCertReq::from_der(der).map_err(|e| CsrError::Der(e.to_string()))?;
-        let info_der = raw.info.to_der().map_err(|e| CsrError::Der(e.to_string()))?;
+        let info_der = raw
+            .info
+            .to_der()
+            .map_err(|e| CsrError::Der(e.to_string()))?;
         let info = CertReqInfo::from_der(&info_der).map_err(|e| CsrError::Der(e.to_string()))?;
         if info.version != Version::V1 {
             return Err(CsrError::Der("unsupported version".into()));
@@ -90,8 +93,8 @@ impl ParsedCsr {
             .as_bytes()
             .ok_or_else(|| CsrError::Der("signature BIT STRING has unused bits".into()))?
             .to_vec();
-        let key_kind =
-            describe_public_key(&info.public_key).map_err(|e| CsrError::MalformedKey(e.to_string()))?;
+        let key_kind = describe_public_key(&info.public_key)
+            .map_err(|e| CsrError::MalformedKey(e.to_string()))?;
         Ok(ParsedCsr {
             requested_orgs: organizations(&info.subject)?,
             requested_extensions: requested_extensions(&info)?,
@@ -105,8 +108,8 @@ impl ParsedCsr {
 
     /// Checks the CSR's self-signature with its own public key.
     pub fn verify_possession(&self) -> Result<(), PossessionError> {
-        let algorithm =
-            SignatureAlgorithm::from_identifier(&self.signature_algorithm).map_err(PossessionError)?;
+        let algorithm = SignatureAlgorithm::from_identifier(&self.signature_algorithm)
+            .map_err(PossessionError)?;
         PublicKeyVerifier::new(&self.public_key)
             .and_then(|v| v.verify(algorithm, &self.info_der, &self.signature))
             .map_err(PossessionError)
@@ -126,10 +129,12 @@ pub fn spki_sha256_hex(spki: &SubjectPublicKeyInfoOwned) -> String {
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn organizations(subject: &Name) -> Result<Vec<String>, CsrError> {
@@ -201,7 +206,10 @@ pub fn sign_with(
             let sig = signer
                 .try_sign_with_rng(&mut system_rng(), message)
                 .map_err(signing)?;
-            (SignatureAlgorithm::RsaPkcs1Sha256, Box::<[u8]>::from(sig).to_vec())
+            (
+                SignatureAlgorithm::RsaPkcs1Sha256,
+                Box::<[u8]>::from(sig).to_vec(),
+            )
         }
         PrivateKey::P256(k) => {
             let sig: p256::ecdsa::DerSignature = k.try_sign(message).map_err(signing)?;
@@ -255,7 +263,10 @@ mod tests {
 
     #[test]
     fn garbage_and_trailing_data_are_refused() {
-        assert!(matches!(ParsedCsr::from_pem("hello"), Err(CsrError::Pem(_))));
+        assert!(matches!(
+            ParsedCsr::from_pem("hello"),
+            Err(CsrError::Pem(_))
+        ));
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         let mut der = build_csr(&key, subject_name("acme", "a").unwrap())
             .unwrap()

@@ -142,7 +142,9 @@ impl fmt::Display for PublicKeyKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("unknown key type {0:?} (expected one of rsa2048, rsa3072, rsa4096, ecdsa-p256, ecdsa-p384)")]
+    #[error(
+        "unknown key type {0:?} (expected one of rsa2048, rsa3072, rsa4096, ecdsa-p256, ecdsa-p384)"
+    )]
     UnknownKeyType(String),
     #[error("malformed RSA public key: {0}")]
     MalformedRsa(String),
@@ -178,7 +180,9 @@ pub fn describe_public_key(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey
         let exponent = key.public_exponent.as_bytes();
         let odd = exponent.last().is_some_and(|b| b & 1 == 1);
         let exponent = if exponent.len() <= 8 {
-            let value = exponent.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            let value = exponent
+                .iter()
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
             if value == 65537 {
                 RsaExponent::F4
             } else {
@@ -252,8 +256,12 @@ impl PrivateKey {
         use p256::elliptic_curve::Generate;
         let mut rng = system_rng();
         Ok(match key_type {
-            KeyType::EcdsaP256 => PrivateKey::P256(p256::ecdsa::SigningKey::generate_from_rng(&mut rng)),
-            KeyType::EcdsaP384 => PrivateKey::P384(p384::ecdsa::SigningKey::generate_from_rng(&mut rng)),
+            KeyType::EcdsaP256 => {
+                PrivateKey::P256(p256::ecdsa::SigningKey::generate_from_rng(&mut rng))
+            }
+            KeyType::EcdsaP384 => {
+                PrivateKey::P384(p384::ecdsa::SigningKey::generate_from_rng(&mut rng))
+            }
             rsa_type => {
                 let bits = rsa_type.rsa_bits().unwrap_or(4096) as usize;
                 let key = rsa::PrivateKey::new(&mut rng, bits)
@@ -380,14 +388,18 @@ mod tests {
         );
         let pem = key.to_pkcs8_pem().unwrap();
         assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
-        assert_eq!(PrivateKey::from_pem(&pem).unwrap().key_type(), KeyType::Rsa2048);
+        assert_eq!(
+            PrivateKey::from_pem(&pem).unwrap().key_type(),
+            KeyType::Rsa2048
+        );
     }
 
     #[test]
     fn garbage_private_key_is_refused_without_echoing_it() {
-        let err = PrivateKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            PrivateKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+                .unwrap_err()
+                .to_string();
         assert!(!err.contains("AAAA"));
     }
 }

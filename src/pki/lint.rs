@@ -16,7 +16,9 @@ use x509_cert::ext::pkix::{
 };
 use x509_cert::time::Time;
 
-use super::profile::{IntermediatePlan, RootCa, intermediate_key_usage, root_key_usage, ROOT_PATH_LEN};
+use super::profile::{
+    IntermediatePlan, ROOT_PATH_LEN, RootCa, intermediate_key_usage, root_key_usage,
+};
 use super::sigalg::SignatureAlgorithm;
 use crate::policy::rules::check_public_key;
 
@@ -65,16 +67,28 @@ pub struct IntermediateExpectations<'a> {
 }
 
 /// Lints an intermediate's TBS against the profile and policy.
-pub fn lint_intermediate(tbs: &TbsCertificate, expect: &IntermediateExpectations<'_>) -> Result<(), LintFailure> {
+pub fn lint_intermediate(
+    tbs: &TbsCertificate,
+    expect: &IntermediateExpectations<'_>,
+) -> Result<(), LintFailure> {
     let mut f = Findings::default();
     common_checks(tbs, &mut f);
     let root = expect.root;
     f.check(
         *tbs.signature() == root.signature_algorithm.algorithm_identifier(),
-        || format!("signature algorithm is not the root's ({})", root.signature_algorithm),
+        || {
+            format!(
+                "signature algorithm is not the root's ({})",
+                root.signature_algorithm
+            )
+        },
     );
     f.check(same_der(tbs.issuer(), &root.subject), || {
-        format!("issuer {} is not the root's subject {}", tbs.issuer(), root.subject)
+        format!(
+            "issuer {} is not the root's subject {}",
+            tbs.issuer(),
+            root.subject
+        )
     });
     f.check(
         same_der(tbs.subject_public_key_info(), expect.public_key),
@@ -84,7 +98,9 @@ pub fn lint_intermediate(tbs: &TbsCertificate, expect: &IntermediateExpectations
     f.check(not_after <= expect.latest_not_after, || {
         "notAfter is later than the policy allows".into()
     });
-    f.check(not_after <= root.not_after, || "notAfter is later than the root's notAfter".into());
+    f.check(not_after <= root.not_after, || {
+        "notAfter is later than the root's notAfter".into()
+    });
     check_org(tbs, expect.org_name, &mut f);
     if let Ok(kind) = super::keys::describe_public_key(tbs.subject_public_key_info()) {
         if let Err(denial) = check_public_key(&kind, expect.min_rsa_bits) {
@@ -121,7 +137,9 @@ pub fn lint_root(
     f.check(*tbs.signature() == algorithm.algorithm_identifier(), || {
         format!("signature algorithm is not {algorithm}")
     });
-    f.check(same_der(tbs.issuer(), tbs.subject()), || "root issuer differs from its subject".into());
+    f.check(same_der(tbs.issuer(), tbs.subject()), || {
+        "root issuer differs from its subject".into()
+    });
     check_org(tbs, org_name, &mut f);
     match super::keys::describe_public_key(tbs.subject_public_key_info()) {
         Ok(kind) => {
@@ -161,9 +179,13 @@ fn common_checks(tbs: &TbsCertificate, f: &mut Findings) {
     f.check(!serial.is_empty() && serial.iter().any(|b| *b != 0), || {
         "serial number is zero".into()
     });
-    f.check(serial.len() <= 20, || "serial number is longer than 20 octets".into());
+    f.check(serial.len() <= 20, || {
+        "serial number is longer than 20 octets".into()
+    });
     // At least 64 bits of entropy (CA/B Forum ballot 164) means at least 8 octets.
-    f.check(serial.len() >= 8, || "serial number is shorter than 8 octets".into());
+    f.check(serial.len() >= 8, || {
+        "serial number is shorter than 8 octets".into()
+    });
     f.check(
         tbs.issuer_unique_id().is_none() && tbs.subject_unique_id().is_none(),
         || "unique identifiers must not be present (RFC 5280 4.1.2.8)".into(),
@@ -173,11 +195,21 @@ fn common_checks(tbs: &TbsCertificate, f: &mut Findings) {
         validity.not_before.to_system_time() < validity.not_after.to_system_time(),
         || "notBefore is not before notAfter".into(),
     );
-    for (name, time) in [("notBefore", &validity.not_before), ("notAfter", &validity.not_after)] {
+    for (name, time) in [
+        ("notBefore", &validity.not_before),
+        ("notAfter", &validity.not_after),
+    ] {
         let year = time.to_date_time().year();
         let utc = matches!(time, Time::UtcTime(_));
         f.check(utc == (year < 2050), || {
-            format!("{name} in {year} must be encoded as {}", if year < 2050 { "UTCTime" } else { "GeneralizedTime" })
+            format!(
+                "{name} in {year} must be encoded as {}",
+                if year < 2050 {
+                    "UTCTime"
+                } else {
+                    "GeneralizedTime"
+                }
+            )
         });
     }
     f.check(!tbs.subject().is_empty(), || "subject is empty".into());
@@ -218,7 +250,9 @@ fn check_extensions(tbs: &TbsCertificate, expect: &ExpectedExtensions<'_>, f: &m
     let extensions = tbs.extensions().map(|e| e.as_slice()).unwrap_or_default();
     let mut seen = HashSet::new();
     for ext in extensions {
-        f.check(seen.insert(ext.extn_id), || format!("extension {} appears twice", ext.extn_id));
+        f.check(seen.insert(ext.extn_id), || {
+            format!("extension {} appears twice", ext.extn_id)
+        });
         f.check(allowed.contains(&ext.extn_id), || {
             format!("unexpected extension {} (the profile has only basicConstraints, keyUsage, SKI and AKI)", ext.extn_id)
         });
@@ -242,20 +276,30 @@ fn check_extensions(tbs: &TbsCertificate, expect: &ExpectedExtensions<'_>, f: &m
             f.check(ku == expect.key_usage, || {
                 format!("keyUsage is {:?}, expected {:?}", ku.0, expect.key_usage.0)
             });
-            f.check(ku.key_cert_sign(), || "keyUsage lacks keyCertSign for a CA".into());
+            f.check(ku.key_cert_sign(), || {
+                "keyUsage lacks keyCertSign for a CA".into()
+            });
         }
         _ => f.0.push("keyUsage is missing or malformed".into()),
     }
     match tbs.get_extension::<SubjectKeyIdentifier>() {
         Ok(Some((critical, ski))) => {
-            f.check(!critical, || "subjectKeyIdentifier must not be critical".into());
-            f.check(!ski.0.as_bytes().is_empty(), || "subjectKeyIdentifier is empty".into());
+            f.check(!critical, || {
+                "subjectKeyIdentifier must not be critical".into()
+            });
+            f.check(!ski.0.as_bytes().is_empty(), || {
+                "subjectKeyIdentifier is empty".into()
+            });
         }
-        _ => f.0.push("subjectKeyIdentifier is missing or malformed".into()),
+        _ => {
+            f.0.push("subjectKeyIdentifier is missing or malformed".into())
+        }
     }
     match tbs.get_extension::<AuthorityKeyIdentifier>() {
         Ok(Some((critical, aki))) => {
-            f.check(!critical, || "authorityKeyIdentifier must not be critical".into());
+            f.check(!critical, || {
+                "authorityKeyIdentifier must not be critical".into()
+            });
             f.check(
                 aki.key_identifier.as_ref().map(|k| k.as_bytes()) == Some(expect.authority_key_id),
                 || "authorityKeyIdentifier does not match the issuer's subjectKeyIdentifier".into(),
@@ -265,18 +309,29 @@ fn check_extensions(tbs: &TbsCertificate, expect: &ExpectedExtensions<'_>, f: &m
                 || "authorityKeyIdentifier carries issuer name or serial".into(),
             );
         }
-        _ => f.0.push("authorityKeyIdentifier is missing or malformed".into()),
+        _ => {
+            f.0.push("authorityKeyIdentifier is missing or malformed".into())
+        }
     }
 }
 
 /// The TBS must carry exactly what was planned.
 fn check_plan(tbs: &TbsCertificate, plan: &IntermediatePlan, f: &mut Findings) {
-    f.check(*tbs.serial_number() == plan.serial, || "serial differs from the plan".into());
-    f.check(same_der(tbs.subject(), &plan.subject), || "subject differs from the plan".into());
-    f.check(same_der(tbs.subject_public_key_info(), &plan.public_key), || {
-        "public key differs from the plan".into()
+    f.check(*tbs.serial_number() == plan.serial, || {
+        "serial differs from the plan".into()
     });
-    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    f.check(same_der(tbs.subject(), &plan.subject), || {
+        "subject differs from the plan".into()
+    });
+    f.check(
+        same_der(tbs.subject_public_key_info(), &plan.public_key),
+        || "public key differs from the plan".into(),
+    );
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
     let validity = tbs.validity();
     f.check(
         secs(validity.not_before.to_system_time()) == secs(plan.not_before)
@@ -303,7 +358,8 @@ pub fn check_signed_certificate(
     root: &RootCa,
 ) -> Result<x509_cert::Certificate, SignedCheckError> {
     use der::Decode;
-    let cert = x509_cert::Certificate::from_der(cert_der).map_err(|e| SignedCheckError::Parse(e.to_string()))?;
+    let cert = x509_cert::Certificate::from_der(cert_der)
+        .map_err(|e| SignedCheckError::Parse(e.to_string()))?;
     let tbs = cert
         .tbs_certificate()
         .to_der()
@@ -317,7 +373,10 @@ pub fn check_signed_certificate(
 
 /// The profile checks alone (no policy): RFC 5280 basics plus meshca's intermediate
 /// extensions, with the issuer's key identifier. Used to check installed bundles.
-pub fn lint_intermediate_profile(tbs: &TbsCertificate, issuer_key_id: &[u8]) -> Result<(), LintFailure> {
+pub fn lint_intermediate_profile(
+    tbs: &TbsCertificate,
+    issuer_key_id: &[u8],
+) -> Result<(), LintFailure> {
     let mut f = Findings::default();
     common_checks(tbs, &mut f);
     check_extensions(
@@ -330,4 +389,273 @@ pub fn lint_intermediate_profile(tbs: &TbsCertificate, issuer_key_id: &[u8]) -> 
         &mut f,
     );
     f.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use x509_cert::builder::{Builder, CertificateBuilder, Profile as BuilderProfile};
+    use x509_cert::ext::Extension;
+    use x509_cert::ext::pkix::{SubjectAltName, name::GeneralName};
+    use x509_cert::name::Name;
+    use x509_cert::time::Validity;
+
+    use super::*;
+    use crate::pki::keys::{KeyType, PrivateKey};
+    use crate::pki::profile::{decode_tbs, intermediate_tbs, random_serial, subject_name};
+    use crate::pki::testing::software_root;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn plan_for(key: &PrivateKey, org: &str) -> IntermediatePlan {
+        let now = SystemTime::now();
+        IntermediatePlan {
+            subject: subject_name(org, "mesh").unwrap(),
+            public_key: key.public_key_info().unwrap(),
+            serial: random_serial().unwrap(),
+            not_before: now - Duration::from_secs(300),
+            not_after: now + 10 * DAY,
+        }
+    }
+
+    #[test]
+    fn the_profile_passes_its_own_lint() {
+        for root_type in [KeyType::EcdsaP384, KeyType::Rsa2048] {
+            let (_root_key, root) = software_root(root_type, "acme", 100 * DAY);
+            let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+            let plan = plan_for(&key, "acme");
+            let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+            let expect = IntermediateExpectations {
+                root: &root,
+                public_key: &plan.public_key,
+                org_name: "acme",
+                latest_not_after: plan.not_after,
+                min_rsa_bits: 2048,
+                plan: Some(&plan),
+            };
+            lint_intermediate(&tbs, &expect).unwrap();
+        }
+    }
+
+    #[test]
+    fn each_expectation_that_does_not_hold_is_a_finding() {
+        let (_root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let other_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let other_spki = other_key.public_key_info().unwrap();
+        let plan = plan_for(&key, "acme");
+        let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+        let base = || IntermediateExpectations {
+            root: &root,
+            public_key: &plan.public_key,
+            org_name: "acme",
+            latest_not_after: plan.not_after,
+            min_rsa_bits: 2048,
+            plan: None,
+        };
+        let cases: Vec<(IntermediateExpectations<'_>, &str)> = vec![
+            (
+                IntermediateExpectations {
+                    org_name: "other",
+                    ..base()
+                },
+                "organization",
+            ),
+            (
+                IntermediateExpectations {
+                    latest_not_after: plan.not_after - DAY,
+                    ..base()
+                },
+                "later than the policy",
+            ),
+            (
+                IntermediateExpectations {
+                    min_rsa_bits: 4096,
+                    ..base()
+                },
+                "fails policy",
+            ),
+            (
+                IntermediateExpectations {
+                    public_key: &other_spki,
+                    ..base()
+                },
+                "not the CSR's key",
+            ),
+        ];
+        for (expect, needle) in cases {
+            let failure = lint_intermediate(&tbs, &expect).unwrap_err();
+            assert!(
+                failure.to_string().contains(needle),
+                "{needle:?} not in {failure}"
+            );
+        }
+    }
+
+    /// A profile that gets things wrong, to prove the linter notices.
+    struct Rogue {
+        subject: Name,
+        issuer: Name,
+        extensions: Vec<Extension>,
+    }
+
+    impl BuilderProfile for Rogue {
+        fn get_issuer(&self, _subject: &Name) -> Name {
+            self.issuer.clone()
+        }
+        fn get_subject(&self) -> Name {
+            self.subject.clone()
+        }
+        fn build_extensions(
+            &self,
+            _spk: spki::SubjectPublicKeyInfoRef<'_>,
+            _issuer_spk: spki::SubjectPublicKeyInfoRef<'_>,
+            _tbs: &TbsCertificate,
+        ) -> x509_cert::builder::Result<Vec<Extension>> {
+            Ok(self.extensions.clone())
+        }
+    }
+
+    fn ext<E: const_oid::AssociatedOid + der::Encode>(value: &E, critical: bool) -> Extension {
+        use x509_cert::ext::ToExtension;
+        (critical, value)
+            .to_extension(&Name::default(), &[])
+            .unwrap()
+    }
+
+    #[test]
+    fn wrong_extensions_are_findings() {
+        let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let PrivateKey::P384(root_signer) = &root_key else {
+            unreachable!()
+        };
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let plan = plan_for(&key, "acme");
+        let aki = AuthorityKeyIdentifier {
+            key_identifier: Some(der::asn1::OctetString::new(root.subject_key_id.clone()).unwrap()),
+            authority_cert_issuer: None,
+            authority_cert_serial_number: None,
+        };
+        let ski = SubjectKeyIdentifier(der::asn1::OctetString::new(vec![1, 2, 3]).unwrap());
+        let good_bc = BasicConstraints {
+            ca: true,
+            path_len_constraint: Some(0),
+        };
+        let san = SubjectAltName(vec![GeneralName::DnsName(
+            der::asn1::Ia5String::new("evil.example").unwrap(),
+        )]);
+        let cases: Vec<(Vec<Extension>, &str)> = vec![
+            (
+                vec![
+                    ext(&good_bc, false),
+                    ext(&intermediate_key_usage(), true),
+                    ext(&ski, false),
+                    ext(&aki, false),
+                ],
+                "basicConstraints is not critical",
+            ),
+            (
+                vec![
+                    ext(
+                        &BasicConstraints {
+                            ca: true,
+                            path_len_constraint: Some(3),
+                        },
+                        true,
+                    ),
+                    ext(&intermediate_key_usage(), true),
+                    ext(&ski, false),
+                    ext(&aki, false),
+                ],
+                "pathLenConstraint",
+            ),
+            (
+                vec![
+                    ext(&good_bc, true),
+                    ext(&root_key_usage(), true),
+                    ext(&ski, false),
+                    ext(&aki, false),
+                ],
+                "keyUsage is",
+            ),
+            (
+                vec![
+                    ext(&good_bc, true),
+                    ext(&intermediate_key_usage(), true),
+                    ext(&ski, false),
+                    ext(&aki, false),
+                    ext(&san, false),
+                ],
+                "unexpected extension 2.5.29.17",
+            ),
+            (
+                vec![
+                    ext(&good_bc, true),
+                    ext(&intermediate_key_usage(), true),
+                    ext(&ski, false),
+                ],
+                "authorityKeyIdentifier is missing",
+            ),
+        ];
+        for (extensions, needle) in cases {
+            let profile = Rogue {
+                subject: plan.subject.clone(),
+                issuer: root.subject.clone(),
+                extensions,
+            };
+            let validity = Validity::new(
+                plan.not_before.try_into().unwrap(),
+                plan.not_after.try_into().unwrap(),
+            );
+            let mut builder = CertificateBuilder::new(
+                profile,
+                plan.serial.clone(),
+                validity,
+                plan.public_key.clone(),
+            )
+            .unwrap();
+            let tbs = decode_tbs(&builder.finalize(root_signer).unwrap()).unwrap();
+            let expect = IntermediateExpectations {
+                root: &root,
+                public_key: &plan.public_key,
+                org_name: "acme",
+                latest_not_after: plan.not_after,
+                min_rsa_bits: 2048,
+                plan: Some(&plan),
+            };
+            let failure = lint_intermediate(&tbs, &expect).unwrap_err();
+            assert!(
+                failure.to_string().contains(needle),
+                "{needle:?} not in {failure}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_signature_over_other_bytes_is_caught_after_signing() {
+        let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let plan = plan_for(&key, "acme");
+        let tbs = intermediate_tbs(&plan, &root).unwrap();
+        let (alg, signature) = crate::pki::csr::sign_with(&root_key, &tbs).unwrap();
+        let cert = crate::pki::profile::assemble(&tbs, alg, &signature).unwrap();
+        check_signed_certificate(&cert, &tbs, &root).unwrap();
+
+        let mut other_plan = plan.clone();
+        other_plan.serial = random_serial().unwrap();
+        let other_tbs = intermediate_tbs(&other_plan, &root).unwrap();
+        assert!(matches!(
+            check_signed_certificate(&cert, &other_tbs, &root),
+            Err(SignedCheckError::TbsChanged)
+        ));
+        // Signed by someone else's key: the signature does not verify under the root.
+        let (impostor, _) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let (alg, bad_signature) = crate::pki::csr::sign_with(&impostor, &tbs).unwrap();
+        let forged = crate::pki::profile::assemble(&tbs, alg, &bad_signature).unwrap();
+        assert!(matches!(
+            check_signed_certificate(&forged, &tbs, &root),
+            Err(SignedCheckError::Signature(_))
+        ));
+    }
 }

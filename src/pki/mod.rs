@@ -9,3 +9,5 @@ pub mod lint;
 pub mod pem;
 pub mod profile;
 pub mod sigalg;
+#[cfg(test)]
+pub mod testing;

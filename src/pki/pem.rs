@@ -71,15 +71,24 @@ mod tests {
     #[test]
     fn labels_are_checked() {
         let pem = encode("PRIVATE KEY", &[1, 2, 3]);
-        assert_eq!(decode_single(&pem, &["PRIVATE KEY"]).unwrap(), vec![1, 2, 3]);
+        assert_eq!(
+            decode_single(&pem, &["PRIVATE KEY"]).unwrap(),
+            vec![1, 2, 3]
+        );
         let err = decode_single(&pem, &["CERTIFICATE REQUEST"]).unwrap_err();
         assert!(err.to_string().contains("PRIVATE KEY"));
-        assert!(matches!(decode_single("junk", &["X"]), Err(PemError::Malformed(_))));
+        assert!(matches!(
+            decode_single("junk", &["X"]),
+            Err(PemError::Malformed(_))
+        ));
     }
 
     #[test]
     fn empty_bundle_is_an_error() {
-        assert_eq!(decode_certificates("nothing here"), Err(PemError::NoCertificates));
+        assert_eq!(
+            decode_certificates("nothing here"),
+            Err(PemError::NoCertificates)
+        );
         let not_a_cert = encode("CERTIFICATE", &[0x30, 0x00]);
         assert!(matches!(
             decode_certificates(&not_a_cert),

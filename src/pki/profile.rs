@@ -139,7 +139,9 @@ impl RootCa {
         }
         verify_certificate_signature(&certificate, &verifier)
             .map_err(|_| RootError::BadSelfSignature)?;
-        let der = certificate.to_der().map_err(|e| RootError::Pem(PemError::Malformed(e.to_string())))?;
+        let der = certificate
+            .to_der()
+            .map_err(|e| RootError::Pem(PemError::Malformed(e.to_string())))?;
         Ok(RootCa {
             pem: certificate_pem(&certificate),
             subject: tbs.subject().clone(),
@@ -230,11 +232,20 @@ pub fn root_tbs(
     build_tbs(profile, plan, &issuer)
 }
 
-fn build_tbs(profile: CaProfile, plan: &IntermediatePlan, issuer: &IssuerKey) -> Result<Vec<u8>, ProfileError> {
+fn build_tbs(
+    profile: CaProfile,
+    plan: &IntermediatePlan,
+    issuer: &IssuerKey,
+) -> Result<Vec<u8>, ProfileError> {
     let time = |t: SystemTime| Time::try_from(t).map_err(|_| ProfileError::Time(t));
     let validity = Validity::new(time(plan.not_before)?, time(plan.not_after)?);
-    let mut builder = CertificateBuilder::new(profile, plan.serial.clone(), validity, plan.public_key.clone())
-        .map_err(|e| ProfileError::Build(e.to_string()))?;
+    let mut builder = CertificateBuilder::new(
+        profile,
+        plan.serial.clone(),
+        validity,
+        plan.public_key.clone(),
+    )
+    .map_err(|e| ProfileError::Build(e.to_string()))?;
     builder
         .finalize(issuer)
         .map_err(|e| ProfileError::Build(e.to_string()))

@@ -195,7 +195,11 @@ impl PublicKeyVerifier {
                 p384::ecdsa::VerifyingKey::from_sec1_bytes(point)
                     .map_err(|e| SignatureError::BadKey(e.to_string()))?,
             ),
-            other => return Err(SignatureError::BadKey(format!("{other} cannot verify signatures here"))),
+            other => {
+                return Err(SignatureError::BadKey(format!(
+                    "{other} cannot verify signatures here"
+                )));
+            }
         })
     }
 
@@ -232,15 +236,19 @@ impl PublicKeyVerifier {
                 if algorithm.is_rsa() {
                     return Err(mismatch());
                 }
-                let sig = p256::ecdsa::Signature::from_der(signature).map_err(|_| SignatureError::Invalid)?;
-                key.verify_prehash(&digest, &sig).map_err(|_| SignatureError::Invalid)
+                let sig = p256::ecdsa::Signature::from_der(signature)
+                    .map_err(|_| SignatureError::Invalid)?;
+                key.verify_prehash(&digest, &sig)
+                    .map_err(|_| SignatureError::Invalid)
             }
             PublicKeyVerifier::P384(key) => {
                 if algorithm.is_rsa() {
                     return Err(mismatch());
                 }
-                let sig = p384::ecdsa::Signature::from_der(signature).map_err(|_| SignatureError::Invalid)?;
-                key.verify_prehash(&digest, &sig).map_err(|_| SignatureError::Invalid)
+                let sig = p384::ecdsa::Signature::from_der(signature)
+                    .map_err(|_| SignatureError::Invalid)?;
+                key.verify_prehash(&digest, &sig)
+                    .map_err(|_| SignatureError::Invalid)
             }
         }
     }
@@ -279,7 +287,10 @@ mod tests {
             SignatureAlgorithm::EcdsaSha256,
             SignatureAlgorithm::EcdsaSha384,
         ] {
-            assert_eq!(SignatureAlgorithm::from_identifier(&alg.algorithm_identifier()), Ok(alg));
+            assert_eq!(
+                SignatureAlgorithm::from_identifier(&alg.algorithm_identifier()),
+                Ok(alg)
+            );
         }
         let mut ecdsa_with_null = SignatureAlgorithm::EcdsaSha256.algorithm_identifier();
         ecdsa_with_null.parameters = Some(Any::from(Null));
@@ -300,7 +311,9 @@ mod tests {
     #[test]
     fn ecdsa_signatures_verify_and_tampering_is_caught() {
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-        let PrivateKey::P256(signing) = &key else { unreachable!() };
+        let PrivateKey::P256(signing) = &key else {
+            unreachable!()
+        };
         let sig: p256::ecdsa::DerSignature = signing.sign(b"hello");
         let verifier = PublicKeyVerifier::new(&key.public_key_info().unwrap()).unwrap();
         verifier
@@ -319,7 +332,9 @@ mod tests {
     #[test]
     fn raw_ecdsa_converts_to_der() {
         let key = PrivateKey::generate(KeyType::EcdsaP384).unwrap();
-        let PrivateKey::P384(signing) = &key else { unreachable!() };
+        let PrivateKey::P384(signing) = &key else {
+            unreachable!()
+        };
         let digest = ecdsa_prehash(SignatureAlgorithm::EcdsaSha384, b"tbs");
         let raw: p384::ecdsa::Signature =
             signature::hazmat::PrehashSigner::sign_prehash(signing, &digest).unwrap();

@@ -94,7 +94,9 @@ pub fn check_public_key(kind: &PublicKeyKind, min_rsa_bits: u32) -> Result<(), D
             if *modulus_bits > RSA_MAX_BITS {
                 return Err(Denial::new(
                     Rule::KeySize,
-                    format!("RSA key of {modulus_bits} bits is above the supported maximum of {RSA_MAX_BITS} bits"),
+                    format!(
+                        "RSA key of {modulus_bits} bits is above the supported maximum of {RSA_MAX_BITS} bits"
+                    ),
                 ));
             }
             match exponent {
@@ -102,7 +104,9 @@ pub fn check_public_key(kind: &PublicKeyKind, min_rsa_bits: u32) -> Result<(), D
                 RsaExponent::Small(e) if *e > 65537 && e % 2 == 1 => Ok(()),
                 RsaExponent::Small(e) => Err(Denial::new(
                     Rule::KeyExponent,
-                    format!("RSA public exponent {e} is not accepted: it must be odd and at least 65537"),
+                    format!(
+                        "RSA public exponent {e} is not accepted: it must be odd and at least 65537"
+                    ),
                 )),
                 RsaExponent::Large { .. } => Err(Denial::new(
                     Rule::KeyExponent,
@@ -139,7 +143,9 @@ pub fn check_org(requested_orgs: &[String], org_name: &str) -> Result<(), Denial
         None => Ok(()),
         Some(other) => Err(Denial::new(
             Rule::Org,
-            format!("CSR asks for organization {other:?}, but this virtual mesh issues only for {org_name:?}"),
+            format!(
+                "CSR asks for organization {other:?}, but this virtual mesh issues only for {org_name:?}"
+            ),
         )),
     }
 }
@@ -214,9 +220,9 @@ pub fn intermediate_validity(
 /// "356 days", "2 hours", "90 seconds": for messages people read.
 pub fn human_duration(d: Duration) -> String {
     let secs = d.as_secs();
-    let (value, unit) = if secs % 86_400 == 0 && secs >= 86_400 {
+    let (value, unit) = if secs.is_multiple_of(86_400) && secs >= 86_400 {
         (secs / 86_400, "day")
-    } else if secs % 3_600 == 0 && secs >= 3_600 {
+    } else if secs.is_multiple_of(3_600) && secs >= 3_600 {
         (secs / 3_600, "hour")
     } else {
         (secs, "second")
@@ -246,7 +252,10 @@ mod tests {
         let denial = check_public_key(&rsa(3072), 4096).unwrap_err();
         assert_eq!(denial.rule, Rule::KeySize);
         assert!(denial.message.contains("3072") && denial.message.contains("4096"));
-        assert_eq!(check_public_key(&rsa(16384), 2048).unwrap_err().rule, Rule::KeySize);
+        assert_eq!(
+            check_public_key(&rsa(16384), 2048).unwrap_err().rule,
+            Rule::KeySize
+        );
     }
 
     #[test]
@@ -277,21 +286,35 @@ mod tests {
         let p384 = PublicKeyKind::Ec(NamedCurve::P384);
         for min in [2048, 3072, 4096, 8192] {
             assert!(check_public_key(&p384, min).is_ok(), "P-384 under {min}");
-            assert_eq!(check_public_key(&p256, min).is_ok(), min <= 3072, "P-256 under {min}");
+            assert_eq!(
+                check_public_key(&p256, min).is_ok(),
+                min <= 3072,
+                "P-256 under {min}"
+            );
         }
         let other = PublicKeyKind::Ec(NamedCurve::Other(const_oid::db::rfc5912::SECP_521_R_1));
-        assert_eq!(check_public_key(&other, 2048).unwrap_err().rule, Rule::KeyAlgorithm);
+        assert_eq!(
+            check_public_key(&other, 2048).unwrap_err().rule,
+            Rule::KeyAlgorithm
+        );
         let dsa = PublicKeyKind::Other(const_oid::db::rfc5912::ID_DSA);
         let denial = check_public_key(&dsa, 4096).unwrap_err();
         assert_eq!(denial.rule, Rule::KeyAlgorithm);
-        assert!(denial.message.contains("rsa4096, ecdsa-p384"), "{}", denial.message);
+        assert!(
+            denial.message.contains("rsa4096, ecdsa-p384"),
+            "{}",
+            denial.message
+        );
     }
 
     #[test]
     fn accepted_key_types_follow_the_minimum() {
         use KeyType::*;
         assert_eq!(accepted_key_types(4096), vec![Rsa4096, EcdsaP384]);
-        assert_eq!(accepted_key_types(3072), vec![Rsa3072, Rsa4096, EcdsaP256, EcdsaP384]);
+        assert_eq!(
+            accepted_key_types(3072),
+            vec![Rsa3072, Rsa4096, EcdsaP256, EcdsaP384]
+        );
         assert_eq!(accepted_key_types(2048), KeyType::ALL.to_vec());
         assert_eq!(effective_min_rsa_bits(1024), 2048);
         assert_eq!(effective_min_rsa_bits(4096), 4096);
@@ -332,7 +355,11 @@ mod tests {
         match intermediate_validity(now, Some(400 * day), 356 * day, now + 1000 * day) {
             Err(ValidityError::Denied(d)) => {
                 assert_eq!(d.rule, Rule::Ttl);
-                assert!(d.message.contains("400 days") && d.message.contains("356 days"), "{}", d.message);
+                assert!(
+                    d.message.contains("400 days") && d.message.contains("356 days"),
+                    "{}",
+                    d.message
+                );
             }
             other => panic!("{other:?}"),
         }

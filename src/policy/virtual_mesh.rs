@@ -140,7 +140,10 @@ pub struct MeshReference {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyLoadError {
     #[error("{source_name}: not valid VirtualMesh YAML: {message}")]
-    Yaml { source_name: String, message: String },
+    Yaml {
+        source_name: String,
+        message: String,
+    },
     #[error("{source_name}: document {index} has kind {kind:?}, expected VirtualMesh")]
     WrongKind {
         source_name: String,
@@ -224,7 +227,10 @@ impl VirtualMeshDocument {
             )));
         }
         let org_name = builtin.org_name.trim();
-        if org_name.is_empty() || org_name.len() > MAX_ORG_NAME_LEN || org_name.chars().any(char::is_control) {
+        if org_name.is_empty()
+            || org_name.len() > MAX_ORG_NAME_LEN
+            || org_name.chars().any(char::is_control)
+        {
             return Err(invalid(format!(
                 "spec.certificateAuthority.builtin.orgName must be 1 to {MAX_ORG_NAME_LEN} printable characters"
             )));
@@ -366,12 +372,48 @@ mod tests {
     #[test]
     fn invalid_documents_are_refused_with_the_field_named() {
         let cases = [
-            (doc("    builtin:\n      ttlDays: 0\n      rsaKeySizeBytes: 4096\n      orgName: o", ""), "ttlDays"),
-            (doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: ''", ""), "orgName"),
-            (doc("    builtin:\n      ttlDay: 10\n      rsaKeySizeBytes: 4096\n      orgName: o", ""), "ttlDay"),
-            (doc("    provided:\n      certificate:\n        name: x\n        namespace: y", ""), "provided"),
-            (doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: o", "  limited: {}\n"), "limited"),
-            (doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: o", "  - name: a\n    namespace: ns\n"), "twice"),
+            (
+                doc(
+                    "    builtin:\n      ttlDays: 0\n      rsaKeySizeBytes: 4096\n      orgName: o",
+                    "",
+                ),
+                "ttlDays",
+            ),
+            (
+                doc(
+                    "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: ''",
+                    "",
+                ),
+                "orgName",
+            ),
+            (
+                doc(
+                    "    builtin:\n      ttlDay: 10\n      rsaKeySizeBytes: 4096\n      orgName: o",
+                    "",
+                ),
+                "ttlDay",
+            ),
+            (
+                doc(
+                    "    provided:\n      certificate:\n        name: x\n        namespace: y",
+                    "",
+                ),
+                "provided",
+            ),
+            (
+                doc(
+                    "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: o",
+                    "  limited: {}\n",
+                ),
+                "limited",
+            ),
+            (
+                doc(
+                    "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: o",
+                    "  - name: a\n    namespace: ns\n",
+                ),
+                "twice",
+            ),
         ];
         for (yaml, needle) in cases {
             let err = load(&yaml).unwrap_err().to_string();
@@ -384,7 +426,10 @@ mod tests {
     fn wrong_kind_and_duplicates_are_refused() {
         let err = load("kind: Mesh\nmetadata: {name: a, namespace: b}\n").unwrap_err();
         assert!(err.to_string().contains("expected VirtualMesh"), "{err}");
-        let one = doc("    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 2048\n      orgName: o", "");
+        let one = doc(
+            "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 2048\n      orgName: o",
+            "",
+        );
         let err = load(&format!("{one}---\n{one}")).unwrap_err();
         assert!(err.to_string().contains("defined twice"), "{err}");
     }

@@ -68,7 +68,11 @@ struct SignResponse {
 
 fn error_response(status: Status, code: &str, message: &str) -> Response {
     let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
 }
 
 impl IntoResponse for Refusal {
@@ -170,7 +174,10 @@ async fn sign_inner(
         Refusal::new(
             Status::PayloadTooLarge,
             "body_too_large",
-            format!("request body is larger than {} KiB (or could not be read)", MAX_BODY / 1024),
+            format!(
+                "request body is larger than {} KiB (or could not be read)",
+                MAX_BODY / 1024
+            ),
         )
     })?;
     let request: SignRequest = serde_json::from_slice(&bytes).map_err(|e| {
@@ -180,7 +187,8 @@ async fn sign_inner(
             format!("request body is not the expected JSON object {{virtualMesh, mesh, csr[, ttlSeconds]}}: {e}"),
         )
     })?;
-    let serial = random_serial().map_err(|e| Refusal::new(Status::Internal, "internal", e.to_string()))?;
+    let serial =
+        random_serial().map_err(|e| Refusal::new(Status::Internal, "internal", e.to_string()))?;
     let backend = &state.backend;
     let ctx = DecisionContext {
         policies: &state.policies,
@@ -265,22 +273,33 @@ async fn healthz() -> Response {
 
 async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
     if !state.audit.is_healthy() {
-        return error_response(Status::Unavailable, "audit_unavailable", "the audit log cannot be written");
+        return error_response(
+            Status::Unavailable,
+            "audit_unavailable",
+            "the audit log cannot be written",
+        );
     }
     match tokio::time::timeout(READINESS_TIMEOUT, state.backend.readiness()).await {
-        Ok(Ok(())) => axum::Json(json!({"status": "ready", "backend": state.backend.describe()})).into_response(),
+        Ok(Ok(())) => axum::Json(json!({"status": "ready", "backend": state.backend.describe()}))
+            .into_response(),
         Ok(Err(e)) => error_response(Status::Unavailable, "backend_unavailable", &e.to_string()),
         Err(_) => error_response(
             Status::Unavailable,
             "backend_unavailable",
-            &format!("the root key backend did not answer within {}s", READINESS_TIMEOUT.as_secs()),
+            &format!(
+                "the root key backend did not answer within {}s",
+                READINESS_TIMEOUT.as_secs()
+            ),
         ),
     }
 }
 
 async fn metrics(State(state): State<Arc<SignerState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()

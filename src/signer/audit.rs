@@ -158,7 +158,9 @@ impl AuditLog {
     /// Appends a record; returns once it is on disk (fsynced) or the write failed.
     pub async fn append(&self, record: AuditRecord) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx.send(Pending { record, done }).map_err(|_| AuditError::Stopped)?;
+        self.tx
+            .send(Pending { record, done })
+            .map_err(|_| AuditError::Stopped)?;
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
@@ -204,7 +206,8 @@ impl Writer {
         if !self.healthy.load(Ordering::SeqCst) {
             return Err(AuditError::Io {
                 path: self.path.display().to_string(),
-                message: "an earlier write failed and could not be rolled back; restart the signer".into(),
+                message: "an earlier write failed and could not be rolled back; restart the signer"
+                    .into(),
             });
         }
         let mut buf = Vec::with_capacity(batch.len() * 512);
@@ -213,7 +216,10 @@ impl Writer {
             hash = encode_line(std::mem::take(&mut pending.record), &hash, &mut buf);
         }
         let before = self.file.metadata().map_err(io)?.len();
-        let written = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
+        let written = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
                 self.last_hash = hash;
@@ -222,7 +228,12 @@ impl Writer {
             Err(e) => {
                 // Take back whatever part of the batch reached the file; if that fails the
                 // chain can no longer be trusted to continue, so stop accepting records.
-                if self.file.set_len(before).and_then(|()| self.file.sync_data()).is_err() {
+                if self
+                    .file
+                    .set_len(before)
+                    .and_then(|()| self.file.sync_data())
+                    .is_err()
+                {
                     self.healthy.store(false, Ordering::SeqCst);
                 }
                 tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing to issue");
@@ -267,10 +278,17 @@ fn read_tail(path: &Path) -> std::io::Result<Tail> {
             let torn_from = newlines.last().map(|i| i + 1).unwrap_or(0);
             let torn = window[torn_from..].to_vec();
             let last_line_hash = newlines.last().map(|last| {
-                let line_start = if newlines.len() >= 2 { newlines[newlines.len() - 2] + 1 } else { 0 };
+                let line_start = if newlines.len() >= 2 {
+                    newlines[newlines.len() - 2] + 1
+                } else {
+                    0
+                };
                 hex(&sha2::Sha256::digest(&window[line_start..*last]))
             });
-            return Ok(Tail { last_line_hash, torn });
+            return Ok(Tail {
+                last_line_hash,
+                torn,
+            });
         }
         let step = (64 * 1024).min(start);
         start -= step;
@@ -311,7 +329,10 @@ pub fn verify(reader: impl std::io::BufRead) -> std::io::Result<VerifyOutcome> {
                 } else {
                     format!("not a valid audit record: {e}")
                 };
-                return Ok(VerifyOutcome::Broken { line: number, problem });
+                return Ok(VerifyOutcome::Broken {
+                    line: number,
+                    problem,
+                });
             }
         };
         if record.prev != prev {
@@ -334,7 +355,9 @@ pub fn verify(reader: impl std::io::BufRead) -> std::io::Result<VerifyOutcome> {
 
 /// RFC 3339 UTC time with milliseconds.
 pub fn rfc3339(time: SystemTime) -> String {
-    let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     match der::DateTime::from_unix_duration(std::time::Duration::from_secs(since.as_secs())) {
         Ok(dt) => {
             let s = dt.to_string();
@@ -385,7 +408,10 @@ mod tests {
                 h.await.unwrap().unwrap();
             }
         }
-        assert!(matches!(verify_file(&path), VerifyOutcome::Intact { records: 40, .. }));
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Intact { records: 40, .. }
+        ));
 
         let text = std::fs::read_to_string(&path).unwrap();
         let tampered = text.replacen("client-1", "client-X", 1);
@@ -410,16 +436,26 @@ mod tests {
         let mut f = crate::fsutil::open_append(&path, 0o600).unwrap();
         f.write_all(br#"{"time":"2026-"#).unwrap();
         match verify_file(&path) {
-            VerifyOutcome::Broken { line: 2, problem } => assert!(problem.contains("torn"), "{problem}"),
+            VerifyOutcome::Broken { line: 2, problem } => {
+                assert!(problem.contains("torn"), "{problem}")
+            }
             other => panic!("{other:?}"),
         }
         let (log, report) = AuditLog::open(&path).unwrap();
         let side = report.torn_tail_saved_to.unwrap();
         assert_eq!(std::fs::read(&side).unwrap(), br#"{"time":"2026-"#);
         log.append(record(1)).await.unwrap();
-        assert!(matches!(verify_file(&path), VerifyOutcome::Intact { records: 3, .. }));
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Intact { records: 3, .. }
+        ));
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.lines().nth(1).unwrap().contains("\"event\":\"recovery\""));
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .contains("\"event\":\"recovery\"")
+        );
     }
 
     #[test]

@@ -106,7 +106,11 @@ pub fn decide(
     facts.virtual_mesh = Some(request.virtual_mesh.clone());
     facts.mesh = Some(request.mesh.clone());
     let bad_ref = |field: &str, e: &dyn std::fmt::Display| {
-        Refusal::new(Status::BadRequest, "malformed_request", format!("{field}: {e}"))
+        Refusal::new(
+            Status::BadRequest,
+            "malformed_request",
+            format!("{field}: {e}"),
+        )
     };
     let vm_ref: ObjectRef = request
         .virtual_mesh
@@ -140,36 +144,54 @@ pub fn decide(
         return Err(Refusal::new(
             Status::Forbidden,
             "not_authorized",
-            format!("client {identity} is not authorized to request intermediates for mesh {mesh_ref} in virtual mesh {vm_ref}"),
+            format!(
+                "client {identity} is not authorized to request intermediates for mesh {mesh_ref} in virtual mesh {vm_ref}"
+            ),
         ));
     }
 
     let csr = ParsedCsr::from_pem(&request.csr)
         .map_err(|e| Refusal::new(Status::BadRequest, "malformed_csr", e.to_string()))?;
     facts.csr_public_key_sha256 = Some(csr.public_key_sha256());
-    facts.ignored_csr_extensions = csr.requested_extensions.iter().map(|o| o.to_string()).collect();
+    facts.ignored_csr_extensions = csr
+        .requested_extensions
+        .iter()
+        .map(|o| o.to_string())
+        .collect();
 
     // Key policy before the signature check: a tiny or huge key is refused without
     // spending a verification on it.
-    check_public_key(&csr.key_kind, policy.min_rsa_bits).map_err(|d| Refusal::policy(d.rule, d.message))?;
+    check_public_key(&csr.key_kind, policy.min_rsa_bits)
+        .map_err(|d| Refusal::policy(d.rule, d.message))?;
     csr.verify_possession()
         .map_err(|e| Refusal::policy(Rule::ProofOfPossession, e.to_string()))?;
-    check_org(&csr.requested_orgs, &policy.org_name).map_err(|d| Refusal::policy(d.rule, d.message))?;
+    check_org(&csr.requested_orgs, &policy.org_name)
+        .map_err(|d| Refusal::policy(d.rule, d.message))?;
 
     let requested_ttl = match request.ttl_seconds {
         Some(0) => {
-            return Err(Refusal::new(Status::BadRequest, "malformed_request", "ttlSeconds must be positive"));
+            return Err(Refusal::new(
+                Status::BadRequest,
+                "malformed_request",
+                "ttlSeconds must be positive",
+            ));
         }
         other => other.map(Duration::from_secs),
     };
-    let window = intermediate_validity(now, requested_ttl, policy.max_ttl, ctx.root.not_after).map_err(|e| match e {
-        ValidityError::Denied(d) => Refusal::policy(d.rule, d.message),
-        ValidityError::TooShort(m) => Refusal::new(Status::BadRequest, "malformed_request", m),
-        ValidityError::RootExpired(m) => Refusal::new(Status::Unavailable, "root_expired", m),
-    })?;
+    let window = intermediate_validity(now, requested_ttl, policy.max_ttl, ctx.root.not_after)
+        .map_err(|e| match e {
+            ValidityError::Denied(d) => Refusal::policy(d.rule, d.message),
+            ValidityError::TooShort(m) => Refusal::new(Status::BadRequest, "malformed_request", m),
+            ValidityError::RootExpired(m) => Refusal::new(Status::Unavailable, "root_expired", m),
+        })?;
 
-    let subject = subject_name(&policy.org_name, &mesh_ref.name)
-        .map_err(|e| Refusal::new(Status::Internal, "internal", format!("cannot build subject: {e}")))?;
+    let subject = subject_name(&policy.org_name, &mesh_ref.name).map_err(|e| {
+        Refusal::new(
+            Status::Internal,
+            "internal",
+            format!("cannot build subject: {e}"),
+        )
+    })?;
     Ok(Approval {
         capped_by_root: window.capped_by_root,
         issue: IssueRequest {
@@ -185,4 +207,205 @@ pub fn decide(
             min_rsa_bits: policy.min_rsa_bits,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use der::EncodePem;
+
+    use super::*;
+    use crate::pki::csr::build_csr;
+    use crate::pki::keys::{KeyType, PrivateKey};
+    use crate::pki::profile::random_serial;
+    use crate::pki::testing::software_root;
+
+    const YAML: &str = "kind: VirtualMesh\nmetadata: {name: vm, namespace: ns}\nspec:\n  certificateAuthority:\n    builtin: {ttlDays: 10, rsaKeySizeBytes: 4096, orgName: acme}\n  meshes:\n  - {name: a, namespace: ns}\n  - {name: b, namespace: ns}\n";
+
+    struct Fixture {
+        policies: PolicySet,
+        authorization: AuthorizationTable,
+        root: RootCa,
+    }
+
+    fn fixture(root_ttl: Duration) -> Fixture {
+        let mut policies = PolicySet::default();
+        policies.add_yaml("test", YAML).unwrap();
+        let mut authorization = AuthorizationTable::default();
+        authorization.insert(
+            "client-a",
+            "ns/vm".parse().unwrap(),
+            "ns/a".parse().unwrap(),
+        );
+        let (_key, root) = software_root(KeyType::EcdsaP384, "acme", root_ttl);
+        Fixture {
+            policies,
+            authorization,
+            root,
+        }
+    }
+
+    fn request(mesh: &str, key_type: KeyType, org: &str) -> SignRequest {
+        let key = PrivateKey::generate(key_type).unwrap();
+        let csr = build_csr(&key, subject_name(org, "x").unwrap())
+            .unwrap()
+            .to_pem(der::pem::LineEnding::LF)
+            .unwrap();
+        SignRequest {
+            virtual_mesh: "ns/vm".into(),
+            mesh: mesh.into(),
+            csr,
+            ttl_seconds: None,
+        }
+    }
+
+    fn run(
+        f: &Fixture,
+        identity: Option<&str>,
+        req: &SignRequest,
+    ) -> (Result<Approval, Refusal>, RequestFacts) {
+        let ctx = DecisionContext {
+            policies: &f.policies,
+            authorization: &f.authorization,
+            root: &f.root,
+        };
+        let mut facts = RequestFacts::default();
+        let result = decide(
+            &ctx,
+            identity,
+            req,
+            SystemTime::now(),
+            random_serial().unwrap(),
+            &mut facts,
+        );
+        (result, facts)
+    }
+
+    #[test]
+    fn an_authorized_conforming_request_is_planned_as_the_policy_says() {
+        let f = fixture(Duration::from_secs(100 * 86_400));
+        let (result, facts) = run(
+            &f,
+            Some("client-a"),
+            &request("ns/a", KeyType::EcdsaP384, "acme"),
+        );
+        let approval = result.unwrap();
+        assert!(!approval.capped_by_root);
+        assert_eq!(approval.issue.org_name, "acme");
+        assert_eq!(approval.issue.min_rsa_bits, 4096);
+        let ttl = approval
+            .issue
+            .plan
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(
+            ttl <= Duration::from_secs(10 * 86_400) && ttl > Duration::from_secs(10 * 86_400 - 60)
+        );
+        assert_eq!(approval.issue.plan.subject.to_string(), "CN=a,O=acme");
+        assert_eq!(
+            facts.csr_public_key_sha256.as_ref().map(String::len),
+            Some(64)
+        );
+    }
+
+    #[test]
+    fn refusals_come_in_order_with_their_status() {
+        let f = fixture(Duration::from_secs(100 * 86_400));
+        let good = request("ns/a", KeyType::EcdsaP384, "acme");
+        let mut unknown_vm = good.clone();
+        unknown_vm.virtual_mesh = "ns/other".into();
+        let cases: Vec<(Option<&str>, SignRequest, Status, &str)> = vec![
+            // Existence is checked before authorization; policy after both.
+            (
+                Some("stranger"),
+                unknown_vm,
+                Status::NotFound,
+                "unknown_virtual_mesh",
+            ),
+            (
+                Some("client-a"),
+                request("ns/zzz", KeyType::EcdsaP384, "acme"),
+                Status::NotFound,
+                "unknown_mesh",
+            ),
+            (None, good.clone(), Status::Forbidden, "not_authorized"),
+            (
+                Some("client-a"),
+                request("ns/b", KeyType::EcdsaP384, "acme"),
+                Status::Forbidden,
+                "not_authorized",
+            ),
+            (
+                Some("client-a"),
+                request("ns/a", KeyType::EcdsaP256, "acme"),
+                Status::Forbidden,
+                "policy_key_algorithm",
+            ),
+            (
+                Some("client-a"),
+                request("ns/a", KeyType::EcdsaP384, "evil"),
+                Status::Forbidden,
+                "policy_org",
+            ),
+            (
+                Some("client-a"),
+                SignRequest {
+                    ttl_seconds: Some(11 * 86_400),
+                    ..good.clone()
+                },
+                Status::Forbidden,
+                "policy_ttl",
+            ),
+            (
+                Some("client-a"),
+                SignRequest {
+                    csr: "junk".into(),
+                    ..good.clone()
+                },
+                Status::BadRequest,
+                "malformed_csr",
+            ),
+        ];
+        for (identity, req, status, code) in cases {
+            let (result, facts) = run(&f, identity, &req);
+            let refusal = result.unwrap_err();
+            assert_eq!(
+                (refusal.status, refusal.code),
+                (status, code),
+                "{}",
+                refusal.message
+            );
+            assert_eq!(
+                facts.virtual_mesh.as_deref(),
+                Some(req.virtual_mesh.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn an_expiring_root_caps_or_stops_issuance() {
+        let f = fixture(Duration::from_secs(5 * 86_400));
+        let (result, _) = run(
+            &f,
+            Some("client-a"),
+            &request("ns/a", KeyType::EcdsaP384, "acme"),
+        );
+        let approval = result.unwrap();
+        assert!(approval.capped_by_root);
+        assert_eq!(approval.issue.plan.not_after, f.root.not_after);
+
+        let f = fixture(Duration::from_secs(30));
+        let (result, _) = run(
+            &f,
+            Some("client-a"),
+            &request("ns/a", KeyType::EcdsaP384, "acme"),
+        );
+        let refusal = result.unwrap_err();
+        assert_eq!(
+            (refusal.status, refusal.code),
+            (Status::Unavailable, "root_expired")
+        );
+    }
 }

@@ -52,9 +52,13 @@ pub enum StartError {
 pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
     let path = &config.root.certificate;
     let pem = crate::fsutil::read_text(path).map_err(|e| {
-        StartError::Root(format!("{e} (run `meshca root init --config {}` first)", config.path.display()))
+        StartError::Root(format!(
+            "{e} (run `meshca root init --config {}` first)",
+            config.path.display()
+        ))
     })?;
-    let root = RootCa::from_pem(&pem).map_err(|e| StartError::Root(format!("{}: {e}", path.display())))?;
+    let root =
+        RootCa::from_pem(&pem).map_err(|e| StartError::Root(format!("{}: {e}", path.display())))?;
     // The root must be at least as strong as every virtual mesh it serves demands.
     for policy in config.policies.iter() {
         check_public_key(&root.key_kind, policy.min_rsa_bits).map_err(|d| {
@@ -68,7 +72,10 @@ pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
 }
 
 /// Opens the backend the config names (blocking: token login, key check).
-pub fn start_backend(config: &SignerConfig, root: RootCa) -> Result<Arc<dyn RootSigner>, StartError> {
+pub fn start_backend(
+    config: &SignerConfig,
+    root: RootCa,
+) -> Result<Arc<dyn RootSigner>, StartError> {
     match config.root.backend {
         BackendKind::Pkcs11 => {
             let settings = config
@@ -104,7 +111,10 @@ impl RunningSigner {
 }
 
 /// Starts everything and returns once the listeners are bound.
-pub async fn start(config: SignerConfig, listen_override: Option<SocketAddr>) -> Result<RunningSigner, StartError> {
+pub async fn start(
+    config: SignerConfig,
+    listen_override: Option<SocketAddr>,
+) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
     let root = load_root(&config)?;
     let metrics = Metrics::new(root.not_after);
@@ -151,7 +161,10 @@ pub async fn start(config: SignerConfig, listen_override: Option<SocketAddr>) ->
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { stopped(&mut rx).await };
-            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!(error = %e, "ops listener failed");
             }
         }));
@@ -176,17 +189,24 @@ pub async fn start(config: SignerConfig, listen_override: Option<SocketAddr>) ->
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|e| StartError::Listen {
-        addr,
-        message: e.to_string(),
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Listen {
+            addr,
+            message: e.to_string(),
+        })
 }
 
 fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(fallback)
 }
 
-async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, app: axum::Router, mut shutdown: watch::Receiver<bool>) {
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -229,10 +249,13 @@ async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, app: axum::Rout
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| client_identity(cert));
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                request.extensions_mut().insert(ClientIdentity(identity.clone()));
-                app.clone().oneshot(request)
-            });
+            let service =
+                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(ClientIdentity(identity.clone()));
+                    app.clone().oneshot(request)
+                });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -255,7 +278,10 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Runs the signer until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(config: SignerConfig, listen_override: Option<SocketAddr>) -> Result<(), StartError> {
+pub async fn run(
+    config: SignerConfig,
+    listen_override: Option<SocketAddr>,
+) -> Result<(), StartError> {
     let running = start(config, listen_override).await?;
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections, draining in-flight requests");
@@ -266,7 +292,10 @@ pub async fn run(config: SignerConfig, listen_override: Option<SocketAddr>) -> R
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {},

@@ -1,0 +1,35 @@
+# meshca: the two commands a new user runs are `make demo` and `make test`.
+CARGO ?= cargo
+
+.PHONY: all deps build demo test lint fmt clean
+
+all: build
+
+# System packages the demo and the tests need (softhsm2, opensc, openssl, curl),
+# installed only when missing.
+deps:
+	@./scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --locked
+
+# Root in SoftHSM, signer up, two clusters get intermediates under one root,
+# an mTLS handshake across them. Leaves everything in var/demo/.
+demo: deps build
+	@./scripts/demo.sh
+
+# The whole suite: unit tests and integration tests against real SoftHSM tokens,
+# a real signer on 127.0.0.1, and openssl as the independent verifier.
+test: deps
+	$(CARGO) test --locked
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+clean:
+	$(CARGO) clean
+	rm -rf var

@@ -1,0 +1,397 @@
+//! Test harness: every test gets its own SoftHSM token in a temp dir, its own transport
+//! PKI (openssl), its own signer config, and a real `meshca serve` on 127.0.0.1 with a port
+//! the OS picks. Nothing is mocked.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use der::EncodePem;
+use meshca::pki::csr::build_csr;
+use meshca::pki::keys::{KeyType, PrivateKey};
+use meshca::pki::profile::subject_name;
+use tempfile::TempDir;
+
+pub const MESHCA: &str = env!("CARGO_BIN_EXE_meshca");
+
+/// The repository root (scripts live there).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a command, panicking with its output if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The SoftHSM module path, found by the same script `make demo` uses.
+pub fn softhsm_module() -> String {
+    let out = run_ok(&mut Command::new(repo().join("scripts/softhsm-module.sh")));
+    text(&out.stdout).trim().to_string()
+}
+
+/// A VirtualMesh YAML document.
+pub fn virtual_mesh(
+    namespace: &str,
+    name: &str,
+    ttl_days: u32,
+    rsa_bits: u32,
+    org: &str,
+    meshes: &[&str],
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: networking.smh.solo.io/v1alpha1\nkind: VirtualMesh\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  displayName: test\n  certificateAuthority:\n    builtin:\n      ttlDays: {ttl_days}\n      rsaKeySizeBytes: {rsa_bits}\n      orgName: \"{org}\"\n  federation:\n    mode: PERMISSIVE\n  shared: {{}}\n  meshes:\n"
+    );
+    for mesh in meshes {
+        let (ns, n) = mesh.split_once('/').unwrap();
+        yaml.push_str(&format!("  - name: {n}\n    namespace: {ns}\n"));
+    }
+    yaml
+}
+
+/// How a test environment is set up.
+pub struct EnvSpec {
+    pub virtual_meshes: Vec<String>,
+    pub root_virtual_mesh: String,
+    pub root_key_type: KeyType,
+    /// (identity URI, [(virtual mesh, mesh)])
+    pub clients: Vec<(String, Vec<(String, String)>)>,
+    pub sessions: usize,
+}
+
+impl Default for EnvSpec {
+    /// One virtual mesh `test/vm` (org acme, 30 days, RSA minimum 2048) with meshes
+    /// `test/cluster-a` and `test/cluster-b`; a P-384 root; client `cluster-a` may ask
+    /// for `test/cluster-a` only, `cluster-b` for `test/cluster-b` only.
+    fn default() -> Self {
+        EnvSpec {
+            virtual_meshes: vec![virtual_mesh(
+                "test",
+                "vm",
+                30,
+                2048,
+                "acme",
+                &["test/cluster-a", "test/cluster-b"],
+            )],
+            root_virtual_mesh: "test/vm".into(),
+            root_key_type: KeyType::EcdsaP384,
+            clients: vec![
+                (
+                    identity("cluster-a"),
+                    vec![("test/vm".into(), "test/cluster-a".into())],
+                ),
+                (
+                    identity("cluster-b"),
+                    vec![("test/vm".into(), "test/cluster-b".into())],
+                ),
+            ],
+            sessions: 2,
+        }
+    }
+}
+
+/// The client identity URI of a test client name.
+pub fn identity(name: &str) -> String {
+    format!("spiffe://meshca.test/cluster/{name}")
+}
+
+/// A prepared environment: token with a root, transport PKI, signer config.
+pub struct Env {
+    pub dir: TempDir,
+    pub config: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env::with(EnvSpec::default())
+    }
+
+    /// Sets up everything up to (and including) `meshca root init`.
+    pub fn with(spec: EnvSpec) -> Env {
+        let env = Env::prepare(&spec);
+        run_ok(
+            env.meshca()
+                .args(["root", "init", "--config"])
+                .arg(&env.config),
+        );
+        env
+    }
+
+    /// Sets up token and config, without creating the root.
+    pub fn prepare(spec: &EnvSpec) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("meshca-test-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path();
+        run_ok(Command::new(repo().join("softhsm/setup-token-dir.sh")).arg(root.join("softhsm")));
+        let pki = root.join("pki");
+        let script = repo().join("scripts/transport-pki.sh");
+        run_ok(Command::new(&script).arg("ca").arg(&pki));
+        run_ok(Command::new(&script).arg("server").arg(&pki).arg("signer"));
+        let mut clients_toml = String::new();
+        for (id, grants) in &spec.clients {
+            let name = id.rsplit('/').next().unwrap();
+            run_ok(
+                Command::new(&script)
+                    .arg("client")
+                    .arg(&pki)
+                    .arg(name)
+                    .arg(id),
+            );
+            let allow: Vec<String> = grants
+                .iter()
+                .map(|(vm, mesh)| format!("{{ virtual_mesh = \"{vm}\", mesh = \"{mesh}\" }}"))
+                .collect();
+            clients_toml.push_str(&format!(
+                "\n[[clients]]\nidentity = \"{id}\"\nallow = [{}]\n",
+                allow.join(", ")
+            ));
+        }
+        std::fs::write(
+            root.join("virtual-meshes.yaml"),
+            spec.virtual_meshes.join("---\n"),
+        )
+        .unwrap();
+        let config = root.join("signer.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"listen = "127.0.0.1:0"
+virtual_meshes = ["virtual-meshes.yaml"]
+audit_log = "audit.log"
+
+[tls]
+cert = "pki/signer.pem"
+key = "pki/signer.key"
+client_ca = "pki/ca.pem"
+
+[root]
+certificate = "root-cert.pem"
+virtual_mesh = "{root_vm}"
+key_type = "{key_type}"
+backend = "pkcs11"
+
+[pkcs11]
+module = "{module}"
+key = "pkcs11:token=meshca-test;object=root-ca"
+pin_file = "softhsm/user-pin"
+softhsm2_conf = "softhsm/softhsm2.conf"
+sessions = {sessions}
+{clients_toml}"#,
+                root_vm = spec.root_virtual_mesh,
+                key_type = spec.root_key_type,
+                module = softhsm_module(),
+                sessions = spec.sessions,
+            ),
+        )
+        .unwrap();
+        let env = Env { dir, config };
+        run_ok(
+            env.meshca()
+                .args(["token", "init", "--config"])
+                .arg(&env.config)
+                .arg("--so-pin-file")
+                .arg(env.path("softhsm/so-pin")),
+        );
+        env
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A `meshca` command running in the environment's directory.
+    pub fn meshca(&self) -> Command {
+        let mut cmd = Command::new(MESHCA);
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    pub fn user_pin(&self) -> String {
+        std::fs::read_to_string(self.path("softhsm/user-pin"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    pub fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.path("root-cert.pem")).unwrap()
+    }
+
+    /// Starts `meshca serve` on an OS-chosen port and waits until it listens.
+    pub fn start_signer(&self) -> Signer {
+        self.start_signer_with(&[])
+    }
+
+    pub fn start_signer_with(&self, extra: &[&str]) -> Signer {
+        let mut child = self
+            .meshca()
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&self.config)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn meshca serve");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                        && let Some(api) = value.get("api").and_then(|a| a.as_str())
+                    {
+                        let _ = tx.send(api.to_string());
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("signer did not start:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        Signer {
+            child,
+            addr,
+            logs,
+            dir: self.dir.path().to_path_buf(),
+        }
+    }
+
+    /// An HTTPS client presenting the named client's certificate.
+    pub fn client(&self, name: &str) -> reqwest::Client {
+        let tls = meshca::tlsutil::client_config(
+            &self.path("pki/ca.pem"),
+            &self.path(&format!("pki/{name}.pem")),
+            &self.path(&format!("pki/{name}.key")),
+        )
+        .unwrap();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .unwrap()
+    }
+}
+
+/// A running signer; killed when dropped.
+pub struct Signer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    dir: PathBuf,
+}
+
+impl Signer {
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM, then wait for exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        send_signal(self.child.id(), "TERM");
+        let status = self.child.wait().unwrap();
+        status.success()
+    }
+
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Signer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a signal with the `kill` command (no libc dependency for one call).
+pub fn send_signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A CSR PEM for a fresh key of `key_type`, subject O=org, CN=cn.
+pub fn csr(key_type: KeyType, org: &str, cn: &str) -> (PrivateKey, String) {
+    let key = PrivateKey::generate(key_type).unwrap();
+    let pem = build_csr(&key, subject_name(org, cn).unwrap())
+        .unwrap()
+        .to_pem(der::pem::LineEnding::LF)
+        .unwrap();
+    (key, pem)
+}
+
+/// The JSON body of a signing request.
+pub fn sign_body(vm: &str, mesh: &str, csr: &str) -> serde_json::Value {
+    serde_json::json!({"virtualMesh": vm, "mesh": mesh, "csr": csr})
+}
+
+/// POSTs a signing request; returns (status, JSON body).
+pub async fn post_sign(
+    client: &reqwest::Client,
+    signer: &Signer,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = client
+        .post(signer.url("/v1/sign"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let json = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+/// Writes `contents` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// `openssl <args>` that must succeed; returns stdout.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    text(&run_ok(Command::new("openssl").current_dir(dir).args(args)).stdout)
+}

@@ -1,0 +1,146 @@
+//! `meshca root init` and `root show` against a real SoftHSM token: every key type, the
+//! refusal to replace a key, and the key's protection attributes.
+
+mod common;
+
+use common::*;
+use meshca::pki::keys::KeyType;
+
+#[test]
+fn root_init_works_for_every_key_type_and_openssl_agrees() {
+    for key_type in KeyType::ALL {
+        let env = Env::with(EnvSpec {
+            root_key_type: key_type,
+            ..EnvSpec::default()
+        });
+        let root = env.path("root-cert.pem");
+        let root = root.to_str().unwrap();
+        // Self-signed and valid, checked by an independent implementation.
+        let verified = openssl(env.dir.path(), &["verify", "-CAfile", root, root]);
+        assert!(verified.contains(": OK"), "{key_type}: {verified}");
+        let text = openssl(env.dir.path(), &["x509", "-in", root, "-noout", "-text"]);
+        assert!(text.contains("CA:TRUE, pathlen:1"), "{key_type}: {text}");
+        assert!(
+            text.contains("Certificate Sign, CRL Sign"),
+            "{key_type}: {text}"
+        );
+        assert!(text.contains("O = acme"), "{key_type}: {text}");
+        let expected_key = match key_type.rsa_bits() {
+            Some(bits) => format!("Public-Key: ({bits} bit)"),
+            None => format!(
+                "Public-Key: ({} bit)",
+                if key_type == KeyType::EcdsaP256 {
+                    256
+                } else {
+                    384
+                }
+            ),
+        };
+        assert!(text.contains(&expected_key), "{key_type}: {text}");
+        let expected_sig = match key_type {
+            KeyType::EcdsaP256 => "ecdsa-with-SHA256",
+            KeyType::EcdsaP384 => "ecdsa-with-SHA384",
+            _ => "sha256WithRSAEncryption",
+        };
+        assert!(text.contains(expected_sig), "{key_type}: {text}");
+    }
+}
+
+#[test]
+fn root_init_refuses_to_replace_a_key_unless_forced() {
+    let env = Env::new();
+    let first = env.root_pem();
+    let out = run(env
+        .meshca()
+        .args(["root", "init", "--config"])
+        .arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("already exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        env.root_pem(),
+        first,
+        "a refused init must not touch the root certificate"
+    );
+
+    let out = run_ok(
+        env.meshca()
+            .args(["root", "init", "--force", "--config"])
+            .arg(&env.config),
+    );
+    assert!(text(&out.stdout).contains("replaced the previous key"));
+    assert_ne!(env.root_pem(), first);
+    // The replaced key is gone: the signer starts against the new root (it proves the key
+    // matches the certificate by signing a challenge).
+    let mut signer = env.start_signer();
+    assert!(signer.terminate());
+}
+
+#[test]
+fn root_key_type_must_satisfy_the_virtual_mesh() {
+    let spec = EnvSpec {
+        virtual_meshes: vec![virtual_mesh(
+            "test",
+            "vm",
+            30,
+            4096,
+            "acme",
+            &["test/cluster-a"],
+        )],
+        root_key_type: KeyType::Rsa2048,
+        clients: vec![],
+        ..EnvSpec::default()
+    };
+    let env = Env::prepare(&spec);
+    let out = run(env
+        .meshca()
+        .args(["root", "init", "--config"])
+        .arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("rsa2048") && stderr.contains("4096"),
+        "{stderr}"
+    );
+    assert!(!env.path("root-cert.pem").exists());
+}
+
+#[test]
+fn root_show_reports_a_key_that_cannot_leave_the_token() {
+    let env = Env::new();
+    let out = run_ok(
+        env.meshca()
+            .args(["root", "show", "--config"])
+            .arg(&env.config),
+    );
+    let stdout = text(&out.stdout);
+    for line in [
+        "CKA_TOKEN             true",
+        "CKA_PRIVATE           true",
+        "CKA_SENSITIVE         true",
+        "CKA_EXTRACTABLE       false",
+        "CKA_ALWAYS_SENSITIVE  true",
+        "CKA_NEVER_EXTRACTABLE true",
+        "CKA_VALUE readable    no",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
+    }
+    assert!(!stdout.contains(&env.user_pin()), "the PIN was printed");
+}
+
+#[test]
+fn wrong_pin_fails_clearly_without_echoing_it() {
+    let env = Env::new();
+    std::fs::write(env.path("softhsm/user-pin"), "not-the-pin\n").unwrap();
+    let out = run(env
+        .meshca()
+        .args(["root", "show", "--config"])
+        .arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("refused the user PIN"), "{stderr}");
+    assert!(!stderr.contains("not-the-pin"), "{stderr}");
+}

@@ -1,0 +1,773 @@
+//! The signer's API against a real SoftHSM token and a real `meshca serve`: issuance for
+//! every key type (checked by openssl), every policy rule refused with its own message,
+//! authorization, mTLS refusals, malformed requests, audit chain, concurrency.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use meshca::pki::keys::KeyType;
+use serde_json::{Value, json};
+
+const VM: &str = "test/vm";
+const MESH_A: &str = "test/cluster-a";
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+fn error_message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or("")
+}
+
+/// Writes the answer's PEMs to a directory and verifies them with openssl.
+fn openssl_verifies(env: &Env, body: &Value, tag: &str) -> String {
+    let dir = env.path(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    write(&dir, "ca-cert.pem", body["certificate"].as_str().unwrap());
+    write(&dir, "cert-chain.pem", body["certChain"].as_str().unwrap());
+    write(&dir, "root-cert.pem", body["rootCert"].as_str().unwrap());
+    let verified = openssl(
+        &dir,
+        &[
+            "verify",
+            "-CAfile",
+            "root-cert.pem",
+            "-untrusted",
+            "cert-chain.pem",
+            "ca-cert.pem",
+        ],
+    );
+    assert!(verified.contains("ca-cert.pem: OK"), "{tag}: {verified}");
+    openssl(&dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"])
+}
+
+#[tokio::test]
+async fn issues_for_every_csr_key_type_with_the_profile_openssl_expects() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let mut serials = Vec::new();
+    for key_type in KeyType::ALL {
+        let (_key, csr) = csr(key_type, "acme", "cluster-a");
+        let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+        assert_eq!(status, 200, "{key_type}: {body}");
+        let text = openssl_verifies(&env, &body, key_type.name());
+        assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+        assert!(
+            text.contains("X509v3 Basic Constraints: critical"),
+            "{text}"
+        );
+        assert!(text.contains("X509v3 Key Usage: critical"), "{text}");
+        assert!(
+            text.contains("Digital Signature, Certificate Sign, CRL Sign"),
+            "{text}"
+        );
+        assert!(text.contains("X509v3 Subject Key Identifier"), "{text}");
+        assert!(text.contains("X509v3 Authority Key Identifier"), "{text}");
+        assert!(text.contains("Subject: O = acme, CN = cluster-a"), "{text}");
+        assert!(
+            text.contains("ecdsa-with-SHA384"),
+            "the P-384 root signs with SHA-384: {text}"
+        );
+        let serial = body["serial"].as_str().unwrap().to_string();
+        assert!(serial.len() == 32 && !serials.contains(&serial), "{serial}");
+        serials.push(serial);
+        // notAfter is within the policy's 30 days.
+        let not_after = body["notAfter"].as_str().unwrap();
+        assert!(
+            not_after.ends_with('Z') && not_after.len() == 24,
+            "{not_after}"
+        );
+    }
+    let audit = signer.audit_lines();
+    assert_eq!(audit.len(), KeyType::ALL.len());
+    for line in &audit {
+        assert_eq!(line["decision"], "allow");
+        assert_eq!(line["client"], identity("cluster-a"));
+        assert_eq!(line["csrPublicKeySha256"].as_str().unwrap().len(), 64);
+    }
+}
+
+#[tokio::test]
+async fn an_rsa_root_signs_intermediates_that_openssl_verifies() {
+    let env = Env::with(EnvSpec {
+        root_key_type: KeyType::Rsa3072,
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, body) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body(VM, MESH_A, &csr),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let text = openssl_verifies(&env, &body, "rsa-root");
+    assert!(text.contains("sha256WithRSAEncryption"), "{text}");
+}
+
+/// A CSR made by openssl (for keys meshca itself would never generate).
+fn openssl_csr(env: &Env, name: &str, keygen: &[&str], subject: &str, extra: &[&str]) -> String {
+    let dir = env.dir.path();
+    let key = format!("{name}.key");
+    let mut args = vec!["genpkey"];
+    args.extend_from_slice(keygen);
+    args.extend_from_slice(&["-out", &key]);
+    openssl(dir, &args);
+    let out = format!("{name}.csr");
+    let mut args = vec!["req", "-new", "-key", &key, "-subj", subject, "-out", &out];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
+    std::fs::read_to_string(dir.join(out)).unwrap()
+}
+
+#[tokio::test]
+async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
+    let env = Env::with(EnvSpec {
+        virtual_meshes: vec![
+            virtual_mesh(
+                "test",
+                "vm",
+                30,
+                2048,
+                "acme",
+                &["test/cluster-a", "test/cluster-b"],
+            ),
+            virtual_mesh("test", "strict", 10, 4096, "acme", &["test/cluster-a"]),
+        ],
+        clients: vec![(
+            identity("cluster-a"),
+            vec![
+                (VM.into(), MESH_A.into()),
+                ("test/strict".into(), MESH_A.into()),
+            ],
+        )],
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+
+    let (_k, wrong_org) = csr(KeyType::EcdsaP256, "evil-corp", "a");
+    let (_k, good) = csr(KeyType::EcdsaP384, "acme", "a");
+    let (_k, rsa2048) = csr(KeyType::Rsa2048, "acme", "a");
+    let (_k, p256) = csr(KeyType::EcdsaP256, "acme", "a");
+    let p521 = openssl_csr(
+        &env,
+        "p521",
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
+        "/O=acme/CN=a",
+        &[],
+    );
+    let ed25519 = openssl_csr(
+        &env,
+        "ed25519",
+        &["-algorithm", "ED25519"],
+        "/O=acme/CN=a",
+        &[],
+    );
+    let exponent3 = openssl_csr(
+        &env,
+        "e3",
+        &[
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-pkeyopt",
+            "rsa_keygen_pubexp:3",
+        ],
+        "/O=acme/CN=a",
+        &[],
+    );
+    let rsa1024 = openssl_csr(
+        &env,
+        "rsa1024",
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
+        "/O=acme/CN=a",
+        &[],
+    );
+    // A valid CSR whose signature no longer matches: change one byte of the subject.
+    let tampered = {
+        let (key, _) = csr(KeyType::EcdsaP256, "acme", "a");
+        let mut req = meshca::pki::csr::build_csr(
+            &key,
+            meshca::pki::profile::subject_name("acme", "a").unwrap(),
+        )
+        .unwrap();
+        req.info.subject = meshca::pki::profile::subject_name("acme", "b").unwrap();
+        der::EncodePem::to_pem(&req, der::pem::LineEnding::LF).unwrap()
+    };
+
+    let cases: Vec<(&str, Value, &str, &[&str])> = vec![
+        (
+            "org",
+            sign_body(VM, MESH_A, &wrong_org),
+            "policy_org",
+            &["evil-corp", "acme"],
+        ),
+        (
+            "ttl",
+            json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": 31 * 86400}),
+            "policy_ttl",
+            &["31 days", "30 days"],
+        ),
+        (
+            "rsa size",
+            sign_body("test/strict", MESH_A, &rsa2048),
+            "policy_key_size",
+            &["2048", "4096"],
+        ),
+        (
+            "rsa 1024",
+            sign_body(VM, MESH_A, &rsa1024),
+            "policy_key_size",
+            &["1024", "2048"],
+        ),
+        (
+            "p256 under 4096",
+            sign_body("test/strict", MESH_A, &p256),
+            "policy_key_algorithm",
+            &["P-256", "P-384"],
+        ),
+        (
+            "p521",
+            sign_body(VM, MESH_A, &p521),
+            "policy_key_algorithm",
+            &["accepted key types"],
+        ),
+        (
+            "ed25519",
+            sign_body(VM, MESH_A, &ed25519),
+            "policy_key_algorithm",
+            &["1.3.101.112"],
+        ),
+        (
+            "exponent",
+            sign_body(VM, MESH_A, &exponent3),
+            "policy_key_exponent",
+            &["exponent 3"],
+        ),
+        (
+            "possession",
+            sign_body(VM, MESH_A, &tampered),
+            "policy_proof_of_possession",
+            &["does not verify"],
+        ),
+    ];
+    for (name, body, code, needles) in &cases {
+        let (status, answer) = post_sign(&client, &signer, body).await;
+        assert_eq!(status, 403, "{name}: {answer}");
+        assert_eq!(error_code(&answer), *code, "{name}: {answer}");
+        for needle in *needles {
+            assert!(
+                error_message(&answer).contains(needle),
+                "{name}: {needle:?} not in {answer}"
+            );
+        }
+    }
+    // Every refusal is in the audit log with its rule; the signer still issues afterwards.
+    let audit = signer.audit_lines();
+    assert_eq!(audit.len(), cases.len());
+    for (line, (name, _, code, _)) in audit.iter().zip(&cases) {
+        assert_eq!(line["decision"], "deny", "{name}");
+        assert_eq!(line["rule"], *code, "{name}");
+    }
+    let (status, _) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &good)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn csr_extensions_are_recorded_and_never_copied() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let sneaky = openssl_csr(
+        &env,
+        "sneaky",
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/O=acme/CN=a",
+        &[
+            "-addext",
+            "basicConstraints=critical,CA:true,pathlen:5",
+            "-addext",
+            "subjectAltName=DNS:evil.example.com",
+            "-addext",
+            "nameConstraints=permitted;DNS:example.com",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ],
+    );
+    let (status, body) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body(VM, MESH_A, &sneaky),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let text = openssl_verifies(&env, &body, "sneaky");
+    assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+    for forbidden in [
+        "evil.example.com",
+        "Name Constraints",
+        "Extended Key Usage",
+        "pathlen:5",
+    ] {
+        assert!(!text.contains(forbidden), "{forbidden} was copied:\n{text}");
+    }
+    let audit = signer.audit_lines();
+    let ignored: Vec<&str> = audit[0]["ignoredCsrExtensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for oid in ["2.5.29.19", "2.5.29.17", "2.5.29.30", "2.5.29.37"] {
+        assert!(ignored.contains(&oid), "{oid} not recorded: {ignored:?}");
+    }
+}
+
+#[tokio::test]
+async fn clients_get_only_their_own_mesh() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    let (status, body) = post_sign(
+        &env.client("cluster-b"),
+        &signer,
+        &sign_body(VM, MESH_A, &csr),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_code(&body), "not_authorized");
+    assert!(error_message(&body).contains(&identity("cluster-b")));
+    assert!(error_message(&body).contains(MESH_A));
+    let (status, _) = post_sign(
+        &env.client("cluster-b"),
+        &signer,
+        &sign_body(VM, "test/cluster-b", &csr),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let audit = signer.audit_lines();
+    assert_eq!(audit[0]["rule"], "not_authorized");
+    assert_eq!(audit[0]["client"], identity("cluster-b"));
+}
+
+#[tokio::test]
+async fn clients_without_a_certificate_or_from_another_ca_are_refused_at_the_handshake() {
+    let env = Env::new();
+    let signer = env.start_signer();
+
+    // No client certificate at all.
+    let roots = {
+        let mut store = rustls::RootCertStore::empty();
+        for cert in meshca::tlsutil::load_certificates(&env.path("pki/ca.pem")).unwrap() {
+            store.add(cert).unwrap();
+        }
+        store
+    };
+    let anonymous = rustls::ClientConfig::builder_with_provider(meshca::tlsutil::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(anonymous)
+        .build()
+        .unwrap();
+    assert!(client.get(signer.url("/healthz")).send().await.is_err());
+
+    // A certificate from a CA the signer does not trust, with a granted identity.
+    let other = env.path("other-pki");
+    let script = repo().join("scripts/transport-pki.sh");
+    run_ok(Command::new(&script).arg("ca").arg(&other));
+    run_ok(
+        Command::new(&script)
+            .arg("client")
+            .arg(&other)
+            .arg("cluster-a")
+            .arg(identity("cluster-a")),
+    );
+    let foreign = rustls::ClientConfig::builder_with_provider(meshca::tlsutil::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            meshca::tlsutil::load_certificates(&other.join("cluster-a.pem")).unwrap(),
+            meshca::tlsutil::load_private_key(&other.join("cluster-a.key")).unwrap(),
+        )
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(foreign)
+        .build()
+        .unwrap();
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    assert!(
+        client
+            .post(signer.url("/v1/sign"))
+            .json(&sign_body(VM, MESH_A, &csr))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // Nothing was decided (no audit line), and the signer still serves trusted clients.
+    assert!(signer.audit_lines().is_empty());
+    let (status, _) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body(VM, MESH_A, &csr),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        signer.logs().contains("TLS handshake refused"),
+        "{}",
+        signer.logs()
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_their_documented_status() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, good) = csr(KeyType::EcdsaP256, "acme", "a");
+    let url = signer.url("/v1/sign");
+
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            "not json",
+            client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{nope"),
+            400,
+            "malformed_request",
+        ),
+        (
+            "missing csr",
+            client
+                .post(&url)
+                .json(&json!({"virtualMesh": VM, "mesh": MESH_A})),
+            400,
+            "malformed_request",
+        ),
+        (
+            "unknown field",
+            client
+                .post(&url)
+                .json(&json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "pathLen": 3})),
+            400,
+            "malformed_request",
+        ),
+        (
+            "bad ref",
+            client
+                .post(&url)
+                .json(&sign_body("no-slash", MESH_A, &good)),
+            400,
+            "malformed_request",
+        ),
+        (
+            "bad pem",
+            client.post(&url).json(&sign_body(
+                VM,
+                MESH_A,
+                "-----BEGIN CERTIFICATE REQUEST-----\nnope\n",
+            )),
+            400,
+            "malformed_csr",
+        ),
+        (
+            "der garbage",
+            client.post(&url).json(&sign_body(
+                VM,
+                MESH_A,
+                &meshca::pki::pem::encode("CERTIFICATE REQUEST", &[0x30, 0x03, 0x02, 0x01, 0x00]),
+            )),
+            400,
+            "malformed_csr",
+        ),
+        (
+            "certificate instead of csr",
+            client
+                .post(&url)
+                .json(&sign_body(VM, MESH_A, &env.root_pem())),
+            400,
+            "malformed_csr",
+        ),
+        (
+            "unknown virtual mesh",
+            client
+                .post(&url)
+                .json(&sign_body("test/nope", MESH_A, &good)),
+            404,
+            "unknown_virtual_mesh",
+        ),
+        (
+            "mesh not a member",
+            client
+                .post(&url)
+                .json(&sign_body(VM, "test/cluster-z", &good)),
+            404,
+            "unknown_mesh",
+        ),
+        (
+            "too large",
+            client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(vec![b' '; 65 * 1024]),
+            413,
+            "body_too_large",
+        ),
+        (
+            "content type",
+            client
+                .post(&url)
+                .header("content-type", "text/plain")
+                .body("{}"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "zero ttl",
+            client
+                .post(&url)
+                .json(&json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": 0})),
+            400,
+            "malformed_request",
+        ),
+    ];
+    let count = cases.len();
+    for (name, request, status, code) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(error_code(&body), code, "{name}: {body}");
+        assert!(!error_message(&body).is_empty(), "{name}");
+    }
+    let response = client
+        .get(signer.url("/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    let response = client.get(signer.url("/v1/sign")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+
+    // Every decision was audited; the signer still serves.
+    assert_eq!(signer.audit_lines().len(), count);
+    let (status, _) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &good)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-b");
+
+    let policy: Value = client
+        .get(signer.url("/v1/virtualmeshes/test/vm"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(policy["orgName"], "acme");
+    assert_eq!(policy["maxTtlSeconds"], 30 * 86400);
+    assert_eq!(policy["minRsaBits"], 2048);
+    assert_eq!(
+        policy["acceptedKeyTypes"],
+        json!(["rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384"])
+    );
+    let missing = client
+        .get(signer.url("/v1/virtualmeshes/test/none"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+
+    let bundle = client
+        .get(signer.url("/v1/trust-bundle"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(bundle, env.root_pem());
+
+    let health = client.get(signer.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let ready: Value = client
+        .get(signer.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    post_sign(&client, &signer, &sign_body(VM, "test/cluster-b", &csr)).await;
+    post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+    let metrics = client
+        .get(signer.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "meshca_sign_requests_total{outcome=\"issued\"} 1",
+        "meshca_sign_requests_total{outcome=\"not_authorized\"} 1",
+        "meshca_signing_duration_seconds_count 1",
+        "meshca_backend_errors_total 0",
+        "meshca_root_expiry_seconds 25",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn thirty_two_concurrent_requests_all_succeed_with_distinct_serials() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let url = signer.url("/v1/sign");
+    // CSRs first, so the requests really arrive together.
+    let bodies: Vec<Value> = (0..32)
+        .map(|_| sign_body(VM, MESH_A, &csr(KeyType::EcdsaP256, "acme", "a").1))
+        .collect();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let response = client.post(url).json(&body).send().await.unwrap();
+                (
+                    response.status().as_u16(),
+                    response.json::<Value>().await.unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut serials = std::collections::HashSet::new();
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(serials.insert(body["serial"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(serials.len(), 32);
+    let out = run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
+    assert!(
+        text(&out.stdout).contains("intact: 32 records"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
+    let env = Env::new();
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    for i in 0..5 {
+        let (_k, csr) = csr(
+            KeyType::EcdsaP256,
+            if i == 2 { "evil" } else { "acme" },
+            "a",
+        );
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+    }
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+    let out = run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
+    assert!(text(&out.stdout).contains("intact: 5 records"));
+
+    // Turn the denial on line 3 into an allow.
+    let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    let tampered = log.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1);
+    assert_ne!(log, tampered);
+    std::fs::write(env.path("audit.log"), tampered).unwrap();
+    let out = run(env.meshca().args(["audit", "verify", "audit.log"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("breaks at line 4"), "{stderr}");
+
+    // Deleting a line is caught too.
+    let mut lines: Vec<&str> = log.lines().collect();
+    lines.remove(1);
+    std::fs::write(env.path("audit.log"), lines.join("\n") + "\n").unwrap();
+    let out = run(env.meshca().args(["audit", "verify", "audit.log"]));
+    assert!(
+        text(&out.stderr).contains("breaks at line 2"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_debug_logs() {
+    let env = Env::new();
+    let signer = env.start_signer_with(&["--log-level", "debug"]);
+    let client = env.client("cluster-a");
+    let (key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, _) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+    assert_eq!(status, 200);
+    let bad = client
+        .post(signer.url("/v1/sign"))
+        .json(&json!({"csr": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let logs = signer.logs();
+    assert!(
+        logs.contains("\"level\":\"DEBUG\""),
+        "debug logging was not on:\n{logs}"
+    );
+    let audit = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    let pin = env.user_pin();
+    let key_pem = key.to_pkcs8_pem().unwrap();
+    let key_body: String = key_pem.lines().nth(1).unwrap().to_string();
+    let signer_key = std::fs::read_to_string(env.path("pki/signer.key")).unwrap();
+    let signer_key_body = signer_key.lines().nth(1).unwrap().to_string();
+    for haystack in [logs, audit] {
+        assert!(!haystack.contains(&pin));
+        assert!(!haystack.contains(&key_body));
+        assert!(!haystack.contains(&signer_key_body));
+    }
+}
+
+#[test]
+fn the_signer_refuses_to_start_against_a_root_that_is_not_its_key() {
+    let env = Env::new();
+    let other = Env::with(EnvSpec::default());
+    std::fs::copy(other.path("root-cert.pem"), env.path("root-cert.pem")).unwrap();
+    let out = run(env.meshca().args(["serve", "--config"]).arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("does not match the root certificate"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_wrong_pin_stops_the_signer_at_start_with_a_clear_message() {
+    let env = Env::new();
+    std::fs::write(env.path("softhsm/user-pin"), "wrong-pin-1234\n").unwrap();
+    let out = run(env.meshca().args(["serve", "--config"]).arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("refused the user PIN"), "{stderr}");
+    assert!(!stderr.contains("wrong-pin-1234"));
+}
