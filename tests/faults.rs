@@ -175,3 +175,104 @@ async fn sigkill_under_load_loses_no_audited_answer() {
         text(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
+        ..EnvSpec::default()
+    });
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let url = signer.url("/v1/sign");
+    let successes = Arc::new(AtomicUsize::new(0));
+    let bodies: Vec<Value> = (0..32)
+        .map(|_| sign_body(VM, MESH_A, &csr(KeyType::EcdsaP256, "acme", "a").1))
+        .collect();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let (client, url, successes) = (client.clone(), url.clone(), successes.clone());
+            tokio::spawn(async move {
+                let mut serials = Vec::new();
+                for _ in 0..200 {
+                    let Ok(response) = client.post(&url).json(&body).send().await else {
+                        break;
+                    };
+                    // A response that started is finished: no truncated bodies.
+                    assert_eq!(response.status().as_u16(), 200);
+                    let answer: Value = response.json().await.expect("a complete answer");
+                    serials.push(answer["serial"].as_str().unwrap().to_string());
+                    successes.fetch_add(1, Ordering::SeqCst);
+                }
+                serials
+            })
+        })
+        .collect();
+    for _ in 0..3000 {
+        if successes.load(Ordering::SeqCst) >= 32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        signer.terminate(),
+        "SIGTERM must drain and exit 0:\n{}",
+        signer.logs()
+    );
+    let mut answered = Vec::new();
+    for task in tasks {
+        answered.extend(task.await.unwrap());
+    }
+    let audited: std::collections::HashSet<String> = signer
+        .audit_lines()
+        .iter()
+        .filter_map(|l| l["serial"].as_str().map(String::from))
+        .collect();
+    assert!(answered.iter().all(|s| audited.contains(s)));
+    assert!(signer.logs().contains("drained"), "{}", signer.logs());
+    run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
+}
+
+#[test]
+fn only_tls13_and_forward_secret_tls12_are_offered() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let connect = |args: &[&str]| {
+        let out = run(std::process::Command::new("timeout")
+            .current_dir(env.dir.path())
+            .args([
+                "20",
+                "openssl",
+                "s_client",
+                "-connect",
+                &signer.addr.to_string(),
+            ])
+            .args([
+                "-CAfile",
+                "pki/ca.pem",
+                "-cert",
+                "pki/cluster-a.pem",
+                "-key",
+                "pki/cluster-a.key",
+            ])
+            .args(args)
+            .stdin(std::process::Stdio::null()));
+        let stdout = text(&out.stdout);
+        stdout.contains("Verify return code: 0 (ok)") && !stdout.contains("Cipher is (NONE)")
+    };
+    assert!(connect(&["-tls1_3"]), "TLS 1.3 must work");
+    assert!(
+        connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
+        "ECDHE AEAD TLS 1.2 must work"
+    );
+    assert!(
+        !connect(&["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
+        "static-RSA key exchange must be refused"
+    );
+    assert!(
+        !connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]),
+        "CBC suites must be refused"
+    );
+    assert!(!connect(&["-tls1_1"]), "TLS 1.1 must be refused");
+}
