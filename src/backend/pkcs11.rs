@@ -302,7 +302,7 @@ fn unwrap_ec_point(value: &[u8]) -> Vec<u8> {
 }
 
 /// Signs `message` with the token key, returning the signature as X.509 carries it.
-fn token_sign(
+pub fn token_sign(
     session: &Session,
     key: ObjectHandle,
     kind: &PublicKeyKind,
