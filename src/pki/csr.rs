@@ -110,7 +110,7 @@ impl ParsedCsr {
     pub fn verify_possession(&self) -> Result<(), PossessionError> {
         let algorithm = SignatureAlgorithm::from_identifier(&self.signature_algorithm)
             .map_err(PossessionError)?;
-        PublicKeyVerifier::new(&self.public_key)
+        PublicKeyVerifier::for_described(&self.key_kind, &self.public_key)
             .and_then(|v| v.verify(algorithm, &self.info_der, &self.signature))
             .map_err(PossessionError)
     }

@@ -9,7 +9,7 @@ use const_oid::db::rfc5912::{
     SHA_384_WITH_RSA_ENCRYPTION, SHA_512_WITH_RSA_ENCRYPTION,
 };
 use der::asn1::Null;
-use der::{Any, Decode, Encode};
+use der::{Any, Encode};
 use sha2::Digest;
 use signature::hazmat::PrehashVerifier;
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
@@ -126,14 +126,6 @@ impl SignatureAlgorithm {
             }
         }
     }
-
-    fn rsa_scheme(self) -> rsa::Pkcs1v15Sign {
-        match self {
-            SignatureAlgorithm::RsaPkcs1Sha384 => rsa::Pkcs1v15Sign::new::<sha2::Sha384>(),
-            SignatureAlgorithm::RsaPkcs1Sha512 => rsa::Pkcs1v15Sign::new::<sha2::Sha512>(),
-            _ => rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
-        }
-    }
 }
 
 impl fmt::Display for SignatureAlgorithm {
@@ -149,65 +141,59 @@ impl fmt::Display for SignatureAlgorithm {
     }
 }
 
-/// A public key parsed once and ready to verify signatures (the root's is kept for the
-/// life of the signer, so the per-request check costs no parsing).
+/// A public key ready to verify signatures, with ring (the same constant-time,
+/// well-reviewed code rustls uses) doing the arithmetic. ECDSA with SHA-512, which ring
+/// does not offer, falls back to the RustCrypto curves.
 #[derive(Clone)]
-pub enum PublicKeyVerifier {
-    Rsa(Box<rsa::PublicKey>),
-    P256(p256::ecdsa::VerifyingKey),
-    P384(p384::ecdsa::VerifyingKey),
+pub struct PublicKeyVerifier {
+    kind: VerifierKind,
+    /// The subjectPublicKey bits: PKCS#1 RSAPublicKey, or the SEC1 point.
+    key: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VerifierKind {
+    Rsa,
+    P256,
+    P384,
 }
 
 impl fmt::Debug for PublicKeyVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PublicKeyVerifier::Rsa(_) => "PublicKeyVerifier(RSA)",
-            PublicKeyVerifier::P256(_) => "PublicKeyVerifier(P-256)",
-            PublicKeyVerifier::P384(_) => "PublicKeyVerifier(P-384)",
-        })
+        write!(f, "PublicKeyVerifier({})", self.kind_name())
     }
 }
 
 impl PublicKeyVerifier {
+    /// Describes and checks the key, then keeps it ready for verification.
     pub fn new(spki: &SubjectPublicKeyInfoOwned) -> Result<Self, SignatureError> {
         let kind = describe_public_key(spki).map_err(|e| SignatureError::BadKey(e.to_string()))?;
-        let point = spki.subject_public_key.raw_bytes();
-        Ok(match kind {
-            PublicKeyKind::Rsa { modulus_bits, .. } => {
-                let key = rsa::pkcs1::RsaPublicKeyRef::from_der(point)
-                    .map_err(|e| SignatureError::BadKey(e.to_string()))?;
-                let n = rsa::BoxedUint::from_be_slice_vartime(key.modulus.as_bytes());
-                let e = rsa::BoxedUint::from_be_slice_vartime(key.public_exponent.as_bytes());
-                // Size limits are policy's business (checked before any verification).
-                let key = rsa::PublicKey::new_with_size_limits(
-                    n,
-                    e,
-                    1024..=(modulus_bits as usize).max(1024),
-                )
-                .map_err(|e| SignatureError::BadKey(e.to_string()))?;
-                PublicKeyVerifier::Rsa(Box::new(key))
-            }
-            PublicKeyKind::Ec(NamedCurve::P256) => PublicKeyVerifier::P256(
-                p256::ecdsa::VerifyingKey::from_sec1_bytes(point)
-                    .map_err(|e| SignatureError::BadKey(e.to_string()))?,
-            ),
-            PublicKeyKind::Ec(NamedCurve::P384) => PublicKeyVerifier::P384(
-                p384::ecdsa::VerifyingKey::from_sec1_bytes(point)
-                    .map_err(|e| SignatureError::BadKey(e.to_string()))?,
-            ),
+        Self::for_described(&kind, spki)
+    }
+
+    /// For a key already described (and so already checked) by [`describe_public_key`].
+    pub fn for_described(kind: &PublicKeyKind, spki: &SubjectPublicKeyInfoOwned) -> Result<Self, SignatureError> {
+        let kind = match kind {
+            PublicKeyKind::Rsa { .. } => VerifierKind::Rsa,
+            PublicKeyKind::Ec(NamedCurve::P256) => VerifierKind::P256,
+            PublicKeyKind::Ec(NamedCurve::P384) => VerifierKind::P384,
             other => {
                 return Err(SignatureError::BadKey(format!(
                     "{other} cannot verify signatures here"
                 )));
             }
+        };
+        Ok(PublicKeyVerifier {
+            kind,
+            key: spki.subject_public_key.raw_bytes().to_vec(),
         })
     }
 
     fn kind_name(&self) -> &'static str {
-        match self {
-            PublicKeyVerifier::Rsa(_) => "RSA",
-            PublicKeyVerifier::P256(_) => "ECDSA P-256",
-            PublicKeyVerifier::P384(_) => "ECDSA P-384",
+        match self.kind {
+            VerifierKind::Rsa => "RSA",
+            VerifierKind::P256 => "ECDSA P-256",
+            VerifierKind::P384 => "ECDSA P-384",
         }
     }
 
@@ -219,37 +205,46 @@ impl PublicKeyVerifier {
         message: &[u8],
         signature: &[u8],
     ) -> Result<(), SignatureError> {
-        let mismatch = || SignatureError::KeyMismatch {
-            algorithm: algorithm.to_string(),
-            key: self.kind_name().to_string(),
+        use ring::signature as rs;
+        use SignatureAlgorithm as A;
+        let ring_algorithm: &dyn rs::VerificationAlgorithm = match (self.kind, algorithm) {
+            (VerifierKind::Rsa, A::RsaPkcs1Sha256) => &rs::RSA_PKCS1_2048_8192_SHA256,
+            (VerifierKind::Rsa, A::RsaPkcs1Sha384) => &rs::RSA_PKCS1_2048_8192_SHA384,
+            (VerifierKind::Rsa, A::RsaPkcs1Sha512) => &rs::RSA_PKCS1_2048_8192_SHA512,
+            (VerifierKind::P256, A::EcdsaSha256) => &rs::ECDSA_P256_SHA256_ASN1,
+            (VerifierKind::P256, A::EcdsaSha384) => &rs::ECDSA_P256_SHA384_ASN1,
+            (VerifierKind::P384, A::EcdsaSha256) => &rs::ECDSA_P384_SHA256_ASN1,
+            (VerifierKind::P384, A::EcdsaSha384) => &rs::ECDSA_P384_SHA384_ASN1,
+            (VerifierKind::P256 | VerifierKind::P384, A::EcdsaSha512) => {
+                return self.verify_ecdsa_sha512(message, signature);
+            }
+            _ => {
+                return Err(SignatureError::KeyMismatch {
+                    algorithm: algorithm.to_string(),
+                    key: self.kind_name().to_string(),
+                });
+            }
         };
-        let digest = algorithm.digest(message);
-        match self {
-            PublicKeyVerifier::Rsa(key) => {
-                if !algorithm.is_rsa() {
-                    return Err(mismatch());
-                }
-                key.verify(algorithm.rsa_scheme(), &digest, signature)
-                    .map_err(|_| SignatureError::Invalid)
+        rs::UnparsedPublicKey::new(ring_algorithm, &self.key)
+            .verify(message, signature)
+            .map_err(|_| SignatureError::Invalid)
+    }
+
+    fn verify_ecdsa_sha512(&self, message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
+        let digest = SignatureAlgorithm::EcdsaSha512.digest(message);
+        let invalid = |_| SignatureError::Invalid;
+        match self.kind {
+            VerifierKind::P256 => {
+                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.key).map_err(invalid)?;
+                let sig = p256::ecdsa::Signature::from_der(signature).map_err(invalid)?;
+                key.verify_prehash(&digest, &sig).map_err(invalid)
             }
-            PublicKeyVerifier::P256(key) => {
-                if algorithm.is_rsa() {
-                    return Err(mismatch());
-                }
-                let sig = p256::ecdsa::Signature::from_der(signature)
-                    .map_err(|_| SignatureError::Invalid)?;
-                key.verify_prehash(&digest, &sig)
-                    .map_err(|_| SignatureError::Invalid)
+            VerifierKind::P384 => {
+                let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&self.key).map_err(invalid)?;
+                let sig = p384::ecdsa::Signature::from_der(signature).map_err(invalid)?;
+                key.verify_prehash(&digest, &sig).map_err(invalid)
             }
-            PublicKeyVerifier::P384(key) => {
-                if algorithm.is_rsa() {
-                    return Err(mismatch());
-                }
-                let sig = p384::ecdsa::Signature::from_der(signature)
-                    .map_err(|_| SignatureError::Invalid)?;
-                key.verify_prehash(&digest, &sig)
-                    .map_err(|_| SignatureError::Invalid)
-            }
+            VerifierKind::Rsa => Err(SignatureError::Invalid),
         }
     }
 }
