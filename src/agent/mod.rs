@@ -4,8 +4,10 @@
 
 pub mod cacerts;
 pub mod client;
+pub mod controller;
 pub mod crd;
 pub mod directory;
+pub mod k8s;
 pub mod restart;
 pub mod rotation;
 
