@@ -30,18 +30,9 @@ use crate::policy::ObjectRef;
     status = "VmcsrStatus",
     derive = "PartialEq",
     doc = "Request for a cluster's Istio intermediate CA, signed by a meshca signer and installed as the cacerts Secret.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Expiry",
-        type_ = "date",
-        json_path = ".status.notAfter",
-        description = "notAfter of the installed intermediate"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Expiry","type":"date","description":"notAfter of the installed intermediate","jsonPath":".status.notAfter"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VmcsrSpec {

@@ -370,7 +370,7 @@ pub fn root_fingerprints(pem: &str) -> Vec<String> {
 /// with fingerprint `fp`.
 pub fn carries_root(pem: &str, fp: &str) -> bool {
     let fp = normalize_fingerprint(fp);
-    root_fingerprints(pem).iter().any(|f| *f == fp)
+    root_fingerprints(pem).contains(&fp)
 }
 
 #[cfg(test)]
