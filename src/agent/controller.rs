@@ -476,7 +476,9 @@ impl Controller {
             .duration_since(now)
             .unwrap_or(Duration::ZERO)
             .min(self.opts.resync);
-        if let Some(mut record) = status.restart.take() {
+        // `never` also stops a plan already under way.
+        let restarts_allowed = spec.restart.policy != super::restart::RestartPolicy::Never;
+        if restarts_allowed && let Some(mut record) = status.restart.take() {
             let progress = self
                 .progress_restarts(request, &target.namespace, &mut record, now)
                 .await;
