@@ -41,7 +41,7 @@ fn agent_cmd(env: &Env, addr: &str, dir: &Path, extra: &[&str]) -> Command {
             "--mesh",
             "test/cluster-a",
             "--ttl-seconds",
-            "600",
+            "1800",
         ])
         .args(extra);
     cmd
@@ -159,14 +159,15 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
         .count();
     assert_eq!(issued, 1, "idempotent runs must not ask the signer to sign");
 
-    // With notBefore backdated 5 minutes and a 10-minute ttl, 30% of the lifetime is
-    // already behind us: the bundle is due and is replaced as a whole set.
+    // notBefore is backdated 5 minutes and the ttl is 30 minutes: 10% of the 35-minute
+    // lifetime is already behind us, so the bundle is due and replaced as a whole set.
+    // (With the default 2/3 it is due only some 16 minutes after issuance.)
     let old_serial = serial(&dir);
     let renewed = once(
         &env,
         &addr,
         &dir,
-        &["--renew-fraction", "0.3", "--jitter-fraction", "0"],
+        &["--renew-fraction", "0.1", "--jitter-fraction", "0"],
     );
     assert!(renewed.status.success(), "{}", text(&renewed.stderr));
     assert!(
@@ -280,7 +281,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert_eq!(snapshot(&dir), before);
 
     // Due, signer down: fails, names the cause, leaves every file as it was.
-    let due = ["--renew-fraction", "0.3", "--jitter-fraction", "0"];
+    let due = ["--renew-fraction", "0.1", "--jitter-fraction", "0"];
     let failed = once(&env, &addr, &dir, &due);
     assert!(!failed.status.success());
     assert!(

@@ -755,4 +755,40 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
     let methods: Vec<&str> = sent.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(methods, ["GET", "PUT"], "{sent:?}");
     assert!(!sent.iter().any(|r| r.path == VMCSR));
+
+    // Shutting down as the holder gives the Lease up (no holder: others take it at once).
+    *cluster.fake.race_after_get.lock().unwrap() = None;
+    let mut mine = lease(&now);
+    mine["spec"]["holderIdentity"] = "agent-0".into();
+    cluster.put(LEASE, mine);
+    cluster.controller.release().await.unwrap();
+    let released = cluster.get(LEASE).unwrap();
+    assert!(
+        released["spec"].get("holderIdentity").is_none(),
+        "{released}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policy_never_installs_without_touching_deployments() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put(
+        &format!("{VMCSR}/cluster-a"),
+        request_object(
+            &signer.addr.to_string(),
+            json!({"restart": {"policy": "never"}}),
+        ),
+    );
+    cluster.put(
+        &deployments_path("istio-system", "istiod"),
+        deployment("istio-system", "istiod", json!({"app": "istiod"})),
+    );
+    let sent = cluster.pass().await;
+    assert!(sent.iter().any(|r| r.method == "PATCH" && r.path == SECRET));
+    assert!(!sent.iter().any(|r| r.path.contains("/deployments")));
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Installed");
+    assert!(st.get("restart").is_none(), "{st}");
 }

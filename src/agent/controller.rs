@@ -214,6 +214,23 @@ impl Controller {
         }
     }
 
+    /// On shutdown: give the Lease up so another replica need not wait for it to expire.
+    pub async fn release(&self) -> Result<(), KubeError> {
+        self.set_leader_until(None);
+        let (ns, name) = (&self.opts.namespace, &self.opts.lease_name);
+        let Some(mut lease) = self.kube.get_lease(ns, name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.opts.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        self.kube.replace_lease(ns, name, &lease).await.map(|_| ())
+    }
+
     /// Before any write: still the leader (renewing if the margin ran out)?
     async fn ensure_leader(&self) -> Result<(), ReconcileError> {
         let now = SystemTime::now();
@@ -230,12 +247,7 @@ impl Controller {
         if !self.elect(now).await? {
             return Ok(Duration::from_secs(5).min(self.opts.lease_duration / 3));
         }
-        let requests = self.kube.list_requests(&self.opts.namespace).await?;
-        let mut next = self.opts.resync;
-        for request in &requests {
-            next = next.min(self.reconcile(request).await);
-        }
-        Ok(next.max(Duration::from_secs(1)))
+        self.reconcile_all().await
     }
 
     /// The long-running agent: a lease-renewal task and the reconcile loop, until
@@ -277,6 +289,9 @@ impl Controller {
             }
         }
         renewer.abort();
+        if let Err(e) = self.release().await {
+            tracing::warn!(error = %e, "cannot release the Lease; it expires by itself");
+        }
     }
 
     async fn reconcile_all(&self) -> Result<Duration, KubeError> {
