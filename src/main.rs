@@ -524,6 +524,9 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
             "--signer, --virtual-mesh and --mesh are for directory mode (--target-dir); in Kubernetes they come from each VirtualMeshCertificateSigningRequest"
         );
     }
+    // Fail at start on unreadable client credentials (they are read again on every
+    // pass, so a rotated Secret is picked up).
+    meshca::tlsutil::client_config(&args.ca_cert, &args.client_cert, &args.client_key)?;
     let identity = args
         .identity
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -246,6 +246,7 @@ async fn handle(
 struct Cluster {
     fake: Arc<Fake>,
     controller: Controller,
+    addr: std::net::SocketAddr,
 }
 
 impl Cluster {
@@ -272,7 +273,11 @@ impl Cluster {
                 client_key: env.path("pki/cluster-a.key"),
             },
         );
-        Cluster { fake, controller }
+        Cluster {
+            fake,
+            controller,
+            addr,
+        }
     }
 
     fn put(&self, path: &str, obj: Value) {
@@ -791,4 +796,33 @@ async fn restart_policy_never_installs_without_touching_deployments() {
     let st = vmcsr_status(&cluster);
     assert_eq!(st["phase"], "Installed");
     assert!(st.get("restart").is_none(), "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: other\nclusters:\n- name: remote\n  cluster:\n    server: http://{}\n- name: unused\n  cluster:\n    server: http://127.0.0.1:1\ncontexts:\n- name: remote\n  context:\n    cluster: remote\n    user: agent\n- name: other\n  context:\n    cluster: unused\n    user: agent\nusers:\n- name: agent\n  user: {{}}\n",
+        cluster.addr
+    );
+    let client = meshca::agent::k8s::client_from_kubeconfig(&kubeconfig, Some("remote"))
+        .await
+        .unwrap();
+    let found = Kube::new(client)
+        .get_secret("istio-system", "cacerts")
+        .await
+        .unwrap();
+    assert!(found.is_none());
+    let sent = cluster.fake.requests.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].method.as_str(), sent[0].path.as_str()),
+        ("GET", SECRET)
+    );
+    let err = meshca::agent::k8s::client_from_kubeconfig("not: [yaml", None)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("kubeconfig"), "{err}");
 }
