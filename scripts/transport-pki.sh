@@ -5,7 +5,9 @@
 #
 #   transport-pki.sh ca     DIR                 -> DIR/ca.pem, DIR/ca.key
 #   transport-pki.sh server DIR NAME            -> DIR/NAME.pem/.key (localhost, 127.0.0.1)
-#   transport-pki.sh client DIR NAME URI [DAYS] -> DIR/NAME.pem/.key (URI SAN, clientAuth)
+#   transport-pki.sh client DIR NAME URI [DAYS] -> DIR/NAME.pem/.key (URI SAN, clientAuth;
+#                                                 a negative DAYS makes an expired certificate)
+#   transport-pki.sh revoke DIR NAME            -> revokes DIR/NAME.pem, rewrites DIR/crl.pem
 #
 # Keys are written mode 0600.
 set -euo pipefail
@@ -51,6 +53,28 @@ subjectAltName=DNS:localhost,IP:127.0.0.1"
 keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth
 subjectAltName=URI:$uri"
+    ;;
+  revoke)
+    name=${3:?NAME missing}
+    if [ ! -f "$dir/ca.cnf" ]; then
+      cat > "$dir/ca.cnf" <<CNF
+[ ca ]
+default_ca = CA_default
+[ CA_default ]
+dir = $dir
+database = \$dir/index.txt
+crlnumber = \$dir/crlnumber
+certificate = \$dir/ca.pem
+private_key = \$dir/ca.key
+default_md = sha256
+default_crl_days = 30
+CNF
+      : > "$dir/index.txt"
+      echo 1000 > "$dir/crlnumber"
+    fi
+    openssl ca -config "$dir/ca.cnf" -revoke "$dir/$name.pem" 2>/dev/null
+    openssl ca -config "$dir/ca.cnf" -gencrl -out "$dir/crl.pem" 2>/dev/null
+    chmod 644 "$dir/crl.pem"
     ;;
   *)
     echo "unknown command $cmd" >&2

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -28,6 +29,18 @@ struct ConfigFile {
     pkcs11: Option<Pkcs11Section>,
     #[serde(default)]
     clients: Vec<ClientSection>,
+    #[serde(default)]
+    limits: Option<LimitsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    sign_requests_per_minute: Option<u32>,
+    sign_burst: Option<u32>,
+    max_connections: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
+    header_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +49,8 @@ struct TlsSection {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
+    #[serde(default)]
+    client_crls: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +148,33 @@ impl AuthorizationTable {
     }
 }
 
+/// Bounds on what one client, or all of them together, can make the signer do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Signing requests per minute per client identity (sustained).
+    pub sign_requests_per_minute: u32,
+    /// Signing requests a client may make at once.
+    pub sign_burst: u32,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A TLS handshake must complete within this.
+    pub handshake_timeout: Duration,
+    /// Request headers must arrive within this.
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            sign_requests_per_minute: 600,
+            sign_burst: 60,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The signer configuration, loaded and validated.
 #[derive(Debug, Clone)]
 pub struct SignerConfig {
@@ -144,9 +186,12 @@ pub struct SignerConfig {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: PathBuf,
+    /// CRLs (PEM) for client certificates; a revoked client is refused at the handshake.
+    pub client_crls: Vec<PathBuf>,
     pub root: RootSettings,
     pub pkcs11: Option<Pkcs11Settings>,
     pub authorization: AuthorizationTable,
+    pub limits: Limits,
 }
 
 impl SignerConfig {
@@ -253,8 +298,11 @@ impl SignerConfig {
             }
         }
 
+        let limits = limits(file.limits).map_err(err)?;
         Ok(SignerConfig {
             path: path.to_path_buf(),
+            limits,
+            client_crls: file.tls.client_crls.iter().map(|p| resolve(p)).collect(),
             listen,
             ops_listen,
             audit_log: resolve(&file.audit_log),
@@ -275,6 +323,38 @@ impl SignerConfig {
             .get(&self.root.virtual_mesh)
             .expect("root.virtual_mesh validated at load")
     }
+}
+
+fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
+    let defaults = Limits::default();
+    let Some(section) = section else {
+        return Ok(defaults);
+    };
+    let limits = Limits {
+        sign_requests_per_minute: section
+            .sign_requests_per_minute
+            .unwrap_or(defaults.sign_requests_per_minute),
+        sign_burst: section.sign_burst.unwrap_or(defaults.sign_burst),
+        max_connections: section.max_connections.unwrap_or(defaults.max_connections),
+        handshake_timeout: section
+            .handshake_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.handshake_timeout),
+        header_timeout: section
+            .header_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.header_timeout),
+    };
+    if limits.sign_requests_per_minute == 0 || limits.sign_burst == 0 {
+        return Err("limits: sign_requests_per_minute and sign_burst must be at least 1".into());
+    }
+    if limits.max_connections == 0 {
+        return Err("limits.max_connections must be at least 1".into());
+    }
+    if limits.handshake_timeout.is_zero() || limits.header_timeout.is_zero() {
+        return Err("limits: timeouts must be positive".into());
+    }
+    Ok(limits)
 }
 
 fn check_member(policy: &VirtualMeshPolicy, mesh: &ObjectRef) -> Result<(), String> {

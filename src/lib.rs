@@ -17,6 +17,8 @@ pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pki;
 pub mod policy;
 pub mod secret;

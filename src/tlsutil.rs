@@ -10,7 +10,7 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use x509_cert::Certificate;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -68,17 +68,35 @@ fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Server side: a client certificate is required and must chain to `client_ca`.
+/// Server side: a client certificate is required, must chain to `client_ca`, and must
+/// not be revoked by any of the CRLs in `crls`.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: &Path,
+    crls: &[std::path::PathBuf],
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
+    let mut revocation_lists = Vec::new();
+    for path in crls {
+        let err = |message: String| TlsError::Certificates {
+            path: path.display().to_string(),
+            message,
+        };
+        let lists = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        if lists.is_empty() {
+            return Err(err("no X509 CRL blocks found".into()));
+        }
+        revocation_lists.extend(lists);
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(root_store(client_ca)?),
         provider.clone(),
     )
+    .with_crls(revocation_lists)
     .build()
     .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

@@ -132,7 +132,7 @@ pub fn secret_apply_body(namespace: &str, name: &str, owner: &str, files: &Bundl
             annotations: Some(BTreeMap::from([(OWNER.to_string(), owner.to_string())])),
             ..ObjectMeta::default()
         },
-        type_: Some("Opaque".into()),
+        // No `type`: Opaque when created, and an adopted Secret keeps its own.
         data: Some(data),
         ..Secret::default()
     }

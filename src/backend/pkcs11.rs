@@ -5,9 +5,9 @@
 //! not CKA_EXTRACTABLE: no call exists that returns its value. `Session` is Send but not
 //! Sync, so signing uses a pool with one session per worker.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use const_oid::ObjectIdentifier;
 use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1, SECP_384_R_1};
@@ -302,7 +302,7 @@ fn unwrap_ec_point(value: &[u8]) -> Vec<u8> {
 }
 
 /// Signs `message` with the token key, returning the signature as X.509 carries it.
-fn token_sign(
+pub fn token_sign(
     session: &Session,
     key: ObjectHandle,
     kind: &PublicKeyKind,
@@ -583,14 +583,24 @@ pub struct Pkcs11Backend {
     inner: Arc<Inner>,
 }
 
+/// Shortest interval between two reconnects: a token that stays away is not hammered.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Inner {
-    token: Token,
+    settings: Pkcs11Settings,
     pin: Secret,
     root: RootCa,
-    key: Mutex<ObjectHandle>,
+    /// The loaded module and the token's slot; replaced as a whole when the token comes
+    /// back after being removed (SoftHSM needs C_Finalize + C_Initialize to see it again).
+    token: RwLock<Token>,
+    key: Mutex<Option<ObjectHandle>>,
     sessions: Mutex<Vec<Session>>,
     permits: Semaphore,
     pin_rejected: AtomicBool,
+    last_reconnect: Mutex<Option<Instant>>,
+    /// Counts reconnects, so a thread that failed on an old connection retries on the new
+    /// one instead of reconnecting again.
+    generation: AtomicU64,
 }
 
 impl Pkcs11Backend {
@@ -623,44 +633,35 @@ impl Pkcs11Backend {
         }
         Ok(Pkcs11Backend {
             inner: Arc::new(Inner {
-                token,
+                settings: settings.clone(),
                 pin,
                 root,
-                key: Mutex::new(key),
+                token: RwLock::new(token),
+                key: Mutex::new(Some(key)),
                 permits: Semaphore::new(settings.sessions),
                 sessions: Mutex::new(sessions),
                 pin_rejected: AtomicBool::new(false),
+                last_reconnect: Mutex::new(None),
+                generation: AtomicU64::new(0),
             }),
         })
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Inner {
-    fn checkout(&self) -> Result<Session, BackendError> {
-        if let Some(session) = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-        {
+    /// A pooled session, or a new one. A refused PIN is remembered and never tried again.
+    fn checkout(&self, token: &Token) -> Result<Session, BackendError> {
+        if let Some(session) = lock(&self.sessions).pop() {
             return Ok(session);
         }
-        self.open_session()
-    }
-
-    fn checkin(&self, session: Session) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(session);
-    }
-
-    /// A replacement session. A refused PIN is remembered and never tried again.
-    fn open_session(&self) -> Result<Session, BackendError> {
         if self.pin_rejected.load(Ordering::SeqCst) {
             return Err(BackendError::PinRejected);
         }
-        match self.token.logged_in_session(&self.pin, false) {
+        match token.logged_in_session(&self.pin, false) {
             Ok(session) => Ok(session),
             Err(TokenError::PinIncorrect | TokenError::PinLocked) => {
                 self.pin_rejected.store(true, Ordering::SeqCst);
@@ -670,53 +671,110 @@ impl Inner {
         }
     }
 
-    fn key(&self) -> ObjectHandle {
-        *self.key.lock().unwrap_or_else(|p| p.into_inner())
+    fn checkin(&self, session: Session) {
+        lock(&self.sessions).push(session);
     }
 
-    /// Signs with a pooled session; a broken session is dropped and the signature tried
-    /// once more on a fresh one (and the key looked up again, in case its handle changed).
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, BackendError> {
+    /// The key handle, looked up again when unknown (after a reconnect).
+    fn key(&self, token: &Token, session: &Session) -> Result<ObjectHandle, BackendError> {
+        if let Some(key) = *lock(&self.key) {
+            return Ok(key);
+        }
+        let key = token
+            .find_private_key(session)
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        *lock(&self.key) = Some(key);
+        Ok(key)
+    }
+
+    /// One signing attempt on the current connection. The error says whether the
+    /// connection looks broken.
+    fn try_sign(&self, message: &[u8]) -> Result<Vec<u8>, (BackendError, bool)> {
         let root = &self.root;
-        let session = self.checkout()?;
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner());
+        let session = self.checkout(&token).map_err(|e| (e, true))?;
+        let key = match self.key(&token, &session) {
+            Ok(key) => key,
+            Err(e) => return Err((e, true)),
+        };
         match token_sign(
             &session,
-            self.key(),
+            key,
             &root.key_kind,
             root.signature_algorithm,
             message,
         ) {
             Ok(signature) => {
                 self.checkin(session);
-                return Ok(signature);
+                Ok(signature)
             }
             Err(e) if session_is_broken(&e) => {
-                tracing::warn!(error = %e, "PKCS#11 session failed; replacing it");
-                drop(session);
+                tracing::warn!(error = %e, "PKCS#11 session failed; it will be replaced");
+                Err((
+                    BackendError::Unavailable(format!("token signing failed: {e}")),
+                    true,
+                ))
             }
             Err(e) => {
                 self.checkin(session);
-                return Err(BackendError::Unavailable(format!(
-                    "token signing failed: {e}"
-                )));
+                Err((
+                    BackendError::Unavailable(format!("token signing failed: {e}")),
+                    false,
+                ))
             }
         }
-        let session = self.open_session()?;
-        let key = self
-            .token
-            .find_private_key(&session)
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
-        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
-        let signature = token_sign(
-            &session,
-            key,
-            &root.key_kind,
-            root.signature_algorithm,
-            message,
-        )
-        .map_err(|e| BackendError::Unavailable(format!("token signing failed: {e}")))?;
-        self.checkin(session);
-        Ok(signature)
+    }
+
+    /// Signs with a pooled session. If the session or the token broke, the connection is
+    /// rebuilt (at most once per second) and the signature tried once more.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, BackendError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        match self.try_sign(message) {
+            Ok(signature) => Ok(signature),
+            Err((BackendError::PinRejected, _)) => Err(BackendError::PinRejected),
+            Err((e, false)) => Err(e),
+            Err((e, true)) => {
+                if !self.reconnect(generation) {
+                    return Err(e);
+                }
+                self.try_sign(message).map_err(|(e, _)| e)
+            }
+        }
+    }
+
+    /// Drops every session, finalizes the module, loads it again and finds the token.
+    /// Returns whether there is a newer connection than `seen` to retry on.
+    fn reconnect(&self, seen: u64) -> bool {
+        if self.pin_rejected.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut token = self.token.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::SeqCst) != seen {
+            // Another thread reconnected while this one waited for the lock.
+            return true;
+        }
+        {
+            let mut last = lock(&self.last_reconnect);
+            if last.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        lock(&self.sessions).clear();
+        *lock(&self.key) = None;
+        let _ = token.context.clone().finalize();
+        match Token::open(&self.settings) {
+            Ok(fresh) => {
+                *token = fresh;
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(token = %token.uri, "reconnected to the PKCS#11 token");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "PKCS#11 token still unavailable");
+                false
+            }
+        }
     }
 
     /// Build, lint, sign, check: the whole issuance of one intermediate.
@@ -733,22 +791,41 @@ impl Inner {
             .map_err(|e| BackendError::Check(e.to_string()))
     }
 
-    fn ready(&self) -> Result<(), BackendError> {
-        let session = self.checkout()?;
-        let state = session.get_session_info().map(|i| i.session_state());
-        match state {
-            Ok(SessionState::RoUser | SessionState::RwUser) => {
+    /// Ready means: a logged-in session exists and the key can be found on the token.
+    fn try_ready(&self) -> Result<(), (BackendError, bool)> {
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner());
+        let session = self.checkout(&token).map_err(|e| (e, true))?;
+        let logged_in = matches!(
+            session.get_session_info().map(|i| i.session_state()),
+            Ok(SessionState::RoUser | SessionState::RwUser)
+        );
+        if !logged_in {
+            return Err((
+                BackendError::Unavailable("the token session is no longer logged in".into()),
+                true,
+            ));
+        }
+        match token.find_private_key(&session) {
+            Ok(_) => {
                 self.checkin(session);
                 Ok(())
             }
-            Ok(_) => {
-                drop(session);
-                // Logged out behind our back (token reinserted): a fresh session logs in.
-                let fresh = self.open_session()?;
-                self.checkin(fresh);
-                Ok(())
+            Err(e) => Err((BackendError::Unavailable(e.to_string()), true)),
+        }
+    }
+
+    fn ready(&self) -> Result<(), BackendError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        match self.try_ready() {
+            Ok(()) => Ok(()),
+            Err((BackendError::PinRejected, _)) => Err(BackendError::PinRejected),
+            Err((e, _)) => {
+                if self.reconnect(generation) {
+                    self.try_ready().map_err(|(e, _)| e)
+                } else {
+                    Err(e)
+                }
             }
-            Err(e) => Err(BackendError::Unavailable(format!("token session: {e}"))),
         }
     }
 }
@@ -790,6 +867,6 @@ impl RootSigner for Pkcs11Backend {
     }
 
     fn describe(&self) -> String {
-        format!("pkcs11 {}", self.inner.token.uri)
+        format!("pkcs11 {}", self.inner.settings.key)
     }
 }

@@ -77,7 +77,13 @@ fn error_response(status: Status, code: &str, message: &str) -> Response {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        error_response(self.status, self.code, &self.message)
+        let mut response = error_response(self.status, self.code, &self.message);
+        if let Some(secs) = self.retry_after_secs
+            && let Ok(value) = header::HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
     }
 }
 
@@ -158,6 +164,19 @@ async fn sign_inner(
     body: Body,
     facts: &mut RequestFacts,
 ) -> Result<SignResponse, Refusal> {
+    if let Err(wait) = state
+        .rate_limiter
+        .check(identity.unwrap_or(""), Instant::now())
+    {
+        let secs = wait.as_secs().max(1);
+        let mut refusal = Refusal::new(
+            Status::TooManyRequests,
+            "rate_limited",
+            format!("too many signing requests from this client; retry in {secs} s"),
+        );
+        refusal.retry_after_secs = Some(secs);
+        return Err(refusal);
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -34,6 +34,7 @@ pub enum Status {
     NotFound = 404,
     PayloadTooLarge = 413,
     UnsupportedMediaType = 415,
+    TooManyRequests = 429,
     Internal = 500,
     BadGateway = 502,
     Unavailable = 503,
@@ -45,6 +46,8 @@ pub struct Refusal {
     pub status: Status,
     pub code: &'static str,
     pub message: String,
+    /// Seconds the client should wait before retrying (429).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl Refusal {
@@ -53,6 +56,7 @@ impl Refusal {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 

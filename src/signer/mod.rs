@@ -5,6 +5,7 @@ pub mod api;
 pub mod audit;
 pub mod decision;
 pub mod metrics;
+pub mod ratelimit;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ pub struct SignerState {
     pub backend: Arc<dyn RootSigner>,
     pub audit: audit::AuditLog,
     pub metrics: metrics::Metrics,
+    pub rate_limiter: ratelimit::RateLimiter,
 }
 
 /// Where the signer ended up listening (ports may have been chosen by the OS).

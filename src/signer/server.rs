@@ -17,20 +17,15 @@ use tower::ServiceExt;
 use super::api::{self, ClientIdentity};
 use super::audit::AuditLog;
 use super::metrics::Metrics;
+use super::ratelimit::{RateLimit, RateLimiter};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::Pkcs11Backend;
-use crate::config::{BackendKind, SignerConfig};
+use crate::config::{BackendKind, Limits, SignerConfig};
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_public_key;
 use crate::tlsutil::{client_identity, server_config};
 
-/// Connections served at once; further clients wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 1024;
-/// A TLS handshake must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Request headers must arrive within this (slow-header clients are cut off).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long SIGTERM waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -129,7 +124,12 @@ pub async fn start(
     if let Some(side) = &report.torn_tail_saved_to {
         tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
     }
-    let tls = server_config(&config.tls_cert, &config.tls_key, &config.client_ca)?;
+    let tls = server_config(
+        &config.tls_cert,
+        &config.tls_key,
+        &config.client_ca,
+        &config.client_crls,
+    )?;
 
     let api_addr = listen_override.unwrap_or(config.listen);
     let api_listener = bind(api_addr).await?;
@@ -148,12 +148,17 @@ pub async fn start(
         backend: backend.clone(),
         audit,
         metrics,
+        rate_limiter: RateLimiter::new(RateLimit {
+            per_minute: config.limits.sign_requests_per_minute,
+            burst: config.limits.sign_burst,
+        }),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = vec![tokio::spawn(serve_tls(
         api_listener,
         TlsAcceptor::from(Arc::new(tls)),
         api::router(state.clone()),
+        config.limits,
         shutdown_rx.clone(),
     ))];
     if let Some(listener) = ops_listener {
@@ -205,10 +210,11 @@ async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: axum::Router,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
@@ -232,17 +238,18 @@ async fn serve_tls(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let identity = tls
                 .get_ref()
                 .1
@@ -258,7 +265,7 @@ async fn serve_tls(
                 });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -79,6 +79,8 @@ pub struct EnvSpec {
     /// (identity URI, [(virtual mesh, mesh)])
     pub clients: Vec<(String, Vec<(String, String)>)>,
     pub sessions: usize,
+    /// Appended to the signer config (e.g. a `[limits]` section).
+    pub extra_toml: String,
 }
 
 impl Default for EnvSpec {
@@ -108,6 +110,7 @@ impl Default for EnvSpec {
                 ),
             ],
             sessions: 2,
+            extra_toml: String::new(),
         }
     }
 }
@@ -200,11 +203,13 @@ key = "pkcs11:token=meshca-test;object=root-ca"
 pin_file = "softhsm/user-pin"
 softhsm2_conf = "softhsm/softhsm2.conf"
 sessions = {sessions}
-{clients_toml}"#,
+{clients_toml}
+{extra}"#,
                 root_vm = spec.root_virtual_mesh,
                 key_type = spec.root_key_type,
                 module = softhsm_module(),
                 sessions = spec.sessions,
+                extra = spec.extra_toml,
             ),
         )
         .unwrap();
@@ -326,6 +331,15 @@ impl Signer {
         send_signal(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
         status.success()
+    }
+
+    /// Audit lines that parse (a line torn by a crash is skipped).
+    pub fn audit_lines_lossy(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {

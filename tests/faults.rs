@@ -1,0 +1,278 @@
+//! Faults while serving: the token disappears and comes back, the audit log cannot be
+//! written, the signer is killed under load. Nothing is lost and nothing unaudited leaves.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use meshca::pki::keys::KeyType;
+use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const VM: &str = "test/vm";
+const MESH_A: &str = "test/cluster-a";
+
+/// Polls `/readyz` until it answers `want` (bounded; not a timing assertion).
+async fn wait_ready(client: &reqwest::Client, signer: &Signer, want: u16) -> bool {
+    for _ in 0..100 {
+        if let Ok(r) = client.get(signer.url("/readyz")).send().await
+            && r.status().as_u16() == want
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_token_that_goes_away_gives_503_and_signing_recovers_when_it_is_back() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let body = sign_body(VM, MESH_A, &csr);
+    assert_eq!(post_sign(&client, &signer, &body).await.0, 200);
+
+    let tokens = env.path("softhsm/tokens");
+    let away = env.path("softhsm/tokens.away");
+    std::fs::rename(&tokens, &away).unwrap();
+    let (status, answer) = post_sign(&client, &signer, &body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "backend_unavailable");
+    assert!(
+        wait_ready(&client, &signer, 503).await,
+        "readyz stayed ready without a token"
+    );
+
+    std::fs::rename(&away, &tokens).unwrap();
+    assert!(
+        wait_ready(&client, &signer, 200).await,
+        "signer did not recover:\n{}",
+        signer.logs()
+    );
+    let (status, answer) = post_sign(&client, &signer, &body).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let audit = signer.audit_lines();
+    let decisions: Vec<&str> = audit
+        .iter()
+        .map(|l| l["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["allow", "error", "allow"]);
+    assert_eq!(audit[1]["rule"], "backend_unavailable");
+}
+
+#[tokio::test]
+async fn an_audit_log_that_cannot_be_written_stops_issuance() {
+    let env = Env::new();
+    // The disk is full: every write fails with ENOSPC.
+    std::os::unix::fs::symlink("/dev/full", env.path("audit.log")).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, answer) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "audit_unavailable");
+    assert!(answer.get("certificate").is_none());
+    let ready = client.get(signer.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let metrics = client
+        .get(signer.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meshca_audit_write_errors_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_audited_answer() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
+        ..EnvSpec::default()
+    });
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let url = signer.url("/v1/sign");
+    let successes = Arc::new(AtomicUsize::new(0));
+    let bodies: Vec<Value> = (0..32)
+        .map(|_| sign_body(VM, MESH_A, &csr(KeyType::EcdsaP256, "acme", "a").1))
+        .collect();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let (client, url, successes) = (client.clone(), url.clone(), successes.clone());
+            tokio::spawn(async move {
+                let mut serials = Vec::new();
+                // Bounded: at most 200 requests per task, and it stops at the first failure.
+                for _ in 0..200 {
+                    let Ok(response) = client.post(&url).json(&body).send().await else {
+                        break;
+                    };
+                    if response.status().as_u16() != 200 {
+                        break;
+                    }
+                    let Ok(answer) = response.json::<Value>().await else {
+                        break;
+                    };
+                    serials.push(answer["serial"].as_str().unwrap().to_string());
+                    successes.fetch_add(1, Ordering::SeqCst);
+                }
+                serials
+            })
+        })
+        .collect();
+    // Kill once 64 answers went out (bounded wait, not a timing assertion).
+    for _ in 0..3000 {
+        if successes.load(Ordering::SeqCst) >= 64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send_signal(signer.child.id(), "KILL");
+    let _ = signer.child.wait();
+    let mut answered = Vec::new();
+    for task in tasks {
+        answered.extend(task.await.unwrap());
+    }
+    assert!(answered.len() >= 64);
+
+    // Every certificate a client received has its allow line on disk.
+    let audited: std::collections::HashSet<String> = signer
+        .audit_lines_lossy()
+        .iter()
+        .filter(|l| l["decision"] == "allow")
+        .filter_map(|l| l["serial"].as_str().map(String::from))
+        .collect();
+    for serial in &answered {
+        assert!(
+            audited.contains(serial),
+            "serial {serial} was answered but not audited"
+        );
+    }
+
+    // After a restart the chain verifies (a torn tail, if any, is moved aside and recorded).
+    let restarted = env.start_signer();
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    assert_eq!(
+        post_sign(&client, &restarted, &sign_body(VM, MESH_A, &csr))
+            .await
+            .0,
+        200
+    );
+    let out = run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
+    assert!(
+        text(&out.stdout).contains("is intact"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
+        ..EnvSpec::default()
+    });
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let url = signer.url("/v1/sign");
+    let successes = Arc::new(AtomicUsize::new(0));
+    let bodies: Vec<Value> = (0..32)
+        .map(|_| sign_body(VM, MESH_A, &csr(KeyType::EcdsaP256, "acme", "a").1))
+        .collect();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let (client, url, successes) = (client.clone(), url.clone(), successes.clone());
+            tokio::spawn(async move {
+                let mut serials = Vec::new();
+                for _ in 0..200 {
+                    let Ok(response) = client.post(&url).json(&body).send().await else {
+                        break;
+                    };
+                    // A response that started is finished: no truncated bodies.
+                    assert_eq!(response.status().as_u16(), 200);
+                    let answer: Value = response.json().await.expect("a complete answer");
+                    serials.push(answer["serial"].as_str().unwrap().to_string());
+                    successes.fetch_add(1, Ordering::SeqCst);
+                }
+                serials
+            })
+        })
+        .collect();
+    for _ in 0..3000 {
+        if successes.load(Ordering::SeqCst) >= 32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        signer.terminate(),
+        "SIGTERM must drain and exit 0:\n{}",
+        signer.logs()
+    );
+    let mut answered = Vec::new();
+    for task in tasks {
+        answered.extend(task.await.unwrap());
+    }
+    let audited: std::collections::HashSet<String> = signer
+        .audit_lines()
+        .iter()
+        .filter_map(|l| l["serial"].as_str().map(String::from))
+        .collect();
+    assert!(answered.iter().all(|s| audited.contains(s)));
+    assert!(signer.logs().contains("drained"), "{}", signer.logs());
+    run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
+}
+
+#[test]
+fn only_tls13_and_forward_secret_tls12_are_offered() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let connect = |args: &[&str]| {
+        let out = run(std::process::Command::new("timeout")
+            .current_dir(env.dir.path())
+            .args([
+                "20",
+                "openssl",
+                "s_client",
+                "-connect",
+                &signer.addr.to_string(),
+            ])
+            .args([
+                "-CAfile",
+                "pki/ca.pem",
+                "-cert",
+                "pki/cluster-a.pem",
+                "-key",
+                "pki/cluster-a.key",
+            ])
+            .args(args)
+            .stdin(std::process::Stdio::null()));
+        let stdout = text(&out.stdout);
+        stdout.contains("Verify return code: 0 (ok)") && !stdout.contains("Cipher is (NONE)")
+    };
+    assert!(connect(&["-tls1_3"]), "TLS 1.3 must work");
+    assert!(
+        connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
+        "ECDHE AEAD TLS 1.2 must work"
+    );
+    assert!(
+        !connect(&["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
+        "static-RSA key exchange must be refused"
+    );
+    assert!(
+        !connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]),
+        "CBC suites must be refused"
+    );
+    assert!(!connect(&["-tls1_1"]), "TLS 1.1 must be refused");
+}

@@ -1,0 +1,330 @@
+//! Hostile input and hostile clients against a running signer: a table of malformed and
+//! malicious requests, each answered with its documented status and a message naming the
+//! problem, with the signer still serving afterwards; rate limits; revoked and expired
+//! client certificates; slow and idle connections.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use der::{Decode, Encode, EncodePem};
+use meshca::pki::keys::{KeyType, PrivateKey};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const VM: &str = "test/vm";
+const MESH_A: &str = "test/cluster-a";
+
+/// What a case sends.
+enum Send {
+    Json(Value),
+    Raw {
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
+}
+
+/// A CSR made by openssl for keys meshca would never generate.
+fn openssl_csr(env: &Env, name: &str, keygen: &[&str]) -> String {
+    let dir = env.dir.path();
+    let key = format!("{name}.key");
+    let mut args = vec!["genpkey"];
+    args.extend_from_slice(keygen);
+    args.extend_from_slice(&["-out", &key]);
+    openssl(dir, &args);
+    let out = format!("{name}.csr");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            "/O=acme/CN=x",
+            "-out",
+            &out,
+        ],
+    );
+    std::fs::read_to_string(dir.join(out)).unwrap()
+}
+
+/// An RSA CSR whose public key was given another exponent after the fact.
+fn csr_with_rsa_exponent(exponent: &[u8]) -> String {
+    let (key, pem) = csr(KeyType::Rsa2048, "acme", "x");
+    drop(key);
+    let der = meshca::pki::pem::decode_single(&pem, &["CERTIFICATE REQUEST"]).unwrap();
+    let mut req = x509_cert::request::CertReq::from_der(&der).unwrap();
+    let rsa =
+        rsa::pkcs1::RsaPublicKeyRef::from_der(req.info.public_key.subject_public_key.raw_bytes())
+            .unwrap();
+    let modulus = rsa.modulus.as_bytes().to_vec();
+    let changed = rsa::pkcs1::RsaPublicKeyRef {
+        modulus: der::asn1::UintRef::new(&modulus).unwrap(),
+        public_exponent: der::asn1::UintRef::new(exponent).unwrap(),
+    }
+    .to_der()
+    .unwrap();
+    req.info.public_key.subject_public_key = der::asn1::BitString::from_bytes(&changed).unwrap();
+    req.to_pem(der::pem::LineEnding::LF).unwrap()
+}
+
+fn pem_of(label: &str, der: &[u8]) -> String {
+    meshca::pki::pem::encode(label, der)
+}
+
+#[tokio::test]
+async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer_keeps_serving() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, good) = csr(KeyType::EcdsaP256, "acme", "x");
+    let good_der = meshca::pki::pem::decode_single(&good, &["CERTIFICATE REQUEST"]).unwrap();
+    let mut trailing = good_der.clone();
+    trailing.extend_from_slice(&[0, 0]);
+    let tampered = {
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let mut req = meshca::pki::csr::build_csr(
+            &key,
+            meshca::pki::profile::subject_name("acme", "x").unwrap(),
+        )
+        .unwrap();
+        req.info.subject = meshca::pki::profile::subject_name("acme", "y").unwrap();
+        req.to_pem(der::pem::LineEnding::LF).unwrap()
+    };
+    let mut nested = String::new();
+    for _ in 0..5000 {
+        nested.push('[');
+    }
+    let sign = |csr: &str| Send::Json(sign_body(VM, MESH_A, csr));
+
+    let cases: Vec<(&str, Send, u16, &str, &str)> = vec![
+        ("bad PEM", sign("-----BEGIN CERTIFICATE REQUEST-----\n!!!\n-----END CERTIFICATE REQUEST-----\n"), 400, "malformed_csr", "PEM"),
+        ("not PEM at all", sign("hello"), 400, "malformed_csr", "PEM"),
+        ("DER garbage", sign(&pem_of("CERTIFICATE REQUEST", &[0xde, 0xad, 0xbe, 0xef])), 400, "malformed_csr", "PKCS#10"),
+        ("truncated DER", sign(&pem_of("CERTIFICATE REQUEST", &good_der[..good_der.len() / 2])), 400, "malformed_csr", "PKCS#10"),
+        ("trailing data", sign(&pem_of("CERTIFICATE REQUEST", &trailing)), 400, "malformed_csr", "PKCS#10"),
+        ("certificate instead of CSR", sign(&env.root_pem()), 400, "malformed_csr", "CERTIFICATE"),
+        ("empty CSR", sign(""), 400, "malformed_csr", "PEM"),
+        ("wrong CSR signature", sign(&tampered), 403, "policy_proof_of_possession", "does not verify"),
+        ("RSA below the minimum", sign(&openssl_csr(&env, "rsa1024", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"])), 403, "policy_key_size", "1024"),
+        ("RSA tiny exponent", sign(&openssl_csr(&env, "rsae3", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-pkeyopt", "rsa_keygen_pubexp:3"])), 403, "policy_key_exponent", "exponent 3"),
+        ("RSA even exponent", sign(&csr_with_rsa_exponent(&[0x01, 0x00, 0x00])), 403, "policy_key_exponent", "65536"),
+        ("RSA exponent beyond 64 bits", sign(&csr_with_rsa_exponent(&[1; 12])), 403, "policy_key_exponent", "64 bits"),
+        ("curve P-521", sign(&openssl_csr(&env, "p521", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"])), 403, "policy_key_algorithm", "curve"),
+        ("curve secp256k1", sign(&openssl_csr(&env, "k256", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"])), 403, "policy_key_algorithm", "curve"),
+        ("Ed25519", sign(&openssl_csr(&env, "ed", &["-algorithm", "ED25519"])), 403, "policy_key_algorithm", "accepted key types"),
+        ("Ed448", sign(&openssl_csr(&env, "ed448", &["-algorithm", "ED448"])), 403, "policy_key_algorithm", "accepted key types"),
+        ("wrong org", sign(&csr(KeyType::EcdsaP256, "mallory", "x").1), 403, "policy_org", "mallory"),
+        ("ttl beyond policy", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": 400 * 86400})), 403, "policy_ttl", "exceeds"),
+        ("ttl too short", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": 5})), 400, "malformed_request", "minimum"),
+        ("ttl negative", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": -1})), 400, "malformed_request", "`-1`"),
+        ("unknown virtual mesh", Send::Json(sign_body("test/none", MESH_A, &good)), 404, "unknown_virtual_mesh", "test/none"),
+        ("mesh not a member", Send::Json(sign_body(VM, "test/stranger", &good)), 404, "unknown_mesh", "test/stranger"),
+        ("mesh of another client", Send::Json(sign_body(VM, "test/cluster-b", &good)), 403, "not_authorized", "test/cluster-b"),
+        ("virtual mesh not a reference", Send::Json(sign_body("../../etc/passwd", MESH_A, &good)), 400, "malformed_request", "virtualMesh"),
+        ("body over 64 KiB", Send::Raw { content_type: "application/json", body: vec![b'{'; 70 * 1024] }, 413, "body_too_large", "64 KiB"),
+        ("CSR field over 64 KiB", Send::Json(sign_body(VM, MESH_A, &"A".repeat(70 * 1024))), 413, "body_too_large", "64 KiB"),
+        ("wrong content type", Send::Raw { content_type: "text/plain", body: b"{}".to_vec() }, 415, "unsupported_media_type", "application/json"),
+        ("form content type", Send::Raw { content_type: "application/x-www-form-urlencoded", body: b"csr=x".to_vec() }, 415, "unsupported_media_type", "application/json"),
+        ("invalid UTF-8", Send::Raw { content_type: "application/json", body: b"{\"csr\": \"\xff\xfe\"}".to_vec() }, 400, "malformed_request", "JSON"),
+        ("deeply nested JSON", Send::Raw { content_type: "application/json", body: nested.into_bytes() }, 400, "malformed_request", "JSON"),
+        ("empty body", Send::Raw { content_type: "application/json", body: Vec::new() }, 400, "malformed_request", "JSON"),
+        ("JSON array", Send::Raw { content_type: "application/json", body: b"[1,2,3]".to_vec() }, 400, "malformed_request", "JSON"),
+        ("CSR is a number", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": 42})), 400, "malformed_request", "expected a string"),
+        ("unknown field", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "pathLen": 5})), 400, "malformed_request", "pathLen"),
+        ("duplicate field", Send::Raw { content_type: "application/json", body: format!("{{\"virtualMesh\":\"{VM}\",\"virtualMesh\":\"{VM}\",\"mesh\":\"{MESH_A}\",\"csr\":\"x\"}}").into_bytes() }, 400, "malformed_request", "duplicate"),
+    ];
+    assert!(cases.len() >= 30);
+    let url = signer.url("/v1/sign");
+    for (name, send, status, code, needle) in &cases {
+        let request = match send {
+            Send::Json(body) => client.post(&url).json(body),
+            Send::Raw { content_type, body } => client
+                .post(&url)
+                .header("content-type", *content_type)
+                .body(body.clone()),
+        };
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(response.status().as_u16(), *status, "{name}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], *code, "{name}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(needle),
+            "{name}: {needle:?} not in {message:?}"
+        );
+    }
+    // Every one of them is an audited decision, and the signer still issues.
+    assert_eq!(signer.audit_lines().len(), cases.len());
+    let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &good)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_is_told_to_wait_and_others_are_unaffected() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 6\nsign_burst = 3\n".into(),
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    for _ in 0..3 {
+        assert_eq!(
+            post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr_a))
+                .await
+                .0,
+            200
+        );
+    }
+    let response = client
+        .post(signer.url("/v1/sign"))
+        .json(&sign_body(VM, MESH_A, &csr_a))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+
+    let (_k, csr_b) = csr(KeyType::EcdsaP256, "acme", "b");
+    let (status, _) = post_sign(
+        &env.client("cluster-b"),
+        &signer,
+        &sign_body(VM, "test/cluster-b", &csr_b),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let audit = signer.audit_lines();
+    assert_eq!(audit[3]["rule"], "rate_limited");
+    assert_eq!(audit[3]["decision"], "deny");
+}
+
+#[tokio::test]
+async fn revoked_and_expired_client_certificates_are_refused() {
+    let env = Env::new();
+    let script = repo().join("scripts/transport-pki.sh");
+    let pki = env.path("pki");
+    run_ok(
+        Command::new(&script)
+            .arg("revoke")
+            .arg(&pki)
+            .arg("cluster-b"),
+    );
+    run_ok(
+        Command::new(&script)
+            .arg("client")
+            .arg(&pki)
+            .arg("old")
+            .arg(identity("cluster-a"))
+            .arg("-1"),
+    );
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let config = config.replace(
+        "client_ca = \"pki/ca.pem\"",
+        "client_ca = \"pki/ca.pem\"\nclient_crls = [\"pki/crl.pem\"]",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let signer = env.start_signer();
+    let (_k, csr_b) = csr(KeyType::EcdsaP256, "acme", "b");
+    let revoked = env
+        .client("cluster-b")
+        .post(signer.url("/v1/sign"))
+        .json(&sign_body(VM, "test/cluster-b", &csr_b))
+        .send()
+        .await;
+    assert!(revoked.is_err(), "a revoked client was served");
+    let expired = env.client("old").get(signer.url("/healthz")).send().await;
+    assert!(expired.is_err(), "an expired client was served");
+    // Neither reached a decision; a valid client still gets served.
+    assert!(signer.audit_lines().is_empty());
+    let (_k, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    assert_eq!(
+        post_sign(
+            &env.client("cluster-a"),
+            &signer,
+            &sign_body(VM, MESH_A, &csr_a)
+        )
+        .await
+        .0,
+        200
+    );
+    let logs = signer.logs();
+    assert!(
+        logs.contains("Revoked") || logs.contains("revoked"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("Expired") || logs.contains("expired"),
+        "{logs}"
+    );
+}
+
+/// A raw TLS connection presenting the named client's certificate.
+async fn tls_connect(
+    env: &Env,
+    signer: &Signer,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = meshca::tlsutil::client_config(
+        &env.path("pki/ca.pem"),
+        &env.path(&format!("pki/{name}.pem")),
+        &env.path(&format!("pki/{name}.key")),
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(signer.addr).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::IpAddress(signer.addr.ip().into());
+    connector.connect(server_name, tcp).await.unwrap()
+}
+
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
+    let env = Env::with(EnvSpec {
+        extra_toml:
+            "[limits]\nmax_connections = 4\nhandshake_timeout_ms = 300\nheader_timeout_ms = 300\n"
+                .into(),
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+
+    // A client that sends half a request line and stalls is disconnected.
+    let mut slow = tls_connect(&env, &signer, "cluster-a").await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a slow-header client was kept forever");
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+
+    // Many idle TCP connections (no TLS handshake) take at most max_connections slots,
+    // each for at most the handshake timeout; a real client still gets through.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
+    }
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let client = env.client("cluster-a");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)),
+    )
+    .await
+    .expect("the signer stopped serving under idle connections");
+    assert_eq!(answer.0, 200);
+    drop(idle);
+}
