@@ -820,6 +820,21 @@ async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
         (sent[0].method.as_str(), sent[0].path.as_str()),
         ("GET", SECRET)
     );
+    // An https cluster builds its rustls configuration with the ring provider (the only
+    // one compiled in): no panic about an ambiguous or missing crypto provider.
+    let ca = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(env.path("pki/ca.pem")).unwrap());
+    let tls_kubeconfig = kubeconfig.replace(
+        &format!("server: http://{}", cluster.addr),
+        &format!(
+            "server: https://{}\n    certificate-authority-data: {ca}",
+            cluster.addr
+        ),
+    );
+    assert!(tls_kubeconfig.contains("certificate-authority-data"));
+    meshca::agent::k8s::client_from_kubeconfig(&tls_kubeconfig, Some("remote"))
+        .await
+        .unwrap();
     let err = meshca::agent::k8s::client_from_kubeconfig("not: [yaml", None)
         .await
         .err()
