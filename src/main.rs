@@ -10,6 +10,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use meshca::agent::client::SignerClient;
+use meshca::agent::controller::{Controller, ControllerOptions};
+use meshca::agent::directory::{self, DirOptions, DirOutcome};
+use meshca::agent::k8s::Kube;
+use meshca::agent::rotation::RotationSettings;
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
 use meshca::config::SignerConfig;
@@ -77,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Install and rotate the intermediate: in Kubernetes (VirtualMeshCertificateSigningRequest
+    /// controller) or, with --target-dir, in a directory for istiod outside Kubernetes.
+    Agent(AgentArgs),
+    /// Print every CRD meshca defines (multi-document YAML).
+    Crds,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +154,68 @@ struct RequestArgs {
     /// Directory to write ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem into.
     #[arg(long)]
     out_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Directory mode: keep Istio's cacerts files in DIR (e.g. /etc/cacerts) instead of
+    /// reconciling VirtualMeshCertificateSigningRequests.
+    #[arg(long, value_name = "DIR")]
+    target_dir: Option<PathBuf>,
+    /// One pass, then exit (non-zero when it failed).
+    #[arg(long)]
+    once: bool,
+    /// Directory mode: signer base URL, e.g. https://127.0.0.1:8443
+    #[arg(long)]
+    signer: Option<String>,
+    /// CA bundle that verifies the signer's server certificate.
+    #[arg(long)]
+    ca_cert: PathBuf,
+    /// This cluster's client certificate.
+    #[arg(long)]
+    client_cert: PathBuf,
+    /// Its private key.
+    #[arg(long)]
+    client_key: PathBuf,
+    /// Directory mode: <namespace>/<name> of the virtual mesh.
+    #[arg(long)]
+    virtual_mesh: Option<ObjectRef>,
+    /// Directory mode: <namespace>/<name> of this cluster's mesh.
+    #[arg(long)]
+    mesh: Option<ObjectRef>,
+    /// Directory mode: key type of the intermediate (default: the policy's first).
+    #[arg(long)]
+    key_type: Option<KeyType>,
+    /// Directory mode: ask for a shorter lifetime than the policy's maximum.
+    #[arg(long)]
+    ttl_seconds: Option<u64>,
+    /// Directory mode: replace files meshca did not write.
+    #[arg(long)]
+    adopt: bool,
+    /// Directory mode: renew after this fraction of the lifetime.
+    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_RENEW_FRACTION)]
+    renew_fraction: f64,
+    /// Directory mode: renew up to this fraction of the lifetime earlier (fixed per serial).
+    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_JITTER_FRACTION)]
+    jitter_fraction: f64,
+    /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable).
+    #[arg(long = "retire-root", value_name = "SHA256")]
+    retire_roots: Vec<String>,
+    /// Longest time between two looks (and the cap of the retry backoff).
+    #[arg(long, default_value_t = 300)]
+    resync_seconds: u64,
+    /// Kubernetes mode: namespace of the requests and of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "service-mesh-hub")]
+    namespace: String,
+    /// Kubernetes mode: this replica's name in the Lease (default: $POD_NAME, $HOSTNAME).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Kubernetes mode: name of the leader-election Lease.
+    #[arg(long, default_value = "meshca-agent")]
+    lease_name: String,
+    /// Kubernetes mode: Lease duration in seconds.
+    #[arg(long, default_value_t = 30)]
+    lease_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -360,6 +431,13 @@ fn run(command: Command) -> Result<ExitCode> {
                 println!("  trusts root  sha256 {fp}");
             }
         }
+        Command::Crds => {
+            print!(
+                "{}",
+                meshca::agent::crd::crds_yaml().map_err(|e| anyhow!("cannot print CRDs: {e}"))?
+            );
+        }
+        Command::Agent(args) => return agent(args),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => {
@@ -383,5 +461,106 @@ fn run(command: Command) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn agent(args: AgentArgs) -> Result<ExitCode> {
+    let resync = std::time::Duration::from_secs(args.resync_seconds.max(1));
+    let Some(target) = args.target_dir.clone() else {
+        return kubernetes_agent(args, resync);
+    };
+    let missing: Vec<&str> = [
+        ("--signer", args.signer.is_none()),
+        ("--virtual-mesh", args.virtual_mesh.is_none()),
+        ("--mesh", args.mesh.is_none()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, absent)| absent.then_some(flag))
+    .collect();
+    if !missing.is_empty() {
+        bail!("directory mode (--target-dir) needs {}", missing.join(", "));
+    }
+    let signer = args.signer.unwrap_or_default();
+    let client = SignerClient::new(&signer, &args.ca_cert, &args.client_cert, &args.client_key)?;
+    let opts = DirOptions {
+        target,
+        virtual_mesh: args.virtual_mesh.ok_or_else(|| anyhow!("--virtual-mesh"))?,
+        mesh: args.mesh.ok_or_else(|| anyhow!("--mesh"))?,
+        key_type: args.key_type,
+        ttl_seconds: args.ttl_seconds,
+        adopt: args.adopt,
+        rotation: RotationSettings::new(args.renew_fraction, args.jitter_fraction)?,
+        retired_roots: args.retire_roots,
+    };
+    let rt = runtime()?;
+    if args.once {
+        let outcome = rt.block_on(directory::reconcile(&client, &opts, SystemTime::now()))?;
+        directory::log_outcome(&opts.target, &outcome);
+        let (what, s) = match &outcome {
+            DirOutcome::Installed {
+                reason, summary, ..
+            } => (format!("installed a new intermediate ({reason})"), summary),
+            DirOutcome::RootsRewritten { summary, .. } => ("rewrote root-cert.pem".into(), summary),
+            DirOutcome::UpToDate { summary, .. } => {
+                ("bundle valid and not due; nothing written".into(), summary)
+            }
+        };
+        println!("meshca: {}: {what}", opts.target.display());
+        println!("  serial       {}", s.serial);
+        println!("  not after    {}", rfc3339(s.not_after));
+        println!("  renew at     {}", rfc3339(outcome.renew_at()));
+        println!("  root sha256  {}", s.anchor_fingerprint);
+        return Ok(ExitCode::SUCCESS);
+    }
+    rt.block_on(directory::run(
+        &client,
+        &opts,
+        resync,
+        meshca::signer::server::wait_for_signal(),
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<ExitCode> {
+    if args.signer.is_some() || args.virtual_mesh.is_some() || args.mesh.is_some() {
+        bail!(
+            "--signer, --virtual-mesh and --mesh are for directory mode (--target-dir); in Kubernetes they come from each VirtualMeshCertificateSigningRequest"
+        );
+    }
+    // Fail at start on unreadable client credentials (they are read again on every
+    // pass, so a rotated Secret is picked up).
+    meshca::tlsutil::client_config(&args.ca_cert, &args.client_cert, &args.client_key)?;
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("meshca-agent-{}", std::process::id()));
+    let opts = ControllerOptions {
+        namespace: args.namespace,
+        identity,
+        lease_name: args.lease_name,
+        lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
+        resync,
+        ca_cert: args.ca_cert,
+        client_cert: args.client_cert,
+        client_key: args.client_key,
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let config = kube::Config::infer()
+            .await
+            .context("cannot find a Kubernetes configuration (in-cluster or kubeconfig)")?;
+        let client =
+            kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
+        let controller = Controller::new(Kube::new(client), opts);
+        if args.once {
+            let next = controller.run_once().await?;
+            println!("meshca: one pass done; next look in {}s", next.as_secs());
+        } else {
+            controller
+                .run(meshca::signer::server::wait_for_signal())
+                .await;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }

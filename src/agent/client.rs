@@ -37,6 +37,10 @@ pub struct PublicPolicy {
     pub accepted_key_types: Vec<String>,
     pub meshes: Vec<String>,
     pub root_not_after: String,
+    /// SHA-256 of the signer's current root: the agent compares it with the installed
+    /// bundle's to notice a root change.
+    #[serde(default)]
+    pub root_fingerprint_sha256: Option<String>,
 }
 
 /// `POST /v1/sign` request.

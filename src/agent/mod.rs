@@ -4,13 +4,19 @@
 
 pub mod cacerts;
 pub mod client;
+pub mod controller;
+pub mod crd;
+pub mod directory;
+pub mod k8s;
+pub mod restart;
+pub mod rotation;
 
 use std::path::PathBuf;
 use std::time::SystemTime;
 
 use der::EncodePem;
 
-use self::client::{ClientError, SignRequestBody, SignerClient};
+use self::client::{ClientError, PublicPolicy, SignRequestBody, SignerClient};
 use crate::pki::bundle::{BundleError, BundleFiles, BundleSummary, verify_bundle};
 use crate::pki::csr::build_csr;
 use crate::pki::keys::{KeyError, KeyType, PrivateKey};
@@ -48,6 +54,10 @@ pub enum AgentError {
     Bundle(#[from] BundleError),
     #[error("cannot write {dir}: {message}")]
     Write { dir: String, message: String },
+    #[error("{0} is not meshca's: refusing to overwrite it (set adopt to let meshca replace it)")]
+    Foreign(String),
+    #[error("the signer's root does not match what it announced: {0}")]
+    RootMismatch(String),
 }
 
 /// Picks the key type: the requested one if the policy accepts it, else the most
@@ -87,22 +97,55 @@ pub struct RequestOutcome {
     pub summary: BundleSummary,
 }
 
-/// Fetch policy, generate key, CSR, sign, verify, install: one intermediate.
-pub async fn request_intermediate(
+/// How root-cert.pem of a new bundle is built.
+#[derive(Debug, Clone, Default)]
+pub enum RootsPlan {
+    /// Exactly the signer's rootCert (`meshca request`).
+    #[default]
+    SignerOnly,
+    /// The signer's root first, then the still-wanted roots of the previous root-cert.pem
+    /// (see [`rotation::compose_root_cert`]).
+    Merge {
+        previous: Option<String>,
+        retired: Vec<String>,
+    },
+}
+
+/// What to ask the signer for.
+#[derive(Debug, Clone)]
+pub struct BundleRequest {
+    pub virtual_mesh: ObjectRef,
+    pub mesh: ObjectRef,
+    pub key_type: Option<KeyType>,
+    pub ttl_seconds: Option<u64>,
+    pub roots: RootsPlan,
+}
+
+/// A new bundle, checked as istiod would, not yet written anywhere.
+#[derive(Debug)]
+pub struct Obtained {
+    pub files: BundleFiles,
+    pub key_type: KeyType,
+    pub summary: BundleSummary,
+}
+
+/// Generate key, CSR, sign, verify: one intermediate in memory (the key leaves this
+/// process only when the caller writes the bundle).
+pub async fn obtain_bundle(
     client: &SignerClient,
-    opts: &RequestOptions,
-) -> Result<RequestOutcome, AgentError> {
-    let policy = client.policy(&opts.virtual_mesh).await?;
+    policy: &PublicPolicy,
+    request: &BundleRequest,
+) -> Result<Obtained, AgentError> {
     let key_type = choose_key_type(
         &policy.accepted_key_types,
-        opts.key_type,
+        request.key_type,
         &policy.virtual_mesh,
     )?;
     // RSA generation takes a while: keep it off the async workers.
     let key = tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
         .await
         .map_err(|e| AgentError::Csr(e.to_string()))??;
-    let subject = subject_name(&policy.org_name, &opts.mesh.name)
+    let subject = subject_name(&policy.org_name, &request.mesh.name)
         .map_err(|e| AgentError::Csr(e.to_string()))?;
     let csr = build_csr(&key, subject)
         .map_err(|e| AgentError::Csr(e.to_string()))?
@@ -110,24 +153,67 @@ pub async fn request_intermediate(
         .map_err(|e| AgentError::Csr(e.to_string()))?;
     let response = client
         .sign(&SignRequestBody {
-            virtual_mesh: opts.virtual_mesh.to_string(),
-            mesh: opts.mesh.to_string(),
+            virtual_mesh: request.virtual_mesh.to_string(),
+            mesh: request.mesh.to_string(),
             csr,
-            ttl_seconds: opts.ttl_seconds,
+            ttl_seconds: request.ttl_seconds,
         })
         .await?;
+    let now = SystemTime::now();
+    let root_cert = match &request.roots {
+        RootsPlan::SignerOnly => response.root_cert,
+        RootsPlan::Merge { previous, retired } => {
+            rotation::compose_root_cert(&response.root_cert, previous.as_deref(), retired, now)
+        }
+    };
     let files = BundleFiles {
         ca_cert: response.certificate,
         ca_key: key.to_pkcs8_pem()?.to_string(),
         cert_chain: response.cert_chain,
-        root_cert: response.root_cert,
+        root_cert,
     };
-    let summary = verify_bundle(&files, None, SystemTime::now())?;
-    cacerts::write_bundle(&opts.out_dir, &files).map_err(|e| AgentError::Write {
+    let summary = verify_bundle(&files, None, now)?;
+    if let Some(announced) = &policy.root_fingerprint_sha256
+        && !announced.eq_ignore_ascii_case(&summary.anchor_fingerprint)
+    {
+        return Err(AgentError::RootMismatch(format!(
+            "policy names root sha256 {announced}, the chain ends at {}",
+            summary.anchor_fingerprint
+        )));
+    }
+    Ok(Obtained {
+        files,
+        key_type,
+        summary,
+    })
+}
+
+/// Fetch policy, generate key, CSR, sign, verify, install: one intermediate.
+pub async fn request_intermediate(
+    client: &SignerClient,
+    opts: &RequestOptions,
+) -> Result<RequestOutcome, AgentError> {
+    let policy = client.policy(&opts.virtual_mesh).await?;
+    let obtained = obtain_bundle(
+        client,
+        &policy,
+        &BundleRequest {
+            virtual_mesh: opts.virtual_mesh.clone(),
+            mesh: opts.mesh.clone(),
+            key_type: opts.key_type,
+            ttl_seconds: opts.ttl_seconds,
+            roots: RootsPlan::SignerOnly,
+        },
+    )
+    .await?;
+    cacerts::write_bundle(&opts.out_dir, &obtained.files).map_err(|e| AgentError::Write {
         dir: opts.out_dir.display().to_string(),
         message: e.to_string(),
     })?;
-    Ok(RequestOutcome { key_type, summary })
+    Ok(RequestOutcome {
+        key_type: obtained.key_type,
+        summary: obtained.summary,
+    })
 }
 
 #[cfg(test)]

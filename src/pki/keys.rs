@@ -17,7 +17,19 @@ use spki::SubjectPublicKeyInfoOwned;
 use zeroize::Zeroizing;
 
 /// A key algorithm and size meshca can generate, sign with or accept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 pub enum KeyType {
     #[serde(rename = "rsa2048")]
     Rsa2048,

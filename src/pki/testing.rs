@@ -29,3 +29,35 @@ pub fn software_root(key_type: KeyType, org: &str, ttl: Duration) -> (PrivateKey
     let cert = Certificate::from_der(&assemble(&tbs, algorithm, &signature).unwrap()).unwrap();
     (key, RootCa::from_certificate(cert).unwrap())
 }
+
+/// A complete `cacerts` bundle: an intermediate for mesh `cn` (org `org`, key type
+/// `key_type`) valid from `not_before` to `not_after`, signed in software by `root`.
+pub fn software_bundle(
+    root_key: &PrivateKey,
+    root: &RootCa,
+    org: &str,
+    cn: &str,
+    key_type: KeyType,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> super::bundle::BundleFiles {
+    use super::profile::intermediate_tbs;
+    let key = PrivateKey::generate(key_type).unwrap();
+    let plan = IntermediatePlan {
+        subject: subject_name(org, cn).unwrap(),
+        public_key: key.public_key_info().unwrap(),
+        serial: random_serial().unwrap(),
+        not_before,
+        not_after,
+    };
+    let tbs = intermediate_tbs(&plan, root).unwrap();
+    let (algorithm, signature) = sign_with(root_key, &tbs).unwrap();
+    let cert = Certificate::from_der(&assemble(&tbs, algorithm, &signature).unwrap()).unwrap();
+    let cert_pem = super::pem::certificate_pem(&cert);
+    super::bundle::BundleFiles {
+        ca_cert: cert_pem.clone(),
+        ca_key: key.to_pkcs8_pem().unwrap().to_string(),
+        cert_chain: format!("{cert_pem}{}", root.pem),
+        root_cert: root.pem.clone(),
+    }
+}

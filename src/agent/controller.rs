@@ -1,0 +1,673 @@
+//! The cluster agent: for every `VirtualMeshCertificateSigningRequest` in its namespace,
+//! look at the target Secret, decide ([`super::rotation`]), act through the thin
+//! [`super::k8s`] layer, continue the restart plan ([`super::restart`]) and write status.
+//!
+//! One replica acts at a time (a coordination.k8s.io Lease); every write is preceded by a
+//! leadership check. The loop lists the requests on a timer rather than watching: all it
+//! waits for (renewal time, ConfigMaps carrying the new root) is time-based anyway.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+
+use super::client::SignerClient;
+use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
+use super::k8s::{Kube, KubeError, LeaseAction, classify_secret, lease_action, lease_spec};
+use super::restart::{
+    InstallKind, RestartRecord, Stage, StageView, Step, next_step, restart_needed,
+};
+use super::rotation::{Decision, Desired, Installed, carries_root, decide, root_fingerprints};
+use super::{AgentError, BundleRequest, RootsPlan, obtain_bundle};
+use crate::pki::bundle::{BundleFiles, BundleSummary};
+use crate::signer::audit::rfc3339;
+
+/// How often a running restart plan is looked at again.
+const RESTART_POLL: Duration = Duration::from_secs(10);
+/// Bound on restart steps in one reconcile (each stage restarts, then advances).
+const MAX_RESTART_STEPS: usize = 16;
+
+/// The agent's settings (flags).
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Namespace of the requests and of the Lease.
+    pub namespace: String,
+    /// This replica's name in the Lease (the pod name).
+    pub identity: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    /// Longest time between two looks at a request.
+    pub resync: Duration,
+    /// The signer's CA and this cluster's client certificate (mounted from a Secret).
+    pub ca_cert: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("invalid spec: {0}")]
+    Spec(String),
+    #[error(transparent)]
+    Signer(#[from] AgentError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error("this replica is not the leader any more; nothing written")]
+    NotLeader,
+}
+
+impl ReconcileError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Spec(_) => "InvalidSpec",
+            ReconcileError::Signer(AgentError::Foreign(_)) => "ForeignSecret",
+            ReconcileError::Signer(AgentError::Client(_)) => "SignerError",
+            ReconcileError::Signer(_) => "IssuanceFailed",
+            ReconcileError::Kube(_) => "KubernetesError",
+            ReconcileError::NotLeader => "NotLeader",
+        }
+    }
+}
+
+/// Sets (or updates) a condition; its transition time changes only when its status does.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: SystemTime,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    let new = |last_transition_time| Condition {
+        type_: type_.into(),
+        status: status.clone(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time,
+        observed_generation: generation,
+    };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(existing) => {
+            let since = if existing.status == status {
+                existing.last_transition_time.clone()
+            } else {
+                rfc3339(now)
+            };
+            *existing = new(since);
+        }
+        None => conditions.push(new(rfc3339(now))),
+    }
+}
+
+fn parse_time(text: &str) -> Option<SystemTime> {
+    text.parse::<Timestamp>().ok().map(SystemTime::from)
+}
+
+/// Fills the installed-bundle fields of a status.
+fn record_bundle(
+    status: &mut VmcsrStatus,
+    summary: &BundleSummary,
+    root_cert: &str,
+    renew_at: SystemTime,
+) {
+    status.phase = Some(Phase::Installed);
+    status.serial = Some(summary.serial.clone());
+    status.not_after = Some(rfc3339(summary.not_after));
+    status.renew_at = Some(rfc3339(renew_at));
+    status.root_fingerprint = Some(summary.anchor_fingerprint.clone());
+    status.trusted_root_fingerprints = root_fingerprints(root_cert);
+}
+
+/// The agent.
+#[derive(Clone)]
+pub struct Controller {
+    kube: Kube,
+    opts: ControllerOptions,
+    /// Until when this replica holds the Lease (as last written by it).
+    leader_until: Arc<Mutex<Option<SystemTime>>>,
+}
+
+impl Controller {
+    pub fn new(kube: Kube, opts: ControllerOptions) -> Self {
+        Controller {
+            kube,
+            opts,
+            leader_until: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn set_leader_until(&self, until: Option<SystemTime>) {
+        if let Ok(mut guard) = self.leader_until.lock() {
+            *guard = until;
+        }
+    }
+
+    fn is_leader_at(&self, now: SystemTime) -> bool {
+        self.leader_until
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .is_some_and(|until| until > now)
+    }
+
+    /// One round of leader election: create, renew or take over the Lease, or follow.
+    pub async fn elect(&self, now: SystemTime) -> Result<bool, KubeError> {
+        let (ns, name) = (&self.opts.namespace, &self.opts.lease_name);
+        let current = self.kube.get_lease(ns, name).await?;
+        let action = lease_action(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.opts.identity,
+            now,
+        );
+        if let LeaseAction::Follow { holder } = &action {
+            tracing::debug!(%holder, "another replica leads");
+            self.set_leader_until(None);
+            return Ok(false);
+        }
+        let spec = lease_spec(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.opts.identity,
+            self.opts.lease_duration,
+            &action,
+            now,
+        );
+        let result = match current {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(ns.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(spec),
+                };
+                self.kube.create_lease(ns, &lease).await
+            }
+            Some(mut lease) => {
+                lease.spec = Some(spec);
+                self.kube.replace_lease(ns, name, &lease).await
+            }
+        };
+        match result {
+            Ok(_) => {
+                if action != LeaseAction::Renew {
+                    tracing::info!(identity = %self.opts.identity, "became the leader");
+                }
+                // Keep a margin: act only while the Lease is surely ours.
+                self.set_leader_until(Some(now + self.opts.lease_duration * 2 / 3));
+                Ok(true)
+            }
+            // Someone else wrote the Lease in between (409) or created it first.
+            Err(e) if matches!(e.code(), Some(409)) => {
+                self.set_leader_until(None);
+                Ok(false)
+            }
+            Err(e) => {
+                self.set_leader_until(None);
+                Err(e)
+            }
+        }
+    }
+
+    /// On shutdown: give the Lease up so another replica need not wait for it to expire.
+    pub async fn release(&self) -> Result<(), KubeError> {
+        self.set_leader_until(None);
+        let (ns, name) = (&self.opts.namespace, &self.opts.lease_name);
+        let Some(mut lease) = self.kube.get_lease(ns, name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.opts.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        self.kube.replace_lease(ns, name, &lease).await.map(|_| ())
+    }
+
+    /// Before any write: still the leader (renewing if the margin ran out)?
+    async fn ensure_leader(&self) -> Result<(), ReconcileError> {
+        let now = SystemTime::now();
+        if self.is_leader_at(now + Duration::from_secs(5)) || self.elect(now).await? {
+            Ok(())
+        } else {
+            Err(ReconcileError::NotLeader)
+        }
+    }
+
+    /// Elect, then (as leader) reconcile every request once. Returns when to come back.
+    pub async fn run_once(&self) -> Result<Duration, KubeError> {
+        let now = SystemTime::now();
+        if !self.elect(now).await? {
+            return Ok(Duration::from_secs(5).min(self.opts.lease_duration / 3));
+        }
+        self.reconcile_all().await
+    }
+
+    /// The long-running agent: a lease-renewal task and the reconcile loop, until
+    /// `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let renewer = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = this.elect(SystemTime::now()).await {
+                        tracing::warn!(error = %e, "leader election failed");
+                    }
+                    tokio::time::sleep(this.opts.lease_duration / 3).await;
+                }
+            })
+        };
+        tokio::pin!(shutdown);
+        let mut failures = 0u32;
+        loop {
+            let delay = if self.is_leader_at(SystemTime::now()) {
+                match self.reconcile_all().await {
+                    Ok(delay) => {
+                        failures = 0;
+                        delay
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let delay = super::directory::backoff(failures, self.opts.resync);
+                        tracing::error!(error = %e, retry_in_seconds = delay.as_secs(), "cannot list requests");
+                        delay
+                    }
+                }
+            } else {
+                Duration::from_secs(2)
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        renewer.abort();
+        if let Err(e) = self.release().await {
+            tracing::warn!(error = %e, "cannot release the Lease; it expires by itself");
+        }
+    }
+
+    async fn reconcile_all(&self) -> Result<Duration, KubeError> {
+        let requests = self.kube.list_requests(&self.opts.namespace).await?;
+        let mut next = self.opts.resync;
+        for request in &requests {
+            next = next.min(self.reconcile(request).await);
+        }
+        Ok(next.max(Duration::from_secs(1)))
+    }
+
+    /// Reconciles one request and writes its status when it changed. Returns when to look
+    /// at it again. Errors end up in status (phase Failed, lastError), never lost.
+    pub async fn reconcile(&self, request: &VirtualMeshCertificateSigningRequest) -> Duration {
+        let ns = request.metadata.namespace.clone().unwrap_or_default();
+        let name = request.metadata.name.clone().unwrap_or_default();
+        let generation = request.metadata.generation;
+        let before = request.status.clone().unwrap_or_default();
+        let mut status = before.clone();
+        let now = SystemTime::now();
+        let result = self.reconcile_inner(request, &mut status, now).await;
+        let next = match result {
+            Ok(next) => {
+                status.last_error = None;
+                next
+            }
+            Err(e) => {
+                tracing::error!(request = %format!("{ns}/{name}"), error = %e, "reconcile failed");
+                status.phase = Some(Phase::Failed);
+                status.last_error = Some(e.to_string());
+                set_condition(
+                    &mut status.conditions,
+                    "Ready",
+                    false,
+                    e.reason(),
+                    &e.to_string(),
+                    generation,
+                    now,
+                );
+                super::directory::backoff(1, self.opts.resync).max(Duration::from_secs(15))
+            }
+        };
+        status.observed_generation = generation;
+        if status != before
+            && let Err(e) = self.kube.apply_status(&ns, &name, &status).await
+        {
+            tracing::error!(request = %format!("{ns}/{name}"), error = %e, "cannot write status");
+        }
+        next
+    }
+
+    async fn reconcile_inner(
+        &self,
+        request: &VirtualMeshCertificateSigningRequest,
+        status: &mut VmcsrStatus,
+        now: SystemTime,
+    ) -> Result<Duration, ReconcileError> {
+        let spec = &request.spec;
+        let ns = request.metadata.namespace.clone().unwrap_or_default();
+        let name = request.metadata.name.clone().unwrap_or_default();
+        let generation = request.metadata.generation;
+        let owner = format!("{ns}/{name}");
+        let virtual_mesh = spec.virtual_mesh.to_ref().map_err(ReconcileError::Spec)?;
+        let mesh = spec.mesh.to_ref().map_err(ReconcileError::Spec)?;
+        let target = spec.target.to_ref().map_err(ReconcileError::Spec)?;
+        let rotation = spec
+            .rotation
+            .settings()
+            .map_err(|e| ReconcileError::Spec(e.to_string()))?;
+        let client = SignerClient::new(
+            &spec.signer.url,
+            &self.opts.ca_cert,
+            &self.opts.client_cert,
+            &self.opts.client_key,
+        )
+        .map_err(AgentError::from)?;
+
+        let secret = self
+            .kube
+            .get_secret(&target.namespace, &target.name)
+            .await?;
+        let installed = classify_secret(secret.as_ref(), &owner);
+        let policy = client.policy(&virtual_mesh).await;
+        let desired = Desired {
+            mesh_name: mesh.name.clone(),
+            key_type: spec.key_type,
+            adopt: spec.adopt,
+            signer_root: policy
+                .as_ref()
+                .ok()
+                .and_then(|p| p.root_fingerprint_sha256.clone()),
+            retired_roots: spec.rotation.retired_root_fingerprints.clone(),
+            rotation,
+        };
+        if status.phase.is_none() {
+            status.phase = Some(Phase::Pending);
+        }
+        let renew_at = match decide(&installed, &desired, now) {
+            Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
+            Decision::UpToDate { summary, renew_at } => {
+                if let Err(e) = &policy {
+                    tracing::warn!(request = %owner, error = %e, "signer not reachable; installed bundle valid and not due");
+                }
+                if let Installed::Ours(files) = &installed {
+                    record_bundle(status, &summary, &files.root_cert, renew_at);
+                }
+                renew_at
+            }
+            Decision::RewriteRoots {
+                root_cert,
+                summary,
+                renew_at,
+            } => {
+                let Installed::Ours(files) = &installed else {
+                    return Err(ReconcileError::Spec("rewrite without a bundle".into()));
+                };
+                let files = BundleFiles {
+                    root_cert,
+                    ..files.clone()
+                };
+                self.ensure_leader().await?;
+                self.kube
+                    .apply_secret(&target.namespace, &target.name, &owner, &files)
+                    .await?;
+                tracing::info!(request = %owner, "root-cert.pem rewritten (old root retired or expired)");
+                record_bundle(status, &summary, &files.root_cert, renew_at);
+                renew_at
+            }
+            Decision::Issue {
+                reason,
+                previous_roots,
+            } => {
+                let policy = policy.map_err(AgentError::from)?;
+                tracing::info!(request = %owner, reason = %reason, "requesting a new intermediate");
+                status.phase = Some(Phase::Requested);
+                self.kube.apply_status(&ns, &name, status).await?;
+                let obtained = obtain_bundle(
+                    &client,
+                    &policy,
+                    &BundleRequest {
+                        virtual_mesh,
+                        mesh,
+                        key_type: spec.key_type,
+                        ttl_seconds: spec.ttl_seconds,
+                        roots: RootsPlan::Merge {
+                            previous: previous_roots,
+                            retired: spec.rotation.retired_root_fingerprints.clone(),
+                        },
+                    },
+                )
+                .await?;
+                status.phase = Some(Phase::Issued);
+                status.serial = Some(obtained.summary.serial.clone());
+                self.kube.apply_status(&ns, &name, status).await?;
+                self.ensure_leader().await?;
+                self.kube
+                    .apply_secret(&target.namespace, &target.name, &owner, &obtained.files)
+                    .await?;
+                let summary = &obtained.summary;
+                let renew_at = super::rotation::renew_at(
+                    summary.not_before,
+                    summary.not_after,
+                    &summary.serial,
+                    &rotation,
+                );
+                tracing::info!(request = %owner, serial = %summary.serial, reason = reason.code(), "installed a new intermediate");
+                record_bundle(status, summary, &obtained.files.root_cert, renew_at);
+                let kind = if matches!(installed, Installed::None) {
+                    InstallKind::FirstInstall
+                } else {
+                    InstallKind::Replacement
+                };
+                if restart_needed(spec.restart.policy, kind) {
+                    status.restart = Some(RestartRecord {
+                        serial: summary.serial.clone(),
+                        root_fingerprint: summary.anchor_fingerprint.clone(),
+                        stage: Stage::Istiod,
+                        stage_started: rfc3339(now),
+                        restarted: vec![],
+                        message: None,
+                    });
+                }
+                renew_at
+            }
+        };
+        set_condition(
+            &mut status.conditions,
+            "Ready",
+            true,
+            "Installed",
+            "a valid intermediate is installed",
+            generation,
+            now,
+        );
+
+        let mut next = renew_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(self.opts.resync);
+        // `never` also stops a plan already under way.
+        let restarts_allowed = spec.restart.policy != super::restart::RestartPolicy::Never;
+        if restarts_allowed && let Some(mut record) = status.restart.take() {
+            let progress = self
+                .progress_restarts(request, &target.namespace, &mut record, now)
+                .await;
+            let final_stage = record.stage;
+            let message = record.message.clone().unwrap_or_default();
+            status.restart = Some(record);
+            progress?;
+            let (done, reason) = match final_stage {
+                Stage::Complete => (true, "Complete"),
+                Stage::TimedOut => (false, "TimedOut"),
+                _ => (false, "InProgress"),
+            };
+            set_condition(
+                &mut status.conditions,
+                "Restarted",
+                done,
+                reason,
+                &message,
+                generation,
+                now,
+            );
+            if !final_stage.is_final() {
+                next = next.min(RESTART_POLL);
+            }
+        }
+        Ok(next)
+    }
+
+    /// Advances the restart plan as far as it can go now (bounded).
+    async fn progress_restarts(
+        &self,
+        request: &VirtualMeshCertificateSigningRequest,
+        istiod_namespace: &str,
+        record: &mut RestartRecord,
+        now: SystemTime,
+    ) -> Result<(), ReconcileError> {
+        let spec = &request.spec.restart;
+        let bound = Duration::from_secs(spec.wait_seconds);
+        for _ in 0..MAX_RESTART_STEPS {
+            if record.stage.is_final() {
+                return Ok(());
+            }
+            let scopes: Vec<(&str, &str)> = match record.stage {
+                Stage::Istiod => vec![(istiod_namespace, spec.istiod_selector.as_str())],
+                Stage::Gateways => spec
+                    .gateway_namespaces
+                    .iter()
+                    .map(|ns| (ns.as_str(), spec.gateway_selector.as_str()))
+                    .collect(),
+                Stage::Workloads => spec
+                    .workload_namespaces
+                    .iter()
+                    .map(|ns| (ns.as_str(), spec.workload_selector.as_str()))
+                    .collect(),
+                Stage::Complete | Stage::TimedOut => vec![],
+            };
+            let mut view = StageView::default();
+            for (ns, selector) in scopes {
+                view.targets
+                    .extend(self.kube.list_deployments(ns, selector).await?);
+            }
+            if record.stage != Stage::Istiod {
+                let namespaces: std::collections::BTreeSet<String> =
+                    view.targets.iter().map(|t| t.namespace.clone()).collect();
+                for ns in namespaces {
+                    let carried = self
+                        .kube
+                        .root_configmap(&ns)
+                        .await?
+                        .is_some_and(|pem| carries_root(&pem, &record.root_fingerprint));
+                    if carried {
+                        view.ready_namespaces.insert(ns);
+                    }
+                }
+            }
+            let started = parse_time(&record.stage_started).unwrap_or(now);
+            match next_step(record, &view, started, now, bound) {
+                Step::Restart(targets) => {
+                    self.ensure_leader().await?;
+                    for target in targets {
+                        self.kube
+                            .restart_deployment(
+                                &target.namespace,
+                                &target.name,
+                                &record.serial,
+                                now,
+                            )
+                            .await?;
+                        tracing::info!(deployment = %target.id(), serial = %record.serial, "rolling restart");
+                        record.restarted.push(target.id());
+                    }
+                }
+                Step::Advance(stage) => {
+                    record.stage = stage;
+                    record.stage_started = rfc3339(now);
+                    record.message = None;
+                }
+                Step::Wait { namespaces } => {
+                    record.message = Some(format!(
+                        "waiting for {} in {} to carry root sha256 {}",
+                        super::k8s::ROOT_CONFIGMAP,
+                        namespaces.join(", "),
+                        record.root_fingerprint
+                    ));
+                    return Ok(());
+                }
+                Step::TimeOut { namespaces } => {
+                    record.stage = Stage::TimedOut;
+                    record.message = Some(format!(
+                        "{} in {} did not carry the new root within {}s; no further restarts for serial {} (restart those workloads by hand once it does)",
+                        super::k8s::ROOT_CONFIGMAP,
+                        namespaces.join(", "),
+                        spec.wait_seconds,
+                        record.serial
+                    ));
+                    return Ok(());
+                }
+                Step::Done => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_keep_their_transition_time_until_status_changes() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t1 = t0 + Duration::from_secs(60);
+        let mut conditions = vec![];
+        set_condition(
+            &mut conditions,
+            "Ready",
+            true,
+            "Installed",
+            "ok",
+            Some(1),
+            t0,
+        );
+        set_condition(
+            &mut conditions,
+            "Ready",
+            true,
+            "Installed",
+            "ok again",
+            Some(2),
+            t1,
+        );
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].last_transition_time, rfc3339(t0));
+        assert_eq!(conditions[0].message, "ok again");
+        assert_eq!(conditions[0].observed_generation, Some(2));
+        set_condition(
+            &mut conditions,
+            "Ready",
+            false,
+            "SignerError",
+            "down",
+            Some(2),
+            t1,
+        );
+        assert_eq!(conditions[0].last_transition_time, rfc3339(t1));
+        assert_eq!(conditions[0].status, "False");
+        set_condition(&mut conditions, "Restarted", true, "Complete", "", None, t1);
+        assert_eq!(conditions.len(), 2);
+    }
+
+    #[test]
+    fn status_times_round_trip() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(parse_time(&rfc3339(t)), Some(t));
+        assert_eq!(parse_time("yesterday"), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! The agent's custom resource, `VirtualMeshCertificateSigningRequest`
+//! (`meshca.dev/v1alpha1`, short name `vmcsr`), derived from these Rust types, and
+//! `meshca crds`: every CRD meshca defines as multi-document YAML.
+//!
+//! To add a CRD (the management plane's VirtualMesh, Mesh), append its `crd()` to
+//! [`all_crds`]; `meshca crds`, deploy/ and the test comparing them follow.
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::restart::{RestartPolicy, RestartRecord};
+use super::rotation::{
+    DEFAULT_JITTER_FRACTION, DEFAULT_RENEW_FRACTION, RotationSettings, SettingsError,
+};
+use crate::pki::keys::KeyType;
+use crate::policy::ObjectRef;
+
+/// A cluster's request for its Istio intermediate CA: which mesh, from which signer,
+/// where to install it, when to rotate, what to restart.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "meshca.dev",
+    version = "v1alpha1",
+    kind = "VirtualMeshCertificateSigningRequest",
+    namespaced,
+    shortname = "vmcsr",
+    status = "VmcsrStatus",
+    derive = "PartialEq",
+    doc = "Request for a cluster's Istio intermediate CA, signed by a meshca signer and installed as the cacerts Secret.",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Expiry","type":"date","description":"notAfter of the installed intermediate","jsonPath":".status.notAfter"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VmcsrSpec {
+    /// The VirtualMesh whose policy governs the intermediate.
+    pub virtual_mesh: NamespacedName,
+    /// This cluster's mesh (a member of the virtual mesh); the intermediate's CN.
+    pub mesh: NamespacedName,
+    /// The signer to ask.
+    pub signer: SignerRef,
+    /// The Secret istiod reads (default istio-system/cacerts).
+    #[serde(default)]
+    pub target: NamespacedName,
+    /// Replace a `cacerts` Secret meshca did not create (its roots stay trusted).
+    #[serde(default)]
+    pub adopt: bool,
+    /// Key type of the intermediate (default: the first of ecdsa-p256, ecdsa-p384,
+    /// rsa2048, rsa3072, rsa4096 the policy accepts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<KeyType>,
+    /// Ask for less than the policy's maximum lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub rotation: RotationSpec,
+    #[serde(default)]
+    pub restart: RestartSpec,
+}
+
+/// `{namespace, name}` of an object.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Default for NamespacedName {
+    /// Istio's plugged-in CA Secret.
+    fn default() -> Self {
+        NamespacedName {
+            namespace: "istio-system".into(),
+            name: "cacerts".into(),
+        }
+    }
+}
+
+impl NamespacedName {
+    /// Checked conversion (DNS names).
+    pub fn to_ref(&self) -> Result<ObjectRef, String> {
+        format!("{}/{}", self.namespace, self.name)
+            .parse()
+            .map_err(|e: crate::policy::virtual_mesh::ObjectRefError| e.to_string())
+    }
+}
+
+/// Where the signer is. The client certificate is the agent's (mounted from a Secret).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SignerRef {
+    /// https://host:port
+    pub url: String,
+}
+
+/// When to renew and which old roots to stop trusting.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// Renew after this fraction of the lifetime (0.1 to 0.95, default 2/3).
+    #[serde(default = "default_renew_fraction")]
+    pub renew_fraction: f64,
+    /// Renew up to this fraction of the lifetime earlier, fixed per certificate by its
+    /// serial (0 to 0.5, default 0.05).
+    #[serde(default = "default_jitter_fraction")]
+    pub jitter_fraction: f64,
+    /// SHA-256 fingerprints of old roots to drop from root-cert.pem once every cluster
+    /// has moved to the new root (set by the operator or the management plane).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_root_fingerprints: Vec<String>,
+}
+
+fn default_renew_fraction() -> f64 {
+    DEFAULT_RENEW_FRACTION
+}
+
+fn default_jitter_fraction() -> f64 {
+    DEFAULT_JITTER_FRACTION
+}
+
+impl Default for RotationSpec {
+    fn default() -> Self {
+        RotationSpec {
+            renew_fraction: DEFAULT_RENEW_FRACTION,
+            jitter_fraction: DEFAULT_JITTER_FRACTION,
+            retired_root_fingerprints: vec![],
+        }
+    }
+}
+
+impl RotationSpec {
+    pub fn settings(&self) -> Result<RotationSettings, SettingsError> {
+        RotationSettings::new(self.renew_fraction, self.jitter_fraction)
+    }
+}
+
+/// What to restart after a new intermediate, and how long to wait for the new root.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartSpec {
+    /// auto (only the first switch from Istio's self-signed CA), always, never.
+    #[serde(default)]
+    pub policy: RestartPolicy,
+    /// Label selector of the istiod Deployments, in the target Secret's namespace.
+    #[serde(default = "default_istiod_selector")]
+    pub istiod_selector: String,
+    /// Namespaces holding gateway Deployments.
+    #[serde(default = "default_gateway_namespaces")]
+    pub gateway_namespaces: Vec<String>,
+    /// Label selector of the gateway Deployments.
+    #[serde(default = "default_gateway_selector")]
+    pub gateway_selector: String,
+    /// Namespaces whose workloads restart (after their istio-ca-root-cert carries the
+    /// new root).
+    #[serde(default)]
+    pub workload_namespaces: Vec<String>,
+    /// Label selector of the workload Deployments (empty: all in those namespaces).
+    #[serde(default)]
+    pub workload_selector: String,
+    /// How long a stage waits for a namespace's istio-ca-root-cert before the plan stops.
+    #[serde(default = "default_wait_seconds")]
+    pub wait_seconds: u64,
+}
+
+fn default_istiod_selector() -> String {
+    "app=istiod".into()
+}
+
+fn default_gateway_namespaces() -> Vec<String> {
+    vec!["istio-system".into()]
+}
+
+fn default_gateway_selector() -> String {
+    "istio in (ingressgateway,egressgateway,eastwestgateway)".into()
+}
+
+fn default_wait_seconds() -> u64 {
+    900
+}
+
+impl Default for RestartSpec {
+    fn default() -> Self {
+        RestartSpec {
+            policy: RestartPolicy::default(),
+            istiod_selector: default_istiod_selector(),
+            gateway_namespaces: default_gateway_namespaces(),
+            gateway_selector: default_gateway_selector(),
+            workload_namespaces: vec![],
+            workload_selector: String::new(),
+            wait_seconds: default_wait_seconds(),
+        }
+    }
+}
+
+/// Lifecycle of a request.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Seen, nothing done yet (or waiting for leadership).
+    Pending,
+    /// A CSR was sent to the signer.
+    Requested,
+    /// The signer answered with a certificate that passed istiod's checks.
+    Issued,
+    /// The bundle is in the target Secret.
+    Installed,
+    /// The last attempt failed (see lastError); an installed bundle stays in place.
+    Failed,
+}
+
+/// A standard Kubernetes condition.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// What the agent observed and did.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmcsrStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Serial (hex) of the installed intermediate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// notAfter of the installed intermediate (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// When the agent renews it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<String>,
+    /// SHA-256 of the root the intermediate chains to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_fingerprint: Option<String>,
+    /// SHA-256 of every root in root-cert.pem (more than one during a root change).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_root_fingerprints: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The restart plan of the installed serial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartRecord>,
+}
+
+/// Every CRD meshca defines, in the order `meshca crds` prints them.
+pub fn all_crds() -> Vec<CustomResourceDefinition> {
+    vec![VirtualMeshCertificateSigningRequest::crd()]
+}
+
+/// `meshca crds`: multi-document YAML, each document starting with `---`.
+pub fn crds_yaml() -> Result<String, String> {
+    let mut out = String::new();
+    for crd in all_crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_spec_gets_the_documented_defaults() {
+        let spec: VmcsrSpec = serde_json::from_value(serde_json::json!({
+            "virtualMesh": {"namespace": "service-mesh-hub", "name": "virtual-mesh"},
+            "mesh": {"namespace": "service-mesh-hub", "name": "cluster-a"},
+            "signer": {"url": "https://signer.example:8443"}
+        }))
+        .unwrap();
+        assert_eq!(spec.target, NamespacedName::default());
+        assert_eq!(
+            spec.target.to_ref().unwrap().to_string(),
+            "istio-system/cacerts"
+        );
+        assert!(!spec.adopt);
+        assert_eq!(
+            spec.rotation.settings().unwrap(),
+            RotationSettings::default()
+        );
+        assert_eq!(spec.restart, RestartSpec::default());
+        assert_eq!(spec.restart.policy, RestartPolicy::Auto);
+    }
+
+    #[test]
+    fn the_crd_has_the_names_columns_and_status_subresource() {
+        let crd = VirtualMeshCertificateSigningRequest::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("virtualmeshcertificatesigningrequests.meshca.dev")
+        );
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["vmcsr".to_string()]));
+        let version = &crd.spec.versions[0];
+        assert_eq!(version.name, "v1alpha1");
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<(String, String)> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| (c.name.clone(), c.json_path.clone()))
+            .collect();
+        assert_eq!(
+            columns,
+            vec![
+                ("Phase".into(), ".status.phase".into()),
+                ("Expiry".into(), ".status.notAfter".into()),
+                ("Age".into(), ".metadata.creationTimestamp".into()),
+            ]
+        );
+        let yaml = crds_yaml().unwrap();
+        assert!(yaml.starts_with("---\n"));
+        assert!(yaml.contains("kind: CustomResourceDefinition"));
+    }
+
+    #[test]
+    fn restart_policy_values_are_lowercase() {
+        for (text, policy) in [
+            ("auto", RestartPolicy::Auto),
+            ("always", RestartPolicy::Always),
+            ("never", RestartPolicy::Never),
+        ] {
+            let parsed: RestartPolicy = serde_json::from_value(serde_json::json!(text)).unwrap();
+            assert_eq!(parsed, policy);
+        }
+        assert!(serde_json::from_value::<RestartPolicy>(serde_json::json!("Auto")).is_err());
+    }
+}

@@ -1,0 +1,323 @@
+//! The directory target (`meshca agent --target-dir DIR`): istiod outside Kubernetes
+//! reads `/etc/cacerts`. Same decisions as the cluster agent ([`super::rotation`]), the
+//! bundle written with the atomic `..data` layout of [`super::cacerts`].
+//!
+//! A directory is meshca's when its `..data` is a symlink (what [`super::cacerts`] writes);
+//! plain files put there by someone else are foreign and replaced only with `--adopt`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::client::SignerClient;
+use super::rotation::{Decision, Desired, Installed, IssueReason, RotationSettings, decide};
+use super::{AgentError, BundleRequest, RootsPlan, cacerts, obtain_bundle};
+use crate::pki::bundle::{BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
+use crate::pki::keys::KeyType;
+use crate::policy::ObjectRef;
+
+/// What one directory agent manages.
+#[derive(Debug, Clone)]
+pub struct DirOptions {
+    pub target: PathBuf,
+    pub virtual_mesh: ObjectRef,
+    pub mesh: ObjectRef,
+    pub key_type: Option<KeyType>,
+    pub ttl_seconds: Option<u64>,
+    pub adopt: bool,
+    pub rotation: RotationSettings,
+    pub retired_roots: Vec<String>,
+}
+
+/// What a reconcile did.
+#[derive(Debug)]
+pub enum DirOutcome {
+    Installed {
+        reason: IssueReason,
+        summary: BundleSummary,
+        renew_at: SystemTime,
+    },
+    RootsRewritten {
+        summary: BundleSummary,
+        renew_at: SystemTime,
+    },
+    UpToDate {
+        summary: BundleSummary,
+        renew_at: SystemTime,
+    },
+}
+
+impl DirOutcome {
+    pub fn renew_at(&self) -> SystemTime {
+        match self {
+            DirOutcome::Installed { renew_at, .. }
+            | DirOutcome::RootsRewritten { renew_at, .. }
+            | DirOutcome::UpToDate { renew_at, .. } => *renew_at,
+        }
+    }
+}
+
+/// Classifies what `dir` holds (see the module docs).
+pub fn classify(dir: &Path) -> Installed {
+    let names = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
+    let data = dir.join("..data");
+    let is_ours = std::fs::symlink_metadata(&data).is_ok_and(|m| m.file_type().is_symlink());
+    let any_file = names
+        .iter()
+        .any(|n| std::fs::symlink_metadata(dir.join(n)).is_ok());
+    let root_cert = std::fs::read_to_string(dir.join(ROOT_CERT)).ok();
+    if !is_ours {
+        return if any_file {
+            Installed::Foreign {
+                what: format!("{} (files not written by meshca)", dir.display()),
+                root_cert,
+            }
+        } else {
+            Installed::None
+        };
+    }
+    match cacerts::read_bundle(dir) {
+        Ok(files) => Installed::Ours(files),
+        Err(e) => Installed::Unreadable {
+            problem: e.to_string(),
+            root_cert,
+        },
+    }
+}
+
+fn write(dir: &Path, files: &BundleFiles) -> Result<(), AgentError> {
+    cacerts::write_bundle(dir, files).map_err(|e| AgentError::Write {
+        dir: dir.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// One pass: look, decide, act. A valid, not-due bundle is not touched (not even
+/// rewritten with the same bytes); every failure leaves the directory as it was.
+pub async fn reconcile(
+    client: &SignerClient,
+    opts: &DirOptions,
+    now: SystemTime,
+) -> Result<DirOutcome, AgentError> {
+    let installed = classify(&opts.target);
+    // The policy tells the signer's current root; without it (signer down) a valid
+    // bundle is still judged on its own.
+    let policy = client.policy(&opts.virtual_mesh).await;
+    let desired = Desired {
+        mesh_name: opts.mesh.name.clone(),
+        key_type: opts.key_type,
+        adopt: opts.adopt,
+        signer_root: policy
+            .as_ref()
+            .ok()
+            .and_then(|p| p.root_fingerprint_sha256.clone()),
+        retired_roots: opts.retired_roots.clone(),
+        rotation: opts.rotation,
+    };
+    match decide(&installed, &desired, now) {
+        Decision::Refuse { what } => Err(AgentError::Foreign(what)),
+        Decision::UpToDate { summary, renew_at } => {
+            if let Err(e) = &policy {
+                tracing::warn!(error = %e, "signer not reachable; the installed bundle is valid and not due");
+            }
+            Ok(DirOutcome::UpToDate { summary, renew_at })
+        }
+        Decision::RewriteRoots {
+            root_cert,
+            summary,
+            renew_at,
+        } => {
+            let Installed::Ours(mut files) = installed else {
+                return Err(AgentError::Csr("rewrite without a bundle".into()));
+            };
+            files.root_cert = root_cert;
+            write(&opts.target, &files)?;
+            Ok(DirOutcome::RootsRewritten { summary, renew_at })
+        }
+        Decision::Issue {
+            reason,
+            previous_roots,
+        } => {
+            let policy = policy?;
+            tracing::info!(reason = %reason, dir = %opts.target.display(), "requesting a new intermediate");
+            let obtained = obtain_bundle(
+                client,
+                &policy,
+                &BundleRequest {
+                    virtual_mesh: opts.virtual_mesh.clone(),
+                    mesh: opts.mesh.clone(),
+                    key_type: opts.key_type,
+                    ttl_seconds: opts.ttl_seconds,
+                    roots: RootsPlan::Merge {
+                        previous: previous_roots,
+                        retired: opts.retired_roots.clone(),
+                    },
+                },
+            )
+            .await?;
+            write(&opts.target, &obtained.files)?;
+            let summary = obtained.summary;
+            let renew_at = super::rotation::renew_at(
+                summary.not_before,
+                summary.not_after,
+                &summary.serial,
+                &opts.rotation,
+            );
+            Ok(DirOutcome::Installed {
+                reason,
+                summary,
+                renew_at,
+            })
+        }
+    }
+}
+
+/// Retry delay after `failures` consecutive failures: 2 s doubling, capped at `max`.
+pub fn backoff(failures: u32, max: Duration) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    Duration::from_secs(2u64 << exp).min(max)
+}
+
+/// How long to sleep after a success: until the renewal time, but at most `resync`
+/// (to notice a root change or a damaged directory), at least one second.
+pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration) -> Duration {
+    renew_at
+        .duration_since(now)
+        .unwrap_or(Duration::ZERO)
+        .clamp(Duration::from_secs(1), resync.max(Duration::from_secs(1)))
+}
+
+/// The long-running loop: reconcile, sleep until due (or `resync`), back off on failure.
+/// Returns only when `shutdown` resolves.
+pub async fn run(
+    client: &SignerClient,
+    opts: &DirOptions,
+    resync: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut failures = 0u32;
+    loop {
+        let delay = match reconcile(client, opts, SystemTime::now()).await {
+            Ok(outcome) => {
+                failures = 0;
+                log_outcome(&opts.target, &outcome);
+                next_check(outcome.renew_at(), SystemTime::now(), resync)
+            }
+            Err(e) => {
+                failures += 1;
+                let delay = backoff(failures, resync);
+                tracing::error!(
+                    error = %e,
+                    failures,
+                    retry_in_seconds = delay.as_secs(),
+                    "reconcile failed; existing files left as they were, retrying"
+                );
+                delay
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One line per outcome, for both `--once` and the loop.
+pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
+    let rfc = crate::signer::audit::rfc3339;
+    match outcome {
+        DirOutcome::Installed {
+            reason,
+            summary,
+            renew_at,
+        } => tracing::info!(
+            dir = %dir.display(),
+            reason = reason.code(),
+            serial = %summary.serial,
+            not_after = %rfc(summary.not_after),
+            renew_at = %rfc(*renew_at),
+            "installed a new intermediate"
+        ),
+        DirOutcome::RootsRewritten { summary, renew_at } => tracing::info!(
+            dir = %dir.display(),
+            serial = %summary.serial,
+            renew_at = %rfc(*renew_at),
+            "rewrote root-cert.pem"
+        ),
+        DirOutcome::UpToDate { summary, renew_at } => tracing::info!(
+            dir = %dir.display(),
+            serial = %summary.serial,
+            renew_at = %rfc(*renew_at),
+            "bundle valid and not due; nothing written"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let max = Duration::from_secs(300);
+        let got: Vec<u64> = (1..=10).map(|n| backoff(n, max).as_secs()).collect();
+        assert_eq!(got, vec![2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(backoff(0, max).as_secs(), 2);
+        assert_eq!(backoff(u32::MAX, max).as_secs(), 300);
+        assert_eq!(backoff(3, Duration::from_secs(5)).as_secs(), 5);
+    }
+
+    #[test]
+    fn next_check_sleeps_until_due_within_bounds() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let resync = Duration::from_secs(300);
+        assert_eq!(
+            next_check(now + Duration::from_secs(60), now, resync),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            next_check(now + Duration::from_secs(9999), now, resync),
+            resync
+        );
+        assert_eq!(next_check(now, now, resync), Duration::from_secs(1));
+        assert_eq!(
+            next_check(now - Duration::from_secs(5), now, resync),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn classification_of_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        assert!(matches!(classify(&target), Installed::None));
+        std::fs::create_dir(&target).unwrap();
+        assert!(matches!(classify(&target), Installed::None));
+        std::fs::write(target.join(ROOT_CERT), "hand made").unwrap();
+        match classify(&target) {
+            Installed::Foreign { root_cert, .. } => {
+                assert_eq!(root_cert.as_deref(), Some("hand made"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let files = BundleFiles {
+            ca_cert: "c".into(),
+            ca_key: "k".into(),
+            cert_chain: "ch".into(),
+            root_cert: "r".into(),
+        };
+        cacerts::write_bundle(&target, &files).unwrap();
+        match classify(&target) {
+            Installed::Ours(read) => assert_eq!(read.cert_chain, "ch"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(target.join(CA_KEY)).unwrap();
+        match classify(&target) {
+            Installed::Unreadable { problem, root_cert } => {
+                assert!(problem.contains(CA_KEY), "{problem}");
+                assert_eq!(root_cert.as_deref(), Some("r"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

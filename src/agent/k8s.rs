@@ -1,0 +1,550 @@
+//! The thin Kubernetes layer of the cluster agent: exactly the API calls it makes (get and
+//! server-side apply a Secret, list and patch Deployments, get a ConfigMap, list requests
+//! and apply their status, a Lease for leader election), plus the pure reading of what
+//! comes back (is this Secret ours, who holds the Lease).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+
+use super::crd::{VirtualMeshCertificateSigningRequest, VmcsrStatus};
+use super::restart::{RESTARTED_FOR, Target, restart_patch};
+use super::rotation::Installed;
+use crate::pki::bundle::{BundleFiles, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
+
+/// Field manager of every write (server-side apply and patches).
+pub const FIELD_MANAGER: &str = "meshca";
+/// Label marking a Secret meshca created.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Annotation naming the request (`namespace/name`) a Secret belongs to.
+pub const OWNER: &str = "meshca.dev/owner";
+/// The ConfigMap istiod writes into every namespace with the roots workloads trust.
+pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+
+#[derive(Debug, thiserror::Error)]
+#[error("Kubernetes API: {action}: {source}")]
+pub struct KubeError {
+    pub action: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+impl KubeError {
+    /// The HTTP status the API server answered with, if it answered.
+    pub fn code(&self) -> Option<u16> {
+        match &self.source {
+            kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        }
+    }
+}
+
+fn ctx(action: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -> KubeError {
+    move |source| KubeError {
+        action: action(),
+        source,
+    }
+}
+
+/// Reads a Secret's four files if it is ours; see [`super::rotation::Installed`].
+pub fn classify_secret(secret: Option<&Secret>, owner: &str) -> Installed {
+    let Some(secret) = secret else {
+        return Installed::None;
+    };
+    let id = format!(
+        "Secret {}/{}",
+        secret.metadata.namespace.as_deref().unwrap_or_default(),
+        secret.metadata.name.as_deref().unwrap_or_default()
+    );
+    let text = |key: &str| -> Option<String> {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    };
+    let root_cert = text(ROOT_CERT);
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    if labels.get(MANAGED_BY).map(String::as_str) != Some(FIELD_MANAGER) {
+        return Installed::Foreign {
+            what: format!("{id} (not created by meshca)"),
+            root_cert,
+        };
+    }
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    let holder = annotations.get(OWNER).map(String::as_str).unwrap_or("");
+    if holder != owner {
+        return Installed::Foreign {
+            what: format!("{id} (managed by meshca request {holder:?})"),
+            root_cert,
+        };
+    }
+    let mut missing = Vec::new();
+    let mut get = |key: &'static str| {
+        text(key).unwrap_or_else(|| {
+            missing.push(key);
+            String::new()
+        })
+    };
+    let files = BundleFiles {
+        ca_cert: get(CA_CERT),
+        ca_key: get(CA_KEY),
+        cert_chain: get(CERT_CHAIN),
+        root_cert: get(ROOT_CERT),
+    };
+    if !missing.is_empty() {
+        return Installed::Unreadable {
+            problem: format!("{id} lacks (or has non-UTF-8) {}", missing.join(", ")),
+            root_cert,
+        };
+    }
+    Installed::Ours(files)
+}
+
+/// The server-side apply body of the cacerts Secret: labels, owner annotation, the four
+/// keys, nothing else (other fields stay with their managers).
+pub fn secret_apply_body(namespace: &str, name: &str, owner: &str, files: &BundleFiles) -> Secret {
+    let data: BTreeMap<String, ByteString> = [
+        (CA_CERT, &files.ca_cert),
+        (CA_KEY, &files.ca_key),
+        (CERT_CHAIN, &files.cert_chain),
+        (ROOT_CERT, &files.root_cert),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+    .collect();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY.to_string(),
+                FIELD_MANAGER.to_string(),
+            )])),
+            annotations: Some(BTreeMap::from([(OWNER.to_string(), owner.to_string())])),
+            ..ObjectMeta::default()
+        },
+        // No `type`: Opaque when created, and an adopted Secret keeps its own.
+        data: Some(data),
+        ..Secret::default()
+    }
+}
+
+/// The API calls the agent makes, on one client.
+#[derive(Clone)]
+pub struct Kube {
+    pub client: Client,
+}
+
+impl Kube {
+    pub fn new(client: Client) -> Self {
+        Kube { client }
+    }
+
+    /// `GET /api/v1/namespaces/{ns}/secrets/{name}` (404 is `None`).
+    pub async fn get_secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, KubeError> {
+        Api::<Secret>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(ctx(|| format!("get Secret {ns}/{name}")))
+    }
+
+    /// Server-side apply of the cacerts Secret, field manager `meshca`, forced (meshca
+    /// owns the four keys once it writes them).
+    pub async fn apply_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        owner: &str,
+        files: &BundleFiles,
+    ) -> Result<(), KubeError> {
+        let body = secret_apply_body(ns, name, owner, files);
+        let mut value = serde_json::to_value(&body).unwrap_or_default();
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "Secret".into();
+        Api::<Secret>::namespaced(self.client.clone(), ns)
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(value),
+            )
+            .await
+            .map(|_| ())
+            .map_err(ctx(|| format!("apply Secret {ns}/{name}")))
+    }
+
+    /// Deployments of `ns` matching `selector` (empty: all), with their restart marker.
+    pub async fn list_deployments(
+        &self,
+        ns: &str,
+        selector: &str,
+    ) -> Result<Vec<Target>, KubeError> {
+        let mut params = ListParams::default();
+        if !selector.is_empty() {
+            params = params.labels(selector);
+        }
+        let list = Api::<Deployment>::namespaced(self.client.clone(), ns)
+            .list(&params)
+            .await
+            .map_err(ctx(|| format!("list Deployments in {ns} ({selector})")))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|d| {
+                let restarted_for = d
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.template.metadata.as_ref())
+                    .and_then(|m| m.annotations.as_ref())
+                    .and_then(|a| a.get(RESTARTED_FOR).cloned());
+                Some(Target {
+                    namespace: ns.to_string(),
+                    name: d.metadata.name?,
+                    restarted_for,
+                })
+            })
+            .collect())
+    }
+
+    /// Rolling restart: a strategic-merge patch of the pod template annotations, as
+    /// `kubectl rollout restart` does. Never deletes a pod.
+    pub async fn restart_deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        serial: &str,
+        now: SystemTime,
+    ) -> Result<(), KubeError> {
+        let patch = restart_patch(serial, &crate::signer::audit::rfc3339(now));
+        Api::<Deployment>::namespaced(self.client.clone(), ns)
+            .patch(
+                name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                },
+                &Patch::Strategic(patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(ctx(|| format!("restart Deployment {ns}/{name}")))
+    }
+
+    /// root-cert.pem of `istio-ca-root-cert` in `ns` (absent ConfigMap or key: `None`).
+    pub async fn root_configmap(&self, ns: &str) -> Result<Option<String>, KubeError> {
+        let cm = Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+            .get_opt(ROOT_CONFIGMAP)
+            .await
+            .map_err(ctx(|| format!("get ConfigMap {ns}/{ROOT_CONFIGMAP}")))?;
+        Ok(cm
+            .and_then(|c| c.data)
+            .and_then(|d| d.get(ROOT_CERT).cloned()))
+    }
+
+    /// The requests in `ns`.
+    pub async fn list_requests(
+        &self,
+        ns: &str,
+    ) -> Result<Vec<VirtualMeshCertificateSigningRequest>, KubeError> {
+        Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .map_err(ctx(|| {
+                format!("list VirtualMeshCertificateSigningRequests in {ns}")
+            }))
+    }
+
+    /// Server-side apply of the status subresource (fields meshca no longer sets go away).
+    pub async fn apply_status(
+        &self,
+        ns: &str,
+        name: &str,
+        status: &VmcsrStatus,
+    ) -> Result<(), KubeError> {
+        let body = serde_json::json!({
+            "apiVersion": "meshca.dev/v1alpha1",
+            "kind": "VirtualMeshCertificateSigningRequest",
+            "metadata": {"name": name, "namespace": ns},
+            "status": status,
+        });
+        Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
+            .patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .map(|_| ())
+            .map_err(ctx(|| format!("apply status of {ns}/{name}")))
+    }
+
+    pub async fn get_lease(&self, ns: &str, name: &str) -> Result<Option<Lease>, KubeError> {
+        Api::<Lease>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(ctx(|| format!("get Lease {ns}/{name}")))
+    }
+
+    pub async fn create_lease(&self, ns: &str, lease: &Lease) -> Result<Lease, KubeError> {
+        Api::<Lease>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), lease)
+            .await
+            .map_err(ctx(|| format!("create Lease in {ns}")))
+    }
+
+    /// Replace with the read resourceVersion: a concurrent change fails with 409.
+    pub async fn replace_lease(
+        &self,
+        ns: &str,
+        name: &str,
+        lease: &Lease,
+    ) -> Result<Lease, KubeError> {
+        Api::<Lease>::namespaced(self.client.clone(), ns)
+            .replace(name, &PostParams::default(), lease)
+            .await
+            .map_err(ctx(|| format!("replace Lease {ns}/{name}")))
+    }
+}
+
+/// A client for another cluster (the management plane reaching a remote cluster): from
+/// kubeconfig YAML and an optional context name.
+pub async fn client_from_kubeconfig(yaml: &str, context: Option<&str>) -> Result<Client, String> {
+    let kubeconfig =
+        kube::config::Kubeconfig::from_yaml(yaml).map_err(|e| format!("kubeconfig: {e}"))?;
+    let options = kube::config::KubeConfigOptions {
+        context: context.map(String::from),
+        ..Default::default()
+    };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|e| format!("kubeconfig: {e}"))?;
+    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+/// What this replica should do with the Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// No Lease yet: create it holding it.
+    Create,
+    /// We hold it: renew.
+    Renew,
+    /// Free or expired: take it (replace with the read resourceVersion).
+    Acquire,
+    /// Someone else holds it and it is fresh.
+    Follow { holder: String },
+}
+
+/// Leader election rule (as client-go's): a Lease is held while renewTime plus
+/// leaseDurationSeconds is in the future.
+pub fn lease_action(spec: Option<&LeaseSpec>, me: &str, now: SystemTime) -> LeaseAction {
+    let Some(spec) = spec else {
+        return LeaseAction::Create;
+    };
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    if holder == me {
+        return LeaseAction::Renew;
+    }
+    if holder.is_empty() {
+        return LeaseAction::Acquire;
+    }
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
+    let renewed = spec
+        .renew_time
+        .as_ref()
+        .or(spec.acquire_time.as_ref())
+        .map(|t| SystemTime::from(t.0));
+    match renewed {
+        Some(at) if at + duration > now => LeaseAction::Follow { holder },
+        _ => LeaseAction::Acquire,
+    }
+}
+
+/// The Lease spec this replica writes for `action` (transitions counted on takeover).
+pub fn lease_spec(
+    previous: Option<&LeaseSpec>,
+    me: &str,
+    duration: Duration,
+    action: &LeaseAction,
+    now: SystemTime,
+) -> LeaseSpec {
+    let now = Timestamp::try_from(now).ok().map(MicroTime);
+    let mut spec = previous.cloned().unwrap_or_default();
+    let transitions = spec.lease_transitions.unwrap_or(0);
+    match action {
+        LeaseAction::Create => {
+            spec.acquire_time = now.clone();
+            spec.lease_transitions = Some(0);
+        }
+        LeaseAction::Acquire => {
+            spec.acquire_time = now.clone();
+            spec.lease_transitions = Some(transitions + 1);
+        }
+        LeaseAction::Renew | LeaseAction::Follow { .. } => {}
+    }
+    spec.holder_identity = Some(me.into());
+    spec.lease_duration_seconds = Some(duration.as_secs().min(i32::MAX as u64) as i32);
+    spec.renew_time = now;
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn held(holder: &str, renewed: u64, duration: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(duration),
+            renew_time: Some(MicroTime(Timestamp::try_from(at(renewed)).unwrap())),
+            ..LeaseSpec::default()
+        }
+    }
+
+    #[test]
+    fn lease_rules() {
+        assert_eq!(lease_action(None, "a", at(0)), LeaseAction::Create);
+        assert_eq!(
+            lease_action(Some(&held("a", 0, 15)), "a", at(100)),
+            LeaseAction::Renew
+        );
+        assert_eq!(
+            lease_action(Some(&held("b", 0, 15)), "a", at(10)),
+            LeaseAction::Follow { holder: "b".into() }
+        );
+        assert_eq!(
+            lease_action(Some(&held("b", 0, 15)), "a", at(15)),
+            LeaseAction::Acquire
+        );
+        assert_eq!(
+            lease_action(Some(&held("", 0, 15)), "a", at(1)),
+            LeaseAction::Acquire
+        );
+        let never_renewed = LeaseSpec {
+            holder_identity: Some("b".into()),
+            ..LeaseSpec::default()
+        };
+        assert_eq!(
+            lease_action(Some(&never_renewed), "a", at(0)),
+            LeaseAction::Acquire
+        );
+    }
+
+    #[test]
+    fn lease_spec_counts_takeovers() {
+        let previous = held("b", 0, 15);
+        let taken = lease_spec(
+            Some(&previous),
+            "a",
+            Duration::from_secs(30),
+            &LeaseAction::Acquire,
+            at(20),
+        );
+        assert_eq!(taken.holder_identity.as_deref(), Some("a"));
+        assert_eq!(taken.lease_transitions, Some(1));
+        assert_eq!(taken.lease_duration_seconds, Some(30));
+        assert_eq!(SystemTime::from(taken.renew_time.unwrap().0), at(20));
+        let renewed = lease_spec(
+            Some(&held("a", 0, 30)),
+            "a",
+            Duration::from_secs(30),
+            &LeaseAction::Renew,
+            at(25),
+        );
+        assert_eq!(renewed.lease_transitions, None);
+        assert_eq!(SystemTime::from(renewed.renew_time.unwrap().0), at(25));
+    }
+
+    fn secret(labels: &[(&str, &str)], annotations: &[(&str, &str)], keys: &[&str]) -> Secret {
+        let map = |kv: &[(&str, &str)]| {
+            Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+        };
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("cacerts".into()),
+                namespace: Some("istio-system".into()),
+                labels: map(labels),
+                annotations: map(annotations),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                keys.iter()
+                    .map(|k| (k.to_string(), ByteString(format!("{k} text").into_bytes())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn secrets_are_classified_by_label_owner_and_keys() {
+        let owner = "service-mesh-hub/cluster-a";
+        assert!(matches!(classify_secret(None, owner), Installed::None));
+        let all = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
+        match classify_secret(Some(&secret(&[], &[], &all)), owner) {
+            Installed::Foreign { what, root_cert } => {
+                assert!(what.contains("istio-system/cacerts"), "{what}");
+                assert_eq!(root_cert.as_deref(), Some("root-cert.pem text"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let ours = [(MANAGED_BY, "meshca")];
+        match classify_secret(
+            Some(&secret(&ours, &[(OWNER, "other/request")], &all)),
+            owner,
+        ) {
+            Installed::Foreign { what, .. } => assert!(what.contains("other/request")),
+            other => panic!("{other:?}"),
+        }
+        match classify_secret(Some(&secret(&ours, &[(OWNER, owner)], &all)), owner) {
+            Installed::Ours(files) => assert_eq!(files.ca_key, "ca-key.pem text"),
+            other => panic!("{other:?}"),
+        }
+        match classify_secret(
+            Some(&secret(&ours, &[(OWNER, owner)], &[CA_CERT, ROOT_CERT])),
+            owner,
+        ) {
+            Installed::Unreadable { problem, root_cert } => {
+                assert!(problem.contains("ca-key.pem, cert-chain.pem"), "{problem}");
+                assert!(root_cert.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_apply_body_carries_only_what_meshca_owns() {
+        let files = BundleFiles {
+            ca_cert: "c".into(),
+            ca_key: "k".into(),
+            cert_chain: "ch".into(),
+            root_cert: "r".into(),
+        };
+        let body = secret_apply_body("istio-system", "cacerts", "ns/req", &files);
+        let value = serde_json::to_value(&body).unwrap();
+        assert_eq!(value["metadata"]["labels"][MANAGED_BY], "meshca");
+        assert_eq!(value["metadata"]["annotations"][OWNER], "ns/req");
+        assert_eq!(value["data"].as_object().unwrap().len(), 4);
+        // Classifying what was applied gives the files back.
+        match classify_secret(Some(&body), "ns/req") {
+            Installed::Ours(read) => assert_eq!(read.cert_chain, "ch"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,792 @@
+//! What the agent does with the bundle it finds installed, as pure functions of that
+//! bundle, the desired state and the time: issue a new intermediate, rewrite only
+//! root-cert.pem, refuse (not ours), or nothing until the renewal time.
+//!
+//! Both targets (Secret, directory) classify what they find into [`Installed`] and act on
+//! the [`Decision`]; no I/O and no clock here.
+
+use std::time::{Duration, SystemTime};
+
+use sha2::Digest;
+use x509_cert::Certificate;
+use x509_cert::ext::pkix::BasicConstraints;
+
+use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, verify_bundle};
+use crate::pki::keys::KeyType;
+use crate::pki::pem::{certificate_pem, decode_certificates};
+
+/// Default renewal point: two thirds into the lifetime (SPIRE-like, leaves a third of
+/// the lifetime to retry a failing signer).
+pub const DEFAULT_RENEW_FRACTION: f64 = 2.0 / 3.0;
+/// Default jitter: renewal happens up to 5% of the lifetime earlier, so clusters issued
+/// together do not all come back at the same instant.
+pub const DEFAULT_JITTER_FRACTION: f64 = 0.05;
+
+/// When to renew.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RotationSettings {
+    /// Fraction of the lifetime (notBefore..notAfter) after which the bundle is due.
+    pub renew_fraction: f64,
+    /// Up to this fraction of the lifetime earlier, chosen per certificate.
+    pub jitter_fraction: f64,
+}
+
+impl Default for RotationSettings {
+    fn default() -> Self {
+        RotationSettings {
+            renew_fraction: DEFAULT_RENEW_FRACTION,
+            jitter_fraction: DEFAULT_JITTER_FRACTION,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SettingsError {
+    #[error("renewFraction must be between 0.1 and 0.95, not {0}")]
+    RenewFraction(f64),
+    #[error("jitterFraction must be between 0 and 0.5 and below renewFraction, not {0}")]
+    JitterFraction(f64),
+}
+
+impl RotationSettings {
+    /// Checks the ranges: renewing before 10% of the lifetime would re-issue constantly,
+    /// after 95% leaves no time to retry.
+    pub fn new(renew_fraction: f64, jitter_fraction: f64) -> Result<Self, SettingsError> {
+        if !(0.1..=0.95).contains(&renew_fraction) {
+            return Err(SettingsError::RenewFraction(renew_fraction));
+        }
+        if !(0.0..=0.5).contains(&jitter_fraction) || jitter_fraction >= renew_fraction {
+            return Err(SettingsError::JitterFraction(jitter_fraction));
+        }
+        Ok(RotationSettings {
+            renew_fraction,
+            jitter_fraction,
+        })
+    }
+}
+
+/// A number in [0, 1) derived from the certificate serial: the same certificate always
+/// gets the same jitter (every replica and every re-run agrees on the renewal time),
+/// different certificates get different ones.
+pub fn jitter_unit(serial: &str) -> f64 {
+    let digest = sha2::Sha256::digest(serial.to_ascii_lowercase().as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // 53 bits: exactly representable in an f64.
+    (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The time a certificate valid from `not_before` to `not_after` becomes due.
+pub fn renew_at(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: &str,
+    settings: &RotationSettings,
+) -> SystemTime {
+    let lifetime = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
+    let fraction =
+        (settings.renew_fraction - settings.jitter_fraction * jitter_unit(serial)).clamp(0.0, 1.0);
+    not_before + lifetime.mul_f64(fraction)
+}
+
+/// What a target holds, as classified by the target's I/O code.
+#[derive(Debug, Clone)]
+pub enum Installed {
+    /// Nothing there: istiod runs with its self-signed CA.
+    None,
+    /// Something meshca did not write (Istio's, hand-made, another tool's). Its
+    /// root-cert.pem, when readable, is kept so its roots can stay trusted after adoption.
+    Foreign {
+        what: String,
+        root_cert: Option<String>,
+    },
+    /// meshca's, but the four files cannot even be read.
+    Unreadable {
+        problem: String,
+        root_cert: Option<String>,
+    },
+    /// meshca's four files.
+    Ours(BundleFiles),
+}
+
+/// The desired state the decision compares against.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    /// The mesh name: the intermediate's subject CN.
+    pub mesh_name: String,
+    /// A specific key type, or any the policy accepts.
+    pub key_type: Option<KeyType>,
+    /// Replace a foreign bundle.
+    pub adopt: bool,
+    /// SHA-256 of the signer's current root, when the signer could be asked.
+    pub signer_root: Option<String>,
+    /// Roots to drop from root-cert.pem (every cluster has moved off them).
+    pub retired_roots: Vec<String>,
+    pub rotation: RotationSettings,
+}
+
+/// Why a new intermediate is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssueReason {
+    /// First install: istiod switches from its self-signed CA.
+    FirstInstall,
+    /// A foreign bundle is taken over (the spec says adopt).
+    Adopt(String),
+    /// The installed bundle fails istiod's checks (or cannot be read).
+    Damaged(String),
+    /// Valid, but not what the spec asks for (mesh, key type).
+    Mismatch(String),
+    /// The signer's root changed; the old roots stay in root-cert.pem.
+    RootChanged { from: String, to: String },
+    /// The renewal time has come.
+    Due { renew_at: SystemTime },
+}
+
+impl IssueReason {
+    /// Short machine-readable form for status and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IssueReason::FirstInstall => "FirstInstall",
+            IssueReason::Adopt(_) => "Adopt",
+            IssueReason::Damaged(_) => "Damaged",
+            IssueReason::Mismatch(_) => "Mismatch",
+            IssueReason::RootChanged { .. } => "RootChanged",
+            IssueReason::Due { .. } => "Due",
+        }
+    }
+}
+
+impl std::fmt::Display for IssueReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IssueReason::FirstInstall => f.write_str("no bundle installed yet"),
+            IssueReason::Adopt(what) => write!(f, "adopting {what}"),
+            IssueReason::Damaged(why) => write!(f, "installed bundle is damaged: {why}"),
+            IssueReason::Mismatch(why) => write!(f, "installed bundle does not match: {why}"),
+            IssueReason::RootChanged { from, to } => {
+                write!(f, "signer root changed from sha256 {from} to {to}")
+            }
+            IssueReason::Due { .. } => f.write_str("renewal time reached"),
+        }
+    }
+}
+
+/// What to do.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Leave a foreign bundle alone.
+    Refuse { what: String },
+    /// Get a new intermediate and install it; `previous_roots` is the installed
+    /// root-cert.pem (if any) to merge into the new one with [`compose_root_cert`].
+    Issue {
+        reason: IssueReason,
+        previous_roots: Option<String>,
+    },
+    /// The intermediate stays; root-cert.pem changes (a retired or expired old root).
+    RewriteRoots {
+        root_cert: String,
+        summary: BundleSummary,
+        renew_at: SystemTime,
+    },
+    /// Valid and not due: no write at all.
+    UpToDate {
+        summary: BundleSummary,
+        renew_at: SystemTime,
+    },
+}
+
+/// Decides what to do with `installed` at time `now`.
+pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Decision {
+    let files = match installed {
+        Installed::None => {
+            return Decision::Issue {
+                reason: IssueReason::FirstInstall,
+                previous_roots: None,
+            };
+        }
+        Installed::Foreign { what, root_cert } => {
+            return if desired.adopt {
+                Decision::Issue {
+                    reason: IssueReason::Adopt(what.clone()),
+                    previous_roots: root_cert.clone(),
+                }
+            } else {
+                Decision::Refuse { what: what.clone() }
+            };
+        }
+        Installed::Unreadable { problem, root_cert } => {
+            return Decision::Issue {
+                reason: IssueReason::Damaged(problem.clone()),
+                previous_roots: root_cert.clone(),
+            };
+        }
+        Installed::Ours(files) => files,
+    };
+    let issue = |reason| Decision::Issue {
+        reason,
+        previous_roots: Some(files.root_cert.clone()),
+    };
+    let summary = match verify_bundle(files, None, now) {
+        Ok(summary) => summary,
+        Err(e) => return issue(IssueReason::Damaged(e.to_string())),
+    };
+    let cn = decode_certificates(&files.ca_cert)
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .and_then(|c| {
+            c.tbs_certificate()
+                .subject()
+                .common_name()
+                .ok()
+                .flatten()
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    if cn != desired.mesh_name {
+        return issue(IssueReason::Mismatch(format!(
+            "issued for mesh {cn:?}, the spec names {:?}",
+            desired.mesh_name
+        )));
+    }
+    if let Some(key_type) = desired.key_type {
+        let want = key_type.public_key_kind().to_string();
+        if summary.key != want {
+            return issue(IssueReason::Mismatch(format!(
+                "key is {}, the spec asks for {key_type}",
+                summary.key
+            )));
+        }
+    }
+    if let Some(root) = &desired.signer_root
+        && !root.eq_ignore_ascii_case(&summary.anchor_fingerprint)
+    {
+        return issue(IssueReason::RootChanged {
+            from: summary.anchor_fingerprint.clone(),
+            to: root.to_ascii_lowercase(),
+        });
+    }
+    let renew_at = renew_at(
+        summary.not_before,
+        summary.not_after,
+        &summary.serial,
+        &desired.rotation,
+    );
+    if now >= renew_at {
+        return issue(IssueReason::Due { renew_at });
+    }
+    // The anchor is the root the chain ends at: it heads root-cert.pem, the others follow
+    // while they are still wanted.
+    let anchor = decode_certificates(&files.root_cert)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| fingerprint(c) == summary.anchor_fingerprint);
+    if let Some(anchor) = anchor {
+        let wanted = compose_root_cert(
+            &certificate_pem(&anchor),
+            Some(&files.root_cert),
+            &desired.retired_roots,
+            now,
+        );
+        if wanted != files.root_cert {
+            return Decision::RewriteRoots {
+                root_cert: wanted,
+                summary,
+                renew_at,
+            };
+        }
+    }
+    Decision::UpToDate { summary, renew_at }
+}
+
+/// Normalizes a fingerprint for comparison: lowercase hex, no colons.
+pub fn normalize_fingerprint(fp: &str) -> String {
+    fp.chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+fn is_usable_root(cert: &Certificate, now: SystemTime) -> bool {
+    let tbs = cert.tbs_certificate();
+    let validity = tbs.validity();
+    let is_ca = tbs
+        .get_extension::<BasicConstraints>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, bc)| bc.ca);
+    is_ca
+        && tbs.subject() == tbs.issuer()
+        && validity.not_before.to_system_time() <= now
+        && now <= validity.not_after.to_system_time()
+}
+
+/// root-cert.pem during and after a root change: the new root(s) first, then every root
+/// of `previous` that is a self-signed CA, still valid at `now` and not retired. So the
+/// new set is a superset of the old one while clusters move (Istio's multi-root rule:
+/// one bundle must contain the other), and once the old root is retired the next set is
+/// a subset. Output is canonical PEM (LF), each root once.
+pub fn compose_root_cert(
+    new_roots: &str,
+    previous: Option<&str>,
+    retired: &[String],
+    now: SystemTime,
+) -> String {
+    let retired: Vec<String> = retired.iter().map(|r| normalize_fingerprint(r)).collect();
+    let mut seen: Vec<String> = Vec::new();
+    let mut out = String::new();
+    let mut push = |cert: &Certificate, out: &mut String| {
+        let fp = fingerprint(cert);
+        if !seen.contains(&fp) {
+            out.push_str(&certificate_pem(cert));
+            seen.push(fp);
+        }
+    };
+    for cert in decode_certificates(new_roots).unwrap_or_default() {
+        push(&cert, &mut out);
+    }
+    for cert in previous
+        .and_then(|p| decode_certificates(p).ok())
+        .unwrap_or_default()
+    {
+        if is_usable_root(&cert, now) && !retired.contains(&fingerprint(&cert)) {
+            push(&cert, &mut out);
+        }
+    }
+    out
+}
+
+/// SHA-256 fingerprints of the certificates in a PEM text (unparsable text: none).
+pub fn root_fingerprints(pem: &str) -> Vec<String> {
+    decode_certificates(pem)
+        .unwrap_or_default()
+        .iter()
+        .map(fingerprint)
+        .collect()
+}
+
+/// Whether `pem` (an `istio-ca-root-cert` ConfigMap's root-cert.pem) carries the root
+/// with fingerprint `fp`.
+pub fn carries_root(pem: &str, fp: &str) -> bool {
+    let fp = normalize_fingerprint(fp);
+    root_fingerprints(pem).contains(&fp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::keys::PrivateKey;
+    use crate::pki::profile::RootCa;
+    use crate::pki::testing::{software_bundle, software_root};
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    const HOUR: Duration = Duration::from_secs(3_600);
+
+    struct Fixture {
+        root_key: PrivateKey,
+        root: RootCa,
+        issued: SystemTime,
+        bundle: BundleFiles,
+    }
+
+    /// A root and a 30-day intermediate for mesh "cluster-a" issued at `issued`.
+    fn fixture() -> Fixture {
+        let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        // Certificates carry whole seconds.
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
+        let bundle = software_bundle(
+            &root_key,
+            &root,
+            "acme",
+            "cluster-a",
+            KeyType::EcdsaP256,
+            issued,
+            issued + 30 * DAY,
+        );
+        Fixture {
+            root_key,
+            root,
+            issued,
+            bundle,
+        }
+    }
+
+    fn desired(f: &Fixture) -> Desired {
+        Desired {
+            mesh_name: "cluster-a".into(),
+            key_type: None,
+            adopt: false,
+            signer_root: Some(f.root.fingerprint_sha256.clone()),
+            retired_roots: vec![],
+            rotation: RotationSettings::default(),
+        }
+    }
+
+    fn serial_of(files: &BundleFiles) -> String {
+        verify_bundle(files, None, SystemTime::now())
+            .unwrap()
+            .serial
+    }
+
+    #[test]
+    fn jitter_is_deterministic_in_range_and_varies() {
+        let serials = ["01", "4a3f", "7fffffffffffffff", "abcdef0123456789"];
+        let units: Vec<f64> = serials.iter().map(|s| jitter_unit(s)).collect();
+        for (serial, unit) in serials.iter().zip(&units) {
+            assert!((0.0..1.0).contains(unit));
+            assert_eq!(jitter_unit(serial), *unit);
+            assert_eq!(jitter_unit(&serial.to_ascii_uppercase()), *unit);
+        }
+        let mut sorted = units.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.dedup();
+        assert_eq!(sorted.len(), units.len());
+    }
+
+    #[test]
+    fn renewal_time_is_the_fraction_minus_the_pinned_jitter() {
+        let start = SystemTime::UNIX_EPOCH + 1000 * DAY;
+        let end = start + 30 * DAY;
+        let no_jitter = RotationSettings::new(2.0 / 3.0, 0.0).unwrap();
+        assert_eq!(renew_at(start, end, "01", &no_jitter), start + 20 * DAY);
+        let half = RotationSettings::new(0.5, 0.0).unwrap();
+        assert_eq!(renew_at(start, end, "01", &half), start + 15 * DAY);
+
+        let settings = RotationSettings::default();
+        for serial in ["01", "02", "deadbeef"] {
+            let at = renew_at(start, end, serial, &settings);
+            let expected = start
+                + (30 * DAY).mul_f64(2.0 / 3.0 - DEFAULT_JITTER_FRACTION * jitter_unit(serial));
+            assert_eq!(at, expected);
+            assert!(at <= start + 20 * DAY);
+            assert!(at >= start + (30 * DAY).mul_f64(2.0 / 3.0 - DEFAULT_JITTER_FRACTION));
+        }
+        // A certificate whose notAfter precedes notBefore is due at once.
+        assert_eq!(renew_at(end, start, "01", &settings), end);
+    }
+
+    #[test]
+    fn settings_ranges_are_checked() {
+        assert!(RotationSettings::new(0.05, 0.0).is_err());
+        assert!(RotationSettings::new(0.99, 0.0).is_err());
+        assert!(RotationSettings::new(0.5, 0.6).is_err());
+        assert!(RotationSettings::new(0.2, 0.2).is_err());
+        assert!(RotationSettings::new(0.5, -0.1).is_err());
+        assert!(RotationSettings::new(0.5, 0.1).is_ok());
+        let d = RotationSettings::default();
+        assert_eq!(
+            RotationSettings::new(d.renew_fraction, d.jitter_fraction).unwrap(),
+            d
+        );
+    }
+
+    #[test]
+    fn nothing_installed_is_a_first_install() {
+        let f = fixture();
+        match decide(&Installed::None, &desired(&f), f.issued) {
+            Decision::Issue {
+                reason: IssueReason::FirstInstall,
+                previous_roots: None,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_foreign_bundle_is_refused_unless_adopted() {
+        let f = fixture();
+        let foreign = Installed::Foreign {
+            what: "Secret istio-system/cacerts without meshca's label".into(),
+            root_cert: Some(f.bundle.root_cert.clone()),
+        };
+        match decide(&foreign, &desired(&f), f.issued) {
+            Decision::Refuse { what } => assert!(what.contains("without meshca's label")),
+            other => panic!("{other:?}"),
+        }
+        let adopt = Desired {
+            adopt: true,
+            ..desired(&f)
+        };
+        match decide(&foreign, &adopt, f.issued) {
+            Decision::Issue {
+                reason: IssueReason::Adopt(_),
+                previous_roots: Some(roots),
+            } => assert_eq!(roots, f.bundle.root_cert),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_bundle_before_its_renewal_time_is_left_alone() {
+        let f = fixture();
+        let d = desired(&f);
+        let serial = serial_of(&f.bundle);
+        let due = renew_at(f.issued, f.issued + 30 * DAY, &serial, &d.rotation);
+        for now in [f.issued, f.issued + DAY, due - Duration::from_secs(1)] {
+            match decide(&Installed::Ours(f.bundle.clone()), &d, now) {
+                Decision::UpToDate { renew_at, summary } => {
+                    assert_eq!(renew_at, due);
+                    assert_eq!(summary.serial, serial);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The same answer when the signer cannot be asked about its root.
+        let offline = Desired {
+            signer_root: None,
+            ..d.clone()
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(f.bundle.clone()), &offline, f.issued),
+            Decision::UpToDate { .. }
+        ));
+        // At and after the renewal time it is due.
+        for now in [due, due + HOUR] {
+            match decide(&Installed::Ours(f.bundle.clone()), &d, now) {
+                Decision::Issue {
+                    reason: IssueReason::Due { renew_at },
+                    previous_roots: Some(_),
+                } => assert_eq!(renew_at, due),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_or_inconsistent_bundles_are_replaced() {
+        let f = fixture();
+        let other = software_bundle(
+            &f.root_key,
+            &f.root,
+            "acme",
+            "cluster-a",
+            KeyType::EcdsaP256,
+            f.issued,
+            f.issued + 30 * DAY,
+        );
+        let cases: Vec<(BundleFiles, &str)> = vec![
+            (
+                BundleFiles {
+                    ca_key: other.ca_key.clone(),
+                    ..f.bundle.clone()
+                },
+                "does not match",
+            ),
+            (
+                BundleFiles {
+                    cert_chain: other.cert_chain.clone(),
+                    ..f.bundle.clone()
+                },
+                "must start with ca-cert.pem",
+            ),
+            (
+                BundleFiles {
+                    ca_cert: "garbage".into(),
+                    ..f.bundle.clone()
+                },
+                "ca-cert.pem",
+            ),
+            (
+                BundleFiles {
+                    root_cert: other.ca_cert.clone(),
+                    ..f.bundle.clone()
+                },
+                "root-cert.pem",
+            ),
+            (
+                BundleFiles {
+                    ca_key: String::new(),
+                    ..f.bundle.clone()
+                },
+                "ca-key.pem",
+            ),
+        ];
+        for (files, expect) in cases {
+            match decide(&Installed::Ours(files), &desired(&f), f.issued) {
+                Decision::Issue {
+                    reason: IssueReason::Damaged(why),
+                    ..
+                } => assert!(why.contains(expect), "{why} lacks {expect}"),
+                other => panic!("{expect}: {other:?}"),
+            }
+        }
+        // Expired is damaged too (istiod would refuse it).
+        match decide(
+            &Installed::Ours(f.bundle.clone()),
+            &desired(&f),
+            f.issued + 31 * DAY,
+        ) {
+            Decision::Issue {
+                reason: IssueReason::Damaged(why),
+                ..
+            } => assert!(why.contains("not valid now"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let unreadable = Installed::Unreadable {
+            problem: "ca-key.pem: No such file".into(),
+            root_cert: Some(f.bundle.root_cert.clone()),
+        };
+        assert!(matches!(
+            decide(&unreadable, &desired(&f), f.issued),
+            Decision::Issue {
+                reason: IssueReason::Damaged(_),
+                previous_roots: Some(_)
+            }
+        ));
+    }
+
+    #[test]
+    fn a_bundle_for_another_mesh_or_key_type_is_replaced() {
+        let f = fixture();
+        let other_mesh = Desired {
+            mesh_name: "cluster-b".into(),
+            ..desired(&f)
+        };
+        match decide(&Installed::Ours(f.bundle.clone()), &other_mesh, f.issued) {
+            Decision::Issue {
+                reason: IssueReason::Mismatch(why),
+                ..
+            } => assert!(why.contains("cluster-b"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let rsa = Desired {
+            key_type: Some(KeyType::Rsa2048),
+            ..desired(&f)
+        };
+        match decide(&Installed::Ours(f.bundle.clone()), &rsa, f.issued) {
+            Decision::Issue {
+                reason: IssueReason::Mismatch(why),
+                ..
+            } => assert!(why.contains("rsa2048"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let same = Desired {
+            key_type: Some(KeyType::EcdsaP256),
+            ..desired(&f)
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(f.bundle.clone()), &same, f.issued),
+            Decision::UpToDate { .. }
+        ));
+    }
+
+    #[test]
+    fn a_changed_signer_root_triggers_issuance_and_keeps_the_old_root() {
+        let f = fixture();
+        let (_new_key, new_root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let d = Desired {
+            signer_root: Some(new_root.fingerprint_sha256.to_ascii_uppercase()),
+            ..desired(&f)
+        };
+        let previous = match decide(&Installed::Ours(f.bundle.clone()), &d, f.issued) {
+            Decision::Issue {
+                reason: IssueReason::RootChanged { from, to },
+                previous_roots: Some(previous),
+            } => {
+                assert_eq!(from, f.root.fingerprint_sha256);
+                assert_eq!(to, new_root.fingerprint_sha256);
+                previous
+            }
+            other => panic!("{other:?}"),
+        };
+        // The new root-cert.pem: new root first, old root kept (a superset of the old).
+        let union = compose_root_cert(&new_root.pem, Some(&previous), &[], f.issued);
+        assert_eq!(
+            root_fingerprints(&union),
+            vec![
+                new_root.fingerprint_sha256.clone(),
+                f.root.fingerprint_sha256.clone()
+            ]
+        );
+        assert!(carries_root(&union, &f.root.fingerprint_sha256));
+        // Composing again from the union changes nothing (idempotent).
+        assert_eq!(
+            compose_root_cert(&new_root.pem, Some(&union), &[], f.issued),
+            union
+        );
+        // Retiring the old root (fingerprint in any case, with colons) collapses to the
+        // new root alone: a subset of the union.
+        let colons: Vec<String> = f
+            .root
+            .fingerprint_sha256
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase())
+            .collect();
+        let collapsed =
+            compose_root_cert(&new_root.pem, Some(&union), &[colons.join(":")], f.issued);
+        assert_eq!(
+            root_fingerprints(&collapsed),
+            vec![new_root.fingerprint_sha256.clone()]
+        );
+        // An old root past its notAfter is dropped without being retired.
+        assert_eq!(
+            root_fingerprints(&compose_root_cert(
+                &new_root.pem,
+                Some(&union),
+                &[],
+                f.issued + 500 * DAY
+            )),
+            vec![new_root.fingerprint_sha256.clone()]
+        );
+        // Things in the old file that are not self-signed CAs are never carried.
+        let junk = format!("{}{}", f.bundle.ca_cert, f.root.pem);
+        assert_eq!(
+            root_fingerprints(&compose_root_cert(
+                &new_root.pem,
+                Some(&junk),
+                &[],
+                f.issued
+            )),
+            vec![
+                new_root.fingerprint_sha256.clone(),
+                f.root.fingerprint_sha256.clone()
+            ]
+        );
+    }
+
+    #[test]
+    fn retiring_an_old_root_rewrites_only_root_cert() {
+        let f = fixture();
+        let (_old_key, old_root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let mut bundle = f.bundle.clone();
+        bundle.root_cert = compose_root_cert(&f.root.pem, Some(&old_root.pem), &[], f.issued);
+        let d = desired(&f);
+        // While the old root is wanted: nothing to do.
+        assert!(matches!(
+            decide(&Installed::Ours(bundle.clone()), &d, f.issued),
+            Decision::UpToDate { .. }
+        ));
+        let retire = Desired {
+            retired_roots: vec![old_root.fingerprint_sha256.clone()],
+            ..d.clone()
+        };
+        match decide(&Installed::Ours(bundle.clone()), &retire, f.issued) {
+            Decision::RewriteRoots { root_cert, .. } => {
+                assert_eq!(root_cert, f.root.pem);
+                let mut after = bundle.clone();
+                after.root_cert = root_cert;
+                // Once rewritten, the next decision is to do nothing.
+                assert!(matches!(
+                    decide(&Installed::Ours(after), &retire, f.issued),
+                    Decision::UpToDate { .. }
+                ));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The anchor itself is never dropped, even if listed as retired.
+        let retire_anchor = Desired {
+            retired_roots: vec![f.root.fingerprint_sha256.clone()],
+            ..d
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(f.bundle.clone()), &retire_anchor, f.issued),
+            Decision::UpToDate { .. }
+        ));
+    }
+}

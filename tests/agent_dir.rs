@@ -1,0 +1,332 @@
+//! `meshca agent --target-dir` end to end against a real signer with a real SoftHSM root:
+//! first issue, idempotent re-runs (files untouched, same inodes and mtimes), renewal when
+//! due, a damaged set replaced whole, foreign files left alone unless adopted, and a
+//! signer that cannot be reached (files untouched, retries with growing backoff, then
+//! renewal once it is back).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const NAMES: [&str; 4] = [
+    "ca-cert.pem",
+    "ca-key.pem",
+    "cert-chain.pem",
+    "root-cert.pem",
+];
+
+/// `meshca agent` in directory mode for cluster-a, with the given extra flags.
+fn agent_cmd(env: &Env, addr: &str, dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = env.meshca();
+    cmd.args(["--log-format", "json", "agent", "--target-dir"])
+        .arg(dir)
+        .arg("--signer")
+        .arg(format!("https://{addr}"))
+        .arg("--ca-cert")
+        .arg(env.path("pki/ca.pem"))
+        .arg("--client-cert")
+        .arg(env.path("pki/cluster-a.pem"))
+        .arg("--client-key")
+        .arg(env.path("pki/cluster-a.key"))
+        .args([
+            "--virtual-mesh",
+            "test/vm",
+            "--mesh",
+            "test/cluster-a",
+            "--ttl-seconds",
+            "1800",
+        ])
+        .args(extra);
+    cmd
+}
+
+fn once(env: &Env, addr: &str, dir: &Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = agent_cmd(env, addr, dir, extra);
+    cmd.arg("--once");
+    run(&mut cmd)
+}
+
+/// Everything that would change if a file were rewritten: the `..data` target, and each
+/// file's bytes, inode and mtime.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    data_link: PathBuf,
+    files: Vec<(String, Vec<u8>, u64, i64, i64)>,
+    entries: Vec<String>,
+}
+
+fn snapshot(dir: &Path) -> Snapshot {
+    let files = NAMES
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let meta = std::fs::metadata(&path).unwrap();
+            (
+                name.to_string(),
+                std::fs::read(&path).unwrap(),
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+            )
+        })
+        .collect();
+    let mut entries: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    Snapshot {
+        data_link: std::fs::read_link(dir.join("..data")).unwrap(),
+        files,
+        entries,
+    }
+}
+
+fn serial(dir: &Path) -> String {
+    openssl(dir, &["x509", "-in", "ca-cert.pem", "-noout", "-serial"])
+}
+
+fn assert_valid(env: &Env, dir: &Path) {
+    let verified = run_ok(
+        env.meshca()
+            .arg("verify")
+            .arg(dir)
+            .arg("--root")
+            .arg(env.path("root-cert.pem")),
+    );
+    assert!(text(&verified.stdout).contains("is a valid plugged-in CA bundle"));
+    let out = openssl(
+        dir,
+        &[
+            "verify",
+            "-CAfile",
+            "root-cert.pem",
+            "-untrusted",
+            "cert-chain.pem",
+            "ca-cert.pem",
+        ],
+    );
+    assert!(out.contains("OK"), "{out}");
+    assert_eq!(
+        openssl(dir, &["x509", "-in", "ca-cert.pem", "-noout", "-pubkey"]),
+        openssl(dir, &["pkey", "-in", "ca-key.pem", "-pubout"])
+    );
+}
+
+#[test]
+fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("etc/cacerts");
+
+    let first = once(&env, &addr, &dir, &[]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let stdout = text(&first.stdout);
+    assert!(
+        stdout.contains("installed a new intermediate (no bundle installed yet)"),
+        "{stdout}"
+    );
+    assert_valid(&env, &dir);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("root-cert.pem")).unwrap(),
+        env.root_pem()
+    );
+    let before = snapshot(&dir);
+
+    // Second and third runs: valid, not due: not a byte, inode or mtime changes.
+    for _ in 0..2 {
+        let again = once(&env, &addr, &dir, &[]);
+        assert!(again.status.success(), "{}", text(&again.stderr));
+        assert!(
+            text(&again.stdout).contains("bundle valid and not due; nothing written"),
+            "{}",
+            text(&again.stdout)
+        );
+        assert_eq!(snapshot(&dir), before);
+    }
+    let issued = signer
+        .audit_lines()
+        .iter()
+        .filter(|l| l["rule"] == "issued")
+        .count();
+    assert_eq!(issued, 1, "idempotent runs must not ask the signer to sign");
+
+    // notBefore is backdated 5 minutes and the ttl is 30 minutes: 10% of the 35-minute
+    // lifetime is already behind us, so the bundle is due and replaced as a whole set.
+    // (With the default 2/3 it is due only some 16 minutes after issuance.)
+    let old_serial = serial(&dir);
+    let renewed = once(
+        &env,
+        &addr,
+        &dir,
+        &["--renew-fraction", "0.1", "--jitter-fraction", "0"],
+    );
+    assert!(renewed.status.success(), "{}", text(&renewed.stderr));
+    assert!(
+        text(&renewed.stdout).contains("(renewal time reached)"),
+        "{}",
+        text(&renewed.stdout)
+    );
+    assert_valid(&env, &dir);
+    assert_ne!(serial(&dir), old_serial);
+    let after = snapshot(&dir);
+    assert_ne!(after.data_link, before.data_link);
+    // One version directory, ..data and the four links: the old set is gone.
+    assert_eq!(after.entries.len(), 6, "{:?}", after.entries);
+}
+
+#[test]
+fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("cacerts");
+    assert!(once(&env, &addr, &dir, &[]).status.success());
+
+    // Damage: another key in place of ca-key.pem (written where the link points).
+    let data = dir.join("..data");
+    let (other_key, _) = csr(meshca::pki::keys::KeyType::EcdsaP256, "acme", "x");
+    std::fs::write(
+        data.join("ca-key.pem"),
+        other_key.to_pkcs8_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let old_serial = serial(&dir);
+    let repaired = once(&env, &addr, &dir, &[]);
+    assert!(repaired.status.success(), "{}", text(&repaired.stderr));
+    assert!(
+        text(&repaired.stdout).contains("installed bundle is damaged"),
+        "{}",
+        text(&repaired.stdout)
+    );
+    assert_valid(&env, &dir);
+    assert_ne!(serial(&dir), old_serial);
+
+    // Plain files from someone else: refused without --adopt, and left exactly as they are.
+    let foreign = env.path("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    for name in NAMES {
+        std::fs::copy(dir.join(name), foreign.join(name)).unwrap();
+    }
+    let contents = |d: &Path| -> Vec<Vec<u8>> {
+        NAMES
+            .iter()
+            .map(|n| std::fs::read(d.join(n)).unwrap())
+            .collect()
+    };
+    let untouched = contents(&foreign);
+    let refused = once(&env, &addr, &foreign, &[]);
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("not meshca's") && stderr.contains("adopt"),
+        "{stderr}"
+    );
+    assert_eq!(contents(&foreign), untouched);
+    assert!(!foreign.join("..data").exists());
+
+    let adopted = once(&env, &addr, &foreign, &["--adopt"]);
+    assert!(adopted.status.success(), "{}", text(&adopted.stderr));
+    assert!(text(&adopted.stdout).contains("adopting"));
+    assert!(
+        std::fs::symlink_metadata(foreign.join("..data"))
+            .unwrap()
+            .is_symlink()
+    );
+    assert_valid(&env, &foreign);
+}
+
+/// Spawns the long-running agent; its JSON log lines arrive on the receiver.
+fn spawn_loop(mut cmd: Command) -> (std::process::Child, mpsc::Receiver<serde_json::Value>) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn meshca agent");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = tx.send(value);
+            }
+        }
+    });
+    (child, rx)
+}
+
+#[test]
+fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is_back() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("cacerts");
+    assert!(once(&env, &addr, &dir, &[]).status.success());
+    let before = snapshot(&dir);
+    let old_serial = serial(&dir);
+    drop(signer);
+
+    // Valid and not due: fine without the signer, nothing written.
+    let offline = once(&env, &addr, &dir, &[]);
+    assert!(offline.status.success(), "{}", text(&offline.stderr));
+    assert!(text(&offline.stdout).contains("nothing written"));
+    assert_eq!(snapshot(&dir), before);
+
+    // Due, signer down: fails, names the cause, leaves every file as it was.
+    let due = ["--renew-fraction", "0.1", "--jitter-fraction", "0"];
+    let failed = once(&env, &addr, &dir, &due);
+    assert!(!failed.status.success());
+    assert!(
+        text(&failed.stderr).contains("cannot reach the signer"),
+        "{}",
+        text(&failed.stderr)
+    );
+    assert_eq!(snapshot(&dir), before);
+
+    // The loop: retries with a growing delay, files untouched meanwhile.
+    let mut cmd = agent_cmd(&env, &addr, &dir, &due);
+    cmd.args(["--resync-seconds", "8"]);
+    let (mut child, logs) = spawn_loop(cmd);
+    let mut delays = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while delays.len() < 2 && Instant::now() < deadline {
+        if let Ok(line) = logs.recv_timeout(Duration::from_secs(1))
+            && let Some(delay) = line.get("retry_in_seconds").and_then(|d| d.as_u64())
+        {
+            let message = line["message"].as_str().unwrap_or_default().to_string();
+            assert!(
+                message.contains("existing files left as they were"),
+                "{message}"
+            );
+            delays.push(delay);
+        }
+    }
+    assert_eq!(delays, vec![2, 4]);
+    assert_eq!(snapshot(&dir), before);
+
+    // The signer comes back on the same address: the loop renews.
+    let _signer = env.start_signer_with(&["--listen", &addr]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut installed = false;
+    while !installed && Instant::now() < deadline {
+        if let Ok(line) = logs.recv_timeout(Duration::from_secs(1)) {
+            installed = line["message"] == "installed a new intermediate";
+        }
+    }
+    assert!(
+        installed,
+        "the agent did not renew once the signer was back"
+    );
+    send_signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    assert_ne!(serial(&dir), old_serial);
+    assert_valid(&env, &dir);
+}

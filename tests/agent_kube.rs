@@ -1,0 +1,843 @@
+//! The cluster agent against an HTTP fake of exactly the Kubernetes endpoints it uses
+//! (Secret get/apply, Deployment list/patch, ConfigMap get, request list and status,
+//! Lease), with a real signer and SoftHSM root behind it. The tests assert the requests
+//! the agent sends: methods, paths, field manager, content types and patch bodies.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde_json::{Value, json};
+
+use common::*;
+use meshca::agent::controller::{Controller, ControllerOptions};
+use meshca::agent::k8s::Kube;
+use meshca::pki::bundle::{BundleFiles, verify_bundle};
+
+const NS: &str = "service-mesh-hub";
+const VMCSR: &str =
+    "/apis/meshca.dev/v1alpha1/namespaces/service-mesh-hub/virtualmeshcertificatesigningrequests";
+const SECRET: &str = "/api/v1/namespaces/istio-system/secrets/cacerts";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/service-mesh-hub/leases/meshca-agent";
+
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+#[derive(Default)]
+struct Fake {
+    objects: Mutex<BTreeMap<String, Value>>,
+    requests: Mutex<Vec<Recorded>>,
+    version: Mutex<u64>,
+    /// After serving a GET of this path, change the object's resourceVersion: another
+    /// writer got in between.
+    race_after_get: Mutex<Option<String>>,
+}
+
+const COLLECTIONS: [&str; 5] = [
+    "secrets",
+    "deployments",
+    "configmaps",
+    "leases",
+    "virtualmeshcertificatesigningrequests",
+];
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": reason, "code": code, "message": message})),
+    )
+        .into_response()
+}
+
+/// JSON merge (RFC 7386), enough for annotations and status.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// `k=v` and `k in (a,b)` terms joined by commas.
+fn matches_selector(labels: &Value, selector: &str) -> bool {
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&selector[start..]);
+    terms
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            if let Some((k, v)) = term.split_once('=') {
+                labels[k.trim()] == v.trim()
+            } else if let Some((k, set)) = term.split_once(" in ") {
+                let set = set.trim().trim_start_matches('(').trim_end_matches(')');
+                set.split(',').any(|v| labels[k.trim()] == v.trim())
+            } else {
+                panic!("selector term {term:?} not understood by the fake")
+            }
+        })
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+async fn handle(
+    State(fake): State<Arc<Fake>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or_default().to_string();
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).expect("the agent sends JSON bodies")
+    };
+    fake.requests.lock().unwrap().push(Recorded {
+        method: method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        content_type: content_type.clone(),
+        body: body.clone(),
+    });
+    let mut objects = fake.objects.lock().unwrap();
+    let next_version = || {
+        let mut v = fake.version.lock().unwrap();
+        *v += 1;
+        v.to_string()
+    };
+    let last = path.rsplit('/').next().unwrap_or_default();
+    match method {
+        Method::GET => {
+            if let Some(obj) = objects.get_mut(&path) {
+                let served = obj.clone();
+                if fake.race_after_get.lock().unwrap().as_deref() == Some(path.as_str()) {
+                    obj["metadata"]["resourceVersion"] = "changed-by-another-writer".into();
+                }
+                return axum::Json(served).into_response();
+            }
+            if COLLECTIONS.contains(&last) {
+                let selector = query_param(&query, "labelSelector").unwrap_or_default();
+                let prefix = format!("{path}/");
+                let items: Vec<Value> = objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                    .map(|(_, v)| v.clone())
+                    .filter(|v| matches_selector(&v["metadata"]["labels"], &selector))
+                    .collect();
+                return axum::Json(json!({"apiVersion": "v1", "kind": "List",
+                    "metadata": {"resourceVersion": "1"}, "items": items}))
+                .into_response();
+            }
+            status(404, "NotFound", &format!("{path} not found"))
+        }
+        Method::POST => {
+            let name = body["metadata"]["name"].as_str().unwrap().to_string();
+            let key = format!("{path}/{name}");
+            if objects.contains_key(&key) {
+                return status(409, "AlreadyExists", "exists");
+            }
+            let mut obj = body;
+            obj["metadata"]["resourceVersion"] = next_version().into();
+            objects.insert(key, obj.clone());
+            (StatusCode::CREATED, axum::Json(obj)).into_response()
+        }
+        Method::PUT => {
+            let Some(current) = objects.get(&path) else {
+                return status(404, "NotFound", "no such object");
+            };
+            if current["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"] {
+                return status(409, "Conflict", "the object has been modified");
+            }
+            let mut obj = body;
+            obj["metadata"]["resourceVersion"] = next_version().into();
+            objects.insert(path, obj.clone());
+            axum::Json(obj).into_response()
+        }
+        Method::PATCH => {
+            if let Some(base) = path.strip_suffix("/status") {
+                let Some(obj) = objects.get_mut(base) else {
+                    return status(404, "NotFound", "no such object");
+                };
+                obj["status"] = body["status"].clone();
+                return axum::Json(obj.clone()).into_response();
+            }
+            let exists = objects.contains_key(&path);
+            if !exists && !content_type.starts_with("application/apply-patch") {
+                return status(404, "NotFound", "no such object");
+            }
+            let obj = objects.entry(path).or_insert_with(|| json!({}));
+            merge(obj, &body);
+            obj["metadata"]["resourceVersion"] = next_version().into();
+            axum::Json(obj.clone()).into_response()
+        }
+        _ => status(405, "MethodNotAllowed", "not in the fake"),
+    }
+}
+
+struct Cluster {
+    fake: Arc<Fake>,
+    controller: Controller,
+    addr: std::net::SocketAddr,
+}
+
+impl Cluster {
+    async fn start(env: &Env) -> Cluster {
+        let fake = Arc::new(Fake::default());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let controller = Controller::new(
+            Kube::new(client),
+            ControllerOptions {
+                namespace: NS.into(),
+                identity: "agent-0".into(),
+                lease_name: "meshca-agent".into(),
+                lease_duration: Duration::from_secs(30),
+                resync: Duration::from_secs(60),
+                ca_cert: env.path("pki/ca.pem"),
+                client_cert: env.path("pki/cluster-a.pem"),
+                client_key: env.path("pki/cluster-a.key"),
+            },
+        );
+        Cluster {
+            fake,
+            controller,
+            addr,
+        }
+    }
+
+    fn put(&self, path: &str, obj: Value) {
+        self.fake
+            .objects
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), obj);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.fake.objects.lock().unwrap().get(path).cloned()
+    }
+
+    /// One pass of the agent; returns the requests it sent.
+    async fn pass(&self) -> Vec<Recorded> {
+        let start = self.fake.requests.lock().unwrap().len();
+        self.controller.run_once().await.unwrap();
+        self.fake.requests.lock().unwrap()[start..].to_vec()
+    }
+}
+
+fn writes(requests: &[Recorded]) -> Vec<(String, String)> {
+    requests
+        .iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect()
+}
+
+fn request_object(signer_addr: &str, extra_spec: Value) -> Value {
+    let mut spec = json!({
+        "virtualMesh": {"namespace": "test", "name": "vm"},
+        "mesh": {"namespace": "test", "name": "cluster-a"},
+        "signer": {"url": format!("https://{signer_addr}")},
+        "ttlSeconds": 3600,
+        "restart": {"workloadNamespaces": ["shop"]}
+    });
+    merge(&mut spec, &extra_spec);
+    json!({
+        "apiVersion": "meshca.dev/v1alpha1",
+        "kind": "VirtualMeshCertificateSigningRequest",
+        "metadata": {"name": "cluster-a", "namespace": NS, "generation": 1, "resourceVersion": "1"},
+        "spec": spec
+    })
+}
+
+fn deployment(ns: &str, name: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}}
+    })
+}
+
+fn deployments_path(ns: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}")
+}
+
+fn configmap(ns: &str, root_pem: &str) -> (String, Value) {
+    (
+        format!("/api/v1/namespaces/{ns}/configmaps/istio-ca-root-cert"),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio-ca-root-cert", "namespace": ns},
+            "data": {"root-cert.pem": root_pem}}),
+    )
+}
+
+fn secret_files(secret: &Value) -> BundleFiles {
+    let get = |k: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(secret["data"][k].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    BundleFiles {
+        ca_cert: get("ca-cert.pem"),
+        ca_key: get("ca-key.pem"),
+        cert_chain: get("cert-chain.pem"),
+        root_cert: get("root-cert.pem"),
+    }
+}
+
+fn vmcsr_status(cluster: &Cluster) -> Value {
+    cluster.get(&format!("{VMCSR}/cluster-a")).unwrap()["status"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put(
+        &format!("{VMCSR}/cluster-a"),
+        request_object(&signer.addr.to_string(), json!({})),
+    );
+    cluster.put(
+        &deployments_path("istio-system", "istiod"),
+        deployment("istio-system", "istiod", json!({"app": "istiod"})),
+    );
+    cluster.put(
+        &deployments_path("istio-system", "istio-ingressgateway"),
+        deployment(
+            "istio-system",
+            "istio-ingressgateway",
+            json!({"istio": "ingressgateway"}),
+        ),
+    );
+    cluster.put(
+        &deployments_path("shop", "web"),
+        deployment("shop", "web", json!({"app": "web"})),
+    );
+
+    // Pass 1: lease created, Secret applied, istiod restarted, gateways wait.
+    let sent = cluster.pass().await;
+    let lease = sent.iter().find(|r| r.method == "POST").unwrap();
+    assert_eq!(
+        lease.path,
+        "/apis/coordination.k8s.io/v1/namespaces/service-mesh-hub/leases"
+    );
+    assert_eq!(lease.body["spec"]["holderIdentity"], "agent-0");
+    assert_eq!(lease.body["spec"]["leaseDurationSeconds"], 30);
+
+    let apply: Vec<&Recorded> = sent
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == SECRET)
+        .collect();
+    assert_eq!(apply.len(), 1);
+    let apply = apply[0];
+    assert_eq!(apply.content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        query_param(&apply.query, "fieldManager").as_deref(),
+        Some("meshca")
+    );
+    assert_eq!(query_param(&apply.query, "force").as_deref(), Some("true"));
+    assert_eq!(apply.body["apiVersion"], "v1");
+    assert_eq!(apply.body["kind"], "Secret");
+    assert_eq!(
+        apply.body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "meshca"
+    );
+    assert_eq!(
+        apply.body["metadata"]["annotations"]["meshca.dev/owner"],
+        "service-mesh-hub/cluster-a"
+    );
+    let mut keys: Vec<&String> = apply.body["data"].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "ca-cert.pem",
+            "ca-key.pem",
+            "cert-chain.pem",
+            "root-cert.pem"
+        ]
+    );
+    let files = secret_files(&apply.body);
+    let root = meshca::pki::pem::decode_certificates(&env.root_pem())
+        .unwrap()
+        .remove(0);
+    let summary = verify_bundle(&files, Some(&root), std::time::SystemTime::now()).unwrap();
+    assert!(summary.subject.contains("cluster-a"), "{}", summary.subject);
+
+    let patches: Vec<&Recorded> = sent
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
+        .collect();
+    assert_eq!(patches.len(), 1);
+    assert_eq!(patches[0].path, deployments_path("istio-system", "istiod"));
+    assert_eq!(
+        patches[0].content_type,
+        "application/strategic-merge-patch+json"
+    );
+    let annotations = &patches[0].body["spec"]["template"]["metadata"]["annotations"];
+    assert!(annotations["kubectl.kubernetes.io/restartedAt"].is_string());
+    assert_eq!(
+        annotations["meshca.dev/restarted-for-serial"],
+        summary.serial
+    );
+    assert_eq!(
+        patches[0].body.as_object().unwrap().len(),
+        1,
+        "only spec.template.metadata.annotations"
+    );
+    // No pod is ever deleted, no other verb used.
+    assert!(sent.iter().all(|r| r.method != "DELETE"));
+
+    let status_writes: Vec<&Recorded> = sent
+        .iter()
+        .filter(|r| r.path.ends_with("/cluster-a/status"))
+        .collect();
+    let phases: Vec<&str> = status_writes
+        .iter()
+        .map(|r| r.body["status"]["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["Requested", "Issued", "Installed"]);
+    for w in &status_writes {
+        assert_eq!(w.method, "PATCH");
+        assert_eq!(w.content_type, "application/apply-patch+yaml");
+        assert_eq!(
+            query_param(&w.query, "fieldManager").as_deref(),
+            Some("meshca")
+        );
+    }
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["serial"], summary.serial);
+    assert_eq!(st["observedGeneration"], 1);
+    assert_eq!(st["rootFingerprint"], summary.anchor_fingerprint);
+    assert!(st["notAfter"].is_string() && st["renewAt"].is_string());
+    assert_eq!(st["restart"]["stage"], "Gateways");
+    assert_eq!(st["restart"]["restarted"], json!(["istio-system/istiod"]));
+    assert!(
+        st["restart"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for istio-ca-root-cert in istio-system"),
+        "{st}"
+    );
+    let ready = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["status"], "True");
+
+    // Pass 2: nothing changed: no Secret write, no restart, no status write.
+    let sent = cluster.pass().await;
+    assert_eq!(
+        writes(&sent),
+        vec![("PUT".to_string(), LEASE.to_string())],
+        "only the lease renewal"
+    );
+    let put = sent.iter().find(|r| r.method == "PUT").unwrap();
+    assert!(put.body["metadata"]["resourceVersion"].is_string());
+
+    // Pass 3: istio-system carries the new root: the gateway restarts; shop waits.
+    let (path, cm) = configmap("istio-system", &env.root_pem());
+    cluster.put(&path, cm);
+    let sent = cluster.pass().await;
+    let restarted: Vec<String> = sent
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        restarted,
+        vec![deployments_path("istio-system", "istio-ingressgateway")]
+    );
+    assert_eq!(vmcsr_status(&cluster)["restart"]["stage"], "Workloads");
+
+    // Pass 4: shop carries it: its workload restarts, the plan completes.
+    let (path, cm) = configmap("shop", &format!("{}{}", env.root_pem(), env.root_pem()));
+    cluster.put(&path, cm);
+    let sent = cluster.pass().await;
+    let restarted: Vec<String> = sent
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(restarted, vec![deployments_path("shop", "web")]);
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["restart"]["stage"], "Complete");
+    assert_eq!(
+        st["restart"]["restarted"],
+        json!([
+            "istio-system/istiod",
+            "istio-system/istio-ingressgateway",
+            "shop/web"
+        ])
+    );
+
+    // Passes 5 and 6: a complete plan never restarts anything again.
+    for _ in 0..2 {
+        let sent = cluster.pass().await;
+        assert_eq!(writes(&sent), vec![("PUT".to_string(), LEASE.to_string())]);
+        assert!(!sent.iter().any(|r| r.path.contains("/deployments")));
+    }
+    drop(signer);
+}
+
+/// A self-signed CA made by openssl: the root of a hand-made `cacerts`.
+fn other_root(env: &Env) -> String {
+    openssl(
+        env.dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "old-root.key",
+            "-subj",
+            "/O=acme/CN=old root",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "old-root.pem",
+        ],
+    );
+    std::fs::read_to_string(env.path("old-root.pem")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    let old_root = other_root(&env);
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let hand_made = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "cacerts", "namespace": "istio-system", "resourceVersion": "7"},
+        "data": {"ca-cert.pem": b64("hand made"), "ca-key.pem": b64("hand made"),
+                 "cert-chain.pem": b64("hand made"), "root-cert.pem": b64(&old_root)}
+    });
+    cluster.put(SECRET, hand_made.clone());
+    cluster.put(
+        &format!("{VMCSR}/cluster-a"),
+        request_object(&signer.addr.to_string(), json!({})),
+    );
+    cluster.put(
+        &deployments_path("istio-system", "istiod"),
+        deployment("istio-system", "istiod", json!({"app": "istiod"})),
+    );
+
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.method == "PATCH" && r.path == SECRET));
+    assert_eq!(cluster.get(SECRET).unwrap(), hand_made);
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    let error = st["lastError"].as_str().unwrap();
+    assert!(
+        error.contains("not meshca's") && error.contains("adopt"),
+        "{error}"
+    );
+    let ready = &st["conditions"][0];
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "ForeignSecret");
+
+    // The spec says adopt: replaced, the hand-made root kept after the signer's root.
+    let mut obj = cluster.get(&format!("{VMCSR}/cluster-a")).unwrap();
+    obj["spec"]["adopt"] = true.into();
+    obj["metadata"]["generation"] = 2.into();
+    cluster.put(&format!("{VMCSR}/cluster-a"), obj);
+    let sent = cluster.pass().await;
+    let apply = sent
+        .iter()
+        .find(|r| r.method == "PATCH" && r.path == SECRET)
+        .expect("adopted Secret applied");
+    let files = secret_files(&apply.body);
+    let roots = meshca::pki::pem::decode_certificates(&files.root_cert).unwrap();
+    assert_eq!(roots.len(), 2);
+    assert_eq!(
+        meshca::pki::pem::certificate_pem(&roots[0]),
+        meshca::pki::pem::certificate_pem(
+            &meshca::pki::pem::decode_certificates(&env.root_pem())
+                .unwrap()
+                .remove(0)
+        )
+    );
+    assert_eq!(
+        meshca::pki::pem::certificate_pem(&roots[1]),
+        meshca::pki::pem::certificate_pem(
+            &meshca::pki::pem::decode_certificates(&old_root)
+                .unwrap()
+                .remove(0)
+        )
+    );
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Installed");
+    assert!(st.get("lastError").is_none(), "{st}");
+    assert_eq!(st["observedGeneration"], 2);
+    assert_eq!(st["trustedRootFingerprints"].as_array().unwrap().len(), 2);
+    // istiod already ran with plugged-in certificates: auto restarts nothing.
+    assert!(!sent.iter().any(|r| r.path.contains("/deployments/")));
+    assert!(st.get("restart").is_none());
+
+    // Retiring the old root rewrites root-cert.pem only: same intermediate and key.
+    let mut obj = cluster.get(&format!("{VMCSR}/cluster-a")).unwrap();
+    obj["spec"]["rotation"] =
+        json!({"retiredRootFingerprints": [st["trustedRootFingerprints"][1]]});
+    cluster.put(&format!("{VMCSR}/cluster-a"), obj);
+    let sent = cluster.pass().await;
+    let apply = sent
+        .iter()
+        .find(|r| r.method == "PATCH" && r.path == SECRET)
+        .expect("root-cert.pem rewritten");
+    let rewritten = secret_files(&apply.body);
+    assert_eq!(rewritten.ca_cert, files.ca_cert);
+    assert_eq!(rewritten.ca_key, files.ca_key);
+    assert_eq!(rewritten.root_cert, env.root_pem());
+    assert_eq!(
+        vmcsr_status(&cluster)["trustedRootFingerprints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    // A port nobody listens on (bound, then released).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cluster.put(
+        &format!("{VMCSR}/cluster-a"),
+        request_object(&closed.to_string(), json!({})),
+    );
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
+    assert!(cluster.get(SECRET).is_none());
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    assert!(
+        st["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the signer"),
+        "{st}"
+    );
+    assert_eq!(st["conditions"][0]["reason"], "SignerError");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    let now = meshca::signer::audit::rfc3339(std::time::SystemTime::now());
+    let lease = |renewed: &str| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "meshca-agent", "namespace": NS, "resourceVersion": "41"},
+            "spec": {"holderIdentity": "agent-1", "leaseDurationSeconds": 30,
+                     "renewTime": renewed, "leaseTransitions": 3}})
+    };
+    cluster.put(LEASE, lease(&now));
+    cluster.put(
+        &format!("{VMCSR}/cluster-a"),
+        request_object("127.0.0.1:1", json!({})),
+    );
+    let sent = cluster.pass().await;
+    assert_eq!(sent.len(), 1, "a follower only reads the Lease: {sent:?}");
+    assert_eq!(
+        (sent[0].method.as_str(), sent[0].path.as_str()),
+        ("GET", LEASE)
+    );
+
+    // The holder stopped renewing long ago: take over with the read resourceVersion.
+    cluster.put(LEASE, lease("2020-01-01T00:00:00.000000Z"));
+    let sent = cluster.pass().await;
+    let put = sent.iter().find(|r| r.method == "PUT").unwrap();
+    assert_eq!(put.path, LEASE);
+    assert_eq!(put.body["metadata"]["resourceVersion"], "41");
+    assert_eq!(put.body["spec"]["holderIdentity"], "agent-0");
+    assert_eq!(put.body["spec"]["leaseTransitions"], 4);
+    assert!(
+        sent.iter().any(|r| r.path == VMCSR),
+        "the new leader reconciles"
+    );
+
+    // Another replica writes the Lease between this one's read and write: the
+    // replace gets 409 and this replica stays a follower (reads nothing else).
+    cluster.put(LEASE, lease("2020-01-01T00:00:00.000000Z"));
+    *cluster.fake.race_after_get.lock().unwrap() = Some(LEASE.to_string());
+    let sent = cluster.pass().await;
+    let methods: Vec<&str> = sent.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(methods, ["GET", "PUT"], "{sent:?}");
+    assert!(!sent.iter().any(|r| r.path == VMCSR));
+
+    // Shutting down as the holder gives the Lease up (no holder: others take it at once).
+    *cluster.fake.race_after_get.lock().unwrap() = None;
+    let mut mine = lease(&now);
+    mine["spec"]["holderIdentity"] = "agent-0".into();
+    cluster.put(LEASE, mine);
+    cluster.controller.release().await.unwrap();
+    let released = cluster.get(LEASE).unwrap();
+    assert!(
+        released["spec"].get("holderIdentity").is_none(),
+        "{released}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policy_never_installs_without_touching_deployments() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put(
+        &format!("{VMCSR}/cluster-a"),
+        request_object(
+            &signer.addr.to_string(),
+            json!({"restart": {"policy": "never"}}),
+        ),
+    );
+    cluster.put(
+        &deployments_path("istio-system", "istiod"),
+        deployment("istio-system", "istiod", json!({"app": "istiod"})),
+    );
+    let sent = cluster.pass().await;
+    assert!(sent.iter().any(|r| r.method == "PATCH" && r.path == SECRET));
+    assert!(!sent.iter().any(|r| r.path.contains("/deployments")));
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Installed");
+    assert!(st.get("restart").is_none(), "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: other\nclusters:\n- name: remote\n  cluster:\n    server: http://{}\n- name: unused\n  cluster:\n    server: http://127.0.0.1:1\ncontexts:\n- name: remote\n  context:\n    cluster: remote\n    user: agent\n- name: other\n  context:\n    cluster: unused\n    user: agent\nusers:\n- name: agent\n  user: {{}}\n",
+        cluster.addr
+    );
+    let client = meshca::agent::k8s::client_from_kubeconfig(&kubeconfig, Some("remote"))
+        .await
+        .unwrap();
+    let found = Kube::new(client)
+        .get_secret("istio-system", "cacerts")
+        .await
+        .unwrap();
+    assert!(found.is_none());
+    let sent = cluster.fake.requests.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].method.as_str(), sent[0].path.as_str()),
+        ("GET", SECRET)
+    );
+    // An https cluster builds its rustls configuration with the ring provider (the only
+    // one compiled in): no panic about an ambiguous or missing crypto provider.
+    let ca = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(env.path("pki/ca.pem")).unwrap());
+    let tls_kubeconfig = kubeconfig.replace(
+        &format!("server: http://{}", cluster.addr),
+        &format!(
+            "server: https://{}\n    certificate-authority-data: {ca}",
+            cluster.addr
+        ),
+    );
+    assert!(tls_kubeconfig.contains("certificate-authority-data"));
+    meshca::agent::k8s::client_from_kubeconfig(&tls_kubeconfig, Some("remote"))
+        .await
+        .unwrap();
+    let err = meshca::agent::k8s::client_from_kubeconfig("not: [yaml", None)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("kubeconfig"), "{err}");
+}
