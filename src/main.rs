@@ -179,8 +179,16 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
+    // The Vault client libraries log each failed call at ERROR level without context;
+    // meshca reports those failures itself. Shown only when asked for by name.
+    let mut level = level.to_string();
+    for quiet in ["vaultrs", "rustify"] {
+        if !level.contains(quiet) {
+            level.push_str(&format!(",{quiet}=off"));
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -256,7 +264,10 @@ fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<Ex
     }
     println!(
         "  issuer       {} (id {}) in mount {} at {}",
-        issuer.issuer_name, issuer.issuer_id, settings.mount, settings.address
+        issuer.issuer_name,
+        issuer.issuer_id,
+        settings.mount,
+        settings.address.as_str().trim_end_matches('/')
     );
     println!(
         "  key          {} (id {}, held by Vault, never exported)",
@@ -300,8 +311,14 @@ fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
         }
     );
     println!(
-        "  key          {} {} (id {}); Vault's API has no call that returns it",
-        info.key_type, info.key_name, info.issuer.key_id
+        "  key          {} (id {}{}); Vault's API has no call that returns it",
+        info.key_type,
+        info.issuer.key_id,
+        if info.key_name.is_empty() {
+            String::new()
+        } else {
+            format!(", name {}", info.key_name)
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

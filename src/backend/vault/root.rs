@@ -122,7 +122,7 @@ pub async fn root_init(
             // A replacement is made under a temporary name and takes the configured name
             // only once it passed its checks: a failure leaves the old root in place.
             let name = match &existing {
-                Some(_) => format!("{issuer_ref}-new-{stamp}"),
+                Some(old) => format!("{issuer_ref}-new-{}", short_id(&old.issuer_id)),
                 None => issuer_ref.clone(),
             };
             let body = profile::root_generate_body(&RootRequest {
@@ -167,12 +167,27 @@ pub async fn root_init(
             };
             let mut renamed = None;
             if let Some(old) = &existing {
-                let old_name = format!("{issuer_ref}-replaced-{stamp}");
-                rename(&client, mount, &old.issuer_id, &old_name).await?;
+                // Unique even for several replacements within one second.
+                let old_name =
+                    format!("{issuer_ref}-replaced-{stamp}-{}", short_id(&old.issuer_id));
+                if let Err(e) = rename(&client, mount, &old.issuer_id, &old_name).await {
+                    let cleanup = discard(&client, mount, &issuer_id, &key_id).await;
+                    return Err(VaultRootError::Refused(format!(
+                        "cannot rename the existing issuer {issuer_ref} out of the way: {e}; {cleanup}"
+                    )));
+                }
                 if let Err(e) = rename(&client, mount, &issuer_id, issuer_ref).await {
-                    // Put the old root back under its name; the new one stays, unnamed.
-                    let _ = rename(&client, mount, &old.issuer_id, issuer_ref).await;
-                    return Err(e.into());
+                    // Put the old root back under its name and drop the new one.
+                    let restored = rename(&client, mount, &old.issuer_id, issuer_ref).await;
+                    let cleanup = discard(&client, mount, &issuer_id, &key_id).await;
+                    return Err(VaultRootError::Refused(format!(
+                        "cannot give the new root the name {issuer_ref}: {e}; {}; {cleanup}",
+                        match restored {
+                            Ok(()) => format!("the previous issuer is {issuer_ref} again"),
+                            Err(r) =>
+                                format!("the previous issuer is still named {old_name} ({r})"),
+                        }
+                    )));
                 }
                 renamed = Some(old_name);
             }
@@ -197,6 +212,11 @@ pub async fn root_init(
         },
     )?;
     Ok(outcome)
+}
+
+/// The first block of a Vault ID (a UUID), for readable unique names.
+fn short_id(id: &str) -> &str {
+    id.split('-').next().unwrap_or(id)
 }
 
 /// Best effort: removes an issuer and key that failed their checks.
