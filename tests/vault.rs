@@ -567,3 +567,134 @@ fn config_mistakes_are_named_without_echoing_secrets() {
         text(&out.stderr)
     );
 }
+
+/// base64url without padding, for a hand-made JWT.
+fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A service account token as Kubernetes would mount it (the signature is not checked by
+/// OpenBao without configured keys: the TokenReview fake is the authority).
+fn service_account_jwt(namespace: &str, name: &str) -> String {
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
+    let claims = serde_json::json!({
+        "iss": "kubernetes/serviceaccount",
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "kubernetes.io/serviceaccount/namespace": namespace,
+        "kubernetes.io/serviceaccount/service-account.name": name,
+        "kubernetes.io/serviceaccount/service-account.uid": "uid-1",
+    });
+    format!(
+        "{}.{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes()),
+        b64url(b"signature")
+    )
+}
+
+/// An HTTP fake of the one Kubernetes endpoint OpenBao's Kubernetes auth calls:
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`. It vouches for exactly `jwt`, as
+/// service account meshca/meshca-signer. Returns its address and a review counter.
+fn token_review_fake(jwt: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reviews = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = reviews.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let vouched = request_line
+                .starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews ")
+                && review["spec"]["token"] == jwt.as_str();
+            let status = if vouched {
+                serde_json::json!({"authenticated": true, "user": {
+                    "username": "system:serviceaccount:meshca:meshca-signer",
+                    "uid": "uid-1",
+                    "groups": ["system:serviceaccounts", "system:serviceaccounts:meshca"]}})
+            } else {
+                serde_json::json!({"authenticated": false, "error": "token not recognized"})
+            };
+            let answer = serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "status": status,
+            })
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    (format!("http://{addr}"), reviews)
+}
+
+#[tokio::test]
+async fn kubernetes_auth_logs_in_with_the_service_account_token() {
+    let jwt = service_account_jwt("meshca", "meshca-signer");
+    let (kubernetes_host, reviews) = token_review_fake(jwt.clone());
+    // Env::with ran `root init`, which logged in this way already.
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::Kubernetes {
+            kubernetes_host,
+            jwt: jwt.clone(),
+        },
+        ..VaultSpec::default()
+    }));
+    let signer = env.start_signer();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    let logs = signer.logs();
+    assert!(logs.contains("\"method\":\"kubernetes\""), "{logs}");
+    assert!(!logs.contains(&jwt), "the service account token was logged");
+    // OpenBao asked the fake once for root init and once for the signer's login.
+    assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // A token Kubernetes does not vouch for: a clear login failure, no token echoed.
+    let stranger = service_account_jwt("meshca", "someone-else");
+    std::fs::write(env.path("vault/jwt"), &stranger).unwrap();
+    let out = run(env
+        .meshca()
+        .args(["root", "show", "--config"])
+        .arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Vault login (kubernetes) failed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&stranger));
+}

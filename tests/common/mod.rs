@@ -134,6 +134,13 @@ pub enum VaultAuthSpec {
     Token { ttl: Option<String> },
     /// AppRole `meshca` with the meshca policy; its tokens live `token_ttl`.
     AppRole { token_ttl: String },
+    /// Kubernetes auth: OpenBao asks `kubernetes_host` (a TokenReview fake) about `jwt`,
+    /// which is written to `vault/jwt` (mode 0644, as Kubernetes mounts it); role
+    /// `meshca` is bound to service account meshca/meshca-signer.
+    Kubernetes {
+        kubernetes_host: String,
+        jwt: String,
+    },
 }
 
 /// The Vault policy meshca needs: sign with, read and manage issuers of the `pki` mount,
@@ -437,6 +444,41 @@ fn prepare_openbao(root: &Path, spec: &VaultSpec) -> (openbao::OpenBao, String) 
             openbao::write_secret(&creds.join("secret-id"), &secret_id);
             "method = \"approle\"\nrole_id_file = \"vault/role-id\"\nsecret_id_file = \"vault/secret-id\"\n"
                 .to_string()
+        }
+        VaultAuthSpec::Kubernetes {
+            kubernetes_host,
+            jwt,
+        } => {
+            bao.cli_ok(&["auth", "enable", "kubernetes"]);
+            // OpenBao insists on a CA bundle for the API server; any certificate will do
+            // for a plain-http fake.
+            let ca = root.join("openbao/kubernetes-ca.pem");
+            run_ok(
+                Command::new("openssl")
+                    .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+                    .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+                    .args(["-subj", "/CN=fake kubernetes", "-keyout"])
+                    .arg(root.join("openbao/kubernetes-ca.key"))
+                    .arg("-out")
+                    .arg(&ca),
+            );
+            bao.cli_ok(&[
+                "write",
+                "auth/kubernetes/config",
+                &format!("kubernetes_host={kubernetes_host}"),
+                "disable_local_ca_jwt=true",
+                &format!("kubernetes_ca_cert=@{}", ca.display()),
+            ]);
+            bao.cli_ok(&[
+                "write",
+                "auth/kubernetes/role/meshca",
+                "bound_service_account_names=meshca-signer",
+                "bound_service_account_namespaces=meshca",
+                "token_policies=meshca",
+                "token_ttl=1h",
+            ]);
+            std::fs::write(creds.join("jwt"), jwt).unwrap();
+            "method = \"kubernetes\"\nrole = \"meshca\"\njwt_file = \"vault/jwt\"\n".to_string()
         }
     };
     let section = format!(
