@@ -91,6 +91,8 @@ struct Session {
     token: Arc<Token>,
     /// When to renew (or log in again); `None` for a token that never expires.
     refresh_at: Option<Instant>,
+    /// When the token's current lease ends; `None` for a token that never expires.
+    expires_at: Option<Instant>,
     renewable: bool,
     /// The lease the token was first issued with; renewals that return much less mean
     /// the token is nearing its max TTL.
@@ -99,10 +101,12 @@ struct Session {
 
 impl Session {
     fn new(token: Arc<Token>, lease: Duration, renewable: bool, issued_lease: Duration) -> Self {
+        let now = Instant::now();
         Session {
             token,
             // Renew at half the lease: the other half rides out a Vault outage.
-            refresh_at: (!lease.is_zero()).then(|| Instant::now() + lease / 2),
+            refresh_at: (!lease.is_zero()).then(|| now + lease / 2),
+            expires_at: (!lease.is_zero()).then(|| now + lease),
             renewable,
             issued_lease,
         }
@@ -110,6 +114,10 @@ impl Session {
 
     fn due(&self) -> bool {
         self.refresh_at.is_some_and(|at| Instant::now() >= at)
+    }
+
+    fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| Instant::now() >= at)
     }
 }
 
@@ -231,7 +239,23 @@ impl VaultClient {
         {
             return Ok(current.token.clone());
         }
-        let fresh = self.refresh(session.clone()).await?;
+        let fresh = match self.refresh(session.clone()).await {
+            Ok(fresh) => fresh,
+            Err(e) if e.is_transient() => {
+                // Vault is down or slow: while the current token is still valid, keep
+                // using it and try renewing again a little later, instead of making
+                // every request wait for Vault under this lock.
+                if let Some(current) = session.as_mut()
+                    && !current.expired()
+                {
+                    current.refresh_at = Some(Instant::now() + RENEW_RETRY);
+                    tracing::warn!(error = %e, "cannot renew the Vault token now; retrying shortly");
+                    return Ok(current.token.clone());
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let token = fresh.token.clone();
         *session = Some(fresh);
         Ok(token)
