@@ -56,6 +56,15 @@ pub fn write_secret(path: &Path, contents: &str) {
     file.write_all(contents.as_bytes()).unwrap();
 }
 
+/// Whether /proc says the process is stopped (state T).
+fn process_stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        == Some('T')
+}
+
 enum Mode {
     Dev,
     Raft { config: PathBuf, unseal_key: String },
@@ -242,16 +251,32 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         }
     }
 
-    /// SIGSTOP: the server keeps its port but answers nothing (a hung Vault).
+    /// SIGSTOP: the server keeps its port but answers nothing (a hung Vault). Returns
+    /// once the kernel reports the process stopped.
     pub fn pause(&self) {
-        if let Some(child) = &self.child {
-            super::send_signal(child.id(), "STOP");
-        }
+        self.signal_and_wait("STOP", true);
     }
 
+    /// SIGCONT, and wait until the process runs again.
     pub fn resume(&self) {
-        if let Some(child) = &self.child {
-            super::send_signal(child.id(), "CONT");
+        self.signal_and_wait("CONT", false);
+    }
+
+    fn signal_and_wait(&self, signal: &str, stopped: bool) {
+        let pid = self.child.as_ref().expect("server not running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while process_stopped(pid) != stopped {
+            assert!(
+                Instant::now() < deadline,
+                "bao server did not take SIG{signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
