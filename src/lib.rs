@@ -1,13 +1,13 @@
 //! meshca: an external CA for multi-cluster Istio meshes.
 //!
-//! The root key lives in a PKCS#11 token (or, later, Vault/OpenBao PKI) and never leaves
+//! The root key lives in a PKCS#11 token (or Vault/OpenBao PKI) and never leaves
 //! it. The signer enforces VirtualMesh policy on every CSR; agents in each cluster install
 //! the signed intermediates as Istio's plugged-in CA files.
 //!
 //! Module map (pure decisions apart from I/O):
 //! - [`policy`]: VirtualMesh documents and the rules an intermediate must satisfy (pure).
 //! - [`pki`]: CSRs, certificate profiles, lint-before-sign, signature checks (pure).
-//! - [`backend`]: the [`backend::RootSigner`] trait and the PKCS#11 implementation.
+//! - [`backend`]: the [`backend::RootSigner`] trait; PKCS#11 and Vault/OpenBao backends.
 //! - [`signer`]: the mTLS HTTPS daemon, authorization, audit log, metrics.
 //! - [`agent`]: key + CSR generation, the signer client, Istio `cacerts` writers.
 //! - [`config`]: the signer's TOML configuration.

@@ -16,7 +16,8 @@ use meshca::agent::k8s::Kube;
 use meshca::agent::rotation::RotationSettings;
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
-use meshca::config::SignerConfig;
+use meshca::backend::vault::root::{self as vault_root, RootInitMode};
+use meshca::config::{BackendKind, SignerConfig};
 use meshca::pki::bundle::verify_bundle;
 use meshca::pki::keys::KeyType;
 use meshca::pki::pem::decode_certificates;
@@ -28,7 +29,7 @@ use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 #[command(
     name = "meshca",
     version,
-    about = "External CA for multi-cluster Istio meshes: root key in a PKCS#11 token, policy enforced by the signer"
+    about = "External CA for multi-cluster Istio meshes: root key in a PKCS#11 token or Vault/OpenBao, policy enforced by the signer"
 )]
 struct Cli {
     /// Log format on stderr.
@@ -103,13 +104,18 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum RootCommand {
-    /// Generate the root key on the token and self-sign the root certificate.
+    /// Generate the root key on the token (or inside Vault) and the root certificate.
     Init {
         #[arg(long)]
         config: PathBuf,
-        /// Replace an existing key of the same name.
+        /// Replace an existing key of the same name (Vault: the old issuer is kept,
+        /// renamed).
         #[arg(long)]
         force: bool,
+        /// Vault only: take the existing issuer named by vault.issuer_ref as the root,
+        /// after checking it against the policy, instead of generating one.
+        #[arg(long, conflicts_with = "force")]
+        adopt: bool,
     },
     /// Show the root certificate and the key's protection attributes.
     Show {
@@ -247,8 +253,16 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
+    // The Vault client libraries log each failed call at ERROR level without context;
+    // meshca reports those failures itself. Shown only when asked for by name.
+    let mut level = level.to_string();
+    for quiet in ["vaultrs", "rustify"] {
+        if !level.contains(quiet) {
+            level.push_str(&format!(",{quiet}=off"));
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -283,10 +297,104 @@ fn load_config(path: &Path) -> Result<SignerConfig> {
 }
 
 fn pkcs11_settings(config: &SignerConfig) -> Result<&meshca::config::Pkcs11Settings> {
+    config.pkcs11.as_ref().ok_or_else(|| {
+        anyhow!(
+            "{}: no [pkcs11] section (this command is for the pkcs11 backend)",
+            config.path.display()
+        )
+    })
+}
+
+fn vault_settings(config: &SignerConfig) -> Result<&meshca::backend::vault::config::VaultSettings> {
     config
-        .pkcs11
+        .vault
         .as_ref()
-        .ok_or_else(|| anyhow!("{}: no [pkcs11] section", config.path.display()))
+        .ok_or_else(|| anyhow!("{}: no [vault] section", config.path.display()))
+}
+
+fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<ExitCode> {
+    let settings = vault_settings(config)?;
+    let mode = if adopt {
+        RootInitMode::Adopt
+    } else {
+        RootInitMode::Generate { force }
+    };
+    let outcome = runtime()?.block_on(vault_root::root_init(config, settings, mode))?;
+    let root = &outcome.root;
+    let issuer = &outcome.issuer;
+    if outcome.adopted {
+        println!(
+            "meshca: adopted Vault issuer {} as the root CA",
+            issuer.issuer_name
+        );
+    } else {
+        println!(
+            "meshca: root CA generated inside Vault{}",
+            match &outcome.previous_issuer_renamed_to {
+                Some(name) => format!(" (the previous issuer is kept as {name})"),
+                None => String::new(),
+            }
+        );
+    }
+    println!(
+        "  issuer       {} (id {}) in mount {} at {}",
+        issuer.issuer_name,
+        issuer.issuer_id,
+        settings.mount,
+        settings.address.as_str().trim_end_matches('/')
+    );
+    println!(
+        "  key          {} (id {}, held by Vault, never exported)",
+        root.key_kind, issuer.key_id
+    );
+    println!("  subject      {}", root.subject);
+    println!("  not after    {}", rfc3339(root.not_after));
+    println!("  sha256       {}", root.fingerprint_sha256);
+    println!("  certificate  {}", config.root.certificate.display());
+    for warning in &outcome.warnings {
+        println!("  warning      Vault: {warning}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
+    let settings = vault_settings(config)?;
+    let root = meshca::signer::server::load_root(config)?;
+    println!("root certificate {}", config.root.certificate.display());
+    println!("  subject      {}", root.subject);
+    println!("  key          {}", root.key_kind);
+    println!("  not after    {}", rfc3339(root.not_after));
+    println!("  sha256       {}", root.fingerprint_sha256);
+    let info = runtime()?.block_on(vault_root::inspect(settings))?;
+    let issuer_pem_matches = meshca::pki::pem::decode_certificates(&info.issuer.certificate_pem)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .is_some_and(|c| c == root.certificate);
+    println!(
+        "Vault issuer {} in mount {}",
+        settings.issuer_ref, settings.mount
+    );
+    println!("  issuer id    {}", info.issuer.issuer_id);
+    println!("  usage        {}", info.issuer.usage);
+    println!(
+        "  certificate  {}",
+        if issuer_pem_matches {
+            "the root certificate above"
+        } else {
+            "DIFFERENT from the root certificate file!"
+        }
+    );
+    println!(
+        "  key          {} (id {}{}); Vault's API has no call that returns it",
+        info.key_type,
+        info.issuer.key_id,
+        if info.key_name.is_empty() {
+            String::new()
+        } else {
+            format!(", name {}", info.key_name)
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(command: Command) -> Result<ExitCode> {
@@ -309,9 +417,20 @@ fn run(command: Command) -> Result<ExitCode> {
             );
         }
         Command::Root {
-            command: RootCommand::Init { config, force },
+            command:
+                RootCommand::Init {
+                    config,
+                    force,
+                    adopt,
+                },
         } => {
             let config = load_config(&config)?;
+            if config.root.backend == BackendKind::Vault {
+                return vault_root_init(&config, force, adopt);
+            }
+            if adopt {
+                bail!("--adopt is for the vault backend (it takes an existing Vault issuer)");
+            }
             let settings = pkcs11_settings(&config)?;
             let pin = settings.pin.read()?;
             let outcome = pkcs11::root_init(&config, settings, &pin, force)?;
@@ -337,6 +456,9 @@ fn run(command: Command) -> Result<ExitCode> {
             command: RootCommand::Show { config },
         } => {
             let config = load_config(&config)?;
+            if config.root.backend == BackendKind::Vault {
+                return vault_root_show(&config);
+            }
             let settings = pkcs11_settings(&config)?;
             let root = meshca::signer::server::load_root(&config)?;
             println!("root certificate {}", config.root.certificate.display());

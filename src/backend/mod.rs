@@ -1,11 +1,12 @@
 //! Where the root key lives. [`RootSigner`] is the one interface the signer uses; the
-//! PKCS#11 token implements it here, Vault/OpenBao PKI can implement it beside it.
+//! PKCS#11 token and Vault/OpenBao PKI implement it.
 //!
 //! A backend receives a plan the policy already approved and returns a certificate that
 //! it has checked against that plan; the signer checks it again before handing it out.
 
 pub mod pkcs11;
 pub mod pkcs11_uri;
+pub mod vault;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +27,9 @@ pub struct IssueRequest {
     /// Latest notAfter the policy allows (ttl and root expiry applied).
     pub latest_not_after: SystemTime,
     pub min_rsa_bits: u32,
+    /// The CSR as received (DER), for backends that sign a CSR rather than a TBS (Vault's
+    /// sign-intermediate). Only its key is ever used; the PKCS#11 backend ignores it.
+    pub csr_der: Vec<u8>,
 }
 
 impl IssueRequest {
@@ -64,6 +68,13 @@ pub enum BackendError {
     /// The signature or the signed bytes did not check out. Nothing was issued.
     #[error("issuance stopped: {0}")]
     Check(String),
+    /// The backend signed something outside the policy or profile meshca asked for (e.g. a
+    /// Vault mount that adds AIA/CRL extensions). The certificate is never handed out.
+    #[error("the root key backend returned a certificate outside policy, not handed out: {0}")]
+    OutOfPolicy(String),
+    /// The backend refused to sign what meshca asked for (Vault answered 4xx).
+    #[error("the root key backend refused to sign: {0}")]
+    Refused(String),
 }
 
 /// The root CA: its certificate and the means to sign under it.

@@ -65,6 +65,8 @@ pub struct ParsedCsr {
     info_der: Vec<u8>,
     signature_algorithm: AlgorithmIdentifierOwned,
     signature: Vec<u8>,
+    /// The whole request as received (canonical DER: trailing data is refused).
+    der: Vec<u8>,
 }
 
 impl ParsedCsr {
@@ -103,7 +105,13 @@ impl ParsedCsr {
             info_der,
             signature_algorithm: raw.algorithm,
             signature,
+            der: der.to_vec(),
         })
+    }
+
+    /// The request's DER, for a backend that wants the CSR itself (Vault).
+    pub fn der(&self) -> &[u8] {
+        &self.der
     }
 
     /// Checks the CSR's self-signature with its own public key.

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use const_oid::AssociatedOid;
 use der::Encode;
@@ -14,6 +14,7 @@ use x509_cert::certificate::Version;
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectKeyIdentifier,
 };
+use x509_cert::name::Name;
 use x509_cert::time::Time;
 
 use super::profile::{
@@ -369,6 +370,107 @@ pub fn check_signed_certificate(
     }
     super::profile::verify_certificate_signature(&cert, &root.verifier)?;
     Ok(cert)
+}
+
+/// A root certificate meshca did not build itself (made by Vault, or an existing issuer
+/// being adopted): meshca's root profile (exactly basicConstraints CA with pathlen 1,
+/// keyUsage keyCertSign + cRLSign, SKI, AKI = SKI), self-issued, the policy's org and key
+/// rule, and a lifetime of at most `max_lifetime` (plus [`ROOT_LIFETIME_SLACK`] for the
+/// backdating issuers do). Serial and exact validity are the issuer's choice.
+pub fn lint_root_profile(
+    tbs: &TbsCertificate,
+    org_name: &str,
+    min_rsa_bits: u32,
+    max_lifetime: Duration,
+) -> Result<(), LintFailure> {
+    let mut f = Findings::default();
+    common_checks(tbs, &mut f);
+    f.check(same_der(tbs.issuer(), tbs.subject()), || {
+        "root issuer differs from its subject".into()
+    });
+    f.check(
+        SignatureAlgorithm::from_identifier(tbs.signature()).is_ok(),
+        || {
+            format!(
+                "signature algorithm {} is not one meshca verifies",
+                tbs.signature().oid
+            )
+        },
+    );
+    check_org(tbs, org_name, &mut f);
+    match super::keys::describe_public_key(tbs.subject_public_key_info()) {
+        Ok(kind) => {
+            if let Err(denial) = check_public_key(&kind, min_rsa_bits) {
+                f.0.push(format!("root key fails policy: {}", denial.message));
+            }
+        }
+        Err(e) => f.0.push(format!("root key is malformed: {e}")),
+    }
+    let validity = tbs.validity();
+    let lifetime = validity
+        .not_after
+        .to_system_time()
+        .duration_since(validity.not_before.to_system_time())
+        .unwrap_or_default();
+    f.check(lifetime <= max_lifetime + ROOT_LIFETIME_SLACK, || {
+        format!(
+            "root lifetime is {}s, the policy allows at most {}s",
+            lifetime.as_secs(),
+            max_lifetime.as_secs()
+        )
+    });
+    let ski = tbs
+        .get_extension::<SubjectKeyIdentifier>()
+        .ok()
+        .flatten()
+        .map(|(_, s)| s.0.as_bytes().to_vec())
+        .unwrap_or_default();
+    check_extensions(
+        tbs,
+        &ExpectedExtensions {
+            path_len: ROOT_PATH_LEN,
+            key_usage: root_key_usage(),
+            authority_key_id: &ski,
+        },
+        &mut f,
+    );
+    f.finish()
+}
+
+/// How much longer than the policy's ttl a root made elsewhere may live: issuers backdate
+/// notBefore (Vault by 30 s, meshca by [`BACKDATE`](crate::policy::rules::BACKDATE)).
+pub const ROOT_LIFETIME_SLACK: Duration = Duration::from_secs(10 * 60);
+
+/// The subject must carry the expected attributes, in the expected order, with the same
+/// values. For certificates meshca did not encode itself (Vault's): Go writes
+/// PrintableString where meshca writes UTF8String, so values are compared as text, not
+/// as DER. Nothing else about the subject may differ.
+pub fn check_subject_values(tbs: &TbsCertificate, expected: &Name) -> Result<(), LintFailure> {
+    let mut f = Findings::default();
+    let actual = subject_values(tbs.subject());
+    let wanted = subject_values(expected);
+    f.check(actual.is_some() && actual == wanted, || {
+        format!("subject is {}, expected {expected}", tbs.subject())
+    });
+    f.finish()
+}
+
+/// Each RDN of a name as its (OID, text) pairs, or `None` if a value is not a string.
+type NameValues = Vec<Vec<(const_oid::ObjectIdentifier, String)>>;
+
+fn subject_values(name: &Name) -> Option<NameValues> {
+    name.iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|atv| {
+                    atv.value
+                        .decode_as::<x509_cert::ext::pkix::name::DirectoryString>()
+                        .ok()
+                        .map(|text| (atv.oid, String::from(text)))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The profile checks alone (no policy): RFC 5280 basics plus meshca's intermediate

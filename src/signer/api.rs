@@ -233,6 +233,13 @@ async fn sign_inner(
                 tracing::error!(error = %e, "issuance check failed");
                 Refusal::new(Status::Internal, "issuance_check_failed", e.to_string())
             }
+            BackendError::OutOfPolicy(_) => {
+                tracing::error!(error = %e, "backend answer outside policy; not handed out");
+                Refusal::new(Status::BadGateway, "backend_out_of_policy", e.to_string())
+            }
+            BackendError::Refused(_) => {
+                Refusal::new(Status::BadGateway, "backend_refused", e.to_string())
+            }
         }
     })?;
     state.metrics.signing_took(started.elapsed());

@@ -196,6 +196,7 @@ pub fn decide(
             format!("cannot build subject: {e}"),
         )
     })?;
+    let csr_der = csr.der().to_vec();
     Ok(Approval {
         capped_by_root: window.capped_by_root,
         issue: IssueRequest {
@@ -209,6 +210,7 @@ pub fn decide(
             org_name: policy.org_name.clone(),
             latest_not_after: window.not_after,
             min_rsa_bits: policy.min_rsa_bits,
+            csr_der,
         },
     })
 }

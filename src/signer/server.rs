@@ -21,6 +21,7 @@ use super::ratelimit::{RateLimit, RateLimiter};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::vault::VaultBackend;
 use crate::config::{BackendKind, Limits, SignerConfig};
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_public_key;
@@ -66,7 +67,8 @@ pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
     Ok(root)
 }
 
-/// Opens the backend the config names (blocking: token login, key check).
+/// Opens the backend the config names (blocking: token login, key check; Vault login and
+/// issuer check). Must run on a blocking thread of the runtime.
 pub fn start_backend(
     config: &SignerConfig,
     root: RootCa,
@@ -83,6 +85,17 @@ pub fn start_backend(
                 .map_err(|e| StartError::Backend(format!("user PIN: {e}")))?;
             let backend = Pkcs11Backend::start(settings, pin, root)
                 .map_err(|e| StartError::Backend(format!("PKCS#11 token: {e}")))?;
+            Ok(Arc::new(backend))
+        }
+        BackendKind::Vault => {
+            let settings = config
+                .vault
+                .as_ref()
+                .ok_or_else(|| StartError::Backend("no [vault] section".into()))?;
+            // Called on a blocking thread of the runtime: wait for the async start here.
+            let backend = tokio::runtime::Handle::current()
+                .block_on(VaultBackend::start(settings, root))
+                .map_err(|e| StartError::Backend(format!("Vault: {e}")))?;
             Ok(Arc::new(backend))
         }
     }

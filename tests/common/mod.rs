@@ -1,7 +1,10 @@
-//! Test harness: every test gets its own SoftHSM token in a temp dir, its own transport
-//! PKI (openssl), its own signer config, and a real `meshca serve` on 127.0.0.1 with a port
-//! the OS picks. Nothing is mocked.
+//! Test harness: every test gets its own root backend (a SoftHSM token in a temp dir, or
+//! a real OpenBao server on 127.0.0.1), its own transport PKI (openssl), its own signer
+//! config, and a real `meshca serve` on 127.0.0.1 with a port the OS picks. Nothing is
+//! mocked.
 #![allow(dead_code)]
+
+pub mod openbao;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -81,7 +84,74 @@ pub struct EnvSpec {
     pub sessions: usize,
     /// Appended to the signer config (e.g. a `[limits]` section).
     pub extra_toml: String,
+    pub backend: Backend,
 }
+
+/// Where the root key lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A SoftHSM token in the test's temp dir.
+    Pkcs11,
+    /// An OpenBao server started for the test.
+    Vault(VaultSpec),
+}
+
+impl Backend {
+    /// Both backends, for tests that must behave the same on each.
+    pub fn both() -> [Backend; 2] {
+        [Backend::Pkcs11, Backend::Vault(VaultSpec::default())]
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Pkcs11 => "pkcs11",
+            Backend::Vault(_) => "vault",
+        }
+    }
+}
+
+/// How the OpenBao server and meshca's login to it are set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultSpec {
+    /// A Raft-backed server that can be stopped and restarted (else `-dev`, in memory).
+    pub persistent: bool,
+    pub auth: VaultAuthSpec,
+    /// vault.timeout_seconds in the signer config.
+    pub timeout_seconds: u64,
+}
+
+impl Default for VaultSpec {
+    fn default() -> Self {
+        VaultSpec {
+            persistent: false,
+            auth: VaultAuthSpec::Token { ttl: None },
+            timeout_seconds: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VaultAuthSpec {
+    /// A token with the meshca policy in `vault/token` (0600); `ttl` e.g. "30s".
+    Token { ttl: Option<String> },
+    /// AppRole `meshca` with the meshca policy; its tokens live `token_ttl`.
+    AppRole { token_ttl: String },
+    /// Kubernetes auth: OpenBao asks `kubernetes_host` (a TokenReview fake) about `jwt`,
+    /// which is written to `vault/jwt` (mode 0644, as Kubernetes mounts it); role
+    /// `meshca` is bound to service account meshca/meshca-signer.
+    Kubernetes {
+        kubernetes_host: String,
+        jwt: String,
+    },
+}
+
+/// The Vault policy meshca needs: sign with, read and manage issuers of the `pki` mount,
+/// and generate a root in it (`meshca root init`).
+pub const MESHCA_VAULT_POLICY: &str = r#"
+path "pki/root/generate/internal" { capabilities = ["update"] }
+path "pki/issuer/*" { capabilities = ["read", "update", "patch", "delete"] }
+path "pki/key/*" { capabilities = ["read", "delete"] }
+"#;
 
 impl Default for EnvSpec {
     /// One virtual mesh `test/vm` (org acme, 30 days, RSA minimum 2048) with meshes
@@ -111,6 +181,7 @@ impl Default for EnvSpec {
             ],
             sessions: 2,
             extra_toml: String::new(),
+            backend: Backend::Pkcs11,
         }
     }
 }
@@ -120,8 +191,10 @@ pub fn identity(name: &str) -> String {
     format!("spiffe://meshca.test/cluster/{name}")
 }
 
-/// A prepared environment: token with a root, transport PKI, signer config.
+/// A prepared environment: token (or OpenBao) with a root, transport PKI, signer config.
 pub struct Env {
+    /// Declared first so it stops before the temp dir goes.
+    pub openbao: Option<openbao::OpenBao>,
     pub dir: TempDir,
     pub config: PathBuf,
 }
@@ -142,14 +215,39 @@ impl Env {
         env
     }
 
-    /// Sets up token and config, without creating the root.
+    /// Sets up token (or OpenBao) and config, without creating the root.
     pub fn prepare(spec: &EnvSpec) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("meshca-test-")
             .tempdir()
             .unwrap();
         let root = dir.path();
-        run_ok(Command::new(repo().join("softhsm/setup-token-dir.sh")).arg(root.join("softhsm")));
+        let (openbao, backend_toml) = match &spec.backend {
+            Backend::Pkcs11 => {
+                run_ok(
+                    Command::new(repo().join("softhsm/setup-token-dir.sh"))
+                        .arg(root.join("softhsm")),
+                );
+                let section = format!(
+                    r#"backend = "pkcs11"
+
+[pkcs11]
+module = "{module}"
+key = "pkcs11:token=meshca-test;object=root-ca"
+pin_file = "softhsm/user-pin"
+softhsm2_conf = "softhsm/softhsm2.conf"
+sessions = {sessions}
+"#,
+                    module = softhsm_module(),
+                    sessions = spec.sessions,
+                );
+                (None, section)
+            }
+            Backend::Vault(vault) => {
+                let (bao, section) = prepare_openbao(root, vault);
+                (Some(bao), section)
+            }
+        };
         let pki = root.join("pki");
         let script = repo().join("scripts/transport-pki.sh");
         run_ok(Command::new(&script).arg("ca").arg(&pki));
@@ -195,33 +293,38 @@ client_ca = "pki/ca.pem"
 certificate = "root-cert.pem"
 virtual_mesh = "{root_vm}"
 key_type = "{key_type}"
-backend = "pkcs11"
-
-[pkcs11]
-module = "{module}"
-key = "pkcs11:token=meshca-test;object=root-ca"
-pin_file = "softhsm/user-pin"
-softhsm2_conf = "softhsm/softhsm2.conf"
-sessions = {sessions}
-{clients_toml}
+{backend_toml}{clients_toml}
 {extra}"#,
                 root_vm = spec.root_virtual_mesh,
                 key_type = spec.root_key_type,
-                module = softhsm_module(),
-                sessions = spec.sessions,
                 extra = spec.extra_toml,
             ),
         )
         .unwrap();
-        let env = Env { dir, config };
-        run_ok(
-            env.meshca()
-                .args(["token", "init", "--config"])
-                .arg(&env.config)
-                .arg("--so-pin-file")
-                .arg(env.path("softhsm/so-pin")),
-        );
+        let env = Env {
+            openbao,
+            dir,
+            config,
+        };
+        if spec.backend == Backend::Pkcs11 {
+            run_ok(
+                env.meshca()
+                    .args(["token", "init", "--config"])
+                    .arg(&env.config)
+                    .arg("--so-pin-file")
+                    .arg(env.path("softhsm/so-pin")),
+            );
+        }
         env
+    }
+
+    /// The test's OpenBao server (Vault environments only).
+    pub fn bao(&self) -> &openbao::OpenBao {
+        self.openbao.as_ref().expect("not a Vault environment")
+    }
+
+    pub fn bao_mut(&mut self) -> &mut openbao::OpenBao {
+        self.openbao.as_mut().expect("not a Vault environment")
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -307,6 +410,88 @@ sessions = {sessions}
             .build()
             .unwrap()
     }
+}
+
+/// Starts OpenBao in `root/openbao`, with a `pki` mount, the meshca policy and meshca's
+/// credentials in `root/vault/` (0600); returns it and the config's backend section.
+fn prepare_openbao(root: &Path, spec: &VaultSpec) -> (openbao::OpenBao, String) {
+    let dir = root.join("openbao");
+    let bao = if spec.persistent {
+        openbao::OpenBao::persistent(&dir)
+    } else {
+        openbao::OpenBao::dev(&dir)
+    };
+    bao.enable_pki("pki");
+    bao.write_policy("meshca", MESHCA_VAULT_POLICY);
+    let creds = root.join("vault");
+    std::fs::create_dir_all(&creds).unwrap();
+    let auth = match &spec.auth {
+        VaultAuthSpec::Token { ttl } => {
+            let mut extra = vec![];
+            let ttl_flag = ttl.as_ref().map(|t| format!("-ttl={t}"));
+            if let Some(flag) = &ttl_flag {
+                extra.push(flag.as_str());
+            }
+            let token = bao.create_token(&["meshca"], &extra);
+            openbao::write_secret(&creds.join("token"), &token);
+            "method = \"token\"\ntoken_file = \"vault/token\"\n".to_string()
+        }
+        VaultAuthSpec::AppRole { token_ttl } => {
+            let (role_id, secret_id) = bao.create_approle(
+                "meshca",
+                &[
+                    "token_policies=meshca",
+                    &format!("token_ttl={token_ttl}"),
+                    "token_max_ttl=24h",
+                ],
+            );
+            openbao::write_secret(&creds.join("role-id"), &role_id);
+            openbao::write_secret(&creds.join("secret-id"), &secret_id);
+            "method = \"approle\"\nrole_id_file = \"vault/role-id\"\nsecret_id_file = \"vault/secret-id\"\n"
+                .to_string()
+        }
+        VaultAuthSpec::Kubernetes {
+            kubernetes_host,
+            jwt,
+        } => {
+            bao.cli_ok(&["auth", "enable", "kubernetes"]);
+            // OpenBao insists on a CA bundle for the API server; any certificate will do
+            // for a plain-http fake.
+            let ca = root.join("openbao/kubernetes-ca.pem");
+            run_ok(
+                Command::new("openssl")
+                    .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+                    .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+                    .args(["-subj", "/CN=fake kubernetes", "-keyout"])
+                    .arg(root.join("openbao/kubernetes-ca.key"))
+                    .arg("-out")
+                    .arg(&ca),
+            );
+            bao.cli_ok(&[
+                "write",
+                "auth/kubernetes/config",
+                &format!("kubernetes_host={kubernetes_host}"),
+                "disable_local_ca_jwt=true",
+                &format!("kubernetes_ca_cert=@{}", ca.display()),
+            ]);
+            bao.cli_ok(&[
+                "write",
+                "auth/kubernetes/role/meshca",
+                "bound_service_account_names=meshca-signer",
+                "bound_service_account_namespaces=meshca",
+                "token_policies=meshca",
+                "token_ttl=1h",
+            ]);
+            std::fs::write(creds.join("jwt"), jwt).unwrap();
+            "method = \"kubernetes\"\nrole = \"meshca\"\njwt_file = \"vault/jwt\"\n".to_string()
+        }
+    };
+    let section = format!(
+        "backend = \"vault\"\n\n[vault]\naddress = \"{address}\"\nmount = \"pki\"\nissuer_ref = \"meshca-root\"\ntimeout_seconds = {timeout}\nconnect_timeout_seconds = 2\n\n[vault.auth]\n{auth}",
+        address = bao.address(),
+        timeout = spec.timeout_seconds,
+    );
+    (bao, section)
 }
 
 /// A running signer; killed when dropped.

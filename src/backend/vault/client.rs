@@ -1,0 +1,671 @@
+//! Talking to Vault/OpenBao: one HTTP client (rustls with the ring provider, Vault's CA
+//! bundle, bounded timeouts), login by token, AppRole or Kubernetes, token renewal before
+//! the TTL runs out, exactly one re-login when Vault answers 403, and errors that say what
+//! went wrong without ever carrying a token.
+//!
+//! Logins, token lookup and renewal go through vaultrs; the PKI calls meshca needs carry
+//! fields vaultrs does not model (issuer_ref, not_after, signature_bits, key_usage), so
+//! they are plain JSON requests on the same HTTP client.
+
+use std::error::Error as _;
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use super::config::{VaultAuth, VaultSettings};
+use crate::secret::{Secret, SecretError};
+
+/// How long the background renewer waits after a failed renewal before trying again.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
+/// The background renewer looks at the token at least this often.
+const RENEW_CHECK: Duration = Duration::from_secs(60);
+/// Largest service account JWT meshca reads.
+const MAX_JWT: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("Vault at {address} is unreachable: {detail}")]
+    Unreachable { address: String, detail: String },
+    #[error("Vault at {address} did not answer within {seconds}s")]
+    Timeout { address: String, seconds: u64 },
+    #[error("Vault at {address} is sealed; meshca carries on by itself once it is unsealed")]
+    Sealed { address: String },
+    #[error("Vault at {address} is not initialized")]
+    Uninitialized { address: String },
+    #[error("Vault answered {status} to {what}: {message}")]
+    Api {
+        status: u16,
+        what: String,
+        message: String,
+    },
+    #[error(
+        "Vault denied {what} ({message}) even after a fresh login: the policy of meshca's Vault identity must allow it"
+    )]
+    Denied { what: String, message: String },
+    #[error("Vault login ({method}) failed: {message}")]
+    Login {
+        method: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Secret(#[from] SecretError),
+    #[error("unexpected answer from Vault to {what}: {message}")]
+    Protocol { what: String, message: String },
+    #[error("Vault client setup: {0}")]
+    Setup(String),
+}
+
+impl VaultError {
+    /// Vault could not be asked at all (down, sealed, slow): keep what we have, retry later.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            VaultError::Unreachable { .. }
+                | VaultError::Timeout { .. }
+                | VaultError::Sealed { .. }
+                | VaultError::Uninitialized { .. }
+        ) || matches!(self, VaultError::Api { status, .. } if *status >= 500 || *status == 429)
+    }
+}
+
+/// A Vault token and the vaultrs client that sends it. Never printed.
+pub struct Token {
+    secret: Secret,
+    vaultrs: vaultrs::client::VaultClient,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// The current token and when to look at it again.
+#[derive(Clone)]
+struct Session {
+    token: Arc<Token>,
+    /// When to renew (or log in again); `None` for a token that never expires.
+    refresh_at: Option<Instant>,
+    /// When the token's current lease ends; `None` for a token that never expires.
+    expires_at: Option<Instant>,
+    renewable: bool,
+    /// The lease the token was first issued with; renewals that return much less mean
+    /// the token is nearing its max TTL.
+    issued_lease: Duration,
+}
+
+impl Session {
+    fn new(token: Arc<Token>, lease: Duration, renewable: bool, issued_lease: Duration) -> Self {
+        let now = Instant::now();
+        Session {
+            token,
+            // Renew at half the lease: the other half rides out a Vault outage.
+            refresh_at: (!lease.is_zero()).then(|| now + lease / 2),
+            expires_at: (!lease.is_zero()).then(|| now + lease),
+            renewable,
+            issued_lease,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.refresh_at.is_some_and(|at| Instant::now() >= at)
+    }
+
+    fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+/// A Vault client with its login state.
+pub struct VaultClient {
+    settings: VaultSettings,
+    http: reqwest::Client,
+    /// `scheme://host:port`, no trailing slash.
+    base: String,
+    session: Mutex<Option<Session>>,
+}
+
+impl VaultClient {
+    pub fn new(settings: &VaultSettings) -> Result<Self, VaultError> {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(path) = &settings.ca_cert {
+            for cert in crate::tlsutil::load_certificates(path)
+                .map_err(|e| VaultError::Setup(format!("vault.ca_cert: {e}")))?
+            {
+                roots.add(cert).map_err(|e| {
+                    VaultError::Setup(format!("vault.ca_cert {}: {e}", path.display()))
+                })?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tlsutil::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| VaultError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(settings.timeout)
+            .connect_timeout(settings.connect_timeout)
+            // Signer-to-Vault traffic goes where the config says, not via a proxy from
+            // the environment.
+            .no_proxy()
+            .build()
+            .map_err(|e| VaultError::Setup(e.to_string()))?;
+        Ok(VaultClient {
+            base: settings.address.as_str().trim_end_matches('/').to_string(),
+            settings: settings.clone(),
+            http,
+            session: Mutex::new(None),
+        })
+    }
+
+    pub fn settings(&self) -> &VaultSettings {
+        &self.settings
+    }
+
+    /// The address, for messages.
+    pub fn address(&self) -> &str {
+        &self.base
+    }
+
+    /// Unauthenticated health check: reachable, initialized, unsealed.
+    pub async fn health(&self) -> Result<(), VaultError> {
+        let url = format!(
+            "{}/v1/sys/health?standbyok=true&perfstandbyok=true",
+            self.base
+        );
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        match response.status().as_u16() {
+            200 | 429 | 472 | 473 => Ok(()),
+            501 => Err(VaultError::Uninitialized {
+                address: self.base.clone(),
+            }),
+            503 => Err(VaultError::Sealed {
+                address: self.base.clone(),
+            }),
+            status => Err(VaultError::Api {
+                status,
+                what: "GET sys/health".into(),
+                message: "unexpected status".into(),
+            }),
+        }
+    }
+
+    /// An authenticated call. A 403 is answered by exactly one fresh login and one retry.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, VaultError> {
+        let token = self.token().await?;
+        match self.request(Some(&token), method.clone(), path, body).await {
+            Err(VaultError::Api { status: 403, .. }) => {
+                tracing::warn!(
+                    path,
+                    "Vault answered 403 (permission denied); logging in again once"
+                );
+                let token = self.relogin(&token).await?;
+                self.request(Some(&token), method, path, body)
+                    .await
+                    .map_err(|e| match e {
+                        VaultError::Api {
+                            status: 403,
+                            what,
+                            message,
+                        } => VaultError::Denied { what, message },
+                        other => other,
+                    })
+            }
+            other => other,
+        }
+    }
+
+    /// A valid token: the current one, renewed or replaced by a fresh login when due.
+    pub async fn token(&self) -> Result<Arc<Token>, VaultError> {
+        let mut session = self.session.lock().await;
+        if let Some(current) = session.as_ref()
+            && !current.due()
+        {
+            return Ok(current.token.clone());
+        }
+        let fresh = match self.refresh(session.clone()).await {
+            Ok(fresh) => fresh,
+            Err(e) if e.is_transient() => {
+                // Vault is down or slow: while the current token is still valid, keep
+                // using it and try renewing again a little later, instead of making
+                // every request wait for Vault under this lock.
+                if let Some(current) = session.as_mut()
+                    && !current.expired()
+                {
+                    current.refresh_at = Some(Instant::now() + RENEW_RETRY);
+                    tracing::warn!(error = %e, "cannot renew the Vault token now; retrying shortly");
+                    return Ok(current.token.clone());
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let token = fresh.token.clone();
+        *session = Some(fresh);
+        Ok(token)
+    }
+
+    /// Logs in again, unless another request already replaced `stale`.
+    async fn relogin(&self, stale: &Arc<Token>) -> Result<Arc<Token>, VaultError> {
+        let mut session = self.session.lock().await;
+        if let Some(current) = session.as_ref()
+            && !Arc::ptr_eq(&current.token, stale)
+        {
+            return Ok(current.token.clone());
+        }
+        let fresh = self.login().await?;
+        let token = fresh.token.clone();
+        *session = Some(fresh);
+        Ok(token)
+    }
+
+    /// Renews the current token if it can be renewed, else logs in.
+    async fn refresh(&self, current: Option<Session>) -> Result<Session, VaultError> {
+        if let Some(current) = current
+            && current.renewable
+        {
+            match self.renew(&current).await {
+                Ok(Some(renewed)) => return Ok(renewed),
+                Ok(None) => {}
+                // Vault is down: keep the token (it may well still be valid) and retry.
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Vault refused to renew the token; logging in again")
+                }
+            }
+        }
+        self.login().await
+    }
+
+    /// `Ok(None)` when the renewed lease is too short to be worth keeping and a fresh
+    /// login can do better.
+    async fn renew(&self, current: &Session) -> Result<Option<Session>, VaultError> {
+        let info = vaultrs::token::renew_self(&current.token.vaultrs, None)
+            .await
+            .map_err(|e| self.vaultrs_error("POST auth/token/renew-self", e))?;
+        let lease = Duration::from_secs(info.lease_duration);
+        let can_login = !matches!(self.settings.auth, VaultAuth::Token(_));
+        if lease < current.issued_lease / 2 {
+            if can_login {
+                tracing::info!(
+                    lease_seconds = info.lease_duration,
+                    "Vault token is nearing its max TTL; logging in for a fresh one"
+                );
+                return Ok(None);
+            }
+            tracing::warn!(
+                lease_seconds = info.lease_duration,
+                "Vault token is nearing its max TTL and cannot be renewed much longer; put a new token in its file before it expires"
+            );
+        }
+        tracing::debug!(lease_seconds = info.lease_duration, "renewed Vault token");
+        Ok(Some(Session::new(
+            current.token.clone(),
+            lease,
+            info.renewable,
+            current.issued_lease,
+        )))
+    }
+
+    /// Logs in with the configured method.
+    async fn login(&self) -> Result<Session, VaultError> {
+        let method = self.settings.auth.method();
+        let login_error = |e: VaultError| match e {
+            VaultError::Api {
+                status, message, ..
+            } if (400..500).contains(&status) => VaultError::Login {
+                method,
+                message: format!("Vault answered {status}: {message}"),
+            },
+            other => other,
+        };
+        let session = match &self.settings.auth {
+            VaultAuth::Token(source) => {
+                let token = Arc::new(self.token_client(source.read()?)?);
+                let info = vaultrs::token::lookup_self(&token.vaultrs)
+                    .await
+                    .map_err(|e| self.vaultrs_error("GET auth/token/lookup-self", e))
+                    .map_err(|e| match e {
+                        VaultError::Api { status: 403, .. } => VaultError::Login {
+                            method,
+                            message: format!(
+                                "Vault refused the token from {source} (403): it has expired, was revoked or is wrong"
+                            ),
+                        },
+                        other => login_error(other),
+                    })?;
+                let lease = Duration::from_secs(info.ttl);
+                Session::new(token, lease, info.renewable.unwrap_or(false), lease)
+            }
+            VaultAuth::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => {
+                let (role_id, secret_id) = (role_id.read()?, secret_id.read()?);
+                let anonymous = self.anonymous_client();
+                let info = vaultrs::auth::approle::login(
+                    &anonymous,
+                    mount,
+                    role_id.expose(),
+                    secret_id.expose(),
+                )
+                .await
+                .map_err(|e| self.vaultrs_error(&format!("POST auth/{mount}/login"), e))
+                .map_err(login_error)?;
+                self.session_from(info)?
+            }
+            VaultAuth::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            } => {
+                let jwt = read_jwt(jwt_file)?;
+                let anonymous = self.anonymous_client();
+                let info = vaultrs::auth::kubernetes::login(&anonymous, mount, role, jwt.expose())
+                    .await
+                    .map_err(|e| self.vaultrs_error(&format!("POST auth/{mount}/login"), e))
+                    .map_err(login_error)?;
+                self.session_from(info)?
+            }
+        };
+        tracing::info!(
+            method,
+            lease_seconds = session.issued_lease.as_secs(),
+            renewable = session.renewable,
+            "logged in to Vault"
+        );
+        Ok(session)
+    }
+
+    fn session_from(&self, info: vaultrs::api::AuthInfo) -> Result<Session, VaultError> {
+        let lease = Duration::from_secs(info.lease_duration);
+        let token = Arc::new(self.token_client(Secret::new(info.client_token))?);
+        Ok(Session::new(token, lease, info.renewable, lease))
+    }
+
+    /// A vaultrs client on meshca's HTTP client that sends `secret`.
+    fn token_client(&self, secret: Secret) -> Result<Token, VaultError> {
+        // vaultrs puts the token in a header with unwrap(): refuse what a header cannot carry.
+        if !secret.expose().bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(VaultError::Login {
+                method: self.settings.auth.method(),
+                message: "the Vault token contains characters a token cannot have".into(),
+            });
+        }
+        let vaultrs = self.vaultrs_client(secret.expose());
+        Ok(Token { secret, vaultrs })
+    }
+
+    fn anonymous_client(&self) -> vaultrs::client::VaultClient {
+        self.vaultrs_client("")
+    }
+
+    /// Built field by field: vaultrs' settings builder would read VAULT_* environment
+    /// variables (VAULT_SKIP_VERIFY among them) and make its own TLS client.
+    fn vaultrs_client(&self, token: &str) -> vaultrs::client::VaultClient {
+        let settings = vaultrs::client::VaultClientSettings {
+            address: self.settings.address.clone(),
+            ca_certs: Vec::new(),
+            identity: None,
+            timeout: Some(self.settings.timeout),
+            token: token.to_string(),
+            verify: true,
+            version: 1,
+            wrapping: false,
+            namespace: None,
+            proxy: None,
+        };
+        vaultrs::client::VaultClient {
+            http: rustify::clients::reqwest::Client {
+                http: self.http.clone(),
+                base: settings.address.to_string(),
+            },
+            middle: vaultrs::api::EndpointMiddleware {
+                token: token.to_string(),
+                version: "v1".into(),
+                wrap: None,
+                namespace: None,
+            },
+            settings,
+        }
+    }
+
+    /// One JSON request. `token` is sent as X-Vault-Token (marked sensitive).
+    async fn request(
+        &self,
+        token: Option<&Token>,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, VaultError> {
+        let what = format!("{method} {path}");
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}/v1/{path}", self.base));
+        if let Some(token) = token {
+            let mut value = HeaderValue::from_str(token.secret.expose())
+                .map_err(|_| VaultError::Setup("the Vault token is not a valid header".into()))?;
+            value.set_sensitive(true);
+            request = request.header("X-Vault-Token", value);
+        }
+        if let Some(body) = body {
+            let content_type = if method == Method::PATCH {
+                "application/merge-patch+json"
+            } else {
+                "application/json"
+            };
+            request = request
+                .header(CONTENT_TYPE, content_type)
+                .body(serde_json::to_vec(body).map_err(|e| VaultError::Setup(e.to_string()))?);
+        }
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        if (200..300).contains(&status) {
+            if bytes.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&bytes).map_err(|e| VaultError::Protocol {
+                what,
+                message: format!("not JSON: {e}"),
+            });
+        }
+        let errors = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("errors").cloned())
+            .and_then(|e| serde_json::from_value::<Vec<String>>(e).ok())
+            .unwrap_or_default();
+        Err(self.api_error(status, what, errors))
+    }
+
+    fn api_error(&self, status: u16, what: String, errors: Vec<String>) -> VaultError {
+        let message = clean_errors(&errors);
+        if status == 503 && message.contains("sealed") {
+            return VaultError::Sealed {
+                address: self.base.clone(),
+            };
+        }
+        VaultError::Api {
+            status,
+            what,
+            message: if message.is_empty() {
+                "no error message".into()
+            } else {
+                message
+            },
+        }
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> VaultError {
+        if e.is_timeout() {
+            return VaultError::Timeout {
+                address: self.base.clone(),
+                seconds: self.settings.timeout.as_secs(),
+            };
+        }
+        // The innermost cause says what happened ("Connection refused", a TLS alert).
+        let mut detail = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            detail = cause.to_string();
+            source = cause.source();
+        }
+        VaultError::Unreachable {
+            address: self.base.clone(),
+            detail,
+        }
+    }
+
+    fn vaultrs_error(&self, what: &str, e: vaultrs::error::ClientError) -> VaultError {
+        if let vaultrs::error::ClientError::APIError { code, errors } = &e {
+            return self.api_error(*code, what.to_string(), errors.clone());
+        }
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(cause) = source {
+            if let Some(reqwest_error) = cause.downcast_ref::<reqwest::Error>() {
+                return self.transport_error(reqwest_error);
+            }
+            if let Some(rustify::errors::ClientError::ServerResponseError { code, .. }) =
+                cause.downcast_ref::<rustify::errors::ClientError>()
+            {
+                return self.api_error(*code, what.to_string(), Vec::new());
+            }
+            source = cause.source();
+        }
+        VaultError::Protocol {
+            what: what.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Keeps the token fresh in the background, so an idle signer's token does not run
+    /// out. Stops when the client is dropped.
+    pub fn spawn_renewal(self: &Arc<Self>) {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let wait = match weak.upgrade() {
+                    Some(client) => client.until_refresh().await,
+                    None => return,
+                };
+                tokio::time::sleep(wait).await;
+                let Some(client) = weak.upgrade() else { return };
+                if let Err(e) = client.token().await {
+                    tracing::warn!(error = %e, "keeping the Vault token fresh failed; retrying");
+                    drop(client);
+                    tokio::time::sleep(RENEW_RETRY).await;
+                }
+            }
+        });
+    }
+
+    async fn until_refresh(&self) -> Duration {
+        let session = self.session.lock().await;
+        match session.as_ref() {
+            Some(s) => s
+                .refresh_at
+                .map(|at| at.saturating_duration_since(Instant::now()))
+                .unwrap_or(RENEW_CHECK)
+                .min(RENEW_CHECK),
+            None => RENEW_RETRY,
+        }
+    }
+}
+
+/// Vault's error list as one line: "1 error occurred:\n\t* x\n\n" becomes "x".
+fn clean_errors(errors: &[String]) -> String {
+    errors
+        .iter()
+        .flat_map(|e| e.lines())
+        .map(|line| line.trim().trim_start_matches('*').trim())
+        // Drop blank lines and go-multierror's "N error(s) occurred:" header.
+        .filter(|line| !line.is_empty() && !line.ends_with("occurred:"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The service account token. Kubernetes decides its file mode (often 0644), so unlike
+/// other secrets it is not refused for being readable by others.
+fn read_jwt(path: &std::path::Path) -> Result<Secret, VaultError> {
+    let bytes = crate::fsutil::read_limited(path, MAX_JWT).map_err(|e| VaultError::Login {
+        method: "kubernetes",
+        message: format!(
+            "cannot read the service account token {}: {e}",
+            path.display()
+        ),
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| VaultError::Login {
+        method: "kubernetes",
+        message: format!("{} is not a JWT", path.display()),
+    })?;
+    let jwt = text.trim();
+    if jwt.is_empty() {
+        return Err(VaultError::Login {
+            method: "kubernetes",
+            message: format!("{} is empty", path.display()),
+        });
+    }
+    Ok(Secret::new(jwt.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vault_error_lists_read_as_one_line() {
+        assert_eq!(
+            clean_errors(&[
+                "1 error occurred:\n\t* unable to find PKI issuer for reference: nope\n\n".into()
+            ]),
+            "unable to find PKI issuer for reference: nope"
+        );
+        assert_eq!(
+            clean_errors(&["permission denied".into(), "other".into()]),
+            "permission denied; other"
+        );
+    }
+
+    #[test]
+    fn tokens_never_print() {
+        let settings = VaultSettings {
+            address: reqwest::Url::parse("http://127.0.0.1:8200").unwrap(),
+            ca_cert: None,
+            mount: "pki".into(),
+            issuer_ref: "root".into(),
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            auth: VaultAuth::Token(crate::secret::SecretSource::Env("X".into())),
+        };
+        let client = VaultClient::new(&settings).unwrap();
+        let token = client
+            .token_client(Secret::new("s.hunter2".into()))
+            .unwrap();
+        assert!(!format!("{token:?}").contains("hunter2"));
+        assert!(
+            client
+                .token_client(Secret::new("bad\ntoken".into()))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! The root key in Vault/OpenBao PKI: the key is generated inside Vault
+//! (`root/generate/internal`) and never leaves it; Vault's `sign-intermediate` signs.
+//!
+//! Vault applies no role policy to `sign-intermediate`, so the signer keeps owning the
+//! policy: the request is decided before Vault is asked, Vault is asked for exactly
+//! meshca's profile, and every certificate it returns is checked again (signature under
+//! the root key, lint, subject) before it is handed out.
+
+pub mod client;
+pub mod config;
+pub mod profile;
+pub mod root;
+
+use std::sync::Arc;
+
+use reqwest::Method;
+use serde_json::Value;
+use x509_cert::Certificate;
+
+use self::client::{VaultClient, VaultError};
+use self::config::VaultSettings;
+use super::{BackendError, BoxFuture, IssueRequest, RootSigner};
+use crate::pki::profile::RootCa;
+
+/// What Vault says about the issuer that holds the root.
+#[derive(Debug, Clone)]
+pub struct IssuerInfo {
+    pub issuer_id: String,
+    pub issuer_name: String,
+    pub key_id: String,
+    pub certificate_pem: String,
+    pub usage: String,
+    /// AIA, CRL and OCSP URLs configured on the issuer: Vault puts them into every
+    /// certificate it signs, which meshca's profile does not allow.
+    pub urls: Vec<String>,
+}
+
+/// `<mount>/issuer/<ref>`, or `None` if the mount has no such issuer.
+pub async fn read_issuer(
+    client: &VaultClient,
+    issuer_ref: &str,
+) -> Result<Option<IssuerInfo>, VaultError> {
+    let mount = &client.settings().mount;
+    let answer = match client
+        .call(Method::GET, &format!("{mount}/issuer/{issuer_ref}"), None)
+        .await
+    {
+        Ok(answer) => answer,
+        Err(VaultError::Api { message, .. }) if message.contains("unable to find PKI issuer") => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let text = |field: &str| {
+        profile::data_str(&answer, field)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut urls = Vec::new();
+    for field in [
+        "issuing_certificates",
+        "crl_distribution_points",
+        "ocsp_servers",
+    ] {
+        if let Some(list) = answer["data"][field].as_array() {
+            urls.extend(list.iter().filter_map(Value::as_str).map(String::from));
+        }
+    }
+    let info = IssuerInfo {
+        issuer_id: text("issuer_id"),
+        issuer_name: text("issuer_name"),
+        key_id: text("key_id"),
+        certificate_pem: text("certificate"),
+        usage: text("usage"),
+        urls,
+    };
+    if info.certificate_pem.is_empty() {
+        return Err(VaultError::Protocol {
+            what: format!("GET {mount}/issuer/{issuer_ref}"),
+            message: "no certificate in the answer".into(),
+        });
+    }
+    Ok(Some(info))
+}
+
+/// The serving backend.
+pub struct VaultBackend {
+    client: Arc<VaultClient>,
+    root: RootCa,
+    sign_path: String,
+    description: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultStartError {
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl VaultBackend {
+    /// Logs in and checks that the configured issuer is the root in the certificate file
+    /// and holds a key: a signer never starts against another root.
+    pub async fn start(settings: &VaultSettings, root: RootCa) -> Result<Self, VaultStartError> {
+        let client = Arc::new(VaultClient::new(settings)?);
+        client.health().await?;
+        let (mount, issuer_ref) = (&settings.mount, &settings.issuer_ref);
+        let issuer = read_issuer(&client, issuer_ref).await?.ok_or_else(|| {
+            VaultStartError::Mismatch(format!(
+                "Vault mount {mount} has no issuer {issuer_ref} (run `meshca root init` first)"
+            ))
+        })?;
+        let same = crate::pki::pem::decode_certificates(&issuer.certificate_pem)
+            .ok()
+            .and_then(|certs| certs.into_iter().next())
+            .is_some_and(|cert| cert == root.certificate);
+        if !same {
+            return Err(VaultStartError::Mismatch(format!(
+                "Vault issuer {issuer_ref} in mount {mount} is not the root in the certificate file: was the root re-initialized without updating the certificate file?"
+            )));
+        }
+        if issuer.key_id.is_empty() {
+            return Err(VaultStartError::Mismatch(format!(
+                "Vault holds no private key for issuer {issuer_ref}: it cannot sign"
+            )));
+        }
+        if !issuer.usage.split(',').any(|u| u == "issuing-certificates") {
+            return Err(VaultStartError::Mismatch(format!(
+                "Vault issuer {issuer_ref} may not issue certificates (usage: {})",
+                issuer.usage
+            )));
+        }
+        if !issuer.urls.is_empty() {
+            tracing::warn!(
+                issuer = %issuer_ref,
+                urls = ?issuer.urls,
+                "the Vault issuer has AIA/CRL/OCSP URLs configured: Vault adds them to every intermediate and meshca refuses those (502 backend_out_of_policy)"
+            );
+        }
+        client.spawn_renewal();
+        Ok(VaultBackend {
+            sign_path: format!("{mount}/issuer/{issuer_ref}/sign-intermediate"),
+            description: format!(
+                "vault {} mount {mount} issuer {issuer_ref} (auth {})",
+                client.address(),
+                settings.auth.method()
+            ),
+            client,
+            root,
+        })
+    }
+}
+
+/// How a Vault failure reaches the API: Vault refusing what meshca asked is a 502, Vault
+/// being down, sealed, slow or forbidding meshca is a 503.
+fn backend_error(e: VaultError) -> BackendError {
+    match &e {
+        VaultError::Api { status, .. } if (400..500).contains(status) && *status != 429 => {
+            BackendError::Refused(e.to_string())
+        }
+        _ => BackendError::Unavailable(e.to_string()),
+    }
+}
+
+impl RootSigner for VaultBackend {
+    fn root(&self) -> &RootCa {
+        &self.root
+    }
+
+    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>> {
+        Box::pin(async move {
+            let body = profile::sign_intermediate_body(&request, &self.root)
+                .map_err(BackendError::Check)?;
+            let answer = self
+                .client
+                .call(Method::POST, &self.sign_path, Some(&body))
+                .await
+                .map_err(backend_error)?;
+            profile::check_intermediate(&answer, &request, &self.root)
+        })
+    }
+
+    fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.client.health().await.map_err(backend_error)?;
+            self.client.token().await.map_err(backend_error)?;
+            Ok(())
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}

@@ -1,0 +1,502 @@
+//! What meshca asks Vault for, and how it checks what Vault hands back, as pure functions.
+//!
+//! Vault's `sign-intermediate` applies no role policy and, with `use_csr_values`, copies
+//! the CSR's subject and extensions verbatim. So meshca asks for every field of its own
+//! profile explicitly (subject from the policy, pathlen 0, keyUsage, notAfter, signature
+//! algorithm), and re-checks each certificate Vault returns with the same linter the
+//! PKCS#11 path uses before anything leaves the signer.
+
+use std::time::{Duration, SystemTime};
+
+use der::DateTime;
+use serde_json::{Value, json};
+use x509_cert::Certificate;
+
+use crate::backend::{BackendError, IssueRequest};
+use crate::pki::keys::KeyType;
+use crate::pki::lint::{check_subject_values, lint_intermediate, lint_root_profile};
+use crate::pki::pem::{decode_certificates, encode};
+use crate::pki::profile::{RootCa, verify_certificate_signature};
+use crate::pki::sigalg::SignatureAlgorithm;
+
+/// Vault's names for meshca's intermediate keyUsage (keyCertSign, cRLSign,
+/// digitalSignature; see `pki::profile::intermediate_key_usage`).
+pub const INTERMEDIATE_KEY_USAGE: [&str; 3] = ["DigitalSignature", "CertSign", "CRLSign"];
+/// Vault's names for meshca's root keyUsage (keyCertSign, cRLSign).
+pub const ROOT_KEY_USAGE: [&str; 2] = ["CertSign", "CRLSign"];
+
+/// `signature_bits` for Vault: the hash size of the algorithm meshca expects the root to
+/// sign with (SHA-384 for a P-384 root, SHA-256 otherwise).
+pub fn signature_bits(algorithm: SignatureAlgorithm) -> u32 {
+    match algorithm {
+        SignatureAlgorithm::EcdsaSha384 | SignatureAlgorithm::RsaPkcs1Sha384 => 384,
+        SignatureAlgorithm::EcdsaSha512 | SignatureAlgorithm::RsaPkcs1Sha512 => 512,
+        SignatureAlgorithm::EcdsaSha256 | SignatureAlgorithm::RsaPkcs1Sha256 => 256,
+    }
+}
+
+/// RFC 3339 in whole seconds (certificates carry no fractions; rounding down keeps the
+/// time within the policy's limit).
+pub fn rfc3339_seconds(time: SystemTime) -> Result<String, String> {
+    let secs = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| "time before 1970".to_string())?
+        .as_secs();
+    DateTime::from_unix_duration(Duration::from_secs(secs))
+        .map(|dt| dt.to_string())
+        .map_err(|e| format!("time cannot be written: {e}"))
+}
+
+/// The body of `POST <mount>/issuer/<ref>/sign-intermediate` for an approved request.
+pub fn sign_intermediate_body(request: &IssueRequest, root: &RootCa) -> Result<Value, String> {
+    let common_name = request
+        .plan
+        .subject
+        .common_name()
+        .ok()
+        .flatten()
+        .map(String::from)
+        .ok_or("the planned subject has no common name")?;
+    if request.csr_der.is_empty() {
+        return Err("the request carries no CSR for Vault".into());
+    }
+    Ok(json!({
+        "csr": encode("CERTIFICATE REQUEST", &request.csr_der),
+        // Nothing from the CSR but its key: subject and extensions are meshca's.
+        "use_csr_values": false,
+        "common_name": common_name,
+        "organization": [request.org_name],
+        "exclude_cn_from_sans": true,
+        "not_after": rfc3339_seconds(request.plan.not_after)?,
+        "max_path_length": 0,
+        "key_usage": INTERMEDIATE_KEY_USAGE,
+        "signature_bits": signature_bits(root.signature_algorithm),
+        "use_pss": false,
+        "format": "pem",
+    }))
+}
+
+/// Vault's `key_type` and `key_bits` for a meshca key type.
+pub fn vault_key_type(key_type: KeyType) -> (&'static str, u32) {
+    match key_type {
+        KeyType::Rsa2048 => ("rsa", 2048),
+        KeyType::Rsa3072 => ("rsa", 3072),
+        KeyType::Rsa4096 => ("rsa", 4096),
+        KeyType::EcdsaP256 => ("ec", 256),
+        KeyType::EcdsaP384 => ("ec", 384),
+    }
+}
+
+/// What the root should be.
+pub struct RootRequest<'a> {
+    pub key_type: KeyType,
+    pub org_name: &'a str,
+    pub common_name: &'a str,
+    pub ttl: Duration,
+    pub issuer_name: &'a str,
+}
+
+/// The body of `POST <mount>/root/generate/internal`: the key is made inside Vault and
+/// never exported; the certificate follows meshca's root profile.
+pub fn root_generate_body(root: &RootRequest<'_>) -> Value {
+    let (key_type, key_bits) = vault_key_type(root.key_type);
+    json!({
+        "common_name": root.common_name,
+        "organization": [root.org_name],
+        "exclude_cn_from_sans": true,
+        "ttl": format!("{}s", root.ttl.as_secs()),
+        "key_type": key_type,
+        "key_bits": key_bits,
+        "max_path_length": crate::pki::profile::ROOT_PATH_LEN,
+        "key_usage": ROOT_KEY_USAGE,
+        "signature_bits": signature_bits(SignatureAlgorithm::for_key_type(root.key_type)),
+        "use_pss": false,
+        "issuer_name": root.issuer_name,
+        "format": "pem",
+    })
+}
+
+/// Warnings Vault attached to an answer.
+pub fn warnings(answer: &Value) -> Vec<String> {
+    answer
+        .get("warnings")
+        .and_then(Value::as_array)
+        .map(|w| {
+            w.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A string field of the answer's `data`.
+pub fn data_str<'a>(answer: &'a Value, field: &str) -> Option<&'a str> {
+    answer.get("data")?.get(field)?.as_str()
+}
+
+/// Exactly one certificate from a PEM field of Vault's answer.
+fn one_certificate(pem: &str) -> Result<Certificate, String> {
+    let mut certs = decode_certificates(pem).map_err(|e| e.to_string())?;
+    if certs.len() != 1 {
+        return Err(format!("expected one certificate, got {}", certs.len()));
+    }
+    Ok(certs.remove(0))
+}
+
+/// Re-checks the intermediate Vault signed: one certificate, signed by the root key meshca
+/// knows, carrying exactly meshca's profile and the policy (org, subject, key, notAfter,
+/// extensions). Serial and notBefore are Vault's choice. Anything else is out of policy
+/// and never handed out.
+pub fn check_intermediate(
+    answer: &Value,
+    request: &IssueRequest,
+    root: &RootCa,
+) -> Result<Certificate, BackendError> {
+    let out = |m: String| BackendError::OutOfPolicy(m);
+    let pem = data_str(answer, "certificate")
+        .ok_or_else(|| out("Vault's answer has no data.certificate".into()))?;
+    let certificate = one_certificate(pem).map_err(|e| out(format!("data.certificate: {e}")))?;
+    verify_certificate_signature(&certificate, &root.verifier).map_err(|e| {
+        out(format!(
+            "the certificate is not signed by the root key of the configured root certificate ({e}); does vault.issuer_ref name another issuer?"
+        ))
+    })?;
+    let tbs = certificate.tbs_certificate();
+    let mut findings = Vec::new();
+    if let Err(f) = lint_intermediate(tbs, &request.expectations(root, false)) {
+        findings.extend(f.0);
+    }
+    if let Err(f) = check_subject_values(tbs, &request.plan.subject) {
+        findings.extend(f.0);
+    }
+    if findings.is_empty() {
+        return Ok(certificate);
+    }
+    // Vault names the fields it did not understand: say so, it explains the findings.
+    let ignored: Vec<String> = warnings(answer)
+        .into_iter()
+        .filter(|w| w.contains("ignored"))
+        .collect();
+    let mut message = findings.join("; ");
+    if !ignored.is_empty() {
+        message.push_str(&format!(" (Vault warned: {})", ignored.join("; ")));
+    }
+    Err(out(message))
+}
+
+/// Checks a root certificate Vault generated or holds: self-signed, meshca's root profile,
+/// the policy's org, key rule and lifetime, and the configured key type.
+pub fn check_root(
+    pem: &str,
+    key_type: KeyType,
+    org_name: &str,
+    min_rsa_bits: u32,
+    max_ttl: Duration,
+) -> Result<RootCa, String> {
+    let certificate = one_certificate(pem)?;
+    lint_root_profile(
+        certificate.tbs_certificate(),
+        org_name,
+        min_rsa_bits,
+        max_ttl,
+    )
+    .map_err(|e| e.to_string())?;
+    let root = RootCa::from_certificate(certificate).map_err(|e| e.to_string())?;
+    if root.key_kind != key_type.public_key_kind() {
+        return Err(format!(
+            "the root key is {}, but root.key_type is {key_type}",
+            root.key_kind
+        ));
+    }
+    Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use der::{Decode, Encode};
+    use x509_cert::builder::{Builder, CertificateBuilder, Profile as BuilderProfile};
+    use x509_cert::ext::Extension;
+    use x509_cert::ext::pkix::{
+        AuthorityKeyIdentifier, BasicConstraints, KeyUsage, KeyUsages, SubjectKeyIdentifier,
+    };
+    use x509_cert::name::Name;
+    use x509_cert::time::Validity;
+
+    use super::*;
+    use crate::pki::csr::build_csr;
+    use crate::pki::keys::PrivateKey;
+    use crate::pki::pem::certificate_pem;
+    use crate::pki::profile::{
+        IntermediatePlan, intermediate_key_usage, random_serial, subject_name,
+    };
+    use crate::pki::testing::software_root;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn request(root: &RootCa) -> (IssueRequest, PrivateKey) {
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let csr = build_csr(&key, subject_name("evil", "x").unwrap()).unwrap();
+        let now = SystemTime::now();
+        let not_after = now + 10 * DAY;
+        let request = IssueRequest {
+            plan: IntermediatePlan {
+                subject: subject_name("acme", "cluster-a").unwrap(),
+                public_key: key.public_key_info().unwrap(),
+                serial: random_serial().unwrap(),
+                not_before: now,
+                not_after,
+            },
+            org_name: "acme".into(),
+            latest_not_after: not_after.min(root.not_after),
+            min_rsa_bits: 2048,
+            csr_der: csr.to_der().unwrap(),
+        };
+        (request, key)
+    }
+
+    #[test]
+    fn the_request_names_every_field_of_the_profile() {
+        let (_root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let (request, _) = request(&root);
+        let body = sign_intermediate_body(&request, &root).unwrap();
+        assert_eq!(body["use_csr_values"], false);
+        assert_eq!(body["common_name"], "cluster-a");
+        assert_eq!(body["organization"], json!(["acme"]));
+        assert_eq!(body["exclude_cn_from_sans"], true);
+        assert_eq!(body["max_path_length"], 0);
+        assert_eq!(body["signature_bits"], 384);
+        assert_eq!(body["use_pss"], false);
+        let not_after = body["not_after"].as_str().unwrap();
+        assert!(
+            not_after.ends_with('Z') && not_after.len() == 20,
+            "{not_after}"
+        );
+        let csr = crate::pki::csr::ParsedCsr::from_pem(body["csr"].as_str().unwrap()).unwrap();
+        assert_eq!(csr.public_key, request.plan.public_key);
+        // Vault's names map to exactly meshca's keyUsage bits.
+        let mut bits = KeyUsages::KeyCertSign & KeyUsages::CRLSign;
+        for name in INTERMEDIATE_KEY_USAGE {
+            bits |= match name {
+                "DigitalSignature" => KeyUsages::DigitalSignature,
+                "CertSign" => KeyUsages::KeyCertSign,
+                "CRLSign" => KeyUsages::CRLSign,
+                other => panic!("unmapped {other}"),
+            };
+        }
+        assert_eq!(KeyUsage(bits), intermediate_key_usage());
+    }
+
+    #[test]
+    fn not_after_is_rounded_down_to_the_second() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_999);
+        assert_eq!(rfc3339_seconds(t).unwrap(), "2026-11-18T11:06:40Z");
+    }
+
+    /// Signs like Vault would (Go's encoding aside), with chosen extensions and subject.
+    struct Fake {
+        subject: Name,
+        issuer: Name,
+        extensions: Vec<Extension>,
+    }
+
+    impl BuilderProfile for Fake {
+        fn get_issuer(&self, _: &Name) -> Name {
+            self.issuer.clone()
+        }
+        fn get_subject(&self) -> Name {
+            self.subject.clone()
+        }
+        fn build_extensions(
+            &self,
+            _: spki::SubjectPublicKeyInfoRef<'_>,
+            _: spki::SubjectPublicKeyInfoRef<'_>,
+            _: &x509_cert::TbsCertificate,
+        ) -> x509_cert::builder::Result<Vec<Extension>> {
+            Ok(self.extensions.clone())
+        }
+    }
+
+    fn ext<E: const_oid::AssociatedOid + Encode>(value: &E, critical: bool) -> Extension {
+        use x509_cert::ext::ToExtension;
+        (critical, value)
+            .to_extension(&Name::default(), &[])
+            .unwrap()
+    }
+
+    fn vault_answer(
+        signer: &PrivateKey,
+        root: &RootCa,
+        request: &IssueRequest,
+        subject: Name,
+        extra: Vec<Extension>,
+    ) -> Value {
+        let mut extensions = vec![
+            ext(
+                &BasicConstraints {
+                    ca: true,
+                    path_len_constraint: Some(0),
+                },
+                true,
+            ),
+            ext(&intermediate_key_usage(), true),
+            ext(
+                &SubjectKeyIdentifier(der::asn1::OctetString::new(vec![7; 20]).unwrap()),
+                false,
+            ),
+            ext(
+                &AuthorityKeyIdentifier {
+                    key_identifier: Some(
+                        der::asn1::OctetString::new(root.subject_key_id.clone()).unwrap(),
+                    ),
+                    authority_cert_issuer: None,
+                    authority_cert_serial_number: None,
+                },
+                false,
+            ),
+        ];
+        extensions.extend(extra);
+        let profile = Fake {
+            subject,
+            issuer: root.subject.clone(),
+            extensions,
+        };
+        let validity = Validity::new(
+            (SystemTime::now() - Duration::from_secs(30))
+                .try_into()
+                .unwrap(),
+            request.plan.not_after.try_into().unwrap(),
+        );
+        let PrivateKey::P384(issuer_key) = signer else {
+            unreachable!()
+        };
+        let mut builder = CertificateBuilder::new(
+            profile,
+            random_serial().unwrap(),
+            validity,
+            request.plan.public_key.clone(),
+        )
+        .unwrap();
+        let tbs = builder.finalize(issuer_key).unwrap();
+        let (algorithm, signature) = crate::pki::csr::sign_with(signer, &tbs).unwrap();
+        let der = crate::pki::profile::assemble(&tbs, algorithm, &signature).unwrap();
+        let cert = Certificate::from_der(&der).unwrap();
+        json!({"data": {"certificate": certificate_pem(&cert)}, "warnings": []})
+    }
+
+    #[test]
+    fn a_conforming_answer_passes_and_anything_else_is_out_of_policy() {
+        let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let (request, _) = request(&root);
+        let good = vault_answer(
+            &root_key,
+            &root,
+            &request,
+            request.plan.subject.clone(),
+            vec![],
+        );
+        check_intermediate(&good, &request, &root).unwrap();
+
+        let aia = Extension {
+            extn_id: const_oid::db::rfc5280::ID_PE_AUTHORITY_INFO_ACCESS,
+            critical: false,
+            extn_value: der::asn1::OctetString::new(vec![0x30, 0x00]).unwrap(),
+        };
+        let (impostor, _) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let cases: Vec<(Value, &str)> = vec![
+            (
+                vault_answer(
+                    &root_key,
+                    &root,
+                    &request,
+                    request.plan.subject.clone(),
+                    vec![aia],
+                ),
+                "unexpected extension 1.3.6.1.5.5.7.1.1",
+            ),
+            (
+                vault_answer(
+                    &root_key,
+                    &root,
+                    &request,
+                    subject_name("evil", "cluster-a").unwrap(),
+                    vec![],
+                ),
+                "organization",
+            ),
+            (
+                vault_answer(
+                    &root_key,
+                    &root,
+                    &request,
+                    subject_name("acme", "cluster-b").unwrap(),
+                    vec![],
+                ),
+                "subject is",
+            ),
+            (
+                vault_answer(
+                    &impostor,
+                    &root,
+                    &request,
+                    request.plan.subject.clone(),
+                    vec![],
+                ),
+                "not signed by the root key",
+            ),
+            (json!({"data": {}}), "no data.certificate"),
+        ];
+        for (answer, needle) in cases {
+            match check_intermediate(&answer, &request, &root) {
+                Err(BackendError::OutOfPolicy(m)) => {
+                    assert!(m.contains(needle), "{needle:?} not in {m}")
+                }
+                other => panic!("{needle}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn root_bodies_ask_for_the_root_profile() {
+        let body = root_generate_body(&RootRequest {
+            key_type: KeyType::Rsa4096,
+            org_name: "acme",
+            common_name: "acme root CA",
+            ttl: 30 * DAY,
+            issuer_name: "meshca-root",
+        });
+        assert_eq!(body["key_type"], "rsa");
+        assert_eq!(body["key_bits"], 4096);
+        assert_eq!(body["ttl"], "2592000s");
+        assert_eq!(body["max_path_length"], 1);
+        assert_eq!(body["signature_bits"], 256);
+        assert_eq!(body["key_usage"], json!(["CertSign", "CRLSign"]));
+    }
+
+    #[test]
+    fn a_root_outside_policy_is_named() {
+        let (_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let pem = root.pem.clone();
+        check_root(&pem, KeyType::EcdsaP384, "acme", 2048, 100 * DAY).unwrap();
+        let cases = [
+            (
+                check_root(&pem, KeyType::EcdsaP384, "other", 2048, 100 * DAY),
+                "organization",
+            ),
+            (
+                check_root(&pem, KeyType::EcdsaP384, "acme", 2048, 10 * DAY),
+                "lifetime",
+            ),
+            (
+                check_root(&pem, KeyType::Rsa4096, "acme", 2048, 100 * DAY),
+                "root.key_type",
+            ),
+        ];
+        for (result, needle) in cases {
+            let err = result.unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
+    }
+}

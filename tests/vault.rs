@@ -1,0 +1,705 @@
+//! The Vault/OpenBao backend against real OpenBao servers started here: AppRole login and
+//! the single re-login on a 403, token renewal before the TTL runs out, Vault hung,
+//! stopped, sealed and back (503 then success, the signer never restarted), a Vault answer
+//! outside policy (502, audited), root init (generate, refuse, force, adopt), root show,
+//! and secrets that never reach logs or output.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use meshca::pki::keys::KeyType;
+use serde_json::Value;
+
+const VM: &str = "test/vm";
+const MESH_A: &str = "test/cluster-a";
+
+fn vault(spec: VaultSpec) -> EnvSpec {
+    EnvSpec {
+        backend: Backend::Vault(spec),
+        ..EnvSpec::default()
+    }
+}
+
+async fn sign(env: &Env, signer: &Signer) -> (u16, Value) {
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    post_sign(
+        &env.client("cluster-a"),
+        signer,
+        &sign_body(VM, MESH_A, &csr),
+    )
+    .await
+}
+
+async fn readyz(env: &Env, signer: &Signer) -> (u16, Value) {
+    let response = env
+        .client("cluster-a")
+        .get(signer.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or("")
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+/// Polls `done` every 100 ms; panics with `what` after a generous bound.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn approle_login_and_exactly_one_relogin_after_a_403() {
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::AppRole {
+            token_ttl: "1h".into(),
+        },
+        ..VaultSpec::default()
+    }));
+    let signer = env.start_signer();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(signer.logs().contains("\"method\":\"approle\""));
+    assert_eq!(count(&signer.logs(), "logged in to Vault"), 1);
+
+    // Every token AppRole handed out is revoked: the next call gets a 403, logs in again
+    // once, and succeeds.
+    let bao = env.bao();
+    bao.cli_ok(&["write", "-f", "sys/leases/revoke-prefix/auth/approle/"]);
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    let logs = signer.logs();
+    assert_eq!(count(&logs, "logging in again once"), 1, "{logs}");
+    assert_eq!(count(&logs, "logged in to Vault"), 2, "{logs}");
+
+    // Revoked again, and the secret ID is gone too: one re-login, which fails, and a
+    // clear 503; no retry loop.
+    bao.cli_ok(&["write", "-f", "sys/leases/revoke-prefix/auth/approle/"]);
+    let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
+    bao.cli_stdin(
+        &[
+            "write",
+            "auth/approle/role/meshca/secret-id/destroy",
+            "secret_id=-",
+        ],
+        &secret_id,
+    );
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "backend_unavailable");
+    assert!(
+        message(&body).contains("Vault login (approle) failed"),
+        "{body}"
+    );
+    let logs = signer.logs();
+    assert_eq!(count(&logs, "logging in again once"), 2, "{logs}");
+    assert!(!logs.contains(secret_id.trim()), "the secret ID was logged");
+    assert!(!message(&body).contains(secret_id.trim()));
+
+    let audit = signer.audit_lines();
+    assert_eq!(audit.len(), 3);
+    assert_eq!(audit[2]["decision"], "error");
+    assert_eq!(audit[2]["rule"], "backend_unavailable");
+}
+
+/// `auth/token/lookup` for the token in `vault/token` (token via stdin, never argv),
+/// without the token itself (`id`), so no assertion message can print it.
+fn lookup_token(env: &Env) -> Value {
+    let token = std::fs::read_to_string(env.path("vault/token")).unwrap();
+    let out = env.bao().cli_stdin(
+        &["write", "-format=json", "auth/token/lookup", "token=-"],
+        &token,
+    );
+    let mut data = serde_json::from_slice::<Value>(&out.stdout).unwrap()["data"].take();
+    if let Some(fields) = data.as_object_mut() {
+        fields.remove("id");
+    }
+    data
+}
+
+#[tokio::test]
+async fn the_token_is_renewed_before_its_ttl_runs_out() {
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::Token {
+            ttl: Some("16s".into()),
+        },
+        ..VaultSpec::default()
+    }));
+    let first = lookup_token(&env);
+    assert!(first["last_renewal_time"].is_null(), "{first}");
+    let ttl = first["ttl"].as_u64().unwrap();
+    assert!(ttl <= 16, "{first}");
+    // The token would be dead at this point without renewal.
+    let original_expiry = SystemTime::now() + Duration::from_secs(ttl + 1);
+
+    let signer = env.start_signer();
+    wait_until("the signer to renew its token", || {
+        !lookup_token(&env)["last_renewal_time"].is_null()
+    });
+    wait_until("the token's original TTL to pass", || {
+        SystemTime::now() > original_expiry
+    });
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = readyz(&env, &signer).await;
+    assert_eq!(status, 200);
+    assert!(lookup_token(&env)["ttl"].as_u64().unwrap() > 0);
+    // Renewed, never replaced: a token from a file cannot be re-obtained by logging in.
+    assert_eq!(count(&signer.logs(), "logged in to Vault"), 1);
+}
+
+#[tokio::test]
+async fn vault_hung_stopped_sealed_and_back_without_restarting_the_signer() {
+    let mut env = Env::with(vault(VaultSpec {
+        persistent: true,
+        timeout_seconds: 2,
+        ..VaultSpec::default()
+    }));
+    let mut signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+
+    // Hung: the port accepts, nothing answers; every call is bounded by the timeout.
+    env.bao().pause();
+    let (status, body) = sign(&env, &signer).await;
+    let (ready, ready_body) = readyz(&env, &signer).await;
+    env.bao().resume();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "backend_unavailable");
+    assert!(
+        message(&body).contains("did not answer within 2s"),
+        "{body}"
+    );
+    assert_eq!(ready, 503, "{ready_body}");
+    assert_eq!(sign(&env, &signer).await.0, 200);
+
+    // Stopped: connection refused.
+    env.bao_mut().stop();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(message(&body).contains("unreachable"), "{body}");
+    let (ready, ready_body) = readyz(&env, &signer).await;
+    assert_eq!(ready, 503);
+    assert!(message(&ready_body).contains("unreachable"), "{ready_body}");
+
+    // Started again: sealed.
+    env.bao_mut().start();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(message(&body).contains("sealed"), "{body}");
+    let (ready, ready_body) = readyz(&env, &signer).await;
+    assert_eq!(ready, 503);
+    assert!(message(&ready_body).contains("sealed"), "{ready_body}");
+
+    // Unsealed: the same signer process issues again.
+    env.bao_mut().unseal();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+    assert!(
+        signer.child.try_wait().unwrap().is_none(),
+        "the signer must not have exited"
+    );
+
+    let rules: Vec<String> = signer
+        .audit_lines()
+        .iter()
+        .map(|l| l["rule"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "issued",
+            "backend_unavailable",
+            "issued",
+            "backend_unavailable",
+            "backend_unavailable",
+            "issued"
+        ]
+    );
+    assert!(signer.terminate());
+}
+
+#[tokio::test]
+async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+
+    // The mount now adds AIA and CRL distribution points to everything it signs.
+    env.bao().cli_ok(&[
+        "write",
+        "pki/config/urls",
+        "issuing_certificates=http://127.0.0.1:9/ca",
+        "crl_distribution_points=http://127.0.0.1:9/crl",
+    ]);
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "backend_out_of_policy");
+    for needle in [
+        "outside policy",
+        "not handed out",
+        "unexpected extension 1.3.6.1.5.5.7.1.1",
+        "unexpected extension 2.5.29.31",
+    ] {
+        assert!(message(&body).contains(needle), "{needle:?} not in {body}");
+    }
+    assert!(body.get("certificate").is_none());
+    let audit = signer.audit_lines();
+    assert_eq!(audit[1]["decision"], "error");
+    assert_eq!(audit[1]["rule"], "backend_out_of_policy");
+    assert!(audit[1]["serial"].is_null());
+
+    let metrics = env
+        .client("cluster-a")
+        .get(signer.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meshca_sign_requests_total{outcome=\"backend_out_of_policy\"} 1"),
+        "{metrics}"
+    );
+
+    // Put right, and the same signer issues again.
+    env.bao().cli_ok(&[
+        "write",
+        "pki/config/urls",
+        "issuing_certificates=",
+        "crl_distribution_points=",
+    ]);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+}
+
+#[test]
+fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
+    let env = Env::prepare(&vault(VaultSpec::default()));
+    let out = run_ok(
+        env.meshca()
+            .args(["root", "init", "--config"])
+            .arg(&env.config),
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("generated inside Vault"), "{stdout}");
+    let first = env.root_pem();
+    let root = env.path("root-cert.pem");
+    let root = root.to_str().unwrap();
+    let verified = openssl(env.dir.path(), &["verify", "-CAfile", root, root]);
+    assert!(verified.contains(": OK"), "{verified}");
+    let profile = openssl(env.dir.path(), &["x509", "-in", root, "-noout", "-text"]);
+    for needle in [
+        "CA:TRUE, pathlen:1",
+        "Certificate Sign, CRL Sign",
+        "O = acme",
+        "ecdsa-with-SHA384",
+    ] {
+        assert!(profile.contains(needle), "{needle:?}: {profile}");
+    }
+    // The key lives in Vault: its key record carries no private material.
+    let issuer = env.bao().cli_json(&["read", "pki/issuer/meshca-root"]);
+    let key_id = issuer["data"]["key_id"].as_str().unwrap();
+    let key = env
+        .bao()
+        .cli_text(&["read", "-format=json", &format!("pki/key/{key_id}")]);
+    assert!(key.contains("\"key_type\": \"ec\""), "{key}");
+    assert!(!key.contains("PRIVATE KEY"), "{key}");
+
+    // Again: refused, nothing touched.
+    let out = run(env
+        .meshca()
+        .args(["root", "init", "--config"])
+        .arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("already exists")
+            && stderr.contains("--force")
+            && stderr.contains("--adopt"),
+        "{stderr}"
+    );
+    assert_eq!(env.root_pem(), first);
+
+    // --force: a new root; the old issuer is kept under another name.
+    let out = run_ok(
+        env.meshca()
+            .args(["root", "init", "--force", "--config"])
+            .arg(&env.config),
+    );
+    assert!(text(&out.stdout).contains("the previous issuer is kept as meshca-root-replaced-"));
+    let second = env.root_pem();
+    assert_ne!(second, first);
+    let issuers = env.bao().cli_text(&["list", "pki/issuers"]);
+    assert_eq!(
+        issuers.lines().filter(|l| l.len() >= 36).count(),
+        2,
+        "{issuers}"
+    );
+
+    // --adopt: takes the existing issuer; the same certificate.
+    std::fs::remove_file(env.path("root-cert.pem")).unwrap();
+    let out = run_ok(
+        env.meshca()
+            .args(["root", "init", "--adopt", "--config"])
+            .arg(&env.config),
+    );
+    assert!(text(&out.stdout).contains("adopted Vault issuer meshca-root"));
+    assert_eq!(env.root_pem(), second);
+
+    // root show: the certificate and the Vault side.
+    let out = run_ok(
+        env.meshca()
+            .args(["root", "show", "--config"])
+            .arg(&env.config),
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("the root certificate above"), "{stdout}");
+    assert!(
+        stdout.contains(key_id) || stdout.contains("key          ec"),
+        "{stdout}"
+    );
+
+    // The signer starts against the adopted root and issues under it.
+    let mut signer = env.start_signer();
+    assert!(signer.terminate());
+}
+
+#[test]
+fn vault_roots_of_every_key_type_satisfy_openssl() {
+    let env = Env::prepare(&EnvSpec {
+        root_key_type: KeyType::Rsa2048,
+        ..vault(VaultSpec::default())
+    });
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    for key_type in KeyType::ALL {
+        let current = config.replace(
+            "key_type = \"rsa2048\"",
+            &format!("key_type = \"{key_type}\""),
+        );
+        std::fs::write(&env.config, current).unwrap();
+        run_ok(
+            env.meshca()
+                .args(["root", "init", "--force", "--config"])
+                .arg(&env.config),
+        );
+        let root = env.path("root-cert.pem");
+        let root = root.to_str().unwrap();
+        let verified = openssl(env.dir.path(), &["verify", "-CAfile", root, root]);
+        assert!(verified.contains(": OK"), "{key_type}: {verified}");
+        let text = openssl(env.dir.path(), &["x509", "-in", root, "-noout", "-text"]);
+        let (bits, sig) = match key_type {
+            KeyType::EcdsaP256 => (256, "ecdsa-with-SHA256"),
+            KeyType::EcdsaP384 => (384, "ecdsa-with-SHA384"),
+            rsa => (rsa.rsa_bits().unwrap(), "sha256WithRSAEncryption"),
+        };
+        assert!(
+            text.contains(&format!("Public-Key: ({bits} bit)")),
+            "{key_type}: {text}"
+        );
+        assert!(text.contains(sig), "{key_type}: {text}");
+        assert!(text.contains("CA:TRUE, pathlen:1"), "{key_type}: {text}");
+    }
+}
+
+#[test]
+fn adopting_an_issuer_outside_policy_is_refused() {
+    let env = Env::prepare(&vault(VaultSpec::default()));
+    // Someone else's root in the same mount: another organization.
+    env.bao().cli_ok(&[
+        "write",
+        "pki/root/generate/internal",
+        "common_name=foreign root",
+        "organization=other-org",
+        "key_type=ec",
+        "key_bits=384",
+        "ttl=240h",
+        "issuer_name=foreign",
+    ]);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("issuer_ref = \"meshca-root\"", "issuer_ref = \"foreign\""),
+    )
+    .unwrap();
+    let out = run(env
+        .meshca()
+        .args(["root", "init", "--adopt", "--config"])
+        .arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("does not satisfy virtual mesh test/vm") && stderr.contains("other-org"),
+        "{stderr}"
+    );
+    assert!(!env.path("root-cert.pem").exists());
+    // And an issuer that is not there cannot be adopted either.
+    std::fs::write(
+        &env.config,
+        config.replace("issuer_ref = \"meshca-root\"", "issuer_ref = \"missing\""),
+    )
+    .unwrap();
+    let out = run(env
+        .meshca()
+        .args(["root", "init", "--adopt", "--config"])
+        .arg(&env.config));
+    assert!(
+        text(&out.stderr).contains("no issuer missing"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_signer_refuses_to_start_against_a_root_vault_does_not_hold() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let other = Env::with(EnvSpec::default());
+    std::fs::copy(other.path("root-cert.pem"), env.path("root-cert.pem")).unwrap();
+    let out = run(env.meshca().args(["serve", "--config"]).arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("is not the root in the certificate file"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn vault_secrets_stay_out_of_logs_errors_and_output() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let token = std::fs::read_to_string(env.path("vault/token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let signer = env.start_signer_with(&["--log-level", "trace,vaultrs=trace,rustify=trace"]);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    // A refused token: the error names the file, not the token.
+    env.bao()
+        .cli_stdin(&["write", "auth/token/revoke", "token=-"], &token);
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(message(&body).contains("vault/token"), "{body}");
+    let show = run(env
+        .meshca()
+        .args(["root", "show", "--config"])
+        .arg(&env.config));
+    let logs = signer.logs();
+    assert!(
+        logs.contains("\"level\":\"TRACE\""),
+        "trace logging was not on"
+    );
+    let audit = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    let root_token = env.bao().root_token().to_string();
+    for (name, haystack) in [
+        ("logs", logs),
+        ("audit", audit),
+        ("answer", body.to_string()),
+        (
+            "root show",
+            format!("{}{}", text(&show.stdout), text(&show.stderr)),
+        ),
+    ] {
+        assert!(
+            !haystack.contains(&token),
+            "the Vault token is in the {name}"
+        );
+        assert!(
+            !haystack.contains(&root_token),
+            "the root token is in the {name}"
+        );
+    }
+}
+
+#[test]
+fn config_mistakes_are_named_without_echoing_secrets() {
+    let env = Env::prepare(&vault(VaultSpec::default()));
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let cases = [
+        (
+            config.replace("token_file = \"vault/token\"", "token = \"s.hunter2\""),
+            "unknown field `token`",
+        ),
+        (
+            config.replace("backend = \"vault\"", "backend = \"pkcs11\""),
+            "instead of [pkcs11]",
+        ),
+        (
+            config.replace(
+                "address = \"http://127.0.0.1",
+                "address = \"http://192.0.2.1",
+            ),
+            "plain http is allowed only",
+        ),
+    ];
+    for (text_, needle) in cases {
+        std::fs::write(&env.config, &text_).unwrap();
+        let out = run(env
+            .meshca()
+            .args(["root", "init", "--config"])
+            .arg(&env.config));
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+    // A token file others can read is refused, as PIN files are.
+    std::fs::write(&env.config, &config).unwrap();
+    std::fs::set_permissions(
+        env.path("vault/token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let out = run(env
+        .meshca()
+        .args(["root", "init", "--config"])
+        .arg(&env.config));
+    assert!(
+        text(&out.stderr).contains("chmod 600"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// base64url without padding, for a hand-made JWT.
+fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A service account token as Kubernetes would mount it (the signature is not checked by
+/// OpenBao without configured keys: the TokenReview fake is the authority).
+fn service_account_jwt(namespace: &str, name: &str) -> String {
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
+    let claims = serde_json::json!({
+        "iss": "kubernetes/serviceaccount",
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "kubernetes.io/serviceaccount/namespace": namespace,
+        "kubernetes.io/serviceaccount/service-account.name": name,
+        "kubernetes.io/serviceaccount/service-account.uid": "uid-1",
+    });
+    format!(
+        "{}.{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes()),
+        b64url(b"signature")
+    )
+}
+
+/// An HTTP fake of the one Kubernetes endpoint OpenBao's Kubernetes auth calls:
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`. It vouches for exactly `jwt`, as
+/// service account meshca/meshca-signer. Returns its address and a review counter.
+fn token_review_fake(jwt: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reviews = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = reviews.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let vouched = request_line
+                .starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews ")
+                && review["spec"]["token"] == jwt.as_str();
+            let status = if vouched {
+                serde_json::json!({"authenticated": true, "user": {
+                    "username": "system:serviceaccount:meshca:meshca-signer",
+                    "uid": "uid-1",
+                    "groups": ["system:serviceaccounts", "system:serviceaccounts:meshca"]}})
+            } else {
+                serde_json::json!({"authenticated": false, "error": "token not recognized"})
+            };
+            let answer = serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "status": status,
+            })
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    (format!("http://{addr}"), reviews)
+}
+
+#[tokio::test]
+async fn kubernetes_auth_logs_in_with_the_service_account_token() {
+    let jwt = service_account_jwt("meshca", "meshca-signer");
+    let (kubernetes_host, reviews) = token_review_fake(jwt.clone());
+    // Env::with ran `root init`, which logged in this way already.
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::Kubernetes {
+            kubernetes_host,
+            jwt: jwt.clone(),
+        },
+        ..VaultSpec::default()
+    }));
+    let signer = env.start_signer();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    let logs = signer.logs();
+    assert!(logs.contains("\"method\":\"kubernetes\""), "{logs}");
+    assert!(!logs.contains(&jwt), "the service account token was logged");
+    // OpenBao asked the fake once for root init and once for the signer's login.
+    assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // A token Kubernetes does not vouch for: a clear login failure, no token echoed.
+    let stranger = service_account_jwt("meshca", "someone-else");
+    std::fs::write(env.path("vault/jwt"), &stranger).unwrap();
+    let out = run(env
+        .meshca()
+        .args(["root", "show", "--config"])
+        .arg(&env.config));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Vault login (kubernetes) failed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&stranger));
+}
