@@ -423,8 +423,11 @@ fn federation_render(virtual_mesh: &Path, inventory: &Path, out_dir: &Path) -> R
         .with_context(|| format!("cannot read {inv_source}"))?;
     let inv_text =
         String::from_utf8(inv_bytes).map_err(|_| anyhow!("{inv_source} is not UTF-8 text"))?;
-    let inventory = Inventory::from_yaml(&inv_source, &inv_text)
-        .with_context(|| format!("inventory {inv_source}"))?;
+    let inventory = Inventory::from_yaml(&inv_source, &inv_text).map_err(|e| match e {
+        // Already names the file.
+        mesh::InventoryError::Yaml { .. } => anyhow!(e),
+        e => anyhow!(e).context(format!("inventory {inv_source}")),
+    })?;
     let plan = mesh::translate(&config, &inventory)
         .with_context(|| format!("VirtualMesh {vm_source} with inventory {inv_source}"))?;
     let report = mesh::render::write_dir(&plan, out_dir)?;

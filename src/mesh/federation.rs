@@ -112,13 +112,15 @@ pub enum FederationError {
     VirtualMesh(#[from] PolicyLoadError),
     #[error("{source_name}: expected exactly one VirtualMesh document, found {count}")]
     DocumentCount { source_name: String, count: usize },
-    #[error("VirtualMesh {virtual_mesh}: {problem}")]
+    #[error("{source_name}: VirtualMesh {virtual_mesh}: {problem}")]
     Unsupported {
+        source_name: String,
         virtual_mesh: String,
         problem: String,
     },
-    #[error("VirtualMesh {virtual_mesh}: spec.federation.selector: {problem}")]
+    #[error("{source_name}: VirtualMesh {virtual_mesh}: spec.federation.selector: {problem}")]
     Selector {
+        source_name: String,
         virtual_mesh: String,
         problem: String,
     },
@@ -186,6 +188,7 @@ impl FederationConfig {
         let policy = doc.clone().into_policy(source_name)?;
         let id = policy.id;
         let unsupported = |problem: String| FederationError::Unsupported {
+            source_name: source_name.to_string(),
             virtual_mesh: id.to_string(),
             problem,
         };
@@ -221,6 +224,7 @@ impl FederationConfig {
                     None => ServiceSelector::default(),
                     Some(value) => {
                         let selector_error = |problem: String| FederationError::Selector {
+                            source_name: source_name.to_string(),
                             virtual_mesh: id.to_string(),
                             problem,
                         };
@@ -374,17 +378,16 @@ pub fn translate<'a>(
     let moved_addresses = allocated.iter().filter(|a| a.probe > 0).count();
     drop(keys);
 
+    // `allocated` is index-aligned with `keys`: cluster by cluster, service by service.
     let mut allocated = allocated.into_iter();
     let mut clusters = Vec::with_capacity(sorted.len());
     for (cluster, services) in sorted.into_iter().zip(selected) {
         let exports = services
             .into_iter()
-            .map(|service| Export {
+            .zip(allocated.by_ref())
+            .map(|(service, allocated)| Export {
                 host: global_host(service, &cluster.name),
-                address: allocated
-                    .next()
-                    .map(|a| a.address)
-                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                address: allocated.address,
                 service,
             })
             .collect();
@@ -525,11 +528,25 @@ enum What<'p> {
 }
 
 /// One object a cluster must hold: cheap to list and compare, built on demand.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct DesiredObject<'p> {
     plan: &'p FederationPlan<'p>,
     target: &'p ClusterPlan<'p>,
     what: What<'p>,
+}
+
+impl std::fmt::Debug for DesiredObject<'_> {
+    // Not derived: that would print the whole plan.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DesiredObject({}: {} {}/{})",
+            self.cluster(),
+            self.kind(),
+            self.namespace(),
+            self.name()
+        )
+    }
 }
 
 impl<'p> DesiredObject<'p> {
