@@ -19,6 +19,26 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// Like [`write_atomic`], but the contents are streamed by `write` into a buffered temporary
+/// file, so a large output is never held in memory. Nothing replaces `path` if `write` fails.
+pub fn write_atomic_with<E: From<io::Error>>(
+    path: &Path,
+    mode: u32,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
+    let dir = parent_dir(path);
+    let tmp = tempfile::Builder::new()
+        .prefix(".meshca-tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .tempfile_in(dir)?;
+    let mut out = io::BufWriter::new(tmp);
+    write(&mut out)?;
+    let tmp = out.into_inner().map_err(|e| e.into_error())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(sync_dir(dir)?)
+}
+
 /// Atomically writes a file only its owner can read (mode 0600).
 pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     write_atomic(path, contents, 0o600)
@@ -94,6 +114,24 @@ mod tests {
             0o644
         );
         // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn streamed_atomic_write_leaves_the_old_file_when_writing_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.yaml");
+        write_atomic_with(&path, 0o644, |w| w.write_all(b"first")).unwrap();
+        let failed = write_atomic_with(&path, 0o644, |w| {
+            w.write_all(b"partial")?;
+            Err(io::Error::other("boom"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

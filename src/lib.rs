@@ -10,6 +10,7 @@
 //! - [`backend`]: the [`backend::RootSigner`] trait; PKCS#11 and Vault/OpenBao backends.
 //! - [`signer`]: the mTLS HTTPS daemon, authorization, audit log, metrics.
 //! - [`agent`]: key + CSR generation, the signer client, Istio `cacerts` writers.
+//! - [`mesh`]: VirtualMesh membership and cross-cluster federation (pure translation).
 //! - [`config`]: the signer's TOML configuration.
 //! - [`secret`]: PINs and tokens read from files or the environment, never printed.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mesh;
 pub mod pki;
 pub mod policy;
 pub mod secret;

@@ -87,6 +87,27 @@ enum Command {
     Agent(AgentArgs),
     /// Print every CRD meshca defines (multi-document YAML).
     Crds,
+    /// Cross-cluster service federation.
+    Federation {
+        #[command(subcommand)]
+        command: FederationCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FederationCommand {
+    /// Write, per cluster, the Istio objects federation puts there: DIR/<cluster>.yaml.
+    Render {
+        /// File with one VirtualMesh document.
+        #[arg(long)]
+        virtual_mesh: PathBuf,
+        /// Inventory YAML: the member clusters, their gateways and services.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -582,6 +603,14 @@ fn run(command: Command) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Federation {
+            command:
+                FederationCommand::Render {
+                    virtual_mesh,
+                    inventory,
+                    out_dir,
+                },
+        } => federation_render(&virtual_mesh, &inventory, &out_dir)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -685,4 +714,54 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn federation_render(virtual_mesh: &Path, inventory: &Path, out_dir: &Path) -> Result<()> {
+    use meshca::mesh::{self, FederationConfig, Inventory};
+    let vm_source = virtual_mesh.display().to_string();
+    let vm_text = meshca::fsutil::read_text(virtual_mesh).map_err(|e| anyhow!(e))?;
+    let document = mesh::parse_virtual_mesh(&vm_source, &vm_text)?;
+    let config = FederationConfig::from_document(&document, &vm_source)?;
+    let inv_source = inventory.display().to_string();
+    let inv_bytes = meshca::fsutil::read_limited(inventory, mesh::inventory::MAX_INVENTORY_BYTES)
+        .with_context(|| format!("cannot read {inv_source}"))?;
+    let inv_text =
+        String::from_utf8(inv_bytes).map_err(|_| anyhow!("{inv_source} is not UTF-8 text"))?;
+    let inventory = Inventory::from_yaml(&inv_source, &inv_text).map_err(|e| match e {
+        // Already names the file.
+        mesh::InventoryError::Yaml { .. } => anyhow!(e),
+        e => anyhow!(e).context(format!("inventory {inv_source}")),
+    })?;
+    let plan = mesh::translate(&config, &inventory)
+        .with_context(|| format!("VirtualMesh {vm_source} with inventory {inv_source}"))?;
+    let report = mesh::render::write_dir(&plan, out_dir)?;
+    if config.mode.is_none() {
+        println!(
+            "meshca: VirtualMesh {} has no spec.federation: nothing is federated",
+            config.virtual_mesh
+        );
+    }
+    for (cluster, path) in &report.written {
+        let s = plan.summary(cluster).unwrap_or_default();
+        println!(
+            "meshca: {}: {} object(s) ({} service(s) offered, {} received)",
+            path.display(),
+            s.objects,
+            s.exported,
+            s.imported
+        );
+    }
+    for path in &report.removed {
+        println!(
+            "meshca: removed {} (its cluster left the VirtualMesh)",
+            path.display()
+        );
+    }
+    if plan.moved_addresses() > 0 {
+        println!(
+            "meshca: {} service(s) got their next address candidate after a hash collision",
+            plan.moved_addresses()
+        );
+    }
+    Ok(())
 }

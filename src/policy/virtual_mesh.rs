@@ -129,6 +129,14 @@ pub struct BuiltinCa {
 pub struct Federation {
     #[serde(default)]
     pub mode: Option<String>,
+    /// Which services are federated; parsed and checked by `crate::mesh::federation`
+    /// (absent: every service). The signer ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<serde_json::Value>,
+    /// Any other key: refused by federation (an option it would otherwise ignore), ignored
+    /// by the signer.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
