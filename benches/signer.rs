@@ -14,7 +14,6 @@
 //! which builds the release binary first. `MESHCA_BENCH_SECONDS` scales the measuring time
 //! (default 8 s per point).
 
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 use meshca::backend::pkcs11::{Token, token_sign};
 use meshca::config::SignerConfig;
 use meshca::pki::keys::{KeyType, PrivateKey};
-use meshca::pki::profile::{IntermediatePlan, RootCa, intermediate_tbs, random_serial, subject_name};
+use meshca::pki::profile::{
+    IntermediatePlan, RootCa, intermediate_tbs, random_serial, subject_name,
+};
 use serde_json::{Value, json};
 
 mod support;
@@ -66,7 +67,10 @@ fn main() {
     let bao = Bao::start(&work, &runtime);
     // MESHCA_BENCH_CASES=ecdsa_p256 (comma-separated) runs a subset while tuning.
     let only = std::env::var("MESHCA_BENCH_CASES").ok();
-    for case in CASES.iter().filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == c.name))) {
+    for case in CASES.iter().filter(|c| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == c.name))
+    }) {
         eprintln!("== {}", case.name);
         let config = env.signer_config(case);
         let root = RootCa::from_pem(
@@ -275,4 +279,3 @@ fn raw_signs_per_s(config: &SignerConfig, root: &RootCa, sessions: usize, second
     }
     done as f64 / elapsed
 }
-

@@ -377,13 +377,14 @@ impl Bao {
             .mode(0o600)
             .open(work.join("openbao.log"))
             .unwrap();
-        let bao_path = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bao-path.sh"))
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .expect("bao not found: run scripts/install-deps.sh (make bench does)");
+        let bao_path =
+            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bao-path.sh"))
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .expect("bao not found: run scripts/install-deps.sh (make bench does)");
         let child = Command::new(bao_path)
             .args(["server", "-dev", "-dev-no-store-token"])
             .arg(format!("-dev-listen-address=127.0.0.1:{port}"))

@@ -172,7 +172,10 @@ impl PublicKeyVerifier {
     }
 
     /// For a key already described (and so already checked) by [`describe_public_key`].
-    pub fn for_described(kind: &PublicKeyKind, spki: &SubjectPublicKeyInfoOwned) -> Result<Self, SignatureError> {
+    pub fn for_described(
+        kind: &PublicKeyKind,
+        spki: &SubjectPublicKeyInfoOwned,
+    ) -> Result<Self, SignatureError> {
         let kind = match kind {
             PublicKeyKind::Rsa { .. } => VerifierKind::Rsa,
             PublicKeyKind::Ec(NamedCurve::P256) => VerifierKind::P256,
@@ -205,8 +208,8 @@ impl PublicKeyVerifier {
         message: &[u8],
         signature: &[u8],
     ) -> Result<(), SignatureError> {
-        use ring::signature as rs;
         use SignatureAlgorithm as A;
+        use ring::signature as rs;
         let ring_algorithm: &dyn rs::VerificationAlgorithm = match (self.kind, algorithm) {
             (VerifierKind::Rsa, A::RsaPkcs1Sha256) => &rs::RSA_PKCS1_2048_8192_SHA256,
             (VerifierKind::Rsa, A::RsaPkcs1Sha384) => &rs::RSA_PKCS1_2048_8192_SHA384,
