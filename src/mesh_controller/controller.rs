@@ -576,6 +576,13 @@ impl MeshController {
             }
         };
 
+        if matches!(outcome, FederationOutcome::Held { .. }) {
+            // What each cluster held stays, and so does its record.
+            for (slot, member) in federation.iter_mut().zip(&valid.members) {
+                *slot = recorded.get(&member.id).and_then(|r| r.federation.clone());
+            }
+        }
+
         // Former members: their request and objects go (their services in the other
         // clusters went with the plan above).
         let member_ids: BTreeSet<ObjectRef> = valid.members.iter().map(|m| m.id.clone()).collect();
