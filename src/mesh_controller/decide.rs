@@ -24,7 +24,7 @@ use crate::mesh::inventory::{
     ClusterInventory, Inventory, InventoryError, PortInventory, Protocol, ServiceInventory,
 };
 use crate::mesh::istio::{IstioObject, Kind, ObjectId};
-use crate::mesh::names::{is_dns1123_label, is_dns1123_subdomain};
+use crate::mesh::names::{is_dns1123_label, is_dns1123_subdomain, is_label_value};
 use crate::policy::{ObjectRef, PolicyLoadError};
 use crate::signer::audit::rfc3339;
 
@@ -215,6 +215,15 @@ pub fn validate<'m>(
                 continue;
             }
             _ => {}
+        }
+        if !is_label_value(&mesh_id.name) {
+            problems.push((
+                "InvalidMesh",
+                format!(
+                    "Mesh {mesh_id}: the name is longer than 63 characters; its request is labelled with it, and a label value holds at most 63"
+                ),
+            ));
+            continue;
         }
         let inventory = mesh.spec.inventory(mesh_id);
         if let Err(e) = inventory
@@ -1376,6 +1385,10 @@ mod tests {
                 err.message
             );
         }
+        let long = "m".repeat(64);
+        let err = check(&vm(&[long.as_str()]), &[mesh(&long, "a")]).unwrap_err();
+        assert_eq!(err.reason, "InvalidMesh");
+        assert!(err.message.contains("longer than 63"), "{}", err.message);
         let err = check(&vm(&["a", "b"]), &[mesh("a", "same"), mesh("b", "same")]).unwrap_err();
         assert_eq!(err.reason, "DuplicateCluster");
         assert!(
