@@ -11,6 +11,7 @@
 //! - [`signer`]: the mTLS HTTPS daemon, authorization, audit log, metrics.
 //! - [`agent`]: key + CSR generation, the signer client, Istio `cacerts` writers.
 //! - [`mesh`]: VirtualMesh membership and cross-cluster federation (pure translation).
+//! - [`mesh_controller`]: the management plane's CRDs and controller (`meshca mesh-controller`).
 //! - [`config`]: the signer's TOML configuration.
 //! - [`secret`]: PINs and tokens read from files or the environment, never printed.
 
@@ -21,6 +22,7 @@ pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod mesh;
+pub mod mesh_controller;
 pub mod pki;
 pub mod policy;
 pub mod secret;

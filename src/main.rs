@@ -86,12 +86,51 @@ enum Command {
     /// controller) or, with --target-dir, in a directory for istiod outside Kubernetes.
     Agent(AgentArgs),
     /// Print every CRD meshca defines (multi-document YAML).
-    Crds,
+    Crds {
+        /// Only the CRDs of one component (what deploy/<component>/crds.yaml holds).
+        #[arg(long = "for", value_enum)]
+        component: Option<CrdComponent>,
+    },
+    /// Management plane: VirtualMeshes and Meshes in --namespace, agents' requests and
+    /// federation objects in the member clusters.
+    MeshController(MeshControllerArgs),
     /// Cross-cluster service federation.
     Federation {
         #[command(subcommand)]
         command: FederationCommand,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CrdComponent {
+    Agent,
+    MeshController,
+}
+
+#[derive(clap::Args)]
+struct MeshControllerArgs {
+    /// Namespace of the VirtualMeshes, Meshes, kubeconfig Secrets and the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "service-mesh-hub")]
+    namespace: String,
+    /// This replica's name in the Lease (default: $POD_NAME, $HOSTNAME).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "meshca-mesh-controller")]
+    lease_name: String,
+    /// Lease duration in seconds.
+    #[arg(long, default_value_t = 30)]
+    lease_seconds: u64,
+    /// Longest time between two passes.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+    /// After a root change, retire the old roots this long after every member reports the
+    /// new one (default one day: Istio's workload certificate lifetime).
+    #[arg(long, default_value_t = 86_400)]
+    retire_after_seconds: u64,
+    /// One pass, then exit.
+    #[arg(long)]
+    once: bool,
 }
 
 #[derive(Subcommand)]
@@ -574,12 +613,19 @@ fn run(command: Command) -> Result<ExitCode> {
                 println!("  trusts root  sha256 {fp}");
             }
         }
-        Command::Crds => {
+        Command::Crds { component } => {
+            use meshca::agent::crd::Component;
+            let component = component.map(|c| match c {
+                CrdComponent::Agent => Component::Agent,
+                CrdComponent::MeshController => Component::MeshController,
+            });
             print!(
                 "{}",
-                meshca::agent::crd::crds_yaml().map_err(|e| anyhow!("cannot print CRDs: {e}"))?
+                meshca::agent::crd::crds_yaml_for(component)
+                    .map_err(|e| anyhow!("cannot print CRDs: {e}"))?
             );
         }
+        Command::MeshController(args) => return mesh_controller(args),
         Command::Agent(args) => return agent(args),
         Command::Audit {
             command: AuditCommand::Verify { file },
@@ -703,6 +749,41 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         let client =
             kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let controller = Controller::new(Kube::new(client), opts);
+        if args.once {
+            let next = controller.run_once().await?;
+            println!("meshca: one pass done; next look in {}s", next.as_secs());
+        } else {
+            controller
+                .run(meshca::signer::server::wait_for_signal())
+                .await;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
+    use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("meshca-mesh-controller-{}", std::process::id()));
+    let opts = MeshControllerOptions {
+        namespace: args.namespace,
+        identity,
+        lease_name: args.lease_name,
+        lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
+        resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+        retire_after: std::time::Duration::from_secs(args.retire_after_seconds),
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let config = kube::Config::infer()
+            .await
+            .context("cannot find a Kubernetes configuration (in-cluster or kubeconfig)")?;
+        let client =
+            kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
+        let controller = MeshController::new(client, opts);
         if args.once {
             let next = controller.run_once().await?;
             println!("meshca: one pass done; next look in {}s", next.as_secs());

@@ -1,7 +1,7 @@
-//! deploy/agent/ checked offline: the CRDs are byte for byte `meshca crds`, built-in kinds
-//! pass `kubernetes-validate --strict` (bundled schemas, no cluster), the CRD and the
-//! example request are checked structurally, the kustomization lists every manifest, and
-//! the RBAC stays least-privilege.
+//! deploy/agent/ checked offline: the CRDs are byte for byte `meshca crds --for agent`,
+//! built-in kinds pass `kubernetes-validate --strict` (bundled schemas, no cluster), the
+//! CRD and the example request are checked structurally, the kustomization lists every
+//! manifest, and the RBAC stays least-privilege.
 
 mod common;
 
@@ -60,11 +60,11 @@ fn kubernetes_validate() -> PathBuf {
 
 #[test]
 fn deploy_crds_are_what_meshca_crds_prints() {
-    let printed = run_ok(Command::new(MESHCA).arg("crds"));
+    let printed = run_ok(Command::new(MESHCA).args(["crds", "--for", "agent"]));
     let on_disk = std::fs::read(deploy().join("crds.yaml")).unwrap();
     assert!(
         printed.stdout == on_disk,
-        "deploy/agent/crds.yaml is stale: regenerate with `meshca crds > deploy/agent/crds.yaml`"
+        "deploy/agent/crds.yaml is stale: regenerate with `meshca crds --for agent > deploy/agent/crds.yaml`"
     );
 }
 

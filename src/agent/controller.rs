@@ -7,16 +7,14 @@
 //! waits for (renewal time, ConfigMaps carrying the new root) is time-based anyway.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
 use super::client::SignerClient;
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
-use super::k8s::{Kube, KubeError, LeaseAction, classify_secret, lease_action, lease_spec};
+use super::election::Elector;
+use super::k8s::{Kube, KubeError, classify_secret};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, next_step, restart_needed,
 };
@@ -128,113 +126,42 @@ fn record_bundle(
 pub struct Controller {
     kube: Kube,
     opts: ControllerOptions,
-    /// Until when this replica holds the Lease (as last written by it).
-    leader_until: Arc<Mutex<Option<SystemTime>>>,
+    elector: Elector,
 }
 
 impl Controller {
     pub fn new(kube: Kube, opts: ControllerOptions) -> Self {
+        let elector = Elector::new(
+            kube.clone(),
+            opts.namespace.clone(),
+            opts.lease_name.clone(),
+            opts.identity.clone(),
+            opts.lease_duration,
+        );
         Controller {
             kube,
             opts,
-            leader_until: Arc::new(Mutex::new(None)),
-        }
-    }
-
-    fn set_leader_until(&self, until: Option<SystemTime>) {
-        if let Ok(mut guard) = self.leader_until.lock() {
-            *guard = until;
+            elector,
         }
     }
 
     fn is_leader_at(&self, now: SystemTime) -> bool {
-        self.leader_until
-            .lock()
-            .ok()
-            .and_then(|g| *g)
-            .is_some_and(|until| until > now)
+        self.elector.is_leader_at(now)
     }
 
     /// One round of leader election: create, renew or take over the Lease, or follow.
     pub async fn elect(&self, now: SystemTime) -> Result<bool, KubeError> {
-        let (ns, name) = (&self.opts.namespace, &self.opts.lease_name);
-        let current = self.kube.get_lease(ns, name).await?;
-        let action = lease_action(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.opts.identity,
-            now,
-        );
-        if let LeaseAction::Follow { holder } = &action {
-            tracing::debug!(%holder, "another replica leads");
-            self.set_leader_until(None);
-            return Ok(false);
-        }
-        let spec = lease_spec(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.opts.identity,
-            self.opts.lease_duration,
-            &action,
-            now,
-        );
-        let result = match current {
-            None => {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        namespace: Some(ns.clone()),
-                        ..ObjectMeta::default()
-                    },
-                    spec: Some(spec),
-                };
-                self.kube.create_lease(ns, &lease).await
-            }
-            Some(mut lease) => {
-                lease.spec = Some(spec);
-                self.kube.replace_lease(ns, name, &lease).await
-            }
-        };
-        match result {
-            Ok(_) => {
-                if action != LeaseAction::Renew {
-                    tracing::info!(identity = %self.opts.identity, "became the leader");
-                }
-                // Keep a margin: act only while the Lease is surely ours.
-                self.set_leader_until(Some(now + self.opts.lease_duration * 2 / 3));
-                Ok(true)
-            }
-            // Someone else wrote the Lease in between (409) or created it first.
-            Err(e) if matches!(e.code(), Some(409)) => {
-                self.set_leader_until(None);
-                Ok(false)
-            }
-            Err(e) => {
-                self.set_leader_until(None);
-                Err(e)
-            }
-        }
+        self.elector.elect(now).await
     }
 
     /// On shutdown: give the Lease up so another replica need not wait for it to expire.
     pub async fn release(&self) -> Result<(), KubeError> {
-        self.set_leader_until(None);
-        let (ns, name) = (&self.opts.namespace, &self.opts.lease_name);
-        let Some(mut lease) = self.kube.get_lease(ns, name).await? else {
-            return Ok(());
-        };
-        let Some(spec) = lease.spec.as_mut() else {
-            return Ok(());
-        };
-        if spec.holder_identity.as_deref() != Some(self.opts.identity.as_str()) {
-            return Ok(());
-        }
-        spec.holder_identity = None;
-        self.kube.replace_lease(ns, name, &lease).await.map(|_| ())
+        self.elector.release().await
     }
 
     /// Before any write: still the leader (renewing if the margin ran out)?
     async fn ensure_leader(&self) -> Result<(), ReconcileError> {
-        let now = SystemTime::now();
-        if self.is_leader_at(now + Duration::from_secs(5)) || self.elect(now).await? {
+        if self.elector.ensure().await? {
             Ok(())
         } else {
             Err(ReconcileError::NotLeader)
@@ -253,17 +180,7 @@ impl Controller {
     /// The long-running agent: a lease-renewal task and the reconcile loop, until
     /// `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let renewer = {
-            let this = self.clone();
-            tokio::spawn(async move {
-                loop {
-                    if let Err(e) = this.elect(SystemTime::now()).await {
-                        tracing::warn!(error = %e, "leader election failed");
-                    }
-                    tokio::time::sleep(this.opts.lease_duration / 3).await;
-                }
-            })
-        };
+        let renewer = self.elector.spawn_renewer();
         tokio::pin!(shutdown);
         let mut failures = 0u32;
         loop {

@@ -2,8 +2,8 @@
 //! (`meshca.dev/v1alpha1`, short name `vmcsr`), derived from these Rust types, and
 //! `meshca crds`: every CRD meshca defines as multi-document YAML.
 //!
-//! To add a CRD (the management plane's VirtualMesh, Mesh), append its `crd()` to
-//! [`all_crds`]; `meshca crds`, deploy/ and the test comparing them follow.
+//! To add a CRD, append its `crd()` to [`component_crds`]; `meshca crds`, deploy/ and the
+//! tests comparing them follow.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResource;
@@ -257,15 +257,44 @@ pub struct VmcsrStatus {
     pub restart: Option<RestartRecord>,
 }
 
+/// The part of meshca a CRD belongs to: where deploy/ installs it (the agent's in every
+/// member cluster, the mesh controller's in the management cluster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    Agent,
+    MeshController,
+}
+
+/// Every CRD meshca defines with its component, in the order `meshca crds` prints them.
+pub fn component_crds() -> Vec<(Component, CustomResourceDefinition)> {
+    use crate::mesh_controller::crd::{Mesh, VirtualMesh};
+    vec![
+        (
+            Component::Agent,
+            VirtualMeshCertificateSigningRequest::crd(),
+        ),
+        (Component::MeshController, VirtualMesh::crd()),
+        (Component::MeshController, Mesh::crd()),
+    ]
+}
+
 /// Every CRD meshca defines, in the order `meshca crds` prints them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![VirtualMeshCertificateSigningRequest::crd()]
+    component_crds().into_iter().map(|(_, crd)| crd).collect()
 }
 
 /// `meshca crds`: multi-document YAML, each document starting with `---`.
 pub fn crds_yaml() -> Result<String, String> {
+    crds_yaml_for(None)
+}
+
+/// `meshca crds [--for COMPONENT]`: the CRDs of one component, or all.
+pub fn crds_yaml_for(component: Option<Component>) -> Result<String, String> {
     let mut out = String::new();
-    for crd in all_crds() {
+    for (of, crd) in component_crds() {
+        if component.is_some_and(|c| c != of) {
+            continue;
+        }
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(&crd).map_err(|e| e.to_string())?);
     }

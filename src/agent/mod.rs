@@ -7,6 +7,7 @@ pub mod client;
 pub mod controller;
 pub mod crd;
 pub mod directory;
+pub mod election;
 pub mod k8s;
 pub mod restart;
 pub mod rotation;

@@ -60,7 +60,7 @@ pub enum FederationMode {
 
 /// `spec.federation.selector`: which services are federated. Both parts must match; an
 /// empty or absent selector selects every service.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSelector {
     /// Only services in these namespaces (empty: any namespace).
@@ -72,6 +72,16 @@ pub struct ServiceSelector {
 }
 
 impl ServiceSelector {
+    /// Schema of `spec.federation.selector` in the VirtualMesh CRD: these fields, and any
+    /// other key kept (not pruned) so that validation refuses it by name.
+    pub fn open_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        use schemars::JsonSchema;
+        let mut schema = Self::json_schema(generator);
+        schema.remove("additionalProperties");
+        schema.insert("x-kubernetes-preserve-unknown-fields".into(), true.into());
+        schema
+    }
+
     pub fn matches(&self, service: &ServiceInventory) -> bool {
         (self.namespaces.is_empty() || self.namespaces.contains(&service.namespace))
             && self

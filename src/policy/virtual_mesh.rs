@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{accepted_key_types, effective_min_rsa_bits};
@@ -88,35 +89,56 @@ pub struct Metadata {
     pub namespace: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The seed's VirtualMesh spec. Also the spec of the management plane's `VirtualMesh`
+/// custom resource (`crate::mesh_controller::crd`), whose schema is derived from these
+/// types: options meshca refuses (`limited`, `provided`, other federation modes) are part
+/// of the schema so that they reach the validation below and are refused by name.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMeshSpec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
     pub certificate_authority: CertificateAuthority,
-    #[serde(default)]
+    /// Absent: shared trust only, nothing federated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federation: Option<Federation>,
-    #[serde(default)]
+    /// Shared trust (one root): the only trust model meshca implements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
     pub shared: Option<serde_json::Value>,
-    #[serde(default)]
+    /// Limited trust: refused (meshca implements shared trust).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
     pub limited: Option<serde_json::Value>,
-    #[serde(default)]
+    /// true is refused: meshca creates no authorization policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforce_access_control: Option<bool>,
+    /// The member meshes.
     #[serde(default)]
     pub meshes: Vec<MeshReference>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// Schema of a free-form object (kept as written, checked by meshca's validation).
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateAuthority {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<BuiltinCa>,
-    #[serde(default)]
+    /// A CA supplied by the user: refused (the root key lives in the signer's token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
     pub provided: Option<serde_json::Value>,
 }
 
 /// `spec.certificateAuthority.builtin`: the rules for the root and its intermediates.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BuiltinCa {
     pub ttl_days: u32,
@@ -125,13 +147,15 @@ pub struct BuiltinCa {
     pub org_name: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 pub struct Federation {
-    #[serde(default)]
+    /// PERMISSIVE (the default); any other mode is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
     /// Which services are federated; parsed and checked by `crate::mesh::federation`
     /// (absent: every service). The signer ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::mesh::federation::ServiceSelector::open_schema")]
     pub selector: Option<serde_json::Value>,
     /// Any other key: refused by federation (an option it would otherwise ignore), ignored
     /// by the signer.
@@ -139,7 +163,7 @@ pub struct Federation {
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 pub struct MeshReference {
     pub name: String,
     pub namespace: String,

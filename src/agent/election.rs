@@ -1,0 +1,156 @@
+//! Leader election with a coordination.k8s.io Lease, so that one replica acts at a time:
+//! used by the agent and by the mesh controller. The rules are [`super::k8s::lease_action`]
+//! and [`super::k8s::lease_spec`]; this is the I/O around them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::k8s::{Kube, KubeError, LeaseAction, lease_action, lease_spec};
+
+/// One replica's view of a Lease.
+#[derive(Clone)]
+pub struct Elector {
+    kube: Kube,
+    namespace: String,
+    lease_name: String,
+    identity: String,
+    duration: Duration,
+    /// Until when this replica holds the Lease (as last written by it).
+    leader_until: Arc<Mutex<Option<SystemTime>>>,
+}
+
+impl Elector {
+    pub fn new(
+        kube: Kube,
+        namespace: impl Into<String>,
+        lease_name: impl Into<String>,
+        identity: impl Into<String>,
+        duration: Duration,
+    ) -> Self {
+        Elector {
+            kube,
+            namespace: namespace.into(),
+            lease_name: lease_name.into(),
+            identity: identity.into(),
+            duration,
+            leader_until: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
+    fn set_leader_until(&self, until: Option<SystemTime>) {
+        if let Ok(mut guard) = self.leader_until.lock() {
+            *guard = until;
+        }
+    }
+
+    pub fn is_leader_at(&self, now: SystemTime) -> bool {
+        self.leader_until
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .is_some_and(|until| until > now)
+    }
+
+    /// One round: create, renew or take over the Lease, or follow. True when this replica
+    /// leads.
+    pub async fn elect(&self, now: SystemTime) -> Result<bool, KubeError> {
+        let (ns, name) = (&self.namespace, &self.lease_name);
+        let current = self.kube.get_lease(ns, name).await?;
+        let action = lease_action(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.identity,
+            now,
+        );
+        if let LeaseAction::Follow { holder } = &action {
+            tracing::debug!(%holder, "another replica leads");
+            self.set_leader_until(None);
+            return Ok(false);
+        }
+        let spec = lease_spec(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.identity,
+            self.duration,
+            &action,
+            now,
+        );
+        let result = match current {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(ns.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(spec),
+                };
+                self.kube.create_lease(ns, &lease).await
+            }
+            Some(mut lease) => {
+                lease.spec = Some(spec);
+                self.kube.replace_lease(ns, name, &lease).await
+            }
+        };
+        match result {
+            Ok(_) => {
+                if action != LeaseAction::Renew {
+                    tracing::info!(identity = %self.identity, lease = %name, "became the leader");
+                }
+                // Keep a margin: act only while the Lease is surely ours.
+                self.set_leader_until(Some(now + self.duration * 2 / 3));
+                Ok(true)
+            }
+            // Someone else wrote the Lease in between (409) or created it first.
+            Err(e) if matches!(e.code(), Some(409)) => {
+                self.set_leader_until(None);
+                Ok(false)
+            }
+            Err(e) => {
+                self.set_leader_until(None);
+                Err(e)
+            }
+        }
+    }
+
+    /// Before a write: still the leader (renewing when the margin runs out)?
+    pub async fn ensure(&self) -> Result<bool, KubeError> {
+        let now = SystemTime::now();
+        Ok(self.is_leader_at(now + Duration::from_secs(5)) || self.elect(now).await?)
+    }
+
+    /// On shutdown: give the Lease up so another replica need not wait for it to expire.
+    pub async fn release(&self) -> Result<(), KubeError> {
+        self.set_leader_until(None);
+        let (ns, name) = (&self.namespace, &self.lease_name);
+        let Some(mut lease) = self.kube.get_lease(ns, name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        self.kube.replace_lease(ns, name, &lease).await.map(|_| ())
+    }
+
+    /// Renews the Lease every third of its duration, until the task is aborted.
+    pub fn spawn_renewer(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = this.elect(SystemTime::now()).await {
+                    tracing::warn!(error = %e, "leader election failed");
+                }
+                tokio::time::sleep(this.duration / 3).await;
+            }
+        })
+    }
+}

@@ -1,0 +1,822 @@
+//! The mesh controller's loop: for every VirtualMesh in its namespace, read the member
+//! clusters, decide ([`super::decide`]), act through [`super::k8s`], and write one status.
+//!
+//! One replica acts at a time (the agent's Lease code); every write is preceded by a
+//! leadership check. Like the agent it lists on a timer rather than watching: what it waits
+//! for (agents' status in other clusters, the retirement time) cannot be watched from here
+//! anyway, and listing keeps the API surface to the calls of [`super::k8s`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
+
+use kube::Client;
+
+use super::crd::{
+    MemberFederation, MemberPhase, MemberStatus, Mesh, VirtualMesh, VirtualMeshStatus,
+};
+use super::decide::{
+    self, DesiredRequest, ExistingObject, FederationOutcome, MemberReport, MemberTrust, Observed,
+    RequestAction, RequestView, Valid,
+};
+use super::k8s::{Management, MemberCluster, member_client};
+use crate::agent::crd::{VirtualMeshCertificateSigningRequest, VmcsrStatus};
+use crate::agent::election::Elector;
+use crate::agent::k8s::{Kube, KubeError};
+use crate::mesh::federation::{FederationConfig, ServiceSelector};
+use crate::mesh::inventory::{Inventory, ServiceInventory};
+use crate::mesh::istio::Kind;
+use crate::policy::ObjectRef;
+
+/// The controller's settings (flags).
+#[derive(Debug, Clone)]
+pub struct MeshControllerOptions {
+    /// Namespace of the VirtualMeshes, Meshes, kubeconfig Secrets and the Lease.
+    pub namespace: String,
+    /// This replica's name in the Lease.
+    pub identity: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    /// Longest time between two passes.
+    pub resync: Duration,
+    /// How long after every member reports the new root the old ones are retired.
+    pub retire_after: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("this replica is not the leader any more; nothing written")]
+    NotLeader,
+    #[error("{0}")]
+    Problem(String),
+}
+
+impl From<KubeError> for StepError {
+    fn from(e: KubeError) -> Self {
+        StepError::Problem(e.to_string())
+    }
+}
+
+/// What a VirtualMesh looks like after its pass.
+enum After {
+    /// Still there, with this status (written when it changed).
+    Kept(Box<VirtualMeshStatus>),
+    /// Cleaned up and released: the API server deletes it.
+    Gone,
+}
+
+/// What was read from one member cluster.
+struct MemberRead {
+    cluster: Result<MemberCluster, String>,
+    requests: Vec<VirtualMeshCertificateSigningRequest>,
+    /// None when federation could not read it.
+    services: Option<Vec<ServiceInventory>>,
+    objects: Option<Vec<ExistingObject>>,
+    problem: Option<String>,
+}
+
+/// The management plane controller.
+#[derive(Clone)]
+pub struct MeshController {
+    management: Management,
+    elector: Elector,
+    opts: MeshControllerOptions,
+}
+
+fn dedup(values: impl IntoIterator<Item = String>) -> Vec<String> {
+    let set: BTreeSet<String> = values.into_iter().collect();
+    set.into_iter().collect()
+}
+
+impl MeshController {
+    pub fn new(client: Client, opts: MeshControllerOptions) -> Self {
+        let elector = Elector::new(
+            Kube::new(client.clone()),
+            opts.namespace.clone(),
+            opts.lease_name.clone(),
+            opts.identity.clone(),
+            opts.lease_duration,
+        );
+        MeshController {
+            management: Management::new(client),
+            elector,
+            opts,
+        }
+    }
+
+    /// On shutdown: give the Lease up.
+    pub async fn release(&self) -> Result<(), KubeError> {
+        self.elector.release().await
+    }
+
+    async fn ensure_leader(&self) -> Result<(), StepError> {
+        if self.elector.ensure().await? {
+            Ok(())
+        } else {
+            Err(StepError::NotLeader)
+        }
+    }
+
+    /// Elect, then (as leader) reconcile every VirtualMesh once. Returns when to come back.
+    pub async fn run_once(&self) -> Result<Duration, KubeError> {
+        if !self.elector.elect(SystemTime::now()).await? {
+            return Ok(Duration::from_secs(5).min(self.opts.lease_duration / 3));
+        }
+        self.reconcile_all().await
+    }
+
+    /// The long-running controller, until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let renewer = self.elector.spawn_renewer();
+        tokio::pin!(shutdown);
+        let mut failures = 0u32;
+        loop {
+            let delay = if self.elector.is_leader_at(SystemTime::now()) {
+                match self.reconcile_all().await {
+                    Ok(delay) => {
+                        failures = 0;
+                        delay
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let delay = crate::agent::directory::backoff(failures, self.opts.resync);
+                        tracing::error!(error = %e, retry_in_seconds = delay.as_secs(), "cannot list VirtualMeshes or Meshes");
+                        delay
+                    }
+                }
+            } else {
+                Duration::from_secs(2)
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        renewer.abort();
+        if let Err(e) = self.release().await {
+            tracing::warn!(error = %e, "cannot release the Lease; it expires by itself");
+        }
+    }
+
+    /// One pass over every VirtualMesh, then the Meshes no VirtualMesh holds any more lose
+    /// their finalizer.
+    pub async fn reconcile_all(&self) -> Result<Duration, KubeError> {
+        let ns = &self.opts.namespace;
+        let virtual_meshes = self.management.list_virtual_meshes(ns).await?;
+        let meshes = self.management.list_meshes(ns).await?;
+        let by_id: BTreeMap<ObjectRef, &Mesh> = meshes.iter().map(|m| (m.id(), m)).collect();
+        let claims = decide::claims(&virtual_meshes);
+        let mut next = self.opts.resync;
+        let mut held = BTreeSet::new();
+        for vm in &virtual_meshes {
+            let (after, delay) = self.reconcile(vm, &by_id, &claims).await;
+            next = next.min(delay);
+            if let After::Kept(status) = after {
+                held.extend(decide::holds(vm, &status));
+            }
+        }
+        for id in decide::meshes_to_release(&meshes, &held) {
+            let result = match self.ensure_leader().await {
+                Ok(()) => self
+                    .management
+                    .apply_finalizer::<Mesh>(&id.namespace, &id.name, false)
+                    .await
+                    .map_err(StepError::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(mesh = %id, "no VirtualMesh holds this Mesh any more: finalizer removed")
+                }
+                Err(e) => {
+                    tracing::warn!(mesh = %id, error = %e, "cannot remove the Mesh's finalizer")
+                }
+            }
+        }
+        Ok(next.max(Duration::from_secs(1)))
+    }
+
+    /// Reconciles one VirtualMesh and writes its status when it changed.
+    async fn reconcile(
+        &self,
+        vm: &VirtualMesh,
+        meshes: &BTreeMap<ObjectRef, &Mesh>,
+        claims: &BTreeMap<ObjectRef, ObjectRef>,
+    ) -> (After, Duration) {
+        let id = vm.id();
+        let before = vm.status.clone().unwrap_or_default();
+        let now = SystemTime::now();
+        let result = if vm.metadata.deletion_timestamp.is_some() {
+            self.finalize(vm, meshes, claims, &before, now).await
+        } else {
+            self.converge(vm, meshes, claims, &before, now).await
+        };
+        let status = match result {
+            Ok(After::Gone) => {
+                tracing::info!(virtual_mesh = %id, "cleaned up; finalizer removed");
+                return (After::Gone, self.opts.resync);
+            }
+            Ok(After::Kept(status)) => *status,
+            Err(StepError::NotLeader) => {
+                tracing::info!(virtual_mesh = %id, "lost the Lease; pass stopped");
+                return (After::Kept(Box::new(before)), Duration::from_secs(2));
+            }
+            Err(StepError::Problem(e)) => {
+                tracing::error!(virtual_mesh = %id, error = %e, "reconcile failed");
+                return (
+                    After::Kept(Box::new(before)),
+                    self.opts.resync.min(Duration::from_secs(15)),
+                );
+            }
+        };
+        let mut next = self.opts.resync;
+        if let Some(at) = status
+            .root_rotation
+            .as_ref()
+            .and_then(|r| r.retire_at.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        {
+            let at = SystemTime::from(at);
+            next = next.min(at.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+        if status != before {
+            let written = match self.ensure_leader().await {
+                Ok(()) => self
+                    .management
+                    .apply_status(&id.namespace, &id.name, &status)
+                    .await
+                    .map_err(StepError::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                tracing::error!(virtual_mesh = %id, error = %e, "cannot write status");
+            }
+        }
+        (After::Kept(Box::new(status)), next)
+    }
+
+    /// A client for a Mesh's cluster: from its kubeconfig Secret, or the controller's own.
+    async fn connect(&self, mesh: &Mesh) -> Result<MemberCluster, String> {
+        let Some(secret_ref) = &mesh.spec.kubeconfig_secret else {
+            return Ok(MemberCluster::new(self.management.client.clone()));
+        };
+        let ns = mesh.metadata.namespace.clone().unwrap_or_default();
+        let what = format!(
+            "Secret {ns}/{} key {:?} (spec.kubeconfigSecret)",
+            secret_ref.name, secret_ref.key
+        );
+        let secret = self
+            .management
+            .get_secret(&ns, &secret_ref.name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{what}: the Secret does not exist"))?;
+        let bytes = secret
+            .data
+            .and_then(|mut d| d.remove(&secret_ref.key))
+            .ok_or_else(|| format!("{what}: no such key"))?;
+        let text = String::from_utf8(bytes.0).map_err(|_| format!("{what}: not UTF-8 text"))?;
+        member_client(&text, secret_ref.context.as_deref(), &what)
+            .await
+            .map(MemberCluster::new)
+    }
+
+    /// Reads what a member's decisions need: its requests (in its agent namespace and the
+    /// one recorded before), its Services (when federating), and the Istio objects in its
+    /// Istio namespace (and the one recorded before).
+    async fn read_member(
+        &self,
+        mesh: &Mesh,
+        recorded: Option<&MemberStatus>,
+        config: &FederationConfig,
+        inventory: &crate::mesh::inventory::ClusterInventory,
+    ) -> MemberRead {
+        let mut read = MemberRead {
+            cluster: self.connect(mesh).await,
+            requests: vec![],
+            services: None,
+            objects: None,
+            problem: None,
+        };
+        let cluster = match &read.cluster {
+            Ok(cluster) => cluster.clone(),
+            Err(e) => {
+                read.problem = Some(e.clone());
+                return read;
+            }
+        };
+        let result: Result<(), KubeError> = async {
+            let agent_namespaces = dedup(
+                std::iter::once(mesh.spec.agent.namespace.clone())
+                    .chain(recorded.map(|r| r.agent_namespace.clone())),
+            );
+            for ns in &agent_namespaces {
+                read.requests.extend(cluster.list_requests(ns).await?);
+            }
+            let services = if config.mode.is_some() {
+                let (namespaces, selector) = service_query(&config.selector);
+                let listed = cluster.list_services(&namespaces, &selector).await?;
+                let (services, skipped) = decide::federated_services(&listed, inventory);
+                if !skipped.is_empty() {
+                    tracing::debug!(cluster = %inventory.name, ?skipped, "Services not federated");
+                }
+                services
+            } else {
+                vec![]
+            };
+            read.services = Some(services);
+            let istio_namespaces = dedup(
+                std::iter::once(mesh.spec.istio_namespace.clone())
+                    .chain(recorded.map(|r| r.istio_namespace.clone())),
+            );
+            let mut objects = Vec::new();
+            for ns in &istio_namespaces {
+                for kind in Kind::ALL {
+                    objects.extend(cluster.list_objects(kind, ns).await?);
+                }
+            }
+            read.objects = Some(objects);
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            read.problem = Some(e.to_string());
+            read.services = None;
+            read.objects = None;
+        }
+        read
+    }
+
+    /// A valid (or refused) VirtualMesh that is not being deleted.
+    async fn converge(
+        &self,
+        vm: &VirtualMesh,
+        meshes: &BTreeMap<ObjectRef, &Mesh>,
+        claims: &BTreeMap<ObjectRef, ObjectRef>,
+        before: &VirtualMeshStatus,
+        now: SystemTime,
+    ) -> Result<After, StepError> {
+        let id = vm.id();
+        let generation = vm.metadata.generation;
+        if !decide::has_finalizer(vm) {
+            self.ensure_leader().await?;
+            self.management
+                .apply_finalizer::<VirtualMesh>(&id.namespace, &id.name, true)
+                .await?;
+        }
+        let valid: Valid<'_> = match decide::validate(vm, meshes, claims, &self.opts.namespace) {
+            Ok(valid) => valid,
+            Err(rejection) => {
+                if before.phase != Some(super::crd::VirtualMeshPhase::Invalid) {
+                    tracing::warn!(virtual_mesh = %id, reason = rejection.reason, message = %rejection.message, "VirtualMesh refused; clusters left as they are");
+                }
+                return Ok(After::Kept(Box::new(decide::rejected_status(
+                    before, generation, &rejection, now,
+                ))));
+            }
+        };
+        let config = &valid.config;
+        let labels = config.labels();
+        let recorded = before.recorded();
+
+        // Members keep a finalizer while they have something in their cluster.
+        for member in &valid.members {
+            if !decide::mesh_has_finalizer(member.mesh) {
+                self.ensure_leader().await?;
+                self.management
+                    .apply_finalizer::<Mesh>(&member.id.namespace, &member.id.name, true)
+                    .await?;
+            }
+        }
+
+        let mut reads = Vec::with_capacity(valid.members.len());
+        for member in &valid.members {
+            let read = self
+                .read_member(
+                    member.mesh,
+                    recorded.get(&member.id).copied(),
+                    config,
+                    &member.inventory,
+                )
+                .await;
+            if let Some(problem) = &read.problem {
+                tracing::warn!(virtual_mesh = %id, mesh = %member.id, %problem, "cannot read the member cluster");
+            }
+            reads.push(read);
+        }
+
+        // Roots: only what the members' own requests report.
+        let desired: Vec<DesiredRequest> = valid
+            .members
+            .iter()
+            .map(|m| decide::desired_request(config, &m.id, m.spec(), &[]))
+            .collect();
+        let current: Vec<Option<&VirtualMeshCertificateSigningRequest>> = desired
+            .iter()
+            .zip(&reads)
+            .map(|(d, read)| {
+                decide::find_request(&read.requests, &d.namespace, &d.name).filter(|r| {
+                    !matches!(
+                        decide::request_action(d, Some(r)),
+                        RequestAction::Conflict(_)
+                    )
+                })
+            })
+            .collect();
+        let trusts: Vec<MemberTrust> = reads
+            .iter()
+            .zip(&current)
+            .map(|(read, request)| match read.problem {
+                Some(_) => MemberTrust::default(),
+                None => MemberTrust::of(*request),
+            })
+            .collect();
+        let roots = decide::decide_roots(&trusts, before, now, self.opts.retire_after);
+        if !roots.newly_retired.is_empty() {
+            tracing::info!(virtual_mesh = %id, retired = ?roots.newly_retired, "every member is on the new root: retiring the old ones");
+        }
+
+        // Requests.
+        let mut views: Vec<RequestView<'_>> = Vec::with_capacity(reads.len());
+        let mut problems: Vec<Option<String>> = reads.iter().map(|r| r.problem.clone()).collect();
+        for (i, member) in valid.members.iter().enumerate() {
+            let read = &reads[i];
+            let Ok(cluster) = &read.cluster else {
+                views.push(RequestView::Error);
+                continue;
+            };
+            if read.problem.is_some() {
+                views.push(RequestView::Error);
+                continue;
+            }
+            let desired =
+                decide::desired_request(config, &member.id, member.spec(), &roots.retired);
+            let existing = decide::find_request(&read.requests, &desired.namespace, &desired.name);
+            let agent_status: Option<&VmcsrStatus> = existing.and_then(|r| r.status.as_ref());
+            match decide::request_action(&desired, existing) {
+                RequestAction::Conflict(message) => {
+                    views.push(RequestView::Conflict);
+                    problems[i] = Some(message);
+                }
+                RequestAction::UpToDate => views.push(RequestView::Present(agent_status)),
+                RequestAction::Apply => {
+                    self.ensure_leader().await?;
+                    match cluster.apply_request(&desired).await {
+                        Ok(()) => {
+                            tracing::info!(virtual_mesh = %id, mesh = %member.id, request = %format!("{}/{}", desired.namespace, desired.name), "request applied");
+                            views.push(RequestView::Present(agent_status));
+                        }
+                        Err(e) => {
+                            views.push(RequestView::Error);
+                            problems[i] = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            let stale = decide::stale_requests(
+                &read.requests,
+                &desired.labels,
+                Some((&desired.namespace, &desired.name)),
+            );
+            for request in stale {
+                self.ensure_leader().await?;
+                let (ns, name) = (
+                    request.metadata.namespace.clone().unwrap_or_default(),
+                    request.metadata.name.clone().unwrap_or_default(),
+                );
+                match cluster.delete_request(&ns, &name).await {
+                    Ok(()) => {
+                        tracing::info!(virtual_mesh = %id, mesh = %member.id, request = %format!("{ns}/{name}"), "stale request deleted")
+                    }
+                    Err(e) => {
+                        problems[i].get_or_insert(e.to_string());
+                    }
+                }
+            }
+        }
+
+        // Federation: all members read, or nothing changes anywhere.
+        let mut federation: Vec<Option<MemberFederation>> = vec![None; reads.len()];
+        let unread: Vec<String> = valid
+            .members
+            .iter()
+            .zip(&reads)
+            .filter(|(_, r)| r.services.is_none() || r.objects.is_none())
+            .map(|(m, r)| format!("{} ({})", m.id, r.problem.as_deref().unwrap_or("not read")))
+            .collect();
+        let outcome = if !unread.is_empty() {
+            FederationOutcome::Held {
+                reason: "MemberError",
+                message: format!(
+                    "cannot read {}: federation objects are left as they are in every cluster until each member can be read",
+                    unread.join(", ")
+                ),
+            }
+        } else {
+            let inventory = Inventory {
+                clusters: valid
+                    .members
+                    .iter()
+                    .zip(&reads)
+                    .map(|(m, r)| {
+                        let mut inventory = m.inventory.clone();
+                        inventory.services = r.services.clone().unwrap_or_default();
+                        inventory
+                    })
+                    .collect(),
+            };
+            match crate::mesh::translate(config, &inventory) {
+                Err(e) => FederationOutcome::Held {
+                    reason: "TranslationFailed",
+                    message: e.to_string(),
+                },
+                Ok(plan) => {
+                    let mut services = 0u64;
+                    for (i, member) in valid.members.iter().enumerate() {
+                        let (Ok(cluster), Some(objects)) = (&reads[i].cluster, &reads[i].objects)
+                        else {
+                            continue;
+                        };
+                        let cluster_name = &member.inventory.name;
+                        let changes = decide::object_changes(&plan, cluster_name, objects, &labels);
+                        if let Some(problem) = self
+                            .apply_changes(
+                                cluster,
+                                &changes.apply,
+                                &changes.delete,
+                                &id,
+                                cluster_name,
+                            )
+                            .await?
+                        {
+                            problems[i].get_or_insert(problem);
+                        }
+                        let summary = plan.summary(cluster_name).unwrap_or_default();
+                        services += summary.exported as u64;
+                        if config.mode.is_some() {
+                            federation[i] = Some(MemberFederation {
+                                exported: summary.exported as u64,
+                                imported: summary.imported as u64,
+                                objects: summary.objects as u64,
+                                conflicts: changes
+                                    .conflicts
+                                    .iter()
+                                    .map(|c| c.to_string())
+                                    .collect(),
+                            });
+                        }
+                    }
+                    if config.mode.is_some() {
+                        FederationOutcome::Applied {
+                            services,
+                            moved_addresses: plan.moved_addresses() as u64,
+                        }
+                    } else {
+                        FederationOutcome::Disabled
+                    }
+                }
+            }
+        };
+
+        if matches!(outcome, FederationOutcome::Held { .. }) {
+            // What each cluster held stays, and so does its record.
+            for (slot, member) in federation.iter_mut().zip(&valid.members) {
+                *slot = recorded.get(&member.id).and_then(|r| r.federation.clone());
+            }
+        }
+
+        // Former members: their request and objects go (their services in the other
+        // clusters went with the plan above).
+        let member_ids: BTreeSet<ObjectRef> = valid.members.iter().map(|m| m.id.clone()).collect();
+        let mut removing = Vec::new();
+        for former in decide::departed(before, &member_ids) {
+            match self
+                .clean_member(
+                    former,
+                    meshes.get(&former.id()).copied(),
+                    &config.virtual_mesh,
+                )
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(virtual_mesh = %id, mesh = %former.id(), "former member cleaned up")
+                }
+                Err(StepError::NotLeader) => return Err(StepError::NotLeader),
+                Err(StepError::Problem(problem)) => {
+                    tracing::warn!(virtual_mesh = %id, mesh = %former.id(), %problem, "cannot clean up a former member yet");
+                    removing.push(MemberStatus {
+                        phase: MemberPhase::Removing,
+                        message: Some(problem),
+                        federation: None,
+                        ..former.clone()
+                    });
+                }
+            }
+        }
+
+        let members: Vec<MemberStatus> = valid
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, member)| {
+                decide::member_status(&MemberReport {
+                    id: member.id.clone(),
+                    cluster: member.inventory.name.clone(),
+                    agent_namespace: member.spec().agent.namespace.clone(),
+                    istio_namespace: member.inventory.istio_namespace.clone(),
+                    request: views[i],
+                    federation: federation[i].clone(),
+                    problem: problems[i].clone(),
+                })
+            })
+            .collect();
+        Ok(After::Kept(Box::new(decide::converged_status(
+            before,
+            generation,
+            Observed {
+                members,
+                removing,
+                roots,
+                federation: outcome,
+            },
+            now,
+        ))))
+    }
+
+    /// Applies and deletes in one cluster; the first failure is returned as the member's
+    /// problem (the rest is tried on the next pass).
+    async fn apply_changes(
+        &self,
+        cluster: &MemberCluster,
+        apply: &[crate::mesh::IstioObject],
+        delete: &[crate::mesh::ObjectId],
+        virtual_mesh: &ObjectRef,
+        cluster_name: &str,
+    ) -> Result<Option<String>, StepError> {
+        for object in apply {
+            self.ensure_leader().await?;
+            if let Err(e) = cluster.apply_object(object).await {
+                return Ok(Some(e.to_string()));
+            }
+        }
+        for object in delete {
+            self.ensure_leader().await?;
+            if let Err(e) = cluster.delete_object(object).await {
+                return Ok(Some(e.to_string()));
+            }
+        }
+        if !apply.is_empty() || !delete.is_empty() {
+            tracing::info!(%virtual_mesh, cluster = %cluster_name, applied = apply.len(), deleted = delete.len(), "federation objects updated");
+        }
+        Ok(None)
+    }
+
+    /// Removes what this VirtualMesh made in a (former) member's cluster: its requests
+    /// and every labelled federation object, in the namespaces recorded and current.
+    async fn clean_member(
+        &self,
+        member: &MemberStatus,
+        mesh: Option<&Mesh>,
+        virtual_mesh: &ObjectRef,
+    ) -> Result<(), StepError> {
+        let id = member.id();
+        let Some(mesh) = mesh else {
+            return Err(StepError::Problem(format!(
+                "Mesh {id} is gone, so cluster {} cannot be reached: recreate the Mesh to let the controller clean up, or delete by hand the VirtualMeshCertificateSigningRequest {}/{} and the objects labelled {} in {}",
+                member.cluster,
+                member.agent_namespace,
+                id.name,
+                labels_only(virtual_mesh).label_selector(),
+                member.istio_namespace
+            )));
+        };
+        let cluster = self.connect(mesh).await.map_err(StepError::Problem)?;
+        let config = labels_only(virtual_mesh);
+        let request_labels = decide::request_labels(&config, &id);
+        let labels = config.labels();
+        for ns in dedup([
+            member.agent_namespace.clone(),
+            mesh.spec.agent.namespace.clone(),
+        ]) {
+            let requests = cluster.list_requests(&ns).await?;
+            for request in decide::stale_requests(&requests, &request_labels, None) {
+                self.ensure_leader().await?;
+                cluster
+                    .delete_request(&ns, request.metadata.name.as_deref().unwrap_or_default())
+                    .await?;
+            }
+        }
+        for ns in dedup([
+            member.istio_namespace.clone(),
+            mesh.spec.istio_namespace.clone(),
+        ]) {
+            let mut existing = Vec::new();
+            for kind in Kind::ALL {
+                existing.extend(cluster.list_objects(kind, &ns).await?);
+            }
+            let delete = decide::cleanup_objects(&existing, &labels);
+            if let Some(problem) = self
+                .apply_changes(&cluster, &[], &delete, virtual_mesh, &member.cluster)
+                .await?
+            {
+                return Err(StepError::Problem(problem));
+            }
+        }
+        Ok(())
+    }
+
+    /// A VirtualMesh being deleted: clean every cluster it touched, then let it go.
+    async fn finalize(
+        &self,
+        vm: &VirtualMesh,
+        meshes: &BTreeMap<ObjectRef, &Mesh>,
+        claims: &BTreeMap<ObjectRef, ObjectRef>,
+        before: &VirtualMeshStatus,
+        now: SystemTime,
+    ) -> Result<After, StepError> {
+        if !decide::has_finalizer(vm) {
+            return Ok(After::Gone);
+        }
+        let id = vm.id();
+        // What the status recorded, and members it may have touched without recording
+        // them (a pass cut short before its status write).
+        let mut targets: BTreeMap<ObjectRef, MemberStatus> =
+            before.meshes.iter().map(|m| (m.id(), m.clone())).collect();
+        for mesh_id in decide::holds(vm, &VirtualMeshStatus::default()) {
+            let Some(mesh) = meshes.get(&mesh_id) else {
+                continue;
+            };
+            if claims.get(&mesh_id) != Some(&id) || targets.contains_key(&mesh_id) {
+                continue;
+            }
+            targets.insert(
+                mesh_id.clone(),
+                MemberStatus {
+                    namespace: mesh_id.namespace.clone(),
+                    name: mesh_id.name.clone(),
+                    cluster: mesh.spec.cluster_name.clone(),
+                    agent_namespace: mesh.spec.agent.namespace.clone(),
+                    istio_namespace: mesh.spec.istio_namespace.clone(),
+                    phase: MemberPhase::Removing,
+                    serial: None,
+                    not_after: None,
+                    root_fingerprint: None,
+                    trusted_root_fingerprints: vec![],
+                    federation: None,
+                    message: None,
+                },
+            );
+        }
+        let mut remaining = Vec::new();
+        for (mesh_id, target) in targets {
+            match self
+                .clean_member(&target, meshes.get(&mesh_id).copied(), &id)
+                .await
+            {
+                Ok(()) => {}
+                Err(StepError::NotLeader) => return Err(StepError::NotLeader),
+                Err(StepError::Problem(problem)) => remaining.push(MemberStatus {
+                    phase: MemberPhase::Removing,
+                    message: Some(problem),
+                    federation: None,
+                    ..target
+                }),
+            }
+        }
+        if remaining.is_empty() {
+            self.ensure_leader().await?;
+            self.management
+                .apply_finalizer::<VirtualMesh>(&id.namespace, &id.name, false)
+                .await?;
+            return Ok(After::Gone);
+        }
+        Ok(After::Kept(Box::new(decide::deleting_status(
+            before,
+            vm.metadata.generation,
+            remaining,
+            now,
+        ))))
+    }
+}
+
+/// A configuration carrying only the VirtualMesh's name: enough for its labels (cleanup
+/// needs no more, and must work for a spec that no longer validates).
+fn labels_only(virtual_mesh: &ObjectRef) -> FederationConfig {
+    FederationConfig {
+        virtual_mesh: virtual_mesh.clone(),
+        members: BTreeSet::new(),
+        mode: None,
+        selector: ServiceSelector::default(),
+    }
+}
+
+/// Which Services to list: the selector's namespaces (none: all) and its labels as a
+/// label selector, so that the API server filters.
+fn service_query(selector: &ServiceSelector) -> (Vec<String>, String) {
+    let namespaces = selector.namespaces.iter().cloned().collect();
+    let labels = selector
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    (namespaces, labels)
+}

@@ -1,0 +1,275 @@
+//! The thin Kubernetes layer of the mesh controller: exactly the API calls it makes.
+//!
+//! Management cluster: list VirtualMeshes and Meshes, get a kubeconfig Secret, apply a
+//! VirtualMesh's status and its finalizer (the Lease is the agent's code). Each member
+//! cluster: list, apply and delete requests; list Services; list, apply and delete
+//! Gateways, DestinationRules and ServiceEntries. Writes are server-side applies with field
+//! manager `meshca`.
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+
+use super::crd::{Mesh, VirtualMesh, VirtualMeshStatus};
+use super::decide::{DesiredRequest, ExistingObject, FINALIZER};
+use crate::agent::crd::VirtualMeshCertificateSigningRequest;
+use crate::agent::k8s::{FIELD_MANAGER, KubeError};
+use crate::mesh::istio::{API_VERSION, IstioObject, Kind, ObjectId};
+
+fn ctx(action: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -> KubeError {
+    move |source| KubeError {
+        action: action(),
+        source,
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// Calls on the management cluster.
+#[derive(Clone)]
+pub struct Management {
+    pub client: Client,
+}
+
+impl Management {
+    pub fn new(client: Client) -> Self {
+        Management { client }
+    }
+
+    pub async fn list_virtual_meshes(&self, ns: &str) -> Result<Vec<VirtualMesh>, KubeError> {
+        Api::<VirtualMesh>::namespaced(self.client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .map_err(ctx(|| format!("list VirtualMeshes in {ns}")))
+    }
+
+    pub async fn list_meshes(&self, ns: &str) -> Result<Vec<Mesh>, KubeError> {
+        Api::<Mesh>::namespaced(self.client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .map_err(ctx(|| format!("list Meshes in {ns}")))
+    }
+
+    /// `GET /api/v1/namespaces/{ns}/secrets/{name}` (404 is `None`).
+    pub async fn get_secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, KubeError> {
+        Api::<Secret>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(ctx(|| format!("get Secret {ns}/{name}")))
+    }
+
+    /// Server-side apply of the status subresource.
+    pub async fn apply_status(
+        &self,
+        ns: &str,
+        name: &str,
+        status: &VirtualMeshStatus,
+    ) -> Result<(), KubeError> {
+        let body = serde_json::json!({
+            "apiVersion": "meshca.dev/v1alpha1",
+            "kind": "VirtualMesh",
+            "metadata": {"name": name, "namespace": ns},
+            "status": status,
+        });
+        Api::<VirtualMesh>::namespaced(self.client.clone(), ns)
+            .patch_status(name, &apply_params(), &Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(ctx(|| format!("apply status of VirtualMesh {ns}/{name}")))
+    }
+
+    /// Adds (`present`) or removes meshca's finalizer on a VirtualMesh or a Mesh.
+    /// Server-side apply treats `metadata.finalizers` as a set: applying it adds ours,
+    /// applying without it removes only ours (others' finalizers stay).
+    pub async fn apply_finalizer<K>(
+        &self,
+        ns: &str,
+        name: &str,
+        present: bool,
+    ) -> Result<(), KubeError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let kind = K::kind(&());
+        let mut metadata = serde_json::json!({"name": name, "namespace": ns});
+        if present {
+            metadata["finalizers"] = serde_json::json!([FINALIZER]);
+        }
+        let body = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": kind,
+            "metadata": metadata,
+        });
+        Api::<K>::namespaced(self.client.clone(), ns)
+            .patch(name, &apply_params(), &Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(ctx(|| {
+                format!(
+                    "{} the finalizer of {kind} {ns}/{name}",
+                    if present { "add" } else { "remove" }
+                )
+            }))
+    }
+}
+
+fn istio_resource(kind: Kind) -> ApiResource {
+    let (group, version) = API_VERSION.split_once('/').unwrap_or(("", API_VERSION));
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: API_VERSION.into(),
+        kind: kind.as_str().into(),
+        plural: kind.plural().into(),
+    }
+}
+
+/// Calls on one member cluster.
+#[derive(Clone)]
+pub struct MemberCluster {
+    pub client: Client,
+}
+
+impl MemberCluster {
+    pub fn new(client: Client) -> Self {
+        MemberCluster { client }
+    }
+
+    /// Every request in `ns` (labelled or not: a foreign one may hold a wanted name).
+    pub async fn list_requests(
+        &self,
+        ns: &str,
+    ) -> Result<Vec<VirtualMeshCertificateSigningRequest>, KubeError> {
+        Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .map_err(ctx(|| {
+                format!("list VirtualMeshCertificateSigningRequests in {ns}")
+            }))
+    }
+
+    pub async fn apply_request(&self, request: &DesiredRequest) -> Result<(), KubeError> {
+        let (ns, name) = (&request.namespace, &request.name);
+        Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
+            .patch(name, &apply_params(), &Patch::Apply(request.body()))
+            .await
+            .map(|_| ())
+            .map_err(ctx(|| {
+                format!("apply VirtualMeshCertificateSigningRequest {ns}/{name}")
+            }))
+    }
+
+    /// Deletes a request (already gone is fine).
+    pub async fn delete_request(&self, ns: &str, name: &str) -> Result<(), KubeError> {
+        let result =
+            Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
+                .delete(name, &DeleteParams::default())
+                .await;
+        gone_is_fine(result.map(|_| ())).map_err(ctx(|| {
+            format!("delete VirtualMeshCertificateSigningRequest {ns}/{name}")
+        }))
+    }
+
+    /// Services in `namespaces` (empty: all namespaces), filtered by `label_selector`
+    /// (empty: all).
+    pub async fn list_services(
+        &self,
+        namespaces: &[String],
+        label_selector: &str,
+    ) -> Result<Vec<Service>, KubeError> {
+        let mut params = ListParams::default();
+        if !label_selector.is_empty() {
+            params = params.labels(label_selector);
+        }
+        if namespaces.is_empty() {
+            return Api::<Service>::all(self.client.clone())
+                .list(&params)
+                .await
+                .map(|l| l.items)
+                .map_err(ctx(|| "list Services in all namespaces".to_string()));
+        }
+        let mut services = Vec::new();
+        for ns in namespaces {
+            services.extend(
+                Api::<Service>::namespaced(self.client.clone(), ns)
+                    .list(&params)
+                    .await
+                    .map_err(ctx(|| format!("list Services in {ns}")))?
+                    .items,
+            );
+        }
+        Ok(services)
+    }
+
+    /// Every object of `kind` in `ns`.
+    pub async fn list_objects(
+        &self,
+        kind: Kind,
+        ns: &str,
+    ) -> Result<Vec<ExistingObject>, KubeError> {
+        let resource = istio_resource(kind);
+        let list = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &resource)
+            .list(&ListParams::default())
+            .await
+            .map_err(ctx(|| format!("list {}s in {ns}", kind.as_str())))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|item| {
+                let value = serde_json::to_value(item).ok()?;
+                ExistingObject::from_value(kind, value)
+            })
+            .collect())
+    }
+
+    pub async fn apply_object(&self, object: &IstioObject) -> Result<(), KubeError> {
+        let id = object.id();
+        let resource = istio_resource(id.kind);
+        let body = serde_json::to_value(object).unwrap_or_default();
+        Api::<DynamicObject>::namespaced_with(self.client.clone(), &id.namespace, &resource)
+            .patch(&id.name, &apply_params(), &Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(ctx(|| format!("apply {id}")))
+    }
+
+    /// Deletes an object (already gone is fine).
+    pub async fn delete_object(&self, id: &ObjectId) -> Result<(), KubeError> {
+        let resource = istio_resource(id.kind);
+        let result =
+            Api::<DynamicObject>::namespaced_with(self.client.clone(), &id.namespace, &resource)
+                .delete(&id.name, &DeleteParams::default())
+                .await;
+        gone_is_fine(result.map(|_| ())).map_err(ctx(|| format!("delete {id}")))
+    }
+}
+
+fn gone_is_fine(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// A client for a member cluster from its kubeconfig text. The parser's own error is not
+/// passed on: it may quote the file, and the file holds credentials.
+pub async fn member_client(
+    kubeconfig: &str,
+    context: Option<&str>,
+    source: &str,
+) -> Result<Client, String> {
+    if kube::config::Kubeconfig::from_yaml(kubeconfig).is_err() {
+        return Err(format!("{source} is not a valid kubeconfig"));
+    }
+    crate::agent::k8s::client_from_kubeconfig(kubeconfig, context)
+        .await
+        .map_err(|e| format!("{source}: {e}"))
+}

@@ -1,0 +1,474 @@
+//! deploy/mesh-controller/ checked offline: the CRDs are byte for byte `meshca crds --for
+//! mesh-controller` (and, with the agent's, all of `meshca crds`) and structural schemas as
+//! the API server requires; built-in kinds pass `kubernetes-validate --strict`; the
+//! examples are a valid VirtualMesh and its Meshes; the kustomizations list every manifest;
+//! the RBAC stays least-privilege in the management and the member clusters.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use meshca::mesh_controller::crd::{Mesh, VirtualMesh};
+use meshca::mesh_controller::decide;
+use meshca::policy::ObjectRef;
+use serde_json::{Value, json};
+
+fn deploy() -> PathBuf {
+    repo().join("deploy/mesh-controller")
+}
+
+fn member() -> PathBuf {
+    deploy().join("member")
+}
+
+/// Every YAML document of a file, as JSON values.
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split("\n---")
+        .map(|d| d.trim_start_matches("---"))
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .map(|d| {
+            serde_saphyr::from_str::<Value>(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+fn manifests(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn kubernetes_validate() -> PathBuf {
+    let venv = repo().join("var/tools/python/bin/kubernetes-validate");
+    if venv.is_file() {
+        return venv;
+    }
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v kubernetes-validate"])
+        .output()
+        .unwrap();
+    assert!(
+        on_path.status.success(),
+        "kubernetes-validate is missing: run scripts/install-deps.sh (make test does)"
+    );
+    PathBuf::from(text(&on_path.stdout).trim())
+}
+
+#[test]
+fn deploy_crds_are_what_meshca_crds_prints() {
+    let printed = run_ok(Command::new(MESHCA).args(["crds", "--for", "mesh-controller"]));
+    let on_disk = std::fs::read(deploy().join("crds.yaml")).unwrap();
+    assert!(
+        printed.stdout == on_disk,
+        "deploy/mesh-controller/crds.yaml is stale: regenerate with `meshca crds --for mesh-controller > deploy/mesh-controller/crds.yaml`"
+    );
+    // Both components' files are every CRD meshca defines.
+    let all = run_ok(Command::new(MESHCA).arg("crds")).stdout;
+    let mut both = std::fs::read(repo().join("deploy/agent/crds.yaml")).unwrap();
+    both.extend(on_disk);
+    assert!(
+        all == both,
+        "meshca crds is not deploy/agent/ + deploy/mesh-controller/"
+    );
+}
+
+#[test]
+fn built_in_kinds_pass_kubernetes_validate_strict() {
+    let validator = kubernetes_validate();
+    let mut checked = BTreeMap::new();
+    for dir in [deploy(), member()] {
+        for path in manifests(&dir) {
+            let docs = documents(&path);
+            let built_in = docs.iter().all(|d| {
+                let api = d["apiVersion"].as_str().unwrap_or_default();
+                !api.starts_with("meshca.dev/") && !api.starts_with("kustomize.config.k8s.io/")
+            });
+            if !built_in {
+                continue;
+            }
+            let out = run(Command::new(&validator).arg("--strict").arg(&path));
+            assert!(
+                out.status.success(),
+                "{} fails validation:\n{}{}",
+                path.display(),
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+            for doc in docs {
+                *checked
+                    .entry(doc["kind"].as_str().unwrap().to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    let expected: BTreeMap<String, i32> = [
+        // The two CRDs.
+        ("CustomResourceDefinition", 2),
+        ("Namespace", 2),
+        ("ServiceAccount", 2),
+        ("Secret", 1),
+        // Management: one; member: service-mesh-hub and istio-system.
+        ("Role", 3),
+        ("RoleBinding", 3),
+        ("ClusterRole", 1),
+        ("ClusterRoleBinding", 1),
+        ("Deployment", 1),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_string(), n))
+    .collect();
+    assert_eq!(checked, expected);
+}
+
+/// The API server's structural schema rules: every node has a type (or preserves unknown
+/// fields, or is int-or-string), no references or combinators, `properties` and
+/// `additionalProperties` never together, no `additionalProperties: false`.
+fn assert_structural(schema: &Value, at: &str) {
+    let obj = schema
+        .as_object()
+        .unwrap_or_else(|| panic!("{at}: not a schema object: {schema}"));
+    for forbidden in [
+        "$ref",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "not",
+        "definitions",
+        "$defs",
+    ] {
+        assert!(!obj.contains_key(forbidden), "{at}: {forbidden}");
+    }
+    let preserves = obj.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
+    let int_or_string = obj.get("x-kubernetes-int-or-string") == Some(&json!(true));
+    assert!(
+        obj.contains_key("type") || preserves || int_or_string,
+        "{at}: no type"
+    );
+    if let Some(extra) = obj.get("additionalProperties") {
+        assert!(
+            !obj.contains_key("properties"),
+            "{at}: properties and additionalProperties"
+        );
+        assert_ne!(extra, &json!(false), "{at}: additionalProperties false");
+        assert_structural(extra, &format!("{at}.*"));
+    }
+    for (name, property) in obj
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        assert_structural(property, &format!("{at}.{name}"));
+    }
+    if let Some(items) = obj.get("items") {
+        assert_structural(items, &format!("{at}[]"));
+    }
+}
+
+fn crd(kind: &str) -> Value {
+    documents(&deploy().join("crds.yaml"))
+        .into_iter()
+        .find(|d| d["spec"]["names"]["kind"] == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"))
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn the_crds_are_structural_and_carry_the_seed_shape() {
+    for kind in ["VirtualMesh", "Mesh"] {
+        let crd = crd(kind);
+        assert_eq!(crd["spec"]["group"], "meshca.dev");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1alpha1");
+        assert_eq!(
+            (version["served"].clone(), version["storage"].clone()),
+            (json!(true), json!(true))
+        );
+        assert_structural(&version["schema"]["openAPIV3Schema"], kind);
+    }
+    let vm = crd("VirtualMesh");
+    assert_eq!(vm["spec"]["names"]["shortNames"], json!(["vmesh"]));
+    let version = &vm["spec"]["versions"][0];
+    assert!(version["subresources"]["status"].is_object());
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Phase", "Meshes", "Root", "Age"]);
+    let schema = &version["schema"]["openAPIV3Schema"]["properties"];
+    let spec = &schema["spec"];
+    assert_eq!(
+        keys(&spec["properties"]),
+        [
+            "certificateAuthority",
+            "displayName",
+            "enforceAccessControl",
+            "federation",
+            "limited",
+            "meshes",
+            "shared"
+        ]
+    );
+    assert_eq!(spec["required"], json!(["certificateAuthority"]));
+    let ca = &spec["properties"]["certificateAuthority"]["properties"];
+    assert_eq!(keys(ca), ["builtin", "provided"]);
+    assert_eq!(
+        keys(&ca["builtin"]["properties"]),
+        ["orgName", "rsaKeySizeBytes", "ttlDays"]
+    );
+    // Options meshca refuses are kept (not pruned) so that the refusal names them.
+    let federation = &spec["properties"]["federation"];
+    assert_eq!(keys(&federation["properties"]), ["mode", "selector"]);
+    assert_eq!(federation["x-kubernetes-preserve-unknown-fields"], true);
+    assert_eq!(
+        keys(&federation["properties"]["selector"]["properties"]),
+        ["matchLabels", "namespaces"]
+    );
+    for open in ["limited", "shared"] {
+        assert_eq!(
+            spec["properties"][open]["x-kubernetes-preserve-unknown-fields"],
+            true
+        );
+    }
+    let status = &schema["status"]["properties"];
+    for field in [
+        "phase",
+        "observedGeneration",
+        "conditions",
+        "meshCount",
+        "rootFingerprint",
+        "retiredRootFingerprints",
+        "rootRotation",
+        "federation",
+        "meshes",
+    ] {
+        assert!(status[field].is_object(), "status.{field}");
+    }
+    assert_eq!(
+        status["phase"]["enum"],
+        json!(["Progressing", "Ready", "Degraded", "Invalid", "Deleting"])
+    );
+    let member = &status["meshes"]["items"]["properties"];
+    for field in [
+        "phase",
+        "cluster",
+        "rootFingerprint",
+        "trustedRootFingerprints",
+        "federation",
+        "message",
+    ] {
+        assert!(member[field].is_object(), "status.meshes[].{field}");
+    }
+
+    let mesh = crd("Mesh");
+    let spec = &mesh["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(
+        keys(&spec["properties"]),
+        [
+            "agent",
+            "clusterDomain",
+            "clusterName",
+            "gatewayAddresses",
+            "gatewayPort",
+            "istioNamespace",
+            "kubeconfigSecret",
+            "trustDomain"
+        ]
+    );
+    assert_eq!(spec["properties"]["gatewayPort"]["default"], 15443);
+    assert_eq!(
+        spec["properties"]["istioNamespace"]["default"],
+        "istio-system"
+    );
+    let mut required: Vec<&str> = spec["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    required.sort();
+    assert_eq!(required, ["agent", "clusterName", "trustDomain"]);
+    let agent = &spec["properties"]["agent"]["properties"];
+    for field in [
+        "namespace",
+        "signer",
+        "target",
+        "adopt",
+        "keyType",
+        "ttlSeconds",
+        "rotation",
+        "restart",
+    ] {
+        assert!(agent[field].is_object(), "spec.agent.{field}");
+    }
+}
+
+#[test]
+fn the_examples_are_a_valid_virtual_mesh_and_its_meshes() {
+    let vm: VirtualMesh =
+        serde_json::from_value(documents(&deploy().join("example-virtual-mesh.yaml"))[0].clone())
+            .unwrap();
+    let meshes: Vec<Mesh> = documents(&deploy().join("example-meshes.yaml"))
+        .into_iter()
+        .map(|d| serde_json::from_value(d).unwrap())
+        .collect();
+    let by_id: BTreeMap<ObjectRef, &Mesh> = meshes.iter().map(|m| (m.id(), m)).collect();
+    let claims = decide::claims(std::slice::from_ref(&vm));
+    let valid = decide::validate(&vm, &by_id, &claims, "service-mesh-hub").unwrap();
+    assert_eq!(valid.members.len(), 2);
+    // The seed's document, as the signer reads it, is the same VirtualMesh.
+    let seed = std::fs::read_to_string(repo().join("config/virtual-mesh.yaml")).unwrap();
+    let seed: Value = serde_saphyr::from_str(&seed).unwrap();
+    assert_eq!(serde_json::to_value(&vm.spec).unwrap(), seed["spec"]);
+    assert!(
+        meshes[0].spec.kubeconfig_secret.is_none(),
+        "the management plane's own mesh"
+    );
+    assert!(meshes[1].spec.kubeconfig_secret.is_some());
+}
+
+#[test]
+fn the_kustomizations_list_every_default_manifest() {
+    for (dir, optional) in [
+        (
+            deploy(),
+            vec!["example-virtual-mesh.yaml", "example-meshes.yaml"],
+        ),
+        (member(), vec![]),
+    ] {
+        let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
+        let mut listed: Vec<&str> = kustomization["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        listed.sort();
+        let expected: Vec<String> = manifests(&dir)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .filter(|n| n != "kustomization.yaml" && !optional.contains(&n.as_str()))
+            .collect();
+        assert_eq!(listed, expected, "{}", dir.display());
+    }
+}
+
+struct Rule {
+    kind: String,
+    namespace: String,
+    groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+    names: Vec<String>,
+}
+
+fn rules(path: &Path) -> Vec<Rule> {
+    let mut out = Vec::new();
+    for doc in documents(path) {
+        for rule in doc["rules"].as_array().into_iter().flatten() {
+            let list = |key: &str| -> Vec<String> {
+                rule[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            out.push(Rule {
+                kind: doc["kind"].as_str().unwrap().to_string(),
+                namespace: doc["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                groups: list("apiGroups"),
+                resources: list("resources"),
+                verbs: list("verbs"),
+                names: list("resourceNames"),
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let management = rules(&deploy().join("rbac.yaml"));
+    assert!(!management.is_empty());
+    for rule in &management {
+        assert_eq!(
+            rule.kind, "Role",
+            "only namespaced access in the management cluster"
+        );
+        assert_eq!(rule.namespace, "service-mesh-hub");
+        for word in rule.groups.iter().chain(&rule.resources).chain(&rule.verbs) {
+            assert_ne!(word, "*", "no wildcards");
+        }
+        assert!(
+            !rule
+                .verbs
+                .iter()
+                .any(|v| v == "delete" || v == "update" && rule.names.is_empty())
+        );
+        if rule.resources.contains(&"secrets".to_string()) {
+            assert_eq!(rule.verbs, ["get"], "kubeconfigs are only read");
+        }
+        if rule.verbs.contains(&"update".to_string()) {
+            assert_eq!(rule.resources, ["leases"]);
+            assert_eq!(rule.names, ["meshca-mesh-controller"]);
+        }
+    }
+    let member = rules(&member().join("rbac.yaml"));
+    for rule in &member {
+        for word in rule.groups.iter().chain(&rule.resources).chain(&rule.verbs) {
+            assert_ne!(word, "*", "no wildcards");
+        }
+        for resource in &rule.resources {
+            assert!(
+                [
+                    "virtualmeshcertificatesigningrequests",
+                    "serviceentries",
+                    "gateways",
+                    "destinationrules",
+                    "services"
+                ]
+                .contains(&resource.as_str()),
+                "{resource} is not the controller's business in a member"
+            );
+        }
+        if rule.kind == "ClusterRole" {
+            assert_eq!(
+                (rule.resources.clone(), rule.verbs.clone()),
+                (vec!["services".to_string()], vec!["list".to_string()])
+            );
+        }
+        if rule
+            .resources
+            .contains(&"virtualmeshcertificatesigningrequests".to_string())
+        {
+            assert_eq!(rule.namespace, "service-mesh-hub");
+        }
+        if rule.groups.contains(&"networking.istio.io".to_string()) {
+            assert_eq!(rule.namespace, "istio-system");
+        }
+    }
+    assert_eq!(member.iter().filter(|r| r.kind == "ClusterRole").count(), 1);
+}

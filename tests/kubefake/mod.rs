@@ -1,0 +1,369 @@
+//! An HTTP fake of the Kubernetes API endpoints the mesh controller uses, one per cluster
+//! (axum on 127.0.0.1): objects by path, lists (namespaced and across namespaces, with
+//! `k=v` label selectors), server-side apply (create, merge of labels, `spec` replaced and
+//! `generation` bumped when it changes, `metadata.finalizers` as a set of which meshca
+//! owns its own), status apply, delete (404 when absent), Lease create and replace with a
+//! resourceVersion check. Every request is recorded with its Authorization header.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// The finalizer meshca applies (the fake treats it as meshca's own in applies).
+pub const FINALIZER: &str = "meshca.dev/mesh-controller";
+
+const PLURALS: [&str; 10] = [
+    "virtualmeshes",
+    "meshes",
+    "secrets",
+    "leases",
+    "virtualmeshcertificatesigningrequests",
+    "services",
+    "serviceentries",
+    "gateways",
+    "destinationrules",
+    "namespaces",
+];
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+    pub authorization: Option<String>,
+    pub body: Value,
+}
+
+impl Recorded {
+    pub fn param(&self, key: &str) -> Option<String> {
+        query_param(&self.query, key)
+    }
+}
+
+#[derive(Default)]
+struct Fake {
+    objects: Mutex<BTreeMap<String, Value>>,
+    requests: Mutex<Vec<Recorded>>,
+    version: Mutex<u64>,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": reason, "code": code, "message": message})),
+    )
+        .into_response()
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// `k=v` terms joined by commas (all the controller sends).
+fn matches_selector(labels: &Value, selector: &str) -> bool {
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            let (k, v) = term
+                .split_once('=')
+                .unwrap_or_else(|| panic!("selector term {term:?} not understood by the fake"));
+            labels[k] == v
+        })
+}
+
+/// Whether `key` (an object path) is an item of the collection at `path`: directly below
+/// it, or, for a list across namespaces (`/api/v1/services`), below any namespace.
+fn in_collection(key: &str, path: &str) -> bool {
+    if let Some(rest) = key.strip_prefix(&format!("{path}/")) {
+        return !rest.contains('/');
+    }
+    if path.contains("/namespaces/") {
+        return false;
+    }
+    let (prefix, plural) = path.rsplit_once('/').unwrap();
+    let Some(rest) = key.strip_prefix(&format!("{prefix}/namespaces/")) else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    parts.len() == 3 && parts[1] == plural
+}
+
+async fn handle(
+    State(fake): State<Arc<Fake>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or_default().to_string();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let content_type = header("content-type").unwrap_or_default();
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).expect("the controller sends JSON bodies")
+    };
+    fake.requests.lock().unwrap().push(Recorded {
+        method: method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        content_type: content_type.clone(),
+        authorization: header("authorization"),
+        body: body.clone(),
+    });
+    let mut objects = fake.objects.lock().unwrap();
+    let next_version = || {
+        let mut v = fake.version.lock().unwrap();
+        *v += 1;
+        v.to_string()
+    };
+    let last = path.rsplit('/').next().unwrap_or_default();
+    match method {
+        Method::GET => {
+            if let Some(obj) = objects.get(&path) {
+                return axum::Json(obj.clone()).into_response();
+            }
+            if PLURALS.contains(&last) {
+                let selector = query_param(&query, "labelSelector").unwrap_or_default();
+                let items: Vec<Value> = objects
+                    .iter()
+                    .filter(|(k, _)| in_collection(k, &path))
+                    .map(|(_, v)| v.clone())
+                    .filter(|v| matches_selector(&v["metadata"]["labels"], &selector))
+                    .collect();
+                return axum::Json(json!({"apiVersion": "v1", "kind": "List",
+                    "metadata": {"resourceVersion": "1"}, "items": items}))
+                .into_response();
+            }
+            status(404, "NotFound", &format!("{path} not found"))
+        }
+        Method::POST => {
+            let name = body["metadata"]["name"].as_str().unwrap().to_string();
+            let key = format!("{path}/{name}");
+            if objects.contains_key(&key) {
+                return status(409, "AlreadyExists", "exists");
+            }
+            let mut obj = body;
+            obj["metadata"]["resourceVersion"] = next_version().into();
+            objects.insert(key, obj.clone());
+            (StatusCode::CREATED, axum::Json(obj)).into_response()
+        }
+        Method::PUT => {
+            let Some(current) = objects.get(&path) else {
+                return status(404, "NotFound", "no such object");
+            };
+            if current["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"] {
+                return status(409, "Conflict", "the object has been modified");
+            }
+            let mut obj = body;
+            obj["metadata"]["resourceVersion"] = next_version().into();
+            objects.insert(path, obj.clone());
+            axum::Json(obj).into_response()
+        }
+        Method::PATCH => {
+            if !content_type.starts_with("application/apply-patch") {
+                return status(
+                    415,
+                    "UnsupportedMediaType",
+                    "the fake serves apply patches only",
+                );
+            }
+            if let Some(base) = path.strip_suffix("/status") {
+                let Some(obj) = objects.get_mut(base) else {
+                    return status(404, "NotFound", "no such object");
+                };
+                obj["status"] = body["status"].clone();
+                return axum::Json(obj.clone()).into_response();
+            }
+            let version = next_version();
+            let Some(obj) = objects.get_mut(&path) else {
+                let mut obj = body;
+                obj["metadata"]["resourceVersion"] = version.into();
+                obj["metadata"]["generation"] = 1.into();
+                obj["metadata"]["creationTimestamp"] = "2024-01-01T00:00:00Z".into();
+                objects.insert(path, obj.clone());
+                return (StatusCode::CREATED, axum::Json(obj)).into_response();
+            };
+            let applied = body.as_object().unwrap();
+            for (key, value) in applied {
+                match key.as_str() {
+                    "metadata" => {
+                        if let Some(labels) = value.get("labels").and_then(Value::as_object) {
+                            for (k, v) in labels {
+                                obj["metadata"]["labels"][k] = v.clone();
+                            }
+                        }
+                        // Finalizers are a set: meshca's own follows the apply, others stay.
+                        let mut finalizers: Vec<Value> = obj["metadata"]["finalizers"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|f| f != FINALIZER)
+                            .collect();
+                        finalizers
+                            .extend(value["finalizers"].as_array().cloned().unwrap_or_default());
+                        obj["metadata"]["finalizers"] = Value::Array(finalizers);
+                    }
+                    "spec" => {
+                        if obj["spec"] != *value {
+                            let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
+                            obj["metadata"]["generation"] = (generation + 1).into();
+                            obj["spec"] = value.clone();
+                        }
+                    }
+                    "apiVersion" | "kind" => {}
+                    other => obj[other] = value.clone(),
+                }
+            }
+            obj["metadata"]["resourceVersion"] = version.into();
+            let result = obj.clone();
+            let released = !obj["metadata"]["deletionTimestamp"].is_null()
+                && obj["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(|f| f.is_empty());
+            if released {
+                objects.remove(&path);
+            }
+            axum::Json(result).into_response()
+        }
+        Method::DELETE => match objects.remove(&path) {
+            Some(_) => axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Success", "code": 200}))
+            .into_response(),
+            None => status(404, "NotFound", &format!("{path} not found")),
+        },
+        _ => status(405, "MethodNotAllowed", "not in the fake"),
+    }
+}
+
+/// One fake API server.
+pub struct FakeCluster {
+    fake: Arc<Fake>,
+    pub addr: std::net::SocketAddr,
+}
+
+impl FakeCluster {
+    pub async fn start() -> FakeCluster {
+        let fake = Arc::new(Fake::default());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeCluster { fake, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client with no credentials (the controller's own cluster).
+    pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(kube::Config::new(self.url().parse().unwrap())).unwrap()
+    }
+
+    /// A kubeconfig for this cluster with a bearer token.
+    pub fn kubeconfig(&self, token: &str) -> String {
+        kubeconfig(&self.url(), token)
+    }
+
+    pub fn put(&self, path: &str, obj: Value) {
+        self.fake
+            .objects
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), obj);
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.fake.objects.lock().unwrap().get(path).cloned()
+    }
+
+    /// Changes an object in place (as another client would).
+    pub fn edit(&self, path: &str, change: impl FnOnce(&mut Value)) {
+        let mut objects = self.fake.objects.lock().unwrap();
+        change(
+            objects
+                .get_mut(path)
+                .unwrap_or_else(|| panic!("{path} missing")),
+        );
+    }
+
+    /// Paths of the objects stored under `prefix`.
+    pub fn paths(&self, prefix: &str) -> Vec<String> {
+        self.fake
+            .objects
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// The requests received since the last call.
+    pub fn take(&self) -> Vec<Recorded> {
+        std::mem::take(&mut *self.fake.requests.lock().unwrap())
+    }
+}
+
+pub fn kubeconfig(server: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: member\nclusters:\n- name: member\n  cluster:\n    server: {server}\ncontexts:\n- name: member\n  context:\n    cluster: member\n    user: controller\nusers:\n- name: controller\n  user:\n    token: {token}\n"
+    )
+}
+
+/// (method, path) of every request that is not a GET.
+pub fn writes(requests: &[Recorded]) -> Vec<(String, String)> {
+    requests
+        .iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect()
+}

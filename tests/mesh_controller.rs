@@ -1,0 +1,960 @@
+//! The mesh controller against HTTP fakes of exactly the Kubernetes endpoints it uses: one
+//! management cluster (VirtualMeshes, Meshes, kubeconfig Secrets, Lease) and one fake per
+//! member cluster, reached through the kubeconfigs in those Secrets. The tests assert the
+//! requests sent (methods, paths, field manager, bodies, credentials), that a second pass
+//! writes nothing, member removal and deletion cleanup, refusals in status, an unreachable
+//! member, and the root retirement handshake. What is applied is compared with the pure
+//! translation of the same inventory.
+
+mod kubefake;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use kubefake::{FINALIZER, FakeCluster, Recorded, kubeconfig, writes};
+use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
+use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
+
+const MG: &str = "/apis/meshca.dev/v1alpha1/namespaces/smh";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/smh/leases/meshca-mesh-controller";
+const R1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const R2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+fn vm_path(name: &str) -> String {
+    format!("{MG}/virtualmeshes/{name}")
+}
+fn mesh_path(name: &str) -> String {
+    format!("{MG}/meshes/{name}")
+}
+fn vmcsr_path(name: &str) -> String {
+    format!(
+        "/apis/meshca.dev/v1alpha1/namespaces/service-mesh-hub/virtualmeshcertificatesigningrequests/{name}"
+    )
+}
+fn istio_path(plural: &str, name: &str) -> String {
+    format!("/apis/networking.istio.io/v1/namespaces/istio-system/{plural}/{name}")
+}
+
+fn gateway_address(cluster: &str) -> &'static str {
+    match cluster {
+        "east" => "192.0.2.1",
+        "west" => "192.0.2.2",
+        _ => "gw.north.example.com",
+    }
+}
+
+fn vm_spec(meshes: &[&str]) -> Value {
+    json!({
+        "displayName": "Demo Mesh Federation",
+        "certificateAuthority": {"builtin": {"ttlDays": 356, "rsaKeySizeBytes": 4096, "orgName": "service-mesh-hub"}},
+        "federation": {"mode": "PERMISSIVE"},
+        "shared": {},
+        "enforceAccessControl": false,
+        "meshes": meshes.iter().map(|m| json!({"name": m, "namespace": "smh"})).collect::<Vec<_>>()
+    })
+}
+
+fn vm_object(name: &str, created: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "meshca.dev/v1alpha1", "kind": "VirtualMesh",
+        "metadata": {"name": name, "namespace": "smh", "generation": 1,
+                     "creationTimestamp": created, "resourceVersion": "1"},
+        "spec": spec
+    })
+}
+
+fn mesh_object(cluster: &str) -> Value {
+    json!({
+        "apiVersion": "meshca.dev/v1alpha1", "kind": "Mesh",
+        "metadata": {"name": cluster, "namespace": "smh", "resourceVersion": "1"},
+        "spec": {
+            "clusterName": cluster,
+            "trustDomain": format!("{cluster}.local"),
+            "kubeconfigSecret": {"name": format!("{cluster}-kubeconfig")},
+            "gatewayAddresses": [gateway_address(cluster)],
+            "agent": {"signer": {"url": "https://signer.example:8443"},
+                      "restart": {"workloadNamespaces": ["shop"]}}
+        }
+    })
+}
+
+fn secret_object(cluster: &str, kubeconfig: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{cluster}-kubeconfig"), "namespace": "smh"},
+        "data": {"kubeconfig": base64::engine::general_purpose::STANDARD.encode(kubeconfig)}
+    })
+}
+
+fn service(ns: &str, name: &str) -> (String, Value) {
+    (
+        format!("/api/v1/namespaces/{ns}/services/{name}"),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+            "spec": {"ports": [{"port": 8080, "name": "http", "protocol": "TCP"}]}}),
+    )
+}
+
+fn token(cluster: &str) -> String {
+    format!("token-of-{cluster}-do-not-print")
+}
+
+struct World {
+    mgmt: FakeCluster,
+    members: BTreeMap<&'static str, FakeCluster>,
+    controller: MeshController,
+}
+
+fn controller(mgmt: &FakeCluster, retire_after: Duration) -> MeshController {
+    MeshController::new(
+        mgmt.client(),
+        MeshControllerOptions {
+            namespace: "smh".into(),
+            identity: "controller-0".into(),
+            lease_name: "meshca-mesh-controller".into(),
+            lease_duration: Duration::from_secs(30),
+            resync: Duration::from_secs(30),
+            retire_after,
+        },
+    )
+}
+
+impl World {
+    /// A management cluster with VirtualMesh `vm` over `clusters`, a Mesh and kubeconfig
+    /// Secret for each, and member clusters each offering `shop/<cluster>-app`. The first
+    /// member also has Services that are never federated.
+    async fn start(clusters: &[&'static str]) -> World {
+        let mgmt = FakeCluster::start().await;
+        let mut members = BTreeMap::new();
+        for (i, cluster) in clusters.iter().enumerate() {
+            let member = FakeCluster::start().await;
+            mgmt.put(
+                &format!("/api/v1/namespaces/smh/secrets/{cluster}-kubeconfig"),
+                secret_object(cluster, &member.kubeconfig(&token(cluster))),
+            );
+            mgmt.put(&mesh_path(cluster), mesh_object(cluster));
+            let (path, svc) = service("shop", &format!("{cluster}-app"));
+            member.put(&path, svc);
+            if i == 0 {
+                for (ns, name) in [
+                    ("kube-system", "kube-dns"),
+                    ("istio-system", "istiod"),
+                    ("default", "kubernetes"),
+                ] {
+                    let (path, svc) = service(ns, name);
+                    member.put(&path, svc);
+                }
+            }
+            members.insert(*cluster, member);
+        }
+        mgmt.put(
+            &vm_path("vm"),
+            vm_object("vm", "2024-01-01T00:00:00Z", vm_spec(clusters)),
+        );
+        let controller = controller(&mgmt, Duration::ZERO);
+        World {
+            mgmt,
+            members,
+            controller,
+        }
+    }
+
+    fn member(&self, name: &str) -> &FakeCluster {
+        &self.members[name]
+    }
+
+    /// One pass; the requests each cluster received ("mgmt" and the members).
+    async fn pass_with(&self, controller: &MeshController) -> BTreeMap<String, Vec<Recorded>> {
+        controller.run_once().await.unwrap();
+        let mut out = BTreeMap::from([("mgmt".to_string(), self.mgmt.take())]);
+        for (name, member) in &self.members {
+            out.insert(name.to_string(), member.take());
+        }
+        out
+    }
+
+    async fn pass(&self) -> BTreeMap<String, Vec<Recorded>> {
+        self.pass_with(&self.controller).await
+    }
+
+    fn status(&self, vm: &str) -> Value {
+        self.mgmt.get(&vm_path(vm)).unwrap()["status"].clone()
+    }
+
+    /// What the member's agent would write into its request's status.
+    fn report(&self, cluster: &str, phase: &str, root: &str, trusted: &[&str]) {
+        self.member(cluster).edit(&vmcsr_path(cluster), |v| {
+            v["status"] = json!({
+                "phase": phase,
+                "observedGeneration": v["metadata"]["generation"],
+                "serial": "0a1b",
+                "notAfter": "2030-01-01T00:00:00.000Z",
+                "rootFingerprint": root,
+                "trustedRootFingerprints": trusted,
+            });
+        });
+    }
+
+    fn report_all(&self, root: &str, trusted: &[&str]) {
+        for cluster in self.members.keys() {
+            self.report(cluster, "Installed", root, trusted);
+        }
+    }
+}
+
+fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+    v.sort();
+    v
+}
+
+fn w(method: &str, path: &str) -> (String, String) {
+    (method.to_string(), path.to_string())
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no condition {type_} in {status}"))
+}
+
+fn member_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["meshes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no mesh {name} in {status}"))
+}
+
+/// The objects the pure translation puts in each cluster for the same input, by path.
+fn expected_objects(clusters: &[&str]) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let doc = parse_virtual_mesh(
+        "vm",
+        &serde_json::to_string(&vm_object("vm", "2024-01-01T00:00:00Z", vm_spec(clusters)))
+            .unwrap(),
+    )
+    .unwrap();
+    let config = FederationConfig::from_document(&doc, "vm").unwrap();
+    let mut yaml = String::from("clusters:\n");
+    for cluster in clusters {
+        yaml.push_str(&format!(
+            "- name: {cluster}\n  mesh: smh/{cluster}\n  trustDomain: {cluster}.local\n  gatewayAddresses: [{}]\n  services:\n  - {{name: {cluster}-app, namespace: shop, labels: {{app: {cluster}-app}}, ports: [{{number: 8080, name: http}}]}}\n",
+            gateway_address(cluster)
+        ));
+    }
+    let inventory = Inventory::from_yaml("inventory", &yaml).unwrap();
+    let plan = translate(&config, &inventory).unwrap();
+    clusters
+        .iter()
+        .map(|cluster| {
+            let objects = plan
+                .objects(cluster)
+                .unwrap()
+                .map(|d| {
+                    let object = d.to_object();
+                    (
+                        istio_path(d.kind().plural(), d.name()),
+                        serde_json::to_value(&object).unwrap(),
+                    )
+                })
+                .collect();
+            (cluster.to_string(), objects)
+        })
+        .collect()
+}
+
+fn assert_apply(r: &Recorded) {
+    assert_eq!(r.method, "PATCH", "{}", r.path);
+    assert_eq!(r.content_type, "application/apply-patch+yaml", "{}", r.path);
+    assert_eq!(
+        r.param("fieldManager").as_deref(),
+        Some("meshca"),
+        "{}",
+        r.path
+    );
+    assert_eq!(r.param("force").as_deref(), Some("true"), "{}", r.path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_get_requests_and_federation_and_a_second_pass_writes_nothing() {
+    let world = World::start(&["east", "west"]).await;
+    let sent = world.pass().await;
+
+    // Management cluster: Lease, finalizers, status; nothing else written.
+    let mgmt = &sent["mgmt"];
+    assert_eq!(
+        writes(mgmt),
+        vec![
+            w("POST", "/apis/coordination.k8s.io/v1/namespaces/smh/leases"),
+            w("PATCH", &vm_path("vm")),
+            w("PATCH", &mesh_path("east")),
+            w("PATCH", &mesh_path("west")),
+            w("PATCH", &format!("{}/status", vm_path("vm"))),
+        ]
+    );
+    for r in mgmt.iter().filter(|r| r.method == "PATCH") {
+        assert_apply(r);
+    }
+    let finalizer = mgmt
+        .iter()
+        .find(|r| r.method == "PATCH" && r.path == vm_path("vm"))
+        .unwrap();
+    assert_eq!(
+        finalizer.body,
+        json!({"apiVersion": "meshca.dev/v1alpha1", "kind": "VirtualMesh",
+            "metadata": {"name": "vm", "namespace": "smh", "finalizers": [FINALIZER]}})
+    );
+    assert_eq!(
+        world.mgmt.get(&mesh_path("east")).unwrap()["metadata"]["finalizers"],
+        json!([FINALIZER])
+    );
+    let secrets_read: Vec<&str> = mgmt
+        .iter()
+        .filter(|r| r.path.contains("/secrets/"))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert!(secrets_read.iter().all(|p| p.ends_with("-kubeconfig")));
+    assert!(!secrets_read.is_empty());
+
+    let expected = expected_objects(&["east", "west"]);
+    for cluster in ["east", "west"] {
+        let requests = &sent[cluster];
+        // Every call with the kubeconfig's credentials.
+        for r in requests {
+            assert_eq!(
+                r.authorization.as_deref(),
+                Some(format!("Bearer {}", token(cluster)).as_str()),
+                "{} {}",
+                r.method,
+                r.path
+            );
+        }
+        let reads: Vec<&str> = requests
+            .iter()
+            .filter(|r| r.method == "GET")
+            .map(|r| r.path.as_str())
+            .collect();
+        assert_eq!(
+            reads,
+            [
+                "/apis/meshca.dev/v1alpha1/namespaces/service-mesh-hub/virtualmeshcertificatesigningrequests",
+                "/api/v1/services",
+                "/apis/networking.istio.io/v1/namespaces/istio-system/gateways",
+                "/apis/networking.istio.io/v1/namespaces/istio-system/destinationrules",
+                "/apis/networking.istio.io/v1/namespaces/istio-system/serviceentries",
+            ]
+        );
+        let mut want: Vec<(String, String)> = expected[cluster]
+            .keys()
+            .map(|path| w("PATCH", path))
+            .collect();
+        want.push(w("PATCH", &vmcsr_path(cluster)));
+        assert_eq!(sorted(writes(requests)), sorted(want));
+        for r in requests.iter().filter(|r| r.method != "GET") {
+            assert_apply(r);
+        }
+        // Exactly the translation's objects.
+        for r in requests
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.contains("networking.istio.io"))
+        {
+            assert_eq!(r.body, expected[cluster][&r.path], "{}", r.path);
+        }
+        let request = requests
+            .iter()
+            .find(|r| r.path == vmcsr_path(cluster))
+            .unwrap();
+        assert_eq!(request.body["kind"], "VirtualMeshCertificateSigningRequest");
+        assert_eq!(
+            request.body["metadata"]["labels"],
+            json!({"app.kubernetes.io/managed-by": "meshca", "meshca.io/mesh": cluster,
+                "meshca.io/virtual-mesh": "vm", "meshca.io/virtual-mesh-namespace": "smh"})
+        );
+        let spec = &request.body["spec"];
+        assert_eq!(
+            spec["virtualMesh"],
+            json!({"namespace": "smh", "name": "vm"})
+        );
+        assert_eq!(spec["mesh"], json!({"namespace": "smh", "name": cluster}));
+        assert_eq!(spec["signer"]["url"], "https://signer.example:8443");
+        assert_eq!(
+            spec["target"],
+            json!({"namespace": "istio-system", "name": "cacerts"})
+        );
+        assert_eq!(spec["restart"]["workloadNamespaces"], json!(["shop"]));
+        assert!(spec["rotation"].get("retiredRootFingerprints").is_none());
+    }
+    // The east-west entries: west's service reaches east through west's gateway.
+    let entry = &expected["east"][&istio_path("serviceentries", "west-app.shop.svc.west.global")];
+    assert_eq!(entry["spec"]["endpoints"][0]["address"], "192.0.2.2");
+    assert_eq!(entry["spec"]["endpoints"][0]["ports"]["http"], 15443);
+    assert_eq!(entry["spec"]["location"], "MESH_INTERNAL");
+    // System services, istiod and the API server's Service are never federated.
+    let east_objects = world.member("east").paths("/apis/networking.istio.io");
+    assert_eq!(east_objects.len(), 4, "{east_objects:?}");
+    assert!(
+        !east_objects
+            .iter()
+            .any(|p| p.contains("kube-dns") || p.contains("istiod") || p.contains("kubernetes"))
+    );
+
+    let st = world.status("vm");
+    assert_eq!(st["phase"], "Progressing");
+    assert_eq!(st["observedGeneration"], 1);
+    assert_eq!(st["meshCount"], 2);
+    assert_eq!(condition(&st, "Accepted")["status"], "True");
+    let trust = condition(&st, "TrustEstablished");
+    assert_eq!(
+        (trust["status"].as_str(), trust["reason"].as_str()),
+        (Some("False"), Some("Pending"))
+    );
+    assert_eq!(
+        trust["message"],
+        "waiting for smh/east (Pending), smh/west (Pending)"
+    );
+    let federated = condition(&st, "Federated");
+    assert_eq!(federated["status"], "True");
+    assert_eq!(
+        federated["message"],
+        "2 service(s) federated across 2 cluster(s)"
+    );
+    let east = member_status(&st, "east");
+    assert_eq!(east["phase"], "Pending");
+    assert_eq!(east["cluster"], "east");
+    assert_eq!(east["agentNamespace"], "service-mesh-hub");
+    assert_eq!(east["istioNamespace"], "istio-system");
+    assert_eq!(
+        east["federation"],
+        json!({"exported": 1, "imported": 1, "objects": 4})
+    );
+    assert_eq!(
+        st["federation"],
+        json!({"mode": "PERMISSIVE", "services": 2})
+    );
+
+    // The agents install their intermediates: status only.
+    world.report_all(R1, &[R1]);
+    let sent = world.pass().await;
+    assert_eq!(
+        writes(&sent["mgmt"]),
+        vec![
+            w("PUT", LEASE),
+            w("PATCH", &format!("{}/status", vm_path("vm")))
+        ]
+    );
+    assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
+    let st = world.status("vm");
+    assert_eq!(st["phase"], "Ready");
+    assert_eq!(st["rootFingerprint"], R1);
+    assert_eq!(condition(&st, "Ready")["status"], "True");
+    assert_eq!(member_status(&st, "west")["phase"], "Installed");
+    assert_eq!(member_status(&st, "west")["serial"], "0a1b");
+
+    // Nothing changed: nothing written anywhere but the Lease renewal.
+    for _ in 0..2 {
+        let sent = world.pass().await;
+        assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
+        assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
+    }
+
+    // No credential ever left the kubeconfig Secrets.
+    let all = serde_json::to_string(&world.mgmt.get(&vm_path("vm"))).unwrap();
+    for cluster in ["east", "west"] {
+        assert!(!all.contains(&token(cluster)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_loses_its_request_and_objects_and_its_services_go_elsewhere() {
+    let world = World::start(&["east", "north", "west"]).await;
+    // A hand-made ServiceEntry in north, not labelled for the VirtualMesh.
+    let hand_made = istio_path("serviceentries", "hand-made");
+    world.member("north").put(
+        &hand_made,
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "hand-made", "namespace": "istio-system"},
+            "spec": {"hosts": ["example.com"]}}),
+    );
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+    assert_eq!(world.status("vm")["phase"], "Ready");
+    let north_objects = world.member("north").paths("/apis/networking.istio.io");
+    assert_eq!(north_objects.len(), 6, "{north_objects:?}");
+
+    world.mgmt.edit(&vm_path("vm"), |v| {
+        v["spec"] = vm_spec(&["east", "west"]);
+        v["metadata"]["generation"] = 2.into();
+    });
+    let sent = world.pass().await;
+    let north_entry = istio_path("serviceentries", "north-app.shop.svc.north.global");
+    for cluster in ["east", "west"] {
+        assert_eq!(
+            writes(&sent[cluster]),
+            vec![w("DELETE", &north_entry)],
+            "{cluster}"
+        );
+    }
+    let mut north_deleted: Vec<(String, String)> = north_objects
+        .iter()
+        .filter(|p| **p != hand_made)
+        .map(|p| w("DELETE", p))
+        .collect();
+    north_deleted.push(w("DELETE", &vmcsr_path("north")));
+    assert_eq!(sorted(writes(&sent["north"])), sorted(north_deleted));
+    assert_eq!(
+        world.member("north").paths("/apis/networking.istio.io"),
+        vec![hand_made.clone()]
+    );
+    assert!(world.member("north").get(&vmcsr_path("north")).is_none());
+    // The Mesh is free again; status lists the two members.
+    let mgmt_writes = writes(&sent["mgmt"]);
+    assert!(
+        mgmt_writes.contains(&w("PATCH", &mesh_path("north"))),
+        "{mgmt_writes:?}"
+    );
+    let release = sent["mgmt"]
+        .iter()
+        .find(|r| r.path == mesh_path("north"))
+        .unwrap();
+    assert!(release.body["metadata"].get("finalizers").is_none());
+    assert_eq!(
+        world.mgmt.get(&mesh_path("north")).unwrap()["metadata"]["finalizers"],
+        json!([])
+    );
+    let st = world.status("vm");
+    assert_eq!(st["observedGeneration"], 2);
+    assert_eq!(st["meshCount"], 2);
+    let names: Vec<&str> = st["meshes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["east", "west"]);
+    assert_eq!(st["phase"], "Ready");
+
+    let sent = world.pass().await;
+    assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
+    for cluster in ["east", "north", "west"] {
+        assert!(writes(&sent[cluster]).is_empty(), "{cluster}");
+    }
+    // Once it is no one's member, the controller does not even read north.
+    assert!(sent["north"].is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_virtual_meshes_get_a_clear_reason_and_the_clusters_are_left_alone() {
+    let world = World::start(&["east", "west"]).await;
+    let mut limited = vm_spec(&["east"]);
+    limited["limited"] = json!({});
+    limited.as_object_mut().unwrap().remove("shared");
+    let mut strict = vm_spec(&["ghost"]);
+    strict["federation"]["mode"] = "STRICT".into();
+    let cases = [
+        (
+            "a-limited",
+            limited,
+            "UnsupportedTrustModel",
+            "the limited trust model is not supported; meshca implements shared trust (one root)",
+        ),
+        (
+            "b-strict",
+            strict,
+            "UnsupportedFederationMode",
+            "spec.federation.mode \"STRICT\" is not supported: meshca implements PERMISSIVE",
+        ),
+        (
+            "c-ghost",
+            vm_spec(&["ghost"]),
+            "MeshNotFound",
+            "Mesh smh/ghost does not exist",
+        ),
+        (
+            "d-late",
+            vm_spec(&["west"]),
+            "MeshConflict",
+            "mesh smh/west already belongs to VirtualMesh smh/vm",
+        ),
+    ];
+    for (name, spec, _, _) in &cases {
+        world.mgmt.put(
+            &vm_path(name),
+            vm_object(name, "2025-01-01T00:00:00Z", spec.clone()),
+        );
+    }
+    world.pass().await;
+    for (name, _, reason, message) in &cases {
+        let st = world.status(name);
+        assert_eq!(st["phase"], "Invalid", "{name}");
+        for type_ in ["Accepted", "Ready"] {
+            let c = condition(&st, type_);
+            assert_eq!(c["status"], "False");
+            assert_eq!(c["reason"], *reason, "{name}");
+            assert!(
+                c["message"].as_str().unwrap().contains(message),
+                "{name}: {message:?} not in {}",
+                c["message"]
+            );
+        }
+    }
+    // Only the valid VirtualMesh's requests exist in the members.
+    for cluster in ["east", "west"] {
+        assert_eq!(
+            world.member(cluster).paths("/apis/meshca.dev"),
+            vec![vmcsr_path(cluster)]
+        );
+    }
+    assert_eq!(world.status("vm")["phase"], "Progressing");
+
+    // A valid VirtualMesh turning invalid: status says why, nothing in the clusters moves.
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+    world.mgmt.edit(&vm_path("vm"), |v| {
+        v["spec"]["enforceAccessControl"] = true.into();
+        v["metadata"]["generation"] = 2.into();
+    });
+    let sent = world.pass().await;
+    for cluster in ["east", "west"] {
+        assert!(
+            writes(&sent[cluster]).is_empty(),
+            "{cluster}: {:?}",
+            writes(&sent[cluster])
+        );
+        assert!(sent[cluster].is_empty(), "not even read");
+    }
+    let st = world.status("vm");
+    assert_eq!(st["phase"], "Invalid");
+    assert_eq!(st["observedGeneration"], 2);
+    assert_eq!(condition(&st, "Accepted")["reason"], "UnsupportedOption");
+    assert!(
+        condition(&st, "Accepted")["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.enforceAccessControl: true is not supported")
+    );
+    // What the clusters hold is still reported.
+    assert_eq!(st["meshes"].as_array().unwrap().len(), 2);
+    assert_eq!(st["rootFingerprint"], R1);
+    let sent = world.pass().await;
+    assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_someone_else_are_left_alone_and_reported() {
+    let world = World::start(&["east", "west"]).await;
+    let foreign_request = json!({"apiVersion": "meshca.dev/v1alpha1",
+        "kind": "VirtualMeshCertificateSigningRequest",
+        "metadata": {"name": "east", "namespace": "service-mesh-hub", "generation": 1},
+        "spec": {"virtualMesh": {"namespace": "x", "name": "y"}, "mesh": {"namespace": "x", "name": "east"},
+                 "signer": {"url": "https://elsewhere:8443"}}});
+    world
+        .member("east")
+        .put(&vmcsr_path("east"), foreign_request.clone());
+    let taken = istio_path("serviceentries", "west-app.shop.svc.west.global");
+    let foreign_entry = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "west-app.shop.svc.west.global", "namespace": "istio-system"},
+        "spec": {"hosts": ["west-app.shop.svc.west.global"]}});
+    world.member("east").put(&taken, foreign_entry.clone());
+    let sent = world.pass().await;
+    let east_writes = writes(&sent["east"]);
+    assert!(
+        !east_writes
+            .iter()
+            .any(|(_, p)| *p == vmcsr_path("east") || *p == taken),
+        "{east_writes:?}"
+    );
+    assert_eq!(
+        world.member("east").get(&vmcsr_path("east")).unwrap(),
+        foreign_request
+    );
+    assert_eq!(world.member("east").get(&taken).unwrap(), foreign_entry);
+    let st = world.status("vm");
+    assert_eq!(st["phase"], "Degraded");
+    let east = member_status(&st, "east");
+    assert_eq!(east["phase"], "Conflict");
+    assert!(
+        east["message"]
+            .as_str()
+            .unwrap()
+            .contains("service-mesh-hub/east exists and was not created for VirtualMesh smh/vm"),
+        "{east}"
+    );
+    assert_eq!(
+        east["federation"]["conflicts"],
+        json!(["ServiceEntry istio-system/west-app.shop.svc.west.global"])
+    );
+    assert_eq!(condition(&st, "Federated")["reason"], "Conflict");
+    // West is unaffected.
+    assert_eq!(member_status(&st, "west")["phase"], "Pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+
+    // West's API cannot be reached; meanwhile east's Service goes away.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let secret = "/api/v1/namespaces/smh/secrets/west-kubeconfig";
+    world.mgmt.put(
+        secret,
+        secret_object(
+            "west",
+            &kubeconfig(&format!("http://{closed}"), &token("west")),
+        ),
+    );
+    world
+        .member("east")
+        .edit("/api/v1/namespaces/shop/services/east-app", |v| {
+            *v = json!({"metadata": {"name": "gone", "namespace": "elsewhere"}});
+        });
+    let sent = world.pass().await;
+    assert!(
+        writes(&sent["east"]).is_empty(),
+        "{:?}",
+        writes(&sent["east"])
+    );
+    let st = world.status("vm");
+    assert_eq!(st["phase"], "Degraded");
+    let west = member_status(&st, "west");
+    assert_eq!(west["phase"], "Error");
+    assert!(
+        west["message"]
+            .as_str()
+            .unwrap()
+            .contains("list VirtualMeshCertificateSigningRequests"),
+        "{west}"
+    );
+    let federated = condition(&st, "Federated");
+    assert_eq!(
+        (federated["status"].as_str(), federated["reason"].as_str()),
+        (Some("False"), Some("MemberError"))
+    );
+    assert!(
+        federated["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read smh/west")
+    );
+    assert_eq!(condition(&st, "TrustEstablished")["status"], "False");
+    assert_eq!(member_status(&st, "east")["phase"], "Installed");
+    // What east holds is still what it held.
+    assert_eq!(member_status(&st, "east")["federation"]["objects"], 4);
+    assert_eq!(
+        st["federation"],
+        json!({"mode": "PERMISSIVE", "services": 2})
+    );
+
+    // Back: the gone service's objects are removed in both clusters.
+    world.mgmt.put(
+        secret,
+        secret_object("west", &world.member("west").kubeconfig(&token("west"))),
+    );
+    let sent = world.pass().await;
+    assert_eq!(
+        sorted(writes(&sent["west"])),
+        sorted(vec![
+            w(
+                "DELETE",
+                &istio_path("serviceentries", "east-app.shop.svc.east.global")
+            ),
+            // West offers, but no longer receives anything.
+            w("DELETE", &istio_path("destinationrules", "vm-federation")),
+        ])
+    );
+    assert_eq!(
+        sorted(writes(&sent["east"])),
+        sorted(vec![
+            w(
+                "DELETE",
+                &istio_path("serviceentries", "east-app.shop.svc.east.global")
+            ),
+            w("DELETE", &istio_path("gateways", "vm-federation")),
+        ])
+    );
+    assert_eq!(world.status("vm")["phase"], "Ready");
+
+    // A member that offers services but has no gateway address: federation cannot be
+    // computed, so nothing moves anywhere and status says why.
+    world.mgmt.edit(&mesh_path("west"), |v| {
+        v["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("gatewayAddresses");
+    });
+    let sent = world.pass().await;
+    assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
+    let st = world.status("vm");
+    let federated = condition(&st, "Federated");
+    assert_eq!(federated["reason"], "TranslationFailed");
+    assert_eq!(
+        federated["message"],
+        "cluster west exports 1 service(s) but has no gatewayAddresses: other clusters could not reach them"
+    );
+    assert_eq!(st["phase"], "Degraded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_roots_are_retired_once_every_member_reports_the_new_one() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+
+    // The signer's root changed: east moved, west not yet.
+    world.report("east", "Installed", R2, &[R2, R1]);
+    let sent = world.pass().await;
+    assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
+    let st = world.status("vm");
+    assert_eq!(condition(&st, "TrustEstablished")["reason"], "RootsDiffer");
+    assert!(st.get("rootFingerprint").is_none());
+
+    // Both moved. A controller that waits a day records when, and retires nothing yet.
+    world.report("west", "Installed", R2, &[R2, R1]);
+    let patient = controller(&world.mgmt, Duration::from_secs(86_400));
+    let sent = world.pass_with(&patient).await;
+    assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
+    let st = world.status("vm");
+    assert_eq!(st["rootFingerprint"], R2);
+    let rotation = &st["rootRotation"];
+    assert_eq!(rotation["root"], R2);
+    assert!(rotation["convergedAt"].as_str().unwrap() < rotation["retireAt"].as_str().unwrap());
+    assert!(st.get("retiredRootFingerprints").is_none());
+
+    // Without the wait: R1 is retired in every member's request.
+    let sent = world.pass().await;
+    for cluster in ["east", "west"] {
+        assert_eq!(
+            writes(&sent[cluster]),
+            vec![w("PATCH", &vmcsr_path(cluster))]
+        );
+        let body = &sent[cluster]
+            .iter()
+            .find(|r| r.method == "PATCH")
+            .unwrap()
+            .body;
+        assert_eq!(
+            body["spec"]["rotation"]["retiredRootFingerprints"],
+            json!([R1])
+        );
+    }
+    let st = world.status("vm");
+    assert_eq!(st["retiredRootFingerprints"], json!([R1]));
+    assert!(st.get("rootRotation").is_none());
+    assert_eq!(st["rootFingerprint"], R2);
+
+    // The agents drop R1 (for the new generation): nothing more to retire or write.
+    world.report_all(R2, &[R2]);
+    let sent = world.pass().await;
+    assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
+    assert_eq!(
+        member_status(&world.status("vm"), "east")["trustedRootFingerprints"],
+        json!([R2])
+    );
+    let sent = world.pass().await;
+    assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_virtual_mesh_cleans_every_cluster_before_it_goes() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+
+    // Deleted, with another controller's finalizer too; west cannot be reached at first.
+    world.mgmt.edit(&vm_path("vm"), |v| {
+        v["metadata"]["deletionTimestamp"] = "2024-02-01T00:00:00Z".into();
+        v["metadata"]["finalizers"] = json!(["example.com/keep", FINALIZER]);
+    });
+    let secret = "/api/v1/namespaces/smh/secrets/west-kubeconfig";
+    world.mgmt.put(
+        secret,
+        secret_object("west", &kubeconfig("http://127.0.0.1:1", &token("west"))),
+    );
+    let sent = world.pass().await;
+    assert!(
+        world.member("east").paths("/apis/").is_empty(),
+        "east is clean"
+    );
+    assert_eq!(
+        writes(&sent["east"]).len(),
+        5,
+        "the request and four objects: {:?}",
+        writes(&sent["east"])
+    );
+    let vm = world.mgmt.get(&vm_path("vm")).unwrap();
+    assert_eq!(
+        vm["metadata"]["finalizers"],
+        json!(["example.com/keep", FINALIZER])
+    );
+    let st = &vm["status"];
+    assert_eq!(st["phase"], "Deleting");
+    let left = st["meshes"].as_array().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["name"], "west");
+    assert_eq!(left[0]["phase"], "Removing");
+    assert!(
+        condition(st, "Ready")["message"]
+            .as_str()
+            .unwrap()
+            .contains("smh/west (Removing")
+    );
+
+    world.mgmt.put(
+        secret,
+        secret_object("west", &world.member("west").kubeconfig(&token("west"))),
+    );
+    let sent = world.pass().await;
+    assert_eq!(writes(&sent["west"]).len(), 5);
+    assert!(
+        world.member("west").paths("/apis/").is_empty(),
+        "west is clean"
+    );
+    let release = sent["mgmt"]
+        .iter()
+        .find(|r| r.method == "PATCH" && r.path == vm_path("vm"))
+        .expect("finalizer removed");
+    assert_apply(release);
+    assert!(release.body["metadata"].get("finalizers").is_none());
+    // Only meshca's finalizer went; the Meshes are released too.
+    let vm = world.mgmt.get(&vm_path("vm")).unwrap();
+    assert_eq!(vm["metadata"]["finalizers"], json!(["example.com/keep"]));
+    for mesh in ["east", "west"] {
+        assert_eq!(
+            world.mgmt.get(&mesh_path(mesh)).unwrap()["metadata"]["finalizers"],
+            json!([])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_reads_the_lease_and_nothing_else() {
+    let world = World::start(&["east", "west"]).await;
+    let now = meshca::signer::audit::rfc3339(std::time::SystemTime::now());
+    world.mgmt.put(
+        LEASE,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "meshca-mesh-controller", "namespace": "smh", "resourceVersion": "7"},
+            "spec": {"holderIdentity": "controller-1", "leaseDurationSeconds": 30, "renewTime": now}}),
+    );
+    let sent = world.pass().await;
+    let mgmt: Vec<(String, String)> = sent["mgmt"]
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect();
+    assert_eq!(mgmt, vec![w("GET", LEASE)]);
+    assert!(sent["east"].is_empty() && sent["west"].is_empty());
+}
