@@ -47,11 +47,43 @@ impl KubeError {
     }
 }
 
-fn ctx(action: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -> KubeError {
+/// Names the call a `kube::Error` came from (shared with the mesh controller's calls).
+pub(crate) fn ctx(action: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -> KubeError {
     move |source| KubeError {
         action: action(),
         source,
     }
+}
+
+/// Server-side apply as field manager `meshca`, forced (meshca owns what it applies).
+pub(crate) fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// Server-side apply of the status subresource of a meshca resource: the body carries
+/// only `status`, so fields meshca no longer sets go away.
+pub(crate) async fn apply_status_of<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": name, "namespace": ns},
+        "status": status,
+    });
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch_status(name, &apply_params(), &Patch::Apply(body))
+        .await
+        .map(|_| ())
 }
 
 /// Reads a Secret's four files if it is ours; see [`super::rotation::Installed`].
@@ -171,11 +203,7 @@ impl Kube {
         value["apiVersion"] = "v1".into();
         value["kind"] = "Secret".into();
         Api::<Secret>::namespaced(self.client.clone(), ns)
-            .patch(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(value),
-            )
+            .patch(name, &apply_params(), &Patch::Apply(value))
             .await
             .map(|_| ())
             .map_err(ctx(|| format!("apply Secret {ns}/{name}")))
@@ -270,20 +298,8 @@ impl Kube {
         name: &str,
         status: &VmcsrStatus,
     ) -> Result<(), KubeError> {
-        let body = serde_json::json!({
-            "apiVersion": "meshca.dev/v1alpha1",
-            "kind": "VirtualMeshCertificateSigningRequest",
-            "metadata": {"name": name, "namespace": ns},
-            "status": status,
-        });
-        Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
-            .patch_status(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(body),
-            )
+        apply_status_of::<VirtualMeshCertificateSigningRequest>(&self.client, ns, name, status)
             .await
-            .map(|_| ())
             .map_err(ctx(|| format!("apply status of {ns}/{name}")))
     }
 

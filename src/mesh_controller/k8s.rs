@@ -7,25 +7,14 @@
 //! manager `meshca`.
 
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch};
 use kube::{Api, Client};
 
 use super::crd::{Mesh, VirtualMesh, VirtualMeshStatus};
 use super::decide::{DesiredRequest, ExistingObject, FINALIZER};
 use crate::agent::crd::VirtualMeshCertificateSigningRequest;
-use crate::agent::k8s::{FIELD_MANAGER, KubeError};
+use crate::agent::k8s::{Kube, KubeError, apply_params, apply_status_of, ctx};
 use crate::mesh::istio::{API_VERSION, IstioObject, Kind, ObjectId};
-
-fn ctx(action: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -> KubeError {
-    move |source| KubeError {
-        action: action(),
-        source,
-    }
-}
-
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
-}
 
 /// Calls on the management cluster.
 #[derive(Clone)]
@@ -54,12 +43,9 @@ impl Management {
             .map_err(ctx(|| format!("list Meshes in {ns}")))
     }
 
-    /// `GET /api/v1/namespaces/{ns}/secrets/{name}` (404 is `None`).
+    /// `GET /api/v1/namespaces/{ns}/secrets/{name}` (404 is `None`): the agent's call.
     pub async fn get_secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, KubeError> {
-        Api::<Secret>::namespaced(self.client.clone(), ns)
-            .get_opt(name)
-            .await
-            .map_err(ctx(|| format!("get Secret {ns}/{name}")))
+        Kube::new(self.client.clone()).get_secret(ns, name).await
     }
 
     /// Server-side apply of the status subresource.
@@ -69,16 +55,8 @@ impl Management {
         name: &str,
         status: &VirtualMeshStatus,
     ) -> Result<(), KubeError> {
-        let body = serde_json::json!({
-            "apiVersion": "meshca.dev/v1alpha1",
-            "kind": "VirtualMesh",
-            "metadata": {"name": name, "namespace": ns},
-            "status": status,
-        });
-        Api::<VirtualMesh>::namespaced(self.client.clone(), ns)
-            .patch_status(name, &apply_params(), &Patch::Apply(body))
+        apply_status_of::<VirtualMesh>(&self.client, ns, name, status)
             .await
-            .map(|_| ())
             .map_err(ctx(|| format!("apply status of VirtualMesh {ns}/{name}")))
     }
 
@@ -142,18 +120,13 @@ impl MemberCluster {
         MemberCluster { client }
     }
 
-    /// Every request in `ns` (labelled or not: a foreign one may hold a wanted name).
+    /// Every request in `ns` (labelled or not: a foreign one may hold a wanted name): the
+    /// agent's call.
     pub async fn list_requests(
         &self,
         ns: &str,
     ) -> Result<Vec<VirtualMeshCertificateSigningRequest>, KubeError> {
-        Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .map_err(ctx(|| {
-                format!("list VirtualMeshCertificateSigningRequests in {ns}")
-            }))
+        Kube::new(self.client.clone()).list_requests(ns).await
     }
 
     pub async fn apply_request(&self, request: &DesiredRequest) -> Result<(), KubeError> {
