@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use meshca::agent::client::SignerClient;
 use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::directory::{self, DirOptions, DirOutcome};
+use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
 use meshca::agent::rotation::RotationSettings;
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
@@ -727,13 +728,9 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
     // Fail at start on unreadable client credentials (they are read again on every
     // pass, so a rotated Secret is picked up).
     meshca::tlsutil::client_config(&args.ca_cert, &args.client_cert, &args.client_key)?;
-    let identity = args
-        .identity
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("meshca-agent-{}", std::process::id()));
     let opts = ControllerOptions {
         namespace: args.namespace,
-        identity,
+        identity: replica_identity(args.identity, "meshca-agent"),
         lease_name: args.lease_name,
         lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
         resync,
@@ -741,41 +738,34 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         client_cert: args.client_cert,
         client_key: args.client_key,
     };
-    let rt = runtime()?;
-    rt.block_on(async move {
-        let config = kube::Config::infer()
-            .await
-            .context("cannot find a Kubernetes configuration (in-cluster or kubeconfig)")?;
-        let client =
-            kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
-        let controller = Controller::new(Kube::new(client), opts);
-        if args.once {
-            let next = controller.run_once().await?;
-            println!("meshca: one pass done; next look in {}s", next.as_secs());
-        } else {
-            controller
-                .run(meshca::signer::server::wait_for_signal())
-                .await;
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
-    Ok(ExitCode::SUCCESS)
+    run_in_cluster(args.once, |client| Controller::new(Kube::new(client), opts))
 }
 
 fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
     use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
-    let identity = args
-        .identity
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("meshca-mesh-controller-{}", std::process::id()));
     let opts = MeshControllerOptions {
         namespace: args.namespace,
-        identity,
+        identity: replica_identity(args.identity, "meshca-mesh-controller"),
         lease_name: args.lease_name,
         lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         retire_after: std::time::Duration::from_secs(args.retire_after_seconds),
     };
+    run_in_cluster(args.once, |client| MeshController::new(client, opts))
+}
+
+/// This replica's name in the Lease: the flag, else the pod name, else `{fallback}-{pid}`.
+fn replica_identity(flag: Option<String>, fallback: &str) -> String {
+    flag.or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("{fallback}-{}", std::process::id()))
+}
+
+/// Runs a Lease-holding controller against the cluster it finds (in-cluster or
+/// kubeconfig): one pass with `--once`, else until SIGTERM or SIGINT.
+fn run_in_cluster<C: LeaderLoop>(
+    once: bool,
+    controller: impl FnOnce(kube::Client) -> C,
+) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async move {
         let config = kube::Config::infer()
@@ -783,8 +773,8 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
             .context("cannot find a Kubernetes configuration (in-cluster or kubeconfig)")?;
         let client =
             kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
-        let controller = MeshController::new(client, opts);
-        if args.once {
+        let controller = controller(client);
+        if once {
             let next = controller.run_once().await?;
             println!("meshca: one pass done; next look in {}s", next.as_secs());
         } else {

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use common::*;
 use meshca::agent::controller::{Controller, ControllerOptions};
+use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
 use meshca::pki::bundle::{BundleFiles, verify_bundle};
 

@@ -15,6 +15,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use kubefake::{FINALIZER, FakeCluster, Recorded, kubeconfig, writes};
+use meshca::agent::election::LeaderLoop;
 use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
 use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
 

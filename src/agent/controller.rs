@@ -13,7 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::client::SignerClient;
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
-use super::election::Elector;
+use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, classify_secret};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, next_step, restart_needed,
@@ -129,6 +129,22 @@ pub struct Controller {
     elector: Elector,
 }
 
+impl LeaderLoop for Controller {
+    const PASS_FAILED: &'static str = "cannot list requests";
+
+    fn elector(&self) -> &Elector {
+        &self.elector
+    }
+
+    fn resync(&self) -> Duration {
+        self.opts.resync
+    }
+
+    fn pass(&self) -> impl Future<Output = Result<Duration, KubeError>> {
+        self.reconcile_all()
+    }
+}
+
 impl Controller {
     pub fn new(kube: Kube, opts: ControllerOptions) -> Self {
         let elector = Elector::new(
@@ -145,72 +161,12 @@ impl Controller {
         }
     }
 
-    fn is_leader_at(&self, now: SystemTime) -> bool {
-        self.elector.is_leader_at(now)
-    }
-
-    /// One round of leader election: create, renew or take over the Lease, or follow.
-    pub async fn elect(&self, now: SystemTime) -> Result<bool, KubeError> {
-        self.elector.elect(now).await
-    }
-
-    /// On shutdown: give the Lease up so another replica need not wait for it to expire.
-    pub async fn release(&self) -> Result<(), KubeError> {
-        self.elector.release().await
-    }
-
     /// Before any write: still the leader (renewing if the margin ran out)?
     async fn ensure_leader(&self) -> Result<(), ReconcileError> {
-        if self.elector.ensure().await? {
-            Ok(())
-        } else {
-            Err(ReconcileError::NotLeader)
-        }
+        self.elector.require(ReconcileError::NotLeader).await
     }
 
-    /// Elect, then (as leader) reconcile every request once. Returns when to come back.
-    pub async fn run_once(&self) -> Result<Duration, KubeError> {
-        let now = SystemTime::now();
-        if !self.elect(now).await? {
-            return Ok(Duration::from_secs(5).min(self.opts.lease_duration / 3));
-        }
-        self.reconcile_all().await
-    }
-
-    /// The long-running agent: a lease-renewal task and the reconcile loop, until
-    /// `shutdown` resolves.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let renewer = self.elector.spawn_renewer();
-        tokio::pin!(shutdown);
-        let mut failures = 0u32;
-        loop {
-            let delay = if self.is_leader_at(SystemTime::now()) {
-                match self.reconcile_all().await {
-                    Ok(delay) => {
-                        failures = 0;
-                        delay
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        let delay = super::directory::backoff(failures, self.opts.resync);
-                        tracing::error!(error = %e, retry_in_seconds = delay.as_secs(), "cannot list requests");
-                        delay
-                    }
-                }
-            } else {
-                Duration::from_secs(2)
-            };
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        renewer.abort();
-        if let Err(e) = self.release().await {
-            tracing::warn!(error = %e, "cannot release the Lease; it expires by itself");
-        }
-    }
-
+    /// One pass: every request in the namespace, once.
     async fn reconcile_all(&self) -> Result<Duration, KubeError> {
         let requests = self.kube.list_requests(&self.opts.namespace).await?;
         let mut next = self.opts.resync;

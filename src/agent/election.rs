@@ -1,6 +1,7 @@
 //! Leader election with a coordination.k8s.io Lease, so that one replica acts at a time:
 //! used by the agent and by the mesh controller. The rules are [`super::k8s::lease_action`]
-//! and [`super::k8s::lease_spec`]; this is the I/O around them.
+//! and [`super::k8s::lease_spec`]; this is the I/O around them, and [`LeaderLoop`], the
+//! elect-then-pass loop both controllers run.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -124,6 +125,15 @@ impl Elector {
         Ok(self.is_leader_at(now + Duration::from_secs(5)) || self.elect(now).await?)
     }
 
+    /// [`Elector::ensure`] as a step of a pass: `not_leader` when this replica does not lead.
+    pub async fn require<E: From<KubeError>>(&self, not_leader: E) -> Result<(), E> {
+        if self.ensure().await? {
+            Ok(())
+        } else {
+            Err(not_leader)
+        }
+    }
+
     /// On shutdown: give the Lease up so another replica need not wait for it to expire.
     pub async fn release(&self) -> Result<(), KubeError> {
         self.set_leader_until(None);
@@ -152,5 +162,73 @@ impl Elector {
                 tokio::time::sleep(this.duration / 3).await;
             }
         })
+    }
+}
+
+/// A controller that acts only while its replica holds the Lease (the agent, the mesh
+/// controller). They differ in what one pass does; electing, pacing, backing off after a
+/// failed pass and giving the Lease up at the end are this trait's.
+pub trait LeaderLoop: Sized {
+    /// What a failed pass could not do (logged).
+    const PASS_FAILED: &'static str;
+
+    fn elector(&self) -> &Elector;
+
+    /// Longest time between two passes (and the bound of the backoff after failures).
+    fn resync(&self) -> Duration;
+
+    /// One pass over everything the controller reconciles; returns when to come back.
+    fn pass(&self) -> impl Future<Output = Result<Duration, KubeError>>;
+
+    /// Elect, then (as leader) one pass. Returns when to come back.
+    fn run_once(&self) -> impl Future<Output = Result<Duration, KubeError>> {
+        async move {
+            let elector = self.elector();
+            if !elector.elect(SystemTime::now()).await? {
+                return Ok(Duration::from_secs(5).min(elector.duration() / 3));
+            }
+            self.pass().await
+        }
+    }
+
+    /// On shutdown: give the Lease up so another replica need not wait for it to expire.
+    fn release(&self) -> impl Future<Output = Result<(), KubeError>> {
+        self.elector().release()
+    }
+
+    /// The long-running controller: a lease-renewal task and a pass whenever due while
+    /// leading, until `shutdown` resolves; then the Lease is given up.
+    fn run(self, shutdown: impl Future<Output = ()>) -> impl Future<Output = ()> {
+        async move {
+            let renewer = self.elector().spawn_renewer();
+            tokio::pin!(shutdown);
+            let mut failures = 0u32;
+            loop {
+                let delay = if self.elector().is_leader_at(SystemTime::now()) {
+                    match self.pass().await {
+                        Ok(delay) => {
+                            failures = 0;
+                            delay
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            let delay = super::directory::backoff(failures, self.resync());
+                            tracing::error!(error = %e, retry_in_seconds = delay.as_secs(), "{}", Self::PASS_FAILED);
+                            delay
+                        }
+                    }
+                } else {
+                    Duration::from_secs(2)
+                };
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            renewer.abort();
+            if let Err(e) = self.release().await {
+                tracing::warn!(error = %e, "cannot release the Lease; it expires by itself");
+            }
+        }
     }
 }

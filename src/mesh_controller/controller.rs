@@ -20,7 +20,7 @@ use super::decide::{
 };
 use super::k8s::{Management, MemberCluster, member_client};
 use crate::agent::crd::{VirtualMeshCertificateSigningRequest, VmcsrStatus};
-use crate::agent::election::Elector;
+use crate::agent::election::{Elector, LeaderLoop};
 use crate::agent::k8s::{Kube, KubeError};
 use crate::mesh::federation::{FederationConfig, ServiceSelector};
 use crate::mesh::inventory::{Inventory, ServiceInventory};
@@ -87,6 +87,22 @@ fn dedup(values: impl IntoIterator<Item = String>) -> Vec<String> {
     set.into_iter().collect()
 }
 
+impl LeaderLoop for MeshController {
+    const PASS_FAILED: &'static str = "cannot list VirtualMeshes or Meshes";
+
+    fn elector(&self) -> &Elector {
+        &self.elector
+    }
+
+    fn resync(&self) -> Duration {
+        self.opts.resync
+    }
+
+    fn pass(&self) -> impl Future<Output = Result<Duration, KubeError>> {
+        self.reconcile_all()
+    }
+}
+
 impl MeshController {
     pub fn new(client: Client, opts: MeshControllerOptions) -> Self {
         let elector = Elector::new(
@@ -103,58 +119,8 @@ impl MeshController {
         }
     }
 
-    /// On shutdown: give the Lease up.
-    pub async fn release(&self) -> Result<(), KubeError> {
-        self.elector.release().await
-    }
-
     async fn ensure_leader(&self) -> Result<(), StepError> {
-        if self.elector.ensure().await? {
-            Ok(())
-        } else {
-            Err(StepError::NotLeader)
-        }
-    }
-
-    /// Elect, then (as leader) reconcile every VirtualMesh once. Returns when to come back.
-    pub async fn run_once(&self) -> Result<Duration, KubeError> {
-        if !self.elector.elect(SystemTime::now()).await? {
-            return Ok(Duration::from_secs(5).min(self.opts.lease_duration / 3));
-        }
-        self.reconcile_all().await
-    }
-
-    /// The long-running controller, until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let renewer = self.elector.spawn_renewer();
-        tokio::pin!(shutdown);
-        let mut failures = 0u32;
-        loop {
-            let delay = if self.elector.is_leader_at(SystemTime::now()) {
-                match self.reconcile_all().await {
-                    Ok(delay) => {
-                        failures = 0;
-                        delay
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        let delay = crate::agent::directory::backoff(failures, self.opts.resync);
-                        tracing::error!(error = %e, retry_in_seconds = delay.as_secs(), "cannot list VirtualMeshes or Meshes");
-                        delay
-                    }
-                }
-            } else {
-                Duration::from_secs(2)
-            };
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        renewer.abort();
-        if let Err(e) = self.release().await {
-            tracing::warn!(error = %e, "cannot release the Lease; it expires by itself");
-        }
+        self.elector.require(StepError::NotLeader).await
     }
 
     /// One pass over every VirtualMesh, then the Meshes no VirtualMesh holds any more lose
