@@ -183,8 +183,8 @@ fn the_example_request_is_a_valid_vmcsr() {
     let docs = documents(&deploy().join("example-vmcsr.yaml"));
     let request: VirtualMeshCertificateSigningRequest =
         serde_json::from_value(docs[0].clone()).unwrap();
-    assert_eq!(request.spec.target.name, "cacerts");
-    request.spec.rotation.settings().unwrap();
+    assert_eq!(request.spec.settings.target.name, "cacerts");
+    request.spec.settings.rotation.settings().unwrap();
     request.spec.mesh.to_ref().unwrap();
 }
 

@@ -229,13 +229,18 @@ impl Controller {
         let owner = format!("{ns}/{name}");
         let virtual_mesh = spec.virtual_mesh.to_ref().map_err(ReconcileError::Spec)?;
         let mesh = spec.mesh.to_ref().map_err(ReconcileError::Spec)?;
-        let target = spec.target.to_ref().map_err(ReconcileError::Spec)?;
+        let target = spec
+            .settings
+            .target
+            .to_ref()
+            .map_err(ReconcileError::Spec)?;
         let rotation = spec
+            .settings
             .rotation
             .settings()
             .map_err(|e| ReconcileError::Spec(e.to_string()))?;
         let client = SignerClient::new(
-            &spec.signer.url,
+            &spec.settings.signer.url,
             &self.opts.ca_cert,
             &self.opts.client_cert,
             &self.opts.client_key,
@@ -250,13 +255,13 @@ impl Controller {
         let policy = client.policy(&virtual_mesh).await;
         let desired = Desired {
             mesh_name: mesh.name.clone(),
-            key_type: spec.key_type,
-            adopt: spec.adopt,
+            key_type: spec.settings.key_type,
+            adopt: spec.settings.adopt,
             signer_root: policy
                 .as_ref()
                 .ok()
                 .and_then(|p| p.root_fingerprint_sha256.clone()),
-            retired_roots: spec.rotation.retired_root_fingerprints.clone(),
+            retired_roots: spec.settings.rotation.retired_root_fingerprints.clone(),
             rotation,
         };
         if status.phase.is_none() {
@@ -307,11 +312,11 @@ impl Controller {
                     &BundleRequest {
                         virtual_mesh,
                         mesh,
-                        key_type: spec.key_type,
-                        ttl_seconds: spec.ttl_seconds,
+                        key_type: spec.settings.key_type,
+                        ttl_seconds: spec.settings.ttl_seconds,
                         roots: RootsPlan::Merge {
                             previous: previous_roots,
-                            retired: spec.rotation.retired_root_fingerprints.clone(),
+                            retired: spec.settings.rotation.retired_root_fingerprints.clone(),
                         },
                     },
                 )
@@ -337,7 +342,7 @@ impl Controller {
                 } else {
                     InstallKind::Replacement
                 };
-                if restart_needed(spec.restart.policy, kind) {
+                if restart_needed(spec.settings.restart.policy, kind) {
                     status.restart = Some(RestartRecord {
                         serial: summary.serial.clone(),
                         root_fingerprint: summary.anchor_fingerprint.clone(),
@@ -365,7 +370,7 @@ impl Controller {
             .unwrap_or(Duration::ZERO)
             .min(self.opts.resync);
         // `never` also stops a plan already under way.
-        let restarts_allowed = spec.restart.policy != super::restart::RestartPolicy::Never;
+        let restarts_allowed = spec.settings.restart.policy != super::restart::RestartPolicy::Never;
         if restarts_allowed && let Some(mut record) = status.restart.take() {
             let progress = self
                 .progress_restarts(request, &target.namespace, &mut record, now)
@@ -403,7 +408,7 @@ impl Controller {
         record: &mut RestartRecord,
         now: SystemTime,
     ) -> Result<(), ReconcileError> {
-        let spec = &request.spec.restart;
+        let spec = &request.spec.settings.restart;
         let bound = Duration::from_secs(spec.wait_seconds);
         for _ in 0..MAX_RESTART_STEPS {
             if record.stage.is_final() {

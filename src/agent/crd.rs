@@ -40,7 +40,18 @@ pub struct VmcsrSpec {
     pub virtual_mesh: NamespacedName,
     /// This cluster's mesh (a member of the virtual mesh); the intermediate's CN.
     pub mesh: NamespacedName,
-    /// The signer to ask.
+    /// Signer, target Secret, key, lifetime, rotation and restarts (flat in the spec).
+    #[serde(flatten)]
+    pub settings: RequestSettings,
+}
+
+/// What a request asks of the signer and how its agent installs, renews and restarts:
+/// the fields a request's spec shares with a Mesh's `agent` settings (flattened into
+/// both, so each is written as before).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestSettings {
+    /// The signer to ask, as reachable from the agent's cluster.
     pub signer: SignerRef,
     /// The Secret istiod reads (default istio-system/cacerts).
     #[serde(default)]
@@ -313,6 +324,7 @@ mod tests {
             "signer": {"url": "https://signer.example:8443"}
         }))
         .unwrap();
+        let spec = spec.settings;
         assert_eq!(spec.target, NamespacedName::default());
         assert_eq!(
             spec.target.to_ref().unwrap().to_string(),

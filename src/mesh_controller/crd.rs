@@ -10,11 +10,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::crd::{Condition, NamespacedName, RestartSpec, RotationSpec, SignerRef};
+use crate::agent::crd::{Condition, RequestSettings};
 use crate::mesh::inventory::{
     ClusterInventory, DEFAULT_CLUSTER_DOMAIN, DEFAULT_GATEWAY_PORT, DEFAULT_ISTIO_NAMESPACE,
 };
-use crate::pki::keys::KeyType;
 use crate::policy::ObjectRef;
 use crate::policy::virtual_mesh::{Metadata, VirtualMeshDocument, VirtualMeshSpec};
 
@@ -138,10 +137,10 @@ pub struct KubeconfigSecretRef {
     pub context: Option<String>,
 }
 
-/// What the member's VirtualMeshCertificateSigningRequest carries besides the virtual
-/// mesh and the mesh (set by the controller) and the retired roots (the controller adds
-/// those it retires to `rotation.retiredRootFingerprints`). Same fields and defaults as
-/// the request's spec.
+/// Where the member's VirtualMeshCertificateSigningRequest goes, and what it carries
+/// besides the virtual mesh and the mesh (set by the controller) and the retired roots
+/// (the controller adds those it retires to `rotation.retiredRootFingerprints`): the
+/// request's own settings, same fields and defaults.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshAgentSpec {
@@ -149,21 +148,9 @@ pub struct MeshAgentSpec {
     /// service-mesh-hub). The request is named after this Mesh.
     #[serde(default = "default_agent_namespace")]
     pub namespace: String,
-    /// The signer, as reachable from the member cluster.
-    pub signer: SignerRef,
-    /// The Secret istiod reads (default istio-system/cacerts).
-    #[serde(default)]
-    pub target: NamespacedName,
-    #[serde(default)]
-    pub adopt: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_type: Option<KeyType>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_seconds: Option<u64>,
-    #[serde(default)]
-    pub rotation: RotationSpec,
-    #[serde(default)]
-    pub restart: RestartSpec,
+    /// The request's settings (flat, as in the request's spec).
+    #[serde(flatten)]
+    pub settings: RequestSettings,
 }
 
 impl Mesh {
@@ -344,6 +331,7 @@ impl VirtualMeshStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::crd::{NamespacedName, RestartSpec};
     use kube::CustomResourceExt;
 
     #[test]
@@ -359,8 +347,8 @@ mod tests {
         assert_eq!(spec.gateway_port, 15443);
         assert!(spec.kubeconfig_secret.is_none());
         assert_eq!(spec.agent.namespace, "service-mesh-hub");
-        assert_eq!(spec.agent.target, NamespacedName::default());
-        assert_eq!(spec.agent.restart, RestartSpec::default());
+        assert_eq!(spec.agent.settings.target, NamespacedName::default());
+        assert_eq!(spec.agent.settings.restart, RestartSpec::default());
         let with_secret: KubeconfigSecretRef =
             serde_json::from_value(serde_json::json!({"name": "east-kubeconfig"})).unwrap();
         assert_eq!(with_secret.key, "kubeconfig");

@@ -15,8 +15,8 @@ use super::crd::{
 };
 use crate::agent::controller::set_condition;
 use crate::agent::crd::{
-    NamespacedName, Phase, RotationSpec, VirtualMeshCertificateSigningRequest, VmcsrSpec,
-    VmcsrStatus,
+    NamespacedName, Phase, RequestSettings, RotationSpec, VirtualMeshCertificateSigningRequest,
+    VmcsrSpec, VmcsrStatus,
 };
 use crate::agent::rotation::normalize_fingerprint;
 use crate::mesh::federation::{FederationConfig, FederationError, FederationPlan};
@@ -150,6 +150,7 @@ fn check_mesh(mesh: &MeshSpec) -> Result<(), String> {
             agent.namespace
         ));
     }
+    let agent = &agent.settings;
     if !agent.signer.url.starts_with("https://") {
         return Err(format!(
             "spec.agent.signer.url {:?} must start with https://",
@@ -323,6 +324,7 @@ pub fn desired_request(
 ) -> DesiredRequest {
     let agent = &mesh.agent;
     let retired: BTreeSet<String> = agent
+        .settings
         .rotation
         .retired_root_fingerprints
         .iter()
@@ -342,16 +344,13 @@ pub fn desired_request(
                 namespace: member.namespace.clone(),
                 name: member.name.clone(),
             },
-            signer: agent.signer.clone(),
-            target: agent.target.clone(),
-            adopt: agent.adopt,
-            key_type: agent.key_type,
-            ttl_seconds: agent.ttl_seconds,
-            rotation: RotationSpec {
-                retired_root_fingerprints: retired.into_iter().collect(),
-                ..agent.rotation.clone()
+            settings: RequestSettings {
+                rotation: RotationSpec {
+                    retired_root_fingerprints: retired.into_iter().collect(),
+                    ..agent.settings.rotation.clone()
+                },
+                ..agent.settings.clone()
             },
-            restart: agent.restart.clone(),
         },
     }
 }
