@@ -54,13 +54,14 @@ pub struct ClusterInventory {
     pub services: Vec<ServiceInventory>,
 }
 
-fn default_istio_namespace() -> String {
+// Also the defaults of a Mesh resource's same fields.
+pub(crate) fn default_istio_namespace() -> String {
     DEFAULT_ISTIO_NAMESPACE.into()
 }
-fn default_cluster_domain() -> String {
+pub(crate) fn default_cluster_domain() -> String {
     DEFAULT_CLUSTER_DOMAIN.into()
 }
-fn default_gateway_port() -> u16 {
+pub(crate) fn default_gateway_port() -> u16 {
     DEFAULT_GATEWAY_PORT
 }
 

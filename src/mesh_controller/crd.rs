@@ -11,8 +11,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::crd::{Condition, RequestSettings};
+// The inventory's defaults: a Mesh is an inventory entry.
 use crate::mesh::inventory::{
-    ClusterInventory, DEFAULT_CLUSTER_DOMAIN, DEFAULT_GATEWAY_PORT, DEFAULT_ISTIO_NAMESPACE,
+    ClusterInventory, default_cluster_domain, default_gateway_port, default_istio_namespace,
 };
 use crate::policy::ObjectRef;
 use crate::policy::virtual_mesh::{Metadata, VirtualMeshDocument, VirtualMeshSpec};
@@ -107,15 +108,6 @@ pub struct MeshSpec {
     pub agent: MeshAgentSpec,
 }
 
-fn default_istio_namespace() -> String {
-    DEFAULT_ISTIO_NAMESPACE.into()
-}
-fn default_cluster_domain() -> String {
-    DEFAULT_CLUSTER_DOMAIN.into()
-}
-fn default_gateway_port() -> u16 {
-    DEFAULT_GATEWAY_PORT
-}
 fn default_agent_namespace() -> String {
     DEFAULT_AGENT_NAMESPACE.into()
 }
