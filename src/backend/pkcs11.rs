@@ -830,40 +830,38 @@ impl Inner {
     }
 }
 
+impl Pkcs11Backend {
+    /// Runs `work` on a blocking thread once a session is free: one token operation at a
+    /// time per session, and waiting here costs no thread. `what` names the task in errors.
+    async fn on_session<T: Send + 'static>(
+        &self,
+        what: &str,
+        work: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| BackendError::Unavailable("signer is shutting down".into()))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("{what} task failed: {e}")))?
+    }
+}
+
 impl RootSigner for Pkcs11Backend {
     fn root(&self) -> &RootCa {
         &self.inner.root
     }
 
     fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>> {
-        Box::pin(async move {
-            // One signing at a time per session; waiting here costs no thread.
-            let _permit = self
-                .inner
-                .permits
-                .acquire()
-                .await
-                .map_err(|_| BackendError::Unavailable("signer is shutting down".into()))?;
-            let inner = self.inner.clone();
-            tokio::task::spawn_blocking(move || inner.issue_blocking(&request))
-                .await
-                .map_err(|e| BackendError::Unavailable(format!("signing task failed: {e}")))?
-        })
+        Box::pin(self.on_session("signing", move |inner| inner.issue_blocking(&request)))
     }
 
     fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            let _permit = self
-                .inner
-                .permits
-                .acquire()
-                .await
-                .map_err(|_| BackendError::Unavailable("signer is shutting down".into()))?;
-            let inner = self.inner.clone();
-            tokio::task::spawn_blocking(move || inner.ready())
-                .await
-                .map_err(|e| BackendError::Unavailable(format!("readiness task failed: {e}")))?
-        })
+        Box::pin(self.on_session("readiness", |inner| inner.ready()))
     }
 
     fn describe(&self) -> String {
