@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use sha2::Digest;
 use x509_cert::Certificate;
-use x509_cert::ext::pkix::BasicConstraints;
 
 use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, verify_bundle};
 use crate::pki::keys::KeyType;
 use crate::pki::pem::{certificate_pem, decode_certificates};
+use crate::pki::profile::is_ca;
 
 /// Default renewal point: two thirds into the lifetime (SPIRE-like, leaves a third of
 /// the lifetime to retry a failing signer).
@@ -311,12 +311,7 @@ pub fn normalize_fingerprint(fp: &str) -> String {
 fn is_usable_root(cert: &Certificate, now: SystemTime) -> bool {
     let tbs = cert.tbs_certificate();
     let validity = tbs.validity();
-    let is_ca = tbs
-        .get_extension::<BasicConstraints>()
-        .ok()
-        .flatten()
-        .is_some_and(|(_, bc)| bc.ca);
-    is_ca
+    is_ca(tbs)
         && tbs.subject() == tbs.issuer()
         && validity.not_before.to_system_time() <= now
         && now <= validity.not_after.to_system_time()

@@ -8,13 +8,13 @@ use std::time::SystemTime;
 use der::Encode;
 use sha2::Digest;
 use x509_cert::Certificate;
-use x509_cert::ext::pkix::{BasicConstraints, SubjectKeyIdentifier};
+use x509_cert::ext::pkix::SubjectKeyIdentifier;
 
 use super::csr::hex;
 use super::keys::{PrivateKey, describe_public_key};
 use super::lint::lint_intermediate_profile;
 use super::pem::decode_certificates;
-use super::profile::{serial_hex, verify_certificate_signature};
+use super::profile::{is_ca, serial_hex, verify_certificate_signature};
 use super::sigalg::PublicKeyVerifier;
 
 /// The four files of a bundle, as text.
@@ -151,25 +151,14 @@ pub fn verify_bundle(
     if key_spki.to_der().ok() != tbs.subject_public_key_info().to_der().ok() {
         return Err(BundleError::KeyMismatch);
     }
-    let is_ca = tbs
-        .get_extension::<BasicConstraints>()
-        .ok()
-        .flatten()
-        .is_some_and(|(_, bc)| bc.ca);
-    if !is_ca {
+    if !is_ca(tbs) {
         return Err(BundleError::NotCa);
     }
     if !same(&chain[0], &ca_cert) {
         return Err(BundleError::ChainStart);
     }
     for (index, root) in roots.iter().enumerate() {
-        let self_signed_ca = signed_by(root, root)
-            && root
-                .tbs_certificate()
-                .get_extension::<BasicConstraints>()
-                .ok()
-                .flatten()
-                .is_some_and(|(_, bc)| bc.ca);
+        let self_signed_ca = signed_by(root, root) && is_ca(root.tbs_certificate());
         if !self_signed_ca {
             return Err(BundleError::BadRoot(index + 1));
         }

@@ -129,12 +129,7 @@ impl RootCa {
             .flatten()
             .map(|(_, ski)| ski.0.as_bytes().to_vec())
             .ok_or(RootError::NoSubjectKeyId)?;
-        let is_ca = tbs
-            .get_extension::<BasicConstraints>()
-            .ok()
-            .flatten()
-            .is_some_and(|(_, bc)| bc.ca);
-        if !is_ca {
+        if !is_ca(tbs) {
             return Err(RootError::NotCa);
         }
         verify_certificate_signature(&certificate, &verifier)
@@ -362,6 +357,14 @@ impl DynSignatureAlgorithmIdentifier for IssuerKey {
 /// Decodes a TBSCertificate from DER (for the linter).
 pub fn decode_tbs(tbs_der: &[u8]) -> Result<x509_cert::TbsCertificate, der::Error> {
     x509_cert::TbsCertificate::from_der(tbs_der)
+}
+
+/// Whether a certificate's basicConstraints say CA (absent or unreadable: no).
+pub fn is_ca(tbs: &x509_cert::TbsCertificate) -> bool {
+    tbs.get_extension::<BasicConstraints>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, bc)| bc.ca)
 }
 
 /// Reads the serial of a certificate as uppercase-free hex, as the API reports it.
