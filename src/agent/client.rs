@@ -105,18 +105,22 @@ impl SignerClient {
         })
     }
 
-    pub async fn policy(&self, virtual_mesh: &ObjectRef) -> Result<PublicPolicy, ClientError> {
-        let url = format!(
-            "{}/v1/virtualmeshes/{}/{}",
-            self.base, virtual_mesh.namespace, virtual_mesh.name
-        );
-        let response = self
-            .http
+    /// `GET {base}{path}`; a failure to get any answer is a transport error.
+    async fn get(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.http
             .get(&url)
             .send()
             .await
-            .map_err(|e| transport(&url, e))?;
-        decode(response).await
+            .map_err(|e| transport(&url, e))
+    }
+
+    pub async fn policy(&self, virtual_mesh: &ObjectRef) -> Result<PublicPolicy, ClientError> {
+        let path = format!(
+            "/v1/virtualmeshes/{}/{}",
+            virtual_mesh.namespace, virtual_mesh.name
+        );
+        decode(self.get(&path).await?).await
     }
 
     pub async fn sign(&self, body: &SignRequestBody) -> Result<SignResponse, ClientError> {
@@ -132,13 +136,7 @@ impl SignerClient {
     }
 
     pub async fn trust_bundle(&self) -> Result<String, ClientError> {
-        let url = format!("{}/v1/trust-bundle", self.base);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| transport(&url, e))?;
+        let response = self.get("/v1/trust-bundle").await?;
         if !response.status().is_success() {
             return Err(refusal(response).await);
         }
