@@ -1,22 +1,19 @@
-//! The cluster agent against an HTTP fake of exactly the Kubernetes endpoints it uses
-//! (Secret get/apply, Deployment list/patch, ConfigMap get, request list and status,
-//! Lease), with a real signer and SoftHSM root behind it. The tests assert the requests
-//! the agent sends: methods, paths, field manager, content types and patch bodies.
+//! The cluster agent against the shared HTTP fake of the Kubernetes API (`kubefake`),
+//! serving exactly the endpoints the agent uses (Secret get/apply, Deployment list/patch,
+//! ConfigMap get, request list and status, Lease), with a real signer and SoftHSM root
+//! behind it. The tests assert the requests the agent sends: methods, paths, field
+//! manager, content types and patch bodies.
 
 mod common;
+mod kubefake;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Value, json};
 
 use common::*;
+use kubefake::{FakeCluster, Recorded, merge, writes};
 use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
@@ -28,241 +25,16 @@ const VMCSR: &str =
 const SECRET: &str = "/api/v1/namespaces/istio-system/secrets/cacerts";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/service-mesh-hub/leases/meshca-agent";
 
-#[derive(Debug, Clone)]
-struct Recorded {
-    method: String,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
-
-#[derive(Default)]
-struct Fake {
-    objects: Mutex<BTreeMap<String, Value>>,
-    requests: Mutex<Vec<Recorded>>,
-    version: Mutex<u64>,
-    /// After serving a GET of this path, change the object's resourceVersion: another
-    /// writer got in between.
-    race_after_get: Mutex<Option<String>>,
-}
-
-const COLLECTIONS: [&str; 5] = [
-    "secrets",
-    "deployments",
-    "configmaps",
-    "leases",
-    "virtualmeshcertificatesigningrequests",
-];
-
-fn status(code: u16, reason: &str, message: &str) -> Response {
-    (
-        StatusCode::from_u16(code).unwrap(),
-        axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "reason": reason, "code": code, "message": message})),
-    )
-        .into_response()
-}
-
-/// JSON merge (RFC 7386), enough for annotations and status.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
-/// `k=v` and `k in (a,b)` terms joined by commas.
-fn matches_selector(labels: &Value, selector: &str) -> bool {
-    let mut terms = Vec::new();
-    let (mut depth, mut start) = (0, 0);
-    for (i, c) in selector.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                terms.push(&selector[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    terms.push(&selector[start..]);
-    terms
-        .iter()
-        .map(|t| t.trim())
-        .filter(|t| !t.is_empty())
-        .all(|term| {
-            if let Some((k, v)) = term.split_once('=') {
-                labels[k.trim()] == v.trim()
-            } else if let Some((k, set)) = term.split_once(" in ") {
-                let set = set.trim().trim_start_matches('(').trim_end_matches(')');
-                set.split(',').any(|v| labels[k.trim()] == v.trim())
-            } else {
-                panic!("selector term {term:?} not understood by the fake")
-            }
-        })
-}
-
-fn query_param(query: &str, key: &str) -> Option<String> {
-    query.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
-                out.push(u8::from_str_radix(hex, 16).unwrap());
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-async fn handle(
-    State(fake): State<Arc<Fake>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let path = uri.path().to_string();
-    let query = uri.query().unwrap_or_default().to_string();
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let body: Value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body).expect("the agent sends JSON bodies")
-    };
-    fake.requests.lock().unwrap().push(Recorded {
-        method: method.to_string(),
-        path: path.clone(),
-        query: query.clone(),
-        content_type: content_type.clone(),
-        body: body.clone(),
-    });
-    let mut objects = fake.objects.lock().unwrap();
-    let next_version = || {
-        let mut v = fake.version.lock().unwrap();
-        *v += 1;
-        v.to_string()
-    };
-    let last = path.rsplit('/').next().unwrap_or_default();
-    match method {
-        Method::GET => {
-            if let Some(obj) = objects.get_mut(&path) {
-                let served = obj.clone();
-                if fake.race_after_get.lock().unwrap().as_deref() == Some(path.as_str()) {
-                    obj["metadata"]["resourceVersion"] = "changed-by-another-writer".into();
-                }
-                return axum::Json(served).into_response();
-            }
-            if COLLECTIONS.contains(&last) {
-                let selector = query_param(&query, "labelSelector").unwrap_or_default();
-                let prefix = format!("{path}/");
-                let items: Vec<Value> = objects
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
-                    .map(|(_, v)| v.clone())
-                    .filter(|v| matches_selector(&v["metadata"]["labels"], &selector))
-                    .collect();
-                return axum::Json(json!({"apiVersion": "v1", "kind": "List",
-                    "metadata": {"resourceVersion": "1"}, "items": items}))
-                .into_response();
-            }
-            status(404, "NotFound", &format!("{path} not found"))
-        }
-        Method::POST => {
-            let name = body["metadata"]["name"].as_str().unwrap().to_string();
-            let key = format!("{path}/{name}");
-            if objects.contains_key(&key) {
-                return status(409, "AlreadyExists", "exists");
-            }
-            let mut obj = body;
-            obj["metadata"]["resourceVersion"] = next_version().into();
-            objects.insert(key, obj.clone());
-            (StatusCode::CREATED, axum::Json(obj)).into_response()
-        }
-        Method::PUT => {
-            let Some(current) = objects.get(&path) else {
-                return status(404, "NotFound", "no such object");
-            };
-            if current["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"] {
-                return status(409, "Conflict", "the object has been modified");
-            }
-            let mut obj = body;
-            obj["metadata"]["resourceVersion"] = next_version().into();
-            objects.insert(path, obj.clone());
-            axum::Json(obj).into_response()
-        }
-        Method::PATCH => {
-            if let Some(base) = path.strip_suffix("/status") {
-                let Some(obj) = objects.get_mut(base) else {
-                    return status(404, "NotFound", "no such object");
-                };
-                obj["status"] = body["status"].clone();
-                return axum::Json(obj.clone()).into_response();
-            }
-            let exists = objects.contains_key(&path);
-            if !exists && !content_type.starts_with("application/apply-patch") {
-                return status(404, "NotFound", "no such object");
-            }
-            let obj = objects.entry(path).or_insert_with(|| json!({}));
-            merge(obj, &body);
-            obj["metadata"]["resourceVersion"] = next_version().into();
-            axum::Json(obj.clone()).into_response()
-        }
-        _ => status(405, "MethodNotAllowed", "not in the fake"),
-    }
-}
-
 struct Cluster {
-    fake: Arc<Fake>,
+    fake: FakeCluster,
     controller: Controller,
-    addr: std::net::SocketAddr,
 }
 
 impl Cluster {
     async fn start(env: &Env) -> Cluster {
-        let fake = Arc::new(Fake::default());
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        let client = kube::Client::try_from(config).unwrap();
+        let fake = FakeCluster::start().await;
         let controller = Controller::new(
-            Kube::new(client),
+            Kube::new(fake.client()),
             ControllerOptions {
                 namespace: NS.into(),
                 identity: "agent-0".into(),
@@ -274,39 +46,23 @@ impl Cluster {
                 client_key: env.path("pki/cluster-a.key"),
             },
         );
-        Cluster {
-            fake,
-            controller,
-            addr,
-        }
+        Cluster { fake, controller }
     }
 
     fn put(&self, path: &str, obj: Value) {
-        self.fake
-            .objects
-            .lock()
-            .unwrap()
-            .insert(path.to_string(), obj);
+        self.fake.put(path, obj);
     }
 
     fn get(&self, path: &str) -> Option<Value> {
-        self.fake.objects.lock().unwrap().get(path).cloned()
+        self.fake.get(path)
     }
 
     /// One pass of the agent; returns the requests it sent.
     async fn pass(&self) -> Vec<Recorded> {
-        let start = self.fake.requests.lock().unwrap().len();
+        self.fake.take();
         self.controller.run_once().await.unwrap();
-        self.fake.requests.lock().unwrap()[start..].to_vec()
+        self.fake.take()
     }
-}
-
-fn writes(requests: &[Recorded]) -> Vec<(String, String)> {
-    requests
-        .iter()
-        .filter(|r| r.method != "GET")
-        .map(|r| (r.method.clone(), r.path.clone()))
-        .collect()
 }
 
 fn request_object(signer_addr: &str, extra_spec: Value) -> Value {
@@ -411,11 +167,8 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     assert_eq!(apply.len(), 1);
     let apply = apply[0];
     assert_eq!(apply.content_type, "application/apply-patch+yaml");
-    assert_eq!(
-        query_param(&apply.query, "fieldManager").as_deref(),
-        Some("meshca")
-    );
-    assert_eq!(query_param(&apply.query, "force").as_deref(), Some("true"));
+    assert_eq!(apply.param("fieldManager").as_deref(), Some("meshca"));
+    assert_eq!(apply.param("force").as_deref(), Some("true"));
     assert_eq!(apply.body["apiVersion"], "v1");
     assert_eq!(apply.body["kind"], "Secret");
     assert_eq!(
@@ -480,10 +233,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     for w in &status_writes {
         assert_eq!(w.method, "PATCH");
         assert_eq!(w.content_type, "application/apply-patch+yaml");
-        assert_eq!(
-            query_param(&w.query, "fieldManager").as_deref(),
-            Some("meshca")
-        );
+        assert_eq!(w.param("fieldManager").as_deref(), Some("meshca"));
     }
     let st = vmcsr_status(&cluster);
     assert_eq!(st["serial"], summary.serial);
@@ -756,14 +506,14 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
     // Another replica writes the Lease between this one's read and write: the
     // replace gets 409 and this replica stays a follower (reads nothing else).
     cluster.put(LEASE, lease("2020-01-01T00:00:00.000000Z"));
-    *cluster.fake.race_after_get.lock().unwrap() = Some(LEASE.to_string());
+    cluster.fake.race_after_get(Some(LEASE));
     let sent = cluster.pass().await;
     let methods: Vec<&str> = sent.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(methods, ["GET", "PUT"], "{sent:?}");
     assert!(!sent.iter().any(|r| r.path == VMCSR));
 
     // Shutting down as the holder gives the Lease up (no holder: others take it at once).
-    *cluster.fake.race_after_get.lock().unwrap() = None;
+    cluster.fake.race_after_get(None);
     let mut mine = lease(&now);
     mine["spec"]["holderIdentity"] = "agent-0".into();
     cluster.put(LEASE, mine);
@@ -805,7 +555,7 @@ async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
     let cluster = Cluster::start(&env).await;
     let kubeconfig = format!(
         "apiVersion: v1\nkind: Config\ncurrent-context: other\nclusters:\n- name: remote\n  cluster:\n    server: http://{}\n- name: unused\n  cluster:\n    server: http://127.0.0.1:1\ncontexts:\n- name: remote\n  context:\n    cluster: remote\n    user: agent\n- name: other\n  context:\n    cluster: unused\n    user: agent\nusers:\n- name: agent\n  user: {{}}\n",
-        cluster.addr
+        cluster.fake.addr
     );
     let client = meshca::agent::k8s::client_from_kubeconfig(&kubeconfig, Some("remote"))
         .await
@@ -815,7 +565,7 @@ async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
         .await
         .unwrap();
     assert!(found.is_none());
-    let sent = cluster.fake.requests.lock().unwrap().clone();
+    let sent = cluster.fake.take();
     assert_eq!(sent.len(), 1);
     assert_eq!(
         (sent[0].method.as_str(), sent[0].path.as_str()),
@@ -826,10 +576,10 @@ async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
     let ca = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(env.path("pki/ca.pem")).unwrap());
     let tls_kubeconfig = kubeconfig.replace(
-        &format!("server: http://{}", cluster.addr),
+        &format!("server: http://{}", cluster.fake.addr),
         &format!(
             "server: https://{}\n    certificate-authority-data: {ca}",
-            cluster.addr
+            cluster.fake.addr
         ),
     );
     assert!(tls_kubeconfig.contains("certificate-authority-data"));

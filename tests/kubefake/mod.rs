@@ -1,9 +1,12 @@
-//! An HTTP fake of the Kubernetes API endpoints the mesh controller uses, one per cluster
-//! (axum on 127.0.0.1): objects by path, lists (namespaced and across namespaces, with
-//! `k=v` label selectors), server-side apply (create, merge of labels, `spec` replaced and
-//! `generation` bumped when it changes, `metadata.finalizers` as a set of which meshca
-//! owns its own), status apply, delete (404 when absent), Lease create and replace with a
-//! resourceVersion check. Every request is recorded with its Authorization header.
+//! An HTTP fake of the Kubernetes API endpoints the mesh controller and the agent use, one
+//! per cluster (axum on 127.0.0.1): objects by path, lists (namespaced and across
+//! namespaces, with `k=v` and `k in (a,b)` label selectors), server-side apply (create,
+//! merge of labels and annotations, `spec` replaced and `generation` bumped when it
+//! changes, `metadata.finalizers` as a set of which meshca owns its own, other maps such as
+//! a Secret's `data` merged key by key), status apply, merge and strategic-merge patches of
+//! existing objects (a Deployment's rolling restart), delete (404 when absent), Lease
+//! create and replace with a resourceVersion check, and a writer racing in after a read.
+//! Every request is recorded with its Authorization header.
 
 #![allow(dead_code)]
 
@@ -19,7 +22,7 @@ use serde_json::{Value, json};
 /// The finalizer meshca applies (the fake treats it as meshca's own in applies).
 pub const FINALIZER: &str = "meshca.dev/mesh-controller";
 
-const PLURALS: [&str; 10] = [
+const PLURALS: [&str; 12] = [
     "virtualmeshes",
     "meshes",
     "secrets",
@@ -30,6 +33,8 @@ const PLURALS: [&str; 10] = [
     "gateways",
     "destinationrules",
     "namespaces",
+    "deployments",
+    "configmaps",
 ];
 
 #[derive(Debug, Clone)]
@@ -53,6 +58,9 @@ struct Fake {
     objects: Mutex<BTreeMap<String, Value>>,
     requests: Mutex<Vec<Recorded>>,
     version: Mutex<u64>,
+    /// After serving a GET of this path, change the object's resourceVersion: another
+    /// writer got in between.
+    race_after_get: Mutex<Option<String>>,
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response {
@@ -95,17 +103,52 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
-/// `k=v` terms joined by commas (all the controller sends).
+/// JSON merge (RFC 7386): what merge and strategic-merge patches of the fields meshca
+/// patches (annotations, maps) amount to.
+pub fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// `k=v` and `k in (a,b)` terms joined by commas (all meshca sends).
 fn matches_selector(labels: &Value, selector: &str) -> bool {
-    selector
-        .split(',')
-        .map(str::trim)
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&selector[start..]);
+    terms
+        .iter()
+        .map(|t| t.trim())
         .filter(|t| !t.is_empty())
         .all(|term| {
-            let (k, v) = term
-                .split_once('=')
-                .unwrap_or_else(|| panic!("selector term {term:?} not understood by the fake"));
-            labels[k] == v
+            if let Some((k, v)) = term.split_once('=') {
+                labels[k.trim()] == v.trim()
+            } else if let Some((k, set)) = term.split_once(" in ") {
+                let set = set.trim().trim_start_matches('(').trim_end_matches(')');
+                set.split(',').any(|v| labels[k.trim()] == v.trim())
+            } else {
+                panic!("selector term {term:?} not understood by the fake")
+            }
         })
 }
 
@@ -145,7 +188,7 @@ async fn handle(
     let body: Value = if body.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&body).expect("the controller sends JSON bodies")
+        serde_json::from_slice(&body).expect("meshca sends JSON bodies")
     };
     fake.requests.lock().unwrap().push(Recorded {
         method: method.to_string(),
@@ -164,8 +207,12 @@ async fn handle(
     let last = path.rsplit('/').next().unwrap_or_default();
     match method {
         Method::GET => {
-            if let Some(obj) = objects.get(&path) {
-                return axum::Json(obj.clone()).into_response();
+            if let Some(obj) = objects.get_mut(&path) {
+                let served = obj.clone();
+                if fake.race_after_get.lock().unwrap().as_deref() == Some(path.as_str()) {
+                    obj["metadata"]["resourceVersion"] = "changed-by-another-writer".into();
+                }
+                return axum::Json(served).into_response();
             }
             if PLURALS.contains(&last) {
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
@@ -205,11 +252,28 @@ async fn handle(
             axum::Json(obj).into_response()
         }
         Method::PATCH => {
+            if content_type.starts_with("application/merge-patch+json")
+                || content_type.starts_with("application/strategic-merge-patch+json")
+            {
+                // Patches change what exists (a Deployment's pod template annotations).
+                let version = next_version();
+                let Some(obj) = objects.get_mut(&path) else {
+                    return status(404, "NotFound", "no such object");
+                };
+                let spec = obj["spec"].clone();
+                merge(obj, &body);
+                if obj["spec"] != spec {
+                    let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
+                    obj["metadata"]["generation"] = (generation + 1).into();
+                }
+                obj["metadata"]["resourceVersion"] = version.into();
+                return axum::Json(obj.clone()).into_response();
+            }
             if !content_type.starts_with("application/apply-patch") {
                 return status(
                     415,
                     "UnsupportedMediaType",
-                    "the fake serves apply patches only",
+                    "the fake serves apply, merge and strategic-merge patches only",
                 );
             }
             if let Some(base) = path.strip_suffix("/status") {
@@ -232,9 +296,11 @@ async fn handle(
             for (key, value) in applied {
                 match key.as_str() {
                     "metadata" => {
-                        if let Some(labels) = value.get("labels").and_then(Value::as_object) {
-                            for (k, v) in labels {
-                                obj["metadata"]["labels"][k] = v.clone();
+                        for map in ["labels", "annotations"] {
+                            if let Some(entries) = value.get(map).and_then(Value::as_object) {
+                                for (k, v) in entries {
+                                    obj["metadata"][map][k] = v.clone();
+                                }
                             }
                         }
                         // Finalizers are a set: meshca's own follows the apply, others stay.
@@ -257,7 +323,8 @@ async fn handle(
                         }
                     }
                     "apiVersion" | "kind" => {}
-                    other => obj[other] = value.clone(),
+                    // A map (a Secret's data) keeps the keys this apply does not name.
+                    other => merge(&mut obj[other], value),
                 }
             }
             obj["metadata"]["resourceVersion"] = version.into();
@@ -350,6 +417,12 @@ impl FakeCluster {
     /// The requests received since the last call.
     pub fn take(&self) -> Vec<Recorded> {
         std::mem::take(&mut *self.fake.requests.lock().unwrap())
+    }
+
+    /// From now on, every GET of `path` is followed by another writer changing the
+    /// object's resourceVersion (None: no more).
+    pub fn race_after_get(&self, path: Option<&str>) {
+        *self.fake.race_after_get.lock().unwrap() = path.map(String::from);
     }
 }
 
