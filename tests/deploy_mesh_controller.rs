@@ -7,9 +7,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
+use common::deploy::*;
 use common::*;
 use meshca::mesh_controller::crd::{Mesh, VirtualMesh};
 use meshca::mesh_controller::decide;
@@ -24,55 +25,9 @@ fn member() -> PathBuf {
     deploy().join("member")
 }
 
-/// Every YAML document of a file, as JSON values.
-fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap();
-    text.split("\n---")
-        .map(|d| d.trim_start_matches("---"))
-        .filter(|d| {
-            d.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        })
-        .map(|d| {
-            serde_saphyr::from_str::<Value>(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        })
-        .collect()
-}
-
-fn manifests(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    files
-}
-
-fn kubernetes_validate() -> PathBuf {
-    let venv = repo().join("var/tools/python/bin/kubernetes-validate");
-    if venv.is_file() {
-        return venv;
-    }
-    let on_path = Command::new("sh")
-        .args(["-c", "command -v kubernetes-validate"])
-        .output()
-        .unwrap();
-    assert!(
-        on_path.status.success(),
-        "kubernetes-validate is missing: run scripts/install-deps.sh (make test does)"
-    );
-    PathBuf::from(text(&on_path.stdout).trim())
-}
-
 #[test]
 fn deploy_crds_are_what_meshca_crds_prints() {
-    let printed = run_ok(Command::new(MESHCA).args(["crds", "--for", "mesh-controller"]));
-    let on_disk = std::fs::read(deploy().join("crds.yaml")).unwrap();
-    assert!(
-        printed.stdout == on_disk,
-        "deploy/mesh-controller/crds.yaml is stale: regenerate with `meshca crds --for mesh-controller > deploy/mesh-controller/crds.yaml`"
-    );
+    let on_disk = assert_crds_file_is_printed("mesh-controller", &deploy().join("crds.yaml"));
     // Both components' files are every CRD meshca defines.
     let all = run_ok(Command::new(MESHCA).arg("crds")).stdout;
     let mut both = std::fs::read(repo().join("deploy/agent/crds.yaml")).unwrap();
@@ -85,32 +40,11 @@ fn deploy_crds_are_what_meshca_crds_prints() {
 
 #[test]
 fn built_in_kinds_pass_kubernetes_validate_strict() {
-    let validator = kubernetes_validate();
     let mut checked = BTreeMap::new();
-    for dir in [deploy(), member()] {
-        for path in manifests(&dir) {
-            let docs = documents(&path);
-            let built_in = docs.iter().all(|d| {
-                let api = d["apiVersion"].as_str().unwrap_or_default();
-                !api.starts_with("meshca.dev/") && !api.starts_with("kustomize.config.k8s.io/")
-            });
-            if !built_in {
-                continue;
-            }
-            let out = run(Command::new(&validator).arg("--strict").arg(&path));
-            assert!(
-                out.status.success(),
-                "{} fails validation:\n{}{}",
-                path.display(),
-                text(&out.stdout),
-                text(&out.stderr)
-            );
-            for doc in docs {
-                *checked
-                    .entry(doc["kind"].as_str().unwrap().to_string())
-                    .or_insert(0) += 1;
-            }
-        }
+    for doc in assert_built_in_kinds_validate(&[deploy(), member()]) {
+        *checked
+            .entry(doc["kind"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     let expected: BTreeMap<String, i32> = [
         // The two CRDs.
@@ -348,65 +282,11 @@ fn the_examples_are_a_valid_virtual_mesh_and_its_meshes() {
 
 #[test]
 fn the_kustomizations_list_every_default_manifest() {
-    for (dir, optional) in [
-        (
-            deploy(),
-            vec!["example-virtual-mesh.yaml", "example-meshes.yaml"],
-        ),
-        (member(), vec![]),
-    ] {
-        let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
-        let mut listed: Vec<&str> = kustomization["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_str().unwrap())
-            .collect();
-        listed.sort();
-        let expected: Vec<String> = manifests(&dir)
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .filter(|n| n != "kustomization.yaml" && !optional.contains(&n.as_str()))
-            .collect();
-        assert_eq!(listed, expected, "{}", dir.display());
-    }
-}
-
-struct Rule {
-    kind: String,
-    namespace: String,
-    groups: Vec<String>,
-    resources: Vec<String>,
-    verbs: Vec<String>,
-    names: Vec<String>,
-}
-
-fn rules(path: &Path) -> Vec<Rule> {
-    let mut out = Vec::new();
-    for doc in documents(path) {
-        for rule in doc["rules"].as_array().into_iter().flatten() {
-            let list = |key: &str| -> Vec<String> {
-                rule[key]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect()
-            };
-            out.push(Rule {
-                kind: doc["kind"].as_str().unwrap().to_string(),
-                namespace: doc["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-                groups: list("apiGroups"),
-                resources: list("resources"),
-                verbs: list("verbs"),
-                names: list("resourceNames"),
-            });
-        }
-    }
-    out
+    assert_kustomization_lists_every_manifest(
+        &deploy(),
+        &["example-virtual-mesh.yaml", "example-meshes.yaml"],
+    );
+    assert_kustomization_lists_every_manifest(&member(), &[]);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! mocked.
 #![allow(dead_code)]
 
+pub mod deploy;
 pub mod openbao;
 
 use std::io::{BufRead, BufReader};
