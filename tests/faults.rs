@@ -8,8 +8,6 @@ use std::time::Duration;
 use common::*;
 use meshca::pki::keys::KeyType;
 use serde_json::Value;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 const VM: &str = "test/vm";
 const MESH_A: &str = "test/cluster-a";
@@ -101,48 +99,26 @@ async fn sigkill_under_load_loses_no_audited_answer() {
     });
     let mut signer = env.start_signer();
     let client = env.client("cluster-a");
-    let url = signer.url("/v1/sign");
-    let successes = Arc::new(AtomicUsize::new(0));
-    let bodies: Vec<Value> = (0..32)
-        .map(|_| sign_body(VM, MESH_A, &csr(KeyType::EcdsaP256, "acme", "a").1))
-        .collect();
-    let tasks: Vec<_> = bodies
-        .into_iter()
-        .map(|body| {
-            let (client, url, successes) = (client.clone(), url.clone(), successes.clone());
-            tokio::spawn(async move {
-                let mut serials = Vec::new();
-                // Bounded: at most 200 requests per task, and it stops at the first failure.
-                for _ in 0..200 {
-                    let Ok(response) = client.post(&url).json(&body).send().await else {
-                        break;
-                    };
-                    if response.status().as_u16() != 200 {
-                        break;
-                    }
-                    let Ok(answer) = response.json::<Value>().await else {
-                        break;
-                    };
-                    serials.push(answer["serial"].as_str().unwrap().to_string());
-                    successes.fetch_add(1, Ordering::SeqCst);
-                }
-                serials
-            })
-        })
-        .collect();
-    // Kill once 64 answers went out (bounded wait, not a timing assertion).
-    for _ in 0..3000 {
-        if successes.load(Ordering::SeqCst) >= 64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Bounded: at most 200 requests per task, and it stops at the first failure.
+    let load = load::start(
+        &client,
+        &signer.url("/v1/sign"),
+        load::fresh_bodies(32, VM, MESH_A),
+        200,
+        |sent| async move {
+            let response = sent.ok()?;
+            if response.status().as_u16() != 200 {
+                return None;
+            }
+            let answer = response.json::<Value>().await.ok()?;
+            Some(answer["serial"].as_str().unwrap().to_string())
+        },
+    );
+    // Kill once 64 answers went out.
+    load.wait_for(64).await;
     send_signal(signer.child.id(), "KILL");
     let _ = signer.child.wait();
-    let mut answered = Vec::new();
-    for task in tasks {
-        answered.extend(task.await.unwrap());
-    }
+    let answered = load.join().await;
     assert!(answered.len() >= 64);
 
     // Every certificate a client received has its allow line on disk.
@@ -184,46 +160,26 @@ async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
     });
     let mut signer = env.start_signer();
     let client = env.client("cluster-a");
-    let url = signer.url("/v1/sign");
-    let successes = Arc::new(AtomicUsize::new(0));
-    let bodies: Vec<Value> = (0..32)
-        .map(|_| sign_body(VM, MESH_A, &csr(KeyType::EcdsaP256, "acme", "a").1))
-        .collect();
-    let tasks: Vec<_> = bodies
-        .into_iter()
-        .map(|body| {
-            let (client, url, successes) = (client.clone(), url.clone(), successes.clone());
-            tokio::spawn(async move {
-                let mut serials = Vec::new();
-                for _ in 0..200 {
-                    let Ok(response) = client.post(&url).json(&body).send().await else {
-                        break;
-                    };
-                    // A response that started is finished: no truncated bodies.
-                    assert_eq!(response.status().as_u16(), 200);
-                    let answer: Value = response.json().await.expect("a complete answer");
-                    serials.push(answer["serial"].as_str().unwrap().to_string());
-                    successes.fetch_add(1, Ordering::SeqCst);
-                }
-                serials
-            })
-        })
-        .collect();
-    for _ in 0..3000 {
-        if successes.load(Ordering::SeqCst) >= 32 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let load = load::start(
+        &client,
+        &signer.url("/v1/sign"),
+        load::fresh_bodies(32, VM, MESH_A),
+        200,
+        |sent| async move {
+            let response = sent.ok()?;
+            // A response that started is finished: no truncated bodies.
+            assert_eq!(response.status().as_u16(), 200);
+            let answer: Value = response.json().await.expect("a complete answer");
+            Some(answer["serial"].as_str().unwrap().to_string())
+        },
+    );
+    load.wait_for(32).await;
     assert!(
         signer.terminate(),
         "SIGTERM must drain and exit 0:\n{}",
         signer.logs()
     );
-    let mut answered = Vec::new();
-    for task in tasks {
-        answered.extend(task.await.unwrap());
-    }
+    let answered = load.join().await;
     let audited: std::collections::HashSet<String> = signer
         .audit_lines()
         .iter()

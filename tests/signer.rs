@@ -642,29 +642,22 @@ async fn thirty_two_concurrent_requests_all_succeed_with_distinct_serials() {
     let env = Env::new();
     let signer = env.start_signer();
     let client = env.client("cluster-a");
-    let url = signer.url("/v1/sign");
-    // CSRs first, so the requests really arrive together.
-    let bodies: Vec<Value> = (0..32)
-        .map(|_| sign_body(VM, MESH_A, &csr(KeyType::EcdsaP256, "acme", "a").1))
-        .collect();
-    let tasks: Vec<_> = bodies
-        .into_iter()
-        .map(|body| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move {
-                let response = client.post(url).json(&body).send().await.unwrap();
-                (
-                    response.status().as_u16(),
-                    response.json::<Value>().await.unwrap(),
-                )
-            })
-        })
-        .collect();
+    let load = load::start(
+        &client,
+        &signer.url("/v1/sign"),
+        load::fresh_bodies(32, VM, MESH_A),
+        1,
+        |sent| async move {
+            let response = sent.unwrap();
+            let status = response.status().as_u16();
+            let body = response.json::<Value>().await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            Some(body["serial"].as_str().unwrap().to_string())
+        },
+    );
     let mut serials = std::collections::HashSet::new();
-    for task in tasks {
-        let (status, body) = task.await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert!(serials.insert(body["serial"].as_str().unwrap().to_string()));
+    for serial in load.join().await {
+        assert!(serials.insert(serial));
     }
     assert_eq!(serials.len(), 32);
     let out = run_ok(env.meshca().args(["audit", "verify", "audit.log"]));

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod deploy;
+pub mod load;
 pub mod openbao;
 
 use std::io::{BufRead, BufReader};
