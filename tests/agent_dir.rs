@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::certs::*;
 use common::*;
 
 const NAMES: [&str; 4] = [
@@ -102,17 +103,7 @@ fn assert_valid(env: &Env, dir: &Path) {
             .arg(env.path("root-cert.pem")),
     );
     assert!(text(&verified.stdout).contains("is a valid plugged-in CA bundle"));
-    let out = openssl(
-        dir,
-        &[
-            "verify",
-            "-CAfile",
-            "root-cert.pem",
-            "-untrusted",
-            "cert-chain.pem",
-            "ca-cert.pem",
-        ],
-    );
+    let out = openssl_verify_bundle(dir);
     assert!(out.contains("OK"), "{out}");
     assert_eq!(
         openssl(dir, &["x509", "-in", "ca-cert.pem", "-noout", "-pubkey"]),

@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 
+use common::certs::*;
 use common::*;
 use meshca::pki::keys::KeyType;
 use serde_json::{Value, json};
@@ -14,20 +15,6 @@ use serde_json::{Value, json};
 const VM: &str = "test/vm";
 const STRICT: &str = "test/strict";
 const MESH_A: &str = "test/cluster-a";
-
-/// A CSR made by openssl (keys and extensions meshca itself would never produce).
-fn openssl_csr(dir: &Path, name: &str, keygen: &[&str], subject: &str, extra: &[&str]) -> String {
-    let key = format!("{name}.key");
-    let mut args = vec!["genpkey"];
-    args.extend_from_slice(keygen);
-    args.extend_from_slice(&["-out", &key]);
-    openssl(dir, &args);
-    let out = format!("{name}.csr");
-    let mut args = vec!["req", "-new", "-key", &key, "-subj", subject, "-out", &out];
-    args.extend_from_slice(extra);
-    openssl(dir, &args);
-    std::fs::read_to_string(dir.join(out)).unwrap()
-}
 
 struct Case {
     name: &'static str,
@@ -219,22 +206,9 @@ fn cases(dir: &Path) -> Vec<Case> {
 /// Returns openssl's text of the intermediate.
 fn check_issued(env: &Env, tag: &str, body: &Value, key_pem: &str) -> String {
     let dir = env.path(tag);
-    std::fs::create_dir_all(&dir).unwrap();
-    write(&dir, "ca-cert.pem", body["certificate"].as_str().unwrap());
-    write(&dir, "cert-chain.pem", body["certChain"].as_str().unwrap());
-    write(&dir, "root-cert.pem", body["rootCert"].as_str().unwrap());
+    write_answer(&dir, body);
     openbao::write_secret(&dir.join("ca-key.pem"), key_pem);
-    let verified = openssl(
-        &dir,
-        &[
-            "verify",
-            "-CAfile",
-            "root-cert.pem",
-            "-untrusted",
-            "cert-chain.pem",
-            "ca-cert.pem",
-        ],
-    );
+    let verified = openssl_verify_bundle(&dir);
     assert!(verified.contains("ca-cert.pem: OK"), "{tag}: {verified}");
     let out = run_ok(
         env.meshca()

@@ -77,14 +77,7 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
     assert!(answer.get("certificate").is_none());
     let ready = client.get(signer.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
-    let metrics = client
-        .get(signer.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = signer.metrics(&client).await;
     assert!(
         metrics.contains("meshca_audit_write_errors_total 1"),
         "{metrics}"

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::certs::*;
 use common::*;
 use der::{Decode, Encode, EncodePem};
 use meshca::pki::keys::{KeyType, PrivateKey};
@@ -25,31 +26,6 @@ enum Send {
         content_type: &'static str,
         body: Vec<u8>,
     },
-}
-
-/// A CSR made by openssl for keys meshca would never generate.
-fn openssl_csr(env: &Env, name: &str, keygen: &[&str]) -> String {
-    let dir = env.dir.path();
-    let key = format!("{name}.key");
-    let mut args = vec!["genpkey"];
-    args.extend_from_slice(keygen);
-    args.extend_from_slice(&["-out", &key]);
-    openssl(dir, &args);
-    let out = format!("{name}.csr");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-key",
-            &key,
-            "-subj",
-            "/O=acme/CN=x",
-            "-out",
-            &out,
-        ],
-    );
-    std::fs::read_to_string(dir.join(out)).unwrap()
 }
 
 /// An RSA CSR whose public key was given another exponent after the fact.
@@ -100,6 +76,10 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         nested.push('[');
     }
     let sign = |csr: &str| Send::Json(sign_body(VM, MESH_A, csr));
+    // For keys meshca would never generate.
+    let openssl_csr = |name: &str, keygen: &[&str]| {
+        openssl_csr(env.dir.path(), name, keygen, "/O=acme/CN=x", &[])
+    };
 
     let cases: Vec<(&str, Send, u16, &str, &str)> = vec![
         ("bad PEM", sign("-----BEGIN CERTIFICATE REQUEST-----\n!!!\n-----END CERTIFICATE REQUEST-----\n"), 400, "malformed_csr", "PEM"),
@@ -110,14 +90,14 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         ("certificate instead of CSR", sign(&env.root_pem()), 400, "malformed_csr", "CERTIFICATE"),
         ("empty CSR", sign(""), 400, "malformed_csr", "PEM"),
         ("wrong CSR signature", sign(&tampered), 403, "policy_proof_of_possession", "does not verify"),
-        ("RSA below the minimum", sign(&openssl_csr(&env, "rsa1024", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"])), 403, "policy_key_size", "1024"),
-        ("RSA tiny exponent", sign(&openssl_csr(&env, "rsae3", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-pkeyopt", "rsa_keygen_pubexp:3"])), 403, "policy_key_exponent", "exponent 3"),
+        ("RSA below the minimum", sign(&openssl_csr("rsa1024", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"])), 403, "policy_key_size", "1024"),
+        ("RSA tiny exponent", sign(&openssl_csr("rsae3", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-pkeyopt", "rsa_keygen_pubexp:3"])), 403, "policy_key_exponent", "exponent 3"),
         ("RSA even exponent", sign(&csr_with_rsa_exponent(&[0x01, 0x00, 0x00])), 403, "policy_key_exponent", "65536"),
         ("RSA exponent beyond 64 bits", sign(&csr_with_rsa_exponent(&[1; 12])), 403, "policy_key_exponent", "64 bits"),
-        ("curve P-521", sign(&openssl_csr(&env, "p521", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"])), 403, "policy_key_algorithm", "curve"),
-        ("curve secp256k1", sign(&openssl_csr(&env, "k256", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"])), 403, "policy_key_algorithm", "curve"),
-        ("Ed25519", sign(&openssl_csr(&env, "ed", &["-algorithm", "ED25519"])), 403, "policy_key_algorithm", "accepted key types"),
-        ("Ed448", sign(&openssl_csr(&env, "ed448", &["-algorithm", "ED448"])), 403, "policy_key_algorithm", "accepted key types"),
+        ("curve P-521", sign(&openssl_csr("p521", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"])), 403, "policy_key_algorithm", "curve"),
+        ("curve secp256k1", sign(&openssl_csr("k256", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"])), 403, "policy_key_algorithm", "curve"),
+        ("Ed25519", sign(&openssl_csr("ed", &["-algorithm", "ED25519"])), 403, "policy_key_algorithm", "accepted key types"),
+        ("Ed448", sign(&openssl_csr("ed448", &["-algorithm", "ED448"])), 403, "policy_key_algorithm", "accepted key types"),
         ("wrong org", sign(&csr(KeyType::EcdsaP256, "mallory", "x").1), 403, "policy_org", "mallory"),
         ("ttl beyond policy", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": 400 * 86400})), 403, "policy_ttl", "exceeds"),
         ("ttl too short", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": 5})), 400, "malformed_request", "minimum"),

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::certs::*;
 use common::*;
 
 fn request(
@@ -72,17 +73,7 @@ fn request_writes_a_bundle_that_verify_and_openssl_accept() {
             .arg(env.path("root-cert.pem")),
     );
     assert!(text(&verified.stdout).contains("is a valid plugged-in CA bundle"));
-    let openssl_out = openssl(
-        &out,
-        &[
-            "verify",
-            "-CAfile",
-            "root-cert.pem",
-            "-untrusted",
-            "cert-chain.pem",
-            "ca-cert.pem",
-        ],
-    );
+    let openssl_out = openssl_verify_bundle(&out);
     assert!(openssl_out.contains("OK"), "{openssl_out}");
     // The key on disk is the key in the certificate (openssl's view).
     let cert_key = openssl(&out, &["x509", "-in", "ca-cert.pem", "-noout", "-pubkey"]);

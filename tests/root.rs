@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::certs::*;
 use common::*;
 use meshca::pki::keys::KeyType;
 
@@ -13,12 +14,8 @@ fn root_init_works_for_every_key_type_and_openssl_agrees() {
             root_key_type: key_type,
             ..EnvSpec::default()
         });
-        let root = env.path("root-cert.pem");
-        let root = root.to_str().unwrap();
         // Self-signed and valid, checked by an independent implementation.
-        let verified = openssl(env.dir.path(), &["verify", "-CAfile", root, root]);
-        assert!(verified.contains(": OK"), "{key_type}: {verified}");
-        let text = openssl(env.dir.path(), &["x509", "-in", root, "-noout", "-text"]);
+        let text = openssl_root_text(&env, key_type.name());
         assert!(text.contains("CA:TRUE, pathlen:1"), "{key_type}: {text}");
         assert!(
             text.contains("Certificate Sign, CRL Sign"),
@@ -50,10 +47,7 @@ fn root_init_works_for_every_key_type_and_openssl_agrees() {
 fn root_init_refuses_to_replace_a_key_unless_forced() {
     let env = Env::new();
     let first = env.root_pem();
-    let out = run(env
-        .meshca()
-        .args(["root", "init", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "init"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
@@ -66,11 +60,7 @@ fn root_init_refuses_to_replace_a_key_unless_forced() {
         "a refused init must not touch the root certificate"
     );
 
-    let out = run_ok(
-        env.meshca()
-            .args(["root", "init", "--force", "--config"])
-            .arg(&env.config),
-    );
+    let out = env.run_with_config_ok(&["root", "init", "--force"]);
     assert!(text(&out.stdout).contains("replaced the previous key"));
     assert_ne!(env.root_pem(), first);
     // The replaced key is gone: the signer starts against the new root (it proves the key
@@ -95,10 +85,7 @@ fn root_key_type_must_satisfy_the_virtual_mesh() {
         ..EnvSpec::default()
     };
     let env = Env::prepare(&spec);
-    let out = run(env
-        .meshca()
-        .args(["root", "init", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "init"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
@@ -111,11 +98,7 @@ fn root_key_type_must_satisfy_the_virtual_mesh() {
 #[test]
 fn root_show_reports_a_key_that_cannot_leave_the_token() {
     let env = Env::new();
-    let out = run_ok(
-        env.meshca()
-            .args(["root", "show", "--config"])
-            .arg(&env.config),
-    );
+    let out = env.run_with_config_ok(&["root", "show"]);
     let stdout = text(&out.stdout);
     for line in [
         "CKA_TOKEN             true",
@@ -135,10 +118,7 @@ fn root_show_reports_a_key_that_cannot_leave_the_token() {
 fn wrong_pin_fails_clearly_without_echoing_it() {
     let env = Env::new();
     std::fs::write(env.path("softhsm/user-pin"), "not-the-pin\n").unwrap();
-    let out = run(env
-        .meshca()
-        .args(["root", "show", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "show"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(stderr.contains("refused the user PIN"), "{stderr}");

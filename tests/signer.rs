@@ -6,6 +6,7 @@ mod common;
 
 use std::process::Command;
 
+use common::certs::*;
 use common::*;
 use meshca::pki::keys::KeyType;
 use serde_json::{Value, json};
@@ -24,21 +25,8 @@ fn error_message(body: &Value) -> &str {
 /// Writes the answer's PEMs to a directory and verifies them with openssl.
 fn openssl_verifies(env: &Env, body: &Value, tag: &str) -> String {
     let dir = env.path(tag);
-    std::fs::create_dir_all(&dir).unwrap();
-    write(&dir, "ca-cert.pem", body["certificate"].as_str().unwrap());
-    write(&dir, "cert-chain.pem", body["certChain"].as_str().unwrap());
-    write(&dir, "root-cert.pem", body["rootCert"].as_str().unwrap());
-    let verified = openssl(
-        &dir,
-        &[
-            "verify",
-            "-CAfile",
-            "root-cert.pem",
-            "-untrusted",
-            "cert-chain.pem",
-            "ca-cert.pem",
-        ],
-    );
+    write_answer(&dir, body);
+    let verified = openssl_verify_bundle(&dir);
     assert!(verified.contains("ca-cert.pem: OK"), "{tag}: {verified}");
     openssl(&dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"])
 }
@@ -109,21 +97,6 @@ async fn an_rsa_root_signs_intermediates_that_openssl_verifies() {
     assert!(text.contains("sha256WithRSAEncryption"), "{text}");
 }
 
-/// A CSR made by openssl (for keys meshca itself would never generate).
-fn openssl_csr(env: &Env, name: &str, keygen: &[&str], subject: &str, extra: &[&str]) -> String {
-    let dir = env.dir.path();
-    let key = format!("{name}.key");
-    let mut args = vec!["genpkey"];
-    args.extend_from_slice(keygen);
-    args.extend_from_slice(&["-out", &key]);
-    openssl(dir, &args);
-    let out = format!("{name}.csr");
-    let mut args = vec!["req", "-new", "-key", &key, "-subj", subject, "-out", &out];
-    args.extend_from_slice(extra);
-    openssl(dir, &args);
-    std::fs::read_to_string(dir.join(out)).unwrap()
-}
-
 #[tokio::test]
 async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
     let env = Env::with(EnvSpec {
@@ -155,21 +128,21 @@ async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
     let (_k, rsa2048) = csr(KeyType::Rsa2048, "acme", "a");
     let (_k, p256) = csr(KeyType::EcdsaP256, "acme", "a");
     let p521 = openssl_csr(
-        &env,
+        env.dir.path(),
         "p521",
         &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
         "/O=acme/CN=a",
         &[],
     );
     let ed25519 = openssl_csr(
-        &env,
+        env.dir.path(),
         "ed25519",
         &["-algorithm", "ED25519"],
         "/O=acme/CN=a",
         &[],
     );
     let exponent3 = openssl_csr(
-        &env,
+        env.dir.path(),
         "e3",
         &[
             "-algorithm",
@@ -183,7 +156,7 @@ async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
         &[],
     );
     let rsa1024 = openssl_csr(
-        &env,
+        env.dir.path(),
         "rsa1024",
         &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
         "/O=acme/CN=a",
@@ -284,7 +257,7 @@ async fn csr_extensions_are_recorded_and_never_copied() {
     let env = Env::new();
     let signer = env.start_signer();
     let sneaky = openssl_csr(
-        &env,
+        env.dir.path(),
         "sneaky",
         &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
         "/O=acme/CN=a",
@@ -618,14 +591,7 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
     let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "b");
     post_sign(&client, &signer, &sign_body(VM, "test/cluster-b", &csr)).await;
     post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
-    let metrics = client
-        .get(signer.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = signer.metrics(&client).await;
     for needle in [
         "meshca_sign_requests_total{outcome=\"issued\"} 1",
         "meshca_sign_requests_total{outcome=\"not_authorized\"} 1",
@@ -743,11 +709,7 @@ async fn secrets_stay_out_of_debug_logs() {
 #[test]
 fn the_signer_refuses_to_start_against_a_root_that_is_not_its_key() {
     let env = Env::new();
-    let other = Env::with(EnvSpec::default());
-    std::fs::copy(other.path("root-cert.pem"), env.path("root-cert.pem")).unwrap();
-    let out = run(env.meshca().args(["serve", "--config"]).arg(&env.config));
-    assert!(!out.status.success());
-    let stderr = text(&out.stderr);
+    let stderr = serve_with_a_foreign_root(&env);
     assert!(
         stderr.contains("does not match the root certificate"),
         "{stderr}"
@@ -758,7 +720,7 @@ fn the_signer_refuses_to_start_against_a_root_that_is_not_its_key() {
 fn a_wrong_pin_stops_the_signer_at_start_with_a_clear_message() {
     let env = Env::new();
     std::fs::write(env.path("softhsm/user-pin"), "wrong-pin-1234\n").unwrap();
-    let out = run(env.meshca().args(["serve", "--config"]).arg(&env.config));
+    let out = env.run_with_config(&["serve"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(stderr.contains("refused the user PIN"), "{stderr}");

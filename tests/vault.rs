@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
+use common::certs::*;
 use common::*;
 use meshca::pki::keys::KeyType;
 use serde_json::Value;
@@ -262,15 +263,7 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
     assert_eq!(audit[1]["rule"], "backend_out_of_policy");
     assert!(audit[1]["serial"].is_null());
 
-    let metrics = env
-        .client("cluster-a")
-        .get(signer.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = signer.metrics(&env.client("cluster-a")).await;
     assert!(
         metrics.contains("meshca_sign_requests_total{outcome=\"backend_out_of_policy\"} 1"),
         "{metrics}"
@@ -289,19 +282,11 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
 #[test]
 fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
     let env = Env::prepare(&vault(VaultSpec::default()));
-    let out = run_ok(
-        env.meshca()
-            .args(["root", "init", "--config"])
-            .arg(&env.config),
-    );
+    let out = env.run_with_config_ok(&["root", "init"]);
     let stdout = text(&out.stdout);
     assert!(stdout.contains("generated inside Vault"), "{stdout}");
     let first = env.root_pem();
-    let root = env.path("root-cert.pem");
-    let root = root.to_str().unwrap();
-    let verified = openssl(env.dir.path(), &["verify", "-CAfile", root, root]);
-    assert!(verified.contains(": OK"), "{verified}");
-    let profile = openssl(env.dir.path(), &["x509", "-in", root, "-noout", "-text"]);
+    let profile = openssl_root_text(&env, "vault root");
     for needle in [
         "CA:TRUE, pathlen:1",
         "Certificate Sign, CRL Sign",
@@ -320,10 +305,7 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
     assert!(!key.contains("PRIVATE KEY"), "{key}");
 
     // Again: refused, nothing touched.
-    let out = run(env
-        .meshca()
-        .args(["root", "init", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "init"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
@@ -335,11 +317,7 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
     assert_eq!(env.root_pem(), first);
 
     // --force: a new root; the old issuer is kept under another name.
-    let out = run_ok(
-        env.meshca()
-            .args(["root", "init", "--force", "--config"])
-            .arg(&env.config),
-    );
+    let out = env.run_with_config_ok(&["root", "init", "--force"]);
     assert!(text(&out.stdout).contains("the previous issuer is kept as meshca-root-replaced-"));
     let second = env.root_pem();
     assert_ne!(second, first);
@@ -352,20 +330,12 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
 
     // --adopt: takes the existing issuer; the same certificate.
     std::fs::remove_file(env.path("root-cert.pem")).unwrap();
-    let out = run_ok(
-        env.meshca()
-            .args(["root", "init", "--adopt", "--config"])
-            .arg(&env.config),
-    );
+    let out = env.run_with_config_ok(&["root", "init", "--adopt"]);
     assert!(text(&out.stdout).contains("adopted Vault issuer meshca-root"));
     assert_eq!(env.root_pem(), second);
 
     // root show: the certificate and the Vault side.
-    let out = run_ok(
-        env.meshca()
-            .args(["root", "show", "--config"])
-            .arg(&env.config),
-    );
+    let out = env.run_with_config_ok(&["root", "show"]);
     let stdout = text(&out.stdout);
     assert!(stdout.contains("the root certificate above"), "{stdout}");
     assert!(
@@ -391,16 +361,8 @@ fn vault_roots_of_every_key_type_satisfy_openssl() {
             &format!("key_type = \"{key_type}\""),
         );
         std::fs::write(&env.config, current).unwrap();
-        run_ok(
-            env.meshca()
-                .args(["root", "init", "--force", "--config"])
-                .arg(&env.config),
-        );
-        let root = env.path("root-cert.pem");
-        let root = root.to_str().unwrap();
-        let verified = openssl(env.dir.path(), &["verify", "-CAfile", root, root]);
-        assert!(verified.contains(": OK"), "{key_type}: {verified}");
-        let text = openssl(env.dir.path(), &["x509", "-in", root, "-noout", "-text"]);
+        env.run_with_config_ok(&["root", "init", "--force"]);
+        let text = openssl_root_text(&env, key_type.name());
         let (bits, sig) = match key_type {
             KeyType::EcdsaP256 => (256, "ecdsa-with-SHA256"),
             KeyType::EcdsaP384 => (384, "ecdsa-with-SHA384"),
@@ -435,10 +397,7 @@ fn adopting_an_issuer_outside_policy_is_refused() {
         config.replace("issuer_ref = \"meshca-root\"", "issuer_ref = \"foreign\""),
     )
     .unwrap();
-    let out = run(env
-        .meshca()
-        .args(["root", "init", "--adopt", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "init", "--adopt"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
@@ -452,10 +411,7 @@ fn adopting_an_issuer_outside_policy_is_refused() {
         config.replace("issuer_ref = \"meshca-root\"", "issuer_ref = \"missing\""),
     )
     .unwrap();
-    let out = run(env
-        .meshca()
-        .args(["root", "init", "--adopt", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "init", "--adopt"]);
     assert!(
         text(&out.stderr).contains("no issuer missing"),
         "{}",
@@ -466,11 +422,7 @@ fn adopting_an_issuer_outside_policy_is_refused() {
 #[test]
 fn the_signer_refuses_to_start_against_a_root_vault_does_not_hold() {
     let env = Env::with(vault(VaultSpec::default()));
-    let other = Env::with(EnvSpec::default());
-    std::fs::copy(other.path("root-cert.pem"), env.path("root-cert.pem")).unwrap();
-    let out = run(env.meshca().args(["serve", "--config"]).arg(&env.config));
-    assert!(!out.status.success());
-    let stderr = text(&out.stderr);
+    let stderr = serve_with_a_foreign_root(&env);
     assert!(
         stderr.contains("is not the root in the certificate file"),
         "{stderr}"
@@ -492,10 +444,7 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 503, "{body}");
     assert!(message(&body).contains("vault/token"), "{body}");
-    let show = run(env
-        .meshca()
-        .args(["root", "show", "--config"])
-        .arg(&env.config));
+    let show = env.run_with_config(&["root", "show"]);
     let logs = signer.logs();
     assert!(
         logs.contains("\"level\":\"TRACE\""),
@@ -546,10 +495,7 @@ fn config_mistakes_are_named_without_echoing_secrets() {
     ];
     for (text_, needle) in cases {
         std::fs::write(&env.config, &text_).unwrap();
-        let out = run(env
-            .meshca()
-            .args(["root", "init", "--config"])
-            .arg(&env.config));
+        let out = env.run_with_config(&["root", "init"]);
         assert!(!out.status.success());
         let stderr = text(&out.stderr);
         assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
@@ -562,10 +508,7 @@ fn config_mistakes_are_named_without_echoing_secrets() {
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .unwrap();
-    let out = run(env
-        .meshca()
-        .args(["root", "init", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "init"]);
     assert!(
         text(&out.stderr).contains("chmod 600"),
         "{}",
@@ -691,10 +634,7 @@ async fn kubernetes_auth_logs_in_with_the_service_account_token() {
     // A token Kubernetes does not vouch for: a clear login failure, no token echoed.
     let stranger = service_account_jwt("meshca", "someone-else");
     std::fs::write(env.path("vault/jwt"), &stranger).unwrap();
-    let out = run(env
-        .meshca()
-        .args(["root", "show", "--config"])
-        .arg(&env.config));
+    let out = env.run_with_config(&["root", "show"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(

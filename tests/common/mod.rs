@@ -4,6 +4,7 @@
 //! mocked.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod deploy;
 pub mod load;
 pub mod openbao;
@@ -209,11 +210,7 @@ impl Env {
     /// Sets up everything up to (and including) `meshca root init`.
     pub fn with(spec: EnvSpec) -> Env {
         let env = Env::prepare(&spec);
-        run_ok(
-            env.meshca()
-                .args(["root", "init", "--config"])
-                .arg(&env.config),
-        );
+        env.run_with_config_ok(&["root", "init"]);
         env
     }
 
@@ -310,9 +307,7 @@ key_type = "{key_type}"
         };
         if spec.backend == Backend::Pkcs11 {
             run_ok(
-                env.meshca()
-                    .args(["token", "init", "--config"])
-                    .arg(&env.config)
+                env.meshca_with_config(&["token", "init"])
                     .arg("--so-pin-file")
                     .arg(env.path("softhsm/so-pin")),
             );
@@ -340,6 +335,23 @@ key_type = "{key_type}"
         cmd
     }
 
+    /// `meshca <args> --config <the signer config>` in the environment's directory.
+    pub fn meshca_with_config(&self, args: &[&str]) -> Command {
+        let mut cmd = self.meshca();
+        cmd.args(args).arg("--config").arg(&self.config);
+        cmd
+    }
+
+    /// Runs [`Env::meshca_with_config`] (it may fail).
+    pub fn run_with_config(&self, args: &[&str]) -> Output {
+        run(&mut self.meshca_with_config(args))
+    }
+
+    /// Runs [`Env::meshca_with_config`], which must succeed.
+    pub fn run_with_config_ok(&self, args: &[&str]) -> Output {
+        run_ok(&mut self.meshca_with_config(args))
+    }
+
     pub fn user_pin(&self) -> String {
         std::fs::read_to_string(self.path("softhsm/user-pin"))
             .unwrap()
@@ -358,9 +370,7 @@ key_type = "{key_type}"
 
     pub fn start_signer_with(&self, extra: &[&str]) -> Signer {
         let mut child = self
-            .meshca()
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(&self.config)
+            .meshca_with_config(&["--log-format", "json", "serve"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -511,6 +521,18 @@ impl Signer {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    /// The Prometheus text of `/metrics`, fetched by `client`.
+    pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// SIGTERM, then wait for exit; returns whether it exited successfully.
