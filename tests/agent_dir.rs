@@ -28,14 +28,7 @@ fn agent_cmd(env: &Env, addr: &str, dir: &Path, extra: &[&str]) -> Command {
     let mut cmd = env.meshca();
     cmd.args(["--log-format", "json", "agent", "--target-dir"])
         .arg(dir)
-        .arg("--signer")
-        .arg(format!("https://{addr}"))
-        .arg("--ca-cert")
-        .arg(env.path("pki/ca.pem"))
-        .arg("--client-cert")
-        .arg(env.path("pki/cluster-a.pem"))
-        .arg("--client-key")
-        .arg(env.path("pki/cluster-a.key"))
+        .args(env.signer_flags(addr, "cluster-a"))
         .args([
             "--virtual-mesh",
             "test/vm",

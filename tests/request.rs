@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -12,9 +13,10 @@ use std::time::Duration;
 use common::certs::*;
 use common::*;
 
+/// `meshca request` to the signer at `addr` as `client`, for `mesh` of test/vm.
 fn request(
     env: &Env,
-    signer: &Signer,
+    addr: SocketAddr,
     client: &str,
     mesh: &str,
     out: &Path,
@@ -23,14 +25,7 @@ fn request(
     run(env
         .meshca()
         .arg("request")
-        .arg("--signer")
-        .arg(format!("https://{}", signer.addr))
-        .arg("--ca-cert")
-        .arg(env.path("pki/ca.pem"))
-        .arg("--client-cert")
-        .arg(env.path(&format!("pki/{client}.pem")))
-        .arg("--client-key")
-        .arg(env.path(&format!("pki/{client}.key")))
+        .args(env.signer_flags(addr, client))
         .args(["--virtual-mesh", "test/vm", "--mesh", mesh, "--out-dir"])
         .arg(out)
         .args(extra))
@@ -41,7 +36,7 @@ fn request_writes_a_bundle_that_verify_and_openssl_accept() {
     let env = Env::new();
     let signer = env.start_signer();
     let out = env.path("clusters/a/cacerts");
-    let result = request(&env, &signer, "cluster-a", "test/cluster-a", &out, &[]);
+    let result = request(&env, signer.addr, "cluster-a", "test/cluster-a", &out, &[]);
     assert!(result.status.success(), "{}", text(&result.stderr));
     let stdout = text(&result.stdout);
     assert!(stdout.contains("ecdsa-p256"), "{stdout}");
@@ -84,7 +79,7 @@ fn request_writes_a_bundle_that_verify_and_openssl_accept() {
     let before = std::fs::read_to_string(out.join("ca-key.pem")).unwrap();
     let again = request(
         &env,
-        &signer,
+        signer.addr,
         "cluster-a",
         "test/cluster-a",
         &out,
@@ -105,7 +100,7 @@ fn a_refused_request_exits_non_zero_with_the_signers_message_and_writes_nothing(
     let env = Env::new();
     let signer = env.start_signer();
     let out = env.path("clusters/b/cacerts");
-    let result = request(&env, &signer, "cluster-b", "test/cluster-a", &out, &[]);
+    let result = request(&env, signer.addr, "cluster-b", "test/cluster-a", &out, &[]);
     assert!(!result.status.success());
     let stderr = text(&result.stderr);
     assert!(stderr.contains("403 not_authorized"), "{stderr}");
@@ -131,7 +126,7 @@ fn a_refused_request_exits_non_zero_with_the_signers_message_and_writes_nothing(
     let strict_signer = strict.start_signer();
     let result = request(
         &strict,
-        &strict_signer,
+        strict_signer.addr,
         "cluster-a",
         "test/cluster-a",
         &out,
@@ -152,32 +147,14 @@ fn an_unreachable_signer_leaves_existing_files_untouched() {
     let signer = env.start_signer();
     let out = env.path("cacerts");
     assert!(
-        request(&env, &signer, "cluster-a", "test/cluster-a", &out, &[])
+        request(&env, signer.addr, "cluster-a", "test/cluster-a", &out, &[])
             .status
             .success()
     );
     let before = std::fs::read_to_string(out.join("ca-cert.pem")).unwrap();
     let addr = signer.addr;
     drop(signer);
-    let result = run(env
-        .meshca()
-        .arg("request")
-        .arg("--signer")
-        .arg(format!("https://{addr}"))
-        .arg("--ca-cert")
-        .arg(env.path("pki/ca.pem"))
-        .arg("--client-cert")
-        .arg(env.path("pki/cluster-a.pem"))
-        .arg("--client-key")
-        .arg(env.path("pki/cluster-a.key"))
-        .args([
-            "--virtual-mesh",
-            "test/vm",
-            "--mesh",
-            "test/cluster-a",
-            "--out-dir",
-        ])
-        .arg(&out));
+    let result = request(&env, addr, "cluster-a", "test/cluster-a", &out, &[]);
     assert!(!result.status.success());
     assert!(
         text(&result.stderr).contains("cannot reach the signer"),
@@ -197,12 +174,12 @@ fn verify_rejects_a_bundle_istiod_would_reject() {
     let a = env.path("a");
     let b = env.path("b");
     assert!(
-        request(&env, &signer, "cluster-a", "test/cluster-a", &a, &[])
+        request(&env, signer.addr, "cluster-a", "test/cluster-a", &a, &[])
             .status
             .success()
     );
     assert!(
-        request(&env, &signer, "cluster-b", "test/cluster-b", &b, &[])
+        request(&env, signer.addr, "cluster-b", "test/cluster-b", &b, &[])
             .status
             .success()
     );
@@ -294,14 +271,14 @@ fn workloads_of_two_clusters_complete_mtls_through_the_shared_root() {
     let a = env.path("clusters/a/cacerts");
     let b = env.path("clusters/b/cacerts");
     assert!(
-        request(&env, &signer, "cluster-a", "test/cluster-a", &a, &[])
+        request(&env, signer.addr, "cluster-a", "test/cluster-a", &a, &[])
             .status
             .success()
     );
     assert!(
         request(
             &env,
-            &signer,
+            signer.addr,
             "cluster-b",
             "test/cluster-b",
             &b,

@@ -9,6 +9,7 @@ pub mod deploy;
 pub mod load;
 pub mod openbao;
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -340,6 +341,21 @@ key_type = "{key_type}"
         let mut cmd = self.meshca();
         cmd.args(args).arg("--config").arg(&self.config);
         cmd
+    }
+
+    /// The flags of `meshca request` and of `meshca agent` in directory mode that name the
+    /// signer at `addr` and `client`'s transport credentials.
+    pub fn signer_flags(&self, addr: impl std::fmt::Display, client: &str) -> Vec<OsString> {
+        vec![
+            "--signer".into(),
+            format!("https://{addr}").into(),
+            "--ca-cert".into(),
+            self.path("pki/ca.pem").into(),
+            "--client-cert".into(),
+            self.path(&format!("pki/{client}.pem")).into(),
+            "--client-key".into(),
+            self.path(&format!("pki/{client}.key")).into(),
+        ]
     }
 
     /// Runs [`Env::meshca_with_config`] (it may fail).
