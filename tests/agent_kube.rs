@@ -57,6 +57,23 @@ impl Cluster {
         self.fake.get(path)
     }
 
+    /// The request `cluster-a` for the signer at `signer_addr`, `extra_spec` merged in.
+    fn put_request(&self, signer_addr: &str, extra_spec: Value) {
+        self.put(
+            &format!("{VMCSR}/cluster-a"),
+            request_object(signer_addr, extra_spec),
+        );
+    }
+
+    /// Changes the request as its owner would.
+    fn edit_request(&self, change: impl FnOnce(&mut Value)) {
+        self.fake.edit(&format!("{VMCSR}/cluster-a"), change);
+    }
+
+    fn put_deployment(&self, ns: &str, name: &str, labels: Value) {
+        self.put(&deployments_path(ns, name), deployment(ns, name, labels));
+    }
+
     /// One pass of the agent; returns the requests it sent.
     async fn pass(&self) -> Vec<Recorded> {
         self.fake.take();
@@ -129,26 +146,14 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let env = Env::new();
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
-    cluster.put(
-        &format!("{VMCSR}/cluster-a"),
-        request_object(&signer.addr.to_string(), json!({})),
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
+    cluster.put_deployment(
+        "istio-system",
+        "istio-ingressgateway",
+        json!({"istio": "ingressgateway"}),
     );
-    cluster.put(
-        &deployments_path("istio-system", "istiod"),
-        deployment("istio-system", "istiod", json!({"app": "istiod"})),
-    );
-    cluster.put(
-        &deployments_path("istio-system", "istio-ingressgateway"),
-        deployment(
-            "istio-system",
-            "istio-ingressgateway",
-            json!({"istio": "ingressgateway"}),
-        ),
-    );
-    cluster.put(
-        &deployments_path("shop", "web"),
-        deployment("shop", "web", json!({"app": "web"})),
-    );
+    cluster.put_deployment("shop", "web", json!({"app": "web"}));
 
     // Pass 1: lease created, Secret applied, istiod restarted, gateways wait.
     let sent = cluster.pass().await;
@@ -355,14 +360,8 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
                  "cert-chain.pem": b64("hand made"), "root-cert.pem": b64(&old_root)}
     });
     cluster.put(SECRET, hand_made.clone());
-    cluster.put(
-        &format!("{VMCSR}/cluster-a"),
-        request_object(&signer.addr.to_string(), json!({})),
-    );
-    cluster.put(
-        &deployments_path("istio-system", "istiod"),
-        deployment("istio-system", "istiod", json!({"app": "istiod"})),
-    );
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
 
     let sent = cluster.pass().await;
     assert!(!sent.iter().any(|r| r.method == "PATCH" && r.path == SECRET));
@@ -379,10 +378,10 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
     assert_eq!(ready["reason"], "ForeignSecret");
 
     // The spec says adopt: replaced, the hand-made root kept after the signer's root.
-    let mut obj = cluster.get(&format!("{VMCSR}/cluster-a")).unwrap();
-    obj["spec"]["adopt"] = true.into();
-    obj["metadata"]["generation"] = 2.into();
-    cluster.put(&format!("{VMCSR}/cluster-a"), obj);
+    cluster.edit_request(|obj| {
+        obj["spec"]["adopt"] = true.into();
+        obj["metadata"]["generation"] = 2.into();
+    });
     let sent = cluster.pass().await;
     let apply = sent
         .iter()
@@ -417,10 +416,10 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
     assert!(st.get("restart").is_none());
 
     // Retiring the old root rewrites root-cert.pem only: same intermediate and key.
-    let mut obj = cluster.get(&format!("{VMCSR}/cluster-a")).unwrap();
-    obj["spec"]["rotation"] =
-        json!({"retiredRootFingerprints": [st["trustedRootFingerprints"][1]]});
-    cluster.put(&format!("{VMCSR}/cluster-a"), obj);
+    cluster.edit_request(|obj| {
+        obj["spec"]["rotation"] =
+            json!({"retiredRootFingerprints": [st["trustedRootFingerprints"][1]]});
+    });
     let sent = cluster.pass().await;
     let apply = sent
         .iter()
@@ -448,10 +447,7 @@ async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
         .unwrap()
         .local_addr()
         .unwrap();
-    cluster.put(
-        &format!("{VMCSR}/cluster-a"),
-        request_object(&closed.to_string(), json!({})),
-    );
+    cluster.put_request(&closed.to_string(), json!({}));
     let sent = cluster.pass().await;
     assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
     assert!(cluster.get(SECRET).is_none());
@@ -479,10 +475,7 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
                      "renewTime": renewed, "leaseTransitions": 3}})
     };
     cluster.put(LEASE, lease(&now));
-    cluster.put(
-        &format!("{VMCSR}/cluster-a"),
-        request_object("127.0.0.1:1", json!({})),
-    );
+    cluster.put_request("127.0.0.1:1", json!({}));
     let sent = cluster.pass().await;
     assert_eq!(sent.len(), 1, "a follower only reads the Lease: {sent:?}");
     assert_eq!(
@@ -530,17 +523,11 @@ async fn restart_policy_never_installs_without_touching_deployments() {
     let env = Env::new();
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
-    cluster.put(
-        &format!("{VMCSR}/cluster-a"),
-        request_object(
-            &signer.addr.to_string(),
-            json!({"restart": {"policy": "never"}}),
-        ),
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"restart": {"policy": "never"}}),
     );
-    cluster.put(
-        &deployments_path("istio-system", "istiod"),
-        deployment("istio-system", "istiod", json!({"app": "istiod"})),
-    );
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
     let sent = cluster.pass().await;
     assert!(sent.iter().any(|r| r.method == "PATCH" && r.path == SECRET));
     assert!(!sent.iter().any(|r| r.path.contains("/deployments")));
