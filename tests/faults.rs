@@ -84,12 +84,17 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
     );
 }
 
-#[tokio::test]
-async fn sigkill_under_load_loses_no_audited_answer() {
-    let env = Env::with(EnvSpec {
+/// An environment whose rate limit never binds: the load tests are about faults only.
+fn unlimited_env() -> Env {
+    Env::with(EnvSpec {
         extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
         ..EnvSpec::default()
-    });
+    })
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_audited_answer() {
+    let env = unlimited_env();
     let mut signer = env.start_signer();
     let client = env.client("cluster-a");
     // Bounded: at most 200 requests per task, and it stops at the first failure.
@@ -147,10 +152,7 @@ async fn sigkill_under_load_loses_no_audited_answer() {
 
 #[tokio::test]
 async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
-    let env = Env::with(EnvSpec {
-        extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
-        ..EnvSpec::default()
-    });
+    let env = unlimited_env();
     let mut signer = env.start_signer();
     let client = env.client("cluster-a");
     let load = load::start(
