@@ -137,6 +137,13 @@ fn secret_files(secret: &Value) -> BundleFiles {
     }
 }
 
+/// The rolling restarts among `sent`: patches of Deployments.
+fn deployment_patches(sent: &[Recorded]) -> Vec<&Recorded> {
+    sent.iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
+        .collect()
+}
+
 fn vmcsr_status(cluster: &Cluster) -> Value {
     cluster.get(&format!("{VMCSR}/cluster-a")).unwrap()["status"].clone()
 }
@@ -202,10 +209,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let summary = verify_bundle(&files, Some(&root), std::time::SystemTime::now()).unwrap();
     assert!(summary.subject.contains("cluster-a"), "{}", summary.subject);
 
-    let patches: Vec<&Recorded> = sent
-        .iter()
-        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
-        .collect();
+    let patches = deployment_patches(&sent);
     assert_eq!(patches.len(), 1);
     assert_eq!(patches[0].path, deployments_path("istio-system", "istiod"));
     assert_eq!(
@@ -276,9 +280,8 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let (path, cm) = configmap("istio-system", &env.root_pem());
     cluster.put(&path, cm);
     let sent = cluster.pass().await;
-    let restarted: Vec<String> = sent
+    let restarted: Vec<String> = deployment_patches(&sent)
         .iter()
-        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
         .map(|r| r.path.clone())
         .collect();
     assert_eq!(
@@ -291,9 +294,8 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let (path, cm) = configmap("shop", &format!("{}{}", env.root_pem(), env.root_pem()));
     cluster.put(&path, cm);
     let sent = cluster.pass().await;
-    let restarted: Vec<String> = sent
+    let restarted: Vec<String> = deployment_patches(&sent)
         .iter()
-        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
         .map(|r| r.path.clone())
         .collect();
     assert_eq!(restarted, vec![deployments_path("shop", "web")]);

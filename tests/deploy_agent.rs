@@ -61,22 +61,11 @@ fn the_crd_is_structurally_what_the_agent_expects() {
     assert_eq!(version["served"], true);
     assert_eq!(version["storage"], true);
     assert!(version["subresources"]["status"].is_object());
-    let columns: Vec<&str> = version["additionalPrinterColumns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let columns = column_names(version);
     assert_eq!(columns, ["Phase", "Expiry", "Age"]);
     let schema = &version["schema"]["openAPIV3Schema"]["properties"];
     let spec = &schema["spec"];
-    let mut required: Vec<&str> = spec["required"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap())
-        .collect();
-    required.sort();
+    let required = required_sorted(spec);
     assert_eq!(required, ["mesh", "signer", "virtualMesh"]);
     for field in [
         "target",

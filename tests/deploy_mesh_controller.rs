@@ -141,12 +141,7 @@ fn the_crds_are_structural_and_carry_the_seed_shape() {
     assert_eq!(vm["spec"]["names"]["shortNames"], json!(["vmesh"]));
     let version = &vm["spec"]["versions"][0];
     assert!(version["subresources"]["status"].is_object());
-    let columns: Vec<&str> = version["additionalPrinterColumns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let columns = column_names(version);
     assert_eq!(columns, ["Phase", "Meshes", "Root", "Age"]);
     let schema = &version["schema"]["openAPIV3Schema"]["properties"];
     let spec = &schema["spec"];
@@ -233,13 +228,7 @@ fn the_crds_are_structural_and_carry_the_seed_shape() {
         spec["properties"]["istioNamespace"]["default"],
         "istio-system"
     );
-    let mut required: Vec<&str> = spec["required"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap())
-        .collect();
-    required.sort();
+    let required = required_sorted(spec);
     assert_eq!(required, ["agent", "clusterName", "trustDomain"]);
     let agent = &spec["properties"]["agent"]["properties"];
     for field in [

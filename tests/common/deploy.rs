@@ -115,6 +115,28 @@ pub fn assert_kustomization_lists_every_manifest(dir: &Path, optional: &[&str]) 
     assert_eq!(listed, expected, "{}", dir.display());
 }
 
+/// The names of a CRD version's printer columns, in order.
+pub fn column_names(version: &Value) -> Vec<&str> {
+    version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+/// The required properties of an object schema, sorted.
+pub fn required_sorted(schema: &Value) -> Vec<&str> {
+    let mut required: Vec<&str> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    required.sort();
+    required
+}
+
 /// One RBAC rule with the object that holds it.
 #[derive(Debug)]
 pub struct Rule {
