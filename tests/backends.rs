@@ -66,51 +66,11 @@ fn cases(dir: &Path) -> Vec<Case> {
         ],
     );
     let sneaky_key = std::fs::read_to_string(dir.join("sneaky.key")).unwrap();
-    let p521 = openssl_csr(
-        dir,
-        "p521",
-        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
-        "/O=acme/CN=a",
-        &[],
-    );
-    let ed25519 = openssl_csr(
-        dir,
-        "ed25519",
-        &["-algorithm", "ED25519"],
-        "/O=acme/CN=a",
-        &[],
-    );
-    let exponent3 = openssl_csr(
-        dir,
-        "e3",
-        &[
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-pkeyopt",
-            "rsa_keygen_pubexp:3",
-        ],
-        "/O=acme/CN=a",
-        &[],
-    );
-    let rsa1024 = openssl_csr(
-        dir,
-        "rsa1024",
-        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
-        "/O=acme/CN=a",
-        &[],
-    );
-    let tampered = {
-        let key = meshca::pki::keys::PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-        let mut req = meshca::pki::csr::build_csr(
-            &key,
-            meshca::pki::profile::subject_name("acme", "a").unwrap(),
-        )
-        .unwrap();
-        req.info.subject = meshca::pki::profile::subject_name("acme", "b").unwrap();
-        der::EncodePem::to_pem(&req, der::pem::LineEnding::LF).unwrap()
-    };
+    let p521 = openssl_csr(dir, "p521", KEYGEN_P521, "/O=acme/CN=a", &[]);
+    let ed25519 = openssl_csr(dir, "ed25519", KEYGEN_ED25519, "/O=acme/CN=a", &[]);
+    let exponent3 = openssl_csr(dir, "e3", KEYGEN_RSA_EXPONENT_3, "/O=acme/CN=a", &[]);
+    let rsa1024 = openssl_csr(dir, "rsa1024", KEYGEN_RSA1024, "/O=acme/CN=a", &[]);
+    let tampered = tampered_csr("acme", "a", "b");
     let with_ttl = |csr: &str, ttl: u64| json!({"virtualMesh": VM, "mesh": MESH_A, "csr": csr, "ttlSeconds": ttl});
     vec![
         issued("ecdsa p256", sign_body(VM, MESH_A, &p256_csr), pem(&p256)),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::certs::*;
 use common::*;
 use der::{Decode, Encode, EncodePem};
-use meshca::pki::keys::{KeyType, PrivateKey};
+use meshca::pki::keys::KeyType;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -61,16 +61,7 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
     let good_der = meshca::pki::pem::decode_single(&good, &["CERTIFICATE REQUEST"]).unwrap();
     let mut trailing = good_der.clone();
     trailing.extend_from_slice(&[0, 0]);
-    let tampered = {
-        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-        let mut req = meshca::pki::csr::build_csr(
-            &key,
-            meshca::pki::profile::subject_name("acme", "x").unwrap(),
-        )
-        .unwrap();
-        req.info.subject = meshca::pki::profile::subject_name("acme", "y").unwrap();
-        req.to_pem(der::pem::LineEnding::LF).unwrap()
-    };
+    let tampered = tampered_csr("acme", "x", "y");
     let mut nested = String::new();
     for _ in 0..5000 {
         nested.push('[');
@@ -90,13 +81,13 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         ("certificate instead of CSR", sign(&env.root_pem()), 400, "malformed_csr", "CERTIFICATE"),
         ("empty CSR", sign(""), 400, "malformed_csr", "PEM"),
         ("wrong CSR signature", sign(&tampered), 403, "policy_proof_of_possession", "does not verify"),
-        ("RSA below the minimum", sign(&openssl_csr("rsa1024", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"])), 403, "policy_key_size", "1024"),
-        ("RSA tiny exponent", sign(&openssl_csr("rsae3", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-pkeyopt", "rsa_keygen_pubexp:3"])), 403, "policy_key_exponent", "exponent 3"),
+        ("RSA below the minimum", sign(&openssl_csr("rsa1024", KEYGEN_RSA1024)), 403, "policy_key_size", "1024"),
+        ("RSA tiny exponent", sign(&openssl_csr("rsae3", KEYGEN_RSA_EXPONENT_3)), 403, "policy_key_exponent", "exponent 3"),
         ("RSA even exponent", sign(&csr_with_rsa_exponent(&[0x01, 0x00, 0x00])), 403, "policy_key_exponent", "65536"),
         ("RSA exponent beyond 64 bits", sign(&csr_with_rsa_exponent(&[1; 12])), 403, "policy_key_exponent", "64 bits"),
-        ("curve P-521", sign(&openssl_csr("p521", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"])), 403, "policy_key_algorithm", "curve"),
+        ("curve P-521", sign(&openssl_csr("p521", KEYGEN_P521)), 403, "policy_key_algorithm", "curve"),
         ("curve secp256k1", sign(&openssl_csr("k256", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"])), 403, "policy_key_algorithm", "curve"),
-        ("Ed25519", sign(&openssl_csr("ed", &["-algorithm", "ED25519"])), 403, "policy_key_algorithm", "accepted key types"),
+        ("Ed25519", sign(&openssl_csr("ed", KEYGEN_ED25519)), 403, "policy_key_algorithm", "accepted key types"),
         ("Ed448", sign(&openssl_csr("ed448", &["-algorithm", "ED448"])), 403, "policy_key_algorithm", "accepted key types"),
         ("wrong org", sign(&csr(KeyType::EcdsaP256, "mallory", "x").1), 403, "policy_org", "mallory"),
         ("ttl beyond policy", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "ttlSeconds": 400 * 86400})), 403, "policy_ttl", "exceeds"),

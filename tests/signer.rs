@@ -127,52 +127,13 @@ async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
     let (_k, good) = csr(KeyType::EcdsaP384, "acme", "a");
     let (_k, rsa2048) = csr(KeyType::Rsa2048, "acme", "a");
     let (_k, p256) = csr(KeyType::EcdsaP256, "acme", "a");
-    let p521 = openssl_csr(
-        env.dir.path(),
-        "p521",
-        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
-        "/O=acme/CN=a",
-        &[],
-    );
-    let ed25519 = openssl_csr(
-        env.dir.path(),
-        "ed25519",
-        &["-algorithm", "ED25519"],
-        "/O=acme/CN=a",
-        &[],
-    );
-    let exponent3 = openssl_csr(
-        env.dir.path(),
-        "e3",
-        &[
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-pkeyopt",
-            "rsa_keygen_pubexp:3",
-        ],
-        "/O=acme/CN=a",
-        &[],
-    );
-    let rsa1024 = openssl_csr(
-        env.dir.path(),
-        "rsa1024",
-        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
-        "/O=acme/CN=a",
-        &[],
-    );
+    let dir = env.dir.path();
+    let p521 = openssl_csr(dir, "p521", KEYGEN_P521, "/O=acme/CN=a", &[]);
+    let ed25519 = openssl_csr(dir, "ed25519", KEYGEN_ED25519, "/O=acme/CN=a", &[]);
+    let exponent3 = openssl_csr(dir, "e3", KEYGEN_RSA_EXPONENT_3, "/O=acme/CN=a", &[]);
+    let rsa1024 = openssl_csr(dir, "rsa1024", KEYGEN_RSA1024, "/O=acme/CN=a", &[]);
     // A valid CSR whose signature no longer matches: change one byte of the subject.
-    let tampered = {
-        let (key, _) = csr(KeyType::EcdsaP256, "acme", "a");
-        let mut req = meshca::pki::csr::build_csr(
-            &key,
-            meshca::pki::profile::subject_name("acme", "a").unwrap(),
-        )
-        .unwrap();
-        req.info.subject = meshca::pki::profile::subject_name("acme", "b").unwrap();
-        der::EncodePem::to_pem(&req, der::pem::LineEnding::LF).unwrap()
-    };
+    let tampered = tampered_csr("acme", "a", "b");
 
     let cases: Vec<(&str, Value, &str, &[&str])> = vec![
         (

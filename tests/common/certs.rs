@@ -4,9 +4,35 @@
 
 use std::path::Path;
 
+use der::EncodePem;
+use meshca::pki::csr::build_csr;
+use meshca::pki::keys::{KeyType, PrivateKey};
+use meshca::pki::profile::subject_name;
 use serde_json::Value;
 
 use super::{Env, EnvSpec, openssl, text, write};
+
+/// `genpkey` arguments of keys meshca refuses, for [`openssl_csr`].
+pub const KEYGEN_P521: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"];
+pub const KEYGEN_ED25519: &[&str] = &["-algorithm", "ED25519"];
+pub const KEYGEN_RSA1024: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"];
+pub const KEYGEN_RSA_EXPONENT_3: &[&str] = &[
+    "-algorithm",
+    "RSA",
+    "-pkeyopt",
+    "rsa_keygen_bits:2048",
+    "-pkeyopt",
+    "rsa_keygen_pubexp:3",
+];
+
+/// A well-formed P-256 CSR for O=org, CN=cn whose subject was then changed to CN=renamed:
+/// its signature no longer verifies (proof of possession fails).
+pub fn tampered_csr(org: &str, cn: &str, renamed: &str) -> String {
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let mut req = build_csr(&key, subject_name(org, cn).unwrap()).unwrap();
+    req.info.subject = subject_name(org, renamed).unwrap();
+    req.to_pem(der::pem::LineEnding::LF).unwrap()
+}
 
 /// A CSR made by openssl: a `genpkey` key with `keygen`, then `req -new` with `subject`
 /// and `extra` arguments (e.g. `-addext`). Files go to `dir` as `{name}.key|.csr`.
