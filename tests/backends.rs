@@ -187,29 +187,8 @@ fn check_issued(env: &Env, tag: &str, body: &Value, key_pem: &str) -> String {
 /// Runs the table against one backend; returns (case, status, code) per case.
 async fn run_table(backend: Backend) -> Vec<(String, u16, String)> {
     let spec = EnvSpec {
-        virtual_meshes: vec![
-            virtual_mesh(
-                "test",
-                "vm",
-                30,
-                2048,
-                "acme",
-                &["test/cluster-a", "test/cluster-b"],
-            ),
-            virtual_mesh("test", "strict", 10, 4096, "acme", &["test/cluster-a"]),
-        ],
-        clients: vec![
-            (
-                identity("cluster-a"),
-                vec![(VM.into(), MESH_A.into()), (STRICT.into(), MESH_A.into())],
-            ),
-            (
-                identity("cluster-b"),
-                vec![(VM.into(), "test/cluster-b".into())],
-            ),
-        ],
         backend: backend.clone(),
-        ..EnvSpec::default()
+        ..EnvSpec::with_strict_mesh()
     };
     let env = Env::with(spec);
     let signer = env.start_signer();

@@ -99,27 +99,7 @@ async fn an_rsa_root_signs_intermediates_that_openssl_verifies() {
 
 #[tokio::test]
 async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
-    let env = Env::with(EnvSpec {
-        virtual_meshes: vec![
-            virtual_mesh(
-                "test",
-                "vm",
-                30,
-                2048,
-                "acme",
-                &["test/cluster-a", "test/cluster-b"],
-            ),
-            virtual_mesh("test", "strict", 10, 4096, "acme", &["test/cluster-a"]),
-        ],
-        clients: vec![(
-            identity("cluster-a"),
-            vec![
-                (VM.into(), MESH_A.into()),
-                ("test/strict".into(), MESH_A.into()),
-            ],
-        )],
-        ..EnvSpec::default()
-    });
+    let env = Env::with(EnvSpec::with_strict_mesh());
     let signer = env.start_signer();
     let client = env.client("cluster-a");
 

@@ -190,6 +190,26 @@ impl Default for EnvSpec {
     }
 }
 
+impl EnvSpec {
+    /// The default, plus virtual mesh `test/strict` (10 days, RSA minimum 4096) whose only
+    /// member `test/cluster-a` client `cluster-a` may also ask for.
+    pub fn with_strict_mesh() -> Self {
+        let mut spec = EnvSpec::default();
+        spec.virtual_meshes.push(virtual_mesh(
+            "test",
+            "strict",
+            10,
+            4096,
+            "acme",
+            &["test/cluster-a"],
+        ));
+        spec.clients[0]
+            .1
+            .push(("test/strict".into(), "test/cluster-a".into()));
+        spec
+    }
+}
+
 /// The client identity URI of a test client name.
 pub fn identity(name: &str) -> String {
     format!("spiffe://meshca.test/cluster/{name}")
