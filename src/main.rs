@@ -191,11 +191,9 @@ enum AuditCommand {
     Verify { file: PathBuf },
 }
 
+/// How a cluster reaches the signer over mTLS (`meshca request` and `meshca agent`).
 #[derive(clap::Args)]
-struct RequestArgs {
-    /// Signer base URL, e.g. https://127.0.0.1:8443
-    #[arg(long)]
-    signer: String,
+struct ClientTlsArgs {
     /// CA bundle that verifies the signer's server certificate.
     #[arg(long)]
     ca_cert: PathBuf,
@@ -205,6 +203,26 @@ struct RequestArgs {
     /// Its private key.
     #[arg(long)]
     client_key: PathBuf,
+}
+
+impl ClientTlsArgs {
+    fn signer_client(&self, signer: &str) -> Result<SignerClient> {
+        Ok(SignerClient::new(
+            signer,
+            &self.ca_cert,
+            &self.client_cert,
+            &self.client_key,
+        )?)
+    }
+}
+
+#[derive(clap::Args)]
+struct RequestArgs {
+    /// Signer base URL, e.g. https://127.0.0.1:8443
+    #[arg(long)]
+    signer: String,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// <namespace>/<name> of the virtual mesh.
     #[arg(long)]
     virtual_mesh: ObjectRef,
@@ -235,15 +253,8 @@ struct AgentArgs {
     /// Directory mode: signer base URL, e.g. https://127.0.0.1:8443
     #[arg(long)]
     signer: Option<String>,
-    /// CA bundle that verifies the signer's server certificate.
-    #[arg(long)]
-    ca_cert: PathBuf,
-    /// This cluster's client certificate.
-    #[arg(long)]
-    client_cert: PathBuf,
-    /// Its private key.
-    #[arg(long)]
-    client_key: PathBuf,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Directory mode: <namespace>/<name> of the virtual mesh.
     #[arg(long)]
     virtual_mesh: Option<ObjectRef>,
@@ -550,12 +561,7 @@ fn run(command: Command) -> Result<ExitCode> {
             runtime()?.block_on(meshca::signer::server::run(config, listen))?;
         }
         Command::Request(args) => {
-            let client = SignerClient::new(
-                &args.signer,
-                &args.ca_cert,
-                &args.client_cert,
-                &args.client_key,
-            )?;
+            let client = args.tls.signer_client(&args.signer)?;
             let opts = RequestOptions {
                 virtual_mesh: args.virtual_mesh,
                 mesh: args.mesh,
@@ -679,7 +685,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         bail!("directory mode (--target-dir) needs {}", missing.join(", "));
     }
     let signer = args.signer.unwrap_or_default();
-    let client = SignerClient::new(&signer, &args.ca_cert, &args.client_cert, &args.client_key)?;
+    let client = args.tls.signer_client(&signer)?;
     let opts = DirOptions {
         target,
         virtual_mesh: args.virtual_mesh.ok_or_else(|| anyhow!("--virtual-mesh"))?,
@@ -727,16 +733,17 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
     }
     // Fail at start on unreadable client credentials (they are read again on every
     // pass, so a rotated Secret is picked up).
-    meshca::tlsutil::client_config(&args.ca_cert, &args.client_cert, &args.client_key)?;
+    let tls = args.tls;
+    meshca::tlsutil::client_config(&tls.ca_cert, &tls.client_cert, &tls.client_key)?;
     let opts = ControllerOptions {
         namespace: args.namespace,
         identity: replica_identity(args.identity, "meshca-agent"),
         lease_name: args.lease_name,
         lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
         resync,
-        ca_cert: args.ca_cert,
-        client_cert: args.client_cert,
-        client_key: args.client_key,
+        ca_cert: tls.ca_cert,
+        client_cert: tls.client_cert,
+        client_key: tls.client_key,
     };
     run_in_cluster(args.once, |client| Controller::new(Kube::new(client), opts))
 }
