@@ -345,6 +345,20 @@ impl SignerConfig {
             .get(&self.root.virtual_mesh)
             .expect("root.virtual_mesh validated at load")
     }
+
+    /// `root init`'s first check, whatever the backend: the root's own virtual mesh
+    /// accepts `root.key_type`.
+    pub fn check_root_key_type(&self) -> Result<(), String> {
+        let policy = self.root_policy();
+        let key_type = self.root.key_type;
+        crate::policy::rules::check_public_key(&key_type.public_key_kind(), policy.min_rsa_bits)
+            .map_err(|d| {
+                format!(
+                    "root.key_type {key_type} does not satisfy virtual mesh {}: {}",
+                    policy.id, d.message
+                )
+            })
+    }
 }
 
 fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {

@@ -36,7 +36,7 @@ use crate::pki::profile::{
     subject_name,
 };
 use crate::pki::sigalg::{SignatureAlgorithm, ecdsa_prehash, ecdsa_raw_to_der};
-use crate::policy::rules::{BACKDATE, check_public_key};
+use crate::policy::rules::BACKDATE;
 use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -431,14 +431,8 @@ pub fn root_init(
     pin: &Secret,
     force: bool,
 ) -> Result<RootInitOutcome, TokenError> {
-    let policy = config.root_policy();
     let key_type = config.root.key_type;
-    check_public_key(&key_type.public_key_kind(), policy.min_rsa_bits).map_err(|d| {
-        TokenError::Other(format!(
-            "root.key_type {key_type} does not satisfy virtual mesh {}: {}",
-            policy.id, d.message
-        ))
-    })?;
+    config.check_root_key_type().map_err(TokenError::Other)?;
     let token = Token::open(settings)?;
     let session = token.logged_in_session(pin, true)?;
     let existing = token.find_all(&session)?;

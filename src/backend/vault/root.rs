@@ -14,7 +14,6 @@ use super::profile::{self, RootRequest};
 use super::{IssuerInfo, read_issuer};
 use crate::config::SignerConfig;
 use crate::pki::profile::RootCa;
-use crate::policy::rules::check_public_key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultRootError {
@@ -52,12 +51,9 @@ pub async fn root_init(
 ) -> Result<VaultRootOutcome, VaultRootError> {
     let policy = config.root_policy();
     let key_type = config.root.key_type;
-    check_public_key(&key_type.public_key_kind(), policy.min_rsa_bits).map_err(|d| {
-        VaultRootError::Refused(format!(
-            "root.key_type {key_type} does not satisfy virtual mesh {}: {}",
-            policy.id, d.message
-        ))
-    })?;
+    config
+        .check_root_key_type()
+        .map_err(VaultRootError::Refused)?;
     let client = VaultClient::new(settings)?;
     client.health().await?;
     let (mount, issuer_ref) = (&settings.mount, &settings.issuer_ref);
