@@ -32,18 +32,23 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Reads every certificate of a PEM file.
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    load_pem_blocks(path, "CERTIFICATE")
+}
+
+/// Every PEM block of type `T` (`label`) in a file; a file without one is an error.
+fn load_pem_blocks<T: PemObject>(path: &Path, label: &str) -> Result<Vec<T>, TlsError> {
     let err = |message: String| TlsError::Certificates {
         path: path.display().to_string(),
         message,
     };
-    let certs = CertificateDer::pem_file_iter(path)
+    let blocks = T::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("no CERTIFICATE blocks found".into()));
+    if blocks.is_empty() {
+        return Err(err(format!("no {label} blocks found")));
     }
-    Ok(certs)
+    Ok(blocks)
 }
 
 /// Reads a private key PEM (PKCS#8, PKCS#1 or SEC1). The error never quotes the file.
@@ -79,18 +84,9 @@ pub fn server_config(
     let provider = provider();
     let mut revocation_lists = Vec::new();
     for path in crls {
-        let err = |message: String| TlsError::Certificates {
-            path: path.display().to_string(),
-            message,
-        };
-        let lists = CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(e.to_string()))?;
-        if lists.is_empty() {
-            return Err(err("no X509 CRL blocks found".into()));
-        }
-        revocation_lists.extend(lists);
+        revocation_lists.extend(load_pem_blocks::<CertificateRevocationListDer<'static>>(
+            path, "X509 CRL",
+        )?);
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(root_store(client_ca)?),
