@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -44,12 +45,17 @@ pub struct VirtualMeshResourceSpec {
     pub document: VirtualMeshSpec,
 }
 
+/// `namespace/name` of an object from its metadata.
+fn id_of(metadata: &ObjectMeta) -> ObjectRef {
+    ObjectRef::new(
+        metadata.namespace.clone().unwrap_or_default(),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
+
 impl VirtualMesh {
     pub fn id(&self) -> ObjectRef {
-        ObjectRef::new(
-            self.metadata.namespace.clone().unwrap_or_default(),
-            self.metadata.name.clone().unwrap_or_default(),
-        )
+        id_of(&self.metadata)
     }
 
     /// The document the signer and federation validate.
@@ -147,10 +153,7 @@ pub struct MeshAgentSpec {
 
 impl Mesh {
     pub fn id(&self) -> ObjectRef {
-        ObjectRef::new(
-            self.metadata.namespace.clone().unwrap_or_default(),
-            self.metadata.name.clone().unwrap_or_default(),
-        )
+        id_of(&self.metadata)
     }
 }
 
