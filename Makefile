@@ -1,7 +1,7 @@
 # meshca: the two commands a new user runs are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: all deps build demo demo-vault test lint fmt clean bench bench-signer bench-federation soak
+.PHONY: all deps deps-demo deps-demo-vault build demo demo-vault test lint fmt clean bench bench-signer bench-federation soak
 
 all: build
 
@@ -10,17 +10,23 @@ all: build
 deps:
 	@./scripts/install-deps.sh
 
+deps-demo:
+	@./scripts/install-deps.sh demo
+
+deps-demo-vault:
+	@./scripts/install-deps.sh demo-vault
+
 build:
 	$(CARGO) build --release --locked
 
 # Root in SoftHSM, signer up, two clusters get intermediates under one root,
 # an mTLS handshake across them. Leaves everything in var/demo/.
-demo: deps build
+demo: deps-demo build
 	@./scripts/demo.sh
 
 # The same story and var/demo/ layout with OpenBao holding the root (`bao server -dev`
 # on 127.0.0.1, PKI engine, AppRole login), stopped at the end.
-demo-vault: deps build
+demo-vault: deps-demo-vault build
 	@./scripts/demo.sh vault
 
 # The whole suite: unit tests and integration tests against real SoftHSM tokens,

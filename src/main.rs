@@ -311,7 +311,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, skipping a cause whose text an outer message already quotes.
+/// The error and its causes, leaving out a cause whose text an outer message already quotes.
 fn describe(e: &anyhow::Error) -> String {
     let mut message = e.to_string();
     for cause in e.chain().skip(1) {
