@@ -384,6 +384,14 @@ fn vault_settings(config: &SignerConfig) -> Result<&meshca::backend::vault::conf
         .ok_or_else(|| anyhow!("{}: no [vault] section", config.path.display()))
 }
 
+/// The lines `root init` prints about the root it made or adopted, whatever the backend.
+fn print_new_root(root: &meshca::pki::profile::RootCa, config: &SignerConfig) {
+    println!("  subject      {}", root.subject);
+    println!("  not after    {}", rfc3339(root.not_after));
+    println!("  sha256       {}", root.fingerprint_sha256);
+    println!("  certificate  {}", config.root.certificate.display());
+}
+
 fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<ExitCode> {
     let settings = vault_settings(config)?;
     let mode = if adopt {
@@ -419,10 +427,7 @@ fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<Ex
         "  key          {} (id {}, held by Vault, never exported)",
         root.key_kind, issuer.key_id
     );
-    println!("  subject      {}", root.subject);
-    println!("  not after    {}", rfc3339(root.not_after));
-    println!("  sha256       {}", root.fingerprint_sha256);
-    println!("  certificate  {}", config.root.certificate.display());
+    print_new_root(root, config);
     for warning in &outcome.warnings {
         println!("  warning      Vault: {warning}");
     }
@@ -519,10 +524,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 "  key          {} ({}, generated inside the token, not extractable)",
                 settings.key, root.key_kind
             );
-            println!("  subject      {}", root.subject);
-            println!("  not after    {}", rfc3339(root.not_after));
-            println!("  sha256       {}", root.fingerprint_sha256);
-            println!("  certificate  {}", config.root.certificate.display());
+            print_new_root(root, &config);
         }
         Command::Root {
             command: RootCommand::Show { config },

@@ -260,8 +260,7 @@ async fn run_table(backend: Backend) -> Vec<(String, u16, String)> {
         let decision = if *status == 200 { "allow" } else { "deny" };
         assert_eq!(line["decision"], decision, "{} / {name}", backend.name());
     }
-    let out = run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
-    assert!(text(&out.stdout).contains("intact"));
+    env.audit_verify_ok();
     outcomes
 }
 

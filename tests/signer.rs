@@ -567,12 +567,8 @@ async fn thirty_two_concurrent_requests_all_succeed_with_distinct_serials() {
         assert!(serials.insert(serial));
     }
     assert_eq!(serials.len(), 32);
-    let out = run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
-    assert!(
-        text(&out.stdout).contains("intact: 32 records"),
-        "{}",
-        text(&out.stdout)
-    );
+    let verified = env.audit_verify_ok();
+    assert!(verified.contains("intact: 32 records"), "{verified}");
 }
 
 #[tokio::test]
@@ -589,8 +585,8 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
         post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
     }
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
-    let out = run_ok(env.meshca().args(["audit", "verify", "audit.log"]));
-    assert!(text(&out.stdout).contains("intact: 5 records"));
+    let verified = env.audit_verify_ok();
+    assert!(verified.contains("intact: 5 records"), "{verified}");
 
     // Turn the denial on line 3 into an allow.
     let log = std::fs::read_to_string(env.path("audit.log")).unwrap();

@@ -356,6 +356,14 @@ key_type = "{key_type}"
         cmd
     }
 
+    /// `meshca audit verify audit.log` must pass; returns what it printed.
+    pub fn audit_verify_ok(&self) -> String {
+        let out = run_ok(self.meshca().args(["audit", "verify", "audit.log"]));
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("is intact"), "{stdout}");
+        stdout
+    }
+
     /// `meshca <args> --config <the signer config>` in the environment's directory.
     pub fn meshca_with_config(&self, args: &[&str]) -> Command {
         let mut cmd = self.meshca();
