@@ -384,14 +384,19 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
     if limits.sign_requests_per_minute == 0 || limits.sign_burst == 0 {
         return Err("limits: sign_requests_per_minute and sign_burst must be at least 1".into());
     }
-    if limits.max_connections == 0 {
-        return Err("limits.max_connections must be at least 1".into());
+    if !(1..=MAX_CONNECTIONS_LIMIT).contains(&limits.max_connections) {
+        return Err(format!(
+            "limits.max_connections must be between 1 and {MAX_CONNECTIONS_LIMIT}"
+        ));
     }
     if limits.handshake_timeout.is_zero() || limits.header_timeout.is_zero() {
         return Err("limits: timeouts must be positive".into());
     }
     Ok(limits)
 }
+
+/// Far above what one process can hold open, and small enough for a semaphore.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 fn check_member(policy: &VirtualMeshPolicy, mesh: &ObjectRef) -> Result<(), String> {
     if policy.has_member(mesh) {

@@ -105,6 +105,16 @@ pub fn server_config(
     Ok(config)
 }
 
+/// When the first certificate of a PEM file (the server's own) expires.
+pub fn certificate_not_after(path: &Path) -> Result<std::time::SystemTime, TlsError> {
+    let first = load_certificates(path)?.swap_remove(0);
+    let cert = Certificate::from_der(&first).map_err(|e| TlsError::Certificates {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(cert.tbs_certificate().validity().not_after.to_system_time())
+}
+
 /// Client side: trust only `ca` for the server, present `client_cert`/`client_key`.
 pub fn client_config(
     ca: &Path,

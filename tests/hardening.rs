@@ -244,6 +244,87 @@ async fn revoked_and_expired_client_certificates_are_refused() {
     );
 }
 
+#[tokio::test]
+async fn sighup_reloads_revocations_and_the_server_certificate() {
+    // Idle connections are not cut off by a timeout here: only the reload closes them.
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nheader_timeout_ms = 600000\n".into(),
+        ..EnvSpec::default()
+    });
+    let script = repo().join("scripts/transport-pki.sh");
+    let pki = env.path("pki");
+    let transport_pki = |args: &[&str]| run_ok(Command::new(&script).args(args));
+    let pki_dir = pki.to_str().unwrap();
+    // A CRL that revokes only a spare client, so cluster-b starts out trusted.
+    transport_pki(&["client", pki_dir, "spare", &identity("spare")]);
+    transport_pki(&["revoke", pki_dir, "spare"]);
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "client_ca = \"pki/ca.pem\"",
+        "client_ca = \"pki/ca.pem\"\nclient_crls = [\"pki/crl.pem\"]",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let signer = env.start_signer();
+    let healthz = signer.url("/healthz");
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_ok());
+
+    // cluster-b holds a kept-alive connection made under the old settings.
+    let mut kept = tls_connect(&env, &signer, "cluster-b").await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    // Revoke cluster-b, renew the server certificate (a new key), and SIGHUP.
+    transport_pki(&["revoke", pki_dir, "cluster-b"]);
+    transport_pki(&["server", pki_dir, "signer"]);
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("TLS settings reloaded").await;
+    assert!(line.contains("certificate_not_after"), "{line}");
+
+    // The connection made before the reload is closed by the signer.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), kept.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection made before the reload stayed open"
+    );
+    // New handshakes: the revoked client is refused, another is served, with the new
+    // server certificate.
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_err());
+    let fresh = tls_connect(&env, &signer, "cluster-a").await;
+    let presented = fresh.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let renewed =
+        meshca::tlsutil::load_certificates(&env.path("pki/signer.pem")).unwrap()[0].to_vec();
+    assert_eq!(
+        presented, renewed,
+        "the server still presents its old certificate"
+    );
+    let (_k, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    let client_a = env.client("cluster-a");
+    let body = sign_body(VM, MESH_A, &csr_a);
+    assert_eq!(post_sign(&client_a, &signer, &body).await.0, 200);
+
+    // A broken CRL: the reload is refused by name and the previous settings stay.
+    std::fs::write(env.path("pki/crl.pem"), "not a CRL\n").unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("TLS settings not reloaded").await;
+    assert!(line.contains("crl.pem"), "{line}");
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_err());
+    let (_k, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    let body = sign_body(VM, MESH_A, &csr_a);
+    assert_eq!(post_sign(&client_a, &signer, &body).await.0, 200);
+    let metrics = signer.metrics(&client_a).await;
+    for needle in [
+        "meshca_tls_reloads_total{outcome=\"ok\"} 1",
+        "meshca_tls_reloads_total{outcome=\"error\"} 1",
+        "meshca_tls_certificate_expiry_seconds ",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
+}
+
 /// A raw TLS connection presenting the named client's certificate.
 async fn tls_connect(
     env: &Env,

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the signer, served as text at `/metrics`.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -24,10 +24,14 @@ pub struct Metrics {
     audit_errors: Counter,
     root_expiry_seconds: Gauge<i64, AtomicI64>,
     root_not_after: SystemTime,
+    tls_reloads: Family<OutcomeLabels, Counter>,
+    tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
+    /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
+    tls_certificate_not_after: AtomicI64,
 }
 
 impl Metrics {
-    pub fn new(root_not_after: SystemTime) -> Self {
+    pub fn new(root_not_after: SystemTime, tls_certificate_not_after: SystemTime) -> Self {
         let mut registry = Registry::with_prefix("meshca");
         let requests = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -60,6 +64,18 @@ impl Metrics {
             "Seconds until the root certificate expires",
             root_expiry_seconds.clone(),
         );
+        let tls_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Reloads of the TLS files on SIGHUP by outcome (ok, or error: the previous settings stay)",
+            tls_reloads.clone(),
+        );
+        let tls_certificate_expiry_seconds = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "Seconds until the signer's own TLS server certificate expires",
+            tls_certificate_expiry_seconds.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -68,15 +84,14 @@ impl Metrics {
             audit_errors,
             root_expiry_seconds,
             root_not_after,
+            tls_reloads,
+            tls_certificate_expiry_seconds,
+            tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
         }
     }
 
     pub fn request(&self, outcome: &str) {
-        self.requests
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.to_string(),
-            })
-            .inc();
+        count_outcome(&self.requests, outcome);
     }
 
     pub fn signing_took(&self, elapsed: Duration) {
@@ -91,17 +106,46 @@ impl Metrics {
         self.audit_errors.inc();
     }
 
+    /// A TLS reload: `ok` with the new serving certificate's notAfter, or `error`.
+    pub fn tls_reloaded(&self, new_certificate_not_after: Option<SystemTime>) {
+        let outcome = match new_certificate_not_after {
+            Some(not_after) => {
+                self.tls_certificate_not_after
+                    .store(unix_seconds(not_after), Ordering::Relaxed);
+                "ok"
+            }
+            None => "error",
+        };
+        count_outcome(&self.tls_reloads, outcome);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let remaining = match self.root_not_after.duration_since(SystemTime::now()) {
-            Ok(d) => d.as_secs() as i64,
-            Err(e) => -(e.duration().as_secs() as i64),
-        };
-        self.root_expiry_seconds.set(remaining);
+        let now = unix_seconds(SystemTime::now());
+        self.root_expiry_seconds
+            .set(unix_seconds(self.root_not_after) - now);
+        self.tls_certificate_expiry_seconds
+            .set(self.tls_certificate_not_after.load(Ordering::Relaxed) - now);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+fn count_outcome(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
+    family
+        .get_or_create(&OutcomeLabels {
+            outcome: outcome.to_string(),
+        })
+        .inc();
+}
+
+/// Seconds since the Unix epoch, negative before it.
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
     }
 }
 
@@ -111,7 +155,11 @@ mod tests {
 
     #[test]
     fn renders_every_family() {
-        let m = Metrics::new(SystemTime::now() + Duration::from_secs(3600));
+        let now = SystemTime::now();
+        let m = Metrics::new(
+            now + Duration::from_secs(3600),
+            now + Duration::from_secs(450),
+        );
         m.request("issued");
         m.request("policy_org");
         m.signing_took(Duration::from_millis(3));
@@ -124,6 +172,17 @@ mod tests {
             "meshca_backend_errors_total 1",
             "meshca_audit_write_errors_total 0",
             "meshca_root_expiry_seconds 3",
+            "meshca_tls_certificate_expiry_seconds 4",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        m.tls_reloaded(None);
+        m.tls_reloaded(Some(now + Duration::from_secs(7200)));
+        let text = m.render();
+        for needle in [
+            "meshca_tls_reloads_total{outcome=\"ok\"} 1",
+            "meshca_tls_reloads_total{outcome=\"error\"} 1",
+            "meshca_tls_certificate_expiry_seconds 7",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -1,21 +1,21 @@
 //! Starting and running the signer: backend, audit log, TLS listener with bounded
-//! connections and timeouts, an optional plain ops listener, and a graceful drain on
-//! SIGTERM (in-flight requests finish, then exit 0).
+//! connections and timeouts, an optional plain ops listener, a reload of the TLS files on
+//! SIGHUP, and a graceful drain on SIGTERM (in-flight requests finish, then exit 0).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use super::api::{self, ClientIdentity};
-use super::audit::AuditLog;
+use super::audit::{AuditLog, rfc3339};
 use super::metrics::Metrics;
 use super::ratelimit::{RateLimit, RateLimiter};
 use super::{BoundAddresses, SignerState};
@@ -25,7 +25,7 @@ use crate::backend::vault::VaultBackend;
 use crate::config::{BackendKind, Limits, SignerConfig};
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_public_key;
-use crate::tlsutil::{client_identity, server_config};
+use crate::tlsutil::{TlsError, certificate_not_after, client_identity, server_config};
 
 /// How long SIGTERM waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +42,8 @@ pub enum StartError {
     Tls(#[from] crate::tlsutil::TlsError),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
+    #[error("cannot handle signals: {0}")]
+    Signals(String),
 }
 
 /// Loads the root certificate named by the config.
@@ -101,14 +103,61 @@ pub fn start_backend(
     }
 }
 
-/// A running signer: its addresses and the handle that stops it.
+/// The files the API listener's TLS is built from: read at start and again on reload.
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    crls: Vec<PathBuf>,
+}
+
+impl TlsFiles {
+    fn of(config: &SignerConfig) -> Self {
+        TlsFiles {
+            cert: config.tls_cert.clone(),
+            key: config.tls_key.clone(),
+            client_ca: config.client_ca.clone(),
+            crls: config.client_crls.clone(),
+        }
+    }
+
+    /// A fresh acceptor from the files, and the server certificate's notAfter.
+    fn acceptor(&self) -> Result<(TlsAcceptor, SystemTime), TlsError> {
+        let config = server_config(&self.cert, &self.key, &self.client_ca, &self.crls)?;
+        let not_after = certificate_not_after(&self.cert)?;
+        Ok((TlsAcceptor::from(Arc::new(config)), not_after))
+    }
+}
+
+/// A running signer: its addresses and the handles that reload and stop it.
 pub struct RunningSigner {
     pub addresses: BoundAddresses,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    tls_files: TlsFiles,
+    acceptor: watch::Sender<TlsAcceptor>,
+    state: Arc<SignerState>,
 }
 
 impl RunningSigner {
+    /// Re-reads the server certificate and key, the client CA and the CRLs. New
+    /// handshakes use them at once; connections made before close after the request they
+    /// are serving, so a newly revoked client keeps no kept-alive connection. On an error
+    /// the previous settings stay in force. Returns the new certificate's notAfter.
+    pub fn reload_tls(&self) -> Result<SystemTime, TlsError> {
+        match self.tls_files.acceptor() {
+            Ok((acceptor, not_after)) => {
+                self.acceptor.send_replace(acceptor);
+                self.state.metrics.tls_reloaded(Some(not_after));
+                Ok(not_after)
+            }
+            Err(e) => {
+                self.state.metrics.tls_reloaded(None);
+                Err(e)
+            }
+        }
+    }
+
     /// Stops accepting, drains in-flight requests (bounded), and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -125,7 +174,9 @@ pub async fn start(
 ) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
     let root = load_root(&config)?;
-    let metrics = Metrics::new(root.not_after);
+    let tls_files = TlsFiles::of(&config);
+    let (acceptor, tls_not_after) = tls_files.acceptor()?;
+    let metrics = Metrics::new(root.not_after, tls_not_after);
     let backend = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || start_backend(&config, root))
@@ -137,12 +188,6 @@ pub async fn start(
     if let Some(side) = &report.torn_tail_saved_to {
         tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
     }
-    let tls = server_config(
-        &config.tls_cert,
-        &config.tls_key,
-        &config.client_ca,
-        &config.client_crls,
-    )?;
 
     let api_addr = listen_override.unwrap_or(config.listen);
     let api_listener = bind(api_addr).await?;
@@ -167,9 +212,10 @@ pub async fn start(
         }),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (acceptor_tx, acceptor_rx) = watch::channel(acceptor);
     let mut tasks = vec![tokio::spawn(serve_tls(
         api_listener,
-        TlsAcceptor::from(Arc::new(tls)),
+        acceptor_rx,
         api::router(state.clone()),
         config.limits,
         shutdown_rx.clone(),
@@ -203,6 +249,9 @@ pub async fn start(
         addresses,
         shutdown: shutdown_tx,
         tasks,
+        tls_files,
+        acceptor: acceptor_tx,
+        state,
     })
 }
 
@@ -219,14 +268,15 @@ fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(fallback)
 }
 
+/// Accepts connections until shutdown, each with the acceptor current at its accept,
+/// then waits (bounded) for the open ones to finish.
 async fn serve_tls(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptors: watch::Receiver<TlsAcceptor>,
     app: axum::Router,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
@@ -246,9 +296,11 @@ async fn serve_tls(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        // Marks this acceptor's version seen, so a reload after it is noticed below.
+        let mut reloads = acceptors.clone();
+        let acceptor = reloads.borrow_and_update().clone();
         let app = app.clone();
-        let watcher = graceful.watcher();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls =
@@ -280,14 +332,33 @@ async fn serve_tls(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection).await {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => Some(ended),
+                _ = stopped(&mut stop) => None,
+                _ = reloads.changed() => {
+                    tracing::debug!(%peer, "TLS settings reloaded: closing this connection after its current request");
+                    None
+                }
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
+                    // Finishes the request in flight, if any, then closes.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
+    // Every connection holds a slot until it ends: all slots free means all drained.
+    let all_slots = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = slots.acquire_many(all_slots) => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timed out; closing remaining connections"),
     }
 }
@@ -297,13 +368,33 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// Runs the signer until SIGTERM or SIGINT, then drains and returns.
+/// Runs the signer until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the
+/// TLS files ([`RunningSigner::reload_tls`]).
 pub async fn run(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
 ) -> Result<(), StartError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups =
+        signal(SignalKind::hangup()).map_err(|e| StartError::Signals(format!("SIGHUP: {e}")))?;
     let running = start(config, listen_override).await?;
-    wait_for_signal().await;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = hangups.recv() => match running.reload_tls() {
+                Ok(not_after) => tracing::info!(
+                    certificate_not_after = %rfc3339(not_after),
+                    "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
+                ),
+            },
+        }
+    }
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     running.shutdown().await;
     tracing::info!("signer stopped");

@@ -567,6 +567,23 @@ impl Signer {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Waits (at most 30 s) for a log line containing `needle`; returns that line.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        for _ in 0..300 {
+            if let Some(line) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no log line with {needle:?} in:\n{}", self.logs());
+    }
+
     /// The Prometheus text of `/metrics`, fetched by `client`.
     pub async fn metrics(&self, client: &reqwest::Client) -> String {
         client
