@@ -71,7 +71,14 @@ impl Cluster {
     }
 
     fn put_deployment(&self, ns: &str, name: &str, labels: Value) {
-        self.put(&deployments_path(ns, name), deployment(ns, name, labels));
+        self.put_workload("Deployment", ns, name, labels);
+    }
+
+    fn put_workload(&self, kind: &str, ns: &str, name: &str, labels: Value) {
+        self.put(
+            &workload_path(kind, ns, name),
+            workload(kind, ns, name, labels),
+        );
     }
 
     /// One pass of the agent; returns the requests it sent.
@@ -99,16 +106,22 @@ fn request_object(signer_addr: &str, extra_spec: Value) -> Value {
     })
 }
 
-fn deployment(ns: &str, name: &str, labels: Value) -> Value {
+fn workload(kind: &str, ns: &str, name: &str, labels: Value) -> Value {
     json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1", "kind": kind,
         "metadata": {"name": name, "namespace": ns, "labels": labels},
         "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}}
     })
 }
 
+/// The path of a Deployment, StatefulSet or DaemonSet.
+fn workload_path(kind: &str, ns: &str, name: &str) -> String {
+    let plural = format!("{}s", kind.to_lowercase());
+    format!("/apis/apps/v1/namespaces/{ns}/{plural}/{name}")
+}
+
 fn deployments_path(ns: &str, name: &str) -> String {
-    format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}")
+    workload_path("Deployment", ns, name)
 }
 
 fn configmap(ns: &str, root_pem: &str) -> (String, Value) {
@@ -137,10 +150,10 @@ fn secret_files(secret: &Value) -> BundleFiles {
     }
 }
 
-/// The rolling restarts among `sent`: patches of Deployments.
-fn deployment_patches(sent: &[Recorded]) -> Vec<&Recorded> {
+/// The rolling restarts among `sent`: patches of Deployments, StatefulSets, DaemonSets.
+fn workload_patches(sent: &[Recorded]) -> Vec<&Recorded> {
     sent.iter()
-        .filter(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
+        .filter(|r| r.method == "PATCH" && r.path.starts_with("/apis/apps/v1/"))
         .collect()
 }
 
@@ -161,6 +174,13 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
         json!({"istio": "ingressgateway"}),
     );
     cluster.put_deployment("shop", "web", json!({"app": "web"}));
+    cluster.put_workload("StatefulSet", "shop", "db", json!({"app": "db"}));
+    cluster.put_workload(
+        "DaemonSet",
+        "shop",
+        "node-agent",
+        json!({"app": "node-agent"}),
+    );
 
     // Pass 1: lease created, Secret applied, istiod restarted, gateways wait.
     let sent = cluster.pass().await;
@@ -209,7 +229,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let summary = verify_bundle(&files, Some(&root), std::time::SystemTime::now()).unwrap();
     assert!(summary.subject.contains("cluster-a"), "{}", summary.subject);
 
-    let patches = deployment_patches(&sent);
+    let patches = workload_patches(&sent);
     assert_eq!(patches.len(), 1);
     assert_eq!(patches[0].path, deployments_path("istio-system", "istiod"));
     assert_eq!(
@@ -250,7 +270,10 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     assert_eq!(st["rootFingerprint"], summary.anchor_fingerprint);
     assert!(st["notAfter"].is_string() && st["renewAt"].is_string());
     assert_eq!(st["restart"]["stage"], "Gateways");
-    assert_eq!(st["restart"]["restarted"], json!(["istio-system/istiod"]));
+    assert_eq!(
+        st["restart"]["restarted"],
+        json!(["Deployment istio-system/istiod"])
+    );
     assert!(
         st["restart"]["message"]
             .as_str()
@@ -280,7 +303,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let (path, cm) = configmap("istio-system", &env.root_pem());
     cluster.put(&path, cm);
     let sent = cluster.pass().await;
-    let restarted: Vec<String> = deployment_patches(&sent)
+    let restarted: Vec<String> = workload_patches(&sent)
         .iter()
         .map(|r| r.path.clone())
         .collect();
@@ -290,23 +313,37 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     );
     assert_eq!(vmcsr_status(&cluster)["restart"]["stage"], "Workloads");
 
-    // Pass 4: shop carries it: its workload restarts, the plan completes.
+    // Pass 4: shop carries it: its workloads of every kind restart, the plan completes.
     let (path, cm) = configmap("shop", &format!("{}{}", env.root_pem(), env.root_pem()));
     cluster.put(&path, cm);
     let sent = cluster.pass().await;
-    let restarted: Vec<String> = deployment_patches(&sent)
+    let restarted: Vec<String> = workload_patches(&sent)
         .iter()
         .map(|r| r.path.clone())
         .collect();
-    assert_eq!(restarted, vec![deployments_path("shop", "web")]);
+    assert_eq!(
+        restarted,
+        vec![
+            deployments_path("shop", "web"),
+            workload_path("StatefulSet", "shop", "db"),
+            workload_path("DaemonSet", "shop", "node-agent"),
+        ]
+    );
+    for patch in workload_patches(&sent) {
+        assert_eq!(patch.content_type, "application/strategic-merge-patch+json");
+        let annotations = &patch.body["spec"]["template"]["metadata"]["annotations"];
+        assert!(annotations["kubectl.kubernetes.io/restartedAt"].is_string());
+    }
     let st = vmcsr_status(&cluster);
     assert_eq!(st["restart"]["stage"], "Complete");
     assert_eq!(
         st["restart"]["restarted"],
         json!([
-            "istio-system/istiod",
-            "istio-system/istio-ingressgateway",
-            "shop/web"
+            "Deployment istio-system/istiod",
+            "Deployment istio-system/istio-ingressgateway",
+            "Deployment shop/web",
+            "StatefulSet shop/db",
+            "DaemonSet shop/node-agent"
         ])
     );
 
@@ -314,7 +351,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     for _ in 0..2 {
         let sent = cluster.pass().await;
         assert_eq!(writes(&sent), vec![("PUT".to_string(), LEASE.to_string())]);
-        assert!(!sent.iter().any(|r| r.path.contains("/deployments")));
+        assert!(!sent.iter().any(|r| r.path.starts_with("/apis/apps/")));
     }
     drop(signer);
 }

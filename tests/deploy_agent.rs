@@ -157,4 +157,14 @@ fn rbac_is_least_privilege() {
             );
         }
     }
+    // A workload namespace grants exactly what a rolling restart of its workloads needs.
+    let workloads = rules(&files[1])
+        .into_iter()
+        .find(|r| r.groups == ["apps"])
+        .expect("a rule for the apps group");
+    assert_eq!(
+        workloads.resources,
+        ["deployments", "statefulsets", "daemonsets"]
+    );
+    assert_eq!(workloads.verbs, ["list", "patch"]);
 }

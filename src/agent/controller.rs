@@ -16,7 +16,7 @@ use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrSt
 use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, classify_secret};
 use super::restart::{
-    InstallKind, RestartRecord, Stage, StageView, Step, next_step, restart_needed,
+    InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, restart_needed,
 };
 use super::rotation::{Decision, Desired, Installed, carries_root, decide, root_fingerprints};
 use super::{AgentError, BundleRequest, RootsPlan, obtain_bundle};
@@ -430,8 +430,10 @@ impl Controller {
             };
             let mut view = StageView::default();
             for (ns, selector) in scopes {
-                view.targets
-                    .extend(self.kube.list_deployments(ns, selector).await?);
+                for &kind in WorkloadKind::of_stage(record.stage) {
+                    view.targets
+                        .extend(self.kube.list_workloads(kind, ns, selector).await?);
+                }
             }
             if record.stage != Stage::Istiod {
                 let namespaces: std::collections::BTreeSet<String> =
@@ -453,14 +455,9 @@ impl Controller {
                     self.ensure_leader().await?;
                     for target in targets {
                         self.kube
-                            .restart_deployment(
-                                &target.namespace,
-                                &target.name,
-                                &record.serial,
-                                now,
-                            )
+                            .restart_workload(&target, &record.serial, now)
                             .await?;
-                        tracing::info!(deployment = %target.id(), serial = %record.serial, "rolling restart");
+                        tracing::info!(workload = %target.id(), serial = %record.serial, "rolling restart");
                         record.restarted.push(target.id());
                     }
                 }

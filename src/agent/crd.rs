@@ -166,7 +166,8 @@ pub struct RestartSpec {
     /// new root).
     #[serde(default)]
     pub workload_namespaces: Vec<String>,
-    /// Label selector of the workload Deployments (empty: all in those namespaces).
+    /// Label selector of the workloads: Deployments, StatefulSets and DaemonSets (empty: all
+    /// in those namespaces).
     #[serde(default)]
     pub workload_selector: String,
     /// How long a stage waits for a namespace's istio-ca-root-cert before the plan stops.

@@ -1,22 +1,22 @@
 //! The thin Kubernetes layer of the cluster agent: exactly the API calls it makes (get and
-//! server-side apply a Secret, list and patch Deployments, get a ConfigMap, list requests
-//! and apply their status, a Lease for leader election), plus the pure reading of what
-//! comes back (is this Secret ours, who holds the Lease).
+//! server-side apply a Secret, list and patch Deployments, StatefulSets and DaemonSets, get
+//! a ConfigMap, list requests and apply their status, a Lease for leader election), plus
+//! the pure reading of what comes back (is this Secret ours, who holds the Lease).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
 use super::crd::{VirtualMeshCertificateSigningRequest, VmcsrStatus};
-use super::restart::{RESTARTED_FOR, Target, restart_patch};
+use super::restart::{RESTARTED_FOR, Target, WorkloadKind, restart_patch};
 use super::rotation::Installed;
 use crate::pki::bundle::{BundleFiles, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
 
@@ -209,9 +209,24 @@ impl Kube {
             .map_err(ctx(|| format!("apply Secret {ns}/{name}")))
     }
 
-    /// Deployments of `ns` matching `selector` (empty: all), with their restart marker.
-    pub async fn list_deployments(
+    /// Workloads of `kind` in `ns` matching `selector` (empty: all), with their restart
+    /// marker.
+    pub async fn list_workloads(
         &self,
+        kind: WorkloadKind,
+        ns: &str,
+        selector: &str,
+    ) -> Result<Vec<Target>, KubeError> {
+        match kind {
+            WorkloadKind::Deployment => self.list_of::<Deployment>(kind, ns, selector).await,
+            WorkloadKind::StatefulSet => self.list_of::<StatefulSet>(kind, ns, selector).await,
+            WorkloadKind::DaemonSet => self.list_of::<DaemonSet>(kind, ns, selector).await,
+        }
+    }
+
+    async fn list_of<K: Workload>(
+        &self,
+        kind: WorkloadKind,
         ns: &str,
         selector: &str,
     ) -> Result<Vec<Target>, KubeError> {
@@ -219,23 +234,25 @@ impl Kube {
         if !selector.is_empty() {
             params = params.labels(selector);
         }
-        let list = Api::<Deployment>::namespaced(self.client.clone(), ns)
+        let list = Api::<K>::namespaced(self.client.clone(), ns)
             .list(&params)
             .await
-            .map_err(ctx(|| format!("list Deployments in {ns} ({selector})")))?;
+            .map_err(ctx(|| {
+                format!("list {}s in {ns} ({selector})", kind.name())
+            }))?;
         Ok(list
             .items
             .into_iter()
-            .filter_map(|d| {
-                let restarted_for = d
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.template.metadata.as_ref())
+            .filter_map(|workload| {
+                let restarted_for = workload
+                    .pod_template()
+                    .and_then(|t| t.metadata.as_ref())
                     .and_then(|m| m.annotations.as_ref())
                     .and_then(|a| a.get(RESTARTED_FOR).cloned());
                 Some(Target {
+                    kind,
                     namespace: ns.to_string(),
-                    name: d.metadata.name?,
+                    name: workload.meta().name.clone()?,
                     restarted_for,
                 })
             })
@@ -244,26 +261,36 @@ impl Kube {
 
     /// Rolling restart: a strategic-merge patch of the pod template annotations, as
     /// `kubectl rollout restart` does. Never deletes a pod.
-    pub async fn restart_deployment(
+    pub async fn restart_workload(
         &self,
-        ns: &str,
-        name: &str,
+        target: &Target,
         serial: &str,
         now: SystemTime,
     ) -> Result<(), KubeError> {
-        let patch = restart_patch(serial, &crate::signer::audit::rfc3339(now));
-        Api::<Deployment>::namespaced(self.client.clone(), ns)
-            .patch(
-                name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PatchParams::default()
-                },
-                &Patch::Strategic(patch),
-            )
+        let patch = Patch::Strategic(restart_patch(serial, &crate::signer::audit::rfc3339(now)));
+        let (ns, name) = (target.namespace.as_str(), target.name.as_str());
+        let patched = match target.kind {
+            WorkloadKind::Deployment => self.patch_of::<Deployment>(ns, name, &patch).await,
+            WorkloadKind::StatefulSet => self.patch_of::<StatefulSet>(ns, name, &patch).await,
+            WorkloadKind::DaemonSet => self.patch_of::<DaemonSet>(ns, name, &patch).await,
+        };
+        patched.map_err(ctx(|| format!("restart {}", target.id())))
+    }
+
+    async fn patch_of<K: Workload>(
+        &self,
+        ns: &str,
+        name: &str,
+        patch: &Patch<serde_json::Value>,
+    ) -> Result<(), kube::Error> {
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        Api::<K>::namespaced(self.client.clone(), ns)
+            .patch(name, &params, patch)
             .await
             .map(|_| ())
-            .map_err(ctx(|| format!("restart Deployment {ns}/{name}")))
     }
 
     /// root-cert.pem of `istio-ca-root-cert` in `ns` (absent ConfigMap or key: `None`).
@@ -410,6 +437,34 @@ pub fn lease_spec(
     spec.lease_duration_seconds = Some(duration.as_secs().min(i32::MAX as u64) as i32);
     spec.renew_time = now;
     spec
+}
+
+/// A workload kind with a pod template (what a rolling restart patches).
+trait Workload:
+    kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+    fn pod_template(&self) -> Option<&PodTemplateSpec>;
+}
+
+impl Workload for Deployment {
+    fn pod_template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
+}
+
+impl Workload for StatefulSet {
+    fn pod_template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
+}
+
+impl Workload for DaemonSet {
+    fn pod_template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
 }
 
 #[cfg(test)]

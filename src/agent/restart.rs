@@ -3,9 +3,10 @@
 //! rollout (istiod, then gateways, then workloads, each namespace only once its
 //! `istio-ca-root-cert` ConfigMap carries the new root).
 //!
-//! It never loops: a plan belongs to one certificate serial, a Deployment is restarted at
-//! most once per serial (recorded in status and on the pod template), and a finished or
-//! timed-out plan does nothing until a new serial is installed.
+//! It never loops: a plan belongs to one certificate serial, a workload (Deployment,
+//! StatefulSet or DaemonSet) is restarted at most once per serial (recorded in status and
+//! on the pod template), and a finished or timed-out plan does nothing until a new serial
+//! is installed.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -95,7 +96,7 @@ pub struct RestartRecord {
     pub stage: Stage,
     /// When the current stage started (RFC 3339): the wait bound counts from here.
     pub stage_started: String,
-    /// `namespace/name` of every Deployment restarted for this serial.
+    /// `<Kind> <namespace>/<name>` of every workload restarted for this serial.
     #[serde(default)]
     pub restarted: Vec<String>,
     /// What the plan waits for or why it stopped.
@@ -103,9 +104,43 @@ pub struct RestartRecord {
     pub message: Option<String>,
 }
 
-/// A Deployment the current stage covers.
+/// The kinds of workload a rolling restart applies to (each rolls its pods when its pod
+/// template changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl WorkloadKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+        }
+    }
+
+    /// The kinds a stage restarts: istiod and the gateways are Deployments in every Istio
+    /// installation; a namespace's workloads may be any of the three.
+    pub fn of_stage(stage: Stage) -> &'static [WorkloadKind] {
+        match stage {
+            Stage::Istiod | Stage::Gateways => &[WorkloadKind::Deployment],
+            Stage::Workloads => &[
+                WorkloadKind::Deployment,
+                WorkloadKind::StatefulSet,
+                WorkloadKind::DaemonSet,
+            ],
+            Stage::Complete | Stage::TimedOut => &[],
+        }
+    }
+}
+
+/// A workload the current stage covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    pub kind: WorkloadKind,
     pub namespace: String,
     pub name: String,
     /// The pod template's [`RESTARTED_FOR`] annotation.
@@ -113,8 +148,9 @@ pub struct Target {
 }
 
 impl Target {
+    /// `<Kind> <namespace>/<name>`, as recorded in `status.restart.restarted`.
     pub fn id(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        format!("{} {}/{}", self.kind.name(), self.namespace, self.name)
     }
 }
 
@@ -141,7 +177,7 @@ pub enum Step {
     Done,
 }
 
-/// The next step of the plan, given the current stage's Deployments.
+/// The next step of the plan, given the current stage's workloads.
 ///
 /// Istiod restarts without a gate (it is what puts the new root into the ConfigMaps).
 /// Gateways and workloads restart only in namespaces that carry the new root; those that
@@ -206,6 +242,7 @@ mod tests {
 
     fn t(ns: &str, name: &str) -> Target {
         Target {
+            kind: WorkloadKind::Deployment,
             namespace: ns.into(),
             name: name.into(),
             restarted_for: None,
@@ -313,10 +350,10 @@ mod tests {
         }
         assert!(steps < 40);
         assert_eq!(rec.stage, Stage::Complete);
-        assert_eq!(order[0], "istio-system/istiod");
+        assert_eq!(order[0], "Deployment istio-system/istiod");
         let pos = |id: &str| order.iter().position(|o| o == id).unwrap();
-        assert!(pos("istio-system/istio-ingressgateway") < pos("shop/cart"));
-        assert!(pos("istio-gateways/east-west") < pos("bank/ledger"));
+        assert!(pos("Deployment istio-system/istio-ingressgateway") < pos("Deployment shop/cart"));
+        assert!(pos("Deployment istio-gateways/east-west") < pos("Deployment bank/ledger"));
         assert_eq!(order.len(), 6);
         // Re-running a complete plan any number of times restarts nothing.
         let everything = StageView {

@@ -4,7 +4,7 @@
 //! merge of labels and annotations, `spec` replaced and `generation` bumped when it
 //! changes, `metadata.finalizers` as a set of which meshca owns its own, other maps such as
 //! a Secret's `data` merged key by key), status apply, merge and strategic-merge patches of
-//! existing objects (a Deployment's rolling restart), delete (404 when absent), Lease
+//! existing objects (a workload's rolling restart), delete (404 when absent), Lease
 //! create and replace with a resourceVersion check, and a writer racing in after a read.
 //! Every request is recorded with its Authorization header.
 
@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 /// The finalizer meshca applies (the fake treats it as meshca's own in applies).
 pub const FINALIZER: &str = "meshca.dev/mesh-controller";
 
-const PLURALS: [&str; 12] = [
+const PLURALS: [&str; 14] = [
     "virtualmeshes",
     "meshes",
     "secrets",
@@ -34,6 +34,8 @@ const PLURALS: [&str; 12] = [
     "destinationrules",
     "namespaces",
     "deployments",
+    "statefulsets",
+    "daemonsets",
     "configmaps",
 ];
 
