@@ -19,11 +19,15 @@ use x509_cert::ext::pkix::name::GeneralName;
 pub enum TlsError {
     #[error("cannot read certificates from {path}: {message}")]
     Certificates { path: String, message: String },
+    #[error("cannot read CRLs from {path}: {message}")]
+    Crls { path: String, message: String },
     #[error("cannot read private key from {path}: {message}")]
     Key { path: String, message: String },
     #[error("TLS configuration: {0}")]
     Config(String),
 }
+
+const CRL_LABEL: &str = "X509 CRL";
 
 /// The crypto provider every meshca TLS endpoint uses.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -37,9 +41,13 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
 
 /// Every PEM block of type `T` (`label`) in a file; a file without one is an error.
 fn load_pem_blocks<T: PemObject>(path: &Path, label: &str) -> Result<Vec<T>, TlsError> {
-    let err = |message: String| TlsError::Certificates {
-        path: path.display().to_string(),
-        message,
+    let err = |message: String| {
+        let path = path.display().to_string();
+        if label == CRL_LABEL {
+            TlsError::Crls { path, message }
+        } else {
+            TlsError::Certificates { path, message }
+        }
     };
     let blocks = T::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
@@ -85,7 +93,7 @@ pub fn server_config(
     let mut revocation_lists = Vec::new();
     for path in crls {
         revocation_lists.extend(load_pem_blocks::<CertificateRevocationListDer<'static>>(
-            path, "X509 CRL",
+            path, CRL_LABEL,
         )?);
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(
