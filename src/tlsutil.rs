@@ -88,7 +88,7 @@ pub fn server_config(
     key: &Path,
     client_ca: &Path,
     crls: &[std::path::PathBuf],
-) -> Result<rustls::ServerConfig, TlsError> {
+) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let mut revocation_lists = Vec::new();
     for path in crls {
@@ -103,24 +103,29 @@ pub fn server_config(
     .with_crls(revocation_lists)
     .build()
     .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certificates(cert)?, load_private_key(key)?)
-        .map_err(|e| TlsError::Config(format!("server certificate {}: {e}", cert.display())))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-/// When the first certificate of a PEM file (the server's own) expires.
-pub fn certificate_not_after(path: &Path) -> Result<std::time::SystemTime, TlsError> {
-    let first = load_certificates(path)?.swap_remove(0);
-    let cert = Certificate::from_der(&first).map_err(|e| TlsError::Certificates {
-        path: path.display().to_string(),
+        .with_client_cert_verifier(verifier);
+    let chain = load_certificates(cert)?;
+    let leaf = Certificate::from_der(&chain[0]).map_err(|e| TlsError::Certificates {
+        path: cert.display().to_string(),
         message: e.to_string(),
     })?;
-    Ok(cert.tbs_certificate().validity().not_after.to_system_time())
+    let mut config = config
+        .with_single_cert(chain, load_private_key(key)?)
+        .map_err(|e| TlsError::Config(format!("server certificate {}: {e}", cert.display())))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(ServerTls {
+        config,
+        certificate_not_after: leaf.tbs_certificate().validity().not_after.to_system_time(),
+    })
+}
+
+/// A server's rustls configuration and when its own certificate expires.
+pub struct ServerTls {
+    pub config: rustls::ServerConfig,
+    pub certificate_not_after: std::time::SystemTime,
 }
 
 /// Client side: trust only `ca` for the server, present `client_cert`/`client_key`.

@@ -157,6 +157,14 @@ fn workload_patches(sent: &[Recorded]) -> Vec<&Recorded> {
         .collect()
 }
 
+/// The paths of the workloads `sent` restarted, in order.
+fn restarted_paths(sent: &[Recorded]) -> Vec<String> {
+    workload_patches(sent)
+        .iter()
+        .map(|r| r.path.clone())
+        .collect()
+}
+
 fn vmcsr_status(cluster: &Cluster) -> Value {
     cluster.get(&format!("{VMCSR}/cluster-a")).unwrap()["status"].clone()
 }
@@ -303,10 +311,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let (path, cm) = configmap("istio-system", &env.root_pem());
     cluster.put(&path, cm);
     let sent = cluster.pass().await;
-    let restarted: Vec<String> = workload_patches(&sent)
-        .iter()
-        .map(|r| r.path.clone())
-        .collect();
+    let restarted = restarted_paths(&sent);
     assert_eq!(
         restarted,
         vec![deployments_path("istio-system", "istio-ingressgateway")]
@@ -317,10 +322,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     let (path, cm) = configmap("shop", &format!("{}{}", env.root_pem(), env.root_pem()));
     cluster.put(&path, cm);
     let sent = cluster.pass().await;
-    let restarted: Vec<String> = workload_patches(&sent)
-        .iter()
-        .map(|r| r.path.clone())
-        .collect();
+    let restarted = restarted_paths(&sent);
     assert_eq!(
         restarted,
         vec![

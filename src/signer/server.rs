@@ -25,7 +25,7 @@ use crate::backend::vault::VaultBackend;
 use crate::config::{BackendKind, Limits, SignerConfig};
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_public_key;
-use crate::tlsutil::{TlsError, certificate_not_after, client_identity, server_config};
+use crate::tlsutil::{TlsError, client_identity, server_config};
 
 /// How long SIGTERM waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -123,9 +123,11 @@ impl TlsFiles {
 
     /// A fresh acceptor from the files, and the server certificate's notAfter.
     fn acceptor(&self) -> Result<(TlsAcceptor, SystemTime), TlsError> {
-        let config = server_config(&self.cert, &self.key, &self.client_ca, &self.crls)?;
-        let not_after = certificate_not_after(&self.cert)?;
-        Ok((TlsAcceptor::from(Arc::new(config)), not_after))
+        let tls = server_config(&self.cert, &self.key, &self.client_ca, &self.crls)?;
+        Ok((
+            TlsAcceptor::from(Arc::new(tls.config)),
+            tls.certificate_not_after,
+        ))
     }
 }
 

@@ -418,7 +418,8 @@ impl VaultClient {
     }
 
     /// Built field by field: vaultrs' settings builder would read VAULT_* environment
-    /// variables (VAULT_SKIP_VERIFY among them) and make its own TLS client.
+    /// variables (including the one that turns TLS verification off) and make its own TLS
+    /// client.
     fn vaultrs_client(&self, token: &str) -> vaultrs::client::VaultClient {
         let settings = vaultrs::client::VaultClientSettings {
             address: self.settings.address.clone(),
