@@ -442,9 +442,9 @@ fn pkcs11_settings(
         }
     };
     let sessions = section.sessions.unwrap_or_else(default_sessions);
-    if !(1..=256).contains(&sessions) {
+    if !(1..=MAX_SESSIONS).contains(&sessions) {
         return Err(format!(
-            "pkcs11.sessions must be between 1 and 256, got {sessions}"
+            "pkcs11.sessions must be between 1 and {MAX_SESSIONS}, got {sessions}"
         ));
     }
     Ok(Pkcs11Settings {
@@ -456,11 +456,20 @@ fn pkcs11_settings(
     })
 }
 
-/// One session per core: signing in the token is CPU-bound.
+/// Most PKCS#11 sessions a signer opens.
+const MAX_SESSIONS: usize = 256;
+
+/// Two sessions per CPU. An issuance holds its session from building the certificate to
+/// checking the signature, and a token call can wait on the token's own locks (SoftHSM)
+/// or on the network (a network HSM); with one session per CPU the cores sat idle part of
+/// the time (`make bench`, ECDSA P-256 on 2 CPUs: about 3,900 signings/s with 2 sessions,
+/// 5,000 with 4).
 pub fn default_sessions() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(2)
+        .unwrap_or(1)
+        .saturating_mul(2)
+        .min(MAX_SESSIONS)
 }
 
 /// A TOML error without the source snippet toml prints by default: the offending line

@@ -538,6 +538,8 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
         "meshca_sign_requests_total{outcome=\"not_authorized\"} 1",
         "meshca_signing_duration_seconds_count 1",
         "meshca_backend_errors_total 0",
+        // One request at a time: each decision is its own write and fsync.
+        "meshca_audit_commits_total 2",
         "meshca_root_expiry_seconds 25",
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
@@ -569,6 +571,16 @@ async fn thirty_two_concurrent_requests_all_succeed_with_distinct_serials() {
     assert_eq!(serials.len(), 32);
     let verified = env.audit_verify_ok();
     assert!(verified.contains("intact: 32 records"), "{verified}");
+    // The root and its intermediates share the VirtualMesh's ttlDays, so every
+    // intermediate ends with the root: the log says so once, not 32 times.
+    let capped = "shortened to end with the root";
+    signer.wait_for_log(capped).await;
+    assert_eq!(
+        signer.logs().matches(capped).count(),
+        1,
+        "{}",
+        signer.logs()
+    );
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! written to the audit log before the response leaves.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
@@ -94,6 +95,7 @@ async fn sign(
     body: Body,
 ) -> Response {
     let identity = identity.and_then(|axum::Extension(ClientIdentity(id))| id);
+    let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
     let outcome = sign_inner(&state, identity.as_deref(), &headers, body, &mut facts).await;
     let now = SystemTime::now();
@@ -121,7 +123,7 @@ async fn sign(
         }
     }
     // Nothing is answered, and no certificate leaves, before its audit line is on disk.
-    if let Err(e) = state.audit.append(record).await {
+    if let Err(e) = state.audit.append(record, announced).await {
         state.metrics.audit_error();
         state.metrics.request("audit_unavailable");
         tracing::error!(error = %e, "audit log write failed; answering 503");
@@ -216,10 +218,10 @@ async fn sign_inner(
         root: backend.root(),
     };
     let approval = decide(&ctx, identity, &request, SystemTime::now(), serial, facts)?;
-    if approval.capped_by_root {
+    if approval.capped_by_root && !state.capped_by_root_noted.swap(true, Ordering::Relaxed) {
         tracing::info!(
             root_not_after = %rfc3339(backend.root().not_after),
-            "intermediate lifetime shortened to the root's expiry"
+            "intermediates are shortened to end with the root (said once; the audit log has each notAfter)"
         );
     }
 

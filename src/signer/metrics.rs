@@ -119,6 +119,16 @@ impl Metrics {
         count_outcome(&self.tls_reloads, outcome);
     }
 
+    /// Exports the audit log's count of writes + fsyncs, which against the decisions
+    /// counted in `sign_requests` shows how well group commit batches.
+    pub fn watch_audit_commits(&mut self, commits: Counter) {
+        self.registry.register(
+            "audit_commits",
+            "Writes with fsync of the audit log; each covers one or more decisions",
+            commits,
+        );
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let now = unix_seconds(SystemTime::now());

@@ -10,6 +10,7 @@ pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use crate::backend::RootSigner;
 use crate::config::AuthorizationTable;
@@ -24,6 +25,10 @@ pub struct SignerState {
     pub audit: audit::AuditLog,
     pub metrics: metrics::Metrics,
     pub rate_limiter: ratelimit::RateLimiter,
+    /// Set once the log has said that intermediates end with the root. With a VirtualMesh's
+    /// one ttlDays for the root and its intermediates that is every request, so it is said
+    /// once per process (the root only changes with a restart), not once per request.
+    pub capped_by_root_noted: AtomicBool,
 }
 
 /// Where the signer ended up listening (ports may have been chosen by the OS).

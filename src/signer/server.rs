@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
@@ -178,7 +179,7 @@ pub async fn start(
     let root = load_root(&config)?;
     let tls_files = TlsFiles::of(&config);
     let (acceptor, tls_not_after) = tls_files.acceptor()?;
-    let metrics = Metrics::new(root.not_after, tls_not_after);
+    let mut metrics = Metrics::new(root.not_after, tls_not_after);
     let backend = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || start_backend(&config, root))
@@ -187,6 +188,7 @@ pub async fn start(
     };
     let backend_ready_ms = started.elapsed().as_millis();
     let (audit, report) = AuditLog::open(&config.audit_log)?;
+    metrics.watch_audit_commits(audit.commits().clone());
     if let Some(side) = &report.torn_tail_saved_to {
         tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
     }
@@ -212,6 +214,7 @@ pub async fn start(
             per_minute: config.limits.sign_requests_per_minute,
             burst: config.limits.sign_burst,
         }),
+        capped_by_root_noted: AtomicBool::new(false),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (acceptor_tx, acceptor_rx) = watch::channel(acceptor);
