@@ -13,8 +13,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -78,8 +80,6 @@ pub enum AuditError {
 struct Pending {
     record: AuditRecord,
     done: oneshot::Sender<Result<(), AuditError>>,
-    /// Released as soon as the writer has the line.
-    announced: Option<ExpectedLine>,
 }
 
 /// Handle to the audit writer. Cloning shares the one writer.
@@ -87,18 +87,29 @@ struct Pending {
 pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     healthy: Arc<AtomicBool>,
-    expected: Arc<AtomicUsize>,
+    announced: Arc<Announced>,
     commits: Counter,
     path: PathBuf,
 }
 
-/// A line that will be appended soon (see [`AuditLog::expect_line`]): counted until the
-/// writer receives it, or until dropped unused.
-pub struct ExpectedLine(Arc<AtomicUsize>);
+/// Lines announced but not yet sent to the writer, and the writer to wake when the last
+/// of them is sent.
+struct Announced {
+    lines: AtomicUsize,
+    writer: OnceLock<Thread>,
+}
+
+/// A line that will be appended soon (see [`AuditLog::expect_line`]): counted until it is
+/// sent, or until dropped unused.
+pub struct ExpectedLine(Arc<Announced>);
 
 impl Drop for ExpectedLine {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if self.0.lines.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(writer) = self.0.writer.get()
+        {
+            writer.unpark();
+        }
     }
 }
 
@@ -163,26 +174,30 @@ impl AuditLog {
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(path)).map_err(io)?;
         let (tx, rx) = mpsc::channel::<Pending>();
         let healthy = Arc::new(AtomicBool::new(true));
-        let expected = Arc::new(AtomicUsize::new(0));
+        let announced = Arc::new(Announced {
+            lines: AtomicUsize::new(0),
+            writer: OnceLock::new(),
+        });
         let commits = Counter::default();
         let writer = Writer {
             file,
             path: path.to_path_buf(),
             last_hash,
             healthy: healthy.clone(),
-            expected: expected.clone(),
+            announced: announced.clone(),
             commits: commits.clone(),
             commit_delay,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("meshca-audit".into())
             .spawn(move || writer.run(rx))
             .map_err(io)?;
+        let _ = announced.writer.set(thread.thread().clone());
         Ok((
             AuditLog {
                 tx,
                 healthy,
-                expected,
+                announced,
                 commits,
                 path: path.to_path_buf(),
             },
@@ -193,8 +208,8 @@ impl AuditLog {
     /// Announces a line: call it when a request starts, hand the result to `append`. The
     /// writer waits briefly for announced lines so that one fsync covers them.
     pub fn expect_line(&self) -> ExpectedLine {
-        self.expected.fetch_add(1, Ordering::Relaxed);
-        ExpectedLine(self.expected.clone())
+        self.announced.lines.fetch_add(1, Ordering::AcqRel);
+        ExpectedLine(self.announced.clone())
     }
 
     /// Appends the announced record; returns once it is on disk (fsynced) or the write
@@ -205,13 +220,11 @@ impl AuditLog {
         announced: ExpectedLine,
     ) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Pending {
-                record,
-                done,
-                announced: Some(announced),
-            })
-            .map_err(|_| AuditError::Stopped)?;
+        let sent = self.tx.send(Pending { record, done });
+        // Counted down after the send, so a writer woken by the last announced line finds
+        // it in the channel.
+        drop(announced);
+        sent.map_err(|_| AuditError::Stopped)?;
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
@@ -235,33 +248,29 @@ struct Writer {
     path: PathBuf,
     last_hash: String,
     healthy: Arc<AtomicBool>,
-    expected: Arc<AtomicUsize>,
+    announced: Arc<Announced>,
     commits: Counter,
     commit_delay: Duration,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Pending>) {
-        let receive = |batch: &mut Vec<Pending>, mut pending: Pending| {
-            pending.announced = None;
-            batch.push(pending);
-        };
         while let Ok(first) = rx.recv() {
-            let mut batch = Vec::new();
-            receive(&mut batch, first);
+            // Announced lines still on their way: wait a little for them, without waking
+            // for each (the last one sent wakes the writer). A lone request is written at
+            // once.
+            let deadline = Instant::now() + self.commit_delay;
+            while self.announced.lines.load(Ordering::Acquire) > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
+            }
+            let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(p) => receive(&mut batch, p),
-                    Err(_) => break,
-                }
-            }
-            // Announced lines still on their way: wait a little for them (a lone request
-            // is written at once).
-            let deadline = Instant::now() + self.commit_delay;
-            while batch.len() < MAX_BATCH && self.expected.load(Ordering::Relaxed) > 0 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(p) => receive(&mut batch, p),
+                    Ok(p) => batch.push(p),
                     Err(_) => break,
                 }
             }
