@@ -38,7 +38,8 @@ test: deps
 bench: bench-signer bench-federation
 
 # Signer throughput and latency against the raw token and OpenBao, in one run (about
-# 5 minutes on 2 cores). Prints a table and writes target/bench/report.json.
+# 2 minutes on 2 cores after the release build). Prints a table and writes
+# target/bench/report.json.
 bench-signer: deps build
 	$(CARGO) bench --locked --bench signer
 
