@@ -458,18 +458,21 @@ fn pkcs11_settings(
 
 /// Most PKCS#11 sessions a signer opens.
 const MAX_SESSIONS: usize = 256;
+/// Most sessions opened by default: small tokens allow few (a YubiHSM 2 has 16), and more
+/// concurrent signings than this gain nothing on a signer's load.
+const MAX_DEFAULT_SESSIONS: usize = 16;
 
-/// Two sessions per CPU. An issuance holds its session from building the certificate to
-/// checking the signature, and a token call can wait on the token's own locks (SoftHSM)
-/// or on the network (a network HSM); with one session per CPU the cores sat idle part of
-/// the time (`make bench`, ECDSA P-256 on 2 CPUs: about 3,900 signings/s with 2 sessions,
-/// 5,000 with 4).
+/// Two sessions per CPU, at most [`MAX_DEFAULT_SESSIONS`]. An issuance holds its session
+/// from building the certificate to checking the signature, and a token call can wait on
+/// the token's own locks (SoftHSM) or on the network (a network HSM); with one session per
+/// CPU the cores sat idle part of the time (`make bench`, ECDSA P-256 on 2 CPUs: about
+/// 4,200 signings/s with 2 sessions, 5,100 with 4).
 pub fn default_sessions() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .saturating_mul(2)
-        .min(MAX_SESSIONS)
+        .min(MAX_DEFAULT_SESSIONS)
 }
 
 /// A TOML error without the source snippet toml prints by default: the offending line

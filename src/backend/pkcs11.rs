@@ -622,8 +622,16 @@ impl Pkcs11Backend {
                 ))
             })?;
         let mut sessions = vec![session];
-        for _ in 1..settings.sessions {
-            sessions.push(token.logged_in_session(&pin, false)?);
+        for opened in 1..settings.sessions {
+            let session = token.logged_in_session(&pin, false).map_err(|e| match e {
+                // Small tokens cap sessions (a YubiHSM 2 at 16): say which setting to lower.
+                TokenError::Call { .. } | TokenError::Other(_) => TokenError::Other(format!(
+                    "the token opened {opened} of the {} sessions asked for (pkcs11.sessions): {e}; set pkcs11.sessions to what the token allows",
+                    settings.sessions
+                )),
+                other => other,
+            })?;
+            sessions.push(session);
         }
         Ok(Pkcs11Backend {
             inner: Arc::new(Inner {
