@@ -27,8 +27,6 @@ pub enum TlsError {
     Config(String),
 }
 
-const CRL_LABEL: &str = "X509 CRL";
-
 /// The crypto provider every meshca TLS endpoint uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -36,19 +34,19 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Reads every certificate of a PEM file.
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    load_pem_blocks(path, "CERTIFICATE")
+    load_pem_blocks(path, "CERTIFICATE", |path, message| {
+        TlsError::Certificates { path, message }
+    })
 }
 
-/// Every PEM block of type `T` (`label`) in a file; a file without one is an error.
-fn load_pem_blocks<T: PemObject>(path: &Path, label: &str) -> Result<Vec<T>, TlsError> {
-    let err = |message: String| {
-        let path = path.display().to_string();
-        if label == CRL_LABEL {
-            TlsError::Crls { path, message }
-        } else {
-            TlsError::Certificates { path, message }
-        }
-    };
+/// Every PEM block of type `T` (`label`) in a file; a file without one is an error, made
+/// by `error` from the path and the problem.
+fn load_pem_blocks<T: PemObject>(
+    path: &Path,
+    label: &str,
+    error: fn(String, String) -> TlsError,
+) -> Result<Vec<T>, TlsError> {
+    let err = |message: String| error(path.display().to_string(), message);
     let blocks = T::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -93,7 +91,9 @@ pub fn server_config(
     let mut revocation_lists = Vec::new();
     for path in crls {
         revocation_lists.extend(load_pem_blocks::<CertificateRevocationListDer<'static>>(
-            path, CRL_LABEL,
+            path,
+            "X509 CRL",
+            |path, message| TlsError::Crls { path, message },
         )?);
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(
