@@ -31,7 +31,7 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 fn main() -> ExitCode {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    meshca::tlsutil::install_default_provider();
     let seconds: u64 = std::env::var("MESHCA_SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())

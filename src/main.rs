@@ -298,9 +298,7 @@ struct AgentArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Every TLS endpoint of meshca uses ring; make it the process default too, for any
-    // client built without an explicit configuration.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    meshca::tlsutil::install_default_provider();
     init_logging(cli.log_format, &cli.log_level);
     match run(cli.command) {
         Ok(code) => code,

@@ -1,4 +1,4 @@
-//! rustls configurations for both ends of the signer's mTLS (ring provider, TLS 1.3 and
+//! rustls configurations for both ends of the signer's mTLS (aws-lc-rs provider, TLS 1.3 and
 //! TLS 1.2 with forward-secret AEAD suites only), and the client identity a certificate
 //! carries.
 
@@ -27,9 +27,23 @@ pub enum TlsError {
     Config(String),
 }
 
-/// The crypto provider every meshca TLS endpoint uses.
+/// The crypto provider every meshca TLS endpoint uses: aws-lc-rs, the same library that
+/// checks CSR and certificate signatures (`pki::sigalg`).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Seeds aws-lc's random generator now. aws-lc seeds it on first use, from the OS and from
+/// a CPU-jitter entropy source that takes tens of milliseconds; a server calls this while
+/// starting so that cost is not added to its first client's handshake.
+pub fn seed_random_generator() {
+    let _ = aws_lc_rs::rand::fill(&mut [0u8; 1]);
+}
+
+/// Makes [`provider`] the process default too, for any client built without an explicit
+/// configuration. Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// Reads every certificate of a PEM file.

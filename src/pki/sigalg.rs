@@ -11,7 +11,6 @@ use const_oid::db::rfc5912::{
 use der::asn1::Null;
 use der::{Any, Encode};
 use sha2::Digest;
-use signature::hazmat::PrehashVerifier;
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 
 use super::keys::{KeyType, NamedCurve, PublicKeyKind, describe_public_key};
@@ -141,9 +140,8 @@ impl fmt::Display for SignatureAlgorithm {
     }
 }
 
-/// A public key ready to verify signatures, with ring (the same constant-time,
-/// well-reviewed code rustls uses) doing the arithmetic. ECDSA with SHA-512, which ring
-/// does not offer, falls back to the RustCrypto curves.
+/// A public key ready to verify signatures, with aws-lc-rs (the library rustls uses for
+/// TLS here too) doing the arithmetic.
 #[derive(Clone)]
 pub struct PublicKeyVerifier {
     kind: VerifierKind,
@@ -209,8 +207,8 @@ impl PublicKeyVerifier {
         signature: &[u8],
     ) -> Result<(), SignatureError> {
         use SignatureAlgorithm as A;
-        use ring::signature as rs;
-        let ring_algorithm: &dyn rs::VerificationAlgorithm = match (self.kind, algorithm) {
+        use aws_lc_rs::signature as rs;
+        let algorithm_impl: &dyn rs::VerificationAlgorithm = match (self.kind, algorithm) {
             (VerifierKind::Rsa, A::RsaPkcs1Sha256) => &rs::RSA_PKCS1_2048_8192_SHA256,
             (VerifierKind::Rsa, A::RsaPkcs1Sha384) => &rs::RSA_PKCS1_2048_8192_SHA384,
             (VerifierKind::Rsa, A::RsaPkcs1Sha512) => &rs::RSA_PKCS1_2048_8192_SHA512,
@@ -218,9 +216,8 @@ impl PublicKeyVerifier {
             (VerifierKind::P256, A::EcdsaSha384) => &rs::ECDSA_P256_SHA384_ASN1,
             (VerifierKind::P384, A::EcdsaSha256) => &rs::ECDSA_P384_SHA256_ASN1,
             (VerifierKind::P384, A::EcdsaSha384) => &rs::ECDSA_P384_SHA384_ASN1,
-            (VerifierKind::P256 | VerifierKind::P384, A::EcdsaSha512) => {
-                return self.verify_ecdsa_sha512(message, signature);
-            }
+            (VerifierKind::P256, A::EcdsaSha512) => &rs::ECDSA_P256_SHA512_ASN1,
+            (VerifierKind::P384, A::EcdsaSha512) => &rs::ECDSA_P384_SHA512_ASN1,
             _ => {
                 return Err(SignatureError::KeyMismatch {
                     algorithm: algorithm.to_string(),
@@ -228,27 +225,9 @@ impl PublicKeyVerifier {
                 });
             }
         };
-        rs::UnparsedPublicKey::new(ring_algorithm, &self.key)
+        rs::UnparsedPublicKey::new(algorithm_impl, &self.key)
             .verify(message, signature)
             .map_err(|_| SignatureError::Invalid)
-    }
-
-    fn verify_ecdsa_sha512(&self, message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
-        let digest = SignatureAlgorithm::EcdsaSha512.digest(message);
-        let invalid = |_| SignatureError::Invalid;
-        match self.kind {
-            VerifierKind::P256 => {
-                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.key).map_err(invalid)?;
-                let sig = p256::ecdsa::Signature::from_der(signature).map_err(invalid)?;
-                key.verify_prehash(&digest, &sig).map_err(invalid)
-            }
-            VerifierKind::P384 => {
-                let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&self.key).map_err(invalid)?;
-                let sig = p384::ecdsa::Signature::from_der(signature).map_err(invalid)?;
-                key.verify_prehash(&digest, &sig).map_err(invalid)
-            }
-            VerifierKind::Rsa => Err(SignatureError::Invalid),
-        }
     }
 }
 
@@ -325,6 +304,44 @@ mod tests {
             verifier.verify(SignatureAlgorithm::RsaPkcs1Sha256, b"hello", sig.as_bytes()),
             Err(SignatureError::KeyMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn ecdsa_with_sha512_verifies_on_both_curves() {
+        // Signed by RustCrypto over a SHA-512 prehash, verified by aws-lc-rs: two
+        // independent implementations must agree (P-256 truncates the digest to 256 bits).
+        for key_type in [KeyType::EcdsaP256, KeyType::EcdsaP384] {
+            let key = PrivateKey::generate(key_type).unwrap();
+            let digest = ecdsa_prehash(SignatureAlgorithm::EcdsaSha512, b"tbs");
+            let (curve, raw) = match &key {
+                PrivateKey::P256(k) => {
+                    let s: p256::ecdsa::Signature =
+                        signature::hazmat::PrehashSigner::sign_prehash(k, &digest).unwrap();
+                    (NamedCurve::P256, s.to_bytes().to_vec())
+                }
+                PrivateKey::P384(k) => {
+                    let s: p384::ecdsa::Signature =
+                        signature::hazmat::PrehashSigner::sign_prehash(k, &digest).unwrap();
+                    (NamedCurve::P384, s.to_bytes().to_vec())
+                }
+                _ => unreachable!(),
+            };
+            let der = ecdsa_raw_to_der(&curve, &raw).unwrap();
+            let verifier = PublicKeyVerifier::new(&key.public_key_info().unwrap()).unwrap();
+            verifier
+                .verify(SignatureAlgorithm::EcdsaSha512, b"tbs", &der)
+                .unwrap();
+            assert_eq!(
+                verifier.verify(SignatureAlgorithm::EcdsaSha512, b"tbS", &der),
+                Err(SignatureError::Invalid),
+                "{key_type:?}"
+            );
+            assert_eq!(
+                verifier.verify(SignatureAlgorithm::EcdsaSha384, b"tbs", &der),
+                Err(SignatureError::Invalid),
+                "{key_type:?}"
+            );
+        }
     }
 
     #[test]

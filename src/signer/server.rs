@@ -180,6 +180,8 @@ pub async fn start(
     let tls_files = TlsFiles::of(&config);
     let (acceptor, tls_not_after) = tls_files.acceptor()?;
     let mut metrics = Metrics::new(root.not_after, tls_not_after);
+    // Runs beside the token login (another core), so neither waits for the other.
+    let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || start_backend(&config, root))
@@ -187,6 +189,8 @@ pub async fn start(
             .map_err(|e| StartError::Backend(e.to_string()))??
     };
     let backend_ready_ms = started.elapsed().as_millis();
+    // Nothing to report if it did not run: the generator then seeds at first use instead.
+    let _ = seeding.await;
     let (audit, report) = AuditLog::open(&config.audit_log)?;
     metrics.watch_audit_commits(audit.commits().clone());
     if let Some(side) = &report.torn_tail_saved_to {

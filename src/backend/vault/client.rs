@@ -1,4 +1,4 @@
-//! Talking to Vault/OpenBao: one HTTP client (rustls with the ring provider, Vault's CA
+//! Talking to Vault/OpenBao: one HTTP client (rustls with the aws-lc-rs provider, Vault's CA
 //! bundle, bounded timeouts), login by token, AppRole or Kubernetes, token renewal before
 //! the TTL runs out, exactly one re-login when Vault answers 403, and errors that say what
 //! went wrong without ever carrying a token.
