@@ -1,6 +1,6 @@
-//! rustls configurations for both ends of the signer's mTLS (aws-lc-rs provider, TLS 1.3 and
-//! TLS 1.2 with forward-secret AEAD suites only), and the client identity a certificate
-//! carries.
+//! rustls configurations for both ends of the signer's mTLS (aws-lc-rs provider, TLS 1.3
+//! and TLS 1.2 with forward-secret AEAD suites only), and the client identity a
+//! certificate carries.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,7 +30,11 @@ pub enum TlsError {
 /// The crypto provider every meshca TLS endpoint uses: aws-lc-rs, the same library that
 /// checks CSR and certificate signatures (`pki::sigalg`).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(chosen_provider())
+}
+
+fn chosen_provider() -> CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
 }
 
 /// Seeds aws-lc's random generator now. aws-lc seeds it on first use, from the OS and from
@@ -43,7 +47,7 @@ pub fn seed_random_generator() {
 /// Makes [`provider`] the process default too, for any client built without an explicit
 /// configuration. Idempotent.
 pub fn install_default_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = chosen_provider().install_default();
 }
 
 /// Reads every certificate of a PEM file.

@@ -599,8 +599,8 @@ async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
         (sent[0].method.as_str(), sent[0].path.as_str()),
         ("GET", SECRET)
     );
-    // An https cluster builds its rustls configuration with the aws-lc-rs provider (the only
-    // one compiled in): no panic about an ambiguous or missing crypto provider.
+    // An https cluster builds its rustls configuration with the aws-lc-rs provider (the
+    // only one compiled in): no panic about an ambiguous or missing crypto provider.
     let ca = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(env.path("pki/ca.pem")).unwrap());
     let tls_kubeconfig = kubeconfig.replace(

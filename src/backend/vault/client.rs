@@ -1,7 +1,7 @@
-//! Talking to Vault/OpenBao: one HTTP client (rustls with the aws-lc-rs provider, Vault's CA
-//! bundle, bounded timeouts), login by token, AppRole or Kubernetes, token renewal before
-//! the TTL runs out, exactly one re-login when Vault answers 403, and errors that say what
-//! went wrong without ever carrying a token.
+//! Talking to Vault/OpenBao: one HTTP client (rustls with the aws-lc-rs provider, Vault's
+//! CA bundle, bounded timeouts), login by token, AppRole or Kubernetes, token renewal
+//! before the TTL runs out, exactly one re-login when Vault answers 403, and errors that
+//! say what went wrong without ever carrying a token.
 //!
 //! Logins, token lookup and renewal go through vaultrs; the PKI calls meshca needs carry
 //! fields vaultrs does not model (issuer_ref, not_after, signature_bits, key_usage), so
