@@ -110,7 +110,7 @@ pub struct Pkcs11Settings {
     pub module: PathBuf,
     pub key: Pkcs11Uri,
     pub pin: SecretSource,
-    /// Sessions in the signing pool (one per worker).
+    /// Sessions in the signing pool, each with its own token thread.
     pub sessions: usize,
     /// SOFTHSM2_CONF to set for the module, if the config names one.
     pub softhsm2_conf: Option<PathBuf>,
@@ -462,11 +462,12 @@ const MAX_SESSIONS: usize = 256;
 /// concurrent signings than this gain nothing on a signer's load.
 const MAX_DEFAULT_SESSIONS: usize = 16;
 
-/// Two sessions per CPU, at most [`MAX_DEFAULT_SESSIONS`]. An issuance holds its session
-/// from building the certificate to checking the signature, and a token call can wait on
-/// the token's own locks (SoftHSM) or on the network (a network HSM); with one session per
-/// CPU the cores sat idle part of the time (`make bench`, ECDSA P-256 on 2 CPUs: about
-/// 4,200 signings/s with 2 sessions, 5,100 with 4).
+/// Two sessions (so two token threads) per CPU, at most [`MAX_DEFAULT_SESSIONS`]. An
+/// issuance holds its token thread from building the certificate to checking the
+/// signature, and a token call can wait on the token's own locks (SoftHSM) or on the
+/// network (a network HSM); with one per CPU the cores sat idle part of the time (`make
+/// bench`, ECDSA P-256 on 2 CPUs, measured before the token threads: about 4,200
+/// signings/s with 2 sessions, 5,100 with 4).
 pub fn default_sessions() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())

@@ -6,6 +6,7 @@
 
 pub mod pkcs11;
 pub mod pkcs11_uri;
+mod token_threads;
 pub mod vault;
 
 use std::future::Future;

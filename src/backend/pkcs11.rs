@@ -3,7 +3,7 @@
 //!
 //! The private key is generated on the token as CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE and
 //! not CKA_EXTRACTABLE: no call exists that returns its value. `Session` is Send but not
-//! Sync, so signing uses a pool with one session per worker.
+//! Sync, so signing uses a pool of sessions and one token thread per session.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,10 +23,10 @@ use cryptoki::types::AuthPin;
 use der::asn1::{BitString, OctetString};
 use der::{Any, Decode, Encode};
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
-use tokio::sync::Semaphore;
 use x509_cert::Certificate;
 
 use super::pkcs11_uri::Pkcs11Uri;
+use super::token_threads::TokenThreads;
 use super::{BackendError, BoxFuture, IssueRequest, RootSigner};
 use crate::config::{Pkcs11Settings, SignerConfig};
 use crate::pki::keys::{KeyType, PublicKeyKind, describe_public_key};
@@ -571,9 +571,11 @@ pub fn inspect_key(settings: &Pkcs11Settings, pin: &Secret) -> Result<KeyAttribu
     Ok(attributes)
 }
 
-/// The serving backend: a pool of logged-in sessions signing intermediates.
+/// The serving backend: a pool of logged-in sessions, one token thread each, signing
+/// intermediates.
 #[derive(Clone)]
 pub struct Pkcs11Backend {
+    threads: Arc<TokenThreads<Inner>>,
     inner: Arc<Inner>,
 }
 
@@ -589,7 +591,6 @@ struct Inner {
     token: RwLock<Token>,
     key: Mutex<Option<ObjectHandle>>,
     sessions: Mutex<Vec<Session>>,
-    permits: Semaphore,
     pin_rejected: AtomicBool,
     last_reconnect: Mutex<Option<Instant>>,
     /// Counts reconnects, so a thread that failed on an old connection retries on the new
@@ -633,19 +634,23 @@ impl Pkcs11Backend {
             })?;
             sessions.push(session);
         }
+        let inner = Arc::new(Inner {
+            settings: settings.clone(),
+            pin,
+            root,
+            token: RwLock::new(token),
+            key: Mutex::new(Some(key)),
+            sessions: Mutex::new(sessions),
+            pin_rejected: AtomicBool::new(false),
+            last_reconnect: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        });
+        // One thread per session: a token call never waits for a session.
+        let threads = TokenThreads::start(inner.clone(), settings.sessions, "meshca-token")
+            .map_err(|e| TokenError::Other(format!("cannot start the token threads: {e}")))?;
         Ok(Pkcs11Backend {
-            inner: Arc::new(Inner {
-                settings: settings.clone(),
-                pin,
-                root,
-                token: RwLock::new(token),
-                key: Mutex::new(Some(key)),
-                permits: Semaphore::new(settings.sessions),
-                sessions: Mutex::new(sessions),
-                pin_rejected: AtomicBool::new(false),
-                last_reconnect: Mutex::new(None),
-                generation: AtomicU64::new(0),
-            }),
+            threads: Arc::new(threads),
+            inner,
         })
     }
 }
@@ -833,21 +838,15 @@ impl Inner {
 }
 
 impl Pkcs11Backend {
-    /// Runs `work` on a blocking thread once a session is free: one token operation at a
-    /// time per session, and waiting here costs no thread. `what` names the task in errors.
+    /// Runs `work` on a token thread once one is free (one token operation at a time per
+    /// session; waiting here costs no thread). `what` names the task in errors.
     async fn on_session<T: Send + 'static>(
         &self,
         what: &str,
         work: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| BackendError::Unavailable("signer is shutting down".into()))?;
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || work(&inner))
+        self.threads
+            .run(work)
             .await
             .map_err(|e| BackendError::Unavailable(format!("{what} task failed: {e}")))?
     }
