@@ -1,7 +1,7 @@
 //! Hostile input and hostile clients against a running signer: a table of malformed and
 //! malicious requests, each answered with its documented status and a message naming the
 //! problem, with the signer still serving afterwards; rate limits; revoked and expired
-//! client certificates; slow and idle connections.
+//! client certificates; slow and idle connections; a client that hangs up mid-request.
 
 mod common;
 
@@ -382,4 +382,91 @@ async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     .expect("the signer stopped serving under idle connections");
     assert_eq!(answer.0, 200);
     drop(idle);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_request_still_gets_its_decision_audited() {
+    // One session, so requests queue and the hang-up arrives while this one still waits.
+    let env = Env::with(EnvSpec {
+        sessions: 1,
+        extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let load = load::start(
+        &client,
+        &signer.url("/v1/sign"),
+        load::fresh_bodies(32, VM, MESH_A),
+        3,
+        |sent| async move {
+            let answer: Value = sent.ok()?.json().await.ok()?;
+            Some(answer["serial"].as_str()?.to_string())
+        },
+    );
+    // Once answers flow, the queue holds the other tasks' requests.
+    load.wait_for(1).await;
+    let (_key, hung_up_csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &hung_up_csr)).unwrap();
+    let mut tls = tls_connect(&env, &signer, "cluster-b").await;
+    // `Expect: 100-continue`: the signer says "continue" when the handler starts reading the
+    // body, so the hang-up below surely comes while the request is being handled.
+    let head = format!(
+        "POST /v1/sign HTTP/1.1\r\nHost: meshca\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    let mut buf = [0u8; 256];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf))
+            .await
+            .expect("the signer answers 100 Continue")
+            .unwrap();
+        assert!(n > 0, "connection closed before 100 Continue");
+        interim.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    tls.write_all(&body).await.unwrap();
+    tls.shutdown().await.unwrap();
+    drop(tls);
+    assert_eq!(load.join().await.len(), 96);
+
+    // The hang-up's decision reaches the audit log (bounded wait, not a timing assertion).
+    let hung_up = |lines: &[Value]| {
+        lines
+            .iter()
+            .find(|l| l["client"] == identity("cluster-b") && l["event"] == "decision")
+            .cloned()
+    };
+    let mut line = None;
+    for _ in 0..300 {
+        line = hung_up(&signer.audit_lines());
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = line.unwrap_or_else(|| {
+        panic!(
+            "no audit line for the client that hung up:\n{}",
+            signer.logs()
+        )
+    });
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["mesh"], "test/cluster-b", "{line}");
+    assert!(line["serial"].is_string(), "{line}");
+    env.audit_verify_ok();
+    // And the signer still serves.
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    assert_eq!(
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr))
+            .await
+            .0,
+        200
+    );
 }

@@ -95,6 +95,28 @@ async fn sign(
     body: Body,
 ) -> Response {
     let identity = identity.and_then(|axum::Extension(ClientIdentity(id))| id);
+    // Decided, issued and audited in a task of its own: hyper drops the handler of a client
+    // that hangs up, and a certificate the token may already have signed must still get its
+    // audit line. The answer of a client that left is dropped.
+    match tokio::spawn(decide_issue_and_audit(state, identity, headers, body)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "a signing request failed inside the signer");
+            error_response(
+                Status::Internal,
+                "internal",
+                "the signing request failed inside the signer; its log says why",
+            )
+        }
+    }
+}
+
+async fn decide_issue_and_audit(
+    state: Arc<SignerState>,
+    identity: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
     let outcome = sign_inner(&state, identity.as_deref(), &headers, body, &mut facts).await;
