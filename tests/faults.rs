@@ -86,10 +86,7 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
 
 /// An environment whose rate limit never binds: the load tests are about faults only.
 fn unlimited_env() -> Env {
-    Env::with(EnvSpec {
-        extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
-        ..EnvSpec::default()
-    })
+    Env::with(EnvSpec::unlimited_rate())
 }
 
 #[tokio::test]

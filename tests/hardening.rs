@@ -389,8 +389,7 @@ async fn a_client_that_hangs_up_mid_request_still_gets_its_decision_audited() {
     // One session, so requests queue and the hang-up arrives while this one still waits.
     let env = Env::with(EnvSpec {
         sessions: 1,
-        extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n".into(),
-        ..EnvSpec::default()
+        ..EnvSpec::unlimited_rate()
     });
     let signer = env.start_signer();
     let client = env.client("cluster-a");

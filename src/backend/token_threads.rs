@@ -9,8 +9,7 @@ use std::thread::JoinHandle;
 
 type Job<T> = Box<dyn FnOnce(&T) + Send>;
 
-/// The work did not run to its end: its thread panicked (the panic is on stderr), or the
-/// threads are stopping.
+/// The work did not run to its end: its thread panicked (the panic is on stderr).
 #[derive(Debug, thiserror::Error)]
 #[error("the token thread stopped before the work finished")]
 pub struct Stopped;
@@ -68,8 +67,8 @@ impl<T: Send + Sync + 'static> TokenThreads<T> {
     }
 
     /// Runs `work` on one of the threads and waits for its result without holding a
-    /// thread of the caller. Work whose caller stopped waiting (a dropped request) before
-    /// a thread took it is skipped.
+    /// thread of the caller. Work whose caller stopped waiting (a readiness probe that
+    /// timed out) before a thread took it is skipped.
     pub async fn run<R: Send + 'static>(
         &self,
         work: impl FnOnce(&T) -> R + Send + 'static,
@@ -80,11 +79,9 @@ impl<T: Send + Sync + 'static> TokenThreads<T> {
                 let _ = reply.send(work(context));
             }
         });
+        // No `closed` check: the pool cannot be dropped while `run` borrows it.
         let wake = {
             let mut state = self.queue.lock();
-            if state.closed {
-                return Err(Stopped);
-            }
             state.jobs.push_back(job);
             state.idle > 0
         };

@@ -191,6 +191,15 @@ impl Default for EnvSpec {
 }
 
 impl EnvSpec {
+    /// The default with a rate limit that never binds: for tests about load and faults.
+    pub fn unlimited_rate() -> Self {
+        EnvSpec {
+            extra_toml: "[limits]\nsign_requests_per_minute = 1000000\nsign_burst = 100000\n"
+                .into(),
+            ..EnvSpec::default()
+        }
+    }
+
     /// The default, plus virtual mesh `test/strict` (10 days, RSA minimum 4096) whose only
     /// member `test/cluster-a` client `cluster-a` may also ask for.
     pub fn with_strict_mesh() -> Self {
