@@ -43,6 +43,8 @@ struct LimitsSection {
     max_connections: Option<usize>,
     handshake_timeout_ms: Option<u64>,
     header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +166,13 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Request headers must arrive within this.
     pub header_timeout: Duration,
+    /// A signing request's body must arrive within this once its handler starts reading.
+    pub body_timeout: Duration,
+    /// On SIGTERM, how long open connections may take to finish; requests still under way
+    /// then are audited as `signer_stopping` before the process exits. Keep it below the
+    /// supervisor's stop timeout (the systemd unit's TimeoutStopSec, Kubernetes'
+    /// terminationGracePeriodSeconds).
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -174,6 +183,8 @@ impl Default for Limits {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -380,6 +391,14 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
             .header_timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(defaults.header_timeout),
+        body_timeout: section
+            .body_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.body_timeout),
+        drain_timeout: section
+            .drain_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.drain_timeout),
     };
     if limits.sign_requests_per_minute == 0 || limits.sign_burst == 0 {
         return Err("limits: sign_requests_per_minute and sign_burst must be at least 1".into());
@@ -389,8 +408,15 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
             "limits.max_connections must be between 1 and {MAX_CONNECTIONS_LIMIT}"
         ));
     }
-    if limits.handshake_timeout.is_zero() || limits.header_timeout.is_zero() {
-        return Err("limits: timeouts must be positive".into());
+    for (name, timeout) in [
+        ("handshake_timeout_ms", limits.handshake_timeout),
+        ("header_timeout_ms", limits.header_timeout),
+        ("body_timeout_ms", limits.body_timeout),
+        ("drain_timeout_ms", limits.drain_timeout),
+    ] {
+        if timeout.is_zero() {
+            return Err(format!("limits.{name} must be positive"));
+        }
     }
     Ok(limits)
 }
@@ -577,6 +603,10 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let cases = [
             ("pin = \"1234\"\n", "unknown field `pin`"),
             ("sessions = 0\n", "pkcs11.sessions"),
+            (
+                "[limits]\nbody_timeout_ms = 0\n",
+                "limits.body_timeout_ms must be positive",
+            ),
             (
                 "[[clients]]\nidentity = \"x\"\nallow = [{ virtual_mesh = \"service-mesh-hub/virtual-mesh\", mesh = \"service-mesh-hub/nope\" }]\n",
                 "not a member",

@@ -1,7 +1,8 @@
 //! Hostile input and hostile clients against a running signer: a table of malformed and
 //! malicious requests, each answered with its documented status and a message naming the
 //! problem, with the signer still serving afterwards; rate limits; revoked and expired
-//! client certificates; slow and idle connections; a client that hangs up mid-request.
+//! client certificates; slow and idle connections; a stalled body; a client that hangs up
+//! mid-request; requests still under way when a SIGTERM's drain time is over.
 
 mod common;
 
@@ -346,6 +347,139 @@ async fn tls_connect(
     connector.connect(server_name, tcp).await.unwrap()
 }
 
+/// Sends the head of a signing request with `Expect: 100-continue`, waits for the signer's
+/// "100 Continue" (sent when the handler starts reading the body, so the request is now
+/// being handled), then sends the first `sent` bytes of `body`.
+async fn begin_sign_request(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    body: &[u8],
+    sent: usize,
+) {
+    let head = format!(
+        "POST /v1/sign HTTP/1.1\r\nHost: meshca\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    let mut buf = [0u8; 256];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf))
+            .await
+            .expect("the signer answers 100 Continue")
+            .unwrap();
+        assert!(n > 0, "connection closed before 100 Continue");
+        interim.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    tls.write_all(&body[..sent]).await.unwrap();
+    tls.flush().await.unwrap();
+}
+
+/// The one audit line of `client`'s decision; waits for it at most 30 s (a bound, not a
+/// timing assertion).
+async fn decision_of(signer: &Signer, client: &str) -> Value {
+    for _ in 0..300 {
+        if let Some(line) = signer
+            .audit_lines()
+            .into_iter()
+            .find(|l| l["client"] == identity(client) && l["event"] == "decision")
+        {
+            return line;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no audit line for {client}:\n{}", signer.logs())
+}
+
+#[tokio::test]
+async fn a_request_body_that_stalls_is_answered_408_and_audited() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nbody_timeout_ms = 300\n".into(),
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let (_key, stalled_csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &stalled_csr)).unwrap();
+    let mut stalled = tls_connect(&env, &signer, "cluster-b").await;
+    begin_sign_request(&mut stalled, &body, 40).await;
+    let mut answer = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "a stalled body was waited for forever");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("body_timeout") && answer.contains("within 300 ms"),
+        "{answer}"
+    );
+
+    let line = decision_of(&signer, "cluster-b").await;
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["rule"], "body_timeout", "{line}");
+    env.audit_verify_ok();
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let client = env.client("cluster-a");
+    assert_eq!(
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr))
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn sigterm_audits_the_requests_still_under_way_when_the_drain_time_is_over() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\ndrain_timeout_ms = 500\nbody_timeout_ms = 600000\n".into(),
+        ..EnvSpec::default()
+    });
+    let mut signer = env.start_signer();
+    let (_key, stalled_csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &stalled_csr)).unwrap();
+    // A request being handled that will not finish by itself within the drain time.
+    let mut stalled = tls_connect(&env, &signer, "cluster-b").await;
+    begin_sign_request(&mut stalled, &body, 40).await;
+
+    send_signal(signer.child.id(), "TERM");
+    let mut exited = None;
+    for _ in 0..600 {
+        exited = signer.child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = exited.unwrap_or_else(|| {
+        panic!(
+            "the signer did not exit within 60 s of SIGTERM:\n{}",
+            signer.logs()
+        )
+    });
+    assert!(status.success(), "{status}\n{}", signer.logs());
+    drop(stalled);
+
+    let line = decision_of(&signer, "cluster-b").await;
+    assert_eq!(line["decision"], "error", "{line}");
+    assert_eq!(line["rule"], "signer_stopping", "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was handed out"),
+        "{line}"
+    );
+    assert!(
+        signer.logs().contains("drain time is over"),
+        "{}",
+        signer.logs()
+    );
+    env.audit_verify_ok();
+}
+
 #[tokio::test]
 async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     let env = Env::with(EnvSpec {
@@ -408,54 +542,14 @@ async fn a_client_that_hangs_up_mid_request_still_gets_its_decision_audited() {
     let (_key, hung_up_csr) = csr(KeyType::EcdsaP256, "acme", "b");
     let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &hung_up_csr)).unwrap();
     let mut tls = tls_connect(&env, &signer, "cluster-b").await;
-    // `Expect: 100-continue`: the signer says "continue" when the handler starts reading the
-    // body, so the hang-up below surely comes while the request is being handled.
-    let head = format!(
-        "POST /v1/sign HTTP/1.1\r\nHost: meshca\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
-        body.len()
-    );
-    tls.write_all(head.as_bytes()).await.unwrap();
-    let mut interim = Vec::new();
-    let mut buf = [0u8; 256];
-    while !interim.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf))
-            .await
-            .expect("the signer answers 100 Continue")
-            .unwrap();
-        assert!(n > 0, "connection closed before 100 Continue");
-        interim.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        interim.starts_with(b"HTTP/1.1 100 Continue"),
-        "{}",
-        String::from_utf8_lossy(&interim)
-    );
-    tls.write_all(&body).await.unwrap();
+    // The hang-up below surely comes while the request is being handled.
+    begin_sign_request(&mut tls, &body, body.len()).await;
     tls.shutdown().await.unwrap();
     drop(tls);
     assert_eq!(load.join().await.len(), 96);
 
-    // The hang-up's decision reaches the audit log (bounded wait, not a timing assertion).
-    let hung_up = |lines: &[Value]| {
-        lines
-            .iter()
-            .find(|l| l["client"] == identity("cluster-b") && l["event"] == "decision")
-            .cloned()
-    };
-    let mut line = None;
-    for _ in 0..300 {
-        line = hung_up(&signer.audit_lines());
-        if line.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let line = line.unwrap_or_else(|| {
-        panic!(
-            "no audit line for the client that hung up:\n{}",
-            signer.logs()
-        )
-    });
+    // The hang-up's decision reaches the audit log.
+    let line = decision_of(&signer, "cluster-b").await;
     assert_eq!(line["decision"], "allow", "{line}");
     assert_eq!(line["mesh"], "test/cluster-b", "{line}");
     assert!(line["serial"].is_string(), "{line}");

@@ -97,8 +97,12 @@ async fn sign(
     let identity = identity.and_then(|axum::Extension(ClientIdentity(id))| id);
     // Decided, issued and audited in a task of its own: hyper drops the handler of a client
     // that hangs up, and a certificate the token may already have signed must still get its
-    // audit line. The answer of a client that left is dropped.
-    match tokio::spawn(decide_issue_and_audit(state, identity, headers, body)).await {
+    // audit line. The answer of a client that left is dropped. Shutdown waits for the task.
+    let decisions = state.decisions.clone();
+    match decisions
+        .spawn(decide_issue_and_audit(state, identity, headers, body))
+        .await
+    {
         Ok(response) => response,
         Err(e) => {
             tracing::error!(error = %e, "a signing request failed inside the signer");
@@ -119,7 +123,15 @@ async fn decide_issue_and_audit(
 ) -> Response {
     let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
-    let outcome = sign_inner(&state, identity.as_deref(), &headers, body, &mut facts).await;
+    let outcome = tokio::select! {
+        biased;
+        outcome = sign_inner(&state, identity.as_deref(), &headers, body, &mut facts) => outcome,
+        () = state.stop_deciding.cancelled() => Err(Refusal::new(
+            Status::Unavailable,
+            "signer_stopping",
+            "the signer stopped before this request was answered (its body had not arrived, or the backend had not signed yet); nothing was handed out",
+        )),
+    };
     let now = SystemTime::now();
     let mut record = AuditRecord {
         time: rfc3339(now),
@@ -214,16 +226,30 @@ async fn sign_inner(
             format!("Content-Type must be application/json, got {content_type:?}"),
         ));
     }
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        Refusal::new(
-            Status::PayloadTooLarge,
-            "body_too_large",
-            format!(
-                "request body is larger than {} KiB (or could not be read)",
-                MAX_BODY / 1024
-            ),
-        )
-    })?;
+    let read = tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, MAX_BODY));
+    let bytes: Bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return Err(Refusal::new(
+                Status::PayloadTooLarge,
+                "body_too_large",
+                format!(
+                    "request body is larger than {} KiB (or could not be read)",
+                    MAX_BODY / 1024
+                ),
+            ));
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                Status::RequestTimeout,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    state.body_timeout.as_millis()
+                ),
+            ));
+        }
+    };
     let request: SignRequest = serde_json::from_slice(&bytes).map_err(|e| {
         Refusal::new(
             Status::BadRequest,

@@ -32,6 +32,7 @@ pub enum Status {
     BadRequest = 400,
     Forbidden = 403,
     NotFound = 404,
+    RequestTimeout = 408,
     PayloadTooLarge = 413,
     UnsupportedMediaType = 415,
     TooManyRequests = 429,

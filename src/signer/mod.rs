@@ -11,6 +11,10 @@ pub mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::RootSigner;
 use crate::config::AuthorizationTable;
@@ -29,6 +33,14 @@ pub struct SignerState {
     /// one ttlDays for the root and its intermediates that is every request, so it is said
     /// once per process (the root only changes with a restart), not once per request.
     pub capped_by_root_noted: AtomicBool,
+    /// See [`crate::config::Limits::body_timeout`].
+    pub body_timeout: Duration,
+    /// Every signing decision under way, each in a task of its own: shutdown waits for
+    /// them, so none ends without its audit line.
+    pub decisions: TaskTracker,
+    /// Cancelled when the drain time is over: decisions still waiting (for a body, for the
+    /// token) stop, and are audited as `signer_stopping`.
+    pub stop_deciding: CancellationToken,
 }
 
 /// Where the signer ended up listening (ports may have been chosen by the OS).

@@ -13,6 +13,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::api::{self, ClientIdentity};
@@ -27,9 +29,6 @@ use crate::config::{BackendKind, Limits, SignerConfig};
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_public_key;
 use crate::tlsutil::{TlsError, client_identity, server_config};
-
-/// How long SIGTERM waits for in-flight requests.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -137,6 +136,7 @@ pub struct RunningSigner {
     pub addresses: BoundAddresses,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    drain_timeout: Duration,
     tls_files: TlsFiles,
     acceptor: watch::Sender<TlsAcceptor>,
     state: Arc<SignerState>,
@@ -161,11 +161,28 @@ impl RunningSigner {
         }
     }
 
-    /// Stops accepting, drains in-flight requests (bounded), and returns.
+    /// Stops accepting and drains in-flight requests for at most the drain timeout. Then
+    /// every signing decision still under way (its connection cut by the drain, or its
+    /// client gone) is stopped and audited as `signer_stopping`; returns once all
+    /// decisions have their audit lines.
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        let decisions = &self.state.decisions;
+        decisions.close();
+        if tokio::time::timeout_at(deadline, decisions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                decisions = decisions.len(),
+                "drain time is over: signing requests still under way are stopped and audited as signer_stopping"
+            );
+            self.state.stop_deciding.cancel();
+            decisions.wait().await;
         }
     }
 }
@@ -219,6 +236,9 @@ pub async fn start(
             burst: config.limits.sign_burst,
         }),
         capped_by_root_noted: AtomicBool::new(false),
+        body_timeout: config.limits.body_timeout,
+        decisions: TaskTracker::new(),
+        stop_deciding: CancellationToken::new(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (acceptor_tx, acceptor_rx) = watch::channel(acceptor);
@@ -258,6 +278,7 @@ pub async fn start(
         addresses,
         shutdown: shutdown_tx,
         tasks,
+        drain_timeout: config.limits.drain_timeout,
         tls_files,
         acceptor: acceptor_tx,
         state,
@@ -368,7 +389,7 @@ async fn serve_tls(
     let all_slots = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = slots.acquire_many(all_slots) => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timed out; closing remaining connections"),
+        _ = tokio::time::sleep(limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
     }
 }
 
