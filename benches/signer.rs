@@ -12,7 +12,8 @@
 //! For rsa4096 (the demo's policy, P-384 CSRs) and ecdsa_p256 (RSA minimum 2048, P-256
 //! CSRs). Prints a table and writes `target/bench/report.json`. Run through `make bench`,
 //! which builds the release binary first. `MESHCA_BENCH_SECONDS` scales the measuring time
-//! (default 8 s per point).
+//! (default 8 s per point); `MESHCA_BENCH_SESSIONS` sets the signer's pool (and so the raw
+//! measurement's threads) instead of its default.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -247,7 +247,7 @@ module = "{module}"
 key = "pkcs11:token=bench-{name};object=root"
 pin_file = "softhsm/user-pin"
 softhsm2_conf = "softhsm/softhsm2.conf"
-[limits]
+{sessions}[limits]
 sign_requests_per_minute = 100000000
 sign_burst = 10000000
 [[clients]]
@@ -258,6 +258,9 @@ allow = [{{ virtual_mesh = "{vm}", mesh = "bench/cluster" }}]
                 vm = case.virtual_mesh,
                 key_type = case.root_key_type,
                 module = module.trim(),
+                sessions = std::env::var("MESHCA_BENCH_SESSIONS")
+                    .map(|n| format!("sessions = {n}\n"))
+                    .unwrap_or_default(),
             ),
         )
         .unwrap();
