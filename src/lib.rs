@@ -14,6 +14,7 @@
 //! - [`mesh_controller`]: the management plane's CRDs and controller (`meshca mesh-controller`).
 //! - [`config`]: the signer's TOML configuration.
 //! - [`secret`]: PINs and tokens read from files or the environment, never printed.
+//! - [`logging`]: text or JSON logs on stderr, panics included.
 
 pub mod agent;
 pub mod backend;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod logging;
 pub mod mesh;
 pub mod mesh_controller;
 pub mod pki;

@@ -323,25 +323,12 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    // The Vault client libraries log each failed call at ERROR level without context;
-    // meshca reports those failures itself. Shown only when asked for by name.
-    let mut level = level.to_string();
-    for quiet in ["vaultrs", "rustify"] {
-        if !level.contains(quiet) {
-            level.push_str(&format!(",{quiet}=off"));
-        }
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    meshca::logging::init(
+        matches!(format, LogFormat::Json),
+        level,
+        std::io::stderr,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -1,0 +1,58 @@
+//! Logging for every command: tracing to stderr as text or JSON lines, and panics reported
+//! through the same log, so a JSON log stays JSON lines when something panics.
+
+use std::panic::PanicHookInfo;
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax, RUST_LOG wins)
+/// writing to `writer`, and routes panics into it. `ansi` colours text output.
+pub fn init<W>(json: bool, level: &str, writer: W, ansi: bool)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    // The Vault client libraries log each failed call at ERROR level without context;
+    // meshca reports those failures itself. Shown only when asked for by name.
+    let mut level = level.to_string();
+    for quiet in ["vaultrs", "rustify"] {
+        if !level.contains(quiet) {
+            level.push_str(&format!(",{quiet}=off"));
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi && !json)
+        .with_writer(writer);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+    std::panic::set_hook(Box::new(log_panic));
+}
+
+/// One ERROR event per panic: its message, where, and on which thread (a token thread, a
+/// runtime worker, ...); the backtrace too when RUST_BACKTRACE asks for one.
+fn log_panic(info: &PanicHookInfo) {
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)");
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let thread = thread.name().unwrap_or("unnamed");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(panic = message, location, thread, %backtrace, "panicked");
+    } else {
+        tracing::error!(panic = message, location, thread, "panicked");
+    }
+}
