@@ -13,6 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
+use tokio_util::sync::CancellationToken;
 use x509_cert::Certificate;
 
 use crate::pki::lint::{IntermediateExpectations, LintFailure};
@@ -31,6 +32,10 @@ pub struct IssueRequest {
     /// The CSR as received (DER), for backends that sign a CSR rather than a TBS (Vault's
     /// sign-intermediate). Only its key is ever used; the PKCS#11 backend ignores it.
     pub csr_der: Vec<u8>,
+    /// Cancelled when the client has closed its connection. A backend checks it just
+    /// before it starts signing and then signs nothing ([`BackendError::ClientGone`]): under
+    /// overload, clients that gave up must not keep the token busy.
+    pub client_gone: CancellationToken,
 }
 
 impl IssueRequest {
@@ -76,6 +81,9 @@ pub enum BackendError {
     /// The backend refused to sign what meshca asked for (Vault answered 4xx).
     #[error("the root key backend refused to sign: {0}")]
     Refused(String),
+    /// The client closed its connection before signing began; nothing was signed.
+    #[error("the client closed its connection before signing began; nothing was signed")]
+    ClientGone,
 }
 
 /// The root CA: its certificate and the means to sign under it.

@@ -786,6 +786,9 @@ impl Inner {
 
     /// Build, lint, sign, check: the whole issuance of one intermediate.
     fn issue_blocking(&self, request: &IssueRequest) -> Result<Certificate, BackendError> {
+        if request.client_gone.is_cancelled() {
+            return Err(BackendError::ClientGone);
+        }
         let root = &self.root;
         let tbs = intermediate_tbs(&request.plan, root)
             .map_err(|e| BackendError::Check(e.to_string()))?;

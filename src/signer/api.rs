@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use super::SignerState;
 use super::audit::{AuditRecord, rfc3339};
@@ -97,12 +98,23 @@ async fn sign(
     let identity = identity.and_then(|axum::Extension(ClientIdentity(id))| id);
     // Decided, issued and audited in a task of its own: hyper drops the handler of a client
     // that hangs up, and a certificate the token may already have signed must still get its
-    // audit line. The answer of a client that left is dropped. Shutdown waits for the task.
+    // audit line. The answer of a client that left is dropped; if it left before signing
+    // began, nothing is signed (the guard, dropped with this handler, says so). Shutdown
+    // waits for the task.
+    let client_gone = CancellationToken::new();
+    let connected = client_gone.clone().drop_guard();
     let decisions = state.decisions.clone();
-    match decisions
-        .spawn(decide_issue_and_audit(state, identity, headers, body))
-        .await
-    {
+    let decided = decisions
+        .spawn(decide_issue_and_audit(
+            state,
+            identity,
+            headers,
+            body,
+            client_gone,
+        ))
+        .await;
+    connected.disarm();
+    match decided {
         Ok(response) => response,
         Err(e) => {
             tracing::error!(error = %e, "a signing request failed inside the signer");
@@ -120,12 +132,13 @@ async fn decide_issue_and_audit(
     identity: Option<String>,
     headers: HeaderMap,
     body: Body,
+    client_gone: CancellationToken,
 ) -> Response {
     let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
     let outcome = tokio::select! {
         biased;
-        outcome = sign_inner(&state, identity.as_deref(), &headers, body, &mut facts) => outcome,
+        outcome = sign_inner(&state, identity.as_deref(), &headers, body, client_gone, &mut facts) => outcome,
         () = state.stop_deciding.cancelled() => Err(Refusal::new(
             Status::Unavailable,
             "signer_stopping",
@@ -199,6 +212,7 @@ async fn sign_inner(
     identity: Option<&str>,
     headers: &HeaderMap,
     body: Body,
+    client_gone: CancellationToken,
     facts: &mut RequestFacts,
 ) -> Result<SignResponse, Refusal> {
     if let Err(wait) = state
@@ -265,7 +279,8 @@ async fn sign_inner(
         authorization: &state.authorization,
         root: backend.root(),
     };
-    let approval = decide(&ctx, identity, &request, SystemTime::now(), serial, facts)?;
+    let mut approval = decide(&ctx, identity, &request, SystemTime::now(), serial, facts)?;
+    approval.issue.client_gone = client_gone;
     if approval.capped_by_root && !state.capped_by_root_noted.swap(true, Ordering::Relaxed) {
         tracing::info!(
             root_not_after = %rfc3339(backend.root().not_after),
@@ -275,8 +290,13 @@ async fn sign_inner(
 
     let started = Instant::now();
     let certificate = backend.issue(approval.issue).await.map_err(|e| {
-        state.metrics.backend_error();
+        if !matches!(e, BackendError::ClientGone) {
+            state.metrics.backend_error();
+        }
         match e {
+            BackendError::ClientGone => {
+                Refusal::new(Status::ClientClosedRequest, "client_gone", e.to_string())
+            }
             BackendError::Unavailable(_) | BackendError::PinRejected => {
                 Refusal::new(Status::Unavailable, "backend_unavailable", e.to_string())
             }

@@ -33,6 +33,9 @@ pub enum Status {
     Forbidden = 403,
     NotFound = 404,
     RequestTimeout = 408,
+    /// nginx's code for a client that closed its connection first; nobody reads the answer,
+    /// the audit line is what matters.
+    ClientClosedRequest = 499,
     PayloadTooLarge = 413,
     UnsupportedMediaType = 415,
     TooManyRequests = 429,
@@ -212,6 +215,7 @@ pub fn decide(
             latest_not_after: window.not_after,
             min_rsa_bits: policy.min_rsa_bits,
             csr_der,
+            client_gone: Default::default(),
         },
     })
 }

@@ -170,6 +170,9 @@ impl RootSigner for VaultBackend {
 
     fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>> {
         Box::pin(async move {
+            if request.client_gone.is_cancelled() {
+                return Err(BackendError::ClientGone);
+            }
             let body = profile::sign_intermediate_body(&request, &self.root)
                 .map_err(BackendError::Check)?;
             let answer = self

@@ -253,6 +253,7 @@ mod tests {
             latest_not_after: not_after.min(root.not_after),
             min_rsa_bits: 2048,
             csr_der: csr.to_der().unwrap(),
+            client_gone: Default::default(),
         };
         (request, key)
     }
