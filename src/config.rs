@@ -383,22 +383,10 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
             .unwrap_or(defaults.sign_requests_per_minute),
         sign_burst: section.sign_burst.unwrap_or(defaults.sign_burst),
         max_connections: section.max_connections.unwrap_or(defaults.max_connections),
-        handshake_timeout: section
-            .handshake_timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(defaults.handshake_timeout),
-        header_timeout: section
-            .header_timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(defaults.header_timeout),
-        body_timeout: section
-            .body_timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(defaults.body_timeout),
-        drain_timeout: section
-            .drain_timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(defaults.drain_timeout),
+        handshake_timeout: millis_or(section.handshake_timeout_ms, defaults.handshake_timeout),
+        header_timeout: millis_or(section.header_timeout_ms, defaults.header_timeout),
+        body_timeout: millis_or(section.body_timeout_ms, defaults.body_timeout),
+        drain_timeout: millis_or(section.drain_timeout_ms, defaults.drain_timeout),
     };
     if limits.sign_requests_per_minute == 0 || limits.sign_burst == 0 {
         return Err("limits: sign_requests_per_minute and sign_burst must be at least 1".into());
@@ -419,6 +407,11 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
         }
     }
     Ok(limits)
+}
+
+/// A `*_ms` setting as a duration, or the default when it is not set.
+fn millis_or(ms: Option<u64>, default: Duration) -> Duration {
+    ms.map(Duration::from_millis).unwrap_or(default)
 }
 
 /// Far above what one process can hold open, and small enough for a semaphore.
