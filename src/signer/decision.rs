@@ -33,12 +33,12 @@ pub enum Status {
     Forbidden = 403,
     NotFound = 404,
     RequestTimeout = 408,
-    /// nginx's code for a client that closed its connection first; nobody reads the answer,
-    /// the audit line is what matters.
-    ClientClosedRequest = 499,
     PayloadTooLarge = 413,
     UnsupportedMediaType = 415,
     TooManyRequests = 429,
+    /// nginx's code for a client that closed its connection first; nobody reads the answer,
+    /// the audit line is what matters.
+    ClientClosedRequest = 499,
     Internal = 500,
     BadGateway = 502,
     Unavailable = 503,
