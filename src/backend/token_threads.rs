@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 type Job<T> = Box<dyn FnOnce(&T) + Send>;
 
-/// The work did not run to its end: its thread panicked (the panic is on stderr).
+/// The work did not run to its end: its thread panicked (the panic is in the log).
 #[derive(Debug, thiserror::Error)]
 #[error("the token thread stopped before the work finished")]
 pub struct Stopped;

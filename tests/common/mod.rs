@@ -677,6 +677,19 @@ pub async fn post_sign(
     (status, json)
 }
 
+/// The signer still issues: a fresh `test/cluster-a` request by `client` (cluster-a's)
+/// gets its intermediate.
+pub async fn assert_still_issues(client: &reqwest::Client, signer: &Signer) {
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, answer) = post_sign(
+        client,
+        signer,
+        &sign_body("test/vm", "test/cluster-a", &csr),
+    )
+    .await;
+    assert_eq!(status, 200, "the signer no longer issues: {answer}");
+}
+
 /// Writes `contents` to `dir/name` and returns the path.
 pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
