@@ -107,7 +107,7 @@ pub enum ConfigError {
 }
 
 /// The PKCS#11 backend's settings, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pkcs11Settings {
     pub module: PathBuf,
     pub key: Pkcs11Uri,
@@ -129,7 +129,7 @@ pub struct RootSettings {
 }
 
 /// Who may ask for which (virtual mesh, mesh) pairs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuthorizationTable {
     grants: BTreeMap<String, BTreeSet<(ObjectRef, ObjectRef)>>,
 }
@@ -143,6 +143,16 @@ impl AuthorizationTable {
 
     pub fn knows(&self, identity: &str) -> bool {
         self.grants.contains_key(identity)
+    }
+
+    /// The `(virtual mesh, mesh)` pairs `identity` may ask for, if it is a client.
+    pub fn grants_of(&self, identity: &str) -> Option<&BTreeSet<(ObjectRef, ObjectRef)>> {
+        self.grants.get(identity)
+    }
+
+    /// Every client identity with its `(virtual mesh, mesh)` grants, in identity order.
+    pub fn clients(&self) -> impl Iterator<Item = (&str, &BTreeSet<(ObjectRef, ObjectRef)>)> {
+        self.grants.iter().map(|(id, grants)| (id.as_str(), grants))
     }
 
     pub fn insert(&mut self, identity: &str, virtual_mesh: ObjectRef, mesh: ObjectRef) {

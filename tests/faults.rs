@@ -1,5 +1,6 @@
 //! Faults while serving: the token disappears and comes back, the audit log cannot be
-//! written, the signer is killed under load. Nothing is lost and nothing unaudited leaves.
+//! written (for a decision or for a policy change), the signer is killed under load.
+//! Nothing is lost and nothing unaudited leaves.
 
 mod common;
 
@@ -82,6 +83,31 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
         metrics.contains("meshca_audit_write_errors_total 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_policy_change_the_audit_log_cannot_record_is_not_applied() {
+    let env = Env::new();
+    std::os::unix::fs::symlink("/dev/full", env.path("audit.log")).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let max_ttl = || async {
+        let policy = signer.get_json(&client, "/v1/virtualmeshes/test/vm").await;
+        policy["maxTtlSeconds"].as_u64().unwrap()
+    };
+    assert_eq!(max_ttl().await, 30 * 86_400);
+    let meshes = env.path("virtual-meshes.yaml");
+    let yaml = std::fs::read_to_string(&meshes).unwrap();
+    std::fs::write(&meshes, yaml.replace("ttlDays: 30", "ttlDays: 10")).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer
+        .wait_for_log("policies and clients not reloaded")
+        .await;
+    assert!(
+        line.contains("the audit log cannot record the change, so it is not applied"),
+        "{line}"
+    );
+    assert_eq!(max_ttl().await, 30 * 86_400, "an unrecorded change applied");
 }
 
 /// An environment whose rate limit never binds: the load tests are about faults only.

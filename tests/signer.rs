@@ -485,14 +485,7 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
     let signer = env.start_signer();
     let client = env.client("cluster-b");
 
-    let policy: Value = client
-        .get(signer.url("/v1/virtualmeshes/test/vm"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let policy = signer.get_json(&client, "/v1/virtualmeshes/test/vm").await;
     assert_eq!(policy["orgName"], "acme");
     assert_eq!(policy["maxTtlSeconds"], 30 * 86400);
     assert_eq!(policy["minRsaBits"], 2048);
@@ -543,6 +536,134 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
         "meshca_root_expiry_seconds 25",
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
+    // A P-256 root: a policy demanding RSA-4096 strength is too much for it.
+    let env = Env::with(EnvSpec {
+        root_key_type: KeyType::EcdsaP256,
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let (client_a, client_b) = (env.client("cluster-a"), env.client("cluster-b"));
+    let sign = |client: &reqwest::Client, mesh: &str| {
+        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "x");
+        let body = sign_body(VM, mesh, &csr);
+        let client = client.clone();
+        let signer = &signer;
+        async move { post_sign(&client, signer, &body).await }
+    };
+    let reload_logged = |n: usize| signer.wait_for_nth_log("SIGHUP: policies and clients", n);
+    let sighup = || send_signal(signer.child.id(), "HUP");
+    assert_eq!(sign(&client_b, "test/cluster-b").await.0, 200);
+
+    // Nothing changed: nothing recorded.
+    sighup();
+    let line = reload_logged(1).await;
+    assert!(line.contains("nothing in them changed"), "{line}");
+
+    // cluster-b's grant moves to cluster-a, the ttl shrinks, and a restart-only limit
+    // changes.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let b_block = format!(
+        "\n[[clients]]\nidentity = \"{}\"\nallow = [{{ virtual_mesh = \"test/vm\", mesh = \"test/cluster-b\" }}]\n",
+        identity("cluster-b")
+    );
+    assert!(config.contains(&b_block), "{config}");
+    let reloaded = config.replace(&b_block, "").replace(
+        "mesh = \"test/cluster-a\" }]",
+        "mesh = \"test/cluster-a\" }, { virtual_mesh = \"test/vm\", mesh = \"test/cluster-b\" }]",
+    ) + "\n[limits]\nsign_burst = 50\n";
+    std::fs::write(&env.config, &reloaded).unwrap();
+    let meshes_file = env.path("virtual-meshes.yaml");
+    let meshes = std::fs::read_to_string(&meshes_file).unwrap();
+    std::fs::write(&meshes_file, meshes.replace("ttlDays: 30", "ttlDays: 10")).unwrap();
+    sighup();
+    let line = reload_logged(2).await;
+    for needle in [
+        "recorded in the audit log",
+        "virtual mesh test/vm: ttl 30 days -> 10 days",
+        &format!("client {} removed", identity("cluster-b")),
+        &format!(
+            "client {}: may now ask for test/cluster-b in test/vm",
+            identity("cluster-a")
+        ),
+    ] {
+        assert!(line.contains(needle), "{needle} missing from {line}");
+    }
+    let warning = signer.wait_for_log("take effect at the next restart").await;
+    assert!(warning.contains("\"settings\":\"limits\""), "{warning}");
+
+    let (status, body) = sign(&client_b, "test/cluster-b").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (403, "not_authorized"),
+        "{body}"
+    );
+    let (status, body) = sign(&client_a, "test/cluster-b").await;
+    assert_eq!(status, 200, "{body}");
+    let policy = signer
+        .get_json(&client_a, "/v1/virtualmeshes/test/vm")
+        .await;
+    assert_eq!(policy["maxTtlSeconds"], 10 * 86_400, "{policy}");
+
+    // A grant of an unknown mesh, then a policy the root is too weak for: each reload is
+    // refused by name and the rules in force stay.
+    std::fs::write(
+        &env.config,
+        reloaded.replace("mesh = \"test/cluster-b\" }]", "mesh = \"test/nope\" }]"),
+    )
+    .unwrap();
+    sighup();
+    let line = reload_logged(3).await;
+    assert!(
+        line.contains("not reloaded") && line.contains("test/nope"),
+        "{line}"
+    );
+    std::fs::write(&env.config, &reloaded).unwrap();
+    std::fs::write(
+        &meshes_file,
+        meshes.replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 4096"),
+    )
+    .unwrap();
+    sighup();
+    let line = reload_logged(4).await;
+    assert!(
+        line.contains("not reloaded") && line.contains("too weak for virtual mesh test/vm"),
+        "{line}"
+    );
+    assert_eq!(sign(&client_a, "test/cluster-b").await.0, 200);
+    assert_eq!(sign(&client_b, "test/cluster-b").await.0, 403);
+
+    // The one change is in the audit log, between the decisions made before and after it,
+    // and the chain verifies.
+    let audit = signer.audit_lines();
+    let events: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|l| (l["event"].as_str().unwrap(), l["rule"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("decision", "issued"),
+            ("reload", "rules_changed"),
+            ("decision", "not_authorized"),
+            ("decision", "issued"),
+            ("decision", "issued"),
+            ("decision", "not_authorized"),
+        ]
+    );
+    let recorded = audit[1]["message"].as_str().unwrap();
+    assert!(recorded.contains("ttl 30 days -> 10 days"), "{recorded}");
+    assert!(env.audit_verify_ok().contains("intact: 6 records"));
+    let metrics = signer.metrics(&client_a).await;
+    for needle in [
+        "meshca_rules_reloads_total{outcome=\"ok\"} 2",
+        "meshca_rules_reloads_total{outcome=\"error\"} 2",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
 }
 

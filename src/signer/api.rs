@@ -274,9 +274,10 @@ async fn sign_inner(
     let serial =
         random_serial().map_err(|e| Refusal::new(Status::Internal, "internal", e.to_string()))?;
     let backend = &state.backend;
+    let rules = state.rules();
     let ctx = DecisionContext {
-        policies: &state.policies,
-        authorization: &state.authorization,
+        policies: &rules.policies,
+        authorization: &rules.authorization,
         root: backend.root(),
     };
     let mut approval = decide(&ctx, identity, &request, SystemTime::now(), serial, facts)?;
@@ -332,7 +333,8 @@ async fn virtual_mesh(
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
     let id = ObjectRef::new(namespace, name);
-    let Some(policy) = state.policies.get(&id) else {
+    let rules = state.rules();
+    let Some(policy) = rules.policies.get(&id) else {
         return error_response(
             Status::NotFound,
             "unknown_virtual_mesh",

@@ -25,6 +25,7 @@ pub struct Metrics {
     root_expiry_seconds: Gauge<i64, AtomicI64>,
     root_not_after: SystemTime,
     tls_reloads: Family<OutcomeLabels, Counter>,
+    rules_reloads: Family<OutcomeLabels, Counter>,
     tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
@@ -70,6 +71,12 @@ impl Metrics {
             "Reloads of the TLS files on SIGHUP by outcome (ok, or error: the previous settings stay)",
             tls_reloads.clone(),
         );
+        let rules_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "rules_reloads",
+            "Reloads of the policies and clients on SIGHUP by outcome (ok, or error: the rules in force stay)",
+            rules_reloads.clone(),
+        );
         let tls_certificate_expiry_seconds = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "tls_certificate_expiry_seconds",
@@ -85,6 +92,7 @@ impl Metrics {
             root_expiry_seconds,
             root_not_after,
             tls_reloads,
+            rules_reloads,
             tls_certificate_expiry_seconds,
             tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
         }
@@ -117,6 +125,11 @@ impl Metrics {
             None => "error",
         };
         count_outcome(&self.tls_reloads, outcome);
+    }
+
+    /// A reload of the rules: `ok` (changed or not) or `error`.
+    pub fn rules_reloaded(&self, ok: bool) {
+        count_outcome(&self.rules_reloads, if ok { "ok" } else { "error" });
     }
 
     /// Exports the audit log's count of writes + fsyncs, which against the decisions
@@ -188,8 +201,13 @@ mod tests {
         }
         m.tls_reloaded(None);
         m.tls_reloaded(Some(now + Duration::from_secs(7200)));
+        m.rules_reloaded(true);
+        m.rules_reloaded(false);
+        m.rules_reloaded(false);
         let text = m.render();
         for needle in [
+            "meshca_rules_reloads_total{outcome=\"ok\"} 1",
+            "meshca_rules_reloads_total{outcome=\"error\"} 2",
             "meshca_tls_reloads_total{outcome=\"ok\"} 1",
             "meshca_tls_reloads_total{outcome=\"error\"} 1",
             "meshca_tls_certificate_expiry_seconds 7",

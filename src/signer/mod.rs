@@ -6,25 +6,25 @@ pub mod audit;
 pub mod decision;
 pub mod metrics;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::RootSigner;
-use crate::config::AuthorizationTable;
-use crate::policy::PolicySet;
+use reload::Rules;
 
-/// Everything a request handler reads. Immutable after start, apart from the audit writer
-/// and the metrics.
+/// Everything a request handler reads. Fixed at start, apart from the rules (replaced by a
+/// reload), the audit writer and the metrics.
 pub struct SignerState {
-    pub policies: PolicySet,
-    pub authorization: AuthorizationTable,
+    /// Policies and client grants; see [`SignerState::rules`].
+    rules: RwLock<Arc<Rules>>,
     pub backend: Arc<dyn RootSigner>,
     pub audit: audit::AuditLog,
     pub metrics: metrics::Metrics,
@@ -41,6 +41,21 @@ pub struct SignerState {
     /// Cancelled when the drain time is over: decisions still waiting (for a body, for the
     /// token) stop, and are audited as `signer_stopping`.
     pub stop_deciding: CancellationToken,
+}
+
+impl SignerState {
+    /// The rules in force now. A decision takes them once and keeps them, so a reload
+    /// during it does not mix old and new rules.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace_rules(&self, rules: Rules) {
+        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(rules);
+    }
 }
 
 /// Where the signer ended up listening (ports may have been chosen by the OS).

@@ -1,6 +1,7 @@
 //! Starting and running the signer: backend, audit log, TLS listener with bounded
-//! connections and timeouts, an optional plain ops listener, a reload of the TLS files on
-//! SIGHUP, and a graceful drain on SIGTERM (in-flight requests finish, then exit 0).
+//! connections and timeouts, an optional plain ops listener, a reload of the TLS files and
+//! of the rules (policies, clients) on SIGHUP, and a graceful drain on SIGTERM (in-flight
+//! requests finish, then exit 0).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,15 +19,18 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::api::{self, ClientIdentity};
-use super::audit::{AuditLog, rfc3339};
+use super::audit::{AuditLog, AuditRecord, rfc3339};
 use super::metrics::Metrics;
 use super::ratelimit::{RateLimit, RateLimiter};
+use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::vault::VaultBackend;
-use crate::config::{BackendKind, Limits, SignerConfig};
+use crate::config::{BackendKind, ConfigError, Limits, SignerConfig};
+use crate::pki::keys::PublicKeyKind;
 use crate::pki::profile::RootCa;
+use crate::policy::PolicySet;
 use crate::policy::rules::check_public_key;
 use crate::tlsutil::{TlsError, client_identity, server_config};
 
@@ -57,16 +61,42 @@ pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
     })?;
     let root =
         RootCa::from_pem(&pem).map_err(|e| StartError::Root(format!("{}: {e}", path.display())))?;
-    // The root must be at least as strong as every virtual mesh it serves demands.
-    for policy in config.policies.iter() {
-        check_public_key(&root.key_kind, policy.min_rsa_bits).map_err(|d| {
-            StartError::Root(format!(
-                "the root key ({}) is too weak for virtual mesh {}: {}",
-                root.key_kind, policy.id, d.message
-            ))
+    check_root_strength(&root.key_kind, &config.policies).map_err(StartError::Root)?;
+    Ok(root)
+}
+
+/// The root must be at least as strong as every virtual mesh it serves demands: checked at
+/// start and on every reload of the policies.
+fn check_root_strength(root_key: &PublicKeyKind, policies: &PolicySet) -> Result<(), String> {
+    for policy in policies.iter() {
+        check_public_key(root_key, policy.min_rsa_bits).map_err(|d| {
+            format!(
+                "the root key ({root_key}) is too weak for virtual mesh {}: {}",
+                policy.id, d.message
+            )
         })?;
     }
-    Ok(root)
+    Ok(())
+}
+
+/// Why a reload of the rules changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    RootTooWeak(String),
+    #[error("the audit log cannot record the change, so it is not applied: {0}")]
+    Audit(#[from] super::audit::AuditError),
+}
+
+/// What a reload of the rules did.
+#[derive(Debug)]
+pub struct RulesReload {
+    /// Empty when the rules read are the ones in force.
+    pub change: RulesChange,
+    /// Settings read only at start that differ in the file (left as they are).
+    pub restart_only: Vec<&'static str>,
 }
 
 /// Opens the backend the config names (blocking: token login, key check; Vault login and
@@ -140,9 +170,54 @@ pub struct RunningSigner {
     tls_files: TlsFiles,
     acceptor: watch::Sender<TlsAcceptor>,
     state: Arc<SignerState>,
+    /// The config as started: where to read it again, and what only a restart changes.
+    config: SignerConfig,
 }
 
 impl RunningSigner {
+    /// Reads the config file again and puts its policies and client grants in force, after
+    /// the same checks as at start (and the root's strength against the new policies).
+    /// A change is written to the audit log (event `reload`) before it applies; on any
+    /// error the rules in force stay. Decisions already under way finish under the rules
+    /// they started with. Settings read only at start are not changed; the answer names
+    /// those that differ in the file.
+    pub async fn reload_rules(&self) -> Result<RulesReload, ReloadError> {
+        let outcome = self.try_reload_rules().await;
+        self.state.metrics.rules_reloaded(outcome.is_ok());
+        outcome
+    }
+
+    async fn try_reload_rules(&self) -> Result<RulesReload, ReloadError> {
+        let path = self.config.path.clone();
+        // Reads the VirtualMesh files too: off the async workers.
+        let read = tokio::task::spawn_blocking(move || SignerConfig::load(&path))
+            .await
+            .map_err(|e| ConfigError::Invalid {
+                path: self.config.path.display().to_string(),
+                message: e.to_string(),
+            })??;
+        check_root_strength(&self.state.backend.root().key_kind, &read.policies)
+            .map_err(ReloadError::RootTooWeak)?;
+        let rules = Rules::of(&read);
+        let change = RulesChange::between(&self.state.rules(), &rules);
+        if !change.is_empty() {
+            let record = AuditRecord {
+                time: rfc3339(SystemTime::now()),
+                event: "reload".into(),
+                rule: Some("rules_changed".into()),
+                message: Some(change.to_string()),
+                ..Default::default()
+            };
+            let announced = self.state.audit.expect_line();
+            self.state.audit.append(record, announced).await?;
+            self.state.replace_rules(rules);
+        }
+        Ok(RulesReload {
+            change,
+            restart_only: restart_only_changes(&self.config, &read),
+        })
+    }
+
     /// Re-reads the server certificate and key, the client CA and the CRLs. New
     /// handshakes use them at once; connections made before close after the request they
     /// are serving, so a newly revoked client keeps no kept-alive connection. On an error
@@ -226,8 +301,7 @@ pub async fn start(
     };
 
     let state = Arc::new(SignerState {
-        policies: config.policies.clone(),
-        authorization: config.authorization.clone(),
+        rules: std::sync::RwLock::new(Arc::new(Rules::of(&config))),
         backend: backend.clone(),
         audit,
         metrics,
@@ -282,6 +356,7 @@ pub async fn start(
         tls_files,
         acceptor: acceptor_tx,
         state,
+        config,
     })
 }
 
@@ -399,7 +474,8 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Runs the signer until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the
-/// TLS files ([`RunningSigner::reload_tls`]).
+/// TLS files ([`RunningSigner::reload_tls`]) and the rules ([`RunningSigner::reload_rules`]),
+/// each on its own: a mistake in one leaves the other's reload standing.
 pub async fn run(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
@@ -413,22 +489,50 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            Some(()) = hangups.recv() => match running.reload_tls() {
-                Ok(not_after) => tracing::info!(
-                    certificate_not_after = %rfc3339(not_after),
-                    "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
-                ),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
-                ),
-            },
+            Some(()) = hangups.recv() => {
+                match running.reload_tls() {
+                    Ok(not_after) => tracing::info!(
+                        certificate_not_after = %rfc3339(not_after),
+                        "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
+                    ),
+                }
+                log_rules_reload(running.reload_rules().await);
+            }
         }
     }
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     running.shutdown().await;
     tracing::info!("signer stopped");
     Ok(())
+}
+
+fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
+    match outcome {
+        Ok(reload) => {
+            if reload.change.is_empty() {
+                tracing::info!("SIGHUP: policies and clients reloaded; nothing in them changed");
+            } else {
+                tracing::info!(
+                    changes = %reload.change,
+                    "SIGHUP: policies and clients reloaded (recorded in the audit log)"
+                );
+            }
+            if !reload.restart_only.is_empty() {
+                tracing::warn!(
+                    settings = reload.restart_only.join(", "),
+                    "SIGHUP: settings read only at start differ in the config file; they take effect at the next restart"
+                );
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: policies and clients not reloaded; the ones in force stay"
+        ),
+    }
 }
 
 pub async fn wait_for_signal() {

@@ -578,19 +578,25 @@ impl Signer {
 
     /// Waits (at most 30 s) for a log line containing `needle`; returns that line.
     pub async fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for_nth_log(needle, 1).await
+    }
+
+    /// Waits (at most 30 s) for the `n`th log line containing `needle` (from 1); returns it.
+    pub async fn wait_for_nth_log(&self, needle: &str, n: usize) -> String {
         for _ in 0..300 {
             if let Some(line) = self
                 .logs
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|l| l.contains(needle))
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
             {
                 return line.clone();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no log line with {needle:?} in:\n{}", self.logs());
+        panic!("no log line #{n} with {needle:?} in:\n{}", self.logs());
     }
 
     /// The Prometheus text of `/metrics`, fetched by `client`.
@@ -601,6 +607,18 @@ impl Signer {
             .await
             .unwrap()
             .text()
+            .await
+            .unwrap()
+    }
+
+    /// The JSON answer of a GET of `path`, fetched by `client`.
+    pub async fn get_json(&self, client: &reqwest::Client, path: &str) -> serde_json::Value {
+        client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
             .await
             .unwrap()
     }

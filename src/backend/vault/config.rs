@@ -81,7 +81,7 @@ impl VaultAuth {
 }
 
 /// The Vault backend's settings, resolved and checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VaultSettings {
     /// Base address, e.g. `https://vault.example.org:8200` (no path).
     pub address: Url,

@@ -1,0 +1,308 @@
+//! What a SIGHUP may change in a running signer besides its TLS files: the rules every
+//! signing decision is made under (VirtualMesh policies and client grants), read again from
+//! the config file. Pure comparisons; the swap and its audit line are in `server`.
+
+use std::fmt;
+
+use crate::config::{AuthorizationTable, SignerConfig};
+use crate::policy::rules::human_duration;
+use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
+
+/// The rules a signing decision is made under. A reload replaces them whole; a decision
+/// keeps the rules it started with.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub policies: PolicySet,
+    pub authorization: AuthorizationTable,
+}
+
+impl Rules {
+    pub fn of(config: &SignerConfig) -> Self {
+        Rules {
+            policies: config.policies.clone(),
+            authorization: config.authorization.clone(),
+        }
+    }
+}
+
+/// How newly read rules differ from those in force: one statement per change, virtual
+/// meshes first, each group in name order. Empty when nothing that is enforced changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RulesChange {
+    pub statements: Vec<String>,
+}
+
+impl RulesChange {
+    pub fn between(in_force: &Rules, read: &Rules) -> Self {
+        let mut statements = Vec::new();
+        compare_virtual_meshes(&in_force.policies, &read.policies, &mut statements);
+        compare_clients(
+            &in_force.authorization,
+            &read.authorization,
+            &mut statements,
+        );
+        RulesChange { statements }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.statements.is_empty()
+    }
+}
+
+impl fmt::Display for RulesChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.statements.join("; "))
+    }
+}
+
+fn compare_virtual_meshes(in_force: &PolicySet, read: &PolicySet, out: &mut Vec<String>) {
+    for old in in_force.iter() {
+        let Some(new) = read.get(&old.id) else {
+            out.push(format!("virtual mesh {} removed", old.id));
+            continue;
+        };
+        let mut differences = Vec::new();
+        if old.org_name != new.org_name {
+            differences.push(format!("org {:?} -> {:?}", old.org_name, new.org_name));
+        }
+        if old.max_ttl != new.max_ttl {
+            differences.push(format!(
+                "ttl {} -> {}",
+                human_duration(old.max_ttl),
+                human_duration(new.max_ttl)
+            ));
+        }
+        if old.min_rsa_bits != new.min_rsa_bits {
+            differences.push(format!(
+                "RSA minimum {} -> {} bits",
+                old.min_rsa_bits, new.min_rsa_bits
+            ));
+        }
+        let added = names(new.meshes.difference(&old.meshes));
+        if !added.is_empty() {
+            differences.push(format!("meshes added: {added}"));
+        }
+        let removed = names(old.meshes.difference(&new.meshes));
+        if !removed.is_empty() {
+            differences.push(format!("meshes removed: {removed}"));
+        }
+        if old.display_name != new.display_name {
+            differences.push(format!(
+                "display name {:?} -> {:?}",
+                old.display_name.as_deref().unwrap_or(""),
+                new.display_name.as_deref().unwrap_or("")
+            ));
+        }
+        // `source` (the file it was read from) is not enforced: moving a document to
+        // another file changes nothing.
+        if !differences.is_empty() {
+            out.push(format!(
+                "virtual mesh {}: {}",
+                old.id,
+                differences.join(", ")
+            ));
+        }
+    }
+    for new in read.iter().filter(|p| in_force.get(&p.id).is_none()) {
+        out.push(format!("virtual mesh {} added ({})", new.id, summary(new)));
+    }
+}
+
+fn summary(policy: &VirtualMeshPolicy) -> String {
+    format!(
+        "org {:?}, ttl {}, RSA minimum {} bits, meshes: {}",
+        policy.org_name,
+        human_duration(policy.max_ttl),
+        policy.min_rsa_bits,
+        names(policy.meshes.iter())
+    )
+}
+
+fn compare_clients(
+    in_force: &AuthorizationTable,
+    read: &AuthorizationTable,
+    out: &mut Vec<String>,
+) {
+    for (identity, old) in in_force.clients() {
+        let Some(new) = read.grants_of(identity) else {
+            out.push(format!("client {identity} removed"));
+            continue;
+        };
+        let mut differences = Vec::new();
+        let added = grants(new.difference(old));
+        if !added.is_empty() {
+            differences.push(format!("may now ask for {added}"));
+        }
+        let removed = grants(old.difference(new));
+        if !removed.is_empty() {
+            differences.push(format!("may no longer ask for {removed}"));
+        }
+        if !differences.is_empty() {
+            out.push(format!("client {identity}: {}", differences.join("; ")));
+        }
+    }
+    for (identity, new) in read.clients().filter(|(id, _)| !in_force.knows(id)) {
+        out.push(format!(
+            "client {identity} added (may ask for {})",
+            grants(new.iter())
+        ));
+    }
+}
+
+fn names<'a>(refs: impl Iterator<Item = &'a ObjectRef>) -> String {
+    refs.map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn grants<'a>(pairs: impl Iterator<Item = &'a (ObjectRef, ObjectRef)>) -> String {
+    pairs
+        .map(|(virtual_mesh, mesh)| format!("{mesh} in {virtual_mesh}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The settings read only at start that differ between the config in force and the one
+/// just read, by their config names: a reload leaves them as they are, and says so.
+pub fn restart_only_changes(in_force: &SignerConfig, read: &SignerConfig) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |name: &'static str, same: bool| {
+        if !same {
+            changed.push(name);
+        }
+    };
+    check("listen", in_force.listen == read.listen);
+    check("ops_listen", in_force.ops_listen == read.ops_listen);
+    check("audit_log", in_force.audit_log == read.audit_log);
+    check("tls.cert", in_force.tls_cert == read.tls_cert);
+    check("tls.key", in_force.tls_key == read.tls_key);
+    check("tls.client_ca", in_force.client_ca == read.client_ca);
+    check("tls.client_crls", in_force.client_crls == read.client_crls);
+    // `root.common_name` is only read by `root init`: not a serving setting.
+    let root = |c: &SignerConfig| {
+        (
+            c.root.certificate.clone(),
+            c.root.virtual_mesh.clone(),
+            c.root.key_type,
+            c.root.backend,
+        )
+    };
+    check("root", root(in_force) == root(read));
+    check("pkcs11", in_force.pkcs11 == read.pkcs11);
+    check("vault", in_force.vault == read.vault);
+    check("limits", in_force.limits == read.limits);
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const MESHES: &str = r#"
+apiVersion: networking.mesh.gloo.solo.io/v1
+kind: VirtualMesh
+metadata: {name: vm, namespace: test}
+spec:
+  meshes: [{name: cluster-a, namespace: test}, {name: cluster-b, namespace: test}]
+  certificateAuthority:
+    builtin: {ttlDays: 30, rsaKeySizeBytes: 2048, orgName: acme}
+"#;
+
+    /// A config in `dir` (relative paths resolve against it, so two configs in one dir
+    /// differ only where the text does).
+    fn config(dir: &Path, meshes_yaml: &str, clients: &str, extra: &str) -> SignerConfig {
+        std::fs::write(dir.join("vm.yaml"), meshes_yaml).unwrap();
+        let text = format!(
+            r#"virtual_meshes = ["vm.yaml"]
+audit_log = "audit.log"
+[tls]
+cert = "s.pem"
+key = "s.key"
+client_ca = "ca.pem"
+[root]
+certificate = "root.pem"
+virtual_mesh = "test/vm"
+key_type = "ecdsa-p384"
+backend = "pkcs11"
+[pkcs11]
+module = "/lib/softhsm.so"
+key = "pkcs11:token=t;object=k"
+pin_env = "PIN"
+{clients}
+{extra}"#
+        );
+        SignerConfig::parse(&dir.join("signer.toml"), &text).unwrap()
+    }
+
+    const A_ONLY: &str = r#"[[clients]]
+identity = "spiffe://t/a"
+allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-a" }]"#;
+
+    #[test]
+    fn the_same_rules_are_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        assert!(RulesChange::between(&rules, &rules.clone()).is_empty());
+    }
+
+    #[test]
+    fn every_enforced_difference_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let meshes = MESHES
+            .replace("ttlDays: 30", "ttlDays: 10")
+            .replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 3072")
+            .replace("orgName: acme", "orgName: acme2")
+            .replace(
+                "{name: cluster-b, namespace: test}",
+                "{name: cluster-c, namespace: test}",
+            )
+            + r#"---
+apiVersion: networking.mesh.gloo.solo.io/v1
+kind: VirtualMesh
+metadata: {name: other, namespace: test}
+spec:
+  meshes: [{name: cluster-a, namespace: test}]
+  certificateAuthority:
+    builtin: {ttlDays: 1, rsaKeySizeBytes: 4096, orgName: o}
+"#;
+        let clients = r#"[[clients]]
+identity = "spiffe://t/a"
+allow = [{ virtual_mesh = "test/other", mesh = "test/cluster-a" }]
+[[clients]]
+identity = "spiffe://t/c"
+allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
+        let after = Rules::of(&config(dir.path(), &meshes, clients, ""));
+        let change = RulesChange::between(&before, &after);
+        assert_eq!(
+            change.statements,
+            [
+                "virtual mesh test/vm: org \"acme\" -> \"acme2\", ttl 30 days -> 10 days, RSA minimum 2048 -> 3072 bits, meshes added: test/cluster-c, meshes removed: test/cluster-b",
+                "virtual mesh test/other added (org \"o\", ttl 1 day, RSA minimum 4096 bits, meshes: test/cluster-a)",
+                "client spiffe://t/a: may now ask for test/cluster-a in test/other; may no longer ask for test/cluster-a in test/vm",
+                "client spiffe://t/c added (may ask for test/cluster-c in test/vm)",
+            ]
+        );
+        // And back: removals are named too.
+        let back = RulesChange::between(&after, &before);
+        assert!(
+            back.statements
+                .contains(&"virtual mesh test/other removed".to_string())
+        );
+        assert!(
+            back.statements
+                .contains(&"client spiffe://t/c removed".to_string())
+        );
+    }
+
+    #[test]
+    fn settings_read_only_at_start_are_named_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let in_force = config(dir.path(), MESHES, A_ONLY, "");
+        assert!(restart_only_changes(&in_force, &in_force.clone()).is_empty());
+        let read = SignerConfig {
+            listen: "127.0.0.1:1".parse().unwrap(),
+            ..config(dir.path(), MESHES, A_ONLY, "[limits]\nsign_burst = 7")
+        };
+        assert_eq!(restart_only_changes(&in_force, &read), ["listen", "limits"]);
+    }
+}
