@@ -546,7 +546,8 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
         root_key_type: KeyType::EcdsaP256,
         ..EnvSpec::default()
     });
-    let signer = env.start_signer();
+    // With `--listen`, the file's `listen` is not the signer's: changing it is not news.
+    let signer = env.start_signer_with(&["--listen", "127.0.0.1:0"]);
     let (client_a, client_b) = (env.client("cluster-a"), env.client("cluster-b"));
     let sign = |client: &reqwest::Client, mesh: &str| {
         let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "x");
@@ -565,14 +566,17 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     assert!(line.contains("nothing in them changed"), "{line}");
 
     // cluster-b's grant moves to cluster-a, the ttl shrinks, and a restart-only limit
-    // changes.
+    // (and the overridden listen address) change.
     let config = std::fs::read_to_string(&env.config).unwrap();
     let b_block = format!(
         "\n[[clients]]\nidentity = \"{}\"\nallow = [{{ virtual_mesh = \"test/vm\", mesh = \"test/cluster-b\" }}]\n",
         identity("cluster-b")
     );
     assert!(config.contains(&b_block), "{config}");
-    let reloaded = config.replace(&b_block, "").replace(
+    let reloaded = config
+        .replace(&b_block, "")
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
+        .replace(
         "mesh = \"test/cluster-a\" }]",
         "mesh = \"test/cluster-a\" }, { virtual_mesh = \"test/vm\", mesh = \"test/cluster-b\" }]",
     ) + "\n[limits]\nsign_burst = 50\n";

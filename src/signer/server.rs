@@ -172,6 +172,8 @@ pub struct RunningSigner {
     state: Arc<SignerState>,
     /// The config as started: where to read it again, and what only a restart changes.
     config: SignerConfig,
+    /// `--listen` was given: the file's `listen` does not matter, now or at a restart.
+    listen_overridden: bool,
 }
 
 impl RunningSigner {
@@ -212,9 +214,13 @@ impl RunningSigner {
             self.state.audit.append(record, announced).await?;
             self.state.replace_rules(rules);
         }
+        let mut restart_only = restart_only_changes(&self.config, &read);
+        if self.listen_overridden {
+            restart_only.retain(|setting| *setting != "listen");
+        }
         Ok(RulesReload {
             change,
-            restart_only: restart_only_changes(&self.config, &read),
+            restart_only,
         })
     }
 
@@ -357,6 +363,7 @@ pub async fn start(
         acceptor: acceptor_tx,
         state,
         config,
+        listen_overridden: listen_override.is_some(),
     })
 }
 
