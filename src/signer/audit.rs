@@ -1,5 +1,6 @@
-//! The audit log: one JSON line per signing decision, each carrying the SHA-256 of the line
-//! before it, written and fsynced before the client gets its answer.
+//! The audit log: one JSON line per signing decision (and per change of the rules), each
+//! carrying the SHA-256 of the line before it, written and fsynced before the client gets
+//! its answer (before the change applies).
 //!
 //! A single writer thread owns the file and commits in groups: every line waiting when a
 //! write starts goes into that write and its one fsync (still before any of those
@@ -39,7 +40,8 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
     pub time: String,
-    /// `decision` for a signing decision; `recovery` for a repair of the log itself.
+    /// `decision` for a signing decision; `reload` for a change of the policies or client
+    /// grants (SIGHUP); `recovery` for a repair of the log itself.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
