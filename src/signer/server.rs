@@ -4,7 +4,6 @@
 //! requests finish, then exit 0).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
@@ -133,32 +132,19 @@ pub fn start_backend(
     }
 }
 
-/// The files the API listener's TLS is built from: read at start and again on reload.
-struct TlsFiles {
-    cert: PathBuf,
-    key: PathBuf,
-    client_ca: PathBuf,
-    crls: Vec<PathBuf>,
-}
-
-impl TlsFiles {
-    fn of(config: &SignerConfig) -> Self {
-        TlsFiles {
-            cert: config.tls_cert.clone(),
-            key: config.tls_key.clone(),
-            client_ca: config.client_ca.clone(),
-            crls: config.client_crls.clone(),
-        }
-    }
-
-    /// A fresh acceptor from the files, and the server certificate's notAfter.
-    fn acceptor(&self) -> Result<(TlsAcceptor, SystemTime), TlsError> {
-        let tls = server_config(&self.cert, &self.key, &self.client_ca, &self.crls)?;
-        Ok((
-            TlsAcceptor::from(Arc::new(tls.config)),
-            tls.certificate_not_after,
-        ))
-    }
+/// A fresh acceptor from the config's TLS files (read at start and again on reload), and
+/// the server certificate's notAfter.
+fn tls_acceptor(config: &SignerConfig) -> Result<(TlsAcceptor, SystemTime), TlsError> {
+    let tls = server_config(
+        &config.tls_cert,
+        &config.tls_key,
+        &config.client_ca,
+        &config.client_crls,
+    )?;
+    Ok((
+        TlsAcceptor::from(Arc::new(tls.config)),
+        tls.certificate_not_after,
+    ))
 }
 
 /// A running signer: its addresses and the handles that reload and stop it.
@@ -166,11 +152,10 @@ pub struct RunningSigner {
     pub addresses: BoundAddresses,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    drain_timeout: Duration,
-    tls_files: TlsFiles,
     acceptor: watch::Sender<TlsAcceptor>,
     state: Arc<SignerState>,
-    /// The config as started: where to read it again, and what only a restart changes.
+    /// The config as started: where to read it again, its TLS files and drain time, and
+    /// what only a restart changes.
     config: SignerConfig,
     /// `--listen` was given: the file's `listen` does not matter, now or at a restart.
     listen_overridden: bool,
@@ -229,7 +214,7 @@ impl RunningSigner {
     /// are serving, so a newly revoked client keeps no kept-alive connection. On an error
     /// the previous settings stay in force. Returns the new certificate's notAfter.
     pub fn reload_tls(&self) -> Result<SystemTime, TlsError> {
-        match self.tls_files.acceptor() {
+        match tls_acceptor(&self.config) {
             Ok((acceptor, not_after)) => {
                 self.acceptor.send_replace(acceptor);
                 self.state.metrics.tls_reloaded(Some(not_after));
@@ -247,7 +232,7 @@ impl RunningSigner {
     /// client gone) is stopped and audited as `signer_stopping`; returns once all
     /// decisions have their audit lines.
     pub async fn shutdown(self) {
-        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let deadline = tokio::time::Instant::now() + self.config.limits.drain_timeout;
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
@@ -275,8 +260,7 @@ pub async fn start(
 ) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
     let root = load_root(&config)?;
-    let tls_files = TlsFiles::of(&config);
-    let (acceptor, tls_not_after) = tls_files.acceptor()?;
+    let (acceptor, tls_not_after) = tls_acceptor(&config)?;
     let mut metrics = Metrics::new(root.not_after, tls_not_after);
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
@@ -358,8 +342,6 @@ pub async fn start(
         addresses,
         shutdown: shutdown_tx,
         tasks,
-        drain_timeout: config.limits.drain_timeout,
-        tls_files,
         acceptor: acceptor_tx,
         state,
         config,
