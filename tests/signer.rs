@@ -583,7 +583,8 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     std::fs::write(&env.config, &reloaded).unwrap();
     let meshes_file = env.path("virtual-meshes.yaml");
     let meshes = std::fs::read_to_string(&meshes_file).unwrap();
-    std::fs::write(&meshes_file, meshes.replace("ttlDays: 30", "ttlDays: 10")).unwrap();
+    let shorter_ttl = meshes.replace("ttlDays: 30", "ttlDays: 10");
+    std::fs::write(&meshes_file, &shorter_ttl).unwrap();
     sighup();
     let line = reload_logged(2).await;
     for needle in [
@@ -615,29 +616,22 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
 
     // A grant of an unknown mesh, then a policy the root is too weak for: each reload is
     // refused by name and the rules in force stay.
-    std::fs::write(
-        &env.config,
-        reloaded.replace("mesh = \"test/cluster-b\" }]", "mesh = \"test/nope\" }]"),
-    )
-    .unwrap();
-    sighup();
-    let line = reload_logged(3).await;
-    assert!(
-        line.contains("not reloaded") && line.contains("test/nope"),
-        "{line}"
-    );
-    std::fs::write(&env.config, &reloaded).unwrap();
-    std::fs::write(
-        &meshes_file,
-        meshes.replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 4096"),
-    )
-    .unwrap();
-    sighup();
-    let line = reload_logged(4).await;
-    assert!(
-        line.contains("not reloaded") && line.contains("too weak for virtual mesh test/vm"),
-        "{line}"
-    );
+    let refused = |config: String, meshes: String, n: usize, needle: &'static str| {
+        std::fs::write(&env.config, config).unwrap();
+        std::fs::write(&meshes_file, meshes).unwrap();
+        sighup();
+        async move {
+            let line = reload_logged(n).await;
+            assert!(
+                line.contains("not reloaded") && line.contains(needle),
+                "{line}"
+            );
+        }
+    };
+    let unknown_mesh = reloaded.replace("mesh = \"test/cluster-b\" }]", "mesh = \"test/nope\" }]");
+    refused(unknown_mesh, shorter_ttl, 3, "test/nope").await;
+    let too_strong = meshes.replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 4096");
+    refused(reloaded, too_strong, 4, "too weak for virtual mesh test/vm").await;
     assert_eq!(sign(&client_a, "test/cluster-b").await.0, 200);
     assert_eq!(sign(&client_b, "test/cluster-b").await.0, 403);
 
