@@ -323,6 +323,7 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     for needle in [
         "meshca_tls_reloads_total{outcome=\"ok\"} 1",
         "meshca_tls_reloads_total{outcome=\"error\"} 1",
+        "meshca_tls_last_reload_successful 0",
         "meshca_tls_certificate_expiry_seconds ",
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");

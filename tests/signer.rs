@@ -660,6 +660,8 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     for needle in [
         "meshca_rules_reloads_total{outcome=\"ok\"} 2",
         "meshca_rules_reloads_total{outcome=\"error\"} 2",
+        // The last reload was refused: what an alert sees.
+        "meshca_rules_last_reload_successful 0",
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }

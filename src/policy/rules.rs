@@ -42,6 +42,15 @@ pub enum Rule {
 }
 
 impl Rule {
+    pub const ALL: [Rule; 6] = [
+        Rule::Org,
+        Rule::Ttl,
+        Rule::KeyAlgorithm,
+        Rule::KeySize,
+        Rule::KeyExponent,
+        Rule::ProofOfPossession,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             Rule::Org => "policy_org",

@@ -10,6 +10,21 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// Outcomes counted from 0 at start (with every policy rule's code), so that the first of
+/// each shows in `increase()`: a series that appears at 1 has no earlier sample to
+/// differ from, and an alert on it would miss it. These are `issued` and the outcomes
+/// the rules in deploy/prometheus/meshca-alerts.yaml look at.
+const OUTCOMES_FROM_ZERO: [&str; 8] = [
+    "issued",
+    "issuance_check_failed",
+    "backend_out_of_policy",
+    "not_authorized",
+    "unknown_virtual_mesh",
+    "unknown_mesh",
+    "malformed_request",
+    "malformed_csr",
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `issued`, or the error code of the refusal.
@@ -26,6 +41,10 @@ pub struct Metrics {
     root_not_after: SystemTime,
     tls_reloads: Family<OutcomeLabels, Counter>,
     rules_reloads: Family<OutcomeLabels, Counter>,
+    /// 1 until a reload fails, then 0 until one succeeds: what an alert looks at, since the
+    /// counters alone cannot tell whether a failure was mended since.
+    tls_last_reload_successful: Gauge,
+    rules_last_reload_successful: Gauge,
     tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
@@ -35,6 +54,10 @@ impl Metrics {
     pub fn new(root_not_after: SystemTime, tls_certificate_not_after: SystemTime) -> Self {
         let mut registry = Registry::with_prefix("meshca");
         let requests = Family::<OutcomeLabels, Counter>::default();
+        let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
+        for outcome in OUTCOMES_FROM_ZERO.iter().chain(&rule_codes) {
+            start_at_zero(&requests, outcome);
+        }
         registry.register(
             "sign_requests",
             "Signing requests by outcome (issued, or the refusal's error code)",
@@ -66,16 +89,34 @@ impl Metrics {
             root_expiry_seconds.clone(),
         );
         let tls_reloads = Family::<OutcomeLabels, Counter>::default();
+        let rules_reloads = Family::<OutcomeLabels, Counter>::default();
+        for outcome in ["ok", "error"] {
+            start_at_zero(&tls_reloads, outcome);
+            start_at_zero(&rules_reloads, outcome);
+        }
         registry.register(
             "tls_reloads",
             "Reloads of the TLS files on SIGHUP by outcome (ok, or error: the previous settings stay)",
             tls_reloads.clone(),
         );
-        let rules_reloads = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "rules_reloads",
             "Reloads of the policies and clients on SIGHUP by outcome (ok, or error: the rules in force stay)",
             rules_reloads.clone(),
+        );
+        let tls_last_reload_successful = Gauge::default();
+        tls_last_reload_successful.set(1);
+        registry.register(
+            "tls_last_reload_successful",
+            "1 if the last reload of the TLS files succeeded (or none was tried), 0 if it failed",
+            tls_last_reload_successful.clone(),
+        );
+        let rules_last_reload_successful = Gauge::default();
+        rules_last_reload_successful.set(1);
+        registry.register(
+            "rules_last_reload_successful",
+            "1 if the last reload of the policies and clients succeeded (or none was tried), 0 if it failed",
+            rules_last_reload_successful.clone(),
         );
         let tls_certificate_expiry_seconds = Gauge::<i64, AtomicI64>::default();
         registry.register(
@@ -93,6 +134,8 @@ impl Metrics {
             root_not_after,
             tls_reloads,
             rules_reloads,
+            tls_last_reload_successful,
+            rules_last_reload_successful,
             tls_certificate_expiry_seconds,
             tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
         }
@@ -124,11 +167,14 @@ impl Metrics {
             }
             None => "error",
         };
+        self.tls_last_reload_successful
+            .set(i64::from(new_certificate_not_after.is_some()));
         count_outcome(&self.tls_reloads, outcome);
     }
 
     /// A reload of the rules: `ok` (changed or not) or `error`.
     pub fn rules_reloaded(&self, ok: bool) {
+        self.rules_last_reload_successful.set(i64::from(ok));
         count_outcome(&self.rules_reloads, if ok { "ok" } else { "error" });
     }
 
@@ -156,6 +202,13 @@ impl Metrics {
     }
 }
 
+fn start_at_zero(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
+    // Creating the series is the point; the counter itself is not needed here.
+    drop(family.get_or_create(&OutcomeLabels {
+        outcome: outcome.to_string(),
+    }));
+}
+
 fn count_outcome(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
     family
         .get_or_create(&OutcomeLabels {
@@ -165,7 +218,7 @@ fn count_outcome(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
 }
 
 /// Seconds since the Unix epoch, negative before it.
-fn unix_seconds(t: SystemTime) -> i64 {
+pub(crate) fn unix_seconds(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
@@ -196,6 +249,13 @@ mod tests {
             "meshca_audit_write_errors_total 0",
             "meshca_root_expiry_seconds 3",
             "meshca_tls_certificate_expiry_seconds 4",
+            "meshca_tls_last_reload_successful 1",
+            "meshca_rules_last_reload_successful 1",
+            // Counted from 0 before the first one (see OUTCOMES_FROM_ZERO).
+            "meshca_sign_requests_total{outcome=\"issuance_check_failed\"} 0",
+            "meshca_sign_requests_total{outcome=\"policy_proof_of_possession\"} 0",
+            "meshca_tls_reloads_total{outcome=\"error\"} 0",
+            "meshca_rules_reloads_total{outcome=\"error\"} 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
@@ -211,6 +271,8 @@ mod tests {
             "meshca_tls_reloads_total{outcome=\"ok\"} 1",
             "meshca_tls_reloads_total{outcome=\"error\"} 1",
             "meshca_tls_certificate_expiry_seconds 7",
+            "meshca_tls_last_reload_successful 1",
+            "meshca_rules_last_reload_successful 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
