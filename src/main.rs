@@ -4,6 +4,7 @@ use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -14,6 +15,7 @@ use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::directory::{self, DirOptions, DirOutcome};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
+use meshca::agent::metrics::AgentMetrics;
 use meshca::agent::rotation::RotationSettings;
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
@@ -294,6 +296,10 @@ struct AgentArgs {
     /// Kubernetes mode: Lease duration in seconds.
     #[arg(long, default_value_t = 30)]
     lease_seconds: u64,
+    /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
+    /// e.g. 0.0.0.0:9102 (not with --once).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -656,6 +662,9 @@ fn run(command: Command) -> Result<ExitCode> {
 }
 
 fn agent(args: AgentArgs) -> Result<ExitCode> {
+    if args.once && args.metrics_listen.is_some() {
+        bail!("--metrics-listen is for the long-running agent; --once exits after one pass");
+    }
     let resync = std::time::Duration::from_secs(args.resync_seconds.max(1));
     let Some(target) = args.target_dir.clone() else {
         return kubernetes_agent(args, resync);
@@ -703,13 +712,31 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         println!("  root sha256  {}", s.anchor_fingerprint);
         return Ok(ExitCode::SUCCESS);
     }
-    rt.block_on(directory::run(
-        &client,
-        &opts,
-        resync,
-        meshca::signer::server::wait_for_signal(),
-    ));
+    let metrics = Arc::new(AgentMetrics::new());
+    rt.block_on(async {
+        serve_agent_metrics(args.metrics_listen, &metrics).await?;
+        directory::run(
+            &client,
+            &opts,
+            resync,
+            &metrics,
+            meshca::signer::server::wait_for_signal(),
+        )
+        .await;
+        Ok::<_, anyhow::Error>(())
+    })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// With `--metrics-listen`: serves the agent's metrics, logging where.
+async fn serve_agent_metrics(addr: Option<SocketAddr>, metrics: &Arc<AgentMetrics>) -> Result<()> {
+    if let Some(addr) = addr {
+        let bound = meshca::agent::metrics::serve(addr, metrics.clone())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(metrics = %bound, "agent metrics on http://{bound}/metrics");
+    }
+    Ok(())
 }
 
 fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<ExitCode> {
@@ -732,7 +759,11 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         client_cert: tls.client_cert,
         client_key: tls.client_key,
     };
-    run_in_cluster(args.once, |client| Controller::new(Kube::new(client), opts))
+    let metrics = Arc::new(AgentMetrics::new());
+    let served = args.metrics_listen.map(|addr| (addr, metrics.clone()));
+    run_in_cluster(args.once, served, |client| {
+        Controller::new(Kube::new(client), opts, metrics)
+    })
 }
 
 fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
@@ -745,7 +776,7 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         retire_after: std::time::Duration::from_secs(args.retire_after_seconds),
     };
-    run_in_cluster(args.once, |client| MeshController::new(client, opts))
+    run_in_cluster(args.once, None, |client| MeshController::new(client, opts))
 }
 
 /// This replica's name in the Lease: the flag, else the pod name, else `{fallback}-{pid}`.
@@ -755,9 +786,11 @@ fn replica_identity(flag: Option<String>, fallback: &str) -> String {
 }
 
 /// Runs a Lease-holding controller against the cluster it finds (in-cluster or
-/// kubeconfig): one pass with `--once`, else until SIGTERM or SIGINT.
+/// kubeconfig): one pass with `--once`, else until SIGTERM or SIGINT; `metrics` served
+/// on their address meanwhile.
 fn run_in_cluster<C: LeaderLoop>(
     once: bool,
+    metrics: Option<(SocketAddr, Arc<AgentMetrics>)>,
     controller: impl FnOnce(kube::Client) -> C,
 ) -> Result<ExitCode> {
     let rt = runtime()?;
@@ -768,6 +801,9 @@ fn run_in_cluster<C: LeaderLoop>(
         let client =
             kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let controller = controller(client);
+        if let Some((addr, metrics)) = &metrics {
+            serve_agent_metrics(Some(*addr), metrics).await?;
+        }
         if once {
             let next = controller.run_once().await?;
             println!("meshca: one pass done; next look in {}s", next.as_secs());

@@ -87,6 +87,34 @@ fn serial(dir: &Path) -> String {
     openssl(dir, &["x509", "-in", "ca-cert.pem", "-noout", "-serial"])
 }
 
+/// The installed intermediate's notBefore or notAfter (`which`: `startdate`, `enddate`)
+/// in Unix seconds, as openssl and date read it.
+fn validity_unix(dir: &Path, which: &str) -> i64 {
+    let line = openssl(
+        dir,
+        &["x509", "-in", "ca-cert.pem", "-noout", &format!("-{which}")],
+    );
+    let (_, date) = line.trim().split_once('=').unwrap();
+    let out = run_ok(Command::new("date").args(["-u", "-d", date, "+%s"]));
+    text(&out.stdout).trim().parse().unwrap()
+}
+
+/// A plain-HTTP GET of `path` from the agent's metrics listener: the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
 fn assert_valid(env: &Env, dir: &Path) {
     let verified = run_ok(
         env.meshca()
@@ -275,10 +303,16 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     );
     assert_eq!(snapshot(&dir), before);
 
-    // The loop: retries with a growing delay, files untouched meanwhile.
+    // The loop: retries with a growing delay, files untouched meanwhile; its metrics say
+    // the request fails and when the installed intermediate expires.
     let mut cmd = agent_cmd(&env, &addr, &dir, &due);
-    cmd.args(["--resync-seconds", "8"]);
+    cmd.args(["--resync-seconds", "8", "--metrics-listen", "127.0.0.1:0"]);
     let (mut child, logs) = spawn_loop(cmd);
+    let metrics_addr = std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
+        .find_map(|line| line["metrics"].as_str().map(str::to_string))
+        .expect("the agent logs its metrics address");
+    let target = format!("{{request=\"{}\"}}", dir.display());
+    let series = |name: &str| format!("meshca_agent_{name}{target}");
     let mut delays = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while delays.len() < 2 && Instant::now() < deadline {
@@ -295,6 +329,27 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     }
     assert_eq!(delays, vec![2, 4]);
     assert_eq!(snapshot(&dir), before);
+    let failing = http_get(&metrics_addr, "/metrics");
+    assert_eq!(
+        metric_sample(&failing, &series("certificate_ready")),
+        Some(0),
+        "{failing}"
+    );
+    assert_eq!(
+        metric_sample(
+            &failing,
+            &series("certificate_expiration_timestamp_seconds")
+        ),
+        Some(validity_unix(&dir, "enddate")),
+        "{failing}"
+    );
+    assert!(failing.contains("meshca_agent_reconciles_total{outcome=\"SignerError\"}"));
+    assert_eq!(
+        metric_sample(&failing, "meshca_agent_issuances_total"),
+        Some(0)
+    );
+    assert_eq!(metric_sample(&failing, "meshca_agent_leader"), Some(1));
+    assert_eq!(http_get(&metrics_addr, "/healthz"), "ok\n");
 
     // The signer comes back on the same address: the loop renews.
     let _signer = env.start_signer_with(&["--listen", &addr]);
@@ -308,6 +363,33 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert!(
         installed,
         "the agent did not renew once the signer was back"
+    );
+    let renewed = http_get(&metrics_addr, "/metrics");
+    assert_eq!(
+        metric_sample(&renewed, &series("certificate_ready")),
+        Some(1),
+        "{renewed}"
+    );
+    let (not_before, not_after) = (
+        validity_unix(&dir, "startdate"),
+        validity_unix(&dir, "enddate"),
+    );
+    assert_eq!(
+        metric_sample(
+            &renewed,
+            &series("certificate_expiration_timestamp_seconds")
+        ),
+        Some(not_after),
+        "{renewed}"
+    );
+    // --renew-fraction 0.1 without jitter: a tenth into the lifetime.
+    let renewal =
+        metric_sample(&renewed, &series("certificate_renewal_timestamp_seconds")).unwrap();
+    let expected = not_before + (not_after - not_before) / 10;
+    assert!((renewal - expected).abs() <= 1, "{renewal} vs {expected}");
+    assert_eq!(
+        metric_sample(&renewed, "meshca_agent_issuances_total"),
+        Some(1)
     );
     send_signal(child.id(), "TERM");
     assert!(child.wait().unwrap().success());

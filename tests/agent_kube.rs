@@ -7,6 +7,7 @@
 mod common;
 mod kubefake;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -17,6 +18,7 @@ use kubefake::{FakeCluster, Recorded, merge, writes};
 use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
+use meshca::agent::metrics::AgentMetrics;
 use meshca::pki::bundle::{BundleFiles, verify_bundle};
 
 const NS: &str = "service-mesh-hub";
@@ -28,11 +30,13 @@ const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/service-mesh-hub/le
 struct Cluster {
     fake: FakeCluster,
     controller: Controller,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Cluster {
     async fn start(env: &Env) -> Cluster {
         let fake = FakeCluster::start().await;
+        let metrics = Arc::new(AgentMetrics::new());
         let controller = Controller::new(
             Kube::new(fake.client()),
             ControllerOptions {
@@ -45,8 +49,13 @@ impl Cluster {
                 client_cert: env.path("pki/cluster-a.pem"),
                 client_key: env.path("pki/cluster-a.key"),
             },
+            metrics.clone(),
         );
-        Cluster { fake, controller }
+        Cluster {
+            fake,
+            controller,
+            metrics,
+        }
     }
 
     fn put(&self, path: &str, obj: Value) {
@@ -484,10 +493,7 @@ async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
     let env = Env::new();
     let cluster = Cluster::start(&env).await;
     // A port nobody listens on (bound, then released).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = closed_addr();
     cluster.put_request(&closed.to_string(), json!({}));
     let sent = cluster.pass().await;
     assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
@@ -557,6 +563,89 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
         released["spec"].get("holderIdentity").is_none(),
         "{released}"
     );
+}
+
+fn unix(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_each_request_while_leading_and_drop_deleted_ones() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"restart": {"policy": "never"}}),
+    );
+    // A second request whose signer cannot be reached, writing another Secret.
+    let closed = closed_addr();
+    let mut broken = request_object(
+        &closed.to_string(),
+        json!({"target": {"namespace": "istio-system", "name": "cacerts-x"}}),
+    );
+    broken["metadata"]["name"] = "cluster-x".into();
+    cluster.put(&format!("{VMCSR}/cluster-x"), broken);
+
+    let started = unix(std::time::SystemTime::now());
+    cluster.pass().await;
+    let text = cluster.metrics.render();
+    let a = "{request=\"service-mesh-hub/cluster-a\"}";
+    let x = "{request=\"service-mesh-hub/cluster-x\"}";
+    let files = secret_files(&cluster.get(SECRET).unwrap());
+    let summary = verify_bundle(&files, None, std::time::SystemTime::now()).unwrap();
+    let status = vmcsr_status(&cluster);
+    let renew_at: k8s_openapi::jiff::Timestamp =
+        status["renewAt"].as_str().unwrap().parse().unwrap();
+    for (name, value) in [
+        (format!("meshca_agent_certificate_ready{a}"), 1),
+        (format!("meshca_agent_certificate_ready{x}"), 0),
+        (
+            format!("meshca_agent_certificate_expiration_timestamp_seconds{a}"),
+            unix(summary.not_after),
+        ),
+        (
+            format!("meshca_agent_certificate_renewal_timestamp_seconds{a}"),
+            renew_at.as_second(),
+        ),
+        ("meshca_agent_issuances_total".into(), 1),
+        ("meshca_agent_reconciles_total{outcome=\"ok\"}".into(), 1),
+        (
+            "meshca_agent_reconciles_total{outcome=\"SignerError\"}".into(),
+            1,
+        ),
+        ("meshca_agent_leader".into(), 1),
+    ] {
+        assert_eq!(
+            metric_sample(&text, &name),
+            Some(value),
+            "{name} in\n{text}"
+        );
+    }
+    assert!(!text.contains(&format!("expiration_timestamp_seconds{x}")));
+    assert!(metric_sample(&text, "meshca_agent_last_pass_timestamp_seconds").unwrap() >= started);
+
+    // cluster-x deleted: its series go with it.
+    cluster.fake.remove(&format!("{VMCSR}/cluster-x"));
+    cluster.pass().await;
+    let text = cluster.metrics.render();
+    assert!(!text.contains("cluster-x"), "{text}");
+    assert_eq!(
+        metric_sample(&text, &format!("meshca_agent_certificate_ready{a}")),
+        Some(1)
+    );
+
+    // Another replica holds the Lease: this one reports no request (the leader does).
+    let mut lease = cluster.get(LEASE).unwrap();
+    lease["spec"]["holderIdentity"] = "agent-1".into();
+    lease["spec"]["renewTime"] =
+        meshca::signer::audit::rfc3339(std::time::SystemTime::now()).into();
+    cluster.put(LEASE, lease);
+    cluster.pass().await;
+    let text = cluster.metrics.render();
+    assert!(!text.contains("cluster-a"), "{text}");
+    assert_eq!(metric_sample(&text, "meshca_agent_leader"), Some(0));
+    drop(signer);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 //! waits for (renewal time, ConfigMaps carrying the new root) is time-based anyway.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::jiff::Timestamp;
@@ -15,6 +16,7 @@ use super::client::SignerClient;
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, classify_secret};
+use super::metrics::{AgentMetrics, Reconciled};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, restart_needed,
 };
@@ -61,9 +63,7 @@ impl ReconcileError {
     fn reason(&self) -> &'static str {
         match self {
             ReconcileError::Spec(_) => "InvalidSpec",
-            ReconcileError::Signer(AgentError::Foreign(_)) => "ForeignSecret",
-            ReconcileError::Signer(AgentError::Client(_)) => "SignerError",
-            ReconcileError::Signer(_) => "IssuanceFailed",
+            ReconcileError::Signer(e) => e.reason(),
             ReconcileError::Kube(_) => "KubernetesError",
             ReconcileError::NotLeader => "NotLeader",
         }
@@ -102,6 +102,15 @@ pub fn set_condition(
     }
 }
 
+/// `namespace/name` of a request: how logs and metrics name it.
+fn request_key(request: &VirtualMeshCertificateSigningRequest) -> String {
+    format!(
+        "{}/{}",
+        request.metadata.namespace.as_deref().unwrap_or_default(),
+        request.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
 fn parse_time(text: &str) -> Option<SystemTime> {
     text.parse::<Timestamp>().ok().map(SystemTime::from)
 }
@@ -127,6 +136,7 @@ pub struct Controller {
     kube: Kube,
     opts: ControllerOptions,
     elector: Elector,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl LeaderLoop for Controller {
@@ -143,10 +153,14 @@ impl LeaderLoop for Controller {
     fn pass(&self) -> impl Future<Output = Result<Duration, KubeError>> {
         self.reconcile_all()
     }
+
+    fn leading(&self, leading: bool) {
+        self.metrics.set_leading(leading);
+    }
 }
 
 impl Controller {
-    pub fn new(kube: Kube, opts: ControllerOptions) -> Self {
+    pub fn new(kube: Kube, opts: ControllerOptions, metrics: Arc<AgentMetrics>) -> Self {
         let elector = Elector::new(
             kube.clone(),
             opts.namespace.clone(),
@@ -158,6 +172,7 @@ impl Controller {
             kube,
             opts,
             elector,
+            metrics,
         }
     }
 
@@ -173,6 +188,8 @@ impl Controller {
         for request in &requests {
             next = next.min(self.reconcile(request).await);
         }
+        let keys: Vec<String> = requests.iter().map(request_key).collect();
+        self.metrics.pass_completed(&keys, SystemTime::now());
         Ok(next.max(Duration::from_secs(1)))
     }
 
@@ -181,18 +198,19 @@ impl Controller {
     pub async fn reconcile(&self, request: &VirtualMeshCertificateSigningRequest) -> Duration {
         let ns = request.metadata.namespace.clone().unwrap_or_default();
         let name = request.metadata.name.clone().unwrap_or_default();
+        let key = request_key(request);
         let generation = request.metadata.generation;
         let before = request.status.clone().unwrap_or_default();
         let mut status = before.clone();
         let now = SystemTime::now();
         let result = self.reconcile_inner(request, &mut status, now).await;
-        let next = match result {
+        let (next, outcome) = match result {
             Ok(next) => {
                 status.last_error = None;
-                next
+                (next, "ok")
             }
             Err(e) => {
-                tracing::error!(request = %format!("{ns}/{name}"), error = %e, "reconcile failed");
+                tracing::error!(request = %key, error = %e, "reconcile failed");
                 status.phase = Some(Phase::Failed);
                 status.last_error = Some(e.to_string());
                 set_condition(
@@ -204,14 +222,23 @@ impl Controller {
                     generation,
                     now,
                 );
-                super::directory::backoff(1, self.opts.resync).max(Duration::from_secs(15))
+                let retry =
+                    super::directory::backoff(1, self.opts.resync).max(Duration::from_secs(15));
+                (retry, e.reason())
             }
         };
         status.observed_generation = generation;
+        let installed = status
+            .not_after
+            .as_deref()
+            .and_then(parse_time)
+            .zip(status.renew_at.as_deref().and_then(parse_time));
+        self.metrics
+            .reconciled(&key, Reconciled { outcome, installed });
         if status != before
             && let Err(e) = self.kube.apply_status(&ns, &name, &status).await
         {
-            tracing::error!(request = %format!("{ns}/{name}"), error = %e, "cannot write status");
+            tracing::error!(request = %key, error = %e, "cannot write status");
         }
         next
     }
@@ -226,7 +253,7 @@ impl Controller {
         let ns = request.metadata.namespace.clone().unwrap_or_default();
         let name = request.metadata.name.clone().unwrap_or_default();
         let generation = request.metadata.generation;
-        let owner = format!("{ns}/{name}");
+        let owner = request_key(request);
         let virtual_mesh = spec.virtual_mesh.to_ref().map_err(ReconcileError::Spec)?;
         let mesh = spec.mesh.to_ref().map_err(ReconcileError::Spec)?;
         let target = spec
@@ -336,6 +363,7 @@ impl Controller {
                     &rotation,
                 );
                 tracing::info!(request = %owner, serial = %summary.serial, reason = reason.code(), "installed a new intermediate");
+                self.metrics.issued();
                 record_bundle(status, summary, &obtained.files.root_cert, renew_at);
                 let kind = if matches!(installed, Installed::None) {
                     InstallKind::FirstInstall

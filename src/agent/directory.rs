@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::client::SignerClient;
+use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{Decision, Desired, Installed, IssueReason, RotationSettings, decide};
 use super::{AgentError, BundleRequest, RootsPlan, cacerts, obtain_bundle};
-use crate::pki::bundle::{BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
+use crate::pki::bundle::{
+    BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
+};
 use crate::pki::keys::KeyType;
 use crate::policy::ObjectRef;
 
@@ -52,6 +55,14 @@ impl DirOutcome {
             DirOutcome::Installed { renew_at, .. }
             | DirOutcome::RootsRewritten { renew_at, .. }
             | DirOutcome::UpToDate { renew_at, .. } => *renew_at,
+        }
+    }
+
+    pub fn summary(&self) -> &BundleSummary {
+        match self {
+            DirOutcome::Installed { summary, .. }
+            | DirOutcome::RootsRewritten { summary, .. }
+            | DirOutcome::UpToDate { summary, .. } => summary,
         }
     }
 }
@@ -186,24 +197,63 @@ pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration) -> Du
         .clamp(Duration::from_secs(1), resync.max(Duration::from_secs(1)))
 }
 
+/// notAfter and renewal time of the valid bundle in the directory, if there is one: what
+/// the metrics report while reconciles fail (the signer down, say), also after a restart.
+fn installed_times(opts: &DirOptions, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
+    let Installed::Ours(files) = classify(&opts.target) else {
+        return None;
+    };
+    let summary = verify_bundle(&files, None, now).ok()?;
+    let renew_at = super::rotation::renew_at(
+        summary.not_before,
+        summary.not_after,
+        &summary.serial,
+        &opts.rotation,
+    );
+    Some((summary.not_after, renew_at))
+}
+
 /// The long-running loop: reconcile, sleep until due (or `resync`), back off on failure.
 /// Returns only when `shutdown` resolves.
 pub async fn run(
     client: &SignerClient,
     opts: &DirOptions,
     resync: Duration,
+    metrics: &AgentMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     let mut failures = 0u32;
+    let target = opts.target.display().to_string();
+    // No Lease here: this agent is the only one writing its directory.
+    metrics.set_leading(true);
     loop {
-        let delay = match reconcile(client, opts, SystemTime::now()).await {
+        let result = reconcile(client, opts, SystemTime::now()).await;
+        let delay = match &result {
             Ok(outcome) => {
                 failures = 0;
-                log_outcome(&opts.target, &outcome);
+                log_outcome(&opts.target, outcome);
+                let summary = outcome.summary();
+                metrics.reconciled(
+                    &target,
+                    Reconciled {
+                        outcome: "ok",
+                        installed: Some((summary.not_after, outcome.renew_at())),
+                    },
+                );
+                if matches!(outcome, DirOutcome::Installed { .. }) {
+                    metrics.issued();
+                }
                 next_check(outcome.renew_at(), SystemTime::now(), resync)
             }
             Err(e) => {
+                metrics.reconciled(
+                    &target,
+                    Reconciled {
+                        outcome: e.reason(),
+                        installed: installed_times(opts, SystemTime::now()),
+                    },
+                );
                 failures += 1;
                 let delay = backoff(failures, resync);
                 tracing::error!(
@@ -215,6 +265,7 @@ pub async fn run(
                 delay
             }
         };
+        metrics.pass_completed(std::slice::from_ref(&target), SystemTime::now());
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(delay) => {}

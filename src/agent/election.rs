@@ -180,11 +180,16 @@ pub trait LeaderLoop: Sized {
     /// One pass over everything the controller reconciles; returns when to come back.
     fn pass(&self) -> impl Future<Output = Result<Duration, KubeError>>;
 
+    /// Told before each step whether this replica leads (for metrics; nothing by default).
+    fn leading(&self, _leading: bool) {}
+
     /// Elect, then (as leader) one pass. Returns when to come back.
     fn run_once(&self) -> impl Future<Output = Result<Duration, KubeError>> {
         async move {
             let elector = self.elector();
-            if !elector.elect(SystemTime::now()).await? {
+            let leading = elector.elect(SystemTime::now()).await?;
+            self.leading(leading);
+            if !leading {
                 return Ok(Duration::from_secs(5).min(elector.duration() / 3));
             }
             self.pass().await
@@ -204,7 +209,9 @@ pub trait LeaderLoop: Sized {
             tokio::pin!(shutdown);
             let mut failures = 0u32;
             loop {
-                let delay = if self.elector().is_leader_at(SystemTime::now()) {
+                let leading = self.elector().is_leader_at(SystemTime::now());
+                self.leading(leading);
+                let delay = if leading {
                     match self.pass().await {
                         Ok(delay) => {
                             failures = 0;

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod directory;
 pub mod election;
 pub mod k8s;
+pub mod metrics;
 pub mod restart;
 pub mod rotation;
 
@@ -59,6 +60,18 @@ pub enum AgentError {
     Foreign(String),
     #[error("the signer's root does not match what it announced: {0}")]
     RootMismatch(String),
+}
+
+impl AgentError {
+    /// A short name for the kind of failure: the `Ready` condition's reason and the
+    /// `outcome` label of `meshca_agent_reconciles_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AgentError::Foreign(_) => "ForeignSecret",
+            AgentError::Client(_) => "SignerError",
+            _ => "IssuanceFailed",
+        }
+    }
 }
 
 /// Picks the key type: the requested one if the policy accepts it, else the most

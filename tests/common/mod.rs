@@ -709,6 +709,20 @@ pub async fn assert_still_issues(client: &reqwest::Client, signer: &Signer) {
 }
 
 /// Writes `contents` to `dir/name` and returns the path.
+/// An address on 127.0.0.1 nobody listens on (a port bound, then released).
+pub fn closed_addr() -> String {
+    format!("127.0.0.1:{}", openbao::free_port())
+}
+
+/// The value of the sample `name` (labels included, as printed) in a Prometheus text
+/// exposition.
+pub fn metric_sample(exposition: &str, name: &str) -> Option<i64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
 pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();

@@ -394,6 +394,11 @@ impl FakeCluster {
         self.fake.objects.lock().unwrap().get(path).cloned()
     }
 
+    /// Deletes an object (as another client would).
+    pub fn remove(&self, path: &str) {
+        self.fake.objects.lock().unwrap().remove(path);
+    }
+
     /// Changes an object in place (as another client would).
     pub fn edit(&self, path: &str, change: impl FnOnce(&mut Value)) {
         let mut objects = self.fake.objects.lock().unwrap();

@@ -1,0 +1,284 @@
+//! The agent's Prometheus metrics (`--metrics-listen`): per request, when its installed
+//! intermediate expires, when the agent will renew it and whether its last reconcile
+//! succeeded; per replica, whether it acts and when its last pass ended. These are what
+//! `deploy/prometheus/meshca-alerts.yaml` alerts on.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::signer::metrics::{OutcomeLabels, unix_seconds};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `namespace/name` of the VirtualMeshCertificateSigningRequest, or in directory mode
+    /// the target directory.
+    pub request: String,
+}
+
+/// What one reconcile of a request found and did.
+#[derive(Debug, Clone, Copy)]
+pub struct Reconciled<'a> {
+    /// `ok`, or the reason it failed (the `Ready` condition's reason).
+    pub outcome: &'a str,
+    /// notAfter and renewal time of the bundle installed after it, when known.
+    pub installed: Option<(SystemTime, SystemTime)>,
+}
+
+pub struct AgentMetrics {
+    registry: Registry,
+    expiration: Family<RequestLabels, Gauge>,
+    renewal: Family<RequestLabels, Gauge>,
+    ready: Family<RequestLabels, Gauge>,
+    reconciles: Family<OutcomeLabels, Counter>,
+    issuances: Counter,
+    leader: Gauge,
+    last_pass: Gauge,
+    /// The requests with series, so that those deleted or handed to another replica can
+    /// be dropped (a stale expiration would raise a false alert).
+    requests: Mutex<BTreeSet<String>>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshca_agent");
+        let expiration = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiration_timestamp_seconds",
+            "notAfter of the installed intermediate (Unix seconds)",
+            expiration.clone(),
+        );
+        let renewal = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "certificate_renewal_timestamp_seconds",
+            "When the agent will replace the installed intermediate (Unix seconds)",
+            renewal.clone(),
+        );
+        let ready = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "certificate_ready",
+            "1 if the last reconcile of the request succeeded, 0 if it failed (see its status.lastError)",
+            ready.clone(),
+        );
+        let reconciles = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles of requests by outcome (ok, or the Ready condition's reason)",
+            reconciles.clone(),
+        );
+        let issuances = Counter::default();
+        registry.register(
+            "issuances",
+            "New intermediates installed",
+            issuances.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica acts (holds the Lease; always in directory mode)",
+            leader.clone(),
+        );
+        let last_pass = Gauge::default();
+        registry.register(
+            "last_pass_timestamp_seconds",
+            "When this replica last completed a pass over its requests (Unix seconds; 0: never)",
+            last_pass.clone(),
+        );
+        AgentMetrics {
+            registry,
+            expiration,
+            renewal,
+            ready,
+            reconciles,
+            issuances,
+            leader,
+            last_pass,
+            requests: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    pub fn reconciled(&self, request: &str, what: Reconciled<'_>) {
+        let labels = RequestLabels {
+            request: request.to_string(),
+        };
+        if let Some((not_after, renew_at)) = what.installed {
+            self.expiration
+                .get_or_create(&labels)
+                .set(unix_seconds(not_after));
+            self.renewal
+                .get_or_create(&labels)
+                .set(unix_seconds(renew_at));
+        }
+        self.ready
+            .get_or_create(&labels)
+            .set(i64::from(what.outcome == "ok"));
+        self.reconciles
+            .get_or_create(&OutcomeLabels {
+                outcome: what.outcome.to_string(),
+            })
+            .inc();
+        self.known_requests().insert(labels.request);
+    }
+
+    /// A new intermediate was installed.
+    pub fn issued(&self) {
+        self.issuances.inc();
+    }
+
+    /// A pass over all requests ended; `present` are the requests it found.
+    pub fn pass_completed(&self, present: &[String], at: SystemTime) {
+        let gone: Vec<String> = self
+            .known_requests()
+            .iter()
+            .filter(|r| !present.contains(r))
+            .cloned()
+            .collect();
+        for request in gone {
+            self.forget(request);
+        }
+        self.last_pass.set(unix_seconds(at));
+    }
+
+    /// Whether this replica acts. A replica that stops acting drops its request series:
+    /// the one that took over reports them.
+    pub fn set_leading(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+        if !leading {
+            let all = std::mem::take(&mut *self.known_requests());
+            for request in all {
+                self.forget(request);
+            }
+        }
+    }
+
+    fn forget(&self, request: String) {
+        let labels = RequestLabels { request };
+        self.expiration.remove(&labels);
+        self.renewal.remove(&labels);
+        self.ready.remove(&labels);
+        self.known_requests().remove(&labels.request);
+    }
+
+    fn known_requests(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Binds `addr` and serves `/metrics` and `/healthz` over plain HTTP (as the signer's
+/// `ops_listen` does) until the process ends. Returns the bound address.
+pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+                    .into_response()
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn at(unix: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(unix)
+    }
+
+    #[test]
+    fn a_request_reports_its_bundle_until_it_is_gone() {
+        let m = AgentMetrics::new();
+        m.set_leading(true);
+        m.reconciled(
+            "mesh/a",
+            Reconciled {
+                outcome: "ok",
+                installed: Some((at(9_000), at(6_000))),
+            },
+        );
+        m.issued();
+        m.reconciled(
+            "mesh/b",
+            Reconciled {
+                outcome: "SignerError",
+                installed: None,
+            },
+        );
+        m.pass_completed(&["mesh/a".into(), "mesh/b".into()], at(1_234));
+        let text = m.render();
+        for needle in [
+            "meshca_agent_certificate_expiration_timestamp_seconds{request=\"mesh/a\"} 9000",
+            "meshca_agent_certificate_renewal_timestamp_seconds{request=\"mesh/a\"} 6000",
+            "meshca_agent_certificate_ready{request=\"mesh/a\"} 1",
+            "meshca_agent_certificate_ready{request=\"mesh/b\"} 0",
+            "meshca_agent_reconciles_total{outcome=\"ok\"} 1",
+            "meshca_agent_reconciles_total{outcome=\"SignerError\"} 1",
+            "meshca_agent_issuances_total 1",
+            "meshca_agent_leader 1",
+            "meshca_agent_last_pass_timestamp_seconds 1234",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        assert!(!text.contains("expiration_timestamp_seconds{request=\"mesh/b\"}"));
+
+        m.pass_completed(&["mesh/b".into()], at(1_300));
+        let text = m.render();
+        assert!(
+            !text.contains("mesh/a"),
+            "deleted request still reported:\n{text}"
+        );
+        assert!(text.contains("meshca_agent_certificate_ready{request=\"mesh/b\"} 0"));
+
+        m.set_leading(false);
+        let text = m.render();
+        assert!(
+            !text.contains("mesh/b"),
+            "a follower reports requests:\n{text}"
+        );
+        assert!(text.contains("meshca_agent_leader 0"));
+        assert!(text.contains("meshca_agent_reconciles_total{outcome=\"ok\"} 1"));
+    }
+}
