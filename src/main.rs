@@ -15,7 +15,7 @@ use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::directory::{self, DirOptions, DirOutcome};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
-use meshca::agent::metrics::AgentMetrics;
+use meshca::agent::metrics::{AgentMetrics, Exposition};
 use meshca::agent::rotation::RotationSettings;
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
@@ -134,6 +134,10 @@ struct MeshControllerArgs {
     /// One pass, then exit.
     #[arg(long)]
     once: bool,
+    /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
+    /// e.g. 0.0.0.0:9102 (not with --once).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -661,10 +665,17 @@ fn run(command: Command) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn agent(args: AgentArgs) -> Result<ExitCode> {
-    if args.once && args.metrics_listen.is_some() {
-        bail!("--metrics-listen is for the long-running agent; --once exits after one pass");
+/// `--metrics-listen` serves a long-running controller; with `--once` it would be gone
+/// before anyone scraped it.
+fn refuse_metrics_with_once(once: bool, metrics_listen: Option<SocketAddr>) -> Result<()> {
+    if once && metrics_listen.is_some() {
+        bail!("--metrics-listen is for a long-running controller; --once exits after one pass");
     }
+    Ok(())
+}
+
+fn agent(args: AgentArgs) -> Result<ExitCode> {
+    refuse_metrics_with_once(args.once, args.metrics_listen)?;
     let resync = std::time::Duration::from_secs(args.resync_seconds.max(1));
     let Some(target) = args.target_dir.clone() else {
         return kubernetes_agent(args, resync);
@@ -714,7 +725,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     }
     let metrics = Arc::new(AgentMetrics::new());
     rt.block_on(async {
-        serve_agent_metrics(args.metrics_listen, &metrics).await?;
+        serve_metrics(args.metrics_listen, metrics.clone()).await?;
         directory::run(
             &client,
             &opts,
@@ -728,13 +739,13 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// With `--metrics-listen`: serves the agent's metrics, logging where.
-async fn serve_agent_metrics(addr: Option<SocketAddr>, metrics: &Arc<AgentMetrics>) -> Result<()> {
+/// With `--metrics-listen`: serves a controller's metrics, logging where.
+async fn serve_metrics(addr: Option<SocketAddr>, metrics: Arc<dyn Exposition>) -> Result<()> {
     if let Some(addr) = addr {
-        let bound = meshca::agent::metrics::serve(addr, metrics.clone())
+        let bound = meshca::agent::metrics::serve(addr, metrics)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(metrics = %bound, "agent metrics on http://{bound}/metrics");
+        tracing::info!(metrics = %bound, "metrics on http://{bound}/metrics");
     }
     Ok(())
 }
@@ -760,7 +771,9 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         client_key: tls.client_key,
     };
     let metrics = Arc::new(AgentMetrics::new());
-    let served = args.metrics_listen.map(|addr| (addr, metrics.clone()));
+    let served = args
+        .metrics_listen
+        .map(|addr| (addr, metrics.clone() as Arc<dyn Exposition>));
     run_in_cluster(args.once, served, |client| {
         Controller::new(Kube::new(client), opts, metrics)
     })
@@ -768,6 +781,8 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
 
 fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
     use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
+    use meshca::mesh_controller::metrics::MeshControllerMetrics;
+    refuse_metrics_with_once(args.once, args.metrics_listen)?;
     let opts = MeshControllerOptions {
         namespace: args.namespace,
         identity: replica_identity(args.identity, "meshca-mesh-controller"),
@@ -776,7 +791,13 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         retire_after: std::time::Duration::from_secs(args.retire_after_seconds),
     };
-    run_in_cluster(args.once, None, |client| MeshController::new(client, opts))
+    let metrics = Arc::new(MeshControllerMetrics::new());
+    let served = args
+        .metrics_listen
+        .map(|addr| (addr, metrics.clone() as Arc<dyn Exposition>));
+    run_in_cluster(args.once, served, |client| {
+        MeshController::new(client, opts, metrics)
+    })
 }
 
 /// This replica's name in the Lease: the flag, else the pod name, else `{fallback}-{pid}`.
@@ -790,7 +811,7 @@ fn replica_identity(flag: Option<String>, fallback: &str) -> String {
 /// on their address meanwhile.
 fn run_in_cluster<C: LeaderLoop>(
     once: bool,
-    metrics: Option<(SocketAddr, Arc<AgentMetrics>)>,
+    metrics: Option<(SocketAddr, Arc<dyn Exposition>)>,
     controller: impl FnOnce(kube::Client) -> C,
 ) -> Result<ExitCode> {
     let rt = runtime()?;
@@ -801,8 +822,8 @@ fn run_in_cluster<C: LeaderLoop>(
         let client =
             kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let controller = controller(client);
-        if let Some((addr, metrics)) = &metrics {
-            serve_agent_metrics(Some(*addr), metrics).await?;
+        if let Some((addr, metrics)) = metrics {
+            serve_metrics(Some(addr), metrics).await?;
         }
         if once {
             let next = controller.run_once().await?;

@@ -18,7 +18,7 @@ use kubefake::{FakeCluster, Recorded, merge, writes};
 use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
-use meshca::agent::metrics::AgentMetrics;
+use meshca::agent::metrics::{AgentMetrics, Exposition};
 use meshca::pki::bundle::{BundleFiles, verify_bundle};
 
 const NS: &str = "service-mesh-hub";

@@ -1,6 +1,7 @@
 //! The Prometheus alert rules in deploy/prometheus: promtool accepts them and passes
-//! their unit tests, and every metric they use is one a running signer or agent exports
-//! (a renamed metric would otherwise silence its alert without anyone noticing).
+//! their unit tests, and every metric they use is one a running signer, an agent or the
+//! mesh controller exports (a renamed metric would otherwise silence its alert without
+//! anyone noticing).
 
 mod common;
 
@@ -10,27 +11,16 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use common::*;
-use meshca::agent::metrics::{AgentMetrics, Reconciled};
+use meshca::agent::metrics::{AgentMetrics, Exposition, Reconciled};
+use meshca::mesh_controller::metrics::{MeshControllerMetrics, Reconciled as MeshReconciled};
 
 fn rules_dir() -> PathBuf {
     repo().join("deploy/prometheus")
 }
 
-/// The promtool `scripts/install-deps.sh` fetched (var/tools/bin), else the one on PATH.
+/// The promtool `scripts/install-deps.sh` fetched (var/tools/bin), or one on PATH.
 fn promtool() -> PathBuf {
-    let fetched = repo().join("var/tools/bin/promtool");
-    if fetched.is_file() {
-        return fetched;
-    }
-    let on_path = Command::new("sh")
-        .args(["-c", "command -v promtool"])
-        .output()
-        .unwrap();
-    assert!(
-        on_path.status.success(),
-        "promtool is missing: run scripts/install-deps.sh (make test does)"
-    );
-    PathBuf::from(text(&on_path.stdout).trim())
+    installed_tool("var/tools/bin/promtool", "promtool")
 }
 
 #[test]
@@ -41,7 +31,7 @@ fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
         "meshca-alerts.yaml",
     ]));
     assert!(
-        text(&checked.stdout).contains("SUCCESS: 13 rules found"),
+        text(&checked.stdout).contains("SUCCESS: 16 rules found"),
         "{}",
         text(&checked.stdout)
     );
@@ -128,6 +118,9 @@ async fn every_metric_the_alerts_use_is_exported() {
     );
     agent.pass_completed(&["ns/request".into()], SystemTime::now());
     exported.extend(exported_names(&agent.render()));
+    let mesh_controller = MeshControllerMetrics::new();
+    mesh_controller.reconciled("ns/vm", MeshReconciled::Kept { ready: true });
+    exported.extend(exported_names(&mesh_controller.render()));
 
     let used = names_in_rules();
     assert!(used.len() >= 10, "too few names found: {used:?}");

@@ -112,35 +112,7 @@ fn the_example_request_is_a_valid_vmcsr() {
 
 #[test]
 fn the_agent_serves_metrics_on_the_port_the_deployment_declares() {
-    let docs = documents(&deploy().join("deployment.yaml"));
-    let pod = &docs[0]["spec"]["template"];
-    let container = &pod["spec"]["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let listen = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--metrics-listen="))
-        .expect("the Deployment passes --metrics-listen");
-    let port: u64 = listen.rsplit_once(':').unwrap().1.parse().unwrap();
-    assert_eq!(container["ports"][0]["name"], "metrics");
-    assert_eq!(container["ports"][0]["containerPort"], port);
-    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "metrics");
-    assert_eq!(
-        pod["metadata"]["annotations"]["prometheus.io/port"],
-        port.to_string()
-    );
-    // The binary accepts the flag as written (parsing fails before any cluster is needed).
-    let out = run(Command::new(MESHCA).args(&args).arg("--once"));
-    assert!(
-        text(&out.stderr).contains("--metrics-listen is for the long-running agent"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_metrics_port_declared(&deploy().join("deployment.yaml"));
 }
 
 #[test]

@@ -270,6 +270,11 @@ fn the_examples_are_a_valid_virtual_mesh_and_its_meshes() {
 }
 
 #[test]
+fn the_mesh_controller_serves_metrics_on_the_port_the_deployment_declares() {
+    assert_metrics_port_declared(&deploy().join("deployment.yaml"));
+}
+
+#[test]
 fn the_kustomizations_list_every_default_manifest() {
     assert_kustomization_lists_every_manifest(
         &deploy(),

@@ -9,6 +9,7 @@
 mod kubefake;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -16,8 +17,10 @@ use serde_json::{Value, json};
 
 use kubefake::{FINALIZER, FakeCluster, Recorded, kubeconfig, writes};
 use meshca::agent::election::LeaderLoop;
+use meshca::agent::metrics::Exposition;
 use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
 use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
+use meshca::mesh_controller::metrics::MeshControllerMetrics;
 
 const MG: &str = "/apis/meshca.dev/v1alpha1/namespaces/smh";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/smh/leases/meshca-mesh-controller";
@@ -107,9 +110,14 @@ struct World {
     mgmt: FakeCluster,
     members: BTreeMap<&'static str, FakeCluster>,
     controller: MeshController,
+    metrics: Arc<MeshControllerMetrics>,
 }
 
-fn controller(mgmt: &FakeCluster, retire_after: Duration) -> MeshController {
+fn controller(
+    mgmt: &FakeCluster,
+    retire_after: Duration,
+    metrics: Arc<MeshControllerMetrics>,
+) -> MeshController {
     MeshController::new(
         mgmt.client(),
         MeshControllerOptions {
@@ -120,6 +128,7 @@ fn controller(mgmt: &FakeCluster, retire_after: Duration) -> MeshController {
             resync: Duration::from_secs(30),
             retire_after,
         },
+        metrics,
     )
 }
 
@@ -155,11 +164,13 @@ impl World {
             &vm_path("vm"),
             vm_object("vm", "2024-01-01T00:00:00Z", vm_spec(clusters)),
         );
-        let controller = controller(&mgmt, Duration::ZERO);
+        let metrics = Arc::new(MeshControllerMetrics::new());
+        let controller = controller(&mgmt, Duration::ZERO, metrics.clone());
         World {
             mgmt,
             members,
             controller,
+            metrics,
         }
     }
 
@@ -750,6 +761,12 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
             .contains("cannot read smh/west")
     );
     assert_eq!(condition(&st, "TrustEstablished")["status"], "False");
+    assert!(
+        world
+            .metrics
+            .render()
+            .contains("meshca_mesh_controller_virtual_mesh_ready{virtual_mesh=\"smh/vm\"} 0")
+    );
     assert_eq!(member_status(&st, "east")["phase"], "Installed");
     // What east holds is still what it held.
     assert_eq!(member_status(&st, "east")["federation"]["objects"], 4);
@@ -786,6 +803,14 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
         ])
     );
     assert_eq!(world.status("vm")["phase"], "Ready");
+    let metrics = world.metrics.render();
+    for needle in [
+        "meshca_mesh_controller_virtual_mesh_ready{virtual_mesh=\"smh/vm\"} 1",
+        "meshca_mesh_controller_leader 1",
+        "meshca_mesh_controller_reconciles_total{outcome=\"error\"} 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
 
     // A member that offers services but has no gateway address: federation cannot be
     // computed, so nothing moves anywhere and status says why.
@@ -824,7 +849,11 @@ async fn old_roots_are_retired_once_every_member_reports_the_new_one() {
 
     // Both moved. A controller that waits a day records when, and retires nothing yet.
     world.report("west", "Installed", R2, &[R2, R1]);
-    let patient = controller(&world.mgmt, Duration::from_secs(86_400));
+    let patient = controller(
+        &world.mgmt,
+        Duration::from_secs(86_400),
+        Arc::new(MeshControllerMetrics::new()),
+    );
     let sent = world.pass_with(&patient).await;
     assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
     let st = world.status("vm");
@@ -933,6 +962,9 @@ async fn a_deleted_virtual_mesh_cleans_every_cluster_before_it_goes() {
     // Only meshca's finalizer went; the Meshes are released too.
     let vm = world.mgmt.get(&vm_path("vm")).unwrap();
     assert_eq!(vm["metadata"]["finalizers"], json!(["example.com/keep"]));
+    // Cleaned up: no readiness reported for it any more.
+    let metrics = world.metrics.render();
+    assert!(!metrics.contains("smh/vm"), "{metrics}");
     for mesh in ["east", "west"] {
         assert_eq!(
             world.mgmt.get(&mesh_path(mesh)).unwrap()["metadata"]["finalizers"],
@@ -958,4 +990,14 @@ async fn a_follower_reads_the_lease_and_nothing_else() {
         .collect();
     assert_eq!(mgmt, vec![w("GET", LEASE)]);
     assert!(sent["east"].is_empty() && sent["west"].is_empty());
+    let metrics = world.metrics.render();
+    assert!(
+        metrics.contains("meshca_mesh_controller_leader 0"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("virtual_mesh_ready{"), "{metrics}");
+    assert!(
+        metrics.contains("meshca_mesh_controller_last_pass_timestamp_seconds 0"),
+        "{metrics}"
+    );
 }

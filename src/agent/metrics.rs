@@ -1,6 +1,7 @@
-//! The agent's Prometheus metrics (`--metrics-listen`): per request, when its installed
-//! intermediate expires, when the agent will renew it and whether its last reconcile
-//! succeeded; per replica, whether it acts and when its last pass ended. These are what
+//! The controllers' Prometheus metrics (`--metrics-listen`) and their HTTP endpoint. Both
+//! controllers report their loop ([`LoopMetrics`]: whether the replica acts, when its last
+//! pass ended); the agent adds, per request, when its installed intermediate expires, when
+//! it will be renewed and whether its last reconcile succeeded. These are what
 //! `deploy/prometheus/meshca-alerts.yaml` alerts on.
 
 use std::collections::BTreeSet;
@@ -19,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::signer::metrics::{OutcomeLabels, unix_seconds};
+use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero, unix_seconds};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -37,6 +38,45 @@ pub struct Reconciled<'a> {
     pub installed: Option<(SystemTime, SystemTime)>,
 }
 
+/// Metrics a controller serves at `/metrics`.
+pub trait Exposition: Send + Sync {
+    /// The Prometheus text exposition.
+    fn render(&self) -> String;
+}
+
+/// The loop of a Lease-holding controller (see [`super::election::LeaderLoop`]).
+pub struct LoopMetrics {
+    leader: Gauge,
+    last_pass: Gauge,
+}
+
+impl LoopMetrics {
+    /// Registers `leader` and `last_pass_timestamp_seconds` under the registry's prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica acts (holds the Lease; always for a directory agent)",
+            leader.clone(),
+        );
+        let last_pass = Gauge::default();
+        registry.register(
+            "last_pass_timestamp_seconds",
+            "When this replica last completed a pass (Unix seconds; 0: never)",
+            last_pass.clone(),
+        );
+        LoopMetrics { leader, last_pass }
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    pub fn pass_completed(&self, at: SystemTime) {
+        self.last_pass.set(unix_seconds(at));
+    }
+}
+
 pub struct AgentMetrics {
     registry: Registry,
     expiration: Family<RequestLabels, Gauge>,
@@ -44,11 +84,43 @@ pub struct AgentMetrics {
     ready: Family<RequestLabels, Gauge>,
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
-    leader: Gauge,
-    last_pass: Gauge,
-    /// The requests with series, so that those deleted or handed to another replica can
-    /// be dropped (a stale expiration would raise a false alert).
-    requests: Mutex<BTreeSet<String>>,
+    loop_metrics: LoopMetrics,
+    requests: Tracked,
+}
+
+/// The objects that have series, so that the series of one deleted, or of all when this
+/// replica stops acting, can be removed: a stale value could raise a false alert (the
+/// replica that acts now reports them).
+#[derive(Default)]
+pub struct Tracked(Mutex<BTreeSet<String>>);
+
+impl Tracked {
+    pub fn insert(&self, key: &str) {
+        self.keys().insert(key.to_string());
+    }
+
+    /// Stops tracking the keys not in `present` and returns them.
+    pub fn take_absent(&self, present: &[String]) -> Vec<String> {
+        let mut keys = self.keys();
+        let absent: Vec<String> = keys
+            .iter()
+            .filter(|k| !present.contains(k))
+            .cloned()
+            .collect();
+        for key in &absent {
+            keys.remove(key);
+        }
+        absent
+    }
+
+    /// Stops tracking every key and returns them.
+    pub fn take_all(&self) -> Vec<String> {
+        std::mem::take(&mut *self.keys()).into_iter().collect()
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Default for AgentMetrics {
@@ -78,7 +150,7 @@ impl AgentMetrics {
             "1 if the last reconcile of the request succeeded, 0 if it failed (see its status.lastError)",
             ready.clone(),
         );
-        let reconciles = Family::<OutcomeLabels, Counter>::default();
+        let reconciles = outcomes_from_zero(&["ok"]);
         registry.register(
             "reconciles",
             "Reconciles of requests by outcome (ok, or the Ready condition's reason)",
@@ -90,18 +162,7 @@ impl AgentMetrics {
             "New intermediates installed",
             issuances.clone(),
         );
-        let leader = Gauge::default();
-        registry.register(
-            "leader",
-            "1 while this replica acts (holds the Lease; always in directory mode)",
-            leader.clone(),
-        );
-        let last_pass = Gauge::default();
-        registry.register(
-            "last_pass_timestamp_seconds",
-            "When this replica last completed a pass over its requests (Unix seconds; 0: never)",
-            last_pass.clone(),
-        );
+        let loop_metrics = LoopMetrics::register(&mut registry);
         AgentMetrics {
             registry,
             expiration,
@@ -109,9 +170,8 @@ impl AgentMetrics {
             ready,
             reconciles,
             issuances,
-            leader,
-            last_pass,
-            requests: Mutex::new(BTreeSet::new()),
+            loop_metrics,
+            requests: Tracked::default(),
         }
     }
 
@@ -135,7 +195,7 @@ impl AgentMetrics {
                 outcome: what.outcome.to_string(),
             })
             .inc();
-        self.known_requests().insert(labels.request);
+        self.requests.insert(&labels.request);
     }
 
     /// A new intermediate was installed.
@@ -145,25 +205,18 @@ impl AgentMetrics {
 
     /// A pass over all requests ended; `present` are the requests it found.
     pub fn pass_completed(&self, present: &[String], at: SystemTime) {
-        let gone: Vec<String> = self
-            .known_requests()
-            .iter()
-            .filter(|r| !present.contains(r))
-            .cloned()
-            .collect();
-        for request in gone {
+        for request in self.requests.take_absent(present) {
             self.forget(request);
         }
-        self.last_pass.set(unix_seconds(at));
+        self.loop_metrics.pass_completed(at);
     }
 
     /// Whether this replica acts. A replica that stops acting drops its request series:
     /// the one that took over reports them.
     pub fn set_leading(&self, leading: bool) {
-        self.leader.set(i64::from(leading));
+        self.loop_metrics.set_leading(leading);
         if !leading {
-            let all = std::mem::take(&mut *self.known_requests());
-            for request in all {
+            for request in self.requests.take_all() {
                 self.forget(request);
             }
         }
@@ -174,25 +227,18 @@ impl AgentMetrics {
         self.expiration.remove(&labels);
         self.renewal.remove(&labels);
         self.ready.remove(&labels);
-        self.known_requests().remove(&labels.request);
     }
+}
 
-    fn known_requests(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.requests.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+impl Exposition for AgentMetrics {
+    fn render(&self) -> String {
+        exposition(&self.registry)
     }
 }
 
 /// Binds `addr` and serves `/metrics` and `/healthz` over plain HTTP (as the signer's
 /// `ops_listen` does) until the process ends. Returns the bound address.
-pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let router = Router::new()

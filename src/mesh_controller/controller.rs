@@ -7,18 +7,21 @@
 //! anyway, and listing keeps the API surface to the calls of [`super::k8s`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kube::Client;
 
 use super::crd::{
-    MemberFederation, MemberPhase, MemberStatus, Mesh, VirtualMesh, VirtualMeshStatus,
+    MemberFederation, MemberPhase, MemberStatus, Mesh, VirtualMesh, VirtualMeshPhase,
+    VirtualMeshStatus,
 };
 use super::decide::{
     self, DesiredRequest, ExistingObject, FederationOutcome, MemberReport, MemberTrust, Observed,
     RequestAction, RequestView, Valid,
 };
 use super::k8s::{Management, MemberCluster, member_client};
+use super::metrics::{MeshControllerMetrics, Reconciled};
 use crate::agent::crd::{VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use crate::agent::election::{Elector, LeaderLoop};
 use crate::agent::k8s::{Kube, KubeError};
@@ -80,6 +83,7 @@ pub struct MeshController {
     management: Management,
     elector: Elector,
     opts: MeshControllerOptions,
+    metrics: Arc<MeshControllerMetrics>,
 }
 
 fn dedup(values: impl IntoIterator<Item = String>) -> Vec<String> {
@@ -101,10 +105,18 @@ impl LeaderLoop for MeshController {
     fn pass(&self) -> impl Future<Output = Result<Duration, KubeError>> {
         self.reconcile_all()
     }
+
+    fn leading(&self, leading: bool) {
+        self.metrics.set_leading(leading);
+    }
 }
 
 impl MeshController {
-    pub fn new(client: Client, opts: MeshControllerOptions) -> Self {
+    pub fn new(
+        client: Client,
+        opts: MeshControllerOptions,
+        metrics: Arc<MeshControllerMetrics>,
+    ) -> Self {
         let elector = Elector::new(
             Kube::new(client.clone()),
             opts.namespace.clone(),
@@ -116,6 +128,7 @@ impl MeshController {
             management: Management::new(client),
             elector,
             opts,
+            metrics,
         }
     }
 
@@ -158,6 +171,11 @@ impl MeshController {
                 }
             }
         }
+        let present: Vec<String> = virtual_meshes
+            .iter()
+            .map(|vm| vm.id().to_string())
+            .collect();
+        self.metrics.pass_completed(&present, SystemTime::now());
         Ok(next.max(Duration::from_secs(1)))
     }
 
@@ -176,9 +194,11 @@ impl MeshController {
         } else {
             self.converge(vm, meshes, claims, &before, now).await
         };
+        let key = id.to_string();
         let status = match result {
             Ok(After::Gone) => {
                 tracing::info!(virtual_mesh = %id, "cleaned up; finalizer removed");
+                self.metrics.reconciled(&key, Reconciled::Gone);
                 return (After::Gone, self.opts.resync);
             }
             Ok(After::Kept(status)) => *status,
@@ -188,12 +208,15 @@ impl MeshController {
             }
             Err(StepError::Problem(e)) => {
                 tracing::error!(virtual_mesh = %id, error = %e, "reconcile failed");
+                self.metrics.reconciled(&key, Reconciled::Failed);
                 return (
                     After::Kept(Box::new(before)),
                     self.opts.resync.min(Duration::from_secs(15)),
                 );
             }
         };
+        let ready = status.phase == Some(VirtualMeshPhase::Ready);
+        self.metrics.reconciled(&key, Reconciled::Kept { ready });
         let mut next = self.opts.resync;
         if let Some(at) = status
             .root_rotation

@@ -9,3 +9,4 @@ pub mod controller;
 pub mod crd;
 pub mod decide;
 pub mod k8s;
+pub mod metrics;

@@ -53,11 +53,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(root_not_after: SystemTime, tls_certificate_not_after: SystemTime) -> Self {
         let mut registry = Registry::with_prefix("meshca");
-        let requests = Family::<OutcomeLabels, Counter>::default();
         let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
-        for outcome in OUTCOMES_FROM_ZERO.iter().chain(&rule_codes) {
-            start_at_zero(&requests, outcome);
-        }
+        let requests = outcomes_from_zero(OUTCOMES_FROM_ZERO.iter().chain(&rule_codes));
         registry.register(
             "sign_requests",
             "Signing requests by outcome (issued, or the refusal's error code)",
@@ -88,12 +85,8 @@ impl Metrics {
             "Seconds until the root certificate expires",
             root_expiry_seconds.clone(),
         );
-        let tls_reloads = Family::<OutcomeLabels, Counter>::default();
-        let rules_reloads = Family::<OutcomeLabels, Counter>::default();
-        for outcome in ["ok", "error"] {
-            start_at_zero(&tls_reloads, outcome);
-            start_at_zero(&rules_reloads, outcome);
-        }
+        let tls_reloads = outcomes_from_zero(&["ok", "error"]);
+        let rules_reloads = outcomes_from_zero(&["ok", "error"]);
         registry.register(
             "tls_reloads",
             "Reloads of the TLS files on SIGHUP by outcome (ok, or error: the previous settings stay)",
@@ -195,18 +188,23 @@ impl Metrics {
             .set(unix_seconds(self.root_not_after) - now);
         self.tls_certificate_expiry_seconds
             .set(self.tls_certificate_not_after.load(Ordering::Relaxed) - now);
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        exposition(&self.registry)
     }
 }
 
-fn start_at_zero(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
-    // Creating the series is the point; the counter itself is not needed here.
-    drop(family.get_or_create(&OutcomeLabels {
-        outcome: outcome.to_string(),
-    }));
+/// Counters by outcome, each of `outcomes` created at 0, so that the first of each shows
+/// in `increase()` (a series that appears at 1 has no earlier sample to differ from).
+pub(crate) fn outcomes_from_zero<'a>(
+    outcomes: impl IntoIterator<Item = &'a &'a str>,
+) -> Family<OutcomeLabels, Counter> {
+    let family = Family::<OutcomeLabels, Counter>::default();
+    for outcome in outcomes {
+        // Creating the series is the point; the counter itself is not needed here.
+        drop(family.get_or_create(&OutcomeLabels {
+            outcome: outcome.to_string(),
+        }));
+    }
+    family
 }
 
 fn count_outcome(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
@@ -215,6 +213,14 @@ fn count_outcome(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
             outcome: outcome.to_string(),
         })
         .inc();
+}
+
+/// The Prometheus text exposition of `registry`.
+pub(crate) fn exposition(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
 }
 
 /// Seconds since the Unix epoch, negative before it.

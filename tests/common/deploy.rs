@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::{MESHCA, repo, run, run_ok, text};
+use super::{MESHCA, installed_tool, repo, run, run_ok, text};
 
 /// Every YAML document of a file, as JSON values.
 pub fn documents(path: &Path) -> Vec<Value> {
@@ -36,21 +36,12 @@ pub fn manifests(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The validator `scripts/install-deps.sh` installs (on PATH or in var/tools/python).
+/// The validator `scripts/install-deps.sh` installs (in var/tools/python, or on PATH).
 pub fn kubernetes_validate() -> PathBuf {
-    let venv = repo().join("var/tools/python/bin/kubernetes-validate");
-    if venv.is_file() {
-        return venv;
-    }
-    let on_path = Command::new("sh")
-        .args(["-c", "command -v kubernetes-validate"])
-        .output()
-        .unwrap();
-    assert!(
-        on_path.status.success(),
-        "kubernetes-validate is missing: run scripts/install-deps.sh (make test does)"
-    );
-    PathBuf::from(text(&on_path.stdout).trim())
+    installed_tool(
+        "var/tools/python/bin/kubernetes-validate",
+        "kubernetes-validate",
+    )
 }
 
 /// `meshca crds --for <component>` printed; asserts it is `file` byte for byte and returns
@@ -177,4 +168,40 @@ pub fn rules(path: &Path) -> Vec<Rule> {
         }
     }
     out
+}
+
+/// A controller's Deployment passes `--metrics-listen=ADDR:PORT` (a flag the binary
+/// accepts), declares that port as `metrics`, probes `/healthz` on it and tells scrapers
+/// about it.
+pub fn assert_metrics_port_declared(deployment: &Path) {
+    let docs = documents(deployment);
+    let pod = &docs[0]["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let listen = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-listen="))
+        .expect("the Deployment passes --metrics-listen");
+    let port: u64 = listen.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(container["ports"][0]["name"], "metrics");
+    assert_eq!(container["ports"][0]["containerPort"], port);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"],
+        port.to_string()
+    );
+    // The binary parses the arguments as written: with --once added it gets as far as
+    // refusing that combination, which needs no cluster.
+    let out = run(Command::new(MESHCA).args(&args).arg("--once"));
+    assert!(
+        text(&out.stderr).contains("--metrics-listen is for a long-running controller"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -709,6 +709,24 @@ pub async fn assert_still_issues(client: &reqwest::Client, signer: &Signer) {
 }
 
 /// Writes `contents` to `dir/name` and returns the path.
+/// A tool `scripts/install-deps.sh` puts at `in_repo` (relative to the repository), else
+/// `name` on PATH; missing, the test fails saying so (it is never skipped).
+pub fn installed_tool(in_repo: &str, name: &str) -> PathBuf {
+    let installed = repo().join(in_repo);
+    if installed.is_file() {
+        return installed;
+    }
+    let on_path = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .unwrap();
+    assert!(
+        on_path.status.success(),
+        "{name} is missing: run scripts/install-deps.sh (make test does)"
+    );
+    PathBuf::from(text(&on_path.stdout).trim())
+}
+
 /// An address on 127.0.0.1 nobody listens on (a port bound, then released).
 pub fn closed_addr() -> String {
     format!("127.0.0.1:{}", openbao::free_port())
