@@ -140,7 +140,7 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
 }
 
 #[tokio::test]
-async fn a_client_over_its_rate_is_told_to_wait_and_others_are_unaffected() {
+async fn a_client_over_its_rate_is_told_to_wait_others_are_unaffected_and_a_reload_raises_it() {
     let env = Env::with(EnvSpec {
         extra_toml: "[limits]\nsign_requests_per_minute = 6\nsign_burst = 3\n".into(),
         ..EnvSpec::default()
@@ -180,9 +180,42 @@ async fn a_client_over_its_rate_is_told_to_wait_and_others_are_unaffected() {
     )
     .await;
     assert_eq!(status, 200);
+
+    // Raised by a reload: the same client is served again at once (its empty bucket now
+    // refills at 1,000 a second), and the change is on record.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let raised = config.replace(
+        "sign_requests_per_minute = 6\n",
+        "sign_requests_per_minute = 60000\n",
+    );
+    assert_ne!(raised, config);
+    std::fs::write(&env.config, raised).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer
+        .wait_for_log("SIGHUP: policies, clients and limits reloaded")
+        .await;
+    assert!(
+        line.contains("limits: sign_requests_per_minute 6 -> 60000"),
+        "{line}"
+    );
+    assert_eq!(
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr_a))
+            .await
+            .0,
+        200
+    );
     let audit = signer.audit_lines();
     assert_eq!(audit[3]["rule"], "rate_limited");
     assert_eq!(audit[3]["decision"], "deny");
+    assert_eq!(
+        (audit[5]["event"].as_str(), audit[5]["rule"].as_str()),
+        (Some("reload"), Some("rules_changed"))
+    );
+    assert_eq!(
+        audit[5]["message"],
+        "limits: sign_requests_per_minute 6 -> 60000"
+    );
+    assert_eq!(audit[6]["rule"], "issued");
 }
 
 #[tokio::test]

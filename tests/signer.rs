@@ -556,7 +556,8 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
         let signer = &signer;
         async move { post_sign(&client, signer, &body).await }
     };
-    let reload_logged = |n: usize| signer.wait_for_nth_log("SIGHUP: policies and clients", n);
+    let reload_logged =
+        |n: usize| signer.wait_for_nth_log("SIGHUP: policies, clients and limits", n);
     let sighup = || send_signal(signer.child.id(), "HUP");
     assert_eq!(sign(&client_b, "test/cluster-b").await.0, 200);
 
@@ -565,7 +566,7 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     let line = reload_logged(1).await;
     assert!(line.contains("nothing in them changed"), "{line}");
 
-    // cluster-b's grant moves to cluster-a, the ttl shrinks, and a restart-only limit
+    // cluster-b's grant moves to cluster-a, the ttl shrinks, and the one restart-only limit
     // (and the overridden listen address) change.
     let config = std::fs::read_to_string(&env.config).unwrap();
     let b_block = format!(
@@ -579,7 +580,7 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
         .replace(
         "mesh = \"test/cluster-a\" }]",
         "mesh = \"test/cluster-a\" }, { virtual_mesh = \"test/vm\", mesh = \"test/cluster-b\" }]",
-    ) + "\n[limits]\nsign_burst = 50\n";
+    ) + "\n[limits]\nmax_connections = 50\n";
     std::fs::write(&env.config, &reloaded).unwrap();
     let meshes_file = env.path("virtual-meshes.yaml");
     let meshes = std::fs::read_to_string(&meshes_file).unwrap();
@@ -599,7 +600,10 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
         assert!(line.contains(needle), "{needle} missing from {line}");
     }
     let warning = signer.wait_for_log("take effect at the next restart").await;
-    assert!(warning.contains("\"settings\":\"limits\""), "{warning}");
+    assert!(
+        warning.contains("\"settings\":\"limits.max_connections\""),
+        "{warning}"
+    );
 
     let (status, body) = sign(&client_b, "test/cluster-b").await;
     assert_eq!(

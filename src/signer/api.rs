@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::SignerState;
 use super::audit::{AuditRecord, rfc3339};
 use super::decision::{DecisionContext, Refusal, RequestFacts, SignRequest, Status, decide};
+use super::ratelimit::RateLimit;
 use crate::backend::BackendError;
 use crate::pki::pem::certificate_pem;
 use crate::pki::profile::{random_serial, serial_hex};
@@ -215,9 +216,16 @@ async fn sign_inner(
     client_gone: CancellationToken,
     facts: &mut RequestFacts,
 ) -> Result<SignResponse, Refusal> {
+    // The rules in force now, for the whole request: a reload meanwhile does not mix
+    // old and new.
+    let rules = state.rules();
+    let rate_limit = RateLimit {
+        per_minute: rules.limits.sign_requests_per_minute,
+        burst: rules.limits.sign_burst,
+    };
     if let Err(wait) = state
         .rate_limiter
-        .check(identity.unwrap_or(""), Instant::now())
+        .check(identity.unwrap_or(""), rate_limit, Instant::now())
     {
         let secs = wait.as_secs().max(1);
         let mut refusal = Refusal::new(
@@ -240,7 +248,8 @@ async fn sign_inner(
             format!("Content-Type must be application/json, got {content_type:?}"),
         ));
     }
-    let read = tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, MAX_BODY));
+    let body_timeout = rules.limits.body_timeout;
+    let read = tokio::time::timeout(body_timeout, axum::body::to_bytes(body, MAX_BODY));
     let bytes: Bytes = match read.await {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(_)) => {
@@ -259,7 +268,7 @@ async fn sign_inner(
                 "body_timeout",
                 format!(
                     "the request body did not arrive within {} ms",
-                    state.body_timeout.as_millis()
+                    body_timeout.as_millis()
                 ),
             ));
         }
@@ -274,7 +283,6 @@ async fn sign_inner(
     let serial =
         random_serial().map_err(|e| Refusal::new(Status::Internal, "internal", e.to_string()))?;
     let backend = &state.backend;
-    let rules = state.rules();
     let ctx = DecisionContext {
         policies: &rules.policies,
         authorization: &rules.authorization,

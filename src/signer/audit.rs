@@ -40,8 +40,8 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
     pub time: String,
-    /// `decision` for a signing decision; `reload` for a change of the policies or client
-    /// grants (SIGHUP); `recovery` for a repair of the log itself.
+    /// `decision` for a signing decision; `reload` for a change of the policies, client
+    /// grants or limits (SIGHUP); `recovery` for a repair of the log itself.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,

@@ -94,7 +94,7 @@ impl Metrics {
         );
         registry.register(
             "rules_reloads",
-            "Reloads of the policies and clients on SIGHUP by outcome (ok, or error: the rules in force stay)",
+            "Reloads of the policies, clients and limits on SIGHUP by outcome (ok, or error: the rules in force stay)",
             rules_reloads.clone(),
         );
         let tls_last_reload_successful = Gauge::default();
@@ -108,7 +108,7 @@ impl Metrics {
         rules_last_reload_successful.set(1);
         registry.register(
             "rules_last_reload_successful",
-            "1 if the last reload of the policies and clients succeeded (or none was tried), 0 if it failed",
+            "1 if the last reload of the policies, clients and limits succeeded (or none was tried), 0 if it failed",
             rules_last_reload_successful.clone(),
         );
         let tls_certificate_expiry_seconds = Gauge::<i64, AtomicI64>::default();

@@ -12,7 +12,6 @@ pub mod server;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,18 +22,17 @@ use reload::Rules;
 /// Everything a request handler reads. Fixed at start, apart from the rules (replaced by a
 /// reload), the audit writer and the metrics.
 pub struct SignerState {
-    /// Policies and client grants; see [`SignerState::rules`].
+    /// Policies, client grants and limits; see [`SignerState::rules`].
     rules: RwLock<Arc<Rules>>,
     pub backend: Arc<dyn RootSigner>,
     pub audit: audit::AuditLog,
     pub metrics: metrics::Metrics,
+    /// Buckets per client; the limit comes from the rules in force.
     pub rate_limiter: ratelimit::RateLimiter,
     /// Set once the log has said that intermediates end with the root. With a VirtualMesh's
     /// one ttlDays for the root and its intermediates that is every request, so it is said
     /// once per process (the root only changes with a restart), not once per request.
     pub capped_by_root_noted: AtomicBool,
-    /// See [`crate::config::Limits::body_timeout`].
-    pub body_timeout: Duration,
     /// Every signing decision under way, each in a task of its own: shutdown waits for
     /// them, so none ends without its audit line.
     pub decisions: TaskTracker,

@@ -1,5 +1,6 @@
 //! Per-client rate limiting of signing requests: a token bucket per client identity, with
-//! time passed in so the arithmetic is tested without sleeping.
+//! the limit and the time passed in (a reload may change the limit; the arithmetic is
+//! tested without sleeping).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,27 +24,18 @@ struct Bucket {
 }
 
 /// Token buckets by client identity.
+#[derive(Default)]
 pub struct RateLimiter {
-    limit: RateLimit,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
 
 impl RateLimiter {
-    pub fn new(limit: RateLimit) -> Self {
-        RateLimiter {
-            limit,
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn rate_per_second(&self) -> f64 {
-        f64::from(self.limit.per_minute) / 60.0
-    }
-
-    /// Takes one token for `client` at `now`; on refusal, how long until one is available.
-    pub fn check(&self, client: &str, now: Instant) -> Result<(), Duration> {
-        let burst = f64::from(self.limit.burst.max(1));
-        let rate = self.rate_per_second();
+    /// Takes one token for `client` at `now` under `limit`; on refusal, how long until one
+    /// is available. A bucket keeps its tokens when the limit changes: they refill at the
+    /// new rate up to the new burst (a lower burst caps them at once).
+    pub fn check(&self, client: &str, limit: RateLimit, now: Instant) -> Result<(), Duration> {
+        let burst = f64::from(limit.burst.max(1));
+        let rate = f64::from(limit.per_minute) / 60.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_CLIENTS && !buckets.contains_key(client) {
             buckets.retain(|_, b| {
@@ -74,32 +66,64 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    const LIMIT: RateLimit = RateLimit {
+        per_minute: 60,
+        burst: 3,
+    };
+
     #[test]
     fn burst_then_refill_at_the_sustained_rate() {
-        let limiter = RateLimiter::new(RateLimit {
-            per_minute: 60,
-            burst: 3,
-        });
+        let limiter = RateLimiter::default();
+        let check = |client: &str, at: Instant| limiter.check(client, LIMIT, at);
         let t0 = Instant::now();
         for _ in 0..3 {
-            limiter.check("a", t0).unwrap();
+            check("a", t0).unwrap();
         }
-        let wait = limiter.check("a", t0).unwrap_err();
+        let wait = check("a", t0).unwrap_err();
         assert!(
             wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
         // Another client has its own bucket.
-        limiter.check("b", t0).unwrap();
+        check("b", t0).unwrap();
         // One second later one more request is allowed, not two.
         let t1 = t0 + Duration::from_secs(1);
-        limiter.check("a", t1).unwrap();
-        assert!(limiter.check("a", t1).is_err());
+        check("a", t1).unwrap();
+        assert!(check("a", t1).is_err());
         // Long idle refills only up to the burst.
         let t2 = t1 + Duration::from_secs(3600);
         for _ in 0..3 {
-            limiter.check("a", t2).unwrap();
+            check("a", t2).unwrap();
         }
-        assert!(limiter.check("a", t2).is_err());
+        assert!(check("a", t2).is_err());
+    }
+
+    #[test]
+    fn a_changed_limit_applies_to_existing_buckets() {
+        let limiter = RateLimiter::default();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            limiter.check("a", LIMIT, t0).unwrap();
+        }
+        assert!(limiter.check("a", LIMIT, t0).is_err());
+        // Raised to 6,000 a minute: 10 ms later the empty bucket has a token again.
+        let raised = RateLimit {
+            per_minute: 6_000,
+            burst: 100,
+        };
+        let t1 = t0 + Duration::from_millis(10);
+        limiter.check("a", raised, t1).unwrap();
+        // A long idle fills it up to the new burst, not the old one.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..100 {
+            limiter.check("a", raised, t2).unwrap();
+        }
+        assert!(limiter.check("a", raised, t2).is_err());
+        // Lowered again: an idle bucket refills only up to the lower burst.
+        let t3 = t2 + Duration::from_secs(60);
+        for _ in 0..3 {
+            limiter.check("a", LIMIT, t3).unwrap();
+        }
+        assert!(limiter.check("a", LIMIT, t3).is_err());
     }
 }

@@ -1,19 +1,24 @@
 //! What a SIGHUP may change in a running signer besides its TLS files: the rules every
-//! signing decision is made under (VirtualMesh policies and client grants), read again from
-//! the config file. Pure comparisons; the swap and its audit line are in `server`.
+//! signing decision is made under (VirtualMesh policies, client grants, and the limits on
+//! requests and connections), read again from the config file. Pure comparisons; the swap
+//! and its audit line are in `server`.
 
 use std::fmt;
+use std::time::Duration;
 
-use crate::config::{AuthorizationTable, SignerConfig};
+use crate::config::{AuthorizationTable, Limits, SignerConfig};
 use crate::policy::rules::human_duration;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 
 /// The rules a signing decision is made under. A reload replaces them whole; a decision
-/// keeps the rules it started with.
+/// keeps the rules it started with, a connection the timeouts it was accepted with.
 #[derive(Debug, Clone)]
 pub struct Rules {
     pub policies: PolicySet,
     pub authorization: AuthorizationTable,
+    /// `[limits]`. `max_connections` sizes the listener's connection slots once, at
+    /// start: a reload keeps the value in force (see [`restart_only_changes`]).
+    pub limits: Limits,
 }
 
 impl Rules {
@@ -21,7 +26,16 @@ impl Rules {
         Rules {
             policies: config.policies.clone(),
             authorization: config.authorization.clone(),
+            limits: config.limits,
         }
+    }
+
+    /// The rules of a config read by a reload, with what a reload cannot change kept from
+    /// `in_force`.
+    pub fn reloaded(read: &SignerConfig, in_force: &Rules) -> Self {
+        let mut rules = Rules::of(read);
+        rules.limits.max_connections = in_force.limits.max_connections;
+        rules
     }
 }
 
@@ -41,6 +55,7 @@ impl RulesChange {
             &read.authorization,
             &mut statements,
         );
+        compare_limits(&in_force.limits, &read.limits, &mut statements);
         RulesChange { statements }
     }
 
@@ -149,6 +164,34 @@ fn compare_clients(
     }
 }
 
+/// `[limits]` by their config names, durations in milliseconds as the file has them.
+/// `max_connections` is left out: a reload does not change it.
+fn compare_limits(in_force: &Limits, read: &Limits, out: &mut Vec<String>) {
+    let millis = |d: Duration| d.as_millis() as u64;
+    let settings = |l: &Limits| {
+        [
+            (
+                "sign_requests_per_minute",
+                u64::from(l.sign_requests_per_minute),
+            ),
+            ("sign_burst", u64::from(l.sign_burst)),
+            ("handshake_timeout_ms", millis(l.handshake_timeout)),
+            ("header_timeout_ms", millis(l.header_timeout)),
+            ("body_timeout_ms", millis(l.body_timeout)),
+            ("drain_timeout_ms", millis(l.drain_timeout)),
+        ]
+    };
+    let differences: Vec<String> = settings(in_force)
+        .into_iter()
+        .zip(settings(read))
+        .filter(|((_, old), (_, new))| old != new)
+        .map(|((name, old), (_, new))| format!("{name} {old} -> {new}"))
+        .collect();
+    if !differences.is_empty() {
+        out.push(format!("limits: {}", differences.join(", ")));
+    }
+}
+
 fn names<'a>(refs: impl Iterator<Item = &'a ObjectRef>) -> String {
     refs.map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -188,7 +231,10 @@ pub fn restart_only_changes(in_force: &SignerConfig, read: &SignerConfig) -> Vec
     check("root", root(in_force) == root(read));
     check("pkcs11", in_force.pkcs11 == read.pkcs11);
     check("vault", in_force.vault == read.vault);
-    check("limits", in_force.limits == read.limits);
+    check(
+        "limits.max_connections",
+        in_force.limits.max_connections == read.limits.max_connections,
+    );
     changed
 }
 
@@ -301,8 +347,35 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
         assert!(restart_only_changes(&in_force, &in_force.clone()).is_empty());
         let read = SignerConfig {
             listen: "127.0.0.1:1".parse().unwrap(),
-            ..config(dir.path(), MESHES, A_ONLY, "[limits]\nsign_burst = 7")
+            ..config(
+                dir.path(),
+                MESHES,
+                A_ONLY,
+                "[limits]\nmax_connections = 7\nsign_burst = 7",
+            )
         };
-        assert_eq!(restart_only_changes(&in_force, &read), ["listen", "limits"]);
+        assert_eq!(
+            restart_only_changes(&in_force, &read),
+            ["listen", "limits.max_connections"]
+        );
+    }
+
+    #[test]
+    fn limits_change_by_reload_except_the_connection_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let read = config(
+            dir.path(),
+            MESHES,
+            A_ONLY,
+            "[limits]\nsign_requests_per_minute = 1200\nbody_timeout_ms = 30000\nmax_connections = 7",
+        );
+        let after = Rules::reloaded(&read, &before);
+        assert_eq!(after.limits.max_connections, before.limits.max_connections);
+        assert_eq!(after.limits.sign_requests_per_minute, 1200);
+        assert_eq!(
+            RulesChange::between(&before, &after).statements,
+            ["limits: sign_requests_per_minute 600 -> 1200, body_timeout_ms 10000 -> 30000"]
+        );
     }
 }

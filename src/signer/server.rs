@@ -20,13 +20,13 @@ use tower::ServiceExt;
 use super::api::{self, ClientIdentity};
 use super::audit::{AuditLog, AuditRecord, rfc3339};
 use super::metrics::Metrics;
-use super::ratelimit::{RateLimit, RateLimiter};
+use super::ratelimit::RateLimiter;
 use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::vault::VaultBackend;
-use crate::config::{BackendKind, ConfigError, Limits, SignerConfig};
+use crate::config::{BackendKind, ConfigError, SignerConfig};
 use crate::pki::keys::PublicKeyKind;
 use crate::pki::profile::RootCa;
 use crate::policy::PolicySet;
@@ -154,20 +154,21 @@ pub struct RunningSigner {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     acceptor: watch::Sender<TlsAcceptor>,
     state: Arc<SignerState>,
-    /// The config as started: where to read it again, its TLS files and drain time, and
-    /// what only a restart changes.
+    /// The config as started: where to read it again, its TLS files, and what only a
+    /// restart changes.
     config: SignerConfig,
     /// `--listen` was given: the file's `listen` does not matter, now or at a restart.
     listen_overridden: bool,
 }
 
 impl RunningSigner {
-    /// Reads the config file again and puts its policies and client grants in force, after
-    /// the same checks as at start (and the root's strength against the new policies).
-    /// A change is written to the audit log (event `reload`) before it applies; on any
-    /// error the rules in force stay. Decisions already under way finish under the rules
-    /// they started with. Settings read only at start are not changed; the answer names
-    /// those that differ in the file.
+    /// Reads the config file again and puts its policies, client grants and limits in
+    /// force, after the same checks as at start (and the root's strength against the new
+    /// policies). A change is written to the audit log (event `reload`) before it applies;
+    /// on any error the rules in force stay. Decisions already under way finish under the
+    /// rules they started with, connections keep the timeouts they were accepted with.
+    /// Settings read only at start are not changed; the answer names those that differ in
+    /// the file.
     pub async fn reload_rules(&self) -> Result<RulesReload, ReloadError> {
         let outcome = self.try_reload_rules().await;
         self.state.metrics.rules_reloaded(outcome.is_ok());
@@ -185,8 +186,9 @@ impl RunningSigner {
             })??;
         check_root_strength(&self.state.backend.root().key_kind, &read.policies)
             .map_err(ReloadError::RootTooWeak)?;
-        let rules = Rules::of(&read);
-        let change = RulesChange::between(&self.state.rules(), &rules);
+        let in_force = self.state.rules();
+        let rules = Rules::reloaded(&read, &in_force);
+        let change = RulesChange::between(&in_force, &rules);
         if !change.is_empty() {
             let record = AuditRecord {
                 time: rfc3339(SystemTime::now()),
@@ -232,7 +234,7 @@ impl RunningSigner {
     /// client gone) is stopped and audited as `signer_stopping`; returns once all
     /// decisions have their audit lines.
     pub async fn shutdown(self) {
-        let deadline = tokio::time::Instant::now() + self.config.limits.drain_timeout;
+        let deadline = tokio::time::Instant::now() + self.state.rules().limits.drain_timeout;
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
@@ -295,12 +297,8 @@ pub async fn start(
         backend: backend.clone(),
         audit,
         metrics,
-        rate_limiter: RateLimiter::new(RateLimit {
-            per_minute: config.limits.sign_requests_per_minute,
-            burst: config.limits.sign_burst,
-        }),
+        rate_limiter: RateLimiter::default(),
         capped_by_root_noted: AtomicBool::new(false),
-        body_timeout: config.limits.body_timeout,
         decisions: TaskTracker::new(),
         stop_deciding: CancellationToken::new(),
     });
@@ -309,8 +307,8 @@ pub async fn start(
     let mut tasks = vec![tokio::spawn(serve_tls(
         api_listener,
         acceptor_rx,
-        api::router(state.clone()),
-        config.limits,
+        state.clone(),
+        config.limits.max_connections,
         shutdown_rx.clone(),
     ))];
     if let Some(listener) = ops_listener {
@@ -362,16 +360,18 @@ fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(fallback)
 }
 
-/// Accepts connections until shutdown, each with the acceptor current at its accept,
-/// then waits (bounded) for the open ones to finish.
+/// Accepts connections until shutdown, each with the acceptor and the limits current at
+/// its accept, then waits (bounded by the drain time then in force) for the open ones to
+/// finish. `max_connections` is fixed for the process.
 async fn serve_tls(
     listener: TcpListener,
     acceptors: watch::Receiver<TlsAcceptor>,
-    app: axum::Router,
-    limits: Limits,
+    state: Arc<SignerState>,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let app = api::router(state.clone());
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
@@ -393,6 +393,7 @@ async fn serve_tls(
         // Marks this acceptor's version seen, so a reload after it is noticed below.
         let mut reloads = acceptors.clone();
         let acceptor = reloads.borrow_and_update().clone();
+        let limits = state.rules().limits;
         let app = app.clone();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
@@ -450,10 +451,10 @@ async fn serve_tls(
     }
     drop(listener);
     // Every connection holds a slot until it ends: all slots free means all drained.
-    let all_slots = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let all_slots = u32::try_from(max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = slots.acquire_many(all_slots) => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
+        _ = tokio::time::sleep(state.rules().limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
     }
 }
 
@@ -503,11 +504,13 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
     match outcome {
         Ok(reload) => {
             if reload.change.is_empty() {
-                tracing::info!("SIGHUP: policies and clients reloaded; nothing in them changed");
+                tracing::info!(
+                    "SIGHUP: policies, clients and limits reloaded; nothing in them changed"
+                );
             } else {
                 tracing::info!(
                     changes = %reload.change,
-                    "SIGHUP: policies and clients reloaded (recorded in the audit log)"
+                    "SIGHUP: policies, clients and limits reloaded (recorded in the audit log)"
                 );
             }
             if !reload.restart_only.is_empty() {
@@ -519,7 +522,7 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
         }
         Err(e) => tracing::error!(
             error = %e,
-            "SIGHUP: policies and clients not reloaded; the ones in force stay"
+            "SIGHUP: policies, clients and limits not reloaded; the ones in force stay"
         ),
     }
 }
