@@ -708,7 +708,6 @@ pub async fn assert_still_issues(client: &reqwest::Client, signer: &Signer) {
     assert_eq!(status, 200, "the signer no longer issues: {answer}");
 }
 
-/// Writes `contents` to `dir/name` and returns the path.
 /// A tool `scripts/install-deps.sh` puts at `in_repo` (relative to the repository), else
 /// `name` on PATH; missing, the test fails saying so (it is never skipped).
 pub fn installed_tool(in_repo: &str, name: &str) -> PathBuf {
@@ -741,6 +740,7 @@ pub fn metric_sample(exposition: &str, name: &str) -> Option<i64> {
     })
 }
 
+/// Writes `contents` to `dir/name` and returns the path.
 pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
