@@ -24,8 +24,9 @@ build:
 demo: deps-demo build
 	@./scripts/demo.sh
 
-# The same story and var/demo/ layout with OpenBao holding the root (`bao server -dev`
-# on 127.0.0.1, PKI engine, AppRole login), stopped at the end.
+# The same story and layout in var/demo-vault/ (var/demo/ is left alone), with OpenBao
+# holding the root (`bao server -dev` on 127.0.0.1, PKI engine, AppRole login), stopped
+# at the end.
 demo-vault: deps-demo-vault build
 	@./scripts/demo.sh vault
 

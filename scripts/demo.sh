@@ -7,7 +7,8 @@
 #   3. both meshes of config/virtual-mesh.yaml get intermediates via `meshca request`
 #   4. both chains shown ending at the same root (the seed's `openssl s_client -showcerts` check)
 #   5. a workload certificate from each cluster's intermediate and an mTLS handshake between them
-# Everything lands in var/demo/ (rebuilt from scratch each run).
+# Everything lands in var/demo/ (vault: var/demo-vault/, so neither run clobbers the
+# other's root and config), rebuilt from scratch each run.
 set -euo pipefail
 
 backend=${1:-pkcs11}
@@ -17,7 +18,10 @@ case "$backend" in
 esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 meshca=${MESHCA:-$repo/target/release/meshca}
-demo=$repo/var/demo
+# var/demo or var/demo-vault: where this run leaves everything.
+demo_rel=var/demo
+[ "$backend" = vault ] && demo_rel=var/demo-vault
+demo=$repo/$demo_rel
 listen=127.0.0.1:8443
 signer_url=https://$listen
 
@@ -52,7 +56,7 @@ if (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null; then
   exit 1
 fi
 
-step "Fresh demo directory var/demo"
+step "Fresh demo directory $demo_rel"
 rm -rf "$demo"
 mkdir -p "$demo/clusters"
 cd "$demo"
@@ -93,7 +97,7 @@ else
   export BAO_TOKEN
   for _ in $(seq 1 300); do
     bao status >/dev/null 2>&1 && break
-    kill -0 "$bao_pid" 2>/dev/null || { echo "OpenBao exited, see var/demo/openbao/openbao.log" >&2; exit 1; }
+    kill -0 "$bao_pid" 2>/dev/null || { echo "OpenBao exited, see $demo_rel/openbao/openbao.log" >&2; exit 1; }
     sleep 0.1
   done
   run bao secrets enable pki
@@ -134,7 +138,7 @@ ls -l pki | sed 's/^/    /'
 
 cat > signer.toml <<EOF
 # meshca signer configuration written by \`make $( [ "$backend" = vault ] && echo demo-vault || echo demo )\`. Relative paths are relative to
-# this file. Run it again with: meshca serve --config var/demo/signer.toml
+# this file. Run it again with: meshca serve --config $demo_rel/signer.toml
 listen = "$listen"
 virtual_meshes = ["../../config/virtual-mesh.yaml"]
 audit_log = "audit.log"
@@ -279,10 +283,10 @@ if [ "$backend" = vault ]; then
   stop_openbao
 fi
 
-step "Done. Left in var/demo:"
+step "Done. Left in $demo_rel:"
 if [ "$backend" = pkcs11 ]; then
   cat <<EOF
-    signer.toml                  the signer config (meshca serve --config var/demo/signer.toml)
+    signer.toml                  the signer config (meshca serve --config $demo_rel/signer.toml)
     softhsm/softhsm2.conf        for SOFTHSM2_CONF; softhsm/user-pin holds the user PIN
     root-cert.pem                the root; its key never left the token
 EOF
