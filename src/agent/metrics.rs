@@ -44,10 +44,14 @@ pub trait Exposition: Send + Sync {
     fn render(&self) -> String;
 }
 
-/// The loop of a Lease-holding controller (see [`super::election::LeaderLoop`]).
+/// The loop of a Lease-holding controller (see [`super::election::LeaderLoop`]), and
+/// which objects (requests, VirtualMeshes) it reports series for: those of an object that
+/// is gone, or of all when this replica stops acting, must be removed, since a stale value
+/// could raise a false alert (the replica that acts now reports them).
 pub struct LoopMetrics {
     leader: Gauge,
     last_pass: Gauge,
+    reported: Mutex<BTreeSet<String>>,
 }
 
 impl LoopMetrics {
@@ -65,15 +69,50 @@ impl LoopMetrics {
             "When this replica last completed a pass (Unix seconds; 0: never)",
             last_pass.clone(),
         );
-        LoopMetrics { leader, last_pass }
+        LoopMetrics {
+            leader,
+            last_pass,
+            reported: Mutex::new(BTreeSet::new()),
+        }
     }
 
-    pub fn set_leading(&self, leading: bool) {
+    /// The object `key` has series now.
+    pub fn reported(&self, key: &str) {
+        self.reported_keys().insert(key.to_string());
+    }
+
+    /// Whether this replica acts. Returns the objects whose series to remove: all of them
+    /// when it does not.
+    #[must_use]
+    pub fn set_leading(&self, leading: bool) -> Vec<String> {
         self.leader.set(i64::from(leading));
+        if leading {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.reported_keys())
+            .into_iter()
+            .collect()
     }
 
-    pub fn pass_completed(&self, at: SystemTime) {
+    /// A pass ended at `at`; `present` are the objects it found. Returns the objects whose
+    /// series to remove: those no longer present.
+    #[must_use]
+    pub fn pass_completed(&self, present: &[String], at: SystemTime) -> Vec<String> {
         self.last_pass.set(unix_seconds(at));
+        let mut reported = self.reported_keys();
+        let gone: Vec<String> = reported
+            .iter()
+            .filter(|key| !present.contains(key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            reported.remove(key);
+        }
+        gone
+    }
+
+    fn reported_keys(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.reported.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -85,42 +124,6 @@ pub struct AgentMetrics {
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
     loop_metrics: LoopMetrics,
-    requests: Tracked,
-}
-
-/// The objects that have series, so that the series of one deleted, or of all when this
-/// replica stops acting, can be removed: a stale value could raise a false alert (the
-/// replica that acts now reports them).
-#[derive(Default)]
-pub struct Tracked(Mutex<BTreeSet<String>>);
-
-impl Tracked {
-    pub fn insert(&self, key: &str) {
-        self.keys().insert(key.to_string());
-    }
-
-    /// Stops tracking the keys not in `present` and returns them.
-    pub fn take_absent(&self, present: &[String]) -> Vec<String> {
-        let mut keys = self.keys();
-        let absent: Vec<String> = keys
-            .iter()
-            .filter(|k| !present.contains(k))
-            .cloned()
-            .collect();
-        for key in &absent {
-            keys.remove(key);
-        }
-        absent
-    }
-
-    /// Stops tracking every key and returns them.
-    pub fn take_all(&self) -> Vec<String> {
-        std::mem::take(&mut *self.keys()).into_iter().collect()
-    }
-
-    fn keys(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 impl Default for AgentMetrics {
@@ -171,7 +174,6 @@ impl AgentMetrics {
             reconciles,
             issuances,
             loop_metrics,
-            requests: Tracked::default(),
         }
     }
 
@@ -195,7 +197,7 @@ impl AgentMetrics {
                 outcome: what.outcome.to_string(),
             })
             .inc();
-        self.requests.insert(&labels.request);
+        self.loop_metrics.reported(&labels.request);
     }
 
     /// A new intermediate was installed.
@@ -205,28 +207,21 @@ impl AgentMetrics {
 
     /// A pass over all requests ended; `present` are the requests it found.
     pub fn pass_completed(&self, present: &[String], at: SystemTime) {
-        for request in self.requests.take_absent(present) {
-            self.forget(request);
-        }
-        self.loop_metrics.pass_completed(at);
+        self.forget(self.loop_metrics.pass_completed(present, at));
     }
 
-    /// Whether this replica acts. A replica that stops acting drops its request series:
-    /// the one that took over reports them.
+    /// Whether this replica acts; one that stops drops its request series.
     pub fn set_leading(&self, leading: bool) {
-        self.loop_metrics.set_leading(leading);
-        if !leading {
-            for request in self.requests.take_all() {
-                self.forget(request);
-            }
-        }
+        self.forget(self.loop_metrics.set_leading(leading));
     }
 
-    fn forget(&self, request: String) {
-        let labels = RequestLabels { request };
-        self.expiration.remove(&labels);
-        self.renewal.remove(&labels);
-        self.ready.remove(&labels);
+    fn forget(&self, requests: Vec<String>) {
+        for request in requests {
+            let labels = RequestLabels { request };
+            self.expiration.remove(&labels);
+            self.renewal.remove(&labels);
+            self.ready.remove(&labels);
+        }
     }
 }
 

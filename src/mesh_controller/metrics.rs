@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::agent::metrics::{Exposition, LoopMetrics, Tracked};
+use crate::agent::metrics::{Exposition, LoopMetrics};
 use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,7 +32,6 @@ pub struct MeshControllerMetrics {
     registry: Registry,
     reconciles: Family<OutcomeLabels, Counter>,
     ready: Family<VirtualMeshLabels, Gauge>,
-    virtual_meshes: Tracked,
     loop_metrics: LoopMetrics,
 }
 
@@ -62,7 +61,6 @@ impl MeshControllerMetrics {
             registry,
             reconciles,
             ready,
-            virtual_meshes: Tracked::default(),
             loop_metrics,
         }
     }
@@ -78,36 +76,35 @@ impl MeshControllerMetrics {
                 outcome: counted.to_string(),
             })
             .inc();
-        let labels = VirtualMeshLabels {
-            virtual_mesh: virtual_mesh.to_string(),
-        };
         let ready = match outcome {
             Reconciled::Kept { ready } => ready,
             Reconciled::Failed => false,
             Reconciled::Gone => {
-                self.ready.remove(&labels);
+                self.forget(vec![virtual_mesh.to_string()]);
                 return;
             }
         };
-        self.ready.get_or_create(&labels).set(i64::from(ready));
-        self.virtual_meshes.insert(virtual_mesh);
+        self.ready
+            .get_or_create(&VirtualMeshLabels {
+                virtual_mesh: virtual_mesh.to_string(),
+            })
+            .set(i64::from(ready));
+        self.loop_metrics.reported(virtual_mesh);
     }
 
     /// A pass ended; `present` are the VirtualMeshes it found.
     pub fn pass_completed(&self, present: &[String], at: std::time::SystemTime) {
-        for gone in self.virtual_meshes.take_absent(present) {
-            self.ready.remove(&VirtualMeshLabels { virtual_mesh: gone });
-        }
-        self.loop_metrics.pass_completed(at);
+        self.forget(self.loop_metrics.pass_completed(present, at));
     }
 
     /// Whether this replica acts; one that stops drops its VirtualMesh series.
     pub fn set_leading(&self, leading: bool) {
-        self.loop_metrics.set_leading(leading);
-        if !leading {
-            for gone in self.virtual_meshes.take_all() {
-                self.ready.remove(&VirtualMeshLabels { virtual_mesh: gone });
-            }
+        self.forget(self.loop_metrics.set_leading(leading));
+    }
+
+    fn forget(&self, virtual_meshes: Vec<String>) {
+        for virtual_mesh in virtual_meshes {
+            self.ready.remove(&VirtualMeshLabels { virtual_mesh });
         }
     }
 }
