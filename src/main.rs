@@ -707,15 +707,14 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     if args.once {
         let outcome = rt.block_on(directory::reconcile(&client, &opts, SystemTime::now()))?;
         directory::log_outcome(&opts.target, &outcome);
-        let (what, s) = match &outcome {
-            DirOutcome::Installed {
-                reason, summary, ..
-            } => (format!("installed a new intermediate ({reason})"), summary),
-            DirOutcome::RootsRewritten { summary, .. } => ("rewrote root-cert.pem".into(), summary),
-            DirOutcome::UpToDate { summary, .. } => {
-                ("bundle valid and not due; nothing written".into(), summary)
+        let what = match &outcome {
+            DirOutcome::Installed { reason, .. } => {
+                format!("installed a new intermediate ({reason})")
             }
+            DirOutcome::RootsRewritten { .. } => "rewrote root-cert.pem".into(),
+            DirOutcome::UpToDate { .. } => "bundle valid and not due; nothing written".into(),
         };
+        let s = outcome.summary();
         println!("meshca: {}: {what}", opts.target.display());
         println!("  serial       {}", s.serial);
         println!("  not after    {}", rfc3339(s.not_after));
@@ -771,10 +770,7 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         client_key: tls.client_key,
     };
     let metrics = Arc::new(AgentMetrics::new());
-    let served = args
-        .metrics_listen
-        .map(|addr| (addr, metrics.clone() as Arc<dyn Exposition>));
-    run_in_cluster(args.once, served, |client| {
+    run_in_cluster(args.once, args.metrics_listen, metrics.clone(), |client| {
         Controller::new(Kube::new(client), opts, metrics)
     })
 }
@@ -792,10 +788,7 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
         retire_after: std::time::Duration::from_secs(args.retire_after_seconds),
     };
     let metrics = Arc::new(MeshControllerMetrics::new());
-    let served = args
-        .metrics_listen
-        .map(|addr| (addr, metrics.clone() as Arc<dyn Exposition>));
-    run_in_cluster(args.once, served, |client| {
+    run_in_cluster(args.once, args.metrics_listen, metrics.clone(), |client| {
         MeshController::new(client, opts, metrics)
     })
 }
@@ -808,10 +801,11 @@ fn replica_identity(flag: Option<String>, fallback: &str) -> String {
 
 /// Runs a Lease-holding controller against the cluster it finds (in-cluster or
 /// kubeconfig): one pass with `--once`, else until SIGTERM or SIGINT; `metrics` served
-/// on their address meanwhile.
+/// on `metrics_listen` meanwhile.
 fn run_in_cluster<C: LeaderLoop>(
     once: bool,
-    metrics: Option<(SocketAddr, Arc<dyn Exposition>)>,
+    metrics_listen: Option<SocketAddr>,
+    metrics: Arc<dyn Exposition>,
     controller: impl FnOnce(kube::Client) -> C,
 ) -> Result<ExitCode> {
     let rt = runtime()?;
@@ -822,9 +816,7 @@ fn run_in_cluster<C: LeaderLoop>(
         let client =
             kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let controller = controller(client);
-        if let Some((addr, metrics)) = metrics {
-            serve_metrics(Some(addr), metrics).await?;
-        }
+        serve_metrics(metrics_listen, metrics).await?;
         if once {
             let next = controller.run_once().await?;
             println!("meshca: one pass done; next look in {}s", next.as_secs());

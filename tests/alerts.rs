@@ -18,33 +18,19 @@ fn rules_dir() -> PathBuf {
     repo().join("deploy/prometheus")
 }
 
-/// The promtool `scripts/install-deps.sh` fetched (var/tools/bin), or one on PATH.
-fn promtool() -> PathBuf {
-    installed_tool("var/tools/bin/promtool", "promtool")
+/// `promtool ARGS` in deploy/prometheus, with the promtool `scripts/install-deps.sh`
+/// fetched (var/tools/bin) or one on PATH; asserts it succeeds and returns its stdout.
+fn promtool(args: &[&str]) -> String {
+    let promtool = installed_tool("var/tools/bin/promtool", "promtool");
+    text(&run_ok(Command::new(promtool).current_dir(rules_dir()).args(args)).stdout)
 }
 
 #[test]
 fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
-    let checked = run_ok(Command::new(promtool()).current_dir(rules_dir()).args([
-        "check",
-        "rules",
-        "meshca-alerts.yaml",
-    ]));
-    assert!(
-        text(&checked.stdout).contains("SUCCESS: 16 rules found"),
-        "{}",
-        text(&checked.stdout)
-    );
-    let tested = run_ok(Command::new(promtool()).current_dir(rules_dir()).args([
-        "test",
-        "rules",
-        "meshca-alerts.test.yaml",
-    ]));
-    assert!(
-        text(&tested.stdout).contains("SUCCESS"),
-        "{}",
-        text(&tested.stdout)
-    );
+    let checked = promtool(&["check", "rules", "meshca-alerts.yaml"]);
+    assert!(checked.contains("SUCCESS: 16 rules found"), "{checked}");
+    let tested = promtool(&["test", "rules", "meshca-alerts.test.yaml"]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
 }
 
 /// The metric names in an exposition, as PromQL sees them: a counter `x` is `x_total`,
