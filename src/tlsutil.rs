@@ -87,8 +87,16 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError>
 }
 
 fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+    trust_store(path, load_certificates(path)?)
+}
+
+/// A store trusting `certs`, read from `path` (named in errors).
+fn trust_store(
+    path: &Path,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certificates(path)? {
+    for cert in certs {
         roots.add(cert).map_err(|e| TlsError::Certificates {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -114,8 +122,29 @@ pub fn server_config(
             |path, message| TlsError::Crls { path, message },
         )?);
     }
+    let client_cas = load_certificates(client_ca)?;
+    let chain = load_certificates(cert)?;
+    let key = load_private_key(key)?;
+    let fingerprint = MaterialFingerprint::of(&[
+        (
+            "chain",
+            &chain.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
+        ),
+        ("key", &[key.secret_der()]),
+        (
+            "client_ca",
+            &client_cas.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
+        ),
+        (
+            "crls",
+            &revocation_lists
+                .iter()
+                .map(|c| c.as_ref())
+                .collect::<Vec<_>>(),
+        ),
+    ]);
     let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(root_store(client_ca)?),
+        Arc::new(trust_store(client_ca, client_cas)?),
         provider.clone(),
     )
     .with_crls(revocation_lists)
@@ -125,25 +154,57 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier);
-    let chain = load_certificates(cert)?;
     let leaf = Certificate::from_der(&chain[0]).map_err(|e| TlsError::Certificates {
         path: cert.display().to_string(),
         message: e.to_string(),
     })?;
     let mut config = config
-        .with_single_cert(chain, load_private_key(key)?)
+        .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("server certificate {}: {e}", cert.display())))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         config,
         certificate_not_after: leaf.tbs_certificate().validity().not_after.to_system_time(),
+        fingerprint,
     })
 }
 
-/// A server's rustls configuration and when its own certificate expires.
+/// A server's rustls configuration, when its own certificate expires, and what it was
+/// built from.
 pub struct ServerTls {
     pub config: rustls::ServerConfig,
     pub certificate_not_after: std::time::SystemTime,
+    pub fingerprint: MaterialFingerprint,
+}
+
+/// A SHA-256 digest of the DER of everything a TLS configuration was built from, so a
+/// reload can tell whether anything changed (PEM comments and line breaks do not count).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct MaterialFingerprint([u8; 32]);
+
+impl MaterialFingerprint {
+    /// Each part is named and each item length-prefixed, so moving bytes from one item
+    /// or part to the next changes the digest.
+    fn of(parts: &[(&str, &[&[u8]])]) -> Self {
+        use sha2::Digest;
+        let mut digest = sha2::Sha256::new();
+        for (name, items) in parts {
+            digest.update(name.as_bytes());
+            digest.update((items.len() as u64).to_be_bytes());
+            for item in *items {
+                digest.update((item.len() as u64).to_be_bytes());
+                digest.update(item);
+            }
+        }
+        Self(digest.finalize().into())
+    }
+}
+
+impl std::fmt::Debug for MaterialFingerprint {
+    // The digest covers the private key: nothing of it is printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MaterialFingerprint(..)")
+    }
 }
 
 /// Client side: trust only `ca` for the server, present `client_cert`/`client_key`.
@@ -186,4 +247,25 @@ pub fn client_identity(cert_der: &[u8]) -> Option<String> {
         }
     }
     tbs.subject().common_name().ok().flatten().map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MaterialFingerprint;
+
+    #[test]
+    fn a_fingerprint_changes_when_bytes_move_between_items_or_parts() {
+        let base = MaterialFingerprint::of(&[("chain", &[b"ab", b"c"]), ("crls", &[])]);
+        assert_eq!(
+            base,
+            MaterialFingerprint::of(&[("chain", &[b"ab", b"c"]), ("crls", &[])])
+        );
+        for other in [
+            MaterialFingerprint::of(&[("chain", &[b"a", b"bc"]), ("crls", &[])]),
+            MaterialFingerprint::of(&[("chain", &[b"ab"]), ("crls", &[b"c"])]),
+            MaterialFingerprint::of(&[("chain", &[b"ab", b"c", b""]), ("crls", &[])]),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
 }

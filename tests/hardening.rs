@@ -310,6 +310,26 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     let n = kept.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
+    // A SIGHUP that finds the same TLS material (the PEM rewritten with a comment above
+    // it) leaves connections alone: the kept one serves its next request.
+    let server_pem = env.path("pki/signer.pem");
+    let pem = std::fs::read_to_string(&server_pem).unwrap();
+    std::fs::write(&server_pem, format!("# the same certificate\n{pem}")).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("TLS files read again").await;
+    assert!(line.contains("nothing in them changed"), "{line}");
+    signer
+        .wait_for_log("SIGHUP: policies, clients and limits reloaded")
+        .await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "a reload that changed nothing closed a connection"
+    );
+
     // Revoke cluster-b, renew the server certificate (a new key), and SIGHUP.
     transport_pki(&["revoke", pki_dir, "cluster-b"]);
     transport_pki(&["server", pki_dir, "signer"]);
@@ -329,8 +349,7 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     assert!(env.client("cluster-b").get(&healthz).send().await.is_err());
     let fresh = tls_connect(&env, &signer, "cluster-a").await;
     let presented = fresh.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-    let renewed =
-        meshca::tlsutil::load_certificates(&env.path("pki/signer.pem")).unwrap()[0].to_vec();
+    let renewed = meshca::tlsutil::load_certificates(&server_pem).unwrap()[0].to_vec();
     assert_eq!(
         presented, renewed,
         "the server still presents its old certificate"
@@ -354,7 +373,7 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     assert_eq!(post_sign(&client_a, &signer, &body).await.0, 200);
     let metrics = signer.metrics(&client_a).await;
     for needle in [
-        "meshca_tls_reloads_total{outcome=\"ok\"} 1",
+        "meshca_tls_reloads_total{outcome=\"ok\"} 2",
         "meshca_tls_reloads_total{outcome=\"error\"} 1",
         "meshca_tls_last_reload_successful 0",
         "meshca_tls_certificate_expiry_seconds ",

@@ -31,7 +31,7 @@ use crate::pki::keys::PublicKeyKind;
 use crate::pki::profile::RootCa;
 use crate::policy::PolicySet;
 use crate::policy::rules::check_public_key;
-use crate::tlsutil::{TlsError, client_identity, server_config};
+use crate::tlsutil::{MaterialFingerprint, TlsError, client_identity, server_config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -132,19 +132,40 @@ pub fn start_backend(
     }
 }
 
-/// A fresh acceptor from the config's TLS files (read at start and again on reload), and
-/// the server certificate's notAfter.
-fn tls_acceptor(config: &SignerConfig) -> Result<(TlsAcceptor, SystemTime), TlsError> {
+/// The TLS settings new connections are accepted with.
+#[derive(Clone)]
+struct ServingTls {
+    acceptor: TlsAcceptor,
+    certificate_not_after: SystemTime,
+    /// What the acceptor was built from: a reload that reads the same keeps it.
+    fingerprint: MaterialFingerprint,
+}
+
+/// Fresh settings from the config's TLS files (read at start and again on reload).
+fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError> {
     let tls = server_config(
         &config.tls_cert,
         &config.tls_key,
         &config.client_ca,
         &config.client_crls,
     )?;
-    Ok((
-        TlsAcceptor::from(Arc::new(tls.config)),
-        tls.certificate_not_after,
-    ))
+    Ok(ServingTls {
+        acceptor: TlsAcceptor::from(Arc::new(tls.config)),
+        certificate_not_after: tls.certificate_not_after,
+        fingerprint: tls.fingerprint,
+    })
+}
+
+/// What a TLS reload did.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsReload {
+    /// The notAfter of the server certificate in force.
+    pub certificate_not_after: SystemTime,
+    /// Something in the files differed: new connections get the new settings and those
+    /// made before close after their current request. When nothing differs, connections
+    /// are left alone (a SIGHUP for a policy change does not cut every client's
+    /// kept-alive connection).
+    pub changed: bool,
 }
 
 /// A running signer: its addresses and the handles that reload and stop it.
@@ -152,7 +173,7 @@ pub struct RunningSigner {
     pub addresses: BoundAddresses,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    acceptor: watch::Sender<TlsAcceptor>,
+    tls: watch::Sender<ServingTls>,
     state: Arc<SignerState>,
     /// The config as started: where to read it again, its TLS files, and what only a
     /// restart changes.
@@ -211,16 +232,27 @@ impl RunningSigner {
         })
     }
 
-    /// Re-reads the server certificate and key, the client CA and the CRLs. New
-    /// handshakes use them at once; connections made before close after the request they
-    /// are serving, so a newly revoked client keeps no kept-alive connection. On an error
-    /// the previous settings stay in force. Returns the new certificate's notAfter.
-    pub fn reload_tls(&self) -> Result<SystemTime, TlsError> {
-        match tls_acceptor(&self.config) {
-            Ok((acceptor, not_after)) => {
-                self.acceptor.send_replace(acceptor);
-                self.state.metrics.tls_reloaded(Some(not_after));
-                Ok(not_after)
+    /// Re-reads the server certificate and key, the client CA and the CRLs. If anything in
+    /// them changed, new handshakes use them at once and connections made before close
+    /// after the request they are serving, so a newly revoked client keeps no kept-alive
+    /// connection; if nothing changed, connections stay open. On an error the previous
+    /// settings stay in force.
+    pub fn reload_tls(&self) -> Result<TlsReload, TlsError> {
+        match serving_tls(&self.config) {
+            Ok(read) => {
+                let certificate_not_after = read.certificate_not_after;
+                let changed = self.tls.send_if_modified(|in_force| {
+                    let changed = in_force.fingerprint != read.fingerprint;
+                    if changed {
+                        *in_force = read;
+                    }
+                    changed
+                });
+                self.state.metrics.tls_reloaded(Some(certificate_not_after));
+                Ok(TlsReload {
+                    certificate_not_after,
+                    changed,
+                })
             }
             Err(e) => {
                 self.state.metrics.tls_reloaded(None);
@@ -262,8 +294,8 @@ pub async fn start(
 ) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
     let root = load_root(&config)?;
-    let (acceptor, tls_not_after) = tls_acceptor(&config)?;
-    let mut metrics = Metrics::new(root.not_after, tls_not_after);
+    let tls = serving_tls(&config)?;
+    let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = {
@@ -303,10 +335,10 @@ pub async fn start(
         stop_deciding: CancellationToken::new(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (acceptor_tx, acceptor_rx) = watch::channel(acceptor);
+    let (tls_tx, tls_rx) = watch::channel(tls);
     let mut tasks = vec![tokio::spawn(serve_tls(
         api_listener,
-        acceptor_rx,
+        tls_rx,
         state.clone(),
         config.limits.max_connections,
         shutdown_rx.clone(),
@@ -340,7 +372,7 @@ pub async fn start(
         addresses,
         shutdown: shutdown_tx,
         tasks,
-        acceptor: acceptor_tx,
+        tls: tls_tx,
         state,
         config,
         listen_overridden: listen_override.is_some(),
@@ -365,7 +397,7 @@ fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
 /// finish. `max_connections` is fixed for the process.
 async fn serve_tls(
     listener: TcpListener,
-    acceptors: watch::Receiver<TlsAcceptor>,
+    acceptors: watch::Receiver<ServingTls>,
     state: Arc<SignerState>,
     max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
@@ -392,7 +424,7 @@ async fn serve_tls(
         let _ = tcp.set_nodelay(true);
         // Marks this acceptor's version seen, so a reload after it is noticed below.
         let mut reloads = acceptors.clone();
-        let acceptor = reloads.borrow_and_update().clone();
+        let acceptor = reloads.borrow_and_update().acceptor.clone();
         let limits = state.rules().limits;
         let app = app.clone();
         let mut stop = shutdown.clone();
@@ -481,9 +513,13 @@ pub async fn run(
             _ = &mut stop => break,
             Some(()) = hangups.recv() => {
                 match running.reload_tls() {
-                    Ok(not_after) => tracing::info!(
-                        certificate_not_after = %rfc3339(not_after),
+                    Ok(TlsReload { certificate_not_after, changed: true }) => tracing::info!(
+                        certificate_not_after = %rfc3339(certificate_not_after),
                         "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
+                    ),
+                    Ok(TlsReload { certificate_not_after, changed: false }) => tracing::info!(
+                        certificate_not_after = %rfc3339(certificate_not_after),
+                        "SIGHUP: TLS files read again, nothing in them changed; connections stay open"
                     ),
                     Err(e) => tracing::error!(
                         error = %e,
