@@ -31,9 +31,10 @@ demo-vault: deps-demo-vault build
 	@./scripts/demo.sh vault
 
 # The whole suite: unit tests and integration tests against real SoftHSM tokens,
-# a real signer on 127.0.0.1, and openssl as the independent verifier.
+# a real signer on 127.0.0.1, and openssl as the independent verifier. Every test binary
+# runs even after a failure, so one run reports every failing test.
 test: deps
-	$(CARGO) test --locked
+	$(CARGO) test --locked --no-fail-fast
 
 # Benchmarks: numbers to read, not tests (README "Performance").
 bench: bench-signer bench-federation

@@ -309,7 +309,7 @@ fn workloads_of_two_clusters_complete_mtls_through_the_shared_root() {
     // The server trusts only cluster b's root-cert.pem; the client only cluster a's. Its
     // stdin stays open while it serves (s_server stops at the end of its input).
     // `timeout` bounds both openssl processes: neither may hang the suite.
-    let server = Command::new("timeout")
+    let mut server = Command::new("timeout")
         .current_dir(dir)
         .args([
             "30",
@@ -366,12 +366,12 @@ fn workloads_of_two_clusters_complete_mtls_through_the_shared_root() {
         std::thread::sleep(Duration::from_millis(700));
     }
     let client_out = client.wait_with_output().unwrap();
-    // s_server writes what it received as it arrives; stop it now (`timeout` passes
-    // SIGTERM on to openssl).
+    // s_server writes what it received as it arrives (unbuffered); once the line is there
+    // (or s_server ended), stop it (`timeout` passes SIGTERM on to openssl).
+    let server_text = read_until(server.stdout.take().unwrap(), "hello from reviews");
     send_signal(server.id(), "TERM");
     let server_out = server.wait_with_output().unwrap();
     let client_text = text(&client_out.stdout);
-    let server_text = text(&server_out.stdout);
     assert!(
         client_text.contains("Verify return code: 0 (ok)"),
         "client:\n{client_text}\n{}",
@@ -382,4 +382,27 @@ fn workloads_of_two_clusters_complete_mtls_through_the_shared_root() {
         "server:\n{server_text}\n{}",
         text(&server_out.stderr)
     );
+}
+
+/// Everything `output` gives until it contains `needle` or ends. Reads on a thread that
+/// is left behind, so a process keeping its output open cannot hang the caller once the
+/// needle is there.
+fn read_until(mut output: impl std::io::Read + Send + 'static, needle: &str) -> String {
+    let (chunks, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = output.read(&mut buf) {
+            if chunks.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        match received.recv() {
+            Ok(chunk) => seen.extend(chunk),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }
