@@ -574,6 +574,67 @@ identity = "spiffe://demo/cluster/a"
 allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-hub/istio-istio-system-management-plane" }]
 "#;
 
+    /// `text` with the commented-out block that starts at the line `# {header}` switched
+    /// on (one leading `#` taken from each line up to the next empty line; a line of a
+    /// lone `#` does not end it).
+    fn uncommented(text: &str, header: &str) -> String {
+        let start = format!("# {header}");
+        let mut on = false;
+        let lines = text.lines().map(|line| {
+            on = (on || line == start) && !line.is_empty();
+            match line.strip_prefix('#') {
+                Some(rest) if on => rest.strip_prefix(' ').unwrap_or(rest),
+                _ => line,
+            }
+        });
+        let switched = lines.collect::<Vec<_>>().join("\n");
+        assert!(switched != text.trim_end(), "no block {start:?}");
+        switched
+    }
+
+    /// The shipped example, as it is and with its commented sections switched on, is a
+    /// config the signer accepts: a key renamed in the code but not in the example would
+    /// be an error for whoever starts from it.
+    #[test]
+    fn the_example_config_parses_as_shipped_and_with_its_commented_sections() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/signer.example.toml");
+        let text = std::fs::read_to_string(&example).unwrap();
+        let shipped = SignerConfig::parse(&example, &text).unwrap();
+        assert_eq!(shipped.root.backend, BackendKind::Pkcs11);
+        assert_eq!(shipped.limits, Limits::default());
+
+        // The optional settings commented out in [tls] and [pkcs11].
+        let optional = ["client_crls", "sessions", "softhsm2_conf"]
+            .iter()
+            .fold(text.clone(), |text, key| {
+                text.replace(&format!("\n# {key} = "), &format!("\n{key} = "))
+            });
+        let config = SignerConfig::parse(&example, &optional).unwrap();
+        assert_eq!(config.client_crls.len(), 1);
+        let pkcs11 = config.pkcs11.unwrap();
+        assert_eq!(pkcs11.sessions, 8);
+        assert!(pkcs11.softhsm2_conf.is_some());
+
+        // The [limits] block shows the defaults.
+        let limits = uncommented(&text, "[limits]");
+        assert_eq!(
+            SignerConfig::parse(&example, &limits).unwrap().limits,
+            Limits::default()
+        );
+
+        // The [vault] block (with its [vault.auth]), in place of [pkcs11].
+        let vault =
+            uncommented(&text, "[vault]").replace("backend = \"pkcs11\"", "backend = \"vault\"");
+        let without_pkcs11 = vault
+            .split("\n\n")
+            .filter(|block| !block.starts_with("[pkcs11]"))
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        let config = SignerConfig::parse(&example, &without_pkcs11).unwrap();
+        assert_eq!(config.root.backend, BackendKind::Vault);
+        assert!(config.pkcs11.is_none() && config.vault.is_some());
+    }
+
     #[test]
     fn loads_and_resolves_relative_paths() {
         let dir = tempfile::tempdir().unwrap();
