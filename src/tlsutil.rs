@@ -125,24 +125,12 @@ pub fn server_config(
     let client_cas = load_certificates(client_ca)?;
     let chain = load_certificates(cert)?;
     let key = load_private_key(key)?;
-    let fingerprint = MaterialFingerprint::of(&[
-        (
-            "chain",
-            &chain.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
-        ),
-        ("key", &[key.secret_der()]),
-        (
-            "client_ca",
-            &client_cas.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
-        ),
-        (
-            "crls",
-            &revocation_lists
-                .iter()
-                .map(|c| c.as_ref())
-                .collect::<Vec<_>>(),
-        ),
-    ]);
+    let fingerprint = MaterialFingerprint::builder()
+        .part("chain", &chain)
+        .part("key", &[key.secret_der()])
+        .part("client_ca", &client_cas)
+        .part("crls", &revocation_lists)
+        .finish();
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(trust_store(client_ca, client_cas)?),
         provider.clone(),
@@ -183,20 +171,31 @@ pub struct ServerTls {
 pub struct MaterialFingerprint([u8; 32]);
 
 impl MaterialFingerprint {
-    /// Each part is named and each item length-prefixed, so moving bytes from one item
-    /// or part to the next changes the digest.
-    fn of(parts: &[(&str, &[&[u8]])]) -> Self {
+    fn builder() -> FingerprintBuilder {
+        FingerprintBuilder(sha2::Sha256::default())
+    }
+}
+
+/// Feeds named parts of DER items to the digest. Each part is named and each item
+/// length-prefixed, so moving bytes from one item or part to the next changes it.
+struct FingerprintBuilder(sha2::Sha256);
+
+impl FingerprintBuilder {
+    fn part<T: AsRef<[u8]>>(mut self, name: &str, items: &[T]) -> Self {
         use sha2::Digest;
-        let mut digest = sha2::Sha256::new();
-        for (name, items) in parts {
-            digest.update(name.as_bytes());
-            digest.update((items.len() as u64).to_be_bytes());
-            for item in *items {
-                digest.update((item.len() as u64).to_be_bytes());
-                digest.update(item);
-            }
+        self.0.update(name.as_bytes());
+        self.0.update((items.len() as u64).to_be_bytes());
+        for item in items {
+            let item = item.as_ref();
+            self.0.update((item.len() as u64).to_be_bytes());
+            self.0.update(item);
         }
-        Self(digest.finalize().into())
+        self
+    }
+
+    fn finish(self) -> MaterialFingerprint {
+        use sha2::Digest;
+        MaterialFingerprint(self.0.finalize().into())
     }
 }
 
@@ -255,15 +254,18 @@ mod tests {
 
     #[test]
     fn a_fingerprint_changes_when_bytes_move_between_items_or_parts() {
-        let base = MaterialFingerprint::of(&[("chain", &[b"ab", b"c"]), ("crls", &[])]);
-        assert_eq!(
-            base,
-            MaterialFingerprint::of(&[("chain", &[b"ab", b"c"]), ("crls", &[])])
-        );
+        let of = |chain: &[&str], crls: &[&str]| {
+            MaterialFingerprint::builder()
+                .part("chain", chain)
+                .part("crls", crls)
+                .finish()
+        };
+        let base = of(&["ab", "c"], &[]);
+        assert_eq!(base, of(&["ab", "c"], &[]));
         for other in [
-            MaterialFingerprint::of(&[("chain", &[b"a", b"bc"]), ("crls", &[])]),
-            MaterialFingerprint::of(&[("chain", &[b"ab"]), ("crls", &[b"c"])]),
-            MaterialFingerprint::of(&[("chain", &[b"ab", b"c", b""]), ("crls", &[])]),
+            of(&["a", "bc"], &[]),
+            of(&["ab"], &["c"]),
+            of(&["ab", "c", ""], &[]),
         ] {
             assert_ne!(base, other);
         }
