@@ -232,7 +232,6 @@ pub async fn run(
         let delay = match &result {
             Ok(outcome) => {
                 failures = 0;
-                log_outcome(&opts.target, outcome);
                 let summary = outcome.summary();
                 metrics.reconciled(
                     &target,
@@ -244,6 +243,9 @@ pub async fn run(
                 if matches!(outcome, DirOutcome::Installed { .. }) {
                     metrics.issued();
                 }
+                // Logged after the metrics (as a failure is): whoever reads the line
+                // finds them already telling the same.
+                log_outcome(&opts.target, outcome);
                 next_check(outcome.renew_at(), SystemTime::now(), resync)
             }
             Err(e) => {
