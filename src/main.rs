@@ -724,18 +724,18 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     }
     let metrics = Arc::new(AgentMetrics::new());
     rt.block_on(async {
+        let stop = shutdown_signal()?;
         serve_metrics(args.metrics_listen, metrics.clone()).await?;
-        directory::run(
-            &client,
-            &opts,
-            resync,
-            &metrics,
-            meshca::signer::server::wait_for_signal(),
-        )
-        .await;
+        directory::run(&client, &opts, resync, &metrics, stop).await;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT taken over before anything says it is ready (see
+/// [`meshca::signer::server::shutdown_signal`]).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    meshca::signer::server::shutdown_signal().context("cannot handle SIGTERM and SIGINT")
 }
 
 /// With `--metrics-listen`: serves a controller's metrics, logging where.
@@ -810,6 +810,8 @@ fn run_in_cluster<C: LeaderLoop>(
 ) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async move {
+        // `--once` keeps the default actions: a SIGTERM ends a single pass at once.
+        let stop = (!once).then(shutdown_signal).transpose()?;
         let config = kube::Config::infer()
             .await
             .context("cannot find a Kubernetes configuration (in-cluster or kubeconfig)")?;
@@ -817,13 +819,12 @@ fn run_in_cluster<C: LeaderLoop>(
             kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let controller = controller(client);
         serve_metrics(metrics_listen, metrics).await?;
-        if once {
-            let next = controller.run_once().await?;
-            println!("meshca: one pass done; next look in {}s", next.as_secs());
-        } else {
-            controller
-                .run(meshca::signer::server::wait_for_signal())
-                .await;
+        match stop {
+            Some(stop) => controller.run(stop).await,
+            None => {
+                let next = controller.run_once().await?;
+                println!("meshca: one pass done; next look in {}s", next.as_secs());
+            }
         }
         Ok::<_, anyhow::Error>(())
     })?;

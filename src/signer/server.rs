@@ -505,8 +505,9 @@ pub async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups =
         signal(SignalKind::hangup()).map_err(|e| StartError::Signals(format!("SIGHUP: {e}")))?;
+    let stop =
+        shutdown_signal().map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
     let running = start(config, listen_override).await?;
-    let stop = wait_for_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -563,20 +564,18 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
     }
 }
 
-pub async fn wait_for_signal() {
+/// Takes SIGTERM and SIGINT over now and returns a future that resolves at the first of
+/// them. Called before a process says it is ready: a signal sent right after must not
+/// meet the default action (death without a drain), and one that arrives before the
+/// future is first polled is kept. Needs the Tokio runtime.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
