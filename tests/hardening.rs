@@ -267,6 +267,8 @@ async fn revoked_and_expired_client_certificates_are_refused() {
         .0,
         200
     );
+    // Both refusals are logged (by the connections' tasks, in either order).
+    signer.wait_for_nth_log("TLS handshake refused", 2).await;
     let logs = signer.logs();
     assert!(
         logs.contains("Revoked") || logs.contains("revoked"),
@@ -505,6 +507,7 @@ async fn sigterm_audits_the_requests_still_under_way_when_the_drain_time_is_over
             signer.logs()
         )
     });
+    signer.read_all_logs();
     assert!(status.success(), "{status}\n{}", signer.logs());
     drop(stalled);
 

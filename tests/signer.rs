@@ -336,11 +336,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused_at_the_han
     )
     .await;
     assert_eq!(status, 200);
-    assert!(
-        signer.logs().contains("TLS handshake refused"),
-        "{}",
-        signer.logs()
-    );
+    signer.wait_for_log("TLS handshake refused").await;
 }
 
 #[tokio::test]

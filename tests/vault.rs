@@ -81,6 +81,8 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
     bao.cli_ok(&["write", "-f", "sys/leases/revoke-prefix/auth/approle/"]);
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 200, "{body}");
+    // Logged before the answer, read from the signer's stderr after it may be.
+    signer.wait_for_nth_log("logged in to Vault", 2).await;
     let logs = signer.logs();
     assert_eq!(count(&logs, "logging in again once"), 1, "{logs}");
     assert_eq!(count(&logs, "logged in to Vault"), 2, "{logs}");
@@ -104,6 +106,7 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
         message(&body).contains("Vault login (approle) failed"),
         "{body}"
     );
+    signer.wait_for_nth_log("logging in again once", 2).await;
     let logs = signer.logs();
     assert_eq!(count(&logs, "logging in again once"), 2, "{logs}");
     assert!(!logs.contains(secret_id.trim()), "the secret ID was logged");

@@ -432,7 +432,7 @@ key_type = "{key_type}"
         let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
-        {
+        let reader = {
             let logs = logs.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -443,8 +443,8 @@ key_type = "{key_type}"
                     }
                     logs.lock().unwrap().push(line);
                 }
-            });
-        }
+            })
+        };
         let addr = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => addr.parse().unwrap(),
             Err(_) => {
@@ -458,6 +458,7 @@ key_type = "{key_type}"
             child,
             addr,
             logs,
+            reader: Some(reader),
             dir: self.dir.path().to_path_buf(),
         }
     }
@@ -563,7 +564,11 @@ fn prepare_openbao(root: &Path, spec: &VaultSpec) -> (openbao::OpenBao, String) 
 pub struct Signer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Lines of stderr, as a reader thread takes them: a line written while a request
+    /// was served may not be here yet when its answer arrives (wait for it with
+    /// [`Signer::wait_for_log`]).
     pub logs: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
     dir: PathBuf,
 }
 
@@ -623,11 +628,20 @@ impl Signer {
             .unwrap()
     }
 
-    /// SIGTERM, then wait for exit; returns whether it exited successfully.
+    /// SIGTERM, then wait for exit; returns whether it exited successfully. Every line
+    /// the signer wrote is in the logs then.
     pub fn terminate(&mut self) -> bool {
         send_signal(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
+        self.read_all_logs();
         status.success()
+    }
+
+    /// Once the process has exited: waits until every line it wrote is in the logs.
+    pub fn read_all_logs(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
     }
 
     /// Audit lines that parse (a line torn by a crash is skipped).
