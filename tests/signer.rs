@@ -746,7 +746,7 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
 #[tokio::test]
 async fn secrets_stay_out_of_debug_logs() {
     let env = Env::new();
-    let signer = env.start_signer_with(&["--log-level", "debug"]);
+    let mut signer = env.start_signer_with(&["--log-level", "debug"]);
     let client = env.client("cluster-a");
     let (key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
     let (status, _) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
@@ -758,6 +758,8 @@ async fn secrets_stay_out_of_debug_logs() {
         .await
         .unwrap();
     assert_eq!(bad.status().as_u16(), 400);
+    // Stopped first, so every line it wrote (the last request's too) is searched.
+    assert!(signer.terminate());
     let logs = signer.logs();
     assert!(
         logs.contains("\"level\":\"DEBUG\""),

@@ -439,7 +439,7 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         .unwrap()
         .trim()
         .to_string();
-    let signer = env.start_signer_with(&["--log-level", "trace,vaultrs=trace,rustify=trace"]);
+    let mut signer = env.start_signer_with(&["--log-level", "trace,vaultrs=trace,rustify=trace"]);
     assert_eq!(sign(&env, &signer).await.0, 200);
     // A refused token: the error names the file, not the token.
     env.bao()
@@ -448,6 +448,8 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
     assert_eq!(status, 503, "{body}");
     assert!(message(&body).contains("vault/token"), "{body}");
     let show = env.run_with_config(&["root", "show"]);
+    // Stopped first, so every line it wrote (the last request's too) is searched.
+    assert!(signer.terminate());
     let logs = signer.logs();
     assert!(
         logs.contains("\"level\":\"TRACE\""),
