@@ -124,10 +124,10 @@ pub fn server_config(
     }
     let client_cas = load_certificates(client_ca)?;
     let chain = load_certificates(cert)?;
-    let key = load_private_key(key)?;
+    let private_key = load_private_key(key)?;
     let fingerprint = MaterialFingerprint::builder()
         .part("chain", &chain)
-        .part("key", &[key.secret_der()])
+        .part("key", &[private_key.secret_der()])
         .part("client_ca", &client_cas)
         .part("crls", &revocation_lists)
         .finish();
@@ -147,8 +147,8 @@ pub fn server_config(
         message: e.to_string(),
     })?;
     let mut config = config
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Config(format!("server certificate {}: {e}", cert.display())))?;
+        .with_single_cert(chain, private_key)
+        .map_err(|e| certificate_error("server", cert, key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         config,
@@ -220,11 +220,24 @@ pub fn client_config(
             load_certificates(client_cert)?,
             load_private_key(client_key)?,
         )
-        .map_err(|e| {
-            TlsError::Config(format!("client certificate {}: {e}", client_cert.display()))
-        })?;
+        .map_err(|e| certificate_error("client", client_cert, client_key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// A certificate and key rustls refused together; the common mistake (a key from another
+/// pair) said in words rather than as rustls's `KeyMismatch`.
+fn certificate_error(side: &str, cert: &Path, key: &Path, e: rustls::Error) -> TlsError {
+    match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsError::Config(format!(
+                "the {side} key {} is not the private key of the certificate {}",
+                key.display(),
+                cert.display()
+            ))
+        }
+        e => TlsError::Config(format!("{side} certificate {}: {e}", cert.display())),
+    }
 }
 
 /// The identity of a client certificate: its first URI SAN, else its first DNS SAN, else
