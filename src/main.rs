@@ -70,6 +70,11 @@ enum Command {
         /// Address to listen on, overriding the config (port 0 picks a free port).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Check every file the start reads (config, VirtualMeshes, root certificate, TLS
+        /// files, backend secrets, audit log place), print what was found and exit: 0 if
+        /// the signer would start with them. Contacts neither the token nor Vault.
+        #[arg(long)]
+        check: bool,
     },
     /// Generate an intermediate key here, have it signed, write Istio's cacerts files.
     Request(RequestArgs),
@@ -553,7 +558,21 @@ fn run(command: Command) -> Result<ExitCode> {
                 }
             );
         }
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            check: true,
+            ..
+        } => {
+            let config = load_config(&config)?;
+            let report = meshca::signer::check::check(&config, std::time::SystemTime::now())
+                .with_context(|| format!("{} is not ready to serve", config.path.display()))?;
+            println!("{report}");
+        }
+        Command::Serve {
+            config,
+            listen,
+            check: false,
+        } => {
             let config = load_config(&config)?;
             runtime()?.block_on(meshca::signer::server::run(config, listen))?;
         }

@@ -798,3 +798,127 @@ fn a_wrong_pin_stops_the_signer_at_start_with_a_clear_message() {
     assert!(stderr.contains("refused the user PIN"), "{stderr}");
     assert!(!stderr.contains("wrong-pin-1234"));
 }
+
+#[test]
+fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem() {
+    use std::os::unix::fs::PermissionsExt;
+    // A P-256 root: a policy demanding RSA-4096 strength is too much for it.
+    let env = Env::with(EnvSpec {
+        root_key_type: KeyType::EcdsaP256,
+        ..EnvSpec::default()
+    });
+    let pin = env.user_pin();
+    let check = |expect_ok: bool| {
+        let out = env.run_with_config(&["serve", "--check"]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.success(), expect_ok, "{stdout}{stderr}");
+        assert!(!stdout.contains(&pin) && !stderr.contains(&pin));
+        if expect_ok { stdout } else { stderr }
+    };
+
+    // As set up: valid, and what was read is shown; nothing is created.
+    let report = check(true);
+    let root_sha256 = openssl(
+        env.dir.path(),
+        &[
+            "x509",
+            "-in",
+            "root-cert.pem",
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+        ],
+    )
+    .trim()
+    .rsplit('=')
+    .next()
+    .unwrap()
+    .replace(':', "")
+    .to_lowercase();
+    for needle in [
+        "signer.toml is valid",
+        "virtual meshes  test/vm",
+        "clients         2",
+        "ECDSA P-256, valid until",
+        &root_sha256,
+        "2 sessions, PIN from file",
+        "audit.log (created at start)",
+        "not checked: the token or Vault login",
+    ] {
+        assert!(report.contains(needle), "{needle} missing from\n{report}");
+    }
+    assert!(!env.path("audit.log").exists());
+    assert!(!report.contains("warning"), "{report}");
+
+    // A root that ends within 14 days is named (the check still passes).
+    let meshes_file = env.path("virtual-meshes.yaml");
+    let meshes = std::fs::read_to_string(&meshes_file).unwrap();
+    std::fs::write(&meshes_file, meshes.replace("ttlDays: 30", "ttlDays: 10")).unwrap();
+    env.run_with_config_ok(&["root", "init", "--force"]);
+    let report = check(true);
+    assert!(
+        report.contains("warning: the root certificate expires at"),
+        "{report}"
+    );
+
+    // The token is not contacted: a wrong PIN passes the check (a start fails on it).
+    std::fs::write(env.path("softhsm/user-pin"), "wrong-pin-1234\n").unwrap();
+    check(true);
+
+    // Each problem is named, and the file is put back before the next.
+    let broken = |path: &str, contents: String, needle: &str| {
+        let original = std::fs::read(env.path(path)).unwrap();
+        std::fs::write(env.path(path), contents).unwrap();
+        let stderr = check(false);
+        assert!(stderr.contains(needle), "{needle} missing from\n{stderr}");
+        std::fs::write(env.path(path), original).unwrap();
+    };
+    let meshes = std::fs::read_to_string(&meshes_file).unwrap();
+    broken(
+        "virtual-meshes.yaml",
+        meshes.replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 4096"),
+        "too weak for virtual mesh test/vm",
+    );
+    broken(
+        "virtual-meshes.yaml",
+        meshes.replace("ttlDays", "ttlDayz"),
+        "ttlDayz",
+    );
+    // The server certificate with another key (a client's).
+    let client_key = std::fs::read_to_string(env.path("pki/cluster-a.key")).unwrap();
+    broken(
+        "pki/signer.key",
+        client_key,
+        "pki/signer.key is not the private key of the certificate",
+    );
+    broken("pki/ca.pem", "not a certificate\n".into(), "pki/ca.pem");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    broken(
+        "signer.toml",
+        config.replace(
+            "audit_log = \"audit.log\"",
+            "audit_log = \"gone/audit.log\"",
+        ),
+        "directory",
+    );
+    broken(
+        "signer.toml",
+        config.replace("sessions = 2", "sesions = 2"),
+        "sesions",
+    );
+    let root = env.root_pem();
+    std::fs::remove_file(env.path("root-cert.pem")).unwrap();
+    let stderr = check(false);
+    assert!(
+        stderr.contains("signer.toml is not ready to serve") && stderr.contains("meshca root init"),
+        "{stderr}"
+    );
+    std::fs::write(env.path("root-cert.pem"), root).unwrap();
+
+    // A PIN file others can read is refused as at start, by name, without its contents.
+    let user_pin = env.path("softhsm/user-pin");
+    std::fs::set_permissions(&user_pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let stderr = check(false);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    assert!(!stderr.contains("wrong-pin-1234"), "{stderr}");
+}

@@ -448,6 +448,14 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
     assert_eq!(status, 503, "{body}");
     assert!(message(&body).contains("vault/token"), "{body}");
     let show = env.run_with_config(&["root", "show"]);
+    // `serve --check` reads the token file but does not ask Vault: the revoked token passes.
+    let check = env.run_with_config(&["serve", "--check"]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(
+        text(&check.stdout).contains("mount pki, issuer meshca-root, login by token"),
+        "{}",
+        text(&check.stdout)
+    );
     // Stopped first, so every line it wrote (the last request's too) is searched.
     assert!(signer.terminate());
     let logs = signer.logs();
@@ -465,6 +473,7 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
             "root show",
             format!("{}{}", text(&show.stdout), text(&show.stderr)),
         ),
+        ("serve --check", text(&check.stdout)),
     ] {
         assert!(
             !haystack.contains(&token),

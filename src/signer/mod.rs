@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod check;
 pub mod decision;
 pub mod metrics;
 pub mod ratelimit;

@@ -1,0 +1,197 @@
+//! `meshca serve --check`: every file a start reads, checked the way the start checks it,
+//! without contacting the token or Vault and without binding the listeners. For CI on a
+//! config change and for `systemctl reload` (the unit runs it before sending SIGHUP).
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::audit::rfc3339;
+use super::server::{StartError, load_root};
+use crate::backend::vault::config::VaultAuth;
+use crate::config::{BackendKind, SignerConfig};
+
+/// What is about to expire this soon is named (as the alerts do for the signer's TLS
+/// certificate).
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// What the check found: enough to see that the files read are the intended ones.
+#[derive(Debug)]
+pub struct CheckReport {
+    pub config: String,
+    pub virtual_meshes: Vec<String>,
+    pub clients: usize,
+    pub root: String,
+    pub server_certificate_not_after: SystemTime,
+    pub backend: String,
+    pub audit_log: String,
+    /// Nothing in them stops a start; an operator should still act.
+    pub warnings: Vec<String>,
+}
+
+/// Checks what `meshca serve` would read from disk at start: the config and its VirtualMesh
+/// files (already loaded into `config`), the root certificate and its strength against
+/// every policy, the TLS files (server certificate and key, client CA, CRLs), the backend's
+/// local files and secrets (PKCS#11 module, PIN; Vault CA, credentials) and the audit log's
+/// place. Secrets are read and dropped, never shown. `now` dates the expiry warnings.
+pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, StartError> {
+    let root = load_root(config)?;
+    let tls = crate::tlsutil::server_config(
+        &config.tls_cert,
+        &config.tls_key,
+        &config.client_ca,
+        &config.client_crls,
+    )?;
+    let backend = check_backend(config)?;
+    let audit_log = check_audit_log(&config.audit_log)?;
+
+    let mut warnings = Vec::new();
+    for (what, not_after) in [
+        ("the root certificate", root.not_after),
+        ("the signer's TLS certificate", tls.certificate_not_after),
+    ] {
+        if not_after <= now {
+            warnings.push(format!("{what} expired at {}", rfc3339(not_after)));
+        } else if not_after <= now + EXPIRY_WARNING {
+            warnings.push(format!("{what} expires at {}", rfc3339(not_after)));
+        }
+    }
+    Ok(CheckReport {
+        config: config.path.display().to_string(),
+        virtual_meshes: config.policies.iter().map(|p| p.id.to_string()).collect(),
+        clients: config.authorization.clients().count(),
+        root: format!(
+            "{}, valid until {}, SHA-256 {}",
+            root.key_kind,
+            rfc3339(root.not_after),
+            root.fingerprint_sha256
+        ),
+        server_certificate_not_after: tls.certificate_not_after,
+        backend,
+        audit_log,
+        warnings,
+    })
+}
+
+/// The backend's files and secrets as the start reads them, without a login.
+fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
+    let backend = StartError::Backend;
+    match config.root.backend {
+        BackendKind::Pkcs11 => {
+            let settings = config
+                .pkcs11
+                .as_ref()
+                .ok_or_else(|| backend("no [pkcs11] section".into()))?;
+            if !settings.module.is_file() {
+                return Err(backend(format!(
+                    "pkcs11.module {} is not a file",
+                    settings.module.display()
+                )));
+            }
+            if let Some(conf) = &settings.softhsm2_conf {
+                crate::fsutil::read_text(conf)
+                    .map_err(|e| backend(format!("pkcs11.softhsm2_conf: {e}")))?;
+            }
+            settings
+                .pin
+                .read()
+                .map_err(|e| backend(format!("user PIN: {e}")))?;
+            Ok(format!(
+                "pkcs11, module {}, key {}, {} sessions, PIN from {}",
+                settings.module.display(),
+                settings.key,
+                settings.sessions,
+                settings.pin
+            ))
+        }
+        BackendKind::Vault => {
+            let settings = config
+                .vault
+                .as_ref()
+                .ok_or_else(|| backend("no [vault] section".into()))?;
+            if let Some(path) = &settings.ca_cert {
+                crate::tlsutil::load_certificates(path)
+                    .map_err(|e| backend(format!("vault.ca_cert: {e}")))?;
+            }
+            let secrets = match &settings.auth {
+                VaultAuth::Token(token) => vec![("token", token)],
+                VaultAuth::AppRole {
+                    role_id, secret_id, ..
+                } => vec![("role_id", role_id), ("secret_id", secret_id)],
+                VaultAuth::Kubernetes { jwt_file, .. } => {
+                    // Kubernetes writes and rotates it; only its presence matters here.
+                    crate::fsutil::read_text(jwt_file)
+                        .map_err(|e| backend(format!("vault.auth jwt_file: {e}")))?;
+                    vec![]
+                }
+            };
+            for (what, source) in secrets {
+                source
+                    .read()
+                    .map_err(|e| backend(format!("vault.auth {what}: {e}")))?;
+            }
+            Ok(format!(
+                "vault at {}, mount {}, issuer {}, login by {}",
+                settings.address,
+                settings.mount,
+                settings.issuer_ref,
+                settings.auth.method()
+            ))
+        }
+    }
+}
+
+/// The audit log is opened (or created) for appending at start: its directory must exist,
+/// and an existing log must be a file this user can append to. Nothing is written.
+fn check_audit_log(path: &Path) -> Result<String, StartError> {
+    let problem = |message: String| {
+        StartError::Audit(super::audit::AuditError::Io {
+            path: path.display().to_string(),
+            message,
+        })
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(|e| problem(format!("cannot be opened for appending: {e}")))?;
+            Ok(format!("{} ({} bytes)", path.display(), meta.len()))
+        }
+        Ok(_) => Err(problem("is not a regular file".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = crate::fsutil::parent_dir(path);
+            if !dir.is_dir() {
+                return Err(problem(format!(
+                    "its directory {} does not exist",
+                    dir.display()
+                )));
+            }
+            Ok(format!("{} (created at start)", path.display()))
+        }
+        Err(e) => Err(problem(e.to_string())),
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "meshca: {} is valid", self.config)?;
+        writeln!(f, "  virtual meshes  {}", self.virtual_meshes.join(", "))?;
+        writeln!(f, "  clients         {}", self.clients)?;
+        writeln!(f, "  root            {}", self.root)?;
+        writeln!(
+            f,
+            "  server cert     valid until {}",
+            rfc3339(self.server_certificate_not_after)
+        )?;
+        writeln!(f, "  backend         {}", self.backend)?;
+        writeln!(f, "  audit log       {}", self.audit_log)?;
+        for warning in &self.warnings {
+            writeln!(f, "  warning: {warning}")?;
+        }
+        write!(
+            f,
+            "  not checked: the token or Vault login and the root key in it, the listen addresses"
+        )
+    }
+}
