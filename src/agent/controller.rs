@@ -30,6 +30,12 @@ const RESTART_POLL: Duration = Duration::from_secs(10);
 /// Bound on restart steps in one reconcile (each stage restarts, then advances).
 const MAX_RESTART_STEPS: usize = 16;
 
+/// A new intermediate installed in a pass, announced once the pass has written its status.
+struct NewIntermediate {
+    serial: String,
+    reason: &'static str,
+}
+
 /// The agent's settings (flags).
 #[derive(Debug, Clone)]
 pub struct ControllerOptions {
@@ -203,7 +209,10 @@ impl Controller {
         let before = request.status.clone().unwrap_or_default();
         let mut status = before.clone();
         let now = SystemTime::now();
-        let result = self.reconcile_inner(request, &mut status, now).await;
+        let mut new_intermediate = None;
+        let result = self
+            .reconcile_inner(request, &mut status, now, &mut new_intermediate)
+            .await;
         let (next, outcome) = match result {
             Ok(next) => {
                 status.last_error = None;
@@ -240,6 +249,10 @@ impl Controller {
         {
             tracing::error!(request = %key, error = %e, "cannot write status");
         }
+        // Last, so whoever reads this line finds the pass's status and metrics written.
+        if let Some(NewIntermediate { serial, reason }) = new_intermediate {
+            tracing::info!(request = %key, serial = %serial, reason, "installed a new intermediate");
+        }
         next
     }
 
@@ -248,6 +261,7 @@ impl Controller {
         request: &VirtualMeshCertificateSigningRequest,
         status: &mut VmcsrStatus,
         now: SystemTime,
+        new_intermediate: &mut Option<NewIntermediate>,
     ) -> Result<Duration, ReconcileError> {
         let spec = &request.spec;
         let ns = request.metadata.namespace.clone().unwrap_or_default();
@@ -362,7 +376,10 @@ impl Controller {
                     &summary.serial,
                     &rotation,
                 );
-                tracing::info!(request = %owner, serial = %summary.serial, reason = reason.code(), "installed a new intermediate");
+                *new_intermediate = Some(NewIntermediate {
+                    serial: summary.serial.clone(),
+                    reason: reason.code(),
+                });
                 self.metrics.issued();
                 record_bundle(status, summary, &obtained.files.root_cert, renew_at);
                 let kind = if matches!(installed, Installed::None) {
