@@ -15,6 +15,7 @@
 //! - [`config`]: the signer's TOML configuration.
 //! - [`secret`]: PINs and tokens read from files or the environment, never printed.
 //! - [`logging`]: text or JSON logs on stderr, panics included.
+//! - [`signals`]: SIGTERM and SIGINT, taken over before a daemon says it is ready.
 
 pub mod agent;
 pub mod backend;
@@ -28,5 +29,6 @@ pub mod mesh_controller;
 pub mod pki;
 pub mod policy;
 pub mod secret;
+pub mod signals;
 pub mod signer;
 pub mod tlsutil;

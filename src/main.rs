@@ -752,9 +752,9 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
 }
 
 /// SIGTERM and SIGINT taken over before anything says it is ready (see
-/// [`meshca::signer::server::shutdown_signal`]).
+/// [`meshca::signals::shutdown_signal`]).
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
-    meshca::signer::server::shutdown_signal().context("cannot handle SIGTERM and SIGINT")
+    meshca::signals::shutdown_signal().context("cannot handle SIGTERM and SIGINT")
 }
 
 /// With `--metrics-listen`: serves a controller's metrics, logging where.

@@ -505,8 +505,8 @@ pub async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups =
         signal(SignalKind::hangup()).map_err(|e| StartError::Signals(format!("SIGHUP: {e}")))?;
-    let stop =
-        shutdown_signal().map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
+    let stop = crate::signals::shutdown_signal()
+        .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
     let running = start(config, listen_override).await?;
     tokio::pin!(stop);
     loop {
@@ -562,20 +562,4 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
             "SIGHUP: policies, clients and limits not reloaded; the ones in force stay"
         ),
     }
-}
-
-/// Takes SIGTERM and SIGINT over now and returns a future that resolves at the first of
-/// them. Called before a process says it is ready: a signal sent right after must not
-/// meet the default action (death without a drain), and one that arrives before the
-/// future is first polled is kept. Needs the Tokio runtime.
-pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-    })
 }
