@@ -174,6 +174,8 @@ run "$meshca" root init --config signer.toml
 run "$meshca" root show --config signer.toml
 
 step "2. The signer: mTLS on $listen, policy from config/virtual-mesh.yaml"
+# Every file the start reads, checked first (as the systemd unit does before a reload).
+run "$meshca" serve --config signer.toml --check
 "$meshca" serve --config signer.toml > signer.log 2>&1 &
 signer_pid=$!
 for _ in $(seq 1 100); do
