@@ -861,6 +861,22 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
         "{report}"
     );
 
+    // An audit log torn by a crash is named; the check leaves it as it is.
+    let torn_log = "{\"event\":\"decision\"}\n{\"event\":\"dec";
+    std::fs::write(env.path("audit.log"), torn_log).unwrap();
+    let report = check(true);
+    for needle in [
+        "audit.log (34 bytes)",
+        "warning: the audit log ends in an incomplete line of 13 bytes",
+    ] {
+        assert!(report.contains(needle), "{needle} missing from\n{report}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(env.path("audit.log")).unwrap(),
+        torn_log
+    );
+    std::fs::remove_file(env.path("audit.log")).unwrap();
+
     // The token is not contacted: a wrong PIN passes the check (a start fails on it).
     std::fs::write(env.path("softhsm/user-pin"), "wrong-pin-1234\n").unwrap();
     check(true);

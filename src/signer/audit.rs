@@ -346,6 +346,12 @@ struct Tail {
     torn: Vec<u8>,
 }
 
+/// How many bytes follow the log's last complete line: a write torn by a crash, which
+/// the next start moves aside (`meshca serve --check` reports it). Writes nothing.
+pub fn torn_tail_len(path: &Path) -> std::io::Result<usize> {
+    Ok(read_tail(path)?.torn.len())
+}
+
 /// Reads backwards from the end of the file to the last complete line.
 fn read_tail(path: &Path) -> std::io::Result<Tail> {
     let mut file = File::open(path)?;

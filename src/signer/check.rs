@@ -43,9 +43,14 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         &config.client_crls,
     )?;
     let backend = check_backend(config)?;
-    let audit_log = check_audit_log(&config.audit_log)?;
+    let (audit_log, torn_tail) = check_audit_log(&config.audit_log)?;
 
     let mut warnings = Vec::new();
+    if torn_tail > 0 {
+        warnings.push(format!(
+            "the audit log ends in an incomplete line of {torn_tail} bytes (a crash mid-write): the start moves it aside and records a recovery"
+        ));
+    }
     for (what, not_after) in [
         ("the root certificate", root.not_after),
         ("the signer's TLS certificate", tls.certificate_not_after),
@@ -142,8 +147,9 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
 }
 
 /// The audit log is opened (or created) for appending at start: its directory must exist,
-/// and an existing log must be a file this user can append to. Nothing is written.
-fn check_audit_log(path: &Path) -> Result<String, StartError> {
+/// and an existing log must be a file this user can append to. Returns what to show and
+/// the length of a torn last line. Nothing is written.
+fn check_audit_log(path: &Path) -> Result<(String, usize), StartError> {
     let problem = |message: String| {
         StartError::Audit(super::audit::AuditError::Io {
             path: path.display().to_string(),
@@ -156,7 +162,9 @@ fn check_audit_log(path: &Path) -> Result<String, StartError> {
                 .append(true)
                 .open(path)
                 .map_err(|e| problem(format!("cannot be opened for appending: {e}")))?;
-            Ok(format!("{} ({} bytes)", path.display(), meta.len()))
+            let torn = super::audit::torn_tail_len(path)
+                .map_err(|e| problem(format!("cannot be read: {e}")))?;
+            Ok((format!("{} ({} bytes)", path.display(), meta.len()), torn))
         }
         Ok(_) => Err(problem("is not a regular file".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -167,7 +175,7 @@ fn check_audit_log(path: &Path) -> Result<String, StartError> {
                     dir.display()
                 )));
             }
-            Ok(format!("{} (created at start)", path.display()))
+            Ok((format!("{} (created at start)", path.display()), 0))
         }
         Err(e) => Err(problem(e.to_string())),
     }
