@@ -73,7 +73,7 @@ enum Command {
         /// Check every file the start reads (config, VirtualMeshes, root certificate, TLS
         /// files, backend secrets, audit log place), print what was found and exit: 0 if
         /// the signer would start with them. Contacts neither the token nor Vault.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "listen")]
         check: bool,
     },
     /// Generate an intermediate key here, have it signed, write Istio's cacerts files.
