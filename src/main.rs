@@ -72,7 +72,7 @@ enum Command {
         listen: Option<SocketAddr>,
         /// Check every file the start reads (config, VirtualMeshes, root certificate, TLS
         /// files, backend secrets, audit log place), print what was found and exit: 0 if
-        /// the signer would start with them. Contacts neither the token nor Vault.
+        /// they are fit for a start. Contacts neither the token nor Vault.
         #[arg(long, conflicts_with = "listen")]
         check: bool,
     },

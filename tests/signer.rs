@@ -915,7 +915,7 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
             "audit_log = \"audit.log\"",
             "audit_log = \"gone/audit.log\"",
         ),
-        "directory",
+        "gone does not exist",
     );
     broken(
         "signer.toml",

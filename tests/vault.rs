@@ -473,7 +473,10 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
             "root show",
             format!("{}{}", text(&show.stdout), text(&show.stderr)),
         ),
-        ("serve --check", text(&check.stdout)),
+        (
+            "serve --check",
+            format!("{}{}", text(&check.stdout), text(&check.stderr)),
+        ),
     ] {
         assert!(
             !haystack.contains(&token),
