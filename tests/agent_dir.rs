@@ -349,6 +349,10 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
         Some(0)
     );
     assert_eq!(metric_sample(&failing, "meshca_agent_leader"), Some(1));
+    assert_eq!(
+        metric_sample(&failing, "meshca_agent_resync_seconds"),
+        Some(8)
+    );
     assert_eq!(http_get(&metrics_addr, "/healthz"), "ok\n");
 
     // The signer comes back on the same address: the loop renews.

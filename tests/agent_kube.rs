@@ -615,6 +615,7 @@ async fn metrics_report_each_request_while_leading_and_drop_deleted_ones() {
             1,
         ),
         ("meshca_agent_leader".into(), 1),
+        ("meshca_agent_resync_seconds".into(), 60),
     ] {
         assert_eq!(
             metric_sample(&text, &name),

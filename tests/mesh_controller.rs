@@ -1000,4 +1000,8 @@ async fn a_follower_reads_the_lease_and_nothing_else() {
         metrics.contains("meshca_mesh_controller_last_pass_timestamp_seconds 0"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("meshca_mesh_controller_resync_seconds 30"),
+        "{metrics}"
+    );
 }

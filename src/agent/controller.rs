@@ -167,6 +167,7 @@ impl LeaderLoop for Controller {
 
 impl Controller {
     pub fn new(kube: Kube, opts: ControllerOptions, metrics: Arc<AgentMetrics>) -> Self {
+        metrics.set_resync(opts.resync);
         let elector = Elector::new(
             kube.clone(),
             opts.namespace.clone(),

@@ -227,6 +227,7 @@ pub async fn run(
     let target = opts.target.display().to_string();
     // No Lease here: this agent is the only one writing its directory.
     metrics.set_leading(true);
+    metrics.set_resync(resync);
     loop {
         let result = reconcile(client, opts, SystemTime::now()).await;
         let delay = match &result {

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::http::header;
@@ -51,11 +51,13 @@ pub trait Exposition: Send + Sync {
 pub struct LoopMetrics {
     leader: Gauge,
     last_pass: Gauge,
+    resync: Gauge,
     reported: Mutex<BTreeSet<String>>,
 }
 
 impl LoopMetrics {
-    /// Registers `leader` and `last_pass_timestamp_seconds` under the registry's prefix.
+    /// Registers `leader`, `last_pass_timestamp_seconds` and `resync_seconds` under the
+    /// registry's prefix.
     pub fn register(registry: &mut Registry) -> Self {
         let leader = Gauge::default();
         registry.register(
@@ -69,11 +71,24 @@ impl LoopMetrics {
             "When this replica last completed a pass (Unix seconds; 0: never)",
             last_pass.clone(),
         );
+        let resync = Gauge::default();
+        registry.register(
+            "resync_seconds",
+            "Longest time between two passes (--resync-seconds): the stall alerts wait for three",
+            resync.clone(),
+        );
         LoopMetrics {
             leader,
             last_pass,
+            resync,
             reported: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// The longest time between two passes: an alert on a stalled loop scales with it.
+    pub fn set_resync(&self, resync: Duration) {
+        self.resync
+            .set(i64::try_from(resync.as_secs()).unwrap_or(i64::MAX));
     }
 
     /// The object `key` has series now.
@@ -213,6 +228,11 @@ impl AgentMetrics {
     /// Whether this replica acts; one that stops drops its request series.
     pub fn set_leading(&self, leading: bool) {
         self.forget(self.loop_metrics.set_leading(leading));
+    }
+
+    /// The agent's `--resync-seconds`.
+    pub fn set_resync(&self, resync: Duration) {
+        self.loop_metrics.set_resync(resync);
     }
 
     fn forget(&self, requests: Vec<String>) {

@@ -117,6 +117,7 @@ impl MeshController {
         opts: MeshControllerOptions,
         metrics: Arc<MeshControllerMetrics>,
     ) -> Self {
+        metrics.set_resync(opts.resync);
         let elector = Elector::new(
             Kube::new(client.clone()),
             opts.namespace.clone(),

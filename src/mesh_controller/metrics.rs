@@ -102,6 +102,11 @@ impl MeshControllerMetrics {
         self.forget(self.loop_metrics.set_leading(leading));
     }
 
+    /// The controller's `--resync-seconds`.
+    pub fn set_resync(&self, resync: std::time::Duration) {
+        self.loop_metrics.set_resync(resync);
+    }
+
     fn forget(&self, virtual_meshes: Vec<String>) {
         for virtual_mesh in virtual_meshes {
             self.ready.remove(&VirtualMeshLabels { virtual_mesh });
