@@ -1,6 +1,6 @@
 //! The controllers' Prometheus metrics (`--metrics-listen`) and their HTTP endpoint. Both
 //! controllers report their loop ([`LoopMetrics`]: whether the replica acts, when its last
-//! pass ended); the agent adds, per request, when its installed intermediate expires, when
+//! pass ended, its resync period); the agent adds, per request, when its installed intermediate expires, when
 //! it will be renewed and whether its last reconcile succeeded. These are what
 //! `deploy/prometheus/meshca-alerts.yaml` alerts on.
 
