@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
 use super::server::{StartError, load_root};
-use crate::backend::vault::config::VaultAuth;
+use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendKind, SignerConfig};
 
 /// What is about to expire this soon is named (as the alerts do for the signer's TLS
@@ -114,27 +114,7 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
                 .vault
                 .as_ref()
                 .ok_or_else(|| backend("no [vault] section".into()))?;
-            if let Some(path) = &settings.ca_cert {
-                crate::tlsutil::load_certificates(path)
-                    .map_err(|e| backend(format!("vault.ca_cert: {e}")))?;
-            }
-            let secrets = match &settings.auth {
-                VaultAuth::Token(token) => vec![("token", token)],
-                VaultAuth::AppRole {
-                    role_id, secret_id, ..
-                } => vec![("role_id", role_id), ("secret_id", secret_id)],
-                VaultAuth::Kubernetes { jwt_file, .. } => {
-                    // Kubernetes writes and rotates it; only its presence matters here.
-                    crate::fsutil::read_text(jwt_file)
-                        .map_err(|e| backend(format!("vault.auth jwt_file: {e}")))?;
-                    vec![]
-                }
-            };
-            for (what, source) in secrets {
-                source
-                    .read()
-                    .map_err(|e| backend(format!("vault.auth {what}: {e}")))?;
-            }
+            VaultClient::check_offline(settings).map_err(|e| backend(format!("Vault: {e}")))?;
             Ok(format!(
                 "vault at {}, mount {}, issuer {}, login by {}",
                 settings.address,

@@ -323,6 +323,29 @@ impl VaultClient {
         )))
     }
 
+    /// Reads now, without asking Vault, what building the client and a login read: the CA
+    /// file and the auth method's credentials (`meshca serve --check`). Kept beside
+    /// [`Self::login`] so the two read the same things.
+    pub fn check_offline(settings: &VaultSettings) -> Result<(), VaultError> {
+        VaultClient::new(settings)?;
+        // Each secret is dropped (and wiped) as soon as it is read.
+        match &settings.auth {
+            VaultAuth::Token(source) => {
+                source.read()?;
+            }
+            VaultAuth::AppRole {
+                role_id, secret_id, ..
+            } => {
+                role_id.read()?;
+                secret_id.read()?;
+            }
+            VaultAuth::Kubernetes { jwt_file, .. } => {
+                read_jwt(jwt_file)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Logs in with the configured method.
     async fn login(&self) -> Result<Session, VaultError> {
         let method = self.settings.auth.method();
