@@ -118,6 +118,13 @@ pub struct Pkcs11Settings {
     pub softhsm2_conf: Option<PathBuf>,
 }
 
+/// The selected backend's section (see [`SignerConfig::backend`]).
+#[derive(Debug, Clone, Copy)]
+pub enum BackendSettings<'a> {
+    Pkcs11(&'a Pkcs11Settings),
+    Vault(&'a VaultSettings),
+}
+
 /// Settings of the root CA, whatever the backend.
 #[derive(Debug, Clone)]
 pub struct RootSettings {
@@ -365,6 +372,23 @@ impl SignerConfig {
         self.policies
             .get(&self.root.virtual_mesh)
             .expect("root.virtual_mesh validated at load")
+    }
+
+    /// The section of the backend `root.backend` selects (present after a load; an error
+    /// only for a config put together by hand without it).
+    pub fn backend(&self) -> Result<BackendSettings<'_>, String> {
+        match self.root.backend {
+            BackendKind::Pkcs11 => self
+                .pkcs11
+                .as_ref()
+                .map(BackendSettings::Pkcs11)
+                .ok_or_else(|| "no [pkcs11] section".to_string()),
+            BackendKind::Vault => self
+                .vault
+                .as_ref()
+                .map(BackendSettings::Vault)
+                .ok_or_else(|| "no [vault] section".to_string()),
+        }
     }
 
     /// `root init`'s first check, whatever the backend: the root's own virtual mesh

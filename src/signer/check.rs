@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use super::audit::rfc3339;
 use super::server::{StartError, load_root};
 use crate::backend::vault::client::VaultClient;
-use crate::config::{BackendKind, SignerConfig};
+use crate::config::{BackendSettings, SignerConfig};
 
 /// What is about to expire this soon is named (as the alerts do for the signer's TLS
 /// certificate).
@@ -81,12 +81,8 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
 /// The backend's files and secrets as the start reads them, without a login.
 fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
     let backend = StartError::Backend;
-    match config.root.backend {
-        BackendKind::Pkcs11 => {
-            let settings = config
-                .pkcs11
-                .as_ref()
-                .ok_or_else(|| backend("no [pkcs11] section".into()))?;
+    match config.backend().map_err(backend)? {
+        BackendSettings::Pkcs11(settings) => {
             if !settings.module.is_file() {
                 return Err(backend(format!(
                     "pkcs11.module {} is not a file",
@@ -109,11 +105,7 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
                 settings.pin
             ))
         }
-        BackendKind::Vault => {
-            let settings = config
-                .vault
-                .as_ref()
-                .ok_or_else(|| backend("no [vault] section".into()))?;
+        BackendSettings::Vault(settings) => {
             VaultClient::check_offline(settings).map_err(|e| backend(format!("Vault: {e}")))?;
             Ok(format!(
                 "vault at {}, mount {}, issuer {}, login by {}",

@@ -26,7 +26,7 @@ use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::vault::VaultBackend;
-use crate::config::{BackendKind, ConfigError, SignerConfig};
+use crate::config::{BackendSettings, ConfigError, SignerConfig};
 use crate::pki::keys::PublicKeyKind;
 use crate::pki::profile::RootCa;
 use crate::policy::PolicySet;
@@ -104,12 +104,8 @@ pub fn start_backend(
     config: &SignerConfig,
     root: RootCa,
 ) -> Result<Arc<dyn RootSigner>, StartError> {
-    match config.root.backend {
-        BackendKind::Pkcs11 => {
-            let settings = config
-                .pkcs11
-                .as_ref()
-                .ok_or_else(|| StartError::Backend("no [pkcs11] section".into()))?;
+    match config.backend().map_err(StartError::Backend)? {
+        BackendSettings::Pkcs11(settings) => {
             let pin = settings
                 .pin
                 .read()
@@ -118,11 +114,7 @@ pub fn start_backend(
                 .map_err(|e| StartError::Backend(format!("PKCS#11 token: {e}")))?;
             Ok(Arc::new(backend))
         }
-        BackendKind::Vault => {
-            let settings = config
-                .vault
-                .as_ref()
-                .ok_or_else(|| StartError::Backend("no [vault] section".into()))?;
+        BackendSettings::Vault(settings) => {
             // Called on a blocking thread of the runtime: wait for the async start here.
             let backend = tokio::runtime::Handle::current()
                 .block_on(VaultBackend::start(settings, root))
