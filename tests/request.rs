@@ -1,6 +1,8 @@
 //! `meshca request` and `meshca verify` as an operator runs them, and the end of the
 //! story: workloads of two clusters complete an mTLS handshake through the shared root
-//! (openssl s_server / s_client, the seed guide's own check).
+//! (openssl s_server / s_client, the seed guide's own check). Also the signer client that
+//! `meshca request` and the agents share, against a stand-in signer whose connections
+//! close under a request.
 
 mod common;
 
@@ -405,4 +407,244 @@ fn read_until(mut output: impl std::io::Read + Send + 'static, needle: &str) -> 
         }
     }
     String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// How the stand-in ends a connection under a request.
+#[derive(Clone, Copy, Debug)]
+enum Close {
+    /// TLS close_notify, then FIN: what the signer's graceful close of a kept-alive
+    /// connection sends.
+    Graceful,
+    /// A TCP reset with no close_notify: what a peer that closes with unread bytes (or a
+    /// middlebox) sends.
+    Reset,
+    /// FIN with no close_notify: a connection cut short under TLS.
+    Cut,
+}
+
+/// A stand-in signer over real mTLS that answers `answers_per_connection` requests on each
+/// connection, then reads the next one and closes without answering: what the signer does
+/// to its kept-alive connections when its TLS settings change. Records every request it
+/// read as (connection number, request line, body).
+struct ClosingSigner {
+    addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, String, String)>>>,
+}
+
+/// An answer both `policy` and `sign` accept (each ignores the other's fields).
+const STAND_IN_ANSWER: &str = r#"{"virtualMesh":"test/vm","orgName":"meshca-test",
+"maxTtlSeconds":3600,"minRsaBits":2048,"acceptedKeyTypes":["ecdsa_p256"],"meshes":[],
+"rootNotAfter":"2030-01-01T00:00:00Z","certificate":"c","certChain":"cc","rootCert":"r",
+"serial":"01","notAfter":"2030-01-01T00:00:00Z"}"#;
+
+impl ClosingSigner {
+    async fn start(pki: &Path, answers_per_connection: usize, close: Close) -> ClosingSigner {
+        use tokio::io::AsyncWriteExt;
+        let tls = meshca::tlsutil::server_config(
+            &pki.join("signer.pem"),
+            &pki.join("signer.key"),
+            &pki.join("ca.pem"),
+            &[],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls.config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            for connection in 0.. {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    for answered in 0.. {
+                        let Some((line, body)) = read_request(&mut stream).await else {
+                            return;
+                        };
+                        record.lock().unwrap().push((connection, line, body));
+                        if answered == answers_per_connection {
+                            match close {
+                                Close::Graceful => {
+                                    let _ = stream.shutdown().await;
+                                }
+                                Close::Reset => {
+                                    let _ = stream.get_ref().0.set_zero_linger();
+                                }
+                                Close::Cut => {
+                                    let _ = stream.get_mut().0.shutdown().await;
+                                }
+                            }
+                            return;
+                        }
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\n\r\n{STAND_IN_ANSWER}",
+                            STAND_IN_ANSWER.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ClosingSigner { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<(usize, String, String)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// One HTTP/1.1 request's line and body, or None when the connection ends first.
+async fn read_request(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        match stream.read(&mut chunk).await {
+            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+    let line = head.lines().next().unwrap_or_default().to_string();
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+    Some((line, body))
+}
+
+/// The transport PKI alone (no token): a CA, the stand-in's server pair and one client.
+fn transport_pki(dir: &Path) {
+    let script = repo().join("scripts/transport-pki.sh");
+    run_ok(Command::new(&script).arg("ca").arg(dir));
+    run_ok(Command::new(&script).arg("server").arg(dir).arg("signer"));
+    run_ok(
+        Command::new(&script)
+            .args(["client"])
+            .arg(dir)
+            .args(["cluster-a", &identity("cluster-a")]),
+    );
+}
+
+fn signer_client(pki: &Path, addr: SocketAddr) -> meshca::agent::client::SignerClient {
+    meshca::agent::client::SignerClient::new(
+        &format!("https://{addr}"),
+        &pki.join("ca.pem"),
+        &pki.join("cluster-a.pem"),
+        &pki.join("cluster-a.key"),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_whose_kept_alive_connection_closes_under_it_is_sent_once_more() {
+    let dir = tempfile::tempdir().unwrap();
+    transport_pki(dir.path());
+    for close in [Close::Graceful, Close::Reset, Close::Cut] {
+        every_call_after_the_first_meets_a_closed_connection(dir.path(), close).await;
+    }
+}
+
+async fn every_call_after_the_first_meets_a_closed_connection(pki: &Path, close: Close) {
+    // Each connection answers one request and closes under the next, so every call after
+    // the first meets a closed connection (the race a signer's TLS reload opens).
+    let signer = ClosingSigner::start(pki, 1, close).await;
+    let client = signer_client(pki, signer.addr);
+    let vm: meshca::policy::ObjectRef = "test/vm".parse().unwrap();
+    let body = meshca::agent::client::SignRequestBody {
+        virtual_mesh: "test/vm".into(),
+        mesh: "test/cluster-a".into(),
+        csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+        ttl_seconds: Some(3600),
+    };
+
+    let first = client
+        .policy(&vm)
+        .await
+        .unwrap_or_else(|e| panic!("{close:?}: first policy read: {e}"));
+    assert_eq!(first.org_name, "meshca-test");
+    let again = client
+        .policy(&vm)
+        .await
+        .unwrap_or_else(|e| panic!("{close:?}: policy read on a closed connection: {e}"));
+    assert_eq!(again, first);
+    let signed = client
+        .sign(&body)
+        .await
+        .unwrap_or_else(|e| panic!("{close:?}: sign on a closed connection: {e}"));
+    assert_eq!(signed.serial, "01");
+    client
+        .trust_bundle()
+        .await
+        .unwrap_or_else(|e| panic!("{close:?}: bundle on a closed connection: {e}"));
+
+    let seen = signer.seen();
+    let policy_line = "GET /v1/virtualmeshes/test/vm HTTP/1.1";
+    let expected = [
+        (0, policy_line),
+        (0, policy_line),
+        (1, policy_line),
+        (1, "POST /v1/sign HTTP/1.1"),
+        (2, "POST /v1/sign HTTP/1.1"),
+        (2, "GET /v1/trust-bundle HTTP/1.1"),
+        (3, "GET /v1/trust-bundle HTTP/1.1"),
+    ];
+    let got: Vec<(usize, &str)> = seen.iter().map(|(c, l, _)| (*c, l.as_str())).collect();
+    assert_eq!(got, expected, "{close:?}");
+    // The signing request sent again is the same request, CSR and all.
+    assert!(
+        seen[3].2.contains("BEGIN CERTIFICATE REQUEST"),
+        "{}",
+        seen[3].2
+    );
+    assert_eq!(seen[3].2, seen[4].2, "{close:?}");
+}
+
+#[tokio::test]
+async fn a_signer_that_closes_every_connection_unanswered_is_tried_twice_then_named() {
+    let dir = tempfile::tempdir().unwrap();
+    transport_pki(dir.path());
+    let signer = ClosingSigner::start(dir.path(), 0, Close::Graceful).await;
+    let client = signer_client(dir.path(), signer.addr);
+    let vm: meshca::policy::ObjectRef = "test/vm".parse().unwrap();
+    let err = client.policy(&vm).await.expect_err("no answer ever comes");
+    let message = err.to_string();
+    let url = format!("https://{}/v1/virtualmeshes/test/vm", signer.addr);
+    assert!(
+        message.starts_with(&format!("cannot reach the signer at {url}: ")),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(": connection closed before message completed"),
+        "{message}"
+    );
+    assert_eq!(message.matches(&url).count(), 1, "{message}");
+    // Once more, not a loop: two connections, one request each.
+    let seen = signer.seen();
+    let connections: Vec<usize> = seen.iter().map(|(c, _, _)| *c).collect();
+    assert_eq!(connections, [0, 1], "{seen:?}");
 }

@@ -1,5 +1,6 @@
 //! The signer's client: mTLS with the cluster's client certificate, the public policy,
-//! and signing requests. Refusals carry the signer's code and message unchanged.
+//! and signing requests. Refusals carry the signer's code and message unchanged; a request
+//! whose connection closed before any answer is sent once more on a new connection.
 
 use std::path::Path;
 use std::time::Duration;
@@ -108,11 +109,7 @@ impl SignerClient {
     /// `GET {base}{path}`; a failure to get any answer is a transport error.
     async fn get(&self, path: &str) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
-        self.http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| transport(&url, e))
+        send(&url, || self.http.get(&url)).await
     }
 
     pub async fn policy(&self, virtual_mesh: &ObjectRef) -> Result<PublicPolicy, ClientError> {
@@ -125,14 +122,9 @@ impl SignerClient {
 
     pub async fn sign(&self, body: &SignRequestBody) -> Result<SignResponse, ClientError> {
         let url = format!("{}/v1/sign", self.base);
-        let response = self
-            .http
-            .post(&url)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| transport(&url, e))?;
-        decode(response).await
+        // Sent again only when no answer came: at worst the signer issues (and audits) an
+        // intermediate nobody received, which is harmless; a lost pass is not.
+        decode(send(&url, || self.http.post(&url).json(body)).await?).await
     }
 
     pub async fn trust_bundle(&self) -> Result<String, ClientError> {
@@ -147,8 +139,61 @@ impl SignerClient {
     }
 }
 
+/// Sends the request `build` makes, and once more on a new connection when the first
+/// closed before any answer. The signer closes its kept-alive connections when its TLS
+/// settings change (a rotated certificate, a new CRL); a request sent at that moment is
+/// never read, and without the second try the agent would lose a whole pass to it. A
+/// signer that cannot be reached or does not answer in time is not tried again here: the
+/// agents' own backoff handles that.
+async fn send(
+    url: &str,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, ClientError> {
+    match build().send().await {
+        Err(e) if closed_before_answer(&e) => {
+            tracing::debug!(
+                url,
+                error = %transport(url, e),
+                "the connection closed before the signer answered; sending once more"
+            );
+            build().send().await.map_err(|e| transport(url, e))
+        }
+        other => other.map_err(|e| transport(url, e)),
+    }
+}
+
+/// The connection ended under a sent request before any answer: hyper's "connection
+/// closed before message completed", or the socket reset or cut short under it.
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>()
+            && hyper_error.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(io_error) = cause.downcast_ref::<std::io::Error>()
+            && matches!(
+                io_error.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn transport(url: &str, e: reqwest::Error) -> ClientError {
     // reqwest's Display hides the cause (TLS alert, refused connection): walk the chain.
+    // The URL is said once, by this error, not again by reqwest's.
+    let e = e.without_url();
     let mut message = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
