@@ -219,6 +219,91 @@ async fn a_client_over_its_rate_is_told_to_wait_others_are_unaffected_and_a_relo
 }
 
 #[tokio::test]
+async fn a_client_hammering_its_rate_limit_costs_the_audit_log_a_few_lines_and_every_refusal_is_counted()
+ {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 1\nsign_burst = 1\n".into(),
+        ..EnvSpec::default()
+    });
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    let body = sign_body(VM, MESH_A, &csr_a);
+    assert_eq!(post_sign(&client, &signer, &body).await.0, 200);
+    // A client that ignores Retry-After. (At one token a minute, a request that gets
+    // through is possible only if this loop took a minute; it is counted as what it got.)
+    let mut refused = 0u64;
+    for _ in 0..40 {
+        let (status, answer) = post_sign(&client, &signer, &body).await;
+        match status {
+            429 => {
+                assert_eq!(answer["error"]["code"], "rate_limited");
+                refused += 1;
+            }
+            200 => {}
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert!(refused >= 39, "{refused}");
+    let metrics = signer.metrics(&client).await;
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "meshca_sign_requests_total{outcome=\"rate_limited\"}"
+        ),
+        Some(refused as i64)
+    );
+    let lines_of = |audit: &[Value]| -> Vec<Value> {
+        audit
+            .iter()
+            .filter(|l| l["rule"] == "rate_limited")
+            .cloned()
+            .collect()
+    };
+    // While it hammers: a line for the first refusal, the rest counted (a count is written
+    // every minute, so a slow run may show one more pair).
+    let during = lines_of(&signer.audit_lines());
+    assert!((1..=3).contains(&during.len()), "{during:?}");
+    assert!(during[0].get("count").is_none(), "{}", during[0]);
+
+    // SIGTERM writes the counts still open: every refusal is on record, by count.
+    assert!(signer.terminate());
+    let audit = signer.audit_lines();
+    let lines = lines_of(&audit);
+    assert!((2..=4).contains(&lines.len()), "{lines:?}");
+    let on_record: u64 = lines
+        .iter()
+        .map(|l| l.get("count").map_or(1, |c| c.as_u64().unwrap()))
+        .sum();
+    assert_eq!(on_record, refused, "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["decision"], "deny");
+    assert_eq!(last["client"], identity("cluster-a"));
+    let count = last["count"].as_u64().unwrap();
+    assert!(count >= 2, "{last}");
+    assert!(
+        last["message"].as_str().unwrap().starts_with(&format!(
+            "{count} more signing requests from this client refused by the rate limit from 20"
+        )),
+        "{last}"
+    );
+    assert_eq!(
+        audit.last().unwrap(),
+        last,
+        "the count is the log's last line"
+    );
+    env.audit_verify_ok();
+    // The log names the refusals that got their own line, not each one.
+    let logged = signer
+        .logs()
+        .lines()
+        .filter(|l| l.contains("refused signing request") && l.contains("rate_limited"))
+        .count();
+    let own_lines = lines.iter().filter(|l| l.get("count").is_none()).count();
+    assert_eq!(logged, own_lines, "{}", signer.logs());
+}
+
+#[tokio::test]
 async fn revoked_and_expired_client_certificates_are_refused() {
     let env = Env::new();
     let script = repo().join("scripts/transport-pki.sh");

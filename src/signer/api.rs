@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::SignerState;
 use super::audit::{AuditRecord, rfc3339};
 use super::decision::{DecisionContext, Refusal, RequestFacts, SignRequest, Status, decide};
-use super::ratelimit::RateLimit;
+use super::ratelimit::{RateLimit, RefusalRecord};
+use super::reload::Rules;
 use crate::backend::BackendError;
 use crate::pki::pem::certificate_pem;
 use crate::pki::profile::{random_serial, serial_hex};
@@ -137,14 +138,36 @@ async fn decide_issue_and_audit(
 ) -> Response {
     let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
-    let outcome = tokio::select! {
-        biased;
-        outcome = sign_inner(&state, identity.as_deref(), &headers, body, client_gone, &mut facts) => outcome,
-        () = state.stop_deciding.cancelled() => Err(Refusal::new(
-            Status::Unavailable,
-            "signer_stopping",
-            "the signer stopped before this request was answered (its body had not arrived, or the backend had not signed yet); nothing was handed out",
-        )),
+    // The rules in force now, for the whole request: a reload meanwhile does not mix
+    // old and new.
+    let rules = state.rules();
+    let outcome = match rate_limit(&state, &rules, identity.as_deref()) {
+        Err(refusal) => {
+            let client = identity.as_deref().unwrap_or("");
+            let record = state
+                .refusal_tally
+                .refused(client, Instant::now(), SystemTime::now());
+            if record == RefusalRecord::Counted {
+                // On record in the client's next count line (audit_counted_refusals).
+                drop(announced);
+                state.metrics.request(refusal.code);
+                tracing::debug!(
+                    client,
+                    "rate-limited signing request counted for the audit log"
+                );
+                return refusal.into_response();
+            }
+            Err(refusal)
+        }
+        Ok(()) => tokio::select! {
+            biased;
+            outcome = sign_inner(&state, &rules, identity.as_deref(), &headers, body, client_gone, &mut facts) => outcome,
+            () = state.stop_deciding.cancelled() => Err(Refusal::new(
+                Status::Unavailable,
+                "signer_stopping",
+                "the signer stopped before this request was answered (its body had not arrived, or the backend had not signed yet); nothing was handed out",
+            )),
+        },
     };
     let now = SystemTime::now();
     let mut record = AuditRecord {
@@ -208,34 +231,70 @@ async fn decide_issue_and_audit(
     }
 }
 
+/// Takes one of the client's tokens, or refuses with `429 rate_limited` and `Retry-After`.
+fn rate_limit(state: &SignerState, rules: &Rules, identity: Option<&str>) -> Result<(), Refusal> {
+    let limit = RateLimit {
+        per_minute: rules.limits.sign_requests_per_minute,
+        burst: rules.limits.sign_burst,
+    };
+    let Err(wait) = state
+        .rate_limiter
+        .check(identity.unwrap_or(""), limit, Instant::now())
+    else {
+        return Ok(());
+    };
+    let secs = wait.as_secs().max(1);
+    let mut refusal = Refusal::new(
+        Status::TooManyRequests,
+        "rate_limited",
+        format!("too many signing requests from this client; retry in {secs} s"),
+    );
+    refusal.retry_after_secs = Some(secs);
+    Err(refusal)
+}
+
+/// Writes one audit line per client for the rate-limit refusals counted since its last
+/// line ([`super::ratelimit::RefusalTally`]). Runs every
+/// [`super::ratelimit::REFUSAL_TALLY_PERIOD`] and once more at shutdown, after the last
+/// decision.
+pub async fn audit_counted_refusals(state: &SignerState) {
+    for counted in state.refusal_tally.take_counts(Instant::now()) {
+        let record = AuditRecord {
+            time: rfc3339(SystemTime::now()),
+            event: "decision".into(),
+            client: Some(counted.client.clone()),
+            decision: Some("deny".into()),
+            rule: Some("rate_limited".into()),
+            message: Some(format!(
+                "{} more signing requests from this client refused by the rate limit from {} to {} (counted, not written one by one)",
+                counted.count,
+                rfc3339(counted.first),
+                rfc3339(counted.last)
+            )),
+            count: Some(counted.count),
+            ..Default::default()
+        };
+        if let Err(e) = state.audit.append(record, state.audit.expect_line()).await {
+            state.metrics.audit_error();
+            tracing::error!(
+                error = %e,
+                client = %counted.client,
+                count = counted.count,
+                "audit log write failed: these rate-limit refusals are not on record"
+            );
+        }
+    }
+}
+
 async fn sign_inner(
     state: &SignerState,
+    rules: &Rules,
     identity: Option<&str>,
     headers: &HeaderMap,
     body: Body,
     client_gone: CancellationToken,
     facts: &mut RequestFacts,
 ) -> Result<SignResponse, Refusal> {
-    // The rules in force now, for the whole request: a reload meanwhile does not mix
-    // old and new.
-    let rules = state.rules();
-    let rate_limit = RateLimit {
-        per_minute: rules.limits.sign_requests_per_minute,
-        burst: rules.limits.sign_burst,
-    };
-    if let Err(wait) = state
-        .rate_limiter
-        .check(identity.unwrap_or(""), rate_limit, Instant::now())
-    {
-        let secs = wait.as_secs().max(1);
-        let mut refusal = Refusal::new(
-            Status::TooManyRequests,
-            "rate_limited",
-            format!("too many signing requests from this client; retry in {secs} s"),
-        );
-        refusal.retry_after_secs = Some(secs);
-        return Err(refusal);
-    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

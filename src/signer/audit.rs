@@ -66,6 +66,10 @@ pub struct AuditRecord {
     /// Extensions the CSR asked for, which were not honoured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_csr_extensions: Vec<String>,
+    /// How many decisions the line stands for, when more than its own: rate-limit
+    /// refusals counted since the client's last line (`rule` `rate_limited`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
     /// SHA-256 of the previous line (without its newline), hex.
     #[serde(default)]
     pub prev: String,

@@ -30,6 +30,8 @@ pub struct SignerState {
     pub metrics: metrics::Metrics,
     /// Buckets per client; the limit comes from the rules in force.
     pub rate_limiter: ratelimit::RateLimiter,
+    /// Rate-limit refusals counted for one audit line instead of one line each.
+    pub refusal_tally: ratelimit::RefusalTally,
     /// Set once the log has said that intermediates end with the root. With a VirtualMesh's
     /// one ttlDays for the root and its intermediates that is every request, so it is said
     /// once per process (the root only changes with a restart), not once per request.

@@ -1,10 +1,11 @@
 //! Per-client rate limiting of signing requests: a token bucket per client identity, with
 //! the limit and the time passed in (a reload may change the limit; the arithmetic is
-//! tested without sleeping).
+//! tested without sleeping), and the tally that keeps a client hammering the limit from
+//! filling the audit log one refusal at a time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Most clients tracked at once; full buckets are forgotten first when it is reached.
 const MAX_CLIENTS: usize = 10_000;
@@ -59,6 +60,90 @@ impl RateLimiter {
         } else {
             Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
         }
+    }
+}
+
+/// After a rate-limit refusal with its own audit line, how long that client's further
+/// refusals are counted instead of written one by one; also how often the counts are
+/// written.
+pub const REFUSAL_TALLY_PERIOD: Duration = Duration::from_secs(60);
+
+/// Whether a rate-limit refusal gets its own audit line or joins its client's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalRecord {
+    OwnLine,
+    Counted,
+}
+
+/// Rate-limit refusals of one client counted since its last audit line: one line for all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountedRefusals {
+    pub client: String,
+    pub count: u64,
+    pub first: SystemTime,
+    pub last: SystemTime,
+}
+
+#[derive(Debug)]
+struct Tally {
+    own_line_at: Instant,
+    counted: Option<(u64, SystemTime, SystemTime)>,
+}
+
+/// Which rate-limit refusals are written one by one. A refused client's first refusal is;
+/// the ones within [`REFUSAL_TALLY_PERIOD`] after it are counted and written as one line
+/// by [`RefusalTally::take_counts`]. Every refusal is on record either way, but a client
+/// that ignores `Retry-After` costs the log a few lines a minute, not one per request
+/// (it is the only refusal the bucket does not bound: every other one spends a token).
+#[derive(Default)]
+pub struct RefusalTally {
+    clients: Mutex<HashMap<String, Tally>>,
+}
+
+impl RefusalTally {
+    /// Records a rate-limit refusal of `client` at `now` (`wall` for the audit line).
+    pub fn refused(&self, client: &str, now: Instant, wall: SystemTime) -> RefusalRecord {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tally) = clients.get_mut(client) {
+            let recent = now.saturating_duration_since(tally.own_line_at) < REFUSAL_TALLY_PERIOD;
+            // Counting goes on until the count is written, so lines stay in time order.
+            if recent || tally.counted.is_some() {
+                let (count, _, last) = tally.counted.get_or_insert((0, wall, wall));
+                *count += 1;
+                *last = wall;
+                return RefusalRecord::Counted;
+            }
+        } else if clients.len() >= MAX_CLIENTS {
+            // Past the bound nothing new is tracked: the refusal gets its own line.
+            return RefusalRecord::OwnLine;
+        }
+        clients.insert(
+            client.to_string(),
+            Tally {
+                own_line_at: now,
+                counted: None,
+            },
+        );
+        RefusalRecord::OwnLine
+    }
+
+    /// Takes every count out, by client, to be written; forgets clients quiet for a period.
+    pub fn take_counts(&self, now: Instant) -> Vec<CountedRefusals> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = Vec::new();
+        clients.retain(|client, tally| {
+            if let Some((count, first, last)) = tally.counted.take() {
+                counts.push(CountedRefusals {
+                    client: client.clone(),
+                    count,
+                    first,
+                    last,
+                });
+            }
+            now.saturating_duration_since(tally.own_line_at) < REFUSAL_TALLY_PERIOD
+        });
+        counts.sort_by(|a, b| a.client.cmp(&b.client));
+        counts
     }
 }
 
@@ -125,5 +210,45 @@ mod tests {
             limiter.check("a", LIMIT, t3).unwrap();
         }
         assert!(limiter.check("a", LIMIT, t3).is_err());
+    }
+
+    #[test]
+    fn a_refused_clients_first_refusal_has_its_own_line_the_next_ones_are_counted() {
+        let tally = RefusalTally::default();
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at = |s: u64| (t0 + Duration::from_secs(s), wall + Duration::from_secs(s));
+        let refuse = |client: &str, s: u64| {
+            let (now, wall) = at(s);
+            tally.refused(client, now, wall)
+        };
+        assert_eq!(refuse("a", 0), RefusalRecord::OwnLine);
+        assert_eq!(refuse("b", 0), RefusalRecord::OwnLine);
+        for s in 1..=10 {
+            assert_eq!(refuse("a", s), RefusalRecord::Counted);
+        }
+        // Written at the tick: one count for a, none for b.
+        assert_eq!(
+            tally.take_counts(at(30).0),
+            [CountedRefusals {
+                client: "a".into(),
+                count: 10,
+                first: at(1).1,
+                last: at(10).1,
+            }]
+        );
+        assert_eq!(tally.take_counts(at(31).0), []);
+        // Still within the period of a's own line: counted again.
+        assert_eq!(refuse("a", 59), RefusalRecord::Counted);
+        // Past the period, but a count is waiting: it joins the count (lines stay in time
+        // order); once written, the next refusal has its own line again.
+        assert_eq!(refuse("a", 61), RefusalRecord::Counted);
+        let counts = tally.take_counts(at(62).0);
+        assert_eq!((counts.len(), counts[0].count), (1, 2));
+        assert_eq!(refuse("a", 63), RefusalRecord::OwnLine);
+        // b, quiet for a period, is forgotten; a is not yet.
+        assert_eq!(tally.take_counts(at(100).0), []);
+        let clients = tally.clients.lock().unwrap();
+        assert!(clients.contains_key("a") && !clients.contains_key("b"));
     }
 }

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use super::api::{self, ClientIdentity};
 use super::audit::{AuditLog, AuditRecord, rfc3339};
 use super::metrics::Metrics;
-use super::ratelimit::RateLimiter;
+use super::ratelimit::{REFUSAL_TALLY_PERIOD, RateLimiter, RefusalTally};
 use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
@@ -276,6 +276,7 @@ impl RunningSigner {
             self.state.stop_deciding.cancel();
             decisions.wait().await;
         }
+        api::audit_counted_refusals(&self.state).await;
     }
 }
 
@@ -322,6 +323,7 @@ pub async fn start(
         audit,
         metrics,
         rate_limiter: RateLimiter::default(),
+        refusal_tally: RefusalTally::default(),
         capped_by_root_noted: AtomicBool::new(false),
         decisions: TaskTracker::new(),
         stop_deciding: CancellationToken::new(),
@@ -335,6 +337,10 @@ pub async fn start(
         config.limits.max_connections,
         shutdown_rx.clone(),
     ))];
+    tasks.push(tokio::spawn(audit_counted_refusals_periodically(
+        state.clone(),
+        shutdown_rx.clone(),
+    )));
     if let Some(listener) = ops_listener {
         let router = api::ops_router(state.clone());
         let mut rx = shutdown_rx.clone();
@@ -479,6 +485,24 @@ async fn serve_tls(
     tokio::select! {
         _ = slots.acquire_many(all_slots) => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(state.rules().limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+}
+
+/// Writes the counted rate-limit refusals every period until shutdown (which writes the
+/// last counts itself, after the last decision).
+async fn audit_counted_refusals_periodically(
+    state: Arc<SignerState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(REFUSAL_TALLY_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An interval's first tick is at once; the first counts are a period away.
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => api::audit_counted_refusals(&state).await,
+            _ = stopped(&mut shutdown) => return,
+        }
     }
 }
 
