@@ -1,6 +1,6 @@
 //! rustls configurations for both ends of the signer's mTLS (aws-lc-rs provider, TLS 1.3
-//! and TLS 1.2 with forward-secret AEAD suites only), and the client identity a
-//! certificate carries.
+//! and TLS 1.2 with forward-secret AEAD suites only), the client identity a certificate
+//! carries, and why a handshake was refused.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -261,9 +261,86 @@ pub fn client_identity(cert_der: &[u8]) -> Option<String> {
     tbs.subject().common_name().ok().flatten().map(String::from)
 }
 
+/// Every reason [`handshake_refusal_reason`] gives, and `timeout` (the server's own
+/// handshake timeout). The `client_certificate_*` ones are clients the signer's CA may
+/// know (an agent whose transport certificate expired cannot renew anything); the others
+/// are what scanners and broken clients cause.
+pub const HANDSHAKE_REFUSAL_REASONS: [&str; 8] = [
+    "client_certificate_expired",
+    "client_certificate_revoked",
+    "client_certificate_unknown_issuer",
+    "client_certificate_invalid",
+    "no_client_certificate",
+    "protocol",
+    "connection",
+    "timeout",
+];
+
+/// Why a server-side handshake failed, from the error tokio-rustls returned: a short code
+/// for a metric label (one of [`HANDSHAKE_REFUSAL_REASONS`]).
+pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as Cert;
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        // Not TLS: the peer reset or closed the connection mid-handshake.
+        return "connection";
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            Cert::Expired | Cert::ExpiredContext { .. } => "client_certificate_expired",
+            Cert::Revoked => "client_certificate_revoked",
+            Cert::UnknownIssuer => "client_certificate_unknown_issuer",
+            _ => "client_certificate_invalid",
+        },
+        _ => "protocol",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::MaterialFingerprint;
+
+    #[test]
+    fn a_refused_handshake_is_named_by_its_cause() {
+        use super::{HANDSHAKE_REFUSAL_REASONS, handshake_refusal_reason};
+        use rustls::{CertificateError, Error};
+        use std::io::{Error as IoError, ErrorKind};
+        let wrapped = |e: Error| IoError::new(ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                wrapped(Error::InvalidCertificate(CertificateError::Expired)),
+                "client_certificate_expired",
+            ),
+            (
+                wrapped(Error::InvalidCertificate(CertificateError::Revoked)),
+                "client_certificate_revoked",
+            ),
+            (
+                wrapped(Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+                "client_certificate_unknown_issuer",
+            ),
+            (
+                wrapped(Error::InvalidCertificate(CertificateError::NotValidYet)),
+                "client_certificate_invalid",
+            ),
+            (
+                wrapped(Error::NoCertificatesPresented),
+                "no_client_certificate",
+            ),
+            (
+                wrapped(Error::General("no shared cipher suite".into())),
+                "protocol",
+            ),
+            (IoError::from(ErrorKind::ConnectionReset), "connection"),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(handshake_refusal_reason(&error), reason, "{error}");
+            assert!(HANDSHAKE_REFUSAL_REASONS.contains(&reason));
+        }
+    }
 
     #[test]
     fn a_fingerprint_changes_when_bytes_move_between_items_or_parts() {

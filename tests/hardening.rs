@@ -352,7 +352,8 @@ async fn revoked_and_expired_client_certificates_are_refused() {
         .0,
         200
     );
-    // Both refusals are logged (by the connections' tasks, in either order).
+    // Both refusals are logged (by the connections' tasks, in either order) and counted
+    // by reason.
     signer.wait_for_nth_log("TLS handshake refused", 2).await;
     let logs = signer.logs();
     assert!(
@@ -362,6 +363,31 @@ async fn revoked_and_expired_client_certificates_are_refused() {
     assert!(
         logs.contains("Expired") || logs.contains("expired"),
         "{logs}"
+    );
+    for reason in ["client_certificate_revoked", "client_certificate_expired"] {
+        assert!(
+            logs.contains(&format!("\"reason\":\"{reason}\"")),
+            "{reason}: {logs}"
+        );
+    }
+    let metrics = signer.metrics(&env.client("cluster-a")).await;
+    let refused = |reason: &str| {
+        metric_sample(
+            &metrics,
+            &format!("meshca_tls_handshakes_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // At least once each (a client library may try a refused connection again).
+    for reason in ["client_certificate_revoked", "client_certificate_expired"] {
+        assert!(
+            refused(reason).is_some_and(|n| n >= 1),
+            "{reason}: {metrics}"
+        );
+    }
+    assert_eq!(
+        refused("client_certificate_unknown_issuer"),
+        Some(0),
+        "{metrics}"
     );
 }
 
@@ -649,6 +675,13 @@ async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     .await
     .expect("the signer stopped serving under idle connections");
     assert_eq!(answer.0, 200);
+    // The idle connections ahead of it ended at the handshake timeout, counted as such.
+    let metrics = signer.metrics(&client).await;
+    let timeouts = metric_sample(
+        &metrics,
+        "meshca_tls_handshakes_refused_total{reason=\"timeout\"}",
+    );
+    assert!(timeouts.is_some_and(|n| n >= 1), "{metrics}");
     drop(idle);
 }
 

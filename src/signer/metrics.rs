@@ -31,9 +31,16 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// One of [`crate::tlsutil::HANDSHAKE_REFUSAL_REASONS`].
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
+    handshakes_refused: Family<ReasonLabels, Counter>,
     signing_seconds: Histogram,
     backend_errors: Counter,
     audit_errors: Counter,
@@ -59,6 +66,18 @@ impl Metrics {
             "sign_requests",
             "Signing requests by outcome (issued, or the refusal's error code)",
             requests.clone(),
+        );
+        let handshakes_refused = Family::<ReasonLabels, Counter>::default();
+        for reason in crate::tlsutil::HANDSHAKE_REFUSAL_REASONS {
+            // From 0, like the outcomes: the first refusal must show in `increase()`.
+            drop(handshakes_refused.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            }));
+        }
+        registry.register(
+            "tls_handshakes_refused",
+            "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
+            handshakes_refused.clone(),
         );
         // 1 ms .. ~16 s: ECDSA on a fast token up to RSA-4096 on a busy one.
         let signing_seconds = Histogram::new((0..15).map(|i| 0.001 * 2f64.powi(i)));
@@ -120,6 +139,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            handshakes_refused,
             signing_seconds,
             backend_errors,
             audit_errors,
@@ -136,6 +156,15 @@ impl Metrics {
 
     pub fn request(&self, outcome: &str) {
         count_outcome(&self.requests, outcome);
+    }
+
+    /// A handshake on the API port failed for `reason`.
+    pub fn handshake_refused(&self, reason: &str) {
+        self.handshakes_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn signing_took(&self, elapsed: Duration) {
@@ -246,6 +275,7 @@ mod tests {
         m.request("policy_org");
         m.signing_took(Duration::from_millis(3));
         m.backend_error();
+        m.handshake_refused("client_certificate_expired");
         let text = m.render();
         for needle in [
             "meshca_sign_requests_total{outcome=\"issued\"} 1",
@@ -262,6 +292,8 @@ mod tests {
             "meshca_sign_requests_total{outcome=\"policy_proof_of_possession\"} 0",
             "meshca_tls_reloads_total{outcome=\"error\"} 0",
             "meshca_rules_reloads_total{outcome=\"error\"} 0",
+            "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"} 1",
+            "meshca_tls_handshakes_refused_total{reason=\"timeout\"} 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -425,6 +425,7 @@ async fn serve_tls(
         let acceptor = reloads.borrow_and_update().acceptor.clone();
         let limits = state.rules().limits;
         let app = app.clone();
+        let state = state.clone();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -432,10 +433,13 @@ async fn serve_tls(
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        let reason = crate::tlsutil::handshake_refusal_reason(&e);
+                        state.metrics.handshake_refused(reason);
+                        tracing::info!(%peer, reason, error = %e, "TLS handshake refused");
                         return;
                     }
                     Err(_) => {
+                        state.metrics.handshake_refused("timeout");
                         tracing::info!(%peer, "TLS handshake timed out");
                         return;
                     }
