@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use meshca::agent::client::SignerClient;
+use meshca::agent::client::{SignerClient, SignerEndpoint};
 use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::directory::{self, DirOptions, DirOutcome};
 use meshca::agent::election::LeaderLoop;
@@ -217,13 +217,17 @@ struct ClientTlsArgs {
 }
 
 impl ClientTlsArgs {
+    fn endpoint(&self, signer: &str) -> SignerEndpoint {
+        SignerEndpoint {
+            url: signer.to_string(),
+            ca: self.ca_cert.clone(),
+            cert: self.client_cert.clone(),
+            key: self.client_key.clone(),
+        }
+    }
+
     fn signer_client(&self, signer: &str) -> Result<SignerClient> {
-        Ok(SignerClient::new(
-            signer,
-            &self.ca_cert,
-            &self.client_cert,
-            &self.client_key,
-        )?)
+        Ok(self.endpoint(signer).connect()?)
     }
 }
 
@@ -710,8 +714,10 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     if !missing.is_empty() {
         bail!("directory mode (--target-dir) needs {}", missing.join(", "));
     }
-    let signer = args.signer.unwrap_or_default();
-    let client = args.tls.signer_client(&signer)?;
+    let signer = args.tls.endpoint(&args.signer.unwrap_or_default());
+    // Read once now, so a wrong flag or file fails the start; the loop reads them again
+    // for each pass (a rotated client certificate is used without a restart).
+    let client = signer.connect()?;
     let opts = DirOptions {
         target,
         virtual_mesh: args.virtual_mesh.ok_or_else(|| anyhow!("--virtual-mesh"))?,
@@ -745,7 +751,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     rt.block_on(async {
         let stop = shutdown_signal()?;
         serve_metrics(args.metrics_listen, metrics.clone()).await?;
-        directory::run(&client, &opts, resync, &metrics, stop).await;
+        directory::run(&signer, &opts, resync, &metrics, stop).await;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

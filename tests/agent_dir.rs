@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::certs::*;
 use common::*;
+use serde_json::Value;
 
 const NAMES: [&str; 4] = [
     "ca-cert.pem",
@@ -399,4 +400,96 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert!(child.wait().unwrap().success());
     assert_ne!(serial(&dir), old_serial);
     assert_valid(&env, &dir);
+}
+
+#[test]
+fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_restart() {
+    let env = Env::new();
+    let script = repo().join("scripts/transport-pki.sh");
+    let pki = env.path("pki");
+    let transport_pki = |args: &[&str]| run_ok(Command::new(&script).args(args));
+    let pki_dir = pki.to_str().unwrap();
+    // A CRL (revoking only a spare) the signer checks from the start.
+    transport_pki(&["client", pki_dir, "spare", &identity("spare")]);
+    transport_pki(&["revoke", pki_dir, "spare"]);
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "client_ca = \"pki/ca.pem\"",
+        "client_ca = \"pki/ca.pem\"\nclient_crls = [\"pki/crl.pem\"]",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("cacerts");
+
+    let mut cmd = agent_cmd(&env, &addr, &dir, &[]);
+    cmd.args(["--resync-seconds", "1"]);
+    let (mut child, logs) = spawn_loop(cmd);
+    let wait_for_install = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut failures = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = logs.recv_timeout(Duration::from_secs(1)) {
+                if line["message"] == "installed a new intermediate" {
+                    return failures;
+                }
+                if let Some(error) = line["error"].as_str() {
+                    failures.push(error.to_string());
+                }
+            }
+        }
+        panic!("{what}: no install; failures: {failures:#?}");
+    };
+    wait_for_install("first pass");
+    let first_serial = serial(&dir);
+
+    // The cluster's client certificate is renewed on disk (same identity, new key) and the
+    // old one revoked at the signer.
+    transport_pki(&["client", pki_dir, "cluster-a-next", &identity("cluster-a")]);
+    transport_pki(&["revoke", pki_dir, "cluster-a"]);
+    for ext in ["key", "pem"] {
+        std::fs::rename(
+            pki.join(format!("cluster-a-next.{ext}")),
+            pki.join(format!("cluster-a.{ext}")),
+        )
+        .unwrap();
+    }
+    send_signal(signer.child.id(), "HUP");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(signer.wait_for_log("SIGHUP: TLS settings reloaded"));
+
+    // A damaged bundle makes the next pass sign: it can only with the new certificate.
+    let (other_key, _) = csr(meshca::pki::keys::KeyType::EcdsaP256, "acme", "x");
+    std::fs::write(
+        dir.join("..data").join("ca-key.pem"),
+        other_key.to_pkcs8_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let failures = wait_for_install("after the rotation");
+    assert_ne!(serial(&dir), first_serial);
+    assert_valid(&env, &dir);
+    // The revoked certificate was never presented again.
+    assert!(
+        failures
+            .iter()
+            .all(|f| !f.to_lowercase().contains("revoked")),
+        "{failures:#?}"
+    );
+    let metrics = runtime.block_on(signer.metrics(&env.client("cluster-a")));
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "meshca_tls_handshakes_refused_total{reason=\"client_certificate_revoked\"}"
+        ),
+        Some(0),
+        "{metrics}"
+    );
+    let issued: Vec<Value> = signer
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["rule"] == "issued")
+        .collect();
+    assert_eq!(issued.len(), 2, "{issued:?}");
+    assert!(issued.iter().all(|l| l["client"] == identity("cluster-a")));
+    send_signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
 }

@@ -2,7 +2,7 @@
 //! and signing requests. Refusals carry the signer's code and message unchanged; a request
 //! whose connection closed before any answer is sent once more on a new connection.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,24 @@ struct ErrorBody {
 struct ErrorDetail {
     code: String,
     message: String,
+}
+
+/// Where a signer is, and the files that verify it and identify us to it. A long-running
+/// agent connects anew for each pass, so certificates rotated on disk (cert-manager,
+/// SPIRE, a cron job) are used from the next pass without a restart.
+#[derive(Clone, Debug)]
+pub struct SignerEndpoint {
+    pub url: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl SignerEndpoint {
+    /// Reads the files as they are now and builds a client from them.
+    pub fn connect(&self) -> Result<SignerClient, ClientError> {
+        SignerClient::new(&self.url, &self.ca, &self.cert, &self.key)
+    }
 }
 
 /// A connection to one signer.

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::client::SignerClient;
+use super::client::{SignerClient, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{Decision, Desired, Installed, IssueReason, RotationSettings, decide};
 use super::{AgentError, BundleRequest, RootsPlan, cacerts, obtain_bundle};
@@ -216,7 +216,7 @@ fn installed_times(opts: &DirOptions, now: SystemTime) -> Option<(SystemTime, Sy
 /// The long-running loop: reconcile, sleep until due (or `resync`), back off on failure.
 /// Returns only when `shutdown` resolves.
 pub async fn run(
-    client: &SignerClient,
+    signer: &SignerEndpoint,
     opts: &DirOptions,
     resync: Duration,
     metrics: &AgentMetrics,
@@ -229,7 +229,12 @@ pub async fn run(
     metrics.set_leading(true);
     metrics.set_resync(resync);
     loop {
-        let result = reconcile(client, opts, SystemTime::now()).await;
+        // Connected anew each pass: the client certificate and CA files are read as they
+        // are now (rotated on disk, they are used without a restart).
+        let result = match signer.connect() {
+            Ok(client) => reconcile(&client, opts, SystemTime::now()).await,
+            Err(e) => Err(AgentError::from(e)),
+        };
         let delay = match &result {
             Ok(outcome) => {
                 failures = 0;
