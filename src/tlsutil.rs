@@ -142,17 +142,14 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier);
-    let leaf = Certificate::from_der(&chain[0]).map_err(|e| TlsError::Certificates {
-        path: cert.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let certificate_not_after = leaf_not_after(&chain, cert)?;
     let mut config = config
         .with_single_cert(chain, private_key)
         .map_err(|e| certificate_error("server", cert, key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         config,
-        certificate_not_after: leaf.tbs_certificate().validity().not_after.to_system_time(),
+        certificate_not_after,
         fingerprint,
     })
 }
@@ -212,17 +209,46 @@ pub fn client_config(
     client_cert: &Path,
     client_key: &Path,
 ) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(client_tls(ca, client_cert, client_key)?.config)
+}
+
+/// [`client_config`], and when the client certificate expires.
+pub fn client_tls(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<ClientTls, TlsError> {
+    let chain = load_certificates(client_cert)?;
+    let certificate_not_after = leaf_not_after(&chain, client_cert)?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(root_store(ca)?)
-        .with_client_auth_cert(
-            load_certificates(client_cert)?,
-            load_private_key(client_key)?,
-        )
+        .with_client_auth_cert(chain, load_private_key(client_key)?)
         .map_err(|e| certificate_error("client", client_cert, client_key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(ClientTls {
+        config,
+        certificate_not_after,
+    })
+}
+
+/// notAfter of the first certificate of `chain` (read from `path`, which errors name).
+fn leaf_not_after(
+    chain: &[CertificateDer<'_>],
+    path: &Path,
+) -> Result<std::time::SystemTime, TlsError> {
+    let error = |message: String| TlsError::Certificates {
+        path: path.display().to_string(),
+        message,
+    };
+    let leaf = chain
+        .first()
+        .ok_or_else(|| error("no certificate".into()))?;
+    let leaf = Certificate::from_der(leaf).map_err(|e| error(e.to_string()))?;
+    Ok(leaf.tbs_certificate().validity().not_after.to_system_time())
+}
+
+/// A client's rustls configuration and when its own certificate expires.
+pub struct ClientTls {
+    pub config: rustls::ClientConfig,
+    pub certificate_not_after: std::time::SystemTime,
 }
 
 /// A certificate and key rustls refused together; the common mistake (a key from another

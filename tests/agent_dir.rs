@@ -91,13 +91,7 @@ fn serial(dir: &Path) -> String {
 /// The installed intermediate's notBefore or notAfter (`which`: `startdate`, `enddate`)
 /// in Unix seconds, as openssl and date read it.
 fn validity_unix(dir: &Path, which: &str) -> i64 {
-    let line = openssl(
-        dir,
-        &["x509", "-in", "ca-cert.pem", "-noout", &format!("-{which}")],
-    );
-    let (_, date) = line.trim().split_once('=').unwrap();
-    let out = run_ok(Command::new("date").args(["-u", "-d", date, "+%s"]));
-    text(&out.stdout).trim().parse().unwrap()
+    certificate_date_unix(&dir.join("ca-cert.pem"), which)
 }
 
 /// A plain-HTTP GET of `path` from the agent's metrics listener: the body.
@@ -353,6 +347,18 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert_eq!(
         metric_sample(&failing, "meshca_agent_resync_seconds"),
         Some(8)
+    );
+    // The client certificate it presents, read on each pass even while the signer is down.
+    assert_eq!(
+        metric_sample(
+            &failing,
+            "meshca_agent_client_certificate_expiration_timestamp_seconds"
+        ),
+        Some(certificate_date_unix(
+            &env.path("pki/cluster-a.pem"),
+            "enddate"
+        )),
+        "{failing}"
     );
     assert_eq!(http_get(&metrics_addr, "/healthz"), "ok\n");
 

@@ -616,6 +616,10 @@ async fn metrics_report_each_request_while_leading_and_drop_deleted_ones() {
         ),
         ("meshca_agent_leader".into(), 1),
         ("meshca_agent_resync_seconds".into(), 60),
+        (
+            "meshca_agent_client_certificate_expiration_timestamp_seconds".into(),
+            certificate_date_unix(&env.path("pki/cluster-a.pem"), "enddate"),
+        ),
     ] {
         assert_eq!(
             metric_sample(&text, &name),

@@ -3,7 +3,7 @@
 //! whose connection closed before any answer is sent once more on a new connection.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +100,7 @@ impl SignerEndpoint {
 pub struct SignerClient {
     http: reqwest::Client,
     base: String,
+    client_certificate_not_after: SystemTime,
 }
 
 impl SignerClient {
@@ -110,10 +111,10 @@ impl SignerClient {
                 "signer URL {base:?} must start with https://"
             )));
         }
-        let tls = crate::tlsutil::client_config(ca, cert, key)
+        let tls = crate::tlsutil::client_tls(ca, cert, key)
             .map_err(|e| ClientError::Config(e.to_string()))?;
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls(tls.config)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .build()
@@ -121,7 +122,14 @@ impl SignerClient {
         Ok(SignerClient {
             http,
             base: base.trim_end_matches('/').to_string(),
+            client_certificate_not_after: tls.certificate_not_after,
         })
+    }
+
+    /// When the client certificate this client presents expires: after it the signer
+    /// refuses the handshake, and nothing can be renewed.
+    pub fn client_certificate_not_after(&self) -> SystemTime {
+        self.client_certificate_not_after
     }
 
     /// `GET {base}{path}`; a failure to get any answer is a transport error.

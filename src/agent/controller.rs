@@ -288,6 +288,8 @@ impl Controller {
             &self.opts.client_key,
         )
         .map_err(AgentError::from)?;
+        self.metrics
+            .client_certificate(client.client_certificate_not_after());
 
         let secret = self
             .kube

@@ -232,7 +232,10 @@ pub async fn run(
         // Connected anew each pass: the client certificate and CA files are read as they
         // are now (rotated on disk, they are used without a restart).
         let result = match signer.connect() {
-            Ok(client) => reconcile(&client, opts, SystemTime::now()).await,
+            Ok(client) => {
+                metrics.client_certificate(client.client_certificate_not_after());
+                reconcile(&client, opts, SystemTime::now()).await
+            }
             Err(e) => Err(AgentError::from(e)),
         };
         let delay = match &result {

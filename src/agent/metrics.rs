@@ -1,8 +1,8 @@
 //! The controllers' Prometheus metrics (`--metrics-listen`) and their HTTP endpoint. Both
 //! controllers report their loop ([`LoopMetrics`]: whether the replica acts, when its last
 //! pass ended, its resync period); the agent adds, per request, when its installed intermediate expires, when
-//! it will be renewed and whether its last reconcile succeeded. These are what
-//! `deploy/prometheus/meshca-alerts.yaml` alerts on.
+//! it will be renewed and whether its last reconcile succeeded, and when its own client
+//! certificate expires. These are what `deploy/prometheus/meshca-alerts.yaml` alerts on.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -138,6 +138,7 @@ pub struct AgentMetrics {
     ready: Family<RequestLabels, Gauge>,
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
+    client_certificate_expiration: Gauge,
     loop_metrics: LoopMetrics,
 }
 
@@ -180,9 +181,16 @@ impl AgentMetrics {
             "New intermediates installed",
             issuances.clone(),
         );
+        let client_certificate_expiration = Gauge::default();
+        registry.register(
+            "client_certificate_expiration_timestamp_seconds",
+            "notAfter of the client certificate the agent presents to the signer, as last read (Unix seconds; 0 until a pass reads it)",
+            client_certificate_expiration.clone(),
+        );
         let loop_metrics = LoopMetrics::register(&mut registry);
         AgentMetrics {
             registry,
+            client_certificate_expiration,
             expiration,
             renewal,
             ready,
@@ -213,6 +221,12 @@ impl AgentMetrics {
             })
             .inc();
         self.loop_metrics.reported(&labels.request);
+    }
+
+    /// The client certificate read for this pass expires at `not_after`.
+    pub fn client_certificate(&self, not_after: SystemTime) {
+        self.client_certificate_expiration
+            .set(unix_seconds(not_after));
     }
 
     /// A new intermediate was installed.

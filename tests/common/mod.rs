@@ -761,6 +761,22 @@ pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// A certificate file's notBefore or notAfter (`which`: `startdate`, `enddate`) in Unix
+/// seconds, as openssl and date read it (an independent check of meshca's own parsing).
+pub fn certificate_date_unix(cert: &Path, which: &str) -> i64 {
+    let line = text(
+        &run_ok(
+            Command::new("openssl")
+                .args(["x509", "-noout", &format!("-{which}"), "-in"])
+                .arg(cert),
+        )
+        .stdout,
+    );
+    let (_, date) = line.trim().split_once('=').unwrap();
+    let out = run_ok(Command::new("date").args(["-u", "-d", date, "+%s"]));
+    text(&out.stdout).trim().parse().unwrap()
+}
+
 /// `openssl <args>` that must succeed; returns stdout.
 pub fn openssl(dir: &Path, args: &[&str]) -> String {
     text(&run_ok(Command::new("openssl").current_dir(dir).args(args)).stdout)
