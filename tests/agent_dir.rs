@@ -411,18 +411,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
 #[test]
 fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_restart() {
     let env = Env::new();
-    let script = repo().join("scripts/transport-pki.sh");
-    let pki = env.path("pki");
-    let transport_pki = |args: &[&str]| run_ok(Command::new(&script).args(args));
-    let pki_dir = pki.to_str().unwrap();
-    // A CRL (revoking only a spare) the signer checks from the start.
-    transport_pki(&["client", pki_dir, "spare", &identity("spare")]);
-    transport_pki(&["revoke", pki_dir, "spare"]);
-    let config = std::fs::read_to_string(&env.config).unwrap().replace(
-        "client_ca = \"pki/ca.pem\"",
-        "client_ca = \"pki/ca.pem\"\nclient_crls = [\"pki/crl.pem\"]",
-    );
-    std::fs::write(&env.config, config).unwrap();
+    env.check_client_crls();
     let signer = env.start_signer();
     let addr = signer.addr.to_string();
     let dir = env.path("cacerts");
@@ -450,8 +439,9 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
 
     // The cluster's client certificate is renewed on disk (same identity, new key) and the
     // old one revoked at the signer.
-    transport_pki(&["client", pki_dir, "cluster-a-next", &identity("cluster-a")]);
-    transport_pki(&["revoke", pki_dir, "cluster-a"]);
+    env.transport_pki("client", &["cluster-a-next", &identity("cluster-a")]);
+    env.transport_pki("revoke", &["cluster-a"]);
+    let pki = env.path("pki");
     for ext in ["key", "pem"] {
         std::fs::rename(
             pki.join(format!("cluster-a-next.{ext}")),

@@ -398,18 +398,8 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
         extra_toml: "[limits]\nheader_timeout_ms = 600000\n".into(),
         ..EnvSpec::default()
     });
-    let script = repo().join("scripts/transport-pki.sh");
-    let pki = env.path("pki");
-    let transport_pki = |args: &[&str]| run_ok(Command::new(&script).args(args));
-    let pki_dir = pki.to_str().unwrap();
     // A CRL that revokes only a spare client, so cluster-b starts out trusted.
-    transport_pki(&["client", pki_dir, "spare", &identity("spare")]);
-    transport_pki(&["revoke", pki_dir, "spare"]);
-    let config = std::fs::read_to_string(&env.config).unwrap().replace(
-        "client_ca = \"pki/ca.pem\"",
-        "client_ca = \"pki/ca.pem\"\nclient_crls = [\"pki/crl.pem\"]",
-    );
-    std::fs::write(&env.config, config).unwrap();
+    env.check_client_crls();
     let signer = env.start_signer();
     let healthz = signer.url("/healthz");
     assert!(env.client("cluster-b").get(&healthz).send().await.is_ok());
@@ -444,8 +434,8 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     );
 
     // Revoke cluster-b, renew the server certificate (a new key), and SIGHUP.
-    transport_pki(&["revoke", pki_dir, "cluster-b"]);
-    transport_pki(&["server", pki_dir, "signer"]);
+    env.transport_pki("revoke", &["cluster-b"]);
+    env.transport_pki("server", &["signer"]);
     send_signal(signer.child.id(), "HUP");
     let line = signer.wait_for_log("TLS settings reloaded").await;
     assert!(line.contains("certificate_not_after"), "{line}");

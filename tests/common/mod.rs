@@ -365,6 +365,29 @@ key_type = "{key_type}"
         cmd
     }
 
+    /// `scripts/transport-pki.sh COMMAND pki/ ARGS...` on this environment's transport PKI.
+    pub fn transport_pki(&self, command: &str, args: &[&str]) {
+        run_ok(
+            Command::new(repo().join("scripts/transport-pki.sh"))
+                .arg(command)
+                .arg(self.path("pki"))
+                .args(args),
+        );
+    }
+
+    /// Makes the signer check client revocations from its start: a CRL that revokes only a
+    /// spare client (so every client the tests use starts out trusted), named in `[tls]
+    /// client_crls`. Call before starting the signer.
+    pub fn check_client_crls(&self) {
+        self.transport_pki("client", &["spare", &identity("spare")]);
+        self.transport_pki("revoke", &["spare"]);
+        let config = std::fs::read_to_string(&self.config).unwrap().replace(
+            "client_ca = \"pki/ca.pem\"",
+            "client_ca = \"pki/ca.pem\"\nclient_crls = [\"pki/crl.pem\"]",
+        );
+        std::fs::write(&self.config, config).unwrap();
+    }
+
     /// `meshca audit verify audit.log` must pass; returns what it printed.
     pub fn audit_verify_ok(&self) -> String {
         let out = run_ok(self.meshca().args(["audit", "verify", "audit.log"]));
