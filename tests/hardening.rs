@@ -304,6 +304,62 @@ async fn a_client_hammering_its_rate_limit_costs_the_audit_log_a_few_lines_and_e
 }
 
 #[tokio::test]
+async fn a_flood_of_refused_handshakes_is_counted_in_full_and_logged_in_part() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    // Not TLS at all: what anyone who can reach the port can send, as fast as it likes.
+    let not_tls = || async {
+        let mut tcp = tokio::net::TcpStream::connect(signer.addr).await.unwrap();
+        let _ = tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut rest = Vec::new();
+        // Ends when the signer has refused it (and counted it).
+        let _ = tcp.read_to_end(&mut rest).await;
+    };
+    for _ in 0..60 {
+        not_tls().await;
+    }
+    let refused_lines = || -> Vec<Value> {
+        signer
+            .logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["message"] == "TLS handshake refused")
+            .collect()
+    };
+    // A burst of 20 is logged, then about one a second; not one line per refusal.
+    signer.wait_for_nth_log("TLS handshake refused", 20).await;
+    let flood = refused_lines();
+    assert!((20..60).contains(&flood.len()), "{} lines", flood.len());
+    assert!(flood.iter().all(|l| l["reason"] == "protocol"), "{flood:?}");
+    // Once the throttle lets a line through again, it says how many were not written:
+    // every refusal is a line or counted in a later line. (Sent one at a time until the
+    // last one sent is a line the test has read; the throttle refills one a second.)
+    let client = env.client("cluster-a");
+    let mut accounted = None;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        not_tls().await;
+        let metrics = signer.metrics(&client).await;
+        let counted = metric_sample(
+            &metrics,
+            "meshca_tls_handshakes_refused_total{reason=\"protocol\"}",
+        )
+        .unwrap();
+        let lines = refused_lines();
+        let not_logged: i64 = lines
+            .iter()
+            .map(|l| l["not_logged_since_last"].as_i64().unwrap())
+            .sum();
+        if not_logged > 0 && lines.len() as i64 + not_logged == counted {
+            accounted = Some(counted);
+            break;
+        }
+    }
+    let counted = accounted.expect("refusals neither logged nor counted in a later line");
+    assert!(counted > 60, "{counted}");
+}
+
+#[tokio::test]
 async fn revoked_and_expired_client_certificates_are_refused() {
     let env = Env::new();
     let script = repo().join("scripts/transport-pki.sh");

@@ -32,6 +32,8 @@ pub struct SignerState {
     pub rate_limiter: ratelimit::RateLimiter,
     /// Rate-limit refusals counted for one audit line instead of one line each.
     pub refusal_tally: ratelimit::RefusalTally,
+    /// Log lines of refused TLS handshakes: a burst, then about one a second.
+    pub handshake_log: ratelimit::LogThrottle,
     /// Set once the log has said that intermediates end with the root. With a VirtualMesh's
     /// one ttlDays for the root and its intermediates that is every request, so it is said
     /// once per process (the root only changes with a restart), not once per request.

@@ -147,6 +147,38 @@ impl RefusalTally {
     }
 }
 
+/// Lets through a burst of log lines of one kind, then a steady trickle, and counts the
+/// rest, so a flood of it (refused handshakes: anyone who can reach the port can cause
+/// them) cannot drown the rest of the log or trip journald's rate limit. The next line let
+/// through says how many were not written; metrics count every event regardless.
+pub struct LogThrottle {
+    limit: RateLimit,
+    bucket: RateLimiter,
+    not_logged: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    pub fn new(limit: RateLimit) -> Self {
+        LogThrottle {
+            limit,
+            bucket: RateLimiter::default(),
+            not_logged: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` if a line may be written at `now` (`n`: lines not written since the last
+    /// one let through), else `None` (and this one is counted).
+    pub fn admit(&self, now: Instant) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        if self.bucket.check("", self.limit, now).is_ok() {
+            Some(self.not_logged.swap(0, Ordering::AcqRel))
+        } else {
+            self.not_logged.fetch_add(1, Ordering::AcqRel);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +282,18 @@ mod tests {
         assert_eq!(tally.take_counts(at(100).0), []);
         let clients = tally.clients.lock().unwrap();
         assert!(clients.contains_key("a") && !clients.contains_key("b"));
+    }
+
+    #[test]
+    fn a_log_throttle_lets_a_burst_through_then_a_trickle_and_counts_the_rest() {
+        let throttle = LogThrottle::new(LIMIT);
+        let t0 = Instant::now();
+        let admitted: Vec<Option<u64>> = (0..10).map(|_| throttle.admit(t0)).collect();
+        assert_eq!(admitted[..3], [Some(0), Some(0), Some(0)]);
+        assert!(admitted[3..].iter().all(Option::is_none));
+        // A second later one more line, which says how many were not written.
+        assert_eq!(throttle.admit(t0 + Duration::from_secs(1)), Some(7));
+        assert_eq!(throttle.admit(t0 + Duration::from_secs(1)), None);
+        assert_eq!(throttle.admit(t0 + Duration::from_secs(2)), Some(1));
     }
 }

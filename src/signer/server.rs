@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use super::api::{self, ClientIdentity};
 use super::audit::{AuditLog, AuditRecord, rfc3339};
 use super::metrics::Metrics;
-use super::ratelimit::{REFUSAL_TALLY_PERIOD, RateLimiter, RefusalTally};
+use super::ratelimit::{LogThrottle, REFUSAL_TALLY_PERIOD, RateLimit, RateLimiter, RefusalTally};
 use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
@@ -324,6 +324,7 @@ pub async fn start(
         metrics,
         rate_limiter: RateLimiter::default(),
         refusal_tally: RefusalTally::default(),
+        handshake_log: LogThrottle::new(HANDSHAKE_LOG_LIMIT),
         capped_by_root_noted: AtomicBool::new(false),
         decisions: TaskTracker::new(),
         stop_deciding: CancellationToken::new(),
@@ -429,21 +430,26 @@ async fn serve_tls(
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        let reason = crate::tlsutil::handshake_refusal_reason(&e);
-                        state.metrics.handshake_refused(reason);
-                        tracing::info!(%peer, reason, error = %e, "TLS handshake refused");
-                        return;
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    let reason = crate::tlsutil::handshake_refusal_reason(&e);
+                    state.metrics.handshake_refused(reason);
+                    if let Some(not_logged) = state.handshake_log.admit(Instant::now()) {
+                        tracing::info!(%peer, reason, error = %e, not_logged_since_last = not_logged, "TLS handshake refused");
                     }
-                    Err(_) => {
-                        state.metrics.handshake_refused("timeout");
-                        tracing::info!(%peer, "TLS handshake timed out");
-                        return;
+                    return;
+                }
+                Err(_) => {
+                    state.metrics.handshake_refused("timeout");
+                    if let Some(not_logged) = state.handshake_log.admit(Instant::now()) {
+                        tracing::info!(%peer, reason = "timeout", not_logged_since_last = not_logged, "TLS handshake refused");
                     }
-                };
+                    return;
+                }
+            };
             let identity = tls
                 .get_ref()
                 .1
@@ -491,6 +497,13 @@ async fn serve_tls(
         _ = tokio::time::sleep(state.rules().limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
     }
 }
+
+/// Refused handshakes logged one by one: a burst of 20, then one a second; the metric
+/// `meshca_tls_handshakes_refused_total` counts every one.
+const HANDSHAKE_LOG_LIMIT: RateLimit = RateLimit {
+    per_minute: 60,
+    burst: 20,
+};
 
 /// Writes the counted rate-limit refusals every period until shutdown (which writes the
 /// last counts itself, after the last decision).
