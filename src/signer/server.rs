@@ -430,26 +430,22 @@ async fn serve_tls(
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
-                .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    let reason = crate::tlsutil::handshake_refusal_reason(&e);
-                    state.metrics.handshake_refused(reason);
-                    if let Some(not_logged) = state.handshake_log.admit(Instant::now()) {
-                        tracing::info!(%peer, reason, error = %e, not_logged_since_last = not_logged, "TLS handshake refused");
+            let tls =
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        let reason = crate::tlsutil::handshake_refusal_reason(&e);
+                        return handshake_refused(&state, peer, reason, &e.to_string());
                     }
-                    return;
-                }
-                Err(_) => {
-                    state.metrics.handshake_refused("timeout");
-                    if let Some(not_logged) = state.handshake_log.admit(Instant::now()) {
-                        tracing::info!(%peer, reason = "timeout", not_logged_since_last = not_logged, "TLS handshake refused");
+                    Err(_) => {
+                        return handshake_refused(
+                            &state,
+                            peer,
+                            "timeout",
+                            "no handshake within the handshake timeout",
+                        );
                     }
-                    return;
-                }
-            };
+                };
             let identity = tls
                 .get_ref()
                 .1
@@ -495,6 +491,20 @@ async fn serve_tls(
     tokio::select! {
         _ = slots.acquire_many(all_slots) => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(state.rules().limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+}
+
+/// Counts a refused handshake, and logs it unless the log throttle holds it back.
+fn handshake_refused(state: &SignerState, peer: SocketAddr, reason: &str, error: &str) {
+    state.metrics.handshake_refused(reason);
+    if let Some(not_logged) = state.handshake_log.admit(Instant::now()) {
+        tracing::info!(
+            %peer,
+            reason,
+            error,
+            not_logged_since_last = not_logged,
+            "TLS handshake refused"
+        );
     }
 }
 
