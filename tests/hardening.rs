@@ -279,8 +279,8 @@ async fn a_client_hammering_its_rate_limit_costs_the_audit_log_a_few_lines_and_e
     let last = lines.last().unwrap();
     assert_eq!(last["decision"], "deny");
     assert_eq!(last["client"], identity("cluster-a"));
+    // (Mostly every refusal but the first; fewer if a minute's tick came in between.)
     let count = last["count"].as_u64().unwrap();
-    assert!(count >= 2, "{last}");
     assert!(
         last["message"].as_str().unwrap().starts_with(&format!(
             "{count} more signing requests from this client refused by the rate limit from 20"
