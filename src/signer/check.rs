@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
-use super::server::{StartError, load_root};
+use super::server::{StartError, load_root, read_pin, serving_tls};
 use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendSettings, SignerConfig};
 
@@ -36,12 +36,7 @@ pub struct CheckReport {
 /// place. Secrets are read and dropped, never shown. `now` dates the expiry warnings.
 pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, StartError> {
     let root = load_root(config)?;
-    let tls = crate::tlsutil::server_config(
-        &config.tls_cert,
-        &config.tls_key,
-        &config.client_ca,
-        &config.client_crls,
-    )?;
+    let tls = serving_tls(config)?;
     let backend = check_backend(config)?;
     let (audit_log, torn_tail) = check_audit_log(&config.audit_log)?;
 
@@ -93,10 +88,7 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
                 crate::fsutil::read_text(conf)
                     .map_err(|e| backend(format!("pkcs11.softhsm2_conf: {e}")))?;
             }
-            settings
-                .pin
-                .read()
-                .map_err(|e| backend(format!("user PIN: {e}")))?;
+            read_pin(settings)?;
             Ok(format!(
                 "pkcs11, module {}, key {}, {} sessions, PIN from {}",
                 settings.module.display(),

@@ -106,10 +106,7 @@ pub fn start_backend(
 ) -> Result<Arc<dyn RootSigner>, StartError> {
     match config.backend().map_err(StartError::Backend)? {
         BackendSettings::Pkcs11(settings) => {
-            let pin = settings
-                .pin
-                .read()
-                .map_err(|e| StartError::Backend(format!("user PIN: {e}")))?;
+            let pin = read_pin(settings)?;
             let backend = Pkcs11Backend::start(settings, pin, root)
                 .map_err(|e| StartError::Backend(format!("PKCS#11 token: {e}")))?;
             Ok(Arc::new(backend))
@@ -124,17 +121,28 @@ pub fn start_backend(
     }
 }
 
+/// The token's user PIN from its configured source (its file's 0600 rule included).
+pub(super) fn read_pin(
+    settings: &crate::config::Pkcs11Settings,
+) -> Result<crate::secret::Secret, StartError> {
+    settings
+        .pin
+        .read()
+        .map_err(|e| StartError::Backend(format!("user PIN: {e}")))
+}
+
 /// The TLS settings new connections are accepted with.
 #[derive(Clone)]
-struct ServingTls {
+pub(super) struct ServingTls {
     acceptor: TlsAcceptor,
-    certificate_not_after: SystemTime,
+    pub(super) certificate_not_after: SystemTime,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     fingerprint: MaterialFingerprint,
 }
 
-/// Fresh settings from the config's TLS files (read at start and again on reload).
-fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError> {
+/// Fresh settings from the config's TLS files (read at start, again on reload, and by
+/// `serve --check`).
+pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError> {
     let tls = server_config(
         &config.tls_cert,
         &config.tls_key,
