@@ -1,8 +1,9 @@
 //! The controllers' Prometheus metrics (`--metrics-listen`) and their HTTP endpoint. Both
 //! controllers report their loop ([`LoopMetrics`]: whether the replica acts, when its last
-//! pass ended, its resync period); the agent adds, per request, when its installed intermediate expires, when
-//! it will be renewed and whether its last reconcile succeeded, and when its own client
-//! certificate expires. These are what `deploy/prometheus/meshca-alerts.yaml` alerts on.
+//! pass ended, its resync period); the agent adds, per request, when its installed
+//! intermediate expires, when it will be renewed and whether its last reconcile
+//! succeeded, and when its own client certificate expires. These are what
+//! `deploy/prometheus/meshca-alerts.yaml` alerts on.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -67,13 +67,12 @@ impl Metrics {
             "Signing requests by outcome (issued, or the refusal's error code)",
             requests.clone(),
         );
-        let handshakes_refused = Family::<ReasonLabels, Counter>::default();
-        for reason in crate::tlsutil::HANDSHAKE_REFUSAL_REASONS {
-            // From 0, like the outcomes: the first refusal must show in `increase()`.
-            drop(handshakes_refused.get_or_create(&ReasonLabels {
-                reason: reason.to_string(),
+        let handshakes_refused =
+            counters_from_zero(crate::tlsutil::HANDSHAKE_REFUSAL_REASONS.map(|reason| {
+                ReasonLabels {
+                    reason: reason.to_string(),
+                }
             }));
-        }
         registry.register(
             "tls_handshakes_refused",
             "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
@@ -221,17 +220,25 @@ impl Metrics {
     }
 }
 
-/// Counters by outcome, each of `outcomes` created at 0, so that the first of each shows
-/// in `increase()` (a series that appears at 1 has no earlier sample to differ from).
+/// Counters by outcome, each of `outcomes` created at 0 (see [`counters_from_zero`]).
 pub(crate) fn outcomes_from_zero<'a>(
     outcomes: impl IntoIterator<Item = &'a &'a str>,
 ) -> Family<OutcomeLabels, Counter> {
-    let family = Family::<OutcomeLabels, Counter>::default();
-    for outcome in outcomes {
+    counters_from_zero(outcomes.into_iter().map(|outcome| OutcomeLabels {
+        outcome: outcome.to_string(),
+    }))
+}
+
+/// Counters with each of `label_sets` created at 0, so that the first of each shows in
+/// `increase()` (a series that appears at 1 has no earlier sample to differ from).
+fn counters_from_zero<L>(label_sets: impl IntoIterator<Item = L>) -> Family<L, Counter>
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    let family = Family::<L, Counter>::default();
+    for labels in label_sets {
         // Creating the series is the point; the counter itself is not needed here.
-        drop(family.get_or_create(&OutcomeLabels {
-            outcome: outcome.to_string(),
-        }));
+        drop(family.get_or_create(&labels));
     }
     family
 }
