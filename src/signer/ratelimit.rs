@@ -38,27 +38,42 @@ impl RateLimiter {
         let burst = f64::from(limit.burst.max(1));
         let rate = f64::from(limit.per_minute) / 60.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_CLIENTS && !buckets.contains_key(client) {
+        // A known client (every request but a client's first) is looked up without
+        // allocating its identity as a key.
+        if let Some(bucket) = buckets.get_mut(client) {
+            return bucket.take(burst, rate, now);
+        }
+        if buckets.len() >= MAX_CLIENTS {
             buckets.retain(|_, b| {
                 let refilled =
                     b.tokens + rate * now.saturating_duration_since(b.updated).as_secs_f64();
                 refilled < burst
             });
         }
-        let bucket = buckets.entry(client.to_string()).or_insert(Bucket {
+        let mut bucket = Bucket {
             tokens: burst,
             updated: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + rate * elapsed).min(burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        };
+        let taken = bucket.take(burst, rate, now);
+        buckets.insert(client.to_owned(), bucket);
+        taken
+    }
+}
+
+impl Bucket {
+    /// Refills at `rate` per second up to `burst`, then takes one token if there is one;
+    /// else how long until there is.
+    fn take(&mut self, burst: f64, rate: f64, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + rate * elapsed).min(burst);
+        self.updated = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
             Ok(())
         } else if rate <= 0.0 {
             Err(Duration::from_secs(60))
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
         }
     }
 }
