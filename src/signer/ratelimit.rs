@@ -162,33 +162,37 @@ impl RefusalTally {
     }
 }
 
-/// Lets through a burst of log lines of one kind, then a steady trickle, and counts the
-/// rest, so a flood of it (refused handshakes: anyone who can reach the port can cause
-/// them) cannot drown the rest of the log or trip journald's rate limit. The next line let
-/// through says how many were not written; metrics count every event regardless.
+/// Lets through a burst of log lines of each kind, then a steady trickle, and counts the
+/// rest, so a flood of one kind (refused handshakes: anyone who can reach the port can
+/// cause them) cannot drown the rest of the log or trip journald's rate limit. Each kind
+/// has its own bucket, so a flood of one kind (a scanner's) does not hide the lines of
+/// another (an agent whose certificate expired). The next line of a kind let through says
+/// how many of that kind were not written; metrics count every event regardless.
 pub struct LogThrottle {
     limit: RateLimit,
-    bucket: RateLimiter,
-    not_logged: std::sync::atomic::AtomicU64,
+    buckets: RateLimiter,
+    not_logged: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl LogThrottle {
     pub fn new(limit: RateLimit) -> Self {
         LogThrottle {
             limit,
-            bucket: RateLimiter::default(),
-            not_logged: std::sync::atomic::AtomicU64::new(0),
+            buckets: RateLimiter::default(),
+            not_logged: Mutex::default(),
         }
     }
 
-    /// `Some(n)` if a line may be written at `now` (`n`: lines not written since the last
-    /// one let through), else `None` (and this one is counted).
-    pub fn admit(&self, now: Instant) -> Option<u64> {
-        use std::sync::atomic::Ordering;
-        if self.bucket.check("", self.limit, now).is_ok() {
-            Some(self.not_logged.swap(0, Ordering::AcqRel))
+    /// `Some(n)` if a line of `kind` may be written at `now` (`n`: lines of that kind not
+    /// written since the last one let through), else `None` (and this one is counted).
+    pub fn admit(&self, kind: &'static str, now: Instant) -> Option<u64> {
+        let admitted = self.buckets.check(kind, self.limit, now).is_ok();
+        let mut not_logged = self.not_logged.lock().unwrap_or_else(|p| p.into_inner());
+        let count = not_logged.entry(kind).or_default();
+        if admitted {
+            Some(std::mem::take(count))
         } else {
-            self.not_logged.fetch_add(1, Ordering::AcqRel);
+            *count += 1;
             None
         }
     }
@@ -303,12 +307,24 @@ mod tests {
     fn a_log_throttle_lets_a_burst_through_then_a_trickle_and_counts_the_rest() {
         let throttle = LogThrottle::new(LIMIT);
         let t0 = Instant::now();
-        let admitted: Vec<Option<u64>> = (0..10).map(|_| throttle.admit(t0)).collect();
+        let admitted: Vec<Option<u64>> = (0..10).map(|_| throttle.admit("flood", t0)).collect();
         assert_eq!(admitted[..3], [Some(0), Some(0), Some(0)]);
         assert!(admitted[3..].iter().all(Option::is_none));
+        // Another kind has its own burst, and its own count.
+        assert_eq!(throttle.admit("other", t0), Some(0));
         // A second later one more line, which says how many were not written.
-        assert_eq!(throttle.admit(t0 + Duration::from_secs(1)), Some(7));
-        assert_eq!(throttle.admit(t0 + Duration::from_secs(1)), None);
-        assert_eq!(throttle.admit(t0 + Duration::from_secs(2)), Some(1));
+        assert_eq!(
+            throttle.admit("flood", t0 + Duration::from_secs(1)),
+            Some(7)
+        );
+        assert_eq!(throttle.admit("flood", t0 + Duration::from_secs(1)), None);
+        assert_eq!(
+            throttle.admit("flood", t0 + Duration::from_secs(2)),
+            Some(1)
+        );
+        assert_eq!(
+            throttle.admit("other", t0 + Duration::from_secs(2)),
+            Some(0)
+        );
     }
 }

@@ -502,10 +502,10 @@ async fn serve_tls(
     }
 }
 
-/// Counts a refused handshake, and logs it unless the log throttle holds it back.
-fn handshake_refused(state: &SignerState, peer: SocketAddr, reason: &str, error: &str) {
+/// Counts a refused handshake, and logs it unless the log throttle holds back its reason.
+fn handshake_refused(state: &SignerState, peer: SocketAddr, reason: &'static str, error: &str) {
     state.metrics.handshake_refused(reason);
-    if let Some(not_logged) = state.handshake_log.admit(Instant::now()) {
+    if let Some(not_logged) = state.handshake_log.admit(reason, Instant::now()) {
         tracing::info!(
             %peer,
             reason,
@@ -516,8 +516,9 @@ fn handshake_refused(state: &SignerState, peer: SocketAddr, reason: &str, error:
     }
 }
 
-/// Refused handshakes logged one by one: a burst of 20, then one a second; the metric
-/// `meshca_tls_handshakes_refused_total` counts every one.
+/// Refused handshakes logged one by one, per reason: a burst of 20, then one a second (a
+/// scanner's flood of `protocol` does not hide an agent's `client_certificate_expired`);
+/// the metric `meshca_tls_handshakes_refused_total` counts every one.
 const HANDSHAKE_LOG_LIMIT: RateLimit = RateLimit {
     per_minute: 60,
     burst: 20,
