@@ -115,12 +115,15 @@ pub fn server_config(
 ) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let mut revocation_lists = Vec::new();
+    let mut crl_next_updates = Vec::new();
     for path in crls {
-        revocation_lists.extend(load_pem_blocks::<CertificateRevocationListDer<'static>>(
+        let in_file = load_pem_blocks::<CertificateRevocationListDer<'static>>(
             path,
             "X509 CRL",
             |path, message| TlsError::Crls { path, message },
-        )?);
+        )?;
+        crl_next_updates.extend(earliest_next_update(path, &in_file)?);
+        revocation_lists.extend(in_file);
     }
     let client_cas = load_certificates(client_ca)?;
     let chain = load_certificates(cert)?;
@@ -150,16 +153,58 @@ pub fn server_config(
     Ok(ServerTls {
         config,
         certificate_not_after,
+        crl_next_updates,
         fingerprint,
     })
 }
 
-/// A server's rustls configuration, when its own certificate expires, and what it was
-/// built from.
+/// A server's rustls configuration, when its own certificate expires, when its client
+/// CRLs are due to be replaced, and what it was built from.
 pub struct ServerTls {
     pub config: rustls::ServerConfig,
     pub certificate_not_after: std::time::SystemTime,
+    pub crl_next_updates: Vec<CrlNextUpdate>,
     pub fingerprint: MaterialFingerprint,
+}
+
+/// When a client CRL file is due to be replaced: the earliest `nextUpdate` of the CRLs in
+/// it, by which their issuer promised a newer list. The signer enforces the CRLs it loaded
+/// until a reload, however old: past this time, revocations published since are not
+/// enforced (the newer CRL was not published, or not put in place and reloaded).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrlNextUpdate {
+    pub path: std::path::PathBuf,
+    pub next_update: std::time::SystemTime,
+}
+
+impl CrlNextUpdate {
+    pub fn is_overdue(&self, now: std::time::SystemTime) -> bool {
+        self.next_update <= now
+    }
+}
+
+/// The earliest `nextUpdate` among the CRLs of one file; none if no CRL in it has one (the
+/// field is optional in X.509, required by RFC 5280 of conforming issuers).
+fn earliest_next_update(
+    path: &Path,
+    crls: &[CertificateRevocationListDer<'_>],
+) -> Result<Option<CrlNextUpdate>, TlsError> {
+    let mut earliest = None;
+    for crl in crls {
+        let crl = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(crl)
+            .map_err(|e| TlsError::Crls {
+                path: path.display().to_string(),
+                message: format!("not a CRL: {e}"),
+            })?;
+        if let Some(next) = crl.tbs_cert_list.next_update {
+            let next = next.to_system_time();
+            earliest = Some(earliest.map_or(next, |e: std::time::SystemTime| e.min(next)));
+        }
+    }
+    Ok(earliest.map(|next_update| CrlNextUpdate {
+        path: path.to_path_buf(),
+        next_update,
+    }))
 }
 
 /// A SHA-256 digest of the DER of everything a TLS configuration was built from, so a

@@ -555,6 +555,69 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     }
 }
 
+#[tokio::test]
+async fn a_client_crl_past_its_next_update_is_named_and_still_enforced() {
+    let env = Env::new();
+    // A CRL revoking the spare client, due to be replaced in 30 days.
+    env.check_client_crls();
+    let crl = env.path("pki/crl.pem");
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let next_update = |metrics: &str| -> i64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("meshca_tls_client_crl_next_update_timestamp_seconds{"))
+            .unwrap_or_else(|| panic!("no CRL next update in\n{metrics}"));
+        assert!(line.contains("pki/crl.pem\"}"), "{line}");
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let metrics = signer.metrics(&client).await;
+    assert_eq!(
+        next_update(&metrics),
+        openssl_date_unix("crl", &crl, "nextupdate")
+    );
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(report.contains("pki/crl.pem, next update"), "{report}");
+    assert!(!report.contains("warning"), "{report}");
+
+    // A CRL whose nextUpdate has passed (as if its publisher had stopped long ago) is added
+    // after the current one: the file's earliest nextUpdate counts; the check and a
+    // reload name it, the metric shows it, and both CRLs are still enforced.
+    let stale = env.path("pki/stale-crl.pem");
+    run_ok(Command::new("openssl").args([
+        "ca",
+        "-config",
+        &env.path("pki/ca.cnf").display().to_string(),
+        "-gencrl",
+        "-crl_lastupdate",
+        "20200101000000Z",
+        "-crl_nextupdate",
+        "20200102000000Z",
+        "-out",
+        &stale.display().to_string(),
+    ]));
+    let both = std::fs::read_to_string(&crl).unwrap() + &std::fs::read_to_string(&stale).unwrap();
+    std::fs::write(&crl, both).unwrap();
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains("warning: the client CRL")
+            && report.contains("pki/crl.pem was due to be replaced at 2020-01-02T00:00:00"),
+        "{report}"
+    );
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("client CRL past its nextUpdate").await;
+    assert!(
+        line.contains("pki/crl.pem") && line.contains("2020-01-02T00:00:00"),
+        "{line}"
+    );
+    signer.wait_for_log("TLS settings reloaded").await;
+    let metrics = signer.metrics(&client).await;
+    assert_eq!(next_update(&metrics), 1_577_923_200);
+    let healthz = signer.url("/healthz");
+    assert!(env.client("spare").get(&healthz).send().await.is_err());
+    assert!(client.get(&healthz).send().await.is_ok());
+}
+
 /// A raw TLS connection presenting the named client's certificate.
 async fn tls_connect(
     env: &Env,

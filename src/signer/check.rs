@@ -23,6 +23,8 @@ pub struct CheckReport {
     pub clients: usize,
     pub root: String,
     pub server_certificate_not_after: SystemTime,
+    /// Each client CRL file and when it is due to be replaced.
+    pub client_crls: Vec<String>,
     pub backend: String,
     pub audit_log: String,
     /// Nothing in them stops a start; an operator should still act.
@@ -56,6 +58,31 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             warnings.push(format!("{what} expires at {}", rfc3339(not_after)));
         }
     }
+    for crl in tls
+        .crl_next_updates
+        .iter()
+        .filter(|crl| crl.is_overdue(now))
+    {
+        warnings.push(format!(
+            "the client CRL {} was due to be replaced at {} (its nextUpdate): it is still enforced, but not what was revoked since",
+            crl.path.display(),
+            rfc3339(crl.next_update)
+        ));
+    }
+    let client_crls = config
+        .client_crls
+        .iter()
+        .map(
+            |path| match tls.crl_next_updates.iter().find(|crl| &crl.path == path) {
+                Some(crl) => format!(
+                    "{}, next update {}",
+                    path.display(),
+                    rfc3339(crl.next_update)
+                ),
+                None => format!("{}, no next update", path.display()),
+            },
+        )
+        .collect();
     Ok(CheckReport {
         config: config.path.display().to_string(),
         virtual_meshes: config.policies.iter().map(|p| p.id.to_string()).collect(),
@@ -67,6 +94,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             root.fingerprint_sha256
         ),
         server_certificate_not_after: tls.certificate_not_after,
+        client_crls,
         backend,
         audit_log,
         warnings,
@@ -156,6 +184,9 @@ impl fmt::Display for CheckReport {
             "  server cert     valid until {}",
             rfc3339(self.server_certificate_not_after)
         )?;
+        for crl in &self.client_crls {
+            writeln!(f, "  client CRL      {crl}")?;
+        }
         writeln!(f, "  backend         {}", self.backend)?;
         writeln!(f, "  audit log       {}", self.audit_log)?;
         for warning in &self.warnings {

@@ -37,6 +37,12 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabels {
+    /// A file as the config names it.
+    pub file: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
@@ -55,6 +61,7 @@ pub struct Metrics {
     tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
+    client_crl_next_update: Family<FileLabels, Gauge>,
 }
 
 impl Metrics {
@@ -135,6 +142,12 @@ impl Metrics {
             "Seconds until the signer's own TLS server certificate expires",
             tls_certificate_expiry_seconds.clone(),
         );
+        let client_crl_next_update = Family::<FileLabels, Gauge>::default();
+        registry.register(
+            "tls_client_crl_next_update_timestamp_seconds",
+            "When each client CRL file in force is due to be replaced: the earliest nextUpdate in it (Unix seconds); past it, revocations published since are not enforced",
+            client_crl_next_update.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -150,6 +163,7 @@ impl Metrics {
             rules_last_reload_successful,
             tls_certificate_expiry_seconds,
             tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
+            client_crl_next_update,
         }
     }
 
@@ -191,6 +205,19 @@ impl Metrics {
         self.tls_last_reload_successful
             .set(i64::from(new_certificate_not_after.is_some()));
         count_outcome(&self.tls_reloads, outcome);
+    }
+
+    /// The client CRLs in force, at start and after each TLS reload that succeeded: one
+    /// series per file with a `nextUpdate`.
+    pub fn client_crls(&self, next_updates: &[crate::tlsutil::CrlNextUpdate]) {
+        self.client_crl_next_update.clear();
+        for crl in next_updates {
+            self.client_crl_next_update
+                .get_or_create(&FileLabels {
+                    file: crl.path.display().to_string(),
+                })
+                .set(unix_seconds(crl.next_update));
+        }
     }
 
     /// A reload of the rules: `ok` (changed or not) or `error`.

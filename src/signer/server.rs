@@ -31,7 +31,9 @@ use crate::pki::keys::PublicKeyKind;
 use crate::pki::profile::RootCa;
 use crate::policy::PolicySet;
 use crate::policy::rules::check_public_key;
-use crate::tlsutil::{MaterialFingerprint, TlsError, client_identity, server_config};
+use crate::tlsutil::{
+    CrlNextUpdate, MaterialFingerprint, TlsError, client_identity, server_config,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -136,6 +138,7 @@ pub(super) fn read_pin(
 pub(super) struct ServingTls {
     acceptor: TlsAcceptor,
     pub(super) certificate_not_after: SystemTime,
+    pub(super) crl_next_updates: Vec<CrlNextUpdate>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     fingerprint: MaterialFingerprint,
 }
@@ -152,8 +155,22 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
     Ok(ServingTls {
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
         certificate_not_after: tls.certificate_not_after,
+        crl_next_updates: tls.crl_next_updates,
         fingerprint: tls.fingerprint,
     })
+}
+
+/// Warns of each client CRL past its `nextUpdate` (at start and on a TLS reload): the
+/// signer still enforces it, but not what was revoked since.
+fn warn_of_overdue_crls(crls: &[CrlNextUpdate]) {
+    let now = SystemTime::now();
+    for crl in crls.iter().filter(|crl| crl.is_overdue(now)) {
+        tracing::warn!(
+            crl = %crl.path.display(),
+            next_update = %rfc3339(crl.next_update),
+            "client CRL past its nextUpdate: it is still enforced, but a newer one was due; revocations published since are not enforced until it is in place and the signer reloaded (SIGHUP)"
+        );
+    }
 }
 
 /// What a TLS reload did.
@@ -241,6 +258,8 @@ impl RunningSigner {
         match serving_tls(&self.config) {
             Ok(read) => {
                 let certificate_not_after = read.certificate_not_after;
+                self.state.metrics.client_crls(&read.crl_next_updates);
+                warn_of_overdue_crls(&read.crl_next_updates);
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
                     if changed {
@@ -297,6 +316,8 @@ pub async fn start(
     let root = load_root(&config)?;
     let tls = serving_tls(&config)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
+    metrics.client_crls(&tls.crl_next_updates);
+    warn_of_overdue_crls(&tls.crl_next_updates);
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = {

@@ -787,11 +787,17 @@ pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
 /// A certificate file's notBefore or notAfter (`which`: `startdate`, `enddate`) in Unix
 /// seconds, as openssl and date read it (an independent check of meshca's own parsing).
 pub fn certificate_date_unix(cert: &Path, which: &str) -> i64 {
+    openssl_date_unix("x509", cert, which)
+}
+
+/// A date of a certificate or CRL (`object`: `x509` or `crl`) as `openssl OBJECT -noout
+/// -WHICH` prints it (`enddate`, `nextupdate`, ...), in Unix seconds.
+pub fn openssl_date_unix(object: &str, path: &Path, which: &str) -> i64 {
     let line = text(
         &run_ok(
             Command::new("openssl")
-                .args(["x509", "-noout", &format!("-{which}"), "-in"])
-                .arg(cert),
+                .args([object, "-noout", &format!("-{which}"), "-in"])
+                .arg(path),
         )
         .stdout,
     );
