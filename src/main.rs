@@ -198,8 +198,12 @@ enum RootCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain of an audit log and say where it breaks.
-    Verify { file: PathBuf },
+    /// Check the hash chain of an audit log and say where it breaks. Give the files of a
+    /// rotated log oldest first: each must continue the one before it.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// How a cluster reaches the signer over mTLS (`meshca request` and `meshca agent`).
@@ -655,24 +659,37 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::MeshController(args) => return mesh_controller(args),
         Command::Agent(args) => return agent(args),
         Command::Audit {
-            command: AuditCommand::Verify { file },
+            command: AuditCommand::Verify { files },
         } => {
-            let reader = BufReader::new(
-                std::fs::File::open(&file)
-                    .with_context(|| format!("cannot open {}", file.display()))?,
-            );
-            match audit::verify(reader)? {
-                VerifyOutcome::Intact { records, last_hash } => {
-                    println!(
-                        "meshca: audit log {} is intact: {records} records, last hash {last_hash}",
-                        file.display()
-                    );
-                }
-                VerifyOutcome::Broken { line, problem } => {
-                    bail!(
-                        "audit log {} breaks at line {line}: {problem}",
-                        file.display()
-                    );
+            let mut after: Option<String> = None;
+            for file in &files {
+                let reader = BufReader::new(
+                    std::fs::File::open(file)
+                        .with_context(|| format!("cannot open {}", file.display()))?,
+                );
+                match audit::verify(reader, after.as_deref())? {
+                    VerifyOutcome::Intact {
+                        records,
+                        last_hash,
+                        continues_from,
+                    } => {
+                        println!(
+                            "meshca: audit log {} is intact: {records} records, last hash {last_hash}",
+                            file.display()
+                        );
+                        if let Some(earlier) = continues_from {
+                            println!(
+                                "  it continues an earlier file (rotated away) whose last line hashes to {earlier}: verify them together, oldest first, to check the link"
+                            );
+                        }
+                        after = Some(last_hash);
+                    }
+                    VerifyOutcome::Broken { line, problem } => {
+                        bail!(
+                            "audit log {} breaks at line {line}: {problem}",
+                            file.display()
+                        );
+                    }
                 }
             }
         }

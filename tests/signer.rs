@@ -744,6 +744,75 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
 }
 
 #[tokio::test]
+async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let sign = || async {
+        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+        let (status, _) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+        assert_eq!(status, 200);
+    };
+    sign().await;
+    // Rotated as logrotate does without copytruncate: the file is renamed, nothing else.
+    std::fs::rename(env.path("audit.log"), env.path("audit.log.1")).unwrap();
+    sign().await;
+    sign().await;
+    signer
+        .wait_for_log("audit log was moved away (rotated)")
+        .await;
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+
+    let new_log = env.path("audit.log");
+    let mode = std::fs::metadata(&new_log).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let lines = signer.audit_lines();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["event"], "rotation");
+    assert!(
+        lines[1..].iter().all(|l| l["rule"] == "issued"),
+        "{lines:?}"
+    );
+
+    // Together, oldest first: the chain runs from one file into the next.
+    let both = run_ok(
+        env.meshca()
+            .args(["audit", "verify", "audit.log.1", "audit.log"]),
+    );
+    let both = text(&both.stdout);
+    assert!(
+        both.contains("audit.log.1 is intact: 1 records")
+            && both.contains("audit.log is intact: 3 records"),
+        "{both}"
+    );
+    // Alone, the new file says which line it continues from: the old file's last.
+    let old_last_hash = both
+        .lines()
+        .find(|l| l.contains("audit.log.1 is intact"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap()
+        .to_string();
+    let alone = env.audit_verify_ok();
+    assert!(
+        alone.contains(&format!(
+            "continues an earlier file (rotated away) whose last line hashes to {old_last_hash}"
+        )),
+        "{alone}"
+    );
+    // In the wrong order the link is refused.
+    let out = run(env
+        .meshca()
+        .args(["audit", "verify", "audit.log", "audit.log.1"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("audit.log.1 breaks at line 1: does not continue the file before it"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn secrets_stay_out_of_debug_logs() {
     let env = Env::new();
     let mut signer = env.start_signer_with(&["--log-level", "debug"]);

@@ -9,6 +9,10 @@
 //! commit_siblings): on a fast disk under load each fsync would otherwise cover about two
 //! lines, and an fsync costs more CPU than a signature on a fast token. A failed write is
 //! rolled back, so the file never holds a line that was not acknowledged as written.
+//!
+//! The log may be rotated while the signer runs: once the file is moved away, the writer
+//! creates a new one at the path for its next lines, beginning with a `rotation` record
+//! that continues the chain from the moved file's last line.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -41,7 +45,8 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 pub struct AuditRecord {
     pub time: String,
     /// `decision` for a signing decision; `reload` for a change of the policies, client
-    /// grants or limits (SIGHUP); `recovery` for a repair of the log itself.
+    /// grants or limits (SIGHUP); `recovery` for a repair of the log itself; `rotation`
+    /// first in a file that continues one moved away.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -185,8 +190,11 @@ impl AuditLog {
             writer: OnceLock::new(),
         });
         let commits = Counter::default();
+        let identity = FileIdentity::of(&file.metadata().map_err(io)?);
         let writer = Writer {
             file,
+            identity,
+            rotation_to_record: false,
             path: path.to_path_buf(),
             last_hash,
             healthy: healthy.clone(),
@@ -251,6 +259,10 @@ impl AuditLog {
 
 struct Writer {
     file: File,
+    /// Which file `file` is, to notice the path being moved to another.
+    identity: FileIdentity,
+    /// `file` was created after a rotation and does not yet hold its `rotation` record.
+    rotation_to_record: bool,
     path: PathBuf,
     last_hash: String,
     healthy: Arc<AtomicBool>,
@@ -288,10 +300,6 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
-        let io = |e: std::io::Error| AuditError::Io {
-            path: self.path.display().to_string(),
-            message: e.to_string(),
-        };
         if !self.healthy.load(Ordering::SeqCst) {
             return Err(AuditError::Io {
                 path: self.path.display().to_string(),
@@ -299,8 +307,28 @@ impl Writer {
                     .into(),
             });
         }
+        self.follow_rotation().map_err(|e| AuditError::Io {
+            path: self.path.display().to_string(),
+            message: format!("cannot open a new file after the log was moved away: {e}"),
+        })?;
+        let io = |e: std::io::Error| AuditError::Io {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        };
         let mut buf = Vec::with_capacity(batch.len() * 512);
         let mut hash = self.last_hash.clone();
+        if self.rotation_to_record {
+            let record = AuditRecord {
+                time: rfc3339(SystemTime::now()),
+                event: "rotation".into(),
+                message: Some(format!(
+                    "the log at {} was moved away (rotated); this file continues its chain from its last line, whose hash is this line's prev",
+                    self.path.display()
+                )),
+                ..Default::default()
+            };
+            hash = encode_line(record, &hash, &mut buf);
+        }
         for pending in batch.iter_mut() {
             hash = encode_line(std::mem::take(&mut pending.record), &hash, &mut buf);
         }
@@ -312,6 +340,7 @@ impl Writer {
         match written {
             Ok(()) => {
                 self.last_hash = hash;
+                self.rotation_to_record = false;
                 self.commits.inc();
                 Ok(())
             }
@@ -329,6 +358,47 @@ impl Writer {
                 tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing to issue");
                 Err(io(e))
             }
+        }
+    }
+}
+
+impl Writer {
+    /// If the log's path no longer names the file being written (moved away by a
+    /// rotation), opens (creates, mode 0600) the file now at the path and marks the
+    /// `rotation` record to be written first. A path that cannot be looked at for another
+    /// reason leaves the writer on its file.
+    fn follow_rotation(&mut self) -> std::io::Result<()> {
+        let at_path = match std::fs::metadata(&self.path) {
+            Ok(meta) => Some(FileIdentity::of(&meta)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => return Ok(()),
+        };
+        if at_path == Some(self.identity) {
+            return Ok(());
+        }
+        let file = crate::fsutil::open_append(&self.path, 0o600)?;
+        crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path))?;
+        self.identity = FileIdentity::of(&file.metadata()?);
+        self.file = file;
+        self.rotation_to_record = true;
+        tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
+        Ok(())
+    }
+}
+
+/// Device and inode: what a path names, whatever it is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            device: meta.dev(),
+            inode: meta.ino(),
         }
     }
 }
@@ -399,13 +469,28 @@ fn read_tail(path: &Path) -> std::io::Result<Tail> {
 /// How a log checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VerifyOutcome {
-    Intact { records: usize, last_hash: String },
-    Broken { line: usize, problem: String },
+    Intact {
+        records: usize,
+        last_hash: String,
+        /// The file begins with a `rotation` record: the hash of the last line of the file
+        /// it continues (moved away by a rotation).
+        continues_from: Option<String>,
+    },
+    Broken {
+        line: usize,
+        problem: String,
+    },
 }
 
-/// Checks every line's `prev` against the hash of the line before it.
-pub fn verify(reader: impl std::io::BufRead) -> std::io::Result<VerifyOutcome> {
-    let mut prev = GENESIS.to_string();
+/// Checks every line's `prev` against the hash of the line before it. The first line's
+/// `prev` must be `after` (the last hash of the file this one follows) when given; else
+/// the chain's start, or the line is a `rotation` record continuing a file not given.
+pub fn verify(
+    reader: impl std::io::BufRead,
+    after: Option<&str>,
+) -> std::io::Result<VerifyOutcome> {
+    let mut prev = after.unwrap_or(GENESIS).to_string();
+    let mut continues_from = None;
     let mut records = 0;
     let mut lines = reader.split(b'\n').peekable();
     let mut number = 0;
@@ -431,13 +516,28 @@ pub fn verify(reader: impl std::io::BufRead) -> std::io::Result<VerifyOutcome> {
                 });
             }
         };
-        if record.prev != prev {
-            return Ok(VerifyOutcome::Broken {
-                line: number,
-                problem: format!(
+        let continues_a_file_not_given =
+            number == 1 && after.is_none() && record.event == "rotation" && record.prev != GENESIS;
+        if continues_a_file_not_given {
+            continues_from = Some(record.prev.clone());
+        } else if record.prev != prev {
+            let problem = match (number, after) {
+                (1, Some(_)) => format!(
+                    "does not continue the file before it: prev is {}, but that file's last line hashes to {prev} (files out of order, or lines missing between them)",
+                    record.prev
+                ),
+                (1, None) => format!(
+                    "the chain does not start here: prev is {}, not the chain's start (lines removed from the beginning; a file continuing a rotated one begins with a rotation record)",
+                    record.prev
+                ),
+                _ => format!(
                     "chain broken: prev is {}, but the line before hashes to {prev} (a line was changed, removed or inserted)",
                     record.prev
                 ),
+            };
+            return Ok(VerifyOutcome::Broken {
+                line: number,
+                problem,
             });
         }
         prev = hex(&sha2::Sha256::digest(&line));
@@ -446,6 +546,7 @@ pub fn verify(reader: impl std::io::BufRead) -> std::io::Result<VerifyOutcome> {
     Ok(VerifyOutcome::Intact {
         records,
         last_hash: prev,
+        continues_from,
     })
 }
 
@@ -478,7 +579,11 @@ mod tests {
     }
 
     fn verify_file(path: &Path) -> VerifyOutcome {
-        verify(std::io::BufReader::new(File::open(path).unwrap())).unwrap()
+        verify_after(path, None)
+    }
+
+    fn verify_after(path: &Path, after: Option<&str>) -> VerifyOutcome {
+        verify(std::io::BufReader::new(File::open(path).unwrap()), after).unwrap()
     }
 
     #[tokio::test]
@@ -589,6 +694,87 @@ mod tests {
                 .unwrap()
                 .contains("\"event\":\"recovery\"")
         );
+    }
+
+    #[tokio::test]
+    async fn a_log_moved_away_is_continued_in_a_new_file_at_its_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let moved = |n: usize| dir.path().join(format!("audit.log.{n}"));
+        let (log, _) = AuditLog::open(&path).unwrap();
+        for n in 0..2 {
+            log.append(record(n), log.expect_line()).await.unwrap();
+        }
+        // Rotated twice, a line written after each move.
+        std::fs::rename(&path, moved(1)).unwrap();
+        log.append(record(2), log.expect_line()).await.unwrap();
+        log.append(record(3), log.expect_line()).await.unwrap();
+        std::fs::rename(&path, moved(2)).unwrap();
+        log.append(record(4), log.expect_line()).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(moved(2)).unwrap();
+        let first: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first.event, "rotation");
+
+        // Together, oldest first, the chain runs through all three.
+        let VerifyOutcome::Intact {
+            records: 2,
+            last_hash: first_last,
+            continues_from: None,
+        } = verify_file(&moved(1))
+        else {
+            panic!("{:?}", verify_file(&moved(1)));
+        };
+        let VerifyOutcome::Intact {
+            records: 3,
+            last_hash: second_last,
+            continues_from: None,
+        } = verify_after(&moved(2), Some(&first_last))
+        else {
+            panic!("{:?}", verify_after(&moved(2), Some(&first_last)));
+        };
+        let VerifyOutcome::Intact {
+            records: 2,
+            last_hash: third_last,
+            continues_from: None,
+        } = verify_after(&path, Some(&second_last))
+        else {
+            panic!("{:?}", verify_after(&path, Some(&second_last)));
+        };
+        // Alone, a continuing file says what it continues.
+        assert_eq!(
+            verify_file(&path),
+            VerifyOutcome::Intact {
+                records: 2,
+                last_hash: third_last,
+                continues_from: Some(second_last),
+            }
+        );
+        // Out of order, or with a file left out: refused at the first line.
+        match verify_after(&path, Some(&first_last)) {
+            VerifyOutcome::Broken { line: 1, problem } => {
+                assert!(
+                    problem.contains("does not continue the file before it"),
+                    "{problem}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Lines removed from the beginning of a file are not taken for a continuation.
+        let text = std::fs::read_to_string(moved(1)).unwrap();
+        let without_first: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        std::fs::write(moved(1), without_first).unwrap();
+        match verify_file(&moved(1)) {
+            VerifyOutcome::Broken { line: 1, problem } => {
+                assert!(
+                    problem.contains("the chain does not start here"),
+                    "{problem}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
