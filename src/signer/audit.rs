@@ -322,7 +322,7 @@ impl Writer {
                 time: rfc3339(SystemTime::now()),
                 event: "rotation".into(),
                 message: Some(format!(
-                    "the log at {} was moved away (rotated); this file continues its chain from its last line, whose hash is this line's prev",
+                    "the log at {} was moved away (rotated); this file continues the chain from the moved file's last line, whose hash is this line's prev",
                     self.path.display()
                 )),
                 ..Default::default()
@@ -360,9 +360,7 @@ impl Writer {
             }
         }
     }
-}
 
-impl Writer {
     /// If the log's path no longer names the file being written (moved away by a
     /// rotation), opens (creates, mode 0600) the file now at the path and marks the
     /// `rotation` record to be written first. A path that cannot be looked at for another
