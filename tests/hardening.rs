@@ -611,6 +611,9 @@ async fn a_client_crl_past_its_next_update_is_named_and_still_enforced() {
         "{line}"
     );
     signer.wait_for_log("TLS settings reloaded").await;
+    // A new client: the reload closes connections made before it (the agents' client
+    // sends again on a new one; this test's plain client would not).
+    let client = env.client("cluster-a");
     let metrics = signer.metrics(&client).await;
     assert_eq!(next_update(&metrics), 1_577_923_200);
     let healthz = signer.url("/healthz");
