@@ -35,37 +35,51 @@ impl RateLimiter {
     /// is available. A bucket keeps its tokens when the limit changes: they refill at the
     /// new rate up to the new burst (a lower burst caps them at once).
     pub fn check(&self, client: &str, limit: RateLimit, now: Instant) -> Result<(), Duration> {
-        let burst = f64::from(limit.burst.max(1));
-        let rate = f64::from(limit.per_minute) / 60.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // A known client (every request but a client's first) is looked up without
         // allocating its identity as a key.
         if let Some(bucket) = buckets.get_mut(client) {
-            return bucket.take(burst, rate, now);
+            return bucket.take(limit, now);
         }
         if buckets.len() >= MAX_CLIENTS {
-            buckets.retain(|_, b| {
-                let refilled =
-                    b.tokens + rate * now.saturating_duration_since(b.updated).as_secs_f64();
-                refilled < burst
-            });
+            buckets.retain(|_, b| b.refilled(limit, now) < limit.burst());
         }
-        let mut bucket = Bucket {
-            tokens: burst,
-            updated: now,
-        };
-        let taken = bucket.take(burst, rate, now);
+        let mut bucket = Bucket::full(limit, now);
+        let taken = bucket.take(limit, now);
         buckets.insert(client.to_owned(), bucket);
         taken
     }
 }
 
+impl RateLimit {
+    fn burst(self) -> f64 {
+        f64::from(self.burst.max(1))
+    }
+
+    fn per_second(self) -> f64 {
+        f64::from(self.per_minute) / 60.0
+    }
+}
+
 impl Bucket {
-    /// Refills at `rate` per second up to `burst`, then takes one token if there is one;
-    /// else how long until there is.
-    fn take(&mut self, burst: f64, rate: f64, now: Instant) -> Result<(), Duration> {
+    fn full(limit: RateLimit, now: Instant) -> Self {
+        Bucket {
+            tokens: limit.burst(),
+            updated: now,
+        }
+    }
+
+    /// Its tokens at `now`, refilled under `limit` (uncapped).
+    fn refilled(&self, limit: RateLimit, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + rate * elapsed).min(burst);
+        self.tokens + limit.per_second() * elapsed
+    }
+
+    /// Refills under `limit` up to its burst, then takes one token if there is one; else
+    /// how long until there is.
+    fn take(&mut self, limit: RateLimit, now: Instant) -> Result<(), Duration> {
+        let rate = limit.per_second();
+        self.tokens = self.refilled(limit, now).min(limit.burst());
         self.updated = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -170,29 +184,35 @@ impl RefusalTally {
 /// how many of that kind were not written; metrics count every event regardless.
 pub struct LogThrottle {
     limit: RateLimit,
-    buckets: RateLimiter,
-    not_logged: Mutex<HashMap<&'static str, u64>>,
+    kinds: Mutex<HashMap<&'static str, ThrottledKind>>,
+}
+
+struct ThrottledKind {
+    bucket: Bucket,
+    /// Lines held back since the last one let through.
+    not_logged: u64,
 }
 
 impl LogThrottle {
     pub fn new(limit: RateLimit) -> Self {
         LogThrottle {
             limit,
-            buckets: RateLimiter::default(),
-            not_logged: Mutex::default(),
+            kinds: Mutex::default(),
         }
     }
 
     /// `Some(n)` if a line of `kind` may be written at `now` (`n`: lines of that kind not
     /// written since the last one let through), else `None` (and this one is counted).
     pub fn admit(&self, kind: &'static str, now: Instant) -> Option<u64> {
-        let admitted = self.buckets.check(kind, self.limit, now).is_ok();
-        let mut not_logged = self.not_logged.lock().unwrap_or_else(|p| p.into_inner());
-        let count = not_logged.entry(kind).or_default();
-        if admitted {
-            Some(std::mem::take(count))
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let throttled = kinds.entry(kind).or_insert_with(|| ThrottledKind {
+            bucket: Bucket::full(self.limit, now),
+            not_logged: 0,
+        });
+        if throttled.bucket.take(self.limit, now).is_ok() {
+            Some(std::mem::take(&mut throttled.not_logged))
         } else {
-            *count += 1;
+            throttled.not_logged += 1;
             None
         }
     }
