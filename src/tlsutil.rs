@@ -122,7 +122,7 @@ pub fn server_config(
             "X509 CRL",
             |path, message| TlsError::Crls { path, message },
         )?;
-        crl_next_updates.extend(earliest_next_update(path, &in_file)?);
+        crl_next_updates.push(earliest_next_update(path, &in_file)?);
         revocation_lists.extend(in_file);
     }
     let client_cas = load_certificates(client_ca)?;
@@ -168,27 +168,29 @@ pub struct ServerTls {
 }
 
 /// When a client CRL file is due to be replaced: the earliest `nextUpdate` of the CRLs in
-/// it, by which their issuer promised a newer list. The signer enforces the CRLs it loaded
-/// until a reload, however old: past this time, revocations published since are not
-/// enforced (the newer CRL was not published, or not put in place and reloaded).
+/// it, by which their issuer promised a newer list (none if no CRL in it has one: the
+/// field is optional in X.509, required by RFC 5280 of conforming issuers). The signer
+/// enforces the CRLs it loaded until a reload, however old: past this time, revocations
+/// published since are not enforced (the newer CRL was not published, or not put in place
+/// and reloaded).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CrlNextUpdate {
     pub path: std::path::PathBuf,
-    pub next_update: std::time::SystemTime,
+    pub next_update: Option<std::time::SystemTime>,
 }
 
 impl CrlNextUpdate {
-    pub fn is_overdue(&self, now: std::time::SystemTime) -> bool {
-        self.next_update <= now
+    /// The `nextUpdate` if it has passed at `now`.
+    pub fn overdue_since(&self, now: std::time::SystemTime) -> Option<std::time::SystemTime> {
+        self.next_update.filter(|next| *next <= now)
     }
 }
 
-/// The earliest `nextUpdate` among the CRLs of one file; none if no CRL in it has one (the
-/// field is optional in X.509, required by RFC 5280 of conforming issuers).
+/// One client CRL file's entry: its earliest `nextUpdate`.
 fn earliest_next_update(
     path: &Path,
     crls: &[CertificateRevocationListDer<'_>],
-) -> Result<Option<CrlNextUpdate>, TlsError> {
+) -> Result<CrlNextUpdate, TlsError> {
     let mut earliest = None;
     for crl in crls {
         let crl = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(crl)
@@ -201,10 +203,10 @@ fn earliest_next_update(
             earliest = Some(earliest.map_or(next, |e: std::time::SystemTime| e.min(next)));
         }
     }
-    Ok(earliest.map(|next_update| CrlNextUpdate {
+    Ok(CrlNextUpdate {
         path: path.to_path_buf(),
-        next_update,
-    }))
+        next_update: earliest,
+    })
 }
 
 /// A SHA-256 digest of the DER of everything a TLS configuration was built from, so a

@@ -58,30 +58,22 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             warnings.push(format!("{what} expires at {}", rfc3339(not_after)));
         }
     }
-    for crl in tls
+    for crl in &tls.crl_next_updates {
+        if let Some(due) = crl.overdue_since(now) {
+            warnings.push(format!(
+                "the client CRL {} was due to be replaced at {} (its nextUpdate): it is still enforced, but not what was revoked since",
+                crl.path.display(),
+                rfc3339(due)
+            ));
+        }
+    }
+    let client_crls = tls
         .crl_next_updates
         .iter()
-        .filter(|crl| crl.is_overdue(now))
-    {
-        warnings.push(format!(
-            "the client CRL {} was due to be replaced at {} (its nextUpdate): it is still enforced, but not what was revoked since",
-            crl.path.display(),
-            rfc3339(crl.next_update)
-        ));
-    }
-    let client_crls = config
-        .client_crls
-        .iter()
-        .map(
-            |path| match tls.crl_next_updates.iter().find(|crl| &crl.path == path) {
-                Some(crl) => format!(
-                    "{}, next update {}",
-                    path.display(),
-                    rfc3339(crl.next_update)
-                ),
-                None => format!("{}, no next update", path.display()),
-            },
-        )
+        .map(|crl| match crl.next_update {
+            Some(next) => format!("{}, next update {}", crl.path.display(), rfc3339(next)),
+            None => format!("{}, no next update", crl.path.display()),
+        })
         .collect();
     Ok(CheckReport {
         config: config.path.display().to_string(),

@@ -209,14 +209,16 @@ impl Metrics {
 
     /// The client CRLs in force, at start and after each TLS reload that succeeded: one
     /// series per file with a `nextUpdate`.
-    pub fn client_crls(&self, next_updates: &[crate::tlsutil::CrlNextUpdate]) {
+    pub fn client_crls(&self, crls: &[crate::tlsutil::CrlNextUpdate]) {
         self.client_crl_next_update.clear();
-        for crl in next_updates {
-            self.client_crl_next_update
-                .get_or_create(&FileLabels {
-                    file: crl.path.display().to_string(),
-                })
-                .set(unix_seconds(crl.next_update));
+        for crl in crls {
+            if let Some(next_update) = crl.next_update {
+                self.client_crl_next_update
+                    .get_or_create(&FileLabels {
+                        file: crl.path.display().to_string(),
+                    })
+                    .set(unix_seconds(next_update));
+            }
         }
     }
 

@@ -160,14 +160,19 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
     })
 }
 
-/// Warns of each client CRL past its `nextUpdate` (at start and on a TLS reload): the
-/// signer still enforces it, but not what was revoked since.
-fn warn_of_overdue_crls(crls: &[CrlNextUpdate]) {
+/// The client CRLs now in force (at start and on a TLS reload): exported, and each one
+/// past its `nextUpdate` warned of (the signer still enforces it, but not what was revoked
+/// since).
+fn client_crls_in_force(metrics: &Metrics, crls: &[CrlNextUpdate]) {
+    metrics.client_crls(crls);
     let now = SystemTime::now();
-    for crl in crls.iter().filter(|crl| crl.is_overdue(now)) {
+    for crl in crls {
+        let Some(due) = crl.overdue_since(now) else {
+            continue;
+        };
         tracing::warn!(
             crl = %crl.path.display(),
-            next_update = %rfc3339(crl.next_update),
+            next_update = %rfc3339(due),
             "client CRL past its nextUpdate: it is still enforced, but a newer one was due; revocations published since are not enforced until it is in place and the signer reloaded (SIGHUP)"
         );
     }
@@ -258,8 +263,7 @@ impl RunningSigner {
         match serving_tls(&self.config) {
             Ok(read) => {
                 let certificate_not_after = read.certificate_not_after;
-                self.state.metrics.client_crls(&read.crl_next_updates);
-                warn_of_overdue_crls(&read.crl_next_updates);
+                client_crls_in_force(&self.state.metrics, &read.crl_next_updates);
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
                     if changed {
@@ -316,8 +320,7 @@ pub async fn start(
     let root = load_root(&config)?;
     let tls = serving_tls(&config)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
-    metrics.client_crls(&tls.crl_next_updates);
-    warn_of_overdue_crls(&tls.crl_next_updates);
+    client_crls_in_force(&metrics, &tls.crl_next_updates);
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = {
