@@ -262,6 +262,10 @@ pub struct VmcsrStatus {
     /// SHA-256 of every root in root-cert.pem (more than one during a root change).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_root_fingerprints: Vec<String>,
+    /// SHA-256 of the root the signer announces as its next one (trusted ahead of a root
+    /// change), as last heard from the signer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_root_fingerprint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// The restart plan of the installed serial.
