@@ -5,15 +5,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
 use crate::backend::pkcs11_uri::Pkcs11Uri;
 use crate::backend::vault::config::{VaultSection, VaultSettings};
-use crate::pki::keys::KeyType;
+use crate::pki::keys::{KeyType, PublicKeyKind};
+use crate::pki::lint::lint_root_profile;
+use crate::pki::profile::RootCa;
+use crate::policy::rules::check_root_strength;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 use crate::secret::SecretSource;
+use crate::signer::audit::rfc3339;
 
 /// Default address of the mTLS API.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
@@ -61,6 +65,8 @@ struct TlsSection {
 #[serde(deny_unknown_fields)]
 struct RootSection {
     certificate: PathBuf,
+    #[serde(default)]
+    next_certificate: Option<PathBuf>,
     virtual_mesh: ObjectRef,
     key_type: KeyType,
     #[serde(default)]
@@ -129,10 +135,72 @@ pub enum BackendSettings<'a> {
 #[derive(Debug, Clone)]
 pub struct RootSettings {
     pub certificate: PathBuf,
+    /// `next_certificate`: the root announced ahead of a root change.
+    pub next: Option<NextRoot>,
     pub virtual_mesh: ObjectRef,
     pub key_type: KeyType,
     pub common_name: String,
     pub backend: BackendKind,
+}
+
+/// A root announced ahead of a root change (`[root] next_certificate`): the signer still
+/// issues under its root, while the agents add this one to every cluster's root-cert.pem.
+/// Once every cluster trusts it, the signer can switch to it without a cluster refusing
+/// another's workloads in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextRoot {
+    pub path: PathBuf,
+    /// The certificate, canonical PEM.
+    pub pem: String,
+    /// SHA-256 of its DER, lowercase hex.
+    pub fingerprint_sha256: String,
+    pub key_kind: PublicKeyKind,
+    pub not_after: SystemTime,
+}
+
+impl NextRoot {
+    /// Reads and checks the announced root as the root it will become: one self-signed CA
+    /// certificate in meshca's root profile, with the root virtual mesh's org, key rule and
+    /// lifetime, strong enough for every virtual mesh, and valid now (an agent trusts only
+    /// a root valid now).
+    pub fn load(
+        path: &Path,
+        root_policy: &VirtualMeshPolicy,
+        policies: &PolicySet,
+        now: SystemTime,
+    ) -> Result<Self, String> {
+        let named =
+            |problem: String| format!("root.next_certificate {}: {problem}", path.display());
+        let pem =
+            crate::fsutil::read_text(path).map_err(|e| format!("root.next_certificate: {e}"))?;
+        let root = RootCa::from_pem(&pem).map_err(|e| named(e.to_string()))?;
+        let tbs = root.certificate.tbs_certificate();
+        lint_root_profile(
+            tbs,
+            &root_policy.org_name,
+            root_policy.min_rsa_bits,
+            root_policy.max_ttl,
+        )
+        .map_err(|e| named(e.to_string()))?;
+        check_root_strength(&root.key_kind, policies).map_err(named)?;
+        let not_before = tbs.validity().not_before.to_system_time();
+        if now < not_before {
+            return Err(named(format!(
+                "not valid before {}: an agent would not trust it yet",
+                rfc3339(not_before)
+            )));
+        }
+        if root.not_after <= now {
+            return Err(named(format!("expired at {}", rfc3339(root.not_after))));
+        }
+        Ok(NextRoot {
+            path: path.to_path_buf(),
+            pem: root.pem,
+            fingerprint_sha256: root.fingerprint_sha256,
+            key_kind: root.key_kind,
+            not_after: root.not_after,
+        })
+    }
 }
 
 /// Who may ask for which (virtual mesh, mesh) pairs.
@@ -278,8 +346,16 @@ impl SignerConfig {
                 file.root.virtual_mesh
             ))
         })?;
+        let next = file
+            .root
+            .next_certificate
+            .as_deref()
+            .map(|p| NextRoot::load(&resolve(p), root_policy, &policies, SystemTime::now()))
+            .transpose()
+            .map_err(err)?;
         let root = RootSettings {
             certificate: resolve(&file.root.certificate),
+            next,
             common_name: file
                 .root
                 .common_name
@@ -638,6 +714,17 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let pkcs11 = config.pkcs11.unwrap();
         assert_eq!(pkcs11.sessions, 8);
         assert!(pkcs11.softhsm2_conf.is_some());
+
+        // The next root's key is known (the file it names is read, so it must exist).
+        let next = text.replace("\n# next_certificate = ", "\nnext_certificate = ");
+        let message = SignerConfig::parse(&example, &next)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message
+                .contains("root.next_certificate: cannot read /var/lib/meshca/next-root-cert.pem"),
+            "{message}"
+        );
 
         // The [limits] block shows the defaults.
         let limits = uncommented(&text, "[limits]");

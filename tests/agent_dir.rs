@@ -26,18 +26,18 @@ const NAMES: [&str; 4] = [
 
 /// `meshca agent` in directory mode for cluster-a, with the given extra flags.
 fn agent_cmd(env: &Env, addr: &str, dir: &Path, extra: &[&str]) -> Command {
+    agent_cmd_for(env, addr, "cluster-a", dir, extra)
+}
+
+/// `meshca agent` in directory mode for `cluster` (its client, mesh `test/<cluster>`).
+fn agent_cmd_for(env: &Env, addr: &str, cluster: &str, dir: &Path, extra: &[&str]) -> Command {
     let mut cmd = env.meshca();
     cmd.args(["--log-format", "json", "agent", "--target-dir"])
         .arg(dir)
-        .args(env.signer_flags(addr, "cluster-a"))
-        .args([
-            "--virtual-mesh",
-            "test/vm",
-            "--mesh",
-            "test/cluster-a",
-            "--ttl-seconds",
-            "1800",
-        ])
+        .args(env.signer_flags(addr, cluster))
+        .args(["--virtual-mesh", "test/vm", "--mesh"])
+        .arg(format!("test/{cluster}"))
+        .args(["--ttl-seconds", "1800"])
         .args(extra);
     cmd
 }
@@ -46,6 +46,13 @@ fn once(env: &Env, addr: &str, dir: &Path, extra: &[&str]) -> std::process::Outp
     let mut cmd = agent_cmd(env, addr, dir, extra);
     cmd.arg("--once");
     run(&mut cmd)
+}
+
+/// One pass of `cluster`'s agent, which must succeed: what it printed.
+fn pass_ok(env: &Env, addr: &str, cluster: &str, dir: &Path, extra: &[&str]) -> String {
+    let out = run(agent_cmd_for(env, addr, cluster, dir, extra).arg("--once"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
 }
 
 /// Everything that would change if a file were rewritten: the `..data` target, and each
@@ -488,4 +495,90 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
     assert!(issued.iter().all(|l| l["client"] == identity("cluster-a")));
     send_signal(child.id(), "TERM");
     assert!(child.wait().unwrap().success());
+}
+
+/// The roots a cacerts directory trusts, in file order.
+fn trusted_roots(dir: &Path) -> Vec<String> {
+    meshca::agent::rotation::root_fingerprints(
+        &std::fs::read_to_string(dir.join("root-cert.pem")).unwrap(),
+    )
+}
+
+#[test]
+fn a_root_change_announced_first_keeps_two_clusters_talking_while_they_move() {
+    for backend in Backend::both() {
+        root_change_in_two_phases(Env::with(EnvSpec {
+            backend,
+            ..EnvSpec::default()
+        }));
+    }
+}
+
+fn root_change_in_two_phases(env: Env) {
+    let work = env.dir.path();
+    let old_root = openssl_fingerprint(work, &env.path("root-cert.pem"));
+    let new_root = openssl_fingerprint(work, &env.init_next_root());
+    let (a, b) = (env.path("clusters/a"), env.path("clusters/b"));
+    let mut signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    for (cluster, dir) in [("cluster-a", &a), ("cluster-b", &b)] {
+        pass_ok(&env, &addr, cluster, dir, &[]);
+        assert_eq!(trusted_roots(dir), vec![old_root.clone()]);
+    }
+
+    // Announced: each cluster trusts the next root too, with the same intermediate.
+    env.announce_next_root(Some("next-root-cert.pem"));
+    send_signal(signer.child.id(), "HUP");
+    let reload = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(signer.wait_for_log("SIGHUP: policies"));
+    assert!(
+        reload.contains(&format!("next root sha256 {new_root} announced")),
+        "{reload}"
+    );
+    for (cluster, dir) in [("cluster-a", &a), ("cluster-b", &b)] {
+        let serial_before = serial(dir);
+        let out = pass_ok(&env, &addr, cluster, dir, &[]);
+        assert!(out.contains("rewrote root-cert.pem"), "{out}");
+        assert_eq!(serial(dir), serial_before);
+        assert_eq!(trusted_roots(dir), vec![old_root.clone(), new_root.clone()]);
+        assert_valid(&env, dir);
+    }
+
+    // The switch: cluster a moves to the new root; b has not yet.
+    signer.terminate();
+    env.switch_to_next_root();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let out = pass_ok(&env, &addr, "cluster-a", &a, &[]);
+    assert!(out.contains(&format!("root sha256  {new_root}")), "{out}");
+    assert_eq!(trusted_roots(&a), vec![new_root.clone(), old_root.clone()]);
+    assert_eq!(trusted_roots(&b), vec![old_root.clone(), new_root.clone()]);
+    let moved = Workload::issue(work, &a, "moved");
+    let not_moved = Workload::issue(work, &b, "not-moved");
+    mtls_handshake(work, &not_moved, &moved).assert_ok();
+    mtls_handshake(work, &moved, &not_moved).assert_ok();
+    // What the announcement prevents: a cluster that trusted only the old root (b's
+    // intermediate, root-cert.pem as before the announcement) refuses the moved cluster.
+    let unprepared = env.path("clusters/unprepared");
+    std::fs::create_dir_all(&unprepared).unwrap();
+    for file in ["ca-cert.pem", "ca-key.pem", "cert-chain.pem"] {
+        std::fs::copy(b.join(file), unprepared.join(file)).unwrap();
+    }
+    std::fs::copy(env.path("root-cert.pem"), unprepared.join("root-cert.pem")).unwrap();
+    let cut_off = Workload::issue(work, &unprepared, "unprepared");
+    let refused = mtls_handshake(work, &cut_off, &moved);
+    assert!(!refused.ok(), "{refused:#?}");
+
+    // b moves too; once the old root is retired, each trusts the new root alone.
+    let out = pass_ok(&env, &addr, "cluster-b", &b, &[]);
+    assert!(out.contains(&format!("root sha256  {new_root}")), "{out}");
+    for (cluster, dir) in [("cluster-a", &a), ("cluster-b", &b)] {
+        let out = pass_ok(&env, &addr, cluster, dir, &["--retire-root", &old_root]);
+        assert!(out.contains("rewrote root-cert.pem"), "{out}");
+        assert_eq!(trusted_roots(dir), vec![new_root.clone()]);
+    }
+    let a_after = Workload::issue(work, &a, "a-after");
+    let b_after = Workload::issue(work, &b, "b-after");
+    mtls_handshake(work, &b_after, &a_after).assert_ok();
 }

@@ -714,3 +714,52 @@ async fn a_client_for_another_cluster_comes_from_kubeconfig_yaml() {
         .unwrap();
     assert!(err.contains("kubeconfig"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_next_root_joins_the_secret_and_stays_reported_while_the_signer_is_away() {
+    use common::certs::openssl_fingerprint;
+    use meshca::agent::rotation::root_fingerprints;
+    let env = Env::new();
+    let next_sha256 = openssl_fingerprint(env.dir.path(), &env.init_next_root());
+    let root_sha256 = openssl_fingerprint(env.dir.path(), &env.path("root-cert.pem"));
+    let mut signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"restart": {"policy": "never"}}),
+    );
+    cluster.pass().await;
+    let serial = vmcsr_status(&cluster)["serial"].clone();
+    assert!(vmcsr_status(&cluster).get("nextRootFingerprint").is_none());
+
+    // Announced: the Secret's root-cert.pem gains it (the intermediate stays), and the
+    // status reports it for the mesh controller.
+    env.announce_next_root(Some("next-root-cert.pem"));
+    send_signal(signer.child.id(), "HUP");
+    signer
+        .wait_for_log("SIGHUP: policies, clients and limits reloaded")
+        .await;
+    let sent = cluster.pass().await;
+    assert!(sent.iter().any(|r| r.method == "PATCH" && r.path == SECRET));
+    let files = secret_files(&cluster.get(SECRET).unwrap());
+    assert_eq!(
+        root_fingerprints(&files.root_cert),
+        [root_sha256.clone(), next_sha256.clone()]
+    );
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["serial"], serial);
+    assert_eq!(st["nextRootFingerprint"], next_sha256.as_str());
+    assert_eq!(
+        st["trustedRootFingerprints"],
+        json!([root_sha256, next_sha256])
+    );
+
+    // The signer away: nothing written, and the announcement is still reported (the mesh
+    // controller must not retire the root because one pass could not ask).
+    assert!(signer.terminate());
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["nextRootFingerprint"], next_sha256.as_str(), "{st}");
+    assert_eq!(st["phase"], "Installed", "{st}");
+}

@@ -185,6 +185,7 @@ fn the_crds_are_structural_and_carry_the_seed_shape() {
         "conditions",
         "meshCount",
         "rootFingerprint",
+        "nextRootFingerprint",
         "retiredRootFingerprints",
         "rootRotation",
         "federation",
@@ -202,6 +203,7 @@ fn the_crds_are_structural_and_carry_the_seed_shape() {
         "cluster",
         "rootFingerprint",
         "trustedRootFingerprints",
+        "nextRootFingerprint",
         "federation",
         "message",
     ] {

@@ -3,8 +3,8 @@
 //! member cluster, reached through the kubeconfigs in those Secrets. The tests assert the
 //! requests sent (methods, paths, field manager, bodies, credentials), that a second pass
 //! writes nothing, member removal and deletion cleanup, refusals in status, an unreachable
-//! member, and the root retirement handshake. What is applied is compared with the pure
-//! translation of the same inventory.
+//! member, and the root retirement handshake (the signer's next root kept and reported).
+//! What is applied is compared with the pure translation of the same inventory.
 
 mod kubefake;
 
@@ -207,6 +207,14 @@ impl World {
                 "rootFingerprint": root,
                 "trustedRootFingerprints": trusted,
             });
+        });
+    }
+
+    /// As [`World::report`] (Installed), the agent also reporting the signer's next root.
+    fn report_next(&self, cluster: &str, root: &str, trusted: &[&str], next: &str) {
+        self.report(cluster, "Installed", root, trusted);
+        self.member(cluster).edit(&vmcsr_path(cluster), |v| {
+            v["status"]["nextRootFingerprint"] = next.into();
         });
     }
 
@@ -895,6 +903,89 @@ async fn old_roots_are_retired_once_every_member_reports_the_new_one() {
     );
     let sent = world.pass().await;
     assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
+}
+
+/// The roots each member's request was told to retire in a pass's writes.
+fn retired_in(sent: &[Recorded]) -> Vec<Value> {
+    sent.iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("virtualmeshcertificatesigningrequests"))
+        .map(|r| r.body["spec"]["rotation"]["retiredRootFingerprints"].clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_root_is_never_retired_and_its_trust_is_reported() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+
+    // The signer announces R2 as its next root: every agent adds it (on R1 still). With no
+    // wait before retirement, pass after pass, R2 is never retired and no rotation starts.
+    for cluster in ["east", "west"] {
+        world.report_next(cluster, R1, &[R1, R2], R2);
+    }
+    for pass in 0..3 {
+        let sent = world.pass().await;
+        for cluster in ["east", "west"] {
+            for retired in retired_in(&sent[cluster]) {
+                assert!(
+                    !retired.as_array().into_iter().flatten().any(|fp| fp == R2),
+                    "pass {pass}: {cluster} told to retire {retired}"
+                );
+            }
+            assert!(writes(&sent[cluster]).is_empty(), "pass {pass}: {cluster}");
+        }
+        let st = world.status("vm");
+        assert_eq!(st["rootFingerprint"], R1);
+        assert_eq!(st["nextRootFingerprint"], R2);
+        assert!(st.get("rootRotation").is_none(), "{st}");
+        assert!(st.get("retiredRootFingerprints").is_none(), "{st}");
+        let trusted = condition(&st, "NextRootTrusted");
+        assert_eq!(
+            (&trusted["status"], &trusted["reason"]),
+            (&json!("True"), &json!("AllMembers"))
+        );
+        assert_eq!(trusted["observedGeneration"], 1);
+        // Preparing a root change is not a degradation.
+        assert_eq!(st["phase"], "Ready");
+        assert_eq!(condition(&st, "Ready")["status"], "True");
+        assert_eq!(member_status(&st, "west")["nextRootFingerprint"], R2);
+        if pass > 0 {
+            // Nothing changed: only the Lease is written.
+            assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
+        }
+    }
+
+    // West's root-cert.pem loses R2: the condition names it, and R2 is still not retired.
+    world.report_next("west", R1, &[R1], R2);
+    let sent = world.pass().await;
+    assert!(writes(&sent["east"]).is_empty() && writes(&sent["west"]).is_empty());
+    let st = world.status("vm");
+    let trusted = condition(&st, "NextRootTrusted");
+    assert_eq!(
+        (&trusted["status"], &trusted["reason"]),
+        (&json!("False"), &json!("Pending"))
+    );
+    let message = trusted["message"].as_str().unwrap();
+    assert!(message.contains("not yet trusted by smh/west"), "{message}");
+    assert!(!message.contains("smh/east"), "{message}");
+    assert_eq!(st["nextRootFingerprint"], R2);
+    assert_eq!(st["phase"], "Ready");
+
+    // The agents report no next root any more: the condition goes.
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+    let st = world.status("vm");
+    assert!(
+        st["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["type"] != "NextRootTrusted"),
+        "{st}"
+    );
+    assert!(st.get("nextRootFingerprint").is_none(), "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

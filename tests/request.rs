@@ -9,8 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use common::certs::*;
 use common::*;
@@ -212,60 +211,6 @@ fn verify_rejects_a_bundle_istiod_would_reject() {
     );
 }
 
-/// Issues a workload certificate from a cluster's intermediate, as istiod would.
-fn workload(dir: &Path, cacerts: &Path, name: &str, spiffe: &str) {
-    let key = format!("{name}.key");
-    let csr = format!("{name}.csr");
-    let cert = format!("{name}.pem");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            "/",
-        ],
-    );
-    let ext = write(
-        dir,
-        &format!("{name}.ext"),
-        &format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:{spiffe}\n"
-        ),
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            cacerts.join("ca-cert.pem").to_str().unwrap(),
-            "-CAkey",
-            cacerts.join("ca-key.pem").to_str().unwrap(),
-            "-set_serial",
-            "0x4a1b2c3d4e5f",
-            "-days",
-            "1",
-            "-sha256",
-            "-extfile",
-            ext.to_str().unwrap(),
-            "-out",
-            &cert,
-        ],
-    );
-}
-
 #[test]
 fn workloads_of_two_clusters_complete_mtls_through_the_shared_root() {
     let env = Env::new();
@@ -289,124 +234,9 @@ fn workloads_of_two_clusters_complete_mtls_through_the_shared_root() {
         .status
         .success()
     );
-    let dir = env.dir.path();
-    workload(
-        dir,
-        &a,
-        "reviews",
-        "spiffe://cluster.local/ns/default/sa/reviews",
-    );
-    workload(
-        dir,
-        &b,
-        "ratings",
-        "spiffe://cluster.local/ns/default/sa/ratings",
-    );
-
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    // The server trusts only cluster b's root-cert.pem; the client only cluster a's. Its
-    // stdin stays open while it serves (s_server stops at the end of its input).
-    // `timeout` bounds both openssl processes: neither may hang the suite.
-    let mut server = Command::new("timeout")
-        .current_dir(dir)
-        .args([
-            "30",
-            "openssl",
-            "s_server",
-            "-quiet",
-            "-accept",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["-cert", "ratings.pem", "-key", "ratings.key"])
-        .arg("-cert_chain")
-        .arg(b.join("cert-chain.pem"))
-        .arg("-CAfile")
-        .arg(b.join("root-cert.pem"))
-        .args(["-Verify", "3", "-verify_return_error"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "s_server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut client = Command::new("timeout")
-        .current_dir(dir)
-        .args([
-            "30",
-            "openssl",
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-showcerts",
-        ])
-        .args(["-cert", "reviews.pem", "-key", "reviews.key"])
-        .arg("-cert_chain")
-        .arg(a.join("cert-chain.pem"))
-        .arg("-CAfile")
-        .arg(a.join("root-cert.pem"))
-        .arg("-verify_return_error")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = client.stdin.take().unwrap();
-        stdin.write_all(b"hello from reviews\n").unwrap();
-        std::thread::sleep(Duration::from_millis(700));
-    }
-    let client_out = client.wait_with_output().unwrap();
-    // s_server writes what it received as it arrives (unbuffered); once the line is there
-    // (or s_server ended), stop it (`timeout` passes SIGTERM on to openssl).
-    let server_text = read_until(server.stdout.take().unwrap(), "hello from reviews");
-    send_signal(server.id(), "TERM");
-    let server_out = server.wait_with_output().unwrap();
-    let client_text = text(&client_out.stdout);
-    assert!(
-        client_text.contains("Verify return code: 0 (ok)"),
-        "client:\n{client_text}\n{}",
-        text(&client_out.stderr)
-    );
-    assert!(
-        server_text.contains("hello from reviews"),
-        "server:\n{server_text}\n{}",
-        text(&server_out.stderr)
-    );
-}
-
-/// Everything `output` gives until it contains `needle` or ends. Reads on a thread that
-/// is left behind, so a process keeping its output open cannot hang the caller once the
-/// needle is there.
-fn read_until(mut output: impl std::io::Read + Send + 'static, needle: &str) -> String {
-    let (chunks, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = output.read(&mut buf) {
-            if chunks.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains(needle) {
-        match received.recv() {
-            Ok(chunk) => seen.extend(chunk),
-            Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&seen).into_owned()
+    let reviews = Workload::issue(env.dir.path(), &a, "reviews");
+    let ratings = Workload::issue(env.dir.path(), &b, "ratings");
+    mtls_handshake(env.dir.path(), &ratings, &reviews).assert_ok();
 }
 
 /// How the stand-in ends a connection under a request.

@@ -847,6 +847,152 @@ async fn secrets_stay_out_of_debug_logs() {
     }
 }
 
+#[tokio::test]
+async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
+    use meshca::agent::rotation::root_fingerprints;
+    let env = Env::new();
+    let work = env.dir.path();
+    let next_root = env.init_next_root();
+    let next_sha256 = openssl_fingerprint(work, &next_root);
+    let root_sha256 = openssl_fingerprint(work, &env.path("root-cert.pem"));
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let policy = || signer.get_json(&client, "/v1/virtualmeshes/test/vm");
+    let trust_bundle = || async {
+        let bundle = client
+            .get(signer.url("/v1/trust-bundle"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        root_fingerprints(&bundle)
+    };
+    let reloaded = |n: usize| signer.wait_for_nth_log("SIGHUP: policies, clients and limits", n);
+    let sighup = || send_signal(signer.child.id(), "HUP");
+    assert!(policy().await["nextRootFingerprintSha256"].is_null());
+    assert_eq!(trust_bundle().await, vec![root_sha256.clone()]);
+
+    // Announced by a reload: in the policy (the certificate is the file's), in the trust
+    // bundle after the root, in the audit log; intermediates still come from the root.
+    env.announce_next_root(Some("next-root-cert.pem"));
+    sighup();
+    let line = reloaded(1).await;
+    let announced = format!("next root sha256 {next_sha256} announced");
+    assert!(line.contains(&announced), "{line}");
+    let answer = policy().await;
+    assert_eq!(answer["nextRootFingerprintSha256"], next_sha256.as_str());
+    let announced_file = write(
+        work,
+        "announced.pem",
+        answer["nextRootCert"].as_str().unwrap(),
+    );
+    assert_eq!(openssl_fingerprint(work, &announced_file), next_sha256);
+    assert_eq!(
+        trust_bundle().await,
+        [root_sha256.clone(), next_sha256.clone()]
+    );
+    let (_key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
+    let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &request)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        root_fingerprints(body["rootCert"].as_str().unwrap()),
+        vec![root_sha256.clone()]
+    );
+    let audit = signer.audit_lines();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["event"] == "reload" && l["message"].as_str().unwrap().contains(&announced)),
+        "{audit:?}"
+    );
+
+    // Refused by name, and the announcement in force stays: the root in force itself, and
+    // a root of another organization.
+    env.announce_next_root(Some("root-cert.pem"));
+    sighup();
+    let line = reloaded(2).await;
+    assert!(
+        line.contains("not reloaded") && line.contains("is the root in force"),
+        "{line}"
+    );
+    openssl(
+        work,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-nodes",
+            "-keyout",
+            "other-org.key",
+            "-out",
+            "other-org.pem",
+            "-subj",
+            "/O=other/CN=root",
+            "-days",
+            "20",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE,pathlen:1",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    env.announce_next_root(Some("other-org.pem"));
+    sighup();
+    let line = reloaded(3).await;
+    assert!(
+        line.contains("not reloaded")
+            && line.contains("root.next_certificate")
+            && line.contains("other-org.pem")
+            && line.contains("policy requires exactly \\\"acme\\\""),
+        "{line}"
+    );
+    let out = env.run_with_config(&["serve", "--check"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("other-org.pem"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        policy().await["nextRootFingerprintSha256"],
+        next_sha256.as_str()
+    );
+
+    // `serve --check` shows it; withdrawn by a reload, it is gone from the answers.
+    env.announce_next_root(Some("next-root-cert.pem"));
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains("next root       ") && report.contains(&next_sha256),
+        "{report}"
+    );
+    env.announce_next_root(None);
+    sighup();
+    let line = reloaded(4).await;
+    assert!(
+        line.contains(&format!(
+            "next root sha256 {next_sha256} no longer announced"
+        )),
+        "{line}"
+    );
+    assert!(policy().await["nextRootFingerprintSha256"].is_null());
+    assert_eq!(trust_bundle().await, [root_sha256]);
+
+    // A start with the root in force as the next root is refused.
+    env.announce_next_root(Some("root-cert.pem"));
+    let out = env.run_with_config(&["serve"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is the root in force"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn the_signer_refuses_to_start_against_a_root_that_is_not_its_key() {
     let env = Env::new();
@@ -887,23 +1033,7 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
 
     // As set up: valid, and what was read is shown; nothing is created.
     let report = check(true);
-    let root_sha256 = openssl(
-        env.dir.path(),
-        &[
-            "x509",
-            "-in",
-            "root-cert.pem",
-            "-noout",
-            "-fingerprint",
-            "-sha256",
-        ],
-    )
-    .trim()
-    .rsplit('=')
-    .next()
-    .unwrap()
-    .replace(':', "")
-    .to_lowercase();
+    let root_sha256 = openssl_fingerprint(env.dir.path(), &env.path("root-cert.pem"));
     for needle in [
         "signer.toml is valid",
         "virtual meshes  test/vm",

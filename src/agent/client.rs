@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::rotation::normalize_fingerprint;
+use crate::pki::profile::RootCa;
 use crate::policy::ObjectRef;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,47 @@ pub struct PublicPolicy {
     /// bundle's to notice a root change.
     #[serde(default)]
     pub root_fingerprint_sha256: Option<String>,
+    /// SHA-256 of the root the signer announces as its next one, ahead of a root change.
+    #[serde(default)]
+    pub next_root_fingerprint_sha256: Option<String>,
+    /// That root's certificate (PEM): checked against the fingerprint when the policy is
+    /// read (see [`SignerClient::policy`]).
+    #[serde(default)]
+    next_root_cert: Option<String>,
+}
+
+impl PublicPolicy {
+    /// The announced next root, PEM (checked when the policy was read).
+    pub fn next_root_cert(&self) -> Option<&str> {
+        self.next_root_cert.as_deref()
+    }
+
+    /// The next root must be what its fingerprint says, one self-signed CA certificate:
+    /// the agent trusts it and reports the fingerprint, so the two must not differ.
+    fn check_next_root(&self) -> Result<(), ClientError> {
+        let bad = |problem: String| {
+            ClientError::BadResponse(format!(
+                "the next root of virtual mesh {}: {problem}",
+                self.virtual_mesh
+            ))
+        };
+        match (&self.next_root_cert, &self.next_root_fingerprint_sha256) {
+            (None, None) => Ok(()),
+            (Some(pem), Some(announced)) => {
+                let root = RootCa::from_pem(pem).map_err(|e| bad(e.to_string()))?;
+                if normalize_fingerprint(announced) != root.fingerprint_sha256 {
+                    return Err(bad(format!(
+                        "announced as sha256 {announced}, the certificate is {}",
+                        root.fingerprint_sha256
+                    )));
+                }
+                Ok(())
+            }
+            _ => Err(bad(
+                "the fingerprint and the certificate must come together".into(),
+            )),
+        }
+    }
 }
 
 /// `POST /v1/sign` request.
@@ -143,7 +186,9 @@ impl SignerClient {
             "/v1/virtualmeshes/{}/{}",
             virtual_mesh.namespace, virtual_mesh.name
         );
-        decode(self.get(&path).await?).await
+        let policy: PublicPolicy = decode(self.get(&path).await?).await?;
+        policy.check_next_root()?;
+        Ok(policy)
     }
 
     pub async fn sign(&self, body: &SignRequestBody) -> Result<SignResponse, ClientError> {
@@ -259,4 +304,77 @@ async fn decode<T: serde::de::DeserializeOwned>(
         .json::<T>()
         .await
         .map_err(|e| ClientError::BadResponse(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::keys::KeyType;
+    use crate::pki::testing::{software_bundle, software_root};
+
+    fn policy(fingerprint: Option<&str>, pem: Option<&str>) -> PublicPolicy {
+        PublicPolicy {
+            virtual_mesh: "test/vm".into(),
+            display_name: None,
+            org_name: "acme".into(),
+            max_ttl_seconds: 86_400,
+            min_rsa_bits: 2048,
+            accepted_key_types: vec!["ecdsa-p256".into()],
+            meshes: vec!["test/cluster-a".into()],
+            root_not_after: "2030-01-01T00:00:00Z".into(),
+            root_fingerprint_sha256: None,
+            next_root_fingerprint_sha256: fingerprint.map(String::from),
+            next_root_cert: pem.map(String::from),
+        }
+    }
+
+    fn refusal(policy: &PublicPolicy) -> String {
+        match policy.check_next_root() {
+            Err(ClientError::BadResponse(message)) => message,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_announced_next_root_must_be_the_root_its_fingerprint_names() {
+        let day = std::time::Duration::from_secs(86_400);
+        let (key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        assert!(policy(None, None).check_next_root().is_ok());
+        // Any case, with colons: the fingerprint is compared normalized.
+        let colons: Vec<String> = next
+            .fingerprint_sha256
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase())
+            .collect();
+        let announced = policy(Some(&colons.join(":")), Some(&next.pem));
+        assert!(announced.check_next_root().is_ok());
+        assert_eq!(announced.next_root_cert(), Some(next.pem.as_str()));
+
+        let (_other_key, other) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        let message = refusal(&policy(Some(&other.fingerprint_sha256), Some(&next.pem)));
+        assert!(
+            message.contains("test/vm")
+                && message.contains(&format!("the certificate is {}", next.fingerprint_sha256)),
+            "{message}"
+        );
+        assert!(
+            refusal(&policy(Some(&next.fingerprint_sha256), None)).contains("must come together")
+        );
+        assert!(refusal(&policy(None, Some(&next.pem))).contains("must come together"));
+        // Not a root: an intermediate is refused whatever its fingerprint.
+        let now = std::time::SystemTime::now();
+        let bundle = software_bundle(
+            &key,
+            &next,
+            "acme",
+            "cluster-a",
+            KeyType::EcdsaP256,
+            now,
+            now + day,
+        );
+        let intermediate = crate::pki::pem::decode_certificates(&bundle.ca_cert).unwrap();
+        let fingerprint = crate::pki::bundle::fingerprint(&intermediate[0]);
+        refusal(&policy(Some(&fingerprint), Some(&bundle.ca_cert)));
+    }
 }

@@ -20,7 +20,9 @@ use super::metrics::{AgentMetrics, Reconciled};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, restart_needed,
 };
-use super::rotation::{Decision, Desired, Installed, carries_root, decide, root_fingerprints};
+use super::rotation::{
+    Decision, Desired, Installed, carries_root, decide, normalize_fingerprint, root_fingerprints,
+};
 use super::{AgentError, BundleRequest, RootsPlan, obtain_bundle};
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
@@ -305,9 +307,21 @@ impl Controller {
                 .as_ref()
                 .ok()
                 .and_then(|p| p.root_fingerprint_sha256.clone()),
+            signer_next_root: policy
+                .as_ref()
+                .ok()
+                .and_then(|p| p.next_root_cert().map(String::from)),
             retired_roots: spec.settings.rotation.retired_root_fingerprints.clone(),
             rotation,
         };
+        if let Ok(policy) = &policy {
+            // Kept as last heard while the signer cannot be asked: the mesh controller
+            // must not retire an announced root because one pass failed.
+            status.next_root_fingerprint = policy
+                .next_root_fingerprint_sha256
+                .as_deref()
+                .map(normalize_fingerprint);
+        }
         if status.phase.is_none() {
             status.phase = Some(Phase::Pending);
         }
@@ -338,7 +352,7 @@ impl Controller {
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &files)
                     .await?;
-                tracing::info!(request = %owner, "root-cert.pem rewritten (old root retired or expired)");
+                tracing::info!(request = %owner, "root-cert.pem rewritten (the next root added, or an old root retired or expired)");
                 record_bundle(status, &summary, &files.root_cert, renew_at);
                 renew_at
             }

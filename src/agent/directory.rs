@@ -121,6 +121,10 @@ pub async fn reconcile(
             .as_ref()
             .ok()
             .and_then(|p| p.root_fingerprint_sha256.clone()),
+        signer_next_root: policy
+            .as_ref()
+            .ok()
+            .and_then(|p| p.next_root_cert().map(String::from)),
         retired_roots: opts.retired_roots.clone(),
         rotation: opts.rotation,
     };

@@ -174,10 +174,11 @@ pub async fn obtain_bundle(
         })
         .await?;
     let now = SystemTime::now();
+    let roots = rotation::with_next_root(&response.root_cert, policy.next_root_cert(), now);
     let root_cert = match &request.roots {
-        RootsPlan::SignerOnly => response.root_cert,
+        RootsPlan::SignerOnly => roots,
         RootsPlan::Merge { previous, retired } => {
-            rotation::compose_root_cert(&response.root_cert, previous.as_deref(), retired, now)
+            rotation::compose_root_cert(&roots, previous.as_deref(), retired, now)
         }
     };
     let files = BundleFiles {

@@ -122,6 +122,8 @@ pub struct Desired {
     pub adopt: bool,
     /// SHA-256 of the signer's current root, when the signer could be asked.
     pub signer_root: Option<String>,
+    /// The root the signer announces as its next one (PEM): trusted ahead of the change.
+    pub signer_next_root: Option<String>,
     /// Roots to drop from root-cert.pem (every cluster has moved off them).
     pub retired_roots: Vec<String>,
     pub rotation: RotationSettings,
@@ -283,12 +285,21 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
         .into_iter()
         .find(|c| fingerprint(c) == summary.anchor_fingerprint);
     if let Some(anchor) = anchor {
-        let wanted = compose_root_cert(
-            &certificate_pem(&anchor),
-            Some(&files.root_cert),
-            &desired.retired_roots,
-            now,
-        );
+        let anchor = certificate_pem(&anchor);
+        let compose = |next_root: Option<&str>| {
+            compose_root_cert(
+                &with_next_root(&anchor, next_root, now),
+                Some(&files.root_cert),
+                &desired.retired_roots,
+                now,
+            )
+        };
+        let mut wanted = compose(desired.signer_next_root.as_deref());
+        if !is_superset_or_subset(&wanted, &files.root_cert) {
+            // Istio takes a new root set only as a superset or a subset of the one in
+            // force: drop the old roots now (a subset), add the next root on the next pass.
+            wanted = compose(None);
+        }
         if wanted != files.root_cert {
             return Decision::RewriteRoots {
                 root_cert: wanted,
@@ -350,6 +361,29 @@ pub fn compose_root_cert(
         }
     }
     out
+}
+
+/// The roots the signer wants trusted: `root` (what the chain ends at), then the next root
+/// it announces, while that is valid at `now` (as [`compose_root_cert`] keeps only valid
+/// old roots).
+pub fn with_next_root(root: &str, next_root: Option<&str>, now: SystemTime) -> String {
+    let mut roots = root.to_string();
+    let usable = next_root
+        .and_then(|pem| decode_certificates(pem).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|cert| is_usable_root(cert, now));
+    for cert in usable {
+        roots.push_str(&certificate_pem(&cert));
+    }
+    roots
+}
+
+/// Whether one set of roots contains the other.
+fn is_superset_or_subset(a: &str, b: &str) -> bool {
+    let a = root_fingerprints(a);
+    let b = root_fingerprints(b);
+    a.iter().all(|fp| b.contains(fp)) || b.iter().all(|fp| a.contains(fp))
 }
 
 /// SHA-256 fingerprints of the certificates in a PEM text (unparsable text: none).
@@ -417,6 +451,7 @@ mod tests {
             key_type: None,
             adopt: false,
             signer_root: Some(f.root.fingerprint_sha256.clone()),
+            signer_next_root: None,
             retired_roots: vec![],
             rotation: RotationSettings::default(),
         }
@@ -743,6 +778,110 @@ mod tests {
                 f.root.fingerprint_sha256.clone()
             ]
         );
+    }
+
+    #[test]
+    fn an_announced_next_root_is_trusted_ahead_without_a_new_intermediate() {
+        let f = fixture();
+        let (_next_key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let announced = Desired {
+            signer_next_root: Some(next.pem.clone()),
+            ..desired(&f)
+        };
+        let prepared = match decide(&Installed::Ours(f.bundle.clone()), &announced, f.issued) {
+            Decision::RewriteRoots { root_cert, .. } => root_cert,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            root_fingerprints(&prepared),
+            vec![
+                f.root.fingerprint_sha256.clone(),
+                next.fingerprint_sha256.clone()
+            ]
+        );
+        let bundle = BundleFiles {
+            root_cert: prepared.clone(),
+            ..f.bundle.clone()
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(bundle.clone()), &announced, f.issued),
+            Decision::UpToDate { .. }
+        ));
+        // A pass without the signer keeps it: only retirement or expiry removes a root.
+        let offline = Desired {
+            signer_root: None,
+            ..desired(&f)
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(bundle.clone()), &offline, f.issued),
+            Decision::UpToDate { .. }
+        ));
+        // The switch: a new intermediate under the next root, and the set of roots
+        // trusted stays the same (the old root kept, the new one first).
+        let switched = Desired {
+            signer_root: Some(next.fingerprint_sha256.clone()),
+            ..desired(&f)
+        };
+        match decide(&Installed::Ours(bundle.clone()), &switched, f.issued) {
+            Decision::Issue {
+                reason: IssueReason::RootChanged { .. },
+                previous_roots: Some(previous),
+            } => assert_eq!(
+                root_fingerprints(&compose_root_cert(
+                    &with_next_root(&next.pem, None, f.issued),
+                    Some(&previous),
+                    &[],
+                    f.issued
+                )),
+                vec![
+                    next.fingerprint_sha256.clone(),
+                    f.root.fingerprint_sha256.clone()
+                ]
+            ),
+            other => panic!("{other:?}"),
+        }
+        // An announced root that is not valid now is not trusted.
+        assert_eq!(
+            with_next_root(&f.root.pem, Some(&next.pem), f.issued + 500 * DAY),
+            f.root.pem
+        );
+    }
+
+    #[test]
+    fn a_root_retired_while_a_next_root_is_announced_goes_first() {
+        let f = fixture();
+        let (_old_key, old_root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let (_next_key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let bundle = BundleFiles {
+            root_cert: compose_root_cert(&f.root.pem, Some(&old_root.pem), &[], f.issued),
+            ..f.bundle.clone()
+        };
+        let d = Desired {
+            signer_next_root: Some(next.pem.clone()),
+            retired_roots: vec![old_root.fingerprint_sha256.clone()],
+            ..desired(&f)
+        };
+        // Dropping the old root and adding the next at once would be neither a superset
+        // nor a subset: one step each.
+        let dropped = match decide(&Installed::Ours(bundle.clone()), &d, f.issued) {
+            Decision::RewriteRoots { root_cert, .. } => root_cert,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(dropped, f.root.pem);
+        let bundle = BundleFiles {
+            root_cert: dropped,
+            ..bundle
+        };
+        match decide(&Installed::Ours(bundle), &d, f.issued) {
+            Decision::RewriteRoots { root_cert, .. } => assert_eq!(
+                root_fingerprints(&root_cert),
+                vec![
+                    f.root.fingerprint_sha256.clone(),
+                    next.fingerprint_sha256.clone()
+                ]
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

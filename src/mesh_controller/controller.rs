@@ -420,6 +420,9 @@ impl MeshController {
             })
             .collect();
         let roots = decide::decide_roots(&trusts, before, now, self.opts.retire_after);
+        let member_trusts: Vec<(&ObjectRef, &MemberTrust)> =
+            valid.members.iter().map(|m| &m.id).zip(&trusts).collect();
+        let next_root = decide::next_root_trust(&member_trusts);
         if !roots.newly_retired.is_empty() {
             tracing::info!(virtual_mesh = %id, retired = ?roots.newly_retired, "every member is on the new root: retiring the old ones");
         }
@@ -625,6 +628,7 @@ impl MeshController {
                 members,
                 removing,
                 roots,
+                next_root,
                 federation: outcome,
             },
             now,
@@ -750,6 +754,7 @@ impl MeshController {
                     not_after: None,
                     root_fingerprint: None,
                     trusted_root_fingerprints: vec![],
+                    next_root_fingerprint: None,
                     federation: None,
                     message: None,
                 },

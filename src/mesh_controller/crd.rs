@@ -229,6 +229,9 @@ pub struct MemberStatus {
     pub root_fingerprint: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_root_fingerprints: Vec<String>,
+    /// The root the signer announces as its next one, as the agent last heard it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_root_fingerprint: Option<String>,
     /// Federation in this cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federation: Option<MemberFederation>,
@@ -295,7 +298,8 @@ pub struct VirtualMeshStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Accepted, TrustEstablished, Federated, Ready.
+    /// Accepted, TrustEstablished, Federated, Ready; NextRootTrusted while some member
+    /// reports a next root.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Number of members.
@@ -304,6 +308,11 @@ pub struct VirtualMeshStatus {
     /// SHA-256 of the root every member's intermediate chains to (absent while they differ).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_fingerprint: Option<String>,
+    /// SHA-256 of the root the signer announces as its next one, as the members report it
+    /// (absent when none does, or while they differ). Never retired; NextRootTrusted says
+    /// when every member trusts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_root_fingerprint: Option<String>,
     /// Old roots the controller told every member to stop trusting.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_root_fingerprints: Vec<String>,

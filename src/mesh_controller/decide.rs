@@ -39,6 +39,8 @@ pub const ACCEPTED: &str = "Accepted";
 pub const TRUST_ESTABLISHED: &str = "TrustEstablished";
 pub const FEDERATED: &str = "Federated";
 pub const READY: &str = "Ready";
+/// Present only while some member reports a next root (the signer's announced one).
+pub const NEXT_ROOT_TRUSTED: &str = "NextRootTrusted";
 
 // ---------------------------------------------------------------------------------------
 // Ownership and validation
@@ -639,6 +641,9 @@ pub struct MemberTrust {
     pub root: Option<String>,
     /// Every root in its root-cert.pem.
     pub trusted: Vec<String>,
+    /// The root the signer announces as its next one, as the agent last heard it: trusted
+    /// ahead of a root change, so never retired.
+    pub next: Option<String>,
 }
 
 impl MemberTrust {
@@ -662,7 +667,17 @@ impl MemberTrust {
                 .iter()
                 .map(|fp| normalize_fingerprint(fp))
                 .collect(),
+            next: status
+                .next_root_fingerprint
+                .as_deref()
+                .map(normalize_fingerprint),
         }
+    }
+
+    /// Whether its root-cert.pem holds `root`, as reported for its current spec (a status
+    /// for an older spec may describe a root-cert.pem the agent is about to change).
+    fn trusts_now(&self, root: &str) -> bool {
+        self.installed && self.current && self.trusted.iter().any(|fp| fp == root)
     }
 }
 
@@ -686,8 +701,9 @@ fn parse_time(text: &str) -> Option<SystemTime> {
 /// The root-change handshake. Once every member reports the same root R, Installed, for
 /// its current spec, the other roots any member still trusts are retired, `retire_after`
 /// after that was first seen (so that workload certificates issued under the old root can
-/// be renewed first). A root some member chains to is never retired (it is taken off the
-/// list if it was, e.g. after a rollback).
+/// be renewed first). A root some member chains to, or reports as the signer's next root,
+/// is never retired (it is taken off the list if it was, e.g. after a rollback): the next
+/// root is trusted ahead of the signer's switch to it, and retiring it would undo that.
 pub fn decide_roots(
     members: &[MemberTrust],
     previous: &VirtualMeshStatus,
@@ -695,11 +711,13 @@ pub fn decide_roots(
     retire_after: Duration,
 ) -> RootDecision {
     let in_use: BTreeSet<&str> = members.iter().filter_map(|m| m.root.as_deref()).collect();
+    let announced: BTreeSet<&str> = members.iter().filter_map(|m| m.next.as_deref()).collect();
+    let kept = |fp: &str| in_use.contains(fp) || announced.contains(fp);
     let mut retired: BTreeSet<String> = previous
         .retired_root_fingerprints
         .iter()
         .map(|fp| normalize_fingerprint(fp))
-        .filter(|fp| !in_use.contains(fp.as_str()))
+        .filter(|fp| !kept(fp))
         .collect();
     let agreed = !members.is_empty()
         && in_use.len() == 1
@@ -716,7 +734,8 @@ pub fn decide_roots(
     let old: BTreeSet<String> = members
         .iter()
         .flat_map(|m| m.trusted.iter().cloned())
-        .filter(|fp| *fp != root && !retired.contains(fp))
+        // R is in use, so kept.
+        .filter(|fp| !kept(fp) && !retired.contains(fp))
         .collect();
     let settled = members.iter().all(|m| m.current);
     if old.is_empty() || !settled {
@@ -761,6 +780,39 @@ pub fn decide_roots(
     }
 }
 
+/// Where the members stand on the root the signer announces as its next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextRootTrust {
+    /// Every member that reports a next root reports `root`; `lacking` are the members
+    /// whose root-cert.pem does not hold it yet (or whose status is not Installed for their
+    /// current spec), by Mesh. None lacking: the signer may switch to it.
+    Agreed {
+        root: String,
+        lacking: Vec<ObjectRef>,
+    },
+    /// Members report different next roots: each member that reports one, with its root.
+    Differ(Vec<(ObjectRef, String)>),
+}
+
+/// Whether every member trusts the next root its agent reports (None: no member reports
+/// one). The operator switches the signer to the next root once this says so.
+pub fn next_root_trust(members: &[(&ObjectRef, &MemberTrust)]) -> Option<NextRootTrust> {
+    let reported: Vec<(ObjectRef, String)> = members
+        .iter()
+        .filter_map(|(id, m)| Some(((*id).clone(), m.next.clone()?)))
+        .collect();
+    let root = reported.first()?.1.clone();
+    if reported.iter().any(|(_, other)| *other != root) {
+        return Some(NextRootTrust::Differ(reported));
+    }
+    let lacking = members
+        .iter()
+        .filter(|(_, m)| !m.trusts_now(&root))
+        .map(|(id, _)| (*id).clone())
+        .collect();
+    Some(NextRootTrust::Agreed { root, lacking })
+}
+
 // ---------------------------------------------------------------------------------------
 // Status
 
@@ -802,6 +854,7 @@ pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
         not_after: None,
         root_fingerprint: None,
         trusted_root_fingerprints: vec![],
+        next_root_fingerprint: None,
         federation: report.federation.clone(),
         message: report.problem.clone(),
     };
@@ -821,6 +874,7 @@ pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
                 status.not_after = agent.not_after.clone();
                 status.root_fingerprint = agent.root_fingerprint.clone();
                 status.trusted_root_fingerprints = agent.trusted_root_fingerprints.clone();
+                status.next_root_fingerprint = agent.next_root_fingerprint.clone();
                 if status.message.is_none() {
                     status.message = agent.last_error.clone();
                 }
@@ -856,6 +910,8 @@ pub struct Observed {
     /// Former members whose cleanup did not finish (phase Removing).
     pub removing: Vec<MemberStatus>,
     pub roots: RootDecision,
+    /// The next root the members report, and who trusts it ([`next_root_trust`]).
+    pub next_root: Option<NextRootTrust>,
     pub federation: FederationOutcome,
 }
 
@@ -1017,6 +1073,53 @@ pub fn converged_status(
         )
     };
     condition(&mut status, READY, ready, ready_reason, &ready_message);
+
+    // Preparing the next root is not a degradation: Ready and the phase ignore it.
+    match &observed.next_root {
+        None => status.conditions.retain(|c| c.type_ != NEXT_ROOT_TRUSTED),
+        Some(NextRootTrust::Agreed { root, lacking }) => {
+            status.next_root_fingerprint = Some(root.clone());
+            if lacking.is_empty() {
+                condition(
+                    &mut status,
+                    NEXT_ROOT_TRUSTED,
+                    true,
+                    "AllMembers",
+                    &format!(
+                        "every member trusts the signer's next root sha256 {root}: the signer may switch to it"
+                    ),
+                );
+            } else {
+                let names: Vec<String> = lacking.iter().map(ToString::to_string).collect();
+                condition(
+                    &mut status,
+                    NEXT_ROOT_TRUSTED,
+                    false,
+                    "Pending",
+                    &format!(
+                        "the signer's next root sha256 {root} is not yet trusted by {}; keep the signer on its current root until it is",
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+        Some(NextRootTrust::Differ(reported)) => {
+            let roots: Vec<String> = reported
+                .iter()
+                .map(|(id, root)| format!("{id}: {root}"))
+                .collect();
+            condition(
+                &mut status,
+                NEXT_ROOT_TRUSTED,
+                false,
+                "NextRootsDiffer",
+                &format!(
+                    "members report different next roots ({}); each agent reports the one its signer announces",
+                    roots.join(", ")
+                ),
+            );
+        }
+    }
 
     let troubled =
         members.iter().any(|m| is_trouble(m.phase)) || !observed.removing.is_empty() || !fed_ok;
@@ -1761,6 +1864,7 @@ mod tests {
             current,
             root: (!root.is_empty()).then(|| root.to_string()),
             trusted: trusted.iter().map(|s| s.to_string()).collect(),
+            next: None,
         }
     }
 
@@ -1901,6 +2005,248 @@ mod tests {
         assert!(!MemberTrust::of(Some(&reported)).current);
     }
 
+    /// `member`, its agent reporting `next` as the signer's next root.
+    fn announcing(member: MemberTrust, next: &str) -> MemberTrust {
+        MemberTrust {
+            next: Some(next.into()),
+            ..member
+        }
+    }
+
+    #[test]
+    fn the_next_root_is_never_retired() {
+        let none = VirtualMeshStatus::default();
+        // Prepare phase: every member on R1, trusting R1 and the announced R2. No rotation
+        // starts, nothing is retired, however long it lasts.
+        let preparing = [
+            announcing(trust(true, true, R1, &[R1, R2]), R2),
+            announcing(trust(true, true, R1, &[R2, R1]), R2),
+        ];
+        let settled = RootDecision {
+            common_root: Some(R1.into()),
+            ..RootDecision::default()
+        };
+        for later in [0, 86_400, 10 * 86_400] {
+            assert_eq!(
+                decide_roots(&preparing, &none, at(later), DAY),
+                settled,
+                "at +{later}s"
+            );
+        }
+        assert_eq!(
+            decide_roots(&preparing, &none, at(0), Duration::ZERO),
+            settled
+        );
+        // A rotation recorded for R1 (by a controller that did not know R2 was next) goes.
+        let recorded = VirtualMeshStatus {
+            root_rotation: Some(RootRotation {
+                root: R1.into(),
+                converged_at: rfc3339(at(0)),
+                retire_at: rfc3339(at(86_400)),
+            }),
+            ..none.clone()
+        };
+        assert_eq!(
+            decide_roots(&preparing, &recorded, at(90_000), DAY),
+            settled
+        );
+        // R2 retired before (by an older controller) but announced now: taken off; the
+        // other retired roots stay.
+        let retired_before = VirtualMeshStatus {
+            retired_root_fingerprints: vec![R2.to_uppercase(), R3.into()],
+            ..none.clone()
+        };
+        let restored = decide_roots(&preparing, &retired_before, at(0), DAY);
+        assert_eq!(restored.retired, [R3]);
+        assert!(restored.newly_retired.is_empty() && restored.rotation.is_none());
+        // One member's agent reporting it is enough (the other's may not have heard yet).
+        let one_heard = [
+            announcing(trust(true, true, R1, &[R1, R2]), &R2.to_uppercase()),
+            trust(true, true, R1, &[R1, R2]),
+        ];
+        assert_eq!(decide_roots(&one_heard, &none, at(90_000), DAY), settled);
+        assert!(
+            decide_roots(&one_heard, &retired_before, at(0), DAY)
+                .retired
+                .iter()
+                .all(|fp| fp != R2)
+        );
+        // Another old root besides the next one is still retired, and only it.
+        let with_old = [
+            announcing(trust(true, true, R1, &[R1, R3, R2]), R2),
+            announcing(trust(true, true, R1, &[R1, R2]), R2),
+        ];
+        let retiring = decide_roots(&with_old, &none, at(0), DAY);
+        assert_eq!(
+            retiring.rotation.as_ref().map(|r| r.root.as_str()),
+            Some(R1)
+        );
+        let previous = VirtualMeshStatus {
+            root_rotation: retiring.rotation,
+            ..none.clone()
+        };
+        let done = decide_roots(&with_old, &previous, at(86_400), DAY);
+        assert_eq!(
+            (done.retired, done.newly_retired),
+            (vec![R3.to_string()], vec![R3.to_string()])
+        );
+        // After the switch (members on R2, still trusting R1, the signer announcing no next
+        // root): R1 goes after retire_after, as in any root change.
+        let switched = [
+            trust(true, true, R2, &[R2, R1]),
+            trust(true, true, R2, &[R2, R1]),
+        ];
+        let waiting = decide_roots(&switched, &none, at(0), DAY);
+        assert!(waiting.retired.is_empty());
+        let rotation = waiting.rotation.unwrap();
+        assert_eq!(rotation.root, R2);
+        let previous = VirtualMeshStatus {
+            root_rotation: Some(rotation),
+            ..none.clone()
+        };
+        let done = decide_roots(&switched, &previous, at(86_400), DAY);
+        assert_eq!(
+            (done.retired, done.newly_retired),
+            (vec![R1.to_string()], vec![R1.to_string()])
+        );
+    }
+
+    #[test]
+    fn next_root_trusted_says_when_every_member_trusts_the_next_root() {
+        let (east, west) = (r("smh/east"), r("smh/west"));
+        let both = |e: &MemberTrust, w: &MemberTrust| next_root_trust(&[(&east, e), (&west, w)]);
+        let on_r1 = trust(true, true, R1, &[R1]);
+        let preparing = announcing(trust(true, true, R1, &[R1, R2]), R2);
+        // Nobody reports a next root: nothing to say.
+        assert_eq!(both(&on_r1, &on_r1), None);
+        // West's agent has not heard of R2 (nor trusts it): west lacks it.
+        assert_eq!(
+            both(&preparing, &on_r1),
+            Some(NextRootTrust::Agreed {
+                root: R2.into(),
+                lacking: vec![west.clone()],
+            })
+        );
+        // West trusts it, but its status is for an older spec, or not Installed: lacking.
+        for not_yet in [
+            announcing(trust(true, false, R1, &[R1, R2]), R2),
+            announcing(trust(false, true, R1, &[R1, R2]), R2),
+        ] {
+            assert_eq!(
+                both(&preparing, &not_yet),
+                Some(NextRootTrust::Agreed {
+                    root: R2.into(),
+                    lacking: vec![west.clone()],
+                })
+            );
+        }
+        // Every member trusts it (compared normalized).
+        let upper = announcing(trust(true, true, R1, &[R1, R2]), &R2.to_uppercase());
+        assert_eq!(
+            both(&preparing, &upper),
+            Some(NextRootTrust::Agreed {
+                root: R2.into(),
+                lacking: vec![],
+            })
+        );
+        // Different next roots.
+        let other = announcing(trust(true, true, R1, &[R1, R3]), R3);
+        assert_eq!(
+            both(&preparing, &other),
+            Some(NextRootTrust::Differ(vec![
+                (east.clone(), R2.into()),
+                (west.clone(), R3.into()),
+            ]))
+        );
+
+        // In status: the condition after the others, Ready and the phase unaffected.
+        let installed = VmcsrStatus {
+            next_root_fingerprint: Some(R2.into()),
+            trusted_root_fingerprints: vec![R1.into(), R2.into()],
+            ..agent(Phase::Installed, R1, None)
+        };
+        let status_with = |previous: &VirtualMeshStatus, next: Option<NextRootTrust>, t: u64| {
+            let mut seen = observed(
+                vec![
+                    report("east", RequestView::Present(Some(&installed)), None),
+                    report("west", RequestView::Present(Some(&installed)), None),
+                ],
+                FederationOutcome::Disabled,
+            );
+            seen.next_root = next;
+            converged_status(previous, Some(2), seen, at(t))
+        };
+        let pending = status_with(&VirtualMeshStatus::default(), both(&preparing, &on_r1), 0);
+        let types: Vec<&str> = pending
+            .conditions
+            .iter()
+            .map(|c| c.type_.as_str())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ACCEPTED,
+                TRUST_ESTABLISHED,
+                FEDERATED,
+                READY,
+                NEXT_ROOT_TRUSTED
+            ]
+        );
+        let c = condition(&pending, NEXT_ROOT_TRUSTED);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Pending"));
+        assert!(
+            c.message.contains(&format!(
+                "next root sha256 {R2} is not yet trusted by smh/west;"
+            )),
+            "{}",
+            c.message
+        );
+        assert!(!c.message.contains("smh/east"), "{}", c.message);
+        assert_eq!(c.observed_generation, Some(2));
+        assert_eq!(pending.next_root_fingerprint.as_deref(), Some(R2));
+        assert_eq!(pending.phase, Some(VirtualMeshPhase::Ready));
+        assert_eq!(condition(&pending, READY).status, "True");
+        // Per member: the next root its agent reports.
+        assert_eq!(pending.meshes[0].next_root_fingerprint.as_deref(), Some(R2));
+
+        let all = status_with(&pending, both(&preparing, &preparing), 60);
+        let c = condition(&all, NEXT_ROOT_TRUSTED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "AllMembers")
+        );
+        assert!(c.message.contains(R2), "{}", c.message);
+        assert_eq!(c.last_transition_time, rfc3339(at(60)));
+        assert_eq!(all.next_root_fingerprint.as_deref(), Some(R2));
+        assert_eq!(all.phase, Some(VirtualMeshPhase::Ready));
+
+        let differ = status_with(&all, both(&preparing, &other), 120);
+        let c = condition(&differ, NEXT_ROOT_TRUSTED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NextRootsDiffer")
+        );
+        assert!(
+            c.message
+                .contains(&format!("smh/east: {R2}, smh/west: {R3}")),
+            "{}",
+            c.message
+        );
+        assert_eq!(differ.next_root_fingerprint, None);
+        assert_eq!(differ.phase, Some(VirtualMeshPhase::Ready));
+
+        // No member reports a next root any more (the signer switched): the condition goes.
+        let after = status_with(&differ, None, 180);
+        assert!(
+            after
+                .conditions
+                .iter()
+                .all(|c| c.type_ != NEXT_ROOT_TRUSTED)
+        );
+        assert_eq!(after.next_root_fingerprint, None);
+        assert_eq!(after.conditions.len(), 4);
+    }
+
     fn report<'a>(name: &str, view: RequestView<'a>, problem: Option<&str>) -> MemberStatus {
         member_status(&MemberReport {
             id: r(&format!("smh/{name}")),
@@ -1952,6 +2298,7 @@ mod tests {
                 common_root: common,
                 ..RootDecision::default()
             },
+            next_root: None,
             federation,
         }
     }

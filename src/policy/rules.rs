@@ -30,6 +30,23 @@ pub fn accepted_key_types(min_rsa_bits: u32) -> Vec<KeyType> {
         .collect()
 }
 
+/// A root must be at least as strong as every virtual mesh it serves demands: checked for
+/// the root at start and on every reload of the policies, and for an announced next root.
+pub fn check_root_strength(
+    root_key: &PublicKeyKind,
+    policies: &crate::policy::PolicySet,
+) -> Result<(), String> {
+    for policy in policies.iter() {
+        check_public_key(root_key, policy.min_rsa_bits).map_err(|d| {
+            format!(
+                "the root key ({root_key}) is too weak for virtual mesh {}: {}",
+                policy.id, d.message
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// A policy rule, with the machine code the API reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rule {

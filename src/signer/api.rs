@@ -421,16 +421,19 @@ async fn virtual_mesh(
         "meshes": policy.meshes.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
         "rootNotAfter": rfc3339(root.not_after),
         "rootFingerprintSha256": root.fingerprint_sha256,
+        "nextRootFingerprintSha256": rules.next_root.as_ref().map(|n| &n.fingerprint_sha256),
+        "nextRootCert": rules.next_root.as_ref().map(|n| &n.pem),
     }))
     .into_response()
 }
 
+/// The roots to trust: the signer's root, then the next root it announces.
 async fn trust_bundle(State(state): State<Arc<SignerState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/x-pem-file")],
-        state.backend.root().pem.clone(),
-    )
-        .into_response()
+    let mut pem = state.backend.root().pem.clone();
+    if let Some(next) = &state.rules().next_root {
+        pem.push_str(&next.pem);
+    }
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response()
 }
 
 async fn healthz() -> Response {

@@ -10,6 +10,7 @@ use super::audit::rfc3339;
 use super::server::{StartError, load_root, read_pin, serving_tls};
 use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendSettings, SignerConfig};
+use crate::pki::keys::PublicKeyKind;
 
 /// What is about to expire this soon is named (as the alerts do for the signer's TLS
 /// certificate).
@@ -22,6 +23,8 @@ pub struct CheckReport {
     pub virtual_meshes: Vec<String>,
     pub clients: usize,
     pub root: String,
+    /// The root announced ahead of a root change, if any.
+    pub next_root: Option<String>,
     pub server_certificate_not_after: SystemTime,
     /// Each client CRL file and when it is due to be replaced.
     pub client_crls: Vec<String>,
@@ -48,10 +51,18 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             "the audit log ends in an incomplete line of {torn_tail} bytes (a crash mid-write): the start moves it aside and records a recovery"
         ));
     }
+    let next_root = config.root.next.as_ref();
     for (what, not_after) in [
-        ("the root certificate", root.not_after),
-        ("the signer's TLS certificate", tls.certificate_not_after),
+        ("the root certificate", Some(root.not_after)),
+        ("the next root", next_root.map(|n| n.not_after)),
+        (
+            "the signer's TLS certificate",
+            Some(tls.certificate_not_after),
+        ),
     ] {
+        let Some(not_after) = not_after else {
+            continue;
+        };
         if not_after <= now {
             warnings.push(format!("{what} expired at {}", rfc3339(not_after)));
         } else if not_after <= now + EXPIRY_WARNING {
@@ -79,18 +90,27 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         config: config.path.display().to_string(),
         virtual_meshes: config.policies.iter().map(|p| p.id.to_string()).collect(),
         clients: config.authorization.clients().count(),
-        root: format!(
-            "{}, valid until {}, SHA-256 {}",
-            root.key_kind,
-            rfc3339(root.not_after),
-            root.fingerprint_sha256
-        ),
+        root: describe_root(&root.key_kind, root.not_after, &root.fingerprint_sha256),
+        next_root: next_root.map(|n| {
+            format!(
+                "{}, {}",
+                n.path.display(),
+                describe_root(&n.key_kind, n.not_after, &n.fingerprint_sha256)
+            )
+        }),
         server_certificate_not_after: tls.certificate_not_after,
         client_crls,
         backend,
         audit_log,
         warnings,
     })
+}
+
+fn describe_root(key: &PublicKeyKind, not_after: SystemTime, fingerprint: &str) -> String {
+    format!(
+        "{key}, valid until {}, SHA-256 {fingerprint}",
+        rfc3339(not_after)
+    )
 }
 
 /// The backend's files and secrets as the start reads them, without a login.
@@ -171,6 +191,9 @@ impl fmt::Display for CheckReport {
         writeln!(f, "  virtual meshes  {}", self.virtual_meshes.join(", "))?;
         writeln!(f, "  clients         {}", self.clients)?;
         writeln!(f, "  root            {}", self.root)?;
+        if let Some(next) = &self.next_root {
+            writeln!(f, "  next root       {next}")?;
+        }
         writeln!(
             f,
             "  server cert     valid until {}",

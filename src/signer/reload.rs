@@ -1,12 +1,12 @@
 //! What a SIGHUP may change in a running signer besides its TLS files: the rules every
 //! signing decision is made under (VirtualMesh policies, client grants, and the limits on
-//! requests and connections), read again from the config file. Pure comparisons; the swap
-//! and its audit line are in `server`.
+//! requests and connections) and the next root it announces, read again from the config
+//! file. Pure comparisons; the swap and its audit line are in `server`.
 
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::{AuthorizationTable, Limits, SignerConfig};
+use crate::config::{AuthorizationTable, Limits, NextRoot, SignerConfig};
 use crate::policy::rules::human_duration;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 
@@ -19,6 +19,8 @@ pub struct Rules {
     /// `[limits]`. `max_connections` sizes the listener's connection slots once, at
     /// start: a reload keeps the value in force (see [`restart_only_changes`]).
     pub limits: Limits,
+    /// The root announced ahead of a root change, if any.
+    pub next_root: Option<NextRoot>,
 }
 
 impl Rules {
@@ -27,6 +29,7 @@ impl Rules {
             policies: config.policies.clone(),
             authorization: config.authorization.clone(),
             limits: config.limits,
+            next_root: config.root.next.clone(),
         }
     }
 
@@ -56,6 +59,11 @@ impl RulesChange {
             &mut statements,
         );
         compare_limits(&in_force.limits, &read.limits, &mut statements);
+        compare_next_root(
+            in_force.next_root.as_ref(),
+            read.next_root.as_ref(),
+            &mut statements,
+        );
         RulesChange { statements }
     }
 
@@ -189,6 +197,18 @@ fn compare_limits(in_force: &Limits, read: &Limits, out: &mut Vec<String>) {
         .collect();
     if !differences.is_empty() {
         out.push(format!("limits: {}", differences.join(", ")));
+    }
+}
+
+fn compare_next_root(in_force: Option<&NextRoot>, read: Option<&NextRoot>, out: &mut Vec<String>) {
+    let fingerprint = |next: Option<&NextRoot>| next.map(|n| n.fingerprint_sha256.clone());
+    match (fingerprint(in_force), fingerprint(read)) {
+        (None, Some(new)) => out.push(format!("next root sha256 {new} announced")),
+        (Some(old), None) => out.push(format!("next root sha256 {old} no longer announced")),
+        (Some(old), Some(new)) if old != new => {
+            out.push(format!("next root sha256 {old} -> {new}"))
+        }
+        _ => {}
     }
 }
 
@@ -377,5 +397,40 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
             RulesChange::between(&before, &after).statements,
             ["limits: sign_requests_per_minute 600 -> 1200, body_timeout_ms 10000 -> 30000"]
         );
+    }
+
+    #[test]
+    fn an_announced_next_root_is_named_when_it_comes_changes_or_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let announcing = |fingerprint: &str| Rules {
+            next_root: Some(NextRoot {
+                path: dir.path().join("next.pem"),
+                pem: String::new(),
+                fingerprint_sha256: fingerprint.into(),
+                key_kind: crate::pki::keys::KeyType::EcdsaP384.public_key_kind(),
+                not_after: std::time::SystemTime::now(),
+            }),
+            ..none.clone()
+        };
+        let statements = |a: &Rules, b: &Rules| RulesChange::between(a, b).statements;
+        assert_eq!(
+            statements(&none, &announcing("aa")),
+            ["next root sha256 aa announced"]
+        );
+        assert_eq!(
+            statements(&announcing("aa"), &announcing("bb")),
+            ["next root sha256 aa -> bb"]
+        );
+        assert_eq!(
+            statements(&announcing("aa"), &none),
+            ["next root sha256 aa no longer announced"]
+        );
+        assert!(statements(&announcing("aa"), &announcing("aa")).is_empty());
+        // Not a restart-only setting: the reload puts it in force.
+        let read = config(dir.path(), MESHES, A_ONLY, "");
+        let mut with_next = read.clone();
+        with_next.root.next = announcing("aa").next_root;
+        assert!(restart_only_changes(&read, &with_next).is_empty());
     }
 }

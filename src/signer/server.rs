@@ -26,11 +26,9 @@ use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::vault::VaultBackend;
-use crate::config::{BackendSettings, ConfigError, SignerConfig};
-use crate::pki::keys::PublicKeyKind;
+use crate::config::{BackendSettings, ConfigError, NextRoot, SignerConfig};
 use crate::pki::profile::RootCa;
-use crate::policy::PolicySet;
-use crate::policy::rules::check_public_key;
+use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
     CrlNextUpdate, MaterialFingerprint, TlsError, client_identity, server_config,
 };
@@ -63,21 +61,20 @@ pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
     let root =
         RootCa::from_pem(&pem).map_err(|e| StartError::Root(format!("{}: {e}", path.display())))?;
     check_root_strength(&root.key_kind, &config.policies).map_err(StartError::Root)?;
+    check_next_root(&root, config.root.next.as_ref()).map_err(StartError::Root)?;
     Ok(root)
 }
 
-/// The root must be at least as strong as every virtual mesh it serves demands: checked at
-/// start and on every reload of the policies.
-fn check_root_strength(root_key: &PublicKeyKind, policies: &PolicySet) -> Result<(), String> {
-    for policy in policies.iter() {
-        check_public_key(root_key, policy.min_rsa_bits).map_err(|d| {
-            format!(
-                "the root key ({root_key}) is too weak for virtual mesh {}: {}",
-                policy.id, d.message
-            )
-        })?;
+/// An announced next root must be another root than the one in force: left in place after
+/// the switch, it would announce nothing.
+pub fn check_next_root(root: &RootCa, next: Option<&NextRoot>) -> Result<(), String> {
+    match next {
+        Some(next) if next.fingerprint_sha256 == root.fingerprint_sha256 => Err(format!(
+            "root.next_certificate {} is the root in force (root.certificate): remove it once the signer has switched",
+            next.path.display()
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Why a reload of the rules changed nothing.
@@ -87,6 +84,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     RootTooWeak(String),
+    #[error("{0}")]
+    NextRoot(String),
     #[error("the audit log cannot record the change, so it is not applied: {0}")]
     Audit(#[from] super::audit::AuditError),
 }
@@ -205,13 +204,13 @@ pub struct RunningSigner {
 }
 
 impl RunningSigner {
-    /// Reads the config file again and puts its policies, client grants and limits in
-    /// force, after the same checks as at start (and the root's strength against the new
-    /// policies). A change is written to the audit log (event `reload`) before it applies;
-    /// on any error the rules in force stay. Decisions already under way finish under the
-    /// rules they started with, connections keep the timeouts they were accepted with.
-    /// Settings read only at start are not changed; the answer names those that differ in
-    /// the file.
+    /// Reads the config file again and puts its policies, client grants, limits and next
+    /// root in force, after the same checks as at start (and the root's strength against
+    /// the new policies). A change is written to the audit log (event `reload`) before it
+    /// applies; on any error the rules in force stay. Decisions already under way finish
+    /// under the rules they started with, connections keep the timeouts they were accepted
+    /// with. Settings read only at start are not changed; the answer names those that
+    /// differ in the file.
     pub async fn reload_rules(&self) -> Result<RulesReload, ReloadError> {
         let outcome = self.try_reload_rules().await;
         self.state.metrics.rules_reloaded(outcome.is_ok());
@@ -227,8 +226,9 @@ impl RunningSigner {
                 path: self.config.path.display().to_string(),
                 message: e.to_string(),
             })??;
-        check_root_strength(&self.state.backend.root().key_kind, &read.policies)
-            .map_err(ReloadError::RootTooWeak)?;
+        let root = self.state.backend.root();
+        check_root_strength(&root.key_kind, &read.policies).map_err(ReloadError::RootTooWeak)?;
+        check_next_root(root, read.root.next.as_ref()).map_err(ReloadError::NextRoot)?;
         let in_force = self.state.rules();
         let rules = Rules::reloaded(&read, &in_force);
         let change = RulesChange::between(&in_force, &rules);
@@ -392,6 +392,7 @@ pub async fn start(
         ops = ?addresses.ops,
         backend = %backend.describe(),
         root_fingerprint_sha256 = %backend.root().fingerprint_sha256,
+        next_root_fingerprint_sha256 = config.root.next.as_ref().map(|n| n.fingerprint_sha256.as_str()),
         virtual_meshes = config.policies.iter().count(),
         audit_log = %config.audit_log.display(),
         backend_ready_ms = backend_ready_ms as u64,

@@ -1,8 +1,13 @@
 //! Certificates as the tests make and check them with the `openssl` CLI, the independent
 //! implementation: CSRs for keys and extensions meshca would never produce, the root's
-//! self-signature and profile, a signer's answer as a cacerts directory, the chain check.
+//! self-signature and profile, a signer's answer as a cacerts directory, the chain check,
+//! and workloads of two clusters in an mTLS handshake.
 
-use std::path::Path;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use der::EncodePem;
 use meshca::pki::csr::build_csr;
@@ -10,7 +15,7 @@ use meshca::pki::keys::{KeyType, PrivateKey};
 use meshca::pki::profile::subject_name;
 use serde_json::Value;
 
-use super::{Env, EnvSpec, openssl, text, write};
+use super::{Env, EnvSpec, openssl, send_signal, text, write};
 
 /// `genpkey` arguments of keys meshca refuses, for [`openssl_csr`].
 pub const KEYGEN_P521: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"];
@@ -89,6 +94,23 @@ pub fn openssl_verify_bundle(dir: &Path) -> String {
     )
 }
 
+/// SHA-256 of a certificate file, as openssl computes it (lowercase hex, no colons).
+pub fn openssl_fingerprint(dir: &Path, file: &Path) -> String {
+    let out = openssl(
+        dir,
+        &[
+            "x509",
+            "-in",
+            file.to_str().unwrap(),
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+        ],
+    );
+    let (_, hex) = out.trim().split_once('=').unwrap();
+    hex.replace(':', "").to_ascii_lowercase()
+}
+
 /// `meshca serve` with another environment's root certificate in place of this one's:
 /// asserts that the signer refuses to start, and returns its stderr.
 pub fn serve_with_a_foreign_root(env: &Env) -> String {
@@ -97,4 +119,213 @@ pub fn serve_with_a_foreign_root(env: &Env) -> String {
     let out = env.run_with_config(&["serve"]);
     assert!(!out.status.success());
     text(&out.stderr)
+}
+
+/// A workload certificate issued from a cluster's intermediate as istiod would (P-256,
+/// SPIFFE ID `spiffe://cluster.local/ns/default/sa/<name>`), with that cluster's
+/// cacerts: one side of an mTLS handshake. Files `<name>.pem` and `<name>.key`.
+pub struct Workload {
+    pub name: String,
+    pub cacerts: PathBuf,
+}
+
+impl Workload {
+    pub fn issue(dir: &Path, cacerts: &Path, name: &str) -> Workload {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let cert = format!("{name}.pem");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/",
+            ],
+        );
+        let ext = write(
+            dir,
+            &format!("{name}.ext"),
+            &format!(
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:spiffe://cluster.local/ns/default/sa/{name}\n"
+            ),
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                cacerts.join("ca-cert.pem").to_str().unwrap(),
+                "-CAkey",
+                cacerts.join("ca-key.pem").to_str().unwrap(),
+                "-set_serial",
+                "0x4a1b2c3d4e5f",
+                "-days",
+                "1",
+                "-sha256",
+                "-extfile",
+                ext.to_str().unwrap(),
+                "-out",
+                &cert,
+            ],
+        );
+        Workload {
+            name: name.to_string(),
+            cacerts: cacerts.to_path_buf(),
+        }
+    }
+
+    /// `openssl s_server` / `s_client` arguments: this workload's certificate, key and
+    /// chain, and its cluster's root-cert.pem as the only roots it trusts.
+    fn tls_args(&self) -> Vec<OsString> {
+        vec![
+            "-cert".into(),
+            format!("{}.pem", self.name).into(),
+            "-key".into(),
+            format!("{}.key", self.name).into(),
+            "-cert_chain".into(),
+            self.cacerts.join("cert-chain.pem").into(),
+            "-CAfile".into(),
+            self.cacerts.join("root-cert.pem").into(),
+        ]
+    }
+}
+
+/// What each side of one handshake printed.
+#[derive(Debug)]
+pub struct Handshake {
+    pub client: String,
+    pub server: String,
+}
+
+impl Handshake {
+    const HELLO: &str = "hello over mTLS";
+
+    /// Both sides verified the other and the client's line arrived.
+    pub fn ok(&self) -> bool {
+        self.client.contains("Verify return code: 0 (ok)") && self.server.contains(Self::HELLO)
+    }
+
+    pub fn assert_ok(&self) {
+        assert!(self.ok(), "{self:#?}");
+    }
+}
+
+/// One mTLS connection from `client` to `server` (openssl s_server and s_client, the seed
+/// guide's own check): each side presents its certificate and chain and verifies the
+/// other's against its own cluster's root-cert.pem only; the client then sends a line.
+pub fn mtls_handshake(dir: &Path, server: &Workload, client: &Workload) -> Handshake {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Its stdin stays open while it serves (s_server stops at the end of its input); it
+    // ends after one connection, whether the handshake succeeds or not, so it is not
+    // probed: it says ACCEPT once it listens. `timeout` bounds both openssl processes:
+    // neither may hang the suite.
+    let mut server_process = Command::new("timeout")
+        .current_dir(dir)
+        .args(["30", "openssl", "s_server", "-naccept", "1"])
+        .arg("-accept")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(server.tls_args())
+        .args(["-Verify", "3", "-verify_return_error"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server_output = Output::read(server_process.stdout.take().unwrap());
+    assert!(
+        server_output.wait_for("ACCEPT"),
+        "s_server did not start: {}",
+        server_output.text()
+    );
+    let mut client_process = Command::new("timeout")
+        .current_dir(dir)
+        .args([
+            "30",
+            "openssl",
+            "s_client",
+            "-showcerts",
+            "-verify_return_error",
+        ])
+        .arg("-connect")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(client.tls_args())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = client_process.stdin.take().unwrap();
+        // A refused handshake may have closed the pipe already.
+        let _ = writeln!(stdin, "{}", Handshake::HELLO);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let client_out = client_process.wait_with_output().unwrap();
+    // s_server writes what it received as it arrives (unbuffered); once the line is there
+    // (or s_server ended), stop it (`timeout` passes SIGTERM on to openssl).
+    server_output.wait_for(Handshake::HELLO);
+    let received = server_output.text();
+    send_signal(server_process.id(), "TERM");
+    let server_out = server_process.wait_with_output().unwrap();
+    Handshake {
+        client: format!("{}\n{}", text(&client_out.stdout), text(&client_out.stderr)),
+        server: format!("{received}\n{}", text(&server_out.stderr)),
+    }
+}
+
+/// A process's output as it comes, read on a thread that is left behind, so a process
+/// keeping its output open cannot hang the caller once what it waits for is there.
+struct Output {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl Output {
+    fn read(mut output: impl std::io::Read + Send + 'static) -> Output {
+        let (sender, chunks) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = output.read(&mut buf) {
+                if sender.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Output {
+            chunks,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads until everything so far contains `needle` (true) or the output ends (false).
+    fn wait_for(&mut self, needle: &str) -> bool {
+        while !self.text().contains(needle) {
+            match self.chunks.recv() {
+                Ok(chunk) => self.seen.extend(chunk),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
 }

@@ -224,6 +224,35 @@ pub fn identity(name: &str) -> String {
     format!("spiffe://meshca.test/cluster/{name}")
 }
 
+/// What [`Env::init_next_root`] and [`Env::switch_to_next_root`] replace in the config,
+/// and with what: the root's key (a token object, or a Vault issuer) and its certificate.
+const NEXT_ROOT_REPLACEMENTS: [(&str, &str); 3] = [
+    ("object=root-ca\"", "object=root-ca-next\""),
+    (
+        "issuer_ref = \"meshca-root\"",
+        "issuer_ref = \"meshca-root-next\"",
+    ),
+    (
+        "certificate = \"root-cert.pem\"",
+        "certificate = \"next-root-cert.pem\"",
+    ),
+];
+
+/// The config with its root's key and certificate replaced by the next root's.
+fn with_next_root(config: &str) -> String {
+    let replaced = NEXT_ROOT_REPLACEMENTS
+        .iter()
+        .fold(config.to_string(), |text, (root, next)| {
+            text.replace(root, next)
+        });
+    assert_eq!(
+        replaced.matches("next").count(),
+        config.matches("next").count() + 2,
+        "no root key and certificate to replace in:\n{config}"
+    );
+    replaced
+}
+
 /// A prepared environment: token (or OpenBao) with a root, transport PKI, signer config.
 pub struct Env {
     /// Declared first so it stops before the temp dir goes.
@@ -386,6 +415,48 @@ key_type = "{key_type}"
             "client_ca = \"pki/ca.pem\"\nclient_crls = [\"pki/crl.pem\"]",
         );
         std::fs::write(&self.config, config).unwrap();
+    }
+
+    /// Makes the root a root change moves to: `root init` under a copy of the config
+    /// (`next-signer.toml`) whose key is token object `root-ca-next` (or Vault issuer
+    /// `meshca-root-next`) and whose certificate is `next-root-cert.pem`. Returns that
+    /// certificate's path.
+    pub fn init_next_root(&self) -> PathBuf {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let next_config = self.path("next-signer.toml");
+        std::fs::write(&next_config, with_next_root(&config)).unwrap();
+        run_ok(
+            self.meshca()
+                .args(["root", "init", "--config"])
+                .arg(&next_config),
+        );
+        self.path("next-root-cert.pem")
+    }
+
+    /// Names `file` as `[root] next_certificate` in the signer config (None: no next root).
+    pub fn announce_next_root(&self, file: Option<&str>) {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let mut lines: Vec<String> = config
+            .lines()
+            .filter(|line| !line.starts_with("next_certificate = "))
+            .map(String::from)
+            .collect();
+        if let Some(file) = file {
+            let at = lines
+                .iter()
+                .position(|l| l.starts_with("certificate = "))
+                .unwrap();
+            lines.insert(at + 1, format!("next_certificate = \"{file}\""));
+        }
+        std::fs::write(&self.config, lines.join("\n") + "\n").unwrap();
+    }
+
+    /// The root change itself: the signer config names the next root's key and
+    /// certificate (made by [`Env::init_next_root`]) and announces nothing.
+    pub fn switch_to_next_root(&self) {
+        self.announce_next_root(None);
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, with_next_root(&config)).unwrap();
     }
 
     /// `meshca audit verify audit.log` must pass; returns what it printed.
