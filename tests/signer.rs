@@ -496,14 +496,7 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
         .unwrap();
     assert_eq!(missing.status().as_u16(), 404);
 
-    let bundle = client
-        .get(signer.url("/v1/trust-bundle"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let bundle = signer.get_text(&client, "/v1/trust-bundle").await;
     assert_eq!(bundle, env.root_pem());
 
     let health = client.get(signer.url("/healthz")).send().await.unwrap();
@@ -858,17 +851,8 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
     let signer = env.start_signer();
     let client = env.client("cluster-a");
     let policy = || signer.get_json(&client, "/v1/virtualmeshes/test/vm");
-    let trust_bundle = || async {
-        let bundle = client
-            .get(signer.url("/v1/trust-bundle"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        root_fingerprints(&bundle)
-    };
+    let trust_bundle =
+        || async { root_fingerprints(&signer.get_text(&client, "/v1/trust-bundle").await) };
     let reloaded = |n: usize| signer.wait_for_nth_log("SIGHUP: policies, clients and limits", n);
     let sighup = || send_signal(signer.child.id(), "HUP");
     assert!(policy().await["nextRootFingerprintSha256"].is_null());

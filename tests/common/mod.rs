@@ -700,8 +700,13 @@ impl Signer {
 
     /// The Prometheus text of `/metrics`, fetched by `client`.
     pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        self.get_text(client, "/metrics").await
+    }
+
+    /// The body of a GET of `path`, fetched by `client`.
+    pub async fn get_text(&self, client: &reqwest::Client, path: &str) -> String {
         client
-            .get(self.url("/metrics"))
+            .get(self.url(path))
             .send()
             .await
             .unwrap()
