@@ -7,7 +7,6 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use der::EncodePem;
 use meshca::pki::csr::build_csr;
@@ -271,16 +270,16 @@ pub fn mtls_handshake(dir: &Path, server: &Workload, client: &Workload) -> Hands
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    {
-        let mut stdin = client_process.stdin.take().unwrap();
-        // A refused handshake may have closed the pipe already.
-        let _ = writeln!(stdin, "{}", Handshake::HELLO);
-        std::thread::sleep(Duration::from_millis(700));
-    }
-    let client_out = client_process.wait_with_output().unwrap();
-    // s_server writes what it received as it arrives (unbuffered); once the line is there
-    // (or s_server ended), stop it (`timeout` passes SIGTERM on to openssl).
+    let mut stdin = client_process.stdin.take().unwrap();
+    // A refused handshake may have closed the pipe already.
+    let _ = writeln!(stdin, "{}", Handshake::HELLO);
+    // s_server writes what it received as it arrives (unbuffered): the line comes once
+    // both sides accepted each other; after a refusal s_server ends instead. Only then
+    // does the client's input end (s_client stops there), and s_server is stopped
+    // (`timeout` passes SIGTERM on to openssl). No fixed wait: a slow host only delays.
     server_output.wait_for(Handshake::HELLO);
+    drop(stdin);
+    let client_out = client_process.wait_with_output().unwrap();
     let received = server_output.text();
     send_signal(server_process.id(), "TERM");
     let server_out = server_process.wait_with_output().unwrap();
