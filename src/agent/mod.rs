@@ -177,9 +177,10 @@ pub async fn obtain_bundle(
     let roots = rotation::with_next_root(&response.root_cert, policy.next_root_cert(), now);
     let root_cert = match &request.roots {
         RootsPlan::SignerOnly => roots,
-        RootsPlan::Merge { previous, retired } => {
-            rotation::compose_root_cert(&roots, previous.as_deref(), retired, now)
-        }
+        RootsPlan::Merge { previous, retired } => rotation::step_toward(
+            &rotation::compose_root_cert(&roots, previous.as_deref(), retired, now),
+            previous.as_deref(),
+        ),
     };
     let files = BundleFiles {
         ca_cert: response.certificate,

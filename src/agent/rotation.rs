@@ -285,21 +285,19 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
         .into_iter()
         .find(|c| fingerprint(c) == summary.anchor_fingerprint);
     if let Some(anchor) = anchor {
-        let anchor = certificate_pem(&anchor);
-        let compose = |next_root: Option<&str>| {
-            compose_root_cert(
-                &with_next_root(&anchor, next_root, now),
+        let wanted = step_toward(
+            &compose_root_cert(
+                &with_next_root(
+                    &certificate_pem(&anchor),
+                    desired.signer_next_root.as_deref(),
+                    now,
+                ),
                 Some(&files.root_cert),
                 &desired.retired_roots,
                 now,
-            )
-        };
-        let mut wanted = compose(desired.signer_next_root.as_deref());
-        if !is_superset_or_subset(&wanted, &files.root_cert) {
-            // Istio takes a new root set only as a superset or a subset of the one in
-            // force: drop the old roots now (a subset), add the next root on the next pass.
-            wanted = compose(None);
-        }
+            ),
+            Some(&files.root_cert),
+        );
         if wanted != files.root_cert {
             return Decision::RewriteRoots {
                 root_cert: wanted,
@@ -319,11 +317,15 @@ pub fn normalize_fingerprint(fp: &str) -> String {
         .to_ascii_lowercase()
 }
 
-fn is_usable_root(cert: &Certificate, now: SystemTime) -> bool {
+/// A self-signed CA: what root-cert.pem may carry.
+fn is_root(cert: &Certificate) -> bool {
     let tbs = cert.tbs_certificate();
-    let validity = tbs.validity();
-    is_ca(tbs)
-        && tbs.subject() == tbs.issuer()
+    is_ca(tbs) && tbs.subject() == tbs.issuer()
+}
+
+fn is_usable_root(cert: &Certificate, now: SystemTime) -> bool {
+    let validity = cert.tbs_certificate().validity();
+    is_root(cert)
         && validity.not_before.to_system_time() <= now
         && now <= validity.not_after.to_system_time()
 }
@@ -379,11 +381,33 @@ pub fn with_next_root(root: &str, next_root: Option<&str>, now: SystemTime) -> S
     roots
 }
 
-/// Whether one set of roots contains the other.
-fn is_superset_or_subset(a: &str, b: &str) -> bool {
-    let a = root_fingerprints(a);
-    let b = root_fingerprints(b);
-    a.iter().all(|fp| b.contains(fp)) || b.iter().all(|fp| a.contains(fp))
+/// root-cert.pem on the way from `installed` to `wanted` as Istio takes it: a new root set
+/// only as a superset or a subset of the one in force. When `wanted` both adds and drops
+/// roots (a next root announced, or a new intermediate under a new root, in the same pass
+/// as a retirement or an expiry), the roots come first and the old ones stay until the
+/// next write, which is then a subset.
+pub fn step_toward(wanted: &str, installed: Option<&str>) -> String {
+    let Some(installed) = installed else {
+        return wanted.to_string();
+    };
+    let wanted_fps = root_fingerprints(wanted);
+    let installed_roots: Vec<Certificate> = decode_certificates(installed)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(is_root)
+        .collect();
+    let installed_fps: Vec<String> = installed_roots.iter().map(fingerprint).collect();
+    let adds = wanted_fps.iter().any(|fp| !installed_fps.contains(fp));
+    let drops = installed_fps.iter().any(|fp| !wanted_fps.contains(fp));
+    let mut step = wanted.to_string();
+    if adds && drops {
+        for cert in installed_roots {
+            if !wanted_fps.contains(&fingerprint(&cert)) {
+                step.push_str(&certificate_pem(&cert));
+            }
+        }
+    }
+    step
 }
 
 /// SHA-256 fingerprints of the certificates in a PEM text (unparsable text: none).
@@ -848,10 +872,13 @@ mod tests {
     }
 
     #[test]
-    fn a_root_retired_while_a_next_root_is_announced_goes_first() {
+    fn roots_are_added_before_old_ones_are_dropped() {
         let f = fixture();
         let (_old_key, old_root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
         let (_next_key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let fps = |roots: &[&RootCa]| -> Vec<String> {
+            roots.iter().map(|r| r.fingerprint_sha256.clone()).collect()
+        };
         let bundle = BundleFiles {
             root_cert: compose_root_cert(&f.root.pem, Some(&old_root.pem), &[], f.issued),
             ..f.bundle.clone()
@@ -861,26 +888,41 @@ mod tests {
             retired_roots: vec![old_root.fingerprint_sha256.clone()],
             ..desired(&f)
         };
-        // Dropping the old root and adding the next at once would be neither a superset
-        // nor a subset: one step each.
-        let dropped = match decide(&Installed::Ours(bundle.clone()), &d, f.issued) {
+        // Adding the next root and dropping the retired one at once would be neither a
+        // superset nor a subset: the addition first (a superset), the drop next time.
+        let added = match decide(&Installed::Ours(bundle.clone()), &d, f.issued) {
             Decision::RewriteRoots { root_cert, .. } => root_cert,
             other => panic!("{other:?}"),
         };
-        assert_eq!(dropped, f.root.pem);
+        assert_eq!(root_fingerprints(&added), fps(&[&f.root, &next, &old_root]));
         let bundle = BundleFiles {
-            root_cert: dropped,
+            root_cert: added,
             ..bundle
         };
-        match decide(&Installed::Ours(bundle), &d, f.issued) {
-            Decision::RewriteRoots { root_cert, .. } => assert_eq!(
-                root_fingerprints(&root_cert),
-                vec![
-                    f.root.fingerprint_sha256.clone(),
-                    next.fingerprint_sha256.clone()
-                ]
-            ),
+        match decide(&Installed::Ours(bundle.clone()), &d, f.issued) {
+            Decision::RewriteRoots { root_cert, .. } => {
+                assert_eq!(root_fingerprints(&root_cert), fps(&[&f.root, &next]))
+            }
             other => panic!("{other:?}"),
+        }
+        // The same for a new intermediate under a new root while an old root is retired
+        // (the issuing path composes, then steps).
+        let previous = compose_root_cert(&f.root.pem, Some(&old_root.pem), &[], f.issued);
+        let retired = [old_root.fingerprint_sha256.clone()];
+        let wanted = compose_root_cert(&next.pem, Some(&previous), &retired, f.issued);
+        assert_eq!(root_fingerprints(&wanted), fps(&[&next, &f.root]));
+        assert_eq!(
+            root_fingerprints(&step_toward(&wanted, Some(&previous))),
+            fps(&[&next, &f.root, &old_root])
+        );
+        // Only adding, only dropping, or nothing installed: the wanted set at once.
+        for (wanted, installed) in [
+            (&f.root.pem, Some(&f.root.pem)),
+            (&previous, Some(&f.root.pem)),
+            (&f.root.pem, Some(&previous)),
+            (&previous, None),
+        ] {
+            assert_eq!(step_toward(wanted, installed.map(String::as_str)), *wanted);
         }
     }
 
