@@ -114,7 +114,8 @@ pub struct RequestOutcome {
 /// How root-cert.pem of a new bundle is built.
 #[derive(Debug, Clone, Default)]
 pub enum RootsPlan {
-    /// Exactly the signer's rootCert (`meshca request`).
+    /// The signer's roots only: its rootCert and the next root it announces
+    /// (`meshca request`).
     #[default]
     SignerOnly,
     /// The signer's root first, then the still-wanted roots of the previous root-cert.pem
@@ -174,14 +175,17 @@ pub async fn obtain_bundle(
         })
         .await?;
     let now = SystemTime::now();
-    let roots = rotation::with_next_root(&response.root_cert, policy.next_root_cert(), now);
-    let root_cert = match &request.roots {
-        RootsPlan::SignerOnly => roots,
-        RootsPlan::Merge { previous, retired } => rotation::step_toward(
-            &rotation::compose_root_cert(&roots, previous.as_deref(), retired, now),
-            previous.as_deref(),
-        ),
+    let (previous, retired): (Option<&str>, &[String]) = match &request.roots {
+        RootsPlan::SignerOnly => (None, &[]),
+        RootsPlan::Merge { previous, retired } => (previous.as_deref(), retired),
     };
+    let root_cert = rotation::root_cert_to_write(
+        &response.root_cert,
+        policy.next_root_cert(),
+        previous,
+        retired,
+        now,
+    );
     let files = BundleFiles {
         ca_cert: response.certificate,
         ca_key: key.to_pkcs8_pem()?.to_string(),

@@ -285,18 +285,12 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
         .into_iter()
         .find(|c| fingerprint(c) == summary.anchor_fingerprint);
     if let Some(anchor) = anchor {
-        let wanted = step_toward(
-            &compose_root_cert(
-                &with_next_root(
-                    &certificate_pem(&anchor),
-                    desired.signer_next_root.as_deref(),
-                    now,
-                ),
-                Some(&files.root_cert),
-                &desired.retired_roots,
-                now,
-            ),
+        let wanted = root_cert_to_write(
+            &certificate_pem(&anchor),
+            desired.signer_next_root.as_deref(),
             Some(&files.root_cert),
+            &desired.retired_roots,
+            now,
         );
         if wanted != files.root_cert {
             return Decision::RewriteRoots {
@@ -365,10 +359,31 @@ pub fn compose_root_cert(
     out
 }
 
+/// The root-cert.pem to write next to `installed` (None: nothing usable installed): the
+/// signer's `roots` and its announced `next_root`, then the installed roots still wanted
+/// ([`compose_root_cert`]), taken one step at a time as Istio accepts them
+/// ([`step_toward`]). The one rule for a rewrite of root-cert.pem alone and for a new
+/// bundle.
+pub fn root_cert_to_write(
+    roots: &str,
+    next_root: Option<&str>,
+    installed: Option<&str>,
+    retired: &[String],
+    now: SystemTime,
+) -> String {
+    let wanted = compose_root_cert(
+        &with_next_root(roots, next_root, now),
+        installed,
+        retired,
+        now,
+    );
+    step_toward(&wanted, installed)
+}
+
 /// The roots the signer wants trusted: `root` (what the chain ends at), then the next root
 /// it announces, while that is valid at `now` (as [`compose_root_cert`] keeps only valid
 /// old roots).
-pub fn with_next_root(root: &str, next_root: Option<&str>, now: SystemTime) -> String {
+fn with_next_root(root: &str, next_root: Option<&str>, now: SystemTime) -> String {
     let mut roots = root.to_string();
     let usable = next_root
         .and_then(|pem| decode_certificates(pem).ok())
@@ -386,7 +401,7 @@ pub fn with_next_root(root: &str, next_root: Option<&str>, now: SystemTime) -> S
 /// roots (a next root announced, or a new intermediate under a new root, in the same pass
 /// as a retirement or an expiry), the roots come first and the old ones stay until the
 /// next write, which is then a subset.
-pub fn step_toward(wanted: &str, installed: Option<&str>) -> String {
+fn step_toward(wanted: &str, installed: Option<&str>) -> String {
     let Some(installed) = installed else {
         return wanted.to_string();
     };

@@ -239,7 +239,7 @@ const NEXT_ROOT_REPLACEMENTS: [(&str, &str); 3] = [
 ];
 
 /// The config with its root's key and certificate replaced by the next root's.
-fn with_next_root(config: &str) -> String {
+fn config_with_next_root(config: &str) -> String {
     let replaced = NEXT_ROOT_REPLACEMENTS
         .iter()
         .fold(config.to_string(), |text, (root, next)| {
@@ -424,7 +424,7 @@ key_type = "{key_type}"
     pub fn init_next_root(&self) -> PathBuf {
         let config = std::fs::read_to_string(&self.config).unwrap();
         let next_config = self.path("next-signer.toml");
-        std::fs::write(&next_config, with_next_root(&config)).unwrap();
+        std::fs::write(&next_config, config_with_next_root(&config)).unwrap();
         run_ok(
             self.meshca()
                 .args(["root", "init", "--config"])
@@ -456,7 +456,7 @@ key_type = "{key_type}"
     pub fn switch_to_next_root(&self) {
         self.announce_next_root(None);
         let config = std::fs::read_to_string(&self.config).unwrap();
-        std::fs::write(&self.config, with_next_root(&config)).unwrap();
+        std::fs::write(&self.config, config_with_next_root(&config)).unwrap();
     }
 
     /// `meshca audit verify audit.log` must pass; returns what it printed.
