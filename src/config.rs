@@ -3,6 +3,7 @@
 //! it concerns; unknown fields are errors (a typo must not silently weaken policy).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -67,6 +68,8 @@ struct RootSection {
     certificate: PathBuf,
     #[serde(default)]
     next_certificate: Option<PathBuf>,
+    #[serde(default)]
+    previous_certificate: Option<PathBuf>,
     virtual_mesh: ObjectRef,
     key_type: KeyType,
     #[serde(default)]
@@ -136,19 +139,67 @@ pub enum BackendSettings<'a> {
 pub struct RootSettings {
     pub certificate: PathBuf,
     /// `next_certificate`: the root announced ahead of a root change.
-    pub next: Option<NextRoot>,
+    pub next: Option<AnnouncedRoot>,
+    /// `previous_certificate`: the root in force before the last root change, announced
+    /// until it is retired.
+    pub previous: Option<AnnouncedRoot>,
     pub virtual_mesh: ObjectRef,
     pub key_type: KeyType,
     pub common_name: String,
     pub backend: BackendKind,
 }
 
-/// A root announced ahead of a root change (`[root] next_certificate`): the signer still
-/// issues under its root, while the agents add this one to every cluster's root-cert.pem.
-/// Once every cluster trusts it, the signer can switch to it without a cluster refusing
-/// another's workloads in between.
+impl RootSettings {
+    /// The roots announced besides the one in force: the next root, then the previous one.
+    pub fn announced(&self) -> impl Iterator<Item = &AnnouncedRoot> {
+        self.next.iter().chain(self.previous.iter())
+    }
+}
+
+/// Which side of a root change an announced root is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announcement {
+    /// The root the signer will switch to: the agents trust it ahead of the switch, so
+    /// that no cluster refuses another's workloads while they move.
+    Next,
+    /// The root the signer switched from: a cluster that joins before the others have
+    /// moved trusts it too, until the old root is retired.
+    Previous,
+}
+
+impl Announcement {
+    /// The config key that names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Announcement::Next => "root.next_certificate",
+            Announcement::Previous => "root.previous_certificate",
+        }
+    }
+
+    /// Its metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Announcement::Next => "next",
+            Announcement::Previous => "previous",
+        }
+    }
+
+    /// How logs, audit records and `serve --check` call it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Announcement::Next => "next root",
+            Announcement::Previous => "previous root",
+        }
+    }
+}
+
+/// A root the signer announces besides the one it issues under (`[root]
+/// next_certificate` or `previous_certificate`): the agents add it to every cluster's
+/// root-cert.pem, so that clusters on either side of a root change keep trusting each
+/// other's workloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NextRoot {
+pub struct AnnouncedRoot {
+    pub announcement: Announcement,
     pub path: PathBuf,
     /// The certificate, canonical PEM.
     pub pem: String,
@@ -158,22 +209,19 @@ pub struct NextRoot {
     pub not_after: SystemTime,
 }
 
-impl NextRoot {
-    /// Reads and checks the announced root as the root it will become: one self-signed CA
+impl AnnouncedRoot {
+    /// Reads and checks the next root as the root it will become: one self-signed CA
     /// certificate in meshca's root profile, with the root virtual mesh's org, key rule and
     /// lifetime, strong enough for every virtual mesh, and valid now (an agent trusts only
     /// a root valid now).
-    pub fn load(
+    pub fn load_next(
         path: &Path,
         root_policy: &VirtualMeshPolicy,
         policies: &PolicySet,
         now: SystemTime,
     ) -> Result<Self, String> {
-        let named =
-            |problem: String| format!("root.next_certificate {}: {problem}", path.display());
-        let pem =
-            crate::fsutil::read_text(path).map_err(|e| format!("root.next_certificate: {e}"))?;
-        let root = RootCa::from_pem(&pem).map_err(|e| named(e.to_string()))?;
+        let (announced, root) = Self::read(Announcement::Next, path)?;
+        let named = |problem: String| announced.problem(problem);
         let tbs = root.certificate.tbs_certificate();
         lint_root_profile(
             tbs,
@@ -193,13 +241,39 @@ impl NextRoot {
         if root.not_after <= now {
             return Err(named(format!("expired at {}", rfc3339(root.not_after))));
         }
-        Ok(NextRoot {
+        Ok(announced)
+    }
+
+    /// Reads the previous root: one self-signed CA certificate. It was the root in force,
+    /// so no rule of today binds it (a root change may be made to meet a stricter one), and
+    /// an expired one is kept (the agents skip it; `serve --check` says so): a start must
+    /// not fail because a root on its way out ended.
+    pub fn load_previous(path: &Path) -> Result<Self, String> {
+        Self::read(Announcement::Previous, path).map(|(announced, _)| announced)
+    }
+
+    fn read(announcement: Announcement, path: &Path) -> Result<(Self, RootCa), String> {
+        let key = announcement.key();
+        let pem = crate::fsutil::read_text(path).map_err(|e| format!("{key}: {e}"))?;
+        let root = RootCa::from_pem(&pem).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+        let announced = AnnouncedRoot {
+            announcement,
             path: path.to_path_buf(),
-            pem: root.pem,
-            fingerprint_sha256: root.fingerprint_sha256,
-            key_kind: root.key_kind,
+            pem: root.pem.clone(),
+            fingerprint_sha256: root.fingerprint_sha256.clone(),
+            key_kind: root.key_kind.clone(),
             not_after: root.not_after,
-        })
+        };
+        Ok((announced, root))
+    }
+
+    /// `problem`, prefixed with the config key and the file.
+    pub fn problem(&self, problem: impl fmt::Display) -> String {
+        format!(
+            "{} {}: {problem}",
+            self.announcement.key(),
+            self.path.display()
+        )
     }
 }
 
@@ -350,12 +424,22 @@ impl SignerConfig {
             .root
             .next_certificate
             .as_deref()
-            .map(|p| NextRoot::load(&resolve(p), root_policy, &policies, SystemTime::now()))
+            .map(|p| {
+                AnnouncedRoot::load_next(&resolve(p), root_policy, &policies, SystemTime::now())
+            })
+            .transpose()
+            .map_err(err)?;
+        let previous = file
+            .root
+            .previous_certificate
+            .as_deref()
+            .map(|p| AnnouncedRoot::load_previous(&resolve(p)))
             .transpose()
             .map_err(err)?;
         let root = RootSettings {
             certificate: resolve(&file.root.certificate),
             next,
+            previous,
             common_name: file
                 .root
                 .common_name
@@ -715,16 +799,21 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert_eq!(pkcs11.sessions, 8);
         assert!(pkcs11.softhsm2_conf.is_some());
 
-        // The next root's key is known (the file it names is read, so it must exist).
-        let next = text.replace("\n# next_certificate = ", "\nnext_certificate = ");
-        let message = SignerConfig::parse(&example, &next)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message
-                .contains("root.next_certificate: cannot read /var/lib/meshca/next-root-cert.pem"),
-            "{message}"
-        );
+        // The announced roots' keys are known (the files they name are read, so they
+        // must exist).
+        for (key, file) in [
+            ("next_certificate", "next-root-cert.pem"),
+            ("previous_certificate", "old-root-cert.pem"),
+        ] {
+            let announced = text.replace(&format!("\n# {key} = "), &format!("\n{key} = "));
+            let message = SignerConfig::parse(&example, &announced)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains(&format!("root.{key}: cannot read /var/lib/meshca/{file}")),
+                "{message}"
+            );
+        }
 
         // The [limits] block shows the defaults.
         let limits = uncommented(&text, "[limits]");

@@ -531,7 +531,7 @@ fn root_change_in_two_phases(env: Env) {
     send_signal(signer.child.id(), "HUP");
     let reload = tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(signer.wait_for_log("SIGHUP: policies"));
+        .block_on(signer.wait_for_log("SIGHUP: rules"));
     assert!(
         reload.contains(&format!("next root sha256 {new_root} announced")),
         "{reload}"
@@ -545,9 +545,11 @@ fn root_change_in_two_phases(env: Env) {
         assert_valid(&env, dir);
     }
 
-    // The switch: cluster a moves to the new root; b has not yet.
+    // The switch, the old root announced as the previous one: cluster a moves to the new
+    // root; b has not yet.
     assert!(signer.terminate());
     env.switch_to_next_root();
+    env.announce_previous_root(Some("root-cert.pem"));
     let signer = env.start_signer();
     let addr = signer.addr.to_string();
     let out = pass_ok(&env, &addr, "cluster-a", &a, &[]);
@@ -573,13 +575,28 @@ fn root_change_in_two_phases(env: Env) {
         "{refused:#?}"
     );
 
-    // b moves too; once the old root is retired, each trusts the new root alone.
+    // A cluster installed now (a fresh directory) chains to the new root and trusts the
+    // previous one too, so it talks with b, which has not moved.
+    let joined = env.path("clusters/joined");
+    pass_ok(&env, &addr, "cluster-a", &joined, &[]);
+    assert_eq!(
+        trusted_roots(&joined),
+        vec![new_root.clone(), old_root.clone()]
+    );
+    let newcomer = Workload::issue(work, &joined, "newcomer");
+    mtls_handshake(work, &not_moved, &newcomer).assert_ok();
+    mtls_handshake(work, &newcomer, &not_moved).assert_ok();
+
+    // b moves too; once the old root is retired, each trusts the new root alone, though
+    // the signer still announces it.
     let out = pass_ok(&env, &addr, "cluster-b", &b, &[]);
     assert!(out.contains(&format!("root sha256  {new_root}")), "{out}");
-    for (cluster, dir) in [("cluster-a", &a), ("cluster-b", &b)] {
+    for (cluster, dir) in [("cluster-a", &a), ("cluster-b", &b), ("cluster-a", &joined)] {
         let out = pass_ok(&env, &addr, cluster, dir, &["--retire-root", &old_root]);
         assert!(out.contains("rewrote root-cert.pem"), "{out}");
         assert_eq!(trusted_roots(dir), vec![new_root.clone()]);
+        let out = pass_ok(&env, &addr, cluster, dir, &["--retire-root", &old_root]);
+        assert!(!out.contains("rewrote"), "{out}");
     }
     let a_after = Workload::issue(work, &a, "a-after");
     let b_after = Workload::issue(work, &b, "b-after");

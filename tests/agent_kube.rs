@@ -736,9 +736,7 @@ async fn an_announced_next_root_joins_the_secret_and_stays_reported_while_the_si
     // status reports it for the mesh controller.
     env.announce_next_root(Some("next-root-cert.pem"));
     send_signal(signer.child.id(), "HUP");
-    signer
-        .wait_for_log("SIGHUP: policies, clients and limits reloaded")
-        .await;
+    signer.wait_for_log("SIGHUP: rules reloaded").await;
     let sent = cluster.pass().await;
     assert!(sent.iter().any(|r| r.method == "PATCH" && r.path == SECRET));
     let files = secret_files(&cluster.get(SECRET).unwrap());

@@ -28,7 +28,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
     let checked = promtool(&["check", "rules", "meshca-alerts.yaml"]);
-    assert!(checked.contains("SUCCESS: 19 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 20 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "meshca-alerts.test.yaml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -80,6 +80,9 @@ async fn every_metric_the_alerts_use_is_exported() {
     let env = Env::new();
     // With a client CRL: its nextUpdate is exported only when there is one.
     env.check_client_crls();
+    // With a next root announced: its notAfter too.
+    env.init_next_root();
+    env.announce_next_root(Some("next-root-cert.pem"));
     let signer = env.start_signer();
     let fresh = signer.metrics(&env.client("cluster-a")).await;
     // Before any request, the outcomes the rules select are there at 0: a series that

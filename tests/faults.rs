@@ -100,9 +100,7 @@ async fn a_policy_change_the_audit_log_cannot_record_is_not_applied() {
     let yaml = std::fs::read_to_string(&meshes).unwrap();
     std::fs::write(&meshes, yaml.replace("ttlDays: 30", "ttlDays: 10")).unwrap();
     send_signal(signer.child.id(), "HUP");
-    let line = signer
-        .wait_for_log("policies, clients and limits not reloaded")
-        .await;
+    let line = signer.wait_for_log("SIGHUP: rules not reloaded").await;
     assert!(
         line.contains("the audit log cannot record the change, so it is not applied"),
         "{line}"

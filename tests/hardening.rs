@@ -191,9 +191,7 @@ async fn a_client_over_its_rate_is_told_to_wait_others_are_unaffected_and_a_relo
     assert_ne!(raised, config);
     std::fs::write(&env.config, raised).unwrap();
     send_signal(signer.child.id(), "HUP");
-    let line = signer
-        .wait_for_log("SIGHUP: policies, clients and limits reloaded")
-        .await;
+    let line = signer.wait_for_log("SIGHUP: rules reloaded").await;
     assert!(
         line.contains("limits: sign_requests_per_minute 6 -> 60000"),
         "{line}"
@@ -491,9 +489,7 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     send_signal(signer.child.id(), "HUP");
     let line = signer.wait_for_log("TLS files read again").await;
     assert!(line.contains("nothing in them changed"), "{line}");
-    signer
-        .wait_for_log("SIGHUP: policies, clients and limits reloaded")
-        .await;
+    signer.wait_for_log("SIGHUP: rules reloaded").await;
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();

@@ -545,8 +545,7 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
         let signer = &signer;
         async move { post_sign(&client, signer, &body).await }
     };
-    let reload_logged =
-        |n: usize| signer.wait_for_nth_log("SIGHUP: policies, clients and limits", n);
+    let reload_logged = |n: usize| signer.wait_for_nth_log("SIGHUP: rules", n);
     let sighup = || send_signal(signer.child.id(), "HUP");
     assert_eq!(sign(&client_b, "test/cluster-b").await.0, 200);
 
@@ -853,7 +852,7 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
     let policy = || signer.get_json(&client, "/v1/virtualmeshes/test/vm");
     let trust_bundle =
         || async { root_fingerprints(&signer.get_text(&client, "/v1/trust-bundle").await) };
-    let reloaded = |n: usize| signer.wait_for_nth_log("SIGHUP: policies, clients and limits", n);
+    let reloaded = |n: usize| signer.wait_for_nth_log("SIGHUP: rules", n);
     let sighup = || send_signal(signer.child.id(), "HUP");
     assert!(policy().await["nextRootFingerprintSha256"].is_null());
     assert_eq!(trust_bundle().await, vec![root_sha256.clone()]);
@@ -876,6 +875,13 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
     assert_eq!(
         trust_bundle().await,
         [root_sha256.clone(), next_sha256.clone()]
+    );
+    assert_eq!(
+        metric_sample(
+            &signer.metrics(&client).await,
+            "meshca_announced_root_not_after_timestamp_seconds{announcement=\"next\"}"
+        ),
+        Some(certificate_date_unix(&next_root, "enddate"))
     );
     let (_key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
     let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &request)).await;
@@ -974,6 +980,150 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
         text(&out.stderr).contains("is the root in force"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
+    use meshca::agent::rotation::root_fingerprints;
+    let env = Env::new();
+    let work = env.dir.path();
+    let old_sha256 = openssl_fingerprint(work, &env.path("root-cert.pem"));
+    let new_sha256 = openssl_fingerprint(work, &env.init_next_root());
+    env.switch_to_next_root();
+    env.announce_previous_root(Some("root-cert.pem"));
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let policy = || signer.get_json(&client, "/v1/virtualmeshes/test/vm");
+    let trust_bundle =
+        || async { root_fingerprints(&signer.get_text(&client, "/v1/trust-bundle").await) };
+    let reloaded = |n: usize| signer.wait_for_nth_log("SIGHUP: rules", n);
+    let sighup = || send_signal(signer.child.id(), "HUP");
+
+    // In the policy (the certificate is the file's) and in the trust bundle after the root;
+    // intermediates come from the root in force only.
+    let answer = policy().await;
+    assert_eq!(answer["rootFingerprintSha256"], new_sha256.as_str());
+    assert_eq!(answer["previousRootFingerprintSha256"], old_sha256.as_str());
+    assert!(answer["nextRootFingerprintSha256"].is_null());
+    let announced = write(
+        work,
+        "announced.pem",
+        answer["previousRootCert"].as_str().unwrap(),
+    );
+    assert_eq!(openssl_fingerprint(work, &announced), old_sha256);
+    assert_eq!(
+        trust_bundle().await,
+        [new_sha256.clone(), old_sha256.clone()]
+    );
+    let (_key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
+    let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &request)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        root_fingerprints(body["rootCert"].as_str().unwrap()),
+        vec![new_sha256.clone()]
+    );
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains("previous root   ") && report.contains(&old_sha256),
+        "{report}"
+    );
+    // Its end, as openssl reads it, is exported (an alert watches the next root's).
+    let not_after = "meshca_announced_root_not_after_timestamp_seconds";
+    let previous_not_after = format!("{not_after}{{announcement=\"previous\"}}");
+    assert_eq!(
+        metric_sample(&signer.metrics(&client).await, &previous_not_after),
+        Some(certificate_date_unix(&env.path("root-cert.pem"), "enddate"))
+    );
+
+    // Refused by name, the announcement in force kept: the root in force itself, and the
+    // root also announced as the next one.
+    env.announce_previous_root(Some("next-root-cert.pem"));
+    sighup();
+    let line = reloaded(1).await;
+    assert!(
+        line.contains("not reloaded")
+            && line.contains("root.previous_certificate")
+            && line.contains("is the root in force"),
+        "{line}"
+    );
+    env.announce_previous_root(Some("root-cert.pem"));
+    env.announce_next_root(Some("root-cert.pem"));
+    sighup();
+    let line = reloaded(2).await;
+    assert!(
+        line.contains("not reloaded") && line.contains("is also root.next_certificate"),
+        "{line}"
+    );
+    env.announce_next_root(None);
+    assert_eq!(
+        policy().await["previousRootFingerprintSha256"],
+        old_sha256.as_str()
+    );
+
+    // An expired previous root does not stop a start: `serve --check` says so.
+    openssl(
+        work,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-nodes",
+            "-keyout",
+            "ended.key",
+            "-out",
+            "ended.csr",
+            "-subj",
+            "/O=acme/CN=ended root",
+        ],
+    );
+    std::fs::write(
+        env.path("ended.ext"),
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    openssl(
+        work,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "ended.csr",
+            "-signkey",
+            "ended.key",
+            "-days",
+            "-1",
+            "-extfile",
+            "ended.ext",
+            "-out",
+            "ended.pem",
+        ],
+    );
+    env.announce_previous_root(Some("ended.pem"));
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains("the previous root (root.previous_certificate) expired at"),
+        "{report}"
+    );
+
+    // Withdrawn by a reload: gone from the answers, recorded.
+    env.announce_previous_root(None);
+    sighup();
+    let line = reloaded(3).await;
+    let withdrawn = format!("previous root sha256 {old_sha256} no longer announced");
+    assert!(line.contains(&withdrawn), "{line}");
+    assert!(policy().await["previousRootFingerprintSha256"].is_null());
+    assert_eq!(trust_bundle().await, [new_sha256]);
+    assert!(!signer.metrics(&client).await.contains(not_after));
+    let audit = signer.audit_lines();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["event"] == "reload" && l["message"].as_str().unwrap().contains(&withdrawn)),
+        "{audit:?}"
     );
 }
 

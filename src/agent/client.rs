@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::rotation::normalize_fingerprint;
+use super::rotation::{AnnouncedRoots, normalize_fingerprint};
 use crate::pki::profile::RootCa;
 use crate::policy::ObjectRef;
 
@@ -51,39 +51,65 @@ pub struct PublicPolicy {
     /// read (see [`SignerClient::policy`]).
     #[serde(default)]
     next_root_cert: Option<String>,
+    /// SHA-256 of the root the signer switched from, announced until it is retired.
+    #[serde(default)]
+    pub previous_root_fingerprint_sha256: Option<String>,
+    /// That root's certificate (PEM), checked as the next root's.
+    #[serde(default)]
+    previous_root_cert: Option<String>,
 }
 
 impl PublicPolicy {
-    /// The announced next root, PEM (checked when the policy was read).
-    pub fn next_root_cert(&self) -> Option<&str> {
-        self.next_root_cert.as_deref()
+    /// The roots the signer announces besides its own (checked when the policy was read).
+    pub fn announced_roots(&self) -> AnnouncedRoots {
+        AnnouncedRoots {
+            next: self.next_root_cert.clone(),
+            previous: self.previous_root_cert.clone(),
+        }
     }
 
-    /// The next root must be what its fingerprint says, one self-signed CA certificate:
-    /// the agent trusts it and reports the fingerprint, so the two must not differ.
-    fn check_next_root(&self) -> Result<(), ClientError> {
-        let bad = |problem: String| {
-            ClientError::BadResponse(format!(
-                "the next root of virtual mesh {}: {problem}",
-                self.virtual_mesh
-            ))
-        };
-        match (&self.next_root_cert, &self.next_root_fingerprint_sha256) {
-            (None, None) => Ok(()),
-            (Some(pem), Some(announced)) => {
-                let root = RootCa::from_pem(pem).map_err(|e| bad(e.to_string()))?;
-                if normalize_fingerprint(announced) != root.fingerprint_sha256 {
-                    return Err(bad(format!(
-                        "announced as sha256 {announced}, the certificate is {}",
-                        root.fingerprint_sha256
-                    )));
+    /// Each announced root must be what its fingerprint says, one self-signed CA
+    /// certificate: the agent trusts it and reports the fingerprint, so the two must not
+    /// differ.
+    fn check_announced_roots(&self) -> Result<(), ClientError> {
+        let announced = [
+            (
+                "next",
+                &self.next_root_cert,
+                &self.next_root_fingerprint_sha256,
+            ),
+            (
+                "previous",
+                &self.previous_root_cert,
+                &self.previous_root_fingerprint_sha256,
+            ),
+        ];
+        for (which, cert, fingerprint) in announced {
+            let bad = |problem: String| {
+                ClientError::BadResponse(format!(
+                    "the {which} root of virtual mesh {}: {problem}",
+                    self.virtual_mesh
+                ))
+            };
+            match (cert, fingerprint) {
+                (None, None) => {}
+                (Some(pem), Some(announced)) => {
+                    let root = RootCa::from_pem(pem).map_err(|e| bad(e.to_string()))?;
+                    if normalize_fingerprint(announced) != root.fingerprint_sha256 {
+                        return Err(bad(format!(
+                            "announced as sha256 {announced}, the certificate is {}",
+                            root.fingerprint_sha256
+                        )));
+                    }
                 }
-                Ok(())
+                _ => {
+                    return Err(bad(
+                        "the fingerprint and the certificate must come together".into(),
+                    ));
+                }
             }
-            _ => Err(bad(
-                "the fingerprint and the certificate must come together".into(),
-            )),
         }
+        Ok(())
     }
 }
 
@@ -187,7 +213,7 @@ impl SignerClient {
             virtual_mesh.namespace, virtual_mesh.name
         );
         let policy: PublicPolicy = decode(self.get(&path).await?).await?;
-        policy.check_next_root()?;
+        policy.check_announced_roots()?;
         Ok(policy)
     }
 
@@ -325,21 +351,32 @@ mod tests {
             root_fingerprint_sha256: None,
             next_root_fingerprint_sha256: fingerprint.map(String::from),
             next_root_cert: pem.map(String::from),
+            previous_root_fingerprint_sha256: None,
+            previous_root_cert: None,
+        }
+    }
+
+    /// A policy announcing no next root and this previous one.
+    fn with_previous(fingerprint: Option<&str>, pem: Option<&str>) -> PublicPolicy {
+        PublicPolicy {
+            previous_root_fingerprint_sha256: fingerprint.map(String::from),
+            previous_root_cert: pem.map(String::from),
+            ..policy(None, None)
         }
     }
 
     fn refusal(policy: &PublicPolicy) -> String {
-        match policy.check_next_root() {
+        match policy.check_announced_roots() {
             Err(ClientError::BadResponse(message)) => message,
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
-    fn an_announced_next_root_must_be_the_root_its_fingerprint_names() {
+    fn an_announced_root_must_be_the_root_its_fingerprint_names() {
         let day = std::time::Duration::from_secs(86_400);
         let (key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
-        assert!(policy(None, None).check_next_root().is_ok());
+        assert!(policy(None, None).check_announced_roots().is_ok());
         // Any case, with colons: the fingerprint is compared normalized.
         let colons: Vec<String> = next
             .fingerprint_sha256
@@ -348,13 +385,26 @@ mod tests {
             .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase())
             .collect();
         let announced = policy(Some(&colons.join(":")), Some(&next.pem));
-        assert!(announced.check_next_root().is_ok());
-        assert_eq!(announced.next_root_cert(), Some(next.pem.as_str()));
+        assert!(announced.check_announced_roots().is_ok());
+        assert_eq!(announced.announced_roots().next, Some(next.pem.clone()));
 
         let (_other_key, other) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        // The previous root is checked the same way, and named as such.
+        let previous = with_previous(Some(&other.fingerprint_sha256), Some(&other.pem));
+        assert!(previous.check_announced_roots().is_ok());
+        assert_eq!(previous.announced_roots().previous, Some(other.pem.clone()));
+        let message = refusal(&with_previous(
+            Some(&next.fingerprint_sha256),
+            Some(&other.pem),
+        ));
+        assert!(
+            message.contains("the previous root of virtual mesh test/vm"),
+            "{message}"
+        );
+        assert!(refusal(&with_previous(None, Some(&other.pem))).contains("must come together"));
         let message = refusal(&policy(Some(&other.fingerprint_sha256), Some(&next.pem)));
         assert!(
-            message.contains("test/vm")
+            message.contains("the next root of virtual mesh test/vm")
                 && message.contains(&format!("the certificate is {}", next.fingerprint_sha256)),
             "{message}"
         );

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::client::SignerClient;
+use super::client::{PublicPolicy, SignerClient};
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, classify_secret};
@@ -307,10 +307,10 @@ impl Controller {
                 .as_ref()
                 .ok()
                 .and_then(|p| p.root_fingerprint_sha256.clone()),
-            signer_next_root: policy
+            signer_announced: policy
                 .as_ref()
-                .ok()
-                .and_then(|p| p.next_root_cert().map(String::from)),
+                .map(PublicPolicy::announced_roots)
+                .unwrap_or_default(),
             retired_roots: spec.settings.rotation.retired_root_fingerprints.clone(),
             rotation,
         };
@@ -352,7 +352,7 @@ impl Controller {
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &files)
                     .await?;
-                tracing::info!(request = %owner, "root-cert.pem rewritten (the next root added, or an old root retired or expired)");
+                tracing::info!(request = %owner, "root-cert.pem rewritten (a root the signer announces added, or an old root retired or expired)");
                 record_bundle(status, &summary, &files.root_cert, renew_at);
                 renew_at
             }
@@ -373,7 +373,7 @@ impl Controller {
                         key_type: spec.settings.key_type,
                         ttl_seconds: spec.settings.ttl_seconds,
                         roots: RootsPlan::Merge {
-                            previous: previous_roots,
+                            installed: previous_roots,
                             retired: spec.settings.rotation.retired_root_fingerprints.clone(),
                         },
                     },

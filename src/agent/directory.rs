@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::client::{SignerClient, SignerEndpoint};
+use super::client::{PublicPolicy, SignerClient, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{Decision, Desired, Installed, IssueReason, RotationSettings, decide};
 use super::{AgentError, BundleRequest, RootsPlan, cacerts, obtain_bundle};
@@ -121,10 +121,10 @@ pub async fn reconcile(
             .as_ref()
             .ok()
             .and_then(|p| p.root_fingerprint_sha256.clone()),
-        signer_next_root: policy
+        signer_announced: policy
             .as_ref()
-            .ok()
-            .and_then(|p| p.next_root_cert().map(String::from)),
+            .map(PublicPolicy::announced_roots)
+            .unwrap_or_default(),
         retired_roots: opts.retired_roots.clone(),
         rotation: opts.rotation,
     };
@@ -163,7 +163,7 @@ pub async fn reconcile(
                     key_type: opts.key_type,
                     ttl_seconds: opts.ttl_seconds,
                     roots: RootsPlan::Merge {
-                        previous: previous_roots,
+                        installed: previous_roots,
                         retired: opts.retired_roots.clone(),
                     },
                 },

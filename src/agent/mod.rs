@@ -114,14 +114,14 @@ pub struct RequestOutcome {
 /// How root-cert.pem of a new bundle is built.
 #[derive(Debug, Clone, Default)]
 pub enum RootsPlan {
-    /// The signer's roots only: its rootCert and the next root it announces
-    /// (`meshca request`).
+    /// The signer's roots only: its rootCert and the roots it announces (`meshca
+    /// request`).
     #[default]
     SignerOnly,
-    /// The signer's root first, then the still-wanted roots of the previous root-cert.pem
-    /// (see [`rotation::compose_root_cert`]).
+    /// The signer's roots first, then the still-wanted roots of the installed
+    /// root-cert.pem (see [`rotation::compose_root_cert`]).
     Merge {
-        previous: Option<String>,
+        installed: Option<String>,
         retired: Vec<String>,
     },
 }
@@ -175,14 +175,14 @@ pub async fn obtain_bundle(
         })
         .await?;
     let now = SystemTime::now();
-    let (previous, retired): (Option<&str>, &[String]) = match &request.roots {
+    let (installed, retired): (Option<&str>, &[String]) = match &request.roots {
         RootsPlan::SignerOnly => (None, &[]),
-        RootsPlan::Merge { previous, retired } => (previous.as_deref(), retired),
+        RootsPlan::Merge { installed, retired } => (installed.as_deref(), retired),
     };
     let root_cert = rotation::root_cert_to_write(
         &response.root_cert,
-        policy.next_root_cert(),
-        previous,
+        &policy.announced_roots(),
+        installed,
         retired,
         now,
     );

@@ -122,11 +122,22 @@ pub struct Desired {
     pub adopt: bool,
     /// SHA-256 of the signer's current root, when the signer could be asked.
     pub signer_root: Option<String>,
-    /// The root the signer announces as its next one (PEM): trusted ahead of the change.
-    pub signer_next_root: Option<String>,
+    /// The roots the signer announces besides its own: trusted beside it.
+    pub signer_announced: AnnouncedRoots,
     /// Roots to drop from root-cert.pem (every cluster has moved off them).
     pub retired_roots: Vec<String>,
     pub rotation: RotationSettings,
+}
+
+/// The roots a signer announces besides the one it issues under (PEM each), from its
+/// public policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnnouncedRoots {
+    /// The root it will switch to: trusted ahead of the change.
+    pub next: Option<String>,
+    /// The root it switched from: trusted until retired, so that a cluster installed after
+    /// the switch still trusts the clusters that have not moved yet.
+    pub previous: Option<String>,
 }
 
 /// Why a new intermediate is needed.
@@ -287,7 +298,7 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
     if let Some(anchor) = anchor {
         let wanted = root_cert_to_write(
             &certificate_pem(&anchor),
-            desired.signer_next_root.as_deref(),
+            &desired.signer_announced,
             Some(&files.root_cert),
             &desired.retired_roots,
             now,
@@ -360,19 +371,19 @@ pub fn compose_root_cert(
 }
 
 /// The root-cert.pem to write next to `installed` (None: nothing usable installed): the
-/// signer's `roots` and its announced `next_root`, then the installed roots still wanted
+/// signer's `roots` and the roots it announces, then the installed roots still wanted
 /// ([`compose_root_cert`]), taken one step at a time as Istio accepts them
 /// ([`step_toward`]). The one rule for a rewrite of root-cert.pem alone and for a new
 /// bundle.
 pub fn root_cert_to_write(
     roots: &str,
-    next_root: Option<&str>,
+    announced: &AnnouncedRoots,
     installed: Option<&str>,
     retired: &[String],
     now: SystemTime,
 ) -> String {
     let wanted = compose_root_cert(
-        &with_next_root(roots, next_root, now),
+        &with_announced_roots(roots, announced, retired, now),
         installed,
         retired,
         now,
@@ -380,16 +391,22 @@ pub fn root_cert_to_write(
     step_toward(&wanted, installed)
 }
 
-/// The roots the signer wants trusted: `root` (what the chain ends at), then the next root
-/// it announces, while that is valid at `now` (as [`compose_root_cert`] keeps only valid
-/// old roots).
-fn with_next_root(root: &str, next_root: Option<&str>, now: SystemTime) -> String {
+/// The roots the signer wants trusted: `root` (what the chain ends at), then the next and
+/// the previous root it announces, each while it is valid at `now` and not retired (as
+/// [`compose_root_cert`] keeps the installed roots).
+fn with_announced_roots(
+    root: &str,
+    announced: &AnnouncedRoots,
+    retired: &[String],
+    now: SystemTime,
+) -> String {
+    let retired: Vec<String> = retired.iter().map(|r| normalize_fingerprint(r)).collect();
     let mut roots = root.to_string();
-    let usable = next_root
-        .and_then(|pem| decode_certificates(pem).ok())
-        .unwrap_or_default()
+    let usable = [&announced.next, &announced.previous]
         .into_iter()
-        .filter(|cert| is_usable_root(cert, now));
+        .flatten()
+        .flat_map(|pem| decode_certificates(pem).unwrap_or_default())
+        .filter(|cert| is_usable_root(cert, now) && !retired.contains(&fingerprint(cert)));
     for cert in usable {
         roots.push_str(&certificate_pem(&cert));
     }
@@ -490,7 +507,7 @@ mod tests {
             key_type: None,
             adopt: false,
             signer_root: Some(f.root.fingerprint_sha256.clone()),
-            signer_next_root: None,
+            signer_announced: AnnouncedRoots::default(),
             retired_roots: vec![],
             rotation: RotationSettings::default(),
         }
@@ -823,8 +840,12 @@ mod tests {
     fn an_announced_next_root_is_trusted_ahead_without_a_new_intermediate() {
         let f = fixture();
         let (_next_key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let next_only = AnnouncedRoots {
+            next: Some(next.pem.clone()),
+            previous: None,
+        };
         let announced = Desired {
-            signer_next_root: Some(next.pem.clone()),
+            signer_announced: next_only.clone(),
             ..desired(&f)
         };
         let prepared = match decide(&Installed::Ours(f.bundle.clone()), &announced, f.issued) {
@@ -867,7 +888,7 @@ mod tests {
                 previous_roots: Some(previous),
             } => assert_eq!(
                 root_fingerprints(&compose_root_cert(
-                    &with_next_root(&next.pem, None, f.issued),
+                    &next.pem,
                     Some(&previous),
                     &[],
                     f.issued
@@ -881,7 +902,48 @@ mod tests {
         }
         // An announced root that is not valid now is not trusted.
         assert_eq!(
-            with_next_root(&f.root.pem, Some(&next.pem), f.issued + 500 * DAY),
+            with_announced_roots(&f.root.pem, &next_only, &[], f.issued + 500 * DAY),
+            f.root.pem
+        );
+    }
+
+    #[test]
+    fn an_announced_previous_root_is_trusted_until_it_is_retired() {
+        let f = fixture();
+        let (_old_key, old_root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let announced = AnnouncedRoots {
+            next: None,
+            previous: Some(old_root.pem.clone()),
+        };
+        let both = vec![
+            f.root.fingerprint_sha256.clone(),
+            old_root.fingerprint_sha256.clone(),
+        ];
+        // A cluster installed after the switch trusts the root it chains to, then the one
+        // the clusters that have not moved yet still chain to.
+        let joined = root_cert_to_write(&f.root.pem, &announced, None, &[], f.issued);
+        assert_eq!(root_fingerprints(&joined), both);
+        // One installed under the root in force trusting only it gets it added, with its
+        // intermediate kept.
+        let d = Desired {
+            signer_announced: announced.clone(),
+            ..desired(&f)
+        };
+        match decide(&Installed::Ours(f.bundle.clone()), &d, f.issued) {
+            Decision::RewriteRoots { root_cert, .. } => assert_eq!(root_cert, joined),
+            other => panic!("{other:?}"),
+        }
+        // Retired, it is dropped although still announced, and not added to a new bundle.
+        let retired = [old_root.fingerprint_sha256.to_ascii_uppercase()];
+        for installed in [Some(joined.as_str()), None] {
+            assert_eq!(
+                root_cert_to_write(&f.root.pem, &announced, installed, &retired, f.issued),
+                f.root.pem
+            );
+        }
+        // Expired, it is not trusted.
+        assert_eq!(
+            root_cert_to_write(&f.root.pem, &announced, None, &[], f.issued + 500 * DAY),
             f.root.pem
         );
     }
@@ -899,7 +961,10 @@ mod tests {
             ..f.bundle.clone()
         };
         let d = Desired {
-            signer_next_root: Some(next.pem.clone()),
+            signer_announced: AnnouncedRoots {
+                next: Some(next.pem.clone()),
+                previous: None,
+            },
             retired_roots: vec![old_root.fingerprint_sha256.clone()],
             ..desired(&f)
         };

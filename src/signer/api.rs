@@ -423,15 +423,17 @@ async fn virtual_mesh(
         "rootFingerprintSha256": root.fingerprint_sha256,
         "nextRootFingerprintSha256": rules.next_root.as_ref().map(|n| &n.fingerprint_sha256),
         "nextRootCert": rules.next_root.as_ref().map(|n| &n.pem),
+        "previousRootFingerprintSha256": rules.previous_root.as_ref().map(|p| &p.fingerprint_sha256),
+        "previousRootCert": rules.previous_root.as_ref().map(|p| &p.pem),
     }))
     .into_response()
 }
 
-/// The roots to trust: the signer's root, then the next root it announces.
+/// The roots to trust: the signer's root, then the next and the previous root it announces.
 async fn trust_bundle(State(state): State<Arc<SignerState>>) -> Response {
     let mut pem = state.backend.root().pem.clone();
-    if let Some(next) = &state.rules().next_root {
-        pem.push_str(&next.pem);
+    for announced in state.rules().announced_roots() {
+        pem.push_str(&announced.pem);
     }
     ([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response()
 }

@@ -23,8 +23,9 @@ pub struct CheckReport {
     pub virtual_meshes: Vec<String>,
     pub clients: usize,
     pub root: String,
-    /// The root announced ahead of a root change, if any.
-    pub next_root: Option<String>,
+    /// The roots announced besides the root in force: ("next root" or "previous root",
+    /// what it is).
+    pub announced_roots: Vec<(&'static str, String)>,
     pub server_certificate_not_after: SystemTime,
     /// Each client CRL file and when it is due to be replaced.
     pub client_crls: Vec<String>,
@@ -51,18 +52,20 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             "the audit log ends in an incomplete line of {torn_tail} bytes (a crash mid-write): the start moves it aside and records a recovery"
         ));
     }
-    let next_root = config.root.next.as_ref();
-    for (what, not_after) in [
-        ("the root certificate", Some(root.not_after)),
-        ("the next root", next_root.map(|n| n.not_after)),
+    // An expired next root stops the start (loading the config refuses it); an expired
+    // previous root is only skipped by the agents.
+    let announced_expiries = config.root.announced().map(|a| {
+        let what = format!("the {} ({})", a.announcement.name(), a.announcement.key());
+        (what, a.not_after)
+    });
+    let expiries = [
+        ("the root certificate".to_string(), root.not_after),
         (
-            "the signer's TLS certificate",
-            Some(tls.certificate_not_after),
+            "the signer's TLS certificate".to_string(),
+            tls.certificate_not_after,
         ),
-    ] {
-        let Some(not_after) = not_after else {
-            continue;
-        };
+    ];
+    for (what, not_after) in expiries.into_iter().chain(announced_expiries) {
         if not_after <= now {
             warnings.push(format!("{what} expired at {}", rfc3339(not_after)));
         } else if not_after <= now + EXPIRY_WARNING {
@@ -91,13 +94,18 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         virtual_meshes: config.policies.iter().map(|p| p.id.to_string()).collect(),
         clients: config.authorization.clients().count(),
         root: describe_root(&root.key_kind, root.not_after, &root.fingerprint_sha256),
-        next_root: next_root.map(|n| {
-            format!(
-                "{}, {}",
-                n.path.display(),
-                describe_root(&n.key_kind, n.not_after, &n.fingerprint_sha256)
-            )
-        }),
+        announced_roots: config
+            .root
+            .announced()
+            .map(|a| {
+                let what = format!(
+                    "{}, {}",
+                    a.path.display(),
+                    describe_root(&a.key_kind, a.not_after, &a.fingerprint_sha256)
+                );
+                (a.announcement.name(), what)
+            })
+            .collect(),
         server_certificate_not_after: tls.certificate_not_after,
         client_crls,
         backend,
@@ -191,8 +199,8 @@ impl fmt::Display for CheckReport {
         writeln!(f, "  virtual meshes  {}", self.virtual_meshes.join(", "))?;
         writeln!(f, "  clients         {}", self.clients)?;
         writeln!(f, "  root            {}", self.root)?;
-        if let Some(next) = &self.next_root {
-            writeln!(f, "  next root       {next}")?;
+        for (name, what) in &self.announced_roots {
+            writeln!(f, "  {name:<15} {what}")?;
         }
         writeln!(
             f,

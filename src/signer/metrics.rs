@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::config::AnnouncedRoot;
+
 /// Outcomes counted from 0 at start (with every policy rule's code), so that the first of
 /// each shows in `increase()`: a series that appears at 1 has no earlier sample to
 /// differ from, and an alert on it would miss it. These are `issued` and the outcomes
@@ -43,6 +45,12 @@ pub struct FileLabels {
     pub file: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnnouncementLabels {
+    /// `next` or `previous`.
+    pub announcement: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
@@ -62,6 +70,7 @@ pub struct Metrics {
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
     client_crl_next_update: Family<FileLabels, Gauge>,
+    announced_root_not_after: Family<AnnouncementLabels, Gauge>,
 }
 
 impl Metrics {
@@ -119,7 +128,7 @@ impl Metrics {
         );
         registry.register(
             "rules_reloads",
-            "Reloads of the policies, clients and limits on SIGHUP by outcome (ok, or error: the rules in force stay)",
+            "Reloads of the rules (policies, clients, limits, announced roots) on SIGHUP by outcome (ok, or error: the rules in force stay)",
             rules_reloads.clone(),
         );
         let tls_last_reload_successful = Gauge::default();
@@ -133,7 +142,7 @@ impl Metrics {
         rules_last_reload_successful.set(1);
         registry.register(
             "rules_last_reload_successful",
-            "1 if the last reload of the policies, clients and limits succeeded (or none was tried), 0 if it failed",
+            "1 if the last reload of the rules succeeded (or none was tried), 0 if it failed",
             rules_last_reload_successful.clone(),
         );
         let tls_certificate_expiry_seconds = Gauge::<i64, AtomicI64>::default();
@@ -147,6 +156,12 @@ impl Metrics {
             "tls_client_crl_next_update_timestamp_seconds",
             "When each client CRL file in force is due to be replaced: the earliest nextUpdate in it (Unix seconds); past it, revocations published since are not enforced",
             client_crl_next_update.clone(),
+        );
+        let announced_root_not_after = Family::<AnnouncementLabels, Gauge>::default();
+        registry.register(
+            "announced_root_not_after_timestamp_seconds",
+            "When each root the signer announces besides its own (announcement: next, previous) expires (Unix seconds); the agents skip an expired one, and a start refuses an expired next root",
+            announced_root_not_after.clone(),
         );
         Metrics {
             registry,
@@ -164,6 +179,7 @@ impl Metrics {
             tls_certificate_expiry_seconds,
             tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
             client_crl_next_update,
+            announced_root_not_after,
         }
     }
 
@@ -219,6 +235,19 @@ impl Metrics {
                     })
                     .set(unix_seconds(next_update));
             }
+        }
+    }
+
+    /// The roots announced besides the root in force, at start and after each reload of
+    /// the rules that changed them: one series per announcement.
+    pub fn announced_roots<'a>(&self, roots: impl Iterator<Item = &'a AnnouncedRoot>) {
+        self.announced_root_not_after.clear();
+        for root in roots {
+            self.announced_root_not_after
+                .get_or_create(&AnnouncementLabels {
+                    announcement: root.announcement.label().to_string(),
+                })
+                .set(unix_seconds(root.not_after));
         }
     }
 

@@ -1,12 +1,12 @@
 //! What a SIGHUP may change in a running signer besides its TLS files: the rules every
 //! signing decision is made under (VirtualMesh policies, client grants, and the limits on
-//! requests and connections) and the next root it announces, read again from the config
+//! requests and connections) and the roots it announces, read again from the config
 //! file. Pure comparisons; the swap and its audit line are in `server`.
 
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::{AuthorizationTable, Limits, NextRoot, SignerConfig};
+use crate::config::{AnnouncedRoot, Announcement, AuthorizationTable, Limits, SignerConfig};
 use crate::policy::rules::human_duration;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 
@@ -20,7 +20,9 @@ pub struct Rules {
     /// start: a reload keeps the value in force (see [`restart_only_changes`]).
     pub limits: Limits,
     /// The root announced ahead of a root change, if any.
-    pub next_root: Option<NextRoot>,
+    pub next_root: Option<AnnouncedRoot>,
+    /// The root announced after a root change, until it is retired, if any.
+    pub previous_root: Option<AnnouncedRoot>,
 }
 
 impl Rules {
@@ -30,7 +32,13 @@ impl Rules {
             authorization: config.authorization.clone(),
             limits: config.limits,
             next_root: config.root.next.clone(),
+            previous_root: config.root.previous.clone(),
         }
+    }
+
+    /// The next root, then the previous one.
+    pub fn announced_roots(&self) -> impl Iterator<Item = &AnnouncedRoot> {
+        self.next_root.iter().chain(self.previous_root.iter())
     }
 
     /// The rules of a config read by a reload, with what a reload cannot change kept from
@@ -59,11 +67,21 @@ impl RulesChange {
             &mut statements,
         );
         compare_limits(&in_force.limits, &read.limits, &mut statements);
-        compare_next_root(
-            in_force.next_root.as_ref(),
-            read.next_root.as_ref(),
-            &mut statements,
-        );
+        for (announcement, in_force, read) in [
+            (Announcement::Next, &in_force.next_root, &read.next_root),
+            (
+                Announcement::Previous,
+                &in_force.previous_root,
+                &read.previous_root,
+            ),
+        ] {
+            compare_announced_root(
+                announcement,
+                in_force.as_ref(),
+                read.as_ref(),
+                &mut statements,
+            );
+        }
         RulesChange { statements }
     }
 
@@ -200,14 +218,18 @@ fn compare_limits(in_force: &Limits, read: &Limits, out: &mut Vec<String>) {
     }
 }
 
-fn compare_next_root(in_force: Option<&NextRoot>, read: Option<&NextRoot>, out: &mut Vec<String>) {
-    let fingerprint = |next: Option<&NextRoot>| next.map(|n| n.fingerprint_sha256.clone());
+fn compare_announced_root(
+    announcement: Announcement,
+    in_force: Option<&AnnouncedRoot>,
+    read: Option<&AnnouncedRoot>,
+    out: &mut Vec<String>,
+) {
+    let name = announcement.name();
+    let fingerprint = |root: Option<&AnnouncedRoot>| root.map(|r| r.fingerprint_sha256.clone());
     match (fingerprint(in_force), fingerprint(read)) {
-        (None, Some(new)) => out.push(format!("next root sha256 {new} announced")),
-        (Some(old), None) => out.push(format!("next root sha256 {old} no longer announced")),
-        (Some(old), Some(new)) if old != new => {
-            out.push(format!("next root sha256 {old} -> {new}"))
-        }
+        (None, Some(new)) => out.push(format!("{name} sha256 {new} announced")),
+        (Some(old), None) => out.push(format!("{name} sha256 {old} no longer announced")),
+        (Some(old), Some(new)) if old != new => out.push(format!("{name} sha256 {old} -> {new}")),
         _ => {}
     }
 }
@@ -400,37 +422,56 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
     }
 
     #[test]
-    fn an_announced_next_root_is_named_when_it_comes_changes_or_goes() {
+    fn announced_roots_are_named_when_they_come_change_or_go() {
         let dir = tempfile::tempdir().unwrap();
         let none = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
-        let announcing = |fingerprint: &str| Rules {
-            next_root: Some(NextRoot {
-                path: dir.path().join("next.pem"),
-                pem: String::new(),
-                fingerprint_sha256: fingerprint.into(),
-                key_kind: crate::pki::keys::KeyType::EcdsaP384.public_key_kind(),
-                not_after: std::time::SystemTime::now(),
-            }),
+        let root = |announcement, fingerprint: &str| AnnouncedRoot {
+            announcement,
+            path: dir.path().join("root.pem"),
+            pem: String::new(),
+            fingerprint_sha256: fingerprint.into(),
+            key_kind: crate::pki::keys::KeyType::EcdsaP384.public_key_kind(),
+            not_after: std::time::SystemTime::now(),
+        };
+        let announcing = |next: Option<&str>, previous: Option<&str>| Rules {
+            next_root: next.map(|fp| root(Announcement::Next, fp)),
+            previous_root: previous.map(|fp| root(Announcement::Previous, fp)),
             ..none.clone()
         };
         let statements = |a: &Rules, b: &Rules| RulesChange::between(a, b).statements;
         assert_eq!(
-            statements(&none, &announcing("aa")),
+            statements(&none, &announcing(Some("aa"), None)),
             ["next root sha256 aa announced"]
         );
         assert_eq!(
-            statements(&announcing("aa"), &announcing("bb")),
+            statements(&announcing(Some("aa"), None), &announcing(Some("bb"), None)),
             ["next root sha256 aa -> bb"]
         );
         assert_eq!(
-            statements(&announcing("aa"), &none),
+            statements(&announcing(Some("aa"), None), &none),
             ["next root sha256 aa no longer announced"]
         );
-        assert!(statements(&announcing("aa"), &announcing("aa")).is_empty());
+        assert!(
+            statements(&announcing(Some("aa"), None), &announcing(Some("aa"), None)).is_empty()
+        );
+        // The switch as a reload sees it: the next root goes, the old root is announced
+        // as the previous one; later it goes too.
+        assert_eq!(
+            statements(&announcing(Some("bb"), None), &announcing(None, Some("aa"))),
+            [
+                "next root sha256 bb no longer announced",
+                "previous root sha256 aa announced"
+            ]
+        );
+        assert_eq!(
+            statements(&announcing(None, Some("aa")), &none),
+            ["previous root sha256 aa no longer announced"]
+        );
         // Not a restart-only setting: the reload puts it in force.
         let read = config(dir.path(), MESHES, A_ONLY, "");
-        let mut with_next = read.clone();
-        with_next.root.next = announcing("aa").next_root;
-        assert!(restart_only_changes(&read, &with_next).is_empty());
+        let mut announced = read.clone();
+        announced.root.next = Some(root(Announcement::Next, "aa"));
+        announced.root.previous = Some(root(Announcement::Previous, "bb"));
+        assert!(restart_only_changes(&read, &announced).is_empty());
     }
 }

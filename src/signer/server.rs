@@ -26,7 +26,7 @@ use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::vault::VaultBackend;
-use crate::config::{BackendSettings, ConfigError, NextRoot, SignerConfig};
+use crate::config::{Announcement, BackendSettings, ConfigError, RootSettings, SignerConfig};
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
@@ -61,20 +61,35 @@ pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
     let root =
         RootCa::from_pem(&pem).map_err(|e| StartError::Root(format!("{}: {e}", path.display())))?;
     check_root_strength(&root.key_kind, &config.policies).map_err(StartError::Root)?;
-    check_next_root(&root, config.root.next.as_ref()).map_err(StartError::Root)?;
+    check_announced_roots(&root, &config.root).map_err(StartError::Root)?;
     Ok(root)
 }
 
-/// An announced next root must be another root than the one in force: left in place after
-/// the switch, it would announce nothing.
-pub fn check_next_root(root: &RootCa, next: Option<&NextRoot>) -> Result<(), String> {
-    match next {
-        Some(next) if next.fingerprint_sha256 == root.fingerprint_sha256 => Err(format!(
-            "root.next_certificate {} is the root in force (root.certificate): remove it once the signer has switched",
-            next.path.display()
-        )),
-        _ => Ok(()),
+/// Each announced root must be another root than the one in force and than the other
+/// announced one: a next root left in place after the switch, or a previous root named
+/// before it, would announce nothing.
+pub fn check_announced_roots(root: &RootCa, settings: &RootSettings) -> Result<(), String> {
+    for announced in settings.announced() {
+        if announced.fingerprint_sha256 == root.fingerprint_sha256 {
+            let advice = match announced.announcement {
+                Announcement::Next => "remove it once the signer has switched",
+                Announcement::Previous => "name the root the signer switched from",
+            };
+            return Err(
+                announced.problem(format!("is the root in force (root.certificate): {advice}"))
+            );
+        }
     }
+    if let (Some(next), Some(previous)) = (&settings.next, &settings.previous)
+        && next.fingerprint_sha256 == previous.fingerprint_sha256
+    {
+        return Err(previous.problem(format!(
+            "is also {} {}: a root is either ahead of the root in force or behind it",
+            Announcement::Next.key(),
+            next.path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Why a reload of the rules changed nothing.
@@ -85,7 +100,7 @@ pub enum ReloadError {
     #[error("{0}")]
     RootTooWeak(String),
     #[error("{0}")]
-    NextRoot(String),
+    AnnouncedRoot(String),
     #[error("the audit log cannot record the change, so it is not applied: {0}")]
     Audit(#[from] super::audit::AuditError),
 }
@@ -228,7 +243,7 @@ impl RunningSigner {
             })??;
         let root = self.state.backend.root();
         check_root_strength(&root.key_kind, &read.policies).map_err(ReloadError::RootTooWeak)?;
-        check_next_root(root, read.root.next.as_ref()).map_err(ReloadError::NextRoot)?;
+        check_announced_roots(root, &read.root).map_err(ReloadError::AnnouncedRoot)?;
         let in_force = self.state.rules();
         let rules = Rules::reloaded(&read, &in_force);
         let change = RulesChange::between(&in_force, &rules);
@@ -242,6 +257,7 @@ impl RunningSigner {
             };
             let announced = self.state.audit.expect_line();
             self.state.audit.append(record, announced).await?;
+            self.state.metrics.announced_roots(rules.announced_roots());
             self.state.replace_rules(rules);
         }
         let mut restart_only = restart_only_changes(&self.config, &read);
@@ -321,6 +337,7 @@ pub async fn start(
     let tls = serving_tls(&config)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
     client_crls_in_force(&metrics, &tls.crl_next_updates);
+    metrics.announced_roots(config.root.announced());
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = {
@@ -393,6 +410,7 @@ pub async fn start(
         backend = %backend.describe(),
         root_fingerprint_sha256 = %backend.root().fingerprint_sha256,
         next_root_fingerprint_sha256 = config.root.next.as_ref().map(|n| n.fingerprint_sha256.as_str()),
+        previous_root_fingerprint_sha256 = config.root.previous.as_ref().map(|p| p.fingerprint_sha256.as_str()),
         virtual_meshes = config.policies.iter().count(),
         audit_log = %config.audit_log.display(),
         backend_ready_ms = backend_ready_ms as u64,
@@ -618,13 +636,11 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
     match outcome {
         Ok(reload) => {
             if reload.change.is_empty() {
-                tracing::info!(
-                    "SIGHUP: policies, clients and limits reloaded; nothing in them changed"
-                );
+                tracing::info!("SIGHUP: rules reloaded; nothing in them changed");
             } else {
                 tracing::info!(
                     changes = %reload.change,
-                    "SIGHUP: policies, clients and limits reloaded (recorded in the audit log)"
+                    "SIGHUP: rules reloaded (recorded in the audit log)"
                 );
             }
             if !reload.restart_only.is_empty() {
@@ -636,7 +652,7 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
         }
         Err(e) => tracing::error!(
             error = %e,
-            "SIGHUP: policies, clients and limits not reloaded; the ones in force stay"
+            "SIGHUP: rules not reloaded; the ones in force stay"
         ),
     }
 }

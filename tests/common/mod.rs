@@ -435,10 +435,22 @@ key_type = "{key_type}"
 
     /// Names `file` as `[root] next_certificate` in the signer config (None: no next root).
     pub fn announce_next_root(&self, file: Option<&str>) {
+        self.announce_root("next_certificate", file);
+    }
+
+    /// Names `file` as `[root] previous_certificate` in the signer config (None: no
+    /// previous root).
+    pub fn announce_previous_root(&self, file: Option<&str>) {
+        self.announce_root("previous_certificate", file);
+    }
+
+    /// Sets the `[root]` key `key` to `file`, or removes it.
+    fn announce_root(&self, key: &str, file: Option<&str>) {
         let config = std::fs::read_to_string(&self.config).unwrap();
+        let assignment = format!("{key} = ");
         let mut lines: Vec<String> = config
             .lines()
-            .filter(|line| !line.starts_with("next_certificate = "))
+            .filter(|line| !line.starts_with(&assignment))
             .map(String::from)
             .collect();
         if let Some(file) = file {
@@ -446,13 +458,14 @@ key_type = "{key_type}"
                 .iter()
                 .position(|l| l.starts_with("certificate = "))
                 .unwrap();
-            lines.insert(at + 1, format!("next_certificate = \"{file}\""));
+            lines.insert(at + 1, format!("{assignment}\"{file}\""));
         }
         std::fs::write(&self.config, lines.join("\n") + "\n").unwrap();
     }
 
     /// The root change itself: the signer config names the next root's key and
-    /// certificate (made by [`Env::init_next_root`]) and announces nothing.
+    /// certificate (made by [`Env::init_next_root`]) and announces nothing (a previous
+    /// root is announced apart, after the switch: this replaces `certificate = ` lines).
     pub fn switch_to_next_root(&self) {
         self.announce_next_root(None);
         let config = std::fs::read_to_string(&self.config).unwrap();
