@@ -4,10 +4,12 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::certs::*;
 use common::*;
+use meshca::agent::rotation::root_fingerprints;
 use meshca::pki::keys::KeyType;
 use serde_json::{Value, json};
 
@@ -841,7 +843,6 @@ async fn secrets_stay_out_of_debug_logs() {
 
 #[tokio::test]
 async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
-    use meshca::agent::rotation::root_fingerprints;
     let env = Env::new();
     let work = env.dir.path();
     let next_root = env.init_next_root();
@@ -850,8 +851,7 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
     let signer = env.start_signer();
     let client = env.client("cluster-a");
     let policy = || signer.get_json(&client, "/v1/virtualmeshes/test/vm");
-    let trust_bundle =
-        || async { root_fingerprints(&signer.get_text(&client, "/v1/trust-bundle").await) };
+    let trust_bundle = || trust_bundle_roots(&signer, &client);
     let reloaded = |n: usize| signer.wait_for_nth_log("SIGHUP: rules", n);
     let sighup = || send_signal(signer.child.id(), "HUP");
     assert!(policy().await["nextRootFingerprintSha256"].is_null());
@@ -866,37 +866,23 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
     assert!(line.contains(&announced), "{line}");
     let answer = policy().await;
     assert_eq!(answer["nextRootFingerprintSha256"], next_sha256.as_str());
-    let announced_file = write(
-        work,
-        "announced.pem",
-        answer["nextRootCert"].as_str().unwrap(),
+    assert_eq!(
+        certificate_fingerprint(work, &answer, "nextRootCert"),
+        next_sha256
     );
-    assert_eq!(openssl_fingerprint(work, &announced_file), next_sha256);
     assert_eq!(
         trust_bundle().await,
         [root_sha256.clone(), next_sha256.clone()]
     );
     assert_eq!(
-        metric_sample(
-            &signer.metrics(&client).await,
-            "meshca_announced_root_not_after_timestamp_seconds{announcement=\"next\"}"
-        ),
+        announced_root_not_after(&signer, &client, "next").await,
         Some(certificate_date_unix(&next_root, "enddate"))
     );
-    let (_key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
-    let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &request)).await;
-    assert_eq!(status, 200, "{body}");
     assert_eq!(
-        root_fingerprints(body["rootCert"].as_str().unwrap()),
+        roots_issued_under(&signer, &client).await,
         vec![root_sha256.clone()]
     );
-    let audit = signer.audit_lines();
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["event"] == "reload" && l["message"].as_str().unwrap().contains(&announced)),
-        "{audit:?}"
-    );
+    assert_reload_audited(&signer, &announced);
 
     // Refused by name, and the announcement in force stays: the root in force itself, and
     // a root of another organization.
@@ -985,7 +971,6 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
 
 #[tokio::test]
 async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
-    use meshca::agent::rotation::root_fingerprints;
     let env = Env::new();
     let work = env.dir.path();
     let old_sha256 = openssl_fingerprint(work, &env.path("root-cert.pem"));
@@ -995,8 +980,7 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
     let signer = env.start_signer();
     let client = env.client("cluster-a");
     let policy = || signer.get_json(&client, "/v1/virtualmeshes/test/vm");
-    let trust_bundle =
-        || async { root_fingerprints(&signer.get_text(&client, "/v1/trust-bundle").await) };
+    let trust_bundle = || trust_bundle_roots(&signer, &client);
     let reloaded = |n: usize| signer.wait_for_nth_log("SIGHUP: rules", n);
     let sighup = || send_signal(signer.child.id(), "HUP");
 
@@ -1006,21 +990,16 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
     assert_eq!(answer["rootFingerprintSha256"], new_sha256.as_str());
     assert_eq!(answer["previousRootFingerprintSha256"], old_sha256.as_str());
     assert!(answer["nextRootFingerprintSha256"].is_null());
-    let announced = write(
-        work,
-        "announced.pem",
-        answer["previousRootCert"].as_str().unwrap(),
+    assert_eq!(
+        certificate_fingerprint(work, &answer, "previousRootCert"),
+        old_sha256
     );
-    assert_eq!(openssl_fingerprint(work, &announced), old_sha256);
     assert_eq!(
         trust_bundle().await,
         [new_sha256.clone(), old_sha256.clone()]
     );
-    let (_key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
-    let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &request)).await;
-    assert_eq!(status, 200, "{body}");
     assert_eq!(
-        root_fingerprints(body["rootCert"].as_str().unwrap()),
+        roots_issued_under(&signer, &client).await,
         vec![new_sha256.clone()]
     );
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
@@ -1029,10 +1008,8 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
         "{report}"
     );
     // Its end, as openssl reads it, is exported (an alert watches the next root's).
-    let not_after = "meshca_announced_root_not_after_timestamp_seconds";
-    let previous_not_after = format!("{not_after}{{announcement=\"previous\"}}");
     assert_eq!(
-        metric_sample(&signer.metrics(&client).await, &previous_not_after),
+        announced_root_not_after(&signer, &client, "previous").await,
         Some(certificate_date_unix(&env.path("root-cert.pem"), "enddate"))
     );
 
@@ -1117,12 +1094,56 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
     assert!(line.contains(&withdrawn), "{line}");
     assert!(policy().await["previousRootFingerprintSha256"].is_null());
     assert_eq!(trust_bundle().await, [new_sha256]);
-    assert!(!signer.metrics(&client).await.contains(not_after));
+    assert_eq!(
+        announced_root_not_after(&signer, &client, "previous").await,
+        None
+    );
+    assert_reload_audited(&signer, &withdrawn);
+}
+
+/// The SHA-256 of the certificate (PEM) in `field` of a policy answer, as openssl computes
+/// it.
+fn certificate_fingerprint(work: &Path, answer: &Value, field: &str) -> String {
+    let file = write(
+        work,
+        &format!("{field}.pem"),
+        answer[field].as_str().unwrap(),
+    );
+    openssl_fingerprint(work, &file)
+}
+
+/// The roots of `/v1/trust-bundle`, in order.
+async fn trust_bundle_roots(signer: &Signer, client: &reqwest::Client) -> Vec<String> {
+    root_fingerprints(&signer.get_text(client, "/v1/trust-bundle").await)
+}
+
+/// The roots in the rootCert of an intermediate issued now for cluster-a.
+async fn roots_issued_under(signer: &Signer, client: &reqwest::Client) -> Vec<String> {
+    let (_key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
+    let (status, body) = post_sign(client, signer, &sign_body(VM, MESH_A, &request)).await;
+    assert_eq!(status, 200, "{body}");
+    root_fingerprints(body["rootCert"].as_str().unwrap())
+}
+
+/// `meshca_announced_root_not_after_timestamp_seconds{announcement}` as exported now.
+async fn announced_root_not_after(
+    signer: &Signer,
+    client: &reqwest::Client,
+    announcement: &str,
+) -> Option<i64> {
+    let sample = format!(
+        "meshca_announced_root_not_after_timestamp_seconds{{announcement=\"{announcement}\"}}"
+    );
+    metric_sample(&signer.metrics(client).await, &sample)
+}
+
+/// The audit log holds a `reload` record whose message says `change`.
+fn assert_reload_audited(signer: &Signer, change: &str) {
     let audit = signer.audit_lines();
     assert!(
         audit
             .iter()
-            .any(|l| l["event"] == "reload" && l["message"].as_str().unwrap().contains(&withdrawn)),
+            .any(|l| l["event"] == "reload" && l["message"].as_str().unwrap().contains(change)),
         "{audit:?}"
     );
 }
