@@ -762,6 +762,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         println!("  not after    {}", rfc3339(s.not_after));
         println!("  renew at     {}", rfc3339(outcome.renew_at()));
         println!("  root sha256  {}", s.anchor_fingerprint);
+        println!("  trusts       {}", s.root_fingerprints.join(", "));
         return Ok(ExitCode::SUCCESS);
     }
     let metrics = Arc::new(AgentMetrics::new());

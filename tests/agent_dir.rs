@@ -540,6 +540,10 @@ fn root_change_in_two_phases(env: Env) {
         let serial_before = serial(dir);
         let out = pass_ok(&env, &addr, cluster, dir, &[]);
         assert!(out.contains("rewrote root-cert.pem"), "{out}");
+        assert!(
+            out.contains(&format!("trusts       {old_root}, {new_root}")),
+            "{out}"
+        );
         assert_eq!(serial(dir), serial_before);
         assert_eq!(trusted_roots(dir), vec![old_root.clone(), new_root.clone()]);
         assert_valid(&env, dir);

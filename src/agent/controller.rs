@@ -20,9 +20,7 @@ use super::metrics::{AgentMetrics, Reconciled};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, restart_needed,
 };
-use super::rotation::{
-    Decision, Desired, Installed, carries_root, decide, normalize_fingerprint, root_fingerprints,
-};
+use super::rotation::{Decision, Desired, Installed, carries_root, decide, normalize_fingerprint};
 use super::{AgentError, BundleRequest, RootsPlan, obtain_bundle};
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
@@ -124,18 +122,13 @@ fn parse_time(text: &str) -> Option<SystemTime> {
 }
 
 /// Fills the installed-bundle fields of a status.
-fn record_bundle(
-    status: &mut VmcsrStatus,
-    summary: &BundleSummary,
-    root_cert: &str,
-    renew_at: SystemTime,
-) {
+fn record_bundle(status: &mut VmcsrStatus, summary: &BundleSummary, renew_at: SystemTime) {
     status.phase = Some(Phase::Installed);
     status.serial = Some(summary.serial.clone());
     status.not_after = Some(rfc3339(summary.not_after));
     status.renew_at = Some(rfc3339(renew_at));
     status.root_fingerprint = Some(summary.anchor_fingerprint.clone());
-    status.trusted_root_fingerprints = root_fingerprints(root_cert);
+    status.trusted_root_fingerprints = summary.root_fingerprints.clone();
 }
 
 /// The agent.
@@ -331,8 +324,8 @@ impl Controller {
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer not reachable; installed bundle valid and not due");
                 }
-                if let Installed::Ours(files) = &installed {
-                    record_bundle(status, &summary, &files.root_cert, renew_at);
+                if let Installed::Ours(_) = &installed {
+                    record_bundle(status, &summary, renew_at);
                 }
                 renew_at
             }
@@ -353,7 +346,7 @@ impl Controller {
                     .apply_secret(&target.namespace, &target.name, &owner, &files)
                     .await?;
                 tracing::info!(request = %owner, "root-cert.pem rewritten (a root the signer announces added, or an old root retired or expired)");
-                record_bundle(status, &summary, &files.root_cert, renew_at);
+                record_bundle(status, &summary, renew_at);
                 renew_at
             }
             Decision::Issue {
@@ -398,7 +391,7 @@ impl Controller {
                     reason: reason.code(),
                 });
                 self.metrics.issued();
-                record_bundle(status, summary, &obtained.files.root_cert, renew_at);
+                record_bundle(status, summary, renew_at);
                 let kind = if matches!(installed, Installed::None) {
                     InstallKind::FirstInstall
                 } else {

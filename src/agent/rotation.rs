@@ -197,9 +197,11 @@ pub enum Decision {
         reason: IssueReason,
         previous_roots: Option<String>,
     },
-    /// The intermediate stays; root-cert.pem changes (a retired or expired old root).
+    /// The intermediate stays; root-cert.pem changes (a root announced, or an old root
+    /// retired or expired).
     RewriteRoots {
         root_cert: String,
+        /// The bundle as it will be: its `root_fingerprints` are `root_cert`'s.
         summary: BundleSummary,
         renew_at: SystemTime,
     },
@@ -304,6 +306,10 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
             now,
         );
         if wanted != files.root_cert {
+            let summary = BundleSummary {
+                root_fingerprints: root_fingerprints(&wanted),
+                ..summary
+            };
             return Decision::RewriteRoots {
                 root_cert: wanted,
                 summary,
