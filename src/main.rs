@@ -75,6 +75,11 @@ enum Command {
         /// they are fit for a start. Contacts neither the token nor Vault.
         #[arg(long, conflicts_with = "listen")]
         check: bool,
+        /// With --check: also start the backend as `serve` does (log in to the token and
+        /// sign a test challenge with the root's key, or log in to Vault and find the
+        /// root's issuer), then close it. For a check before a restart.
+        #[arg(long, requires = "check")]
+        online: bool,
     },
     /// Generate an intermediate key here, have it signed, write Istio's cacerts files.
     Request(RequestArgs),
@@ -569,17 +574,34 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Serve {
             config,
             check: true,
+            online,
             ..
         } => {
             let config = load_config(&config)?;
-            let report = meshca::signer::check::check(&config, std::time::SystemTime::now())
-                .with_context(|| format!("{} is not ready to serve", config.path.display()))?;
+            let not_ready = || format!("{} is not ready to serve", config.path.display());
+            let mut report = meshca::signer::check::check(&config, std::time::SystemTime::now())
+                .with_context(not_ready)?;
+            if online {
+                let checked = config.clone();
+                // On a blocking thread of a runtime, as the start runs it.
+                let found = runtime()?
+                    .block_on(async move {
+                        tokio::task::spawn_blocking(move || {
+                            meshca::signer::check::check_online(&checked)
+                        })
+                        .await
+                    })
+                    .context("the online check stopped")?
+                    .with_context(not_ready)?;
+                report.online = Some(found);
+            }
             println!("{report}");
         }
         Command::Serve {
             config,
             listen,
             check: false,
+            ..
         } => {
             let config = load_config(&config)?;
             runtime()?.block_on(meshca::signer::server::run(config, listen))?;

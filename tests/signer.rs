@@ -1203,6 +1203,19 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
     }
     assert!(!env.path("audit.log").exists());
     assert!(!report.contains("warning"), "{report}");
+    // --online starts the backend as `serve` does, beside a running signer on the same
+    // token: the login and a test signature with the root's key.
+    let signer = env.start_signer();
+    let online = env.run_with_config_ok(&["serve", "--check", "--online"]);
+    let report = text(&online.stdout);
+    for needle in [
+        "online          pkcs11 pkcs11:",
+        "logged in, the root's key answers for the root certificate",
+        "not checked: the listen addresses",
+    ] {
+        assert!(report.contains(needle), "{needle} missing from\n{report}");
+    }
+    drop(signer);
 
     // A root that ends within 14 days is named (the check still passes).
     let meshes_file = env.path("virtual-meshes.yaml");
@@ -1231,9 +1244,18 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
     );
     std::fs::remove_file(env.path("audit.log")).unwrap();
 
-    // The token is not contacted: a wrong PIN passes the check (a start fails on it).
+    // The token is not contacted: a wrong PIN passes the check (a start fails on it),
+    // unless --online, which is refused as a start is.
     std::fs::write(env.path("softhsm/user-pin"), "wrong-pin-1234\n").unwrap();
     check(true);
+    let out = env.run_with_config(&["serve", "--check", "--online"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is not ready to serve") && stderr.contains("refused the user PIN"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("wrong-pin-1234"), "{stderr}");
 
     // Each problem is named, and the file is put back before the next.
     let broken = |path: &str, contents: String, needle: &str| {

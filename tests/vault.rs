@@ -441,6 +441,14 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         .to_string();
     let mut signer = env.start_signer_with(&["--log-level", "trace,vaultrs=trace,rustify=trace"]);
     assert_eq!(sign(&env, &signer).await.0, 200);
+    // `serve --check --online` logs in beside the running signer and finds the issuer.
+    let online = env.run_with_config(&["serve", "--check", "--online"]);
+    assert!(online.status.success(), "{}", text(&online.stderr));
+    assert!(
+        text(&online.stdout).contains("issuer meshca-root (auth token): logged in"),
+        "{}",
+        text(&online.stdout)
+    );
     // A refused token: the error names the file, not the token.
     env.bao()
         .cli_stdin(&["write", "auth/token/revoke", "token=-"], &token);
@@ -455,6 +463,14 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         text(&check.stdout).contains("mount pki, issuer meshca-root, login by token"),
         "{}",
         text(&check.stdout)
+    );
+    // With --online, Vault is asked: the refusal names the token file.
+    let refused = env.run_with_config(&["serve", "--check", "--online"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("vault/token"),
+        "{}",
+        text(&refused.stderr)
     );
     // Stopped first, so every line it wrote (the last request's too) is searched.
     assert!(signer.terminate());
@@ -476,6 +492,15 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         (
             "serve --check",
             format!("{}{}", text(&check.stdout), text(&check.stderr)),
+        ),
+        (
+            "serve --check --online",
+            format!(
+                "{}{}{}",
+                text(&online.stdout),
+                text(&refused.stdout),
+                text(&refused.stderr)
+            ),
         ),
     ] {
         assert!(

@@ -1,13 +1,15 @@
 //! `meshca serve --check`: every file a start reads, checked the way the start checks it,
 //! without contacting the token or Vault and without binding the listeners. For CI on a
 //! config change and for `systemctl reload` (the unit runs it before sending SIGHUP).
+//! `--online` adds the backend's start: the token or Vault login and the root key in it,
+//! for a check before a restart.
 
 use std::fmt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
-use super::server::{StartError, load_root, read_pin, serving_tls};
+use super::server::{StartError, load_root, read_pin, serving_tls, start_backend};
 use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendSettings, SignerConfig};
 use crate::pki::keys::PublicKeyKind;
@@ -33,6 +35,8 @@ pub struct CheckReport {
     pub audit_log: String,
     /// Nothing in them stops a start; an operator should still act.
     pub warnings: Vec<String>,
+    /// With `--online`: the backend as the start found it.
+    pub online: Option<String>,
 }
 
 /// Checks what `meshca serve` would read from disk at start: the config and its VirtualMesh
@@ -111,6 +115,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         backend,
         audit_log,
         warnings,
+        online: None,
     })
 }
 
@@ -212,12 +217,36 @@ impl fmt::Display for CheckReport {
         }
         writeln!(f, "  backend         {}", self.backend)?;
         writeln!(f, "  audit log       {}", self.audit_log)?;
+        if let Some(online) = &self.online {
+            writeln!(f, "  online          {online}")?;
+        }
         for warning in &self.warnings {
             writeln!(f, "  warning: {warning}")?;
         }
-        write!(
-            f,
-            "  not checked: the token or Vault login and the root key in it, the listen addresses"
-        )
+        match self.online {
+            Some(_) => write!(f, "  not checked: the listen addresses"),
+            None => write!(
+                f,
+                "  not checked: the token or Vault login and the root key in it (--online), the listen addresses"
+            ),
+        }
     }
+}
+
+/// The backend's start, as `meshca serve` makes it, then its end: the token login and a
+/// test signature with the root's key that the root certificate verifies (PKCS#11), or the
+/// Vault login and the issuer holding the root's key (Vault). One token session, not the
+/// pool's (a live signer holds those, and small tokens allow few); it closes when this
+/// returns. Runs on a blocking thread of a runtime (the Vault start waits on it).
+pub fn check_online(config: &SignerConfig) -> Result<String, StartError> {
+    let root = load_root(config)?;
+    let mut config = config.clone();
+    if let Some(pkcs11) = config.pkcs11.as_mut() {
+        pkcs11.sessions = 1;
+    }
+    let backend = start_backend(&config, root)?;
+    Ok(format!(
+        "{}: logged in, the root's key answers for the root certificate",
+        backend.describe()
+    ))
 }
