@@ -19,6 +19,7 @@ use crate::policy::rules::check_root_strength;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 use crate::secret::SecretSource;
 use crate::signer::audit::rfc3339;
+use crate::tlsutil::CrlOverdue;
 
 /// Default address of the mTLS API.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
@@ -60,6 +61,8 @@ struct TlsSection {
     client_ca: PathBuf,
     #[serde(default)]
     client_crls: Vec<PathBuf>,
+    #[serde(default)]
+    client_crl_overdue: CrlOverdue,
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,6 +364,8 @@ pub struct SignerConfig {
     pub client_ca: PathBuf,
     /// CRLs (PEM) for client certificates; a revoked client is refused at the handshake.
     pub client_crls: Vec<PathBuf>,
+    /// What a client gets while its CRL is past its `nextUpdate`.
+    pub client_crl_overdue: CrlOverdue,
     pub root: RootSettings,
     pub pkcs11: Option<Pkcs11Settings>,
     pub vault: Option<VaultSettings>,
@@ -512,6 +517,7 @@ impl SignerConfig {
             path: path.to_path_buf(),
             limits,
             client_crls: file.tls.client_crls.iter().map(|p| resolve(p)).collect(),
+            client_crl_overdue: file.tls.client_crl_overdue,
             listen,
             ops_listen,
             audit_log: resolve(&file.audit_log),
@@ -788,13 +794,19 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert_eq!(shipped.limits, Limits::default());
 
         // The optional settings commented out in [tls] and [pkcs11].
-        let optional = ["client_crls", "sessions", "softhsm2_conf"]
-            .iter()
-            .fold(text.clone(), |text, key| {
-                text.replace(&format!("\n# {key} = "), &format!("\n{key} = "))
-            });
+        let optional = [
+            "client_crls",
+            "client_crl_overdue",
+            "sessions",
+            "softhsm2_conf",
+        ]
+        .iter()
+        .fold(text.clone(), |text, key| {
+            text.replace(&format!("\n# {key} = "), &format!("\n{key} = "))
+        });
         let config = SignerConfig::parse(&example, &optional).unwrap();
         assert_eq!(config.client_crls.len(), 1);
+        assert_eq!(config.client_crl_overdue, CrlOverdue::Accept);
         let pkcs11 = config.pkcs11.unwrap();
         assert_eq!(pkcs11.sessions, 8);
         assert!(pkcs11.softhsm2_conf.is_some());

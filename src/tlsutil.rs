@@ -105,13 +105,41 @@ fn trust_store(
     Ok(roots)
 }
 
+/// What a client handshake gets while the CRL that covers its certificate is past its
+/// `nextUpdate` (`[tls] client_crl_overdue`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlOverdue {
+    /// Served, the CRL still enforced as loaded (revocations published since are not
+    /// known): an overdue CRL does not stop the clusters' renewals.
+    #[default]
+    Accept,
+    /// Refused (fail closed): the signer serves no client whose revocation state it cannot
+    /// vouch for, until a newer CRL is in place and reloaded.
+    Refuse,
+}
+
+impl CrlOverdue {
+    /// What an overdue CRL means for the clients it covers, for a warning.
+    pub fn consequence(self) -> &'static str {
+        match self {
+            CrlOverdue::Accept => "it is still enforced, but not what was revoked since",
+            CrlOverdue::Refuse => {
+                "the clients it covers are refused (client_crl_overdue = \"refuse\") until a newer one is in place and the signer reloaded"
+            }
+        }
+    }
+}
+
 /// Server side: a client certificate is required, must chain to `client_ca`, and must
-/// not be revoked by any of the CRLs in `crls`.
+/// not be revoked by any of the CRLs in `crls`; `overdue` says what a certificate whose
+/// CRL is past its `nextUpdate` gets.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: &Path,
     crls: &[std::path::PathBuf],
+    overdue: CrlOverdue,
 ) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let mut revocation_lists = Vec::new();
@@ -134,13 +162,17 @@ pub fn server_config(
         .part("client_ca", &client_cas)
         .part("crls", &revocation_lists)
         .finish();
-    let verifier = WebPkiClientVerifier::builder_with_provider(
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(trust_store(client_ca, client_cas)?),
         provider.clone(),
     )
-    .with_crls(revocation_lists)
-    .build()
-    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    .with_crls(revocation_lists);
+    if overdue == CrlOverdue::Refuse {
+        verifier = verifier.enforce_revocation_expiration();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -338,9 +370,10 @@ pub fn client_identity(cert_der: &[u8]) -> Option<String> {
 /// handshake timeout). The `client_certificate_*` ones are clients the signer's CA may
 /// know (an agent whose transport certificate expired cannot renew anything); the others
 /// are what scanners and broken clients cause.
-pub const HANDSHAKE_REFUSAL_REASONS: [&str; 8] = [
+pub const HANDSHAKE_REFUSAL_REASONS: [&str; 9] = [
     "client_certificate_expired",
     "client_certificate_revoked",
+    "client_certificate_crl_overdue",
     "client_certificate_unknown_issuer",
     "client_certificate_invalid",
     "no_client_certificate",
@@ -365,6 +398,10 @@ pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
         rustls::Error::InvalidCertificate(cert) => match cert {
             Cert::Expired | Cert::ExpiredContext { .. } => "client_certificate_expired",
             Cert::Revoked => "client_certificate_revoked",
+            // Only with `client_crl_overdue = "refuse"`.
+            Cert::ExpiredRevocationList | Cert::ExpiredRevocationListContext { .. } => {
+                "client_certificate_crl_overdue"
+            }
             Cert::UnknownIssuer => "client_certificate_unknown_issuer",
             _ => "client_certificate_invalid",
         },
@@ -390,6 +427,12 @@ mod tests {
             (
                 wrapped(Error::InvalidCertificate(CertificateError::Revoked)),
                 "client_certificate_revoked",
+            ),
+            (
+                wrapped(Error::InvalidCertificate(
+                    CertificateError::ExpiredRevocationList,
+                )),
+                "client_certificate_crl_overdue",
             ),
             (
                 wrapped(Error::InvalidCertificate(CertificateError::UnknownIssuer)),

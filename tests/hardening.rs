@@ -617,6 +617,74 @@ async fn a_client_crl_past_its_next_update_is_named_and_still_enforced() {
     assert!(client.get(&healthz).send().await.is_ok());
 }
 
+#[tokio::test]
+async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until_replaced() {
+    let env = Env::new();
+    env.check_client_crls();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "client_crls = [\"pki/crl.pem\"]",
+        "client_crls = [\"pki/crl.pem\"]\nclient_crl_overdue = \"refuse\"",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let crl = env.path("pki/crl.pem");
+    let fresh = std::fs::read_to_string(&crl).unwrap();
+    let signer = env.start_signer();
+    let healthz = signer.url("/healthz");
+    // A CRL within its nextUpdate: served as ever, the revoked client refused.
+    assert!(env.client("cluster-a").get(&healthz).send().await.is_ok());
+    assert!(env.client("spare").get(&healthz).send().await.is_err());
+
+    // Replaced by one whose nextUpdate has passed (a publisher that stopped): named by the
+    // check and the reload, and every client it covers is refused at the handshake, by
+    // that reason.
+    run_ok(Command::new("openssl").args([
+        "ca",
+        "-config",
+        &env.path("pki/ca.cnf").display().to_string(),
+        "-gencrl",
+        "-crl_lastupdate",
+        "20200101000000Z",
+        "-crl_nextupdate",
+        "20200102000000Z",
+        "-out",
+        &crl.display().to_string(),
+    ]));
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains("pki/crl.pem was due to be replaced at 2020-01-02T00:00:00")
+            && report.contains("the clients it covers are refused"),
+        "{report}"
+    );
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("client CRL past its nextUpdate").await;
+    assert!(
+        line.contains("\"level\":\"ERROR\"") && line.contains("are refused"),
+        "{line}"
+    );
+    signer.wait_for_log("TLS settings reloaded").await;
+    assert!(env.client("cluster-a").get(&healthz).send().await.is_err());
+    // The second refusal: the first was the revoked client above.
+    let refusal = signer.wait_for_nth_log("TLS handshake refused", 2).await;
+    assert!(
+        refusal.contains("client_certificate_crl_overdue"),
+        "{refusal}"
+    );
+
+    // A newer CRL in place and reloaded: served again; the refusal was counted.
+    std::fs::write(&crl, fresh).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_nth_log("TLS settings reloaded", 2).await;
+    let client = env.client("cluster-a");
+    assert!(client.get(&healthz).send().await.is_ok());
+    assert!(env.client("spare").get(&healthz).send().await.is_err());
+    let reason = "meshca_tls_handshakes_refused_total{reason=\"client_certificate_crl_overdue\"}";
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metric_sample(&metrics, reason).is_some_and(|n| n >= 1),
+        "{metrics}"
+    );
+}
+
 /// A raw TLS connection presenting the named client's certificate.
 async fn tls_connect(
     env: &Env,

@@ -275,6 +275,7 @@ impl ClosingSigner {
             &pki.join("signer.key"),
             &pki.join("ca.pem"),
             &[],
+            meshca::tlsutil::CrlOverdue::Accept,
         )
         .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls.config));

@@ -79,9 +79,10 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
     for crl in &tls.crl_next_updates {
         if let Some(due) = crl.overdue_since(now) {
             warnings.push(format!(
-                "the client CRL {} was due to be replaced at {} (its nextUpdate): it is still enforced, but not what was revoked since",
+                "the client CRL {} was due to be replaced at {} (its nextUpdate): {}",
                 crl.path.display(),
-                rfc3339(due)
+                rfc3339(due),
+                config.client_crl_overdue.consequence()
             ));
         }
     }

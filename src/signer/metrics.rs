@@ -91,7 +91,7 @@ impl Metrics {
             }));
         registry.register(
             "tls_handshakes_refused",
-            "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
+            "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _crl_overdue, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
             handshakes_refused.clone(),
         );
         // 1 ms .. ~16 s: ECDSA on a fast token up to RSA-4096 on a busy one.

@@ -261,6 +261,10 @@ pub fn restart_only_changes(in_force: &SignerConfig, read: &SignerConfig) -> Vec
     check("tls.key", in_force.tls_key == read.tls_key);
     check("tls.client_ca", in_force.client_ca == read.client_ca);
     check("tls.client_crls", in_force.client_crls == read.client_crls);
+    check(
+        "tls.client_crl_overdue",
+        in_force.client_crl_overdue == read.client_crl_overdue,
+    );
     // `root.common_name` is only read by `root init`: not a serving setting.
     let root = |c: &SignerConfig| {
         (
@@ -389,6 +393,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
         assert!(restart_only_changes(&in_force, &in_force.clone()).is_empty());
         let read = SignerConfig {
             listen: "127.0.0.1:1".parse().unwrap(),
+            client_crl_overdue: crate::tlsutil::CrlOverdue::Refuse,
             ..config(
                 dir.path(),
                 MESHES,
@@ -398,7 +403,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
         };
         assert_eq!(
             restart_only_changes(&in_force, &read),
-            ["listen", "limits.max_connections"]
+            ["listen", "tls.client_crl_overdue", "limits.max_connections"]
         );
     }
 

@@ -30,7 +30,7 @@ use crate::config::{Announcement, BackendSettings, ConfigError, RootSettings, Si
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
-    CrlNextUpdate, MaterialFingerprint, TlsError, client_identity, server_config,
+    CrlNextUpdate, CrlOverdue, MaterialFingerprint, TlsError, client_identity, server_config,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +165,7 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
         &config.tls_key,
         &config.client_ca,
         &config.client_crls,
+        config.client_crl_overdue,
     )?;
     Ok(ServingTls {
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
@@ -176,19 +177,26 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
 
 /// The client CRLs now in force (at start and on a TLS reload): exported, and each one
 /// past its `nextUpdate` warned of (the signer still enforces it, but not what was revoked
-/// since).
-fn client_crls_in_force(metrics: &Metrics, crls: &[CrlNextUpdate]) {
+/// since; or, with `client_crl_overdue = "refuse"`, refuses the clients it covers).
+fn client_crls_in_force(metrics: &Metrics, crls: &[CrlNextUpdate], overdue: CrlOverdue) {
     metrics.client_crls(crls);
     let now = SystemTime::now();
     for crl in crls {
         let Some(due) = crl.overdue_since(now) else {
             continue;
         };
-        tracing::warn!(
-            crl = %crl.path.display(),
-            next_update = %rfc3339(due),
-            "client CRL past its nextUpdate: it is still enforced, but a newer one was due; revocations published since are not enforced until it is in place and the signer reloaded (SIGHUP)"
-        );
+        match overdue {
+            CrlOverdue::Accept => tracing::warn!(
+                crl = %crl.path.display(),
+                next_update = %rfc3339(due),
+                "client CRL past its nextUpdate: it is still enforced, but a newer one was due; revocations published since are not enforced until it is in place and the signer reloaded (SIGHUP)"
+            ),
+            CrlOverdue::Refuse => tracing::error!(
+                crl = %crl.path.display(),
+                next_update = %rfc3339(due),
+                "client CRL past its nextUpdate: the clients it covers are refused (client_crl_overdue = \"refuse\") until a newer one is in place and the signer reloaded (SIGHUP)"
+            ),
+        }
     }
 }
 
@@ -279,7 +287,11 @@ impl RunningSigner {
         match serving_tls(&self.config) {
             Ok(read) => {
                 let certificate_not_after = read.certificate_not_after;
-                client_crls_in_force(&self.state.metrics, &read.crl_next_updates);
+                client_crls_in_force(
+                    &self.state.metrics,
+                    &read.crl_next_updates,
+                    self.config.client_crl_overdue,
+                );
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
                     if changed {
@@ -336,7 +348,7 @@ pub async fn start(
     let root = load_root(&config)?;
     let tls = serving_tls(&config)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
-    client_crls_in_force(&metrics, &tls.crl_next_updates);
+    client_crls_in_force(&metrics, &tls.crl_next_updates, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
