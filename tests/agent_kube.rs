@@ -192,11 +192,18 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     );
     cluster.put_deployment("shop", "web", json!({"app": "web"}));
     cluster.put_workload("StatefulSet", "shop", "db", json!({"app": "db"}));
-    cluster.put_workload(
+    // A DaemonSet that rolls its pods only when they are deleted: patched all the same,
+    // and reported.
+    let mut node_agent = workload(
         "DaemonSet",
         "shop",
         "node-agent",
         json!({"app": "node-agent"}),
+    );
+    node_agent["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
+    cluster.put(
+        &workload_path("DaemonSet", "shop", "node-agent"),
+        node_agent,
     );
 
     // Pass 1: lease created, Secret applied, istiod restarted, gateways wait.
@@ -356,6 +363,21 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
             "StatefulSet shop/db",
             "DaemonSet shop/node-agent"
         ])
+    );
+    assert_eq!(
+        st["restart"]["rollsOnDelete"],
+        json!(["DaemonSet shop/node-agent"])
+    );
+    let restarted = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Restarted")
+        .unwrap();
+    assert_eq!(restarted["reason"], "Complete");
+    assert_eq!(
+        restarted["message"],
+        "DaemonSet shop/node-agent roll only when their pods are deleted (updateStrategy OnDelete)"
     );
 
     // Passes 5 and 6: a complete plan never restarts anything again.

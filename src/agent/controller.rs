@@ -404,6 +404,7 @@ impl Controller {
                         stage: Stage::Istiod,
                         stage_started: rfc3339(now),
                         restarted: vec![],
+                        rolls_on_delete: vec![],
                         message: None,
                     });
                 }
@@ -431,7 +432,17 @@ impl Controller {
                 .progress_restarts(request, &target.namespace, &mut record, now)
                 .await;
             let final_stage = record.stage;
-            let message = record.message.clone().unwrap_or_default();
+            let on_delete = (!record.rolls_on_delete.is_empty()).then(|| {
+                format!(
+                    "{} roll only when their pods are deleted (updateStrategy OnDelete)",
+                    record.rolls_on_delete.join(", ")
+                )
+            });
+            let message = [record.message.clone(), on_delete]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; ");
             status.restart = Some(record);
             progress?;
             let (done, reason) = match final_stage {
@@ -512,7 +523,12 @@ impl Controller {
                         self.kube
                             .restart_workload(&target, &record.serial, now)
                             .await?;
-                        tracing::info!(workload = %target.id(), serial = %record.serial, "rolling restart");
+                        if target.rolls_on_delete {
+                            tracing::warn!(workload = %target.id(), serial = %record.serial, "rolling restart requested, but its updateStrategy is OnDelete: its pods keep the old certificates until they are deleted");
+                            record.rolls_on_delete.push(target.id());
+                        } else {
+                            tracing::info!(workload = %target.id(), serial = %record.serial, "rolling restart");
+                        }
                         record.restarted.push(target.id());
                     }
                 }

@@ -254,6 +254,7 @@ impl Kube {
                     namespace: ns.to_string(),
                     name: workload.meta().name.clone()?,
                     restarted_for,
+                    rolls_on_delete: workload.rolls_on_delete(),
                 })
             })
             .collect())
@@ -447,6 +448,11 @@ trait Workload:
     + std::fmt::Debug
 {
     fn pod_template(&self) -> Option<&PodTemplateSpec>;
+
+    /// `updateStrategy: OnDelete`: a changed pod template rolls no pod.
+    fn rolls_on_delete(&self) -> bool {
+        false
+    }
 }
 
 impl Workload for Deployment {
@@ -459,13 +465,26 @@ impl Workload for StatefulSet {
     fn pod_template(&self) -> Option<&PodTemplateSpec> {
         self.spec.as_ref().map(|s| &s.template)
     }
+
+    fn rolls_on_delete(&self) -> bool {
+        let strategy = self.spec.as_ref().and_then(|s| s.update_strategy.as_ref());
+        strategy.and_then(|u| u.type_.as_deref()) == Some(ON_DELETE)
+    }
 }
 
 impl Workload for DaemonSet {
     fn pod_template(&self) -> Option<&PodTemplateSpec> {
         self.spec.as_ref().map(|s| &s.template)
     }
+
+    fn rolls_on_delete(&self) -> bool {
+        let strategy = self.spec.as_ref().and_then(|s| s.update_strategy.as_ref());
+        strategy.and_then(|u| u.type_.as_deref()) == Some(ON_DELETE)
+    }
 }
+
+/// The `updateStrategy.type` of StatefulSets and DaemonSets that rolls no pod by itself.
+const ON_DELETE: &str = "OnDelete";
 
 #[cfg(test)]
 mod tests {

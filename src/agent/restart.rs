@@ -99,6 +99,10 @@ pub struct RestartRecord {
     /// `<Kind> <namespace>/<name>` of every workload restarted for this serial.
     #[serde(default)]
     pub restarted: Vec<String>,
+    /// Those among them whose `updateStrategy` is `OnDelete`: patched, but their pods keep
+    /// the old files until someone deletes them (meshca never deletes a pod).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolls_on_delete: Vec<String>,
     /// What the plan waits for or why it stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -145,6 +149,9 @@ pub struct Target {
     pub name: String,
     /// The pod template's [`RESTARTED_FOR`] annotation.
     pub restarted_for: Option<String>,
+    /// A StatefulSet or DaemonSet with `updateStrategy: OnDelete`: a patched pod template
+    /// rolls no pod.
+    pub rolls_on_delete: bool,
 }
 
 impl Target {
@@ -246,6 +253,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             restarted_for: None,
+            rolls_on_delete: false,
         }
     }
 
@@ -256,6 +264,7 @@ mod tests {
             stage,
             stage_started: "2026-01-01T00:00:00Z".into(),
             restarted: vec![],
+            rolls_on_delete: vec![],
             message: None,
         }
     }
