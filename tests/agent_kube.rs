@@ -377,7 +377,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     assert_eq!(restarted["reason"], "Complete");
     assert_eq!(
         restarted["message"],
-        "DaemonSet shop/node-agent roll only when their pods are deleted (updateStrategy OnDelete)"
+        "updateStrategy OnDelete, so pods take the new certificates only when deleted: DaemonSet shop/node-agent"
     );
 
     // Passes 5 and 6: a complete plan never restarts anything again.

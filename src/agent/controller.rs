@@ -324,7 +324,7 @@ impl Controller {
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer not reachable; installed bundle valid and not due");
                 }
-                if let Installed::Ours(_) = &installed {
+                if matches!(installed, Installed::Ours(_)) {
                     record_bundle(status, &summary, renew_at);
                 }
                 renew_at
@@ -434,7 +434,7 @@ impl Controller {
             let final_stage = record.stage;
             let on_delete = (!record.rolls_on_delete.is_empty()).then(|| {
                 format!(
-                    "{} roll only when their pods are deleted (updateStrategy OnDelete)",
+                    "updateStrategy OnDelete, so pods take the new certificates only when deleted: {}",
                     record.rolls_on_delete.join(", ")
                 )
             });
