@@ -580,18 +580,7 @@ async fn a_client_crl_past_its_next_update_is_named_and_still_enforced() {
     // after the current one: the file's earliest nextUpdate counts; the check and a
     // reload name it, the metric shows it, and both CRLs are still enforced.
     let stale = env.path("pki/stale-crl.pem");
-    run_ok(Command::new("openssl").args([
-        "ca",
-        "-config",
-        &env.path("pki/ca.cnf").display().to_string(),
-        "-gencrl",
-        "-crl_lastupdate",
-        "20200101000000Z",
-        "-crl_nextupdate",
-        "20200102000000Z",
-        "-out",
-        &stale.display().to_string(),
-    ]));
+    write_overdue_crl(&env, &stale);
     let both = std::fs::read_to_string(&crl).unwrap() + &std::fs::read_to_string(&stale).unwrap();
     std::fs::write(&crl, both).unwrap();
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
@@ -637,18 +626,7 @@ async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until
     // Replaced by one whose nextUpdate has passed (a publisher that stopped): named by the
     // check and the reload, and every client it covers is refused at the handshake, by
     // that reason.
-    run_ok(Command::new("openssl").args([
-        "ca",
-        "-config",
-        &env.path("pki/ca.cnf").display().to_string(),
-        "-gencrl",
-        "-crl_lastupdate",
-        "20200101000000Z",
-        "-crl_nextupdate",
-        "20200102000000Z",
-        "-out",
-        &crl.display().to_string(),
-    ]));
+    write_overdue_crl(&env, &crl);
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
     assert!(
         report.contains("pki/crl.pem was due to be replaced at 2020-01-02T00:00:00")
@@ -683,6 +661,23 @@ async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until
         metric_sample(&metrics, reason).is_some_and(|n| n >= 1),
         "{metrics}"
     );
+}
+
+/// Writes to `out` a CRL of the transport CA due to be replaced on 2020-01-02 (as if its
+/// publisher had stopped long ago), made by openssl.
+fn write_overdue_crl(env: &Env, out: &std::path::Path) {
+    run_ok(Command::new("openssl").args([
+        "ca",
+        "-config",
+        &env.path("pki/ca.cnf").display().to_string(),
+        "-gencrl",
+        "-crl_lastupdate",
+        "20200101000000Z",
+        "-crl_nextupdate",
+        "20200102000000Z",
+        "-out",
+        &out.display().to_string(),
+    ]));
 }
 
 /// A raw TLS connection presenting the named client's certificate.
