@@ -118,6 +118,52 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
     assert_eq!(audit[2]["rule"], "backend_unavailable");
 }
 
+/// How many tokens AppRole handed out are still live: their leases under
+/// `auth/approle/login`.
+fn live_approle_tokens(env: &Env) -> usize {
+    let out = env.bao().cli(&[
+        "list",
+        "-format=json",
+        "sys/leases/lookup/auth/approle/login",
+    ]);
+    // A list prints its keys; an empty one prints `{}` (and exits 2).
+    match serde_json::from_slice::<Value>(&out.stdout) {
+        Ok(Value::Array(keys)) => keys.len(),
+        Ok(Value::Object(empty)) if empty.is_empty() => 0,
+        _ => panic!("bao list: {}{}", text(&out.stdout), text(&out.stderr)),
+    }
+}
+
+#[tokio::test]
+async fn a_login_token_is_revoked_once_unused_and_a_configured_token_never() {
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::AppRole {
+            token_ttl: "1h".into(),
+        },
+        ..VaultSpec::default()
+    }));
+    // `root init` logged in and revoked its token when done.
+    assert_eq!(live_approle_tokens(&env), 0);
+    let mut signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert_eq!(live_approle_tokens(&env), 1);
+    // `serve --check --online` logs in beside the signer and revokes its own token only.
+    env.run_with_config_ok(&["serve", "--check", "--online"]);
+    env.run_with_config_ok(&["root", "show"]);
+    assert_eq!(live_approle_tokens(&env), 1);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    // A signer that stops revokes its token.
+    assert!(signer.terminate());
+    assert!(
+        signer
+            .logs()
+            .contains("revoked the Vault token of this login"),
+        "{}",
+        signer.logs()
+    );
+    assert_eq!(live_approle_tokens(&env), 0);
+}
+
 /// `auth/token/lookup` for the token in `vault/token` (token via stdin, never argv),
 /// without the token itself (`id`), so no assertion message can print it.
 fn lookup_token(env: &Env) -> Value {
@@ -441,7 +487,8 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         .to_string();
     let mut signer = env.start_signer_with(&["--log-level", "trace,vaultrs=trace,rustify=trace"]);
     assert_eq!(sign(&env, &signer).await.0, 200);
-    // `serve --check --online` logs in beside the running signer and finds the issuer.
+    // `serve --check --online` logs in beside the running signer and finds the issuer;
+    // the configured token is the operator's: it stays valid.
     let online = env.run_with_config(&["serve", "--check", "--online"]);
     assert!(online.status.success(), "{}", text(&online.stderr));
     assert!(
@@ -449,6 +496,7 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         "{}",
         text(&online.stdout)
     );
+    assert_eq!(sign(&env, &signer).await.0, 200);
     // A refused token: the error names the file, not the token.
     env.bao()
         .cli_stdin(&["write", "auth/token/revoke", "token=-"], &token);

@@ -99,4 +99,10 @@ pub trait RootSigner: Send + Sync {
 
     /// A one-line description for logs: backend kind and key name, never a secret.
     fn describe(&self) -> String;
+
+    /// Gives back what the start obtained that outlives the process (a Vault login's
+    /// token), once nothing will be signed any more. The token's sessions end with it.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }

@@ -238,7 +238,8 @@ impl fmt::Display for CheckReport {
 /// test signature with the root's key that the root certificate verifies (PKCS#11), or the
 /// Vault login and the issuer holding the root's key (Vault). One token session, not the
 /// pool's (a live signer holds those, and small tokens allow few); it closes when this
-/// returns. Runs on a blocking thread of a runtime (the Vault start waits on it).
+/// returns, and a Vault login's token is revoked. Runs on a blocking thread of a runtime
+/// (the Vault start waits on it).
 pub fn check_online(config: &SignerConfig) -> Result<String, StartError> {
     let root = load_root(config)?;
     let mut config = config.clone();
@@ -246,6 +247,7 @@ pub fn check_online(config: &SignerConfig) -> Result<String, StartError> {
         pkcs11.sessions = 1;
     }
     let backend = start_backend(&config, root)?;
+    tokio::runtime::Handle::current().block_on(backend.close());
     Ok(format!(
         "{}: logged in, the root's key answers for the root certificate",
         backend.describe()

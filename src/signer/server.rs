@@ -336,6 +336,7 @@ impl RunningSigner {
             decisions.wait().await;
         }
         api::audit_counted_refusals(&self.state).await;
+        self.state.backend.close().await;
     }
 }
 

@@ -128,6 +128,8 @@ pub struct VaultClient {
     /// `scheme://host:port`, no trailing slash.
     base: String,
     session: Mutex<Option<Session>>,
+    /// Set by [`Self::logout`]: the background renewal stops rather than log in again.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl VaultClient {
@@ -161,6 +163,7 @@ impl VaultClient {
             settings: settings.clone(),
             http,
             session: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -582,6 +585,28 @@ impl VaultClient {
         }
     }
 
+    /// Revokes the token this client logged in for (AppRole, Kubernetes), so that a signer
+    /// that stops, a start that fails after its login, or `serve --check --online` leaves
+    /// no live credential behind until its TTL. A token from the config's file or
+    /// environment is the operator's and is left alone.
+    pub async fn logout(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if matches!(self.settings.auth, VaultAuth::Token(_)) {
+            return;
+        }
+        let Some(session) = self.session.lock().await.take() else {
+            return;
+        };
+        match vaultrs::token::revoke_self(&session.token.vaultrs).await {
+            Ok(()) => tracing::info!("revoked the Vault token of this login"),
+            Err(e) => tracing::warn!(
+                error = %self.vaultrs_error("POST auth/token/revoke-self", e),
+                "cannot revoke the Vault token of this login; it ends with its TTL"
+            ),
+        }
+    }
+
     /// Keeps the token fresh in the background, so an idle signer's token does not run
     /// out. Stops when the client is dropped.
     pub fn spawn_renewal(self: &Arc<Self>) {
@@ -594,6 +619,9 @@ impl VaultClient {
                 };
                 tokio::time::sleep(wait).await;
                 let Some(client) = weak.upgrade() else { return };
+                if client.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
                 if let Err(e) = client.token().await {
                     tracing::warn!(error = %e, "keeping the Vault token fresh failed; retrying");
                     drop(client);

@@ -104,9 +104,37 @@ impl VaultBackend {
     /// and holds a key: a signer never starts against another root.
     pub async fn start(settings: &VaultSettings, root: RootCa) -> Result<Self, VaultStartError> {
         let client = Arc::new(VaultClient::new(settings)?);
+        if let Err(e) = Self::check_issuer(&client, settings, &root).await {
+            client.logout().await;
+            return Err(e);
+        }
+        client.spawn_renewal();
+        Ok(VaultBackend {
+            sign_path: format!(
+                "{}/issuer/{}/sign-intermediate",
+                settings.mount, settings.issuer_ref
+            ),
+            description: format!(
+                "vault {} mount {} issuer {} (auth {})",
+                client.address(),
+                settings.mount,
+                settings.issuer_ref,
+                settings.auth.method()
+            ),
+            client,
+            root,
+        })
+    }
+
+    /// Vault is up, and the configured issuer is `root`, holds its key and may issue.
+    async fn check_issuer(
+        client: &VaultClient,
+        settings: &VaultSettings,
+        root: &RootCa,
+    ) -> Result<(), VaultStartError> {
         client.health().await?;
         let (mount, issuer_ref) = (&settings.mount, &settings.issuer_ref);
-        let issuer = read_issuer(&client, issuer_ref).await?.ok_or_else(|| {
+        let issuer = read_issuer(client, issuer_ref).await?.ok_or_else(|| {
             VaultStartError::Mismatch(format!(
                 "Vault mount {mount} has no issuer {issuer_ref} (run `meshca root init` first)"
             ))
@@ -138,17 +166,7 @@ impl VaultBackend {
                 "the Vault issuer has AIA/CRL/OCSP URLs configured: Vault adds them to every intermediate and meshca refuses those (502 backend_out_of_policy)"
             );
         }
-        client.spawn_renewal();
-        Ok(VaultBackend {
-            sign_path: format!("{mount}/issuer/{issuer_ref}/sign-intermediate"),
-            description: format!(
-                "vault {} mount {mount} issuer {issuer_ref} (auth {})",
-                client.address(),
-                settings.auth.method()
-            ),
-            client,
-            root,
-        })
+        Ok(())
     }
 }
 
@@ -194,5 +212,9 @@ impl RootSigner for VaultBackend {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.client.logout())
     }
 }

@@ -49,15 +49,26 @@ pub async fn root_init(
     settings: &VaultSettings,
     mode: RootInitMode,
 ) -> Result<VaultRootOutcome, VaultRootError> {
-    let policy = config.root_policy();
-    let key_type = config.root.key_type;
     config
         .check_root_key_type()
         .map_err(VaultRootError::Refused)?;
     let client = VaultClient::new(settings)?;
+    let outcome = init_with(&client, config, settings, mode).await;
+    client.logout().await;
+    outcome
+}
+
+async fn init_with(
+    client: &VaultClient,
+    config: &SignerConfig,
+    settings: &VaultSettings,
+    mode: RootInitMode,
+) -> Result<VaultRootOutcome, VaultRootError> {
+    let policy = config.root_policy();
+    let key_type = config.root.key_type;
     client.health().await?;
     let (mount, issuer_ref) = (&settings.mount, &settings.issuer_ref);
-    let existing = read_issuer(&client, issuer_ref).await?;
+    let existing = read_issuer(client, issuer_ref).await?;
     let check = |pem: &str| {
         profile::check_root(
             pem,
@@ -149,7 +160,7 @@ pub async fn root_init(
             let root = match check(pem) {
                 Ok(root) => root,
                 Err(e) => {
-                    let cleanup = discard(&client, mount, &issuer_id, &key_id).await;
+                    let cleanup = discard(client, mount, &issuer_id, &key_id).await;
                     return Err(VaultRootError::Refused(format!(
                         "Vault made a root outside the policy of virtual mesh {}: {e}{}; {cleanup}",
                         policy.id,
@@ -166,16 +177,16 @@ pub async fn root_init(
                 // Unique even for several replacements within one second.
                 let old_name =
                     format!("{issuer_ref}-replaced-{stamp}-{}", short_id(&old.issuer_id));
-                if let Err(e) = rename(&client, mount, &old.issuer_id, &old_name).await {
-                    let cleanup = discard(&client, mount, &issuer_id, &key_id).await;
+                if let Err(e) = rename(client, mount, &old.issuer_id, &old_name).await {
+                    let cleanup = discard(client, mount, &issuer_id, &key_id).await;
                     return Err(VaultRootError::Refused(format!(
                         "cannot rename the existing issuer {issuer_ref} out of the way: {e}; {cleanup}"
                     )));
                 }
-                if let Err(e) = rename(&client, mount, &issuer_id, issuer_ref).await {
+                if let Err(e) = rename(client, mount, &issuer_id, issuer_ref).await {
                     // Put the old root back under its name and drop the new one.
-                    let restored = rename(&client, mount, &old.issuer_id, issuer_ref).await;
-                    let cleanup = discard(&client, mount, &issuer_id, &key_id).await;
+                    let restored = rename(client, mount, &old.issuer_id, issuer_ref).await;
+                    let cleanup = discard(client, mount, &issuer_id, &key_id).await;
                     return Err(VaultRootError::Refused(format!(
                         "cannot give the new root the name {issuer_ref}: {e}; {}; {cleanup}",
                         match restored {
@@ -187,7 +198,7 @@ pub async fn root_init(
                 }
                 renamed = Some(old_name);
             }
-            let issuer = read_issuer(&client, issuer_ref).await?.ok_or_else(|| {
+            let issuer = read_issuer(client, issuer_ref).await?.ok_or_else(|| {
                 VaultRootError::Refused(format!("issuer {issuer_ref} vanished after creation"))
             })?;
             VaultRootOutcome {
@@ -263,7 +274,16 @@ pub struct VaultKeyInfo {
 
 pub async fn inspect(settings: &VaultSettings) -> Result<VaultKeyInfo, VaultRootError> {
     let client = VaultClient::new(settings)?;
-    let issuer = read_issuer(&client, &settings.issuer_ref)
+    let info = inspect_with(&client, settings).await;
+    client.logout().await;
+    info
+}
+
+async fn inspect_with(
+    client: &VaultClient,
+    settings: &VaultSettings,
+) -> Result<VaultKeyInfo, VaultRootError> {
+    let issuer = read_issuer(client, &settings.issuer_ref)
         .await?
         .ok_or_else(|| {
             VaultRootError::Refused(format!(
