@@ -135,7 +135,7 @@ fn live_approle_tokens(env: &Env) -> usize {
 }
 
 #[tokio::test]
-async fn a_login_token_is_revoked_once_unused_and_a_configured_token_never() {
+async fn an_approle_login_token_is_revoked_once_unused() {
     let env = Env::with(vault(VaultSpec {
         auth: VaultAuthSpec::AppRole {
             token_ttl: "1h".into(),
