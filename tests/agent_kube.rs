@@ -13,6 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{Value, json};
 
+use common::certs::openssl_self_signed_ca;
 use common::*;
 use kubefake::{FakeCluster, Recorded, merge, writes};
 use meshca::agent::controller::{Controller, ControllerOptions};
@@ -391,31 +392,8 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
 
 /// A self-signed CA made by openssl: the root of a hand-made `cacerts`.
 fn other_root(env: &Env) -> String {
-    openssl(
-        env.dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "old-root.key",
-            "-subj",
-            "/O=acme/CN=old root",
-            "-days",
-            "30",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-out",
-            "old-root.pem",
-        ],
-    );
-    std::fs::read_to_string(env.path("old-root.pem")).unwrap()
+    let root = openssl_self_signed_ca(env.dir.path(), "old-root", "/O=acme/CN=old root", 30);
+    std::fs::read_to_string(root).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

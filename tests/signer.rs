@@ -893,30 +893,7 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
         line.contains("not reloaded") && line.contains("is the root in force"),
         "{line}"
     );
-    openssl(
-        work,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-384",
-            "-nodes",
-            "-keyout",
-            "other-org.key",
-            "-out",
-            "other-org.pem",
-            "-subj",
-            "/O=other/CN=root",
-            "-days",
-            "20",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE,pathlen:1",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
+    openssl_self_signed_ca(work, "other-org", "/O=other/CN=root", 20);
     env.announce_next_root(Some("other-org.pem"));
     sighup();
     let line = reloaded(3).await;
@@ -1039,46 +1016,7 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
     );
 
     // An expired previous root does not stop a start: `serve --check` says so.
-    openssl(
-        work,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-384",
-            "-nodes",
-            "-keyout",
-            "ended.key",
-            "-out",
-            "ended.csr",
-            "-subj",
-            "/O=acme/CN=ended root",
-        ],
-    );
-    std::fs::write(
-        env.path("ended.ext"),
-        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
-    )
-    .unwrap();
-    openssl(
-        work,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "ended.csr",
-            "-signkey",
-            "ended.key",
-            "-days",
-            "-1",
-            "-extfile",
-            "ended.ext",
-            "-out",
-            "ended.pem",
-        ],
-    );
+    openssl_self_signed_ca(work, "ended", "/O=acme/CN=ended root", -1);
     env.announce_previous_root(Some("ended.pem"));
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
     assert!(

@@ -93,6 +93,50 @@ pub fn openssl_verify_bundle(dir: &Path) -> String {
     )
 }
 
+/// A self-signed P-384 CA made by openssl, `<name>.pem` and `<name>.key` in `dir`, with
+/// meshca's root extensions and `subject`, valid for `days` from now (negative: it ended
+/// that many days ago, which `openssl req -x509` cannot make). Returns the certificate.
+pub fn openssl_self_signed_ca(dir: &Path, name: &str, subject: &str, days: i32) -> PathBuf {
+    let (key, csr, ext, cert) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+        format!("{name}.pem"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            subject,
+        ],
+    );
+    write(
+        dir,
+        &ext,
+        "basicConstraints=critical,CA:TRUE,pathlen:1\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
+    );
+    let days = days.to_string();
+    openssl(
+        dir,
+        &[
+            "x509", "-req", "-in", &csr, "-signkey", &key, "-days", &days, "-extfile", &ext,
+            "-out", &cert,
+        ],
+    );
+    dir.join(cert)
+}
+
 /// SHA-256 of a certificate file, as openssl computes it (lowercase hex, no colons).
 pub fn openssl_fingerprint(dir: &Path, file: &Path) -> String {
     let out = openssl(
