@@ -377,10 +377,10 @@ pub fn compose_root_cert(
 }
 
 /// The root-cert.pem to write next to `installed` (None: nothing usable installed): the
-/// signer's `roots` and the roots it announces, then the installed roots still wanted
-/// ([`compose_root_cert`]), taken one step at a time as Istio accepts them
-/// ([`step_toward`]). The one rule for a rewrite of root-cert.pem alone and for a new
-/// bundle.
+/// signer's `roots`, then the roots it announces and the installed roots, each while still
+/// wanted ([`compose_root_cert`]: valid now, not retired), taken one step at a time as
+/// Istio accepts them ([`step_toward`]). The one rule for a rewrite of root-cert.pem alone
+/// and for a new bundle.
 pub fn root_cert_to_write(
     roots: &str,
     announced: &AnnouncedRoots,
@@ -388,35 +388,15 @@ pub fn root_cert_to_write(
     retired: &[String],
     now: SystemTime,
 ) -> String {
-    let wanted = compose_root_cert(
-        &with_announced_roots(roots, announced, retired, now),
-        installed,
-        retired,
-        now,
-    );
-    step_toward(&wanted, installed)
-}
-
-/// The roots the signer wants trusted: `root` (what the chain ends at), then the next and
-/// the previous root it announces, each while it is valid at `now` and not retired (as
-/// [`compose_root_cert`] keeps the installed roots).
-fn with_announced_roots(
-    root: &str,
-    announced: &AnnouncedRoots,
-    retired: &[String],
-    now: SystemTime,
-) -> String {
-    let retired: Vec<String> = retired.iter().map(|r| normalize_fingerprint(r)).collect();
-    let mut roots = root.to_string();
-    let usable = [&announced.next, &announced.previous]
+    let besides = [&announced.next, &announced.previous]
         .into_iter()
         .flatten()
-        .flat_map(|pem| decode_certificates(pem).unwrap_or_default())
-        .filter(|cert| is_usable_root(cert, now) && !retired.contains(&fingerprint(cert)));
-    for cert in usable {
-        roots.push_str(&certificate_pem(&cert));
-    }
-    roots
+        .map(String::as_str)
+        .chain(installed)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let wanted = compose_root_cert(roots, Some(&besides), retired, now);
+    step_toward(&wanted, installed)
 }
 
 /// root-cert.pem on the way from `installed` to `wanted` as Istio takes it: a new root set
@@ -908,7 +888,7 @@ mod tests {
         }
         // An announced root that is not valid now is not trusted.
         assert_eq!(
-            with_announced_roots(&f.root.pem, &next_only, &[], f.issued + 500 * DAY),
+            root_cert_to_write(&f.root.pem, &next_only, None, &[], f.issued + 500 * DAY),
             f.root.pem
         );
     }
