@@ -10,10 +10,13 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_cert::Certificate;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
+
+mod client_crls;
+pub use client_crls::SupersededCrl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -132,8 +135,8 @@ impl CrlOverdue {
 }
 
 /// Server side: a client certificate is required, must chain to `client_ca`, and must
-/// not be revoked by any of the CRLs in `crls`; `overdue` says what a certificate whose
-/// CRL is past its `nextUpdate` gets.
+/// not be revoked by the newest CRL of its issuer in `crls`; `overdue` says what a
+/// certificate whose CRL is past its `nextUpdate` gets.
 pub fn server_config(
     cert: &Path,
     key: &Path,
@@ -142,17 +145,7 @@ pub fn server_config(
     overdue: CrlOverdue,
 ) -> Result<ServerTls, TlsError> {
     let provider = provider();
-    let mut revocation_lists = Vec::new();
-    let mut crl_next_updates = Vec::new();
-    for path in crls {
-        let in_file = load_pem_blocks::<CertificateRevocationListDer<'static>>(
-            path,
-            "X509 CRL",
-            |path, message| TlsError::Crls { path, message },
-        )?;
-        crl_next_updates.push(earliest_next_update(path, &in_file)?);
-        revocation_lists.extend(in_file);
-    }
+    let crls = client_crls::read(crls)?;
     let client_cas = load_certificates(client_ca)?;
     let chain = load_certificates(cert)?;
     let private_key = load_private_key(key)?;
@@ -160,13 +153,13 @@ pub fn server_config(
         .part("chain", &chain)
         .part("key", &[private_key.secret_der()])
         .part("client_ca", &client_cas)
-        .part("crls", &revocation_lists)
+        .part("crls", &crls.in_force)
         .finish();
     let mut verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(trust_store(client_ca, client_cas)?),
         provider.clone(),
     )
-    .with_crls(revocation_lists);
+    .with_crls(crls.in_force);
     if overdue == CrlOverdue::Refuse {
         verifier = verifier.enforce_revocation_expiration();
     }
@@ -185,7 +178,8 @@ pub fn server_config(
     Ok(ServerTls {
         config,
         certificate_not_after,
-        crl_next_updates,
+        crl_next_updates: crls.next_updates,
+        superseded_crls: crls.superseded,
         fingerprint,
     })
 }
@@ -196,12 +190,15 @@ pub struct ServerTls {
     pub config: rustls::ServerConfig,
     pub certificate_not_after: std::time::SystemTime,
     pub crl_next_updates: Vec<CrlNextUpdate>,
+    /// CRLs listed but not enforced: a newer one of their issuer was listed too.
+    pub superseded_crls: Vec<SupersededCrl>,
     pub fingerprint: MaterialFingerprint,
 }
 
 /// When a client CRL file is due to be replaced: the earliest `nextUpdate` of the CRLs in
-/// it, by which their issuer promised a newer list (none if no CRL in it has one: the
-/// field is optional in X.509, required by RFC 5280 of conforming issuers). The signer
+/// force in it (superseded ones left out), by which their issuer promised a newer list
+/// (none if no CRL in force in it has one: the field is optional in X.509, required by
+/// RFC 5280 of conforming issuers). The signer
 /// enforces the CRLs it loaded until a reload, however old: past this time, revocations
 /// published since are not enforced (the newer CRL was not published, or not put in place
 /// and reloaded).
@@ -216,29 +213,6 @@ impl CrlNextUpdate {
     pub fn overdue_since(&self, now: std::time::SystemTime) -> Option<std::time::SystemTime> {
         self.next_update.filter(|next| *next <= now)
     }
-}
-
-/// One client CRL file's entry: its earliest `nextUpdate`.
-fn earliest_next_update(
-    path: &Path,
-    crls: &[CertificateRevocationListDer<'_>],
-) -> Result<CrlNextUpdate, TlsError> {
-    let mut earliest = None;
-    for crl in crls {
-        let crl = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(crl)
-            .map_err(|e| TlsError::Crls {
-                path: path.display().to_string(),
-                message: format!("not a CRL: {e}"),
-            })?;
-        if let Some(next) = crl.tbs_cert_list.next_update {
-            let next = next.to_system_time();
-            earliest = Some(earliest.map_or(next, |e: std::time::SystemTime| e.min(next)));
-        }
-    }
-    Ok(CrlNextUpdate {
-        path: path.to_path_buf(),
-        next_update: earliest,
-    })
 }
 
 /// A SHA-256 digest of the DER of everything a TLS configuration was built from, so a

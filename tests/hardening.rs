@@ -576,13 +576,9 @@ async fn a_client_crl_past_its_next_update_is_named_and_still_enforced() {
     assert!(report.contains("pki/crl.pem, next update"), "{report}");
     assert!(!report.contains("warning"), "{report}");
 
-    // A CRL whose nextUpdate has passed (as if its publisher had stopped long ago) is added
-    // after the current one: the file's earliest nextUpdate counts; the check and a
-    // reload name it, the metric shows it, and both CRLs are still enforced.
-    let stale = env.path("pki/stale-crl.pem");
-    write_overdue_crl(&env, &stale);
-    let both = std::fs::read_to_string(&crl).unwrap() + &std::fs::read_to_string(&stale).unwrap();
-    std::fs::write(&crl, both).unwrap();
+    // Replaced by a CRL whose nextUpdate has passed (as if its publisher had stopped long
+    // ago): the check and a reload name it, the metric shows it, and it is still enforced.
+    write_overdue_crl(&env, &crl);
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
     assert!(
         report.contains("warning: the client CRL")
@@ -604,6 +600,66 @@ async fn a_client_crl_past_its_next_update_is_named_and_still_enforced() {
     let healthz = signer.url("/healthz");
     assert!(env.client("spare").get(&healthz).send().await.is_err());
     assert!(client.get(&healthz).send().await.is_ok());
+}
+
+#[tokio::test]
+async fn an_older_crl_listed_before_a_newer_one_does_not_hide_its_revocations() {
+    let env = Env::new();
+    // The transport CA's list revoking the spare client, then its next list revoking
+    // cluster-b too; the file holds the older one first (webpki would consult only that).
+    env.check_client_crls();
+    let crl = env.path("pki/crl.pem");
+    let older = std::fs::read_to_string(&crl).unwrap();
+    env.transport_pki("revoke", &["cluster-b"]);
+    let newer = std::fs::read_to_string(&crl).unwrap();
+    std::fs::write(&crl, older.clone() + &newer).unwrap();
+    let crl_number = |pem: &str| {
+        let file = env.path("pki/one-crl.pem");
+        std::fs::write(&file, pem).unwrap();
+        let out = text(
+            &run_ok(
+                Command::new("openssl")
+                    .args(["crl", "-noout", "-text", "-in"])
+                    .arg(&file),
+            )
+            .stdout,
+        );
+        let mut lines = out.lines().skip_while(|l| !l.contains("X509v3 CRL Number"));
+        lines
+            .nth(1)
+            .unwrap_or_else(|| panic!("no CRL number in\n{out}"))
+            .trim()
+            .to_string()
+    };
+    let (older_number, newer_number) = (crl_number(&older), crl_number(&newer));
+    assert_ne!(older_number, newer_number);
+
+    // Named by the check and at start, as not enforced.
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    let superseded = format!("pki/crl.pem (number {older_number}, thisUpdate ");
+    let newer_one = format!("holds a newer one (number {newer_number}, thisUpdate ");
+    assert!(
+        report.contains("warning: the CRL of ")
+            && report.contains(&superseded)
+            && report.contains("is not enforced")
+            && report.contains(&newer_one),
+        "{report}"
+    );
+    let signer = env.start_signer();
+    let line = signer.wait_for_log("client CRL superseded").await;
+    assert!(
+        line.contains("\"level\":\"WARN\"")
+            && line.contains(&superseded)
+            && line.contains(&newer_one),
+        "{line}"
+    );
+    // The newer list is the one enforced: cluster-b is refused, cluster-a served.
+    let healthz = signer.url("/healthz");
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_err());
+    assert!(env.client("spare").get(&healthz).send().await.is_err());
+    assert!(env.client("cluster-a").get(&healthz).send().await.is_ok());
+    signer.wait_for_log("TLS handshake refused").await;
+    assert!(signer.logs().contains("client_certificate_revoked"));
 }
 
 #[tokio::test]

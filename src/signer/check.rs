@@ -76,6 +76,9 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             warnings.push(format!("{what} expires at {}", rfc3339(not_after)));
         }
     }
+    for superseded in &tls.superseded_crls {
+        warnings.push(format!("{superseded}; remove it from the file"));
+    }
     for crl in &tls.crl_next_updates {
         if let Some(due) = crl.overdue_since(now) {
             warnings.push(format!(

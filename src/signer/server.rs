@@ -30,7 +30,8 @@ use crate::config::{Announcement, BackendSettings, ConfigError, RootSettings, Si
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
-    CrlNextUpdate, CrlOverdue, MaterialFingerprint, TlsError, client_identity, server_config,
+    CrlNextUpdate, CrlOverdue, MaterialFingerprint, SupersededCrl, TlsError, client_identity,
+    server_config,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +154,7 @@ pub(super) struct ServingTls {
     acceptor: TlsAcceptor,
     pub(super) certificate_not_after: SystemTime,
     pub(super) crl_next_updates: Vec<CrlNextUpdate>,
+    pub(super) superseded_crls: Vec<SupersededCrl>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     fingerprint: MaterialFingerprint,
 }
@@ -171,17 +173,25 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
         certificate_not_after: tls.certificate_not_after,
         crl_next_updates: tls.crl_next_updates,
+        superseded_crls: tls.superseded_crls,
         fingerprint: tls.fingerprint,
     })
 }
 
-/// The client CRLs now in force (at start and on a TLS reload): exported, and each one
-/// past its `nextUpdate` warned of (the signer still enforces it, but not what was revoked
-/// since; or, with `client_crl_overdue = "refuse"`, refuses the clients it covers).
-fn client_crls_in_force(metrics: &Metrics, crls: &[CrlNextUpdate], overdue: CrlOverdue) {
-    metrics.client_crls(crls);
+/// The client CRLs now in force (at start and on a TLS reload): exported, each one past
+/// its `nextUpdate` warned of (the signer still enforces it, but not what was revoked
+/// since; or, with `client_crl_overdue = "refuse"`, refuses the clients it covers), and
+/// each one listed but superseded by a newer one of its issuer named.
+fn client_crls_in_force(metrics: &Metrics, tls: &ServingTls, overdue: CrlOverdue) {
+    metrics.client_crls(&tls.crl_next_updates);
+    for superseded in &tls.superseded_crls {
+        tracing::warn!(
+            crl = %superseded.path.display(),
+            "client CRL superseded: {superseded}; remove it from the file"
+        );
+    }
     let now = SystemTime::now();
-    for crl in crls {
+    for crl in &tls.crl_next_updates {
         let Some(due) = crl.overdue_since(now) else {
             continue;
         };
@@ -287,11 +297,7 @@ impl RunningSigner {
         match serving_tls(&self.config) {
             Ok(read) => {
                 let certificate_not_after = read.certificate_not_after;
-                client_crls_in_force(
-                    &self.state.metrics,
-                    &read.crl_next_updates,
-                    self.config.client_crl_overdue,
-                );
+                client_crls_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
                     if changed {
@@ -349,7 +355,7 @@ pub async fn start(
     let root = load_root(&config)?;
     let tls = serving_tls(&config)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
-    client_crls_in_force(&metrics, &tls.crl_next_updates, config.client_crl_overdue);
+    client_crls_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
