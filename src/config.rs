@@ -215,8 +215,10 @@ pub struct AnnouncedRoot {
 impl AnnouncedRoot {
     /// Reads and checks the next root as the root it will become: one self-signed CA
     /// certificate in meshca's root profile, with the root virtual mesh's org, key rule and
-    /// lifetime, strong enough for every virtual mesh, and valid now (an agent trusts only
-    /// a root valid now).
+    /// lifetime, strong enough for every virtual mesh, and already valid (an agent trusts
+    /// only a root valid now). One that has since expired is kept, as the previous root is:
+    /// the agents skip it, the start, a reload and `serve --check` warn, and a restart must
+    /// not fail because time passed.
     pub fn load_next(
         path: &Path,
         root_policy: &VirtualMeshPolicy,
@@ -240,9 +242,6 @@ impl AnnouncedRoot {
                 "not valid before {}: an agent would not trust it yet",
                 rfc3339(not_before)
             )));
-        }
-        if root.not_after <= now {
-            return Err(named(format!("expired at {}", rfc3339(root.not_after))));
         }
         Ok(announced)
     }

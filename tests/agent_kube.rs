@@ -392,7 +392,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
 
 /// A self-signed CA made by openssl: the root of a hand-made `cacerts`.
 fn other_root(env: &Env) -> String {
-    let root = openssl_self_signed_ca(env.dir.path(), "old-root", "/O=acme/CN=old root", 30);
+    let root = openssl_self_signed_ca(env.dir.path(), "old-root", "/O=acme/CN=old root", 0..30);
     std::fs::read_to_string(root).unwrap()
 }
 

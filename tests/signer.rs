@@ -893,7 +893,7 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
         line.contains("not reloaded") && line.contains("is the root in force"),
         "{line}"
     );
-    openssl_self_signed_ca(work, "other-org", "/O=other/CN=root", 20);
+    openssl_self_signed_ca(work, "other-org", "/O=other/CN=root", 0..20);
     env.announce_next_root(Some("other-org.pem"));
     sighup();
     let line = reloaded(3).await;
@@ -933,7 +933,49 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
         "{line}"
     );
     assert!(policy().await["nextRootFingerprintSha256"].is_null());
-    assert_eq!(trust_bundle().await, [root_sha256]);
+    assert_eq!(trust_bundle().await, std::slice::from_ref(&root_sha256));
+
+    // A next root that has ended (prepared, then the switch never made) stays announced
+    // (the agents skip it): a reload and `serve --check` warn, and a restart is not refused
+    // because time passed.
+    let ended = openssl_self_signed_ca(work, "ended-next", "/O=acme/CN=ended next root", -30..-1);
+    let ended_sha256 = openssl_fingerprint(work, &ended);
+    env.announce_next_root(Some("ended-next.pem"));
+    sighup();
+    let line = reloaded(5).await;
+    assert!(
+        line.contains(&format!("next root sha256 {ended_sha256} announced")),
+        "{line}"
+    );
+    let expired =
+        "the next root (root.next_certificate) has expired: the agents no longer trust it";
+    let warning = signer.wait_for_log(expired).await;
+    assert!(
+        warning.contains("\"level\":\"WARN\"") && warning.contains(&ended_sha256),
+        "{warning}"
+    );
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains("warning: the next root (root.next_certificate) expired at"),
+        "{report}"
+    );
+    assert_eq!(
+        announced_root_not_after(&signer, &client, "next").await,
+        Some(certificate_date_unix(&ended, "enddate"))
+    );
+    let mut signer = signer;
+    assert!(signer.terminate());
+    let restarted = env.start_signer();
+    restarted.wait_for_log(expired).await;
+    let answer = restarted
+        .get_json(&client, "/v1/virtualmeshes/test/vm")
+        .await;
+    assert_eq!(answer["nextRootFingerprintSha256"], ended_sha256.as_str());
+    assert_eq!(
+        roots_issued_under(&restarted, &client).await,
+        vec![root_sha256]
+    );
+    drop(restarted);
 
     // A start with the root in force as the next root is refused.
     env.announce_next_root(Some("root-cert.pem"));
@@ -1015,20 +1057,34 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
         old_sha256.as_str()
     );
 
-    // An expired previous root does not stop a start: `serve --check` says so.
-    openssl_self_signed_ca(work, "ended", "/O=acme/CN=ended root", -1);
+    // An expired previous root does not stop a start or a reload: `serve --check` and
+    // the reload say so.
+    let ended = openssl_self_signed_ca(work, "ended", "/O=acme/CN=ended root", -30..-1);
+    let ended_sha256 = openssl_fingerprint(work, &ended);
     env.announce_previous_root(Some("ended.pem"));
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
     assert!(
         report.contains("the previous root (root.previous_certificate) expired at"),
         "{report}"
     );
+    sighup();
+    let line = reloaded(3).await;
+    assert!(
+        line.contains(&format!(
+            "previous root sha256 {old_sha256} -> {ended_sha256}"
+        )),
+        "{line}"
+    );
+    let warning = signer
+        .wait_for_log("the previous root (root.previous_certificate) has expired")
+        .await;
+    assert!(warning.contains("withdraw it and reload"), "{warning}");
 
     // Withdrawn by a reload: gone from the answers, recorded.
     env.announce_previous_root(None);
     sighup();
-    let line = reloaded(3).await;
-    let withdrawn = format!("previous root sha256 {old_sha256} no longer announced");
+    let line = reloaded(4).await;
+    let withdrawn = format!("previous root sha256 {ended_sha256} no longer announced");
     assert!(line.contains(&withdrawn), "{line}");
     assert!(policy().await["previousRootFingerprintSha256"].is_null());
     assert_eq!(trust_bundle().await, [new_sha256]);

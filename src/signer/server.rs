@@ -93,6 +93,27 @@ pub fn check_announced_roots(root: &RootCa, settings: &RootSettings) -> Result<(
     Ok(())
 }
 
+/// Warns of each announced root that has ended. It stays announced (the agents skip it,
+/// and `MeshcaNextRootExpiresSoon` keeps firing for a next root), and a start or reload
+/// does not fail because time passed; the log says why the agents no longer add it.
+fn warn_of_ended_announced_roots(settings: &RootSettings) {
+    let now = SystemTime::now();
+    for root in settings.announced().filter(|root| root.not_after <= now) {
+        let advice = match root.announcement {
+            Announcement::Next => "announce a new next root in its place (or withdraw it)",
+            Announcement::Previous => "withdraw it",
+        };
+        tracing::warn!(
+            file = %root.path.display(),
+            fingerprint_sha256 = %root.fingerprint_sha256,
+            expired_at = %rfc3339(root.not_after),
+            "the {} ({}) has expired: the agents no longer trust it; {advice} and reload",
+            root.announcement.name(),
+            root.announcement.key(),
+        );
+    }
+}
+
 /// Why a reload of the rules changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -278,6 +299,7 @@ impl RunningSigner {
             self.state.metrics.announced_roots(rules.announced_roots());
             self.state.replace_rules(rules);
         }
+        warn_of_ended_announced_roots(&read.root);
         let mut restart_only = restart_only_changes(&self.config, &read);
         if self.listen_overridden {
             restart_only.retain(|setting| *setting != "listen");
@@ -357,6 +379,7 @@ pub async fn start(
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
     client_crls_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
+    warn_of_ended_announced_roots(&config.root);
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = {

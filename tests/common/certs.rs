@@ -14,7 +14,7 @@ use meshca::pki::keys::{KeyType, PrivateKey};
 use meshca::pki::profile::subject_name;
 use serde_json::Value;
 
-use super::{Env, EnvSpec, openssl, send_signal, text, write};
+use super::{Env, EnvSpec, openssl, run_ok, send_signal, text, write};
 
 /// `genpkey` arguments of keys meshca refuses, for [`openssl_csr`].
 pub const KEYGEN_P521: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"];
@@ -94,13 +94,19 @@ pub fn openssl_verify_bundle(dir: &Path) -> String {
 }
 
 /// A self-signed P-384 CA made by openssl, `<name>.pem` and `<name>.key` in `dir`, with
-/// meshca's root extensions and `subject`, valid for `days` from now (negative: it ended
-/// that many days ago, which `openssl req -x509` cannot make). Returns the certificate.
-pub fn openssl_self_signed_ca(dir: &Path, name: &str, subject: &str, days: i32) -> PathBuf {
-    let (key, csr, ext, cert) = (
+/// meshca's root extensions and `subject`, valid over `days` counted from now (`0..30`: 30
+/// days from now; `-30..-1`: it ended yesterday). Made by `openssl ca -selfsign`, which
+/// takes both dates (`openssl req -x509` cannot start one in the past). Returns the
+/// certificate.
+pub fn openssl_self_signed_ca(
+    dir: &Path,
+    name: &str,
+    subject: &str,
+    days: std::ops::Range<i32>,
+) -> PathBuf {
+    let (key, csr, cert) = (
         format!("{name}.key"),
         format!("{name}.csr"),
-        format!("{name}.ext"),
         format!("{name}.pem"),
     );
     openssl(
@@ -121,17 +127,58 @@ pub fn openssl_self_signed_ca(dir: &Path, name: &str, subject: &str, days: i32) 
             subject,
         ],
     );
+    // A throwaway CA database of its own, so several such roots can share `dir`.
+    let db = format!("{name}.ca");
+    std::fs::create_dir_all(dir.join(&db)).unwrap();
+    write(dir, &format!("{db}/index.txt"), "");
+    // Named by the config, though -rand_serial (a long serial, as the root profile wants)
+    // does not read it.
+    write(dir, &format!("{db}/serial"), "1000\n");
     write(
         dir,
-        &ext,
-        "basicConstraints=critical,CA:TRUE,pathlen:1\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
+        &format!("{db}/ca.cnf"),
+        &format!(
+            "[ca]\ndefault_ca = self\n[self]\ndatabase = {db}/index.txt\nserial = {db}/serial\nnew_certs_dir = {db}\n\
+             default_md = sha384\npolicy = any\nunique_subject = no\ncopy_extensions = none\n\
+             x509_extensions = root\n[any]\norganizationName = optional\ncommonName = optional\n\
+             [root]\nbasicConstraints = critical,CA:TRUE,pathlen:1\n\
+             keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n\
+             authorityKeyIdentifier = keyid:always\n"
+        ),
     );
-    let days = days.to_string();
+    let date = |offset: i32| {
+        let out = text(
+            &run_ok(Command::new("date").args([
+                "-u",
+                "-d",
+                &format!("{offset} days"),
+                "+%Y%m%d%H%M%SZ",
+            ]))
+            .stdout,
+        );
+        out.trim().to_string()
+    };
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &csr, "-signkey", &key, "-days", &days, "-extfile", &ext,
-            "-out", &cert,
+            "ca",
+            "-batch",
+            "-selfsign",
+            "-rand_serial",
+            "-notext",
+            "-preserveDN",
+            "-config",
+            &format!("{db}/ca.cnf"),
+            "-keyfile",
+            &key,
+            "-in",
+            &csr,
+            "-startdate",
+            &date(days.start),
+            "-enddate",
+            &date(days.end),
+            "-out",
+            &cert,
         ],
     );
     dir.join(cert)
