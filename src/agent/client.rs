@@ -60,6 +60,19 @@ pub struct PublicPolicy {
 }
 
 impl PublicPolicy {
+    /// The signer's side of a pass's desired state: the SHA-256 of the root it issues
+    /// under and the roots it announces besides it (checked when the policy was read);
+    /// neither when the signer could not be asked.
+    pub fn signer_roots(policy: Option<&PublicPolicy>) -> (Option<String>, AnnouncedRoots) {
+        match policy {
+            Some(policy) => (
+                policy.root_fingerprint_sha256.clone(),
+                policy.announced_roots(),
+            ),
+            None => (None, AnnouncedRoots::default()),
+        }
+    }
+
     /// The roots the signer announces besides its own (checked when the policy was read).
     pub fn announced_roots(&self) -> AnnouncedRoots {
         AnnouncedRoots {

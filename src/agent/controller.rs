@@ -292,18 +292,13 @@ impl Controller {
             .await?;
         let installed = classify_secret(secret.as_ref(), &owner);
         let policy = client.policy(&virtual_mesh).await;
+        let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
         let desired = Desired {
             mesh_name: mesh.name.clone(),
             key_type: spec.settings.key_type,
             adopt: spec.settings.adopt,
-            signer_root: policy
-                .as_ref()
-                .ok()
-                .and_then(|p| p.root_fingerprint_sha256.clone()),
-            signer_announced: policy
-                .as_ref()
-                .map(PublicPolicy::announced_roots)
-                .unwrap_or_default(),
+            signer_root,
+            signer_announced,
             retired_roots: spec.settings.rotation.retired_root_fingerprints.clone(),
             rotation,
         };

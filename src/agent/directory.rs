@@ -113,18 +113,13 @@ pub async fn reconcile(
     // The policy tells the signer's current root; without it (signer down) a valid
     // bundle is still judged on its own.
     let policy = client.policy(&opts.virtual_mesh).await;
+    let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
     let desired = Desired {
         mesh_name: opts.mesh.name.clone(),
         key_type: opts.key_type,
         adopt: opts.adopt,
-        signer_root: policy
-            .as_ref()
-            .ok()
-            .and_then(|p| p.root_fingerprint_sha256.clone()),
-        signer_announced: policy
-            .as_ref()
-            .map(PublicPolicy::announced_roots)
-            .unwrap_or_default(),
+        signer_root,
+        signer_announced,
         retired_roots: opts.retired_roots.clone(),
         rotation: opts.rotation,
     };
