@@ -198,10 +198,9 @@ pub struct ServerTls {
 /// When a client CRL file is due to be replaced: the earliest `nextUpdate` of the CRLs in
 /// force in it (superseded ones left out), by which their issuer promised a newer list
 /// (none if no CRL in force in it has one: the field is optional in X.509, required by
-/// RFC 5280 of conforming issuers). The signer
-/// enforces the CRLs it loaded until a reload, however old: past this time, revocations
-/// published since are not enforced (the newer CRL was not published, or not put in place
-/// and reloaded).
+/// RFC 5280 of conforming issuers). The signer enforces the CRLs it loaded until a
+/// reload, however old: past this time, revocations published since are not enforced (the
+/// newer CRL was not published, or not put in place and reloaded).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CrlNextUpdate {
     pub path: std::path::PathBuf,
