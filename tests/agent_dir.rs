@@ -259,6 +259,13 @@ fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
 }
 
 /// Spawns the long-running agent; its JSON log lines arrive on the receiver.
+/// The address the agent's log says its metrics listener is bound to.
+fn metrics_address(logs: &mpsc::Receiver<serde_json::Value>) -> String {
+    std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
+        .find_map(|line| line["metrics"].as_str().map(str::to_string))
+        .expect("the agent logs its metrics address")
+}
+
 fn spawn_loop(mut cmd: Command) -> (std::process::Child, mpsc::Receiver<serde_json::Value>) {
     let mut child = cmd
         .stdout(Stdio::null())
@@ -294,6 +301,33 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert!(text(&offline.stdout).contains("nothing written"));
     assert_eq!(snapshot(&dir), before);
 
+    // The loop, valid and not due: its passes succeed without the signer, and its metrics
+    // say the signer does not answer (what alerts before a renewal is due).
+    let target = format!("{{request=\"{}\"}}", dir.display());
+    let series = |name: &str| format!("meshca_agent_{name}{target}");
+    let mut cmd = agent_cmd(&env, &addr, &dir, &[]);
+    cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+    let (mut child, logs) = spawn_loop(cmd);
+    let metrics_addr = metrics_address(&logs);
+    std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("signer not reachable"))
+        })
+        .expect("the agent passes without the signer");
+    let offline = http_get(&metrics_addr, "/metrics");
+    for (name, value) in [("certificate_ready", 1), ("signer_reachable", 0)] {
+        assert_eq!(
+            metric_sample(&offline, &series(name)),
+            Some(value),
+            "{offline}"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(snapshot(&dir), before);
+
     // Due, signer down: fails, names the cause, leaves every file as it was.
     let due = ["--renew-fraction", "0.1", "--jitter-fraction", "0"];
     let failed = once(&env, &addr, &dir, &due);
@@ -310,11 +344,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     let mut cmd = agent_cmd(&env, &addr, &dir, &due);
     cmd.args(["--resync-seconds", "8", "--metrics-listen", "127.0.0.1:0"]);
     let (mut child, logs) = spawn_loop(cmd);
-    let metrics_addr = std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
-        .find_map(|line| line["metrics"].as_str().map(str::to_string))
-        .expect("the agent logs its metrics address");
-    let target = format!("{{request=\"{}\"}}", dir.display());
-    let series = |name: &str| format!("meshca_agent_{name}{target}");
+    let metrics_addr = metrics_address(&logs);
     let mut delays = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while delays.len() < 2 && Instant::now() < deadline {
@@ -332,11 +362,13 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert_eq!(delays, vec![2, 4]);
     assert_eq!(snapshot(&dir), before);
     let failing = http_get(&metrics_addr, "/metrics");
-    assert_eq!(
-        metric_sample(&failing, &series("certificate_ready")),
-        Some(0),
-        "{failing}"
-    );
+    for (name, value) in [("certificate_ready", 0), ("signer_reachable", 0)] {
+        assert_eq!(
+            metric_sample(&failing, &series(name)),
+            Some(value),
+            "{failing}"
+        );
+    }
     assert_eq!(
         metric_sample(
             &failing,
@@ -383,11 +415,13 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
         "the agent did not renew once the signer was back"
     );
     let renewed = http_get(&metrics_addr, "/metrics");
-    assert_eq!(
-        metric_sample(&renewed, &series("certificate_ready")),
-        Some(1),
-        "{renewed}"
-    );
+    for (name, value) in [("certificate_ready", 1), ("signer_reachable", 1)] {
+        assert_eq!(
+            metric_sample(&renewed, &series(name)),
+            Some(value),
+            "{renewed}"
+        );
+    }
     let (not_before, not_after) = (
         validity_unix(&dir, "startdate"),
         validity_unix(&dir, "enddate"),

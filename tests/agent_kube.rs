@@ -600,6 +600,8 @@ async fn metrics_report_each_request_while_leading_and_drop_deleted_ones() {
     for (name, value) in [
         (format!("meshca_agent_certificate_ready{a}"), 1),
         (format!("meshca_agent_certificate_ready{x}"), 0),
+        (format!("meshca_agent_signer_reachable{a}"), 1),
+        (format!("meshca_agent_signer_reachable{x}"), 0),
         (
             format!("meshca_agent_certificate_expiration_timestamp_seconds{a}"),
             unix(summary.not_after),

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use common::*;
+use meshca::agent::client::SignerContact;
 use meshca::agent::metrics::{AgentMetrics, Exposition, Reconciled};
 use meshca::mesh_controller::metrics::{MeshControllerMetrics, Reconciled as MeshReconciled};
 
@@ -28,7 +29,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
     let checked = promtool(&["check", "rules", "meshca-alerts.yaml"]);
-    assert!(checked.contains("SUCCESS: 20 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 21 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "meshca-alerts.test.yaml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -105,6 +106,7 @@ async fn every_metric_the_alerts_use_is_exported() {
         Reconciled {
             outcome: "ok",
             installed: Some((SystemTime::now(), SystemTime::now())),
+            signer: SignerContact::Answered,
         },
     );
     agent.pass_completed(&["ns/request".into()], SystemTime::now());

@@ -3,6 +3,8 @@
 //! whose connection closed before any answer is sent once more on a new connection.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -177,12 +179,47 @@ impl SignerEndpoint {
     }
 }
 
+/// Whether the signer answered the last request a client sent (what
+/// `meshca_agent_signer_reachable` reports): an agent whose installed intermediate is
+/// valid and not due passes without the signer, so this is how a cluster cut off from
+/// it is noticed before a renewal is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SignerContact {
+    /// Nothing sent (the pass failed before asking).
+    #[default]
+    NotAsked,
+    /// An HTTP answer came, whatever its status.
+    Answered,
+    /// No answer: the connection or the handshake failed, or it timed out.
+    Unreachable,
+}
+
+/// The [`SignerContact`] of a client's last request, readable by whoever reports it
+/// after the client is gone.
+#[derive(Clone, Debug, Default)]
+pub struct ContactRecord(Arc<AtomicU8>);
+
+impl ContactRecord {
+    fn record(&self, contact: SignerContact) {
+        self.0.store(contact as u8, Ordering::Relaxed);
+    }
+
+    pub fn last(&self) -> SignerContact {
+        match self.0.load(Ordering::Relaxed) {
+            x if x == SignerContact::Answered as u8 => SignerContact::Answered,
+            x if x == SignerContact::Unreachable as u8 => SignerContact::Unreachable,
+            _ => SignerContact::NotAsked,
+        }
+    }
+}
+
 /// A connection to one signer.
 #[derive(Clone)]
 pub struct SignerClient {
     http: reqwest::Client,
     base: String,
     client_certificate_not_after: SystemTime,
+    contact: ContactRecord,
 }
 
 impl SignerClient {
@@ -205,6 +242,7 @@ impl SignerClient {
             http,
             base: base.trim_end_matches('/').to_string(),
             client_certificate_not_after: tls.certificate_not_after,
+            contact: ContactRecord::default(),
         })
     }
 
@@ -214,10 +252,27 @@ impl SignerClient {
         self.client_certificate_not_after
     }
 
+    /// Whether the signer answered this client's last request.
+    pub fn contact(&self) -> ContactRecord {
+        self.contact.clone()
+    }
+
     /// `GET {base}{path}`; a failure to get any answer is a transport error.
     async fn get(&self, path: &str) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
-        send(&url, || self.http.get(&url)).await
+        self.recorded(send(&url, || self.http.get(&url)).await)
+    }
+
+    /// `sent`, its outcome recorded: any answer, or none (only a transport error).
+    fn recorded(
+        &self,
+        sent: Result<reqwest::Response, ClientError>,
+    ) -> Result<reqwest::Response, ClientError> {
+        self.contact.record(match sent {
+            Ok(_) => SignerContact::Answered,
+            Err(_) => SignerContact::Unreachable,
+        });
+        sent
     }
 
     pub async fn policy(&self, virtual_mesh: &ObjectRef) -> Result<PublicPolicy, ClientError> {
@@ -234,7 +289,7 @@ impl SignerClient {
         let url = format!("{}/v1/sign", self.base);
         // Sent again only when no answer came: at worst the signer issues (and audits) an
         // intermediate nobody received, which is harmless; a lost pass is not.
-        decode(send(&url, || self.http.post(&url).json(body)).await?).await
+        decode(self.recorded(send(&url, || self.http.post(&url).json(body)).await)?).await
     }
 
     pub async fn trust_bundle(&self) -> Result<String, ClientError> {

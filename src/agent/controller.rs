@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::client::{PublicPolicy, SignerClient};
+use super::client::{ContactRecord, PublicPolicy, SignerClient};
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, classify_secret};
@@ -206,8 +206,15 @@ impl Controller {
         let mut status = before.clone();
         let now = SystemTime::now();
         let mut new_intermediate = None;
+        let mut contact = ContactRecord::default();
         let result = self
-            .reconcile_inner(request, &mut status, now, &mut new_intermediate)
+            .reconcile_inner(
+                request,
+                &mut status,
+                now,
+                &mut new_intermediate,
+                &mut contact,
+            )
             .await;
         let (next, outcome) = match result {
             Ok(next) => {
@@ -238,8 +245,14 @@ impl Controller {
             .as_deref()
             .and_then(parse_time)
             .zip(status.renew_at.as_deref().and_then(parse_time));
-        self.metrics
-            .reconciled(&key, Reconciled { outcome, installed });
+        self.metrics.reconciled(
+            &key,
+            Reconciled {
+                outcome,
+                installed,
+                signer: contact.last(),
+            },
+        );
         if status != before
             && let Err(e) = self.kube.apply_status(&ns, &name, &status).await
         {
@@ -258,6 +271,7 @@ impl Controller {
         status: &mut VmcsrStatus,
         now: SystemTime,
         new_intermediate: &mut Option<NewIntermediate>,
+        contact: &mut ContactRecord,
     ) -> Result<Duration, ReconcileError> {
         let spec = &request.spec;
         let ns = request.metadata.namespace.clone().unwrap_or_default();
@@ -283,6 +297,7 @@ impl Controller {
             &self.opts.client_key,
         )
         .map_err(AgentError::from)?;
+        *contact = client.contact();
         self.metrics
             .client_certificate(client.client_certificate_not_after());
 

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::client::{PublicPolicy, SignerClient, SignerEndpoint};
+use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{Decision, Desired, Installed, IssueReason, RotationSettings, decide};
 use super::{AgentError, BundleRequest, RootsPlan, cacerts, obtain_bundle};
@@ -230,12 +230,13 @@ pub async fn run(
     loop {
         // Connected anew each pass: the client certificate and CA files are read as they
         // are now (rotated on disk, they are used without a restart).
-        let result = match signer.connect() {
+        let (result, contact) = match signer.connect() {
             Ok(client) => {
                 metrics.client_certificate(client.client_certificate_not_after());
-                reconcile(&client, opts, SystemTime::now()).await
+                let result = reconcile(&client, opts, SystemTime::now()).await;
+                (result, client.contact().last())
             }
-            Err(e) => Err(AgentError::from(e)),
+            Err(e) => (Err(AgentError::from(e)), SignerContact::NotAsked),
         };
         let delay = match &result {
             Ok(outcome) => {
@@ -246,6 +247,7 @@ pub async fn run(
                     Reconciled {
                         outcome: "ok",
                         installed: Some((summary.not_after, outcome.renew_at())),
+                        signer: contact,
                     },
                 );
                 if matches!(outcome, DirOutcome::Installed { .. }) {
@@ -262,6 +264,7 @@ pub async fn run(
                     Reconciled {
                         outcome: e.reason(),
                         installed: installed_times(opts, SystemTime::now()),
+                        signer: contact,
                     },
                 );
                 failures += 1;

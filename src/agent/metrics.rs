@@ -1,8 +1,8 @@
 //! The controllers' Prometheus metrics (`--metrics-listen`) and their HTTP endpoint. Both
 //! controllers report their loop ([`LoopMetrics`]: whether the replica acts, when its last
 //! pass ended, its resync period); the agent adds, per request, when its installed
-//! intermediate expires, when it will be renewed and whether its last reconcile
-//! succeeded, and when its own client certificate expires. These are what
+//! intermediate expires, when it will be renewed, whether its last reconcile succeeded
+//! and whether the signer answered it, and when its own client certificate expires. These are what
 //! `deploy/prometheus/meshca-alerts.yaml` alerts on.
 
 use std::collections::BTreeSet;
@@ -21,6 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::client::SignerContact;
 use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero, unix_seconds};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +38,8 @@ pub struct Reconciled<'a> {
     pub outcome: &'a str,
     /// notAfter and renewal time of the bundle installed after it, when known.
     pub installed: Option<(SystemTime, SystemTime)>,
+    /// Whether the signer answered its last request to it.
+    pub signer: SignerContact,
 }
 
 /// Metrics a controller serves at `/metrics`.
@@ -137,6 +140,7 @@ pub struct AgentMetrics {
     expiration: Family<RequestLabels, Gauge>,
     renewal: Family<RequestLabels, Gauge>,
     ready: Family<RequestLabels, Gauge>,
+    signer_reachable: Family<RequestLabels, Gauge>,
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
     client_certificate_expiration: Gauge,
@@ -170,6 +174,12 @@ impl AgentMetrics {
             "1 if the last reconcile of the request succeeded, 0 if it failed (see its status.lastError)",
             ready.clone(),
         );
+        let signer_reachable = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "signer_reachable",
+            "1 if the signer answered the request's last pass that asked it, 0 if it could not be reached (the installed intermediate stays in use; renewals and root changes wait)",
+            signer_reachable.clone(),
+        );
         let reconciles = outcomes_from_zero(&["ok"]);
         registry.register(
             "reconciles",
@@ -195,6 +205,7 @@ impl AgentMetrics {
             expiration,
             renewal,
             ready,
+            signer_reachable,
             reconciles,
             issuances,
             loop_metrics,
@@ -216,6 +227,15 @@ impl AgentMetrics {
         self.ready
             .get_or_create(&labels)
             .set(i64::from(what.outcome == "ok"));
+        let reachable = match what.signer {
+            SignerContact::Answered => Some(1),
+            SignerContact::Unreachable => Some(0),
+            // Kept as last known: this pass did not get as far as asking.
+            SignerContact::NotAsked => None,
+        };
+        if let Some(reachable) = reachable {
+            self.signer_reachable.get_or_create(&labels).set(reachable);
+        }
         self.reconciles
             .get_or_create(&OutcomeLabels {
                 outcome: what.outcome.to_string(),
@@ -256,6 +276,7 @@ impl AgentMetrics {
             self.expiration.remove(&labels);
             self.renewal.remove(&labels);
             self.ready.remove(&labels);
+            self.signer_reachable.remove(&labels);
         }
     }
 }
@@ -313,6 +334,7 @@ mod tests {
             Reconciled {
                 outcome: "ok",
                 installed: Some((at(9_000), at(6_000))),
+                signer: SignerContact::Answered,
             },
         );
         m.issued();
@@ -321,6 +343,7 @@ mod tests {
             Reconciled {
                 outcome: "SignerError",
                 installed: None,
+                signer: SignerContact::Unreachable,
             },
         );
         m.pass_completed(&["mesh/a".into(), "mesh/b".into()], at(1_234));
@@ -330,6 +353,8 @@ mod tests {
             "meshca_agent_certificate_renewal_timestamp_seconds{request=\"mesh/a\"} 6000",
             "meshca_agent_certificate_ready{request=\"mesh/a\"} 1",
             "meshca_agent_certificate_ready{request=\"mesh/b\"} 0",
+            "meshca_agent_signer_reachable{request=\"mesh/a\"} 1",
+            "meshca_agent_signer_reachable{request=\"mesh/b\"} 0",
             "meshca_agent_reconciles_total{outcome=\"ok\"} 1",
             "meshca_agent_reconciles_total{outcome=\"SignerError\"} 1",
             "meshca_agent_issuances_total 1",
@@ -340,8 +365,19 @@ mod tests {
         }
         assert!(!text.contains("expiration_timestamp_seconds{request=\"mesh/b\"}"));
 
+        // A pass that failed before asking the signer (a Kubernetes error, say) keeps the
+        // last answer known.
+        m.reconciled(
+            "mesh/b",
+            Reconciled {
+                outcome: "KubernetesError",
+                installed: None,
+                signer: SignerContact::NotAsked,
+            },
+        );
         m.pass_completed(&["mesh/b".into()], at(1_300));
         let text = m.render();
+        assert!(text.contains("meshca_agent_signer_reachable{request=\"mesh/b\"} 0"));
         assert!(
             !text.contains("mesh/a"),
             "deleted request still reported:\n{text}"
