@@ -258,7 +258,6 @@ fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
     assert_valid(&env, &foreign);
 }
 
-/// Spawns the long-running agent; its JSON log lines arrive on the receiver.
 /// The address the agent's log says its metrics listener is bound to.
 fn metrics_address(logs: &mpsc::Receiver<serde_json::Value>) -> String {
     std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
@@ -266,6 +265,7 @@ fn metrics_address(logs: &mpsc::Receiver<serde_json::Value>) -> String {
         .expect("the agent logs its metrics address")
 }
 
+/// Spawns the long-running agent; its JSON log lines arrive on the receiver.
 fn spawn_loop(mut cmd: Command) -> (std::process::Child, mpsc::Receiver<serde_json::Value>) {
     let mut child = cmd
         .stdout(Stdio::null())
