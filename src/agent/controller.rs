@@ -332,7 +332,7 @@ impl Controller {
             Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
             Decision::UpToDate { summary, renew_at } => {
                 if let Err(e) = &policy {
-                    tracing::warn!(request = %owner, error = %e, "signer not reachable; installed bundle valid and not due");
+                    tracing::warn!(request = %owner, error = %e, "no policy from the signer; installed bundle valid and not due");
                 }
                 if matches!(installed, Installed::Ours(_)) {
                     record_bundle(status, &summary, renew_at);

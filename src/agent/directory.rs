@@ -46,6 +46,9 @@ pub enum DirOutcome {
     UpToDate {
         summary: BundleSummary,
         renew_at: SystemTime,
+        /// Why the signer could not be asked, if it could not (the bundle is judged on
+        /// its own then).
+        signer_error: Option<String>,
     },
 }
 
@@ -125,12 +128,11 @@ pub async fn reconcile(
     };
     match decide(&installed, &desired, now) {
         Decision::Refuse { what } => Err(AgentError::Foreign(what)),
-        Decision::UpToDate { summary, renew_at } => {
-            if let Err(e) = &policy {
-                tracing::warn!(error = %e, "signer not reachable; the installed bundle is valid and not due");
-            }
-            Ok(DirOutcome::UpToDate { summary, renew_at })
-        }
+        Decision::UpToDate { summary, renew_at } => Ok(DirOutcome::UpToDate {
+            summary,
+            renew_at,
+            signer_error: policy.err().map(|e| e.to_string()),
+        }),
         Decision::RewriteRoots {
             root_cert,
             summary,
@@ -308,11 +310,26 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             renew_at = %rfc(*renew_at),
             "rewrote root-cert.pem"
         ),
-        DirOutcome::UpToDate { summary, renew_at } => tracing::info!(
+        DirOutcome::UpToDate {
+            summary,
+            renew_at,
+            signer_error: None,
+        } => tracing::info!(
             dir = %dir.display(),
             serial = %summary.serial,
             renew_at = %rfc(*renew_at),
             "bundle valid and not due; nothing written"
+        ),
+        DirOutcome::UpToDate {
+            summary,
+            renew_at,
+            signer_error: Some(error),
+        } => tracing::warn!(
+            dir = %dir.display(),
+            serial = %summary.serial,
+            renew_at = %rfc(*renew_at),
+            error = %error,
+            "no policy from the signer; the installed bundle is valid and not due, nothing written"
         ),
     }
 }
