@@ -166,6 +166,23 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
         );
         assert_eq!(snapshot(&dir), before);
     }
+    // A virtual mesh the signer does not know (renamed or removed there): the bundle is
+    // valid and not due, but nothing could renew it, so the pass fails now, by name,
+    // leaving the files as they are.
+    let mut gone = env.meshca();
+    gone.args(["--log-format", "json", "agent", "--once", "--target-dir"])
+        .arg(&dir)
+        .args(env.signer_flags(&addr, "cluster-a"))
+        .args(["--virtual-mesh", "test/gone", "--mesh", "test/cluster-a"]);
+    let refused = run(&mut gone);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("the signer refused (404 unknown_virtual_mesh)"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert_eq!(snapshot(&dir), before);
+
     let issued = signer
         .audit_lines()
         .iter()
@@ -313,7 +330,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
         .find(|line| {
             line["message"]
                 .as_str()
-                .is_some_and(|m| m.starts_with("no policy from the signer"))
+                .is_some_and(|m| m.starts_with("signer unavailable"))
         })
         .expect("the agent passes without the signer");
     // Logged after the pass's metrics are recorded, as every outcome line is.

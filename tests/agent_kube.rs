@@ -511,6 +511,50 @@ async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_mesh_the_signer_does_not_know_fails_the_pass_and_leaves_the_secret() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"restart": {"policy": "never"}}),
+    );
+    cluster.pass().await;
+    let installed = cluster.get(SECRET).unwrap();
+    // Renamed on the signer's side (or mistyped here): the Secret is valid and not due,
+    // but nothing could renew it, so the pass fails now and says why.
+    cluster.edit_request(|request| {
+        request["spec"]["virtualMesh"]["name"] = "gone".into();
+    });
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
+    assert_eq!(cluster.get(SECRET).unwrap(), installed);
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    assert!(
+        st["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("the signer refused (404 unknown_virtual_mesh)"),
+        "{st}"
+    );
+    assert_eq!(st["conditions"][0]["reason"], "SignerError");
+    // The signer answered: reachable, the request failing.
+    let text = cluster.metrics.render();
+    let a = "{request=\"service-mesh-hub/cluster-a\"}";
+    for (name, value) in [
+        (format!("meshca_agent_certificate_ready{a}"), 0),
+        (format!("meshca_agent_signer_reachable{a}"), 1),
+    ] {
+        assert_eq!(
+            metric_sample(&text, &name),
+            Some(value),
+            "{name} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
     let env = Env::new();
     let cluster = Cluster::start(&env).await;

@@ -29,6 +29,19 @@ pub enum ClientError {
     BadResponse(String),
 }
 
+impl ClientError {
+    /// Whether asking again later may succeed without anyone acting: no answer, or the
+    /// signer (or a proxy in front of it) failing or busy (5xx, 429). A refusal (4xx) or
+    /// an answer meshca cannot use needs someone to change something.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } => true,
+            ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+            ClientError::Config(_) | ClientError::BadResponse(_) => false,
+        }
+    }
+}
+
 /// `GET /v1/virtualmeshes/<ns>/<name>`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -405,6 +418,30 @@ mod tests {
     use super::*;
     use crate::pki::keys::KeyType;
     use crate::pki::testing::{software_bundle, software_root};
+
+    #[test]
+    fn only_no_answer_or_a_failing_or_busy_signer_is_waited_out() {
+        let refused = |status| ClientError::Refused {
+            status,
+            code: "x".into(),
+            message: "y".into(),
+        };
+        let transport = ClientError::Transport {
+            url: "https://signer".into(),
+            message: "connection refused".into(),
+        };
+        for transient in [transport, refused(503), refused(500), refused(429)] {
+            assert!(transient.is_transient(), "{transient}");
+        }
+        for lasting in [
+            refused(404),
+            refused(403),
+            ClientError::BadResponse("fingerprint".into()),
+            ClientError::Config("url".into()),
+        ] {
+            assert!(!lasting.is_transient(), "{lasting}");
+        }
+    }
 
     fn policy(fingerprint: Option<&str>, pem: Option<&str>) -> PublicPolicy {
         PublicPolicy {

@@ -306,7 +306,12 @@ impl Controller {
             .get_secret(&target.namespace, &target.name)
             .await?;
         let installed = classify_secret(secret.as_ref(), &owner);
-        let policy = client.policy(&virtual_mesh).await;
+        // As in directory mode: only an unavailable signer is waited out while the bundle
+        // is valid; a refusal fails the pass now.
+        let policy = match client.policy(&virtual_mesh).await {
+            Err(e) if !e.is_transient() => return Err(AgentError::from(e).into()),
+            policy => policy,
+        };
         let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
         let desired = Desired {
             mesh_name: mesh.name.clone(),
@@ -332,7 +337,7 @@ impl Controller {
             Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
             Decision::UpToDate { summary, renew_at } => {
                 if let Err(e) = &policy {
-                    tracing::warn!(request = %owner, error = %e, "no policy from the signer; installed bundle valid and not due");
+                    tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");
                 }
                 if matches!(installed, Installed::Ours(_)) {
                     record_bundle(status, &summary, renew_at);

@@ -46,8 +46,8 @@ pub enum DirOutcome {
     UpToDate {
         summary: BundleSummary,
         renew_at: SystemTime,
-        /// Why the signer could not be asked, if it could not (the bundle is judged on
-        /// its own then).
+        /// Why the signer's policy could not be had, if it could not: no answer, or a
+        /// failure on its side (the bundle is judged on its own then).
         signer_error: Option<String>,
     },
 }
@@ -114,8 +114,13 @@ pub async fn reconcile(
 ) -> Result<DirOutcome, AgentError> {
     let installed = classify(&opts.target);
     // The policy tells the signer's current root; without it (signer down) a valid
-    // bundle is still judged on its own.
-    let policy = client.policy(&opts.virtual_mesh).await;
+    // bundle is still judged on its own. A refusal (an unknown virtual mesh, say) or a
+    // policy meshca cannot use needs someone to act: the pass fails now, files untouched,
+    // rather than when a renewal is due.
+    let policy = match client.policy(&opts.virtual_mesh).await {
+        Err(e) if !e.is_transient() => return Err(e.into()),
+        policy => policy,
+    };
     let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
     let desired = Desired {
         mesh_name: opts.mesh.name.clone(),
@@ -329,7 +334,7 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             serial = %summary.serial,
             renew_at = %rfc(*renew_at),
             error = %error,
-            "no policy from the signer; the installed bundle is valid and not due, nothing written"
+            "signer unavailable; the installed bundle is valid and not due, nothing written"
         ),
     }
 }
