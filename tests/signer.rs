@@ -1222,13 +1222,18 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
         "{report}"
     );
 
-    // An audit log torn by a crash is named; the check leaves it as it is.
+    // An audit log torn by a crash, that anyone may write, is named; the check leaves it
+    // as it is.
     let torn_log = "{\"event\":\"decision\"}\n{\"event\":\"dec";
     std::fs::write(env.path("audit.log"), torn_log).unwrap();
+    let everyone = std::fs::Permissions::from_mode(0o666);
+    std::fs::set_permissions(env.path("audit.log"), everyone).unwrap();
     let report = check(true);
     for needle in [
         "audit.log (34 bytes)",
         "warning: the audit log ends in an incomplete line of 13 bytes",
+        "warning: the audit log is writable by group or others (mode 666): the start removes their write access",
+        "warning: the audit log is readable by every user (mode 666",
     ] {
         assert!(report.contains(needle), "{needle} missing from\n{report}");
     }
@@ -1236,6 +1241,11 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
         std::fs::read_to_string(env.path("audit.log")).unwrap(),
         torn_log
     );
+    let mode = std::fs::metadata(env.path("audit.log"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o666);
     std::fs::remove_file(env.path("audit.log")).unwrap();
 
     // The token is not contacted: a wrong PIN passes the check (a start fails on it),

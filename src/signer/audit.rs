@@ -148,6 +148,7 @@ impl AuditLog {
             message: e.to_string(),
         };
         let mut file = crate::fsutil::open_append(path, 0o600).map_err(io)?;
+        restrict_access(&file, path).map_err(io)?;
         let tail = read_tail(path).map_err(io)?;
         let mut report = OpenReport {
             records: None,
@@ -375,6 +376,7 @@ impl Writer {
             return Ok(());
         }
         let file = crate::fsutil::open_append(&self.path, 0o600)?;
+        restrict_access(&file, &self.path)?;
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path))?;
         self.identity = FileIdentity::of(&file.metadata()?);
         self.file = file;
@@ -382,6 +384,43 @@ impl Writer {
         tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
         Ok(())
     }
+}
+
+/// Makes the log writable by the signer alone. Its chain has no key, so a line appended by
+/// anyone else who can write the file would chain as well as the signer's own: write
+/// access for group or others is removed (a file made by logrotate's `create`, or chmod-ed
+/// by hand), with a warning; if the signer may not change the mode, the file is refused.
+/// Read access by others is only warned of (a log shipper may read it by group, but its
+/// lines name clients and decisions).
+fn restrict_access(file: &File, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let restricted = mode & !0o022;
+        file.set_permissions(std::fs::Permissions::from_mode(restricted))
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the log is writable by group or others (mode {mode:o}) and its mode cannot be changed: {e}"
+                    ),
+                )
+            })?;
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            now = format!("{restricted:o}"),
+            "audit log was writable by group or others: their write access removed (only the signer writes it)"
+        );
+    }
+    if mode & 0o004 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", mode & !0o022),
+            "audit log is readable by every user (its lines name clients and decisions): chmod o-r"
+        );
+    }
+    Ok(())
 }
 
 /// Device and inode: what a path names, whatever it is called.
@@ -695,6 +734,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_others_may_write_is_made_the_signers_alone_at_open_and_after_a_rotation() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mode_of = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let made_by_someone_else = |mode| {
+            std::fs::write(&path, "").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // chmod-ed by hand before a start: group and others lose write access only.
+        made_by_someone_else(0o666);
+        let (log, _) = AuditLog::open(&path).unwrap();
+        assert_eq!(mode_of(&path), 0o644);
+        log.append(record(0), log.expect_line()).await.unwrap();
+        // Made at the path by logrotate's `create 0660` after a rotation: continued, the
+        // chain running on, writable by the signer alone.
+        let moved = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &moved).unwrap();
+        made_by_someone_else(0o660);
+        log.append(record(1), log.expect_line()).await.unwrap();
+        assert_eq!(mode_of(&path), 0o640);
+        let VerifyOutcome::Intact { last_hash, .. } = verify_file(&moved) else {
+            panic!("{:?}", verify_file(&moved));
+        };
+        assert!(matches!(
+            verify_after(&path, Some(&last_hash)),
+            VerifyOutcome::Intact { records: 2, .. }
+        ));
+    }
+
+    #[tokio::test]
     async fn a_log_moved_away_is_continued_in_a_new_file_at_its_path() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -712,6 +782,7 @@ mod tests {
         log.append(record(4), log.expect_line()).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+
         let text = std::fs::read_to_string(moved(2)).unwrap();
         let first: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(first.event, "rotation");

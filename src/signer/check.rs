@@ -48,7 +48,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
     let root = load_root(config)?;
     let tls = serving_tls(config)?;
     let backend = check_backend(config)?;
-    let (audit_log, torn_tail) = check_audit_log(&config.audit_log)?;
+    let (audit_log, torn_tail, audit_mode) = check_audit_log(&config.audit_log)?;
 
     let mut warnings = Vec::new();
     if torn_tail > 0 {
@@ -56,8 +56,17 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             "the audit log ends in an incomplete line of {torn_tail} bytes (a crash mid-write): the start moves it aside and records a recovery"
         ));
     }
-    // An expired next root stops the start (loading the config refuses it); an expired
-    // previous root is only skipped by the agents.
+    if audit_mode & 0o022 != 0 {
+        warnings.push(format!(
+            "the audit log is writable by group or others (mode {audit_mode:o}): the start removes their write access (only the signer writes it)"
+        ));
+    }
+    if audit_mode & 0o004 != 0 {
+        warnings.push(format!(
+            "the audit log is readable by every user (mode {audit_mode:o}; its lines name clients and decisions): chmod o-r"
+        ));
+    }
+    // An expired announced root does not stop a start: the agents skip it.
     let announced_expiries = config.root.announced().map(|a| {
         let what = format!("the {} ({})", a.announcement.name(), a.announcement.key());
         (what, a.not_after)
@@ -168,9 +177,10 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
 }
 
 /// The audit log is opened (or created) for appending at start: its directory must exist,
-/// and an existing log must be a file this user can append to. Returns what to show and
-/// the length of a torn last line. Nothing is written.
-fn check_audit_log(path: &Path) -> Result<(String, usize), StartError> {
+/// and an existing log must be a file this user can append to. Returns what to show, the
+/// length of a torn last line and the file's permission bits (0 if it does not exist yet).
+/// Nothing is written.
+fn check_audit_log(path: &Path) -> Result<(String, usize, u32), StartError> {
     let problem = |message: String| {
         StartError::Audit(super::audit::AuditError::Io {
             path: path.display().to_string(),
@@ -185,7 +195,12 @@ fn check_audit_log(path: &Path) -> Result<(String, usize), StartError> {
                 .map_err(|e| problem(format!("cannot be opened for appending: {e}")))?;
             let torn = super::audit::torn_tail_len(path)
                 .map_err(|e| problem(format!("cannot be read: {e}")))?;
-            Ok((format!("{} ({} bytes)", path.display(), meta.len()), torn))
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+            Ok((
+                format!("{} ({} bytes)", path.display(), meta.len()),
+                torn,
+                mode,
+            ))
         }
         Ok(_) => Err(problem("is not a regular file".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -196,7 +211,7 @@ fn check_audit_log(path: &Path) -> Result<(String, usize), StartError> {
                     dir.display()
                 )));
             }
-            Ok((format!("{} (created at start)", path.display()), 0))
+            Ok((format!("{} (created at start)", path.display()), 0, 0))
         }
         Err(e) => Err(problem(e.to_string())),
     }
