@@ -182,6 +182,24 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
         text(&refused.stderr)
     );
     assert_eq!(snapshot(&dir), before);
+    // Another cluster's client certificate, which the signer's grants do not let ask for
+    // this mesh: nothing is due, but the renewal would be refused, so the pass fails now.
+    let mut ungranted = env.meshca();
+    ungranted
+        .args(["--log-format", "json", "agent", "--once", "--target-dir"])
+        .arg(&dir)
+        .args(env.signer_flags(&addr, "cluster-b"))
+        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    let refused = run(&mut ungranted);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains(
+            "the signer would refuse to renew: its grants do not let this client ask for mesh test/cluster-a of virtual mesh test/vm (it may ask for test/cluster-b)"
+        ),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert_eq!(snapshot(&dir), before);
 
     let issued = signer
         .audit_lines()

@@ -511,7 +511,7 @@ async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_virtual_mesh_the_signer_does_not_know_fails_the_pass_and_leaves_the_secret() {
+async fn a_virtual_mesh_or_mesh_the_signer_would_refuse_fails_the_pass_and_leaves_the_secret() {
     let env = Env::new();
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
@@ -539,6 +539,31 @@ async fn a_virtual_mesh_the_signer_does_not_know_fails_the_pass_and_leaves_the_s
         "{st}"
     );
     assert_eq!(st["conditions"][0]["reason"], "SignerError");
+    // The signer's grant for this cluster withdrawn (a reload there): the Secret is valid
+    // and not due, but its renewal would be refused, so the pass fails now.
+    cluster.edit_request(|request| {
+        request["spec"]["virtualMesh"]["name"] = "vm".into();
+    });
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let grant = format!(
+        "\n[[clients]]\nidentity = \"{}\"\nallow = [{{ virtual_mesh = \"test/vm\", mesh = \"test/cluster-a\" }}]\n",
+        identity("cluster-a")
+    );
+    assert!(config.contains(&grant), "{config}");
+    std::fs::write(&env.config, config.replace(&grant, "")).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("SIGHUP: rules reloaded").await;
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
+    assert_eq!(cluster.get(SECRET).unwrap(), installed);
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    assert!(
+        st["lastError"].as_str().unwrap().contains(
+            "the signer would refuse to renew: its grants do not let this client ask for mesh test/cluster-a of virtual mesh test/vm (it may ask for nothing)"
+        ),
+        "{st}"
+    );
     // The signer answered: reachable, the request failing.
     let text = cluster.metrics.render();
     let a = "{request=\"service-mesh-hub/cluster-a\"}";

@@ -485,6 +485,8 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
 
     let policy = signer.get_json(&client, "/v1/virtualmeshes/test/vm").await;
     assert_eq!(policy["orgName"], "acme");
+    // What this client (cluster-b) may ask for, and nothing of another client's.
+    assert_eq!(policy["authorizedMeshes"], json!(["test/cluster-b"]));
     assert_eq!(policy["maxTtlSeconds"], 30 * 86400);
     assert_eq!(policy["minRsaBits"], 2048);
     assert_eq!(
@@ -607,6 +609,11 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
         .get_json(&client_a, "/v1/virtualmeshes/test/vm")
         .await;
     assert_eq!(policy["maxTtlSeconds"], 10 * 86_400, "{policy}");
+    assert_eq!(
+        policy["authorizedMeshes"],
+        json!(["test/cluster-a", "test/cluster-b"]),
+        "{policy}"
+    );
 
     // A grant of an unknown mesh, then a policy the root is too weak for: each reload is
     // refused by name and the rules in force stay.

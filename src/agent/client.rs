@@ -27,6 +27,14 @@ pub enum ClientError {
     },
     #[error("the signer's answer is not what meshca expects: {0}")]
     BadResponse(String),
+    #[error(
+        "the signer would refuse to renew: its grants do not let this client ask for mesh {mesh} of virtual mesh {virtual_mesh} (it may ask for {authorized}); grant it on the signer (a [[clients]] entry) or correct the mesh here"
+    )]
+    NotAuthorized {
+        virtual_mesh: String,
+        mesh: String,
+        authorized: String,
+    },
 }
 
 impl ClientError {
@@ -37,7 +45,9 @@ impl ClientError {
         match self {
             ClientError::Transport { .. } => true,
             ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
-            ClientError::Config(_) | ClientError::BadResponse(_) => false,
+            ClientError::Config(_)
+            | ClientError::BadResponse(_)
+            | ClientError::NotAuthorized { .. } => false,
         }
     }
 }
@@ -72,6 +82,10 @@ pub struct PublicPolicy {
     /// That root's certificate (PEM), checked as the next root's.
     #[serde(default)]
     previous_root_cert: Option<String>,
+    /// The meshes of this virtual mesh the asking client may request (absent from a
+    /// signer older than this field: nothing to check then).
+    #[serde(default)]
+    pub authorized_meshes: Option<Vec<String>>,
 }
 
 impl PublicPolicy {
@@ -86,6 +100,27 @@ impl PublicPolicy {
             ),
             None => (None, AnnouncedRoots::default()),
         }
+    }
+
+    /// Whether the signer's grants let this client ask for `mesh`: a pass that does not
+    /// sign would otherwise find out only when the renewal is refused, months later.
+    pub fn check_authorized(&self, mesh: &ObjectRef) -> Result<(), ClientError> {
+        let Some(authorized) = &self.authorized_meshes else {
+            return Ok(());
+        };
+        let mesh = mesh.to_string();
+        if authorized.contains(&mesh) {
+            return Ok(());
+        }
+        Err(ClientError::NotAuthorized {
+            virtual_mesh: self.virtual_mesh.clone(),
+            mesh,
+            authorized: if authorized.is_empty() {
+                "nothing".into()
+            } else {
+                authorized.join(", ")
+            },
+        })
     }
 
     /// The roots the signer announces besides its own (checked when the policy was read).
@@ -458,6 +493,36 @@ mod tests {
             next_root_cert: pem.map(String::from),
             previous_root_fingerprint_sha256: None,
             previous_root_cert: None,
+            authorized_meshes: None,
+        }
+    }
+
+    #[test]
+    fn a_mesh_the_signer_does_not_grant_this_client_is_named() {
+        let a: ObjectRef = "test/cluster-a".parse().unwrap();
+        let granted = |meshes: &[&str]| PublicPolicy {
+            authorized_meshes: Some(meshes.iter().map(|m| m.to_string()).collect()),
+            ..policy(None, None)
+        };
+        // A signer older than the field: nothing to check.
+        assert!(policy(None, None).check_authorized(&a).is_ok());
+        assert!(
+            granted(&["test/cluster-b", "test/cluster-a"])
+                .check_authorized(&a)
+                .is_ok()
+        );
+        for (meshes, may) in [
+            (&["test/cluster-b"][..], "test/cluster-b"),
+            (&[][..], "nothing"),
+        ] {
+            let refused = granted(meshes).check_authorized(&a).unwrap_err();
+            assert!(!refused.is_transient());
+            assert!(
+                refused.to_string().contains(&format!(
+                    "ask for mesh test/cluster-a of virtual mesh test/vm (it may ask for {may})"
+                )),
+                "{refused}"
+            );
         }
     }
 

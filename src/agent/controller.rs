@@ -336,6 +336,9 @@ impl Controller {
         let renew_at = match decide(&installed, &desired, now) {
             Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
             Decision::UpToDate { summary, renew_at } => {
+                if let Ok(policy) = &policy {
+                    policy.check_authorized(&mesh).map_err(AgentError::from)?;
+                }
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");
                 }

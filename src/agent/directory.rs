@@ -133,11 +133,16 @@ pub async fn reconcile(
     };
     match decide(&installed, &desired, now) {
         Decision::Refuse { what } => Err(AgentError::Foreign(what)),
-        Decision::UpToDate { summary, renew_at } => Ok(DirOutcome::UpToDate {
-            summary,
-            renew_at,
-            signer_error: policy.err().map(|e| e.to_string()),
-        }),
+        Decision::UpToDate { summary, renew_at } => {
+            if let Ok(policy) = &policy {
+                policy.check_authorized(&opts.mesh)?;
+            }
+            Ok(DirOutcome::UpToDate {
+                summary,
+                renew_at,
+                signer_error: policy.err().map(|e| e.to_string()),
+            })
+        }
         Decision::RewriteRoots {
             root_cert,
             summary,

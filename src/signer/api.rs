@@ -397,6 +397,7 @@ async fn sign_inner(
 
 async fn virtual_mesh(
     State(state): State<Arc<SignerState>>,
+    identity: Option<axum::Extension<ClientIdentity>>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
     let id = ObjectRef::new(namespace, name);
@@ -408,6 +409,16 @@ async fn virtual_mesh(
             &format!("virtual mesh {id} is not configured on this signer"),
         );
     };
+    // The meshes of this virtual mesh the asking client may request (its own grants
+    // only), so an agent whose grant went away learns it now, not at its next renewal.
+    let authorized_meshes: Vec<String> = identity
+        .and_then(|axum::Extension(ClientIdentity(id))| id)
+        .and_then(|identity| rules.authorization.grants_of(&identity))
+        .into_iter()
+        .flatten()
+        .filter(|(virtual_mesh, _)| *virtual_mesh == id)
+        .map(|(_, mesh)| mesh.to_string())
+        .collect();
     let root = state.backend.root();
     let max_ttl = policy.max_ttl.as_secs();
     axum::Json(json!({
@@ -419,6 +430,7 @@ async fn virtual_mesh(
         "minRsaBits": policy.min_rsa_bits,
         "acceptedKeyTypes": policy.accepted_key_types().iter().map(|k| k.name()).collect::<Vec<_>>(),
         "meshes": policy.meshes.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+        "authorizedMeshes": authorized_meshes,
         "rootNotAfter": rfc3339(root.not_after),
         "rootFingerprintSha256": root.fingerprint_sha256,
         "nextRootFingerprintSha256": rules.next_root.as_ref().map(|n| &n.fingerprint_sha256),
