@@ -166,40 +166,41 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
         );
         assert_eq!(snapshot(&dir), before);
     }
-    // A virtual mesh the signer does not know (renamed or removed there): the bundle is
-    // valid and not due, but nothing could renew it, so the pass fails now, by name,
-    // leaving the files as they are.
-    let mut gone = env.meshca();
-    gone.args(["--log-format", "json", "agent", "--once", "--target-dir"])
-        .arg(&dir)
-        .args(env.signer_flags(&addr, "cluster-a"))
-        .args(["--virtual-mesh", "test/gone", "--mesh", "test/cluster-a"]);
-    let refused = run(&mut gone);
-    assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr).contains("the signer refused (404 unknown_virtual_mesh)"),
-        "{}",
-        text(&refused.stderr)
+    // The bundle is valid and not due, but a renewal would be refused: the pass fails
+    // now, by name, leaving the files as they are. A virtual mesh the signer does not know
+    // (renamed or removed there); another cluster's client certificate, which the
+    // signer's grants do not let ask for this mesh; a ttl over the policy's maximum.
+    let refused_pass = |client: &str, virtual_mesh: &str, ttl: &str, needle: &str| {
+        let mut cmd = env.meshca();
+        cmd.args(["--log-format", "json", "agent", "--once", "--target-dir"])
+            .arg(&dir)
+            .args(env.signer_flags(&addr, client))
+            .args(["--virtual-mesh", virtual_mesh, "--mesh", "test/cluster-a"])
+            .args(["--ttl-seconds", ttl]);
+        let refused = run(&mut cmd);
+        assert!(!refused.status.success());
+        let stderr = text(&refused.stderr);
+        assert!(stderr.contains(needle), "{needle} missing from\n{stderr}");
+        assert_eq!(snapshot(&dir), before);
+    };
+    refused_pass(
+        "cluster-a",
+        "test/gone",
+        "1800",
+        "the signer refused (404 unknown_virtual_mesh)",
     );
-    assert_eq!(snapshot(&dir), before);
-    // Another cluster's client certificate, which the signer's grants do not let ask for
-    // this mesh: nothing is due, but the renewal would be refused, so the pass fails now.
-    let mut ungranted = env.meshca();
-    ungranted
-        .args(["--log-format", "json", "agent", "--once", "--target-dir"])
-        .arg(&dir)
-        .args(env.signer_flags(&addr, "cluster-b"))
-        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
-    let refused = run(&mut ungranted);
-    assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr).contains(
-            "the signer would refuse to renew: its grants do not let this client ask for mesh test/cluster-a of virtual mesh test/vm (it may ask for test/cluster-b)"
-        ),
-        "{}",
-        text(&refused.stderr)
+    refused_pass(
+        "cluster-b",
+        "test/vm",
+        "1800",
+        "the signer would refuse to renew: its grants do not let this client ask for mesh test/cluster-a of virtual mesh test/vm (it may ask for test/cluster-b)",
     );
-    assert_eq!(snapshot(&dir), before);
+    refused_pass(
+        "cluster-a",
+        "test/vm",
+        "2678400",
+        "a ttl of 2678400 s exceeds virtual mesh test/vm's maximum of 2592000 s: the signer would refuse the renewal",
+    );
 
     let issued = signer
         .audit_lines()

@@ -21,7 +21,7 @@ use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, restart_needed,
 };
 use super::rotation::{Decision, Desired, Installed, carries_root, decide, normalize_fingerprint};
-use super::{AgentError, BundleRequest, RootsPlan, obtain_bundle};
+use super::{AgentError, BundleRequest, RootsPlan, check_renewable, obtain_bundle};
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
 
@@ -337,7 +337,12 @@ impl Controller {
             Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
             Decision::UpToDate { summary, renew_at } => {
                 if let Ok(policy) = &policy {
-                    policy.check_authorized(&mesh).map_err(AgentError::from)?;
+                    check_renewable(
+                        policy,
+                        &mesh,
+                        spec.settings.key_type,
+                        spec.settings.ttl_seconds,
+                    )?;
                 }
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{Decision, Desired, Installed, IssueReason, RotationSettings, decide};
-use super::{AgentError, BundleRequest, RootsPlan, cacerts, obtain_bundle};
+use super::{AgentError, BundleRequest, RootsPlan, cacerts, check_renewable, obtain_bundle};
 use crate::pki::bundle::{
     BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
 };
@@ -135,7 +135,7 @@ pub async fn reconcile(
         Decision::Refuse { what } => Err(AgentError::Foreign(what)),
         Decision::UpToDate { summary, renew_at } => {
             if let Ok(policy) = &policy {
-                policy.check_authorized(&opts.mesh)?;
+                check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
             }
             Ok(DirOutcome::UpToDate {
                 summary,

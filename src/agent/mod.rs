@@ -48,6 +48,14 @@ pub enum AgentError {
     },
     #[error("virtual mesh {0} accepts no key type this agent can generate")]
     NoKeyType(String),
+    #[error(
+        "a ttl of {ttl_seconds} s exceeds virtual mesh {virtual_mesh}'s maximum of {max_ttl_seconds} s: the signer would refuse the renewal"
+    )]
+    TtlRefused {
+        ttl_seconds: u64,
+        virtual_mesh: String,
+        max_ttl_seconds: u64,
+    },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("cannot build CSR: {0}")]
@@ -93,6 +101,28 @@ pub fn choose_key_type(
             .into_iter()
             .find(accepts)
             .ok_or_else(|| AgentError::NoKeyType(virtual_mesh.to_string())),
+    }
+}
+
+/// Whether a renewal asked for now would be accepted, as far as the policy tells: the
+/// mesh granted to this client, the key type accepted, the ttl within the maximum. A pass
+/// that signs nothing checks it, so a change on either side that would have the renewal
+/// refused is found now rather than when the renewal is due.
+pub fn check_renewable(
+    policy: &PublicPolicy,
+    mesh: &ObjectRef,
+    key_type: Option<KeyType>,
+    ttl_seconds: Option<u64>,
+) -> Result<(), AgentError> {
+    policy.check_authorized(mesh)?;
+    choose_key_type(&policy.accepted_key_types, key_type, &policy.virtual_mesh)?;
+    match ttl_seconds {
+        Some(ttl_seconds) if ttl_seconds > policy.max_ttl_seconds => Err(AgentError::TtlRefused {
+            ttl_seconds,
+            virtual_mesh: policy.virtual_mesh.clone(),
+            max_ttl_seconds: policy.max_ttl_seconds,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -239,6 +269,34 @@ pub async fn request_intermediate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_the_policy_would_refuse_is_named_before_it_is_due() {
+        let policy: PublicPolicy = serde_json::from_value(serde_json::json!({
+            "virtualMesh": "test/vm", "orgName": "acme", "maxTtlSeconds": 86_400,
+            "minRsaBits": 3072, "acceptedKeyTypes": ["rsa3072", "ecdsa-p256"],
+            "meshes": ["test/a", "test/b"], "rootNotAfter": "2030-01-01T00:00:00Z",
+            "authorizedMeshes": ["test/a"]
+        }))
+        .unwrap();
+        let a: ObjectRef = "test/a".parse().unwrap();
+        let b: ObjectRef = "test/b".parse().unwrap();
+        assert!(check_renewable(&policy, &a, None, None).is_ok());
+        assert!(check_renewable(&policy, &a, Some(KeyType::Rsa3072), Some(86_400)).is_ok());
+        for (mesh, key_type, ttl, needle) in [
+            (&b, None, None, "ask for mesh test/b"),
+            (
+                &a,
+                Some(KeyType::Rsa2048),
+                None,
+                "key type rsa2048 is not accepted",
+            ),
+            (&a, None, Some(86_401), "a ttl of 86401 s exceeds"),
+        ] {
+            let refused = check_renewable(&policy, mesh, key_type, ttl).unwrap_err();
+            assert!(refused.to_string().contains(needle), "{refused}");
+        }
+    }
 
     #[test]
     fn key_type_choice_follows_policy() {
