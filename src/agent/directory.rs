@@ -46,8 +46,8 @@ pub enum DirOutcome {
     UpToDate {
         summary: BundleSummary,
         renew_at: SystemTime,
-        /// Why the signer's policy could not be had, if it could not: no answer, or a
-        /// failure on its side (the bundle is judged on its own then).
+        /// The error, when the signer was unavailable (no answer, or a failure on its
+        /// side): the bundle was judged on its own.
         signer_error: Option<String>,
     },
 }

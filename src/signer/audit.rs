@@ -782,7 +782,6 @@ mod tests {
         log.append(record(4), log.expect_line()).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-
         let text = std::fs::read_to_string(moved(2)).unwrap();
         let first: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(first.event, "rotation");
