@@ -2,8 +2,8 @@
 //! controllers report their loop ([`LoopMetrics`]: whether the replica acts, when its last
 //! pass ended, its resync period); the agent adds, per request, when its installed
 //! intermediate expires, when it will be renewed, whether its last reconcile succeeded
-//! and whether the signer answered it, and when its own client certificate expires. These are what
-//! `deploy/prometheus/meshca-alerts.yaml` alerts on.
+//! and whether the signer answered it, and when its own client certificate expires.
+//! These are what `deploy/prometheus/meshca-alerts.yaml` alerts on.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
