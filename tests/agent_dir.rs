@@ -341,6 +341,19 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     // say the signer does not answer (what alerts before a renewal is due).
     let target = format!("{{request=\"{}\"}}", dir.display());
     let series = |name: &str| format!("meshca_agent_{name}{target}");
+    // `certificate_ready` and `signer_reachable` of this request in a metrics text.
+    let assert_ready_and_reachable = |metrics: &str, (ready, reachable): (i64, i64)| {
+        for (name, value) in [
+            ("certificate_ready", ready),
+            ("signer_reachable", reachable),
+        ] {
+            assert_eq!(
+                metric_sample(metrics, &series(name)),
+                Some(value),
+                "{metrics}"
+            );
+        }
+    };
     let mut cmd = agent_cmd(&env, &addr, &dir, &[]);
     cmd.args(["--metrics-listen", "127.0.0.1:0"]);
     let (mut child, logs) = spawn_loop(cmd);
@@ -354,13 +367,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
         .expect("the agent passes without the signer");
     // Logged after the pass's metrics are recorded, as every outcome line is.
     let offline = http_get(&metrics_addr, "/metrics");
-    for (name, value) in [("certificate_ready", 1), ("signer_reachable", 0)] {
-        assert_eq!(
-            metric_sample(&offline, &series(name)),
-            Some(value),
-            "{offline}"
-        );
-    }
+    assert_ready_and_reachable(&offline, (1, 0));
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(snapshot(&dir), before);
@@ -399,13 +406,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert_eq!(delays, vec![2, 4]);
     assert_eq!(snapshot(&dir), before);
     let failing = http_get(&metrics_addr, "/metrics");
-    for (name, value) in [("certificate_ready", 0), ("signer_reachable", 0)] {
-        assert_eq!(
-            metric_sample(&failing, &series(name)),
-            Some(value),
-            "{failing}"
-        );
-    }
+    assert_ready_and_reachable(&failing, (0, 0));
     assert_eq!(
         metric_sample(
             &failing,
@@ -452,13 +453,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
         "the agent did not renew once the signer was back"
     );
     let renewed = http_get(&metrics_addr, "/metrics");
-    for (name, value) in [("certificate_ready", 1), ("signer_reachable", 1)] {
-        assert_eq!(
-            metric_sample(&renewed, &series(name)),
-            Some(value),
-            "{renewed}"
-        );
-    }
+    assert_ready_and_reachable(&renewed, (1, 1));
     let (not_before, not_after) = (
         validity_unix(&dir, "startdate"),
         validity_unix(&dir, "enddate"),

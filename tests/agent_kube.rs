@@ -526,19 +526,12 @@ async fn a_virtual_mesh_or_mesh_the_signer_would_refuse_fails_the_pass_and_leave
     cluster.edit_request(|request| {
         request["spec"]["virtualMesh"]["name"] = "gone".into();
     });
-    let sent = cluster.pass().await;
-    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
-    assert_eq!(cluster.get(SECRET).unwrap(), installed);
-    let st = vmcsr_status(&cluster);
-    assert_eq!(st["phase"], "Failed");
-    assert!(
-        st["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("the signer refused (404 unknown_virtual_mesh)"),
-        "{st}"
-    );
-    assert_eq!(st["conditions"][0]["reason"], "SignerError");
+    fails_keeping_the_secret(
+        &cluster,
+        &installed,
+        "the signer refused (404 unknown_virtual_mesh)",
+    )
+    .await;
     // The signer's grant for this cluster withdrawn (a reload there): the Secret is valid
     // and not due, but its renewal would be refused, so the pass fails now.
     cluster.edit_request(|request| {
@@ -553,17 +546,12 @@ async fn a_virtual_mesh_or_mesh_the_signer_would_refuse_fails_the_pass_and_leave
     std::fs::write(&env.config, config.replace(&grant, "")).unwrap();
     send_signal(signer.child.id(), "HUP");
     signer.wait_for_log("SIGHUP: rules reloaded").await;
-    let sent = cluster.pass().await;
-    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
-    assert_eq!(cluster.get(SECRET).unwrap(), installed);
-    let st = vmcsr_status(&cluster);
-    assert_eq!(st["phase"], "Failed");
-    assert!(
-        st["lastError"].as_str().unwrap().contains(
-            "the signer would refuse to renew: its grants do not let this client ask for mesh test/cluster-a of virtual mesh test/vm (it may ask for nothing)"
-        ),
-        "{st}"
-    );
+    fails_keeping_the_secret(
+        &cluster,
+        &installed,
+        "the signer would refuse to renew: its grants do not let this client ask for mesh test/cluster-a of virtual mesh test/vm (it may ask for nothing)",
+    )
+    .await;
     // The signer answered: reachable, the request failing.
     let text = cluster.metrics.render();
     let a = "{request=\"service-mesh-hub/cluster-a\"}";
@@ -632,6 +620,18 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
         released["spec"].get("holderIdentity").is_none(),
         "{released}"
     );
+}
+
+/// A pass that fails by name (`needle` in `lastError`, reason `SignerError`), writing
+/// nothing to the Secret, which is still `installed`.
+async fn fails_keeping_the_secret(cluster: &Cluster, installed: &Value, needle: &str) {
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
+    assert_eq!(&cluster.get(SECRET).unwrap(), installed);
+    let st = vmcsr_status(cluster);
+    assert_eq!(st["phase"], "Failed");
+    assert!(st["lastError"].as_str().unwrap().contains(needle), "{st}");
+    assert_eq!(st["conditions"][0]["reason"], "SignerError");
 }
 
 fn unix(t: std::time::SystemTime) -> i64 {
