@@ -818,6 +818,11 @@ async fn an_announced_next_root_joins_the_secret_and_stays_reported_while_the_si
     let st = vmcsr_status(&cluster);
     assert_eq!(st["serial"], serial);
     assert_eq!(st["nextRootFingerprint"], next_sha256.as_str());
+    let reachable = condition(&st, "SignerReachable");
+    assert_eq!(
+        (&reachable["status"], &reachable["reason"]),
+        (&json!("True"), &json!("Answered"))
+    );
     assert_eq!(
         st["trustedRootFingerprints"],
         json!([root_sha256, next_sha256])
@@ -831,4 +836,31 @@ async fn an_announced_next_root_joins_the_secret_and_stays_reported_while_the_si
     let st = vmcsr_status(&cluster);
     assert_eq!(st["nextRootFingerprint"], next_sha256.as_str(), "{st}");
     assert_eq!(st["phase"], "Installed", "{st}");
+    // Ready (the intermediate in place is valid and not due), the signer not answering:
+    // the condition says so, with the error.
+    let ready = condition(&st, "Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("Installed"))
+    );
+    let reachable = condition(&st, "SignerReachable");
+    assert_eq!(
+        (&reachable["status"], &reachable["reason"]),
+        (&json!("False"), &json!("Unreachable"))
+    );
+    assert!(
+        reachable["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot reach the signer at https://"),
+        "{st}"
+    );
+}
+
+/// The condition `type_` of a request's status.
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
 }

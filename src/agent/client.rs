@@ -3,8 +3,7 @@
 //! whose connection closed before any answer is sent once more on a new connection.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -242,22 +241,27 @@ pub enum SignerContact {
     Unreachable,
 }
 
-/// The [`SignerContact`] of a client's last request, readable by whoever reports it
-/// after the client is gone.
+/// The [`SignerContact`] of a client's last request, and the error when there was no
+/// answer, readable by whoever reports them after the client is gone.
 #[derive(Clone, Debug, Default)]
-pub struct ContactRecord(Arc<AtomicU8>);
+pub struct ContactRecord(Arc<Mutex<(SignerContact, Option<String>)>>);
 
 impl ContactRecord {
-    fn record(&self, contact: SignerContact) {
-        self.0.store(contact as u8, Ordering::Relaxed);
+    fn record(&self, contact: SignerContact, error: Option<String>) {
+        *self.lock() = (contact, error);
     }
 
     pub fn last(&self) -> SignerContact {
-        match self.0.load(Ordering::Relaxed) {
-            x if x == SignerContact::Answered as u8 => SignerContact::Answered,
-            x if x == SignerContact::Unreachable as u8 => SignerContact::Unreachable,
-            _ => SignerContact::NotAsked,
-        }
+        self.lock().0
+    }
+
+    /// Why the last request got no answer, if it did not.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().1.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (SignerContact, Option<String>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -316,10 +320,12 @@ impl SignerClient {
         &self,
         sent: Result<reqwest::Response, ClientError>,
     ) -> Result<reqwest::Response, ClientError> {
-        self.contact.record(match sent {
-            Ok(_) => SignerContact::Answered,
-            Err(_) => SignerContact::Unreachable,
-        });
+        match &sent {
+            Ok(_) => self.contact.record(SignerContact::Answered, None),
+            Err(e) => self
+                .contact
+                .record(SignerContact::Unreachable, Some(e.to_string())),
+        }
         sent
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::client::{ContactRecord, PublicPolicy, SignerClient};
+use super::client::{ContactRecord, PublicPolicy, SignerClient, SignerContact};
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, classify_secret};
@@ -75,6 +75,10 @@ impl ReconcileError {
         }
     }
 }
+
+/// The condition that says whether the signer answered the request's last pass that asked
+/// it (reason `Answered`, or `Unreachable` with the error).
+pub const SIGNER_REACHABLE: &str = "SignerReachable";
 
 /// Sets (or updates) a condition; its transition time changes only when its status does.
 pub fn set_condition(
@@ -240,6 +244,28 @@ impl Controller {
             }
         };
         status.observed_generation = generation;
+        // The status side of `meshca_agent_signer_reachable`: `Ready` stays True on a pass
+        // that needed nothing from an unreachable signer.
+        let reachable = match contact.last() {
+            SignerContact::Answered => Some((true, "Answered", String::new())),
+            SignerContact::Unreachable => Some((
+                false,
+                "Unreachable",
+                contact.last_error().unwrap_or_default(),
+            )),
+            SignerContact::NotAsked => None,
+        };
+        if let Some((answered, reason, message)) = reachable {
+            set_condition(
+                &mut status.conditions,
+                SIGNER_REACHABLE,
+                answered,
+                reason,
+                &message,
+                generation,
+                now,
+            );
+        }
         let installed = status
             .not_after
             .as_deref()
