@@ -147,6 +147,7 @@ pub fn server_config(
     let provider = provider();
     let crls = client_crls::read(crls)?;
     let client_cas = load_certificates(client_ca)?;
+    let client_ca_not_after = earliest_not_after(&client_cas, client_ca)?;
     let chain = load_certificates(cert)?;
     let private_key = load_private_key(key)?;
     let fingerprint = MaterialFingerprint::builder()
@@ -178,6 +179,7 @@ pub fn server_config(
     Ok(ServerTls {
         config,
         certificate_not_after,
+        client_ca_not_after,
         crl_next_updates: crls.next_updates,
         superseded_crls: crls.superseded,
         fingerprint,
@@ -189,6 +191,9 @@ pub fn server_config(
 pub struct ServerTls {
     pub config: rustls::ServerConfig,
     pub certificate_not_after: std::time::SystemTime,
+    /// When the first of the client CA certificates expires: from then on, no client whose
+    /// certificate chains only to it gets through the handshake.
+    pub client_ca_not_after: std::time::SystemTime,
     pub crl_next_updates: Vec<CrlNextUpdate>,
     /// CRLs listed but not enforced: a newer one of their issuer was listed too.
     pub superseded_crls: Vec<SupersededCrl>,
@@ -286,15 +291,36 @@ fn leaf_not_after(
     chain: &[CertificateDer<'_>],
     path: &Path,
 ) -> Result<std::time::SystemTime, TlsError> {
-    let error = |message: String| TlsError::Certificates {
+    let leaf = chain.first().ok_or_else(|| no_certificate(path))?;
+    not_after(leaf, path)
+}
+
+/// The earliest notAfter of the certificates read from `path`.
+fn earliest_not_after(
+    certs: &[CertificateDer<'_>],
+    path: &Path,
+) -> Result<std::time::SystemTime, TlsError> {
+    let mut earliest: Option<std::time::SystemTime> = None;
+    for cert in certs {
+        let ends = not_after(cert, path)?;
+        earliest = Some(earliest.map_or(ends, |e| e.min(ends)));
+    }
+    earliest.ok_or_else(|| no_certificate(path))
+}
+
+fn not_after(cert: &CertificateDer<'_>, path: &Path) -> Result<std::time::SystemTime, TlsError> {
+    let cert = Certificate::from_der(cert).map_err(|e| TlsError::Certificates {
         path: path.display().to_string(),
-        message,
-    };
-    let leaf = chain
-        .first()
-        .ok_or_else(|| error("no certificate".into()))?;
-    let leaf = Certificate::from_der(leaf).map_err(|e| error(e.to_string()))?;
-    Ok(leaf.tbs_certificate().validity().not_after.to_system_time())
+        message: e.to_string(),
+    })?;
+    Ok(cert.tbs_certificate().validity().not_after.to_system_time())
+}
+
+fn no_certificate(path: &Path) -> TlsError {
+    TlsError::Certificates {
+        path: path.display().to_string(),
+        message: "no certificate".into(),
+    }
 }
 
 /// A client's rustls configuration and when its own certificate expires.

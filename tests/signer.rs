@@ -530,6 +530,12 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
     }
+    // When the transport CA the clients chain to ends, as openssl reads it.
+    assert_eq!(
+        metric_sample(&metrics, "meshca_tls_client_ca_not_after_timestamp_seconds"),
+        Some(certificate_date_unix(&env.path("pki/ca.pem"), "enddate")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -1228,6 +1234,28 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
         report.contains("warning: the root certificate expires at"),
         "{report}"
     );
+
+    // A client CA bundle holding a CA that ends within 14 days: named (every client
+    // chaining only to it will be refused from then on).
+    let client_ca = std::fs::read_to_string(env.path("pki/ca.pem")).unwrap();
+    let short = openssl_self_signed_ca(env.dir.path(), "short-ca", "/O=acme/CN=short CA", 0..10);
+    std::fs::write(
+        env.path("pki/ca.pem"),
+        client_ca.clone() + &std::fs::read_to_string(&short).unwrap(),
+    )
+    .unwrap();
+    let report = check(true);
+    let ends = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(certificate_date_unix(&short, "enddate") as u64);
+    let warning = format!(
+        "warning: a client CA certificate (tls.client_ca) expires at {}",
+        meshca::signer::audit::rfc3339(ends)
+    );
+    assert!(
+        report.contains(&warning),
+        "{warning} missing from\n{report}"
+    );
+    std::fs::write(env.path("pki/ca.pem"), client_ca).unwrap();
 
     // An audit log torn by a crash, that anyone may write, is named; the check leaves it
     // as it is.

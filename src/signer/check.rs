@@ -77,6 +77,10 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             "the signer's TLS certificate".to_string(),
             tls.certificate_not_after,
         ),
+        (
+            "a client CA certificate (tls.client_ca)".to_string(),
+            tls.client_ca_not_after,
+        ),
     ];
     for (what, not_after) in expiries.into_iter().chain(announced_expiries) {
         if not_after <= now {

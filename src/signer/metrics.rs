@@ -69,6 +69,7 @@ pub struct Metrics {
     tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
+    client_ca_not_after: Gauge,
     client_crl_next_update: Family<FileLabels, Gauge>,
     announced_root_not_after: Family<AnnouncementLabels, Gauge>,
 }
@@ -151,6 +152,12 @@ impl Metrics {
             "Seconds until the signer's own TLS server certificate expires",
             tls_certificate_expiry_seconds.clone(),
         );
+        let client_ca_not_after = Gauge::default();
+        registry.register(
+            "tls_client_ca_not_after_timestamp_seconds",
+            "When the first of the client CA certificates (tls.client_ca) expires (Unix seconds): from then on, clients whose certificates chain only to it are refused at the handshake",
+            client_ca_not_after.clone(),
+        );
         let client_crl_next_update = Family::<FileLabels, Gauge>::default();
         registry.register(
             "tls_client_crl_next_update_timestamp_seconds",
@@ -160,7 +167,7 @@ impl Metrics {
         let announced_root_not_after = Family::<AnnouncementLabels, Gauge>::default();
         registry.register(
             "announced_root_not_after_timestamp_seconds",
-            "When each root the signer announces besides its own (announcement: next, previous) expires (Unix seconds); the agents skip an expired one, and a start refuses an expired next root",
+            "When each root the signer announces besides its own (announcement: next, previous) expires (Unix seconds); the agents skip an expired one",
             announced_root_not_after.clone(),
         );
         Metrics {
@@ -178,6 +185,7 @@ impl Metrics {
             rules_last_reload_successful,
             tls_certificate_expiry_seconds,
             tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
+            client_ca_not_after,
             client_crl_next_update,
             announced_root_not_after,
         }
@@ -221,6 +229,12 @@ impl Metrics {
         self.tls_last_reload_successful
             .set(i64::from(new_certificate_not_after.is_some()));
         count_outcome(&self.tls_reloads, outcome);
+    }
+
+    /// The client CA in force, at start and after each TLS reload that succeeded: when its
+    /// first certificate expires.
+    pub fn client_ca(&self, not_after: SystemTime) {
+        self.client_ca_not_after.set(unix_seconds(not_after));
     }
 
     /// The client CRLs in force, at start and after each TLS reload that succeeded: one

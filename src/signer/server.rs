@@ -174,6 +174,7 @@ pub(super) fn read_pin(
 pub(super) struct ServingTls {
     acceptor: TlsAcceptor,
     pub(super) certificate_not_after: SystemTime,
+    pub(super) client_ca_not_after: SystemTime,
     pub(super) crl_next_updates: Vec<CrlNextUpdate>,
     pub(super) superseded_crls: Vec<SupersededCrl>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
@@ -193,17 +194,20 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
     Ok(ServingTls {
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
         certificate_not_after: tls.certificate_not_after,
+        client_ca_not_after: tls.client_ca_not_after,
         crl_next_updates: tls.crl_next_updates,
         superseded_crls: tls.superseded_crls,
         fingerprint: tls.fingerprint,
     })
 }
 
-/// The client CRLs now in force (at start and on a TLS reload): exported, each one past
-/// its `nextUpdate` warned of (the signer still enforces it, but not what was revoked
-/// since; or, with `client_crl_overdue = "refuse"`, refuses the clients it covers), and
-/// each one listed but superseded by a newer one of its issuer named.
-fn client_crls_in_force(metrics: &Metrics, tls: &ServingTls, overdue: CrlOverdue) {
+/// The client CA and CRLs now in force (at start and on a TLS reload): the CA's expiry and
+/// the CRLs exported, each CRL past its `nextUpdate` warned of (the signer still enforces
+/// it, but not what was revoked since; or, with `client_crl_overdue = "refuse"`, refuses
+/// the clients it covers), and each one listed but superseded by a newer one of its issuer
+/// named.
+fn client_trust_in_force(metrics: &Metrics, tls: &ServingTls, overdue: CrlOverdue) {
+    metrics.client_ca(tls.client_ca_not_after);
     metrics.client_crls(&tls.crl_next_updates);
     for superseded in &tls.superseded_crls {
         tracing::warn!(
@@ -319,7 +323,7 @@ impl RunningSigner {
         match serving_tls(&self.config) {
             Ok(read) => {
                 let certificate_not_after = read.certificate_not_after;
-                client_crls_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
+                client_trust_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
                     if changed {
@@ -377,7 +381,7 @@ pub async fn start(
     let root = load_root(&config)?;
     let tls = serving_tls(&config)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
-    client_crls_in_force(&metrics, &tls, config.client_crl_overdue);
+    client_trust_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
     warn_of_ended_announced_roots(&config.root);
     // Runs beside the token login (another core), so neither waits for the other.
