@@ -389,29 +389,29 @@ impl Writer {
 /// Makes the log writable by the signer alone. Its chain has no key, so a line appended by
 /// anyone else who can write the file would chain as well as the signer's own: write
 /// access for group or others is removed (a file made by logrotate's `create`, or chmod-ed
-/// by hand), with a warning; if the signer may not change the mode, the file is refused.
-/// Read access by others is only warned of (a log shipper may read it by group, but its
-/// lines name clients and decisions).
+/// by hand), with a warning. If the signer may not change the mode (it does not own the
+/// file), that is logged as an error and the log is written anyway: refusing it would stop
+/// every issuance, at whatever hour the rotation ran. Read access by others is only warned
+/// of (a log shipper may read it by group, but its lines name clients and decisions).
 fn restrict_access(file: &File, path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = file.metadata()?.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
         let restricted = mode & !0o022;
-        file.set_permissions(std::fs::Permissions::from_mode(restricted))
-            .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "the log is writable by group or others (mode {mode:o}) and its mode cannot be changed: {e}"
-                    ),
-                )
-            })?;
-        tracing::warn!(
-            path = %path.display(),
-            mode = format!("{mode:o}"),
-            now = format!("{restricted:o}"),
-            "audit log was writable by group or others: their write access removed (only the signer writes it)"
-        );
+        match file.set_permissions(std::fs::Permissions::from_mode(restricted)) {
+            Ok(()) => tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                now = format!("{restricted:o}"),
+                "audit log was writable by group or others: their write access removed (only the signer writes it)"
+            ),
+            Err(e) => tracing::error!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                error = %e,
+                "audit log is writable by group or others and the signer cannot change its mode: whoever can write it can add lines that verify; make the signer's user its owner, or chmod go-w"
+            ),
+        }
     }
     if mode & 0o004 != 0 {
         tracing::warn!(

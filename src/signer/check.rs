@@ -58,7 +58,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
     }
     if audit_mode & 0o022 != 0 {
         warnings.push(format!(
-            "the audit log is writable by group or others (mode {audit_mode:o}): the start removes their write access (only the signer writes it)"
+            "the audit log is writable by group or others (mode {audit_mode:o}): the start removes their write access if the signer's user owns it (only the signer should write it)"
         ));
     }
     if audit_mode & 0o004 != 0 {
