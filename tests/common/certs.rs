@@ -16,6 +16,8 @@ use serde_json::Value;
 
 use super::{Env, EnvSpec, openssl, run_ok, send_signal, text, write};
 
+/// `genpkey` arguments of a P-384 key (the roots [`openssl_self_signed_ca`] makes).
+pub const KEYGEN_P384: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"];
 /// `genpkey` arguments of keys meshca refuses, for [`openssl_csr`].
 pub const KEYGEN_P521: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"];
 pub const KEYGEN_ED25519: &[&str] = &["-algorithm", "ED25519"];
@@ -104,28 +106,11 @@ pub fn openssl_self_signed_ca(
     subject: &str,
     days: std::ops::Range<i32>,
 ) -> PathBuf {
+    openssl_csr(dir, name, KEYGEN_P384, subject, &[]);
     let (key, csr, cert) = (
         format!("{name}.key"),
         format!("{name}.csr"),
         format!("{name}.pem"),
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-384",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
     );
     // A throwaway CA database of its own, so several such roots can share `dir`.
     let db = format!("{name}.ca");
