@@ -339,6 +339,21 @@ impl SignerClient {
         Ok(policy)
     }
 
+    /// The policy a pass goes by. `Ok(Err(e))`: the signer is unavailable (no answer, or
+    /// failing or busy: [`ClientError::is_transient`]), which a pass waits out while the
+    /// installed bundle is valid. `Err(e)`: it refused (an unknown virtual mesh, say) or
+    /// answered what meshca cannot use, which needs someone to act: the pass fails now
+    /// rather than when a renewal is due.
+    pub async fn policy_for_pass(
+        &self,
+        virtual_mesh: &ObjectRef,
+    ) -> Result<Result<PublicPolicy, ClientError>, ClientError> {
+        match self.policy(virtual_mesh).await {
+            Err(e) if !e.is_transient() => Err(e),
+            policy => Ok(policy),
+        }
+    }
+
     pub async fn sign(&self, body: &SignRequestBody) -> Result<SignResponse, ClientError> {
         let url = format!("{}/v1/sign", self.base);
         // Sent again only when no answer came: at worst the signer issues (and audits) an

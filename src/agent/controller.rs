@@ -332,12 +332,10 @@ impl Controller {
             .get_secret(&target.namespace, &target.name)
             .await?;
         let installed = classify_secret(secret.as_ref(), &owner);
-        // As in directory mode: only an unavailable signer is waited out while the bundle
-        // is valid; a refusal fails the pass now.
-        let policy = match client.policy(&virtual_mesh).await {
-            Err(e) if !e.is_transient() => return Err(AgentError::from(e).into()),
-            policy => policy,
-        };
+        let policy = client
+            .policy_for_pass(&virtual_mesh)
+            .await
+            .map_err(AgentError::from)?;
         let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
         let desired = Desired {
             mesh_name: mesh.name.clone(),

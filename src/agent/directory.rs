@@ -113,14 +113,9 @@ pub async fn reconcile(
     now: SystemTime,
 ) -> Result<DirOutcome, AgentError> {
     let installed = classify(&opts.target);
-    // The policy tells the signer's current root; without it (signer down) a valid
-    // bundle is still judged on its own. A refusal (an unknown virtual mesh, say) or a
-    // policy meshca cannot use needs someone to act: the pass fails now, files untouched,
-    // rather than when a renewal is due.
-    let policy = match client.policy(&opts.virtual_mesh).await {
-        Err(e) if !e.is_transient() => return Err(e.into()),
-        policy => policy,
-    };
+    // The policy tells the signer's current root; without it (signer unavailable) a valid
+    // bundle is still judged on its own.
+    let policy = client.policy_for_pass(&opts.virtual_mesh).await?;
     let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
     let desired = Desired {
         mesh_name: opts.mesh.name.clone(),
