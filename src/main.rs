@@ -208,7 +208,22 @@ enum AuditCommand {
     Verify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// A line the log must still hold, by its hash: the `last_hash` of a signer's
+        /// "audit log head" log line (kept off the host), or a last hash this command
+        /// printed before. Fails if no line of the files hashes to it: lines were cut
+        /// from the end, or it is another log's. Repeatable.
+        #[arg(long = "expect-hash", value_name = "SHA256", value_parser = parse_line_hash)]
+        expect_hashes: Vec<String>,
     },
+}
+
+/// A line's SHA-256 as the audit log writes it: 64 hex digits (either case is taken).
+fn parse_line_hash(text: &str) -> Result<String, String> {
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err("not a line hash: expected 64 hex digits (a SHA-256), as `meshca audit verify` and the signer's \"audit log head\" line print it".into())
+    }
 }
 
 /// How a cluster reaches the signer over mTLS (`meshca request` and `meshca agent`).
@@ -681,19 +696,25 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::MeshController(args) => return mesh_controller(args),
         Command::Agent(args) => return agent(args),
         Command::Audit {
-            command: AuditCommand::Verify { files },
+            command:
+                AuditCommand::Verify {
+                    files,
+                    expect_hashes,
+                },
         } => {
             let mut after: Option<String> = None;
+            let mut missing = expect_hashes.clone();
             for file in &files {
                 let reader = BufReader::new(
                     std::fs::File::open(file)
                         .with_context(|| format!("cannot open {}", file.display()))?,
                 );
-                match audit::verify(reader, after.as_deref())? {
+                match audit::verify(reader, after.as_deref(), &expect_hashes)? {
                     VerifyOutcome::Intact {
                         records,
                         last_hash,
                         continues_from,
+                        anchored,
                     } => {
                         println!(
                             "meshca: audit log {} is intact: {records} records, last hash {last_hash}",
@@ -704,6 +725,13 @@ fn run(command: Command) -> Result<ExitCode> {
                                 "  it continues an earlier file (rotated away) whose last line hashes to {earlier}: verify them together, oldest first, to check the link"
                             );
                         }
+                        for (hash, line) in anchored {
+                            println!(
+                                "  holds the expected line {hash}: line {line}, {} records after it",
+                                records - line
+                            );
+                            missing.retain(|m| *m != hash);
+                        }
                         after = Some(last_hash);
                     }
                     VerifyOutcome::Broken { line, problem } => {
@@ -713,6 +741,17 @@ fn run(command: Command) -> Result<ExitCode> {
                         );
                     }
                 }
+            }
+            if !missing.is_empty() {
+                bail!(
+                    "no line of {} hashes to {}: lines were cut from the end of the log after that hash was recorded (or the hash is another log's, or of a file not given)",
+                    files
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    missing.join(", ")
+                );
             }
         }
         Command::Federation {

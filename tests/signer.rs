@@ -750,6 +750,87 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
     );
 }
 
+/// The `last_hash` of each "audit log head" line of the signer's (JSON) log.
+fn logged_audit_heads(logs: &str) -> Vec<String> {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("audit log head")
+        })
+        .map(|l| l["last_hash"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn lines_cut_from_the_end_of_the_audit_log_are_found_by_the_head_the_signer_logged() {
+    let env = Env::new();
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    for _ in 0..3 {
+        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+        let (status, _) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+        assert_eq!(status, 200);
+    }
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+    // An empty log at start has no head to log; the stop logs the last line's hash.
+    let heads = logged_audit_heads(&signer.logs());
+    assert_eq!(heads.len(), 1, "{}", signer.logs());
+    let head = &heads[0];
+    let verified = env.audit_verify_ok();
+    assert!(
+        verified.contains(&format!("intact: 3 records, last hash {head}")),
+        "{verified}"
+    );
+    // A start on a log with lines logs its head at once.
+    let mut signer = env.start_signer();
+    let at_start = signer.wait_for_log("audit log head").await;
+    assert!(at_start.contains(head.as_str()), "{at_start}");
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+
+    let held = run_ok(
+        env.meshca()
+            .args(["audit", "verify", "audit.log", "--expect-hash"])
+            .arg(head.to_uppercase()),
+    );
+    let held = text(&held.stdout);
+    assert!(
+        held.contains(&format!(
+            "holds the expected line {head}: line 3, 0 records after it"
+        )),
+        "{held}"
+    );
+
+    // The last line cut: the chain alone still verifies, the logged head does not.
+    let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    let kept: String = log.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(env.path("audit.log"), kept).unwrap();
+    assert!(env.audit_verify_ok().contains("intact: 2 records"));
+    let out = run(env
+        .meshca()
+        .args(["audit", "verify", "audit.log", "--expect-hash", head]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "no line of audit.log hashes to {head}: lines were cut from the end of the log"
+        )),
+        "{stderr}"
+    );
+
+    let out = run(env
+        .meshca()
+        .args(["audit", "verify", "audit.log", "--expect-hash", "abc"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("not a line hash: expected 64 hex digits"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_files() {
     use std::os::unix::fs::PermissionsExt;

@@ -13,14 +13,20 @@
 //! The log may be rotated while the signer runs: once the file is moved away, the writer
 //! creates a new one at the path for its next lines, beginning with a `rotation` record
 //! that continues the chain from the moved file's last line.
+//!
+//! The chain has no key, and lines cut from the end of the newest file leave a chain that
+//! still verifies. The writer therefore publishes the hash of the last line it wrote (the
+//! chain's head, [`AuditLog::head`]); the signer logs it now and then ([`HeadAnchor`]), and
+//! `meshca audit verify --expect-hash` shows a log still holds a line a copy off the host
+//! recorded.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -100,6 +106,7 @@ pub struct AuditLog {
     healthy: Arc<AtomicBool>,
     announced: Arc<Announced>,
     commits: Counter,
+    head: Arc<Mutex<String>>,
     path: PathBuf,
 }
 
@@ -191,6 +198,7 @@ impl AuditLog {
             writer: OnceLock::new(),
         });
         let commits = Counter::default();
+        let head = Arc::new(Mutex::new(last_hash.clone()));
         let identity = FileIdentity::of(&file.metadata().map_err(io)?);
         let writer = Writer {
             file,
@@ -201,6 +209,7 @@ impl AuditLog {
             healthy: healthy.clone(),
             announced: announced.clone(),
             commits: commits.clone(),
+            head: head.clone(),
             commit_delay,
         };
         let thread = std::thread::Builder::new()
@@ -214,6 +223,7 @@ impl AuditLog {
                 healthy,
                 announced,
                 commits,
+                head,
                 path: path.to_path_buf(),
             },
             report,
@@ -256,6 +266,40 @@ impl AuditLog {
     pub fn commits(&self) -> &Counter {
         &self.commits
     }
+
+    /// The hash of the last line on disk (the chain's head; [`GENESIS`] for an empty log):
+    /// what `meshca audit verify` prints as the last hash, once nothing is written after it.
+    pub fn head(&self) -> String {
+        self.head
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// Logs the chain's head when it has moved since it was last logged, so that the signer's
+/// own log, shipped off the host, holds hashes of lines the audit log must still contain:
+/// lines cut from the end of the audit log are then found by `meshca audit verify
+/// --expect-hash`, except those written after the last logged head.
+#[derive(Debug, Default)]
+pub struct HeadAnchor {
+    last_logged: Option<String>,
+}
+
+impl HeadAnchor {
+    pub fn log_if_moved(&mut self, audit: &AuditLog) {
+        let head = audit.head();
+        // An empty log has no line to vouch for.
+        if head == GENESIS || self.last_logged.as_ref() == Some(&head) {
+            return;
+        }
+        tracing::info!(
+            audit_log = %audit.path().display(),
+            last_hash = %head,
+            "audit log head: its last line hashes to last_hash (keep this line: `meshca audit verify --expect-hash` checks the log still holds that line)"
+        );
+        self.last_logged = Some(head);
+    }
 }
 
 struct Writer {
@@ -269,6 +313,8 @@ struct Writer {
     healthy: Arc<AtomicBool>,
     announced: Arc<Announced>,
     commits: Counter,
+    /// Shared with [`AuditLog::head`]; follows `last_hash` after each commit.
+    head: Arc<Mutex<String>>,
     commit_delay: Duration,
 }
 
@@ -340,6 +386,10 @@ impl Writer {
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
+                *self
+                    .head
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = hash.clone();
                 self.last_hash = hash;
                 self.rotation_to_record = false;
                 self.commits.inc();
@@ -512,6 +562,9 @@ pub enum VerifyOutcome {
         /// The file begins with a `rotation` record: the hash of the last line of the file
         /// it continues (moved away by a rotation).
         continues_from: Option<String>,
+        /// Of the hashes asked for ([`verify`]'s `anchors`), each one a line of this file
+        /// hashes to, with that line's number.
+        anchored: Vec<(String, usize)>,
     },
     Broken {
         line: usize,
@@ -522,12 +575,15 @@ pub enum VerifyOutcome {
 /// Checks every line's `prev` against the hash of the line before it. The first line's
 /// `prev` must be `after` (the last hash of the file this one follows) when given; else
 /// the chain's start, or the line is a `rotation` record continuing a file not given.
+/// Lines whose hash is one of `anchors` are named in the outcome.
 pub fn verify(
     reader: impl std::io::BufRead,
     after: Option<&str>,
+    anchors: &[String],
 ) -> std::io::Result<VerifyOutcome> {
     let mut prev = after.unwrap_or(GENESIS).to_string();
     let mut continues_from = None;
+    let mut anchored = Vec::new();
     let mut records = 0;
     let mut lines = reader.split(b'\n').peekable();
     let mut number = 0;
@@ -579,11 +635,15 @@ pub fn verify(
         }
         prev = hex(&sha2::Sha256::digest(&line));
         records += 1;
+        if anchors.contains(&prev) {
+            anchored.push((prev.clone(), number));
+        }
     }
     Ok(VerifyOutcome::Intact {
         records,
         last_hash: prev,
         continues_from,
+        anchored,
     })
 }
 
@@ -620,7 +680,12 @@ mod tests {
     }
 
     fn verify_after(path: &Path, after: Option<&str>) -> VerifyOutcome {
-        verify(std::io::BufReader::new(File::open(path).unwrap()), after).unwrap()
+        verify(
+            std::io::BufReader::new(File::open(path).unwrap()),
+            after,
+            &[],
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -661,6 +726,59 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_head_is_the_last_lines_hash_and_finds_lines_cut_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        assert_eq!(log.head(), GENESIS);
+        let mut heads = Vec::new();
+        for n in 0..3 {
+            log.append(record(n), log.expect_line()).await.unwrap();
+            heads.push(log.head());
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let hashes: Vec<String> = lines
+            .iter()
+            .map(|l| hex(&sha2::Sha256::digest(l.as_bytes())))
+            .collect();
+        assert_eq!(heads, hashes);
+        // Reopened, the head is read back from the file.
+        drop(log);
+        let (log, _) = AuditLog::open(&path).unwrap();
+        assert_eq!(log.head(), hashes[2]);
+        drop(log);
+
+        let anchors = [hashes[1].clone(), hashes[2].clone()];
+        let check = || {
+            verify(
+                std::io::BufReader::new(File::open(&path).unwrap()),
+                None,
+                &anchors,
+            )
+            .unwrap()
+        };
+        let VerifyOutcome::Intact { anchored, .. } = check() else {
+            panic!("{:?}", check());
+        };
+        assert_eq!(
+            anchored,
+            vec![(hashes[1].clone(), 2), (hashes[2].clone(), 3)]
+        );
+        // The last line cut: the chain still verifies, the anchor on it is not found.
+        std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+        let VerifyOutcome::Intact {
+            records: 2,
+            anchored,
+            ..
+        } = check()
+        else {
+            panic!("{:?}", check());
+        };
+        assert_eq!(anchored, vec![(hashes[1].clone(), 2)]);
     }
 
     #[tokio::test]
@@ -791,6 +909,7 @@ mod tests {
             records: 2,
             last_hash: first_last,
             continues_from: None,
+            ..
         } = verify_file(&moved(1))
         else {
             panic!("{:?}", verify_file(&moved(1)));
@@ -799,6 +918,7 @@ mod tests {
             records: 3,
             last_hash: second_last,
             continues_from: None,
+            ..
         } = verify_after(&moved(2), Some(&first_last))
         else {
             panic!("{:?}", verify_after(&moved(2), Some(&first_last)));
@@ -807,6 +927,7 @@ mod tests {
             records: 2,
             last_hash: third_last,
             continues_from: None,
+            ..
         } = verify_after(&path, Some(&second_last))
         else {
             panic!("{:?}", verify_after(&path, Some(&second_last)));
@@ -818,6 +939,7 @@ mod tests {
                 records: 2,
                 last_hash: third_last,
                 continues_from: Some(second_last),
+                anchored: vec![],
             }
         );
         // Out of order, or with a file left out: refused at the first line.

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::api::{self, ClientIdentity};
-use super::audit::{AuditLog, AuditRecord, rfc3339};
+use super::audit::{AuditLog, AuditRecord, HeadAnchor, rfc3339};
 use super::metrics::Metrics;
 use super::ratelimit::{LogThrottle, REFUSAL_TALLY_PERIOD, RateLimit, RateLimiter, RefusalTally};
 use super::reload::{Rules, RulesChange, restart_only_changes};
@@ -368,6 +368,7 @@ impl RunningSigner {
             decisions.wait().await;
         }
         api::audit_counted_refusals(&self.state).await;
+        HeadAnchor::default().log_if_moved(&self.state.audit);
         self.state.backend.close().await;
     }
 }
@@ -433,7 +434,7 @@ pub async fn start(
         config.limits.max_connections,
         shutdown_rx.clone(),
     ))];
-    tasks.push(tokio::spawn(audit_counted_refusals_periodically(
+    tasks.push(tokio::spawn(audit_upkeep_periodically(
         state.clone(),
         shutdown_rx.clone(),
     )));
@@ -613,19 +614,22 @@ const HANDSHAKE_LOG_LIMIT: RateLimit = RateLimit {
     burst: 20,
 };
 
-/// Writes the counted rate-limit refusals every period until shutdown (which writes the
-/// last counts itself, after the last decision).
-async fn audit_counted_refusals_periodically(
-    state: Arc<SignerState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Every period until shutdown (which does both once more, after the last decision):
+/// writes the counted rate-limit refusals, then logs the audit log's head if it moved (at
+/// once too, for a log that already has lines).
+async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut head = HeadAnchor::default();
+    head.log_if_moved(&state.audit);
     let mut ticks = tokio::time::interval(REFUSAL_TALLY_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // An interval's first tick is at once; the first counts are a period away.
     ticks.tick().await;
     loop {
         tokio::select! {
-            _ = ticks.tick() => api::audit_counted_refusals(&state).await,
+            _ = ticks.tick() => {
+                api::audit_counted_refusals(&state).await;
+                head.log_if_moved(&state.audit);
+            }
             _ = stopped(&mut shutdown) => return,
         }
     }
