@@ -24,6 +24,7 @@ use meshca::config::{BackendKind, SignerConfig};
 use meshca::pki::bundle::verify_bundle;
 use meshca::pki::keys::KeyType;
 use meshca::pki::pem::decode_certificates;
+use meshca::pki::profile::RootCa;
 use meshca::policy::ObjectRef;
 use meshca::secret::SecretSource;
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
@@ -462,14 +463,41 @@ fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
-    let settings = vault_settings(config)?;
-    let root = meshca::signer::server::load_root(config)?;
+/// `root show`'s certificates: the root in force, then the roots announced beside it (a
+/// root change under way), each with what an operator compares against the agents'
+/// bundles and the metrics.
+fn print_root_certificates(config: &SignerConfig, root: &RootCa) {
+    let now = SystemTime::now();
     println!("root certificate {}", config.root.certificate.display());
     println!("  subject      {}", root.subject);
     println!("  key          {}", root.key_kind);
     println!("  not after    {}", rfc3339(root.not_after));
     println!("  sha256       {}", root.fingerprint_sha256);
+    for announced in config.root.announced() {
+        println!(
+            "{} {} ({}, announced to the agents)",
+            announced.announcement.name(),
+            announced.path.display(),
+            announced.announcement.key()
+        );
+        println!("  key          {}", announced.key_kind);
+        println!(
+            "  not after    {}{}",
+            rfc3339(announced.not_after),
+            if announced.not_after <= now {
+                " (EXPIRED: the agents no longer trust it)"
+            } else {
+                ""
+            }
+        );
+        println!("  sha256       {}", announced.fingerprint_sha256);
+    }
+}
+
+fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
+    let settings = vault_settings(config)?;
+    let root = meshca::signer::server::load_root(config)?;
+    print_root_certificates(config, &root);
     let info = runtime()?.block_on(vault_root::inspect(settings))?;
     let issuer_pem_matches = meshca::pki::pem::decode_certificates(&info.issuer.certificate_pem)
         .ok()
@@ -563,11 +591,7 @@ fn run(command: Command) -> Result<ExitCode> {
             }
             let settings = pkcs11_settings(&config)?;
             let root = meshca::signer::server::load_root(&config)?;
-            println!("root certificate {}", config.root.certificate.display());
-            println!("  subject      {}", root.subject);
-            println!("  key          {}", root.key_kind);
-            println!("  not after    {}", rfc3339(root.not_after));
-            println!("  sha256       {}", root.fingerprint_sha256);
+            print_root_certificates(&config, &root);
             let pin = settings.pin.read()?;
             let attrs = pkcs11::inspect_key(settings, &pin)?;
             println!("private key {}", settings.key);

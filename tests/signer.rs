@@ -1017,6 +1017,14 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
         report.contains("next root       ") && report.contains(&next_sha256),
         "{report}"
     );
+    let shown = root_show(&env);
+    assert!(
+        shown.contains("next root ")
+            && shown.contains("next-root-cert.pem (root.next_certificate, announced")
+            && shown.contains(&format!("sha256       {next_sha256}"))
+            && !shown.contains("EXPIRED"),
+        "{shown}"
+    );
     env.announce_next_root(None);
     sighup();
     let line = reloaded(4).await;
@@ -1052,6 +1060,12 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
     assert!(
         report.contains("warning: the next root (root.next_certificate) expired at"),
         "{report}"
+    );
+    let shown = root_show(&env);
+    assert!(
+        shown.contains("(EXPIRED: the agents no longer trust it)")
+            && shown.contains(&format!("sha256       {ended_sha256}")),
+        "{shown}"
     );
     assert_eq!(
         announced_root_not_after(&signer, &client, "next").await,
@@ -1120,6 +1134,13 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
         report.contains("previous root   ") && report.contains(&old_sha256),
         "{report}"
     );
+    let shown = root_show(&env);
+    assert!(
+        shown.contains(&format!("sha256       {new_sha256}"))
+            && shown.contains("root-cert.pem (root.previous_certificate, announced")
+            && shown.contains(&format!("sha256       {old_sha256}")),
+        "{shown}"
+    );
     // Its end, as openssl reads it, is exported (an alert watches the next root's).
     assert_eq!(
         announced_root_not_after(&signer, &client, "previous").await,
@@ -1187,6 +1208,11 @@ async fn a_previous_root_is_announced_after_the_switch_until_withdrawn() {
         None
     );
     assert_reload_audited(&signer, &withdrawn);
+}
+
+/// What `meshca root show` prints (it logs in to the token beside the running signer).
+fn root_show(env: &Env) -> String {
+    text(&env.run_with_config_ok(&["root", "show"]).stdout)
 }
 
 /// The SHA-256 of the certificate (PEM) in `field` of a policy answer, as openssl computes
