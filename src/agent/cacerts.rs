@@ -5,12 +5,15 @@
 //! the files live in a versioned directory `..<time>`, `..data` points at it, and each of
 //! the four names is a symlink into `..data`. Replacing the set is a single rename of
 //! `..data`, so a reader sees the old four files or the new four, never a mix, and a crash
-//! at any point leaves one complete set.
+//! at any point leaves one complete set. The one exception is the first write over plain
+//! files (another tool's layout, taken over with adopt): the four names become symlinks
+//! one rename at a time, so a reader (or a crash) in between sees some new files and some
+//! old ones; the agent's next pass finds such a mix damaged and writes the set again.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::fsutil::{sync_dir, write_atomic};
@@ -44,6 +47,15 @@ pub fn read_bundle(dir: &Path) -> io::Result<BundleFiles> {
 
 /// Writes the bundle into `dir` as one atomic set (see the module docs).
 pub fn write_bundle(dir: &Path, files: &BundleFiles) -> io::Result<()> {
+    write_bundle_with(dir, files, write_atomic)
+}
+
+/// [`write_bundle`], each file written by `write_file` (a failing one in tests).
+fn write_bundle_with(
+    dir: &Path,
+    files: &BundleFiles,
+    write_file: impl Fn(&Path, &[u8], u32) -> io::Result<()>,
+) -> io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -51,10 +63,18 @@ pub fn write_bundle(dir: &Path, files: &BundleFiles) -> io::Result<()> {
     let previous = fs::read_link(dir.join(DATA_LINK)).ok();
 
     let version = new_version_dir(dir)?;
-    for (name, contents, mode) in entries(files) {
-        write_atomic(&version.join(name), contents.as_bytes(), mode)?;
+    let filled = entries(files)
+        .into_iter()
+        .try_for_each(|(name, contents, mode)| {
+            write_file(&version.join(name), contents.as_bytes(), mode)
+        })
+        .and_then(|()| sync_dir(&version));
+    if let Err(e) = filled {
+        // Nothing refers to it yet: take its key away with it rather than leave a signed
+        // intermediate's key behind at each failed pass.
+        let _ = fs::remove_dir_all(&version);
+        return Err(e);
     }
-    sync_dir(&version)?;
 
     let version_name = version
         .file_name()
@@ -71,12 +91,27 @@ pub fn write_bundle(dir: &Path, files: &BundleFiles) -> io::Result<()> {
 
     if let Some(old) = previous
         && old != version_name
-        && old.to_string_lossy().starts_with("..")
+        && is_version_dir_name(&old)
     {
         // Best effort: the old set is no longer referenced.
         let _ = fs::remove_dir_all(dir.join(old));
     }
     Ok(())
+}
+
+/// Whether a `..data` target names a version directory inside the cacerts directory, the
+/// only thing the cleanup may remove: one plain name beginning with `..` (meshca's
+/// `..<time>.<n>`, kubelet's `..<date>`). A link edited by hand to `..`, `../elsewhere` or
+/// an absolute path would otherwise have the cleanup remove a directory outside it.
+fn is_version_dir_name(target: &Path) -> bool {
+    let mut components = target.components();
+    match (components.next(), components.next()) {
+        (Some(Component::Normal(name)), None) => {
+            let name = name.to_string_lossy();
+            name.len() > 2 && name.starts_with("..") && name != DATA_LINK
+        }
+        _ => false,
+    }
 }
 
 /// Creates `..<unique time>` with mode 0755 (the key inside is 0600).
@@ -148,6 +183,60 @@ mod tests {
         names.sort();
         assert_eq!(names.len(), 6, "{names:?}");
         assert!(names.contains(&"..data".to_string()));
+    }
+
+    /// The names in `dir`, sorted.
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_set_and_leaves_no_key_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bundle(dir.path(), &files("one")).unwrap();
+        let before = names_in(dir.path());
+        // Fails after the key is written, as a full disk would.
+        let failing = |path: &Path, contents: &[u8], mode: u32| {
+            if path.ends_with(CERT_CHAIN) {
+                return Err(io::Error::other("no space left on device"));
+            }
+            write_atomic(path, contents, mode)
+        };
+        let err = write_bundle_with(dir.path(), &files("two"), failing).unwrap_err();
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert_eq!(names_in(dir.path()), before);
+        assert_eq!(read_bundle(dir.path()).unwrap(), files("one"));
+    }
+
+    #[test]
+    fn the_cleanup_removes_nothing_a_data_link_edited_by_hand_points_to_outside() {
+        let parent = tempfile::tempdir().unwrap();
+        let outside = parent.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), "keep").unwrap();
+        let target = parent.path().join("cacerts");
+        let outside_abs = outside.to_string_lossy().into_owned();
+        for link in ["..", "../outside", outside_abs.as_str(), "..data"] {
+            write_bundle(&target, &files("one")).unwrap();
+            let data = target.join(DATA_LINK);
+            fs::remove_file(&data).unwrap();
+            std::os::unix::fs::symlink(link, &data).unwrap();
+            write_bundle(&target, &files("two")).unwrap();
+            assert_eq!(read_bundle(&target).unwrap(), files("two"), "{link}");
+            assert_eq!(
+                fs::read_to_string(outside.join("keep")).unwrap(),
+                "keep",
+                "{link}"
+            );
+        }
+        assert!(is_version_dir_name(Path::new("..2026_11_30_03_00_00.123")));
+        assert!(!is_version_dir_name(Path::new("..")));
+        assert!(!is_version_dir_name(Path::new("..a/b")));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! A directory is meshca's when its `..data` is a symlink (what [`super::cacerts`] writes);
 //! plain files put there by someone else are foreign and replaced only with `--adopt`.
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -70,32 +71,50 @@ impl DirOutcome {
     }
 }
 
-/// Classifies what `dir` holds (see the module docs).
-pub fn classify(dir: &Path) -> Installed {
-    let names = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
-    let data = dir.join("..data");
-    let is_ours = std::fs::symlink_metadata(&data).is_ok_and(|m| m.file_type().is_symlink());
-    let any_file = names
-        .iter()
-        .any(|n| std::fs::symlink_metadata(dir.join(n)).is_ok());
-    let root_cert = std::fs::read_to_string(dir.join(ROOT_CERT)).ok();
+/// Classifies what `dir` holds (see the module docs). Only a name that does not exist is
+/// absent: one the agent cannot look at (permissions, I/O, a file where a directory should
+/// be) fails the pass by name, before the signer is asked for a bundle that could not be
+/// written anyway.
+pub fn classify(dir: &Path) -> Result<Installed, AgentError> {
+    let cannot_look = |path: &Path, e: std::io::Error| AgentError::Look {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let look = |path: &Path| match std::fs::symlink_metadata(path) {
+        Ok(meta) => Ok(Some(meta)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(cannot_look(path, e)),
+    };
+    let is_ours = look(&dir.join("..data"))?.is_some_and(|m| m.file_type().is_symlink());
+    let mut any_file = false;
+    for name in [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT] {
+        any_file |= look(&dir.join(name))?.is_some();
+    }
+    let root_path = dir.join(ROOT_CERT);
+    // A missing or garbled root-cert.pem is part of what is found (damaged, or foreign
+    // roots to keep when there are any); one that cannot be read is not.
+    let root_cert = match std::fs::read_to_string(&root_path) {
+        Ok(text) => Some(text),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidData) => None,
+        Err(e) => return Err(cannot_look(&root_path, e)),
+    };
     if !is_ours {
-        return if any_file {
+        return Ok(if any_file {
             Installed::Foreign {
                 what: format!("{} (files not written by meshca)", dir.display()),
                 root_cert,
             }
         } else {
             Installed::None
-        };
+        });
     }
-    match cacerts::read_bundle(dir) {
+    Ok(match cacerts::read_bundle(dir) {
         Ok(files) => Installed::Ours(files),
         Err(e) => Installed::Unreadable {
             problem: e.to_string(),
             root_cert,
         },
-    }
+    })
 }
 
 fn write(dir: &Path, files: &BundleFiles) -> Result<(), AgentError> {
@@ -112,7 +131,7 @@ pub async fn reconcile(
     opts: &DirOptions,
     now: SystemTime,
 ) -> Result<DirOutcome, AgentError> {
-    let installed = classify(&opts.target);
+    let installed = classify(&opts.target)?;
     // The policy tells the signer's current root; without it (signer unavailable) a valid
     // bundle is still judged on its own.
     let policy = client.policy_for_pass(&opts.virtual_mesh).await?;
@@ -206,7 +225,7 @@ pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration) -> Du
 /// notAfter and renewal time of the valid bundle in the directory, if there is one: what
 /// the metrics report while reconciles fail (the signer down, say), also after a restart.
 fn installed_times(opts: &DirOptions, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
-    let Installed::Ours(files) = classify(&opts.target) else {
+    let Ok(Installed::Ours(files)) = classify(&opts.target) else {
         return None;
     };
     let summary = verify_bundle(&files, None, now).ok()?;
@@ -376,11 +395,11 @@ mod tests {
     fn classification_of_directories() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("cacerts");
-        assert!(matches!(classify(&target), Installed::None));
+        assert!(matches!(classify(&target).unwrap(), Installed::None));
         std::fs::create_dir(&target).unwrap();
-        assert!(matches!(classify(&target), Installed::None));
+        assert!(matches!(classify(&target).unwrap(), Installed::None));
         std::fs::write(target.join(ROOT_CERT), "hand made").unwrap();
-        match classify(&target) {
+        match classify(&target).unwrap() {
             Installed::Foreign { root_cert, .. } => {
                 assert_eq!(root_cert.as_deref(), Some("hand made"))
             }
@@ -393,15 +412,32 @@ mod tests {
             root_cert: "r".into(),
         };
         cacerts::write_bundle(&target, &files).unwrap();
-        match classify(&target) {
+        match classify(&target).unwrap() {
             Installed::Ours(read) => assert_eq!(read.cert_chain, "ch"),
             other => panic!("{other:?}"),
         }
         std::fs::remove_file(target.join(CA_KEY)).unwrap();
-        match classify(&target) {
+        match classify(&target).unwrap() {
             Installed::Unreadable { problem, root_cert } => {
                 assert!(problem.contains(CA_KEY), "{problem}");
                 assert_eq!(root_cert.as_deref(), Some("r"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_target_that_cannot_be_looked_at_is_named_not_taken_for_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        std::fs::write(&target, "a file where the directory should be").unwrap();
+        match classify(&target) {
+            Err(e @ AgentError::Look { .. }) => {
+                let message = e.to_string();
+                assert!(
+                    message.contains("cacerts/..data") && message.contains("Not a directory"),
+                    "{message}"
+                );
             }
             other => panic!("{other:?}"),
         }

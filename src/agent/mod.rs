@@ -64,6 +64,8 @@ pub enum AgentError {
     Bundle(#[from] BundleError),
     #[error("cannot write {dir}: {message}")]
     Write { dir: String, message: String },
+    #[error("cannot look at {path}: {message} (nothing was asked of the signer)")]
+    Look { path: String, message: String },
     #[error("{0} is not meshca's: refusing to overwrite it (set adopt to let meshca replace it)")]
     Foreign(String),
     #[error("the signer's root does not match what it announced: {0}")]

@@ -18,12 +18,25 @@ use super::profile::{is_ca, serial_hex, verify_certificate_signature};
 use super::sigalg::PublicKeyVerifier;
 
 /// The four files of a bundle, as text.
-#[derive(Debug, Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct BundleFiles {
     pub ca_cert: String,
     pub ca_key: String,
     pub cert_chain: String,
     pub root_cert: String,
+}
+
+/// Without the key: a `{:?}` of a bundle (or of what holds one) in a log line or an error
+/// must not carry the intermediate CA's private key.
+impl std::fmt::Debug for BundleFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleFiles")
+            .field("ca_cert", &self.ca_cert)
+            .field("ca_key", &"<redacted>")
+            .field("cert_chain", &self.cert_chain)
+            .field("root_cert", &self.root_cert)
+            .finish()
+    }
 }
 
 /// File names Istio reads, in the order meshca writes them.
@@ -204,4 +217,25 @@ pub fn verify_bundle(
         root_fingerprints: roots.iter().map(fingerprint).collect(),
         anchor_fingerprint: fingerprint(anchor),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_key_out() {
+        let files = BundleFiles {
+            ca_cert: "CERT".into(),
+            ca_key: "-----BEGIN PRIVATE KEY-----SECRET".into(),
+            cert_chain: "CHAIN".into(),
+            root_cert: "ROOT".into(),
+        };
+        let shown = format!("{files:?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(
+            shown.contains("CERT") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
 }
