@@ -29,24 +29,30 @@ enum Send {
     },
 }
 
-/// An RSA CSR whose public key was given another exponent after the fact.
-fn csr_with_rsa_exponent(exponent: &[u8]) -> String {
+/// An RSA CSR whose public key (SubjectPublicKeyInfo) was changed after the fact.
+fn csr_with_rsa_key_changed(change: impl FnOnce(&mut spki::SubjectPublicKeyInfoOwned)) -> String {
     let (key, pem) = csr(KeyType::Rsa2048, "acme", "x");
     drop(key);
     let der = meshca::pki::pem::decode_single(&pem, &["CERTIFICATE REQUEST"]).unwrap();
     let mut req = x509_cert::request::CertReq::from_der(&der).unwrap();
-    let rsa =
-        rsa::pkcs1::RsaPublicKeyRef::from_der(req.info.public_key.subject_public_key.raw_bytes())
-            .unwrap();
-    let modulus = rsa.modulus.as_bytes().to_vec();
-    let changed = rsa::pkcs1::RsaPublicKeyRef {
-        modulus: der::asn1::UintRef::new(&modulus).unwrap(),
-        public_exponent: der::asn1::UintRef::new(exponent).unwrap(),
-    }
-    .to_der()
-    .unwrap();
-    req.info.public_key.subject_public_key = der::asn1::BitString::from_bytes(&changed).unwrap();
+    change(&mut req.info.public_key);
     req.to_pem(der::pem::LineEnding::LF).unwrap()
+}
+
+/// An RSA CSR whose public key was given another exponent after the fact.
+fn csr_with_rsa_exponent(exponent: &[u8]) -> String {
+    csr_with_rsa_key_changed(|key| {
+        let rsa =
+            rsa::pkcs1::RsaPublicKeyRef::from_der(key.subject_public_key.raw_bytes()).unwrap();
+        let modulus = rsa.modulus.as_bytes().to_vec();
+        let changed = rsa::pkcs1::RsaPublicKeyRef {
+            modulus: der::asn1::UintRef::new(&modulus).unwrap(),
+            public_exponent: der::asn1::UintRef::new(exponent).unwrap(),
+        }
+        .to_der()
+        .unwrap();
+        key.subject_public_key = der::asn1::BitString::from_bytes(&changed).unwrap();
+    })
 }
 
 fn pem_of(label: &str, der: &[u8]) -> String {
@@ -86,6 +92,9 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         ("RSA tiny exponent", sign(&openssl_csr("rsae3", KEYGEN_RSA_EXPONENT_3)), 403, "policy_key_exponent", "exponent 3"),
         ("RSA even exponent", sign(&csr_with_rsa_exponent(&[0x01, 0x00, 0x00])), 403, "policy_key_exponent", "65536"),
         ("RSA exponent beyond 64 bits", sign(&csr_with_rsa_exponent(&[1; 12])), 403, "policy_key_exponent", "64 bits"),
+        ("RSA key parameters absent", sign(&csr_with_rsa_key_changed(|key| key.algorithm.parameters = None)), 400, "malformed_csr", "must be NULL"),
+        ("RSA key parameters a blob", sign(&csr_with_rsa_key_changed(|key| key.algorithm.parameters = Some(der::Any::new(der::Tag::OctetString, vec![7; 4000]).unwrap()))), 400, "malformed_csr", "must be NULL"),
+        ("key with unused bits", sign(&csr_with_rsa_key_changed(|key| key.subject_public_key = der::asn1::BitString::new(1, key.subject_public_key.raw_bytes().to_vec()).unwrap())), 400, "malformed_csr", "1 unused bits"),
         ("curve P-521", sign(&openssl_csr("p521", KEYGEN_P521)), 403, "policy_key_algorithm", "curve"),
         ("curve secp256k1", sign(&openssl_csr("k256", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"])), 403, "policy_key_algorithm", "curve"),
         ("Ed25519", sign(&openssl_csr("ed", KEYGEN_ED25519)), 403, "policy_key_algorithm", "accepted key types"),

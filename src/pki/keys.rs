@@ -164,6 +164,8 @@ pub enum KeyError {
     MalformedEc(String),
     #[error("EC public key has no named-curve parameter")]
     MissingCurve,
+    #[error("malformed public key: its BIT STRING has {0} unused bits (a key is whole octets)")]
+    UnusedBits(u8),
     #[error("key generation failed: {0}")]
     Generation(String),
     #[error("cannot encode key: {0}")]
@@ -177,11 +179,30 @@ pub enum KeyError {
 /// Describes a subject public key: algorithm, RSA size and exponent, or curve.
 ///
 /// Fails only when the key claims a known algorithm but its encoding is broken (an RSA key
-/// that is not an RSAPublicKey, an EC point not on its curve): such a key could never
-/// verify anything, so it is malformed input rather than a policy question.
+/// that is not an RSAPublicKey or whose parameters are not NULL, an EC point not on its
+/// curve, a bit string with unused bits): such a key could never verify anything, or
+/// would be signed into a certificate other parsers read differently, so it is malformed
+/// input rather than a policy question. The SPKI a certificate carries is the CSR's as
+/// given, so whatever this lets through is signed.
 pub fn describe_public_key(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKeyKind, KeyError> {
     let algorithm = spki.algorithm.oid;
+    let unused_bits = spki.subject_public_key.unused_bits();
+    if unused_bits != 0 {
+        return Err(KeyError::UnusedBits(unused_bits));
+    }
     if algorithm == RSA_ENCRYPTION {
+        // RFC 3279 2.3.1: the parameters MUST be NULL (absent, or anything else, is a key
+        // Go's x509 refuses and zlint flags).
+        let null_parameters = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .is_some_and(|p| der::Tagged::tag(p) == der::Tag::Null && p.value().is_empty());
+        if !null_parameters {
+            return Err(KeyError::MalformedRsa(
+                "the rsaEncryption algorithm parameters must be NULL (RFC 3279)".into(),
+            ));
+        }
         let key = rsa::pkcs1::RsaPublicKeyRef::from_der(spki.subject_public_key.raw_bytes())
             .map_err(|e| KeyError::MalformedRsa(e.to_string()))?;
         let modulus = key.modulus.as_bytes();
@@ -404,6 +425,41 @@ mod tests {
             PrivateKey::from_pem(&pem).unwrap().key_type(),
             KeyType::Rsa2048
         );
+    }
+
+    #[test]
+    fn rsa_parameters_other_than_null_and_unused_bits_are_malformed() {
+        let key = PrivateKey::generate(KeyType::Rsa2048).unwrap();
+        let good = key.public_key_info().unwrap();
+        let with = |parameters: Option<der::Any>| SubjectPublicKeyInfoOwned {
+            algorithm: spki::AlgorithmIdentifierOwned {
+                oid: RSA_ENCRYPTION,
+                parameters,
+            },
+            subject_public_key: good.subject_public_key.clone(),
+        };
+        for parameters in [
+            None,
+            Some(der::Any::new(der::Tag::OctetString, vec![0u8; 64]).unwrap()),
+            Some(der::Any::from(SECP_256_R_1)),
+        ] {
+            let err = describe_public_key(&with(parameters.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be NULL"), "{parameters:?}: {err}");
+        }
+        assert!(describe_public_key(&with(Some(der::Any::from(der::asn1::Null)))).is_ok());
+
+        let ec = PrivateKey::generate(KeyType::EcdsaP256)
+            .unwrap()
+            .public_key_info()
+            .unwrap();
+        for mut spki in [good, ec] {
+            let bytes = spki.subject_public_key.raw_bytes().to_vec();
+            spki.subject_public_key = der::asn1::BitString::new(3, bytes).unwrap();
+            let err = describe_public_key(&spki).unwrap_err().to_string();
+            assert!(err.contains("3 unused bits"), "{err}");
+        }
     }
 
     #[test]

@@ -165,7 +165,7 @@ async fn decide_issue_and_audit(
             () = state.stop_deciding.cancelled() => Err(Refusal::new(
                 Status::Unavailable,
                 "signer_stopping",
-                "the signer stopped before this request was answered (its body had not arrived, or the backend had not signed yet); nothing was handed out",
+                "the signer stopped before this request was answered (its body had not arrived, or the backend had not finished signing); nothing was handed out (a certificate the backend was making is discarded; with Vault it stays in Vault's records)",
             )),
         },
     };
@@ -243,7 +243,7 @@ fn rate_limit(state: &SignerState, rules: &Rules, identity: Option<&str>) -> Res
     else {
         return Ok(());
     };
-    let secs = wait.as_secs().max(1);
+    let secs = retry_after_secs(wait);
     let mut refusal = Refusal::new(
         Status::TooManyRequests,
         "rate_limited",
@@ -251,6 +251,12 @@ fn rate_limit(state: &SignerState, rules: &Rules, identity: Option<&str>) -> Res
     );
     refusal.retry_after_secs = Some(secs);
     Err(refusal)
+}
+
+/// `Retry-After` for a wait: whole seconds rounded up (a client that waits what it is told
+/// finds a token), at least 1.
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Writes one audit line per client for the rate-limit refusals counted since its last
@@ -498,4 +504,19 @@ async fn method_not_allowed() -> Response {
         axum::Json(json!({"error": {"code": "method_not_allowed", "message": "method not allowed on this endpoint"}})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(100)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1900)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(6)), 6);
+    }
 }
