@@ -841,6 +841,82 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_kubeconfig_naming_the_controllers_files_or_a_command_is_refused() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    let dir = tempfile::tempdir().unwrap();
+    // What a tokenFile would send: the controller's own ServiceAccount token, in a pod.
+    let own_token = dir.path().join("token");
+    std::fs::write(&own_token, "controllers-own-token").unwrap();
+    let ran = dir.path().join("ran");
+    let inline = world.member("west").kubeconfig(&token("west"));
+    let secret = "/api/v1/namespaces/smh/secrets/west-kubeconfig";
+    let cases = [
+        (
+            inline.replace(
+                &format!("token: {}", token("west")),
+                &format!("tokenFile: {}", own_token.display()),
+            ),
+            "user \"controller\" uses tokenFile",
+        ),
+        (
+            inline.replace(
+                &format!("token: {}", token("west")),
+                &format!(
+                    "exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [\"-c\", \"touch {} && echo {{}}\"]\n      interactiveMode: Never",
+                    ran.display()
+                ),
+            ),
+            "user \"controller\" uses exec",
+        ),
+        (
+            inline.replace(
+                "    server:",
+                &format!(
+                    "    insecure-skip-tls-verify: true\n    certificate-authority: {}\n    server:",
+                    own_token.display()
+                ),
+            ),
+            "cluster \"member\" uses certificate-authority; cluster \"member\" sets insecure-skip-tls-verify",
+        ),
+    ];
+    for (kubeconfig, named) in cases {
+        assert_ne!(kubeconfig, inline);
+        world.mgmt.put(secret, secret_object("west", &kubeconfig));
+        let sent = world.pass().await;
+        assert!(sent["west"].is_empty(), "{named}: west was called");
+        let st = world.status("vm");
+        let message = member_status(&st, "west")["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains(named) && message.contains("must carry its credentials and CA inline"),
+            "{message}"
+        );
+        assert!(!message.contains("controllers-own-token"), "{message}");
+    }
+    assert!(!ran.exists(), "the exec plugin ran");
+    for requests in world.pass().await.values() {
+        assert!(requests.iter().all(|r| {
+            !r.authorization
+                .as_deref()
+                .unwrap_or("")
+                .contains("controllers-own-token")
+        }));
+    }
+
+    // Inline again: served.
+    world.mgmt.put(secret, secret_object("west", &inline));
+    let sent = world.pass().await;
+    assert!(!sent["west"].is_empty());
+    assert_eq!(
+        member_status(&world.status("vm"), "west")["message"],
+        Value::Null
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_roots_are_retired_once_every_member_reports_the_new_one() {
     let world = World::start(&["east", "west"]).await;
     world.pass().await;

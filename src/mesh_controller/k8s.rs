@@ -233,16 +233,71 @@ fn gone_is_fine(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
 }
 
 /// A client for a member cluster from its kubeconfig text. The parser's own error is not
-/// passed on: it may quote the file, and the file holds credentials.
+/// passed on: it may quote the file, and the file holds credentials. A kubeconfig that
+/// would have the controller read its own files or run a command is refused
+/// ([`refuse_local_credentials`]).
 pub async fn member_client(
     kubeconfig: &str,
     context: Option<&str>,
     source: &str,
 ) -> Result<Client, String> {
-    if kube::config::Kubeconfig::from_yaml(kubeconfig).is_err() {
+    let Ok(parsed) = kube::config::Kubeconfig::from_yaml(kubeconfig) else {
         return Err(format!("{source} is not a valid kubeconfig"));
-    }
+    };
+    refuse_local_credentials(&parsed).map_err(|e| format!("{source}: {e}"))?;
     crate::agent::k8s::client_from_kubeconfig(kubeconfig, context)
         .await
         .map_err(|e| format!("{source}: {e}"))
+}
+
+/// A member's kubeconfig comes from a Secret anyone allowed to write Secrets in a Mesh's
+/// namespace can fill, and the controller acts on it with its own filesystem: a
+/// `tokenFile` naming the controller's ServiceAccount token would send that token to
+/// whatever `server` says, a file path would read the controller's files, and `exec` or
+/// an `auth-provider` would run a command in it. So credentials and the CA must be inline
+/// (`token`, `client-certificate-data` / `client-key-data`, `certificate-authority-data`),
+/// and TLS verification on. Names the entry and the field, never a value.
+pub fn refuse_local_credentials(kubeconfig: &kube::config::Kubeconfig) -> Result<(), String> {
+    let mut found = Vec::new();
+    for named in &kubeconfig.auth_infos {
+        let Some(user) = &named.auth_info else {
+            continue;
+        };
+        let fields = [
+            ("tokenFile", user.token_file.is_some()),
+            ("client-certificate", user.client_certificate.is_some()),
+            ("client-key", user.client_key.is_some()),
+            ("exec", user.exec.is_some()),
+            ("auth-provider", user.auth_provider.is_some()),
+        ];
+        for (field, present) in fields {
+            if present {
+                found.push(format!("user {:?} uses {field}", named.name));
+            }
+        }
+    }
+    for named in &kubeconfig.clusters {
+        let Some(cluster) = &named.cluster else {
+            continue;
+        };
+        if cluster.certificate_authority.is_some() {
+            found.push(format!(
+                "cluster {:?} uses certificate-authority",
+                named.name
+            ));
+        }
+        if cluster.insecure_skip_tls_verify == Some(true) {
+            found.push(format!(
+                "cluster {:?} sets insecure-skip-tls-verify",
+                named.name
+            ));
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: a member's kubeconfig must carry its credentials and CA inline (token, client-certificate-data and client-key-data, certificate-authority-data) with TLS verification on; file paths, exec and auth-provider plugins are refused, since the controller would read its own files or run the command",
+        found.join("; ")
+    ))
 }
