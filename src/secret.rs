@@ -65,7 +65,11 @@ impl SecretSource {
             SecretSource::Env(name) => {
                 Zeroizing::new(std::env::var(name).map_err(|e| SecretError::Unreadable {
                     source_name: self.to_string(),
-                    message: e.to_string(),
+                    // VarError's own text quotes a value that is not UTF-8: the secret.
+                    message: match e {
+                        std::env::VarError::NotPresent => "not set".into(),
+                        std::env::VarError::NotUnicode(_) => "not valid UTF-8".into(),
+                    },
                 })?)
             }
         };

@@ -124,3 +124,34 @@ fn wrong_pin_fails_clearly_without_echoing_it() {
     assert!(stderr.contains("refused the user PIN"), "{stderr}");
     assert!(!stderr.contains("not-the-pin"), "{stderr}");
 }
+
+#[test]
+fn a_pin_from_the_environment_is_used_and_never_echoed_when_it_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = Env::new();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let from_env = config.replace(
+        "pin_file = \"softhsm/user-pin\"",
+        "pin_env = \"MESHCA_TEST_PIN\"",
+    );
+    assert_ne!(config, from_env);
+    std::fs::write(&env.config, from_env).unwrap();
+
+    let out = run_ok(
+        env.meshca_with_config(&["root", "show"])
+            .env("MESHCA_TEST_PIN", env.user_pin()),
+    );
+    assert!(text(&out.stdout).contains("CKA_EXTRACTABLE       false"));
+
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"pin-\xff-hidden");
+    let out = run(env
+        .meshca_with_config(&["root", "show"])
+        .env("MESHCA_TEST_PIN", not_utf8));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("MESHCA_TEST_PIN") && stderr.contains("not valid UTF-8"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hidden"), "{stderr}");
+}
