@@ -348,7 +348,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("meshca: error: {}", describe(&e));
-            ExitCode::FAILURE
+            match e.downcast_ref::<meshca::signer::server::StartError>() {
+                Some(start) => ExitCode::from(start.exit_status()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

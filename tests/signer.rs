@@ -1281,6 +1281,18 @@ fn a_wrong_pin_stops_the_signer_at_start_with_a_clear_message() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("refused the user PIN"), "{stderr}");
     assert!(!stderr.contains("wrong-pin-1234"));
+    // Its own exit status, which the systemd unit does not restart on: each start would
+    // present the wrong PIN again, towards locking the token.
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/meshca-signer.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l.trim() == "RestartPreventExitStatus=78"),
+        "{unit}"
+    );
 }
 
 #[test]

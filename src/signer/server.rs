@@ -24,7 +24,7 @@ use super::ratelimit::{LogThrottle, REFUSAL_TALLY_PERIOD, RateLimit, RateLimiter
 use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
-use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::pkcs11::{Pkcs11Backend, TokenError};
 use crate::backend::vault::VaultBackend;
 use crate::config::{Announcement, BackendSettings, ConfigError, RootSettings, SignerConfig};
 use crate::pki::profile::RootCa;
@@ -40,6 +40,10 @@ pub enum StartError {
     Root(String),
     #[error("{0}")]
     Backend(String),
+    /// The token refused the PIN (or has locked it): a restart would present the same PIN
+    /// again, and each refusal counts towards locking the token.
+    #[error("{0}")]
+    PinRefused(String),
     #[error(transparent)]
     Audit(#[from] super::audit::AuditError),
     #[error(transparent)]
@@ -49,6 +53,22 @@ pub enum StartError {
     #[error("cannot handle signals: {0}")]
     Signals(String),
 }
+
+impl StartError {
+    /// The process exit status for this failure: [`EXIT_PIN_REFUSED`] for a refused PIN,
+    /// so that a supervisor can be told not to restart (systemd's
+    /// `RestartPreventExitStatus`); 1 otherwise.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            StartError::PinRefused(_) => EXIT_PIN_REFUSED,
+            _ => 1,
+        }
+    }
+}
+
+/// Exit status of a signer whose token refused the PIN: sysexits' EX_CONFIG (the
+/// configuration is wrong; running again will not help).
+pub const EXIT_PIN_REFUSED: u8 = 78;
 
 /// Loads the root certificate named by the config.
 pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
@@ -145,8 +165,15 @@ pub fn start_backend(
     match config.backend().map_err(StartError::Backend)? {
         BackendSettings::Pkcs11(settings) => {
             let pin = read_pin(settings)?;
-            let backend = Pkcs11Backend::start(settings, pin, root)
-                .map_err(|e| StartError::Backend(format!("PKCS#11 token: {e}")))?;
+            let backend = Pkcs11Backend::start(settings, pin, root).map_err(|e| {
+                let message = format!("PKCS#11 token: {e}");
+                match e {
+                    TokenError::PinIncorrect | TokenError::PinLocked => {
+                        StartError::PinRefused(message)
+                    }
+                    _ => StartError::Backend(message),
+                }
+            })?;
             Ok(Arc::new(backend))
         }
         BackendSettings::Vault(settings) => {
