@@ -36,6 +36,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(env: &Env) -> Cluster {
+        Cluster::start_with_lease(env, Duration::from_secs(30)).await
+    }
+
+    async fn start_with_lease(env: &Env, lease_duration: Duration) -> Cluster {
         let fake = FakeCluster::start().await;
         let metrics = Arc::new(AgentMetrics::new());
         let controller = Controller::new(
@@ -44,7 +48,7 @@ impl Cluster {
                 namespace: NS.into(),
                 identity: "agent-0".into(),
                 lease_name: "meshca-agent".into(),
-                lease_duration: Duration::from_secs(30),
+                lease_duration,
                 resync: Duration::from_secs(60),
                 ca_cert: env.path("pki/ca.pem"),
                 client_cert: env.path("pki/cluster-a.pem"),
@@ -572,13 +576,16 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
     let env = Env::new();
     let cluster = Cluster::start(&env).await;
     let now = meshca::signer::audit::rfc3339(std::time::SystemTime::now());
-    let lease = |renewed: &str| {
+    let lease = |renewed: &str, seconds: u64| {
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": "meshca-agent", "namespace": NS, "resourceVersion": "41"},
-            "spec": {"holderIdentity": "agent-1", "leaseDurationSeconds": 30,
+            "spec": {"holderIdentity": "agent-1", "leaseDurationSeconds": seconds,
                      "renewTime": renewed, "leaseTransitions": 3}})
     };
-    cluster.put(LEASE, lease(&now));
+    let long_ago = "2020-01-01T00:00:00.000000Z";
+    // Longer than the 1 s Lease below, read unchanged.
+    let expire = || tokio::time::sleep(Duration::from_millis(1500));
+    cluster.put(LEASE, lease(&now, 30));
     cluster.put_request("127.0.0.1:1", json!({}));
     let sent = cluster.pass().await;
     assert_eq!(sent.len(), 1, "a follower only reads the Lease: {sent:?}");
@@ -587,8 +594,18 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
         ("GET", LEASE)
     );
 
-    // The holder stopped renewing long ago: take over with the read resourceVersion.
-    cluster.put(LEASE, lease("2020-01-01T00:00:00.000000Z"));
+    // A renewTime long past on this host's clock is not enough (the holder's clock may run
+    // behind): a Lease just read so is followed until it has read the same for its
+    // duration here. Then the holder has stopped renewing: take over with the read
+    // resourceVersion.
+    cluster.put(LEASE, lease(long_ago, 1));
+    let sent = cluster.pass().await;
+    assert_eq!(
+        sent.len(),
+        1,
+        "a Lease that just changed is followed: {sent:?}"
+    );
+    expire().await;
     let sent = cluster.pass().await;
     let put = sent.iter().find(|r| r.method == "PUT").unwrap();
     assert_eq!(put.path, LEASE);
@@ -602,7 +619,11 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
 
     // Another replica writes the Lease between this one's read and write: the
     // replace gets 409 and this replica stays a follower (reads nothing else).
-    cluster.put(LEASE, lease("2020-01-01T00:00:00.000000Z"));
+    cluster.put(LEASE, lease(long_ago, 1));
+    cluster.pass().await;
+    expire().await;
+    // The same Lease again (still unchanged), at the resourceVersion of the read.
+    cluster.put(LEASE, lease(long_ago, 1));
     cluster.fake.race_after_get(Some(LEASE));
     let sent = cluster.pass().await;
     let methods: Vec<&str> = sent.iter().map(|r| r.method.as_str()).collect();
@@ -611,7 +632,7 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
 
     // Shutting down as the holder gives the Lease up (no holder: others take it at once).
     cluster.fake.race_after_get(None);
-    let mut mine = lease(&now);
+    let mut mine = lease(&now, 30);
     mine["spec"]["holderIdentity"] = "agent-0".into();
     cluster.put(LEASE, mine);
     cluster.controller.release().await.unwrap();
@@ -619,6 +640,41 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
     assert!(
         released["spec"].get("holderIdentity").is_none(),
         "{released}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_the_lease_during_a_pass_writes_nothing_more() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    // A 6 s Lease leaves less than the 5 s margin: every write reads the Lease first.
+    let cluster = Cluster::start_with_lease(&env, Duration::from_secs(6)).await;
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    // Right after the pass records `Requested`, another replica holds the Lease.
+    cluster
+        .fake
+        .after_write(&format!("{VMCSR}/cluster-a/status"), |objects| {
+            let lease = objects.get_mut(LEASE).unwrap();
+            lease["spec"]["holderIdentity"] = "agent-1".into();
+            lease["spec"]["renewTime"] =
+                meshca::signer::audit::rfc3339(std::time::SystemTime::now()).into();
+        });
+    let sent = cluster.pass().await;
+    let status_writes: Vec<&Recorded> = sent
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/status"))
+        .collect();
+    assert_eq!(status_writes.len(), 1, "{status_writes:?}");
+    assert_eq!(status_writes[0].body["status"]["phase"], "Requested");
+    assert!(
+        !sent.iter().any(|r| r.path == SECRET && r.method != "GET"),
+        "{sent:?}"
+    );
+    // What the new leader finds is what the old one last wrote while leading.
+    assert_eq!(vmcsr_status(&cluster)["phase"], "Requested");
+    assert_eq!(
+        cluster.get(LEASE).unwrap()["spec"]["holderIdentity"],
+        "agent-1"
     );
 }
 

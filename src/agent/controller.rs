@@ -279,10 +279,19 @@ impl Controller {
                 signer: contact.last(),
             },
         );
-        if status != before
-            && let Err(e) = self.kube.apply_status(&ns, &name, &status).await
-        {
-            tracing::error!(request = %key, error = %e, "cannot write status");
+        // Only while leading: a replica that lost the Lease during the pass would overwrite
+        // what the new leader wrote (and report its own NotLeader as a failure).
+        if status != before {
+            match self.ensure_leader().await {
+                Ok(()) => {
+                    if let Err(e) = self.kube.apply_status(&ns, &name, &status).await {
+                        tracing::error!(request = %key, error = %e, "cannot write status");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(request = %key, error = %e, "status not written: this replica no longer leads");
+                }
+            }
         }
         // Last, so whoever reads this line finds the pass's status and metrics written.
         if let Some(NewIntermediate { serial, reason }) = new_intermediate {
@@ -403,6 +412,8 @@ impl Controller {
                 let policy = policy.map_err(AgentError::from)?;
                 tracing::info!(request = %owner, reason = %reason, "requesting a new intermediate");
                 status.phase = Some(Phase::Requested);
+                // A replica that no longer leads asks the signer for nothing.
+                self.ensure_leader().await?;
                 self.kube.apply_status(&ns, &name, status).await?;
                 let obtained = obtain_bundle(
                     &client,
@@ -421,8 +432,8 @@ impl Controller {
                 .await?;
                 status.phase = Some(Phase::Issued);
                 status.serial = Some(obtained.summary.serial.clone());
-                self.kube.apply_status(&ns, &name, status).await?;
                 self.ensure_leader().await?;
+                self.kube.apply_status(&ns, &name, status).await?;
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &obtained.files)
                     .await?;

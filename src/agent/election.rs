@@ -4,9 +4,9 @@
 //! elect-then-pass loop both controllers run.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::k8s::{Kube, KubeError, LeaseAction, lease_action, lease_spec};
@@ -19,8 +19,14 @@ pub struct Elector {
     lease_name: String,
     identity: String,
     duration: Duration,
-    /// Until when this replica holds the Lease (as last written by it).
-    leader_until: Arc<Mutex<Option<SystemTime>>>,
+    /// Until when this replica holds the Lease (as last written by it), on this host's
+    /// monotonic clock: a step of the wall clock neither stretches nor cuts it.
+    leader_until: Arc<Mutex<Option<Instant>>>,
+    /// The Lease as last read, and since when it has read so (client-go's observed
+    /// record and time). Another replica's Lease is expired once it has not changed for its
+    /// duration, measured here: its renewTime is the holder's clock, and comparing that
+    /// with this host's would let a skew of the clocks make two leaders at once.
+    observed: Arc<Mutex<Option<(LeaseSpec, Instant)>>>,
 }
 
 impl Elector {
@@ -38,6 +44,7 @@ impl Elector {
             identity: identity.into(),
             duration,
             leader_until: Arc::new(Mutex::new(None)),
+            observed: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -45,30 +52,48 @@ impl Elector {
         self.duration
     }
 
-    fn set_leader_until(&self, until: Option<SystemTime>) {
+    fn set_leader_until(&self, until: Option<Instant>) {
         if let Ok(mut guard) = self.leader_until.lock() {
             *guard = until;
         }
     }
 
-    pub fn is_leader_at(&self, now: SystemTime) -> bool {
+    /// Whether this replica will still hold the Lease `margin` from now.
+    pub fn is_leader_for(&self, margin: Duration) -> bool {
         self.leader_until
             .lock()
             .ok()
             .and_then(|g| *g)
-            .is_some_and(|until| until > now)
+            .is_some_and(|until| until > Instant::now() + margin)
+    }
+
+    /// How long the Lease has read as `spec` here (zero when it just changed).
+    fn unchanged_for(&self, spec: Option<&LeaseSpec>) -> Duration {
+        let Ok(mut observed) = self.observed.lock() else {
+            return Duration::ZERO;
+        };
+        let Some(spec) = spec else {
+            *observed = None;
+            return Duration::ZERO;
+        };
+        match &*observed {
+            Some((seen, since)) if seen == spec => since.elapsed(),
+            _ => {
+                *observed = Some((spec.clone(), Instant::now()));
+                Duration::ZERO
+            }
+        }
     }
 
     /// One round: create, renew or take over the Lease, or follow. True when this replica
-    /// leads.
+    /// leads. `now` is the time written into the Lease.
     pub async fn elect(&self, now: SystemTime) -> Result<bool, KubeError> {
         let (ns, name) = (&self.namespace, &self.lease_name);
+        // Before the read: the Lease is ours for its duration from no later than this.
+        let started = Instant::now();
         let current = self.kube.get_lease(ns, name).await?;
-        let action = lease_action(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.identity,
-            now,
-        );
+        let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+        let action = lease_action(spec, &self.identity, self.unchanged_for(spec));
         if let LeaseAction::Follow { holder } = &action {
             tracing::debug!(%holder, "another replica leads");
             self.set_leader_until(None);
@@ -104,7 +129,7 @@ impl Elector {
                     tracing::info!(identity = %self.identity, lease = %name, "became the leader");
                 }
                 // Keep a margin: act only while the Lease is surely ours.
-                self.set_leader_until(Some(now + self.duration * 2 / 3));
+                self.set_leader_until(Some(started + self.duration * 2 / 3));
                 Ok(true)
             }
             // Someone else wrote the Lease in between (409) or created it first.
@@ -121,8 +146,7 @@ impl Elector {
 
     /// Before a write: still the leader (renewing when the margin runs out)?
     pub async fn ensure(&self) -> Result<bool, KubeError> {
-        let now = SystemTime::now();
-        Ok(self.is_leader_at(now + Duration::from_secs(5)) || self.elect(now).await?)
+        Ok(self.is_leader_for(Duration::from_secs(5)) || self.elect(SystemTime::now()).await?)
     }
 
     /// [`Elector::ensure`] as a step of a pass: `not_leader` when this replica does not lead.
@@ -209,7 +233,7 @@ pub trait LeaderLoop: Sized {
             tokio::pin!(shutdown);
             let mut failures = 0u32;
             loop {
-                let leading = self.elector().is_leader_at(SystemTime::now());
+                let leading = self.elector().is_leader_for(Duration::ZERO);
                 self.leading(leading);
                 let delay = if leading {
                     match self.pass().await {

@@ -387,9 +387,12 @@ pub enum LeaseAction {
     Follow { holder: String },
 }
 
-/// Leader election rule (as client-go's): a Lease is held while renewTime plus
-/// leaseDurationSeconds is in the future.
-pub fn lease_action(spec: Option<&LeaseSpec>, me: &str, now: SystemTime) -> LeaseAction {
+/// Leader election rule (as client-go's): another replica holds the Lease until it has
+/// read the same for leaseDurationSeconds, on this replica's clock (`unchanged_for`); the
+/// holder renews it by writing a new renewTime, a change every replica sees. The
+/// renewTime itself is never compared with this host's clock, whose skew would decide
+/// otherwise.
+pub fn lease_action(spec: Option<&LeaseSpec>, me: &str, unchanged_for: Duration) -> LeaseAction {
     let Some(spec) = spec else {
         return LeaseAction::Create;
     };
@@ -401,14 +404,10 @@ pub fn lease_action(spec: Option<&LeaseSpec>, me: &str, now: SystemTime) -> Leas
         return LeaseAction::Acquire;
     }
     let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
-    let renewed = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .map(|t| SystemTime::from(t.0));
-    match renewed {
-        Some(at) if at + duration > now => LeaseAction::Follow { holder },
-        _ => LeaseAction::Acquire,
+    if unchanged_for >= duration {
+        LeaseAction::Acquire
+    } else {
+        LeaseAction::Follow { holder }
     }
 }
 
@@ -505,29 +504,36 @@ mod tests {
 
     #[test]
     fn lease_rules() {
-        assert_eq!(lease_action(None, "a", at(0)), LeaseAction::Create);
+        let secs = Duration::from_secs;
+        assert_eq!(lease_action(None, "a", secs(0)), LeaseAction::Create);
         assert_eq!(
-            lease_action(Some(&held("a", 0, 15)), "a", at(100)),
+            lease_action(Some(&held("a", 0, 15)), "a", secs(100)),
             LeaseAction::Renew
         );
         assert_eq!(
-            lease_action(Some(&held("b", 0, 15)), "a", at(10)),
+            lease_action(Some(&held("b", 0, 15)), "a", secs(10)),
             LeaseAction::Follow { holder: "b".into() }
         );
         assert_eq!(
-            lease_action(Some(&held("b", 0, 15)), "a", at(15)),
+            lease_action(Some(&held("b", 0, 15)), "a", secs(15)),
             LeaseAction::Acquire
         );
         assert_eq!(
-            lease_action(Some(&held("", 0, 15)), "a", at(1)),
+            lease_action(Some(&held("", 0, 15)), "a", secs(0)),
             LeaseAction::Acquire
+        );
+        // A renewTime long past on this host's clock (the holder's runs behind, or this
+        // one ahead) is not an expired Lease: only one read unchanged for its duration is.
+        assert_eq!(
+            lease_action(Some(&held("b", 0, 15)), "a", secs(0)),
+            LeaseAction::Follow { holder: "b".into() }
         );
         let never_renewed = LeaseSpec {
             holder_identity: Some("b".into()),
             ..LeaseSpec::default()
         };
         assert_eq!(
-            lease_action(Some(&never_renewed), "a", at(0)),
+            lease_action(Some(&never_renewed), "a", secs(0)),
             LeaseAction::Acquire
         );
     }

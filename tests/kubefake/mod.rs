@@ -63,7 +63,11 @@ struct Fake {
     /// After serving a GET of this path, change the object's resourceVersion: another
     /// writer got in between.
     race_after_get: Mutex<Option<String>>,
+    /// Once, after serving a write of this path: another client's change of the objects.
+    after_write: Mutex<Option<(String, AfterWrite)>>,
 }
+
+type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
 
 fn status(code: u16, reason: &str, message: &str) -> Response {
     (
@@ -178,6 +182,20 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let wrote = (method != Method::GET).then(|| uri.path().to_string());
+    let response = serve(fake.clone(), method, uri, headers, body);
+    if let Some(path) = wrote {
+        let mut hook = fake.after_write.lock().unwrap();
+        if hook.as_ref().is_some_and(|(after, _)| *after == path)
+            && let Some((_, change)) = hook.take()
+        {
+            change(&mut fake.objects.lock().unwrap());
+        }
+    }
+    response
+}
+
+fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or_default().to_string();
     let header = |name: &str| {
@@ -430,6 +448,16 @@ impl FakeCluster {
     /// object's resourceVersion (None: no more).
     pub fn race_after_get(&self, path: Option<&str>) {
         *self.fake.race_after_get.lock().unwrap() = path.map(String::from);
+    }
+
+    /// Once, right after the next write (PUT, PATCH, POST, DELETE) of `path` is served,
+    /// `change` edits the objects: another client acting at that moment.
+    pub fn after_write(
+        &self,
+        path: &str,
+        change: impl FnOnce(&mut BTreeMap<String, Value>) + Send + 'static,
+    ) {
+        *self.fake.after_write.lock().unwrap() = Some((path.to_string(), Box::new(change)));
     }
 }
 
