@@ -118,6 +118,50 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
     assert_eq!(audit[2]["rule"], "backend_unavailable");
 }
 
+#[tokio::test]
+async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::AppRole {
+            token_ttl: "12s".into(),
+        },
+        ..VaultSpec::default()
+    }));
+    // Renewed at 6 and 12 s (12 s, then the 6 s left of 18), then at 15 s for the 3 s
+    // left: under half its first lease, so the signer logs in for a fresh token.
+    env.bao()
+        .cli_ok(&["write", "auth/approle/role/meshca", "token_max_ttl=18s"]);
+    let signer = env.start_signer();
+    let started = Instant::now();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    // That login will fail: the secret ID is gone.
+    let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
+    env.bao().cli_stdin(
+        &[
+            "write",
+            "auth/approle/role/meshca/secret-id/destroy",
+            "secret_id=-",
+        ],
+        &secret_id,
+    );
+    let line = signer
+        .wait_for_log("cannot log in to Vault for a fresh token")
+        .await;
+    assert!(line.contains("Vault login (approle) failed"), "{line}");
+    // The renewed token still signs until it ends (before, every request got 503 from
+    // here on, the valid token thrown away).
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    // Once it has ended, a clear 503.
+    tokio::time::sleep(Duration::from_secs(19).saturating_sub(started.elapsed())).await;
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        message(&body).contains("Vault login (approle) failed"),
+        "{body}"
+    );
+    assert!(!signer.logs().contains(secret_id.trim()));
+}
+
 /// How many tokens AppRole handed out are still live: their leases under
 /// `auth/approle/login`.
 fn live_approle_tokens(env: &Env) -> usize {

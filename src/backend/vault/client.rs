@@ -85,6 +85,22 @@ impl fmt::Debug for Token {
     }
 }
 
+/// What a renewal gave.
+enum Renewal {
+    Enough(Session),
+    /// Renewed, but for less than half its first lease (near its max TTL): a fresh login
+    /// should replace it.
+    NearMaxTtl(Session),
+}
+
+/// Seconds left of a session's lease (0 for one that never expires), for a log line.
+fn current_lease_seconds(session: &Session) -> u64 {
+    session
+        .expires_at
+        .map(|at| at.saturating_duration_since(Instant::now()).as_secs())
+        .unwrap_or(0)
+}
+
 /// The current token and when to look at it again.
 #[derive(Clone)]
 struct Session {
@@ -278,14 +294,28 @@ impl VaultClient {
         Ok(token)
     }
 
-    /// Renews the current token if it can be renewed, else logs in.
+    /// Renews the current token if it can be renewed, else logs in. A token renewed near
+    /// its max TTL is replaced by a fresh login, or kept while that login fails (its
+    /// remaining lease still signs; the next refresh tries the login again).
     async fn refresh(&self, current: Option<Session>) -> Result<Session, VaultError> {
         if let Some(current) = current
             && current.renewable
         {
             match self.renew(&current).await {
-                Ok(Some(renewed)) => return Ok(renewed),
-                Ok(None) => {}
+                Ok(Renewal::Enough(renewed)) => return Ok(renewed),
+                Ok(Renewal::NearMaxTtl(renewed)) => {
+                    return match self.login().await {
+                        Ok(fresh) => Ok(fresh),
+                        Err(e) => {
+                            tracing::warn!(
+                                error = %e,
+                                remaining_seconds = current_lease_seconds(&renewed),
+                                "cannot log in to Vault for a fresh token; signing with the renewed one until it ends, and trying the login again"
+                            );
+                            Ok(renewed)
+                        }
+                    };
+                }
                 // Vault is down: keep the token (it may well still be valid) and retry.
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
@@ -296,21 +326,27 @@ impl VaultClient {
         self.login().await
     }
 
-    /// `Ok(None)` when the renewed lease is too short to be worth keeping and a fresh
-    /// login can do better.
-    async fn renew(&self, current: &Session) -> Result<Option<Session>, VaultError> {
+    /// The renewed token, and whether its lease is too short to be worth keeping when a
+    /// fresh login can do better.
+    async fn renew(&self, current: &Session) -> Result<Renewal, VaultError> {
         let info = vaultrs::token::renew_self(&current.token.vaultrs, None)
             .await
             .map_err(|e| self.vaultrs_error("POST auth/token/renew-self", e))?;
         let lease = Duration::from_secs(info.lease_duration);
         let can_login = !matches!(self.settings.auth, VaultAuth::Token(_));
+        let renewed = Session::new(
+            current.token.clone(),
+            lease,
+            info.renewable,
+            current.issued_lease,
+        );
         if lease < current.issued_lease / 2 {
             if can_login {
                 tracing::info!(
                     lease_seconds = info.lease_duration,
                     "Vault token is nearing its max TTL; logging in for a fresh one"
                 );
-                return Ok(None);
+                return Ok(Renewal::NearMaxTtl(renewed));
             }
             tracing::warn!(
                 lease_seconds = info.lease_duration,
@@ -318,12 +354,7 @@ impl VaultClient {
             );
         }
         tracing::debug!(lease_seconds = info.lease_duration, "renewed Vault token");
-        Ok(Some(Session::new(
-            current.token.clone(),
-            lease,
-            info.renewable,
-            current.issued_lease,
-        )))
+        Ok(Renewal::Enough(renewed))
     }
 
     /// Reads now, without asking Vault, what building the client and a login read: the CA
