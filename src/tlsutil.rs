@@ -345,24 +345,36 @@ fn certificate_error(side: &str, cert: &Path, key: &Path, e: rustls::Error) -> T
 }
 
 /// The identity of a client certificate: its first URI SAN, else its first DNS SAN, else
-/// its subject common name.
+/// its subject common name. A DNS SAN or CN with a `:` gives none: every URI has one, and
+/// a certificate whose CN (or DNS SAN) reads as another client's URI identity would
+/// otherwise get that client's grants and rate-limit bucket (a transport CA that lets
+/// requesters choose their CN is common; one that lets them choose URI SANs is not).
 pub fn client_identity(cert_der: &[u8]) -> Option<String> {
     let cert = Certificate::from_der(cert_der).ok()?;
     let tbs = cert.tbs_certificate();
+    let not_uri_like = |name: String| (!name.contains(':')).then_some(name);
     if let Ok(Some((_, san))) = tbs.get_extension::<SubjectAltName>() {
         let uri = san.0.iter().find_map(|n| match n {
             GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
             _ => None,
         });
+        if uri.is_some() {
+            return uri;
+        }
         let dns = san.0.iter().find_map(|n| match n {
             GeneralName::DnsName(d) => Some(d.to_string()),
             _ => None,
         });
-        if let Some(id) = uri.or(dns) {
-            return Some(id);
+        if let Some(dns) = dns {
+            return not_uri_like(dns);
         }
     }
-    tbs.subject().common_name().ok().flatten().map(String::from)
+    tbs.subject()
+        .common_name()
+        .ok()
+        .flatten()
+        .map(String::from)
+        .and_then(not_uri_like)
 }
 
 /// Every reason [`handshake_refusal_reason`] gives, and `timeout` (the server's own

@@ -272,6 +272,70 @@ async fn clients_get_only_their_own_mesh() {
 }
 
 #[tokio::test]
+async fn a_common_name_that_reads_as_another_clients_uri_is_no_identity() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    // From the trusted transport CA, without SANs, its CN cluster-a's URI identity: what a
+    // CA that lets requesters pick their CN would sign.
+    let pki = env.path("pki");
+    // openssl's -subj takes a '/' inside a value escaped.
+    let subject = format!("/CN={}", identity("cluster-a").replace('/', "\\/"));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes",
+                "-keyout",
+                "impostor.key",
+                "-out",
+                "impostor.csr",
+                "-subj",
+            ])
+            .arg(&subject)
+            .current_dir(&pki),
+    );
+    write(&pki, "impostor.ext", "extendedKeyUsage=clientAuth\n");
+    run_ok(
+        Command::new("openssl")
+            .args(["x509", "-req", "-in", "impostor.csr", "-CA", "ca.pem"])
+            .args(["-CAkey", "ca.key", "-CAcreateserial", "-days", "1"])
+            .args(["-extfile", "impostor.ext", "-out", "impostor.pem"])
+            .current_dir(&pki),
+    );
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, body) = post_sign(
+        &env.client("impostor"),
+        &signer,
+        &sign_body(VM, MESH_A, &csr),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_code(&body), "not_authorized");
+    assert!(
+        error_message(&body).contains("carries no identity"),
+        "{body}"
+    );
+    let audit = signer.audit_lines();
+    assert_eq!(audit[0]["rule"], "not_authorized");
+    assert!(audit[0]["client"].is_null(), "{}", audit[0]);
+    // cluster-a itself, by its URI SAN, is served.
+    let (status, _) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body(VM, MESH_A, &csr),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn clients_without_a_certificate_or_from_another_ca_are_refused_at_the_handshake() {
     let env = Env::new();
     let signer = env.start_signer();

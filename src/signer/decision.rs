@@ -145,7 +145,7 @@ pub fn decide(
         Refusal::new(
             Status::Forbidden,
             "not_authorized",
-            "the client certificate carries no identity (URI SAN, DNS SAN or CN)",
+            "the client certificate carries no identity (a URI SAN; else a DNS SAN or CN without ':', which could pass for a URI)",
         )
     })?;
     if !ctx.authorization.allows(identity, &vm_ref, &mesh_ref) {
