@@ -280,34 +280,27 @@ async fn a_common_name_that_reads_as_another_clients_uri_is_no_identity() {
     let pki = env.path("pki");
     // openssl's -subj takes a '/' inside a value escaped.
     let subject = format!("/CN={}", identity("cluster-a").replace('/', "\\/"));
-    run_ok(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args([
-                "-nodes",
-                "-keyout",
-                "impostor.key",
-                "-out",
-                "impostor.csr",
-                "-subj",
-            ])
-            .arg(&subject)
-            .current_dir(&pki),
-    );
+    openssl_csr(&pki, "impostor", KEYGEN_P256, &subject, &[]);
     write(&pki, "impostor.ext", "extendedKeyUsage=clientAuth\n");
-    run_ok(
-        Command::new("openssl")
-            .args(["x509", "-req", "-in", "impostor.csr", "-CA", "ca.pem"])
-            .args(["-CAkey", "ca.key", "-CAcreateserial", "-days", "1"])
-            .args(["-extfile", "impostor.ext", "-out", "impostor.pem"])
-            .current_dir(&pki),
+    openssl(
+        &pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "impostor.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "impostor.ext",
+            "-out",
+            "impostor.pem",
+        ],
     );
     let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
     let (status, body) = post_sign(

@@ -16,6 +16,8 @@ use serde_json::Value;
 
 use super::{Env, EnvSpec, openssl, run_ok, send_signal, text, write};
 
+/// `genpkey` arguments of a P-256 key (a transport client certificate's).
+pub const KEYGEN_P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
 /// `genpkey` arguments of a P-384 key (the roots [`openssl_self_signed_ca`] makes).
 pub const KEYGEN_P384: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"];
 /// `genpkey` arguments of keys meshca refuses, for [`openssl_csr`].
