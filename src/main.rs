@@ -830,7 +830,15 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         key_type: args.key_type,
         ttl_seconds: args.ttl_seconds,
         adopt: args.adopt,
-        rotation: RotationSettings::new(args.renew_fraction, args.jitter_fraction)?,
+        rotation: {
+            let rotation = RotationSettings::new(args.renew_fraction, args.jitter_fraction)?;
+            // A single pass may be due at once on purpose (forcing a renewal); a loop
+            // would then renew every second.
+            if !args.once {
+                meshca::agent::rotation::check_ttl(args.ttl_seconds, &rotation)?;
+            }
+            rotation
+        },
         retired_roots: args.retire_roots,
     };
     let rt = runtime()?;

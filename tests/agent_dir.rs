@@ -37,8 +37,10 @@ fn agent_cmd_for(env: &Env, addr: &str, cluster: &str, dir: &Path, extra: &[&str
         .args(env.signer_flags(addr, cluster))
         .args(["--virtual-mesh", "test/vm", "--mesh"])
         .arg(format!("test/{cluster}"))
-        .args(["--ttl-seconds", "1800"])
         .args(extra);
+    if !extra.contains(&"--ttl-seconds") {
+        cmd.args(["--ttl-seconds", "1800"]);
+    }
     cmd
 }
 
@@ -384,8 +386,21 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert_eq!(snapshot(&dir), before);
 
     // The loop: retries with a growing delay, files untouched meanwhile; its metrics say
-    // the request fails and when the installed intermediate expires.
-    let mut cmd = agent_cmd(&env, &addr, &dir, &due);
+    // the request fails and when the installed intermediate expires. A loop refuses a ttl
+    // whose fresh certificates would be due at once under its renewal fraction (it would
+    // renew every second): 1800 s is too short for 0.1, so the loop asks for an hour.
+    let mut short = agent_cmd(&env, &addr, &dir, &due);
+    let refused = run(&mut short);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("a ttl of 1800 s is too short for this renewal fraction")
+            && text(&refused.stderr).contains("at least 3300 s"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert_eq!(snapshot(&dir), before);
+    let due_hourly = [due.as_slice(), &["--ttl-seconds", "3600"]].concat();
+    let mut cmd = agent_cmd(&env, &addr, &dir, &due_hourly);
     cmd.args(["--resync-seconds", "8", "--metrics-listen", "127.0.0.1:0"]);
     let (mut child, logs) = spawn_loop(cmd);
     let metrics_addr = metrics_address(&logs);
@@ -471,6 +486,8 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
         metric_sample(&renewed, &series("certificate_renewal_timestamp_seconds")).unwrap();
     let expected = not_before + (not_after - not_before) / 10;
     assert!((renewal - expected).abs() <= 1, "{renewal} vs {expected}");
+    // Due after its issue (notBefore is 5 minutes back), not at once.
+    assert!(renewal > not_before + 300, "{renewal} vs {not_before}");
     assert_eq!(
         metric_sample(&renewed, "meshca_agent_issuances_total"),
         Some(1)

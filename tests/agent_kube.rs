@@ -644,6 +644,31 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_too_short_for_the_renewal_fraction_is_an_invalid_spec() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    // Fresh intermediates would be due at once: issued, and restarts begun, every second.
+    cluster.put_request("127.0.0.1:1", json!({"ttlSeconds": 120}));
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    let ready = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["reason"], "InvalidSpec");
+    let error = st["lastError"].as_str().unwrap();
+    assert!(
+        error.contains("a ttl of 120 s is too short for this renewal fraction")
+            && error.contains("at least 284 s"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_loses_the_lease_during_a_pass_writes_nothing_more() {
     let env = Env::new();
     let signer = env.start_signer();

@@ -20,7 +20,9 @@ use super::metrics::{AgentMetrics, Reconciled};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, restart_needed,
 };
-use super::rotation::{Decision, Desired, Installed, carries_root, decide, normalize_fingerprint};
+use super::rotation::{
+    Decision, Desired, Installed, carries_root, check_ttl, decide, normalize_fingerprint,
+};
 use super::{AgentError, BundleRequest, RootsPlan, check_renewable, obtain_bundle};
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
@@ -324,6 +326,10 @@ impl Controller {
             .settings
             .rotation
             .settings()
+            .and_then(|rotation| {
+                check_ttl(spec.settings.ttl_seconds, &rotation)?;
+                Ok(rotation)
+            })
             .map_err(|e| ReconcileError::Spec(e.to_string()))?;
         let client = SignerClient::new(
             &spec.settings.signer.url,

@@ -14,6 +14,7 @@ use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, verify_bundle}
 use crate::pki::keys::KeyType;
 use crate::pki::pem::{certificate_pem, decode_certificates};
 use crate::pki::profile::is_ca;
+use crate::policy::rules::BACKDATE;
 
 /// Default renewal point: two thirds into the lifetime (SPIRE-like, leaves a third of
 /// the lifetime to retry a failing signer).
@@ -46,6 +47,41 @@ pub enum SettingsError {
     RenewFraction(f64),
     #[error("jitterFraction must be between 0 and 0.5 and below renewFraction, not {0}")]
     JitterFraction(f64),
+    #[error(
+        "a ttl of {ttl_seconds} s is too short for this renewal fraction: a certificate's notBefore is dated 5 minutes back, and that counts towards the lifetime renewFraction applies to, so each new intermediate would be due within a minute of its issue (issued, and restarts begun, over and over); use a ttl of at least {shortest_seconds} s, or a larger renewFraction"
+    )]
+    TtlTooShort {
+        ttl_seconds: u64,
+        shortest_seconds: u64,
+    },
+}
+
+/// The least time a fresh intermediate stays installed before it is due (with the
+/// earliest jitter).
+const LEAST_TIME_INSTALLED: Duration = Duration::from_secs(60);
+
+/// Refuses a requested ttl whose fresh certificates would be due (almost) at once under
+/// `settings`: the signer dates notBefore [`BACKDATE`] back (Vault 30 s), and renewal is a
+/// fraction of notBefore..notAfter. `None` (the policy's maximum, days) always passes.
+pub fn check_ttl(
+    ttl_seconds: Option<u64>,
+    settings: &RotationSettings,
+) -> Result<(), SettingsError> {
+    let Some(ttl_seconds) = ttl_seconds else {
+        return Ok(());
+    };
+    let earliest_fraction = settings.renew_fraction - settings.jitter_fraction;
+    // Due at notBefore + f * (BACKDATE + ttl); issued at notBefore + BACKDATE.
+    let shortest = (BACKDATE + LEAST_TIME_INSTALLED).as_secs_f64() / earliest_fraction
+        - BACKDATE.as_secs_f64();
+    let shortest_seconds = shortest.ceil() as u64;
+    if ttl_seconds < shortest_seconds {
+        return Err(SettingsError::TtlTooShort {
+            ttl_seconds,
+            shortest_seconds,
+        });
+    }
+    Ok(())
 }
 
 impl RotationSettings {
@@ -503,6 +539,36 @@ mod tests {
         verify_bundle(files, None, SystemTime::now())
             .unwrap()
             .serial
+    }
+
+    #[test]
+    fn a_ttl_whose_certificates_would_be_due_at_once_is_refused() {
+        let defaults = RotationSettings::default();
+        // f = 2/3 - 0.05: (300 + 60) / f - 300 = 283.8.
+        assert_eq!(
+            check_ttl(Some(120), &defaults),
+            Err(SettingsError::TtlTooShort {
+                ttl_seconds: 120,
+                shortest_seconds: 284
+            })
+        );
+        assert_eq!(check_ttl(Some(284), &defaults), Ok(()));
+        assert_eq!(check_ttl(None, &defaults), Ok(()));
+        // At the shortest ttl, a fresh certificate is due a minute after its issue.
+        let settings = RotationSettings::new(0.5, 0.0).unwrap();
+        let Err(SettingsError::TtlTooShort {
+            shortest_seconds, ..
+        }) = check_ttl(Some(1), &settings)
+        else {
+            panic!("refused");
+        };
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let not_before = issued - BACKDATE;
+        let not_after = issued + Duration::from_secs(shortest_seconds);
+        let due = renew_at(not_before, not_after, "01", &settings);
+        assert!(due >= issued + LEAST_TIME_INSTALLED, "{due:?}");
+        let message = check_ttl(Some(120), &defaults).unwrap_err().to_string();
+        assert!(message.contains("at least 284 s"), "{message}");
     }
 
     #[test]
