@@ -853,23 +853,7 @@ async fn sigterm_audits_the_requests_still_under_way_when_the_drain_time_is_over
     let mut stalled = tls_connect(&env, &signer, "cluster-b").await;
     begin_sign_request(&mut stalled, &body, 40).await;
 
-    send_signal(signer.child.id(), "TERM");
-    let mut exited = None;
-    for _ in 0..600 {
-        exited = signer.child.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = exited.unwrap_or_else(|| {
-        panic!(
-            "the signer did not exit within 60 s of SIGTERM:\n{}",
-            signer.logs()
-        )
-    });
-    signer.read_all_logs();
-    assert!(status.success(), "{status}\n{}", signer.logs());
+    terminate_within_a_minute(&mut signer).await;
     drop(stalled);
 
     let line = decision_of(&signer, "cluster-b").await;
@@ -888,6 +872,75 @@ async fn sigterm_audits_the_requests_still_under_way_when_the_drain_time_is_over
         signer.logs()
     );
     env.audit_verify_ok();
+}
+
+/// SIGTERM, then waits for a successful exit (at most a minute: the drain time is far
+/// shorter), with every log line read.
+async fn terminate_within_a_minute(signer: &mut Signer) {
+    send_signal(signer.child.id(), "TERM");
+    let mut exited = None;
+    for _ in 0..600 {
+        exited = signer.child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = exited.unwrap_or_else(|| {
+        panic!(
+            "the signer did not exit within 60 s of SIGTERM:\n{}",
+            signer.logs()
+        )
+    });
+    signer.read_all_logs();
+    assert!(status.success(), "{status}\n{}", signer.logs());
+}
+
+#[tokio::test]
+async fn a_request_left_half_sent_on_the_ops_port_does_not_hold_up_the_exit() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\ndrain_timeout_ms = 500\n".into(),
+        ..EnvSpec::default()
+    });
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("ops_listen = \"127.0.0.1:0\"\n{config}"),
+    )
+    .unwrap();
+    let mut signer = env.start_signer();
+    let started = signer.wait_for_log("signer listening").await;
+    let line: Value = serde_json::from_str(&started).unwrap();
+    // `Some(127.0.0.1:PORT)`
+    let ops = line["ops"]
+        .as_str()
+        .and_then(|o| o.strip_prefix("Some(")?.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no ops address in {line}"))
+        .to_string();
+    let mut scraper = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    scraper
+        .write_all(b"GET /metrics HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // Served meanwhile: the ops port answers another scraper.
+    let mut other = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    terminate_within_a_minute(&mut signer).await;
+    assert!(
+        signer
+            .logs()
+            .contains("drain time is over: connections still open are closed"),
+        "{}",
+        signer.logs()
+    );
+    drop(scraper);
 }
 
 #[tokio::test]

@@ -378,8 +378,16 @@ impl RunningSigner {
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.state.rules().limits.drain_timeout;
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            let _ = task.await;
+        for mut task in self.tasks {
+            // A listener waits for its open connections; one that a peer holds open (a
+            // request line sent to the ops port, then nothing) must not hold up the exit.
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(
+                    "drain time is over: connections still open are closed (a client or scraper that stopped mid-request)"
+                );
+                task.abort();
+                let _ = task.await;
+            }
         }
         let decisions = &self.state.decisions;
         decisions.close();
