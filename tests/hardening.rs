@@ -117,6 +117,7 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         ("JSON array", Send::Raw { content_type: "application/json", body: b"[1,2,3]".to_vec() }, 400, "malformed_request", "JSON"),
         ("CSR is a number", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": 42})), 400, "malformed_request", "expected a string"),
         ("unknown field", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "pathLen": 5})), 400, "malformed_request", "pathLen"),
+        ("field name with a newline (a forged log line)", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "x\nINFO forged": 5})), 400, "malformed_request", "x\\nINFO forged"),
         ("duplicate field", Send::Raw { content_type: "application/json", body: format!("{{\"virtualMesh\":\"{VM}\",\"virtualMesh\":\"{VM}\",\"mesh\":\"{MESH_A}\",\"csr\":\"x\"}}").into_bytes() }, 400, "malformed_request", "duplicate"),
     ];
     assert!(cases.len() >= 30);

@@ -55,11 +55,14 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// Control characters in `message` (it may quote the request: a JSON field name, a
+    /// client's CN) are escaped, so a client cannot start a line of its own in the signer's
+    /// text log.
     pub fn new(status: Status, code: &'static str, message: impl Into<String>) -> Self {
         Refusal {
             status,
             code,
-            message: message.into(),
+            message: escape_control(message.into()),
             retry_after_secs: None,
         }
     }
@@ -75,6 +78,22 @@ impl Refusal {
             _ => "deny",
         }
     }
+}
+
+/// `text` with each control character written as its Rust escape (`\n`, `\u{1b}`).
+fn escape_control(text: String) -> String {
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Facts gathered while deciding, for the audit line, whatever the outcome.
@@ -291,6 +310,20 @@ mod tests {
             &mut facts,
         );
         (result, facts)
+    }
+
+    #[test]
+    fn a_refusal_message_carries_no_control_characters() {
+        let refusal = Refusal::new(
+            Status::BadRequest,
+            "malformed_request",
+            "unknown field `x\nINFO forged line\u{1b}[2J`",
+        );
+        assert_eq!(
+            refusal.message,
+            "unknown field `x\\nINFO forged line\\u{1b}[2J`"
+        );
+        assert!(!refusal.message.chars().any(char::is_control));
     }
 
     #[test]
