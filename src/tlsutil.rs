@@ -148,6 +148,11 @@ pub fn server_config(
     let crls = client_crls::read(crls)?;
     let client_cas = load_certificates(client_ca)?;
     let client_ca_not_after = earliest_not_after(&client_cas, client_ca)?;
+    let client_ca_crl_problems = if crls.in_force.is_empty() {
+        Vec::new()
+    } else {
+        client_ca_crl_problems(&client_cas, &crls.issuers)
+    };
     let chain = load_certificates(cert)?;
     let private_key = load_private_key(key)?;
     let fingerprint = MaterialFingerprint::builder()
@@ -182,8 +187,45 @@ pub fn server_config(
         client_ca_not_after,
         crl_next_updates: crls.next_updates,
         superseded_crls: crls.superseded,
+        client_ca_crl_problems,
         fingerprint,
     })
+}
+
+/// With client CRLs configured, what in the client CA bundle gets clients refused at the
+/// handshake, each said in a sentence. webpki then refuses a certificate whose revocation
+/// status is unknown, so a CA no CRL in force was issued by has every client refused; and
+/// it consults one CRL per issuer name (the first it finds), checked against the issuer's
+/// key, so of two CAs with the same subject (one renewed under its old name) only one can
+/// have its clients served.
+fn client_ca_crl_problems(cas: &[CertificateDer<'static>], crl_issuers: &[Vec<u8>]) -> Vec<String> {
+    let subjects: Vec<(Vec<u8>, String)> = cas
+        .iter()
+        .filter_map(|der| Certificate::from_der(der).ok())
+        .map(|ca| {
+            let name = ca.tbs_certificate().subject();
+            (
+                der::Encode::to_der(name).unwrap_or_default(),
+                name.to_string(),
+            )
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for (index, (der, name)) in subjects.iter().enumerate() {
+        let same_name = subjects.iter().filter(|(other, _)| other == der).count();
+        let first_of_its_name = subjects.iter().position(|(other, _)| other == der) == Some(index);
+        if same_name > 1 && first_of_its_name {
+            problems.push(format!(
+                "{same_name} client CA certificates (tls.client_ca) have the subject {name}: with CRLs configured, the signer consults one CRL per issuer name, checked against one of their keys, so the clients of the others are refused at the handshake; give a renewed CA a subject of its own"
+            ));
+        }
+        if !crl_issuers.contains(der) && first_of_its_name {
+            problems.push(format!(
+                "the client CA {name} (tls.client_ca) has no CRL in tls.client_crls: with CRLs configured, the revocation status of every client certificate it issued is unknown, and each is refused at the handshake (client_certificate_invalid); add its CRL, or remove the CA if no client uses it"
+            ));
+        }
+    }
+    problems
 }
 
 /// A server's rustls configuration, when its own certificate expires, when its client
@@ -197,6 +239,9 @@ pub struct ServerTls {
     pub crl_next_updates: Vec<CrlNextUpdate>,
     /// CRLs listed but not enforced: a newer one of their issuer was listed too.
     pub superseded_crls: Vec<SupersededCrl>,
+    /// With CRLs configured: what in the client CA bundle gets clients refused (a CA no
+    /// CRL covers, CAs sharing a subject), in sentences.
+    pub client_ca_crl_problems: Vec<String>,
     pub fingerprint: MaterialFingerprint,
 }
 

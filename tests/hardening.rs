@@ -469,6 +469,86 @@ async fn revoked_and_expired_client_certificates_are_refused() {
     );
 }
 
+/// A reqwest client presenting `dir/name.pem` (key `name.key`), trusting the signer's CA.
+fn client_from(env: &Env, dir: &std::path::Path, name: &str) -> reqwest::Client {
+    let tls = meshca::tlsutil::client_config(
+        &env.path("pki/ca.pem"),
+        &dir.join(format!("{name}.pem")),
+        &dir.join(format!("{name}.key")),
+    )
+    .unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn with_crls_configured_a_client_ca_without_one_is_named_and_its_clients_refused() {
+    let env = Env::new();
+    env.check_client_crls();
+    // The transport CA's successor, added to the bundle as its renewal asks, and a client
+    // it issued; no CRL of its own yet.
+    let successor = env.path("successor");
+    std::fs::create_dir_all(&successor).unwrap();
+    openssl_self_signed_ca(
+        &successor,
+        "ca",
+        "/O=meshca demo/CN=meshca transport CA 2",
+        0..30,
+    );
+    let script = repo().join("scripts/transport-pki.sh");
+    let pki = |args: &[&str]| run_ok(Command::new(&script).args(args));
+    let dir = successor.to_str().unwrap();
+    pki(&["client", dir, "moved", &identity("cluster-a")]);
+    let bundle = env.path("pki/ca.pem");
+    let with_successor = std::fs::read_to_string(&bundle).unwrap()
+        + &std::fs::read_to_string(successor.join("ca.pem")).unwrap();
+    std::fs::write(&bundle, &with_successor).unwrap();
+
+    let named = "the client CA CN=meshca transport CA 2,O=meshca demo (tls.client_ca) has no CRL in tls.client_crls";
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(report.contains(named), "{report}");
+    let signer = env.start_signer();
+    let line = signer.wait_for_log(named).await;
+    assert!(line.contains("\"level\":\"ERROR\""), "{line}");
+    let healthz = signer.url("/healthz");
+    // As named: its client is refused, the old CA's still served.
+    let moved = client_from(&env, &successor, "moved");
+    assert!(
+        moved.get(&healthz).send().await.is_err(),
+        "served without a CRL"
+    );
+    assert!(env.client("cluster-a").get(&healthz).send().await.is_ok());
+
+    // Its CRL added to the CRL file (the list of files is read at start) and reloaded:
+    // served, and nothing more named.
+    pki(&["client", dir, "spare", &identity("spare")]);
+    pki(&["revoke", dir, "spare"]);
+    let crls = std::fs::read_to_string(env.path("pki/crl.pem")).unwrap()
+        + &std::fs::read_to_string(successor.join("crl.pem")).unwrap();
+    std::fs::write(env.path("pki/crl.pem"), crls).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("SIGHUP: TLS settings reloaded").await;
+    assert!(moved.get(&healthz).send().await.is_ok());
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(!report.contains("has no CRL"), "{report}");
+
+    // A CA renewed under its old name: named too (one CRL per issuer name is consulted).
+    let renewed = env.path("renewed");
+    pki(&["ca", renewed.to_str().unwrap()]);
+    std::fs::write(
+        &bundle,
+        with_successor + &std::fs::read_to_string(renewed.join("ca.pem")).unwrap(),
+    )
+    .unwrap();
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains("2 client CA certificates (tls.client_ca) have the subject CN=meshca transport CA,O=meshca demo"),
+        "{report}"
+    );
+}
+
 #[tokio::test]
 async fn sighup_reloads_revocations_and_the_server_certificate() {
     // Idle connections are not cut off by a timeout here: only the reload closes them.

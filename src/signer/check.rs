@@ -92,6 +92,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
     for superseded in &tls.superseded_crls {
         warnings.push(format!("{superseded}; remove it from the file"));
     }
+    warnings.extend(tls.client_ca_crl_problems.iter().cloned());
     for crl in &tls.crl_next_updates {
         if let Some(due) = crl.overdue_since(now) {
             warnings.push(format!(

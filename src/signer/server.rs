@@ -204,6 +204,7 @@ pub(super) struct ServingTls {
     pub(super) client_ca_not_after: SystemTime,
     pub(super) crl_next_updates: Vec<CrlNextUpdate>,
     pub(super) superseded_crls: Vec<SupersededCrl>,
+    pub(super) client_ca_crl_problems: Vec<String>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     fingerprint: MaterialFingerprint,
 }
@@ -224,6 +225,7 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
         client_ca_not_after: tls.client_ca_not_after,
         crl_next_updates: tls.crl_next_updates,
         superseded_crls: tls.superseded_crls,
+        client_ca_crl_problems: tls.client_ca_crl_problems,
         fingerprint: tls.fingerprint,
     })
 }
@@ -241,6 +243,9 @@ fn client_trust_in_force(metrics: &Metrics, tls: &ServingTls, overdue: CrlOverdu
             crl = %superseded.path.display(),
             "client CRL superseded: {superseded}; remove it from the file"
         );
+    }
+    for problem in &tls.client_ca_crl_problems {
+        tracing::error!("client CA and CRLs: {problem}");
     }
     let now = SystemTime::now();
     for crl in &tls.crl_next_updates {

@@ -25,6 +25,8 @@ pub(super) struct ClientCrls {
     /// Per file, in the configured order: the earliest `nextUpdate` of its CRLs in force.
     pub next_updates: Vec<CrlNextUpdate>,
     pub superseded: Vec<SupersededCrl>,
+    /// The issuers of the CRLs in force, as DER names.
+    pub issuers: Vec<Vec<u8>>,
 }
 
 /// A CRL not enforced because a newer one of the same issuer and scope was also listed.
@@ -199,10 +201,12 @@ pub(super) fn read(paths: &[PathBuf]) -> Result<ClientCrls, TlsError> {
                 .min(),
         })
         .collect();
+    let issuers = in_force.iter().map(|crl| crl.scope.0.clone()).collect();
     Ok(ClientCrls {
         in_force: in_force.into_iter().map(|crl| crl.der).collect(),
         next_updates,
         superseded,
+        issuers,
     })
 }
 
