@@ -697,13 +697,37 @@ pub fn default_sessions() -> usize {
 /// A TOML error without the source snippet toml prints by default: the offending line
 /// could hold a secret someone pasted inline.
 fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = without_values(error.message());
     match error.span() {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {}", error.message())
+            format!("line {line}: {message}")
         }
-        None => error.message().to_string(),
+        None => message,
     }
+}
+
+/// serde's "invalid type: integer `123456`, expected a string" without the value: a PIN
+/// or token written where its variable's or file's name belongs would be printed back.
+/// Field names (as in "unknown field `pin`") stay: they are the point of the message.
+fn without_values(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: ", "invalid length "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let (unexpected, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+            let kind = unexpected
+                .split(['`', '"', '\''])
+                .next()
+                .unwrap_or("")
+                .trim();
+            let expected = if expected.is_empty() {
+                String::new()
+            } else {
+                format!(", expected {expected}")
+            };
+            return format!("{prefix}{kind} (value not shown){expected}");
+        }
+    }
+    message.to_string()
 }
 
 fn parse_addr(value: &str, field: &str) -> Result<SocketAddr, String> {
@@ -784,6 +808,31 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
     /// The shipped example, as it is and with its commented sections switched on, is a
     /// config the signer accepts: a key renamed in the code but not in the example would
     /// be an error for whoever starts from it.
+    #[test]
+    fn a_value_in_the_wrong_place_is_not_printed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_fixture(dir.path(), "");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("pin_file = \"user-pin\"", "pin_env = 987654");
+        assert!(text.contains("pin_env = 987654"), "{text}");
+        std::fs::write(&path, text).unwrap();
+        let err = SignerConfig::load(&path).unwrap_err().to_string();
+        assert!(!err.contains("987654"), "{err}");
+        assert!(
+            err.contains("invalid type: integer (value not shown), expected a string"),
+            "{err}"
+        );
+        assert_eq!(
+            without_values("unknown field `pin`, expected one of `pin_file`, `pin_env`"),
+            "unknown field `pin`, expected one of `pin_file`, `pin_env`"
+        );
+        assert_eq!(
+            without_values("invalid value: string \"abc\", expected a port"),
+            "invalid value: string (value not shown), expected a port"
+        );
+    }
+
     #[test]
     fn the_example_config_parses_as_shipped_and_with_its_commented_sections() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/signer.example.toml");
