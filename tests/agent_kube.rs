@@ -703,6 +703,44 @@ async fn a_replica_that_loses_the_lease_during_a_pass_writes_nothing_more() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_plan_outlives_a_lease_lost_right_after_the_secret_is_written() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    // A 6 s Lease leaves less than the 5 s margin: every write reads the Lease first.
+    let cluster = Cluster::start_with_lease(&env, Duration::from_secs(6)).await;
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
+    let istiod = deployments_path("istio-system", "istiod");
+    // Right after the first install's Secret is written, another replica holds the Lease:
+    // this one restarts nothing and writes nothing more.
+    cluster.fake.after_write(SECRET, |objects| {
+        let lease = objects.get_mut(LEASE).unwrap();
+        lease["spec"]["holderIdentity"] = "agent-1".into();
+        lease["spec"]["renewTime"] =
+            meshca::signer::audit::rfc3339(std::time::SystemTime::now()).into();
+    });
+    let sent = cluster.pass().await;
+    assert!(sent.iter().any(|r| r.path == SECRET && r.method == "PATCH"));
+    assert!(!sent.iter().any(|r| r.path == istiod && r.method == "PATCH"));
+    // The plan was recorded with the serial, before the Secret.
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Issued", "{st}");
+    assert_eq!(st["restart"]["serial"], st["serial"], "{st}");
+    assert_eq!(st["restart"]["stage"], "Istiod", "{st}");
+
+    // The leader that follows (here this replica again) finds it and restarts istiod.
+    cluster.fake.edit(LEASE, |lease| {
+        lease["spec"]["holderIdentity"] = "agent-0".into();
+    });
+    let sent = cluster.pass().await;
+    assert!(
+        sent.iter().any(|r| r.path == istiod && r.method == "PATCH"),
+        "{sent:?}"
+    );
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method == "PATCH"));
+}
+
 /// A pass that fails by name (`needle` in `lastError`, reason `SignerError`), writing
 /// nothing to the Secret, which is still `installed`.
 async fn fails_keeping_the_secret(cluster: &Cluster, installed: &Value, needle: &str) {

@@ -436,14 +436,33 @@ impl Controller {
                     },
                 )
                 .await?;
+                let summary = &obtained.summary;
                 status.phase = Some(Phase::Issued);
-                status.serial = Some(obtained.summary.serial.clone());
+                status.serial = Some(summary.serial.clone());
+                let kind = if matches!(installed, Installed::None) {
+                    InstallKind::FirstInstall
+                } else {
+                    InstallKind::Replacement
+                };
+                // Recorded with the serial, before the Secret is written: a replica that
+                // loses the Lease (or fails) right after the write leaves the new leader
+                // the plan to carry out, not a new bundle without one.
+                if restart_needed(spec.settings.restart.policy, kind) {
+                    status.restart = Some(RestartRecord {
+                        serial: summary.serial.clone(),
+                        root_fingerprint: summary.anchor_fingerprint.clone(),
+                        stage: Stage::Istiod,
+                        stage_started: rfc3339(now),
+                        restarted: vec![],
+                        rolls_on_delete: vec![],
+                        message: None,
+                    });
+                }
                 self.ensure_leader().await?;
                 self.kube.apply_status(&ns, &name, status).await?;
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &obtained.files)
                     .await?;
-                let summary = &obtained.summary;
                 let renew_at = super::rotation::renew_at(
                     summary.not_before,
                     summary.not_after,
@@ -456,22 +475,6 @@ impl Controller {
                 });
                 self.metrics.issued();
                 record_bundle(status, summary, renew_at);
-                let kind = if matches!(installed, Installed::None) {
-                    InstallKind::FirstInstall
-                } else {
-                    InstallKind::Replacement
-                };
-                if restart_needed(spec.settings.restart.policy, kind) {
-                    status.restart = Some(RestartRecord {
-                        serial: summary.serial.clone(),
-                        root_fingerprint: summary.anchor_fingerprint.clone(),
-                        stage: Stage::Istiod,
-                        stage_started: rfc3339(now),
-                        restarted: vec![],
-                        rolls_on_delete: vec![],
-                        message: None,
-                    });
-                }
                 renew_at
             }
         };
