@@ -668,22 +668,29 @@ async fn a_ttl_too_short_for_the_renewal_fraction_is_an_invalid_spec() {
     );
 }
 
+/// A Lease this short leaves less than the 5 s margin: the agent reads it before each
+/// write (so a test can take it away between two).
+const LEASE_READ_BEFORE_EACH_WRITE: Duration = Duration::from_secs(6);
+
+/// Another replica holds the Lease, freshly renewed (for [`kubefake`]'s `after_write`).
+fn another_replica_takes_the_lease(objects: &mut std::collections::BTreeMap<String, Value>) {
+    let lease = objects.get_mut(LEASE).unwrap();
+    lease["spec"]["holderIdentity"] = "agent-1".into();
+    lease["spec"]["renewTime"] =
+        meshca::signer::audit::rfc3339(std::time::SystemTime::now()).into();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_loses_the_lease_during_a_pass_writes_nothing_more() {
     let env = Env::new();
     let signer = env.start_signer();
-    // A 6 s Lease leaves less than the 5 s margin: every write reads the Lease first.
-    let cluster = Cluster::start_with_lease(&env, Duration::from_secs(6)).await;
+    let cluster = Cluster::start_with_lease(&env, LEASE_READ_BEFORE_EACH_WRITE).await;
     cluster.put_request(&signer.addr.to_string(), json!({}));
     // Right after the pass records `Requested`, another replica holds the Lease.
-    cluster
-        .fake
-        .after_write(&format!("{VMCSR}/cluster-a/status"), |objects| {
-            let lease = objects.get_mut(LEASE).unwrap();
-            lease["spec"]["holderIdentity"] = "agent-1".into();
-            lease["spec"]["renewTime"] =
-                meshca::signer::audit::rfc3339(std::time::SystemTime::now()).into();
-        });
+    cluster.fake.after_write(
+        &format!("{VMCSR}/cluster-a/status"),
+        another_replica_takes_the_lease,
+    );
     let sent = cluster.pass().await;
     let status_writes: Vec<&Recorded> = sent
         .iter()
@@ -707,19 +714,15 @@ async fn a_replica_that_loses_the_lease_during_a_pass_writes_nothing_more() {
 async fn a_restart_plan_outlives_a_lease_lost_right_after_the_secret_is_written() {
     let env = Env::new();
     let signer = env.start_signer();
-    // A 6 s Lease leaves less than the 5 s margin: every write reads the Lease first.
-    let cluster = Cluster::start_with_lease(&env, Duration::from_secs(6)).await;
+    let cluster = Cluster::start_with_lease(&env, LEASE_READ_BEFORE_EACH_WRITE).await;
     cluster.put_request(&signer.addr.to_string(), json!({}));
     cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
     let istiod = deployments_path("istio-system", "istiod");
     // Right after the first install's Secret is written, another replica holds the Lease:
     // this one restarts nothing and writes nothing more.
-    cluster.fake.after_write(SECRET, |objects| {
-        let lease = objects.get_mut(LEASE).unwrap();
-        lease["spec"]["holderIdentity"] = "agent-1".into();
-        lease["spec"]["renewTime"] =
-            meshca::signer::audit::rfc3339(std::time::SystemTime::now()).into();
-    });
+    cluster
+        .fake
+        .after_write(SECRET, another_replica_takes_the_lease);
     let sent = cluster.pass().await;
     assert!(sent.iter().any(|r| r.path == SECRET && r.method == "PATCH"));
     assert!(!sent.iter().any(|r| r.path == istiod && r.method == "PATCH"));
