@@ -79,6 +79,15 @@ impl Cluster {
         );
     }
 
+    /// The request `cluster-a` for `signer`, with restarts off (tests of what is installed
+    /// and reported, not of restarts).
+    fn put_request_restarting_nothing(&self, signer: &Signer) {
+        self.put_request(
+            &signer.addr.to_string(),
+            json!({"restart": {"policy": "never"}}),
+        );
+    }
+
     /// Changes the request as its owner would.
     fn edit_request(&self, change: impl FnOnce(&mut Value)) {
         self.fake.edit(&format!("{VMCSR}/cluster-a"), change);
@@ -519,10 +528,7 @@ async fn a_virtual_mesh_or_mesh_the_signer_would_refuse_fails_the_pass_and_leave
     let env = Env::new();
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
-    cluster.put_request(
-        &signer.addr.to_string(),
-        json!({"restart": {"policy": "never"}}),
-    );
+    cluster.put_request_restarting_nothing(&signer);
     cluster.pass().await;
     let installed = cluster.get(SECRET).unwrap();
     // Renamed on the signer's side (or mistyped here): the Secret is valid and not due,
@@ -765,10 +771,7 @@ async fn metrics_report_each_request_while_leading_and_drop_deleted_ones() {
     let env = Env::new();
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
-    cluster.put_request(
-        &signer.addr.to_string(),
-        json!({"restart": {"policy": "never"}}),
-    );
+    cluster.put_request_restarting_nothing(&signer);
     // A second request whose signer cannot be reached, writing another Secret.
     let closed = closed_addr();
     let mut broken = request_object(
@@ -917,10 +920,7 @@ async fn an_announced_next_root_joins_the_secret_and_stays_reported_while_the_si
     let root_sha256 = openssl_fingerprint(env.dir.path(), &env.path("root-cert.pem"));
     let mut signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
-    cluster.put_request(
-        &signer.addr.to_string(),
-        json!({"restart": {"policy": "never"}}),
-    );
+    cluster.put_request_restarting_nothing(&signer);
     cluster.pass().await;
     let serial = vmcsr_status(&cluster)["serial"].clone();
     assert!(vmcsr_status(&cluster).get("nextRootFingerprint").is_none());
