@@ -319,12 +319,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
             .contains("waiting for istio-ca-root-cert in istio-system"),
         "{st}"
     );
-    let ready = st["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .unwrap();
+    let ready = condition(&st, "Ready");
     assert_eq!(ready["status"], "True");
 
     // Pass 2: nothing changed: no Secret write, no restart, no status write.
@@ -382,12 +377,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
         st["restart"]["rollsOnDelete"],
         json!(["DaemonSet shop/node-agent"])
     );
-    let restarted = st["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Restarted")
-        .unwrap();
+    let restarted = condition(&st, "Restarted");
     assert_eq!(restarted["reason"], "Complete");
     assert_eq!(
         restarted["message"],
@@ -659,12 +649,7 @@ async fn a_ttl_too_short_for_the_renewal_fraction_is_an_invalid_spec() {
     assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
     let st = vmcsr_status(&cluster);
     assert_eq!(st["phase"], "Failed");
-    let ready = st["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .unwrap();
+    let ready = condition(&st, "Ready");
     assert_eq!(ready["reason"], "InvalidSpec");
     let error = st["lastError"].as_str().unwrap();
     assert!(
