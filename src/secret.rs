@@ -81,24 +81,53 @@ impl SecretSource {
     }
 }
 
+/// Longest secret file read: PINs and tokens are short, and a key pointed at the wrong
+/// file (a log, a device) must not be read whole and presented as a PIN.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
 fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
+    use std::io::Read;
+    let source_name = || format!("file {}", path.display());
     let unreadable = |e: std::io::Error| SecretError::Unreadable {
-        source_name: format!("file {}", path.display()),
+        source_name: source_name(),
         message: e.to_string(),
     };
-    let mode = std::fs::metadata(path)
-        .map_err(unreadable)?
-        .permissions()
-        .mode();
+    // The mode is that of the file opened, not of whatever the path names a moment later.
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let metadata = file.metadata().map_err(unreadable)?;
+    let mode = metadata.permissions().mode();
     if mode & 0o007 != 0 {
         return Err(SecretError::TooOpen {
             path: path.display().to_string(),
             mode: mode & 0o777,
         });
     }
-    std::fs::read_to_string(path)
-        .map(Zeroizing::new)
-        .map_err(unreadable)
+    if !metadata.is_file() {
+        return Err(SecretError::Unreadable {
+            source_name: source_name(),
+            message: "not a regular file".into(),
+        });
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(SecretError::Unreadable {
+            source_name: source_name(),
+            message: format!(
+                "larger than {} KiB: not a secret file",
+                MAX_SECRET_FILE / 1024
+            ),
+        });
+    }
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => Ok(Zeroizing::new(text.to_string())),
+        Err(_) => Err(SecretError::Unreadable {
+            source_name: source_name(),
+            message: "not valid UTF-8".into(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -134,6 +163,32 @@ mod tests {
             SecretSource::File(path).read(),
             Err(SecretError::Empty(_))
         ));
+    }
+
+    #[test]
+    fn a_file_too_large_or_not_a_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        let large = "7".repeat(MAX_SECRET_FILE as usize + 1);
+        crate::fsutil::write_private(&path, large.as_bytes()).unwrap();
+        let err = SecretSource::File(path.clone())
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("larger than 64 KiB") && !err.contains("777"),
+            "{err}"
+        );
+        crate::fsutil::write_private(&path, &large.as_bytes()[1..]).unwrap();
+        assert_eq!(
+            SecretSource::File(path).read().unwrap().expose(),
+            &large[1..]
+        );
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = SecretSource::File(sub).read().unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]
