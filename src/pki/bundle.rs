@@ -63,11 +63,16 @@ pub enum BundleError {
     NoTrustedRoot,
     #[error("root-cert.pem: certificate {0} is not a self-signed CA")]
     BadRoot(usize),
-    #[error("{which} is not valid now (valid {not_before} to {not_after})")]
+    #[error(
+        "{which} is not valid now (valid {not_before} to {not_after}; this machine's clock reads {now}){hint}"
+    )]
     Expired {
         which: String,
         not_before: String,
         not_after: String,
+        now: String,
+        /// Said when the certificate is not valid yet: a fresh one means a clock behind.
+        hint: &'static str,
     },
     #[error("ca-cert.pem does not follow meshca's intermediate profile: {0}")]
     Profile(String),
@@ -127,6 +132,14 @@ fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), 
             which,
             not_before: validity.not_before.to_string(),
             not_after: validity.not_after.to_string(),
+            now: der::DateTime::from_system_time(now)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| format!("{now:?}")),
+            hint: if now < nb {
+                ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation"
+            } else {
+                ""
+            },
         });
     }
     Ok(())
@@ -237,5 +250,42 @@ mod tests {
             shown.contains("CERT") && shown.contains("<redacted>"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_bundle_outside_its_validity_names_this_clock_and_a_fresh_one_blames_it() {
+        use crate::pki::keys::KeyType;
+        use crate::pki::testing::{software_bundle, software_root};
+        use std::time::Duration;
+        let hour = Duration::from_secs(3600);
+        let (root_key, root) = software_root(KeyType::EcdsaP256, "org", 24 * hour);
+        let now = SystemTime::now();
+        let files = software_bundle(
+            &root_key,
+            &root,
+            "org",
+            "mesh",
+            KeyType::EcdsaP256,
+            now - Duration::from_secs(300),
+            now + hour,
+        );
+        let clock_behind = now - Duration::from_secs(600);
+        let early = verify_bundle(&files, None, clock_behind)
+            .unwrap_err()
+            .to_string();
+        let reads = der::DateTime::from_system_time(clock_behind).unwrap();
+        assert!(
+            early.contains(&format!("this machine's clock reads {reads}"))
+                && early.contains("clock is behind the signer's"),
+            "{early}"
+        );
+        let late = verify_bundle(&files, None, now + 2 * hour)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            late.contains("this machine's clock reads") && !late.contains("behind"),
+            "{late}"
+        );
+        verify_bundle(&files, None, now).unwrap();
     }
 }
