@@ -859,6 +859,9 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         println!("  renew at     {}", rfc3339(outcome.renew_at()));
         println!("  root sha256  {}", s.anchor_fingerprint);
         println!("  trusts       {}", s.root_fingerprints.join(", "));
+        if outcome.roots_changed() {
+            println!("  then         restart istiod: root-cert.pem changed");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let metrics = Arc::new(AgentMetrics::new());

@@ -147,7 +147,8 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
     assert!(first.status.success(), "{}", text(&first.stderr));
     let stdout = text(&first.stdout);
     assert!(
-        stdout.contains("installed a new intermediate (no bundle installed yet)"),
+        stdout.contains("installed a new intermediate (no bundle installed yet)")
+            && stdout.contains("restart istiod"),
         "{stdout}"
     );
     assert_valid(&env, &dir);
@@ -222,8 +223,10 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
         &["--renew-fraction", "0.1", "--jitter-fraction", "0"],
     );
     assert!(renewed.status.success(), "{}", text(&renewed.stderr));
+    // The same roots: istiod reloads the files by itself.
     assert!(
-        text(&renewed.stdout).contains("(renewal time reached)"),
+        text(&renewed.stdout).contains("(renewal time reached)")
+            && !text(&renewed.stdout).contains("restart istiod"),
         "{}",
         text(&renewed.stdout)
     );
@@ -627,6 +630,11 @@ fn root_change_in_two_phases(env: Env) {
             out.contains(&format!("trusts       {old_root}, {new_root}")),
             "{out}"
         );
+        // istiod takes a changed root-cert.pem only when it starts: the pass says so.
+        assert!(
+            out.contains("then         restart istiod: root-cert.pem changed"),
+            "{out}"
+        );
         assert_eq!(serial(dir), serial_before);
         assert_eq!(trusted_roots(dir), vec![old_root.clone(), new_root.clone()]);
         assert_valid(&env, dir);
@@ -683,7 +691,10 @@ fn root_change_in_two_phases(env: Env) {
         assert!(out.contains("rewrote root-cert.pem"), "{out}");
         assert_eq!(trusted_roots(dir), vec![new_root.clone()]);
         let out = pass_ok(&env, &addr, cluster, dir, &["--retire-root", &old_root]);
-        assert!(!out.contains("rewrote"), "{out}");
+        assert!(
+            !out.contains("rewrote") && !out.contains("restart istiod"),
+            "{out}"
+        );
     }
     let a_after = Workload::issue(work, &a, "a-after");
     let b_after = Workload::issue(work, &b, "b-after");

@@ -464,9 +464,25 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
     assert!(st.get("lastError").is_none(), "{st}");
     assert_eq!(st["observedGeneration"], 2);
     assert_eq!(st["trustedRootFingerprints"].as_array().unwrap().len(), 2);
-    // istiod already ran with plugged-in certificates: auto restarts nothing.
-    assert!(!sent.iter().any(|r| r.path.contains("/deployments/")));
-    assert!(st.get("restart").is_none());
+    // istiod already ran with plugged-in certificates, but it takes new files by itself
+    // only under the same root-cert.pem bytes: auto restarts istiod, and only istiod.
+    assert_eq!(
+        restarted_paths(&sent),
+        [deployments_path("istio-system", "istiod")]
+    );
+    assert_eq!(
+        (&st["restart"]["scope"], &st["restart"]["stage"]),
+        (&json!("Istiod"), &json!("Complete")),
+        "{st}"
+    );
+    let istiod_restarted_for = |cluster: &Cluster| {
+        cluster
+            .get(&deployments_path("istio-system", "istiod"))
+            .unwrap()["spec"]["template"]["metadata"]["annotations"]
+            ["meshca.dev/restarted-for-serial"]
+            .clone()
+    };
+    assert_eq!(istiod_restarted_for(&cluster), st["serial"]);
 
     // Retiring the old root rewrites root-cert.pem only: same intermediate and key.
     cluster.edit_request(|obj| {
@@ -482,13 +498,25 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
     assert_eq!(rewritten.ca_cert, files.ca_cert);
     assert_eq!(rewritten.ca_key, files.ca_key);
     assert_eq!(rewritten.root_cert, env.root_pem());
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["trustedRootFingerprints"].as_array().unwrap().len(), 1);
+    // The same serial, other roots: istiod restarts once more, for this version of them.
     assert_eq!(
-        vmcsr_status(&cluster)["trustedRootFingerprints"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
+        restarted_paths(&sent),
+        [deployments_path("istio-system", "istiod")]
     );
+    let key = istiod_restarted_for(&cluster);
+    assert!(
+        key.as_str()
+            .unwrap()
+            .starts_with(&format!("{}+roots-", st["serial"].as_str().unwrap())),
+        "{key}"
+    );
+    assert_eq!(st["restart"]["scope"], "Istiod");
+    assert_eq!(st["restart"]["stage"], "Complete");
+    // And never again for it.
+    let sent = cluster.pass().await;
+    assert!(restarted_paths(&sent).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, classify_secret};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::restart::{
-    InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, restart_needed,
+    InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, plan_for,
 };
 use super::rotation::{
     Decision, Desired, Installed, carries_root, check_ttl, decide, normalize_fingerprint,
@@ -403,6 +403,21 @@ impl Controller {
                     root_cert,
                     ..files.clone()
                 };
+                // istiod takes the changed roots only when it starts: the plan (istiod
+                // alone) is recorded before the write, as for a new intermediate.
+                if let Some(plan) = plan_for(
+                    spec.settings.restart.policy,
+                    InstallKind::RootsOnly,
+                    &summary.serial,
+                    &summary.anchor_fingerprint,
+                    &files.root_cert,
+                    status.restart.as_ref(),
+                    &rfc3339(now),
+                ) {
+                    status.restart = Some(plan);
+                    self.ensure_leader().await?;
+                    self.kube.apply_status(&ns, &name, status).await?;
+                }
                 self.ensure_leader().await?;
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &files)
@@ -439,24 +454,29 @@ impl Controller {
                 let summary = &obtained.summary;
                 status.phase = Some(Phase::Issued);
                 status.serial = Some(summary.serial.clone());
-                let kind = if matches!(installed, Installed::None) {
-                    InstallKind::FirstInstall
-                } else {
-                    InstallKind::Replacement
+                let kind = match &installed {
+                    Installed::None => InstallKind::FirstInstall,
+                    Installed::Ours(files) => InstallKind::Replacement {
+                        roots_changed: files.root_cert != obtained.files.root_cert,
+                    },
+                    Installed::Foreign { root_cert, .. }
+                    | Installed::Unreadable { root_cert, .. } => InstallKind::Replacement {
+                        roots_changed: root_cert.as_deref() != Some(&obtained.files.root_cert),
+                    },
                 };
                 // Recorded with the serial, before the Secret is written: a replica that
                 // loses the Lease (or fails) right after the write leaves the new leader
                 // the plan to carry out, not a new bundle without one.
-                if restart_needed(spec.settings.restart.policy, kind) {
-                    status.restart = Some(RestartRecord {
-                        serial: summary.serial.clone(),
-                        root_fingerprint: summary.anchor_fingerprint.clone(),
-                        stage: Stage::Istiod,
-                        stage_started: rfc3339(now),
-                        restarted: vec![],
-                        rolls_on_delete: vec![],
-                        message: None,
-                    });
+                if let Some(plan) = plan_for(
+                    spec.settings.restart.policy,
+                    kind,
+                    &summary.serial,
+                    &summary.anchor_fingerprint,
+                    &obtained.files.root_cert,
+                    status.restart.as_ref(),
+                    &rfc3339(now),
+                ) {
+                    status.restart = Some(plan);
                 }
                 self.ensure_leader().await?;
                 self.kube.apply_status(&ns, &name, status).await?;
@@ -588,7 +608,7 @@ impl Controller {
                     self.ensure_leader().await?;
                     for target in targets {
                         self.kube
-                            .restart_workload(&target, &record.serial, now)
+                            .restart_workload(&target, &record.plan_key(), now)
                             .await?;
                         if target.rolls_on_delete {
                             tracing::warn!(workload = %target.id(), serial = %record.serial, "rolling restart requested, but its updateStrategy is OnDelete: its pods keep the old certificates until they are deleted");

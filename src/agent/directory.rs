@@ -39,6 +39,9 @@ pub enum DirOutcome {
         reason: IssueReason,
         summary: BundleSummary,
         renew_at: SystemTime,
+        /// root-cert.pem is not the bytes it was (or there was none): istiod takes the
+        /// new files only when it starts.
+        roots_changed: bool,
     },
     RootsRewritten {
         summary: BundleSummary,
@@ -54,6 +57,15 @@ pub enum DirOutcome {
 }
 
 impl DirOutcome {
+    /// Whether root-cert.pem is new bytes: istiod must start again to take the files.
+    pub fn roots_changed(&self) -> bool {
+        match self {
+            DirOutcome::Installed { roots_changed, .. } => *roots_changed,
+            DirOutcome::RootsRewritten { .. } => true,
+            DirOutcome::UpToDate { .. } => false,
+        }
+    }
+
     pub fn renew_at(&self) -> SystemTime {
         match self {
             DirOutcome::Installed { renew_at, .. }
@@ -191,6 +203,13 @@ pub async fn reconcile(
             )
             .await?;
             write(&opts.target, &obtained.files)?;
+            let roots_changed = match &installed {
+                Installed::Ours(files) => files.root_cert != obtained.files.root_cert,
+                Installed::Foreign { root_cert, .. } | Installed::Unreadable { root_cert, .. } => {
+                    root_cert.as_deref() != Some(&obtained.files.root_cert)
+                }
+                Installed::None => true,
+            };
             let summary = obtained.summary;
             let renew_at = super::rotation::renew_at(
                 summary.not_before,
@@ -202,6 +221,7 @@ pub async fn reconcile(
                 reason,
                 summary,
                 renew_at,
+                roots_changed,
             })
         }
     }
@@ -312,22 +332,31 @@ pub async fn run(
     }
 }
 
-/// One line per outcome, for both `--once` and the loop.
+/// What the directory agent says when istiod must start again to take the files.
+const RESTART_ISTIOD: &str = "root-cert.pem changed: restart istiod (it takes a changed root-cert.pem, and the intermediate with it, only when it starts)";
+
+/// One line per outcome (and the restart istiod needs), for both `--once` and the loop.
 pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
     let rfc = crate::signer::audit::rfc3339;
+    if outcome.roots_changed() {
+        tracing::warn!(dir = %dir.display(), "{RESTART_ISTIOD}");
+    }
     match outcome {
         DirOutcome::Installed {
             reason,
             summary,
             renew_at,
-        } => tracing::info!(
-            dir = %dir.display(),
-            reason = reason.code(),
-            serial = %summary.serial,
-            not_after = %rfc(summary.not_after),
-            renew_at = %rfc(*renew_at),
-            "installed a new intermediate"
-        ),
+            ..
+        } => {
+            tracing::info!(
+                dir = %dir.display(),
+                reason = reason.code(),
+                serial = %summary.serial,
+                not_after = %rfc(summary.not_after),
+                renew_at = %rfc(*renew_at),
+                "installed a new intermediate"
+            );
+        }
         DirOutcome::RootsRewritten { summary, renew_at } => tracing::info!(
             dir = %dir.display(),
             serial = %summary.serial,

@@ -261,14 +261,14 @@ impl Kube {
     }
 
     /// Rolling restart: a strategic-merge patch of the pod template annotations, as
-    /// `kubectl rollout restart` does. Never deletes a pod.
+    /// `kubectl rollout restart` does, plus the plan's key. Never deletes a pod.
     pub async fn restart_workload(
         &self,
         target: &Target,
-        serial: &str,
+        plan_key: &str,
         now: SystemTime,
     ) -> Result<(), KubeError> {
-        let patch = Patch::Strategic(restart_patch(serial, &crate::signer::audit::rfc3339(now)));
+        let patch = Patch::Strategic(restart_patch(plan_key, &crate::signer::audit::rfc3339(now)));
         let (ns, name) = (target.namespace.as_str(), target.name.as_str());
         let patched = match target.kind {
             WorkloadKind::Deployment => self.patch_of::<Deployment>(ns, name, &patch).await,

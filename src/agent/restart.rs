@@ -24,11 +24,14 @@ pub const RESTARTED_FOR: &str = "meshca.dev/restarted-for-serial";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RestartPolicy {
-    /// Only when istiod switches from its self-signed CA to the plugged-in one (the first
-    /// install): Istio 1.19+ reloads plugged-in files by itself after that.
+    /// What Istio needs: everything on the first install (istiod switches from its
+    /// self-signed CA to the plugged-in one), istiod alone whenever root-cert.pem changed
+    /// (istiod reloads plugged-in files by itself only while root-cert.pem stays the same
+    /// bytes), nothing for a renewal under the same roots.
     #[default]
     Auto,
-    /// After every new intermediate.
+    /// Everything after every new intermediate; istiod alone after a change of
+    /// root-cert.pem alone.
     Always,
     /// Never: the operator restarts.
     Never,
@@ -39,21 +42,93 @@ pub enum RestartPolicy {
 pub enum InstallKind {
     /// There was no cacerts: istiod runs its self-signed CA until restarted.
     FirstInstall,
-    /// A new intermediate replaced meshca's or an adopted one (istiod reloads it).
-    Replacement,
+    /// A new intermediate replaced meshca's or an adopted one; `roots_changed`: the new
+    /// root-cert.pem differs from the one it replaced (by a byte).
+    Replacement { roots_changed: bool },
     /// Only root-cert.pem changed.
     RootsOnly,
 }
 
-/// Whether an installation starts a restart plan.
-pub fn restart_needed(policy: RestartPolicy, kind: InstallKind) -> bool {
-    match (policy, kind) {
-        (RestartPolicy::Never, _) => false,
-        (_, InstallKind::RootsOnly) => false,
-        (RestartPolicy::Always, _) => true,
-        (RestartPolicy::Auto, InstallKind::FirstInstall) => true,
-        (RestartPolicy::Auto, InstallKind::Replacement) => false,
+/// What a restart plan restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum RestartScope {
+    /// istiod, then gateways, then workloads.
+    #[default]
+    Full,
+    /// istiod alone: it loads a changed root-cert.pem (and whatever came with it) only
+    /// when it starts. Workloads learn the new roots from istiod with their next
+    /// certificate.
+    Istiod,
+}
+
+impl RestartScope {
+    fn is_full(&self) -> bool {
+        *self == RestartScope::Full
     }
+}
+
+/// Whether an installation starts a restart plan, and of what. istiod's file watcher
+/// takes new plugged-in files only when root-cert.pem is the same bytes as the one it
+/// loaded (or, with `ISTIO_MULTIROOT_MESH`, one contains the other byte for byte);
+/// otherwise it keeps its old intermediate and roots, silently, until it restarts.
+pub fn restart_scope(policy: RestartPolicy, kind: InstallKind) -> Option<RestartScope> {
+    match (policy, kind) {
+        (RestartPolicy::Never, _) => None,
+        (_, InstallKind::FirstInstall) => Some(RestartScope::Full),
+        (RestartPolicy::Always, InstallKind::Replacement { .. }) => Some(RestartScope::Full),
+        (_, InstallKind::RootsOnly)
+        | (
+            RestartPolicy::Auto,
+            InstallKind::Replacement {
+                roots_changed: true,
+            },
+        ) => Some(RestartScope::Istiod),
+        (
+            RestartPolicy::Auto,
+            InstallKind::Replacement {
+                roots_changed: false,
+            },
+        ) => None,
+    }
+}
+
+/// The plan to record for an installation of `kind`, or None. A plan still under way
+/// that restarts more than the new one would is widened to it rather than cut short (a
+/// first install's gateways and workloads still restart).
+pub fn plan_for(
+    policy: RestartPolicy,
+    kind: InstallKind,
+    serial: &str,
+    root_fingerprint: &str,
+    root_cert: &str,
+    under_way: Option<&RestartRecord>,
+    now_rfc3339: &str,
+) -> Option<RestartRecord> {
+    let mut scope = restart_scope(policy, kind)?;
+    if under_way.is_some_and(|r| !r.stage.is_final() && r.scope.is_full()) {
+        scope = RestartScope::Full;
+    }
+    Some(RestartRecord {
+        serial: serial.to_string(),
+        roots_sha256: match kind {
+            InstallKind::RootsOnly => Some(short_digest(root_cert)),
+            _ => None,
+        },
+        root_fingerprint: root_fingerprint.to_string(),
+        scope,
+        stage: Stage::Istiod,
+        stage_started: now_rfc3339.to_string(),
+        restarted: vec![],
+        rolls_on_delete: vec![],
+        message: None,
+    })
+}
+
+/// The first 16 hex digits of SHA-256 of `text`: tells root-cert.pem versions apart.
+fn short_digest(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The stages, in order.
@@ -91,8 +166,15 @@ impl Stage {
 pub struct RestartRecord {
     /// The certificate serial these restarts are for.
     pub serial: String,
+    /// For a change of root-cert.pem alone (the serial stays): the first 16 hex digits of
+    /// its SHA-256, so each version of the roots has its own plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roots_sha256: Option<String>,
     /// SHA-256 of the root the namespaces must carry before their pods restart.
     pub root_fingerprint: String,
+    /// What the plan restarts (`Full` when absent).
+    #[serde(default, skip_serializing_if = "RestartScope::is_full")]
+    pub scope: RestartScope,
     pub stage: Stage,
     /// When the current stage started (RFC 3339): the wait bound counts from here.
     pub stage_started: String,
@@ -106,6 +188,25 @@ pub struct RestartRecord {
     /// What the plan waits for or why it stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+impl RestartRecord {
+    /// What the restarts are for, as the pod template annotation records it: the serial,
+    /// plus the roots' digest for a change of root-cert.pem alone.
+    pub fn plan_key(&self) -> String {
+        match &self.roots_sha256 {
+            Some(roots) => format!("{}+roots-{roots}", self.serial),
+            None => self.serial.clone(),
+        }
+    }
+
+    /// The stage after `stage` in this plan.
+    fn after(&self, stage: Stage) -> Stage {
+        match (self.scope, stage) {
+            (RestartScope::Istiod, Stage::Istiod) => Stage::Complete,
+            _ => stage.next(),
+        }
+    }
 }
 
 /// The kinds of workload a rolling restart applies to (each rolls its pods when its pod
@@ -199,16 +300,14 @@ pub fn next_step(
     if record.stage.is_final() {
         return Step::Done;
     }
+    let key = record.plan_key();
     let pending: Vec<&Target> = view
         .targets
         .iter()
-        .filter(|t| {
-            !record.restarted.contains(&t.id())
-                && t.restarted_for.as_deref() != Some(record.serial.as_str())
-        })
+        .filter(|t| !record.restarted.contains(&t.id()) && t.restarted_for.as_deref() != Some(&key))
         .collect();
     if pending.is_empty() {
-        return Step::Advance(record.stage.next());
+        return Step::Advance(record.after(record.stage));
     }
     let gated = record.stage != Stage::Istiod;
     let (ready, waiting): (Vec<&Target>, Vec<&Target>) = pending
@@ -232,11 +331,11 @@ pub fn next_step(
 
 /// The strategic-merge patch a rolling restart sends: both annotations on the pod
 /// template, nothing else (as `kubectl rollout restart`, plus the serial).
-pub fn restart_patch(serial: &str, now_rfc3339: &str) -> serde_json::Value {
+pub fn restart_patch(plan_key: &str, now_rfc3339: &str) -> serde_json::Value {
     serde_json::json!({
         "spec": {"template": {"metadata": {"annotations": {
             RESTARTED_AT: now_rfc3339,
-            RESTARTED_FOR: serial,
+            RESTARTED_FOR: plan_key,
         }}}}
     })
 }
@@ -260,7 +359,9 @@ mod tests {
     fn record(stage: Stage) -> RestartRecord {
         RestartRecord {
             serial: "aa01".into(),
+            roots_sha256: None,
             root_fingerprint: "ff".into(),
+            scope: RestartScope::Full,
             stage,
             stage_started: "2026-01-01T00:00:00Z".into(),
             restarted: vec![],
@@ -277,21 +378,99 @@ mod tests {
     fn policy_table() {
         use InstallKind::*;
         use RestartPolicy::*;
+        use RestartScope::{Full, Istiod};
+        let same_roots = Replacement {
+            roots_changed: false,
+        };
+        let new_roots = Replacement {
+            roots_changed: true,
+        };
         let cases = [
-            (Auto, FirstInstall, true),
-            (Auto, Replacement, false),
-            (Auto, RootsOnly, false),
-            (Always, FirstInstall, true),
-            (Always, Replacement, true),
-            (Always, RootsOnly, false),
-            (Never, FirstInstall, false),
-            (Never, Replacement, false),
-            (Never, RootsOnly, false),
+            (Auto, FirstInstall, Some(Full)),
+            (Auto, same_roots, None),
+            (Auto, new_roots, Some(Istiod)),
+            (Auto, RootsOnly, Some(Istiod)),
+            (Always, FirstInstall, Some(Full)),
+            (Always, same_roots, Some(Full)),
+            (Always, new_roots, Some(Full)),
+            (Always, RootsOnly, Some(Istiod)),
+            (Never, FirstInstall, None),
+            (Never, new_roots, None),
+            (Never, RootsOnly, None),
         ];
         for (policy, kind, expect) in cases {
-            assert_eq!(restart_needed(policy, kind), expect, "{policy:?} {kind:?}");
+            assert_eq!(restart_scope(policy, kind), expect, "{policy:?} {kind:?}");
         }
         assert_eq!(RestartPolicy::default(), Auto);
+    }
+
+    #[test]
+    fn a_roots_plan_restarts_istiod_once_per_version_of_the_roots_and_ends() {
+        let now = "2026-01-01T00:00:00Z";
+        let plan = |roots: &str, under_way: Option<&RestartRecord>| {
+            plan_for(
+                RestartPolicy::Auto,
+                InstallKind::RootsOnly,
+                "aa01",
+                "ff",
+                roots,
+                under_way,
+                now,
+            )
+            .unwrap()
+        };
+        let first = plan("ROOT-A\nROOT-B\n", None);
+        let second = plan("ROOT-B\n", None);
+        assert_eq!(first.scope, RestartScope::Istiod);
+        // The serial stays, so the key tells the versions of the roots apart: istiod,
+        // restarted for the first (or for the serial's install), restarts for the second.
+        assert!(first.plan_key().starts_with("aa01+roots-"));
+        assert_ne!(first.plan_key(), second.plan_key());
+        let mut istiod = t("istio-system", "istiod");
+        istiod.restarted_for = Some(first.plan_key());
+        let view = StageView {
+            targets: vec![istiod.clone()],
+            ready_namespaces: ready(&[]),
+        };
+        let start = SystemTime::UNIX_EPOCH;
+        assert_eq!(
+            next_step(&second, &view, start, start, MIN),
+            Step::Restart(vec![istiod.clone()])
+        );
+        // Done with istiod, the plan ends: no gateway or workload stage.
+        assert_eq!(
+            next_step(&first, &view, start, start, MIN),
+            Step::Advance(Stage::Complete)
+        );
+        // A serial's new intermediate keeps the plain serial as its key.
+        let renewal = plan_for(
+            RestartPolicy::Auto,
+            InstallKind::Replacement {
+                roots_changed: true,
+            },
+            "bb02",
+            "ff",
+            "ROOT-B\n",
+            None,
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            (renewal.plan_key().as_str(), renewal.scope),
+            ("bb02", RestartScope::Istiod)
+        );
+        // A first install's plan still under way is widened to, not cut short.
+        let mut first_install = record(Stage::Gateways);
+        let widened = plan("ROOT-A\n", Some(&first_install));
+        assert_eq!(
+            (widened.scope, widened.stage),
+            (RestartScope::Full, Stage::Istiod)
+        );
+        first_install.stage = Stage::Complete;
+        assert_eq!(
+            plan("ROOT-A\n", Some(&first_install)).scope,
+            RestartScope::Istiod
+        );
     }
 
     #[test]
