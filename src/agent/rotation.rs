@@ -61,7 +61,7 @@ pub enum SettingsError {
 const LEAST_TIME_INSTALLED: Duration = Duration::from_secs(60);
 
 /// Refuses a requested ttl whose fresh certificates would be due (almost) at once under
-/// `settings`: the signer dates notBefore [`BACKDATE`] back (Vault 30 s), and renewal is a
+/// `settings`: the signer dates notBefore [`BACKDATE`] back (Vault too), and renewal is a
 /// fraction of notBefore..notAfter. `None` (the policy's maximum, days) always passes.
 pub fn check_ttl(
     ttl_seconds: Option<u64>,

@@ -18,6 +18,7 @@ use crate::pki::lint::{check_subject_values, lint_intermediate, lint_root_profil
 use crate::pki::pem::{decode_certificates, encode};
 use crate::pki::profile::{RootCa, verify_certificate_signature};
 use crate::pki::sigalg::SignatureAlgorithm;
+use crate::policy::rules::BACKDATE;
 
 /// Vault's names for meshca's intermediate keyUsage (keyCertSign, cRLSign,
 /// digitalSignature; see `pki::profile::intermediate_key_usage`).
@@ -68,6 +69,9 @@ pub fn sign_intermediate_body(request: &IssueRequest, root: &RootCa) -> Result<V
         "organization": [request.org_name],
         "exclude_cn_from_sans": true,
         "not_after": rfc3339_seconds(request.plan.not_after)?,
+        // Backdated as the token path does (Vault's default is 30 s): an agent whose
+        // clock is a few minutes behind still takes the intermediate.
+        "not_before_duration": format!("{}s", BACKDATE.as_secs()),
         "max_path_length": 0,
         "key_usage": INTERMEDIATE_KEY_USAGE,
         "signature_bits": signature_bits(root.signature_algorithm),
@@ -268,6 +272,7 @@ mod tests {
         assert_eq!(body["organization"], json!(["acme"]));
         assert_eq!(body["exclude_cn_from_sans"], true);
         assert_eq!(body["max_path_length"], 0);
+        assert_eq!(body["not_before_duration"], "300s");
         assert_eq!(body["signature_bits"], 384);
         assert_eq!(body["use_pss"], false);
         let not_after = body["not_after"].as_str().unwrap();
