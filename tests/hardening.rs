@@ -118,6 +118,10 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         ("CSR is a number", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": 42})), 400, "malformed_request", "expected a string"),
         ("unknown field", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "pathLen": 5})), 400, "malformed_request", "pathLen"),
         ("field name with a newline (a forged log line)", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "x\nINFO forged": 5})), 400, "malformed_request", "x\\nINFO forged"),
+        // Messages and recorded references quote the request: a client must not choose the
+        // size of the audit line.
+        ("virtual mesh of 60 KB", Send::Json(sign_body(&"a".repeat(60_000), MESH_A, &good)), 400, "malformed_request", "bytes in all"),
+        ("content type of 100 KB", Send::Raw { content_type: format!("text/{}", "a".repeat(100_000)).leak(), body: b"{}".to_vec() }, 415, "unsupported_media_type", "bytes in all"),
         ("duplicate field", Send::Raw { content_type: "application/json", body: format!("{{\"virtualMesh\":\"{VM}\",\"virtualMesh\":\"{VM}\",\"mesh\":\"{MESH_A}\",\"csr\":\"x\"}}").into_bytes() }, 400, "malformed_request", "duplicate"),
     ];
     assert!(cases.len() >= 30);
@@ -143,8 +147,14 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
             "{name}: {needle:?} not in {message:?}"
         );
     }
-    // Every one of them is an audited decision, and the signer still issues.
-    assert_eq!(signer.audit_lines().len(), cases.len());
+    // Every one of them is an audited decision, in a line of bounded size, and the signer
+    // still issues.
+    let lines = signer.audit_lines();
+    assert_eq!(lines.len(), cases.len());
+    for line in &lines {
+        let size = line.to_string().len();
+        assert!(size < 4096, "an audit line of {size} bytes: {line}");
+    }
     let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &good)).await;
     assert_eq!(status, 200, "{body}");
 }

@@ -57,12 +57,12 @@ pub struct Refusal {
 impl Refusal {
     /// Control characters in `message` (it may quote the request: a JSON field name, a
     /// client's CN) are escaped, so a client cannot start a line of its own in the signer's
-    /// text log.
+    /// text log, and a long message is cut (see [`clip`]).
     pub fn new(status: Status, code: &'static str, message: impl Into<String>) -> Self {
         Refusal {
             status,
             code,
-            message: escape_control(message.into()),
+            message: clip(&escape_control(message.into()), MAX_MESSAGE),
             retry_after_secs: None,
         }
     }
@@ -78,6 +78,27 @@ impl Refusal {
             _ => "deny",
         }
     }
+}
+
+/// Longest refusal message kept: messages quote the request (a Content-Type, a field
+/// name, a reference), and each goes into an fsynced audit line and the log, so a client
+/// must not choose their size (the rate limit bounds the lines, not their length).
+const MAX_MESSAGE: usize = 1024;
+
+/// Longest `virtualMesh` or `mesh` recorded as given: a valid reference is at most 507
+/// characters (two names of 253 and a `/`).
+const MAX_RECORDED_REF: usize = 512;
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how long it was.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
 }
 
 /// `text` with each control character written as its Rust escape (`\n`, `\u{1b}`).
@@ -130,8 +151,8 @@ pub fn decide(
     serial: SerialNumber,
     facts: &mut RequestFacts,
 ) -> Result<Approval, Refusal> {
-    facts.virtual_mesh = Some(request.virtual_mesh.clone());
-    facts.mesh = Some(request.mesh.clone());
+    facts.virtual_mesh = Some(clip(&request.virtual_mesh, MAX_RECORDED_REF));
+    facts.mesh = Some(clip(&request.mesh, MAX_RECORDED_REF));
     let bad_ref = |field: &str, e: &dyn std::fmt::Display| {
         Refusal::new(
             Status::BadRequest,
@@ -324,6 +345,20 @@ mod tests {
             "unknown field `x\\nINFO forged line\\u{1b}[2J`"
         );
         assert!(!refusal.message.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn long_text_is_clipped_at_a_character_boundary_with_its_length() {
+        assert_eq!(clip("short", 8), "short");
+        // "é" is two bytes: a cut inside it moves back to its start.
+        assert_eq!(clip("abcé-more", 4), "abc... (10 bytes in all)");
+        let refusal = Refusal::new(Status::BadRequest, "malformed_request", "x".repeat(5000));
+        assert!(
+            refusal.message.len() < MAX_MESSAGE + 40,
+            "{}",
+            refusal.message.len()
+        );
+        assert!(refusal.message.ends_with("(5000 bytes in all)"));
     }
 
     #[test]
