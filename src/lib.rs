@@ -16,6 +16,7 @@
 //! - [`secret`]: PINs and tokens read from files or the environment, never printed.
 //! - [`logging`]: text or JSON logs on stderr, panics included.
 //! - [`signals`]: SIGTERM and SIGINT, taken over before a daemon says it is ready.
+//! - [`ops_http`]: the bounded plain-HTTP listener of the metrics and health endpoints.
 
 pub mod agent;
 pub mod backend;
@@ -26,6 +27,7 @@ pub mod fuzzing;
 pub mod logging;
 pub mod mesh;
 pub mod mesh_controller;
+pub mod ops_http;
 pub mod pki;
 pub mod policy;
 pub mod secret;

@@ -307,11 +307,11 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::R
                     .into_response()
             }),
         );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    });
+    tokio::spawn(crate::ops_http::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
     Ok(bound)
 }
 

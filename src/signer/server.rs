@@ -483,12 +483,7 @@ pub async fn start(
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { stopped(&mut rx).await };
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "ops listener failed");
-            }
+            crate::ops_http::serve(listener, router, stop).await;
         }));
     }
     tracing::info!(
