@@ -96,7 +96,51 @@ fn write_bundle_with(
         // Best effort: the old set is no longer referenced.
         let _ = fs::remove_dir_all(dir.join(old));
     }
+    remove_leftovers(dir, &version_name);
     Ok(())
+}
+
+/// Removes what a process killed between creating a version directory and the swap left
+/// behind: meshca's other version directories (each may hold a signed intermediate's key)
+/// and its temporary links. Best effort; nothing another tool named is touched.
+fn remove_leftovers(dir: &Path, current: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && is_meshca_version_name(name) && Path::new(name) != current {
+            let _ = fs::remove_dir_all(entry.path());
+        } else if !is_dir && is_temporary_link_name(name) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// `..<seconds>.<nanoseconds, 9 digits>.<attempt>`, as [`new_version_dir`] names them.
+fn is_meshca_version_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("..") else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = rest.split('.').collect();
+    matches!(parts[..], [secs, nanos, attempt] if digits(secs) && nanos.len() == 9 && digits(nanos) && digits(attempt))
+}
+
+/// `.<name>.tmp-<pid>`, as [`replace_with_symlink`] names them.
+fn is_temporary_link_name(name: &str) -> bool {
+    [DATA_LINK, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT]
+        .iter()
+        .any(|link| {
+            name.strip_prefix('.')
+                .and_then(|n| n.strip_prefix(link))
+                .and_then(|n| n.strip_prefix(".tmp-"))
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        })
 }
 
 /// Whether a `..data` target names a version directory inside the cacerts directory, the
@@ -183,6 +227,46 @@ mod tests {
         names.sort();
         assert_eq!(names.len(), 6, "{names:?}");
         assert!(names.contains(&"..data".to_string()));
+    }
+
+    #[test]
+    fn what_a_killed_write_left_is_removed_by_the_next_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        write_bundle(&target, &files("one")).unwrap();
+        // A version directory with a key, never swapped in; a temporary link; and names
+        // that are not meshca's.
+        let stray = target.join("..1764000000.000000000.0");
+        fs::create_dir(&stray).unwrap();
+        fs::write(stray.join(CA_KEY), "a signed intermediate's key").unwrap();
+        std::os::unix::fs::symlink("..data/ca-key.pem", target.join(".ca-key.pem.tmp-4242"))
+            .unwrap();
+        for other in [
+            "..2026_11_30_06_00_00.123",
+            "..keep.me.0",
+            ".ca-key.pem.tmp-x",
+        ] {
+            fs::create_dir(target.join(other)).unwrap();
+        }
+        write_bundle(&target, &files("two")).unwrap();
+        let names = names_in(&target);
+        assert!(
+            !names
+                .iter()
+                .any(|n| n == "..1764000000.000000000.0" || n == ".ca-key.pem.tmp-4242"),
+            "{names:?}"
+        );
+        for other in [
+            "..2026_11_30_06_00_00.123",
+            "..keep.me.0",
+            ".ca-key.pem.tmp-x",
+        ] {
+            assert!(
+                names.iter().any(|n| n == other),
+                "{other} removed: {names:?}"
+            );
+        }
+        assert_eq!(read_bundle(&target).unwrap().ca_key, "key two\n");
     }
 
     /// The names in `dir`, sorted.
