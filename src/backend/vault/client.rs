@@ -120,9 +120,12 @@ impl Session {
         let now = Instant::now();
         Session {
             token,
-            // Renew at half the lease: the other half rides out a Vault outage.
-            refresh_at: (!lease.is_zero()).then(|| now + lease / 2),
-            expires_at: (!lease.is_zero()).then(|| now + lease),
+            // Renew at half the lease: the other half rides out a Vault outage. A lease
+            // past what an Instant can hold (a broken answer) is one that never ends.
+            refresh_at: (!lease.is_zero())
+                .then(|| now.checked_add(lease / 2))
+                .flatten(),
+            expires_at: (!lease.is_zero()).then(|| now.checked_add(lease)).flatten(),
             renewable,
             issued_lease,
         }
@@ -729,9 +732,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tokens_never_print() {
-        let settings = VaultSettings {
+    /// A client for a Vault nobody asks.
+    fn offline_client() -> VaultClient {
+        VaultClient::new(&VaultSettings {
             address: reqwest::Url::parse("http://127.0.0.1:8200").unwrap(),
             ca_cert: None,
             mount: "pki".into(),
@@ -739,8 +742,25 @@ mod tests {
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             auth: VaultAuth::Token(crate::secret::SecretSource::Env("X".into())),
-        };
-        let client = VaultClient::new(&settings).unwrap();
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_lease_too_long_for_the_clock_never_ends_rather_than_panics() {
+        let client = offline_client();
+        let token = Arc::new(client.token_client(Secret::new("s.t".into())).unwrap());
+        // A broken Vault answering lease_duration 2^64-1.
+        let huge = Duration::from_secs(u64::MAX);
+        let session = Session::new(token.clone(), huge, true, huge);
+        assert!(!session.due() && !session.expired());
+        let session = Session::new(token, Duration::from_secs(600), true, huge);
+        assert!(!session.due() && !session.expired() && session.expires_at.is_some());
+    }
+
+    #[test]
+    fn tokens_never_print() {
+        let client = offline_client();
         let token = client
             .token_client(Secret::new("s.hunter2".into()))
             .unwrap();
