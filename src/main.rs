@@ -29,6 +29,15 @@ use meshca::policy::ObjectRef;
 use meshca::secret::SecretSource;
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 
+const DAY_SECONDS: u64 = 86_400;
+const TEN_YEARS_SECONDS: u64 = 10 * 366 * DAY_SECONDS;
+
+/// A number of seconds in `range`: durations are added to clocks, and a number past what
+/// a clock holds (an operator's "never" of 2^64-1) would stop the process at its first use.
+fn seconds(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(range)
+}
+
 #[derive(Parser)]
 #[command(
     name = "meshca",
@@ -132,15 +141,15 @@ struct MeshControllerArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "meshca-mesh-controller")]
     lease_name: String,
-    /// Lease duration in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// Lease duration in seconds (at most a day).
+    #[arg(long, default_value_t = 30, value_parser = seconds(1..=DAY_SECONDS))]
     lease_seconds: u64,
-    /// Longest time between two passes.
-    #[arg(long, default_value_t = 30)]
+    /// Longest time between two passes (at most a day).
+    #[arg(long, default_value_t = 30, value_parser = seconds(1..=DAY_SECONDS))]
     resync_seconds: u64,
     /// After a root change, retire the old roots this long after every member reports the
-    /// new one (default one day: Istio's workload certificate lifetime).
-    #[arg(long, default_value_t = 86_400)]
+    /// new one (default one day: Istio's workload certificate lifetime; at most 10 years).
+    #[arg(long, default_value_t = 86_400, value_parser = seconds(0..=TEN_YEARS_SECONDS))]
     retire_after_seconds: u64,
     /// One pass, then exit.
     #[arg(long)]
@@ -319,8 +328,8 @@ struct AgentArgs {
     /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable).
     #[arg(long = "retire-root", value_name = "SHA256")]
     retire_roots: Vec<String>,
-    /// Longest time between two looks (and the cap of the retry backoff).
-    #[arg(long, default_value_t = 300)]
+    /// Longest time between two looks (and the cap of the retry backoff; at most a day).
+    #[arg(long, default_value_t = 300, value_parser = seconds(1..=DAY_SECONDS))]
     resync_seconds: u64,
     /// Kubernetes mode: namespace of the requests and of the Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "service-mesh-hub")]
@@ -331,8 +340,8 @@ struct AgentArgs {
     /// Kubernetes mode: name of the leader-election Lease.
     #[arg(long, default_value = "meshca-agent")]
     lease_name: String,
-    /// Kubernetes mode: Lease duration in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// Kubernetes mode: Lease duration in seconds (at most a day).
+    #[arg(long, default_value_t = 30, value_parser = seconds(1..=DAY_SECONDS))]
     lease_seconds: u64,
     /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
     /// e.g. 0.0.0.0:9102 (not with --once).
@@ -1021,4 +1030,39 @@ fn federation_render(virtual_mesh: &Path, inventory: &Path, out_dir: &Path) -> R
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_past_what_a_clock_holds_are_refused_by_name() {
+        for args in [
+            &[
+                "meshca",
+                "mesh-controller",
+                "--retire-after-seconds",
+                "18446744073709551615",
+            ][..],
+            &[
+                "meshca",
+                "mesh-controller",
+                "--lease-seconds",
+                "18446744073709551615",
+            ],
+            &["meshca", "agent", "--lease-seconds", "9223372036854775808"],
+            &["meshca", "agent", "--resync-seconds", "0"],
+        ] {
+            let err = Cli::try_parse_from(args)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains(args[2]) && err.contains("not in"), "{err}");
+        }
+        assert!(
+            Cli::try_parse_from(["meshca", "mesh-controller", "--retire-after-seconds", "0"])
+                .is_ok()
+        );
+    }
 }
