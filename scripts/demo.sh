@@ -248,7 +248,7 @@ issue_workload management-plane spiffe://cluster.local/ns/default/sa/bookinfo-re
 issue_workload remote-cluster spiffe://cluster.local/ns/default/sa/bookinfo-ratings ratings
 
 step "   mTLS between reviews (management-plane) and ratings (remote-cluster)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 # ratings serves, trusting only the root its own cluster was given; it requires a client
 # certificate. (Its stdin is held open: s_server stops when stdin closes.)
 sleep 30 | openssl s_server -quiet -naccept 1 -accept "127.0.0.1:$port" \

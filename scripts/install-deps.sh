@@ -25,6 +25,8 @@ command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# The demo and the tests pick free ports with it.
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 openbao_venv=${MESHCA_OPENBAO_VENV:-${XDG_DATA_HOME:-$HOME/.local/share}/meshca/openbao-venv}
 need_bao=false
 if $want_bao && ! "$(dirname "$0")/bao-path.sh" >/dev/null 2>&1; then
@@ -32,7 +34,6 @@ if $want_bao && ! "$(dirname "$0")/bao-path.sh" >/dev/null 2>&1; then
 fi
 if $want_bao || $want_validate; then
   # Both Python tools live in private venvs: the system Python is left alone.
-  command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 fi
 
