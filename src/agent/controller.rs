@@ -480,6 +480,9 @@ impl Controller {
                 }
                 self.ensure_leader().await?;
                 self.kube.apply_status(&ns, &name, status).await?;
+                // The status write may have outlasted the Lease's margin (a slow API
+                // server): a replica no longer leading leaves the Secret to the new leader.
+                self.ensure_leader().await?;
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &obtained.files)
                     .await?;

@@ -64,7 +64,8 @@ struct Fake {
     /// writer got in between.
     race_after_get: Mutex<Option<String>>,
     /// Once, after serving a write of this path: another client's change of the objects.
-    after_write: Mutex<Option<(String, AfterWrite)>>,
+    /// The path, how many of its writes still to let pass, and the change.
+    after_write: Mutex<Option<(String, usize, AfterWrite)>>,
 }
 
 type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
@@ -186,10 +187,14 @@ async fn handle(
     let response = serve(fake.clone(), method, uri, headers, body);
     if let Some(path) = wrote {
         let mut hook = fake.after_write.lock().unwrap();
-        if hook.as_ref().is_some_and(|(after, _)| *after == path)
-            && let Some((_, change)) = hook.take()
+        if let Some((after, to_pass, _)) = hook.as_mut()
+            && *after == path
         {
-            change(&mut fake.objects.lock().unwrap());
+            if *to_pass > 0 {
+                *to_pass -= 1;
+            } else if let Some((_, _, change)) = hook.take() {
+                change(&mut fake.objects.lock().unwrap());
+            }
         }
     }
     response
@@ -457,7 +462,18 @@ impl FakeCluster {
         path: &str,
         change: impl FnOnce(&mut BTreeMap<String, Value>) + Send + 'static,
     ) {
-        *self.fake.after_write.lock().unwrap() = Some((path.to_string(), Box::new(change)));
+        self.after_nth_write(path, 1, change);
+    }
+
+    /// As [`FakeCluster::after_write`], after the `n`th write of `path` from now.
+    pub fn after_nth_write(
+        &self,
+        path: &str,
+        n: usize,
+        change: impl FnOnce(&mut BTreeMap<String, Value>) + Send + 'static,
+    ) {
+        *self.fake.after_write.lock().unwrap() =
+            Some((path.to_string(), n.saturating_sub(1), Box::new(change)));
     }
 }
 
