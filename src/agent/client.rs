@@ -101,6 +101,15 @@ impl PublicPolicy {
         }
     }
 
+    /// When the signer's root ends (`rootNotAfter`, RFC 3339), if the policy says.
+    pub fn root_end(policy: Option<&PublicPolicy>) -> Option<SystemTime> {
+        policy?
+            .root_not_after
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .ok()
+            .map(SystemTime::from)
+    }
+
     /// Whether the signer's grants let this client ask for `mesh`: a pass that does not
     /// sign would otherwise find out only when the renewal is refused, months later.
     pub fn check_authorized(&self, mesh: &ObjectRef) -> Result<(), ClientError> {

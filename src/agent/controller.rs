@@ -21,7 +21,8 @@ use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, plan_for,
 };
 use super::rotation::{
-    Decision, Desired, Installed, carries_root, check_ttl, decide, normalize_fingerprint,
+    Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, carries_root, check_ttl, decide,
+    normalize_fingerprint, renewal_held_by_root,
 };
 use super::{AgentError, BundleRequest, RootsPlan, check_renewable, obtain_bundle};
 use crate::pki::bundle::{BundleFiles, BundleSummary};
@@ -357,6 +358,7 @@ impl Controller {
             key_type: spec.settings.key_type,
             adopt: spec.settings.adopt,
             signer_root,
+            signer_root_not_after: PublicPolicy::root_end(policy.as_ref().ok()),
             signer_announced,
             retired_roots: spec.settings.rotation.retired_root_fingerprints.clone(),
             rotation,
@@ -385,6 +387,9 @@ impl Controller {
                 }
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");
+                }
+                if renewal_held_by_root(&summary, &desired, now) {
+                    tracing::warn!(request = %owner, not_after = %rfc3339(summary.not_after), "{RENEWAL_HELD_BY_ROOT}");
                 }
                 if matches!(installed, Installed::Ours(_)) {
                     record_bundle(status, &summary, renew_at);

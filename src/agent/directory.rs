@@ -11,7 +11,10 @@ use std::time::{Duration, SystemTime};
 
 use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
-use super::rotation::{Decision, Desired, Installed, IssueReason, RotationSettings, decide};
+use super::rotation::{
+    Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RotationSettings, decide,
+    renewal_held_by_root,
+};
 use super::{AgentError, BundleRequest, RootsPlan, cacerts, check_renewable, obtain_bundle};
 use crate::pki::bundle::{
     BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
@@ -153,6 +156,7 @@ pub async fn reconcile(
         key_type: opts.key_type,
         adopt: opts.adopt,
         signer_root,
+        signer_root_not_after: PublicPolicy::root_end(policy.as_ref().ok()),
         signer_announced,
         retired_roots: opts.retired_roots.clone(),
         rotation: opts.rotation,
@@ -162,6 +166,9 @@ pub async fn reconcile(
         Decision::UpToDate { summary, renew_at } => {
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
+            }
+            if renewal_held_by_root(&summary, &desired, now) {
+                tracing::warn!(dir = %opts.target.display(), not_after = %crate::signer::audit::rfc3339(summary.not_after), "{RENEWAL_HELD_BY_ROOT}");
             }
             Ok(DirOutcome::UpToDate {
                 summary,

@@ -158,6 +158,8 @@ pub struct Desired {
     pub adopt: bool,
     /// SHA-256 of the signer's current root, when the signer could be asked.
     pub signer_root: Option<String>,
+    /// When that root ends: no intermediate under it ends later.
+    pub signer_root_not_after: Option<SystemTime>,
     /// The roots the signer announces besides its own: trusted beside it.
     pub signer_announced: AnnouncedRoots,
     /// Roots to drop from root-cert.pem (every cluster has moved off them).
@@ -318,12 +320,18 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
             to: root.to_ascii_lowercase(),
         });
     }
-    let renew_at = renew_at(
+    let mut renew_at = renew_at(
         summary.not_before,
         summary.not_after,
         &summary.serial,
         &desired.rotation,
     );
+    // An intermediate that already ends with the signer's root cannot be renewed to end
+    // later: each one issued would be due on arrival (issued, and restarts begun, at every
+    // pass until the root ends). It stays until the root changes.
+    if ends_with_signer_root(&summary, desired) {
+        renew_at = renew_at.max(summary.not_after);
+    }
     if now >= renew_at {
         return issue(IssueReason::Due { renew_at });
     }
@@ -354,6 +362,35 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
         }
     }
     Decision::UpToDate { summary, renew_at }
+}
+
+/// What the agents say at each pass while [`renewal_held_by_root`].
+pub const RENEWAL_HELD_BY_ROOT: &str = "renewal time reached, but the intermediate already ends with the signer's root, and a new one could not end later: it is kept; change the root before then (see Changing the root in the README)";
+
+/// Whether the renewal time of `summary`'s intermediate has come but it is kept, since it
+/// ends with the signer's root (see [`decide`]): the root must change before it ends.
+pub fn renewal_held_by_root(summary: &BundleSummary, desired: &Desired, now: SystemTime) -> bool {
+    ends_with_signer_root(summary, desired)
+        && now
+            >= renew_at(
+                summary.not_before,
+                summary.not_after,
+                &summary.serial,
+                &desired.rotation,
+            )
+}
+
+/// Whether `summary`'s intermediate ends no earlier than the root the signer issues under
+/// (the same root it chains to): a renewal could not end later.
+pub fn ends_with_signer_root(summary: &BundleSummary, desired: &Desired) -> bool {
+    let same_root = desired
+        .signer_root
+        .as_deref()
+        .is_some_and(|root| root.eq_ignore_ascii_case(&summary.anchor_fingerprint));
+    same_root
+        && desired
+            .signer_root_not_after
+            .is_some_and(|root_end| summary.not_after >= root_end)
 }
 
 /// Normalizes a fingerprint for comparison: lowercase hex, no colons.
@@ -529,6 +566,7 @@ mod tests {
             key_type: None,
             adopt: false,
             signer_root: Some(f.root.fingerprint_sha256.clone()),
+            signer_root_not_after: Some(f.root.not_after),
             signer_announced: AnnouncedRoots::default(),
             retired_roots: vec![],
             rotation: RotationSettings::default(),
@@ -655,6 +693,69 @@ mod tests {
                 reason: IssueReason::Adopt(_),
                 previous_roots: Some(roots),
             } => assert_eq!(roots, f.bundle.root_cert),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_intermediate_ending_with_the_root_is_kept_past_its_renewal_time() {
+        let f = fixture();
+        // Capped by the root: it ends when the root does, as any successor would.
+        let capped = software_bundle(
+            &f.root_key,
+            &f.root,
+            "acme",
+            "cluster-a",
+            KeyType::EcdsaP256,
+            f.issued,
+            f.root.not_after,
+        );
+        let installed = Installed::Ours(capped.clone());
+        let d = desired(&f);
+        let summary = verify_bundle(&capped, None, f.issued).unwrap();
+        let due = renew_at(f.issued, f.root.not_after, &summary.serial, &d.rotation);
+        for now in [due, f.root.not_after - Duration::from_secs(100)] {
+            match decide(&installed, &d, now) {
+                Decision::UpToDate { renew_at, .. } => assert_eq!(renew_at, f.root.not_after),
+                other => panic!("{other:?}"),
+            }
+            assert!(renewal_held_by_root(&summary, &d, now));
+        }
+        assert!(!renewal_held_by_root(
+            &summary,
+            &d,
+            due - Duration::from_secs(1)
+        ));
+        // Renewed as before when the signer cannot say when its root ends, and replaced
+        // when its root changes.
+        let offline = Desired {
+            signer_root_not_after: None,
+            ..d.clone()
+        };
+        assert!(matches!(
+            decide(&installed, &offline, due),
+            Decision::Issue {
+                reason: IssueReason::Due { .. },
+                ..
+            }
+        ));
+        let moved = Desired {
+            signer_root: Some("ff".repeat(32)),
+            ..d.clone()
+        };
+        assert!(matches!(
+            decide(&installed, &moved, due),
+            Decision::Issue {
+                reason: IssueReason::RootChanged { .. },
+                ..
+            }
+        ));
+        // An intermediate ending before the root is renewed at its time.
+        match decide(&Installed::Ours(f.bundle.clone()), &d, f.issued + 29 * DAY) {
+            Decision::Issue {
+                reason: IssueReason::Due { .. },
+                ..
+            } => {}
             other => panic!("{other:?}"),
         }
     }
