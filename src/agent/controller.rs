@@ -388,13 +388,19 @@ impl Controller {
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");
                 }
-                if renewal_held_by_root(&summary, &desired, now) {
+                let held = renewal_held_by_root(&summary, &desired, now);
+                if held {
                     tracing::warn!(request = %owner, not_after = %rfc3339(summary.not_after), "{RENEWAL_HELD_BY_ROOT}");
                 }
                 if matches!(installed, Installed::Ours(_)) {
                     record_bundle(status, &summary, renew_at);
                 }
-                renew_at
+                // Past its renewal time, the next look is a resync away, not at once.
+                if held {
+                    now + self.opts.resync
+                } else {
+                    renew_at
+                }
             }
             Decision::RewriteRoots {
                 root_cert,

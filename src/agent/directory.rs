@@ -56,6 +56,8 @@ pub enum DirOutcome {
         /// The error, when the signer was unavailable (no answer, or a failure on its
         /// side): the bundle was judged on its own.
         signer_error: Option<String>,
+        /// Past its renewal time, but it ends with the signer's root, so it is kept.
+        held_by_root: bool,
     },
 }
 
@@ -167,13 +169,15 @@ pub async fn reconcile(
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
             }
-            if renewal_held_by_root(&summary, &desired, now) {
+            let held_by_root = renewal_held_by_root(&summary, &desired, now);
+            if held_by_root {
                 tracing::warn!(dir = %opts.target.display(), not_after = %crate::signer::audit::rfc3339(summary.not_after), "{RENEWAL_HELD_BY_ROOT}");
             }
             Ok(DirOutcome::UpToDate {
                 summary,
                 renew_at,
                 signer_error: policy.err().map(|e| e.to_string()),
+                held_by_root,
             })
         }
         Decision::RewriteRoots {
@@ -309,7 +313,18 @@ pub async fn run(
                 // Logged after the metrics (as a failure is): whoever reads the line
                 // finds them already telling the same.
                 log_outcome(&opts.target, outcome);
-                next_check(outcome.renew_at(), SystemTime::now(), resync)
+                if matches!(
+                    outcome,
+                    DirOutcome::UpToDate {
+                        held_by_root: true,
+                        ..
+                    }
+                ) {
+                    // Past its renewal time and kept: look again a resync away.
+                    resync.max(Duration::from_secs(1))
+                } else {
+                    next_check(outcome.renew_at(), SystemTime::now(), resync)
+                }
             }
             Err(e) => {
                 metrics.reconciled(
@@ -374,6 +389,7 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             summary,
             renew_at,
             signer_error: None,
+            ..
         } => tracing::info!(
             dir = %dir.display(),
             serial = %summary.serial,
@@ -384,6 +400,7 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             summary,
             renew_at,
             signer_error: Some(error),
+            ..
         } => tracing::warn!(
             dir = %dir.display(),
             serial = %summary.serial,

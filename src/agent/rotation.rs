@@ -320,19 +320,17 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
             to: root.to_ascii_lowercase(),
         });
     }
-    let mut renew_at = renew_at(
+    let renew_at = renew_at(
         summary.not_before,
         summary.not_after,
         &summary.serial,
         &desired.rotation,
     );
     // An intermediate that already ends with the signer's root cannot be renewed to end
-    // later: each one issued would be due on arrival (issued, and restarts begun, at every
-    // pass until the root ends). It stays until the root changes.
-    if ends_with_signer_root(&summary, desired) {
-        renew_at = renew_at.max(summary.not_after);
-    }
-    if now >= renew_at {
+    // later: near the root's end each one issued would be due on arrival (issued, and
+    // restarts begun, at every pass). It stays, past its renewal time, until the root
+    // changes ([`renewal_held_by_root`]).
+    if now >= renew_at && !ends_with_signer_root(&summary, desired) {
         return issue(IssueReason::Due { renew_at });
     }
     // The anchor is the root the chain ends at: it heads root-cert.pem, the others follow
@@ -716,7 +714,8 @@ mod tests {
         let due = renew_at(f.issued, f.root.not_after, &summary.serial, &d.rotation);
         for now in [due, f.root.not_after - Duration::from_secs(100)] {
             match decide(&installed, &d, now) {
-                Decision::UpToDate { renew_at, .. } => assert_eq!(renew_at, f.root.not_after),
+                // Its renewal time stays what it was (overdue: the alerts see it).
+                Decision::UpToDate { renew_at, .. } => assert_eq!(renew_at, due),
                 other => panic!("{other:?}"),
             }
             assert!(renewal_held_by_root(&summary, &d, now));
