@@ -163,13 +163,7 @@ impl AuditLog {
         };
         let mut last_hash = tail.last_line_hash.unwrap_or_else(|| GENESIS.to_string());
         if !tail.torn.is_empty() {
-            let side = path.with_extension(format!(
-                "torn-{}",
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            ));
+            let side = torn_side_file(path, SystemTime::now());
             crate::fsutil::write_private(&side, &tail.torn).map_err(io)?;
             let len = file.metadata().map_err(io)?.len();
             file.set_len(len - tail.torn.len() as u64).map_err(io)?;
@@ -434,6 +428,18 @@ impl Writer {
         tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
         Ok(())
     }
+}
+
+/// Where an incomplete last line found at `now` is moved: the log's name with
+/// `.torn-<Unix seconds>` appended (`audit.log` -> `audit.log.torn-1790000000`), beside it.
+fn torn_side_file(path: &Path, now: SystemTime) -> PathBuf {
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".torn-{secs}"));
+    PathBuf::from(name)
 }
 
 /// Makes the log writable by the signer alone. Its chain has no key, so a line appended by
@@ -837,6 +843,13 @@ mod tests {
         let (log, report) = AuditLog::open(&path).unwrap();
         let side = report.torn_tail_saved_to.unwrap();
         assert_eq!(std::fs::read(&side).unwrap(), br#"{"time":"2026-"#);
+        // Named as the README says: the log's whole name, `.torn-<Unix seconds>` appended.
+        let name = side.file_name().unwrap().to_str().unwrap();
+        let secs = name
+            .strip_prefix("audit.log.torn-")
+            .unwrap_or_else(|| panic!("{name}"));
+        assert!(secs.parse::<u64>().is_ok_and(|s| s > 0), "{name}");
+        assert_eq!(side.parent(), path.parent());
         log.append(record(1), log.expect_line()).await.unwrap();
         assert!(matches!(
             verify_file(&path),
