@@ -108,6 +108,161 @@ async fn a_policy_change_the_audit_log_cannot_record_is_not_applied() {
     assert_eq!(max_ttl().await, 30 * 86_400, "an unrecorded change applied");
 }
 
+/// Largest file the signer of [`a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again`]
+/// may write: room for a few dozen audit lines, well above the token's files.
+const FILE_SIZE_LIMIT: u64 = 16 * 1024;
+
+/// The audit log's disk fills while the signer runs: a write fails, is rolled back, the
+/// request gets 503 and `/readyz` turns false; once a line can be written again (the log
+/// rotated away, a new file at its path), the signer is ready again.
+///
+/// The full disk is a file size limit: the signer runs under `RLIMIT_FSIZE` (set in a
+/// `pre_exec`, with SIGXFSZ ignored so that `write` fails with EFBIG instead of the
+/// process being killed), so a write that would take the log past the limit writes what
+/// fits and then fails, as on a disk that fills mid-write. It is real I/O on a real file,
+/// rolled back with `ftruncate` as an ENOSPC would be. A real full file system (a small
+/// tmpfs or loop device) needs a mount, which the tests cannot count on being allowed
+/// (`make test` as a user, containers); `/dev/full` (above) fails the rollback too, so it
+/// does not show a write that failed cleanly.
+#[tokio::test]
+async fn a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again() {
+    let env = Env::new();
+    let signer = env.start_signer_command(|command| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit and signal are async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: FILE_SIZE_LIMIT,
+                    rlim_max: FILE_SIZE_LIMIT,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+                    || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let client = env.client("cluster-a");
+    let ready = || async {
+        let answer = client.get(signer.url("/readyz")).send().await.unwrap();
+        answer.status().as_u16()
+    };
+    let sign = || async {
+        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await
+    };
+    // Issues, and stays ready, until a line no longer fits.
+    let mut issued = 0;
+    let refused = loop {
+        let (status, answer) = sign().await;
+        if status != 200 {
+            assert_eq!(status, 503, "{answer}");
+            break answer;
+        }
+        issued += 1;
+        assert!(issued < 100, "the file size limit never stopped a write");
+        assert_eq!(ready().await, 200, "not ready after a successful write");
+    };
+    assert!(issued > 0, "no line fitted: {refused}");
+    assert_eq!(refused["error"]["code"], "audit_unavailable");
+    assert_eq!(
+        ready().await,
+        503,
+        "ready while its audit log cannot be written"
+    );
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metrics.contains("meshca_audit_write_errors_total 1"),
+        "{metrics}"
+    );
+    // The part of the line that fitted was rolled back: the log holds whole lines only,
+    // the last one acknowledged.
+    let log = env.path("audit.log");
+    assert!(std::fs::metadata(&log).unwrap().len() <= FILE_SIZE_LIMIT);
+    env.audit_verify_ok();
+    let lines = signer.audit_lines();
+    assert_eq!(lines.len(), issued, "{lines:?}");
+    assert!(lines.iter().all(|l| l["rule"] == "issued"), "{lines:?}");
+
+    // Room again: the log is rotated away; the next line goes to a new file.
+    std::fs::rename(&log, env.path("audit.log.1")).unwrap();
+    let (status, answer) = sign().await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        ready().await,
+        200,
+        "still not ready after a successful write"
+    );
+    run_ok(
+        env.meshca()
+            .args(["audit", "verify", "audit.log.1", "audit.log"]),
+    );
+}
+
+/// The audit log is rotated together with its directory, and the path cannot be made
+/// again (a file stands where the directory was; root may write anywhere, so this is how
+/// a test run as root makes it fail): nothing is issued and `/readyz` is false until a
+/// new file can be made at the path, and then the chain runs on into it.
+#[tokio::test]
+async fn an_audit_log_that_cannot_be_made_again_after_a_rotation_makes_the_signer_unready() {
+    let env = Env::new();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let moved = config.replace(
+        "audit_log = \"audit.log\"",
+        "audit_log = \"logs/audit.log\"",
+    );
+    assert_ne!(config, moved);
+    std::fs::write(&env.config, moved).unwrap();
+    let logs = env.path("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let ready = || async {
+        let answer = client.get(signer.url("/readyz")).send().await.unwrap();
+        answer.status().as_u16()
+    };
+    let sign = || async {
+        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await
+    };
+    assert_eq!(sign().await.0, 200);
+    assert_eq!(ready().await, 200);
+
+    std::fs::rename(&logs, env.path("logs.1")).unwrap();
+    std::fs::write(&logs, "").unwrap();
+    let (status, answer) = sign().await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "audit_unavailable");
+    assert_eq!(
+        ready().await,
+        503,
+        "ready while its audit log cannot be written"
+    );
+
+    std::fs::remove_file(&logs).unwrap();
+    std::fs::create_dir(&logs).unwrap();
+    let (status, answer) = sign().await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        ready().await,
+        200,
+        "still not ready after a successful write"
+    );
+    let both = run_ok(
+        env.meshca()
+            .args(["audit", "verify", "logs.1/audit.log", "logs/audit.log"]),
+    );
+    let both = text(&both.stdout);
+    assert!(
+        both.contains("logs/audit.log is intact: 2 records"),
+        "{both}"
+    );
+}
+
 /// An environment whose rate limit never binds: the load tests are about faults only.
 fn unlimited_env() -> Env {
     Env::with(EnvSpec::unlimited_rate())

@@ -461,7 +461,7 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
-    if !state.audit.is_healthy() {
+    if !state.audit.is_writable() {
         return error_response(
             Status::Unavailable,
             "audit_unavailable",

@@ -103,7 +103,7 @@ struct Pending {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
-    healthy: Arc<AtomicBool>,
+    writable: Arc<AtomicBool>,
     announced: Arc<Announced>,
     commits: Counter,
     head: Arc<Mutex<String>>,
@@ -186,7 +186,7 @@ impl AuditLog {
         }
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(path)).map_err(io)?;
         let (tx, rx) = mpsc::channel::<Pending>();
-        let healthy = Arc::new(AtomicBool::new(true));
+        let writable = Arc::new(AtomicBool::new(true));
         let announced = Arc::new(Announced {
             lines: AtomicUsize::new(0),
             writer: OnceLock::new(),
@@ -200,7 +200,8 @@ impl AuditLog {
             rotation_to_record: false,
             path: path.to_path_buf(),
             last_hash,
-            healthy: healthy.clone(),
+            writable: writable.clone(),
+            stopped: false,
             announced: announced.clone(),
             commits: commits.clone(),
             head: head.clone(),
@@ -214,7 +215,7 @@ impl AuditLog {
         Ok((
             AuditLog {
                 tx,
-                healthy,
+                writable,
                 announced,
                 commits,
                 head,
@@ -247,9 +248,12 @@ impl AuditLog {
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
-    /// False after a write failed and could not be rolled back cleanly.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+    /// Whether the last commit succeeded (true before the first): false from a write that
+    /// failed (a full disk, an I/O error; rolled back) or a new file that could not be opened
+    /// after a rotation, until a commit succeeds again; false for good once a failed write
+    /// could not be rolled back (the writer then refuses every line).
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(Ordering::SeqCst)
     }
 
     pub fn path(&self) -> &Path {
@@ -304,7 +308,11 @@ struct Writer {
     rotation_to_record: bool,
     path: PathBuf,
     last_hash: String,
-    healthy: Arc<AtomicBool>,
+    /// Shared with [`AuditLog::is_writable`]: the outcome of the last commit.
+    writable: Arc<AtomicBool>,
+    /// A failed write could not be rolled back: the file may end in part of a line, so
+    /// the chain cannot be continued and every commit is refused.
+    stopped: bool,
     announced: Arc<Announced>,
     commits: Counter,
     /// Shared with [`AuditLog::head`]; follows `last_hash` after each commit.
@@ -340,8 +348,15 @@ impl Writer {
         }
     }
 
+    /// Writes the batch, and publishes whether that worked ([`AuditLog::is_writable`]).
     fn commit(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
-        if !self.healthy.load(Ordering::SeqCst) {
+        let result = self.write_batch(batch);
+        self.writable.store(result.is_ok(), Ordering::SeqCst);
+        result
+    }
+
+    fn write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
+        if self.stopped {
             return Err(AuditError::Io {
                 path: self.path.display().to_string(),
                 message: "an earlier write failed and could not be rolled back; restart the signer"
@@ -398,7 +413,7 @@ impl Writer {
                     .and_then(|()| self.file.sync_data())
                     .is_err()
                 {
-                    self.healthy.store(false, Ordering::SeqCst);
+                    self.stopped = true;
                 }
                 tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing to issue");
                 Err(io(e))
@@ -407,13 +422,15 @@ impl Writer {
     }
 
     /// If the log's path no longer names the file being written (moved away by a
-    /// rotation), opens (creates, mode 0600) the file now at the path and marks the
-    /// `rotation` record to be written first. A path that cannot be looked at for another
-    /// reason leaves the writer on its file.
+    /// rotation, or its directory with it: the path names another file, nothing, or has a
+    /// file where a directory was), opens (creates, mode 0600) the file now at the path
+    /// and marks the `rotation` record to be written first. A path that cannot be looked
+    /// at for another reason leaves the writer on its file.
     fn follow_rotation(&mut self) -> std::io::Result<()> {
+        use std::io::ErrorKind;
         let at_path = match std::fs::metadata(&self.path) {
             Ok(meta) => Some(FileIdentity::of(&meta)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => None,
             Err(_) => return Ok(()),
         };
         if at_path == Some(self.identity) {

@@ -529,9 +529,17 @@ key_type = "{key_type}"
     }
 
     pub fn start_signer_with(&self, extra: &[&str]) -> Signer {
-        let mut child = self
-            .meshca_with_config(&["--log-format", "json", "serve"])
-            .args(extra)
+        self.start_signer_command(|cmd| {
+            cmd.args(extra);
+        })
+    }
+
+    /// Starts `meshca serve` as [`Env::start_signer`] does, with `configure` applied to
+    /// its command first (more arguments, a `pre_exec`).
+    pub fn start_signer_command(&self, configure: impl FnOnce(&mut Command)) -> Signer {
+        let mut command = self.meshca_with_config(&["--log-format", "json", "serve"]);
+        configure(&mut command);
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
