@@ -957,6 +957,38 @@ async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_
     );
 }
 
+/// Two signers writing one audit log would fork its chain (each continues from its own
+/// last line): a second `meshca serve` with the same `audit_log` stops at start, naming
+/// the lock, before it reads or changes the log; the first serves on and its log verifies.
+#[tokio::test]
+async fn a_second_signer_on_the_same_audit_log_is_refused_and_the_first_serves_on() {
+    let env = Env::new();
+    let mut first = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_still_issues(&client, &first).await;
+    let log = std::fs::read(env.path("audit.log")).unwrap();
+    // The same config: `listen` is port 0, so the two share the audit log (and the token)
+    // only. Bounded, in case it starts after all.
+    let second = run(Command::new("timeout")
+        .arg("30")
+        .arg(MESHCA)
+        .args(["serve", "--config"])
+        .arg(&env.config)
+        .current_dir(env.dir.path()));
+    let stderr = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("audit.log is locked by another meshca process"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(env.path("audit.log")).unwrap(), log);
+
+    assert_still_issues(&client, &first).await;
+    assert!(first.terminate(), "SIGTERM must drain and exit 0");
+    assert_eq!(first.audit_lines().len(), 2);
+    env.audit_verify_ok();
+}
+
 #[tokio::test]
 async fn secrets_stay_out_of_debug_logs() {
     let env = Env::new();

@@ -90,6 +90,11 @@ pub struct AuditRecord {
 pub enum AuditError {
     #[error("audit log {path}: {message}")]
     Io { path: String, message: String },
+    /// Another writer holds the file's lock: two writers would fork the chain.
+    #[error(
+        "audit log {path} is locked by another meshca process (a signer already writes it): two writers would fork its hash chain; stop the other signer, or give this one its own audit_log"
+    )]
+    Locked { path: String },
     #[error("audit log writer has stopped")]
     Stopped,
 }
@@ -99,15 +104,33 @@ struct Pending {
     done: oneshot::Sender<Result<(), AuditError>>,
 }
 
-/// Handle to the audit writer. Cloning shares the one writer.
+/// Handle to the audit writer. Cloning shares the one writer. Once the last handle is
+/// dropped, the writer finishes what it was sent and closes the file, which releases the
+/// log's lock.
 #[derive(Clone)]
 pub struct AuditLog {
+    /// Declared before `_thread`: the last handle's sender is gone before its join.
     tx: mpsc::Sender<Pending>,
+    /// Held for its drop.
+    _thread: Arc<WriterThread>,
     writable: Arc<AtomicBool>,
     announced: Arc<Announced>,
     commits: Counter,
     head: Arc<Mutex<String>>,
     path: PathBuf,
+}
+
+/// The writer thread, joined when the last [`AuditLog`] goes (its channel closed by then,
+/// so the thread ends): the file, and its lock, are closed by the time the drop returns,
+/// and the log can be opened again at once.
+struct WriterThread(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Lines announced but not yet sent to the writer, and the writer to wake when the last
@@ -140,8 +163,11 @@ pub struct OpenReport {
 }
 
 impl AuditLog {
-    /// Opens (or creates, mode 0600) the log and starts its writer thread. An incomplete
-    /// last line is moved to a side file and a `recovery` record says so.
+    /// Opens (or creates, mode 0600) the log, takes its lock ([`AuditError::Locked`] if
+    /// another process, or another open log in this one, holds it) and starts its writer
+    /// thread. An incomplete last line is moved to a side file and a `recovery` record says
+    /// so; it is looked for only once the lock is held, so that a line another writer has
+    /// under way is never taken for one.
     pub fn open(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {
         Self::open_with(path, COMMIT_DELAY)
     }
@@ -155,6 +181,7 @@ impl AuditLog {
             message: e.to_string(),
         };
         let mut file = crate::fsutil::open_append(path, 0o600).map_err(io)?;
+        lock(&file, path)?;
         restrict_access(&file, path).map_err(io)?;
         let tail = read_tail(path).map_err(io)?;
         let mut report = OpenReport {
@@ -215,6 +242,7 @@ impl AuditLog {
         Ok((
             AuditLog {
                 tx,
+                _thread: Arc::new(WriterThread(Some(thread))),
                 writable,
                 announced,
                 commits,
@@ -363,10 +391,7 @@ impl Writer {
                     .into(),
             });
         }
-        self.follow_rotation().map_err(|e| AuditError::Io {
-            path: self.path.display().to_string(),
-            message: format!("cannot open a new file after the log was moved away: {e}"),
-        })?;
+        self.follow_rotation()?;
         let io = |e: std::io::Error| AuditError::Io {
             path: self.path.display().to_string(),
             message: e.to_string(),
@@ -424,9 +449,10 @@ impl Writer {
     /// If the log's path no longer names the file being written (moved away by a
     /// rotation, or its directory with it: the path names another file, nothing, or has a
     /// file where a directory was), opens (creates, mode 0600) the file now at the path
-    /// and marks the `rotation` record to be written first. A path that cannot be looked
-    /// at for another reason leaves the writer on its file.
-    fn follow_rotation(&mut self) -> std::io::Result<()> {
+    /// and marks the `rotation` record to be written first. The new file is locked before
+    /// it is written (the moved file's lock goes with it once it is closed). A path that
+    /// cannot be looked at for another reason leaves the writer on its file.
+    fn follow_rotation(&mut self) -> Result<(), AuditError> {
         use std::io::ErrorKind;
         let at_path = match std::fs::metadata(&self.path) {
             Ok(meta) => Some(FileIdentity::of(&meta)),
@@ -436,14 +462,41 @@ impl Writer {
         if at_path == Some(self.identity) {
             return Ok(());
         }
-        let file = crate::fsutil::open_append(&self.path, 0o600)?;
-        restrict_access(&file, &self.path)?;
-        crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path))?;
-        self.identity = FileIdentity::of(&file.metadata()?);
+        let io = |e: std::io::Error| AuditError::Io {
+            path: self.path.display().to_string(),
+            message: format!("cannot open a new file after the log was moved away: {e}"),
+        };
+        let file = crate::fsutil::open_append(&self.path, 0o600).map_err(io)?;
+        lock(&file, &self.path)?;
+        restrict_access(&file, &self.path).map_err(io)?;
+        crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path)).map_err(io)?;
+        self.identity = FileIdentity::of(&file.metadata().map_err(io)?);
         self.file = file;
         self.rotation_to_record = true;
         tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
         Ok(())
+    }
+}
+
+/// Takes the exclusive lock on the log's open file, without waiting: it is held while the
+/// file is open (the lock belongs to the open file, whose writer keeps it), and keeps a
+/// second signer (or any other meshca opening the log to write) from writing the same
+/// file, whose chain the two would fork. A log that is not a regular file (a device such
+/// as `/dev/full`) holds no chain and is not locked.
+fn lock(file: &File, path: &Path) -> Result<(), AuditError> {
+    let io = |e: std::io::Error| AuditError::Io {
+        path: path.display().to_string(),
+        message: format!("cannot lock the file: {e}"),
+    };
+    if !file.metadata().map_err(io)?.is_file() {
+        return Ok(());
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::Locked {
+            path: path.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
 
@@ -879,6 +932,57 @@ mod tests {
                 .unwrap()
                 .contains("\"event\":\"recovery\"")
         );
+    }
+
+    #[tokio::test]
+    async fn a_log_has_one_writer_at_a_time_and_its_lock_follows_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let refused = |opened: Result<(AuditLog, OpenReport), AuditError>, when: &str| {
+            let Err(e) = opened else {
+                panic!("a second writer opened the log {when}");
+            };
+            assert!(
+                matches!(&e, AuditError::Locked { path: p } if *p == path.display().to_string()),
+                "{e}"
+            );
+            assert!(
+                e.to_string().contains("locked by another meshca process"),
+                "{e}"
+            );
+        };
+        let (log, _) = AuditLog::open(&path).unwrap();
+        log.append(record(0), log.expect_line()).await.unwrap();
+        // The first writer has a line under way: part of it is in the file.
+        let mut writing = crate::fsutil::open_append(&path, 0o600).unwrap();
+        writing.write_all(br#"{"time":"2026-"#).unwrap();
+        let during = std::fs::read_to_string(&path).unwrap();
+        refused(AuditLog::open(&path), "beside the first");
+        // The second open did not take that line for a torn one: nothing cut, nothing moved.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), during);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // The line is finished (here: taken back, as a failed write is).
+        writing
+            .set_len(during.len() as u64 - br#"{"time":"2026-"#.len() as u64)
+            .unwrap();
+
+        // Rotated: the new file at the path is the writer's, locked as the first was.
+        let moved = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &moved).unwrap();
+        log.append(record(1), log.expect_line()).await.unwrap();
+        refused(AuditLog::open(&path), "after a rotation");
+
+        // Once the writer is dropped, the log opens again, and the chain runs on.
+        drop(log);
+        let (log, _) = AuditLog::open(&path).unwrap();
+        log.append(record(2), log.expect_line()).await.unwrap();
+        let VerifyOutcome::Intact { last_hash, .. } = verify_file(&moved) else {
+            panic!("{:?}", verify_file(&moved));
+        };
+        assert!(matches!(
+            verify_after(&path, Some(&last_hash)),
+            VerifyOutcome::Intact { records: 3, .. }
+        ));
     }
 
     #[tokio::test]
