@@ -278,7 +278,8 @@ wait "$signer_pid"
 signer_pid=""
 run "$meshca" audit verify audit.log
 echo "    decisions:"
-sed -E 's/.*"client":"([^"]*)".*"mesh":"([^"]*)".*"decision":"([^"]*)","rule":"([^"]*)".*/      \3 \4  \1 -> \2/' audit.log
+# Decision lines only (the start record states the rules; `audit verify` above counts it).
+sed -nE 's/.*"client":"([^"]*)".*"mesh":"([^"]*)".*"decision":"([^"]*)","rule":"([^"]*)".*/      \3 \4  \1 -> \2/p' audit.log
 
 if [ "$backend" = vault ]; then
   step "Stopping OpenBao (a dev server: everything it held goes with it)"

@@ -581,8 +581,9 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
         "meshca_sign_requests_total{outcome=\"not_authorized\"} 1",
         "meshca_signing_duration_seconds_count 1",
         "meshca_backend_errors_total 0",
-        // One request at a time: each decision is its own write and fsync.
-        "meshca_audit_commits_total 2",
+        // The start record, then one request at a time: each decision is its own write
+        // and fsync.
+        "meshca_audit_commits_total 3",
         "meshca_root_expiry_seconds 25",
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
@@ -700,7 +701,7 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     assert_eq!(sign(&client_b, "test/cluster-b").await.0, 403);
 
     // The one change is in the audit log, between the decisions made before and after it,
-    // and the chain verifies.
+    // and the chain verifies (after the start record, not listed by audit_lines).
     let audit = signer.audit_lines();
     let events: Vec<(&str, &str)> = audit
         .iter()
@@ -719,7 +720,7 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     );
     let recorded = audit[1]["message"].as_str().unwrap();
     assert!(recorded.contains("ttl 30 days -> 10 days"), "{recorded}");
-    assert!(env.audit_verify_ok().contains("intact: 6 records"));
+    assert!(env.audit_verify_ok().contains("intact: 7 records"));
     let metrics = signer.metrics(&client_a).await;
     for needle in [
         "meshca_rules_reloads_total{outcome=\"ok\"} 2",
@@ -729,6 +730,68 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
+}
+
+/// A restart puts the config's rules in force as a reload does, so each start records
+/// them first: a `start` record with their summary and digest, under which the decisions
+/// after it are made. A ttl changed between two starts shows in their records; the same
+/// rules have the same digest, whether a start or a reload put them in force.
+#[tokio::test]
+async fn each_start_records_the_rules_it_starts_under() {
+    let env = Env::new();
+    let client = env.client("cluster-a");
+    let meshes_file = env.path("virtual-meshes.yaml");
+    let meshes = std::fs::read_to_string(&meshes_file).unwrap();
+    let mut signer = env.start_signer();
+    assert_still_issues(&client, &signer).await;
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+    std::fs::write(&meshes_file, meshes.replace("ttlDays: 30", "ttlDays: 10")).unwrap();
+    let mut signer = env.start_signer();
+    assert_still_issues(&client, &signer).await;
+    // Back to the first rules, by a reload this time.
+    std::fs::write(&meshes_file, &meshes).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer
+        .wait_for_log("SIGHUP: rules reloaded (recorded in the audit log)")
+        .await;
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+
+    let lines = signer.all_audit_lines();
+    let events: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["event"].as_str().unwrap(), l["rule"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("start", "rules_in_force"),
+            ("decision", "issued"),
+            ("start", "rules_in_force"),
+            ("decision", "issued"),
+            ("reload", "rules_changed"),
+        ]
+    );
+    let message = |n: usize| lines[n]["message"].as_str().unwrap();
+    let digest = |n: usize| lines[n]["rulesSha256"].as_str().unwrap();
+    let (first, second) = (message(0), message(2));
+    assert_ne!(first, second);
+    for (start, ttl) in [(first, "30 days"), (second, "10 days")] {
+        for needle in [
+            &format!(
+                "rules in force: virtual mesh test/vm (org \"acme\", ttl {ttl}, RSA minimum 2048 bits, meshes: test/cluster-a, test/cluster-b)"
+            ),
+            "; 2 clients with 2 grants; limits: sign_requests_per_minute 600, sign_burst 60, max_connections 1024,",
+        ] {
+            assert!(start.contains(needle), "{needle} missing from {start}");
+        }
+    }
+    assert_eq!(digest(0).len(), 64);
+    assert_ne!(digest(0), digest(2));
+    assert_eq!(digest(4), digest(0), "the same rules, another digest");
+    // Each decision was made under the rules recorded before it.
+    let not_after = |n: usize| lines[n]["notAfter"].as_str().unwrap();
+    assert!(not_after(3) < not_after(1), "{lines:?}");
+    assert!(env.audit_verify_ok().contains("intact: 5 records"));
 }
 
 #[tokio::test]
@@ -755,7 +818,8 @@ async fn thirty_two_concurrent_requests_all_succeed_with_distinct_serials() {
     }
     assert_eq!(serials.len(), 32);
     let verified = env.audit_verify_ok();
-    assert!(verified.contains("intact: 32 records"), "{verified}");
+    // The start record, then the 32 decisions.
+    assert!(verified.contains("intact: 33 records"), "{verified}");
     // The root and its intermediates share the VirtualMesh's ttlDays, so every
     // intermediate ends with the root: the log says so once, not 32 times.
     let capped = "shortened to end with the root";
@@ -783,9 +847,10 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
     }
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
     let verified = env.audit_verify_ok();
-    assert!(verified.contains("intact: 5 records"), "{verified}");
+    // The start record, then the five decisions.
+    assert!(verified.contains("intact: 6 records"), "{verified}");
 
-    // Turn the denial on line 3 into an allow.
+    // Turn the denial on line 4 into an allow.
     let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
     let tampered = log.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1);
     assert_ne!(log, tampered);
@@ -793,9 +858,9 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
     let out = run(env.meshca().args(["audit", "verify", "audit.log"]));
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("breaks at line 4"), "{stderr}");
+    assert!(stderr.contains("breaks at line 5"), "{stderr}");
 
-    // Deleting a line is caught too.
+    // Deleting a line (the first decision) is caught too.
     let mut lines: Vec<&str> = log.lines().collect();
     lines.remove(1);
     std::fs::write(env.path("audit.log"), lines.join("\n") + "\n").unwrap();
@@ -832,20 +897,26 @@ async fn lines_cut_from_the_end_of_the_audit_log_are_found_by_the_head_the_signe
         assert_eq!(status, 200);
     }
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
-    // An empty log at start has no head to log; the stop logs the last line's hash.
+    // The start logs the head once its start record is written (the start record's
+    // hash); the stop logs the last line's.
     let heads = logged_audit_heads(&signer.logs());
-    assert_eq!(heads.len(), 1, "{}", signer.logs());
-    let head = &heads[0];
+    assert_eq!(heads.len(), 2, "{}", signer.logs());
+    assert_ne!(heads[0], heads[1]);
+    let head = &heads[1];
     let verified = env.audit_verify_ok();
     assert!(
-        verified.contains(&format!("intact: 3 records, last hash {head}")),
+        verified.contains(&format!("intact: 4 records, last hash {head}")),
         "{verified}"
     );
-    // A start on a log with lines logs its head at once.
+    // The next start logs its head at once too: the line it just added.
     let mut signer = env.start_signer();
-    let at_start = signer.wait_for_log("audit log head").await;
-    assert!(at_start.contains(head.as_str()), "{at_start}");
+    let at_start = logged_audit_heads(&signer.wait_for_log("audit log head").await);
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+    assert!(
+        env.audit_verify_ok()
+            .contains(&format!("intact: 5 records, last hash {}", at_start[0])),
+        "{at_start:?}"
+    );
 
     let held = run_ok(
         env.meshca()
@@ -855,16 +926,17 @@ async fn lines_cut_from_the_end_of_the_audit_log_are_found_by_the_head_the_signe
     let held = text(&held.stdout);
     assert!(
         held.contains(&format!(
-            "holds the expected line {head}: line 3, 0 records after it"
+            "holds the expected line {head}: line 4, 1 records after it"
         )),
         "{held}"
     );
 
-    // The last line cut: the chain alone still verifies, the logged head does not.
+    // The lines from the head's on cut: the chain alone still verifies, the logged head
+    // does not.
     let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
-    let kept: String = log.lines().take(2).map(|l| format!("{l}\n")).collect();
+    let kept: String = log.lines().take(3).map(|l| format!("{l}\n")).collect();
     std::fs::write(env.path("audit.log"), kept).unwrap();
-    assert!(env.audit_verify_ok().contains("intact: 2 records"));
+    assert!(env.audit_verify_ok().contains("intact: 3 records"));
     let out = run(env
         .meshca()
         .args(["audit", "verify", "audit.log", "--expect-hash", head]));
@@ -927,7 +999,7 @@ async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_
     );
     let both = text(&both.stdout);
     assert!(
-        both.contains("audit.log.1 is intact: 1 records")
+        both.contains("audit.log.1 is intact: 2 records")
             && both.contains("audit.log is intact: 3 records"),
         "{both}"
     );

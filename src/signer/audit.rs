@@ -50,9 +50,10 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
     pub time: String,
-    /// `decision` for a signing decision; `reload` for a change of the policies, client
-    /// grants or limits (SIGHUP); `recovery` for a repair of the log itself; `rotation`
-    /// first in a file that continues one moved away.
+    /// `decision` for a signing decision; `start` for a start of the signer, with the
+    /// rules it starts under; `reload` for a change of the policies, client grants or
+    /// limits (SIGHUP); `recovery` for a repair of the log itself; `rotation` first in a
+    /// file that continues one moved away.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -81,6 +82,10 @@ pub struct AuditRecord {
     /// refusals counted since the client's last line (`rule` `rate_limited`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// On `start` and `reload`: the digest of the rules in force from this line on
+    /// ([`super::reload::Rules::digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_sha256: Option<String>,
     /// SHA-256 of the previous line (without its newline), hex.
     #[serde(default)]
     pub prev: String,
@@ -102,6 +107,8 @@ pub enum AuditError {
 struct Pending {
     record: AuditRecord,
     done: oneshot::Sender<Result<(), AuditError>>,
+    /// The `start` record ([`AuditLog::record_start`]).
+    start: bool,
 }
 
 /// Handle to the audit writer. Cloning shares the one writer. Once the last handle is
@@ -225,6 +232,7 @@ impl AuditLog {
             file,
             identity,
             rotation_to_record: false,
+            start_to_record: None,
             path: path.to_path_buf(),
             last_hash,
             writable: writable.clone(),
@@ -268,11 +276,31 @@ impl AuditLog {
         announced: ExpectedLine,
     ) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
-        let sent = self.tx.send(Pending { record, done });
+        let sent = self.tx.send(Pending {
+            record,
+            done,
+            start: false,
+        });
         // Counted down after the send, so a writer woken by the last announced line finds
         // it in the channel.
         drop(announced);
         sent.map_err(|_| AuditError::Stopped)?;
+        wait.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Writes the signer's `start` record (the rules it starts under): call it once, before
+    /// any other line is appended. Returns once it is on disk, or with the error; then it
+    /// stays with the writer and goes first into the next write, so no line is written
+    /// before it.
+    pub async fn record_start(&self, record: AuditRecord) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending {
+                record,
+                done,
+                start: true,
+            })
+            .map_err(|_| AuditError::Stopped)?;
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
@@ -334,6 +362,9 @@ struct Writer {
     identity: FileIdentity,
     /// `file` was created after a rotation and does not yet hold its `rotation` record.
     rotation_to_record: bool,
+    /// The `start` record, until a write took it: it goes before the lines of each write
+    /// until one succeeds.
+    start_to_record: Option<AuditRecord>,
     path: PathBuf,
     last_hash: String,
     /// Shared with [`AuditLog::is_writable`]: the outcome of the last commit.
@@ -384,6 +415,10 @@ impl Writer {
     }
 
     fn write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
+        // Kept until a write succeeds, whatever happens to this one.
+        for pending in batch.iter_mut().filter(|pending| pending.start) {
+            self.start_to_record = Some(std::mem::take(&mut pending.record));
+        }
         if self.stopped {
             return Err(AuditError::Io {
                 path: self.path.display().to_string(),
@@ -410,7 +445,10 @@ impl Writer {
             };
             hash = encode_line(record, &hash, &mut buf);
         }
-        for pending in batch.iter_mut() {
+        if let Some(start) = &self.start_to_record {
+            hash = encode_line(start.clone(), &hash, &mut buf);
+        }
+        for pending in batch.iter_mut().filter(|pending| !pending.start) {
             hash = encode_line(std::mem::take(&mut pending.record), &hash, &mut buf);
         }
         let before = self.file.metadata().map_err(io)?.len();
@@ -426,6 +464,7 @@ impl Writer {
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = hash.clone();
                 self.last_hash = hash;
                 self.rotation_to_record = false;
+                self.start_to_record = None;
                 self.commits.inc();
                 Ok(())
             }
@@ -982,6 +1021,49 @@ mod tests {
         assert!(matches!(
             verify_after(&path, Some(&last_hash)),
             VerifyOutcome::Intact { records: 3, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_start_record_that_cannot_be_written_goes_first_into_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let path = logs.join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        assert!(log.is_writable());
+        // Rotated with its directory, and a file where the directory was: no new file.
+        std::fs::rename(&logs, dir.path().join("logs.1")).unwrap();
+        std::fs::write(&logs, "").unwrap();
+        let start = AuditRecord {
+            event: "start".into(),
+            ..record(0)
+        };
+        let refused = log.record_start(start).await.unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("cannot open a new file after the log was moved away"),
+            "{refused}"
+        );
+        assert!(!log.is_writable());
+        // A new file can be made again: the start record is written first, then the line.
+        std::fs::remove_file(&logs).unwrap();
+        std::fs::create_dir(&logs).unwrap();
+        log.append(record(1), log.expect_line()).await.unwrap();
+        assert!(log.is_writable());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let events: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().event)
+            .collect();
+        assert_eq!(events, ["rotation", "start", "decision"]);
+        // Written once: the next write has it no more.
+        log.append(record(2), log.expect_line()).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 4);
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Intact { records: 4, .. }
         ));
     }
 

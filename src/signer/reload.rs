@@ -6,7 +6,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use sha2::Digest;
+
 use crate::config::{AnnouncedRoot, Announcement, AuthorizationTable, Limits, SignerConfig};
+use crate::pki::csr::hex;
 use crate::policy::rules::human_duration;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 
@@ -39,6 +42,70 @@ impl Rules {
     /// The next root, then the previous one.
     pub fn announced_roots(&self) -> impl Iterator<Item = &AnnouncedRoot> {
         self.next_root.iter().chain(self.previous_root.iter())
+    }
+
+    /// The rules in short, as the `start` record states them: each virtual mesh (org,
+    /// ttl, RSA minimum, meshes), how many clients and grants, every limit, and the
+    /// announced roots. The same words as a reload's changes, so a change between two
+    /// starts reads as it would in a `reload` record.
+    pub fn summary(&self) -> String {
+        let mut parts: Vec<String> = self
+            .policies
+            .iter()
+            .map(|policy| format!("virtual mesh {} ({})", policy.id, summary(policy)))
+            .collect();
+        let clients = self.authorization.clients().count();
+        let grants: usize = self.authorization.clients().map(|(_, g)| g.len()).sum();
+        parts.push(format!("{clients} clients with {grants} grants"));
+        let limits: Vec<String> = limit_settings(&self.limits)
+            .iter()
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        parts.push(format!("limits: {}", limits.join(", ")));
+        for root in self.announced_roots() {
+            parts.push(format!(
+                "{} sha256 {} announced",
+                root.announcement.name(),
+                root.fingerprint_sha256
+            ));
+        }
+        parts.join("; ")
+    }
+
+    /// SHA-256 (hex) of the rules written out in full, in a fixed order: each virtual mesh
+    /// with its settings and meshes, each client with its grants, every limit, the
+    /// announced roots' fingerprints; whatever a reload names when it changes
+    /// ([`RulesChange`]), and `max_connections`. `source` (which file a policy came from)
+    /// is not part of it: the same rules have the same digest wherever they were read.
+    pub fn digest(&self) -> String {
+        let mut text = String::new();
+        for policy in self.policies.iter() {
+            text.push_str(&format!(
+                "virtual_mesh {} org={:?} max_ttl_seconds={} min_rsa_bits={} display_name={:?} meshes={}\n",
+                policy.id,
+                policy.org_name,
+                policy.max_ttl.as_secs(),
+                policy.min_rsa_bits,
+                policy.display_name,
+                names(policy.meshes.iter())
+            ));
+        }
+        for (identity, grants) in self.authorization.clients() {
+            for (virtual_mesh, mesh) in grants {
+                text.push_str(&format!("grant {identity:?} {virtual_mesh} {mesh}\n"));
+            }
+        }
+        for (name, value) in limit_settings(&self.limits) {
+            text.push_str(&format!("limit {name}={value}\n"));
+        }
+        for root in self.announced_roots() {
+            text.push_str(&format!(
+                "{} {}\n",
+                root.announcement.key(),
+                root.fingerprint_sha256
+            ));
+        }
+        hex(&sha2::Sha256::digest(text.as_bytes()))
     }
 
     /// The rules of a config read by a reload, with what a reload cannot change kept from
@@ -191,25 +258,29 @@ fn compare_clients(
 }
 
 /// `[limits]` by their config names, durations in milliseconds as the file has them.
-/// `max_connections` is left out: a reload does not change it.
-fn compare_limits(in_force: &Limits, read: &Limits, out: &mut Vec<String>) {
+fn limit_settings(l: &Limits) -> [(&'static str, u64); 7] {
     let millis = |d: Duration| d.as_millis() as u64;
-    let settings = |l: &Limits| {
-        [
-            (
-                "sign_requests_per_minute",
-                u64::from(l.sign_requests_per_minute),
-            ),
-            ("sign_burst", u64::from(l.sign_burst)),
-            ("handshake_timeout_ms", millis(l.handshake_timeout)),
-            ("header_timeout_ms", millis(l.header_timeout)),
-            ("body_timeout_ms", millis(l.body_timeout)),
-            ("drain_timeout_ms", millis(l.drain_timeout)),
-        ]
-    };
-    let differences: Vec<String> = settings(in_force)
+    [
+        (
+            "sign_requests_per_minute",
+            u64::from(l.sign_requests_per_minute),
+        ),
+        ("sign_burst", u64::from(l.sign_burst)),
+        ("max_connections", l.max_connections as u64),
+        ("handshake_timeout_ms", millis(l.handshake_timeout)),
+        ("header_timeout_ms", millis(l.header_timeout)),
+        ("body_timeout_ms", millis(l.body_timeout)),
+        ("drain_timeout_ms", millis(l.drain_timeout)),
+    ]
+}
+
+/// The `[limits]` that differ. `max_connections` is left out: a reload does not change
+/// it.
+fn compare_limits(in_force: &Limits, read: &Limits, out: &mut Vec<String>) {
+    let differences: Vec<String> = limit_settings(in_force)
         .into_iter()
-        .zip(settings(read))
+        .zip(limit_settings(read))
+        .filter(|((name, _), _)| *name != "max_connections")
         .filter(|((_, old), (_, new))| old != new)
         .map(|((name, old), (_, new))| format!("{name} {old} -> {new}"))
         .collect();
@@ -384,6 +455,49 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
             back.statements
                 .contains(&"client spiffe://t/c removed".to_string())
         );
+    }
+
+    #[test]
+    fn a_start_states_the_rules_and_their_digest_follows_every_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        assert_eq!(
+            rules.summary(),
+            "virtual mesh test/vm (org \"acme\", ttl 30 days, RSA minimum 2048 bits, meshes: test/cluster-a, test/cluster-b); \
+             1 clients with 1 grants; \
+             limits: sign_requests_per_minute 600, sign_burst 60, max_connections 1024, handshake_timeout_ms 10000, header_timeout_ms 10000, body_timeout_ms 10000, drain_timeout_ms 30000"
+        );
+        let digest = rules.digest();
+        assert_eq!(digest.len(), 64);
+        // The same rules read again (from another file): the same digest.
+        std::fs::create_dir(dir.path().join("other")).unwrap();
+        let again = Rules::of(&config(&dir.path().join("other"), MESHES, A_ONLY, ""));
+        assert_eq!(again.digest(), digest);
+        // Any difference, a reload's or a restart's, another digest.
+        let differing = [
+            config(
+                dir.path(),
+                &MESHES.replace("ttlDays: 30", "ttlDays: 29"),
+                A_ONLY,
+                "",
+            ),
+            config(
+                dir.path(),
+                MESHES,
+                &A_ONLY.replace("cluster-a\" }", "cluster-b\" }"),
+                "",
+            ),
+            config(dir.path(), MESHES, A_ONLY, "[limits]\nsign_burst = 61"),
+            config(dir.path(), MESHES, A_ONLY, "[limits]\nmax_connections = 7"),
+        ];
+        for read in &differing {
+            assert_ne!(
+                Rules::of(read).digest(),
+                digest,
+                "{:?}",
+                Rules::of(read).summary()
+            );
+        }
     }
 
     #[test]

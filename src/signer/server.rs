@@ -328,6 +328,7 @@ impl RunningSigner {
                 event: "reload".into(),
                 rule: Some("rules_changed".into()),
                 message: Some(change.to_string()),
+                rules_sha256: Some(rules.digest()),
                 ..Default::default()
             };
             let announced = self.state.audit.expect_line();
@@ -453,8 +454,22 @@ pub async fn start(
         ops: ops_listener.as_ref().map(|l| local(l, api_addr)),
     };
 
+    // Before any decision: the log says which rules the decisions after this line are made
+    // under (a restart may have changed them with no reload on record).
+    let rules = Rules::of(&config);
+    let rules_sha256 = rules.digest();
+    if let Err(e) = audit
+        .record_start(start_record(&rules, &rules_sha256))
+        .await
+    {
+        tracing::error!(
+            error = %e,
+            "the audit log cannot record the start: nothing is issued until it can (the start record goes first into the next write)"
+        );
+    }
+
     let state = Arc::new(SignerState {
-        rules: std::sync::RwLock::new(Arc::new(Rules::of(&config))),
+        rules: std::sync::RwLock::new(Arc::new(rules)),
         backend: backend.clone(),
         audit,
         metrics,
@@ -495,6 +510,7 @@ pub async fn start(
         previous_root_fingerprint_sha256 = config.root.previous.as_ref().map(|p| p.fingerprint_sha256.as_str()),
         virtual_meshes = config.policies.iter().count(),
         audit_log = %config.audit_log.display(),
+        rules_sha256 = %rules_sha256,
         backend_ready_ms = backend_ready_ms as u64,
         ready_ms = started.elapsed().as_millis() as u64,
         "signer listening on https://{}",
@@ -509,6 +525,24 @@ pub async fn start(
         config,
         listen_overridden: listen_override.is_some(),
     })
+}
+
+/// The audit log's `start` record: the rules every decision after it is made under, until
+/// the next `reload` or `start`. It states them as a reload states its changes, with their
+/// digest.
+fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
+    AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "start".into(),
+        rule: Some("rules_in_force".into()),
+        message: Some(format!(
+            "meshca {} started; rules in force: {}",
+            env!("CARGO_PKG_VERSION"),
+            rules.summary()
+        )),
+        rules_sha256: Some(rules_sha256.to_string()),
+        ..Default::default()
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

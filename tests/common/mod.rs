@@ -764,16 +764,27 @@ impl Signer {
         }
     }
 
-    /// Audit lines that parse (a line torn by a crash is skipped).
+    /// Audit lines that parse (a line torn by a crash is skipped), but `start` records.
     pub fn audit_lines_lossy(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("audit.log"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| l["event"] != "start")
             .collect()
     }
 
+    /// The audit lines the test made (decisions, reloads, ...): every line but the `start`
+    /// record each start of the signer writes first ([`Signer::all_audit_lines`] has them).
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        self.all_audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] != "start")
+            .collect()
+    }
+
+    /// Every line of the audit log.
+    pub fn all_audit_lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("audit.log"))
             .unwrap_or_default()
             .lines()
