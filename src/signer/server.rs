@@ -693,14 +693,42 @@ async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch:
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // An interval's first tick is at once; the first counts are a period away.
     ticks.tick().await;
+    let mut probes = tokio::time::interval(AUDIT_PROBE_PERIOD);
+    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticks.tick() => {
                 api::audit_counted_refusals(&state).await;
                 head.log_if_moved(&state.audit);
             }
+            _ = probes.tick() => probe_audit_log(&state).await,
             _ = stopped(&mut shutdown) => return,
         }
+    }
+}
+
+/// How often a log that failed its last write is tried again.
+const AUDIT_PROBE_PERIOD: Duration = Duration::from_secs(5);
+
+/// While the audit log's last write failed (the signer not ready), writes a `recovery`
+/// line: once it lands (room made, the log rotated), the signer is ready again without
+/// waiting for a signing request, which a load balancer would not send it while it is not.
+async fn probe_audit_log(state: &SignerState) {
+    if state.audit.is_writable() {
+        return;
+    }
+    let record = AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "recovery".into(),
+        message: Some("the audit log takes lines again after a failed write".into()),
+        ..Default::default()
+    };
+    match state.audit.append(record, state.audit.expect_line()).await {
+        Ok(()) => tracing::info!(
+            path = %state.audit.path().display(),
+            "the audit log takes lines again: ready"
+        ),
+        Err(e) => tracing::debug!(error = %e, "the audit log still cannot be written"),
     }
 }
 
