@@ -69,6 +69,11 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
     let env = Env::new();
     // The disk is full: every write fails with ENOSPC.
     std::os::unix::fs::symlink("/dev/full", env.path("audit.log")).unwrap();
+    let device_mode = || {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata("/dev/full").unwrap().permissions().mode()
+    };
+    let mode_before = device_mode();
     let signer = env.start_signer();
     let client = env.client("cluster-a");
     let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
@@ -83,6 +88,9 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
         metrics.contains("meshca_audit_write_errors_total 1"),
         "{metrics}"
     );
+    // Only a regular file's mode is the signer's to restrict: the device keeps its own
+    // (as root, the signer once made /dev/full 0644 for the whole machine).
+    assert_eq!(device_mode(), mode_before);
 }
 
 #[tokio::test]
@@ -108,7 +116,7 @@ async fn a_policy_change_the_audit_log_cannot_record_is_not_applied() {
     assert_eq!(max_ttl().await, 30 * 86_400, "an unrecorded change applied");
 }
 
-/// Largest file the signer of [`a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again`]
+/// Largest file the signer of [`a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again_by_itself`]
 /// may write: room for a few dozen audit lines, well above the token's files.
 const FILE_SIZE_LIMIT: u64 = 16 * 1024;
 
