@@ -88,9 +88,17 @@ impl Cluster {
         );
     }
 
-    /// Changes the request as its owner would.
+    /// Changes the request as its owner would (a changed spec is a new generation, as
+    /// the API server counts them).
     fn edit_request(&self, change: impl FnOnce(&mut Value)) {
-        self.fake.edit(&format!("{VMCSR}/cluster-a"), change);
+        self.fake.edit(&format!("{VMCSR}/cluster-a"), |request| {
+            let spec = request["spec"].clone();
+            change(request);
+            if request["spec"] != spec {
+                let generation = request["metadata"]["generation"].as_i64().unwrap_or(1);
+                request["metadata"]["generation"] = (generation + 1).into();
+            }
+        });
     }
 
     fn put_deployment(&self, ns: &str, name: &str, labels: Value) {
@@ -104,8 +112,19 @@ impl Cluster {
         );
     }
 
-    /// One pass of the agent; returns the requests it sent.
+    /// One pass of the agent; returns the requests it sent, but for dry runs (each
+    /// issuance's check that the Secret would take the apply: see
+    /// [`Cluster::pass_with_dry_runs`]).
     async fn pass(&self) -> Vec<Recorded> {
+        self.pass_with_dry_runs()
+            .await
+            .into_iter()
+            .filter(|r| r.param("dryRun").is_none())
+            .collect()
+    }
+
+    /// One pass of the agent; returns every request it sent.
+    async fn pass_with_dry_runs(&self) -> Vec<Recorded> {
         self.fake.take();
         self.controller.run_once().await.unwrap();
         self.fake.take()
@@ -433,7 +452,6 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
     // The spec says adopt: replaced, the hand-made root kept after the signer's root.
     cluster.edit_request(|obj| {
         obj["spec"]["adopt"] = true.into();
-        obj["metadata"]["generation"] = 2.into();
     });
     let sent = cluster.pass().await;
     let apply = sent
@@ -790,6 +808,74 @@ async fn a_restart_plan_outlives_a_lease_lost_right_after_the_secret_is_written(
         writes(&sent)
     );
     assert!(!sent.iter().any(|r| r.path == SECRET && r.method == "PATCH"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_the_api_server_refuses_costs_no_intermediate_and_is_retried_with_backoff() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request_restarting_nothing(&signer);
+    // An admission policy (or RBAC, or an immutable Secret) refuses the Secret's apply.
+    cluster.fake.refuse_writes(
+        SECRET,
+        422,
+        "Invalid",
+        "Secret \"cacerts\" is invalid: data: Forbidden: field is immutable when `immutable` is set",
+    );
+    let sent = cluster.pass_with_dry_runs().await;
+    // Asked with a dry run first: refused, so the signer was asked for nothing.
+    let secret_writes: Vec<Option<String>> = sent
+        .iter()
+        .filter(|r| r.path == SECRET && r.method == "PATCH")
+        .map(|r| r.param("dryRun"))
+        .collect();
+    assert_eq!(secret_writes, [Some("All".to_string())]);
+    assert!(
+        signer.audit_lines().is_empty(),
+        "{:?}",
+        signer.audit_lines()
+    );
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    assert!(
+        st["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("field is immutable"),
+        "{st}"
+    );
+    // The next passes come sooner than its backoff: this request is left alone.
+    for _ in 0..3 {
+        let sent = cluster.pass_with_dry_runs().await;
+        assert!(
+            !sent
+                .iter()
+                .any(|r| r.path.contains("cluster-a") || r.path == SECRET),
+            "{:?}",
+            writes(&sent)
+        );
+    }
+    // A changed spec is tried at once.
+    cluster.edit_request(|request| {
+        request["spec"]["ttlSeconds"] = 7200.into();
+    });
+    let sent = cluster.pass_with_dry_runs().await;
+    assert!(sent.iter().any(|r| r.path == SECRET && r.method == "PATCH"));
+    assert!(signer.audit_lines().is_empty());
+    // Where a webhook with side effects cannot take a dry run, the apply is the test.
+    cluster.fake.refuse_dry_runs(
+        SECRET,
+        400,
+        "BadRequest",
+        "admission webhook \"audit.example.com\" does not support dry run",
+    );
+    cluster.edit_request(|request| {
+        request["spec"]["ttlSeconds"] = 3600.into();
+    });
+    cluster.pass().await;
+    assert_eq!(vmcsr_status(&cluster)["phase"], "Installed");
+    assert_eq!(signer.audit_lines().len(), 1);
 }
 
 /// A pass that fails by name (`needle` in `lastError`, reason `SignerError`), writing

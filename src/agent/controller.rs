@@ -6,9 +6,10 @@
 //! leadership check. The loop lists the requests on a timer rather than watching: all it
 //! waits for (renewal time, ConfigMaps carrying the new root) is time-based anyway.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -145,7 +146,23 @@ pub struct Controller {
     opts: ControllerOptions,
     elector: Elector,
     metrics: Arc<AgentMetrics>,
+    /// Requests whose reconciles fail, by `<namespace>/<name>`: each waits out its own
+    /// backoff, whatever else makes a pass come sooner.
+    failing: Arc<Mutex<HashMap<String, Failing>>>,
 }
+
+/// A request whose last reconciles failed.
+#[derive(Debug, Clone, Copy)]
+struct Failing {
+    /// Failures in a row.
+    count: u32,
+    /// The spec they were for: an edited spec is tried at once.
+    generation: Option<i64>,
+    retry_at: Instant,
+}
+
+/// Shortest wait after a failed reconcile; then it doubles up to the resync interval.
+const LEAST_RETRY: Duration = Duration::from_secs(15);
 
 impl LeaderLoop for Controller {
     const PASS_FAILED: &'static str = "cannot list requests";
@@ -182,7 +199,45 @@ impl Controller {
             opts,
             elector,
             metrics,
+            failing: Arc::default(),
         }
+    }
+
+    fn failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failing>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long `request` still waits after failing (None: reconcile it now).
+    fn backing_off(&self, request: &VirtualMeshCertificateSigningRequest) -> Option<Duration> {
+        let failing = *self.failing().get(&request_key(request))?;
+        let now = Instant::now();
+        (failing.generation == request.metadata.generation && now < failing.retry_at)
+            .then(|| failing.retry_at - now)
+    }
+
+    /// Records a failed reconcile; returns the wait before the next: 15 s, doubling after
+    /// the third failure in a row, up to the resync interval. Each attempt may generate a
+    /// key and ask the signer for an intermediate (an audit line there), so a request that
+    /// keeps failing (a Secret its write is refused, a signer refusing it) must not do so
+    /// every 15 s forever.
+    fn failed(&self, request: &VirtualMeshCertificateSigningRequest) -> Duration {
+        let mut failing = self.failing();
+        let key = request_key(request);
+        let generation = request.metadata.generation;
+        let count = match failing.get(&key) {
+            Some(f) if f.generation == generation => f.count.saturating_add(1),
+            _ => 1,
+        };
+        let wait = super::directory::backoff(count, self.opts.resync).max(LEAST_RETRY);
+        failing.insert(
+            key,
+            Failing {
+                count,
+                generation,
+                retry_at: Instant::now() + wait,
+            },
+        );
+        wait
     }
 
     /// Before any write: still the leader (renewing if the margin ran out)?
@@ -195,9 +250,14 @@ impl Controller {
         let requests = self.kube.list_requests(&self.opts.namespace).await?;
         let mut next = self.opts.resync;
         for request in &requests {
-            next = next.min(self.reconcile(request).await);
+            let wait = match self.backing_off(request) {
+                Some(wait) => wait,
+                None => self.reconcile(request).await,
+            };
+            next = next.min(wait);
         }
         let keys: Vec<String> = requests.iter().map(request_key).collect();
+        self.failing().retain(|key, _| keys.contains(key));
         self.metrics.pass_completed(&keys, SystemTime::now());
         Ok(next.max(Duration::from_secs(1)))
     }
@@ -225,6 +285,7 @@ impl Controller {
             .await;
         let (next, outcome) = match result {
             Ok(next) => {
+                self.failing().remove(&key);
                 status.last_error = None;
                 (next, "ok")
             }
@@ -241,8 +302,11 @@ impl Controller {
                     generation,
                     now,
                 );
-                let retry =
-                    super::directory::backoff(1, self.opts.resync).max(Duration::from_secs(15));
+                let retry = if matches!(e, ReconcileError::NotLeader) {
+                    LEAST_RETRY
+                } else {
+                    self.failed(request)
+                };
                 (retry, e.reason())
             }
         };
@@ -442,6 +506,11 @@ impl Controller {
                 previous_roots,
             } => {
                 let policy = policy.map_err(AgentError::from)?;
+                // An intermediate the Secret could not take would be signed (and audited)
+                // for nothing at each attempt.
+                self.kube
+                    .check_secret_apply(&target.namespace, &target.name, &owner)
+                    .await?;
                 tracing::info!(request = %owner, reason = %reason, "requesting a new intermediate");
                 status.phase = Some(Phase::Requested);
                 // A replica that no longer leads asks the signer for nothing.

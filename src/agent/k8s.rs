@@ -209,6 +209,42 @@ impl Kube {
             .map_err(ctx(|| format!("apply Secret {ns}/{name}")))
     }
 
+    /// Whether the API server would take the cacerts Secret's apply (RBAC, admission
+    /// policies, an immutable Secret), asked with a dry run of the same apply with empty
+    /// files: before the signer is asked for an intermediate that could not be written.
+    pub async fn check_secret_apply(
+        &self,
+        ns: &str,
+        name: &str,
+        owner: &str,
+    ) -> Result<(), KubeError> {
+        let placeholder = BundleFiles {
+            ca_cert: String::new(),
+            ca_key: String::new(),
+            cert_chain: String::new(),
+            root_cert: String::new(),
+        };
+        let body = secret_apply_body(ns, name, owner, &placeholder);
+        let mut value = serde_json::to_value(&body).unwrap_or_default();
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "Secret".into();
+        match Api::<Secret>::namespaced(self.client.clone(), ns)
+            .patch(name, &apply_params().dry_run(), &Patch::Apply(value))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // An admission webhook with side effects cannot take a dry run: the apply
+            // itself is the only test there.
+            Err(kube::Error::Api(answer))
+                if answer.code == 400 && answer.message.contains("dry run") =>
+            {
+                tracing::debug!(secret = %format!("{ns}/{name}"), message = %answer.message, "the Secret's apply cannot be tried with a dry run");
+                Ok(())
+            }
+            Err(e) => Err(ctx(|| format!("apply Secret {ns}/{name} (dry run)"))(e)),
+        }
+    }
+
     /// Workloads of `kind` in `ns` matching `selector` (empty: all), with their restart
     /// marker.
     pub async fn list_workloads(

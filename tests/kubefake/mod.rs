@@ -66,9 +66,21 @@ struct Fake {
     /// Once, after serving a write of this path: another client's change of the objects.
     /// The path, how many of its writes still to let pass, and the change.
     after_write: Mutex<Option<(String, usize, AfterWrite)>>,
+    /// Writes of this path get this status (code, reason, message): RBAC, an admission
+    /// policy or an immutable object refusing them, dry runs included (or dry runs only).
+    refused_writes: Mutex<Option<Refusal>>,
 }
 
 type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
+
+#[derive(Clone)]
+struct Refusal {
+    path: String,
+    dry_runs_only: bool,
+    code: u16,
+    reason: String,
+    message: String,
+}
 
 fn status(code: u16, reason: &str, message: &str) -> Response {
     (
@@ -183,7 +195,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let wrote = (method != Method::GET).then(|| uri.path().to_string());
+    // A dry run writes nothing: no other client acts after it.
+    let dry_run = query_param(uri.query().unwrap_or_default(), "dryRun").is_some();
+    let wrote = (method != Method::GET && !dry_run).then(|| uri.path().to_string());
     let response = serve(fake.clone(), method, uri, headers, body);
     if let Some(path) = wrote {
         let mut hook = fake.after_write.lock().unwrap();
@@ -223,6 +237,18 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
         authorization: header("authorization"),
         body: body.clone(),
     });
+    let dry_run = query_param(&query, "dryRun").as_deref() == Some("All");
+    if method != Method::GET
+        && let Some(refusal) = fake.refused_writes.lock().unwrap().clone()
+        && refusal.path == path
+        && (dry_run || !refusal.dry_runs_only)
+    {
+        return status(refusal.code, &refusal.reason, &refusal.message);
+    }
+    if method != Method::GET && dry_run {
+        // A dry run is answered as if done, and changes nothing.
+        return axum::Json(body).into_response();
+    }
     let mut objects = fake.objects.lock().unwrap();
     let next_version = || {
         let mut v = fake.version.lock().unwrap();
@@ -463,6 +489,26 @@ impl FakeCluster {
         change: impl FnOnce(&mut BTreeMap<String, Value>) + Send + 'static,
     ) {
         self.after_nth_write(path, 1, change);
+    }
+
+    /// From now on, writes of `path` (dry runs included) are refused with this status.
+    pub fn refuse_writes(&self, path: &str, code: u16, reason: &str, message: &str) {
+        self.refuse(path, false, code, reason, message);
+    }
+
+    /// From now on, dry runs of writes of `path` are refused with this status.
+    pub fn refuse_dry_runs(&self, path: &str, code: u16, reason: &str, message: &str) {
+        self.refuse(path, true, code, reason, message);
+    }
+
+    fn refuse(&self, path: &str, dry_runs_only: bool, code: u16, reason: &str, message: &str) {
+        *self.fake.refused_writes.lock().unwrap() = Some(Refusal {
+            path: path.into(),
+            dry_runs_only,
+            code,
+            reason: reason.into(),
+            message: message.into(),
+        });
     }
 
     /// As [`FakeCluster::after_write`], after the `n`th write of `path` from now.
