@@ -211,6 +211,15 @@ pub async fn obtain_bundle(
         RootsPlan::SignerOnly => (None, &[]),
         RootsPlan::Merge { installed, retired } => (installed.as_deref(), retired),
     };
+    if let Some(installed) = installed {
+        let (_, unreadable) = crate::pki::pem::decode_certificates_skipping(installed);
+        if unreadable > 0 {
+            tracing::warn!(
+                unreadable,
+                "the root-cert.pem being replaced has PEM blocks that are not certificates meshca can read: they are left out, the roots beside them kept"
+            );
+        }
+    }
     let root_cert = rotation::root_cert_to_write(
         &response.root_cert,
         &policy.announced_roots(),

@@ -12,7 +12,7 @@ use x509_cert::Certificate;
 
 use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, verify_bundle};
 use crate::pki::keys::KeyType;
-use crate::pki::pem::{certificate_pem, decode_certificates};
+use crate::pki::pem::{certificate_pem, decode_certificates, decode_certificates_skipping};
 use crate::pki::profile::is_ca;
 use crate::policy::rules::BACKDATE;
 
@@ -436,8 +436,10 @@ pub fn compose_root_cert(
     for cert in decode_certificates(new_roots).unwrap_or_default() {
         push(&cert, &mut out);
     }
+    // Block by block: one block that cannot be read (another tool's odd PEM in an
+    // adopted root-cert.pem) must not drop the roots beside it.
     for cert in previous
-        .and_then(|p| decode_certificates(p).ok())
+        .map(|p| decode_certificates_skipping(p).0)
         .unwrap_or_default()
     {
         if is_usable_root(&cert, now) && !retired.contains(&fingerprint(&cert)) {
@@ -480,8 +482,8 @@ fn step_toward(wanted: &str, installed: Option<&str>) -> String {
         return wanted.to_string();
     };
     let wanted_fps = root_fingerprints(wanted);
-    let installed_roots: Vec<Certificate> = decode_certificates(installed)
-        .unwrap_or_default()
+    let installed_roots: Vec<Certificate> = decode_certificates_skipping(installed)
+        .0
         .into_iter()
         .filter(is_root)
         .collect();
@@ -501,8 +503,8 @@ fn step_toward(wanted: &str, installed: Option<&str>) -> String {
 
 /// SHA-256 fingerprints of the certificates in a PEM text (unparsable text: none).
 pub fn root_fingerprints(pem: &str) -> Vec<String> {
-    decode_certificates(pem)
-        .unwrap_or_default()
+    decode_certificates_skipping(pem)
+        .0
         .iter()
         .map(fingerprint)
         .collect()
@@ -757,6 +759,24 @@ mod tests {
             } => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn one_unreadable_block_in_an_installed_root_cert_drops_no_root_beside_it() {
+        let f = fixture();
+        let (_key, old_root) = software_root(KeyType::EcdsaP256, "acme", 100 * DAY);
+        // OpenSSL's trusted-certificate form, which Go's bundle reader skips too.
+        let odd = "-----BEGIN TRUSTED CERTIFICATE-----\nAAAA\n-----END TRUSTED CERTIFICATE-----\n";
+        let installed = format!("{}{odd}", old_root.pem);
+        let written = compose_root_cert(&f.root.pem, Some(&installed), &[], f.issued);
+        assert_eq!(
+            root_fingerprints(&written),
+            [
+                f.root.fingerprint_sha256.clone(),
+                old_root.fingerprint_sha256.clone()
+            ]
+        );
+        assert_eq!(root_fingerprints(&installed), [old_root.fingerprint_sha256]);
     }
 
     #[test]

@@ -53,6 +53,35 @@ pub fn decode_certificates(pem: &str) -> Result<Vec<Certificate>, PemError> {
     Ok(certs)
 }
 
+/// Every certificate of a PEM text that can be read, and how many blocks could not (another
+/// label such as OpenSSL's `TRUSTED CERTIFICATE`, PEM headers, a certificate x509-cert
+/// refuses): as Go's `AppendCertsFromPEM` reads a root bundle, where one odd block must
+/// not cost the others. Text after an unterminated block is not read.
+pub fn decode_certificates_skipping(pem: &str) -> (Vec<Certificate>, usize) {
+    const BEGIN: &str = "-----BEGIN ";
+    let (mut certs, mut skipped) = (Vec::new(), 0);
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let block = &rest[start..];
+        let Some(end_marker) = block
+            .find("-----END ")
+            .and_then(|e| block[e + 9..].find("-----").map(|t| e + 9 + t + 5))
+        else {
+            skipped += 1;
+            break;
+        };
+        match decode_single(&block[..end_marker], &["CERTIFICATE"])
+            .ok()
+            .and_then(|der| Certificate::from_der(&der).ok())
+        {
+            Some(cert) => certs.push(cert),
+            None => skipped += 1,
+        }
+        rest = &block[end_marker..];
+    }
+    (certs, skipped)
+}
+
 /// PEM for DER bytes under a label, LF line endings.
 pub fn encode(label: &str, der: &[u8]) -> String {
     // Encoding only fails for invalid labels, and every label here is a constant.
