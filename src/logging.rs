@@ -1,9 +1,22 @@
 //! Logging for every command: tracing to stderr as text or JSON lines, and panics reported
-//! through the same log, so a JSON log stays JSON lines when something panics.
+//! through the same log, so a JSON log stays JSON lines when something panics; and
+//! [`clip`], which bounds text from outside before it is logged or recorded.
 
 use std::panic::PanicHookInfo;
 
 use tracing_subscriber::fmt::MakeWriter;
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how long it was.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
+}
 
 /// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax, RUST_LOG wins)
 /// writing to `writer`, and routes panics into it. `ansi` colours text output.

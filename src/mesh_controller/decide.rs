@@ -19,6 +19,7 @@ use crate::agent::crd::{
     VmcsrSpec, VmcsrStatus,
 };
 use crate::agent::rotation::normalize_fingerprint;
+use crate::logging::clip;
 use crate::mesh::federation::{FederationConfig, FederationError, FederationPlan};
 use crate::mesh::inventory::{
     ClusterInventory, Inventory, InventoryError, PortInventory, Protocol, ServiceInventory,
@@ -646,6 +647,29 @@ pub struct MemberTrust {
     pub next: Option<String>,
 }
 
+/// Most roots taken from one member's `trustedRootFingerprints` (a root change has two or
+/// three at once).
+const MAX_REPORTED_ROOTS: usize = 16;
+
+/// Longest member message (an agent's `lastError`) copied into the VirtualMesh's status.
+const MAX_MEMBER_MESSAGE: usize = 1024;
+
+/// A SHA-256 fingerprint a member's status reports, normalized, if it is one: a member
+/// cluster's status is written by whoever holds that cluster, and what it says goes into
+/// the VirtualMesh's status and into every other member's request.
+fn reported_fingerprint(fp: &str) -> Option<String> {
+    let fp = normalize_fingerprint(fp);
+    (fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit())).then_some(fp)
+}
+
+/// The roots a member reports trusting: fingerprints only, at most [`MAX_REPORTED_ROOTS`].
+fn reported_roots(fps: &[String]) -> Vec<String> {
+    fps.iter()
+        .filter_map(|fp| reported_fingerprint(fp))
+        .take(MAX_REPORTED_ROOTS)
+        .collect()
+}
+
 impl MemberTrust {
     pub fn of(request: Option<&VirtualMeshCertificateSigningRequest>) -> MemberTrust {
         let Some(request) = request else {
@@ -661,16 +685,12 @@ impl MemberTrust {
             root: status
                 .root_fingerprint
                 .as_deref()
-                .map(normalize_fingerprint),
-            trusted: status
-                .trusted_root_fingerprints
-                .iter()
-                .map(|fp| normalize_fingerprint(fp))
-                .collect(),
+                .and_then(reported_fingerprint),
+            trusted: reported_roots(&status.trusted_root_fingerprints),
             next: status
                 .next_root_fingerprint
                 .as_deref()
-                .map(normalize_fingerprint),
+                .and_then(reported_fingerprint),
         }
     }
 
@@ -870,13 +890,23 @@ pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
                     Some(Phase::Installed) => MemberPhase::Installed,
                     Some(Phase::Failed) => MemberPhase::Failed,
                 };
-                status.serial = agent.serial.clone();
-                status.not_after = agent.not_after.clone();
-                status.root_fingerprint = agent.root_fingerprint.clone();
-                status.trusted_root_fingerprints = agent.trusted_root_fingerprints.clone();
-                status.next_root_fingerprint = agent.next_root_fingerprint.clone();
+                // Copied bounded: the member cluster's holder writes these.
+                status.serial = agent.serial.as_deref().map(|s| clip(s, 64));
+                status.not_after = agent.not_after.as_deref().map(|t| clip(t, 64));
+                status.root_fingerprint = agent
+                    .root_fingerprint
+                    .as_deref()
+                    .and_then(reported_fingerprint);
+                status.trusted_root_fingerprints = reported_roots(&agent.trusted_root_fingerprints);
+                status.next_root_fingerprint = agent
+                    .next_root_fingerprint
+                    .as_deref()
+                    .and_then(reported_fingerprint);
                 if status.message.is_none() {
-                    status.message = agent.last_error.clone();
+                    status.message = agent
+                        .last_error
+                        .as_deref()
+                        .map(|e| clip(e, MAX_MEMBER_MESSAGE));
                 }
             }
             if report.problem.is_some() {
@@ -2337,6 +2367,38 @@ mod tests {
             report("east", RequestView::Error, Some("down")).phase,
             MemberPhase::Error
         );
+    }
+
+    #[test]
+    fn what_a_member_reports_is_taken_bounded_and_fingerprints_only() {
+        // Whoever holds a member cluster writes its request's status.
+        let mut hostile = agent(Phase::Installed, R1, Some(&"x".repeat(1 << 20)));
+        hostile.trusted_root_fingerprints = std::iter::once("zz".to_string())
+            .chain((0..10_000).map(|i| format!("{i:064x}")))
+            .collect();
+        hostile.next_root_fingerprint = Some("not a fingerprint".into());
+        hostile.serial = Some("f".repeat(100_000));
+        let s = report("east", RequestView::Present(Some(&hostile)), None);
+        assert_eq!(s.root_fingerprint.as_deref(), Some(R1));
+        assert_eq!(s.trusted_root_fingerprints.len(), MAX_REPORTED_ROOTS);
+        assert!(!s.trusted_root_fingerprints.contains(&"zz".to_string()));
+        assert_eq!(s.next_root_fingerprint, None);
+        assert!(s.message.as_deref().unwrap().len() < MAX_MEMBER_MESSAGE + 40);
+        assert!(s.serial.as_deref().unwrap().len() < 100);
+        let request = VirtualMeshCertificateSigningRequest {
+            metadata: Default::default(),
+            spec: serde_json::from_value(json!({
+                "virtualMesh": {"namespace": "smh", "name": "vm"},
+                "mesh": {"namespace": "smh", "name": "east"},
+                "signer": {"url": "https://signer:8443"}
+            }))
+            .unwrap(),
+            status: Some(hostile),
+        };
+        let trust = MemberTrust::of(Some(&request));
+        assert_eq!(trust.trusted.len(), MAX_REPORTED_ROOTS);
+        assert!(trust.trusted.iter().all(|fp| fp.len() == 64));
+        assert_eq!(trust.next, None);
     }
 
     #[test]

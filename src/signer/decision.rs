@@ -80,6 +80,8 @@ impl Refusal {
     }
 }
 
+use crate::logging::clip;
+
 /// Longest refusal message kept: messages quote the request (a Content-Type, a field
 /// name, a reference), and each goes into an fsynced audit line and the log, so a client
 /// must not choose their size (the rate limit bounds the lines, not their length).
@@ -88,18 +90,6 @@ const MAX_MESSAGE: usize = 1024;
 /// Longest `virtualMesh` or `mesh` recorded as given: a valid reference is at most 507
 /// characters (two names of 253 and a `/`).
 const MAX_RECORDED_REF: usize = 512;
-
-/// `text` cut to at most `max` bytes (at a character boundary), saying how long it was.
-pub fn clip(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}... ({} bytes in all)", &text[..end], text.len())
-}
 
 /// `text` with each control character written as its Rust escape (`\n`, `\u{1b}`).
 fn escape_control(text: String) -> String {
