@@ -618,6 +618,7 @@ impl MeshController {
                     request: views[i],
                     federation: federation[i].clone(),
                     problem: problems[i].clone(),
+                    now,
                 })
             })
             .collect();

@@ -859,7 +859,14 @@ pub struct MemberReport<'a> {
     /// The controller's own problem with this member (unreachable, a write failed, a
     /// conflict), shown instead of the agent's error.
     pub problem: Option<String>,
+    /// The pass's time: an Installed report whose intermediate is past its renewal time
+    /// (by a day) or its end is a member in trouble, whatever its agent last wrote.
+    pub now: SystemTime,
 }
+
+/// How long past its renewal time an installed intermediate may stay before its member
+/// counts as failing: a failing agent retries for a while, then someone should look.
+const RENEWAL_GRACE: Duration = Duration::from_secs(86_400);
 
 /// A member's status line.
 pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
@@ -908,6 +915,14 @@ pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
                         .as_deref()
                         .map(|e| clip(e, MAX_MEMBER_MESSAGE));
                 }
+                // The request reads as its agent last wrote it: an agent scaled to zero or
+                // stuck leaves Installed there while the intermediate runs out.
+                if status.phase == MemberPhase::Installed
+                    && let Some(stale) = stale_install(agent, report.now)
+                {
+                    status.phase = MemberPhase::Failed;
+                    status.message = Some(stale);
+                }
             }
             if report.problem.is_some() {
                 status.phase = MemberPhase::Error;
@@ -915,6 +930,30 @@ pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
         }
     }
     status
+}
+
+/// Why an intermediate its agent reports Installed is not fine at `now`: ended, or over
+/// [`RENEWAL_GRACE`] past its renewal time.
+fn stale_install(agent: &VmcsrStatus, now: SystemTime) -> Option<String> {
+    let not_after = agent.not_after.as_deref().and_then(parse_time);
+    if not_after.is_some_and(|end| end < now) {
+        return Some(format!(
+            "its intermediate ended at {}, yet its request still reads Installed: is its agent running and leading?",
+            agent
+                .not_after
+                .as_deref()
+                .map(|t| clip(t, 64))
+                .unwrap_or_default()
+        ));
+    }
+    let renew_at = agent.renew_at.as_deref().and_then(parse_time)?;
+    (renew_at + RENEWAL_GRACE < now).then(|| {
+        format!(
+            "its intermediate is over a day past its renewal time ({}) and ends at {}: its agent has not replaced it (see the request's status and the agent's log; one that already ends with the signer's root waits for a root change)",
+            agent.renew_at.as_deref().map(|t| clip(t, 64)).unwrap_or_default(),
+            agent.not_after.as_deref().map(|t| clip(t, 64)).unwrap_or_default()
+        )
+    })
 }
 
 /// How federation went in this pass.
@@ -2291,6 +2330,7 @@ mod tests {
                 conflicts: vec![],
             }),
             problem: problem.map(String::from),
+            now: SystemTime::now(),
         })
     }
 
@@ -2366,6 +2406,41 @@ mod tests {
         assert_eq!(
             report("east", RequestView::Error, Some("down")).phase,
             MemberPhase::Error
+        );
+    }
+
+    #[test]
+    fn an_installed_report_past_its_renewal_or_end_is_a_failing_member() {
+        let ago = |secs: u64| rfc3339(SystemTime::now() - Duration::from_secs(secs));
+        let ahead = |secs: u64| rfc3339(SystemTime::now() + Duration::from_secs(secs));
+        let with_times = |renew_at: String, not_after: String| VmcsrStatus {
+            renew_at: Some(renew_at),
+            not_after: Some(not_after),
+            ..agent(Phase::Installed, R1, None)
+        };
+        // Renewal an hour overdue: the agent may be retrying; still Installed.
+        let fresh = with_times(ago(3600), ahead(86_400 * 30));
+        let s = report("east", RequestView::Present(Some(&fresh)), None);
+        assert_eq!((s.phase, s.message), (MemberPhase::Installed, None));
+        // Two days overdue: someone should look.
+        let overdue = with_times(ago(2 * 86_400), ahead(86_400 * 30));
+        let s = report("east", RequestView::Present(Some(&overdue)), None);
+        assert_eq!(s.phase, MemberPhase::Failed);
+        assert!(
+            s.message
+                .as_deref()
+                .unwrap()
+                .contains("over a day past its renewal time")
+        );
+        // Ended, though its request still says Installed (its agent gone).
+        let ended = with_times(ago(10 * 86_400), ago(60));
+        let s = report("east", RequestView::Present(Some(&ended)), None);
+        assert_eq!(s.phase, MemberPhase::Failed);
+        assert!(
+            s.message
+                .as_deref()
+                .unwrap()
+                .contains("yet its request still reads Installed")
         );
     }
 
