@@ -26,6 +26,43 @@ async fn wait_ready(client: &reqwest::Client, signer: &Signer, want: u16) -> boo
     false
 }
 
+/// `meshca_backend_ready` as the signer's metrics show it (None: not exported).
+async fn backend_ready(client: &reqwest::Client, signer: &Signer) -> Option<i64> {
+    metric_sample(&signer.metrics(client).await, "meshca_backend_ready")
+}
+
+/// The token goes away while no cluster asks for anything (no request, no `/readyz`):
+/// the periodic check still shows it, in the metric the alert reads and in the log.
+#[tokio::test]
+async fn a_token_gone_while_nobody_asks_shows_in_the_metrics_and_the_log() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(backend_ready(&client, &signer).await, Some(1));
+    let tokens = env.path("softhsm/tokens");
+    let away = env.path("softhsm/tokens.away");
+    std::fs::rename(&tokens, &away).unwrap();
+    // Bounded waits for a check every 10 s; not timing assertions.
+    let mut waited = 0;
+    while backend_ready(&client, &signer).await != Some(0) {
+        waited += 1;
+        assert!(waited < 450, "the metric never said the token was gone");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        signer.logs().contains("the root key backend cannot sign"),
+        "{}",
+        signer.logs()
+    );
+    std::fs::rename(&away, &tokens).unwrap();
+    let mut waited = 0;
+    while backend_ready(&client, &signer).await != Some(1) {
+        waited += 1;
+        assert!(waited < 450, "the metric never said the token was back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_token_that_goes_away_gives_503_and_signing_recovers_when_it_is_back() {
     let env = Env::new();

@@ -468,19 +468,26 @@ async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
             "the audit log cannot be written",
         );
     }
-    match tokio::time::timeout(READINESS_TIMEOUT, state.backend.readiness()).await {
-        Ok(Ok(())) => axum::Json(json!({"status": "ready", "backend": state.backend.describe()}))
+    match backend_readiness(&state).await {
+        Ok(()) => axum::Json(json!({"status": "ready", "backend": state.backend.describe()}))
             .into_response(),
-        Ok(Err(e)) => error_response(Status::Unavailable, "backend_unavailable", &e.to_string()),
-        Err(_) => error_response(
-            Status::Unavailable,
-            "backend_unavailable",
-            &format!(
-                "the root key backend did not answer within {}s",
-                READINESS_TIMEOUT.as_secs()
-            ),
-        ),
+        Err(message) => error_response(Status::Unavailable, "backend_unavailable", &message),
     }
+}
+
+/// Asks the root key backend whether it can sign (within [`READINESS_TIMEOUT`]) and
+/// records the answer in `meshca_backend_ready`; the error says why not.
+pub async fn backend_readiness(state: &SignerState) -> Result<(), String> {
+    let answer = match tokio::time::timeout(READINESS_TIMEOUT, state.backend.readiness()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the root key backend did not answer within {}s",
+            READINESS_TIMEOUT.as_secs()
+        )),
+    };
+    state.metrics.backend_ready(answer.is_ok());
+    answer
 }
 
 async fn metrics(State(state): State<Arc<SignerState>>) -> Response {

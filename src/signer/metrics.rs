@@ -57,6 +57,8 @@ pub struct Metrics {
     handshakes_refused: Family<ReasonLabels, Counter>,
     signing_seconds: Histogram,
     backend_errors: Counter,
+    /// 1 while the root key backend answers its readiness check, 0 otherwise.
+    backend_ready: Gauge,
     audit_errors: Counter,
     root_expiry_seconds: Gauge<i64, AtomicI64>,
     root_not_after: SystemTime,
@@ -107,6 +109,13 @@ impl Metrics {
             "backend_errors",
             "Signing attempts that failed in the root key backend",
             backend_errors.clone(),
+        );
+        let backend_ready = Gauge::default();
+        backend_ready.set(1);
+        registry.register(
+            "backend_ready",
+            "1 if the root key backend (token or Vault) answered its last readiness check (every 10 s, and each /readyz), 0 if not",
+            backend_ready.clone(),
         );
         let audit_errors = Counter::default();
         registry.register(
@@ -176,6 +185,7 @@ impl Metrics {
             handshakes_refused,
             signing_seconds,
             backend_errors,
+            backend_ready,
             audit_errors,
             root_expiry_seconds,
             root_not_after,
@@ -214,6 +224,11 @@ impl Metrics {
 
     pub fn audit_error(&self) {
         self.audit_errors.inc();
+    }
+
+    /// The outcome of a readiness check of the root key backend.
+    pub fn backend_ready(&self, ready: bool) {
+        self.backend_ready.set(i64::from(ready));
     }
 
     /// A TLS reload: `ok` with the new serving certificate's notAfter, or `error`.

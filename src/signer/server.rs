@@ -695,6 +695,8 @@ async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch:
     ticks.tick().await;
     let mut probes = tokio::time::interval(AUDIT_PROBE_PERIOD);
     probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backend_checks = tokio::time::interval(BACKEND_CHECK_PERIOD);
+    backend_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticks.tick() => {
@@ -702,10 +704,20 @@ async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch:
                 head.log_if_moved(&state.audit);
             }
             _ = probes.tick() => probe_audit_log(&state).await,
+            // Without it, a token pulled or a Vault sealed while no cluster is due shows
+            // nowhere until a renewal fails, which may be months later.
+            _ = backend_checks.tick() => {
+                if let Err(problem) = api::backend_readiness(&state).await {
+                    tracing::warn!(%problem, "the root key backend cannot sign");
+                }
+            }
             _ = stopped(&mut shutdown) => return,
         }
     }
 }
+
+/// How often the root key backend's readiness is checked when nothing else asks.
+const BACKEND_CHECK_PERIOD: Duration = Duration::from_secs(10);
 
 /// How often a log that failed its last write is tried again.
 const AUDIT_PROBE_PERIOD: Duration = Duration::from_secs(5);
