@@ -82,6 +82,27 @@ async fn a_token_that_goes_away_gives_503_and_signing_recovers_when_it_is_back()
         wait_ready(&client, &signer, 503).await,
         "readyz stayed ready without a token"
     );
+    // Why, from the reconnect that failed: not the finalized connection's "not
+    // initialized".
+    let readyz: Value = client
+        .get(signer.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let why = readyz["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("key pkcs11:") && !why.contains("NotInitialized"),
+        "{why}"
+    );
+    let (_, answer) = post_sign(&client, &signer, &body).await;
+    let why = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("key pkcs11:") && !why.contains("NotInitialized"),
+        "{why}"
+    );
 
     std::fs::rename(&away, &tokens).unwrap();
     assert!(
@@ -97,8 +118,9 @@ async fn a_token_that_goes_away_gives_503_and_signing_recovers_when_it_is_back()
         .iter()
         .map(|l| l["decision"].as_str().unwrap())
         .collect();
-    assert_eq!(decisions, ["allow", "error", "allow"]);
+    assert_eq!(decisions, ["allow", "error", "error", "allow"]);
     assert_eq!(audit[1]["rule"], "backend_unavailable");
+    assert_eq!(audit[2]["rule"], "backend_unavailable");
 }
 
 #[tokio::test]

@@ -593,6 +593,9 @@ struct Inner {
     sessions: Mutex<Vec<Session>>,
     pin_rejected: AtomicBool,
     last_reconnect: Mutex<Option<Instant>>,
+    /// Why the last reconnect failed, until one succeeds: errors on the connection left
+    /// behind (finalized) say only "not initialized", so this is what callers are told.
+    reconnect_failure: Mutex<Option<String>>,
     /// Counts reconnects, so a thread that failed on an old connection retries on the new
     /// one instead of reconnecting again.
     generation: AtomicU64,
@@ -643,6 +646,7 @@ impl Pkcs11Backend {
             sessions: Mutex::new(sessions),
             pin_rejected: AtomicBool::new(false),
             last_reconnect: Mutex::new(None),
+            reconnect_failure: Mutex::new(None),
             generation: AtomicU64::new(0),
         });
         // One thread per session: a token call never waits for a session.
@@ -742,7 +746,7 @@ impl Inner {
             Err((e, false)) => Err(e),
             Err((e, true)) => {
                 if !self.reconnect(generation) {
-                    return Err(e);
+                    return Err(self.explained(e));
                 }
                 self.try_sign(message).map_err(|(e, _)| e)
             }
@@ -774,13 +778,28 @@ impl Inner {
             Ok(fresh) => {
                 *token = fresh;
                 self.generation.fetch_add(1, Ordering::SeqCst);
+                *lock(&self.reconnect_failure) = None;
                 tracing::info!(token = %token.uri, "reconnected to the PKCS#11 token");
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "PKCS#11 token still unavailable");
+                *lock(&self.reconnect_failure) = Some(e.to_string());
                 false
             }
+        }
+    }
+
+    /// `e`, from the connection in hand, unless the last reconnect failed: then why it did
+    /// (the module, the token, the key URI), which `e` on a finalized connection hides.
+    fn explained(&self, e: BackendError) -> BackendError {
+        match lock(&self.reconnect_failure).as_deref() {
+            Some(failure) => BackendError::Unavailable(format!(
+                "{failure} (key {}; tried again at most every {}s)",
+                self.settings.key,
+                RECONNECT_INTERVAL.as_secs()
+            )),
+            None => e,
         }
     }
 
@@ -833,7 +852,7 @@ impl Inner {
                 if self.reconnect(generation) {
                     self.try_ready().map_err(|(e, _)| e)
                 } else {
-                    Err(e)
+                    Err(self.explained(e))
                 }
             }
         }
