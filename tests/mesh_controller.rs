@@ -306,8 +306,10 @@ async fn two_clusters_get_requests_and_federation_and_a_second_pass_writes_nothi
     let world = World::start(&["east", "west"]).await;
     let sent = world.pass().await;
 
-    // Management cluster: Lease, finalizers, status; nothing else written.
+    // Management cluster: Lease, finalizers, the members recorded before their clusters
+    // are touched, status; nothing else written.
     let mgmt = &sent["mgmt"];
+    let status_path = format!("{}/status", vm_path("vm"));
     assert_eq!(
         writes(mgmt),
         vec![
@@ -315,7 +317,22 @@ async fn two_clusters_get_requests_and_federation_and_a_second_pass_writes_nothi
             w("PATCH", &vm_path("vm")),
             w("PATCH", &mesh_path("east")),
             w("PATCH", &mesh_path("west")),
-            w("PATCH", &format!("{}/status", vm_path("vm"))),
+            w("PATCH", &status_path),
+            w("PATCH", &status_path),
+        ]
+    );
+    let joining = mgmt.iter().find(|r| r.path == status_path).unwrap();
+    let phases: Vec<(&Value, &Value)> = joining.body["status"]["meshes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (&m["name"], &m["phase"]))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            (&json!("east"), &json!("Pending")),
+            (&json!("west"), &json!("Pending"))
         ]
     );
     for r in mgmt.iter().filter(|r| r.method == "PATCH") {
@@ -567,6 +584,69 @@ async fn a_removed_member_loses_its_request_and_objects_and_its_services_go_else
     }
     // Once it is no one's member, the controller does not even read north.
     assert!(sent["north"].is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_before_its_addition_was_recorded_leaves_nothing_behind() {
+    let world = World::start(&["east", "north", "west"]).await;
+    let with = |meshes: &'static [&'static str], generation: i64| {
+        move |v: &mut Value| {
+            v["spec"] = vm_spec(meshes);
+            v["metadata"]["generation"] = generation.into();
+        }
+    };
+    world.mgmt.edit(&vm_path("vm"), with(&["east", "west"], 1));
+    world.pass().await;
+    // north joins in a pass whose status is never written (as a kill, a lost Lease or an
+    // API error would leave it), then leaves before any pass completes.
+    let status_path = format!("{}/status", vm_path("vm"));
+    world.mgmt.refuse_writes(
+        &status_path,
+        500,
+        "InternalError",
+        "etcdserver: request timed out",
+    );
+    world
+        .mgmt
+        .edit(&vm_path("vm"), with(&["east", "north", "west"], 2));
+    world.pass().await;
+    world.mgmt.accept_writes();
+    world.mgmt.edit(&vm_path("vm"), with(&["east", "west"], 3));
+    world.pass().await;
+    // Nothing of this VirtualMesh stays in north: no request asking the signer for it, no
+    // federation objects; and only then is its Mesh let go.
+    let north_is_clean = |world: &World| {
+        assert!(world.member("north").get(&vmcsr_path("north")).is_none());
+        assert_eq!(
+            world.member("north").paths("/apis/networking.istio.io"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            world.mgmt.get(&mesh_path("north")).unwrap()["metadata"]["finalizers"],
+            json!([])
+        );
+    };
+    north_is_clean(&world);
+
+    // Again, with the pass's first status write (north joining) let through: its request
+    // and objects are made, the pass's last status write is lost; north's cleanup starts
+    // from that first record.
+    world.mgmt.refuse_writes_after(
+        &status_path,
+        1,
+        500,
+        "InternalError",
+        "etcdserver: request timed out",
+    );
+    world
+        .mgmt
+        .edit(&vm_path("vm"), with(&["east", "north", "west"], 4));
+    world.pass().await;
+    assert!(world.member("north").get(&vmcsr_path("north")).is_some());
+    world.mgmt.accept_writes();
+    world.mgmt.edit(&vm_path("vm"), with(&["east", "west"], 5));
+    world.pass().await;
+    north_is_clean(&world);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -377,6 +377,26 @@ impl MeshController {
             }
         }
 
+        // A member joins the status before anything is made in its cluster: should this
+        // pass be cut short (a kill, a lost Lease, a failed status write) and the member
+        // be removed again before one completes, the record is what its cleanup starts
+        // from. Without it the member was never cleaned up, its Mesh let go.
+        let recorded_ids: BTreeSet<ObjectRef> = before.meshes.iter().map(|m| m.id()).collect();
+        let joining: Vec<MemberStatus> = valid
+            .members
+            .iter()
+            .filter(|m| !recorded_ids.contains(&m.id))
+            .map(|m| decide::unrecorded_member(&m.id, m.mesh, MemberPhase::Pending))
+            .collect();
+        if !joining.is_empty() {
+            let mut interim = before.clone();
+            interim.meshes.extend(joining);
+            self.ensure_leader().await?;
+            self.management
+                .apply_status(&id.namespace, &id.name, &interim)
+                .await?;
+        }
+
         let mut reads = Vec::with_capacity(valid.members.len());
         for member in &valid.members {
             let read = self
@@ -744,21 +764,7 @@ impl MeshController {
             }
             targets.insert(
                 mesh_id.clone(),
-                MemberStatus {
-                    namespace: mesh_id.namespace.clone(),
-                    name: mesh_id.name.clone(),
-                    cluster: mesh.spec.cluster_name.clone(),
-                    agent_namespace: mesh.spec.agent.namespace.clone(),
-                    istio_namespace: mesh.spec.istio_namespace.clone(),
-                    phase: MemberPhase::Removing,
-                    serial: None,
-                    not_after: None,
-                    root_fingerprint: None,
-                    trusted_root_fingerprints: vec![],
-                    next_root_fingerprint: None,
-                    federation: None,
-                    message: None,
-                },
+                decide::unrecorded_member(&mesh_id, mesh, MemberPhase::Removing),
             );
         }
         let mut remaining = Vec::new();

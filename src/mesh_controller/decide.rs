@@ -1279,6 +1279,27 @@ pub fn deleting_status(
     status
 }
 
+/// A status line for a member not recorded yet, from its Mesh: how a member joins the
+/// status before anything is made in its cluster, and how a deletion lists a member a
+/// pass cut short may have touched.
+pub fn unrecorded_member(id: &ObjectRef, mesh: &Mesh, phase: MemberPhase) -> MemberStatus {
+    MemberStatus {
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        cluster: mesh.spec.cluster_name.clone(),
+        agent_namespace: mesh.spec.agent.namespace.clone(),
+        istio_namespace: mesh.spec.istio_namespace.clone(),
+        phase,
+        serial: None,
+        not_after: None,
+        root_fingerprint: None,
+        trusted_root_fingerprints: vec![],
+        next_root_fingerprint: None,
+        federation: None,
+        message: None,
+    }
+}
+
 /// Former members: recorded in status, no longer listed (or their VirtualMesh is going).
 pub fn departed<'s>(
     previous: &'s VirtualMeshStatus,

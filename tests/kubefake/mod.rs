@@ -76,6 +76,8 @@ type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
 #[derive(Clone)]
 struct Refusal {
     path: String,
+    /// Writes still let through before the refusals begin.
+    let_pass: usize,
     dry_runs_only: bool,
     code: u16,
     reason: String,
@@ -239,11 +241,15 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
     });
     let dry_run = query_param(&query, "dryRun").as_deref() == Some("All");
     if method != Method::GET
-        && let Some(refusal) = fake.refused_writes.lock().unwrap().clone()
+        && let Some(refusal) = fake.refused_writes.lock().unwrap().as_mut()
         && refusal.path == path
         && (dry_run || !refusal.dry_runs_only)
     {
-        return status(refusal.code, &refusal.reason, &refusal.message);
+        if refusal.let_pass > 0 {
+            refusal.let_pass -= 1;
+        } else {
+            return status(refusal.code, &refusal.reason, &refusal.message);
+        }
     }
     if method != Method::GET && dry_run {
         // A dry run is answered as if done, and changes nothing.
@@ -493,17 +499,36 @@ impl FakeCluster {
 
     /// From now on, writes of `path` (dry runs included) are refused with this status.
     pub fn refuse_writes(&self, path: &str, code: u16, reason: &str, message: &str) {
-        self.refuse(path, false, code, reason, message);
+        self.refuse_writes_after(path, 0, code, reason, message);
+    }
+
+    /// As [`FakeCluster::refuse_writes`], once `n` more writes of `path` have gone through.
+    pub fn refuse_writes_after(
+        &self,
+        path: &str,
+        n: usize,
+        code: u16,
+        reason: &str,
+        message: &str,
+    ) {
+        self.refuse(path, n, false, (code, reason, message));
     }
 
     /// From now on, dry runs of writes of `path` are refused with this status.
     pub fn refuse_dry_runs(&self, path: &str, code: u16, reason: &str, message: &str) {
-        self.refuse(path, true, code, reason, message);
+        self.refuse(path, 0, true, (code, reason, message));
     }
 
-    fn refuse(&self, path: &str, dry_runs_only: bool, code: u16, reason: &str, message: &str) {
+    /// Lets every write through again.
+    pub fn accept_writes(&self) {
+        *self.fake.refused_writes.lock().unwrap() = None;
+    }
+
+    fn refuse(&self, path: &str, let_pass: usize, dry_runs_only: bool, answer: (u16, &str, &str)) {
+        let (code, reason, message) = answer;
         *self.fake.refused_writes.lock().unwrap() = Some(Refusal {
             path: path.into(),
+            let_pass,
             dry_runs_only,
             code,
             reason: reason.into(),
