@@ -538,6 +538,42 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_holding_tls_crt_is_left_alone_even_with_adopt() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    // cert-manager's kubernetes.io/tls layout: istiod reads tls.crt whenever it is there.
+    let tls = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "cacerts", "namespace": "istio-system", "resourceVersion": "3"},
+        "data": {"tls.crt": b64("a CA"), "tls.key": b64("its key"), "ca.crt": b64("a root")}
+    });
+    cluster.put(SECRET, tls.clone());
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"adopt": true, "restart": {"policy": "never"}}),
+    );
+    let sent = cluster.pass_with_dry_runs().await;
+    assert!(
+        !sent.iter().any(|r| r.path == SECRET && r.method != "GET"),
+        "{:?}",
+        writes(&sent)
+    );
+    assert_eq!(cluster.get(SECRET).unwrap(), tls);
+    assert!(signer.audit_lines().is_empty());
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    assert!(
+        st["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("holds tls.crt: istiod then reads tls.crt, tls.key and ca.crt"),
+        "{st}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
     let env = Env::new();
     let cluster = Cluster::start(&env).await;

@@ -440,6 +440,7 @@ impl Controller {
         }
         let renew_at = match decide(&installed, &desired, now) {
             Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
+            Decision::Shadowed { what } => return Err(AgentError::Shadowed(what).into()),
             Decision::UpToDate { summary, renew_at } => {
                 if let Ok(policy) = &policy {
                     check_renewable(
@@ -538,6 +539,9 @@ impl Controller {
                     Installed::None => InstallKind::FirstInstall,
                     Installed::Ours(files) => InstallKind::Replacement {
                         roots_changed: files.root_cert != obtained.files.root_cert,
+                    },
+                    Installed::Shadowed { .. } => InstallKind::Replacement {
+                        roots_changed: true,
                     },
                     Installed::Foreign { root_cert, .. }
                     | Installed::Unreadable { root_cert, .. } => InstallKind::Replacement {

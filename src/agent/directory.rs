@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{
-    Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RotationSettings, decide,
-    renewal_held_by_root,
+    Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RotationSettings,
+    TLS_SIGNING_CERT, decide, renewal_held_by_root,
 };
 use super::{AgentError, BundleRequest, RootsPlan, cacerts, check_renewable, obtain_bundle};
 use crate::pki::bundle::{
@@ -103,6 +103,11 @@ pub fn classify(dir: &Path) -> Result<Installed, AgentError> {
         Err(e) => Err(cannot_look(path, e)),
     };
     let is_ours = look(&dir.join("..data"))?.is_some_and(|m| m.file_type().is_symlink());
+    if look(&dir.join(TLS_SIGNING_CERT))?.is_some() {
+        return Ok(Installed::Shadowed {
+            what: dir.display().to_string(),
+        });
+    }
     let mut any_file = false;
     for name in [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT] {
         any_file |= look(&dir.join(name))?.is_some();
@@ -165,6 +170,7 @@ pub async fn reconcile(
     };
     match decide(&installed, &desired, now) {
         Decision::Refuse { what } => Err(AgentError::Foreign(what)),
+        Decision::Shadowed { what } => Err(AgentError::Shadowed(what)),
         Decision::UpToDate { summary, renew_at } => {
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
@@ -219,7 +225,7 @@ pub async fn reconcile(
                 Installed::Foreign { root_cert, .. } | Installed::Unreadable { root_cert, .. } => {
                     root_cert.as_deref() != Some(&obtained.files.root_cert)
                 }
-                Installed::None => true,
+                Installed::None | Installed::Shadowed { .. } => true,
             };
             let summary = obtained.summary;
             let renew_at = super::rotation::renew_at(
@@ -469,6 +475,13 @@ mod tests {
             Installed::Ours(read) => assert_eq!(read.cert_chain, "ch"),
             other => panic!("{other:?}"),
         }
+        // A tls.crt beside them is what istiod would read.
+        std::fs::write(target.join(TLS_SIGNING_CERT), "another CA").unwrap();
+        assert!(matches!(
+            classify(&target).unwrap(),
+            Installed::Shadowed { .. }
+        ));
+        std::fs::remove_file(target.join(TLS_SIGNING_CERT)).unwrap();
         std::fs::remove_file(target.join(CA_KEY)).unwrap();
         match classify(&target).unwrap() {
             Installed::Unreadable { problem, root_cert } => {

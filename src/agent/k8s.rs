@@ -17,7 +17,7 @@ use kube::{Api, Client};
 
 use super::crd::{VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use super::restart::{RESTARTED_FOR, Target, WorkloadKind, restart_patch};
-use super::rotation::Installed;
+use super::rotation::{Installed, TLS_SIGNING_CERT};
 use crate::pki::bundle::{BundleFiles, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
 
 /// Field manager of every write (server-side apply and patches).
@@ -103,6 +103,13 @@ pub fn classify_secret(secret: Option<&Secret>, owner: &str) -> Installed {
             .and_then(|d| d.get(key))
             .and_then(|b| String::from_utf8(b.0.clone()).ok())
     };
+    if secret
+        .data
+        .as_ref()
+        .is_some_and(|d| d.contains_key(TLS_SIGNING_CERT))
+    {
+        return Installed::Shadowed { what: id };
+    }
     let root_cert = text(ROOT_CERT);
     let labels = secret.metadata.labels.clone().unwrap_or_default();
     if labels.get(MANAGED_BY).map(String::as_str) != Some(FIELD_MANAGER) {
@@ -657,6 +664,17 @@ mod tests {
                 assert!(root_cert.is_some());
             }
             other => panic!("{other:?}"),
+        }
+        // With tls.crt there (cert-manager's layout, or added by hand), istiod reads it
+        // instead of ca-cert.pem: meshca's or not, the Secret is left alone.
+        let tls = [
+            CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, "tls.crt", "tls.key", "ca.crt",
+        ];
+        for (labels, annotations) in [(&ours[..], &[(OWNER, owner)][..]), (&[][..], &[][..])] {
+            match classify_secret(Some(&secret(labels, annotations, &tls)), owner) {
+                Installed::Shadowed { what } => assert!(what.contains("istio-system/cacerts")),
+                other => panic!("{other:?}"),
+            }
         }
     }
 

@@ -68,6 +68,10 @@ pub enum AgentError {
     Look { path: String, message: String },
     #[error("{0} is not meshca's: refusing to overwrite it (set adopt to let meshca replace it)")]
     Foreign(String),
+    #[error(
+        "{0} holds tls.crt: istiod then reads tls.crt, tls.key and ca.crt (the kubernetes.io/tls layout) instead of ca-cert.pem and the rest, so an intermediate written beside them would never be used; remove tls.crt, tls.key and ca.crt (or the whole target, with adopt for the rest) and meshca writes its own"
+    )]
+    Shadowed(String),
     #[error("the signer's root does not match what it announced: {0}")]
     RootMismatch(String),
 }
@@ -77,7 +81,7 @@ impl AgentError {
     /// `outcome` label of `meshca_agent_reconciles_total`.
     pub fn reason(&self) -> &'static str {
         match self {
-            AgentError::Foreign(_) => "ForeignSecret",
+            AgentError::Foreign(_) | AgentError::Shadowed(_) => "ForeignSecret",
             AgentError::Client(_) => "SignerError",
             _ => "IssuanceFailed",
         }

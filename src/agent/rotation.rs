@@ -145,7 +145,15 @@ pub enum Installed {
     },
     /// meshca's four files.
     Ours(BundleFiles),
+    /// Holds `tls.crt` (the kubernetes.io/tls layout), which istiod reads instead of the
+    /// four files whenever it is there: an intermediate written beside it would never be
+    /// used, whoever owns the rest.
+    Shadowed { what: String },
 }
+
+/// The file whose presence makes istiod read `tls.crt`, `tls.key` and `ca.crt` instead of
+/// `ca-cert.pem` and the rest (its `detectSigningCABundle`).
+pub const TLS_SIGNING_CERT: &str = "tls.crt";
 
 /// The desired state the decision compares against.
 #[derive(Debug, Clone)]
@@ -229,6 +237,8 @@ impl std::fmt::Display for IssueReason {
 pub enum Decision {
     /// Leave a foreign bundle alone.
     Refuse { what: String },
+    /// Leave it alone: istiod would not read what meshca wrote ([`Installed::Shadowed`]).
+    Shadowed { what: String },
     /// Get a new intermediate and install it; `previous_roots` is the installed
     /// root-cert.pem (if any) to merge into the new one with [`compose_root_cert`].
     Issue {
@@ -275,6 +285,7 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
                 previous_roots: root_cert.clone(),
             };
         }
+        Installed::Shadowed { what } => return Decision::Shadowed { what: what.clone() },
         Installed::Ours(files) => files,
     };
     let issue = |reason| Decision::Issue {
@@ -688,6 +699,14 @@ mod tests {
             adopt: true,
             ..desired(&f)
         };
+        // A target istiod would read tls.crt from is left alone, adopt or not.
+        let shadowed = Installed::Shadowed {
+            what: "istio-system/cacerts".into(),
+        };
+        assert!(matches!(
+            decide(&shadowed, &adopt, f.issued),
+            Decision::Shadowed { .. }
+        ));
         match decide(&foreign, &adopt, f.issued) {
             Decision::Issue {
                 reason: IssueReason::Adopt(_),
