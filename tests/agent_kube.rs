@@ -960,6 +960,7 @@ async fn metrics_report_each_request_while_leading_and_drop_deleted_ones() {
         (format!("meshca_agent_certificate_ready{x}"), 0),
         (format!("meshca_agent_signer_reachable{a}"), 1),
         (format!("meshca_agent_signer_reachable{x}"), 0),
+        (format!("meshca_agent_restart_timed_out{a}"), 0),
         (
             format!("meshca_agent_certificate_expiration_timestamp_seconds{a}"),
             unix(summary.not_after),

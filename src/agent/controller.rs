@@ -344,6 +344,12 @@ impl Controller {
                 outcome,
                 installed,
                 signer: contact.last(),
+                restart_timed_out: Some(
+                    status
+                        .restart
+                        .as_ref()
+                        .is_some_and(|r| r.stage == Stage::TimedOut),
+                ),
             },
         );
         // Only while leading: a replica that lost the Lease during the pass would overwrite

@@ -311,6 +311,7 @@ pub async fn run(
                         outcome: "ok",
                         installed: Some((summary.not_after, outcome.renew_at())),
                         signer: contact,
+                        restart_timed_out: None,
                     },
                 );
                 if matches!(outcome, DirOutcome::Installed { .. }) {
@@ -339,6 +340,7 @@ pub async fn run(
                         outcome: e.reason(),
                         installed: installed_times(opts, SystemTime::now()),
                         signer: contact,
+                        restart_timed_out: None,
                     },
                 );
                 failures += 1;

@@ -40,6 +40,9 @@ pub struct Reconciled<'a> {
     pub installed: Option<(SystemTime, SystemTime)>,
     /// Whether the signer answered its last request to it.
     pub signer: SignerContact,
+    /// Whether the request's restart plan stopped waiting (`Restarted` False,
+    /// `TimedOut`): None where the agent restarts nothing (directory mode).
+    pub restart_timed_out: Option<bool>,
 }
 
 /// Metrics a controller serves at `/metrics`.
@@ -141,6 +144,7 @@ pub struct AgentMetrics {
     renewal: Family<RequestLabels, Gauge>,
     ready: Family<RequestLabels, Gauge>,
     signer_reachable: Family<RequestLabels, Gauge>,
+    restart_timed_out: Family<RequestLabels, Gauge>,
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
     client_certificate_expiration: Gauge,
@@ -180,6 +184,12 @@ impl AgentMetrics {
             "1 if the signer answered the request's last pass that asked it, 0 if it could not be reached (the installed intermediate stays in use; renewals and root changes wait)",
             signer_reachable.clone(),
         );
+        let restart_timed_out = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "restart_timed_out",
+            "1 if the request's restart plan stopped waiting for a namespace's istio-ca-root-cert (status.restart.message names them; the rest of its workloads were not restarted), 0 otherwise",
+            restart_timed_out.clone(),
+        );
         let reconciles = outcomes_from_zero(&["ok"]);
         registry.register(
             "reconciles",
@@ -206,6 +216,7 @@ impl AgentMetrics {
             renewal,
             ready,
             signer_reachable,
+            restart_timed_out,
             reconciles,
             issuances,
             loop_metrics,
@@ -235,6 +246,11 @@ impl AgentMetrics {
         };
         if let Some(reachable) = reachable {
             self.signer_reachable.get_or_create(&labels).set(reachable);
+        }
+        if let Some(timed_out) = what.restart_timed_out {
+            self.restart_timed_out
+                .get_or_create(&labels)
+                .set(i64::from(timed_out));
         }
         self.reconciles
             .get_or_create(&OutcomeLabels {
@@ -277,6 +293,7 @@ impl AgentMetrics {
             self.renewal.remove(&labels);
             self.ready.remove(&labels);
             self.signer_reachable.remove(&labels);
+            self.restart_timed_out.remove(&labels);
         }
     }
 }
@@ -335,6 +352,7 @@ mod tests {
                 outcome: "ok",
                 installed: Some((at(9_000), at(6_000))),
                 signer: SignerContact::Answered,
+                restart_timed_out: Some(true),
             },
         );
         m.issued();
@@ -344,6 +362,7 @@ mod tests {
                 outcome: "SignerError",
                 installed: None,
                 signer: SignerContact::Unreachable,
+                restart_timed_out: None,
             },
         );
         m.pass_completed(&["mesh/a".into(), "mesh/b".into()], at(1_234));
@@ -355,6 +374,7 @@ mod tests {
             "meshca_agent_certificate_ready{request=\"mesh/b\"} 0",
             "meshca_agent_signer_reachable{request=\"mesh/a\"} 1",
             "meshca_agent_signer_reachable{request=\"mesh/b\"} 0",
+            "meshca_agent_restart_timed_out{request=\"mesh/a\"} 1",
             "meshca_agent_reconciles_total{outcome=\"ok\"} 1",
             "meshca_agent_reconciles_total{outcome=\"SignerError\"} 1",
             "meshca_agent_issuances_total 1",
@@ -364,6 +384,8 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
         assert!(!text.contains("expiration_timestamp_seconds{request=\"mesh/b\"}"));
+        // Directory mode restarts nothing: no series.
+        assert!(!text.contains("restart_timed_out{request=\"mesh/b\"}"));
 
         // A pass that failed before asking the signer (a Kubernetes error, say) keeps the
         // last answer known.
@@ -373,6 +395,7 @@ mod tests {
                 outcome: "KubernetesError",
                 installed: None,
                 signer: SignerContact::NotAsked,
+                restart_timed_out: Some(false),
             },
         );
         m.pass_completed(&["mesh/b".into()], at(1_300));
