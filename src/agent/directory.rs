@@ -377,16 +377,14 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             summary,
             renew_at,
             ..
-        } => {
-            tracing::info!(
-                dir = %dir.display(),
-                reason = reason.code(),
-                serial = %summary.serial,
-                not_after = %rfc(summary.not_after),
-                renew_at = %rfc(*renew_at),
-                "installed a new intermediate"
-            );
-        }
+        } => tracing::info!(
+            dir = %dir.display(),
+            reason = reason.code(),
+            serial = %summary.serial,
+            not_after = %rfc(summary.not_after),
+            renew_at = %rfc(*renew_at),
+            "installed a new intermediate"
+        ),
         DirOutcome::RootsRewritten { summary, renew_at } => tracing::info!(
             dir = %dir.display(),
             serial = %summary.serial,

@@ -177,6 +177,15 @@ pub fn secret_apply_body(namespace: &str, name: &str, owner: &str, files: &Bundl
     }
 }
 
+/// [`secret_apply_body`] as the JSON an apply sends (with its apiVersion and kind).
+fn secret_apply_value(ns: &str, name: &str, owner: &str, files: &BundleFiles) -> serde_json::Value {
+    let mut value =
+        serde_json::to_value(secret_apply_body(ns, name, owner, files)).unwrap_or_default();
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Secret".into();
+    value
+}
+
 /// The API calls the agent makes, on one client.
 #[derive(Clone)]
 pub struct Kube {
@@ -205,12 +214,12 @@ impl Kube {
         owner: &str,
         files: &BundleFiles,
     ) -> Result<(), KubeError> {
-        let body = secret_apply_body(ns, name, owner, files);
-        let mut value = serde_json::to_value(&body).unwrap_or_default();
-        value["apiVersion"] = "v1".into();
-        value["kind"] = "Secret".into();
         Api::<Secret>::namespaced(self.client.clone(), ns)
-            .patch(name, &apply_params(), &Patch::Apply(value))
+            .patch(
+                name,
+                &apply_params(),
+                &Patch::Apply(secret_apply_value(ns, name, owner, files)),
+            )
             .await
             .map(|_| ())
             .map_err(ctx(|| format!("apply Secret {ns}/{name}")))
@@ -231,10 +240,7 @@ impl Kube {
             cert_chain: String::new(),
             root_cert: String::new(),
         };
-        let body = secret_apply_body(ns, name, owner, &placeholder);
-        let mut value = serde_json::to_value(&body).unwrap_or_default();
-        value["apiVersion"] = "v1".into();
-        value["kind"] = "Secret".into();
+        let value = secret_apply_value(ns, name, owner, &placeholder);
         match Api::<Secret>::namespaced(self.client.clone(), ns)
             .patch(name, &apply_params().dry_run(), &Patch::Apply(value))
             .await

@@ -330,7 +330,7 @@ pub fn next_step(
 }
 
 /// The strategic-merge patch a rolling restart sends: both annotations on the pod
-/// template, nothing else (as `kubectl rollout restart`, plus the serial).
+/// template, nothing else (as `kubectl rollout restart`, plus the plan's key).
 pub fn restart_patch(plan_key: &str, now_rfc3339: &str) -> serde_json::Value {
     serde_json::json!({
         "spec": {"template": {"metadata": {"annotations": {

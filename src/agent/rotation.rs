@@ -512,7 +512,8 @@ fn step_toward(wanted: &str, installed: Option<&str>) -> String {
     step
 }
 
-/// SHA-256 fingerprints of the certificates in a PEM text (unparsable text: none).
+/// SHA-256 fingerprints of the certificates in a PEM text (blocks that cannot be read are
+/// skipped).
 pub fn root_fingerprints(pem: &str) -> Vec<String> {
     decode_certificates_skipping(pem)
         .0
