@@ -26,6 +26,18 @@ async fn wait_ready(client: &reqwest::Client, signer: &Signer, want: u16) -> boo
     false
 }
 
+/// The status `/readyz` answers.
+async fn readyz_status(client: &reqwest::Client, signer: &Signer) -> u16 {
+    let answer = client.get(signer.url("/readyz")).send().await.unwrap();
+    answer.status().as_u16()
+}
+
+/// A signing request for mesh a with a CSR of its own: the status and the answer.
+async fn sign_fresh(client: &reqwest::Client, signer: &Signer) -> (u16, Value) {
+    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    post_sign(client, signer, &sign_body(VM, MESH_A, &csr)).await
+}
+
 /// `meshca_backend_ready` as the signer's metrics show it (None: not exported).
 async fn backend_ready(client: &reqwest::Client, signer: &Signer) -> Option<i64> {
     metric_sample(&signer.metrics(client).await, "meshca_backend_ready")
@@ -84,14 +96,7 @@ async fn a_token_that_goes_away_gives_503_and_signing_recovers_when_it_is_back()
     );
     // Why, from the reconnect that failed: not the finalized connection's "not
     // initialized".
-    let readyz: Value = client
-        .get(signer.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz = signer.get_json(&client, "/readyz").await;
     let why = readyz["error"]["message"].as_str().unwrap();
     assert!(
         why.contains("key pkcs11:") && !why.contains("NotInitialized"),
@@ -214,14 +219,8 @@ async fn a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again
         }
     });
     let client = env.client("cluster-a");
-    let ready = || async {
-        let answer = client.get(signer.url("/readyz")).send().await.unwrap();
-        answer.status().as_u16()
-    };
-    let sign = || async {
-        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
-        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await
-    };
+    let ready = || readyz_status(&client, &signer);
+    let sign = || sign_fresh(&client, &signer);
     // Issues, and stays ready, until a line no longer fits.
     let mut issued = 0;
     let refused = loop {
@@ -299,14 +298,8 @@ async fn an_audit_log_that_cannot_be_made_again_after_a_rotation_makes_the_signe
     std::fs::create_dir(&logs).unwrap();
     let signer = env.start_signer();
     let client = env.client("cluster-a");
-    let ready = || async {
-        let answer = client.get(signer.url("/readyz")).send().await.unwrap();
-        answer.status().as_u16()
-    };
-    let sign = || async {
-        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
-        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await
-    };
+    let ready = || readyz_status(&client, &signer);
+    let sign = || sign_fresh(&client, &signer);
     assert_eq!(sign().await.0, 200);
     assert_eq!(ready().await, 200);
 

@@ -597,56 +597,50 @@ async fn a_member_removed_before_its_addition_was_recorded_leaves_nothing_behind
     };
     world.mgmt.edit(&vm_path("vm"), with(&["east", "west"], 1));
     world.pass().await;
-    // north joins in a pass whose status is never written (as a kill, a lost Lease or an
-    // API error would leave it), then leaves before any pass completes.
+    // north joins in a pass whose status writes after the first `let_pass` are refused
+    // (as a kill, a lost Lease or an API error would leave it), then leaves before any
+    // pass completes.
     let status_path = format!("{}/status", vm_path("vm"));
-    world.mgmt.refuse_writes(
-        &status_path,
-        500,
-        "InternalError",
-        "etcdserver: request timed out",
-    );
-    world
-        .mgmt
-        .edit(&vm_path("vm"), with(&["east", "north", "west"], 2));
-    world.pass().await;
-    world.mgmt.accept_writes();
-    world.mgmt.edit(&vm_path("vm"), with(&["east", "west"], 3));
-    world.pass().await;
-    // Nothing of this VirtualMesh stays in north: no request asking the signer for it, no
-    // federation objects; and only then is its Mesh let go.
-    let north_is_clean = |world: &World| {
-        assert!(world.member("north").get(&vmcsr_path("north")).is_none());
-        assert_eq!(
-            world.member("north").paths("/apis/networking.istio.io"),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            world.mgmt.get(&mesh_path("north")).unwrap()["metadata"]["finalizers"],
-            json!([])
-        );
+    let join_then_leave = |let_pass: usize, generation: i64| {
+        let world = &world;
+        let status_path = &status_path;
+        async move {
+            world.mgmt.refuse_writes_after(
+                status_path,
+                let_pass,
+                500,
+                "InternalError",
+                "etcdserver: request timed out",
+            );
+            world
+                .mgmt
+                .edit(&vm_path("vm"), with(&["east", "north", "west"], generation));
+            world.pass().await;
+            let touched = world.member("north").get(&vmcsr_path("north")).is_some();
+            world.mgmt.accept_writes();
+            world
+                .mgmt
+                .edit(&vm_path("vm"), with(&["east", "west"], generation + 1));
+            world.pass().await;
+            // Nothing of this VirtualMesh stays in north: no request asking the signer for
+            // it, no federation objects; and only then is its Mesh let go.
+            assert!(world.member("north").get(&vmcsr_path("north")).is_none());
+            assert_eq!(
+                world.member("north").paths("/apis/networking.istio.io"),
+                Vec::<String>::new()
+            );
+            assert_eq!(
+                world.mgmt.get(&mesh_path("north")).unwrap()["metadata"]["finalizers"],
+                json!([])
+            );
+            touched
+        }
     };
-    north_is_clean(&world);
-
-    // Again, with the pass's first status write (north joining) let through: its request
-    // and objects are made, the pass's last status write is lost; north's cleanup starts
-    // from that first record.
-    world.mgmt.refuse_writes_after(
-        &status_path,
-        1,
-        500,
-        "InternalError",
-        "etcdserver: request timed out",
-    );
-    world
-        .mgmt
-        .edit(&vm_path("vm"), with(&["east", "north", "west"], 4));
-    world.pass().await;
-    assert!(world.member("north").get(&vmcsr_path("north")).is_some());
-    world.mgmt.accept_writes();
-    world.mgmt.edit(&vm_path("vm"), with(&["east", "west"], 5));
-    world.pass().await;
-    north_is_clean(&world);
+    // No status write at all: north is not touched.
+    assert!(!join_then_leave(0, 2).await);
+    // The pass's first status write (north joining) let through: its request and objects
+    // are made, the last status write is lost; north's cleanup starts from that record.
+    assert!(join_then_leave(1, 4).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
