@@ -2,7 +2,8 @@
 //! signer and the controllers: at most [`MAX_OPS_CONNECTIONS`] at once, each cut off when
 //! a request's headers take longer than [`OPS_HEADER_TIMEOUT`] (idle keep-alive included).
 //! Unauthenticated clients reach it, so a pile of half-sent requests must not use up the
-//! process's file descriptors (and with them the signer's API port).
+//! process's file descriptors (and with them the signer's API port). The accept loop with
+//! its connection bound ([`accept_bounded`]) is the API port's too.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,8 +12,10 @@ use std::time::Duration;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 /// Connections served at once; more wait in the kernel's accept queue. A scraper or a
@@ -36,6 +39,32 @@ pub async fn serve(listener: TcpListener, router: Router, stop: impl Future<Outp
     .await
 }
 
+/// The next connection once a slot of `slots` is free, with the slot it holds until it
+/// ends; None once `stop` completes. Accept errors (EMFILE and friends) are logged and
+/// retried after a pause rather than spun on.
+pub(crate) async fn accept_bounded<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    stop: &mut std::pin::Pin<&mut F>,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = tokio::select! {
+        permit = slots.clone().acquire_owned() => permit.ok()?,
+        _ = stop.as_mut() => return None,
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => return Some((permit, tcp, peer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.as_mut() => return None,
+        }
+    }
+}
+
 async fn serve_bounded(
     listener: TcpListener,
     router: Router,
@@ -46,23 +75,7 @@ async fn serve_bounded(
     let slots = Arc::new(Semaphore::new(max_connections));
     let (stopping, _) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
-    loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
-            _ = &mut stop => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "ops listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
+    while let Some((permit, tcp, peer)) = accept_bounded(&listener, &slots, &mut stop).await {
         let router = router.clone();
         let mut stop_connection = stopping.subscribe();
         tokio::spawn(async move {

@@ -566,27 +566,16 @@ async fn serve_tls(
     acceptors: watch::Receiver<ServingTls>,
     state: Arc<SignerState>,
     max_connections: usize,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let app = api::router(state.clone());
     let slots = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
-            _ = stopped(&mut shutdown) => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut shutdown) => break,
-        };
+    let mut watching = shutdown.clone();
+    let stop = stopped(&mut watching);
+    tokio::pin!(stop);
+    while let Some((permit, tcp, peer)) =
+        crate::ops_http::accept_bounded(&listener, &slots, &mut stop).await
+    {
         let _ = tcp.set_nodelay(true);
         // Marks this acceptor's version seen, so a reload after it is noticed below.
         let mut reloads = acceptors.clone();
