@@ -133,6 +133,13 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     let signer = env.start_signer();
     let started = Instant::now();
     assert_eq!(sign(&env, &signer).await.0, 200);
+    let login_failing = || async {
+        metric_sample(
+            &signer.metrics(&env.client("cluster-a")).await,
+            "meshca_backend_login_failing",
+        )
+    };
+    assert_eq!(login_failing().await, Some(0));
     // That login will fail: the secret ID is gone.
     let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
     env.bao().cli_stdin(
@@ -148,9 +155,12 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
         .await;
     assert!(line.contains("Vault login (approle) failed"), "{line}");
     // The renewed token still signs until it ends (before, every request got 503 from
-    // here on, the valid token thrown away).
+    // here on, the valid token thrown away); ready, but the metric an alert reads says the
+    // credentials are running out.
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+    assert_eq!(login_failing().await, Some(1));
     // Once it has ended, a clear 503.
     tokio::time::sleep(Duration::from_secs(19).saturating_sub(started.elapsed())).await;
     let (status, body) = sign(&env, &signer).await;

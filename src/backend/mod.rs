@@ -100,6 +100,12 @@ pub trait RootSigner: Send + Sync {
     /// A one-line description for logs: backend kind and key name, never a secret.
     fn describe(&self) -> String;
 
+    /// Whether the backend's credentials are running out with no way to renew them (a
+    /// Vault token near its max TTL whose fresh login failed): it still signs, for now.
+    fn login_failing(&self) -> bool {
+        false
+    }
+
     /// Gives back what the start obtained that outlives the process (a Vault login's
     /// token), once nothing will be signed any more. The token's sessions end with it.
     fn close(&self) -> BoxFuture<'_, ()> {

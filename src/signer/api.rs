@@ -476,7 +476,8 @@ async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
 }
 
 /// Asks the root key backend whether it can sign (within [`READINESS_TIMEOUT`]) and
-/// records the answer in `meshca_backend_ready`; the error says why not.
+/// records the answer in `meshca_backend_ready` (and `meshca_backend_login_failing`); the
+/// error says why not.
 pub async fn backend_readiness(state: &SignerState) -> Result<(), String> {
     let answer = match tokio::time::timeout(READINESS_TIMEOUT, state.backend.readiness()).await {
         Ok(Ok(())) => Ok(()),
@@ -486,7 +487,9 @@ pub async fn backend_readiness(state: &SignerState) -> Result<(), String> {
             READINESS_TIMEOUT.as_secs()
         )),
     };
-    state.metrics.backend_ready(answer.is_ok());
+    state
+        .metrics
+        .backend_checked(answer.is_ok(), state.backend.login_failing());
     answer
 }
 

@@ -59,6 +59,8 @@ pub struct Metrics {
     backend_errors: Counter,
     /// 1 while the root key backend answers its readiness check, 0 otherwise.
     backend_ready: Gauge,
+    /// 1 while the backend's credentials run out with no way to renew them.
+    backend_login_failing: Gauge,
     audit_errors: Counter,
     root_expiry_seconds: Gauge<i64, AtomicI64>,
     root_not_after: SystemTime,
@@ -116,6 +118,12 @@ impl Metrics {
             "backend_ready",
             "1 if the root key backend (token or Vault) answered its last readiness check (every 10 s, and each /readyz), 0 if not",
             backend_ready.clone(),
+        );
+        let backend_login_failing = Gauge::default();
+        registry.register(
+            "backend_login_failing",
+            "1 if the signer's Vault token is near its max TTL and a fresh login failed: it signs until that token ends, then not at all (0 otherwise, and for a token)",
+            backend_login_failing.clone(),
         );
         let audit_errors = Counter::default();
         registry.register(
@@ -186,6 +194,7 @@ impl Metrics {
             signing_seconds,
             backend_errors,
             backend_ready,
+            backend_login_failing,
             audit_errors,
             root_expiry_seconds,
             root_not_after,
@@ -226,9 +235,11 @@ impl Metrics {
         self.audit_errors.inc();
     }
 
-    /// The outcome of a readiness check of the root key backend.
-    pub fn backend_ready(&self, ready: bool) {
+    /// The outcome of a readiness check of the root key backend, and whether its
+    /// credentials run out unrenewed.
+    pub fn backend_checked(&self, ready: bool, login_failing: bool) {
         self.backend_ready.set(i64::from(ready));
+        self.backend_login_failing.set(i64::from(login_failing));
     }
 
     /// A TLS reload: `ok` with the new serving certificate's notAfter, or `error`.

@@ -149,6 +149,9 @@ pub struct VaultClient {
     session: Mutex<Option<Session>>,
     /// Set by [`Self::logout`]: the background renewal stops rather than log in again.
     closed: std::sync::atomic::AtomicBool,
+    /// The last fresh login for a token near its max TTL failed: signing goes on with
+    /// the renewed token only until it ends ([`Self::login_failing`]).
+    login_failing: std::sync::atomic::AtomicBool,
 }
 
 impl VaultClient {
@@ -183,7 +186,14 @@ impl VaultClient {
             http,
             session: Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
+            login_failing: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the signer's token is near its max TTL and a fresh login failed: it signs
+    /// on until that token ends, then not at all, unless the credentials are mended.
+    pub fn login_failing(&self) -> bool {
+        self.login_failing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn settings(&self) -> &VaultSettings {
@@ -307,7 +317,10 @@ impl VaultClient {
             match self.renew(&current).await {
                 Ok(Renewal::Enough(renewed)) => return Ok(renewed),
                 Ok(Renewal::NearMaxTtl(renewed)) => {
-                    return match self.login().await {
+                    let login = self.login().await;
+                    self.login_failing
+                        .store(login.is_err(), std::sync::atomic::Ordering::SeqCst);
+                    return match login {
                         Ok(fresh) => Ok(fresh),
                         Err(e) => {
                             tracing::warn!(

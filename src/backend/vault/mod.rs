@@ -214,6 +214,10 @@ impl RootSigner for VaultBackend {
         self.description.clone()
     }
 
+    fn login_failing(&self) -> bool {
+        self.client.login_failing()
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.client.logout())
     }
