@@ -67,6 +67,33 @@ fn root_init_refuses_to_replace_a_key_unless_forced() {
     // matches the certificate by signing a challenge).
     let mut signer = env.start_signer();
     assert!(signer.terminate());
+
+    // A `--force` killed after making its new key pair (under `root-ca.meshca-new`, which
+    // a config naming that label makes here) left it beside the root's: the next one
+    // removes it, and the token holds one pair the URI names.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let leftover = env.path("leftover.toml");
+    std::fs::write(
+        &leftover,
+        config
+            .replace("object=root-ca\"", "object=root-ca.meshca-new\"")
+            .replace("\"root-cert.pem\"", "\"leftover-cert.pem\""),
+    )
+    .unwrap();
+    run_ok(
+        env.meshca()
+            .args(["root", "init", "--config"])
+            .arg(&leftover),
+    );
+    env.run_with_config_ok(&["root", "init", "--force"]);
+    let mut signer = env.start_signer();
+    assert!(signer.terminate());
+    // Gone: a root init under that label finds nothing to replace.
+    let again = run(env
+        .meshca()
+        .args(["root", "init", "--config"])
+        .arg(&leftover));
+    assert!(again.status.success(), "{}", text(&again.stderr));
 }
 
 #[test]

@@ -103,6 +103,9 @@ fn auth_pin(pin: &Secret) -> AuthPin {
 }
 
 /// A loaded PKCS#11 module and the slot of the token named by the key URI.
+/// What `root init` appends to the key's label while the new pair is not yet the root's.
+const STAGING_SUFFIX: &str = ".meshca-new";
+
 pub struct Token {
     context: Pkcs11,
     slot: Slot,
@@ -166,17 +169,34 @@ impl Token {
         Ok(handles)
     }
 
+    /// The label a generated key pair gets: the URI's `object`, else `meshca-root`.
+    fn key_label(&self) -> String {
+        self.uri
+            .object
+            .clone()
+            .unwrap_or_else(|| "meshca-root".into())
+    }
+
+    /// This token, naming instead the label a key pair is generated under before it takes
+    /// the URI's label and id (`<label>.meshca-new`, any id).
+    fn staging(&self) -> Token {
+        let mut uri = self.uri.clone();
+        uri.object = Some(format!("{}{STAGING_SUFFIX}", self.key_label()));
+        uri.id = None;
+        Token {
+            context: self.context.clone(),
+            slot: self.slot,
+            uri,
+        }
+    }
+
     /// Generates a key pair on the token: the private half sensitive, never extractable.
     fn generate_key_pair(
         &self,
         session: &Session,
         key_type: KeyType,
     ) -> Result<(ObjectHandle, ObjectHandle), TokenError> {
-        let label = self
-            .uri
-            .object
-            .clone()
-            .unwrap_or_else(|| "meshca-root".into());
+        let label = self.key_label();
         let id = match &self.uri.id {
             Some(id) => id.clone(),
             None => {
@@ -435,12 +455,20 @@ pub fn root_init(
     config.check_root_key_type().map_err(TokenError::Other)?;
     let token = Token::open(settings)?;
     let session = token.logged_in_session(pin, true)?;
+    // The new key pair is made under a label of its own and takes the URI's label (and
+    // id) only once the old pair is gone: a kill at any point leaves at most one pair the
+    // URI names, never two (which no start, `root show` or `--force` could tell apart).
+    let staging = token.staging();
+    for leftover in staging.find_all(&session)? {
+        // A root init killed before it finished.
+        session.destroy_object(leftover)?;
+    }
     let existing = token.find_all(&session)?;
     if !existing.is_empty() && !force {
         return Err(TokenError::KeyExists(token.uri.to_string()));
     }
 
-    let (public, private) = token.generate_key_pair(&session, key_type)?;
+    let (public, private) = staging.generate_key_pair(&session, key_type)?;
     let result = self_sign_root(config, &token, &session, public, private);
     let root = match result {
         Ok(root) => root,
@@ -461,6 +489,13 @@ pub fn root_init(
     }
     for handle in &existing {
         session.destroy_object(*handle)?;
+    }
+    let mut named = vec![Attribute::Label(token.key_label().into_bytes())];
+    if let Some(id) = &token.uri.id {
+        named.push(Attribute::Id(id.clone()));
+    }
+    for handle in [private, public] {
+        session.update_attributes(handle, &named)?;
     }
     Ok(RootInitOutcome {
         root,
