@@ -419,6 +419,21 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
     );
     assert_eq!(env.root_pem(), first);
 
+    // A --force killed after generating its root left it under the temporary name:
+    // the next one removes it rather than fail on the name.
+    let old_id = issuer["data"]["issuer_id"].as_str().unwrap();
+    let temporary = format!(
+        "issuer_name=meshca-root-new-{}",
+        old_id.split('-').next().unwrap()
+    );
+    env.bao().cli_ok(&[
+        "write",
+        "pki/root/generate/internal",
+        "common_name=left behind",
+        "key_type=ec",
+        "key_bits=384",
+        &temporary,
+    ]);
     // --force: a new root; the old issuer is kept under another name.
     let out = env.run_with_config_ok(&["root", "init", "--force"]);
     assert!(text(&out.stdout).contains("the previous issuer is kept as meshca-root-replaced-"));

@@ -129,7 +129,17 @@ async fn init_with(
             // A replacement is made under a temporary name and takes the configured name
             // only once it passed its checks: a failure leaves the old root in place.
             let name = match &existing {
-                Some(old) => format!("{issuer_ref}-new-{}", short_id(&old.issuer_id)),
+                Some(old) => {
+                    let name = format!("{issuer_ref}-new-{}", short_id(&old.issuer_id));
+                    // What a `--force` killed before its renames left under that name
+                    // (a generated issuer and key) would make Vault refuse the name.
+                    if let Some(leftover) = read_issuer(client, &name).await? {
+                        let cleanup =
+                            discard(client, mount, &leftover.issuer_id, &leftover.key_id).await;
+                        tracing::info!(issuer = %name, %cleanup, "removed a root a root init killed before it finished left behind");
+                    }
+                    name
+                }
                 None => issuer_ref.clone(),
             };
             let body = profile::root_generate_body(&RootRequest {
