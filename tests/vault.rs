@@ -802,3 +802,43 @@ async fn kubernetes_auth_logs_in_with_the_service_account_token() {
     );
     assert!(!stderr.contains(&stranger));
 }
+
+/// A Vault answer is read with a bound: a 5 MiB one (here a real KV secret, read with
+/// meshca's client) is refused by name, not held whole.
+#[tokio::test]
+async fn an_answer_over_4_mib_is_refused_by_name() {
+    use meshca::backend::vault::client::VaultClient;
+    use meshca::backend::vault::config::{VaultAuth, VaultSettings};
+    let env = Env::prepare(&vault(VaultSpec::default()));
+    let token_file = env.path("big-token");
+    openbao::write_secret(&token_file, env.bao().root_token());
+    env.bao().cli_stdin(
+        &["kv", "put", "secret/big", "value=-"],
+        &"x".repeat(5 << 20),
+    );
+    let client = VaultClient::new(&VaultSettings {
+        address: env.bao().address().parse().unwrap(),
+        ca_cert: None,
+        mount: "pki".into(),
+        issuer_ref: "meshca-root".into(),
+        timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(5),
+        auth: VaultAuth::Token(meshca::secret::SecretSource::File(token_file)),
+    })
+    .unwrap();
+    let err = match client
+        .call(reqwest::Method::GET, "secret/data/big", None)
+        .await
+    {
+        Ok(_) => panic!("a 5 MiB answer was read whole"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("larger than 4096 KiB"), "{err}");
+    // Its size is the only problem: a small secret reads.
+    env.bao().cli_ok(&["kv", "put", "secret/small", "value=x"]);
+    let small = client
+        .call(reqwest::Method::GET, "secret/data/small", None)
+        .await
+        .unwrap();
+    assert_eq!(small["data"]["data"]["value"], "x");
+}

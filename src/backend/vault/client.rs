@@ -140,6 +140,9 @@ impl Session {
     }
 }
 
+/// Largest answer read from Vault: its answers to meshca are a few kilobytes.
+const MAX_ANSWER: usize = 4 * 1024 * 1024;
+
 /// A Vault client with its login state.
 pub struct VaultClient {
     settings: VaultSettings,
@@ -549,12 +552,24 @@ impl VaultClient {
                 .header(CONTENT_TYPE, content_type)
                 .body(serde_json::to_vec(body).map_err(|e| VaultError::Setup(e.to_string()))?);
         }
-        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        let mut response = request.send().await.map_err(|e| self.transport_error(&e))?;
         let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
+        // Read with a bound: a broken or hostile Vault must not make the signer hold an
+        // answer of any size (the timeout bounds only its duration).
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| self.transport_error(&e))?;
+            .map_err(|e| self.transport_error(&e))?
+        {
+            if bytes.len() + chunk.len() > MAX_ANSWER {
+                return Err(VaultError::Protocol {
+                    what,
+                    message: format!("the answer is larger than {} KiB", MAX_ANSWER / 1024),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if (200..300).contains(&status) {
             if bytes.is_empty() {
                 return Ok(Value::Null);
