@@ -1178,6 +1178,11 @@ async fn a_next_root_is_announced_checked_and_put_in_force_by_a_reload() {
         report.contains("next root       ") && report.contains(&next_sha256),
         "{report}"
     );
+    // Beside the running signer: its audit log, the check sees, is the one it writes.
+    assert!(
+        report.contains("; written by a running signer, which holds its lock)"),
+        "{report}"
+    );
     let shown = root_show(&env);
     assert!(
         shown.contains("next root ")

@@ -194,15 +194,37 @@ fn check_audit_log(path: &Path) -> Result<(String, usize, u32), StartError> {
     };
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => {
-            std::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .append(true)
                 .open(path)
                 .map_err(|e| problem(format!("cannot be opened for appending: {e}")))?;
-            let torn = super::audit::torn_tail_len(path)
-                .map_err(|e| problem(format!("cannot be read: {e}")))?;
+            // A running signer holds the log's lock: then this is the log it writes (and
+            // a start with this config would be refused while it runs). A shared lock, let
+            // go at once, takes nothing from it.
+            let in_use = matches!(
+                file.try_lock_shared(),
+                Err(std::fs::TryLockError::WouldBlock)
+            );
+            drop(file);
+            // Beside a running signer, a last line may be under way: not a torn one.
+            let torn = if in_use {
+                0
+            } else {
+                super::audit::torn_tail_len(path)
+                    .map_err(|e| problem(format!("cannot be read: {e}")))?
+            };
             let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
             Ok((
-                format!("{} ({} bytes)", path.display(), meta.len()),
+                format!(
+                    "{} ({} bytes{})",
+                    path.display(),
+                    meta.len(),
+                    if in_use {
+                        "; written by a running signer, which holds its lock"
+                    } else {
+                        ""
+                    }
+                ),
                 torn,
                 mode,
             ))
