@@ -31,10 +31,31 @@ fn entries(files: &BundleFiles) -> [(&'static str, &str, u32); 4] {
     ]
 }
 
+/// Largest cacerts file read: certificates and a key are a few kilobytes, a root bundle
+/// during a root change a few more.
+pub const MAX_FILE: u64 = 1024 * 1024;
+
+/// Reads one cacerts file (following a symlink) as text, at most [`MAX_FILE`] bytes: a file
+/// another tool put there must not be read whole whatever its size.
+pub fn read_file(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    fs::File::open(path)?
+        .take(MAX_FILE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {} KiB", MAX_FILE / 1024),
+        ));
+    }
+    Ok(text)
+}
+
 /// Reads the four files (following the symlinks), or says which is missing.
 pub fn read_bundle(dir: &Path) -> io::Result<BundleFiles> {
     let read = |name: &str| {
-        fs::read_to_string(dir.join(name))
+        read_file(&dir.join(name))
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(name).display())))
     };
     Ok(BundleFiles {
@@ -267,6 +288,23 @@ mod tests {
             );
         }
         assert_eq!(read_bundle(&target).unwrap().ca_key, "key two\n");
+    }
+
+    #[test]
+    fn a_file_over_the_bound_is_not_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        write_bundle(&target, &files("one")).unwrap();
+        // Another tool's file where a certificate should be (the link's target replaced).
+        let link = fs::read_link(target.join(DATA_LINK)).unwrap();
+        let big = "A".repeat(MAX_FILE as usize + 1);
+        fs::write(target.join(link).join(CA_CERT), &big).unwrap();
+        let err = read_bundle(&target).unwrap_err().to_string();
+        assert!(
+            err.contains("ca-cert.pem") && err.contains("larger than 1024 KiB"),
+            "{}",
+            &err[..err.len().min(200)]
+        );
     }
 
     /// The names in `dir`, sorted.

@@ -115,7 +115,7 @@ pub fn classify(dir: &Path) -> Result<Installed, AgentError> {
     let root_path = dir.join(ROOT_CERT);
     // A missing or garbled root-cert.pem is part of what is found (damaged, or foreign
     // roots to keep when there are any); one that cannot be read is not.
-    let root_cert = match std::fs::read_to_string(&root_path) {
+    let root_cert = match cacerts::read_file(&root_path) {
         Ok(text) => Some(text),
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidData) => None,
         Err(e) => return Err(cannot_look(&root_path, e)),
