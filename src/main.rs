@@ -288,6 +288,9 @@ struct RequestArgs {
     /// Directory to write ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem into.
     #[arg(long)]
     out_dir: PathBuf,
+    /// Replace files in DIR that meshca did not write (their roots stay trusted).
+    #[arg(long)]
+    adopt: bool,
 }
 
 #[derive(clap::Args)]
@@ -665,6 +668,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 key_type: args.key_type,
                 ttl_seconds: args.ttl_seconds,
                 out_dir: args.out_dir,
+                adopt: args.adopt,
             };
             let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
             let s = &outcome.summary;

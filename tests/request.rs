@@ -169,6 +169,54 @@ fn an_unreachable_signer_leaves_existing_files_untouched() {
 }
 
 #[test]
+fn files_another_tool_wrote_are_replaced_only_with_adopt_and_their_root_kept() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let out = env.path("cacerts");
+    std::fs::create_dir(&out).unwrap();
+    let old_root = openssl_self_signed_ca(env.dir.path(), "old", "/O=acme/CN=old root", 0..30);
+    let old_root = std::fs::read_to_string(old_root).unwrap();
+    for (name, text) in [
+        ("ca-cert.pem", "hand made"),
+        ("ca-key.pem", "hand made"),
+        ("cert-chain.pem", "hand made"),
+        ("root-cert.pem", old_root.as_str()),
+    ] {
+        std::fs::write(out.join(name), text).unwrap();
+    }
+    let refused = request(&env, signer.addr, "cluster-a", "test/cluster-a", &out, &[]);
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("not meshca's") && stderr.contains("adopt"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("ca-cert.pem")).unwrap(),
+        "hand made"
+    );
+    assert!(
+        signer.audit_lines().is_empty(),
+        "nothing asked of the signer"
+    );
+
+    let adopted = request(
+        &env,
+        signer.addr,
+        "cluster-a",
+        "test/cluster-a",
+        &out,
+        &["--adopt"],
+    );
+    assert!(adopted.status.success(), "{}", text(&adopted.stderr));
+    let roots = std::fs::read_to_string(out.join("root-cert.pem")).unwrap();
+    assert!(
+        roots.starts_with(&env.root_pem()) && roots.ends_with(&old_root),
+        "{roots}"
+    );
+}
+
+#[test]
 fn verify_rejects_a_bundle_istiod_would_reject() {
     let env = Env::new();
     let signer = env.start_signer();

@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use der::EncodePem;
 
 use self::client::{ClientError, PublicPolicy, SignRequestBody, SignerClient};
+use self::rotation::Installed;
 use crate::pki::bundle::{BundleError, BundleFiles, BundleSummary, verify_bundle};
 use crate::pki::csr::build_csr;
 use crate::pki::keys::{KeyError, KeyType, PrivateKey};
@@ -139,6 +140,8 @@ pub struct RequestOptions {
     pub key_type: Option<KeyType>,
     pub ttl_seconds: Option<u64>,
     pub out_dir: PathBuf,
+    /// Replace files another tool wrote there (their roots kept).
+    pub adopt: bool,
 }
 
 /// What was installed.
@@ -258,6 +261,15 @@ pub async fn request_intermediate(
     client: &SignerClient,
     opts: &RequestOptions,
 ) -> Result<RequestOutcome, AgentError> {
+    // What is there decides, as for the directory agent: another tool's files only with
+    // adopt, and the roots in place stay trusted beside the signer's.
+    let installed = match directory::classify(&opts.out_dir)? {
+        Installed::Shadowed { what } => return Err(AgentError::Shadowed(what)),
+        Installed::Foreign { what, .. } if !opts.adopt => return Err(AgentError::Foreign(what)),
+        Installed::None => None,
+        Installed::Foreign { root_cert, .. } | Installed::Unreadable { root_cert, .. } => root_cert,
+        Installed::Ours(files) => Some(files.root_cert),
+    };
     let policy = client.policy(&opts.virtual_mesh).await?;
     let obtained = obtain_bundle(
         client,
@@ -267,7 +279,10 @@ pub async fn request_intermediate(
             mesh: opts.mesh.clone(),
             key_type: opts.key_type,
             ttl_seconds: opts.ttl_seconds,
-            roots: RootsPlan::SignerOnly,
+            roots: RootsPlan::Merge {
+                installed,
+                retired: Vec::new(),
+            },
         },
     )
     .await?;
