@@ -87,14 +87,14 @@ const MAX_SECRET_FILE: u64 = 64 * 1024;
 
 fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
     use std::io::Read;
-    let source_name = || format!("file {}", path.display());
-    let unreadable = |e: std::io::Error| SecretError::Unreadable {
-        source_name: source_name(),
-        message: e.to_string(),
+    let unreadable = |message: String| SecretError::Unreadable {
+        source_name: format!("file {}", path.display()),
+        message,
     };
+    let io = |e: std::io::Error| unreadable(e.to_string());
     // The mode is that of the file opened, not of whatever the path names a moment later.
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    let metadata = file.metadata().map_err(unreadable)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    let metadata = file.metadata().map_err(io)?;
     let mode = metadata.permissions().mode();
     if mode & 0o007 != 0 {
         return Err(SecretError::TooOpen {
@@ -103,31 +103,23 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
         });
     }
     if !metadata.is_file() {
-        return Err(SecretError::Unreadable {
-            source_name: source_name(),
-            message: "not a regular file".into(),
-        });
+        return Err(unreadable("not a regular file".into()));
     }
     let mut bytes = Zeroizing::new(Vec::new());
     file.take(MAX_SECRET_FILE + 1)
         .read_to_end(&mut bytes)
-        .map_err(unreadable)?;
+        .map_err(io)?;
     if bytes.len() as u64 > MAX_SECRET_FILE {
-        return Err(SecretError::Unreadable {
-            source_name: source_name(),
-            message: format!(
-                "larger than {} KiB: not a secret file",
-                MAX_SECRET_FILE / 1024
-            ),
-        });
+        return Err(unreadable(format!(
+            "larger than {} KiB: not a secret file",
+            MAX_SECRET_FILE / 1024
+        )));
     }
-    match std::str::from_utf8(&bytes) {
-        Ok(text) => Ok(Zeroizing::new(text.to_string())),
-        Err(_) => Err(SecretError::Unreadable {
-            source_name: source_name(),
-            message: "not valid UTF-8".into(),
-        }),
-    }
+    // Copied out of the buffer, which is wiped on drop (a failed conversion would hand
+    // the bytes to an error that is not).
+    std::str::from_utf8(&bytes)
+        .map(|text| Zeroizing::new(text.to_string()))
+        .map_err(|_| unreadable("not valid UTF-8".into()))
 }
 
 #[cfg(test)]

@@ -219,7 +219,7 @@ pub async fn obtain_bundle(
         RootsPlan::Merge { installed, retired } => (installed.as_deref(), retired),
     };
     if let Some(installed) = installed {
-        let (_, unreadable) = crate::pki::pem::decode_certificates_skipping(installed);
+        let (_, unreadable) = crate::pki::pem::decode_readable_certificates(installed);
         if unreadable > 0 {
             tracing::warn!(
                 unreadable,

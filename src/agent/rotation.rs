@@ -12,7 +12,7 @@ use x509_cert::Certificate;
 
 use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, verify_bundle};
 use crate::pki::keys::KeyType;
-use crate::pki::pem::{certificate_pem, decode_certificates, decode_certificates_skipping};
+use crate::pki::pem::{certificate_pem, decode_certificates, decode_readable_certificates};
 use crate::pki::profile::is_ca;
 use crate::policy::rules::BACKDATE;
 
@@ -450,7 +450,7 @@ pub fn compose_root_cert(
     // Block by block: one block that cannot be read (another tool's odd PEM in an
     // adopted root-cert.pem) must not drop the roots beside it.
     for cert in previous
-        .map(|p| decode_certificates_skipping(p).0)
+        .map(|p| decode_readable_certificates(p).0)
         .unwrap_or_default()
     {
         if is_usable_root(&cert, now) && !retired.contains(&fingerprint(&cert)) {
@@ -493,7 +493,7 @@ fn step_toward(wanted: &str, installed: Option<&str>) -> String {
         return wanted.to_string();
     };
     let wanted_fps = root_fingerprints(wanted);
-    let installed_roots: Vec<Certificate> = decode_certificates_skipping(installed)
+    let installed_roots: Vec<Certificate> = decode_readable_certificates(installed)
         .0
         .into_iter()
         .filter(is_root)
@@ -515,7 +515,7 @@ fn step_toward(wanted: &str, installed: Option<&str>) -> String {
 /// SHA-256 fingerprints of the certificates in a PEM text (blocks that cannot be read are
 /// skipped).
 pub fn root_fingerprints(pem: &str) -> Vec<String> {
-    decode_certificates_skipping(pem)
+    decode_readable_certificates(pem)
         .0
         .iter()
         .map(fingerprint)

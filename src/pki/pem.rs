@@ -57,7 +57,7 @@ pub fn decode_certificates(pem: &str) -> Result<Vec<Certificate>, PemError> {
 /// label such as OpenSSL's `TRUSTED CERTIFICATE`, PEM headers, a certificate x509-cert
 /// refuses): as Go's `AppendCertsFromPEM` reads a root bundle, where one odd block must
 /// not cost the others. Text after an unterminated block is not read.
-pub fn decode_certificates_skipping(pem: &str) -> (Vec<Certificate>, usize) {
+pub fn decode_readable_certificates(pem: &str) -> (Vec<Certificate>, usize) {
     const BEGIN: &str = "-----BEGIN ";
     let (mut certs, mut skipped) = (Vec::new(), 0);
     let mut rest = pem;
