@@ -892,6 +892,35 @@ async fn a_secret_the_api_server_refuses_costs_no_intermediate_and_is_retried_wi
     assert_eq!(signer.audit_lines().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_request_waits_what_the_signer_asks() {
+    // One intermediate a minute: the second in a row is refused with `Retry-After` ~60 s.
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 1\nsign_burst = 1\n".into(),
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request_restarting_nothing(&signer);
+    cluster.pass().await;
+    assert_eq!(vmcsr_status(&cluster)["phase"], "Installed");
+    // The Secret is gone: the agent asks again at once, and the signer says when.
+    cluster.fake.remove(SECRET);
+    let wait = cluster.controller.run_once().await.unwrap();
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert!(
+        st["lastError"].as_str().unwrap().contains("rate_limited"),
+        "{st}"
+    );
+    // Its own backoff would come back in 15 s, to be refused again; the signer's word is
+    // kept, up to the resync interval (60 s here).
+    assert!(
+        wait > Duration::from_secs(30) && wait <= Duration::from_secs(60),
+        "next pass in {wait:?}"
+    );
+}
+
 /// A pass that fails by name (`needle` in `lastError`, reason `SignerError`), writing
 /// nothing to the Secret, which is still `installed`.
 async fn fails_keeping_the_secret(cluster: &Cluster, installed: &Value, needle: &str) {

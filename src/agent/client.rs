@@ -23,6 +23,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
+        /// The answer's `Retry-After` (delta-seconds form), when it had one.
+        retry_after: Option<Duration>,
     },
     #[error("the signer's answer is not what meshca expects: {0}")]
     BadResponse(String),
@@ -47,6 +49,20 @@ impl ClientError {
             ClientError::Config(_)
             | ClientError::BadResponse(_)
             | ClientError::NotAuthorized { .. } => false,
+        }
+    }
+
+    /// How long the signer (or a proxy in front of it) asked to be left alone: the
+    /// `Retry-After` of a 429 or 503. The agents wait at least that long, up to `max` (a
+    /// signer's word must not park an agent past its resync interval).
+    pub fn retry_after(&self, max: Duration) -> Option<Duration> {
+        match self {
+            ClientError::Refused {
+                status: 429 | 503,
+                retry_after: Some(wait),
+                ..
+            } => Some((*wait).min(max)),
+            _ => None,
         }
     }
 }
@@ -452,18 +468,28 @@ fn transport(url: &str, e: reqwest::Error) -> ClientError {
 
 async fn refusal(response: reqwest::Response) -> ClientError {
     let status = response.status().as_u16();
+    let retry_after = retry_after_header(response.headers());
     match response.json::<ErrorBody>().await {
         Ok(body) => ClientError::Refused {
             status,
             code: body.error.code,
             message: body.error.message,
+            retry_after,
         },
         Err(_) => ClientError::Refused {
             status,
             code: "unknown".into(),
             message: "the signer answered with an error but no error body".into(),
+            retry_after,
         },
     }
+}
+
+/// `Retry-After` in seconds (the form the signer sends); the HTTP-date form, or anything
+/// else, counts as absent: the agent's own backoff applies then.
+fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 async fn decode<T: serde::de::DeserializeOwned>(
@@ -490,6 +516,7 @@ mod tests {
             status,
             code: "x".into(),
             message: "y".into(),
+            retry_after: None,
         };
         let transport = ClientError::Transport {
             url: "https://signer".into(),
@@ -505,6 +532,40 @@ mod tests {
             ClientError::Config("url".into()),
         ] {
             assert!(!lasting.is_transient(), "{lasting}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_signers_retry_after_is_kept_up_to_the_bound() {
+        let answer = |status: u16, retry_after: &str| {
+            let response = axum::http::Response::builder()
+                .status(status)
+                .header("retry-after", retry_after)
+                .body(r#"{"error":{"code":"rate_limited","message":"slow down"}}"#)
+                .unwrap();
+            super::refusal(reqwest::Response::from(response))
+        };
+        let max = Duration::from_secs(300);
+        let busy = answer(429, "42").await;
+        assert_eq!(busy.retry_after(max), Some(Duration::from_secs(42)));
+        assert!(busy.to_string().contains("rate_limited"), "{busy}");
+        assert_eq!(
+            answer(503, " 7 ").await.retry_after(max),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(answer(429, "99999999").await.retry_after(max), Some(max));
+        // A date, or nonsense, leaves the agent's own backoff in charge; and only a busy
+        // answer is waited out on the signer's word.
+        for (status, value) in [
+            (429, "Wed, 21 Oct 2026 07:28:00 GMT"),
+            (429, "-5"),
+            (403, "60"),
+        ] {
+            assert_eq!(
+                answer(status, value).await.retry_after(max),
+                None,
+                "{value}"
+            );
         }
     }
 

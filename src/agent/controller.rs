@@ -78,6 +78,13 @@ impl ReconcileError {
             ReconcileError::NotLeader => "NotLeader",
         }
     }
+
+    fn retry_after(&self, max: Duration) -> Option<Duration> {
+        match self {
+            ReconcileError::Signer(e) => e.retry_after(max),
+            _ => None,
+        }
+    }
 }
 
 /// The condition that says whether the signer answered the request's last pass that asked
@@ -216,11 +223,15 @@ impl Controller {
     }
 
     /// Records a failed reconcile; returns the wait before the next: 15 s, doubling after
-    /// the third failure in a row, up to the resync interval. Each attempt may generate a
-    /// key and ask the signer for an intermediate (an audit line there), so a request that
-    /// keeps failing (a Secret its write is refused, a signer refusing it) must not do so
-    /// every 15 s forever.
-    fn failed(&self, request: &VirtualMeshCertificateSigningRequest) -> Duration {
+    /// the third failure in a row, up to the resync interval, and at least what a busy
+    /// signer asked (`retry_after`). Each attempt may generate a key and ask the signer for
+    /// an intermediate (an audit line there), so a request that keeps failing (a Secret
+    /// its write is refused, a signer refusing it) must not do so every 15 s forever.
+    fn failed(
+        &self,
+        request: &VirtualMeshCertificateSigningRequest,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         let mut failing = self.failing();
         let key = request_key(request);
         let generation = request.metadata.generation;
@@ -228,7 +239,9 @@ impl Controller {
             Some(f) if f.generation == generation => f.count.saturating_add(1),
             _ => 1,
         };
-        let wait = super::directory::backoff(count, self.opts.resync).max(LEAST_RETRY);
+        let wait = super::directory::backoff(count, self.opts.resync)
+            .max(LEAST_RETRY)
+            .max(retry_after.unwrap_or_default());
         failing.insert(
             key,
             Failing {
@@ -305,7 +318,7 @@ impl Controller {
                 let retry = if matches!(e, ReconcileError::NotLeader) {
                     LEAST_RETRY
                 } else {
-                    self.failed(request)
+                    self.failed(request, e.retry_after(self.opts.resync))
                 };
                 (retry, e.reason())
             }

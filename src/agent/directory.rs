@@ -344,7 +344,8 @@ pub async fn run(
                     },
                 );
                 failures += 1;
-                let delay = backoff(failures, resync);
+                let delay =
+                    backoff(failures, resync).max(e.retry_after(resync).unwrap_or_default());
                 tracing::error!(
                     error = %e,
                     failures,

@@ -14,7 +14,7 @@ pub mod restart;
 pub mod rotation;
 
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use der::EncodePem;
 
@@ -85,6 +85,14 @@ impl AgentError {
             AgentError::Foreign(_) | AgentError::Shadowed(_) => "ForeignSecret",
             AgentError::Client(_) => "SignerError",
             _ => "IssuanceFailed",
+        }
+    }
+
+    /// The signer's `Retry-After`, if it answered busy (see [`ClientError::retry_after`]).
+    pub fn retry_after(&self, max: Duration) -> Option<Duration> {
+        match self {
+            AgentError::Client(e) => e.retry_after(max),
+            _ => None,
         }
     }
 }
