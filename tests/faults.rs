@@ -140,6 +140,15 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
     let mode_before = device_mode();
     let signer = env.start_signer();
     let client = env.client("cluster-a");
+    // Before any request: the start record was not written, and the metrics say so
+    // (no decision failed yet, so no write error is counted).
+    let metrics = signer.metrics(&client).await;
+    for line in [
+        "meshca_audit_writable 0",
+        "meshca_audit_write_errors_total 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
     let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
     let (status, answer) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
     assert_eq!(status, 503, "{answer}");
@@ -241,10 +250,12 @@ async fn a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again
         "ready while its audit log cannot be written"
     );
     let metrics = signer.metrics(&client).await;
-    assert!(
-        metrics.contains("meshca_audit_write_errors_total 1"),
-        "{metrics}"
-    );
+    for line in [
+        "meshca_audit_writable 0",
+        "meshca_audit_write_errors_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
     // The part of the line that fitted was rolled back: the log holds whole lines only,
     // the last one acknowledged.
     let log = env.path("audit.log");
@@ -272,6 +283,8 @@ async fn a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again
         recovered.contains("the audit log takes lines again after a failed write"),
         "{recovered}"
     );
+    let metrics = signer.metrics(&client).await;
+    assert!(metrics.contains("meshca_audit_writable 1"), "{metrics}");
     let (status, answer) = sign().await;
     assert_eq!(status, 200, "{answer}");
     run_ok(

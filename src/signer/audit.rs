@@ -24,13 +24,14 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::sync::oneshot;
@@ -120,7 +121,9 @@ pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     /// Held for its drop.
     _thread: Arc<WriterThread>,
-    writable: Arc<AtomicBool>,
+    /// 1 or 0: the outcome of the last commit, shared with the writer and exported as
+    /// `meshca_audit_writable`.
+    writable: Gauge,
     announced: Arc<Announced>,
     commits: Counter,
     head: Arc<Mutex<String>>,
@@ -220,7 +223,8 @@ impl AuditLog {
         }
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(path)).map_err(io)?;
         let (tx, rx) = mpsc::channel::<Pending>();
-        let writable = Arc::new(AtomicBool::new(true));
+        let writable = Gauge::default();
+        writable.set(1);
         let announced = Arc::new(Announced {
             lines: AtomicUsize::new(0),
             writer: OnceLock::new(),
@@ -309,11 +313,16 @@ impl AuditLog {
     /// after a rotation, until a commit succeeds again; false for good once a failed write
     /// could not be rolled back (the writer then refuses every line).
     pub fn is_writable(&self) -> bool {
-        self.writable.load(Ordering::SeqCst)
+        self.writable.get() == 1
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// 1 while the log takes lines ([`AuditLog::is_writable`]), 0 otherwise.
+    pub fn writable(&self) -> &Gauge {
+        &self.writable
     }
 
     /// Counts successful writes + fsyncs (each covers one or more records).
@@ -368,7 +377,7 @@ struct Writer {
     path: PathBuf,
     last_hash: String,
     /// Shared with [`AuditLog::is_writable`]: the outcome of the last commit.
-    writable: Arc<AtomicBool>,
+    writable: Gauge,
     /// A failed write could not be rolled back: the file may end in part of a line, so
     /// the chain cannot be continued and every commit is refused.
     stopped: bool,
@@ -410,7 +419,7 @@ impl Writer {
     /// Writes the batch, and publishes whether that worked ([`AuditLog::is_writable`]).
     fn commit(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
         let result = self.write_batch(batch);
-        self.writable.store(result.is_ok(), Ordering::SeqCst);
+        self.writable.set(i64::from(result.is_ok()));
         result
     }
 

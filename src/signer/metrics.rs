@@ -298,12 +298,19 @@ impl Metrics {
     }
 
     /// Exports the audit log's count of writes + fsyncs, which against the decisions
-    /// counted in `sign_requests` shows how well group commit batches.
-    pub fn watch_audit_commits(&mut self, commits: Counter) {
+    /// counted in `sign_requests` shows how well group commit batches, and whether its
+    /// last write (or the probe that follows a failed one) succeeded: a start record that
+    /// cannot be written, or a full disk with no request coming, shows there.
+    pub fn watch_audit(&mut self, audit: &crate::signer::audit::AuditLog) {
         self.registry.register(
             "audit_commits",
             "Writes with fsync of the audit log; each covers one or more decisions",
-            commits,
+            audit.commits().clone(),
+        );
+        self.registry.register(
+            "audit_writable",
+            "1 while the audit log takes lines (its last write succeeded), 0 otherwise: nothing is issued and /readyz is 503 meanwhile",
+            audit.writable().clone(),
         );
     }
 

@@ -438,7 +438,7 @@ pub async fn start(
     // Nothing to report if it did not run: the generator then seeds at first use instead.
     let _ = seeding.await;
     let (audit, report) = AuditLog::open(&config.audit_log)?;
-    metrics.watch_audit_commits(audit.commits().clone());
+    metrics.watch_audit(&audit);
     if let Some(side) = &report.torn_tail_saved_to {
         tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
     }
