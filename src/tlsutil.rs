@@ -16,7 +16,9 @@ use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
 
 mod client_crls;
+mod refused_client;
 pub use client_crls::SupersededCrl;
+pub use refused_client::accept_noting_refused_client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -172,6 +174,7 @@ pub fn server_config(
     let verifier = verifier
         .build()
         .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let verifier = Arc::new(refused_client::NotingVerifier(verifier));
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?

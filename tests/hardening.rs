@@ -363,6 +363,16 @@ async fn a_flood_of_refused_handshakes_is_counted_in_full_and_logged_in_part() {
     let expired = refused_lines("client_certificate_expired");
     assert_eq!(expired.len(), 1, "{expired:?}");
     assert_eq!(expired[0]["not_logged_since_last"], 0);
+    // It names the client by its certificate (the peer address, behind a NAT, names no
+    // cluster): the identity the signer would serve it as, the serial, when it ended.
+    let client = expired[0]["client"].as_str().unwrap_or_default();
+    let named = format!("identity {}, serial ", identity("cluster-a"));
+    assert!(
+        client.starts_with(&named) && client.contains(", notAfter "),
+        "{expired:?}"
+    );
+    // A handshake that was not TLS has no client to name.
+    assert!(flood.iter().all(|l| l.get("client").is_none()), "{flood:?}");
     // Once the throttle lets a line through again, it says how many were not written:
     // every refusal is a line or counted in a later line. (Sent one at a time until the
     // last one sent is a line the test has read; the throttle refills one a second.)

@@ -586,22 +586,30 @@ async fn serve_tls(
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        let reason = crate::tlsutil::handshake_refusal_reason(&e);
-                        return handshake_refused(&state, peer, reason, &e.to_string());
-                    }
-                    Err(_) => {
-                        return handshake_refused(
-                            &state,
-                            peer,
-                            "timeout",
-                            "no handshake within the handshake timeout",
-                        );
-                    }
-                };
+            let (handshake, refused_client) = crate::tlsutil::accept_noting_refused_client(
+                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)),
+            )
+            .await;
+            let tls = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    let reason = crate::tlsutil::handshake_refusal_reason(&e);
+                    let refusal = HandshakeRefusal {
+                        reason,
+                        error: &e.to_string(),
+                        client: refused_client.as_deref(),
+                    };
+                    return handshake_refused(&state, peer, refusal);
+                }
+                Err(_) => {
+                    let refusal = HandshakeRefusal {
+                        reason: "timeout",
+                        error: "no handshake within the handshake timeout",
+                        client: None,
+                    };
+                    return handshake_refused(&state, peer, refusal);
+                }
+            };
             let identity = tls
                 .get_ref()
                 .1
@@ -650,14 +658,29 @@ async fn serve_tls(
     }
 }
 
+/// Why a handshake failed, and who the client said it was when its certificate was the
+/// reason.
+struct HandshakeRefusal<'a> {
+    reason: &'static str,
+    error: &'a str,
+    /// The refused certificate's identity, serial and notAfter.
+    client: Option<&'a str>,
+}
+
 /// Counts a refused handshake, and logs it unless the log throttle holds back its reason.
-fn handshake_refused(state: &SignerState, peer: SocketAddr, reason: &'static str, error: &str) {
+fn handshake_refused(state: &SignerState, peer: SocketAddr, refusal: HandshakeRefusal<'_>) {
+    let HandshakeRefusal {
+        reason,
+        error,
+        client,
+    } = refusal;
     state.metrics.handshake_refused(reason);
     if let Some(not_logged) = state.handshake_log.admit(reason, Instant::now()) {
         tracing::info!(
             %peer,
             reason,
             error,
+            client,
             not_logged_since_last = not_logged,
             "TLS handshake refused"
         );
