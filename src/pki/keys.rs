@@ -237,6 +237,14 @@ pub fn describe_public_key(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey
             .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
             .ok_or(KeyError::MissingCurve)?;
         let point = spki.subject_public_key.raw_bytes();
+        // Go's x509 (istiod) parses uncompressed points only, and OpenBao refuses the
+        // others: a compressed point would make an intermediate istiod cannot load.
+        let uncompressed = point.first() == Some(&0x04);
+        if !uncompressed && (curve == SECP_256_R_1 || curve == SECP_384_R_1) {
+            return Err(KeyError::MalformedEc(
+                "the point is not in uncompressed form (istiod reads no other)".into(),
+            ));
+        }
         let curve = if curve == SECP_256_R_1 {
             p256::PublicKey::from_sec1_bytes(point)
                 .map_err(|_| KeyError::MalformedEc("point is not on P-256".into()))?;
@@ -459,6 +467,24 @@ mod tests {
             spki.subject_public_key = der::asn1::BitString::new(3, bytes).unwrap();
             let err = describe_public_key(&spki).unwrap_err().to_string();
             assert!(err.contains("3 unused bits"), "{err}");
+        }
+    }
+
+    #[test]
+    fn compressed_ec_points_are_malformed() {
+        for key_type in [KeyType::EcdsaP256, KeyType::EcdsaP384] {
+            let mut spki = PrivateKey::generate(key_type)
+                .unwrap()
+                .public_key_info()
+                .unwrap();
+            // 04 || X || Y becomes (02 or 03, by Y's parity) || X: the same point.
+            let point = spki.subject_public_key.raw_bytes().to_vec();
+            let x = &point[1..=(point.len() - 1) / 2];
+            let mut compressed = vec![0x02 | (point[point.len() - 1] & 1)];
+            compressed.extend_from_slice(x);
+            spki.subject_public_key = der::asn1::BitString::from_bytes(&compressed).unwrap();
+            let err = describe_public_key(&spki).unwrap_err().to_string();
+            assert!(err.contains("uncompressed form"), "{key_type}: {err}");
         }
     }
 

@@ -10,6 +10,8 @@ use crate::pki::keys::{KeyType, NamedCurve, PublicKeyKind, RsaExponent};
 pub const RSA_FLOOR_BITS: u32 = 2048;
 /// Larger RSA keys cost a lot to verify and buy nothing here.
 pub const RSA_MAX_BITS: u32 = 8192;
+/// The largest RSA public exponent Go's crypto/rsa (istiod) takes.
+pub const GO_MAX_RSA_EXPONENT: u64 = (1 << 31) - 1;
 /// P-256 offers 128-bit strength, the same as RSA-3072.
 pub const P256_MAX_RSA_EQUIVALENT: u32 = 3072;
 /// notBefore is set this far in the past so that clocks slightly behind still accept it.
@@ -127,11 +129,13 @@ pub fn check_public_key(kind: &PublicKeyKind, min_rsa_bits: u32) -> Result<(), D
             }
             match exponent {
                 RsaExponent::F4 => Ok(()),
-                RsaExponent::Small(e) if *e > 65537 && e % 2 == 1 => Ok(()),
+                RsaExponent::Small(e) if *e > 65537 && *e <= GO_MAX_RSA_EXPONENT && e % 2 == 1 => {
+                    Ok(())
+                }
                 RsaExponent::Small(e) => Err(Denial::new(
                     Rule::KeyExponent,
                     format!(
-                        "RSA public exponent {e} is not accepted: it must be odd and at least 65537"
+                        "RSA public exponent {e} is not accepted: it must be odd, at least 65537 and at most 2^31-1 (istiod's Go cannot use a larger one)"
                     ),
                 )),
                 RsaExponent::Large { .. } => Err(Denial::new(
@@ -292,6 +296,9 @@ mod tests {
             (RsaExponent::Small(65536), false),
             (RsaExponent::Small(65539), true),
             (RsaExponent::Small(65538), false),
+            (RsaExponent::Small(GO_MAX_RSA_EXPONENT), true),
+            (RsaExponent::Small(GO_MAX_RSA_EXPONENT + 2), false),
+            (RsaExponent::Small(4_294_967_297), false),
             (RsaExponent::Large { odd: true }, false),
         ] {
             let kind = PublicKeyKind::Rsa {
