@@ -8,7 +8,7 @@ mod common;
 mod kubefake;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ use common::certs::openssl_self_signed_ca;
 use common::*;
 use kubefake::{FakeCluster, Recorded, merge, writes};
 use meshca::agent::controller::{Controller, ControllerOptions};
-use meshca::agent::election::LeaderLoop;
+use meshca::agent::election::{Elector, LeaderLoop};
 use meshca::agent::k8s::Kube;
 use meshca::agent::metrics::{AgentMetrics, Exposition};
 use meshca::pki::bundle::{BundleFiles, verify_bundle};
@@ -918,6 +918,42 @@ async fn a_rate_limited_request_waits_what_the_signer_asks() {
     assert!(
         wait > Duration::from_secs(30) && wait <= Duration::from_secs(60),
         "next pass in {wait:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_renewing_twice_at_once_stays_the_leader() {
+    let fake = FakeCluster::start().await;
+    let elector = |seconds| {
+        Elector::new(
+            Kube::new(fake.client()),
+            NS,
+            "meshca-agent",
+            "agent-0",
+            Duration::from_secs(seconds),
+        )
+    };
+    let long = elector(30);
+    assert!(long.elect(SystemTime::now()).await.unwrap());
+    // The renewer and a pass's check before a write, at one moment: both read the Lease
+    // before either writes it. Neither may take the other's write for another replica's.
+    fake.slow_get_answers(LEASE, Duration::from_millis(300));
+    let (first, second) =
+        tokio::join!(long.elect(SystemTime::now()), long.elect(SystemTime::now()));
+    assert!(first.unwrap() && second.unwrap());
+    assert!(long.is_leader_for(Duration::ZERO));
+
+    // A short Lease is not written again before each write: it is renewed when a third
+    // of it is left, not 5 s before its end, which would be always.
+    let short = elector(6);
+    short.elect(SystemTime::now()).await.unwrap();
+    fake.take();
+    assert!(short.ensure().await.unwrap());
+    let sent = fake.take();
+    assert!(
+        sent.iter().all(|r| r.method == "GET"),
+        "{:?}",
+        writes(&sent)
     );
 }
 

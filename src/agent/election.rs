@@ -27,7 +27,16 @@ pub struct Elector {
     /// duration, measured here: its renewTime is the holder's clock, and comparing that
     /// with this host's would let a skew of the clocks make two leaders at once.
     observed: Arc<Mutex<Option<(LeaseSpec, Instant)>>>,
+    /// One round at a time: the renewer and a pass's check before a write would otherwise
+    /// both read the Lease at one version, and the one whose write came second would
+    /// take its own renewal's 409 for another replica's and stop leading.
+    electing: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// A replica renews before a write when it would hold the Lease for less than this (at
+/// most a third of the Lease's duration, else a short Lease is renewed before every
+/// write).
+const WRITE_MARGIN: Duration = Duration::from_secs(5);
 
 impl Elector {
     pub fn new(
@@ -45,6 +54,7 @@ impl Elector {
             duration,
             leader_until: Arc::new(Mutex::new(None)),
             observed: Arc::new(Mutex::new(None)),
+            electing: Arc::default(),
         }
     }
 
@@ -88,6 +98,12 @@ impl Elector {
     /// One round: create, renew or take over the Lease, or follow. True when this replica
     /// leads. `now` is the time written into the Lease.
     pub async fn elect(&self, now: SystemTime) -> Result<bool, KubeError> {
+        let _one_round = self.electing.lock().await;
+        self.elect_alone(now).await
+    }
+
+    /// [`Elector::elect`], with no other round of this replica under way.
+    async fn elect_alone(&self, now: SystemTime) -> Result<bool, KubeError> {
         let (ns, name) = (&self.namespace, &self.lease_name);
         // Before the read: the Lease is ours for its duration from no later than this.
         let started = Instant::now();
@@ -146,7 +162,13 @@ impl Elector {
 
     /// Before a write: still the leader (renewing when the margin runs out)?
     pub async fn ensure(&self) -> Result<bool, KubeError> {
-        Ok(self.is_leader_for(Duration::from_secs(5)) || self.elect(SystemTime::now()).await?)
+        let margin = WRITE_MARGIN.min(self.duration / 3);
+        if self.is_leader_for(margin) {
+            return Ok(true);
+        }
+        let _one_round = self.electing.lock().await;
+        // The renewer may have renewed while this waited.
+        Ok(self.is_leader_for(margin) || self.elect_alone(SystemTime::now()).await?)
     }
 
     /// [`Elector::ensure`] as a step of a pass: `not_leader` when this replica does not lead.
@@ -160,6 +182,7 @@ impl Elector {
 
     /// On shutdown: give the Lease up so another replica need not wait for it to expire.
     pub async fn release(&self) -> Result<(), KubeError> {
+        let _one_round = self.electing.lock().await;
         self.set_leader_until(None);
         let (ns, name) = (&self.namespace, &self.lease_name);
         let Some(mut lease) = self.kube.get_lease(ns, name).await? else {

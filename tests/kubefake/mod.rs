@@ -63,6 +63,9 @@ struct Fake {
     /// After serving a GET of this path, change the object's resourceVersion: another
     /// writer got in between.
     race_after_get: Mutex<Option<String>>,
+    /// GETs of this path are answered this long after they were read: two readers
+    /// then see the same version, as two clients racing do.
+    slow_get_answers: Mutex<Option<(String, std::time::Duration)>>,
     /// Once, after serving a write of this path: another client's change of the objects.
     /// The path, how many of its writes still to let pass, and the change.
     after_write: Mutex<Option<(String, usize, AfterWrite)>>,
@@ -200,7 +203,14 @@ async fn handle(
     // A dry run writes nothing: no other client acts after it.
     let dry_run = query_param(uri.query().unwrap_or_default(), "dryRun").is_some();
     let wrote = (method != Method::GET && !dry_run).then(|| uri.path().to_string());
+    let slow = match &*fake.slow_get_answers.lock().unwrap() {
+        Some((path, delay)) if method == Method::GET && uri.path() == path => Some(*delay),
+        _ => None,
+    };
     let response = serve(fake.clone(), method, uri, headers, body);
+    if let Some(delay) = slow {
+        tokio::time::sleep(delay).await;
+    }
     if let Some(path) = wrote {
         let mut hook = fake.after_write.lock().unwrap();
         if let Some((after, to_pass, _)) = hook.as_mut()
@@ -485,6 +495,11 @@ impl FakeCluster {
     /// object's resourceVersion (None: no more).
     pub fn race_after_get(&self, path: Option<&str>) {
         *self.fake.race_after_get.lock().unwrap() = path.map(String::from);
+    }
+
+    /// From now on, GETs of `path` are answered `delay` after the object was read.
+    pub fn slow_get_answers(&self, path: &str, delay: std::time::Duration) {
+        *self.fake.slow_get_answers.lock().unwrap() = Some((path.into(), delay));
     }
 
     /// Once, right after the next write (PUT, PATCH, POST, DELETE) of `path` is served,
