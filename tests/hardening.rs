@@ -1138,3 +1138,51 @@ async fn a_client_that_hangs_up_mid_request_still_gets_its_decision_audited() {
     env.audit_verify_ok();
     assert_still_issues(&client, &signer).await;
 }
+
+#[tokio::test]
+async fn a_grant_removed_while_a_body_arrives_is_gone_for_that_request() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let (_key, csr_b) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &csr_b)).unwrap();
+    // cluster-b's request is being handled, its body not all in yet ...
+    let mut slow = tls_connect(&env, &signer, "cluster-b").await;
+    begin_sign_request(&mut slow, &body, 40).await;
+    // ... when the security team removes its grant (a compromised cluster) and reloads.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let b_block = format!(
+        "\n[[clients]]\nidentity = \"{}\"\nallow = [{{ virtual_mesh = \"test/vm\", mesh = \"test/cluster-b\" }}]\n",
+        identity("cluster-b")
+    );
+    assert!(config.contains(&b_block), "{config}");
+    std::fs::write(&env.config, config.replace(&b_block, "")).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer
+        .wait_for_log("SIGHUP: rules reloaded (recorded in the audit log)")
+        .await;
+    slow.write_all(&body[40..]).await.unwrap();
+    slow.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read up to the end of the JSON body, whatever the answer.
+    while !answer.ends_with(b"}") {
+        let n = tokio::time::timeout(Duration::from_secs(30), slow.read(&mut buf))
+            .await
+            .expect("the signer answers")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.contains("not_authorized"),
+        "{answer}"
+    );
+    // Its line names the rules it was decided under: those of the reload before it.
+    let lines = signer.all_audit_lines();
+    let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["start", "reload", "decision"], "{lines:?}");
+    assert_eq!(lines[2]["rule"], "not_authorized");
+    assert_eq!(lines[2]["rulesSha256"], lines[1]["rulesSha256"]);
+    assert_ne!(lines[1]["rulesSha256"], lines[0]["rulesSha256"]);
+}

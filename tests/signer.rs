@@ -788,7 +788,9 @@ async fn each_start_records_the_rules_it_starts_under() {
     assert_eq!(digest(0).len(), 64);
     assert_ne!(digest(0), digest(2));
     assert_eq!(digest(4), digest(0), "the same rules, another digest");
-    // Each decision was made under the rules recorded before it.
+    // Each decision names the rules it was made under: those recorded before it.
+    assert_eq!(digest(1), digest(0));
+    assert_eq!(digest(3), digest(2));
     let not_after = |n: usize| lines[n]["notAfter"].as_str().unwrap();
     assert!(not_after(3) < not_after(1), "{lines:?}");
     assert!(env.audit_verify_ok().contains("intact: 5 records"));

@@ -138,9 +138,10 @@ async fn decide_issue_and_audit(
 ) -> Response {
     let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
-    // The rules in force now, for the whole request: a reload meanwhile does not mix
-    // old and new.
-    let rules = state.rules();
+    // The rules in force now: the rate limit and the body's timeout. The decision takes
+    // them again once the body is in (see `sign_inner`); a reload meanwhile does not mix
+    // old and new within either.
+    let mut rules = state.rules();
     let outcome = match rate_limit(&state, &rules, identity.as_deref()) {
         Err(refusal) => {
             let client = identity.as_deref().unwrap_or("");
@@ -161,7 +162,7 @@ async fn decide_issue_and_audit(
         }
         Ok(()) => tokio::select! {
             biased;
-            outcome = sign_inner(&state, &rules, identity.as_deref(), &headers, body, client_gone, &mut facts) => outcome,
+            outcome = sign_inner(&state, &mut rules, identity.as_deref(), &headers, body, client_gone, &mut facts) => outcome,
             () = state.stop_deciding.cancelled() => Err(Refusal::new(
                 Status::Unavailable,
                 "signer_stopping",
@@ -178,6 +179,9 @@ async fn decide_issue_and_audit(
         mesh: facts.mesh.clone(),
         csr_public_key_sha256: facts.csr_public_key_sha256.clone(),
         ignored_csr_extensions: facts.ignored_csr_extensions.clone(),
+        // The rules it was decided under: a reload recorded between the decision and
+        // this line (a body still arriving, a queue for the token) does not hide them.
+        rules_sha256: Some(rules.digest().to_string()),
         ..Default::default()
     };
     match &outcome {
@@ -294,7 +298,7 @@ pub async fn audit_counted_refusals(state: &SignerState) {
 
 async fn sign_inner(
     state: &SignerState,
-    rules: &Rules,
+    rules: &mut Arc<Rules>,
     identity: Option<&str>,
     headers: &HeaderMap,
     body: Body,
@@ -338,6 +342,9 @@ async fn sign_inner(
             ));
         }
     };
+    // Decided under the rules in force once the body is in, not those of when its first
+    // byte came: a grant removed by a reload while a client sends slowly is gone.
+    *rules = state.rules();
     let request: SignRequest = serde_json::from_slice(&bytes).map_err(|e| {
         Refusal::new(
             Status::BadRequest,

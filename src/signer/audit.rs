@@ -84,7 +84,8 @@ pub struct AuditRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
     /// On `start` and `reload`: the digest of the rules in force from this line on
-    /// ([`super::reload::Rules::digest`]).
+    /// ([`super::reload::Rules::digest`]); on a decision, that of the rules it was made
+    /// under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_sha256: Option<String>,
     /// SHA-256 of the previous line (without its newline), hex.

@@ -26,6 +26,9 @@ pub struct Rules {
     pub next_root: Option<AnnouncedRoot>,
     /// The root announced after a root change, until it is retired, if any.
     pub previous_root: Option<AnnouncedRoot>,
+    /// [`Rules::digest`], computed at its first use (each decision's audit line names
+    /// it): rules are built whole and not changed once in force.
+    digest: std::sync::OnceLock<String>,
 }
 
 impl Rules {
@@ -36,6 +39,7 @@ impl Rules {
             limits: config.limits,
             next_root: config.root.next.clone(),
             previous_root: config.root.previous.clone(),
+            digest: std::sync::OnceLock::new(),
         }
     }
 
@@ -77,7 +81,11 @@ impl Rules {
     /// announced roots' fingerprints; whatever a reload names when it changes
     /// ([`RulesChange`]), and `max_connections`. `source` (which file a policy came from)
     /// is not part of it: the same rules have the same digest wherever they were read.
-    pub fn digest(&self) -> String {
+    pub fn digest(&self) -> &str {
+        self.digest.get_or_init(|| self.compute_digest())
+    }
+
+    fn compute_digest(&self) -> String {
         let mut text = String::new();
         for policy in self.policies.iter() {
             text.push_str(&format!(
@@ -113,6 +121,7 @@ impl Rules {
     pub fn reloaded(read: &SignerConfig, in_force: &Rules) -> Self {
         let mut rules = Rules::of(read);
         rules.limits.max_connections = in_force.limits.max_connections;
+        rules.digest = std::sync::OnceLock::new(); // of the rules with that limit
         rules
     }
 }

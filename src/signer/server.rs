@@ -328,7 +328,7 @@ impl RunningSigner {
                 event: "reload".into(),
                 rule: Some("rules_changed".into()),
                 message: Some(change.to_string()),
-                rules_sha256: Some(rules.digest()),
+                rules_sha256: Some(rules.digest().to_string()),
                 ..Default::default()
             };
             let announced = self.state.audit.expect_line();
@@ -457,7 +457,7 @@ pub async fn start(
     // Before any decision: the log says which rules the decisions after this line are made
     // under (a restart may have changed them with no reload on record).
     let rules = Rules::of(&config);
-    let rules_sha256 = rules.digest();
+    let rules_sha256 = rules.digest().to_string();
     if let Err(e) = audit
         .record_start(start_record(&rules, &rules_sha256))
         .await
