@@ -612,6 +612,32 @@ pub fn inspect_key(settings: &Pkcs11Settings, pin: &Secret) -> Result<KeyAttribu
 pub struct Pkcs11Backend {
     threads: Arc<TokenThreads<Inner>>,
     inner: Arc<Inner>,
+    signed: Arc<RecentSigning>,
+}
+
+/// How long a signature the token made counts as an answer to readiness: under load the
+/// check would wait behind every queued signing, and a slow token with a long queue
+/// would then be reported unready, and taken out of service, while it signs.
+const SIGNED_RECENTLY: Duration = Duration::from_secs(5);
+
+/// When the token last made a signature, unless a later call found it gone.
+#[derive(Default)]
+struct RecentSigning(Mutex<Option<Instant>>);
+
+impl RecentSigning {
+    /// Records what a signing call said about the token: a signature, the token gone, or
+    /// nothing about it (a request refused after signing, say).
+    fn record(&self, outcome: &Result<Certificate, BackendError>, now: Instant) {
+        match outcome {
+            Ok(_) => *lock(&self.0) = Some(now),
+            Err(BackendError::Unavailable(_) | BackendError::PinRejected) => *lock(&self.0) = None,
+            Err(_) => {}
+        }
+    }
+
+    fn within(&self, period: Duration, now: Instant) -> bool {
+        lock(&self.0).is_some_and(|at| now.saturating_duration_since(at) < period)
+    }
 }
 
 /// Shortest interval between two reconnects: a token that stays away is not hammered.
@@ -690,6 +716,7 @@ impl Pkcs11Backend {
         Ok(Pkcs11Backend {
             threads: Arc::new(threads),
             inner,
+            signed: Arc::default(),
         })
     }
 }
@@ -915,14 +942,52 @@ impl RootSigner for Pkcs11Backend {
     }
 
     fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>> {
-        Box::pin(self.on_session("signing", move |inner| inner.issue_blocking(&request)))
+        Box::pin(async move {
+            let outcome = self
+                .on_session("signing", move |inner| inner.issue_blocking(&request))
+                .await;
+            self.signed.record(&outcome, Instant::now());
+            outcome
+        })
     }
 
     fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        if self.signed.within(SIGNED_RECENTLY, Instant::now()) {
+            return Box::pin(std::future::ready(Ok(())));
+        }
         Box::pin(self.on_session("readiness", |inner| inner.ready()))
     }
 
     fn describe(&self) -> String {
         format!("pkcs11 {}", self.inner.settings.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_takes_a_recent_signature_for_an_answer_until_the_token_fails() {
+        let (_key, root) = crate::pki::testing::software_root(
+            KeyType::EcdsaP256,
+            "acme",
+            Duration::from_secs(3600),
+        );
+        let signature = Ok(root.certificate.clone());
+        let signed = RecentSigning::default();
+        let start = Instant::now();
+        assert!(!signed.within(SIGNED_RECENTLY, start), "nothing signed yet");
+        signed.record(&signature, start);
+        assert!(signed.within(SIGNED_RECENTLY, start + Duration::from_secs(4)));
+        assert!(!signed.within(SIGNED_RECENTLY, start + SIGNED_RECENTLY));
+        // A refusal after signing says nothing about the token; the token gone does.
+        signed.record(&Err(BackendError::ClientGone), start);
+        assert!(signed.within(SIGNED_RECENTLY, start));
+        signed.record(&Err(BackendError::Unavailable("gone".into())), start);
+        assert!(!signed.within(SIGNED_RECENTLY, start));
+        signed.record(&signature, start);
+        signed.record(&Err(BackendError::PinRejected), start);
+        assert!(!signed.within(SIGNED_RECENTLY, start));
     }
 }
