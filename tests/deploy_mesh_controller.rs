@@ -2,7 +2,9 @@
 //! mesh-controller` (and, with the agent's, all of `meshca crds`) and structural schemas as
 //! the API server requires; built-in kinds pass `kubernetes-validate --strict`; the
 //! examples are a valid VirtualMesh and its Meshes; the kustomizations list every manifest;
-//! the RBAC stays least-privilege in the management and the member clusters.
+//! the RBAC stays least-privilege in the management and the member clusters; the three
+//! kustomizations one cluster may get (agent, management, member) share no object they
+//! define differently.
 
 mod common;
 
@@ -285,6 +287,61 @@ fn the_kustomizations_list_every_default_manifest() {
     assert_kustomization_lists_every_manifest(&member(), &[]);
 }
 
+/// Every object the kustomization in `dir` applies, by (kind, namespace, name).
+fn objects_applied(dir: &std::path::Path) -> Vec<((String, String, String), Value)> {
+    let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
+    let mut objects = Vec::new();
+    for resource in kustomization["resources"].as_array().unwrap() {
+        for object in documents(&dir.join(resource.as_str().unwrap())) {
+            let field = |path: &str| object.pointer(path).and_then(Value::as_str).unwrap_or("");
+            let key = (
+                field("/kind").to_string(),
+                field("/metadata/namespace").to_string(),
+                field("/metadata/name").to_string(),
+            );
+            objects.push((key, object));
+        }
+    }
+    objects
+}
+
+#[test]
+fn one_cluster_may_get_all_three_kustomizations_without_an_object_defined_twice_differently() {
+    // The management cluster runs an agent and is often a member itself: its objects
+    // would replace one another (a Role's rules, for one), and two Argo CD applications
+    // owning one object rewrite it in turns.
+    let mut seen: BTreeMap<(String, String, String), (Value, String)> = BTreeMap::new();
+    let mut shared = Vec::new();
+    for (from, dir) in [
+        ("agent", repo().join("deploy/agent")),
+        ("management", deploy()),
+        ("member", member()),
+    ] {
+        for (key, object) in objects_applied(&dir) {
+            match seen.get(&key) {
+                Some((first, first_from)) => {
+                    assert!(
+                        *first == object,
+                        "{key:?} is defined by {first_from} and differently by {from}"
+                    );
+                    shared.push(key);
+                }
+                None => {
+                    seen.insert(key, (object, from.to_string()));
+                }
+            }
+        }
+    }
+    // What may be shared: the namespace and the controller's ServiceAccount, identical.
+    let kinds: Vec<&str> = shared.iter().map(|(kind, _, _)| kind.as_str()).collect();
+    assert!(
+        kinds
+            .iter()
+            .all(|k| ["Namespace", "ServiceAccount"].contains(k)),
+        "{shared:?}"
+    );
+}
+
 #[test]
 fn rbac_is_least_privilege() {
     let management = rules(&deploy().join("rbac.yaml"));
@@ -306,6 +363,8 @@ fn rbac_is_least_privilege() {
         );
         if rule.resources.contains(&"secrets".to_string()) {
             assert_eq!(rule.verbs, ["get"], "kubeconfigs are only read");
+            // By name: the management cluster's agent keeps its signer client key here.
+            assert_eq!(rule.names, ["new-remote-cluster-kubeconfig"]);
         }
         if rule.verbs.contains(&"update".to_string()) {
             assert_eq!(rule.resources, ["leases"]);

@@ -980,6 +980,26 @@ async fn a_member_kubeconfig_naming_the_controllers_files_or_a_command_is_refuse
         }));
     }
 
+    // A Secret the Role does not name: RBAC refuses the read, and the status says where
+    // to add it.
+    world.mgmt.put(secret, secret_object("west", &inline));
+    world.mgmt.refuse_reads(Some((
+        secret,
+        403,
+        "Forbidden",
+        "secrets \"west-kubeconfig\" is forbidden: User \"system:serviceaccount:smh:meshca-mesh-controller\" cannot get resource \"secrets\"",
+    )));
+    let sent = world.pass().await;
+    assert!(sent["west"].is_empty(), "west was called");
+    let st = world.status("vm");
+    let message = member_status(&st, "west")["message"].as_str().unwrap();
+    assert!(
+        message.contains("may not read it")
+            && message.contains("add \"west-kubeconfig\" to the resourceNames"),
+        "{message}"
+    );
+    world.mgmt.refuse_reads(None);
+
     // Inline again: served.
     world.mgmt.put(secret, secret_object("west", &inline));
     let sent = world.pass().await;

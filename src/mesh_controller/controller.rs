@@ -257,7 +257,14 @@ impl MeshController {
             .management
             .get_secret(&ns, &secret_ref.name)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| match e.code() {
+                // The shipped Role names the Secrets it may read.
+                Some(403) => format!(
+                    "{what}: the controller may not read it ({e}); add {:?} to the resourceNames of the secrets rule of its Role (deploy/mesh-controller/rbac.yaml)",
+                    secret_ref.name
+                ),
+                _ => e.to_string(),
+            })?
             .ok_or_else(|| format!("{what}: the Secret does not exist"))?;
         let bytes = secret
             .data

@@ -72,6 +72,8 @@ struct Fake {
     /// Writes of this path get this status (code, reason, message): RBAC, an admission
     /// policy or an immutable object refusing them, dry runs included (or dry runs only).
     refused_writes: Mutex<Option<Refusal>>,
+    /// GETs of this path get this status (code, reason, message): RBAC refusing a read.
+    refused_reads: Mutex<Option<(String, u16, String, String)>>,
 }
 
 type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
@@ -249,6 +251,12 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
         authorization: header("authorization"),
         body: body.clone(),
     });
+    if method == Method::GET
+        && let Some((refused, code, reason, message)) = &*fake.refused_reads.lock().unwrap()
+        && *refused == path
+    {
+        return status(*code, reason, message);
+    }
     let dry_run = query_param(&query, "dryRun").as_deref() == Some("All");
     if method != Method::GET
         && let Some(refusal) = fake.refused_writes.lock().unwrap().as_mut()
@@ -532,6 +540,13 @@ impl FakeCluster {
     /// From now on, dry runs of writes of `path` are refused with this status.
     pub fn refuse_dry_runs(&self, path: &str, code: u16, reason: &str, message: &str) {
         self.refuse(path, 0, true, (code, reason, message));
+    }
+
+    /// From now on, GETs of `path` are refused with this status (None: served again).
+    pub fn refuse_reads(&self, refusal: Option<(&str, u16, &str, &str)>) {
+        *self.fake.refused_reads.lock().unwrap() = refusal.map(|(path, code, reason, message)| {
+            (path.into(), code, reason.into(), message.into())
+        });
     }
 
     /// Lets every write through again.
