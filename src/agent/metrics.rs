@@ -276,8 +276,14 @@ impl AgentMetrics {
         self.forget(self.loop_metrics.pass_completed(present, at));
     }
 
-    /// Whether this replica acts; one that stops drops its request series.
+    /// Whether this replica acts; one that stops drops its request series, and its
+    /// client certificate's expiry (back to 0, as before any pass): the certificate may
+    /// be renewed for the new leader while this one, not reading it, would report the
+    /// old one's end until its alert fired.
     pub fn set_leading(&self, leading: bool) {
+        if !leading {
+            self.client_certificate_expiration.set(0);
+        }
         self.forget(self.loop_metrics.set_leading(leading));
     }
 
@@ -407,6 +413,9 @@ mod tests {
         );
         assert!(text.contains("meshca_agent_certificate_ready{request=\"mesh/b\"} 0"));
 
+        m.client_certificate(at(9_999));
+        let expiry = "meshca_agent_client_certificate_expiration_timestamp_seconds";
+        assert!(m.render().contains(&format!("{expiry} 9999")));
         m.set_leading(false);
         let text = m.render();
         assert!(
@@ -414,6 +423,7 @@ mod tests {
             "a follower reports requests:\n{text}"
         );
         assert!(text.contains("meshca_agent_leader 0"));
+        assert!(text.contains(&format!("{expiry} 0")), "{text}");
         assert!(text.contains("meshca_agent_reconciles_total{outcome=\"ok\"} 1"));
     }
 }
