@@ -11,6 +11,7 @@ use std::process::Command;
 use common::deploy::*;
 use common::*;
 use meshca::agent::crd::VirtualMeshCertificateSigningRequest;
+use meshca::agent::rotation::RotationSettings;
 
 fn deploy() -> PathBuf {
     repo().join("deploy/agent")
@@ -81,6 +82,22 @@ fn the_crd_is_structurally_what_the_agent_expects() {
         spec["properties"]["restart"]["properties"]["policy"]["enum"],
         serde_json::json!(["auto", "always", "never"])
     );
+    // The API server refuses at apply what the agent would refuse at its pass (GitOps
+    // then shows the error, not a synced object marked InvalidSpec).
+    let rotation = &spec["properties"]["rotation"]["properties"];
+    for (field, minimum, maximum) in [("renewFraction", 0.1, 0.95), ("jitterFraction", 0.0, 0.5)] {
+        assert_eq!(
+            (&rotation[field]["minimum"], &rotation[field]["maximum"]),
+            (&serde_json::json!(minimum), &serde_json::json!(maximum)),
+            "{field}"
+        );
+    }
+    for (renew, ok) in [(0.1, true), (0.95, true), (0.09, false), (0.96, false)] {
+        assert_eq!(RotationSettings::new(renew, 0.05).is_ok(), ok, "{renew}");
+    }
+    for (jitter, ok) in [(0.0, true), (0.5, true), (0.51, false)] {
+        assert_eq!(RotationSettings::new(0.9, jitter).is_ok(), ok, "{jitter}");
+    }
     let status = &schema["status"]["properties"];
     for field in [
         "phase",

@@ -111,10 +111,12 @@ pub struct SignerRef {
 pub struct RotationSpec {
     /// Renew after this fraction of the lifetime (0.1 to 0.95, default 2/3).
     #[serde(default = "default_renew_fraction")]
+    #[schemars(range(min = 0.1, max = 0.95))]
     pub renew_fraction: f64,
     /// Renew up to this fraction of the lifetime earlier, fixed per certificate by its
     /// serial (0 to 0.5, default 0.05).
     #[serde(default = "default_jitter_fraction")]
+    #[schemars(range(min = 0.0, max = 0.5))]
     pub jitter_fraction: f64,
     /// SHA-256 fingerprints of old roots to drop from root-cert.pem once every cluster
     /// has moved to the new root (set by the operator or the management plane).
