@@ -109,6 +109,7 @@ path "pki/root/generate/internal" { capabilities = ["update"] }
 path "pki/issuer/meshca-root" { capabilities = ["read"] }
 path "pki/issuer/meshca-root/sign-intermediate" { capabilities = ["update"] }
 path "pki/key/*" { capabilities = ["read"] }
+path "pki/config/urls" { capabilities = ["read"] }
 POLICY
   run bao auth enable approle
   run bao write auth/approle/role/meshca-signer token_policies=meshca-signer token_ttl=1h token_max_ttl=24h

@@ -339,7 +339,7 @@ async fn vault_hung_stopped_sealed_and_back_without_restarting_the_signer() {
 #[tokio::test]
 async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
     let env = Env::with(vault(VaultSpec::default()));
-    let signer = env.start_signer();
+    let mut signer = env.start_signer();
     assert_eq!(sign(&env, &signer).await.0, 200);
 
     // The mount now adds AIA and CRL distribution points to everything it signs.
@@ -372,7 +372,25 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
         "{metrics}"
     );
 
-    // Put right, and the same signer issues again.
+    // A signer started now says why before anyone asks: the issuer's record shows no
+    // URLs, the mount's configuration does. So does root init, which will not adopt it.
+    assert!(signer.terminate());
+    let signer = env.start_signer();
+    let warning = signer
+        .wait_for_log("Vault has AIA/CRL/OCSP URLs configured")
+        .await;
+    assert!(
+        warning.contains("pki/config/urls") && warning.contains("http://127.0.0.1:9/crl"),
+        "{warning}"
+    );
+    let out = env.run_with_config(&["root", "init", "--adopt"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("pki/config/urls has AIA/CRL/OCSP URLs"),
+        "{stderr}"
+    );
+
+    // Put right, and the signer issues again.
     env.bao().cli_ok(&[
         "write",
         "pki/config/urls",
@@ -380,6 +398,12 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
         "crl_distribution_points=",
     ]);
     assert_eq!(sign(&env, &signer).await.0, 200);
+    assert!(
+        !signer
+            .logs()
+            .contains("cannot read the mount's AIA/CRL/OCSP URLs"),
+        "the policy grants that read"
+    );
 }
 
 #[test]

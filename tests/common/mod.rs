@@ -155,6 +155,7 @@ pub const MESHCA_VAULT_POLICY: &str = r#"
 path "pki/root/generate/internal" { capabilities = ["update"] }
 path "pki/issuer/*" { capabilities = ["read", "update", "patch", "delete"] }
 path "pki/key/*" { capabilities = ["read", "delete"] }
+path "pki/config/urls" { capabilities = ["read"] }
 "#;
 
 impl Default for EnvSpec {

@@ -56,16 +56,7 @@ pub async fn read_issuer(
             .unwrap_or_default()
             .to_string()
     };
-    let mut urls = Vec::new();
-    for field in [
-        "issuing_certificates",
-        "crl_distribution_points",
-        "ocsp_servers",
-    ] {
-        if let Some(list) = answer["data"][field].as_array() {
-            urls.extend(list.iter().filter_map(Value::as_str).map(String::from));
-        }
-    }
+    let urls = url_fields(&answer);
     let info = IssuerInfo {
         issuer_id: text("issuer_id"),
         issuer_name: text("issuer_name"),
@@ -81,6 +72,39 @@ pub async fn read_issuer(
         });
     }
     Ok(Some(info))
+}
+
+/// The AIA, CRL and OCSP URLs Vault puts into what `issuer` signs, and where they are
+/// set: the issuer's own, else the mount's (`<mount>/config/urls`, the usual place, which
+/// the issuer's record does not show). Empty when neither has any.
+pub async fn urls_vault_adds(
+    client: &VaultClient,
+    issuer: &IssuerInfo,
+) -> Result<(Vec<String>, String), VaultError> {
+    if !issuer.urls.is_empty() {
+        return Ok((
+            issuer.urls.clone(),
+            format!("issuer {}", issuer.issuer_name),
+        ));
+    }
+    let path = format!("{}/config/urls", client.settings().mount);
+    let answer = client.call(Method::GET, &path, None).await?;
+    Ok((url_fields(&answer), path))
+}
+
+/// The URL lists of an issuer's or a mount's answer.
+fn url_fields(answer: &Value) -> Vec<String> {
+    let mut urls = Vec::new();
+    for field in [
+        "issuing_certificates",
+        "crl_distribution_points",
+        "ocsp_servers",
+    ] {
+        if let Some(list) = answer["data"][field].as_array() {
+            urls.extend(list.iter().filter_map(Value::as_str).map(String::from));
+        }
+    }
+    urls
 }
 
 /// The serving backend.
@@ -159,12 +183,18 @@ impl VaultBackend {
                 issuer.usage
             )));
         }
-        if !issuer.urls.is_empty() {
-            tracing::warn!(
+        match urls_vault_adds(client, &issuer).await {
+            Ok((urls, _)) if urls.is_empty() => {}
+            Ok((urls, configured_at)) => tracing::warn!(
                 issuer = %issuer_ref,
-                urls = ?issuer.urls,
-                "the Vault issuer has AIA/CRL/OCSP URLs configured: Vault adds them to every intermediate and meshca refuses those (502 backend_out_of_policy)"
-            );
+                %configured_at,
+                ?urls,
+                "Vault has AIA/CRL/OCSP URLs configured: it adds them to every intermediate and meshca refuses those (502 backend_out_of_policy); clear them"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot read the mount's AIA/CRL/OCSP URLs ({mount}/config/urls): if any are set, every signing gets 502 backend_out_of_policy; grant meshca's Vault policy read on that path so the start can tell"
+            ),
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::client::{VaultClient, VaultError};
 use super::config::VaultSettings;
 use super::profile::{self, RootRequest};
-use super::{IssuerInfo, read_issuer};
+use super::{IssuerInfo, read_issuer, urls_vault_adds};
 use crate::config::SignerConfig;
 use crate::pki::profile::RootCa;
 
@@ -91,11 +91,16 @@ async fn init_with(
                     "Vault holds no private key for issuer {issuer_ref}: it cannot sign"
                 )));
             }
-            if !issuer.urls.is_empty() {
-                return Err(VaultRootError::Refused(format!(
-                    "issuer {issuer_ref} has AIA/CRL/OCSP URLs configured ({}): Vault would add them to every intermediate, which meshca refuses; clear them first",
-                    issuer.urls.join(", ")
-                )));
+            let mut warnings = Vec::new();
+            match urls_vault_adds(client, &issuer).await {
+                Ok((urls, _)) if urls.is_empty() => {}
+                Ok((urls, configured_at)) => {
+                    return Err(VaultRootError::Refused(format!(
+                        "{configured_at} has AIA/CRL/OCSP URLs configured ({}): Vault would add them to every intermediate of issuer {issuer_ref}, which meshca refuses; clear them first",
+                        urls.join(", ")
+                    )));
+                }
+                Err(e) => warnings.push(unreadable_urls(mount, &e)),
             }
             let root = check(&issuer.certificate_pem).map_err(|e| {
                 VaultRootError::Refused(format!(
@@ -108,7 +113,7 @@ async fn init_with(
                 issuer,
                 adopted: true,
                 previous_issuer_renamed_to: None,
-                warnings: Vec::new(),
+                warnings,
             }
         }
         RootInitMode::Generate { force } => {
@@ -211,6 +216,15 @@ async fn init_with(
             let issuer = read_issuer(client, issuer_ref).await?.ok_or_else(|| {
                 VaultRootError::Refused(format!("issuer {issuer_ref} vanished after creation"))
             })?;
+            let mut warnings = warnings;
+            match urls_vault_adds(client, &issuer).await {
+                Ok((urls, _)) if urls.is_empty() => {}
+                Ok((urls, configured_at)) => warnings.push(format!(
+                    "{configured_at} has AIA/CRL/OCSP URLs configured ({}): Vault adds them to every intermediate, which meshca refuses (502 backend_out_of_policy) until they are cleared",
+                    urls.join(", ")
+                )),
+                Err(e) => warnings.push(unreadable_urls(mount, &e)),
+            }
             VaultRootOutcome {
                 root,
                 issuer,
@@ -232,6 +246,13 @@ async fn init_with(
 }
 
 /// The first block of a Vault ID (a UUID), for readable unique names.
+/// The warning when the mount's URLs cannot be read (a Vault policy without it).
+fn unreadable_urls(mount: &str, e: &impl std::fmt::Display) -> String {
+    format!(
+        "cannot read {mount}/config/urls ({e}): if AIA/CRL/OCSP URLs are set there, Vault adds them to every intermediate and meshca refuses each (502 backend_out_of_policy); grant meshca's Vault policy read on that path"
+    )
+}
+
 fn short_id(id: &str) -> &str {
     id.split('-').next().unwrap_or(id)
 }
