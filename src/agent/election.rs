@@ -33,9 +33,8 @@ pub struct Elector {
     electing: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A replica renews before a write when it would hold the Lease for less than this (at
-/// most a third of the Lease's duration, else a short Lease is renewed before every
-/// write).
+/// A replica renews before a write when it would hold the Lease for less than this (with
+/// a Lease shorter than 7.5 s, before every write).
 const WRITE_MARGIN: Duration = Duration::from_secs(5);
 
 impl Elector {
@@ -162,13 +161,12 @@ impl Elector {
 
     /// Before a write: still the leader (renewing when the margin runs out)?
     pub async fn ensure(&self) -> Result<bool, KubeError> {
-        let margin = WRITE_MARGIN.min(self.duration / 3);
-        if self.is_leader_for(margin) {
+        if self.is_leader_for(WRITE_MARGIN) {
             return Ok(true);
         }
         let _one_round = self.electing.lock().await;
         // The renewer may have renewed while this waited.
-        Ok(self.is_leader_for(margin) || self.elect_alone(SystemTime::now()).await?)
+        Ok(self.is_leader_for(WRITE_MARGIN) || self.elect_alone(SystemTime::now()).await?)
     }
 
     /// [`Elector::ensure`] as a step of a pass: `not_leader` when this replica does not lead.
