@@ -30,6 +30,8 @@ use meshca::secret::SecretSource;
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 
 const DAY_SECONDS: u64 = 86_400;
+/// `--api-timeout-seconds` by default.
+const API_TIMEOUT_SECONDS: u64 = meshca::agent::k8s::DEFAULT_API_TIMEOUT.as_secs();
 const TEN_YEARS_SECONDS: u64 = 10 * 366 * DAY_SECONDS;
 
 /// A number of seconds in `range`: durations are added to clocks, and a number past what
@@ -151,6 +153,10 @@ struct MeshControllerArgs {
     /// new one (default one day: Istio's workload certificate lifetime; at most 10 years).
     #[arg(long, default_value_t = 86_400, value_parser = seconds(0..=TEN_YEARS_SECONDS))]
     retire_after_seconds: u64,
+    /// Longest wait for an API server (this cluster's and each member's), per call: one
+    /// that never answers fails its step instead of holding the pass (at most an hour).
+    #[arg(long, default_value_t = API_TIMEOUT_SECONDS, value_parser = seconds(1..=3600))]
+    api_timeout_seconds: u64,
     /// One pass, then exit.
     #[arg(long)]
     once: bool,
@@ -346,6 +352,10 @@ struct AgentArgs {
     /// Kubernetes mode: Lease duration in seconds (at most a day).
     #[arg(long, default_value_t = 30, value_parser = seconds(1..=DAY_SECONDS))]
     lease_seconds: u64,
+    /// Kubernetes mode: longest wait for the API server, per call: one that never answers
+    /// fails the pass instead of holding it (at most an hour).
+    #[arg(long, default_value_t = API_TIMEOUT_SECONDS, value_parser = seconds(1..=3600))]
+    api_timeout_seconds: u64,
     /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
     /// e.g. 0.0.0.0:9102 (not with --once).
     #[arg(long, value_name = "ADDR")]
@@ -925,9 +935,14 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         client_key: tls.client_key,
     };
     let metrics = Arc::new(AgentMetrics::new());
-    run_in_cluster(args.once, args.metrics_listen, metrics.clone(), |client| {
-        Controller::new(Kube::new(client), opts, metrics)
-    })
+    let api_timeout = std::time::Duration::from_secs(args.api_timeout_seconds);
+    run_in_cluster(
+        args.once,
+        args.metrics_listen,
+        api_timeout,
+        metrics.clone(),
+        |client| Controller::new(Kube::new(client), opts, metrics),
+    )
 }
 
 fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
@@ -941,11 +956,16 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
         lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         retire_after: std::time::Duration::from_secs(args.retire_after_seconds),
+        member_api_timeout: std::time::Duration::from_secs(args.api_timeout_seconds),
     };
     let metrics = Arc::new(MeshControllerMetrics::new());
-    run_in_cluster(args.once, args.metrics_listen, metrics.clone(), |client| {
-        MeshController::new(client, opts, metrics)
-    })
+    run_in_cluster(
+        args.once,
+        args.metrics_listen,
+        opts.member_api_timeout,
+        metrics.clone(),
+        |client| MeshController::new(client, opts, metrics),
+    )
 }
 
 /// This replica's name in the Lease: the flag, else the pod name, else `{fallback}-{pid}`.
@@ -960,6 +980,7 @@ fn replica_identity(flag: Option<String>, fallback: &str) -> String {
 fn run_in_cluster<C: LeaderLoop>(
     once: bool,
     metrics_listen: Option<SocketAddr>,
+    api_timeout: std::time::Duration,
     metrics: Arc<dyn Exposition>,
     controller: impl FnOnce(kube::Client) -> C,
 ) -> Result<ExitCode> {
@@ -967,9 +988,10 @@ fn run_in_cluster<C: LeaderLoop>(
     rt.block_on(async move {
         // `--once` keeps the default actions: a SIGTERM ends a single pass at once.
         let stop = (!once).then(shutdown_signal).transpose()?;
-        let config = kube::Config::infer()
+        let mut config = kube::Config::infer()
             .await
             .context("cannot find a Kubernetes configuration (in-cluster or kubeconfig)")?;
+        meshca::agent::k8s::bound_calls(&mut config, api_timeout);
         let client =
             kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let controller = controller(client);

@@ -106,6 +106,9 @@ fn token(cluster: &str) -> String {
     format!("token-of-{cluster}-do-not-print")
 }
 
+/// Short, so that the test of a member that never answers is quick.
+const MEMBER_API_TIMEOUT: Duration = Duration::from_secs(2);
+
 struct World {
     mgmt: FakeCluster,
     members: BTreeMap<&'static str, FakeCluster>,
@@ -127,6 +130,7 @@ fn controller(
             lease_duration: Duration::from_secs(30),
             resync: Duration::from_secs(30),
             retire_after,
+            member_api_timeout: MEMBER_API_TIMEOUT,
         },
         metrics,
     )
@@ -1156,6 +1160,31 @@ async fn the_next_root_is_never_retired_and_its_trust_is_reported() {
         "{st}"
     );
     assert!(st.get("nextRootFingerprint").is_none(), "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_api_server_that_never_answers_fails_its_member_not_the_pass() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    // West's API server takes connections (the kernel does, for a listener nobody
+    // serves) and never answers: a load balancer with no backend, a hung apiserver.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", silent.local_addr().unwrap());
+    world.mgmt.put(
+        "/api/v1/namespaces/smh/secrets/west-kubeconfig",
+        secret_object("west", &kubeconfig(&address, &token("west"))),
+    );
+    let pass = tokio::time::timeout(Duration::from_secs(120), world.pass()).await;
+    let sent = pass.expect("the pass waited for west for two minutes");
+    assert!(!sent["east"].is_empty(), "east was not reconciled");
+    let st = world.status("vm");
+    let west = member_status(&st, "west");
+    let message = west["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("timed out") || message.contains("timeout"),
+        "{west}"
+    );
+    drop(silent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ pub const OWNER: &str = "meshca.dev/owner";
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 
 #[derive(Debug, thiserror::Error)]
-#[error("Kubernetes API: {action}: {source}")]
+#[error("Kubernetes API: {action}: {}", with_causes(source))]
 pub struct KubeError {
     pub action: String,
     #[source]
@@ -45,6 +45,22 @@ impl KubeError {
             _ => None,
         }
     }
+}
+
+/// An error and its causes: kube says "client error (SendRequest)" for a refused
+/// connection and a timed-out read alike; the cause tells them apart.
+fn with_causes(error: &kube::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Names the call a `kube::Error` came from (shared with the mesh controller's calls).
@@ -408,18 +424,36 @@ impl Kube {
     }
 }
 
+/// Longest wait for an answer from a Kubernetes API server, by default. kube's client sets
+/// none for reading: an API server (or a member cluster's, behind a broken load balancer)
+/// that takes the connection and never answers would hold a pass, and every cluster after
+/// it, forever, and a SIGTERM behind it. meshca never watches, so no call waits longer.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds every call of clients made from `config`: connecting, sending, and each read.
+pub fn bound_calls(config: &mut kube::Config, timeout: Duration) {
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+}
+
 /// A client for another cluster (the management plane reaching a remote cluster): from
-/// kubeconfig YAML and an optional context name.
-pub async fn client_from_kubeconfig(yaml: &str, context: Option<&str>) -> Result<Client, String> {
+/// kubeconfig YAML and an optional context name, each call bounded by `timeout`.
+pub async fn client_from_kubeconfig(
+    yaml: &str,
+    context: Option<&str>,
+    timeout: Duration,
+) -> Result<Client, String> {
     let kubeconfig =
         kube::config::Kubeconfig::from_yaml(yaml).map_err(|e| format!("kubeconfig: {e}"))?;
     let options = kube::config::KubeConfigOptions {
         context: context.map(String::from),
         ..Default::default()
     };
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|e| format!("kubeconfig: {e}"))?;
+    bound_calls(&mut config, timeout);
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 

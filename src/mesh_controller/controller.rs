@@ -43,6 +43,8 @@ pub struct MeshControllerOptions {
     pub resync: Duration,
     /// How long after every member reports the new root the old ones are retired.
     pub retire_after: Duration,
+    /// Longest wait for a member cluster's API server, each call.
+    pub member_api_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -271,9 +273,14 @@ impl MeshController {
             .and_then(|mut d| d.remove(&secret_ref.key))
             .ok_or_else(|| format!("{what}: no such key"))?;
         let text = String::from_utf8(bytes.0).map_err(|_| format!("{what}: not UTF-8 text"))?;
-        member_client(&text, secret_ref.context.as_deref(), &what)
-            .await
-            .map(MemberCluster::new)
+        member_client(
+            &text,
+            secret_ref.context.as_deref(),
+            &what,
+            self.opts.member_api_timeout,
+        )
+        .await
+        .map(MemberCluster::new)
     }
 
     /// Reads what a member's decisions need: its requests (in its agent namespace and the

@@ -240,12 +240,13 @@ pub async fn member_client(
     kubeconfig: &str,
     context: Option<&str>,
     source: &str,
+    timeout: std::time::Duration,
 ) -> Result<Client, String> {
     let Ok(parsed) = kube::config::Kubeconfig::from_yaml(kubeconfig) else {
         return Err(format!("{source} is not a valid kubeconfig"));
     };
     refuse_local_credentials(&parsed).map_err(|e| format!("{source}: {e}"))?;
-    crate::agent::k8s::client_from_kubeconfig(kubeconfig, context)
+    crate::agent::k8s::client_from_kubeconfig(kubeconfig, context, timeout)
         .await
         .map_err(|e| format!("{source}: {e}"))
 }
