@@ -6,13 +6,32 @@
 /// meet the default action (death without a drain), and one that arrives before the
 /// future is first polled is kept. Needs the Tokio runtime.
 pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+    let mut signals = StopSignals::take_over()?;
+    Ok(async move { signals.next().await })
+}
+
+/// SIGTERM and SIGINT, each one of them in turn: for a process whose first one starts a
+/// drain and whose second one cuts it short.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Takes both signals over now (see [`shutdown_signal`]).
+    pub fn take_over() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
         }
-    })
+    }
 }

@@ -1186,3 +1186,35 @@ async fn a_grant_removed_while_a_body_arrives_is_gone_for_that_request() {
     assert_eq!(lines[2]["rulesSha256"], lines[1]["rulesSha256"]);
     assert_ne!(lines[1]["rulesSha256"], lines[0]["rulesSha256"]);
 }
+
+#[tokio::test]
+async fn a_second_sigterm_cuts_the_drain_short_and_still_audits_what_was_under_way() {
+    // A drain that would last ten minutes, and a request that will not finish by itself.
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\ndrain_timeout_ms = 600000\nbody_timeout_ms = 600000\n".into(),
+        ..EnvSpec::default()
+    });
+    let mut signer = env.start_signer();
+    let (_key, stalled_csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &stalled_csr)).unwrap();
+    let mut stalled = tls_connect(&env, &signer, "cluster-b").await;
+    begin_sign_request(&mut stalled, &body, 40).await;
+
+    send_signal(signer.child.id(), "TERM");
+    signer.wait_for_log("shutting down").await;
+    // The operator will not wait ten minutes.
+    terminate_within_a_minute(&mut signer).await;
+    drop(stalled);
+
+    assert!(
+        signer
+            .logs()
+            .contains("a second stop signal: the drain is cut short"),
+        "{}",
+        signer.logs()
+    );
+    let line = decision_of(&signer, "cluster-b").await;
+    assert_eq!(line["decision"], "error", "{line}");
+    assert_eq!(line["rule"], "signer_stopping", "{line}");
+    env.audit_verify_ok();
+}

@@ -381,13 +381,30 @@ impl RunningSigner {
     /// every signing decision still under way (its connection cut by the drain, or its
     /// client gone) is stopped and audited as `signer_stopping`; returns once all
     /// decisions have their audit lines.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(self, hurry: impl Future<Output = ()> + Send + 'static) {
         let deadline = tokio::time::Instant::now() + self.state.rules().limits.drain_timeout;
+        // Over at the drain time, or at once on `hurry` (a second stop signal: an operator
+        // who will not wait, rather than one who kills the process and loses the lines).
+        let over = CancellationToken::new();
+        let timer = {
+            let over = over.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = hurry => tracing::warn!("a second stop signal: the drain is cut short"),
+                }
+                over.cancel();
+            })
+        };
         let _ = self.shutdown.send(true);
         for mut task in self.tasks {
             // A listener waits for its open connections; one that a peer holds open (a
             // request line sent to the ops port, then nothing) must not hold up the exit.
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            let drained = tokio::select! {
+                _ = &mut task => true,
+                _ = over.cancelled() => false,
+            };
+            if !drained {
                 tracing::warn!(
                     "drain time is over: connections still open are closed (a client or scraper that stopped mid-request)"
                 );
@@ -397,10 +414,12 @@ impl RunningSigner {
         }
         let decisions = &self.state.decisions;
         decisions.close();
-        if tokio::time::timeout_at(deadline, decisions.wait())
-            .await
-            .is_err()
-        {
+        let decided = tokio::select! {
+            _ = decisions.wait() => true,
+            _ = over.cancelled() => false,
+        };
+        timer.abort();
+        if !decided {
             tracing::warn!(
                 decisions = decisions.len(),
                 "drain time is over: signing requests still under way are stopped and audited as signer_stopping"
@@ -771,13 +790,12 @@ pub async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups =
         signal(SignalKind::hangup()).map_err(|e| StartError::Signals(format!("SIGHUP: {e}")))?;
-    let stop = crate::signals::shutdown_signal()
+    let mut stops = crate::signals::StopSignals::take_over()
         .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
     let running = start(config, listen_override).await?;
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = stops.next() => break,
             Some(()) = hangups.recv() => {
                 match running.reload_tls() {
                     Ok(TlsReload { certificate_not_after, changed: true }) => tracing::info!(
@@ -797,8 +815,10 @@ pub async fn run(
             }
         }
     }
-    tracing::info!("shutting down: no new connections, draining in-flight requests");
-    running.shutdown().await;
+    tracing::info!(
+        "shutting down: no new connections, draining in-flight requests (a second SIGTERM or SIGINT cuts the drain short)"
+    );
+    running.shutdown(async move { stops.next().await }).await;
     tracing::info!("signer stopped");
     Ok(())
 }
