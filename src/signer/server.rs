@@ -377,10 +377,10 @@ impl RunningSigner {
         }
     }
 
-    /// Stops accepting and drains in-flight requests for at most the drain timeout. Then
-    /// every signing decision still under way (its connection cut by the drain, or its
-    /// client gone) is stopped and audited as `signer_stopping`; returns once all
-    /// decisions have their audit lines.
+    /// Stops accepting and drains in-flight requests for at most the drain timeout, or
+    /// until `hurry` resolves. Then every signing decision still under way (its connection
+    /// cut by the drain, or its client gone) is stopped and audited as `signer_stopping`;
+    /// returns once all decisions have their audit lines.
     pub async fn shutdown(self, hurry: impl Future<Output = ()> + Send + 'static) {
         let deadline = tokio::time::Instant::now() + self.state.rules().limits.drain_timeout;
         // Over at the drain time, or at once on `hurry` (a second stop signal: an operator

@@ -92,6 +92,13 @@ pub async fn urls_vault_adds(
     Ok((url_fields(&answer), path))
 }
 
+/// The warning when the mount's URLs cannot be read (a Vault policy without that read).
+pub fn unreadable_urls(mount: &str, e: &impl std::fmt::Display) -> String {
+    format!(
+        "cannot read {mount}/config/urls ({e}): if AIA/CRL/OCSP URLs are set there, Vault adds them to every intermediate and meshca refuses each (502 backend_out_of_policy); grant meshca's Vault policy read on that path"
+    )
+}
+
 /// The URL lists of an issuer's or a mount's answer.
 fn url_fields(answer: &Value) -> Vec<String> {
     let mut urls = Vec::new();
@@ -191,10 +198,7 @@ impl VaultBackend {
                 ?urls,
                 "Vault has AIA/CRL/OCSP URLs configured: it adds them to every intermediate and meshca refuses those (502 backend_out_of_policy); clear them"
             ),
-            Err(e) => tracing::warn!(
-                error = %e,
-                "cannot read the mount's AIA/CRL/OCSP URLs ({mount}/config/urls): if any are set, every signing gets 502 backend_out_of_policy; grant meshca's Vault policy read on that path so the start can tell"
-            ),
+            Err(e) => tracing::warn!("{}", unreadable_urls(mount, &e)),
         }
         Ok(())
     }

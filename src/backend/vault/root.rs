@@ -11,7 +11,7 @@ use serde_json::json;
 use super::client::{VaultClient, VaultError};
 use super::config::VaultSettings;
 use super::profile::{self, RootRequest};
-use super::{IssuerInfo, read_issuer, urls_vault_adds};
+use super::{IssuerInfo, read_issuer, unreadable_urls, urls_vault_adds};
 use crate::config::SignerConfig;
 use crate::pki::profile::RootCa;
 
@@ -246,13 +246,6 @@ async fn init_with(
 }
 
 /// The first block of a Vault ID (a UUID), for readable unique names.
-/// The warning when the mount's URLs cannot be read (a Vault policy without it).
-fn unreadable_urls(mount: &str, e: &impl std::fmt::Display) -> String {
-    format!(
-        "cannot read {mount}/config/urls ({e}): if AIA/CRL/OCSP URLs are set there, Vault adds them to every intermediate and meshca refuses each (502 backend_out_of_policy); grant meshca's Vault policy read on that path"
-    )
-}
-
 fn short_id(id: &str) -> &str {
     id.split('-').next().unwrap_or(id)
 }
