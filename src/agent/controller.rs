@@ -22,8 +22,8 @@ use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, plan_for,
 };
 use super::rotation::{
-    Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, carries_root, check_ttl, decide,
-    normalize_fingerprint, renewal_held_by_root,
+    Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, check_ttl, decide, normalize_fingerprint,
+    renewal_held_by_root,
 };
 use super::{AgentError, BundleRequest, RootsPlan, check_renewable, obtain_bundle};
 use crate::pki::bundle::{BundleFiles, BundleSummary};
@@ -702,7 +702,7 @@ impl Controller {
                         .kube
                         .root_configmap(&ns)
                         .await?
-                        .is_some_and(|pem| carries_root(&pem, &record.root_fingerprint));
+                        .is_some_and(|pem| record.namespace_ready(&pem));
                     if carried {
                         view.ready_namespaces.insert(ns);
                     }

@@ -115,6 +115,7 @@ pub fn plan_for(
             _ => None,
         },
         root_fingerprint: root_fingerprint.to_string(),
+        root_set: super::rotation::root_fingerprints(root_cert),
         scope,
         stage: Stage::Istiod,
         stage_started: now_rfc3339.to_string(),
@@ -170,8 +171,14 @@ pub struct RestartRecord {
     /// its SHA-256, so each version of the roots has its own plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roots_sha256: Option<String>,
-    /// SHA-256 of the root the namespaces must carry before their pods restart.
+    /// SHA-256 of the root the new intermediate chains to.
     pub root_fingerprint: String,
+    /// SHA-256 of each root of the new root-cert.pem, in its order: what a namespace's
+    /// `istio-ca-root-cert` must carry, in that order, before its pods restart (see
+    /// [`RestartRecord::namespace_ready`]). Absent from plans recorded before it: the
+    /// namespace then needs only `root_fingerprint`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root_set: Vec<String>,
     /// What the plan restarts (`Full` when absent).
     #[serde(default, skip_serializing_if = "RestartScope::is_full")]
     pub scope: RestartScope,
@@ -198,6 +205,24 @@ impl RestartRecord {
             Some(roots) => format!("{}+roots-{roots}", self.serial),
             None => self.serial.clone(),
         }
+    }
+
+    /// Whether a namespace whose `istio-ca-root-cert` holds `pem` has what the new istiod
+    /// writes there: the new root-cert.pem's roots in their order (other anchors besides
+    /// them allowed). Carrying the new root alone is not enough: a root announced ahead of
+    /// a switch is in every ConfigMap already, in second place, before the switch's istiod
+    /// starts, and an announcement adds a root to what the old istiod still writes.
+    pub fn namespace_ready(&self, pem: &str) -> bool {
+        if self.root_set.is_empty() {
+            return super::rotation::carries_root(pem, &self.root_fingerprint);
+        }
+        let mut carried: Vec<String> = Vec::new();
+        for fp in super::rotation::root_fingerprints(pem) {
+            if self.root_set.contains(&fp) && !carried.contains(&fp) {
+                carried.push(fp);
+            }
+        }
+        carried == self.root_set
     }
 
     /// The stage after `stage` in this plan.
@@ -361,6 +386,7 @@ mod tests {
             serial: "aa01".into(),
             roots_sha256: None,
             root_fingerprint: "ff".into(),
+            root_set: vec![],
             scope: RestartScope::Full,
             stage,
             stage_started: "2026-01-01T00:00:00Z".into(),
@@ -402,6 +428,54 @@ mod tests {
             assert_eq!(restart_scope(policy, kind), expect, "{policy:?} {kind:?}");
         }
         assert_eq!(RestartPolicy::default(), Auto);
+    }
+
+    #[test]
+    fn a_namespace_is_ready_when_its_configmap_holds_the_new_roots_in_their_order() {
+        use crate::pki::keys::KeyType;
+        use crate::pki::testing::software_root;
+        let day = std::time::Duration::from_secs(86_400);
+        let root = || software_root(KeyType::EcdsaP256, "acme", day).1;
+        let (r1, r2, other) = (root(), root(), root());
+        let pem = |roots: &[&crate::pki::profile::RootCa]| -> String {
+            roots.iter().map(|r| r.pem.as_str()).collect()
+        };
+        let plan = |kind, roots: &str, issuing: &crate::pki::profile::RootCa| {
+            plan_for(
+                RestartPolicy::Always,
+                kind,
+                "aa01",
+                &issuing.fingerprint_sha256,
+                roots,
+                None,
+                "2026-01-01T00:00:00Z",
+            )
+            .unwrap()
+        };
+        // The switch: the new istiod writes R2 then R1; R1 then R2 is still the old one's
+        // (it took the announced R2 at the announcement), though it carries R2.
+        let switch = plan(
+            InstallKind::Replacement {
+                roots_changed: true,
+            },
+            &pem(&[&r2, &r1]),
+            &r2,
+        );
+        assert!(!switch.namespace_ready(&pem(&[&r1, &r2])));
+        assert!(!switch.namespace_ready(&pem(&[&r2])));
+        assert!(switch.namespace_ready(&pem(&[&r2, &r1])));
+        // Anchors istiod adds besides them (mesh config), or a root twice, do not hold it up.
+        assert!(switch.namespace_ready(&pem(&[&other, &r2, &r1])));
+        assert!(switch.namespace_ready(&pem(&[&r2, &r2, &r1])));
+        // The announcement: the issuing root stays R1; ready once R2 is there too.
+        let announcement = plan(InstallKind::RootsOnly, &pem(&[&r1, &r2]), &r1);
+        assert!(!announcement.namespace_ready(&pem(&[&r1])));
+        assert!(announcement.namespace_ready(&pem(&[&r1, &r2])));
+        // A plan recorded before the root set was: the issuing root is enough, as then.
+        let mut older = switch.clone();
+        older.root_set.clear();
+        assert!(older.namespace_ready(&pem(&[&r1, &r2])));
+        assert!(!older.namespace_ready(&pem(&[&r1])));
     }
 
     #[test]
