@@ -258,6 +258,7 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
     assert_eq!(apply.content_type, "application/apply-patch+yaml");
     assert_eq!(apply.param("fieldManager").as_deref(), Some("meshca"));
     assert_eq!(apply.param("force").as_deref(), Some("true"));
+    assert_eq!(apply.param("fieldValidation").as_deref(), Some("Strict"));
     assert_eq!(apply.body["apiVersion"], "v1");
     assert_eq!(apply.body["kind"], "Secret");
     assert_eq!(
@@ -320,6 +321,8 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
         assert_eq!(w.method, "PATCH");
         assert_eq!(w.content_type, "application/apply-patch+yaml");
         assert_eq!(w.param("fieldManager").as_deref(), Some("meshca"));
+        // A CRD older than the agent refuses a field it does not know, loudly.
+        assert_eq!(w.param("fieldValidation").as_deref(), Some("Strict"));
     }
     let st = vmcsr_status(&cluster);
     assert_eq!(st["serial"], summary.serial);

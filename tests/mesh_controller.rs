@@ -303,6 +303,12 @@ fn assert_apply(r: &Recorded) {
         r.path
     );
     assert_eq!(r.param("force").as_deref(), Some("true"), "{}", r.path);
+    assert_eq!(
+        r.param("fieldValidation").as_deref(),
+        Some("Strict"),
+        "{}",
+        r.path
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,9 +71,13 @@ pub(crate) fn ctx(action: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -
     }
 }
 
-/// Server-side apply as field manager `meshca`, forced (meshca owns what it applies).
+/// Server-side apply as field manager `meshca`, forced (meshca owns what it applies),
+/// with strict field validation: a field the object's schema does not know (a CRD older
+/// than the agent, or an Istio older than meshca expects) is refused by name instead of
+/// pruned with a warning no one reads. A pruned `status.nextRootFingerprint` would have
+/// the mesh controller retire the next root it announces.
 pub(crate) fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
+    PatchParams::apply(FIELD_MANAGER).force().validation_strict()
 }
 
 /// Server-side apply of the status subresource of a meshca resource: the body carries
