@@ -77,7 +77,9 @@ pub(crate) fn ctx(action: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -
 /// pruned with a warning no one reads. A pruned `status.nextRootFingerprint` would have
 /// the mesh controller retire the next root it announces.
 pub(crate) fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force().validation_strict()
+    PatchParams::apply(FIELD_MANAGER)
+        .force()
+        .validation_strict()
 }
 
 /// Server-side apply of the status subresource of a meshca resource: the body carries

@@ -664,6 +664,7 @@ impl MeshController {
                 removing,
                 roots,
                 next_root,
+                next_root_settle: self.opts.retire_after,
                 federation: outcome,
             },
             now,

@@ -313,6 +313,10 @@ pub struct VirtualMeshStatus {
     /// when every member trusts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_root_fingerprint: Option<String>,
+    /// Since when every member trusts that root (RFC 3339): NextRootTrusted turns True
+    /// the retirement delay after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_root_trusted_since: Option<String>,
     /// Old roots the controller told every member to stop trusting.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_root_fingerprints: Vec<String>,

@@ -645,6 +645,9 @@ pub struct MemberTrust {
     /// The root the signer announces as its next one, as the agent last heard it: trusted
     /// ahead of a root change, so never retired.
     pub next: Option<String>,
+    /// Its restart plan is under way: istiod may still run with the roots it had (it takes
+    /// a changed root-cert.pem only when it starts), whatever the Secret holds.
+    pub restarting: bool,
 }
 
 /// Most roots taken from one member's `trustedRootFingerprints` (a root change has two or
@@ -691,13 +694,21 @@ impl MemberTrust {
                 .next_root_fingerprint
                 .as_deref()
                 .and_then(reported_fingerprint),
+            restarting: status
+                .restart
+                .as_ref()
+                .is_some_and(|plan| !plan.stage.is_final()),
         }
     }
 
     /// Whether its root-cert.pem holds `root`, as reported for its current spec (a status
-    /// for an older spec may describe a root-cert.pem the agent is about to change).
+    /// for an older spec may describe a root-cert.pem the agent is about to change), and
+    /// its istiod was restarted to take it.
     fn trusts_now(&self, root: &str) -> bool {
-        self.installed && self.current && self.trusted.iter().any(|fp| fp == root)
+        self.installed
+            && self.current
+            && !self.restarting
+            && self.trusted.iter().any(|fp| fp == root)
     }
 }
 
@@ -757,10 +768,10 @@ pub fn decide_roots(
         // R is in use, so kept.
         .filter(|fp| !kept(fp) && !retired.contains(fp))
         .collect();
-    let settled = members.iter().all(|m| m.current);
+    let settled = members.iter().all(|m| m.current && !m.restarting);
     if old.is_empty() || !settled {
-        // Nothing to retire, or a member has not yet acted on its latest spec: keep any
-        // rotation under way as it was.
+        // Nothing to retire, or a member has not yet acted on its latest spec (or its
+        // istiod not yet restarted for it): keep any rotation under way as it was.
         let rotation = previous
             .root_rotation
             .clone()
@@ -981,6 +992,10 @@ pub struct Observed {
     pub roots: RootDecision,
     /// The next root the members report, and who trusts it ([`next_root_trust`]).
     pub next_root: Option<NextRootTrust>,
+    /// How long every member must have trusted the next root before the signer may switch
+    /// to it: workloads take a changed root set from istiod only with their next
+    /// certificate (the controller's `--retire-after-seconds`, the same bound the other way).
+    pub next_root_settle: Duration,
     pub federation: FederationOutcome,
 }
 
@@ -1149,15 +1164,38 @@ pub fn converged_status(
         Some(NextRootTrust::Agreed { root, lacking }) => {
             status.next_root_fingerprint = Some(root.clone());
             if lacking.is_empty() {
-                condition(
-                    &mut status,
-                    NEXT_ROOT_TRUSTED,
-                    true,
-                    "AllMembers",
-                    &format!(
-                        "every member trusts the signer's next root sha256 {root}: the signer may switch to it"
-                    ),
-                );
+                let since = previous
+                    .next_root_trusted_since
+                    .as_deref()
+                    .filter(|_| previous.next_root_fingerprint.as_deref() == Some(root))
+                    .and_then(parse_time)
+                    .unwrap_or(now);
+                status.next_root_trusted_since = Some(rfc3339(since));
+                let switch_at = since + observed.next_root_settle;
+                if now >= switch_at {
+                    condition(
+                        &mut status,
+                        NEXT_ROOT_TRUSTED,
+                        true,
+                        "AllMembers",
+                        &format!(
+                            "every member has trusted the signer's next root sha256 {root} since {}: the signer may switch to it",
+                            rfc3339(since)
+                        ),
+                    );
+                } else {
+                    condition(
+                        &mut status,
+                        NEXT_ROOT_TRUSTED,
+                        false,
+                        "Settling",
+                        &format!(
+                            "every member trusts the signer's next root sha256 {root} since {}, but workloads take it from istiod only with their next certificate: keep the signer on its current root until {}",
+                            rfc3339(since),
+                            rfc3339(switch_at)
+                        ),
+                    );
+                }
             } else {
                 let names: Vec<String> = lacking.iter().map(ToString::to_string).collect();
                 condition(
@@ -1955,6 +1993,7 @@ mod tests {
             root: (!root.is_empty()).then(|| root.to_string()),
             trusted: trusted.iter().map(|s| s.to_string()).collect(),
             next: None,
+            restarting: false,
         }
     }
 
@@ -2335,6 +2374,82 @@ mod tests {
         );
         assert_eq!(after.next_root_fingerprint, None);
         assert_eq!(after.conditions.len(), 4);
+
+        // With a settle time (the retirement delay): every member's Secret holds R2, but
+        // workloads learn it with their next certificate; True only a settle time after.
+        let settling = |previous: &VirtualMeshStatus, t: u64| {
+            let mut seen = observed(
+                vec![
+                    report("east", RequestView::Present(Some(&installed)), None),
+                    report("west", RequestView::Present(Some(&installed)), None),
+                ],
+                FederationOutcome::Disabled,
+            );
+            seen.next_root = both(&preparing, &preparing);
+            seen.next_root_settle = DAY;
+            converged_status(previous, Some(2), seen, at(t))
+        };
+        let first = settling(&pending, 60);
+        let c = condition(&first, NEXT_ROOT_TRUSTED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Settling")
+        );
+        let since = rfc3339(at(60));
+        let until = rfc3339(at(60) + DAY);
+        assert!(
+            c.message.contains(&since)
+                && c.message.contains(&format!("current root until {until}")),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            first.next_root_trusted_since.as_deref(),
+            Some(since.as_str())
+        );
+        let later = settling(&first, 60 + 86_399);
+        assert_eq!(condition(&later, NEXT_ROOT_TRUSTED).reason, "Settling");
+        let settled = settling(&later, 60 + 86_400);
+        let c = condition(&settled, NEXT_ROOT_TRUSTED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "AllMembers")
+        );
+        assert_eq!(
+            settled.next_root_trusted_since.as_deref(),
+            Some(since.as_str())
+        );
+        // A member that stops trusting it starts the wait again.
+        let lost = status_with(&settled, both(&preparing, &on_r1), 90_000);
+        assert_eq!(lost.next_root_trusted_since, None);
+        assert_eq!(
+            settling(&lost, 90_060).next_root_trusted_since,
+            Some(rfc3339(at(90_060)))
+        );
+    }
+
+    #[test]
+    fn a_member_whose_istiod_is_not_yet_restarted_does_not_trust_the_next_root_yet() {
+        let east = r("smh/east");
+        let mut restarting = announcing(trust(true, true, R1, &[R1, R2]), R2);
+        restarting.restarting = true;
+        assert_eq!(
+            next_root_trust(&[(&east, &restarting)]),
+            Some(NextRootTrust::Agreed {
+                root: R2.into(),
+                lacking: vec![east.clone()],
+            })
+        );
+        // Nor is a root change converged, for retirement, while a member restarts.
+        let mut moved = trust(true, true, R2, &[R1, R2]);
+        let none = VirtualMeshStatus::default();
+        assert!(
+            decide_roots(&[moved.clone()], &none, at(0), DAY)
+                .rotation
+                .is_some()
+        );
+        moved.restarting = true;
+        assert!(decide_roots(&[moved], &none, at(0), DAY).rotation.is_none());
     }
 
     fn report<'a>(name: &str, view: RequestView<'a>, problem: Option<&str>) -> MemberStatus {
@@ -2390,6 +2505,7 @@ mod tests {
                 ..RootDecision::default()
             },
             next_root: None,
+            next_root_settle: Duration::ZERO,
             federation,
         }
     }
