@@ -30,10 +30,20 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A command as failure messages show it: program and arguments only. `Command`'s Debug
+/// prints the variables set with `.env()` too, which carry PINs and tokens.
+pub fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|part| format!("{part:?}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Runs a command, panicking with its output if it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)))
 }
 
 /// Runs a command that must succeed.
@@ -41,7 +51,8 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     let out = run(cmd);
     assert!(
         out.status.success(),
-        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        "{} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        describe(cmd),
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
