@@ -58,12 +58,22 @@ fn pass_ok(env: &Env, addr: &str, cluster: &str, dir: &Path, extra: &[&str]) -> 
 }
 
 /// Everything that would change if a file were rewritten: the `..data` target, and each
-/// file's bytes, inode and mtime.
+/// file's contents, inode and mtime. Contents are kept as SHA-256 digests: a failed
+/// comparison prints the snapshot, and ca-key.pem's bytes are a private key.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
     data_link: PathBuf,
-    files: Vec<(String, Vec<u8>, u64, i64, i64)>,
+    files: Vec<(String, String, u64, i64, i64)>,
     entries: Vec<String>,
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn snapshot(dir: &Path) -> Snapshot {
@@ -74,7 +84,7 @@ fn snapshot(dir: &Path) -> Snapshot {
             let meta = std::fs::metadata(&path).unwrap();
             (
                 name.to_string(),
-                std::fs::read(&path).unwrap(),
+                digest(&std::fs::read(&path).unwrap()),
                 meta.ino(),
                 meta.mtime(),
                 meta.mtime_nsec(),
@@ -271,10 +281,11 @@ fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
     for name in NAMES {
         std::fs::copy(dir.join(name), foreign.join(name)).unwrap();
     }
-    let contents = |d: &Path| -> Vec<Vec<u8>> {
+    // Digests, not bytes: ca-key.pem is a private key, and a failed comparison prints both.
+    let contents = |d: &Path| -> Vec<String> {
         NAMES
             .iter()
-            .map(|n| std::fs::read(d.join(n)).unwrap())
+            .map(|n| digest(&std::fs::read(d.join(n)).unwrap()))
             .collect()
     };
     let untouched = contents(&foreign);
