@@ -762,10 +762,21 @@ impl Signer {
     /// SIGTERM, then wait for exit; returns whether it exited successfully. Every line
     /// the signer wrote is in the logs then.
     pub fn terminate(&mut self) -> bool {
+        self.terminate_status().success()
+    }
+
+    /// SIGTERM, then its exit status, waiting at most [`EXIT_WAIT`] (the test fails with
+    /// the logs past it). Every line the signer wrote is in the logs then.
+    pub fn terminate_status(&mut self) -> std::process::ExitStatus {
         send_signal(self.child.id(), "TERM");
-        let status = self.child.wait().unwrap();
+        let status = wait_within(&mut self.child, EXIT_WAIT).unwrap_or_else(|| {
+            panic!(
+                "the signer did not exit within {EXIT_WAIT:?} of SIGTERM:\n{}",
+                self.logs()
+            )
+        });
         self.read_all_logs();
-        status.success()
+        status
     }
 
     /// Once the process has exited: waits until every line it wrote is in the logs.
@@ -811,12 +822,45 @@ impl Drop for Signer {
     }
 }
 
-/// Sends a signal with the `kill` command (no libc dependency for one call).
+/// Sends `signal` (its name without `SIG`) to `pid`, which must take it. kill(2) itself,
+/// not the `kill` command: slim images may lack procps, and a signal not sent would leave
+/// the test waiting for what it should have caused.
 pub fn send_signal(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
+    let number = match signal {
+        "TERM" => libc::SIGTERM,
+        "HUP" => libc::SIGHUP,
+        "KILL" => libc::SIGKILL,
+        "INT" => libc::SIGINT,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        other => panic!("send_signal: SIG{other} is not one the tests send"),
+    };
+    let pid_t = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    let sent = unsafe { libc::kill(pid_t, number) };
+    assert!(
+        sent == 0,
+        "kill -{signal} {pid} failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// How long a process asked to stop (SIGTERM) may take to exit: a signer drains for far
+/// less. Past it the test fails instead of hanging the suite.
+pub const EXIT_WAIT: Duration = Duration::from_secs(60);
+
+/// `child`'s exit status once it has exited, waiting at most `within` (None: still running).
+pub fn wait_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A CSR PEM for a fresh key of `key_type`, subject O=org, CN=cn.
