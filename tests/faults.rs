@@ -434,45 +434,164 @@ async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
     env.audit_verify_ok();
 }
 
+/// What `openssl s_client -brief` made of one connection: on stderr, `CONNECTION
+/// ESTABLISHED` with the negotiated `Protocol version:` and `Ciphersuite:` once a handshake
+/// completed, an error naming any alert it received otherwise.
+struct Probe {
+    stdout: String,
+    stderr: String,
+}
+
+impl Probe {
+    fn line(&self, prefix: &str) -> Option<&str> {
+        self.stderr.lines().find_map(|l| l.strip_prefix(prefix))
+    }
+
+    /// Completed with `version` and `suite` (any suite if None), the server verified.
+    fn completed(&self, version: &str, suite: Option<&str>) -> bool {
+        self.stderr.contains("CONNECTION ESTABLISHED")
+            && self.line("Protocol version: ") == Some(version)
+            && suite.is_none_or(|want| self.line("Ciphersuite: ") == Some(want))
+            && self.line("Verification: ") == Some("OK")
+    }
+
+    /// Refused by the server: nothing negotiated, and an alert it sent (s_client names an
+    /// alert it received as `SSL alert number N`; a handshake the client gave up on by
+    /// itself has none).
+    fn refused_by_server(&self) -> bool {
+        !self.stderr.contains("CONNECTION ESTABLISHED")
+            && self.line("Protocol version: ").is_none()
+            && self.stderr.contains("SSL alert number")
+    }
+
+    fn output(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// `openssl s_client -brief` to `addr` as client cluster-a, with `args`; no input, so it
+/// ends once the handshake is done or refused (`timeout` bounds it).
+fn probe(env: &Env, addr: &str, args: &[&str]) -> Probe {
+    let out = run(std::process::Command::new("timeout")
+        .current_dir(env.dir.path())
+        .args(["20", "openssl", "s_client", "-brief", "-connect", addr])
+        .args(["-CAfile", "pki/ca.pem"])
+        .args(["-cert", "pki/cluster-a.pem", "-key", "pki/cluster-a.key"])
+        .args(args)
+        .stdin(std::process::Stdio::null()));
+    Probe {
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
+    }
+}
+
+/// `openssl s_server` with the signer's own certificate and key, allowing every protocol
+/// version and suite this OpenSSL has: the positive control of a refusal probe (the same
+/// client invocation completes when the server allows it). Killed when dropped.
+struct PermissiveServer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl PermissiveServer {
+    fn start(env: &Env) -> PermissiveServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("openssl")
+            .current_dir(env.dir.path())
+            .args(["s_server", "-accept", "127.0.0.1:0"])
+            .args(["-cert", "pki/signer.pem", "-key", "pki/signer.key"])
+            .args(["-cipher", "ALL:@SECLEVEL=0", "-min_protocol", "TLSv1"])
+            // s_server ends at the end of its input: stdin stays open while it serves.
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn openssl s_server");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // `ACCEPT 127.0.0.1:PORT` once it listens; it writes nothing more unless asked.
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("ACCEPT ").map(str::to_string));
+        // The rest is drained, so a full pipe never blocks it.
+        std::thread::spawn(move || lines.for_each(drop));
+        match addr {
+            Some(addr) => PermissiveServer { child, addr },
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("openssl s_server did not start");
+            }
+        }
+    }
+}
+
+impl Drop for PermissiveServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn only_tls13_and_forward_secret_tls12_are_offered() {
     let env = Env::new();
     let signer = env.start_signer();
-    let connect = |args: &[&str]| {
-        let out = run(std::process::Command::new("timeout")
-            .current_dir(env.dir.path())
-            .args([
-                "20",
-                "openssl",
-                "s_client",
-                "-connect",
-                &signer.addr.to_string(),
-            ])
-            .args([
-                "-CAfile",
-                "pki/ca.pem",
-                "-cert",
-                "pki/cluster-a.pem",
-                "-key",
-                "pki/cluster-a.key",
-            ])
-            .args(args)
-            .stdin(std::process::Stdio::null()));
-        let stdout = text(&out.stdout);
-        stdout.contains("Verify return code: 0 (ok)") && !stdout.contains("Cipher is (NONE)")
-    };
-    assert!(connect(&["-tls1_3"]), "TLS 1.3 must work");
+    let addr = signer.addr.to_string();
+
+    let tls13 = probe(&env, &addr, &["-tls1_3"]);
     assert!(
-        connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
-        "ECDHE AEAD TLS 1.2 must work"
+        tls13.completed("TLSv1.3", None),
+        "TLS 1.3 must work:\n{}",
+        tls13.output()
     );
+    let suite = "ECDHE-ECDSA-AES128-GCM-SHA256";
+    let tls12 = probe(&env, &addr, &["-tls1_2", "-cipher", suite]);
     assert!(
-        !connect(&["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
-        "static-RSA key exchange must be refused"
+        tls12.completed("TLSv1.2", Some(suite)),
+        "ECDHE AEAD TLS 1.2 must work:\n{}",
+        tls12.output()
     );
-    assert!(
-        !connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]),
-        "CBC suites must be refused"
-    );
-    assert!(!connect(&["-tls1_1"]), "TLS 1.1 must be refused");
+
+    // Each refusal only counts if this client completes the same handshake with a server
+    // that allows it (OpenSSL 3 clients offer TLS 1.0 and 1.1 only at security level 0).
+    // No static-RSA probe: the signer's key is ECDSA, with which an RSA key exchange can
+    // never be negotiated whatever the signer allowed, so that probe could not fail.
+    let permissive = PermissiveServer::start(&env);
+    // (what, s_client arguments, the version and suite the control completes with)
+    let refusals: [(&str, &[&str], &str, Option<&str>); 3] = [
+        (
+            "a CBC suite",
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"],
+            "TLSv1.2",
+            Some("ECDHE-ECDSA-AES128-SHA"),
+        ),
+        (
+            "TLS 1.1",
+            &["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+            "TLSv1.1",
+            None,
+        ),
+        (
+            "TLS 1.0",
+            &["-tls1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+            "TLSv1",
+            None,
+        ),
+    ];
+    for (what, args, version, suite) in refusals {
+        let control = probe(&env, &permissive.addr, args);
+        assert!(
+            control.completed(version, suite),
+            "{what}: the probe does not complete even where the server allows it, so its \
+             refusal would prove nothing:\n{}",
+            control.output()
+        );
+        let refused = probe(&env, &addr, args);
+        assert!(
+            refused.refused_by_server(),
+            "{what} must be refused by the signer, with an alert:\n{}",
+            refused.output()
+        );
+    }
 }
