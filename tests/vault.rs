@@ -125,16 +125,23 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
 
 #[tokio::test]
 async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
+    // The signer renews at half of each lease, and logs in for a fresh token once a
+    // renewal grants under half the first lease: renewed at 15 s (25 s, what is left of
+    // 40), then at 27.5 s (12.5 s: under 15), when the fresh login fails; the token ends
+    // at 40 s. The test has the 12.5 s between to see the signer sign on.
+    const TTL: u64 = 30;
+    const MAX_TTL: u64 = 40;
     let env = Env::with(vault(VaultSpec {
         auth: VaultAuthSpec::AppRole {
-            token_ttl: "12s".into(),
+            token_ttl: format!("{TTL}s"),
         },
         ..VaultSpec::default()
     }));
-    // Renewed at 6 and 12 s (12 s, then the 6 s left of 18), then at 15 s for the 3 s
-    // left: under half its first lease, so the signer logs in for a fresh token.
-    env.bao()
-        .cli_ok(&["write", "auth/approle/role/meshca", "token_max_ttl=18s"]);
+    env.bao().cli_ok(&[
+        "write",
+        "auth/approle/role/meshca",
+        &format!("token_max_ttl={MAX_TTL}s"),
+    ]);
     let signer = env.start_signer();
     let started = Instant::now();
     assert_eq!(sign(&env, &signer).await.0, 200);
@@ -155,8 +162,13 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
         ],
         &secret_id,
     );
+    // At most until the token ends: the line must come before.
     let line = signer
-        .wait_for_log("cannot log in to Vault for a fresh token")
+        .wait_for_nth_log_within(
+            "cannot log in to Vault for a fresh token",
+            1,
+            Duration::from_secs(MAX_TTL),
+        )
         .await;
     // Before any message prints a log line, which would then hold the secret ID.
     assert!(
@@ -171,8 +183,9 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(readyz(&env, &signer).await.0, 200);
     assert_eq!(login_failing().await, Some(1));
-    // Once it has ended, a clear 503.
-    tokio::time::sleep(Duration::from_secs(19).saturating_sub(started.elapsed())).await;
+    // Once it has ended, a clear 503. The signer logged in before `started`: its token
+    // has ended a second after this.
+    tokio::time::sleep(Duration::from_secs(MAX_TTL + 1).saturating_sub(started.elapsed())).await;
     let (status, body) = sign(&env, &signer).await;
     assert!(
         !signer.logs().contains(secret_id.trim()) && !body.to_string().contains(secret_id.trim()),

@@ -714,7 +714,19 @@ impl Signer {
 
     /// Waits (at most 30 s) for the `n`th log line containing `needle` (from 1); returns it.
     pub async fn wait_for_nth_log(&self, needle: &str, n: usize) -> String {
-        for _ in 0..300 {
+        self.wait_for_nth_log_within(needle, n, Duration::from_secs(30))
+            .await
+    }
+
+    /// Waits at most `within` for the `n`th log line containing `needle`; returns it.
+    pub async fn wait_for_nth_log_within(
+        &self,
+        needle: &str,
+        n: usize,
+        within: Duration,
+    ) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
             if let Some(line) = self
                 .logs
                 .lock()
@@ -725,9 +737,11 @@ impl Signer {
             {
                 return line.clone();
             }
+            if std::time::Instant::now() >= deadline {
+                panic!("no log line #{n} with {needle:?} in:\n{}", self.logs());
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no log line #{n} with {needle:?} in:\n{}", self.logs());
     }
 
     /// The Prometheus text of `/metrics`, fetched by `client`.
