@@ -9,7 +9,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -58,12 +58,22 @@ fn pass_ok(env: &Env, addr: &str, cluster: &str, dir: &Path, extra: &[&str]) -> 
 }
 
 /// Everything that would change if a file were rewritten: the `..data` target, and each
-/// file's bytes, inode and mtime.
+/// file's contents, inode and mtime. Contents are kept as SHA-256 digests: a failed
+/// comparison prints the snapshot, and ca-key.pem's bytes are a private key.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
     data_link: PathBuf,
-    files: Vec<(String, Vec<u8>, u64, i64, i64)>,
+    files: Vec<(String, String, u64, i64, i64)>,
     entries: Vec<String>,
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn snapshot(dir: &Path) -> Snapshot {
@@ -74,7 +84,7 @@ fn snapshot(dir: &Path) -> Snapshot {
             let meta = std::fs::metadata(&path).unwrap();
             (
                 name.to_string(),
-                std::fs::read(&path).unwrap(),
+                digest(&std::fs::read(&path).unwrap()),
                 meta.ino(),
                 meta.mtime(),
                 meta.mtime_nsec(),
@@ -271,10 +281,11 @@ fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
     for name in NAMES {
         std::fs::copy(dir.join(name), foreign.join(name)).unwrap();
     }
-    let contents = |d: &Path| -> Vec<Vec<u8>> {
+    // Digests, not bytes: ca-key.pem is a private key, and a failed comparison prints both.
+    let contents = |d: &Path| -> Vec<String> {
         NAMES
             .iter()
-            .map(|n| std::fs::read(d.join(n)).unwrap())
+            .map(|n| digest(&std::fs::read(d.join(n)).unwrap()))
             .collect()
     };
     let untouched = contents(&foreign);
@@ -306,8 +317,29 @@ fn metrics_address(logs: &mpsc::Receiver<serde_json::Value>) -> String {
         .expect("the agent logs its metrics address")
 }
 
+/// A running `meshca agent` loop, killed and reaped when dropped: a failed assertion
+/// must not leave it running (it never ends by itself).
+struct AgentLoop(Child);
+
+impl AgentLoop {
+    /// SIGTERM; it must exit successfully, within [`EXIT_WAIT`].
+    fn terminate(&mut self) {
+        send_signal(self.0.id(), "TERM");
+        let status = wait_within(&mut self.0, EXIT_WAIT)
+            .unwrap_or_else(|| panic!("the agent did not exit within {EXIT_WAIT:?} of SIGTERM"));
+        assert!(status.success(), "the agent's exit: {status}");
+    }
+}
+
+impl Drop for AgentLoop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Spawns the long-running agent; its JSON log lines arrive on the receiver.
-fn spawn_loop(mut cmd: Command) -> (std::process::Child, mpsc::Receiver<serde_json::Value>) {
+fn spawn_loop(mut cmd: Command) -> (AgentLoop, mpsc::Receiver<serde_json::Value>) {
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -322,7 +354,7 @@ fn spawn_loop(mut cmd: Command) -> (std::process::Child, mpsc::Receiver<serde_js
             }
         }
     });
-    (child, rx)
+    (AgentLoop(child), rx)
 }
 
 #[test]
@@ -361,7 +393,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     };
     let mut cmd = agent_cmd(&env, &addr, &dir, &[]);
     cmd.args(["--metrics-listen", "127.0.0.1:0"]);
-    let (mut child, logs) = spawn_loop(cmd);
+    let (agent, logs) = spawn_loop(cmd);
     let metrics_addr = metrics_address(&logs);
     std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
         .find(|line| {
@@ -373,8 +405,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     // Logged after the pass's metrics are recorded, as every outcome line is.
     let offline = http_get(&metrics_addr, "/metrics");
     assert_ready_and_reachable(&offline, (1, 0));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(agent); // killed and reaped
     assert_eq!(snapshot(&dir), before);
 
     // Due, signer down: fails, names the cause, leaves every file as it was.
@@ -405,7 +436,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     let due_hourly = [due.as_slice(), &["--ttl-seconds", "3600"]].concat();
     let mut cmd = agent_cmd(&env, &addr, &dir, &due_hourly);
     cmd.args(["--resync-seconds", "8", "--metrics-listen", "127.0.0.1:0"]);
-    let (mut child, logs) = spawn_loop(cmd);
+    let (mut agent, logs) = spawn_loop(cmd);
     let metrics_addr = metrics_address(&logs);
     let mut delays = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -495,8 +526,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
         metric_sample(&renewed, "meshca_agent_issuances_total"),
         Some(1)
     );
-    send_signal(child.id(), "TERM");
-    assert!(child.wait().unwrap().success());
+    agent.terminate();
     assert_ne!(serial(&dir), old_serial);
     assert_valid(&env, &dir);
 }
@@ -511,7 +541,7 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
 
     let mut cmd = agent_cmd(&env, &addr, &dir, &[]);
     cmd.args(["--resync-seconds", "1"]);
-    let (mut child, logs) = spawn_loop(cmd);
+    let (mut agent, logs) = spawn_loop(cmd);
     let wait_for_install = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut failures = Vec::new();
@@ -579,8 +609,7 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
         .collect();
     assert_eq!(issued.len(), 2, "{issued:?}");
     assert!(issued.iter().all(|l| l["client"] == identity("cluster-a")));
-    send_signal(child.id(), "TERM");
-    assert!(child.wait().unwrap().success());
+    agent.terminate();
 }
 
 /// The roots a cacerts directory trusts, in file order.

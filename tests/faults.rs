@@ -404,75 +404,233 @@ async fn sigterm_under_load_drains_in_flight_requests_and_exits_zero() {
     let env = unlimited_env();
     let mut signer = env.start_signer();
     let client = env.client("cluster-a");
+    // Set just before SIGTERM: a request may fail only after it (new ones are refused).
+    let terminating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = load::start(
         &client,
         &signer.url("/v1/sign"),
         load::fresh_bodies(32, VM, MESH_A),
         200,
-        |sent| async move {
-            let response = sent.ok()?;
-            // A response that started is finished: no truncated bodies.
-            assert_eq!(response.status().as_u16(), 200);
-            let answer: Value = response.json().await.expect("a complete answer");
-            Some(answer["serial"].as_str().unwrap().to_string())
+        {
+            let terminating = terminating.clone();
+            move |sent| {
+                let terminating = terminating.clone();
+                async move {
+                    let response = match sent {
+                        Ok(response) => response,
+                        Err(e) => {
+                            assert!(
+                                terminating.load(std::sync::atomic::Ordering::SeqCst),
+                                "a request failed before SIGTERM: {e}"
+                            );
+                            return None;
+                        }
+                    };
+                    // A response that started is finished: no truncated bodies.
+                    assert_eq!(response.status().as_u16(), 200);
+                    let answer: Value = response.json().await.expect("a complete answer");
+                    Some(answer["serial"].as_str().unwrap().to_string())
+                }
+            }
         },
     );
     load.wait_for(32).await;
+    // No task runs between this count and the signal (this runtime has one thread, and
+    // nothing here awaits): answers counted later came after SIGTERM.
+    let answered_before = load.answered();
+    terminating.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(
         signer.terminate(),
         "SIGTERM must drain and exit 0:\n{}",
         signer.logs()
     );
-    let answered = load.join().await;
-    let audited: std::collections::HashSet<String> = signer
+    let answered: std::collections::HashSet<String> = load.join().await.into_iter().collect();
+    let issued: std::collections::HashSet<String> = signer
         .audit_lines()
         .iter()
+        .filter(|l| l["decision"] == "allow")
         .filter_map(|l| l["serial"].as_str().map(String::from))
         .collect();
-    assert!(answered.iter().all(|s| audited.contains(s)));
+    // Every request the signer decided, before SIGTERM or while draining, was answered;
+    // and those it had not answered when SIGTERM came are the drain's work: some must
+    // have been, or nothing was drained.
+    let in_flight = issued.len().saturating_sub(answered_before);
+    assert!(
+        in_flight > 0,
+        "no request was in flight at SIGTERM ({answered_before} answered, {} issued)",
+        issued.len()
+    );
+    let unanswered = issued.difference(&answered).count();
+    assert_eq!(
+        unanswered, 0,
+        "{unanswered} of the {in_flight} requests in flight at SIGTERM were not answered"
+    );
+    assert!(
+        answered.is_subset(&issued),
+        "answered without an audited allow"
+    );
     assert!(signer.logs().contains("drained"), "{}", signer.logs());
     env.audit_verify_ok();
+}
+
+/// What `openssl s_client -brief` made of one connection: on stderr, `CONNECTION
+/// ESTABLISHED` with the negotiated `Protocol version:` and `Ciphersuite:` once a handshake
+/// completed, an error naming any alert it received otherwise.
+struct Probe {
+    stdout: String,
+    stderr: String,
+}
+
+impl Probe {
+    fn line(&self, prefix: &str) -> Option<&str> {
+        self.stderr.lines().find_map(|l| l.strip_prefix(prefix))
+    }
+
+    /// Completed with `version` and `suite` (any suite if None), the server verified.
+    fn completed(&self, version: &str, suite: Option<&str>) -> bool {
+        self.stderr.contains("CONNECTION ESTABLISHED")
+            && self.line("Protocol version: ") == Some(version)
+            && suite.is_none_or(|want| self.line("Ciphersuite: ") == Some(want))
+            && self.line("Verification: ") == Some("OK")
+    }
+
+    /// Refused by the server: nothing negotiated, and an alert it sent (s_client names an
+    /// alert it received as `SSL alert number N`; a handshake the client gave up on by
+    /// itself has none).
+    fn refused_by_server(&self) -> bool {
+        !self.stderr.contains("CONNECTION ESTABLISHED")
+            && self.line("Protocol version: ").is_none()
+            && self.stderr.contains("SSL alert number")
+    }
+
+    fn output(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// `openssl s_client -brief` to `addr` as client cluster-a, with `args`; no input, so it
+/// ends once the handshake is done or refused (`timeout` bounds it).
+fn probe(env: &Env, addr: &str, args: &[&str]) -> Probe {
+    let out = run(std::process::Command::new("timeout")
+        .current_dir(env.dir.path())
+        .args(["20", "openssl", "s_client", "-brief", "-connect", addr])
+        .args(["-CAfile", "pki/ca.pem"])
+        .args(["-cert", "pki/cluster-a.pem", "-key", "pki/cluster-a.key"])
+        .args(args)
+        .stdin(std::process::Stdio::null()));
+    Probe {
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
+    }
+}
+
+/// `openssl s_server` with the signer's own certificate and key, allowing every protocol
+/// version and suite this OpenSSL has: the positive control of a refusal probe (the same
+/// client invocation completes when the server allows it). Killed when dropped.
+struct PermissiveServer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl PermissiveServer {
+    fn start(env: &Env) -> PermissiveServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("openssl")
+            .current_dir(env.dir.path())
+            .args(["s_server", "-accept", "127.0.0.1:0"])
+            .args(["-cert", "pki/signer.pem", "-key", "pki/signer.key"])
+            .args(["-cipher", "ALL:@SECLEVEL=0", "-min_protocol", "TLSv1"])
+            // s_server ends at the end of its input: stdin stays open while it serves.
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn openssl s_server");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // `ACCEPT 127.0.0.1:PORT` once it listens; it writes nothing more unless asked.
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("ACCEPT ").map(str::to_string));
+        // The rest is drained, so a full pipe never blocks it.
+        std::thread::spawn(move || lines.for_each(drop));
+        match addr {
+            Some(addr) => PermissiveServer { child, addr },
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("openssl s_server did not start");
+            }
+        }
+    }
+}
+
+impl Drop for PermissiveServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
 fn only_tls13_and_forward_secret_tls12_are_offered() {
     let env = Env::new();
     let signer = env.start_signer();
-    let connect = |args: &[&str]| {
-        let out = run(std::process::Command::new("timeout")
-            .current_dir(env.dir.path())
-            .args([
-                "20",
-                "openssl",
-                "s_client",
-                "-connect",
-                &signer.addr.to_string(),
-            ])
-            .args([
-                "-CAfile",
-                "pki/ca.pem",
-                "-cert",
-                "pki/cluster-a.pem",
-                "-key",
-                "pki/cluster-a.key",
-            ])
-            .args(args)
-            .stdin(std::process::Stdio::null()));
-        let stdout = text(&out.stdout);
-        stdout.contains("Verify return code: 0 (ok)") && !stdout.contains("Cipher is (NONE)")
-    };
-    assert!(connect(&["-tls1_3"]), "TLS 1.3 must work");
+    let addr = signer.addr.to_string();
+
+    let tls13 = probe(&env, &addr, &["-tls1_3"]);
     assert!(
-        connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
-        "ECDHE AEAD TLS 1.2 must work"
+        tls13.completed("TLSv1.3", None),
+        "TLS 1.3 must work:\n{}",
+        tls13.output()
     );
+    let suite = "ECDHE-ECDSA-AES128-GCM-SHA256";
+    let tls12 = probe(&env, &addr, &["-tls1_2", "-cipher", suite]);
     assert!(
-        !connect(&["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
-        "static-RSA key exchange must be refused"
+        tls12.completed("TLSv1.2", Some(suite)),
+        "ECDHE AEAD TLS 1.2 must work:\n{}",
+        tls12.output()
     );
-    assert!(
-        !connect(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]),
-        "CBC suites must be refused"
-    );
-    assert!(!connect(&["-tls1_1"]), "TLS 1.1 must be refused");
+
+    // Each refusal only counts if this client completes the same handshake with a server
+    // that allows it (OpenSSL 3 clients offer TLS 1.0 and 1.1 only at security level 0).
+    // No static-RSA probe: the signer's key is ECDSA, with which an RSA key exchange can
+    // never be negotiated whatever the signer allowed, so that probe could not fail.
+    let permissive = PermissiveServer::start(&env);
+    // (what, s_client arguments, the version and suite the control completes with)
+    let refusals: [(&str, &[&str], &str, Option<&str>); 3] = [
+        (
+            "a CBC suite",
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"],
+            "TLSv1.2",
+            Some("ECDHE-ECDSA-AES128-SHA"),
+        ),
+        (
+            "TLS 1.1",
+            &["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+            "TLSv1.1",
+            None,
+        ),
+        (
+            "TLS 1.0",
+            &["-tls1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+            "TLSv1",
+            None,
+        ),
+    ];
+    for (what, args, version, suite) in refusals {
+        let control = probe(&env, &permissive.addr, args);
+        assert!(
+            control.completed(version, suite),
+            "{what}: the probe does not complete even where the server allows it, so its \
+             refusal would prove nothing:\n{}",
+            control.output()
+        );
+        let refused = probe(&env, &addr, args);
+        assert!(
+            refused.refused_by_server(),
+            "{what} must be refused by the signer, with an alert:\n{}",
+            refused.output()
+        );
+    }
 }

@@ -954,7 +954,7 @@ async fn sigterm_audits_the_requests_still_under_way_when_the_drain_time_is_over
     let mut stalled = tls_connect(&env, &signer, "cluster-b").await;
     begin_sign_request(&mut stalled, &body, 40).await;
 
-    terminate_within_a_minute(&mut signer).await;
+    terminate_successfully(&mut signer);
     drop(stalled);
 
     let line = decision_of(&signer, "cluster-b").await;
@@ -975,25 +975,10 @@ async fn sigterm_audits_the_requests_still_under_way_when_the_drain_time_is_over
     env.audit_verify_ok();
 }
 
-/// SIGTERM, then waits for a successful exit (at most a minute: the drain time is far
-/// shorter), with every log line read.
-async fn terminate_within_a_minute(signer: &mut Signer) {
-    send_signal(signer.child.id(), "TERM");
-    let mut exited = None;
-    for _ in 0..600 {
-        exited = signer.child.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = exited.unwrap_or_else(|| {
-        panic!(
-            "the signer did not exit within 60 s of SIGTERM:\n{}",
-            signer.logs()
-        )
-    });
-    signer.read_all_logs();
+/// SIGTERM, then a successful exit (the wait is bounded by [`Signer::terminate_status`]),
+/// with every log line read.
+fn terminate_successfully(signer: &mut Signer) {
+    let status = signer.terminate_status();
     assert!(status.success(), "{status}\n{}", signer.logs());
 }
 
@@ -1033,7 +1018,7 @@ async fn a_request_left_half_sent_on_the_ops_port_does_not_hold_up_the_exit() {
     other.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
-    terminate_within_a_minute(&mut signer).await;
+    terminate_successfully(&mut signer);
     assert!(
         signer
             .logs()

@@ -148,8 +148,9 @@ fn wrong_pin_fails_clearly_without_echoing_it() {
     let out = env.run_with_config(&["root", "show"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
+    // Checked before any message prints stderr, which would then hold the PIN.
+    assert!(!stderr.contains("not-the-pin"), "the PIN was printed");
     assert!(stderr.contains("refused the user PIN"), "{stderr}");
-    assert!(!stderr.contains("not-the-pin"), "{stderr}");
 }
 
 #[test]
@@ -176,9 +177,10 @@ fn a_pin_from_the_environment_is_used_and_never_echoed_when_it_is_not_utf8() {
         .env("MESHCA_TEST_PIN", not_utf8));
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
+    // Checked before any message prints stderr, which would then hold the PIN.
+    assert!(!stderr.contains("hidden"), "the PIN was printed");
     assert!(
         stderr.contains("MESHCA_TEST_PIN") && stderr.contains("not valid UTF-8"),
         "{stderr}"
     );
-    assert!(!stderr.contains("hidden"), "{stderr}");
 }

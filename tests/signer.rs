@@ -1081,21 +1081,28 @@ async fn secrets_stay_out_of_debug_logs() {
     // Stopped first, so every line it wrote (the last request's too) is searched.
     assert!(signer.terminate());
     let logs = signer.logs();
-    assert!(
-        logs.contains("\"level\":\"DEBUG\""),
-        "debug logging was not on:\n{logs}"
-    );
     let audit = std::fs::read_to_string(env.path("audit.log")).unwrap();
     let pin = env.user_pin();
     let key_pem = key.to_pkcs8_pem().unwrap();
     let key_body: String = key_pem.lines().nth(1).unwrap().to_string();
     let signer_key = std::fs::read_to_string(env.path("pki/signer.key")).unwrap();
     let signer_key_body = signer_key.lines().nth(1).unwrap().to_string();
-    for haystack in [logs, audit] {
-        assert!(!haystack.contains(&pin));
-        assert!(!haystack.contains(&key_body));
-        assert!(!haystack.contains(&signer_key_body));
+    // Before any message prints the logs, which would then hold the secret.
+    for (name, haystack) in [("logs", &logs), ("audit log", &audit)] {
+        assert!(!haystack.contains(&pin), "the PIN is in the {name}");
+        assert!(
+            !haystack.contains(&key_body),
+            "the CSR's key is in the {name}"
+        );
+        assert!(
+            !haystack.contains(&signer_key_body),
+            "the signer's TLS key is in the {name}"
+        );
     }
+    assert!(
+        logs.contains("\"level\":\"DEBUG\""),
+        "debug logging was not on:\n{logs}"
+    );
 }
 
 #[tokio::test]
@@ -1447,8 +1454,9 @@ fn a_wrong_pin_stops_the_signer_at_start_with_a_clear_message() {
     let out = env.run_with_config(&["serve"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
+    // Checked before any message prints stderr, which would then hold the PIN.
+    assert!(!stderr.contains("wrong-pin-1234"), "the PIN was printed");
     assert!(stderr.contains("refused the user PIN"), "{stderr}");
-    assert!(!stderr.contains("wrong-pin-1234"));
     // Its own exit status, which the systemd unit does not restart on: each start would
     // present the wrong PIN again, towards locking the token.
     assert_eq!(out.status.code(), Some(78), "{stderr}");
@@ -1475,8 +1483,12 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
     let check = |expect_ok: bool| {
         let out = env.run_with_config(&["serve", "--check"]);
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        // Before any message prints the output, which would then hold the PIN.
+        assert!(
+            !stdout.contains(&pin) && !stderr.contains(&pin),
+            "the PIN was printed"
+        );
         assert_eq!(out.status.success(), expect_ok, "{stdout}{stderr}");
-        assert!(!stdout.contains(&pin) && !stderr.contains(&pin));
         if expect_ok { stdout } else { stderr }
     };
 
@@ -1577,11 +1589,12 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
     let out = env.run_with_config(&["serve", "--check", "--online"]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
+    // Before any message prints stderr, which would then hold the PIN.
+    assert!(!stderr.contains("wrong-pin-1234"), "the PIN was printed");
     assert!(
         stderr.contains("is not ready to serve") && stderr.contains("refused the user PIN"),
         "{stderr}"
     );
-    assert!(!stderr.contains("wrong-pin-1234"), "{stderr}");
 
     // Each problem is named, and the file is put back before the next.
     let broken = |path: &str, contents: String, needle: &str| {
@@ -1637,6 +1650,9 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
     let user_pin = env.path("softhsm/user-pin");
     std::fs::set_permissions(&user_pin, std::fs::Permissions::from_mode(0o644)).unwrap();
     let stderr = check(false);
+    assert!(
+        !stderr.contains("wrong-pin-1234"),
+        "the PIN file's contents were printed"
+    );
     assert!(stderr.contains("chmod 600"), "{stderr}");
-    assert!(!stderr.contains("wrong-pin-1234"), "{stderr}");
 }

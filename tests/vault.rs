@@ -100,6 +100,11 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
         &secret_id,
     );
     let (status, body) = sign(&env, &signer).await;
+    // Before any message prints the answer, which would then hold the secret ID.
+    assert!(
+        !body.to_string().contains(secret_id.trim()),
+        "the secret ID is in the answer"
+    );
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "backend_unavailable");
     assert!(
@@ -108,9 +113,9 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
     );
     signer.wait_for_nth_log("logging in again once", 2).await;
     let logs = signer.logs();
-    assert_eq!(count(&logs, "logging in again once"), 2, "{logs}");
+    // Before any message prints the logs, which would then hold the secret ID.
     assert!(!logs.contains(secret_id.trim()), "the secret ID was logged");
-    assert!(!message(&body).contains(secret_id.trim()));
+    assert_eq!(count(&logs, "logging in again once"), 2, "{logs}");
 
     let audit = signer.audit_lines();
     assert_eq!(audit.len(), 3);
@@ -120,16 +125,23 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
 
 #[tokio::test]
 async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
+    // The signer renews at half of each lease, and logs in for a fresh token once a
+    // renewal grants under half the first lease: renewed at 15 s (25 s, what is left of
+    // 40), then at 27.5 s (12.5 s: under 15), when the fresh login fails; the token ends
+    // at 40 s. The test has the 12.5 s between to see the signer sign on.
+    const TTL: u64 = 30;
+    const MAX_TTL: u64 = 40;
     let env = Env::with(vault(VaultSpec {
         auth: VaultAuthSpec::AppRole {
-            token_ttl: "12s".into(),
+            token_ttl: format!("{TTL}s"),
         },
         ..VaultSpec::default()
     }));
-    // Renewed at 6 and 12 s (12 s, then the 6 s left of 18), then at 15 s for the 3 s
-    // left: under half its first lease, so the signer logs in for a fresh token.
-    env.bao()
-        .cli_ok(&["write", "auth/approle/role/meshca", "token_max_ttl=18s"]);
+    env.bao().cli_ok(&[
+        "write",
+        "auth/approle/role/meshca",
+        &format!("token_max_ttl={MAX_TTL}s"),
+    ]);
     let signer = env.start_signer();
     let started = Instant::now();
     assert_eq!(sign(&env, &signer).await.0, 200);
@@ -150,9 +162,19 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
         ],
         &secret_id,
     );
+    // At most until the token ends: the line must come before.
     let line = signer
-        .wait_for_log("cannot log in to Vault for a fresh token")
+        .wait_for_nth_log_within(
+            "cannot log in to Vault for a fresh token",
+            1,
+            Duration::from_secs(MAX_TTL),
+        )
         .await;
+    // Before any message prints a log line, which would then hold the secret ID.
+    assert!(
+        !signer.logs().contains(secret_id.trim()),
+        "the secret ID was logged"
+    );
     assert!(line.contains("Vault login (approle) failed"), "{line}");
     // The renewed token still signs until it ends (before, every request got 503 from
     // here on, the valid token thrown away); ready, but the metric an alert reads says the
@@ -161,15 +183,19 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(readyz(&env, &signer).await.0, 200);
     assert_eq!(login_failing().await, Some(1));
-    // Once it has ended, a clear 503.
-    tokio::time::sleep(Duration::from_secs(19).saturating_sub(started.elapsed())).await;
+    // Once it has ended, a clear 503. The signer logged in before `started`: its token
+    // has ended a second after this.
+    tokio::time::sleep(Duration::from_secs(MAX_TTL + 1).saturating_sub(started.elapsed())).await;
     let (status, body) = sign(&env, &signer).await;
+    assert!(
+        !signer.logs().contains(secret_id.trim()) && !body.to_string().contains(secret_id.trim()),
+        "the secret ID was logged or answered"
+    );
     assert_eq!(status, 503, "{body}");
     assert!(
         message(&body).contains("Vault login (approle) failed"),
         "{body}"
     );
-    assert!(!signer.logs().contains(secret_id.trim()));
 }
 
 /// How many tokens AppRole handed out are still live: their leases under
@@ -426,8 +452,15 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
     let key = env
         .bao()
         .cli_text(&["read", "-format=json", &format!("pki/key/{key_id}")]);
-    assert!(key.contains("\"key_type\": \"ec\""), "{key}");
-    assert!(!key.contains("PRIVATE KEY"), "{key}");
+    // No message prints the record: it is what might hold private material.
+    assert!(
+        !key.contains("PRIVATE KEY"),
+        "Vault's key record holds a private key"
+    );
+    assert!(
+        key.contains("\"key_type\": \"ec\""),
+        "Vault's key record is not an EC key's"
+    );
 
     // Again: refused, nothing touched.
     let out = env.run_with_config(&["root", "init"]);
@@ -578,50 +611,28 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         .to_string();
     let mut signer = env.start_signer_with(&["--log-level", "trace,vaultrs=trace,rustify=trace"]);
     assert_eq!(sign(&env, &signer).await.0, 200);
+    // What each step printed is checked once every output was searched for the tokens:
+    // a failed check prints the output it read.
     // `serve --check --online` logs in beside the running signer and finds the issuer;
     // the configured token is the operator's: it stays valid.
     let online = env.run_with_config(&["serve", "--check", "--online"]);
-    assert!(online.status.success(), "{}", text(&online.stderr));
-    assert!(
-        text(&online.stdout).contains("issuer meshca-root (auth token): logged in"),
-        "{}",
-        text(&online.stdout)
-    );
     assert_eq!(sign(&env, &signer).await.0, 200);
     // A refused token: the error names the file, not the token.
     env.bao()
         .cli_stdin(&["write", "auth/token/revoke", "token=-"], &token);
     let (status, body) = sign(&env, &signer).await;
-    assert_eq!(status, 503, "{body}");
-    assert!(message(&body).contains("vault/token"), "{body}");
     let show = env.run_with_config(&["root", "show"]);
     // `serve --check` reads the token file but does not ask Vault: the revoked token passes.
     let check = env.run_with_config(&["serve", "--check"]);
-    assert!(check.status.success(), "{}", text(&check.stderr));
-    assert!(
-        text(&check.stdout).contains("mount pki, issuer meshca-root, login by token"),
-        "{}",
-        text(&check.stdout)
-    );
     // With --online, Vault is asked: the refusal names the token file.
     let refused = env.run_with_config(&["serve", "--check", "--online"]);
-    assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr).contains("vault/token"),
-        "{}",
-        text(&refused.stderr)
-    );
     // Stopped first, so every line it wrote (the last request's too) is searched.
     assert!(signer.terminate());
     let logs = signer.logs();
-    assert!(
-        logs.contains("\"level\":\"TRACE\""),
-        "trace logging was not on"
-    );
     let audit = std::fs::read_to_string(env.path("audit.log")).unwrap();
     let root_token = env.bao().root_token().to_string();
     for (name, haystack) in [
-        ("logs", logs),
+        ("logs", logs.clone()),
         ("audit", audit),
         ("answer", body.to_string()),
         (
@@ -635,8 +646,9 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         (
             "serve --check --online",
             format!(
-                "{}{}{}",
+                "{}{}{}{}",
                 text(&online.stdout),
+                text(&online.stderr),
                 text(&refused.stdout),
                 text(&refused.stderr)
             ),
@@ -651,6 +663,31 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
             "the root token is in the {name}"
         );
     }
+
+    assert!(online.status.success(), "{}", text(&online.stderr));
+    assert!(
+        text(&online.stdout).contains("issuer meshca-root (auth token): logged in"),
+        "{}",
+        text(&online.stdout)
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(message(&body).contains("vault/token"), "{body}");
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(
+        text(&check.stdout).contains("mount pki, issuer meshca-root, login by token"),
+        "{}",
+        text(&check.stdout)
+    );
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("vault/token"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(
+        logs.contains("\"level\":\"TRACE\""),
+        "trace logging was not on"
+    );
 }
 
 #[test]
@@ -679,8 +716,9 @@ fn config_mistakes_are_named_without_echoing_secrets() {
         let out = env.run_with_config(&["root", "init"]);
         assert!(!out.status.success());
         let stderr = text(&out.stderr);
+        // Before any message prints stderr, which would then hold the token.
+        assert!(!stderr.contains("hunter2"), "the token was printed");
         assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
-        assert!(!stderr.contains("hunter2"), "{stderr}");
     }
     // A token file others can read is refused, as PIN files are.
     std::fs::write(&env.config, &config).unwrap();
@@ -807,8 +845,9 @@ async fn kubernetes_auth_logs_in_with_the_service_account_token() {
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 200, "{body}");
     let logs = signer.logs();
-    assert!(logs.contains("\"method\":\"kubernetes\""), "{logs}");
+    // Before any message prints the logs, which would then hold the token.
     assert!(!logs.contains(&jwt), "the service account token was logged");
+    assert!(logs.contains("\"method\":\"kubernetes\""), "{logs}");
     // OpenBao asked the fake once for root init and once for the signer's login.
     assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 2);
 
@@ -818,11 +857,11 @@ async fn kubernetes_auth_logs_in_with_the_service_account_token() {
     let out = env.run_with_config(&["root", "show"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
+    assert!(!stderr.contains(&stranger), "the token was printed");
     assert!(
         stderr.contains("Vault login (kubernetes) failed"),
         "{stderr}"
     );
-    assert!(!stderr.contains(&stranger));
 }
 
 /// A Vault answer is read with a bound: a 5 MiB one (here a real KV secret, read with

@@ -67,14 +67,24 @@ where
 }
 
 impl Load {
-    /// Returns once `count` answers were counted (bounded wait, not a timing assertion).
+    /// Returns once `count` answers were counted; fails the test if they were not within
+    /// a minute (a bound, not a timing assertion: a test must not go on as if they were).
     pub async fn wait_for(&self, count: usize) {
         for _ in 0..3000 {
-            if self.successes.load(Ordering::SeqCst) >= count {
-                break;
+            if self.answered() >= count {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        panic!(
+            "only {} of {count} answers within a minute",
+            self.answered()
+        );
+    }
+
+    /// How many answers were counted so far.
+    pub fn answered(&self) -> usize {
+        self.successes.load(Ordering::SeqCst)
     }
 
     /// Every serial answered, once all tasks ended (a task's failed assertion fails here).

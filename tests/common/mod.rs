@@ -30,10 +30,20 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A command as failure messages show it: program and arguments only. `Command`'s Debug
+/// prints the variables set with `.env()` too, which carry PINs and tokens.
+pub fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|part| format!("{part:?}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Runs a command, panicking with its output if it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)))
 }
 
 /// Runs a command that must succeed.
@@ -41,7 +51,8 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     let out = run(cmd);
     assert!(
         out.status.success(),
-        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        "{} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        describe(cmd),
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -704,7 +715,19 @@ impl Signer {
 
     /// Waits (at most 30 s) for the `n`th log line containing `needle` (from 1); returns it.
     pub async fn wait_for_nth_log(&self, needle: &str, n: usize) -> String {
-        for _ in 0..300 {
+        self.wait_for_nth_log_within(needle, n, Duration::from_secs(30))
+            .await
+    }
+
+    /// Waits at most `within` for the `n`th log line containing `needle`; returns it.
+    pub async fn wait_for_nth_log_within(
+        &self,
+        needle: &str,
+        n: usize,
+        within: Duration,
+    ) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
             if let Some(line) = self
                 .logs
                 .lock()
@@ -715,9 +738,11 @@ impl Signer {
             {
                 return line.clone();
             }
+            if std::time::Instant::now() >= deadline {
+                panic!("no log line #{n} with {needle:?} in:\n{}", self.logs());
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no log line #{n} with {needle:?} in:\n{}", self.logs());
     }
 
     /// The Prometheus text of `/metrics`, fetched by `client`.
@@ -752,10 +777,21 @@ impl Signer {
     /// SIGTERM, then wait for exit; returns whether it exited successfully. Every line
     /// the signer wrote is in the logs then.
     pub fn terminate(&mut self) -> bool {
+        self.terminate_status().success()
+    }
+
+    /// SIGTERM, then its exit status, waiting at most [`EXIT_WAIT`] (the test fails with
+    /// the logs past it). Every line the signer wrote is in the logs then.
+    pub fn terminate_status(&mut self) -> std::process::ExitStatus {
         send_signal(self.child.id(), "TERM");
-        let status = self.child.wait().unwrap();
+        let status = wait_within(&mut self.child, EXIT_WAIT).unwrap_or_else(|| {
+            panic!(
+                "the signer did not exit within {EXIT_WAIT:?} of SIGTERM:\n{}",
+                self.logs()
+            )
+        });
         self.read_all_logs();
-        status.success()
+        status
     }
 
     /// Once the process has exited: waits until every line it wrote is in the logs.
@@ -801,12 +837,45 @@ impl Drop for Signer {
     }
 }
 
-/// Sends a signal with the `kill` command (no libc dependency for one call).
+/// Sends `signal` (its name without `SIG`) to `pid`, which must take it. kill(2) itself,
+/// not the `kill` command: slim images may lack procps, and a signal not sent would leave
+/// the test waiting for what it should have caused.
 pub fn send_signal(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
+    let number = match signal {
+        "TERM" => libc::SIGTERM,
+        "HUP" => libc::SIGHUP,
+        "KILL" => libc::SIGKILL,
+        "INT" => libc::SIGINT,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        other => panic!("send_signal: SIG{other} is not one the tests send"),
+    };
+    let pid_t = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    let sent = unsafe { libc::kill(pid_t, number) };
+    assert!(
+        sent == 0,
+        "kill -{signal} {pid} failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// How long a process asked to stop (SIGTERM) may take to exit: a signer drains for far
+/// less. Past it the test fails instead of hanging the suite.
+pub const EXIT_WAIT: Duration = Duration::from_secs(60);
+
+/// `child`'s exit status once it has exited, waiting at most `within` (None: still running).
+pub fn wait_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A CSR PEM for a fresh key of `key_type`, subject O=org, CN=cn.

@@ -213,11 +213,20 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         }
     }
 
-    /// Stops the server (SIGTERM) and waits for it to exit.
+    /// Stops the server (SIGTERM) and waits for it to exit (at most
+    /// [`super::EXIT_WAIT`]; past it, killed and the test failed).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             super::send_signal(child.id(), "TERM");
-            let _ = child.wait();
+            if super::wait_within(&mut child, super::EXIT_WAIT).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "bao server did not exit within {:?} of SIGTERM; its log is in {}",
+                    super::EXIT_WAIT,
+                    self.dir.join("openbao.log").display()
+                );
+            }
         }
     }
 
@@ -264,12 +273,7 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
 
     fn signal_and_wait(&self, signal: &str, stopped: bool) {
         let pid = self.child.as_ref().expect("server not running").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {pid} failed");
+        super::send_signal(pid, signal);
         let deadline = Instant::now() + Duration::from_secs(30);
         while process_stopped(pid) != stopped {
             assert!(

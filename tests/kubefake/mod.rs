@@ -39,7 +39,7 @@ const PLURALS: [&str; 14] = [
     "configmaps",
 ];
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Recorded {
     pub method: String,
     pub path: String,
@@ -53,6 +53,75 @@ impl Recorded {
     pub fn param(&self, key: &str) -> Option<String> {
         query_param(&self.query, key)
     }
+}
+
+/// Without what a failed assertion must not print: the bearer token, and a Secret's data
+/// (a cacerts Secret's ca-key.pem, a member's kubeconfig).
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorded")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field("content_type", &self.content_type)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("body", &redacted(&self.body))
+            .finish()
+    }
+}
+
+/// `object` with the values of a Secret's `data` and `stringData` replaced, for messages.
+pub fn redacted(object: &Value) -> Value {
+    let mut object = object.clone();
+    if object["kind"] == "Secret" {
+        for field in ["data", "stringData"] {
+            if let Some(data) = object.get_mut(field).and_then(Value::as_object_mut) {
+                for value in data.values_mut() {
+                    *value = "<redacted>".into();
+                }
+            }
+        }
+    }
+    object
+}
+
+/// What differs between two Secrets, for a failed comparison: the keys of `data` and
+/// `stringData` whose values differ (never the values), and any other field with both
+/// sides.
+pub fn secret_differences(actual: &Value, expected: &Value) -> Vec<String> {
+    let fields = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut names = fields(actual);
+    names.extend(fields(expected));
+    names.sort();
+    names.dedup();
+    let mut differences = Vec::new();
+    for name in names {
+        let (a, e) = (&actual[&name], &expected[&name]);
+        if a == e {
+            continue;
+        }
+        if name == "data" || name == "stringData" {
+            let mut keys = fields(a);
+            keys.extend(fields(e));
+            keys.sort();
+            keys.dedup();
+            differences.extend(
+                keys.into_iter()
+                    .filter(|k| a[k] != e[k])
+                    .map(|k| format!("{name}.{k} differs")),
+            );
+        } else {
+            differences.push(format!("{name}: {a} instead of {e}"));
+        }
+    }
+    differences
 }
 
 #[derive(Default)]
