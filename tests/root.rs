@@ -97,6 +97,44 @@ fn root_init_refuses_to_replace_a_key_unless_forced() {
 }
 
 #[test]
+fn root_init_refuses_an_id_another_key_has() {
+    let env = Env::new();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let with_key = |name: &str, key: &str| {
+        let path = env.path(&format!("{name}.toml"));
+        let text = config
+            .replace("object=root-ca\"", &format!("{key}\""))
+            .replace("\"root-cert.pem\"", &format!("\"{name}-cert.pem\""));
+        assert_ne!(text, config);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // The root in force, named by its id alone.
+    let current = with_key("current", "id=%01");
+    run_ok(
+        env.meshca()
+            .args(["root", "init", "--config"])
+            .arg(&current),
+    );
+    // The next root, made as "Changing the root" says (another object= label), but with
+    // the same id: the current root's URI would find two keys.
+    let next = with_key("next", "object=next;id=%01");
+    let out = run(env.meshca().args(["root", "init", "--config"]).arg(&next));
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("already has the id"),
+        "{stderr}"
+    );
+    // Nothing was made: the current root's key is still the only one with that id.
+    run_ok(
+        env.meshca()
+            .args(["root", "show", "--config"])
+            .arg(&current),
+    );
+    assert!(!env.path("next-cert.pem").exists());
+}
+
+#[test]
 fn root_key_type_must_satisfy_the_virtual_mesh() {
     let spec = EnvSpec {
         virtual_meshes: vec![virtual_mesh(

@@ -169,6 +169,30 @@ impl Token {
         Ok(handles)
     }
 
+    /// Refuses an `id=` that a key outside `ours` (another label) already has: a URI
+    /// naming its key by id alone (the root in force's, say) would then find two keys,
+    /// and that signer could no longer start.
+    fn refuse_id_of_another_key(
+        &self,
+        session: &Session,
+        ours: &[ObjectHandle],
+    ) -> Result<(), TokenError> {
+        let Some(id) = &self.uri.id else {
+            return Ok(());
+        };
+        let same_id = session.find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(id.clone()),
+        ])?;
+        if same_id.iter().any(|handle| !ours.contains(handle)) {
+            return Err(TokenError::Other(format!(
+                "another key on the token already has the id of {} (under another label): a URI naming a key by id alone, such as the root in force's, would find two; give this key an id of its own (or leave id= out and one is chosen)",
+                self.uri
+            )));
+        }
+        Ok(())
+    }
+
     /// The label a generated key pair gets: the URI's `object`, else `meshca-root`.
     fn key_label(&self) -> String {
         self.uri
@@ -467,6 +491,7 @@ pub fn root_init(
     if !existing.is_empty() && !force {
         return Err(TokenError::KeyExists(token.uri.to_string()));
     }
+    token.refuse_id_of_another_key(&session, &existing)?;
 
     let (public, private) = staging.generate_key_pair(&session, key_type)?;
     let result = self_sign_root(config, &token, &session, public, private);
