@@ -401,7 +401,7 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
     // A signer started now says why before anyone asks: the issuer's record shows no
     // URLs, the mount's configuration does. So does root init, which will not adopt it.
     assert!(signer.terminate());
-    let signer = env.start_signer();
+    let mut signer = env.start_signer();
     let warning = signer
         .wait_for_log("Vault has AIA/CRL/OCSP URLs configured")
         .await;
@@ -409,12 +409,32 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
         warning.contains("pki/config/urls") && warning.contains("http://127.0.0.1:9/crl"),
         "{warning}"
     );
+    assert!(
+        !signer.logs().contains("cannot read pki/config/urls"),
+        "the policy grants that read"
+    );
     let out = env.run_with_config(&["root", "init", "--adopt"]);
     let stderr = text(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("pki/config/urls has AIA/CRL/OCSP URLs"),
         "{stderr}"
     );
+
+    // A Vault policy from before this check (no read on pki/config/urls): the start says
+    // it cannot tell, and does not log in again over it (a 403 on any other call does).
+    env.bao().write_policy(
+        "meshca",
+        &MESHCA_VAULT_POLICY.replace("path \"pki/config/urls\" { capabilities = [\"read\"] }", ""),
+    );
+    assert!(signer.terminate());
+    let signer = env.start_signer();
+    signer.wait_for_log("cannot read pki/config/urls").await;
+    assert!(
+        !signer.logs().contains("logging in again once"),
+        "{}",
+        signer.logs()
+    );
+    env.bao().write_policy("meshca", MESHCA_VAULT_POLICY);
 
     // Put right, and the signer issues again.
     env.bao().cli_ok(&[
@@ -424,10 +444,6 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
         "crl_distribution_points=",
     ]);
     assert_eq!(sign(&env, &signer).await.0, 200);
-    assert!(
-        !signer.logs().contains("cannot read pki/config/urls"),
-        "the policy grants that read"
-    );
 }
 
 #[test]

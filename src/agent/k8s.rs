@@ -437,10 +437,13 @@ impl Kube {
 pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bounds every call of clients made from `config`: connecting, sending, and each read.
+/// The read timer restarts at each write: without that, the time a kept-alive connection
+/// sat idle counted against the next call's answer.
 pub fn bound_calls(config: &mut kube::Config, timeout: Duration) {
     config.connect_timeout = Some(timeout);
     config.read_timeout = Some(timeout);
     config.write_timeout = Some(timeout);
+    config.reset_reader_on_write = true;
 }
 
 /// A client for another cluster (the management plane reaching a remote cluster): from

@@ -266,6 +266,14 @@ impl VaultClient {
         }
     }
 
+    /// An authenticated read of something meshca can do without: a 403 means the policy
+    /// does not grant it, so no fresh login is tried (that would cost a login, and with
+    /// an AppRole a use of its secret ID, for nothing).
+    pub async fn read_optional(&self, path: &str) -> Result<Value, VaultError> {
+        let token = self.token().await?;
+        self.request(Some(&token), Method::GET, path, None).await
+    }
+
     /// A valid token: the current one, renewed or replaced by a fresh login when due.
     pub async fn token(&self) -> Result<Arc<Token>, VaultError> {
         let mut session = self.session.lock().await;

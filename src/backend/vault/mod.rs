@@ -88,7 +88,7 @@ pub async fn urls_vault_adds(
         ));
     }
     let path = format!("{}/config/urls", client.settings().mount);
-    let answer = client.call(Method::GET, &path, None).await?;
+    let answer = client.read_optional(&path).await?;
     Ok((url_fields(&answer), path))
 }
 
