@@ -694,10 +694,14 @@ impl MemberTrust {
                 .next_root_fingerprint
                 .as_deref()
                 .and_then(reported_fingerprint),
-            restarting: status
-                .restart
-                .as_ref()
-                .is_some_and(|plan| !plan.stage.is_final()),
+            // Under `never` a plan left unfinished stays so (the agent stops carrying
+            // it out): the operator restarts istiod, and nothing here waits for it.
+            restarting: request.spec.settings.restart.policy
+                != crate::agent::restart::RestartPolicy::Never
+                && status
+                    .restart
+                    .as_ref()
+                    .is_some_and(|plan| !plan.stage.is_final()),
         }
     }
 
@@ -820,6 +824,11 @@ pub enum NextRootTrust {
     Agreed {
         root: String,
         lacking: Vec<ObjectRef>,
+        /// Those of `lacking` seen not to hold it (read, Installed for their current spec,
+        /// no restart under way, and the root not in their root-cert.pem). The others are
+        /// unknown this pass (unreadable, renewing, restarting): they do not restart the
+        /// wait of [`Observed::next_root_settle`].
+        distrusting: Vec<ObjectRef>,
     },
     /// Members report different next roots: each member that reports one, with its root.
     Differ(Vec<(ObjectRef, String)>),
@@ -841,7 +850,18 @@ pub fn next_root_trust(members: &[(&ObjectRef, &MemberTrust)]) -> Option<NextRoo
         .filter(|(_, m)| !m.trusts_now(&root))
         .map(|(id, _)| (*id).clone())
         .collect();
-    Some(NextRootTrust::Agreed { root, lacking })
+    let distrusting = members
+        .iter()
+        .filter(|(_, m)| {
+            m.installed && m.current && !m.restarting && !m.trusted.iter().any(|fp| *fp == root)
+        })
+        .map(|(id, _)| (*id).clone())
+        .collect();
+    Some(NextRootTrust::Agreed {
+        root,
+        lacking,
+        distrusting,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1161,15 +1181,22 @@ pub fn converged_status(
     // Preparing the next root is not a degradation: Ready and the phase ignore it.
     match &observed.next_root {
         None => status.conditions.retain(|c| c.type_ != NEXT_ROOT_TRUSTED),
-        Some(NextRootTrust::Agreed { root, lacking }) => {
+        Some(NextRootTrust::Agreed {
+            root,
+            lacking,
+            distrusting,
+        }) => {
             status.next_root_fingerprint = Some(root.clone());
+            let since_before = previous
+                .next_root_trusted_since
+                .as_deref()
+                .filter(|_| previous.next_root_fingerprint.as_deref() == Some(root));
+            if distrusting.is_empty() {
+                // Kept through a pass that could not see every member.
+                status.next_root_trusted_since = since_before.map(String::from);
+            }
             if lacking.is_empty() {
-                let since = previous
-                    .next_root_trusted_since
-                    .as_deref()
-                    .filter(|_| previous.next_root_fingerprint.as_deref() == Some(root))
-                    .and_then(parse_time)
-                    .unwrap_or(now);
+                let since = since_before.and_then(parse_time).unwrap_or(now);
                 status.next_root_trusted_since = Some(rfc3339(since));
                 let switch_at = since + observed.next_root_settle;
                 if now >= switch_at {
@@ -2132,6 +2159,22 @@ mod tests {
         );
         reported.metadata.generation = Some(4);
         assert!(!MemberTrust::of(Some(&reported)).current);
+        // A restart plan under way holds it back; under `never`, which stops a plan
+        // where it stands, it does not (nothing would ever finish it).
+        reported.metadata.generation = Some(3);
+        let plan = crate::agent::restart::plan_for(
+            crate::agent::restart::RestartPolicy::Always,
+            crate::agent::restart::InstallKind::RootsOnly,
+            "aa01",
+            R2,
+            "",
+            None,
+            "2026-01-01T00:00:00Z",
+        );
+        reported.status.as_mut().unwrap().restart = plan;
+        assert!(MemberTrust::of(Some(&reported)).restarting);
+        reported.spec.settings.restart.policy = crate::agent::restart::RestartPolicy::Never;
+        assert!(!MemberTrust::of(Some(&reported)).restarting);
     }
 
     /// `member`, its agent reporting `next` as the signer's next root.
@@ -2248,15 +2291,17 @@ mod tests {
         let preparing = announcing(trust(true, true, R1, &[R1, R2]), R2);
         // Nobody reports a next root: nothing to say.
         assert_eq!(both(&on_r1, &on_r1), None);
-        // West's agent has not heard of R2 (nor trusts it): west lacks it.
+        // West's agent has not heard of R2 (nor trusts it): west lacks it, seen so.
         assert_eq!(
             both(&preparing, &on_r1),
             Some(NextRootTrust::Agreed {
                 root: R2.into(),
                 lacking: vec![west.clone()],
+                distrusting: vec![west.clone()],
             })
         );
-        // West trusts it, but its status is for an older spec, or not Installed: lacking.
+        // West trusts it, but its status is for an older spec, or not Installed: lacking,
+        // though not seen to distrust it.
         for not_yet in [
             announcing(trust(true, false, R1, &[R1, R2]), R2),
             announcing(trust(false, true, R1, &[R1, R2]), R2),
@@ -2266,6 +2311,7 @@ mod tests {
                 Some(NextRootTrust::Agreed {
                     root: R2.into(),
                     lacking: vec![west.clone()],
+                    distrusting: vec![],
                 })
             );
         }
@@ -2276,6 +2322,7 @@ mod tests {
             Some(NextRootTrust::Agreed {
                 root: R2.into(),
                 lacking: vec![],
+                distrusting: vec![],
             })
         );
         // Different next roots.
@@ -2419,6 +2466,21 @@ mod tests {
             settled.next_root_trusted_since.as_deref(),
             Some(since.as_str())
         );
+        // A pass that cannot see a member (its cluster unreadable, its agent renewing)
+        // keeps the time; the condition waits for that member meanwhile.
+        let unseen = trust(false, false, "", &[]);
+        let blip = status_with(&settled, both(&preparing, &unseen), 88_000);
+        assert_eq!(
+            blip.next_root_trusted_since.as_deref(),
+            Some(since.as_str())
+        );
+        assert_eq!(condition(&blip, NEXT_ROOT_TRUSTED).reason, "Pending");
+        let back = settling(&blip, 88_060);
+        assert_eq!(
+            back.next_root_trusted_since.as_deref(),
+            Some(since.as_str())
+        );
+        assert_eq!(condition(&back, NEXT_ROOT_TRUSTED).reason, "AllMembers");
         // A member that stops trusting it starts the wait again.
         let lost = status_with(&settled, both(&preparing, &on_r1), 90_000);
         assert_eq!(lost.next_root_trusted_since, None);
@@ -2438,6 +2500,7 @@ mod tests {
             Some(NextRootTrust::Agreed {
                 root: R2.into(),
                 lacking: vec![east.clone()],
+                distrusting: vec![],
             })
         );
         // Nor is a root change converged, for retirement, while a member restarts.
