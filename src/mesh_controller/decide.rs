@@ -852,9 +852,7 @@ pub fn next_root_trust(members: &[(&ObjectRef, &MemberTrust)]) -> Option<NextRoo
         .collect();
     let distrusting = members
         .iter()
-        .filter(|(_, m)| {
-            m.installed && m.current && !m.restarting && !m.trusted.iter().any(|fp| *fp == root)
-        })
+        .filter(|(_, m)| m.installed && m.current && !m.restarting && !m.trusted.contains(&root))
         .map(|(id, _)| (*id).clone())
         .collect();
     Some(NextRootTrust::Agreed {
