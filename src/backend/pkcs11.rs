@@ -645,23 +645,40 @@ pub struct Pkcs11Backend {
 /// would then be reported unready, and taken out of service, while it signs.
 const SIGNED_RECENTLY: Duration = Duration::from_secs(5);
 
-/// When the token last made a signature, unless a later call found it gone.
+/// When the token last made a signature, and last failed one for being gone, each as
+/// the token thread saw the call end: with several threads, a signature that ended before
+/// the token went can be recorded after the failure that saw it gone.
 #[derive(Default)]
-struct RecentSigning(Mutex<Option<Instant>>);
+struct RecentSigning(Mutex<Answers>);
+
+#[derive(Default)]
+struct Answers {
+    signed: Option<Instant>,
+    gone: Option<Instant>,
+}
 
 impl RecentSigning {
-    /// Records what a signing call said about the token: a signature, the token gone, or
-    /// nothing about it (a request refused after signing, say).
-    fn record(&self, outcome: &Result<Certificate, BackendError>, now: Instant) {
+    /// Records what a signing call that ended `at` said about the token: a signature, the
+    /// token gone, or nothing about it (a request refused after signing, say).
+    fn record(&self, outcome: &Result<Certificate, BackendError>, at: Instant) {
+        let mut answers = lock(&self.0);
+        let latest = |slot: &mut Option<Instant>| *slot = Some(slot.map_or(at, |t| t.max(at)));
         match outcome {
-            Ok(_) => *lock(&self.0) = Some(now),
-            Err(BackendError::Unavailable(_) | BackendError::PinRejected) => *lock(&self.0) = None,
+            Ok(_) => latest(&mut answers.signed),
+            Err(BackendError::Unavailable(_) | BackendError::PinRejected) => {
+                latest(&mut answers.gone)
+            }
             Err(_) => {}
         }
     }
 
+    /// A signature within `period` of `now`, and no call that found the token gone since.
     fn within(&self, period: Duration, now: Instant) -> bool {
-        lock(&self.0).is_some_and(|at| now.saturating_duration_since(at) < period)
+        let answers = lock(&self.0);
+        answers.signed.is_some_and(|signed| {
+            now.saturating_duration_since(signed) < period
+                && answers.gone.is_none_or(|gone| gone < signed)
+        })
     }
 }
 
@@ -968,10 +985,17 @@ impl RootSigner for Pkcs11Backend {
 
     fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>> {
         Box::pin(async move {
-            let outcome = self
-                .on_session("signing", move |inner| inner.issue_blocking(&request))
-                .await;
-            self.signed.record(&outcome, Instant::now());
+            let (outcome, ended) = match self
+                .on_session("signing", move |inner| {
+                    let outcome = inner.issue_blocking(&request);
+                    Ok((outcome, Instant::now()))
+                })
+                .await
+            {
+                Ok(done) => done,
+                Err(e) => (Err(e), Instant::now()),
+            };
+            self.signed.record(&outcome, ended);
             outcome
         })
     }
@@ -1012,7 +1036,18 @@ mod tests {
         signed.record(&Err(BackendError::Unavailable("gone".into())), start);
         assert!(!signed.within(SIGNED_RECENTLY, start));
         signed.record(&signature, start);
-        signed.record(&Err(BackendError::PinRejected), start);
-        assert!(!signed.within(SIGNED_RECENTLY, start));
+        signed.record(
+            &Err(BackendError::PinRejected),
+            start + Duration::from_millis(1),
+        );
+        assert!(!signed.within(SIGNED_RECENTLY, start + Duration::from_millis(2)));
+        // A signature that ended before the token went, recorded after the failure that
+        // found it gone, does not make it ready again; a later one does.
+        let gone_at = start + Duration::from_secs(10);
+        signed.record(&Err(BackendError::Unavailable("gone".into())), gone_at);
+        signed.record(&signature, gone_at - Duration::from_millis(5));
+        assert!(!signed.within(SIGNED_RECENTLY, gone_at));
+        signed.record(&signature, gone_at + Duration::from_millis(5));
+        assert!(signed.within(SIGNED_RECENTLY, gone_at + Duration::from_millis(6)));
     }
 }
