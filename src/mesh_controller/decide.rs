@@ -706,8 +706,8 @@ impl MemberTrust {
     }
 
     /// Whether its root-cert.pem holds `root`, as reported for its current spec (a status
-    /// for an older spec may describe a root-cert.pem the agent is about to change), and
-    /// its istiod was restarted to take it.
+    /// for an older spec may describe a root-cert.pem the agent is about to change), with
+    /// no restart plan of its under way (istiod takes the file only when it starts).
     fn trusts_now(&self, root: &str) -> bool {
         self.installed
             && self.current
