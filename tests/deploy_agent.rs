@@ -118,6 +118,26 @@ fn the_crd_is_structurally_what_the_agent_expects() {
 }
 
 #[test]
+fn the_image_is_built_from_the_sources_alone() {
+    // The Dockerfile copies the whole context: the build tree (gigabytes) and var/ (the
+    // demo's and tests' PINs, keys and OpenBao root token) must stay out of it.
+    let dockerfile = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("COPY . ."), "{dockerfile}");
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    let entries: Vec<&str> = ignored
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(str::trim)
+        .collect();
+    for kept_out in ["target/", "var/", ".git/"] {
+        assert!(
+            entries.contains(&kept_out),
+            "{kept_out} not in .dockerignore"
+        );
+    }
+}
+
+#[test]
 fn the_example_request_is_a_valid_vmcsr() {
     let docs = documents(&deploy().join("example-vmcsr.yaml"));
     let request: VirtualMeshCertificateSigningRequest =
