@@ -8,7 +8,9 @@
 #   4. both chains shown ending at the same root (the seed's `openssl s_client -showcerts` check)
 #   5. a workload certificate from each cluster's intermediate and an mTLS handshake between them
 # Everything lands in var/demo/ (vault: var/demo-vault/, so neither run clobbers the
-# other's root and config), rebuilt from scratch each run.
+# other's root and config), rebuilt from scratch each run. MESHCA_DEMO_DIR and
+# MESHCA_DEMO_LISTEN (default 127.0.0.1:8443) put it elsewhere: tests/demo.rs runs the
+# demo that way, beside anything else.
 set -euo pipefail
 
 backend=${1:-pkcs11}
@@ -21,8 +23,16 @@ meshca=${MESHCA:-$repo/target/release/meshca}
 # var/demo or var/demo-vault: where this run leaves everything.
 demo_rel=var/demo
 [ "$backend" = vault ] && demo_rel=var/demo-vault
-demo=$repo/$demo_rel
-listen=127.0.0.1:8443
+# The policy, as the signer config names it (relative to var/demo*, which the repo holds).
+meshes_file=../../config/virtual-mesh.yaml
+if [ -n "${MESHCA_DEMO_DIR:-}" ]; then
+  demo_rel=$MESHCA_DEMO_DIR
+  demo=$MESHCA_DEMO_DIR
+  meshes_file=$repo/config/virtual-mesh.yaml
+else
+  demo=$repo/$demo_rel
+fi
+listen=${MESHCA_DEMO_LISTEN:-127.0.0.1:8443}
 signer_url=https://$listen
 
 bold=$(tput bold 2>/dev/null || true)
@@ -51,7 +61,7 @@ cleanup() {
 trap cleanup EXIT
 
 [ -x "$meshca" ] || { echo "meshca binary not found at $meshca (run: make build)" >&2; exit 1; }
-if (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null; then
+if (exec 3<>"/dev/tcp/${listen%:*}/${listen##*:}") 2>/dev/null; then
   echo "something already listens on $listen; stop it and run make demo again" >&2
   exit 1
 fi
@@ -154,7 +164,7 @@ cat > signer.toml <<EOF
 # meshca signer configuration written by \`make $( [ "$backend" = vault ] && echo demo-vault || echo demo )\`. Relative paths are relative to
 # this file. Run it again with: meshca serve --config $demo_rel/signer.toml
 listen = "$listen"
-virtual_meshes = ["../../config/virtual-mesh.yaml"]
+virtual_meshes = ["$meshes_file"]
 audit_log = "audit.log"
 
 [tls]
