@@ -1197,6 +1197,64 @@ async fn an_announced_next_root_joins_the_secret_and_stays_reported_while_the_si
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_root_switch_gateways_wait_for_the_configmap_to_put_the_new_root_first() {
+    use common::certs::openssl_fingerprint;
+    let env = Env::new();
+    let next = env.init_next_root();
+    let (r1, r2) = (
+        std::fs::read_to_string(env.path("root-cert.pem")).unwrap(),
+        std::fs::read_to_string(&next).unwrap(),
+    );
+    let r2_sha256 = openssl_fingerprint(env.dir.path(), &next);
+    // The next root announced from the start: every root-cert.pem holds R1 then R2.
+    env.announce_next_root(Some("next-root-cert.pem"));
+    let mut signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"restart": {"policy": "always"}}),
+    );
+    let istiod = deployments_path("istio-system", "istiod");
+    let gateway = deployments_path("istio-system", "istio-ingressgateway");
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
+    cluster.put_deployment(
+        "istio-system",
+        "istio-ingressgateway",
+        json!({"istio": "ingressgateway"}),
+    );
+    // What istiod wrote after that install: R1 first, the announced R2 second.
+    let (path, cm) = configmap("istio-system", &format!("{r1}{r2}"));
+    cluster.put(&path, cm);
+    cluster.pass().await;
+    cluster.pass().await;
+    assert_eq!(vmcsr_status(&cluster)["restart"]["stage"], "Complete");
+
+    // The switch: intermediates under R2, R1 announced as the previous root.
+    assert!(signer.terminate());
+    env.switch_to_next_root();
+    env.announce_previous_root(Some("root-cert.pem"));
+    let signer = env.start_signer();
+    cluster.edit_request(|request| {
+        request["spec"]["signer"]["url"] = format!("https://{}", signer.addr).into();
+    });
+    let sent = cluster.pass().await;
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["rootFingerprint"], r2_sha256.as_str(), "{st}");
+    // istiod restarts; the gateway waits: its ConfigMap carries R2, but second, as the old
+    // istiod wrote it, not first, as the new one will.
+    assert_eq!(restarted_paths(&sent), vec![istiod.clone()]);
+    assert_eq!(st["restart"]["stage"], "Gateways", "{st}");
+    let sent = cluster.pass().await;
+    assert!(restarted_paths(&sent).is_empty());
+
+    // The new istiod writes R2 then R1: now the gateway restarts.
+    let (path, cm) = configmap("istio-system", &format!("{r2}{r1}"));
+    cluster.put(&path, cm);
+    let sent = cluster.pass().await;
+    assert_eq!(restarted_paths(&sent), vec![gateway]);
+}
+
 /// The condition `type_` of a request's status.
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"]
