@@ -580,14 +580,9 @@ async fn a_secret_holding_tls_crt_is_left_alone_even_with_adopt() {
     );
     assert_secret_is(&cluster, &tls);
     assert!(signer.audit_lines().is_empty());
-    let st = vmcsr_status(&cluster);
-    assert_eq!(st["phase"], "Failed");
-    assert!(
-        st["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("holds tls.crt: istiod then reads tls.crt, tls.key and ca.crt"),
-        "{st}"
+    failed_with(
+        &cluster,
+        "holds tls.crt: istiod then reads tls.crt, tls.key and ca.crt",
     );
 }
 
@@ -601,15 +596,7 @@ async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
     let sent = cluster.pass().await;
     assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
     assert!(cluster.get(SECRET).is_none());
-    let st = vmcsr_status(&cluster);
-    assert_eq!(st["phase"], "Failed");
-    assert!(
-        st["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("cannot reach the signer"),
-        "{st}"
-    );
+    let st = failed_with(&cluster, "cannot reach the signer");
     assert_eq!(st["conditions"][0]["reason"], "SignerError");
 }
 
@@ -868,15 +855,7 @@ async fn a_secret_the_api_server_refuses_costs_no_intermediate_and_is_retried_wi
         "{:?}",
         signer.audit_lines()
     );
-    let st = vmcsr_status(&cluster);
-    assert_eq!(st["phase"], "Failed");
-    assert!(
-        st["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("field is immutable"),
-        "{st}"
-    );
+    failed_with(&cluster, "field is immutable");
     // The next passes come sooner than its backoff: this request is left alone.
     for _ in 0..3 {
         let sent = cluster.pass_with_dry_runs().await;
@@ -925,12 +904,7 @@ async fn a_rate_limited_request_waits_what_the_signer_asks() {
     // The Secret is gone: the agent asks again at once, and the signer says when.
     cluster.fake.remove(SECRET);
     let wait = cluster.controller.run_once().await.unwrap();
-    let st = vmcsr_status(&cluster);
-    assert_eq!(st["phase"], "Failed", "{st}");
-    assert!(
-        st["lastError"].as_str().unwrap().contains("rate_limited"),
-        "{st}"
-    );
+    failed_with(&cluster, "rate_limited");
     // Its own backoff would come back in 15 s, to be refused again; the signer's word is
     // kept, up to the resync interval (60 s here).
     assert!(
@@ -965,10 +939,22 @@ async fn fails_keeping_the_secret(cluster: &Cluster, installed: &Value, needle: 
     let sent = cluster.pass().await;
     assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
     assert_secret_is(cluster, installed);
-    let st = vmcsr_status(cluster);
-    assert_eq!(st["phase"], "Failed");
-    assert!(st["lastError"].as_str().unwrap().contains(needle), "{st}");
+    let st = failed_with(cluster, needle);
     assert_eq!(st["conditions"][0]["reason"], "SignerError");
+}
+
+/// The request's status, which must say `Failed` with `needle` in `lastError`.
+fn failed_with(cluster: &Cluster, needle: &str) -> Value {
+    let st = vmcsr_status(cluster);
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert!(
+        st["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(needle),
+        "{needle:?} not in {st}"
+    );
+    st
 }
 
 fn unix(t: std::time::SystemTime) -> i64 {

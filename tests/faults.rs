@@ -43,6 +43,17 @@ async fn backend_ready(client: &reqwest::Client, signer: &Signer) -> Option<i64>
     metric_sample(&signer.metrics(client).await, "meshca_backend_ready")
 }
 
+/// Waits until `meshca_backend_ready` is `want`: a bounded wait (90 s) for the check the
+/// signer makes every 10 s, not a timing assertion.
+async fn wait_for_backend_ready(client: &reqwest::Client, signer: &Signer, want: i64) {
+    let mut waited = 0;
+    while backend_ready(client, signer).await != Some(want) {
+        waited += 1;
+        assert!(waited < 450, "meshca_backend_ready never became {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The token goes away while no cluster asks for anything (no request, no `/readyz`):
 /// the periodic check still shows it, in the metric the alert reads and in the log.
 #[tokio::test]
@@ -54,25 +65,14 @@ async fn a_token_gone_while_nobody_asks_shows_in_the_metrics_and_the_log() {
     let tokens = env.path("softhsm/tokens");
     let away = env.path("softhsm/tokens.away");
     std::fs::rename(&tokens, &away).unwrap();
-    // Bounded waits for a check every 10 s; not timing assertions.
-    let mut waited = 0;
-    while backend_ready(&client, &signer).await != Some(0) {
-        waited += 1;
-        assert!(waited < 450, "the metric never said the token was gone");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_backend_ready(&client, &signer, 0).await;
     assert!(
         signer.logs().contains("the root key backend cannot sign"),
         "{}",
         signer.logs()
     );
     std::fs::rename(&away, &tokens).unwrap();
-    let mut waited = 0;
-    while backend_ready(&client, &signer).await != Some(1) {
-        waited += 1;
-        assert!(waited < 450, "the metric never said the token was back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_backend_ready(&client, &signer, 1).await;
 }
 
 #[tokio::test]
