@@ -1,6 +1,7 @@
 //! Logging for every command: tracing to stderr as text or JSON lines, and panics reported
-//! through the same log, so a JSON log stays JSON lines when something panics; and
-//! [`clip`], which bounds text from outside before it is logged or recorded.
+//! through the same log, so a JSON log stays JSON lines when something panics; [`clip`],
+//! which bounds text from outside before it is logged or recorded; and [`with_causes`],
+//! an error's text with the causes its Display leaves out.
 
 use std::panic::PanicHookInfo;
 
@@ -16,6 +17,23 @@ pub fn clip(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}... ({} bytes in all)", &text[..end], text.len())
+}
+
+/// `error`'s message followed by its causes', each said once: libraries' Display often
+/// hides the cause (reqwest and kube say "client error (SendRequest)" for a refused
+/// connection and a timed-out read alike).
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax, RUST_LOG wins)
@@ -67,5 +85,40 @@ fn log_panic(info: &PanicHookInfo) {
         tracing::error!(panic = message, location, thread, %backtrace, "panicked");
     } else {
         tracing::error!(panic = message, location, thread, "panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn an_error_is_said_with_each_of_its_causes_once() {
+        let inner = Layer("operation timed out", None);
+        let middle = Layer(
+            "client error (SendRequest): operation timed out",
+            Some(Box::new(inner)),
+        );
+        let outer = Layer("ServiceError", Some(Box::new(middle)));
+        assert_eq!(
+            with_causes(&outer),
+            "ServiceError: client error (SendRequest): operation timed out"
+        );
+        assert_eq!(with_causes(&Layer("alone", None)), "alone");
     }
 }

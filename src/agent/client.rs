@@ -453,16 +453,9 @@ fn transport(url: &str, e: reqwest::Error) -> ClientError {
     // reqwest's Display hides the cause (TLS alert, refused connection): walk the chain.
     // The URL is said once, by this error, not again by reqwest's.
     let e = e.without_url();
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
     ClientError::Transport {
         url: url.to_string(),
-        message,
+        message: crate::logging::with_causes(&e),
     }
 }
 

@@ -30,7 +30,7 @@ pub const OWNER: &str = "meshca.dev/owner";
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 
 #[derive(Debug, thiserror::Error)]
-#[error("Kubernetes API: {action}: {}", with_causes(source))]
+#[error("Kubernetes API: {action}: {}", crate::logging::with_causes(source))]
 pub struct KubeError {
     pub action: String,
     #[source]
@@ -45,22 +45,6 @@ impl KubeError {
             _ => None,
         }
     }
-}
-
-/// An error and its causes: kube says "client error (SendRequest)" for a refused
-/// connection and a timed-out read alike; the cause tells them apart.
-fn with_causes(error: &kube::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let said = cause.to_string();
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Names the call a `kube::Error` came from (shared with the mesh controller's calls).
