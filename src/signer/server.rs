@@ -613,20 +613,12 @@ async fn serve_tls(
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     let reason = crate::tlsutil::handshake_refusal_reason(&e);
-                    let refusal = HandshakeRefusal {
-                        reason,
-                        error: &e.to_string(),
-                        client: refused_client.as_deref(),
-                    };
-                    return handshake_refused(&state, peer, refusal);
+                    let client = refused_client.as_deref();
+                    return handshake_refused(&state, peer, reason, &e.to_string(), client);
                 }
                 Err(_) => {
-                    let refusal = HandshakeRefusal {
-                        reason: "timeout",
-                        error: "no handshake within the handshake timeout",
-                        client: None,
-                    };
-                    return handshake_refused(&state, peer, refusal);
+                    let error = "no handshake within the handshake timeout";
+                    return handshake_refused(&state, peer, "timeout", error, None);
                 }
             };
             let identity = tls
@@ -677,22 +669,15 @@ async fn serve_tls(
     }
 }
 
-/// Why a handshake failed, and who the client said it was when its certificate was the
-/// reason.
-struct HandshakeRefusal<'a> {
+/// Counts a refused handshake, and logs it unless the log throttle holds back its reason;
+/// `client` is the refused certificate's identity, serial and notAfter, when it was one.
+fn handshake_refused(
+    state: &SignerState,
+    peer: SocketAddr,
     reason: &'static str,
-    error: &'a str,
-    /// The refused certificate's identity, serial and notAfter.
-    client: Option<&'a str>,
-}
-
-/// Counts a refused handshake, and logs it unless the log throttle holds back its reason.
-fn handshake_refused(state: &SignerState, peer: SocketAddr, refusal: HandshakeRefusal<'_>) {
-    let HandshakeRefusal {
-        reason,
-        error,
-        client,
-    } = refusal;
+    error: &str,
+    client: Option<&str>,
+) {
     state.metrics.handshake_refused(reason);
     if let Some(not_logged) = state.handshake_log.admit(reason, Instant::now()) {
         tracing::info!(
