@@ -23,7 +23,7 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
-        /// The answer's `Retry-After` (delta-seconds form), when it had one.
+        /// The answer's `Retry-After` (either form, as a wait from now), when it had one.
         retry_after: Option<Duration>,
     },
     #[error("the signer's answer is not what meshca expects: {0}")]
@@ -478,11 +478,19 @@ async fn refusal(response: reqwest::Response) -> ClientError {
     }
 }
 
-/// `Retry-After` in seconds (the form the signer sends); the HTTP-date form, or anything
-/// else, counts as absent: the agent's own backoff applies then.
+/// `Retry-After` in either of its forms: seconds (what the signer sends) or an HTTP-date
+/// (what a proxy or load balancer in front of it may send), the latter as the time from
+/// now, zero once past. Anything else counts as absent: the agent's own backoff applies.
 fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 async fn decode<T: serde::de::DeserializeOwned>(
@@ -547,13 +555,25 @@ mod tests {
             Some(Duration::from_secs(7))
         );
         assert_eq!(answer(429, "99999999").await.retry_after(max), Some(max));
-        // A date, or nonsense, leaves the agent's own backoff in charge; and only a busy
-        // answer is waited out on the signer's word.
-        for (status, value) in [
-            (429, "Wed, 21 Oct 2026 07:28:00 GMT"),
-            (429, "-5"),
-            (403, "60"),
-        ] {
+        // The HTTP-date form (a proxy's), counted from now; a date gone by waits nothing
+        // more than the agent's own backoff.
+        let in_a_minute = httpdate::fmt_http_date(
+            std::time::SystemTime::now() + Duration::from_secs(60),
+        );
+        let wait = answer(503, &in_a_minute).await.retry_after(max).unwrap();
+        assert!(
+            (Duration::from_secs(30)..=Duration::from_secs(60)).contains(&wait),
+            "{wait:?}"
+        );
+        assert_eq!(
+            answer(503, "Wed, 21 Oct 2015 07:28:00 GMT")
+                .await
+                .retry_after(max),
+            Some(Duration::ZERO)
+        );
+        // Nonsense leaves the agent's own backoff in charge; and only a busy answer is
+        // waited out on the signer's word.
+        for (status, value) in [(429, "-5"), (429, "soon"), (403, "60")] {
             assert_eq!(
                 answer(status, value).await.retry_after(max),
                 None,
