@@ -95,6 +95,7 @@ struct Pkcs11Section {
     pin_file: Option<PathBuf>,
     pin_env: Option<String>,
     sessions: Option<usize>,
+    timeout_seconds: Option<u64>,
     softhsm2_conf: Option<PathBuf>,
 }
 
@@ -126,6 +127,9 @@ pub struct Pkcs11Settings {
     pub pin: SecretSource,
     /// Sessions in the signing pool, each with its own token thread.
     pub sessions: usize,
+    /// How long a signing waits for the token, its turn for a session included: a token
+    /// that hangs (a network HSM cut off, a stuck lock) answers 503, not never.
+    pub timeout: Duration,
     /// SOFTHSM2_CONF to set for the module, if the config names one.
     pub softhsm2_conf: Option<PathBuf>,
 }
@@ -665,14 +669,28 @@ fn pkcs11_settings(
             "pkcs11.sessions must be between 1 and {MAX_SESSIONS}, got {sessions}"
         ));
     }
+    let timeout = match section.timeout_seconds {
+        None => DEFAULT_TOKEN_TIMEOUT,
+        Some(seconds @ 1..=300) => Duration::from_secs(seconds),
+        Some(seconds) => {
+            return Err(format!(
+                "pkcs11.timeout_seconds must be between 1 and 300, got {seconds}"
+            ));
+        }
+    };
     Ok(Pkcs11Settings {
         module,
         key,
         pin,
         sessions,
+        timeout,
         softhsm2_conf: section.softhsm2_conf.map(|p| resolve(&p)),
     })
 }
+
+/// How long a signing waits for the token by default: far above a loaded token's queue
+/// (milliseconds), below the agents' own 60 s wait, so they get the signer's answer.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Most PKCS#11 sessions a signer opens.
 const MAX_SESSIONS: usize = 256;
@@ -840,23 +858,28 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let shipped = SignerConfig::parse(&example, &text).unwrap();
         assert_eq!(shipped.root.backend, BackendKind::Pkcs11);
         assert_eq!(shipped.limits, Limits::default());
+        let shipped_pkcs11 = shipped.pkcs11.as_ref().unwrap();
+        assert_eq!(shipped_pkcs11.timeout, DEFAULT_TOKEN_TIMEOUT);
 
-        // The optional settings commented out in [tls] and [pkcs11].
+        // The optional settings commented out in [tls] and [pkcs11] (each key's first
+        // occurrence: [vault] further down has a timeout_seconds too).
         let optional = [
             "client_crls",
             "client_crl_overdue",
             "sessions",
+            "timeout_seconds",
             "softhsm2_conf",
         ]
         .iter()
         .fold(text.clone(), |text, key| {
-            text.replace(&format!("\n# {key} = "), &format!("\n{key} = "))
+            text.replacen(&format!("\n# {key} = "), &format!("\n{key} = "), 1)
         });
         let config = SignerConfig::parse(&example, &optional).unwrap();
         assert_eq!(config.client_crls.len(), 1);
         assert_eq!(config.client_crl_overdue, CrlOverdue::Accept);
         let pkcs11 = config.pkcs11.unwrap();
         assert_eq!(pkcs11.sessions, 8);
+        assert_eq!(pkcs11.timeout, Duration::from_secs(30));
         assert!(pkcs11.softhsm2_conf.is_some());
 
         // The announced roots' keys are known (the files they name are read, so they
@@ -927,6 +950,10 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let cases = [
             ("pin = \"1234\"\n", "unknown field `pin`"),
             ("sessions = 0\n", "pkcs11.sessions"),
+            (
+                "timeout_seconds = 0\n",
+                "pkcs11.timeout_seconds must be between 1 and 300, got 0",
+            ),
             (
                 "[limits]\nbody_timeout_ms = 0\n",
                 "limits.body_timeout_ms must be positive",

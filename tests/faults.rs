@@ -128,6 +128,105 @@ async fn a_token_that_goes_away_gives_503_and_signing_recovers_when_it_is_back()
     assert_eq!(audit[2]["rule"], "backend_unavailable");
 }
 
+/// Every file of the SoftHSM token directory `dir`, held under an exclusive POSIX lock by
+/// this process until dropped. SoftHSM waits for its own locks on them, so the signer's
+/// token calls wait the way they do on a token that stops answering (a network HSM cut
+/// off): nothing fails, nothing returns.
+struct HeldTokenFiles {
+    _locked: Vec<std::fs::File>,
+}
+
+fn hold_token_files(dir: &std::path::Path) -> HeldTokenFiles {
+    use std::os::fd::AsRawFd;
+    let mut held = Vec::new();
+    for token in std::fs::read_dir(dir).unwrap() {
+        let token = token.unwrap().path();
+        if !token.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(&token).unwrap() {
+            let path = entry.unwrap().path();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            // SAFETY: a zeroed `flock` is a valid value; the fields that matter are set.
+            let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+            lock.l_type = libc::F_WRLCK as libc::c_short;
+            lock.l_whence = libc::SEEK_SET as libc::c_short;
+            // SAFETY: `file` is open for the call; `lock` outlives it.
+            let done = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) };
+            assert_eq!(
+                done,
+                0,
+                "cannot lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+            held.push(file);
+        }
+    }
+    assert!(held.len() > 2, "no token files under {}", dir.display());
+    HeldTokenFiles { _locked: held }
+}
+
+/// A token that stops answering: the signing answers `503 backend_unavailable` once
+/// `pkcs11.timeout_seconds` has gone by (audited; before, it waited as long as the
+/// client did), readiness turns false, and once the token answers again signing resumes
+/// and what it signed for the abandoned request is thrown away, said in the log.
+#[tokio::test]
+async fn a_token_that_stops_answering_gives_503_after_the_timeout_and_signing_resumes() {
+    let env = Env::new();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let with_timeout = config.replacen("\nsessions = ", "\ntimeout_seconds = 2\nsessions = ", 1);
+    assert_ne!(
+        with_timeout, config,
+        "no [pkcs11] sessions line in:\n{config}"
+    );
+    std::fs::write(&env.config, with_timeout).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+
+    let held = hold_token_files(&env.path("softhsm/tokens"));
+    let (status, answer) =
+        tokio::time::timeout(Duration::from_secs(50), sign_fresh(&client, &signer))
+            .await
+            .expect("the signing waited on the stuck token for 50 s");
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "backend_unavailable");
+    let why = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("did not answer within 2 s (pkcs11.timeout_seconds)"),
+        "{why}"
+    );
+    assert!(
+        wait_ready(&client, &signer, 503).await,
+        "readyz stayed ready with a token that does not answer"
+    );
+
+    drop(held);
+    assert!(
+        wait_ready(&client, &signer, 200).await,
+        "signer did not recover:\n{}",
+        signer.logs()
+    );
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    let late = signer
+        .wait_for_log("the token signed after the request had timed out")
+        .await;
+    assert!(late.contains("serial"), "{late}");
+
+    let audit = signer.audit_lines();
+    let decisions: Vec<&str> = audit
+        .iter()
+        .map(|l| l["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["allow", "error", "allow"]);
+    assert_eq!(audit[1]["rule"], "backend_unavailable");
+}
+
 #[tokio::test]
 async fn an_audit_log_that_cannot_be_written_stops_issuance() {
     let env = Env::new();

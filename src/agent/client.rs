@@ -482,7 +482,11 @@ async fn refusal(response: reqwest::Response) -> ClientError {
 /// (what a proxy or load balancer in front of it may send), the latter as the time from
 /// now, zero once past. Anything else counts as absent: the agent's own backoff applies.
 fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
@@ -557,9 +561,8 @@ mod tests {
         assert_eq!(answer(429, "99999999").await.retry_after(max), Some(max));
         // The HTTP-date form (a proxy's), counted from now; a date gone by waits nothing
         // more than the agent's own backoff.
-        let in_a_minute = httpdate::fmt_http_date(
-            std::time::SystemTime::now() + Duration::from_secs(60),
-        );
+        let in_a_minute =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
         let wait = answer(503, &in_a_minute).await.retry_after(max).unwrap();
         assert!(
             (Duration::from_secs(30)..=Duration::from_secs(60)).contains(&wait),

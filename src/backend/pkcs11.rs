@@ -33,7 +33,7 @@ use crate::pki::keys::{KeyType, PublicKeyKind, describe_public_key};
 use crate::pki::lint::{check_signed_certificate, lint_intermediate, lint_root};
 use crate::pki::profile::{
     IntermediatePlan, RootCa, assemble, decode_tbs, intermediate_tbs, random_serial, root_tbs,
-    subject_name,
+    serial_hex, subject_name,
 };
 use crate::pki::sigalg::{SignatureAlgorithm, ecdsa_prehash, ecdsa_raw_to_der};
 use crate::policy::rules::BACKDATE;
@@ -907,6 +907,15 @@ impl Inner {
         }
     }
 
+    /// A signing that waited `limit` for the token and got no answer.
+    fn timed_out(&self, limit: Duration) -> BackendError {
+        BackendError::Unavailable(format!(
+            "the token did not answer within {} s (pkcs11.timeout_seconds): it hangs, or is too busy for this signer's load (key {})",
+            limit.as_secs(),
+            self.settings.key
+        ))
+    }
+
     /// Build, lint, sign, check: the whole issuance of one intermediate.
     fn issue_blocking(&self, request: &IssueRequest) -> Result<Certificate, BackendError> {
         if request.client_gone.is_cancelled() {
@@ -985,15 +994,35 @@ impl RootSigner for Pkcs11Backend {
 
     fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>> {
         Box::pin(async move {
-            let (outcome, ended) = match self
-                .on_session("signing", move |inner| {
-                    let outcome = inner.issue_blocking(&request);
-                    Ok((outcome, Instant::now()))
-                })
-                .await
-            {
-                Ok(done) => done,
-                Err(e) => (Err(e), Instant::now()),
+            let limit = self.inner.settings.timeout;
+            let queued = Instant::now();
+            // Set by whichever comes first: the token's answer or the caller giving up on it.
+            let settled = Arc::new(AtomicBool::new(false));
+            let answered = settled.clone();
+            let signing = self.on_session("signing", move |inner| {
+                let outcome = inner.issue_blocking(&request);
+                let ended = Instant::now();
+                if answered.swap(true, Ordering::SeqCst) && outcome.is_ok() {
+                    // Its caller has answered 503 and gone: the certificate dies here.
+                    tracing::warn!(
+                        serial = %serial_hex(&request.plan.serial),
+                        seconds = ended.duration_since(queued).as_secs(),
+                        "the token signed after the request had timed out; the certificate is thrown away, never handed out"
+                    );
+                }
+                Ok((outcome, ended))
+            });
+            tokio::pin!(signing);
+            let failed = |e| (Err(e), Instant::now());
+            let (outcome, ended) = match tokio::time::timeout(limit, &mut signing).await {
+                Ok(done) => done.unwrap_or_else(failed),
+                // A queued signing is dropped unsigned; one the token holds is thrown away
+                // if it ever ends (above). Counted as the token gone, so readiness asks it.
+                Err(_) if !settled.swap(true, Ordering::SeqCst) => {
+                    failed(self.inner.timed_out(limit))
+                }
+                // The token answered as the time ran out: its answer is on its way.
+                Err(_) => signing.await.unwrap_or_else(failed),
             };
             self.signed.record(&outcome, ended);
             outcome
