@@ -919,3 +919,62 @@ async fn an_answer_over_4_mib_is_refused_by_name() {
         .unwrap();
     assert_eq!(small["data"]["data"]["value"], "x");
 }
+
+/// A plain HTTP server on 127.0.0.1 that answers every request with `answer` and counts
+/// the requests it got (their bytes are never kept: they may hold a token).
+fn http_answering(answer: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    (port, requests)
+}
+
+/// A Vault standby (or a proxy) answering with a redirect to somewhere else: meshca does
+/// not follow it, since the token (or a login's credentials) would go along, in clear
+/// here, and says which address to configure instead.
+#[test]
+fn a_redirect_from_vault_is_not_followed_and_named() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let (elsewhere, reached) =
+        http_answering("HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n".to_string());
+    let (standby, _) = http_answering(format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:{elsewhere}/v1/sys/health\r\ncontent-length: 0\r\n\r\n"
+    ));
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let redirected = config.replace(
+        &format!("address = \"{}\"", env.bao().address()),
+        &format!("address = \"http://127.0.0.1:{standby}\""),
+    );
+    assert_ne!(redirected, config, "no vault.address in:\n{config}");
+    std::fs::write(&env.config, redirected).unwrap();
+
+    let out = env.run_with_config(&["root", "show"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    // Through vaultrs (the token lookup here) the Location is not known; it is named
+    // where meshca reads the answer itself.
+    assert!(
+        stderr.contains("with a redirect (307") && stderr.contains("which meshca does not follow"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("set vault.address"), "{stderr}");
+    assert_eq!(
+        reached.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a request followed the redirect"
+    );
+}

@@ -58,6 +58,17 @@ pub enum VaultError {
     Protocol { what: String, message: String },
     #[error("Vault client setup: {0}")]
     Setup(String),
+    /// A standby node (or a proxy) pointing elsewhere. Followed, the redirect would carry
+    /// the token or the login's credentials to wherever it says, in clear if it says so.
+    #[error(
+        "Vault answered {what} with a redirect ({status}{}), which meshca does not follow (it would send the token or credentials along): set vault.address to the active node or to a load balancer in front of the cluster",
+        location.as_deref().map(|l| format!(" to {l}")).unwrap_or_default()
+    )]
+    Redirected {
+        what: String,
+        status: u16,
+        location: Option<String>,
+    },
 }
 
 impl VaultError {
@@ -140,6 +151,19 @@ impl Session {
     }
 }
 
+/// The error for a redirect `what` got, naming where it pointed.
+fn redirected(what: String, response: &reqwest::Response) -> VaultError {
+    VaultError::Redirected {
+        what,
+        status: response.status().as_u16(),
+        location: response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(|l| crate::logging::clip(l, 200)),
+    }
+}
+
 /// Largest answer read from Vault: its answers to meshca are a few kilobytes.
 const MAX_ANSWER: usize = 4 * 1024 * 1024;
 
@@ -179,8 +203,9 @@ impl VaultClient {
             .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
             // Signer-to-Vault traffic goes where the config says, not via a proxy from
-            // the environment.
+            // the environment, nor where a redirect says (see VaultError::Redirected).
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| VaultError::Setup(e.to_string()))?;
         Ok(VaultClient {
@@ -220,6 +245,9 @@ impl VaultClient {
             .send()
             .await
             .map_err(|e| self.transport_error(&e))?;
+        if response.status().is_redirection() {
+            return Err(redirected("GET sys/health".into(), &response));
+        }
         match response.status().as_u16() {
             200 | 429 | 472 | 473 => Ok(()),
             501 => Err(VaultError::Uninitialized {
@@ -562,6 +590,9 @@ impl VaultClient {
         }
         let mut response = request.send().await.map_err(|e| self.transport_error(&e))?;
         let status = response.status().as_u16();
+        if response.status().is_redirection() {
+            return Err(redirected(what, &response));
+        }
         // Read with a bound: a broken or hostile Vault must not make the signer hold an
         // answer of any size (the timeout bounds only its duration).
         let mut bytes = Vec::new();
@@ -596,6 +627,14 @@ impl VaultClient {
     }
 
     fn api_error(&self, status: u16, what: String, errors: Vec<String>) -> VaultError {
+        if (300..400).contains(&status) {
+            // Through vaultrs (logins, token calls), which does not hand over the Location.
+            return VaultError::Redirected {
+                what,
+                status,
+                location: None,
+            };
+        }
         let message = clean_errors(&errors);
         if status == 503 && message.contains("sealed") {
             return VaultError::Sealed {
