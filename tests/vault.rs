@@ -198,6 +198,64 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     );
 }
 
+/// A token that cannot be renewed (AppRole handing out batch tokens) is replaced by a
+/// fresh login at half its TTL; while that login fails, the token in hand signs on until
+/// it ends, as a renewable one does (before, every request got 503 from the failed login
+/// on, with the token still valid).
+#[tokio::test]
+async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
+    const TTL: u64 = 30;
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::AppRole {
+            token_ttl: format!("{TTL}s"),
+        },
+        ..VaultSpec::default()
+    }));
+    env.bao()
+        .cli_ok(&["write", "auth/approle/role/meshca", "token_type=batch"]);
+    let signer = env.start_signer();
+    let started = Instant::now();
+    let login = signer.wait_for_log("logged in to Vault").await;
+    assert!(login.contains("\"renewable\":false"), "{login}");
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
+    env.bao().cli_stdin(
+        &[
+            "write",
+            "auth/approle/role/meshca/secret-id/destroy",
+            "secret_id=-",
+        ],
+        &secret_id,
+    );
+    // The replacement login comes at half the TTL; bounded by the token's end.
+    let line = signer
+        .wait_for_nth_log_within(
+            "cannot log in to Vault for a fresh token",
+            1,
+            Duration::from_secs(TTL),
+        )
+        .await;
+    assert!(line.contains("Vault login (approle) failed"), "{line}");
+    assert!(
+        started.elapsed() < Duration::from_secs(TTL - 2),
+        "too late to see the token sign on ({:?} after the start)",
+        started.elapsed()
+    );
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    // Ready (the metric is set by the readiness check), with the credentials failing.
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+    let failing = metric_sample(
+        &signer.metrics(&env.client("cluster-a")).await,
+        "meshca_backend_login_failing",
+    );
+    assert_eq!(failing, Some(1));
+    assert!(
+        !signer.logs().contains(secret_id.trim()),
+        "the secret ID was logged"
+    );
+}
+
 /// How many tokens AppRole handed out are still live: their leases under
 /// `auth/approle/login`.
 fn live_approle_tokens(env: &Env) -> usize {

@@ -22,6 +22,9 @@ use crate::secret::{Secret, SecretError};
 
 /// How long the background renewer waits after a failed renewal before trying again.
 const RENEW_RETRY: Duration = Duration::from_secs(5);
+/// How soon a refused login for a token that cannot be renewed is tried again: refused
+/// credentials rarely mend by themselves, and each try logs a warning.
+const LOGIN_RETRY: Duration = Duration::from_secs(30);
 /// The background renewer looks at the token at least this often.
 const RENEW_CHECK: Duration = Duration::from_secs(60);
 /// Largest service account JWT meshca reads.
@@ -312,20 +315,32 @@ impl VaultClient {
         }
         let fresh = match self.refresh(session.clone()).await {
             Ok(fresh) => fresh,
-            Err(e) if e.is_transient() => {
-                // Vault is down or slow: while the current token is still valid, keep
-                // using it and try renewing again a little later, instead of making
-                // every request wait for Vault under this lock.
+            Err(e) => {
+                // While the current token is still valid it keeps signing, whatever
+                // failed: Vault down or slow (retried shortly, instead of making every
+                // request wait for Vault under this lock), or the login that replaces a
+                // token that cannot be renewed (a batch token; retried less often, and
+                // shown in meshca_backend_login_failing).
                 if let Some(current) = session.as_mut()
                     && !current.expired()
                 {
-                    current.refresh_at = Some(Instant::now() + RENEW_RETRY);
-                    tracing::warn!(error = %e, "cannot renew the Vault token now; retrying shortly");
+                    if e.is_transient() {
+                        current.refresh_at = Some(Instant::now() + RENEW_RETRY);
+                        tracing::warn!(error = %e, "cannot renew the Vault token now; retrying shortly");
+                    } else {
+                        current.refresh_at = Some(Instant::now() + LOGIN_RETRY);
+                        self.login_failing
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        tracing::warn!(
+                            error = %e,
+                            remaining_seconds = current_lease_seconds(current),
+                            "cannot log in to Vault for a fresh token; signing with the current one until it ends, and trying the login again"
+                        );
+                    }
                     return Ok(current.token.clone());
                 }
                 return Err(e);
             }
-            Err(e) => return Err(e),
         };
         let token = fresh.token.clone();
         *session = Some(fresh);
@@ -503,6 +518,8 @@ impl VaultClient {
             renewable = session.renewable,
             "logged in to Vault"
         );
+        self.login_failing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(session)
     }
 
