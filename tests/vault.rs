@@ -123,6 +123,42 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
     assert_eq!(audit[2]["rule"], "backend_unavailable");
 }
 
+/// A policy that stops allowing the signing (while the token stays valid) gets a clear
+/// 503 naming the policy, and no fresh login per refused request: each would use up one
+/// use of an AppRole secret ID and leave a token behind.
+#[tokio::test]
+async fn a_policy_refusal_with_a_live_token_logs_in_no_more() {
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::AppRole {
+            token_ttl: "1h".into(),
+        },
+        ..VaultSpec::default()
+    }));
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let bao = env.bao();
+    let without_signing = MESHCA_VAULT_POLICY.replace(
+        r#"path "pki/issuer/*" { capabilities = ["read", "update", "patch", "delete"] }"#,
+        r#"path "pki/issuer/*" { capabilities = ["read"] }"#,
+    );
+    assert_ne!(without_signing, MESHCA_VAULT_POLICY);
+    bao.write_policy("meshca", &without_signing);
+    for _ in 0..3 {
+        let (status, body) = sign(&env, &signer).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            message(&body)
+                .contains("to a valid token: the policy of meshca's Vault identity must allow it"),
+            "{body}"
+        );
+    }
+    bao.write_policy("meshca", MESHCA_VAULT_POLICY);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let logs = signer.logs();
+    assert_eq!(count(&logs, "logged in to Vault"), 1, "{logs}");
+    assert_eq!(count(&logs, "logging in again once"), 0, "{logs}");
+}
+
 #[tokio::test]
 async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     // The signer renews at half of each lease, and logs in for a fresh token once a

@@ -47,7 +47,7 @@ pub enum VaultError {
         message: String,
     },
     #[error(
-        "Vault denied {what} ({message}) even after a fresh login: the policy of meshca's Vault identity must allow it"
+        "Vault denied {what} ({message}) to a valid token: the policy of meshca's Vault identity must allow it"
     )]
     Denied { what: String, message: String },
     #[error("Vault login ({method}) failed: {message}")]
@@ -267,7 +267,10 @@ impl VaultClient {
         }
     }
 
-    /// An authenticated call. A 403 is answered by exactly one fresh login and one retry.
+    /// An authenticated call. A 403 with a token Vault no longer knows (revoked, expired)
+    /// is answered by exactly one fresh login and one retry; a 403 with a live token is
+    /// the policy's refusal, returned as such: a login per refused request would use up
+    /// an AppRole secret ID with limited uses, and leave a token behind each time.
     pub async fn call(
         &self,
         method: Method,
@@ -276,6 +279,11 @@ impl VaultClient {
     ) -> Result<Value, VaultError> {
         let token = self.token().await?;
         match self.request(Some(&token), method.clone(), path, body).await {
+            Err(VaultError::Api {
+                status: 403,
+                what,
+                message,
+            }) if self.token_is_live(&token).await => Err(VaultError::Denied { what, message }),
             Err(VaultError::Api { status: 403, .. }) => {
                 tracing::warn!(
                     path,
@@ -295,6 +303,14 @@ impl VaultClient {
             }
             other => other,
         }
+    }
+
+    /// Whether Vault still knows `token` (a lookup of itself, which every token's default
+    /// policy allows). Anything but a clear yes counts as no, so a fresh login is tried.
+    async fn token_is_live(&self, token: &Token) -> bool {
+        self.request(Some(token), Method::GET, "auth/token/lookup-self", None)
+            .await
+            .is_ok()
     }
 
     /// An authenticated read of something meshca can do without: a 403 means the policy
