@@ -159,6 +159,64 @@ async fn a_policy_refusal_with_a_live_token_logs_in_no_more() {
     assert_eq!(count(&logs, "logging in again once"), 0, "{logs}");
 }
 
+/// The issuer the signer signs with is renamed, and a new root made under its name (what
+/// a `root init --force` elsewhere does), while the signer runs: readiness turns false
+/// naming it and signing refuses without asking Vault (before, readiness stayed true and
+/// each request had Vault sign, under the other root, a certificate meshca threw away and
+/// Vault kept); with the names put back, it serves again by itself.
+#[tokio::test]
+async fn an_issuer_replaced_under_a_running_signer_makes_it_unready() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let bao = env.bao();
+    let issued_by_vault = || {
+        bao.cli_json(&["list", "pki/certs"])["data"]["keys"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    bao.cli_ok(&[
+        "patch",
+        "pki/issuer/meshca-root",
+        "issuer_name=meshca-root-was",
+    ]);
+    bao.cli_ok(&[
+        "write",
+        "pki/root/generate/internal",
+        "common_name=someone else",
+        "issuer_name=meshca-root",
+        "key_type=ec",
+        "key_bits=256",
+    ]);
+    let (status, body) = readyz(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        message(&body).contains("is no longer the root this signer serves"),
+        "{body}"
+    );
+    let before = issued_by_vault();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        message(&body).contains("is no longer the root this signer serves"),
+        "{body}"
+    );
+    assert_eq!(issued_by_vault(), before, "Vault was asked to sign");
+
+    bao.cli_ok(&[
+        "patch",
+        "pki/issuer/meshca-root",
+        "issuer_name=someone-else",
+    ]);
+    bao.cli_ok(&[
+        "patch",
+        "pki/issuer/meshca-root-was",
+        "issuer_name=meshca-root",
+    ]);
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+}
+
 #[tokio::test]
 async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     // The signer renews at half of each lease, and logs in for a fresh token once a

@@ -120,6 +120,11 @@ pub struct VaultBackend {
     root: RootCa,
     sign_path: String,
     description: String,
+    /// Why the configured issuer is no longer the root in force (renamed, replaced by
+    /// another `root init --force`), as the last readiness check found; `None` while it
+    /// is. Signing refuses at once meanwhile: Vault would sign, under another root,
+    /// certificates meshca throws away and Vault keeps.
+    issuer_moved: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +159,7 @@ impl VaultBackend {
             ),
             client,
             root,
+            issuer_moved: std::sync::Mutex::new(None),
         })
     }
 
@@ -170,11 +176,7 @@ impl VaultBackend {
                 "Vault mount {mount} has no issuer {issuer_ref} (run `meshca root init` first)"
             ))
         })?;
-        let same = crate::pki::pem::decode_certificates(&issuer.certificate_pem)
-            .ok()
-            .and_then(|certs| certs.into_iter().next())
-            .is_some_and(|cert| cert == root.certificate);
-        if !same {
+        if !holds_root(&issuer, root) {
             return Err(VaultStartError::Mismatch(format!(
                 "Vault issuer {issuer_ref} in mount {mount} is not the root in the certificate file: was the root re-initialized without updating the certificate file?"
             )));
@@ -202,6 +204,52 @@ impl VaultBackend {
         }
         Ok(())
     }
+
+    /// The configured issuer, read again: still the root in force, or why not. Asked by
+    /// each readiness check, so a signer whose issuer was renamed or replaced under it
+    /// turns unready (and refuses signing) within one check.
+    async fn check_issuer_unchanged(&self) -> Result<(), BackendError> {
+        let settings = self.client.settings();
+        let (mount, issuer_ref) = (&settings.mount, &settings.issuer_ref);
+        let moved = match read_issuer(&self.client, issuer_ref)
+            .await
+            .map_err(backend_error)?
+        {
+            Some(issuer) if holds_root(&issuer, &self.root) => None,
+            Some(_) => Some(format!(
+                "Vault issuer {issuer_ref} in mount {mount} is no longer the root this signer serves (renamed or replaced since the start): signing refused until it is again, or the signer is restarted with the new root's certificate"
+            )),
+            None => Some(format!(
+                "Vault mount {mount} no longer has issuer {issuer_ref} (renamed or deleted since the start): signing refused until it is back"
+            )),
+        };
+        let mut current = self.issuer_moved.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != moved {
+            match &moved {
+                Some(why) => tracing::error!("{why}"),
+                None => {
+                    tracing::info!(issuer = %issuer_ref, "Vault issuer is the root in force again")
+                }
+            }
+        }
+        *current = moved.clone();
+        moved.map_or(Ok(()), |why| Err(BackendError::Unavailable(why)))
+    }
+
+    fn issuer_moved(&self) -> Option<String> {
+        self.issuer_moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Whether `issuer`'s certificate is `root`'s.
+fn holds_root(issuer: &IssuerInfo, root: &RootCa) -> bool {
+    crate::pki::pem::decode_certificates(&issuer.certificate_pem)
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .is_some_and(|cert| cert == root.certificate)
 }
 
 /// How a Vault failure reaches the API: Vault refusing what meshca asked is a 502, Vault
@@ -225,6 +273,9 @@ impl RootSigner for VaultBackend {
             if request.client_gone.is_cancelled() {
                 return Err(BackendError::ClientGone);
             }
+            if let Some(why) = self.issuer_moved() {
+                return Err(BackendError::Unavailable(why));
+            }
             let body = profile::sign_intermediate_body(&request, &self.root)
                 .map_err(BackendError::Check)?;
             let answer = self
@@ -240,7 +291,7 @@ impl RootSigner for VaultBackend {
         Box::pin(async move {
             self.client.health().await.map_err(backend_error)?;
             self.client.token().await.map_err(backend_error)?;
-            Ok(())
+            self.check_issuer_unchanged().await
         })
     }
 
