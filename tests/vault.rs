@@ -689,6 +689,81 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
     assert!(signer.terminate());
 }
 
+/// The issuers of the `pki` mount, by ID (`bao list` exits 2 for an empty list).
+fn vault_issuers(env: &Env) -> Vec<String> {
+    let out = env.bao().cli(&["list", "-format=json", "pki/issuers"]);
+    if out.status.code() == Some(2) {
+        return Vec::new();
+    }
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    listed
+        .as_array()
+        .map(|keys| {
+            keys.iter()
+                .filter_map(|k| k.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A mount whose max lease TTL is below the policy's ttlDays: Vault makes a shorter root
+/// with only a warning; root init refuses it, naming the tune to run, and leaves nothing
+/// in Vault (before, it installed a root ending in 10 days, which caps every
+/// intermediate and then breaks the mesh).
+#[test]
+fn root_init_refuses_a_root_the_mount_shortened() {
+    let env = Env::prepare(&vault(VaultSpec::default()));
+    env.bao()
+        .cli_ok(&["secrets", "tune", "-max-lease-ttl=240h", "pki"]);
+    let out = env.run_with_config(&["root", "init"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ends in 10 days, not the 30 days of the policy's ttlDays")
+            && stderr.contains("bao secrets tune -max-lease-ttl=720h pki`"),
+        "{stderr}"
+    );
+    assert!(!env.path("root-cert.pem").exists());
+    assert_eq!(vault_issuers(&env), Vec::<String>::new());
+    // Tuned as it says, it succeeds.
+    env.bao()
+        .cli_ok(&["secrets", "tune", "-max-lease-ttl=720h", "pki"]);
+    env.run_with_config_ok(&["root", "init"]);
+}
+
+/// `root init --force` whose certificate file cannot be replaced (here a directory stands
+/// in its place) puts Vault back as it was: the old root under the name, the new one
+/// gone (before, Vault served the new root under the name while the file still held the
+/// old one, and no signer could start).
+#[test]
+fn a_forced_root_init_that_cannot_write_the_file_leaves_vault_as_it_was() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let old = env.root_pem();
+    let issuers = vault_issuers(&env);
+    std::fs::remove_file(env.path("root-cert.pem")).unwrap();
+    std::fs::create_dir(env.path("root-cert.pem")).unwrap();
+    let out = env.run_with_config(&["root", "init", "--force"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot write root certificate")
+            && stderr.contains("the previous issuer is meshca-root again"),
+        "{stderr}"
+    );
+    assert_eq!(vault_issuers(&env), issuers);
+    let named = env.bao().cli_json(&["read", "pki/issuer/meshca-root"]);
+    assert_eq!(
+        named["data"]["certificate"].as_str().unwrap().trim(),
+        old.trim()
+    );
+    // With the file back, the signer starts on the root it had.
+    std::fs::remove_dir(env.path("root-cert.pem")).unwrap();
+    std::fs::write(env.path("root-cert.pem"), &old).unwrap();
+    let mut signer = env.start_signer();
+    assert!(signer.terminate());
+}
+
 #[test]
 fn vault_roots_of_every_key_type_satisfy_openssl() {
     let env = Env::prepare(&EnvSpec {

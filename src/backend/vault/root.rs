@@ -3,7 +3,7 @@
 //! org, ttl and key type, or an existing issuer adopted after checking it against the
 //! policy. Either way the root certificate is written to `root.certificate`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::Method;
 use serde_json::json;
@@ -108,6 +108,7 @@ async fn init_with(
                     policy.id
                 ))
             })?;
+            write_root_file(config, &root)?;
             VaultRootOutcome {
                 root,
                 issuer,
@@ -172,7 +173,8 @@ async fn init_with(
             let key_id = profile::data_str(&answer, "key_id")
                 .unwrap_or_default()
                 .to_string();
-            let root = match check(pem) {
+            let root = match check(pem).and_then(|root| lasts_as_asked(root, policy.max_ttl, mount))
+            {
                 Ok(root) => root,
                 Err(e) => {
                     let cleanup = discard(client, mount, &issuer_id, &key_id).await;
@@ -213,6 +215,22 @@ async fn init_with(
                 }
                 renamed = Some(old_name);
             }
+            // The file last, so that a failure can still put Vault back as it was: with
+            // the new root under the name and the old one in the file, no signer starts.
+            if let Err(e) = write_root_file(config, &root) {
+                let cleanup = discard(client, mount, &issuer_id, &key_id).await;
+                let restored = match &existing {
+                    Some(old) => match rename(client, mount, &old.issuer_id, issuer_ref).await {
+                        Ok(()) => format!("; the previous issuer is {issuer_ref} again"),
+                        Err(r) => format!(
+                            "; the previous issuer is still named {} ({r})",
+                            renamed.as_deref().unwrap_or_default()
+                        ),
+                    },
+                    None => String::new(),
+                };
+                return Err(VaultRootError::Refused(format!("{e}; {cleanup}{restored}")));
+            }
             let issuer = read_issuer(client, issuer_ref).await?.ok_or_else(|| {
                 VaultRootError::Refused(format!("issuer {issuer_ref} vanished after creation"))
             })?;
@@ -234,15 +252,37 @@ async fn init_with(
             }
         }
     };
-    crate::fsutil::write_public(&config.root.certificate, outcome.root.pem.as_bytes()).map_err(
-        |e| {
-            VaultRootError::Refused(format!(
-                "cannot write root certificate {}: {e}",
-                config.root.certificate.display()
-            ))
-        },
-    )?;
     Ok(outcome)
+}
+
+/// Writes the root certificate file (`[root] certificate`), replacing it whole.
+fn write_root_file(config: &SignerConfig, root: &RootCa) -> Result<(), VaultRootError> {
+    crate::fsutil::write_public(&config.root.certificate, root.pem.as_bytes()).map_err(|e| {
+        VaultRootError::Refused(format!(
+            "cannot write root certificate {}: {e}",
+            config.root.certificate.display()
+        ))
+    })
+}
+
+/// Slack for the time between asking Vault and reading its answer.
+const ROOT_LIFETIME_SLACK: Duration = Duration::from_secs(3600);
+
+/// `root`, unless Vault made it end well before the `ttl` asked: the mount's max lease TTL
+/// caps what `root/generate` makes (768 h unless tuned), with a warning only, and a root
+/// that ends within weeks caps every intermediate under it and then breaks the mesh.
+fn lasts_as_asked(root: RootCa, ttl: Duration, mount: &str) -> Result<RootCa, String> {
+    let now = SystemTime::now();
+    if root.not_after + ROOT_LIFETIME_SLACK >= now + ttl {
+        return Ok(root);
+    }
+    let left = root.not_after.duration_since(now).unwrap_or_default();
+    Err(format!(
+        "it ends in {} days, not the {} days of the policy's ttlDays: the mount's max lease TTL caps it (raise it, e.g. `bao secrets tune -max-lease-ttl={}h {mount}`, then run root init again)",
+        (left.as_secs() + 43_200) / 86_400,
+        ttl.as_secs().div_ceil(86_400),
+        ttl.as_secs().div_ceil(3600)
+    ))
 }
 
 /// The first block of a Vault ID (a UUID), for readable unique names.
