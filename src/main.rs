@@ -552,6 +552,16 @@ fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
             format!(", name {}", info.key_name)
         }
     );
+    if !issuer_pem_matches {
+        // A script checking the root must not read success here: a signer with this
+        // config refuses to start.
+        eprintln!(
+            "meshca: Vault issuer {} is not the root in {}: a signer with this config will not start",
+            settings.issuer_ref,
+            config.root.certificate.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

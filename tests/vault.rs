@@ -202,6 +202,11 @@ async fn an_issuer_replaced_under_a_running_signer_makes_it_unready() {
         "{body}"
     );
     assert_eq!(issued_by_vault(), before, "Vault was asked to sign");
+    // `root show` says so, and fails.
+    let out = env.run_with_config(&["root", "show"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("DIFFERENT from the root certificate file!"));
+    assert!(text(&out.stderr).contains("a signer with this config will not start"));
 
     bao.cli_ok(&[
         "patch",
@@ -1204,4 +1209,30 @@ fn a_redirect_from_vault_is_not_followed_and_named() {
         0,
         "a request followed the redirect"
     );
+}
+
+/// A disaster-recovery secondary (Vault Enterprise; its health answer is 472) serves no
+/// requests: the start is refused naming it, not taken for a healthy Vault.
+#[test]
+fn a_disaster_recovery_secondary_is_not_taken_for_a_healthy_vault() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let (secondary, asked) =
+        http_answering("HTTP/1.1 472 DR Secondary\r\ncontent-length: 0\r\n\r\n".to_string());
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace(
+            &format!("address = \"{}\"", env.bao().address()),
+            &format!("address = \"http://127.0.0.1:{secondary}\""),
+        ),
+    )
+    .unwrap();
+    let out = env.run_with_config(&["serve", "--check", "--online"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("disaster-recovery secondary") && stderr.contains("the primary"),
+        "{stderr}"
+    );
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }

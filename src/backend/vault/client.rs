@@ -252,7 +252,14 @@ impl VaultClient {
             return Err(redirected("GET sys/health".into(), &response));
         }
         match response.status().as_u16() {
-            200 | 429 | 472 | 473 => Ok(()),
+            // Active, standby (forwards), performance standby.
+            200 | 429 | 473 => Ok(()),
+            // A disaster-recovery secondary serves no client requests (Vault Enterprise).
+            472 => Err(VaultError::Api {
+                status: 472,
+                what: "GET sys/health".into(),
+                message: "this Vault is a disaster-recovery secondary, which serves no requests: set vault.address to the primary cluster".into(),
+            }),
             501 => Err(VaultError::Uninitialized {
                 address: self.base.clone(),
             }),
