@@ -244,6 +244,57 @@ async fn csr_extensions_are_recorded_and_never_copied() {
     }
 }
 
+/// A CSR asking for a hundred extensions of long OIDs: the line records the first 16, each
+/// cut at 64 characters, and how many more there were; a client does not choose the size
+/// of an fsynced audit line (before, every OID went in: some 700 in a 32 KiB CSR made a
+/// 100 KB line per request, issued or refused).
+#[tokio::test]
+async fn the_extensions_a_csr_asks_for_are_recorded_within_a_bound() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let long_arcs: String = (100..125).map(|arc| format!(".{arc}")).collect();
+    let extensions: Vec<String> = (0..100)
+        .map(|i| format!("1.3.6.1.4.1.99999.{i}{long_arcs}=ASN1:NULL"))
+        .collect();
+    let mut extra = Vec::new();
+    for extension in &extensions {
+        extra.extend(["-addext", extension.as_str()]);
+    }
+    let crowded = openssl_csr(
+        env.dir.path(),
+        "crowded",
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/O=acme/CN=a",
+        &extra,
+    );
+    let (status, body) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body(VM, MESH_A, &crowded),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let line = std::fs::read_to_string(env.dir.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    assert!(line.len() < 4096, "an audit line of {} bytes", line.len());
+    let recorded: Value = serde_json::from_str(&line).unwrap();
+    let ignored = recorded["ignoredCsrExtensions"].as_array().unwrap();
+    assert_eq!(ignored.len(), 17, "{ignored:?}");
+    assert!(
+        ignored[0]
+            .as_str()
+            .unwrap()
+            .starts_with("1.3.6.1.4.1.99999.0.100.101.102")
+            && ignored[0].as_str().unwrap().contains("bytes in all"),
+        "{ignored:?}"
+    );
+    assert_eq!(ignored[16], "... and 84 more");
+}
+
 #[tokio::test]
 async fn clients_get_only_their_own_mesh() {
     let env = Env::new();

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use const_oid::ObjectIdentifier;
 use serde::Deserialize;
 use x509_cert::serial_number::SerialNumber;
 
@@ -90,6 +91,29 @@ const MAX_MESSAGE: usize = 1024;
 /// Longest `virtualMesh` or `mesh` recorded as given: a valid reference is at most 507
 /// characters (two names of 253 and a `/`).
 const MAX_RECORDED_REF: usize = 512;
+
+/// Most extensions a CSR asked for that a line records by OID, and the longest OID text
+/// kept: a CSR of 32 KiB can ask for some 700 long OIDs (a 100 KB fsynced line, per
+/// request, issued or refused). A real CSR asks for a handful.
+const MAX_RECORDED_EXTENSIONS: usize = 16;
+const MAX_RECORDED_OID: usize = 64;
+
+/// The OIDs of the extensions a CSR asked for, as recorded: the first
+/// [`MAX_RECORDED_EXTENSIONS`], each cut at [`MAX_RECORDED_OID`], then `"... and N more"`.
+fn recorded_extensions(oids: &[ObjectIdentifier]) -> Vec<String> {
+    let mut recorded: Vec<String> = oids
+        .iter()
+        .take(MAX_RECORDED_EXTENSIONS)
+        .map(|oid| clip(&oid.to_string(), MAX_RECORDED_OID))
+        .collect();
+    if oids.len() > MAX_RECORDED_EXTENSIONS {
+        recorded.push(format!(
+            "... and {} more",
+            oids.len() - MAX_RECORDED_EXTENSIONS
+        ));
+    }
+    recorded
+}
 
 /// `text` with each control character written as its Rust escape (`\n`, `\u{1b}`).
 fn escape_control(text: String) -> String {
@@ -191,11 +215,7 @@ pub fn decide(
     let csr = ParsedCsr::from_pem(&request.csr)
         .map_err(|e| Refusal::new(Status::BadRequest, "malformed_csr", e.to_string()))?;
     facts.csr_public_key_sha256 = Some(csr.public_key_sha256());
-    facts.ignored_csr_extensions = csr
-        .requested_extensions
-        .iter()
-        .map(|o| o.to_string())
-        .collect();
+    facts.ignored_csr_extensions = recorded_extensions(&csr.requested_extensions);
 
     // Key policy before the signature check: a tiny or huge key is refused without
     // spending a verification on it.
