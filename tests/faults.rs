@@ -260,6 +260,17 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
         metrics.contains("meshca_audit_write_errors_total 1"),
         "{metrics}"
     );
+    // Nothing was signed for it: a log known not to take lines costs no signature.
+    assert!(
+        metrics.contains("meshca_signing_duration_seconds_count 0"),
+        "{metrics}"
+    );
+    // The line it could not write is in the error log instead.
+    let lost = signer.wait_for_log("audit log write failed").await;
+    assert!(
+        lost.contains("test/cluster-a") && lost.contains("audit_unavailable"),
+        "{lost}"
+    );
     // Only a regular file's mode is the signer's to restrict: the device keeps its own
     // (as root, the signer once made /dev/full 0644 for the whole machine).
     assert_eq!(device_mode(), mode_before);

@@ -198,10 +198,26 @@ async fn decide_issue_and_audit(
         }
     }
     // Nothing is answered, and no certificate leaves, before its audit line is on disk.
+    let (decision, rule, serial) = (
+        record.decision.clone(),
+        record.rule.clone(),
+        record.serial.clone(),
+    );
     if let Err(e) = state.audit.append(record, announced).await {
         state.metrics.audit_error();
         state.metrics.request("audit_unavailable");
-        tracing::error!(error = %e, "audit log write failed; answering 503");
+        // What the lost line held, so the decision is on record somewhere: a certificate
+        // signed for it (its serial) is thrown away, never handed out.
+        tracing::error!(
+            error = %e,
+            client = identity.as_deref().unwrap_or(""),
+            virtual_mesh = facts.virtual_mesh.as_deref().unwrap_or(""),
+            mesh = facts.mesh.as_deref().unwrap_or(""),
+            decision = decision.as_deref().unwrap_or(""),
+            rule = rule.as_deref().unwrap_or(""),
+            serial = serial.as_deref().unwrap_or(""),
+            "audit log write failed; answering 503"
+        );
         return error_response(
             Status::Unavailable,
             "audit_unavailable",
@@ -369,6 +385,15 @@ async fn sign_inner(
         );
     }
 
+    // A log known not to take lines costs no signature: the certificate could not be
+    // handed out, and with Vault it would stay in Vault's records with no line of ours.
+    if !state.audit.is_writable() {
+        return Err(Refusal::new(
+            Status::Unavailable,
+            "audit_unavailable",
+            "the signer cannot write its audit log, so it signs nothing; try again later",
+        ));
+    }
     let started = Instant::now();
     let certificate = backend.issue(approval.issue).await.map_err(|e| {
         if !matches!(e, BackendError::ClientGone) {
