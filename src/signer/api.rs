@@ -306,8 +306,9 @@ pub async fn audit_counted_refusals(state: &SignerState) {
                 error = %e,
                 client = %counted.client,
                 count = counted.count,
-                "audit log write failed: these rate-limit refusals are not on record"
+                "audit log write failed: these rate-limit refusals are kept for the next count line"
             );
+            state.refusal_tally.put_back(counted, Instant::now());
         }
     }
 }

@@ -174,6 +174,25 @@ impl RefusalTally {
         counts.sort_by(|a, b| a.client.cmp(&b.client));
         counts
     }
+
+    /// Puts back a count whose line could not be written, merged with what was counted
+    /// since, so the next tick writes it: "every refusal is on record" holds through an
+    /// audit disk that was full for a while. At `now`, for a client forgotten meanwhile.
+    pub fn put_back(&self, lost: CountedRefusals, now: Instant) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let tally = clients.entry(lost.client).or_insert(Tally {
+            own_line_at: now,
+            counted: None,
+        });
+        tally.counted = Some(match tally.counted {
+            Some((count, first, last)) => (
+                count.saturating_add(lost.count),
+                first.min(lost.first),
+                last.max(lost.last),
+            ),
+            None => (lost.count, lost.first, lost.last),
+        });
+    }
 }
 
 /// Lets through a burst of log lines of each kind, then a steady trickle, and counts the
@@ -319,8 +338,36 @@ mod tests {
         assert_eq!(refuse("a", 63), RefusalRecord::OwnLine);
         // b, quiet for a period, is forgotten; a is not yet.
         assert_eq!(tally.take_counts(at(100).0), []);
-        let clients = tally.clients.lock().unwrap();
-        assert!(clients.contains_key("a") && !clients.contains_key("b"));
+        {
+            let clients = tally.clients.lock().unwrap();
+            assert!(clients.contains_key("a") && !clients.contains_key("b"));
+        }
+
+        // A count whose line could not be written is put back, merged with the ones
+        // counted since, and written at a later tick; also for a client forgotten since.
+        assert_eq!(refuse("a", 101), RefusalRecord::Counted);
+        let lost = tally.take_counts(at(102).0);
+        assert_eq!(refuse("a", 103), RefusalRecord::Counted);
+        tally.put_back(lost[0].clone(), at(104).0);
+        let lost_b = CountedRefusals {
+            client: "b".into(),
+            count: 5,
+            first: at(40).1,
+            last: at(50).1,
+        };
+        tally.put_back(lost_b.clone(), at(104).0);
+        assert_eq!(
+            tally.take_counts(at(105).0),
+            [
+                CountedRefusals {
+                    client: "a".into(),
+                    count: 2,
+                    first: at(101).1,
+                    last: at(103).1,
+                },
+                lost_b
+            ]
+        );
     }
 
     #[test]
