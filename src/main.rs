@@ -98,7 +98,7 @@ enum Command {
     /// Check a cacerts directory the way istiod does, plus meshca's profile.
     Verify {
         dir: PathBuf,
-        /// The root the bundle must chain to.
+        /// The root the bundle's chain must be anchored at (trusting it is not enough).
         #[arg(long)]
         root: Option<PathBuf>,
     },

@@ -258,6 +258,29 @@ fn verify_rejects_a_bundle_istiod_would_reject() {
         "{}",
         text(&out.stderr)
     );
+    // Trusting it (as when it is announced as the next root) is not chaining to it.
+    let roots = std::fs::read_to_string(b.join("root-cert.pem")).unwrap();
+    std::fs::write(
+        b.join("root-cert.pem"),
+        format!("{roots}{}", other.root_pem()),
+    )
+    .unwrap();
+    let out = run(env
+        .meshca()
+        .arg("verify")
+        .arg(&b)
+        .arg("--root")
+        .arg(other.path("root-cert.pem")));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("not the expected root"), "{stderr}");
+    run_ok(
+        env.meshca()
+            .arg("verify")
+            .arg(&b)
+            .arg("--root")
+            .arg(env.path("root-cert.pem")),
+    );
 }
 
 #[test]

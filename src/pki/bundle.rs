@@ -76,8 +76,10 @@ pub enum BundleError {
     },
     #[error("ca-cert.pem does not follow meshca's intermediate profile: {0}")]
     Profile(String),
-    #[error("the bundle's roots do not include the expected root (fingerprint {0})")]
-    UnexpectedRoot(String),
+    #[error(
+        "the bundle chains to root {anchor}, not the expected root {expected} (it may trust that one too: root-cert.pem is what the bundle trusts, the chain is what its workloads present)"
+    )]
+    UnexpectedRoot { anchor: String, expected: String },
 }
 
 /// What a verified bundle holds.
@@ -154,8 +156,9 @@ fn subject_key_id(cert: &Certificate) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// Verifies a bundle at time `now`. With `expected_root`, one of the bundle's roots must
-/// be that certificate.
+/// Verifies a bundle at time `now`. With `expected_root`, the chain must be anchored at
+/// that certificate: trusting it (root-cert.pem holds an announced next root) is not
+/// having moved to it.
 pub fn verify_bundle(
     files: &BundleFiles,
     expected_root: Option<&Certificate>,
@@ -203,9 +206,12 @@ pub fn verify_bundle(
         .find(|root| same(root, top) || signed_by(top, root))
         .ok_or(BundleError::NoTrustedRoot)?;
     if let Some(expected) = expected_root
-        && !roots.iter().any(|r| same(r, expected))
+        && !same(anchor, expected)
     {
-        return Err(BundleError::UnexpectedRoot(fingerprint(expected)));
+        return Err(BundleError::UnexpectedRoot {
+            anchor: fingerprint(anchor),
+            expected: fingerprint(expected),
+        });
     }
 
     for (index, cert) in chain.iter().enumerate() {
