@@ -36,8 +36,9 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax, RUST_LOG wins)
-/// writing to `writer`, and routes panics into it. `ansi` colours text output.
+/// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax: the CLI has
+/// already chosen between its flag and RUST_LOG) writing to `writer`, and routes panics
+/// into it. `ansi` colours text output.
 pub fn init<W>(json: bool, level: &str, writer: W, ansi: bool)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
@@ -50,8 +51,7 @@ where
             level.push_str(&format!(",{quiet}=off"));
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -50,8 +50,9 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
-    /// Log filter (RUST_LOG syntax), e.g. info or meshca=debug.
-    #[arg(long, default_value = "info", global = true)]
+    /// Log filter (RUST_LOG syntax), e.g. info or meshca=debug; this flag wins over the
+    /// RUST_LOG environment variable, which wins over the default.
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true, value_parser = log_filter)]
     log_level: String,
     #[command(subcommand)]
     command: Command,
@@ -389,6 +390,13 @@ fn describe(e: &anyhow::Error) -> String {
         }
     }
     message
+}
+
+/// A `--log-level` tracing can use: a typo is refused by name, not replaced by `info`.
+fn log_filter(text: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| text.to_string())
+        .map_err(|e| format!("not a log filter (RUST_LOG syntax, e.g. info or meshca=debug): {e}"))
 }
 
 fn init_logging(format: LogFormat, level: &str) {

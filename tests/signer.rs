@@ -1707,3 +1707,43 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
     );
     assert!(stderr.contains("chmod 600"), "{stderr}");
 }
+
+/// `--log-level` wins over RUST_LOG (before, RUST_LOG won, silently, and with it the
+/// Vault libraries' own error lines came back), and a filter tracing cannot use is
+/// refused by name, not replaced by `info`.
+#[tokio::test]
+async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
+    let env = Env::new();
+    let signer = env.start_signer_command(|cmd| {
+        cmd.env("RUST_LOG", "info")
+            .args(["--log-level", "meshca=debug"]);
+    });
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, body) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body(VM, MESH_A, &csr),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    signer.wait_for_log("issued intermediate").await;
+
+    for (flag, environment) in [(Some("meshca=["), None), (None, Some("meshca=["))] {
+        let mut cmd = env.meshca();
+        cmd.env_remove("RUST_LOG");
+        if let Some(filter) = flag {
+            cmd.args(["--log-level", filter]);
+        }
+        if let Some(filter) = environment {
+            cmd.env("RUST_LOG", filter);
+        }
+        let out = run(cmd.args(["crds", "--for", "agent"]));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("invalid value 'meshca=[' for '--log-level")
+                && stderr.contains("not a log filter"),
+            "{stderr}"
+        );
+    }
+}
