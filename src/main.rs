@@ -30,6 +30,8 @@ use meshca::secret::SecretSource;
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 
 const DAY_SECONDS: u64 = 86_400;
+/// Shortest Lease: renewed every third of it, in whole seconds.
+const MIN_LEASE_SECONDS: u64 = 3;
 /// `--api-timeout-seconds` by default.
 const API_TIMEOUT_SECONDS: u64 = meshca::agent::k8s::DEFAULT_API_TIMEOUT.as_secs();
 const TEN_YEARS_SECONDS: u64 = 10 * 366 * DAY_SECONDS;
@@ -144,8 +146,8 @@ struct MeshControllerArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "meshca-mesh-controller")]
     lease_name: String,
-    /// Lease duration in seconds (at most a day).
-    #[arg(long, default_value_t = 30, value_parser = seconds(1..=DAY_SECONDS))]
+    /// Lease duration in seconds (at least 3, at most a day).
+    #[arg(long, default_value_t = 30, value_parser = seconds(MIN_LEASE_SECONDS..=DAY_SECONDS))]
     lease_seconds: u64,
     /// Longest time between two passes (at most a day).
     #[arg(long, default_value_t = 30, value_parser = seconds(1..=DAY_SECONDS))]
@@ -310,33 +312,33 @@ struct AgentArgs {
     #[arg(long)]
     once: bool,
     /// Directory mode: signer base URL, e.g. https://127.0.0.1:8443
-    #[arg(long)]
+    #[arg(long, requires = "target_dir")]
     signer: Option<String>,
     #[command(flatten)]
     tls: ClientTlsArgs,
     /// Directory mode: <namespace>/<name> of the virtual mesh.
-    #[arg(long)]
+    #[arg(long, requires = "target_dir")]
     virtual_mesh: Option<ObjectRef>,
     /// Directory mode: <namespace>/<name> of this cluster's mesh.
-    #[arg(long)]
+    #[arg(long, requires = "target_dir")]
     mesh: Option<ObjectRef>,
     /// Directory mode: key type of the intermediate (default: the policy's first).
-    #[arg(long)]
+    #[arg(long, requires = "target_dir")]
     key_type: Option<KeyType>,
     /// Directory mode: ask for a shorter lifetime than the policy's maximum.
-    #[arg(long)]
+    #[arg(long, requires = "target_dir")]
     ttl_seconds: Option<u64>,
     /// Directory mode: replace files meshca did not write.
-    #[arg(long)]
+    #[arg(long, requires = "target_dir")]
     adopt: bool,
     /// Directory mode: renew after this fraction of the lifetime.
-    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_RENEW_FRACTION)]
+    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_RENEW_FRACTION, requires = "target_dir")]
     renew_fraction: f64,
     /// Directory mode: renew up to this fraction of the lifetime earlier (fixed per serial).
-    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_JITTER_FRACTION)]
+    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_JITTER_FRACTION, requires = "target_dir")]
     jitter_fraction: f64,
     /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable).
-    #[arg(long = "retire-root", value_name = "SHA256")]
+    #[arg(long = "retire-root", value_name = "SHA256", requires = "target_dir")]
     retire_roots: Vec<String>,
     /// Longest time between two looks (and the cap of the retry backoff; at most a day).
     #[arg(long, default_value_t = 300, value_parser = seconds(1..=DAY_SECONDS))]
@@ -350,8 +352,8 @@ struct AgentArgs {
     /// Kubernetes mode: name of the leader-election Lease.
     #[arg(long, default_value = "meshca-agent")]
     lease_name: String,
-    /// Kubernetes mode: Lease duration in seconds (at most a day).
-    #[arg(long, default_value_t = 30, value_parser = seconds(1..=DAY_SECONDS))]
+    /// Kubernetes mode: Lease duration in seconds (at least 3, at most a day).
+    #[arg(long, default_value_t = 30, value_parser = seconds(MIN_LEASE_SECONDS..=DAY_SECONDS))]
     lease_seconds: u64,
     /// Kubernetes mode: longest wait for the API server, per call: one that never answers
     /// fails the pass instead of holding it (at most an hour).
@@ -946,7 +948,7 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         namespace: args.namespace,
         identity: replica_identity(args.identity, "meshca-agent"),
         lease_name: args.lease_name,
-        lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
+        lease_duration: std::time::Duration::from_secs(args.lease_seconds),
         resync,
         ca_cert: tls.ca_cert,
         client_cert: tls.client_cert,
@@ -971,7 +973,7 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
         namespace: args.namespace,
         identity: replica_identity(args.identity, "meshca-mesh-controller"),
         lease_name: args.lease_name,
-        lease_duration: std::time::Duration::from_secs(args.lease_seconds.max(3)),
+        lease_duration: std::time::Duration::from_secs(args.lease_seconds),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         retire_after: std::time::Duration::from_secs(args.retire_after_seconds),
         member_api_timeout: std::time::Duration::from_secs(args.api_timeout_seconds),
@@ -1097,6 +1099,8 @@ mod tests {
             ],
             &["meshca", "agent", "--lease-seconds", "9223372036854775808"],
             &["meshca", "agent", "--resync-seconds", "0"],
+            &["meshca", "agent", "--lease-seconds", "2"],
+            &["meshca", "mesh-controller", "--lease-seconds", "1"],
         ] {
             let err = Cli::try_parse_from(args)
                 .err()
@@ -1109,4 +1113,44 @@ mod tests {
                 .is_ok()
         );
     }
+
+    /// A directory-mode flag given to the Kubernetes-mode agent is refused by name: it
+    /// would do nothing there (the request's spec says what it says).
+    #[test]
+    fn directory_mode_flags_need_a_target_dir() {
+        for flag in [
+            &["--adopt"][..],
+            &["--signer", "https://signer"],
+            &["--virtual-mesh", "a/b"],
+            &["--mesh", "a/b"],
+            &["--key-type", "ecdsa-p256"],
+            &["--ttl-seconds", "86400"],
+            &["--renew-fraction", "0.5"],
+            &["--jitter-fraction", "0.1"],
+            &["--retire-root", "ab"],
+        ] {
+            let mut args = vec!["meshca", "agent"];
+            args.extend_from_slice(&TLS_FLAGS);
+            args.extend_from_slice(flag);
+            let err = Cli::try_parse_from(&args)
+                .err()
+                .unwrap_or_else(|| panic!("{flag:?} accepted without --target-dir"))
+                .to_string();
+            assert!(err.contains("--target-dir"), "{err}");
+            args.extend_from_slice(&["--target-dir", "/etc/cacerts"]);
+            assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
+        }
+        let mut kubernetes_mode = vec!["meshca", "agent"];
+        kubernetes_mode.extend_from_slice(&TLS_FLAGS);
+        assert!(Cli::try_parse_from(kubernetes_mode).is_ok());
+    }
+
+    const TLS_FLAGS: [&str; 6] = [
+        "--ca-cert",
+        "ca.pem",
+        "--client-cert",
+        "client.pem",
+        "--client-key",
+        "client-key.pem",
+    ];
 }
