@@ -451,10 +451,18 @@ async fn an_audit_log_that_cannot_be_made_again_after_a_rotation_makes_the_signe
             .args(["audit", "verify", "logs.1/audit.log", "logs/audit.log"]),
     );
     let both = text(&both.stdout);
+    // Its rotation line, the recovery line the request wrote before it was signed for
+    // (the log had not taken a line since it failed), and the decision.
     assert!(
-        both.contains("logs/audit.log is intact: 2 records"),
+        both.contains("logs/audit.log is intact: 3 records"),
         "{both}"
     );
+    let events: Vec<String> = std::fs::read_to_string(logs.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].to_string())
+        .collect();
+    assert_eq!(events, ["\"rotation\"", "\"recovery\"", "\"decision\""]);
 }
 
 /// An environment whose rate limit never binds: the load tests are about faults only.

@@ -388,6 +388,10 @@ async fn sign_inner(
 
     // A log known not to take lines costs no signature: the certificate could not be
     // handed out, and with Vault it would stay in Vault's records with no line of ours.
+    // Unless it takes them again by now (room made): then this request is the first.
+    if !state.audit.is_writable() {
+        probe_audit_log(state).await;
+    }
     if !state.audit.is_writable() {
         return Err(Refusal::new(
             Status::Unavailable,
@@ -505,6 +509,29 @@ async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
         Ok(()) => axum::Json(json!({"status": "ready", "backend": state.backend.describe()}))
             .into_response(),
         Err(message) => error_response(Status::Unavailable, "backend_unavailable", &message),
+    }
+}
+
+/// While the audit log's last write failed (the signer not ready), writes a `recovery`
+/// line: once it lands (room made, the log rotated), the signer is ready again without
+/// waiting for a signing request, which a load balancer would not send it while it is not.
+/// A signing request tries it too, before it would be refused for the log.
+pub async fn probe_audit_log(state: &SignerState) {
+    if state.audit.is_writable() {
+        return;
+    }
+    let record = AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "recovery".into(),
+        message: Some("the audit log takes lines again after a failed write".into()),
+        ..Default::default()
+    };
+    match state.audit.append(record, state.audit.expect_line()).await {
+        Ok(()) => tracing::info!(
+            path = %state.audit.path().display(),
+            "the audit log takes lines again: ready"
+        ),
+        Err(e) => tracing::debug!(error = %e, "the audit log still cannot be written"),
     }
 }
 

@@ -719,7 +719,7 @@ async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch:
                 api::audit_counted_refusals(&state).await;
                 head.log_if_moved(&state.audit);
             }
-            _ = probes.tick() => probe_audit_log(&state).await,
+            _ = probes.tick() => api::probe_audit_log(&state).await,
             // Without it, a token pulled or a Vault sealed while no cluster is due shows
             // nowhere until a renewal fails, which may be months later.
             _ = backend_checks.tick() => {
@@ -737,28 +737,6 @@ const BACKEND_CHECK_PERIOD: Duration = Duration::from_secs(10);
 
 /// How often a log that failed its last write is tried again.
 const AUDIT_PROBE_PERIOD: Duration = Duration::from_secs(5);
-
-/// While the audit log's last write failed (the signer not ready), writes a `recovery`
-/// line: once it lands (room made, the log rotated), the signer is ready again without
-/// waiting for a signing request, which a load balancer would not send it while it is not.
-async fn probe_audit_log(state: &SignerState) {
-    if state.audit.is_writable() {
-        return;
-    }
-    let record = AuditRecord {
-        time: rfc3339(SystemTime::now()),
-        event: "recovery".into(),
-        message: Some("the audit log takes lines again after a failed write".into()),
-        ..Default::default()
-    };
-    match state.audit.append(record, state.audit.expect_line()).await {
-        Ok(()) => tracing::info!(
-            path = %state.audit.path().display(),
-            "the audit log takes lines again: ready"
-        ),
-        Err(e) => tracing::debug!(error = %e, "the audit log still cannot be written"),
-    }
-}
 
 /// Resolves once shutdown is requested (without holding the watch lock across awaits).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
