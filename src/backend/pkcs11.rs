@@ -51,7 +51,9 @@ pub enum TokenError {
     NoKey(String),
     #[error("more than one private key matches {0}; add id= to the URI")]
     AmbiguousKey(String),
-    #[error("a key named {0} already exists on the token; pass --force to replace it")]
+    #[error(
+        "a key with the label or the id of {0} already exists on the token; pass --force to replace it"
+    )]
     KeyExists(String),
     #[error(
         "the token refused the user PIN; meshca will not retry (each refusal counts towards locking the token)"
@@ -167,6 +169,29 @@ impl Token {
         let mut handles = session.find_objects(&self.key_template(ObjectClass::PRIVATE_KEY))?;
         handles.extend(session.find_objects(&self.key_template(ObjectClass::PUBLIC_KEY))?);
         Ok(handles)
+    }
+
+    /// The key objects a `root init` under this URI replaces, private keys first: those
+    /// the URI names, and every other key under the label the new pair takes (whatever its
+    /// id), since a second pair under that label would make a URI naming the key by label
+    /// alone, such as the root in force's, find two.
+    fn replaced_by_init(&self, session: &Session) -> Result<KeyObjects, TokenError> {
+        let mut found = [Vec::new(), Vec::new()];
+        let classes = [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY];
+        for (handles, class) in found.iter_mut().zip(classes) {
+            let under_label = [
+                Attribute::Class(class),
+                Attribute::Label(self.key_label().into_bytes()),
+            ];
+            let named = session.find_objects(&self.key_template(class))?;
+            for handle in named.into_iter().chain(session.find_objects(&under_label)?) {
+                if !handles.contains(&handle) {
+                    handles.push(handle);
+                }
+            }
+        }
+        let [private, public] = found;
+        Ok(KeyObjects { private, public })
     }
 
     /// Refuses an `id=` that a key outside `ours` (another label) already has: a URI
@@ -461,6 +486,22 @@ pub fn init_token(
     Ok(label)
 }
 
+/// Key objects on the token, by class.
+struct KeyObjects {
+    private: Vec<ObjectHandle>,
+    public: Vec<ObjectHandle>,
+}
+
+impl KeyObjects {
+    fn is_empty(&self) -> bool {
+        self.private.is_empty() && self.public.is_empty()
+    }
+
+    fn all(&self) -> Vec<ObjectHandle> {
+        self.private.iter().chain(&self.public).copied().collect()
+    }
+}
+
 /// What `root init` produced.
 pub struct RootInitOutcome {
     pub root: RootCa,
@@ -487,10 +528,11 @@ pub fn root_init(
         // A root init killed before it finished.
         session.destroy_object(leftover)?;
     }
-    let existing = token.find_all(&session)?;
-    if !existing.is_empty() && !force {
+    let replaced = token.replaced_by_init(&session)?;
+    if !replaced.is_empty() && !force {
         return Err(TokenError::KeyExists(token.uri.to_string()));
     }
+    let existing = replaced.all();
     token.refuse_id_of_another_key(&session, &existing)?;
 
     let (public, private) = staging.generate_key_pair(&session, key_type)?;
