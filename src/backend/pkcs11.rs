@@ -753,23 +753,7 @@ impl Pkcs11Backend {
         let token = Token::open(settings)?;
         let session = token.logged_in_session(&pin, false)?;
         let key = token.find_private_key(&session)?;
-        let mut challenge = [0u8; 32];
-        getrandom::fill(&mut challenge).map_err(|e| TokenError::Other(e.to_string()))?;
-        let signature = token_sign(
-            &session,
-            key,
-            &root.key_kind,
-            root.signature_algorithm,
-            &challenge,
-        )?;
-        root.verifier
-            .verify(root.signature_algorithm, &challenge, &signature)
-            .map_err(|_| {
-                TokenError::Other(format!(
-                    "the key {} on the token does not match the root certificate: was the root re-initialized without updating the certificate file?",
-                    token.uri
-                ))
-            })?;
+        prove_root_key(&token, &session, key, &root)?;
         let mut sessions = vec![session];
         for opened in 1..settings.sessions {
             let session = token.logged_in_session(&pin, false).map_err(|e| match e {
@@ -805,6 +789,33 @@ impl Pkcs11Backend {
     }
 }
 
+/// Proves that `key` is the root certificate's key: it signs a random challenge, which
+/// must verify under the certificate.
+fn prove_root_key(
+    token: &Token,
+    session: &Session,
+    key: ObjectHandle,
+    root: &RootCa,
+) -> Result<(), TokenError> {
+    let mut challenge = [0u8; 32];
+    getrandom::fill(&mut challenge).map_err(|e| TokenError::Other(e.to_string()))?;
+    let signature = token_sign(
+        session,
+        key,
+        &root.key_kind,
+        root.signature_algorithm,
+        &challenge,
+    )?;
+    root.verifier
+        .verify(root.signature_algorithm, &challenge, &signature)
+        .map_err(|_| {
+            TokenError::Other(format!(
+                "the key {} on the token does not match the root certificate: was the root re-initialized without updating the certificate file, or is this another token under the same label?",
+                token.uri
+            ))
+        })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -832,14 +843,17 @@ impl Inner {
         lock(&self.sessions).push(session);
     }
 
-    /// The key handle, looked up again when unknown (after a reconnect).
+    /// The key handle, looked up again when unknown (after a reconnect) and then proven
+    /// to be the root's, as at start: the token that came back may be another one under
+    /// the same label (a failover, a restored token directory). A key that is not the
+    /// root's is never kept, so each later attempt (and reconnect) checks again.
     fn key(&self, token: &Token, session: &Session) -> Result<ObjectHandle, BackendError> {
         if let Some(key) = *lock(&self.key) {
             return Ok(key);
         }
-        let key = token
-            .find_private_key(session)
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let unavailable = |e: TokenError| BackendError::Unavailable(e.to_string());
+        let key = token.find_private_key(session).map_err(unavailable)?;
+        prove_root_key(token, session, key, &self.root).map_err(unavailable)?;
         *lock(&self.key) = Some(key);
         Ok(key)
     }
@@ -975,7 +989,8 @@ impl Inner {
             .map_err(|e| BackendError::Check(e.to_string()))
     }
 
-    /// Ready means: a logged-in session exists and the key can be found on the token.
+    /// Ready means: a logged-in session exists, the key can be found on the token, and
+    /// since the last reconnect it has been proven to be the root's.
     fn try_ready(&self) -> Result<(), (BackendError, bool)> {
         let token = self.token.read().unwrap_or_else(|p| p.into_inner());
         let session = self.checkout(&token).map_err(|e| (e, true))?;
@@ -989,12 +1004,15 @@ impl Inner {
                 true,
             ));
         }
-        match token.find_private_key(&session) {
+        let found = token
+            .find_private_key(&session)
+            .map_err(|e| BackendError::Unavailable(e.to_string()));
+        match found.and_then(|_| self.key(&token, &session)) {
             Ok(_) => {
                 self.checkin(session);
                 Ok(())
             }
-            Err(e) => Err((BackendError::Unavailable(e.to_string()), true)),
+            Err(e) => Err((e, true)),
         }
     }
 
