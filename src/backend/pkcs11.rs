@@ -518,6 +518,18 @@ pub fn root_init(
 ) -> Result<RootInitOutcome, TokenError> {
     let key_type = config.root.key_type;
     config.check_root_key_type().map_err(TokenError::Other)?;
+    let certificate = &config.root.certificate;
+    // Kept to be put back should the token refuse to replace the key after the file is.
+    let previous_certificate = match std::fs::read(certificate) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(TokenError::Other(format!(
+                "cannot read the root certificate {} (to put it back should the token refuse a step): {e}",
+                certificate.display()
+            )));
+        }
+    };
     let token = Token::open(settings)?;
     let session = token.logged_in_session(pin, true)?;
     // The new key pair is made under a label of its own and takes the URI's label (and
@@ -532,42 +544,150 @@ pub fn root_init(
     if !replaced.is_empty() && !force {
         return Err(TokenError::KeyExists(token.uri.to_string()));
     }
-    let existing = replaced.all();
-    token.refuse_id_of_another_key(&session, &existing)?;
+    token.refuse_id_of_another_key(&session, &replaced.all())?;
 
     let (public, private) = staging.generate_key_pair(&session, key_type)?;
-    let result = self_sign_root(config, &token, &session, public, private);
-    let root = match result {
+    let staged = [private, public];
+    let staging_label = staging.key_label();
+    let made = self_sign_root(config, &token, &session, public, private).and_then(|root| {
+        relabel_allowed(&session, &staged, &staging_label)?;
+        Ok(root)
+    });
+    let root = match made {
         Ok(root) => root,
         Err(e) => {
             // Leave the token as it was: no half-made root key behind.
-            let _ = session.destroy_object(private);
-            let _ = session.destroy_object(public);
+            let _ = destroy_all(&session, &staged);
             return Err(e);
         }
     };
-    if let Err(e) = crate::fsutil::write_public(&config.root.certificate, root.pem.as_bytes()) {
-        let _ = session.destroy_object(private);
-        let _ = session.destroy_object(public);
+    if let Err(e) = crate::fsutil::write_public(certificate, root.pem.as_bytes()) {
+        let _ = destroy_all(&session, &staged);
         return Err(TokenError::Other(format!(
             "cannot write root certificate {}: {e}",
-            config.root.certificate.display()
+            certificate.display()
         )));
     }
-    for handle in &existing {
-        session.destroy_object(*handle)?;
+
+    // Until a private key being replaced is destroyed, the previous root is whole and a
+    // refusal puts everything back; once one is gone, only the new root is left.
+    let put_back = |failure: String| {
+        TokenError::Other(format!(
+            "{failure}. Nothing was replaced: the token keeps the previous key, {}, and {}",
+            restore_certificate(certificate, previous_certificate.as_deref()),
+            match destroy_all(&session, &staged) {
+                Ok(()) => "the new key pair was removed".to_string(),
+                Err(e) => format!(
+                    "the new key pair is left under the label {staging_label:?} ({e}); the next root init removes it"
+                ),
+            }
+        ))
+    };
+    let half_done = |failure: String| {
+        TokenError::Other(format!(
+            "{failure}. A key being replaced is destroyed, so nothing can be put back: {} holds the new root, whose key pair is under the label {staging_label:?}, where no URI looks; run `meshca root init --force` again for a fresh root (it removes that pair)",
+            certificate.display()
+        ))
+    };
+    for (destroyed, handle) in replaced.private.iter().enumerate() {
+        if let Err(e) = session.destroy_object(*handle) {
+            let failure = format!(
+                "the token refused to destroy the private key being replaced ({}: it was made with CKA_DESTROYABLE false, or the token's user may not delete keys)",
+                TokenError::from(e)
+            );
+            return Err(if destroyed == 0 {
+                put_back(failure)
+            } else {
+                half_done(failure)
+            });
+        }
     }
     let mut named = vec![Attribute::Label(token.key_label().into_bytes())];
     if let Some(id) = &token.uri.id {
         named.push(Attribute::Id(id.clone()));
     }
-    for handle in [private, public] {
-        session.update_attributes(handle, &named)?;
+    for handle in staged {
+        if let Err(e) = session.update_attributes(handle, &named) {
+            let failure = format!(
+                "the token refused to give the new key pair the label of {} ({})",
+                token.uri,
+                TokenError::from(e)
+            );
+            return Err(if replaced.private.is_empty() {
+                put_back(failure)
+            } else {
+                half_done(failure)
+            });
+        }
+    }
+    // The old public keys last: the new root is whole by now, and they sign nothing.
+    for handle in &replaced.public {
+        session.destroy_object(*handle).map_err(|e| {
+            TokenError::Other(format!(
+                "the new root is in place ({} and the key {}), but the token refused to destroy the public key of the key it replaced ({}); it is left under the label {:?}, where only root init looks (delete it with the token's tools)",
+                certificate.display(),
+                token.uri,
+                TokenError::from(e),
+                token.key_label()
+            ))
+        })?;
     }
     Ok(RootInitOutcome {
         root,
-        replaced_existing_key: !existing.is_empty(),
+        replaced_existing_key: !replaced.is_empty(),
     })
+}
+
+/// Sets each staged object's label (and id) to what it already is: proves the token lets
+/// the pair be relabelled (CKA_MODIFIABLE, the role's rights) before the certificate file
+/// is replaced, rather than once the key it replaces is destroyed.
+fn relabel_allowed(
+    session: &Session,
+    staged: &[ObjectHandle],
+    staging_label: &str,
+) -> Result<(), TokenError> {
+    for handle in staged {
+        let mut same = vec![Attribute::Label(staging_label.as_bytes().to_vec())];
+        for attribute in session.get_attributes(*handle, &[AttributeType::Id])? {
+            if let Attribute::Id(id) = attribute {
+                same.push(Attribute::Id(id));
+            }
+        }
+        session.update_attributes(*handle, &same).map_err(|e| {
+            TokenError::Other(format!(
+                "the token refuses to relabel the new key pair, which root init must do ({}); nothing was replaced",
+                TokenError::from(e)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+fn destroy_all(session: &Session, handles: &[ObjectHandle]) -> Result<(), TokenError> {
+    for handle in handles {
+        session.destroy_object(*handle)?;
+    }
+    Ok(())
+}
+
+/// Gives the root certificate file back its previous contents (or removes it, if there was
+/// none) and says how that went.
+fn restore_certificate(path: &std::path::Path, previous: Option<&[u8]>) -> String {
+    let shown = path.display();
+    match previous {
+        Some(bytes) => match crate::fsutil::write_public(path, bytes) {
+            Ok(()) => format!("{shown} holds the previous root again"),
+            Err(e) => format!(
+                "but {shown} could not be given back the previous root ({e}): it holds a root whose key is not on the token, so restore it from a copy"
+            ),
+        },
+        None => match std::fs::remove_file(path) {
+            Ok(()) => format!("{shown} is removed again"),
+            Err(e) => format!(
+                "but {shown} could not be removed ({e}): it holds a root whose key is not on the token, so delete it"
+            ),
+        },
+    }
 }
 
 fn self_sign_root(
