@@ -404,8 +404,23 @@ fn load_module(settings: &Pkcs11Settings) -> Result<Pkcs11, TokenError> {
 fn find_token(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
     let mut matching = Vec::new();
     let mut present = Vec::new();
-    for slot in context.get_slots_with_initialized_token()? {
-        let info = context.get_token_info(slot)?;
+    for slot in context.get_slots_with_token()? {
+        // A slot whose token cannot be read (a card pulled, one member of an HSM group
+        // down) does not hide the others; it is named among the tokens present.
+        let info = match context.get_token_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                present.push(format!(
+                    "slot {} unreadable ({})",
+                    slot.id(),
+                    TokenError::from(e)
+                ));
+                continue;
+            }
+        };
+        if !info.token_initialized() {
+            continue;
+        }
         present.push(format!("{:?}", info.label().trim()));
         let matches = uri
             .token
