@@ -223,6 +223,20 @@ fn root_show_reports_a_key_that_cannot_leave_the_token() {
 }
 
 #[test]
+fn a_module_that_loads_but_cannot_initialize_is_not_reported_as_missing() {
+    let env = Env::new();
+    // SoftHSM's C_Initialize fails without its token directory; the library is there.
+    std::fs::rename(env.path("softhsm/tokens"), env.path("softhsm/tokens.away")).unwrap();
+    let out = env.run_with_config(&["root", "show"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("loaded but failed to initialize") && !stderr.contains("cannot load"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn wrong_pin_fails_clearly_without_echoing_it() {
     let env = Env::new();
     std::fs::write(env.path("softhsm/user-pin"), "not-the-pin\n").unwrap();

@@ -43,6 +43,10 @@ use crate::secret::Secret;
 pub enum TokenError {
     #[error("cannot load PKCS#11 module {module}: {message}")]
     Module { module: String, message: String },
+    #[error(
+        "the PKCS#11 module {module} loaded but failed to initialize (C_Initialize): {message}; check the module's own configuration and token storage (SoftHSM: SOFTHSM2_CONF and its directories.tokendir)"
+    )]
+    ModuleInit { module: String, message: String },
     #[error("no token matches {uri}; tokens present: {present}")]
     NoToken { uri: String, present: String },
     #[error("more than one token matches {uri}; add serial= or slot-id= to the URI")]
@@ -390,14 +394,19 @@ pub fn token_sign(
 }
 
 fn load_module(settings: &Pkcs11Settings) -> Result<Pkcs11, TokenError> {
-    let module_error = |message: String| TokenError::Module {
-        module: settings.module.display().to_string(),
-        message,
-    };
-    let context = Pkcs11::new(&settings.module).map_err(|e| module_error(e.to_string()))?;
+    let module = settings.module.display().to_string();
+    let context = Pkcs11::new(&settings.module).map_err(|e| TokenError::Module {
+        module: module.clone(),
+        message: e.to_string(),
+    })?;
     match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(context),
-        Err(e) => Err(module_error(e.to_string())),
+        // The library is there: what failed is what it reads first (SoftHSM: its token
+        // directory), which "cannot load" would hide.
+        Err(e) => Err(TokenError::ModuleInit {
+            module,
+            message: e.to_string(),
+        }),
     }
 }
 
