@@ -128,6 +128,96 @@ async fn a_token_that_goes_away_gives_503_and_signing_recovers_when_it_is_back()
     assert_eq!(audit[2]["rule"], "backend_unavailable");
 }
 
+/// A second token directory beside the environment's (`softhsm/other-tokens`), holding a
+/// token with the same label and PINs whose `root-ca` key is another one: its own root,
+/// made through a copy of the config that points SoftHSM there.
+fn another_token_with_the_same_names(env: &Env) -> std::path::PathBuf {
+    let other_tokens = env.path("softhsm/other-tokens");
+    std::fs::create_dir(&other_tokens).unwrap();
+    let conf = std::fs::read_to_string(env.path("softhsm/softhsm2.conf")).unwrap();
+    let other_conf = conf.replace("/tokens\n", "/other-tokens\n");
+    assert_ne!(other_conf, conf);
+    std::fs::write(env.path("softhsm/other.conf"), other_conf).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let other_config = config
+        .replace("softhsm/softhsm2.conf", "softhsm/other.conf")
+        .replace("\"root-cert.pem\"", "\"other-root-cert.pem\"");
+    let other = env.path("other.toml");
+    std::fs::write(&other, other_config).unwrap();
+    run_ok(
+        env.meshca()
+            .args(["token", "init", "--config"])
+            .arg(&other)
+            .arg("--so-pin-file")
+            .arg(env.path("softhsm/so-pin")),
+    );
+    run_ok(env.meshca().args(["root", "init", "--config"]).arg(&other));
+    assert_ne!(
+        std::fs::read_to_string(env.path("other-root-cert.pem")).unwrap(),
+        env.root_pem()
+    );
+    other_tokens
+}
+
+/// Polls `/readyz` until its message contains `needle` (bounded; not a timing assertion),
+/// and returns the message.
+async fn wait_readyz_message(client: &reqwest::Client, signer: &Signer, needle: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let readyz = signer.get_json(client, "/readyz").await;
+        last = readyz["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if last.contains(needle) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("/readyz never said {needle:?}; last: {last:?}");
+}
+
+/// The token comes back with another key under the root's label (a failover to an HSM
+/// holding another key, a token directory restored from the wrong backup): the key is
+/// proven against the root certificate again, as at start, so the signer is unready and
+/// answers 503 naming the mismatch, instead of ready with a 500 for every signing; with
+/// the right token back it signs again.
+#[tokio::test]
+async fn a_token_that_comes_back_with_another_key_is_refused_until_the_right_one_is_back() {
+    let env = Env::new();
+    let other_tokens = another_token_with_the_same_names(&env);
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+
+    let tokens = env.path("softhsm/tokens");
+    let ours = env.path("softhsm/tokens.ours");
+    std::fs::rename(&tokens, &ours).unwrap();
+    assert!(
+        wait_ready(&client, &signer, 503).await,
+        "readyz stayed ready without a token"
+    );
+    std::fs::rename(&other_tokens, &tokens).unwrap();
+    wait_readyz_message(&client, &signer, "does not match the root certificate").await;
+    let (status, answer) = sign_fresh(&client, &signer).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "backend_unavailable");
+    let why = answer["error"]["message"].as_str().unwrap();
+    assert!(why.contains("does not match the root certificate"), "{why}");
+    // Still unready: each check proves the key again.
+    wait_readyz_message(&client, &signer, "does not match the root certificate").await;
+    assert_eq!(readyz_status(&client, &signer).await, 503);
+
+    std::fs::rename(&tokens, &other_tokens).unwrap();
+    std::fs::rename(&ours, &tokens).unwrap();
+    assert!(
+        wait_ready(&client, &signer, 200).await,
+        "signer did not recover:\n{}",
+        signer.logs()
+    );
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+}
+
 /// Every file of the SoftHSM token directory `dir`, held under an exclusive POSIX lock by
 /// this process until dropped. SoftHSM waits for its own locks on them, so the signer's
 /// token calls wait the way they do on a token that stops answering (a network HSM cut

@@ -135,6 +135,49 @@ fn root_init_refuses_an_id_another_key_has() {
 }
 
 #[test]
+fn root_init_refuses_a_label_another_id_has_and_force_leaves_one_key_under_it() {
+    let env = Env::new();
+    let first = env.root_pem();
+    // The root in force's config (`object=root-ca`, the id root init chose), with an id
+    // added: the URI names no key, but the label is the root's.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let with_id = env.path("with-id.toml");
+    let edited = config.replace("object=root-ca\"", "object=root-ca;id=%01\"");
+    assert_ne!(edited, config);
+    std::fs::write(&with_id, edited).unwrap();
+
+    let out = run(env
+        .meshca()
+        .args(["root", "init", "--config"])
+        .arg(&with_id));
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("already exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        env.root_pem(),
+        first,
+        "a refused init must not touch the root certificate"
+    );
+    // The root in force still finds its one key.
+    env.run_with_config_ok(&["root", "show"]);
+
+    // Forced, the new pair replaces the key under the label: the label alone finds one
+    // key, the one the new certificate was made with.
+    let out = run_ok(
+        env.meshca()
+            .args(["root", "init", "--force", "--config"])
+            .arg(&with_id),
+    );
+    assert!(text(&out.stdout).contains("replaced the previous key"));
+    assert_ne!(env.root_pem(), first);
+    env.run_with_config_ok(&["root", "show"]);
+    let mut signer = env.start_signer();
+    assert!(signer.terminate());
+}
+
+#[test]
 fn root_key_type_must_satisfy_the_virtual_mesh() {
     let spec = EnvSpec {
         virtual_meshes: vec![virtual_mesh(
@@ -177,6 +220,20 @@ fn root_show_reports_a_key_that_cannot_leave_the_token() {
         assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
     }
     assert!(!stdout.contains(&env.user_pin()), "the PIN was printed");
+}
+
+#[test]
+fn a_module_that_loads_but_cannot_initialize_is_not_reported_as_missing() {
+    let env = Env::new();
+    // SoftHSM's C_Initialize fails without its token directory; the library is there.
+    std::fs::rename(env.path("softhsm/tokens"), env.path("softhsm/tokens.away")).unwrap();
+    let out = env.run_with_config(&["root", "show"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("loaded but failed to initialize") && !stderr.contains("cannot load"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -43,6 +43,10 @@ use crate::secret::Secret;
 pub enum TokenError {
     #[error("cannot load PKCS#11 module {module}: {message}")]
     Module { module: String, message: String },
+    #[error(
+        "the PKCS#11 module {module} loaded but failed to initialize (C_Initialize): {message}; check the module's own configuration and token storage (SoftHSM: SOFTHSM2_CONF and its directories.tokendir)"
+    )]
+    ModuleInit { module: String, message: String },
     #[error("no token matches {uri}; tokens present: {present}")]
     NoToken { uri: String, present: String },
     #[error("more than one token matches {uri}; add serial= or slot-id= to the URI")]
@@ -51,7 +55,9 @@ pub enum TokenError {
     NoKey(String),
     #[error("more than one private key matches {0}; add id= to the URI")]
     AmbiguousKey(String),
-    #[error("a key named {0} already exists on the token; pass --force to replace it")]
+    #[error(
+        "a key with the label or the id of {0} already exists on the token; pass --force to replace it"
+    )]
     KeyExists(String),
     #[error(
         "the token refused the user PIN; meshca will not retry (each refusal counts towards locking the token)"
@@ -167,6 +173,29 @@ impl Token {
         let mut handles = session.find_objects(&self.key_template(ObjectClass::PRIVATE_KEY))?;
         handles.extend(session.find_objects(&self.key_template(ObjectClass::PUBLIC_KEY))?);
         Ok(handles)
+    }
+
+    /// The key objects a `root init` under this URI replaces, private keys first: those
+    /// the URI names, and every other key under the label the new pair takes (whatever its
+    /// id), since a second pair under that label would make a URI naming the key by label
+    /// alone, such as the root in force's, find two.
+    fn replaced_by_init(&self, session: &Session) -> Result<KeyObjects, TokenError> {
+        let mut found = [Vec::new(), Vec::new()];
+        let classes = [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY];
+        for (handles, class) in found.iter_mut().zip(classes) {
+            let under_label = [
+                Attribute::Class(class),
+                Attribute::Label(self.key_label().into_bytes()),
+            ];
+            let named = session.find_objects(&self.key_template(class))?;
+            for handle in named.into_iter().chain(session.find_objects(&under_label)?) {
+                if !handles.contains(&handle) {
+                    handles.push(handle);
+                }
+            }
+        }
+        let [private, public] = found;
+        Ok(KeyObjects { private, public })
     }
 
     /// Refuses an `id=` that a key outside `ours` (another label) already has: a URI
@@ -365,22 +394,42 @@ pub fn token_sign(
 }
 
 fn load_module(settings: &Pkcs11Settings) -> Result<Pkcs11, TokenError> {
-    let module_error = |message: String| TokenError::Module {
-        module: settings.module.display().to_string(),
-        message,
-    };
-    let context = Pkcs11::new(&settings.module).map_err(|e| module_error(e.to_string()))?;
+    let module = settings.module.display().to_string();
+    let context = Pkcs11::new(&settings.module).map_err(|e| TokenError::Module {
+        module: module.clone(),
+        message: e.to_string(),
+    })?;
     match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(context),
-        Err(e) => Err(module_error(e.to_string())),
+        // The library is there: what failed is what it reads first (SoftHSM: its token
+        // directory), which "cannot load" would hide.
+        Err(e) => Err(TokenError::ModuleInit {
+            module,
+            message: e.to_string(),
+        }),
     }
 }
 
 fn find_token(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
     let mut matching = Vec::new();
     let mut present = Vec::new();
-    for slot in context.get_slots_with_initialized_token()? {
-        let info = context.get_token_info(slot)?;
+    for slot in context.get_slots_with_token()? {
+        // A slot whose token cannot be read (a card pulled, one member of an HSM group
+        // down) does not hide the others; it is named among the tokens present.
+        let info = match context.get_token_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                present.push(format!(
+                    "slot {} unreadable ({})",
+                    slot.id(),
+                    TokenError::from(e)
+                ));
+                continue;
+            }
+        };
+        if !info.token_initialized() {
+            continue;
+        }
         present.push(format!("{:?}", info.label().trim()));
         let matches = uri
             .token
@@ -461,6 +510,22 @@ pub fn init_token(
     Ok(label)
 }
 
+/// Key objects on the token, by class.
+struct KeyObjects {
+    private: Vec<ObjectHandle>,
+    public: Vec<ObjectHandle>,
+}
+
+impl KeyObjects {
+    fn is_empty(&self) -> bool {
+        self.private.is_empty() && self.public.is_empty()
+    }
+
+    fn all(&self) -> Vec<ObjectHandle> {
+        self.private.iter().chain(&self.public).copied().collect()
+    }
+}
+
 /// What `root init` produced.
 pub struct RootInitOutcome {
     pub root: RootCa,
@@ -477,6 +542,18 @@ pub fn root_init(
 ) -> Result<RootInitOutcome, TokenError> {
     let key_type = config.root.key_type;
     config.check_root_key_type().map_err(TokenError::Other)?;
+    let certificate = &config.root.certificate;
+    // Kept to be put back should the token refuse to replace the key after the file is.
+    let previous_certificate = match std::fs::read(certificate) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(TokenError::Other(format!(
+                "cannot read the root certificate {} (to put it back should the token refuse a step): {e}",
+                certificate.display()
+            )));
+        }
+    };
     let token = Token::open(settings)?;
     let session = token.logged_in_session(pin, true)?;
     // The new key pair is made under a label of its own and takes the URI's label (and
@@ -487,45 +564,154 @@ pub fn root_init(
         // A root init killed before it finished.
         session.destroy_object(leftover)?;
     }
-    let existing = token.find_all(&session)?;
-    if !existing.is_empty() && !force {
+    let replaced = token.replaced_by_init(&session)?;
+    if !replaced.is_empty() && !force {
         return Err(TokenError::KeyExists(token.uri.to_string()));
     }
-    token.refuse_id_of_another_key(&session, &existing)?;
+    token.refuse_id_of_another_key(&session, &replaced.all())?;
 
     let (public, private) = staging.generate_key_pair(&session, key_type)?;
-    let result = self_sign_root(config, &token, &session, public, private);
-    let root = match result {
+    let staged = [private, public];
+    let staging_label = staging.key_label();
+    let made = self_sign_root(config, &token, &session, public, private).and_then(|root| {
+        relabel_allowed(&session, &staged, &staging_label)?;
+        Ok(root)
+    });
+    let root = match made {
         Ok(root) => root,
         Err(e) => {
             // Leave the token as it was: no half-made root key behind.
-            let _ = session.destroy_object(private);
-            let _ = session.destroy_object(public);
+            let _ = destroy_all(&session, &staged);
             return Err(e);
         }
     };
-    if let Err(e) = crate::fsutil::write_public(&config.root.certificate, root.pem.as_bytes()) {
-        let _ = session.destroy_object(private);
-        let _ = session.destroy_object(public);
+    if let Err(e) = crate::fsutil::write_public(certificate, root.pem.as_bytes()) {
+        let _ = destroy_all(&session, &staged);
         return Err(TokenError::Other(format!(
             "cannot write root certificate {}: {e}",
-            config.root.certificate.display()
+            certificate.display()
         )));
     }
-    for handle in &existing {
-        session.destroy_object(*handle)?;
+
+    // Until a private key being replaced is destroyed, the previous root is whole and a
+    // refusal puts everything back; once one is gone, only the new root is left.
+    let put_back = |failure: String| {
+        TokenError::Other(format!(
+            "{failure}. Nothing was replaced: the token keeps the previous key, {}, and {}",
+            restore_certificate(certificate, previous_certificate.as_deref()),
+            match destroy_all(&session, &staged) {
+                Ok(()) => "the new key pair was removed".to_string(),
+                Err(e) => format!(
+                    "the new key pair is left under the label {staging_label:?} ({e}); the next root init removes it"
+                ),
+            }
+        ))
+    };
+    let half_done = |failure: String| {
+        TokenError::Other(format!(
+            "{failure}. A key being replaced is destroyed, so nothing can be put back: {} holds the new root, whose key pair is under the label {staging_label:?}, where no URI looks; run `meshca root init --force` again for a fresh root (it removes that pair)",
+            certificate.display()
+        ))
+    };
+    for (destroyed, handle) in replaced.private.iter().enumerate() {
+        if let Err(e) = session.destroy_object(*handle) {
+            let failure = format!(
+                "the token refused to destroy the private key being replaced ({}: it was made with CKA_DESTROYABLE false, or the token's user may not delete keys)",
+                TokenError::from(e)
+            );
+            return Err(if destroyed == 0 {
+                put_back(failure)
+            } else {
+                half_done(failure)
+            });
+        }
     }
     let mut named = vec![Attribute::Label(token.key_label().into_bytes())];
     if let Some(id) = &token.uri.id {
         named.push(Attribute::Id(id.clone()));
     }
-    for handle in [private, public] {
-        session.update_attributes(handle, &named)?;
+    for handle in staged {
+        if let Err(e) = session.update_attributes(handle, &named) {
+            let failure = format!(
+                "the token refused to give the new key pair the label of {} ({})",
+                token.uri,
+                TokenError::from(e)
+            );
+            return Err(if replaced.private.is_empty() {
+                put_back(failure)
+            } else {
+                half_done(failure)
+            });
+        }
+    }
+    // The old public keys last: the new root is whole by now, and they sign nothing.
+    for handle in &replaced.public {
+        session.destroy_object(*handle).map_err(|e| {
+            TokenError::Other(format!(
+                "the new root is in place ({} and the key {}), but the token refused to destroy the public key of the key it replaced ({}); it is left under the label {:?}, where only root init looks (delete it with the token's tools)",
+                certificate.display(),
+                token.uri,
+                TokenError::from(e),
+                token.key_label()
+            ))
+        })?;
     }
     Ok(RootInitOutcome {
         root,
-        replaced_existing_key: !existing.is_empty(),
+        replaced_existing_key: !replaced.is_empty(),
     })
+}
+
+/// Sets each staged object's label (and id) to what it already is: proves the token lets
+/// the pair be relabelled (CKA_MODIFIABLE, the role's rights) before the certificate file
+/// is replaced, rather than once the key it replaces is destroyed.
+fn relabel_allowed(
+    session: &Session,
+    staged: &[ObjectHandle],
+    staging_label: &str,
+) -> Result<(), TokenError> {
+    for handle in staged {
+        let mut same = vec![Attribute::Label(staging_label.as_bytes().to_vec())];
+        for attribute in session.get_attributes(*handle, &[AttributeType::Id])? {
+            if let Attribute::Id(id) = attribute {
+                same.push(Attribute::Id(id));
+            }
+        }
+        session.update_attributes(*handle, &same).map_err(|e| {
+            TokenError::Other(format!(
+                "the token refuses to relabel the new key pair, which root init must do ({}); nothing was replaced",
+                TokenError::from(e)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+fn destroy_all(session: &Session, handles: &[ObjectHandle]) -> Result<(), TokenError> {
+    for handle in handles {
+        session.destroy_object(*handle)?;
+    }
+    Ok(())
+}
+
+/// Gives the root certificate file back its previous contents (or removes it, if there was
+/// none) and says how that went.
+fn restore_certificate(path: &std::path::Path, previous: Option<&[u8]>) -> String {
+    let shown = path.display();
+    match previous {
+        Some(bytes) => match crate::fsutil::write_public(path, bytes) {
+            Ok(()) => format!("{shown} holds the previous root again"),
+            Err(e) => format!(
+                "but {shown} could not be given back the previous root ({e}): it holds a root whose key is not on the token, so restore it from a copy"
+            ),
+        },
+        None => match std::fs::remove_file(path) {
+            Ok(()) => format!("{shown} is removed again"),
+            Err(e) => format!(
+                "but {shown} could not be removed ({e}): it holds a root whose key is not on the token, so delete it"
+            ),
+        },
+    }
 }
 
 fn self_sign_root(
@@ -711,23 +897,7 @@ impl Pkcs11Backend {
         let token = Token::open(settings)?;
         let session = token.logged_in_session(&pin, false)?;
         let key = token.find_private_key(&session)?;
-        let mut challenge = [0u8; 32];
-        getrandom::fill(&mut challenge).map_err(|e| TokenError::Other(e.to_string()))?;
-        let signature = token_sign(
-            &session,
-            key,
-            &root.key_kind,
-            root.signature_algorithm,
-            &challenge,
-        )?;
-        root.verifier
-            .verify(root.signature_algorithm, &challenge, &signature)
-            .map_err(|_| {
-                TokenError::Other(format!(
-                    "the key {} on the token does not match the root certificate: was the root re-initialized without updating the certificate file?",
-                    token.uri
-                ))
-            })?;
+        prove_root_key(&token, &session, key, &root)?;
         let mut sessions = vec![session];
         for opened in 1..settings.sessions {
             let session = token.logged_in_session(&pin, false).map_err(|e| match e {
@@ -763,6 +933,33 @@ impl Pkcs11Backend {
     }
 }
 
+/// Proves that `key` is the root certificate's key: it signs a random challenge, which
+/// must verify under the certificate.
+fn prove_root_key(
+    token: &Token,
+    session: &Session,
+    key: ObjectHandle,
+    root: &RootCa,
+) -> Result<(), TokenError> {
+    let mut challenge = [0u8; 32];
+    getrandom::fill(&mut challenge).map_err(|e| TokenError::Other(e.to_string()))?;
+    let signature = token_sign(
+        session,
+        key,
+        &root.key_kind,
+        root.signature_algorithm,
+        &challenge,
+    )?;
+    root.verifier
+        .verify(root.signature_algorithm, &challenge, &signature)
+        .map_err(|_| {
+            TokenError::Other(format!(
+                "the key {} on the token does not match the root certificate: was the root re-initialized without updating the certificate file, or is this another token under the same label?",
+                token.uri
+            ))
+        })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -790,14 +987,17 @@ impl Inner {
         lock(&self.sessions).push(session);
     }
 
-    /// The key handle, looked up again when unknown (after a reconnect).
+    /// The key handle, looked up again when unknown (after a reconnect) and then proven
+    /// to be the root's, as at start: the token that came back may be another one under
+    /// the same label (a failover, a restored token directory). A key that is not the
+    /// root's is never kept, so each later attempt (and reconnect) checks again.
     fn key(&self, token: &Token, session: &Session) -> Result<ObjectHandle, BackendError> {
         if let Some(key) = *lock(&self.key) {
             return Ok(key);
         }
-        let key = token
-            .find_private_key(session)
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let unavailable = |e: TokenError| BackendError::Unavailable(e.to_string());
+        let key = token.find_private_key(session).map_err(unavailable)?;
+        prove_root_key(token, session, key, &self.root).map_err(unavailable)?;
         *lock(&self.key) = Some(key);
         Ok(key)
     }
@@ -933,7 +1133,8 @@ impl Inner {
             .map_err(|e| BackendError::Check(e.to_string()))
     }
 
-    /// Ready means: a logged-in session exists and the key can be found on the token.
+    /// Ready means: a logged-in session exists, the key can be found on the token, and
+    /// since the last reconnect it has been proven to be the root's.
     fn try_ready(&self) -> Result<(), (BackendError, bool)> {
         let token = self.token.read().unwrap_or_else(|p| p.into_inner());
         let session = self.checkout(&token).map_err(|e| (e, true))?;
@@ -947,12 +1148,15 @@ impl Inner {
                 true,
             ));
         }
-        match token.find_private_key(&session) {
+        let found = token
+            .find_private_key(&session)
+            .map_err(|e| BackendError::Unavailable(e.to_string()));
+        match found.and_then(|_| self.key(&token, &session)) {
             Ok(_) => {
                 self.checkin(session);
                 Ok(())
             }
-            Err(e) => Err((BackendError::Unavailable(e.to_string()), true)),
+            Err(e) => Err((e, true)),
         }
     }
 
