@@ -8,7 +8,6 @@ use std::sync::Arc;
 use der::Decode;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_cert::Certificate;
@@ -163,18 +162,14 @@ pub fn server_config(
         .part("client_ca", &client_cas)
         .part("crls", &crls.in_force)
         .finish();
-    let mut verifier = WebPkiClientVerifier::builder_with_provider(
+    let verifier = refused_client::NotingVerifier::new(
         Arc::new(trust_store(client_ca, client_cas)?),
+        crls.in_force,
+        overdue == CrlOverdue::Refuse,
         provider.clone(),
     )
-    .with_crls(crls.in_force);
-    if overdue == CrlOverdue::Refuse {
-        verifier = verifier.enforce_revocation_expiration();
-    }
-    let verifier = verifier
-        .build()
-        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
-    let verifier = Arc::new(refused_client::NotingVerifier(verifier));
+    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let verifier = Arc::new(verifier);
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?

@@ -1207,3 +1207,159 @@ async fn a_second_sigterm_cuts_the_drain_short_and_still_audits_what_was_under_w
     assert_eq!(line["rule"], "signer_stopping", "{line}");
     env.audit_verify_ok();
 }
+
+/// Refused handshakes logged by the signer so far, as JSON lines.
+fn refused_handshakes(signer: &Signer) -> Vec<Value> {
+    signer
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "TLS handshake refused")
+        .collect()
+}
+
+/// The UTC time `days` days from now, as `openssl ca -startdate` takes it.
+fn openssl_time_in_days(days: i32) -> String {
+    let out =
+        run_ok(Command::new("date").args(["-u", "-d", &format!("{days} days"), "+%Y%m%d%H%M%SZ"]));
+    text(&out.stdout).trim().to_string()
+}
+
+/// A client certificate for `uri` in `dir/name.pem` (key `name.key`), valid over `days`
+/// counted from now (`-2..-1`: it ended yesterday), signed by `dir/issuer.pem` and its key,
+/// or by its own key when `issuer` is None (self-signed: what anyone can make). Made by
+/// `openssl ca`, which takes both dates, with a throwaway database of its own.
+fn openssl_client_certificate(
+    dir: &std::path::Path,
+    name: &str,
+    issuer: Option<&str>,
+    uri: &str,
+    days: std::ops::Range<i32>,
+) {
+    openssl_csr(dir, name, KEYGEN_P256, &format!("/CN={name}"), &[]);
+    let db = format!("{name}.ca");
+    std::fs::create_dir_all(dir.join(&db)).unwrap();
+    write(dir, &format!("{db}/index.txt"), "");
+    write(dir, &format!("{db}/serial"), "1000\n");
+    write(
+        dir,
+        &format!("{db}/ca.cnf"),
+        &format!(
+            "[ca]\ndefault_ca = issuing\n[issuing]\ndatabase = {db}/index.txt\n\
+             serial = {db}/serial\nnew_certs_dir = {db}\ndefault_md = sha256\npolicy = any\n\
+             unique_subject = no\ncopy_extensions = none\nx509_extensions = client\n\
+             [any]\ncommonName = supplied\n\
+             [client]\nbasicConstraints = critical,CA:FALSE\n\
+             keyUsage = critical,digitalSignature\nextendedKeyUsage = clientAuth\n\
+             subjectAltName = URI:{uri}\n"
+        ),
+    );
+    let (config, csr, cert) = (
+        format!("{db}/ca.cnf"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let (start, end) = (
+        openssl_time_in_days(days.start),
+        openssl_time_in_days(days.end),
+    );
+    let mut args = vec!["ca", "-batch", "-rand_serial", "-notext", "-preserveDN"];
+    args.extend_from_slice(&["-config", &config, "-in", &csr, "-out", &cert]);
+    args.extend_from_slice(&["-startdate", &start, "-enddate", &end]);
+    let (issuer_cert, key);
+    match issuer {
+        Some(issuer) => {
+            issuer_cert = format!("{issuer}.pem");
+            key = format!("{issuer}.key");
+            args.extend_from_slice(&["-cert", &issuer_cert, "-keyfile", &key]);
+        }
+        None => {
+            key = format!("{name}.key");
+            args.extend_from_slice(&["-selfsign", "-keyfile", &key]);
+        }
+    }
+    openssl(dir, &args);
+}
+
+#[tokio::test]
+async fn an_expired_certificate_not_from_the_client_ca_is_not_refused_as_an_expired_client() {
+    let env = Env::new();
+    let forged = env.path("forged");
+    std::fs::create_dir_all(&forged).unwrap();
+    // What anyone who can reach the port can present, each naming another cluster:
+    // self-signed and expired; expired, from a CA that copies the transport CA's name but
+    // not its key; self-signed with `-days -1`, its notAfter before its notBefore.
+    let cluster_b = identity("cluster-b");
+    openssl_client_certificate(&forged, "self-signed", None, &cluster_b, -2..-1);
+    run_ok(
+        Command::new(repo().join("scripts/transport-pki.sh"))
+            .arg("ca")
+            .arg(&forged),
+    );
+    openssl_client_certificate(&forged, "lookalike", Some("ca"), &cluster_b, -2..-1);
+    openssl_csr(&forged, "inverted", KEYGEN_P256, "/CN=inverted", &[]);
+    let san = format!("subjectAltName=URI:{cluster_b}\nextendedKeyUsage=clientAuth\n");
+    write(&forged, "inverted.ext", &san);
+    openssl(
+        &forged,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "inverted.csr",
+            "-signkey",
+            "inverted.key",
+            "-days",
+            "-1",
+            "-extfile",
+            "inverted.ext",
+            "-out",
+            "inverted.pem",
+        ],
+    );
+    // A client of the transport CA whose certificate really expired.
+    env.transport_pki("client", &["old", &identity("cluster-a"), "-1"]);
+    let signer = env.start_signer();
+    let healthz = signer.url("/healthz");
+
+    let forgeries = [
+        (
+            "self-signed",
+            "client_certificate_unknown_issuer",
+            "UnknownIssuer",
+        ),
+        ("lookalike", "client_certificate_invalid", "BadSignature"),
+        ("inverted", "client_certificate_invalid", "NoValidityPeriod"),
+    ];
+    for (n, (name, _, _)) in forgeries.iter().enumerate() {
+        let refused = client_from(&env, &forged, name).get(&healthz).send().await;
+        assert!(refused.is_err(), "{name} was served");
+        signer
+            .wait_for_nth_log("TLS handshake refused", n + 1)
+            .await;
+    }
+    // Each is refused for what it is, none named as cluster-b's certificate.
+    let lines = refused_handshakes(&signer);
+    let claimed = format!("claimed identity {cluster_b} (unverified), serial ");
+    for (line, (name, reason, error)) in lines.iter().zip(forgeries) {
+        assert_eq!(line["reason"], reason, "{name}: {line}");
+        let said = line["error"].as_str().unwrap_or_default();
+        assert!(said.contains(error), "{name}: {line}");
+        let client = line["client"].as_str().unwrap_or_default();
+        assert!(client.starts_with(&claimed), "{name}: {line}");
+    }
+    // So the expired clients' alert does not fire.
+    let client = env.client("cluster-a");
+    let metrics = signer.metrics(&client).await;
+    let expired = "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"}";
+    assert_eq!(metric_sample(&metrics, expired), Some(0), "{metrics}");
+
+    // The client whose certificate did expire is still refused as expired, and named.
+    let refused = env.client("old").get(&healthz).send().await;
+    assert!(refused.is_err(), "an expired client was served");
+    let line = signer
+        .wait_for_log("\"reason\":\"client_certificate_expired\"")
+        .await;
+    let named = format!("\"client\":\"identity {}, serial ", identity("cluster-a"));
+    assert!(line.contains(&named), "{line}");
+}
