@@ -219,7 +219,7 @@ fn client_ca_crl_problems(cas: &[CertificateDer<'static>], crl_issuers: &[Vec<u8
         }
         if !crl_issuers.contains(der) && first_of_its_name {
             problems.push(format!(
-                "the client CA {name} (tls.client_ca) has no CRL in tls.client_crls: with CRLs configured, the revocation status of every client certificate it issued is unknown, and each is refused at the handshake (client_certificate_invalid); add its CRL, or remove the CA if no client uses it"
+                "the client CA {name} (tls.client_ca) has no CRL in tls.client_crls: with CRLs configured, the revocation status of every client certificate it issued is unknown, and each is refused at the handshake (client_certificate_revocation_unknown); add its CRL, or remove the CA if no client uses it"
             ));
         }
     }
@@ -424,10 +424,11 @@ pub fn client_identity(cert_der: &[u8]) -> Option<String> {
 /// handshake timeout). The `client_certificate_*` ones are clients the signer's CA may
 /// know (an agent whose transport certificate expired cannot renew anything); the others
 /// are what scanners and broken clients cause.
-pub const HANDSHAKE_REFUSAL_REASONS: [&str; 9] = [
+pub const HANDSHAKE_REFUSAL_REASONS: [&str; 10] = [
     "client_certificate_expired",
     "client_certificate_revoked",
     "client_certificate_crl_overdue",
+    "client_certificate_revocation_unknown",
     "client_certificate_unknown_issuer",
     "client_certificate_invalid",
     "no_client_certificate",
@@ -456,10 +457,25 @@ pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
             Cert::ExpiredRevocationList | Cert::ExpiredRevocationListContext { .. } => {
                 "client_certificate_crl_overdue"
             }
+            // With CRLs configured: no CRL in force of a CA in the client's chain.
+            Cert::UnknownRevocationStatus => "client_certificate_revocation_unknown",
             Cert::UnknownIssuer => "client_certificate_unknown_issuer",
             _ => "client_certificate_invalid",
         },
         _ => "protocol",
+    }
+}
+
+/// What to do about a refusal of `reason`, for the log line, where the reason alone does
+/// not say.
+pub fn handshake_refusal_advice(reason: &str) -> Option<&'static str> {
+    match reason {
+        // The start and `serve --check` name the CAs in `client_ca` without a CRL, but an
+        // intermediate the clients send in their chains is seen only here.
+        "client_certificate_revocation_unknown" => Some(
+            "with tls.client_crls configured, every CA that issued a certificate of the client's chain needs its CRL there, intermediates the clients send included; add the missing CRL to a file in tls.client_crls and reload",
+        ),
+        _ => None,
     }
 }
 
@@ -491,6 +507,12 @@ mod tests {
             (
                 wrapped(Error::InvalidCertificate(CertificateError::UnknownIssuer)),
                 "client_certificate_unknown_issuer",
+            ),
+            (
+                wrapped(Error::InvalidCertificate(
+                    CertificateError::UnknownRevocationStatus,
+                )),
+                "client_certificate_revocation_unknown",
             ),
             (
                 wrapped(Error::InvalidCertificate(CertificateError::NotValidYet)),

@@ -1363,3 +1363,126 @@ async fn an_expired_certificate_not_from_the_client_ca_is_not_refused_as_an_expi
     let named = format!("\"client\":\"identity {}, serial ", identity("cluster-a"));
     assert!(line.contains(&named), "{line}");
 }
+
+/// A transport PKI of two tiers in `dir`, as cert-manager or SPIRE make one: a root
+/// (`root.pem`, for `client_ca`) with its CRL (`root-crl.pem`, listing nothing), an
+/// issuing intermediate under it (`issuing.pem`), and a client certificate for `uri` it
+/// issued: `name.pem` holds the chain the client sends, its certificate then the
+/// intermediate's.
+fn two_tier_transport_pki(dir: &std::path::Path, name: &str, uri: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl_self_signed_ca(dir, "root", "/O=meshca demo/CN=transport root", -1..30);
+    openssl_csr(
+        dir,
+        "issuing",
+        KEYGEN_P256,
+        "/O=meshca demo/CN=transport issuing CA",
+        &[],
+    );
+    write(
+        dir,
+        "issuing.ext",
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n\
+         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "issuing.csr",
+            "-CA",
+            "root.pem",
+            "-CAkey",
+            "root.key",
+            "-days",
+            "30",
+            "-sha256",
+            "-extfile",
+            "issuing.ext",
+            "-out",
+            "issuing.pem",
+        ],
+    );
+    // A CRL number makes it a v2 CRL, as CAs publish them.
+    write(dir, "root-crl-number", "1000\n");
+    write(
+        dir,
+        "root-crl.cnf",
+        "[ca]\ndefault_ca = crl\n[crl]\ndatabase = root.ca/index.txt\n\
+         crlnumber = root-crl-number\ndefault_md = sha384\ndefault_crl_days = 30\n",
+    );
+    openssl(
+        dir,
+        &[
+            "ca",
+            "-gencrl",
+            "-config",
+            "root-crl.cnf",
+            "-cert",
+            "root.pem",
+            "-keyfile",
+            "root.key",
+            "-out",
+            "root-crl.pem",
+        ],
+    );
+    openssl_client_certificate(dir, name, Some("issuing"), uri, -1..30);
+    let chain = std::fs::read_to_string(dir.join(format!("{name}.pem"))).unwrap()
+        + &std::fs::read_to_string(dir.join("issuing.pem")).unwrap();
+    write(dir, &format!("{name}.pem"), &chain);
+}
+
+#[tokio::test]
+async fn with_crls_a_client_whose_issuing_intermediate_has_no_crl_is_refused_by_that_reason() {
+    let env = Env::new();
+    env.check_client_crls();
+    let tiers = env.path("tiers");
+    two_tier_transport_pki(&tiers, "agent", &identity("cluster-a"));
+    // The root trusted for clients, its CRL given; the intermediate's CRL missing.
+    let bundle = env.path("pki/ca.pem");
+    let with_root = std::fs::read_to_string(&bundle).unwrap()
+        + &std::fs::read_to_string(tiers.join("root.pem")).unwrap();
+    std::fs::write(&bundle, with_root).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "client_crls = [\"pki/crl.pem\"]",
+        "client_crls = [\"pki/crl.pem\", \"tiers/root-crl.pem\"]",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let reason = "client_certificate_revocation_unknown";
+    let counted = format!("meshca_tls_handshakes_refused_total{{reason=\"{reason}\"}}");
+    let metrics = signer.metrics(&client).await;
+    assert_eq!(metric_sample(&metrics, &counted), Some(0), "{metrics}");
+
+    // Refused (the check is not weakened), by its own reason, with what to do.
+    let agent = client_from(&env, &tiers, "agent");
+    let refused = agent.get(signer.url("/healthz")).send().await;
+    assert!(refused.is_err(), "served with no CRL of its issuer");
+    let line = signer
+        .wait_for_log(&format!("\"reason\":\"{reason}\""))
+        .await;
+    let line: Value = serde_json::from_str(&line).unwrap();
+    let advice = line["advice"].as_str().unwrap_or_default();
+    assert!(
+        advice.contains("every CA that issued a certificate of the client's chain needs its CRL")
+            && advice.contains("intermediates"),
+        "{line}"
+    );
+    // Its chain does lead to the client CA: the client is named as itself.
+    let named = format!("identity {}, serial ", identity("cluster-a"));
+    assert!(
+        line["client"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&named),
+        "{line}"
+    );
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metric_sample(&metrics, &counted).is_some_and(|n| n >= 1),
+        "{metrics}"
+    );
+}

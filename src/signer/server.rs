@@ -685,6 +685,7 @@ fn handshake_refused(
             reason,
             error,
             client,
+            advice = crate::tlsutil::handshake_refusal_advice(reason),
             not_logged_since_last = not_logged,
             "TLS handshake refused"
         );
