@@ -14,8 +14,10 @@ use x509_cert::Certificate;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
 
+mod client_ca_apart;
 mod client_crls;
 mod refused_client;
+pub use client_ca_apart::{ClientCaError, MeshRoot, check_client_ca_apart_from_mesh};
 pub use client_crls::SupersededCrl;
 pub use refused_client::accept_noting_refused_client;
 
@@ -29,6 +31,8 @@ pub enum TlsError {
     Key { path: String, message: String },
     #[error("TLS configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    ClientCa(#[from] ClientCaError),
 }
 
 /// The crypto provider every meshca TLS endpoint uses: aws-lc-rs, the same library that
@@ -163,7 +167,7 @@ pub fn server_config(
         .part("crls", &crls.in_force)
         .finish();
     let verifier = refused_client::NotingVerifier::new(
-        Arc::new(trust_store(client_ca, client_cas)?),
+        Arc::new(trust_store(client_ca, client_cas.clone())?),
         crls.in_force,
         overdue == CrlOverdue::Refuse,
         provider.clone(),
@@ -183,6 +187,7 @@ pub fn server_config(
         config,
         certificate_not_after,
         client_ca_not_after,
+        client_cas,
         crl_next_updates: crls.next_updates,
         superseded_crls: crls.superseded,
         client_ca_crl_problems,
@@ -234,6 +239,8 @@ pub struct ServerTls {
     /// When the first of the client CA certificates expires: from then on, no client whose
     /// certificate chains only to it gets through the handshake.
     pub client_ca_not_after: std::time::SystemTime,
+    /// The client CA certificates, as read.
+    pub client_cas: Vec<CertificateDer<'static>>,
     pub crl_next_updates: Vec<CrlNextUpdate>,
     /// CRLs listed but not enforced: a newer one of their issuer was listed too.
     pub superseded_crls: Vec<SupersededCrl>,

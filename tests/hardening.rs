@@ -1486,3 +1486,84 @@ async fn with_crls_a_client_whose_issuing_intermediate_has_no_crl_is_refused_by_
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_client_ca_of_the_mesh_pki_is_refused_at_start_reload_and_check() {
+    let env = Env::new();
+    let next_root = env.init_next_root();
+    let bundle = env.path("pki/ca.pem");
+    let transport_ca = std::fs::read_to_string(&bundle).unwrap();
+    let in_file = format!("tls.client_ca {}: the certificate ", bundle.display());
+    let refused_by_check = |needle: &str| {
+        let out = env.run_with_config(&["serve", "--check"]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{}", text(&out.stdout));
+        assert!(
+            stderr.contains(&in_file) && stderr.contains(needle),
+            "{stderr}"
+        );
+    };
+    let file = |rel: &str| env.path(rel).display().to_string();
+
+    // The mesh root beside the transport CA: the check and the start refuse, naming the
+    // file and why.
+    std::fs::write(&bundle, transport_ca.clone() + &env.root_pem()).unwrap();
+    let root = format!(
+        "has the public key of the root (root.certificate {})",
+        file("root-cert.pem")
+    );
+    refused_by_check(&root);
+    let out = env.run_with_config(&["serve"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&in_file) && stderr.contains(&root),
+        "{stderr}"
+    );
+
+    // Started with the transport CA alone; a cluster's intermediate added and reloaded:
+    // refused by name, the CA in force kept.
+    std::fs::write(&bundle, &transport_ca).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, answer) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr_a)).await;
+    assert_eq!(status, 200, "{answer}");
+    let intermediate = answer["certificate"].as_str().unwrap();
+    std::fs::write(&bundle, transport_ca.clone() + intermediate).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("TLS settings not reloaded").await;
+    let issued = format!(
+        "was issued by the root (root.certificate {})",
+        file("root-cert.pem")
+    );
+    assert!(line.contains(&in_file) && line.contains(&issued), "{line}");
+    refused_by_check(&issued);
+    assert_still_issues(&client, &signer).await;
+
+    // The next root in the bundle before it is announced is no mesh root yet; announcing
+    // it then is refused by name, the rules in force kept.
+    std::fs::write(
+        &bundle,
+        transport_ca + &std::fs::read_to_string(&next_root).unwrap(),
+    )
+    .unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("SIGHUP: TLS settings reloaded").await;
+    signer.wait_for_nth_log("SIGHUP: rules reloaded", 2).await;
+    env.announce_next_root(Some("next-root-cert.pem"));
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("SIGHUP: rules not reloaded").await;
+    let next = format!(
+        "has the public key of the next root (root.next_certificate {})",
+        file("next-root-cert.pem")
+    );
+    assert!(line.contains(&in_file) && line.contains(&next), "{line}");
+    refused_by_check(&next);
+    let client = env.client("cluster-a");
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metrics.contains("meshca_rules_last_reload_successful 0"),
+        "{metrics}"
+    );
+}
