@@ -6,7 +6,8 @@
 #   transport-pki.sh ca     DIR                 -> DIR/ca.pem, DIR/ca.key
 #   transport-pki.sh server DIR NAME            -> DIR/NAME.pem/.key (localhost, 127.0.0.1)
 #   transport-pki.sh client DIR NAME URI [DAYS] -> DIR/NAME.pem/.key (URI SAN, clientAuth;
-#                                                 a negative DAYS makes an expired certificate)
+#                                                 a negative DAYS makes an expired certificate,
+#                                                 valid from 2*|DAYS| until |DAYS| days ago)
 #   transport-pki.sh revoke DIR NAME            -> revokes DIR/NAME.pem, rewrites DIR/crl.pem
 #
 # Keys are written mode 0600.
@@ -22,11 +23,47 @@ issue() { # name subject days extensions
   local name=$1 subject=$2 days=$3 extensions=$4
   openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
     -keyout "$dir/$name.key" -out "$dir/$name.csr" -subj "$subject" 2>/dev/null
-  openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
-    -set_serial "$(serial)" -days "$days" -sha256 \
-    -extfile <(printf '%s\n' "$extensions") -out "$dir/$name.pem" 2>/dev/null
+  if [ "$days" -ge 0 ]; then
+    openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+      -set_serial "$(serial)" -days "$days" -sha256 \
+      -extfile <(printf '%s\n' "$extensions") -out "$dir/$name.pem" 2>/dev/null
+  else
+    issue_expired "$name" "$days" "$extensions"
+  fi
   rm -f "$dir/$name.csr"
   chmod 644 "$dir/$name.pem"
+}
+
+# An expired certificate: valid from 2*|DAYS| days ago until |DAYS| days ago. (`openssl
+# x509 -days -N` would put notAfter before notBefore, a certificate valid at no time; only
+# `openssl ca` takes a start date in OpenSSL 3.0.)
+issue_expired() { # name days extensions
+  local name=$1 days=$2 extensions=$3
+  local db="$dir/$name.expired-ca"
+  mkdir -p "$db"
+  : > "$db/index.txt"
+  # Required by the config, though -rand_serial does not read it.
+  echo 1000 > "$db/serial"
+  cat > "$db/ca.cnf" <<CNF
+[ ca ]
+default_ca = expired
+[ expired ]
+database = $db/index.txt
+serial = $db/serial
+new_certs_dir = $db
+default_md = sha256
+policy = any
+unique_subject = no
+copy_extensions = none
+[ any ]
+commonName = supplied
+CNF
+  openssl ca -batch -config "$db/ca.cnf" -cert "$dir/ca.pem" -keyfile "$dir/ca.key" \
+    -rand_serial -notext -preserveDN -in "$dir/$name.csr" -out "$dir/$name.pem" \
+    -startdate "$(date -u -d "$((2 * days)) days" +%Y%m%d%H%M%SZ)" \
+    -enddate "$(date -u -d "$days days" +%Y%m%d%H%M%SZ)" \
+    -extfile <(printf '%s\n' "$extensions") 2>/dev/null
+  rm -rf "$db"
 }
 
 case "$cmd" in

@@ -8,15 +8,16 @@ use std::sync::Arc;
 use der::Decode;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_cert::Certificate;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
 
+mod client_ca_apart;
 mod client_crls;
 mod refused_client;
+pub use client_ca_apart::{ClientCaError, MeshRoot, check_client_ca_apart_from_mesh};
 pub use client_crls::SupersededCrl;
 pub use refused_client::accept_noting_refused_client;
 
@@ -30,6 +31,8 @@ pub enum TlsError {
     Key { path: String, message: String },
     #[error("TLS configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    ClientCa(#[from] ClientCaError),
 }
 
 /// The crypto provider every meshca TLS endpoint uses: aws-lc-rs, the same library that
@@ -163,18 +166,14 @@ pub fn server_config(
         .part("client_ca", &client_cas)
         .part("crls", &crls.in_force)
         .finish();
-    let mut verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(trust_store(client_ca, client_cas)?),
+    let verifier = refused_client::NotingVerifier::new(
+        Arc::new(trust_store(client_ca, client_cas.clone())?),
+        crls.in_force,
+        overdue == CrlOverdue::Refuse,
         provider.clone(),
     )
-    .with_crls(crls.in_force);
-    if overdue == CrlOverdue::Refuse {
-        verifier = verifier.enforce_revocation_expiration();
-    }
-    let verifier = verifier
-        .build()
-        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
-    let verifier = Arc::new(refused_client::NotingVerifier(verifier));
+    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let verifier = Arc::new(verifier);
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -188,6 +187,7 @@ pub fn server_config(
         config,
         certificate_not_after,
         client_ca_not_after,
+        client_cas,
         crl_next_updates: crls.next_updates,
         superseded_crls: crls.superseded,
         client_ca_crl_problems,
@@ -224,7 +224,7 @@ fn client_ca_crl_problems(cas: &[CertificateDer<'static>], crl_issuers: &[Vec<u8
         }
         if !crl_issuers.contains(der) && first_of_its_name {
             problems.push(format!(
-                "the client CA {name} (tls.client_ca) has no CRL in tls.client_crls: with CRLs configured, the revocation status of every client certificate it issued is unknown, and each is refused at the handshake (client_certificate_invalid); add its CRL, or remove the CA if no client uses it"
+                "the client CA {name} (tls.client_ca) has no CRL in tls.client_crls: with CRLs configured, the revocation status of every client certificate it issued is unknown, and each is refused at the handshake (client_certificate_revocation_unknown); add its CRL, or remove the CA if no client uses it"
             ));
         }
     }
@@ -239,6 +239,8 @@ pub struct ServerTls {
     /// When the first of the client CA certificates expires: from then on, no client whose
     /// certificate chains only to it gets through the handshake.
     pub client_ca_not_after: std::time::SystemTime,
+    /// The client CA certificates, as read.
+    pub client_cas: Vec<CertificateDer<'static>>,
     pub crl_next_updates: Vec<CrlNextUpdate>,
     /// CRLs listed but not enforced: a newer one of their issuer was listed too.
     pub superseded_crls: Vec<SupersededCrl>,
@@ -429,10 +431,11 @@ pub fn client_identity(cert_der: &[u8]) -> Option<String> {
 /// handshake timeout). The `client_certificate_*` ones are clients the signer's CA may
 /// know (an agent whose transport certificate expired cannot renew anything); the others
 /// are what scanners and broken clients cause.
-pub const HANDSHAKE_REFUSAL_REASONS: [&str; 9] = [
+pub const HANDSHAKE_REFUSAL_REASONS: [&str; 10] = [
     "client_certificate_expired",
     "client_certificate_revoked",
     "client_certificate_crl_overdue",
+    "client_certificate_revocation_unknown",
     "client_certificate_unknown_issuer",
     "client_certificate_invalid",
     "no_client_certificate",
@@ -461,10 +464,25 @@ pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
             Cert::ExpiredRevocationList | Cert::ExpiredRevocationListContext { .. } => {
                 "client_certificate_crl_overdue"
             }
+            // With CRLs configured: no CRL in force of a CA in the client's chain.
+            Cert::UnknownRevocationStatus => "client_certificate_revocation_unknown",
             Cert::UnknownIssuer => "client_certificate_unknown_issuer",
             _ => "client_certificate_invalid",
         },
         _ => "protocol",
+    }
+}
+
+/// What to do about a refusal of `reason`, for the log line, where the reason alone does
+/// not say.
+pub fn handshake_refusal_advice(reason: &str) -> Option<&'static str> {
+    match reason {
+        // The start and `serve --check` name the CAs in `client_ca` without a CRL, but an
+        // intermediate the clients send in their chains is seen only here.
+        "client_certificate_revocation_unknown" => Some(
+            "with tls.client_crls configured, every CA that issued a certificate of the client's chain needs its CRL there, intermediates the clients send included; add the missing CRL to a file in tls.client_crls and reload",
+        ),
+        _ => None,
     }
 }
 
@@ -496,6 +514,12 @@ mod tests {
             (
                 wrapped(Error::InvalidCertificate(CertificateError::UnknownIssuer)),
                 "client_certificate_unknown_issuer",
+            ),
+            (
+                wrapped(Error::InvalidCertificate(
+                    CertificateError::UnknownRevocationStatus,
+                )),
+                "client_certificate_revocation_unknown",
             ),
             (
                 wrapped(Error::InvalidCertificate(CertificateError::NotValidYet)),

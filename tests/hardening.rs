@@ -1207,3 +1207,363 @@ async fn a_second_sigterm_cuts_the_drain_short_and_still_audits_what_was_under_w
     assert_eq!(line["rule"], "signer_stopping", "{line}");
     env.audit_verify_ok();
 }
+
+/// Refused handshakes logged by the signer so far, as JSON lines.
+fn refused_handshakes(signer: &Signer) -> Vec<Value> {
+    signer
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "TLS handshake refused")
+        .collect()
+}
+
+/// The UTC time `days` days from now, as `openssl ca -startdate` takes it.
+fn openssl_time_in_days(days: i32) -> String {
+    let out =
+        run_ok(Command::new("date").args(["-u", "-d", &format!("{days} days"), "+%Y%m%d%H%M%SZ"]));
+    text(&out.stdout).trim().to_string()
+}
+
+/// A client certificate for `uri` in `dir/name.pem` (key `name.key`), valid over `days`
+/// counted from now (`-2..-1`: it ended yesterday), signed by `dir/issuer.pem` and its key,
+/// or by its own key when `issuer` is None (self-signed: what anyone can make). Made by
+/// `openssl ca`, which takes both dates, with a throwaway database of its own.
+fn openssl_client_certificate(
+    dir: &std::path::Path,
+    name: &str,
+    issuer: Option<&str>,
+    uri: &str,
+    days: std::ops::Range<i32>,
+) {
+    openssl_csr(dir, name, KEYGEN_P256, &format!("/CN={name}"), &[]);
+    let db = format!("{name}.ca");
+    std::fs::create_dir_all(dir.join(&db)).unwrap();
+    write(dir, &format!("{db}/index.txt"), "");
+    write(dir, &format!("{db}/serial"), "1000\n");
+    write(
+        dir,
+        &format!("{db}/ca.cnf"),
+        &format!(
+            "[ca]\ndefault_ca = issuing\n[issuing]\ndatabase = {db}/index.txt\n\
+             serial = {db}/serial\nnew_certs_dir = {db}\ndefault_md = sha256\npolicy = any\n\
+             unique_subject = no\ncopy_extensions = none\nx509_extensions = client\n\
+             [any]\ncommonName = supplied\n\
+             [client]\nbasicConstraints = critical,CA:FALSE\n\
+             keyUsage = critical,digitalSignature\nextendedKeyUsage = clientAuth\n\
+             subjectAltName = URI:{uri}\n"
+        ),
+    );
+    let (config, csr, cert) = (
+        format!("{db}/ca.cnf"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let (start, end) = (
+        openssl_time_in_days(days.start),
+        openssl_time_in_days(days.end),
+    );
+    let mut args = vec!["ca", "-batch", "-rand_serial", "-notext", "-preserveDN"];
+    args.extend_from_slice(&["-config", &config, "-in", &csr, "-out", &cert]);
+    args.extend_from_slice(&["-startdate", &start, "-enddate", &end]);
+    let (issuer_cert, key);
+    match issuer {
+        Some(issuer) => {
+            issuer_cert = format!("{issuer}.pem");
+            key = format!("{issuer}.key");
+            args.extend_from_slice(&["-cert", &issuer_cert, "-keyfile", &key]);
+        }
+        None => {
+            key = format!("{name}.key");
+            args.extend_from_slice(&["-selfsign", "-keyfile", &key]);
+        }
+    }
+    openssl(dir, &args);
+}
+
+#[tokio::test]
+async fn an_expired_certificate_not_from_the_client_ca_is_not_refused_as_an_expired_client() {
+    let env = Env::new();
+    let forged = env.path("forged");
+    std::fs::create_dir_all(&forged).unwrap();
+    // What anyone who can reach the port can present, each naming another cluster:
+    // self-signed and expired; expired, from a CA that copies the transport CA's name but
+    // not its key; self-signed with `-days -1`, its notAfter before its notBefore.
+    let cluster_b = identity("cluster-b");
+    openssl_client_certificate(&forged, "self-signed", None, &cluster_b, -2..-1);
+    run_ok(
+        Command::new(repo().join("scripts/transport-pki.sh"))
+            .arg("ca")
+            .arg(&forged),
+    );
+    openssl_client_certificate(&forged, "lookalike", Some("ca"), &cluster_b, -2..-1);
+    openssl_csr(&forged, "inverted", KEYGEN_P256, "/CN=inverted", &[]);
+    let san = format!("subjectAltName=URI:{cluster_b}\nextendedKeyUsage=clientAuth\n");
+    write(&forged, "inverted.ext", &san);
+    openssl(
+        &forged,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "inverted.csr",
+            "-signkey",
+            "inverted.key",
+            "-days",
+            "-1",
+            "-extfile",
+            "inverted.ext",
+            "-out",
+            "inverted.pem",
+        ],
+    );
+    // A client of the transport CA whose certificate really expired.
+    env.transport_pki("client", &["old", &identity("cluster-a"), "-1"]);
+    let signer = env.start_signer();
+    let healthz = signer.url("/healthz");
+
+    let forgeries = [
+        (
+            "self-signed",
+            "client_certificate_unknown_issuer",
+            "UnknownIssuer",
+        ),
+        ("lookalike", "client_certificate_invalid", "BadSignature"),
+        ("inverted", "client_certificate_invalid", "NoValidityPeriod"),
+    ];
+    for (n, (name, _, _)) in forgeries.iter().enumerate() {
+        let refused = client_from(&env, &forged, name).get(&healthz).send().await;
+        assert!(refused.is_err(), "{name} was served");
+        signer
+            .wait_for_nth_log("TLS handshake refused", n + 1)
+            .await;
+    }
+    // Each is refused for what it is, none named as cluster-b's certificate.
+    let lines = refused_handshakes(&signer);
+    let claimed = format!("claimed identity {cluster_b} (unverified), serial ");
+    for (line, (name, reason, error)) in lines.iter().zip(forgeries) {
+        assert_eq!(line["reason"], reason, "{name}: {line}");
+        let said = line["error"].as_str().unwrap_or_default();
+        assert!(said.contains(error), "{name}: {line}");
+        let client = line["client"].as_str().unwrap_or_default();
+        assert!(client.starts_with(&claimed), "{name}: {line}");
+    }
+    // So the expired clients' alert does not fire.
+    let client = env.client("cluster-a");
+    let metrics = signer.metrics(&client).await;
+    let expired = "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"}";
+    assert_eq!(metric_sample(&metrics, expired), Some(0), "{metrics}");
+
+    // The client whose certificate did expire is still refused as expired, and named.
+    let refused = env.client("old").get(&healthz).send().await;
+    assert!(refused.is_err(), "an expired client was served");
+    let line = signer
+        .wait_for_log("\"reason\":\"client_certificate_expired\"")
+        .await;
+    let named = format!("\"client\":\"identity {}, serial ", identity("cluster-a"));
+    assert!(line.contains(&named), "{line}");
+}
+
+/// A transport PKI of two tiers in `dir`, as cert-manager or SPIRE make one: a root
+/// (`root.pem`, for `client_ca`) with its CRL (`root-crl.pem`, listing nothing), an
+/// issuing intermediate under it (`issuing.pem`), and a client certificate for `uri` it
+/// issued: `name.pem` holds the chain the client sends, its certificate then the
+/// intermediate's.
+fn two_tier_transport_pki(dir: &std::path::Path, name: &str, uri: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl_self_signed_ca(dir, "root", "/O=meshca demo/CN=transport root", -1..30);
+    openssl_csr(
+        dir,
+        "issuing",
+        KEYGEN_P256,
+        "/O=meshca demo/CN=transport issuing CA",
+        &[],
+    );
+    write(
+        dir,
+        "issuing.ext",
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n\
+         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "issuing.csr",
+            "-CA",
+            "root.pem",
+            "-CAkey",
+            "root.key",
+            "-days",
+            "30",
+            "-sha256",
+            "-extfile",
+            "issuing.ext",
+            "-out",
+            "issuing.pem",
+        ],
+    );
+    // A CRL number makes it a v2 CRL, as CAs publish them.
+    write(dir, "root-crl-number", "1000\n");
+    write(
+        dir,
+        "root-crl.cnf",
+        "[ca]\ndefault_ca = crl\n[crl]\ndatabase = root.ca/index.txt\n\
+         crlnumber = root-crl-number\ndefault_md = sha384\ndefault_crl_days = 30\n",
+    );
+    openssl(
+        dir,
+        &[
+            "ca",
+            "-gencrl",
+            "-config",
+            "root-crl.cnf",
+            "-cert",
+            "root.pem",
+            "-keyfile",
+            "root.key",
+            "-out",
+            "root-crl.pem",
+        ],
+    );
+    openssl_client_certificate(dir, name, Some("issuing"), uri, -1..30);
+    let chain = std::fs::read_to_string(dir.join(format!("{name}.pem"))).unwrap()
+        + &std::fs::read_to_string(dir.join("issuing.pem")).unwrap();
+    write(dir, &format!("{name}.pem"), &chain);
+}
+
+#[tokio::test]
+async fn with_crls_a_client_whose_issuing_intermediate_has_no_crl_is_refused_by_that_reason() {
+    let env = Env::new();
+    env.check_client_crls();
+    let tiers = env.path("tiers");
+    two_tier_transport_pki(&tiers, "agent", &identity("cluster-a"));
+    // The root trusted for clients, its CRL given; the intermediate's CRL missing.
+    let bundle = env.path("pki/ca.pem");
+    let with_root = std::fs::read_to_string(&bundle).unwrap()
+        + &std::fs::read_to_string(tiers.join("root.pem")).unwrap();
+    std::fs::write(&bundle, with_root).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "client_crls = [\"pki/crl.pem\"]",
+        "client_crls = [\"pki/crl.pem\", \"tiers/root-crl.pem\"]",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let reason = "client_certificate_revocation_unknown";
+    let counted = format!("meshca_tls_handshakes_refused_total{{reason=\"{reason}\"}}");
+    let metrics = signer.metrics(&client).await;
+    assert_eq!(metric_sample(&metrics, &counted), Some(0), "{metrics}");
+
+    // Refused (the check is not weakened), by its own reason, with what to do.
+    let agent = client_from(&env, &tiers, "agent");
+    let refused = agent.get(signer.url("/healthz")).send().await;
+    assert!(refused.is_err(), "served with no CRL of its issuer");
+    let line = signer
+        .wait_for_log(&format!("\"reason\":\"{reason}\""))
+        .await;
+    let line: Value = serde_json::from_str(&line).unwrap();
+    let advice = line["advice"].as_str().unwrap_or_default();
+    assert!(
+        advice.contains("every CA that issued a certificate of the client's chain needs its CRL")
+            && advice.contains("intermediates"),
+        "{line}"
+    );
+    // Its chain does lead to the client CA: the client is named as itself.
+    let named = format!("identity {}, serial ", identity("cluster-a"));
+    assert!(
+        line["client"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&named),
+        "{line}"
+    );
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metric_sample(&metrics, &counted).is_some_and(|n| n >= 1),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_ca_of_the_mesh_pki_is_refused_at_start_reload_and_check() {
+    let env = Env::new();
+    let next_root = env.init_next_root();
+    let bundle = env.path("pki/ca.pem");
+    let transport_ca = std::fs::read_to_string(&bundle).unwrap();
+    let in_file = format!("tls.client_ca {}: the certificate ", bundle.display());
+    let refused_by_check = |needle: &str| {
+        let out = env.run_with_config(&["serve", "--check"]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{}", text(&out.stdout));
+        assert!(
+            stderr.contains(&in_file) && stderr.contains(needle),
+            "{stderr}"
+        );
+    };
+    let file = |rel: &str| env.path(rel).display().to_string();
+
+    // The mesh root beside the transport CA: the check and the start refuse, naming the
+    // file and why.
+    std::fs::write(&bundle, transport_ca.clone() + &env.root_pem()).unwrap();
+    let root = format!(
+        "has the public key of the root (root.certificate {})",
+        file("root-cert.pem")
+    );
+    refused_by_check(&root);
+    let out = env.run_with_config(&["serve"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&in_file) && stderr.contains(&root),
+        "{stderr}"
+    );
+
+    // Started with the transport CA alone; a cluster's intermediate added and reloaded:
+    // refused by name, the CA in force kept.
+    std::fs::write(&bundle, &transport_ca).unwrap();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    let (status, answer) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr_a)).await;
+    assert_eq!(status, 200, "{answer}");
+    let intermediate = answer["certificate"].as_str().unwrap();
+    std::fs::write(&bundle, transport_ca.clone() + intermediate).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("TLS settings not reloaded").await;
+    let issued = format!(
+        "was issued by the root (root.certificate {})",
+        file("root-cert.pem")
+    );
+    assert!(line.contains(&in_file) && line.contains(&issued), "{line}");
+    refused_by_check(&issued);
+    assert_still_issues(&client, &signer).await;
+
+    // The next root in the bundle before it is announced is no mesh root yet; announcing
+    // it then is refused by name, the rules in force kept.
+    std::fs::write(
+        &bundle,
+        transport_ca + &std::fs::read_to_string(&next_root).unwrap(),
+    )
+    .unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("SIGHUP: TLS settings reloaded").await;
+    signer.wait_for_nth_log("SIGHUP: rules reloaded", 2).await;
+    env.announce_next_root(Some("next-root-cert.pem"));
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("SIGHUP: rules not reloaded").await;
+    let next = format!(
+        "has the public key of the next root (root.next_certificate {})",
+        file("next-root-cert.pem")
+    );
+    assert!(line.contains(&in_file) && line.contains(&next), "{line}");
+    refused_by_check(&next);
+    let client = env.client("cluster-a");
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metrics.contains("meshca_rules_last_reload_successful 0"),
+        "{metrics}"
+    );
+}

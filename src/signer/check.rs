@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
-use super::server::{StartError, load_root, read_pin, serving_tls, start_backend};
+use super::server::{StartError, load_root, mesh_roots, read_pin, serving_tls, start_backend};
 use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendSettings, SignerConfig};
 use crate::pki::keys::PublicKeyKind;
@@ -46,7 +46,9 @@ pub struct CheckReport {
 /// place. Secrets are read and dropped, never shown. `now` dates the expiry warnings.
 pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, StartError> {
     let root = load_root(config)?;
-    let tls = serving_tls(config)?;
+    let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
+        .map_err(crate::tlsutil::TlsError::from)?;
+    let tls = serving_tls(config, &roots)?;
     let backend = check_backend(config)?;
     let (audit_log, torn_tail, audit_mode) = check_audit_log(&config.audit_log)?;
 

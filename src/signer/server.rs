@@ -26,12 +26,14 @@ use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::{Pkcs11Backend, TokenError};
 use crate::backend::vault::VaultBackend;
-use crate::config::{Announcement, BackendSettings, ConfigError, RootSettings, SignerConfig};
+use crate::config::{
+    AnnouncedRoot, Announcement, BackendSettings, ConfigError, RootSettings, SignerConfig,
+};
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
-    CrlNextUpdate, CrlOverdue, MaterialFingerprint, SupersededCrl, TlsError, client_identity,
-    server_config,
+    ClientCaError, CrlNextUpdate, CrlOverdue, MaterialFingerprint, MeshRoot, SupersededCrl,
+    TlsError, check_client_ca_apart_from_mesh, client_identity, server_config,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,37 @@ pub fn check_announced_roots(root: &RootCa, settings: &RootSettings) -> Result<(
     Ok(())
 }
 
+/// The mesh roots a client CA must be apart from: the root in force (`root_path`, as the
+/// config names it) and the announced ones.
+pub(super) fn mesh_roots<'a>(
+    root: &RootCa,
+    root_path: &std::path::Path,
+    announced: impl Iterator<Item = &'a AnnouncedRoot>,
+) -> Result<Vec<MeshRoot>, ClientCaError> {
+    let mut roots = vec![MeshRoot {
+        name: format!("the root (root.certificate {})", root_path.display()),
+        certificate: root.certificate.clone(),
+    }];
+    for announced in announced {
+        let name = format!(
+            "the {} ({} {})",
+            announced.announcement.name(),
+            announced.announcement.key(),
+            announced.path.display()
+        );
+        // Read and checked as one certificate when the config was loaded.
+        let certificate = crate::pki::pem::decode_certificates(&announced.pem)
+            .ok()
+            .and_then(|certs| certs.into_iter().next())
+            .ok_or_else(|| ClientCaError::UnusableRoot {
+                root: name.clone(),
+                message: "its certificate no longer parses".into(),
+            })?;
+        roots.push(MeshRoot { name, certificate });
+    }
+    Ok(roots)
+}
+
 /// Warns of each announced root that has ended. It stays announced (the agents skip it,
 /// and `MeshcaNextRootExpiresSoon` keeps firing for a next root), and a start or reload
 /// does not fail because time passed; the log says why the agents no longer add it.
@@ -143,6 +176,8 @@ pub enum ReloadError {
     RootTooWeak(String),
     #[error("{0}")]
     AnnouncedRoot(String),
+    #[error(transparent)]
+    ClientCa(#[from] ClientCaError),
     #[error("the audit log cannot record the change, so it is not applied: {0}")]
     Audit(#[from] super::audit::AuditError),
 }
@@ -205,13 +240,19 @@ pub(super) struct ServingTls {
     pub(super) crl_next_updates: Vec<CrlNextUpdate>,
     pub(super) superseded_crls: Vec<SupersededCrl>,
     pub(super) client_ca_crl_problems: Vec<String>,
+    /// The client CA certificates: a reload of the rules checks them against the roots
+    /// it announces.
+    client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     fingerprint: MaterialFingerprint,
 }
 
 /// Fresh settings from the config's TLS files (read at start, again on reload, and by
-/// `serve --check`).
-pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError> {
+/// `serve --check`), the client CA apart from `mesh_roots`.
+pub(super) fn serving_tls(
+    config: &SignerConfig,
+    mesh_roots: &[MeshRoot],
+) -> Result<ServingTls, TlsError> {
     let tls = server_config(
         &config.tls_cert,
         &config.tls_key,
@@ -219,6 +260,7 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
         &config.client_crls,
         config.client_crl_overdue,
     )?;
+    check_client_ca_apart_from_mesh(&config.client_ca, &tls.client_cas, mesh_roots)?;
     Ok(ServingTls {
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
         certificate_not_after: tls.certificate_not_after,
@@ -226,6 +268,7 @@ pub(super) fn serving_tls(config: &SignerConfig) -> Result<ServingTls, TlsError>
         crl_next_updates: tls.crl_next_updates,
         superseded_crls: tls.superseded_crls,
         client_ca_crl_problems: tls.client_ca_crl_problems,
+        client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
     })
 }
@@ -319,6 +362,13 @@ impl RunningSigner {
         let root = self.state.backend.root();
         check_root_strength(&root.key_kind, &read.policies).map_err(ReloadError::RootTooWeak)?;
         check_announced_roots(root, &read.root).map_err(ReloadError::AnnouncedRoot)?;
+        // The client CA in force must be apart from a root announced now too.
+        let roots = mesh_roots(root, &self.config.root.certificate, read.root.announced())?;
+        check_client_ca_apart_from_mesh(
+            &self.config.client_ca,
+            &self.tls.borrow().client_cas,
+            &roots,
+        )?;
         let in_force = self.state.rules();
         let rules = Rules::reloaded(&read, &in_force);
         let change = RulesChange::between(&in_force, &rules);
@@ -353,7 +403,15 @@ impl RunningSigner {
     /// connection; if nothing changed, connections stay open. On an error the previous
     /// settings stay in force.
     pub fn reload_tls(&self) -> Result<TlsReload, TlsError> {
-        match serving_tls(&self.config) {
+        let rules = self.state.rules();
+        let read = mesh_roots(
+            self.state.backend.root(),
+            &self.config.root.certificate,
+            rules.announced_roots(),
+        )
+        .map_err(TlsError::from)
+        .and_then(|roots| serving_tls(&self.config, &roots));
+        match read {
             Ok(read) => {
                 let certificate_not_after = read.certificate_not_after;
                 client_trust_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
@@ -440,7 +498,9 @@ pub async fn start(
 ) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
     let root = load_root(&config)?;
-    let tls = serving_tls(&config)?;
+    let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
+        .map_err(TlsError::from)?;
+    let tls = serving_tls(&config, &roots)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate_not_after);
     client_trust_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
@@ -685,6 +745,7 @@ fn handshake_refused(
             reason,
             error,
             client,
+            advice = crate::tlsutil::handshake_refusal_advice(reason),
             not_logged_since_last = not_logged,
             "TLS handshake refused"
         );

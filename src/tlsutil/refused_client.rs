@@ -1,18 +1,30 @@
-//! Who a refused client said it was. rustls hands the server nothing of a client
-//! certificate it refused, so the log of a refused handshake could name only the peer's
-//! address, which for agents behind one NAT names no cluster. The client verifier is
-//! wrapped to note, for the handshake under way, the identity, serial and notAfter of a
-//! certificate it refuses.
+//! Who a refused client said it was, and whether that is known. rustls hands the server
+//! nothing of a client certificate it refused, so the log of a refused handshake could
+//! name only the peer's address, which for agents behind one NAT names no cluster. The
+//! client verifier is wrapped to note, for the handshake under way, the identity, serial
+//! and notAfter of a certificate it refuses, and whether its chain was shown to lead to
+//! `client_ca`: anyone who can reach the port can present a certificate naming any
+//! client.
+//!
+//! A refusal for a date is asked again at a time the chain is valid. webpki checks each
+//! certificate's dates before it looks for the certificate's issuer, and of the chains it
+//! tried it reports the date error over "unknown issuer": a self-signed certificate that
+//! has expired would otherwise be refused as `client_certificate_expired`, named by the
+//! client it claims to be, firing the alert and using up that reason's log lines.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use der::Decode;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use x509_cert::Certificate;
 
 tokio::task_local! {
@@ -31,22 +43,199 @@ pub async fn accept_noting_refused_client<F: Future>(handshake: F) -> (F::Output
         .await
 }
 
-/// A client verifier that notes what it refuses (see the module's comment); it decides
-/// nothing itself.
+/// A client verifier that decides as webpki does with the client CAs and CRLs, and notes
+/// what it refuses (see the module's comment). The other two verifiers only explain a
+/// refusal; they never let a certificate through.
 #[derive(Debug)]
-pub struct NotingVerifier(pub Arc<dyn ClientCertVerifier>);
+pub struct NotingVerifier {
+    deciding: Arc<dyn ClientCertVerifier>,
+    /// The same client CAs and CRLs, a CRL's nextUpdate not enforced (only a chain's own
+    /// dates are set aside when asking again, not how fresh the CRLs are now).
+    dates_aside: Arc<dyn ClientCertVerifier>,
+    /// The same client CAs, no CRLs: whether a certificate refused for its revocation
+    /// status chains to them at all. webpki checks each certificate of a path against the
+    /// CRLs right after its signature, so a revoked (or unlisted) intermediate is reported
+    /// before the end entity's signature is checked.
+    revocation_aside: Arc<dyn ClientCertVerifier>,
+}
+
+impl NotingVerifier {
+    /// Client certificates must chain to `client_cas` and not be revoked by `crls`; with
+    /// `enforce_crl_next_update`, a CRL past its nextUpdate refuses the certificates it
+    /// covers.
+    pub fn new(
+        client_cas: Arc<RootCertStore>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+        enforce_crl_next_update: bool,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, VerifierBuilderError> {
+        let builder =
+            || WebPkiClientVerifier::builder_with_provider(client_cas.clone(), provider.clone());
+        let mut deciding = builder().with_crls(crls.clone());
+        if enforce_crl_next_update {
+            deciding = deciding.enforce_revocation_expiration();
+        }
+        Ok(NotingVerifier {
+            deciding: deciding.build()?,
+            dates_aside: builder().with_crls(crls).build()?,
+            revocation_aside: builder().build()?,
+        })
+    }
+
+    /// What a refused certificate is refused with, and whether its chain was shown to lead
+    /// to a client CA.
+    fn explain(
+        &self,
+        error: rustls::Error,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Refusal {
+        if !is_date_error(&error) {
+            return self.refusal_at(error, end_entity, intermediates, now);
+        }
+        let Some(valid_at) = time_the_chain_is_valid(end_entity, intermediates) else {
+            return Refusal::unverified(DateRecheckError::NoValidityPeriod.into());
+        };
+        match self
+            .dates_aside
+            .verify_client_cert(end_entity, intermediates, valid_at)
+        {
+            // The chain leads to a client CA, revocation included: the date is the reason.
+            Ok(_) => Refusal {
+                error,
+                chains_to_client_ca: true,
+            },
+            // A date again: of another certificate than the end entity (valid at
+            // `valid_at`), one whose dates match no time the rest is valid at. No chain
+            // valid at one time leads to a client CA.
+            Err(again) if is_date_error(&again) => {
+                Refusal::unverified(CertificateError::UnknownIssuer.into())
+            }
+            Err(again) => self.refusal_at(again, end_entity, intermediates, valid_at),
+        }
+    }
+
+    /// `error` as the refusal, verified only for a revocation status (the only errors
+    /// webpki finds on a path that reached a client CA) and only if the chain leads to a
+    /// client CA at `at` when CRLs are not consulted.
+    fn refusal_at(
+        &self,
+        error: rustls::Error,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        at: UnixTime,
+    ) -> Refusal {
+        let chains_to_client_ca = is_revocation_error(&error)
+            && self
+                .revocation_aside
+                .verify_client_cert(end_entity, intermediates, at)
+                .is_ok();
+        Refusal {
+            error,
+            chains_to_client_ca,
+        }
+    }
+}
+
+/// Why a certificate was refused, and whether its chain was shown to lead to a client CA
+/// (else the identity it names is only claimed).
+struct Refusal {
+    error: rustls::Error,
+    chains_to_client_ca: bool,
+}
+
+impl Refusal {
+    fn unverified(error: rustls::Error) -> Self {
+        Refusal {
+            error,
+            chains_to_client_ca: false,
+        }
+    }
+}
+
+/// A refusal made when asking again at a time the chain is valid.
+#[derive(Debug, thiserror::Error)]
+enum DateRecheckError {
+    #[error(
+        "the certificate is valid at no time (its notAfter is before its notBefore, or its dates do not parse)"
+    )]
+    NoValidityPeriod,
+}
+
+impl From<DateRecheckError> for rustls::Error {
+    fn from(e: DateRecheckError) -> Self {
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+    }
+}
+
+/// A certificate of the chain is expired or not yet valid (rustls reports a certificate
+/// whose notBefore is after its notAfter as expired too).
+fn is_date_error(error: &rustls::Error) -> bool {
+    matches!(
+        error,
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. }
+        )
+    )
+}
+
+/// What only a CRL check finds, on a path already found to lead to a client CA.
+fn is_revocation_error(error: &rustls::Error) -> bool {
+    matches!(
+        error,
+        rustls::Error::InvalidCertificate(
+            CertificateError::Revoked
+                | CertificateError::UnknownRevocationStatus
+                | CertificateError::ExpiredRevocationList
+                | CertificateError::ExpiredRevocationListContext { .. }
+        )
+    )
+}
+
+/// A time at which the end entity is valid, and every intermediate presented too if there
+/// is such a time (the latest notBefore): an issuer was valid when it issued. A client may
+/// send an extra certificate whose dates match no other; then only the end entity's count.
+/// None if the end entity is valid at no time.
+fn time_the_chain_is_valid(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> Option<UnixTime> {
+    let end_entity = validity(end_entity).filter(|(from, to)| from <= to)?;
+    let all = intermediates
+        .iter()
+        .filter_map(|der| validity(der))
+        .fold(end_entity, |(from, to), (other_from, other_to)| {
+            (from.max(other_from), to.min(other_to))
+        });
+    let (from, _) = if all.0 <= all.1 { all } else { end_entity };
+    Some(UnixTime::since_unix_epoch(from))
+}
+
+/// notBefore and notAfter, from the Unix epoch.
+fn validity(der: &[u8]) -> Option<(Duration, Duration)> {
+    let cert = Certificate::from_der(der).ok()?;
+    let validity = cert.tbs_certificate().validity();
+    Some((
+        validity.not_before.to_unix_duration(),
+        validity.not_after.to_unix_duration(),
+    ))
+}
 
 impl ClientCertVerifier for NotingVerifier {
     fn offer_client_auth(&self) -> bool {
-        self.0.offer_client_auth()
+        self.deciding.offer_client_auth()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.0.client_auth_mandatory()
+        self.deciding.client_auth_mandatory()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.0.root_hint_subjects()
+        self.deciding.root_hint_subjects()
     }
 
     fn verify_client_cert(
@@ -55,15 +244,20 @@ impl ClientCertVerifier for NotingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verdict = self.0.verify_client_cert(end_entity, intermediates, now);
-        if verdict.is_err() {
-            // Outside a handshake run by `accept_noting_refused_client` there is nowhere
-            // to note it, and nothing to do.
-            let _ = REFUSED.try_with(|refused| {
-                refused.replace(Some(describe(end_entity)));
-            });
-        }
-        verdict
+        let error = match self
+            .deciding
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(verified) => return Ok(verified),
+            Err(error) => error,
+        };
+        let refusal = self.explain(error, end_entity, intermediates, now);
+        // Outside a handshake run by `accept_noting_refused_client` there is nowhere to
+        // note it, and nothing to do.
+        let _ = REFUSED.try_with(|refused| {
+            refused.replace(Some(describe(end_entity, refusal.chains_to_client_ca)));
+        });
+        Err(refusal.error)
     }
 
     fn verify_tls12_signature(
@@ -72,7 +266,7 @@ impl ClientCertVerifier for NotingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.deciding.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -81,23 +275,24 @@ impl ClientCertVerifier for NotingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.deciding.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.deciding.supported_verify_schemes()
     }
 
     fn requires_raw_public_keys(&self) -> bool {
-        self.0.requires_raw_public_keys()
+        self.deciding.requires_raw_public_keys()
     }
 }
-
 /// Longest identity written: anyone who can reach the port can present a certificate.
 const IDENTITY_LIMIT: usize = 256;
 
-/// `identity <id>, serial <hex>, notAfter <time>` of a refused certificate.
-fn describe(der: &[u8]) -> String {
+/// `identity <id>, serial <hex>, notAfter <time>` of a refused certificate whose chain leads
+/// to a client CA; `claimed identity <id> (unverified), ...` of one not shown to (anyone
+/// can put any identity in a certificate of their own).
+fn describe(der: &[u8], chains_to_client_ca: bool) -> String {
     let Ok(cert) = Certificate::from_der(der) else {
         return "a certificate that does not parse".into();
     };
@@ -105,9 +300,14 @@ fn describe(der: &[u8]) -> String {
         Some(id) => crate::logging::clip(&id, IDENTITY_LIMIT),
         None => "none".into(),
     };
+    let identity = if chains_to_client_ca {
+        format!("identity {identity}")
+    } else {
+        format!("claimed identity {identity} (unverified)")
+    };
     let tbs = cert.tbs_certificate();
     format!(
-        "identity {identity}, serial {}, notAfter {}",
+        "{identity}, serial {}, notAfter {}",
         crate::pki::csr::hex(tbs.serial_number().as_bytes()),
         crate::signer::audit::rfc3339(tbs.validity().not_after.to_system_time()),
     )
@@ -138,7 +338,7 @@ mod tests {
             bundle.ca_cert.as_bytes(),
         )
         .unwrap();
-        let described = describe(&der);
+        let described = describe(&der, true);
         // No SAN: the identity is the CN, as for a client the signer serves.
         assert!(
             described.starts_with("identity cluster-a, serial "),
@@ -148,6 +348,12 @@ mod tests {
             described.ends_with(", notAfter 2033-05-18T03:33:20.000Z"),
             "{described}"
         );
-        assert_eq!(describe(b"junk"), "a certificate that does not parse");
+        // Not shown to chain to a client CA: only claimed.
+        let claimed = describe(&der, false);
+        assert!(
+            claimed.starts_with("claimed identity cluster-a (unverified), serial "),
+            "{claimed}"
+        );
+        assert_eq!(describe(b"junk", true), "a certificate that does not parse");
     }
 }
