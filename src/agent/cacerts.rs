@@ -80,35 +80,45 @@ fn write_bundle_with(
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
-        .create(dir)?;
+        .create(dir)
+        .map_err(at(dir))?;
     let previous = fs::read_link(dir.join(DATA_LINK)).ok();
 
-    let version = new_version_dir(dir)?;
-    let filled = entries(files)
+    let version = new_version_dir(dir).map_err(at(dir))?;
+    let Some(version_name) = version.file_name().map(PathBuf::from) else {
+        let _ = fs::remove_dir_all(&version);
+        return Err(io::Error::other("version directory has no name"));
+    };
+    let swapped = entries(files)
         .into_iter()
         .try_for_each(|(name, contents, mode)| {
-            write_file(&version.join(name), contents.as_bytes(), mode)
+            let path = version.join(name);
+            write_file(&path, contents.as_bytes(), mode).map_err(at(&path))
         })
-        .and_then(|()| sync_dir(&version));
-    if let Err(e) = filled {
-        // Nothing refers to it yet: take its key away with it rather than leave a signed
+        .and_then(|()| sync_dir(&version).map_err(at(&version)))
+        .and_then(|()| replace_with_symlink(dir, DATA_LINK, &version_name));
+    if let Err(e) = swapped {
+        // Nothing refers to it: take its key away with it rather than leave a signed
         // intermediate's key behind at each failed pass.
         let _ = fs::remove_dir_all(&version);
         return Err(e);
     }
 
-    let version_name = version
-        .file_name()
-        .map(PathBuf::from)
-        .ok_or_else(|| io::Error::other("version directory has no name"))?;
-    replace_with_symlink(dir, DATA_LINK, &version_name)?;
+    // The new set is in force from here: a name that cannot be made a link (a directory
+    // in its place, a file mounted over it) still leaves the other names linked, the old
+    // version directory and the leftovers removed, and its error returned.
+    let mut first_error = None;
     for (name, _, _) in entries(files) {
         let target = Path::new(DATA_LINK).join(name);
-        if fs::read_link(dir.join(name)).ok().as_deref() != Some(target.as_path()) {
-            replace_with_symlink(dir, name, &target)?;
+        if fs::read_link(dir.join(name)).ok().as_deref() != Some(target.as_path())
+            && let Err(e) = replace_with_symlink(dir, name, &target)
+        {
+            first_error.get_or_insert(e);
         }
     }
-    sync_dir(dir)?;
+    if let Err(e) = sync_dir(dir) {
+        first_error.get_or_insert(at(dir)(e));
+    }
 
     if let Some(old) = previous
         && old != version_name
@@ -118,7 +128,13 @@ fn write_bundle_with(
         let _ = fs::remove_dir_all(dir.join(old));
     }
     remove_leftovers(dir, &version_name);
-    Ok(())
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Puts the path into an I/O error: "cannot write DIR: Is a directory" would not say
+/// which of the names in DIR failed.
+fn at(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// Removes what a process killed between creating a version directory and the swap left
@@ -202,12 +218,17 @@ fn new_version_dir(dir: &Path) -> io::Result<PathBuf> {
     Err(io::Error::other("cannot create a unique version directory"))
 }
 
-/// Atomically makes `dir/name` a symlink to `target` (whatever was there before).
+/// Atomically makes `dir/name` a symlink to `target` (whatever was there before but a
+/// directory). The error names the path that failed; the temporary link is not left behind.
 fn replace_with_symlink(dir: &Path, name: &str, target: &Path) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    fs::rename(&tmp, dir.join(name))
+    std::os::unix::fs::symlink(target, &tmp).map_err(at(&tmp))?;
+    let path = dir.join(name);
+    fs::rename(&tmp, &path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        at(&path)(e)
+    })
 }
 
 #[cfg(test)]
@@ -333,6 +354,58 @@ mod tests {
         assert!(err.to_string().contains("no space left"), "{err}");
         assert_eq!(names_in(dir.path()), before);
         assert_eq!(read_bundle(dir.path()).unwrap(), files("one"));
+    }
+
+    /// meshca's version directories and temporary links in `dir`.
+    fn meshca_names_in(dir: &Path) -> Vec<String> {
+        names_in(dir)
+            .into_iter()
+            .filter(|n| is_meshca_version_name(n) || is_temporary_link_name(n))
+            .collect()
+    }
+
+    #[test]
+    fn a_data_link_that_cannot_be_replaced_leaves_no_version_directory_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // Another tool's directory where the link goes: the rename onto it fails.
+        fs::create_dir(dir.path().join(DATA_LINK)).unwrap();
+        for _ in 0..3 {
+            let err = write_bundle(dir.path(), &files("one")).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(&dir.path().join(DATA_LINK).display().to_string()),
+                "{message}"
+            );
+            assert_eq!(meshca_names_in(dir.path()), Vec::<String>::new());
+        }
+        assert_eq!(names_in(dir.path()), [DATA_LINK]);
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_linked_after_the_swap_is_named_and_the_rest_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bundle(dir.path(), &files("one")).unwrap();
+        // A directory where ca-cert.pem's link goes.
+        fs::remove_file(dir.path().join(CA_CERT)).unwrap();
+        fs::create_dir(dir.path().join(CA_CERT)).unwrap();
+        for pass in ["two", "three"] {
+            let err = write_bundle(dir.path(), &files(pass)).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(&dir.path().join(CA_CERT).display().to_string()),
+                "{message}"
+            );
+            // Only the version directory in force is left, and no temporary link.
+            let current = fs::read_link(dir.path().join(DATA_LINK)).unwrap();
+            assert_eq!(
+                meshca_names_in(dir.path()),
+                [current.to_string_lossy().into_owned()]
+            );
+            assert_eq!(
+                fs::read_to_string(dir.path().join(CA_KEY)).unwrap(),
+                format!("key {pass}\n")
+            );
+        }
     }
 
     #[test]
