@@ -82,6 +82,11 @@ fn write_bundle_with(
         .mode(0o755)
         .create(dir)
         .map_err(at(dir))?;
+    // One writer at a time (the agent and a `meshca request` beside it): another's cleanup
+    // would remove this write's version directory as a leftover, before or after its swap.
+    // Released when the file closes, also when the process dies.
+    let lock = fs::File::open(dir).map_err(at(dir))?;
+    lock.lock().map_err(at(dir))?;
     let previous = fs::read_link(dir.join(DATA_LINK)).ok();
 
     let version = new_version_dir(dir).map_err(at(dir))?;
@@ -406,6 +411,36 @@ mod tests {
                 format!("key {pass}\n")
             );
         }
+    }
+
+    #[test]
+    fn a_second_writer_waits_for_the_first_instead_of_removing_its_version_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().to_path_buf();
+        write_bundle(&target, &files("one")).unwrap();
+        let (done, second_finished) = std::sync::mpsc::channel();
+        let second = std::cell::RefCell::new(None);
+        // While the first write fills its version directory, a second one runs (another
+        // process, as far as the lock is concerned: it opens the directory itself).
+        let interleaved = |path: &Path, contents: &[u8], mode: u32| {
+            if path.ends_with(CA_KEY) {
+                let target = target.clone();
+                let done = done.clone();
+                *second.borrow_mut() = Some(std::thread::spawn(move || {
+                    let written = write_bundle(&target, &files("three"));
+                    let _ = done.send(());
+                    written
+                }));
+                // Bounded: with the lock the second write cannot finish before this one.
+                let _ = second_finished.recv_timeout(std::time::Duration::from_secs(2));
+            }
+            write_atomic(path, contents, mode)
+        };
+        write_bundle_with(&target, &files("two"), interleaved).unwrap();
+        let second = second.borrow_mut().take().unwrap();
+        second.join().unwrap().unwrap();
+        assert_eq!(read_bundle(&target).unwrap(), files("three"));
+        assert_eq!(meshca_names_in(&target).len(), 1);
     }
 
     #[test]
