@@ -142,9 +142,58 @@ fn at(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
     move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// Bytes the write probe writes: more than a bundle's four files take (a few kilobytes,
+/// a root bundle during a root change a few more).
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Prefix of the write probe's temporary directory.
+const PROBE_PREFIX: &str = ".meshca-probe-";
+
+/// Whether a bundle could be written into `dir` now, found out before the signer is asked
+/// for one: an intermediate that cannot be written would be signed (and audited) for
+/// nothing at every retry. `dir` is created as a write would create it (an empty directory
+/// reads as nothing installed); a temporary directory with a file of [`PROBE_BYTES`] in
+/// it is written, synced and removed (a read-only, full or unwritable target fails here);
+/// and none of the names a write replaces may be a directory (a rename onto one fails).
+/// The error names the path that failed. Faults only the write itself can meet (a file
+/// mounted over a name, an immutable file) are still met after the signature.
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    use std::io::Write;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(at(dir))?;
+    for name in [DATA_LINK, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT] {
+        let path = dir.join(name);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                format!(
+                    "{}: a directory, which the link meshca writes cannot replace (remove it)",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let probe = tempfile::Builder::new()
+        .prefix(PROBE_PREFIX)
+        .tempdir_in(dir)
+        .map_err(at(dir))?;
+    let file_path = probe.path().join("probe");
+    fs::File::create(&file_path)
+        .and_then(|mut file| {
+            file.write_all(&vec![0u8; PROBE_BYTES])?;
+            file.sync_all()
+        })
+        .map_err(at(&file_path))?;
+    let probe_path = probe.path().to_path_buf();
+    probe.close().map_err(at(&probe_path))
+}
+
 /// Removes what a process killed between creating a version directory and the swap left
-/// behind: meshca's other version directories (each may hold a signed intermediate's key)
-/// and its temporary links. Best effort; nothing another tool named is touched.
+/// behind: meshca's other version directories (each may hold a signed intermediate's key),
+/// its temporary links and write probes. Best effort; nothing another tool named is touched.
 fn remove_leftovers(dir: &Path, current: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -155,7 +204,8 @@ fn remove_leftovers(dir: &Path, current: &Path) {
             continue;
         };
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir && is_meshca_version_name(name) && Path::new(name) != current {
+        let is_meshca_dir = is_meshca_version_name(name) || is_probe_name(name);
+        if is_dir && is_meshca_dir && Path::new(name) != current {
             let _ = fs::remove_dir_all(entry.path());
         } else if !is_dir && is_temporary_link_name(name) {
             let _ = fs::remove_file(entry.path());
@@ -171,6 +221,13 @@ fn is_meshca_version_name(name: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let parts: Vec<&str> = rest.split('.').collect();
     matches!(parts[..], [secs, nanos, attempt] if digits(secs) && nanos.len() == 9 && digits(nanos) && digits(attempt))
+}
+
+/// `.meshca-probe-<random>`, as [`check_writable`] names its directory (left behind only
+/// by a process killed while probing).
+fn is_probe_name(name: &str) -> bool {
+    name.strip_prefix(PROBE_PREFIX)
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// `.<name>.tmp-<pid>`, as [`replace_with_symlink`] names them.

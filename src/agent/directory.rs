@@ -15,7 +15,10 @@ use super::rotation::{
     Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RotationSettings,
     TLS_SIGNING_CERT, decide, renewal_held_by_root,
 };
-use super::{AgentError, BundleRequest, RootsPlan, cacerts, check_renewable, obtain_bundle};
+use super::{
+    AgentError, BundleRequest, RootsPlan, cacerts, check_dir_writable, check_renewable,
+    obtain_bundle,
+};
 use crate::pki::bundle::{
     BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
 };
@@ -202,6 +205,9 @@ pub async fn reconcile(
             reason,
             previous_roots,
         } => {
+            // An intermediate the directory could not take would be signed (and audited)
+            // for nothing at each retry.
+            check_dir_writable(&opts.target)?;
             let policy = policy?;
             tracing::info!(reason = %reason, dir = %opts.target.display(), "requesting a new intermediate");
             let obtained = obtain_bundle(

@@ -65,6 +65,8 @@ pub enum AgentError {
     Bundle(#[from] BundleError),
     #[error("cannot write {dir}: {message}")]
     Write { dir: String, message: String },
+    #[error("cannot write {dir}: {message} (nothing was asked of the signer)")]
+    NotWritable { dir: String, message: String },
     #[error("cannot look at {path}: {message} (nothing was asked of the signer)")]
     Look { path: String, message: String },
     #[error("{0} is not meshca's: refusing to overwrite it (set adopt to let meshca replace it)")]
@@ -264,6 +266,14 @@ pub async fn obtain_bundle(
     })
 }
 
+/// [`cacerts::check_writable`]: before the signer is asked for a bundle for `dir`.
+fn check_dir_writable(dir: &std::path::Path) -> Result<(), AgentError> {
+    cacerts::check_writable(dir).map_err(|e| AgentError::NotWritable {
+        dir: dir.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// Fetch policy, generate key, CSR, sign, verify, install: one intermediate.
 pub async fn request_intermediate(
     client: &SignerClient,
@@ -278,6 +288,7 @@ pub async fn request_intermediate(
         Installed::Foreign { root_cert, .. } | Installed::Unreadable { root_cert, .. } => root_cert,
         Installed::Ours(files) => Some(files.root_cert),
     };
+    check_dir_writable(&opts.out_dir)?;
     let policy = client.policy(&opts.virtual_mesh).await?;
     let obtained = obtain_bundle(
         client,
