@@ -13,7 +13,7 @@ use x509_cert::Certificate;
 use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, verify_bundle};
 use crate::pki::keys::KeyType;
 use crate::pki::pem::{certificate_pem, decode_certificates, decode_readable_certificates};
-use crate::pki::profile::is_ca;
+use crate::pki::profile::{bounded_common_name, is_ca};
 use crate::policy::rules::BACKDATE;
 
 /// Default renewal point: two thirds into the lifetime (SPIRE-like, leaves a third of
@@ -308,7 +308,8 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
                 .map(String::from)
         })
         .unwrap_or_default();
-    if cn != desired.mesh_name {
+    // The signer cuts a long mesh name to the CN's bound.
+    if cn != bounded_common_name(&desired.mesh_name) {
         return issue(IssueReason::Mismatch(format!(
             "issued for mesh {cn:?}, the spec names {:?}",
             desired.mesh_name
@@ -950,6 +951,42 @@ mod tests {
         assert!(matches!(
             decide(&Installed::Ours(f.bundle.clone()), &same, f.issued),
             Decision::UpToDate { .. }
+        ));
+    }
+
+    #[test]
+    fn a_mesh_name_longer_than_a_common_name_matches_the_cut_name_the_signer_writes() {
+        let f = fixture();
+        let long = "a".repeat(70);
+        // The signer's subject: the name cut to 64 characters.
+        let bundle = software_bundle(
+            &f.root_key,
+            &f.root,
+            "acme",
+            &long,
+            KeyType::EcdsaP256,
+            f.issued,
+            f.issued + 30 * DAY,
+        );
+        let d = Desired {
+            mesh_name: long.clone(),
+            ..desired(&f)
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(bundle.clone()), &d, f.issued),
+            Decision::UpToDate { .. }
+        ));
+        // Another name of the same length still differs within the first 64.
+        let other = Desired {
+            mesh_name: format!("b{}", &long[1..]),
+            ..desired(&f)
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(bundle), &other, f.issued),
+            Decision::Issue {
+                reason: IssueReason::Mismatch(_),
+                ..
+            }
         ));
     }
 
