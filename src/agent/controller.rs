@@ -494,6 +494,12 @@ impl Controller {
                 let Installed::Ours(files) = &installed else {
                     return Err(ReconcileError::Spec("rewrite without a bundle".into()));
                 };
+                let left_out = super::rotation::roots_left_out(
+                    &files.root_cert,
+                    &root_cert,
+                    &spec.settings.rotation.retired_root_fingerprints,
+                    now,
+                );
                 let files = BundleFiles {
                     root_cert,
                     ..files.clone()
@@ -518,6 +524,7 @@ impl Controller {
                     .apply_secret(&target.namespace, &target.name, &owner, &files)
                     .await?;
                 tracing::info!(request = %owner, "root-cert.pem rewritten (a root the signer announces added, or an old root retired or expired)");
+                super::log_roots_left_out(&left_out);
                 record_bundle(status, &summary, renew_at);
                 renew_at
             }
@@ -589,6 +596,7 @@ impl Controller {
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &obtained.files)
                     .await?;
+                super::log_roots_left_out(&obtained.roots_left_out);
                 let renew_at = super::rotation::renew_at(
                     summary.not_before,
                     summary.not_after,

@@ -197,8 +197,14 @@ pub async fn reconcile(
             let Installed::Ours(mut files) = installed else {
                 return Err(AgentError::Csr("rewrite without a bundle".into()));
             };
-            files.root_cert = root_cert;
+            let replaced = std::mem::replace(&mut files.root_cert, root_cert);
             write(&opts.target, &files)?;
+            super::log_roots_left_out(&super::rotation::roots_left_out(
+                &replaced,
+                &files.root_cert,
+                &opts.retired_roots,
+                now,
+            ));
             Ok(DirOutcome::RootsRewritten { summary, renew_at })
         }
         Decision::Issue {
@@ -226,6 +232,7 @@ pub async fn reconcile(
             )
             .await?;
             write(&opts.target, &obtained.files)?;
+            super::log_roots_left_out(&obtained.roots_left_out);
             let roots_changed = match &installed {
                 Installed::Ours(files) => files.root_cert != obtained.files.root_cert,
                 Installed::Foreign { root_cert, .. } | Installed::Unreadable { root_cert, .. } => {

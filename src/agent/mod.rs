@@ -191,6 +191,9 @@ pub struct Obtained {
     pub files: BundleFiles,
     pub key_type: KeyType,
     pub summary: BundleSummary,
+    /// What the root-cert.pem being replaced held that the new one does not: logged once
+    /// the bundle is written ([`log_roots_left_out`]).
+    pub roots_left_out: Vec<rotation::RootLeftOut>,
 }
 
 /// Generate key, CSR, sign, verify: one intermediate in memory (the key leaves this
@@ -244,6 +247,9 @@ pub async fn obtain_bundle(
         retired,
         now,
     );
+    let roots_left_out = installed
+        .map(|installed| rotation::roots_left_out(installed, &root_cert, retired, now))
+        .unwrap_or_default();
     let files = BundleFiles {
         ca_cert: response.certificate,
         ca_key: key.to_pkcs8_pem()?.to_string(),
@@ -263,7 +269,21 @@ pub async fn obtain_bundle(
         files,
         key_type,
         summary,
+        roots_left_out,
     })
+}
+
+/// Names each certificate the root-cert.pem in place held and the one just written leaves
+/// out ([`rotation::roots_left_out`]): the cluster no longer trusts it.
+pub(crate) fn log_roots_left_out(left_out: &[rotation::RootLeftOut]) {
+    const LEFT_OUT: &str = "a certificate of the root-cert.pem replaced is left out of the new one: the cluster no longer trusts it";
+    for left in left_out {
+        if left.why == rotation::RETIRED {
+            tracing::info!(subject = %left.subject, sha256 = %left.fingerprint, why = left.why, "{LEFT_OUT}");
+        } else {
+            tracing::warn!(subject = %left.subject, sha256 = %left.fingerprint, why = left.why, "{LEFT_OUT}");
+        }
+    }
 }
 
 /// [`cacerts::check_writable`]: before the signer is asked for a bundle for `dir`.
@@ -309,6 +329,7 @@ pub async fn request_intermediate(
         dir: opts.out_dir.display().to_string(),
         message: e.to_string(),
     })?;
+    log_roots_left_out(&obtained.roots_left_out);
     Ok(RequestOutcome {
         key_type: obtained.key_type,
         summary: obtained.summary,
