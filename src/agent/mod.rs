@@ -72,6 +72,10 @@ pub enum AgentError {
     #[error("{0} is not meshca's: refusing to overwrite it (set adopt to let meshca replace it)")]
     Foreign(String),
     #[error(
+        "{what} belongs to meshca request {holder}, which targets it too: refusing to take it over, even with adopt (two requests on one Secret would take it from each other at every pass); point one of them at another Secret, or delete it"
+    )]
+    HeldByAnotherRequest { what: String, holder: String },
+    #[error(
         "{0} holds tls.crt: istiod then reads tls.crt, tls.key and ca.crt (the kubernetes.io/tls layout) instead of ca-cert.pem and the rest, so an intermediate written beside them would never be used; remove tls.crt, tls.key and ca.crt (or the whole target, with adopt for the rest) and meshca writes its own"
     )]
     Shadowed(String),
@@ -84,7 +88,9 @@ impl AgentError {
     /// `outcome` label of `meshca_agent_reconciles_total`.
     pub fn reason(&self) -> &'static str {
         match self {
-            AgentError::Foreign(_) | AgentError::Shadowed(_) => "ForeignSecret",
+            AgentError::Foreign(_)
+            | AgentError::Shadowed(_)
+            | AgentError::HeldByAnotherRequest { .. } => "ForeignSecret",
             AgentError::Client(_) => "SignerError",
             _ => "IssuanceFailed",
         }
