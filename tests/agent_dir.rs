@@ -310,6 +310,53 @@ fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
     assert_valid(&env, &foreign);
 }
 
+#[test]
+fn a_target_that_cannot_be_written_costs_no_signature() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    // A directory where the `..data` link goes (the rename onto it would fail), and a
+    // place where nothing can be created (procfs), both found before the signer is asked.
+    let blocked = env.path("blocked");
+    std::fs::create_dir_all(blocked.join("..data")).unwrap();
+    let uncreatable = PathBuf::from(format!("/proc/sys/meshca-test-{}", std::process::id()));
+    let blocked_data = blocked.join("..data").display().to_string();
+    let uncreatable_name = uncreatable.display().to_string();
+    for (dir, needle) in [
+        (&blocked, blocked_data.as_str()),
+        (&uncreatable, uncreatable_name.as_str()),
+    ] {
+        let request = |dir: &Path| {
+            run(env
+                .meshca()
+                .arg("request")
+                .args(env.signer_flags(&addr, "cluster-a"))
+                .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"])
+                .arg("--out-dir")
+                .arg(dir))
+        };
+        for out in [once(&env, &addr, dir, &[]), request(dir)] {
+            assert!(!out.status.success());
+            let stderr = text(&out.stderr);
+            assert!(
+                stderr.contains("nothing was asked of the signer") && stderr.contains(needle),
+                "{stderr}"
+            );
+        }
+    }
+    let issued = signer
+        .audit_lines()
+        .iter()
+        .filter(|l| l["rule"] == "issued")
+        .count();
+    assert_eq!(issued, 0);
+    let left: Vec<String> = std::fs::read_dir(&blocked)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["..data"]);
+}
+
 /// The address the agent's log says its metrics listener is bound to.
 fn metrics_address(logs: &mpsc::Receiver<serde_json::Value>) -> String {
     std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())

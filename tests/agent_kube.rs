@@ -587,6 +587,58 @@ async fn a_secret_holding_tls_crt_is_left_alone_even_with_adopt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_another_request_holds_is_not_adopted_until_that_request_is_gone() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    // Two requests for one Secret, both saying adopt.
+    let spec = json!({"adopt": true, "restart": {"policy": "never"}});
+    cluster.put_request(&signer.addr.to_string(), spec.clone());
+    let second_path = format!("{VMCSR}/cluster-b");
+    let mut second = request_object(&signer.addr.to_string(), spec);
+    second["metadata"]["name"] = "cluster-b".into();
+    cluster.put(&second_path, second);
+    let issued = || {
+        signer
+            .audit_lines()
+            .iter()
+            .filter(|l| l["rule"] == "issued")
+            .count()
+    };
+    let holder =
+        || cluster.get(SECRET).unwrap()["metadata"]["annotations"]["meshca.dev/owner"].clone();
+
+    // The first takes the free Secret; the second does not take it from the first, pass
+    // after pass, and says who holds it.
+    for _ in 0..2 {
+        cluster.pass().await;
+        assert_eq!(issued(), 1);
+        assert_eq!(holder(), "service-mesh-hub/cluster-a");
+    }
+    let st = cluster.get(&second_path).unwrap()["status"].clone();
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert!(
+        st["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to meshca request service-mesh-hub/cluster-a"),
+        "{st}"
+    );
+    assert_eq!(st["conditions"][0]["reason"], "ForeignSecret");
+    assert_eq!(vmcsr_status(&cluster)["phase"], "Installed");
+
+    // Once the holder is gone the Secret is free to adopt (a new generation of the second
+    // request is tried at once).
+    cluster.fake.remove(&format!("{VMCSR}/cluster-a"));
+    cluster.fake.edit(&second_path, |request| {
+        request["metadata"]["generation"] = 2.into();
+    });
+    cluster.pass().await;
+    assert_eq!(issued(), 2);
+    assert_eq!(holder(), "service-mesh-hub/cluster-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_signer_writes_no_secret_and_reports_the_cause() {
     let env = Env::new();
     let cluster = Cluster::start(&env).await;

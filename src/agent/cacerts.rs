@@ -80,35 +80,50 @@ fn write_bundle_with(
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
-        .create(dir)?;
+        .create(dir)
+        .map_err(at(dir))?;
+    // One writer at a time (the agent and a `meshca request` beside it): another's cleanup
+    // would remove this write's version directory as a leftover, before or after its swap.
+    // Released when the file closes, also when the process dies.
+    let lock = fs::File::open(dir).map_err(at(dir))?;
+    lock.lock().map_err(at(dir))?;
     let previous = fs::read_link(dir.join(DATA_LINK)).ok();
 
-    let version = new_version_dir(dir)?;
-    let filled = entries(files)
+    let version = new_version_dir(dir).map_err(at(dir))?;
+    let Some(version_name) = version.file_name().map(PathBuf::from) else {
+        let _ = fs::remove_dir_all(&version);
+        return Err(io::Error::other("version directory has no name"));
+    };
+    let swapped = entries(files)
         .into_iter()
         .try_for_each(|(name, contents, mode)| {
-            write_file(&version.join(name), contents.as_bytes(), mode)
+            let path = version.join(name);
+            write_file(&path, contents.as_bytes(), mode).map_err(at(&path))
         })
-        .and_then(|()| sync_dir(&version));
-    if let Err(e) = filled {
-        // Nothing refers to it yet: take its key away with it rather than leave a signed
+        .and_then(|()| sync_dir(&version).map_err(at(&version)))
+        .and_then(|()| replace_with_symlink(dir, DATA_LINK, &version_name));
+    if let Err(e) = swapped {
+        // Nothing refers to it: take its key away with it rather than leave a signed
         // intermediate's key behind at each failed pass.
         let _ = fs::remove_dir_all(&version);
         return Err(e);
     }
 
-    let version_name = version
-        .file_name()
-        .map(PathBuf::from)
-        .ok_or_else(|| io::Error::other("version directory has no name"))?;
-    replace_with_symlink(dir, DATA_LINK, &version_name)?;
+    // The new set is in force from here: a name that cannot be made a link (a directory
+    // in its place, a file mounted over it) still leaves the other names linked, the old
+    // version directory and the leftovers removed, and its error returned.
+    let mut first_error = None;
     for (name, _, _) in entries(files) {
         let target = Path::new(DATA_LINK).join(name);
-        if fs::read_link(dir.join(name)).ok().as_deref() != Some(target.as_path()) {
-            replace_with_symlink(dir, name, &target)?;
+        if fs::read_link(dir.join(name)).ok().as_deref() != Some(target.as_path())
+            && let Err(e) = replace_with_symlink(dir, name, &target)
+        {
+            first_error.get_or_insert(e);
         }
     }
-    sync_dir(dir)?;
+    if let Err(e) = sync_dir(dir) {
+        first_error.get_or_insert(at(dir)(e));
+    }
 
     if let Some(old) = previous
         && old != version_name
@@ -118,12 +133,67 @@ fn write_bundle_with(
         let _ = fs::remove_dir_all(dir.join(old));
     }
     remove_leftovers(dir, &version_name);
-    Ok(())
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Puts the path into an I/O error: "cannot write DIR: Is a directory" would not say
+/// which of the names in DIR failed.
+fn at(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Bytes the write probe writes: more than a bundle's four files take (a few kilobytes,
+/// a root bundle during a root change a few more).
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Prefix of the write probe's temporary directory.
+const PROBE_PREFIX: &str = ".meshca-probe-";
+
+/// Whether a bundle could be written into `dir` now, found out before the signer is asked
+/// for one: an intermediate that cannot be written would be signed (and audited) for
+/// nothing at every retry. `dir` is created as a write would create it (an empty directory
+/// reads as nothing installed); a temporary directory with a file of [`PROBE_BYTES`] in
+/// it is written, synced and removed (a read-only, full or unwritable target fails here);
+/// and none of the names a write replaces may be a directory (a rename onto one fails).
+/// The error names the path that failed. Faults only the write itself can meet (a file
+/// mounted over a name, an immutable file) are still met after the signature.
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    use std::io::Write;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(at(dir))?;
+    for name in [DATA_LINK, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT] {
+        let path = dir.join(name);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                format!(
+                    "{}: a directory, which the link meshca writes cannot replace (remove it)",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let probe = tempfile::Builder::new()
+        .prefix(PROBE_PREFIX)
+        .tempdir_in(dir)
+        .map_err(at(dir))?;
+    let file_path = probe.path().join("probe");
+    fs::File::create(&file_path)
+        .and_then(|mut file| {
+            file.write_all(&vec![0u8; PROBE_BYTES])?;
+            file.sync_all()
+        })
+        .map_err(at(&file_path))?;
+    let probe_path = probe.path().to_path_buf();
+    probe.close().map_err(at(&probe_path))
 }
 
 /// Removes what a process killed between creating a version directory and the swap left
-/// behind: meshca's other version directories (each may hold a signed intermediate's key)
-/// and its temporary links. Best effort; nothing another tool named is touched.
+/// behind: meshca's other version directories (each may hold a signed intermediate's key),
+/// its temporary links and write probes. Best effort; nothing another tool named is touched.
 fn remove_leftovers(dir: &Path, current: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -134,7 +204,8 @@ fn remove_leftovers(dir: &Path, current: &Path) {
             continue;
         };
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir && is_meshca_version_name(name) && Path::new(name) != current {
+        let is_meshca_dir = is_meshca_version_name(name) || is_probe_name(name);
+        if is_dir && is_meshca_dir && Path::new(name) != current {
             let _ = fs::remove_dir_all(entry.path());
         } else if !is_dir && is_temporary_link_name(name) {
             let _ = fs::remove_file(entry.path());
@@ -150,6 +221,13 @@ fn is_meshca_version_name(name: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let parts: Vec<&str> = rest.split('.').collect();
     matches!(parts[..], [secs, nanos, attempt] if digits(secs) && nanos.len() == 9 && digits(nanos) && digits(attempt))
+}
+
+/// `.meshca-probe-<random>`, as [`check_writable`] names its directory (left behind only
+/// by a process killed while probing).
+fn is_probe_name(name: &str) -> bool {
+    name.strip_prefix(PROBE_PREFIX)
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// `.<name>.tmp-<pid>`, as [`replace_with_symlink`] names them.
@@ -202,12 +280,17 @@ fn new_version_dir(dir: &Path) -> io::Result<PathBuf> {
     Err(io::Error::other("cannot create a unique version directory"))
 }
 
-/// Atomically makes `dir/name` a symlink to `target` (whatever was there before).
+/// Atomically makes `dir/name` a symlink to `target` (whatever was there before but a
+/// directory). The error names the path that failed; the temporary link is not left behind.
 fn replace_with_symlink(dir: &Path, name: &str, target: &Path) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    fs::rename(&tmp, dir.join(name))
+    std::os::unix::fs::symlink(target, &tmp).map_err(at(&tmp))?;
+    let path = dir.join(name);
+    fs::rename(&tmp, &path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        at(&path)(e)
+    })
 }
 
 #[cfg(test)]
@@ -333,6 +416,88 @@ mod tests {
         assert!(err.to_string().contains("no space left"), "{err}");
         assert_eq!(names_in(dir.path()), before);
         assert_eq!(read_bundle(dir.path()).unwrap(), files("one"));
+    }
+
+    /// meshca's version directories and temporary links in `dir`.
+    fn meshca_names_in(dir: &Path) -> Vec<String> {
+        names_in(dir)
+            .into_iter()
+            .filter(|n| is_meshca_version_name(n) || is_temporary_link_name(n))
+            .collect()
+    }
+
+    #[test]
+    fn a_data_link_that_cannot_be_replaced_leaves_no_version_directory_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // Another tool's directory where the link goes: the rename onto it fails.
+        fs::create_dir(dir.path().join(DATA_LINK)).unwrap();
+        for _ in 0..3 {
+            let err = write_bundle(dir.path(), &files("one")).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(&dir.path().join(DATA_LINK).display().to_string()),
+                "{message}"
+            );
+            assert_eq!(meshca_names_in(dir.path()), Vec::<String>::new());
+        }
+        assert_eq!(names_in(dir.path()), [DATA_LINK]);
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_linked_after_the_swap_is_named_and_the_rest_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bundle(dir.path(), &files("one")).unwrap();
+        // A directory where ca-cert.pem's link goes.
+        fs::remove_file(dir.path().join(CA_CERT)).unwrap();
+        fs::create_dir(dir.path().join(CA_CERT)).unwrap();
+        for pass in ["two", "three"] {
+            let err = write_bundle(dir.path(), &files(pass)).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(&dir.path().join(CA_CERT).display().to_string()),
+                "{message}"
+            );
+            // Only the version directory in force is left, and no temporary link.
+            let current = fs::read_link(dir.path().join(DATA_LINK)).unwrap();
+            assert_eq!(
+                meshca_names_in(dir.path()),
+                [current.to_string_lossy().into_owned()]
+            );
+            assert_eq!(
+                fs::read_to_string(dir.path().join(CA_KEY)).unwrap(),
+                format!("key {pass}\n")
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_writer_waits_for_the_first_instead_of_removing_its_version_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().to_path_buf();
+        write_bundle(&target, &files("one")).unwrap();
+        let (done, second_finished) = std::sync::mpsc::channel();
+        let second = std::cell::RefCell::new(None);
+        // While the first write fills its version directory, a second one runs (another
+        // process, as far as the lock is concerned: it opens the directory itself).
+        let interleaved = |path: &Path, contents: &[u8], mode: u32| {
+            if path.ends_with(CA_KEY) {
+                let target = target.clone();
+                let done = done.clone();
+                *second.borrow_mut() = Some(std::thread::spawn(move || {
+                    let written = write_bundle(&target, &files("three"));
+                    let _ = done.send(());
+                    written
+                }));
+                // Bounded: with the lock the second write cannot finish before this one.
+                let _ = second_finished.recv_timeout(std::time::Duration::from_secs(2));
+            }
+            write_atomic(path, contents, mode)
+        };
+        write_bundle_with(&target, &files("two"), interleaved).unwrap();
+        let second = second.borrow_mut().take().unwrap();
+        second.join().unwrap().unwrap();
+        assert_eq!(read_bundle(&target).unwrap(), files("three"));
+        assert_eq!(meshca_names_in(&target).len(), 1);
     }
 
     #[test]

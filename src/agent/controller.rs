@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::client::{ContactRecord, PublicPolicy, SignerClient, SignerContact};
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use super::election::{Elector, LeaderLoop};
-use super::k8s::{Kube, KubeError, classify_secret};
+use super::k8s::{Kube, KubeError, classify_secret, meshca_owner};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, plan_for,
@@ -265,7 +265,7 @@ impl Controller {
         for request in &requests {
             let wait = match self.backing_off(request) {
                 Some(wait) => wait,
-                None => self.reconcile(request).await,
+                None => self.reconcile(request, &requests).await,
             };
             next = next.min(wait);
         }
@@ -275,9 +275,14 @@ impl Controller {
         Ok(next.max(Duration::from_secs(1)))
     }
 
-    /// Reconciles one request and writes its status when it changed. Returns when to look
-    /// at it again. Errors end up in status (phase Failed, lastError), never lost.
-    pub async fn reconcile(&self, request: &VirtualMeshCertificateSigningRequest) -> Duration {
+    /// Reconciles one request (`all`: every request of the namespace, this one included)
+    /// and writes its status when it changed. Returns when to look at it again. Errors end
+    /// up in status (phase Failed, lastError), never lost.
+    pub async fn reconcile(
+        &self,
+        request: &VirtualMeshCertificateSigningRequest,
+        all: &[VirtualMeshCertificateSigningRequest],
+    ) -> Duration {
         let ns = request.metadata.namespace.clone().unwrap_or_default();
         let name = request.metadata.name.clone().unwrap_or_default();
         let key = request_key(request);
@@ -290,6 +295,7 @@ impl Controller {
         let result = self
             .reconcile_inner(
                 request,
+                all,
                 &mut status,
                 now,
                 &mut new_intermediate,
@@ -389,6 +395,7 @@ impl Controller {
     async fn reconcile_inner(
         &self,
         request: &VirtualMeshCertificateSigningRequest,
+        all: &[VirtualMeshCertificateSigningRequest],
         status: &mut VmcsrStatus,
         now: SystemTime,
         new_intermediate: &mut Option<NewIntermediate>,
@@ -431,6 +438,23 @@ impl Controller {
             .get_secret(&target.namespace, &target.name)
             .await?;
         let installed = classify_secret(secret.as_ref(), &owner);
+        // Adopting a Secret another request holds would have the two take it from each
+        // other at every pass (a new intermediate each time). One that no request here
+        // targets any more (deleted, or pointed elsewhere) is free to adopt; a holder in
+        // another namespace is another agent's, which this one cannot see.
+        if let Some(holder) = secret.as_ref().and_then(meshca_owner)
+            && holder != owner
+            && all.iter().any(|other| {
+                request_key(other) == holder
+                    && other.spec.settings.target.to_ref().as_ref() == Ok(&target)
+            })
+        {
+            return Err(AgentError::HeldByAnotherRequest {
+                what: format!("Secret {target}"),
+                holder: holder.to_string(),
+            }
+            .into());
+        }
         let policy = client
             .policy_for_pass(&virtual_mesh)
             .await
@@ -494,6 +518,12 @@ impl Controller {
                 let Installed::Ours(files) = &installed else {
                     return Err(ReconcileError::Spec("rewrite without a bundle".into()));
                 };
+                let left_out = super::rotation::roots_left_out(
+                    &files.root_cert,
+                    &root_cert,
+                    &spec.settings.rotation.retired_root_fingerprints,
+                    now,
+                );
                 let files = BundleFiles {
                     root_cert,
                     ..files.clone()
@@ -518,6 +548,7 @@ impl Controller {
                     .apply_secret(&target.namespace, &target.name, &owner, &files)
                     .await?;
                 tracing::info!(request = %owner, "root-cert.pem rewritten (a root the signer announces added, or an old root retired or expired)");
+                super::log_roots_left_out(&left_out);
                 record_bundle(status, &summary, renew_at);
                 renew_at
             }
@@ -589,6 +620,7 @@ impl Controller {
                 self.kube
                     .apply_secret(&target.namespace, &target.name, &owner, &obtained.files)
                     .await?;
+                super::log_roots_left_out(&obtained.roots_left_out);
                 let renew_at = super::rotation::renew_at(
                     summary.not_before,
                     summary.not_after,

@@ -15,7 +15,10 @@ use super::rotation::{
     Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RotationSettings,
     TLS_SIGNING_CERT, decide, renewal_held_by_root,
 };
-use super::{AgentError, BundleRequest, RootsPlan, cacerts, check_renewable, obtain_bundle};
+use super::{
+    AgentError, BundleRequest, RootsPlan, cacerts, check_dir_writable, check_renewable,
+    obtain_bundle,
+};
 use crate::pki::bundle::{
     BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
 };
@@ -194,14 +197,23 @@ pub async fn reconcile(
             let Installed::Ours(mut files) = installed else {
                 return Err(AgentError::Csr("rewrite without a bundle".into()));
             };
-            files.root_cert = root_cert;
+            let replaced = std::mem::replace(&mut files.root_cert, root_cert);
             write(&opts.target, &files)?;
+            super::log_roots_left_out(&super::rotation::roots_left_out(
+                &replaced,
+                &files.root_cert,
+                &opts.retired_roots,
+                now,
+            ));
             Ok(DirOutcome::RootsRewritten { summary, renew_at })
         }
         Decision::Issue {
             reason,
             previous_roots,
         } => {
+            // An intermediate the directory could not take would be signed (and audited)
+            // for nothing at each retry.
+            check_dir_writable(&opts.target)?;
             let policy = policy?;
             tracing::info!(reason = %reason, dir = %opts.target.display(), "requesting a new intermediate");
             let obtained = obtain_bundle(
@@ -220,6 +232,7 @@ pub async fn reconcile(
             )
             .await?;
             write(&opts.target, &obtained.files)?;
+            super::log_roots_left_out(&obtained.roots_left_out);
             let roots_changed = match &installed {
                 Installed::Ours(files) => files.root_cert != obtained.files.root_cert,
                 Installed::Foreign { root_cert, .. } | Installed::Unreadable { root_cert, .. } => {

@@ -92,6 +92,21 @@ where
         .map(|_| ())
 }
 
+/// The request (`namespace/name`) a Secret meshca created belongs to: its owner
+/// annotation, when it carries meshca's label.
+pub fn meshca_owner(secret: &Secret) -> Option<&str> {
+    let labels = secret.metadata.labels.as_ref()?;
+    if labels.get(MANAGED_BY).map(String::as_str) != Some(FIELD_MANAGER) {
+        return None;
+    }
+    secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(OWNER)
+        .map(String::as_str)
+}
+
 /// Reads a Secret's four files if it is ours; see [`super::rotation::Installed`].
 pub fn classify_secret(secret: Option<&Secret>, owner: &str) -> Installed {
     let Some(secret) = secret else {

@@ -65,10 +65,16 @@ pub enum AgentError {
     Bundle(#[from] BundleError),
     #[error("cannot write {dir}: {message}")]
     Write { dir: String, message: String },
+    #[error("cannot write {dir}: {message} (nothing was asked of the signer)")]
+    NotWritable { dir: String, message: String },
     #[error("cannot look at {path}: {message} (nothing was asked of the signer)")]
     Look { path: String, message: String },
     #[error("{0} is not meshca's: refusing to overwrite it (set adopt to let meshca replace it)")]
     Foreign(String),
+    #[error(
+        "{what} belongs to meshca request {holder}, which targets it too: refusing to take it over, even with adopt (two requests on one Secret would take it from each other at every pass); point one of them at another Secret, or delete it"
+    )]
+    HeldByAnotherRequest { what: String, holder: String },
     #[error(
         "{0} holds tls.crt: istiod then reads tls.crt, tls.key and ca.crt (the kubernetes.io/tls layout) instead of ca-cert.pem and the rest, so an intermediate written beside them would never be used; remove tls.crt, tls.key and ca.crt (or the whole target, with adopt for the rest) and meshca writes its own"
     )]
@@ -82,7 +88,9 @@ impl AgentError {
     /// `outcome` label of `meshca_agent_reconciles_total`.
     pub fn reason(&self) -> &'static str {
         match self {
-            AgentError::Foreign(_) | AgentError::Shadowed(_) => "ForeignSecret",
+            AgentError::Foreign(_)
+            | AgentError::Shadowed(_)
+            | AgentError::HeldByAnotherRequest { .. } => "ForeignSecret",
             AgentError::Client(_) => "SignerError",
             _ => "IssuanceFailed",
         }
@@ -189,6 +197,9 @@ pub struct Obtained {
     pub files: BundleFiles,
     pub key_type: KeyType,
     pub summary: BundleSummary,
+    /// What the root-cert.pem being replaced held that the new one does not: logged once
+    /// the bundle is written ([`log_roots_left_out`]).
+    pub roots_left_out: Vec<rotation::RootLeftOut>,
 }
 
 /// Generate key, CSR, sign, verify: one intermediate in memory (the key leaves this
@@ -242,6 +253,9 @@ pub async fn obtain_bundle(
         retired,
         now,
     );
+    let roots_left_out = installed
+        .map(|installed| rotation::roots_left_out(installed, &root_cert, retired, now))
+        .unwrap_or_default();
     let files = BundleFiles {
         ca_cert: response.certificate,
         ca_key: key.to_pkcs8_pem()?.to_string(),
@@ -261,6 +275,28 @@ pub async fn obtain_bundle(
         files,
         key_type,
         summary,
+        roots_left_out,
+    })
+}
+
+/// Names each certificate the root-cert.pem in place held and the one just written leaves
+/// out ([`rotation::roots_left_out`]): the cluster no longer trusts it.
+pub(crate) fn log_roots_left_out(left_out: &[rotation::RootLeftOut]) {
+    const LEFT_OUT: &str = "a certificate of the root-cert.pem replaced is left out of the new one: the cluster no longer trusts it";
+    for left in left_out {
+        if left.why == rotation::RETIRED {
+            tracing::info!(subject = %left.subject, sha256 = %left.fingerprint, why = left.why, "{LEFT_OUT}");
+        } else {
+            tracing::warn!(subject = %left.subject, sha256 = %left.fingerprint, why = left.why, "{LEFT_OUT}");
+        }
+    }
+}
+
+/// [`cacerts::check_writable`]: before the signer is asked for a bundle for `dir`.
+fn check_dir_writable(dir: &std::path::Path) -> Result<(), AgentError> {
+    cacerts::check_writable(dir).map_err(|e| AgentError::NotWritable {
+        dir: dir.display().to_string(),
+        message: e.to_string(),
     })
 }
 
@@ -278,6 +314,7 @@ pub async fn request_intermediate(
         Installed::Foreign { root_cert, .. } | Installed::Unreadable { root_cert, .. } => root_cert,
         Installed::Ours(files) => Some(files.root_cert),
     };
+    check_dir_writable(&opts.out_dir)?;
     let policy = client.policy(&opts.virtual_mesh).await?;
     let obtained = obtain_bundle(
         client,
@@ -298,6 +335,7 @@ pub async fn request_intermediate(
         dir: opts.out_dir.display().to_string(),
         message: e.to_string(),
     })?;
+    log_roots_left_out(&obtained.roots_left_out);
     Ok(RequestOutcome {
         key_type: obtained.key_type,
         summary: obtained.summary,

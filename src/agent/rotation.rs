@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 use sha2::Digest;
 use x509_cert::Certificate;
 
-use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, verify_bundle};
+use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, is_self_issued, verify_bundle};
 use crate::pki::keys::KeyType;
 use crate::pki::pem::{certificate_pem, decode_certificates, decode_readable_certificates};
-use crate::pki::profile::is_ca;
+use crate::pki::profile::bounded_common_name;
 use crate::policy::rules::BACKDATE;
 
 /// Default renewal point: two thirds into the lifetime (SPIRE-like, leaves a third of
@@ -308,7 +308,8 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
                 .map(String::from)
         })
         .unwrap_or_default();
-    if cn != desired.mesh_name {
+    // The signer cuts a long mesh name to the CN's bound.
+    if cn != bounded_common_name(&desired.mesh_name) {
         return issue(IssueReason::Mismatch(format!(
             "issued for mesh {cn:?}, the spec names {:?}",
             desired.mesh_name
@@ -410,21 +411,67 @@ pub fn normalize_fingerprint(fp: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// A self-signed CA: what root-cert.pem may carry.
-fn is_root(cert: &Certificate) -> bool {
-    let tbs = cert.tbs_certificate();
-    is_ca(tbs) && tbs.subject() == tbs.issuer()
+/// Whether `cert` is valid at `now`.
+fn is_valid_at(cert: &Certificate, now: SystemTime) -> bool {
+    let validity = cert.tbs_certificate().validity();
+    validity.not_before.to_system_time() <= now && now <= validity.not_after.to_system_time()
 }
 
+/// What root-cert.pem carries on: a root as [`verify_bundle`] takes it beside the anchor
+/// ([`is_self_issued`], whatever its signature algorithm or extensions: what istiod takes),
+/// valid at `now`. One rule, so that a root-cert.pem composed here never fails the check
+/// of the bundle it goes into.
 fn is_usable_root(cert: &Certificate, now: SystemTime) -> bool {
-    let validity = cert.tbs_certificate().validity();
-    is_root(cert)
-        && validity.not_before.to_system_time() <= now
-        && now <= validity.not_after.to_system_time()
+    is_self_issued(cert) && is_valid_at(cert, now)
+}
+
+/// [`RootLeftOut::why`] of a root left out as asked.
+pub const RETIRED: &str = "retired";
+
+/// A certificate of the installed root-cert.pem that the one to write leaves out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootLeftOut {
+    pub subject: String,
+    pub fingerprint: String,
+    pub why: &'static str,
+}
+
+/// The certificates of `installed` that `written` leaves out, each with why ([`compose_root_cert`]'s
+/// rule): what the cluster trusted and will not any more, for the log.
+pub fn roots_left_out(
+    installed: &str,
+    written: &str,
+    retired: &[String],
+    now: SystemTime,
+) -> Vec<RootLeftOut> {
+    let kept = root_fingerprints(written);
+    let retired: Vec<String> = retired.iter().map(|r| normalize_fingerprint(r)).collect();
+    let mut left_out: Vec<RootLeftOut> = Vec::new();
+    for cert in decode_readable_certificates(installed).0 {
+        let fingerprint = fingerprint(&cert);
+        if kept.contains(&fingerprint) || left_out.iter().any(|l| l.fingerprint == fingerprint) {
+            continue;
+        }
+        let why = if !is_self_issued(&cert) {
+            "not self-issued (its issuer is not its subject), so no root"
+        } else if !is_valid_at(&cert, now) {
+            "not valid now"
+        } else if retired.contains(&fingerprint) {
+            RETIRED
+        } else {
+            "not wanted"
+        };
+        left_out.push(RootLeftOut {
+            subject: cert.tbs_certificate().subject().to_string(),
+            fingerprint,
+            why,
+        });
+    }
+    left_out
 }
 
 /// root-cert.pem during and after a root change: the new root(s) first, then every root
-/// of `previous` that is a self-signed CA, still valid at `now` and not retired. So the
+/// of `previous` that is self-issued, still valid at `now` and not retired. So the
 /// new set is a superset of the old one while clusters move (Istio's multi-root rule:
 /// one bundle must contain the other), and once the old root is retired the next set is
 /// a subset. Output is canonical PEM (LF), each root once.
@@ -496,7 +543,7 @@ fn step_toward(wanted: &str, installed: Option<&str>) -> String {
     let installed_roots: Vec<Certificate> = decode_readable_certificates(installed)
         .0
         .into_iter()
-        .filter(is_root)
+        .filter(is_self_issued)
         .collect();
     let installed_fps: Vec<String> = installed_roots.iter().map(fingerprint).collect();
     let adds = wanted_fps.iter().any(|fp| !installed_fps.contains(fp));
@@ -951,6 +998,162 @@ mod tests {
             decide(&Installed::Ours(f.bundle.clone()), &same, f.issued),
             Decision::UpToDate { .. }
         ));
+    }
+
+    #[test]
+    fn a_mesh_name_longer_than_a_common_name_matches_the_cut_name_the_signer_writes() {
+        let f = fixture();
+        let long = "a".repeat(70);
+        // The signer's subject: the name cut to 64 characters.
+        let bundle = software_bundle(
+            &f.root_key,
+            &f.root,
+            "acme",
+            &long,
+            KeyType::EcdsaP256,
+            f.issued,
+            f.issued + 30 * DAY,
+        );
+        let d = Desired {
+            mesh_name: long.clone(),
+            ..desired(&f)
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(bundle.clone()), &d, f.issued),
+            Decision::UpToDate { .. }
+        ));
+        // Another name of the same length still differs within the first 64.
+        let other = Desired {
+            mesh_name: format!("b{}", &long[1..]),
+            ..desired(&f)
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(bundle), &other, f.issued),
+            Decision::Issue {
+                reason: IssueReason::Mismatch(_),
+                ..
+            }
+        ));
+    }
+
+    /// Self-signed roots made by openssl that meshca cannot verify the self-signature of
+    /// (P-521, SHA-1, Ed25519) and a v1 root without extensions, valid for 30 days.
+    fn openssl_roots() -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let days = ["-days", "30", "-nodes"];
+        for (key, extra, name) in [
+            ("ec", &["-pkeyopt", "ec_paramgen_curve:P-521"][..], "p521"),
+            ("rsa:2048", &["-sha1"][..], "sha1"),
+            ("ed25519", &[][..], "ed25519"),
+        ] {
+            let subject = format!("/O=other/CN={name} root");
+            let mut args = vec!["req", "-x509", "-newkey", key, "-keyout"];
+            let key_file = format!("{name}.key");
+            let out_file = format!("{name}.pem");
+            args.extend([key_file.as_str(), "-subj", &subject, "-out", &out_file]);
+            args.extend(extra);
+            args.extend(days);
+            openssl(&args);
+        }
+        // openssl x509 -req -signkey writes a v1 certificate: no extensions at all.
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "v1.key",
+            "-subj",
+            "/O=other/CN=v1 root",
+            "-out",
+            "v1.csr",
+        ]);
+        openssl(&[
+            "x509", "-req", "-in", "v1.csr", "-signkey", "v1.key", "-days", "30", "-out", "v1.pem",
+        ]);
+        ["p521", "sha1", "ed25519", "v1"]
+            .iter()
+            .map(|name| std::fs::read_to_string(dir.path().join(format!("{name}.pem"))).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn adopted_roots_istiod_takes_are_kept_and_the_bundle_they_go_into_verifies() {
+        let f = fixture();
+        // openssl dates its certificates from now: look a little later.
+        let now = f.issued + HOUR;
+        let others = openssl_roots();
+        let adopted = others.concat();
+        let written = root_cert_to_write(
+            &f.root.pem,
+            &AnnouncedRoots::default(),
+            Some(&adopted),
+            &[],
+            now,
+        );
+        let mut expected = vec![f.root.fingerprint_sha256.clone()];
+        expected.extend(others.iter().flat_map(|pem| root_fingerprints(pem)));
+        assert_eq!(root_fingerprints(&written), expected);
+        assert_eq!(roots_left_out(&adopted, &written, &[], now), []);
+        let bundle = BundleFiles {
+            root_cert: written,
+            ..f.bundle.clone()
+        };
+        let summary = verify_bundle(&bundle, None, now).unwrap();
+        assert_eq!(summary.root_fingerprints, expected);
+        // Installed, such a bundle is neither damaged nor rewritten.
+        assert!(matches!(
+            decide(&Installed::Ours(bundle), &desired(&f), now),
+            Decision::UpToDate { .. }
+        ));
+        // What is left out of an adopted root-cert.pem is named: an intermediate is no root,
+        // an expired root no longer trusted, a retired one as asked.
+        let (_old_key, old_root) = software_root(KeyType::EcdsaP384, "acme", DAY);
+        let (_retired_key, retired_root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let later = f.issued + 2 * DAY;
+        // The signer's root is in it already: only drops, done at once (see step_toward).
+        let installed = format!(
+            "{}{}{}{}{}",
+            f.root.pem, others[0], f.bundle.ca_cert, old_root.pem, retired_root.pem
+        );
+        let retired = [retired_root.fingerprint_sha256.clone()];
+        let written = root_cert_to_write(
+            &f.root.pem,
+            &AnnouncedRoots::default(),
+            Some(&installed),
+            &retired,
+            later,
+        );
+        let left: Vec<(String, &str)> = roots_left_out(&installed, &written, &retired, later)
+            .into_iter()
+            .map(|l| (l.subject, l.why))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                (
+                    "CN=cluster-a,O=acme".to_string(),
+                    "not self-issued (its issuer is not its subject), so no root"
+                ),
+                ("CN=test root,O=acme".to_string(), "not valid now"),
+                ("CN=test root,O=acme".to_string(), RETIRED),
+            ]
+        );
     }
 
     #[test]

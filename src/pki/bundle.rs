@@ -61,8 +61,14 @@ pub enum BundleError {
     ChainLink { index: usize, next: usize },
     #[error("the chain does not end at a root in root-cert.pem")]
     NoTrustedRoot,
-    #[error("root-cert.pem: certificate {0} is not a self-signed CA")]
-    BadRoot(usize),
+    #[error(
+        "root-cert.pem: certificate {0} is not self-issued (its issuer is not its subject), so it is no root"
+    )]
+    NotSelfIssued(usize),
+    #[error(
+        "root-cert.pem: the root the chain ends at (certificate {0}) is not a self-signed CA whose signature meshca can verify"
+    )]
+    BadAnchor(usize),
     #[error(
         "{which} is not valid now (valid {not_before} to {not_after}; this machine's clock reads {now}){hint}"
     )]
@@ -156,9 +162,26 @@ fn subject_key_id(cert: &Certificate) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// Verifies a bundle at time `now`. With `expected_root`, the chain must be anchored at
-/// that certificate: trusting it (root-cert.pem holds an announced next root) is not
-/// having moved to it.
+/// Whether `cert` may stand in root-cert.pem beside the root a chain ends at: it was parsed,
+/// and it is self-issued (its subject is its issuer). Nothing more, because istiod asks
+/// nothing more: it puts root-cert.pem into a Go `x509.CertPool`, which takes every
+/// certificate Go can parse, and Go's chain building never checks a root's own signature
+/// (a SHA-1, P-521, Ed25519 or RSA-PSS self-signature, which meshca cannot verify, is
+/// fine) nor a root's basicConstraints (a v1 root, without extensions, anchors a chain).
+/// What must verify is only what a chain uses: the link to its root and that root's
+/// validity, checked by [`verify_bundle`] on the anchor. Self-issued is meshca's own
+/// bound: an intermediate in root-cert.pem would have whatever it signed trusted without
+/// its root, so an adopted one is not carried on.
+pub fn is_self_issued(cert: &Certificate) -> bool {
+    let tbs = cert.tbs_certificate();
+    tbs.subject() == tbs.issuer()
+}
+
+/// Verifies a bundle at time `now`. root-cert.pem's roots need only be self-issued
+/// ([`is_self_issued`]); the one the chain ends at must be a CA whose self-signature
+/// verifies and valid at `now`. With `expected_root`, the chain must be anchored at that
+/// certificate: trusting it (root-cert.pem holds an announced next root) is not having
+/// moved to it.
 pub fn verify_bundle(
     files: &BundleFiles,
     expected_root: Option<&Certificate>,
@@ -186,11 +209,8 @@ pub fn verify_bundle(
     if !same(&chain[0], &ca_cert) {
         return Err(BundleError::ChainStart);
     }
-    for (index, root) in roots.iter().enumerate() {
-        let self_signed_ca = signed_by(root, root) && is_ca(root.tbs_certificate());
-        if !self_signed_ca {
-            return Err(BundleError::BadRoot(index + 1));
-        }
+    if let Some(index) = roots.iter().position(|root| !is_self_issued(root)) {
+        return Err(BundleError::NotSelfIssued(index + 1));
     }
     for index in 0..chain.len() - 1 {
         if !signed_by(&chain[index], &chain[index + 1]) {
@@ -201,10 +221,14 @@ pub fn verify_bundle(
         }
     }
     let top = &chain[chain.len() - 1];
-    let anchor = roots
+    let (anchor_index, anchor) = roots
         .iter()
-        .find(|root| same(root, top) || signed_by(top, root))
+        .enumerate()
+        .find(|(_, root)| same(root, top) || signed_by(top, root))
         .ok_or(BundleError::NoTrustedRoot)?;
+    if !(signed_by(anchor, anchor) && is_ca(anchor.tbs_certificate())) {
+        return Err(BundleError::BadAnchor(anchor_index + 1));
+    }
     if let Some(expected) = expected_root
         && !same(anchor, expected)
     {
@@ -255,6 +279,48 @@ mod tests {
         assert!(
             shown.contains("CERT") && shown.contains("<redacted>"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn only_the_anchor_must_verify_and_every_other_root_be_self_issued() {
+        use crate::pki::keys::KeyType;
+        use crate::pki::pem::certificate_pem;
+        use crate::pki::testing::{software_bundle, software_root};
+        use der::Decode;
+        use std::time::Duration;
+        let hour = Duration::from_secs(3600);
+        let (root_key, root) = software_root(KeyType::EcdsaP256, "org", 24 * hour);
+        let now = SystemTime::now();
+        let files = software_bundle(
+            &root_key,
+            &root,
+            "org",
+            "mesh",
+            KeyType::EcdsaP256,
+            now - Duration::from_secs(300),
+            now + hour,
+        );
+        // Another certificate than a root beside the anchor.
+        let with_intermediate = BundleFiles {
+            root_cert: format!("{}{}", root.pem, files.ca_cert),
+            ..files.clone()
+        };
+        assert_eq!(
+            verify_bundle(&with_intermediate, None, now),
+            Err(BundleError::NotSelfIssued(2))
+        );
+        // The anchor with its self-signature broken (the last byte of its signature).
+        let mut der = root.certificate.to_der().unwrap();
+        *der.last_mut().unwrap() ^= 1;
+        let broken = certificate_pem(&Certificate::from_der(&der).unwrap());
+        let broken_anchor = BundleFiles {
+            root_cert: broken,
+            ..files.clone()
+        };
+        assert_eq!(
+            verify_bundle(&broken_anchor, None, now),
+            Err(BundleError::BadAnchor(1))
         );
     }
 

@@ -67,9 +67,17 @@ pub enum RootError {
     BadSelfSignature,
 }
 
-/// A subject Name `O=<org>, CN=<common name>`, both UTF8String.
+/// The CN a certificate for `name` carries: its first 64 characters (RFC 5280's bound).
+/// Whoever compares a certificate's CN with a mesh name compares it with this: a longer
+/// name would never match, and its intermediate be replaced at every pass.
+pub fn bounded_common_name(name: &str) -> String {
+    name.chars().take(MAX_COMMON_NAME).collect()
+}
+
+/// A subject Name `O=<org>, CN=<common name>` (cut to [`bounded_common_name`]), both
+/// UTF8String.
 pub fn subject_name(org: &str, common_name: &str) -> Result<Name, der::Error> {
-    let common_name: String = common_name.chars().take(MAX_COMMON_NAME).collect();
+    let common_name = bounded_common_name(common_name);
     let mut rdns = RdnSequence::default();
     for (oid, value) in [
         (const_oid::db::rfc4519::O, org),
