@@ -32,6 +32,20 @@ fn request(
         .args(extra))
 }
 
+/// `meshca verify DIR --root ROOT`, ready to run.
+fn verify_with_root(
+    env: &Env,
+    dir: impl AsRef<std::path::Path>,
+    root: impl AsRef<std::path::Path>,
+) -> std::process::Command {
+    let mut cmd = env.meshca();
+    cmd.arg("verify")
+        .arg(dir.as_ref())
+        .arg("--root")
+        .arg(root.as_ref());
+    cmd
+}
+
 #[test]
 fn request_writes_a_bundle_that_verify_and_openssl_accept() {
     let env = Env::new();
@@ -61,13 +75,7 @@ fn request_writes_a_bundle_that_verify_and_openssl_accept() {
         env.root_pem()
     );
 
-    let verified = run_ok(
-        env.meshca()
-            .arg("verify")
-            .arg(&out)
-            .arg("--root")
-            .arg(env.path("root-cert.pem")),
-    );
+    let verified = run_ok(&mut verify_with_root(&env, &out, env.path("root-cert.pem")));
     assert!(text(&verified.stdout).contains("is a valid plugged-in CA bundle"));
     let openssl_out = openssl_verify_bundle(&out);
     assert!(openssl_out.contains("OK"), "{openssl_out}");
@@ -246,12 +254,7 @@ fn verify_rejects_a_bundle_istiod_would_reject() {
 
     // A root from elsewhere is not the expected root.
     let other = Env::new();
-    let out = run(env
-        .meshca()
-        .arg("verify")
-        .arg(&b)
-        .arg("--root")
-        .arg(other.path("root-cert.pem")));
+    let out = run(&mut verify_with_root(&env, &b, other.path("root-cert.pem")));
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("expected root"),
@@ -265,22 +268,11 @@ fn verify_rejects_a_bundle_istiod_would_reject() {
         format!("{roots}{}", other.root_pem()),
     )
     .unwrap();
-    let out = run(env
-        .meshca()
-        .arg("verify")
-        .arg(&b)
-        .arg("--root")
-        .arg(other.path("root-cert.pem")));
+    let out = run(&mut verify_with_root(&env, &b, other.path("root-cert.pem")));
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("not the expected root"), "{stderr}");
-    run_ok(
-        env.meshca()
-            .arg("verify")
-            .arg(&b)
-            .arg("--root")
-            .arg(env.path("root-cert.pem")),
-    );
+    run_ok(&mut verify_with_root(&env, &b, env.path("root-cert.pem")));
 }
 
 #[test]

@@ -52,6 +52,21 @@ fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
 
+/// Destroys the signer's AppRole secret ID in OpenBao (its next login fails); returns it,
+/// for the checks that it is never printed.
+fn destroy_secret_id(env: &Env) -> String {
+    let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
+    env.bao().cli_stdin(
+        &[
+            "write",
+            "auth/approle/role/meshca/secret-id/destroy",
+            "secret_id=-",
+        ],
+        &secret_id,
+    );
+    secret_id
+}
+
 /// Polls `done` every 100 ms; panics with `what` after a generous bound.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -90,15 +105,7 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
     // Revoked again, and the secret ID is gone too: one re-login, which fails, and a
     // clear 503; no retry loop.
     bao.cli_ok(&["write", "-f", "sys/leases/revoke-prefix/auth/approle/"]);
-    let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
-    bao.cli_stdin(
-        &[
-            "write",
-            "auth/approle/role/meshca/secret-id/destroy",
-            "secret_id=-",
-        ],
-        &secret_id,
-    );
+    let secret_id = destroy_secret_id(&env);
     let (status, body) = sign(&env, &signer).await;
     // Before any message prints the answer, which would then hold the secret ID.
     assert!(
@@ -252,15 +259,7 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     };
     assert_eq!(login_failing().await, Some(0));
     // That login will fail: the secret ID is gone.
-    let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
-    env.bao().cli_stdin(
-        &[
-            "write",
-            "auth/approle/role/meshca/secret-id/destroy",
-            "secret_id=-",
-        ],
-        &secret_id,
-    );
+    let secret_id = destroy_secret_id(&env);
     // At most until the token ends: the line must come before.
     let line = signer
         .wait_for_nth_log_within(
@@ -317,15 +316,7 @@ async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
     let login = signer.wait_for_log("logged in to Vault").await;
     assert!(login.contains("\"renewable\":false"), "{login}");
     assert_eq!(sign(&env, &signer).await.0, 200);
-    let secret_id = std::fs::read_to_string(env.path("vault/secret-id")).unwrap();
-    env.bao().cli_stdin(
-        &[
-            "write",
-            "auth/approle/role/meshca/secret-id/destroy",
-            "secret_id=-",
-        ],
-        &secret_id,
-    );
+    let secret_id = destroy_secret_id(&env);
     // The replacement login comes at half the TTL; bounded by the token's end.
     let line = signer
         .wait_for_nth_log_within(

@@ -282,16 +282,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_the_anchor_must_verify_and_every_other_root_be_self_issued() {
+    /// A root of a day and a bundle under it valid from 5 minutes before `now` for an hour.
+    fn bundle_at(now: SystemTime) -> (crate::pki::profile::RootCa, BundleFiles) {
         use crate::pki::keys::KeyType;
-        use crate::pki::pem::certificate_pem;
         use crate::pki::testing::{software_bundle, software_root};
-        use der::Decode;
         use std::time::Duration;
         let hour = Duration::from_secs(3600);
         let (root_key, root) = software_root(KeyType::EcdsaP256, "org", 24 * hour);
-        let now = SystemTime::now();
         let files = software_bundle(
             &root_key,
             &root,
@@ -301,6 +298,15 @@ mod tests {
             now - Duration::from_secs(300),
             now + hour,
         );
+        (root, files)
+    }
+
+    #[test]
+    fn only_the_anchor_must_verify_and_every_other_root_be_self_issued() {
+        use crate::pki::pem::certificate_pem;
+        use der::Decode;
+        let now = SystemTime::now();
+        let (root, files) = bundle_at(now);
         // Another certificate than a root beside the anchor.
         let with_intermediate = BundleFiles {
             root_cert: format!("{}{}", root.pem, files.ca_cert),
@@ -326,21 +332,10 @@ mod tests {
 
     #[test]
     fn a_bundle_outside_its_validity_names_this_clock_and_a_fresh_one_blames_it() {
-        use crate::pki::keys::KeyType;
-        use crate::pki::testing::{software_bundle, software_root};
         use std::time::Duration;
         let hour = Duration::from_secs(3600);
-        let (root_key, root) = software_root(KeyType::EcdsaP256, "org", 24 * hour);
         let now = SystemTime::now();
-        let files = software_bundle(
-            &root_key,
-            &root,
-            "org",
-            "mesh",
-            KeyType::EcdsaP256,
-            now - Duration::from_secs(300),
-            now + hour,
-        );
+        let (_root, files) = bundle_at(now);
         let clock_behind = now - Duration::from_secs(600);
         let early = verify_bundle(&files, None, clock_behind)
             .unwrap_err()
