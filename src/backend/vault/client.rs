@@ -145,6 +145,24 @@ impl Session {
         }
     }
 
+    /// The session after a renewal of `current` that granted `lease`. A lease of 0 for a
+    /// token that had an end means Vault gave no more time, so the token ends now; only a
+    /// token that never had an end (a root token) keeps never ending.
+    fn renewed(current: &Session, lease: Duration, renewable: bool) -> Session {
+        let mut renewed = Session::new(
+            current.token.clone(),
+            lease,
+            renewable,
+            current.issued_lease,
+        );
+        if lease.is_zero() && current.expires_at.is_some() {
+            let now = Instant::now();
+            renewed.refresh_at = Some(now);
+            renewed.expires_at = Some(now);
+        }
+        renewed
+    }
+
     fn due(&self) -> bool {
         self.refresh_at.is_some_and(|at| Instant::now() >= at)
     }
@@ -427,12 +445,7 @@ impl VaultClient {
             .map_err(|e| self.vaultrs_error("POST auth/token/renew-self", e))?;
         let lease = Duration::from_secs(info.lease_duration);
         let can_login = !matches!(self.settings.auth, VaultAuth::Token(_));
-        let renewed = Session::new(
-            current.token.clone(),
-            lease,
-            info.renewable,
-            current.issued_lease,
-        );
+        let renewed = Session::renewed(current, lease, info.renewable);
         if lease < current.issued_lease / 2 {
             if can_login {
                 tracing::info!(
@@ -871,6 +884,20 @@ mod tests {
         assert!(!session.due() && !session.expired());
         let session = Session::new(token, Duration::from_secs(600), true, huge);
         assert!(!session.due() && !session.expired() && session.expires_at.is_some());
+    }
+
+    #[test]
+    fn a_renewal_granting_no_time_ends_the_token_rather_than_making_it_eternal() {
+        let client = offline_client();
+        let token = Arc::new(client.token_client(Secret::new("s.t".into())).unwrap());
+        let minutes = Duration::from_secs(600);
+        let expiring = Session::new(token.clone(), minutes, true, minutes);
+        let renewed = Session::renewed(&expiring, Duration::ZERO, true);
+        assert!(renewed.due() && renewed.expired());
+        // A token that never had an end (a root token) keeps never ending.
+        let eternal = Session::new(token, Duration::ZERO, false, Duration::ZERO);
+        let renewed = Session::renewed(&eternal, Duration::ZERO, false);
+        assert!(!renewed.due() && !renewed.expired());
     }
 
     #[test]
