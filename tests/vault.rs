@@ -312,7 +312,6 @@ async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
     env.bao()
         .cli_ok(&["write", "auth/approle/role/meshca", "token_type=batch"]);
     let signer = env.start_signer();
-    let started = Instant::now();
     let login = signer.wait_for_log("logged in to Vault").await;
     assert!(login.contains("\"renewable\":false"), "{login}");
     assert_eq!(sign(&env, &signer).await.0, 200);
@@ -326,11 +325,8 @@ async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
         )
         .await;
     assert!(line.contains("Vault login (approle) failed"), "{line}");
-    assert!(
-        started.elapsed() < Duration::from_secs(TTL - 2),
-        "too late to see the token sign on ({:?} after the start)",
-        started.elapsed()
-    );
+    // The token in hand (valid for TTL from the login, at half of which the replacement
+    // failed) signs on.
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 200, "{body}");
     // Ready (the metric is set by the readiness check), with the credentials failing.
