@@ -80,8 +80,13 @@ impl ReadCrl {
             path: path.display().to_string(),
             message,
         };
-        let crl = CertificateList::<Rfc5280>::from_der(&der)
-            .map_err(|e| invalid(format!("not a CRL: {e}")))?;
+        let crl = CertificateList::<Rfc5280>::from_der(&der).map_err(|e| {
+            invalid(if lacks_version(&der) {
+                "a version 1 CRL (no version field and no extensions; `openssl ca -gencrl` makes one when its config names no crlnumber file): the TLS library checks only version 2 CRLs; give the CA a crlnumber file and make the CRL again".into()
+            } else {
+                format!("not a CRL: {e}")
+            })
+        })?;
         let tbs = crl.tbs_cert_list;
         let extension = |oid| {
             tbs.crl_extensions
@@ -228,6 +233,20 @@ fn display_number(magnitude: &[u8]) -> String {
     }
 }
 
+/// Whether `der` is a CRL whose tbsCertList starts with the signature algorithm, not a
+/// version: a version 1 CRL, which RFC 5280 allows without extensions and webpki refuses.
+fn lacks_version(der: &[u8]) -> bool {
+    use der::asn1::AnyRef;
+    use der::{SliceReader, Tag};
+    let first_in_tbs = || -> der::Result<Tag> {
+        let crl = AnyRef::from_der(der)?;
+        let mut fields = SliceReader::new(crl.value())?;
+        let tbs = AnyRef::decode(&mut fields)?;
+        Tag::peek(&SliceReader::new(tbs.value())?)
+    };
+    first_in_tbs() == Ok(Tag::Sequence)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +353,74 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// A version 1 CRL, as `openssl ca -gencrl` makes it without a crlnumber file (made
+    /// here by openssl, as an operator would): named as such, with the fix, rather than
+    /// "not a CRL: expected INTEGER".
+    #[test]
+    fn a_version_1_crl_is_named_with_its_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=transport CA",
+            "-days",
+            "1",
+        ]);
+        std::fs::write(dir.path().join("index.txt"), "").unwrap();
+        std::fs::write(
+            dir.path().join("ca.cnf"),
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ndefault_md = sha256\ndefault_crl_days = 1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "ca", "-config", "ca.cnf", "-gencrl", "-keyfile", "ca.key", "-cert", "ca.pem", "-out",
+            "crl.pem",
+        ]);
+        let error = read(&[dir.path().join("crl.pem")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("a version 1 CRL") && error.contains("crlnumber file"),
+            "{error}"
+        );
+        // Anything else that does not parse (a certificate labelled as a CRL) is still
+        // "not a CRL".
+        let certificate = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        let mislabelled = certificate.replace("CERTIFICATE", "X509 CRL");
+        std::fs::write(dir.path().join("mislabelled.pem"), mislabelled).unwrap();
+        let error = read(&[dir.path().join("mislabelled.pem")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("not a CRL") && !error.contains("version 1"),
+            "{error}"
+        );
     }
 
     #[test]
