@@ -32,12 +32,6 @@ async fn readyz_status(client: &reqwest::Client, signer: &Signer) -> u16 {
     answer.status().as_u16()
 }
 
-/// A signing request for mesh a with a CSR of its own: the status and the answer.
-async fn sign_fresh(client: &reqwest::Client, signer: &Signer) -> (u16, Value) {
-    let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
-    post_sign(client, signer, &sign_body(VM, MESH_A, &csr)).await
-}
-
 /// `meshca_backend_ready` as the signer's metrics show it (None: not exported).
 async fn backend_ready(client: &reqwest::Client, signer: &Signer) -> Option<i64> {
     metric_sample(&signer.metrics(client).await, "meshca_backend_ready")

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
@@ -15,16 +14,7 @@ use cryptoki::types::AuthPin;
 /// finalizes the module, so that the next meshca run and the next call here see the
 /// token as it is on disk.
 fn on_token<T>(env: &Env, work: impl FnOnce(&Session) -> T) -> T {
-    let pkcs11 = Pkcs11::new(softhsm_module()).unwrap();
-    pkcs11
-        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .unwrap();
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| pkcs11.get_token_info(*s).unwrap().label().trim() == "meshca-test")
-        .expect("token");
+    let (pkcs11, slot) = open_test_token();
     let session = pkcs11.open_rw_session(slot).unwrap();
     session
         .login(

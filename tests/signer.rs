@@ -1718,13 +1718,7 @@ async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
         cmd.env("RUST_LOG", "info")
             .args(["--log-level", "meshca=debug"]);
     });
-    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
-    let (status, body) = post_sign(
-        &env.client("cluster-a"),
-        &signer,
-        &sign_body(VM, MESH_A, &csr),
-    )
-    .await;
+    let (status, body) = sign_fresh(&env.client("cluster-a"), &signer).await;
     assert_eq!(status, 200, "{body}");
     signer.wait_for_log("issued intermediate").await;
 

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
 use cryptoki::session::UserType;
@@ -15,16 +14,7 @@ fn the_root_private_key_cannot_be_read_or_wrapped_out_of_the_token() {
     let env = Env::new();
     // SAFETY: this test binary has a single test; no other thread reads the environment.
     unsafe { std::env::set_var("SOFTHSM2_CONF", env.path("softhsm/softhsm2.conf")) };
-    let pkcs11 = Pkcs11::new(softhsm_module()).unwrap();
-    pkcs11
-        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .unwrap();
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| pkcs11.get_token_info(*s).unwrap().label().trim() == "meshca-test")
-        .expect("token");
+    let (pkcs11, slot) = open_test_token();
     let session = pkcs11.open_rw_session(slot).unwrap();
 
     // Without login the private key is not even visible.

@@ -13,9 +13,6 @@ use common::*;
 use meshca::pki::keys::KeyType;
 use serde_json::Value;
 
-const VM: &str = "test/vm";
-const MESH_A: &str = "test/cluster-a";
-
 fn vault(spec: VaultSpec) -> EnvSpec {
     EnvSpec {
         backend: Backend::Vault(spec),
@@ -23,14 +20,19 @@ fn vault(spec: VaultSpec) -> EnvSpec {
     }
 }
 
+/// A prepared environment whose signer logs in with AppRole; its tokens live `token_ttl`
+/// (e.g. "1h", "30s").
+fn approle_env(token_ttl: &str) -> Env {
+    Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::AppRole {
+            token_ttl: token_ttl.into(),
+        },
+        ..VaultSpec::default()
+    }))
+}
+
 async fn sign(env: &Env, signer: &Signer) -> (u16, Value) {
-    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
-    post_sign(
-        &env.client("cluster-a"),
-        signer,
-        &sign_body(VM, MESH_A, &csr),
-    )
-    .await
+    sign_fresh(&env.client("cluster-a"), signer).await
 }
 
 async fn readyz(env: &Env, signer: &Signer) -> (u16, Value) {
@@ -78,12 +80,7 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn approle_login_and_exactly_one_relogin_after_a_403() {
-    let env = Env::with(vault(VaultSpec {
-        auth: VaultAuthSpec::AppRole {
-            token_ttl: "1h".into(),
-        },
-        ..VaultSpec::default()
-    }));
+    let env = approle_env("1h");
     let signer = env.start_signer();
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 200, "{body}");
@@ -135,12 +132,7 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
 /// use of an AppRole secret ID and leave a token behind.
 #[tokio::test]
 async fn a_policy_refusal_with_a_live_token_logs_in_no_more() {
-    let env = Env::with(vault(VaultSpec {
-        auth: VaultAuthSpec::AppRole {
-            token_ttl: "1h".into(),
-        },
-        ..VaultSpec::default()
-    }));
+    let env = approle_env("1h");
     let signer = env.start_signer();
     assert_eq!(sign(&env, &signer).await.0, 200);
     let bao = env.bao();
@@ -237,12 +229,7 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     // at 40 s. The test has the 12.5 s between to see the signer sign on.
     const TTL: u64 = 30;
     const MAX_TTL: u64 = 40;
-    let env = Env::with(vault(VaultSpec {
-        auth: VaultAuthSpec::AppRole {
-            token_ttl: format!("{TTL}s"),
-        },
-        ..VaultSpec::default()
-    }));
+    let env = approle_env(&format!("{TTL}s"));
     env.bao().cli_ok(&[
         "write",
         "auth/approle/role/meshca",
@@ -303,12 +290,7 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
 #[tokio::test]
 async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
     const TTL: u64 = 30;
-    let env = Env::with(vault(VaultSpec {
-        auth: VaultAuthSpec::AppRole {
-            token_ttl: format!("{TTL}s"),
-        },
-        ..VaultSpec::default()
-    }));
+    let env = approle_env(&format!("{TTL}s"));
     env.bao()
         .cli_ok(&["write", "auth/approle/role/meshca", "token_type=batch"]);
     let signer = env.start_signer();
@@ -360,12 +342,7 @@ fn live_approle_tokens(env: &Env) -> usize {
 
 #[tokio::test]
 async fn an_approle_login_token_is_revoked_once_unused() {
-    let env = Env::with(vault(VaultSpec {
-        auth: VaultAuthSpec::AppRole {
-            token_ttl: "1h".into(),
-        },
-        ..VaultSpec::default()
-    }));
+    let env = approle_env("1h");
     // `root init` logged in and revoked its token when done.
     assert_eq!(live_approle_tokens(&env), 0);
     let mut signer = env.start_signer();

@@ -1040,18 +1040,7 @@ mod tests {
     /// (P-521, SHA-1, Ed25519) and a v1 root without extensions, valid for 30 days.
     fn openssl_roots() -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let openssl = |args: &[&str]| crate::pki::testing::openssl(dir.path(), args);
         let days = ["-days", "30", "-nodes"];
         for (key, extra, name) in [
             ("ec", &["-pkeyopt", "ec_paramgen_curve:P-521"][..], "p521"),

@@ -11,6 +11,21 @@ use super::keys::{KeyType, PrivateKey};
 use super::profile::{IntermediatePlan, RootCa, assemble, random_serial, root_tbs, subject_name};
 use super::sigalg::SignatureAlgorithm;
 
+/// Runs the openssl CLI with `args` in `dir` (an independent maker of certificates and
+/// CRLs, as an operator's tools would be); panics with its stderr if it fails.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A self-signed root for `org`, valid for `ttl`, with a software key of `key_type`.
 pub fn software_root(key_type: KeyType, org: &str, ttl: Duration) -> (PrivateKey, RootCa) {
     let key = PrivateKey::generate(key_type).unwrap();

@@ -361,18 +361,7 @@ mod tests {
     #[test]
     fn a_version_1_crl_is_named_with_its_fix() {
         let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let openssl = |args: &[&str]| crate::pki::testing::openssl(dir.path(), args);
         openssl(&[
             "req",
             "-x509",

@@ -70,6 +70,24 @@ pub fn softhsm_module() -> String {
     text(&out.stdout).trim().to_string()
 }
 
+/// The SoftHSM module initialized in this process and the slot of the test token
+/// (`meshca-test`), for tests that reach the token with cryptoki directly, not through
+/// meshca. The caller has set SOFTHSM2_CONF (a test binary of its own) and finalizes.
+pub fn open_test_token() -> (cryptoki::context::Pkcs11, cryptoki::slot::Slot) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let pkcs11 = Pkcs11::new(softhsm_module()).unwrap();
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = pkcs11
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| pkcs11.get_token_info(*s).unwrap().label().trim() == "meshca-test")
+        .expect("token");
+    (pkcs11, slot)
+}
+
 /// A VirtualMesh YAML document.
 pub fn virtual_mesh(
     namespace: &str,
@@ -910,16 +928,22 @@ pub async fn post_sign(
     (status, json)
 }
 
-/// The signer still issues: a fresh `test/cluster-a` request by `client` (cluster-a's)
-/// gets its intermediate.
-pub async fn assert_still_issues(client: &reqwest::Client, signer: &Signer) {
+/// A `test/cluster-a` signing request by `client` (cluster-a's) with a CSR of its own:
+/// the status and the answer.
+pub async fn sign_fresh(client: &reqwest::Client, signer: &Signer) -> (u16, serde_json::Value) {
     let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
-    let (status, answer) = post_sign(
+    post_sign(
         client,
         signer,
         &sign_body("test/vm", "test/cluster-a", &csr),
     )
-    .await;
+    .await
+}
+
+/// The signer still issues: a fresh `test/cluster-a` request by `client` (cluster-a's)
+/// gets its intermediate.
+pub async fn assert_still_issues(client: &reqwest::Client, signer: &Signer) {
+    let (status, answer) = sign_fresh(client, signer).await;
     assert_eq!(status, 200, "the signer no longer issues: {answer}");
 }
 
