@@ -324,8 +324,13 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
             )));
         }
     }
+    // A signer that announces the installed root as its next one is behind this cluster,
+    // not ahead: a replica not yet switched while another already issued under the next
+    // root. Following it back would swap intermediates (and restart istiod) at every pass
+    // that meets the other replica.
     if let Some(root) = &desired.signer_root
         && !root.eq_ignore_ascii_case(&summary.anchor_fingerprint)
+        && !announces_as_next(&desired.signer_announced, &summary.anchor_fingerprint)
     {
         return issue(IssueReason::RootChanged {
             from: summary.anchor_fingerprint.clone(),
@@ -372,6 +377,16 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
         }
     }
     Decision::UpToDate { summary, renew_at }
+}
+
+/// Whether the root with fingerprint `anchor` is the one `announced` says the signer will
+/// switch to.
+fn announces_as_next(announced: &AnnouncedRoots, anchor: &str) -> bool {
+    announced.next.as_deref().is_some_and(|next| {
+        root_fingerprints(next)
+            .first()
+            .is_some_and(|fp| fp.eq_ignore_ascii_case(anchor))
+    })
 }
 
 /// What the agents say at each pass while [`renewal_held_by_root`].
@@ -1289,6 +1304,66 @@ mod tests {
             root_cert_to_write(&f.root.pem, &next_only, None, &[], f.issued + 500 * DAY),
             f.root.pem
         );
+    }
+
+    #[test]
+    fn a_signer_not_yet_switched_to_the_installed_root_leaves_the_intermediate_alone() {
+        let f = fixture();
+        let (next_key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        // A replica already switched issued under the next root; the old root stays.
+        let switched_bundle = BundleFiles {
+            root_cert: compose_root_cert(&next.pem, Some(&f.root.pem), &[], f.issued),
+            ..software_bundle(
+                &next_key,
+                &next,
+                "acme",
+                "cluster-a",
+                KeyType::EcdsaP256,
+                f.issued,
+                f.issued + 30 * DAY,
+            )
+        };
+        let installed = Installed::Ours(switched_bundle);
+        let switched = Desired {
+            signer_root: Some(next.fingerprint_sha256.clone()),
+            signer_announced: AnnouncedRoots {
+                next: None,
+                previous: Some(f.root.pem.clone()),
+            },
+            ..desired(&f)
+        };
+        let behind = Desired {
+            signer_announced: AnnouncedRoots {
+                next: Some(next.pem.clone()),
+                previous: None,
+            },
+            ..desired(&f)
+        };
+        // Passes alternating between the two replicas write nothing.
+        for signer in [&behind, &switched, &behind] {
+            match decide(&installed, signer, f.issued) {
+                Decision::UpToDate { summary, .. } => {
+                    assert_eq!(summary.anchor_fingerprint, next.fingerprint_sha256)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Renewal is still due with the replica behind: it issues what it can.
+        assert!(matches!(
+            decide(&installed, &behind, f.issued + 29 * DAY),
+            Decision::Issue {
+                reason: IssueReason::Due { .. },
+                ..
+            }
+        ));
+        // A switch undone (the next root no longer announced) moves the cluster back.
+        assert!(matches!(
+            decide(&installed, &desired(&f), f.issued),
+            Decision::Issue {
+                reason: IssueReason::RootChanged { .. },
+                ..
+            }
+        ));
     }
 
     #[test]
