@@ -170,9 +170,11 @@ async fn an_issuer_replaced_under_a_running_signer_makes_it_unready() {
     assert_eq!(sign(&env, &signer).await.0, 200);
     let bao = env.bao();
     let issued_by_vault = || {
-        bao.cli_json(&["list", "pki/certs"])["data"]["keys"]
+        // `bao list -format=json` prints the keys alone.
+        bao.cli_json(&["list", "pki/certs"])
             .as_array()
-            .map_or(0, Vec::len)
+            .map(Vec::len)
+            .expect("a list of serials")
     };
     bao.cli_ok(&[
         "patch",
@@ -187,6 +189,17 @@ async fn an_issuer_replaced_under_a_running_signer_makes_it_unready() {
         "key_type=ec",
         "key_bits=256",
     ]);
+    // Before a readiness check has noticed: the signer signs by the issuer's ID, so Vault
+    // signs under the root this signer serves (with the name, it signed under the other
+    // root a certificate meshca refused, 502, and Vault kept). A periodic check may have
+    // run in between: then the refusal, and nothing signed.
+    let before = issued_by_vault();
+    let (status, body) = sign(&env, &signer).await;
+    match status {
+        200 => assert_eq!(issued_by_vault(), before + 1),
+        503 => assert_eq!(issued_by_vault(), before, "{body}"),
+        _ => panic!("{status} {body}"),
+    }
     let (status, body) = readyz(&env, &signer).await;
     assert_eq!(status, 503, "{body}");
     assert!(
@@ -512,6 +525,20 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
     assert_eq!(audit[1]["decision"], "error");
     assert_eq!(audit[1]["rule"], "backend_out_of_policy");
     assert!(audit[1]["serial"].is_null());
+    // What Vault signed and keeps is named, to match Vault's list against the log.
+    let kept = env
+        .bao()
+        .cli_json(&["list", "pki/certs"])
+        .as_array()
+        .expect("a list of serials")
+        .iter()
+        .filter_map(|serial| serial.as_str().map(|s| s.replace([':', '-'], "")))
+        .find(|serial| {
+            audit[1]["message"].as_str().is_some_and(|m| {
+                m.contains(&format!("Vault signed serial {serial} (Vault keeps it)"))
+            })
+        });
+    assert!(kept.is_some(), "{}", audit[1]);
 
     let metrics = signer.metrics(&env.client("cluster-a")).await;
     assert!(

@@ -140,15 +140,22 @@ impl VaultBackend {
     /// and holds a key: a signer never starts against another root.
     pub async fn start(settings: &VaultSettings, root: RootCa) -> Result<Self, VaultStartError> {
         let client = Arc::new(VaultClient::new(settings)?);
-        if let Err(e) = Self::check_issuer(&client, settings, &root).await {
-            client.logout().await;
-            return Err(e);
-        }
+        let issuer = match Self::check_issuer(&client, settings, &root).await {
+            Ok(issuer) => issuer,
+            Err(e) => {
+                client.logout().await;
+                return Err(e);
+            }
+        };
         client.spawn_renewal();
         Ok(VaultBackend {
+            // By the issuer's ID, not its name: a name moved to another root (`root init
+            // --force` run elsewhere, by another replica's operator) must not have Vault
+            // sign under a root this signer does not serve until its readiness check
+            // notices. The ID stays with the root (and its key) checked here.
             sign_path: format!(
                 "{}/issuer/{}/sign-intermediate",
-                settings.mount, settings.issuer_ref
+                settings.mount, issuer.issuer_id
             ),
             description: format!(
                 "vault {} mount {} issuer {} (auth {})",
@@ -168,7 +175,7 @@ impl VaultBackend {
         client: &VaultClient,
         settings: &VaultSettings,
         root: &RootCa,
-    ) -> Result<(), VaultStartError> {
+    ) -> Result<IssuerInfo, VaultStartError> {
         client.health().await?;
         let (mount, issuer_ref) = (&settings.mount, &settings.issuer_ref);
         let issuer = read_issuer(client, issuer_ref).await?.ok_or_else(|| {
@@ -202,7 +209,7 @@ impl VaultBackend {
             ),
             Err(e) => tracing::warn!("{}", unreadable_urls(mount, &e)),
         }
-        Ok(())
+        Ok(issuer)
     }
 
     /// The configured issuer, read again: still the root in force, or why not. Asked by

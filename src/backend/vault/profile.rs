@@ -161,6 +161,14 @@ pub fn check_intermediate(
     let pem = data_str(answer, "certificate")
         .ok_or_else(|| out("Vault's answer has no data.certificate".into()))?;
     let certificate = one_certificate(pem).map_err(|e| out(format!("data.certificate: {e}")))?;
+    // Vault keeps what it signed: the refusal names it, so that Vault's list of issued
+    // certificates can be matched against the audit log.
+    let serial = crate::pki::profile::serial_hex(certificate.tbs_certificate().serial_number());
+    let out = |m: String| {
+        BackendError::OutOfPolicy(format!(
+            "Vault signed serial {serial} (Vault keeps it): {m}"
+        ))
+    };
     verify_certificate_signature(&certificate, &root.verifier).map_err(|e| {
         out(format!(
             "the certificate is not signed by the root key of the configured root certificate ({e}); does vault.issuer_ref name another issuer?"
