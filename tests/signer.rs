@@ -805,6 +805,7 @@ async fn each_start_records_the_rules_it_starts_under() {
     signer
         .wait_for_log("SIGHUP: rules reloaded (recorded in the audit log)")
         .await;
+    let metrics = signer.metrics(&client).await;
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
 
     let lines = signer.all_audit_lines();
@@ -826,6 +827,20 @@ async fn each_start_records_the_rules_it_starts_under() {
     let digest = |n: usize| lines[n]["rulesSha256"].as_str().unwrap();
     let (first, second) = (message(0), message(2));
     assert_ne!(first, second);
+    // Each start names its host and the root it issues under: two replicas' logs, or
+    // a log across a root change, tell apart by their content.
+    let root_sha256 = openssl_fingerprint(env.dir.path(), &env.path("root-cert.pem"));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for start in [first, second] {
+        let announced = format!(
+            "started on host {}, issuing under root sha256 {root_sha256}; rules in force: ",
+            host.trim()
+        );
+        assert!(
+            start.contains(&announced),
+            "{announced} missing from {start}"
+        );
+    }
     for (start, ttl) in [(first, "30 days"), (second, "10 days")] {
         for needle in [
             &format!(
@@ -839,6 +854,18 @@ async fn each_start_records_the_rules_it_starts_under() {
     assert_eq!(digest(0).len(), 64);
     assert_ne!(digest(0), digest(2));
     assert_eq!(digest(4), digest(0), "the same rules, another digest");
+    // Monitoring sees the rules in force, so that replicas meant to be alike can be
+    // compared: after the reload, those of the first start.
+    let info = format!(
+        "meshca_rules_info{{rules_sha256=\"{}\",root_sha256=\"{root_sha256}\"}} 1",
+        digest(4)
+    );
+    assert!(metrics.contains(&info), "{info} missing from\n{metrics}");
+    assert_eq!(
+        metrics.matches("meshca_rules_info{").count(),
+        1,
+        "{metrics}"
+    );
     // Each decision names the rules it was made under: those recorded before it.
     assert_eq!(digest(1), digest(0));
     assert_eq!(digest(3), digest(2));
@@ -1563,6 +1590,15 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
     // --online starts the backend as `serve` does, beside a running signer on the same
     // token: the login and a test signature with the root's key.
     let signer = env.start_signer();
+    // The digest the check names is the one the signer records its rules under.
+    let rules_line = report
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("rules           sha256 "))
+        .unwrap_or_else(|| panic!("no rules digest in\n{report}"));
+    assert_eq!(
+        signer.all_audit_lines()[0]["rulesSha256"].as_str(),
+        Some(rules_line)
+    );
     let online = env.run_with_config_ok(&["serve", "--check", "--online"]);
     let report = text(&online.stdout);
     for needle in [

@@ -28,6 +28,9 @@ pub struct CheckReport {
     /// The roots announced besides the root in force: ("next root" or "previous root",
     /// what it is).
     pub announced_roots: Vec<(&'static str, String)>,
+    /// The digest a signer started with this config names the rules by (its audit log's
+    /// `rulesSha256`, its `meshca_rules_info`): the same on every replica meant to be alike.
+    pub rules_sha256: String,
     pub server_certificate_not_after: SystemTime,
     /// Each client CRL file and when it is due to be replaced.
     pub client_crls: Vec<String>,
@@ -118,6 +121,9 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         virtual_meshes: config.policies.iter().map(|p| p.id.to_string()).collect(),
         clients: config.authorization.clients().count(),
         root: describe_root(&root.key_kind, root.not_after, &root.fingerprint_sha256),
+        rules_sha256: super::reload::Rules::of(config, &root.fingerprint_sha256)
+            .digest()
+            .to_string(),
         announced_roots: config
             .root
             .announced()
@@ -255,6 +261,7 @@ impl fmt::Display for CheckReport {
         for (name, what) in &self.announced_roots {
             writeln!(f, "  {name:<15} {what}")?;
         }
+        writeln!(f, "  rules           sha256 {}", self.rules_sha256)?;
         writeln!(
             f,
             "  server cert     valid until {}",

@@ -51,6 +51,14 @@ pub struct AnnouncementLabels {
     pub announcement: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RulesLabels {
+    /// [`crate::signer::reload::Rules::digest`].
+    pub rules_sha256: String,
+    /// The root the signer issues under.
+    pub root_sha256: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
@@ -76,6 +84,8 @@ pub struct Metrics {
     client_ca_not_after: Gauge,
     client_crl_next_update: Family<FileLabels, Gauge>,
     announced_root_not_after: Family<AnnouncementLabels, Gauge>,
+    /// One series, value 1, naming the rules in force.
+    rules_info: Family<RulesLabels, Gauge>,
 }
 
 impl Metrics {
@@ -187,6 +197,12 @@ impl Metrics {
             "When each root the signer announces besides its own (announcement: next, previous) expires (Unix seconds); the agents skip an expired one",
             announced_root_not_after.clone(),
         );
+        let rules_info = Family::<RulesLabels, Gauge>::default();
+        registry.register(
+            "rules_info",
+            "1, labelled with the digest of the rules in force (as the audit log's rulesSha256) and the root the signer issues under: replicas meant to be alike show one value",
+            rules_info.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -207,6 +223,7 @@ impl Metrics {
             client_ca_not_after,
             client_crl_next_update,
             announced_root_not_after,
+            rules_info,
         }
     }
 
@@ -289,6 +306,17 @@ impl Metrics {
                 })
                 .set(unix_seconds(root.not_after));
         }
+    }
+
+    /// The rules in force, at start and after each reload that changed them.
+    pub fn rules_in_force(&self, rules: &crate::signer::reload::Rules) {
+        self.rules_info.clear();
+        self.rules_info
+            .get_or_create(&RulesLabels {
+                rules_sha256: rules.digest().to_string(),
+                root_sha256: rules.root_sha256.clone(),
+            })
+            .set(1);
     }
 
     /// A reload of the rules: `ok` (changed or not) or `error`.

@@ -26,19 +26,25 @@ pub struct Rules {
     pub next_root: Option<AnnouncedRoot>,
     /// The root announced after a root change, until it is retired, if any.
     pub previous_root: Option<AnnouncedRoot>,
+    /// SHA-256 of the root certificate the signer issues under. Read only at start (a
+    /// reload keeps it), but part of the digest: two signers, or two starts of one, with
+    /// the same rules under different roots must not look alike in their audit logs.
+    pub root_sha256: String,
     /// [`Rules::digest`], computed at its first use (each decision's audit line names
     /// it): rules are built whole and not changed once in force.
     digest: std::sync::OnceLock<String>,
 }
 
 impl Rules {
-    pub fn of(config: &SignerConfig) -> Self {
+    /// The rules of `config`, for a signer issuing under the root with SHA-256 `root_sha256`.
+    pub fn of(config: &SignerConfig, root_sha256: &str) -> Self {
         Rules {
             policies: config.policies.clone(),
             authorization: config.authorization.clone(),
             limits: config.limits,
             next_root: config.root.next.clone(),
             previous_root: config.root.previous.clone(),
+            root_sha256: root_sha256.to_ascii_lowercase(),
             digest: std::sync::OnceLock::new(),
         }
     }
@@ -76,17 +82,17 @@ impl Rules {
         parts.join("; ")
     }
 
-    /// SHA-256 (hex) of the rules written out in full, in a fixed order: each virtual mesh
-    /// with its settings and meshes, each client with its grants, every limit, the
-    /// announced roots' fingerprints; whatever a reload names when it changes
-    /// ([`RulesChange`]), and `max_connections`. `source` (which file a policy came from)
+    /// SHA-256 (hex) of the rules written out in full, in a fixed order: the root in
+    /// force, each virtual mesh with its settings and meshes, each client with its grants,
+    /// every limit, the announced roots' fingerprints; whatever a reload names when it
+    /// changes ([`RulesChange`]), `max_connections` and the root. `source` (which file a policy came from)
     /// is not part of it: the same rules have the same digest wherever they were read.
     pub fn digest(&self) -> &str {
         self.digest.get_or_init(|| self.compute_digest())
     }
 
     fn compute_digest(&self) -> String {
-        let mut text = String::new();
+        let mut text = format!("root {}\n", self.root_sha256);
         for policy in self.policies.iter() {
             text.push_str(&format!(
                 "virtual_mesh {} org={:?} max_ttl_seconds={} min_rsa_bits={} display_name={:?} meshes={}\n",
@@ -119,7 +125,7 @@ impl Rules {
     /// The rules of a config read by a reload, with what a reload cannot change kept from
     /// `in_force`.
     pub fn reloaded(read: &SignerConfig, in_force: &Rules) -> Self {
-        let mut rules = Rules::of(read);
+        let mut rules = Rules::of(read, &in_force.root_sha256);
         rules.limits.max_connections = in_force.limits.max_connections;
         rules.digest = std::sync::OnceLock::new(); // of the rules with that limit
         rules
@@ -405,6 +411,9 @@ pin_env = "PIN"
         SignerConfig::parse(&dir.join("signer.toml"), &text).unwrap()
     }
 
+    /// The root the signer of these tests issues under.
+    const ROOT: &str = "5c7c996eb6003a9f99a65aa58a2c23b3a2bd6f1fe7d0d1332edc13411cb37b66";
+
     const A_ONLY: &str = r#"[[clients]]
 identity = "spiffe://t/a"
 allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-a" }]"#;
@@ -412,14 +421,14 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-a" }]"#;
     #[test]
     fn the_same_rules_are_no_change() {
         let dir = tempfile::tempdir().unwrap();
-        let rules = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let rules = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
         assert!(RulesChange::between(&rules, &rules.clone()).is_empty());
     }
 
     #[test]
     fn every_enforced_difference_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
         let meshes = MESHES
             .replace("ttlDays: 30", "ttlDays: 10")
             .replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 3072")
@@ -443,7 +452,7 @@ allow = [{ virtual_mesh = "test/other", mesh = "test/cluster-a" }]
 [[clients]]
 identity = "spiffe://t/c"
 allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
-        let after = Rules::of(&config(dir.path(), &meshes, clients, ""));
+        let after = Rules::of(&config(dir.path(), &meshes, clients, ""), ROOT);
         let change = RulesChange::between(&before, &after);
         assert_eq!(
             change.statements,
@@ -469,7 +478,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
     #[test]
     fn a_start_states_the_rules_and_their_digest_follows_every_difference() {
         let dir = tempfile::tempdir().unwrap();
-        let rules = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let rules = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
         assert_eq!(
             rules.summary(),
             "virtual mesh test/vm (org \"acme\", ttl 30 days, RSA minimum 2048 bits, meshes: test/cluster-a, test/cluster-b); \
@@ -480,7 +489,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
         assert_eq!(digest.len(), 64);
         // The same rules read again (from another file): the same digest.
         std::fs::create_dir(dir.path().join("other")).unwrap();
-        let again = Rules::of(&config(&dir.path().join("other"), MESHES, A_ONLY, ""));
+        let again = Rules::of(&config(&dir.path().join("other"), MESHES, A_ONLY, ""), ROOT);
         assert_eq!(again.digest(), digest);
         // Any difference, a reload's or a restart's, another digest.
         let differing = [
@@ -499,12 +508,19 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
             config(dir.path(), MESHES, A_ONLY, "[limits]\nsign_burst = 61"),
             config(dir.path(), MESHES, A_ONLY, "[limits]\nmax_connections = 7"),
         ];
+        // The same rules under another root (another signer, or a root changed with
+        // `root init --force` between two starts).
+        let other_root = "ff".repeat(32);
+        assert_ne!(
+            Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), &other_root).digest(),
+            digest
+        );
         for read in &differing {
             assert_ne!(
-                Rules::of(read).digest(),
+                Rules::of(read, ROOT).digest(),
                 digest,
                 "{:?}",
-                Rules::of(read).summary()
+                Rules::of(read, ROOT).summary()
             );
         }
     }
@@ -533,7 +549,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
     #[test]
     fn limits_change_by_reload_except_the_connection_slots() {
         let dir = tempfile::tempdir().unwrap();
-        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
         let read = config(
             dir.path(),
             MESHES,
@@ -552,7 +568,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
     #[test]
     fn announced_roots_are_named_when_they_come_change_or_go() {
         let dir = tempfile::tempdir().unwrap();
-        let none = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""));
+        let none = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
         let root = |announcement, fingerprint: &str| AnnouncedRoot {
             announcement,
             path: dir.path().join("root.pem"),

@@ -189,6 +189,9 @@ pub struct RulesReload {
     pub change: RulesChange,
     /// Settings read only at start that differ in the file (left as they are).
     pub restart_only: Vec<&'static str>,
+    /// The digest of the rules in force after the reload (changed or not): the value to
+    /// compare between replicas.
+    pub rules_sha256: String,
 }
 
 /// Opens the backend the config names (blocking: token login, key check; Vault login and
@@ -384,6 +387,7 @@ impl RunningSigner {
             let announced = self.state.audit.expect_line();
             self.state.audit.append(record, announced).await?;
             self.state.metrics.announced_roots(rules.announced_roots());
+            self.state.metrics.rules_in_force(&rules);
             self.state.replace_rules(rules);
         }
         warn_of_ended_announced_roots(&read.root);
@@ -394,6 +398,7 @@ impl RunningSigner {
         Ok(RulesReload {
             change,
             restart_only,
+            rules_sha256: self.state.rules().digest().to_string(),
         })
     }
 
@@ -535,8 +540,9 @@ pub async fn start(
 
     // Before any decision: the log says which rules the decisions after this line are made
     // under (a restart may have changed them with no reload on record).
-    let rules = Rules::of(&config);
+    let rules = Rules::of(&config, &backend.root().fingerprint_sha256);
     let rules_sha256 = rules.digest().to_string();
+    metrics.rules_in_force(&rules);
     if let Err(e) = audit
         .record_start(start_record(&rules, &rules_sha256))
         .await
@@ -609,19 +615,32 @@ pub async fn start(
 /// The audit log's `start` record: the rules every decision after it is made under, until
 /// the next `reload` or `start`. It states them as a reload states its changes, with their
 /// digest.
+/// It names the host and the root too: two replicas' logs, or the logs before and after a
+/// root change, tell apart by their content, not only by where the file came from.
 fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
     AuditRecord {
         time: rfc3339(SystemTime::now()),
         event: "start".into(),
         rule: Some("rules_in_force".into()),
         message: Some(format!(
-            "meshca {} started; rules in force: {}",
+            "meshca {} started on host {}, issuing under root sha256 {}; rules in force: {}",
             env!("CARGO_PKG_VERSION"),
+            host_name(),
+            rules.root_sha256,
             rules.summary()
         )),
         rules_sha256: Some(rules_sha256.to_string()),
         ..Default::default()
     }
+}
+
+/// The kernel's host name (a pod's name in Kubernetes), or `unknown`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -851,9 +870,13 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
     match outcome {
         Ok(reload) => {
             if reload.change.is_empty() {
-                tracing::info!("SIGHUP: rules reloaded; nothing in them changed");
+                tracing::info!(
+                    rules_sha256 = %reload.rules_sha256,
+                    "SIGHUP: rules reloaded; nothing in them changed"
+                );
             } else {
                 tracing::info!(
+                    rules_sha256 = %reload.rules_sha256,
                     changes = %reload.change,
                     "SIGHUP: rules reloaded (recorded in the audit log)"
                 );
