@@ -337,6 +337,73 @@ async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
     );
 }
 
+/// A renewal refused and the login after it failing set `meshca_backend_login_failing`;
+/// a later renewal that succeeds clears it (before, it stayed 1 until a fresh login
+/// succeeded near the token's max TTL, weeks on, with the credentials never at fault).
+#[tokio::test]
+async fn a_renewal_that_succeeds_again_clears_login_failing() {
+    // Renewed at half of it (40 s), then retried 30 s after the failed login: within the
+    // token's lease.
+    const TTL: u64 = 80;
+    let env = approle_env(&format!("{TTL}s"));
+    let bao = env.bao();
+    // Only meshca's policy decides, so that renewal can be refused and granted again.
+    bao.cli_ok(&[
+        "write",
+        "auth/approle/role/meshca",
+        "token_no_default_policy=true",
+    ]);
+    let lookup = "path \"auth/token/lookup-self\" { capabilities = [\"read\"] }\n";
+    let renew = "path \"auth/token/renew-self\" { capabilities = [\"update\"] }\n";
+    let revoke = "path \"auth/token/revoke-self\" { capabilities = [\"update\"] }\n";
+    let with_renewal = format!("{MESHCA_VAULT_POLICY}{lookup}{renew}{revoke}");
+    bao.write_policy("meshca", &with_renewal);
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let login_failing = || async {
+        metric_sample(
+            &signer.metrics(&env.client("cluster-a")).await,
+            "meshca_backend_login_failing",
+        )
+    };
+    bao.write_policy("meshca", &format!("{MESHCA_VAULT_POLICY}{lookup}{revoke}"));
+    let secret_id = destroy_secret_id(&env);
+    // At half the TTL: the renewal refused, then the login refused.
+    let line = signer
+        .wait_for_nth_log_within(
+            "cannot log in to Vault for a fresh token",
+            1,
+            Duration::from_secs(TTL),
+        )
+        .await;
+    assert!(line.contains("Vault login (approle) failed"), "{line}");
+    assert!(signer.logs().contains("Vault refused to renew the token"));
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+    assert_eq!(login_failing().await, Some(1));
+    // Renewal allowed again: the next try (30 s on) renews, and the token no longer
+    // depends on a login. Bounded by the token's end (it would answer 503 then).
+    bao.write_policy("meshca", &with_renewal);
+    let deadline = Instant::now() + Duration::from_secs(TTL);
+    loop {
+        // Each readiness check sets the metric.
+        assert_eq!(readyz(&env, &signer).await.0, 200);
+        if login_failing().await == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "meshca_backend_login_failing still 1 after the renewal came back:\n{}",
+            signer.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert!(
+        !signer.logs().contains(secret_id.trim()),
+        "the secret ID was logged"
+    );
+}
+
 /// How many tokens AppRole handed out are still live: their leases under
 /// `auth/approle/login`.
 fn live_approle_tokens(env: &Env) -> usize {

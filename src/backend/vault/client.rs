@@ -47,7 +47,7 @@ pub enum VaultError {
         message: String,
     },
     #[error(
-        "Vault denied {what} ({message}) to a valid token: the policy of meshca's Vault identity must allow it"
+        "Vault denied {what} ({message}) to a valid token: the policy of meshca's Vault identity must allow it (a policy added to the role, not one edited, reaches the signer only with a fresh login: restart it)"
     )]
     Denied { what: String, message: String },
     #[error("Vault login ({method}) failed: {message}")]
@@ -410,7 +410,13 @@ impl VaultClient {
             && current.renewable
         {
             match self.renew(&current).await {
-                Ok(Renewal::Enough(renewed)) => return Ok(renewed),
+                Ok(Renewal::Enough(renewed)) => {
+                    // A token renewed for long enough no longer hangs on a login that
+                    // failed before (a renewal refused during a failover, say).
+                    self.login_failing
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    return Ok(renewed);
+                }
                 Ok(Renewal::NearMaxTtl(renewed)) => {
                     let login = self.login().await;
                     self.login_failing
