@@ -404,6 +404,53 @@ async fn a_renewal_that_succeeds_again_clears_login_failing() {
     );
 }
 
+/// Once the token has ended and the login keeps failing, the signer tries again every 30
+/// s, not for every caller: before, each `/readyz` (open to anyone who reaches the ops
+/// port), request and renewal tick renewed the dead token and logged in again, each a
+/// warning and an AppRole login at Vault. Each answer now names the wait, and the log
+/// stays quiet.
+#[tokio::test]
+async fn with_no_valid_token_a_failed_login_is_not_retried_per_request() {
+    const TTL: u64 = 10;
+    let env = approle_env(&format!("{TTL}s"));
+    let bao = env.bao();
+    bao.cli_ok(&[
+        "write",
+        "auth/approle/role/meshca",
+        &format!("token_max_ttl={TTL}s"),
+    ]);
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let secret_id = destroy_secret_id(&env);
+    // The token ends TTL after the login; then signing answers 503.
+    let deadline = Instant::now() + Duration::from_secs(3 * TTL);
+    loop {
+        let (status, body) = sign(&env, &signer).await;
+        if status == 503 {
+            assert!(message(&body).contains("Vault login (approle) failed"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the token did not end: {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let warnings_before = count(&signer.logs(), "\"level\":\"WARN\"");
+    for _ in 0..30 {
+        let (status, body) = readyz(&env, &signer).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(message(&body).contains("next try in"), "{body}");
+    }
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    // At most the one try that may have come due meanwhile (a renewal refused, a login
+    // failed).
+    let warnings = count(&signer.logs(), "\"level\":\"WARN\"") - warnings_before;
+    assert!(warnings <= 2, "{warnings} warnings:\n{}", signer.logs());
+    assert!(
+        !signer.logs().contains(secret_id.trim()),
+        "the secret ID was logged"
+    );
+}
+
 /// How many tokens AppRole handed out are still live: their leases under
 /// `auth/approle/login`.
 fn live_approle_tokens(env: &Env) -> usize {

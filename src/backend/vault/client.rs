@@ -72,6 +72,14 @@ pub enum VaultError {
         status: u16,
         location: Option<String>,
     },
+    /// No valid token, and the last try for one failed: the same error is answered until
+    /// the next try is due, instead of a renewal and a login per caller.
+    #[error("{message} (tried {failed_seconds_ago} s ago; next try in {retry_in_seconds} s)")]
+    RetryLater {
+        message: String,
+        failed_seconds_ago: u64,
+        retry_in_seconds: u64,
+    },
 }
 
 impl VaultError {
@@ -200,6 +208,17 @@ pub struct VaultClient {
     /// The last fresh login for a token near its max TTL failed: signing goes on with
     /// the renewed token only until it ends ([`Self::login_failing`]).
     login_failing: std::sync::atomic::AtomicBool,
+    /// With no valid token: when the last try for one failed, why, and when the next is
+    /// due. Every request, readiness check and renewal tick asks for a token; without
+    /// this each would cost Vault a login (an AppRole secret ID use, a TokenReview) and
+    /// the log a warning.
+    failed_refresh: std::sync::Mutex<Option<FailedRefresh>>,
+}
+
+struct FailedRefresh {
+    at: Instant,
+    retry_at: Instant,
+    message: String,
 }
 
 impl VaultClient {
@@ -236,6 +255,7 @@ impl VaultClient {
             session: Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
             login_failing: std::sync::atomic::AtomicBool::new(false),
+            failed_refresh: std::sync::Mutex::new(None),
         })
     }
 
@@ -354,6 +374,9 @@ impl VaultClient {
         {
             return Ok(current.token.clone());
         }
+        if let Some(waiting) = self.retry_later() {
+            return Err(waiting);
+        }
         let fresh = match self.refresh(session.clone()).await {
             Ok(fresh) => fresh,
             Err(e) => {
@@ -380,12 +403,50 @@ impl VaultClient {
                     }
                     return Ok(current.token.clone());
                 }
+                // No token left: a dead one is not renewed again, and the next try waits.
+                *session = None;
+                self.note_failed_refresh(&e);
                 return Err(e);
             }
         };
+        *self.failed_refresh_guard() = None;
         let token = fresh.token.clone();
         *session = Some(fresh);
         Ok(token)
+    }
+
+    /// A try for a token failed with none left: the next waits [`RENEW_RETRY`] (Vault
+    /// down) or [`LOGIN_RETRY`] (refused).
+    fn note_failed_refresh(&self, e: &VaultError) {
+        let now = Instant::now();
+        let wait = if e.is_transient() {
+            RENEW_RETRY
+        } else {
+            LOGIN_RETRY
+        };
+        *self.failed_refresh_guard() = Some(FailedRefresh {
+            at: now,
+            retry_at: now + wait,
+            message: e.to_string(),
+        });
+    }
+
+    fn failed_refresh_guard(&self) -> std::sync::MutexGuard<'_, Option<FailedRefresh>> {
+        self.failed_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last failure to get a token, while its next try is not due yet.
+    fn retry_later(&self) -> Option<VaultError> {
+        let failed = self.failed_refresh_guard();
+        let failed = failed.as_ref()?;
+        let now = Instant::now();
+        (now < failed.retry_at).then(|| VaultError::RetryLater {
+            message: failed.message.clone(),
+            failed_seconds_ago: now.duration_since(failed.at).as_secs(),
+            retry_in_seconds: failed.retry_at.duration_since(now).as_secs().max(1),
+        })
     }
 
     /// Logs in again, unless another request already replaced `stale`.
@@ -396,7 +457,19 @@ impl VaultClient {
         {
             return Ok(current.token.clone());
         }
-        let fresh = self.login().await?;
+        if let Some(waiting) = self.retry_later() {
+            return Err(waiting);
+        }
+        let fresh = match self.login().await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // The stale token is dead (Vault said so): it is not offered again.
+                *session = None;
+                self.note_failed_refresh(&e);
+                return Err(e);
+            }
+        };
+        *self.failed_refresh_guard() = None;
         let token = fresh.token.clone();
         *session = Some(fresh);
         Ok(token)
@@ -790,11 +863,16 @@ impl VaultClient {
                 if client.closed.load(std::sync::atomic::Ordering::Relaxed) {
                     return;
                 }
-                if let Err(e) = client.token().await {
-                    tracing::warn!(error = %e, "keeping the Vault token fresh failed; retrying");
-                    drop(client);
-                    tokio::time::sleep(RENEW_RETRY).await;
+                match client.token().await {
+                    Ok(_) => continue,
+                    // Logged when that try failed; this is only its echo until the next.
+                    Err(VaultError::RetryLater { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "keeping the Vault token fresh failed; retrying")
+                    }
                 }
+                drop(client);
+                tokio::time::sleep(RENEW_RETRY).await;
             }
         });
     }
