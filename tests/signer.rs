@@ -1777,3 +1777,56 @@ async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
         );
     }
 }
+
+/// A shell's or a container runtime's limit on open files (often 1024) is under what the
+/// default `max_connections` needs (1024 API connections, 64 ops ones and a reserve), so
+/// unauthenticated connections could use up the signer's descriptors. The start raises
+/// the soft limit up to the hard one; a hard limit too low is named at start and by
+/// `serve --check`.
+#[tokio::test]
+async fn the_limit_on_open_files_is_raised_at_start_and_one_too_low_is_named() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    let limit_to =
+        |soft: u64, hard: u64| move || rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard);
+    let soft_limit_of = |pid: u32| -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_string();
+        line.split_whitespace().nth(3).unwrap().parse().unwrap()
+    };
+    let needed = 1024 + 64 + 64;
+    let shortfall = "the limit on open files";
+
+    let signer = env.start_signer_command(|cmd| unsafe {
+        cmd.pre_exec(limit_to(64, hard));
+    });
+    let raised = hard.min(65536);
+    assert_eq!(soft_limit_of(signer.child.id()), raised);
+    assert_eq!(
+        signer.logs().contains(shortfall),
+        raised < needed,
+        "{}",
+        signer.logs()
+    );
+    drop(signer);
+
+    let mut signer = env.start_signer_command(|cmd| unsafe {
+        cmd.pre_exec(limit_to(64, 64));
+    });
+    let warning =
+        format!("{shortfall} (64) is below what limits.max_connections (1024) needs ({needed}");
+    signer.wait_for_log(&warning).await;
+    assert_still_issues(&env.client("cluster-a"), &signer).await;
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+    let mut check = env.meshca_with_config(&["serve", "--check"]);
+    unsafe {
+        check.pre_exec(limit_to(64, 64));
+    }
+    let report = text(&run_ok(&mut check).stdout);
+    assert!(report.contains(&format!("warning: {warning}")), "{report}");
+}

@@ -94,6 +94,14 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             warnings.push(format!("{what} expires at {}", rfc3339(not_after)));
         }
     }
+    // The start raises the soft limit up to the hard one, so the hard one is what counts
+    // (read in this process: under the same unit or shell as the signer, the same limit).
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        && let Some(shortfall) =
+            super::server::open_files_shortfall(hard, config.limits.max_connections)
+    {
+        warnings.push(shortfall);
+    }
     for superseded in &tls.superseded_crls {
         warnings.push(format!("{superseded}; remove it from the file"));
     }

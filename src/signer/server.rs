@@ -496,12 +496,54 @@ impl RunningSigner {
     }
 }
 
+/// File descriptors the signer needs besides its connections: token files and sessions,
+/// the audit log, Vault connections, the runtime's own.
+const OPEN_FILES_RESERVE: u64 = 64;
+
+/// What the soft limit on open files is raised to at start (the systemd unit's
+/// `LimitNOFILE`), when the hard limit allows it.
+const OPEN_FILES_WANTED: u64 = 65536;
+
+/// Open files `max_connections` API connections need, the ops port's and the reserve.
+pub fn open_files_needed(max_connections: usize) -> u64 {
+    max_connections as u64 + crate::ops_http::MAX_OPS_CONNECTIONS as u64 + OPEN_FILES_RESERVE
+}
+
+/// Why `limit` open files are too few for `max_connections`, if they are: connections
+/// anyone can open (no certificate needed before the handshake) would then use up the
+/// descriptors, failing accepts, token reconnects and audit rotations alike.
+pub fn open_files_shortfall(limit: u64, max_connections: usize) -> Option<String> {
+    let needed = open_files_needed(max_connections);
+    (limit < needed).then(|| {
+        format!(
+            "the limit on open files ({limit}) is below what limits.max_connections ({max_connections}) needs ({needed}, with the ops port's {} and {OPEN_FILES_RESERVE} for the token, the audit log and Vault): unauthenticated connections could use up the signer's file descriptors; raise it (systemd LimitNOFILE, ulimit -n, the container runtime's nofile) or lower limits.max_connections",
+            crate::ops_http::MAX_OPS_CONNECTIONS
+        )
+    })
+}
+
+/// Raises the soft limit on open files towards the hard one, as far as the signer can
+/// use (a shell's or a container runtime's default is often 1024, under what the default
+/// `max_connections` needs), and warns if it stays too low.
+fn raise_open_files_limit(max_connections: usize) {
+    let wanted = OPEN_FILES_WANTED.max(open_files_needed(max_connections));
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) => {
+            if let Some(shortfall) = open_files_shortfall(limit, max_connections) {
+                tracing::warn!("{shortfall}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the limit on open files"),
+    }
+}
+
 /// Starts everything and returns once the listeners are bound.
 pub async fn start(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
 ) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
+    raise_open_files_limit(config.limits.max_connections);
     let root = load_root(&config)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
@@ -671,8 +713,9 @@ async fn serve_tls(
     let mut watching = shutdown.clone();
     let stop = stopped(&mut watching);
     tokio::pin!(stop);
+    let mut accept_errors = crate::ops_http::AcceptErrors::default();
     while let Some((permit, tcp, peer)) =
-        crate::ops_http::accept_bounded(&listener, &slots, &mut stop).await
+        crate::ops_http::accept_bounded(&listener, &slots, &mut accept_errors, &mut stop).await
     {
         let _ = tcp.set_nodelay(true);
         // Marks this acceptor's version seen, so a reload after it is noticed below.
