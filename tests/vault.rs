@@ -427,7 +427,10 @@ async fn with_no_valid_token_a_failed_login_is_not_retried_per_request() {
     loop {
         let (status, body) = sign(&env, &signer).await;
         if status == 503 {
-            assert!(message(&body).contains("Vault login (approle) failed"), "{body}");
+            assert!(
+                message(&body).contains("Vault login (approle) failed"),
+                "{body}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the token did not end: {body}");
