@@ -153,7 +153,8 @@ const PROBE_PREFIX: &str = ".meshca-probe-";
 /// for one: an intermediate that cannot be written would be signed (and audited) for
 /// nothing at every retry. `dir` is created as a write would create it (an empty directory
 /// reads as nothing installed); a temporary directory with a file of [`PROBE_BYTES`] in
-/// it is written, synced and removed (a read-only, full or unwritable target fails here);
+/// it is written, synced and removed under the writers' lock (a read-only, full or
+/// unwritable target fails here);
 /// and none of the names a write replaces may be a directory (a rename onto one fails).
 /// The error names the path that failed. Faults only the write itself can meet (a file
 /// mounted over a name, an immutable file) are still met after the signature.
@@ -176,6 +177,10 @@ pub fn check_writable(dir: &Path) -> io::Result<()> {
             ));
         }
     }
+    // Under the writers' lock: a write finishing beside it removes probe directories as
+    // leftovers (of a process killed while probing), this one's included.
+    let lock = fs::File::open(dir).map_err(at(dir))?;
+    lock.lock().map_err(at(dir))?;
     let probe = tempfile::Builder::new()
         .prefix(PROBE_PREFIX)
         .tempdir_in(dir)
@@ -497,6 +502,35 @@ mod tests {
         let second = second.borrow_mut().take().unwrap();
         second.join().unwrap().unwrap();
         assert_eq!(read_bundle(&target).unwrap(), files("three"));
+        assert_eq!(meshca_names_in(&target).len(), 1);
+    }
+
+    #[test]
+    fn the_write_probe_waits_for_a_writer_whose_cleanup_would_remove_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().to_path_buf();
+        write_bundle(&target, &files("one")).unwrap();
+        // A writer in the middle of its write holds the lock (as write_bundle takes it).
+        let writer = fs::File::open(&target).unwrap();
+        writer.lock().unwrap();
+        let (done, probed) = std::sync::mpsc::channel();
+        let probe = {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let checked = check_writable(&target);
+                let _ = done.send(());
+                checked
+            })
+        };
+        // It cannot finish while the lock is held, however long this waits.
+        assert!(
+            probed
+                .recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the probe ran beside a writer"
+        );
+        writer.unlock().unwrap();
+        probe.join().unwrap().unwrap();
         assert_eq!(meshca_names_in(&target).len(), 1);
     }
 
