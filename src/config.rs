@@ -163,6 +163,43 @@ impl RootSettings {
     }
 }
 
+/// Longest commonName X.520 allows (ub-common-name, RFC 5280 appendix A), in characters.
+const MAX_COMMON_NAME_CHARS: usize = 64;
+
+/// `root.common_name`, or `<orgName> root CA` without one: 1 to 64 characters without
+/// control characters, as X.520 bounds a commonName (strict parsers refuse a longer one,
+/// and a root's name is in every certificate it issues). Checked here rather than cut:
+/// a root's name cannot be changed once it is made.
+fn root_common_name(configured: Option<&str>, org_name: &str) -> Result<String, String> {
+    let (name, whose) = match configured {
+        Some(name) => (name.to_string(), "root.common_name".to_string()),
+        None => (
+            format!("{org_name} root CA"),
+            format!("the default root common name ({org_name:?} root CA)"),
+        ),
+    };
+    let chars = name.chars().count();
+    if name.trim().is_empty() {
+        return Err(format!("{whose} is empty"));
+    }
+    if name.trim() != name || name.chars().any(char::is_control) {
+        return Err(format!(
+            "{whose} has leading or trailing spaces or control characters"
+        ));
+    }
+    if chars > MAX_COMMON_NAME_CHARS {
+        return Err(format!(
+            "{whose} has {chars} characters; a certificate's common name has at most {MAX_COMMON_NAME_CHARS}{}",
+            if configured.is_none() {
+                ": set root.common_name"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(name)
+}
+
 /// Which side of a root change an announced root is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Announcement {
@@ -444,15 +481,13 @@ impl SignerConfig {
             .map(|p| AnnouncedRoot::load_previous(&resolve(p)))
             .transpose()
             .map_err(err)?;
+        let common_name = root_common_name(file.root.common_name.as_deref(), &root_policy.org_name)
+            .map_err(err)?;
         let root = RootSettings {
             certificate: resolve(&file.root.certificate),
             next,
             previous,
-            common_name: file
-                .root
-                .common_name
-                .clone()
-                .unwrap_or_else(|| format!("{} root CA", root_policy.org_name)),
+            common_name,
             virtual_mesh: file.root.virtual_mesh.clone(),
             key_type: file.root.key_type,
             backend: file.root.backend,
@@ -845,6 +880,60 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert_eq!(
             without_values("invalid value: string \"abc\", expected a port"),
             "invalid value: string (value not shown), expected a port"
+        );
+    }
+
+    #[test]
+    fn a_root_common_name_x509_does_not_allow_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_fixture(dir.path(), "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let with_name = |name: &str| {
+            text.replace(
+                "backend = \"pkcs11\"",
+                &format!("backend = \"pkcs11\"\ncommon_name = {name:?}"),
+            )
+        };
+        let long = "n".repeat(65);
+        for (name, problem) in [
+            ("", "root.common_name is empty"),
+            ("  ", "root.common_name is empty"),
+            (
+                " acme root",
+                "leading or trailing spaces or control characters",
+            ),
+            (
+                "acme\troot",
+                "leading or trailing spaces or control characters",
+            ),
+            (
+                &long,
+                "root.common_name has 65 characters; a certificate's common name has at most 64",
+            ),
+        ] {
+            std::fs::write(&path, with_name(name)).unwrap();
+            let err = SignerConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(problem), "{name:?}: {err}");
+        }
+        // 64 characters, counted as characters.
+        let most = "é".repeat(64);
+        std::fs::write(&path, with_name(&most)).unwrap();
+        assert_eq!(SignerConfig::load(&path).unwrap().root.common_name, most);
+        // Without one, the default must fit too: an orgName of 60 makes 68 characters.
+        std::fs::write(&path, &text).unwrap();
+        let org = "o".repeat(60);
+        let meshes = std::fs::read_to_string(dir.path().join("vm.yaml")).unwrap();
+        std::fs::write(
+            dir.path().join("vm.yaml"),
+            meshes.replace("orgName: \"service-mesh-hub\"", &format!("orgName: {org}")),
+        )
+        .unwrap();
+        let err = SignerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("the default root common name")
+                && err.contains("has 68 characters")
+                && err.contains("set root.common_name"),
+            "{err}"
         );
     }
 

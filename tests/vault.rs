@@ -714,9 +714,16 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
 #[test]
 fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
     let env = Env::prepare(&vault(VaultSpec::default()));
+    let started = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let out = env.run_with_config_ok(&["root", "init"]);
     let stdout = text(&out.stdout);
     assert!(stdout.contains("generated inside Vault"), "{stdout}");
+    // Dated back 5 minutes, as intermediates are: none starts before its root.
+    let not_before = certificate_date_unix(&env.path("root-cert.pem"), "startdate");
+    assert!(not_before <= started - 299, "{not_before} {started}");
     let first = env.root_pem();
     let profile = openssl_root_text(&env, "vault root");
     for needle in [

@@ -214,6 +214,32 @@ fn common_checks(tbs: &TbsCertificate, f: &mut Findings) {
         });
     }
     f.check(!tbs.subject().is_empty(), || "subject is empty".into());
+    check_subject_bounds(tbs.subject(), f);
+}
+
+/// The X.520 bounds (RFC 5280 appendix A) of the attributes meshca's names carry:
+/// commonName and organizationName, 1 to 64 characters. Strict parsers refuse a longer
+/// or empty value, and a root's subject is the issuer of every certificate under it.
+fn check_subject_bounds(subject: &Name, f: &mut Findings) {
+    const MAX_CHARS: usize = 64;
+    for atv in subject.iter_rdn().flat_map(|rdn| rdn.iter()) {
+        let attribute = match atv.oid {
+            const_oid::db::rfc4519::CN => "commonName",
+            const_oid::db::rfc4519::O => "organizationName",
+            _ => continue,
+        };
+        let Ok(text) = atv
+            .value
+            .decode_as::<x509_cert::ext::pkix::name::DirectoryString>()
+        else {
+            f.check(false, || format!("subject {attribute} is not a string"));
+            continue;
+        };
+        let chars = String::from(text).chars().count();
+        f.check((1..=MAX_CHARS).contains(&chars), || {
+            format!("subject {attribute} has {chars} characters; X.520 allows 1 to {MAX_CHARS}")
+        });
+    }
 }
 
 fn check_org(tbs: &TbsCertificate, org_name: &str, f: &mut Findings) {
@@ -544,6 +570,43 @@ mod tests {
             };
             lint_intermediate(&tbs, &expect).unwrap();
         }
+    }
+
+    #[test]
+    fn a_name_over_the_x520_bounds_is_a_finding() {
+        let (_root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        // subject_name cuts a long common name, so the name is made by hand.
+        let name = |org: &str, cn: &str| {
+            <Name as std::str::FromStr>::from_str(&format!("CN={cn},O={org}")).unwrap()
+        };
+        for (subject, needle) in [
+            (
+                name("acme", &"n".repeat(65)),
+                "subject commonName has 65 characters",
+            ),
+            (
+                name(&"o".repeat(65), "mesh"),
+                "subject organizationName has 65 characters",
+            ),
+        ] {
+            let plan = IntermediatePlan {
+                subject,
+                ..plan_for(&key, "acme")
+            };
+            let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+            let failure = lint_intermediate_profile(&tbs, &root.subject_key_id).unwrap_err();
+            assert!(
+                failure.to_string().contains(needle),
+                "{needle:?} not in {failure}"
+            );
+        }
+        let plan = IntermediatePlan {
+            subject: name(&"o".repeat(64), &"é".repeat(64)),
+            ..plan_for(&key, "acme")
+        };
+        let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+        lint_intermediate_profile(&tbs, &root.subject_key_id).unwrap();
     }
 
     #[test]

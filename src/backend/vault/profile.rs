@@ -109,6 +109,10 @@ pub fn root_generate_body(root: &RootRequest<'_>) -> Value {
         "organization": [root.org_name],
         "exclude_cn_from_sans": true,
         "ttl": format!("{}s", root.ttl.as_secs()),
+        // Dated back as the token path dates its roots and every intermediate: Vault's
+        // own 30 s would leave intermediates issued in the first minutes starting before
+        // their root, refused by a cluster whose clock is a little behind.
+        "not_before_duration": format!("{}s", BACKDATE.as_secs()),
         "key_type": key_type,
         "key_bits": key_bits,
         "max_path_length": crate::pki::profile::ROOT_PATH_LEN,
@@ -484,6 +488,7 @@ mod tests {
         assert_eq!(body["key_type"], "rsa");
         assert_eq!(body["key_bits"], 4096);
         assert_eq!(body["ttl"], "2592000s");
+        assert_eq!(body["not_before_duration"], "300s");
         assert_eq!(body["max_path_length"], 1);
         assert_eq!(body["signature_bits"], 256);
         assert_eq!(body["key_usage"], json!(["CertSign", "CRLSign"]));
