@@ -36,6 +36,57 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Crates whose log lines reach meshca's log, by the target their events carry: a bare
+/// word in a filter names a target (`meshca`, `meshca::signer`, `kube_client`, ...), and
+/// one under none of these matches nothing meshca logs.
+const LOGGING_CRATES: [&str; 9] = [
+    "meshca", "vaultrs", "rustify", "kube", "hyper", "rustls", "cryptoki", "reqwest", "tower",
+];
+
+/// A `--log-level` (RUST_LOG) filter meshca refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("not a log filter (RUST_LOG syntax, e.g. info or meshca=debug): {0}")]
+    Syntax(String),
+    /// A bare word is a target to tracing, logged at every level, with everything else
+    /// off: a misspelled level would turn every log line off, errors included.
+    #[error(
+        "'{0}' is neither a log level (trace, debug, info, warn, error, off) nor a target \
+         meshca logs under ({targets}, each with its ::modules); a target's level is \
+         written target=level, e.g. meshca=debug",
+        targets = LOGGING_CRATES.join(", ")
+    )]
+    NeitherLevelNorTarget(String),
+}
+
+/// Checks a filter in RUST_LOG syntax before it is put in force: it must parse, and each
+/// bare directive (no `=`, no span) must be a level or a target meshca logs under.
+pub fn check_filter(text: &str) -> Result<(), FilterError> {
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| FilterError::Syntax(e.to_string()))?;
+    for directive in text.split(',').map(str::trim) {
+        let bare = !directive.is_empty() && !directive.contains(['=', '[']);
+        if bare
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+            && !is_logging_target(directive)
+        {
+            return Err(FilterError::NeitherLevelNorTarget(directive.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// `target` is one of [`LOGGING_CRATES`], a module of one (`meshca::signer`), or a crate
+/// of its family (`kube_client`, `hyper_util`, `tower_http`).
+fn is_logging_target(target: &str) -> bool {
+    LOGGING_CRATES.iter().any(|name| {
+        target
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::") || rest.starts_with('_'))
+    })
+}
+
 /// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax: the CLI has
 /// already chosen between its flag and RUST_LOG) writing to `writer`, and routes panics
 /// into it. `ansi` colours text output.
@@ -105,6 +156,42 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             self.1.as_deref().map(|l| l as _)
         }
+    }
+
+    #[test]
+    fn a_bare_word_must_be_a_level_or_a_target_meshca_logs_under() {
+        for accepted in [
+            "info",
+            "WARN",
+            "Off",
+            "meshca=debug,vaultrs=info",
+            "meshca::signer=trace",
+            "meshca::signer",
+            "warn,meshca",
+            "kube_client,hyper_util::client",
+            "wran=debug",
+            "info,",
+        ] {
+            assert!(check_filter(accepted).is_ok(), "{accepted} refused");
+        }
+        for misspelled in ["wran", "erorr", "debgu", "info,wran", "Meshca", "meshcaa"] {
+            let refused = check_filter(misspelled).unwrap_err();
+            assert!(
+                matches!(refused, FilterError::NeitherLevelNorTarget(_)),
+                "{misspelled}"
+            );
+        }
+        let said = check_filter("info, wran").unwrap_err().to_string();
+        assert!(
+            said.starts_with(
+                "'wran' is neither a log level (trace, debug, info, warn, error, off)"
+            ),
+            "{said}"
+        );
+        assert!(matches!(
+            check_filter("meshca=debgu"),
+            Err(FilterError::Syntax(_))
+        ));
     }
 
     #[test]

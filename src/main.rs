@@ -394,11 +394,12 @@ fn describe(e: &anyhow::Error) -> String {
     message
 }
 
-/// A `--log-level` tracing can use: a typo is refused by name, not replaced by `info`.
+/// A `--log-level` tracing can use: a typo is refused by name, not replaced by `info` nor
+/// read as a target that turns every line off.
 fn log_filter(text: &str) -> Result<String, String> {
-    tracing_subscriber::EnvFilter::try_new(text)
-        .map(|_| text.to_string())
-        .map_err(|e| format!("not a log filter (RUST_LOG syntax, e.g. info or meshca=debug): {e}"))
+    meshca::logging::check_filter(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn init_logging(format: LogFormat, level: &str) {

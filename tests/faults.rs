@@ -255,13 +255,11 @@ fn hold_token_files(dir: &std::path::Path) -> HeldTokenFiles {
     HeldTokenFiles { _locked: held }
 }
 
-/// A token that stops answering: the signing answers `503 backend_unavailable` once
-/// `pkcs11.timeout_seconds` has gone by (audited; before, it waited as long as the
-/// client did), readiness turns false, and once the token answers again signing resumes
-/// and what it signed for the abandoned request is thrown away, said in the log.
-#[tokio::test]
-async fn a_token_that_stops_answering_gives_503_after_the_timeout_and_signing_resumes() {
-    let env = Env::new();
+/// A signer (`pkcs11.timeout_seconds` 2) that signed once, then its token stopped
+/// answering (its files held until the second value is dropped): the signing after it got
+/// `503 backend_unavailable` after the timeout and `/readyz` turned false. The signing's
+/// token thread is still in its call.
+async fn signer_with_a_token_that_stopped_answering(env: &Env) -> (Signer, HeldTokenFiles) {
     let config = std::fs::read_to_string(&env.config).unwrap();
     let with_timeout = config.replacen("\nsessions = ", "\ntimeout_seconds = 2\nsessions = ", 1);
     assert_ne!(
@@ -289,6 +287,18 @@ async fn a_token_that_stops_answering_gives_503_after_the_timeout_and_signing_re
         wait_ready(&client, &signer, 503).await,
         "readyz stayed ready with a token that does not answer"
     );
+    (signer, held)
+}
+
+/// A token that stops answering: the signing answers `503 backend_unavailable` once
+/// `pkcs11.timeout_seconds` has gone by (audited; before, it waited as long as the
+/// client did), readiness turns false, and once the token answers again signing resumes
+/// and what it signed for the abandoned request is thrown away, said in the log.
+#[tokio::test]
+async fn a_token_that_stops_answering_gives_503_after_the_timeout_and_signing_resumes() {
+    let env = Env::new();
+    let (signer, held) = signer_with_a_token_that_stopped_answering(&env).await;
+    let client = env.client("cluster-a");
 
     drop(held);
     assert!(
@@ -309,6 +319,35 @@ async fn a_token_that_stops_answering_gives_503_after_the_timeout_and_signing_re
         .collect();
     assert_eq!(decisions, ["allow", "error", "allow"]);
     assert_eq!(audit[1]["rule"], "backend_unavailable");
+}
+
+/// SIGTERM while the token still does not answer: the signer drains, writes its audit
+/// lines and exits, naming the token call it left under way, instead of waiting for the
+/// token for as long as it stays away (before, the exit joined the stuck token thread,
+/// and a second SIGTERM did nothing either).
+#[tokio::test]
+async fn sigterm_stops_a_signer_whose_token_stopped_answering() {
+    let env = Env::new();
+    let (mut signer, held) = signer_with_a_token_that_stopped_answering(&env).await;
+    // Panics, with the logs, if the signer is still running after a bounded wait.
+    let status = signer.terminate_status();
+    drop(held);
+    let logs = signer.logs();
+    assert!(status.success(), "{status}:\n{logs}");
+    let outstanding: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("a token call was still under way at shutdown"))
+        .collect();
+    assert!(
+        outstanding
+            .iter()
+            .any(|l| l.contains("signing serial") && l.contains("running_seconds")),
+        "no outstanding signing named in:\n{logs}"
+    );
+    assert!(logs.contains("signer stopped"), "{logs}");
+    let decisions: Vec<Value> = signer.audit_lines();
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert_eq!(decisions[1]["rule"], "backend_unavailable");
 }
 
 #[tokio::test]

@@ -1746,7 +1746,8 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
 
 /// `--log-level` wins over RUST_LOG (before, RUST_LOG won, silently, and with it the
 /// Vault libraries' own error lines came back), and a filter tracing cannot use is
-/// refused by name, not replaced by `info`.
+/// refused by name, not replaced by `info`; so is a misspelled level, which tracing would
+/// read as a target and log nothing else, errors included.
 #[tokio::test]
 async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
     let env = Env::new();
@@ -1758,7 +1759,7 @@ async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
     assert_eq!(status, 200, "{body}");
     signer.wait_for_log("issued intermediate").await;
 
-    for (flag, environment) in [(Some("meshca=["), None), (None, Some("meshca=["))] {
+    let with_filter = |flag: Option<&str>, environment: Option<&str>| {
         let mut cmd = env.meshca();
         cmd.env_remove("RUST_LOG");
         if let Some(filter) = flag {
@@ -1767,7 +1768,10 @@ async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
         if let Some(filter) = environment {
             cmd.env("RUST_LOG", filter);
         }
-        let out = run(cmd.args(["crds", "--for", "agent"]));
+        run(cmd.args(["crds", "--for", "agent"]))
+    };
+    for (flag, environment) in [(Some("meshca=["), None), (None, Some("meshca=["))] {
+        let out = with_filter(flag, environment);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(
@@ -1775,6 +1779,27 @@ async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
                 && stderr.contains("not a log filter"),
             "{stderr}"
         );
+    }
+    for (flag, environment) in [(Some("wran"), None), (None, Some("wran"))] {
+        let out = with_filter(flag, environment);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("invalid value 'wran' for '--log-level")
+                && stderr.contains("neither a log level (trace, debug, info, warn, error, off)"),
+            "{stderr}"
+        );
+    }
+    for filter in [
+        "info",
+        "WARN",
+        "meshca=debug,vaultrs=info",
+        "meshca::signer=trace",
+    ] {
+        for (flag, environment) in [(Some(filter), None), (None, Some(filter))] {
+            let out = with_filter(flag, environment);
+            assert!(out.status.success(), "{filter}: {}", text(&out.stderr));
+        }
     }
 }
 

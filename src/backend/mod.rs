@@ -106,6 +106,14 @@ pub trait RootSigner: Send + Sync {
         false
     }
 
+    /// Once nothing more will be asked of it: waits, within the backend's own bound, for
+    /// its calls still under way (a readiness check a probe gave up on, a signing that
+    /// timed out). A call past the bound (a token that stopped answering) is named in the
+    /// log and left to the process exit: a stuck token does not hold up the exit.
+    fn finish_calls(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// Gives back what the start obtained that outlives the process (a Vault login's
     /// token), once nothing will be signed any more. The token's sessions end with it.
     fn close(&self) -> BoxFuture<'_, ()> {

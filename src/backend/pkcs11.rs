@@ -1178,16 +1178,18 @@ impl Inner {
 
 impl Pkcs11Backend {
     /// Runs `work` on a token thread once one is free (one token operation at a time per
-    /// session; waiting here costs no thread). `what` names the task in errors.
+    /// session; waiting here costs no thread). `what` names the task in errors, and in
+    /// the log should the token hold it past shutdown.
     async fn on_session<T: Send + 'static>(
         &self,
-        what: &str,
+        what: String,
         work: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
+        let failed = format!("{what} task failed");
         self.threads
-            .run(work)
+            .run(what, work)
             .await
-            .map_err(|e| BackendError::Unavailable(format!("{what} task failed: {e}")))?
+            .map_err(|e| BackendError::Unavailable(format!("{failed}: {e}")))?
     }
 }
 
@@ -1203,7 +1205,8 @@ impl RootSigner for Pkcs11Backend {
             // Set by whichever comes first: the token's answer or the caller giving up on it.
             let settled = Arc::new(AtomicBool::new(false));
             let answered = settled.clone();
-            let signing = self.on_session("signing", move |inner| {
+            let what = format!("signing serial {}", serial_hex(&request.plan.serial));
+            let signing = self.on_session(what, move |inner| {
                 let outcome = inner.issue_blocking(&request);
                 let ended = Instant::now();
                 if answered.swap(true, Ordering::SeqCst) && outcome.is_ok() {
@@ -1237,11 +1240,29 @@ impl RootSigner for Pkcs11Backend {
         if self.signed.within(SIGNED_RECENTLY, Instant::now()) {
             return Box::pin(std::future::ready(Ok(())));
         }
-        Box::pin(self.on_session("readiness", |inner| inner.ready()))
+        Box::pin(self.on_session("readiness check".into(), |inner| inner.ready()))
     }
 
     fn describe(&self) -> String {
         format!("pkcs11 {}", self.inner.settings.key)
+    }
+
+    /// A call gets `timeout_seconds` from its start, as a signing's caller does: one past
+    /// it has been given up on already, and waiting longer for it would hold the exit
+    /// for as long as the token stays away.
+    fn finish_calls(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let limit = self.inner.settings.timeout;
+            for call in self.threads.stop(limit).await {
+                tracing::warn!(
+                    call = %call.what,
+                    running_seconds = call.running.as_secs(),
+                    timeout_seconds = limit.as_secs(),
+                    key = %self.inner.settings.key,
+                    "a token call was still under way at shutdown, past pkcs11.timeout_seconds: the exit does not wait for it; its thread is left to the process exit, its session neither closed nor logged out"
+                );
+            }
+        })
     }
 }
 

@@ -443,19 +443,30 @@ impl RunningSigner {
     /// Stops accepting and drains in-flight requests for at most the drain timeout, or
     /// until `hurry` resolves. Then every signing decision still under way (its connection
     /// cut by the drain, or its client gone) is stopped and audited as `signer_stopping`;
-    /// returns once all decisions have their audit lines.
+    /// returns once all decisions have their audit lines and the backend's calls still
+    /// under way have ended or had their time (or `hurry` resolved): a token that stopped
+    /// answering does not hold up the exit.
     pub async fn shutdown(self, hurry: impl Future<Output = ()> + Send + 'static) {
         let deadline = tokio::time::Instant::now() + self.state.rules().limits.drain_timeout;
-        // Over at the drain time, or at once on `hurry` (a second stop signal: an operator
-        // who will not wait, rather than one who kills the process and loses the lines).
-        let over = CancellationToken::new();
+        // `hurry` is a second stop signal: an operator who will not wait, rather than one
+        // who kills the process and loses the lines. It ends every wait from then on.
+        let hurried = CancellationToken::new();
+        let hurry_watch = {
+            let hurried = hurried.clone();
+            tokio::spawn(async move {
+                hurry.await;
+                tracing::warn!(
+                    "a second stop signal: the drain is cut short, and so is the wait for token calls still under way"
+                );
+                hurried.cancel();
+            })
+        };
+        // Over at the drain time, or at once when hurried.
+        let over = hurried.child_token();
         let timer = {
             let over = over.clone();
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => {}
-                    _ = hurry => tracing::warn!("a second stop signal: the drain is cut short"),
-                }
+                tokio::time::sleep_until(deadline).await;
                 over.cancel();
             })
         };
@@ -492,6 +503,13 @@ impl RunningSigner {
         }
         api::audit_counted_refusals(&self.state).await;
         HeadAnchor::default().log_if_moved(&self.state.audit);
+        // Idle token threads end at once, whether hurried or not: polled first.
+        tokio::select! {
+            biased;
+            _ = self.state.backend.finish_calls() => {}
+            _ = hurried.cancelled() => {}
+        }
+        hurry_watch.abort();
         self.state.backend.close().await;
     }
 }
