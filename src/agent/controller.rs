@@ -463,6 +463,10 @@ impl Controller {
         let desired = Desired {
             mesh_name: mesh.name.clone(),
             key_type: spec.settings.key_type,
+            accepted_key_types: policy
+                .as_ref()
+                .ok()
+                .map(|policy| policy.accepted_key_types.clone()),
             adopt: spec.settings.adopt,
             signer_root,
             signer_root_not_after: PublicPolicy::root_end(policy.as_ref().ok()),

@@ -164,6 +164,10 @@ pub async fn reconcile(
     let desired = Desired {
         mesh_name: opts.mesh.name.clone(),
         key_type: opts.key_type,
+        accepted_key_types: policy
+            .as_ref()
+            .ok()
+            .map(|policy| policy.accepted_key_types.clone()),
         adopt: opts.adopt,
         signer_root,
         signer_root_not_after: PublicPolicy::root_end(policy.as_ref().ok()),
