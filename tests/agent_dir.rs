@@ -302,6 +302,37 @@ fn a_raised_rsa_minimum_replaces_an_installed_key_it_no_longer_accepts() {
 }
 
 #[test]
+fn a_key_type_the_policy_refuses_is_refused_before_anything_says_requesting() {
+    let env = Env::with(EnvSpec {
+        virtual_meshes: vec![virtual_mesh(
+            "test",
+            "vm",
+            30,
+            4096,
+            "acme",
+            &["test/cluster-a", "test/cluster-b"],
+        )],
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("etc/cacerts");
+    let refused = once(&env, &addr, &dir, &["--key-type", "ecdsa-p256"]);
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains(
+            "key type ecdsa-p256 is not accepted by virtual mesh test/vm (accepted: rsa4096, ecdsa-p384)"
+        ) && !stderr.contains("requesting a new intermediate"),
+        "{stderr}"
+    );
+    // An accepted key type is requested, and says so.
+    let accepted = once(&env, &addr, &dir, &["--key-type", "ecdsa-p384"]);
+    assert!(accepted.status.success(), "{}", text(&accepted.stderr));
+    assert!(text(&accepted.stderr).contains("requesting a new intermediate"));
+}
+
+#[test]
 fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
     let env = Env::new();
     let signer = env.start_signer();
