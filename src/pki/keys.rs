@@ -85,6 +85,26 @@ impl KeyType {
     }
 }
 
+impl KeyType {
+    /// Whether `kind` is a key of this type: the algorithm and the RSA size or curve. The
+    /// RSA exponent is not looked at: a type stands for any exponent the policy accepts
+    /// (odd, 65537 to 2^31-1, checked by [`check_public_key`]), not only the 65537 of
+    /// [`KeyType::public_key_kind`].
+    ///
+    /// [`check_public_key`]: crate::policy::rules::check_public_key
+    pub fn is_type_of(self, kind: &PublicKeyKind) -> bool {
+        match (self.public_key_kind(), kind) {
+            (
+                PublicKeyKind::Rsa { modulus_bits, .. },
+                PublicKeyKind::Rsa {
+                    modulus_bits: bits, ..
+                },
+            ) => modulus_bits == *bits,
+            (own, other) => own == *other,
+        }
+    }
+}
+
 impl fmt::Display for KeyType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
