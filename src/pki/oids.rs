@@ -1,12 +1,15 @@
-//! Names for the OIDs of algorithms meshca meets but does not take, so that a refusal
-//! says what it refuses: an OID alone sends the reader to a search engine.
+//! Names for the OIDs of algorithms and curves meshca meets but does not take, so that a
+//! refusal says what it refuses: an OID alone sends the reader to a search engine.
 
 use std::fmt;
 
 use const_oid::ObjectIdentifier;
 
 /// The names operators know, where const-oid's database has another spelling or none.
-const COMMON_NAMES: [(ObjectIdentifier, &str); 6] = [
+const COMMON_NAMES: [(ObjectIdentifier, &str); 9] = [
+    (ObjectIdentifier::new_unwrap("1.3.132.0.33"), "P-224"),
+    (ObjectIdentifier::new_unwrap("1.3.132.0.35"), "P-521"),
+    (ObjectIdentifier::new_unwrap("1.3.132.0.10"), "secp256k1"),
     (
         ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.10"),
         "RSASSA-PSS",
