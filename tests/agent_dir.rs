@@ -248,6 +248,90 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
     assert_eq!(after.entries.len(), 6, "{:?}", after.entries);
 }
 
+/// The public key of the installed intermediate, as openssl names it (`Public-Key: (256
+/// bit)`, `ASN1 OID: secp384r1`, ...).
+fn intermediate_key(dir: &Path) -> String {
+    openssl(dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"])
+}
+
+#[test]
+fn a_raised_rsa_minimum_replaces_an_installed_key_it_no_longer_accepts() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("etc/cacerts");
+    // No key type asked for: the agent takes P-256 under an RSA minimum of 2048.
+    pass_ok(&env, &addr, "cluster-a", &dir, &[]);
+    assert!(intermediate_key(&dir).contains("prime256v1"));
+    let roots_before = std::fs::read_to_string(dir.join("root-cert.pem")).unwrap();
+
+    // The minimum raised to 4096 on the signer: P-256 (128-bit strength) is out.
+    let policies = env.path("virtual-meshes.yaml");
+    let yaml = std::fs::read_to_string(&policies).unwrap();
+    assert!(yaml.contains("rsaKeySizeBytes: 2048"), "{yaml}");
+    std::fs::write(
+        &policies,
+        yaml.replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 4096"),
+    )
+    .unwrap();
+    send_signal(signer.child.id(), "HUP");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(signer.wait_for_log("SIGHUP: rules"));
+
+    // Replaced at once, not when due: a key the policy accepts, under the same root, so
+    // root-cert.pem keeps its bytes and istiod takes the files without a restart.
+    let out = pass_ok(&env, &addr, "cluster-a", &dir, &[]);
+    assert!(
+        out.contains(
+            "installed a new intermediate (installed bundle does not match: key is ECDSA P-256, which the signer's policy no longer accepts (accepted: rsa4096, ecdsa-p384))"
+        ) && !out.contains("restart istiod"),
+        "{out}"
+    );
+    assert!(intermediate_key(&dir).contains("secp384r1"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("root-cert.pem")).unwrap(),
+        roots_before
+    );
+    assert_valid(&env, &dir);
+    let out = pass_ok(&env, &addr, "cluster-a", &dir, &[]);
+    assert!(
+        out.contains("bundle valid and not due; nothing written"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_key_type_the_policy_refuses_is_refused_before_anything_says_requesting() {
+    let env = Env::with(EnvSpec {
+        virtual_meshes: vec![virtual_mesh(
+            "test",
+            "vm",
+            30,
+            4096,
+            "acme",
+            &["test/cluster-a", "test/cluster-b"],
+        )],
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("etc/cacerts");
+    let refused = once(&env, &addr, &dir, &["--key-type", "ecdsa-p256"]);
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains(
+            "key type ecdsa-p256 is not accepted by virtual mesh test/vm (accepted: rsa4096, ecdsa-p384)"
+        ) && !stderr.contains("requesting a new intermediate"),
+        "{stderr}"
+    );
+    // An accepted key type is requested, and says so.
+    let accepted = once(&env, &addr, &dir, &["--key-type", "ecdsa-p384"]);
+    assert!(accepted.status.success(), "{}", text(&accepted.stderr));
+    assert!(text(&accepted.stderr).contains("requesting a new intermediate"));
+}
+
 #[test]
 fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
     let env = Env::new();

@@ -798,6 +798,47 @@ async fn a_ttl_too_short_for_the_renewal_fraction_is_an_invalid_spec() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_type_the_policy_refuses_is_never_shown_as_requested() {
+    // An RSA minimum of 4096: P-256 is refused.
+    let env = Env::with(EnvSpec {
+        virtual_meshes: vec![virtual_mesh(
+            "test",
+            "vm",
+            30,
+            4096,
+            "acme",
+            &["test/cluster-a", "test/cluster-b"],
+        )],
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"keyType": "ecdsa-p256", "restart": {"policy": "never"}}),
+    );
+    let sent = cluster.pass_with_dry_runs().await;
+    // Refused before anything: no dry run of the Secret, and one status write, Failed,
+    // never Requested first.
+    assert!(
+        !sent.iter().any(|r| r.path == SECRET && r.method != "GET"),
+        "{:?}",
+        writes(&sent)
+    );
+    let phases: Vec<&str> = sent
+        .iter()
+        .filter(|r| r.path.ends_with("/cluster-a/status"))
+        .map(|r| r.body["status"]["phase"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(phases, ["Failed"]);
+    failed_with(
+        &cluster,
+        "key type ecdsa-p256 is not accepted by virtual mesh test/vm (accepted: rsa4096, ecdsa-p384)",
+    );
+    assert!(signer.audit_lines().is_empty());
+}
+
 /// A Lease this short leaves less than the 5 s margin: the agent reads it before each
 /// write (so a test can take it away between two).
 const LEASE_READ_BEFORE_EACH_WRITE: Duration = Duration::from_secs(6);

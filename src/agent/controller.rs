@@ -25,7 +25,9 @@ use super::rotation::{
     Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, check_ttl, decide, normalize_fingerprint,
     renewal_held_by_root,
 };
-use super::{AgentError, BundleRequest, RootsPlan, check_renewable, obtain_bundle};
+use super::{
+    AgentError, BundleRequest, RootsPlan, check_renewable, choose_key_type, obtain_bundle,
+};
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
 
@@ -463,6 +465,10 @@ impl Controller {
         let desired = Desired {
             mesh_name: mesh.name.clone(),
             key_type: spec.settings.key_type,
+            accepted_key_types: policy
+                .as_ref()
+                .ok()
+                .map(|policy| policy.accepted_key_types.clone()),
             adopt: spec.settings.adopt,
             signer_root,
             signer_root_not_after: PublicPolicy::root_end(policy.as_ref().ok()),
@@ -557,6 +563,13 @@ impl Controller {
                 previous_roots,
             } => {
                 let policy = policy.map_err(AgentError::from)?;
+                // A key type the policy refuses fails here, before the dry run and the
+                // `Requested` status: nothing is asked of anyone for it.
+                let key_type = choose_key_type(
+                    &policy.accepted_key_types,
+                    spec.settings.key_type,
+                    &policy.virtual_mesh,
+                )?;
                 // An intermediate the Secret could not take would be signed (and audited)
                 // for nothing at each attempt.
                 self.kube
@@ -573,7 +586,7 @@ impl Controller {
                     &BundleRequest {
                         virtual_mesh,
                         mesh,
-                        key_type: spec.settings.key_type,
+                        key_type: Some(key_type),
                         ttl_seconds: spec.settings.ttl_seconds,
                         roots: RootsPlan::Merge {
                             installed: previous_roots,

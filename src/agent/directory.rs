@@ -17,7 +17,7 @@ use super::rotation::{
 };
 use super::{
     AgentError, BundleRequest, RootsPlan, cacerts, check_dir_writable, check_renewable,
-    obtain_bundle,
+    choose_key_type, obtain_bundle,
 };
 use crate::pki::bundle::{
     BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
@@ -164,6 +164,10 @@ pub async fn reconcile(
     let desired = Desired {
         mesh_name: opts.mesh.name.clone(),
         key_type: opts.key_type,
+        accepted_key_types: policy
+            .as_ref()
+            .ok()
+            .map(|policy| policy.accepted_key_types.clone()),
         adopt: opts.adopt,
         signer_root,
         signer_root_not_after: PublicPolicy::root_end(policy.as_ref().ok()),
@@ -215,6 +219,13 @@ pub async fn reconcile(
             // for nothing at each retry.
             check_dir_writable(&opts.target)?;
             let policy = policy?;
+            // A key type the policy refuses fails here, before anything says a new
+            // intermediate is being requested.
+            let key_type = choose_key_type(
+                &policy.accepted_key_types,
+                opts.key_type,
+                &policy.virtual_mesh,
+            )?;
             tracing::info!(reason = %reason, dir = %opts.target.display(), "requesting a new intermediate");
             let obtained = obtain_bundle(
                 client,
@@ -222,7 +233,7 @@ pub async fn reconcile(
                 &BundleRequest {
                     virtual_mesh: opts.virtual_mesh.clone(),
                     mesh: opts.mesh.clone(),
-                    key_type: opts.key_type,
+                    key_type: Some(key_type),
                     ttl_seconds: opts.ttl_seconds,
                     roots: RootsPlan::Merge {
                         installed: previous_roots,

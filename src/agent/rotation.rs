@@ -162,6 +162,9 @@ pub struct Desired {
     pub mesh_name: String,
     /// A specific key type, or any the policy accepts.
     pub key_type: Option<KeyType>,
+    /// The key types the signer's policy accepts (its `acceptedKeyTypes`), when the signer
+    /// could be asked: with no `key_type`, an installed key outside them is replaced.
+    pub accepted_key_types: Option<Vec<String>>,
     /// Replace a foreign bundle.
     pub adopt: bool,
     /// SHA-256 of the signer's current root, when the signer could be asked.
@@ -323,6 +326,16 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
                 summary.key
             )));
         }
+    } else if let Some(accepted) = &desired.accepted_key_types
+        && !accepts_key(accepted, &summary.key)
+    {
+        // A raised RSA minimum (or a curve dropped) reaches installed intermediates now,
+        // not at their renewal months later. The root stays: a renewal, restarts and all.
+        return issue(IssueReason::Mismatch(format!(
+            "key is {}, which the signer's policy no longer accepts (accepted: {})",
+            summary.key,
+            accepted.join(", ")
+        )));
     }
     // A signer that announces the installed root as its next one is behind this cluster,
     // not ahead: a replica not yet switched while another already issued under the next
@@ -377,6 +390,15 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
         }
     }
     Decision::UpToDate { summary, renew_at }
+}
+
+/// Whether `key` (a [`BundleSummary::key`]) is a key of one of the `accepted` key types
+/// (names as the policy gives them; names this agent does not know match nothing).
+fn accepts_key(accepted: &[String], key: &str) -> bool {
+    accepted
+        .iter()
+        .filter_map(|name| name.parse::<KeyType>().ok())
+        .any(|key_type| key_type.public_key_kind().to_string() == key)
 }
 
 /// Whether the root with fingerprint `anchor` is the one `announced` says the signer will
@@ -638,6 +660,7 @@ mod tests {
         Desired {
             mesh_name: "cluster-a".into(),
             key_type: None,
+            accepted_key_types: None,
             adopt: false,
             signer_root: Some(f.root.fingerprint_sha256.clone()),
             signer_root_not_after: Some(f.root.not_after),
@@ -1013,6 +1036,56 @@ mod tests {
             decide(&Installed::Ours(f.bundle.clone()), &same, f.issued),
             Decision::UpToDate { .. }
         ));
+    }
+
+    #[test]
+    fn a_key_the_policy_no_longer_accepts_is_replaced_under_the_same_root() {
+        let f = fixture();
+        let names = |types: &[KeyType]| Some(types.iter().map(|k| k.to_string()).collect());
+        // The RSA minimum raised to 4096: P-256 is out, P-384 and RSA-4096 remain.
+        let raised = Desired {
+            accepted_key_types: names(&[KeyType::Rsa4096, KeyType::EcdsaP384]),
+            ..desired(&f)
+        };
+        match decide(&Installed::Ours(f.bundle.clone()), &raised, f.issued) {
+            Decision::Issue {
+                reason: IssueReason::Mismatch(why),
+                previous_roots: Some(roots),
+            } => {
+                assert_eq!(
+                    why,
+                    "key is ECDSA P-256, which the signer's policy no longer accepts (accepted: rsa4096, ecdsa-p384)"
+                );
+                // Only the key changes: root-cert.pem stays (no restart for roots).
+                assert_eq!(roots, f.bundle.root_cert);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Names this agent does not know match nothing, and hide nothing.
+        let unknown = Desired {
+            accepted_key_types: Some(vec!["ecdsa-p521".into(), "ecdsa-p256".into()]),
+            ..desired(&f)
+        };
+        let still = Desired {
+            accepted_key_types: names(&[KeyType::Rsa2048, KeyType::EcdsaP256]),
+            ..desired(&f)
+        };
+        // Without the signer (no policy known) the bundle is judged on its own.
+        let offline = Desired {
+            signer_root: None,
+            accepted_key_types: None,
+            ..desired(&f)
+        };
+        for d in [&unknown, &still, &offline] {
+            assert!(
+                matches!(
+                    decide(&Installed::Ours(f.bundle.clone()), d, f.issued),
+                    Decision::UpToDate { .. }
+                ),
+                "{:?}",
+                d.accepted_key_types
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use spki::SubjectPublicKeyInfoOwned;
 use zeroize::Zeroizing;
 
+use super::oids::Named;
+
 /// A key algorithm and size meshca can generate, sign with or accept.
 #[derive(
     Clone,
@@ -85,6 +87,26 @@ impl KeyType {
     }
 }
 
+impl KeyType {
+    /// Whether `kind` is a key of this type: the algorithm and the RSA size or curve. The
+    /// RSA exponent is not looked at: a type stands for any exponent the policy accepts
+    /// (odd, 65537 to 2^31-1, checked by [`check_public_key`]), not only the 65537 of
+    /// [`KeyType::public_key_kind`].
+    ///
+    /// [`check_public_key`]: crate::policy::rules::check_public_key
+    pub fn is_type_of(self, kind: &PublicKeyKind) -> bool {
+        match (self.public_key_kind(), kind) {
+            (
+                PublicKeyKind::Rsa { modulus_bits, .. },
+                PublicKeyKind::Rsa {
+                    modulus_bits: bits, ..
+                },
+            ) => modulus_bits == *bits,
+            (own, other) => own == *other,
+        }
+    }
+}
+
 impl fmt::Display for KeyType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -114,7 +136,7 @@ impl fmt::Display for NamedCurve {
         match self {
             NamedCurve::P256 => f.write_str("P-256"),
             NamedCurve::P384 => f.write_str("P-384"),
-            NamedCurve::Other(oid) => write!(f, "curve {oid}"),
+            NamedCurve::Other(oid) => write!(f, "curve {}", Named(oid)),
         }
     }
 }
@@ -147,7 +169,7 @@ impl fmt::Display for PublicKeyKind {
         match self {
             PublicKeyKind::Rsa { modulus_bits, .. } => write!(f, "RSA-{modulus_bits}"),
             PublicKeyKind::Ec(curve) => write!(f, "ECDSA {curve}"),
-            PublicKeyKind::Other(oid) => write!(f, "algorithm {oid}"),
+            PublicKeyKind::Other(oid) => write!(f, "algorithm {}", Named(oid)),
         }
     }
 }
@@ -389,6 +411,49 @@ mod tests {
         }
         let err = "rsa1024".parse::<KeyType>().unwrap_err().to_string();
         assert!(err.contains("rsa1024"), "{err}");
+    }
+
+    #[test]
+    fn keys_of_other_curves_and_algorithms_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| crate::pki::testing::openssl(dir.path(), args);
+        for (algorithm, options, shown) in [
+            (
+                "EC",
+                &["-pkeyopt", "ec_paramgen_curve:P-521"][..],
+                "ECDSA curve 1.3.132.0.35 (P-521)",
+            ),
+            (
+                "EC",
+                &["-pkeyopt", "ec_paramgen_curve:secp256k1"][..],
+                "ECDSA curve 1.3.132.0.10 (secp256k1)",
+            ),
+            (
+                "EC",
+                &["-pkeyopt", "ec_paramgen_curve:brainpoolP256r1"][..],
+                "ECDSA curve 1.3.36.3.3.2.8.1.1.7 (brainpoolP256r1)",
+            ),
+            ("ED25519", &[][..], "algorithm 1.3.101.112 (Ed25519)"),
+            ("ED448", &[][..], "algorithm 1.3.101.113 (Ed448)"),
+        ] {
+            let mut args = vec!["genpkey", "-algorithm", algorithm];
+            args.extend(options);
+            args.extend(["-out", "key.pem"]);
+            openssl(&args);
+            openssl(&[
+                "pkey", "-in", "key.pem", "-pubout", "-outform", "DER", "-out", "pub.der",
+            ]);
+            let der = std::fs::read(dir.path().join("pub.der")).unwrap();
+            let kind =
+                describe_public_key(&SubjectPublicKeyInfoOwned::from_der(&der).unwrap()).unwrap();
+            let denial = crate::policy::rules::check_public_key(&kind, 2048).unwrap_err();
+            assert_eq!(
+                denial.message,
+                format!(
+                    "{shown} is not accepted; accepted key types: rsa2048, rsa3072, rsa4096, ecdsa-p256, ecdsa-p384"
+                )
+            );
+        }
     }
 
     #[test]

@@ -424,8 +424,9 @@ pub fn lint_root_profile(
         SignatureAlgorithm::from_identifier(tbs.signature()).is_ok(),
         || {
             format!(
-                "signature algorithm {} is not one meshca verifies",
-                tbs.signature().oid
+                "signature algorithm {} is not one meshca verifies (it verifies {})",
+                super::oids::Named(&tbs.signature().oid),
+                super::sigalg::SUPPORTED_ALGORITHMS
             )
         },
     );

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod csr;
 pub mod keys;
 pub mod lint;
+pub mod oids;
 pub mod pem;
 pub mod profile;
 pub mod sigalg;

@@ -65,6 +65,9 @@ pub enum RootError {
     NotCa,
     #[error("root certificate self-signature does not verify")]
     BadSelfSignature,
+    /// Not a wrong signature: one meshca cannot check (an algorithm it does not verify).
+    #[error("root certificate self-signature cannot be checked: {0}")]
+    SelfSignatureNotCheckable(SignatureError),
 }
 
 /// The CN a certificate for `name` carries: its first 64 characters (RFC 5280's bound).
@@ -140,8 +143,10 @@ impl RootCa {
         if !is_ca(tbs) {
             return Err(RootError::NotCa);
         }
-        verify_certificate_signature(&certificate, &verifier)
-            .map_err(|_| RootError::BadSelfSignature)?;
+        verify_certificate_signature(&certificate, &verifier).map_err(|e| match e {
+            SignatureError::Invalid => RootError::BadSelfSignature,
+            other => RootError::SelfSignatureNotCheckable(other),
+        })?;
         let der = certificate
             .to_der()
             .map_err(|e| RootError::Pem(PemError::Malformed(e.to_string())))?;
@@ -378,4 +383,72 @@ pub fn is_ca(tbs: &x509_cert::TbsCertificate) -> bool {
 /// Reads the serial of a certificate as uppercase-free hex, as the API reports it.
 pub fn serial_hex(serial: &SerialNumber) -> String {
     hex(serial.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed RSA-2048 CA made by openssl with `signing` options (`-sha1`, or PSS
+    /// padding).
+    fn openssl_root(signing: &[&str]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("root.cnf"),
+            "[req]\ndistinguished_name = dn\nx509_extensions = root_ext\nprompt = no\n\
+             [dn]\nO = acme\nCN = acme root\n\
+             [root_ext]\nbasicConstraints = critical,CA:true,pathlen:1\n\
+             keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n",
+        )
+        .unwrap();
+        let mut args = vec![
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "root.key", "-config",
+            "root.cnf", "-days", "30", "-out", "root.pem",
+        ];
+        args.extend(signing);
+        crate::pki::testing::openssl(dir.path(), &args);
+        std::fs::read_to_string(dir.path().join("root.pem")).unwrap()
+    }
+
+    #[test]
+    fn a_root_signed_with_an_algorithm_meshca_does_not_verify_is_named_not_called_bad() {
+        for (signing, algorithm) in [
+            (
+                &["-sha256", "-sigopt", "rsa_padding_mode:pss"][..],
+                "1.2.840.113549.1.1.10 (RSASSA-PSS)",
+            ),
+            (
+                &["-sha1"][..],
+                "1.2.840.113549.1.1.5 (sha1WithRSAEncryption)",
+            ),
+        ] {
+            let err = RootCa::from_pem(&openssl_root(signing)).unwrap_err();
+            assert!(
+                matches!(err, RootError::SelfSignatureNotCheckable(_)),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "root certificate self-signature cannot be checked: signature algorithm {algorithm} is not supported (use sha256/384/512WithRSAEncryption or ecdsa-with-SHA256/384/512)"
+                )
+            );
+        }
+        // A supported algorithm with a wrong signature is still a bad signature.
+        let root = openssl_root(&["-sha256"]);
+        let certificate = RootCa::from_pem(&root).unwrap().certificate;
+        let mut signature = certificate.signature().raw_bytes().to_vec();
+        signature[10] ^= 1;
+        let tampered = assemble(
+            &certificate.tbs_certificate().to_der().unwrap(),
+            SignatureAlgorithm::RsaPkcs1Sha256,
+            &signature,
+        )
+        .unwrap();
+        let certificate = Certificate::from_der(&tampered).unwrap();
+        assert!(matches!(
+            RootCa::from_certificate(certificate),
+            Err(RootError::BadSelfSignature)
+        ));
+    }
 }

@@ -14,6 +14,7 @@ use sha2::Digest;
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 
 use super::keys::{KeyType, NamedCurve, PublicKeyKind, describe_public_key};
+use super::oids::Named;
 
 /// The signature algorithms meshca accepts on CSRs and produces on certificates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,13 +27,18 @@ pub enum SignatureAlgorithm {
     EcdsaSha512,
 }
 
+/// What [`SignatureAlgorithm`] covers, as refusals name it.
+pub const SUPPORTED_ALGORITHMS: &str =
+    "sha256/384/512WithRSAEncryption or ecdsa-with-SHA256/384/512";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {
     #[error(
-        "signature algorithm {0} is not supported (use sha256/384/512WithRSAEncryption or ecdsa-with-SHA256/384/512)"
+        "signature algorithm {} is not supported (use {SUPPORTED_ALGORITHMS})",
+        Named(.0)
     )]
     UnsupportedAlgorithm(ObjectIdentifier),
-    #[error("signature algorithm {0} has parameters it must not have")]
+    #[error("signature algorithm {} has parameters it must not have", Named(.0))]
     BadParameters(ObjectIdentifier),
     #[error("a {algorithm} signature cannot be made by a {key} key")]
     KeyMismatch { algorithm: String, key: String },

@@ -9,7 +9,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::rules::{accepted_key_types, effective_min_rsa_bits};
+use super::rules::{RSA_MAX_BITS, accepted_key_types, effective_min_rsa_bits};
 use crate::pki::keys::KeyType;
 
 /// `<namespace>/<name>`: how virtual meshes and meshes are named everywhere in meshca.
@@ -267,9 +267,11 @@ impl VirtualMeshDocument {
                 "spec.certificateAuthority.builtin.orgName must be 1 to {MAX_ORG_NAME_LEN} printable characters"
             )));
         }
-        if builtin.rsa_key_size_bytes > 16_384 {
+        // Above the largest RSA key accepted, only P-384 would be: weaker than the minimum
+        // the document states.
+        if builtin.rsa_key_size_bytes > RSA_MAX_BITS {
             return Err(invalid(format!(
-                "spec.certificateAuthority.builtin.rsaKeySizeBytes is a size in bits; {} is beyond any supported key",
+                "spec.certificateAuthority.builtin.rsaKeySizeBytes is the minimum RSA size in bits; {} is above the largest RSA key meshca accepts ({RSA_MAX_BITS} bits), so no RSA key could meet it and only ECDSA P-384 (as strong as RSA-7680) would be accepted: use at most {RSA_MAX_BITS}",
                 builtin.rsa_key_size_bytes
             )));
         }
@@ -451,6 +453,29 @@ mod tests {
             let err = load(&yaml).unwrap_err().to_string();
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
             assert!(err.contains("test.yaml"), "source missing in {err:?}");
+        }
+    }
+
+    #[test]
+    fn an_rsa_minimum_above_the_largest_rsa_key_accepted_is_refused() {
+        let with_minimum = |bits: u32| {
+            doc(
+                &format!(
+                    "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: {bits}\n      orgName: o"
+                ),
+                "",
+            )
+        };
+        let policies = load(&with_minimum(8192)).unwrap();
+        let policy = policies.iter().next().unwrap();
+        assert_eq!(policy.min_rsa_bits, 8192);
+        for bits in [8193, 16_384] {
+            let err = load(&with_minimum(bits)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("rsaKeySizeBytes is the minimum RSA size in bits; {bits} is above the largest RSA key meshca accepts (8192 bits)"))
+                    && err.contains("use at most 8192"),
+                "{err}"
+            );
         }
     }
 

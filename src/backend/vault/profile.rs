@@ -219,7 +219,8 @@ pub fn check_root(
     )
     .map_err(|e| e.to_string())?;
     let root = RootCa::from_certificate(certificate).map_err(|e| e.to_string())?;
-    if root.key_kind != key_type.public_key_kind() {
+    // The exponent passed the policy's rule above (lint_root_profile).
+    if !key_type.is_type_of(&root.key_kind) {
         return Err(format!(
             "the root key is {}, but root.key_type is {key_type}",
             root.key_kind
@@ -243,7 +244,7 @@ mod tests {
 
     use super::*;
     use crate::pki::csr::build_csr;
-    use crate::pki::keys::PrivateKey;
+    use crate::pki::keys::{PrivateKey, PublicKeyKind, RsaExponent};
     use crate::pki::pem::certificate_pem;
     use crate::pki::profile::{
         IntermediatePlan, intermediate_key_usage, random_serial, subject_name,
@@ -517,5 +518,70 @@ mod tests {
             let err = result.unwrap_err();
             assert!(err.contains(needle), "{needle:?} not in {err}");
         }
+    }
+
+    /// A root made elsewhere (an issuer adopted into Vault) in meshca's root profile, by
+    /// openssl, with an RSA-2048 key of public exponent `exponent`.
+    fn openssl_rsa_root(exponent: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| crate::pki::testing::openssl(dir.path(), args);
+        std::fs::write(
+            dir.path().join("root.cnf"),
+            "[req]\ndistinguished_name = dn\nx509_extensions = root_ext\nprompt = no\n\
+             [dn]\nO = acme\nCN = acme root\n\
+             [root_ext]\nbasicConstraints = critical,CA:true,pathlen:1\n\
+             keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n\
+             authorityKeyIdentifier = keyid:always\n",
+        )
+        .unwrap();
+        let public_exponent = format!("rsa_keygen_pubexp:{exponent}");
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-pkeyopt",
+            &public_exponent,
+            "-out",
+            "root.key",
+        ]);
+        openssl(&[
+            "req", "-x509", "-new", "-key", "root.key", "-config", "root.cnf", "-days", "30",
+            "-sha256", "-out", "root.pem",
+        ]);
+        std::fs::read_to_string(dir.path().join("root.pem")).unwrap()
+    }
+
+    #[test]
+    fn a_root_key_is_of_its_key_type_whatever_exponent_the_policy_accepts() {
+        let pem = openssl_rsa_root("65539");
+        let root = check_root(&pem, KeyType::Rsa2048, "acme", 2048, 30 * DAY).unwrap();
+        assert_eq!(
+            root.key_kind,
+            PublicKeyKind::Rsa {
+                modulus_bits: 2048,
+                exponent: RsaExponent::Small(65539)
+            }
+        );
+        // Another size is named as one, not as the same key twice.
+        let err = check_root(&pem, KeyType::Rsa3072, "acme", 2048, 30 * DAY).unwrap_err();
+        assert_eq!(
+            err,
+            "the root key is RSA-2048, but root.key_type is rsa3072"
+        );
+        // An exponent the policy refuses is refused by name.
+        let err = check_root(
+            &openssl_rsa_root("3"),
+            KeyType::Rsa2048,
+            "acme",
+            2048,
+            30 * DAY,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("RSA public exponent 3 is not accepted"),
+            "{err}"
+        );
     }
 }
