@@ -69,16 +69,19 @@ fn inventory(clusters: usize, services: usize) -> (String, Inventory) {
                     ("app".to_string(), format!("svc-{s:04}")),
                     ("version".to_string(), "v1".to_string()),
                 ]),
+                headless: false,
                 ports: vec![
                     PortInventory {
                         number: 8080,
                         name: Some("http".into()),
                         protocol: None,
+                        target_port: None,
                     },
                     PortInventory {
                         number: 9090,
                         name: Some("grpc".into()),
                         protocol: None,
+                        target_port: None,
                     },
                 ],
             })

@@ -283,8 +283,18 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                     .map(|p| (u32::from(p.number), p.name()))
                     .collect();
                 assert_eq!(ports, wanted, "{host}");
+                let target_ports: Vec<Option<u32>> =
+                    spec.ports.iter().map(|p| p.target_port).collect();
                 if source.name == target.name {
-                    // The exporting cluster's own entry: only its gateway sees it.
+                    // The exporting cluster's own entry: only its gateway sees it. A
+                    // headless service's name resolves to its pods: the gateway dials
+                    // their port.
+                    let wanted_targets: Vec<Option<u32>> = service
+                        .ports
+                        .iter()
+                        .map(|p| p.target_port.map(u32::from))
+                        .collect();
+                    assert_eq!(target_ports, wanted_targets, "{host}");
                     assert_eq!(spec.export_to, ["."]);
                     assert_eq!(spec.resolution, Some(Resolution::Dns));
                     assert!(spec.addresses.is_empty());
@@ -301,6 +311,7 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                     );
                     continue;
                 }
+                assert!(target_ports.iter().all(Option::is_none), "{host}");
                 assert!(spec.export_to.is_empty());
                 let all_ips = source
                     .gateway_addresses
@@ -388,6 +399,21 @@ fn three_clusters() {
             .iter()
             .all(|o| o.metadata().namespace == "istio-config")
     );
+    // west's headless payments: its own gateway dials the pods' port.
+    let local = parsed["west"]
+        .iter()
+        .find_map(|o| match o {
+            IstioObject::ServiceEntry(se) if se.metadata.name.starts_with("payments.") => Some(se),
+            _ => None,
+        })
+        .unwrap();
+    let ports: Vec<(u32, Option<u32>)> = local
+        .spec
+        .ports
+        .iter()
+        .map(|p| (p.number, p.target_port))
+        .collect();
+    assert_eq!(ports, [(8443, Some(9443)), (9090, None)]);
 }
 
 #[test]

@@ -672,7 +672,11 @@ impl<'p> DesiredObject<'p> {
         self.resource(Kind::DestinationRule, self.meta(None), spec)
     }
 
-    fn ports(service: &ServiceInventory) -> Vec<ServicePort> {
+    /// S's ports. `with_target_ports`: for the exporting cluster's own entry, whose
+    /// endpoint is S's cluster-local name: for a headless S that name resolves to pod
+    /// addresses, where nothing maps the Service port to the targetPort, so the gateway
+    /// must dial the targetPort itself. Imported entries map every port to the gateway.
+    fn ports(service: &ServiceInventory, with_target_ports: bool) -> Vec<ServicePort> {
         service
             .ports
             .iter()
@@ -680,13 +684,14 @@ impl<'p> DesiredObject<'p> {
                 number: u32::from(p.number),
                 protocol: p.protocol().as_str().to_string(),
                 name: p.name(),
+                target_port: p.target_port.filter(|_| with_target_ports).map(u32::from),
             })
             .collect()
     }
 
     fn remote_entry(&self, source: &ClusterPlan<'_>, export: &Export<'_>) -> ServiceEntry {
         let service = export.service;
-        let ports = Self::ports(service);
+        let ports = Self::ports(service, false);
         let gateway_port = u32::from(source.inventory.gateway_port);
         // Every service port arrives on the gateway's TLS port; the SNI says which.
         let endpoint_ports: BTreeMap<String, u32> = ports
@@ -728,7 +733,7 @@ impl<'p> DesiredObject<'p> {
         let spec = ServiceEntrySpec {
             hosts: vec![export.host.clone()],
             addresses: Vec::new(),
-            ports: Self::ports(service),
+            ports: Self::ports(service, true),
             location: Some(Location::MeshInternal),
             resolution: Some(Resolution::Dns),
             endpoints: vec![WorkloadEntry {
@@ -800,6 +805,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            headless: false,
             ports: Vec::new(),
         };
         assert!(c.selector.matches(&service("x", &[("k", "v"), ("o", "p")])));

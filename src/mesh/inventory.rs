@@ -73,6 +73,11 @@ pub struct ServiceInventory {
     pub namespace: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `clusterIP: None`: the cluster-local name resolves to the pods' own addresses, so
+    /// the exporting cluster's gateway must dial each port's `targetPort` (no kube-proxy
+    /// maps the Service port there).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
     pub ports: Vec<PortInventory>,
 }
 
@@ -86,6 +91,13 @@ pub struct PortInventory {
     /// Absent: from the name's prefix as Istio does (`http-web` is HTTP), else TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
+    /// Headless Services only: the port the pods listen on, when it differs from `number`.
+    #[serde(
+        default,
+        rename = "targetPort",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub target_port: Option<u16>,
 }
 
 /// Application protocols a ServiceEntry port may carry through the mTLS gateway (all over
@@ -397,6 +409,23 @@ impl ServiceInventory {
             if port.number == 0 {
                 return Err(problem("port number 0 is not a port".into()));
             }
+            match port.target_port {
+                Some(0) => {
+                    return Err(problem(format!(
+                        "port {}: targetPort 0 is not a port",
+                        port.number
+                    )));
+                }
+                // A ClusterIP Service's gateway dials the Service port, which kube-proxy
+                // maps: a targetPort there would bypass that mapping.
+                Some(_) if !self.headless => {
+                    return Err(problem(format!(
+                        "port {}: targetPort is for headless Services only (set headless: true if it has clusterIP: None)",
+                        port.number
+                    )));
+                }
+                _ => {}
+            }
             if let Some(name) = &port.name
                 && !is_dns1123_label(name)
             {
@@ -567,6 +596,16 @@ clusters:
             "unknown protocol \"quic\"",
         );
         refused("{number: 5432}", "{number: 0}", "port number 0");
+        refused(
+            "{number: 5432}",
+            "{number: 5432, targetPort: 15432}",
+            "port 5432: targetPort is for headless Services only",
+        );
+        refused(
+            "{number: 5432}",
+            "{number: 5432, targetPort: 0}",
+            "port 5432: targetPort 0 is not a port",
+        );
         refused(
             "  trustDomain: west.local\n",
             "  trustDomain: west.local\n  region: eu\n",

@@ -181,6 +181,9 @@ pub struct ServicePort {
     pub number: u32,
     pub protocol: String,
     pub name: String,
+    /// The port on the endpoint (absent: `number`, unless the endpoint maps the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
