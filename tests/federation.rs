@@ -239,6 +239,8 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                 IstioObject::DestinationRule(dr) => {
                     rules += 1;
                     assert_eq!(dr.spec.host, "*.global");
+                    // Explicit: a mesh-wide exportTo default must not hide it.
+                    assert_eq!(dr.spec.export_to, ["*"]);
                     let tls = dr.spec.traffic_policy.as_ref().unwrap().tls.as_ref();
                     assert_eq!(tls.unwrap().mode, ClientTlsMode::IstioMutual);
                 }
@@ -312,7 +314,7 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                     continue;
                 }
                 assert!(target_ports.iter().all(Option::is_none), "{host}");
-                assert!(spec.export_to.is_empty());
+                assert_eq!(spec.export_to, ["*"], "{host}");
                 let all_ips = source
                     .gateway_addresses
                     .iter()

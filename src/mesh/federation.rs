@@ -11,7 +11,8 @@
 //!   Envoy cluster of that name; without this entry E's gateway has no such cluster.
 //!
 //! Per cluster: a Gateway (TLS port, AUTO_PASSTHROUGH, `*.global`) where it exports, and a
-//! DestinationRule (`*.global`, ISTIO_MUTUAL) where it imports: the clients' sidecars must
+//! DestinationRule (`*.global`, ISTIO_MUTUAL, exported to every namespace, as the imported
+//! ServiceEntries are) where it imports: the clients' sidecars must
 //! originate Istio mTLS to the gateway (its addresses carry no tlsMode label, so auto-mTLS
 //! would send plain text); on the exporting side the gateway passes TLS through untouched.
 //!
@@ -48,6 +49,11 @@ pub const MANAGED_BY: &str = "meshca";
 
 /// Suffix of every federated host, and the Gateway's and DestinationRule's host.
 pub const GLOBAL_HOSTS: &str = "*.global";
+/// `exportTo` of imported ServiceEntries and of the DestinationRule: every namespace, set
+/// explicitly so that a mesh-wide default (meshConfig `defaultServiceExportTo`,
+/// `defaultDestinationRuleExportTo`) narrowed to `["."]` does not hide them from clients
+/// outside the Istio namespace.
+pub const EXPORT_TO_ALL: &str = "*";
 /// Selector of the gateway federation configures: Istio's east-west gateway.
 pub const GATEWAY_SELECTOR: (&str, &str) = ("istio", "eastwestgateway");
 
@@ -668,6 +674,9 @@ impl<'p> DesiredObject<'p> {
                     mode: ClientTlsMode::IstioMutual,
                 }),
             }),
+            // Every client namespace needs it, whatever the mesh's
+            // defaultDestinationRuleExportTo: without it a client sends plain text.
+            export_to: vec![EXPORT_TO_ALL.into()],
         };
         self.resource(Kind::DestinationRule, self.meta(None), spec)
     }
@@ -721,7 +730,8 @@ impl<'p> DesiredObject<'p> {
             location: Some(Location::MeshInternal),
             resolution: Some(source.resolution),
             endpoints,
-            export_to: Vec::new(),
+            // Every client namespace, whatever the mesh's defaultServiceExportTo.
+            export_to: vec![EXPORT_TO_ALL.into()],
         };
         let meta = self.meta(Some(&source.inventory.name));
         self.resource(Kind::ServiceEntry, meta, spec)
