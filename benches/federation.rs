@@ -221,7 +221,7 @@ fn main() {
     existing.extend((0..1000).map(|i| ObjectId {
         kind: meshca::mesh::Kind::ServiceEntry,
         namespace: "istio-system".into(),
-        name: format!("gone-{i}.ns.svc.cluster-x.global"),
+        name: format!("gone-{i}.ns.svc.cluster-x.mesh.internal"),
     }));
     let start = Instant::now();
     let stale = plan.stale_objects(&first, &existing);

@@ -229,7 +229,7 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                     let server = &gw.spec.servers[0];
                     assert_eq!(server.port.number, u32::from(target.gateway_port));
                     assert_eq!(server.port.protocol, "TLS");
-                    assert_eq!(server.hosts, ["*.global"]);
+                    assert_eq!(server.hosts, [format!("*.{}", config.host_suffix)]);
                     assert_eq!(
                         server.tls.as_ref().unwrap().mode,
                         ServerTlsMode::AutoPassthrough
@@ -238,7 +238,7 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                 }
                 IstioObject::DestinationRule(dr) => {
                     rules += 1;
-                    assert_eq!(dr.spec.host, "*.global");
+                    assert_eq!(dr.spec.host, format!("*.{}", config.host_suffix));
                     // Explicit: a mesh-wide exportTo default must not hide it.
                     assert_eq!(dr.spec.export_to, ["*"]);
                     let tls = dr.spec.traffic_policy.as_ref().unwrap().tls.as_ref();
@@ -262,8 +262,8 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
         for source in clusters {
             for service in selected(&source.name) {
                 let host = format!(
-                    "{}.{}.svc.{}.global",
-                    service.name, service.namespace, source.name
+                    "{}.{}.svc.{}.{}",
+                    service.name, service.namespace, source.name, config.host_suffix
                 );
                 let se = entries
                     .get(&host)
@@ -373,10 +373,10 @@ fn two_clusters() {
     assert_eq!(
         hosts(&parsed["mgmt"]),
         [
-            "productpage.bookinfo.svc.mgmt.global",
-            "reviews.bookinfo.svc.mgmt.global",
-            "details.bookinfo.svc.remote.global",
-            "ratings.bookinfo.svc.remote.global",
+            "productpage.bookinfo.svc.mgmt.mesh.internal",
+            "reviews.bookinfo.svc.mgmt.mesh.internal",
+            "details.bookinfo.svc.remote.mesh.internal",
+            "ratings.bookinfo.svc.remote.mesh.internal",
         ]
     );
     assert_eq!(parsed["remote"].len(), 6);
@@ -421,7 +421,9 @@ fn three_clusters() {
 #[test]
 fn service_added() {
     let (scenario, parsed) = run_scenario("service-added");
-    assert!(hosts(&parsed["mgmt"]).contains(&"mongodb.bookinfo.svc.remote.global".to_string()));
+    assert!(
+        hosts(&parsed["mgmt"]).contains(&"mongodb.bookinfo.svc.remote.mesh.internal".to_string())
+    );
     assert_eq!(
         read(&scenario.dir.join("expected/stale.txt")),
         "(nothing to delete)\n"
@@ -438,8 +440,8 @@ fn service_removed() {
     );
     assert_eq!(
         read(&scenario.dir.join("expected/stale.txt")),
-        "mgmt: ServiceEntry istio-system/ratings.bookinfo.svc.remote.global\n\
-         remote: ServiceEntry istio-system/ratings.bookinfo.svc.remote.global\n"
+        "mgmt: ServiceEntry istio-system/ratings.bookinfo.svc.remote.mesh.internal\n\
+         remote: ServiceEntry istio-system/ratings.bookinfo.svc.remote.mesh.internal\n"
     );
 }
 
@@ -448,7 +450,7 @@ fn port_renamed() {
     let (scenario, parsed) = run_scenario("port-renamed");
     let IstioObject::ServiceEntry(se) = parsed["remote"]
         .iter()
-        .find(|o| o.metadata().name == "reviews.bookinfo.svc.mgmt.global")
+        .find(|o| o.metadata().name == "reviews.bookinfo.svc.mgmt.mesh.internal")
         .unwrap()
     else {
         panic!("not a ServiceEntry")
@@ -479,8 +481,8 @@ fn address_collision() {
     };
     // The plain hash of (app-16297, shop, east), computed independently (SHA-256, first 32
     // bits, low 28 into 240.0.0.0/4); west's service hashes to the same address.
-    let east = address("west", "app-16297.shop.svc.east.global");
-    let west = address("east", "app-22139.shop.svc.west.global");
+    let east = address("west", "app-16297.shop.svc.east.mesh.internal");
+    let west = address("east", "app-22139.shop.svc.west.mesh.internal");
     assert_eq!(east, "240.193.238.197");
     assert_ne!(west, east);
 }
@@ -491,15 +493,15 @@ fn selector() {
     assert_eq!(
         hosts(&parsed["east"]),
         [
-            "reviews.bookinfo.svc.east.global",
-            "ratings.bookinfo.svc.west.global"
+            "reviews.bookinfo.svc.east.mesh.example.com",
+            "ratings.bookinfo.svc.west.mesh.example.com"
         ]
     );
     assert_eq!(
         hosts(&parsed["west"]),
         [
-            "reviews.bookinfo.svc.east.global",
-            "ratings.bookinfo.svc.west.global"
+            "reviews.bookinfo.svc.east.mesh.example.com",
+            "ratings.bookinfo.svc.west.mesh.example.com"
         ]
     );
 }

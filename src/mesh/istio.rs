@@ -295,7 +295,7 @@ mod tests {
             "kind": "DestinationRule",
             "metadata": {"name": "dr", "namespace": "istio-system", "uid": "x",
                          "labels": {"a": "b"}},
-            "spec": {"host": "*.global", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}},
+            "spec": {"host": "*.mesh.internal", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}},
             "status": {}
         });
         let object = IstioObject::from_value(value).unwrap();

@@ -89,7 +89,8 @@ impl VirtualMesh {
 #[serde(rename_all = "camelCase")]
 pub struct MeshSpec {
     /// The cluster's name: a DNS label, part of federated host names
-    /// (<service>.<namespace>.svc.<clusterName>.global). Unique among a VirtualMesh's members.
+    /// (<service>.<namespace>.svc.<clusterName>.<hostSuffix>). Unique among a VirtualMesh's
+    /// members.
     pub cluster_name: String,
     /// The Secret (in this Mesh's namespace) holding a kubeconfig for the cluster. Absent:
     /// the management cluster itself, with the controller's own credentials.

@@ -127,6 +127,10 @@ pub fn rejection(error: FederationError) -> Rejection {
             reason: "InvalidSelector",
             message: format!("spec.federation.selector: {problem}"),
         },
+        FederationError::HostSuffix { problem, .. } => Rejection {
+            reason: "InvalidHostSuffix",
+            message: format!("spec.federation.hostSuffix: {problem}"),
+        },
         other => Rejection {
             reason: "InvalidSpec",
             message: other.to_string(),
@@ -1604,6 +1608,11 @@ mod tests {
                 "unknown field",
             ),
             (
+                json!({"federation": {"hostSuffix": ".Global"}}),
+                "InvalidHostSuffix",
+                "spec.federation.hostSuffix: \".Global\" is not a DNS name",
+            ),
+            (
                 json!({"certificateAuthority": {"builtin": {"ttlDays": 0}}}),
                 "InvalidSpec",
                 "ttlDays must be between 1",
@@ -2008,15 +2017,15 @@ mod tests {
             entry
         };
         // East's own entry resolves db's name to pod addresses: the gateway dials 8080.
-        let local = entry("east", "db.shop.svc.east.global");
+        let local = entry("east", "db.shop.svc.east.mesh.internal");
         assert_eq!(local.spec.ports[0].number, 80);
         assert_eq!(local.spec.ports[0].target_port, Some(8080));
         assert_eq!(
-            entry("east", "cart.shop.svc.east.global").spec.ports[0].target_port,
+            entry("east", "cart.shop.svc.east.mesh.internal").spec.ports[0].target_port,
             None
         );
         // West reaches db through east's gateway port, not the pods' port.
-        let imported = entry("west", "db.shop.svc.east.global");
+        let imported = entry("west", "db.shop.svc.east.mesh.internal");
         assert_eq!(imported.spec.ports[0].target_port, None);
         assert_eq!(imported.spec.endpoints[0].ports["http"], 15443);
     }
@@ -2083,11 +2092,11 @@ mod tests {
         }
         changed[3].object = None;
         let mut stale = existing[2].clone();
-        stale.id.name = "gone.shop.svc.east.global".into();
+        stale.id.name = "gone.shop.svc.east.mesh.internal".into();
         let mut old_ns = existing[2].clone();
         old_ns.id.namespace = "old-istio".into();
         let mut others = existing[2].clone();
-        others.id.name = "theirs.shop.svc.east.global".into();
+        others.id.name = "theirs.shop.svc.east.mesh.internal".into();
         others
             .labels
             .insert("meshca.io/virtual-mesh".into(), "other".into());
@@ -2104,8 +2113,8 @@ mod tests {
         assert_eq!(
             deleted,
             [
-                "ServiceEntry istio-system/gone.shop.svc.east.global",
-                "ServiceEntry old-istio/cart.shop.svc.east.global",
+                "ServiceEntry istio-system/gone.shop.svc.east.mesh.internal",
+                "ServiceEntry old-istio/cart.shop.svc.east.mesh.internal",
             ]
         );
         assert_eq!(changes.unchanged, 2);
