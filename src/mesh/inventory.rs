@@ -45,7 +45,8 @@ pub struct ClusterInventory {
     /// The cluster's DNS domain (kubelet `clusterDomain`).
     #[serde(default = "default_cluster_domain")]
     pub cluster_domain: String,
-    /// Addresses other clusters reach this cluster's east-west gateway at: IPs or DNS names.
+    /// Addresses other clusters reach this cluster's east-west gateway at: IPs (all IPv4 or
+    /// all IPv6) or DNS names.
     #[serde(default)]
     pub gateway_addresses: Vec<String>,
     #[serde(default = "default_gateway_port")]
@@ -343,11 +344,28 @@ impl ClusterInventory {
     }
 
     /// STATIC when every gateway address is an IP, DNS when any is a host name; an address
-    /// that is neither is an error.
+    /// that is neither is an error, and so are IPv4 and IPv6 addresses in one list.
     pub fn gateway_resolution(&self) -> Result<Resolution, InventoryError> {
         let mut resolution = Resolution::Static;
         let mut seen = HashSet::with_capacity(self.gateway_addresses.len());
+        let (mut first_v4, mut first_v6): (Option<&str>, Option<&str>) = (None, None);
         for (i, address) in self.gateway_addresses.iter().enumerate() {
+            match address.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => {
+                    first_v4.get_or_insert(address);
+                }
+                Ok(IpAddr::V6(_)) => {
+                    first_v6.get_or_insert(address);
+                }
+                Err(_) => {}
+            }
+            if let (Some(v4), Some(v6)) = (first_v4, first_v6) {
+                // Every importing cluster gets every address as an endpoint: one without
+                // the other family would fail a share of its connections.
+                return Err(self.problem(format!(
+                    "gatewayAddresses mixes IPv4 ({v4}) and IPv6 ({v6}) addresses: every importing cluster gets all of them as endpoints, and one without IPv6 (or IPv4) would fail a share of its calls; list the addresses of one family, one every importing cluster can reach"
+                )));
+            }
             if address.parse::<IpAddr>().is_err() {
                 if !is_host_name(address) {
                     let hint = if address.contains(':') && !address.contains("::") {
@@ -458,7 +476,7 @@ clusters:
 - name: east
   mesh: smh/east-mesh
   trustDomain: east.local
-  gatewayAddresses: [192.0.2.10, 2001:db8::1]
+  gatewayAddresses: [192.0.2.10, 192.0.2.11]
   services:
   - name: reviews
     namespace: default
@@ -482,6 +500,10 @@ clusters:
         assert_eq!(east.istio_namespace, "istio-system");
         assert_eq!(east.cluster_domain, "cluster.local");
         assert_eq!(east.gateway_resolution().unwrap(), Resolution::Static);
+        // One family, whichever.
+        let mut v6 = east.clone();
+        v6.gateway_addresses = vec!["2001:db8::1".into(), "2001:db8::2".into()];
+        assert_eq!(v6.gateway_resolution().unwrap(), Resolution::Static);
         let ports = &east.services[0].ports;
         assert_eq!(ports[0].protocol(), Protocol::Http);
         assert_eq!(ports[1].protocol(), Protocol::Tcp);
@@ -544,9 +566,14 @@ clusters:
             "(give the port in gatewayPort)",
         );
         refused(
-            "192.0.2.10, 2001:db8::1",
+            "192.0.2.10, 192.0.2.11",
             "192.0.2.10, 192.0.2.10",
             "lists \"192.0.2.10\" twice",
+        );
+        refused(
+            "192.0.2.10, 192.0.2.11",
+            "192.0.2.10, gw.example.com, 2001:db8::1",
+            "cluster east: gatewayAddresses mixes IPv4 (192.0.2.10) and IPv6 (2001:db8::1) addresses",
         );
         refused(
             "gatewayPort: 443",

@@ -104,8 +104,8 @@ pub struct MeshSpec {
     /// The cluster's DNS domain (default cluster.local).
     #[serde(default = "default_cluster_domain")]
     pub cluster_domain: String,
-    /// Addresses other clusters reach this cluster's east-west gateway at (IPs or DNS
-    /// names). Required when the cluster offers services.
+    /// Addresses other clusters reach this cluster's east-west gateway at (IPs of one
+    /// family, or DNS names). Required when the cluster offers services.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_addresses: Vec<String>,
     /// The gateway's TLS port (default 15443).

@@ -1655,6 +1655,10 @@ mod tests {
                 "give the port in gatewayPort",
             ),
             (
+                json!({"gatewayAddresses": ["192.0.2.1", "2001:db8::1"]}),
+                "gatewayAddresses mixes IPv4 (192.0.2.1) and IPv6 (2001:db8::1) addresses",
+            ),
+            (
                 json!({"agent": {"namespace": "Smh"}}),
                 "spec.agent.namespace",
             ),
