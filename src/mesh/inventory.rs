@@ -49,6 +49,8 @@ pub struct ClusterInventory {
     /// all IPv6) or DNS names.
     #[serde(default)]
     pub gateway_addresses: Vec<String>,
+    /// The port clients dial at those addresses and the Gateway's server port, which Istio
+    /// takes for a port of the gateway's Service: that Service's port, not a node port.
     #[serde(default = "default_gateway_port")]
     pub gateway_port: u16,
     #[serde(default)]

@@ -108,7 +108,8 @@ pub struct MeshSpec {
     /// family, or DNS names). Required when the cluster offers services.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_addresses: Vec<String>,
-    /// The gateway's TLS port (default 15443).
+    /// The gateway's TLS port (default 15443): the port of the gateway's Service, which
+    /// clients reach at gatewayAddresses (a load balancer), not a node port.
     #[serde(default = "default_gateway_port")]
     pub gateway_port: u16,
     /// The VirtualMeshCertificateSigningRequest the controller keeps in this cluster.
