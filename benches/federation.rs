@@ -69,16 +69,19 @@ fn inventory(clusters: usize, services: usize) -> (String, Inventory) {
                     ("app".to_string(), format!("svc-{s:04}")),
                     ("version".to_string(), "v1".to_string()),
                 ]),
+                headless: false,
                 ports: vec![
                     PortInventory {
                         number: 8080,
                         name: Some("http".into()),
                         protocol: None,
+                        target_port: None,
                     },
                     PortInventory {
                         number: 9090,
                         name: Some("grpc".into()),
                         protocol: None,
+                        target_port: None,
                     },
                 ],
             })
@@ -218,7 +221,7 @@ fn main() {
     existing.extend((0..1000).map(|i| ObjectId {
         kind: meshca::mesh::Kind::ServiceEntry,
         namespace: "istio-system".into(),
-        name: format!("gone-{i}.ns.svc.cluster-x.global"),
+        name: format!("gone-{i}.ns.svc.cluster-x.mesh.internal"),
     }));
     let start = Instant::now();
     let stale = plan.stale_objects(&first, &existing);

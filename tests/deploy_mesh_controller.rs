@@ -168,7 +168,10 @@ fn the_crds_are_structural_and_carry_the_seed_shape() {
     );
     // Options meshca refuses are kept (not pruned) so that the refusal names them.
     let federation = &spec["properties"]["federation"];
-    assert_eq!(keys(&federation["properties"]), ["mode", "selector"]);
+    assert_eq!(
+        keys(&federation["properties"]),
+        ["hostSuffix", "mode", "selector"]
+    );
     assert_eq!(federation["x-kubernetes-preserve-unknown-fields"], true);
     assert_eq!(
         keys(&federation["properties"]["selector"]["properties"]),

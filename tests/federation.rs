@@ -229,7 +229,7 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                     let server = &gw.spec.servers[0];
                     assert_eq!(server.port.number, u32::from(target.gateway_port));
                     assert_eq!(server.port.protocol, "TLS");
-                    assert_eq!(server.hosts, ["*.global"]);
+                    assert_eq!(server.hosts, [format!("*.{}", config.host_suffix)]);
                     assert_eq!(
                         server.tls.as_ref().unwrap().mode,
                         ServerTlsMode::AutoPassthrough
@@ -238,7 +238,9 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                 }
                 IstioObject::DestinationRule(dr) => {
                     rules += 1;
-                    assert_eq!(dr.spec.host, "*.global");
+                    assert_eq!(dr.spec.host, format!("*.{}", config.host_suffix));
+                    // Explicit: a mesh-wide exportTo default must not hide it.
+                    assert_eq!(dr.spec.export_to, ["*"]);
                     let tls = dr.spec.traffic_policy.as_ref().unwrap().tls.as_ref();
                     assert_eq!(tls.unwrap().mode, ClientTlsMode::IstioMutual);
                 }
@@ -260,8 +262,8 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
         for source in clusters {
             for service in selected(&source.name) {
                 let host = format!(
-                    "{}.{}.svc.{}.global",
-                    service.name, service.namespace, source.name
+                    "{}.{}.svc.{}.{}",
+                    service.name, service.namespace, source.name, config.host_suffix
                 );
                 let se = entries
                     .get(&host)
@@ -283,8 +285,18 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                     .map(|p| (u32::from(p.number), p.name()))
                     .collect();
                 assert_eq!(ports, wanted, "{host}");
+                let target_ports: Vec<Option<u32>> =
+                    spec.ports.iter().map(|p| p.target_port).collect();
                 if source.name == target.name {
-                    // The exporting cluster's own entry: only its gateway sees it.
+                    // The exporting cluster's own entry: only its gateway sees it. A
+                    // headless service's name resolves to its pods: the gateway dials
+                    // their port.
+                    let wanted_targets: Vec<Option<u32>> = service
+                        .ports
+                        .iter()
+                        .map(|p| p.target_port.map(u32::from))
+                        .collect();
+                    assert_eq!(target_ports, wanted_targets, "{host}");
                     assert_eq!(spec.export_to, ["."]);
                     assert_eq!(spec.resolution, Some(Resolution::Dns));
                     assert!(spec.addresses.is_empty());
@@ -301,7 +313,8 @@ fn check_invariants(scenario: &Scenario, parsed: &BTreeMap<String, Vec<IstioObje
                     );
                     continue;
                 }
-                assert!(spec.export_to.is_empty());
+                assert!(target_ports.iter().all(Option::is_none), "{host}");
+                assert_eq!(spec.export_to, ["*"], "{host}");
                 let all_ips = source
                     .gateway_addresses
                     .iter()
@@ -360,10 +373,10 @@ fn two_clusters() {
     assert_eq!(
         hosts(&parsed["mgmt"]),
         [
-            "productpage.bookinfo.svc.mgmt.global",
-            "reviews.bookinfo.svc.mgmt.global",
-            "details.bookinfo.svc.remote.global",
-            "ratings.bookinfo.svc.remote.global",
+            "productpage.bookinfo.svc.mgmt.mesh.internal",
+            "reviews.bookinfo.svc.mgmt.mesh.internal",
+            "details.bookinfo.svc.remote.mesh.internal",
+            "ratings.bookinfo.svc.remote.mesh.internal",
         ]
     );
     assert_eq!(parsed["remote"].len(), 6);
@@ -388,12 +401,29 @@ fn three_clusters() {
             .iter()
             .all(|o| o.metadata().namespace == "istio-config")
     );
+    // west's headless payments: its own gateway dials the pods' port.
+    let local = parsed["west"]
+        .iter()
+        .find_map(|o| match o {
+            IstioObject::ServiceEntry(se) if se.metadata.name.starts_with("payments.") => Some(se),
+            _ => None,
+        })
+        .unwrap();
+    let ports: Vec<(u32, Option<u32>)> = local
+        .spec
+        .ports
+        .iter()
+        .map(|p| (p.number, p.target_port))
+        .collect();
+    assert_eq!(ports, [(8443, Some(9443)), (9090, None)]);
 }
 
 #[test]
 fn service_added() {
     let (scenario, parsed) = run_scenario("service-added");
-    assert!(hosts(&parsed["mgmt"]).contains(&"mongodb.bookinfo.svc.remote.global".to_string()));
+    assert!(
+        hosts(&parsed["mgmt"]).contains(&"mongodb.bookinfo.svc.remote.mesh.internal".to_string())
+    );
     assert_eq!(
         read(&scenario.dir.join("expected/stale.txt")),
         "(nothing to delete)\n"
@@ -410,8 +440,8 @@ fn service_removed() {
     );
     assert_eq!(
         read(&scenario.dir.join("expected/stale.txt")),
-        "mgmt: ServiceEntry istio-system/ratings.bookinfo.svc.remote.global\n\
-         remote: ServiceEntry istio-system/ratings.bookinfo.svc.remote.global\n"
+        "mgmt: ServiceEntry istio-system/ratings.bookinfo.svc.remote.mesh.internal\n\
+         remote: ServiceEntry istio-system/ratings.bookinfo.svc.remote.mesh.internal\n"
     );
 }
 
@@ -420,7 +450,7 @@ fn port_renamed() {
     let (scenario, parsed) = run_scenario("port-renamed");
     let IstioObject::ServiceEntry(se) = parsed["remote"]
         .iter()
-        .find(|o| o.metadata().name == "reviews.bookinfo.svc.mgmt.global")
+        .find(|o| o.metadata().name == "reviews.bookinfo.svc.mgmt.mesh.internal")
         .unwrap()
     else {
         panic!("not a ServiceEntry")
@@ -451,8 +481,8 @@ fn address_collision() {
     };
     // The plain hash of (app-16297, shop, east), computed independently (SHA-256, first 32
     // bits, low 28 into 240.0.0.0/4); west's service hashes to the same address.
-    let east = address("west", "app-16297.shop.svc.east.global");
-    let west = address("east", "app-22139.shop.svc.west.global");
+    let east = address("west", "app-16297.shop.svc.east.mesh.internal");
+    let west = address("east", "app-22139.shop.svc.west.mesh.internal");
     assert_eq!(east, "240.193.238.197");
     assert_ne!(west, east);
 }
@@ -463,15 +493,15 @@ fn selector() {
     assert_eq!(
         hosts(&parsed["east"]),
         [
-            "reviews.bookinfo.svc.east.global",
-            "ratings.bookinfo.svc.west.global"
+            "reviews.bookinfo.svc.east.mesh.example.com",
+            "ratings.bookinfo.svc.west.mesh.example.com"
         ]
     );
     assert_eq!(
         hosts(&parsed["west"]),
         [
-            "reviews.bookinfo.svc.east.global",
-            "ratings.bookinfo.svc.west.global"
+            "reviews.bookinfo.svc.east.mesh.example.com",
+            "ratings.bookinfo.svc.west.mesh.example.com"
         ]
     );
 }

@@ -438,7 +438,8 @@ async fn two_clusters_get_requests_and_federation_and_a_second_pass_writes_nothi
         assert!(spec["rotation"].get("retiredRootFingerprints").is_none());
     }
     // The east-west entries: west's service reaches east through west's gateway.
-    let entry = &expected["east"][&istio_path("serviceentries", "west-app.shop.svc.west.global")];
+    let entry =
+        &expected["east"][&istio_path("serviceentries", "west-app.shop.svc.west.mesh.internal")];
     assert_eq!(entry["spec"]["endpoints"][0]["address"], "192.0.2.2");
     assert_eq!(entry["spec"]["endpoints"][0]["ports"]["http"], 15443);
     assert_eq!(entry["spec"]["location"], "MESH_INTERNAL");
@@ -540,7 +541,7 @@ async fn a_removed_member_loses_its_request_and_objects_and_its_services_go_else
         v["metadata"]["generation"] = 2.into();
     });
     let sent = world.pass().await;
-    let north_entry = istio_path("serviceentries", "north-app.shop.svc.north.global");
+    let north_entry = istio_path("serviceentries", "north-app.shop.svc.north.mesh.internal");
     for cluster in ["east", "west"] {
         assert_eq!(
             writes(&sent[cluster]),
@@ -761,10 +762,10 @@ async fn objects_of_someone_else_are_left_alone_and_reported() {
     world
         .member("east")
         .put(&vmcsr_path("east"), foreign_request.clone());
-    let taken = istio_path("serviceentries", "west-app.shop.svc.west.global");
+    let taken = istio_path("serviceentries", "west-app.shop.svc.west.mesh.internal");
     let foreign_entry = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
-        "metadata": {"name": "west-app.shop.svc.west.global", "namespace": "istio-system"},
-        "spec": {"hosts": ["west-app.shop.svc.west.global"]}});
+        "metadata": {"name": "west-app.shop.svc.west.mesh.internal", "namespace": "istio-system"},
+        "spec": {"hosts": ["west-app.shop.svc.west.mesh.internal"]}});
     world.member("east").put(&taken, foreign_entry.clone());
     let sent = world.pass().await;
     let east_writes = writes(&sent["east"]);
@@ -792,7 +793,7 @@ async fn objects_of_someone_else_are_left_alone_and_reported() {
     );
     assert_eq!(
         east["federation"]["conflicts"],
-        json!(["ServiceEntry istio-system/west-app.shop.svc.west.global"])
+        json!(["ServiceEntry istio-system/west-app.shop.svc.west.mesh.internal"])
     );
     assert_eq!(condition(&st, "Federated")["reason"], "Conflict");
     // West is unaffected.
@@ -878,7 +879,7 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
         sorted(vec![
             w(
                 "DELETE",
-                &istio_path("serviceentries", "east-app.shop.svc.east.global")
+                &istio_path("serviceentries", "east-app.shop.svc.east.mesh.internal")
             ),
             // West offers, but no longer receives anything.
             w("DELETE", &istio_path("destinationrules", "vm-federation")),
@@ -889,7 +890,7 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
         sorted(vec![
             w(
                 "DELETE",
-                &istio_path("serviceentries", "east-app.shop.svc.east.global")
+                &istio_path("serviceentries", "east-app.shop.svc.east.mesh.internal")
             ),
             w("DELETE", &istio_path("gateways", "vm-federation")),
         ])

@@ -2,7 +2,8 @@
 //! member clusters, the exact set of Istio objects each cluster must hold, and which labelled
 //! objects are stale.
 //!
-//! For every selected Service S of cluster E (host `<S>.<ns>.svc.<E>.global`):
+//! For every selected Service S of cluster E (host `<S>.<ns>.svc.<E>.<suffix>`, the suffix
+//! `mesh.internal` unless the VirtualMesh names another):
 //! - in every other member cluster: a ServiceEntry (MESH_INTERNAL, a stable 240.0.0.0/4
 //!   address, S's ports, one endpoint per E's east-west gateway address on its TLS port,
 //!   carrying S's labels);
@@ -10,8 +11,9 @@
 //!   in the Istio namespace. The gateway routes by SNI (`outbound_.<port>_._.<host>`) to the
 //!   Envoy cluster of that name; without this entry E's gateway has no such cluster.
 //!
-//! Per cluster: a Gateway (TLS port, AUTO_PASSTHROUGH, `*.global`) where it exports, and a
-//! DestinationRule (`*.global`, ISTIO_MUTUAL) where it imports: the clients' sidecars must
+//! Per cluster: a Gateway (TLS port, AUTO_PASSTHROUGH, `*.<suffix>`) where it exports, and a
+//! DestinationRule (`*.<suffix>`, ISTIO_MUTUAL, exported to every namespace, as the imported
+//! ServiceEntries are) where it imports: the clients' sidecars must
 //! originate Istio mTLS to the gateway (its addresses carry no tlsMode label, so auto-mTLS
 //! would send plain text); on the exporting side the gateway passes TLS through untouched.
 //!
@@ -33,7 +35,7 @@ use super::istio::{
     Resource, Server, ServerTlsMode, ServerTlsSettings, ServiceEntry, ServiceEntrySpec,
     ServicePort, TrafficPolicy, WorkloadEntry,
 };
-use super::names::{is_dns1123_label, is_label_key, is_label_value};
+use super::names::{is_dns1123_label, is_dns1123_subdomain, is_label_key, is_label_value};
 use crate::policy::virtual_mesh::VirtualMeshDocument;
 use crate::policy::{ObjectRef, PolicyLoadError};
 
@@ -46,8 +48,19 @@ pub const LABEL_SOURCE_CLUSTER: &str = "meshca.io/source-cluster";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "meshca";
 
-/// Suffix of every federated host, and the Gateway's and DestinationRule's host.
-pub const GLOBAL_HOSTS: &str = "*.global";
+/// Suffix of federated hosts when the VirtualMesh names none. Under `.internal`, which
+/// ICANN reserved for private use: never delegated, so a lookup that misses Istio's DNS
+/// proxy gets NXDOMAIN instead of an answer from whoever registered the name (`.global`,
+/// the old suffix, is a public TLD open to registration).
+pub const DEFAULT_HOST_SUFFIX: &str = "mesh.internal";
+/// Longest host suffix: `<service>.<namespace>.svc.<cluster>.` takes up to 196 characters
+/// (three labels of 63), and a host, which is also the ServiceEntry's name, holds 253.
+pub const MAX_HOST_SUFFIX_LEN: usize = 253 - (63 + 1 + 63 + 5 + 63 + 1);
+/// `exportTo` of imported ServiceEntries and of the DestinationRule: every namespace, set
+/// explicitly so that a mesh-wide default (meshConfig `defaultServiceExportTo`,
+/// `defaultDestinationRuleExportTo`) narrowed to `["."]` does not hide them from clients
+/// outside the Istio namespace.
+pub const EXPORT_TO_ALL: &str = "*";
 /// Selector of the gateway federation configures: Istio's east-west gateway.
 pub const GATEWAY_SELECTOR: (&str, &str) = ("istio", "eastwestgateway");
 
@@ -114,6 +127,8 @@ pub struct FederationConfig {
     /// was is garbage).
     pub mode: Option<FederationMode>,
     pub selector: ServiceSelector,
+    /// Suffix of federated hosts (`<service>.<namespace>.svc.<cluster>.<suffix>`), checked.
+    pub host_suffix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +148,20 @@ pub enum FederationError {
         source_name: String,
         virtual_mesh: String,
         problem: String,
+    },
+    #[error("{source_name}: VirtualMesh {virtual_mesh}: spec.federation.hostSuffix: {problem}")]
+    HostSuffix {
+        source_name: String,
+        virtual_mesh: String,
+        problem: String,
+    },
+    #[error(
+        "cluster {cluster} has clusterDomain {cluster_domain}, which host suffix {host_suffix} covers: the federation Gateway and DestinationRule (*.{host_suffix}) would take every cluster-local Service; choose a suffix outside the cluster domains"
+    )]
+    HostSuffixCoversClusterDomain {
+        cluster: String,
+        cluster_domain: String,
+        host_suffix: String,
     },
     #[error(transparent)]
     Inventory(#[from] InventoryError),
@@ -154,6 +183,28 @@ pub enum FederationError {
     NoGateway { cluster: String, services: usize },
     #[error(transparent)]
     Addresses(#[from] AddressSpaceExhausted),
+}
+
+/// A host suffix must be a lowercase DNS name, not an IP address, short enough for every
+/// host under it.
+fn check_host_suffix(suffix: &str) -> Result<(), String> {
+    if !is_dns1123_subdomain(suffix)
+        || suffix
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "{suffix:?} is not a DNS name (dot-separated labels of lowercase letters, digits and '-', at most 63 each, the last not all digits; no leading dot or '*')"
+        ));
+    }
+    if suffix.len() > MAX_HOST_SUFFIX_LEN {
+        return Err(format!(
+            "{suffix:?} is {} characters long, more than {MAX_HOST_SUFFIX_LEN}: with a service, namespace and cluster name of 63 each a host (also the ServiceEntry's name) would pass 253",
+            suffix.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a file holding exactly one VirtualMesh document.
@@ -214,12 +265,28 @@ impl FederationConfig {
                 "spec.enforceAccessControl: true is not supported: meshca creates no authorization policies, so access would not be enforced; set it to false".into(),
             ));
         }
+        let host_suffix = match doc
+            .spec
+            .federation
+            .as_ref()
+            .and_then(|f| f.host_suffix.as_ref())
+        {
+            None => DEFAULT_HOST_SUFFIX.to_string(),
+            Some(suffix) => {
+                check_host_suffix(suffix).map_err(|problem| FederationError::HostSuffix {
+                    source_name: source_name.to_string(),
+                    virtual_mesh: id.to_string(),
+                    problem,
+                })?;
+                suffix.clone()
+            }
+        };
         let (mode, selector) = match &doc.spec.federation {
             None => (None, ServiceSelector::default()),
             Some(federation) => {
                 if let Some(key) = federation.other.keys().next() {
                     return Err(unsupported(format!(
-                        "spec.federation.{key} is not supported (known: mode, selector)"
+                        "spec.federation.{key} is not supported (known: mode, selector, hostSuffix)"
                     )));
                 }
                 match federation.mode.as_deref() {
@@ -252,7 +319,13 @@ impl FederationConfig {
             members: policy.meshes,
             mode,
             selector,
+            host_suffix,
         })
+    }
+
+    /// The Gateway's and the DestinationRule's host: every federated host.
+    pub fn wildcard_host(&self) -> String {
+        format!("*.{}", self.host_suffix)
     }
 
     /// The labels every federation object of this VirtualMesh carries.
@@ -289,7 +362,7 @@ impl FederationConfig {
 #[derive(Debug)]
 struct Export<'a> {
     service: &'a ServiceInventory,
-    /// `<name>.<namespace>.svc.<cluster>.global`: also the ServiceEntries' name.
+    /// `<name>.<namespace>.svc.<cluster>.<suffix>`: also the ServiceEntries' name.
     host: String,
     address: Ipv4Addr,
 }
@@ -318,6 +391,8 @@ pub struct FederationPlan<'a> {
     config: &'a FederationConfig,
     labels: BTreeMap<String, String>,
     object_name: String,
+    /// `*.<suffix>`.
+    wildcard_host: String,
     /// Sorted by cluster name.
     clusters: Vec<ClusterPlan<'a>>,
     moved_addresses: usize,
@@ -326,7 +401,8 @@ pub struct FederationPlan<'a> {
 /// Computes the federation of `config` over `inventory`.
 ///
 /// Errors: an invalid inventory, a member mesh without a cluster, a cluster whose mesh is
-/// not a member, an exporting cluster without gateway addresses.
+/// not a member, a cluster domain under the host suffix, an exporting cluster without
+/// gateway addresses.
 pub fn translate<'a>(
     config: &'a FederationConfig,
     inventory: &'a Inventory,
@@ -347,6 +423,22 @@ pub fn translate<'a>(
             virtual_mesh: config.virtual_mesh.to_string(),
             mesh: missing.to_string(),
         });
+    }
+
+    for cluster in &inventory.clusters {
+        let domain = &cluster.cluster_domain;
+        let suffix = &config.host_suffix;
+        if domain == suffix
+            || domain
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|rest| rest.ends_with('.'))
+        {
+            return Err(FederationError::HostSuffixCoversClusterDomain {
+                cluster: cluster.name.clone(),
+                cluster_domain: domain.clone(),
+                host_suffix: suffix.clone(),
+            });
+        }
     }
 
     let mut sorted: Vec<&ClusterInventory> = inventory.clusters.iter().collect();
@@ -396,7 +488,7 @@ pub fn translate<'a>(
             .into_iter()
             .zip(allocated.by_ref())
             .map(|(service, allocated)| Export {
-                host: global_host(service, &cluster.name),
+                host: federated_host(service, &cluster.name, &config.host_suffix),
                 address: allocated.address,
                 service,
             })
@@ -415,21 +507,24 @@ pub fn translate<'a>(
         config,
         labels: config.labels(),
         object_name: config.object_name(),
+        wildcard_host: config.wildcard_host(),
         clusters,
         moved_addresses,
     })
 }
 
-fn global_host(service: &ServiceInventory, cluster: &str) -> String {
-    let mut host =
-        String::with_capacity(service.name.len() + service.namespace.len() + cluster.len() + 13);
+fn federated_host(service: &ServiceInventory, cluster: &str, suffix: &str) -> String {
+    let mut host = String::with_capacity(
+        service.name.len() + service.namespace.len() + cluster.len() + suffix.len() + 7,
+    );
     for part in [
         service.name.as_str(),
         ".",
         &service.namespace,
         ".svc.",
         cluster,
-        ".global",
+        ".",
+        suffix,
     ] {
         host.push_str(part);
     }
@@ -651,7 +746,7 @@ impl<'p> DesiredObject<'p> {
                     name: "tls".into(),
                     protocol: "TLS".into(),
                 },
-                hosts: vec![GLOBAL_HOSTS.into()],
+                hosts: vec![self.plan.wildcard_host.clone()],
                 tls: Some(ServerTlsSettings {
                     mode: ServerTlsMode::AutoPassthrough,
                 }),
@@ -662,17 +757,24 @@ impl<'p> DesiredObject<'p> {
 
     fn destination_rule(&self) -> DestinationRule {
         let spec = DestinationRuleSpec {
-            host: GLOBAL_HOSTS.into(),
+            host: self.plan.wildcard_host.clone(),
             traffic_policy: Some(TrafficPolicy {
                 tls: Some(ClientTlsSettings {
                     mode: ClientTlsMode::IstioMutual,
                 }),
             }),
+            // Every client namespace needs it, whatever the mesh's
+            // defaultDestinationRuleExportTo: without it a client sends plain text.
+            export_to: vec![EXPORT_TO_ALL.into()],
         };
         self.resource(Kind::DestinationRule, self.meta(None), spec)
     }
 
-    fn ports(service: &ServiceInventory) -> Vec<ServicePort> {
+    /// S's ports. `with_target_ports`: for the exporting cluster's own entry, whose
+    /// endpoint is S's cluster-local name: for a headless S that name resolves to pod
+    /// addresses, where nothing maps the Service port to the targetPort, so the gateway
+    /// must dial the targetPort itself. Imported entries map every port to the gateway.
+    fn ports(service: &ServiceInventory, with_target_ports: bool) -> Vec<ServicePort> {
         service
             .ports
             .iter()
@@ -680,13 +782,14 @@ impl<'p> DesiredObject<'p> {
                 number: u32::from(p.number),
                 protocol: p.protocol().as_str().to_string(),
                 name: p.name(),
+                target_port: p.target_port.filter(|_| with_target_ports).map(u32::from),
             })
             .collect()
     }
 
     fn remote_entry(&self, source: &ClusterPlan<'_>, export: &Export<'_>) -> ServiceEntry {
         let service = export.service;
-        let ports = Self::ports(service);
+        let ports = Self::ports(service, false);
         let gateway_port = u32::from(source.inventory.gateway_port);
         // Every service port arrives on the gateway's TLS port; the SNI says which.
         let endpoint_ports: BTreeMap<String, u32> = ports
@@ -716,7 +819,8 @@ impl<'p> DesiredObject<'p> {
             location: Some(Location::MeshInternal),
             resolution: Some(source.resolution),
             endpoints,
-            export_to: Vec::new(),
+            // Every client namespace, whatever the mesh's defaultServiceExportTo.
+            export_to: vec![EXPORT_TO_ALL.into()],
         };
         let meta = self.meta(Some(&source.inventory.name));
         self.resource(Kind::ServiceEntry, meta, spec)
@@ -728,7 +832,7 @@ impl<'p> DesiredObject<'p> {
         let spec = ServiceEntrySpec {
             hosts: vec![export.host.clone()],
             addresses: Vec::new(),
-            ports: Self::ports(service),
+            ports: Self::ports(service, true),
             location: Some(Location::MeshInternal),
             resolution: Some(Resolution::Dns),
             endpoints: vec![WorkloadEntry {
@@ -800,6 +904,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            headless: false,
             ports: Vec::new(),
         };
         assert!(c.selector.matches(&service("x", &[("k", "v"), ("o", "p")])));
@@ -863,6 +968,113 @@ clusters:
         assert_eq!(plan.objects("a").unwrap().count(), 0);
         assert!(plan.objects("b").is_none());
         assert_eq!(plan.summary("a"), Some(ClusterSummary::default()));
+    }
+
+    #[test]
+    fn hosts_end_in_a_suffix_that_is_checked_and_defaults_to_mesh_internal() {
+        let inv = inventory(
+            "clusters:\n- name: a\n  mesh: ns/a\n  trustDomain: a.local\n  gatewayAddresses: [192.0.2.1]\n  services:\n  - {name: s, namespace: n, ports: [{number: 80}]}\n- name: b\n  mesh: ns/b\n  trustDomain: b.local\n",
+        );
+        let hosts = |c: &FederationConfig| -> Vec<String> {
+            let plan = translate(c, &inv).unwrap();
+            let mut hosts: Vec<String> = Vec::new();
+            for cluster in ["a", "b"] {
+                for object in plan.objects(cluster).unwrap() {
+                    match object.to_object() {
+                        IstioObject::Gateway(g) => hosts.extend(g.spec.servers[0].hosts.clone()),
+                        IstioObject::DestinationRule(d) => hosts.push(d.spec.host),
+                        IstioObject::ServiceEntry(e) => hosts.extend(e.spec.hosts),
+                    }
+                }
+            }
+            hosts
+        };
+        // `.global` is a public TLD: the default is under the reserved `.internal`.
+        let c = config("  federation: {}\n", &["a", "b"]).unwrap();
+        assert_eq!(c.host_suffix, "mesh.internal");
+        assert_eq!(
+            hosts(&c),
+            [
+                "*.mesh.internal",
+                "s.n.svc.a.mesh.internal",
+                "*.mesh.internal",
+                "s.n.svc.a.mesh.internal"
+            ]
+        );
+        let c = config(
+            "  federation: {hostSuffix: mesh.example.com}\n",
+            &["a", "b"],
+        )
+        .unwrap();
+        assert_eq!(
+            hosts(&c)[..2],
+            ["*.mesh.example.com", "s.n.svc.a.mesh.example.com"]
+        );
+
+        let longest = format!(
+            "{}.{}",
+            "x".repeat(28),
+            "y".repeat(MAX_HOST_SUFFIX_LEN - 29)
+        );
+        assert!(
+            config(
+                &format!("  federation: {{hostSuffix: {longest}}}\n"),
+                &["a"]
+            )
+            .is_ok()
+        );
+        // The longest names under the longest suffix still make a valid object name.
+        let label = "z".repeat(63);
+        let service = ServiceInventory {
+            name: label.clone(),
+            namespace: label.clone(),
+            labels: BTreeMap::new(),
+            headless: false,
+            ports: Vec::new(),
+        };
+        let host = federated_host(&service, &label, &longest);
+        assert_eq!(host.len(), 253);
+        assert!(is_dns1123_subdomain(&host));
+
+        for (suffix, needle) in [
+            (".global", "is not a DNS name"),
+            ("Global", "is not a DNS name"),
+            ("'*.mesh'", "is not a DNS name"),
+            ("a..b", "is not a DNS name"),
+            ("10.0.0.1", "is not a DNS name"),
+            (&format!("{}.internal", "a".repeat(64)), "is not a DNS name"),
+            (&format!("y{longest}"), "more than 57"),
+        ] {
+            let err = config(&format!("  federation: {{hostSuffix: {suffix}}}\n"), &["a"])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("VirtualMesh ns/vm: spec.federation.hostSuffix: ")
+                    && err.contains(needle),
+                "{suffix}: {needle:?} not in {err:?}"
+            );
+        }
+        // `*.local` would take every cluster.local Service into the Gateway and the rule.
+        for suffix in ["local", "cluster.local"] {
+            let c = config(
+                &format!("  federation: {{hostSuffix: {suffix}}}\n"),
+                &["a", "b"],
+            )
+            .unwrap();
+            let err = translate(&c, &inv).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "cluster a has clusterDomain cluster.local, which host suffix {suffix} covers"
+                )),
+                "{err}"
+            );
+        }
+        let c = config(
+            "  federation: {hostSuffix: global.cluster.local}\n",
+            &["a", "b"],
+        )
+        .unwrap();
+        assert!(translate(&c, &inv).is_ok());
     }
 
     #[test]

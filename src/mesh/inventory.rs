@@ -45,9 +45,12 @@ pub struct ClusterInventory {
     /// The cluster's DNS domain (kubelet `clusterDomain`).
     #[serde(default = "default_cluster_domain")]
     pub cluster_domain: String,
-    /// Addresses other clusters reach this cluster's east-west gateway at: IPs or DNS names.
+    /// Addresses other clusters reach this cluster's east-west gateway at: IPs (all IPv4 or
+    /// all IPv6) or DNS names.
     #[serde(default)]
     pub gateway_addresses: Vec<String>,
+    /// The port clients dial at those addresses and the Gateway's server port, which Istio
+    /// takes for a port of the gateway's Service: that Service's port, not a node port.
     #[serde(default = "default_gateway_port")]
     pub gateway_port: u16,
     #[serde(default)]
@@ -73,6 +76,11 @@ pub struct ServiceInventory {
     pub namespace: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `clusterIP: None`: the cluster-local name resolves to the pods' own addresses, so
+    /// the exporting cluster's gateway must dial each port's `targetPort` (no kube-proxy
+    /// maps the Service port there).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
     pub ports: Vec<PortInventory>,
 }
 
@@ -86,6 +94,13 @@ pub struct PortInventory {
     /// Absent: from the name's prefix as Istio does (`http-web` is HTTP), else TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
+    /// Headless Services only: the port the pods listen on, when it differs from `number`.
+    #[serde(
+        default,
+        rename = "targetPort",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub target_port: Option<u16>,
 }
 
 /// Application protocols a ServiceEntry port may carry through the mTLS gateway (all over
@@ -331,11 +346,28 @@ impl ClusterInventory {
     }
 
     /// STATIC when every gateway address is an IP, DNS when any is a host name; an address
-    /// that is neither is an error.
+    /// that is neither is an error, and so are IPv4 and IPv6 addresses in one list.
     pub fn gateway_resolution(&self) -> Result<Resolution, InventoryError> {
         let mut resolution = Resolution::Static;
         let mut seen = HashSet::with_capacity(self.gateway_addresses.len());
+        let (mut first_v4, mut first_v6): (Option<&str>, Option<&str>) = (None, None);
         for (i, address) in self.gateway_addresses.iter().enumerate() {
+            match address.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => {
+                    first_v4.get_or_insert(address);
+                }
+                Ok(IpAddr::V6(_)) => {
+                    first_v6.get_or_insert(address);
+                }
+                Err(_) => {}
+            }
+            if let (Some(v4), Some(v6)) = (first_v4, first_v6) {
+                // Every importing cluster gets every address as an endpoint: one without
+                // the other family would fail a share of its connections.
+                return Err(self.problem(format!(
+                    "gatewayAddresses mixes IPv4 ({v4}) and IPv6 ({v6}) addresses: every importing cluster gets all of them as endpoints, and one without IPv6 (or IPv4) would fail a share of its calls; list the addresses of one family, one every importing cluster can reach"
+                )));
+            }
             if address.parse::<IpAddr>().is_err() {
                 if !is_host_name(address) {
                     let hint = if address.contains(':') && !address.contains("::") {
@@ -397,6 +429,23 @@ impl ServiceInventory {
             if port.number == 0 {
                 return Err(problem("port number 0 is not a port".into()));
             }
+            match port.target_port {
+                Some(0) => {
+                    return Err(problem(format!(
+                        "port {}: targetPort 0 is not a port",
+                        port.number
+                    )));
+                }
+                // A ClusterIP Service's gateway dials the Service port, which kube-proxy
+                // maps: a targetPort there would bypass that mapping.
+                Some(_) if !self.headless => {
+                    return Err(problem(format!(
+                        "port {}: targetPort is for headless Services only (set headless: true if it has clusterIP: None)",
+                        port.number
+                    )));
+                }
+                _ => {}
+            }
             if let Some(name) = &port.name
                 && !is_dns1123_label(name)
             {
@@ -429,7 +478,7 @@ clusters:
 - name: east
   mesh: smh/east-mesh
   trustDomain: east.local
-  gatewayAddresses: [192.0.2.10, 2001:db8::1]
+  gatewayAddresses: [192.0.2.10, 192.0.2.11]
   services:
   - name: reviews
     namespace: default
@@ -453,6 +502,10 @@ clusters:
         assert_eq!(east.istio_namespace, "istio-system");
         assert_eq!(east.cluster_domain, "cluster.local");
         assert_eq!(east.gateway_resolution().unwrap(), Resolution::Static);
+        // One family, whichever.
+        let mut v6 = east.clone();
+        v6.gateway_addresses = vec!["2001:db8::1".into(), "2001:db8::2".into()];
+        assert_eq!(v6.gateway_resolution().unwrap(), Resolution::Static);
         let ports = &east.services[0].ports;
         assert_eq!(ports[0].protocol(), Protocol::Http);
         assert_eq!(ports[1].protocol(), Protocol::Tcp);
@@ -515,9 +568,14 @@ clusters:
             "(give the port in gatewayPort)",
         );
         refused(
-            "192.0.2.10, 2001:db8::1",
+            "192.0.2.10, 192.0.2.11",
             "192.0.2.10, 192.0.2.10",
             "lists \"192.0.2.10\" twice",
+        );
+        refused(
+            "192.0.2.10, 192.0.2.11",
+            "192.0.2.10, gw.example.com, 2001:db8::1",
+            "cluster east: gatewayAddresses mixes IPv4 (192.0.2.10) and IPv6 (2001:db8::1) addresses",
         );
         refused(
             "gatewayPort: 443",
@@ -567,6 +625,16 @@ clusters:
             "unknown protocol \"quic\"",
         );
         refused("{number: 5432}", "{number: 0}", "port number 0");
+        refused(
+            "{number: 5432}",
+            "{number: 5432, targetPort: 15432}",
+            "port 5432: targetPort is for headless Services only",
+        );
+        refused(
+            "{number: 5432}",
+            "{number: 5432, targetPort: 0}",
+            "port 5432: targetPort 0 is not a port",
+        );
         refused(
             "  trustDomain: west.local\n",
             "  trustDomain: west.local\n  region: eu\n",

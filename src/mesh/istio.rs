@@ -181,6 +181,9 @@ pub struct ServicePort {
     pub number: u32,
     pub protocol: String,
     pub name: String,
+    /// The port on the endpoint (absent: `number`, unless the endpoint maps the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +260,8 @@ pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,7 +295,7 @@ mod tests {
             "kind": "DestinationRule",
             "metadata": {"name": "dr", "namespace": "istio-system", "uid": "x",
                          "labels": {"a": "b"}},
-            "spec": {"host": "*.global", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}},
+            "spec": {"host": "*.mesh.internal", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}},
             "status": {}
         });
         let object = IstioObject::from_value(value).unwrap();

@@ -25,7 +25,7 @@ use super::metrics::{MeshControllerMetrics, Reconciled};
 use crate::agent::crd::{VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use crate::agent::election::{Elector, LeaderLoop};
 use crate::agent::k8s::{Kube, KubeError};
-use crate::mesh::federation::{FederationConfig, ServiceSelector};
+use crate::mesh::federation::{DEFAULT_HOST_SUFFIX, FederationConfig, ServiceSelector};
 use crate::mesh::inventory::{Inventory, ServiceInventory};
 use crate::mesh::istio::Kind;
 use crate::policy::ObjectRef;
@@ -822,6 +822,7 @@ fn labels_only(virtual_mesh: &ObjectRef) -> FederationConfig {
         members: BTreeSet::new(),
         mode: None,
         selector: ServiceSelector::default(),
+        host_suffix: DEFAULT_HOST_SUFFIX.to_string(),
     }
 }
 

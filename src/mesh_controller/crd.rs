@@ -89,7 +89,8 @@ impl VirtualMesh {
 #[serde(rename_all = "camelCase")]
 pub struct MeshSpec {
     /// The cluster's name: a DNS label, part of federated host names
-    /// (<service>.<namespace>.svc.<clusterName>.global). Unique among a VirtualMesh's members.
+    /// (<service>.<namespace>.svc.<clusterName>.<hostSuffix>). Unique among a VirtualMesh's
+    /// members.
     pub cluster_name: String,
     /// The Secret (in this Mesh's namespace) holding a kubeconfig for the cluster. Absent:
     /// the management cluster itself, with the controller's own credentials.
@@ -103,11 +104,12 @@ pub struct MeshSpec {
     /// The cluster's DNS domain (default cluster.local).
     #[serde(default = "default_cluster_domain")]
     pub cluster_domain: String,
-    /// Addresses other clusters reach this cluster's east-west gateway at (IPs or DNS
-    /// names). Required when the cluster offers services.
+    /// Addresses other clusters reach this cluster's east-west gateway at (IPs of one
+    /// family, or DNS names). Required when the cluster offers services.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_addresses: Vec<String>,
-    /// The gateway's TLS port (default 15443).
+    /// The gateway's TLS port (default 15443): the port of the gateway's Service, which
+    /// clients reach at gatewayAddresses (a load balancer), not a node port.
     #[serde(default = "default_gateway_port")]
     pub gateway_port: u16,
     /// The VirtualMeshCertificateSigningRequest the controller keeps in this cluster.

@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
 use super::crd::{
@@ -125,6 +126,10 @@ pub fn rejection(error: FederationError) -> Rejection {
         FederationError::Selector { problem, .. } => Rejection {
             reason: "InvalidSelector",
             message: format!("spec.federation.selector: {problem}"),
+        },
+        FederationError::HostSuffix { problem, .. } => Rejection {
+            reason: "InvalidHostSuffix",
+            message: format!("spec.federation.hostSuffix: {problem}"),
         },
         other => Rejection {
             reason: "InvalidSpec",
@@ -448,9 +453,10 @@ pub fn find_request<'e>(
 // Services
 
 /// A cluster's Services as federation inventory: all but those of the system namespaces
-/// and the mesh's Istio namespace, `default/kubernetes`, ExternalName Services, and
-/// Services left without a TCP port (UDP and SCTP ports are dropped: the east-west gateway
-/// carries TCP). A port's protocol comes from its appProtocol when Istio knows it, else from
+/// and the mesh's Istio namespace, `default/kubernetes`, ExternalName Services, headless
+/// Services with a named targetPort, and Services left without a TCP port (UDP and SCTP
+/// ports are dropped: the east-west gateway carries TCP). A headless Service's ports keep
+/// a numeric targetPort that differs from the port. A port's protocol comes from its appProtocol when Istio knows it, else from
 /// its name. Also returns why each other Service was skipped.
 pub fn federated_services(
     services: &[Service],
@@ -472,19 +478,48 @@ pub fn federated_services(
             skipped.push(format!("{namespace}/{name}: ExternalName"));
             continue;
         }
-        let ports: Vec<PortInventory> = spec
+        let headless = spec.cluster_ip.as_deref() == Some("None");
+        let tcp_ports: Vec<ServicePort> = spec
             .ports
             .unwrap_or_default()
             .into_iter()
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .collect();
+        // A headless Service's name resolves to pod addresses, so the gateway must dial
+        // the targetPort; a named one is a number per pod, which would take reading the
+        // pods or EndpointSlices, and the controller reads neither.
+        if headless
+            && let Some(named) = tcp_ports.iter().find_map(|p| match &p.target_port {
+                Some(IntOrString::String(target)) => Some((p.port, target)),
+                _ => None,
+            })
+        {
+            skipped.push(format!(
+                "{namespace}/{name}: headless with a named targetPort (port {} -> {:?}): the port the pods listen on is not known",
+                named.0, named.1
+            ));
+            continue;
+        }
+        let ports: Vec<PortInventory> = tcp_ports
+            .into_iter()
             .filter_map(|p| {
+                let number = u16::try_from(p.port).ok().filter(|n| *n > 0)?;
+                let target_port = match p.target_port {
+                    // The API server keeps targetPort in 1..=65535; anything else reads as
+                    // 0, which validation refuses, naming the Service.
+                    Some(IntOrString::Int(target)) if headless && target != p.port => {
+                        Some(u16::try_from(target).unwrap_or(0))
+                    }
+                    _ => None,
+                };
                 Some(PortInventory {
-                    number: u16::try_from(p.port).ok().filter(|n| *n > 0)?,
+                    number,
                     protocol: p
                         .app_protocol
                         .as_deref()
                         .and_then(|a| Protocol::parse(a).ok()),
                     name: p.name.filter(|n| !n.is_empty()),
+                    target_port,
                 })
             })
             .collect();
@@ -496,6 +531,7 @@ pub fn federated_services(
             name: name.clone(),
             namespace: namespace.clone(),
             labels: service.metadata.labels.clone().unwrap_or_default(),
+            headless,
             ports,
         };
         match candidate.validate(cluster) {
@@ -1572,6 +1608,11 @@ mod tests {
                 "unknown field",
             ),
             (
+                json!({"federation": {"hostSuffix": ".Global"}}),
+                "InvalidHostSuffix",
+                "spec.federation.hostSuffix: \".Global\" is not a DNS name",
+            ),
+            (
                 json!({"certificateAuthority": {"builtin": {"ttlDays": 0}}}),
                 "InvalidSpec",
                 "ttlDays must be between 1",
@@ -1612,6 +1653,10 @@ mod tests {
             (
                 json!({"gatewayAddresses": ["10.0.0.1:15443"]}),
                 "give the port in gatewayPort",
+            ),
+            (
+                json!({"gatewayAddresses": ["192.0.2.1", "2001:db8::1"]}),
+                "gatewayAddresses mixes IPv4 (192.0.2.1) and IPv6 (2001:db8::1) addresses",
             ),
             (
                 json!({"agent": {"namespace": "Smh"}}),
@@ -1915,6 +1960,80 @@ mod tests {
         );
     }
 
+    #[test]
+    fn headless_services_send_the_gateway_to_the_target_port_or_stay_out() {
+        let c = config(&["east", "west"]);
+        let mut east = mesh("east", "east").spec.inventory(&r("smh/east"));
+        let ports = |target: Value| json!({"spec": {"ports": [{"port": 80, "name": "http", "targetPort": target}]}});
+        let headless = |target: Value| {
+            let mut extra = ports(target);
+            merge(&mut extra, json!({"spec": {"clusterIP": "None"}}));
+            extra
+        };
+        let services = vec![
+            service("shop", "db", headless(json!(8080))),
+            service("shop", "same", headless(json!(80))),
+            service("shop", "named", headless(json!("web"))),
+            // kube-proxy maps a ClusterIP Service's port: nothing to add.
+            service(
+                "shop",
+                "cart",
+                json!({"spec": {"clusterIP": "10.0.0.7", "ports": [{"port": 80, "name": "http", "targetPort": 8080}]}}),
+            ),
+        ];
+        let (services, skipped) = federated_services(&services, &east);
+        let targets: Vec<(&str, Option<u16>, bool)> = services
+            .iter()
+            .map(|s| (s.name.as_str(), s.ports[0].target_port, s.headless))
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                ("db", Some(8080), true),
+                ("same", None, true),
+                ("cart", None, false)
+            ]
+        );
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(
+            skipped[0]
+                .contains("shop/named: headless with a named targetPort (port 80 -> \"web\")"),
+            "{}",
+            skipped[0]
+        );
+
+        east.services = services;
+        let west = mesh("west", "west").spec.inventory(&r("smh/west"));
+        let inventory = Inventory {
+            clusters: vec![east, west],
+        };
+        let plan = translate(&c, &inventory).unwrap();
+        let entry = |cluster: &str, host: &str| {
+            let object = plan
+                .objects(cluster)
+                .unwrap()
+                .find(|o| o.name() == host)
+                .unwrap()
+                .to_object();
+            let IstioObject::ServiceEntry(entry) = object else {
+                panic!("{host} is not a ServiceEntry")
+            };
+            entry
+        };
+        // East's own entry resolves db's name to pod addresses: the gateway dials 8080.
+        let local = entry("east", "db.shop.svc.east.mesh.internal");
+        assert_eq!(local.spec.ports[0].number, 80);
+        assert_eq!(local.spec.ports[0].target_port, Some(8080));
+        assert_eq!(
+            entry("east", "cart.shop.svc.east.mesh.internal").spec.ports[0].target_port,
+            None
+        );
+        // West reaches db through east's gateway port, not the pods' port.
+        let imported = entry("west", "db.shop.svc.east.mesh.internal");
+        assert_eq!(imported.spec.ports[0].target_port, None);
+        assert_eq!(imported.spec.endpoints[0].ports["http"], 15443);
+    }
+
     fn two_cluster_inventory(c: &FederationConfig, services: &[(&str, &str)]) -> Inventory {
         let mut clusters = Vec::new();
         for name in ["east", "west"] {
@@ -1977,11 +2096,11 @@ mod tests {
         }
         changed[3].object = None;
         let mut stale = existing[2].clone();
-        stale.id.name = "gone.shop.svc.east.global".into();
+        stale.id.name = "gone.shop.svc.east.mesh.internal".into();
         let mut old_ns = existing[2].clone();
         old_ns.id.namespace = "old-istio".into();
         let mut others = existing[2].clone();
-        others.id.name = "theirs.shop.svc.east.global".into();
+        others.id.name = "theirs.shop.svc.east.mesh.internal".into();
         others
             .labels
             .insert("meshca.io/virtual-mesh".into(), "other".into());
@@ -1998,8 +2117,8 @@ mod tests {
         assert_eq!(
             deleted,
             [
-                "ServiceEntry istio-system/gone.shop.svc.east.global",
-                "ServiceEntry old-istio/cart.shop.svc.east.global",
+                "ServiceEntry istio-system/gone.shop.svc.east.mesh.internal",
+                "ServiceEntry old-istio/cart.shop.svc.east.mesh.internal",
             ]
         );
         assert_eq!(changes.unchanged, 2);

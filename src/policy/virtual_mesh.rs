@@ -157,6 +157,15 @@ pub struct Federation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::mesh::federation::ServiceSelector::open_schema")]
     pub selector: Option<serde_json::Value>,
+    /// Suffix of federated host names, <service>.<namespace>.svc.<cluster>.<hostSuffix>
+    /// (absent: mesh.internal, under the reserved .internal TLD); checked by
+    /// `crate::mesh::federation`. The signer ignores it.
+    #[serde(
+        default,
+        rename = "hostSuffix",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub host_suffix: Option<String>,
     /// Any other key: refused by federation (an option it would otherwise ignore), ignored
     /// by the signer.
     #[serde(flatten)]
