@@ -303,17 +303,7 @@ fn a_raised_rsa_minimum_replaces_an_installed_key_it_no_longer_accepts() {
 
 #[test]
 fn a_key_type_the_policy_refuses_is_refused_before_anything_says_requesting() {
-    let env = Env::with(EnvSpec {
-        virtual_meshes: vec![virtual_mesh(
-            "test",
-            "vm",
-            30,
-            4096,
-            "acme",
-            &["test/cluster-a", "test/cluster-b"],
-        )],
-        ..EnvSpec::default()
-    });
+    let env = Env::with(EnvSpec::with_rsa_minimum(4096));
     let signer = env.start_signer();
     let addr = signer.addr.to_string();
     let dir = env.path("etc/cacerts");

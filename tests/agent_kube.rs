@@ -801,17 +801,7 @@ async fn a_ttl_too_short_for_the_renewal_fraction_is_an_invalid_spec() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_type_the_policy_refuses_is_never_shown_as_requested() {
     // An RSA minimum of 4096: P-256 is refused.
-    let env = Env::with(EnvSpec {
-        virtual_meshes: vec![virtual_mesh(
-            "test",
-            "vm",
-            30,
-            4096,
-            "acme",
-            &["test/cluster-a", "test/cluster-b"],
-        )],
-        ..EnvSpec::default()
-    });
+    let env = Env::with(EnvSpec::with_rsa_minimum(4096));
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
     cluster.put_request(

@@ -69,6 +69,14 @@ fn destroy_secret_id(env: &Env) -> String {
     secret_id
 }
 
+/// The signer's log does not hold `secret_id`; checked before any message prints the log.
+fn assert_secret_id_not_logged(signer: &Signer, secret_id: &str) {
+    assert!(
+        !signer.logs().contains(secret_id.trim()),
+        "the secret ID was logged"
+    );
+}
+
 /// Polls `done` every 100 ms; panics with `what` after a generous bound.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -276,10 +284,7 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
         )
         .await;
     // Before any message prints a log line, which would then hold the secret ID.
-    assert!(
-        !signer.logs().contains(secret_id.trim()),
-        "the secret ID was logged"
-    );
+    assert_secret_id_not_logged(&signer, &secret_id);
     assert!(line.contains("Vault login (approle) failed"), "{line}");
     // The renewed token still signs until it ends (before, every request got 503 from
     // here on, the valid token thrown away); ready, but the metric an alert reads says the
@@ -338,10 +343,7 @@ async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
         "meshca_backend_login_failing",
     );
     assert_eq!(failing, Some(1));
-    assert!(
-        !signer.logs().contains(secret_id.trim()),
-        "the secret ID was logged"
-    );
+    assert_secret_id_not_logged(&signer, &secret_id);
 }
 
 /// A renewal refused and the login after it failing set `meshca_backend_login_failing`;
@@ -405,10 +407,7 @@ async fn a_renewal_that_succeeds_again_clears_login_failing() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert_eq!(sign(&env, &signer).await.0, 200);
-    assert!(
-        !signer.logs().contains(secret_id.trim()),
-        "the secret ID was logged"
-    );
+    assert_secret_id_not_logged(&signer, &secret_id);
 }
 
 /// Once the token has ended and the login keeps failing, the signer tries again every 30
@@ -455,10 +454,7 @@ async fn with_no_valid_token_a_failed_login_is_not_retried_per_request() {
     // failed).
     let warnings = count(&signer.logs(), "\"level\":\"WARN\"") - warnings_before;
     assert!(warnings <= 2, "{warnings} warnings:\n{}", signer.logs());
-    assert!(
-        !signer.logs().contains(secret_id.trim()),
-        "the secret ID was logged"
-    );
+    assert_secret_id_not_logged(&signer, &secret_id);
 }
 
 /// How many tokens AppRole handed out are still live: their leases under

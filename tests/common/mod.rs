@@ -187,6 +187,24 @@ path "pki/key/*" { capabilities = ["read", "delete"] }
 path "pki/config/urls" { capabilities = ["read"] }
 "#;
 
+impl EnvSpec {
+    /// The default environment, its virtual mesh's RSA minimum `rsa_bits` (4096 leaves
+    /// P-256 out of the key types accepted).
+    pub fn with_rsa_minimum(rsa_bits: u32) -> Self {
+        EnvSpec {
+            virtual_meshes: vec![virtual_mesh(
+                "test",
+                "vm",
+                30,
+                rsa_bits,
+                "acme",
+                &["test/cluster-a", "test/cluster-b"],
+            )],
+            ..EnvSpec::default()
+        }
+    }
+}
+
 impl Default for EnvSpec {
     /// One virtual mesh `test/vm` (org acme, 30 days, RSA minimum 2048) with meshes
     /// `test/cluster-a` and `test/cluster-b`; a P-384 root; client `cluster-a` may ask
