@@ -456,8 +456,9 @@ pub fn find_request<'e>(
 /// and the mesh's Istio namespace, `default/kubernetes`, ExternalName Services, headless
 /// Services with a named targetPort, and Services left without a TCP port (UDP and SCTP
 /// ports are dropped: the east-west gateway carries TCP). A headless Service's ports keep
-/// a numeric targetPort that differs from the port. A port's protocol comes from its appProtocol when Istio knows it, else from
-/// its name. Also returns why each other Service was skipped.
+/// a numeric targetPort that differs from the port. A port's protocol comes from its
+/// appProtocol when Istio knows it, else from its name. Also returns why each other
+/// Service was skipped.
 pub fn federated_services(
     services: &[Service],
     cluster: &ClusterInventory,

@@ -85,8 +85,9 @@ impl Rules {
     /// SHA-256 (hex) of the rules written out in full, in a fixed order: the root in
     /// force, each virtual mesh with its settings and meshes, each client with its grants,
     /// every limit, the announced roots' fingerprints; whatever a reload names when it
-    /// changes ([`RulesChange`]), `max_connections` and the root. `source` (which file a policy came from)
-    /// is not part of it: the same rules have the same digest wherever they were read.
+    /// changes ([`RulesChange`]), `max_connections` and the root. `source` (which file a
+    /// policy came from) is not part of it: the same rules have the same digest wherever
+    /// they were read.
     pub fn digest(&self) -> &str {
         self.digest.get_or_init(|| self.compute_digest())
     }
