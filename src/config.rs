@@ -163,9 +163,6 @@ impl RootSettings {
     }
 }
 
-/// Longest commonName X.520 allows (ub-common-name, RFC 5280 appendix A), in characters.
-const MAX_COMMON_NAME_CHARS: usize = 64;
-
 /// `root.common_name`, or `<orgName> root CA` without one: 1 to 64 characters without
 /// control characters, as X.520 bounds a commonName (strict parsers refuse a longer one,
 /// and a root's name is in every certificate it issues). Checked here rather than cut:
@@ -187,9 +184,10 @@ fn root_common_name(configured: Option<&str>, org_name: &str) -> Result<String, 
             "{whose} has leading or trailing spaces or control characters"
         ));
     }
-    if chars > MAX_COMMON_NAME_CHARS {
+    let most = crate::pki::profile::MAX_COMMON_NAME;
+    if chars > most {
         return Err(format!(
-            "{whose} has {chars} characters; a certificate's common name has at most {MAX_COMMON_NAME_CHARS}{}",
+            "{whose} has {chars} characters; a certificate's common name has at most {most}{}",
             if configured.is_none() {
                 ": set root.common_name"
             } else {

@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
+use crate::signer::ratelimit::{LogThrottle, RateLimit};
+
 /// Connections served at once; more wait in the kernel's accept queue. A scraper or a
 /// probe holds one or two.
 pub const MAX_OPS_CONNECTIONS: usize = 64;
@@ -38,52 +40,25 @@ pub async fn serve(listener: TcpListener, router: Router, stop: impl Future<Outp
     .await
 }
 
-/// Shortest time between two log lines of failed accepts on one listener.
-const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Failed accepts of one listener: one log line per 10 s, with how many were not logged
+/// (while the process is out of file descriptors every 50 ms retry fails).
+const ACCEPT_ERROR_LOG_LIMIT: RateLimit = RateLimit {
+    per_minute: 6,
+    burst: 1,
+};
 
-/// The failed accepts of one listener, logged at most once per
-/// [`ACCEPT_ERROR_LOG_INTERVAL`] with how many were not: while the process is out of file
-/// descriptors (a flood of connections) every retry fails, 20 a second.
-#[derive(Default)]
-pub(crate) struct AcceptErrors {
-    last_logged: Option<std::time::Instant>,
-    not_logged: u64,
-}
-
-impl AcceptErrors {
-    fn note(&mut self, error: &std::io::Error, now: std::time::Instant) {
-        if let Some(not_logged) = self.admit(now) {
-            tracing::warn!(
-                %error,
-                failed_since_last_line = not_logged,
-                "accept failed; retrying every 50 ms (at most one such line per 10 s)"
-            );
-        }
-    }
-
-    /// `Some(n)` if a line is due at `now` (`n`: failures not logged since the last one),
-    /// else `None` (and this failure is counted).
-    fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
-        let due = self
-            .last_logged
-            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_INTERVAL);
-        if due {
-            self.last_logged = Some(now);
-            Some(std::mem::take(&mut self.not_logged))
-        } else {
-            self.not_logged += 1;
-            None
-        }
-    }
+/// The throttle of one listener's failed-accept lines ([`accept_bounded`]).
+pub(crate) fn accept_error_log() -> LogThrottle {
+    LogThrottle::new(ACCEPT_ERROR_LOG_LIMIT)
 }
 
 /// The next connection once a slot of `slots` is free, with the slot it holds until it
-/// ends; None once `stop` completes. Accept errors (EMFILE and friends) are noted in
-/// `errors` and retried after a pause rather than spun on.
+/// ends; None once `stop` completes. Accept errors (EMFILE and friends) are logged
+/// through `error_log` and retried after a pause rather than spun on.
 pub(crate) async fn accept_bounded<F: Future<Output = ()>>(
     listener: &TcpListener,
     slots: &Arc<Semaphore>,
-    errors: &mut AcceptErrors,
+    error_log: &LogThrottle,
     stop: &mut std::pin::Pin<&mut F>,
 ) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
     let permit = tokio::select! {
@@ -95,7 +70,13 @@ pub(crate) async fn accept_bounded<F: Future<Output = ()>>(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => return Some((permit, tcp, peer)),
                 Err(e) => {
-                    errors.note(&e, std::time::Instant::now());
+                    if let Some(not_logged) = error_log.admit("accept", std::time::Instant::now()) {
+                        tracing::warn!(
+                            error = %e,
+                            failed_since_last_line = not_logged,
+                            "accept failed; retrying every 50 ms (at most one such line per 10 s)"
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -114,9 +95,9 @@ async fn serve_bounded(
     let slots = Arc::new(Semaphore::new(max_connections));
     let (stopping, _) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
-    let mut errors = AcceptErrors::default();
+    let error_log = accept_error_log();
     while let Some((permit, tcp, peer)) =
-        accept_bounded(&listener, &slots, &mut errors, &mut stop).await
+        accept_bounded(&listener, &slots, &error_log, &mut stop).await
     {
         let router = router.clone();
         let mut stop_connection = stopping.subscribe();
@@ -155,11 +136,13 @@ mod tests {
 
     #[test]
     fn failed_accepts_are_logged_once_per_interval_with_their_count() {
-        let mut errors = AcceptErrors::default();
+        let errors = accept_error_log();
         let start = std::time::Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         // 20 a second for a minute: one line per 10 s, each with the failures between.
-        let lines: Vec<u64> = (0..1200).filter_map(|n| errors.admit(at(n * 50))).collect();
+        let lines: Vec<u64> = (0..1200)
+            .filter_map(|n| errors.admit("accept", at(n * 50)))
+            .collect();
         assert_eq!(lines, [0, 199, 199, 199, 199, 199]);
     }
     use axum::routing::get;

@@ -221,7 +221,7 @@ fn common_checks(tbs: &TbsCertificate, f: &mut Findings) {
 /// commonName and organizationName, 1 to 64 characters. Strict parsers refuse a longer
 /// or empty value, and a root's subject is the issuer of every certificate under it.
 fn check_subject_bounds(subject: &Name, f: &mut Findings) {
-    const MAX_CHARS: usize = 64;
+    const MAX_CHARS: usize = super::profile::MAX_COMMON_NAME;
     for atv in subject.iter_rdn().flat_map(|rdn| rdn.iter()) {
         let attribute = match atv.oid {
             const_oid::db::rfc4519::CN => "commonName",

@@ -38,8 +38,9 @@ pub fn intermediate_key_usage() -> KeyUsage {
 pub fn root_key_usage() -> KeyUsage {
     KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign)
 }
-/// RFC 5280's upper bound for a common name.
-const MAX_COMMON_NAME: usize = 64;
+/// RFC 5280's upper bound for a common name (ub-common-name), in characters; an
+/// organization name's (ub-organization-name) is the same.
+pub const MAX_COMMON_NAME: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {

@@ -731,9 +731,9 @@ async fn serve_tls(
     let mut watching = shutdown.clone();
     let stop = stopped(&mut watching);
     tokio::pin!(stop);
-    let mut accept_errors = crate::ops_http::AcceptErrors::default();
+    let accept_errors = crate::ops_http::accept_error_log();
     while let Some((permit, tcp, peer)) =
-        crate::ops_http::accept_bounded(&listener, &slots, &mut accept_errors, &mut stop).await
+        crate::ops_http::accept_bounded(&listener, &slots, &accept_errors, &mut stop).await
     {
         let _ = tcp.set_nodelay(true);
         // Marks this acceptor's version seen, so a reload after it is noticed below.
