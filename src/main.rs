@@ -29,6 +29,38 @@ use meshca::policy::ObjectRef;
 use meshca::secret::SecretSource;
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 
+/// Writes one line of a command's report to stdout. A reader that stopped reading (`| head`,
+/// `| grep -q`) ends the command quietly with the status a SIGPIPE would give (141), as
+/// other Unix tools end, not with a panic; another write error is named on stderr.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+/// [`say`] without the line end.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = write!(out, $($arg)*).and_then(|()| out.flush()) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+/// Ends the process after stdout failed: silently for a closed pipe, else naming the error.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("meshca: error: cannot write to stdout: {e}");
+    std::process::exit(1)
+}
+
 const DAY_SECONDS: u64 = 86_400;
 /// Shortest Lease: renewed every third of it, in whole seconds.
 const MIN_LEASE_SECONDS: u64 = 3;
@@ -451,10 +483,10 @@ fn vault_settings(config: &SignerConfig) -> Result<&meshca::backend::vault::conf
 
 /// The lines `root init` prints about the root it made or adopted, whatever the backend.
 fn print_new_root(root: &meshca::pki::profile::RootCa, config: &SignerConfig) {
-    println!("  subject      {}", root.subject);
-    println!("  not after    {}", rfc3339(root.not_after));
-    println!("  sha256       {}", root.fingerprint_sha256);
-    println!("  certificate  {}", config.root.certificate.display());
+    say!("  subject      {}", root.subject);
+    say!("  not after    {}", rfc3339(root.not_after));
+    say!("  sha256       {}", root.fingerprint_sha256);
+    say!("  certificate  {}", config.root.certificate.display());
 }
 
 fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<ExitCode> {
@@ -468,12 +500,12 @@ fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<Ex
     let root = &outcome.root;
     let issuer = &outcome.issuer;
     if outcome.adopted {
-        println!(
+        say!(
             "meshca: adopted Vault issuer {} as the root CA",
             issuer.issuer_name
         );
     } else {
-        println!(
+        say!(
             "meshca: root CA generated inside Vault{}",
             match &outcome.previous_issuer_renamed_to {
                 Some(name) => format!(" (the previous issuer is kept as {name})"),
@@ -481,20 +513,21 @@ fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<Ex
             }
         );
     }
-    println!(
+    say!(
         "  issuer       {} (id {}) in mount {} at {}",
         issuer.issuer_name,
         issuer.issuer_id,
         settings.mount,
         settings.address.as_str().trim_end_matches('/')
     );
-    println!(
+    say!(
         "  key          {} (id {}, held by Vault, never exported)",
-        root.key_kind, issuer.key_id
+        root.key_kind,
+        issuer.key_id
     );
     print_new_root(root, config);
     for warning in &outcome.warnings {
-        println!("  warning      Vault: {warning}");
+        say!("  warning      Vault: {warning}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -504,20 +537,20 @@ fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<Ex
 /// bundles and the metrics.
 fn print_root_certificates(config: &SignerConfig, root: &RootCa) {
     let now = SystemTime::now();
-    println!("root certificate {}", config.root.certificate.display());
-    println!("  subject      {}", root.subject);
-    println!("  key          {}", root.key_kind);
-    println!("  not after    {}", rfc3339(root.not_after));
-    println!("  sha256       {}", root.fingerprint_sha256);
+    say!("root certificate {}", config.root.certificate.display());
+    say!("  subject      {}", root.subject);
+    say!("  key          {}", root.key_kind);
+    say!("  not after    {}", rfc3339(root.not_after));
+    say!("  sha256       {}", root.fingerprint_sha256);
     for announced in config.root.announced() {
-        println!(
+        say!(
             "{} {} ({}, announced to the agents)",
             announced.announcement.name(),
             announced.path.display(),
             announced.announcement.key()
         );
-        println!("  key          {}", announced.key_kind);
-        println!(
+        say!("  key          {}", announced.key_kind);
+        say!(
             "  not after    {}{}",
             rfc3339(announced.not_after),
             if announced.not_after <= now {
@@ -526,7 +559,7 @@ fn print_root_certificates(config: &SignerConfig, root: &RootCa) {
                 ""
             }
         );
-        println!("  sha256       {}", announced.fingerprint_sha256);
+        say!("  sha256       {}", announced.fingerprint_sha256);
     }
 }
 
@@ -539,13 +572,14 @@ fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
         .ok()
         .and_then(|c| c.into_iter().next())
         .is_some_and(|c| c == root.certificate);
-    println!(
+    say!(
         "Vault issuer {} in mount {}",
-        settings.issuer_ref, settings.mount
+        settings.issuer_ref,
+        settings.mount
     );
-    println!("  issuer id    {}", info.issuer.issuer_id);
-    println!("  usage        {}", info.issuer.usage);
-    println!(
+    say!("  issuer id    {}", info.issuer.issuer_id);
+    say!("  usage        {}", info.issuer.usage);
+    say!(
         "  certificate  {}",
         if issuer_pem_matches {
             "the root certificate above"
@@ -553,7 +587,7 @@ fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
             "DIFFERENT from the root certificate file!"
         }
     );
-    println!(
+    say!(
         "  key          {} (id {}{}); Vault's API has no call that returns it",
         info.key_type,
         info.issuer.key_id,
@@ -590,7 +624,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let so_pin = SecretSource::File(so_pin_file).read()?;
             let user_pin = settings.pin.read()?;
             let label = pkcs11::init_token(settings, &so_pin, &user_pin)?;
-            println!(
+            say!(
                 "meshca: token {label:?} initialized (user PIN from {})",
                 settings.pin
             );
@@ -614,7 +648,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let pin = settings.pin.read()?;
             let outcome = pkcs11::root_init(&config, settings, &pin, force)?;
             let root = &outcome.root;
-            println!(
+            say!(
                 "meshca: root CA created in the token{}",
                 if outcome.replaced_existing_key {
                     " (replaced the previous key)"
@@ -622,9 +656,10 @@ fn run(command: Command) -> Result<ExitCode> {
                     ""
                 }
             );
-            println!(
+            say!(
                 "  key          {} ({}, generated inside the token, not extractable)",
-                settings.key, root.key_kind
+                settings.key,
+                root.key_kind
             );
             print_new_root(root, &config);
         }
@@ -640,14 +675,14 @@ fn run(command: Command) -> Result<ExitCode> {
             print_root_certificates(&config, &root);
             let pin = settings.pin.read()?;
             let attrs = pkcs11::inspect_key(settings, &pin)?;
-            println!("private key {}", settings.key);
-            println!("  CKA_TOKEN             {}", attrs.token);
-            println!("  CKA_PRIVATE           {}", attrs.private);
-            println!("  CKA_SENSITIVE         {}", attrs.sensitive);
-            println!("  CKA_EXTRACTABLE       {}", attrs.extractable);
-            println!("  CKA_ALWAYS_SENSITIVE  {}", attrs.always_sensitive);
-            println!("  CKA_NEVER_EXTRACTABLE {}", attrs.never_extractable);
-            println!(
+            say!("private key {}", settings.key);
+            say!("  CKA_TOKEN             {}", attrs.token);
+            say!("  CKA_PRIVATE           {}", attrs.private);
+            say!("  CKA_SENSITIVE         {}", attrs.sensitive);
+            say!("  CKA_EXTRACTABLE       {}", attrs.extractable);
+            say!("  CKA_ALWAYS_SENSITIVE  {}", attrs.always_sensitive);
+            say!("  CKA_NEVER_EXTRACTABLE {}", attrs.never_extractable);
+            say!(
                 "  CKA_VALUE readable    {}",
                 if attrs.value_readable {
                     "YES (the key can be read out!)"
@@ -680,7 +715,7 @@ fn run(command: Command) -> Result<ExitCode> {
                     .with_context(not_ready)?;
                 report.online = Some(found);
             }
-            println!("{report}");
+            say!("{report}");
         }
         Command::Serve {
             config,
@@ -703,20 +738,20 @@ fn run(command: Command) -> Result<ExitCode> {
             };
             let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
             let s = &outcome.summary;
-            println!(
+            say!(
                 "meshca: intermediate for {} installed in {}",
                 opts.mesh,
                 opts.out_dir.display()
             );
-            println!("  subject      {}", s.subject);
-            println!("  issuer       {}", s.issuer);
-            println!("  serial       {}", s.serial);
-            println!(
+            say!("  subject      {}", s.subject);
+            say!("  issuer       {}", s.issuer);
+            say!("  serial       {}", s.serial);
+            say!(
                 "  key          {} (generated here; ca-key.pem is mode 0600)",
                 outcome.key_type
             );
-            println!("  not after    {}", rfc3339(s.not_after));
-            println!("  root sha256  {}", s.anchor_fingerprint);
+            say!("  not after    {}", rfc3339(s.not_after));
+            say!("  root sha256  {}", s.anchor_fingerprint);
         }
         Command::Verify { dir, root } => {
             let files = cacerts::read_bundle(&dir)?;
@@ -734,22 +769,23 @@ fn run(command: Command) -> Result<ExitCode> {
                 verify_bundle(&files, expected.as_ref(), SystemTime::now()).with_context(|| {
                     format!("{} is not a valid Istio cacerts bundle", dir.display())
                 })?;
-            println!("meshca: {} is a valid plugged-in CA bundle", dir.display());
-            println!("  subject      {}", s.subject);
-            println!("  issuer       {}", s.issuer);
-            println!("  serial       {}", s.serial);
-            println!("  key          {} (matches ca-key.pem)", s.key);
-            println!(
+            say!("meshca: {} is a valid plugged-in CA bundle", dir.display());
+            say!("  subject      {}", s.subject);
+            say!("  issuer       {}", s.issuer);
+            say!("  serial       {}", s.serial);
+            say!("  key          {} (matches ca-key.pem)", s.key);
+            say!(
                 "  valid        {} to {}",
                 rfc3339(s.not_before),
                 rfc3339(s.not_after)
             );
-            println!(
+            say!(
                 "  chain        {} certificate(s), ends at root sha256 {}",
-                s.chain_length, s.anchor_fingerprint
+                s.chain_length,
+                s.anchor_fingerprint
             );
             for fp in &s.root_fingerprints {
-                println!("  trusts root  sha256 {fp}");
+                say!("  trusts root  sha256 {fp}");
             }
         }
         Command::Crds { component } => {
@@ -758,7 +794,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 CrdComponent::Agent => Component::Agent,
                 CrdComponent::MeshController => Component::MeshController,
             });
-            print!(
+            say_raw!(
                 "{}",
                 meshca::agent::crd::crds_yaml_for(component)
                     .map_err(|e| anyhow!("cannot print CRDs: {e}"))?
@@ -787,17 +823,17 @@ fn run(command: Command) -> Result<ExitCode> {
                         continues_from,
                         anchored,
                     } => {
-                        println!(
+                        say!(
                             "meshca: audit log {} is intact: {records} records, last hash {last_hash}",
                             file.display()
                         );
                         if let Some(earlier) = continues_from {
-                            println!(
+                            say!(
                                 "  it continues an earlier file (rotated away) whose last line hashes to {earlier}: verify them together, oldest first, to check the link"
                             );
                         }
                         for (hash, line) in anchored {
-                            println!(
+                            say!(
                                 "  holds the expected line {hash}: line {line}, {} records after it",
                                 records - line
                             );
@@ -897,14 +933,14 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
             DirOutcome::UpToDate { .. } => "bundle valid and not due; nothing written".into(),
         };
         let s = outcome.summary();
-        println!("meshca: {}: {what}", opts.target.display());
-        println!("  serial       {}", s.serial);
-        println!("  not after    {}", rfc3339(s.not_after));
-        println!("  renew at     {}", rfc3339(outcome.renew_at()));
-        println!("  root sha256  {}", s.anchor_fingerprint);
-        println!("  trusts       {}", s.root_fingerprints.join(", "));
+        say!("meshca: {}: {what}", opts.target.display());
+        say!("  serial       {}", s.serial);
+        say!("  not after    {}", rfc3339(s.not_after));
+        say!("  renew at     {}", rfc3339(outcome.renew_at()));
+        say!("  root sha256  {}", s.anchor_fingerprint);
+        say!("  trusts       {}", s.root_fingerprints.join(", "));
         if outcome.roots_changed() {
-            println!("  then         restart istiod: root-cert.pem changed");
+            say!("  then         restart istiod: root-cert.pem changed");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -1021,7 +1057,7 @@ fn run_in_cluster<C: LeaderLoop>(
             Some(stop) => controller.run(stop).await,
             None => {
                 let next = controller.run_once().await?;
-                println!("meshca: one pass done; next look in {}s", next.as_secs());
+                say!("meshca: one pass done; next look in {}s", next.as_secs());
             }
         }
         Ok::<_, anyhow::Error>(())
@@ -1049,14 +1085,14 @@ fn federation_render(virtual_mesh: &Path, inventory: &Path, out_dir: &Path) -> R
         .with_context(|| format!("VirtualMesh {vm_source} with inventory {inv_source}"))?;
     let report = mesh::render::write_dir(&plan, out_dir)?;
     if config.mode.is_none() {
-        println!(
+        say!(
             "meshca: VirtualMesh {} has no spec.federation: nothing is federated",
             config.virtual_mesh
         );
     }
     for (cluster, path) in &report.written {
         let s = plan.summary(cluster).unwrap_or_default();
-        println!(
+        say!(
             "meshca: {}: {} object(s) ({} service(s) offered, {} received)",
             path.display(),
             s.objects,
@@ -1065,13 +1101,13 @@ fn federation_render(virtual_mesh: &Path, inventory: &Path, out_dir: &Path) -> R
         );
     }
     for path in &report.removed {
-        println!(
+        say!(
             "meshca: removed {} (its cluster left the VirtualMesh)",
             path.display()
         );
     }
     if plan.moved_addresses() > 0 {
-        println!(
+        say!(
             "meshca: {} service(s) got their next address candidate after a hash collision",
             plan.moved_addresses()
         );

@@ -32,6 +32,21 @@ fn request(
         .args(extra))
 }
 
+/// Runs `cmd` with its stdout a pipe whose reading end is already closed: every write fails
+/// with EPIPE.
+fn assert_ends_quietly_on_a_closed_pipe(cmd: &mut Command) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = cmd
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{cmd:?}: {stderr}");
+    assert!(stderr.is_empty(), "{cmd:?}: {stderr}");
+}
+
 /// `meshca verify DIR --root ROOT`, ready to run.
 fn verify_with_root(
     env: &Env,
@@ -77,6 +92,11 @@ fn request_writes_a_bundle_that_verify_and_openssl_accept() {
 
     let verified = run_ok(&mut verify_with_root(&env, &out, env.path("root-cert.pem")));
     assert!(text(&verified.stdout).contains("is a valid plugged-in CA bundle"));
+    // A reader that stops reading (`| head -1`, `| grep -q`) ends it as a SIGPIPE would,
+    // quietly; it used to panic with a backtrace and exit 101.
+    let mut verify = verify_with_root(&env, &out, env.path("root-cert.pem"));
+    assert_ends_quietly_on_a_closed_pipe(&mut verify);
+    assert_ends_quietly_on_a_closed_pipe(env.meshca().arg("crds"));
     let openssl_out = openssl_verify_bundle(&out);
     assert!(openssl_out.contains("OK"), "{openssl_out}");
     // The key on disk is the key in the certificate (openssl's view).
