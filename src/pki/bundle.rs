@@ -14,7 +14,9 @@ use super::csr::hex;
 use super::keys::{PrivateKey, describe_public_key};
 use super::lint::lint_intermediate_profile;
 use super::pem::decode_certificates;
-use super::profile::{is_ca, serial_hex, verify_certificate_signature};
+use super::profile::{
+    NEGATIVE_SERIAL, is_ca, is_negative_serial, serial_hex, verify_certificate_signature,
+};
 use super::sigalg::PublicKeyVerifier;
 
 /// The four files of a bundle, as text.
@@ -109,11 +111,23 @@ pub fn fingerprint(cert: &Certificate) -> String {
     hex(&sha2::Sha256::digest(cert.to_der().unwrap_or_default()))
 }
 
+/// A file's certificates, every one of which istiod can read: a negative serial, which
+/// openssl takes, makes Go's parser (and so istiod) leave the certificate out.
 fn certs(file: &'static str, pem: &str) -> Result<Vec<Certificate>, BundleError> {
-    decode_certificates(pem).map_err(|e| BundleError::File {
+    let certs = decode_certificates(pem).map_err(|e| BundleError::File {
         file,
         message: e.to_string(),
-    })
+    })?;
+    if let Some(at) = certs
+        .iter()
+        .position(|c| is_negative_serial(c.tbs_certificate().serial_number()))
+    {
+        return Err(BundleError::File {
+            file,
+            message: format!("certificate {}: {NEGATIVE_SERIAL}", at + 1),
+        });
+    }
+    Ok(certs)
 }
 
 fn same(a: &Certificate, b: &Certificate) -> bool {
@@ -299,6 +313,28 @@ mod tests {
             now + hour,
         );
         (root, files)
+    }
+
+    /// A root istiod cannot read (a negative serial: Go refuses to parse it, and leaves it
+    /// out of root-cert.pem's pool without a word) is named, not called valid as openssl
+    /// would.
+    #[test]
+    fn a_certificate_with_a_negative_serial_is_named_in_any_file() {
+        let now = SystemTime::now();
+        let (root, files) = bundle_at(now);
+        verify_bundle(&files, None, now).unwrap();
+        let negative =
+            crate::pki::testing::openssl_root(&["-sha256", "-set_serial", "-0x4F1E2D3C4B5A6978"]);
+        let with_negative_root = BundleFiles {
+            root_cert: format!("{}{negative}", root.pem),
+            ..files.clone()
+        };
+        assert_eq!(
+            verify_bundle(&with_negative_root, None, now)
+                .unwrap_err()
+                .to_string(),
+            format!("root-cert.pem: certificate 2: {NEGATIVE_SERIAL}")
+        );
     }
 
     #[test]

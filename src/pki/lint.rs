@@ -18,7 +18,8 @@ use x509_cert::name::Name;
 use x509_cert::time::Time;
 
 use super::profile::{
-    IntermediatePlan, ROOT_PATH_LEN, RootCa, intermediate_key_usage, root_key_usage,
+    IntermediatePlan, NEGATIVE_SERIAL, ROOT_PATH_LEN, RootCa, intermediate_key_usage,
+    is_negative_serial, root_key_usage,
 };
 use super::sigalg::SignatureAlgorithm;
 use crate::policy::rules::check_public_key;
@@ -179,6 +180,9 @@ fn common_checks(tbs: &TbsCertificate, f: &mut Findings) {
     let serial = tbs.serial_number().as_bytes();
     f.check(!serial.is_empty() && serial.iter().any(|b| *b != 0), || {
         "serial number is zero".into()
+    });
+    f.check(!is_negative_serial(tbs.serial_number()), || {
+        NEGATIVE_SERIAL.into()
     });
     f.check(serial.len() <= 20, || {
         "serial number is longer than 20 octets".into()

@@ -66,6 +66,8 @@ pub enum RootError {
     NotCa,
     #[error("root certificate self-signature does not verify")]
     BadSelfSignature,
+    #[error("root certificate {}", NEGATIVE_SERIAL)]
+    NegativeSerial,
     /// Not a wrong signature: one meshca cannot check (an algorithm it does not verify).
     #[error("root certificate self-signature cannot be checked: {0}")]
     SelfSignatureNotCheckable(SignatureError),
@@ -126,6 +128,9 @@ impl RootCa {
 
     pub fn from_certificate(certificate: Certificate) -> Result<Self, RootError> {
         let tbs = certificate.tbs_certificate();
+        if is_negative_serial(tbs.serial_number()) {
+            return Err(RootError::NegativeSerial);
+        }
         let public_key = tbs.subject_public_key_info().clone();
         let verifier = PublicKeyVerifier::new(&public_key)?;
         let key_kind = describe_public_key(&public_key)
@@ -381,6 +386,17 @@ pub fn is_ca(tbs: &x509_cert::TbsCertificate) -> bool {
         .is_some_and(|(_, bc)| bc.ca)
 }
 
+/// Whether a serial is negative (its DER's sign bit set). RFC 5280 4.1.2.2 wants a positive
+/// integer; openssl takes a negative one, but Go's crypto/x509 (1.23 on), with which istiod
+/// reads cacerts and root-cert.pem, refuses to parse the certificate, and its
+/// `AppendCertsFromPEM` leaves such a root out without a word.
+pub fn is_negative_serial(serial: &SerialNumber) -> bool {
+    serial.as_bytes().first().is_some_and(|b| b & 0x80 != 0)
+}
+
+/// What is wrong with a negative serial, for errors.
+pub const NEGATIVE_SERIAL: &str = "serial number is negative (RFC 5280 wants a positive integer; Go's crypto/x509, with which istiod reads certificates, refuses to parse it)";
+
 /// Reads the serial of a certificate as uppercase-free hex, as the API reports it.
 pub fn serial_hex(serial: &SerialNumber) -> String {
     hex(serial.as_bytes())
@@ -390,26 +406,7 @@ pub fn serial_hex(serial: &SerialNumber) -> String {
 mod tests {
     use super::*;
 
-    /// A self-signed RSA-2048 CA made by openssl with `signing` options (`-sha1`, or PSS
-    /// padding).
-    fn openssl_root(signing: &[&str]) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("root.cnf"),
-            "[req]\ndistinguished_name = dn\nx509_extensions = root_ext\nprompt = no\n\
-             [dn]\nO = acme\nCN = acme root\n\
-             [root_ext]\nbasicConstraints = critical,CA:true,pathlen:1\n\
-             keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n",
-        )
-        .unwrap();
-        let mut args = vec![
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "root.key", "-config",
-            "root.cnf", "-days", "30", "-out", "root.pem",
-        ];
-        args.extend(signing);
-        crate::pki::testing::openssl(dir.path(), &args);
-        std::fs::read_to_string(dir.path().join("root.pem")).unwrap()
-    }
+    use crate::pki::testing::openssl_root;
 
     #[test]
     fn a_root_signed_with_an_algorithm_meshca_does_not_verify_is_named_not_called_bad() {
@@ -451,5 +448,34 @@ mod tests {
             RootCa::from_certificate(certificate),
             Err(RootError::BadSelfSignature)
         ));
+    }
+
+    /// openssl makes a root with a negative serial when asked; Go's crypto/x509, and so
+    /// istiod, cannot parse it, so it is no root for meshca either, in force or announced.
+    #[test]
+    fn a_root_with_a_negative_serial_is_refused_by_name() {
+        let root = openssl_root(&["-sha256", "-set_serial", "-0x4F1E2D3C4B5A69788796A5B4"]);
+        let err = RootCa::from_pem(&root).unwrap_err();
+        assert!(matches!(err, RootError::NegativeSerial), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("root certificate {NEGATIVE_SERIAL}")
+        );
+        let certificate = decode_certificates(&root).unwrap().remove(0);
+        let lint = crate::pki::lint::lint_root_profile(
+            certificate.tbs_certificate(),
+            "acme",
+            2048,
+            std::time::Duration::from_secs(31 * 86_400),
+        )
+        .unwrap_err();
+        assert!(lint.to_string().contains(NEGATIVE_SERIAL), "{lint}");
+        // The same root with a positive serial is taken.
+        RootCa::from_pem(&openssl_root(&[
+            "-sha256",
+            "-set_serial",
+            "0x4F1E2D3C4B5A69788796A5B4",
+        ]))
+        .unwrap();
     }
 }

@@ -26,6 +26,27 @@ pub fn openssl(dir: &std::path::Path, args: &[&str]) {
     );
 }
 
+/// A self-signed RSA-2048 CA (O=acme) made by openssl with `signing` options (`-sha1`, PSS
+/// padding, `-set_serial`).
+pub fn openssl_root(signing: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("root.cnf"),
+        "[req]\ndistinguished_name = dn\nx509_extensions = root_ext\nprompt = no\n\
+         [dn]\nO = acme\nCN = acme root\n\
+         [root_ext]\nbasicConstraints = critical,CA:true,pathlen:1\n\
+         keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n",
+    )
+    .unwrap();
+    let mut args = vec![
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "root.key", "-config",
+        "root.cnf", "-days", "30", "-out", "root.pem",
+    ];
+    args.extend(signing);
+    openssl(dir.path(), &args);
+    std::fs::read_to_string(dir.path().join("root.pem")).unwrap()
+}
+
 /// A self-signed root for `org`, valid for `ttl`, with a software key of `key_type`.
 pub fn software_root(key_type: KeyType, org: &str, ttl: Duration) -> (PrivateKey, RootCa) {
     let key = PrivateKey::generate(key_type).unwrap();
