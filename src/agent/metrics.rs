@@ -321,10 +321,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::R
             "/metrics",
             get(move || async move {
                 (
-                    [(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
+                    [(header::CONTENT_TYPE, crate::signer::metrics::EXPOSITION_CONTENT_TYPE)],
                     metrics.render(),
                 )
                     .into_response()

@@ -555,10 +555,7 @@ pub async fn backend_readiness(state: &SignerState) -> Result<(), String> {
 
 async fn metrics(State(state): State<Arc<SignerState>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::signer::metrics::EXPOSITION_CONTENT_TYPE)],
         state.metrics.render(),
     )
         .into_response()

@@ -384,7 +384,14 @@ fn count_outcome(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
         .inc();
 }
 
-/// The Prometheus text exposition of `registry`.
+/// The Content-Type of [`exposition`]'s text. prometheus-client writes OpenMetrics
+/// (`# EOF`, counters typed under their name without `_total`): served as
+/// `text/plain; version=0.0.4`, Prometheus would parse it as the older format and take
+/// every counter as untyped, without its HELP.
+pub const EXPOSITION_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The OpenMetrics text exposition of `registry` (served as [`EXPOSITION_CONTENT_TYPE`]).
 pub(crate) fn exposition(registry: &Registry) -> String {
     let mut out = String::new();
     // Writing into a String cannot fail.
