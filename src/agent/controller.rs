@@ -433,7 +433,7 @@ impl Controller {
         .map_err(AgentError::from)?;
         *contact = client.contact();
         self.metrics
-            .client_certificate(client.client_certificate_not_after());
+            .client_certificate(client.client_certificate());
 
         let secret = self
             .kube

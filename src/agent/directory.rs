@@ -319,7 +319,7 @@ pub async fn run(
         // are now (rotated on disk, they are used without a restart).
         let (result, contact) = match signer.connect() {
             Ok(client) => {
-                metrics.client_certificate(client.client_certificate_not_after());
+                metrics.client_certificate(client.client_certificate());
                 let result = reconcile(&client, opts, SystemTime::now()).await;
                 (result, client.contact().last())
             }

@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::client::SignerContact;
+use crate::tlsutil::Validity;
 use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero, unix_seconds};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -148,6 +149,7 @@ pub struct AgentMetrics {
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
     client_certificate_expiration: Gauge,
+    client_certificate_not_before: Gauge,
     loop_metrics: LoopMetrics,
 }
 
@@ -208,10 +210,17 @@ impl AgentMetrics {
             "notAfter of the client certificate the agent presents to the signer, as last read (Unix seconds; 0 until a pass reads it)",
             client_certificate_expiration.clone(),
         );
+        let client_certificate_not_before = Gauge::default();
+        registry.register(
+            "client_certificate_not_before_timestamp_seconds",
+            "notBefore of that client certificate, as last read (Unix seconds; 0 until a pass reads it): with its notAfter, its lifetime",
+            client_certificate_not_before.clone(),
+        );
         let loop_metrics = LoopMetrics::register(&mut registry);
         AgentMetrics {
             registry,
             client_certificate_expiration,
+            client_certificate_not_before,
             expiration,
             renewal,
             ready,
@@ -260,10 +269,12 @@ impl AgentMetrics {
         self.loop_metrics.reported(&labels.request);
     }
 
-    /// The client certificate read for this pass expires at `not_after`.
-    pub fn client_certificate(&self, not_after: SystemTime) {
+    /// The client certificate read for this pass.
+    pub fn client_certificate(&self, validity: Validity) {
         self.client_certificate_expiration
-            .set(unix_seconds(not_after));
+            .set(unix_seconds(validity.not_after));
+        self.client_certificate_not_before
+            .set(unix_seconds(validity.not_before));
     }
 
     /// A new intermediate was installed.
@@ -283,6 +294,7 @@ impl AgentMetrics {
     pub fn set_leading(&self, leading: bool) {
         if !leading {
             self.client_certificate_expiration.set(0);
+            self.client_certificate_not_before.set(0);
         }
         self.forget(self.loop_metrics.set_leading(leading));
     }
@@ -410,9 +422,14 @@ mod tests {
         );
         assert!(text.contains("meshca_agent_certificate_ready{request=\"mesh/b\"} 0"));
 
-        m.client_certificate(at(9_999));
+        m.client_certificate(Validity {
+            not_before: at(8_888),
+            not_after: at(9_999),
+        });
         let expiry = "meshca_agent_client_certificate_expiration_timestamp_seconds";
+        let start = "meshca_agent_client_certificate_not_before_timestamp_seconds";
         assert!(m.render().contains(&format!("{expiry} 9999")));
+        assert!(m.render().contains(&format!("{start} 8888")));
         m.set_leading(false);
         let text = m.render();
         assert!(
@@ -421,6 +438,7 @@ mod tests {
         );
         assert!(text.contains("meshca_agent_leader 0"));
         assert!(text.contains(&format!("{expiry} 0")), "{text}");
+        assert!(text.contains(&format!("{start} 0")), "{text}");
         assert!(text.contains("meshca_agent_reconciles_total{outcome=\"ok\"} 1"));
     }
 }

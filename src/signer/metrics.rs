@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::AnnouncedRoot;
+use crate::tlsutil::Validity;
 
 /// Outcomes counted from 0 at start (with every policy rule's code), so that the first of
 /// each shows in `increase()`: a series that appears at 1 has no earlier sample to
@@ -81,6 +82,8 @@ pub struct Metrics {
     tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
+    /// Its notBefore: the expiry alert's threshold follows the certificate's lifetime.
+    tls_certificate_not_before: Gauge,
     client_ca_not_after: Gauge,
     client_crl_next_update: Family<FileLabels, Gauge>,
     announced_root_not_after: Family<AnnouncementLabels, Gauge>,
@@ -89,7 +92,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(root_not_after: SystemTime, tls_certificate_not_after: SystemTime) -> Self {
+    pub fn new(root_not_after: SystemTime, tls_certificate: Validity) -> Self {
         let mut registry = Registry::with_prefix("meshca");
         let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
         let requests = outcomes_from_zero(OUTCOMES_FROM_ZERO.iter().chain(&rule_codes));
@@ -179,6 +182,13 @@ impl Metrics {
             "Seconds until the signer's own TLS server certificate expires",
             tls_certificate_expiry_seconds.clone(),
         );
+        let tls_certificate_not_before = Gauge::default();
+        tls_certificate_not_before.set(unix_seconds(tls_certificate.not_before));
+        registry.register(
+            "tls_certificate_not_before_timestamp_seconds",
+            "notBefore of the signer's TLS server certificate in force (Unix seconds): with tls_certificate_expiry_seconds, its lifetime",
+            tls_certificate_not_before.clone(),
+        );
         let client_ca_not_after = Gauge::default();
         registry.register(
             "tls_client_ca_not_after_timestamp_seconds",
@@ -219,7 +229,8 @@ impl Metrics {
             tls_last_reload_successful,
             rules_last_reload_successful,
             tls_certificate_expiry_seconds,
-            tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
+            tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate.not_after)),
+            tls_certificate_not_before,
             client_ca_not_after,
             client_crl_next_update,
             announced_root_not_after,
@@ -259,18 +270,20 @@ impl Metrics {
         self.backend_login_failing.set(i64::from(login_failing));
     }
 
-    /// A TLS reload: `ok` with the new serving certificate's notAfter, or `error`.
-    pub fn tls_reloaded(&self, new_certificate_not_after: Option<SystemTime>) {
-        let outcome = match new_certificate_not_after {
-            Some(not_after) => {
+    /// A TLS reload: `ok` with the new serving certificate's validity, or `error`.
+    pub fn tls_reloaded(&self, new_certificate: Option<Validity>) {
+        let outcome = match new_certificate {
+            Some(validity) => {
                 self.tls_certificate_not_after
-                    .store(unix_seconds(not_after), Ordering::Relaxed);
+                    .store(unix_seconds(validity.not_after), Ordering::Relaxed);
+                self.tls_certificate_not_before
+                    .set(unix_seconds(validity.not_before));
                 "ok"
             }
             None => "error",
         };
         self.tls_last_reload_successful
-            .set(i64::from(new_certificate_not_after.is_some()));
+            .set(i64::from(new_certificate.is_some()));
         count_outcome(&self.tls_reloads, outcome);
     }
 
@@ -416,7 +429,10 @@ mod tests {
         let now = SystemTime::now();
         let m = Metrics::new(
             now + Duration::from_secs(3600),
-            now + Duration::from_secs(450),
+            Validity {
+                not_before: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000),
+                not_after: now + Duration::from_secs(450),
+            },
         );
         m.request("issued");
         m.request("policy_org");
@@ -432,6 +448,7 @@ mod tests {
             "meshca_audit_write_errors_total 0",
             "meshca_root_expiry_seconds 3",
             "meshca_tls_certificate_expiry_seconds 4",
+            "meshca_tls_certificate_not_before_timestamp_seconds 1000\n",
             "meshca_tls_last_reload_successful 1",
             "meshca_rules_last_reload_successful 1",
             // Counted from 0 before the first one (see OUTCOMES_FROM_ZERO).
@@ -445,7 +462,10 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
         m.tls_reloaded(None);
-        m.tls_reloaded(Some(now + Duration::from_secs(7200)));
+        m.tls_reloaded(Some(Validity {
+            not_before: SystemTime::UNIX_EPOCH + Duration::from_secs(2_000),
+            not_after: now + Duration::from_secs(7200),
+        }));
         m.rules_reloaded(true);
         m.rules_reloaded(false);
         m.rules_reloaded(false);
@@ -456,6 +476,7 @@ mod tests {
             "meshca_tls_reloads_total{outcome=\"ok\"} 1",
             "meshca_tls_reloads_total{outcome=\"error\"} 1",
             "meshca_tls_certificate_expiry_seconds 7",
+            "meshca_tls_certificate_not_before_timestamp_seconds 2000\n",
             "meshca_tls_last_reload_successful 1",
             "meshca_rules_last_reload_successful 0",
         ] {
