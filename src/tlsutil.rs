@@ -346,7 +346,7 @@ fn leaf_validity(
     path: &Path,
 ) -> Result<(std::time::SystemTime, std::time::SystemTime), TlsError> {
     let leaf = chain.first().ok_or_else(|| no_certificate(path))?;
-    let validity = parse_certificate(leaf, path)?.tbs_certificate().validity().clone();
+    let validity = *parse_certificate(leaf, path)?.tbs_certificate().validity();
     Ok((
         validity.not_before.to_system_time(),
         validity.not_after.to_system_time(),

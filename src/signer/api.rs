@@ -555,7 +555,10 @@ pub async fn backend_readiness(state: &SignerState) -> Result<(), String> {
 
 async fn metrics(State(state): State<Arc<SignerState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, crate::signer::metrics::EXPOSITION_CONTENT_TYPE)],
+        [(
+            header::CONTENT_TYPE,
+            crate::signer::metrics::EXPOSITION_CONTENT_TYPE,
+        )],
         state.metrics.render(),
     )
         .into_response()
