@@ -30,7 +30,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
     let checked = promtool(&["check", "rules", "meshca-alerts.yaml"]);
-    assert!(checked.contains("SUCCESS: 28 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 30 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "meshca-alerts.test.yaml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -108,6 +108,7 @@ async fn every_metric_the_alerts_use_is_exported() {
             outcome: "ok",
             installed: Some((SystemTime::now(), SystemTime::now())),
             signer: SignerContact::Answered,
+            ends_with_root: Some(false),
             restart_timed_out: Some(false),
         },
     );
@@ -185,7 +186,10 @@ async fn metrics_are_served_as_openmetrics() {
         .await
         .unwrap();
     let body = openmetrics_body(answer).await;
-    assert!(body.contains("# TYPE meshca_sign_requests counter"), "{body}");
+    assert!(
+        body.contains("# TYPE meshca_sign_requests counter"),
+        "{body}"
+    );
     assert_promtool_reads_openmetrics(env.dir.path(), "signer", &body);
     drop(signer);
 
@@ -197,6 +201,7 @@ async fn metrics_are_served_as_openmetrics() {
             outcome: "ok",
             installed: Some((SystemTime::now(), SystemTime::now())),
             signer: SignerContact::Answered,
+            ends_with_root: Some(false),
             restart_timed_out: Some(false),
         },
     );
@@ -211,6 +216,9 @@ async fn metrics_are_served_as_openmetrics() {
         .await
         .unwrap();
     let body = openmetrics_body(answer).await;
-    assert!(body.contains("# TYPE meshca_agent_reconciles counter"), "{body}");
+    assert!(
+        body.contains("# TYPE meshca_agent_reconciles counter"),
+        "{body}"
+    );
     assert_promtool_reads_openmetrics(env.dir.path(), "agent", &body);
 }

@@ -22,8 +22,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::client::SignerContact;
-use crate::tlsutil::Validity;
 use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero, unix_seconds};
+use crate::tlsutil::Validity;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -41,6 +41,9 @@ pub struct Reconciled<'a> {
     pub installed: Option<(SystemTime, SystemTime)>,
     /// Whether the signer answered its last request to it.
     pub signer: SignerContact,
+    /// Whether the installed intermediate ends with the signer's root, so that a renewal
+    /// could not end later (None: not known in this pass, the last value stays).
+    pub ends_with_root: Option<bool>,
     /// Whether the request's restart plan stopped waiting (`Restarted` False,
     /// `TimedOut`): None where the agent restarts nothing (directory mode).
     pub restart_timed_out: Option<bool>,
@@ -146,6 +149,7 @@ pub struct AgentMetrics {
     ready: Family<RequestLabels, Gauge>,
     signer_reachable: Family<RequestLabels, Gauge>,
     restart_timed_out: Family<RequestLabels, Gauge>,
+    ends_with_root: Family<RequestLabels, Gauge>,
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
     client_certificate_expiration: Gauge,
@@ -192,6 +196,12 @@ impl AgentMetrics {
             "1 if the request's restart plan stopped waiting for a namespace's istio-ca-root-cert (status.restart.message names them; the rest of its workloads were not restarted), 0 otherwise",
             restart_timed_out.clone(),
         );
+        let ends_with_root = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "certificate_ends_with_root",
+            "1 if the installed intermediate ends with the signer's root (no earlier): a renewal could not end later, so it is kept past its renewal time and the root must change before it ends; 0 otherwise",
+            ends_with_root.clone(),
+        );
         let reconciles = outcomes_from_zero(&["ok"]);
         registry.register(
             "reconciles",
@@ -226,6 +236,7 @@ impl AgentMetrics {
             ready,
             signer_reachable,
             restart_timed_out,
+            ends_with_root,
             reconciles,
             issuances,
             loop_metrics,
@@ -255,6 +266,11 @@ impl AgentMetrics {
         };
         if let Some(reachable) = reachable {
             self.signer_reachable.get_or_create(&labels).set(reachable);
+        }
+        if let Some(ends_with_root) = what.ends_with_root {
+            self.ends_with_root
+                .get_or_create(&labels)
+                .set(i64::from(ends_with_root));
         }
         if let Some(timed_out) = what.restart_timed_out {
             self.restart_timed_out
@@ -312,6 +328,7 @@ impl AgentMetrics {
             self.ready.remove(&labels);
             self.signer_reachable.remove(&labels);
             self.restart_timed_out.remove(&labels);
+            self.ends_with_root.remove(&labels);
         }
     }
 }
@@ -333,7 +350,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::R
             "/metrics",
             get(move || async move {
                 (
-                    [(header::CONTENT_TYPE, crate::signer::metrics::EXPOSITION_CONTENT_TYPE)],
+                    [(
+                        header::CONTENT_TYPE,
+                        crate::signer::metrics::EXPOSITION_CONTENT_TYPE,
+                    )],
                     metrics.render(),
                 )
                     .into_response()
@@ -367,6 +387,7 @@ mod tests {
                 outcome: "ok",
                 installed: Some((at(9_000), at(6_000))),
                 signer: SignerContact::Answered,
+                ends_with_root: Some(true),
                 restart_timed_out: Some(true),
             },
         );
@@ -377,6 +398,7 @@ mod tests {
                 outcome: "SignerError",
                 installed: None,
                 signer: SignerContact::Unreachable,
+                ends_with_root: Some(false),
                 restart_timed_out: None,
             },
         );
@@ -390,6 +412,8 @@ mod tests {
             "meshca_agent_signer_reachable{request=\"mesh/a\"} 1",
             "meshca_agent_signer_reachable{request=\"mesh/b\"} 0",
             "meshca_agent_restart_timed_out{request=\"mesh/a\"} 1",
+            "meshca_agent_certificate_ends_with_root{request=\"mesh/a\"} 1",
+            "meshca_agent_certificate_ends_with_root{request=\"mesh/b\"} 0",
             "meshca_agent_reconciles_total{outcome=\"ok\"} 1",
             "meshca_agent_reconciles_total{outcome=\"SignerError\"} 1",
             "meshca_agent_issuances_total 1",
@@ -410,12 +434,14 @@ mod tests {
                 outcome: "KubernetesError",
                 installed: None,
                 signer: SignerContact::NotAsked,
+                ends_with_root: None,
                 restart_timed_out: Some(false),
             },
         );
         m.pass_completed(&["mesh/b".into()], at(1_300));
         let text = m.render();
         assert!(text.contains("meshca_agent_signer_reachable{request=\"mesh/b\"} 0"));
+        assert!(text.contains("meshca_agent_certificate_ends_with_root{request=\"mesh/b\"} 0"));
         assert!(
             !text.contains("mesh/a"),
             "deleted request still reported:\n{text}"
