@@ -60,6 +60,21 @@ pub struct RulesLabels {
     pub root_sha256: String,
 }
 
+/// The bounds of `meshca_signing_duration_seconds`: 1 ms doubling to 262 s, then 300 s
+/// (the longest pkcs11.timeout_seconds).
+const SIGNING_BUCKETS: [f64; 20] = {
+    let mut bounds = [0.0; 20];
+    let mut i = 0;
+    let mut bound = 0.001;
+    while i < 19 {
+        bounds[i] = bound;
+        bound *= 2.0;
+        i += 1;
+    }
+    bounds[19] = 300.0;
+    bounds
+};
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
@@ -112,11 +127,13 @@ impl Metrics {
             "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _crl_overdue, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
             handshakes_refused.clone(),
         );
-        // 1 ms .. ~16 s: ECDSA on a fast token up to RSA-4096 on a busy one.
-        let signing_seconds = Histogram::new((0..15).map(|i| 0.001 * 2f64.powi(i)));
+        // 1 ms .. 300 s: ECDSA on a fast token up to RSA-4096 on a busy one, and up to the
+        // longest pkcs11.timeout_seconds allowed (20 s by default): a signing that
+        // succeeds just inside its timeout lands in a bucket, not only in +Inf.
+        let signing_seconds = Histogram::new(SIGNING_BUCKETS);
         registry.register(
             "signing_duration_seconds",
-            "Time to build, lint, sign in the backend and check one intermediate",
+            "Time to build, lint, sign in the backend and check one intermediate, for signings that succeeded (failures: backend_errors)",
             signing_seconds.clone(),
         );
         let backend_errors = Counter::default();
@@ -423,6 +440,29 @@ pub(crate) fn unix_seconds(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signing_durations_have_buckets_up_to_the_longest_token_timeout() {
+        let m = Metrics::new(
+            SystemTime::now(),
+            Validity {
+                not_before: SystemTime::UNIX_EPOCH,
+                not_after: SystemTime::now(),
+            },
+        );
+        // Just inside the longest pkcs11.timeout_seconds allowed, and the default's 20 s.
+        m.signing_took(Duration::from_secs(290));
+        m.signing_took(Duration::from_secs(19));
+        let text = m.render();
+        for needle in [
+            "meshca_signing_duration_seconds_bucket{le=\"16.384\"} 0\n",
+            "meshca_signing_duration_seconds_bucket{le=\"32.768\"} 1\n",
+            "meshca_signing_duration_seconds_bucket{le=\"262.144\"} 1\n",
+            "meshca_signing_duration_seconds_bucket{le=\"300.0\"} 2\n",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
 
     #[test]
     fn renders_every_family() {
