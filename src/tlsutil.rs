@@ -178,13 +178,14 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier);
-    let certificate_not_after = leaf_not_after(&chain, cert)?;
+    let (certificate_not_before, certificate_not_after) = leaf_validity(&chain, cert)?;
     let mut config = config
         .with_single_cert(chain, private_key)
         .map_err(|e| certificate_error("server", cert, key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         config,
+        certificate_not_before,
         certificate_not_after,
         client_ca_not_after,
         client_cas,
@@ -235,6 +236,7 @@ fn client_ca_crl_problems(cas: &[CertificateDer<'static>], crl_issuers: &[Vec<u8
 /// CRLs are due to be replaced, and what it was built from.
 pub struct ServerTls {
     pub config: rustls::ServerConfig,
+    pub certificate_not_before: std::time::SystemTime,
     pub certificate_not_after: std::time::SystemTime,
     /// When the first of the client CA certificates expires: from then on, no client whose
     /// certificate chains only to it gets through the handshake.
@@ -322,7 +324,7 @@ pub fn client_config(
 /// [`client_config`], and when the client certificate expires.
 pub fn client_tls(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<ClientTls, TlsError> {
     let chain = load_certificates(client_cert)?;
-    let certificate_not_after = leaf_not_after(&chain, client_cert)?;
+    let (certificate_not_before, certificate_not_after) = leaf_validity(&chain, client_cert)?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -332,17 +334,23 @@ pub fn client_tls(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<Cl
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ClientTls {
         config,
+        certificate_not_before,
         certificate_not_after,
     })
 }
 
-/// notAfter of the first certificate of `chain` (read from `path`, which errors name).
-fn leaf_not_after(
+/// notBefore and notAfter of the first certificate of `chain` (read from `path`, which
+/// errors name).
+fn leaf_validity(
     chain: &[CertificateDer<'_>],
     path: &Path,
-) -> Result<std::time::SystemTime, TlsError> {
+) -> Result<(std::time::SystemTime, std::time::SystemTime), TlsError> {
     let leaf = chain.first().ok_or_else(|| no_certificate(path))?;
-    not_after(leaf, path)
+    let validity = *parse_certificate(leaf, path)?.tbs_certificate().validity();
+    Ok((
+        validity.not_before.to_system_time(),
+        validity.not_after.to_system_time(),
+    ))
 }
 
 /// The earliest notAfter of the certificates read from `path`.
@@ -359,11 +367,15 @@ fn earliest_not_after(
 }
 
 fn not_after(cert: &CertificateDer<'_>, path: &Path) -> Result<std::time::SystemTime, TlsError> {
-    let cert = Certificate::from_der(cert).map_err(|e| TlsError::Certificates {
+    let cert = parse_certificate(cert, path)?;
+    Ok(cert.tbs_certificate().validity().not_after.to_system_time())
+}
+
+fn parse_certificate(cert: &CertificateDer<'_>, path: &Path) -> Result<Certificate, TlsError> {
+    Certificate::from_der(cert).map_err(|e| TlsError::Certificates {
         path: path.display().to_string(),
         message: e.to_string(),
-    })?;
-    Ok(cert.tbs_certificate().validity().not_after.to_system_time())
+    })
 }
 
 fn no_certificate(path: &Path) -> TlsError {
@@ -373,9 +385,19 @@ fn no_certificate(path: &Path) -> TlsError {
     }
 }
 
-/// A client's rustls configuration and when its own certificate expires.
+/// A certificate's notBefore and notAfter: the metrics export both, so that an alert on a
+/// certificate's end can scale with its lifetime (one that lives an hour is renewed
+/// minutes, not days, before it ends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: std::time::SystemTime,
+    pub not_after: std::time::SystemTime,
+}
+
+/// A client's rustls configuration and when its own certificate begins and expires.
 pub struct ClientTls {
     pub config: rustls::ClientConfig,
+    pub certificate_not_before: std::time::SystemTime,
     pub certificate_not_after: std::time::SystemTime,
 }
 

@@ -6,8 +6,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use common::*;
@@ -29,7 +30,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
     let checked = promtool(&["check", "rules", "meshca-alerts.yaml"]);
-    assert!(checked.contains("SUCCESS: 27 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 30 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "meshca-alerts.test.yaml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -107,6 +108,7 @@ async fn every_metric_the_alerts_use_is_exported() {
             outcome: "ok",
             installed: Some((SystemTime::now(), SystemTime::now())),
             signer: SignerContact::Answered,
+            ends_with_root: Some(false),
             restart_timed_out: Some(false),
         },
     );
@@ -124,4 +126,99 @@ async fn every_metric_the_alerts_use_is_exported() {
         "the alert rules use metrics nobody exports: {missing:?}\nexported: {exported:?}"
     );
     drop(signer);
+}
+
+/// The body of a `/metrics` answer, which must say it is OpenMetrics: prometheus-client
+/// writes that format, and Prometheus parses a body by its Content-Type (as the older
+/// text format, every counter would be untyped and without its HELP).
+async fn openmetrics_body(answer: reqwest::Response) -> String {
+    assert_eq!(answer.status(), 200);
+    let content_type = answer
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    answer.text().await.unwrap()
+}
+
+/// promtool reads `body` as OpenMetrics (its strict parser: `# EOF`, each sample named
+/// after its family's type). It backfills only samples with a timestamp, so each gets
+/// the current time.
+fn assert_promtool_reads_openmetrics(dir: &Path, name: &str, body: &str) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let stamped: String = body
+        .lines()
+        .map(|line| {
+            if line.starts_with('#') || line.is_empty() {
+                format!("{line}\n")
+            } else {
+                format!("{line} {now}\n")
+            }
+        })
+        .collect();
+    let file = write(dir, &format!("{name}.om"), &stamped);
+    let blocks = dir.join(format!("{name}-blocks"));
+    promtool(&[
+        "tsdb",
+        "create-blocks-from",
+        "openmetrics",
+        file.to_str().unwrap(),
+        blocks.to_str().unwrap(),
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_as_openmetrics() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let answer = env
+        .client("cluster-a")
+        .get(signer.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let body = openmetrics_body(answer).await;
+    assert!(
+        body.contains("# TYPE meshca_sign_requests counter"),
+        "{body}"
+    );
+    assert_promtool_reads_openmetrics(env.dir.path(), "signer", &body);
+    drop(signer);
+
+    // The agents' and the mesh controller's endpoint (one server for both).
+    let agent = Arc::new(AgentMetrics::new());
+    agent.reconciled(
+        "ns/request",
+        Reconciled {
+            outcome: "ok",
+            installed: Some((SystemTime::now(), SystemTime::now())),
+            signer: SignerContact::Answered,
+            ends_with_root: Some(false),
+            restart_timed_out: Some(false),
+        },
+    );
+    let addr = meshca::agent::metrics::serve("127.0.0.1:0".parse().unwrap(), agent)
+        .await
+        .unwrap();
+    // Plain HTTP; the test client has TLS set up, which plain requests leave aside.
+    let answer = env
+        .client("cluster-a")
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let body = openmetrics_body(answer).await;
+    assert!(
+        body.contains("# TYPE meshca_agent_reconciles counter"),
+        "{body}"
+    );
+    assert_promtool_reads_openmetrics(env.dir.path(), "agent", &body);
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::rotation::{AnnouncedRoots, normalize_fingerprint};
 use crate::pki::profile::RootCa;
 use crate::policy::ObjectRef;
+use crate::tlsutil::Validity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -295,7 +296,7 @@ impl ContactRecord {
 pub struct SignerClient {
     http: reqwest::Client,
     base: String,
-    client_certificate_not_after: SystemTime,
+    client_certificate: Validity,
     contact: ContactRecord,
 }
 
@@ -318,15 +319,18 @@ impl SignerClient {
         Ok(SignerClient {
             http,
             base: base.trim_end_matches('/').to_string(),
-            client_certificate_not_after: tls.certificate_not_after,
+            client_certificate: Validity {
+                not_before: tls.certificate_not_before,
+                not_after: tls.certificate_not_after,
+            },
             contact: ContactRecord::default(),
         })
     }
 
-    /// When the client certificate this client presents expires: after it the signer
-    /// refuses the handshake, and nothing can be renewed.
-    pub fn client_certificate_not_after(&self) -> SystemTime {
-        self.client_certificate_not_after
+    /// When the client certificate this client presents begins and expires: after its end
+    /// the signer refuses the handshake, and nothing can be renewed.
+    pub fn client_certificate(&self) -> Validity {
+        self.client_certificate
     }
 
     /// Whether the signer answered this client's last request.

@@ -22,8 +22,8 @@ use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, plan_for,
 };
 use super::rotation::{
-    Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, check_ttl, decide, normalize_fingerprint,
-    renewal_held_by_root,
+    Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, check_ttl, decide, ends_with_known_root,
+    normalize_fingerprint, renewal_held_by_root,
 };
 use super::{
     AgentError, BundleRequest, RootsPlan, check_renewable, choose_key_type, obtain_bundle,
@@ -40,6 +40,15 @@ const MAX_RESTART_STEPS: usize = 16;
 struct NewIntermediate {
     serial: String,
     reason: &'static str,
+}
+
+/// What a pass learnt besides its status, for its log line and the metrics.
+#[derive(Default)]
+struct PassNotes {
+    new_intermediate: Option<NewIntermediate>,
+    /// Whether the intermediate installed after the pass ends with the signer's root (None:
+    /// the signer's root was not learnt in this pass).
+    ends_with_root: Option<bool>,
 }
 
 /// The agent's settings (flags).
@@ -292,17 +301,10 @@ impl Controller {
         let before = request.status.clone().unwrap_or_default();
         let mut status = before.clone();
         let now = SystemTime::now();
-        let mut new_intermediate = None;
+        let mut notes = PassNotes::default();
         let mut contact = ContactRecord::default();
         let result = self
-            .reconcile_inner(
-                request,
-                all,
-                &mut status,
-                now,
-                &mut new_intermediate,
-                &mut contact,
-            )
+            .reconcile_inner(request, all, &mut status, now, &mut notes, &mut contact)
             .await;
         let (next, outcome) = match result {
             Ok(next) => {
@@ -365,6 +367,7 @@ impl Controller {
                 outcome,
                 installed,
                 signer: contact.last(),
+                ends_with_root: notes.ends_with_root,
                 restart_timed_out: Some(
                     status
                         .restart
@@ -388,7 +391,7 @@ impl Controller {
             }
         }
         // Last, so whoever reads this line finds the pass's status and metrics written.
-        if let Some(NewIntermediate { serial, reason }) = new_intermediate {
+        if let Some(NewIntermediate { serial, reason }) = notes.new_intermediate {
             tracing::info!(request = %key, serial = %serial, reason, "installed a new intermediate");
         }
         next
@@ -400,7 +403,7 @@ impl Controller {
         all: &[VirtualMeshCertificateSigningRequest],
         status: &mut VmcsrStatus,
         now: SystemTime,
-        new_intermediate: &mut Option<NewIntermediate>,
+        notes: &mut PassNotes,
         contact: &mut ContactRecord,
     ) -> Result<Duration, ReconcileError> {
         let spec = &request.spec;
@@ -432,8 +435,7 @@ impl Controller {
         )
         .map_err(AgentError::from)?;
         *contact = client.contact();
-        self.metrics
-            .client_certificate(client.client_certificate_not_after());
+        self.metrics.client_certificate(client.client_certificate());
 
         let secret = self
             .kube
@@ -502,6 +504,7 @@ impl Controller {
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");
                 }
+                notes.ends_with_root = ends_with_known_root(&summary, &desired);
                 let held = renewal_held_by_root(&summary, &desired, now);
                 if held {
                     tracing::warn!(request = %owner, not_after = %rfc3339(summary.not_after), "{RENEWAL_HELD_BY_ROOT}");
@@ -555,6 +558,7 @@ impl Controller {
                     .await?;
                 tracing::info!(request = %owner, "root-cert.pem rewritten (a root the signer announces added, or an old root retired or expired)");
                 super::log_roots_left_out(&left_out);
+                notes.ends_with_root = ends_with_known_root(&summary, &desired);
                 record_bundle(status, &summary, renew_at);
                 renew_at
             }
@@ -640,7 +644,8 @@ impl Controller {
                     &summary.serial,
                     &rotation,
                 );
-                *new_intermediate = Some(NewIntermediate {
+                notes.ends_with_root = ends_with_known_root(summary, &desired);
+                notes.new_intermediate = Some(NewIntermediate {
                     serial: summary.serial.clone(),
                     reason: reason.code(),
                 });

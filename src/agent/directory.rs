@@ -13,7 +13,7 @@ use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{
     Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RotationSettings,
-    TLS_SIGNING_CERT, decide, renewal_held_by_root,
+    TLS_SIGNING_CERT, decide, ends_with_known_root, renewal_held_by_root,
 };
 use super::{
     AgentError, BundleRequest, RootsPlan, cacerts, check_dir_writable, check_renewable,
@@ -48,10 +48,13 @@ pub enum DirOutcome {
         /// root-cert.pem is not the bytes it was (or there was none): istiod takes the
         /// new files only when it starts.
         roots_changed: bool,
+        /// See [`DirOutcome::ends_with_root`].
+        ends_with_root: Option<bool>,
     },
     RootsRewritten {
         summary: BundleSummary,
         renew_at: SystemTime,
+        ends_with_root: Option<bool>,
     },
     UpToDate {
         summary: BundleSummary,
@@ -61,6 +64,7 @@ pub enum DirOutcome {
         signer_error: Option<String>,
         /// Past its renewal time, but it ends with the signer's root, so it is kept.
         held_by_root: bool,
+        ends_with_root: Option<bool>,
     },
 }
 
@@ -79,6 +83,16 @@ impl DirOutcome {
             DirOutcome::Installed { renew_at, .. }
             | DirOutcome::RootsRewritten { renew_at, .. }
             | DirOutcome::UpToDate { renew_at, .. } => *renew_at,
+        }
+    }
+
+    /// Whether the intermediate in place ends with the signer's root (a renewal could not
+    /// end later); None when the signer's root was not learnt (the signer unavailable).
+    pub fn ends_with_root(&self) -> Option<bool> {
+        match self {
+            DirOutcome::Installed { ends_with_root, .. }
+            | DirOutcome::RootsRewritten { ends_with_root, .. }
+            | DirOutcome::UpToDate { ends_with_root, .. } => *ends_with_root,
         }
     }
 
@@ -187,6 +201,7 @@ pub async fn reconcile(
                 tracing::warn!(dir = %opts.target.display(), not_after = %crate::signer::audit::rfc3339(summary.not_after), "{RENEWAL_HELD_BY_ROOT}");
             }
             Ok(DirOutcome::UpToDate {
+                ends_with_root: ends_with_known_root(&summary, &desired),
                 summary,
                 renew_at,
                 signer_error: policy.err().map(|e| e.to_string()),
@@ -209,7 +224,11 @@ pub async fn reconcile(
                 &opts.retired_roots,
                 now,
             ));
-            Ok(DirOutcome::RootsRewritten { summary, renew_at })
+            Ok(DirOutcome::RootsRewritten {
+                ends_with_root: ends_with_known_root(&summary, &desired),
+                summary,
+                renew_at,
+            })
         }
         Decision::Issue {
             reason,
@@ -259,6 +278,7 @@ pub async fn reconcile(
                 &opts.rotation,
             );
             Ok(DirOutcome::Installed {
+                ends_with_root: ends_with_known_root(&summary, &desired),
                 reason,
                 summary,
                 renew_at,
@@ -319,7 +339,7 @@ pub async fn run(
         // are now (rotated on disk, they are used without a restart).
         let (result, contact) = match signer.connect() {
             Ok(client) => {
-                metrics.client_certificate(client.client_certificate_not_after());
+                metrics.client_certificate(client.client_certificate());
                 let result = reconcile(&client, opts, SystemTime::now()).await;
                 (result, client.contact().last())
             }
@@ -335,6 +355,7 @@ pub async fn run(
                         outcome: "ok",
                         installed: Some((summary.not_after, outcome.renew_at())),
                         signer: contact,
+                        ends_with_root: outcome.ends_with_root(),
                         restart_timed_out: None,
                     },
                 );
@@ -364,6 +385,7 @@ pub async fn run(
                         outcome: e.reason(),
                         installed: installed_times(opts, SystemTime::now()),
                         signer: contact,
+                        ends_with_root: None,
                         restart_timed_out: None,
                     },
                 );
@@ -410,7 +432,9 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             renew_at = %rfc(*renew_at),
             "installed a new intermediate"
         ),
-        DirOutcome::RootsRewritten { summary, renew_at } => tracing::info!(
+        DirOutcome::RootsRewritten {
+            summary, renew_at, ..
+        } => tracing::info!(
             dir = %dir.display(),
             serial = %summary.serial,
             renew_at = %rfc(*renew_at),

@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 
 use super::client::SignerContact;
 use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero, unix_seconds};
+use crate::tlsutil::Validity;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -40,6 +41,9 @@ pub struct Reconciled<'a> {
     pub installed: Option<(SystemTime, SystemTime)>,
     /// Whether the signer answered its last request to it.
     pub signer: SignerContact,
+    /// Whether the installed intermediate ends with the signer's root, so that a renewal
+    /// could not end later (None: not known in this pass, the last value stays).
+    pub ends_with_root: Option<bool>,
     /// Whether the request's restart plan stopped waiting (`Restarted` False,
     /// `TimedOut`): None where the agent restarts nothing (directory mode).
     pub restart_timed_out: Option<bool>,
@@ -145,9 +149,11 @@ pub struct AgentMetrics {
     ready: Family<RequestLabels, Gauge>,
     signer_reachable: Family<RequestLabels, Gauge>,
     restart_timed_out: Family<RequestLabels, Gauge>,
+    ends_with_root: Family<RequestLabels, Gauge>,
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
     client_certificate_expiration: Gauge,
+    client_certificate_not_before: Gauge,
     loop_metrics: LoopMetrics,
 }
 
@@ -190,6 +196,12 @@ impl AgentMetrics {
             "1 if the request's restart plan stopped waiting for a namespace's istio-ca-root-cert (status.restart.message names them; the rest of its workloads were not restarted), 0 otherwise",
             restart_timed_out.clone(),
         );
+        let ends_with_root = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "certificate_ends_with_root",
+            "1 if the installed intermediate ends with the signer's root (no earlier): a renewal could not end later, so it is kept past its renewal time and the root must change before it ends; 0 otherwise",
+            ends_with_root.clone(),
+        );
         let reconciles = outcomes_from_zero(&["ok"]);
         registry.register(
             "reconciles",
@@ -208,15 +220,23 @@ impl AgentMetrics {
             "notAfter of the client certificate the agent presents to the signer, as last read (Unix seconds; 0 until a pass reads it)",
             client_certificate_expiration.clone(),
         );
+        let client_certificate_not_before = Gauge::default();
+        registry.register(
+            "client_certificate_not_before_timestamp_seconds",
+            "notBefore of that client certificate, as last read (Unix seconds; 0 until a pass reads it): with its notAfter, its lifetime",
+            client_certificate_not_before.clone(),
+        );
         let loop_metrics = LoopMetrics::register(&mut registry);
         AgentMetrics {
             registry,
             client_certificate_expiration,
+            client_certificate_not_before,
             expiration,
             renewal,
             ready,
             signer_reachable,
             restart_timed_out,
+            ends_with_root,
             reconciles,
             issuances,
             loop_metrics,
@@ -247,6 +267,11 @@ impl AgentMetrics {
         if let Some(reachable) = reachable {
             self.signer_reachable.get_or_create(&labels).set(reachable);
         }
+        if let Some(ends_with_root) = what.ends_with_root {
+            self.ends_with_root
+                .get_or_create(&labels)
+                .set(i64::from(ends_with_root));
+        }
         if let Some(timed_out) = what.restart_timed_out {
             self.restart_timed_out
                 .get_or_create(&labels)
@@ -260,10 +285,12 @@ impl AgentMetrics {
         self.loop_metrics.reported(&labels.request);
     }
 
-    /// The client certificate read for this pass expires at `not_after`.
-    pub fn client_certificate(&self, not_after: SystemTime) {
+    /// The client certificate read for this pass.
+    pub fn client_certificate(&self, validity: Validity) {
         self.client_certificate_expiration
-            .set(unix_seconds(not_after));
+            .set(unix_seconds(validity.not_after));
+        self.client_certificate_not_before
+            .set(unix_seconds(validity.not_before));
     }
 
     /// A new intermediate was installed.
@@ -283,6 +310,7 @@ impl AgentMetrics {
     pub fn set_leading(&self, leading: bool) {
         if !leading {
             self.client_certificate_expiration.set(0);
+            self.client_certificate_not_before.set(0);
         }
         self.forget(self.loop_metrics.set_leading(leading));
     }
@@ -300,6 +328,7 @@ impl AgentMetrics {
             self.ready.remove(&labels);
             self.signer_reachable.remove(&labels);
             self.restart_timed_out.remove(&labels);
+            self.ends_with_root.remove(&labels);
         }
     }
 }
@@ -323,7 +352,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::R
                 (
                     [(
                         header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
+                        crate::signer::metrics::EXPOSITION_CONTENT_TYPE,
                     )],
                     metrics.render(),
                 )
@@ -358,6 +387,7 @@ mod tests {
                 outcome: "ok",
                 installed: Some((at(9_000), at(6_000))),
                 signer: SignerContact::Answered,
+                ends_with_root: Some(true),
                 restart_timed_out: Some(true),
             },
         );
@@ -368,6 +398,7 @@ mod tests {
                 outcome: "SignerError",
                 installed: None,
                 signer: SignerContact::Unreachable,
+                ends_with_root: Some(false),
                 restart_timed_out: None,
             },
         );
@@ -381,6 +412,8 @@ mod tests {
             "meshca_agent_signer_reachable{request=\"mesh/a\"} 1",
             "meshca_agent_signer_reachable{request=\"mesh/b\"} 0",
             "meshca_agent_restart_timed_out{request=\"mesh/a\"} 1",
+            "meshca_agent_certificate_ends_with_root{request=\"mesh/a\"} 1",
+            "meshca_agent_certificate_ends_with_root{request=\"mesh/b\"} 0",
             "meshca_agent_reconciles_total{outcome=\"ok\"} 1",
             "meshca_agent_reconciles_total{outcome=\"SignerError\"} 1",
             "meshca_agent_issuances_total 1",
@@ -401,21 +434,28 @@ mod tests {
                 outcome: "KubernetesError",
                 installed: None,
                 signer: SignerContact::NotAsked,
+                ends_with_root: None,
                 restart_timed_out: Some(false),
             },
         );
         m.pass_completed(&["mesh/b".into()], at(1_300));
         let text = m.render();
         assert!(text.contains("meshca_agent_signer_reachable{request=\"mesh/b\"} 0"));
+        assert!(text.contains("meshca_agent_certificate_ends_with_root{request=\"mesh/b\"} 0"));
         assert!(
             !text.contains("mesh/a"),
             "deleted request still reported:\n{text}"
         );
         assert!(text.contains("meshca_agent_certificate_ready{request=\"mesh/b\"} 0"));
 
-        m.client_certificate(at(9_999));
+        m.client_certificate(Validity {
+            not_before: at(8_888),
+            not_after: at(9_999),
+        });
         let expiry = "meshca_agent_client_certificate_expiration_timestamp_seconds";
+        let start = "meshca_agent_client_certificate_not_before_timestamp_seconds";
         assert!(m.render().contains(&format!("{expiry} 9999")));
+        assert!(m.render().contains(&format!("{start} 8888")));
         m.set_leading(false);
         let text = m.render();
         assert!(
@@ -424,6 +464,7 @@ mod tests {
         );
         assert!(text.contains("meshca_agent_leader 0"));
         assert!(text.contains(&format!("{expiry} 0")), "{text}");
+        assert!(text.contains(&format!("{start} 0")), "{text}");
         assert!(text.contains("meshca_agent_reconciles_total{outcome=\"ok\"} 1"));
     }
 }

@@ -427,6 +427,15 @@ pub fn renewal_held_by_root(summary: &BundleSummary, desired: &Desired, now: Sys
             )
 }
 
+/// [`ends_with_signer_root`] when the signer's root is known (its policy answered), None
+/// otherwise: the metric keeps what it last knew rather than turn an outage into a "no".
+pub fn ends_with_known_root(summary: &BundleSummary, desired: &Desired) -> Option<bool> {
+    desired
+        .signer_root_not_after
+        .is_some()
+        .then(|| ends_with_signer_root(summary, desired))
+}
+
 /// Whether `summary`'s intermediate ends no earlier than the root the signer issues under
 /// (the same root it chains to): a renewal could not end later.
 pub fn ends_with_signer_root(summary: &BundleSummary, desired: &Desired) -> bool {
@@ -864,6 +873,14 @@ mod tests {
             } => {}
             other => panic!("{other:?}"),
         }
+        // What the metrics report (meshca_agent_certificate_ends_with_root): known from
+        // the signer's root, from the start (not only once it is due); not known while
+        // the signer cannot say, so the last value stays.
+        assert_eq!(ends_with_known_root(&summary, &d), Some(true));
+        assert_eq!(ends_with_known_root(&summary, &offline), None);
+        assert_eq!(ends_with_known_root(&summary, &moved), Some(false));
+        let shorter = verify_bundle(&f.bundle, None, f.issued).unwrap();
+        assert_eq!(ends_with_known_root(&shorter, &d), Some(false));
     }
 
     #[test]

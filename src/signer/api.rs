@@ -557,7 +557,7 @@ async fn metrics(State(state): State<Arc<SignerState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            crate::signer::metrics::EXPOSITION_CONTENT_TYPE,
         )],
         state.metrics.render(),
     )

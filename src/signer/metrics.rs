@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::AnnouncedRoot;
+use crate::tlsutil::Validity;
 
 /// Outcomes counted from 0 at start (with every policy rule's code), so that the first of
 /// each shows in `increase()`: a series that appears at 1 has no earlier sample to
@@ -59,6 +60,21 @@ pub struct RulesLabels {
     pub root_sha256: String,
 }
 
+/// The bounds of `meshca_signing_duration_seconds`: 1 ms doubling to 262 s, then 300 s
+/// (the longest pkcs11.timeout_seconds).
+const SIGNING_BUCKETS: [f64; 20] = {
+    let mut bounds = [0.0; 20];
+    let mut i = 0;
+    let mut bound = 0.001;
+    while i < 19 {
+        bounds[i] = bound;
+        bound *= 2.0;
+        i += 1;
+    }
+    bounds[19] = 300.0;
+    bounds
+};
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
@@ -81,6 +97,8 @@ pub struct Metrics {
     tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
+    /// Its notBefore: the expiry alert's threshold follows the certificate's lifetime.
+    tls_certificate_not_before: Gauge,
     client_ca_not_after: Gauge,
     client_crl_next_update: Family<FileLabels, Gauge>,
     announced_root_not_after: Family<AnnouncementLabels, Gauge>,
@@ -89,7 +107,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(root_not_after: SystemTime, tls_certificate_not_after: SystemTime) -> Self {
+    pub fn new(root_not_after: SystemTime, tls_certificate: Validity) -> Self {
         let mut registry = Registry::with_prefix("meshca");
         let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
         let requests = outcomes_from_zero(OUTCOMES_FROM_ZERO.iter().chain(&rule_codes));
@@ -109,11 +127,13 @@ impl Metrics {
             "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _crl_overdue, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
             handshakes_refused.clone(),
         );
-        // 1 ms .. ~16 s: ECDSA on a fast token up to RSA-4096 on a busy one.
-        let signing_seconds = Histogram::new((0..15).map(|i| 0.001 * 2f64.powi(i)));
+        // 1 ms .. 300 s: ECDSA on a fast token up to RSA-4096 on a busy one, and up to the
+        // longest pkcs11.timeout_seconds allowed (20 s by default): a signing that
+        // succeeds just inside its timeout lands in a bucket, not only in +Inf.
+        let signing_seconds = Histogram::new(SIGNING_BUCKETS);
         registry.register(
             "signing_duration_seconds",
-            "Time to build, lint, sign in the backend and check one intermediate",
+            "Time to build, lint, sign in the backend and check one intermediate, for signings that succeeded (failures: backend_errors)",
             signing_seconds.clone(),
         );
         let backend_errors = Counter::default();
@@ -179,6 +199,13 @@ impl Metrics {
             "Seconds until the signer's own TLS server certificate expires",
             tls_certificate_expiry_seconds.clone(),
         );
+        let tls_certificate_not_before = Gauge::default();
+        tls_certificate_not_before.set(unix_seconds(tls_certificate.not_before));
+        registry.register(
+            "tls_certificate_not_before_timestamp_seconds",
+            "notBefore of the signer's TLS server certificate in force (Unix seconds): with tls_certificate_expiry_seconds, its lifetime",
+            tls_certificate_not_before.clone(),
+        );
         let client_ca_not_after = Gauge::default();
         registry.register(
             "tls_client_ca_not_after_timestamp_seconds",
@@ -219,7 +246,8 @@ impl Metrics {
             tls_last_reload_successful,
             rules_last_reload_successful,
             tls_certificate_expiry_seconds,
-            tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate_not_after)),
+            tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate.not_after)),
+            tls_certificate_not_before,
             client_ca_not_after,
             client_crl_next_update,
             announced_root_not_after,
@@ -259,18 +287,20 @@ impl Metrics {
         self.backend_login_failing.set(i64::from(login_failing));
     }
 
-    /// A TLS reload: `ok` with the new serving certificate's notAfter, or `error`.
-    pub fn tls_reloaded(&self, new_certificate_not_after: Option<SystemTime>) {
-        let outcome = match new_certificate_not_after {
-            Some(not_after) => {
+    /// A TLS reload: `ok` with the new serving certificate's validity, or `error`.
+    pub fn tls_reloaded(&self, new_certificate: Option<Validity>) {
+        let outcome = match new_certificate {
+            Some(validity) => {
                 self.tls_certificate_not_after
-                    .store(unix_seconds(not_after), Ordering::Relaxed);
+                    .store(unix_seconds(validity.not_after), Ordering::Relaxed);
+                self.tls_certificate_not_before
+                    .set(unix_seconds(validity.not_before));
                 "ok"
             }
             None => "error",
         };
         self.tls_last_reload_successful
-            .set(i64::from(new_certificate_not_after.is_some()));
+            .set(i64::from(new_certificate.is_some()));
         count_outcome(&self.tls_reloads, outcome);
     }
 
@@ -384,7 +414,14 @@ fn count_outcome(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
         .inc();
 }
 
-/// The Prometheus text exposition of `registry`.
+/// The Content-Type of [`exposition`]'s text. prometheus-client writes OpenMetrics
+/// (`# EOF`, counters typed under their name without `_total`): served as
+/// `text/plain; version=0.0.4`, Prometheus would parse it as the older format and take
+/// every counter as untyped, without its HELP.
+pub const EXPOSITION_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The OpenMetrics text exposition of `registry` (served as [`EXPOSITION_CONTENT_TYPE`]).
 pub(crate) fn exposition(registry: &Registry) -> String {
     let mut out = String::new();
     // Writing into a String cannot fail.
@@ -405,11 +442,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn signing_durations_have_buckets_up_to_the_longest_token_timeout() {
+        let m = Metrics::new(
+            SystemTime::now(),
+            Validity {
+                not_before: SystemTime::UNIX_EPOCH,
+                not_after: SystemTime::now(),
+            },
+        );
+        // Just inside the longest pkcs11.timeout_seconds allowed, and the default's 20 s.
+        m.signing_took(Duration::from_secs(290));
+        m.signing_took(Duration::from_secs(19));
+        let text = m.render();
+        for needle in [
+            "meshca_signing_duration_seconds_bucket{le=\"16.384\"} 0\n",
+            "meshca_signing_duration_seconds_bucket{le=\"32.768\"} 1\n",
+            "meshca_signing_duration_seconds_bucket{le=\"262.144\"} 1\n",
+            "meshca_signing_duration_seconds_bucket{le=\"300.0\"} 2\n",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+
+    #[test]
     fn renders_every_family() {
         let now = SystemTime::now();
         let m = Metrics::new(
             now + Duration::from_secs(3600),
-            now + Duration::from_secs(450),
+            Validity {
+                not_before: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000),
+                not_after: now + Duration::from_secs(450),
+            },
         );
         m.request("issued");
         m.request("policy_org");
@@ -425,6 +488,7 @@ mod tests {
             "meshca_audit_write_errors_total 0",
             "meshca_root_expiry_seconds 3",
             "meshca_tls_certificate_expiry_seconds 4",
+            "meshca_tls_certificate_not_before_timestamp_seconds 1000\n",
             "meshca_tls_last_reload_successful 1",
             "meshca_rules_last_reload_successful 1",
             // Counted from 0 before the first one (see OUTCOMES_FROM_ZERO).
@@ -438,7 +502,10 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
         m.tls_reloaded(None);
-        m.tls_reloaded(Some(now + Duration::from_secs(7200)));
+        m.tls_reloaded(Some(Validity {
+            not_before: SystemTime::UNIX_EPOCH + Duration::from_secs(2_000),
+            not_after: now + Duration::from_secs(7200),
+        }));
         m.rules_reloaded(true);
         m.rules_reloaded(false);
         m.rules_reloaded(false);
@@ -449,6 +516,7 @@ mod tests {
             "meshca_tls_reloads_total{outcome=\"ok\"} 1",
             "meshca_tls_reloads_total{outcome=\"error\"} 1",
             "meshca_tls_certificate_expiry_seconds 7",
+            "meshca_tls_certificate_not_before_timestamp_seconds 2000\n",
             "meshca_tls_last_reload_successful 1",
             "meshca_rules_last_reload_successful 0",
         ] {
