@@ -9,6 +9,7 @@ use der::Encode;
 use sha2::Digest;
 use x509_cert::Certificate;
 use x509_cert::ext::pkix::SubjectKeyIdentifier;
+use x509_cert::name::Name;
 
 use super::csr::hex;
 use super::keys::{PrivateKey, describe_public_key};
@@ -59,8 +60,12 @@ pub enum BundleError {
         "cert-chain.pem must start with ca-cert.pem (istiod sends it to workloads as their chain)"
     )]
     ChainStart,
-    #[error("cert-chain.pem: certificate {index} is not signed by certificate {next}")]
-    ChainLink { index: usize, next: usize },
+    #[error("cert-chain.pem: certificate {index} is not signed by certificate {next}: {reason}")]
+    ChainLink {
+        index: usize,
+        next: usize,
+        reason: String,
+    },
     #[error("the chain does not end at a root in root-cert.pem")]
     NoTrustedRoot,
     #[error(
@@ -136,6 +141,32 @@ fn same(a: &Certificate, b: &Certificate) -> bool {
 
 fn verifier(cert: &Certificate) -> Option<PublicKeyVerifier> {
     PublicKeyVerifier::new(cert.tbs_certificate().subject_public_key_info()).ok()
+}
+
+/// Why `child` does not link to `parent`, for an operator.
+fn link_problem(child: &Certificate, parent: &Certificate) -> String {
+    names_apart(
+        child.tbs_certificate().issuer(),
+        parent.tbs_certificate().subject(),
+    )
+    .unwrap_or_else(|| "its signature does not verify with the next one's key".into())
+}
+
+/// How an issuer name differs from the subject it should be, if it does. Go (istiod) finds
+/// a parent by the bytes of the names, so the same text in another string type
+/// (PrintableString where the other has UTF8String), which openssl accepts, breaks a chain
+/// too.
+fn names_apart(issuer: &Name, subject: &Name) -> Option<String> {
+    if issuer == subject {
+        return None;
+    }
+    Some(if issuer.to_string() == subject.to_string() {
+        format!(
+            "its issuer reads as the next one's subject ({subject}) but is encoded otherwise (another string type): Go, and so istiod, matches names byte for byte"
+        )
+    } else {
+        format!("its issuer ({issuer}) is not the next one's subject ({subject})")
+    })
 }
 
 fn signed_by(child: &Certificate, parent: &Certificate) -> bool {
@@ -231,6 +262,7 @@ pub fn verify_bundle(
             return Err(BundleError::ChainLink {
                 index: index + 1,
                 next: index + 2,
+                reason: link_problem(&chain[index], &chain[index + 1]),
             });
         }
     }
@@ -313,6 +345,60 @@ mod tests {
             now + hour,
         );
         (root, files)
+    }
+
+    /// A broken link names how: another CA's certificate next, or the same name text in
+    /// another string type (openssl links those; Go, and so istiod, does not).
+    #[test]
+    fn a_broken_link_in_the_chain_says_how_the_names_differ() {
+        use crate::pki::keys::KeyType;
+        use crate::pki::profile::subject_name;
+        use der::Tag;
+        use der::asn1::Any;
+        use std::time::Duration;
+        use x509_cert::attr::AttributeTypeAndValue;
+        use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
+
+        let now = SystemTime::now();
+        let (_, files) = bundle_at(now);
+        let (_, other) = crate::pki::testing::software_root(
+            KeyType::EcdsaP256,
+            "other",
+            Duration::from_secs(3600),
+        );
+        let wrong_next = BundleFiles {
+            cert_chain: format!("{}{}", files.ca_cert, other.pem),
+            ..files.clone()
+        };
+        assert_eq!(
+            verify_bundle(&wrong_next, None, now)
+                .unwrap_err()
+                .to_string(),
+            "cert-chain.pem: certificate 1 is not signed by certificate 2: its issuer (CN=test root,O=org) is not the next one's subject (CN=test root,O=other)"
+        );
+
+        let printable = |org: &str, cn: &str| {
+            let mut rdns = RdnSequence::default();
+            for (oid, value) in [
+                (const_oid::db::rfc4519::O, org),
+                (const_oid::db::rfc4519::CN, cn),
+            ] {
+                let mut rdn = RelativeDistinguishedName::default();
+                rdn.insert(AttributeTypeAndValue {
+                    oid,
+                    value: Any::new(Tag::PrintableString, value.as_bytes()).unwrap(),
+                })
+                .unwrap();
+                rdns.push(rdn);
+            }
+            <Name as der::Decode>::from_der(&der::Encode::to_der(&rdns).unwrap()).unwrap()
+        };
+        let utf8 = subject_name("acme", "acme root").unwrap();
+        assert_eq!(names_apart(&utf8, &utf8), None);
+        assert_eq!(
+            names_apart(&utf8, &printable("acme", "acme root")).unwrap(),
+            "its issuer reads as the next one's subject (CN=acme root,O=acme) but is encoded otherwise (another string type): Go, and so istiod, matches names byte for byte"
+        );
     }
 
     /// A root istiod cannot read (a negative serial: Go refuses to parse it, and leaves it
