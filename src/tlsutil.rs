@@ -19,6 +19,7 @@ mod client_crls;
 mod refused_client;
 pub use client_ca_apart::{ClientCaError, MeshRoot, check_client_ca_apart_from_mesh};
 pub use client_crls::SupersededCrl;
+pub(crate) use client_crls::read_with as read_crls_with;
 pub use refused_client::accept_noting_refused_client;
 
 #[derive(Debug, thiserror::Error)]

@@ -159,7 +159,7 @@ impl PublicPolicy {
     /// Each announced root must be what its fingerprint says, one self-signed CA
     /// certificate: the agent trusts it and reports the fingerprint, so the two must not
     /// differ.
-    fn check_announced_roots(&self) -> Result<(), ClientError> {
+    pub(crate) fn check_announced_roots(&self) -> Result<(), ClientError> {
         let announced = [
             (
                 "next",

@@ -643,44 +643,47 @@ pub fn torn_tail_len(path: &Path) -> std::io::Result<usize> {
     Ok(read_tail(path)?.torn.len())
 }
 
-/// Reads backwards from the end of the file to the last complete line.
+/// Reads backwards from the end of the file to the last complete line. Each byte is
+/// looked at once: a long tail without newlines (a log edited, or a file system that left
+/// a run of zeros after a crash) must not cost the signer's start time quadratic in its
+/// length, as rescanning a growing window for every 64 KiB read did.
 fn read_tail(path: &Path) -> std::io::Result<Tail> {
+    const CHUNK: u64 = 64 * 1024;
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
-    let mut window: Vec<u8> = Vec::new();
-    let mut start = len;
-    loop {
-        // Need the position of the last newline and the newline before it (or the start).
-        let newlines: Vec<usize> = window
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'\n')
-            .map(|(i, _)| i)
-            .collect();
-        if (newlines.len() >= 2) || start == 0 {
-            let torn_from = newlines.last().map(|i| i + 1).unwrap_or(0);
-            let torn = window[torn_from..].to_vec();
-            let last_line_hash = newlines.last().map(|last| {
-                let line_start = if newlines.len() >= 2 {
-                    newlines[newlines.len() - 2] + 1
-                } else {
-                    0
-                };
-                hex(&sha2::Sha256::digest(&window[line_start..*last]))
-            });
-            return Ok(Tail {
-                last_line_hash,
-                torn,
-            });
-        }
-        let step = (64 * 1024).min(start);
-        start -= step;
+    // The offsets of the last newline and of the one before it, found from the end.
+    let mut newlines: Vec<u64> = Vec::with_capacity(2);
+    let mut chunk = vec![0u8; CHUNK as usize];
+    let mut end = len;
+    while end > 0 && newlines.len() < 2 {
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &mut chunk[..(end - start) as usize];
         file.seek(SeekFrom::Start(start))?;
-        let mut chunk = vec![0u8; step as usize];
-        file.read_exact(&mut chunk)?;
-        chunk.extend_from_slice(&window);
-        window = chunk;
+        file.read_exact(chunk)?;
+        for (i, b) in chunk.iter().enumerate().rev() {
+            if *b == b'\n' {
+                newlines.push(start + i as u64);
+                if newlines.len() == 2 {
+                    break;
+                }
+            }
+        }
+        end = start;
     }
+    // From the start of the last complete line (or of the file) to the end, read once.
+    let from = match newlines.as_slice() {
+        [_, before, ..] => before + 1,
+        _ => 0,
+    };
+    file.seek(SeekFrom::Start(from))?;
+    let mut window = vec![0u8; (len - from) as usize];
+    file.read_exact(&mut window)?;
+    let last = newlines.first().map(|at| (at - from) as usize);
+    let torn = window.split_off(last.map_or(0, |last| last + 1));
+    Ok(Tail {
+        last_line_hash: last.map(|last| hex(&sha2::Sha256::digest(&window[..last]))),
+        torn,
+    })
 }
 
 /// How a log checked out.
@@ -1195,6 +1198,54 @@ mod tests {
                 )
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_tail_is_found_across_chunks_whatever_the_lines_lengths() {
+        // Lines and torn tails longer than the 64 KiB the tail is read back in, and files
+        // with no newline or a single one.
+        let long = |byte: u8, n: usize| vec![byte; n];
+        let cases: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            b"one\n".to_vec(),
+            b"one\ntwo\n".to_vec(),
+            b"one\ntwo\ntor".to_vec(),
+            long(b'x', 200_000),
+            [long(b'a', 70_000), b"\n".to_vec(), long(b'x', 140_000)].concat(),
+            [b"a\n".to_vec(), long(b'b', 130_000), b"\n".to_vec()].concat(),
+            [
+                b"a\n".to_vec(),
+                long(b'b', 65_536),
+                b"\n".to_vec(),
+                long(0, 65_535),
+            ]
+            .concat(),
+            [long(b'a', 65_535), b"\n\n".to_vec(), long(b'c', 131_072)].concat(),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        for content in cases {
+            std::fs::write(&path, &content).unwrap();
+            let tail = read_tail(&path).unwrap();
+            // What the tail is, read the plain way.
+            let (complete, torn) = match content.iter().rposition(|b| *b == b'\n') {
+                Some(last) => (&content[..last], &content[last + 1..]),
+                None => (&content[..0], &content[..]),
+            };
+            let last_line = content.contains(&b'\n').then(|| {
+                complete
+                    .split(|b| *b == b'\n')
+                    .next_back()
+                    .unwrap_or_default()
+            });
+            assert_eq!(tail.torn, torn, "{} bytes", content.len());
+            assert_eq!(
+                tail.last_line_hash,
+                last_line.map(|line| hex(&sha2::Sha256::digest(line))),
+                "{} bytes",
+                content.len()
+            );
         }
     }
 

@@ -19,7 +19,7 @@ use x509_cert::time::Time;
 use super::{CrlNextUpdate, TlsError, load_pem_blocks};
 
 /// What the CRL files hold, once the superseded lists are set aside.
-pub(super) struct ClientCrls {
+pub(crate) struct ClientCrls {
     /// The newest CRL of each issuer and scope, in the order first met.
     pub in_force: Vec<CertificateRevocationListDer<'static>>,
     /// Per file, in the configured order: the earliest `nextUpdate` of its CRLs in force.
@@ -153,14 +153,24 @@ impl ReadCrl {
 /// different lists that cannot be ordered (same CRL number, or neither numbered and the
 /// same thisUpdate) are an error: which one is in force would be a guess.
 pub(super) fn read(paths: &[PathBuf]) -> Result<ClientCrls, TlsError> {
-    let mut in_force: Vec<ReadCrl> = Vec::new();
-    let mut superseded = Vec::new();
-    for (file, path) in paths.iter().enumerate() {
-        let in_file = load_pem_blocks::<CertificateRevocationListDer<'static>>(
+    read_with(paths, |path| {
+        load_pem_blocks::<CertificateRevocationListDer<'static>>(
             path,
             "X509 CRL",
             |path, message| TlsError::Crls { path, message },
-        )?;
+        )
+    })
+}
+
+/// [`read`] with the CRLs of each file given by `load` (the fuzz target's, from memory).
+pub(crate) fn read_with(
+    paths: &[PathBuf],
+    mut load: impl FnMut(&Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError>,
+) -> Result<ClientCrls, TlsError> {
+    let mut in_force: Vec<ReadCrl> = Vec::new();
+    let mut superseded = Vec::new();
+    for (file, path) in paths.iter().enumerate() {
+        let in_file = load(path)?;
         for der in in_file {
             let crl = ReadCrl::parse(der, file, path)?;
             let Some(held) = in_force.iter_mut().find(|held| held.scope == crl.scope) else {
