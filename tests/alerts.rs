@@ -131,7 +131,8 @@ async fn every_metric_the_alerts_use_is_exported() {
 /// The body of a `/metrics` answer, which must say it is OpenMetrics: prometheus-client
 /// writes that format, and Prometheus parses a body by its Content-Type (as the older
 /// text format, every counter would be untyped and without its HELP).
-async fn openmetrics_body(answer: reqwest::Response) -> String {
+async fn openmetrics_body(client: &reqwest::Client, url: String) -> String {
+    let answer = client.get(url).send().await.unwrap();
     assert_eq!(answer.status(), 200);
     let content_type = answer
         .headers()
@@ -179,13 +180,7 @@ fn assert_promtool_reads_openmetrics(dir: &Path, name: &str, body: &str) {
 async fn metrics_are_served_as_openmetrics() {
     let env = Env::new();
     let signer = env.start_signer();
-    let answer = env
-        .client("cluster-a")
-        .get(signer.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
-    let body = openmetrics_body(answer).await;
+    let body = openmetrics_body(&env.client("cluster-a"), signer.url("/metrics")).await;
     assert!(
         body.contains("# TYPE meshca_sign_requests counter"),
         "{body}"
@@ -209,13 +204,7 @@ async fn metrics_are_served_as_openmetrics() {
         .await
         .unwrap();
     // Plain HTTP; the test client has TLS set up, which plain requests leave aside.
-    let answer = env
-        .client("cluster-a")
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    let body = openmetrics_body(answer).await;
+    let body = openmetrics_body(&env.client("cluster-a"), format!("http://{addr}/metrics")).await;
     assert!(
         body.contains("# TYPE meshca_agent_reconciles counter"),
         "{body}"

@@ -69,6 +69,14 @@ fn destroy_secret_id(env: &Env) -> String {
     secret_id
 }
 
+/// `meshca_backend_login_failing` as the signer exports it now.
+async fn login_failing(env: &Env, signer: &Signer) -> Option<i64> {
+    metric_sample(
+        &signer.metrics(&env.client("cluster-a")).await,
+        "meshca_backend_login_failing",
+    )
+}
+
 /// The signer's log does not hold `secret_id`; checked before any message prints the log.
 fn assert_secret_id_not_logged(signer: &Signer, secret_id: &str) {
     assert!(
@@ -266,13 +274,7 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     let signer = env.start_signer();
     let started = Instant::now();
     assert_eq!(sign(&env, &signer).await.0, 200);
-    let login_failing = || async {
-        metric_sample(
-            &signer.metrics(&env.client("cluster-a")).await,
-            "meshca_backend_login_failing",
-        )
-    };
-    assert_eq!(login_failing().await, Some(0));
+    assert_eq!(login_failing(&env, &signer).await, Some(0));
     // That login will fail: the secret ID is gone.
     let secret_id = destroy_secret_id(&env);
     // At most until the token ends: the line must come before.
@@ -292,7 +294,7 @@ async fn a_token_near_its_max_ttl_signs_on_while_a_fresh_login_fails() {
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(readyz(&env, &signer).await.0, 200);
-    assert_eq!(login_failing().await, Some(1));
+    assert_eq!(login_failing(&env, &signer).await, Some(1));
     // Once it has ended, a clear 503. The signer logged in before `started`: its token
     // has ended a second after this.
     tokio::time::sleep(Duration::from_secs(MAX_TTL + 1).saturating_sub(started.elapsed())).await;
@@ -338,11 +340,7 @@ async fn a_batch_token_signs_on_while_its_replacement_login_fails() {
     assert_eq!(status, 200, "{body}");
     // Ready (the metric is set by the readiness check), with the credentials failing.
     assert_eq!(readyz(&env, &signer).await.0, 200);
-    let failing = metric_sample(
-        &signer.metrics(&env.client("cluster-a")).await,
-        "meshca_backend_login_failing",
-    );
-    assert_eq!(failing, Some(1));
+    assert_eq!(login_failing(&env, &signer).await, Some(1));
     assert_secret_id_not_logged(&signer, &secret_id);
 }
 
@@ -369,12 +367,6 @@ async fn a_renewal_that_succeeds_again_clears_login_failing() {
     bao.write_policy("meshca", &with_renewal);
     let signer = env.start_signer();
     assert_eq!(sign(&env, &signer).await.0, 200);
-    let login_failing = || async {
-        metric_sample(
-            &signer.metrics(&env.client("cluster-a")).await,
-            "meshca_backend_login_failing",
-        )
-    };
     bao.write_policy("meshca", &format!("{MESHCA_VAULT_POLICY}{lookup}{revoke}"));
     let secret_id = destroy_secret_id(&env);
     // At half the TTL: the renewal refused, then the login refused.
@@ -388,7 +380,7 @@ async fn a_renewal_that_succeeds_again_clears_login_failing() {
     assert!(line.contains("Vault login (approle) failed"), "{line}");
     assert!(signer.logs().contains("Vault refused to renew the token"));
     assert_eq!(readyz(&env, &signer).await.0, 200);
-    assert_eq!(login_failing().await, Some(1));
+    assert_eq!(login_failing(&env, &signer).await, Some(1));
     // Renewal allowed again: the next try (30 s on) renews, and the token no longer
     // depends on a login. Bounded by the token's end (it would answer 503 then).
     bao.write_policy("meshca", &with_renewal);
@@ -396,7 +388,7 @@ async fn a_renewal_that_succeeds_again_clears_login_failing() {
     loop {
         // Each readiness check sets the metric.
         assert_eq!(readyz(&env, &signer).await.0, 200);
-        if login_failing().await == Some(0) {
+        if login_failing(&env, &signer).await == Some(0) {
             break;
         }
         assert!(
