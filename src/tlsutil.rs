@@ -179,15 +179,14 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier);
-    let (certificate_not_before, certificate_not_after) = leaf_validity(&chain, cert)?;
+    let certificate = leaf_validity(&chain, cert)?;
     let mut config = config
         .with_single_cert(chain, private_key)
         .map_err(|e| certificate_error("server", cert, key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         config,
-        certificate_not_before,
-        certificate_not_after,
+        certificate,
         client_ca_not_after,
         client_cas,
         crl_next_updates: crls.next_updates,
@@ -237,8 +236,8 @@ fn client_ca_crl_problems(cas: &[CertificateDer<'static>], crl_issuers: &[Vec<u8
 /// CRLs are due to be replaced, and what it was built from.
 pub struct ServerTls {
     pub config: rustls::ServerConfig,
-    pub certificate_not_before: std::time::SystemTime,
-    pub certificate_not_after: std::time::SystemTime,
+    /// The validity of the certificate this side presents.
+    pub certificate: Validity,
     /// When the first of the client CA certificates expires: from then on, no client whose
     /// certificate chains only to it gets through the handshake.
     pub client_ca_not_after: std::time::SystemTime,
@@ -325,7 +324,7 @@ pub fn client_config(
 /// [`client_config`], and when the client certificate expires.
 pub fn client_tls(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<ClientTls, TlsError> {
     let chain = load_certificates(client_cert)?;
-    let (certificate_not_before, certificate_not_after) = leaf_validity(&chain, client_cert)?;
+    let certificate = leaf_validity(&chain, client_cert)?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -335,23 +334,19 @@ pub fn client_tls(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<Cl
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ClientTls {
         config,
-        certificate_not_before,
-        certificate_not_after,
+        certificate,
     })
 }
 
 /// notBefore and notAfter of the first certificate of `chain` (read from `path`, which
 /// errors name).
-fn leaf_validity(
-    chain: &[CertificateDer<'_>],
-    path: &Path,
-) -> Result<(std::time::SystemTime, std::time::SystemTime), TlsError> {
+fn leaf_validity(chain: &[CertificateDer<'_>], path: &Path) -> Result<Validity, TlsError> {
     let leaf = chain.first().ok_or_else(|| no_certificate(path))?;
     let validity = *parse_certificate(leaf, path)?.tbs_certificate().validity();
-    Ok((
-        validity.not_before.to_system_time(),
-        validity.not_after.to_system_time(),
-    ))
+    Ok(Validity {
+        not_before: validity.not_before.to_system_time(),
+        not_after: validity.not_after.to_system_time(),
+    })
 }
 
 /// The earliest notAfter of the certificates read from `path`.
@@ -398,8 +393,8 @@ pub struct Validity {
 /// A client's rustls configuration and when its own certificate begins and expires.
 pub struct ClientTls {
     pub config: rustls::ClientConfig,
-    pub certificate_not_before: std::time::SystemTime,
-    pub certificate_not_after: std::time::SystemTime,
+    /// The validity of the certificate this side presents.
+    pub certificate: Validity,
 }
 
 /// A certificate and key rustls refused together; the common mistake (a key from another

@@ -319,10 +319,7 @@ impl SignerClient {
         Ok(SignerClient {
             http,
             base: base.trim_end_matches('/').to_string(),
-            client_certificate: Validity {
-                not_before: tls.certificate_not_before,
-                not_after: tls.certificate_not_after,
-            },
+            client_certificate: tls.certificate,
             contact: ContactRecord::default(),
         })
     }

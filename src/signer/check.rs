@@ -80,7 +80,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         ("the root certificate".to_string(), root.not_after),
         (
             "the signer's TLS certificate".to_string(),
-            tls.certificate_not_after,
+            tls.certificate.not_after,
         ),
         (
             "a client CA certificate (tls.client_ca)".to_string(),
@@ -144,7 +144,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
                 (a.announcement.name(), what)
             })
             .collect(),
-        server_certificate_not_after: tls.certificate_not_after,
+        server_certificate_not_after: tls.certificate.not_after,
         client_crls,
         backend,
         audit_log,

@@ -238,8 +238,7 @@ pub(super) fn read_pin(
 #[derive(Clone)]
 pub(super) struct ServingTls {
     acceptor: TlsAcceptor,
-    pub(super) certificate_not_before: SystemTime,
-    pub(super) certificate_not_after: SystemTime,
+    pub(super) certificate: Validity,
     pub(super) client_ca_not_after: SystemTime,
     pub(super) crl_next_updates: Vec<CrlNextUpdate>,
     pub(super) superseded_crls: Vec<SupersededCrl>,
@@ -267,8 +266,7 @@ pub(super) fn serving_tls(
     check_client_ca_apart_from_mesh(&config.client_ca, &tls.client_cas, mesh_roots)?;
     Ok(ServingTls {
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
-        certificate_not_before: tls.certificate_not_before,
-        certificate_not_after: tls.certificate_not_after,
+        certificate: tls.certificate,
         client_ca_not_after: tls.client_ca_not_after,
         crl_next_updates: tls.crl_next_updates,
         superseded_crls: tls.superseded_crls,
@@ -420,10 +418,7 @@ impl RunningSigner {
         .and_then(|roots| serving_tls(&self.config, &roots));
         match read {
             Ok(read) => {
-                let certificate = Validity {
-                    not_before: read.certificate_not_before,
-                    not_after: read.certificate_not_after,
-                };
+                let certificate = read.certificate;
                 client_trust_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
@@ -571,13 +566,7 @@ pub async fn start(
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
     let tls = serving_tls(&config, &roots)?;
-    let mut metrics = Metrics::new(
-        root.not_after,
-        Validity {
-            not_before: tls.certificate_not_before,
-            not_after: tls.certificate_not_after,
-        },
-    );
+    let mut metrics = Metrics::new(root.not_after, tls.certificate);
     client_trust_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
     warn_of_ended_announced_roots(&config.root);
