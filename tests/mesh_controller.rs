@@ -901,6 +901,11 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
         "meshca_mesh_controller_virtual_mesh_ready{virtual_mesh=\"smh/vm\"} 1",
         "meshca_mesh_controller_leader 1",
         "meshca_mesh_controller_reconciles_total{outcome=\"error\"} 0",
+        concat!(
+            "meshca_mesh_controller_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\"} 1\n"
+        ),
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }

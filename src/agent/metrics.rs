@@ -166,6 +166,7 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshca_agent");
+        crate::signer::metrics::register_build_info(&mut registry);
         let expiration = Family::<RequestLabels, Gauge>::default();
         registry.register(
             "certificate_expiration_timestamp_seconds",
@@ -419,6 +420,11 @@ mod tests {
             "meshca_agent_issuances_total 1",
             "meshca_agent_leader 1",
             "meshca_agent_last_pass_timestamp_seconds 1234",
+            concat!(
+                "meshca_agent_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1\n"
+            ),
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::agent::metrics::{Exposition, LoopMetrics};
-use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero};
+use crate::signer::metrics::{OutcomeLabels, exposition, outcomes_from_zero, register_build_info};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VirtualMeshLabels {
@@ -44,6 +44,7 @@ impl Default for MeshControllerMetrics {
 impl MeshControllerMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshca_mesh_controller");
+        register_build_info(&mut registry);
         let reconciles = outcomes_from_zero(&["ok", "error"]);
         registry.register(
             "reconciles",

@@ -8,6 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::config::AnnouncedRoot;
@@ -109,6 +110,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(root_not_after: SystemTime, tls_certificate: Validity) -> Self {
         let mut registry = Registry::with_prefix("meshca");
+        register_build_info(&mut registry);
         let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
         let requests = outcomes_from_zero(OUTCOMES_FROM_ZERO.iter().chain(&rule_codes));
         registry.register(
@@ -383,6 +385,16 @@ impl Metrics {
     }
 }
 
+/// Registers `<prefix>_build_info{version="..."} 1`: which build each replica runs, so
+/// that a fleet half upgraded (or a replica left behind) shows in one query.
+pub(crate) fn register_build_info(registry: &mut Registry) {
+    registry.register(
+        "build",
+        "The meshca build this process runs",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+}
+
 /// Counters by outcome, each of `outcomes` created at 0 (see [`counters_from_zero`]).
 pub(crate) fn outcomes_from_zero<'a>(
     outcomes: impl IntoIterator<Item = &'a &'a str>,
@@ -498,6 +510,11 @@ mod tests {
             "meshca_rules_reloads_total{outcome=\"error\"} 0",
             "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"} 1",
             "meshca_tls_handshakes_refused_total{reason=\"timeout\"} 0",
+            concat!(
+                "meshca_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1\n"
+            ),
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
