@@ -13,6 +13,21 @@ pub enum PemError {
     NoCertificates,
     #[error("certificate {index} in PEM is not a valid X.509 certificate: {message}")]
     BadCertificate { index: usize, message: String },
+    #[error("PEM block {index} is labelled {found:?}, not CERTIFICATE{hint}", hint = label_hint(found))]
+    NotACertificate { index: usize, found: String },
+}
+
+/// What to do about a block of another label in a certificate bundle, where it is common.
+fn label_hint(found: &str) -> &'static str {
+    match found {
+        // istiod's and Go's bundle readers skip this block, and workloads get the file as
+        // it is: a root written this way is not trusted where it should be.
+        "TRUSTED CERTIFICATE" => {
+            " (OpenSSL's trusted-certificate form, which Istio does not read as a root: \
+             `openssl x509 -in FILE` prints it as a plain CERTIFICATE)"
+        }
+        _ => "",
+    }
 }
 
 /// Decodes exactly one PEM object whose label is one of `labels`.
@@ -39,7 +54,13 @@ pub fn decode_certificates(pem: &str) -> Result<Vec<Certificate>, PemError> {
             .find("-----END ")
             .and_then(|e| block[e + 9..].find("-----").map(|t| e + 9 + t + 5))
             .ok_or_else(|| PemError::Malformed("unterminated PEM block".into()))?;
-        let der = decode_single(&block[..end_marker], &["CERTIFICATE"])?;
+        let der = decode_single(&block[..end_marker], &["CERTIFICATE"]).map_err(|e| match e {
+            PemError::WrongLabel { found, .. } => PemError::NotACertificate {
+                index: certs.len() + 1,
+                found,
+            },
+            other => other,
+        })?;
         let cert = Certificate::from_der(&der).map_err(|e| PemError::BadCertificate {
             index: certs.len() + 1,
             message: e.to_string(),
@@ -110,6 +131,30 @@ mod tests {
             decode_single("junk", &["X"]),
             Err(PemError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_block_of_another_label_in_a_bundle_is_named_by_its_place() {
+        let cert = crate::pki::testing::software_root(
+            crate::pki::keys::KeyType::EcdsaP256,
+            "acme",
+            std::time::Duration::from_secs(86_400),
+        )
+        .1
+        .pem;
+        let der = decode_single(&cert, &["CERTIFICATE"]).unwrap();
+        let trusted = format!("{cert}{}", encode("TRUSTED CERTIFICATE", &der));
+        let err = decode_certificates(&trusted).unwrap_err().to_string();
+        assert!(
+            err.starts_with("PEM block 2 is labelled \"TRUSTED CERTIFICATE\", not CERTIFICATE"),
+            "{err}"
+        );
+        assert!(err.contains("`openssl x509 -in FILE`"), "{err}");
+        let key = encode("PRIVATE KEY", &[1, 2, 3]);
+        assert_eq!(
+            decode_certificates(&key).unwrap_err().to_string(),
+            "PEM block 1 is labelled \"PRIVATE KEY\", not CERTIFICATE"
+        );
     }
 
     #[test]
