@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::certs::*;
 use common::*;
@@ -661,8 +661,17 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
     let dir = env.path("cacerts");
 
     let mut cmd = agent_cmd(&env, &addr, &dir, &[]);
-    cmd.args(["--resync-seconds", "1"]);
+    cmd.args(["--resync-seconds", "1", "--metrics-listen", "127.0.0.1:0"]);
+    let started = SystemTime::now();
     let (mut agent, logs) = spawn_loop(cmd);
+    let metrics_addr = metrics_address(&logs);
+    let root_cert_changed = || {
+        let series = format!(
+            "meshca_agent_root_cert_changed_timestamp_seconds{{request=\"{}\"}}",
+            dir.display()
+        );
+        metric_sample(&http_get(&metrics_addr, "/metrics"), &series)
+    };
     let wait_for_install = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut failures = Vec::new();
@@ -680,6 +689,13 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
     };
     wait_for_install("first pass");
     let first_serial = serial(&dir);
+    // The first root-cert.pem is new bytes: istiod must start again to take the files.
+    let changed_at = root_cert_changed().expect("root-cert.pem written at the first pass");
+    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(
+        (unix(started)..=unix(SystemTime::now())).contains(&changed_at),
+        "{changed_at}"
+    );
 
     // The cluster's client certificate is renewed on disk (same identity, new key) and the
     // old one revoked at the signer.
@@ -706,6 +722,8 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
     .unwrap();
     let failures = wait_for_install("after the rotation");
     assert_ne!(serial(&dir), first_serial);
+    // A new intermediate under the same root: root-cert.pem is the same bytes.
+    assert_eq!(root_cert_changed(), Some(changed_at));
     assert_valid(&env, &dir);
     // The revoked certificate was never presented again.
     assert!(

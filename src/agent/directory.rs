@@ -362,6 +362,9 @@ pub async fn run(
                 if matches!(outcome, DirOutcome::Installed { .. }) {
                     metrics.issued();
                 }
+                if outcome.roots_changed() {
+                    metrics.root_cert_changed(&target, SystemTime::now());
+                }
                 // Logged after the metrics (as a failure is): whoever reads the line
                 // finds them already telling the same.
                 log_outcome(&opts.target, outcome);

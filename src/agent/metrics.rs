@@ -150,6 +150,7 @@ pub struct AgentMetrics {
     signer_reachable: Family<RequestLabels, Gauge>,
     restart_timed_out: Family<RequestLabels, Gauge>,
     ends_with_root: Family<RequestLabels, Gauge>,
+    root_cert_changed: Family<RequestLabels, Gauge>,
     reconciles: Family<OutcomeLabels, Counter>,
     issuances: Counter,
     client_certificate_expiration: Gauge,
@@ -203,6 +204,12 @@ impl AgentMetrics {
             "1 if the installed intermediate ends with the signer's root (no earlier): a renewal could not end later, so it is kept past its renewal time and the root must change before it ends; 0 otherwise",
             ends_with_root.clone(),
         );
+        let root_cert_changed = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "root_cert_changed_timestamp_seconds",
+            "When this directory agent last wrote root-cert.pem with new bytes (Unix seconds; no series until it has): istiod takes them only when it starts, so one started before this runs on the old files",
+            root_cert_changed.clone(),
+        );
         let reconciles = outcomes_from_zero(&["ok"]);
         registry.register(
             "reconciles",
@@ -238,6 +245,7 @@ impl AgentMetrics {
             signer_reachable,
             restart_timed_out,
             ends_with_root,
+            root_cert_changed,
             reconciles,
             issuances,
             loop_metrics,
@@ -294,6 +302,18 @@ impl AgentMetrics {
             .set(unix_seconds(validity.not_before));
     }
 
+    /// The directory agent wrote root-cert.pem with new bytes at `at`: istiod must start
+    /// again to take them (it reads the files only when it starts).
+    pub fn root_cert_changed(&self, request: &str, at: SystemTime) {
+        let labels = RequestLabels {
+            request: request.to_string(),
+        };
+        self.root_cert_changed
+            .get_or_create(&labels)
+            .set(unix_seconds(at));
+        self.loop_metrics.reported(&labels.request);
+    }
+
     /// A new intermediate was installed.
     pub fn issued(&self) {
         self.issuances.inc();
@@ -330,6 +350,7 @@ impl AgentMetrics {
             self.signer_reachable.remove(&labels);
             self.restart_timed_out.remove(&labels);
             self.ends_with_root.remove(&labels);
+            self.root_cert_changed.remove(&labels);
         }
     }
 }
@@ -403,6 +424,7 @@ mod tests {
                 restart_timed_out: None,
             },
         );
+        m.root_cert_changed("mesh/a", at(5_555));
         m.pass_completed(&["mesh/a".into(), "mesh/b".into()], at(1_234));
         let text = m.render();
         for needle in [
@@ -420,6 +442,7 @@ mod tests {
             "meshca_agent_issuances_total 1",
             "meshca_agent_leader 1",
             "meshca_agent_last_pass_timestamp_seconds 1234",
+            "meshca_agent_root_cert_changed_timestamp_seconds{request=\"mesh/a\"} 5555",
             concat!(
                 "meshca_agent_build_info{version=\"",
                 env!("CARGO_PKG_VERSION"),
