@@ -116,6 +116,24 @@ where
     std::panic::set_hook(Box::new(log_panic));
 }
 
+/// The line a command that fails ends with: `meshca: error: ...` as text, or with
+/// `--log-format json` one JSON object shaped like the log's events (timestamp, level,
+/// message, target) plus the exit status, so that a log pipeline parsing JSON keeps the
+/// line that says why the process stopped.
+pub fn fatal_error_line(json: bool, message: &str, exit_status: u8) -> String {
+    if !json {
+        return format!("meshca: error: {message}");
+    }
+    serde_json::json!({
+        "timestamp": crate::signer::audit::rfc3339(std::time::SystemTime::now()),
+        "level": "ERROR",
+        "message": format!("meshca: error: {message}"),
+        "exit_status": exit_status,
+        "target": "meshca",
+    })
+    .to_string()
+}
+
 /// One ERROR event per panic: its message, where, and on which thread (a token thread, a
 /// runtime worker, ...); the backtrace too when RUST_BACKTRACE asks for one.
 fn log_panic(info: &PanicHookInfo) {

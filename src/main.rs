@@ -401,14 +401,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     meshca::tlsutil::install_default_provider();
     init_logging(cli.log_format, &cli.log_level);
+    let json = matches!(cli.log_format, LogFormat::Json);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("meshca: error: {}", describe(&e));
-            match e.downcast_ref::<meshca::signer::server::StartError>() {
-                Some(start) => ExitCode::from(start.exit_status()),
-                None => ExitCode::FAILURE,
-            }
+            let status = match e.downcast_ref::<meshca::signer::server::StartError>() {
+                Some(start) => start.exit_status(),
+                None => 1,
+            };
+            // Written whatever the log level: it is why the process ends.
+            eprintln!(
+                "{}",
+                meshca::logging::fatal_error_line(json, &describe(&e), status)
+            );
+            ExitCode::from(status)
         }
     }
 }

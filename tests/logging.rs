@@ -1,6 +1,6 @@
 //! Logs: with `--log-format json` a panic is one more JSON line (message, place, thread),
-//! not raw text on stderr among the JSON. Its own test binary: it sets the global
-//! subscriber and panic hook.
+//! and so is the error a command ends with, not raw text on stderr among the JSON. Its
+//! own test binary: it sets the global subscriber and panic hook.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -50,5 +50,44 @@ fn a_panic_is_logged_as_a_json_line_naming_its_thread_and_place() {
             .as_str()
             .is_some_and(|l| l.starts_with("tests/logging.rs:")),
         "{panic}"
+    );
+}
+
+#[test]
+fn the_error_a_command_ends_with_is_a_json_line_under_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("signer.toml");
+    let run = |format: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshca"))
+            .args(["--log-format", format, "serve", "--config"])
+            .arg(&missing)
+            .output()
+            .unwrap()
+    };
+    let json = run("json");
+    assert_eq!(json.status.code(), Some(1));
+    let stderr = String::from_utf8(json.stderr).unwrap();
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let last = lines.last().unwrap_or_else(|| panic!("no line: {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert_eq!(last["exit_status"], 1, "{last}");
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("meshca: error: ") && message.contains(&*missing.to_string_lossy()),
+        "{message}"
+    );
+
+    let text = run("text");
+    assert_eq!(text.status.code(), Some(1));
+    let stderr = String::from_utf8(text.stderr).unwrap();
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("meshca: error: ")),
+        "{stderr}"
     );
 }
