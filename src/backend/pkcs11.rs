@@ -880,6 +880,12 @@ struct Inner {
     token: RwLock<Token>,
     key: Mutex<Option<ObjectHandle>>,
     sessions: Mutex<Vec<Session>>,
+    /// Held to open a session while the pool is empty, which may log in. After a
+    /// reconnect every token thread finds the pool empty at once: unserialised, each
+    /// would send the PIN, and a PIN changed on the token meanwhile would cost one refused
+    /// try per thread towards its lockout. In turn, each finds the login already done
+    /// (login state is the application's, not the session's) or the PIN refused.
+    login: Mutex<()>,
     pin_rejected: AtomicBool,
     last_reconnect: Mutex<Option<Instant>>,
     /// Why the last reconnect failed, until one succeeds: errors on the connection left
@@ -917,6 +923,7 @@ impl Pkcs11Backend {
             token: RwLock::new(token),
             key: Mutex::new(Some(key)),
             sessions: Mutex::new(sessions),
+            login: Mutex::new(()),
             pin_rejected: AtomicBool::new(false),
             last_reconnect: Mutex::new(None),
             reconnect_failure: Mutex::new(None),
@@ -970,6 +977,7 @@ impl Inner {
         if let Some(session) = lock(&self.sessions).pop() {
             return Ok(session);
         }
+        let _one_login_at_a_time = lock(&self.login);
         if self.pin_rejected.load(Ordering::SeqCst) {
             return Err(BackendError::PinRejected);
         }
@@ -1094,9 +1102,14 @@ impl Inner {
         }
     }
 
-    /// `e`, from the connection in hand, unless the last reconnect failed: then why it did
-    /// (the module, the token, the key URI), which `e` on a finalized connection hides.
+    /// `e`, from the connection in hand, unless the PIN was refused since or the last
+    /// reconnect failed: then why it did (the module, the token, the key URI), which `e`
+    /// on a finalized connection hides.
     fn explained(&self, e: BackendError) -> BackendError {
+        // Refused by a thread that reconnected first: nothing else will be tried.
+        if self.pin_rejected.load(Ordering::SeqCst) {
+            return BackendError::PinRejected;
+        }
         match lock(&self.reconnect_failure).as_deref() {
             Some(failure) => BackendError::Unavailable(format!(
                 "{failure} (key {}; tried again at most every {}s)",
