@@ -260,13 +260,7 @@ fn hold_token_files(dir: &std::path::Path) -> HeldTokenFiles {
 /// `503 backend_unavailable` after the timeout and `/readyz` turned false. The signing's
 /// token thread is still in its call.
 async fn signer_with_a_token_that_stopped_answering(env: &Env) -> (Signer, HeldTokenFiles) {
-    let config = std::fs::read_to_string(&env.config).unwrap();
-    let with_timeout = config.replacen("\nsessions = ", "\ntimeout_seconds = 2\nsessions = ", 1);
-    assert_ne!(
-        with_timeout, config,
-        "no [pkcs11] sessions line in:\n{config}"
-    );
-    std::fs::write(&env.config, with_timeout).unwrap();
+    set_token_timeout(env, 2);
     let signer = env.start_signer();
     let client = env.client("cluster-a");
     assert_eq!(sign_fresh(&client, &signer).await.0, 200);
@@ -348,6 +342,79 @@ async fn sigterm_stops_a_signer_whose_token_stopped_answering() {
     let decisions: Vec<Value> = signer.audit_lines();
     assert_eq!(decisions.len(), 2, "{decisions:?}");
     assert_eq!(decisions[1]["rule"], "backend_unavailable");
+}
+
+/// A token that does not answer at start (its files held before the signer starts): the
+/// start says every `pkcs11.timeout_seconds` that it still waits, and SIGTERM stops it,
+/// exit 0, instead of waiting for the token for as long as it stays away (before, the stop
+/// signal was taken over and then not looked at until the backend had started).
+#[test]
+fn sigterm_stops_a_signer_whose_token_does_not_answer_at_start() {
+    let env = Env::new();
+    set_token_timeout(&env, 2);
+    let held = hold_token_files(&env.path("softhsm/tokens"));
+    let mut child = env
+        .meshca_with_config(&["--log-format", "json", "serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, logs) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |needle: &str| {
+        while let Ok(line) = logs.recv_timeout(Duration::from_secs(30)) {
+            seen.push(line);
+            if seen.last().is_some_and(|l| l.contains(needle)) {
+                return;
+            }
+        }
+        panic!("no log line with {needle:?} in:\n{}", seen.join("\n"));
+    };
+    // Logged once the stop signals are taken over: SIGTERM from here on asks to stop.
+    wait_for("connecting to the root key backend");
+    wait_for("the root key backend has not answered yet");
+    send_signal(child.id(), "TERM");
+    let status = wait_within(&mut child, EXIT_WAIT);
+    drop(held);
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the signer did not exit within {EXIT_WAIT:?} of SIGTERM")
+    });
+    reader.join().unwrap();
+    let logs: Vec<String> = seen.into_iter().chain(logs.try_iter()).collect();
+    assert!(status.success(), "{status}:\n{}", logs.join("\n"));
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("stop requested while starting")),
+        "{}",
+        logs.join("\n")
+    );
+}
+
+/// Sets `pkcs11.timeout_seconds` in the environment's signer config.
+fn set_token_timeout(env: &Env, seconds: u64) {
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let with_timeout = config.replacen(
+        "\nsessions = ",
+        &format!("\ntimeout_seconds = {seconds}\nsessions = "),
+        1,
+    );
+    assert_ne!(
+        with_timeout, config,
+        "no [pkcs11] sessions line in:\n{config}"
+    );
+    std::fs::write(&env.config, with_timeout).unwrap();
 }
 
 #[tokio::test]

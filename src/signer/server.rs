@@ -215,7 +215,8 @@ pub fn start_backend(
             Ok(Arc::new(backend))
         }
         BackendSettings::Vault(settings) => {
-            // Called on a blocking thread of the runtime: wait for the async start here.
+            // Called on a thread of its own that entered the runtime: wait for the async
+            // start here.
             let backend = tokio::runtime::Handle::current()
                 .block_on(VaultBackend::start(settings, root))
                 .map_err(|e| StartError::Backend(format!("Vault: {e}")))?;
@@ -572,12 +573,7 @@ pub async fn start(
     warn_of_ended_announced_roots(&config.root);
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
-    let backend = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || start_backend(&config, root))
-            .await
-            .map_err(|e| StartError::Backend(e.to_string()))??
-    };
+    let backend = backend_started(&config, root, started).await?;
     let backend_ready_ms = started.elapsed().as_millis();
     // Nothing to report if it did not run: the generator then seeds at first use instead.
     let _ = seeding.await;
@@ -879,6 +875,52 @@ const BACKEND_CHECK_PERIOD: Duration = Duration::from_secs(10);
 /// How often a log that failed its last write is tried again.
 const AUDIT_PROBE_PERIOD: Duration = Duration::from_secs(5);
 
+/// How often a start that waits for its backend says so, when the config sets no token
+/// timeout to go by (Vault).
+const BACKEND_START_REPORT: Duration = Duration::from_secs(10);
+
+/// Starts the backend (module, token, login, proof of the key; or Vault's login) on a
+/// thread of its own and waits for it, saying every `pkcs11.timeout_seconds` that it still
+/// waits. Not a runtime blocking thread: a token that never answers (a network HSM cut
+/// off, token files locked) must not hold up the exit that a stop signal asks for
+/// meanwhile; a plain thread is left to the process exit.
+async fn backend_started(
+    config: &SignerConfig,
+    root: RootCa,
+    since: Instant,
+) -> Result<Arc<dyn RootSigner>, StartError> {
+    let report_every = match config.backend() {
+        Ok(BackendSettings::Pkcs11(settings)) => settings.timeout,
+        _ => BACKEND_START_REPORT,
+    };
+    let (answer, mut started) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    let thread_config = config.clone();
+    std::thread::Builder::new()
+        .name("meshca-backend-start".into())
+        .spawn(move || {
+            let _entered = runtime.enter();
+            // Its receiver is gone if a stop signal ended the start: nobody to tell.
+            let _ = answer.send(start_backend(&thread_config, root));
+        })
+        .map_err(|e| StartError::Backend(format!("cannot start a thread: {e}")))?;
+    tracing::info!("connecting to the root key backend");
+    loop {
+        match tokio::time::timeout(report_every, &mut started).await {
+            Ok(Ok(backend)) => return backend,
+            Ok(Err(_)) => {
+                return Err(StartError::Backend(
+                    "the backend's start ended without an answer (see the log)".into(),
+                ));
+            }
+            Err(_) => tracing::warn!(
+                waiting_seconds = since.elapsed().as_secs(),
+                "the root key backend has not answered yet (loading the module, finding the token, logging in, or Vault's login); still waiting (SIGTERM stops the signer)"
+            ),
+        }
+    }
+}
+
 /// Resolves once shutdown is requested (without holding the watch lock across awaits).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
@@ -896,7 +938,15 @@ pub async fn run(
         signal(SignalKind::hangup()).map_err(|e| StartError::Signals(format!("SIGHUP: {e}")))?;
     let mut stops = crate::signals::StopSignals::take_over()
         .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
-    let running = start(config, listen_override).await?;
+    let running = tokio::select! {
+        running = start(config, listen_override) => running?,
+        // Nothing is served yet, so nothing to drain: a backend that does not answer at
+        // start does not keep the signer from stopping.
+        _ = stops.next() => {
+            tracing::info!("stop requested while starting; nothing was served, signer stopped");
+            return Ok(());
+        }
+    };
     loop {
         tokio::select! {
             _ = stops.next() => break,
