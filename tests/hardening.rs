@@ -1010,10 +1010,10 @@ async fn a_request_left_half_sent_on_the_ops_port_does_not_hold_up_the_exit() {
     let mut signer = env.start_signer();
     let started = signer.wait_for_log("signer listening").await;
     let line: Value = serde_json::from_str(&started).unwrap();
-    // `Some(127.0.0.1:PORT)`
+    // `127.0.0.1:PORT`, the address itself.
     let ops = line["ops"]
         .as_str()
-        .and_then(|o| o.strip_prefix("Some(")?.strip_suffix(')'))
+        .filter(|o| o.parse::<std::net::SocketAddr>().is_ok())
         .unwrap_or_else(|| panic!("no ops address in {line}"))
         .to_string();
     let mut scraper = tokio::net::TcpStream::connect(&ops).await.unwrap();

@@ -644,7 +644,7 @@ pub async fn start(
     }
     tracing::info!(
         api = %addresses.api,
-        ops = ?addresses.ops,
+        ops = addresses.ops.map(tracing::field::display),
         backend = %backend.describe(),
         root_fingerprint_sha256 = %backend.root().fingerprint_sha256,
         next_root_fingerprint_sha256 = config.root.next.as_ref().map(|n| n.fingerprint_sha256.as_str()),
