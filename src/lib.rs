@@ -34,3 +34,4 @@ pub mod secret;
 pub mod signals;
 pub mod signer;
 pub mod tlsutil;
+pub mod yaml;

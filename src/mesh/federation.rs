@@ -217,7 +217,7 @@ pub fn parse_virtual_mesh(
         message,
     };
     let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(yaml).map_err(|e| yaml_error(e.to_string()))?;
+        crate::yaml::documents(yaml).map_err(|e| yaml_error(e.to_string()))?;
     let mut docs: Vec<serde_json::Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
     if docs.len() != 1 {
         return Err(FederationError::DocumentCount {

@@ -255,7 +255,7 @@ impl Inventory {
         let mut budget = serde_saphyr::Budget::default();
         budget.max_events = 40_000_000;
         budget.max_nodes = 20_000_000;
-        let mut options = serde_saphyr::Options::default();
+        let mut options = crate::yaml::options();
         options.budget = Some(budget);
         let inventory: Inventory =
             serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {

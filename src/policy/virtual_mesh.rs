@@ -323,7 +323,7 @@ impl PolicySet {
     /// Parses one multi-document YAML text and adds its VirtualMeshes.
     pub fn add_yaml(&mut self, source_name: &str, yaml: &str) -> Result<(), PolicyLoadError> {
         let docs: Vec<serde_json::Value> =
-            serde_saphyr::from_multiple(yaml).map_err(|e| PolicyLoadError::Yaml {
+            crate::yaml::documents(yaml).map_err(|e| PolicyLoadError::Yaml {
                 source_name: source_name.to_string(),
                 message: e.to_string(),
             })?;
