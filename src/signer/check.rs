@@ -5,7 +5,7 @@
 //! for a check before a restart.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
@@ -175,9 +175,16 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
                 crate::fsutil::read_text(conf)
                     .map_err(|e| backend(format!("pkcs11.softhsm2_conf: {e}")))?;
             }
+            let token_dir = match softhsm_conf(settings) {
+                Some(conf) => format!(
+                    ", SoftHSM tokens in {}",
+                    check_softhsm_token_dir(&conf).map_err(backend)?.display()
+                ),
+                None => String::new(),
+            };
             read_pin(settings)?;
             Ok(format!(
-                "pkcs11, module {}, key {}, {} sessions, PIN from {}",
+                "pkcs11, module {}, key {}, {} sessions, PIN from {}{token_dir}",
                 settings.module.display(),
                 settings.key,
                 settings.sessions,
@@ -195,6 +202,61 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
             ))
         }
     }
+}
+
+/// The SoftHSM configuration the module will read, when the module is SoftHSM: the
+/// config's `softhsm2_conf`, else SOFTHSM2_CONF, else SoftHSM's default.
+fn softhsm_conf(settings: &crate::config::Pkcs11Settings) -> Option<PathBuf> {
+    let module = settings
+        .module
+        .file_name()?
+        .to_string_lossy()
+        .to_lowercase();
+    if !module.contains("softhsm") {
+        return None;
+    }
+    settings
+        .softhsm2_conf
+        .clone()
+        .or_else(|| std::env::var_os("SOFTHSM2_CONF").map(PathBuf::from))
+        .or_else(|| Some(PathBuf::from("/etc/softhsm/softhsm2.conf")))
+}
+
+/// SoftHSM's token directory (`directories.tokendir` in `conf`), read as SoftHSM reads it
+/// at start: every token directory listed and every file in it opened. A token made by
+/// another user (`sudo meshca root init`) is 0700/0600, and the start would say only
+/// "failed to initialize" or "no token matches".
+fn check_softhsm_token_dir(conf: &Path) -> Result<PathBuf, String> {
+    let text = crate::fsutil::read_text(conf).map_err(|e| format!("SoftHSM config: {e}"))?;
+    let token_dir = text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("directories.tokendir"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .map(|dir| PathBuf::from(dir.trim()))
+        .next_back()
+        .ok_or_else(|| format!("{} sets no directories.tokendir", conf.display()))?;
+    let unreadable = |what: &Path, e: std::io::Error| {
+        format!(
+            "SoftHSM's token directory {} (directories.tokendir in {}): cannot read {}: {e}; run the signer as the user that made the token (`meshca token init`, `root init`), or give that user read access (Debian: the softhsm group)",
+            token_dir.display(),
+            conf.display(),
+            what.display()
+        )
+    };
+    let tokens = std::fs::read_dir(&token_dir).map_err(|e| unreadable(&token_dir, e))?;
+    for token in tokens {
+        let token = token.map_err(|e| unreadable(&token_dir, e))?.path();
+        if !token.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&token).map_err(|e| unreadable(&token, e))? {
+            let file = file.map_err(|e| unreadable(&token, e))?.path();
+            if file.is_file() {
+                std::fs::File::open(&file).map_err(|e| unreadable(&file, e))?;
+            }
+        }
+    }
+    Ok(token_dir)
 }
 
 /// The audit log is opened (or created) for appending at start: its directory must exist,
@@ -314,4 +376,46 @@ pub fn check_online(config: &SignerConfig) -> Result<String, StartError> {
         "{}: logged in, the root's key answers for the root certificate",
         backend.describe()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_softhsm_token_directory_that_cannot_be_read_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        let tokens = dir.path().join("tokens");
+        let write_conf = |token_dir: &Path| {
+            let text = format!(
+                "# comment\ndirectories.tokendir = {}\nobjectstore.backend = file\n",
+                token_dir.display()
+            );
+            std::fs::write(&conf, text).unwrap();
+        };
+        write_conf(&tokens);
+        let missing = check_softhsm_token_dir(&conf).unwrap_err();
+        assert!(
+            missing.contains(&format!("SoftHSM's token directory {}", tokens.display()))
+                && missing.contains("cannot read")
+                && missing.contains("the user that made the token"),
+            "{missing}"
+        );
+
+        std::fs::create_dir_all(tokens.join("a-token")).unwrap();
+        std::fs::write(tokens.join("a-token/token.object"), b"x").unwrap();
+        assert_eq!(check_softhsm_token_dir(&conf).unwrap(), tokens);
+
+        // A token directory where a file should be: listed, and refused by name.
+        let a_file = dir.path().join("not-a-dir");
+        std::fs::write(&a_file, b"").unwrap();
+        write_conf(&a_file);
+        let not_dir = check_softhsm_token_dir(&conf).unwrap_err();
+        assert!(not_dir.contains("cannot read"), "{not_dir}");
+
+        std::fs::write(&conf, "objectstore.backend = file\n").unwrap();
+        let unset = check_softhsm_token_dir(&conf).unwrap_err();
+        assert!(unset.contains("sets no directories.tokendir"), "{unset}");
+    }
 }
