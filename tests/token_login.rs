@@ -139,6 +139,50 @@ fn a_pin_changed_on_the_token_is_tried_once_after_a_reconnect_not_once_per_threa
         1,
         "refused logins sent to the token"
     );
+
+    // At shutdown, with no call left in the token: every session opened is closed and
+    // the module finalized, the last call PKCS#11 expects of an application.
+    runtime.block_on(async {
+        backend.finish_calls().await;
+        backend.close().await;
+    });
+    let calls = token_calls(&spy_log);
+    assert_eq!(
+        calls.last().map(|(call, _)| call.as_str()),
+        Some("C_Finalize"),
+        "{calls:?}"
+    );
+    let count = |name: &str, ok_only: bool| {
+        calls
+            .iter()
+            .filter(|(call, ok)| call == name && (*ok || !ok_only))
+            .count()
+    };
+    assert!(count("C_OpenSession", true) >= SESSIONS, "{calls:?}");
+    assert_eq!(
+        count("C_OpenSession", true),
+        count("C_CloseSession", false),
+        "{calls:?}"
+    );
+}
+
+/// The PKCS#11 calls in the spy's log, in order, each with whether it returned CKR_OK
+/// (a `12: C_Sign` line, later its `Returned:  0 CKR_OK`).
+fn token_calls(log: &std::path::Path) -> Vec<(String, bool)> {
+    let mut calls: Vec<(String, bool)> = Vec::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        if let Some((number, call)) = line.split_once(": ")
+            && number.chars().all(|c| c.is_ascii_digit())
+            && call.starts_with("C_")
+        {
+            calls.push((call.trim().to_string(), false));
+        } else if line.starts_with("Returned:")
+            && let Some(last) = calls.last_mut()
+        {
+            last.1 = line.contains("CKR_OK");
+        }
+    }
+    calls
 }
 
 fn rand_u64() -> u64 {

@@ -824,6 +824,9 @@ pub struct Pkcs11Backend {
     threads: Arc<TokenThreads<Inner>>,
     inner: Arc<Inner>,
     signed: Arc<RecentSigning>,
+    /// Set once every token thread is out of its call at shutdown: only then may the
+    /// module be finalized (C_Finalize beside a call still in the token is not allowed).
+    calls_finished: Arc<AtomicBool>,
 }
 
 /// How long a signature the token made counts as an answer to readiness: under load the
@@ -936,6 +939,7 @@ impl Pkcs11Backend {
             threads: Arc::new(threads),
             inner,
             signed: Arc::default(),
+            calls_finished: Arc::default(),
         })
     }
 }
@@ -1120,6 +1124,18 @@ impl Inner {
         }
     }
 
+    /// Closes the pooled sessions and finalizes the module (C_Finalize, the last call
+    /// PKCS#11 expects of an application: a network HSM's client library closes its
+    /// connections there). Only once no token thread is in a call.
+    fn finalize(&self) {
+        let token = self.token.write().unwrap_or_else(|p| p.into_inner());
+        lock(&self.sessions).clear();
+        *lock(&self.key) = None;
+        if let Err(e) = token.context.clone().finalize() {
+            tracing::warn!(error = %e, "closing the PKCS#11 module (C_Finalize) failed");
+        }
+    }
+
     /// A signing that waited `limit` for the token and got no answer.
     fn timed_out(&self, limit: Duration) -> BackendError {
         BackendError::Unavailable(format!(
@@ -1266,13 +1282,45 @@ impl RootSigner for Pkcs11Backend {
     fn finish_calls(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let limit = self.inner.settings.timeout;
-            for call in self.threads.stop(limit).await {
+            let outstanding = self.threads.stop(limit).await;
+            self.calls_finished
+                .store(outstanding.is_empty(), Ordering::SeqCst);
+            for call in outstanding {
                 tracing::warn!(
                     call = %call.what,
                     running_seconds = call.running.as_secs(),
                     timeout_seconds = limit.as_secs(),
                     key = %self.inner.settings.key,
                     "a token call was still under way at shutdown, past pkcs11.timeout_seconds: the exit does not wait for it; its thread is left to the process exit, its session neither closed nor logged out"
+                );
+            }
+        })
+    }
+
+    /// Closes the sessions and finalizes the module once [`Self::finish_calls`] saw every
+    /// call end; on a thread of its own, waited for at most `timeout_seconds`, so that a
+    /// token that stops answering now does not hold up the exit either.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if !self.calls_finished.load(Ordering::SeqCst) {
+                return;
+            }
+            let (done, finalized) = tokio::sync::oneshot::channel();
+            let inner = self.inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name("meshca-token-close".into())
+                .spawn(move || {
+                    inner.finalize();
+                    let _ = done.send(());
+                });
+            if spawned.is_ok()
+                && tokio::time::timeout(self.inner.settings.timeout, finalized)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    key = %self.inner.settings.key,
+                    "closing the PKCS#11 sessions and module did not end within pkcs11.timeout_seconds; left to the process exit"
                 );
             }
         })
