@@ -60,6 +60,7 @@ fn built_in_kinds_pass_kubernetes_validate_strict() {
         ("ClusterRole", 1),
         ("ClusterRoleBinding", 1),
         ("Deployment", 1),
+        ("PodDisruptionBudget", 1),
     ]
     .into_iter()
     .map(|(k, n)| (k.to_string(), n))
@@ -279,6 +280,19 @@ fn the_examples_are_a_valid_virtual_mesh_and_its_meshes() {
 #[test]
 fn the_mesh_controller_serves_metrics_on_the_port_the_deployment_declares() {
     assert_metrics_port_declared(&deploy().join("deployment.yaml"));
+}
+
+#[test]
+fn two_replicas_on_different_nodes_and_one_evicted_at_a_time() {
+    assert_replicas_spread_and_budgeted(&deploy());
+}
+
+#[test]
+fn the_namespace_enforces_the_restricted_pod_security_standard_which_the_pod_meets() {
+    // Both kustomizations that create it (identical: see the test below).
+    assert_namespace_enforces_restricted(&deploy().join("namespace.yaml"));
+    assert_namespace_enforces_restricted(&member().join("namespace.yaml"));
+    assert_pod_meets_restricted(&applied_object(&deploy(), "Deployment")["spec"]["template"]);
 }
 
 #[test]
