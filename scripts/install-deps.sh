@@ -9,6 +9,8 @@
 #   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
 #   promtool (deploy/prometheus alert rules and their unit tests): taken out of Debian's
 #   prometheus package into var/tools/bin, without installing the server
+#   apt: systemd, where systemd-analyze is missing (a container): systemd-analyze and
+#   systemd-sysusers check deploy/systemd offline (nothing is started or enabled)
 # Never skips: if something cannot be installed, this fails and says what is missing.
 #
 # Usage: install-deps.sh [all|demo|demo-vault]   (default all: what make test needs)
@@ -17,9 +19,9 @@
 set -euo pipefail
 scope=${1:-all}
 case "$scope" in
-  all) want_bao=true; want_validate=true; want_promtool=true ;;
-  demo) want_bao=false; want_validate=false; want_promtool=false ;;
-  demo-vault) want_bao=true; want_validate=false; want_promtool=false ;;
+  all) want_bao=true; want_validate=true; want_promtool=true; want_systemd=true ;;
+  demo) want_bao=false; want_validate=false; want_promtool=false; want_systemd=false ;;
+  demo-vault) want_bao=true; want_validate=false; want_promtool=false; want_systemd=false ;;
   *) echo "usage: install-deps.sh [all|demo|demo-vault]" >&2; exit 2 ;;
 esac
 
@@ -67,6 +69,10 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The demo and the tests pick free ports with it.
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+if $want_systemd; then
+  command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 \
+    || need_apt+=(systemd)
+fi
 openbao_venv=${MESHCA_OPENBAO_VENV:-${XDG_DATA_HOME:-$HOME/.local/share}/meshca/openbao-venv}
 # The version the Vault tests and make demo-vault are written against: a new machine gets
 # the same OpenBao as an old one.
@@ -136,7 +142,9 @@ if $want_promtool; then
     "$promtool" --version >/dev/null 2>&1 || { echo "meshca: promtool is still missing" >&2; exit 1; }
   fi
 fi
-for tool in cc softhsm2-util pkcs11-tool openssl curl; do
+tools=(cc softhsm2-util pkcs11-tool openssl curl)
+$want_systemd && tools+=(systemd-analyze systemd-sysusers)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || { echo "meshca: $tool is still missing" >&2; exit 1; }
 done
 spy_present || { echo "meshca: pkcs11-spy.so (opensc-pkcs11) is still missing" >&2; exit 1; }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use common::certs::openssl_self_signed_ca;
 use common::*;
-use kubefake::{FakeCluster, Recorded, merge, secret_differences, writes};
+use kubefake::{FakeCluster, Policy, Recorded, merge, secret_differences, writes};
 use meshca::agent::controller::{Controller, ControllerOptions};
 use meshca::agent::election::{Elector, LeaderLoop};
 use meshca::agent::k8s::{DEFAULT_API_TIMEOUT, Kube};
@@ -27,6 +27,17 @@ const VMCSR: &str =
     "/apis/meshca.dev/v1alpha1/namespaces/service-mesh-hub/virtualmeshcertificatesigningrequests";
 const SECRET: &str = "/api/v1/namespaces/istio-system/secrets/cacerts";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/service-mesh-hub/leases/meshca-agent";
+
+/// What deploy/agent grants the agent's ServiceAccount, with the Role of
+/// workload-namespace-rbac.yaml copied into `shop`, the workload namespace of the tests'
+/// requests (as that file says to do for each one).
+fn agent_policy() -> Policy {
+    let agent = ("service-mesh-hub", "meshca-agent");
+    Policy::bound_to(agent, &["deploy/agent/rbac.yaml"]).and(
+        Policy::bound_to(agent, &["deploy/agent/workload-namespace-rbac.yaml"])
+            .moved("bookinfo", "shop"),
+    )
+}
 
 struct Cluster {
     fake: FakeCluster,
@@ -40,7 +51,12 @@ impl Cluster {
     }
 
     async fn start_with_lease(env: &Env, lease_duration: Duration) -> Cluster {
-        let fake = FakeCluster::start().await;
+        Cluster::start_with(env, lease_duration, agent_policy()).await
+    }
+
+    /// An agent whose ServiceAccount `policy` grants.
+    async fn start_with(env: &Env, lease_duration: Duration, policy: Policy) -> Cluster {
+        let fake = FakeCluster::start(policy).await;
         let metrics = Arc::new(AgentMetrics::new());
         let controller = Controller::new(
             Kube::new(fake.client()),
@@ -423,6 +439,9 @@ async fn first_install_applies_the_secret_and_restarts_in_order_exactly_once() {
         assert_eq!(writes(&sent), vec![("PUT".to_string(), LEASE.to_string())]);
         assert!(!sent.iter().any(|r| r.path.starts_with("/apis/apps/")));
     }
+    // The whole life of a request used every grant of deploy/agent's RBAC (and, as in
+    // every test, nothing else).
+    cluster.fake.assert_every_grant_used(&[]);
     drop(signer);
 }
 
@@ -998,7 +1017,7 @@ async fn a_rate_limited_request_waits_what_the_signer_asks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_renewing_twice_at_once_stays_the_leader() {
-    let fake = FakeCluster::start().await;
+    let fake = FakeCluster::start(agent_policy()).await;
     let long = Elector::new(
         Kube::new(fake.client()),
         NS,
@@ -1048,7 +1067,9 @@ fn unix(t: std::time::SystemTime) -> i64 {
 async fn metrics_report_each_request_while_leading_and_drop_deleted_ones() {
     let env = Env::new();
     let signer = env.start_signer();
-    let cluster = Cluster::start(&env).await;
+    // The Role names the second target Secret too, as an operator adds it.
+    let policy = agent_policy().named("secrets", &["cacerts", "cacerts-x"]);
+    let cluster = Cluster::start_with(&env, Duration::from_secs(30), policy).await;
     cluster.put_request_restarting_nothing(&signer);
     // A second request whose signer cannot be reached, writing another Secret.
     let closed = closed_addr();

@@ -25,8 +25,9 @@ fn deploy_crds_are_what_meshca_crds_prints() {
 #[test]
 fn built_in_kinds_pass_kubernetes_validate_strict() {
     let checked = assert_built_in_kinds_validate(&[deploy()]);
-    // CRD, Namespace, ServiceAccount, 2 Roles + 2 RoleBindings, Deployment, workload RBAC.
-    assert_eq!(checked.len(), 10);
+    // CRD, Namespace, ServiceAccount, 2 Roles + 2 RoleBindings, Deployment,
+    // PodDisruptionBudget, workload RBAC.
+    assert_eq!(checked.len(), 11);
     // The validator does reject a broken manifest (it is not a no-op).
     let dir = tempfile::tempdir().unwrap();
     let bad = write(
@@ -150,6 +151,42 @@ fn the_example_request_is_a_valid_vmcsr() {
 #[test]
 fn the_agent_serves_metrics_on_the_port_the_deployment_declares() {
     assert_metrics_port_declared(&deploy().join("deployment.yaml"));
+}
+
+#[test]
+fn two_replicas_on_different_nodes_and_one_evicted_at_a_time() {
+    assert_replicas_spread_and_budgeted(&deploy());
+}
+
+#[test]
+fn the_namespace_enforces_the_restricted_pod_security_standard_which_the_pod_meets() {
+    assert_namespace_enforces_restricted(&deploy().join("namespace.yaml"));
+    let pod = &applied_object(&deploy(), "Deployment")["spec"]["template"];
+    assert_pod_meets_restricted(pod);
+    // The check does refuse what the admission would (it is not a no-op).
+    let changes: [(&str, serde_json::Value); 4] = [
+        ("/spec/securityContext/runAsUser", 0.into()),
+        (
+            "/spec/containers/0/securityContext/allowPrivilegeEscalation",
+            true.into(),
+        ),
+        (
+            "/spec/securityContext/seccompProfile/type",
+            "Unconfined".into(),
+        ),
+        (
+            "/spec/volumes/0",
+            serde_json::json!({"name": "host", "hostPath": {"path": "/"}}),
+        ),
+    ];
+    for (pointer, value) in changes {
+        let mut broken = pod.clone();
+        *broken.pointer_mut(pointer).unwrap() = value;
+        assert!(
+            std::panic::catch_unwind(|| assert_pod_meets_restricted(&broken)).is_err(),
+            "{pointer} passed"
+        );
+    }
 }
 
 #[test]

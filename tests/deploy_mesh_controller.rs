@@ -53,13 +53,13 @@ fn built_in_kinds_pass_kubernetes_validate_strict() {
         ("CustomResourceDefinition", 2),
         ("Namespace", 2),
         ("ServiceAccount", 2),
-        ("Secret", 1),
         // Management: one; member: service-mesh-hub and istio-system.
         ("Role", 3),
         ("RoleBinding", 3),
         ("ClusterRole", 1),
         ("ClusterRoleBinding", 1),
         ("Deployment", 1),
+        ("PodDisruptionBudget", 1),
     ]
     .into_iter()
     .map(|(k, n)| (k.to_string(), n))
@@ -282,12 +282,30 @@ fn the_mesh_controller_serves_metrics_on_the_port_the_deployment_declares() {
 }
 
 #[test]
+fn two_replicas_on_different_nodes_and_one_evicted_at_a_time() {
+    assert_replicas_spread_and_budgeted(&deploy());
+}
+
+#[test]
+fn the_namespace_enforces_the_restricted_pod_security_standard_which_the_pod_meets() {
+    // Both kustomizations that create it (identical: see the test below).
+    assert_namespace_enforces_restricted(&deploy().join("namespace.yaml"));
+    assert_namespace_enforces_restricted(&member().join("namespace.yaml"));
+    assert_pod_meets_restricted(&applied_object(&deploy(), "Deployment")["spec"]["template"]);
+}
+
+#[test]
 fn the_kustomizations_list_every_default_manifest() {
     assert_kustomization_lists_every_manifest(
         &deploy(),
         &["example-virtual-mesh.yaml", "example-meshes.yaml"],
     );
     assert_kustomization_lists_every_manifest(&member(), &[]);
+    // No long-lived credential in every member (the management cluster included, which
+    // needs none): member-kubeconfig.sh issues a bound, expiring token where one is used.
+    for (key, _) in objects_applied(&member()) {
+        assert_ne!(key.0, "Secret", "{key:?}");
+    }
 }
 
 /// Every object the kustomization in `dir` applies, by (kind, namespace, name).
@@ -409,4 +427,144 @@ fn rbac_is_least_privilege() {
         }
     }
     assert_eq!(member.iter().filter(|r| r.kind == "ClusterRole").count(), 1);
+}
+
+/// A stand-in for kubectl in `dir`: logs each call's arguments to `dir/args`, answers
+/// `create token` with `dir/token` and `get configmap kube-root-ca.crt` with `dir/ca.pem`,
+/// and keeps what `apply -f -` reads in `dir/applied.yaml`.
+fn fake_kubectl(dir: &std::path::Path) -> PathBuf {
+    let script = format!(
+        "#!/bin/sh\nd='{}'\nprintf '%s\\n' \"$*\" >> \"$d/args\"\ncase \"$*\" in\n  *'create token'*) cat \"$d/token\" ;;\n  *'get configmap kube-root-ca.crt'*) cat \"$d/ca.pem\" ;;\n  *'apply '*) cat > \"$d/applied.yaml\" ;;\n  *) echo \"unexpected: $*\" >&2; exit 1 ;;\nesac\n",
+        dir.display()
+    );
+    let path = write(dir, "kubectl", &script);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn member_kubeconfig_sh_writes_a_kubeconfig_the_controller_accepts_with_a_bound_token() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = std::fs::read_to_string(common::certs::openssl_self_signed_ca(
+        dir.path(),
+        "member-ca",
+        "/CN=member cluster CA",
+        0..30,
+    ))
+    .unwrap();
+    write(dir.path(), "ca.pem", &ca);
+    // A JWT as the TokenRequest API returns it: its exp (2030-01-01) is what the script
+    // reports, the API server having perhaps shortened the duration asked for.
+    let claims = b64url.encode(
+        r#"{"aud":["https://kubernetes.default.svc"],"exp":1893456000,"sub":"system:serviceaccount:service-mesh-hub:meshca-mesh-controller"}"#,
+    );
+    let token = format!(
+        "{}.{claims}.c2lnbmF0dXJl",
+        b64url.encode(r#"{"alg":"RS256"}"#)
+    );
+    write(dir.path(), "token", &format!("{token}\n"));
+    let kubectl = fake_kubectl(dir.path());
+    let script = deploy().join("member-kubeconfig.sh");
+
+    let out = run_ok(
+        Command::new(&script)
+            .args([
+                "remote",
+                "https://remote-api.example:6443",
+                "remote-kubeconfig",
+            ])
+            .env("KUBECTL", &kubectl)
+            .env("MANAGEMENT_CONTEXT", "management"),
+    );
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "Secret service-mesh-hub/remote-kubeconfig: kubeconfig for https://remote-api.example:6443, token valid until 2030-01-01T00:00:00Z"
+    );
+    let calls = std::fs::read_to_string(dir.path().join("args")).unwrap();
+    assert_eq!(
+        calls.lines().collect::<Vec<_>>(),
+        [
+            "--context remote -n service-mesh-hub create token meshca-mesh-controller --duration 720h",
+            "--context remote -n service-mesh-hub get configmap kube-root-ca.crt -o jsonpath={.data.ca\\.crt}",
+            "--context management apply --server-side --force-conflicts --field-manager meshca-member-kubeconfig -f -",
+        ]
+    );
+    assert!(!calls.contains(&claims), "the token was on a command line");
+
+    let applied = &documents(&dir.path().join("applied.yaml"))[0];
+    assert_eq!(applied["kind"], "Secret");
+    assert_eq!(applied["metadata"]["name"], "remote-kubeconfig");
+    assert_eq!(applied["metadata"]["namespace"], "service-mesh-hub");
+    assert!(
+        applied["metadata"].get("annotations").is_none(),
+        "no copy of the kubeconfig in a last-applied annotation"
+    );
+    let kubeconfig = String::from_utf8(
+        b64.decode(applied["data"]["kubeconfig"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let parsed = kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap();
+    // What the controller demands of a member's kubeconfig: credentials and CA inline.
+    meshca::mesh_controller::k8s::refuse_local_credentials(&parsed).unwrap();
+    let as_value: Value = serde_saphyr::from_str(&kubeconfig).unwrap();
+    assert_eq!(as_value["users"][0]["user"]["token"], token.as_str());
+    let cluster = parsed.clusters[0].cluster.as_ref().unwrap();
+    assert_eq!(
+        cluster.server.as_deref(),
+        Some("https://remote-api.example:6443")
+    );
+    let ca_data = b64
+        .decode(cluster.certificate_authority_data.as_ref().unwrap())
+        .unwrap();
+    assert_eq!(String::from_utf8(ca_data).unwrap(), ca);
+    // The controller builds its client from it (TLS with that CA; nothing is called).
+    meshca::mesh_controller::k8s::member_client(
+        &kubeconfig,
+        None,
+        "Secret service-mesh-hub/remote-kubeconfig",
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+
+    // Without MANAGEMENT_CONTEXT, kubectl's current context; another duration is passed on.
+    std::fs::remove_file(dir.path().join("args")).unwrap();
+    run_ok(
+        Command::new(&script)
+            .args([
+                "remote",
+                "https://remote-api.example:6443",
+                "remote-kubeconfig",
+                "48h",
+            ])
+            .env("KUBECTL", &kubectl)
+            .env_remove("MANAGEMENT_CONTEXT"),
+    );
+    let calls = std::fs::read_to_string(dir.path().join("args")).unwrap();
+    assert!(calls.contains("--duration 48h"), "{calls}");
+    assert!(
+        calls.lines().last().unwrap().starts_with("apply "),
+        "{calls}"
+    );
+    // A plain-http server would send the token unprotected: refused before any call.
+    std::fs::remove_file(dir.path().join("args")).unwrap();
+    let out = run(Command::new(&script)
+        .args([
+            "remote",
+            "http://remote-api.example:6443",
+            "remote-kubeconfig",
+        ])
+        .env("KUBECTL", &kubectl));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("https://"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dir.path().join("args").exists());
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use kubefake::{FINALIZER, FakeCluster, Recorded, kubeconfig, writes};
+use kubefake::{FINALIZER, FakeCluster, Policy, Recorded, kubeconfig, writes};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::metrics::Exposition;
 use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
@@ -109,6 +109,25 @@ fn token(cluster: &str) -> String {
 /// Short, so that the test of a member that never answers is quick.
 const MEMBER_API_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The controller's ServiceAccount, in the management cluster and in each member.
+const CONTROLLER: (&str, &str) = ("service-mesh-hub", "meshca-mesh-controller");
+
+/// What deploy/mesh-controller/rbac.yaml grants the controller, installed in the tests'
+/// namespace `smh`, with the kubeconfig Secrets of `clusters` named (the kustomize patch
+/// its comment asks for).
+fn management_policy(clusters: &[&str]) -> Policy {
+    let secrets: Vec<String> = clusters.iter().map(|c| format!("{c}-kubeconfig")).collect();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    Policy::bound_to(CONTROLLER, &["deploy/mesh-controller/rbac.yaml"])
+        .moved("service-mesh-hub", "smh")
+        .named("secrets", &secrets)
+}
+
+/// What deploy/mesh-controller/member/ grants the controller in a member cluster.
+fn member_policy() -> Policy {
+    Policy::bound_to(CONTROLLER, &["deploy/mesh-controller/member/rbac.yaml"])
+}
+
 struct World {
     mgmt: FakeCluster,
     members: BTreeMap<&'static str, FakeCluster>,
@@ -141,10 +160,10 @@ impl World {
     /// Secret for each, and member clusters each offering `shop/<cluster>-app`. The first
     /// member also has Services that are never federated.
     async fn start(clusters: &[&'static str]) -> World {
-        let mgmt = FakeCluster::start().await;
+        let mgmt = FakeCluster::start(management_policy(clusters)).await;
         let mut members = BTreeMap::new();
         for (i, cluster) in clusters.iter().enumerate() {
-            let member = FakeCluster::start().await;
+            let member = FakeCluster::start(member_policy()).await;
             mgmt.put(
                 &format!("/api/v1/namespaces/smh/secrets/{cluster}-kubeconfig"),
                 secret_object(cluster, &member.kubeconfig(&token(cluster))),
@@ -1276,6 +1295,13 @@ async fn a_deleted_virtual_mesh_cleans_every_cluster_before_it_goes() {
             world.mgmt.get(&mesh_path(mesh)).unwrap()["metadata"]["finalizers"],
             json!([])
         );
+    }
+    // From the first pass to the cleanup, every grant of deploy/mesh-controller's RBAC
+    // was used, in the management cluster and in each member (and, as in every test,
+    // nothing else).
+    world.mgmt.assert_every_grant_used(&[]);
+    for member in world.members.values() {
+        member.assert_every_grant_used(&[]);
     }
 }
 

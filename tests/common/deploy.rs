@@ -205,3 +205,152 @@ pub fn assert_metrics_port_declared(deployment: &Path) {
         text(&out.stderr)
     );
 }
+
+/// The one object of kind `kind` among the manifests the kustomization of `dir` applies.
+pub fn applied_object(dir: &Path, kind: &str) -> Value {
+    let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
+    let mut found: Vec<Value> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| documents(&dir.join(r.as_str().unwrap())))
+        .filter(|d| d["kind"] == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "{}: one {kind}", dir.display());
+    found.remove(0)
+}
+
+/// The Deployment the kustomization of `dir` applies keeps one replica through a node's
+/// loss or drain: two replicas, spread over nodes (by hostname, preferred: one node still
+/// runs both), and a PodDisruptionBudget selecting exactly its pods that lets one go at a
+/// time (maxUnavailable 1, or minAvailable 1).
+pub fn assert_replicas_spread_and_budgeted(dir: &Path) {
+    let deployment = applied_object(dir, "Deployment");
+    let pdb = applied_object(dir, "PodDisruptionBudget");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let selector = &deployment["spec"]["selector"];
+    let pod = &deployment["spec"]["template"];
+    for (key, value) in selector["matchLabels"].as_object().unwrap() {
+        assert_eq!(&pod["metadata"]["labels"][key], value, "pods carry {key}");
+    }
+    assert_eq!(
+        pdb["metadata"]["namespace"],
+        deployment["metadata"]["namespace"]
+    );
+    assert_eq!(
+        &pdb["spec"]["selector"], selector,
+        "the budget covers the pods"
+    );
+    let budget = (&pdb["spec"]["maxUnavailable"], &pdb["spec"]["minAvailable"]);
+    assert!(
+        budget == (&Value::from(1), &Value::Null) || budget == (&Value::Null, &Value::from(1)),
+        "one replica at a time: {budget:?}"
+    );
+    let spread = pod["spec"]["topologySpreadConstraints"]
+        .as_array()
+        .expect("topologySpreadConstraints");
+    assert!(
+        spread.iter().any(|c| {
+            c["topologyKey"] == "kubernetes.io/hostname"
+                && c["maxSkew"] == 1
+                && c["whenUnsatisfiable"] == "ScheduleAnyway"
+                && &c["labelSelector"] == selector
+        }),
+        "spread by hostname over the Deployment's own pods: {spread:?}"
+    );
+}
+
+/// The namespace `path` defines enforces the restricted Pod Security Standard.
+pub fn assert_namespace_enforces_restricted(path: &Path) {
+    let docs = documents(path);
+    assert_eq!(docs[0]["kind"], "Namespace");
+    assert_eq!(
+        docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted",
+        "{}",
+        path.display()
+    );
+}
+
+/// A pod template passes the restricted Pod Security Standard (the rules the API server's
+/// admission applies with `pod-security.kubernetes.io/enforce: restricted`): no host
+/// namespaces, ports or paths, volume types of the restricted list, and for every
+/// container: not privileged, no privilege escalation, every capability dropped (only
+/// NET_BIND_SERVICE may be added), non-root (pod or container), not user 0, a
+/// RuntimeDefault or Localhost seccomp profile (pod or container), default procMount.
+pub fn assert_pod_meets_restricted(pod: &Value) {
+    let spec = &pod["spec"];
+    for host in ["hostNetwork", "hostPID", "hostIPC"] {
+        assert_ne!(spec[host], true, "{host}");
+    }
+    const VOLUMES: [&str; 8] = [
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
+    for volume in spec["volumes"].as_array().into_iter().flatten() {
+        let kinds: Vec<&String> = volume
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "name")
+            .collect();
+        assert!(
+            kinds.iter().all(|k| VOLUMES.contains(&k.as_str())),
+            "volume type {kinds:?}"
+        );
+    }
+    let pod_ctx = &spec["securityContext"];
+    let containers = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[*k].as_array().cloned().unwrap_or_default());
+    let mut count = 0;
+    for container in containers {
+        count += 1;
+        let ctx = &container["securityContext"];
+        let name = &container["name"];
+        assert_ne!(ctx["privileged"], true, "{name}: privileged");
+        assert_eq!(
+            ctx["allowPrivilegeEscalation"], false,
+            "{name}: allowPrivilegeEscalation"
+        );
+        assert_eq!(
+            ctx["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{name}"
+        );
+        for added in ctx["capabilities"]["add"].as_array().into_iter().flatten() {
+            assert_eq!(added, "NET_BIND_SERVICE", "{name}: adds {added}");
+        }
+        let either = |key: &str| {
+            if ctx[key].is_null() {
+                pod_ctx[key].clone()
+            } else {
+                ctx[key].clone()
+            }
+        };
+        assert_eq!(either("runAsNonRoot"), true, "{name}: runAsNonRoot");
+        assert_ne!(either("runAsUser"), 0, "{name}: runAsUser 0");
+        let seccomp = either("seccompProfile");
+        assert!(
+            seccomp["type"] == "RuntimeDefault" || seccomp["type"] == "Localhost",
+            "{name}: seccompProfile {seccomp}"
+        );
+        assert!(
+            ctx["procMount"].is_null() || ctx["procMount"] == "Default",
+            "{name}: procMount"
+        );
+        for port in container["ports"].as_array().into_iter().flatten() {
+            assert!(
+                port["hostPort"].is_null() || port["hostPort"] == 0,
+                "{name}: hostPort"
+            );
+        }
+    }
+    assert!(count > 0, "no containers");
+}

@@ -6,9 +6,13 @@
 //! a Secret's `data` merged key by key), status apply, merge and strategic-merge patches of
 //! existing objects (a workload's rolling restart), delete (404 when absent), Lease
 //! create and replace with a resourceVersion check, and a writer racing in after a read.
-//! Every request is recorded with its Authorization header.
+//! Every request is recorded with its Authorization header. Each fake serves one identity
+//! whose RBAC, read from deploy/'s manifests ([`rbac::Policy`]), must grant every request
+//! it receives: checked when the fake is dropped, at the end of its test.
 
 #![allow(dead_code)]
+
+pub mod rbac;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +22,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+
+pub use rbac::Policy;
 
 /// The finalizer meshca applies (the fake treats it as meshca's own in applies).
 pub const FINALIZER: &str = "meshca.dev/mesh-controller";
@@ -47,6 +53,9 @@ pub struct Recorded {
     pub content_type: String,
     pub authorization: Option<String>,
     pub body: Value,
+    /// A server-side apply of an object that did not exist (dry runs included): the API
+    /// server authorizes it as create as well as patch.
+    pub creates: bool,
 }
 
 impl Recorded {
@@ -69,6 +78,7 @@ impl std::fmt::Debug for Recorded {
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
             .field("body", &redacted(&self.body))
+            .field("creates", &self.creates)
             .finish()
     }
 }
@@ -128,6 +138,8 @@ pub fn secret_differences(actual: &Value, expected: &Value) -> Vec<String> {
 struct Fake {
     objects: Mutex<BTreeMap<String, Value>>,
     requests: Mutex<Vec<Recorded>>,
+    /// Every request since the start (`requests` is emptied by `take`).
+    log: Mutex<Vec<Recorded>>,
     version: Mutex<u64>,
     /// After serving a GET of this path, change the object's resourceVersion: another
     /// writer got in between.
@@ -312,14 +324,21 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
     } else {
         serde_json::from_slice(&body).expect("meshca sends JSON bodies")
     };
-    fake.requests.lock().unwrap().push(Recorded {
+    let creates = method == Method::PATCH
+        && content_type.starts_with("application/apply-patch")
+        && !path.ends_with("/status")
+        && !fake.objects.lock().unwrap().contains_key(&path);
+    let recorded = Recorded {
         method: method.to_string(),
         path: path.clone(),
         query: query.clone(),
         content_type: content_type.clone(),
         authorization: header("authorization"),
         body: body.clone(),
-    });
+        creates,
+    };
+    fake.log.lock().unwrap().push(recorded.clone());
+    fake.requests.lock().unwrap().push(recorded);
     if method == Method::GET
         && let Some((refused, code, reason, message)) = &*fake.refused_reads.lock().unwrap()
         && *refused == path
@@ -492,14 +511,33 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
     }
 }
 
-/// One fake API server.
+/// One fake API server, serving one identity.
 pub struct FakeCluster {
     fake: Arc<Fake>,
     pub addr: std::net::SocketAddr,
+    /// What the identity calling this fake is granted.
+    policy: Policy,
+}
+
+/// At the end of a test (not one already failing), every request the fake received must
+/// have been granted by its policy: the controllers call nothing their manifests lack.
+impl Drop for FakeCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let denied = self.policy.denied(&self.all_requests());
+        assert!(
+            denied.is_empty(),
+            "requests the deploy/ RBAC does not grant (add them to the rbac.yaml, or stop making them):\n{}",
+            denied.join("\n")
+        );
+    }
 }
 
 impl FakeCluster {
-    pub async fn start() -> FakeCluster {
+    /// A fake for a client granted `policy` (see [`rbac::Policy::bound_to`]).
+    pub async fn start(policy: Policy) -> FakeCluster {
         let fake = Arc::new(Fake::default());
         let app = axum::Router::new()
             .fallback(handle)
@@ -507,7 +545,24 @@ impl FakeCluster {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        FakeCluster { fake, addr }
+        FakeCluster { fake, addr, policy }
+    }
+
+    /// Every request received since the start.
+    pub fn all_requests(&self) -> Vec<Recorded> {
+        self.fake.log.lock().unwrap().clone()
+    }
+
+    /// Every grant of the fake's policy was needed by a request since the start, but
+    /// `unexercised`: (grant as [`rbac::Policy::unused`] names it, why no test can use it),
+    /// each of which must indeed be unused.
+    pub fn assert_every_grant_used(&self, unexercised: &[(&str, &str)]) {
+        let unused = self.policy.unused(&self.all_requests());
+        let expected: Vec<&str> = unexercised.iter().map(|(grant, _)| *grant).collect();
+        assert_eq!(
+            unused, expected,
+            "grants of deploy/'s RBAC no request needed (remove them from the rbac.yaml), or listed as unexercised but used"
+        );
     }
 
     pub fn url(&self) -> String {
