@@ -304,7 +304,8 @@ async fn a_token_that_stops_answering_gives_503_after_the_timeout_and_signing_re
     let late = signer
         .wait_for_log("the token signed after the request had timed out")
         .await;
-    assert!(late.contains("serial"), "{late}");
+    let late: Value = serde_json::from_str(&late).unwrap();
+    let late_serial = late["serial"].as_str().unwrap_or_else(|| panic!("{late}"));
 
     let audit = signer.audit_lines();
     let decisions: Vec<&str> = audit
@@ -313,6 +314,10 @@ async fn a_token_that_stops_answering_gives_503_after_the_timeout_and_signing_re
         .collect();
     assert_eq!(decisions, ["allow", "error", "allow"]);
     assert_eq!(audit[1]["rule"], "backend_unavailable");
+    // The signature the token made after the request gave up is on record with it.
+    assert_eq!(audit[1]["signingSerial"], late_serial, "{}", audit[1]);
+    assert!(audit[1].get("serial").is_none(), "{}", audit[1]);
+    assert!(audit[2].get("signingSerial").is_none(), "{}", audit[2]);
 }
 
 /// SIGTERM while the token still does not answer: the signer drains, writes its audit

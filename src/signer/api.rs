@@ -195,6 +195,7 @@ async fn decide_issue_and_audit(
             record.decision = Some(refusal.decision().into());
             record.rule = Some(refusal.code.into());
             record.message = Some(refusal.message.clone());
+            record.signing_serial = facts.signing_serial.clone();
         }
     }
     // Nothing is answered, and no certificate leaves, before its audit line is on disk.
@@ -400,12 +401,15 @@ async fn sign_inner(
         ));
     }
     let started = Instant::now();
+    facts.signing_serial = Some(serial_hex(&approval.issue.plan.serial));
     let certificate = backend.issue(approval.issue).await.map_err(|e| {
         if !matches!(e, BackendError::ClientGone) {
             state.metrics.backend_error();
         }
         match e {
             BackendError::ClientGone => {
+                // Nothing was signed: the client left before signing began.
+                facts.signing_serial = None;
                 Refusal::new(Status::ClientClosedRequest, "client_gone", e.to_string())
             }
             BackendError::Unavailable(_) | BackendError::PinRejected => {

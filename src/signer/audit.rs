@@ -76,6 +76,12 @@ pub struct AuditRecord {
     pub serial: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<String>,
+    /// On a decision that failed after the backend was asked to sign: the serial it was
+    /// asked for. A token that signs after its request timed out (the certificate thrown
+    /// away, never handed out) logs this serial, and with Vault it stays in Vault's
+    /// records: the root key's signature is on record here too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_serial: Option<String>,
     /// Extensions the CSR asked for, which were not honoured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_csr_extensions: Vec<String>,

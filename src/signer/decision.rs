@@ -138,6 +138,9 @@ pub struct RequestFacts {
     pub mesh: Option<String>,
     pub csr_public_key_sha256: Option<String>,
     pub ignored_csr_extensions: Vec<String>,
+    /// The serial the backend was asked to sign under, once it was asked (not when the
+    /// client left before signing began): on the line of a request that then failed.
+    pub signing_serial: Option<String>,
 }
 
 /// An approved request: the plan, ready for the backend.
