@@ -112,6 +112,7 @@ enum Command {
     },
     /// Run the signing daemon (mTLS HTTPS API).
     Serve {
+        /// The signer's config (TOML).
         #[arg(long)]
         config: PathBuf,
         /// Address to listen on, overriding the config (port 0 picks a free port).
@@ -132,6 +133,7 @@ enum Command {
     Request(RequestArgs),
     /// Check a cacerts directory the way istiod does, plus meshca's profile.
     Verify {
+        /// The cacerts directory: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
         dir: PathBuf,
         /// The root the bundle's chain must be anchored at (trusting it is not enough).
         #[arg(long)]
@@ -222,6 +224,7 @@ enum TokenCommand {
     /// Initialize a free slot with the key URI's token label, the SO PIN and the user PIN
     /// from the config's pin_file/pin_env.
     Init {
+        /// The signer's config (TOML): its [pkcs11] section names the token and the PIN.
         #[arg(long)]
         config: PathBuf,
         /// File holding the security officer PIN.
@@ -234,6 +237,7 @@ enum TokenCommand {
 enum RootCommand {
     /// Generate the root key on the token (or inside Vault) and the root certificate.
     Init {
+        /// The signer's config (TOML): backend, key and where the certificate goes.
         #[arg(long)]
         config: PathBuf,
         /// Replace an existing key of the same name (Vault: the old issuer is kept,
@@ -247,6 +251,7 @@ enum RootCommand {
     },
     /// Show the root certificate and the key's protection attributes.
     Show {
+        /// The signer's config (TOML).
         #[arg(long)]
         config: PathBuf,
     },
@@ -257,6 +262,7 @@ enum AuditCommand {
     /// Check the hash chain of an audit log and say where it breaks. Give the files of a
     /// rotated log oldest first: each must continue the one before it.
     Verify {
+        /// The log's files, oldest first (e.g. audit.log.1 audit.log).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// A line the log must still hold, by its hash: the `last_hash` of a signer's
@@ -1149,6 +1155,26 @@ mod tests {
             Cli::try_parse_from(["meshca", "mesh-controller", "--retire-after-seconds", "0"])
                 .is_ok()
         );
+    }
+
+    /// `meshca CMD --help` says what each argument is: none is left as a bare name.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        use clap::CommandFactory;
+        fn undocumented(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !["help", "version"].contains(&id) {
+                    found.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                undocumented(sub, &format!("{path} {}", sub.get_name()), found);
+            }
+        }
+        let mut found = Vec::new();
+        undocumented(&Cli::command(), "meshca", &mut found);
+        assert_eq!(found, Vec::<String>::new());
     }
 
     /// A directory-mode flag given to the Kubernetes-mode agent is refused by name: it
