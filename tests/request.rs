@@ -563,3 +563,44 @@ async fn a_signer_that_closes_every_connection_unanswered_is_tried_twice_then_na
     let connections: Vec<usize> = seen.iter().map(|(c, _, _)| *c).collect();
     assert_eq!(connections, [0, 1], "{seen:?}");
 }
+
+/// A FIFO where a certificate should be would hold `meshca verify` until something wrote
+/// to it; it is named and refused without being opened.
+#[test]
+fn verify_refuses_a_fifo_in_place_of_a_file_unopened() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("ca-cert.pem");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    // Feeds a reader that opens it, so a verify that does fails rather than hangs.
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            let _ = pipe.write_all(b"not a certificate\n");
+        })
+    };
+    let out = run(Command::new(MESHCA).arg("verify").arg(dir.path()));
+    let stderr = text(&out.stderr);
+    // Lets the writer's open return if verify never opened the FIFO.
+    let _reader = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap()
+    };
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: a FIFO (named pipe), not a regular file",
+            fifo.display()
+        )),
+        "{stderr}"
+    );
+}
