@@ -1,6 +1,5 @@
 //! `meshca`: CLI wiring only. Each subcommand calls into the library.
 
-use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -818,11 +817,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let mut after: Option<String> = None;
             let mut missing = expect_hashes.clone();
             for file in &files {
-                let reader = BufReader::new(
-                    std::fs::File::open(file)
-                        .with_context(|| format!("cannot open {}", file.display()))?,
-                );
-                match audit::verify(reader, after.as_deref(), &expect_hashes)? {
+                match audit::verify_file(file, after.as_deref(), &expect_hashes)? {
                     VerifyOutcome::Intact {
                         records,
                         last_hash,
