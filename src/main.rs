@@ -15,7 +15,7 @@ use meshca::agent::directory::{self, DirOptions, DirOutcome};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
 use meshca::agent::metrics::{AgentMetrics, Exposition};
-use meshca::agent::rotation::RotationSettings;
+use meshca::agent::rotation::{self, RotationSettings};
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
 use meshca::backend::vault::root::{self as vault_root, RootInitMode};
@@ -197,8 +197,8 @@ struct MeshControllerArgs {
     #[arg(long)]
     once: bool,
     /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
-    /// e.g. 0.0.0.0:9102 (not with --once).
-    #[arg(long, value_name = "ADDR")]
+    /// e.g. 0.0.0.0:9102 (not with --once, which exits before anyone scrapes them).
+    #[arg(long, value_name = "ADDR", conflicts_with = "once")]
     metrics_listen: Option<SocketAddr>,
 }
 
@@ -282,6 +282,45 @@ fn parse_line_hash(text: &str) -> Result<String, String> {
     }
 }
 
+/// A fraction of a certificate's lifetime in `range`, named by the flag it was given to.
+fn fraction_in(text: &str, range: std::ops::RangeInclusive<f64>) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if range.contains(&value) => Ok(value),
+        _ => Err(format!(
+            "expected a fraction of the lifetime between {} and {}",
+            range.start(),
+            range.end()
+        )),
+    }
+}
+
+fn renew_fraction(text: &str) -> Result<f64, String> {
+    fraction_in(text, rotation::RENEW_FRACTION_RANGE)
+}
+
+fn jitter_fraction(text: &str) -> Result<f64, String> {
+    fraction_in(text, rotation::JITTER_FRACTION_RANGE)
+}
+
+/// A `--signer` URL, refused at once rather than after the TLS files are read.
+fn signer_url(text: &str) -> Result<String, String> {
+    meshca::agent::client::check_signer_url(text).map(|()| text.to_string())
+}
+
+/// Ends the process as clap ends it on a usage error (usage line, exit 2), for a mistake
+/// only the combination of a subcommand's flags shows.
+fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> ! {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    // Gives the subcommand its full name ("meshca agent") for the usage line.
+    cli.build();
+    let kind = clap::error::ErrorKind::ArgumentConflict;
+    match cli.find_subcommand_mut(subcommand) {
+        Some(command) => command.error(kind, message).exit(),
+        None => cli.error(kind, message).exit(),
+    }
+}
+
 /// How a cluster reaches the signer over mTLS (`meshca request` and `meshca agent`).
 #[derive(clap::Args)]
 struct ClientTlsArgs {
@@ -314,7 +353,7 @@ impl ClientTlsArgs {
 #[derive(clap::Args)]
 struct RequestArgs {
     /// Signer base URL, e.g. https://127.0.0.1:8443
-    #[arg(long)]
+    #[arg(long, value_parser = signer_url)]
     signer: String,
     #[command(flatten)]
     tls: ClientTlsArgs,
@@ -343,13 +382,13 @@ struct RequestArgs {
 struct AgentArgs {
     /// Directory mode: keep Istio's cacerts files in DIR (e.g. /etc/cacerts) instead of
     /// reconciling VirtualMeshCertificateSigningRequests.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", requires_all = ["signer", "virtual_mesh", "mesh"])]
     target_dir: Option<PathBuf>,
     /// One pass, then exit (non-zero when it failed).
     #[arg(long)]
     once: bool,
     /// Directory mode: signer base URL, e.g. https://127.0.0.1:8443
-    #[arg(long, requires = "target_dir")]
+    #[arg(long, requires = "target_dir", value_parser = signer_url)]
     signer: Option<String>,
     #[command(flatten)]
     tls: ClientTlsArgs,
@@ -368,11 +407,22 @@ struct AgentArgs {
     /// Directory mode: replace files meshca did not write.
     #[arg(long, requires = "target_dir")]
     adopt: bool,
-    /// Directory mode: renew after this fraction of the lifetime.
-    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_RENEW_FRACTION, requires = "target_dir")]
+    /// Directory mode: renew after this fraction of the lifetime (0.1 to 0.95).
+    #[arg(
+        long,
+        default_value_t = rotation::DEFAULT_RENEW_FRACTION,
+        requires = "target_dir",
+        value_parser = renew_fraction
+    )]
     renew_fraction: f64,
-    /// Directory mode: renew up to this fraction of the lifetime earlier (fixed per serial).
-    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_JITTER_FRACTION, requires = "target_dir")]
+    /// Directory mode: renew up to this fraction of the lifetime earlier, fixed per serial
+    /// (0 to 0.5, below --renew-fraction).
+    #[arg(
+        long,
+        default_value_t = rotation::DEFAULT_JITTER_FRACTION,
+        requires = "target_dir",
+        value_parser = jitter_fraction
+    )]
     jitter_fraction: f64,
     /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable).
     #[arg(long = "retire-root", value_name = "SHA256", requires = "target_dir")]
@@ -397,8 +447,8 @@ struct AgentArgs {
     #[arg(long, default_value_t = API_TIMEOUT_SECONDS, value_parser = seconds(1..=3600))]
     api_timeout_seconds: u64,
     /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
-    /// e.g. 0.0.0.0:9102 (not with --once).
-    #[arg(long, value_name = "ADDR")]
+    /// e.g. 0.0.0.0:9102 (not with --once, which exits before anyone scrapes them).
+    #[arg(long, value_name = "ADDR", conflicts_with = "once")]
     metrics_listen: Option<SocketAddr>,
 }
 
@@ -874,52 +924,43 @@ fn run(command: Command) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--metrics-listen` serves a long-running controller; with `--once` it would be gone
-/// before anyone scraped it.
-fn refuse_metrics_with_once(once: bool, metrics_listen: Option<SocketAddr>) -> Result<()> {
-    if once && metrics_listen.is_some() {
-        bail!("--metrics-listen is for a long-running controller; --once exits after one pass");
+/// The directory agent's renewal settings, checked together: each flag's range is
+/// checked as it is parsed.
+fn directory_rotation(args: &AgentArgs) -> Result<RotationSettings, rotation::SettingsError> {
+    let rotation = RotationSettings::new(args.renew_fraction, args.jitter_fraction)?;
+    // A single pass may be due at once on purpose (forcing a renewal); a loop would then
+    // renew every second.
+    if !args.once {
+        rotation::check_ttl(args.ttl_seconds, &rotation)?;
     }
-    Ok(())
+    Ok(rotation)
 }
 
 fn agent(args: AgentArgs) -> Result<ExitCode> {
-    refuse_metrics_with_once(args.once, args.metrics_listen)?;
     let resync = std::time::Duration::from_secs(args.resync_seconds.max(1));
     let Some(target) = args.target_dir.clone() else {
         return kubernetes_agent(args, resync);
     };
-    let missing: Vec<&str> = [
-        ("--signer", args.signer.is_none()),
-        ("--virtual-mesh", args.virtual_mesh.is_none()),
-        ("--mesh", args.mesh.is_none()),
-    ]
-    .into_iter()
-    .filter_map(|(flag, absent)| absent.then_some(flag))
-    .collect();
-    if !missing.is_empty() {
-        bail!("directory mode (--target-dir) needs {}", missing.join(", "));
-    }
-    let signer = args.tls.endpoint(&args.signer.unwrap_or_default());
+    let rotation = directory_rotation(&args)
+        .unwrap_or_else(|e| usage_error("agent", e.message(&rotation::AGENT_FLAGS)));
+    // clap requires these with --target-dir.
+    let (Some(signer), Some(virtual_mesh), Some(mesh)) =
+        (&args.signer, args.virtual_mesh, args.mesh)
+    else {
+        bail!("directory mode (--target-dir) needs --signer, --virtual-mesh and --mesh");
+    };
+    let signer = args.tls.endpoint(signer);
     // Read once now, so a wrong flag or file fails the start; the loop reads them again
     // for each pass (a rotated client certificate is used without a restart).
     let client = signer.connect()?;
     let opts = DirOptions {
         target,
-        virtual_mesh: args.virtual_mesh.ok_or_else(|| anyhow!("--virtual-mesh"))?,
-        mesh: args.mesh.ok_or_else(|| anyhow!("--mesh"))?,
+        virtual_mesh,
+        mesh,
         key_type: args.key_type,
         ttl_seconds: args.ttl_seconds,
         adopt: args.adopt,
-        rotation: {
-            let rotation = RotationSettings::new(args.renew_fraction, args.jitter_fraction)?;
-            // A single pass may be due at once on purpose (forcing a renewal); a loop
-            // would then renew every second.
-            if !args.once {
-                meshca::agent::rotation::check_ttl(args.ttl_seconds, &rotation)?;
-            }
-            rotation
-        },
+        rotation,
         retired_roots: args.retire_roots,
     };
     let rt = runtime()?;
@@ -1006,7 +1047,6 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
 fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
     use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
     use meshca::mesh_controller::metrics::MeshControllerMetrics;
-    refuse_metrics_with_once(args.once, args.metrics_listen)?;
     let opts = MeshControllerOptions {
         namespace: args.namespace,
         identity: replica_identity(args.identity, "meshca-mesh-controller"),
@@ -1196,12 +1236,24 @@ mod tests {
                 .to_string();
             assert!(err.contains("--target-dir"), "{err}");
             args.extend_from_slice(&["--target-dir", "/etc/cacerts"]);
+            for (required, value) in DIRECTORY_FLAGS {
+                if flag[0] != required {
+                    args.extend_from_slice(&[required, value]);
+                }
+            }
             assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
         }
         let mut kubernetes_mode = vec!["meshca", "agent"];
         kubernetes_mode.extend_from_slice(&TLS_FLAGS);
         assert!(Cli::try_parse_from(kubernetes_mode).is_ok());
     }
+
+    /// What directory mode needs besides --target-dir.
+    const DIRECTORY_FLAGS: [(&str, &str); 3] = [
+        ("--signer", "https://signer"),
+        ("--virtual-mesh", "a/b"),
+        ("--mesh", "a/c"),
+    ];
 
     const TLS_FLAGS: [&str; 6] = [
         "--ca-cert",

@@ -546,10 +546,12 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     // renew every second): 1800 s is too short for 0.1, so the loop asks for an hour.
     let mut short = agent_cmd(&env, &addr, &dir, &due);
     let refused = run(&mut short);
-    assert!(!refused.status.success());
+    // A usage mistake, named by the flags given.
+    assert_eq!(refused.status.code(), Some(2));
     assert!(
-        text(&refused.stderr).contains("a ttl of 1800 s is too short for this renewal fraction")
-            && text(&refused.stderr).contains("at least 3300 s"),
+        text(&refused.stderr)
+            .contains("a --ttl-seconds of 1800 s is too short for this renewal fraction")
+            && text(&refused.stderr).contains("at least 3300 s, or a larger --renew-fraction"),
         "{}",
         text(&refused.stderr)
     );

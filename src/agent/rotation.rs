@@ -41,19 +41,73 @@ impl Default for RotationSettings {
     }
 }
 
+/// The range of a renewal fraction: renewing before 10% of the lifetime would re-issue
+/// constantly, after 95% leaves no time to retry.
+pub const RENEW_FRACTION_RANGE: std::ops::RangeInclusive<f64> = 0.1..=0.95;
+/// The range of a jitter fraction (which must also stay below the renewal fraction).
+pub const JITTER_FRACTION_RANGE: std::ops::RangeInclusive<f64> = 0.0..=0.5;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SettingsError {
-    #[error("renewFraction must be between 0.1 and 0.95, not {0}")]
+    #[error("{}", self.message(&CRD_FIELDS))]
     RenewFraction(f64),
-    #[error("jitterFraction must be between 0 and 0.5 and below renewFraction, not {0}")]
+    #[error("{}", self.message(&CRD_FIELDS))]
     JitterFraction(f64),
-    #[error(
-        "a ttl of {ttl_seconds} s is too short for this renewal fraction: a certificate's notBefore is dated 5 minutes back, and that counts towards the lifetime renewFraction applies to, so each new intermediate would be due within a minute of its issue (issued, and restarts begun, over and over); use a ttl of at least {shortest_seconds} s, or a larger renewFraction"
-    )]
+    #[error("{}", self.message(&CRD_FIELDS))]
     TtlTooShort {
         ttl_seconds: u64,
         shortest_seconds: u64,
     },
+}
+
+/// How the rotation settings are named where they were given, so that an error names
+/// what its reader wrote: a request's (or a Mesh's) fields, or the directory agent's flags.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingNames {
+    pub renew_fraction: &'static str,
+    pub jitter_fraction: &'static str,
+    pub ttl: &'static str,
+}
+
+/// The CRD's fields (`spec.rotation.renewFraction`, ...): the errors' [`Display`].
+///
+/// [`Display`]: std::fmt::Display
+pub const CRD_FIELDS: SettingNames = SettingNames {
+    renew_fraction: "renewFraction",
+    jitter_fraction: "jitterFraction",
+    ttl: "ttl",
+};
+
+/// `meshca agent --target-dir`'s flags.
+pub const AGENT_FLAGS: SettingNames = SettingNames {
+    renew_fraction: "--renew-fraction",
+    jitter_fraction: "--jitter-fraction",
+    ttl: "--ttl-seconds",
+};
+
+impl SettingsError {
+    /// The error, naming the settings as `names` does.
+    pub fn message(&self, names: &SettingNames) -> String {
+        let SettingNames {
+            renew_fraction: renew,
+            jitter_fraction: jitter,
+            ttl,
+        } = names;
+        match self {
+            SettingsError::RenewFraction(value) => {
+                format!("{renew} must be between 0.1 and 0.95, not {value}")
+            }
+            SettingsError::JitterFraction(value) => {
+                format!("{jitter} must be between 0 and 0.5 and below {renew}, not {value}")
+            }
+            SettingsError::TtlTooShort {
+                ttl_seconds,
+                shortest_seconds,
+            } => format!(
+                "a {ttl} of {ttl_seconds} s is too short for this renewal fraction: a certificate's notBefore is dated 5 minutes back, and that counts towards the lifetime {renew} applies to, so each new intermediate would be due within a minute of its issue (issued, and restarts begun, over and over); use a {ttl} of at least {shortest_seconds} s, or a larger {renew}"
+            ),
+        }
+    }
 }
 
 /// The least time a fresh intermediate stays installed before it is due (with the
@@ -85,13 +139,13 @@ pub fn check_ttl(
 }
 
 impl RotationSettings {
-    /// Checks the ranges: renewing before 10% of the lifetime would re-issue constantly,
-    /// after 95% leaves no time to retry.
+    /// Checks the ranges ([`RENEW_FRACTION_RANGE`], [`JITTER_FRACTION_RANGE`], and the jitter
+    /// below the renewal fraction).
     pub fn new(renew_fraction: f64, jitter_fraction: f64) -> Result<Self, SettingsError> {
-        if !(0.1..=0.95).contains(&renew_fraction) {
+        if !RENEW_FRACTION_RANGE.contains(&renew_fraction) {
             return Err(SettingsError::RenewFraction(renew_fraction));
         }
-        if !(0.0..=0.5).contains(&jitter_fraction) || jitter_fraction >= renew_fraction {
+        if !JITTER_FRACTION_RANGE.contains(&jitter_fraction) || jitter_fraction >= renew_fraction {
             return Err(SettingsError::JitterFraction(jitter_fraction));
         }
         Ok(RotationSettings {
