@@ -302,6 +302,12 @@ fn jitter_fraction(text: &str) -> Result<f64, String> {
     fraction_in(text, rotation::JITTER_FRACTION_RANGE)
 }
 
+/// A `--retire-root`: a fingerprint in another form (SHA-1, a typo) would match no root,
+/// and the root would stay trusted without a word.
+fn retired_root(text: &str) -> Result<String, String> {
+    rotation::parse_sha256_fingerprint(text).map_err(|e| e.to_string())
+}
+
 /// A `--signer` URL, refused at once rather than after the TLS files are read.
 fn signer_url(text: &str) -> Result<String, String> {
     meshca::agent::client::check_signer_url(text).map(|()| text.to_string())
@@ -424,8 +430,15 @@ struct AgentArgs {
         value_parser = jitter_fraction
     )]
     jitter_fraction: f64,
-    /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable).
-    #[arg(long = "retire-root", value_name = "SHA256", requires = "target_dir")]
+    /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable): 64
+    /// hex digits, bare or in colon-separated pairs (openssl x509 -noout -fingerprint
+    /// -sha256).
+    #[arg(
+        long = "retire-root",
+        value_name = "SHA256",
+        requires = "target_dir",
+        value_parser = retired_root
+    )]
     retire_roots: Vec<String>,
     /// Longest time between two looks (and the cap of the retry backoff; at most a day).
     #[arg(long, default_value_t = 300, value_parser = seconds(1..=DAY_SECONDS))]
@@ -1225,7 +1238,7 @@ mod tests {
             &["--ttl-seconds", "86400"],
             &["--renew-fraction", "0.5"],
             &["--jitter-fraction", "0.1"],
-            &["--retire-root", "ab"],
+            &["--retire-root", ROOT_SHA256],
         ] {
             let mut args = vec!["meshca", "agent"];
             args.extend_from_slice(&TLS_FLAGS);
@@ -1254,6 +1267,65 @@ mod tests {
         ("--virtual-mesh", "a/b"),
         ("--mesh", "a/c"),
     ];
+
+    const ROOT_SHA256: &str = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
+
+    /// `--retire-root` takes a SHA-256 in the forms openssl and meshca print it, as
+    /// fingerprints are compared; another form would retire nothing, silently.
+    #[test]
+    fn retire_root_takes_only_a_sha256_fingerprint() {
+        let parse = |fingerprint: &str| {
+            let mut args = vec!["meshca", "agent", "--target-dir", "/etc/cacerts"];
+            args.extend_from_slice(&TLS_FLAGS);
+            args.extend(
+                DIRECTORY_FLAGS
+                    .iter()
+                    .flat_map(|(flag, value)| [*flag, *value]),
+            );
+            args.extend_from_slice(&["--retire-root", fingerprint]);
+            Cli::try_parse_from(args)
+        };
+        let colons: String = ROOT_SHA256
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| String::from_utf8_lossy(pair).to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        for form in [
+            ROOT_SHA256.to_string(),
+            ROOT_SHA256.to_ascii_uppercase(),
+            colons,
+        ] {
+            match parse(&form).map(|cli| cli.command) {
+                Ok(Command::Agent(args)) => assert_eq!(args.retire_roots, [ROOT_SHA256]),
+                Ok(_) => panic!("not the agent"),
+                Err(e) => panic!("{form}: {e}"),
+            }
+        }
+        let sha1 = "5F:35:E0:C1:D0:E4:B1:A9:C0:FF:EE:00:11:22:33:44:55:66:77:88";
+        for (refused, why) in [
+            (sha1, "this looks like a SHA-1 fingerprint"),
+            (
+                &sha1.replace(':', ""),
+                "this looks like a SHA-1 fingerprint",
+            ),
+            ("xyz", "not a SHA-256 fingerprint"),
+            (&ROOT_SHA256[1..], "not a SHA-256 fingerprint"),
+            (&format!("{ROOT_SHA256}:"), "not a SHA-256 fingerprint"),
+            (
+                &format!("5:{}", &ROOT_SHA256[1..]),
+                "not a SHA-256 fingerprint",
+            ),
+        ] {
+            let err = parse(refused).err().expect("refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            let message = err.to_string();
+            assert!(
+                message.contains("--retire-root") && message.contains(why),
+                "{refused}: {message}"
+            );
+        }
+    }
 
     const TLS_FLAGS: [&str; 6] = [
         "--ca-cert",
