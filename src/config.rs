@@ -117,6 +117,9 @@ struct GrantSection {
 pub enum ConfigError {
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    /// The file cannot be read; the message names it.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// The PKCS#11 backend's settings, resolved.
@@ -414,7 +417,7 @@ pub struct SignerConfig {
 impl SignerConfig {
     /// Reads, resolves and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = crate::fsutil::read_text(path).map_err(|message| invalid(path, message))?;
+        let text = crate::fsutil::read_text(path).map_err(ConfigError::Unreadable)?;
         Self::parse(path, &text)
     }
 

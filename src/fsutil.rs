@@ -64,6 +64,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Reads at most `limit` bytes of a file, refusing larger ones (config and PEM inputs).
+/// Its errors do not name the file: the caller does, once.
 pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let file = File::open(path)?;
     let mut buf = Vec::new();
@@ -71,7 +72,7 @@ pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     if buf.len() as u64 > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is larger than {limit} bytes", path.display()),
+            format!("larger than {limit} bytes"),
         ));
     }
     Ok(buf)
@@ -142,5 +143,22 @@ mod tests {
         std::fs::write(&path, vec![b'x'; 11]).unwrap();
         assert!(read_limited(&path, 10).is_err());
         assert_eq!(read_limited(&path, 11).unwrap().len(), 11);
+    }
+
+    /// "X: cannot read X: ..." said the path twice.
+    #[test]
+    fn a_file_that_cannot_be_read_is_named_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'x'; (1 << 20) + 1]).unwrap();
+        for path in [dir.path().join("missing.toml"), big] {
+            let message = read_text(&path).unwrap_err();
+            let shown = path.display().to_string();
+            assert_eq!(message.matches(&shown).count(), 1, "{message}");
+            let message = crate::config::SignerConfig::load(&path)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(message.matches(&shown).count(), 1, "{message}");
+        }
     }
 }

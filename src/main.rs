@@ -1,6 +1,5 @@
 //! `meshca`: CLI wiring only. Each subcommand calls into the library.
 
-use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,7 +15,7 @@ use meshca::agent::directory::{self, DirOptions, DirOutcome};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::k8s::Kube;
 use meshca::agent::metrics::{AgentMetrics, Exposition};
-use meshca::agent::rotation::RotationSettings;
+use meshca::agent::rotation::{self, RotationSettings};
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
 use meshca::backend::vault::root::{self as vault_root, RootInitMode};
@@ -112,6 +111,7 @@ enum Command {
     },
     /// Run the signing daemon (mTLS HTTPS API).
     Serve {
+        /// The signer's config (TOML).
         #[arg(long)]
         config: PathBuf,
         /// Address to listen on, overriding the config (port 0 picks a free port).
@@ -132,6 +132,7 @@ enum Command {
     Request(RequestArgs),
     /// Check a cacerts directory the way istiod does, plus meshca's profile.
     Verify {
+        /// The cacerts directory: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
         dir: PathBuf,
         /// The root the bundle's chain must be anchored at (trusting it is not enough).
         #[arg(long)]
@@ -196,8 +197,8 @@ struct MeshControllerArgs {
     #[arg(long)]
     once: bool,
     /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
-    /// e.g. 0.0.0.0:9102 (not with --once).
-    #[arg(long, value_name = "ADDR")]
+    /// e.g. 0.0.0.0:9102 (not with --once, which exits before anyone scrapes them).
+    #[arg(long, value_name = "ADDR", conflicts_with = "once")]
     metrics_listen: Option<SocketAddr>,
 }
 
@@ -222,6 +223,7 @@ enum TokenCommand {
     /// Initialize a free slot with the key URI's token label, the SO PIN and the user PIN
     /// from the config's pin_file/pin_env.
     Init {
+        /// The signer's config (TOML): its [pkcs11] section names the token and the PIN.
         #[arg(long)]
         config: PathBuf,
         /// File holding the security officer PIN.
@@ -234,6 +236,7 @@ enum TokenCommand {
 enum RootCommand {
     /// Generate the root key on the token (or inside Vault) and the root certificate.
     Init {
+        /// The signer's config (TOML): backend, key and where the certificate goes.
         #[arg(long)]
         config: PathBuf,
         /// Replace an existing key of the same name (Vault: the old issuer is kept,
@@ -247,6 +250,7 @@ enum RootCommand {
     },
     /// Show the root certificate and the key's protection attributes.
     Show {
+        /// The signer's config (TOML).
         #[arg(long)]
         config: PathBuf,
     },
@@ -257,6 +261,7 @@ enum AuditCommand {
     /// Check the hash chain of an audit log and say where it breaks. Give the files of a
     /// rotated log oldest first: each must continue the one before it.
     Verify {
+        /// The log's files, oldest first (e.g. audit.log.1 audit.log).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// A line the log must still hold, by its hash: the `last_hash` of a signer's
@@ -274,6 +279,51 @@ fn parse_line_hash(text: &str) -> Result<String, String> {
         Ok(text.to_ascii_lowercase())
     } else {
         Err("not a line hash: expected 64 hex digits (a SHA-256), as `meshca audit verify` and the signer's \"audit log head\" line print it".into())
+    }
+}
+
+/// A fraction of a certificate's lifetime in `range`, named by the flag it was given to.
+fn fraction_in(text: &str, range: std::ops::RangeInclusive<f64>) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if range.contains(&value) => Ok(value),
+        _ => Err(format!(
+            "expected a fraction of the lifetime between {} and {}",
+            range.start(),
+            range.end()
+        )),
+    }
+}
+
+fn renew_fraction(text: &str) -> Result<f64, String> {
+    fraction_in(text, rotation::RENEW_FRACTION_RANGE)
+}
+
+fn jitter_fraction(text: &str) -> Result<f64, String> {
+    fraction_in(text, rotation::JITTER_FRACTION_RANGE)
+}
+
+/// A `--retire-root`: a fingerprint in another form (SHA-1, a typo) would match no root,
+/// and the root would stay trusted without a word.
+fn retired_root(text: &str) -> Result<String, String> {
+    rotation::parse_sha256_fingerprint(text).map_err(|e| e.to_string())
+}
+
+/// A `--signer` URL, refused at once rather than after the TLS files are read.
+fn signer_url(text: &str) -> Result<String, String> {
+    meshca::agent::client::check_signer_url(text).map(|()| text.to_string())
+}
+
+/// Ends the process as clap ends it on a usage error (usage line, exit 2), for a mistake
+/// only the combination of a subcommand's flags shows.
+fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> ! {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    // Gives the subcommand its full name ("meshca agent") for the usage line.
+    cli.build();
+    let kind = clap::error::ErrorKind::ArgumentConflict;
+    match cli.find_subcommand_mut(subcommand) {
+        Some(command) => command.error(kind, message).exit(),
+        None => cli.error(kind, message).exit(),
     }
 }
 
@@ -309,7 +359,7 @@ impl ClientTlsArgs {
 #[derive(clap::Args)]
 struct RequestArgs {
     /// Signer base URL, e.g. https://127.0.0.1:8443
-    #[arg(long)]
+    #[arg(long, value_parser = signer_url)]
     signer: String,
     #[command(flatten)]
     tls: ClientTlsArgs,
@@ -338,13 +388,13 @@ struct RequestArgs {
 struct AgentArgs {
     /// Directory mode: keep Istio's cacerts files in DIR (e.g. /etc/cacerts) instead of
     /// reconciling VirtualMeshCertificateSigningRequests.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", requires_all = ["signer", "virtual_mesh", "mesh"])]
     target_dir: Option<PathBuf>,
     /// One pass, then exit (non-zero when it failed).
     #[arg(long)]
     once: bool,
     /// Directory mode: signer base URL, e.g. https://127.0.0.1:8443
-    #[arg(long, requires = "target_dir")]
+    #[arg(long, requires = "target_dir", value_parser = signer_url)]
     signer: Option<String>,
     #[command(flatten)]
     tls: ClientTlsArgs,
@@ -363,14 +413,32 @@ struct AgentArgs {
     /// Directory mode: replace files meshca did not write.
     #[arg(long, requires = "target_dir")]
     adopt: bool,
-    /// Directory mode: renew after this fraction of the lifetime.
-    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_RENEW_FRACTION, requires = "target_dir")]
+    /// Directory mode: renew after this fraction of the lifetime (0.1 to 0.95).
+    #[arg(
+        long,
+        default_value_t = rotation::DEFAULT_RENEW_FRACTION,
+        requires = "target_dir",
+        value_parser = renew_fraction
+    )]
     renew_fraction: f64,
-    /// Directory mode: renew up to this fraction of the lifetime earlier (fixed per serial).
-    #[arg(long, default_value_t = meshca::agent::rotation::DEFAULT_JITTER_FRACTION, requires = "target_dir")]
+    /// Directory mode: renew up to this fraction of the lifetime earlier, fixed per serial
+    /// (0 to 0.5, below --renew-fraction).
+    #[arg(
+        long,
+        default_value_t = rotation::DEFAULT_JITTER_FRACTION,
+        requires = "target_dir",
+        value_parser = jitter_fraction
+    )]
     jitter_fraction: f64,
-    /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable).
-    #[arg(long = "retire-root", value_name = "SHA256", requires = "target_dir")]
+    /// Directory mode: SHA-256 of an old root to drop from root-cert.pem (repeatable): 64
+    /// hex digits, bare or in colon-separated pairs (openssl x509 -noout -fingerprint
+    /// -sha256).
+    #[arg(
+        long = "retire-root",
+        value_name = "SHA256",
+        requires = "target_dir",
+        value_parser = retired_root
+    )]
     retire_roots: Vec<String>,
     /// Longest time between two looks (and the cap of the retry backoff; at most a day).
     #[arg(long, default_value_t = 300, value_parser = seconds(1..=DAY_SECONDS))]
@@ -392,8 +460,8 @@ struct AgentArgs {
     #[arg(long, default_value_t = API_TIMEOUT_SECONDS, value_parser = seconds(1..=3600))]
     api_timeout_seconds: u64,
     /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
-    /// e.g. 0.0.0.0:9102 (not with --once).
-    #[arg(long, value_name = "ADDR")]
+    /// e.g. 0.0.0.0:9102 (not with --once, which exits before anyone scrapes them).
+    #[arg(long, value_name = "ADDR", conflicts_with = "once")]
     metrics_listen: Option<SocketAddr>,
 }
 
@@ -818,11 +886,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let mut after: Option<String> = None;
             let mut missing = expect_hashes.clone();
             for file in &files {
-                let reader = BufReader::new(
-                    std::fs::File::open(file)
-                        .with_context(|| format!("cannot open {}", file.display()))?,
-                );
-                match audit::verify(reader, after.as_deref(), &expect_hashes)? {
+                match audit::verify_file(file, after.as_deref(), &expect_hashes)? {
                     VerifyOutcome::Intact {
                         records,
                         last_hash,
@@ -879,52 +943,43 @@ fn run(command: Command) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--metrics-listen` serves a long-running controller; with `--once` it would be gone
-/// before anyone scraped it.
-fn refuse_metrics_with_once(once: bool, metrics_listen: Option<SocketAddr>) -> Result<()> {
-    if once && metrics_listen.is_some() {
-        bail!("--metrics-listen is for a long-running controller; --once exits after one pass");
+/// The directory agent's renewal settings, checked together: each flag's range is
+/// checked as it is parsed.
+fn directory_rotation(args: &AgentArgs) -> Result<RotationSettings, rotation::SettingsError> {
+    let rotation = RotationSettings::new(args.renew_fraction, args.jitter_fraction)?;
+    // A single pass may be due at once on purpose (forcing a renewal); a loop would then
+    // renew every second.
+    if !args.once {
+        rotation::check_ttl(args.ttl_seconds, &rotation)?;
     }
-    Ok(())
+    Ok(rotation)
 }
 
 fn agent(args: AgentArgs) -> Result<ExitCode> {
-    refuse_metrics_with_once(args.once, args.metrics_listen)?;
     let resync = std::time::Duration::from_secs(args.resync_seconds.max(1));
     let Some(target) = args.target_dir.clone() else {
         return kubernetes_agent(args, resync);
     };
-    let missing: Vec<&str> = [
-        ("--signer", args.signer.is_none()),
-        ("--virtual-mesh", args.virtual_mesh.is_none()),
-        ("--mesh", args.mesh.is_none()),
-    ]
-    .into_iter()
-    .filter_map(|(flag, absent)| absent.then_some(flag))
-    .collect();
-    if !missing.is_empty() {
-        bail!("directory mode (--target-dir) needs {}", missing.join(", "));
-    }
-    let signer = args.tls.endpoint(&args.signer.unwrap_or_default());
+    let rotation = directory_rotation(&args)
+        .unwrap_or_else(|e| usage_error("agent", e.message(&rotation::AGENT_FLAGS)));
+    // clap requires these with --target-dir.
+    let (Some(signer), Some(virtual_mesh), Some(mesh)) =
+        (&args.signer, args.virtual_mesh, args.mesh)
+    else {
+        bail!("directory mode (--target-dir) needs --signer, --virtual-mesh and --mesh");
+    };
+    let signer = args.tls.endpoint(signer);
     // Read once now, so a wrong flag or file fails the start; the loop reads them again
     // for each pass (a rotated client certificate is used without a restart).
     let client = signer.connect()?;
     let opts = DirOptions {
         target,
-        virtual_mesh: args.virtual_mesh.ok_or_else(|| anyhow!("--virtual-mesh"))?,
-        mesh: args.mesh.ok_or_else(|| anyhow!("--mesh"))?,
+        virtual_mesh,
+        mesh,
         key_type: args.key_type,
         ttl_seconds: args.ttl_seconds,
         adopt: args.adopt,
-        rotation: {
-            let rotation = RotationSettings::new(args.renew_fraction, args.jitter_fraction)?;
-            // A single pass may be due at once on purpose (forcing a renewal); a loop
-            // would then renew every second.
-            if !args.once {
-                meshca::agent::rotation::check_ttl(args.ttl_seconds, &rotation)?;
-            }
-            rotation
-        },
+        rotation,
         retired_roots: args.retire_roots,
     };
     let rt = runtime()?;
@@ -1011,7 +1066,6 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
 fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
     use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
     use meshca::mesh_controller::metrics::MeshControllerMetrics;
-    refuse_metrics_with_once(args.once, args.metrics_listen)?;
     let opts = MeshControllerOptions {
         namespace: args.namespace,
         identity: replica_identity(args.identity, "meshca-mesh-controller"),
@@ -1157,6 +1211,26 @@ mod tests {
         );
     }
 
+    /// `meshca CMD --help` says what each argument is: none is left as a bare name.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        use clap::CommandFactory;
+        fn undocumented(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !["help", "version"].contains(&id) {
+                    found.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                undocumented(sub, &format!("{path} {}", sub.get_name()), found);
+            }
+        }
+        let mut found = Vec::new();
+        undocumented(&Cli::command(), "meshca", &mut found);
+        assert_eq!(found, Vec::<String>::new());
+    }
+
     /// A directory-mode flag given to the Kubernetes-mode agent is refused by name: it
     /// would do nothing there (the request's spec says what it says).
     #[test]
@@ -1170,7 +1244,7 @@ mod tests {
             &["--ttl-seconds", "86400"],
             &["--renew-fraction", "0.5"],
             &["--jitter-fraction", "0.1"],
-            &["--retire-root", "ab"],
+            &["--retire-root", ROOT_SHA256],
         ] {
             let mut args = vec!["meshca", "agent"];
             args.extend_from_slice(&TLS_FLAGS);
@@ -1181,11 +1255,82 @@ mod tests {
                 .to_string();
             assert!(err.contains("--target-dir"), "{err}");
             args.extend_from_slice(&["--target-dir", "/etc/cacerts"]);
+            for (required, value) in DIRECTORY_FLAGS {
+                if flag[0] != required {
+                    args.extend_from_slice(&[required, value]);
+                }
+            }
             assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
         }
         let mut kubernetes_mode = vec!["meshca", "agent"];
         kubernetes_mode.extend_from_slice(&TLS_FLAGS);
         assert!(Cli::try_parse_from(kubernetes_mode).is_ok());
+    }
+
+    /// What directory mode needs besides --target-dir.
+    const DIRECTORY_FLAGS: [(&str, &str); 3] = [
+        ("--signer", "https://signer"),
+        ("--virtual-mesh", "a/b"),
+        ("--mesh", "a/c"),
+    ];
+
+    const ROOT_SHA256: &str = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
+
+    /// `--retire-root` takes a SHA-256 in the forms openssl and meshca print it, as
+    /// fingerprints are compared; another form would retire nothing, silently.
+    #[test]
+    fn retire_root_takes_only_a_sha256_fingerprint() {
+        let parse = |fingerprint: &str| {
+            let mut args = vec!["meshca", "agent", "--target-dir", "/etc/cacerts"];
+            args.extend_from_slice(&TLS_FLAGS);
+            args.extend(
+                DIRECTORY_FLAGS
+                    .iter()
+                    .flat_map(|(flag, value)| [*flag, *value]),
+            );
+            args.extend_from_slice(&["--retire-root", fingerprint]);
+            Cli::try_parse_from(args)
+        };
+        let colons: String = ROOT_SHA256
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| String::from_utf8_lossy(pair).to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        for form in [
+            ROOT_SHA256.to_string(),
+            ROOT_SHA256.to_ascii_uppercase(),
+            colons,
+        ] {
+            match parse(&form).map(|cli| cli.command) {
+                Ok(Command::Agent(args)) => assert_eq!(args.retire_roots, [ROOT_SHA256]),
+                Ok(_) => panic!("not the agent"),
+                Err(e) => panic!("{form}: {e}"),
+            }
+        }
+        let sha1 = "5F:35:E0:C1:D0:E4:B1:A9:C0:FF:EE:00:11:22:33:44:55:66:77:88";
+        for (refused, why) in [
+            (sha1, "this looks like a SHA-1 fingerprint"),
+            (
+                &sha1.replace(':', ""),
+                "this looks like a SHA-1 fingerprint",
+            ),
+            ("xyz", "not a SHA-256 fingerprint"),
+            (&ROOT_SHA256[1..], "not a SHA-256 fingerprint"),
+            (&format!("{ROOT_SHA256}:"), "not a SHA-256 fingerprint"),
+            (
+                &format!("5:{}", &ROOT_SHA256[1..]),
+                "not a SHA-256 fingerprint",
+            ),
+        ] {
+            let err = parse(refused).err().expect("refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            let message = err.to_string();
+            assert!(
+                message.contains("--retire-root") && message.contains(why),
+                "{refused}: {message}"
+            );
+        }
     }
 
     const TLS_FLAGS: [&str; 6] = [

@@ -546,10 +546,12 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     // renew every second): 1800 s is too short for 0.1, so the loop asks for an hour.
     let mut short = agent_cmd(&env, &addr, &dir, &due);
     let refused = run(&mut short);
-    assert!(!refused.status.success());
+    // A usage mistake, named by the flags given.
+    assert_eq!(refused.status.code(), Some(2));
     assert!(
-        text(&refused.stderr).contains("a ttl of 1800 s is too short for this renewal fraction")
-            && text(&refused.stderr).contains("at least 3300 s"),
+        text(&refused.stderr)
+            .contains("a --ttl-seconds of 1800 s is too short for this renewal fraction")
+            && text(&refused.stderr).contains("at least 3300 s, or a larger --renew-fraction"),
         "{}",
         text(&refused.stderr)
     );
@@ -756,6 +758,50 @@ fn trusted_roots(dir: &Path) -> Vec<String> {
     meshca::agent::rotation::root_fingerprints(
         &std::fs::read_to_string(dir.join("root-cert.pem")).unwrap(),
     )
+}
+
+/// `--retire-root` in a form that names no root (a SHA-1, as `openssl x509 -fingerprint`
+/// prints by default, or a typo) would retire nothing and exit 0: it is a usage mistake.
+/// Refused before anything is read, so no signer is needed.
+#[test]
+fn a_retired_root_not_named_by_its_sha256_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |fingerprint: &str| {
+        run(Command::new(MESHCA)
+            .current_dir(dir.path())
+            .args(["agent", "--once", "--target-dir", "cacerts"])
+            .args(["--signer", "https://127.0.0.1:1", "--ca-cert", "ca.pem"])
+            .args(["--client-cert", "client.pem", "--client-key", "key.pem"])
+            .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"])
+            .args(["--retire-root", fingerprint]))
+    };
+    let sha1 = "5F:35:E0:C1:D0:E4:B1:A9:C0:FF:EE:00:11:22:33:44:55:66:77:88";
+    for (fingerprint, why) in [
+        (
+            sha1,
+            "this looks like a SHA-1 fingerprint: use `openssl x509 -noout -fingerprint -sha256`",
+        ),
+        ("xyz", "not a SHA-256 fingerprint: expected 64 hex digits"),
+    ] {
+        let out = agent(fingerprint);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&format!("'{fingerprint}' for '--retire-root <SHA256>'"))
+                && stderr.contains(why),
+            "{stderr}"
+        );
+    }
+    // openssl's SHA-256 form is taken: the pass goes on, and fails at the client files.
+    let sha256 = [sha1, ":01:23:45:67:89:AB:CD:EF:01:23:45:67"].concat();
+    let out = agent(&sha256);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("client.pem") && !stderr.contains("--retire-root"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("cacerts").exists());
 }
 
 #[test]

@@ -817,6 +817,33 @@ async fn a_ttl_too_short_for_the_renewal_fraction_is_an_invalid_spec() {
     );
 }
 
+/// A retired root named in another form than its SHA-256 would match no root and stay
+/// trusted without a word; an API server whose CRD has the schema's pattern refuses it at
+/// apply, and the agent refuses it too (a CRD installed before the pattern, the fake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_root_not_named_by_its_sha256_is_an_invalid_spec() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    let sha1 = "5F:35:E0:C1:D0:E4:B1:A9:C0:FF:EE:00:11:22:33:44:55:66:77:88";
+    let good = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
+    cluster.put_request(
+        "127.0.0.1:1",
+        json!({"rotation": {"retiredRootFingerprints": [good, sha1]}}),
+    );
+    let sent = cluster.pass().await;
+    assert!(!sent.iter().any(|r| r.path == SECRET && r.method != "GET"));
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Failed");
+    let ready = condition(&st, "Ready");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    let error = st["lastError"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("retiredRootFingerprints[1] \"{sha1}\""))
+            && error.contains("this looks like a SHA-1 fingerprint"),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_type_the_policy_refuses_is_never_shown_as_requested() {
     // An RSA minimum of 4096: P-256 is refused.

@@ -2,7 +2,7 @@
 //! story: workloads of two clusters complete an mTLS handshake through the shared root
 //! (openssl s_server / s_client, the seed guide's own check). Also the signer client that
 //! `meshca request` and the agents share, against a stand-in signer whose connections
-//! close under a request.
+//! close under a request, and the exit statuses of the commands' usage mistakes.
 
 mod common;
 
@@ -562,4 +562,179 @@ async fn a_signer_that_closes_every_connection_unanswered_is_tried_twice_then_na
     let seen = signer.seen();
     let connections: Vec<usize> = seen.iter().map(|(c, _, _)| *c).collect();
     assert_eq!(connections, [0, 1], "{seen:?}");
+}
+
+/// The client flags every `meshca request` and `meshca agent` needs (files never read:
+/// usage mistakes are found before).
+const TLS: [&str; 6] = [
+    "--ca-cert",
+    "ca.pem",
+    "--client-cert",
+    "client.pem",
+    "--client-key",
+    "client-key.pem",
+];
+
+/// What directory mode needs besides `--target-dir DIR` and [`TLS`].
+const DIRECTORY: [&str; 7] = [
+    "agent",
+    "--target-dir",
+    "cacerts",
+    "--virtual-mesh",
+    "test/vm",
+    "--mesh",
+    "test/cluster-a",
+];
+
+/// Exit statuses as the README's table gives them: 2 for a usage mistake, found by clap
+/// or only from the flags together, in clap's words and naming the flag; 1 for a failure
+/// at run time, naming the file.
+#[test]
+fn usage_mistakes_exit_2_naming_the_flag_and_runtime_failures_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("a-directory")).unwrap();
+    let signer = ["--signer", "https://signer.example:8443"];
+    let directory = || [&DIRECTORY[..], &TLS, &signer].concat();
+    let with = |extra: &[&'static str]| [directory(), extra.to_vec()].concat();
+    let cases: Vec<(Vec<&str>, i32, &[&str])> = vec![
+        (
+            with(&["--renew-fraction", "2"]),
+            2,
+            &[
+                "'--renew-fraction <RENEW_FRACTION>'",
+                "between 0.1 and 0.95",
+            ],
+        ),
+        (
+            with(&["--jitter-fraction", "1"]),
+            2,
+            &["'--jitter-fraction <JITTER_FRACTION>'", "between 0 and 0.5"],
+        ),
+        (
+            with(&["--renew-fraction", "0.3", "--jitter-fraction", "0.4"]),
+            2,
+            &["--jitter-fraction must be", "below --renew-fraction"],
+        ),
+        (
+            with(&["--ttl-seconds", "60"]),
+            2,
+            &["a --ttl-seconds of 60 s is too short", "--renew-fraction"],
+        ),
+        (
+            [&DIRECTORY[..], &TLS, &["--signer", "notaurl"]].concat(),
+            2,
+            &["'--signer <SIGNER>'", "must start with https://"],
+        ),
+        (
+            [&["request"][..], &TLS, &["--signer", "https://"]]
+                .concat()
+                .into_iter()
+                .chain(["--virtual-mesh", "a/b", "--mesh", "a/c", "--out-dir", "o"])
+                .collect(),
+            2,
+            &["'--signer <SIGNER>'", "host"],
+        ),
+        (
+            [&["agent", "--target-dir", "cacerts"][..], &TLS].concat(),
+            2,
+            &["required arguments were not provided", "--signer", "--mesh"],
+        ),
+        (
+            [
+                &["agent", "--once", "--metrics-listen", "127.0.0.1:0"][..],
+                &TLS,
+            ]
+            .concat(),
+            2,
+            &["'--once' cannot be used with '--metrics-listen <ADDR>'"],
+        ),
+        (
+            vec![
+                "mesh-controller",
+                "--once",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            2,
+            &["'--once' cannot be used with '--metrics-listen <ADDR>'"],
+        ),
+        (vec!["verify"], 2, &["<DIR>"]),
+        (vec!["serve"], 2, &["--config <CONFIG>"]),
+        (vec!["verify", "missing"], 1, &["missing/ca-cert.pem"]),
+        (
+            vec!["root", "show", "--config", "missing.toml"],
+            1,
+            &["cannot read missing.toml"],
+        ),
+        (
+            vec!["audit", "verify", "a-directory"],
+            1,
+            &[
+                "audit log a-directory: cannot read line 1",
+                "Is a directory",
+            ],
+        ),
+    ];
+    for (args, status, says) in cases {
+        let mut cmd = Command::new(MESHCA);
+        cmd.current_dir(dir.path()).args(&args);
+        let out = run(&mut cmd);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {stderr}");
+        for said in says {
+            assert!(stderr.contains(said), "{args:?}: {stderr}");
+        }
+        if status == 2 {
+            assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        }
+    }
+    // "missing.toml: cannot read missing.toml" said the path twice.
+    let out = run(Command::new(MESHCA).current_dir(dir.path()).args([
+        "root",
+        "show",
+        "--config",
+        "missing.toml",
+    ]));
+    assert_eq!(text(&out.stderr).matches("missing.toml").count(), 1);
+}
+
+/// A FIFO where a certificate should be would hold `meshca verify` until something wrote
+/// to it; it is named and refused without being opened.
+#[test]
+fn verify_refuses_a_fifo_in_place_of_a_file_unopened() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("ca-cert.pem");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    // Feeds a reader that opens it, so a verify that does fails rather than hangs.
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            let _ = pipe.write_all(b"not a certificate\n");
+        })
+    };
+    let out = run(Command::new(MESHCA).arg("verify").arg(dir.path()));
+    let stderr = text(&out.stderr);
+    // Lets the writer's open return if verify never opened the FIFO.
+    let _reader = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap()
+    };
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: a FIFO (named pipe), not a regular file",
+            fifo.display()
+        )),
+        "{stderr}"
+    );
 }

@@ -245,7 +245,14 @@ fn wrong_pin_fails_clearly_without_echoing_it() {
     let stderr = text(&out.stderr);
     // Checked before any message prints stderr, which would then hold the PIN.
     assert!(!stderr.contains("not-the-pin"), "the PIN was printed");
-    assert!(stderr.contains("refused the user PIN"), "{stderr}");
+    // Where the PIN came from: the one place to correct it.
+    assert!(
+        stderr.contains(&format!(
+            "refused the user PIN (read from file {})",
+            env.path("softhsm/user-pin").display()
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -234,6 +234,23 @@ struct ErrorDetail {
     message: String,
 }
 
+/// Checks a signer's base URL (`https://host[:port]`, a path prefix allowed): what is
+/// wrong with it, if anything.
+pub fn check_signer_url(url: &str) -> Result<(), String> {
+    const EXAMPLE: &str = "e.g. https://signer.example:8443";
+    if !url.starts_with("https://") {
+        return Err(format!("must start with https:// ({EXAMPLE})"));
+    }
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => Err(format!(
+            "a base URL has no query or fragment: meshca appends the API's paths ({EXAMPLE})"
+        )),
+        Ok(parsed) if parsed.host_str().is_some_and(|host| !host.is_empty()) => Ok(()),
+        Ok(_) => Err(format!("names no host ({EXAMPLE})")),
+        Err(e) => Err(format!("not a URL: {e} ({EXAMPLE})")),
+    }
+}
+
 /// Where a signer is, and the files that verify it and identify us to it. A long-running
 /// agent connects anew for each pass, so certificates rotated on disk (cert-manager,
 /// SPIRE, a cron job) are used from the next pass without a restart.
@@ -303,11 +320,8 @@ pub struct SignerClient {
 impl SignerClient {
     /// `base` is `https://host:port`; `ca` verifies the signer, `cert`/`key` identify us.
     pub fn new(base: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Self, ClientError> {
-        if !base.starts_with("https://") {
-            return Err(ClientError::Config(format!(
-                "signer URL {base:?} must start with https://"
-            )));
-        }
+        check_signer_url(base)
+            .map_err(|problem| ClientError::Config(format!("signer URL {base:?}: {problem}")))?;
         let tls = crate::tlsutil::client_tls(ca, cert, key)
             .map_err(|e| ClientError::Config(e.to_string()))?;
         let http = reqwest::Client::builder()

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::restart::{RestartPolicy, RestartRecord};
 use super::rotation::{
-    DEFAULT_JITTER_FRACTION, DEFAULT_RENEW_FRACTION, RotationSettings, SettingsError,
+    DEFAULT_JITTER_FRACTION, DEFAULT_RENEW_FRACTION, RotationSettings, SHA256_FINGERPRINT_PATTERN,
+    SettingsError, parse_sha256_fingerprint,
 };
 use crate::pki::keys::KeyType;
 use crate::policy::ObjectRef;
@@ -119,8 +120,11 @@ pub struct RotationSpec {
     #[schemars(range(min = 0.0, max = 0.5))]
     pub jitter_fraction: f64,
     /// SHA-256 fingerprints of old roots to drop from root-cert.pem once every cluster
-    /// has moved to the new root (set by the operator or the management plane).
+    /// has moved to the new root (set by the operator or the management plane): 64 hex
+    /// digits, bare or in colon-separated pairs (`openssl x509 -noout -fingerprint
+    /// -sha256`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(SHA256_FINGERPRINT_PATTERN)))]
     pub retired_root_fingerprints: Vec<String>,
 }
 
@@ -143,7 +147,14 @@ impl Default for RotationSpec {
 }
 
 impl RotationSpec {
+    /// The renewal settings, once the whole spec is checked: a retired root not named by
+    /// its SHA-256 would match no root and stay trusted without a word (an API server
+    /// refuses it by the schema; one whose CRD predates the pattern does not).
     pub fn settings(&self) -> Result<RotationSettings, SettingsError> {
+        for (index, fingerprint) in self.retired_root_fingerprints.iter().enumerate() {
+            parse_sha256_fingerprint(fingerprint)
+                .map_err(|problem| SettingsError::retired_root(index, fingerprint, problem))?;
+        }
         RotationSettings::new(self.renew_fraction, self.jitter_fraction)
     }
 }
@@ -376,6 +387,60 @@ mod tests {
         let yaml = crds_yaml().unwrap();
         assert!(yaml.starts_with("---\n"));
         assert!(yaml.contains("kind: CustomResourceDefinition"));
+    }
+
+    /// The schema's pattern and the agent's own check take the same forms: a root retired
+    /// in another form would match no root and stay trusted.
+    #[test]
+    fn retired_roots_are_sha256_fingerprints_by_the_schema_and_the_spec_check() {
+        let crd = serde_json::to_value(VirtualMeshCertificateSigningRequest::crd()).unwrap();
+        let items = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["rotation"]["properties"]["retiredRootFingerprints"]["items"];
+        assert_eq!(items["pattern"], SHA256_FINGERPRINT_PATTERN, "{items}");
+        let sha256 = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
+        let paired = |hex: &str| {
+            hex.as_bytes()
+                .chunks(2)
+                .map(|pair| String::from_utf8_lossy(pair).to_ascii_uppercase())
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let rotation = |retired: Vec<String>| RotationSpec {
+            retired_root_fingerprints: retired,
+            ..RotationSpec::default()
+        };
+        for taken in [
+            sha256.to_string(),
+            sha256.to_ascii_uppercase(),
+            paired(sha256),
+        ] {
+            assert_eq!(
+                parse_sha256_fingerprint(&taken).as_deref(),
+                Ok(sha256),
+                "{taken}"
+            );
+            assert!(rotation(vec![taken]).settings().is_ok());
+        }
+        let sha1 = paired(&sha256[..40]);
+        for (refused, why) in [
+            (sha1.clone(), "this looks like a SHA-1 fingerprint"),
+            (sha1.replace(':', ""), "this looks like a SHA-1 fingerprint"),
+            ("xyz".to_string(), "not a SHA-256 fingerprint"),
+            (format!("{sha256}00"), "not a SHA-256 fingerprint"),
+            (format!(" {sha256}"), "not a SHA-256 fingerprint"),
+            ("a".repeat(1000), "not a SHA-256 fingerprint"),
+        ] {
+            let message = rotation(vec![sha256.into(), refused.clone()])
+                .settings()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.starts_with("retiredRootFingerprints[1] \"") && message.contains(why),
+                "{refused}: {message}"
+            );
+            // A long value is cut: a status message is no place for it.
+            assert!(message.len() < 400, "{message}");
+        }
     }
 
     #[test]

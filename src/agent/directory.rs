@@ -544,6 +544,25 @@ mod tests {
         }
     }
 
+    /// A pass reads root-cert.pem before anything else: a FIFO there would hold it forever.
+    #[test]
+    fn a_fifo_as_root_cert_fails_the_pass_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join(ROOT_CERT);
+        let _fed = cacerts::tests::FedFifo::new(&fifo, "roots from a pipe\n");
+        match classify(dir.path()) {
+            Err(e @ AgentError::Look { .. }) => {
+                let message = e.to_string();
+                assert!(
+                    message.contains(&fifo.display().to_string())
+                        && message.contains("a FIFO (named pipe), not a regular file"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_target_that_cannot_be_looked_at_is_named_not_taken_for_empty() {
         let dir = tempfile::tempdir().unwrap();

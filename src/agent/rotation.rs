@@ -41,19 +41,105 @@ impl Default for RotationSettings {
     }
 }
 
+/// The range of a renewal fraction: renewing before 10% of the lifetime would re-issue
+/// constantly, after 95% leaves no time to retry.
+pub const RENEW_FRACTION_RANGE: std::ops::RangeInclusive<f64> = 0.1..=0.95;
+/// The range of a jitter fraction (which must also stay below the renewal fraction).
+pub const JITTER_FRACTION_RANGE: std::ops::RangeInclusive<f64> = 0.0..=0.5;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SettingsError {
-    #[error("renewFraction must be between 0.1 and 0.95, not {0}")]
+    #[error("{}", self.message(&CRD_FIELDS))]
     RenewFraction(f64),
-    #[error("jitterFraction must be between 0 and 0.5 and below renewFraction, not {0}")]
+    #[error("{}", self.message(&CRD_FIELDS))]
     JitterFraction(f64),
-    #[error(
-        "a ttl of {ttl_seconds} s is too short for this renewal fraction: a certificate's notBefore is dated 5 minutes back, and that counts towards the lifetime renewFraction applies to, so each new intermediate would be due within a minute of its issue (issued, and restarts begun, over and over); use a ttl of at least {shortest_seconds} s, or a larger renewFraction"
-    )]
+    #[error("{}", self.message(&CRD_FIELDS))]
     TtlTooShort {
         ttl_seconds: u64,
         shortest_seconds: u64,
     },
+    /// An old root to drop, not named by its SHA-256 (`value` cut to a length a status
+    /// message can carry).
+    #[error("{}", self.message(&CRD_FIELDS))]
+    RetiredRoot {
+        index: usize,
+        value: String,
+        problem: FingerprintError,
+    },
+}
+
+/// How the rotation settings are named where they were given, so that an error names
+/// what its reader wrote: a request's (or a Mesh's) fields, or the directory agent's flags.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingNames {
+    pub renew_fraction: &'static str,
+    pub jitter_fraction: &'static str,
+    pub ttl: &'static str,
+    pub retired_roots: &'static str,
+}
+
+/// The CRD's fields (`spec.rotation.renewFraction`, ...): the errors' [`Display`].
+///
+/// [`Display`]: std::fmt::Display
+pub const CRD_FIELDS: SettingNames = SettingNames {
+    renew_fraction: "renewFraction",
+    jitter_fraction: "jitterFraction",
+    ttl: "ttl",
+    retired_roots: "retiredRootFingerprints",
+};
+
+/// `meshca agent --target-dir`'s flags.
+pub const AGENT_FLAGS: SettingNames = SettingNames {
+    renew_fraction: "--renew-fraction",
+    jitter_fraction: "--jitter-fraction",
+    ttl: "--ttl-seconds",
+    retired_roots: "--retire-root",
+};
+
+impl SettingsError {
+    /// `retiredRootFingerprints[index]` is not a SHA-256 fingerprint.
+    pub fn retired_root(index: usize, value: &str, problem: FingerprintError) -> Self {
+        /// More than a fingerprint in any form: the rest of a long value is noise.
+        const SHOWN: usize = 100;
+        let mut shown: String = value.chars().take(SHOWN).collect();
+        if shown.len() < value.len() {
+            shown.push('…');
+        }
+        SettingsError::RetiredRoot {
+            index,
+            value: shown,
+            problem,
+        }
+    }
+
+    /// The error, naming the settings as `names` does.
+    pub fn message(&self, names: &SettingNames) -> String {
+        let SettingNames {
+            renew_fraction: renew,
+            jitter_fraction: jitter,
+            ttl,
+            retired_roots,
+        } = names;
+        match self {
+            SettingsError::RenewFraction(value) => {
+                format!("{renew} must be between 0.1 and 0.95, not {value}")
+            }
+            SettingsError::JitterFraction(value) => {
+                format!("{jitter} must be between 0 and 0.5 and below {renew}, not {value}")
+            }
+            SettingsError::TtlTooShort {
+                ttl_seconds,
+                shortest_seconds,
+            } => format!(
+                "a {ttl} of {ttl_seconds} s is too short for this renewal fraction: a certificate's notBefore is dated 5 minutes back, and that counts towards the lifetime {renew} applies to, so each new intermediate would be due within a minute of its issue (issued, and restarts begun, over and over); use a {ttl} of at least {shortest_seconds} s, or a larger {renew}"
+            ),
+            SettingsError::RetiredRoot {
+                index,
+                value,
+                problem,
+            } => format!("{retired_roots}[{index}] {value:?}: {problem}"),
+        }
+    }
 }
 
 /// The least time a fresh intermediate stays installed before it is due (with the
@@ -85,13 +171,13 @@ pub fn check_ttl(
 }
 
 impl RotationSettings {
-    /// Checks the ranges: renewing before 10% of the lifetime would re-issue constantly,
-    /// after 95% leaves no time to retry.
+    /// Checks the ranges ([`RENEW_FRACTION_RANGE`], [`JITTER_FRACTION_RANGE`], and the jitter
+    /// below the renewal fraction).
     pub fn new(renew_fraction: f64, jitter_fraction: f64) -> Result<Self, SettingsError> {
-        if !(0.1..=0.95).contains(&renew_fraction) {
+        if !RENEW_FRACTION_RANGE.contains(&renew_fraction) {
             return Err(SettingsError::RenewFraction(renew_fraction));
         }
-        if !(0.0..=0.5).contains(&jitter_fraction) || jitter_fraction >= renew_fraction {
+        if !JITTER_FRACTION_RANGE.contains(&jitter_fraction) || jitter_fraction >= renew_fraction {
             return Err(SettingsError::JitterFraction(jitter_fraction));
         }
         Ok(RotationSettings {
@@ -455,6 +541,46 @@ pub fn normalize_fingerprint(fp: &str) -> String {
         .filter(|c| *c != ':')
         .collect::<String>()
         .to_ascii_lowercase()
+}
+
+/// The forms of a SHA-256 fingerprint `--retire-root` and `retiredRootFingerprints` take:
+/// 64 hex digits in either case, bare or in colon-separated pairs as `openssl x509 -noout
+/// -fingerprint -sha256` prints them. The CRD's schema holds this pattern, so the API
+/// server refuses another form at apply.
+pub const SHA256_FINGERPRINT_PATTERN: &str =
+    "^([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31})$";
+
+/// Why a text is not a SHA-256 fingerprint. A root listed as retired in another form
+/// would match no root, and the root would silently stay trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FingerprintError {
+    #[error(
+        "this looks like a SHA-1 fingerprint: use `openssl x509 -noout -fingerprint -sha256` (without -sha256, openssl prints SHA-1)"
+    )]
+    Sha1,
+    #[error(
+        "not a SHA-256 fingerprint: expected 64 hex digits, bare or in colon-separated pairs (as `openssl x509 -noout -fingerprint -sha256` prints them)"
+    )]
+    NotSha256,
+}
+
+/// Checks a SHA-256 fingerprint ([`SHA256_FINGERPRINT_PATTERN`]) and returns it as
+/// fingerprints are compared ([`normalize_fingerprint`]).
+pub fn parse_sha256_fingerprint(text: &str) -> Result<String, FingerprintError> {
+    let hex = |part: &str| part.bytes().all(|b| b.is_ascii_hexdigit());
+    let of_bytes = |bytes: usize| {
+        let bare = text.len() == 2 * bytes && hex(text);
+        let pairs = text.split(':').count() == bytes
+            && text.split(':').all(|pair| pair.len() == 2 && hex(pair));
+        bare || pairs
+    };
+    if of_bytes(32) {
+        Ok(normalize_fingerprint(text))
+    } else if of_bytes(20) {
+        Err(FingerprintError::Sha1)
+    } else {
+        Err(FingerprintError::NotSha256)
+    }
 }
 
 /// Whether `cert` is valid at `now`.

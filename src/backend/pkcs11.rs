@@ -37,7 +37,7 @@ use crate::pki::profile::{
 };
 use crate::pki::sigalg::{SignatureAlgorithm, ecdsa_prehash, ecdsa_raw_to_der};
 use crate::policy::rules::BACKDATE;
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -59,10 +59,13 @@ pub enum TokenError {
         "a key with the label or the id of {0} already exists on the token; pass --force to replace it"
     )]
     KeyExists(String),
+    /// `pin_source` says where the PIN was read (a file, an environment variable), never
+    /// the PIN: which one to correct.
     #[error(
-        "the token refused the user PIN; meshca will not retry (each refusal counts towards locking the token)"
+        "the token refused the user PIN{}; meshca will not retry (each refusal counts towards locking the token)",
+        pin_origin(.pin_source.as_deref())
     )]
-    PinIncorrect,
+    PinIncorrect { pin_source: Option<String> },
     #[error("the token's user PIN is locked; unlock it with the security officer PIN")]
     PinLocked,
     #[error("PKCS#11 {function} failed: {rv}")]
@@ -74,7 +77,9 @@ pub enum TokenError {
 impl From<CkError> for TokenError {
     fn from(e: CkError) -> Self {
         match e {
-            CkError::Pkcs11(RvError::PinIncorrect, _) => TokenError::PinIncorrect,
+            CkError::Pkcs11(RvError::PinIncorrect, _) => {
+                TokenError::PinIncorrect { pin_source: None }
+            }
             CkError::Pkcs11(RvError::PinLocked, _) => TokenError::PinLocked,
             CkError::Pkcs11(rv, function) => TokenError::Call {
                 function: format!("{function:?}"),
@@ -83,6 +88,11 @@ impl From<CkError> for TokenError {
             other => TokenError::Other(other.to_string()),
         }
     }
+}
+
+/// " (read from file X)", for a refused PIN whose source is known.
+fn pin_origin(source: Option<&str>) -> String {
+    source.map_or_else(String::new, |source| format!(" (read from {source})"))
 }
 
 /// Errors after which a session must be thrown away and a new one opened.
@@ -116,6 +126,8 @@ pub struct Token {
     context: Pkcs11,
     slot: Slot,
     uri: Pkcs11Uri,
+    /// Where the user PIN comes from, for the error when the token refuses it.
+    pin_source: SecretSource,
 }
 
 impl Token {
@@ -127,6 +139,7 @@ impl Token {
             context,
             slot,
             uri: settings.key.clone(),
+            pin_source: settings.pin.clone(),
         })
     }
 
@@ -142,6 +155,11 @@ impl Token {
         if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
             match session.login(UserType::User, Some(&auth_pin(pin))) {
                 Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                    return Err(TokenError::PinIncorrect {
+                        pin_source: Some(self.pin_source.to_string()),
+                    });
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -240,6 +258,7 @@ impl Token {
             context: self.context.clone(),
             slot: self.slot,
             uri,
+            pin_source: self.pin_source.clone(),
         }
     }
 
@@ -987,7 +1006,7 @@ impl Inner {
         }
         match token.logged_in_session(&self.pin, false) {
             Ok(session) => Ok(session),
-            Err(TokenError::PinIncorrect | TokenError::PinLocked) => {
+            Err(TokenError::PinIncorrect { .. } | TokenError::PinLocked) => {
                 self.pin_rejected.store(true, Ordering::SeqCst);
                 Err(BackendError::PinRejected)
             }

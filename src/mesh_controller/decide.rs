@@ -1668,6 +1668,10 @@ mod tests {
                 "spec.agent.rotation",
             ),
             (
+                json!({"agent": {"rotation": {"retiredRootFingerprints": ["5F:35"]}}}),
+                "spec.agent.rotation: retiredRootFingerprints[0] \"5F:35\": not a SHA-256",
+            ),
+            (
                 json!({"kubeconfigSecret": {"name": "a/b"}}),
                 "spec.kubeconfigSecret.name",
             ),

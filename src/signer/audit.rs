@@ -728,7 +728,10 @@ pub fn verify(
     let mut number = 0;
     // `split` cannot tell whether the last piece ended in a newline; track it by peeking.
     while let Some(line) = lines.next() {
-        let line = line?;
+        // The number says how far the file could be read: an I/O error names no place.
+        let line = line.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read line {}: {e}", number + 1))
+        })?;
         number += 1;
         let is_last = lines.peek().is_none();
         if line.is_empty() && is_last {
@@ -786,6 +789,21 @@ pub fn verify(
     })
 }
 
+/// [`verify`] of the file at `path`, whose errors name it (a directory, a file that cannot
+/// be opened or read). Any file that reads is taken, a pipe too (`<(zcat audit.log.2.gz)`).
+pub fn verify_file(
+    path: &Path,
+    after: Option<&str>,
+    anchors: &[String],
+) -> Result<VerifyOutcome, AuditError> {
+    let named = |message: String| AuditError::Io {
+        path: path.display().to_string(),
+        message,
+    };
+    let file = File::open(path).map_err(|e| named(format!("cannot open: {e}")))?;
+    verify(std::io::BufReader::new(file), after, anchors).map_err(|e| named(e.to_string()))
+}
+
 /// RFC 3339 UTC time with milliseconds.
 pub fn rfc3339(time: SystemTime) -> String {
     let since = time
@@ -816,6 +834,29 @@ mod tests {
 
     fn verify_file(path: &Path) -> VerifyOutcome {
         verify_after(path, None)
+    }
+
+    /// `meshca audit verify DIR` printed only "Is a directory (os error 21)".
+    #[test]
+    fn a_file_that_cannot_be_read_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.log");
+        for (path, says) in [
+            (
+                dir.path().to_path_buf(),
+                "cannot read line 1: Is a directory",
+            ),
+            (missing, "cannot open: No such file"),
+        ] {
+            let message = super::verify_file(&path, None, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.starts_with(&format!("audit log {}: ", path.display()))
+                    && message.contains(says),
+                "{message}"
+            );
+        }
     }
 
     fn verify_after(path: &Path, after: Option<&str>) -> VerifyOutcome {

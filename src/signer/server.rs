@@ -206,7 +206,7 @@ pub fn start_backend(
             let backend = Pkcs11Backend::start(settings, pin, root).map_err(|e| {
                 let message = format!("PKCS#11 token: {e}");
                 match e {
-                    TokenError::PinIncorrect | TokenError::PinLocked => {
+                    TokenError::PinIncorrect { .. } | TokenError::PinLocked => {
                         StartError::PinRefused(message)
                     }
                     _ => StartError::Backend(message),
