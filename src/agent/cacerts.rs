@@ -390,7 +390,7 @@ pub(crate) mod tests {
             .path()
             .join(fs::read_link(dir.path().join(DATA_LINK)).unwrap());
         fs::remove_file(version.join(CA_CERT)).unwrap();
-        let _fifo = FedFifo::new(&version.join(CA_CERT), "cert from a pipe\n");
+        let fifo = FedFifo::new(&version.join(CA_CERT), "cert from a pipe\n");
         let err = read_bundle(dir.path()).unwrap_err();
         let message = err.to_string();
         assert!(
@@ -400,6 +400,9 @@ pub(crate) mod tests {
         );
         // Not taken for garbled or missing: whoever reads it is told.
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        // Let go while the FIFO is still at its path: its drop opens it to release the
+        // writer, which would wait forever on a FIFO no longer there to be opened.
+        drop(fifo);
         // A directory is no file either.
         fs::remove_file(version.join(CA_CERT)).unwrap();
         fs::create_dir(version.join(CA_CERT)).unwrap();
