@@ -35,3 +35,7 @@ pub mod signals;
 pub mod signer;
 pub mod tlsutil;
 pub mod yaml;
+
+// Property tests of the pure decisions, across modules (see the README's Tests section).
+#[cfg(test)]
+mod proptests;

@@ -722,9 +722,13 @@ fn step_toward(wanted: &str, installed: Option<&str>) -> String {
     let drops = installed_fps.iter().any(|fp| !wanted_fps.contains(fp));
     let mut step = wanted.to_string();
     if adds && drops {
+        // An adopted root-cert.pem may list a root twice: kept once.
+        let mut listed = wanted_fps;
         for cert in installed_roots {
-            if !wanted_fps.contains(&fingerprint(&cert)) {
+            let fp = fingerprint(&cert);
+            if !listed.contains(&fp) {
                 step.push_str(&certificate_pem(&cert));
+                listed.push(fp);
             }
         }
     }
@@ -1373,6 +1377,31 @@ mod tests {
                 ("CN=test root,O=acme".to_string(), "not valid now"),
                 ("CN=test root,O=acme".to_string(), RETIRED),
             ]
+        );
+    }
+
+    /// The review's counterexample: installed [R, R] (an adopted root-cert.pem), R retired,
+    /// the signer's root A new: the step keeps R for one more write, but once, not twice.
+    #[test]
+    fn a_root_listed_twice_is_kept_once_on_the_way_out() {
+        let f = fixture();
+        let (_key, r) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
+        let installed = format!("{}{}", r.pem, r.pem);
+        let retired = [r.fingerprint_sha256.clone()];
+        let none = AnnouncedRoots::default();
+        let written = root_cert_to_write(&f.root.pem, &none, Some(&installed), &retired, f.issued);
+        assert_eq!(
+            root_fingerprints(&written),
+            [
+                f.root.fingerprint_sha256.clone(),
+                r.fingerprint_sha256.clone()
+            ]
+        );
+        // The next write drops it.
+        let next = root_cert_to_write(&f.root.pem, &none, Some(&written), &retired, f.issued);
+        assert_eq!(
+            root_fingerprints(&next),
+            [f.root.fingerprint_sha256.as_str()]
         );
     }
 

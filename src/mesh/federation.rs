@@ -156,12 +156,16 @@ pub enum FederationError {
         problem: String,
     },
     #[error(
-        "cluster {cluster} has clusterDomain {cluster_domain}, which host suffix {host_suffix} covers: the federation Gateway and DestinationRule (*.{host_suffix}) would take every cluster-local Service; choose a suffix outside the cluster domains"
+        "cluster {cluster} has clusterDomain {cluster_domain}; host suffix {host_suffix} {why}: the federation Gateway and DestinationRule (*.{host_suffix}) would take {taken}; choose a suffix that is neither the cluster domain, a parent of it, nor under svc.{cluster_domain} (the default, mesh.internal, is fine)"
     )]
-    HostSuffixCoversClusterDomain {
+    HostSuffixTakesClusterLocalNames {
         cluster: String,
         cluster_domain: String,
         host_suffix: String,
+        /// How the suffix sits relative to the cluster domain.
+        why: String,
+        /// Which cluster-local names `*.<suffix>` matches.
+        taken: String,
     },
     #[error(transparent)]
     Inventory(#[from] InventoryError),
@@ -401,8 +405,8 @@ pub struct FederationPlan<'a> {
 /// Computes the federation of `config` over `inventory`.
 ///
 /// Errors: an invalid inventory, a member mesh without a cluster, a cluster whose mesh is
-/// not a member, a cluster domain under the host suffix, an exporting cluster without
-/// gateway addresses.
+/// not a member, a host suffix whose wildcard would match a member's cluster-local names
+/// (see [`cluster_local_overlap`]), an exporting cluster without gateway addresses.
 pub fn translate<'a>(
     config: &'a FederationConfig,
     inventory: &'a Inventory,
@@ -428,15 +432,13 @@ pub fn translate<'a>(
     for cluster in &inventory.clusters {
         let domain = &cluster.cluster_domain;
         let suffix = &config.host_suffix;
-        if domain == suffix
-            || domain
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|rest| rest.ends_with('.'))
-        {
-            return Err(FederationError::HostSuffixCoversClusterDomain {
+        if let Some((why, taken)) = cluster_local_overlap(suffix, domain) {
+            return Err(FederationError::HostSuffixTakesClusterLocalNames {
                 cluster: cluster.name.clone(),
                 cluster_domain: domain.clone(),
                 host_suffix: suffix.clone(),
+                why,
+                taken,
             });
         }
     }
@@ -511,6 +513,56 @@ pub fn translate<'a>(
         clusters,
         moved_addresses,
     })
+}
+
+/// `name` is `parent` or under it, label by label (`xcluster.local` is not under
+/// `cluster.local`).
+fn is_at_or_under(name: &str, parent: &str) -> bool {
+    name == parent
+        || name
+            .strip_suffix(parent)
+            .is_some_and(|rest| rest.ends_with('.'))
+}
+
+/// Whether `*.<suffix>` (the federation Gateway's and DestinationRule's host) would match
+/// names a cluster with clusterDomain `domain` gives its own Services: how the suffix sits
+/// and what it would take, or None.
+///
+/// Istio's `*.S` matches every name ending in `.S`. Cluster-local names are
+/// `<service>.<namespace>.svc.<domain>` and, for a headless Service's pods,
+/// `<pod>.<service>.<namespace>.svc.<domain>`. So S must not be the domain or a parent of
+/// it, nor `svc.<domain>` or anything under it: deeper suffixes match no name Kubernetes
+/// defines today, but the federated hosts would then sit in the zone the cluster's DNS
+/// answers for (with NXDOMAIN when Istio's DNS proxy is bypassed). A sibling such as
+/// `global.<domain>` matches no cluster-local name and stays allowed.
+fn cluster_local_overlap(suffix: &str, domain: &str) -> Option<(String, String)> {
+    if is_at_or_under(domain, suffix) {
+        return Some((
+            "is that domain or a parent of it".to_string(),
+            format!("every cluster-local Service (<service>.<namespace>.svc.{domain})"),
+        ));
+    }
+    let services = format!("svc.{domain}");
+    if !is_at_or_under(suffix, &services) {
+        return None;
+    }
+    // The labels in front of `svc.<domain>`, nearest first: namespace, service, ...
+    let above = suffix[..suffix.len() - services.len()].trim_end_matches('.');
+    let mut labels = above.rsplit('.').filter(|l| !l.is_empty());
+    let taken = match (labels.next(), labels.next(), labels.next()) {
+        (None, ..) => format!("every cluster-local Service (<service>.<namespace>.{suffix})"),
+        (Some(namespace), None, _) => {
+            format!("every Service of namespace {namespace} (<service>.{suffix})")
+        }
+        (Some(namespace), Some(service), None) => format!(
+            "the pods of headless Service {service} in namespace {namespace} (<pod>.{suffix})"
+        ),
+        (Some(_), Some(_), Some(_)) => {
+            format!("names in the zone svc.{domain}, which the cluster's DNS answers for Services")
+        }
+    };
+    let why = format!("is {services}, where its Services are named, or under it");
+    Some((why, taken))
 }
 
 fn federated_host(service: &ServiceInventory, cluster: &str, suffix: &str) -> String {
@@ -1054,27 +1106,79 @@ clusters:
                 "{suffix}: {needle:?} not in {err:?}"
             );
         }
-        // `*.local` would take every cluster.local Service into the Gateway and the rule.
-        for suffix in ["local", "cluster.local"] {
+    }
+
+    /// `*.<suffix>` (Gateway AUTO_PASSTHROUGH hosts, an ISTIO_MUTUAL DestinationRule
+    /// exported everywhere) must match no cluster-local name `<svc>.<ns>.svc.<domain>`.
+    #[test]
+    fn a_host_suffix_whose_wildcard_takes_cluster_local_names_is_refused() {
+        let inv = inventory(
+            "clusters:\n- name: a\n  mesh: ns/a\n  trustDomain: a.local\n  gatewayAddresses: [192.0.2.1]\n  services:\n  - {name: s, namespace: n, ports: [{number: 80}]}\n- name: b\n  mesh: ns/b\n  trustDomain: b.local\n",
+        );
+        let translated = |suffix: &str| {
             let c = config(
                 &format!("  federation: {{hostSuffix: {suffix}}}\n"),
                 &["a", "b"],
             )
             .unwrap();
-            let err = translate(&c, &inv).unwrap_err().to_string();
+            translate(&c, &inv).map(|_| ()).map_err(|e| e.to_string())
+        };
+        for (suffix, why, taken) in [
+            (
+                "local",
+                "is that domain or a parent of it",
+                "every cluster-local Service (<service>.<namespace>.svc.cluster.local)",
+            ),
+            (
+                "cluster.local",
+                "is that domain or a parent of it",
+                "every cluster-local Service (<service>.<namespace>.svc.cluster.local)",
+            ),
+            // The review's counterexamples: under the domain, yet `*.svc.cluster.local`
+            // is every Service and `*.default.svc.cluster.local` every one of `default`.
+            (
+                "svc.cluster.local",
+                "is svc.cluster.local, where its Services are named, or under it",
+                "every cluster-local Service (<service>.<namespace>.svc.cluster.local)",
+            ),
+            (
+                "default.svc.cluster.local",
+                "is svc.cluster.local, where its Services are named, or under it",
+                "every Service of namespace default (<service>.default.svc.cluster.local)",
+            ),
+            (
+                "db.default.svc.cluster.local",
+                "is svc.cluster.local, where its Services are named, or under it",
+                "the pods of headless Service db in namespace default (<pod>.db.default.svc.cluster.local)",
+            ),
+            (
+                "x.db.default.svc.cluster.local",
+                "is svc.cluster.local, where its Services are named, or under it",
+                "names in the zone svc.cluster.local, which the cluster's DNS answers for Services",
+            ),
+        ] {
+            let Err(err) = translated(suffix) else {
+                panic!("host suffix {suffix} accepted")
+            };
             assert!(
-                err.contains(&format!(
-                    "cluster a has clusterDomain cluster.local, which host suffix {suffix} covers"
+                err.starts_with(&format!(
+                    "cluster a has clusterDomain cluster.local; host suffix {suffix} {why}: the federation Gateway and DestinationRule (*.{suffix}) would take {taken}; "
                 )),
-                "{err}"
+                "{suffix}: {err}"
             );
         }
-        let c = config(
-            "  federation: {hostSuffix: global.cluster.local}\n",
-            &["a", "b"],
-        )
-        .unwrap();
-        assert!(translate(&c, &inv).is_ok());
+        // Beside the Service zone, or merely sharing letters with it: no cluster-local
+        // name ends in `.<suffix>`.
+        for suffix in [
+            "global.cluster.local",
+            "pod.cluster.local",
+            "xsvc.cluster.local",
+            "svc.xcluster.local",
+            "svc.cluster.local.example",
+            "mesh.internal",
+        ] {
+            assert_eq!(translated(suffix), Ok(()), "{suffix}");
+        }
     }
 
     #[test]

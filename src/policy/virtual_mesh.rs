@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{RSA_MAX_BITS, accepted_key_types, effective_min_rsa_bits};
+use crate::mesh::names::is_dns1123_label;
 use crate::pki::keys::KeyType;
 
 /// `<namespace>/<name>`: how virtual meshes and meshes are named everywhere in meshca.
@@ -35,18 +36,64 @@ impl fmt::Display for ObjectRef {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0:?} is not of the form <namespace>/<name> (lowercase letters, digits, '-' and '.')")]
-pub struct ObjectRefError(pub String);
+pub enum ObjectRefError {
+    #[error("{0:?} is not of the form <namespace>/<name>")]
+    Form(String),
+    #[error(
+        "{value:?}: namespace {namespace:?} is not a DNS label (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63, no '.'), as Kubernetes requires of namespaces"
+    )]
+    Namespace { value: String, namespace: String },
+    #[error(
+        "{value:?}: name {name:?} is not a DNS subdomain (dot-separated parts of lowercase letters, digits and '-', each starting and ending with a letter or digit, at most 253 in all), as Kubernetes requires of object names"
+    )]
+    Name { value: String, name: String },
+}
 
 impl FromStr for ObjectRef {
     type Err = ObjectRefError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (namespace, name) = s.split_once('/').ok_or_else(|| ObjectRefError(s.into()))?;
-        if !is_dns_name(namespace) || !is_dns_name(name) {
-            return Err(ObjectRefError(s.into()));
+        let (namespace, name) = s
+            .split_once('/')
+            .ok_or_else(|| ObjectRefError::Form(s.into()))?;
+        if name.contains('/') {
+            return Err(ObjectRefError::Form(s.into()));
+        }
+        // What the API server accepts: objects meshca derives from these names
+        // (`<name>-federation`, labels) must be accepted too.
+        if !is_dns1123_label(namespace) {
+            return Err(ObjectRefError::Namespace {
+                value: s.into(),
+                namespace: namespace.into(),
+            });
+        }
+        if !is_object_name(name) {
+            return Err(ObjectRefError::Name {
+                value: s.into(),
+                name: name.into(),
+            });
         }
         Ok(ObjectRef::new(namespace, name))
     }
+}
+
+/// A Kubernetes object name (its DNS-1123 subdomain check): dot-separated parts, each
+/// like a DNS label but, as the API server has it, without the label's 63-character limit
+/// (a 64-character name is a valid object; meshca refuses it later where it becomes a
+/// label value, naming why).
+fn is_object_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|part| {
+            part.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && part
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphanumeric())
+                && part
+                    .bytes()
+                    .last()
+                    .is_some_and(|b| b.is_ascii_alphanumeric())
+        })
 }
 
 impl Serialize for ObjectRef {
@@ -60,16 +107,6 @@ impl<'de> Deserialize<'de> for ObjectRef {
         let s = String::deserialize(deserializer)?;
         s.parse().map_err(serde::de::Error::custom)
     }
-}
-
-/// Kubernetes object names: DNS subdomain characters, at most 253 long.
-fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
 /// A VirtualMesh document as written in YAML (only the fields meshca reads).
@@ -502,9 +539,69 @@ mod tests {
 
     #[test]
     fn object_refs_parse_strictly() {
-        assert!("a/b".parse::<ObjectRef>().is_ok());
+        for good in ["a/b", "smh/cluster-a", "ns/a.b", "0/0-a.b-0", "a/1.2.3"] {
+            assert!(good.parse::<ObjectRef>().is_ok(), "{good} refused");
+        }
+        let long_label = "a".repeat(63);
+        assert!(
+            format!("{long_label}/{long_label}")
+                .parse::<ObjectRef>()
+                .is_ok()
+        );
         for bad in ["a", "/b", "a/", "A/b", "a/b/c", "a/-b", "a/b c"] {
             assert!(bad.parse::<ObjectRef>().is_err(), "{bad} accepted");
         }
+        // The review's counterexamples: labels that are empty or start or end with '-'
+        // passed, and `federation render` wrote objects named `a..b-federation`, which
+        // the API server refuses; and a namespace is one label.
+        for (bad, message) in [
+            (
+                "ns/a..b",
+                "\"ns/a..b\": name \"a..b\" is not a DNS subdomain",
+            ),
+            (
+                "ns/0-.a",
+                "\"ns/0-.a\": name \"0-.a\" is not a DNS subdomain",
+            ),
+            (
+                "ns/a.-0",
+                "\"ns/a.-0\": name \"a.-0\" is not a DNS subdomain",
+            ),
+            ("ns/a.", "\"ns/a.\": name \"a.\" is not a DNS subdomain"),
+            ("a.b/vm", "\"a.b/vm\": namespace \"a.b\" is not a DNS label"),
+            ("a-/vm", "\"a-/vm\": namespace \"a-\" is not a DNS label"),
+            ("a/b/c", "\"a/b/c\" is not of the form <namespace>/<name>"),
+        ] {
+            let err = bad.parse::<ObjectRef>().unwrap_err().to_string();
+            assert!(err.starts_with(message), "{bad}: {err}");
+        }
+        let err = format!("{}a/b", long_label)
+            .parse::<ObjectRef>()
+            .unwrap_err();
+        assert!(matches!(err, ObjectRefError::Namespace { .. }), "{err}");
+        assert!(
+            format!("a/{}", "b".repeat(253))
+                .parse::<ObjectRef>()
+                .is_ok()
+        );
+        let err = format!("a/{}", ["b"; 128].join("."))
+            .parse::<ObjectRef>()
+            .unwrap_err();
+        assert!(matches!(err, ObjectRefError::Name { .. }), "{err}");
+        // In a VirtualMesh: the field and the value.
+        let yaml = "kind: VirtualMesh\nmetadata: {name: a..b, namespace: ns}\nspec:\n  certificateAuthority:\n    builtin: {ttlDays: 10, rsaKeySizeBytes: 2048, orgName: o}\n  meshes:\n  - {name: m, namespace: ns}\n";
+        let err = load(yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("metadata: \"ns/a..b\": name \"a..b\" is not a DNS subdomain"),
+            "{err}"
+        );
+        let yaml = yaml
+            .replace("name: a..b", "name: vm")
+            .replace("{name: m, namespace: ns}", "{name: m, namespace: a.b}");
+        let err = load(&yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.meshes: \"a.b/m\": namespace \"a.b\" is not a DNS label"),
+            "{err}"
+        );
     }
 }

@@ -276,7 +276,7 @@ fn rate_limit(state: &SignerState, rules: &Rules, identity: Option<&str>) -> Res
 
 /// `Retry-After` for a wait: whole seconds rounded up (a client that waits what it is told
 /// finds a token), at least 1.
-fn retry_after_secs(wait: std::time::Duration) -> u64 {
+pub(crate) fn retry_after_secs(wait: std::time::Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 

@@ -18,9 +18,17 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// Tokens are counted in units of 1/[`UNITS_PER_TOKEN`]: at `per_minute` tokens a minute a
+/// bucket gains exactly `per_minute` units a nanosecond, so refill and the wait until the
+/// next token are integer arithmetic. With floats, (1 - tokens) / rate and the refill over
+/// that wait could round apart, and a client that waited exactly its Retry-After was
+/// refused again (with a wait of 0, so another Retry-After of 1 s).
+const UNITS_PER_TOKEN: u128 = 60 * 1_000_000_000;
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
-    tokens: f64,
+    /// In units of 1/[`UNITS_PER_TOKEN`] token.
+    units: u128,
     updated: Instant,
 }
 
@@ -32,8 +40,9 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// Takes one token for `client` at `now` under `limit`; on refusal, how long until one
-    /// is available. A bucket keeps its tokens when the limit changes: they refill at the
-    /// new rate up to the new burst (a lower burst caps them at once).
+    /// is available (waiting that long, or longer, finds it). A bucket keeps its tokens
+    /// when the limit changes: they refill at the new rate up to the new burst (a lower
+    /// burst caps them at once).
     pub fn check(&self, client: &str, limit: RateLimit, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // A known client (every request but a client's first) is looked up without
@@ -42,7 +51,7 @@ impl RateLimiter {
             return bucket.take(limit, now);
         }
         if buckets.len() >= MAX_CLIENTS {
-            buckets.retain(|_, b| b.refilled(limit, now) < limit.burst());
+            buckets.retain(|_, b| b.refilled(limit, now) < limit.burst_units());
         }
         let mut bucket = Bucket::full(limit, now);
         let taken = bucket.take(limit, now);
@@ -52,42 +61,45 @@ impl RateLimiter {
 }
 
 impl RateLimit {
-    fn burst(self) -> f64 {
-        f64::from(self.burst.max(1))
-    }
-
-    fn per_second(self) -> f64 {
-        f64::from(self.per_minute) / 60.0
+    /// The burst (at least one token), in units.
+    fn burst_units(self) -> u128 {
+        u128::from(self.burst.max(1)) * UNITS_PER_TOKEN
     }
 }
 
 impl Bucket {
     fn full(limit: RateLimit, now: Instant) -> Self {
         Bucket {
-            tokens: limit.burst(),
+            units: limit.burst_units(),
             updated: now,
         }
     }
 
-    /// Its tokens at `now`, refilled under `limit` (uncapped).
-    fn refilled(&self, limit: RateLimit, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens + limit.per_second() * elapsed
+    /// Its units at `now`, refilled under `limit` (uncapped).
+    fn refilled(&self, limit: RateLimit, now: Instant) -> u128 {
+        let elapsed_nanos = now.saturating_duration_since(self.updated).as_nanos();
+        self.units
+            .saturating_add(u128::from(limit.per_minute).saturating_mul(elapsed_nanos))
     }
 
     /// Refills under `limit` up to its burst, then takes one token if there is one; else
     /// how long until there is.
     fn take(&mut self, limit: RateLimit, now: Instant) -> Result<(), Duration> {
-        let rate = limit.per_second();
-        self.tokens = self.refilled(limit, now).min(limit.burst());
+        self.units = self.refilled(limit, now).min(limit.burst_units());
         self.updated = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.units >= UNITS_PER_TOKEN {
+            self.units -= UNITS_PER_TOKEN;
             Ok(())
-        } else if rate <= 0.0 {
+        } else if limit.per_minute == 0 {
             Err(Duration::from_secs(60))
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+            // Rounded up: after this many nanoseconds the refill reaches a whole token.
+            let missing = UNITS_PER_TOKEN - self.units;
+            let nanos = missing.div_ceil(u128::from(limit.per_minute));
+            // At most UNITS_PER_TOKEN nanoseconds (a minute): fits.
+            Err(Duration::from_nanos(
+                u64::try_from(nanos).unwrap_or(u64::MAX),
+            ))
         }
     }
 }
@@ -271,6 +283,44 @@ mod tests {
             check("a", t2).unwrap();
         }
         assert!(check("a", t2).is_err());
+    }
+
+    /// The review's counterexample: with float tokens the refusal at 61 s said 59 s, and at
+    /// 120 s (61 + 59) the refill came out a hair short of a token, so the client was
+    /// refused again.
+    #[test]
+    fn a_client_that_waits_what_it_is_told_gets_a_token() {
+        let limit = RateLimit {
+            per_minute: 1,
+            burst: 2,
+        };
+        let limiter = RateLimiter::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        limiter.check("a", limit, at(0)).unwrap();
+        limiter.check("a", limit, at(0)).unwrap();
+        limiter.check("a", limit, at(61)).unwrap();
+        let wait = limiter.check("a", limit, at(61)).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(59));
+        assert_eq!(limiter.check("a", limit, at(61) + wait), Ok(()));
+
+        // Rates that do not divide a minute: the wait is rounded up to the nanosecond, and
+        // a nanosecond less is too early.
+        for per_minute in [7, 13, 59, 61, 1_000_003] {
+            let limit = RateLimit {
+                per_minute,
+                burst: 1,
+            };
+            let limiter = RateLimiter::default();
+            let mut now = t0;
+            for _ in 0..50 {
+                limiter.check("a", limit, now).unwrap();
+                let wait = limiter.check("a", limit, now).unwrap_err();
+                let early = now + wait - Duration::from_nanos(1);
+                assert!(limiter.check("a", limit, early).is_err(), "{per_minute}");
+                now += wait;
+            }
+        }
     }
 
     #[test]
