@@ -52,9 +52,9 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 pub struct AuditRecord {
     pub time: String,
     /// `decision` for a signing decision; `start` for a start of the signer, with the
-    /// rules it starts under; `reload` for a change of the policies, client grants or
-    /// limits (SIGHUP); `recovery` for a repair of the log itself; `rotation` first in a
-    /// file that continues one moved away.
+    /// rules it starts under; `stop` for a clean stop, after its last decision; `reload`
+    /// for a change of the policies, client grants or limits (SIGHUP); `recovery` for a
+    /// repair of the log itself; `rotation` first in a file that continues one moved away.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,

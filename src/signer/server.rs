@@ -503,6 +503,7 @@ impl RunningSigner {
             decisions.wait().await;
         }
         api::audit_counted_refusals(&self.state).await;
+        record_stop(&self.state).await;
         HeadAnchor::default().log_if_moved(&self.state.audit);
         // Idle token threads end at once, whether hurried or not: polled first.
         tokio::select! {
@@ -686,6 +687,37 @@ fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
             rules.summary()
         )),
         rules_sha256: Some(rules_sha256.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Writes the audit log's `stop` record, after every decision's line: the log then shows
+/// a clean stop (a `start` with no `stop` before it follows a crash or a kill), and a log
+/// moved away (rotated) since the last line is continued into a new file at its path now,
+/// so the next start continues the chain. One that cannot be written is logged; the exit
+/// goes on.
+async fn record_stop(state: &SignerState) {
+    let record = stop_record(&state.rules());
+    if let Err(e) = state.audit.append(record, state.audit.expect_line()).await {
+        tracing::error!(
+            error = %e,
+            "the audit log cannot record the stop: it will read as if the signer had crashed (every decision before it is on record)"
+        );
+    }
+}
+
+/// The audit log's `stop` record: the signer stops cleanly, every decision it made is on
+/// record before this line.
+fn stop_record(rules: &Rules) -> AuditRecord {
+    AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "stop".into(),
+        message: Some(format!(
+            "meshca {} on host {} stopped: every decision it made is recorded before this line; nothing is signed until its next start",
+            env!("CARGO_PKG_VERSION"),
+            host_name(),
+        )),
+        rules_sha256: Some(rules.digest().to_string()),
         ..Default::default()
     }
 }
