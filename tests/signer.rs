@@ -322,6 +322,58 @@ async fn clients_get_only_their_own_mesh() {
     assert_eq!(audit[0]["client"], identity("cluster-b"));
 }
 
+/// Two certificates naming one identity (a replacement beside the certificate it
+/// replaces): each decision's line names the certificate that made the request, by its
+/// SHA-256 and its serial, as openssl prints them.
+#[tokio::test]
+async fn each_decision_names_the_client_certificate_that_made_it() {
+    let env = Env::new();
+    env.transport_pki("client", &["cluster-a-again", &identity("cluster-a")]);
+    let signer = env.start_signer();
+    for name in ["cluster-a", "cluster-a-again"] {
+        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+        let (status, body) =
+            post_sign(&env.client(name), &signer, &sign_body(VM, MESH_A, &csr)).await;
+        assert_eq!(status, 200, "{body}");
+        // A refusal names it too.
+        let (status, _) = post_sign(
+            &env.client(name),
+            &signer,
+            &sign_body(VM, "test/cluster-b", &csr),
+        )
+        .await;
+        assert_eq!(status, 403);
+    }
+    let audit = signer.audit_lines();
+    assert_eq!(audit.len(), 4, "{audit:?}");
+    let pki = env.path("pki");
+    let serial_of = |name: &str| {
+        let out = openssl(
+            &pki,
+            &["x509", "-in", &format!("{name}.pem"), "-noout", "-serial"],
+        );
+        let (_, hex) = out.trim().split_once('=').unwrap();
+        hex.to_ascii_lowercase()
+    };
+    for (lines, name) in [
+        (&audit[0..2], "cluster-a"),
+        (&audit[2..4], "cluster-a-again"),
+    ] {
+        let sha256 = openssl_fingerprint(&pki, &pki.join(format!("{name}.pem")));
+        let serial = serial_of(name);
+        for line in lines {
+            assert_eq!(line["client"], identity("cluster-a"), "{line}");
+            assert_eq!(line["clientCertificateSha256"], sha256, "{line}");
+            // transport-pki.sh's serials begin with a 4: no leading zero byte to strip.
+            assert_eq!(line["clientCertificateSerial"], serial, "{line}");
+        }
+    }
+    assert_ne!(
+        audit[0]["clientCertificateSha256"],
+        audit[2]["clientCertificateSha256"]
+    );
+}
+
 #[tokio::test]
 async fn a_common_name_that_reads_as_another_clients_uri_is_no_identity() {
     let env = Env::new();

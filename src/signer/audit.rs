@@ -58,6 +58,16 @@ pub struct AuditRecord {
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// On a decision: SHA-256 (lowercase hex) of the client's TLS certificate (DER), which
+    /// tells apart certificates naming one identity (a replacement and the certificate it
+    /// replaced, a revoked one). Not on a line counting rate-limit refusals, which counts
+    /// the identity's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_sha256: Option<String>,
+    /// On a decision: that certificate's serial number, lowercase hex (its DER bytes, as
+    /// `serial` is written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_serial: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_mesh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,7 +33,7 @@ use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
     ClientCaError, CrlNextUpdate, CrlOverdue, MaterialFingerprint, MeshRoot, SupersededCrl,
-    TlsError, Validity, check_client_ca_apart_from_mesh, client_identity, server_config,
+    TlsError, Validity, check_client_ca_apart_from_mesh, server_config,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -789,17 +789,17 @@ async fn serve_tls(
                     return handshake_refused(&state, peer, "timeout", error, None);
                 }
             };
-            let identity = tls
+            // The identity, and which certificate it came with: the audit log names both.
+            let client = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .and_then(|cert| client_identity(cert));
+                .map(|cert| ClientIdentity::of_certificate(cert))
+                .unwrap_or_default();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request
-                        .extensions_mut()
-                        .insert(ClientIdentity(identity.clone()));
+                    request.extensions_mut().insert(client.clone());
                     app.clone().oneshot(request)
                 });
             let connection = hyper::server::conn::http1::Builder::new()
