@@ -12,6 +12,7 @@ use common::*;
 use meshca::agent::rotation::root_fingerprints;
 use meshca::pki::keys::KeyType;
 use serde_json::{Value, json};
+use sha2::Digest;
 
 const VM: &str = "test/vm";
 const MESH_A: &str = "test/cluster-a";
@@ -912,6 +913,22 @@ async fn each_start_records_the_rules_it_starts_under() {
         }
     }
     assert_eq!(digest(0).len(), 64);
+    // A start and a reload carry the rules in full, which hash to their digest: the
+    // rules behind a decision can be read from the log alone, each grant by name.
+    for n in [0, 3, 5] {
+        let rules = lines[n]["rules"].as_str().unwrap();
+        let hashed = meshca::pki::csr::hex(&sha2::Sha256::digest(rules.as_bytes()));
+        assert_eq!(hashed, digest(n), "{rules}");
+        for (client, mesh) in [("cluster-a", MESH_A), ("cluster-b", "test/cluster-b")] {
+            let grant = format!("grant \"{}\" {VM} {mesh}\n", identity(client));
+            assert!(rules.contains(&grant), "{grant} missing from {rules}");
+        }
+    }
+    let ttl = |n: usize| {
+        let rules = lines[n]["rules"].as_str().unwrap();
+        rules.contains("max_ttl_seconds=864000 ")
+    };
+    assert_eq!([ttl(0), ttl(3), ttl(5)], [false, true, false]);
     assert_ne!(digest(0), digest(3));
     assert_eq!(digest(5), digest(0), "the same rules, another digest");
     // Monitoring sees the rules in force, so that replicas meant to be alike can be

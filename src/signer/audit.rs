@@ -104,6 +104,10 @@ pub struct AuditRecord {
     /// under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_sha256: Option<String>,
+    /// On `start` and `reload`: the rules in force from this line on, written out in full
+    /// ([`super::reload::Rules::text`]), whose SHA-256 is `rules_sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<String>,
     /// SHA-256 of the previous line (without its newline), hex.
     #[serde(default)]
     pub prev: String,

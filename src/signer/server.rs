@@ -383,6 +383,7 @@ impl RunningSigner {
                 rule: Some("rules_changed".into()),
                 message: Some(change.to_string()),
                 rules_sha256: Some(rules.digest().to_string()),
+                rules: Some(rules.text().to_string()),
                 ..Default::default()
             };
             let announced = self.state.audit.expect_line();
@@ -670,8 +671,8 @@ pub async fn start(
 }
 
 /// The audit log's `start` record: the rules every decision after it is made under, until
-/// the next `reload` or `start`. It states them as a reload states its changes, with their
-/// digest.
+/// the next `reload` or `start`. It states them as a reload states its changes, and in
+/// full with their digest.
 /// It names the host and the root too: two replicas' logs, or the logs before and after a
 /// root change, tell apart by their content, not only by where the file came from.
 fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
@@ -687,6 +688,7 @@ fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
             rules.summary()
         )),
         rules_sha256: Some(rules_sha256.to_string()),
+        rules: Some(rules.text().to_string()),
         ..Default::default()
     }
 }
