@@ -147,6 +147,7 @@ pub struct AuditLog {
     writable: Gauge,
     announced: Arc<Announced>,
     commits: Counter,
+    truncations: Counter,
     head: Arc<Mutex<String>>,
     path: PathBuf,
 }
@@ -251,11 +252,14 @@ impl AuditLog {
             writer: OnceLock::new(),
         });
         let commits = Counter::default();
+        let truncations = Counter::default();
         let head = Arc::new(Mutex::new(last_hash.clone()));
-        let identity = FileIdentity::of(&file.metadata().map_err(io)?);
+        let metadata = file.metadata().map_err(io)?;
+        let identity = FileIdentity::of(&metadata);
         let writer = Writer {
             file,
             identity,
+            end: metadata.len(),
             rotation_to_record: false,
             start_to_record: None,
             path: path.to_path_buf(),
@@ -264,6 +268,7 @@ impl AuditLog {
             stopped: false,
             announced: announced.clone(),
             commits: commits.clone(),
+            truncations: truncations.clone(),
             head: head.clone(),
             commit_delay,
         };
@@ -279,6 +284,7 @@ impl AuditLog {
                 writable,
                 announced,
                 commits,
+                truncations,
                 head,
                 path: path.to_path_buf(),
             },
@@ -351,6 +357,12 @@ impl AuditLog {
         &self.commits
     }
 
+    /// Counts the times a write found the file shorter than the writer had left it: its
+    /// end was cut by something else while the signer ran.
+    pub fn truncations(&self) -> &Counter {
+        &self.truncations
+    }
+
     /// The hash of the last line on disk (the chain's head; [`GENESIS`] for an empty log):
     /// what `meshca audit verify` prints as the last hash, once nothing is written after it.
     pub fn head(&self) -> String {
@@ -390,6 +402,9 @@ struct Writer {
     file: File,
     /// Which file `file` is, to notice the path being moved to another.
     identity: FileIdentity,
+    /// The length `file` had when the writer last wrote it (or opened it): a file found
+    /// shorter at the next write was cut by something else.
+    end: u64,
     /// `file` was created after a rotation and does not yet hold its `rotation` record.
     rotation_to_record: bool,
     /// The `start` record, until a write took it: it goes before the lines of each write
@@ -404,6 +419,7 @@ struct Writer {
     stopped: bool,
     announced: Arc<Announced>,
     commits: Counter,
+    truncations: Counter,
     /// Shared with [`AuditLog::head`]; follows `last_hash` after each commit.
     head: Arc<Mutex<String>>,
     commit_delay: Duration,
@@ -481,13 +497,18 @@ impl Writer {
         for pending in batch.iter_mut().filter(|pending| !pending.start) {
             hash = encode_line(std::mem::take(&mut pending.record), &hash, &mut buf);
         }
-        let before = self.file.metadata().map_err(io)?.len();
+        let metadata = self.file.metadata().map_err(io)?;
+        let before = metadata.len();
+        if metadata.is_file() && before < self.end {
+            self.truncated(before);
+        }
         let written = self
             .file
             .write_all(&buf)
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
+                self.end = before + buf.len() as u64;
                 *self
                     .head
                     .lock()
@@ -509,10 +530,27 @@ impl Writer {
                 {
                     self.stopped = true;
                 }
+                self.end = before;
                 tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing to issue");
                 Err(io(e))
             }
         }
+    }
+
+    /// The file is `length` bytes long, shorter than the writer left it: lines were cut
+    /// from its end in place (a truncate, an editor writing back fewer lines) by something
+    /// else while the signer ran. Said and counted; the chain goes on from the last line
+    /// the writer wrote, so `meshca audit verify` shows the break where the lines were.
+    fn truncated(&self, length: u64) {
+        self.truncations.inc();
+        tracing::error!(
+            path = %self.path.display(),
+            written_to = self.end,
+            length,
+            missing_bytes = self.end - length,
+            "audit log is shorter than the signer wrote it: its last {} bytes were cut by something else while the signer ran (lines removed in place); the chain goes on from the signer's last line, and `meshca audit verify` shows the break",
+            self.end - length
+        );
     }
 
     /// If the log's path no longer names the file being written (moved away by a
@@ -539,7 +577,9 @@ impl Writer {
         lock(&file, &self.path)?;
         restrict_access(&file, &self.path).map_err(io)?;
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path)).map_err(io)?;
-        self.identity = FileIdentity::of(&file.metadata().map_err(io)?);
+        let metadata = file.metadata().map_err(io)?;
+        self.identity = FileIdentity::of(&metadata);
+        self.end = metadata.len();
         self.file = file;
         self.rotation_to_record = true;
         tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
@@ -1195,6 +1235,8 @@ mod tests {
         log.append(record(4), log.expect_line()).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // A new, shorter file at the path is no file cut short.
+        assert_eq!(log.truncations().get(), 0);
         let text = std::fs::read_to_string(moved(2)).unwrap();
         let first: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(first.event, "rotation");
@@ -1260,6 +1302,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_file_cut_in_place_is_counted_once_and_the_chain_goes_on_from_the_writers_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        for n in 0..2 {
+            log.append(record(n), log.expect_line()).await.unwrap();
+        }
+        let head = log.head();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first = text.lines().next().unwrap().len() as u64 + 1;
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(first)
+            .unwrap();
+        log.append(record(2), log.expect_line()).await.unwrap();
+        assert_eq!(log.truncations().get(), 1);
+        log.append(record(3), log.expect_line()).await.unwrap();
+        assert_eq!(log.truncations().get(), 1);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let third: AuditRecord = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(third.prev, head);
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Broken { line: 2, .. }
+        ));
     }
 
     #[test]
