@@ -1023,7 +1023,24 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
     let out = run(env.meshca().args(["audit", "verify", "audit.log"]));
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("breaks at line 5"), "{stderr}");
+    // The changed line is the one before the line named: both are.
+    assert!(
+        stderr.contains("breaks at line 5: line 5 does not continue line 4: ")
+            && stderr.contains("line 4 was changed"),
+        "{stderr}"
+    );
+
+    // Compressed by logrotate: refused with what to do, not as a broken log.
+    std::fs::write(env.path("rotated"), &log).unwrap();
+    run_ok(Command::new("gzip").arg(env.path("rotated")));
+    let out = run(env.meshca().args(["audit", "verify", "rotated.gz"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("audit log rotated.gz: compressed with gzip")
+            && stderr.contains("decompress it first"),
+        "{stderr}"
+    );
 
     // Deleting a line (the first decision) is caught too.
     let mut lines: Vec<&str> = log.lines().collect();

@@ -768,36 +768,64 @@ pub enum VerifyOutcome {
 /// Checks every line's `prev` against the hash of the line before it. The first line's
 /// `prev` must be `after` (the last hash of the file this one follows) when given; else
 /// the chain's start, or the line is a `rotation` record continuing a file not given.
-/// Lines whose hash is one of `anchors` are named in the outcome.
+/// Lines whose hash is one of `anchors` are named in the outcome. A last line without its
+/// newline is torn, as the signer's start takes it (it moves such a line aside): it breaks
+/// the file, and is neither counted nor the last hash. A compressed file is an error that
+/// says to decompress it first.
 pub fn verify(
-    reader: impl std::io::BufRead,
+    mut reader: impl std::io::BufRead,
     after: Option<&str>,
     anchors: &[String],
 ) -> std::io::Result<VerifyOutcome> {
+    let read_error = |e: std::io::Error, number: usize| {
+        std::io::Error::new(e.kind(), format!("cannot read line {}: {e}", number + 1))
+    };
+    if let Some((format, decompress)) =
+        compression(reader.fill_buf().map_err(|e| read_error(e, 0))?)
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "compressed with {format} (as logrotate's `compress` leaves a rotated log), not an audit log as written: decompress it first (`{decompress} FILE > FILE-decompressed`, or give `<({decompress} FILE)` in its place)"
+            ),
+        ));
+    }
     let mut prev = after.unwrap_or(GENESIS).to_string();
     let mut continues_from = None;
     let mut anchored = Vec::new();
     let mut records = 0;
-    let mut lines = reader.split(b'\n').peekable();
     let mut number = 0;
-    // `split` cannot tell whether the last piece ended in a newline; track it by peeking.
-    while let Some(line) = lines.next() {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
         // The number says how far the file could be read: an I/O error names no place.
-        let line = line.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot read line {}: {e}", number + 1))
-        })?;
-        number += 1;
-        let is_last = lines.peek().is_none();
-        if line.is_empty() && is_last {
+        if reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| read_error(e, number))?
+            == 0
+        {
             break;
+        }
+        number += 1;
+        if line.pop_if(|last| *last == b'\n').is_none() {
+            return Ok(VerifyOutcome::Broken {
+                line: number,
+                problem: format!(
+                    "incomplete last line ({} bytes without a newline at its end): a write torn by a crash (or one still under way); the {} lines before it verify, and the signer's next start moves it aside and records that",
+                    line.len(),
+                    number - 1
+                ),
+            });
         }
         let record: AuditRecord = match serde_json::from_slice(&line) {
             Ok(r) => r,
             Err(e) => {
-                let problem = if is_last {
-                    format!("incomplete or unreadable last line (a torn write?): {e}")
+                let problem = if line.is_empty() {
+                    "an empty line, not an audit record".to_string()
+                } else if serde_json::from_slice::<serde_json::Value>(&line).is_ok() {
+                    format!("JSON, but not an audit record: {e}")
                 } else {
-                    format!("not a valid audit record: {e}")
+                    format!("not an audit record (not JSON): {e}")
                 };
                 return Ok(VerifyOutcome::Broken {
                     line: number,
@@ -820,8 +848,9 @@ pub fn verify(
                     record.prev
                 ),
                 _ => format!(
-                    "chain broken: prev is {}, but the line before hashes to {prev} (a line was changed, removed or inserted)",
-                    record.prev
+                    "line {number} does not continue line {before}: its prev is {}, but line {before} hashes to {prev}; line {before} was changed, lines were removed or inserted between them, or line {number}'s prev was changed",
+                    record.prev,
+                    before = number - 1,
                 ),
             };
             return Ok(VerifyOutcome::Broken {
@@ -841,6 +870,21 @@ pub fn verify(
         continues_from,
         anchored,
     })
+}
+
+/// The compression `start` (a file's first bytes) shows, and the command that undoes it.
+/// An audit line begins with `{`, which none of these magic numbers does.
+fn compression(start: &[u8]) -> Option<(&'static str, &'static str)> {
+    const FORMATS: [(&[u8], &str, &str); 4] = [
+        (&[0x1f, 0x8b], "gzip", "zcat"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd", "zstdcat"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0x00], "xz", "xzcat"),
+        (b"BZh", "bzip2", "bzcat"),
+    ];
+    FORMATS
+        .iter()
+        .find(|(magic, _, _)| start.starts_with(magic))
+        .map(|(_, format, decompress)| (*format, *decompress))
 }
 
 /// [`verify`] of the file at `path`, whose errors name it (a directory, a file that cannot
@@ -954,9 +998,16 @@ mod tests {
         let tampered = text.replacen("client-1", "client-X", 1);
         std::fs::write(&path, tampered).unwrap();
         match verify_file(&path) {
+            // Line 2 was changed: line 3 no longer continues it.
             VerifyOutcome::Broken { line, problem } => {
                 assert_eq!(line, 3, "{problem}");
-                assert!(problem.contains("chain broken"));
+                assert!(
+                    problem.starts_with("line 3 does not continue line 2: ")
+                        && problem.contains(
+                            "line 2 was changed, lines were removed or inserted between them"
+                        ),
+                    "{problem}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1332,6 +1383,91 @@ mod tests {
             verify_file(&path),
             VerifyOutcome::Broken { line: 2, .. }
         ));
+    }
+
+    /// verify takes a last line as the signer's start does: without its newline it is
+    /// torn, even if it parses, and is neither counted nor the last hash.
+    #[tokio::test]
+    async fn a_last_line_without_its_newline_is_torn_for_verify_as_for_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let (log, _) = AuditLog::open(&path).unwrap();
+            for n in 0..2 {
+                log.append(record(n), log.expect_line()).await.unwrap();
+            }
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.trim_end_matches('\n')).unwrap();
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line: 2, problem } => assert!(
+                problem.starts_with("incomplete last line (")
+                    && problem.contains("torn")
+                    && problem.contains("the 1 lines before it verify"),
+                "{problem}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(torn_tail_len(&path).unwrap() > 0);
+        // The start moves it aside as torn: the two agree.
+        let (log, report) = AuditLog::open(&path).unwrap();
+        assert!(report.torn_tail_saved_to.is_some());
+        drop(log);
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Intact { records: 2, .. }
+        ));
+    }
+
+    /// Lines that are not records say what they are: not a torn write unless the last
+    /// line lacks its newline.
+    #[test]
+    fn a_line_that_is_no_record_is_named_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        for (content, line, says) in [
+            (
+                "{\"event\":\"decision\"}\n",
+                1,
+                "JSON, but not an audit record: missing field `time`",
+            ),
+            ("{\"time\":\"2026-\n", 1, "not an audit record (not JSON): "),
+            ("\n", 1, "an empty line, not an audit record"),
+        ] {
+            std::fs::write(&path, content).unwrap();
+            match verify_file(&path) {
+                VerifyOutcome::Broken { line: at, problem } => {
+                    assert_eq!(at, line, "{problem}");
+                    assert!(problem.starts_with(says), "{content:?}: {problem}");
+                    assert!(!problem.contains("torn"), "{problem}");
+                }
+                other => panic!("{content:?}: {other:?}"),
+            }
+        }
+    }
+
+    /// A rotated file logrotate compressed is refused with what to do, not taken for a
+    /// broken log.
+    #[test]
+    fn a_compressed_file_is_named_so_with_the_command_that_decompresses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log.2.gz");
+        for (magic, says) in [
+            (&[0x1f, 0x8b, 0x08, 0x00][..], "compressed with gzip"),
+            (&[0x28, 0xb5, 0x2f, 0xfd][..], "compressed with zstd"),
+            (b"\xfd7zXZ\x00\x00", "compressed with xz"),
+            (b"BZh91AY", "compressed with bzip2"),
+        ] {
+            std::fs::write(&path, magic).unwrap();
+            let message = super::verify_file(&path, None, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.starts_with(&format!("audit log {}: {says}", path.display()))
+                    && message.contains("decompress it first"),
+                "{message}"
+            );
+        }
     }
 
     #[test]
