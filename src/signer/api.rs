@@ -331,6 +331,9 @@ pub async fn audit_counted_refusals(state: &SignerState) {
                 rfc3339(counted.last)
             )),
             count: Some(counted.count),
+            // The rules in force as the count is written (a reload within the counted
+            // minute has its line before this one).
+            rules_sha256: Some(state.rules().digest().to_string()),
             ..Default::default()
         };
         if let Err(e) = state.audit.append(record, state.audit.expect_line()).await {
