@@ -481,7 +481,7 @@ impl Writer {
         let mut hash = self.last_hash.clone();
         if self.rotation_to_record {
             let record = AuditRecord {
-                time: rfc3339(SystemTime::now()),
+                time: rotation_time(batch, self.start_to_record.as_ref()),
                 event: "rotation".into(),
                 message: Some(format!(
                     "the log at {} was moved away (rotated); this file continues the chain from the moved file's last line, whose hash is this line's prev",
@@ -584,6 +584,28 @@ impl Writer {
         self.rotation_to_record = true;
         tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
         Ok(())
+    }
+}
+
+/// The time of a `rotation` record written before `batch` (and the `start` record, if it
+/// goes too): now, or the earliest time of those lines if earlier, so that time does not
+/// go back after it. They were stamped when they were decided, before they reached the
+/// writer, which notices the rotation only as it writes them.
+fn rotation_time(batch: &[Pending], start: Option<&AuditRecord>) -> String {
+    let now = rfc3339(SystemTime::now());
+    let earliest = batch
+        .iter()
+        .map(|pending| &pending.record)
+        .chain(start)
+        .map(|record| record.time.as_str())
+        // Times [`rfc3339`] wrote, which compare as text (a `start` record taken out of
+        // the batch has none).
+        .filter(|time| time.len() == now.len() && time.starts_with(|c: char| c.is_ascii_digit()))
+        .min()
+        .map(str::to_string);
+    match earliest {
+        Some(earliest) if earliest < now => earliest,
+        _ => now,
     }
 }
 
@@ -1468,6 +1490,38 @@ mod tests {
                 "{message}"
             );
         }
+    }
+
+    /// The lines written with a `rotation` record were stamped before the writer noticed
+    /// the rotation: its time is theirs at the latest, so time does not go back after it.
+    #[tokio::test]
+    async fn a_rotation_record_is_stamped_no_later_than_the_lines_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        log.append(record(0), log.expect_line()).await.unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
+        let stamped = "2000-01-02T03:04:05.006Z";
+        let earlier = AuditRecord {
+            time: stamped.into(),
+            ..record(1)
+        };
+        log.append(earlier, log.expect_line()).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let times: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().time)
+            .collect();
+        assert_eq!(times, [stamped, stamped]);
+        // Rotated again, with lines stamped now: the rotation is stamped now too, not
+        // before its moment.
+        std::fs::rename(&path, dir.path().join("audit.log.2")).unwrap();
+        let before = rfc3339(SystemTime::now());
+        log.append(record(2), log.expect_line()).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rotation: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(rotation.event, "rotation");
+        assert!(rotation.time >= before, "{} < {before}", rotation.time);
     }
 
     #[test]
