@@ -40,8 +40,10 @@ async fn issues_for_every_csr_key_type_with_the_profile_openssl_expects() {
     let signer = env.start_signer();
     let client = env.client("cluster-a");
     let mut serials = Vec::new();
+    let mut public_keys = Vec::new();
     for key_type in KeyType::ALL {
         let (_key, csr) = csr(key_type, "acme", "cluster-a");
+        public_keys.push(csr_public_key_sha256(&env, &csr));
         let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
         assert_eq!(status, 200, "{key_type}: {body}");
         let text = openssl_verifies(&env, &body, key_type.name());
@@ -74,11 +76,29 @@ async fn issues_for_every_csr_key_type_with_the_profile_openssl_expects() {
     }
     let audit = signer.audit_lines();
     assert_eq!(audit.len(), KeyType::ALL.len());
-    for line in &audit {
+    for (line, public_key) in audit.iter().zip(&public_keys) {
         assert_eq!(line["decision"], "allow");
         assert_eq!(line["client"], identity("cluster-a"));
-        assert_eq!(line["csrPublicKeySha256"].as_str().unwrap().len(), 64);
+        assert_eq!(line["csrPublicKeySha256"], *public_key, "{line}");
     }
+}
+
+/// The SHA-256 of a CSR's DER SubjectPublicKeyInfo, by openssl: what the README says
+/// `csrPublicKeySha256` is.
+fn csr_public_key_sha256(env: &Env, csr: &str) -> String {
+    let dir = env.dir.path();
+    std::fs::write(dir.join("spki.csr"), csr).unwrap();
+    let pem = openssl(dir, &["req", "-in", "spki.csr", "-pubkey", "-noout"]);
+    std::fs::write(dir.join("spki.pem"), pem).unwrap();
+    openssl(
+        dir,
+        &[
+            "pkey", "-pubin", "-in", "spki.pem", "-outform", "DER", "-out", "spki.der",
+        ],
+    );
+    meshca::pki::csr::hex(&sha2::Sha256::digest(
+        std::fs::read(dir.join("spki.der")).unwrap(),
+    ))
 }
 
 #[tokio::test]
