@@ -944,6 +944,15 @@ async fn each_start_records_the_rules_it_starts_under() {
             assert!(rules.contains(&grant), "{grant} missing from {rules}");
         }
     }
+    // Each start says how the token proved its key: a signature of the root key that no
+    // decision line covers, which the HSM's log shows.
+    for n in [0, 3] {
+        let proof = lines[n]["rootKeyProof"].as_str().unwrap();
+        assert_eq!(
+            proof,
+            "the token's key pkcs11:token=meshca-test;object=root-ca signed a challenge of 32 random bytes (no certificate), which verified under the root certificate"
+        );
+    }
     let ttl = |n: usize| {
         let rules = lines[n]["rules"].as_str().unwrap();
         rules.contains("max_ttl_seconds=864000 ")

@@ -104,6 +104,10 @@ pub struct AuditRecord {
     /// under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_sha256: Option<String>,
+    /// On `start`: how the backend showed it holds the root's key (a token signs a random
+    /// challenge, a signature of the root key no decision covers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_key_proof: Option<String>,
     /// On `start` and `reload`: the rules in force from this line on, written out in full
     /// ([`super::reload::Rules::text`]), whose SHA-256 is `rules_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -602,7 +602,7 @@ pub async fn start(
     let rules_sha256 = rules.digest().to_string();
     metrics.rules_in_force(&rules);
     if let Err(e) = audit
-        .record_start(start_record(&rules, &rules_sha256))
+        .record_start(start_record(&rules, &rules_sha256, &config))
         .await
     {
         tracing::error!(
@@ -675,7 +675,7 @@ pub async fn start(
 /// full with their digest.
 /// It names the host and the root too: two replicas' logs, or the logs before and after a
 /// root change, tell apart by their content, not only by where the file came from.
-fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
+fn start_record(rules: &Rules, rules_sha256: &str, config: &SignerConfig) -> AuditRecord {
     AuditRecord {
         time: rfc3339(SystemTime::now()),
         event: "start".into(),
@@ -689,7 +689,24 @@ fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
         )),
         rules_sha256: Some(rules_sha256.to_string()),
         rules: Some(rules.text().to_string()),
+        root_key_proof: root_key_proof(config),
         ..Default::default()
+    }
+}
+
+/// How the backend that just started showed it holds the root's key, for the `start`
+/// record. The token's proof is a signature by the root key that no decision line covers:
+/// an HSM's own log shows it, and this says what it was.
+fn root_key_proof(config: &SignerConfig) -> Option<String> {
+    match config.backend().ok()? {
+        BackendSettings::Pkcs11(settings) => Some(format!(
+            "the token's key {} signed a challenge of 32 random bytes (no certificate), which verified under the root certificate",
+            settings.key
+        )),
+        BackendSettings::Vault(settings) => Some(format!(
+            "Vault issuer {} in mount {} holds the root certificate and a key, and may issue (nothing was signed)",
+            settings.issuer_ref, settings.mount
+        )),
     }
 }
 
