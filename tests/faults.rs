@@ -432,7 +432,7 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
         std::fs::metadata("/dev/full").unwrap().permissions().mode()
     };
     let mode_before = device_mode();
-    let signer = env.start_signer();
+    let mut signer = env.start_signer();
     let client = env.client("cluster-a");
     // Before any request: the start record was not written, and the metrics say so
     // (no decision failed yet, so no write error is counted).
@@ -469,6 +469,17 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
     // Only a regular file's mode is the signer's to restrict: the device keeps its own
     // (as root, the signer once made /dev/full 0644 for the whole machine).
     assert_eq!(device_mode(), mode_before);
+    // A stop record that cannot be written is logged, and the stop goes on.
+    assert!(
+        signer.terminate(),
+        "SIGTERM must exit 0:\n{}",
+        signer.logs()
+    );
+    let logs = signer.logs();
+    assert!(
+        logs.contains("the audit log cannot record the stop") && logs.contains("signer stopped"),
+        "{logs}"
+    );
 }
 
 #[tokio::test]
