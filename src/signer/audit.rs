@@ -50,6 +50,8 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
+    /// UTC, RFC 3339 with milliseconds ([`rfc3339`]): when the line was made (a decision's
+    /// once its outcome was known), before it reached the writer.
     pub time: String,
     /// `decision` for a signing decision; `start` for a start of the signer, with the
     /// rules it starts under; `stop` for a clean stop, after its last decision; `reload`
@@ -112,7 +114,8 @@ pub struct AuditRecord {
     /// ([`super::reload::Rules::text`]), whose SHA-256 is `rules_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<String>,
-    /// SHA-256 of the previous line (without its newline), hex.
+    /// SHA-256 of the previous line (without its newline), lowercase hex; [`GENESIS`] on
+    /// the first.
     #[serde(default)]
     pub prev: String,
 }
