@@ -309,7 +309,7 @@ wait "$signer_pid"
 signer_pid=""
 run "$meshca" audit verify audit.log
 echo "    decisions:"
-# Decision lines only (the start record states the rules; `audit verify` above counts it).
+# Decision lines only (the start and stop records, which `audit verify` above counts, are not).
 sed -nE 's/.*"client":"([^"]*)".*"mesh":"([^"]*)".*"decision":"([^"]*)","rule":"([^"]*)".*/      \3 \4  \1 -> \2/p' audit.log
 
 if [ "$backend" = vault ]; then

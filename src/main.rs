@@ -261,7 +261,7 @@ enum AuditCommand {
     /// Check the hash chain of an audit log and say where it breaks. Give the files of a
     /// rotated log oldest first: each must continue the one before it.
     Verify {
-        /// The log's files, oldest first (e.g. audit.log.1 audit.log).
+        /// The log's files, oldest first (e.g. audit.log.1 audit.log), decompressed.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// A line the log must still hold, by its hash: the `last_hash` of a signer's

@@ -432,7 +432,7 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
         std::fs::metadata("/dev/full").unwrap().permissions().mode()
     };
     let mode_before = device_mode();
-    let signer = env.start_signer();
+    let mut signer = env.start_signer();
     let client = env.client("cluster-a");
     // Before any request: the start record was not written, and the metrics say so
     // (no decision failed yet, so no write error is counted).
@@ -469,6 +469,17 @@ async fn an_audit_log_that_cannot_be_written_stops_issuance() {
     // Only a regular file's mode is the signer's to restrict: the device keeps its own
     // (as root, the signer once made /dev/full 0644 for the whole machine).
     assert_eq!(device_mode(), mode_before);
+    // A stop record that cannot be written is logged, and the stop goes on.
+    assert!(
+        signer.terminate(),
+        "SIGTERM must exit 0:\n{}",
+        signer.logs()
+    );
+    let logs = signer.logs();
+    assert!(
+        logs.contains("the audit log cannot record the stop") && logs.contains("signer stopped"),
+        "{logs}"
+    );
 }
 
 #[tokio::test]
@@ -658,6 +669,55 @@ async fn an_audit_log_that_cannot_be_made_again_after_a_rotation_makes_the_signe
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].to_string())
         .collect();
     assert_eq!(events, ["\"rotation\"", "\"recovery\"", "\"decision\""]);
+}
+
+/// The last line cut from the audit log in place while the signer runs: the next write
+/// finds the file shorter than the signer left it, says so in the log (the bytes missing)
+/// and in `meshca_audit_truncations_total`, and goes on; verify shows the break.
+#[tokio::test]
+async fn an_audit_log_cut_in_place_while_serving_is_noticed_at_the_next_write() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    let log = env.path("audit.log");
+    let content = std::fs::read_to_string(&log).unwrap();
+    let last = content.lines().last().unwrap().len() as u64 + 1;
+    // In place: the file the signer holds open, not a new one at the path.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(content.len() as u64 - last)
+        .unwrap();
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    let line = signer
+        .wait_for_log("audit log is shorter than the signer wrote it")
+        .await;
+    let logged: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(logged["level"], "ERROR", "{line}");
+    assert_eq!(logged["missing_bytes"], last, "{line}");
+    assert!(
+        logged["path"].as_str().unwrap().ends_with("audit.log"),
+        "{line}"
+    );
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metrics.contains("meshca_audit_truncations_total 1"),
+        "{metrics}"
+    );
+    // Still issuing, the count unchanged by writes that find the file as it was left.
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metrics.contains("meshca_audit_truncations_total 1"),
+        "{metrics}"
+    );
+    // The line written after the cut continues the line that was cut.
+    let out = run(env.meshca().args(["audit", "verify", "audit.log"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("breaks at line 2"), "{stderr}");
 }
 
 /// An environment whose rate limit never binds: the load tests are about faults only.

@@ -308,8 +308,14 @@ async fn a_client_hammering_its_rate_limit_costs_the_audit_log_a_few_lines_and_e
     assert_eq!(
         audit.last().unwrap(),
         last,
-        "the count is the log's last line"
+        "the count is the log's last line (but the stop record)"
     );
+    // Under the rules in force, as every decision's line.
+    let start = &signer.all_audit_lines()[0];
+    assert_eq!(start["event"], "start");
+    for line in &lines {
+        assert_eq!(line["rulesSha256"], start["rulesSha256"], "{line}");
+    }
     env.audit_verify_ok();
     // The log names the refusals that got their own line, not each one.
     let logged = signer

@@ -12,6 +12,7 @@ use common::*;
 use meshca::agent::rotation::root_fingerprints;
 use meshca::pki::keys::KeyType;
 use serde_json::{Value, json};
+use sha2::Digest;
 
 const VM: &str = "test/vm";
 const MESH_A: &str = "test/cluster-a";
@@ -39,8 +40,10 @@ async fn issues_for_every_csr_key_type_with_the_profile_openssl_expects() {
     let signer = env.start_signer();
     let client = env.client("cluster-a");
     let mut serials = Vec::new();
+    let mut public_keys = Vec::new();
     for key_type in KeyType::ALL {
         let (_key, csr) = csr(key_type, "acme", "cluster-a");
+        public_keys.push(csr_public_key_sha256(&env, &csr));
         let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
         assert_eq!(status, 200, "{key_type}: {body}");
         let text = openssl_verifies(&env, &body, key_type.name());
@@ -73,11 +76,29 @@ async fn issues_for_every_csr_key_type_with_the_profile_openssl_expects() {
     }
     let audit = signer.audit_lines();
     assert_eq!(audit.len(), KeyType::ALL.len());
-    for line in &audit {
+    for (line, public_key) in audit.iter().zip(&public_keys) {
         assert_eq!(line["decision"], "allow");
         assert_eq!(line["client"], identity("cluster-a"));
-        assert_eq!(line["csrPublicKeySha256"].as_str().unwrap().len(), 64);
+        assert_eq!(line["csrPublicKeySha256"], *public_key, "{line}");
     }
+}
+
+/// The SHA-256 of a CSR's DER SubjectPublicKeyInfo, by openssl: what the README says
+/// `csrPublicKeySha256` is.
+fn csr_public_key_sha256(env: &Env, csr: &str) -> String {
+    let dir = env.dir.path();
+    std::fs::write(dir.join("spki.csr"), csr).unwrap();
+    let pem = openssl(dir, &["req", "-in", "spki.csr", "-pubkey", "-noout"]);
+    std::fs::write(dir.join("spki.pem"), pem).unwrap();
+    openssl(
+        dir,
+        &[
+            "pkey", "-pubin", "-in", "spki.pem", "-outform", "DER", "-out", "spki.der",
+        ],
+    );
+    meshca::pki::csr::hex(&sha2::Sha256::digest(
+        std::fs::read(dir.join("spki.der")).unwrap(),
+    ))
 }
 
 #[tokio::test]
@@ -320,6 +341,58 @@ async fn clients_get_only_their_own_mesh() {
     let audit = signer.audit_lines();
     assert_eq!(audit[0]["rule"], "not_authorized");
     assert_eq!(audit[0]["client"], identity("cluster-b"));
+}
+
+/// Two certificates naming one identity (a replacement beside the certificate it
+/// replaces): each decision's line names the certificate that made the request, by its
+/// SHA-256 and its serial, as openssl prints them.
+#[tokio::test]
+async fn each_decision_names_the_client_certificate_that_made_it() {
+    let env = Env::new();
+    env.transport_pki("client", &["cluster-a-again", &identity("cluster-a")]);
+    let signer = env.start_signer();
+    for name in ["cluster-a", "cluster-a-again"] {
+        let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+        let (status, body) =
+            post_sign(&env.client(name), &signer, &sign_body(VM, MESH_A, &csr)).await;
+        assert_eq!(status, 200, "{body}");
+        // A refusal names it too.
+        let (status, _) = post_sign(
+            &env.client(name),
+            &signer,
+            &sign_body(VM, "test/cluster-b", &csr),
+        )
+        .await;
+        assert_eq!(status, 403);
+    }
+    let audit = signer.audit_lines();
+    assert_eq!(audit.len(), 4, "{audit:?}");
+    let pki = env.path("pki");
+    let serial_of = |name: &str| {
+        let out = openssl(
+            &pki,
+            &["x509", "-in", &format!("{name}.pem"), "-noout", "-serial"],
+        );
+        let (_, hex) = out.trim().split_once('=').unwrap();
+        hex.to_ascii_lowercase()
+    };
+    for (lines, name) in [
+        (&audit[0..2], "cluster-a"),
+        (&audit[2..4], "cluster-a-again"),
+    ] {
+        let sha256 = openssl_fingerprint(&pki, &pki.join(format!("{name}.pem")));
+        let serial = serial_of(name);
+        for line in lines {
+            assert_eq!(line["client"], identity("cluster-a"), "{line}");
+            assert_eq!(line["clientCertificateSha256"], sha256, "{line}");
+            // transport-pki.sh's serials begin with a 4: no leading zero byte to strip.
+            assert_eq!(line["clientCertificateSerial"], serial, "{line}");
+        }
+    }
+    assert_ne!(
+        audit[0]["clientCertificateSha256"],
+        audit[2]["clientCertificateSha256"]
+    );
 }
 
 #[tokio::test]
@@ -811,21 +884,29 @@ async fn each_start_records_the_rules_it_starts_under() {
     let lines = signer.all_audit_lines();
     let events: Vec<(&str, &str)> = lines
         .iter()
-        .map(|l| (l["event"].as_str().unwrap(), l["rule"].as_str().unwrap()))
+        .map(|l| {
+            (
+                l["event"].as_str().unwrap(),
+                l["rule"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
+    // Each clean stop is on record too, after the last decision.
     assert_eq!(
         events,
         [
             ("start", "rules_in_force"),
             ("decision", "issued"),
+            ("stop", ""),
             ("start", "rules_in_force"),
             ("decision", "issued"),
             ("reload", "rules_changed"),
+            ("stop", ""),
         ]
     );
     let message = |n: usize| lines[n]["message"].as_str().unwrap();
     let digest = |n: usize| lines[n]["rulesSha256"].as_str().unwrap();
-    let (first, second) = (message(0), message(2));
+    let (first, second) = (message(0), message(3));
     assert_ne!(first, second);
     // Each start names its host and the root it issues under: two replicas' logs, or
     // a log across a root change, tell apart by their content.
@@ -852,13 +933,38 @@ async fn each_start_records_the_rules_it_starts_under() {
         }
     }
     assert_eq!(digest(0).len(), 64);
-    assert_ne!(digest(0), digest(2));
-    assert_eq!(digest(4), digest(0), "the same rules, another digest");
+    // A start and a reload carry the rules in full, which hash to their digest: the
+    // rules behind a decision can be read from the log alone, each grant by name.
+    for n in [0, 3, 5] {
+        let rules = lines[n]["rules"].as_str().unwrap();
+        let hashed = meshca::pki::csr::hex(&sha2::Sha256::digest(rules.as_bytes()));
+        assert_eq!(hashed, digest(n), "{rules}");
+        for (client, mesh) in [("cluster-a", MESH_A), ("cluster-b", "test/cluster-b")] {
+            let grant = format!("grant \"{}\" {VM} {mesh}\n", identity(client));
+            assert!(rules.contains(&grant), "{grant} missing from {rules}");
+        }
+    }
+    // Each start says how the token proved its key: a signature of the root key that no
+    // decision line covers, which the HSM's log shows.
+    for n in [0, 3] {
+        let proof = lines[n]["rootKeyProof"].as_str().unwrap();
+        assert_eq!(
+            proof,
+            "the token's key pkcs11:token=meshca-test;object=root-ca signed a challenge of 32 random bytes (no certificate), which verified under the root certificate"
+        );
+    }
+    let ttl = |n: usize| {
+        let rules = lines[n]["rules"].as_str().unwrap();
+        rules.contains("max_ttl_seconds=864000 ")
+    };
+    assert_eq!([ttl(0), ttl(3), ttl(5)], [false, true, false]);
+    assert_ne!(digest(0), digest(3));
+    assert_eq!(digest(5), digest(0), "the same rules, another digest");
     // Monitoring sees the rules in force, so that replicas meant to be alike can be
     // compared: after the reload, those of the first start.
     let info = format!(
         "meshca_rules_info{{rules_sha256=\"{}\",root_sha256=\"{root_sha256}\"}} 1",
-        digest(4)
+        digest(5)
     );
     assert!(metrics.contains(&info), "{info} missing from\n{metrics}");
     assert_eq!(
@@ -868,10 +974,18 @@ async fn each_start_records_the_rules_it_starts_under() {
     );
     // Each decision names the rules it was made under: those recorded before it.
     assert_eq!(digest(1), digest(0));
-    assert_eq!(digest(3), digest(2));
+    assert_eq!(digest(4), digest(3));
+    // A stop names the rules in force when it stopped.
+    assert_eq!(digest(2), digest(0));
+    assert_eq!(digest(6), digest(5));
+    assert!(
+        message(6).contains(&format!("on host {} stopped", host.trim())),
+        "{}",
+        message(6)
+    );
     let not_after = |n: usize| lines[n]["notAfter"].as_str().unwrap();
-    assert!(not_after(3) < not_after(1), "{lines:?}");
-    assert!(env.audit_verify_ok().contains("intact: 5 records"));
+    assert!(not_after(4) < not_after(1), "{lines:?}");
+    assert!(env.audit_verify_ok().contains("intact: 7 records"));
 }
 
 #[tokio::test]
@@ -927,8 +1041,8 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
     }
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
     let verified = env.audit_verify_ok();
-    // The start record, then the five decisions.
-    assert!(verified.contains("intact: 6 records"), "{verified}");
+    // The start record, the five decisions, the stop record.
+    assert!(verified.contains("intact: 7 records"), "{verified}");
 
     // Turn the denial on line 4 into an allow.
     let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
@@ -938,7 +1052,24 @@ async fn the_audit_chain_verifies_and_a_tampered_line_is_found() {
     let out = run(env.meshca().args(["audit", "verify", "audit.log"]));
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("breaks at line 5"), "{stderr}");
+    // The changed line is the one before the line named: both are.
+    assert!(
+        stderr.contains("breaks at line 5: line 5 does not continue line 4: ")
+            && stderr.contains("line 4 was changed"),
+        "{stderr}"
+    );
+
+    // Compressed by logrotate: refused with what to do, not as a broken log.
+    std::fs::write(env.path("rotated"), &log).unwrap();
+    run_ok(Command::new("gzip").arg(env.path("rotated")));
+    let out = run(env.meshca().args(["audit", "verify", "rotated.gz"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("audit log rotated.gz: compressed with gzip")
+            && stderr.contains("decompress it first"),
+        "{stderr}"
+    );
 
     // Deleting a line (the first decision) is caught too.
     let mut lines: Vec<&str> = log.lines().collect();
@@ -978,45 +1109,47 @@ async fn lines_cut_from_the_end_of_the_audit_log_are_found_by_the_head_the_signe
     }
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
     // The start logs the head once its start record is written (the start record's
-    // hash); the stop logs the last line's.
+    // hash); the stop logs the last line's, its stop record's.
     let heads = logged_audit_heads(&signer.logs());
     assert_eq!(heads.len(), 2, "{}", signer.logs());
     assert_ne!(heads[0], heads[1]);
     let head = &heads[1];
     let verified = env.audit_verify_ok();
     assert!(
-        verified.contains(&format!("intact: 4 records, last hash {head}")),
+        verified.contains(&format!("intact: 5 records, last hash {head}")),
         "{verified}"
     );
-    // The next start logs its head at once too: the line it just added.
+    // The next start logs its head at once too: the line it just added (then its stop
+    // adds one more).
     let mut signer = env.start_signer();
     let at_start = logged_audit_heads(&signer.wait_for_log("audit log head").await);
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
-    assert!(
-        env.audit_verify_ok()
-            .contains(&format!("intact: 5 records, last hash {}", at_start[0])),
-        "{at_start:?}"
-    );
+    assert!(env.audit_verify_ok().contains("intact: 7 records"));
 
     let held = run_ok(
         env.meshca()
             .args(["audit", "verify", "audit.log", "--expect-hash"])
-            .arg(head.to_uppercase()),
+            .arg(head.to_uppercase())
+            .arg("--expect-hash")
+            .arg(&at_start[0]),
     );
     let held = text(&held.stdout);
-    assert!(
-        held.contains(&format!(
-            "holds the expected line {head}: line 4, 1 records after it"
-        )),
-        "{held}"
-    );
+    for expected in [
+        format!("holds the expected line {head}: line 5, 2 records after it"),
+        format!(
+            "holds the expected line {}: line 6, 1 records after it",
+            at_start[0]
+        ),
+    ] {
+        assert!(held.contains(&expected), "{expected} missing from {held}");
+    }
 
     // The lines from the head's on cut: the chain alone still verifies, the logged head
     // does not.
     let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
-    let kept: String = log.lines().take(3).map(|l| format!("{l}\n")).collect();
+    let kept: String = log.lines().take(4).map(|l| format!("{l}\n")).collect();
     std::fs::write(env.path("audit.log"), kept).unwrap();
-    assert!(env.audit_verify_ok().contains("intact: 3 records"));
+    assert!(env.audit_verify_ok().contains("intact: 4 records"));
     let out = run(env
         .meshca()
         .args(["audit", "verify", "audit.log", "--expect-hash", head]));
@@ -1067,6 +1200,7 @@ async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_
     let lines = signer.audit_lines();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[0]["event"], "rotation");
+    assert_eq!(signer.all_audit_lines()[3]["event"], "stop");
     assert!(
         lines[1..].iter().all(|l| l["rule"] == "issued"),
         "{lines:?}"
@@ -1080,7 +1214,7 @@ async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_
     let both = text(&both.stdout);
     assert!(
         both.contains("audit.log.1 is intact: 2 records")
-            && both.contains("audit.log is intact: 3 records"),
+            && both.contains("audit.log is intact: 4 records"),
         "{both}"
     );
     // Alone, the new file says which line it continues from: the old file's last.
@@ -1106,6 +1240,43 @@ async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_
     assert!(
         stderr.contains("audit.log.1 breaks at line 1: does not continue the file before it"),
         "{stderr}"
+    );
+}
+
+/// A log moved away while the signer is idle, then a clean stop: the stop record goes
+/// into a new file at the path, beginning with its `rotation` record, so the next start
+/// continues the chain there and the two files verify together.
+#[tokio::test]
+async fn an_audit_log_moved_away_while_idle_before_a_stop_is_continued_by_the_next_start() {
+    let env = Env::new();
+    let client = env.client("cluster-a");
+    let mut signer = env.start_signer();
+    assert_still_issues(&client, &signer).await;
+    std::fs::rename(env.path("audit.log"), env.path("audit.log.0")).unwrap();
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+    let events = |lines: Vec<Value>| -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| l["event"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(events(signer.all_audit_lines()), ["rotation", "stop"]);
+    let mut signer = env.start_signer();
+    assert_still_issues(&client, &signer).await;
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+    assert_eq!(
+        events(signer.all_audit_lines()),
+        ["rotation", "stop", "start", "decision", "stop"]
+    );
+    let both = run_ok(
+        env.meshca()
+            .args(["audit", "verify", "audit.log.0", "audit.log"]),
+    );
+    let both = text(&both.stdout);
+    assert!(
+        both.contains("audit.log.0 is intact: 2 records")
+            && both.contains("audit.log is intact: 5 records"),
+        "{both}"
     );
 }
 

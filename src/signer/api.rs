@@ -33,8 +33,34 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The authenticated client of a connection (from its certificate), set per request by
 /// the TLS server.
-#[derive(Clone, Debug)]
-pub struct ClientIdentity(pub Option<String>);
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The identity its certificate names ([`crate::tlsutil::client_identity`]), the
+    /// name grants are given to.
+    pub identity: Option<String>,
+    /// SHA-256 of the client's certificate (DER), lowercase hex. Several certificates may
+    /// name one identity (a replacement, a revoked one still valid): the audit log says
+    /// which one made the request.
+    pub certificate_sha256: Option<String>,
+    /// The certificate's serial number, lowercase hex.
+    pub certificate_serial: Option<String>,
+}
+
+impl ClientIdentity {
+    /// Of the client's leaf certificate, as the handshake presented it (DER).
+    pub fn of_certificate(der: &[u8]) -> Self {
+        use der::Decode;
+        use sha2::Digest;
+        let serial = x509_cert::Certificate::from_der(der)
+            .ok()
+            .map(|cert| serial_hex(cert.tbs_certificate().serial_number()));
+        ClientIdentity {
+            identity: crate::tlsutil::client_identity(der),
+            certificate_sha256: Some(crate::pki::csr::hex(&sha2::Sha256::digest(der))),
+            certificate_serial: serial,
+        }
+    }
+}
 
 /// Routes served over mTLS.
 pub fn router(state: Arc<SignerState>) -> Router {
@@ -97,7 +123,9 @@ async fn sign(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let identity = identity.and_then(|axum::Extension(ClientIdentity(id))| id);
+    let client = identity
+        .map(|axum::Extension(client)| client)
+        .unwrap_or_default();
     // Decided, issued and audited in a task of its own: hyper drops the handler of a client
     // that hangs up, and a certificate the token may already have signed must still get its
     // audit line. The answer of a client that left is dropped; if it left before signing
@@ -109,7 +137,7 @@ async fn sign(
     let decided = decisions
         .spawn(decide_issue_and_audit(
             state,
-            identity,
+            client,
             headers,
             body,
             client_gone,
@@ -131,11 +159,12 @@ async fn sign(
 
 async fn decide_issue_and_audit(
     state: Arc<SignerState>,
-    identity: Option<String>,
+    client: ClientIdentity,
     headers: HeaderMap,
     body: Body,
     client_gone: CancellationToken,
 ) -> Response {
+    let identity = client.identity;
     let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
     // The rules in force now: the rate limit and the body's timeout. The decision takes
@@ -175,6 +204,8 @@ async fn decide_issue_and_audit(
         time: rfc3339(now),
         event: "decision".into(),
         client: identity.clone(),
+        client_certificate_sha256: client.certificate_sha256.clone(),
+        client_certificate_serial: client.certificate_serial.clone(),
         virtual_mesh: facts.virtual_mesh.clone(),
         mesh: facts.mesh.clone(),
         csr_public_key_sha256: facts.csr_public_key_sha256.clone(),
@@ -212,6 +243,7 @@ async fn decide_issue_and_audit(
         tracing::error!(
             error = %e,
             client = identity.as_deref().unwrap_or(""),
+            client_certificate_sha256 = client.certificate_sha256.as_deref().unwrap_or(""),
             virtual_mesh = facts.virtual_mesh.as_deref().unwrap_or(""),
             mesh = facts.mesh.as_deref().unwrap_or(""),
             decision = decision.as_deref().unwrap_or(""),
@@ -299,6 +331,9 @@ pub async fn audit_counted_refusals(state: &SignerState) {
                 rfc3339(counted.last)
             )),
             count: Some(counted.count),
+            // The rules in force as the count is written (a reload within the counted
+            // minute has its line before this one).
+            rules_sha256: Some(state.rules().digest().to_string()),
             ..Default::default()
         };
         if let Err(e) = state.audit.append(record, state.audit.expect_line()).await {
@@ -459,7 +494,7 @@ async fn virtual_mesh(
     // The meshes of this virtual mesh the asking client may request (its own grants
     // only), so an agent whose grant went away learns it now, not at its next renewal.
     let authorized_meshes: Vec<String> = identity
-        .and_then(|axum::Extension(ClientIdentity(id))| id)
+        .and_then(|axum::Extension(client)| client.identity)
         .and_then(|identity| rules.authorization.grants_of(&identity))
         .into_iter()
         .flatten()

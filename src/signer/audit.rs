@@ -50,14 +50,26 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
+    /// UTC, RFC 3339 with milliseconds ([`rfc3339`]): when the line was made (a decision's
+    /// once its outcome was known), before it reached the writer.
     pub time: String,
     /// `decision` for a signing decision; `start` for a start of the signer, with the
-    /// rules it starts under; `reload` for a change of the policies, client grants or
-    /// limits (SIGHUP); `recovery` for a repair of the log itself; `rotation` first in a
-    /// file that continues one moved away.
+    /// rules it starts under; `stop` for a clean stop, after its last decision; `reload`
+    /// for a change of the policies, client grants or limits (SIGHUP); `recovery` for a
+    /// repair of the log itself; `rotation` first in a file that continues one moved away.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// On a decision: SHA-256 (lowercase hex) of the client's TLS certificate (DER), which
+    /// tells apart certificates naming one identity (a replacement and the certificate it
+    /// replaced, a revoked one). Not on a line counting rate-limit refusals, which counts
+    /// the identity's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_sha256: Option<String>,
+    /// On a decision: that certificate's serial number, lowercase hex (its DER bytes, as
+    /// `serial` is written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_serial: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_mesh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,7 +106,16 @@ pub struct AuditRecord {
     /// under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_sha256: Option<String>,
-    /// SHA-256 of the previous line (without its newline), hex.
+    /// On `start`: how the backend showed it holds the root's key (a token signs a random
+    /// challenge, a signature of the root key no decision covers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_key_proof: Option<String>,
+    /// On `start` and `reload`: the rules in force from this line on, written out in full
+    /// ([`super::reload::Rules::text`]), whose SHA-256 is `rules_sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<String>,
+    /// SHA-256 of the previous line (without its newline), lowercase hex; [`GENESIS`] on
+    /// the first.
     #[serde(default)]
     pub prev: String,
 }
@@ -133,6 +154,7 @@ pub struct AuditLog {
     writable: Gauge,
     announced: Arc<Announced>,
     commits: Counter,
+    truncations: Counter,
     head: Arc<Mutex<String>>,
     path: PathBuf,
 }
@@ -237,11 +259,14 @@ impl AuditLog {
             writer: OnceLock::new(),
         });
         let commits = Counter::default();
+        let truncations = Counter::default();
         let head = Arc::new(Mutex::new(last_hash.clone()));
-        let identity = FileIdentity::of(&file.metadata().map_err(io)?);
+        let metadata = file.metadata().map_err(io)?;
+        let identity = FileIdentity::of(&metadata);
         let writer = Writer {
             file,
             identity,
+            end: metadata.len(),
             rotation_to_record: false,
             start_to_record: None,
             path: path.to_path_buf(),
@@ -250,6 +275,7 @@ impl AuditLog {
             stopped: false,
             announced: announced.clone(),
             commits: commits.clone(),
+            truncations: truncations.clone(),
             head: head.clone(),
             commit_delay,
         };
@@ -265,6 +291,7 @@ impl AuditLog {
                 writable,
                 announced,
                 commits,
+                truncations,
                 head,
                 path: path.to_path_buf(),
             },
@@ -337,6 +364,12 @@ impl AuditLog {
         &self.commits
     }
 
+    /// Counts the times a write found the file shorter than the writer had left it: its
+    /// end was cut by something else while the signer ran.
+    pub fn truncations(&self) -> &Counter {
+        &self.truncations
+    }
+
     /// The hash of the last line on disk (the chain's head; [`GENESIS`] for an empty log):
     /// what `meshca audit verify` prints as the last hash, once nothing is written after it.
     pub fn head(&self) -> String {
@@ -376,6 +409,9 @@ struct Writer {
     file: File,
     /// Which file `file` is, to notice the path being moved to another.
     identity: FileIdentity,
+    /// The length `file` had when the writer last wrote it (or opened it): a file found
+    /// shorter at the next write was cut by something else.
+    end: u64,
     /// `file` was created after a rotation and does not yet hold its `rotation` record.
     rotation_to_record: bool,
     /// The `start` record, until a write took it: it goes before the lines of each write
@@ -390,6 +426,7 @@ struct Writer {
     stopped: bool,
     announced: Arc<Announced>,
     commits: Counter,
+    truncations: Counter,
     /// Shared with [`AuditLog::head`]; follows `last_hash` after each commit.
     head: Arc<Mutex<String>>,
     commit_delay: Duration,
@@ -451,7 +488,7 @@ impl Writer {
         let mut hash = self.last_hash.clone();
         if self.rotation_to_record {
             let record = AuditRecord {
-                time: rfc3339(SystemTime::now()),
+                time: rotation_time(batch, self.start_to_record.as_ref()),
                 event: "rotation".into(),
                 message: Some(format!(
                     "the log at {} was moved away (rotated); this file continues the chain from the moved file's last line, whose hash is this line's prev",
@@ -467,13 +504,18 @@ impl Writer {
         for pending in batch.iter_mut().filter(|pending| !pending.start) {
             hash = encode_line(std::mem::take(&mut pending.record), &hash, &mut buf);
         }
-        let before = self.file.metadata().map_err(io)?.len();
+        let metadata = self.file.metadata().map_err(io)?;
+        let before = metadata.len();
+        if metadata.is_file() && before < self.end {
+            self.truncated(before);
+        }
         let written = self
             .file
             .write_all(&buf)
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
+                self.end = before + buf.len() as u64;
                 *self
                     .head
                     .lock()
@@ -495,10 +537,27 @@ impl Writer {
                 {
                     self.stopped = true;
                 }
+                self.end = before;
                 tracing::error!(path = %self.path.display(), error = %e, "audit write failed; refusing to issue");
                 Err(io(e))
             }
         }
+    }
+
+    /// The file is `length` bytes long, shorter than the writer left it: lines were cut
+    /// from its end in place (a truncate, an editor writing back fewer lines) by something
+    /// else while the signer ran. Said and counted; the chain goes on from the last line
+    /// the writer wrote, so `meshca audit verify` shows the break where the lines were.
+    fn truncated(&self, length: u64) {
+        self.truncations.inc();
+        tracing::error!(
+            path = %self.path.display(),
+            written_to = self.end,
+            length,
+            missing_bytes = self.end - length,
+            "audit log is shorter than the signer wrote it: its last {} bytes were cut by something else while the signer ran (lines removed in place); the chain goes on from the signer's last line, and `meshca audit verify` shows the break",
+            self.end - length
+        );
     }
 
     /// If the log's path no longer names the file being written (moved away by a
@@ -525,11 +584,35 @@ impl Writer {
         lock(&file, &self.path)?;
         restrict_access(&file, &self.path).map_err(io)?;
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path)).map_err(io)?;
-        self.identity = FileIdentity::of(&file.metadata().map_err(io)?);
+        let metadata = file.metadata().map_err(io)?;
+        self.identity = FileIdentity::of(&metadata);
+        self.end = metadata.len();
         self.file = file;
         self.rotation_to_record = true;
         tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
         Ok(())
+    }
+}
+
+/// The time of a `rotation` record written before `batch` (and the `start` record, if it
+/// goes too): now, or the earliest time of those lines if earlier, so that time does not
+/// go back after it. They were stamped when they were decided, before they reached the
+/// writer, which notices the rotation only as it writes them.
+fn rotation_time(batch: &[Pending], start: Option<&AuditRecord>) -> String {
+    let now = rfc3339(SystemTime::now());
+    let earliest = batch
+        .iter()
+        .map(|pending| &pending.record)
+        .chain(start)
+        .map(|record| record.time.as_str())
+        // Times [`rfc3339`] wrote, which compare as text (a `start` record taken out of
+        // the batch has none).
+        .filter(|time| time.len() == now.len() && time.starts_with(|c: char| c.is_ascii_digit()))
+        .min()
+        .map(str::to_string);
+    match earliest {
+        Some(earliest) if earliest < now => earliest,
+        _ => now,
     }
 }
 
@@ -714,36 +797,64 @@ pub enum VerifyOutcome {
 /// Checks every line's `prev` against the hash of the line before it. The first line's
 /// `prev` must be `after` (the last hash of the file this one follows) when given; else
 /// the chain's start, or the line is a `rotation` record continuing a file not given.
-/// Lines whose hash is one of `anchors` are named in the outcome.
+/// Lines whose hash is one of `anchors` are named in the outcome. A last line without its
+/// newline is torn, as the signer's start takes it (it moves such a line aside): it breaks
+/// the file, and is neither counted nor the last hash. A compressed file is an error that
+/// says to decompress it first.
 pub fn verify(
-    reader: impl std::io::BufRead,
+    mut reader: impl std::io::BufRead,
     after: Option<&str>,
     anchors: &[String],
 ) -> std::io::Result<VerifyOutcome> {
+    let read_error = |e: std::io::Error, number: usize| {
+        std::io::Error::new(e.kind(), format!("cannot read line {}: {e}", number + 1))
+    };
+    if let Some((format, decompress)) =
+        compression(reader.fill_buf().map_err(|e| read_error(e, 0))?)
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "compressed with {format} (as logrotate's `compress` leaves a rotated log), not an audit log as written: decompress it first (`{decompress} FILE > FILE-decompressed`, or give `<({decompress} FILE)` in its place)"
+            ),
+        ));
+    }
     let mut prev = after.unwrap_or(GENESIS).to_string();
     let mut continues_from = None;
     let mut anchored = Vec::new();
     let mut records = 0;
-    let mut lines = reader.split(b'\n').peekable();
     let mut number = 0;
-    // `split` cannot tell whether the last piece ended in a newline; track it by peeking.
-    while let Some(line) = lines.next() {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
         // The number says how far the file could be read: an I/O error names no place.
-        let line = line.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot read line {}: {e}", number + 1))
-        })?;
-        number += 1;
-        let is_last = lines.peek().is_none();
-        if line.is_empty() && is_last {
+        if reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| read_error(e, number))?
+            == 0
+        {
             break;
+        }
+        number += 1;
+        if line.pop_if(|last| *last == b'\n').is_none() {
+            return Ok(VerifyOutcome::Broken {
+                line: number,
+                problem: format!(
+                    "incomplete last line ({} bytes without a newline at its end): a write torn by a crash (or one still under way); the {} lines before it verify, and the signer's next start moves it aside and records that",
+                    line.len(),
+                    number - 1
+                ),
+            });
         }
         let record: AuditRecord = match serde_json::from_slice(&line) {
             Ok(r) => r,
             Err(e) => {
-                let problem = if is_last {
-                    format!("incomplete or unreadable last line (a torn write?): {e}")
+                let problem = if line.is_empty() {
+                    "an empty line, not an audit record".to_string()
+                } else if serde_json::from_slice::<serde_json::Value>(&line).is_ok() {
+                    format!("JSON, but not an audit record: {e}")
                 } else {
-                    format!("not a valid audit record: {e}")
+                    format!("not an audit record (not JSON): {e}")
                 };
                 return Ok(VerifyOutcome::Broken {
                     line: number,
@@ -766,8 +877,9 @@ pub fn verify(
                     record.prev
                 ),
                 _ => format!(
-                    "chain broken: prev is {}, but the line before hashes to {prev} (a line was changed, removed or inserted)",
-                    record.prev
+                    "line {number} does not continue line {before}: its prev is {}, but line {before} hashes to {prev}; line {before} was changed, lines were removed or inserted between them, or line {number}'s prev was changed",
+                    record.prev,
+                    before = number - 1,
                 ),
             };
             return Ok(VerifyOutcome::Broken {
@@ -787,6 +899,21 @@ pub fn verify(
         continues_from,
         anchored,
     })
+}
+
+/// The compression `start` (a file's first bytes) shows, and the command that undoes it.
+/// An audit line begins with `{`, which none of these magic numbers does.
+fn compression(start: &[u8]) -> Option<(&'static str, &'static str)> {
+    const FORMATS: [(&[u8], &str, &str); 4] = [
+        (&[0x1f, 0x8b], "gzip", "zcat"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd", "zstdcat"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0x00], "xz", "xzcat"),
+        (b"BZh", "bzip2", "bzcat"),
+    ];
+    FORMATS
+        .iter()
+        .find(|(magic, _, _)| start.starts_with(magic))
+        .map(|(_, format, decompress)| (*format, *decompress))
 }
 
 /// [`verify`] of the file at `path`, whose errors name it (a directory, a file that cannot
@@ -900,9 +1027,16 @@ mod tests {
         let tampered = text.replacen("client-1", "client-X", 1);
         std::fs::write(&path, tampered).unwrap();
         match verify_file(&path) {
+            // Line 2 was changed: line 3 no longer continues it.
             VerifyOutcome::Broken { line, problem } => {
                 assert_eq!(line, 3, "{problem}");
-                assert!(problem.contains("chain broken"));
+                assert!(
+                    problem.starts_with("line 3 does not continue line 2: ")
+                        && problem.contains(
+                            "line 2 was changed, lines were removed or inserted between them"
+                        ),
+                    "{problem}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1181,6 +1315,8 @@ mod tests {
         log.append(record(4), log.expect_line()).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // A new, shorter file at the path is no file cut short.
+        assert_eq!(log.truncations().get(), 0);
         let text = std::fs::read_to_string(moved(2)).unwrap();
         let first: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(first.event, "rotation");
@@ -1246,6 +1382,153 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_file_cut_in_place_is_counted_once_and_the_chain_goes_on_from_the_writers_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        for n in 0..2 {
+            log.append(record(n), log.expect_line()).await.unwrap();
+        }
+        let head = log.head();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first = text.lines().next().unwrap().len() as u64 + 1;
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(first)
+            .unwrap();
+        log.append(record(2), log.expect_line()).await.unwrap();
+        assert_eq!(log.truncations().get(), 1);
+        log.append(record(3), log.expect_line()).await.unwrap();
+        assert_eq!(log.truncations().get(), 1);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let third: AuditRecord = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(third.prev, head);
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Broken { line: 2, .. }
+        ));
+    }
+
+    /// verify takes a last line as the signer's start does: without its newline it is
+    /// torn, even if it parses, and is neither counted nor the last hash.
+    #[tokio::test]
+    async fn a_last_line_without_its_newline_is_torn_for_verify_as_for_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let (log, _) = AuditLog::open(&path).unwrap();
+            for n in 0..2 {
+                log.append(record(n), log.expect_line()).await.unwrap();
+            }
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.trim_end_matches('\n')).unwrap();
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line: 2, problem } => assert!(
+                problem.starts_with("incomplete last line (")
+                    && problem.contains("torn")
+                    && problem.contains("the 1 lines before it verify"),
+                "{problem}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(torn_tail_len(&path).unwrap() > 0);
+        // The start moves it aside as torn: the two agree.
+        let (log, report) = AuditLog::open(&path).unwrap();
+        assert!(report.torn_tail_saved_to.is_some());
+        drop(log);
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Intact { records: 2, .. }
+        ));
+    }
+
+    /// Lines that are not records say what they are: not a torn write unless the last
+    /// line lacks its newline.
+    #[test]
+    fn a_line_that_is_no_record_is_named_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        for (content, line, says) in [
+            (
+                "{\"event\":\"decision\"}\n",
+                1,
+                "JSON, but not an audit record: missing field `time`",
+            ),
+            ("{\"time\":\"2026-\n", 1, "not an audit record (not JSON): "),
+            ("\n", 1, "an empty line, not an audit record"),
+        ] {
+            std::fs::write(&path, content).unwrap();
+            match verify_file(&path) {
+                VerifyOutcome::Broken { line: at, problem } => {
+                    assert_eq!(at, line, "{problem}");
+                    assert!(problem.starts_with(says), "{content:?}: {problem}");
+                    assert!(!problem.contains("torn"), "{problem}");
+                }
+                other => panic!("{content:?}: {other:?}"),
+            }
+        }
+    }
+
+    /// A rotated file logrotate compressed is refused with what to do, not taken for a
+    /// broken log.
+    #[test]
+    fn a_compressed_file_is_named_so_with_the_command_that_decompresses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log.2.gz");
+        for (magic, says) in [
+            (&[0x1f, 0x8b, 0x08, 0x00][..], "compressed with gzip"),
+            (&[0x28, 0xb5, 0x2f, 0xfd][..], "compressed with zstd"),
+            (b"\xfd7zXZ\x00\x00", "compressed with xz"),
+            (b"BZh91AY", "compressed with bzip2"),
+        ] {
+            std::fs::write(&path, magic).unwrap();
+            let message = super::verify_file(&path, None, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.starts_with(&format!("audit log {}: {says}", path.display()))
+                    && message.contains("decompress it first"),
+                "{message}"
+            );
+        }
+    }
+
+    /// The lines written with a `rotation` record were stamped before the writer noticed
+    /// the rotation: its time is theirs at the latest, so time does not go back after it.
+    #[tokio::test]
+    async fn a_rotation_record_is_stamped_no_later_than_the_lines_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        log.append(record(0), log.expect_line()).await.unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
+        let stamped = "2000-01-02T03:04:05.006Z";
+        let earlier = AuditRecord {
+            time: stamped.into(),
+            ..record(1)
+        };
+        log.append(earlier, log.expect_line()).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let times: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().time)
+            .collect();
+        assert_eq!(times, [stamped, stamped]);
+        // Rotated again, with lines stamped now: the rotation is stamped now too, not
+        // before its moment.
+        std::fs::rename(&path, dir.path().join("audit.log.2")).unwrap();
+        let before = rfc3339(SystemTime::now());
+        log.append(record(2), log.expect_line()).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rotation: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(rotation.event, "rotation");
+        assert!(rotation.time >= before, "{} < {before}", rotation.time);
     }
 
     #[test]

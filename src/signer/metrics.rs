@@ -368,6 +368,11 @@ impl Metrics {
             audit.commits().clone(),
         );
         self.registry.register(
+            "audit_truncations",
+            "Times the audit log was found shorter than the signer had written it (lines cut from its end in place while the signer ran): its chain breaks there; the signer's log names the bytes missing",
+            audit.truncations().clone(),
+        );
+        self.registry.register(
             "audit_writable",
             "1 while the audit log takes lines (its last write succeeded), 0 otherwise: nothing is issued and /readyz is 503 meanwhile",
             audit.writable().clone(),

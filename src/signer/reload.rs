@@ -30,9 +30,17 @@ pub struct Rules {
     /// reload keeps it), but part of the digest: two signers, or two starts of one, with
     /// the same rules under different roots must not look alike in their audit logs.
     pub root_sha256: String,
-    /// [`Rules::digest`], computed at its first use (each decision's audit line names
-    /// it): rules are built whole and not changed once in force.
-    digest: std::sync::OnceLock<String>,
+    /// [`Rules::text`] and [`Rules::digest`], computed at the first use of either (each
+    /// decision's audit line names the digest): rules are built whole and not changed
+    /// once in force.
+    written_out: std::sync::OnceLock<WrittenOut>,
+}
+
+/// The rules written out, and the digest of that text.
+#[derive(Debug, Clone)]
+struct WrittenOut {
+    text: String,
+    digest: String,
 }
 
 impl Rules {
@@ -45,7 +53,7 @@ impl Rules {
             next_root: config.root.next.clone(),
             previous_root: config.root.previous.clone(),
             root_sha256: root_sha256.to_ascii_lowercase(),
-            digest: std::sync::OnceLock::new(),
+            written_out: std::sync::OnceLock::new(),
         }
     }
 
@@ -82,17 +90,32 @@ impl Rules {
         parts.join("; ")
     }
 
-    /// SHA-256 (hex) of the rules written out in full, in a fixed order: the root in
-    /// force, each virtual mesh with its settings and meshes, each client with its grants,
-    /// every limit, the announced roots' fingerprints; whatever a reload names when it
-    /// changes ([`RulesChange`]), `max_connections` and the root. `source` (which file a
-    /// policy came from) is not part of it: the same rules have the same digest wherever
-    /// they were read.
+    /// SHA-256 (lowercase hex) of [`Rules::text`]: the same rules, the same digest.
     pub fn digest(&self) -> &str {
-        self.digest.get_or_init(|| self.compute_digest())
+        &self.written_out().digest
     }
 
-    fn compute_digest(&self) -> String {
+    /// The rules written out in full, one statement a line in a fixed order: the root in
+    /// force, each virtual mesh with its settings and meshes, each client's grants one by
+    /// one, every limit, the announced roots' fingerprints; whatever a reload names when
+    /// it changes ([`RulesChange`]), `max_connections` and the root. `source` (which file
+    /// a policy came from) is not part of it: the same rules have the same text wherever
+    /// they were read. The `start` and `reload` records carry it, so the rules behind a
+    /// digest can be read from the audit log alone.
+    pub fn text(&self) -> &str {
+        &self.written_out().text
+    }
+
+    /// The text and its digest, from one place: the digest is always that of the text.
+    fn written_out(&self) -> &WrittenOut {
+        self.written_out.get_or_init(|| {
+            let text = self.write_out();
+            let digest = hex(&sha2::Sha256::digest(text.as_bytes()));
+            WrittenOut { text, digest }
+        })
+    }
+
+    fn write_out(&self) -> String {
         let mut text = format!("root {}\n", self.root_sha256);
         for policy in self.policies.iter() {
             text.push_str(&format!(
@@ -120,7 +143,7 @@ impl Rules {
                 root.fingerprint_sha256
             ));
         }
-        hex(&sha2::Sha256::digest(text.as_bytes()))
+        text
     }
 
     /// The rules of a config read by a reload, with what a reload cannot change kept from
@@ -128,7 +151,7 @@ impl Rules {
     pub fn reloaded(read: &SignerConfig, in_force: &Rules) -> Self {
         let mut rules = Rules::of(read, &in_force.root_sha256);
         rules.limits.max_connections = in_force.limits.max_connections;
-        rules.digest = std::sync::OnceLock::new(); // of the rules with that limit
+        rules.written_out = std::sync::OnceLock::new(); // of the rules with that limit
         rules
     }
 }
@@ -488,6 +511,23 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
         );
         let digest = rules.digest();
         assert_eq!(digest.len(), 64);
+        // The digest is that of the text, which names every grant and setting.
+        assert_eq!(hex(&sha2::Sha256::digest(rules.text().as_bytes())), digest);
+        assert_eq!(
+            rules.text(),
+            format!(
+                "root {ROOT}\n\
+                 virtual_mesh test/vm org=\"acme\" max_ttl_seconds=2592000 min_rsa_bits=2048 display_name=None meshes=test/cluster-a, test/cluster-b\n\
+                 grant \"spiffe://t/a\" test/vm test/cluster-a\n\
+                 limit sign_requests_per_minute=600\n\
+                 limit sign_burst=60\n\
+                 limit max_connections=1024\n\
+                 limit handshake_timeout_ms=10000\n\
+                 limit header_timeout_ms=10000\n\
+                 limit body_timeout_ms=10000\n\
+                 limit drain_timeout_ms=30000\n"
+            )
+        );
         // The same rules read again (from another file): the same digest.
         std::fs::create_dir(dir.path().join("other")).unwrap();
         let again = Rules::of(&config(&dir.path().join("other"), MESHES, A_ONLY, ""), ROOT);

@@ -33,7 +33,7 @@ use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
     ClientCaError, CrlNextUpdate, CrlOverdue, MaterialFingerprint, MeshRoot, SupersededCrl,
-    TlsError, Validity, check_client_ca_apart_from_mesh, client_identity, server_config,
+    TlsError, Validity, check_client_ca_apart_from_mesh, server_config,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -383,6 +383,7 @@ impl RunningSigner {
                 rule: Some("rules_changed".into()),
                 message: Some(change.to_string()),
                 rules_sha256: Some(rules.digest().to_string()),
+                rules: Some(rules.text().to_string()),
                 ..Default::default()
             };
             let announced = self.state.audit.expect_line();
@@ -503,6 +504,7 @@ impl RunningSigner {
             decisions.wait().await;
         }
         api::audit_counted_refusals(&self.state).await;
+        record_stop(&self.state).await;
         HeadAnchor::default().log_if_moved(&self.state.audit);
         // Idle token threads end at once, whether hurried or not: polled first.
         tokio::select! {
@@ -600,7 +602,7 @@ pub async fn start(
     let rules_sha256 = rules.digest().to_string();
     metrics.rules_in_force(&rules);
     if let Err(e) = audit
-        .record_start(start_record(&rules, &rules_sha256))
+        .record_start(start_record(&rules, &rules_sha256, &config))
         .await
     {
         tracing::error!(
@@ -669,11 +671,11 @@ pub async fn start(
 }
 
 /// The audit log's `start` record: the rules every decision after it is made under, until
-/// the next `reload` or `start`. It states them as a reload states its changes, with their
-/// digest.
+/// the next `reload` or `start`. It states them as a reload states its changes, and in
+/// full with their digest.
 /// It names the host and the root too: two replicas' logs, or the logs before and after a
 /// root change, tell apart by their content, not only by where the file came from.
-fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
+fn start_record(rules: &Rules, rules_sha256: &str, config: &SignerConfig) -> AuditRecord {
     AuditRecord {
         time: rfc3339(SystemTime::now()),
         event: "start".into(),
@@ -686,6 +688,55 @@ fn start_record(rules: &Rules, rules_sha256: &str) -> AuditRecord {
             rules.summary()
         )),
         rules_sha256: Some(rules_sha256.to_string()),
+        rules: Some(rules.text().to_string()),
+        root_key_proof: root_key_proof(config),
+        ..Default::default()
+    }
+}
+
+/// How the backend that just started showed it holds the root's key, for the `start`
+/// record. The token's proof is a signature by the root key that no decision line covers:
+/// an HSM's own log shows it, and this says what it was.
+fn root_key_proof(config: &SignerConfig) -> Option<String> {
+    match config.backend().ok()? {
+        BackendSettings::Pkcs11(settings) => Some(format!(
+            "the token's key {} signed a challenge of 32 random bytes (no certificate), which verified under the root certificate",
+            settings.key
+        )),
+        BackendSettings::Vault(settings) => Some(format!(
+            "Vault issuer {} in mount {} holds the root certificate and a key, and may issue (nothing was signed)",
+            settings.issuer_ref, settings.mount
+        )),
+    }
+}
+
+/// Writes the audit log's `stop` record, after every decision's line: the log then shows
+/// a clean stop (a `start` with no `stop` before it follows a crash or a kill), and a log
+/// moved away (rotated) since the last line is continued into a new file at its path now,
+/// so the next start continues the chain. One that cannot be written is logged; the exit
+/// goes on.
+async fn record_stop(state: &SignerState) {
+    let record = stop_record(&state.rules());
+    if let Err(e) = state.audit.append(record, state.audit.expect_line()).await {
+        tracing::error!(
+            error = %e,
+            "the audit log cannot record the stop: it will read as if the signer had crashed (every decision before it is on record)"
+        );
+    }
+}
+
+/// The audit log's `stop` record: the signer stops cleanly, every decision it made is on
+/// record before this line.
+fn stop_record(rules: &Rules) -> AuditRecord {
+    AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "stop".into(),
+        message: Some(format!(
+            "meshca {} on host {} stopped: every decision it made is recorded before this line; nothing is signed until its next start",
+            env!("CARGO_PKG_VERSION"),
+            host_name(),
+        )),
+        rules_sha256: Some(rules.digest().to_string()),
         ..Default::default()
     }
 }
@@ -757,17 +808,17 @@ async fn serve_tls(
                     return handshake_refused(&state, peer, "timeout", error, None);
                 }
             };
-            let identity = tls
+            // The identity, and which certificate it came with: the audit log names both.
+            let client = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .and_then(|cert| client_identity(cert));
+                .map(|cert| ClientIdentity::of_certificate(cert))
+                .unwrap_or_default();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request
-                        .extensions_mut()
-                        .insert(ClientIdentity(identity.clone()));
+                    request.extensions_mut().insert(client.clone());
                     app.clone().oneshot(request)
                 });
             let connection = hyper::server::conn::http1::Builder::new()

@@ -837,22 +837,24 @@ impl Signer {
         }
     }
 
-    /// Audit lines that parse (a line torn by a crash is skipped), but `start` records.
+    /// Audit lines that parse (a line torn by a crash is skipped), but `start` and `stop`
+    /// records.
     pub fn audit_lines_lossy(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("audit.log"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|l: &serde_json::Value| l["event"] != "start")
+            .filter(made_by_the_test)
             .collect()
     }
 
     /// The audit lines the test made (decisions, reloads, ...): every line but the `start`
-    /// record each start of the signer writes first ([`Signer::all_audit_lines`] has them).
+    /// record each start of the signer writes first and the `stop` record each clean stop
+    /// writes last ([`Signer::all_audit_lines`] has them).
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
         self.all_audit_lines()
             .into_iter()
-            .filter(|l| l["event"] != "start")
+            .filter(made_by_the_test)
             .collect()
     }
 
@@ -864,6 +866,11 @@ impl Signer {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
+}
+
+/// Not a `start` or `stop` record, which the signer writes whatever the test does.
+fn made_by_the_test(line: &serde_json::Value) -> bool {
+    line["event"] != "start" && line["event"] != "stop"
 }
 
 impl Drop for Signer {
