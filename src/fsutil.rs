@@ -66,13 +66,23 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Reads at most `limit` bytes of a file, refusing larger ones (config and PEM inputs).
 /// Its errors do not name the file: the caller does, once.
 pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let file = File::open(path)?;
+    read_to_limit(File::open(path)?, limit)
+}
+
+/// Reads `reader` to its end, refusing more than `limit` bytes: an input of any size is
+/// never held whole.
+pub fn read_to_limit(reader: impl Read, limit: u64) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    file.take(limit + 1).read_to_end(&mut buf)?;
+    reader.take(limit + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {
+        let size = if limit.is_multiple_of(1024) {
+            format!("{} KiB", limit / 1024)
+        } else {
+            format!("{limit} bytes")
+        };
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes"),
+            format!("larger than {size}"),
         ));
     }
     Ok(buf)

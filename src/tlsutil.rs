@@ -418,7 +418,11 @@ fn certificate_error(side: &str, cert: &Path, key: &Path, e: rustls::Error) -> T
 /// otherwise get that client's grants and rate-limit bucket (a transport CA that lets
 /// requesters choose their CN is common; one that lets them choose URI SANs is not).
 pub fn client_identity(cert_der: &[u8]) -> Option<String> {
-    let cert = Certificate::from_der(cert_der).ok()?;
+    identity_of(&Certificate::from_der(cert_der).ok()?)
+}
+
+/// [`client_identity`] of a certificate already decoded.
+pub fn identity_of(cert: &Certificate) -> Option<String> {
     let tbs = cert.tbs_certificate();
     let not_uri_like = |name: String| (!name.contains(':')).then_some(name);
     if let Ok(Some((_, san))) = tbs.get_extension::<SubjectAltName>() {

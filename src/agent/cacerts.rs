@@ -40,7 +40,6 @@ pub const MAX_FILE: u64 = 1024 * 1024;
 /// there must not be read whole whatever its size. Only a regular file is read: a FIFO
 /// would hold the reader (`meshca verify`, an agent's pass) until something wrote to it.
 pub fn read_file(path: &Path) -> io::Result<String> {
-    use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     // Looked at before the open, which would wait for a FIFO's writer (or have a device
     // do whatever its open does), and again on what was opened: without waiting, so a
@@ -51,15 +50,8 @@ pub fn read_file(path: &Path) -> io::Result<String> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
     regular_file(&file.metadata()?)?;
-    let mut text = String::new();
-    file.take(MAX_FILE + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > MAX_FILE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("larger than {} KiB", MAX_FILE / 1024),
-        ));
-    }
-    Ok(text)
+    String::from_utf8(crate::fsutil::read_to_limit(file, MAX_FILE)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// Refuses anything but a regular file, saying what it is.

@@ -51,13 +51,12 @@ impl ClientIdentity {
     pub fn of_certificate(der: &[u8]) -> Self {
         use der::Decode;
         use sha2::Digest;
-        let serial = x509_cert::Certificate::from_der(der)
-            .ok()
-            .map(|cert| serial_hex(cert.tbs_certificate().serial_number()));
+        // Decoded once, for the identity and the serial.
+        let cert = x509_cert::Certificate::from_der(der).ok();
         ClientIdentity {
-            identity: crate::tlsutil::client_identity(der),
+            identity: cert.as_ref().and_then(crate::tlsutil::identity_of),
             certificate_sha256: Some(crate::pki::csr::hex(&sha2::Sha256::digest(der))),
-            certificate_serial: serial,
+            certificate_serial: cert.map(|cert| serial_hex(cert.tbs_certificate().serial_number())),
         }
     }
 }
