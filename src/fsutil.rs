@@ -69,6 +69,43 @@ pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     read_to_limit(File::open(path)?, limit)
 }
 
+/// Opens a file for reading only if it is a regular file, saying what it is otherwise.
+/// Looked at before the open, which would wait for a FIFO's writer (or have a device do
+/// whatever its open does), and again on what was opened: without waiting, so a FIFO put
+/// in the file's place in between is refused too.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    regular_file(&std::fs::metadata(path)?)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    regular_file(&file.metadata()?)?;
+    Ok(file)
+}
+
+/// Refuses anything but a regular file, saying what it is.
+fn regular_file(metadata: &std::fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = metadata.file_type();
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}, not a regular file: meshca reads only regular files here"),
+    ))
+}
+
 /// Reads `reader` to its end, refusing more than `limit` bytes: an input of any size is
 /// never held whole.
 pub fn read_to_limit(reader: impl Read, limit: u64) -> io::Result<Vec<u8>> {
@@ -104,9 +141,52 @@ pub fn parent_dir(path: &Path) -> &Path {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    /// A FIFO at a path, with a thread that writes `contents` into it once a reader opens
+    /// it: a read that opens the FIFO gets them and returns (a test of a reader that must
+    /// not open it fails rather than hangs). Dropping it lets the writer finish.
+    pub(crate) struct FedFifo {
+        path: PathBuf,
+        writer: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl FedFifo {
+        pub(crate) fn new(path: &Path, contents: &'static str) -> FedFifo {
+            use std::os::unix::ffi::OsStrExt;
+            let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+            let writer_path = path.to_path_buf();
+            let writer = std::thread::spawn(move || {
+                use std::io::Write;
+                // Waits for a reader.
+                let mut fifo = OpenOptions::new().write(true).open(&writer_path).unwrap();
+                let _ = fifo.write_all(contents.as_bytes());
+            });
+            FedFifo {
+                path: path.to_path_buf(),
+                writer: Some(writer),
+            }
+        }
+    }
+
+    impl Drop for FedFifo {
+        fn drop(&mut self) {
+            // A reader of its own (not waiting for a writer) lets a writer still waiting
+            // in its open go on; kept open until the writer is done.
+            let _reader = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.path);
+            if let Some(writer) = self.writer.take() {
+                let _ = writer.join();
+            }
+        }
+    }
 
     #[test]
     fn atomic_write_replaces_and_sets_mode() {

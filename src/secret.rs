@@ -92,18 +92,15 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
         message,
     };
     let io = |e: std::io::Error| unreadable(e.to_string());
-    // The mode is that of the file opened, not of whatever the path names a moment later.
-    let file = std::fs::File::open(path).map_err(io)?;
-    let metadata = file.metadata().map_err(io)?;
-    let mode = metadata.permissions().mode();
+    // Only a regular file, refused before the open waits for a FIFO's writer; the mode is
+    // that of the file opened, not of whatever the path names a moment later.
+    let file = crate::fsutil::open_regular(path).map_err(io)?;
+    let mode = file.metadata().map_err(io)?.permissions().mode();
     if mode & 0o007 != 0 {
         return Err(SecretError::TooOpen {
             path: path.display().to_string(),
             mode: mode & 0o777,
         });
-    }
-    if !metadata.is_file() {
-        return Err(unreadable("not a regular file".into()));
     }
     let mut bytes = Zeroizing::new(Vec::new());
     file.take(MAX_SECRET_FILE + 1)
@@ -180,7 +177,27 @@ mod tests {
         std::fs::create_dir(&sub).unwrap();
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
         let err = SecretSource::File(sub).read().unwrap_err().to_string();
-        assert!(err.contains("not a regular file"), "{err}");
+        assert!(err.contains("a directory, not a regular file"), "{err}");
+    }
+
+    /// A FIFO named as a PIN file is refused before the open, which would wait for a
+    /// writer: the fed FIFO's writer would hand over its text if the reader opened it.
+    #[test]
+    fn a_fifo_as_secret_file_is_refused_unopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        let fifo = crate::fsutil::tests::FedFifo::new(&path, "piped-secret\n");
+        let err = SecretSource::File(path.clone())
+            .read()
+            .unwrap_err()
+            .to_string();
+        drop(fifo);
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains("a FIFO (named pipe), not a regular file")
+                && !err.contains("piped-secret"),
+            "{err}"
+        );
     }
 
     #[test]

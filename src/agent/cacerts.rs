@@ -40,41 +40,9 @@ pub const MAX_FILE: u64 = 1024 * 1024;
 /// there must not be read whole whatever its size. Only a regular file is read: a FIFO
 /// would hold the reader (`meshca verify`, an agent's pass) until something wrote to it.
 pub fn read_file(path: &Path) -> io::Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Looked at before the open, which would wait for a FIFO's writer (or have a device
-    // do whatever its open does), and again on what was opened: without waiting, so a
-    // FIFO put in the file's place in between is refused too.
-    regular_file(&fs::metadata(path)?)?;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    regular_file(&file.metadata()?)?;
+    let file = crate::fsutil::open_regular(path)?;
     String::from_utf8(crate::fsutil::read_to_limit(file, MAX_FILE)?)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
-}
-
-/// Refuses anything but a regular file, saying what it is.
-fn regular_file(metadata: &fs::Metadata) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let kind = metadata.file_type();
-    let what = if kind.is_file() {
-        return Ok(());
-    } else if kind.is_dir() {
-        "a directory"
-    } else if kind.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if kind.is_socket() {
-        "a socket"
-    } else if kind.is_char_device() || kind.is_block_device() {
-        "a device"
-    } else {
-        "not a file"
-    };
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("{what}, not a regular file: meshca reads only regular files here"),
-    ))
 }
 
 /// Reads the four files (following the symlinks), or says which is missing.
@@ -327,52 +295,6 @@ fn replace_with_symlink(dir: &Path, name: &str, target: &Path) -> io::Result<()>
 pub(crate) mod tests {
     use super::*;
 
-    /// A FIFO at a path, with a thread that writes `contents` into it once a reader opens
-    /// it: a read that opens the FIFO gets them and returns (a test of a reader that must
-    /// not open it fails rather than hangs). Dropping it lets the writer finish.
-    pub(crate) struct FedFifo {
-        path: PathBuf,
-        writer: Option<std::thread::JoinHandle<()>>,
-    }
-
-    impl FedFifo {
-        pub(crate) fn new(path: &Path, contents: &'static str) -> FedFifo {
-            use std::os::unix::ffi::OsStrExt;
-            let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-            // SAFETY: a valid NUL-terminated path.
-            assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
-            let writer_path = path.to_path_buf();
-            let writer = std::thread::spawn(move || {
-                use std::io::Write;
-                // Waits for a reader.
-                let mut fifo = fs::OpenOptions::new()
-                    .write(true)
-                    .open(&writer_path)
-                    .unwrap();
-                let _ = fifo.write_all(contents.as_bytes());
-            });
-            FedFifo {
-                path: path.to_path_buf(),
-                writer: Some(writer),
-            }
-        }
-    }
-
-    impl Drop for FedFifo {
-        fn drop(&mut self) {
-            use std::os::unix::fs::OpenOptionsExt;
-            // A reader of its own (not waiting for a writer) lets a writer still waiting
-            // in its open go on; kept open until the writer is done.
-            let _reader = fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&self.path);
-            if let Some(writer) = self.writer.take() {
-                let _ = writer.join();
-            }
-        }
-    }
-
     #[test]
     fn a_fifo_in_place_of_a_file_is_refused_by_name_unopened() {
         let dir = tempfile::tempdir().unwrap();
@@ -382,7 +304,7 @@ pub(crate) mod tests {
             .path()
             .join(fs::read_link(dir.path().join(DATA_LINK)).unwrap());
         fs::remove_file(version.join(CA_CERT)).unwrap();
-        let fifo = FedFifo::new(&version.join(CA_CERT), "cert from a pipe\n");
+        let fifo = crate::fsutil::tests::FedFifo::new(&version.join(CA_CERT), "cert from a pipe\n");
         let err = read_bundle(dir.path()).unwrap_err();
         let message = err.to_string();
         assert!(

@@ -549,7 +549,7 @@ mod tests {
     fn a_fifo_as_root_cert_fails_the_pass_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join(ROOT_CERT);
-        let _fed = cacerts::tests::FedFifo::new(&fifo, "roots from a pipe\n");
+        let _fed = crate::fsutil::tests::FedFifo::new(&fifo, "roots from a pipe\n");
         match classify(dir.path()) {
             Err(e @ AgentError::Look { .. }) => {
                 let message = e.to_string();
