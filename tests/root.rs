@@ -286,3 +286,100 @@ fn a_pin_from_the_environment_is_used_and_never_echoed_when_it_is_not_utf8() {
         "{stderr}"
     );
 }
+
+/// `token init` checks both PINs' lengths against the token before C_InitToken, so a PIN
+/// the token will not take leaves nothing behind; a token some earlier init left without a
+/// user PIN is named as such instead of only "exists".
+#[test]
+fn token_init_checks_pin_lengths_first_and_names_a_half_made_token() {
+    let env = Env::new();
+    let tokens = env.path("softhsm/tokens");
+    let empty_tokens = || {
+        std::fs::remove_dir_all(&tokens).unwrap();
+        std::fs::create_dir(&tokens).unwrap();
+    };
+    let token_init = |so_pin_file: &str| {
+        env.meshca_with_config(&["token", "init"])
+            .arg("--so-pin-file")
+            .arg(env.path(so_pin_file))
+            .output()
+            .unwrap()
+    };
+    let write_pin = |name: &str, pin: &str| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = env.path(name);
+        let _ = std::fs::remove_file(&path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, pin.as_bytes()).unwrap();
+    };
+    empty_tokens();
+
+    write_pin("short-so-pin", "q7z");
+    let out = token_init("short-so-pin");
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains(
+                "the security officer PIN is shorter than this token takes (4 to 255 characters)"
+            )
+            && !stderr.contains("q7z"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tokens).unwrap().count(),
+        0,
+        "a token was made"
+    );
+
+    let user_pin = std::fs::read_to_string(env.path("softhsm/user-pin")).unwrap();
+    write_pin("softhsm/user-pin", "k9w");
+    let out = token_init("softhsm/so-pin");
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("the user PIN is shorter than this token takes")
+            && !stderr.contains("k9w"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tokens).unwrap().count(),
+        0,
+        "a token was made"
+    );
+    write_pin("softhsm/user-pin", &user_pin);
+
+    // C_InitToken without C_InitPIN, as an init stopped half way leaves it. pkcs11-tool
+    // takes an SO PIN only on its command line: a throwaway one, for this token alone.
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", env.path("softhsm/softhsm2.conf"))
+        .args([
+            "--module",
+            &softhsm_module(),
+            "--init-token",
+            "--label",
+            "meshca-test",
+        ])
+        .args(["--so-pin", "throwaway-so-pin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = token_init("softhsm/so-pin");
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("already exists without a user PIN")
+            && stderr.contains("softhsm2-util --delete-token"),
+        "{stderr}"
+    );
+
+    // Deleted, the token is made whole with the environment's PINs.
+    empty_tokens();
+    let out = token_init("softhsm/so-pin");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.run_with_config_ok(&["root", "init"]);
+}

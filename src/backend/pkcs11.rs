@@ -18,7 +18,7 @@ use cryptoki::object::{
     Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
 };
 use cryptoki::session::{Session, SessionState, UserType};
-use cryptoki::slot::Slot;
+use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 use der::asn1::{BitString, OctetString};
 use der::{Any, Decode, Encode};
@@ -499,22 +499,43 @@ pub fn init_token(
     })?;
     let context = load_module(settings)?;
     for slot in context.get_slots_with_initialized_token()? {
-        if context.get_token_info(slot)?.label().trim() == label {
+        let info = context.get_token_info(slot)?;
+        if info.label().trim() == label {
+            // An earlier init that stopped between C_InitToken and C_InitPIN leaves a token
+            // no one can log in to as user: say so rather than only "exists".
+            let half_made = if info.user_pin_initialized() {
+                ""
+            } else {
+                " without a user PIN (an earlier token init stopped half way); delete it \
+                 (for SoftHSM: softhsm2-util --delete-token --token <label>) and run token \
+                 init again"
+            };
             return Err(TokenError::Other(format!(
-                "a token labelled {label:?} already exists"
+                "a token labelled {label:?} already exists{half_made}"
             )));
         }
     }
-    let free = context
+    let (free, info) = context
         .get_slots_with_token()?
         .into_iter()
-        .find(|slot| {
-            context
-                .get_token_info(*slot)
-                .is_ok_and(|i| !i.token_initialized())
+        .find_map(|slot| {
+            let info = context.get_token_info(slot).ok()?;
+            (!info.token_initialized()).then_some((slot, info))
         })
         .ok_or_else(|| TokenError::Other("no uninitialized token slot is available".into()))?;
-    context.init_token(free, &auth_pin(so_pin), &label)?;
+    // Both lengths are checked before anything is written: a PIN refused after
+    // C_InitToken would leave a token with no user PIN behind.
+    pin_length_fits("security officer PIN", so_pin, &info)?;
+    pin_length_fits("user PIN", user_pin, &info)?;
+    context
+        .init_token(free, &auth_pin(so_pin), &label)
+        .map_err(|e| match e {
+            // SoftHSM answers a PIN it will not set with CKR_PIN_INCORRECT here.
+            CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _) => {
+                TokenError::Other("the token refused the security officer PIN".into())
+            }
+            other => other.into(),
+        })?;
     // SoftHSM moves an initialized token to a new slot: look it up again by label.
     let uri = Pkcs11Uri {
         token: Some(label.clone()),
@@ -527,6 +548,26 @@ pub fn init_token(
     session.init_pin(&auth_pin(user_pin))?;
     session.logout()?;
     Ok(label)
+}
+
+/// Refuses a PIN whose length the token says it does not take (its ulMinPinLen and
+/// ulMaxPinLen), naming which PIN; never the PIN itself.
+fn pin_length_fits(which: &str, pin: &Secret, info: &TokenInfo) -> Result<(), TokenError> {
+    let (min, max, len) = (
+        info.min_pin_length(),
+        info.max_pin_length(),
+        pin.expose().len(),
+    );
+    let off = if len < min {
+        "shorter"
+    } else if max > 0 && len > max {
+        "longer"
+    } else {
+        return Ok(());
+    };
+    Err(TokenError::Other(format!(
+        "the {which} is {off} than this token takes ({min} to {max} characters)"
+    )))
 }
 
 /// Key objects on the token, by class.
