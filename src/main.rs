@@ -321,10 +321,49 @@ fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> ! {
     // Gives the subcommand its full name ("meshca agent") for the usage line.
     cli.build();
     let kind = clap::error::ErrorKind::ArgumentConflict;
-    match cli.find_subcommand_mut(subcommand) {
-        Some(command) => command.error(kind, message).exit(),
-        None => cli.error(kind, message).exit(),
+    let error = match cli.find_subcommand_mut(subcommand) {
+        Some(command) => command.error(kind, message),
+        None => cli.error(kind, message),
+    };
+    exit_on_usage_error(error)
+}
+
+/// Ends the process on clap's error, as clap does (exit 2; help and version print to
+/// stdout and exit 0), but as one JSON line when the command line asks for JSON logs:
+/// whatever reads the log as JSON lines must get this line too.
+fn exit_on_usage_error(error: clap::Error) -> ! {
+    if error.use_stderr() && json_logs_requested(std::env::args_os()) {
+        eprintln!(
+            "{}",
+            meshca::logging::fatal_error_line(true, &usage_error_message(&error), 2)
+        );
+        std::process::exit(2);
     }
+    error.exit()
+}
+
+/// `--log-format json` (or `=json`) anywhere on a command line that clap could not parse.
+fn json_logs_requested(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    let mut previous_was_flag = false;
+    for arg in args {
+        if arg == "--" {
+            return false;
+        }
+        if arg == "--log-format=json" || (previous_was_flag && arg == "json") {
+            return true;
+        }
+        previous_was_flag = arg == "--log-format";
+    }
+    false
+}
+
+/// clap's message without its `error: ` prefix and usage block: the first paragraph,
+/// on one line.
+fn usage_error_message(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let first = rendered.split("\n\n").next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    first.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// How a cluster reaches the signer over mTLS (`meshca request` and `meshca agent`).
@@ -466,7 +505,10 @@ struct AgentArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = {
+        use clap::Parser;
+        Cli::try_parse().unwrap_or_else(|error| exit_on_usage_error(error))
+    };
     meshca::tlsutil::install_default_provider();
     init_logging(cli.log_format, &cli.log_level);
     let json = matches!(cli.log_format, LogFormat::Json);
@@ -1178,6 +1220,39 @@ fn federation_render(virtual_mesh: &Path, inventory: &Path, out_dir: &Path) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_logs_are_seen_on_a_command_line_clap_refused() {
+        let args = |list: &[&str]| {
+            list.iter()
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+        };
+        assert!(json_logs_requested(args(&[
+            "meshca",
+            "--log-format",
+            "json",
+            "x"
+        ])));
+        assert!(json_logs_requested(args(&[
+            "meshca",
+            "serve",
+            "--log-format=json"
+        ])));
+        assert!(!json_logs_requested(args(&["meshca", "serve", "json"])));
+        assert!(!json_logs_requested(args(&[
+            "meshca",
+            "--log-format",
+            "text",
+            "json"
+        ])));
+        // After `--` it is a value, not the flag.
+        assert!(!json_logs_requested(args(&[
+            "meshca",
+            "--",
+            "--log-format=json"
+        ])));
+    }
 
     #[test]
     fn durations_past_what_a_clock_holds_are_refused_by_name() {

@@ -91,3 +91,73 @@ fn the_error_a_command_ends_with_is_a_json_line_under_log_format_json() {
         "{stderr}"
     );
 }
+
+/// A usage mistake, whether clap finds it while parsing or meshca right after, is one JSON
+/// line under `--log-format json` (placed before or after the subcommand), exit 2; help
+/// still prints as text to stdout.
+#[test]
+fn a_usage_mistake_is_a_json_line_under_log_format_json() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshca"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (args, expected) in [
+        (
+            &["--log-format", "json", "serve", "--bogus"][..],
+            "meshca: error: unexpected argument '--bogus' found",
+        ),
+        (
+            &["serve", "--log-format=json", "--config"][..],
+            "meshca: error: a value is required for '--config <CONFIG>'",
+        ),
+        (
+            // Found by meshca after parsing: the two flags together.
+            &[
+                "agent",
+                "--log-format",
+                "json",
+                "--signer",
+                "https://127.0.0.1:1",
+                "--ca-cert",
+                "ca.pem",
+                "--client-cert",
+                "client.pem",
+                "--client-key",
+                "client.key",
+                "--virtual-mesh",
+                "ns/vm",
+                "--mesh",
+                "ns/mesh",
+                "--target-dir",
+                "cacerts",
+                "--renew-fraction",
+                "0.3",
+                "--jitter-fraction",
+                "0.4",
+            ][..],
+            "meshca: error: --jitter-fraction must be between 0 and 0.5 and below --renew-fraction",
+        ),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let lines: Vec<Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert_eq!(lines[0]["level"], "ERROR", "{stderr}");
+        assert_eq!(lines[0]["exit_status"], 2, "{stderr}");
+        let message = lines[0]["message"].as_str().unwrap();
+        assert!(message.starts_with(expected), "{args:?}: {message}");
+    }
+    let help = run(&["--log-format", "json", "serve", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(
+        String::from_utf8(help.stdout)
+            .unwrap()
+            .contains("Usage: meshca serve")
+    );
+}
