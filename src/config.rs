@@ -688,7 +688,7 @@ fn pkcs11_settings(
         .map(|p| PathBuf::from(p.strip_prefix("file:").unwrap_or(p)));
     let pin = match (section.pin_file, section.pin_env, uri_pin) {
         (Some(file), None, None) => SecretSource::File(resolve(&file)),
-        (None, Some(env), None) => SecretSource::Env(env),
+        (None, Some(env), None) => SecretSource::env("pkcs11.pin_env", env)?,
         (None, None, Some(file)) => SecretSource::File(resolve(&file)),
         (None, None, None) => {
             return Err("pkcs11: set pin_file or pin_env (PINs are never accepted inline or on the command line)".into());
@@ -872,6 +872,17 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert!(!err.contains("987654"), "{err}");
         assert!(
             err.contains("invalid type: integer (value not shown), expected a string"),
+            "{err}"
+        );
+        // Quoted, it is a string, but no variable's name: still not shown.
+        let quoted = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("pin_env = 987654", "pin_env = \"987654\"");
+        std::fs::write(&path, quoted).unwrap();
+        let err = SignerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            !err.contains("987654")
+                && err.contains("pkcs11.pin_env is not an environment variable name"),
             "{err}"
         );
         assert_eq!(

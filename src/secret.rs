@@ -35,6 +35,27 @@ pub enum SecretSource {
     Env(String),
 }
 
+impl SecretSource {
+    /// An environment variable source from the config key `key` (`pkcs11.pin_env`, ...).
+    /// A value that is no variable name is refused without being shown: it is most likely
+    /// the secret itself, typed where its variable's name belongs.
+    pub fn env(key: &str, name: String) -> Result<SecretSource, String> {
+        let mut chars = name.chars();
+        let well_formed = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if well_formed {
+            Ok(SecretSource::Env(name))
+        } else {
+            Err(format!(
+                "{key} is not an environment variable name (letters, digits and _, not \
+                 starting with a digit); its value is not shown: it may be the secret itself"
+            ))
+        }
+    }
+}
+
 impl fmt::Display for SecretSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -198,6 +219,21 @@ mod tests {
                 && !err.contains("piped-secret"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_value_that_is_no_variable_name_is_refused_unshown() {
+        for name in ["123456", "9f1c2d3e-canary", "s.token value", "", "PIN=1"] {
+            let err = SecretSource::env("pkcs11.pin_env", name.into()).unwrap_err();
+            assert!(err.starts_with("pkcs11.pin_env is not an environment variable name"));
+            assert!(name.is_empty() || !err.contains(name), "{err}");
+        }
+        for name in ["MESHCA_PIN", "_x", "pin2"] {
+            assert_eq!(
+                SecretSource::env("k", name.into()),
+                Ok(SecretSource::Env(name.into()))
+            );
+        }
     }
 
     #[test]

@@ -228,7 +228,7 @@ fn one_secret(
 ) -> Result<SecretSource, String> {
     match (file, env) {
         (Some(file), None) => Ok(SecretSource::File(file)),
-        (None, Some(env)) => Ok(SecretSource::Env(env)),
+        (None, Some(env)) => SecretSource::env(&format!("vault.auth.{env_key}"), env),
         (None, None) => Err(format!(
             "{section}: set {file_key} or {env_key} (secrets are never accepted inline or on the command line)"
         )),
@@ -320,6 +320,31 @@ mod tests {
                 jwt_file: DEFAULT_JWT_FILE.into(),
             }
         );
+    }
+
+    #[test]
+    fn a_secret_where_its_variable_name_belongs_is_refused_unshown() {
+        for (auth, key) in [
+            (
+                "method = \"token\"\ntoken_env = \"s.canaryTOKEN\"\n",
+                "token_env",
+            ),
+            (
+                "method = \"approle\"\nrole_id_file = \"r\"\nsecret_id_env = \"9f1c-canaryTOKEN\"\n",
+                "secret_id_env",
+            ),
+        ] {
+            let err = parse(&format!(
+                "address = \"http://127.0.0.1:8200\"\nissuer_ref = \"r\"\n[auth]\n{auth}"
+            ))
+            .unwrap_err();
+            assert!(
+                err.contains(&format!(
+                    "vault.auth.{key} is not an environment variable name"
+                )) && !err.contains("canaryTOKEN"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
