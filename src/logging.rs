@@ -107,6 +107,11 @@ where
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi && !json)
+        // A log line stderr's reader is no longer there to take is dropped: tracing's
+        // report of the failed write goes to stderr with eprintln!, whose panic (EPIPE)
+        // the panic hook logs to stderr again, and the process aborts. A signer must
+        // keep serving when its log pipe breaks.
+        .log_internal_errors(false)
         .with_writer(writer);
     if json {
         builder.json().flatten_event(true).init();

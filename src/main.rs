@@ -51,12 +51,21 @@ macro_rules! say_raw {
     }};
 }
 
+/// Writes a line to stderr, ignoring a failed write: with stderr's reader gone (`2>&1 |
+/// tee` after tee died), eprintln! would panic, and the exit status would be an abort.
+macro_rules! to_stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Ends the process after stdout failed: silently for a closed pipe, else naming the error.
 fn stdout_failed(e: std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(141);
     }
-    eprintln!("meshca: error: cannot write to stdout: {e}");
+    to_stderr!("meshca: error: cannot write to stdout: {e}");
     std::process::exit(1)
 }
 
@@ -333,7 +342,7 @@ fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> ! {
 /// whatever reads the log as JSON lines must get this line too.
 fn exit_on_usage_error(error: clap::Error) -> ! {
     if error.use_stderr() && json_logs_requested(std::env::args_os()) {
-        eprintln!(
+        to_stderr!(
             "{}",
             meshca::logging::fatal_error_line(true, &usage_error_message(&error), 2)
         );
@@ -520,7 +529,7 @@ fn main() -> ExitCode {
                 None => 1,
             };
             // Written whatever the log level: it is why the process ends.
-            eprintln!(
+            to_stderr!(
                 "{}",
                 meshca::logging::fatal_error_line(json, &describe(&e), status)
             );
@@ -716,7 +725,7 @@ fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
     if !issuer_pem_matches {
         // A script checking the root must not read success here: a signer with this
         // config refuses to start.
-        eprintln!(
+        to_stderr!(
             "meshca: Vault issuer {} is not the root in {}: a signer with this config will not start",
             settings.issuer_ref,
             config.root.certificate.display()

@@ -2027,3 +2027,56 @@ async fn the_limit_on_open_files_is_raised_at_start_and_one_too_low_is_named() {
     let report = text(&run_ok(&mut check).stdout);
     assert!(report.contains(&format!("warning: {warning}")), "{report}");
 }
+
+/// With stderr's reader gone (`meshca serve 2>&1 | tee log` after tee died) a log line is
+/// dropped, not a reason to abort: the signer keeps serving and stops cleanly, its stop
+/// record written. Before, the first line after the pipe broke aborted the process.
+#[tokio::test]
+async fn a_signer_whose_stderr_reader_is_gone_keeps_serving_and_stops_cleanly() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut child = env
+        .meshca_with_config(&["--log-format", "json", "serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines
+            .next()
+            .expect("stderr ended before the signer listened")
+            .unwrap();
+        if let Ok(event) = serde_json::from_str::<Value>(&line)
+            && let Some(api) = event["api"].as_str()
+        {
+            break api.parse().unwrap();
+        }
+    };
+    drop(lines);
+
+    // A refused handshake is logged (into the broken pipe); then a trusted client is served.
+    let mut junk = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut junk, b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    drop(junk);
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let answer = env
+        .client("cluster-a")
+        .post(format!("https://{addr}/v1/sign"))
+        .json(&sign_body(VM, MESH_A, &csr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    assert!(child.try_wait().unwrap().is_none(), "the signer exited");
+
+    // Its stop is logged too (into the broken pipe) before the stop record is written.
+    send_signal(child.id(), "TERM");
+    let status = wait_within(&mut child, EXIT_WAIT).expect("the signer did not stop");
+    assert!(status.success(), "{status:?}");
+    let audit = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    let last: Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "stop", "{audit}");
+}
