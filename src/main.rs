@@ -313,8 +313,13 @@ fn jitter_fraction(text: &str) -> Result<f64, String> {
 
 /// A `--retire-root`: a fingerprint in another form (SHA-1, a typo) would match no root,
 /// and the root would stay trusted without a word.
+/// openssl's whole line (`sha256 Fingerprint=3F:36:...`) is taken as it is printed: what
+/// an operator pastes. Its name (`sha1 Fingerprint=`) does not decide: the digits do.
 fn retired_root(text: &str) -> Result<String, String> {
-    rotation::parse_sha256_fingerprint(text).map_err(|e| e.to_string())
+    let digits = text
+        .split_once(" Fingerprint=")
+        .map_or(text, |(_, digits)| digits);
+    rotation::parse_sha256_fingerprint(digits.trim()).map_err(|e| e.to_string())
 }
 
 /// A `--signer` URL, refused at once rather than after the TLS files are read.
@@ -1229,6 +1234,25 @@ fn federation_render(virtual_mesh: &Path, inventory: &Path, out_dir: &Path) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retired_root_is_taken_as_openssl_prints_its_fingerprint_line() {
+        let pairs = vec!["3F"; 32].join(":");
+        let normalized = "3f".repeat(32);
+        for line in [
+            format!("sha256 Fingerprint={pairs}"),
+            format!("SHA256 Fingerprint={pairs}\n"),
+            pairs.clone(),
+        ] {
+            assert_eq!(retired_root(&line), Ok(normalized.clone()), "{line}");
+        }
+        let sha1 = vec!["AA"; 20].join(":");
+        assert!(
+            retired_root(&format!("sha1 Fingerprint={sha1}"))
+                .unwrap_err()
+                .contains("SHA-1")
+        );
+    }
 
     #[test]
     fn json_logs_are_seen_on_a_command_line_clap_refused() {
