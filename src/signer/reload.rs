@@ -118,19 +118,26 @@ impl Rules {
     fn write_out(&self) -> String {
         let mut text = format!("root {}\n", self.root_sha256);
         for policy in self.policies.iter() {
+            let display_name = policy
+                .display_name
+                .as_deref()
+                .map(|name| format!(" display_name={}", quoted(name)))
+                .unwrap_or_default();
             text.push_str(&format!(
-                "virtual_mesh {} org={:?} max_ttl_seconds={} min_rsa_bits={} display_name={:?} meshes={}\n",
+                "virtual_mesh {} org={} max_ttl_seconds={} min_rsa_bits={}{display_name} meshes={}\n",
                 policy.id,
-                policy.org_name,
+                quoted(&policy.org_name),
                 policy.max_ttl.as_secs(),
                 policy.min_rsa_bits,
-                policy.display_name,
                 names(policy.meshes.iter())
             ));
         }
         for (identity, grants) in self.authorization.clients() {
             for (virtual_mesh, mesh) in grants {
-                text.push_str(&format!("grant {identity:?} {virtual_mesh} {mesh}\n"));
+                text.push_str(&format!(
+                    "grant {} {virtual_mesh} {mesh}\n",
+                    quoted(identity)
+                ));
             }
         }
         for (name, value) in limit_settings(&self.limits) {
@@ -154,6 +161,12 @@ impl Rules {
         rules.written_out = std::sync::OnceLock::new(); // of the rules with that limit
         rules
     }
+}
+
+/// A free-text value in the rules' text, as a JSON string: a defined quoting an auditor's
+/// tools read (Rust's `{:?}` is not one, and may change).
+fn quoted(value: &str) -> String {
+    serde_json::Value::from(value).to_string()
 }
 
 /// How newly read rules differ from those in force: one statement per change, virtual
@@ -517,7 +530,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
             rules.text(),
             format!(
                 "root {ROOT}\n\
-                 virtual_mesh test/vm org=\"acme\" max_ttl_seconds=2592000 min_rsa_bits=2048 display_name=None meshes=test/cluster-a, test/cluster-b\n\
+                 virtual_mesh test/vm org=\"acme\" max_ttl_seconds=2592000 min_rsa_bits=2048 meshes=test/cluster-a, test/cluster-b\n\
                  grant \"spiffe://t/a\" test/vm test/cluster-a\n\
                  limit sign_requests_per_minute=600\n\
                  limit sign_burst=60\n\
@@ -527,6 +540,16 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
                  limit body_timeout_ms=10000\n\
                  limit drain_timeout_ms=30000\n"
             )
+        );
+        // Free text is quoted as a JSON string; a display name is named only when set.
+        let named = MESHES.replace("spec:\n", "spec:\n  displayName: 'Demo \"Mesh\" \\ 1'\n");
+        let named = Rules::of(&config(dir.path(), &named, A_ONLY, ""), ROOT);
+        assert!(
+            named.text().contains(
+                "min_rsa_bits=2048 display_name=\"Demo \\\"Mesh\\\" \\\\ 1\" meshes=test/cluster-a"
+            ),
+            "{}",
+            named.text()
         );
         // The same rules read again (from another file): the same digest.
         std::fs::create_dir(dir.path().join("other")).unwrap();
