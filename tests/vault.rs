@@ -986,6 +986,8 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
     let refused = env.run_with_config(&["serve", "--check", "--online"]);
     // Stopped first, so every line it wrote (the last request's too) is searched.
     assert!(signer.terminate());
+    // A start with the refused token ends as one with a refused PIN.
+    let start_refused = env.run_with_config(&["serve"]);
     let logs = signer.logs();
     let audit = std::fs::read_to_string(env.path("audit.log")).unwrap();
     let root_token = env.bao().root_token().to_string();
@@ -1009,6 +1011,14 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
                 text(&online.stderr),
                 text(&refused.stdout),
                 text(&refused.stderr)
+            ),
+        ),
+        (
+            "serve",
+            format!(
+                "{}{}",
+                text(&start_refused.stdout),
+                text(&start_refused.stderr)
             ),
         ),
     ] {
@@ -1036,11 +1046,19 @@ async fn vault_secrets_stay_out_of_logs_errors_and_output() {
         "{}",
         text(&check.stdout)
     );
-    assert!(!refused.status.success());
+    // Refused credentials exit 78, which the systemd unit does not restart on: each start
+    // would present them again, towards locking the role (AppRole's user lockout).
+    assert_eq!(refused.status.code(), Some(78), "{}", text(&refused.stderr));
     assert!(
         text(&refused.stderr).contains("vault/token"),
         "{}",
         text(&refused.stderr)
+    );
+    assert_eq!(
+        start_refused.status.code(),
+        Some(78),
+        "{}",
+        text(&start_refused.stderr)
     );
     assert!(
         logs.contains("\"level\":\"TRACE\""),

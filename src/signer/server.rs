@@ -25,7 +25,8 @@ use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
 use crate::backend::pkcs11::{Pkcs11Backend, TokenError};
-use crate::backend::vault::VaultBackend;
+use crate::backend::vault::client::VaultError;
+use crate::backend::vault::{VaultBackend, VaultStartError};
 use crate::config::{
     AnnouncedRoot, Announcement, BackendSettings, ConfigError, RootSettings, SignerConfig,
 };
@@ -46,6 +47,10 @@ pub enum StartError {
     /// again, and each refusal counts towards locking the token.
     #[error("{0}")]
     PinRefused(String),
+    /// Vault refused the login's credentials: a restart would present them again, and
+    /// each refusal counts towards locking the role.
+    #[error("{0}")]
+    CredentialsRefused(String),
     #[error(transparent)]
     Audit(#[from] super::audit::AuditError),
     #[error(transparent)]
@@ -62,7 +67,7 @@ impl StartError {
     /// `RestartPreventExitStatus`); 1 otherwise.
     pub fn exit_status(&self) -> u8 {
         match self {
-            StartError::PinRefused(_) => EXIT_PIN_REFUSED,
+            StartError::PinRefused(_) | StartError::CredentialsRefused(_) => EXIT_PIN_REFUSED,
             _ => 1,
         }
     }
@@ -219,7 +224,15 @@ pub fn start_backend(
             // start here.
             let backend = tokio::runtime::Handle::current()
                 .block_on(VaultBackend::start(settings, root))
-                .map_err(|e| StartError::Backend(format!("Vault: {e}")))?;
+                .map_err(|e| {
+                    let message = format!("Vault: {e}");
+                    match e {
+                        VaultStartError::Vault(VaultError::LoginRefused { .. }) => {
+                            StartError::CredentialsRefused(message)
+                        }
+                        _ => StartError::Backend(message),
+                    }
+                })?;
             Ok(Arc::new(backend))
         }
     }

@@ -55,6 +55,14 @@ pub enum VaultError {
         method: &'static str,
         message: String,
     },
+    /// Vault answered the login (or the token's lookup) with a 4xx: the credentials are
+    /// wrong, and trying them again counts towards locking the role (AppRole's user
+    /// lockout), as a refused PIN does towards locking a token.
+    #[error("Vault login ({method}) failed: {message}")]
+    LoginRefused {
+        method: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     Secret(#[from] SecretError),
     #[error("unexpected answer from Vault to {what}: {message}")]
@@ -571,7 +579,7 @@ impl VaultClient {
         let login_error = |e: VaultError| match e {
             VaultError::Api {
                 status, message, ..
-            } if (400..500).contains(&status) => VaultError::Login {
+            } if (400..500).contains(&status) => VaultError::LoginRefused {
                 method,
                 message: format!("Vault answered {status}: {message}"),
             },
@@ -584,7 +592,7 @@ impl VaultClient {
                     .await
                     .map_err(|e| self.vaultrs_error("GET auth/token/lookup-self", e))
                     .map_err(|e| match e {
-                        VaultError::Api { status: 403, .. } => VaultError::Login {
+                        VaultError::Api { status: 403, .. } => VaultError::LoginRefused {
                             method,
                             message: format!(
                                 "Vault refused the token from {source} (403): it has expired, was revoked or is wrong"
