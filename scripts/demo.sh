@@ -95,7 +95,10 @@ pin_file = \"softhsm/user-pin\"
 softhsm2_conf = \"softhsm/softhsm2.conf\""
 else
   bao_bin=$("$repo/scripts/bao-path.sh")
-  bao() { "$bao_bin" "$@"; }
+  # The root token goes to bao alone: exported, every meshca process of the demo would
+  # carry it in its environment (/proc/<pid>/environ, a core dump) for its whole life.
+  bao_token=
+  bao() { BAO_TOKEN=$bao_token "$bao_bin" "$@"; }
   bao_port=$(free_port)
   step "1. OpenBao holds the root: bao server -dev on 127.0.0.1:$bao_port"
   echo "    (its root token comes from the environment and is kept in openbao/root-token, mode 0600;"
@@ -111,8 +114,7 @@ else
     >> openbao/openbao.log 2>&1 &
   bao_pid=$!
   export BAO_ADDR=http://127.0.0.1:$bao_port
-  BAO_TOKEN=$(cat openbao/root-token)
-  export BAO_TOKEN
+  bao_token=$(cat openbao/root-token)
   for _ in $(seq 1 300); do
     bao status >/dev/null 2>&1 && break
     kill -0 "$bao_pid" 2>/dev/null || { echo "OpenBao exited, see $demo_rel/openbao/openbao.log" >&2; exit 1; }

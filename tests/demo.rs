@@ -15,9 +15,23 @@ use common::*;
 /// Runs the demo for `backend`: it must end well, in a handshake openssl verifies.
 fn demo(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
+    // meshca through a wrapper that notes the names (never the values) in each meshca
+    // process's environment: the demo's root token must reach bao alone.
+    let names = dir.path().join("environment-names");
+    let wrapper = dir.path().join("meshca");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nenv | cut -d= -f1 >> '{}'\nexec '{MESHCA}' \"$@\"\n",
+            names.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new(repo().join("scripts/demo.sh"))
         .arg(backend)
-        .env("MESHCA", MESHCA)
+        .env("MESHCA", &wrapper)
         .env("MESHCA_DEMO_DIR", dir.path().join("demo"))
         .env("MESHCA_DEMO_LISTEN", format!("127.0.0.1:{}", free_port()))
         .output()
@@ -35,6 +49,14 @@ fn demo(backend: &str) {
         stdout.contains("Verify return code: 0 (ok)"),
         "demo {backend}: no verified handshake in:\n{stdout}"
     );
+    let names = std::fs::read_to_string(&names).unwrap();
+    assert!(names.lines().any(|n| n == "PATH"), "the wrapper never ran");
+    for secret in ["BAO_TOKEN", "VAULT_TOKEN", "BAO_DEV_ROOT_TOKEN_ID"] {
+        assert!(
+            !names.lines().any(|n| n == secret),
+            "demo {backend}: a meshca process had {secret} in its environment"
+        );
+    }
 }
 
 #[test]
