@@ -42,6 +42,9 @@ use crate::pki::csr::hex;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Most lines committed by one write + fsync.
 const MAX_BATCH: usize = 512;
+/// How many lines back `verify` looks for the line a break continues (two writers on one
+/// log each continue their own last line, a few lines back).
+const VERIFY_LOOKBACK: usize = 16_384;
 /// Longest a line waits for expected siblings before its group is written. Small against
 /// the latency of a signer under load, which is when it applies.
 pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
@@ -820,6 +823,10 @@ pub fn verify(
         ));
     }
     let mut prev = after.unwrap_or(GENESIS).to_string();
+    // The hashes of the last lines (line 0: what line 1 continues), to tell a break where
+    // a line continues an earlier line than the one before it: two writers, or lines
+    // inserted.
+    let mut recent: std::collections::VecDeque<(usize, String)> = std::collections::VecDeque::new();
     let mut continues_from = None;
     let mut anchored = Vec::new();
     let mut records = 0;
@@ -864,6 +871,9 @@ pub fn verify(
         };
         let continues_a_file_not_given =
             number == 1 && after.is_none() && record.event == "rotation" && record.prev != GENESIS;
+        if number == 1 {
+            recent.push_back((0, record.prev.clone()));
+        }
         if continues_a_file_not_given {
             continues_from = Some(record.prev.clone());
         } else if record.prev != prev {
@@ -876,11 +886,7 @@ pub fn verify(
                     "the chain does not start here: prev is {}, not the chain's start (lines removed from the beginning; a file continuing a rotated one begins with a rotation record)",
                     record.prev
                 ),
-                _ => format!(
-                    "line {number} does not continue line {before}: its prev is {}, but line {before} hashes to {prev}; line {before} was changed, lines were removed or inserted between them, or line {number}'s prev was changed",
-                    record.prev,
-                    before = number - 1,
-                ),
+                _ => broken_link(number, &record.prev, &prev, &recent),
             };
             return Ok(VerifyOutcome::Broken {
                 line: number,
@@ -889,6 +895,10 @@ pub fn verify(
         }
         prev = hex(&sha2::Sha256::digest(&line));
         records += 1;
+        if recent.len() == VERIFY_LOOKBACK {
+            recent.pop_front();
+        }
+        recent.push_back((number, prev.clone()));
         if anchors.contains(&prev) {
             anchored.push((prev.clone(), number));
         }
@@ -899,6 +909,54 @@ pub fn verify(
         continues_from,
         anchored,
     })
+}
+
+/// Why line `number`, whose prev is `its_prev`, does not continue the line before it,
+/// which hashes to `before_hash`; `recent` holds the hashes of the lines before (line 0:
+/// what line 1 continues). A prev that is the hash of an earlier line, or the chain's
+/// start, is what a second writer leaves: each writer continues its own last line (or
+/// starts from what it found), and the other's lines come between.
+fn broken_link(
+    number: usize,
+    its_prev: &str,
+    before_hash: &str,
+    recent: &std::collections::VecDeque<(usize, String)>,
+) -> String {
+    let before = number - 1;
+    let head = format!(
+        "line {number} does not continue line {before}: its prev is {its_prev}, but line {before} hashes to {before_hash}"
+    );
+    let two_writers = "two writers append to this log, each continuing its own chain (a second signer on the same file: an older meshca, which does not lock the log, left running beside a newer one, or another program)";
+    let continued = recent
+        .iter()
+        .rev()
+        .find(|(_, hash)| hash == its_prev)
+        .map(|(at, _)| *at);
+    match continued {
+        Some(at) => {
+            let from = if at > 0 {
+                format!("the hash of line {at}")
+            } else if its_prev == GENESIS {
+                "the chain's start, as line 1's is".to_string()
+            } else {
+                "what line 1 continues".to_string()
+            };
+            let lines = if at + 1 == before {
+                format!("line {before} is")
+            } else {
+                format!("lines {} to {before} are", at + 1)
+            };
+            format!(
+                "{head}; its prev is {from}, so {lines} not in its chain: {two_writers}, or those lines were inserted"
+            )
+        }
+        None if its_prev == GENESIS => format!(
+            "{head}; its prev is the chain's start, so a second chain starts here: {two_writers}, or line {number}'s prev was changed"
+        ),
+        None => format!(
+            "{head}; line {before} was changed, lines were removed or inserted between them, line {number}'s prev was changed, or {two_writers}"
+        ),
+    }
 }
 
 /// The compression `start` (a file's first bytes) shows, and the command that undoes it.
@@ -1412,6 +1470,29 @@ mod tests {
             verify_file(&path),
             VerifyOutcome::Broken { line: 2, .. }
         ));
+    }
+
+    /// Two signers started on one empty log (the older without the lock): the second
+    /// start record begins a chain of its own, which verify names.
+    #[test]
+    fn a_second_chain_in_one_file_is_named_for_two_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut text = Vec::new();
+        let a = encode_line(record(0), GENESIS, &mut text);
+        let b = encode_line(record(1), GENESIS, &mut text);
+        encode_line(record(2), &a, &mut text);
+        encode_line(record(3), &b, &mut text);
+        std::fs::write(&path, &text).unwrap();
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line: 2, problem } => assert!(
+                problem.starts_with(&format!(
+                    "line 2 does not continue line 1: its prev is {GENESIS}, but line 1 hashes to {a}; its prev is the chain's start, as line 1's is, so line 1 is not in its chain: two writers append to this log"
+                )),
+                "{problem}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// verify takes a last line as the signer's start does: without its newline it is
