@@ -720,6 +720,81 @@ async fn an_audit_log_cut_in_place_while_serving_is_noticed_at_the_next_write() 
     assert!(stderr.contains("breaks at line 2"), "{stderr}");
 }
 
+/// Another writer appends to the audit log while the signer runs, as an older meshca
+/// (which takes no lock on the log) started beside it during an upgrade does: the next
+/// write finds the file longer than the signer left it, says so in the log (the file, the
+/// bytes added) and in `meshca_audit_foreign_appends_total`, and goes on with its own
+/// chain; verify breaks there and names two writers.
+#[tokio::test]
+async fn an_audit_log_another_writer_appends_to_while_serving_is_noticed_at_the_next_write() {
+    use sha2::Digest;
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    let log = env.path("audit.log");
+    let content = std::fs::read_to_string(&log).unwrap();
+    let lines = content.lines().count();
+    // The older signer's start record, chained from the last line it found.
+    let last = content.lines().last().unwrap();
+    let foreign = meshca::signer::audit::AuditRecord {
+        time: meshca::signer::audit::rfc3339(std::time::SystemTime::now()),
+        event: "start".into(),
+        prev: meshca::pki::csr::hex(&sha2::Sha256::digest(last.as_bytes())),
+        ..Default::default()
+    };
+    let foreign = serde_json::to_string(&foreign).unwrap() + "\n";
+    // Appended without the lock, to the file the signer holds open.
+    let mut other = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut other, foreign.as_bytes()).unwrap();
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    let line = signer
+        .wait_for_log("audit log is longer than the signer wrote it")
+        .await;
+    let logged: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(logged["level"], "ERROR", "{line}");
+    assert_eq!(logged["added_bytes"], foreign.len(), "{line}");
+    assert!(
+        logged["path"].as_str().unwrap().ends_with("audit.log"),
+        "{line}"
+    );
+    let message = logged["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("appended by another writer")
+            && message.contains("the hash chain will not verify past this point"),
+        "{line}"
+    );
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metrics.contains("meshca_audit_foreign_appends_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshca_audit_truncations_total 0"),
+        "{metrics}"
+    );
+    // Still issuing, the count unchanged by writes that find the file as it was left.
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    let metrics = signer.metrics(&client).await;
+    assert!(
+        metrics.contains("meshca_audit_foreign_appends_total 1"),
+        "{metrics}"
+    );
+    // The signer's line after the foreign one continues the signer's own last line.
+    let out = run(env.meshca().args(["audit", "verify", "audit.log"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    let (foreign_at, next) = (lines + 1, lines + 2);
+    assert!(
+        stderr.contains(&format!(
+            "breaks at line {next}: line {next} does not continue line {foreign_at}: "
+        )) && stderr.contains(&format!(
+            "its prev is the hash of line {lines}, so line {foreign_at} is not in its chain: two writers append to this log"
+        )),
+        "{stderr}"
+    );
+}
+
 /// An environment whose rate limit never binds: the load tests are about faults only.
 fn unlimited_env() -> Env {
     Env::with(EnvSpec::unlimited_rate())

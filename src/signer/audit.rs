@@ -14,6 +14,10 @@
 //! creates a new one at the path for its next lines, beginning with a `rotation` record
 //! that continues the chain from the moved file's last line.
 //!
+//! The writer notices, at each write, a file cut short in place (lines removed from its
+//! end) or grown under it (lines another writer appended: an older meshca, which does not
+//! lock the log, or another program): it says so, counts it, and goes on with its own chain.
+//!
 //! The chain has no key, and lines cut from the end of the newest file leave a chain that
 //! still verifies. The writer therefore publishes the hash of the last line it wrote (the
 //! chain's head, [`AuditLog::head`]); the signer logs it now and then ([`HeadAnchor`]), and
@@ -42,6 +46,9 @@ use crate::pki::csr::hex;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Most lines committed by one write + fsync.
 const MAX_BATCH: usize = 512;
+/// How many lines back `verify` looks for the line a break continues (two writers on one
+/// log each continue their own last line, a few lines back).
+const VERIFY_LOOKBACK: usize = 16_384;
 /// Longest a line waits for expected siblings before its group is written. Small against
 /// the latency of a signer under load, which is when it applies.
 pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
@@ -155,6 +162,7 @@ pub struct AuditLog {
     announced: Arc<Announced>,
     commits: Counter,
     truncations: Counter,
+    foreign_appends: Counter,
     head: Arc<Mutex<String>>,
     path: PathBuf,
 }
@@ -260,6 +268,7 @@ impl AuditLog {
         });
         let commits = Counter::default();
         let truncations = Counter::default();
+        let foreign_appends = Counter::default();
         let head = Arc::new(Mutex::new(last_hash.clone()));
         let metadata = file.metadata().map_err(io)?;
         let identity = FileIdentity::of(&metadata);
@@ -276,6 +285,7 @@ impl AuditLog {
             announced: announced.clone(),
             commits: commits.clone(),
             truncations: truncations.clone(),
+            foreign_appends: foreign_appends.clone(),
             head: head.clone(),
             commit_delay,
         };
@@ -292,6 +302,7 @@ impl AuditLog {
                 announced,
                 commits,
                 truncations,
+                foreign_appends,
                 head,
                 path: path.to_path_buf(),
             },
@@ -370,6 +381,13 @@ impl AuditLog {
         &self.truncations
     }
 
+    /// Counts the times a write found the file longer than the writer had left it:
+    /// another writer (an older meshca, which does not take the log's lock, or another
+    /// program) appended to it while the signer ran.
+    pub fn foreign_appends(&self) -> &Counter {
+        &self.foreign_appends
+    }
+
     /// The hash of the last line on disk (the chain's head; [`GENESIS`] for an empty log):
     /// what `meshca audit verify` prints as the last hash, once nothing is written after it.
     pub fn head(&self) -> String {
@@ -410,7 +428,8 @@ struct Writer {
     /// Which file `file` is, to notice the path being moved to another.
     identity: FileIdentity,
     /// The length `file` had when the writer last wrote it (or opened it): a file found
-    /// shorter at the next write was cut by something else.
+    /// shorter at the next write was cut by something else, one found longer was written
+    /// by something else.
     end: u64,
     /// `file` was created after a rotation and does not yet hold its `rotation` record.
     rotation_to_record: bool,
@@ -427,6 +446,7 @@ struct Writer {
     announced: Arc<Announced>,
     commits: Counter,
     truncations: Counter,
+    foreign_appends: Counter,
     /// Shared with [`AuditLog::head`]; follows `last_hash` after each commit.
     head: Arc<Mutex<String>>,
     commit_delay: Duration,
@@ -504,10 +524,14 @@ impl Writer {
         for pending in batch.iter_mut().filter(|pending| !pending.start) {
             hash = encode_line(std::mem::take(&mut pending.record), &hash, &mut buf);
         }
+        // One fstat per write tells both: the file cut short, or grown by another writer.
+        // A device (`/dev/full`) has no length to compare.
         let metadata = self.file.metadata().map_err(io)?;
         let before = metadata.len();
         if metadata.is_file() && before < self.end {
             self.truncated(before);
+        } else if metadata.is_file() && before > self.end {
+            self.appended_by_another(before);
         }
         let written = self
             .file
@@ -557,6 +581,28 @@ impl Writer {
             missing_bytes = self.end - length,
             "audit log is shorter than the signer wrote it: its last {} bytes were cut by something else while the signer ran (lines removed in place); the chain goes on from the signer's last line, and `meshca audit verify` shows the break",
             self.end - length
+        );
+    }
+
+    /// The file is `length` bytes long, longer than the writer left it: something else
+    /// appended to it while the signer ran, an older meshca (which takes no lock on the
+    /// log) or another program. Said and counted; the batch is written after those bytes
+    /// (the file is opened for appending) and still continues the writer's own last line,
+    /// not the other writer's: the chain must vouch only for lines this signer wrote (any
+    /// line at all would verify once chained from), its own lines stay one chain with the
+    /// heads it logged (an auditor follows them, prev by prev, past the other's), and the
+    /// bytes may be a line still under way, whose hash is not known yet. So `meshca audit
+    /// verify` breaks at the first of the other writer's lines and names the line the
+    /// chain goes on from.
+    fn appended_by_another(&self, length: u64) {
+        self.foreign_appends.inc();
+        tracing::error!(
+            path = %self.path.display(),
+            written_to = self.end,
+            length,
+            added_bytes = length - self.end,
+            "audit log is longer than the signer wrote it: {} bytes were appended by another writer while the signer ran (another meshca on the same log, such as an older build, which does not lock it, or another program): the hash chain will not verify past this point; stop the other writer; the signer goes on with its own chain",
+            length - self.end
         );
     }
 
@@ -820,6 +866,10 @@ pub fn verify(
         ));
     }
     let mut prev = after.unwrap_or(GENESIS).to_string();
+    // The hashes of the last lines (line 0: what line 1 continues), to tell a break where
+    // a line continues an earlier line than the one before it: two writers, or lines
+    // inserted.
+    let mut recent: std::collections::VecDeque<(usize, String)> = std::collections::VecDeque::new();
     let mut continues_from = None;
     let mut anchored = Vec::new();
     let mut records = 0;
@@ -864,6 +914,9 @@ pub fn verify(
         };
         let continues_a_file_not_given =
             number == 1 && after.is_none() && record.event == "rotation" && record.prev != GENESIS;
+        if number == 1 {
+            recent.push_back((0, record.prev.clone()));
+        }
         if continues_a_file_not_given {
             continues_from = Some(record.prev.clone());
         } else if record.prev != prev {
@@ -876,11 +929,7 @@ pub fn verify(
                     "the chain does not start here: prev is {}, not the chain's start (lines removed from the beginning; a file continuing a rotated one begins with a rotation record)",
                     record.prev
                 ),
-                _ => format!(
-                    "line {number} does not continue line {before}: its prev is {}, but line {before} hashes to {prev}; line {before} was changed, lines were removed or inserted between them, or line {number}'s prev was changed",
-                    record.prev,
-                    before = number - 1,
-                ),
+                _ => broken_link(number, &record.prev, &prev, &recent),
             };
             return Ok(VerifyOutcome::Broken {
                 line: number,
@@ -889,6 +938,10 @@ pub fn verify(
         }
         prev = hex(&sha2::Sha256::digest(&line));
         records += 1;
+        if recent.len() == VERIFY_LOOKBACK {
+            recent.pop_front();
+        }
+        recent.push_back((number, prev.clone()));
         if anchors.contains(&prev) {
             anchored.push((prev.clone(), number));
         }
@@ -899,6 +952,54 @@ pub fn verify(
         continues_from,
         anchored,
     })
+}
+
+/// Why line `number`, whose prev is `its_prev`, does not continue the line before it,
+/// which hashes to `before_hash`; `recent` holds the hashes of the lines before (line 0:
+/// what line 1 continues). A prev that is the hash of an earlier line, or the chain's
+/// start, is what a second writer leaves: each writer continues its own last line (or
+/// starts from what it found), and the other's lines come between.
+fn broken_link(
+    number: usize,
+    its_prev: &str,
+    before_hash: &str,
+    recent: &std::collections::VecDeque<(usize, String)>,
+) -> String {
+    let before = number - 1;
+    let head = format!(
+        "line {number} does not continue line {before}: its prev is {its_prev}, but line {before} hashes to {before_hash}"
+    );
+    let two_writers = "two writers append to this log, each continuing its own chain (a second signer on the same file: an older meshca, which does not lock the log, left running beside a newer one, or another program)";
+    let continued = recent
+        .iter()
+        .rev()
+        .find(|(_, hash)| hash == its_prev)
+        .map(|(at, _)| *at);
+    match continued {
+        Some(at) => {
+            let from = if at > 0 {
+                format!("the hash of line {at}")
+            } else if its_prev == GENESIS {
+                "the chain's start, as line 1's is".to_string()
+            } else {
+                "what line 1 continues".to_string()
+            };
+            let lines = if at + 1 == before {
+                format!("line {before} is")
+            } else {
+                format!("lines {} to {before} are", at + 1)
+            };
+            format!(
+                "{head}; its prev is {from}, so {lines} not in its chain: {two_writers}, or those lines were inserted"
+            )
+        }
+        None if its_prev == GENESIS => format!(
+            "{head}; its prev is the chain's start, so a second chain starts here: {two_writers}, or line {number}'s prev was changed"
+        ),
+        None => format!(
+            "{head}; line {before} was changed, lines were removed or inserted between them, line {number}'s prev was changed, or {two_writers}"
+        ),
+    }
 }
 
 /// The compression `start` (a file's first bytes) shows, and the command that undoes it.
@@ -1412,6 +1513,99 @@ mod tests {
             verify_file(&path),
             VerifyOutcome::Broken { line: 2, .. }
         ));
+    }
+
+    /// Something else appends to the log under the running writer (an older meshca,
+    /// which takes no lock, started when the log had one line): the next write says so
+    /// and counts it, once for each time the file grew, and goes on with the writer's own
+    /// chain; verify breaks at the other writer's line and names the line it continues.
+    #[tokio::test]
+    async fn a_file_grown_by_another_writer_is_counted_and_the_chain_goes_on_from_the_writers_head()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        log.append(record(0), log.expect_line()).await.unwrap();
+        let first = log.head();
+        log.append(record(1), log.expect_line()).await.unwrap();
+        let head = log.head();
+        // Without the lock, as an older meshca writes: its own chain, from the line it
+        // found last at its start.
+        let mut other = File::options().append(true).open(&path).unwrap();
+        let mut line = Vec::new();
+        let start = AuditRecord {
+            event: "start".into(),
+            ..record(9)
+        };
+        let other_head = encode_line(start, &first, &mut line);
+        other.write_all(&line).unwrap();
+        log.append(record(2), log.expect_line()).await.unwrap();
+        assert_eq!(log.foreign_appends().get(), 1);
+        assert_eq!(log.truncations().get(), 0);
+        // A write that finds the file as it was left counts nothing.
+        log.append(record(3), log.expect_line()).await.unwrap();
+        assert_eq!(log.foreign_appends().get(), 1);
+        // The other writer again, between two writes: counted again.
+        line.clear();
+        encode_line(record(10), &other_head, &mut line);
+        other.write_all(&line).unwrap();
+        log.append(record(4), log.expect_line()).await.unwrap();
+        assert_eq!(log.foreign_appends().get(), 2);
+
+        // The writer's lines continue each other, over the other's.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<AuditRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let clients: Vec<&str> = lines.iter().filter_map(|r| r.client.as_deref()).collect();
+        assert_eq!(
+            clients,
+            [
+                "client-0",
+                "client-1",
+                "client-9",
+                "client-2",
+                "client-3",
+                "client-10",
+                "client-4"
+            ]
+        );
+        let fifth = text.lines().nth(4).unwrap();
+        assert_eq!(lines[3].prev, head);
+        assert_eq!(lines[6].prev, hex(&sha2::Sha256::digest(fifth)));
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line: 3, problem } => assert!(
+                problem.starts_with("line 3 does not continue line 2: ")
+                    && problem.contains("its prev is the hash of line 1, so line 2 is not in its chain: two writers append to this log")
+                    && problem.contains("an older meshca, which does not lock the log"),
+                "{problem}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Two signers started on one empty log (the older without the lock): the second
+    /// start record begins a chain of its own, which verify names.
+    #[test]
+    fn a_second_chain_in_one_file_is_named_for_two_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut text = Vec::new();
+        let a = encode_line(record(0), GENESIS, &mut text);
+        let b = encode_line(record(1), GENESIS, &mut text);
+        encode_line(record(2), &a, &mut text);
+        encode_line(record(3), &b, &mut text);
+        std::fs::write(&path, &text).unwrap();
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line: 2, problem } => assert!(
+                problem.starts_with(&format!(
+                    "line 2 does not continue line 1: its prev is {GENESIS}, but line 1 hashes to {a}; its prev is the chain's start, as line 1's is, so line 1 is not in its chain: two writers append to this log"
+                )),
+                "{problem}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// verify takes a last line as the signer's start does: without its newline it is

@@ -373,6 +373,11 @@ impl Metrics {
             audit.truncations().clone(),
         );
         self.registry.register(
+            "audit_foreign_appends",
+            "Times the audit log was found longer than the signer had written it (another writer appended to it while the signer ran: an older meshca, which does not lock the log, or another program): its chain breaks there; the signer's log names the bytes added",
+            audit.foreign_appends().clone(),
+        );
+        self.registry.register(
             "audit_writable",
             "1 while the audit log takes lines (its last write succeeded), 0 otherwise: nothing is issued and /readyz is 503 meanwhile",
             audit.writable().clone(),
