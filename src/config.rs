@@ -667,6 +667,17 @@ fn check_member(policy: &VirtualMeshPolicy, mesh: &ObjectRef) -> Result<(), Stri
     }
 }
 
+/// A module path with a slash in it: a bare name is looked up by the dynamic loader
+/// (LD_LIBRARY_PATH, its cache), so the environment would choose the code that holds the
+/// root key's sessions, and not the file `serve --check` checked.
+fn never_searched(module: PathBuf) -> PathBuf {
+    if module.parent().is_some_and(|p| p.as_os_str().is_empty()) {
+        Path::new(".").join(module)
+    } else {
+        module
+    }
+}
+
 fn pkcs11_settings(
     section: Pkcs11Section,
     resolve: &dyn Fn(&Path) -> PathBuf,
@@ -677,11 +688,12 @@ fn pkcs11_settings(
         .map_err(|e| format!("pkcs11.key: {e}"))?;
     let module = match (&section.module, &key.module_path) {
         (Some(m), _) => resolve(m),
-        (None, Some(m)) => PathBuf::from(m),
+        (None, Some(m)) => resolve(Path::new(m)),
         (None, None) => {
             return Err("pkcs11.module is required (or module-path in the key URI)".into());
         }
     };
+    let module = never_searched(module);
     let uri_pin = key
         .pin_source
         .as_deref()
@@ -833,6 +845,32 @@ pin_file = "user-pin"
         )
         .unwrap();
         path
+    }
+
+    #[test]
+    fn a_module_is_always_a_path_never_a_name_the_loader_searches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_fixture(dir.path(), "");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "module = \"/usr/lib/softhsm/libsofthsm2.so\"\nkey = \"pkcs11:token=meshca;object=root-ca\"",
+            "key = \"pkcs11:token=meshca;object=root-ca?module-path=libsofthsm2.so\"",
+        );
+        assert!(text.contains("module-path=libsofthsm2.so"), "{text}");
+        let config = SignerConfig::parse(&path, &text).unwrap();
+        let Ok(BackendSettings::Pkcs11(settings)) = config.backend() else {
+            panic!("not a PKCS#11 backend");
+        };
+        // Resolved against the config's directory, as `module` is.
+        assert_eq!(settings.module, dir.path().join("libsofthsm2.so"));
+        // A config in the working directory: still a path.
+        assert_eq!(
+            never_searched(PathBuf::from("libsofthsm2.so")),
+            PathBuf::from("./libsofthsm2.so")
+        );
+        assert_eq!(
+            never_searched(PathBuf::from("/usr/lib/x.so")),
+            PathBuf::from("/usr/lib/x.so")
+        );
     }
 
     const GRANT: &str = r#"

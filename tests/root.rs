@@ -383,3 +383,57 @@ fn token_init_checks_pin_lengths_first_and_names_a_half_made_token() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     env.run_with_config_ok(&["root", "init"]);
 }
+
+/// A PKCS#11 module that another user could replace is refused before it is loaded, by
+/// `serve --check` and by every command that loads it, naming the file or directory:
+/// the module runs with the PIN and the root key's sessions.
+#[test]
+fn a_module_others_could_replace_is_refused_before_it_is_loaded() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let dir = env.path("modules");
+    std::fs::create_dir(&dir).unwrap();
+    let module = dir.join("libsofthsm2.so");
+    std::fs::copy(softhsm_module(), &module).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let config = config.replace(
+        &format!("module = \"{}\"", softhsm_module()),
+        &format!("module = \"{}\"", module.display()),
+    );
+    assert!(config.contains("modules/libsofthsm2.so"), "{config}");
+    std::fs::write(&env.config, config).unwrap();
+    let chmod = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    chmod(&dir, 0o755);
+    chmod(&module, 0o644);
+    env.run_with_config_ok(&["root", "show"]);
+
+    chmod(&module, 0o666);
+    for command in [&["serve", "--check"][..], &["root", "show"][..]] {
+        let out = env.run_with_config(command);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains(&format!(
+                    "its file {} can be written by any user (mode 666)",
+                    module.display()
+                ))
+                && stderr.contains("chmod go-w"),
+            "{command:?}: {stderr}"
+        );
+    }
+    chmod(&module, 0o644);
+    chmod(&dir, 0o775);
+    let stderr = text(&env.run_with_config(&["root", "show"]).stderr);
+    assert!(
+        stderr.contains(&format!(
+            "its directory {} can be written by its group (mode 775)",
+            dir.display()
+        )),
+        "{stderr}"
+    );
+    // The sticky bit keeps others from replacing a file they do not own (/tmp).
+    chmod(&dir, 0o1777);
+    env.run_with_config_ok(&["root", "show"]);
+}

@@ -414,6 +414,10 @@ pub fn token_sign(
 
 fn load_module(settings: &Pkcs11Settings) -> Result<Pkcs11, TokenError> {
     let module = settings.module.display().to_string();
+    module_file_trusted(&settings.module).map_err(|message| TokenError::Module {
+        module: module.clone(),
+        message,
+    })?;
     let context = Pkcs11::new(&settings.module).map_err(|e| TokenError::Module {
         module: module.clone(),
         message: e.to_string(),
@@ -427,6 +431,61 @@ fn load_module(settings: &Pkcs11Settings) -> Result<Pkcs11, TokenError> {
             message: e.to_string(),
         }),
     }
+}
+
+/// Refuses a PKCS#11 module that someone other than root or this process's user could
+/// replace: the module runs inside the signer with the PIN and sessions on the root key,
+/// so whoever can write it, or rename a file into one of its directories, can sign with
+/// the root. The file and every directory above it (as named and as resolved through
+/// symlinks) must belong to root or to this user and not be writable by group or others;
+/// a directory with the sticky bit (/tmp) keeps others from replacing a file there. A
+/// missing file is left to the loader, which names it.
+pub fn module_file_trusted(module: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(resolved) = std::fs::canonicalize(module) else {
+        return Ok(());
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = unsafe { libc::geteuid() };
+    let named = std::path::absolute(module).unwrap_or_else(|_| module.to_path_buf());
+    for path in named.ancestors().chain(resolved.ancestors()) {
+        let Ok(metadata) = std::fs::symlink_metadata(path) else {
+            continue;
+        };
+        if metadata.file_type().is_symlink() {
+            continue;
+        }
+        let mode = metadata.mode();
+        let sticky_dir = metadata.is_dir() && mode & 0o1000 != 0;
+        let what = if metadata.is_dir() {
+            "directory"
+        } else {
+            "file"
+        };
+        if metadata.uid() != 0 && metadata.uid() != user {
+            return Err(format!(
+                "its {what} {} belongs to user {}, neither root nor the user meshca runs as: \
+                 whoever owns it can replace the module that holds the root key's sessions",
+                path.display(),
+                metadata.uid()
+            ));
+        }
+        if mode & 0o022 != 0 && !sticky_dir {
+            return Err(format!(
+                "its {what} {} can be written by {} (mode {:o}): whoever can write it can \
+                 replace the module that holds the root key's sessions; run: chmod go-w {}",
+                path.display(),
+                if mode & 0o002 != 0 {
+                    "any user"
+                } else {
+                    "its group"
+                },
+                mode & 0o7777,
+                path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn find_token(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {

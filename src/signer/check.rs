@@ -171,6 +171,9 @@ fn check_backend(config: &SignerConfig) -> Result<String, StartError> {
                     settings.module.display()
                 )));
             }
+            crate::backend::pkcs11::module_file_trusted(&settings.module).map_err(|e| {
+                backend(format!("pkcs11.module {}: {e}", settings.module.display()))
+            })?;
             if let Some(conf) = &settings.softhsm2_conf {
                 crate::fsutil::read_text(conf)
                     .map_err(|e| backend(format!("pkcs11.softhsm2_conf: {e}")))?;
