@@ -525,6 +525,15 @@ fn main() -> ExitCode {
     };
     meshca::tlsutil::install_default_provider();
     init_logging(cli.log_format, &cli.log_level);
+    // Before any command reads a PIN, a Vault credential or a key. A failure is warned of,
+    // not fatal: the calls only lower what the process may do, so only a sandbox that
+    // forbids them (a seccomp profile answering EPERM) makes them fail, and refusing to
+    // start there would trade a second line of defence for an outage of the CA.
+    if let Err(e) = meshca::process::forbid_core_dumps() {
+        tracing::warn!(
+            "{e}: a crash could write this process's memory (PINs, tokens, keys) to a core file; set the limit to 0 where it runs (systemd LimitCORE=0, ulimit -c 0)"
+        );
+    }
     let json = matches!(cli.log_format, LogFormat::Json);
     match run(cli.command) {
         Ok(code) => code,

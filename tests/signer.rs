@@ -2080,3 +2080,31 @@ async fn a_signer_whose_stderr_reader_is_gone_keeps_serving_and_stops_cleanly() 
     let last: Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "stop", "{audit}");
 }
+
+/// A crash must not write the PIN or the Vault credentials in the signer's memory to a
+/// core file: the signer sets its core file size limit to 0, soft and hard, at start,
+/// whatever limit it was started with (here the test's hard limit, or unlimited).
+#[tokio::test]
+async fn the_signer_writes_no_core_file() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::CORE).unwrap();
+    // Started with core files allowed, so the limit read back is the signer's own doing.
+    let allowed = if hard > 0 { hard } else { rlimit::INFINITY };
+    let signer = env.start_signer_command(|cmd| unsafe {
+        cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::CORE, allowed, allowed));
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", signer.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
+    // What the benches read of a running signer stays readable.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", signer.child.id())).unwrap();
+    assert!(status.contains("VmHWM:"), "{status}");
+}
