@@ -16,6 +16,7 @@
 //! - [`secret`]: PINs and tokens read from files or the environment, never printed.
 //! - [`logging`]: text or JSON logs on stderr, panics included.
 //! - [`signals`]: SIGTERM and SIGINT, taken over before a daemon says it is ready.
+//! - [`process`]: what every command does to itself at start (no core dumps).
 //! - [`ops_http`]: the bounded plain-HTTP listener of the metrics and health endpoints.
 
 pub mod agent;
@@ -30,6 +31,7 @@ pub mod mesh_controller;
 pub mod ops_http;
 pub mod pki;
 pub mod policy;
+pub mod process;
 pub mod secret;
 pub mod signals;
 pub mod signer;

@@ -409,6 +409,14 @@ impl ClientTlsArgs {
     }
 }
 
+/// A client key other users can read, named once as a command starts (the agents read the
+/// key again for each pass; a warning each time would bury the rest of their log).
+fn warn_of_open_key(open: Option<&meshca::tlsutil::KeyReadableByOthers>) {
+    if let Some(open) = open {
+        tracing::warn!(key = %open.path.display(), "{open}");
+    }
+}
+
 #[derive(clap::Args)]
 struct RequestArgs {
     /// Signer base URL, e.g. https://127.0.0.1:8443
@@ -525,6 +533,15 @@ fn main() -> ExitCode {
     };
     meshca::tlsutil::install_default_provider();
     init_logging(cli.log_format, &cli.log_level);
+    // Before any command reads a PIN, a Vault credential or a key. A failure is warned of,
+    // not fatal: the calls only lower what the process may do, so only a sandbox that
+    // forbids them (a seccomp profile answering EPERM) makes them fail, and refusing to
+    // start there would trade a second line of defence for an outage of the CA.
+    if let Err(e) = meshca::process::forbid_core_dumps() {
+        tracing::warn!(
+            "{e}: a crash could write this process's memory (PINs, tokens, keys) to a core file; set the limit to 0 where it runs (systemd LimitCORE=0, ulimit -c 0)"
+        );
+    }
     let json = matches!(cli.log_format, LogFormat::Json);
     match run(cli.command) {
         Ok(code) => code,
@@ -858,6 +875,7 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Request(args) => {
             let client = args.tls.signer_client(&args.signer)?;
+            warn_of_open_key(client.key_readable_by_others());
             let opts = RequestOptions {
                 virtual_mesh: args.virtual_mesh,
                 mesh: args.mesh,
@@ -1028,6 +1046,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     // Read once now, so a wrong flag or file fails the start; the loop reads them again
     // for each pass (a rotated client certificate is used without a restart).
     let client = signer.connect()?;
+    warn_of_open_key(client.key_readable_by_others());
     let opts = DirOptions {
         target,
         virtual_mesh,
@@ -1097,7 +1116,8 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
     // Fail at start on unreadable client credentials (they are read again on every
     // pass, so a rotated Secret is picked up).
     let tls = args.tls;
-    meshca::tlsutil::client_config(&tls.ca_cert, &tls.client_cert, &tls.client_key)?;
+    let read = meshca::tlsutil::client_tls(&tls.ca_cert, &tls.client_cert, &tls.client_key)?;
+    warn_of_open_key(read.key_readable_by_others.as_ref());
     let opts = ControllerOptions {
         namespace: args.namespace,
         identity: replica_identity(args.identity, "meshca-agent"),

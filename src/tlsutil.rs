@@ -86,13 +86,57 @@ fn load_pem_blocks<T: PemObject>(
 
 /// Reads a private key PEM (PKCS#8, PKCS#1 or SEC1). The error never quotes the file.
 pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+    read_private_key(path).map(|(key, _)| key)
+}
+
+/// [`load_private_key`], and whether other users can read the file read.
+fn read_private_key(
+    path: &Path,
+) -> Result<(PrivateKeyDer<'static>, Option<KeyReadableByOthers>), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |message: String| TlsError::Key {
         path: path.display().to_string(),
-        message: match e {
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    // The mode of the file opened, not of whatever the path names a moment later.
+    let mode = file
+        .metadata()
+        .map_err(|e| err(e.to_string()))?
+        .permissions()
+        .mode();
+    let key = PrivateKeyDer::from_pem_reader(file).map_err(|e| {
+        err(match e {
             rustls_pki_types::pem::Error::Io(io) => io.to_string(),
             _ => "no usable PRIVATE KEY block".into(),
-        },
-    })
+        })
+    })?;
+    let readable = (mode & 0o004 != 0).then(|| KeyReadableByOthers {
+        path: path.to_path_buf(),
+        mode: mode & 0o777,
+    });
+    Ok((key, readable))
+}
+
+/// A private key read from a file every user of the host can read (mode o+r; read by the
+/// group is fine, as for PIN files). Warned of, not refused: a Kubernetes Secret volume
+/// makes its files 0644 unless told otherwise, and there only the pod sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyReadableByOthers {
+    pub path: std::path::PathBuf,
+    /// The file's permission bits.
+    pub mode: u32,
+}
+
+impl std::fmt::Display for KeyReadableByOthers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.path.display();
+        write!(
+            f,
+            "the private key {path} can be read by other users (mode {:o}): whoever reads it can pass for this side of the mTLS; run: chmod 600 {path}",
+            self.mode
+        )
+    }
 }
 
 fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -160,7 +204,7 @@ pub fn server_config(
         client_ca_crl_problems(&client_cas, &crls.issuers)
     };
     let chain = load_certificates(cert)?;
-    let private_key = load_private_key(key)?;
+    let (private_key, key_readable_by_others) = read_private_key(key)?;
     let fingerprint = MaterialFingerprint::builder()
         .part("chain", &chain)
         .part("key", &[private_key.secret_der()])
@@ -192,6 +236,7 @@ pub fn server_config(
         crl_next_updates: crls.next_updates,
         superseded_crls: crls.superseded,
         client_ca_crl_problems,
+        key_readable_by_others,
         fingerprint,
     })
 }
@@ -249,6 +294,8 @@ pub struct ServerTls {
     /// With CRLs configured: what in the client CA bundle gets clients refused (a CA no
     /// CRL covers, CAs sharing a subject), in sentences.
     pub client_ca_crl_problems: Vec<String>,
+    /// Set if other users can read the key file.
+    pub key_readable_by_others: Option<KeyReadableByOthers>,
     pub fingerprint: MaterialFingerprint,
 }
 
@@ -325,16 +372,18 @@ pub fn client_config(
 pub fn client_tls(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<ClientTls, TlsError> {
     let chain = load_certificates(client_cert)?;
     let certificate = leaf_validity(&chain, client_cert)?;
+    let (key, key_readable_by_others) = read_private_key(client_key)?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(root_store(ca)?)
-        .with_client_auth_cert(chain, load_private_key(client_key)?)
+        .with_client_auth_cert(chain, key)
         .map_err(|e| certificate_error("client", client_cert, client_key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ClientTls {
         config,
         certificate,
+        key_readable_by_others,
     })
 }
 
@@ -395,6 +444,8 @@ pub struct ClientTls {
     pub config: rustls::ClientConfig,
     /// The validity of the certificate this side presents.
     pub certificate: Validity,
+    /// Set if other users can read the key file.
+    pub key_readable_by_others: Option<KeyReadableByOthers>,
 }
 
 /// A certificate and key rustls refused together; the common mistake (a key from another

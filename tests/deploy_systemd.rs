@@ -133,6 +133,8 @@ fn the_unit_is_sandboxed_to_an_exposure_of_at_most_2() {
         ("CapabilityBoundingSet", ""),
         // A local USB or PCIe HSM needs /dev (the unit's comment says when to turn it on).
         ("PrivateDevices", "false"),
+        // A crash's core file would hold the PIN and the Vault credentials.
+        ("LimitCORE", "0"),
     ] {
         assert_eq!(settings.get(key).map(String::as_str), Some(value), "{key}");
     }

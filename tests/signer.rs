@@ -2080,3 +2080,88 @@ async fn a_signer_whose_stderr_reader_is_gone_keeps_serving_and_stops_cleanly() 
     let last: Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "stop", "{audit}");
 }
+
+/// A crash must not write the PIN or the Vault credentials in the signer's memory to a
+/// core file: the signer sets its core file size limit to 0, soft and hard, at start,
+/// whatever limit it was started with (here the test's hard limit, or unlimited).
+#[tokio::test]
+async fn the_signer_writes_no_core_file() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::CORE).unwrap();
+    // Started with core files allowed, so the limit read back is the signer's own doing.
+    let allowed = if hard > 0 { hard } else { rlimit::INFINITY };
+    let signer = env.start_signer_command(|cmd| unsafe {
+        cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::CORE, allowed, allowed));
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", signer.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
+    // What the benches read of a running signer stays readable.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", signer.child.id())).unwrap();
+    assert!(status.contains("VmHWM:"), "{status}");
+}
+
+/// A transport key every user of the host can read is warned of, not refused (a
+/// Kubernetes Secret volume is 0644 unless told otherwise): by `serve --check`, at start
+/// and at each reload of the signer, and by `meshca request` for its client key. Read by
+/// the group only (the systemd guide's 0640) is not.
+#[tokio::test]
+async fn a_transport_key_other_users_can_read_is_warned_of() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let chmod = |file: &str, mode: u32| {
+        std::fs::set_permissions(env.path(file), std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let open = |file: &str| {
+        let path = env.path(file).display().to_string();
+        (
+            format!("the private key {path} can be read by other users (mode 644)"),
+            format!("run: chmod 600 {path}"),
+        )
+    };
+    let (server_open, server_chmod) = open("pki/signer.key");
+    chmod("pki/signer.key", 0o644);
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(
+        report.contains(&format!("warning: {server_open}")) && report.contains(&server_chmod),
+        "{report}"
+    );
+
+    let mut signer = env.start_signer();
+    let at_start = signer.wait_for_log(&server_open).await;
+    assert!(
+        at_start.contains("\"level\":\"WARN\"") && at_start.contains(&server_chmod),
+        "{at_start}"
+    );
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_nth_log(&server_open, 2).await;
+
+    let (client_open, client_chmod) = open("pki/cluster-a.key");
+    chmod("pki/cluster-a.key", 0o644);
+    let out = run_ok(
+        env.meshca()
+            .arg("request")
+            .args(env.signer_flags(signer.addr, "cluster-a"))
+            .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"])
+            .arg("--out-dir")
+            .arg(env.path("cacerts")),
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("WARN") && stderr.contains(&client_open) && stderr.contains(&client_chmod),
+        "{stderr}"
+    );
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+
+    chmod("pki/signer.key", 0o640);
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(!report.contains("private key"), "{report}");
+}

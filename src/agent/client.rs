@@ -314,6 +314,7 @@ pub struct SignerClient {
     http: reqwest::Client,
     base: String,
     client_certificate: Validity,
+    key_readable_by_others: Option<crate::tlsutil::KeyReadableByOthers>,
     contact: ContactRecord,
 }
 
@@ -334,6 +335,7 @@ impl SignerClient {
             http,
             base: base.trim_end_matches('/').to_string(),
             client_certificate: tls.certificate,
+            key_readable_by_others: tls.key_readable_by_others,
             contact: ContactRecord::default(),
         })
     }
@@ -342,6 +344,11 @@ impl SignerClient {
     /// the signer refuses the handshake, and nothing can be renewed.
     pub fn client_certificate(&self) -> Validity {
         self.client_certificate
+    }
+
+    /// Set if other users can read the client key this client presents.
+    pub fn key_readable_by_others(&self) -> Option<&crate::tlsutil::KeyReadableByOthers> {
+        self.key_readable_by_others.as_ref()
     }
 
     /// Whether the signer answered this client's last request.

@@ -257,6 +257,7 @@ pub(super) struct ServingTls {
     pub(super) crl_next_updates: Vec<CrlNextUpdate>,
     pub(super) superseded_crls: Vec<SupersededCrl>,
     pub(super) client_ca_crl_problems: Vec<String>,
+    pub(super) key_readable_by_others: Option<crate::tlsutil::KeyReadableByOthers>,
     /// The client CA certificates: a reload of the rules checks them against the roots
     /// it announces.
     client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
@@ -285,9 +286,17 @@ pub(super) fn serving_tls(
         crl_next_updates: tls.crl_next_updates,
         superseded_crls: tls.superseded_crls,
         client_ca_crl_problems: tls.client_ca_crl_problems,
+        key_readable_by_others: tls.key_readable_by_others,
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
     })
+}
+
+/// A server key other users can read, named at start and at each TLS reload.
+fn warn_of_open_key(tls: &ServingTls) {
+    if let Some(open) = &tls.key_readable_by_others {
+        tracing::warn!(key = %open.path.display(), "{open}");
+    }
 }
 
 /// The client CA and CRLs now in force (at start and on a TLS reload): the CA's expiry and
@@ -434,6 +443,7 @@ impl RunningSigner {
         match read {
             Ok(read) => {
                 let certificate = read.certificate;
+                warn_of_open_key(&read);
                 client_trust_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
@@ -583,6 +593,7 @@ pub async fn start(
         .map_err(TlsError::from)?;
     let tls = serving_tls(&config, &roots)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate);
+    warn_of_open_key(&tls);
     client_trust_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
     warn_of_ended_announced_roots(&config.root);

@@ -16,6 +16,7 @@ use reqwest::Method;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::Value;
 use tokio::sync::Mutex;
+use zeroize::Zeroizing;
 
 use super::config::{VaultAuth, VaultSettings};
 use crate::secret::{Secret, SecretError};
@@ -911,25 +912,40 @@ fn clean_errors(errors: &[String]) -> String {
 }
 
 /// The service account token. Kubernetes decides its file mode (often 0644), so unlike
-/// other secrets it is not refused for being readable by others.
+/// other secrets it is not refused for being readable by others. Only a regular file is
+/// opened (a FIFO's open would wait for a writer: the check and the login would hang), and
+/// every copy of the token is wiped on drop.
 fn read_jwt(path: &std::path::Path) -> Result<Secret, VaultError> {
-    let bytes = crate::fsutil::read_limited(path, MAX_JWT).map_err(|e| VaultError::Login {
+    use std::io::Read;
+    let login_error = |message: String| VaultError::Login {
         method: "kubernetes",
-        message: format!(
+        message,
+    };
+    let unreadable = |e: std::io::Error| {
+        login_error(format!(
             "cannot read the service account token {}: {e}",
             path.display()
-        ),
-    })?;
-    let text = String::from_utf8(bytes).map_err(|_| VaultError::Login {
-        method: "kubernetes",
-        message: format!("{} is not a JWT", path.display()),
-    })?;
+        ))
+    };
+    let file = crate::fsutil::open_regular(path).map_err(unreadable)?;
+    // Room for the whole token up front: a buffer grown while reading would leave the
+    // token's first bytes in a freed allocation that nothing wipes.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_JWT as usize + 1));
+    file.take(MAX_JWT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_JWT {
+        return Err(login_error(format!(
+            "cannot read the service account token {}: larger than {} KiB",
+            path.display(),
+            MAX_JWT / 1024
+        )));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| login_error(format!("{} is not a JWT", path.display())))?;
     let jwt = text.trim();
     if jwt.is_empty() {
-        return Err(VaultError::Login {
-            method: "kubernetes",
-            message: format!("{} is empty", path.display()),
-        });
+        return Err(login_error(format!("{} is empty", path.display())));
     }
     Ok(Secret::new(jwt.to_string()))
 }
@@ -952,18 +968,23 @@ mod tests {
         );
     }
 
-    /// A client for a Vault nobody asks.
-    fn offline_client() -> VaultClient {
-        VaultClient::new(&VaultSettings {
+    /// Settings of a Vault nobody asks, logged in to by `auth`.
+    fn offline_settings(auth: VaultAuth) -> VaultSettings {
+        VaultSettings {
             address: reqwest::Url::parse("http://127.0.0.1:8200").unwrap(),
             ca_cert: None,
             mount: "pki".into(),
             issuer_ref: "root".into(),
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
-            auth: VaultAuth::Token(crate::secret::SecretSource::Env("X".into())),
-        })
-        .unwrap()
+            auth,
+        }
+    }
+
+    /// A client for a Vault nobody asks.
+    fn offline_client() -> VaultClient {
+        let auth = VaultAuth::Token(crate::secret::SecretSource::Env("X".into()));
+        VaultClient::new(&offline_settings(auth)).unwrap()
     }
 
     #[test]
@@ -1004,5 +1025,40 @@ mod tests {
                 .token_client(Secret::new("bad\ntoken".into()))
                 .is_err()
         );
+    }
+
+    /// A FIFO at `jwt_file` (a mistaken mount, a test harness) is refused before the open,
+    /// which would wait for a writer and hang `serve --check` and the login.
+    #[test]
+    fn a_fifo_as_service_account_token_is_refused_unopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let jwt_file = dir.path().join("token");
+        let fifo = crate::fsutil::tests::FedFifo::new(&jwt_file, "eyJ.piped.jwt\n");
+        let settings = offline_settings(VaultAuth::Kubernetes {
+            mount: "kubernetes".into(),
+            role: "meshca".into(),
+            jwt_file: jwt_file.clone(),
+        });
+        let err = VaultClient::check_offline(&settings)
+            .unwrap_err()
+            .to_string();
+        drop(fifo);
+        assert!(
+            err.contains(&jwt_file.display().to_string())
+                && err.contains("a FIFO (named pipe), not a regular file")
+                && !err.contains("piped"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_service_account_token_is_read_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let jwt_file = dir.path().join("token");
+        std::fs::write(&jwt_file, "eyJ.a.jwt\n").unwrap();
+        assert_eq!(read_jwt(&jwt_file).unwrap().expose(), "eyJ.a.jwt");
+        std::fs::write(&jwt_file, vec![b'x'; MAX_JWT as usize + 1]).unwrap();
+        let err = read_jwt(&jwt_file).unwrap_err().to_string();
+        assert!(err.contains("larger than 64 KiB"), "{err}");
     }
 }
