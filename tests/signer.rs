@@ -1999,6 +1999,8 @@ async fn the_limit_on_open_files_is_raised_at_start_and_one_too_low_is_named() {
     let needed = 1024 + 64 + 64;
     let shortfall = "the limit on open files";
 
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe, between fork
+    // and exec.
     let signer = env.start_signer_command(|cmd| unsafe {
         cmd.pre_exec(limit_to(64, hard));
     });
@@ -2012,6 +2014,8 @@ async fn the_limit_on_open_files_is_raised_at_start_and_one_too_low_is_named() {
     );
     drop(signer);
 
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe, between fork
+    // and exec.
     let mut signer = env.start_signer_command(|cmd| unsafe {
         cmd.pre_exec(limit_to(64, 64));
     });
@@ -2021,6 +2025,8 @@ async fn the_limit_on_open_files_is_raised_at_start_and_one_too_low_is_named() {
     assert_still_issues(&env.client("cluster-a"), &signer).await;
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
     let mut check = env.meshca_with_config(&["serve", "--check"]);
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe, between fork
+    // and exec.
     unsafe {
         check.pre_exec(limit_to(64, 64));
     }
@@ -2091,6 +2097,8 @@ async fn the_signer_writes_no_core_file() {
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::CORE).unwrap();
     // Started with core files allowed, so the limit read back is the signer's own doing.
     let allowed = if hard > 0 { hard } else { rlimit::INFINITY };
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe, between fork
+    // and exec.
     let signer = env.start_signer_command(|cmd| unsafe {
         cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::CORE, allowed, allowed));
     });
