@@ -928,6 +928,8 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
         concat!(
             "meshca_mesh_controller_build_info{version=\"",
             env!("CARGO_PKG_VERSION"),
+            "\",revision=\"",
+            env!("MESHCA_BUILD_REVISION"),
             "\"} 1\n"
         ),
     ] {
