@@ -155,7 +155,9 @@ pub struct RootSettings {
     pub previous: Option<AnnouncedRoot>,
     pub virtual_mesh: ObjectRef,
     pub key_type: KeyType,
-    pub common_name: String,
+    /// `root.common_name` as configured, unchecked: only `root init` uses it, through
+    /// [`SignerConfig::root_common_name`].
+    pub common_name: Option<String>,
     pub backend: BackendKind,
 }
 
@@ -168,8 +170,9 @@ impl RootSettings {
 
 /// `root.common_name`, or `<orgName> root CA` without one: 1 to 64 characters without
 /// control characters, as X.520 bounds a commonName (strict parsers refuse a longer one,
-/// and a root's name is in every certificate it issues). Checked here rather than cut:
-/// a root's name cannot be changed once it is made.
+/// and a root's name is in every certificate it issues). Checked rather than cut: a
+/// root's name cannot be changed once it is made. Checked by `root init` only: a root
+/// that exists (made by an older build that cut or allowed the name) must keep serving.
 fn root_common_name(configured: Option<&str>, org_name: &str) -> Result<String, String> {
     let (name, whose) = match configured {
         Some(name) => (name.to_string(), "root.common_name".to_string()),
@@ -482,13 +485,11 @@ impl SignerConfig {
             .map(|p| AnnouncedRoot::load_previous(&resolve(p)))
             .transpose()
             .map_err(err)?;
-        let common_name = root_common_name(file.root.common_name.as_deref(), &root_policy.org_name)
-            .map_err(err)?;
         let root = RootSettings {
             certificate: resolve(&file.root.certificate),
             next,
             previous,
-            common_name,
+            common_name: file.root.common_name.clone(),
             virtual_mesh: file.root.virtual_mesh.clone(),
             key_type: file.root.key_type,
             backend: file.root.backend,
@@ -608,6 +609,15 @@ impl SignerConfig {
                     policy.id, d.message
                 )
             })
+    }
+
+    /// The name `root init` gives a new root: `root.common_name`, or `<orgName> root CA`,
+    /// refused if X.520 does not allow it (see `root_common_name` above).
+    pub fn root_common_name(&self) -> Result<String, String> {
+        root_common_name(
+            self.root.common_name.as_deref(),
+            &self.root_policy().org_name,
+        )
     }
 }
 
@@ -934,7 +944,7 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
     }
 
     #[test]
-    fn a_root_common_name_x509_does_not_allow_is_refused() {
+    fn a_root_common_name_x509_does_not_allow_is_refused_by_root_init_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_fixture(dir.path(), "");
         let text = std::fs::read_to_string(&path).unwrap();
@@ -962,13 +972,17 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
             ),
         ] {
             std::fs::write(&path, with_name(name)).unwrap();
-            let err = SignerConfig::load(&path).unwrap_err().to_string();
+            // The config loads (a signer whose root exists serves with it); `root init`,
+            // which would name a root with it, refuses it.
+            let config = SignerConfig::load(&path).unwrap();
+            let err = config.root_common_name().unwrap_err();
             assert!(err.contains(problem), "{name:?}: {err}");
         }
         // 64 characters, counted as characters.
         let most = "é".repeat(64);
         std::fs::write(&path, with_name(&most)).unwrap();
-        assert_eq!(SignerConfig::load(&path).unwrap().root.common_name, most);
+        let config = SignerConfig::load(&path).unwrap();
+        assert_eq!(config.root_common_name().unwrap(), most);
         // Without one, the default must fit too: an orgName of 60 makes 68 characters.
         std::fs::write(&path, &text).unwrap();
         let org = "o".repeat(60);
@@ -978,7 +992,8 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
             meshes.replace("orgName: \"service-mesh-hub\"", &format!("orgName: {org}")),
         )
         .unwrap();
-        let err = SignerConfig::load(&path).unwrap_err().to_string();
+        let config = SignerConfig::load(&path).unwrap();
+        let err = config.root_common_name().unwrap_err();
         assert!(
             err.contains("the default root common name")
                 && err.contains("has 68 characters")
@@ -1063,7 +1078,7 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let cfg = SignerConfig::load(&write_fixture(dir.path(), GRANT)).unwrap();
         assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(cfg.audit_log, dir.path().join("audit.log"));
-        assert_eq!(cfg.root.common_name, "service-mesh-hub root CA");
+        assert_eq!(cfg.root_common_name().unwrap(), "service-mesh-hub root CA");
         let pkcs11 = cfg.pkcs11.unwrap();
         assert_eq!(pkcs11.pin, SecretSource::File(dir.path().join("user-pin")));
         let vm = "service-mesh-hub/virtual-mesh".parse().unwrap();

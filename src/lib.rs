@@ -19,6 +19,19 @@
 //! - [`process`]: what every command does to itself at start (no core dumps).
 //! - [`ops_http`]: the bounded plain-HTTP listener of the metrics and health endpoints.
 
+/// The git commit this build is from (short hash, `-dirty` for a tree with changes), or
+/// `unknown` outside git: set by build.rs. The package version has stayed 0.1.0, so this
+/// is what tells two builds apart.
+pub const REVISION: &str = env!("MESHCA_BUILD_REVISION");
+
+/// `0.1.0 (revision 3f2c1a9b7e0d)`: `--version`, and the audit log's `start` and `stop`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("MESHCA_BUILD_REVISION"),
+    ")"
+);
+
 pub mod agent;
 pub mod backend;
 pub mod config;

@@ -85,7 +85,7 @@ fn seconds(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64Valu
 #[derive(Parser)]
 #[command(
     name = "meshca",
-    version,
+    version = meshca::VERSION,
     about = "External CA for multi-cluster Istio meshes: root key in a PKCS#11 token or Vault/OpenBao, policy enforced by the signer"
 )]
 struct Cli {

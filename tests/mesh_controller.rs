@@ -160,7 +160,12 @@ impl World {
     /// Secret for each, and member clusters each offering `shop/<cluster>-app`. The first
     /// member also has Services that are never federated.
     async fn start(clusters: &[&'static str]) -> World {
-        let mgmt = FakeCluster::start(management_policy(clusters)).await;
+        World::start_with(clusters, management_policy(clusters)).await
+    }
+
+    /// As [`World::start`], the controller granted `policy` in the management cluster.
+    async fn start_with(clusters: &[&'static str], policy: Policy) -> World {
+        let mgmt = FakeCluster::start(policy).await;
         let mut members = BTreeMap::new();
         for (i, cluster) in clusters.iter().enumerate() {
             let member = FakeCluster::start(member_policy()).await;
@@ -923,6 +928,8 @@ async fn an_unreachable_member_holds_federation_everywhere_until_it_is_back() {
         concat!(
             "meshca_mesh_controller_build_info{version=\"",
             env!("CARGO_PKG_VERSION"),
+            "\",revision=\"",
+            env!("MESHCA_BUILD_REVISION"),
             "\"} 1\n"
         ),
     ] {
@@ -1047,6 +1054,37 @@ async fn a_member_kubeconfig_naming_the_controllers_files_or_a_command_is_refuse
         member_status(&world.status("vm"), "west")["message"],
         Value::Null
     );
+}
+
+/// The Role as shipped names the example's Secret only (new-remote-cluster-kubeconfig):
+/// re-applied over one that named the members' Secrets, as an upgrade does, the API server
+/// refuses every other. Each member's status names its Secret and where to add it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubeconfig_secret_the_shipped_role_does_not_name_is_reported_by_name() {
+    let shipped = Policy::bound_to(CONTROLLER, &["deploy/mesh-controller/rbac.yaml"])
+        .moved("service-mesh-hub", "smh");
+    let world = World::start_with(&["east", "west"], shipped).await;
+    for cluster in ["east", "west"] {
+        world.mgmt.expect_forbidden(&format!(
+            "/api/v1/namespaces/smh/secrets/{cluster}-kubeconfig"
+        ));
+    }
+    let sent = world.pass().await;
+    let st = world.status("vm");
+    for cluster in ["east", "west"] {
+        assert!(sent[cluster].is_empty(), "{cluster} was called");
+        let message = member_status(&st, cluster)["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("Secret smh/{cluster}-kubeconfig"))
+                && message.contains("is forbidden")
+                && message.contains(&format!(
+                    "add \"{cluster}-kubeconfig\" to the resourceNames of the secrets rule of its Role"
+                )),
+            "{message}"
+        );
+        // The API server's message once, not the client's dump of its whole answer.
+        assert!(!message.contains("Status {"), "{message}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

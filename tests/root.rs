@@ -437,3 +437,50 @@ fn a_module_others_could_replace_is_refused_before_it_is_loaded() {
     chmod(&dir, 0o1777);
     env.run_with_config_ok(&["root", "show"]);
 }
+
+/// A root name X.520 does not allow is `root init`'s refusal only: a signer whose root
+/// already exists (made by an older build, which cut or passed on the name) serves with
+/// the same config.
+#[test]
+fn only_root_init_refuses_a_default_root_name_too_long_for_a_certificate() {
+    for backend in Backend::both() {
+        let org = "o".repeat(60);
+        let spec = EnvSpec {
+            virtual_meshes: vec![virtual_mesh(
+                "test",
+                "vm",
+                30,
+                2048,
+                &org,
+                &["test/cluster-a"],
+            )],
+            clients: vec![],
+            backend: backend.clone(),
+            ..EnvSpec::default()
+        };
+        let env = Env::prepare(&spec);
+        let out = env.run_with_config(&["root", "init"]);
+        assert!(!out.status.success(), "{}", backend.name());
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("the default root common name")
+                && stderr.contains("has 68 characters")
+                && stderr.contains("set root.common_name"),
+            "{}: {stderr}",
+            backend.name()
+        );
+        assert!(!env.path("root-cert.pem").exists(), "{}", backend.name());
+
+        // The root made with a name of its own; the config then goes back to none.
+        let config = std::fs::read_to_string(&env.config).unwrap();
+        let named = config.replace(
+            "key_type = ",
+            "common_name = \"made by an older build\"\nkey_type = ",
+        );
+        std::fs::write(&env.config, &named).unwrap();
+        env.run_with_config_ok(&["root", "init"]);
+        std::fs::write(&env.config, &config).unwrap();
+        let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+        assert!(report.contains("is valid"), "{}: {report}", backend.name());
+    }
+}

@@ -34,6 +34,26 @@ fn openssl_verifies(env: &Env, body: &Value, tag: &str) -> String {
     openssl(&dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"])
 }
 
+/// `--version` names the git commit (set by build.rs): the package version alone has
+/// been 0.1.0 for every build.
+#[test]
+fn version_names_the_build_revision() {
+    let out = run_ok(Command::new(MESHCA).arg("--version"));
+    let revision = meshca::REVISION;
+    let hash = revision.strip_suffix("-dirty").unwrap_or(revision);
+    assert!(
+        revision == "unknown" || (hash.len() == 12 && hash.chars().all(|c| c.is_ascii_hexdigit())),
+        "{revision:?}"
+    );
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "meshca {} (revision {revision})\n",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+}
+
 #[tokio::test]
 async fn issues_for_every_csr_key_type_with_the_profile_openssl_expects() {
     let env = Env::new();
@@ -913,8 +933,10 @@ async fn each_start_records_the_rules_it_starts_under() {
     let root_sha256 = openssl_fingerprint(env.dir.path(), &env.path("root-cert.pem"));
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     for start in [first, second] {
+        // The build's revision too: the package version has not moved in years of builds.
         let announced = format!(
-            "started on host {}, issuing under root sha256 {root_sha256}; rules in force: ",
+            "meshca {} started on host {}, issuing under root sha256 {root_sha256}; rules in force: ",
+            meshca::VERSION,
             host.trim()
         );
         assert!(

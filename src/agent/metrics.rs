@@ -446,6 +446,8 @@ mod tests {
             concat!(
                 "meshca_agent_build_info{version=\"",
                 env!("CARGO_PKG_VERSION"),
+                "\",revision=\"",
+                env!("MESHCA_BUILD_REVISION"),
                 "\"} 1\n"
             ),
         ] {

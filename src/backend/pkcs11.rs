@@ -661,6 +661,7 @@ pub fn root_init(
 ) -> Result<RootInitOutcome, TokenError> {
     let key_type = config.root.key_type;
     config.check_root_key_type().map_err(TokenError::Other)?;
+    let common_name = config.root_common_name().map_err(TokenError::Other)?;
     let certificate = &config.root.certificate;
     // Kept to be put back should the token refuse to replace the key after the file is.
     let previous_certificate = match std::fs::read(certificate) {
@@ -692,10 +693,11 @@ pub fn root_init(
     let (public, private) = staging.generate_key_pair(&session, key_type)?;
     let staged = [private, public];
     let staging_label = staging.key_label();
-    let made = self_sign_root(config, &token, &session, public, private).and_then(|root| {
-        relabel_allowed(&session, &staged, &staging_label)?;
-        Ok(root)
-    });
+    let made =
+        self_sign_root(config, &common_name, &token, &session, public, private).and_then(|root| {
+            relabel_allowed(&session, &staged, &staging_label)?;
+            Ok(root)
+        });
     let root = match made {
         Ok(root) => root,
         Err(e) => {
@@ -835,6 +837,7 @@ fn restore_certificate(path: &std::path::Path, previous: Option<&[u8]>) -> Strin
 
 fn self_sign_root(
     config: &SignerConfig,
+    common_name: &str,
     token: &Token,
     session: &Session,
     public: ObjectHandle,
@@ -847,8 +850,7 @@ fn self_sign_root(
     let algorithm = SignatureAlgorithm::for_key_type(config.root.key_type);
     let now = SystemTime::now();
     let plan = IntermediatePlan {
-        subject: subject_name(&policy.org_name, &config.root.common_name)
-            .map_err(|e| other(e.to_string()))?,
+        subject: subject_name(&policy.org_name, common_name).map_err(|e| other(e.to_string()))?,
         public_key,
         serial: random_serial().map_err(|e| other(e.to_string()))?,
         not_before: now.checked_sub(BACKDATE).unwrap_or(now),

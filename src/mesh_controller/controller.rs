@@ -259,11 +259,13 @@ impl MeshController {
             .management
             .get_secret(&ns, &secret_ref.name)
             .await
-            .map_err(|e| match e.code() {
-                // The shipped Role names the Secrets it may read.
-                Some(403) => format!(
-                    "{what}: the controller may not read it ({e}); add {:?} to the resourceNames of the secrets rule of its Role (deploy/mesh-controller/rbac.yaml)",
-                    secret_ref.name
+            .map_err(|e| match &e.source {
+                // The shipped Role names the Secrets it may read: the example's only, so
+                // re-applying it as shipped (an upgrade) takes every other name away. The
+                // API server's own words are enough here (the whole answer repeats them).
+                kube::Error::Api(status) if status.code == 403 => format!(
+                    "{what}: the controller may not read it (403: {}); add {:?} to the resourceNames of the secrets rule of its Role (deploy/mesh-controller/rbac.yaml, by a kustomize patch that an upgrade applies too)",
+                    status.message, secret_ref.name
                 ),
                 _ => e.to_string(),
             })?

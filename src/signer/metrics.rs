@@ -395,13 +395,17 @@ impl Metrics {
     }
 }
 
-/// Registers `<prefix>_build_info{version="..."} 1`: which build each replica runs, so
-/// that a fleet half upgraded (or a replica left behind) shows in one query.
+/// Registers `<prefix>_build_info{version="...",revision="..."} 1`: which build each
+/// replica runs, so that a fleet half upgraded (or a replica left behind) shows in one
+/// query. The revision (the git commit) tells builds apart; the version has not moved.
 pub(crate) fn register_build_info(registry: &mut Registry) {
     registry.register(
         "build",
         "The meshca build this process runs",
-        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("revision", crate::REVISION),
+        ]),
     );
 }
 
@@ -523,11 +527,15 @@ mod tests {
             concat!(
                 "meshca_build_info{version=\"",
                 env!("CARGO_PKG_VERSION"),
+                "\",revision=\"",
+                env!("MESHCA_BUILD_REVISION"),
                 "\"} 1\n"
             ),
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
+        // The label that tells builds apart is never empty (`unknown` outside git).
+        assert!(!text.contains("revision=\"\""), "{text}");
         m.tls_reloaded(None);
         m.tls_reloaded(Some(Validity {
             not_before: SystemTime::UNIX_EPOCH + Duration::from_secs(2_000),

@@ -706,7 +706,7 @@ fn start_record(rules: &Rules, rules_sha256: &str, config: &SignerConfig) -> Aud
         rule: Some("rules_in_force".into()),
         message: Some(format!(
             "meshca {} started on host {}, issuing under root sha256 {}; rules in force: {}",
-            env!("CARGO_PKG_VERSION"),
+            crate::VERSION,
             host_name(),
             rules.root_sha256,
             rules.summary()
@@ -757,7 +757,7 @@ fn stop_record(rules: &Rules) -> AuditRecord {
         event: "stop".into(),
         message: Some(format!(
             "meshca {} on host {} stopped: every decision it made is recorded before this line; nothing is signed until its next start",
-            env!("CARGO_PKG_VERSION"),
+            crate::VERSION,
             host_name(),
         )),
         rules_sha256: Some(rules.digest().to_string()),

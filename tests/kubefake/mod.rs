@@ -7,8 +7,10 @@
 //! existing objects (a workload's rolling restart), delete (404 when absent), Lease
 //! create and replace with a resourceVersion check, and a writer racing in after a read.
 //! Every request is recorded with its Authorization header. Each fake serves one identity
-//! whose RBAC, read from deploy/'s manifests ([`rbac::Policy`]), must grant every request
-//! it receives: checked when the fake is dropped, at the end of its test.
+//! whose RBAC, read from deploy/'s manifests ([`rbac::Policy`]), is applied as the API
+//! server would (a request it does not grant is answered 403 Forbidden) and must grant
+//! every request it receives, but those a test expects refused: checked when the fake is
+//! dropped, at the end of its test.
 
 #![allow(dead_code)]
 
@@ -136,6 +138,8 @@ pub fn secret_differences(actual: &Value, expected: &Value) -> Vec<String> {
 
 #[derive(Default)]
 struct Fake {
+    /// What the identity calling this fake is granted: the rest is answered 403.
+    policy: Policy,
     objects: Mutex<BTreeMap<String, Value>>,
     requests: Mutex<Vec<Recorded>>,
     /// Every request since the start (`requests` is emptied by `take`).
@@ -337,8 +341,15 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
         body: body.clone(),
         creates,
     };
+    let refused = rbac::accesses(&recorded)
+        .into_iter()
+        .find(|a| !fake.policy.allows(a));
     fake.log.lock().unwrap().push(recorded.clone());
     fake.requests.lock().unwrap().push(recorded);
+    if let Some(access) = refused {
+        // RBAC is checked before anything else, as by the API server.
+        return status(403, "Forbidden", &fake.policy.forbidden_message(&access));
+    }
     if method == Method::GET
         && let Some((refused, code, reason, message)) = &*fake.refused_reads.lock().unwrap()
         && *refused == path
@@ -517,16 +528,25 @@ pub struct FakeCluster {
     pub addr: std::net::SocketAddr,
     /// What the identity calling this fake is granted.
     policy: Policy,
+    /// Paths whose refusal by RBAC the test expects (see [`FakeCluster::expect_forbidden`]).
+    forbidden_expected: Mutex<Vec<String>>,
 }
 
 /// At the end of a test (not one already failing), every request the fake received must
-/// have been granted by its policy: the controllers call nothing their manifests lack.
+/// have been granted by its policy, but those the test expects refused: the controllers
+/// call nothing their manifests lack.
 impl Drop for FakeCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             return;
         }
-        let denied = self.policy.denied(&self.all_requests());
+        let expected = self.forbidden_expected.lock().unwrap().clone();
+        let requests: Vec<Recorded> = self
+            .all_requests()
+            .into_iter()
+            .filter(|r| !expected.contains(&r.path))
+            .collect();
+        let denied = self.policy.denied(&requests);
         assert!(
             denied.is_empty(),
             "requests the deploy/ RBAC does not grant (add them to the rbac.yaml, or stop making them):\n{}",
@@ -538,14 +558,28 @@ impl Drop for FakeCluster {
 impl FakeCluster {
     /// A fake for a client granted `policy` (see [`rbac::Policy::bound_to`]).
     pub async fn start(policy: Policy) -> FakeCluster {
-        let fake = Arc::new(Fake::default());
+        let fake = Arc::new(Fake {
+            policy: policy.clone(),
+            ..Fake::default()
+        });
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        FakeCluster { fake, addr, policy }
+        FakeCluster {
+            fake,
+            addr,
+            policy,
+            forbidden_expected: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Requests of `path` the policy does not grant are what the test is about: they are
+    /// answered 403 as any other, and not a failure at the end.
+    pub fn expect_forbidden(&self, path: &str) {
+        self.forbidden_expected.lock().unwrap().push(path.into());
     }
 
     /// Every request received since the start.

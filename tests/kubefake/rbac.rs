@@ -133,6 +133,8 @@ impl Grant {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     pub grants: Vec<Grant>,
+    /// The user RBAC sees, `system:serviceaccount:<namespace>:<name>`, for refusals.
+    pub user: String,
 }
 
 /// Every YAML document of a file.
@@ -225,7 +227,10 @@ impl Policy {
             !grants.is_empty(),
             "{files:?} bind nothing to {sa_ns}/{sa_name}"
         );
-        Policy { grants }
+        Policy {
+            grants,
+            user: format!("system:serviceaccount:{sa_ns}:{sa_name}"),
+        }
     }
 
     /// The Roles of namespace `from` installed in `to` instead (kustomize's `namespace:`,
@@ -237,6 +242,7 @@ impl Policy {
                 grant.role = grant.role.replace(&format!(" {from}/"), &format!(" {to}/"));
             }
         }
+        self.user = self.user.replace(&format!(":{from}:"), &format!(":{to}:"));
         self
     }
 
@@ -259,6 +265,31 @@ impl Policy {
 
     pub fn allows(&self, access: &Access) -> bool {
         self.grants.iter().any(|g| g.allows(access))
+    }
+
+    /// The API server's 403 message for `access`, which no rule grants.
+    pub fn forbidden_message(&self, access: &Access) -> String {
+        let qualified = if access.group.is_empty() {
+            access.resource.clone()
+        } else {
+            let (resource, sub) = match access.resource.split_once('/') {
+                Some((resource, sub)) => (resource, format!("/{sub}")),
+                None => (access.resource.as_str(), String::new()),
+            };
+            format!("{resource}.{}{sub}", access.group)
+        };
+        let object = match &access.name {
+            Some(name) => format!("{qualified} {name:?}"),
+            None => qualified,
+        };
+        let scope = match &access.namespace {
+            Some(ns) => format!("in the namespace {ns:?}"),
+            None => "at the cluster scope".to_string(),
+        };
+        format!(
+            "{object} is forbidden: User {:?} cannot {} resource {:?} in API group {:?} {scope}",
+            self.user, access.verb, access.resource, access.group
+        )
     }
 
     /// The requests (with what RBAC checks) that no rule grants.

@@ -52,6 +52,11 @@ pub async fn root_init(
     config
         .check_root_key_type()
         .map_err(VaultRootError::Refused)?;
+    // Only a new root takes the name (an adopted issuer keeps its own): refused before
+    // Vault is asked anything.
+    if let RootInitMode::Generate { .. } = mode {
+        config.root_common_name().map_err(VaultRootError::Refused)?;
+    }
     let client = VaultClient::new(settings)?;
     let outcome = init_with(&client, config, settings, mode).await;
     client.logout().await;
@@ -118,6 +123,7 @@ async fn init_with(
             }
         }
         RootInitMode::Generate { force } => {
+            let common_name = config.root_common_name().map_err(VaultRootError::Refused)?;
             if issuer_ref == "default" {
                 return Err(VaultRootError::Refused(
                     "vault.issuer_ref must name the issuer to create, not \"default\"".into(),
@@ -151,7 +157,7 @@ async fn init_with(
             let body = profile::root_generate_body(&RootRequest {
                 key_type,
                 org_name: &policy.org_name,
-                common_name: &config.root.common_name,
+                common_name: &common_name,
                 ttl: policy.max_ttl,
                 issuer_name: &name,
             });
