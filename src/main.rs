@@ -1120,7 +1120,7 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
     warn_of_open_key(read.key_readable_by_others.as_ref());
     let opts = ControllerOptions {
         namespace: args.namespace,
-        identity: replica_identity(args.identity, "meshca-agent"),
+        identity: replica_identity(args.identity, "meshca-agent", args.once),
         lease_name: args.lease_name,
         lease_duration: std::time::Duration::from_secs(args.lease_seconds),
         resync,
@@ -1144,7 +1144,7 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
     use meshca::mesh_controller::metrics::MeshControllerMetrics;
     let opts = MeshControllerOptions {
         namespace: args.namespace,
-        identity: replica_identity(args.identity, "meshca-mesh-controller"),
+        identity: replica_identity(args.identity, "meshca-mesh-controller", args.once),
         lease_name: args.lease_name,
         lease_duration: std::time::Duration::from_secs(args.lease_seconds),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
@@ -1162,9 +1162,18 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
 }
 
 /// This replica's name in the Lease: the flag, else the pod name, else `{fallback}-{pid}`.
-fn replica_identity(flag: Option<String>, fallback: &str) -> String {
-    flag.or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("{fallback}-{}", std::process::id()))
+/// A `--once` run adds `-once-{pid}`: run with a replica's name (`kubectl exec` into its
+/// pod inherits POD_NAME), it would otherwise take that replica's Lease for its own and
+/// act beside it.
+fn replica_identity(flag: Option<String>, fallback: &str, once: bool) -> String {
+    let name = flag
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("{fallback}-{}", std::process::id()));
+    if once {
+        format!("{name}-once-{}", std::process::id())
+    } else {
+        name
+    }
 }
 
 /// Runs a Lease-holding controller against the cluster it finds (in-cluster or
@@ -1192,7 +1201,19 @@ fn run_in_cluster<C: LeaderLoop>(
         match stop {
             Some(stop) => controller.run(stop).await,
             None => {
-                let next = controller.run_once().await?;
+                let (led, next) = controller.run_once_led().await?;
+                if !led {
+                    anyhow::bail!(
+                        "another replica holds the Lease: this --once pass did nothing (a replica \
+                         that stopped without giving it up holds it for its duration; a running \
+                         one makes the pass itself)"
+                    );
+                }
+                // Given back at once: a one-off pass (a Job, a laptop) must not keep the
+                // replicas waiting for the Lease to expire.
+                if let Err(e) = controller.release().await {
+                    tracing::warn!(error = %e, "could not give the Lease up; it expires by itself");
+                }
                 say!("meshca: one pass done; next look in {}s", next.as_secs());
             }
         }

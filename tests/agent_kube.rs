@@ -958,6 +958,98 @@ async fn a_restart_plan_outlives_a_lease_lost_right_after_the_secret_is_written(
     assert!(!sent.iter().any(|r| r.path == SECRET && r.method == "PATCH"));
 }
 
+/// One stage restarts several workloads; the Lease is lost after the first: this replica
+/// restarts no more of them (the new leader does, once), rather than patching the rest
+/// beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_the_lease_between_two_restarts_makes_no_more() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start_with_lease(&env, LEASE_READ_BEFORE_EACH_WRITE).await;
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    for name in ["istiod", "istio-eastwestgateway", "istio-egressgateway"] {
+        cluster.put_deployment("istio-system", name, json!({"app": "istiod"}));
+    }
+    // The first install restarts the three in its istiod stage; the first one's patch is
+    // the last this replica makes.
+    let first = deployments_path("istio-system", "istio-eastwestgateway");
+    cluster
+        .fake
+        .after_write(&first, another_replica_takes_the_lease);
+    let sent = cluster.pass().await;
+    assert_eq!(restarted_paths(&sent), [first], "{:?}", writes(&sent));
+}
+
+/// `meshca agent --once` (a Job, or `kubectl exec` into a replica's pod, whose POD_NAME
+/// it inherits) does not take the running leader's Lease for its own: with the Lease held
+/// it writes nothing and says so (exit 1). With the Lease free it makes its pass and
+/// gives the Lease back, so the replicas need not wait for it to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_once_pass_never_acts_beside_the_leader_and_gives_the_lease_back() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request("127.0.0.1:1", json!({"restart": {"policy": "never"}}));
+    let kubeconfig = env.path("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("once-token")).unwrap();
+    let once = |identity: &str| {
+        let mut cmd = env.meshca();
+        cmd.args(["agent", "--once", "--identity", identity])
+            .args([
+                "--ca-cert",
+                "pki/ca.pem",
+                "--client-cert",
+                "pki/cluster-a.pem",
+            ])
+            .args(["--client-key", "pki/cluster-a.key"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("POD_NAME");
+        cmd.output().unwrap()
+    };
+    let now = meshca::signer::audit::rfc3339(std::time::SystemTime::now());
+    cluster.put(
+        LEASE,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "meshca-agent", "namespace": NS, "resourceVersion": "7"},
+            "spec": {"holderIdentity": "agent-b", "leaseDurationSeconds": 30,
+                     "renewTime": now}}),
+    );
+    cluster.fake.take();
+    // The leader's own name: still not the leader.
+    let out = once("agent-b");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another replica holds the Lease: this --once pass did nothing"),
+        "{stderr}"
+    );
+    let sent = cluster.fake.take();
+    assert!(
+        sent.iter().all(|r| r.method == "GET"),
+        "{:?}",
+        writes(&sent)
+    );
+    assert_eq!(
+        cluster.get(LEASE).unwrap()["spec"]["holderIdentity"],
+        "agent-b"
+    );
+
+    // Given up by its holder: the pass is made, and the Lease given back.
+    cluster.fake.edit(LEASE, |lease| {
+        lease["spec"]["holderIdentity"] = Value::Null;
+    });
+    let out = once("agent-b");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sent = cluster.fake.take();
+    assert!(
+        sent.iter()
+            .any(|r| r.method == "PATCH" && r.path == format!("{VMCSR}/cluster-a/status")),
+        "{:?}",
+        writes(&sent)
+    );
+    let lease = cluster.get(LEASE).unwrap();
+    assert!(lease["spec"].get("holderIdentity").is_none(), "{lease}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_the_api_server_refuses_costs_no_intermediate_and_is_retried_with_backoff() {
     let env = Env::new();

@@ -761,8 +761,11 @@ impl Controller {
             let started = parse_time(&record.stage_started).unwrap_or(now);
             match next_step(record, &view, started, now, bound) {
                 Step::Restart(targets) => {
-                    self.ensure_leader().await?;
                     for target in targets {
+                        // Before each: a stage may restart many workloads, each patch
+                        // taking up to the API timeout, and a replica that lost the Lease
+                        // meanwhile must not restart the rest beside the new leader.
+                        self.ensure_leader().await?;
                         self.kube
                             .restart_workload(&target, &record.plan_key(), now)
                             .await?;

@@ -230,14 +230,20 @@ pub trait LeaderLoop: Sized {
 
     /// Elect, then (as leader) one pass. Returns when to come back.
     fn run_once(&self) -> impl Future<Output = Result<Duration, KubeError>> {
+        async move { self.run_once_led().await.map(|(_, next)| next) }
+    }
+
+    /// [`LeaderLoop::run_once`], saying also whether this replica led (and so made the
+    /// pass).
+    fn run_once_led(&self) -> impl Future<Output = Result<(bool, Duration), KubeError>> {
         async move {
             let elector = self.elector();
             let leading = elector.elect(SystemTime::now()).await?;
             self.leading(leading);
             if !leading {
-                return Ok(Duration::from_secs(5).min(elector.duration() / 3));
+                return Ok((false, Duration::from_secs(5).min(elector.duration() / 3)));
             }
-            self.pass().await
+            self.pass().await.map(|next| (true, next))
         }
     }
 
