@@ -179,6 +179,19 @@ fn the_example_config_reads_the_pin_where_the_unit_hands_it_over() {
         Some(format!("/run/credentials/meshca-signer.service/{name}").as_str()),
         "the credential directory is /run/credentials/<unit name>"
     );
+    // SIGHUP before the check: the signer reloads the TLS files and the rules apart, and
+    // a check run first would hold back a renewed certificate for a broken policy file.
+    let reloads: Vec<String> = service_settings()
+        .into_iter()
+        .filter(|(k, _)| k == "ExecReload")
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        reloads.len() == 2
+            && reloads[0].starts_with("/bin/kill -HUP $MAINPID")
+            && reloads[1].ends_with("serve --config /etc/meshca/signer.toml --check"),
+        "{reloads:?}"
+    );
     // The unit runs the config the example is meant to become.
     for command in ["ExecStart", "ExecReload"] {
         assert!(
