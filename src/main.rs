@@ -313,6 +313,7 @@ fn jitter_fraction(text: &str) -> Result<f64, String> {
 
 /// A `--retire-root`: a fingerprint in another form (SHA-1, a typo) would match no root,
 /// and the root would stay trusted without a word.
+///
 /// openssl's whole line (`sha256 Fingerprint=3F:36:...`) is taken as it is printed: what
 /// an operator pastes. Its name (`sha1 Fingerprint=`) does not decide: the digits do.
 fn retired_root(text: &str) -> Result<String, String> {
