@@ -528,10 +528,7 @@ struct AgentArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = {
-        use clap::Parser;
-        Cli::try_parse().unwrap_or_else(|error| exit_on_usage_error(error))
-    };
+    let cli = Cli::try_parse().unwrap_or_else(|error| exit_on_usage_error(error));
     meshca::tlsutil::install_default_provider();
     init_logging(cli.log_format, &cli.log_level);
     // Before any command reads a PIN, a Vault credential or a key. A failure is warned of,
