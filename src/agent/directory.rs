@@ -303,13 +303,24 @@ pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration) -> Du
         .clamp(Duration::from_secs(1), resync.max(Duration::from_secs(1)))
 }
 
-/// notAfter and renewal time of the valid bundle in the directory, if there is one: what
+/// notAfter and renewal time of meshca's bundle in the directory, if there is one: what
 /// the metrics report while reconciles fail (the signer down, say), also after a restart.
+/// One that has expired is reported too (judged at its own notAfter): that is when the
+/// alert on it matters most.
 fn installed_times(opts: &DirOptions, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
     let Ok(Installed::Ours(files)) = classify(&opts.target) else {
         return None;
     };
-    let summary = verify_bundle(&files, None, now).ok()?;
+    let summary = verify_bundle(&files, None, now)
+        .or_else(|e| {
+            let (_, not_after) = crate::pki::bundle::validity(CA_CERT, &files.ca_cert)?;
+            if now > not_after {
+                verify_bundle(&files, None, not_after)
+            } else {
+                Err(e)
+            }
+        })
+        .ok()?;
     let renew_at = super::rotation::renew_at(
         summary.not_before,
         summary.not_after,
@@ -382,11 +393,12 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                let installed = installed_times(opts, SystemTime::now());
                 metrics.reconciled(
                     &target,
                     Reconciled {
                         outcome: e.reason(),
-                        installed: installed_times(opts, SystemTime::now()),
+                        installed,
                         signer: contact,
                         ends_with_root: None,
                         restart_timed_out: None,
@@ -397,6 +409,11 @@ pub async fn run(
                     backoff(failures, resync).max(e.retry_after(resync).unwrap_or_default());
                 tracing::error!(
                     error = %e,
+                    // When istiod's intermediate stops (or stopped) working.
+                    installed_expires_at = %installed.map_or_else(
+                        || "none (no bundle of meshca's installed)".to_string(),
+                        |(not_after, _)| crate::signer::audit::rfc3339(not_after),
+                    ),
                     failures,
                     retry_in_seconds = delay.as_secs(),
                     "reconcile failed; existing files left as they were, retrying"
@@ -472,6 +489,71 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::testing::{software_bundle, software_root};
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A bundle for mesh "cluster-a" valid from `issued` for `ttl`, under a 400-day root.
+    fn bundle(ttl: Duration) -> (SystemTime, BundleFiles) {
+        let (root_key, root) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
+        // Certificates carry whole seconds.
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
+        let files = software_bundle(
+            &root_key,
+            &root,
+            "acme",
+            "cluster-a",
+            KeyType::EcdsaP256,
+            issued,
+            issued + ttl,
+        );
+        (issued, files)
+    }
+
+    fn options(target: &Path) -> DirOptions {
+        DirOptions {
+            target: target.to_path_buf(),
+            virtual_mesh: ObjectRef {
+                namespace: "test".into(),
+                name: "vm".into(),
+            },
+            mesh: ObjectRef {
+                namespace: "test".into(),
+                name: "cluster-a".into(),
+            },
+            key_type: None,
+            ttl_seconds: None,
+            adopt: false,
+            rotation: RotationSettings::default(),
+            retired_roots: vec![],
+        }
+    }
+
+    /// While reconciles fail (the signer unreachable), also after a restart, an expired
+    /// intermediate's notAfter is still exported: the critical alert keeps firing.
+    #[test]
+    fn an_expired_bundle_in_place_still_tells_its_times() {
+        let (issued, files) = bundle(30 * DAY);
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        cacerts::write_bundle(&target, &files).unwrap();
+        let opts = options(&target);
+        let (not_after, renew_at) = installed_times(&opts, issued + 60 * DAY).unwrap();
+        assert_eq!(not_after, issued + 30 * DAY);
+        assert!(renew_at < not_after);
+        // The same as while it was valid.
+        assert_eq!(
+            installed_times(&opts, issued + DAY),
+            Some((not_after, renew_at))
+        );
+        // Not meshca's bundle (damaged): nothing to tell.
+        std::fs::write(target.join("..data").join(CA_CERT), "garbled").unwrap();
+        assert_eq!(installed_times(&opts, issued + 60 * DAY), None);
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

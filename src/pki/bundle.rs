@@ -207,6 +207,16 @@ fn subject_key_id(cert: &Certificate) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// notBefore and notAfter of the first certificate of `pem` (ca-cert.pem's intermediate),
+/// read without judging anything else.
+pub fn validity(file: &'static str, pem: &str) -> Result<(SystemTime, SystemTime), BundleError> {
+    let validity = *certs(file, pem)?.remove(0).tbs_certificate().validity();
+    Ok((
+        validity.not_before.to_system_time(),
+        validity.not_after.to_system_time(),
+    ))
+}
+
 /// Whether `cert` may stand in root-cert.pem beside the root a chain ends at: it was parsed,
 /// and it is self-issued (its subject is its issuer). Nothing more, because istiod asks
 /// nothing more: it puts root-cert.pem into a Go `x509.CertPool`, which takes every
