@@ -84,7 +84,8 @@ pub enum BundleError {
         not_before: String,
         not_after: String,
         now: String,
-        /// Said when the certificate is not valid yet: a fresh one means a clock behind.
+        /// What a fresh certificate failing this way means: not valid yet, a clock behind;
+        /// expired, a clock ahead.
         hint: &'static str,
     },
     #[error("ca-cert.pem does not follow meshca's intermediate profile: {0}")]
@@ -191,7 +192,7 @@ fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), 
             hint: if now < nb {
                 ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation"
             } else {
-                ""
+                ": a certificate just issued that has already expired means this machine's clock is ahead of the signer's by more than its lifetime; check time synchronisation"
             },
         });
     }
