@@ -1057,7 +1057,12 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     };
     let rt = runtime()?;
     if args.once {
-        let outcome = rt.block_on(directory::reconcile(&client, &opts, SystemTime::now()))?;
+        let outcome = rt.block_on(directory::reconcile(
+            &client,
+            &opts,
+            &mut directory::PassMemory::default(),
+            SystemTime::now(),
+        ))?;
         directory::log_outcome(&opts.target, &outcome);
         let what = match &outcome {
             DirOutcome::Installed { reason, .. } => {

@@ -7,7 +7,7 @@
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
@@ -16,7 +16,7 @@ use super::rotation::{
     TLS_SIGNING_CERT, decide, ends_with_known_root, renewal_held_by_root,
 };
 use super::{
-    AgentError, BundleRequest, RootsPlan, cacerts, check_dir_writable, check_renewable,
+    AgentError, BundleRequest, ClockAhead, RootsPlan, cacerts, check_dir_writable, check_renewable,
     choose_key_type, obtain_bundle,
 };
 use crate::pki::bundle::{
@@ -105,6 +105,35 @@ impl DirOutcome {
     }
 }
 
+/// What a directory agent carries from one pass to the next.
+#[derive(Debug, Default)]
+pub struct PassMemory {
+    /// The signer's last intermediate was refused because this clock read past its
+    /// notAfter (and when, on the monotonic clock): the same installed state would have
+    /// the root sign one for nothing at each retry.
+    clock_ahead: Option<(ClockAhead, Instant)>,
+}
+
+impl PassMemory {
+    /// Before asking the signer: refused while this clock still reads ahead of the
+    /// signer's, forgotten once it agrees.
+    fn check_clock(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
+        if let Some((ahead, _)) = self.clock_ahead {
+            if ahead.still_ahead(now, elapsed) {
+                return Err(ahead.error(now, false));
+            }
+            self.clock_ahead = None;
+        }
+        Ok(())
+    }
+
+    fn remember(&mut self, error: &AgentError) {
+        if let AgentError::ClockAhead { ahead, .. } = error {
+            self.clock_ahead = Some((*ahead, Instant::now()));
+        }
+    }
+}
+
 /// Classifies what `dir` holds (see the module docs). Only a name that does not exist is
 /// absent: one the agent cannot look at (permissions, I/O, a file where a directory should
 /// be) fails the pass by name, before the signer is asked for a bundle that could not be
@@ -168,6 +197,7 @@ fn write(dir: &Path, files: &BundleFiles) -> Result<(), AgentError> {
 pub async fn reconcile(
     client: &SignerClient,
     opts: &DirOptions,
+    memory: &mut PassMemory,
     now: SystemTime,
 ) -> Result<DirOutcome, AgentError> {
     let installed = classify(&opts.target)?;
@@ -237,6 +267,12 @@ pub async fn reconcile(
             // An intermediate the directory could not take would be signed (and audited)
             // for nothing at each retry.
             check_dir_writable(&opts.target)?;
+            // So would one this clock finds already expired, as the last one was.
+            let elapsed = memory
+                .clock_ahead
+                .map(|(_, since)| since.elapsed())
+                .unwrap_or_default();
+            memory.check_clock(now, elapsed)?;
             let policy = policy?;
             // A key type the policy refuses fails here, before anything says a new
             // intermediate is being requested.
@@ -260,7 +296,8 @@ pub async fn reconcile(
                     },
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|e| memory.remember(e))?;
             write(&opts.target, &obtained.files)?;
             super::log_roots_left_out(&obtained.roots_left_out);
             let roots_changed = match &installed {
@@ -303,13 +340,24 @@ pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration) -> Du
         .clamp(Duration::from_secs(1), resync.max(Duration::from_secs(1)))
 }
 
-/// notAfter and renewal time of the valid bundle in the directory, if there is one: what
+/// notAfter and renewal time of meshca's bundle in the directory, if there is one: what
 /// the metrics report while reconciles fail (the signer down, say), also after a restart.
+/// One that has expired is reported too (judged at its own notAfter): that is when the
+/// alert on it matters most.
 fn installed_times(opts: &DirOptions, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
     let Ok(Installed::Ours(files)) = classify(&opts.target) else {
         return None;
     };
-    let summary = verify_bundle(&files, None, now).ok()?;
+    let summary = verify_bundle(&files, None, now)
+        .or_else(|e| {
+            let (_, not_after) = crate::pki::bundle::validity(CA_CERT, &files.ca_cert)?;
+            if now > not_after {
+                verify_bundle(&files, None, not_after)
+            } else {
+                Err(e)
+            }
+        })
+        .ok()?;
     let renew_at = super::rotation::renew_at(
         summary.not_before,
         summary.not_after,
@@ -330,6 +378,7 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let mut failures = 0u32;
+    let mut memory = PassMemory::default();
     let target = opts.target.display().to_string();
     // No Lease here: this agent is the only one writing its directory.
     metrics.set_leading(true);
@@ -340,7 +389,7 @@ pub async fn run(
         let (result, contact) = match signer.connect() {
             Ok(client) => {
                 metrics.client_certificate(client.client_certificate());
-                let result = reconcile(&client, opts, SystemTime::now()).await;
+                let result = reconcile(&client, opts, &mut memory, SystemTime::now()).await;
                 (result, client.contact().last())
             }
             Err(e) => (Err(AgentError::from(e)), SignerContact::NotAsked),
@@ -382,11 +431,12 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                let installed = installed_times(opts, SystemTime::now());
                 metrics.reconciled(
                     &target,
                     Reconciled {
                         outcome: e.reason(),
-                        installed: installed_times(opts, SystemTime::now()),
+                        installed,
                         signer: contact,
                         ends_with_root: None,
                         restart_timed_out: None,
@@ -397,6 +447,11 @@ pub async fn run(
                     backoff(failures, resync).max(e.retry_after(resync).unwrap_or_default());
                 tracing::error!(
                     error = %e,
+                    // When istiod's intermediate stops (or stopped) working.
+                    installed_expires_at = %installed.map_or_else(
+                        || "none (no bundle of meshca's installed)".to_string(),
+                        |(not_after, _)| crate::signer::audit::rfc3339(not_after),
+                    ),
                     failures,
                     retry_in_seconds = delay.as_secs(),
                     "reconcile failed; existing files left as they were, retrying"
@@ -472,6 +527,115 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::testing::{software_bundle, software_root};
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A bundle for mesh "cluster-a" valid from `issued` for `ttl`, under a 400-day root.
+    fn bundle(ttl: Duration) -> (SystemTime, BundleFiles) {
+        let (root_key, root) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
+        // Certificates carry whole seconds.
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
+        let files = software_bundle(
+            &root_key,
+            &root,
+            "acme",
+            "cluster-a",
+            KeyType::EcdsaP256,
+            issued,
+            issued + ttl,
+        );
+        (issued, files)
+    }
+
+    fn options(target: &Path) -> DirOptions {
+        DirOptions {
+            target: target.to_path_buf(),
+            virtual_mesh: ObjectRef {
+                namespace: "test".into(),
+                name: "vm".into(),
+            },
+            mesh: ObjectRef {
+                namespace: "test".into(),
+                name: "cluster-a".into(),
+            },
+            key_type: None,
+            ttl_seconds: None,
+            adopt: false,
+            rotation: RotationSettings::default(),
+            retired_roots: vec![],
+        }
+    }
+
+    /// While reconciles fail (the signer unreachable), also after a restart, an expired
+    /// intermediate's notAfter is still exported: the critical alert keeps firing.
+    #[test]
+    fn an_expired_bundle_in_place_still_tells_its_times() {
+        let (issued, files) = bundle(30 * DAY);
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        cacerts::write_bundle(&target, &files).unwrap();
+        let opts = options(&target);
+        let (not_after, renew_at) = installed_times(&opts, issued + 60 * DAY).unwrap();
+        assert_eq!(not_after, issued + 30 * DAY);
+        assert!(renew_at < not_after);
+        // The same as while it was valid.
+        assert_eq!(
+            installed_times(&opts, issued + DAY),
+            Some((not_after, renew_at))
+        );
+        // Not meshca's bundle (damaged): nothing to tell.
+        std::fs::write(target.join("..data").join(CA_CERT), "garbled").unwrap();
+        assert_eq!(installed_times(&opts, issued + 60 * DAY), None);
+    }
+
+    /// A clock past the notAfter of what the signer just issued: the error names both
+    /// times, and until this clock agrees with the signer's nothing is asked again (each
+    /// request would have the root sign an intermediate for nothing).
+    #[test]
+    fn a_clock_ahead_of_the_signer_is_named_and_asks_nothing_until_it_agrees() {
+        let (issued, fresh) = bundle(Duration::from_secs(600));
+        let now = issued + 365 * DAY;
+        let rfc = crate::signer::audit::rfc3339;
+        // What the signer's answer is checked with says so too.
+        let checked = verify_bundle(&fresh, None, now).unwrap_err().to_string();
+        assert!(
+            checked.contains("clock is ahead of the signer's"),
+            "{checked}"
+        );
+
+        assert_eq!(ClockAhead::of_fresh(&fresh, issued), None);
+        let ahead = ClockAhead::of_fresh(&fresh, now).unwrap();
+        let refused = ahead.error(now, true);
+        let message = refused.to_string();
+        for needle in [
+            "this machine's clock is ahead of the signer's",
+            &rfc(now),
+            &rfc(issued + Duration::from_secs(600)),
+        ] {
+            assert!(message.contains(needle), "{message}");
+        }
+
+        let mut memory = PassMemory::default();
+        memory.remember(&refused);
+        // The next passes (the clock still ahead, running on) ask nothing.
+        for (later, elapsed) in [(now, Duration::ZERO), (now + DAY, DAY)] {
+            let message = memory.check_clock(later, elapsed).unwrap_err().to_string();
+            assert!(
+                message.contains("this machine's clock is ahead of the signer's")
+                    && message.contains("nothing was asked of the signer"),
+                "{message}"
+            );
+        }
+        // The clock put right: the signer is asked again, and the refusal forgotten.
+        assert!(memory.check_clock(issued + DAY, DAY).is_ok());
+        assert!(memory.clock_ahead.is_none());
+        assert!(memory.check_clock(now, Duration::ZERO).is_ok());
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

@@ -81,6 +81,67 @@ pub enum AgentError {
     Shadowed(String),
     #[error("the signer's root does not match what it announced: {0}")]
     RootMismatch(String),
+    #[error("{}", .ahead.describe(*.now, *.just_issued))]
+    ClockAhead {
+        /// What a directory agent remembers to ask nothing until the clock agrees.
+        ahead: ClockAhead,
+        now: SystemTime,
+        /// The intermediate was issued by this pass's request, not an earlier one's.
+        just_issued: bool,
+    },
+}
+
+/// When the signer's answer to a request made at `now` told that this machine's clock is
+/// ahead of the signer's: the refusal a directory agent remembers ([`AgentError::ClockAhead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockAhead {
+    pub now: SystemTime,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl ClockAhead {
+    /// A certificate the signer has just issued cannot have expired yet: if this
+    /// machine's clock is past its notAfter, this clock is ahead of the signer's.
+    pub fn of_fresh(files: &BundleFiles, now: SystemTime) -> Option<ClockAhead> {
+        let (not_before, not_after) =
+            crate::pki::bundle::validity(crate::pki::bundle::CA_CERT, &files.ca_cert).ok()?;
+        (now > not_after).then_some(ClockAhead {
+            now,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Whether this clock still reads ahead, `elapsed` (monotonic) after the refusal:
+    /// the signer's clock read at most notAfter then, so at most notAfter + `elapsed` now.
+    /// A clock put right reads less and the signer is asked again.
+    pub fn still_ahead(&self, now: SystemTime, elapsed: Duration) -> bool {
+        now > self.not_after + elapsed
+    }
+
+    pub fn error(&self, now: SystemTime, just_issued: bool) -> AgentError {
+        AgentError::ClockAhead {
+            ahead: *self,
+            now,
+            just_issued,
+        }
+    }
+
+    fn describe(&self, now: SystemTime, just_issued: bool) -> String {
+        let rfc = crate::signer::audit::rfc3339;
+        format!(
+            "this machine's clock is ahead of the signer's: it reads {}, past the notAfter {} of the intermediate the signer {} (valid from {}); fix time synchronisation. Nothing was installed, and the signer is not asked again while this clock stays ahead",
+            rfc(now),
+            rfc(self.not_after),
+            if just_issued {
+                "just issued"
+            } else {
+                "issued at an earlier pass (nothing was asked of the signer now)"
+            },
+            rfc(self.not_before),
+        )
+    }
 }
 
 impl AgentError {
@@ -262,7 +323,15 @@ pub async fn obtain_bundle(
         cert_chain: response.cert_chain,
         root_cert,
     };
-    let summary = verify_bundle(&files, None, now)?;
+    let summary = match verify_bundle(&files, None, now) {
+        Ok(summary) => summary,
+        Err(e) => {
+            return Err(match ClockAhead::of_fresh(&files, now) {
+                Some(ahead) => ahead.error(now, true),
+                None => e.into(),
+            });
+        }
+    };
     if let Some(announced) = &policy.root_fingerprint_sha256
         && !announced.eq_ignore_ascii_case(&summary.anchor_fingerprint)
     {

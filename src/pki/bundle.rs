@@ -84,7 +84,8 @@ pub enum BundleError {
         not_before: String,
         not_after: String,
         now: String,
-        /// Said when the certificate is not valid yet: a fresh one means a clock behind.
+        /// What a fresh certificate failing this way means: not valid yet, a clock behind;
+        /// expired, a clock ahead.
         hint: &'static str,
     },
     #[error("ca-cert.pem does not follow meshca's intermediate profile: {0}")]
@@ -191,7 +192,7 @@ fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), 
             hint: if now < nb {
                 ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation"
             } else {
-                ""
+                ": a certificate just issued that has already expired means this machine's clock is ahead of the signer's by more than its lifetime; check time synchronisation"
             },
         });
     }
@@ -205,6 +206,16 @@ fn subject_key_id(cert: &Certificate) -> Vec<u8> {
         .flatten()
         .map(|(_, ski)| ski.0.as_bytes().to_vec())
         .unwrap_or_default()
+}
+
+/// notBefore and notAfter of the first certificate of `pem` (ca-cert.pem's intermediate),
+/// read without judging anything else.
+pub fn validity(file: &'static str, pem: &str) -> Result<(SystemTime, SystemTime), BundleError> {
+    let validity = *certs(file, pem)?.remove(0).tbs_certificate().validity();
+    Ok((
+        validity.not_before.to_system_time(),
+        validity.not_after.to_system_time(),
+    ))
 }
 
 /// Whether `cert` may stand in root-cert.pem beside the root a chain ends at: it was parsed,
