@@ -384,6 +384,15 @@ impl Metrics {
         );
     }
 
+    /// The notAfter of the serving certificate in force (the last one loaded).
+    pub fn tls_certificate_not_after(&self) -> SystemTime {
+        let seconds = self.tls_certificate_not_after.load(Ordering::Relaxed);
+        match u64::try_from(seconds) {
+            Ok(after) => SystemTime::UNIX_EPOCH + Duration::from_secs(after),
+            Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(seconds.unsigned_abs()),
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let now = unix_seconds(SystemTime::now());
