@@ -536,12 +536,8 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
-    if !state.audit.is_writable() {
-        return error_response(
-            Status::Unavailable,
-            "audit_unavailable",
-            "the audit log cannot be written",
-        );
+    if let Some(reason) = state.audit.unwritable_reason() {
+        return error_response(Status::Unavailable, "audit_unavailable", &reason);
     }
     let certificates = ServingCertificates {
         root_not_after: state.backend.root().not_after,
@@ -595,8 +591,11 @@ impl ServingCertificates {
 /// line: once it lands (room made, the log rotated), the signer is ready again without
 /// waiting for a signing request, which a load balancer would not send it while it is not.
 /// A signing request tries it too, before it would be refused for the log.
+/// The free space is looked at first: a log short of room is not tried (its last write
+/// may have succeeded), and one given room again is writable at once.
 pub async fn probe_audit_log(state: &SignerState) {
-    if state.audit.is_writable() {
+    state.audit.check_free_space();
+    if state.audit.last_commit_ok() {
         return;
     }
     let record = AuditRecord {
@@ -606,6 +605,8 @@ pub async fn probe_audit_log(state: &SignerState) {
         ..Default::default()
     };
     match state.audit.append(record, state.audit.expect_line()).await {
+        // Written, but short of room for more: not ready yet (check_free_space said so).
+        Ok(()) if !state.audit.is_writable() => {}
         Ok(()) => tracing::info!(
             path = %state.audit.path().display(),
             "the audit log takes lines again: ready"

@@ -957,6 +957,7 @@ async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch:
                 api::audit_counted_refusals(&state).await;
                 head.log_if_moved(&state.audit);
             }
+            // Looks at the log's free space too: a full disk shows while no request comes.
             _ = probes.tick() => api::probe_audit_log(&state).await,
             // Without it, a token pulled or a Vault sealed while no cluster is due shows
             // nowhere until a renewal fails, which may be months later.
