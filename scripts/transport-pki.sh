@@ -4,7 +4,8 @@
 # separate from the mesh root that meshca protects.)
 #
 #   transport-pki.sh ca     DIR                 -> DIR/ca.pem, DIR/ca.key
-#   transport-pki.sh server DIR NAME            -> DIR/NAME.pem/.key (localhost, 127.0.0.1)
+#   transport-pki.sh server DIR NAME [DAYS]     -> DIR/NAME.pem/.key (localhost, 127.0.0.1;
+#                                                 a negative DAYS as for client)
 #   transport-pki.sh client DIR NAME URI [DAYS] -> DIR/NAME.pem/.key (URI SAN, clientAuth;
 #                                                 a negative DAYS makes an expired certificate,
 #                                                 valid from 2*|DAYS| until |DAYS| days ago)
@@ -77,7 +78,8 @@ case "$cmd" in
     ;;
   server)
     name=${3:?NAME missing}
-    issue "$name" "/CN=$name" 825 "basicConstraints=critical,CA:FALSE
+    days=${4:-825}
+    issue "$name" "/CN=$name" "$days" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
 subjectAltName=DNS:localhost,IP:127.0.0.1"

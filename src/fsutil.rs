@@ -63,6 +63,25 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Bytes an unprivileged writer can still use on the filesystem holding `path`
+/// (`statvfs`: available blocks times the fragment size; the blocks kept for root do not
+/// count).
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of the struct's size, which statvfs fills
+    // when it returns 0.
+    if unsafe { libc::statvfs(c_path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let stats = unsafe { stats.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+}
+
 /// Reads at most `limit` bytes of a file, refusing larger ones (config and PEM inputs).
 /// Its errors do not name the file: the caller does, once.
 pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
@@ -145,6 +164,14 @@ pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
+
+    #[test]
+    fn free_bytes_reads_the_filesystem_and_names_a_missing_path() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(dir.path()).unwrap() > 0);
+        let missing = free_bytes(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+    }
 
     /// A FIFO at a path, with a thread that writes `contents` into it once a reader opens
     /// it: a read that opens the FIFO gets them and returns (a test of a reader that must

@@ -1048,6 +1048,53 @@ async fn a_request_left_half_sent_on_the_ops_port_does_not_hold_up_the_exit() {
     drop(scraper);
 }
 
+/// `GET path` on a signer's plain-HTTP ops port; the whole answer, status line first.
+async fn ops_get(ops: &str, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(ops).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// A signer started with an expired TLS server certificate runs, but no client can
+/// complete a handshake: it says so at ERROR, and /readyz (asked on the ops port, which
+/// needs no certificate) is 503 until a renewed one is reloaded.
+#[tokio::test]
+async fn a_signer_with_an_expired_server_certificate_is_not_ready_and_says_so() {
+    let env = Env::new();
+    env.transport_pki("server", &["signer", "-1"]);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("ops_listen = \"127.0.0.1:0\"\n{config}"),
+    )
+    .unwrap();
+    let signer = env.start_signer();
+    let started = signer.wait_for_log("signer listening").await;
+    let line: Value = serde_json::from_str(&started).unwrap();
+    let ops = line["ops"].as_str().unwrap().to_string();
+    // Logged before the listening line, so already read.
+    let logs = signer.logs();
+    let expired = logs
+        .lines()
+        .find(|l| l.contains("TLS server certificate has expired"))
+        .unwrap_or_else(|| panic!("no word of the expired certificate:\n{logs}"));
+    assert!(expired.contains("\"level\":\"ERROR\""), "{expired}");
+
+    let answer = ops_get(&ops, "/readyz").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("server_certificate_expired"), "{answer}");
+
+    env.transport_pki("server", &["signer"]);
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("TLS settings reloaded").await;
+    let answer = ops_get(&ops, "/readyz").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"ready\""), "{answer}");
+}
+
 #[tokio::test]
 async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     let env = Env::with(EnvSpec {

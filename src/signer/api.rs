@@ -536,12 +536,15 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
-    if !state.audit.is_writable() {
-        return error_response(
-            Status::Unavailable,
-            "audit_unavailable",
-            "the audit log cannot be written",
-        );
+    if let Some(reason) = state.audit.unwritable_reason() {
+        return error_response(Status::Unavailable, "audit_unavailable", &reason);
+    }
+    let certificates = ServingCertificates {
+        root_not_after: state.backend.root().not_after,
+        server_certificate_not_after: state.metrics.tls_certificate_not_after(),
+    };
+    if let Some((code, message)) = certificates.expired(SystemTime::now()) {
+        return error_response(Status::Unavailable, code, &message);
     }
     match backend_readiness(&state).await {
         Ok(()) => axum::Json(json!({"status": "ready", "backend": state.backend.describe()}))
@@ -550,12 +553,49 @@ async fn readyz(State(state): State<Arc<SignerState>>) -> Response {
     }
 }
 
+/// The certificates the signer serves with: once either has expired, no client can be
+/// served (every handshake, or every signing request, is refused), so the signer is not
+/// ready.
+#[derive(Debug, Clone, Copy)]
+pub struct ServingCertificates {
+    pub root_not_after: SystemTime,
+    pub server_certificate_not_after: SystemTime,
+}
+
+impl ServingCertificates {
+    /// The `/readyz` error code and message of the first expired one, if any.
+    pub fn expired(&self, now: SystemTime) -> Option<(&'static str, String)> {
+        if self.server_certificate_not_after <= now {
+            return Some((
+                "server_certificate_expired",
+                format!(
+                    "the signer's TLS server certificate ([tls] cert) expired at {}: clients refuse the handshake; renew it and reload (SIGHUP)",
+                    rfc3339(self.server_certificate_not_after)
+                ),
+            ));
+        }
+        if self.root_not_after <= now {
+            return Some((
+                "root_expired",
+                format!(
+                    "the root certificate expired at {}: every signing request is refused; move to a new root",
+                    rfc3339(self.root_not_after)
+                ),
+            ));
+        }
+        None
+    }
+}
+
 /// While the audit log's last write failed (the signer not ready), writes a `recovery`
 /// line: once it lands (room made, the log rotated), the signer is ready again without
 /// waiting for a signing request, which a load balancer would not send it while it is not.
 /// A signing request tries it too, before it would be refused for the log.
+/// The free space is looked at first: a log short of room is not tried (its last write
+/// may have succeeded), and one given room again is writable at once.
 pub async fn probe_audit_log(state: &SignerState) {
-    if state.audit.is_writable() {
+    state.audit.check_free_space();
+    if state.audit.last_commit_ok() {
         return;
     }
     let record = AuditRecord {
@@ -565,6 +605,8 @@ pub async fn probe_audit_log(state: &SignerState) {
         ..Default::default()
     };
     match state.audit.append(record, state.audit.expect_line()).await {
+        // Written, but short of room for more: not ready yet (check_free_space said so).
+        Ok(()) if !state.audit.is_writable() => {}
         Ok(()) => tracing::info!(
             path = %state.audit.path().display(),
             "the audit log takes lines again: ready"
@@ -618,6 +660,31 @@ async fn method_not_allowed() -> Response {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_expired_server_certificate_or_root_makes_the_signer_unready() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let day = Duration::from_secs(86_400);
+        let valid = ServingCertificates {
+            root_not_after: now + day,
+            server_certificate_not_after: now + day,
+        };
+        assert_eq!(valid.expired(now), None);
+        let server_ended = ServingCertificates {
+            server_certificate_not_after: now,
+            ..valid
+        };
+        let (code, message) = server_ended.expired(now).unwrap();
+        assert_eq!(code, "server_certificate_expired");
+        assert!(message.contains("TLS server certificate"), "{message}");
+        let root_ended = ServingCertificates {
+            root_not_after: now - day,
+            ..valid
+        };
+        let (code, message) = root_ended.expired(now).unwrap();
+        assert_eq!(code, "root_expired");
+        assert!(message.contains("root certificate expired at"), "{message}");
+    }
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {

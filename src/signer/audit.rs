@@ -28,7 +28,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
@@ -52,6 +52,11 @@ const VERIFY_LOOKBACK: usize = 16_384;
 /// Longest a line waits for expected siblings before its group is written. Small against
 /// the latency of a signer under load, which is when it applies.
 pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
+/// Free space the log's filesystem must have for the log to count as writable (and the
+/// signer as ready): room for the largest write the writer makes ([`MAX_BATCH`] decision
+/// lines of about 700 bytes, some 350 KiB) and the stop record, with a margin. Below it
+/// the signer stops issuing before a write fails, and says so while no request comes.
+pub const MIN_FREE_BYTES: u64 = 1024 * 1024;
 
 /// One decision. Field names are the log's stable format.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -156,15 +161,67 @@ pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     /// Held for its drop.
     _thread: Arc<WriterThread>,
-    /// 1 or 0: the outcome of the last commit, shared with the writer and exported as
-    /// `meshca_audit_writable`.
-    writable: Gauge,
+    /// Whether the log takes lines, shared with the writer.
+    writability: Arc<Writability>,
     announced: Arc<Announced>,
     commits: Counter,
     truncations: Counter,
     foreign_appends: Counter,
     head: Arc<Mutex<String>>,
     path: PathBuf,
+}
+
+/// Whether the log takes lines: its last commit succeeded, and its filesystem has room
+/// for more ([`MIN_FREE_BYTES`]). A full disk shows without waiting for a write to fail:
+/// the signer looks at the free space every few seconds ([`AuditLog::check_free_space`]).
+struct Writability {
+    last_commit_ok: AtomicBool,
+    /// Free bytes last seen on the log's filesystem; `u64::MAX` before the first look.
+    free_bytes: AtomicU64,
+    /// `meshca_audit_writable`: 1 while both hold.
+    writable: Gauge,
+    /// `meshca_audit_free_bytes`.
+    free_gauge: Gauge,
+}
+
+impl Writability {
+    fn new() -> Self {
+        let writable = Gauge::default();
+        writable.set(1);
+        Writability {
+            last_commit_ok: AtomicBool::new(true),
+            free_bytes: AtomicU64::new(u64::MAX),
+            writable,
+            free_gauge: Gauge::default(),
+        }
+    }
+
+    fn is_writable(&self) -> bool {
+        self.last_commit_ok.load(Ordering::Acquire)
+            && has_room(self.free_bytes.load(Ordering::Acquire))
+    }
+
+    fn publish(&self) {
+        self.writable.set(i64::from(self.is_writable()));
+    }
+
+    fn committed(&self, ok: bool) {
+        self.last_commit_ok.store(ok, Ordering::Release);
+        self.publish();
+    }
+
+    /// Records the free space; returns whether the log had room before.
+    fn free_space(&self, free: u64) -> bool {
+        let before = self.free_bytes.swap(free, Ordering::AcqRel);
+        self.free_gauge.set(i64::try_from(free).unwrap_or(i64::MAX));
+        self.publish();
+        has_room(before)
+    }
+}
+
+/// Whether `free` bytes on the log's filesystem leave room for the writes to come.
+fn has_room(free: u64) -> bool {
+    free >= MIN_FREE_BYTES
 }
 
 /// The writer thread, joined when the last [`AuditLog`] goes (its channel closed by then,
@@ -260,8 +317,7 @@ impl AuditLog {
         }
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(path)).map_err(io)?;
         let (tx, rx) = mpsc::channel::<Pending>();
-        let writable = Gauge::default();
-        writable.set(1);
+        let writability = Arc::new(Writability::new());
         let announced = Arc::new(Announced {
             lines: AtomicUsize::new(0),
             writer: OnceLock::new(),
@@ -280,7 +336,7 @@ impl AuditLog {
             start_to_record: None,
             path: path.to_path_buf(),
             last_hash,
-            writable: writable.clone(),
+            writability: writability.clone(),
             stopped: false,
             announced: announced.clone(),
             commits: commits.clone(),
@@ -294,20 +350,20 @@ impl AuditLog {
             .spawn(move || writer.run(rx))
             .map_err(io)?;
         let _ = announced.writer.set(thread.thread().clone());
-        Ok((
-            AuditLog {
-                tx,
-                _thread: Arc::new(WriterThread(Some(thread))),
-                writable,
-                announced,
-                commits,
-                truncations,
-                foreign_appends,
-                head,
-                path: path.to_path_buf(),
-            },
-            report,
-        ))
+        let log = AuditLog {
+            tx,
+            _thread: Arc::new(WriterThread(Some(thread))),
+            writability,
+            announced,
+            commits,
+            truncations,
+            foreign_appends,
+            head,
+            path: path.to_path_buf(),
+        };
+        // The free space is known (and exported) from the start.
+        log.check_free_space();
+        Ok((log, report))
     }
 
     /// Announces a line: call it when a request starts, hand the result to `append`. The
@@ -353,12 +409,66 @@ impl AuditLog {
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
+    /// Whether the log takes lines: its last commit succeeded (see
+    /// [`AuditLog::last_commit_ok`]) and its filesystem had at least [`MIN_FREE_BYTES`]
+    /// free when last looked at.
+    pub fn is_writable(&self) -> bool {
+        self.writability.is_writable()
+    }
+
     /// Whether the last commit succeeded (true before the first): false from a write that
     /// failed (a full disk, an I/O error; rolled back) or a new file that could not be opened
     /// after a rotation, until a commit succeeds again; false for good once a failed write
     /// could not be rolled back (the writer then refuses every line).
-    pub fn is_writable(&self) -> bool {
-        self.writable.get() == 1
+    pub fn last_commit_ok(&self) -> bool {
+        self.writability.last_commit_ok.load(Ordering::Acquire)
+    }
+
+    /// Why the log takes no lines, or None while it does.
+    pub fn unwritable_reason(&self) -> Option<String> {
+        if !self.last_commit_ok() {
+            return Some("the audit log cannot be written".into());
+        }
+        let free = self.writability.free_bytes.load(Ordering::Acquire);
+        (!has_room(free)).then(|| {
+            format!(
+                "the audit log's filesystem has {free} bytes free, under the {MIN_FREE_BYTES} the signer keeps for its lines: make room"
+            )
+        })
+    }
+
+    /// Looks at the free space of the log's filesystem (of its directory: where a rotation
+    /// puts the next file), records it, and says when the log gains or loses room.
+    pub fn check_free_space(&self) {
+        let dir = crate::fsutil::parent_dir(&self.path);
+        match crate::fsutil::free_bytes(dir) {
+            Ok(free) => self.note_free_space(free),
+            Err(e) => tracing::debug!(
+                audit_log = %self.path.display(),
+                error = %e,
+                "cannot read the free space of the audit log's filesystem"
+            ),
+        }
+    }
+
+    /// Records `free` bytes on the log's filesystem (what [`AuditLog::check_free_space`]
+    /// read), logging a change between room and none.
+    pub fn note_free_space(&self, free: u64) {
+        let had_room = self.writability.free_space(free);
+        match (had_room, has_room(free)) {
+            (true, false) => tracing::error!(
+                audit_log = %self.path.display(),
+                free_bytes = free,
+                min_free_bytes = MIN_FREE_BYTES,
+                "the audit log's filesystem is nearly full: nothing is issued and the signer is not ready until room is made"
+            ),
+            (false, true) => tracing::info!(
+                audit_log = %self.path.display(),
+                free_bytes = free,
+                "the audit log's filesystem has room again"
+            ),
+            _ => {}
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -367,7 +477,12 @@ impl AuditLog {
 
     /// 1 while the log takes lines ([`AuditLog::is_writable`]), 0 otherwise.
     pub fn writable(&self) -> &Gauge {
-        &self.writable
+        &self.writability.writable
+    }
+
+    /// The free bytes last seen on the log's filesystem.
+    pub fn free_bytes(&self) -> &Gauge {
+        &self.writability.free_gauge
     }
 
     /// Counts successful writes + fsyncs (each covers one or more records).
@@ -438,8 +553,8 @@ struct Writer {
     start_to_record: Option<AuditRecord>,
     path: PathBuf,
     last_hash: String,
-    /// Shared with [`AuditLog::is_writable`]: the outcome of the last commit.
-    writable: Gauge,
+    /// Shared with [`AuditLog::is_writable`]: takes the outcome of each commit.
+    writability: Arc<Writability>,
     /// A failed write could not be rolled back: the file may end in part of a line, so
     /// the chain cannot be continued and every commit is refused.
     stopped: bool,
@@ -483,7 +598,7 @@ impl Writer {
     /// Writes the batch, and publishes whether that worked ([`AuditLog::is_writable`]).
     fn commit(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
         let result = self.write_batch(batch);
-        self.writable.set(i64::from(result.is_ok()));
+        self.writability.committed(result.is_ok());
         result
     }
 
@@ -1322,6 +1437,40 @@ mod tests {
             verify_after(&path, Some(&last_hash)),
             VerifyOutcome::Intact { records: 3, .. }
         ));
+    }
+
+    #[test]
+    fn the_log_needs_room_for_a_full_write_to_count_as_writable() {
+        assert!(!has_room(0));
+        // Room for a line or two (a recovery probe's) is not room for a batch.
+        assert!(!has_room(700));
+        assert!(!has_room(MIN_FREE_BYTES - 1));
+        assert!(has_room(MIN_FREE_BYTES));
+        assert!(MIN_FREE_BYTES as usize >= MAX_BATCH * 700);
+    }
+
+    #[tokio::test]
+    async fn a_nearly_full_filesystem_makes_the_log_unwritable_until_room_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+        // Opened on a filesystem with room: its free space is known at once.
+        assert!(log.is_writable());
+        assert!(log.free_bytes().get() > 0);
+        log.note_free_space(64 * 1024);
+        assert!(!log.is_writable());
+        assert_eq!(log.writable().get(), 0);
+        assert_eq!(log.free_bytes().get(), 64 * 1024);
+        let reason = log.unwritable_reason().unwrap();
+        assert!(reason.contains("65536 bytes free"), "{reason}");
+        // A line that still fits is written, but does not make the log writable again.
+        log.append(record(1), log.expect_line()).await.unwrap();
+        assert!(log.last_commit_ok());
+        assert!(!log.is_writable());
+        assert_eq!(log.writable().get(), 0);
+        log.note_free_space(MIN_FREE_BYTES);
+        assert!(log.is_writable());
+        assert_eq!(log.writable().get(), 1);
+        assert_eq!(log.unwritable_reason(), None);
     }
 
     #[tokio::test]

@@ -379,9 +379,23 @@ impl Metrics {
         );
         self.registry.register(
             "audit_writable",
-            "1 while the audit log takes lines (its last write succeeded), 0 otherwise: nothing is issued and /readyz is 503 meanwhile",
+            "1 while the audit log takes lines (its last write succeeded, and its filesystem has at least 1 MiB free), 0 otherwise: nothing is issued and /readyz is 503 meanwhile",
             audit.writable().clone(),
         );
+        self.registry.register(
+            "audit_free_bytes",
+            "Bytes free for the signer on the audit log's filesystem, looked at every 5 s; under 1 MiB the log counts as not writable",
+            audit.free_bytes().clone(),
+        );
+    }
+
+    /// The notAfter of the serving certificate in force (the last one loaded).
+    pub fn tls_certificate_not_after(&self) -> SystemTime {
+        let seconds = self.tls_certificate_not_after.load(Ordering::Relaxed);
+        match u64::try_from(seconds) {
+            Ok(after) => SystemTime::UNIX_EPOCH + Duration::from_secs(after),
+            Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(seconds.unsigned_abs()),
+        }
     }
 
     /// The Prometheus text exposition.

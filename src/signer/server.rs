@@ -172,6 +172,29 @@ fn warn_of_ended_announced_roots(settings: &RootSettings) {
     }
 }
 
+/// Says at ERROR that the serving certificate has expired (at a start, and after a TLS
+/// reload that leaves it in force): the signer runs, but no client completes a handshake.
+fn error_if_server_certificate_expired(not_after: SystemTime, file: &std::path::Path) {
+    if not_after <= SystemTime::now() {
+        tracing::error!(
+            file = %file.display(),
+            expired_at = %rfc3339(not_after),
+            "the signer's TLS server certificate has expired: every client refuses the handshake and /readyz is 503; renew it and reload (SIGHUP)"
+        );
+    }
+}
+
+/// Says at ERROR, at a start, that the root has expired: every signing request is refused.
+fn error_if_root_expired(root: &RootCa) {
+    if root.not_after <= SystemTime::now() {
+        tracing::error!(
+            fingerprint_sha256 = %root.fingerprint_sha256,
+            expired_at = %rfc3339(root.not_after),
+            "the root certificate has expired: every signing request is refused (root_expired) and /readyz is 503; move to a new root"
+        );
+    }
+}
+
 /// Why a reload of the rules changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -443,6 +466,7 @@ impl RunningSigner {
         match read {
             Ok(read) => {
                 let certificate = read.certificate;
+                error_if_server_certificate_expired(certificate.not_after, &self.config.tls_cert);
                 warn_of_open_key(&read);
                 client_trust_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
                 let changed = self.tls.send_if_modified(|in_force| {
@@ -593,6 +617,8 @@ pub async fn start(
         .map_err(TlsError::from)?;
     let tls = serving_tls(&config, &roots)?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate);
+    error_if_server_certificate_expired(tls.certificate.not_after, &config.tls_cert);
+    error_if_root_expired(&root);
     warn_of_open_key(&tls);
     client_trust_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
@@ -931,6 +957,7 @@ async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch:
                 api::audit_counted_refusals(&state).await;
                 head.log_if_moved(&state.audit);
             }
+            // Looks at the log's free space too: a full disk shows while no request comes.
             _ = probes.tick() => api::probe_audit_log(&state).await,
             // Without it, a token pulled or a Vault sealed while no cluster is due shows
             // nowhere until a renewal fails, which may be months later.
