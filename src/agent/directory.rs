@@ -115,6 +115,14 @@ pub struct PassMemory {
 }
 
 impl PassMemory {
+    /// How long ago the clock-ahead refusal was remembered (zero without one), on the
+    /// monotonic clock: [`PassMemory::check_clock`]'s `elapsed`.
+    fn since_refusal(&self) -> Duration {
+        self.clock_ahead
+            .map(|(_, since)| since.elapsed())
+            .unwrap_or_default()
+    }
+
     /// Before asking the signer: refused while this clock still reads ahead of the
     /// signer's, forgotten once it agrees.
     fn check_clock(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
@@ -268,11 +276,7 @@ pub async fn reconcile(
             // for nothing at each retry.
             check_dir_writable(&opts.target)?;
             // So would one this clock finds already expired, as the last one was.
-            let elapsed = memory
-                .clock_ahead
-                .map(|(_, since)| since.elapsed())
-                .unwrap_or_default();
-            memory.check_clock(now, elapsed)?;
+            memory.check_clock(now, memory.since_refusal())?;
             let policy = policy?;
             // A key type the policy refuses fails here, before anything says a new
             // intermediate is being requested.
@@ -534,12 +538,7 @@ mod tests {
     /// A bundle for mesh "cluster-a" valid from `issued` for `ttl`, under a 400-day root.
     fn bundle(ttl: Duration) -> (SystemTime, BundleFiles) {
         let (root_key, root) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
-        // Certificates carry whole seconds.
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
+        let issued = crate::pki::testing::whole_seconds(SystemTime::now());
         let files = software_bundle(
             &root_key,
             &root,

@@ -772,12 +772,7 @@ mod tests {
     /// A root and a 30-day intermediate for mesh "cluster-a" issued at `issued`.
     fn fixture() -> Fixture {
         let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 400 * DAY);
-        // Certificates carry whole seconds.
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
+        let issued = crate::pki::testing::whole_seconds(SystemTime::now());
         let bundle = software_bundle(
             &root_key,
             &root,

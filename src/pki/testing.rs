@@ -11,6 +11,13 @@ use super::keys::{KeyType, PrivateKey};
 use super::profile::{IntermediatePlan, RootCa, assemble, random_serial, root_tbs, subject_name};
 use super::sigalg::SignatureAlgorithm;
 
+/// `t` without its fraction of a second, as certificates carry it: a bundle made from it
+/// has exactly the times the test compares with.
+pub fn whole_seconds(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
+}
+
 /// Runs the openssl CLI with `args` in `dir` (an independent maker of certificates and
 /// CRLs, as an operator's tools would be); panics with its stderr if it fails.
 pub fn openssl(dir: &std::path::Path, args: &[&str]) {

@@ -8,7 +8,7 @@ use super::{any_time, cfg};
 use crate::agent::rotation::*;
 use crate::pki::keys::{KeyType, PrivateKey};
 use crate::pki::profile::RootCa;
-use crate::pki::testing::{software_bundle, software_root};
+use crate::pki::testing::{software_bundle, software_root, whole_seconds};
 use crate::policy::rules::BACKDATE;
 
 /// Every pair of fractions RotationSettings accepts.
@@ -21,12 +21,6 @@ fn settings() -> impl Strategy<Value = RotationSettings> {
 thread_local! {
     static ROOT: (PrivateKey, RootCa) =
         software_root(KeyType::EcdsaP256, "acme", Duration::from_secs(400 * 86_400));
-}
-
-/// `t` without its fraction of a second, as certificates carry it.
-fn whole_seconds(t: SystemTime) -> SystemTime {
-    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
 }
 
 proptest! {
