@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::client::{ContactRecord, PublicPolicy, SignerClient, SignerContact};
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
 use super::election::{Elector, LeaderLoop};
-use super::k8s::{Kube, KubeError, classify_secret, meshca_owner};
+use super::k8s::{Kube, KubeError, SecretAsRead, classify_secret, meshca_owner};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, plan_for,
@@ -78,6 +78,10 @@ pub enum ReconcileError {
     Kube(#[from] KubeError),
     #[error("this replica is not the leader any more; nothing written")]
     NotLeader,
+    #[error(
+        "{what} was created or changed by another client after this pass read it: left as that client wrote it; the next pass reads it again and decides (a Secret meshca did not create is refused unless adopt is set): {source}"
+    )]
+    SecretChanged { what: String, source: KubeError },
 }
 
 impl ReconcileError {
@@ -87,6 +91,7 @@ impl ReconcileError {
             ReconcileError::Signer(e) => e.reason(),
             ReconcileError::Kube(_) => "KubernetesError",
             ReconcileError::NotLeader => "NotLeader",
+            ReconcileError::SecretChanged { .. } => "SecretChanged",
         }
     }
 
@@ -442,6 +447,18 @@ impl Controller {
             .get_secret(&target.namespace, &target.name)
             .await?;
         let installed = classify_secret(secret.as_ref(), &owner);
+        // The write at the end of the pass holds this read as its precondition.
+        let as_read = SecretAsRead::of(secret.as_ref());
+        let secret_changed = |source: KubeError| {
+            if source.changed_since_read() {
+                ReconcileError::SecretChanged {
+                    what: format!("Secret {target}"),
+                    source,
+                }
+            } else {
+                ReconcileError::Kube(source)
+            }
+        };
         // Adopting a Secret another request holds would have the two take it from each
         // other at every pass (a new intermediate each time). One that no request here
         // targets any more (deleted, or pointed elsewhere) is free to adopt; a holder in
@@ -554,8 +571,9 @@ impl Controller {
                 }
                 self.ensure_leader().await?;
                 self.kube
-                    .apply_secret(&target.namespace, &target.name, &owner, &files)
-                    .await?;
+                    .write_secret(&target.namespace, &target.name, &owner, &files, &as_read)
+                    .await
+                    .map_err(secret_changed)?;
                 tracing::info!(request = %owner, "root-cert.pem rewritten (a root the signer announces added, or an old root retired or expired)");
                 super::log_roots_left_out(&left_out);
                 notes.ends_with_root = ends_with_known_root(&summary, &desired);
@@ -577,8 +595,9 @@ impl Controller {
                 // An intermediate the Secret could not take would be signed (and audited)
                 // for nothing at each attempt.
                 self.kube
-                    .check_secret_apply(&target.namespace, &target.name, &owner)
-                    .await?;
+                    .check_secret_write(&target.namespace, &target.name, &owner, &as_read)
+                    .await
+                    .map_err(secret_changed)?;
                 tracing::info!(request = %owner, reason = %reason, "requesting a new intermediate");
                 status.phase = Some(Phase::Requested);
                 // A replica that no longer leads asks the signer for nothing.
@@ -635,8 +654,15 @@ impl Controller {
                 // server): a replica no longer leading leaves the Secret to the new leader.
                 self.ensure_leader().await?;
                 self.kube
-                    .apply_secret(&target.namespace, &target.name, &owner, &obtained.files)
-                    .await?;
+                    .write_secret(
+                        &target.namespace,
+                        &target.name,
+                        &owner,
+                        &obtained.files,
+                        &as_read,
+                    )
+                    .await
+                    .map_err(secret_changed)?;
                 super::log_roots_left_out(&obtained.roots_left_out);
                 let renew_at = super::rotation::renew_at(
                     summary.not_before,

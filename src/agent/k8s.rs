@@ -1,7 +1,8 @@
-//! The thin Kubernetes layer of the cluster agent: exactly the API calls it makes (get and
-//! server-side apply a Secret, list and patch Deployments, StatefulSets and DaemonSets, get
-//! a ConfigMap, list requests and apply their status, a Lease for leader election), plus
-//! the pure reading of what comes back (is this Secret ours, who holds the Lease).
+//! The thin Kubernetes layer of the cluster agent: exactly the API calls it makes (get a
+//! Secret, then create it or server-side apply it as read; list and patch Deployments,
+//! StatefulSets and DaemonSets; get a ConfigMap; list requests and apply their status; a
+//! Lease for leader election), plus the pure reading of what comes back (is this Secret
+//! ours, who holds the Lease).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -43,6 +44,37 @@ impl KubeError {
         match &self.source {
             kube::Error::Api(status) => Some(status.code),
             _ => None,
+        }
+    }
+}
+
+impl KubeError {
+    /// A write refused because its object was created or changed by another client since
+    /// the read it was based on (409: AlreadyExists for a create, Conflict for an apply
+    /// that holds a resourceVersion).
+    pub fn changed_since_read(&self) -> bool {
+        self.code() == Some(409)
+    }
+}
+
+/// The cacerts Secret as a pass read it, made the precondition of the pass's write: the
+/// write fails instead of overwriting a Secret another client (kubectl, a GitOps tool)
+/// created or changed in between, which spans a key generation and a signer round trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretAsRead {
+    /// There was none: the write is a create.
+    Absent,
+    /// Its resourceVersion (empty only from a server that sets none: no precondition).
+    Version(String),
+}
+
+impl SecretAsRead {
+    pub fn of(secret: Option<&Secret>) -> Self {
+        match secret {
+            None => SecretAsRead::Absent,
+            Some(secret) => {
+                SecretAsRead::Version(secret.metadata.resource_version.clone().unwrap_or_default())
+            }
         }
     }
 }
@@ -169,7 +201,7 @@ pub fn classify_secret(secret: Option<&Secret>, owner: &str) -> Installed {
     Installed::Ours(files)
 }
 
-/// The server-side apply body of the cacerts Secret: labels, owner annotation, the four
+/// The body of the cacerts Secret's create or apply: labels, owner annotation, the four
 /// keys, nothing else (other fields stay with their managers).
 pub fn secret_apply_body(namespace: &str, name: &str, owner: &str, files: &BundleFiles) -> Secret {
     let data: BTreeMap<String, ByteString> = [
@@ -226,34 +258,33 @@ impl Kube {
             .map_err(ctx(|| format!("get Secret {ns}/{name}")))
     }
 
-    /// Server-side apply of the cacerts Secret, field manager `meshca`, forced (meshca
-    /// owns the four keys once it writes them).
-    pub async fn apply_secret(
+    /// Writes the cacerts Secret as field manager `meshca`, on the condition that it is
+    /// still as the pass read it ([`SecretAsRead`]): a create when none existed, else a
+    /// forced server-side apply (meshca owns the four keys once it writes them) that holds
+    /// the read resourceVersion. Another client's Secret, created or changed since the
+    /// read, is answered 409 ([`KubeError::changed_since_read`]) and left as it is.
+    pub async fn write_secret(
         &self,
         ns: &str,
         name: &str,
         owner: &str,
         files: &BundleFiles,
+        as_read: &SecretAsRead,
     ) -> Result<(), KubeError> {
-        Api::<Secret>::namespaced(self.client.clone(), ns)
-            .patch(
-                name,
-                &apply_params(),
-                &Patch::Apply(secret_apply_value(ns, name, owner, files)),
-            )
+        self.secret_write(ns, name, owner, files, as_read, false)
             .await
-            .map(|_| ())
-            .map_err(ctx(|| format!("apply Secret {ns}/{name}")))
     }
 
-    /// Whether the API server would take the cacerts Secret's apply (RBAC, admission
-    /// policies, an immutable Secret), asked with a dry run of the same apply with empty
-    /// files: before the signer is asked for an intermediate that could not be written.
-    pub async fn check_secret_apply(
+    /// Whether the API server would take the cacerts Secret's write (RBAC, admission
+    /// policies, an immutable Secret, a change since the read), asked with a dry run of
+    /// the same write with empty files: before the signer is asked for an intermediate
+    /// that could not be written.
+    pub async fn check_secret_write(
         &self,
         ns: &str,
         name: &str,
         owner: &str,
+        as_read: &SecretAsRead,
     ) -> Result<(), KubeError> {
         let placeholder = BundleFiles {
             ca_cert: String::new(),
@@ -261,21 +292,67 @@ impl Kube {
             cert_chain: String::new(),
             root_cert: String::new(),
         };
-        let value = secret_apply_value(ns, name, owner, &placeholder);
-        match Api::<Secret>::namespaced(self.client.clone(), ns)
-            .patch(name, &apply_params().dry_run(), &Patch::Apply(value))
+        match self
+            .secret_write(ns, name, owner, &placeholder, as_read, true)
             .await
         {
-            Ok(_) => Ok(()),
-            // An admission webhook with side effects cannot take a dry run: the apply
+            // An admission webhook with side effects cannot take a dry run: the write
             // itself is the only test there.
-            Err(kube::Error::Api(answer))
-                if answer.code == 400 && answer.message.contains("dry run") =>
-            {
-                tracing::debug!(secret = %format!("{ns}/{name}"), message = %answer.message, "the Secret's apply cannot be tried with a dry run");
+            Err(KubeError {
+                source: kube::Error::Api(answer),
+                ..
+            }) if answer.code == 400 && answer.message.contains("dry run") => {
+                tracing::debug!(secret = %format!("{ns}/{name}"), message = %answer.message, "the Secret's write cannot be tried with a dry run");
                 Ok(())
             }
-            Err(e) => Err(ctx(|| format!("apply Secret {ns}/{name} (dry run)"))(e)),
+            other => other,
+        }
+    }
+
+    async fn secret_write(
+        &self,
+        ns: &str,
+        name: &str,
+        owner: &str,
+        files: &BundleFiles,
+        as_read: &SecretAsRead,
+        dry_run: bool,
+    ) -> Result<(), KubeError> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), ns);
+        let dry = if dry_run { " (dry run)" } else { "" };
+        match as_read {
+            SecretAsRead::Absent => {
+                let params = PostParams {
+                    dry_run,
+                    field_manager: Some(FIELD_MANAGER.into()),
+                };
+                api.create(&params, &secret_apply_body(ns, name, owner, files))
+                    .await
+                    .map(|_| ())
+                    .map_err(ctx(|| {
+                        format!("create Secret {ns}/{name}{dry} (none existed when read)")
+                    }))
+            }
+            SecretAsRead::Version(version) => {
+                let mut value = secret_apply_value(ns, name, owner, files);
+                // The API server refuses the apply (409) if the Secret's version moved on.
+                if !version.is_empty() {
+                    value["metadata"]["resourceVersion"] = version.as_str().into();
+                }
+                let params = if dry_run {
+                    apply_params().dry_run()
+                } else {
+                    apply_params()
+                };
+                api.patch(name, &params, &Patch::Apply(value))
+                    .await
+                    .map(|_| ())
+                    .map_err(ctx(|| {
+                        format!(
+                            "apply Secret {ns}/{name}{dry} (as read at resourceVersion {version})"
+                        )
+                    }))
+            }
         }
     }
 
@@ -520,7 +597,9 @@ pub fn lease_spec(
         }
         LeaseAction::Acquire => {
             spec.acquire_time = now.clone();
-            spec.lease_transitions = Some(transitions + 1);
+            // The API server refuses a negative count: past i32::MAX (a Lease edited by
+            // hand) counting starts again rather than wrapping, or no replica could lead.
+            spec.lease_transitions = Some(transitions.max(0).checked_add(1).unwrap_or(0));
         }
         LeaseAction::Renew | LeaseAction::Follow { .. } => {}
     }
@@ -652,6 +731,18 @@ mod tests {
         );
         assert_eq!(renewed.lease_transitions, None);
         assert_eq!(SystemTime::from(renewed.renew_time.unwrap().0), at(25));
+        let worn = LeaseSpec {
+            lease_transitions: Some(i32::MAX),
+            ..held("b", 0, 15)
+        };
+        let taken = lease_spec(
+            Some(&worn),
+            "a",
+            Duration::from_secs(30),
+            &LeaseAction::Acquire,
+            at(20),
+        );
+        assert_eq!(taken.lease_transitions, Some(0));
     }
 
     fn secret(labels: &[(&str, &str)], annotations: &[(&str, &str)], keys: &[&str]) -> Secret {

@@ -3,9 +3,10 @@
 //! namespaces, with `k=v` and `k in (a,b)` label selectors), server-side apply (create,
 //! merge of labels and annotations, `spec` replaced and `generation` bumped when it
 //! changes, `metadata.finalizers` as a set of which meshca owns its own, other maps such as
-//! a Secret's `data` merged key by key), status apply, merge and strategic-merge patches of
-//! existing objects (a workload's rolling restart), delete (404 when absent), Lease
-//! create and replace with a resourceVersion check, and a writer racing in after a read.
+//! a Secret's `data` merged key by key; refused 409 if it holds a resourceVersion the
+//! object has moved on from), status apply, merge and strategic-merge patches of existing
+//! objects (a workload's rolling restart), delete (404 when absent), create (409 if it
+//! exists), replace with a resourceVersion check, and a writer racing in after a read.
 //! Every request is recorded with its Authorization header. Each fake serves one identity
 //! whose RBAC, read from deploy/'s manifests ([`rbac::Policy`]), is applied as the API
 //! server would (a request it does not grant is answered 403 Forbidden) and must grant
@@ -368,11 +369,28 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
             return status(refusal.code, &refusal.reason, &refusal.message);
         }
     }
+    let mut objects = fake.objects.lock().unwrap();
     if method != Method::GET && dry_run {
-        // A dry run is answered as if done, and changes nothing.
+        // A dry run is answered as if done, and changes nothing; its preconditions (a
+        // create of what exists, an apply holding an old resourceVersion) fail as the
+        // write would.
+        let exists = |name: &str| objects.contains_key(&format!("{path}/{name}"));
+        if method == Method::POST && body["metadata"]["name"].as_str().is_some_and(exists) {
+            return status(409, "AlreadyExists", "exists");
+        }
+        let held = body["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
+        if method == Method::PATCH
+            && !held.is_empty()
+            && objects.get(&path).is_some_and(|current| {
+                current["metadata"]["resourceVersion"].as_str() != Some(held)
+            })
+        {
+            return status(409, "Conflict", "the object has been modified");
+        }
         return axum::Json(body).into_response();
     }
-    let mut objects = fake.objects.lock().unwrap();
     let next_version = || {
         let mut v = fake.version.lock().unwrap();
         *v += 1;
@@ -458,6 +476,21 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                 return axum::Json(obj.clone()).into_response();
             }
             let version = next_version();
+            // An apply that holds a resourceVersion is refused if the object moved on
+            // (a missing object is created, as by the API server).
+            let held = body["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default();
+            if let Some(current) = objects.get(&path)
+                && !held.is_empty()
+                && current["metadata"]["resourceVersion"].as_str() != Some(held)
+            {
+                return status(
+                    409,
+                    "Conflict",
+                    "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
             let Some(obj) = objects.get_mut(&path) else {
                 let mut obj = body;
                 obj["metadata"]["resourceVersion"] = version.into();
@@ -613,12 +646,19 @@ impl FakeCluster {
         kubeconfig(&self.url(), token)
     }
 
+    /// Stores an object as given (a test that needs its resourceVersion sets one).
     pub fn put(&self, path: &str, obj: Value) {
         self.fake
             .objects
             .lock()
             .unwrap()
             .insert(path.to_string(), obj);
+    }
+
+    fn next_version(&self) -> String {
+        let mut v = self.fake.version.lock().unwrap();
+        *v += 1;
+        v.to_string()
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {
@@ -630,14 +670,16 @@ impl FakeCluster {
         self.fake.objects.lock().unwrap().remove(path);
     }
 
-    /// Changes an object in place (as another client would).
+    /// Changes an object in place (as another client would: it gets a new
+    /// resourceVersion).
     pub fn edit(&self, path: &str, change: impl FnOnce(&mut Value)) {
+        let version = self.next_version();
         let mut objects = self.fake.objects.lock().unwrap();
-        change(
-            objects
-                .get_mut(path)
-                .unwrap_or_else(|| panic!("{path} missing")),
-        );
+        let obj = objects
+            .get_mut(path)
+            .unwrap_or_else(|| panic!("{path} missing"));
+        change(obj);
+        obj["metadata"]["resourceVersion"] = version.into();
     }
 
     /// Paths of the objects stored under `prefix`.
