@@ -1,9 +1,8 @@
 //! The cluster agent against the shared HTTP fake of the Kubernetes API (`kubefake`),
 //! serving exactly the endpoints the agent uses (Secret get, create and apply, Deployment
 //! list and patch, ConfigMap get, request list and status, Lease), with a real signer and
-//! SoftHSM root
-//! behind it. The tests assert the requests the agent sends: methods, paths, field
-//! manager, content types and patch bodies.
+//! SoftHSM root behind it. The tests assert the requests the agent sends: methods, paths,
+//! field manager, content types and patch bodies.
 
 mod common;
 mod kubefake;
