@@ -15,6 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::client::{ContactRecord, PublicPolicy, SignerClient, SignerContact};
 use super::crd::{Condition, Phase, VirtualMeshCertificateSigningRequest, VmcsrStatus};
+use super::directory::PassMemory;
 use super::election::{Elector, LeaderLoop};
 use super::k8s::{Kube, KubeError, SecretAsRead, classify_secret, meshca_owner};
 use super::metrics::{AgentMetrics, Reconciled};
@@ -172,6 +173,9 @@ pub struct Controller {
     /// Requests whose reconciles fail, by `<namespace>/<name>`: each waits out its own
     /// backoff, whatever else makes a pass come sooner.
     failing: Arc<Mutex<HashMap<String, Failing>>>,
+    /// What each request's passes remember (a clock ahead of the signer's), by
+    /// `<namespace>/<name>`.
+    memory: Arc<Mutex<HashMap<String, PassMemory>>>,
 }
 
 /// A request whose last reconciles failed.
@@ -223,11 +227,16 @@ impl Controller {
             elector,
             metrics,
             failing: Arc::default(),
+            memory: Arc::default(),
         }
     }
 
     fn failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failing>> {
         self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, PassMemory>> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How long `request` still waits after failing (None: reconcile it now).
@@ -287,6 +296,7 @@ impl Controller {
         }
         let keys: Vec<String> = requests.iter().map(request_key).collect();
         self.failing().retain(|key, _| keys.contains(key));
+        self.memory().retain(|key, _| keys.contains(key));
         self.metrics.pass_completed(&keys, SystemTime::now());
         Ok(next.max(Duration::from_secs(1)))
     }
@@ -584,6 +594,12 @@ impl Controller {
                 reason,
                 previous_roots,
             } => {
+                // The last intermediate the signer made for this request had expired by
+                // this clock: until it agrees, another would be signed for nothing.
+                self.memory()
+                    .entry(owner.clone())
+                    .or_default()
+                    .check_clock_at(now)?;
                 let policy = policy.map_err(AgentError::from)?;
                 // A key type the policy refuses fails here, before the dry run and the
                 // `Requested` status: nothing is asked of anyone for it.
@@ -617,7 +633,8 @@ impl Controller {
                         },
                     },
                 )
-                .await?;
+                .await
+                .inspect_err(|e| self.memory().entry(owner.clone()).or_default().remember(e))?;
                 let summary = &obtained.summary;
                 status.phase = Some(Phase::Issued);
                 status.serial = Some(summary.serial.clone());

@@ -105,7 +105,8 @@ impl DirOutcome {
     }
 }
 
-/// What a directory agent carries from one pass to the next.
+/// What an agent carries from one pass to the next (the directory agent's, and the
+/// Kubernetes agent's for each request).
 #[derive(Debug, Default)]
 pub struct PassMemory {
     /// The signer's last intermediate was refused because this clock read past its
@@ -123,8 +124,12 @@ impl PassMemory {
             .unwrap_or_default()
     }
 
-    /// Before asking the signer: refused while this clock still reads ahead of the
-    /// signer's, forgotten once it agrees.
+    /// Before asking the signer for an intermediate: refused while this clock still reads
+    /// ahead of the signer's (as the system clock reads `now`), forgotten once it agrees.
+    pub(crate) fn check_clock_at(&mut self, now: SystemTime) -> Result<(), AgentError> {
+        self.check_clock(now, self.since_refusal())
+    }
+
     fn check_clock(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
         if let Some((ahead, _)) = self.clock_ahead {
             if ahead.still_ahead(now, elapsed) {
@@ -135,7 +140,7 @@ impl PassMemory {
         Ok(())
     }
 
-    fn remember(&mut self, error: &AgentError) {
+    pub(crate) fn remember(&mut self, error: &AgentError) {
         if let AgentError::ClockAhead { ahead, .. } = error {
             self.clock_ahead = Some((*ahead, Instant::now()));
         }
@@ -276,7 +281,7 @@ pub async fn reconcile(
             // for nothing at each retry.
             check_dir_writable(&opts.target)?;
             // So would one this clock finds already expired, as the last one was.
-            memory.check_clock(now, memory.since_refusal())?;
+            memory.check_clock_at(now)?;
             let policy = policy?;
             // A key type the policy refuses fails here, before anything says a new
             // intermediate is being requested.
