@@ -1007,7 +1007,8 @@ pub fn installed_tool(in_repo: &str, name: &str) -> PathBuf {
 /// libfaketime's library (`scripts/install-deps.sh` installs the faketime package);
 /// missing, the test fails saying so (it is never skipped).
 pub fn libfaketime() -> PathBuf {
-    let candidates = ["/usr/lib", "/usr/lib64", "/usr/local/lib"]
+    // /usr/lib/<multiarch triplet>/faketime on Debian, /usr/lib64/faketime elsewhere.
+    ["/usr/lib", "/usr/lib64", "/usr/local/lib"]
         .into_iter()
         .flat_map(|base| {
             let base = Path::new(base);
@@ -1017,9 +1018,7 @@ pub fn libfaketime() -> PathBuf {
             }
             dirs
         })
-        .map(|dir| dir.join("libfaketime.so.1"));
-    candidates
-        .into_iter()
+        .map(|dir| dir.join("libfaketime.so.1"))
         .find(|library| library.is_file())
         .expect("libfaketime is missing: run scripts/install-deps.sh (make test does)")
 }
