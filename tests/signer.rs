@@ -2234,11 +2234,16 @@ async fn a_signer_past_its_roots_end_is_not_ready_and_refuses_with_root_expired(
     let (status, body) = sign_fresh(&client, &signer).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(error_code(&body), "root_expired", "{body}");
-    assert!(
-        error_message(&body).contains("root"),
-        "{}",
-        error_message(&body)
+    // When it ended (as openssl reads it), said alike by /readyz and the refusal.
+    let ended = format!(
+        "the root certificate expired at {}: every signing request is refused",
+        meshca::signer::audit::rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(root_not_after as u64)
+        )
     );
+    for message in [error_message(&ready), error_message(&body)] {
+        assert!(message.starts_with(&ended), "{message}\n{ended}");
+    }
     let audit = signer.audit_lines();
     assert_eq!(audit.len(), 1, "{audit:?}");
     assert_eq!(audit[0]["event"], "decision", "{audit:?}");
