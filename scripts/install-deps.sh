@@ -11,6 +11,7 @@
 #   sha256 below.
 #   promtool (deploy/prometheus alert rules and their unit tests): taken out of Debian's
 #   prometheus package into var/tools/bin, without installing the server
+#   apt: faketime (libfaketime: a test runs the signer past its root's end)
 #   apt: systemd, where systemd-analyze is missing (a container): systemd-analyze and
 #   systemd-sysusers check deploy/systemd offline (nothing is started or enabled)
 # Never skips: if something cannot be installed, this fails and says what is missing.
@@ -21,9 +22,9 @@
 set -euo pipefail
 scope=${1:-all}
 case "$scope" in
-  all) want_bao=true; want_validate=true; want_promtool=true; want_systemd=true ;;
-  demo) want_bao=false; want_validate=false; want_promtool=false; want_systemd=false ;;
-  demo-vault) want_bao=true; want_validate=false; want_promtool=false; want_systemd=false ;;
+  all) want_bao=true; want_validate=true; want_promtool=true; want_systemd=true; want_faketime=true ;;
+  demo) want_bao=false; want_validate=false; want_promtool=false; want_systemd=false; want_faketime=false ;;
+  demo-vault) want_bao=true; want_validate=false; want_promtool=false; want_systemd=false; want_faketime=false ;;
   *) echo "usage: install-deps.sh [all|demo|demo-vault]" >&2; exit 2 ;;
 esac
 
@@ -71,6 +72,13 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The demo and the tests pick free ports with it.
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# libfaketime (in the faketime package): a test runs the signer with its clock past the
+# root's notAfter, the library preloaded.
+faketime_present() { compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null \
+  || compgen -G "/usr/lib*/faketime/libfaketime.so.1" >/dev/null; }
+if $want_faketime; then
+  faketime_present || need_apt+=(faketime)
+fi
 if $want_systemd; then
   command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 \
     || need_apt+=(systemd)

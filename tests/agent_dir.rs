@@ -478,6 +478,31 @@ fn spawn_loop(mut cmd: Command) -> (AgentLoop, mpsc::Receiver<serde_json::Value>
     (AgentLoop(child), rx)
 }
 
+/// The README's runbook for `MeshcaAgentSignerUnreachable` quotes the agent's lines as it
+/// writes them: `not_due` while the intermediate is not due (quoted up to its `;`), and
+/// `failed` once it is, each with the cause in its `error`.
+fn assert_runbook_quotes_the_agent(not_due: &serde_json::Value, failed: &serde_json::Value) {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `MeshcaAgentSignerUnreachable`"))
+        .expect("the alert's row in the README");
+    let not_due_message = not_due["message"].as_str().unwrap();
+    let (head, _) = not_due_message.split_once("; ").unwrap();
+    let failed_message = failed["message"].as_str().unwrap();
+    for quoted in [
+        format!("`{head}; ...`"),
+        format!("`{failed_message}`"),
+        "`cannot reach the signer at ...`".to_string(),
+    ] {
+        assert!(row.contains(&quoted), "{quoted} not in\n{row}");
+    }
+    for line in [not_due, failed] {
+        let error = line["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("cannot reach the signer at "), "{line}");
+    }
+}
+
 #[test]
 fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is_back() {
     let env = Env::new();
@@ -516,7 +541,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     cmd.args(["--metrics-listen", "127.0.0.1:0"]);
     let (agent, logs) = spawn_loop(cmd);
     let metrics_addr = metrics_address(&logs);
-    std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
+    let not_due_line = std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(30)).ok())
         .find(|line| {
             line["message"]
                 .as_str()
@@ -562,6 +587,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     let (mut agent, logs) = spawn_loop(cmd);
     let metrics_addr = metrics_address(&logs);
     let mut delays = Vec::new();
+    let mut failed_lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while delays.len() < 2 && Instant::now() < deadline {
         if let Ok(line) = logs.recv_timeout(Duration::from_secs(1))
@@ -573,9 +599,11 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
                 "{message}"
             );
             delays.push(delay);
+            failed_lines.push(line);
         }
     }
     assert_eq!(delays, vec![2, 4]);
+    assert_runbook_quotes_the_agent(&not_due_line, &failed_lines[0]);
     assert_eq!(snapshot(&dir), before);
     let failing = http_get(&metrics_addr, "/metrics");
     assert_ready_and_reachable(&failing, (0, 0));

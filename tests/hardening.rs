@@ -1087,6 +1087,30 @@ async fn a_signer_with_an_expired_server_certificate_is_not_ready_and_says_so() 
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("server_certificate_expired"), "{answer}");
 
+    // Clients refuse the handshake (their alert is all the signer gets: `protocol`); the
+    // log says why, once for all of them, not once per handshake.
+    let client = env.client("cluster-a");
+    for _ in 0..5 {
+        let refused = client.get(signer.url("/healthz")).send().await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+    signer.wait_for_nth_log("\"reason\":\"protocol\"", 5).await;
+    let said = "while the signer's TLS server certificate ([tls] cert) has expired";
+    let lines: Vec<String> = signer
+        .logs()
+        .lines()
+        .filter(|l| l.contains(said))
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}\n{}", signer.logs());
+    assert!(lines[0].contains("\"level\":\"ERROR\""), "{}", lines[0]);
+    assert!(lines[0].contains("expired_at"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("renew it and reload (SIGHUP)"),
+        "{}",
+        lines[0]
+    );
+
     env.transport_pki("server", &["signer"]);
     send_signal(signer.child.id(), "HUP");
     signer.wait_for_log("TLS settings reloaded").await;

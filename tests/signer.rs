@@ -2195,3 +2195,71 @@ async fn a_transport_key_other_users_can_read_is_warned_of() {
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
     assert!(!report.contains("private key"), "{report}");
 }
+
+/// A signer whose root has ended: a SoftHSM root made by `root init`, the signer run with
+/// its clock (libfaketime, preloaded) two days past the root's notAfter while its TLS
+/// certificates are still valid. It starts, says so at ERROR, answers /readyz 503
+/// `root_expired`, refuses a signing request with that code, audits the refusal under
+/// that rule and counts it in the outcome the alert `MeshcaSignRequestsRefusedRootExpired`
+/// looks at.
+#[tokio::test]
+async fn a_signer_past_its_roots_end_is_not_ready_and_refuses_with_root_expired() {
+    let env = Env::new();
+    let root_not_after = certificate_date_unix(&env.path("root-cert.pem"), "enddate");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let days_ahead = (root_not_after - now) / 86_400 + 2;
+    // The signer's own certificate must outlive the jump, or it would be refused first.
+    assert!(
+        certificate_date_unix(&env.path("pki/signer.pem"), "enddate")
+            > now + (days_ahead + 1) * 86_400
+    );
+    let signer = env.start_signer_in_the_future(&format!("+{days_ahead}d"));
+    let started = signer.wait_for_log("signer listening").await;
+    let logs = signer.logs();
+    let expired = logs
+        .lines()
+        .find(|l| l.contains("the root certificate has expired"))
+        .unwrap_or_else(|| panic!("no word of the expired root before\n{started}\n{logs}"));
+    assert!(expired.contains("\"level\":\"ERROR\""), "{expired}");
+
+    let client = env.client("cluster-a");
+    let ready = client.get(signer.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(error_code(&ready), "root_expired", "{ready}");
+
+    let (status, body) = sign_fresh(&client, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_code(&body), "root_expired", "{body}");
+    // When it ended (as openssl reads it), said alike by /readyz and the refusal.
+    let ended = format!(
+        "the root certificate expired at {}: every signing request is refused",
+        meshca::signer::audit::rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(root_not_after as u64)
+        )
+    );
+    for message in [error_message(&ready), error_message(&body)] {
+        assert!(message.starts_with(&ended), "{message}\n{ended}");
+    }
+    let audit = signer.audit_lines();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["event"], "decision", "{audit:?}");
+    assert_eq!(audit[0]["rule"], "root_expired", "{audit:?}");
+    assert_eq!(audit[0]["client"], identity("cluster-a"), "{audit:?}");
+
+    let metrics = signer.metrics(&client).await;
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "meshca_sign_requests_total{outcome=\"root_expired\"}"
+        ),
+        Some(1),
+        "{metrics}"
+    );
+    let left = metric_sample(&metrics, "meshca_root_expiry_seconds").unwrap();
+    assert!(left < -86_400, "{left}");
+    env.audit_verify_ok();
+}

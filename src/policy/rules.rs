@@ -230,9 +230,17 @@ pub fn intermediate_validity(
         None => max_ttl,
     };
     if root_not_after <= now + MIN_TTL {
-        return Err(ValidityError::RootExpired(
-            "the root certificate is expired or expires within a minute; rotate the root".into(),
-        ));
+        // The date, as /readyz and the start's ERROR name it: when it ended says how long
+        // the clusters have been without renewals.
+        let when = crate::signer::audit::rfc3339(root_not_after);
+        let ended = if root_not_after <= now {
+            format!("expired at {when}")
+        } else {
+            format!("expires at {when}, within a minute")
+        };
+        return Err(ValidityError::RootExpired(format!(
+            "the root certificate {ended}: every signing request is refused; move to a new root"
+        )));
     }
     let wanted = now + ttl;
     let (not_after, capped_by_root) = if wanted > root_not_after {
@@ -400,10 +408,22 @@ mod tests {
             intermediate_validity(now, Some(Duration::from_secs(5)), day, now + 10 * day),
             Err(ValidityError::TooShort(_))
         ));
-        assert!(matches!(
-            intermediate_validity(now, None, day, now - day),
-            Err(ValidityError::RootExpired(_))
-        ));
+        match intermediate_validity(now, None, day, now - day) {
+            Err(ValidityError::RootExpired(message)) => assert_eq!(
+                message,
+                format!(
+                    "the root certificate expired at {}: every signing request is refused; move to a new root",
+                    crate::signer::audit::rfc3339(now - day)
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+        match intermediate_validity(now, None, day, now + Duration::from_secs(30)) {
+            Err(ValidityError::RootExpired(message)) => {
+                assert!(message.contains(", within a minute:"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -18,10 +18,11 @@ use crate::tlsutil::Validity;
 /// each shows in `increase()`: a series that appears at 1 has no earlier sample to
 /// differ from, and an alert on it would miss it. These are `issued` and the outcomes
 /// the rules in deploy/prometheus/meshca-alerts.yaml look at.
-const OUTCOMES_FROM_ZERO: [&str; 8] = [
+const OUTCOMES_FROM_ZERO: [&str; 9] = [
     "issued",
     "issuance_check_failed",
     "backend_out_of_policy",
+    "root_expired",
     "not_authorized",
     "unknown_virtual_mesh",
     "unknown_mesh",
@@ -533,6 +534,7 @@ mod tests {
             "meshca_rules_last_reload_successful 1",
             // Counted from 0 before the first one (see OUTCOMES_FROM_ZERO).
             "meshca_sign_requests_total{outcome=\"issuance_check_failed\"} 0",
+            "meshca_sign_requests_total{outcome=\"root_expired\"} 0",
             "meshca_sign_requests_total{outcome=\"policy_proof_of_possession\"} 0",
             "meshca_tls_reloads_total{outcome=\"error\"} 0",
             "meshca_rules_reloads_total{outcome=\"error\"} 0",

@@ -34,6 +34,9 @@ pub struct SignerState {
     pub refusal_tally: ratelimit::RefusalTally,
     /// Log lines of refused TLS handshakes: a burst, then about one a second.
     pub handshake_log: ratelimit::LogThrottle,
+    /// Log lines saying a refused handshake met an expired serving certificate: one a
+    /// minute.
+    pub server_certificate_log: ratelimit::LogThrottle,
     /// Set once the log has said that intermediates end with the root. With a VirtualMesh's
     /// one ttlDays for the root and its intermediates that is every request, so it is said
     /// once per process (the root only changes with a restart), not once per request.

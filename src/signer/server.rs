@@ -669,6 +669,7 @@ pub async fn start(
         rate_limiter: RateLimiter::default(),
         refusal_tally: RefusalTally::default(),
         handshake_log: LogThrottle::new(HANDSHAKE_LOG_LIMIT),
+        server_certificate_log: LogThrottle::new(SERVER_CERTIFICATE_LOG_LIMIT),
         capped_by_root_noted: AtomicBool::new(false),
         decisions: TaskTracker::new(),
         stop_deciding: CancellationToken::new(),
@@ -916,6 +917,24 @@ fn handshake_refused(
     client: Option<&str>,
 ) {
     state.metrics.handshake_refused(reason);
+    // A client that refuses the signer's own certificate shows only as `protocol` (its
+    // alert) or `connection` (it hung up): once that certificate has ended, say so.
+    if matches!(reason, "protocol" | "connection") {
+        let not_after = state.metrics.tls_certificate_not_after();
+        if not_after <= SystemTime::now()
+            && let Some(not_logged) = state
+                .server_certificate_log
+                .admit("server_certificate_expired", Instant::now())
+        {
+            tracing::error!(
+                %peer,
+                error,
+                expired_at = %rfc3339(not_after),
+                not_logged_since_last = not_logged,
+                "TLS handshake refused while the signer's TLS server certificate ([tls] cert) has expired: clients refuse it; renew it and reload (SIGHUP)"
+            );
+        }
+    }
     if let Some(not_logged) = state.handshake_log.admit(reason, Instant::now()) {
         tracing::info!(
             %peer,
@@ -935,6 +954,13 @@ fn handshake_refused(
 const HANDSHAKE_LOG_LIMIT: RateLimit = RateLimit {
     per_minute: 60,
     burst: 20,
+};
+
+/// Refused handshakes while the serving certificate has expired: every client's is, so
+/// one line a minute says it (counting the others) without a line per handshake.
+const SERVER_CERTIFICATE_LOG_LIMIT: RateLimit = RateLimit {
+    per_minute: 1,
+    burst: 1,
 };
 
 /// Every period until shutdown (which does both once more, after the last decision):

@@ -587,6 +587,20 @@ key_type = "{key_type}"
     pub fn start_signer_command(&self, configure: impl FnOnce(&mut Command)) -> Signer {
         let mut command = self.meshca_with_config(&["--log-format", "json", "serve"]);
         configure(&mut command);
+        self.spawn_signer(command)
+    }
+
+    /// Starts the signer as [`Env::start_signer`] does, with its clock `offset` ahead
+    /// (libfaketime's FAKETIME syntax: `+31d`): libfaketime preloaded into the signer
+    /// itself, so the [`Signer`] is the process that serves, and its token too.
+    pub fn start_signer_in_the_future(&self, offset: &str) -> Signer {
+        let library = libfaketime();
+        self.start_signer_command(|cmd| {
+            cmd.env("LD_PRELOAD", &library).env("FAKETIME", offset);
+        })
+    }
+
+    fn spawn_signer(&self, mut command: Command) -> Signer {
         let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -988,6 +1002,25 @@ pub fn installed_tool(in_repo: &str, name: &str) -> PathBuf {
         "{name} is missing: run scripts/install-deps.sh (make test does)"
     );
     PathBuf::from(text(&on_path.stdout).trim())
+}
+
+/// libfaketime's library (`scripts/install-deps.sh` installs the faketime package);
+/// missing, the test fails saying so (it is never skipped).
+pub fn libfaketime() -> PathBuf {
+    // /usr/lib/<multiarch triplet>/faketime on Debian, /usr/lib64/faketime elsewhere.
+    ["/usr/lib", "/usr/lib64", "/usr/local/lib"]
+        .into_iter()
+        .flat_map(|base| {
+            let base = Path::new(base);
+            let mut dirs = vec![base.join("faketime")];
+            if let Ok(entries) = std::fs::read_dir(base) {
+                dirs.extend(entries.flatten().map(|e| e.path().join("faketime")));
+            }
+            dirs
+        })
+        .map(|dir| dir.join("libfaketime.so.1"))
+        .find(|library| library.is_file())
+        .expect("libfaketime is missing: run scripts/install-deps.sh (make test does)")
 }
 
 /// An address on 127.0.0.1 nobody listens on (a port bound, then released).
