@@ -1096,6 +1096,68 @@ async fn a_replica_that_loses_the_lease_between_two_restarts_makes_no_more() {
     assert_eq!(restarted_paths(&sent), [first], "{:?}", writes(&sent));
 }
 
+/// The agent's clock a year ahead of the signer's (libfaketime preloaded into `meshca
+/// agent`, the signer on the real clock): the first intermediate has expired by that clock
+/// when it arrives, and the retry (15 s later) asks the signer for no other while the
+/// clock does not agree, saying why: the root signs one intermediate, not one per retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request_restarting_nothing(&signer);
+    let kubeconfig = env.path("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("agent-token")).unwrap();
+    let mut agent = env
+        .meshca()
+        .args(["--log-format", "json", "agent", "--identity", "agent-0"])
+        .args(["--resync-seconds", "1", "--ca-cert", "pki/ca.pem"])
+        .args(["--client-cert", "pki/cluster-a.pem"])
+        .args(["--client-key", "pki/cluster-a.key"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", "+365d")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, said) = std::sync::mpsc::channel();
+    let stderr = agent.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    // The first refusal (it asked), then a retry that asked nothing.
+    let mut refusals = Vec::new();
+    while refusals.len() < 2 {
+        let line = said
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("the agent stopped saying anything: {refusals:?}"));
+        if line.contains("clock is ahead of the signer's") {
+            refusals.push(line);
+        }
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        refusals[0].contains("the signer just issued"),
+        "{}",
+        refusals[0]
+    );
+    for retry in &refusals[1..] {
+        assert!(retry.contains("nothing was asked of the signer"), "{retry}");
+    }
+    assert_eq!(signer.audit_lines().len(), 1, "{:?}", signer.audit_lines());
+    assert!(cluster.get(SECRET).is_none());
+    failed_with(&cluster, "clock is ahead of the signer's");
+}
+
 /// `meshca agent --once` (a Job, or `kubectl exec` into a replica's pod, whose POD_NAME
 /// it inherits) does not take the running leader's Lease for its own: with the Lease held
 /// it writes nothing and says so (exit 1). With the Lease free it makes its pass and

@@ -475,10 +475,47 @@ fn transport(url: &str, e: reqwest::Error) -> ClientError {
     // reqwest's Display hides the cause (TLS alert, refused connection): walk the chain.
     // The URL is said once, by this error, not again by reqwest's.
     let e = e.without_url();
+    let mut message = crate::logging::with_causes(&e);
+    if let Some(hint) = clock_hint(&e) {
+        message = format!("{message}; {hint}");
+    }
     ClientError::Transport {
         url: url.to_string(),
-        message: crate::logging::with_causes(&e),
+        message,
     }
+}
+
+/// What the dates of the signer's certificate, refused in the handshake, say about this
+/// machine's clock: "cannot reach the signer" alone sends an operator to the network.
+fn clock_hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as Cert;
+    match tls_error(e)? {
+        rustls::Error::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
+            Some(
+                "the signer's certificate is not valid yet by this machine's clock: if it was issued just now, this clock is behind the signer's (check time synchronisation)",
+            )
+        }
+        rustls::Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => Some(
+            "the signer's certificate has expired by this machine's clock: renew it on the signer, or, if it is still valid there, this clock is ahead (check time synchronisation)",
+        ),
+        _ => None,
+    }
+}
+
+/// The rustls error under `e`, if one is. An io::Error's `source` skips the error it
+/// wraps (and wrappers nest), so each is looked into as well as followed.
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+        && let Some(tls) = tls_error(inner)
+    {
+        return Some(tls);
+    }
+    tls_error(e.source()?)
 }
 
 async fn refusal(response: reqwest::Response) -> ClientError {
@@ -536,6 +573,26 @@ mod tests {
     use super::*;
     use crate::pki::keys::KeyType;
     use crate::pki::testing::{software_bundle, software_root};
+
+    /// A handshake refused for the signer's certificate's dates names this clock as a
+    /// suspect, found through the io::Error that carries rustls' error.
+    #[test]
+    fn a_signer_certificate_refused_for_its_dates_names_the_clock() {
+        use rustls::CertificateError as Cert;
+        let wrapped = |e: Cert| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(e),
+            )
+        };
+        let hint = |e: std::io::Error| clock_hint(&e).unwrap_or_default();
+        assert!(hint(wrapped(Cert::NotValidYet)).contains("this clock is behind"));
+        assert!(hint(wrapped(Cert::Expired)).contains("this clock is ahead"));
+        assert!(clock_hint(&wrapped(Cert::UnknownIssuer)).is_none());
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        assert!(clock_hint(&refused).is_none());
+    }
 
     #[test]
     fn only_no_answer_or_a_failing_or_busy_signer_is_waited_out() {
