@@ -186,9 +186,7 @@ fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), 
             which,
             not_before: validity.not_before.to_string(),
             not_after: validity.not_after.to_string(),
-            now: der::DateTime::from_system_time(now)
-                .map(|t| t.to_string())
-                .unwrap_or_else(|_| format!("{now:?}")),
+            now: super::datetime::rfc3339(now),
             hint: if now < nb {
                 ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation"
             } else {
@@ -473,7 +471,7 @@ mod tests {
         let early = verify_bundle(&files, None, clock_behind)
             .unwrap_err()
             .to_string();
-        let reads = der::DateTime::from_system_time(clock_behind).unwrap();
+        let reads = crate::pki::datetime::rfc3339(clock_behind);
         assert!(
             early.contains(&format!("this machine's clock reads {reads}"))
                 && early.contains("clock is behind the signer's"),
@@ -487,5 +485,14 @@ mod tests {
             "{late}"
         );
         verify_bundle(&files, None, now).unwrap();
+        // A clock set before 1970 is said as a date, not as Rust's `SystemTime { .. }`.
+        let before_1970 = SystemTime::UNIX_EPOCH - Duration::from_secs(315_619_200);
+        let set_back = verify_bundle(&files, None, before_1970)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            set_back.contains("this machine's clock reads 1960-01-01T00:00:00.000Z"),
+            "{set_back}"
+        );
     }
 }

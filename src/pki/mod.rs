@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod csr;
+pub mod datetime;
 pub mod keys;
 pub mod lint;
 pub mod oids;

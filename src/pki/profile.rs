@@ -48,8 +48,11 @@ pub enum ProfileError {
     Build(String),
     #[error("cannot encode certificate: {0}")]
     Encoding(#[from] der::Error),
-    #[error("time {0:?} cannot be written into a certificate")]
-    Time(SystemTime),
+    #[error(
+        "the time {} cannot be written into a certificate (X.509 dates run from 1970 to 9999); check this machine's clock",
+        super::datetime::rfc3339(*time)
+    )]
+    Time { time: SystemTime },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +254,7 @@ fn build_tbs(
     plan: &IntermediatePlan,
     issuer: &IssuerKey,
 ) -> Result<Vec<u8>, ProfileError> {
-    let time = |t: SystemTime| Time::try_from(t).map_err(|_| ProfileError::Time(t));
+    let time = |t: SystemTime| Time::try_from(t).map_err(|_| ProfileError::Time { time: t });
     let validity = Validity::new(time(plan.not_before)?, time(plan.not_after)?);
     let mut builder = CertificateBuilder::new(
         profile,
@@ -407,6 +410,14 @@ mod tests {
     use super::*;
 
     use crate::pki::testing::openssl_root;
+
+    #[test]
+    fn a_time_a_certificate_cannot_hold_is_said_as_a_date() {
+        let set_back = SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(1);
+        let message = ProfileError::Time { time: set_back }.to_string();
+        assert!(message.contains("1969-12-31T23:59:59.000Z"), "{message}");
+        assert!(!message.contains("SystemTime"), "{message}");
+    }
 
     #[test]
     fn a_root_signed_with_an_algorithm_meshca_does_not_verify_is_named_not_called_bad() {

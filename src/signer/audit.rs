@@ -1147,19 +1147,8 @@ pub fn verify_file(
     verify(std::io::BufReader::new(file), after, anchors).map_err(|e| named(e.to_string()))
 }
 
-/// RFC 3339 UTC time with milliseconds.
-pub fn rfc3339(time: SystemTime) -> String {
-    let since = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    match der::DateTime::from_unix_duration(std::time::Duration::from_secs(since.as_secs())) {
-        Ok(dt) => {
-            let s = dt.to_string();
-            format!("{}.{:03}Z", s.trim_end_matches('Z'), since.subsec_millis())
-        }
-        Err(_) => "invalid-time".into(),
-    }
-}
+/// Where the audit log's times are written; used across meshca from here.
+pub use crate::pki::datetime::rfc3339;
 
 #[cfg(test)]
 mod tests {
