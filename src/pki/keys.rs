@@ -228,7 +228,12 @@ pub fn describe_public_key(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey
         let key = rsa::pkcs1::RsaPublicKeyRef::from_der(spki.subject_public_key.raw_bytes())
             .map_err(|e| KeyError::MalformedRsa(e.to_string()))?;
         let modulus = key.modulus.as_bytes();
-        let modulus_bits = bit_length(modulus);
+        let modulus_bits = bit_length(modulus).ok_or_else(|| {
+            KeyError::MalformedRsa(format!(
+                "the modulus is {} bytes long, more bits than meshca counts",
+                modulus.len()
+            ))
+        })?;
         if modulus_bits == 0 || modulus.last().is_some_and(|b| b & 1 == 0) {
             return Err(KeyError::MalformedRsa("modulus is zero or even".into()));
         }
@@ -283,15 +288,19 @@ pub fn describe_public_key(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey
     Ok(PublicKeyKind::Other(algorithm))
 }
 
-/// Number of significant bits in a big-endian unsigned integer.
-fn bit_length(bytes: &[u8]) -> u32 {
+/// Number of significant bits in a big-endian unsigned integer; none if it does not fit
+/// a u32 (a modulus of 512 MiB, which only a broken PKCS#11 module or file would give).
+fn bit_length(bytes: &[u8]) -> Option<u32> {
     match bytes.iter().position(|b| *b != 0) {
-        None => 0,
-        Some(first) => {
-            let rest = (bytes.len() - first - 1) as u32;
-            rest * 8 + (8 - bytes[first].leading_zeros())
-        }
+        None => Some(0),
+        Some(first) => significant_bits(bytes.len() - first, bytes[first]),
     }
+}
+
+/// The bits of `significant_bytes` bytes whose first is `top` (not zero).
+fn significant_bits(significant_bytes: usize, top: u8) -> Option<u32> {
+    let rest = u32::try_from(significant_bytes.checked_sub(1)?).ok()?;
+    rest.checked_mul(8)?.checked_add(8 - top.leading_zeros())
 }
 
 /// A private key held in this process (the agent's intermediate key).
@@ -458,11 +467,20 @@ mod tests {
 
     #[test]
     fn bit_length_counts_significant_bits() {
-        assert_eq!(bit_length(&[]), 0);
-        assert_eq!(bit_length(&[0, 0]), 0);
-        assert_eq!(bit_length(&[0, 1]), 1);
-        assert_eq!(bit_length(&[0x80, 0]), 16);
-        assert_eq!(bit_length(&[0, 0x7f, 0xff]), 15);
+        assert_eq!(bit_length(&[]), Some(0));
+        assert_eq!(bit_length(&[0, 0]), Some(0));
+        assert_eq!(bit_length(&[0, 1]), Some(1));
+        assert_eq!(bit_length(&[0x80, 0]), Some(16));
+        assert_eq!(bit_length(&[0, 0x7f, 0xff]), Some(15));
+    }
+
+    #[test]
+    fn a_bit_length_past_u32_is_none_not_wrapped() {
+        // 2^29 bytes with a top bit set: 2^32 bits, one past u32::MAX.
+        assert_eq!(significant_bits(1 << 29, 0x80), None);
+        assert_eq!(significant_bits(1 << 29, 0x01), Some(u32::MAX - 6));
+        assert_eq!(significant_bits(usize::MAX, 0x01), None);
+        assert_eq!(significant_bits((1 << 29) + 1, 0x01), None);
     }
 
     #[test]
