@@ -83,6 +83,12 @@ impl ReadCrl {
         let crl = CertificateList::<Rfc5280>::from_der(&der).map_err(|e| {
             invalid(if lacks_version(&der) {
                 "a version 1 CRL (no version field and no extensions; `openssl ca -gencrl` makes one when its config names no crlnumber file): the TLS library checks only version 2 CRLs; give the CA a crlnumber file and make the CRL again".into()
+            } else if is_time_error(&e) {
+                // RFC 5280 lets a UTCTime say 1950 to 1969, but neither this reader nor
+                // the TLS library (webpki) takes a date before 1970: not "not a CRL".
+                format!(
+                    "a CRL with a thisUpdate, nextUpdate or revocation date that is before 1970 or no valid date ({e}): the TLS library reads no date before 1970; make the CRL again with the CA's clock set right"
+                )
             } else {
                 format!("not a CRL: {e}")
             })
@@ -245,6 +251,18 @@ fn display_number(magnitude: &[u8]) -> String {
 
 /// Whether `der` is a CRL whose tbsCertList starts with the signature algorithm, not a
 /// version: a version 1 CRL, which RFC 5280 allows without extensions and webpki refuses.
+/// Whether decoding failed at a UTCTime or GeneralizedTime value.
+fn is_time_error(e: &der::Error) -> bool {
+    use der::{ErrorKind, Tag};
+    matches!(
+        e.kind(),
+        ErrorKind::DateTime
+            | ErrorKind::Value {
+                tag: Tag::UtcTime | Tag::GeneralizedTime
+            }
+    )
+}
+
 fn lacks_version(der: &[u8]) -> bool {
     use der::asn1::AnyRef;
     use der::{SliceReader, Tag};
@@ -363,6 +381,28 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// RFC 5280 reads a UTCTime of 50 as 1950: a valid date, which neither x509-cert nor
+    /// webpki takes (both count from 1970). Said so, not "not a CRL".
+    #[test]
+    fn a_crl_dated_before_1970_is_named_for_its_date() {
+        let (_, der) = der::pem::decode_vec(pem(&CRL).as_bytes()).unwrap();
+        let (from, to) = (b"260101000000Z", b"500101000000Z");
+        let at = der.windows(from.len()).position(|w| w == from).unwrap();
+        let mut old = der.clone();
+        old[at..at + to.len()].copy_from_slice(to);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl.pem");
+        let text = der::pem::encode_string("X509 CRL", LineEnding::LF, &old).unwrap();
+        std::fs::write(&path, text).unwrap();
+        let error = read(&[path]).err().unwrap().to_string();
+        assert!(
+            error.contains(
+                "a CRL with a thisUpdate, nextUpdate or revocation date that is before 1970"
+            ) && !error.contains("not a CRL"),
+            "{error}"
+        );
     }
 
     /// A version 1 CRL, as `openssl ca -gencrl` makes it without a crlnumber file (made
