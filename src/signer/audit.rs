@@ -49,6 +49,15 @@ const MAX_BATCH: usize = 512;
 /// How many lines back `verify` looks for the line a break continues (two writers on one
 /// log each continue their own last line, a few lines back).
 const VERIFY_LOOKBACK: usize = 16_384;
+/// The longest line meshca reads back from an audit log (a start's recovery, `audit
+/// verify`). The longest a signer writes is a `start` or `reload` record, the rules
+/// written out in full, from a config and VirtualMesh files read at most 1 MiB each: far
+/// under this. A longer "line" is something else (a run of zeros a crash or the file
+/// system left, another file), and reading it whole could exhaust memory.
+pub const MAX_LINE: u64 = 64 * 1024 * 1024;
+/// How far back from its end a start reads the log: the last complete line, and a torn
+/// one after it, each at most [`MAX_LINE`] and its newline.
+const MAX_TAIL: u64 = 2 * (MAX_LINE + 1);
 /// Longest a line waits for expected siblings before its group is written. Small against
 /// the latency of a signer under load, which is when it applies.
 pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
@@ -896,17 +905,19 @@ pub fn torn_tail_len(path: &Path) -> std::io::Result<usize> {
 /// Reads backwards from the end of the file to the last complete line. Each byte is
 /// looked at once: a long tail without newlines (a log edited, or a file system that left
 /// a run of zeros after a crash) must not cost the signer's start time quadratic in its
-/// length, as rescanning a growing window for every 64 KiB read did.
+/// length, as rescanning a growing window for every 64 KiB read did. It looks at most
+/// [`MAX_TAIL`] bytes back, and holds no more: a longer tail is refused, not read.
 fn read_tail(path: &Path) -> std::io::Result<Tail> {
     const CHUNK: u64 = 64 * 1024;
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
+    let floor = len.saturating_sub(MAX_TAIL);
     // The offsets of the last newline and of the one before it, found from the end.
     let mut newlines: Vec<u64> = Vec::with_capacity(2);
     let mut chunk = vec![0u8; CHUNK as usize];
     let mut end = len;
-    while end > 0 && newlines.len() < 2 {
-        let start = end.saturating_sub(CHUNK);
+    while end > floor && newlines.len() < 2 {
+        let start = end.saturating_sub(CHUNK).max(floor);
         let chunk = &mut chunk[..(end - start) as usize];
         file.seek(SeekFrom::Start(start))?;
         file.read_exact(chunk)?;
@@ -919,6 +930,14 @@ fn read_tail(path: &Path) -> std::io::Result<Tail> {
             }
         }
         end = start;
+    }
+    let last_newline = newlines.first().copied();
+    // A torn write is at most one line: more after the last newline is something else.
+    let torn_len = len - last_newline.map_or(0, |at| at + 1);
+    let last_line_too_long = last_newline
+        .is_some_and(|at| at - newlines.get(1).map_or(0, |before| before + 1) > MAX_LINE);
+    if torn_len > MAX_LINE || last_line_too_long || (newlines.len() < 2 && end > 0) {
+        return Err(tail_too_long(len, len - end, last_newline));
     }
     // From the start of the last complete line (or of the file) to the end, read once.
     let from = match newlines.as_slice() {
@@ -934,6 +953,47 @@ fn read_tail(path: &Path) -> std::io::Result<Tail> {
         last_line_hash: last.map(|last| hex(&sha2::Sha256::digest(&window[..last]))),
         torn,
     })
+}
+
+/// Why a log of `len` bytes, of which the last `scanned` were looked at for newlines
+/// (the last one at `last_newline`), has a tail a start does not read, and what to do.
+fn tail_too_long(len: u64, scanned: u64, last_newline: Option<u64>) -> std::io::Error {
+    let advice = "a run of zeros or garbage a crash or the file system left, or a file that is not an audit log; keep a copy of the file, cut it after its last complete line (truncate -s), check the rest with `meshca audit verify`, and start again";
+    let problem = match last_newline {
+        Some(at) if len - at - 1 > MAX_LINE => format!(
+            "it ends in {} bytes without a newline, after byte {}: more than a torn write can leave (meshca writes lines of at most {MAX_LINE} bytes); {advice} (truncate -s {} FILE)",
+            len - at - 1,
+            at + 1,
+            at + 1
+        ),
+        Some(at) => format!(
+            "its last complete line, ending at byte {}, is longer than the {MAX_LINE} bytes meshca reads as a line: {advice}",
+            at + 1
+        ),
+        None => format!(
+            "its last {scanned} bytes (of {len}) hold no newline: more than a torn write can leave (meshca writes lines of at most {MAX_LINE} bytes); {advice}"
+        ),
+    };
+    std::io::Error::new(std::io::ErrorKind::InvalidData, problem)
+}
+
+/// What is wrong with a line serde_json does not read (`json`, its error read as any JSON
+/// value; `record`, as an audit record). Two refusals are of JSON that is valid: nesting
+/// deeper than serde_json's limit of 128, and a number past a 64-bit float's range.
+fn not_read_as_json(json: &serde_json::Error, record: &serde_json::Error) -> String {
+    // serde_json names these only in its message (its error codes are private).
+    let text = json.to_string();
+    if text.starts_with("recursion limit exceeded") {
+        format!(
+            "not an audit record (JSON nested more than 128 levels deep, which meshca does not read; a record is one flat object): {json}"
+        )
+    } else if text.starts_with("number out of range") {
+        format!(
+            "not an audit record (JSON with a number beyond a 64-bit float's range; a record holds no such number): {json}"
+        )
+    } else {
+        format!("not an audit record (not JSON): {record}")
+    }
 }
 
 /// How a log checked out.
@@ -993,14 +1053,28 @@ pub fn verify(
     loop {
         line.clear();
         // The number says how far the file could be read: an I/O error names no place.
-        if reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| read_error(e, number))?
+        // At most one byte past the longest line: a file that is not a log, or a run of
+        // zeros a crash left, is not read into memory whole.
+        if std::io::BufRead::read_until(
+            &mut std::io::Read::take(&mut reader, MAX_LINE + 1),
+            b'\n',
+            &mut line,
+        )
+        .map_err(|e| read_error(e, number))?
             == 0
         {
             break;
         }
         number += 1;
+        if line.len() as u64 > MAX_LINE && line.last() != Some(&b'\n') {
+            return Ok(VerifyOutcome::Broken {
+                line: number,
+                problem: format!(
+                    "longer than the {MAX_LINE} bytes meshca reads as a line (and longer than any line a signer writes): a run of zeros or garbage a crash or the file system left, or not an audit log; the {} lines before it verify",
+                    number - 1
+                ),
+            });
+        }
         if line.pop_if(|last| *last == b'\n').is_none() {
             return Ok(VerifyOutcome::Broken {
                 line: number,
@@ -1016,10 +1090,11 @@ pub fn verify(
             Err(e) => {
                 let problem = if line.is_empty() {
                     "an empty line, not an audit record".to_string()
-                } else if serde_json::from_slice::<serde_json::Value>(&line).is_ok() {
-                    format!("JSON, but not an audit record: {e}")
                 } else {
-                    format!("not an audit record (not JSON): {e}")
+                    match serde_json::from_slice::<serde_json::Value>(&line) {
+                        Ok(_) => format!("JSON, but not an audit record: {e}"),
+                        Err(json) => not_read_as_json(&json, &e),
+                    }
                 };
                 return Ok(VerifyOutcome::Broken {
                     line: number,
@@ -1375,6 +1450,116 @@ mod tests {
                 .unwrap()
                 .contains("\"event\":\"recovery\"")
         );
+    }
+
+    /// A run of zeros after a crash, as a sparse file: no disk used. The start and
+    /// `serve --check` refuse it by name after reading a bounded tail, instead of
+    /// allocating the whole of it (which aborted the process).
+    #[tokio::test]
+    async fn a_tail_longer_than_a_line_can_be_is_refused_without_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let (log, _) = AuditLog::open(&path).unwrap();
+            log.append(record(0), log.expect_line()).await.unwrap();
+        }
+        let complete = std::fs::metadata(&path).unwrap().len();
+        let grow = |by: u64| {
+            File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(complete + by)
+                .unwrap()
+        };
+        // Past a line's length, within reach of the scan: cut where the tail begins.
+        grow(MAX_LINE + 10);
+        let refused = torn_tail_len(&path).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!(
+                "it ends in {} bytes without a newline, after byte {complete}",
+                MAX_LINE + 10
+            )) && refused.contains(&format!("truncate -s {complete} FILE")),
+            "{refused}"
+        );
+        // 30 GiB: the scan stops at its bound.
+        let zeros = 30 << 30;
+        grow(zeros);
+        let refused = torn_tail_len(&path).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!(
+                "its last {MAX_TAIL} bytes (of {}) hold no newline",
+                complete + zeros
+            )),
+            "{refused}"
+        );
+        let Err(AuditError::Io {
+            path: named,
+            message,
+        }) = AuditLog::open(&path)
+        else {
+            panic!("a start took a 30 GiB tail");
+        };
+        assert_eq!(named, path.display().to_string());
+        assert_eq!(message, refused);
+        // Nothing moved aside or cut.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), complete + zeros);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        // No newline at all, in a file shorter than the scan's bound.
+        let bare = dir.path().join("bare.log");
+        File::create(&bare).unwrap().set_len(MAX_LINE + 1).unwrap();
+        let refused = torn_tail_len(&bare).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!(
+                "its last {0} bytes (of {0}) hold no newline",
+                MAX_LINE + 1
+            )),
+            "{refused}"
+        );
+        // A torn line of the longest length is still one.
+        File::create(&bare).unwrap().set_len(MAX_LINE).unwrap();
+        assert_eq!(torn_tail_len(&bare).unwrap() as u64, MAX_LINE);
+
+        // A last "complete line" longer than any line meshca writes, then a short tail.
+        let long = dir.path().join("long.log");
+        let mut file = File::create(&long).unwrap();
+        file.seek(SeekFrom::Start(MAX_LINE + 10)).unwrap();
+        file.write_all(b"\n{\"time\":").unwrap();
+        let refused = torn_tail_len(&long).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!(
+                "its last complete line, ending at byte {}, is longer than",
+                MAX_LINE + 11
+            )),
+            "{refused}"
+        );
+    }
+
+    /// `audit verify` reads no line longer than [`MAX_LINE`] into memory.
+    #[tokio::test]
+    async fn verify_stops_at_a_line_longer_than_meshca_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let (log, _) = AuditLog::open(&path).unwrap();
+            log.append(record(0), log.expect_line()).await.unwrap();
+        }
+        let complete = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(complete + (30 << 30))
+            .unwrap();
+        match verify_file(&path) {
+            VerifyOutcome::Broken { line: 2, problem } => assert!(
+                problem.starts_with(&format!("longer than the {MAX_LINE} bytes"))
+                    && problem.contains("the 1 lines before it verify"),
+                "{problem}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -1785,6 +1970,7 @@ mod tests {
     #[test]
     fn a_line_that_is_no_record_is_named_for_what_it_is() {
         let dir = tempfile::tempdir().unwrap();
+        let deep = format!("{}{}\n", "[".repeat(200), "]".repeat(200));
         let path = dir.path().join("audit.log");
         for (content, line, says) in [
             (
@@ -1793,6 +1979,16 @@ mod tests {
                 "JSON, but not an audit record: missing field `time`",
             ),
             ("{\"time\":\"2026-\n", 1, "not an audit record (not JSON): "),
+            (
+                deep.as_str(),
+                1,
+                "not an audit record (JSON nested more than 128 levels deep",
+            ),
+            (
+                "{\"count\":1e400}\n",
+                1,
+                "not an audit record (JSON with a number beyond a 64-bit float's range",
+            ),
             ("\n", 1, "an empty line, not an audit record"),
         ] {
             std::fs::write(&path, content).unwrap();
