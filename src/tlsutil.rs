@@ -46,6 +46,30 @@ fn chosen_provider() -> CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
 
+/// The wall clock rustls checks certificates against: rustls's own reads it with an
+/// `unwrap`, so a clock set before 1970 would panic in every handshake. This one answers
+/// "no time" then, and the handshake fails with rustls's `FailedToGetCurrentTime`.
+#[derive(Debug)]
+pub struct WallClock;
+
+impl rustls::time_provider::TimeProvider for WallClock {
+    fn current_time(&self) -> Option<rustls_pki_types::UnixTime> {
+        unix_time(std::time::SystemTime::now())
+    }
+}
+
+/// `at` as rustls counts time, or none if it is before 1970.
+fn unix_time(at: std::time::SystemTime) -> Option<rustls_pki_types::UnixTime> {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(rustls_pki_types::UnixTime::since_unix_epoch)
+}
+
+/// [`WallClock`], for a rustls configuration builder.
+pub fn wall_clock() -> Arc<dyn rustls::time_provider::TimeProvider> {
+    Arc::new(WallClock)
+}
+
 /// Seeds aws-lc's random generator now. aws-lc seeds it on first use, from the OS and from
 /// a CPU-jitter entropy source that takes tens of milliseconds; a server calls this while
 /// starting so that cost is not added to its first client's handshake.
@@ -219,7 +243,7 @@ pub fn server_config(
     )
     .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
     let verifier = Arc::new(verifier);
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let config = rustls::ServerConfig::builder_with_details(provider, wall_clock())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier);
@@ -373,7 +397,7 @@ pub fn client_tls(ca: &Path, client_cert: &Path, client_key: &Path) -> Result<Cl
     let chain = load_certificates(client_cert)?;
     let certificate = leaf_validity(&chain, client_cert)?;
     let (key, key_readable_by_others) = read_private_key(client_key)?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_details(provider(), wall_clock())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(root_store(ca)?)
@@ -562,6 +586,18 @@ pub fn handshake_refusal_advice(reason: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::MaterialFingerprint;
+
+    #[test]
+    fn the_wall_clock_gives_no_time_before_1970_instead_of_panicking() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let second = Duration::from_secs(1);
+        assert_eq!(super::unix_time(UNIX_EPOCH - second), None);
+        assert_eq!(
+            super::unix_time(UNIX_EPOCH + second).map(|t| t.as_secs()),
+            Some(1)
+        );
+        assert_eq!(super::unix_time(UNIX_EPOCH).map(|t| t.as_secs()), Some(0));
+    }
 
     #[test]
     fn a_refused_handshake_is_named_by_its_cause() {

@@ -498,6 +498,10 @@ fn clock_hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
         rustls::Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => Some(
             "the signer's certificate has expired by this machine's clock: renew it on the signer, or, if it is still valid there, this clock is ahead (check time synchronisation)",
         ),
+        // tlsutil::WallClock gives rustls no time before 1970.
+        rustls::Error::FailedToGetCurrentTime => Some(
+            "this machine's clock reads before 1970: no certificate can be checked; set the clock right (check time synchronisation)",
+        ),
         _ => None,
     }
 }
@@ -588,6 +592,11 @@ mod tests {
         let hint = |e: std::io::Error| clock_hint(&e).unwrap_or_default();
         assert!(hint(wrapped(Cert::NotValidYet)).contains("this clock is behind"));
         assert!(hint(wrapped(Cert::Expired)).contains("this clock is ahead"));
+        let before_1970 = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::FailedToGetCurrentTime,
+        ));
+        assert!(clock_hint(&before_1970).is_some_and(|h| h.contains("before 1970")));
         assert!(clock_hint(&wrapped(Cert::UnknownIssuer)).is_none());
         let refused =
             std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");

@@ -242,11 +242,14 @@ impl VaultClient {
                 })?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tlsutil::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| VaultError::Setup(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_details(
+            crate::tlsutil::provider(),
+            crate::tlsutil::wall_clock(),
+        )
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| VaultError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(settings.timeout)
