@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
-use super::server::{StartError, load_root, mesh_roots, read_pin, serving_tls, start_backend};
+use super::server::{
+    StartError, clock_reaches_certificates, load_root, mesh_roots, read_pin, serving_tls,
+    start_backend,
+};
 use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendSettings, SignerConfig};
 use crate::pki::keys::PublicKeyKind;
@@ -52,6 +55,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(crate::tlsutil::TlsError::from)?;
     let tls = serving_tls(config, &roots)?;
+    clock_reaches_certificates(&root, &tls.certificate, config, now)?;
     let backend = check_backend(config)?;
     let (audit_log, torn_tail, audit_mode) = check_audit_log(&config.audit_log)?;
 

@@ -59,6 +59,18 @@ pub enum StartError {
     Listen { addr: SocketAddr, message: String },
     #[error("cannot handle signals: {0}")]
     Signals(String),
+    /// The system clock reads before a certificate the signer works with begins: the
+    /// clock is wrong (before 1970, TLS cannot check any certificate at all).
+    #[error(
+        "the system clock reads {}, before the notBefore ({}) of {what}: the clock is wrong (no certificate is in use before it begins); set it right (NTP) and start again",
+        rfc3339(*now),
+        rfc3339(*not_before)
+    )]
+    ClockBehind {
+        what: String,
+        now: SystemTime,
+        not_before: SystemTime,
+    },
 }
 
 impl StartError {
@@ -182,6 +194,43 @@ fn error_if_server_certificate_expired(not_after: SystemTime, file: &std::path::
             "the signer's TLS server certificate has expired: every client refuses the handshake and /readyz is 503; renew it and reload (SIGHUP)"
         );
     }
+}
+
+/// Refuses a start (and `serve --check`) whose clock reads before the root certificate or
+/// the TLS server certificate begins: a clock set back (before 1970, no handshake could
+/// check a certificate at all). A reload does not check it: the signer runs on.
+pub(super) fn clock_reaches_certificates(
+    root: &RootCa,
+    server_certificate: &Validity,
+    config: &SignerConfig,
+    now: SystemTime,
+) -> Result<(), StartError> {
+    let root_begins = root
+        .certificate
+        .tbs_certificate()
+        .validity()
+        .not_before
+        .to_system_time();
+    let certificates = [
+        (
+            format!("the root certificate {}", config.root.certificate.display()),
+            root_begins,
+        ),
+        (
+            format!("the TLS server certificate {}", config.tls_cert.display()),
+            server_certificate.not_before,
+        ),
+    ];
+    for (what, not_before) in certificates {
+        if now < not_before {
+            return Err(StartError::ClockBehind {
+                what,
+                now,
+                not_before,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Says at ERROR, at a start, that the root has expired: every signing request is refused.
@@ -616,6 +665,7 @@ pub async fn start(
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
     let tls = serving_tls(&config, &roots)?;
+    clock_reaches_certificates(&root, &tls.certificate, &config, SystemTime::now())?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate);
     error_if_server_certificate_expired(tls.certificate.not_after, &config.tls_cert);
     error_if_root_expired(&root);

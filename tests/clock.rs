@@ -1,0 +1,104 @@
+//! A wall clock set back, as libfaketime sets it (the `faketime` command, which
+//! `scripts/install-deps.sh` installs): before 1970 rustls's own clock panicked in every
+//! handshake. The signer's start and `serve --check` refuse a clock before the root's or
+//! the TLS certificate's notBefore by name, and `meshca request` says its clock is wrong,
+//! with exit status 1, never a panic (101).
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+/// `cmd` run by `faketime AT`: its clock starts at `at` (a date, or `3650 days ago`), and runs
+/// on from there. The monotonic clock is left alone (timeouts keep their length).
+fn at_time(cmd: &Command, at: &str) -> Output {
+    let mut faked = Command::new("faketime");
+    faked
+        .arg(at)
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("TZ", "UTC");
+    if let Some(dir) = cmd.get_current_dir() {
+        faked.current_dir(dir);
+    }
+    for (name, value) in cmd.get_envs() {
+        match value {
+            Some(value) => faked.env(name, value),
+            None => faked.env_remove(name),
+        };
+    }
+    faked.output().unwrap_or_else(|e| {
+        panic!("cannot run faketime ({e}): run scripts/install-deps.sh (make test does)")
+    })
+}
+
+/// The run ended with status 1 and said `says`, with no panic.
+fn assert_refused(out: &Output, says: &[&str]) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for said in says {
+        assert!(stderr.contains(said), "{said:?} not in: {stderr}");
+    }
+}
+
+#[test]
+fn a_signer_whose_clock_reads_before_its_certificates_does_not_start() {
+    let env = Env::new();
+    for (at, reads) in [
+        (
+            "1960-01-01 00:00:00",
+            "the system clock reads 1960-01-01T00:00",
+        ),
+        ("3650 days ago", "the system clock reads "),
+    ] {
+        for args in [&["serve", "--check"][..], &["serve"][..]] {
+            let out = at_time(&env.meshca_with_config(args), at);
+            assert_refused(
+                &out,
+                &[
+                    reads,
+                    "before the notBefore (",
+                    "of the root certificate",
+                    "set it right (NTP)",
+                ],
+            );
+        }
+    }
+    // The clock right, the same config starts.
+    let _signer = env.start_signer();
+}
+
+#[test]
+fn a_request_whose_clock_is_set_back_says_so() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let request = |at: &str| {
+        let mut cmd = env.meshca();
+        cmd.arg("request")
+            .args(env.signer_flags(signer.addr, "cluster-a"))
+            .args([
+                "--virtual-mesh",
+                "test/vm",
+                "--mesh",
+                "test/cluster-a",
+                "--out-dir",
+            ])
+            .arg(env.path("out"));
+        at_time(&cmd, at)
+    };
+    assert_refused(
+        &request("1960-01-01 00:00:00"),
+        &["this host's clock reads 1960-01-01T00:00", "before 1970"],
+    );
+    assert_refused(
+        &request("3650 days ago"),
+        &[
+            "before the server certificate's notBefore",
+            "set the clock right",
+        ],
+    );
+    assert!(!env.path("out/ca-key.pem").exists());
+}
