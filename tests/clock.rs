@@ -1,7 +1,7 @@
 //! A wall clock set back, as libfaketime sets it (the `faketime` command, which
 //! `scripts/install-deps.sh` installs): before 1970 rustls's own clock panicked in every
 //! handshake. The signer's start and `serve --check` refuse a clock before the root's or
-//! the TLS certificate's notBefore by name, and `meshca request` says its clock is wrong,
+//! the TLS certificate's notBefore by name, and `meshca request` and the agent say their clock is wrong,
 //! with exit status 1, never a panic (101).
 
 mod common;
@@ -101,4 +101,16 @@ fn a_request_whose_clock_is_set_back_says_so() {
         ],
     );
     assert!(!env.path("out/ca-key.pem").exists());
+
+    // The directory agent's pass fails the same way, said the same.
+    let mut agent = env.meshca();
+    agent
+        .args(["agent", "--once", "--target-dir"])
+        .arg(env.path("cacerts"))
+        .args(env.signer_flags(signer.addr, "cluster-a"))
+        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    assert_refused(
+        &at_time(&agent, "1960-01-01 00:00:00"),
+        &["this host's clock reads 1960-01-01T00:00", "before 1970"],
+    );
 }
