@@ -1189,6 +1189,15 @@ fn run_in_cluster<C: LeaderLoop>(
     metrics: Arc<dyn Exposition>,
     controller: impl FnOnce(kube::Client) -> C,
 ) -> Result<ExitCode> {
+    // The Kubernetes client's TLS is kube's rustls configuration, with rustls's own clock,
+    // which panics in every handshake before 1970 (meshca's own clients say so instead).
+    let now = SystemTime::now();
+    if now < SystemTime::UNIX_EPOCH {
+        bail!(
+            "this host's clock reads {}, before 1970: the Kubernetes client cannot check the API server's certificate; set the clock right (NTP) and start again",
+            rfc3339(now)
+        );
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         // `--once` keeps the default actions: a SIGTERM ends a single pass at once.

@@ -114,3 +114,33 @@ fn a_request_whose_clock_is_set_back_says_so() {
         &["this host's clock reads 1960-01-01T00:00", "before 1970"],
     );
 }
+
+/// The Kubernetes client (kube's rustls configuration, rustls's own clock) would panic in
+/// its first handshake: the controllers refuse to start first, before looking for a
+/// cluster.
+#[test]
+fn the_controllers_refuse_a_clock_before_1970_before_they_call_the_cluster() {
+    let env = Env::new();
+    let pki = |file: &str| env.path(&format!("pki/{file}"));
+    let mut agent = env.meshca();
+    agent
+        .args(["agent", "--once", "--ca-cert"])
+        .arg(pki("ca.pem"))
+        .arg("--client-cert")
+        .arg(pki("cluster-a.pem"))
+        .arg("--client-key")
+        .arg(pki("cluster-a.key"));
+    let mut controller = env.meshca();
+    controller.args(["mesh-controller", "--once"]);
+    for mut cmd in [agent, controller] {
+        cmd.env("KUBECONFIG", env.path("no-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        assert_refused(
+            &at_time(&cmd, "1960-01-01 00:00:00"),
+            &[
+                "this host's clock reads 1960-01-01T00:00",
+                "the Kubernetes client",
+            ],
+        );
+    }
+}
