@@ -1194,7 +1194,7 @@ fn run_in_cluster<C: LeaderLoop>(
     let now = SystemTime::now();
     if now < SystemTime::UNIX_EPOCH {
         bail!(
-            "this host's clock reads {}, before 1970: the Kubernetes client cannot check the API server's certificate; set the clock right (NTP) and start again",
+            "this machine's clock reads {}, before 1970: the Kubernetes client cannot check the API server's certificate; set the clock right (NTP) and start again",
             rfc3339(now)
         );
     }
