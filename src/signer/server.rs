@@ -197,8 +197,11 @@ fn error_if_server_certificate_expired(not_after: SystemTime, file: &std::path::
 }
 
 /// Refuses a start (and `serve --check`) whose clock reads before the root certificate or
-/// the TLS server certificate begins: a clock set back (before 1970, no handshake could
-/// check a certificate at all). A reload does not check it: the signer runs on.
+/// the TLS server certificate begins by more than the notBefore backdating: a clock set
+/// back (before 1970, no handshake could check a certificate at all), whose intermediates
+/// would have ended before the clusters' clocks read them. A few seconds or minutes behind
+/// the host that made them (a root is not backdated) is tolerated: intermediates are
+/// backdated by as much. A reload does not check it: the signer runs on.
 pub(super) fn clock_reaches_certificates(
     root: &RootCa,
     server_certificate: &Validity,
@@ -222,7 +225,7 @@ pub(super) fn clock_reaches_certificates(
         ),
     ];
     for (what, not_before) in certificates {
-        if now < not_before {
+        if now + crate::policy::rules::BACKDATE < not_before {
             return Err(StartError::ClockBehind {
                 what,
                 now,
