@@ -75,13 +75,31 @@ fn load_pem_blocks<T: PemObject>(
 ) -> Result<Vec<T>, TlsError> {
     let err = |message: String| error(path.display().to_string(), message);
     let blocks = T::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(pem_error(&e)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(pem_error(&e)))?;
     if blocks.is_empty() {
         return Err(err(format!("no {label} blocks found")));
     }
     Ok(blocks)
+}
+
+/// A PEM error in words: rustls-pki-types prints the marker or line it names as a list of
+/// byte values (`[45, 45, 45, ...]`), which says nothing to whoever reads the log.
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim_end().to_string();
+    match e {
+        // The marker is the block's label (`CERTIFICATE`).
+        Error::MissingSectionEnd { end_marker } => format!(
+            "missing section end marker \"-----END {}-----\" (the file ends inside a PEM block: cut short?)",
+            text(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("illegal section start: {:?}", text(line))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Reads a private key PEM (PKCS#8, PKCS#1 or SEC1). The error never quotes the file.
@@ -562,6 +580,19 @@ pub fn handshake_refusal_advice(reason: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::MaterialFingerprint;
+
+    #[test]
+    fn a_truncated_pem_names_its_missing_end_marker_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.pem");
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+        let error = super::load_certificates(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("missing section end marker \"-----END CERTIFICATE-----\""),
+            "{error}"
+        );
+        assert!(!error.contains("[45, 45"), "{error}");
+    }
 
     #[test]
     fn a_refused_handshake_is_named_by_its_cause() {
