@@ -8,6 +8,7 @@ use std::sync::Arc;
 use der::Decode;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_cert::Certificate;
@@ -237,6 +238,7 @@ pub fn server_config(
     )
     .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
     let verifier = Arc::new(verifier);
+    let client_verifier: Arc<dyn ClientCertVerifier> = verifier.clone();
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -256,6 +258,7 @@ pub fn server_config(
         client_ca_crl_problems,
         key_readable_by_others,
         fingerprint,
+        client_verifier,
     })
 }
 
@@ -315,6 +318,9 @@ pub struct ServerTls {
     /// Set if other users can read the key file.
     pub key_readable_by_others: Option<KeyReadableByOthers>,
     pub fingerprint: MaterialFingerprint,
+    /// The verifier the handshakes use (client CAs and CRLs): a request under way when
+    /// these settings replaced older ones is checked with it again before it is decided.
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
 }
 
 /// When a client CRL file is due to be replaced: the earliest `nextUpdate` of the CRLs in
@@ -538,7 +544,6 @@ pub const HANDSHAKE_REFUSAL_REASONS: [&str; 10] = [
 /// Why a server-side handshake failed, from the error tokio-rustls returned: a short code
 /// for a metric label (one of [`HANDSHAKE_REFUSAL_REASONS`]).
 pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
-    use rustls::CertificateError as Cert;
     let Some(tls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -546,7 +551,14 @@ pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
         // Not TLS: the peer reset or closed the connection mid-handshake.
         return "connection";
     };
-    match tls {
+    certificate_refusal_reason(tls)
+}
+
+/// Why a client certificate (chain) was refused, from the verifier's error: one of
+/// [`HANDSHAKE_REFUSAL_REASONS`].
+pub fn certificate_refusal_reason(e: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as Cert;
+    match e {
         rustls::Error::NoCertificatesPresented => "no_client_certificate",
         rustls::Error::InvalidCertificate(cert) => match cert {
             Cert::Expired | Cert::ExpiredContext { .. } => "client_certificate_expired",

@@ -286,6 +286,9 @@ pub(super) struct ServingTls {
     client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     fingerprint: MaterialFingerprint,
+    /// The acceptor's client verifier: a decision checks its client with the one in force
+    /// once the body is in (a reload may have revoked it since the handshake).
+    pub(super) client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 /// Fresh settings from the config's TLS files (read at start, again on reload, and by
@@ -312,6 +315,7 @@ pub(super) fn serving_tls(
         key_readable_by_others: tls.key_readable_by_others,
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
+        client_verifier: tls.client_verifier,
     })
 }
 
@@ -661,8 +665,10 @@ pub async fn start(
         );
     }
 
+    let (tls_tx, tls_rx) = watch::channel(tls);
     let state = Arc::new(SignerState {
         rules: std::sync::RwLock::new(Arc::new(rules)),
+        tls: tls_rx.clone(),
         backend: backend.clone(),
         audit,
         metrics,
@@ -674,7 +680,6 @@ pub async fn start(
         stop_deciding: CancellationToken::new(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (tls_tx, tls_rx) = watch::channel(tls);
     let mut tasks = vec![tokio::spawn(serve_tls(
         api_listener,
         tls_rx,
@@ -863,8 +868,7 @@ async fn serve_tls(
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|certs| certs.first())
-                .map(|cert| ClientIdentity::of_certificate(cert))
+                .map(ClientIdentity::of_chain)
                 .unwrap_or_default();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
