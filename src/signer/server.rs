@@ -694,9 +694,10 @@ pub async fn start(
     if let Some(listener) = ops_listener {
         let router = api::ops_router(state.clone());
         let mut rx = shutdown_rx.clone();
+        let metrics = state.metrics.ops_connections.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { stopped(&mut rx).await };
-            crate::ops_http::serve(listener, router, stop).await;
+            crate::ops_http::serve(listener, router, metrics, stop).await;
         }));
     }
     tracing::info!(
