@@ -1043,6 +1043,9 @@ pub async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups =
         signal(SignalKind::hangup()).map_err(|e| StartError::Signals(format!("SIGHUP: {e}")))?;
+    // One noted before this handler (see `signals::hold_hangups`) came after the config
+    // was read, perhaps for a change made since: it is a reload too, once started.
+    let early_hangup = crate::signals::hangup_noted();
     let mut stops = crate::signals::StopSignals::take_over()
         .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
     let running = tokio::select! {
@@ -1054,26 +1057,14 @@ pub async fn run(
             return Ok(());
         }
     };
+    if early_hangup {
+        tracing::info!("a SIGHUP came while the signer was starting: reloading now");
+        reload(&running).await;
+    }
     loop {
         tokio::select! {
             _ = stops.next() => break,
-            Some(()) = hangups.recv() => {
-                match running.reload_tls() {
-                    Ok(TlsReload { certificate_not_after, changed: true }) => tracing::info!(
-                        certificate_not_after = %rfc3339(certificate_not_after),
-                        "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
-                    ),
-                    Ok(TlsReload { certificate_not_after, changed: false }) => tracing::info!(
-                        certificate_not_after = %rfc3339(certificate_not_after),
-                        "SIGHUP: TLS files read again, nothing in them changed; connections stay open"
-                    ),
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
-                    ),
-                }
-                log_rules_reload(running.reload_rules().await);
-            }
+            Some(()) = hangups.recv() => reload(&running).await,
         }
     }
     tracing::info!(
@@ -1082,6 +1073,31 @@ pub async fn run(
     running.shutdown(async move { stops.next().await }).await;
     tracing::info!("signer stopped");
     Ok(())
+}
+
+/// What a SIGHUP does: the TLS files, then the rules, each on its own.
+async fn reload(running: &RunningSigner) {
+    match running.reload_tls() {
+        Ok(TlsReload {
+            certificate_not_after,
+            changed: true,
+        }) => tracing::info!(
+            certificate_not_after = %rfc3339(certificate_not_after),
+            "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
+        ),
+        Ok(TlsReload {
+            certificate_not_after,
+            changed: false,
+        }) => tracing::info!(
+            certificate_not_after = %rfc3339(certificate_not_after),
+            "SIGHUP: TLS files read again, nothing in them changed; connections stay open"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
+        ),
+    }
+    log_rules_reload(running.reload_rules().await);
 }
 
 fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
