@@ -528,9 +528,18 @@ struct AgentArgs {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a SIGHUP sent right after the start (a reload) must not end a
+    // daemon whose own handler is not in place yet. Failing, it is said once logging is up.
+    let held = meshca::signals::hold_hangups();
     let cli = Cli::try_parse().unwrap_or_else(|error| exit_on_usage_error(error));
+    if !cli.command.is_daemon() {
+        meshca::signals::release_hangups();
+    }
     meshca::tlsutil::install_default_provider();
     init_logging(cli.log_format, &cli.log_level);
+    if let Err(e) = held {
+        tracing::warn!(error = %e, "cannot take SIGHUP over at start: one sent before the signer's reload handler is in place ends the process");
+    }
     // Before any command reads a PIN, a Vault credential or a key. A failure is warned of,
     // not fatal: the calls only lower what the process may do, so only a sandbox that
     // forbids them (a seccomp profile answering EPERM) makes them fail, and refusing to
@@ -753,6 +762,18 @@ fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+impl Command {
+    /// A long-running process (the signer, the agents, the mesh controller), which a
+    /// SIGHUP must not end.
+    fn is_daemon(&self) -> bool {
+        match self {
+            Command::Serve { check, .. } => !check,
+            Command::Agent(_) | Command::MeshController(_) => true,
+            _ => false,
+        }
+    }
 }
 
 fn run(command: Command) -> Result<ExitCode> {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use der::Decode;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_cert::Certificate;
@@ -99,13 +100,31 @@ fn load_pem_blocks<T: PemObject>(
 ) -> Result<Vec<T>, TlsError> {
     let err = |message: String| error(path.display().to_string(), message);
     let blocks = T::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(pem_error(&e)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(pem_error(&e)))?;
     if blocks.is_empty() {
         return Err(err(format!("no {label} blocks found")));
     }
     Ok(blocks)
+}
+
+/// A PEM error in words: rustls-pki-types prints the marker or line it names as a list of
+/// byte values (`[45, 45, 45, ...]`), which says nothing to whoever reads the log.
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim_end().to_string();
+    match e {
+        // The marker is the block's label (`CERTIFICATE`).
+        Error::MissingSectionEnd { end_marker } => format!(
+            "missing section end marker \"-----END {}-----\" (the file ends inside a PEM block: cut short?)",
+            text(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("illegal section start: {:?}", text(line))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Reads a private key PEM (PKCS#8, PKCS#1 or SEC1). The error never quotes the file.
@@ -243,6 +262,7 @@ pub fn server_config(
     )
     .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
     let verifier = Arc::new(verifier);
+    let client_verifier: Arc<dyn ClientCertVerifier> = verifier.clone();
     let config = rustls::ServerConfig::builder_with_details(provider, wall_clock())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -262,6 +282,7 @@ pub fn server_config(
         client_ca_crl_problems,
         key_readable_by_others,
         fingerprint,
+        client_verifier,
     })
 }
 
@@ -321,6 +342,9 @@ pub struct ServerTls {
     /// Set if other users can read the key file.
     pub key_readable_by_others: Option<KeyReadableByOthers>,
     pub fingerprint: MaterialFingerprint,
+    /// The verifier the handshakes use (client CAs and CRLs): a request under way when
+    /// these settings replaced older ones is checked with it again before it is decided.
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
 }
 
 /// When a client CRL file is due to be replaced: the earliest `nextUpdate` of the CRLs in
@@ -544,7 +568,6 @@ pub const HANDSHAKE_REFUSAL_REASONS: [&str; 10] = [
 /// Why a server-side handshake failed, from the error tokio-rustls returned: a short code
 /// for a metric label (one of [`HANDSHAKE_REFUSAL_REASONS`]).
 pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
-    use rustls::CertificateError as Cert;
     let Some(tls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -552,7 +575,14 @@ pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
         // Not TLS: the peer reset or closed the connection mid-handshake.
         return "connection";
     };
-    match tls {
+    certificate_refusal_reason(tls)
+}
+
+/// Why a client certificate (chain) was refused, from the verifier's error: one of
+/// [`HANDSHAKE_REFUSAL_REASONS`].
+pub fn certificate_refusal_reason(e: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as Cert;
+    match e {
         rustls::Error::NoCertificatesPresented => "no_client_certificate",
         rustls::Error::InvalidCertificate(cert) => match cert {
             Cert::Expired | Cert::ExpiredContext { .. } => "client_certificate_expired",
@@ -597,6 +627,19 @@ mod tests {
             Some(1)
         );
         assert_eq!(super::unix_time(UNIX_EPOCH).map(|t| t.as_secs()), Some(0));
+    }
+
+    #[test]
+    fn a_truncated_pem_names_its_missing_end_marker_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.pem");
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+        let error = super::load_certificates(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("missing section end marker \"-----END CERTIFICATE-----\""),
+            "{error}"
+        );
+        assert!(!error.contains("[45, 45"), "{error}");
     }
 
     #[test]

@@ -947,6 +947,50 @@ async fn a_request_body_that_stalls_is_answered_408_and_audited() {
     assert_still_issues(&env.client("cluster-a"), &signer).await;
 }
 
+#[tokio::test]
+async fn a_client_revoked_by_a_reload_while_its_request_is_under_way_is_refused() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nbody_timeout_ms = 600000\n".into(),
+        ..EnvSpec::default()
+    });
+    // A CRL that revokes only a spare client, so cluster-b starts out trusted.
+    env.check_client_crls();
+    let signer = env.start_signer();
+    let (_key, csr_b) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &csr_b)).unwrap();
+    let mut under_way = tls_connect(&env, &signer, "cluster-b").await;
+    begin_sign_request(&mut under_way, &body, 100).await;
+
+    // cluster-b is revoked and the CRL reloaded before the rest of its body arrives.
+    env.transport_pki("revoke", &["cluster-b"]);
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("SIGHUP: TLS settings reloaded").await;
+    under_way.write_all(&body[100..]).await.unwrap();
+    let mut answer = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(30), under_way.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "no answer, and the connection stayed open");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("client_certificate_revoked"), "{answer}");
+    assert!(!answer.contains("BEGIN CERTIFICATE"), "{answer}");
+
+    let line = decision_of(&signer, "cluster-b").await;
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["rule"], "client_certificate_revoked", "{line}");
+    assert!(line["clientCertificateSerial"].is_string(), "{line}");
+    assert!(line.get("serial").is_none_or(Value::is_null), "{line}");
+    let client_a = env.client("cluster-a");
+    assert_still_issues(&client_a, &signer).await;
+    let metrics = signer.metrics(&client_a).await;
+    let refused = "meshca_sign_requests_total{outcome=\"client_certificate_revoked\"} 1";
+    assert!(
+        metrics.contains(refused),
+        "{refused} missing from\n{metrics}"
+    );
+    env.audit_verify_ok();
+}
+
 /// A signer whose drain lasts `drain_timeout_ms`, handling cluster-b's signing request
 /// whose body will not arrive: it cannot finish by itself.
 async fn signer_with_a_stalled_request(

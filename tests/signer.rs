@@ -876,6 +876,84 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     }
 }
 
+/// The signals a process catches (SigCgt) and its thread count, from one read of
+/// /proc/PID/status; None once it is gone.
+fn caught_signals_and_threads(pid: u32) -> Option<(u64, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+    };
+    let caught = u64::from_str_radix(field("SigCgt:")?, 16).ok()?;
+    let threads = field("Threads:")?.parse().ok()?;
+    Some((caught, threads))
+}
+
+/// A SIGHUP sent as soon as the process exists (a `systemctl reload` right after the
+/// start) does not end the signer: it is taken over first thing, before the config is
+/// read and long before the runtime whose handler reloads; one that came then is a reload
+/// once started. Started until one SIGHUP is sent while the signer still has one thread
+/// (its runtime not built); the signer catching none by then fails.
+#[test]
+fn a_sighup_right_after_the_start_does_not_end_the_signer() {
+    let env = Env::new();
+    let hangup = 1u64 << (libc::SIGHUP - 1);
+    for _ in 0..20 {
+        let mut child = env
+            .meshca_with_config(&["--log-format", "json", "serve"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let before_the_runtime = loop {
+            match caught_signals_and_threads(pid) {
+                Some((caught, threads)) if caught & hangup != 0 => {
+                    send_signal(pid, "HUP");
+                    break threads == 1;
+                }
+                Some(_) => std::hint::spin_loop(),
+                None => panic!("the signer ended before it caught SIGHUP"),
+            }
+        };
+        let (lines, read) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines.send(line);
+            }
+        });
+        // The reload the SIGHUP asked for (a generous bound: the start connects to the
+        // token first; a signer the SIGHUP ended says nothing more).
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|l: &String| l.contains("SIGHUP: rules reloaded"))
+        {
+            match read.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let status = child.try_wait().unwrap();
+                    panic!("no reload; exit status {status:?}:\n{}", seen.join("\n"));
+                }
+            }
+        }
+        send_signal(pid, "TERM");
+        let status = wait_within(&mut child, EXIT_WAIT).expect("the signer stops");
+        assert!(status.success(), "{status:?}:\n{}", seen.join("\n"));
+        if before_the_runtime {
+            return;
+        }
+    }
+    panic!("in 20 starts, the signer never caught SIGHUP before its runtime started");
+}
+
 /// A restart puts the config's rules in force as a reload does, so each start records
 /// them first: a `start` record with their summary and digest, under which the decisions
 /// after it are made. A ttl changed between two starts shows in their records; the same

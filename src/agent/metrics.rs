@@ -53,6 +53,9 @@ pub struct Reconciled<'a> {
 pub trait Exposition: Send + Sync {
     /// The Prometheus text exposition.
     fn render(&self) -> String;
+
+    /// The metrics port's own connection counts, in the same registry.
+    fn ops_connections(&self) -> crate::ops_http::OpsConnectionMetrics;
 }
 
 /// The loop of a Lease-holding controller (see [`super::election::LeaderLoop`]), and
@@ -156,6 +159,7 @@ pub struct AgentMetrics {
     client_certificate_expiration: Gauge,
     client_certificate_not_before: Gauge,
     loop_metrics: LoopMetrics,
+    ops_connections: crate::ops_http::OpsConnectionMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -235,7 +239,9 @@ impl AgentMetrics {
             client_certificate_not_before.clone(),
         );
         let loop_metrics = LoopMetrics::register(&mut registry);
+        let ops_connections = crate::ops_http::OpsConnectionMetrics::register(&mut registry);
         AgentMetrics {
+            ops_connections,
             registry,
             client_certificate_expiration,
             client_certificate_not_before,
@@ -359,6 +365,10 @@ impl Exposition for AgentMetrics {
     fn render(&self) -> String {
         exposition(&self.registry)
     }
+
+    fn ops_connections(&self) -> crate::ops_http::OpsConnectionMetrics {
+        self.ops_connections.clone()
+    }
 }
 
 /// Binds `addr` and serves `/metrics` and `/healthz` over plain HTTP (as the signer's
@@ -366,6 +376,7 @@ impl Exposition for AgentMetrics {
 pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let connections = metrics.ops_connections();
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -384,6 +395,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::R
     tokio::spawn(crate::ops_http::serve(
         listener,
         router,
+        connections,
         std::future::pending(),
     ));
     Ok(bound)

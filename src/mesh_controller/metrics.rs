@@ -33,6 +33,7 @@ pub struct MeshControllerMetrics {
     reconciles: Family<OutcomeLabels, Counter>,
     ready: Family<VirtualMeshLabels, Gauge>,
     loop_metrics: LoopMetrics,
+    ops_connections: crate::ops_http::OpsConnectionMetrics,
 }
 
 impl Default for MeshControllerMetrics {
@@ -58,7 +59,9 @@ impl MeshControllerMetrics {
             ready.clone(),
         );
         let loop_metrics = LoopMetrics::register(&mut registry);
+        let ops_connections = crate::ops_http::OpsConnectionMetrics::register(&mut registry);
         MeshControllerMetrics {
+            ops_connections,
             registry,
             reconciles,
             ready,
@@ -118,5 +121,9 @@ impl MeshControllerMetrics {
 impl Exposition for MeshControllerMetrics {
     fn render(&self) -> String {
         exposition(&self.registry)
+    }
+
+    fn ops_connections(&self) -> crate::ops_http::OpsConnectionMetrics {
+        self.ops_connections.clone()
     }
 }

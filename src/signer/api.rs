@@ -11,6 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -44,19 +45,35 @@ pub struct ClientIdentity {
     pub certificate_sha256: Option<String>,
     /// The certificate's serial number, lowercase hex.
     pub certificate_serial: Option<String>,
+    /// The chain the handshake presented, leaf first: checked again against the TLS
+    /// settings in force once a signing request's body is in, if they changed since.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The TLS settings the handshake checked the chain against (None: unknown, so
+    /// always checked again).
+    pub verified_under: Option<crate::tlsutil::MaterialFingerprint>,
+    /// The certificate's notAfter: a connection kept alive past it is checked again.
+    pub not_after: Option<std::time::SystemTime>,
 }
 
 impl ClientIdentity {
-    /// Of the client's leaf certificate, as the handshake presented it (DER).
-    pub fn of_certificate(der: &[u8]) -> Self {
+    /// Of the client's certificate chain, leaf first, as the handshake presented it.
+    pub fn of_chain(chain: &[CertificateDer<'static>]) -> Self {
         use der::Decode;
         use sha2::Digest;
+        let Some(leaf) = chain.first() else {
+            return ClientIdentity::default();
+        };
         // Decoded once, for the identity and the serial.
-        let cert = x509_cert::Certificate::from_der(der).ok();
+        let cert = x509_cert::Certificate::from_der(leaf).ok();
         ClientIdentity {
             identity: cert.as_ref().and_then(crate::tlsutil::identity_of),
-            certificate_sha256: Some(crate::pki::csr::hex(&sha2::Sha256::digest(der))),
+            certificate_sha256: Some(crate::pki::csr::hex(&sha2::Sha256::digest(leaf))),
+            not_after: cert
+                .as_ref()
+                .map(|cert| cert.tbs_certificate().validity().not_after.to_system_time()),
             certificate_serial: cert.map(|cert| serial_hex(cert.tbs_certificate().serial_number())),
+            chain: chain.to_vec(),
+            verified_under: None,
         }
     }
 }
@@ -163,7 +180,7 @@ async fn decide_issue_and_audit(
     body: Body,
     client_gone: CancellationToken,
 ) -> Response {
-    let identity = client.identity;
+    let identity = client.identity.clone();
     let announced = state.audit.expect_line();
     let mut facts = RequestFacts::default();
     // The rules in force now: the rate limit and the body's timeout. The decision takes
@@ -190,7 +207,7 @@ async fn decide_issue_and_audit(
         }
         Ok(()) => tokio::select! {
             biased;
-            outcome = sign_inner(&state, &mut rules, identity.as_deref(), &headers, body, client_gone, &mut facts) => outcome,
+            outcome = sign_inner(&state, &mut rules, &client, &headers, body, client_gone, &mut facts) => outcome,
             () = state.stop_deciding.cancelled() => Err(Refusal::new(
                 Status::Unavailable,
                 "signer_stopping",
@@ -351,7 +368,7 @@ pub async fn audit_counted_refusals(state: &SignerState) {
 async fn sign_inner(
     state: &SignerState,
     rules: &mut Arc<Rules>,
-    identity: Option<&str>,
+    client: &ClientIdentity,
     headers: &HeaderMap,
     body: Body,
     client_gone: CancellationToken,
@@ -397,6 +414,17 @@ async fn sign_inner(
     // Decided under the rules in force once the body is in, not those of when its first
     // byte came: a grant removed by a reload while a client sends slowly is gone.
     *rules = state.rules();
+    // Likewise the client: a CRL reloaded while the body came revokes it now. The
+    // reload closes the connection only after this request.
+    state.client_still_trusted(client).map_err(|(reason, e)| {
+        Refusal::new(
+            Status::Forbidden,
+            reason,
+            format!(
+                "the client certificate is no longer accepted by the TLS settings in force (client CA and CRLs, reloaded while this request was under way): {e}"
+            ),
+        )
+    })?;
     let request: SignRequest = serde_json::from_slice(&bytes).map_err(|e| {
         Refusal::new(
             Status::BadRequest,
@@ -412,6 +440,7 @@ async fn sign_inner(
         authorization: &rules.authorization,
         root: backend.root(),
     };
+    let identity = client.identity.as_deref();
     let mut approval = decide(&ctx, identity, &request, SystemTime::now(), serial, facts)?;
     approval.issue.client_gone = client_gone;
     if approval.capped_by_root && !state.capped_by_root_noted.swap(true, Ordering::Relaxed) {

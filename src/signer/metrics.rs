@@ -106,12 +106,15 @@ pub struct Metrics {
     announced_root_not_after: Family<AnnouncementLabels, Gauge>,
     /// One series, value 1, naming the rules in force.
     rules_info: Family<RulesLabels, Gauge>,
+    /// The plain ops port's connections (`ops_listen`).
+    pub ops_connections: crate::ops_http::OpsConnectionMetrics,
 }
 
 impl Metrics {
     pub fn new(root_not_after: SystemTime, tls_certificate: Validity) -> Self {
         let mut registry = Registry::with_prefix("meshca");
         register_build_info(&mut registry);
+        let ops_connections = crate::ops_http::OpsConnectionMetrics::register(&mut registry);
         let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
         let requests = outcomes_from_zero(OUTCOMES_FROM_ZERO.iter().chain(&rule_codes));
         registry.register(
@@ -255,6 +258,7 @@ impl Metrics {
             client_crl_next_update,
             announced_root_not_after,
             rules_info,
+            ops_connections,
         }
     }
 

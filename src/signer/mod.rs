@@ -25,6 +25,9 @@ use reload::Rules;
 pub struct SignerState {
     /// Policies, client grants and limits; see [`SignerState::rules`].
     rules: RwLock<Arc<Rules>>,
+    /// The TLS settings in force (replaced by a reload): a decision checks its client
+    /// certificate against their client CAs and CRLs once the body is in.
+    tls: tokio::sync::watch::Receiver<server::ServingTls>,
     pub backend: Arc<dyn RootSigner>,
     pub audit: audit::AuditLog,
     pub metrics: metrics::Metrics,
@@ -57,6 +60,44 @@ impl SignerState {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Whether the TLS settings in force now accept this client certificate chain (leaf
+    /// first, as the handshake presented it): the handshake checked it against those of
+    /// its time, and a reload since may have revoked it (or replaced its CA). The refusal
+    /// reason is one of the handshake's (`client_certificate_revoked`, ...).
+    pub fn client_still_trusted(
+        &self,
+        client: &api::ClientIdentity,
+    ) -> Result<(), (&'static str, rustls::Error)> {
+        let Some((end_entity, intermediates)) = client.chain.split_first() else {
+            let e = rustls::Error::NoCertificatesPresented;
+            return Err((crate::tlsutil::certificate_refusal_reason(&e), e));
+        };
+        let verifier = {
+            let in_force = self.tls.borrow();
+            // Unchanged since the handshake checked it, and the certificate not past its
+            // end (a connection kept alive): nothing to check again (a signature check
+            // per request would cost the signing path for nothing).
+            if client.verified_under == Some(in_force.fingerprint)
+                && client
+                    .not_after
+                    .is_some_and(|end| std::time::SystemTime::now() < end)
+            {
+                return Ok(());
+            }
+            in_force.client_verifier.clone()
+        };
+        // Not UnixTime::now(), which panics on a clock set before 1970 (then every
+        // certificate is not yet valid, and refused).
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let now = rustls_pki_types::UnixTime::since_unix_epoch(since_epoch);
+        verifier
+            .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ())
+            .map_err(|e| (crate::tlsutil::certificate_refusal_reason(&e), e))
     }
 
     fn replace_rules(&self, rules: Rules) {

@@ -337,7 +337,10 @@ pub(super) struct ServingTls {
     /// it announces.
     client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
-    fingerprint: MaterialFingerprint,
+    pub(super) fingerprint: MaterialFingerprint,
+    /// The acceptor's client verifier: a decision checks its client with the one in force
+    /// once the body is in (a reload may have revoked it since the handshake).
+    pub(super) client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 /// Fresh settings from the config's TLS files (read at start, again on reload, and by
@@ -364,6 +367,7 @@ pub(super) fn serving_tls(
         key_readable_by_others: tls.key_readable_by_others,
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
+        client_verifier: tls.client_verifier,
     })
 }
 
@@ -714,8 +718,10 @@ pub async fn start(
         );
     }
 
+    let (tls_tx, tls_rx) = watch::channel(tls);
     let state = Arc::new(SignerState {
         rules: std::sync::RwLock::new(Arc::new(rules)),
+        tls: tls_rx.clone(),
         backend: backend.clone(),
         audit,
         metrics,
@@ -728,7 +734,6 @@ pub async fn start(
         stop_deciding: CancellationToken::new(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (tls_tx, tls_rx) = watch::channel(tls);
     let mut tasks = vec![tokio::spawn(serve_tls(
         api_listener,
         tls_rx,
@@ -743,9 +748,10 @@ pub async fn start(
     if let Some(listener) = ops_listener {
         let router = api::ops_router(state.clone());
         let mut rx = shutdown_rx.clone();
+        let metrics = state.metrics.ops_connections.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { stopped(&mut rx).await };
-            crate::ops_http::serve(listener, router, stop).await;
+            crate::ops_http::serve(listener, router, metrics, stop).await;
         }));
     }
     tracing::info!(
@@ -889,7 +895,10 @@ async fn serve_tls(
         let _ = tcp.set_nodelay(true);
         // Marks this acceptor's version seen, so a reload after it is noticed below.
         let mut reloads = acceptors.clone();
-        let acceptor = reloads.borrow_and_update().acceptor.clone();
+        let (acceptor, settings) = {
+            let in_force = reloads.borrow_and_update();
+            (in_force.acceptor.clone(), in_force.fingerprint)
+        };
         let limits = state.rules().limits;
         let app = app.clone();
         let state = state.clone();
@@ -917,8 +926,10 @@ async fn serve_tls(
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|certs| certs.first())
-                .map(|cert| ClientIdentity::of_certificate(cert))
+                .map(|chain| ClientIdentity {
+                    verified_under: Some(settings),
+                    ..ClientIdentity::of_chain(chain)
+                })
                 .unwrap_or_default();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -1117,6 +1128,9 @@ pub async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups =
         signal(SignalKind::hangup()).map_err(|e| StartError::Signals(format!("SIGHUP: {e}")))?;
+    // One noted before this handler (see `signals::hold_hangups`) came after the config
+    // was read, perhaps for a change made since: it is a reload too, once started.
+    let early_hangup = crate::signals::hangup_noted();
     let mut stops = crate::signals::StopSignals::take_over()
         .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
     let running = tokio::select! {
@@ -1128,26 +1142,14 @@ pub async fn run(
             return Ok(());
         }
     };
+    if early_hangup {
+        tracing::info!("a SIGHUP came while the signer was starting: reloading now");
+        reload(&running).await;
+    }
     loop {
         tokio::select! {
             _ = stops.next() => break,
-            Some(()) = hangups.recv() => {
-                match running.reload_tls() {
-                    Ok(TlsReload { certificate_not_after, changed: true }) => tracing::info!(
-                        certificate_not_after = %rfc3339(certificate_not_after),
-                        "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
-                    ),
-                    Ok(TlsReload { certificate_not_after, changed: false }) => tracing::info!(
-                        certificate_not_after = %rfc3339(certificate_not_after),
-                        "SIGHUP: TLS files read again, nothing in them changed; connections stay open"
-                    ),
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
-                    ),
-                }
-                log_rules_reload(running.reload_rules().await);
-            }
+            Some(()) = hangups.recv() => reload(&running).await,
         }
     }
     tracing::info!(
@@ -1156,6 +1158,31 @@ pub async fn run(
     running.shutdown(async move { stops.next().await }).await;
     tracing::info!("signer stopped");
     Ok(())
+}
+
+/// What a SIGHUP does: the TLS files, then the rules, each on its own.
+async fn reload(running: &RunningSigner) {
+    match running.reload_tls() {
+        Ok(TlsReload {
+            certificate_not_after,
+            changed: true,
+        }) => tracing::info!(
+            certificate_not_after = %rfc3339(certificate_not_after),
+            "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
+        ),
+        Ok(TlsReload {
+            certificate_not_after,
+            changed: false,
+        }) => tracing::info!(
+            certificate_not_after = %rfc3339(certificate_not_after),
+            "SIGHUP: TLS files read again, nothing in them changed; connections stay open"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
+        ),
+    }
+    log_rules_reload(running.reload_rules().await);
 }
 
 fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
