@@ -775,6 +775,51 @@ async fn refused_virtual_meshes_get_a_clear_reason_and_the_clusters_are_left_alo
     assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
 }
 
+/// Services the selector picks that cannot be federated are named in the member's
+/// status with why (a GitOps user sees it with `kubectl get virtualmesh -o yaml`), and
+/// a pass that finds the same writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_left_out_of_federation_are_named_in_the_status() {
+    let world = World::start(&["east", "west"]).await;
+    let east = world.member("east");
+    east.put(
+        "/api/v1/namespaces/shop/services/legacy-db",
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "legacy-db", "namespace": "shop"},
+            "spec": {"type": "ExternalName", "externalName": "db.example.com"}}),
+    );
+    east.put(
+        "/api/v1/namespaces/shop/services/dns",
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "dns", "namespace": "shop"},
+            "spec": {"ports": [{"port": 53, "name": "dns", "protocol": "UDP"}]}}),
+    );
+    world.pass().await;
+    let st = world.status("vm");
+    assert_eq!(
+        member_status(&st, "east")["federation"]["notFederated"],
+        json!(["shop/dns: no TCP port", "shop/legacy-db: ExternalName"])
+    );
+    assert!(
+        member_status(&st, "west")["federation"]
+            .get("notFederated")
+            .is_none(),
+        "{st}"
+    );
+    let sent = world.pass().await;
+    assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
+    // Fixed (a TCP port given): gone from the status.
+    east.edit("/api/v1/namespaces/shop/services/dns", |svc| {
+        svc["spec"]["ports"][0]["protocol"] = "TCP".into();
+    });
+    world.pass().await;
+    let st = world.status("vm");
+    assert_eq!(
+        member_status(&st, "east")["federation"]["notFederated"],
+        json!(["shop/legacy-db: ExternalName"])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_of_someone_else_are_left_alone_and_reported() {
     let world = World::start(&["east", "west"]).await;

@@ -75,6 +75,8 @@ struct MemberRead {
     requests: Vec<VirtualMeshCertificateSigningRequest>,
     /// None when federation could not read it.
     services: Option<Vec<ServiceInventory>>,
+    /// The Services left out of it, each with why.
+    not_federated: Vec<String>,
     objects: Option<Vec<ExistingObject>>,
     problem: Option<String>,
 }
@@ -299,6 +301,7 @@ impl MeshController {
             cluster: self.connect(mesh).await,
             requests: vec![],
             services: None,
+            not_federated: vec![],
             objects: None,
             problem: None,
         };
@@ -321,9 +324,16 @@ impl MeshController {
                 let (namespaces, selector) = service_query(&config.selector);
                 let listed = cluster.list_services(&namespaces, &selector).await?;
                 let (services, skipped) = decide::federated_services(&listed, inventory);
-                if !skipped.is_empty() {
-                    tracing::debug!(cluster = %inventory.name, ?skipped, "Services not federated");
+                let skipped = decide::bounded_list(skipped);
+                // Said when it changes (the status keeps it), not at every pass.
+                let recorded_skipped = recorded
+                    .and_then(|r| r.federation.as_ref())
+                    .map(|f| f.not_federated.as_slice())
+                    .unwrap_or_default();
+                if skipped != recorded_skipped {
+                    tracing::info!(cluster = %inventory.name, not_federated = ?skipped, "Services left out of federation changed");
                 }
+                read.not_federated = skipped;
                 services
             } else {
                 vec![]
@@ -590,6 +600,7 @@ impl MeshController {
                                     .iter()
                                     .map(|c| c.to_string())
                                     .collect(),
+                                not_federated: reads[i].not_federated.clone(),
                             });
                         }
                     }

@@ -260,6 +260,10 @@ pub struct MemberFederation {
     /// Objects of those names that belong to someone else (left alone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<String>,
+    /// Services of this cluster the selector picks that cannot be federated, each with
+    /// why (ExternalName, no TCP port, ...): the first 16, then how many more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_federated: Vec<String>,
 }
 
 /// A root change under way: every member reports `root`; the roots they still trust

@@ -452,6 +452,29 @@ pub fn find_request<'e>(
 // ---------------------------------------------------------------------------------------
 // Services
 
+/// At most 16 entries of `list`, each cut at 256 bytes, then one saying how many more: what
+/// one member's Services put into the VirtualMesh's status stays small.
+pub fn bounded_list(mut list: Vec<String>) -> Vec<String> {
+    const ENTRIES: usize = 16;
+    const ENTRY_BYTES: usize = 256;
+    let more = list.len().saturating_sub(ENTRIES);
+    list.truncate(ENTRIES);
+    for entry in &mut list {
+        if entry.len() > ENTRY_BYTES {
+            let mut end = ENTRY_BYTES;
+            while !entry.is_char_boundary(end) {
+                end -= 1;
+            }
+            entry.truncate(end);
+            entry.push_str("...");
+        }
+    }
+    if more > 0 {
+        list.push(format!("... and {more} more"));
+    }
+    list
+}
+
 /// A cluster's Services as federation inventory: all but those of the system namespaces
 /// and the mesh's Istio namespace, `default/kubernetes`, ExternalName Services, headless
 /// Services with a named targetPort, and Services left without a TCP port (UDP and SCTP
@@ -1899,6 +1922,19 @@ mod tests {
     }
 
     #[test]
+    fn a_status_list_is_bounded_in_entries_and_bytes() {
+        assert_eq!(bounded_list(vec!["a".into()]), ["a"]);
+        let many: Vec<String> = (0..20).map(|i| format!("shop/s{i}: no TCP port")).collect();
+        let bounded = bounded_list(many);
+        assert_eq!(bounded.len(), 17);
+        assert_eq!(bounded[15], "shop/s15: no TCP port");
+        assert_eq!(bounded[16], "... and 4 more");
+        let long = bounded_list(vec!["é".repeat(200)]);
+        assert_eq!(long[0].len(), 256 + "...".len());
+        assert!(long[0].ends_with("..."));
+    }
+
+    #[test]
     fn services_become_inventory_without_system_udp_or_external_ones() {
         let cluster = mesh_with("east", "east", json!({"istioNamespace": "istio"}))
             .spec
@@ -2649,6 +2685,7 @@ mod tests {
                 imported: 1,
                 objects: 4,
                 conflicts: vec![],
+                not_federated: vec![],
             }),
             problem: problem.map(String::from),
             now: SystemTime::now(),
