@@ -804,6 +804,12 @@ async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
         warning.contains("\"settings\":\"limits.max_connections\""),
         "{warning}"
     );
+    // The metric an alert watches: `systemctl reload` succeeded, a restart is pending.
+    let metrics = signer.metrics(&client_a).await;
+    assert!(
+        metrics.contains("\nmeshca_config_restart_pending 1\n"),
+        "{metrics}"
+    );
 
     let (status, body) = sign(&client_b, "test/cluster-b").await;
     assert_eq!(

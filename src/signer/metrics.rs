@@ -96,6 +96,9 @@ pub struct Metrics {
     /// counters alone cannot tell whether a failure was mended since.
     tls_last_reload_successful: Gauge,
     rules_last_reload_successful: Gauge,
+    /// How many settings read only at start differ in the config file, as the last reload
+    /// of the rules found (0: none, or no reload yet).
+    config_restart_pending: Gauge,
     tls_certificate_expiry_seconds: Gauge<i64, AtomicI64>,
     /// The serving certificate's notAfter (Unix seconds); changes on a TLS reload.
     tls_certificate_not_after: AtomicI64,
@@ -199,6 +202,12 @@ impl Metrics {
             "1 if the last reload of the rules succeeded (or none was tried), 0 if it failed",
             rules_last_reload_successful.clone(),
         );
+        let config_restart_pending = Gauge::default();
+        registry.register(
+            "config_restart_pending",
+            "How many settings read only at start (tls paths, client_crls, listen, backend, ...) differ in the config file at the last reload: 0, or a restart is needed to put them in force (the SIGHUP's WARN line names them)",
+            config_restart_pending.clone(),
+        );
         let tls_certificate_expiry_seconds = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "tls_certificate_expiry_seconds",
@@ -251,6 +260,7 @@ impl Metrics {
             rules_reloads,
             tls_last_reload_successful,
             rules_last_reload_successful,
+            config_restart_pending,
             tls_certificate_expiry_seconds,
             tls_certificate_not_after: AtomicI64::new(unix_seconds(tls_certificate.not_after)),
             tls_certificate_not_before,
@@ -360,6 +370,12 @@ impl Metrics {
     pub fn rules_reloaded(&self, ok: bool) {
         self.rules_last_reload_successful.set(i64::from(ok));
         count_outcome(&self.rules_reloads, if ok { "ok" } else { "error" });
+    }
+
+    /// A reload of the rules found `settings` read only at start that differ in the file.
+    pub fn restart_pending(&self, settings: usize) {
+        self.config_restart_pending
+            .set(i64::try_from(settings).unwrap_or(i64::MAX));
     }
 
     /// Exports the audit log's count of writes + fsyncs, which against the decisions

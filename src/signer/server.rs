@@ -452,6 +452,11 @@ impl RunningSigner {
     pub async fn reload_rules(&self) -> Result<RulesReload, ReloadError> {
         let outcome = self.try_reload_rules().await;
         self.state.metrics.rules_reloaded(outcome.is_ok());
+        if let Ok(reload) = &outcome {
+            self.state
+                .metrics
+                .restart_pending(reload.restart_only.len());
+        }
         outcome
     }
 
