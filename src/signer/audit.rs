@@ -759,7 +759,20 @@ impl Writer {
         self.end = metadata.len();
         self.file = file;
         self.rotation_to_record = true;
-        tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
+        if self.end > 0 {
+            // A rotation leaves nothing at the path, or an empty file (logrotate's
+            // `create`): lines already there were put by someone else, such as a forged
+            // chain moved over the log. Counted with the other writers' lines.
+            self.foreign_appends.inc();
+            tracing::error!(
+                path = %self.path.display(),
+                found_bytes = self.end,
+                "the audit log was replaced by a file that already holds {} bytes: not a rotation, which leaves no file or an empty one; the signer continues its chain after them, but they are not its own: keep the file moved away (the signer's lines up to now) and check both with `meshca audit verify`",
+                self.end
+            );
+        } else {
+            tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
+        }
         Ok(())
     }
 }
@@ -1837,6 +1850,26 @@ mod tests {
             verify_file(&path),
             VerifyOutcome::Broken { line: 2, .. }
         ));
+    }
+
+    /// A file that already holds lines moved over the log (a forged chain) is not taken
+    /// for a rotation's new file: counted with other writers' lines (and said at ERROR);
+    /// a rotation's empty new file is not.
+    #[tokio::test]
+    async fn a_log_replaced_by_a_file_with_lines_is_not_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        log.append(record(0), log.expect_line()).await.unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
+        File::create(&path).unwrap();
+        log.append(record(1), log.expect_line()).await.unwrap();
+        assert_eq!(log.foreign_appends().get(), 0);
+        let forged = dir.path().join("forged.log");
+        std::fs::write(&forged, "{\"forged\":true}\n").unwrap();
+        std::fs::rename(&forged, &path).unwrap();
+        log.append(record(2), log.expect_line()).await.unwrap();
+        assert_eq!(log.foreign_appends().get(), 1);
     }
 
     /// Something else appends to the log under the running writer (an older meshca,
