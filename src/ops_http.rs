@@ -123,6 +123,28 @@ pub(crate) fn accept_error_log() -> LogThrottle {
     LogThrottle::new(ACCEPT_ERROR_LOG_LIMIT)
 }
 
+/// One accept. A failure (out of file descriptors, say) is logged through `error_log` and
+/// met with a 50 ms pause before None: the caller's loop neither spins nor floods the log.
+async fn accept_once(
+    listener: &TcpListener,
+    error_log: &LogThrottle,
+) -> Option<(TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok(accepted) => Some(accepted),
+        Err(e) => {
+            if let Some(not_logged) = error_log.admit("accept", std::time::Instant::now()) {
+                tracing::warn!(
+                    error = %e,
+                    failed_since_last_line = not_logged,
+                    "accept failed; retrying every 50 ms (at most one such line per 10 s)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
 /// The next connection once a slot of `slots` is free, with the slot it holds until it
 /// ends; None once `stop` completes. Accept errors (EMFILE and friends) are logged
 /// through `error_log` and retried after a pause rather than spun on.
@@ -138,19 +160,11 @@ pub(crate) async fn accept_bounded<F: Future<Output = ()>>(
     };
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => return Some((permit, tcp, peer)),
-                Err(e) => {
-                    if let Some(not_logged) = error_log.admit("accept", std::time::Instant::now()) {
-                        tracing::warn!(
-                            error = %e,
-                            failed_since_last_line = not_logged,
-                            "accept failed; retrying every 50 ms (at most one such line per 10 s)"
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+            accepted = accept_once(listener, error_log) => {
+                if let Some((tcp, peer)) = accepted {
+                    return Some((permit, tcp, peer));
                 }
-            },
+            }
             _ = stop.as_mut() => return None,
         }
     }
@@ -227,19 +241,9 @@ async fn accept_evicting<F: Future<Output = ()>>(
 ) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
     loop {
         let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    if let Some(not_logged) = error_log.admit("accept", std::time::Instant::now()) {
-                        tracing::warn!(
-                            error = %e,
-                            failed_since_last_line = not_logged,
-                            "accept failed; retrying every 50 ms (at most one such line per 10 s)"
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            accepted = accept_once(listener, error_log) => match accepted {
+                Some(accepted) => accepted,
+                None => continue,
             },
             _ = stop.as_mut() => return None,
         };

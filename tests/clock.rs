@@ -83,20 +83,7 @@ fn a_signer_whose_clock_reads_before_its_certificates_does_not_start() {
 fn a_request_whose_clock_is_set_back_says_so() {
     let env = Env::new();
     let signer = env.start_signer();
-    let request = |at: &str| {
-        let mut cmd = env.meshca();
-        cmd.arg("request")
-            .args(env.signer_flags(signer.addr, "cluster-a"))
-            .args([
-                "--virtual-mesh",
-                "test/vm",
-                "--mesh",
-                "test/cluster-a",
-                "--out-dir",
-            ])
-            .arg(env.path("out"));
-        at_time(&cmd, at)
-    };
+    let request = |at: &str| at_time(&env.request_command(signer.addr, "cluster-a"), at);
     assert_refused(
         &request("1960-01-01 00:00:00"),
         &["this machine's clock reads before 1970"],

@@ -1156,18 +1156,7 @@ async fn a_signer_with_an_expired_server_certificate_is_not_ready_and_says_so() 
     );
     // The agent's side (`meshca request` shares its client) says what the refused
     // certificate's dates mean, not only that the signer cannot be reached.
-    let out = run(env
-        .meshca()
-        .arg("request")
-        .args(env.signer_flags(signer.addr, "cluster-a"))
-        .args([
-            "--virtual-mesh",
-            "test/vm",
-            "--mesh",
-            "test/cluster-a",
-            "--out-dir",
-        ])
-        .arg(env.path("out")));
+    let out = run(&mut env.request_command(signer.addr, "cluster-a"));
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

@@ -537,6 +537,19 @@ key_type = "{key_type}"
 
     /// The flags of `meshca request` and of `meshca agent` in directory mode that name the
     /// signer at `addr` and `client`'s transport credentials.
+    /// `meshca request` to the signer at `addr` as `client` for mesh `test/<client>` of
+    /// test/vm, into `out/`: ready to run.
+    pub fn request_command(&self, addr: impl std::fmt::Display, client: &str) -> Command {
+        let mut cmd = self.meshca();
+        cmd.arg("request")
+            .args(self.signer_flags(addr, client))
+            .args(["--virtual-mesh", "test/vm", "--mesh"])
+            .arg(format!("test/{client}"))
+            .arg("--out-dir")
+            .arg(self.path("out"));
+        cmd
+    }
+
     pub fn signer_flags(&self, addr: impl std::fmt::Display, client: &str) -> Vec<OsString> {
         vec![
             "--signer".into(),
