@@ -859,8 +859,10 @@ mod tests {
             assert_eq!(kept, both());
         }
         let mut pinned = both();
-        let dropped =
-            pinned.drop_unaccepted_roots(&RootPin::new(&[next.fingerprint_sha256.clone()], "x"));
+        let dropped = pinned.drop_unaccepted_roots(&RootPin::new(
+            std::slice::from_ref(&next.fingerprint_sha256),
+            "x",
+        ));
         assert_eq!(
             dropped,
             [UnacceptedRoot {
