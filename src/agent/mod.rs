@@ -149,6 +149,22 @@ pub fn check_signer_root(policy: &PublicPolicy, pin: &RootPin) -> Result<(), Age
     }
 }
 
+/// After signing, defence in depth: the policy's root was checked before, but the answer
+/// is what would be installed. The root the chain ends at (`anchor`) and every root the
+/// signer sends (`root_cert`) must be accepted.
+fn check_answer_roots(anchor: &str, root_cert: &str, pin: &RootPin) -> Result<(), AgentError> {
+    match std::iter::once(anchor.to_string())
+        .chain(rotation::root_fingerprints(root_cert))
+        .find(|fp| !pin.accepts(fp))
+    {
+        Some(root) => Err(AgentError::IssuedUnderUnacceptedRoot {
+            root,
+            setting: pin.setting(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// When the signer's answer to a request made at `now` told that this machine's clock is
 /// ahead of the signer's: the refusal a directory agent remembers ([`AgentError::ClockAhead`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,17 +422,11 @@ pub async fn obtain_bundle(
             summary.anchor_fingerprint
         )));
     }
-    // Defence in depth: the policy's root was checked, but the answer is what would be
-    // installed. Every root the signer sends must be accepted, not only the anchor.
-    if let Some(root) = std::iter::once(summary.anchor_fingerprint.clone())
-        .chain(rotation::root_fingerprints(&response.root_cert))
-        .find(|fp| !request.pin.accepts(fp))
-    {
-        return Err(AgentError::IssuedUnderUnacceptedRoot {
-            root,
-            setting: request.pin.setting(),
-        });
-    }
+    check_answer_roots(
+        &summary.anchor_fingerprint,
+        &response.root_cert,
+        &request.pin,
+    )?;
     Ok(Obtained {
         files,
         key_type,
@@ -576,5 +586,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("names no root"), "{message}");
+    }
+
+    /// After signing: an answer chaining to a root not listed, or carrying one beside
+    /// it, is refused (its policy named an accepted root, or it would not have been asked).
+    #[test]
+    fn an_answer_under_or_carrying_a_root_the_pin_does_not_list_is_refused() {
+        use crate::pki::testing::software_root;
+        let day = std::time::Duration::from_secs(86_400);
+        let (_key, accepted) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
+        let (_key, planted) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
+        let pin = RootPin::new(std::slice::from_ref(&accepted.fingerprint_sha256), "x");
+        let ours = &accepted.fingerprint_sha256;
+        assert!(check_answer_roots(ours, &accepted.pem, &pin).is_ok());
+        assert!(check_answer_roots(ours, &planted.pem, &RootPin::default()).is_ok());
+        let both = format!("{}{}", accepted.pem, planted.pem);
+        for (anchor, root_cert) in [(&planted.fingerprint_sha256, &planted.pem), (ours, &both)] {
+            match check_answer_roots(anchor, root_cert, &pin) {
+                Err(AgentError::IssuedUnderUnacceptedRoot { root, .. }) => {
+                    assert_eq!(root, planted.fingerprint_sha256)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }
