@@ -311,8 +311,8 @@ fn jitter_fraction(text: &str) -> Result<f64, String> {
     fraction_in(text, rotation::JITTER_FRACTION_RANGE)
 }
 
-/// A `--retire-root`: a fingerprint in another form (SHA-1, a typo) would match no root,
-/// and the root would stay trusted without a word.
+/// A `--retire-root` (or `--accept-root`): a fingerprint in another form (SHA-1, a typo)
+/// would match no root, and the root would stay trusted (or be refused) without a word.
 ///
 /// openssl's whole line (`sha256 Fingerprint=3F:36:...`) is taken as it is printed: what
 /// an operator pastes. Its name (`sha1 Fingerprint=`) does not decide: the digits do.
@@ -444,6 +444,11 @@ struct RequestArgs {
     /// Replace files in DIR that meshca did not write (their roots stay trusted).
     #[arg(long)]
     adopt: bool,
+    /// SHA-256 of a root to accept from the signer (repeatable; default: any). A signer
+    /// whose root is not listed is asked for nothing; an announced root not listed is
+    /// left out of root-cert.pem.
+    #[arg(long = "accept-root", value_name = "SHA256", value_parser = retired_root)]
+    accept_roots: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -502,6 +507,17 @@ struct AgentArgs {
         value_parser = retired_root
     )]
     retire_roots: Vec<String>,
+    /// Directory mode: SHA-256 of a root to accept from the signer (repeatable, same forms
+    /// as --retire-root). Default: any root (trust on first use, and whatever the signer
+    /// announces); set it in production. A signer whose root is not listed is asked for
+    /// nothing; an announced root not listed is left out of root-cert.pem.
+    #[arg(
+        long = "accept-root",
+        value_name = "SHA256",
+        requires = "target_dir",
+        value_parser = retired_root
+    )]
+    accept_roots: Vec<String>,
     /// Longest time between two looks (and the cap of the retry backoff; at most a day).
     #[arg(long, default_value_t = 300, value_parser = seconds(1..=DAY_SECONDS))]
     resync_seconds: u64,
@@ -902,6 +918,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 ttl_seconds: args.ttl_seconds,
                 out_dir: args.out_dir,
                 adopt: args.adopt,
+                pin: rotation::RootPin::new(&args.accept_roots, "--accept-root"),
             };
             let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
             let s = &outcome.summary;
@@ -1075,6 +1092,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         adopt: args.adopt,
         rotation,
         retired_roots: args.retire_roots,
+        pin: rotation::RootPin::new(&args.accept_roots, rotation::AGENT_FLAGS.accepted_roots),
     };
     let rt = runtime()?;
     if args.once {
@@ -1458,10 +1476,17 @@ mod tests {
 
     const ROOT_SHA256: &str = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
 
-    /// `--retire-root` takes a SHA-256 in the forms openssl and meshca print it, as
-    /// fingerprints are compared; another form would retire nothing, silently.
+    /// `--retire-root` and `--accept-root` take a SHA-256 in the forms openssl and meshca
+    /// print it, as fingerprints are compared; another form would retire nothing, or
+    /// refuse every root, silently.
     #[test]
-    fn retire_root_takes_only_a_sha256_fingerprint() {
+    fn retire_and_accept_root_take_only_a_sha256_fingerprint() {
+        for flag in ["--retire-root", "--accept-root"] {
+            root_flag_takes_only_a_sha256_fingerprint(flag);
+        }
+    }
+
+    fn root_flag_takes_only_a_sha256_fingerprint(flag: &str) {
         let parse = |fingerprint: &str| {
             let mut args = vec!["meshca", "agent", "--target-dir", "/etc/cacerts"];
             args.extend_from_slice(&TLS_FLAGS);
@@ -1470,7 +1495,7 @@ mod tests {
                     .iter()
                     .flat_map(|(flag, value)| [*flag, *value]),
             );
-            args.extend_from_slice(&["--retire-root", fingerprint]);
+            args.extend_from_slice(&[flag, fingerprint]);
             Cli::try_parse_from(args)
         };
         let colons: String = ROOT_SHA256
@@ -1485,7 +1510,10 @@ mod tests {
             colons,
         ] {
             match parse(&form).map(|cli| cli.command) {
-                Ok(Command::Agent(args)) => assert_eq!(args.retire_roots, [ROOT_SHA256]),
+                Ok(Command::Agent(args)) if flag == "--retire-root" => {
+                    assert_eq!(args.retire_roots, [ROOT_SHA256])
+                }
+                Ok(Command::Agent(args)) => assert_eq!(args.accept_roots, [ROOT_SHA256]),
                 Ok(_) => panic!("not the agent"),
                 Err(e) => panic!("{form}: {e}"),
             }
@@ -1509,7 +1537,7 @@ mod tests {
             assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
             let message = err.to_string();
             assert!(
-                message.contains("--retire-root") && message.contains(why),
+                message.contains(flag) && message.contains(why),
                 "{refused}: {message}"
             );
         }

@@ -942,3 +942,90 @@ fn root_change_in_two_phases(env: Env) {
     let b_after = Workload::issue(work, &b, "b-after");
     mtls_handshake(work, &b_after, &a_after).assert_ok();
 }
+
+/// `--accept-root` pins the roots the agent takes from its signer: a signer (or whoever
+/// holds a certificate the agent's CA bundle trusts) whose root is not listed is asked
+/// for nothing, and a root it announces that is not listed never reaches root-cert.pem.
+#[test]
+fn an_agent_pinned_to_its_roots_takes_no_other_root_from_the_signer() {
+    let env = Env::new();
+    let work = env.dir.path();
+    let root = openssl_fingerprint(work, &env.path("root-cert.pem"));
+    let next_root = openssl_fingerprint(work, &env.init_next_root());
+    let other = "ab".repeat(32);
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("cacerts");
+
+    // Pinned to another root: the first install is refused by name, before any signing.
+    let refused = format!(
+        "the signer's root sha256 {root} is not among the roots this agent accepts (--accept-root): nothing was asked of the signer; if this root change is yours, add it to --accept-root"
+    );
+    let request = run(env
+        .meshca()
+        .arg("request")
+        .args(env.signer_flags(&addr, "cluster-a"))
+        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"])
+        .args(["--accept-root", &other])
+        .arg("--out-dir")
+        .arg(&dir));
+    for out in [once(&env, &addr, &dir, &["--accept-root", &other]), request] {
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(&refused), "{stderr}");
+    }
+    assert!(!dir.join("root-cert.pem").exists());
+    assert!(
+        signer.audit_lines().is_empty(),
+        "{:?}",
+        signer.audit_lines()
+    );
+
+    // Pinned to the signer's root: installed.
+    pass_ok(&env, &addr, "cluster-a", &dir, &["--accept-root", &root]);
+    assert_eq!(trusted_roots(&dir), vec![root.clone()]);
+    let before = std::fs::read(dir.join("root-cert.pem")).unwrap();
+
+    // A next root announced but not listed: left out, with a warning saying how to take it.
+    env.announce_next_root(Some("next-root-cert.pem"));
+    send_signal(signer.child.id(), "HUP");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(signer.wait_for_log("SIGHUP: rules"));
+    let out = once(&env, &addr, &dir, &["--accept-root", &root]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["sha256"] == next_root.as_str())
+        .unwrap_or_else(|| panic!("no warning naming {next_root}: {stderr}"));
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let message = warning["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("not added to root-cert.pem")
+            && message.contains("add its fingerprint to --accept-root")
+            && warning["subject"]
+                .as_str()
+                .is_some_and(|s| s.contains("CN=")),
+        "{warning}"
+    );
+    assert_eq!(std::fs::read(dir.join("root-cert.pem")).unwrap(), before);
+
+    // Listed: trusted beside the current root.
+    let out = pass_ok(
+        &env,
+        &addr,
+        "cluster-a",
+        &dir,
+        &["--accept-root", &root, "--accept-root", &next_root],
+    );
+    assert!(out.contains("rewrote root-cert.pem"), "{out}");
+    assert_eq!(trusted_roots(&dir), vec![root, next_root]);
+    let issued = signer
+        .audit_lines()
+        .iter()
+        .filter(|l| l["rule"] == "issued")
+        .count();
+    assert_eq!(issued, 1);
+}

@@ -995,6 +995,64 @@ async fn a_key_type_the_policy_refuses_is_never_shown_as_requested() {
     assert!(signer.audit_lines().is_empty());
 }
 
+/// `rotation.acceptedRootFingerprints` that does not list the signer's root: the pass
+/// fails by name before anything is asked (no dry run, never `Requested`, nothing signed),
+/// and no Secret is written; a malformed entry is an invalid spec, as for retired roots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signer_root_the_request_does_not_accept_is_asked_for_nothing() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    let root = common::certs::openssl_fingerprint(env.dir.path(), &env.path("root-cert.pem"));
+    let other = "ab".repeat(32);
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"restart": {"policy": "never"}, "rotation": {"acceptedRootFingerprints": [other]}}),
+    );
+    let sent = cluster.pass_with_dry_runs().await;
+    assert!(!sent.iter().any(is_secret_write), "{:?}", writes(&sent));
+    let phases: Vec<&str> = sent
+        .iter()
+        .filter(|r| r.path.ends_with("/cluster-a/status"))
+        .map(|r| r.body["status"]["phase"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(phases, ["Failed"]);
+    let st = failed_with(
+        &cluster,
+        &format!(
+            "the signer's root sha256 {root} is not among the roots this agent accepts (spec.rotation.acceptedRootFingerprints"
+        ),
+    );
+    assert_eq!(condition(&st, "Ready")["reason"], "RootNotAccepted");
+    assert!(cluster.get(SECRET).is_none());
+    assert!(
+        signer.audit_lines().is_empty(),
+        "{:?}",
+        signer.audit_lines()
+    );
+
+    let sha1 = "5F:35:E0:C1:D0:E4:B1:A9:C0:FF:EE:00:11:22:33:44:55:66:77:88";
+    cluster.edit_request(|request| {
+        request["spec"]["rotation"]["acceptedRootFingerprints"] = json!([root, sha1]);
+    });
+    cluster.pass().await;
+    let st = vmcsr_status(&cluster);
+    assert_eq!(condition(&st, "Ready")["reason"], "InvalidSpec", "{st}");
+    assert!(
+        st["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("acceptedRootFingerprints[1] \"{sha1}\""))),
+        "{st}"
+    );
+
+    // Listing the signer's root: installed.
+    cluster.edit_request(|request| {
+        request["spec"]["rotation"]["acceptedRootFingerprints"] = json!([root]);
+    });
+    cluster.pass().await;
+    assert!(cluster.get(SECRET).is_some(), "{}", vmcsr_status(&cluster));
+}
+
 /// A Lease this short leaves less than the 5 s margin: the agent reads it before each
 /// write (so a test can take it away between two).
 const LEASE_READ_BEFORE_EACH_WRITE: Duration = Duration::from_secs(6);

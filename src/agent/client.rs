@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::rotation::{AnnouncedRoots, normalize_fingerprint};
+use super::rotation::{AnnouncedRoots, RootPin, normalize_fingerprint};
 use crate::pki::profile::RootCa;
 use crate::policy::ObjectRef;
 use crate::tlsutil::Validity;
@@ -156,6 +156,45 @@ impl PublicPolicy {
         }
     }
 
+    /// Forgets each announced root (next, previous) `pin` does not accept, as if the
+    /// signer had not announced it: it is never written to root-cert.pem, nor reported
+    /// as trusted. Returns what was dropped, for the caller to warn of.
+    pub fn drop_unaccepted_roots(&mut self, pin: &RootPin) -> Vec<UnacceptedRoot> {
+        let mut dropped = Vec::new();
+        for (which, cert, fingerprint) in [
+            (
+                "next",
+                &mut self.next_root_cert,
+                &mut self.next_root_fingerprint_sha256,
+            ),
+            (
+                "previous",
+                &mut self.previous_root_cert,
+                &mut self.previous_root_fingerprint_sha256,
+            ),
+        ] {
+            let Some(fp) = fingerprint.as_deref() else {
+                continue;
+            };
+            if pin.accepts(fp) {
+                continue;
+            }
+            let subject = cert
+                .as_deref()
+                .and_then(|pem| RootCa::from_pem(pem).ok())
+                .map(|root| root.subject.to_string())
+                .unwrap_or_default();
+            dropped.push(UnacceptedRoot {
+                which,
+                fingerprint: normalize_fingerprint(fp),
+                subject,
+            });
+            *cert = None;
+            *fingerprint = None;
+        }
+        dropped
+    }
+
     /// Each announced root must be what its fingerprint says, one self-signed CA
     /// certificate: the agent trusts it and reports the fingerprint, so the two must not
     /// differ.
@@ -199,6 +238,15 @@ impl PublicPolicy {
         }
         Ok(())
     }
+}
+
+/// A root the signer announced that the agent's [`RootPin`] leaves out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnacceptedRoot {
+    /// "next" or "previous".
+    pub which: &'static str,
+    pub fingerprint: String,
+    pub subject: String,
 }
 
 /// `POST /v1/sign` request.
@@ -791,5 +839,58 @@ mod tests {
         let intermediate = crate::pki::pem::decode_certificates(&bundle.ca_cert).unwrap();
         let fingerprint = crate::pki::bundle::fingerprint(&intermediate[0]);
         refusal(&policy(Some(&fingerprint), Some(&bundle.ca_cert)));
+    }
+
+    /// With a pin, an announced root (next or previous) it does not list is forgotten,
+    /// with what the warning names; a listed one, or any without a pin, stays.
+    #[test]
+    fn announced_roots_a_pin_does_not_list_are_forgotten() {
+        let day = std::time::Duration::from_secs(86_400);
+        let (_key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        let (_key, previous) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        let both = || PublicPolicy {
+            previous_root_fingerprint_sha256: Some(previous.fingerprint_sha256.to_uppercase()),
+            previous_root_cert: Some(previous.pem.clone()),
+            ..policy(Some(&next.fingerprint_sha256), Some(&next.pem))
+        };
+        for pin in [
+            RootPin::default(),
+            RootPin::new(
+                &[
+                    next.fingerprint_sha256.clone(),
+                    previous.fingerprint_sha256.clone(),
+                ],
+                "--accept-root",
+            ),
+        ] {
+            let mut kept = both();
+            assert!(kept.drop_unaccepted_roots(&pin).is_empty());
+            assert_eq!(kept, both());
+        }
+        let mut pinned = both();
+        let dropped = pinned.drop_unaccepted_roots(&RootPin::new(
+            std::slice::from_ref(&next.fingerprint_sha256),
+            "x",
+        ));
+        assert_eq!(
+            dropped,
+            [UnacceptedRoot {
+                which: "previous",
+                fingerprint: previous.fingerprint_sha256.clone(),
+                subject: previous.subject.to_string(),
+            }]
+        );
+        assert_eq!(pinned.announced_roots().next, Some(next.pem.clone()));
+        assert_eq!(pinned.announced_roots().previous, None);
+        assert_eq!(pinned.previous_root_fingerprint_sha256, None);
+        assert!(pinned.check_announced_roots().is_ok());
+        let mut pinned = both();
+        let dropped = pinned.drop_unaccepted_roots(&RootPin::new(&["ab".repeat(32)], "x"));
+        assert_eq!(
+            dropped.iter().map(|d| d.which).collect::<Vec<_>>(),
+            ["next", "previous"]
+        );
+        assert_eq!(pinned.announced_roots(), AnnouncedRoots::default());
+        assert_eq!(pinned.next_root_fingerprint_sha256, None);
     }
 }

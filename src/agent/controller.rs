@@ -27,7 +27,8 @@ use super::rotation::{
     normalize_fingerprint, renewal_held_by_root,
 };
 use super::{
-    AgentError, BundleRequest, RootsPlan, check_renewable, choose_key_type, obtain_bundle,
+    AgentError, BundleRequest, RootsPlan, check_renewable, check_signer_root, choose_key_type,
+    obtain_bundle, pin_announced_roots,
 };
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
@@ -486,10 +487,14 @@ impl Controller {
             }
             .into());
         }
-        let policy = client
+        let pin = spec.settings.rotation.root_pin();
+        let mut policy = client
             .policy_for_pass(&virtual_mesh)
             .await
             .map_err(AgentError::from)?;
+        if let Ok(policy) = &mut policy {
+            pin_announced_roots(policy, &pin);
+        }
         let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
         let desired = Desired {
             mesh_name: mesh.name.clone(),
@@ -527,6 +532,8 @@ impl Controller {
                         spec.settings.key_type,
                         spec.settings.ttl_seconds,
                     )?;
+                    // A renewal would be refused by the pin too: say so now.
+                    check_signer_root(policy, &pin)?;
                 }
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");
@@ -608,6 +615,8 @@ impl Controller {
                     spec.settings.key_type,
                     &policy.virtual_mesh,
                 )?;
+                // A root this request does not accept fails here too: nothing is asked.
+                check_signer_root(&policy, &pin)?;
                 // An intermediate the Secret could not take would be signed (and audited)
                 // for nothing at each attempt.
                 self.kube
@@ -631,6 +640,7 @@ impl Controller {
                             installed: previous_roots,
                             retired: spec.settings.rotation.retired_root_fingerprints.clone(),
                         },
+                        pin,
                     },
                 )
                 .await

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::restart::{RestartPolicy, RestartRecord};
 use super::rotation::{
-    DEFAULT_JITTER_FRACTION, DEFAULT_RENEW_FRACTION, RotationSettings, SHA256_FINGERPRINT_PATTERN,
-    SettingsError, parse_sha256_fingerprint,
+    DEFAULT_JITTER_FRACTION, DEFAULT_RENEW_FRACTION, RootPin, RotationSettings,
+    SHA256_FINGERPRINT_PATTERN, SettingsError, parse_sha256_fingerprint,
 };
 use crate::pki::keys::KeyType;
 use crate::policy::ObjectRef;
@@ -126,6 +126,15 @@ pub struct RotationSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(pattern(SHA256_FINGERPRINT_PATTERN)))]
     pub retired_root_fingerprints: Vec<String>,
+    /// SHA-256 fingerprints of the only roots this agent accepts from the signer (same
+    /// forms). Empty (the default): any root, trust on first use. Set in production: a
+    /// signer's stolen TLS key, or any certificate the agent's CA bundle trusts, then
+    /// cannot have the cluster trust a root of its own. A root the signer issues under or
+    /// announces that is not listed is refused (named in the status) or left out of
+    /// root-cert.pem; add the next root here before it is announced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(SHA256_FINGERPRINT_PATTERN)))]
+    pub accepted_root_fingerprints: Vec<String>,
 }
 
 fn default_renew_fraction() -> f64 {
@@ -142,11 +151,20 @@ impl Default for RotationSpec {
             renew_fraction: DEFAULT_RENEW_FRACTION,
             jitter_fraction: DEFAULT_JITTER_FRACTION,
             retired_root_fingerprints: vec![],
+            accepted_root_fingerprints: vec![],
         }
     }
 }
 
 impl RotationSpec {
+    /// The roots accepted from the signer (checked by [`RotationSpec::settings`]).
+    pub fn root_pin(&self) -> RootPin {
+        RootPin::new(
+            &self.accepted_root_fingerprints,
+            "spec.rotation.acceptedRootFingerprints (or the Mesh's agent settings)",
+        )
+    }
+
     /// The renewal settings, once the whole spec is checked: a retired root not named by
     /// its SHA-256 would match no root and stay trusted without a word (an API server
     /// refuses it by the schema; one whose CRD predates the pattern does not).
@@ -154,6 +172,10 @@ impl RotationSpec {
         for (index, fingerprint) in self.retired_root_fingerprints.iter().enumerate() {
             parse_sha256_fingerprint(fingerprint)
                 .map_err(|problem| SettingsError::retired_root(index, fingerprint, problem))?;
+        }
+        for (index, fingerprint) in self.accepted_root_fingerprints.iter().enumerate() {
+            parse_sha256_fingerprint(fingerprint)
+                .map_err(|problem| SettingsError::accepted_root(index, fingerprint, problem))?;
         }
         RotationSettings::new(self.renew_fraction, self.jitter_fraction)
     }
@@ -441,6 +463,33 @@ mod tests {
             // A long value is cut: a status message is no place for it.
             assert!(message.len() < 400, "{message}");
         }
+    }
+
+    /// Accepted roots take the forms retired roots take, by the schema and the check.
+    #[test]
+    fn accepted_roots_are_sha256_fingerprints_by_the_schema_and_the_spec_check() {
+        let crd = serde_json::to_value(VirtualMeshCertificateSigningRequest::crd()).unwrap();
+        let items = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["rotation"]["properties"]["acceptedRootFingerprints"]["items"];
+        assert_eq!(items["pattern"], SHA256_FINGERPRINT_PATTERN, "{items}");
+        let sha256 = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
+        let rotation = |accepted: Vec<String>| RotationSpec {
+            accepted_root_fingerprints: accepted,
+            ..RotationSpec::default()
+        };
+        let spec = rotation(vec![sha256.to_ascii_uppercase()]);
+        assert!(spec.settings().is_ok());
+        assert!(spec.root_pin().accepts(sha256));
+        assert!(!spec.root_pin().accepts(&"ab".repeat(32)));
+        assert!(RotationSpec::default().root_pin().is_empty());
+        let message = rotation(vec![sha256.into(), "xyz".into()])
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("acceptedRootFingerprints[1] \"xyz\": not a SHA-256"),
+            "{message}"
+        );
     }
 
     #[test]

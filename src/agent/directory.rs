@@ -12,12 +12,12 @@ use std::time::{Duration, Instant, SystemTime};
 use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{
-    Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RotationSettings,
+    Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RootPin, RotationSettings,
     TLS_SIGNING_CERT, decide, ends_with_known_root, renewal_held_by_root,
 };
 use super::{
     AgentError, BundleRequest, ClockAhead, RootsPlan, cacerts, check_dir_writable, check_renewable,
-    choose_key_type, obtain_bundle,
+    check_signer_root, choose_key_type, obtain_bundle, pin_announced_roots,
 };
 use crate::pki::bundle::{
     BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
@@ -36,6 +36,8 @@ pub struct DirOptions {
     pub adopt: bool,
     pub rotation: RotationSettings,
     pub retired_roots: Vec<String>,
+    /// The roots accepted from the signer (`--accept-root`; empty: any).
+    pub pin: RootPin,
 }
 
 /// What a reconcile did.
@@ -216,7 +218,10 @@ pub async fn reconcile(
     let installed = classify(&opts.target)?;
     // The policy tells the signer's current root; without it (signer unavailable) a valid
     // bundle is still judged on its own.
-    let policy = client.policy_for_pass(&opts.virtual_mesh).await?;
+    let mut policy = client.policy_for_pass(&opts.virtual_mesh).await?;
+    if let Ok(policy) = &mut policy {
+        pin_announced_roots(policy, &opts.pin);
+    }
     let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
     let desired = Desired {
         mesh_name: opts.mesh.name.clone(),
@@ -238,6 +243,8 @@ pub async fn reconcile(
         Decision::UpToDate { summary, renew_at } => {
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
+                // A renewal would be refused by the pin too: say so now, not when due.
+                check_signer_root(policy, &opts.pin)?;
             }
             let held_by_root = renewal_held_by_root(&summary, &desired, now);
             if held_by_root {
@@ -290,6 +297,7 @@ pub async fn reconcile(
                 opts.key_type,
                 &policy.virtual_mesh,
             )?;
+            check_signer_root(&policy, &opts.pin)?;
             tracing::info!(reason = %reason, dir = %opts.target.display(), "requesting a new intermediate");
             let obtained = obtain_bundle(
                 client,
@@ -303,6 +311,7 @@ pub async fn reconcile(
                         installed: previous_roots,
                         retired: opts.retired_roots.clone(),
                     },
+                    pin: opts.pin.clone(),
                 },
             )
             .await
@@ -572,6 +581,7 @@ mod tests {
             adopt: false,
             rotation: RotationSettings::default(),
             retired_roots: vec![],
+            pin: RootPin::default(),
         }
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use der::EncodePem;
 
 use self::client::{ClientError, PublicPolicy, SignRequestBody, SignerClient};
-use self::rotation::Installed;
+use self::rotation::{Installed, RootPin};
 use crate::pki::bundle::{BundleError, BundleFiles, BundleSummary, verify_bundle};
 use crate::pki::csr::build_csr;
 use crate::pki::keys::{KeyError, KeyType, PrivateKey};
@@ -81,6 +81,19 @@ pub enum AgentError {
     Shadowed(String),
     #[error("the signer's root does not match what it announced: {0}")]
     RootMismatch(String),
+    /// The signer's root is not pinned: checked before anything is asked of it.
+    #[error("{}", describe_root_not_accepted(.root.as_deref(), .setting))]
+    RootNotAccepted {
+        /// The signer's policy's rootFingerprintSha256 (None: it names none).
+        root: Option<String>,
+        setting: &'static str,
+    },
+    /// What the signer issued chains to a root that is not pinned (its policy said
+    /// otherwise).
+    #[error(
+        "the signer's answer chains to root sha256 {root}, which is not among the roots this agent accepts ({setting}), although its policy named an accepted one: nothing was installed; a signer whose policy does not match what it signs may be an impostor"
+    )]
+    IssuedUnderUnacceptedRoot { root: String, setting: &'static str },
     #[error("{}", .ahead.describe(*.now, *.just_issued))]
     ClockAhead {
         /// What a directory agent remembers to ask nothing until the clock agrees.
@@ -89,6 +102,67 @@ pub enum AgentError {
         /// The intermediate was issued by this pass's request, not an earlier one's.
         just_issued: bool,
     },
+}
+
+fn describe_root_not_accepted(root: Option<&str>, setting: &str) -> String {
+    match root {
+        Some(root) => format!(
+            "the signer's root sha256 {root} is not among the roots this agent accepts ({setting}): nothing was asked of the signer; if this root change is yours, add it to {setting} (else the signer, or whoever holds a certificate this agent's CA bundle trusts, is trying to have this cluster trust a root of its own)"
+        ),
+        None => format!(
+            "the signer's policy names no root (rootFingerprintSha256), so it cannot be checked against the roots this agent accepts ({setting}): nothing was asked of the signer; upgrade the signer, or empty {setting}"
+        ),
+    }
+}
+
+/// Forgets the roots `policy` announces that `pin` does not accept (see
+/// [`PublicPolicy::drop_unaccepted_roots`]), with a warning for each: what the agents do
+/// with every policy they read.
+pub fn pin_announced_roots(policy: &mut PublicPolicy, pin: &RootPin) {
+    for root in policy.drop_unaccepted_roots(pin) {
+        tracing::warn!(
+            sha256 = %root.fingerprint,
+            subject = %root.subject,
+            virtual_mesh = %policy.virtual_mesh,
+            "the signer announces a {} root sha256 {} ({}) that is not among the roots this agent accepts ({}): it is not added to root-cert.pem; if this root is yours, add its fingerprint to {}",
+            root.which,
+            root.fingerprint,
+            root.subject,
+            pin.setting(),
+            pin.setting(),
+        );
+    }
+}
+
+/// Before the signer is asked to sign: its root (as its policy names it) must be one
+/// `pin` accepts, or the signer could have the cluster trust a root of its own.
+pub fn check_signer_root(policy: &PublicPolicy, pin: &RootPin) -> Result<(), AgentError> {
+    if pin.is_empty() {
+        return Ok(());
+    }
+    match &policy.root_fingerprint_sha256 {
+        Some(root) if pin.accepts(root) => Ok(()),
+        root => Err(AgentError::RootNotAccepted {
+            root: root.as_deref().map(rotation::normalize_fingerprint),
+            setting: pin.setting(),
+        }),
+    }
+}
+
+/// After signing, defence in depth: the policy's root was checked before, but the answer
+/// is what would be installed. The root the chain ends at (`anchor`) and every root the
+/// signer sends (`root_cert`) must be accepted.
+fn check_answer_roots(anchor: &str, root_cert: &str, pin: &RootPin) -> Result<(), AgentError> {
+    match std::iter::once(anchor.to_string())
+        .chain(rotation::root_fingerprints(root_cert))
+        .find(|fp| !pin.accepts(fp))
+    {
+        Some(root) => Err(AgentError::IssuedUnderUnacceptedRoot {
+            root,
+            setting: pin.setting(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// When the signer's answer to a request made at `now` told that this machine's clock is
@@ -153,6 +227,9 @@ impl AgentError {
             | AgentError::Shadowed(_)
             | AgentError::HeldByAnotherRequest { .. } => "ForeignSecret",
             AgentError::Client(_) => "SignerError",
+            AgentError::RootNotAccepted { .. } | AgentError::IssuedUnderUnacceptedRoot { .. } => {
+                "RootNotAccepted"
+            }
             _ => "IssuanceFailed",
         }
     }
@@ -219,6 +296,8 @@ pub struct RequestOptions {
     pub out_dir: PathBuf,
     /// Replace files another tool wrote there (their roots kept).
     pub adopt: bool,
+    /// The roots accepted from the signer (`--accept-root`).
+    pub pin: RootPin,
 }
 
 /// What was installed.
@@ -250,6 +329,8 @@ pub struct BundleRequest {
     pub key_type: Option<KeyType>,
     pub ttl_seconds: Option<u64>,
     pub roots: RootsPlan,
+    /// The roots accepted from the signer: checked before it is asked, and on its answer.
+    pub pin: RootPin,
 }
 
 /// A new bundle, checked as istiod would, not yet written anywhere.
@@ -270,6 +351,7 @@ pub async fn obtain_bundle(
     policy: &PublicPolicy,
     request: &BundleRequest,
 ) -> Result<Obtained, AgentError> {
+    check_signer_root(policy, &request.pin)?;
     let key_type = choose_key_type(
         &policy.accepted_key_types,
         request.key_type,
@@ -340,6 +422,11 @@ pub async fn obtain_bundle(
             summary.anchor_fingerprint
         )));
     }
+    check_answer_roots(
+        &summary.anchor_fingerprint,
+        &response.root_cert,
+        &request.pin,
+    )?;
     Ok(Obtained {
         files,
         key_type,
@@ -384,7 +471,8 @@ pub async fn request_intermediate(
         Installed::Ours(files) => Some(files.root_cert),
     };
     check_dir_writable(&opts.out_dir)?;
-    let policy = client.policy(&opts.virtual_mesh).await?;
+    let mut policy = client.policy(&opts.virtual_mesh).await?;
+    pin_announced_roots(&mut policy, &opts.pin);
     let obtained = obtain_bundle(
         client,
         &policy,
@@ -397,6 +485,7 @@ pub async fn request_intermediate(
                 installed,
                 retired: Vec::new(),
             },
+            pin: opts.pin.clone(),
         },
     )
     .await?;
@@ -460,5 +549,65 @@ mod tests {
                 && err.to_string().contains("rsa4096, ecdsa-p384")
         );
         assert!(choose_key_type(&[], None, "vm").is_err());
+    }
+
+    /// With a pin, the signer's root must be listed (in any form) before it is asked to
+    /// sign; a policy naming no root cannot be checked, so it is refused too.
+    #[test]
+    fn a_signer_root_the_pin_does_not_list_is_refused_before_signing() {
+        let root = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
+        let policy = |root: Option<&str>| -> PublicPolicy {
+            serde_json::from_value(serde_json::json!({
+                "virtualMesh": "test/vm", "orgName": "acme", "maxTtlSeconds": 86_400,
+                "minRsaBits": 3072, "acceptedKeyTypes": ["ecdsa-p256"],
+                "meshes": ["test/a"], "rootNotAfter": "2030-01-01T00:00:00Z",
+                "rootFingerprintSha256": root
+            }))
+            .unwrap()
+        };
+        let upper = root.to_ascii_uppercase();
+        let pin = RootPin::new(&[upper], "--accept-root");
+        assert!(check_signer_root(&policy(Some(root)), &pin).is_ok());
+        // Without a pin, any root (and none) passes: trust on first use.
+        for named in [Some("ab".repeat(32)), None] {
+            assert!(check_signer_root(&policy(named.as_deref()), &RootPin::default()).is_ok());
+        }
+        let other = "ab".repeat(32);
+        let refused = check_signer_root(&policy(Some(&other)), &pin).unwrap_err();
+        assert_eq!(refused.reason(), "RootNotAccepted");
+        let message = refused.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "the signer's root sha256 {other} is not among the roots this agent accepts (--accept-root): nothing was asked of the signer; if this root change is yours, add it to --accept-root"
+            )),
+            "{message}"
+        );
+        let message = check_signer_root(&policy(None), &pin)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("names no root"), "{message}");
+    }
+
+    /// After signing: an answer chaining to a root not listed, or carrying one beside
+    /// it, is refused (its policy named an accepted root, or it would not have been asked).
+    #[test]
+    fn an_answer_under_or_carrying_a_root_the_pin_does_not_list_is_refused() {
+        use crate::pki::testing::software_root;
+        let day = std::time::Duration::from_secs(86_400);
+        let (_key, accepted) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
+        let (_key, planted) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
+        let pin = RootPin::new(std::slice::from_ref(&accepted.fingerprint_sha256), "x");
+        let ours = &accepted.fingerprint_sha256;
+        assert!(check_answer_roots(ours, &accepted.pem, &pin).is_ok());
+        assert!(check_answer_roots(ours, &planted.pem, &RootPin::default()).is_ok());
+        let both = format!("{}{}", accepted.pem, planted.pem);
+        for (anchor, root_cert) in [(&planted.fingerprint_sha256, &planted.pem), (ours, &both)] {
+            match check_answer_roots(anchor, root_cert, &pin) {
+                Err(AgentError::IssuedUnderUnacceptedRoot { root, .. }) => {
+                    assert_eq!(root, planted.fingerprint_sha256)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

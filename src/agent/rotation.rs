@@ -66,6 +66,13 @@ pub enum SettingsError {
         value: String,
         problem: FingerprintError,
     },
+    /// A root to accept, not named by its SHA-256 (`value` cut as for `RetiredRoot`).
+    #[error("{}", self.message(&CRD_FIELDS))]
+    AcceptedRoot {
+        index: usize,
+        value: String,
+        problem: FingerprintError,
+    },
 }
 
 /// How the rotation settings are named where they were given, so that an error names
@@ -76,6 +83,7 @@ pub struct SettingNames {
     pub jitter_fraction: &'static str,
     pub ttl: &'static str,
     pub retired_roots: &'static str,
+    pub accepted_roots: &'static str,
 }
 
 /// The CRD's fields (`spec.rotation.renewFraction`, ...): the errors' [`Display`].
@@ -86,6 +94,7 @@ pub const CRD_FIELDS: SettingNames = SettingNames {
     jitter_fraction: "jitterFraction",
     ttl: "ttl",
     retired_roots: "retiredRootFingerprints",
+    accepted_roots: "acceptedRootFingerprints",
 };
 
 /// `meshca agent --target-dir`'s flags.
@@ -94,20 +103,24 @@ pub const AGENT_FLAGS: SettingNames = SettingNames {
     jitter_fraction: "--jitter-fraction",
     ttl: "--ttl-seconds",
     retired_roots: "--retire-root",
+    accepted_roots: "--accept-root",
 };
 
 impl SettingsError {
     /// `retiredRootFingerprints[index]` is not a SHA-256 fingerprint.
     pub fn retired_root(index: usize, value: &str, problem: FingerprintError) -> Self {
-        /// More than a fingerprint in any form: the rest of a long value is noise.
-        const SHOWN: usize = 100;
-        let mut shown: String = value.chars().take(SHOWN).collect();
-        if shown.len() < value.len() {
-            shown.push('…');
-        }
         SettingsError::RetiredRoot {
             index,
-            value: shown,
+            value: shown_value(value),
+            problem,
+        }
+    }
+
+    /// `acceptedRootFingerprints[index]` is not a SHA-256 fingerprint.
+    pub fn accepted_root(index: usize, value: &str, problem: FingerprintError) -> Self {
+        SettingsError::AcceptedRoot {
+            index,
+            value: shown_value(value),
             problem,
         }
     }
@@ -119,6 +132,7 @@ impl SettingsError {
             jitter_fraction: jitter,
             ttl,
             retired_roots,
+            accepted_roots,
         } = names;
         match self {
             SettingsError::RenewFraction(value) => {
@@ -138,8 +152,24 @@ impl SettingsError {
                 value,
                 problem,
             } => format!("{retired_roots}[{index}] {value:?}: {problem}"),
+            SettingsError::AcceptedRoot {
+                index,
+                value,
+                problem,
+            } => format!("{accepted_roots}[{index}] {value:?}: {problem}"),
         }
     }
+}
+
+/// A fingerprint setting's value as an error shows it: more than a fingerprint in any
+/// form is noise, cut.
+fn shown_value(value: &str) -> String {
+    const SHOWN: usize = 100;
+    let mut shown: String = value.chars().take(SHOWN).collect();
+    if shown.len() < value.len() {
+        shown.push('…');
+    }
+    shown
 }
 
 /// The least time a fresh intermediate stays installed before it is due (with the
@@ -580,6 +610,49 @@ pub fn parse_sha256_fingerprint(text: &str) -> Result<String, FingerprintError> 
         Err(FingerprintError::Sha1)
     } else {
         Err(FingerprintError::NotSha256)
+    }
+}
+
+/// The roots an agent accepts from its signer (`--accept-root`, `acceptedRootFingerprints`):
+/// a signer's TLS key, or any certificate the agent's CA bundle trusts, must not be enough
+/// to have the cluster trust a root. Empty: any root (trust on first use, and whatever
+/// the signer announces).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootPin {
+    /// Normalized ([`normalize_fingerprint`]).
+    fingerprints: Vec<String>,
+    /// Where the list is set, as errors and warnings name it.
+    setting: &'static str,
+}
+
+impl RootPin {
+    /// `fingerprints` already checked ([`parse_sha256_fingerprint`]); `setting` names
+    /// where they come from.
+    pub fn new(fingerprints: &[String], setting: &'static str) -> Self {
+        RootPin {
+            fingerprints: fingerprints
+                .iter()
+                .map(|fp| normalize_fingerprint(fp))
+                .collect(),
+            setting,
+        }
+    }
+
+    /// Whether no list is set (every root is accepted).
+    pub fn is_empty(&self) -> bool {
+        self.fingerprints.is_empty()
+    }
+
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+
+    /// Whether the root with SHA-256 `fingerprint` is accepted.
+    pub fn accepts(&self, fingerprint: &str) -> bool {
+        self.is_empty()
+            || self
+                .fingerprints
+                .contains(&normalize_fingerprint(fingerprint))
     }
 }
 

@@ -1753,7 +1753,8 @@ mod tests {
             "east",
             json!({"agent": {"namespace": "agents", "keyType": "ecdsa-p384", "ttlSeconds": 3600,
                 "adopt": true, "target": {"namespace": "istio", "name": "cacerts"},
-                "rotation": {"renewFraction": 0.5, "retiredRootFingerprints": [R3.to_uppercase()]},
+                "rotation": {"renewFraction": 0.5, "retiredRootFingerprints": [R3.to_uppercase()],
+                    "acceptedRootFingerprints": [R1, R2]},
                 "restart": {"policy": "never"}}}),
         );
         let d = desired_request(
@@ -1788,6 +1789,11 @@ mod tests {
         assert_eq!(spec["rotation"]["renewFraction"], 0.5);
         // The Mesh's own (normalized) and the controller's, once each, sorted.
         assert_eq!(spec["rotation"]["retiredRootFingerprints"], json!([R1, R3]));
+        // The roots the agent accepts, copied as the Mesh lists them.
+        assert_eq!(
+            spec["rotation"]["acceptedRootFingerprints"],
+            json!([R1, R2])
+        );
         // The body reads back as the agent's type, equal to what was desired.
         let back: VirtualMeshCertificateSigningRequest = serde_json::from_value(body).unwrap();
         assert_eq!(back.spec, d.spec);
