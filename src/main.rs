@@ -316,7 +316,7 @@ fn jitter_fraction(text: &str) -> Result<f64, String> {
 ///
 /// openssl's whole line (`sha256 Fingerprint=3F:36:...`) is taken as it is printed: what
 /// an operator pastes. Its name (`sha1 Fingerprint=`) does not decide: the digits do.
-fn retired_root(text: &str) -> Result<String, String> {
+fn root_fingerprint(text: &str) -> Result<String, String> {
     let digits = text
         .split_once(" Fingerprint=")
         .map_or(text, |(_, digits)| digits);
@@ -447,7 +447,7 @@ struct RequestArgs {
     /// SHA-256 of a root to accept from the signer (repeatable; default: any). A signer
     /// whose root is not listed is asked for nothing; an announced root not listed is
     /// left out of root-cert.pem.
-    #[arg(long = "accept-root", value_name = "SHA256", value_parser = retired_root)]
+    #[arg(long = "accept-root", value_name = "SHA256", value_parser = root_fingerprint)]
     accept_roots: Vec<String>,
 }
 
@@ -504,7 +504,7 @@ struct AgentArgs {
         long = "retire-root",
         value_name = "SHA256",
         requires = "target_dir",
-        value_parser = retired_root
+        value_parser = root_fingerprint
     )]
     retire_roots: Vec<String>,
     /// Directory mode: SHA-256 of a root to accept from the signer (repeatable, same forms
@@ -515,7 +515,7 @@ struct AgentArgs {
         long = "accept-root",
         value_name = "SHA256",
         requires = "target_dir",
-        value_parser = retired_root
+        value_parser = root_fingerprint
     )]
     accept_roots: Vec<String>,
     /// Longest time between two looks (and the cap of the retry backoff; at most a day).
@@ -1336,11 +1336,11 @@ mod tests {
             format!("SHA256 Fingerprint={pairs}\n"),
             pairs.clone(),
         ] {
-            assert_eq!(retired_root(&line), Ok(normalized.clone()), "{line}");
+            assert_eq!(root_fingerprint(&line), Ok(normalized.clone()), "{line}");
         }
         let sha1 = vec!["AA"; 20].join(":");
         assert!(
-            retired_root(&format!("sha1 Fingerprint={sha1}"))
+            root_fingerprint(&format!("sha1 Fingerprint={sha1}"))
                 .unwrap_err()
                 .contains("SHA-1")
         );
