@@ -171,12 +171,19 @@ pub struct Controller {
     opts: ControllerOptions,
     elector: Elector,
     metrics: Arc<AgentMetrics>,
-    /// Requests whose reconciles fail, by `<namespace>/<name>`: each waits out its own
-    /// backoff, whatever else makes a pass come sooner.
-    failing: Arc<Mutex<HashMap<String, Failing>>>,
-    /// What each request's passes remember (a clock ahead of the signer's), by
-    /// `<namespace>/<name>`.
-    memory: Arc<Mutex<HashMap<String, PassMemory>>>,
+    /// What each request's passes remember, by `<namespace>/<name>`; dropped with the
+    /// request.
+    memory: Arc<Mutex<HashMap<String, RequestMemory>>>,
+}
+
+/// What one request's passes carry to the next.
+#[derive(Debug, Default)]
+struct RequestMemory {
+    /// Its last reconciles failed: it waits out its own backoff, whatever else makes a
+    /// pass come sooner.
+    failing: Option<Failing>,
+    /// A clock found ahead of the signer's.
+    pass: PassMemory,
 }
 
 /// A request whose last reconciles failed.
@@ -227,22 +234,22 @@ impl Controller {
             opts,
             elector,
             metrics,
-            failing: Arc::default(),
             memory: Arc::default(),
         }
     }
 
-    fn failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failing>> {
-        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, RequestMemory>> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, PassMemory>> {
-        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    /// What `key`'s passes remember (made empty if nothing yet).
+    fn remembered<T>(&self, key: &str, f: impl FnOnce(&mut RequestMemory) -> T) -> T {
+        f(self.memory().entry(key.to_string()).or_default())
     }
 
     /// How long `request` still waits after failing (None: reconcile it now).
     fn backing_off(&self, request: &VirtualMeshCertificateSigningRequest) -> Option<Duration> {
-        let failing = *self.failing().get(&request_key(request))?;
+        let failing = self.memory().get(&request_key(request))?.failing?;
         let now = Instant::now();
         (failing.generation == request.metadata.generation && now < failing.retry_at)
             .then(|| failing.retry_at - now)
@@ -258,25 +265,22 @@ impl Controller {
         request: &VirtualMeshCertificateSigningRequest,
         retry_after: Option<Duration>,
     ) -> Duration {
-        let mut failing = self.failing();
-        let key = request_key(request);
         let generation = request.metadata.generation;
-        let count = match failing.get(&key) {
-            Some(f) if f.generation == generation => f.count.saturating_add(1),
-            _ => 1,
-        };
-        let wait = super::directory::backoff(count, self.opts.resync)
-            .max(LEAST_RETRY)
-            .max(retry_after.unwrap_or_default());
-        failing.insert(
-            key,
-            Failing {
+        self.remembered(&request_key(request), |memory| {
+            let count = match memory.failing {
+                Some(f) if f.generation == generation => f.count.saturating_add(1),
+                _ => 1,
+            };
+            let wait = super::directory::backoff(count, self.opts.resync)
+                .max(LEAST_RETRY)
+                .max(retry_after.unwrap_or_default());
+            memory.failing = Some(Failing {
                 count,
                 generation,
                 retry_at: Instant::now() + wait,
-            },
-        );
-        wait
+            });
+            wait
+        })
     }
 
     /// Before any write: still the leader (renewing if the margin ran out)?
@@ -296,7 +300,6 @@ impl Controller {
             next = next.min(wait);
         }
         let keys: Vec<String> = requests.iter().map(request_key).collect();
-        self.failing().retain(|key, _| keys.contains(key));
         self.memory().retain(|key, _| keys.contains(key));
         self.metrics.pass_completed(&keys, SystemTime::now());
         Ok(next.max(Duration::from_secs(1)))
@@ -324,7 +327,9 @@ impl Controller {
             .await;
         let (next, outcome) = match result {
             Ok(next) => {
-                self.failing().remove(&key);
+                if let Some(memory) = self.memory().get_mut(&key) {
+                    memory.failing = None;
+                }
                 status.last_error = None;
                 (next, "ok")
             }
@@ -603,10 +608,7 @@ impl Controller {
             } => {
                 // The last intermediate the signer made for this request had expired by
                 // this clock: until it agrees, another would be signed for nothing.
-                self.memory()
-                    .entry(owner.clone())
-                    .or_default()
-                    .check_clock_at(now)?;
+                self.remembered(&owner, |memory| memory.pass.check_clock_at(now))?;
                 let policy = policy.map_err(AgentError::from)?;
                 // A key type the policy refuses fails here, before the dry run and the
                 // `Requested` status: nothing is asked of anyone for it.
@@ -644,7 +646,7 @@ impl Controller {
                     },
                 )
                 .await
-                .inspect_err(|e| self.memory().entry(owner.clone()).or_default().remember(e))?;
+                .inspect_err(|e| self.remembered(&owner, |memory| memory.pass.remember(e)))?;
                 let summary = &obtained.summary;
                 status.phase = Some(Phase::Issued);
                 status.serial = Some(summary.serial.clone());
