@@ -361,17 +361,16 @@ mod tests {
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Serves `router` with these bounds; send on the returned channel to stop.
-    fn start_with(
-        router: Router,
-        max: usize,
-        header_timeout: Duration,
-    ) -> (
+    /// A test server's address, metrics, stop channel (send to stop) and task.
+    type Started = (
         std::net::SocketAddr,
         OpsConnectionMetrics,
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
-    ) {
+    );
+
+    /// Serves `router` with these bounds; send on the returned channel to stop.
+    fn start_with(router: Router, max: usize, header_timeout: Duration) -> Started {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -395,15 +394,7 @@ mod tests {
     }
 
     /// A /healthz router served with these bounds.
-    fn start(
-        max: usize,
-        header_timeout: Duration,
-    ) -> (
-        std::net::SocketAddr,
-        OpsConnectionMetrics,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ) {
+    fn start(max: usize, header_timeout: Duration) -> Started {
         let router = Router::new().route("/healthz", get(|| async { "ok\n" }));
         start_with(router, max, header_timeout)
     }

@@ -621,6 +621,30 @@ fn someone_elses_secret(version: &str, root_cert: &str) -> Value {
     })
 }
 
+/// Right after the next pass records `Requested` (after it read the Secret, before it
+/// asks the signer), another client writes `secret` as the cacerts Secret.
+fn another_client_writes_the_secret_mid_pass(cluster: &Cluster, secret: &Value) {
+    let secret = secret.clone();
+    cluster
+        .fake
+        .after_write(&format!("{VMCSR}/cluster-a/status"), move |objects| {
+            objects.insert(SECRET.to_string(), secret);
+        });
+}
+
+/// The request failed for a Secret changed since its pass read it.
+fn failed_as_secret_changed(cluster: &Cluster) {
+    let st = failed_with(cluster, "created or changed by another client");
+    assert_eq!(condition(&st, "Ready")["reason"], "SecretChanged", "{st}");
+}
+
+/// A changed spec, so that the next pass comes at once rather than after the backoff.
+fn retry_at_once(cluster: &Cluster) {
+    cluster.edit_request(|request| {
+        request["spec"]["ttlSeconds"] = 7200.into();
+    });
+}
+
 /// Another client creates cacerts while the agent gets its first intermediate (after the
 /// pass read none, before it writes): the agent's create fails and leaves that Secret as
 /// written, where a forced apply would have replaced it and labelled it meshca's.
@@ -631,25 +655,15 @@ async fn a_secret_created_by_another_client_during_an_issuance_is_not_overwritte
     let cluster = Cluster::start(&env).await;
     cluster.put_request_restarting_nothing(&signer);
     let theirs = someone_elses_secret("900", &other_root(&env));
-    let created = theirs.clone();
-    // Right after the pass records `Requested`, before it asks the signer.
-    cluster
-        .fake
-        .after_write(&format!("{VMCSR}/cluster-a/status"), move |objects| {
-            objects.insert(SECRET.to_string(), created);
-        });
+    another_client_writes_the_secret_mid_pass(&cluster, &theirs);
     let sent = cluster.pass().await;
     assert!(sent.iter().any(is_secret_write), "{:?}", writes(&sent));
     assert_secret_is(&cluster, &theirs);
-    let st = failed_with(&cluster, "created or changed by another client");
-    assert_eq!(condition(&st, "Ready")["reason"], "SecretChanged", "{st}");
+    failed_as_secret_changed(&cluster);
     // The intermediate was signed (and audited) for nothing: one, not one per pass.
     assert_eq!(signer.audit_lines().len(), 1);
-    // The next pass (at once: a changed spec does not wait for the backoff) finds a
-    // Secret meshca did not create, and leaves it alone.
-    cluster.edit_request(|request| {
-        request["spec"]["ttlSeconds"] = 7200.into();
-    });
+    // The next pass finds a Secret meshca did not create, and leaves it alone.
+    retry_at_once(&cluster);
     let sent = cluster.pass().await;
     assert!(!sent.iter().any(is_secret_write), "{:?}", writes(&sent));
     assert_secret_is(&cluster, &theirs);
@@ -673,24 +687,15 @@ async fn a_secret_changed_during_an_issuance_is_not_overwritten() {
         json!({"adopt": true, "restart": {"policy": "never"}}),
     );
     let changed = someone_elses_secret("8", &old_root);
-    let change = changed.clone();
-    cluster
-        .fake
-        .after_write(&format!("{VMCSR}/cluster-a/status"), move |objects| {
-            objects.insert(SECRET.to_string(), change);
-        });
+    another_client_writes_the_secret_mid_pass(&cluster, &changed);
     let sent = cluster.pass().await;
     let tried: Vec<&Recorded> = sent.iter().filter(|r| is_secret_write(r)).collect();
     assert_eq!(tried.len(), 1, "{:?}", writes(&sent));
     assert_eq!(tried[0].body["metadata"]["resourceVersion"], "7");
     assert_secret_is(&cluster, &changed);
-    let st = failed_with(&cluster, "created or changed by another client");
-    assert_eq!(condition(&st, "Ready")["reason"], "SecretChanged", "{st}");
-    // The next pass (at once: a changed spec does not wait for the backoff) adopts the
-    // Secret as it is now.
-    cluster.edit_request(|request| {
-        request["spec"]["ttlSeconds"] = 7200.into();
-    });
+    failed_as_secret_changed(&cluster);
+    // The next pass adopts the Secret as it is now.
+    retry_at_once(&cluster);
     let sent = cluster.pass().await;
     let applied: Vec<&Recorded> = sent.iter().filter(|r| is_secret_write(r)).collect();
     assert_eq!(applied.len(), 1, "{:?}", writes(&sent));
