@@ -164,6 +164,15 @@ struct Fake {
 
 type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
 
+impl Fake {
+    /// The resourceVersion of the next write, as the API server counts them.
+    fn next_version(&self) -> String {
+        let mut v = self.version.lock().unwrap();
+        *v += 1;
+        v.to_string()
+    }
+}
+
 #[derive(Clone)]
 struct Refusal {
     path: String,
@@ -391,11 +400,6 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
         }
         return axum::Json(body).into_response();
     }
-    let next_version = || {
-        let mut v = fake.version.lock().unwrap();
-        *v += 1;
-        v.to_string()
-    };
     let last = path.rsplit('/').next().unwrap_or_default();
     match method {
         Method::GET => {
@@ -427,7 +431,7 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                 return status(409, "AlreadyExists", "exists");
             }
             let mut obj = body;
-            obj["metadata"]["resourceVersion"] = next_version().into();
+            obj["metadata"]["resourceVersion"] = fake.next_version().into();
             objects.insert(key, obj.clone());
             (StatusCode::CREATED, axum::Json(obj)).into_response()
         }
@@ -439,7 +443,7 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                 return status(409, "Conflict", "the object has been modified");
             }
             let mut obj = body;
-            obj["metadata"]["resourceVersion"] = next_version().into();
+            obj["metadata"]["resourceVersion"] = fake.next_version().into();
             objects.insert(path, obj.clone());
             axum::Json(obj).into_response()
         }
@@ -448,7 +452,7 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                 || content_type.starts_with("application/strategic-merge-patch+json")
             {
                 // Patches change what exists (a Deployment's pod template annotations).
-                let version = next_version();
+                let version = fake.next_version();
                 let Some(obj) = objects.get_mut(&path) else {
                     return status(404, "NotFound", "no such object");
                 };
@@ -475,7 +479,7 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                 obj["status"] = body["status"].clone();
                 return axum::Json(obj.clone()).into_response();
             }
-            let version = next_version();
+            let version = fake.next_version();
             // An apply that holds a resourceVersion is refused if the object moved on
             // (a missing object is created, as by the API server).
             let held = body["metadata"]["resourceVersion"]
@@ -655,12 +659,6 @@ impl FakeCluster {
             .insert(path.to_string(), obj);
     }
 
-    fn next_version(&self) -> String {
-        let mut v = self.fake.version.lock().unwrap();
-        *v += 1;
-        v.to_string()
-    }
-
     pub fn get(&self, path: &str) -> Option<Value> {
         self.fake.objects.lock().unwrap().get(path).cloned()
     }
@@ -673,7 +671,7 @@ impl FakeCluster {
     /// Changes an object in place (as another client would: it gets a new
     /// resourceVersion).
     pub fn edit(&self, path: &str, change: impl FnOnce(&mut Value)) {
-        let version = self.next_version();
+        let version = self.fake.next_version();
         let mut objects = self.fake.objects.lock().unwrap();
         let obj = objects
             .get_mut(path)
