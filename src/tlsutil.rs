@@ -253,6 +253,8 @@ pub fn server_config(
         .part("key", &[private_key.secret_der()])
         .part("client_ca", &client_cas)
         .part("crls", &crls.in_force)
+        // Refusing or accepting the clients of an overdue CRL is a different verifier.
+        .part("crl_overdue", &[format!("{overdue:?}")])
         .finish();
     let verifier = refused_client::NotingVerifier::new(
         Arc::new(trust_store(client_ca, client_cas.clone())?),

@@ -668,6 +668,66 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
 }
 
 #[tokio::test]
+async fn a_crl_file_added_to_client_crls_is_enforced_from_the_sighup_on() {
+    // The incident: a cluster's client key is stolen and the signer checks no CRL yet.
+    let env = Env::new();
+    let signer = env.start_signer();
+    let healthz = signer.url("/healthz");
+    let client_a = env.client("cluster-a");
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_ok());
+    env.transport_pki("revoke", &["cluster-b"]);
+    let with_crls = |files: &str| {
+        let config = std::fs::read_to_string(&env.config).unwrap().replace(
+            "client_ca = \"pki/ca.pem\"\n",
+            &format!("client_ca = \"pki/ca.pem\"\nclient_crls = [{files}]\n"),
+        );
+        let staged = env.path("signer.toml.new");
+        std::fs::write(&staged, config).unwrap();
+        std::fs::rename(&staged, &env.config).unwrap();
+    };
+    let reloads = |n: usize| signer.wait_for_nth_log("SIGHUP: rules reloaded", n);
+
+    // A path that does not load: named, and the settings in force (no CRL) stay.
+    with_crls("\"pki/no-such-crl.pem\"");
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_log("TLS settings not reloaded").await;
+    assert!(line.contains("pki/no-such-crl.pem"), "{line}");
+    reloads(1).await;
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_ok());
+
+    // The CRL named: in force at once, no restart pending.
+    std::fs::write(
+        &env.config,
+        std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("client_crls = [\"pki/no-such-crl.pem\"]\n", ""),
+    )
+    .unwrap();
+    with_crls("\"pki/crl.pem\"");
+    send_signal(signer.child.id(), "HUP");
+    let line = signer
+        .wait_for_log("[tls] settings changed in the config file are in force")
+        .await;
+    assert!(line.contains("\"settings\":\"tls.client_crls\""), "{line}");
+    signer.wait_for_log("SIGHUP: TLS settings reloaded").await;
+    reloads(2).await;
+    assert!(
+        env.client("cluster-b").get(&healthz).send().await.is_err(),
+        "the revoked client is still served"
+    );
+    assert!(client_a.get(&healthz).send().await.is_ok());
+    let metrics = signer.metrics(&client_a).await;
+    assert!(
+        metrics.contains("\nmeshca_config_restart_pending 0\n"),
+        "{metrics}"
+    );
+
+    // A restart reads the same: the reload left nothing that differs from a start.
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(report.contains("pki/crl.pem"), "{report}");
+}
+
+#[tokio::test]
 async fn a_client_crl_past_its_next_update_is_named_and_still_enforced() {
     let env = Env::new();
     // A CRL revoking the spare client, due to be replaced in 30 days.
@@ -833,6 +893,30 @@ async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until
         metric_sample(&metrics, reason).is_some_and(|n| n >= 1),
         "{metrics}"
     );
+
+    // Overdue again, and the signer told to fail open by a reload alone: no file changed,
+    // yet the clients are served from that SIGHUP on.
+    write_overdue_crl(&env, &crl);
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_nth_log("TLS settings reloaded", 3).await;
+    assert!(client.get(&healthz).send().await.is_err());
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace(
+            "client_crl_overdue = \"refuse\"",
+            "client_crl_overdue = \"accept\"",
+        ),
+    )
+    .unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer
+        .wait_for_log("[tls] settings changed in the config file are in force")
+        .await;
+    assert!(line.contains("tls.client_crl_overdue"), "{line}");
+    signer.wait_for_nth_log("TLS settings reloaded", 4).await;
+    assert!(client.get(&healthz).send().await.is_ok());
+    assert!(env.client("spare").get(&healthz).send().await.is_err());
 }
 
 /// Writes to `out` a CRL of the transport CA due to be replaced on 2020-01-02 (as if its

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
 use super::server::{
-    StartError, clock_reaches_certificates, load_root, mesh_roots, read_pin, serving_tls,
+    StartError, TlsFiles, clock_reaches_certificates, load_root, mesh_roots, read_pin, serving_tls,
     start_backend,
 };
 use crate::backend::vault::client::VaultClient;
@@ -54,7 +54,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
     let root = load_root(config)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(crate::tlsutil::TlsError::from)?;
-    let tls = serving_tls(config, &roots)?;
+    let tls = serving_tls(&TlsFiles::of(config), &roots)?;
     clock_reaches_certificates(&root, &tls.certificate, config, now)?;
     let backend = check_backend(config)?;
     let (audit_log, torn_tail, audit_mode) = check_audit_log(&config.audit_log)?;

@@ -205,7 +205,7 @@ impl Metrics {
         let config_restart_pending = Gauge::default();
         registry.register(
             "config_restart_pending",
-            "How many settings read only at start (tls paths, client_crls, listen, backend, ...) differ in the config file at the last reload: 0, or a restart is needed to put them in force (the SIGHUP's WARN line names them)",
+            "How many settings read only at start (listen, audit_log, root, backend, ...) differ in the config file at the last reload: 0, or a restart is needed to put them in force (the SIGHUP's WARN line names them)",
             config_restart_pending.clone(),
         );
         let tls_certificate_expiry_seconds = Gauge::<i64, AtomicI64>::default();

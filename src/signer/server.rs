@@ -4,6 +4,7 @@
 //! requests finish, then exit 0).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
@@ -323,6 +324,48 @@ pub(super) fn read_pin(
         .map_err(|e| StartError::Backend(format!("user PIN: {e}")))
 }
 
+/// The `[tls]` settings: where the server certificate and key, the client CA and the
+/// client CRLs are, and what an overdue CRL means. Read at start; a SIGHUP that reads a
+/// valid config puts the file's in force, so a CRL added during an incident is enforced
+/// without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TlsFiles {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    pub(super) client_ca: PathBuf,
+    pub(super) client_crls: Vec<PathBuf>,
+    pub(super) client_crl_overdue: CrlOverdue,
+}
+
+impl TlsFiles {
+    pub(super) fn of(config: &SignerConfig) -> Self {
+        TlsFiles {
+            cert: config.tls_cert.clone(),
+            key: config.tls_key.clone(),
+            client_ca: config.client_ca.clone(),
+            client_crls: config.client_crls.clone(),
+            client_crl_overdue: config.client_crl_overdue,
+        }
+    }
+
+    /// The settings (by their config names) whose value differs in `read`.
+    fn changed_in(&self, read: &TlsFiles) -> Vec<&'static str> {
+        [
+            ("tls.cert", self.cert == read.cert),
+            ("tls.key", self.key == read.key),
+            ("tls.client_ca", self.client_ca == read.client_ca),
+            ("tls.client_crls", self.client_crls == read.client_crls),
+            (
+                "tls.client_crl_overdue",
+                self.client_crl_overdue == read.client_crl_overdue,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, same)| (!same).then_some(name))
+        .collect()
+    }
+}
+
 /// The TLS settings new connections are accepted with.
 #[derive(Clone)]
 pub(super) struct ServingTls {
@@ -346,17 +389,17 @@ pub(super) struct ServingTls {
 /// Fresh settings from the config's TLS files (read at start, again on reload, and by
 /// `serve --check`), the client CA apart from `mesh_roots`.
 pub(super) fn serving_tls(
-    config: &SignerConfig,
+    files: &TlsFiles,
     mesh_roots: &[MeshRoot],
 ) -> Result<ServingTls, TlsError> {
     let tls = server_config(
-        &config.tls_cert,
-        &config.tls_key,
-        &config.client_ca,
-        &config.client_crls,
-        config.client_crl_overdue,
+        &files.cert,
+        &files.key,
+        &files.client_ca,
+        &files.client_crls,
+        files.client_crl_overdue,
     )?;
-    check_client_ca_apart_from_mesh(&config.client_ca, &tls.client_cas, mesh_roots)?;
+    check_client_ca_apart_from_mesh(&files.client_ca, &tls.client_cas, mesh_roots)?;
     Ok(ServingTls {
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
         certificate: tls.certificate,
@@ -416,7 +459,7 @@ fn client_trust_in_force(metrics: &Metrics, tls: &ServingTls, overdue: CrlOverdu
 }
 
 /// What a TLS reload did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TlsReload {
     /// The notAfter of the server certificate in force.
     pub certificate_not_after: SystemTime,
@@ -425,6 +468,9 @@ pub struct TlsReload {
     /// are left alone (a SIGHUP for a policy change does not cut every client's
     /// kept-alive connection).
     pub changed: bool,
+    /// The `[tls]` settings whose value the config file changed (`tls.client_crls`, ...):
+    /// in force from this reload on.
+    pub settings_changed: Vec<&'static str>,
 }
 
 /// A running signer: its addresses and the handles that reload and stop it.
@@ -434,9 +480,10 @@ pub struct RunningSigner {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     tls: watch::Sender<ServingTls>,
     state: Arc<SignerState>,
-    /// The config as started: where to read it again, its TLS files, and what only a
-    /// restart changes.
+    /// The config as started: where to read it again, and what only a restart changes.
     config: SignerConfig,
+    /// The `[tls]` settings in force: the started config's, then each reload's.
+    tls_files: std::sync::Mutex<TlsFiles>,
     /// `--listen` was given: the file's `listen` does not matter, now or at a restart.
     listen_overridden: bool,
 }
@@ -448,9 +495,12 @@ impl RunningSigner {
     /// applies; on any error the rules in force stay. Decisions already under way finish
     /// under the rules they started with, connections keep the timeouts they were accepted
     /// with. Settings read only at start are not changed; the answer names those that
-    /// differ in the file.
-    pub async fn reload_rules(&self) -> Result<RulesReload, ReloadError> {
-        let outcome = self.try_reload_rules().await;
+    /// differ in the file. `read` is [`RunningSigner::read_config`]'s answer.
+    pub async fn reload_rules(
+        &self,
+        read: Result<SignerConfig, ConfigError>,
+    ) -> Result<RulesReload, ReloadError> {
+        let outcome = self.try_reload_rules(read).await;
         self.state.metrics.rules_reloaded(outcome.is_ok());
         if let Ok(reload) = &outcome {
             self.state
@@ -460,25 +510,30 @@ impl RunningSigner {
         outcome
     }
 
-    async fn try_reload_rules(&self) -> Result<RulesReload, ReloadError> {
+    /// Reads the config file again, and the VirtualMesh files it names: off the async
+    /// workers.
+    pub async fn read_config(&self) -> Result<SignerConfig, ConfigError> {
         let path = self.config.path.clone();
-        // Reads the VirtualMesh files too: off the async workers.
-        let read = tokio::task::spawn_blocking(move || SignerConfig::load(&path))
+        tokio::task::spawn_blocking(move || SignerConfig::load(&path))
             .await
             .map_err(|e| ConfigError::Invalid {
                 path: self.config.path.display().to_string(),
                 message: e.to_string(),
-            })??;
+            })?
+    }
+
+    async fn try_reload_rules(
+        &self,
+        read: Result<SignerConfig, ConfigError>,
+    ) -> Result<RulesReload, ReloadError> {
+        let read = read?;
         let root = self.state.backend.root();
         check_root_strength(&root.key_kind, &read.policies).map_err(ReloadError::RootTooWeak)?;
         check_announced_roots(root, &read.root).map_err(ReloadError::AnnouncedRoot)?;
         // The client CA in force must be apart from a root announced now too.
         let roots = mesh_roots(root, &self.config.root.certificate, read.root.announced())?;
-        check_client_ca_apart_from_mesh(
-            &self.config.client_ca,
-            &self.tls.borrow().client_cas,
-            &roots,
-        )?;
+        let client_ca = self.tls_files_in_force().client_ca;
+        check_client_ca_apart_from_mesh(&client_ca, &self.tls.borrow().client_cas, &roots)?;
         let in_force = self.state.rules();
         let rules = Rules::reloaded(&read, &in_force);
         let change = RulesChange::between(&in_force, &rules);
@@ -510,26 +565,43 @@ impl RunningSigner {
         })
     }
 
-    /// Re-reads the server certificate and key, the client CA and the CRLs. If anything in
-    /// them changed, new handshakes use them at once and connections made before close
-    /// after the request they are serving, so a newly revoked client keeps no kept-alive
-    /// connection; if nothing changed, connections stay open. On an error the previous
-    /// settings stay in force.
-    pub fn reload_tls(&self) -> Result<TlsReload, TlsError> {
+    /// The `[tls]` settings in force.
+    fn tls_files_in_force(&self) -> TlsFiles {
+        // A panic while it was held cannot leave it half written: it is replaced whole.
+        match self.tls_files.lock() {
+            Ok(files) => files.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Re-reads the server certificate and key, the client CA and the CRLs, from where
+    /// `read`'s `[tls]` says (a config the reload could read), or else from where the
+    /// settings in force say. If anything in them changed, new handshakes use them at once
+    /// and connections made before close after the request they are serving, so a newly
+    /// revoked client keeps no kept-alive connection; if nothing changed, connections stay
+    /// open. On an error the previous settings, and their places, stay in force.
+    pub fn reload_tls(&self, read: Option<&SignerConfig>) -> Result<TlsReload, TlsError> {
+        let in_force = self.tls_files_in_force();
+        let files = read.map(TlsFiles::of).unwrap_or_else(|| in_force.clone());
         let rules = self.state.rules();
-        let read = mesh_roots(
+        let loaded = mesh_roots(
             self.state.backend.root(),
             &self.config.root.certificate,
             rules.announced_roots(),
         )
         .map_err(TlsError::from)
-        .and_then(|roots| serving_tls(&self.config, &roots));
-        match read {
+        .and_then(|roots| serving_tls(&files, &roots));
+        match loaded {
             Ok(read) => {
                 let certificate = read.certificate;
-                error_if_server_certificate_expired(certificate.not_after, &self.config.tls_cert);
+                error_if_server_certificate_expired(certificate.not_after, &files.cert);
                 warn_of_open_key(&read);
-                client_trust_in_force(&self.state.metrics, &read, self.config.client_crl_overdue);
+                client_trust_in_force(&self.state.metrics, &read, files.client_crl_overdue);
+                let settings_changed = in_force.changed_in(&files);
+                match self.tls_files.lock() {
+                    Ok(mut place) => *place = files,
+                    Err(poisoned) => *poisoned.into_inner() = files,
+                }
                 let changed = self.tls.send_if_modified(|in_force| {
                     let changed = in_force.fingerprint != read.fingerprint;
                     if changed {
@@ -541,6 +613,7 @@ impl RunningSigner {
                 Ok(TlsReload {
                     certificate_not_after: certificate.not_after,
                     changed,
+                    settings_changed,
                 })
             }
             Err(e) => {
@@ -676,7 +749,7 @@ pub async fn start(
     let root = load_root(&config)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
-    let tls = serving_tls(&config, &roots)?;
+    let tls = serving_tls(&TlsFiles::of(&config), &roots)?;
     clock_reaches_certificates(&root, &tls.certificate, &config, SystemTime::now())?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate);
     error_if_server_certificate_expired(tls.certificate.not_after, &config.tls_cert);
@@ -780,6 +853,7 @@ pub async fn start(
         tasks,
         tls: tls_tx,
         state,
+        tls_files: std::sync::Mutex::new(TlsFiles::of(&config)),
         config,
         listen_overridden: listen_override.is_some(),
     })
@@ -1123,9 +1197,10 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// Runs the signer until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the
-/// TLS files ([`RunningSigner::reload_tls`]) and the rules ([`RunningSigner::reload_rules`]),
-/// each on its own: a mistake in one leaves the other's reload standing.
+/// Runs the signer until SIGTERM or SIGINT, then drains and returns. SIGHUP reads the
+/// config again and reloads the TLS files ([`RunningSigner::reload_tls`]) and the rules
+/// ([`RunningSigner::reload_rules`]), each on its own: a mistake in one leaves the other's
+/// reload standing.
 pub async fn run(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
@@ -1165,12 +1240,27 @@ pub async fn run(
     Ok(())
 }
 
-/// What a SIGHUP does: the TLS files, then the rules, each on its own.
+/// What a SIGHUP does: reads the config file, then reloads the TLS files (from where its
+/// `[tls]` says, or, if it cannot be read, from where they were) and the rules, each on its
+/// own.
 async fn reload(running: &RunningSigner) {
-    match running.reload_tls() {
+    let read = running.read_config().await;
+    let tls = running.reload_tls(read.as_ref().ok());
+    if let Ok(TlsReload {
+        settings_changed, ..
+    }) = &tls
+        && !settings_changed.is_empty()
+    {
+        tracing::info!(
+            settings = settings_changed.join(", "),
+            "SIGHUP: [tls] settings changed in the config file are in force"
+        );
+    }
+    match tls {
         Ok(TlsReload {
             certificate_not_after,
             changed: true,
+            ..
         }) => tracing::info!(
             certificate_not_after = %rfc3339(certificate_not_after),
             "SIGHUP: TLS settings reloaded (server certificate and key, client CA, CRLs); connections made before close after their current request"
@@ -1178,6 +1268,7 @@ async fn reload(running: &RunningSigner) {
         Ok(TlsReload {
             certificate_not_after,
             changed: false,
+            ..
         }) => tracing::info!(
             certificate_not_after = %rfc3339(certificate_not_after),
             "SIGHUP: TLS files read again, nothing in them changed; connections stay open"
@@ -1187,7 +1278,7 @@ async fn reload(running: &RunningSigner) {
             "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
         ),
     }
-    log_rules_reload(running.reload_rules().await);
+    log_rules_reload(running.reload_rules(read).await);
 }
 
 fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
