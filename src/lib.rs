@@ -17,6 +17,7 @@
 //! - [`logging`]: text or JSON logs on stderr, panics included.
 //! - [`signals`]: SIGTERM and SIGINT, taken over before a daemon says it is ready.
 //! - [`process`]: what every command does to itself at start (no core dumps).
+//! - [`service_manager`]: the signer's readiness, reloads and stop told to systemd.
 //! - [`ops_http`]: the bounded plain-HTTP listener of the metrics and health endpoints.
 
 /// The git commit this build is from (short hash, `-dirty` for a tree with changes), or
@@ -46,6 +47,7 @@ pub mod pki;
 pub mod policy;
 pub mod process;
 pub mod secret;
+pub mod service_manager;
 pub mod signals;
 pub mod signer;
 pub mod tlsutil;

@@ -166,6 +166,46 @@ fn the_unit_waits_for_the_drain_and_a_stuck_backend_before_killing_the_signer() 
 }
 
 #[test]
+fn the_signer_tells_systemd_when_it_is_ready_reloading_and_stopping() {
+    // Type=notify: `systemctl start` returns once the signer serves (the token login
+    // done), and fails with a start that fails.
+    assert_eq!(setting("Type").as_deref(), Some("notify"));
+    assert_eq!(setting("NotifyAccess").as_deref(), Some("main"));
+    // systemd's side of the protocol: a datagram socket named by NOTIFY_SOCKET.
+    let env = Env::new();
+    let socket_path = env.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(EXIT_WAIT)).unwrap();
+    let next = || {
+        let mut message = [0u8; 1024];
+        let n = socket
+            .recv(&mut message)
+            .expect("no message from the signer");
+        String::from_utf8(message[..n].to_vec()).unwrap()
+    };
+    let mut signer = env.start_signer_command(|cmd| {
+        cmd.env("NOTIFY_SOCKET", &socket_path);
+    });
+    let ready = next();
+    assert_eq!(
+        ready,
+        format!("READY=1\nSTATUS=serving https://{}\n", signer.addr)
+    );
+    std::net::TcpStream::connect(signer.addr).expect("ready, but not listening");
+
+    send_signal(signer.child.id(), "HUP");
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), ready, "the reload's end");
+
+    assert!(signer.terminate());
+    assert_eq!(next(), "STOPPING=1\nSTATUS=draining in-flight requests\n");
+}
+
+#[test]
 fn the_example_config_reads_the_pin_where_the_unit_hands_it_over() {
     let credential = setting("LoadCredential").unwrap();
     let (name, source) = credential.split_once(':').unwrap();

@@ -1222,6 +1222,7 @@ pub async fn run(
             return Ok(());
         }
     };
+    crate::service_manager::ready(&serving_status(&running));
     if early_hangup {
         tracing::info!("a SIGHUP came while the signer was starting: reloading now");
         reload(&running).await;
@@ -1232,6 +1233,7 @@ pub async fn run(
             Some(()) = hangups.recv() => reload(&running).await,
         }
     }
+    crate::service_manager::stopping();
     tracing::info!(
         "shutting down: no new connections, draining in-flight requests (a second SIGTERM or SIGINT cuts the drain short)"
     );
@@ -1244,6 +1246,7 @@ pub async fn run(
 /// `[tls]` says, or, if it cannot be read, from where they were) and the rules, each on its
 /// own.
 async fn reload(running: &RunningSigner) {
+    crate::service_manager::reloading();
     let read = running.read_config().await;
     let tls = running.reload_tls(read.as_ref().ok());
     if let Ok(TlsReload {
@@ -1279,6 +1282,12 @@ async fn reload(running: &RunningSigner) {
         ),
     }
     log_rules_reload(running.reload_rules(read).await);
+    crate::service_manager::reloaded(&serving_status(running));
+}
+
+/// What `systemctl status` shows while the signer serves.
+fn serving_status(running: &RunningSigner) -> String {
+    format!("serving https://{}", running.addresses.api)
 }
 
 fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
