@@ -74,6 +74,9 @@ const DAY_SECONDS: u64 = 86_400;
 const MIN_LEASE_SECONDS: u64 = 3;
 /// `--api-timeout-seconds` by default.
 const API_TIMEOUT_SECONDS: u64 = meshca::agent::k8s::DEFAULT_API_TIMEOUT.as_secs();
+/// `--stop-grace-seconds` by default: under Kubernetes' default (and deploy/'s)
+/// terminationGracePeriodSeconds of 30, leaving time to give the Lease up.
+const STOP_GRACE_SECONDS: u64 = 20;
 const TEN_YEARS_SECONDS: u64 = 10 * 366 * DAY_SECONDS;
 
 /// A number of seconds in `range`: durations are added to clocks, and a number past what
@@ -202,6 +205,11 @@ struct MeshControllerArgs {
     /// that never answers fails its step instead of holding the pass (at most an hour).
     #[arg(long, default_value_t = API_TIMEOUT_SECONDS, value_parser = seconds(1..=3600))]
     api_timeout_seconds: u64,
+    /// At SIGTERM, how long a pass under way may finish before it is cut short and the
+    /// Lease given up; keep it below the pod's terminationGracePeriodSeconds (at most an
+    /// hour).
+    #[arg(long, default_value_t = STOP_GRACE_SECONDS, value_parser = seconds(0..=3600))]
+    stop_grace_seconds: u64,
     /// One pass, then exit.
     #[arg(long)]
     once: bool,
@@ -537,6 +545,11 @@ struct AgentArgs {
     /// fails the pass instead of holding it (at most an hour).
     #[arg(long, default_value_t = API_TIMEOUT_SECONDS, value_parser = seconds(1..=3600))]
     api_timeout_seconds: u64,
+    /// Kubernetes mode: at SIGTERM, how long a pass under way may finish before it is cut
+    /// short and the Lease given up; keep it below the pod's
+    /// terminationGracePeriodSeconds (at most an hour).
+    #[arg(long, default_value_t = STOP_GRACE_SECONDS, value_parser = seconds(0..=3600))]
+    stop_grace_seconds: u64,
     /// Serve Prometheus metrics (/metrics) and /healthz over plain HTTP on this address,
     /// e.g. 0.0.0.0:9102 (not with --once, which exits before anyone scrapes them).
     #[arg(long, value_name = "ADDR", conflicts_with = "once")]
@@ -1176,6 +1189,7 @@ fn kubernetes_agent(args: AgentArgs, resync: std::time::Duration) -> Result<Exit
         args.once,
         args.metrics_listen,
         api_timeout,
+        std::time::Duration::from_secs(args.stop_grace_seconds),
         metrics.clone(),
         |client| Controller::new(Kube::new(client), opts, metrics),
     )
@@ -1198,6 +1212,7 @@ fn mesh_controller(args: MeshControllerArgs) -> Result<ExitCode> {
         args.once,
         args.metrics_listen,
         opts.member_api_timeout,
+        std::time::Duration::from_secs(args.stop_grace_seconds),
         metrics.clone(),
         |client| MeshController::new(client, opts, metrics),
     )
@@ -1225,6 +1240,7 @@ fn run_in_cluster<C: LeaderLoop>(
     once: bool,
     metrics_listen: Option<SocketAddr>,
     api_timeout: std::time::Duration,
+    stop_grace: std::time::Duration,
     metrics: Arc<dyn Exposition>,
     controller: impl FnOnce(kube::Client) -> C,
 ) -> Result<ExitCode> {
@@ -1250,7 +1266,7 @@ fn run_in_cluster<C: LeaderLoop>(
         let controller = controller(client);
         serve_metrics(metrics_listen, metrics).await?;
         match stop {
-            Some(stop) => controller.run(stop).await,
+            Some(stop) => controller.run(stop, stop_grace).await,
             None => {
                 let (led, next) = controller.run_once_led().await?;
                 if !led {

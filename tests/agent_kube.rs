@@ -1221,6 +1221,57 @@ async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
     failed_with(&cluster, "clock is ahead of the signer's");
 }
 
+/// SIGTERM during a pass held up by a signer that never answers: the pass may finish for
+/// `--stop-grace-seconds`, then it is cut short, the Lease given up and the agent exits 0.
+/// (Waiting for the pass instead outlasts the pod's grace period: the kubelet's kill then
+/// leaves the Lease held for its whole duration.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_stuck_pass_cuts_it_short_after_the_grace_and_gives_the_lease_up() {
+    use std::io::Read;
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    cluster.put_request(
+        &silent.local_addr().unwrap().to_string(),
+        json!({"restart": {"policy": "never"}}),
+    );
+    let kubeconfig = env.path("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("agent-token")).unwrap();
+    let mut agent = env
+        .meshca()
+        .args(["--log-format", "json", "agent", "--identity", "agent-0"])
+        .args(["--stop-grace-seconds", "1", "--ca-cert", "pki/ca.pem"])
+        .args(["--client-cert", "pki/cluster-a.pem"])
+        .args(["--client-key", "pki/cluster-a.key"])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pass is under way once the agent has connected to the signer.
+    let held = tokio::task::spawn_blocking(move || silent.accept().unwrap())
+        .await
+        .unwrap();
+    send_signal(agent.id(), "TERM");
+    let status = wait_within(&mut agent, EXIT_WAIT);
+    let mut stderr = String::new();
+    agent
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    drop(held);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+    assert!(
+        stderr.contains("did not finish within the grace and was cut short"),
+        "{stderr}"
+    );
+    let lease = cluster.get(LEASE).unwrap();
+    assert!(lease["spec"].get("holderIdentity").is_none(), "{lease}");
+    assert!(cluster.get(SECRET).is_none());
+}
+
 /// `meshca agent --once` (a Job, or `kubectl exec` into a replica's pod, whose POD_NAME
 /// it inherits) does not take the running leader's Lease for its own: with the Lease held
 /// it writes nothing and says so (exit 1). With the Lease free it makes its pass and

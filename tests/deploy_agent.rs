@@ -154,6 +154,11 @@ fn the_agent_serves_metrics_on_the_port_the_deployment_declares() {
 }
 
 #[test]
+fn the_pod_outwaits_the_stop_grace_and_the_lease_release() {
+    assert_termination_outwaits_the_stop_grace(&deploy().join("deployment.yaml"));
+}
+
+#[test]
 fn two_replicas_on_different_nodes_and_one_evicted_at_a_time() {
     assert_replicas_spread_and_budgeted(&deploy());
 }

@@ -210,6 +210,26 @@ impl Elector {
     }
 }
 
+/// A pass under way when the stop came: finished if it ends within `grace`, else cut short
+/// (None). Cutting it is what a kill after the pod's grace period would do; the writes are
+/// each whole and the next leader decides again from what is written.
+async fn finish_within<T>(grace: Duration, pass: impl Future<Output = T>) -> Option<T> {
+    tracing::info!(
+        grace_seconds = grace.as_secs(),
+        "stop requested during a pass: it may finish within the grace, then the Lease is given up"
+    );
+    match tokio::time::timeout(grace, pass).await {
+        Ok(outcome) => Some(outcome),
+        Err(_) => {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "stop requested: the pass under way did not finish within the grace and was cut short; the next leader decides again from what was written (an intermediate signed but not yet written is asked for again)"
+            );
+            None
+        }
+    }
+}
+
 /// A controller that acts only while its replica holds the Lease (the agent, the mesh
 /// controller). They differ in what one pass does; electing, pacing, backing off after a
 /// failed pass and giving the Lease up at the end are this trait's.
@@ -253,8 +273,14 @@ pub trait LeaderLoop: Sized {
     }
 
     /// The long-running controller: a lease-renewal task and a pass whenever due while
-    /// leading, until `shutdown` resolves; then the Lease is given up.
-    fn run(self, shutdown: impl Future<Output = ()>) -> impl Future<Output = ()> {
+    /// leading, until `shutdown` resolves; then the Lease is given up. A pass under way at
+    /// `shutdown` may finish for `stop_grace`, then it is cut short (as a kill would cut
+    /// it, but with the Lease given up, so the next replica need not wait for it).
+    fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+        stop_grace: Duration,
+    ) -> impl Future<Output = ()> {
         async move {
             let renewer = self.elector().spawn_renewer();
             tokio::pin!(shutdown);
@@ -262,22 +288,36 @@ pub trait LeaderLoop: Sized {
             loop {
                 let leading = self.elector().is_leader_for(Duration::ZERO);
                 self.leading(leading);
+                let mut stopping = false;
                 let delay = if leading {
-                    match self.pass().await {
-                        Ok(delay) => {
+                    let pass = self.pass();
+                    tokio::pin!(pass);
+                    let outcome = tokio::select! {
+                        outcome = &mut pass => Some(outcome),
+                        _ = &mut shutdown => {
+                            stopping = true;
+                            finish_within(stop_grace, pass).await
+                        }
+                    };
+                    match outcome {
+                        Some(Ok(delay)) => {
                             failures = 0;
                             delay
                         }
-                        Err(e) => {
+                        Some(Err(e)) => {
                             failures += 1;
                             let delay = super::directory::backoff(failures, self.resync());
                             tracing::error!(error = %e, retry_in_seconds = delay.as_secs(), "{}", Self::PASS_FAILED);
                             delay
                         }
+                        None => Duration::ZERO,
                     }
                 } else {
                     Duration::from_secs(2)
                 };
+                if stopping {
+                    break;
+                }
                 tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tokio::time::sleep(delay) => {}

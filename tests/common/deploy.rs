@@ -207,6 +207,42 @@ pub fn assert_metrics_port_declared(deployment: &Path) {
     );
 }
 
+/// The pod's terminationGracePeriodSeconds leaves the controller (the Deployment's
+/// container arguments) time, after its stop grace, to give the Lease up: else the
+/// kubelet kills it first and the next replica waits for the Lease to expire.
+pub fn assert_termination_outwaits_the_stop_grace(deployment: &Path) {
+    let docs = documents(deployment);
+    let pod = &docs[0]["spec"]["template"]["spec"];
+    let termination = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("the Deployment sets terminationGracePeriodSeconds");
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let stop_grace = match args
+        .iter()
+        .find_map(|a| a.strip_prefix("--stop-grace-seconds="))
+    {
+        Some(given) => given.parse::<u64>().unwrap(),
+        // The default, as `--help` states it.
+        None => {
+            let help = text(&run(Command::new(MESHCA).arg(args[0]).arg("--help")).stdout);
+            let after = help.split("--stop-grace-seconds").nth(1).unwrap();
+            let default = after.split("[default: ").nth(1).unwrap();
+            default.split(']').next().unwrap().parse().unwrap()
+        }
+    };
+    // Giving the Lease up is one read and one write, each bounded by the API timeout, but
+    // seconds in practice.
+    assert!(
+        termination >= stop_grace + 5,
+        "terminationGracePeriodSeconds {termination} leaves no time after the stop grace of {stop_grace} s"
+    );
+}
+
 /// The one object of kind `kind` among the manifests the kustomization of `dir` applies.
 pub fn applied_object(dir: &Path, kind: &str) -> Value {
     let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
