@@ -619,6 +619,26 @@ impl SignerConfig {
             &self.root_policy().org_name,
         )
     }
+
+    /// `root init` writes the new root's certificate to `root.certificate`: a file already
+    /// there is some root's certificate, perhaps the one in force (a root change's config
+    /// copied without naming another file), and the signer would not start with it
+    /// replaced. Only `--force` replaces it; checked before anything is made.
+    pub fn check_root_certificate_free(&self, force: bool) -> Result<(), String> {
+        let path = &self.root.certificate;
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!(
+                "cannot check whether the root certificate {} exists: {e}",
+                path.display()
+            )),
+            Ok(_) if force => Ok(()),
+            Ok(_) => Err(format!(
+                "the root certificate {} already exists: root init would replace it with a new root's, and a signer whose key is that root's would not start again. For a new root (a root change), name another file in [root] certificate (README \"Changing the root\"); to replace this one, pass --force",
+                path.display()
+            )),
+        }
+    }
 }
 
 fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {

@@ -833,6 +833,12 @@ fn run(command: Command) -> Result<ExitCode> {
                 },
         } => {
             let config = load_config(&config)?;
+            // `--adopt` writes the issuer's own certificate: checked against the file's.
+            if !adopt {
+                config
+                    .check_root_certificate_free(force)
+                    .map_err(anyhow::Error::msg)?;
+            }
             if config.root.backend == BackendKind::Vault {
                 return vault_root_init(&config, force, adopt);
             }

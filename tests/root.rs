@@ -47,18 +47,19 @@ fn root_init_works_for_every_key_type_and_openssl_agrees() {
 fn root_init_refuses_to_replace_a_key_unless_forced() {
     let env = Env::new();
     let first = env.root_pem();
+    // The certificate file moved away: the key alone is what is refused.
+    let certificate = env.path("root-cert.pem");
+    let aside = env.path("root-cert.pem.aside");
+    std::fs::rename(&certificate, &aside).unwrap();
     let out = env.run_with_config(&["root", "init"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("already exists") && stderr.contains("--force"),
+        stderr.contains("a key with the label or the id of") && stderr.contains("--force"),
         "{stderr}"
     );
-    assert_eq!(
-        env.root_pem(),
-        first,
-        "a refused init must not touch the root certificate"
-    );
+    assert!(!certificate.exists(), "a refused init wrote a certificate");
+    std::fs::rename(&aside, &certificate).unwrap();
 
     let out = env.run_with_config_ok(&["root", "init", "--force"]);
     assert!(text(&out.stdout).contains("replaced the previous key"));
@@ -88,12 +89,53 @@ fn root_init_refuses_to_replace_a_key_unless_forced() {
     env.run_with_config_ok(&["root", "init", "--force"]);
     let mut signer = env.start_signer();
     assert!(signer.terminate());
-    // Gone: a root init under that label finds nothing to replace.
+    // Gone: a root init under that label (its certificate file out of the way) finds
+    // nothing to replace.
+    std::fs::remove_file(env.path("leftover-cert.pem")).unwrap();
     let again = run(env
         .meshca()
         .args(["root", "init", "--config"])
         .arg(&leftover));
     assert!(again.status.success(), "{}", text(&again.stderr));
+}
+
+/// The certificate file a config names is some root's: a root change's config copied
+/// without naming another file would otherwise have the next root's certificate written
+/// over the root in force's, with exit 0, and the signer would not start again.
+#[test]
+fn root_init_refuses_to_replace_a_root_certificate_file_unless_forced() {
+    let env = Env::new();
+    let first = env.root_pem();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let next = env.path("next.toml");
+    let edited = config.replace("object=root-ca\"", "object=root-ca-next\"");
+    assert_ne!(edited, config);
+    std::fs::write(&next, &edited).unwrap();
+    let out = run(env.meshca().args(["root", "init", "--config"]).arg(&next));
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("root-cert.pem already exists")
+            && stderr.contains("name another file in [root] certificate")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        env.root_pem(),
+        first,
+        "the root in force's file was replaced"
+    );
+    // Nothing was made in the token either: the next root's label is still free.
+    let moved = edited.replace("\"root-cert.pem\"", "\"next-root-cert.pem\"");
+    std::fs::write(&next, moved).unwrap();
+    let out = run_ok(env.meshca().args(["root", "init", "--config"]).arg(&next));
+    assert!(
+        !text(&out.stdout).contains("replaced the previous key"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut signer = env.start_signer();
+    assert!(signer.terminate());
 }
 
 #[test]
@@ -381,7 +423,8 @@ fn token_init_checks_pin_lengths_first_and_names_a_half_made_token() {
     empty_tokens();
     let out = token_init("softhsm/so-pin");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    env.run_with_config_ok(&["root", "init"]);
+    // The environment's root certificate is still there, its key gone with the token.
+    env.run_with_config_ok(&["root", "init", "--force"]);
 }
 
 /// A PKCS#11 module that another user could replace is refused before it is loaded, by

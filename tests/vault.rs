@@ -745,17 +745,31 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
         "Vault's key record is not an EC key's"
     );
 
-    // Again: refused, nothing touched.
+    // Again: refused for the certificate file, nothing touched.
+    let out = env.run_with_config(&["root", "init"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("root-cert.pem already exists")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(env.root_pem(), first);
+    // The file moved away: refused for the issuer, nothing written.
+    let certificate = env.path("root-cert.pem");
+    let aside = env.path("root-cert.pem.aside");
+    std::fs::rename(&certificate, &aside).unwrap();
     let out = env.run_with_config(&["root", "init"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("already exists")
+        stderr.contains("an issuer named meshca-root already exists")
             && stderr.contains("--force")
             && stderr.contains("--adopt"),
         "{stderr}"
     );
-    assert_eq!(env.root_pem(), first);
+    assert!(!certificate.exists(), "a refused init wrote a certificate");
+    std::fs::rename(&aside, &certificate).unwrap();
 
     // A --force killed after generating its root left it under the temporary name:
     // the next one removes it rather than fail on the name.
@@ -784,10 +798,22 @@ fn root_init_generates_inside_vault_refuses_to_replace_forces_and_adopts() {
         "{issuers}"
     );
 
-    // --adopt: takes the existing issuer; the same certificate.
-    std::fs::remove_file(env.path("root-cert.pem")).unwrap();
+    // --adopt over another root's certificate (the first's): refused, the file kept.
+    std::fs::write(&certificate, &first).unwrap();
+    let out = env.run_with_config(&["root", "init", "--adopt"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("holds another root"),
+        "{stderr}"
+    );
+    assert_eq!(env.root_pem(), first);
+    // --adopt: takes the existing issuer; the same certificate. Again over its own
+    // certificate: the same, a re-run.
+    std::fs::remove_file(&certificate).unwrap();
     let out = env.run_with_config_ok(&["root", "init", "--adopt"]);
     assert!(text(&out.stdout).contains("adopted Vault issuer meshca-root"));
+    assert_eq!(env.root_pem(), second);
+    env.run_with_config_ok(&["root", "init", "--adopt"]);
     assert_eq!(env.root_pem(), second);
 
     // root show: the certificate and the Vault side.

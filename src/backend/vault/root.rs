@@ -113,6 +113,7 @@ async fn init_with(
                     policy.id
                 ))
             })?;
+            refuse_another_root_in_the_file(config, issuer_ref, &root)?;
             write_root_file(config, &root)?;
             VaultRootOutcome {
                 root,
@@ -259,6 +260,35 @@ async fn init_with(
         }
     };
     Ok(outcome)
+}
+
+/// `--adopt` rewrites the root certificate file with the adopted issuer's certificate:
+/// the same root again is a re-run, another root's there is refused (it may be the root in
+/// force, and `--adopt` takes no `--force`).
+fn refuse_another_root_in_the_file(
+    config: &SignerConfig,
+    issuer_ref: &str,
+    adopted: &RootCa,
+) -> Result<(), VaultRootError> {
+    let path = &config.root.certificate;
+    let Ok(text) = std::fs::read_to_string(path) else {
+        // Absent (the usual case) or unreadable: the write says which.
+        return Ok(());
+    };
+    match RootCa::from_pem(&text) {
+        Ok(there) if there.fingerprint_sha256 == adopted.fingerprint_sha256 => Ok(()),
+        Ok(there) => Err(VaultRootError::Refused(format!(
+            "the root certificate {} holds another root (sha256 {}) than issuer {} (sha256 {}): remove or rename the file, or name another in [root] certificate",
+            path.display(),
+            there.fingerprint_sha256,
+            issuer_ref,
+            adopted.fingerprint_sha256
+        ))),
+        Err(e) => Err(VaultRootError::Refused(format!(
+            "the root certificate {} is there but is no root certificate ({e}): remove or rename it first",
+            path.display()
+        ))),
+    }
 }
 
 /// Writes the root certificate file (`[root] certificate`), replacing it whole.
