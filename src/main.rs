@@ -582,10 +582,7 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            let status = match e.downcast_ref::<meshca::signer::server::StartError>() {
-                Some(start) => start.exit_status(),
-                None => 1,
-            };
+            let status = exit_status(&e);
             // Written whatever the log level: it is why the process ends.
             to_stderr!(
                 "{}",
@@ -593,6 +590,33 @@ fn main() -> ExitCode {
             );
             ExitCode::from(status)
         }
+    }
+}
+
+/// 78 (the README's table) for a PIN or Vault credentials refused, by whichever command
+/// presented them: a script retrying `root show` until it passes would spend an attempt
+/// towards locking the token at each try. 1 for every other failure.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    use meshca::backend::pkcs11::TokenError;
+    use meshca::backend::vault::client::VaultError;
+    use meshca::backend::vault::root::VaultRootError;
+    use meshca::signer::server::{EXIT_PIN_REFUSED, StartError};
+    let refused = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<TokenError>(),
+            Some(TokenError::PinIncorrect { .. } | TokenError::PinLocked)
+        ) || matches!(
+            cause.downcast_ref::<VaultError>(),
+            Some(VaultError::LoginRefused { .. })
+        ) || matches!(
+            cause.downcast_ref::<VaultRootError>(),
+            Some(VaultRootError::Vault(VaultError::LoginRefused { .. }))
+        )
+    });
+    match e.downcast_ref::<StartError>() {
+        Some(start) => start.exit_status(),
+        None if refused => EXIT_PIN_REFUSED,
+        None => 1,
     }
 }
 

@@ -295,6 +295,10 @@ fn wrong_pin_fails_clearly_without_echoing_it() {
         )),
         "{stderr}"
     );
+    // 78 as `serve` exits: a script retrying until it passes would lock the token.
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let out = env.run_with_config(&["root", "init", "--force"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
 }
 
 #[test]
