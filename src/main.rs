@@ -74,6 +74,9 @@ const DAY_SECONDS: u64 = 86_400;
 const MIN_LEASE_SECONDS: u64 = 3;
 /// `--api-timeout-seconds` by default.
 const API_TIMEOUT_SECONDS: u64 = meshca::agent::k8s::DEFAULT_API_TIMEOUT.as_secs();
+/// `agent --once` whose bundle needed nothing but whose signer was not reached:
+/// sysexits' EX_TEMPFAIL (try again later).
+const EXIT_SIGNER_NOT_REACHED: u8 = 75;
 /// `--stop-grace-seconds` by default: under Kubernetes' default (and deploy/'s)
 /// terminationGracePeriodSeconds of 30, leaving time to give the Lease up.
 const STOP_GRACE_SECONDS: u64 = 20;
@@ -1162,6 +1165,16 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         say!("  trusts       {}", s.root_fingerprints.join(", "));
         if outcome.roots_changed() {
             say!("  then         restart istiod: root-cert.pem changed");
+        }
+        if let DirOutcome::UpToDate {
+            signer_error: Some(error),
+            ..
+        } = &outcome
+        {
+            // The bundle stands on its own, but a cron job must learn of a signer it will
+            // need at the renewal (a wrong URL, a firewall) before then.
+            say!("  signer       not reached: {error}");
+            return Ok(ExitCode::from(EXIT_SIGNER_NOT_REACHED));
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -514,10 +514,17 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     let old_serial = serial(&dir);
     drop(signer);
 
-    // Valid and not due: fine without the signer, nothing written.
+    // Valid and not due: nothing written, and the bundle is fine without the signer; but
+    // a cron job's `--once` must notice the signer is gone before the renewal is due:
+    // exit 75 (EX_TEMPFAIL), the cause on stdout.
     let offline = once(&env, &addr, &dir, &[]);
-    assert!(offline.status.success(), "{}", text(&offline.stderr));
-    assert!(text(&offline.stdout).contains("nothing written"));
+    let stdout = text(&offline.stdout);
+    assert_eq!(offline.status.code(), Some(75), "{}", text(&offline.stderr));
+    assert!(stdout.contains("nothing written"), "{stdout}");
+    assert!(
+        stdout.contains("signer       not reached: cannot reach the signer at "),
+        "{stdout}"
+    );
     assert_eq!(snapshot(&dir), before);
 
     // The loop, valid and not due: its passes succeed without the signer, and its metrics
