@@ -91,6 +91,14 @@ pub struct AuditRecord {
     /// `serial` is written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate_serial: Option<String>,
+    /// On a decision: the TCP peer address of the request's connection (`ip:port`, an
+    /// IPv6 address in brackets), as the signer's socket saw it: a stolen client key
+    /// used from another host names the same client and certificate, not the same
+    /// address. Lines written before this field existed lack it (and still verify: the
+    /// chain hashes each line as written). Not on a line counting rate-limit refusals,
+    /// which may have come from several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_mesh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1850,6 +1858,49 @@ mod tests {
             verify_file(&path),
             VerifyOutcome::Broken { line: 2, .. }
         ));
+    }
+
+    /// A log begun by a build that wrote no `peer`, continued by one that does: the chain
+    /// hashes each line as written, so both kinds verify, old lines being read as ever.
+    #[tokio::test]
+    async fn lines_written_before_the_peer_field_existed_still_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // As an older build wrote a decision: every field it had, no `peer`.
+        let old = format!(
+            r#"{{"time":"2026-11-30T10:00:00.000Z","event":"decision","client":"spiffe://meshca.test/cluster/a","clientCertificateSha256":"{h}","clientCertificateSerial":"0a","virtualMesh":"test/vm","mesh":"test/a","csrPublicKeySha256":"{h}","decision":"allow","rule":"issued","serial":"3f","notAfter":"2026-12-30T10:00:00Z","rulesSha256":"{h}","prev":"{GENESIS}"}}"#,
+            h = "ab".repeat(32)
+        );
+        std::fs::write(&path, format!("{old}\n")).unwrap();
+        let read: AuditRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(read.peer, None);
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let new = AuditRecord {
+            peer: Some("[2001:db8::7]:51234".into()),
+            ..record(1)
+        };
+        log.append(new, log.expect_line()).await.unwrap();
+        let head = log.head();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], old, "the old line is left as it was");
+        let second: AuditRecord = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second.peer.as_deref(), Some("[2001:db8::7]:51234"));
+        assert!(
+            lines[1].contains(r#""peer":"[2001:db8::7]:51234""#),
+            "{}",
+            lines[1]
+        );
+        match super::verify_file(&path, None, std::slice::from_ref(&head)).unwrap() {
+            VerifyOutcome::Intact {
+                records, anchored, ..
+            } => {
+                assert_eq!(records, 2);
+                assert_eq!(anchored, vec![(head, 2)]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A file that already holds lines moved over the log (a forged chain) is not taken
