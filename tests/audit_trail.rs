@@ -1,6 +1,6 @@
 //! What the audit trail gives an incident: each decision's line names the TCP peer the
 //! request came from (a stolen client key used from another host names the same client
-//! and certificate as its agent).
+//! and certificate as its agent), and issuance is counted per client.
 
 mod common;
 
@@ -63,7 +63,7 @@ fn decision_line(signer: &Signer, client: &str, rule: &str) -> Value {
 }
 
 #[tokio::test]
-async fn each_decision_names_the_peer_it_came_from() {
+async fn each_decision_names_the_peer_it_came_from_and_issuance_is_counted_per_client() {
     let env = Env::new();
     let signer = env.start_signer();
     let (issued_from, status) =
@@ -94,5 +94,19 @@ async fn each_decision_names_the_peer_it_came_from() {
     assert_eq!(start["event"], "start");
     assert!(start.get("peer").is_none(), "{start}");
 
+    // Issuance per client, every configured client from 0: a first issuance shows in
+    // increase(). The refusal counts nothing.
+    let metrics = signer.metrics(&env.client("cluster-a")).await;
+    let issued_to = |client: &str| {
+        metric_sample(
+            &metrics,
+            &format!(
+                "meshca_intermediates_issued_total{{client=\"{}\",virtual_mesh=\"test/vm\"}}",
+                identity(client)
+            ),
+        )
+    };
+    assert_eq!(issued_to("cluster-a"), Some(1), "{metrics}");
+    assert_eq!(issued_to("cluster-b"), Some(0), "{metrics}");
     env.audit_verify_ok();
 }

@@ -289,6 +289,11 @@ async fn decide_issue_and_audit(
     match outcome {
         Ok(issued) => {
             state.metrics.request("issued");
+            // Labels from the config: only a client granted this virtual mesh gets here.
+            state.metrics.issued(
+                identity.as_deref().unwrap_or(""),
+                facts.virtual_mesh.as_deref().unwrap_or(""),
+            );
             // The audit log is the record of every issuance; this is for debugging.
             tracing::debug!(
                 client = identity.as_deref().unwrap_or(""),
