@@ -546,7 +546,10 @@ impl HeadAnchor {
         if head == GENESIS || self.last_logged.as_ref() == Some(&head) {
             return;
         }
+        // Its own target, which the log filter lets through at info whatever the level
+        // (`--log-level warn` included): `audit verify --expect-hash` depends on it.
         tracing::info!(
+            target: crate::logging::AUDIT_HEAD_TARGET,
             audit_log = %audit.path().display(),
             last_hash = %head,
             "audit log head: its last line hashes to last_hash (keep this line: `meshca audit verify --expect-hash` checks the log still holds that line)"
