@@ -87,6 +87,30 @@ fn is_logging_target(target: &str) -> bool {
     })
 }
 
+/// The target of the signer's `audit log head` line ([`crate::signer::audit::HeadAnchor`]):
+/// let through at info whatever the filter, since `meshca audit verify --expect-hash`
+/// needs it from the signer's log, and `--log-level warn` would otherwise drop it.
+/// Named in the filter (`meshca::signer::audit::head=off`), it is left as named.
+pub const AUDIT_HEAD_TARGET: &str = "meshca::signer::audit::head";
+
+/// The filter put in force for `level` (RUST_LOG syntax, already checked): the Vault
+/// client libraries off unless named, and the audit head line at info unless named.
+fn effective_filter(level: &str) -> String {
+    let mut filter = level.to_string();
+    // The Vault client libraries log each failed call at ERROR level without context;
+    // meshca reports those failures itself. Shown only when asked for by name.
+    for quiet in ["vaultrs", "rustify"] {
+        if !level.contains(quiet) {
+            filter.push_str(&format!(",{quiet}=off"));
+        }
+    }
+    // The most specific directive wins: this one over `warn`, `off` or `meshca=error`.
+    if !level.contains(AUDIT_HEAD_TARGET) {
+        filter.push_str(&format!(",{AUDIT_HEAD_TARGET}=info"));
+    }
+    filter
+}
+
 /// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax: the CLI has
 /// already chosen between its flag and RUST_LOG) writing to `writer`, and routes panics
 /// into it. `ansi` colours text output.
@@ -94,14 +118,7 @@ pub fn init<W>(json: bool, level: &str, writer: W, ansi: bool)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    // The Vault client libraries log each failed call at ERROR level without context;
-    // meshca reports those failures itself. Shown only when asked for by name.
-    let mut level = level.to_string();
-    for quiet in ["vaultrs", "rustify"] {
-        if !level.contains(quiet) {
-            level.push_str(&format!(",{quiet}=off"));
-        }
-    }
+    let level = effective_filter(level);
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -215,6 +232,74 @@ mod tests {
             check_filter("meshca=debgu"),
             Err(FilterError::Syntax(_))
         ));
+    }
+
+    /// Log output kept in memory, for a subscriber of this thread only.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What an info line of the audit head's target and one of meshca's own leave in a
+    /// log filtered by `level`.
+    fn logged_under(level: &str) -> String {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let filter = tracing_subscriber::EnvFilter::try_new(effective_filter(level)).unwrap();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: AUDIT_HEAD_TARGET, "audit log head");
+            tracing::info!(target: "meshca::signer::server", "signer listening");
+            tracing::info!(target: "meshca::signer::audit", "audit log was moved away");
+        });
+        let text = captured.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    /// `meshca audit verify --expect-hash` needs the head line from the signer's log: a
+    /// level that drops info lines (`warn`, `error`, even `off`) keeps that one.
+    #[test]
+    fn the_audit_head_line_passes_any_level_and_nothing_else_does() {
+        for level in [
+            "info",
+            "warn",
+            "error",
+            "off",
+            "meshca=warn",
+            "meshca::signer=error",
+        ] {
+            let logged = logged_under(level);
+            assert!(logged.contains("audit log head"), "{level}: {logged}");
+            let others = level == "info";
+            assert_eq!(
+                logged.contains("signer listening"),
+                others,
+                "{level}: {logged}"
+            );
+            assert_eq!(
+                logged.contains("audit log was moved away"),
+                others,
+                "{level}: {logged}"
+            );
+        }
+        // Named, it is left as named.
+        let logged = logged_under("warn,meshca::signer::audit::head=off");
+        assert!(!logged.contains("audit log head"), "{logged}");
     }
 
     #[test]

@@ -1101,12 +1101,14 @@ async fn signer_with_a_stalled_request(
 #[tokio::test]
 async fn sigterm_audits_the_requests_still_under_way_when_the_drain_time_is_over() {
     let (env, mut signer, stalled) = signer_with_a_stalled_request(500).await;
+    let peer = stalled.get_ref().0.local_addr().unwrap().to_string();
     terminate_successfully(&mut signer);
     drop(stalled);
 
     let line = decision_of(&signer, "cluster-b").await;
     assert_eq!(line["decision"], "error", "{line}");
     assert_eq!(line["rule"], "signer_stopping", "{line}");
+    assert_eq!(line["peer"], peer.as_str(), "{line}");
     assert!(
         line["message"]
             .as_str()

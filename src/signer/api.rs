@@ -53,6 +53,9 @@ pub struct ClientIdentity {
     pub verified_under: Option<crate::tlsutil::MaterialFingerprint>,
     /// The certificate's notAfter: a connection kept alive past it is checked again.
     pub not_after: Option<std::time::SystemTime>,
+    /// The connection's TCP peer address: a stolen client key used from another host
+    /// names the same identity and certificate as the agent, but not its address.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl ClientIdentity {
@@ -74,6 +77,7 @@ impl ClientIdentity {
             certificate_serial: cert.map(|cert| serial_hex(cert.tbs_certificate().serial_number())),
             chain: chain.to_vec(),
             verified_under: None,
+            peer: None,
         }
     }
 }
@@ -149,6 +153,7 @@ async fn sign(
     // waits for the task.
     let client_gone = CancellationToken::new();
     let connected = client_gone.clone().drop_guard();
+    let peer = client.peer;
     let decisions = state.decisions.clone();
     let decided = decisions
         .spawn(decide_issue_and_audit(
@@ -163,7 +168,11 @@ async fn sign(
     match decided {
         Ok(response) => response,
         Err(e) => {
-            tracing::error!(error = %e, "a signing request failed inside the signer");
+            tracing::error!(
+                error = %e,
+                peer = peer.map(tracing::field::display),
+                "a signing request failed inside the signer"
+            );
             error_response(
                 Status::Internal,
                 "internal",
@@ -189,6 +198,7 @@ async fn decide_issue_and_audit(
     let mut rules = state.rules();
     let outcome = match rate_limit(&state, &rules, identity.as_deref()) {
         Err(refusal) => {
+            let client_peer = client.peer;
             let client = identity.as_deref().unwrap_or("");
             let record = state
                 .refusal_tally
@@ -199,6 +209,7 @@ async fn decide_issue_and_audit(
                 state.metrics.request(refusal.code);
                 tracing::debug!(
                     client,
+                    peer = client_peer.map(tracing::field::display),
                     "rate-limited signing request counted for the audit log"
                 );
                 return refusal.into_response();
@@ -222,6 +233,7 @@ async fn decide_issue_and_audit(
         client: identity.clone(),
         client_certificate_sha256: client.certificate_sha256.clone(),
         client_certificate_serial: client.certificate_serial.clone(),
+        peer: client.peer.map(|peer| peer.to_string()),
         virtual_mesh: facts.virtual_mesh.clone(),
         mesh: facts.mesh.clone(),
         csr_public_key_sha256: facts.csr_public_key_sha256.clone(),
@@ -260,6 +272,7 @@ async fn decide_issue_and_audit(
             error = %e,
             client = identity.as_deref().unwrap_or(""),
             client_certificate_sha256 = client.certificate_sha256.as_deref().unwrap_or(""),
+            peer = client.peer.map(tracing::field::display),
             virtual_mesh = facts.virtual_mesh.as_deref().unwrap_or(""),
             mesh = facts.mesh.as_deref().unwrap_or(""),
             decision = decision.as_deref().unwrap_or(""),
@@ -276,9 +289,15 @@ async fn decide_issue_and_audit(
     match outcome {
         Ok(issued) => {
             state.metrics.request("issued");
+            // Labels from the config: only a client granted this virtual mesh gets here.
+            state.metrics.issued(
+                identity.as_deref().unwrap_or(""),
+                facts.virtual_mesh.as_deref().unwrap_or(""),
+            );
             // The audit log is the record of every issuance; this is for debugging.
             tracing::debug!(
                 client = identity.as_deref().unwrap_or(""),
+                peer = client.peer.map(tracing::field::display),
                 virtual_mesh = facts.virtual_mesh.as_deref().unwrap_or(""),
                 mesh = facts.mesh.as_deref().unwrap_or(""),
                 serial = %issued.serial,
@@ -291,6 +310,7 @@ async fn decide_issue_and_audit(
             state.metrics.request(refusal.code);
             tracing::info!(
                 client = identity.as_deref().unwrap_or(""),
+                peer = client.peer.map(tracing::field::display),
                 code = refusal.code,
                 message = %refusal.message,
                 "refused signing request"
@@ -479,11 +499,15 @@ async fn sign_inner(
                 Refusal::new(Status::Unavailable, "backend_unavailable", e.to_string())
             }
             BackendError::Lint(_) | BackendError::Check(_) => {
-                tracing::error!(error = %e, "issuance check failed");
+                tracing::error!(error = %e, peer = client.peer.map(tracing::field::display), "issuance check failed");
                 Refusal::new(Status::Internal, "issuance_check_failed", e.to_string())
             }
             BackendError::OutOfPolicy(_) => {
-                tracing::error!(error = %e, "backend answer outside policy; not handed out");
+                tracing::error!(
+                    error = %e,
+                    peer = client.peer.map(tracing::field::display),
+                    "backend answer outside policy; not handed out"
+                );
                 Refusal::new(Status::BadGateway, "backend_out_of_policy", e.to_string())
             }
             BackendError::Refused(_) => {

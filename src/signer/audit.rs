@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::sync::oneshot;
 
+use super::ratelimit::{LogThrottle, RateLimit};
 use crate::pki::csr::hex;
 
 /// `prev` of the first line.
@@ -91,6 +92,14 @@ pub struct AuditRecord {
     /// `serial` is written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate_serial: Option<String>,
+    /// On a decision: the TCP peer address of the request's connection (`ip:port`, an
+    /// IPv6 address in brackets), as the signer's socket saw it: a stolen client key
+    /// used from another host names the same client and certificate, not the same
+    /// address. Lines written before this field existed lack it (and still verify: the
+    /// chain hashes each line as written). Not on a line counting rate-limit refusals,
+    /// which may have come from several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_mesh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -353,6 +362,7 @@ impl AuditLog {
             foreign_appends: foreign_appends.clone(),
             head: head.clone(),
             commit_delay,
+            second_writer_reports: SecondWriterReports::new(),
         };
         let thread = std::thread::Builder::new()
             .name("meshca-audit".into())
@@ -538,7 +548,10 @@ impl HeadAnchor {
         if head == GENESIS || self.last_logged.as_ref() == Some(&head) {
             return;
         }
+        // Its own target, which the log filter lets through at info whatever the level
+        // (`--log-level warn` included): `audit verify --expect-hash` depends on it.
         tracing::info!(
+            target: crate::logging::AUDIT_HEAD_TARGET,
             audit_log = %audit.path().display(),
             last_hash = %head,
             "audit log head: its last line hashes to last_hash (keep this line: `meshca audit verify --expect-hash` checks the log still holds that line)"
@@ -574,6 +587,56 @@ struct Writer {
     /// Shared with [`AuditLog::head`]; follows `last_hash` after each commit.
     head: Arc<Mutex<String>>,
     commit_delay: Duration,
+    /// Holds back the ERRORs about another writer ([`SecondWriterReports`]).
+    second_writer_reports: SecondWriterReports,
+}
+
+/// What another writer did to the log, as the signer's next write found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecondWriterChange {
+    /// Bytes appended (`meshca_audit_foreign_appends_total`).
+    Appended,
+    /// Bytes cut from the end (`meshca_audit_truncations_total`).
+    Truncated,
+    /// A file already holding lines moved over the log's path
+    /// (`meshca_audit_foreign_appends_total`).
+    Replaced,
+}
+
+impl SecondWriterChange {
+    fn kind(self) -> &'static str {
+        match self {
+            SecondWriterChange::Appended => "appended",
+            SecondWriterChange::Truncated => "truncated",
+            SecondWriterChange::Replaced => "replaced",
+        }
+    }
+}
+
+/// At most one ERROR a minute for each kind of [`SecondWriterChange`]. A second writer
+/// that keeps writing (an older meshca serving requests on the same log, a program
+/// appending or truncating in a loop) changes the file before nearly every write of the
+/// signer's, and each write would log an ERROR: one per request, flooding the log (and
+/// journald's rate limit) with one fact. The counters count each; the next ERROR of a
+/// kind says how many were held back since the last one.
+struct SecondWriterReports(LogThrottle);
+
+/// One ERROR a minute per kind, none saved up: the first at once, the next a minute on.
+const SECOND_WRITER_REPORT_LIMIT: RateLimit = RateLimit {
+    per_minute: 1,
+    burst: 1,
+};
+
+impl SecondWriterReports {
+    fn new() -> Self {
+        SecondWriterReports(LogThrottle::new(SECOND_WRITER_REPORT_LIMIT))
+    }
+
+    /// `Some(n)` if an ERROR about `change` found at `now` is to be logged (`n`: those of
+    /// its kind held back since the last one logged), else `None` (this one is held back).
+    fn admit(&self, change: SecondWriterChange, now: Instant) -> Option<u64> {
+        self.0.admit(change.kind(), now)
+    }
 }
 
 impl Writer {
@@ -698,13 +761,19 @@ impl Writer {
     /// the writer wrote, so `meshca audit verify` shows the break where the lines were.
     fn truncated(&self, length: u64) {
         self.truncations.inc();
+        let change = SecondWriterChange::Truncated;
+        let Some(not_logged) = self.second_writer_reports.admit(change, Instant::now()) else {
+            return;
+        };
         tracing::error!(
             path = %self.path.display(),
             written_to = self.end,
             length,
             missing_bytes = self.end - length,
-            "audit log is shorter than the signer wrote it: its last {} bytes were cut by something else while the signer ran (lines removed in place); the chain goes on from the signer's last line, and `meshca audit verify` shows the break",
-            self.end - length
+            not_logged_since_last = not_logged,
+            "audit log is shorter than the signer wrote it: its last {} bytes were cut by something else while the signer ran (lines removed in place); the chain goes on from the signer's last line, and `meshca audit verify` shows the break{}",
+            self.end - length,
+            held_back(not_logged)
         );
     }
 
@@ -720,13 +789,19 @@ impl Writer {
     /// chain goes on from.
     fn appended_by_another(&self, length: u64) {
         self.foreign_appends.inc();
+        let change = SecondWriterChange::Appended;
+        let Some(not_logged) = self.second_writer_reports.admit(change, Instant::now()) else {
+            return;
+        };
         tracing::error!(
             path = %self.path.display(),
             written_to = self.end,
             length,
             added_bytes = length - self.end,
-            "audit log is longer than the signer wrote it: {} bytes were appended by another writer while the signer ran (another meshca on the same log, such as an older build, which does not lock it, or another program): the hash chain will not verify past this point; stop the other writer; the signer goes on with its own chain",
-            length - self.end
+            not_logged_since_last = not_logged,
+            "audit log is longer than the signer wrote it: {} bytes were appended by another writer while the signer ran (another meshca on the same log, such as an older build, which does not lock it, or another program): the hash chain will not verify past this point; stop the other writer; the signer goes on with its own chain{}",
+            length - self.end,
+            held_back(not_logged)
         );
     }
 
@@ -764,16 +839,32 @@ impl Writer {
             // `create`): lines already there were put by someone else, such as a forged
             // chain moved over the log. Counted with the other writers' lines.
             self.foreign_appends.inc();
-            tracing::error!(
-                path = %self.path.display(),
-                found_bytes = self.end,
-                "the audit log was replaced by a file that already holds {} bytes: not a rotation, which leaves no file or an empty one; the signer continues its chain after them, but they are not its own: keep the file moved away (the signer's lines up to now) and check both with `meshca audit verify`",
-                self.end
-            );
+            let change = SecondWriterChange::Replaced;
+            if let Some(not_logged) = self.second_writer_reports.admit(change, Instant::now()) {
+                tracing::error!(
+                    path = %self.path.display(),
+                    found_bytes = self.end,
+                    not_logged_since_last = not_logged,
+                    "the audit log was replaced by a file that already holds {} bytes: not a rotation, which leaves no file or an empty one; the signer continues its chain after them, but they are not its own: keep the file moved away (the signer's lines up to now) and check both with `meshca audit verify`{}",
+                    self.end,
+                    held_back(not_logged)
+                );
+            }
         } else {
             tracing::info!(path = %self.path.display(), "audit log was moved away (rotated): continuing its chain in a new file at its path");
         }
         Ok(())
+    }
+}
+
+/// What an ERROR about another writer adds when others of its kind were held back.
+fn held_back(not_logged: u64) -> String {
+    if not_logged == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({not_logged} more found since the last such line, not logged: at most one a minute; the metric counts each)"
+        )
     }
 }
 
@@ -1850,6 +1941,92 @@ mod tests {
             verify_file(&path),
             VerifyOutcome::Broken { line: 2, .. }
         ));
+    }
+
+    /// A log begun by a build that wrote no `peer`, continued by one that does: the chain
+    /// hashes each line as written, so both kinds verify, old lines being read as ever.
+    #[tokio::test]
+    async fn lines_written_before_the_peer_field_existed_still_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // As an older build wrote a decision: every field it had, no `peer`.
+        let old = format!(
+            r#"{{"time":"2026-11-30T10:00:00.000Z","event":"decision","client":"spiffe://meshca.test/cluster/a","clientCertificateSha256":"{h}","clientCertificateSerial":"0a","virtualMesh":"test/vm","mesh":"test/a","csrPublicKeySha256":"{h}","decision":"allow","rule":"issued","serial":"3f","notAfter":"2026-12-30T10:00:00Z","rulesSha256":"{h}","prev":"{GENESIS}"}}"#,
+            h = "ab".repeat(32)
+        );
+        std::fs::write(&path, format!("{old}\n")).unwrap();
+        let read: AuditRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(read.peer, None);
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let new = AuditRecord {
+            peer: Some("[2001:db8::7]:51234".into()),
+            ..record(1)
+        };
+        log.append(new, log.expect_line()).await.unwrap();
+        let head = log.head();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], old, "the old line is left as it was");
+        let second: AuditRecord = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second.peer.as_deref(), Some("[2001:db8::7]:51234"));
+        assert!(
+            lines[1].contains(r#""peer":"[2001:db8::7]:51234""#),
+            "{}",
+            lines[1]
+        );
+        match super::verify_file(&path, None, std::slice::from_ref(&head)).unwrap() {
+            VerifyOutcome::Intact {
+                records, anchored, ..
+            } => {
+                assert_eq!(records, 2);
+                assert_eq!(anchored, vec![(head, 2)]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A second writer that changes the log before each of the signer's writes (an older
+    /// meshca serving requests on it) would have each write log an ERROR: one per request.
+    /// One a minute per kind, the next one counting those held back; kinds apart.
+    #[test]
+    fn a_second_writer_is_reported_at_most_once_a_minute_per_kind() {
+        let reports = SecondWriterReports::new();
+        let t0 = Instant::now();
+        let at = |seconds: u64| t0 + Duration::from_secs(seconds);
+        assert_eq!(reports.admit(SecondWriterChange::Appended, at(0)), Some(0));
+        for second in 1..60 {
+            assert_eq!(
+                reports.admit(SecondWriterChange::Appended, at(second)),
+                None,
+                "{second} s on"
+            );
+        }
+        // Another kind is not held back by the first.
+        assert_eq!(
+            reports.admit(SecondWriterChange::Truncated, at(30)),
+            Some(0)
+        );
+        assert_eq!(reports.admit(SecondWriterChange::Replaced, at(30)), Some(0));
+        assert_eq!(reports.admit(SecondWriterChange::Truncated, at(31)), None);
+        // A minute after the first: logged, with the 59 held back.
+        assert_eq!(
+            reports.admit(SecondWriterChange::Appended, at(60)),
+            Some(59)
+        );
+        assert_eq!(reports.admit(SecondWriterChange::Appended, at(61)), None);
+        // No burst saved up over a quiet hour: one, then a minute's wait again.
+        assert_eq!(
+            reports.admit(SecondWriterChange::Appended, at(3600)),
+            Some(1)
+        );
+        assert_eq!(reports.admit(SecondWriterChange::Appended, at(3601)), None);
+        assert_eq!(
+            reports.admit(SecondWriterChange::Truncated, at(90)),
+            Some(1)
+        );
+        assert_eq!(held_back(0), "");
+        assert!(held_back(59).starts_with(" (59 more found since the last such line"));
     }
 
     /// A file that already holds lines moved over the log (a forged chain) is not taken

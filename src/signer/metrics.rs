@@ -55,6 +55,14 @@ pub struct AnnouncementLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuedLabels {
+    /// A client identity of the config (`[[clients]]`): only those reach issuance.
+    pub client: String,
+    /// A virtual mesh it is granted.
+    pub virtual_mesh: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RulesLabels {
     /// [`crate::signer::reload::Rules::digest`].
     pub rules_sha256: String,
@@ -80,6 +88,9 @@ const SIGNING_BUCKETS: [f64; 20] = {
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
+    /// Intermediates issued per client and virtual mesh: a client given more than its
+    /// renewals need is one whose key is used by someone else too.
+    intermediates_issued: Family<IssuedLabels, Counter>,
     handshakes_refused: Family<ReasonLabels, Counter>,
     signing_seconds: Histogram,
     backend_errors: Counter,
@@ -124,6 +135,12 @@ impl Metrics {
             "sign_requests",
             "Signing requests by outcome (issued, or the refusal's error code)",
             requests.clone(),
+        );
+        let intermediates_issued = Family::<IssuedLabels, Counter>::default();
+        registry.register(
+            "intermediates_issued",
+            "Intermediates issued (handed out), by client identity (as [[clients]] names it) and virtual mesh: a client issued more than its renewals need may have had its key stolen (the audit log's peer says from where)",
+            intermediates_issued.clone(),
         );
         let handshakes_refused =
             counters_from_zero(crate::tlsutil::HANDSHAKE_REFUSAL_REASONS.map(|reason| {
@@ -248,6 +265,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            intermediates_issued,
             handshakes_refused,
             signing_seconds,
             backend_errors,
@@ -274,6 +292,19 @@ impl Metrics {
 
     pub fn request(&self, outcome: &str) {
         count_outcome(&self.requests, outcome);
+    }
+
+    /// An intermediate was issued to `client` for `virtual_mesh`. Only an identity the
+    /// config grants that virtual mesh gets here (any other is refused `not_authorized`
+    /// before anything is signed), so the series are bounded by the grants of the configs
+    /// the signer has run under since its start: no label comes from the request alone.
+    pub fn issued(&self, client: &str, virtual_mesh: &str) {
+        self.intermediates_issued
+            .get_or_create(&IssuedLabels {
+                client: client.to_string(),
+                virtual_mesh: virtual_mesh.to_string(),
+            })
+            .inc();
     }
 
     /// A handshake on the API port failed for `reason`.
@@ -355,8 +386,18 @@ impl Metrics {
         }
     }
 
-    /// The rules in force, at start and after each reload that changed them.
+    /// The rules in force, at start and after each reload that changed them. Each client's
+    /// issuance counter per granted virtual mesh starts at 0 (see [`counters_from_zero`]);
+    /// a grant removed keeps its series, and its count, until the signer restarts.
     pub fn rules_in_force(&self, rules: &crate::signer::reload::Rules) {
+        for (client, grants) in rules.authorization.clients() {
+            for (virtual_mesh, _) in grants {
+                drop(self.intermediates_issued.get_or_create(&IssuedLabels {
+                    client: client.to_string(),
+                    virtual_mesh: virtual_mesh.to_string(),
+                }));
+            }
+        }
         self.rules_info.clear();
         self.rules_info
             .get_or_create(&RulesLabels {
@@ -540,6 +581,7 @@ mod tests {
         m.signing_took(Duration::from_millis(3));
         m.backend_error();
         m.handshake_refused("client_certificate_expired");
+        m.issued("spiffe://a", "test/vm");
         let text = m.render();
         for needle in [
             "meshca_sign_requests_total{outcome=\"issued\"} 1",
@@ -560,6 +602,7 @@ mod tests {
             "meshca_rules_reloads_total{outcome=\"error\"} 0",
             "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"} 1",
             "meshca_tls_handshakes_refused_total{reason=\"timeout\"} 0",
+            "meshca_intermediates_issued_total{client=\"spiffe://a\",virtual_mesh=\"test/vm\"} 1",
             concat!(
                 "meshca_build_info{version=\"",
                 env!("CARGO_PKG_VERSION"),

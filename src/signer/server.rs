@@ -1000,8 +1000,9 @@ async fn serve_tls(
                     return handshake_refused(&state, peer, "timeout", error, None);
                 }
             };
-            // The identity, and which certificate it came with: the audit log names both.
-            let client = tls
+            // The identity, which certificate it came with, and from where: the audit log
+            // names all three.
+            let mut client = tls
                 .get_ref()
                 .1
                 .peer_certificates()
@@ -1010,6 +1011,7 @@ async fn serve_tls(
                     ..ClientIdentity::of_chain(chain)
                 })
                 .unwrap_or_default();
+            client.peer = Some(peer);
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                     request.extensions_mut().insert(client.clone());
