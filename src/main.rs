@@ -902,7 +902,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let root = meshca::signer::server::load_root(&config)?;
             print_root_certificates(&config, &root);
             let pin = settings.pin.read()?;
-            let attrs = pkcs11::inspect_key(settings, &pin)?;
+            let attrs = pkcs11::inspect_key(settings, &pin, &root)?;
             say!("private key {}", settings.key);
             say!("  CKA_TOKEN             {}", attrs.token);
             say!("  CKA_PRIVATE           {}", attrs.private);
@@ -918,6 +918,24 @@ fn run(command: Command) -> Result<ExitCode> {
                     "no"
                 }
             );
+            say!(
+                "  root certificate's    {}",
+                if attrs.not_the_root_key.is_none() {
+                    "yes (signed a challenge that verifies under it)"
+                } else {
+                    "NO"
+                }
+            );
+            // A script checking the root (`until: rc == 0`) must not read success here.
+            let mut problems: Vec<String> =
+                attrs.weaknesses().iter().map(|w| w.to_string()).collect();
+            problems.extend(attrs.not_the_root_key.clone());
+            if !problems.is_empty() {
+                for problem in &problems {
+                    to_stderr!("meshca: root key {}: {problem}", settings.key);
+                }
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Serve {
             config,

@@ -258,10 +258,32 @@ fn root_show_reports_a_key_that_cannot_leave_the_token() {
         "CKA_ALWAYS_SENSITIVE  true",
         "CKA_NEVER_EXTRACTABLE true",
         "CKA_VALUE readable    no",
+        "root certificate's    yes",
     ] {
         assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
     }
     assert!(!stdout.contains(&env.user_pin()), "the PIN was printed");
+}
+
+/// A config whose key is another root's than its certificate's (a root change's config
+/// half edited): the signer would refuse to start, so `root show` fails too, by name.
+#[test]
+fn root_show_fails_for_a_key_that_is_not_the_certificates() {
+    let env = Env::new();
+    env.init_next_root();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let mixed = env.path("mixed.toml");
+    let edited = config.replace("object=root-ca\"", "object=root-ca-next\"");
+    assert_ne!(edited, config);
+    std::fs::write(&mixed, edited).unwrap();
+    let out = run(env.meshca().args(["root", "show", "--config"]).arg(&mixed));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("root certificate's    NO"), "{stdout}");
+    assert!(
+        stderr.contains("does not match the root certificate"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -887,9 +887,42 @@ pub struct KeyAttributes {
     pub never_extractable: bool,
     /// What the token answered when asked for CKA_VALUE.
     pub value_readable: bool,
+    /// Why the key is not shown to be the root certificate's (it signed a challenge that
+    /// does not verify under the certificate, or could not sign); None if it is.
+    pub not_the_root_key: Option<String>,
 }
 
-pub fn inspect_key(settings: &Pkcs11Settings, pin: &Secret) -> Result<KeyAttributes, TokenError> {
+impl KeyAttributes {
+    /// What lets the key leave the token, or shows it once could (made outside it, or
+    /// extractable at some point): each is a reason `root show` fails.
+    pub fn weaknesses(&self) -> Vec<&'static str> {
+        [
+            (!self.token, "not a token object (CKA_TOKEN false): gone when the session ends"),
+            (!self.private, "readable without login (CKA_PRIVATE false)"),
+            (!self.sensitive, "not sensitive (CKA_SENSITIVE false)"),
+            (self.extractable, "extractable (CKA_EXTRACTABLE true)"),
+            (
+                !self.always_sensitive,
+                "not sensitive since it was made (CKA_ALWAYS_SENSITIVE false): imported, or once readable",
+            ),
+            (
+                !self.never_extractable,
+                "once extractable (CKA_NEVER_EXTRACTABLE false): a copy may exist outside the token",
+            ),
+            (self.value_readable, "its private value can be read out"),
+        ]
+        .into_iter()
+        .filter_map(|(weak, what)| weak.then_some(what))
+        .collect()
+    }
+}
+
+/// The root key's attributes, and whether it is `root`'s key (it signs a challenge).
+pub fn inspect_key(
+    settings: &Pkcs11Settings,
+    pin: &Secret,
+    root: &RootCa,
+) -> Result<KeyAttributes, TokenError> {
     let token = Token::open(settings)?;
     let session = token.logged_in_session(pin, false)?;
     let key = token.find_private_key(&session)?;
@@ -901,6 +934,9 @@ pub fn inspect_key(settings: &Pkcs11Settings, pin: &Secret) -> Result<KeyAttribu
         always_sensitive: false,
         never_extractable: false,
         value_readable: true,
+        not_the_root_key: prove_root_key(&token, &session, key, root)
+            .err()
+            .map(|e| e.to_string()),
     };
     for attr in session.get_attributes(
         key,
@@ -1451,6 +1487,43 @@ impl RootSigner for Pkcs11Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_way_a_key_could_leave_the_token_is_a_weakness() {
+        let sound = KeyAttributes {
+            token: true,
+            private: true,
+            sensitive: true,
+            extractable: false,
+            always_sensitive: true,
+            never_extractable: true,
+            value_readable: false,
+            not_the_root_key: None,
+        };
+        assert!(sound.weaknesses().is_empty());
+        let imported = KeyAttributes {
+            always_sensitive: false,
+            never_extractable: false,
+            ..sound.clone()
+        };
+        assert_eq!(
+            imported.weaknesses().len(),
+            2,
+            "{:?}",
+            imported.weaknesses()
+        );
+        let open = KeyAttributes {
+            token: false,
+            private: false,
+            sensitive: false,
+            extractable: true,
+            always_sensitive: false,
+            never_extractable: false,
+            value_readable: true,
+            not_the_root_key: None,
+        };
+        assert_eq!(open.weaknesses().len(), 7, "{:?}", open.weaknesses());
+    }
 
     #[test]
     fn readiness_takes_a_recent_signature_for_an_answer_until_the_token_fails() {
