@@ -386,6 +386,39 @@ fn json_logs_requested(args: impl IntoIterator<Item = std::ffi::OsString>) -> bo
 /// clap's message without its `error: ` prefix and usage block: the first paragraph,
 /// on one line.
 fn usage_error_message(error: &clap::Error) -> String {
+    use clap::error::ErrorKind;
+    // A command group without its subcommand renders the group's help, whose first
+    // paragraph is its description: name what is missing instead.
+    if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let rendered = error.render().to_string();
+        // "Usage: meshca root [OPTIONS] <COMMAND>": the words before the first bracket.
+        let group: Vec<&str> = rendered
+            .lines()
+            .find_map(|line| line.strip_prefix("Usage: "))
+            .unwrap_or("this command")
+            .split_whitespace()
+            .take_while(|word| !word.starts_with(['[', '<']))
+            .collect();
+        let group = group.join(" ");
+        let subcommands: Vec<&str> = rendered
+            .split("Commands:")
+            .nth(1)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .take_while(|line| !line.trim().is_empty())
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|name| *name != "help")
+            .collect();
+        return format!(
+            "{group} needs a subcommand: {}",
+            if subcommands.is_empty() {
+                "see --help".to_string()
+            } else {
+                subcommands.join(", ")
+            }
+        );
+    }
     let rendered = error.render().to_string();
     let first = rendered.split("\n\n").next().unwrap_or_default();
     let first = first.strip_prefix("error: ").unwrap_or(first);

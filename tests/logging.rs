@@ -139,6 +139,11 @@ fn a_usage_mistake_is_a_json_line_under_log_format_json() {
             ][..],
             "meshca: error: --jitter-fraction must be between 0 and 0.5 and below --renew-fraction",
         ),
+        (
+            // A command group alone: what is missing, not the group's description.
+            &["--log-format", "json", "root"][..],
+            "meshca: error: meshca root needs a subcommand: init, show",
+        ),
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
