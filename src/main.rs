@@ -1017,6 +1017,8 @@ fn run(command: Command) -> Result<ExitCode> {
                 adopt: args.adopt,
                 pin: rotation::RootPin::new(&args.accept_roots, "--accept-root"),
             };
+            let root_cert = opts.out_dir.join(meshca::pki::bundle::ROOT_CERT);
+            let roots_before = std::fs::read(&root_cert).ok();
             let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
             let s = &outcome.summary;
             say!(
@@ -1033,6 +1035,11 @@ fn run(command: Command) -> Result<ExitCode> {
             );
             say!("  not after    {}", rfc3339(s.not_after));
             say!("  root sha256  {}", s.anchor_fingerprint);
+            say!("  trusts       {}", s.root_fingerprints.join(", "));
+            // As `agent --once` says it: istiod takes a new root set only when it starts.
+            if std::fs::read(&root_cert).ok() != roots_before {
+                say!("  then         restart istiod: root-cert.pem changed");
+            }
         }
         Command::Verify { dir, root } => {
             let files = cacerts::read_bundle(&dir)?;

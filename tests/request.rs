@@ -70,6 +70,16 @@ fn request_writes_a_bundle_that_verify_and_openssl_accept() {
     assert!(result.status.success(), "{}", text(&result.stderr));
     let stdout = text(&result.stdout);
     assert!(stdout.contains("ecdsa-p256"), "{stdout}");
+    // A first root-cert.pem: istiod must start to take it, as `agent --once` says too.
+    assert!(
+        stdout.contains("then         restart istiod: root-cert.pem changed"),
+        "{stdout}"
+    );
+    let root_sha256 = meshca::agent::rotation::root_fingerprints(&env.root_pem()).remove(0);
+    assert!(
+        stdout.contains(&format!("trusts       {root_sha256}")),
+        "{stdout}"
+    );
 
     for name in [
         "ca-cert.pem",
@@ -115,6 +125,12 @@ fn request_writes_a_bundle_that_verify_and_openssl_accept() {
         &["--key-type", "rsa2048", "--ttl-seconds", "86400"],
     );
     assert!(again.status.success(), "{}", text(&again.stderr));
+    // The same roots: nothing for istiod to restart for.
+    assert!(
+        !text(&again.stdout).contains("restart istiod"),
+        "{}",
+        text(&again.stdout)
+    );
     // Not assert_ne!: its message would print the private key.
     assert!(
         std::fs::read_to_string(out.join("ca-key.pem")).unwrap() != before,
