@@ -111,6 +111,13 @@ fn effective_filter(level: &str) -> String {
     filter
 }
 
+/// Whether a terminal may be given colours: not with `NO_COLOR` set to anything
+/// (no-color.org) nor with `TERM=dumb` (a pty of Ansible or `kubectl exec -t` that shows
+/// escape codes as text).
+pub fn colour_allowed(no_color: Option<&std::ffi::OsStr>, term: Option<&std::ffi::OsStr>) -> bool {
+    no_color.is_none_or(|value| value.is_empty()) && term.is_none_or(|term| term != "dumb")
+}
+
 /// Sets the global subscriber (`json` or text, `level` in RUST_LOG syntax: the CLI has
 /// already chosen between its flag and RUST_LOG) writing to `writer`, and routes panics
 /// into it. `ansi` colours text output.
@@ -300,6 +307,18 @@ mod tests {
         // Named, it is left as named.
         let logged = logged_under("warn,meshca::signer::audit::head=off");
         assert!(!logged.contains("audit log head"), "{logged}");
+    }
+
+    #[test]
+    fn no_color_and_a_dumb_terminal_turn_colours_off() {
+        use std::ffi::OsStr;
+        let os = |s: &'static str| Some(OsStr::new(s));
+        assert!(colour_allowed(None, os("xterm-256color")));
+        assert!(colour_allowed(None, None));
+        // no-color.org: set and not empty.
+        assert!(colour_allowed(os(""), os("xterm")));
+        assert!(!colour_allowed(os("1"), os("xterm")));
+        assert!(!colour_allowed(None, os("dumb")));
     }
 
     #[test]

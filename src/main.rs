@@ -682,7 +682,11 @@ fn init_logging(format: LogFormat, level: &str) {
         matches!(format, LogFormat::Json),
         level,
         std::io::stderr,
-        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && meshca::logging::colour_allowed(
+                std::env::var_os("NO_COLOR").as_deref(),
+                std::env::var_os("TERM").as_deref(),
+            ),
     );
 }
 
