@@ -109,9 +109,11 @@ impl<'de> Deserialize<'de> for ObjectRef {
     }
 }
 
-/// A VirtualMesh document as written in YAML (only the fields meshca reads).
+/// A VirtualMesh document as written in YAML. Every key is one meshca reads or refuses by
+/// name (a misspelled one left unread would change what is signed or federated); only
+/// `metadata` is open (labels, annotations, ...).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualMeshDocument {
     #[serde(default)]
     pub api_version: Option<String>,
@@ -129,9 +131,11 @@ pub struct Metadata {
 /// The seed's VirtualMesh spec. Also the spec of the management plane's `VirtualMesh`
 /// custom resource (`crate::mesh_controller::crd`), whose schema is derived from these
 /// types: options meshca refuses (`limited`, `provided`, other federation modes) are part
-/// of the schema so that they reach the validation below and are refused by name.
+/// of the schema so that they reach the validation below and are refused by name, and so
+/// is any other key (kept, not pruned, by the API server: see [`Unknown`]).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct VirtualMeshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
@@ -153,6 +157,29 @@ pub struct VirtualMeshSpec {
     /// The member meshes.
     #[serde(default)]
     pub meshes: Vec<MeshReference>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
+}
+
+/// Keys of a VirtualMesh object that meshca does not know: kept so that validation refuses
+/// them by name (`deny_unknown_fields` would do for files, but the mesh controller reads
+/// the spec through the API server, which would prune them unless kept, and it must name
+/// them in a status condition rather than fail to read the object).
+pub type Unknown = BTreeMap<String, serde_json::Value>;
+
+/// What a refused unknown key's message says (the mesh controller's `UnknownField` reason).
+pub const UNKNOWN_FIELD: &str = "is not a VirtualMesh field";
+
+/// Refuses the first unknown key under `path`, naming it and the keys known there.
+fn refuse_unknown(path: &str, other: &Unknown, known: &[&str]) -> Result<(), String> {
+    match other.keys().next() {
+        None => Ok(()),
+        Some(key) => Err(format!(
+            "{path}.{key} {UNKNOWN_FIELD} (known: {})",
+            known.join(", ")
+        )),
+    }
 }
 
 /// Schema of a free-form object (kept as written, checked by meshca's validation).
@@ -165,6 +192,7 @@ fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct CertificateAuthority {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<BuiltinCa>,
@@ -172,16 +200,23 @@ pub struct CertificateAuthority {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
     pub provided: Option<serde_json::Value>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
 }
 
 /// `spec.certificateAuthority.builtin`: the rules for the root and its intermediates.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct BuiltinCa {
     pub ttl_days: u32,
     /// Despite the name, a size in bits (the seed's value is 4096).
     pub rsa_key_size_bytes: u32,
     pub org_name: String,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -210,9 +245,13 @@ pub struct Federation {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct MeshReference {
     pub name: String,
     pub namespace: String,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +316,45 @@ const MAX_TTL_DAYS: u32 = 36_500;
 const MAX_ORG_NAME_LEN: usize = 64;
 
 impl VirtualMeshDocument {
+    /// Refuses the first key meshca does not know under `spec`, by its path.
+    fn unknown_keys(&self) -> Result<(), String> {
+        let spec = &self.spec;
+        refuse_unknown(
+            "spec",
+            &spec.other,
+            &[
+                "displayName",
+                "certificateAuthority",
+                "federation",
+                "shared",
+                "limited",
+                "enforceAccessControl",
+                "meshes",
+            ],
+        )?;
+        let ca = &spec.certificate_authority;
+        refuse_unknown(
+            "spec.certificateAuthority",
+            &ca.other,
+            &["builtin", "provided"],
+        )?;
+        if let Some(builtin) = &ca.builtin {
+            refuse_unknown(
+                "spec.certificateAuthority.builtin",
+                &builtin.other,
+                &["ttlDays", "rsaKeySizeBytes", "orgName"],
+            )?;
+        }
+        for (index, mesh) in spec.meshes.iter().enumerate() {
+            refuse_unknown(
+                &format!("spec.meshes[{index}]"),
+                &mesh.other,
+                &["name", "namespace"],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Validates the document and reduces it to the signer's policy.
     pub fn into_policy(self, source_name: &str) -> Result<VirtualMeshPolicy, PolicyLoadError> {
         let id_text = format!("{}/{}", self.metadata.namespace, self.metadata.name);
@@ -288,6 +366,7 @@ impl VirtualMeshDocument {
         let id: ObjectRef = id_text
             .parse()
             .map_err(|e: ObjectRefError| invalid(format!("metadata: {e}")))?;
+        self.unknown_keys().map_err(invalid)?;
         let ca = &self.spec.certificate_authority;
         if ca.provided.is_some() {
             return Err(invalid(
@@ -500,6 +579,57 @@ mod tests {
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
             assert!(err.contains("test.yaml"), "source missing in {err:?}");
         }
+    }
+
+    #[test]
+    fn a_misspelled_key_is_refused_by_name_at_every_level() {
+        let cases = [
+            (
+                "federation:",
+                "federaton:",
+                "spec.federaton is not a VirtualMesh field",
+            ),
+            (
+                "shared: {}",
+                "limted: {}",
+                "spec.limted is not a VirtualMesh field",
+            ),
+            (
+                "enforceAccessControl: false",
+                "enforceAccessControls: true",
+                "spec.enforceAccessControls is not a VirtualMesh field",
+            ),
+            (
+                "    builtin:",
+                "    biultin:",
+                "spec.certificateAuthority.biultin is not a VirtualMesh field",
+            ),
+            (
+                "      orgName:",
+                "      orgNam: o\n      orgName:",
+                "spec.certificateAuthority.builtin.orgNam is not",
+            ),
+            (
+                "  - name: istio-istio-system-management-plane",
+                "  - name: istio-istio-system-management-plane\n    cluster: east",
+                "spec.meshes[0].cluster is not a VirtualMesh field (known: name, namespace)",
+            ),
+            ("spec:", "spex:", "unknown field `spex`"),
+        ];
+        for (good, typo, needle) in cases {
+            let yaml = SEED.replacen(good, typo, 1);
+            assert_ne!(yaml, SEED, "{good}");
+            let err = load(&yaml).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+        // metadata stays open: labels and annotations are the cluster's business.
+        let labelled = SEED.replacen(
+            "  namespace: service-mesh-hub\nspec:",
+            "  namespace: service-mesh-hub\n  labels: {team: mesh}\nspec:",
+            1,
+        );
+        assert_ne!(labelled, SEED);
+        load(&labelled).unwrap();
     }
 
     #[test]
