@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
 use super::server::{
-    StartError, TlsFiles, clock_reaches_certificates, load_root, mesh_roots, read_pin, serving_tls,
-    start_backend,
+    StartError, TlsFiles, check_root_key_type, clock_reaches_certificates, load_root, mesh_roots,
+    read_pin, serving_tls, start_backend,
 };
 use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendSettings, SignerConfig};
@@ -52,6 +52,7 @@ pub struct CheckReport {
 /// place. Secrets are read and dropped, never shown. `now` dates the expiry warnings.
 pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, StartError> {
     let root = load_root(config)?;
+    check_root_key_type(config, &root)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(crate::tlsutil::TlsError::from)?;
     let tls = serving_tls(&TlsFiles::of(config), &roots)?;
