@@ -445,6 +445,13 @@ impl SignerConfig {
             .map(|a| parse_addr(a, "ops_listen"))
             .transpose()
             .map_err(err)?;
+        if let Some(ops) = ops_listen
+            && listeners_collide(listen, ops)
+        {
+            return Err(err(format!(
+                "ops_listen {ops} and listen {listen} take the same port: the second listener could not bind (address already in use); give ops_listen another port"
+            )));
+        }
 
         let mut policies = PolicySet::default();
         if file.virtual_meshes.is_empty() {
@@ -812,6 +819,16 @@ fn parse_addr(value: &str, field: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{field}: {value:?} is not an address like 127.0.0.1:8443"))
 }
 
+/// Whether two listeners cannot both bind: the same port (not 0, which the system picks)
+/// on the same address, or on a wildcard that covers the other (`0.0.0.0` covers the IPv4
+/// addresses, `[::]` every address, as Linux binds it dual-stack by default).
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 fn invalid(path: &Path, message: String) -> ConfigError {
     ConfigError::Invalid {
         path: path.display().to_string(),
@@ -1097,6 +1114,40 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
                 .allows("spiffe://demo/cluster/a", &vm, &remote)
         );
         assert!(!cfg.authorization.allows("someone-else", &vm, &mgmt));
+    }
+
+    #[test]
+    fn an_ops_listener_on_the_signers_port_is_refused_by_name() {
+        let load = |listen: &str, ops: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write_fixture(dir.path(), "");
+            let text = std::fs::read_to_string(&path).unwrap().replacen(
+                "virtual_meshes",
+                &format!("{listen}ops_listen = \"{ops}\"\nvirtual_meshes"),
+                1,
+            );
+            std::fs::write(&path, text).unwrap();
+            SignerConfig::load(&path).map_err(|e| e.to_string())
+        };
+        for (listen, ops) in [
+            ("", "127.0.0.1:8443"),
+            ("listen = \"0.0.0.0:9443\"\n", "127.0.0.1:9443"),
+            ("listen = \"[::1]:9443\"\n", "[::]:9443"),
+        ] {
+            let err = load(listen, ops).unwrap_err();
+            assert!(
+                err.contains(&format!("ops_listen {ops} and listen "))
+                    && err.contains("take the same port"),
+                "{listen} {ops}: {err}"
+            );
+        }
+        for (listen, ops) in [
+            ("", "127.0.0.1:9090"),
+            ("listen = \"0.0.0.0:9443\"\n", "[::1]:9443"),
+            ("listen = \"127.0.0.1:0\"\n", "127.0.0.1:0"),
+        ] {
+            load(listen, ops).unwrap();
+        }
     }
 
     #[test]
