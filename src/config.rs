@@ -661,6 +661,13 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
         if timeout.is_zero() {
             return Err(format!("limits.{name} must be positive"));
         }
+        if timeout > MAX_LIMIT_TIMEOUT {
+            return Err(format!(
+                "limits.{name} must be at most {} (5 minutes), got {}",
+                MAX_LIMIT_TIMEOUT.as_millis(),
+                timeout.as_millis()
+            ));
+        }
     }
     Ok(limits)
 }
@@ -669,6 +676,11 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
 fn millis_or(ms: Option<u64>, default: Duration) -> Duration {
     ms.map(Duration::from_millis).unwrap_or(default)
 }
+
+/// Longest `[limits] *_timeout_ms`, as for `pkcs11.timeout_seconds`: a handshake, header or
+/// body slower than this is a stalled or hostile peer holding one of `max_connections`
+/// slots, and a drain this long already outlasts every supervisor's stop timeout.
+const MAX_LIMIT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Far above what one process can hold open, and small enough for a semaphore.
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
@@ -1162,6 +1174,14 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
             (
                 "[limits]\nbody_timeout_ms = 0\n",
                 "limits.body_timeout_ms must be positive",
+            ),
+            (
+                "[limits]\nheader_timeout_ms = 9223372036854775807\n",
+                "limits.header_timeout_ms must be at most 300000 (5 minutes), got 9223372036854775807",
+            ),
+            (
+                "[limits]\ndrain_timeout_ms = 300001\n",
+                "limits.drain_timeout_ms must be at most 300000",
             ),
             (
                 "[[clients]]\nidentity = \"x\"\nallow = [{ virtual_mesh = \"service-mesh-hub/virtual-mesh\", mesh = \"service-mesh-hub/nope\" }]\n",
