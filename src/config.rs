@@ -445,6 +445,13 @@ impl SignerConfig {
             .map(|a| parse_addr(a, "ops_listen"))
             .transpose()
             .map_err(err)?;
+        if let Some(ops) = ops_listen
+            && listeners_collide(listen, ops)
+        {
+            return Err(err(format!(
+                "ops_listen {ops} and listen {listen} take the same port: the second listener could not bind (address already in use); give ops_listen another port"
+            )));
+        }
 
         let mut policies = PolicySet::default();
         if file.virtual_meshes.is_empty() {
@@ -674,6 +681,13 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
         if timeout.is_zero() {
             return Err(format!("limits.{name} must be positive"));
         }
+        if timeout > MAX_LIMIT_TIMEOUT {
+            return Err(format!(
+                "limits.{name} must be at most {} (5 minutes), got {}",
+                MAX_LIMIT_TIMEOUT.as_millis(),
+                timeout.as_millis()
+            ));
+        }
     }
     Ok(limits)
 }
@@ -682,6 +696,11 @@ fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {
 fn millis_or(ms: Option<u64>, default: Duration) -> Duration {
     ms.map(Duration::from_millis).unwrap_or(default)
 }
+
+/// Longest `[limits] *_timeout_ms`, as for `pkcs11.timeout_seconds`: a handshake, header or
+/// body slower than this is a stalled or hostile peer holding one of `max_connections`
+/// slots, and a drain this long already outlasts every supervisor's stop timeout.
+const MAX_LIMIT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Far above what one process can hold open, and small enough for a semaphore.
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
@@ -830,6 +849,16 @@ fn parse_addr(value: &str, field: &str) -> Result<SocketAddr, String> {
     value
         .parse()
         .map_err(|_| format!("{field}: {value:?} is not an address like 127.0.0.1:8443"))
+}
+
+/// Whether two listeners cannot both bind: the same port (not 0, which the system picks)
+/// on the same address, or on a wildcard that covers the other (`0.0.0.0` covers the IPv4
+/// addresses, `[::]` every address, as Linux binds it dual-stack by default).
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 fn invalid(path: &Path, message: String) -> ConfigError {
@@ -1120,6 +1149,40 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
     }
 
     #[test]
+    fn an_ops_listener_on_the_signers_port_is_refused_by_name() {
+        let load = |listen: &str, ops: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write_fixture(dir.path(), "");
+            let text = std::fs::read_to_string(&path).unwrap().replacen(
+                "virtual_meshes",
+                &format!("{listen}ops_listen = \"{ops}\"\nvirtual_meshes"),
+                1,
+            );
+            std::fs::write(&path, text).unwrap();
+            SignerConfig::load(&path).map_err(|e| e.to_string())
+        };
+        for (listen, ops) in [
+            ("", "127.0.0.1:8443"),
+            ("listen = \"0.0.0.0:9443\"\n", "127.0.0.1:9443"),
+            ("listen = \"[::1]:9443\"\n", "[::]:9443"),
+        ] {
+            let err = load(listen, ops).unwrap_err();
+            assert!(
+                err.contains(&format!("ops_listen {ops} and listen "))
+                    && err.contains("take the same port"),
+                "{listen} {ops}: {err}"
+            );
+        }
+        for (listen, ops) in [
+            ("", "127.0.0.1:9090"),
+            ("listen = \"0.0.0.0:9443\"\n", "[::1]:9443"),
+            ("listen = \"127.0.0.1:0\"\n", "127.0.0.1:0"),
+        ] {
+            load(listen, ops).unwrap();
+        }
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             ("pin = \"1234\"\n", "unknown field `pin`"),
@@ -1131,6 +1194,14 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
             (
                 "[limits]\nbody_timeout_ms = 0\n",
                 "limits.body_timeout_ms must be positive",
+            ),
+            (
+                "[limits]\nheader_timeout_ms = 9223372036854775807\n",
+                "limits.header_timeout_ms must be at most 300000 (5 minutes), got 9223372036854775807",
+            ),
+            (
+                "[limits]\ndrain_timeout_ms = 300001\n",
+                "limits.drain_timeout_ms must be at most 300000",
             ),
             (
                 "[[clients]]\nidentity = \"x\"\nallow = [{ virtual_mesh = \"service-mesh-hub/virtual-mesh\", mesh = \"service-mesh-hub/nope\" }]\n",

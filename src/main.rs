@@ -354,6 +354,52 @@ fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> ! {
     exit_on_usage_error(error)
 }
 
+/// The command line, parsed, with what clap alone cannot refuse: a Kubernetes-mode flag
+/// given to a directory-mode agent (`--target-dir`) is refused by name rather than left
+/// unused. Only from the command line: `POD_NAMESPACE` and `POD_NAME` are in a pod's
+/// environment whatever mode its agent runs in.
+fn parse_cli<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    const KUBERNETES_ONLY: [(&str, &str); 6] = [
+        ("namespace", "--namespace"),
+        ("identity", "--identity"),
+        ("lease_name", "--lease-name"),
+        ("lease_seconds", "--lease-seconds"),
+        ("api_timeout_seconds", "--api-timeout-seconds"),
+        ("stop_grace_seconds", "--stop-grace-seconds"),
+    ];
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    if let Some(("agent", agent)) = matches.subcommand()
+        && agent.value_source("target_dir").is_some()
+    {
+        let given: Vec<&str> = KUBERNETES_ONLY
+            .iter()
+            .filter(|(id, _)| agent.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|(_, flag)| *flag)
+            .collect();
+        if !given.is_empty() {
+            let message = format!(
+                "{} {} for Kubernetes mode: a directory-mode agent (--target-dir) reads no API server and takes no Lease",
+                given.join(", "),
+                if given.len() == 1 { "is" } else { "are" }
+            );
+            let kind = clap::error::ErrorKind::ArgumentConflict;
+            return Err(match command.find_subcommand_mut("agent") {
+                Some(agent) => agent.error(kind, message),
+                None => command.error(kind, message),
+            });
+        }
+    }
+    Ok(cli)
+}
+
 /// Ends the process on clap's error, as clap does (exit 2; help and version print to
 /// stdout and exit 0), but as one JSON line when the command line asks for JSON logs:
 /// whatever reads the log as JSON lines must get this line too.
@@ -596,7 +642,7 @@ fn main() -> ExitCode {
     // Before anything else: a SIGHUP sent right after the start (a reload) must not end a
     // daemon whose own handler is not in place yet. Failing, it is said once logging is up.
     let held = meshca::signals::hold_hangups();
-    let cli = Cli::try_parse().unwrap_or_else(|error| exit_on_usage_error(error));
+    let cli = parse_cli(std::env::args_os()).unwrap_or_else(|error| exit_on_usage_error(error));
     if !cli.command.is_daemon() {
         meshca::signals::release_hangups();
     }
@@ -1586,6 +1632,44 @@ mod tests {
         let mut kubernetes_mode = vec!["meshca", "agent"];
         kubernetes_mode.extend_from_slice(&TLS_FLAGS);
         assert!(Cli::try_parse_from(kubernetes_mode).is_ok());
+    }
+
+    /// The Kubernetes-mode flags do nothing in directory mode: refused by name there.
+    #[test]
+    fn kubernetes_mode_flags_are_refused_in_directory_mode() {
+        let mut directory = vec!["meshca", "agent", "--target-dir", "/etc/cacerts"];
+        directory.extend_from_slice(&TLS_FLAGS);
+        directory.extend(
+            DIRECTORY_FLAGS
+                .iter()
+                .flat_map(|(flag, value)| [*flag, *value]),
+        );
+        assert!(parse_cli(&directory).is_ok());
+        for flag in [
+            &["--namespace", "smh"][..],
+            &["--identity", "pod-0"],
+            &["--lease-name", "other"],
+            &["--lease-seconds", "60"],
+            &["--api-timeout-seconds", "30"],
+            &["--stop-grace-seconds", "10"],
+        ] {
+            let mut args = directory.clone();
+            args.extend_from_slice(flag);
+            let err = parse_cli(&args)
+                .err()
+                .unwrap_or_else(|| panic!("{flag:?} accepted in directory mode"));
+            assert_eq!(err.exit_code(), 2);
+            let err = err.to_string();
+            assert!(
+                err.contains(&format!("{} is for Kubernetes mode", flag[0])),
+                "{err}"
+            );
+            // Kubernetes mode takes it.
+            let mut kubernetes = vec!["meshca", "agent"];
+            kubernetes.extend_from_slice(&TLS_FLAGS);
+            kubernetes.extend_from_slice(flag);
+            assert!(parse_cli(&kubernetes).is_ok(), "{kubernetes:?}");
+        }
     }
 
     /// What directory mode needs besides --target-dir.

@@ -795,6 +795,40 @@ fn trusted_roots(dir: &Path) -> Vec<String> {
     )
 }
 
+/// A Kubernetes-mode flag on a directory-mode agent's command line is refused by name
+/// (it would do nothing); the same settings from a pod's environment (POD_NAMESPACE,
+/// POD_NAME, set whatever the mode) are not.
+#[test]
+fn kubernetes_mode_flags_are_refused_in_directory_mode_but_not_the_pods_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |extra: &[&str]| {
+        run(Command::new(MESHCA)
+            .current_dir(dir.path())
+            .env("POD_NAMESPACE", "service-mesh-hub")
+            .env("POD_NAME", "agent-0")
+            .args(["agent", "--once", "--target-dir", "cacerts"])
+            .args(["--signer", "https://127.0.0.1:1", "--ca-cert", "ca.pem"])
+            .args(["--client-cert", "client.pem", "--client-key", "key.pem"])
+            .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"])
+            .args(extra))
+    };
+    let out = agent(&["--lease-seconds", "60", "--namespace", "smh"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--namespace, --lease-seconds are for Kubernetes mode"),
+        "{stderr}"
+    );
+    // From the environment only: the pass goes on, and fails at the client files.
+    let out = agent(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("client.pem") && !stderr.contains("Kubernetes mode"),
+        "{stderr}"
+    );
+}
+
 /// `--retire-root` in a form that names no root (a SHA-1, as `openssl x509 -fingerprint`
 /// prints by default, or a typo) would retire nothing and exit 0: it is a usage mistake.
 /// Refused before anything is read, so no signer is needed.

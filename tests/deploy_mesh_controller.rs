@@ -177,6 +177,16 @@ fn the_crds_are_structural_and_carry_the_seed_shape() {
         keys(&federation["properties"]["selector"]["properties"]),
         ["matchLabels", "namespaces"]
     );
+    // So are misspelled keys at every level: the controller refuses them by name.
+    let ca_schema = &spec["properties"]["certificateAuthority"];
+    for (at, object) in [
+        ("spec", spec),
+        ("certificateAuthority", ca_schema),
+        ("builtin", &ca_schema["properties"]["builtin"]),
+        ("meshes[]", &spec["properties"]["meshes"]["items"]),
+    ] {
+        assert_eq!(object["x-kubernetes-preserve-unknown-fields"], true, "{at}");
+    }
     for open in ["limited", "shared"] {
         assert_eq!(
             spec["properties"][open]["x-kubernetes-preserve-unknown-fields"],

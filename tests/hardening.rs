@@ -579,7 +579,7 @@ async fn with_crls_configured_a_client_ca_without_one_is_named_and_its_clients_r
 async fn sighup_reloads_revocations_and_the_server_certificate() {
     // Idle connections are not cut off by a timeout here: only the reload closes them.
     let env = Env::with(EnvSpec {
-        extra_toml: "[limits]\nheader_timeout_ms = 600000\n".into(),
+        extra_toml: "[limits]\nheader_timeout_ms = 300000\n".into(),
         ..EnvSpec::default()
     });
     // A CRL that revokes only a spare client, so cluster-b starts out trusted.
@@ -1034,7 +1034,7 @@ async fn a_request_body_that_stalls_is_answered_408_and_audited() {
 #[tokio::test]
 async fn a_client_revoked_by_a_reload_while_its_request_is_under_way_is_refused() {
     let env = Env::with(EnvSpec {
-        extra_toml: "[limits]\nbody_timeout_ms = 600000\n".into(),
+        extra_toml: "[limits]\nbody_timeout_ms = 300000\n".into(),
         ..EnvSpec::default()
     });
     // A CRL that revokes only a spare client, so cluster-b starts out trusted.
@@ -1086,7 +1086,7 @@ async fn signer_with_a_stalled_request(
 ) {
     let env = Env::with(EnvSpec {
         extra_toml: format!(
-            "[limits]\ndrain_timeout_ms = {drain_timeout_ms}\nbody_timeout_ms = 600000\n"
+            "[limits]\ndrain_timeout_ms = {drain_timeout_ms}\nbody_timeout_ms = 300000\n"
         ),
         ..EnvSpec::default()
     });
@@ -1404,11 +1404,11 @@ async fn a_grant_removed_while_a_body_arrives_is_gone_for_that_request() {
 
 #[tokio::test]
 async fn a_second_sigterm_cuts_the_drain_short_and_still_audits_what_was_under_way() {
-    // A drain that would last ten minutes.
-    let (env, mut signer, stalled) = signer_with_a_stalled_request(600_000).await;
+    // A drain that would last five minutes (the longest drain_timeout_ms).
+    let (env, mut signer, stalled) = signer_with_a_stalled_request(300_000).await;
     send_signal(signer.child.id(), "TERM");
     signer.wait_for_log("shutting down").await;
-    // The operator will not wait ten minutes.
+    // The operator will not wait five minutes.
     terminate_successfully(&mut signer);
     drop(stalled);
 

@@ -553,3 +553,26 @@ fn only_root_init_refuses_a_default_root_name_too_long_for_a_certificate() {
         assert!(report.contains("is valid"), "{}: {report}", backend.name());
     }
 }
+
+#[test]
+fn a_key_type_other_than_the_roots_is_refused_by_serve_and_its_check() {
+    let env = Env::new();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let other = config.replace("key_type = \"ecdsa-p384\"", "key_type = \"rsa4096\"");
+    assert_ne!(other, config, "{config}");
+    std::fs::write(&env.config, other).unwrap();
+    // --check first: were the mismatch let through, `serve` would run on.
+    for command in [&["serve", "--check"][..], &["serve"][..]] {
+        let out = env.run_with_config(command);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains("root.key_type rsa4096 does not match the root certificate ")
+                && stderr.contains("root-cert.pem (ECDSA P-384)"),
+            "{command:?}: {stderr}"
+        );
+    }
+    // `root show` still shows the root, to see what key_type should be.
+    let shown = text(&env.run_with_config_ok(&["root", "show"]).stdout);
+    assert!(shown.contains("P-384"), "{shown}");
+}

@@ -2347,3 +2347,35 @@ async fn a_signer_past_its_roots_end_is_not_ready_and_refuses_with_root_expired(
     assert!(left < -86_400, "{left}");
     env.audit_verify_ok();
 }
+
+#[test]
+fn the_check_shows_the_settings_in_force() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 42\nbody_timeout_ms = 7000\n".into(),
+        ..EnvSpec::default()
+    });
+    let config = std::fs::read_to_string(&env.config).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"",
+        1,
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    for shown in [
+        "  listen          127.0.0.1:0, ops 127.0.0.1:0\n",
+        // The rules as the audit log's start record holds them, under their digest.
+        &format!(
+            "    grant \"{}\" test/vm test/cluster-a\n",
+            identity("cluster-a")
+        ),
+        "    limit sign_requests_per_minute=42\n",
+        "    limit sign_burst=60\n",
+        "    limit max_connections=1024\n",
+        "    limit body_timeout_ms=7000\n",
+        "    limit drain_timeout_ms=30000\n",
+        "    virtual_mesh test/vm org=\"acme\"",
+        "  CRL overdue     accept: while a client CRL is past its nextUpdate, ",
+    ] {
+        assert!(report.contains(shown), "{shown:?} not in:\n{report}");
+    }
+}

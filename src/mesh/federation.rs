@@ -239,7 +239,7 @@ pub fn parse_virtual_mesh(
         }
         .into());
     }
-    Ok(serde_json::from_value(doc).map_err(|e| yaml_error(e.to_string()))?)
+    Ok(crate::policy::virtual_mesh::typed_document(yaml, 1, doc).map_err(yaml_error)?)
 }
 
 impl FederationConfig {

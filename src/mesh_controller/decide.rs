@@ -101,12 +101,15 @@ pub struct Valid<'m> {
 /// The reason and message for a VirtualMesh federation (or the signer) refuses. The
 /// message is the validation's own words, without the source prefix.
 pub fn rejection(error: FederationError) -> Rejection {
+    use crate::policy::virtual_mesh::UNKNOWN_FIELD;
     match error {
         FederationError::VirtualMesh(PolicyLoadError::Invalid { problem, .. }) => {
             let reason = if problem.contains("limited trust") {
                 "UnsupportedTrustModel"
             } else if problem.starts_with("spec.certificateAuthority.provided") {
                 "UnsupportedCertificateAuthority"
+            } else if problem.contains(UNKNOWN_FIELD) {
+                "UnknownField"
             } else {
                 "InvalidSpec"
             };
@@ -1642,6 +1645,16 @@ mod tests {
                 "ttlDays must be between 1",
             ),
             (json!({"meshes": []}), "InvalidSpec", "spec.meshes is empty"),
+            (
+                json!({"federaton": {"mode": "PERMISSIVE"}}),
+                "UnknownField",
+                "spec.federaton is not a VirtualMesh field",
+            ),
+            (
+                json!({"certificateAuthority": {"builtin": {"ttlDay": 10}}}),
+                "UnknownField",
+                "spec.certificateAuthority.builtin.ttlDay is not a VirtualMesh field",
+            ),
         ];
         for (extra, reason, needle) in cases {
             let vm = vm_with("vm", "2024-01-01T00:00:00Z", &["a"], extra.clone());

@@ -109,9 +109,11 @@ impl<'de> Deserialize<'de> for ObjectRef {
     }
 }
 
-/// A VirtualMesh document as written in YAML (only the fields meshca reads).
+/// A VirtualMesh document as written in YAML. Every key is one meshca reads or refuses by
+/// name (a misspelled one left unread would change what is signed or federated); only
+/// `metadata` is open (labels, annotations, ...).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualMeshDocument {
     #[serde(default)]
     pub api_version: Option<String>,
@@ -129,9 +131,11 @@ pub struct Metadata {
 /// The seed's VirtualMesh spec. Also the spec of the management plane's `VirtualMesh`
 /// custom resource (`crate::mesh_controller::crd`), whose schema is derived from these
 /// types: options meshca refuses (`limited`, `provided`, other federation modes) are part
-/// of the schema so that they reach the validation below and are refused by name.
+/// of the schema so that they reach the validation below and are refused by name, and so
+/// is any other key (kept, not pruned, by the API server: see [`Unknown`]).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct VirtualMeshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
@@ -153,6 +157,89 @@ pub struct VirtualMeshSpec {
     /// The member meshes.
     #[serde(default)]
     pub meshes: Vec<MeshReference>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
+}
+
+/// Keys of a VirtualMesh object that meshca does not know: kept so that validation refuses
+/// them by name (`deny_unknown_fields` would do for files, but the mesh controller reads
+/// the spec through the API server, which would prune them unless kept, and it must name
+/// them in a status condition rather than fail to read the object).
+pub type Unknown = BTreeMap<String, serde_json::Value>;
+
+/// The keys of each level of a VirtualMesh's spec that keeps unknown keys.
+const SPEC_KEYS: &[&str] = &[
+    "displayName",
+    "certificateAuthority",
+    "federation",
+    "shared",
+    "limited",
+    "enforceAccessControl",
+    "meshes",
+];
+const CA_KEYS: &[&str] = &["builtin", "provided"];
+const BUILTIN_KEYS: &[&str] = &["ttlDays", "rsaKeySizeBytes", "orgName"];
+const MESH_KEYS: &[&str] = &["name", "namespace"];
+
+/// The keys known at `path` (serde_path_to_error's segments from the document's top),
+/// for the levels that keep unknown keys.
+fn known_keys(path: &serde_path_to_error::Path) -> Option<&'static [&'static str]> {
+    use serde_path_to_error::Segment;
+    let keys: Vec<Option<&str>> = path
+        .iter()
+        .map(|segment| match segment {
+            Segment::Map { key } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect();
+    match keys.as_slice() {
+        [Some("spec")] => Some(SPEC_KEYS),
+        [Some("spec"), Some("certificateAuthority")] => Some(CA_KEYS),
+        [Some("spec"), Some("certificateAuthority"), Some("builtin")] => Some(BUILTIN_KEYS),
+        [Some("spec"), Some("meshes"), None] => Some(MESH_KEYS),
+        _ => None,
+    }
+}
+
+/// The keys of the object at `path` in `doc` that are not in `known`: on a missing field,
+/// these are likely the misspelling of it, and named with it.
+fn unknown_at(doc: &serde_json::Value, path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    let Some(known) = known_keys(path) else {
+        return Vec::new();
+    };
+    let mut at = Some(doc);
+    for segment in path.iter() {
+        at = match segment {
+            Segment::Map { key } => at.and_then(|v| v.get(key)),
+            Segment::Seq { index } => at.and_then(|v| v.get(index)),
+            _ => None,
+        };
+    }
+    at.and_then(serde_json::Value::as_object)
+        .map(|object| {
+            object
+                .keys()
+                .filter(|key| !known.contains(&key.as_str()))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What a refused unknown key's message says (the mesh controller's `UnknownField` reason).
+pub const UNKNOWN_FIELD: &str = "is not a VirtualMesh field";
+
+/// Refuses the first unknown key under `path`, naming it and the keys known there.
+fn refuse_unknown(path: &str, other: &Unknown, known: &[&str]) -> Result<(), String> {
+    match other.keys().next() {
+        None => Ok(()),
+        Some(key) => Err(format!(
+            "{path}.{key} {UNKNOWN_FIELD} (known: {})",
+            known.join(", ")
+        )),
+    }
 }
 
 /// Schema of a free-form object (kept as written, checked by meshca's validation).
@@ -165,6 +252,7 @@ fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct CertificateAuthority {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<BuiltinCa>,
@@ -172,16 +260,23 @@ pub struct CertificateAuthority {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
     pub provided: Option<serde_json::Value>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
 }
 
 /// `spec.certificateAuthority.builtin`: the rules for the root and its intermediates.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct BuiltinCa {
     pub ttl_days: u32,
     /// Despite the name, a size in bits (the seed's value is 4096).
     pub rsa_key_size_bytes: u32,
     pub org_name: String,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -210,9 +305,13 @@ pub struct Federation {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct MeshReference {
     pub name: String,
     pub namespace: String,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: Unknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +376,25 @@ const MAX_TTL_DAYS: u32 = 36_500;
 const MAX_ORG_NAME_LEN: usize = 64;
 
 impl VirtualMeshDocument {
+    /// Refuses the first key meshca does not know under `spec`, by its path.
+    fn unknown_keys(&self) -> Result<(), String> {
+        let spec = &self.spec;
+        refuse_unknown("spec", &spec.other, SPEC_KEYS)?;
+        let ca = &spec.certificate_authority;
+        refuse_unknown("spec.certificateAuthority", &ca.other, CA_KEYS)?;
+        if let Some(builtin) = &ca.builtin {
+            refuse_unknown(
+                "spec.certificateAuthority.builtin",
+                &builtin.other,
+                BUILTIN_KEYS,
+            )?;
+        }
+        for (index, mesh) in spec.meshes.iter().enumerate() {
+            refuse_unknown(&format!("spec.meshes[{index}]"), &mesh.other, MESH_KEYS)?;
+        }
+        Ok(())
+    }
+
     /// Validates the document and reduces it to the signer's policy.
     pub fn into_policy(self, source_name: &str) -> Result<VirtualMeshPolicy, PolicyLoadError> {
         let id_text = format!("{}/{}", self.metadata.namespace, self.metadata.name);
@@ -288,6 +406,7 @@ impl VirtualMeshDocument {
         let id: ObjectRef = id_text
             .parse()
             .map_err(|e: ObjectRefError| invalid(format!("metadata: {e}")))?;
+        self.unknown_keys().map_err(invalid)?;
         let ca = &self.spec.certificate_authority;
         if ca.provided.is_some() {
             return Err(invalid(
@@ -350,6 +469,70 @@ impl VirtualMeshDocument {
     }
 }
 
+/// Document `number` (from 1) of `yaml`, already parsed into `doc`, as a VirtualMesh. An
+/// error names the field by its path and, where it can, the line, never the value.
+pub fn typed_document(
+    yaml: &str,
+    number: usize,
+    doc: serde_json::Value,
+) -> Result<VirtualMeshDocument, String> {
+    let kept = doc.clone();
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let unknown = unknown_at(&kept, e.path());
+        let unknown = match unknown.as_slice() {
+            [] => String::new(),
+            keys => format!(
+                " ({} {UNKNOWN_FIELD}: a misspelling?)",
+                keys.iter()
+                    .map(|key| format!("{}.{key}", e.path()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        format!(
+            "document {number}{}: {}: {}{unknown}",
+            line_of_error(yaml),
+            e.path(),
+            without_value(&e.inner().to_string())
+        )
+    })
+}
+
+/// Where the typed reading of `yaml` fails, as ", line L column C", or nothing. The
+/// documents are read as JSON values first (for their kinds), which keeps no positions:
+/// on an error only, they are read again straight from the text, which does.
+fn line_of_error(yaml: &str) -> String {
+    let typed = serde_saphyr::from_multiple_with_options::<Option<VirtualMeshDocument>>(
+        yaml,
+        crate::yaml::options(),
+    );
+    match typed.err().and_then(|e| e.location()) {
+        Some(at) if at.line() > 0 => format!(", line {} column {}", at.line(), at.column()),
+        _ => String::new(),
+    }
+}
+
+/// A serde error without the value it quotes (`invalid type: string "356", expected u32`
+/// becomes `invalid type: string, expected u32`): YAML errors never quote the file, which
+/// may be a secret given by mistake. The error is serde_json's, which is only text, so the
+/// value is cut from it: it sits between the kind and the last ", expected " (the expected
+/// part comes from meshca's types, never from the file).
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix)
+            && let Some((unexpected, expected)) = rest.rsplit_once(", expected ")
+        {
+            let kind = unexpected
+                .split(['`', '"'])
+                .next()
+                .unwrap_or_default()
+                .trim();
+            return format!("{prefix}{kind}, expected {expected}");
+        }
+    }
+    message.to_string()
+}
+
 /// Every VirtualMesh the signer knows, by `<namespace>/<name>`.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
@@ -376,10 +559,10 @@ impl PolicySet {
                     kind: kind.to_string(),
                 });
             }
-            let document: VirtualMeshDocument =
-                serde_json::from_value(doc).map_err(|e| PolicyLoadError::Yaml {
+            let document =
+                typed_document(yaml, index + 1, doc).map_err(|message| PolicyLoadError::Yaml {
                     source_name: source_name.to_string(),
-                    message: format!("document {}: {e}", index + 1),
+                    message,
                 })?;
             self.insert(document.into_policy(source_name)?)?;
         }
@@ -500,6 +683,96 @@ mod tests {
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
             assert!(err.contains("test.yaml"), "source missing in {err:?}");
         }
+    }
+
+    #[test]
+    fn a_type_error_names_the_field_and_line_but_not_the_value() {
+        let yaml = SEED.replacen("ttlDays: 356", "ttlDays: \"SECRET356\"", 1);
+        let err = load(&yaml).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "spec.certificateAuthority.builtin.ttlDays: invalid type: string, expected u32"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("line 18"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        let yaml = SEED.replacen("rsaKeySizeBytes: 4096", "rsaKeySizeBytes: -4096", 1);
+        let err = load(&yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.certificateAuthority.builtin.rsaKeySizeBytes: invalid value: integer, expected u32"),
+            "{err}"
+        );
+        assert!(!err.contains("4096"), "{err}");
+        let yaml = SEED.replacen(
+            "  - name: istio-istio-system-new-remote-cluster",
+            "  - name: [SECRET]",
+            1,
+        );
+        let err = load(&yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.meshes[1].name: invalid type: sequence"),
+            "{err}"
+        );
+        assert!(!err.contains("SECRET"), "{err}");
+        // A required key misspelled is missing, and named with its place.
+        let yaml = SEED.replacen("      orgName:", "      organization:", 1);
+        let err = load(&yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.certificateAuthority.builtin: missing field `orgName` (spec.certificateAuthority.builtin.organization is not a VirtualMesh field: a misspelling?)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_misspelled_key_is_refused_by_name_at_every_level() {
+        let cases = [
+            (
+                "federation:",
+                "federaton:",
+                "spec.federaton is not a VirtualMesh field",
+            ),
+            (
+                "shared: {}",
+                "limted: {}",
+                "spec.limted is not a VirtualMesh field",
+            ),
+            (
+                "enforceAccessControl: false",
+                "enforceAccessControls: true",
+                "spec.enforceAccessControls is not a VirtualMesh field",
+            ),
+            (
+                "    builtin:",
+                "    biultin:",
+                "spec.certificateAuthority.biultin is not a VirtualMesh field",
+            ),
+            (
+                "      orgName:",
+                "      orgNam: o\n      orgName:",
+                "spec.certificateAuthority.builtin.orgNam is not",
+            ),
+            (
+                "  - name: istio-istio-system-management-plane",
+                "  - name: istio-istio-system-management-plane\n    cluster: east",
+                "spec.meshes[0].cluster is not a VirtualMesh field (known: name, namespace)",
+            ),
+            ("spec:", "spex:", "unknown field `spex`"),
+        ];
+        for (good, typo, needle) in cases {
+            let yaml = SEED.replacen(good, typo, 1);
+            assert_ne!(yaml, SEED, "{good}");
+            let err = load(&yaml).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+        // metadata stays open: labels and annotations are the cluster's business.
+        let labelled = SEED.replacen(
+            "  namespace: service-mesh-hub\nspec:",
+            "  namespace: service-mesh-hub\n  labels: {team: mesh}\nspec:",
+            1,
+        );
+        assert_ne!(labelled, SEED);
+        load(&labelled).unwrap();
     }
 
     #[test]

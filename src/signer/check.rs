@@ -10,12 +10,13 @@ use std::time::{Duration, SystemTime};
 
 use super::audit::rfc3339;
 use super::server::{
-    StartError, TlsFiles, clock_reaches_certificates, load_root, mesh_roots, read_pin, serving_tls,
-    start_backend,
+    StartError, TlsFiles, check_root_key_type, clock_reaches_certificates, load_root, mesh_roots,
+    read_pin, serving_tls, start_backend,
 };
 use crate::backend::vault::client::VaultClient;
 use crate::config::{BackendSettings, SignerConfig};
 use crate::pki::keys::PublicKeyKind;
+use crate::tlsutil::CrlOverdue;
 
 /// What is about to expire this soon is named (as the alerts do for the signer's TLS
 /// certificate).
@@ -34,6 +35,13 @@ pub struct CheckReport {
     /// The digest a signer started with this config names the rules by (its audit log's
     /// `rulesSha256`, its `meshca_rules_info`): the same on every replica meant to be alike.
     pub rules_sha256: String,
+    /// The rules that digest is of, one statement a line as the audit log's `start` record
+    /// holds them (root, virtual meshes, each client's grants, every limit, announced roots).
+    pub rules: String,
+    /// `listen` and `ops_listen`.
+    pub listen: String,
+    /// `[tls] client_crl_overdue`.
+    pub client_crl_overdue: String,
     pub server_certificate_not_after: SystemTime,
     /// Each client CRL file and when it is due to be replaced.
     pub client_crls: Vec<String>,
@@ -52,6 +60,7 @@ pub struct CheckReport {
 /// place. Secrets are read and dropped, never shown. `now` dates the expiry warnings.
 pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, StartError> {
     let root = load_root(config)?;
+    check_root_key_type(config, &root)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(crate::tlsutil::TlsError::from)?;
     let tls = serving_tls(&TlsFiles::of(config), &roots)?;
@@ -131,14 +140,26 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             None => format!("{}, no next update", crl.path.display()),
         })
         .collect();
+    let rules = super::reload::Rules::of(config, &root.fingerprint_sha256);
     Ok(CheckReport {
         config: config.path.display().to_string(),
         virtual_meshes: config.policies.iter().map(|p| p.id.to_string()).collect(),
         clients: config.authorization.clients().count(),
         root: describe_root(&root.key_kind, root.not_after, &root.fingerprint_sha256),
-        rules_sha256: super::reload::Rules::of(config, &root.fingerprint_sha256)
-            .digest()
-            .to_string(),
+        rules_sha256: rules.digest().to_string(),
+        rules: rules.text().to_string(),
+        listen: match config.ops_listen {
+            Some(ops) => format!("{}, ops {ops}", config.listen),
+            None => format!("{}, no ops listener (ops_listen unset)", config.listen),
+        },
+        client_crl_overdue: format!(
+            "{}: while a client CRL is past its nextUpdate, {}",
+            match config.client_crl_overdue {
+                CrlOverdue::Accept => "accept",
+                CrlOverdue::Refuse => "refuse",
+            },
+            config.client_crl_overdue.consequence()
+        ),
         announced_roots: config
             .root
             .announced()
@@ -341,7 +362,12 @@ impl fmt::Display for CheckReport {
         for (name, what) in &self.announced_roots {
             writeln!(f, "  {name:<15} {what}")?;
         }
+        writeln!(f, "  listen          {}", self.listen)?;
         writeln!(f, "  rules           sha256 {}", self.rules_sha256)?;
+        for statement in self.rules.lines() {
+            writeln!(f, "    {statement}")?;
+        }
+        writeln!(f, "  CRL overdue     {}", self.client_crl_overdue)?;
         writeln!(
             f,
             "  server cert     valid until {}",

@@ -106,6 +106,22 @@ pub fn load_root(config: &SignerConfig) -> Result<RootCa, StartError> {
     Ok(root)
 }
 
+/// `root.key_type` must be the root certificate's key: it is what `root init` made, what a
+/// root change sets (README "Changing the root", step 4), and a config that names another
+/// key type describes another root than the one it serves. Checked at start and by
+/// `serve --check`; `root show` still shows the root.
+pub fn check_root_key_type(config: &SignerConfig, root: &RootCa) -> Result<(), StartError> {
+    let key_type = config.root.key_type;
+    if key_type.is_type_of(&root.key_kind) {
+        return Ok(());
+    }
+    Err(StartError::Root(format!(
+        "root.key_type {key_type} does not match the root certificate {} ({}): set key_type to the root's key type",
+        config.root.certificate.display(),
+        root.key_kind
+    )))
+}
+
 /// Each announced root must be another root than the one in force and than the other
 /// announced one: a next root left in place after the switch, or a previous root named
 /// before it, would announce nothing.
@@ -747,6 +763,7 @@ pub async fn start(
     let started = Instant::now();
     raise_open_files_limit(config.limits.max_connections);
     let root = load_root(&config)?;
+    check_root_key_type(&config, &root)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
     let tls = serving_tls(&TlsFiles::of(&config), &roots)?;
