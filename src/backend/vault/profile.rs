@@ -156,6 +156,22 @@ fn one_certificate(pem: &str) -> Result<Certificate, String> {
 /// knows, carrying exactly meshca's profile and the policy (org, subject, key, notAfter,
 /// extensions). Serial and notBefore are Vault's choice. Anything else is out of policy
 /// and never handed out.
+/// Vault's answer to `sign-self-issued` for `announced`: a cross certificate under
+/// `root` ([`crate::pki::cross::check_cross`]), or out of policy.
+pub fn check_cross(
+    answer: &Value,
+    announced: &RootCa,
+    root: &RootCa,
+) -> Result<Certificate, BackendError> {
+    let out = |m: String| BackendError::OutOfPolicy(format!("cross certificate: {m}"));
+    let pem = data_str(answer, "certificate")
+        .ok_or_else(|| out("Vault's answer has no data.certificate".into()))?;
+    let certificate = one_certificate(pem).map_err(|e| out(format!("data.certificate: {e}")))?;
+    crate::pki::cross::check_cross(&certificate, &root.certificate, &announced.certificate)
+        .map_err(|e| out(e.to_string()))?;
+    Ok(certificate)
+}
+
 pub fn check_intermediate(
     answer: &Value,
     request: &IssueRequest,
