@@ -147,9 +147,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::pki::csr::sign_with;
     use crate::pki::keys::{KeyType, PrivateKey};
-    use crate::pki::profile::{assemble, cross_tbs};
     use crate::pki::testing::software_root;
     use x509_cert::ext::pkix::{
         AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectKeyIdentifier,
@@ -157,13 +155,8 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
 
-    /// `current`'s key (`key`) vouching for `announced`, made in software as the token
-    /// would.
     fn cross(key: &PrivateKey, current: &RootCa, announced: &RootCa) -> Certificate {
-        let plan = cross_plan(announced, current, SystemTime::now()).unwrap();
-        let tbs = cross_tbs(&plan, announced, current).unwrap();
-        let (algorithm, signature) = sign_with(key, &tbs).unwrap();
-        Certificate::from_der(&assemble(&tbs, algorithm, &signature).unwrap()).unwrap()
+        crate::pki::testing::software_cross(key, current, announced)
     }
 
     #[test]
