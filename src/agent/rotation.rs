@@ -1021,14 +1021,15 @@ mod tests {
         };
         let taken = Ok(());
         let not_pinned = Err(NotTaken::NotPinned);
-        let cases: Vec<(
-            &str,
-            &RootPin,
+        type Case<'a> = (
+            &'a str,
+            &'a RootPin,
             TrustedRoots,
-            SignerRoot,
-            Option<&str>,
+            SignerRoot<'a>,
+            Option<&'a str>,
             Result<(), ()>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 "pin lists N: no cross certificate needed",
                 &pin_n,
