@@ -1298,6 +1298,7 @@ impl Inner {
         let cert =
             check_signed_certificate(&cert_der, &tbs, root).map_err(|e| check(e.to_string()))?;
         crate::pki::cross::check_cross(&cert, &root.certificate, &announced.certificate)
+            .and_then(|()| crate::pki::cross::check_cross_key_ids(&cert, root, announced))
             .map_err(|e| check(e.to_string()))?;
         Ok(cert)
     }

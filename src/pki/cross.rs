@@ -30,6 +30,8 @@ pub enum CrossError {
     NotCa,
     #[error("the cross certificate is not signed by the current root's key: {0}")]
     Signature(String),
+    #[error("the cross certificate's key identifiers are wrong: {0}")]
+    KeyIds(String),
 }
 
 /// A cross certificate the signer made, as it serves and audits it.
@@ -118,6 +120,40 @@ pub fn check_cross(
 /// The DER of `value` (empty if it cannot be encoded, which then matches nothing real).
 fn der<T: Encode>(value: &T) -> Vec<u8> {
     value.to_der().unwrap_or_default()
+}
+
+/// What the signer checks on a cross certificate it made, beyond [`check_cross`]: the
+/// key identifiers (SKI the announced root's, AKI the current root's). A wrong AKI does
+/// not fool meshca's agents, but a verifier that goes by key identifiers (openssl) would
+/// take a cross certificate between two roots of the same name for self-signed.
+pub fn check_cross_key_ids(
+    cross: &Certificate,
+    current: &RootCa,
+    announced: &RootCa,
+) -> Result<(), CrossError> {
+    use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
+    let tbs = cross.tbs_certificate();
+    let ski = tbs
+        .get_extension::<SubjectKeyIdentifier>()
+        .ok()
+        .flatten()
+        .map(|(_, ski)| ski.0.as_bytes().to_vec());
+    if ski.as_deref() != Some(announced.subject_key_id.as_slice()) {
+        return Err(CrossError::KeyIds(
+            "its subject key identifier is not the announced root's".into(),
+        ));
+    }
+    let aki = tbs
+        .get_extension::<AuthorityKeyIdentifier>()
+        .ok()
+        .flatten()
+        .and_then(|(_, aki)| aki.key_identifier.map(|id| id.as_bytes().to_vec()));
+    if aki.as_deref() != Some(current.subject_key_id.as_slice()) {
+        return Err(CrossError::KeyIds(
+            "its authority key identifier is not the current root's subject key identifier".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// [`check_cross`] of a PEM cross certificate (exactly one certificate).

@@ -237,9 +237,28 @@ pub fn cross_tbs(
     announced: &RootCa,
     current: &RootCa,
 ) -> Result<Vec<u8>, ProfileError> {
+    cross_profile_tbs(plan, announced, current, &current.subject)
+}
+
+/// [`cross_tbs`], but named as issued by `announced` itself: the self-issued template
+/// Vault's `sign-self-issued` takes (it puts the current root's name in as issuer).
+pub fn cross_template_tbs(
+    plan: &IntermediatePlan,
+    announced: &RootCa,
+    current: &RootCa,
+) -> Result<Vec<u8>, ProfileError> {
+    cross_profile_tbs(plan, announced, current, &announced.subject)
+}
+
+fn cross_profile_tbs(
+    plan: &IntermediatePlan,
+    announced: &RootCa,
+    current: &RootCa,
+    issuer: &Name,
+) -> Result<Vec<u8>, ProfileError> {
     let profile = CaProfile {
         subject: announced.subject.clone(),
-        issuer: Some(current.subject.clone()),
+        issuer: Some(issuer.clone()),
         basic_constraints: BasicConstraints {
             ca: true,
             path_len_constraint: Some(ROOT_PATH_LEN),

@@ -422,6 +422,21 @@ key_type = "{key_type}"
         env
     }
 
+    /// Another environment with a root of its own (its own token) but this one's
+    /// transport PKI: the signer's TLS certificate and key, its CA, the clients'. What
+    /// whoever stole the signer's TLS key (or got a certificate from that CA) can run: a
+    /// real signer the agents here reach and trust over TLS, under another root.
+    pub fn impostor(&self) -> Env {
+        let other = Env::new();
+        for entry in std::fs::read_dir(self.path("pki")).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), other.path("pki").join(entry.file_name())).unwrap();
+            }
+        }
+        other
+    }
+
     /// The test's OpenBao server (Vault environments only).
     pub fn bao(&self) -> &openbao::OpenBao {
         self.openbao.as_ref().expect("not a Vault environment")

@@ -309,12 +309,14 @@ impl RootSigner for VaultBackend {
             if let Some(why) = self.issuer_moved() {
                 return Err(BackendError::Unavailable(why));
             }
-            // Vault signs a self-issued certificate it is given with the issuer's key,
-            // issuer name and AKI; it keeps the rest (serial, dates, SKI) as they are.
-            // The announced root's own key type may differ from the root's: Vault then
-            // signs with the root key's algorithm when told to.
+            // Vault signs a self-issued certificate it is given with the issuer's key and
+            // name, and keeps the rest: meshca gives it the cross certificate's profile
+            // ([`profile::cross_template`]). The announced root's key type may differ
+            // from the root's: Vault then signs with the root key's algorithm when told
+            // to.
+            let template = profile::cross_template(announced, &self.root)?;
             let body = serde_json::json!({
-                "certificate": announced.pem,
+                "certificate": template,
                 "require_matching_certificate_algorithms": true,
             });
             let answer = self
