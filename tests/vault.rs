@@ -1389,7 +1389,7 @@ async fn a_root_vault_will_not_vouch_for_is_not_announced() {
     );
 
     env.announce_next_root(None);
-    let mut signer = env.start_signer();
+    let signer = env.start_signer();
     let client = env.client("cluster-a");
     env.announce_next_root(Some("next-root-cert.pem"));
     send_signal(signer.child.id(), "HUP");
