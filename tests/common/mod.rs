@@ -182,6 +182,7 @@ pub enum VaultAuthSpec {
 /// and generate a root in it (`meshca root init`).
 pub const MESHCA_VAULT_POLICY: &str = r#"
 path "pki/root/generate/internal" { capabilities = ["update"] }
+path "pki/issuer/+/sign-self-issued" { capabilities = ["update"] }
 path "pki/issuer/*" { capabilities = ["read", "update", "patch", "delete"] }
 path "pki/key/*" { capabilities = ["read", "delete"] }
 path "pki/config/urls" { capabilities = ["read"] }
