@@ -884,6 +884,12 @@ fn root_change_in_two_phases(env: Env) {
         ))),
         "{audited}"
     );
+    // `serve --check` and `root show` name it, as the audit log last recorded it.
+    let vouched = format!("cross certificate serial {cross_serial} sha256 {cross_sha256}");
+    for args in [&["serve", "--check"][..], &["root", "show"]] {
+        let out = text(&env.run_with_config_ok(args).stdout);
+        assert!(out.contains(&vouched), "{args:?}: {out}");
+    }
     for (cluster, dir) in [("cluster-a", &a), ("cluster-b", &b)] {
         let serial_before = serial(dir);
         let out = pass_ok(&env, &addr, cluster, dir, &[]);
