@@ -1378,9 +1378,24 @@ async fn a_root_vault_will_not_vouch_for_is_not_announced() {
     env.bao().write_policy("meshca", &without);
 
     env.announce_next_root(Some("next-root-cert.pem"));
-    let refused = env.run_with_config(&["serve"]);
-    let stderr = text(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    // Read until it exits: a signer that started anyway is stopped and fails the test.
+    let mut serve = env
+        .meshca_with_config(&["serve"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(serve.stderr.take().unwrap())) {
+        let line = line.unwrap();
+        if line.contains("signer listening") {
+            let _ = serve.kill();
+            let _ = serve.wait();
+            panic!("the signer started without vouching for the next root: {stderr}{line}");
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    assert_eq!(serve.wait().unwrap().code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "the root key cannot make the cross certificate that vouches for next root sha256 {next_root}"
