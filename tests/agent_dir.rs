@@ -977,6 +977,37 @@ fn root_change_in_two_phases(env: Env) {
     mtls_handshake(work, &b_after, &a_after).assert_ok();
 }
 
+/// A next root of another key type than the root in force (RSA under ECDSA P-384) is
+/// vouched for as well, by the token and by Vault (asked to sign with the root key's
+/// algorithm), and taken by an agent.
+#[test]
+fn a_next_root_of_another_key_type_is_vouched_for_and_taken() {
+    for backend in Backend::both() {
+        let env = Env::with(EnvSpec {
+            backend,
+            ..EnvSpec::default()
+        });
+        let work = env.dir.path();
+        let root = openssl_fingerprint(work, &env.path("root-cert.pem"));
+        let next_root = openssl_fingerprint(work, &env.init_next_root_of("rsa3072"));
+        env.announce_next_root(Some("next-root-cert.pem"));
+        let signer = env.start_signer();
+        cross_cert_under(
+            &env,
+            &signer,
+            "nextRootCrossCert",
+            &env.path("root-cert.pem"),
+            &env.path("next-root-cert.pem"),
+        );
+        let dir = env.path("cacerts");
+        let out = pass_ok(&env, &signer.addr.to_string(), "cluster-a", &dir, &[]);
+        assert!(
+            out.contains(&format!("trusts       {root}, {next_root}")),
+            "{out}"
+        );
+    }
+}
+
 /// The cross certificate `field` of the signer's public policy: `openssl verify
 /// -partial_chain` passes it under `current` (the root in force), and its subject and
 /// public key are `announced`'s. Its serial and SHA-256, as the audit log names them.

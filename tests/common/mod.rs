@@ -497,6 +497,31 @@ key_type = "{key_type}"
         self.path("next-root-cert.pem")
     }
 
+    /// [`Env::init_next_root`], with a key of `key_type` (`ecdsa-p256`, `rsa3072`, ...)
+    /// rather than the root's.
+    pub fn init_next_root_of(&self, key_type: &str) -> PathBuf {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let next = config_with_next_root(&config)
+            .lines()
+            .map(|line| {
+                if line.starts_with("key_type = ") {
+                    format!("key_type = \"{key_type}\"")
+                } else {
+                    line.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let next_config = self.path("next-signer.toml");
+        std::fs::write(&next_config, next + "\n").unwrap();
+        run_ok(
+            self.meshca()
+                .args(["root", "init", "--config"])
+                .arg(&next_config),
+        );
+        self.path("next-root-cert.pem")
+    }
+
     /// Names `file` as `[root] next_certificate` in the signer config (None: no next root).
     pub fn announce_next_root(&self, file: Option<&str>) {
         self.announce_root("next_certificate", file);

@@ -312,12 +312,12 @@ impl RootSigner for VaultBackend {
             // Vault signs a self-issued certificate it is given with the issuer's key and
             // name, and keeps the rest: meshca gives it the cross certificate's profile
             // ([`profile::cross_template`]). The announced root's key type may differ
-            // from the root's: Vault then signs with the root key's algorithm when told
-            // to.
+            // from the root's: with `require_matching_certificate_algorithms` false
+            // Vault then signs anyway, with the root key's algorithm (true refuses).
             let template = profile::cross_template(announced, &self.root)?;
             let body = serde_json::json!({
                 "certificate": template,
-                "require_matching_certificate_algorithms": true,
+                "require_matching_certificate_algorithms": false,
             });
             let answer = self
                 .client
