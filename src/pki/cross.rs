@@ -73,12 +73,15 @@ pub fn cross_plan(
     current: &RootCa,
     now: SystemTime,
 ) -> Result<IntermediatePlan, ProfileError> {
+    let not_after = announced.not_after.min(current.not_after);
     Ok(IntermediatePlan {
         subject: announced.subject.clone(),
         public_key: announced.public_key.clone(),
         serial: random_serial()?,
-        not_before: now.checked_sub(BACKDATE).unwrap_or(now),
-        not_after: announced.not_after.min(current.not_after),
+        // An announced root that has ended stays announced (the agents skip it): its
+        // cross certificate then begins at that end rather than after it.
+        not_before: now.checked_sub(BACKDATE).unwrap_or(now).min(not_after),
+        not_after,
     })
 }
 
