@@ -133,6 +133,7 @@ else
 path "pki/root/generate/internal" { capabilities = ["update"] }
 path "pki/issuer/meshca-root" { capabilities = ["read"] }
 path "pki/issuer/meshca-root/sign-intermediate" { capabilities = ["update"] }
+path "pki/issuer/meshca-root/sign-self-issued" { capabilities = ["update"] }
 path "pki/key/*" { capabilities = ["read"] }
 path "pki/config/urls" { capabilities = ["read"] }
 POLICY

@@ -255,6 +255,9 @@ pub struct AnnouncedRoot {
     pub fingerprint_sha256: String,
     pub key_kind: PublicKeyKind,
     pub not_after: SystemTime,
+    /// The root key vouching for it, made by the running signer (never read from the
+    /// config): what the agents need to take it.
+    pub cross_cert: Option<crate::pki::cross::CrossCert>,
 }
 
 impl AnnouncedRoot {
@@ -310,8 +313,26 @@ impl AnnouncedRoot {
             fingerprint_sha256: root.fingerprint_sha256.clone(),
             key_kind: root.key_kind.clone(),
             not_after: root.not_after,
+            cross_cert: None,
         };
         Ok((announced, root))
+    }
+
+    /// How audit records name it: its SHA-256, and its cross certificate once made.
+    pub fn described(&self) -> String {
+        match &self.cross_cert {
+            Some(cross) => format!(
+                "{} sha256 {} ({})",
+                self.announcement.name(),
+                self.fingerprint_sha256,
+                cross.describe()
+            ),
+            None => format!(
+                "{} sha256 {}",
+                self.announcement.name(),
+                self.fingerprint_sha256
+            ),
+        }
     }
 
     /// `problem`, prefixed with the config key and the file.

@@ -853,6 +853,13 @@ fn print_root_certificates(config: &SignerConfig, root: &RootCa) {
             }
         );
         say!("  sha256       {}", announced.fingerprint_sha256);
+        say!(
+            "  vouched by   {}",
+            meshca::signer::check::describe_cross_cert(
+                &config.audit_log,
+                &announced.fingerprint_sha256
+            )
+        );
     }
 }
 

@@ -905,6 +905,32 @@ fn root_change_in_two_phases(env: Env) {
         reload.contains(&format!("next root sha256 {new_root} announced")),
         "{reload}"
     );
+    // The root key vouches for the next root: a cross certificate under the root in
+    // force, with the next root's name and key, as openssl sees it; audited.
+    let (cross_serial, cross_sha256) = cross_cert_under(
+        &env,
+        &signer,
+        "nextRootCrossCert",
+        &env.path("root-cert.pem"),
+        &env.path("next-root-cert.pem"),
+    );
+    let audited = signer
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "reload")
+        .unwrap();
+    assert!(
+        audited["message"].as_str().is_some_and(|m| m.contains(&format!(
+            "next root sha256 {new_root} announced (cross certificate serial {cross_serial} sha256 {cross_sha256})"
+        ))),
+        "{audited}"
+    );
+    // `serve --check` and `root show` name it, as the audit log last recorded it.
+    let vouched = format!("cross certificate serial {cross_serial} sha256 {cross_sha256}");
+    for args in [&["serve", "--check"][..], &["root", "show"]] {
+        let out = text(&env.run_with_config_ok(args).stdout);
+        assert!(out.contains(&vouched), "{args:?}: {out}");
+    }
     for (cluster, dir) in [("cluster-a", &a), ("cluster-b", &b)] {
         let serial_before = serial(dir);
         let out = pass_ok(&env, &addr, cluster, dir, &[]);
@@ -930,6 +956,14 @@ fn root_change_in_two_phases(env: Env) {
     env.announce_previous_root(Some("root-cert.pem"));
     let signer = env.start_signer();
     let addr = signer.addr.to_string();
+    // The new root's key vouches for the old one, now announced as the previous root.
+    cross_cert_under(
+        &env,
+        &signer,
+        "previousRootCrossCert",
+        &env.path("next-root-cert.pem"),
+        &env.path("root-cert.pem"),
+    );
     let out = pass_ok(&env, &addr, "cluster-a", &a, &[]);
     assert!(out.contains(&format!("root sha256  {new_root}")), "{out}");
     assert_eq!(trusted_roots(&a), vec![new_root.clone(), old_root.clone()]);
@@ -982,6 +1016,187 @@ fn root_change_in_two_phases(env: Env) {
     let a_after = Workload::issue(work, &a, "a-after");
     let b_after = Workload::issue(work, &b, "b-after");
     mtls_handshake(work, &b_after, &a_after).assert_ok();
+}
+
+/// A next root of another key type than the root in force (RSA under ECDSA P-384) is
+/// vouched for as well, by the token and by Vault (asked to sign with the root key's
+/// algorithm), and taken by an agent.
+#[test]
+fn a_next_root_of_another_key_type_is_vouched_for_and_taken() {
+    for backend in Backend::both() {
+        let env = Env::with(EnvSpec {
+            backend,
+            ..EnvSpec::default()
+        });
+        let work = env.dir.path();
+        let root = openssl_fingerprint(work, &env.path("root-cert.pem"));
+        let next_root = openssl_fingerprint(work, &env.init_next_root_of("rsa3072"));
+        env.announce_next_root(Some("next-root-cert.pem"));
+        let signer = env.start_signer();
+        cross_cert_under(
+            &env,
+            &signer,
+            "nextRootCrossCert",
+            &env.path("root-cert.pem"),
+            &env.path("next-root-cert.pem"),
+        );
+        let dir = env.path("cacerts");
+        let out = pass_ok(&env, &signer.addr.to_string(), "cluster-a", &dir, &[]);
+        assert!(
+            out.contains(&format!("trusts       {root}, {next_root}")),
+            "{out}"
+        );
+    }
+}
+
+/// The cross certificate `field` of the signer's public policy: `openssl verify
+/// -partial_chain` passes it under `current` (the root in force), and its subject and
+/// public key are `announced`'s. Its serial and SHA-256, as the audit log names them.
+fn cross_cert_under(
+    env: &Env,
+    signer: &Signer,
+    field: &str,
+    current: &Path,
+    announced: &Path,
+) -> (String, String) {
+    let policy = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(signer.get_text(&env.client("cluster-a"), "/v1/virtualmeshes/test/vm"));
+    let policy: Value = serde_json::from_str(&policy).unwrap();
+    let cross = policy[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {field}: {policy}"));
+    let work = env.dir.path();
+    let path = work.join(format!("{field}.pem"));
+    std::fs::write(&path, cross).unwrap();
+    let verified = run(Command::new("openssl")
+        .args(["verify", "-partial_chain", "-CAfile"])
+        .arg(current)
+        .arg(&path));
+    assert!(
+        verified.status.success() && text(&verified.stdout).contains(": OK"),
+        "{}{}",
+        text(&verified.stdout),
+        text(&verified.stderr)
+    );
+    for what in ["-pubkey", "-subject"] {
+        let of = |file: &Path| {
+            openssl(
+                work,
+                &["x509", "-in", file.to_str().unwrap(), "-noout", what],
+            )
+        };
+        assert_eq!(of(&path), of(announced), "{what}");
+    }
+    // Not the announced root itself: issued by the root in force.
+    let issuer = openssl(
+        work,
+        &["x509", "-in", path.to_str().unwrap(), "-noout", "-issuer"],
+    );
+    let current_subject = openssl(
+        work,
+        &[
+            "x509",
+            "-in",
+            current.to_str().unwrap(),
+            "-noout",
+            "-subject",
+        ],
+    );
+    assert_eq!(
+        issuer.trim_start_matches("issuer="),
+        current_subject.trim_start_matches("subject=")
+    );
+    let serial = openssl(
+        work,
+        &["x509", "-in", path.to_str().unwrap(), "-noout", "-serial"],
+    );
+    let serial = serial
+        .trim()
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase();
+    (serial, openssl_fingerprint(work, &path))
+}
+
+/// Without a pin, whoever holds a TLS certificate the agents trust for the signer's name
+/// (here: the signer's own, stolen) can run a real signer under a root of its own. An
+/// agent installed from the real signer takes neither the root that signer announces
+/// (its own key vouches for it, not one the cluster trusts) nor an intermediate under its
+/// root: the pass fails by name, nothing is signed, nothing written.
+#[test]
+fn a_signer_under_another_root_has_the_cluster_trust_none_of_its_roots() {
+    let env = Env::new();
+    let work = env.dir.path();
+    let signer = env.start_signer();
+    let dir = env.path("cacerts");
+    pass_ok(&env, &signer.addr.to_string(), "cluster-a", &dir, &[]);
+    let root = openssl_fingerprint(work, &env.path("root-cert.pem"));
+    let before = snapshot(&dir);
+    let bytes_before: Vec<Vec<u8>> = NAMES
+        .iter()
+        .map(|name| std::fs::read(dir.join(name)).unwrap())
+        .collect();
+
+    let impostor = env.impostor();
+    let its_root = openssl_fingerprint(impostor.dir.path(), &impostor.path("root-cert.pem"));
+    let planted = openssl_fingerprint(impostor.dir.path(), &impostor.init_next_root());
+    impostor.announce_next_root(Some("next-root-cert.pem"));
+    let fake = impostor.start_signer();
+    let addr = fake.addr.to_string();
+    assert_ne!(its_root, root);
+
+    let refused = format!(
+        "the signer's root sha256 {its_root} is not in root-cert.pem and was never announced cross-signed by a root this cluster trusts: nothing was asked of the signer; if this root change is yours, announce it first"
+    );
+    let out = once(&env, &addr, &dir, &[]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&refused), "{stderr}");
+    // (a) its next root, vouched for by its own key only: a WARN saying why.
+    let warning = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["sha256"] == planted.as_str())
+        .unwrap_or_else(|| panic!("no warning naming {planted}: {stderr}"));
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let message = warning["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("not cross-signed by a root this cluster trusts")
+            && message.contains("not added to root-cert.pem")
+            && message.contains(&format!(
+                "own root sha256 {its_root} is not one this cluster trusts"
+            )),
+        "{warning}"
+    );
+    // `meshca request` into the same directory is refused alike.
+    let request = run(env
+        .meshca()
+        .arg("request")
+        .args(env.signer_flags(&addr, "cluster-a"))
+        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"])
+        .arg("--out-dir")
+        .arg(&dir));
+    let stderr = text(&request.stderr);
+    assert!(!request.status.success(), "{stderr}");
+    assert!(stderr.contains(&refused), "{stderr}");
+    // (b) nothing signed by the impostor, nothing written here.
+    let issued: Vec<Value> = fake
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["rule"] == "issued")
+        .collect();
+    assert!(issued.is_empty(), "{issued:?}");
+    assert_eq!(snapshot(&dir), before);
+    let bytes_after: Vec<Vec<u8>> = NAMES
+        .iter()
+        .map(|name| std::fs::read(dir.join(name)).unwrap())
+        .collect();
+    assert!(bytes_after == bytes_before);
+    assert_eq!(trusted_roots(&dir), vec![root.clone()]);
+
+    // The real signer is still followed.
+    let out = pass_ok(&env, &signer.addr.to_string(), "cluster-a", &dir, &[]);
+    assert!(out.contains(&format!("root sha256  {root}")), "{out}");
 }
 
 /// `--accept-root` pins the roots the agent takes from its signer: a signer (or whoever

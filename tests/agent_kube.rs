@@ -1058,6 +1058,47 @@ async fn a_signer_root_the_request_does_not_accept_is_asked_for_nothing() {
     assert!(cluster.get(SECRET).is_some(), "{}", vmcsr_status(&cluster));
 }
 
+/// Without a pin, a signer under a root the installed Secret does not hold (one run with
+/// the real signer's stolen TLS key, under a root of its own) is asked for nothing: the
+/// status says `RootNotTrusted`, the root it announces is not reported, and the Secret is
+/// not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signer_under_a_root_the_secret_does_not_hold_is_asked_for_nothing() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request_restarting_nothing(&signer);
+    cluster.pass().await;
+    let installed = cluster.get(SECRET).expect("installed from the real signer");
+
+    let impostor = env.impostor();
+    let work = impostor.dir.path();
+    let its_root = common::certs::openssl_fingerprint(work, &impostor.path("root-cert.pem"));
+    let planted = common::certs::openssl_fingerprint(work, &impostor.init_next_root());
+    impostor.announce_next_root(Some("next-root-cert.pem"));
+    let fake = impostor.start_signer();
+    cluster.edit_request(|request| {
+        request["spec"]["signer"]["url"] = json!(format!("https://{}", fake.addr));
+    });
+    let sent = cluster.pass_with_dry_runs().await;
+    assert!(!sent.iter().any(is_secret_write), "{:?}", writes(&sent));
+    let st = failed_with(
+        &cluster,
+        &format!(
+            "the signer's root sha256 {its_root} is not in root-cert.pem and was never announced cross-signed by a root this cluster trusts"
+        ),
+    );
+    assert_eq!(condition(&st, "Ready")["reason"], "RootNotTrusted", "{st}");
+    assert_ne!(st["nextRootFingerprint"], json!(planted), "{st}");
+    assert_eq!(cluster.get(SECRET).unwrap()["data"], installed["data"]);
+    let issued: Vec<Value> = fake
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["rule"] == "issued")
+        .collect();
+    assert!(issued.is_empty(), "{issued:?}");
+}
+
 /// A Lease this short leaves less than the 5 s margin: the agent reads it before each
 /// write (so a test can take it away between two).
 const LEASE_READ_BEFORE_EACH_WRITE: Duration = Duration::from_secs(6);

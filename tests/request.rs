@@ -361,11 +361,23 @@ struct ClosingSigner {
     seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, String, String)>>>,
 }
 
-/// An answer both `policy` and `sign` accept (each ignores the other's fields).
-const STAND_IN_ANSWER: &str = r#"{"virtualMesh":"test/vm","orgName":"meshca-test",
-"maxTtlSeconds":3600,"minRsaBits":2048,"acceptedKeyTypes":["ecdsa_p256"],"meshes":[],
-"rootNotAfter":"2030-01-01T00:00:00Z","certificate":"c","certChain":"cc","rootCert":"r",
-"serial":"01","notAfter":"2030-01-01T00:00:00Z"}"#;
+/// An answer both `policy` and `sign` accept (each ignores the other's fields; both
+/// read `rootCert`, which the policy checks against its `rootFingerprintSha256`: the
+/// transport CA stands in for the root).
+fn stand_in_answer(pki: &Path) -> String {
+    let root = meshca::pki::profile::RootCa::from_pem(
+        &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+    )
+    .unwrap();
+    serde_json::json!({
+        "virtualMesh": "test/vm", "orgName": "meshca-test", "maxTtlSeconds": 3600,
+        "minRsaBits": 2048, "acceptedKeyTypes": ["ecdsa_p256"], "meshes": [],
+        "rootNotAfter": "2030-01-01T00:00:00Z", "certificate": "c", "certChain": "cc",
+        "rootCert": root.pem, "rootFingerprintSha256": root.fingerprint_sha256,
+        "serial": "01", "notAfter": "2030-01-01T00:00:00Z"
+    })
+    .to_string()
+}
 
 impl ClosingSigner {
     async fn start(pki: &Path, answers_per_connection: usize, close: Close) -> ClosingSigner {
@@ -383,6 +395,7 @@ impl ClosingSigner {
         let addr = listener.local_addr().unwrap();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = seen.clone();
+        let stand_in = std::sync::Arc::new(stand_in_answer(pki));
         tokio::spawn(async move {
             for connection in 0.. {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -392,6 +405,7 @@ impl ClosingSigner {
                     continue;
                 };
                 let record = record.clone();
+                let stand_in = stand_in.clone();
                 tokio::spawn(async move {
                     for answered in 0.. {
                         let Some((line, body)) = read_request(&mut stream).await else {
@@ -414,8 +428,8 @@ impl ClosingSigner {
                         }
                         let answer = format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                             content-length: {}\r\n\r\n{STAND_IN_ANSWER}",
-                            STAND_IN_ANSWER.len()
+                             content-length: {}\r\n\r\n{stand_in}",
+                            stand_in.len()
                         );
                         if stream.write_all(answer.as_bytes()).await.is_err() {
                             return;

@@ -1390,3 +1390,75 @@ fn a_disaster_recovery_secondary_is_not_taken_for_a_healthy_vault() {
     );
     assert!(asked.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
+
+/// The root key must vouch for each announced root (`sign-self-issued`): where Vault
+/// refuses it (a policy without the path), a start announcing a root fails by name, and a
+/// reload announcing one keeps the announcement in force (none) and says why; once the
+/// policy grants it, the reload announces the root with its cross certificate.
+#[tokio::test]
+async fn a_root_vault_will_not_vouch_for_is_not_announced() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let next_root = common::certs::openssl_fingerprint(env.dir.path(), &env.init_next_root());
+    let without = MESHCA_VAULT_POLICY.to_string()
+        + "path \"pki/issuer/+/sign-self-issued\" { capabilities = [\"deny\"] }\n";
+    env.bao().write_policy("meshca", &without);
+
+    env.announce_next_root(Some("next-root-cert.pem"));
+    // Read until it exits: a signer that started anyway is stopped and fails the test.
+    let mut serve = env
+        .meshca_with_config(&["serve"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(serve.stderr.take().unwrap())) {
+        let line = line.unwrap();
+        if line.contains("signer listening") {
+            let _ = serve.kill();
+            let _ = serve.wait();
+            panic!("the signer started without vouching for the next root: {stderr}{line}");
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    assert_eq!(serve.wait().unwrap().code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the root key cannot make the cross certificate that vouches for next root sha256 {next_root}"
+        )) && stderr.contains("the signer does not start"),
+        "{stderr}"
+    );
+
+    env.announce_next_root(None);
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    env.announce_next_root(Some("next-root-cert.pem"));
+    send_signal(signer.child.id(), "HUP");
+    let failed = signer.wait_for_log("SIGHUP: rules not reloaded").await;
+    assert!(
+        failed.contains(&format!("next root sha256 {next_root}"))
+            && failed.contains("the announcement in force stays"),
+        "{failed}"
+    );
+    let policy: Value =
+        serde_json::from_str(&signer.get_text(&client, "/v1/virtualmeshes/test/vm").await).unwrap();
+    assert!(policy["nextRootCert"].is_null(), "{policy}");
+    assert!(
+        !signer.audit_lines().iter().any(|l| l["event"] == "reload"),
+        "{:?}",
+        signer.audit_lines()
+    );
+
+    env.bao().write_policy("meshca", MESHCA_VAULT_POLICY);
+    send_signal(signer.child.id(), "HUP");
+    let reloaded = signer.wait_for_log("SIGHUP: rules reloaded").await;
+    assert!(
+        reloaded.contains(&format!(
+            "next root sha256 {next_root} announced (cross certificate serial"
+        )),
+        "{reloaded}"
+    );
+    let policy: Value =
+        serde_json::from_str(&signer.get_text(&client, "/v1/virtualmeshes/test/vm").await).unwrap();
+    assert!(policy["nextRootCrossCert"].is_string(), "{policy}");
+}

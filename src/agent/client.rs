@@ -8,7 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::rotation::{AnnouncedRoots, RootPin, normalize_fingerprint};
+use super::rotation::{
+    AnnouncedRoots, NotTaken, RootPin, SignerRoot, TrustedRoots, normalize_fingerprint,
+    take_announced,
+};
 use crate::pki::profile::RootCa;
 use crate::policy::ObjectRef;
 use crate::tlsutil::Validity;
@@ -85,6 +88,10 @@ pub struct PublicPolicy {
     /// bundle's to notice a root change.
     #[serde(default)]
     pub root_fingerprint_sha256: Option<String>,
+    /// That root's certificate (PEM), checked against the fingerprint when the policy is
+    /// read: at first install, the key that must vouch for the roots the signer announces.
+    #[serde(default)]
+    root_cert: Option<String>,
     /// SHA-256 of the root the signer announces as its next one, ahead of a root change.
     #[serde(default)]
     pub next_root_fingerprint_sha256: Option<String>,
@@ -92,12 +99,18 @@ pub struct PublicPolicy {
     /// read (see [`SignerClient::policy`]).
     #[serde(default)]
     next_root_cert: Option<String>,
+    /// The current root key's cross certificate for it (PEM): its word for that root.
+    #[serde(default)]
+    next_root_cross_cert: Option<String>,
     /// SHA-256 of the root the signer switched from, announced until it is retired.
     #[serde(default)]
     pub previous_root_fingerprint_sha256: Option<String>,
     /// That root's certificate (PEM), checked as the next root's.
     #[serde(default)]
     previous_root_cert: Option<String>,
+    /// The current root key's cross certificate for it (PEM).
+    #[serde(default)]
+    previous_root_cross_cert: Option<String>,
     /// The meshes of this virtual mesh the asking client may request (absent from a
     /// signer older than this field: nothing to check then).
     #[serde(default)]
@@ -156,41 +169,85 @@ impl PublicPolicy {
         }
     }
 
-    /// Forgets each announced root (next, previous) `pin` does not accept, as if the
-    /// signer had not announced it: it is never written to root-cert.pem, nor reported
-    /// as trusted. Returns what was dropped, for the caller to warn of.
-    pub fn drop_unaccepted_roots(&mut self, pin: &RootPin) -> Vec<UnacceptedRoot> {
+    /// The signer's own root as the policy names it (its certificate checked when the
+    /// policy was read).
+    fn signer_root_certificate(&self) -> Option<x509_cert::Certificate> {
+        crate::pki::pem::decode_certificates(self.root_cert.as_deref()?)
+            .ok()?
+            .into_iter()
+            .next()
+    }
+
+    /// Forgets each announced root (next, previous) the agent does not take
+    /// ([`take_announced`]: with `pin` set, one it does not list; without, one that no root
+    /// in `trusted` vouches for), as if the signer had not announced it: it is never
+    /// written to root-cert.pem, nor reported as trusted. Returns what was dropped, for the
+    /// caller to warn of.
+    pub fn drop_untaken_roots(
+        &mut self,
+        pin: &RootPin,
+        trusted: &TrustedRoots,
+    ) -> Vec<UnacceptedRoot> {
+        let signer_cert = self.signer_root_certificate();
+        let signer = SignerRoot {
+            fingerprint: self.root_fingerprint_sha256.as_deref(),
+            certificate: signer_cert.as_ref(),
+        };
+        let mut verdicts = Vec::new();
+        for (cert, cross) in [
+            (&self.next_root_cert, &self.next_root_cross_cert),
+            (&self.previous_root_cert, &self.previous_root_cross_cert),
+        ] {
+            let verdict = cert.as_deref().map(|pem| {
+                let announced = crate::pki::pem::decode_certificates(pem)
+                    .ok()
+                    .and_then(|certs| certs.into_iter().next());
+                match announced {
+                    Some(announced) => {
+                        take_announced(pin, trusted, signer, &announced, cross.as_deref())
+                            .map_err(|why| (why, announced.tbs_certificate().subject().to_string()))
+                    }
+                    None => Err((
+                        NotTaken::NotCrossSigned("its certificate cannot be read".into()),
+                        String::new(),
+                    )),
+                }
+            });
+            verdicts.push(verdict);
+        }
         let mut dropped = Vec::new();
-        for (which, cert, fingerprint) in [
+        for ((which, cert, fingerprint, cross), verdict) in [
             (
                 "next",
                 &mut self.next_root_cert,
                 &mut self.next_root_fingerprint_sha256,
+                &mut self.next_root_cross_cert,
             ),
             (
                 "previous",
                 &mut self.previous_root_cert,
                 &mut self.previous_root_fingerprint_sha256,
+                &mut self.previous_root_cross_cert,
             ),
-        ] {
-            let Some(fp) = fingerprint.as_deref() else {
+        ]
+        .into_iter()
+        .zip(verdicts)
+        {
+            let Some(Err((why, subject))) = verdict else {
                 continue;
             };
-            if pin.accepts(fp) {
-                continue;
-            }
-            let subject = cert
-                .as_deref()
-                .and_then(|pem| RootCa::from_pem(pem).ok())
-                .map(|root| root.subject.to_string())
-                .unwrap_or_default();
             dropped.push(UnacceptedRoot {
                 which,
-                fingerprint: normalize_fingerprint(fp),
+                fingerprint: fingerprint
+                    .as_deref()
+                    .map(normalize_fingerprint)
+                    .unwrap_or_default(),
                 subject,
+                why,
             });
             *cert = None;
             *fingerprint = None;
+            *cross = None;
         }
         dropped
     }
@@ -199,6 +256,25 @@ impl PublicPolicy {
     /// certificate: the agent trusts it and reports the fingerprint, so the two must not
     /// differ.
     pub(crate) fn check_announced_roots(&self) -> Result<(), ClientError> {
+        if let Some(pem) = &self.root_cert {
+            let bad = |problem: String| {
+                ClientError::BadResponse(format!(
+                    "the root of virtual mesh {}: {problem}",
+                    self.virtual_mesh
+                ))
+            };
+            let root = RootCa::from_pem(pem).map_err(|e| bad(e.to_string()))?;
+            match &self.root_fingerprint_sha256 {
+                Some(named) if normalize_fingerprint(named) == root.fingerprint_sha256 => {}
+                named => {
+                    return Err(bad(format!(
+                        "named as sha256 {}, the certificate is {}",
+                        named.as_deref().unwrap_or("(none)"),
+                        root.fingerprint_sha256
+                    )));
+                }
+            }
+        }
         let announced = [
             (
                 "next",
@@ -240,13 +316,14 @@ impl PublicPolicy {
     }
 }
 
-/// A root the signer announced that the agent's [`RootPin`] leaves out.
+/// A root the signer announced that the agent does not take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnacceptedRoot {
     /// "next" or "previous".
     pub which: &'static str,
     pub fingerprint: String,
     pub subject: String,
+    pub why: NotTaken,
 }
 
 /// `POST /v1/sign` request.
@@ -624,6 +701,7 @@ async fn decode<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::pki::keys::KeyType;
+    use crate::pki::profile::RootCa;
     use crate::pki::testing::{software_bundle, software_root};
 
     /// A handshake refused for the signer's certificate's dates names this clock as a
@@ -732,10 +810,13 @@ mod tests {
             meshes: vec!["test/cluster-a".into()],
             root_not_after: "2030-01-01T00:00:00Z".into(),
             root_fingerprint_sha256: None,
+            root_cert: None,
             next_root_fingerprint_sha256: fingerprint.map(String::from),
             next_root_cert: pem.map(String::from),
+            next_root_cross_cert: None,
             previous_root_fingerprint_sha256: None,
             previous_root_cert: None,
+            previous_root_cross_cert: None,
             authorized_meshes: None,
         }
     }
@@ -842,55 +923,128 @@ mod tests {
     }
 
     /// With a pin, an announced root (next or previous) it does not list is forgotten,
-    /// with what the warning names; a listed one, or any without a pin, stays.
+    /// with what the warning names; a listed one stays. Without a pin, one no trusted root
+    /// vouches for is forgotten (its cross certificate too), one vouched for stays.
     #[test]
-    fn announced_roots_a_pin_does_not_list_are_forgotten() {
+    fn announced_roots_the_agent_does_not_take_are_forgotten() {
+        use crate::pki::testing::software_cross;
         let day = std::time::Duration::from_secs(86_400);
+        let (current_key, current) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
         let (_key, next) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
         let (_key, previous) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        let cross = |announced: &RootCa| {
+            Some(crate::pki::pem::certificate_pem(&software_cross(
+                &current_key,
+                &current,
+                announced,
+            )))
+        };
+        let (next_cross, previous_cross) = (cross(&next), cross(&previous));
         let both = || PublicPolicy {
+            root_fingerprint_sha256: Some(current.fingerprint_sha256.clone()),
+            root_cert: Some(current.pem.clone()),
+            next_root_cross_cert: next_cross.clone(),
             previous_root_fingerprint_sha256: Some(previous.fingerprint_sha256.to_uppercase()),
             previous_root_cert: Some(previous.pem.clone()),
+            previous_root_cross_cert: previous_cross.clone(),
             ..policy(Some(&next.fingerprint_sha256), Some(&next.pem))
         };
-        for pin in [
-            RootPin::default(),
-            RootPin::new(
-                &[
-                    next.fingerprint_sha256.clone(),
-                    previous.fingerprint_sha256.clone(),
-                ],
-                "--accept-root",
+        let trusted = TrustedRoots::installed(Some(&current.pem), &[]);
+        for (pin, trusted) in [
+            (RootPin::default(), &trusted),
+            (RootPin::default(), &TrustedRoots::default()),
+            (
+                RootPin::new(
+                    &[
+                        next.fingerprint_sha256.clone(),
+                        previous.fingerprint_sha256.clone(),
+                    ],
+                    "--accept-root",
+                ),
+                &TrustedRoots::default(),
             ),
         ] {
             let mut kept = both();
-            assert!(kept.drop_unaccepted_roots(&pin).is_empty());
+            assert!(kept.check_announced_roots().is_ok());
+            assert!(kept.drop_untaken_roots(&pin, trusted).is_empty());
             assert_eq!(kept, both());
         }
         let mut pinned = both();
-        let dropped = pinned.drop_unaccepted_roots(&RootPin::new(
-            std::slice::from_ref(&next.fingerprint_sha256),
-            "x",
-        ));
+        let dropped = pinned.drop_untaken_roots(
+            &RootPin::new(std::slice::from_ref(&next.fingerprint_sha256), "x"),
+            &trusted,
+        );
         assert_eq!(
             dropped,
             [UnacceptedRoot {
                 which: "previous",
                 fingerprint: previous.fingerprint_sha256.clone(),
                 subject: previous.subject.to_string(),
+                why: NotTaken::NotPinned,
             }]
         );
         assert_eq!(pinned.announced_roots().next, Some(next.pem.clone()));
         assert_eq!(pinned.announced_roots().previous, None);
         assert_eq!(pinned.previous_root_fingerprint_sha256, None);
+        assert_eq!(pinned.previous_root_cross_cert, None);
         assert!(pinned.check_announced_roots().is_ok());
         let mut pinned = both();
-        let dropped = pinned.drop_unaccepted_roots(&RootPin::new(&["ab".repeat(32)], "x"));
+        let dropped = pinned.drop_untaken_roots(&RootPin::new(&["ab".repeat(32)], "x"), &trusted);
         assert_eq!(
             dropped.iter().map(|d| d.which).collect::<Vec<_>>(),
             ["next", "previous"]
         );
         assert_eq!(pinned.announced_roots(), AnnouncedRoots::default());
         assert_eq!(pinned.next_root_fingerprint_sha256, None);
+        // Without a pin, a signer that does not vouch (an older one) announces nothing.
+        let mut unvouched = PublicPolicy {
+            next_root_cross_cert: None,
+            ..both()
+        };
+        let dropped = unvouched.drop_untaken_roots(&RootPin::default(), &trusted);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].which, "next");
+        assert!(
+            matches!(&dropped[0].why, NotTaken::NotCrossSigned(why) if why.contains("no cross certificate")),
+            "{dropped:?}"
+        );
+        assert_eq!(unvouched.announced_roots().next, None);
+        assert_eq!(
+            unvouched.announced_roots().previous,
+            Some(previous.pem.clone())
+        );
+        // Nor does a signer under a root the cluster does not trust, whatever it serves.
+        let elsewhere = TrustedRoots::installed(Some(&previous.pem), &[]);
+        let mut stranger = both();
+        let dropped = stranger.drop_untaken_roots(&RootPin::default(), &elsewhere);
+        assert_eq!(
+            dropped.iter().map(|d| d.which).collect::<Vec<_>>(),
+            ["next"],
+            "the previous root is trusted already"
+        );
+    }
+
+    /// The signer's own root certificate, when served, must be the root it names.
+    #[test]
+    fn a_served_root_certificate_must_be_the_root_the_policy_names() {
+        let day = std::time::Duration::from_secs(86_400);
+        let (_key, root) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        let (_key, other) = software_root(KeyType::EcdsaP384, "acme", 400 * day);
+        let serving = |named: Option<&str>, pem: &str| PublicPolicy {
+            root_fingerprint_sha256: named.map(String::from),
+            root_cert: Some(pem.into()),
+            ..policy(None, None)
+        };
+        assert!(
+            serving(Some(&root.fingerprint_sha256.to_uppercase()), &root.pem)
+                .check_announced_roots()
+                .is_ok()
+        );
+        for bad in [
+            serving(Some(&other.fingerprint_sha256), &root.pem),
+            serving(None, &root.pem),
+        ] {
+            assert!(refusal(&bad).contains("the root of virtual mesh test/vm"));
+        }
     }
 }

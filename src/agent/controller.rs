@@ -23,12 +23,12 @@ use super::restart::{
     InstallKind, RestartRecord, Stage, StageView, Step, WorkloadKind, next_step, plan_for,
 };
 use super::rotation::{
-    Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, check_ttl, decide, ends_with_known_root,
-    normalize_fingerprint, renewal_held_by_root,
+    Decision, Desired, Installed, RENEWAL_HELD_BY_ROOT, TrustedRoots, check_ttl, decide,
+    ends_with_known_root, normalize_fingerprint, renewal_held_by_root,
 };
 use super::{
     AgentError, BundleRequest, RootsPlan, check_renewable, check_signer_root, choose_key_type,
-    obtain_bundle, pin_announced_roots,
+    obtain_bundle, take_announced_roots,
 };
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
@@ -493,12 +493,16 @@ impl Controller {
             .into());
         }
         let pin = spec.settings.rotation.root_pin();
+        let trusted = TrustedRoots::of(
+            &installed,
+            &spec.settings.rotation.retired_root_fingerprints,
+        );
         let mut policy = client
             .policy_for_pass(&virtual_mesh)
             .await
             .map_err(AgentError::from)?;
         if let Ok(policy) = &mut policy {
-            pin_announced_roots(policy, &pin);
+            take_announced_roots(policy, &pin, &trusted);
         }
         let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
         let desired = Desired {
@@ -538,7 +542,7 @@ impl Controller {
                         spec.settings.ttl_seconds,
                     )?;
                     // A renewal would be refused by the pin too: say so now.
-                    check_signer_root(policy, &pin)?;
+                    check_signer_root(policy, &pin, &trusted)?;
                 }
                 if let Err(e) = &policy {
                     tracing::warn!(request = %owner, error = %e, "signer unavailable; installed bundle valid and not due");
@@ -618,7 +622,7 @@ impl Controller {
                     &policy.virtual_mesh,
                 )?;
                 // A root this request does not accept fails here too: nothing is asked.
-                check_signer_root(&policy, &pin)?;
+                check_signer_root(&policy, &pin, &trusted)?;
                 // An intermediate the Secret could not take would be signed (and audited)
                 // for nothing at each attempt.
                 self.kube
@@ -643,6 +647,7 @@ impl Controller {
                             retired: spec.settings.rotation.retired_root_fingerprints.clone(),
                         },
                         pin,
+                        trusted,
                     },
                 )
                 .await

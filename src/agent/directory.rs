@@ -13,11 +13,11 @@ use super::client::{PublicPolicy, SignerClient, SignerContact, SignerEndpoint};
 use super::metrics::{AgentMetrics, Reconciled};
 use super::rotation::{
     Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RootPin, RotationSettings,
-    TLS_SIGNING_CERT, decide, ends_with_known_root, renewal_held_by_root,
+    TLS_SIGNING_CERT, TrustedRoots, decide, ends_with_known_root, renewal_held_by_root,
 };
 use super::{
     AgentError, BundleRequest, ClockAhead, RootsPlan, cacerts, check_dir_writable, check_renewable,
-    check_signer_root, choose_key_type, obtain_bundle, pin_announced_roots,
+    check_signer_root, choose_key_type, obtain_bundle, take_announced_roots,
 };
 use crate::pki::bundle::{
     BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
@@ -216,11 +216,12 @@ pub async fn reconcile(
     now: SystemTime,
 ) -> Result<DirOutcome, AgentError> {
     let installed = classify(&opts.target)?;
+    let trusted = TrustedRoots::of(&installed, &opts.retired_roots);
     // The policy tells the signer's current root; without it (signer unavailable) a valid
     // bundle is still judged on its own.
     let mut policy = client.policy_for_pass(&opts.virtual_mesh).await?;
     if let Ok(policy) = &mut policy {
-        pin_announced_roots(policy, &opts.pin);
+        take_announced_roots(policy, &opts.pin, &trusted);
     }
     let (signer_root, signer_announced) = PublicPolicy::signer_roots(policy.as_ref().ok());
     let desired = Desired {
@@ -244,7 +245,7 @@ pub async fn reconcile(
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
                 // A renewal would be refused by the pin too: say so now, not when due.
-                check_signer_root(policy, &opts.pin)?;
+                check_signer_root(policy, &opts.pin, &trusted)?;
             }
             let held_by_root = renewal_held_by_root(&summary, &desired, now);
             if held_by_root {
@@ -297,7 +298,7 @@ pub async fn reconcile(
                 opts.key_type,
                 &policy.virtual_mesh,
             )?;
-            check_signer_root(&policy, &opts.pin)?;
+            check_signer_root(&policy, &opts.pin, &trusted)?;
             tracing::info!(reason = %reason, dir = %opts.target.display(), "requesting a new intermediate");
             let obtained = obtain_bundle(
                 client,
@@ -312,6 +313,7 @@ pub async fn reconcile(
                         retired: opts.retired_roots.clone(),
                     },
                     pin: opts.pin.clone(),
+                    trusted,
                 },
             )
             .await

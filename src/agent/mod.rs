@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use der::EncodePem;
 
 use self::client::{ClientError, PublicPolicy, SignRequestBody, SignerClient};
-use self::rotation::{Installed, RootPin};
+use self::rotation::{Installed, NotTaken, RootPin, TrustedRoots, signer_root_trusted};
 use crate::pki::bundle::{BundleError, BundleFiles, BundleSummary, verify_bundle};
 use crate::pki::csr::build_csr;
 use crate::pki::keys::{KeyError, KeyType, PrivateKey};
@@ -94,6 +94,19 @@ pub enum AgentError {
         "the signer's answer chains to root sha256 {root}, which is not among the roots this agent accepts ({setting}), although its policy named an accepted one: nothing was installed; a signer whose policy does not match what it signs may be an impostor"
     )]
     IssuedUnderUnacceptedRoot { root: String, setting: &'static str },
+    /// No pin: the signer's root is neither in root-cert.pem nor was it announced with
+    /// the word of a root this cluster trusts. Checked before anything is asked of it.
+    #[error("{}", describe_root_not_trusted(.root.as_deref(), .setting))]
+    RootNotTrusted {
+        root: Option<String>,
+        setting: &'static str,
+    },
+    /// No pin: what the signer issued chains to, or carries, a root this cluster does not
+    /// trust (its policy said otherwise).
+    #[error(
+        "the signer's answer chains to, or carries, root sha256 {root}, which is not in root-cert.pem and was never announced cross-signed by a root this cluster trusts, although its policy named a trusted one: nothing was installed; a signer whose policy does not match what it signs may be an impostor"
+    )]
+    IssuedUnderUntrustedRoot { root: String },
     #[error("{}", .ahead.describe(*.now, *.just_issued))]
     ClockAhead {
         /// What a directory agent remembers to ask nothing until the clock agrees.
@@ -115,48 +128,111 @@ fn describe_root_not_accepted(root: Option<&str>, setting: &str) -> String {
     }
 }
 
-/// Forgets the roots `policy` announces that `pin` does not accept (see
-/// [`PublicPolicy::drop_unaccepted_roots`]), with a warning for each: what the agents do
-/// with every policy they read.
-pub fn pin_announced_roots(policy: &mut PublicPolicy, pin: &RootPin) {
-    for root in policy.drop_unaccepted_roots(pin) {
-        tracing::warn!(
-            sha256 = %root.fingerprint,
-            subject = %root.subject,
-            virtual_mesh = %policy.virtual_mesh,
-            "the signer announces a {} root sha256 {} ({}) that is not among the roots this agent accepts ({}): it is not added to root-cert.pem; if this root is yours, add its fingerprint to {}",
-            root.which,
-            root.fingerprint,
-            root.subject,
-            pin.setting(),
-            pin.setting(),
-        );
+fn describe_root_not_trusted(root: Option<&str>, setting: &str) -> String {
+    let accept = pin_setting(setting);
+    match root {
+        Some(root) => format!(
+            "the signer's root sha256 {root} is not in root-cert.pem and was never announced cross-signed by a root this cluster trusts: nothing was asked of the signer; if this root change is yours, announce it first (README: Changing the root) or add it to {accept} (else the signer, or whoever holds a certificate this agent's CA bundle trusts, is trying to have this cluster trust a root of its own)"
+        ),
+        None => format!(
+            "the signer's policy names no root (rootFingerprintSha256), so it cannot be checked against the roots this cluster trusts: nothing was asked of the signer; upgrade the signer, or list its root in {accept}"
+        ),
     }
 }
 
-/// Before the signer is asked to sign: its root (as its policy names it) must be one
-/// `pin` accepts, or the signer could have the cluster trust a root of its own.
-pub fn check_signer_root(policy: &PublicPolicy, pin: &RootPin) -> Result<(), AgentError> {
-    if pin.is_empty() {
+/// Where a pin is set, as messages name it (a pin built without a name: both places).
+fn pin_setting(setting: &str) -> &str {
+    if setting.is_empty() {
+        "--accept-root / rotation.acceptedRootFingerprints"
+    } else {
+        setting
+    }
+}
+
+/// Forgets the roots `policy` announces that the agent does not take (see
+/// [`PublicPolicy::drop_untaken_roots`]: with `pin` set, those it does not list; without,
+/// those no root in `trusted` vouches for), with a warning for each: what the agents do
+/// with every policy they read.
+pub fn take_announced_roots(policy: &mut PublicPolicy, pin: &RootPin, trusted: &TrustedRoots) {
+    for root in policy.drop_untaken_roots(pin, trusted) {
+        match &root.why {
+            NotTaken::NotPinned => tracing::warn!(
+                sha256 = %root.fingerprint,
+                subject = %root.subject,
+                virtual_mesh = %policy.virtual_mesh,
+                "the signer announces a {} root sha256 {} ({}) that is not among the roots this agent accepts ({}): it is not added to root-cert.pem; if this root is yours, add its fingerprint to {}",
+                root.which,
+                root.fingerprint,
+                root.subject,
+                pin.setting(),
+                pin.setting(),
+            ),
+            NotTaken::NotCrossSigned(detail) => tracing::warn!(
+                sha256 = %root.fingerprint,
+                subject = %root.subject,
+                virtual_mesh = %policy.virtual_mesh,
+                why = %detail,
+                "the signer announces a {} root sha256 {} ({}) that is not cross-signed by a root this cluster trusts ({detail}): it is not added to root-cert.pem; if this root is yours, announce it from a signer whose root key vouches for it (upgrade the signer before the agents), or add its fingerprint to {}",
+                root.which,
+                root.fingerprint,
+                root.subject,
+                pin_setting(pin.setting()),
+            ),
+        }
+    }
+}
+
+/// Before the signer is asked to sign: its root (as its policy names it) must be one the
+/// cluster may trust ([`signer_root_trusted`]: with `pin` set, one it lists; without, one
+/// in `trusted`, or any at first use), or the signer could have the cluster trust a root
+/// of its own.
+pub fn check_signer_root(
+    policy: &PublicPolicy,
+    pin: &RootPin,
+    trusted: &TrustedRoots,
+) -> Result<(), AgentError> {
+    let root = policy.root_fingerprint_sha256.as_deref();
+    if signer_root_trusted(pin, trusted, root) {
         return Ok(());
     }
-    match &policy.root_fingerprint_sha256 {
-        Some(root) if pin.accepts(root) => Ok(()),
-        root => Err(AgentError::RootNotAccepted {
-            root: root.as_deref().map(rotation::normalize_fingerprint),
+    let root = root.map(rotation::normalize_fingerprint);
+    Err(if pin.is_empty() {
+        AgentError::RootNotTrusted {
+            root,
             setting: pin.setting(),
-        }),
-    }
+        }
+    } else {
+        AgentError::RootNotAccepted {
+            root,
+            setting: pin.setting(),
+        }
+    })
 }
 
 /// After signing, defence in depth: the policy's root was checked before, but the answer
 /// is what would be installed. The root the chain ends at (`anchor`) and every root the
-/// signer sends (`root_cert`) must be accepted.
-fn check_answer_roots(anchor: &str, root_cert: &str, pin: &RootPin) -> Result<(), AgentError> {
-    match std::iter::once(anchor.to_string())
+/// signer sends (`root_cert`) must be ones the cluster may trust: with `pin`, listed;
+/// without, in `trusted`, or at first use the signer's root (`signer_root`, which the
+/// anchor was checked to be).
+fn check_answer_roots(
+    anchor: &str,
+    root_cert: &str,
+    pin: &RootPin,
+    trusted: &TrustedRoots,
+    signer_root: Option<&str>,
+) -> Result<(), AgentError> {
+    let untrusted = std::iter::once(anchor.to_string())
         .chain(rotation::root_fingerprints(root_cert))
-        .find(|fp| !pin.accepts(fp))
-    {
+        .find(|fp| {
+            if !pin.is_empty() {
+                return !pin.accepts(fp);
+            }
+            let first_use_root = trusted.first_use()
+                && signer_root.is_some_and(|root| rotation::normalize_fingerprint(root) == *fp);
+            !(trusted.contains(fp) || first_use_root)
+        });
+    match untrusted {
+        Some(root) if pin.is_empty() => Err(AgentError::IssuedUnderUntrustedRoot { root }),
         Some(root) => Err(AgentError::IssuedUnderUnacceptedRoot {
             root,
             setting: pin.setting(),
@@ -229,6 +305,9 @@ impl AgentError {
             AgentError::Client(_) => "SignerError",
             AgentError::RootNotAccepted { .. } | AgentError::IssuedUnderUnacceptedRoot { .. } => {
                 "RootNotAccepted"
+            }
+            AgentError::RootNotTrusted { .. } | AgentError::IssuedUnderUntrustedRoot { .. } => {
+                "RootNotTrusted"
             }
             _ => "IssuanceFailed",
         }
@@ -331,6 +410,8 @@ pub struct BundleRequest {
     pub roots: RootsPlan,
     /// The roots accepted from the signer: checked before it is asked, and on its answer.
     pub pin: RootPin,
+    /// The roots the cluster trusts already (what judges the signer's without a pin).
+    pub trusted: TrustedRoots,
 }
 
 /// A new bundle, checked as istiod would, not yet written anywhere.
@@ -351,7 +432,7 @@ pub async fn obtain_bundle(
     policy: &PublicPolicy,
     request: &BundleRequest,
 ) -> Result<Obtained, AgentError> {
-    check_signer_root(policy, &request.pin)?;
+    check_signer_root(policy, &request.pin, &request.trusted)?;
     let key_type = choose_key_type(
         &policy.accepted_key_types,
         request.key_type,
@@ -426,6 +507,8 @@ pub async fn obtain_bundle(
         &summary.anchor_fingerprint,
         &response.root_cert,
         &request.pin,
+        &request.trusted,
+        policy.root_fingerprint_sha256.as_deref(),
     )?;
     Ok(Obtained {
         files,
@@ -463,7 +546,9 @@ pub async fn request_intermediate(
 ) -> Result<RequestOutcome, AgentError> {
     // What is there decides, as for the directory agent: another tool's files only with
     // adopt, and the roots in place stay trusted beside the signer's.
-    let installed = match directory::classify(&opts.out_dir)? {
+    let classified = directory::classify(&opts.out_dir)?;
+    let trusted = TrustedRoots::of(&classified, &[]);
+    let installed = match classified {
         Installed::Shadowed { what } => return Err(AgentError::Shadowed(what)),
         Installed::Foreign { what, .. } if !opts.adopt => return Err(AgentError::Foreign(what)),
         Installed::None => None,
@@ -472,7 +557,7 @@ pub async fn request_intermediate(
     };
     check_dir_writable(&opts.out_dir)?;
     let mut policy = client.policy(&opts.virtual_mesh).await?;
-    pin_announced_roots(&mut policy, &opts.pin);
+    take_announced_roots(&mut policy, &opts.pin, &trusted);
     let obtained = obtain_bundle(
         client,
         &policy,
@@ -486,6 +571,7 @@ pub async fn request_intermediate(
                 retired: Vec::new(),
             },
             pin: opts.pin.clone(),
+            trusted,
         },
     )
     .await?;
@@ -567,13 +653,18 @@ mod tests {
         };
         let upper = root.to_ascii_uppercase();
         let pin = RootPin::new(&[upper], "--accept-root");
-        assert!(check_signer_root(&policy(Some(root)), &pin).is_ok());
-        // Without a pin, any root (and none) passes: trust on first use.
+        let first_use = TrustedRoots::default();
+        assert!(check_signer_root(&policy(Some(root)), &pin, &first_use).is_ok());
+        // Without a pin and nothing installed, any root (and none) passes: trust on first
+        // use.
         for named in [Some("ab".repeat(32)), None] {
-            assert!(check_signer_root(&policy(named.as_deref()), &RootPin::default()).is_ok());
+            assert!(
+                check_signer_root(&policy(named.as_deref()), &RootPin::default(), &first_use)
+                    .is_ok()
+            );
         }
         let other = "ab".repeat(32);
-        let refused = check_signer_root(&policy(Some(&other)), &pin).unwrap_err();
+        let refused = check_signer_root(&policy(Some(&other)), &pin, &first_use).unwrap_err();
         assert_eq!(refused.reason(), "RootNotAccepted");
         let message = refused.to_string();
         assert!(
@@ -582,10 +673,75 @@ mod tests {
             )),
             "{message}"
         );
-        let message = check_signer_root(&policy(None), &pin)
+        let message = check_signer_root(&policy(None), &pin, &first_use)
             .unwrap_err()
             .to_string();
         assert!(message.contains("names no root"), "{message}");
+    }
+
+    /// Without a pin, a signer whose root is not in the installed root-cert.pem is asked
+    /// nothing (`RootNotTrusted`); one whose root is there (in any form) is; a retired
+    /// root no longer counts.
+    #[test]
+    fn without_a_pin_a_signer_root_the_cluster_does_not_trust_is_refused_before_signing() {
+        use crate::pki::testing::software_root;
+        let day = std::time::Duration::from_secs(86_400);
+        let (_key, installed) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
+        let (_key, other) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
+        let policy = |root: Option<&str>| -> PublicPolicy {
+            serde_json::from_value(serde_json::json!({
+                "virtualMesh": "test/vm", "orgName": "acme", "maxTtlSeconds": 86_400,
+                "minRsaBits": 3072, "acceptedKeyTypes": ["ecdsa-p256"],
+                "meshes": ["test/a"], "rootNotAfter": "2030-01-01T00:00:00Z",
+                "rootFingerprintSha256": root
+            }))
+            .unwrap()
+        };
+        let unpinned = RootPin::new(&[], "--accept-root");
+        let trusted = TrustedRoots::installed(Some(&installed.pem), &[]);
+        let ours = installed.fingerprint_sha256.to_ascii_uppercase();
+        assert!(check_signer_root(&policy(Some(&ours)), &unpinned, &trusted).is_ok());
+        let refused = check_signer_root(
+            &policy(Some(&other.fingerprint_sha256)),
+            &unpinned,
+            &trusted,
+        )
+        .unwrap_err();
+        assert_eq!(refused.reason(), "RootNotTrusted");
+        let message = refused.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "the signer's root sha256 {} is not in root-cert.pem and was never announced cross-signed by a root this cluster trusts: nothing was asked of the signer; if this root change is yours, announce it first (README: Changing the root) or add it to --accept-root",
+                other.fingerprint_sha256
+            )),
+            "{message}"
+        );
+        assert!(check_signer_root(&policy(None), &unpinned, &trusted).is_err());
+        // A retired root is no longer trusted: a signer still under it is not followed.
+        let retired = TrustedRoots::installed(
+            Some(&format!("{}{}", installed.pem, other.pem)),
+            std::slice::from_ref(&installed.fingerprint_sha256),
+        );
+        assert!(check_signer_root(&policy(Some(&ours)), &unpinned, &retired).is_err());
+        assert!(
+            check_signer_root(
+                &policy(Some(&other.fingerprint_sha256)),
+                &unpinned,
+                &retired
+            )
+            .is_ok()
+        );
+        // A pin decides alone: a listed root needs nothing installed.
+        let pin = RootPin::new(std::slice::from_ref(&other.fingerprint_sha256), "x");
+        assert!(
+            check_signer_root(&policy(Some(&other.fingerprint_sha256)), &pin, &trusted).is_ok()
+        );
+        assert_eq!(
+            check_signer_root(&policy(Some(&ours)), &pin, &trusted)
+                .unwrap_err()
+                .reason(),
+            "RootNotAccepted"
+        );
     }
 
     /// After signing: an answer chaining to a root not listed, or carrying one beside
@@ -598,13 +754,35 @@ mod tests {
         let (_key, planted) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
         let pin = RootPin::new(std::slice::from_ref(&accepted.fingerprint_sha256), "x");
         let ours = &accepted.fingerprint_sha256;
-        assert!(check_answer_roots(ours, &accepted.pem, &pin).is_ok());
-        assert!(check_answer_roots(ours, &planted.pem, &RootPin::default()).is_ok());
+        let first_use = TrustedRoots::default();
+        let check = |anchor: &str, root_cert: &str, pin: &RootPin, trusted: &TrustedRoots| {
+            check_answer_roots(anchor, root_cert, pin, trusted, Some(ours))
+        };
+        assert!(check(ours, &accepted.pem, &pin, &first_use).is_ok());
         let both = format!("{}{}", accepted.pem, planted.pem);
         for (anchor, root_cert) in [(&planted.fingerprint_sha256, &planted.pem), (ours, &both)] {
-            match check_answer_roots(anchor, root_cert, &pin) {
+            match check(anchor, root_cert, &pin, &first_use) {
                 Err(AgentError::IssuedUnderUnacceptedRoot { root, .. }) => {
                     assert_eq!(root, planted.fingerprint_sha256)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Without a pin: at first use, only the signer's root; after, only roots the
+        // installed root-cert.pem holds.
+        let unpinned = RootPin::default();
+        assert!(check(ours, &accepted.pem, &unpinned, &first_use).is_ok());
+        let trusted = TrustedRoots::installed(Some(&accepted.pem), &[]);
+        assert!(check(ours, &accepted.pem, &unpinned, &trusted).is_ok());
+        for (anchor, root_cert, trusted) in [
+            (ours, both.as_str(), &first_use),
+            (ours, both.as_str(), &trusted),
+            (&planted.fingerprint_sha256, planted.pem.as_str(), &trusted),
+        ] {
+            match check(anchor, root_cert, &unpinned, trusted) {
+                Err(e @ AgentError::IssuedUnderUntrustedRoot { .. }) => {
+                    assert_eq!(e.reason(), "RootNotTrusted");
+                    assert!(e.to_string().contains(&planted.fingerprint_sha256), "{e}");
                 }
                 other => panic!("{other:?}"),
             }

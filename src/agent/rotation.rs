@@ -656,6 +656,141 @@ impl RootPin {
     }
 }
 
+/// The roots an agent already trusts, by which it judges the roots a signer names when no
+/// [`RootPin`] is set: those of the root-cert.pem meshca installed, less the retired ones.
+/// Empty: nothing of meshca's is installed, and the signer's own root is taken (trust on
+/// first use).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedRoots {
+    roots: Vec<(String, Certificate)>,
+}
+
+impl TrustedRoots {
+    /// The roots of `root_cert` (an installed root-cert.pem; `None`: nothing installed)
+    /// less those in `retired`. Only self-issued certificates count: anything else in the
+    /// file is no root.
+    pub fn installed(root_cert: Option<&str>, retired: &[String]) -> Self {
+        let retired: Vec<String> = retired.iter().map(|r| normalize_fingerprint(r)).collect();
+        let roots = root_cert
+            .map(|pem| decode_readable_certificates(pem).0)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(is_self_issued)
+            .map(|cert| (fingerprint(&cert), cert))
+            .filter(|(fp, _)| !retired.contains(fp))
+            .collect();
+        TrustedRoots { roots }
+    }
+
+    /// What a target holds, as [`TrustedRoots::installed`] takes it: the root-cert.pem of
+    /// meshca's bundle (readable or not). Another tool's files, or none, are a first use.
+    pub fn of(installed: &Installed, retired: &[String]) -> Self {
+        let root_cert = match installed {
+            Installed::Ours(files) => Some(files.root_cert.as_str()),
+            Installed::Unreadable { root_cert, .. } => root_cert.as_deref(),
+            Installed::None | Installed::Foreign { .. } | Installed::Shadowed { .. } => None,
+        };
+        Self::installed(root_cert, retired)
+    }
+
+    /// Nothing trusted yet: the signer's root will be, as it is (trust on first use).
+    pub fn first_use(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    fn get(&self, fp: &str) -> Option<&Certificate> {
+        let fp = normalize_fingerprint(fp);
+        self.roots.iter().find(|(f, _)| *f == fp).map(|(_, c)| c)
+    }
+
+    pub fn contains(&self, fp: &str) -> bool {
+        self.get(fp).is_some()
+    }
+}
+
+/// The signer's own root as its policy gives it: `rootFingerprintSha256` and, from a
+/// signer that serves it, the certificate (checked to match when the policy was read).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SignerRoot<'a> {
+    pub fingerprint: Option<&'a str>,
+    pub certificate: Option<&'a Certificate>,
+}
+
+/// Why an announced root is not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotTaken {
+    /// A pin is set and does not list it.
+    NotPinned,
+    /// No pin, and no root this cluster trusts vouches for it: the detail says what is
+    /// missing.
+    NotCrossSigned(String),
+}
+
+/// Whether the signer's root (`signer`) is one the agent may have the cluster trust: with
+/// a pin, one it lists; without, one already trusted, or any at first use.
+pub fn signer_root_trusted(pin: &RootPin, trusted: &TrustedRoots, signer: Option<&str>) -> bool {
+    match signer {
+        _ if !pin.is_empty() => signer.is_some_and(|fp| pin.accepts(fp)),
+        _ if trusted.first_use() => true,
+        Some(fp) => trusted.contains(fp),
+        None => false,
+    }
+}
+
+/// Whether the agent takes `announced`, a root the signer announces (next or previous),
+/// with `cross` the cross certificate it serves for it. With a pin, the pin decides (a
+/// listed root needs no cross certificate, an unlisted one is refused even if
+/// cross-signed). Without: a root the cluster already trusts is taken; any other only if
+/// the signer's root is trusted and its key vouches for this root's exact subject and key.
+pub fn take_announced(
+    pin: &RootPin,
+    trusted: &TrustedRoots,
+    signer: SignerRoot<'_>,
+    announced: &Certificate,
+    cross: Option<&str>,
+) -> Result<(), NotTaken> {
+    let announced_fp = fingerprint(announced);
+    if !pin.is_empty() {
+        return if pin.accepts(&announced_fp) {
+            Ok(())
+        } else {
+            Err(NotTaken::NotPinned)
+        };
+    }
+    if trusted.contains(&announced_fp) {
+        return Ok(());
+    }
+    let not = |why: String| Err(NotTaken::NotCrossSigned(why));
+    let Some(signer_fp) = signer.fingerprint else {
+        return not("the signer's policy names no root of its own".into());
+    };
+    // The key that must vouch: the trusted copy of the signer's root, or at first use the
+    // one the signer serves.
+    let current = match (trusted.get(signer_fp), signer.certificate) {
+        (Some(installed), _) => installed,
+        (None, Some(served)) if trusted.first_use() => served,
+        (None, None) if trusted.first_use() => {
+            return not(
+                "the signer serves no certificate of its own root (a signer older than this agent)"
+                    .into(),
+            );
+        }
+        (None, _) => {
+            return not(format!(
+                "the signer's own root sha256 {} is not one this cluster trusts",
+                normalize_fingerprint(signer_fp)
+            ));
+        }
+    };
+    let Some(cross) = cross else {
+        return not(
+            "the signer serves no cross certificate for it (a signer older than this agent, or one without the root key)"
+                .into(),
+        );
+    };
+    crate::pki::cross::check_cross_pem(cross, current, announced).or_else(|e| not(e.to_string()))
+}
+
 /// Whether `cert` is valid at `now`.
 fn is_valid_at(cert: &Certificate, now: SystemTime) -> bool {
     let validity = cert.tbs_certificate().validity();
@@ -834,6 +969,271 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
     const HOUR: Duration = Duration::from_secs(3_600);
+
+    /// Which announced roots an agent takes: the whole decision, case by case. C is the
+    /// signer's root, N the root it announces, O an older root installed, X a stranger.
+    #[test]
+    fn an_announced_root_is_taken_only_if_trusted_pinned_or_vouched_for_by_a_trusted_root() {
+        use crate::pki::pem::certificate_pem;
+        use crate::pki::testing::software_cross;
+        let (c_key, c) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
+        let (_, n) = software_root(KeyType::EcdsaP384, "acme", 800 * DAY);
+        let (_, o) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
+        let (x_key, x) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
+        let (_, renamed) = software_root(KeyType::EcdsaP384, "evil", 800 * DAY);
+        let pem = |cert: &Certificate| certificate_pem(cert);
+        let vouched = pem(&software_cross(&c_key, &c, &n));
+        // X's key, under C's name (test roots share it): what an impostor can make.
+        let forged = {
+            let mut as_c = x.clone();
+            as_c.subject = c.subject.clone();
+            pem(&software_cross(&x_key, &as_c, &n))
+        };
+        // C's key vouching for another name with N's key.
+        let other_subject = {
+            let mut renamed_n = n.clone();
+            renamed_n.subject = renamed.subject.clone();
+            pem(&software_cross(&c_key, &c, &renamed_n))
+        };
+        let installed = |roots: &[&RootCa], retired: &[&RootCa]| {
+            let file: String = roots.iter().map(|r| r.pem.as_str()).collect();
+            let retired: Vec<String> = retired
+                .iter()
+                .map(|r| r.fingerprint_sha256.clone())
+                .collect();
+            TrustedRoots::installed(Some(&file), &retired)
+        };
+        let first_use = TrustedRoots::default();
+        let no_pin = RootPin::new(&[], "--accept-root");
+        let pin_n = RootPin::new(std::slice::from_ref(&n.fingerprint_sha256), "--accept-root");
+        let pin_c = RootPin::new(std::slice::from_ref(&c.fingerprint_sha256), "--accept-root");
+        let signer_c = SignerRoot {
+            fingerprint: Some(&c.fingerprint_sha256),
+            certificate: Some(&c.certificate),
+        };
+        let signer_c_no_cert = SignerRoot {
+            certificate: None,
+            ..signer_c
+        };
+        let signer_x = SignerRoot {
+            fingerprint: Some(&x.fingerprint_sha256),
+            certificate: Some(&x.certificate),
+        };
+        let taken = Ok(());
+        let not_pinned = Err(NotTaken::NotPinned);
+        type Case<'a> = (
+            &'a str,
+            &'a RootPin,
+            TrustedRoots,
+            SignerRoot<'a>,
+            Option<&'a str>,
+            Result<(), ()>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "pin lists N: no cross certificate needed",
+                &pin_n,
+                installed(&[&c], &[]),
+                signer_c,
+                None,
+                Ok(()),
+            ),
+            (
+                "pin leaves N out: refused even cross-signed",
+                &pin_c,
+                installed(&[&c], &[]),
+                signer_c,
+                Some(&vouched),
+                Err(()),
+            ),
+            (
+                "N already trusted: taken as it is",
+                &no_pin,
+                installed(&[&c, &n], &[]),
+                signer_x,
+                None,
+                Ok(()),
+            ),
+            (
+                "C trusted, vouches for N",
+                &no_pin,
+                installed(&[&c], &[]),
+                signer_c,
+                Some(&vouched),
+                Ok(()),
+            ),
+            (
+                "C trusted (its copy), signer serves no root cert",
+                &no_pin,
+                installed(&[&o, &c], &[]),
+                signer_c_no_cert,
+                Some(&vouched),
+                Ok(()),
+            ),
+            (
+                "C trusted, no cross certificate (older signer)",
+                &no_pin,
+                installed(&[&c], &[]),
+                signer_c,
+                None,
+                Err(()),
+            ),
+            (
+                "C trusted, cross certificate by another key",
+                &no_pin,
+                installed(&[&c], &[]),
+                signer_c,
+                Some(&forged),
+                Err(()),
+            ),
+            (
+                "C trusted, cross certificate for another subject",
+                &no_pin,
+                installed(&[&c], &[]),
+                signer_c,
+                Some(&other_subject),
+                Err(()),
+            ),
+            (
+                "C trusted, cross certificate is junk",
+                &no_pin,
+                installed(&[&c], &[]),
+                signer_c,
+                Some("junk"),
+                Err(()),
+            ),
+            (
+                "C not trusted (O installed), even with C's word",
+                &no_pin,
+                installed(&[&o], &[]),
+                signer_c,
+                Some(&vouched),
+                Err(()),
+            ),
+            (
+                "C retired: no longer vouches",
+                &no_pin,
+                installed(&[&c, &o], &[&c]),
+                signer_c,
+                Some(&vouched),
+                Err(()),
+            ),
+            (
+                "impostor X vouches for its own next root",
+                &no_pin,
+                installed(&[&c], &[]),
+                signer_x,
+                Some(&forged),
+                Err(()),
+            ),
+            (
+                "first use: C as served vouches for N",
+                &no_pin,
+                first_use.clone(),
+                signer_c,
+                Some(&vouched),
+                Ok(()),
+            ),
+            (
+                "first use: no cross certificate",
+                &no_pin,
+                first_use.clone(),
+                signer_c,
+                None,
+                Err(()),
+            ),
+            (
+                "first use: C's certificate not served",
+                &no_pin,
+                first_use.clone(),
+                signer_c_no_cert,
+                Some(&vouched),
+                Err(()),
+            ),
+            (
+                "first use: forged cross certificate",
+                &no_pin,
+                first_use.clone(),
+                signer_c,
+                Some(&forged),
+                Err(()),
+            ),
+        ];
+        for (case, pin, trusted, signer, cross, expected) in cases {
+            let got = take_announced(pin, &trusted, signer, &n.certificate, cross);
+            match (&got, expected) {
+                (Ok(()), Ok(())) => {}
+                (Err(NotTaken::NotPinned), Err(())) if !pin.is_empty() => {}
+                (Err(NotTaken::NotCrossSigned(why)), Err(())) if pin.is_empty() => {
+                    assert!(!why.is_empty(), "{case}")
+                }
+                _ => panic!("{case}: {got:?}"),
+            }
+        }
+        assert_eq!(
+            take_announced(&pin_n, &first_use, signer_c, &n.certificate, None),
+            taken
+        );
+        assert_eq!(
+            take_announced(&pin_c, &first_use, signer_c, &n.certificate, Some(&vouched)),
+            not_pinned
+        );
+        // What the warning says of each.
+        let why = |trusted: &TrustedRoots, signer, cross| match take_announced(
+            &no_pin,
+            trusted,
+            signer,
+            &n.certificate,
+            cross,
+        ) {
+            Err(NotTaken::NotCrossSigned(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(why(&installed(&[&c], &[]), signer_c, None).contains("no cross certificate"));
+        assert!(
+            why(&installed(&[&o], &[]), signer_c, Some(&vouched)).contains(&format!(
+                "own root sha256 {} is not one this cluster trusts",
+                c.fingerprint_sha256
+            ))
+        );
+        assert!(
+            why(&installed(&[&c], &[]), signer_c, Some(&forged))
+                .contains("not signed by the current root's key")
+        );
+        assert!(why(&installed(&[&c], &[]), signer_c, Some(&other_subject)).contains("subject"));
+    }
+
+    /// The signer's root, before it is asked for anything: pinned, trusted, or first use.
+    #[test]
+    fn the_signer_root_must_be_trusted_pinned_or_met_first() {
+        let (_, c) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
+        let (_, o) = software_root(KeyType::EcdsaP256, "acme", 400 * DAY);
+        let trusted = TrustedRoots::installed(Some(&o.pem), &[]);
+        let no_pin = RootPin::default();
+        let c_fp = Some(c.fingerprint_sha256.as_str());
+        assert!(signer_root_trusted(&no_pin, &TrustedRoots::default(), c_fp));
+        assert!(signer_root_trusted(&no_pin, &TrustedRoots::default(), None));
+        assert!(!signer_root_trusted(&no_pin, &trusted, c_fp));
+        assert!(!signer_root_trusted(&no_pin, &trusted, None));
+        assert!(signer_root_trusted(
+            &no_pin,
+            &trusted,
+            Some(&o.fingerprint_sha256.to_uppercase())
+        ));
+        let pin = RootPin::new(std::slice::from_ref(&c.fingerprint_sha256), "x");
+        assert!(signer_root_trusted(&pin, &trusted, c_fp));
+        assert!(!signer_root_trusted(
+            &pin,
+            &TrustedRoots::default(),
+            Some(&o.fingerprint_sha256)
+        ));
+        // Another tool's root-cert.pem is not meshca's trust: adopting it is a first use.
+        let foreign = Installed::Foreign {
+            what: "x".into(),
+            root_cert: Some(o.pem.clone()),
+        };
+        assert!(TrustedRoots::of(&foreign, &[]).first_use());
+    }
 
     struct Fixture {
         root_key: PrivateKey,

@@ -94,6 +94,14 @@ pub trait RootSigner: Send + Sync {
     /// Issues an intermediate exactly as planned, or explains why not.
     fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Certificate, BackendError>>;
 
+    /// A cross certificate for `announced` (a root the signer announces) under the root
+    /// key: the root key vouching for it to the agents ([`crate::pki::cross`]). Checked
+    /// before it is returned.
+    fn cross_sign<'a>(
+        &'a self,
+        announced: &'a RootCa,
+    ) -> BoxFuture<'a, Result<Certificate, BackendError>>;
+
     /// Whether the backend can sign right now (token reachable and logged in).
     fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 

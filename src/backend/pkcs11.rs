@@ -1319,6 +1319,26 @@ impl Inner {
             .map_err(|e| BackendError::Check(e.to_string()))
     }
 
+    /// Build, sign, check: a cross certificate for `announced` under the root key, made
+    /// as intermediates are (the exact TBS built here, signed on the token).
+    fn cross_sign_blocking(&self, announced: &RootCa) -> Result<Certificate, BackendError> {
+        let root = &self.root;
+        let check = |e: String| BackendError::Check(format!("cross certificate: {e}"));
+        let plan = crate::pki::cross::cross_plan(announced, root, std::time::SystemTime::now())
+            .map_err(|e| check(e.to_string()))?;
+        let tbs = crate::pki::profile::cross_tbs(&plan, announced, root)
+            .map_err(|e| check(e.to_string()))?;
+        let signature = self.sign(&tbs)?;
+        let cert_der = assemble(&tbs, root.signature_algorithm, &signature)
+            .map_err(|e| check(e.to_string()))?;
+        let cert =
+            check_signed_certificate(&cert_der, &tbs, root).map_err(|e| check(e.to_string()))?;
+        crate::pki::cross::check_cross(&cert, &root.certificate, &announced.certificate)
+            .and_then(|()| crate::pki::cross::check_cross_key_ids(&cert, root, announced))
+            .map_err(|e| check(e.to_string()))?;
+        Ok(cert)
+    }
+
     /// Ready means: a logged-in session exists, the key can be found on the token, and
     /// since the last reconnect it has been proven to be the root's.
     fn try_ready(&self) -> Result<(), (BackendError, bool)> {
@@ -1419,6 +1439,22 @@ impl RootSigner for Pkcs11Backend {
             };
             self.signed.record(&outcome, ended);
             outcome
+        })
+    }
+
+    fn cross_sign<'a>(
+        &'a self,
+        announced: &'a RootCa,
+    ) -> BoxFuture<'a, Result<Certificate, BackendError>> {
+        let announced = announced.clone();
+        Box::pin(async move {
+            let limit = self.inner.settings.timeout;
+            let what = format!("cross-signing root sha256 {}", announced.fingerprint_sha256);
+            let signing = self.on_session(what, move |inner| inner.cross_sign_blocking(&announced));
+            match tokio::time::timeout(limit, signing).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(self.inner.timed_out(limit)),
+            }
         })
     }
 

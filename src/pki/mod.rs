@@ -3,6 +3,7 @@
 //! Istio `cacerts` bundle must pass.
 
 pub mod bundle;
+pub mod cross;
 pub mod csr;
 pub mod datetime;
 pub mod keys;

@@ -219,12 +219,64 @@ pub fn intermediate_tbs(plan: &IntermediatePlan, root: &RootCa) -> Result<Vec<u8
         },
         key_usage: intermediate_key_usage(),
         authority_key_id: Some(root.subject_key_id.clone()),
+        subject_key_id: None,
     };
     let issuer = IssuerKey {
         public_key: root.public_key.clone(),
         algorithm: root.signature_algorithm,
     };
     build_tbs(profile, plan, &issuer)
+}
+
+/// The exact DER TBSCertificate of a cross certificate: `announced`'s subject, key and
+/// SKI, issued by `current` (its subject, its SKI as AKI) with the root profile's
+/// constraints, so that a client trusting `current` can tell its key vouches for
+/// `announced`. `plan` gives the serial and validity (its subject and key are ignored).
+pub fn cross_tbs(
+    plan: &IntermediatePlan,
+    announced: &RootCa,
+    current: &RootCa,
+) -> Result<Vec<u8>, ProfileError> {
+    cross_profile_tbs(plan, announced, current, &current.subject)
+}
+
+/// [`cross_tbs`], but named as issued by `announced` itself: the self-issued template
+/// Vault's `sign-self-issued` takes (it puts the current root's name in as issuer).
+pub fn cross_template_tbs(
+    plan: &IntermediatePlan,
+    announced: &RootCa,
+    current: &RootCa,
+) -> Result<Vec<u8>, ProfileError> {
+    cross_profile_tbs(plan, announced, current, &announced.subject)
+}
+
+fn cross_profile_tbs(
+    plan: &IntermediatePlan,
+    announced: &RootCa,
+    current: &RootCa,
+    issuer: &Name,
+) -> Result<Vec<u8>, ProfileError> {
+    let profile = CaProfile {
+        subject: announced.subject.clone(),
+        issuer: Some(issuer.clone()),
+        basic_constraints: BasicConstraints {
+            ca: true,
+            path_len_constraint: Some(ROOT_PATH_LEN),
+        },
+        key_usage: root_key_usage(),
+        authority_key_id: Some(current.subject_key_id.clone()),
+        subject_key_id: Some(announced.subject_key_id.clone()),
+    };
+    let issuer = IssuerKey {
+        public_key: current.public_key.clone(),
+        algorithm: current.signature_algorithm,
+    };
+    let plan = IntermediatePlan {
+        subject: announced.subject.clone(),
+        public_key: announced.public_key.clone(),
+        ..plan.clone()
+    };
+    build_tbs(profile, &plan, &issuer)
 }
 
 /// The exact DER TBSCertificate of a self-signed root.
@@ -241,6 +293,7 @@ pub fn root_tbs(
         },
         key_usage: root_key_usage(),
         authority_key_id: None,
+        subject_key_id: None,
     };
     let issuer = IssuerKey {
         public_key: plan.public_key.clone(),
@@ -301,6 +354,9 @@ struct CaProfile {
     key_usage: KeyUsage,
     /// The issuer's subject key identifier; `None` means self-signed (AKI = own SKI).
     authority_key_id: Option<Vec<u8>>,
+    /// The subject key identifier when it is not derived from the key here: a cross
+    /// certificate carries the announced root's own, whoever computed it.
+    subject_key_id: Option<Vec<u8>>,
 }
 
 impl BuilderProfile for CaProfile {
@@ -319,7 +375,10 @@ impl BuilderProfile for CaProfile {
         tbs: &x509_cert::TbsCertificate,
     ) -> x509_cert::builder::Result<Vec<Extension>> {
         let subject = tbs.subject();
-        let ski = SubjectKeyIdentifier::try_from(spk)?;
+        let ski = match &self.subject_key_id {
+            Some(id) => SubjectKeyIdentifier(OctetString::new(id.clone())?),
+            None => SubjectKeyIdentifier::try_from(spk)?,
+        };
         let aki_bytes = match &self.authority_key_id {
             Some(id) => id.clone(),
             None => ski.0.as_bytes().to_vec(),

@@ -104,3 +104,16 @@ pub fn software_bundle(
         root_cert: root.pem.clone(),
     }
 }
+
+/// A cross certificate for `announced` under `current`, signed in software with
+/// `current_key` as the token would sign it.
+pub fn software_cross(
+    current_key: &PrivateKey,
+    current: &RootCa,
+    announced: &RootCa,
+) -> Certificate {
+    let plan = super::cross::cross_plan(announced, current, SystemTime::now()).unwrap();
+    let tbs = super::profile::cross_tbs(&plan, announced, current).unwrap();
+    let (algorithm, signature) = sign_with(current_key, &tbs).unwrap();
+    Certificate::from_der(&assemble(&tbs, algorithm, &signature).unwrap()).unwrap()
+}

@@ -567,12 +567,21 @@ async fn virtual_mesh(
         "authorizedMeshes": authorized_meshes,
         "rootNotAfter": rfc3339(root.not_after),
         "rootFingerprintSha256": root.fingerprint_sha256,
+        "rootCert": root.pem,
         "nextRootFingerprintSha256": rules.next_root.as_ref().map(|n| &n.fingerprint_sha256),
         "nextRootCert": rules.next_root.as_ref().map(|n| &n.pem),
+        "nextRootCrossCert": cross_cert(rules.next_root.as_ref()),
         "previousRootFingerprintSha256": rules.previous_root.as_ref().map(|p| &p.fingerprint_sha256),
         "previousRootCert": rules.previous_root.as_ref().map(|p| &p.pem),
+        "previousRootCrossCert": cross_cert(rules.previous_root.as_ref()),
     }))
     .into_response()
+}
+
+/// The root key's cross certificate for an announced root (PEM): what an agent needs to
+/// take it.
+fn cross_cert(announced: Option<&crate::config::AnnouncedRoot>) -> Option<&str> {
+    Some(announced?.cross_cert.as_ref()?.pem.as_str())
 }
 
 /// The roots to trust: the signer's root, then the next and the previous root it announces.

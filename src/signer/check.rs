@@ -165,9 +165,10 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
             .announced()
             .map(|a| {
                 let what = format!(
-                    "{}, {}",
+                    "{}, {}; {}",
                     a.path.display(),
-                    describe_root(&a.key_kind, a.not_after, &a.fingerprint_sha256)
+                    describe_root(&a.key_kind, a.not_after, &a.fingerprint_sha256),
+                    describe_cross_cert(&config.audit_log, &a.fingerprint_sha256)
                 );
                 (a.announcement.name(), what)
             })
@@ -179,6 +180,38 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         warnings,
         online: None,
     })
+}
+
+/// The cross certificate by which the root key vouches for the announced root with
+/// SHA-256 `fingerprint`, as the audit log last recorded it (`serial S sha256 F`): the
+/// signer makes one at each start and at the reload that announces the root, and names
+/// it in that record; the last such record names the one it serves.
+pub fn audited_cross_cert(audit_log: &Path, fingerprint: &str) -> Option<String> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(audit_log).ok()?;
+    let mut last = None;
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        let mut rest = line.as_str();
+        while let Some(at) = rest.find(fingerprint) {
+            rest = &rest[at + fingerprint.len()..];
+            let after = rest.strip_prefix(" announced").unwrap_or(rest);
+            if let Some(cross) = after.strip_prefix(" (cross certificate ")
+                && let Some(end) = cross.find(')')
+            {
+                last = Some(cross[..end].to_string());
+            }
+        }
+    }
+    last
+}
+
+/// [`audited_cross_cert`] as `serve --check` and `root show` say it.
+pub fn describe_cross_cert(audit_log: &Path, fingerprint: &str) -> String {
+    match audited_cross_cert(audit_log, fingerprint) {
+        Some(cross) => format!("cross certificate {cross} (as the audit log last recorded it)"),
+        None => "no cross certificate in the audit log yet (the signer makes it at start, or at the reload that announces the root)".into(),
+    }
 }
 
 fn describe_root(key: &PublicKeyKind, not_after: SystemTime, fingerprint: &str) -> String {
@@ -417,6 +450,33 @@ pub fn check_online(config: &SignerConfig) -> Result<String, StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The last record naming the root's cross certificate wins, in either wording (a
+    /// start's summary, a reload's change); a root named without one is not taken.
+    #[test]
+    fn the_cross_certificate_named_is_the_last_the_audit_log_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.log");
+        assert_eq!(audited_cross_cert(&log, "aa"), None);
+        std::fs::write(
+            &log,
+            concat!(
+                r#"{"event":"reload","message":"next root sha256 aa announced (cross certificate serial 01 sha256 f1)"}"#,
+                "\n",
+                r#"{"event":"start","message":"rules in force: limits: x; next root sha256 aa (cross certificate serial 02 sha256 f2) announced"}"#,
+                "\n",
+                r#"{"event":"reload","message":"previous root sha256 aa no longer announced; next root sha256 bb announced"}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            audited_cross_cert(&log, "aa").as_deref(),
+            Some("serial 02 sha256 f2")
+        );
+        assert_eq!(audited_cross_cert(&log, "bb"), None);
+        assert!(describe_cross_cert(&log, "bb").starts_with("no cross certificate"));
+    }
 
     #[test]
     fn a_softhsm_token_directory_that_cannot_be_read_is_named() {

@@ -81,11 +81,7 @@ impl Rules {
             .collect();
         parts.push(format!("limits: {}", limits.join(", ")));
         for root in self.announced_roots() {
-            parts.push(format!(
-                "{} sha256 {} announced",
-                root.announcement.name(),
-                root.fingerprint_sha256
-            ));
+            parts.push(format!("{} announced", root.described()));
         }
         parts.join("; ")
     }
@@ -349,10 +345,17 @@ fn compare_announced_root(
 ) {
     let name = announcement.name();
     let fingerprint = |root: Option<&AnnouncedRoot>| root.map(|r| r.fingerprint_sha256.clone());
+    // The cross certificate the root key made for the root now announced, if any.
+    let vouched = read
+        .and_then(|r| r.cross_cert.as_ref())
+        .map(|cross| format!(" ({})", cross.describe()))
+        .unwrap_or_default();
     match (fingerprint(in_force), fingerprint(read)) {
-        (None, Some(new)) => out.push(format!("{name} sha256 {new} announced")),
+        (None, Some(new)) => out.push(format!("{name} sha256 {new} announced{vouched}")),
         (Some(old), None) => out.push(format!("{name} sha256 {old} no longer announced")),
-        (Some(old), Some(new)) if old != new => out.push(format!("{name} sha256 {old} -> {new}")),
+        (Some(old), Some(new)) if old != new => {
+            out.push(format!("{name} sha256 {old} -> {new}{vouched}"))
+        }
         _ => {}
     }
 }
@@ -634,6 +637,7 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
             fingerprint_sha256: fingerprint.into(),
             key_kind: crate::pki::keys::KeyType::EcdsaP384.public_key_kind(),
             not_after: std::time::SystemTime::now(),
+            cross_cert: None,
         };
         let announcing = |next: Option<&str>, previous: Option<&str>| Rules {
             next_root: next.map(|fp| root(Announcement::Next, fp)),
@@ -668,6 +672,27 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
         assert_eq!(
             statements(&announcing(None, Some("aa")), &none),
             ["previous root sha256 aa no longer announced"]
+        );
+        // The root key's cross certificate for a root newly announced is named with it,
+        // in the reload's record and in the start's.
+        let mut vouched = announcing(Some("cc"), None);
+        if let Some(next) = vouched.next_root.as_mut() {
+            next.cross_cert = Some(crate::pki::cross::CrossCert {
+                pem: String::new(),
+                serial: "4f01".into(),
+                fingerprint_sha256: "dd".into(),
+            });
+        }
+        assert_eq!(
+            statements(&announcing(Some("aa"), None), &vouched),
+            ["next root sha256 aa -> cc (cross certificate serial 4f01 sha256 dd)"]
+        );
+        assert!(
+            vouched.summary().ends_with(
+                "next root sha256 cc (cross certificate serial 4f01 sha256 dd) announced"
+            ),
+            "{}",
+            vouched.summary()
         );
         // Not a restart-only setting: the reload puts it in force.
         let read = config(dir.path(), MESHES, A_ONLY, "");

@@ -60,6 +60,9 @@ pub enum StartError {
     Listen { addr: SocketAddr, message: String },
     #[error("cannot handle signals: {0}")]
     Signals(String),
+    /// The root key could not vouch for an announced root: the agents would not take it.
+    #[error("{0}: the signer does not start")]
+    CrossCert(String),
     /// The system clock reads before a certificate the signer works with begins: the
     /// clock is wrong (before 1970, TLS cannot check any certificate at all).
     #[error(
@@ -120,6 +123,54 @@ pub fn check_root_key_type(config: &SignerConfig, root: &RootCa) -> Result<(), S
         config.root.certificate.display(),
         root.key_kind
     )))
+}
+
+/// Has the root key vouch for each root `rules` announce ([`crate::pki::cross`]): the
+/// cross certificate `in_force` holds for the same root is kept, so one is made at start
+/// and when an announcement changes, not at every reload. Names the root it could not
+/// vouch for.
+pub async fn vouch_for_announced(
+    backend: &dyn RootSigner,
+    rules: &mut Rules,
+    in_force: Option<&Rules>,
+) -> Result<(), String> {
+    for announced in [rules.next_root.as_mut(), rules.previous_root.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        let kept = in_force
+            .into_iter()
+            .flat_map(|rules| rules.announced_roots())
+            .find(|r| r.fingerprint_sha256 == announced.fingerprint_sha256)
+            .and_then(|r| r.cross_cert.clone());
+        if let Some(kept) = kept {
+            announced.cross_cert = Some(kept);
+            continue;
+        }
+        let cannot = |e: String| {
+            announced.problem(format!(
+                "the root key cannot make the cross certificate that vouches for {} sha256 {} to the agents: {e}",
+                announced.announcement.name(),
+                announced.fingerprint_sha256
+            ))
+        };
+        let root = RootCa::from_pem(&announced.pem).map_err(|e| cannot(e.to_string()))?;
+        let certificate = backend
+            .cross_sign(&root)
+            .await
+            .map_err(|e| cannot(e.to_string()))?;
+        let cross =
+            crate::pki::cross::CrossCert::of(&certificate).map_err(|e| cannot(e.to_string()))?;
+        tracing::info!(
+            sha256 = %announced.fingerprint_sha256,
+            cross_serial = %cross.serial,
+            cross_sha256 = %cross.fingerprint_sha256,
+            "the root key vouches for the {}: cross certificate made",
+            announced.announcement.name()
+        );
+        announced.cross_cert = Some(cross);
+    }
+    Ok(())
 }
 
 /// Each announced root must be another root than the one in force and than the other
@@ -273,6 +324,10 @@ pub enum ReloadError {
     RootTooWeak(String),
     #[error("{0}")]
     AnnouncedRoot(String),
+    /// The root key could not vouch for a root announced now: the announcement in force
+    /// stays.
+    #[error("{0}: the announcement in force stays")]
+    CrossCert(String),
     #[error(transparent)]
     ClientCa(#[from] ClientCaError),
     #[error("the audit log cannot record the change, so it is not applied: {0}")]
@@ -551,7 +606,10 @@ impl RunningSigner {
         let client_ca = self.tls_files_in_force().client_ca;
         check_client_ca_apart_from_mesh(&client_ca, &self.tls.borrow().client_cas, &roots)?;
         let in_force = self.state.rules();
-        let rules = Rules::reloaded(&read, &in_force);
+        let mut rules = Rules::reloaded(&read, &in_force);
+        vouch_for_announced(self.state.backend.as_ref(), &mut rules, Some(&*in_force))
+            .await
+            .map_err(ReloadError::CrossCert)?;
         let change = RulesChange::between(&in_force, &rules);
         if !change.is_empty() {
             let record = AuditRecord {
@@ -778,6 +836,12 @@ pub async fn start(
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = backend_started(&config, root, started).await?;
+    // The agents take an announced root only with the root key's word for it.
+    let mut rules = Rules::of(&config, &backend.root().fingerprint_sha256);
+    if let Err(e) = vouch_for_announced(backend.as_ref(), &mut rules, None).await {
+        backend.close().await;
+        return Err(StartError::CrossCert(e));
+    }
     let backend_ready_ms = started.elapsed().as_millis();
     // Nothing to report if it did not run: the generator then seeds at first use instead.
     let _ = seeding.await;
@@ -800,7 +864,6 @@ pub async fn start(
 
     // Before any decision: the log says which rules the decisions after this line are made
     // under (a restart may have changed them with no reload on record).
-    let rules = Rules::of(&config, &backend.root().fingerprint_sha256);
     let rules_sha256 = rules.digest().to_string();
     metrics.rules_in_force(&rules);
     if let Err(e) = audit

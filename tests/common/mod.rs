@@ -182,6 +182,7 @@ pub enum VaultAuthSpec {
 /// and generate a root in it (`meshca root init`).
 pub const MESHCA_VAULT_POLICY: &str = r#"
 path "pki/root/generate/internal" { capabilities = ["update"] }
+path "pki/issuer/+/sign-self-issued" { capabilities = ["update"] }
 path "pki/issuer/*" { capabilities = ["read", "update", "patch", "delete"] }
 path "pki/key/*" { capabilities = ["read", "delete"] }
 path "pki/config/urls" { capabilities = ["read"] }
@@ -422,6 +423,21 @@ key_type = "{key_type}"
         env
     }
 
+    /// Another environment with a root of its own (its own token) but this one's
+    /// transport PKI: the signer's TLS certificate and key, its CA, the clients'. What
+    /// whoever stole the signer's TLS key (or got a certificate from that CA) can run: a
+    /// real signer the agents here reach and trust over TLS, under another root.
+    pub fn impostor(&self) -> Env {
+        let other = Env::new();
+        for entry in std::fs::read_dir(self.path("pki")).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), other.path("pki").join(entry.file_name())).unwrap();
+            }
+        }
+        other
+    }
+
     /// The test's OpenBao server (Vault environments only).
     pub fn bao(&self) -> &openbao::OpenBao {
         self.openbao.as_ref().expect("not a Vault environment")
@@ -473,6 +489,31 @@ key_type = "{key_type}"
         let config = std::fs::read_to_string(&self.config).unwrap();
         let next_config = self.path("next-signer.toml");
         std::fs::write(&next_config, config_with_next_root(&config)).unwrap();
+        run_ok(
+            self.meshca()
+                .args(["root", "init", "--config"])
+                .arg(&next_config),
+        );
+        self.path("next-root-cert.pem")
+    }
+
+    /// [`Env::init_next_root`], with a key of `key_type` (`ecdsa-p256`, `rsa3072`, ...)
+    /// rather than the root's.
+    pub fn init_next_root_of(&self, key_type: &str) -> PathBuf {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let next = config_with_next_root(&config)
+            .lines()
+            .map(|line| {
+                if line.starts_with("key_type = ") {
+                    format!("key_type = \"{key_type}\"")
+                } else {
+                    line.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let next_config = self.path("next-signer.toml");
+        std::fs::write(&next_config, next + "\n").unwrap();
         run_ok(
             self.meshca()
                 .args(["root", "init", "--config"])

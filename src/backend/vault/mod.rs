@@ -119,6 +119,8 @@ pub struct VaultBackend {
     client: Arc<VaultClient>,
     root: RootCa,
     sign_path: String,
+    /// `<mount>/issuer/<ref>/sign-self-issued`: cross certificates for announced roots.
+    cross_sign_path: String,
     description: String,
     /// Why the configured issuer is no longer the root in force (renamed, replaced by
     /// another `root init --force`), as the last readiness check found; `None` while it
@@ -148,6 +150,10 @@ impl VaultBackend {
         Ok(VaultBackend {
             sign_path: format!(
                 "{}/issuer/{}/sign-intermediate",
+                settings.mount, settings.issuer_ref
+            ),
+            cross_sign_path: format!(
+                "{}/issuer/{}/sign-self-issued",
                 settings.mount, settings.issuer_ref
             ),
             description: format!(
@@ -292,6 +298,33 @@ impl RootSigner for VaultBackend {
                 let _ = self.check_issuer_unchanged().await;
             }
             checked
+        })
+    }
+
+    fn cross_sign<'a>(
+        &'a self,
+        announced: &'a RootCa,
+    ) -> BoxFuture<'a, Result<Certificate, BackendError>> {
+        Box::pin(async move {
+            if let Some(why) = self.issuer_moved() {
+                return Err(BackendError::Unavailable(why));
+            }
+            // Vault signs a self-issued certificate it is given with the issuer's key and
+            // name, and keeps the rest: meshca gives it the cross certificate's profile
+            // ([`profile::cross_template`]). The announced root's key type may differ
+            // from the root's: with `require_matching_certificate_algorithms` false
+            // Vault then signs anyway, with the root key's algorithm (true refuses).
+            let template = profile::cross_template(announced, &self.root)?;
+            let body = serde_json::json!({
+                "certificate": template,
+                "require_matching_certificate_algorithms": false,
+            });
+            let answer = self
+                .client
+                .call(Method::POST, &self.cross_sign_path, Some(&body))
+                .await
+                .map_err(backend_error)?;
+            profile::check_cross(&answer, announced, &self.root)
         })
     }
 

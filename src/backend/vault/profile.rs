@@ -156,6 +156,48 @@ fn one_certificate(pem: &str) -> Result<Certificate, String> {
 /// knows, carrying exactly meshca's profile and the policy (org, subject, key, notAfter,
 /// extensions). Serial and notBefore are Vault's choice. Anything else is out of policy
 /// and never handed out.
+/// Vault's answer to `sign-self-issued` for `announced`: a cross certificate under
+/// `root` ([`crate::pki::cross::check_cross`]), or out of policy.
+pub fn check_cross(
+    answer: &Value,
+    announced: &RootCa,
+    root: &RootCa,
+) -> Result<Certificate, BackendError> {
+    let out = |m: String| BackendError::OutOfPolicy(format!("cross certificate: {m}"));
+    let pem = data_str(answer, "certificate")
+        .ok_or_else(|| out("Vault's answer has no data.certificate".into()))?;
+    let certificate = one_certificate(pem).map_err(|e| out(format!("data.certificate: {e}")))?;
+    crate::pki::cross::check_cross(&certificate, &root.certificate, &announced.certificate)
+        .and_then(|()| crate::pki::cross::check_cross_key_ids(&certificate, root, announced))
+        .map_err(|e| out(e.to_string()))?;
+    Ok(certificate)
+}
+
+/// What meshca gives `sign-self-issued` for `announced`: a self-issued certificate (its
+/// subject as issuer too, as the endpoint demands) with the cross certificate's profile,
+/// serial, dates and AKI (the root's SKI). Vault keeps all of it but the issuer name and
+/// the signature: fed the announced root as it is, Vault would keep that root's own
+/// serial, dates and AKI (Go keeps a template's AKI when issuer and subject names are the
+/// same, as two roots of one org's default name are), and openssl would then take the
+/// cross certificate for self-signed. Vault does not check the template's signature
+/// (nobody could sign it: the announced root's key is not the one signing), so it carries
+/// the announced root's own.
+pub fn cross_template(announced: &RootCa, root: &RootCa) -> Result<String, BackendError> {
+    let check = |e: String| BackendError::Check(format!("cross certificate template: {e}"));
+    let plan = crate::pki::cross::cross_plan(announced, root, std::time::SystemTime::now())
+        .map_err(|e| check(e.to_string()))?;
+    let tbs = crate::pki::profile::cross_template_tbs(&plan, announced, root)
+        .map_err(|e| check(e.to_string()))?;
+    let signature = announced
+        .certificate
+        .signature()
+        .as_bytes()
+        .ok_or_else(|| check("the announced root's signature is not whole bytes".into()))?;
+    let der = crate::pki::profile::assemble(&tbs, root.signature_algorithm, signature)
+        .map_err(|e| check(e.to_string()))?;
+    Ok(crate::pki::pem::encode("CERTIFICATE", &der))
+}
+
 pub fn check_intermediate(
     answer: &Value,
     request: &IssueRequest,
