@@ -1268,9 +1268,46 @@ async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
 /// leaves the Lease held for its whole duration.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_a_stuck_pass_cuts_it_short_after_the_grace_and_gives_the_lease_up() {
-    use std::io::Read;
     let env = Env::new();
     let cluster = Cluster::start(&env).await;
+    let stderr = stop_during_a_stuck_pass(&env, &cluster, || {}).await;
+    assert!(
+        stderr.contains("did not finish within the grace and was cut short"),
+        "{stderr}"
+    );
+    let lease = cluster.get(LEASE).unwrap();
+    assert!(lease["spec"].get("holderIdentity").is_none(), "{lease}");
+    assert!(cluster.get(SECRET).is_none());
+}
+
+/// The same stop with an API server that no longer answers the Lease: the release is
+/// given up after a few seconds, well inside the pod's grace period, and the agent still
+/// exits 0 (rather than being killed by the kubelet mid-release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_gives_up_a_lease_release_the_api_server_does_not_answer() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    let stderr = stop_during_a_stuck_pass(&env, &cluster, || {
+        cluster
+            .fake
+            .slow_get_answers(LEASE, Duration::from_secs(3600));
+    })
+    .await;
+    assert!(
+        stderr.contains("did not answer the Lease's release in time"),
+        "{stderr}"
+    );
+}
+
+/// Starts `meshca agent` (stop grace 1 s) on a request whose signer accepts connections
+/// and never answers, waits until its pass is held up there, runs `before_stop`, sends
+/// SIGTERM and returns the agent's stderr once it has exited 0.
+async fn stop_during_a_stuck_pass(
+    env: &Env,
+    cluster: &Cluster,
+    before_stop: impl FnOnce(),
+) -> String {
+    use std::io::Read;
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     cluster.put_request(
         &silent.local_addr().unwrap().to_string(),
@@ -1293,6 +1330,7 @@ async fn a_stop_during_a_stuck_pass_cuts_it_short_after_the_grace_and_gives_the_
     let held = tokio::task::spawn_blocking(move || silent.accept().unwrap())
         .await
         .unwrap();
+    before_stop();
     send_signal(agent.id(), "TERM");
     let status = wait_within(&mut agent, EXIT_WAIT);
     let mut stderr = String::new();
@@ -1304,13 +1342,7 @@ async fn a_stop_during_a_stuck_pass_cuts_it_short_after_the_grace_and_gives_the_
         .unwrap();
     drop(held);
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
-    assert!(
-        stderr.contains("did not finish within the grace and was cut short"),
-        "{stderr}"
-    );
-    let lease = cluster.get(LEASE).unwrap();
-    assert!(lease["spec"].get("holderIdentity").is_none(), "{lease}");
-    assert!(cluster.get(SECRET).is_none());
+    stderr
 }
 
 /// `meshca agent --once` (a Job, or `kubectl exec` into a replica's pod, whose POD_NAME

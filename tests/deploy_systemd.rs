@@ -201,6 +201,23 @@ fn the_signer_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     );
     assert_eq!(next(), ready, "the reload's end");
 
+    // A reload that fails says so in `systemctl status` until the next one succeeds.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, "not = [valid\n").unwrap();
+    send_signal(signer.child.id(), "HUP");
+    assert!(next().starts_with("RELOADING=1\n"));
+    assert_eq!(
+        next(),
+        format!(
+            "READY=1\nSTATUS=serving https://{}; last reload failed (tls, rules): see the log\n",
+            signer.addr
+        )
+    );
+    std::fs::write(&env.config, config).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    assert!(next().starts_with("RELOADING=1\n"));
+    assert_eq!(next(), ready, "a reload that succeeds clears it");
+
     assert!(signer.terminate());
     assert_eq!(next(), "STOPPING=1\nSTATUS=draining in-flight requests\n");
 }

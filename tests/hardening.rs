@@ -695,7 +695,8 @@ async fn a_crl_file_added_to_client_crls_is_enforced_from_the_sighup_on() {
     reloads(1).await;
     assert!(env.client("cluster-b").get(&healthz).send().await.is_ok());
 
-    // The CRL named: in force at once, no restart pending.
+    // The CRL named in an edit that also breaks a VirtualMesh file: the file is not read,
+    // and the log says its [tls] is not in force either (the client is still served).
     std::fs::write(
         &env.config,
         std::fs::read_to_string(&env.config)
@@ -704,6 +705,26 @@ async fn a_crl_file_added_to_client_crls_is_enforced_from_the_sighup_on() {
     )
     .unwrap();
     with_crls("\"pki/crl.pem\"");
+    let meshes_file = env.path("virtual-meshes.yaml");
+    let meshes = std::fs::read_to_string(&meshes_file).unwrap();
+    std::fs::write(
+        &meshes_file,
+        meshes.replace("spec:", "spec:\n  misspeled: true"),
+    )
+    .unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer
+        .wait_for_log("could not be read, so none of its [tls] settings")
+        .await;
+    assert!(
+        line.contains("\"level\":\"ERROR\"") && line.contains("misspeled"),
+        "{line}"
+    );
+    signer.wait_for_log("SIGHUP: rules not reloaded").await;
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_ok());
+
+    // The VirtualMesh file mended: the CRL in force at once, no restart pending.
+    std::fs::write(&meshes_file, meshes).unwrap();
     send_signal(signer.child.id(), "HUP");
     let line = signer
         .wait_for_log("[tls] settings changed in the config file are in force")

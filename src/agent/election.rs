@@ -210,6 +210,10 @@ impl Elector {
     }
 }
 
+/// How long the stop waits for the Lease to be given up: inside the 10 s the Deployments'
+/// terminationGracePeriodSeconds leave after the default stop grace.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// A pass under way when the stop came: finished if it ends within `grace`, else cut short
 /// (None). Cutting it is what a kill after the pod's grace period would do; the writes are
 /// each whole and the next leader decides again from what is written.
@@ -324,8 +328,18 @@ pub trait LeaderLoop: Sized {
                 }
             }
             renewer.abort();
-            if let Err(e) = self.release().await {
-                tracing::warn!(error = %e, "cannot release the Lease; it expires by itself");
+            // Bounded well inside the pod's grace period (the stop grace took most of it):
+            // an API server slow enough to have held the pass would otherwise see the
+            // kubelet kill the pod mid-release, the Lease held for its whole duration.
+            match tokio::time::timeout(RELEASE_WAIT, self.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot release the Lease; it expires by itself")
+                }
+                Err(_) => tracing::warn!(
+                    wait_seconds = RELEASE_WAIT.as_secs(),
+                    "the API server did not answer the Lease's release in time; it expires by itself"
+                ),
             }
         }
     }

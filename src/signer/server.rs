@@ -1331,6 +1331,15 @@ async fn reload(running: &RunningSigner) {
     crate::service_manager::reloading();
     let read = running.read_config().await;
     let tls = running.reload_tls(read.as_ref().ok());
+    let tls_failed = tls.is_err() || read.is_err();
+    if let Err(e) = &read {
+        // Whatever in the file failed (a VirtualMesh file, a limit), its [tls] is not in
+        // force either: a CRL added in the same edit must not look applied.
+        tracing::error!(
+            error = %e,
+            "SIGHUP: the config file could not be read, so none of its [tls] settings (a file added to client_crls included) are in force; the TLS files were read again from their places in force"
+        );
+    }
     if let Ok(TlsReload {
         settings_changed, ..
     }) = &tls
@@ -1363,8 +1372,21 @@ async fn reload(running: &RunningSigner) {
             "SIGHUP: TLS settings not reloaded; the previous ones stay in force"
         ),
     }
-    log_rules_reload(running.reload_rules(read).await);
-    crate::service_manager::reloaded(&serving_status(running));
+    let rules = running.reload_rules(read).await;
+    let rules_failed = rules.is_err();
+    log_rules_reload(rules);
+    let failed: Vec<&str> = [("tls", tls_failed), ("rules", rules_failed)]
+        .into_iter()
+        .filter_map(|(half, failed)| failed.then_some(half))
+        .collect();
+    let mut status = serving_status(running);
+    if !failed.is_empty() {
+        status.push_str(&format!(
+            "; last reload failed ({}): see the log",
+            failed.join(", ")
+        ));
+    }
+    crate::service_manager::reloaded(&status);
 }
 
 /// What `systemctl status` shows while the signer serves.

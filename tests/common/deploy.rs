@@ -235,8 +235,8 @@ pub fn assert_termination_outwaits_the_stop_grace(deployment: &Path) {
             default.split(']').next().unwrap().parse().unwrap()
         }
     };
-    // Giving the Lease up is one read and one write, each bounded by the API timeout, but
-    // seconds in practice.
+    // Giving the Lease up is one read and one write, waited for at most 5 s
+    // (`election::RELEASE_WAIT`).
     assert!(
         termination >= stop_grace + 5,
         "terminationGracePeriodSeconds {termination} leaves no time after the stop grace of {stop_grace} s"
