@@ -74,7 +74,8 @@ const DAY_SECONDS: u64 = 86_400;
 const MIN_LEASE_SECONDS: u64 = 3;
 /// `--api-timeout-seconds` by default.
 const API_TIMEOUT_SECONDS: u64 = meshca::agent::k8s::DEFAULT_API_TIMEOUT.as_secs();
-/// `agent --once` whose bundle needed nothing but whose signer was not reached:
+/// `agent --once` whose bundle needed nothing but whose signer was unavailable (not
+/// reached, or answered 429 or 5xx):
 /// sysexits' EX_TEMPFAIL (try again later).
 const EXIT_SIGNER_NOT_REACHED: u8 = 75;
 /// `--stop-grace-seconds` by default: under Kubernetes' default (and deploy/'s)
@@ -1288,7 +1289,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         {
             // The bundle stands on its own, but a cron job must learn of a signer it will
             // need at the renewal (a wrong URL, a firewall) before then.
-            say!("  signer       not reached: {error}");
+            say!("  signer       unavailable: {error}");
             return Ok(ExitCode::from(EXIT_SIGNER_NOT_REACHED));
         }
         return Ok(ExitCode::SUCCESS);

@@ -522,7 +522,7 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     assert_eq!(offline.status.code(), Some(75), "{}", text(&offline.stderr));
     assert!(stdout.contains("nothing written"), "{stdout}");
     assert!(
-        stdout.contains("signer       not reached: cannot reach the signer at "),
+        stdout.contains("signer       unavailable: cannot reach the signer at "),
         "{stdout}"
     );
     assert_eq!(snapshot(&dir), before);

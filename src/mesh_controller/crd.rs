@@ -68,6 +68,7 @@ impl VirtualMesh {
                 namespace: self.metadata.namespace.clone().unwrap_or_default(),
             },
             spec: self.spec.document.clone(),
+            status: None,
         }
     }
 }

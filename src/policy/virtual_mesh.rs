@@ -111,7 +111,8 @@ impl<'de> Deserialize<'de> for ObjectRef {
 
 /// A VirtualMesh document as written in YAML. Every key is one meshca reads or refuses by
 /// name (a misspelled one left unread would change what is signed or federated); only
-/// `metadata` is open (labels, annotations, ...).
+/// `metadata` is open (labels, annotations, ...), and `status` is taken and never read:
+/// `kubectl get vmesh -o yaml`, a natural way to keep the signer's copy, writes one.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualMeshDocument {
@@ -120,6 +121,9 @@ pub struct VirtualMeshDocument {
     pub kind: String,
     pub metadata: Metadata,
     pub spec: VirtualMeshSpec,
+    /// What a cluster reported: not policy, ignored.
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -773,6 +777,12 @@ mod tests {
         );
         assert_ne!(labelled, SEED);
         load(&labelled).unwrap();
+        // So is a status (`kubectl get vmesh -o yaml` writes one): taken, never read.
+        let with_status = format!("{SEED}status:\n  observedGeneration: 3\n  conditions: []\n");
+        assert_eq!(
+            load(&with_status).unwrap().iter().count(),
+            load(SEED).unwrap().iter().count()
+        );
     }
 
     #[test]
