@@ -215,11 +215,7 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
         "a ttl of 2678400 s exceeds virtual mesh test/vm's maximum of 2592000 s: the signer would refuse the renewal",
     );
 
-    let issued = signer
-        .audit_lines()
-        .iter()
-        .filter(|l| l["rule"] == "issued")
-        .count();
+    let issued = signer.issued_lines().len();
     assert_eq!(issued, 1, "idempotent runs must not ask the signer to sign");
 
     // notBefore is backdated 5 minutes and the ttl is 30 minutes: 10% of the 35-minute
@@ -418,11 +414,7 @@ fn a_target_that_cannot_be_written_costs_no_signature() {
             );
         }
     }
-    let issued = signer
-        .audit_lines()
-        .iter()
-        .filter(|l| l["rule"] == "issued")
-        .count();
+    let issued = signer.issued_lines().len();
     assert_eq!(issued, 0);
     let left: Vec<String> = std::fs::read_dir(&blocked)
         .unwrap()
@@ -778,11 +770,7 @@ fn a_client_certificate_rotated_on_disk_is_used_from_the_next_pass_without_a_res
         Some(0),
         "{metrics}"
     );
-    let issued: Vec<Value> = signer
-        .audit_lines()
-        .into_iter()
-        .filter(|l| l["rule"] == "issued")
-        .collect();
+    let issued = signer.issued_lines();
     assert_eq!(issued.len(), 2, "{issued:?}");
     assert!(issued.iter().all(|l| l["client"] == identity("cluster-a")));
     agent.terminate();
@@ -1180,11 +1168,7 @@ fn a_signer_under_another_root_has_the_cluster_trust_none_of_its_roots() {
     assert!(!request.status.success(), "{stderr}");
     assert!(stderr.contains(&refused), "{stderr}");
     // (b) nothing signed by the impostor, nothing written here.
-    let issued: Vec<Value> = fake
-        .audit_lines()
-        .into_iter()
-        .filter(|l| l["rule"] == "issued")
-        .collect();
+    let issued = fake.issued_lines();
     assert!(issued.is_empty(), "{issued:?}");
     assert_eq!(snapshot(&dir), before);
     let bytes_after: Vec<Vec<u8>> = NAMES
@@ -1278,10 +1262,6 @@ fn an_agent_pinned_to_its_roots_takes_no_other_root_from_the_signer() {
     );
     assert!(out.contains("rewrote root-cert.pem"), "{out}");
     assert_eq!(trusted_roots(&dir), vec![root, next_root]);
-    let issued = signer
-        .audit_lines()
-        .iter()
-        .filter(|l| l["rule"] == "issued")
-        .count();
+    let issued = signer.issued_lines().len();
     assert_eq!(issued, 1);
 }

@@ -746,13 +746,7 @@ async fn a_secret_another_request_holds_is_not_adopted_until_that_request_is_gon
     let mut second = request_object(&signer.addr.to_string(), spec);
     second["metadata"]["name"] = "cluster-b".into();
     cluster.put(&second_path, second);
-    let issued = || {
-        signer
-            .audit_lines()
-            .iter()
-            .filter(|l| l["rule"] == "issued")
-            .count()
-    };
+    let issued = || signer.issued_lines().len();
     let holder =
         || cluster.get(SECRET).unwrap()["metadata"]["annotations"]["meshca.dev/owner"].clone();
 
@@ -1091,11 +1085,7 @@ async fn a_signer_under_a_root_the_secret_does_not_hold_is_asked_for_nothing() {
     assert_eq!(condition(&st, "Ready")["reason"], "RootNotTrusted", "{st}");
     assert_ne!(st["nextRootFingerprint"], json!(planted), "{st}");
     assert_eq!(cluster.get(SECRET).unwrap()["data"], installed["data"]);
-    let issued: Vec<Value> = fake
-        .audit_lines()
-        .into_iter()
-        .filter(|l| l["rule"] == "issued")
-        .collect();
+    let issued = fake.issued_lines();
     assert!(issued.is_empty(), "{issued:?}");
 }
 

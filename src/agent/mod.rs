@@ -637,20 +637,23 @@ mod tests {
         assert!(choose_key_type(&[], None, "vm").is_err());
     }
 
+    /// A signer's public policy whose root is `root` (`rootFingerprintSha256`).
+    fn policy_under_root(root: Option<&str>) -> PublicPolicy {
+        serde_json::from_value(serde_json::json!({
+            "virtualMesh": "test/vm", "orgName": "acme", "maxTtlSeconds": 86_400,
+            "minRsaBits": 3072, "acceptedKeyTypes": ["ecdsa-p256"],
+            "meshes": ["test/a"], "rootNotAfter": "2030-01-01T00:00:00Z",
+            "rootFingerprintSha256": root
+        }))
+        .unwrap()
+    }
+
     /// With a pin, the signer's root must be listed (in any form) before it is asked to
     /// sign; a policy naming no root cannot be checked, so it is refused too.
     #[test]
     fn a_signer_root_the_pin_does_not_list_is_refused_before_signing() {
         let root = "5f35e0c1d0e4b1a9c0ffee00112233445566778899aabbccddeeff0011223344";
-        let policy = |root: Option<&str>| -> PublicPolicy {
-            serde_json::from_value(serde_json::json!({
-                "virtualMesh": "test/vm", "orgName": "acme", "maxTtlSeconds": 86_400,
-                "minRsaBits": 3072, "acceptedKeyTypes": ["ecdsa-p256"],
-                "meshes": ["test/a"], "rootNotAfter": "2030-01-01T00:00:00Z",
-                "rootFingerprintSha256": root
-            }))
-            .unwrap()
-        };
+        let policy = policy_under_root;
         let upper = root.to_ascii_uppercase();
         let pin = RootPin::new(&[upper], "--accept-root");
         let first_use = TrustedRoots::default();
@@ -688,15 +691,7 @@ mod tests {
         let day = std::time::Duration::from_secs(86_400);
         let (_key, installed) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
         let (_key, other) = software_root(KeyType::EcdsaP256, "acme", 400 * day);
-        let policy = |root: Option<&str>| -> PublicPolicy {
-            serde_json::from_value(serde_json::json!({
-                "virtualMesh": "test/vm", "orgName": "acme", "maxTtlSeconds": 86_400,
-                "minRsaBits": 3072, "acceptedKeyTypes": ["ecdsa-p256"],
-                "meshes": ["test/a"], "rootNotAfter": "2030-01-01T00:00:00Z",
-                "rootFingerprintSha256": root
-            }))
-            .unwrap()
-        };
+        let policy = policy_under_root;
         let unpinned = RootPin::new(&[], "--accept-root");
         let trusted = TrustedRoots::installed(Some(&installed.pem), &[]);
         let ours = installed.fingerprint_sha256.to_ascii_uppercase();

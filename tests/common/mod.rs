@@ -926,6 +926,14 @@ impl Signer {
             .collect()
     }
 
+    /// The audit lines of intermediates issued (rule `issued`).
+    pub fn issued_lines(&self) -> Vec<serde_json::Value> {
+        self.audit_lines()
+            .into_iter()
+            .filter(|l| l["rule"] == "issued")
+            .collect()
+    }
+
     /// Every line of the audit log.
     pub fn all_audit_lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("audit.log"))
