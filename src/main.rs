@@ -446,17 +446,19 @@ fn usage_error_message(error: &clap::Error) -> String {
             .split_whitespace()
             .take_while(|word| !word.starts_with(['[', '<']))
             .collect();
-        let group = group.join(" ");
-        let subcommands: Vec<&str> = rendered
-            .split("Commands:")
-            .nth(1)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-            .take_while(|line| !line.trim().is_empty())
-            .filter_map(|line| line.split_whitespace().next())
-            .filter(|name| *name != "help")
+        // Its subcommands, from the command definition itself.
+        let mut command = <Cli as clap::CommandFactory>::command();
+        for name in group.iter().skip(1) {
+            match command.find_subcommand(name) {
+                Some(sub) => command = sub.clone(),
+                None => break,
+            }
+        }
+        let subcommands: Vec<String> = command
+            .get_subcommands()
+            .map(|sub| sub.get_name().to_string())
             .collect();
+        let group = group.join(" ");
         return format!(
             "{group} needs a subcommand: {}",
             if subcommands.is_empty() {

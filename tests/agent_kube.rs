@@ -90,6 +90,28 @@ impl Cluster {
     }
 
     /// The request `cluster-a` for the signer at `signer_addr`, `extra_spec` merged in.
+    /// `meshca agent` as a long-running replica `agent-0` of this cluster (JSON logs on a
+    /// piped stderr, cluster-a's client certificate), with `extra` flags.
+    fn agent_daemon(&self, env: &Env, extra: &[&str]) -> std::process::Command {
+        let kubeconfig = env.path("kubeconfig");
+        std::fs::write(&kubeconfig, self.fake.kubeconfig("agent-token")).unwrap();
+        let mut agent = env.meshca();
+        agent
+            .args(["--log-format", "json", "agent", "--identity", "agent-0"])
+            .args(extra)
+            .args([
+                "--ca-cert",
+                "pki/ca.pem",
+                "--client-cert",
+                "pki/cluster-a.pem",
+            ])
+            .args(["--client-key", "pki/cluster-a.key"])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        agent
+    }
+
     fn put_request(&self, signer_addr: &str, extra_spec: Value) {
         self.put(
             &format!("{VMCSR}/cluster-a"),
@@ -1201,20 +1223,11 @@ async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
     cluster.put_request_restarting_nothing(&signer);
-    let kubeconfig = env.path("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("agent-token")).unwrap();
-    let mut agent = env
-        .meshca()
-        .args(["--log-format", "json", "agent", "--identity", "agent-0"])
-        .args(["--resync-seconds", "1", "--ca-cert", "pki/ca.pem"])
-        .args(["--client-cert", "pki/cluster-a.pem"])
-        .args(["--client-key", "pki/cluster-a.key"])
-        .env("KUBECONFIG", &kubeconfig)
+    let mut agent = cluster
+        .agent_daemon(&env, &["--resync-seconds", "1"])
         .env("LD_PRELOAD", libfaketime())
         .env("FAKETIME", "+365d")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let (lines, said) = std::sync::mpsc::channel();
@@ -1303,17 +1316,8 @@ async fn stop_during_a_stuck_pass(
         &silent.local_addr().unwrap().to_string(),
         json!({"restart": {"policy": "never"}}),
     );
-    let kubeconfig = env.path("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("agent-token")).unwrap();
-    let mut agent = env
-        .meshca()
-        .args(["--log-format", "json", "agent", "--identity", "agent-0"])
-        .args(["--stop-grace-seconds", "1", "--ca-cert", "pki/ca.pem"])
-        .args(["--client-cert", "pki/cluster-a.pem"])
-        .args(["--client-key", "pki/cluster-a.key"])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+    let mut agent = cluster
+        .agent_daemon(env, &["--stop-grace-seconds", "1"])
         .spawn()
         .unwrap();
     // The pass is under way once the agent has connected to the signer.
