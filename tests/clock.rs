@@ -1,5 +1,5 @@
-//! A wall clock set back, as libfaketime sets it (the `faketime` command, which
-//! `scripts/install-deps.sh` installs): before 1970 rustls's own clock panicked in every
+//! A wall clock set back, as libfaketime sets it (which `scripts/install-deps.sh`
+//! installs): before 1970 rustls's own clock panicked in every
 //! handshake. The signer's start and `serve --check` refuse a clock before the root's or
 //! the TLS certificate's notBefore by name, `meshca request` and the agent say their
 //! clock is wrong, the controllers do not start before 1970: exit status 1, never a
@@ -11,14 +11,17 @@ use std::process::{Command, Output};
 
 use common::*;
 
-/// `cmd` run by `faketime AT`: its clock starts at `at` (a date, or `3650 days ago`), and runs
-/// on from there. The monotonic clock is left alone (timeouts keep their length).
+/// `cmd` with libfaketime preloaded: its clock starts at `at` (libfaketime's FAKETIME:
+/// `@1960-01-01 00:00:00`, or `-3650d` for that far back) and runs on from there. The
+/// monotonic clock is left alone (timeouts keep their length). Not the `faketime` wrapper:
+/// it names a semaphore after its pid, and one a killed run left behind under a pid used
+/// again makes it fail (`sem_open: File exists`).
 fn at_time(cmd: &Command, at: &str) -> Output {
-    let mut faked = Command::new("faketime");
+    let mut faked = Command::new(cmd.get_program());
     faked
-        .arg(at)
-        .arg(cmd.get_program())
         .args(cmd.get_args())
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", at)
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .env("TZ", "UTC");
     if let Some(dir) = cmd.get_current_dir() {
@@ -30,9 +33,7 @@ fn at_time(cmd: &Command, at: &str) -> Output {
             None => faked.env_remove(name),
         };
     }
-    faked.output().unwrap_or_else(|e| {
-        panic!("cannot run faketime ({e}): run scripts/install-deps.sh (make test does)")
-    })
+    faked.output().unwrap()
 }
 
 /// The run ended with status 1 and said `says`, with no panic.
@@ -50,10 +51,10 @@ fn a_signer_whose_clock_reads_before_its_certificates_does_not_start() {
     let env = Env::new();
     for (at, reads) in [
         (
-            "1960-01-01 00:00:00",
+            "@1960-01-01 00:00:00",
             "the system clock reads 1960-01-01T00:00",
         ),
-        ("3650 days ago", "the system clock reads "),
+        ("-3650d", "the system clock reads "),
     ] {
         for args in [&["serve", "--check"][..], &["serve"][..]] {
             let out = at_time(&env.meshca_with_config(args), at);
@@ -72,7 +73,7 @@ fn a_signer_whose_clock_reads_before_its_certificates_does_not_start() {
     // tolerated, up to the intermediates' own backdating.
     let out = at_time(
         &env.meshca_with_config(&["serve", "--check"]),
-        "2 minutes ago",
+        "-2m",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The clock right, the same config starts.
@@ -85,11 +86,11 @@ fn a_request_whose_clock_is_set_back_says_so() {
     let signer = env.start_signer();
     let request = |at: &str| at_time(&env.request_command(signer.addr, "cluster-a"), at);
     assert_refused(
-        &request("1960-01-01 00:00:00"),
+        &request("@1960-01-01 00:00:00"),
         &["this machine's clock reads before 1970"],
     );
     assert_refused(
-        &request("3650 days ago"),
+        &request("-3650d"),
         &[
             "is not valid yet by this machine's clock",
             "this clock is behind",
@@ -105,7 +106,7 @@ fn a_request_whose_clock_is_set_back_says_so() {
         .args(env.signer_flags(signer.addr, "cluster-a"))
         .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
     assert_refused(
-        &at_time(&agent, "1960-01-01 00:00:00"),
+        &at_time(&agent, "@1960-01-01 00:00:00"),
         &["this machine's clock reads before 1970"],
     );
 }
@@ -131,7 +132,7 @@ fn the_controllers_refuse_a_clock_before_1970_before_they_call_the_cluster() {
         cmd.env("KUBECONFIG", env.path("no-kubeconfig"))
             .env_remove("KUBERNETES_SERVICE_HOST");
         assert_refused(
-            &at_time(&cmd, "1960-01-01 00:00:00"),
+            &at_time(&cmd, "@1960-01-01 00:00:00"),
             &[
                 "this machine's clock reads 1960-01-01T00:00",
                 "the Kubernetes client",
