@@ -71,10 +71,7 @@ fn a_signer_whose_clock_reads_before_its_certificates_does_not_start() {
     }
     // A clock a little behind the host that made them (a root is not backdated) is
     // tolerated, up to the intermediates' own backdating.
-    let out = at_time(
-        &env.meshca_with_config(&["serve", "--check"]),
-        "-2m",
-    );
+    let out = at_time(&env.meshca_with_config(&["serve", "--check"]), "-2m");
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The clock right, the same config starts.
     let _signer = env.start_signer();
