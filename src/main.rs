@@ -78,6 +78,14 @@ const API_TIMEOUT_SECONDS: u64 = meshca::agent::k8s::DEFAULT_API_TIMEOUT.as_secs
 /// reached, or answered 429 or 5xx):
 /// sysexits' EX_TEMPFAIL (try again later).
 const EXIT_SIGNER_NOT_REACHED: u8 = 75;
+/// `root init` without `--force` or `--adopt` found the root already there (its
+/// certificate file, the token's key or the Vault issuer) and made nothing: sysexits'
+/// EX_CANTCREAT, so a playbook can tell "already there" from "broken".
+const EXIT_ROOT_EXISTS: u8 = 73;
+/// A Kubernetes `--once` pass (agent, mesh controller) that another replica's Lease kept
+/// from acting: before the pass (nothing written) or during it (the rest left to the
+/// leader). Not 0: what the caller asked for was not done here; not 1: nothing is broken.
+const EXIT_NOT_LEADER: u8 = 3;
 /// `--stop-grace-seconds` by default: under Kubernetes' default (and deploy/'s)
 /// terminationGracePeriodSeconds of 30, leaving time to give the Lease up.
 const STOP_GRACE_SECONDS: u64 = 20;
@@ -698,12 +706,36 @@ fn exit_status(e: &anyhow::Error) -> u8 {
             Some(VaultRootError::Vault(VaultError::LoginRefused { .. }))
         )
     });
+    let root_exists = e.chain().any(|cause| {
+        cause.is::<RootExists>()
+            || matches!(
+                cause.downcast_ref::<TokenError>(),
+                Some(TokenError::KeyExists(_))
+            )
+            || matches!(
+                cause.downcast_ref::<VaultRootError>(),
+                Some(VaultRootError::IssuerExists { .. })
+            )
+    });
     match e.downcast_ref::<StartError>() {
         Some(start) => start.exit_status(),
         None if refused => EXIT_PIN_REFUSED,
+        None if root_exists => EXIT_ROOT_EXISTS,
+        None if e.chain().any(|cause| cause.is::<NotLeader>()) => EXIT_NOT_LEADER,
         None => 1,
     }
 }
+
+/// `root init`'s root certificate file is already there (exit [`EXIT_ROOT_EXISTS`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RootExists(String);
+
+/// A Kubernetes `--once` pass another replica's Lease kept from acting (exit
+/// [`EXIT_NOT_LEADER`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NotLeader(&'static str);
 
 /// The error and its causes, leaving out a cause whose text an outer message already quotes.
 fn describe(e: &anyhow::Error) -> String {
@@ -954,10 +986,14 @@ fn run(command: Command) -> Result<ExitCode> {
         } => {
             let config = load_config(&config)?;
             // `--adopt` writes the issuer's own certificate: checked against the file's.
-            if !adopt {
-                config
-                    .check_root_certificate_free(force)
-                    .map_err(anyhow::Error::msg)?;
+            if !adopt && let Err(message) = config.check_root_certificate_free(force) {
+                // The check says "exists" or "cannot check"; only the first is 73.
+                let exists = std::fs::symlink_metadata(&config.root.certificate).is_ok();
+                return Err(if exists {
+                    anyhow!(RootExists(message))
+                } else {
+                    anyhow!(message)
+                });
             }
             if config.root.backend == BackendKind::Vault {
                 return vault_root_init(&config, force, adopt);
@@ -1431,11 +1467,21 @@ fn run_in_cluster<C: LeaderLoop>(
             None => {
                 let (led, next) = controller.run_once_led().await?;
                 if !led {
-                    anyhow::bail!(
+                    return Err(anyhow!(NotLeader(
                         "another replica holds the Lease: this --once pass did nothing (a replica \
                          that stopped without giving it up holds it for its duration; a running \
                          one makes the pass itself)"
-                    );
+                    )));
+                }
+                // A pass longer than the Lease may lose it to another replica midway: its
+                // steps after that wrote nothing (each logged "not the leader any more"),
+                // and the pass still returned. Still ours (renewed here if need be) or not.
+                if !controller.elector().ensure().await? {
+                    return Err(anyhow!(NotLeader(
+                        "this replica is not the leader any more: another replica took the \
+                         Lease during this --once pass, which wrote nothing after that (the \
+                         leader makes the rest)"
+                    )));
                 }
                 // Given back at once: a one-off pass (a Job, a laptop) must not keep the
                 // replicas waiting for the Lease to expire.
