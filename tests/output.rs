@@ -72,13 +72,23 @@ fn split_pem(dir: &Path, pem_file: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn root_show_json_is_what_openssl_says_of_the_root() {
-    let env = Env::new();
+    for backend in Backend::both() {
+        root_show_json_for(backend);
+    }
+}
+
+fn root_show_json_for(backend: Backend) {
+    let name = backend.name();
+    let env = Env::with(EnvSpec {
+        backend,
+        ..EnvSpec::default()
+    });
     let out = env.run_with_config(&["root", "show", "--output", "json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let show = json_of(&out);
     let cert = env.path("root-cert.pem");
     let root = &show["root"];
-    assert_eq!(show["backend"], "pkcs11", "{show}");
+    assert_eq!(show["backend"], name, "{show}");
     assert_eq!(root["sha256"], openssl_sha256(&cert), "{show}");
     let ski = openssl_x509(&cert, &["-ext", "subjectKeyIdentifier"]);
     // "X509v3 Subject Key Identifier: \n    AB:CD:..."
@@ -108,6 +118,17 @@ fn root_show_json_is_what_openssl_says_of_the_root() {
         "{show}"
     );
     assert_eq!(show["key_check"]["ok"], true, "{show}");
+    assert_eq!(
+        show["key_check"]["problems"],
+        serde_json::json!([]),
+        "{show}"
+    );
+    if name == "vault" {
+        assert_eq!(show["vault"]["certificate_matches"], true, "{show}");
+        assert_eq!(show["vault"]["issuer_ref"], "meshca-root", "{show}");
+        assert!(show["vault"]["issuer_id"].is_string(), "{show}");
+        return;
+    }
     assert_eq!(show["key"]["cka_extractable"], false, "{show}");
     assert_eq!(show["key"]["is_root_certificate_key"], true, "{show}");
     assert!(show["key"]["uri"].as_str().unwrap().starts_with("pkcs11:"));
