@@ -78,6 +78,14 @@ const API_TIMEOUT_SECONDS: u64 = meshca::agent::k8s::DEFAULT_API_TIMEOUT.as_secs
 /// reached, or answered 429 or 5xx):
 /// sysexits' EX_TEMPFAIL (try again later).
 const EXIT_SIGNER_NOT_REACHED: u8 = 75;
+/// `root init` without `--force` or `--adopt` found the root already there (its
+/// certificate file, the token's key or the Vault issuer) and made nothing: sysexits'
+/// EX_CANTCREAT, so a playbook can tell "already there" from "broken".
+const EXIT_ROOT_EXISTS: u8 = 73;
+/// A Kubernetes `--once` pass (agent, mesh controller) that another replica's Lease kept
+/// from acting: before the pass (nothing written) or during it (the rest left to the
+/// leader). Not 0: what the caller asked for was not done here; not 1: nothing is broken.
+const EXIT_NOT_LEADER: u8 = 3;
 /// `--stop-grace-seconds` by default: under Kubernetes' default (and deploy/'s)
 /// terminationGracePeriodSeconds of 30, leaving time to give the Lease up.
 const STOP_GRACE_SECONDS: u64 = 20;
@@ -103,8 +111,23 @@ struct Cli {
     /// RUST_LOG environment variable, which wins over the default.
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true, value_parser = log_filter)]
     log_level: String,
+    /// What stdout gets: text, or one JSON object for a script (root show, verify, serve
+    /// --check, request, agent --once --target-dir; an error is {"error", "exit_status"}).
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// Prints a command's one JSON object on stdout (`--output json`).
+fn say_json(value: &serde_json::Value) {
+    say!("{value}");
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -664,10 +687,22 @@ fn main() -> ExitCode {
         );
     }
     let json = matches!(cli.log_format, LogFormat::Json);
-    match run(cli.command) {
+    let output = cli.output;
+    if output == Output::Json && !cli.command.speaks_json() {
+        usage_error(
+            "",
+            "--output json is for root show, verify, serve --check, request and agent --once --target-dir",
+        );
+    }
+    match run(cli.command, output) {
         Ok(code) => code,
         Err(e) => {
             let status = exit_status(&e);
+            if output == Output::Json {
+                // A script reading stdout learns of the failure there too; the log line
+                // below stays on stderr.
+                say_json(&serde_json::json!({"error": describe(&e), "exit_status": status}));
+            }
             // Written whatever the log level: it is why the process ends.
             to_stderr!(
                 "{}",
@@ -698,12 +733,36 @@ fn exit_status(e: &anyhow::Error) -> u8 {
             Some(VaultRootError::Vault(VaultError::LoginRefused { .. }))
         )
     });
+    let root_exists = e.chain().any(|cause| {
+        cause.is::<RootExists>()
+            || matches!(
+                cause.downcast_ref::<TokenError>(),
+                Some(TokenError::KeyExists(_))
+            )
+            || matches!(
+                cause.downcast_ref::<VaultRootError>(),
+                Some(VaultRootError::IssuerExists { .. })
+            )
+    });
     match e.downcast_ref::<StartError>() {
         Some(start) => start.exit_status(),
         None if refused => EXIT_PIN_REFUSED,
+        None if root_exists => EXIT_ROOT_EXISTS,
+        None if e.chain().any(|cause| cause.is::<NotLeader>()) => EXIT_NOT_LEADER,
         None => 1,
     }
 }
+
+/// `root init`'s root certificate file is already there (exit [`EXIT_ROOT_EXISTS`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RootExists(String);
+
+/// A Kubernetes `--once` pass another replica's Lease kept from acting (exit
+/// [`EXIT_NOT_LEADER`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NotLeader(&'static str);
 
 /// The error and its causes, leaving out a cause whose text an outer message already quotes.
 fn describe(e: &anyhow::Error) -> String {
@@ -783,6 +842,146 @@ fn print_new_root(root: &meshca::pki::profile::RootCa, config: &SignerConfig) {
     say!("  not after    {}", rfc3339(root.not_after));
     say!("  sha256       {}", root.fingerprint_sha256);
     say!("  certificate  {}", config.root.certificate.display());
+}
+
+/// What `request` and `agent --once` installed (or found) in `dir`, for `--output json`.
+/// The intermediate's SHA-256 is of the ca-cert.pem now in `dir`.
+fn installed_json(
+    dir: &Path,
+    s: &meshca::pki::bundle::BundleSummary,
+    roots_changed: bool,
+) -> serde_json::Value {
+    let sha256 = std::fs::read_to_string(dir.join(meshca::pki::bundle::CA_CERT))
+        .ok()
+        .and_then(|pem| decode_certificates(&pem).ok())
+        .and_then(|certs| certs.first().map(meshca::pki::bundle::fingerprint));
+    serde_json::json!({
+        "dir": dir.display().to_string(),
+        "intermediate": {
+            "subject": s.subject,
+            "issuer": s.issuer,
+            "serial": s.serial,
+            "sha256": sha256,
+            "key_type": s.key,
+            "not_before": rfc3339(s.not_before),
+            "not_after": rfc3339(s.not_after),
+        },
+        "root_sha256": s.anchor_fingerprint,
+        "trusted_roots": s.root_fingerprints,
+        // True: istiod takes the new root set only when it starts again.
+        "roots_changed": roots_changed,
+    })
+}
+
+/// `verify --output json`: the files read, the findings (an error each: verify stops at
+/// the first), the result, and the certificates of cert-chain.pem and root-cert.pem.
+fn verify_json(
+    dir: &Path,
+    files: &meshca::pki::bundle::BundleFiles,
+    verified: &Result<meshca::pki::bundle::BundleSummary, meshca::pki::bundle::BundleError>,
+) -> serde_json::Value {
+    use meshca::pki::bundle::{self, BundleError};
+    let certificates = |pem: &str| -> Vec<serde_json::Value> {
+        decode_certificates(pem)
+            .unwrap_or_default()
+            .iter()
+            .map(|cert| {
+                let tbs = cert.tbs_certificate();
+                serde_json::json!({
+                    "subject": tbs.subject().to_string(),
+                    "issuer": tbs.issuer().to_string(),
+                    "serial": meshca::pki::profile::serial_hex(tbs.serial_number()),
+                    "sha256": bundle::fingerprint(cert),
+                    "not_before": rfc3339(tbs.validity().not_before.to_system_time()),
+                    "not_after": rfc3339(tbs.validity().not_after.to_system_time()),
+                })
+            })
+            .collect()
+    };
+    let findings: Vec<serde_json::Value> = match verified {
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            let file = match e {
+                BundleError::File { file, .. } => Some(*file),
+                BundleError::KeyMismatch => Some(bundle::CA_KEY),
+                BundleError::NotCa | BundleError::Profile(_) => Some(bundle::CA_CERT),
+                BundleError::ChainStart | BundleError::ChainLink { .. } => Some(bundle::CERT_CHAIN),
+                BundleError::NoTrustedRoot
+                | BundleError::NotSelfIssued(_)
+                | BundleError::BadAnchor(_)
+                | BundleError::UnexpectedRoot { .. } => Some(bundle::ROOT_CERT),
+                BundleError::Expired { .. } => None,
+            };
+            vec![serde_json::json!({"severity": "error", "file": file, "message": e.to_string()})]
+        }
+    };
+    let summary = verified.as_ref().ok();
+    let names = [
+        bundle::CA_CERT,
+        bundle::CA_KEY,
+        bundle::CERT_CHAIN,
+        bundle::ROOT_CERT,
+    ];
+    let files_read: Vec<String> = names
+        .iter()
+        .map(|name| dir.join(name).display().to_string())
+        .collect();
+    serde_json::json!({
+        "dir": dir.display().to_string(),
+        "files": files_read,
+        "valid": summary.is_some(),
+        "findings": findings,
+        "intermediate": summary.map(|s| serde_json::json!({
+            "subject": s.subject,
+            "issuer": s.issuer,
+            "serial": s.serial,
+            "key_type": s.key,
+            "not_before": rfc3339(s.not_before),
+            "not_after": rfc3339(s.not_after),
+        })),
+        "anchor_sha256": summary.map(|s| s.anchor_fingerprint.clone()),
+        "chain": certificates(&files.cert_chain),
+        "roots": certificates(&files.root_cert),
+    })
+}
+
+/// `serve --check --output json`: what the text report says, as fields.
+fn check_json(
+    config: &SignerConfig,
+    report: &meshca::signer::check::CheckReport,
+) -> serde_json::Value {
+    use meshca::tlsutil::CrlOverdue;
+    let mut not_checked = vec!["listen addresses"];
+    if report.online.is_none() {
+        not_checked.insert(0, "backend login and root key (--online)");
+    }
+    serde_json::json!({
+        "config": report.config,
+        "valid": true,
+        "virtual_meshes": report.virtual_meshes,
+        "clients": report.clients,
+        "root": report.root,
+        "announced_roots": report
+            .announced_roots
+            .iter()
+            .map(|(name, what)| serde_json::json!({"announcement": name, "description": what}))
+            .collect::<Vec<_>>(),
+        "listen": config.listen.to_string(),
+        "ops_listen": config.ops_listen.map(|ops| ops.to_string()),
+        "rules_sha256": report.rules_sha256,
+        "rules": report.rules,
+        "client_crl_overdue": match config.client_crl_overdue {
+            CrlOverdue::Accept => "accept",
+            CrlOverdue::Refuse => "refuse",
+        },
+        "server_certificate_not_after": rfc3339(report.server_certificate_not_after),
+        "client_crls": report.client_crls,
+        "backend": report.backend,
+        "audit_log": report.audit_log,
+        "online": report.online,
+        "warnings": report.warnings,
+        "not_checked": not_checked,
+    })
 }
 
 fn vault_root_init(config: &SignerConfig, force: bool, adopt: bool) -> Result<ExitCode> {
@@ -866,15 +1065,115 @@ fn print_root_certificates(config: &SignerConfig, root: &RootCa) {
     }
 }
 
-fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
+/// `root show --output json`'s root: what `openssl x509 -noout -fingerprint -sha256
+/// -dates -subject -ext subjectKeyIdentifier` says of the certificate file.
+fn root_json(config: &SignerConfig, root: &RootCa) -> serde_json::Value {
+    let validity = root.certificate.tbs_certificate().validity();
+    serde_json::json!({
+        "certificate": config.root.certificate.display().to_string(),
+        "subject": root.subject.to_string(),
+        "sha256": root.fingerprint_sha256,
+        "ski": meshca::pki::csr::hex(&root.subject_key_id),
+        "not_before": rfc3339(validity.not_before.to_system_time()),
+        "not_after": rfc3339(root.not_after),
+        "key_type": root.key_kind.to_string(),
+    })
+}
+
+/// The roots announced beside the root in force, as `root show` prints them.
+fn announced_roots_json(config: &SignerConfig) -> serde_json::Value {
+    let now = SystemTime::now();
+    config
+        .root
+        .announced()
+        .map(|a| {
+            serde_json::json!({
+                "announcement": a.announcement.label(),
+                "certificate": a.path.display().to_string(),
+                "sha256": a.fingerprint_sha256,
+                "not_after": rfc3339(a.not_after),
+                "expired": a.not_after <= now,
+                "key_type": a.key_kind.to_string(),
+                "vouched_by": meshca::signer::check::describe_cross_cert(
+                    &config.audit_log,
+                    &a.fingerprint_sha256
+                ),
+            })
+        })
+        .collect()
+}
+
+/// `root show`'s lines on the token's key (text output).
+fn print_key_attributes(settings: &meshca::config::Pkcs11Settings, attrs: &pkcs11::KeyAttributes) {
+    say!("private key {}", settings.key);
+    say!("  CKA_TOKEN             {}", attrs.token);
+    say!("  CKA_PRIVATE           {}", attrs.private);
+    say!("  CKA_SENSITIVE         {}", attrs.sensitive);
+    say!("  CKA_EXTRACTABLE       {}", attrs.extractable);
+    say!("  CKA_ALWAYS_SENSITIVE  {}", attrs.always_sensitive);
+    say!("  CKA_NEVER_EXTRACTABLE {}", attrs.never_extractable);
+    say!(
+        "  CKA_VALUE readable    {}",
+        if attrs.value_readable {
+            "YES (the key can be read out!)"
+        } else {
+            "no"
+        }
+    );
+    say!(
+        "  root certificate's    {}",
+        if attrs.not_the_root_key.is_none() {
+            "yes (signed a challenge that verifies under it)"
+        } else {
+            "NO"
+        }
+    );
+}
+
+fn vault_root_show(config: &SignerConfig, json: bool) -> Result<ExitCode> {
     let settings = vault_settings(config)?;
     let root = meshca::signer::server::load_root(config)?;
-    print_root_certificates(config, &root);
+    if !json {
+        print_root_certificates(config, &root);
+    }
     let info = runtime()?.block_on(vault_root::inspect(settings))?;
     let issuer_pem_matches = meshca::pki::pem::decode_certificates(&info.issuer.certificate_pem)
         .ok()
         .and_then(|c| c.into_iter().next())
         .is_some_and(|c| c == root.certificate);
+    if json {
+        let problems: Vec<String> = if issuer_pem_matches {
+            Vec::new()
+        } else {
+            vec![format!(
+                "Vault issuer {} is not the root in {}: a signer with this config will not start",
+                settings.issuer_ref,
+                config.root.certificate.display()
+            )]
+        };
+        say_json(&serde_json::json!({
+            "backend": "vault",
+            "root": root_json(config, &root),
+            "announced_roots": announced_roots_json(config),
+            "vault": {
+                "address": settings.address.as_str().trim_end_matches('/'),
+                "mount": settings.mount,
+                "issuer_ref": settings.issuer_ref,
+                "issuer_id": info.issuer.issuer_id,
+                "usage": info.issuer.usage,
+                "key_type": info.key_type,
+                "key_id": info.issuer.key_id,
+                "key_name": info.key_name,
+                "certificate_matches": issuer_pem_matches,
+            },
+            "key_check": {"ok": problems.is_empty(), "problems": problems},
+        }));
+        return Ok(if issuer_pem_matches {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     say!(
         "Vault issuer {} in mount {}",
         settings.issuer_ref,
@@ -914,6 +1213,20 @@ fn vault_root_show(config: &SignerConfig) -> Result<ExitCode> {
 }
 
 impl Command {
+    /// Whether `--output json` is known to it.
+    fn speaks_json(&self) -> bool {
+        match self {
+            Command::Root {
+                command: RootCommand::Show { .. },
+            }
+            | Command::Verify { .. }
+            | Command::Serve { check: true, .. }
+            | Command::Request(_) => true,
+            Command::Agent(args) => args.once && args.target_dir.is_some(),
+            _ => false,
+        }
+    }
+
     /// A long-running process (the signer, the agents, the mesh controller), which a
     /// SIGHUP must not end.
     fn is_daemon(&self) -> bool {
@@ -925,7 +1238,8 @@ impl Command {
     }
 }
 
-fn run(command: Command) -> Result<ExitCode> {
+fn run(command: Command, output: Output) -> Result<ExitCode> {
+    let json = output == Output::Json;
     match command {
         Command::Token {
             command:
@@ -954,10 +1268,14 @@ fn run(command: Command) -> Result<ExitCode> {
         } => {
             let config = load_config(&config)?;
             // `--adopt` writes the issuer's own certificate: checked against the file's.
-            if !adopt {
-                config
-                    .check_root_certificate_free(force)
-                    .map_err(anyhow::Error::msg)?;
+            if !adopt && let Err(message) = config.check_root_certificate_free(force) {
+                // The check says "exists" or "cannot check"; only the first is 73.
+                let exists = std::fs::symlink_metadata(&config.root.certificate).is_ok();
+                return Err(if exists {
+                    anyhow!(RootExists(message))
+                } else {
+                    anyhow!(message)
+                });
             }
             if config.root.backend == BackendKind::Vault {
                 return vault_root_init(&config, force, adopt);
@@ -989,40 +1307,40 @@ fn run(command: Command) -> Result<ExitCode> {
         } => {
             let config = load_config(&config)?;
             if config.root.backend == BackendKind::Vault {
-                return vault_root_show(&config);
+                return vault_root_show(&config, json);
             }
             let settings = pkcs11_settings(&config)?;
             let root = meshca::signer::server::load_root(&config)?;
-            print_root_certificates(&config, &root);
+            if !json {
+                print_root_certificates(&config, &root);
+            }
             let pin = settings.pin.read()?;
             let attrs = pkcs11::inspect_key(settings, &pin, &root)?;
-            say!("private key {}", settings.key);
-            say!("  CKA_TOKEN             {}", attrs.token);
-            say!("  CKA_PRIVATE           {}", attrs.private);
-            say!("  CKA_SENSITIVE         {}", attrs.sensitive);
-            say!("  CKA_EXTRACTABLE       {}", attrs.extractable);
-            say!("  CKA_ALWAYS_SENSITIVE  {}", attrs.always_sensitive);
-            say!("  CKA_NEVER_EXTRACTABLE {}", attrs.never_extractable);
-            say!(
-                "  CKA_VALUE readable    {}",
-                if attrs.value_readable {
-                    "YES (the key can be read out!)"
-                } else {
-                    "no"
-                }
-            );
-            say!(
-                "  root certificate's    {}",
-                if attrs.not_the_root_key.is_none() {
-                    "yes (signed a challenge that verifies under it)"
-                } else {
-                    "NO"
-                }
-            );
             // A script checking the root (`until: rc == 0`) must not read success here.
             let mut problems: Vec<String> =
                 attrs.weaknesses().iter().map(|w| w.to_string()).collect();
             problems.extend(attrs.not_the_root_key.clone());
+            if json {
+                say_json(&serde_json::json!({
+                    "backend": "pkcs11",
+                    "root": root_json(&config, &root),
+                    "announced_roots": announced_roots_json(&config),
+                    "key": {
+                        "uri": settings.key.to_string(),
+                        "cka_token": attrs.token,
+                        "cka_private": attrs.private,
+                        "cka_sensitive": attrs.sensitive,
+                        "cka_extractable": attrs.extractable,
+                        "cka_always_sensitive": attrs.always_sensitive,
+                        "cka_never_extractable": attrs.never_extractable,
+                        "value_readable": attrs.value_readable,
+                        "is_root_certificate_key": attrs.not_the_root_key.is_none(),
+                    },
+                    "key_check": {"ok": problems.is_empty(), "problems": problems},
+                }));
+            } else {
+                print_key_attributes(settings, &attrs);
+            }
             if !problems.is_empty() {
                 for problem in &problems {
                     to_stderr!("meshca: root key {}: {problem}", settings.key);
@@ -1054,7 +1372,11 @@ fn run(command: Command) -> Result<ExitCode> {
                     .with_context(not_ready)?;
                 report.online = Some(found);
             }
-            say!("{report}");
+            if json {
+                say_json(&check_json(&config, &report));
+            } else {
+                say!("{report}");
+            }
         }
         Command::Serve {
             config,
@@ -1081,6 +1403,19 @@ fn run(command: Command) -> Result<ExitCode> {
             let roots_before = std::fs::read(&root_cert).ok();
             let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
             let s = &outcome.summary;
+            let roots_changed = std::fs::read(&root_cert).ok() != roots_before;
+            if json {
+                let mut report = installed_json(&opts.out_dir, s, roots_changed);
+                report["mesh"] = opts.mesh.to_string().into();
+                report["virtual_mesh"] = opts.virtual_mesh.to_string().into();
+                use meshca::pki::bundle::{CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
+                report["files_written"] = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT]
+                    .iter()
+                    .map(|name| opts.out_dir.join(name).display().to_string())
+                    .collect();
+                say_json(&report);
+                return Ok(ExitCode::SUCCESS);
+            }
             say!(
                 "meshca: intermediate for {} installed in {}",
                 opts.mesh,
@@ -1097,7 +1432,7 @@ fn run(command: Command) -> Result<ExitCode> {
             say!("  root sha256  {}", s.anchor_fingerprint);
             say!("  trusts       {}", s.root_fingerprints.join(", "));
             // As `agent --once` says it: istiod takes a new root set only when it starts.
-            if std::fs::read(&root_cert).ok() != roots_before {
+            if roots_changed {
                 say!("  then         restart istiod: root-cert.pem changed");
             }
         }
@@ -1113,10 +1448,21 @@ fn run(command: Command) -> Result<ExitCode> {
                 }
                 None => None,
             };
-            let s =
-                verify_bundle(&files, expected.as_ref(), SystemTime::now()).with_context(|| {
-                    format!("{} is not a valid Istio cacerts bundle", dir.display())
-                })?;
+            let verified = verify_bundle(&files, expected.as_ref(), SystemTime::now());
+            if json {
+                say_json(&verify_json(&dir, &files, &verified));
+                if let Err(e) = &verified {
+                    to_stderr!(
+                        "meshca: {} is not a valid Istio cacerts bundle: {e}",
+                        dir.display()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let s = verified.with_context(|| {
+                format!("{} is not a valid Istio cacerts bundle", dir.display())
+            })?;
             say!("meshca: {} is a valid plugged-in CA bundle", dir.display());
             say!("  subject      {}", s.subject);
             say!("  issuer       {}", s.issuer);
@@ -1149,7 +1495,7 @@ fn run(command: Command) -> Result<ExitCode> {
             );
         }
         Command::MeshController(args) => return mesh_controller(args),
-        Command::Agent(args) => return agent(args),
+        Command::Agent(args) => return agent(args, json),
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -1229,7 +1575,7 @@ fn directory_rotation(args: &AgentArgs) -> Result<RotationSettings, rotation::Se
     Ok(rotation)
 }
 
-fn agent(args: AgentArgs) -> Result<ExitCode> {
+fn agent(args: AgentArgs, json: bool) -> Result<ExitCode> {
     let resync = std::time::Duration::from_secs(args.resync_seconds.max(1));
     let Some(target) = args.target_dir.clone() else {
         return kubernetes_agent(args, resync);
@@ -1267,6 +1613,39 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
             SystemTime::now(),
         ))?;
         directory::log_outcome(&opts.target, &outcome);
+        if json {
+            let s = outcome.summary();
+            let mut report = installed_json(&opts.target, s, outcome.roots_changed());
+            let (result, reason, signer_error) = match &outcome {
+                DirOutcome::Installed { reason, .. } => {
+                    ("installed", Some(reason.to_string()), None)
+                }
+                DirOutcome::RootsRewritten { .. } => ("roots_rewritten", None, None),
+                DirOutcome::UpToDate {
+                    signer_error: Some(error),
+                    ..
+                } => ("signer_unavailable", None, Some(error.clone())),
+                DirOutcome::UpToDate { .. } => ("nothing_due", None, None),
+            };
+            report["result"] = result.into();
+            report["reason"] = reason.into();
+            report["renew_at"] = rfc3339(outcome.renew_at()).into();
+            report["held_by_root"] = matches!(
+                outcome,
+                DirOutcome::UpToDate {
+                    held_by_root: true,
+                    ..
+                }
+            )
+            .into();
+            report["signer_error"] = signer_error.clone().into();
+            say_json(&report);
+            return Ok(if signer_error.is_some() {
+                ExitCode::from(EXIT_SIGNER_NOT_REACHED)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
         let what = match &outcome {
             DirOutcome::Installed { reason, .. } => {
                 format!("installed a new intermediate ({reason})")
@@ -1431,11 +1810,21 @@ fn run_in_cluster<C: LeaderLoop>(
             None => {
                 let (led, next) = controller.run_once_led().await?;
                 if !led {
-                    anyhow::bail!(
+                    return Err(anyhow!(NotLeader(
                         "another replica holds the Lease: this --once pass did nothing (a replica \
                          that stopped without giving it up holds it for its duration; a running \
                          one makes the pass itself)"
-                    );
+                    )));
+                }
+                // A pass longer than the Lease may lose it to another replica midway: its
+                // steps after that wrote nothing (each logged "not the leader any more"),
+                // and the pass still returned. Still ours (renewed here if need be) or not.
+                if !controller.elector().ensure().await? {
+                    return Err(anyhow!(NotLeader(
+                        "this replica is not the leader any more: another replica took the \
+                         Lease during this --once pass, which wrote nothing after that (the \
+                         leader makes the rest)"
+                    )));
                 }
                 // Given back at once: a one-off pass (a Job, a laptop) must not keep the
                 // replicas waiting for the Lease to expire.

@@ -1341,7 +1341,7 @@ async fn stop_during_a_stuck_pass(
 
 /// `meshca agent --once` (a Job, or `kubectl exec` into a replica's pod, whose POD_NAME
 /// it inherits) does not take the running leader's Lease for its own: with the Lease held
-/// it writes nothing and says so (exit 1). With the Lease free it makes its pass and
+/// it writes nothing and says so (exit 3). With the Lease free it makes its pass and
 /// gives the Lease back, so the replicas need not wait for it to expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_once_pass_never_acts_beside_the_leader_and_gives_the_lease_back() {
@@ -1376,7 +1376,8 @@ async fn a_once_pass_never_acts_beside_the_leader_and_gives_the_lease_back() {
     // The leader's own name: still not the leader.
     let out = once("agent-b");
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // 3: not the leader, nothing written (not 1: nothing is broken).
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains("another replica holds the Lease: this --once pass did nothing"),
         "{stderr}"
@@ -1407,6 +1408,53 @@ async fn a_once_pass_never_acts_beside_the_leader_and_gives_the_lease_back() {
     );
     let lease = cluster.get(LEASE).unwrap();
     assert!(lease["spec"].get("holderIdentity").is_none(), "{lease}");
+}
+
+/// A `--once` pass that loses the Lease midway (another replica took it after the
+/// Secret was written) writes nothing more, and exits 3 as a pass that never led does: it
+/// used to exit 0, its request's failure only logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_once_pass_that_loses_the_lease_midway_exits_3() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(
+        &signer.addr.to_string(),
+        json!({"restart": {"policy": "never"}}),
+    );
+    let kubeconfig = env.path("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("once-token")).unwrap();
+    cluster
+        .fake
+        .after_write(SECRETS, another_replica_takes_the_lease);
+    let mut cmd = env.meshca();
+    // A Lease this short is read again before each write (the writing margin is 5 s).
+    cmd.args([
+        "agent",
+        "--once",
+        "--identity",
+        "agent-0",
+        "--lease-seconds",
+        "6",
+    ])
+    .args([
+        "--ca-cert",
+        "pki/ca.pem",
+        "--client-cert",
+        "pki/cluster-a.pem",
+    ])
+    .args(["--client-key", "pki/cluster-a.key"])
+    .env("KUBECONFIG", &kubeconfig)
+    .env_remove("POD_NAME");
+    let out = cmd.output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("not the leader any more"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    assert_eq!(
+        cluster.get(LEASE).unwrap()["spec"]["holderIdentity"],
+        "agent-1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1420,3 +1420,42 @@ async fn a_follower_reads_the_lease_and_nothing_else() {
         "{metrics}"
     );
 }
+
+/// `meshca mesh-controller --once` while another replica holds the Lease writes nothing
+/// and exits 3 (not the leader), not 1: a Job or a script tells it from a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_once_pass_while_another_replica_leads_exits_3_and_writes_nothing() {
+    let world = World::start(&["east"]).await;
+    let now = meshca::signer::audit::rfc3339(std::time::SystemTime::now());
+    world.mgmt.put(
+        LEASE,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "meshca-mesh-controller", "namespace": "smh",
+                         "resourceVersion": "7"},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 30,
+                     "renewTime": now}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, world.mgmt.kubeconfig("once-token")).unwrap();
+    world.mgmt.take();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(["mesh-controller", "--once", "--namespace", "smh"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("POD_NAME")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("another replica holds the Lease"),
+        "{stderr}"
+    );
+    let sent = world.mgmt.take();
+    assert!(
+        sent.iter().all(|r| r.method == "GET"),
+        "{:?}",
+        writes(&sent)
+    );
+}

@@ -52,8 +52,9 @@ fn root_init_refuses_to_replace_a_key_unless_forced() {
     let aside = env.path("root-cert.pem.aside");
     std::fs::rename(&certificate, &aside).unwrap();
     let out = env.run_with_config(&["root", "init"]);
-    assert!(!out.status.success());
     let stderr = text(&out.stderr);
+    // 73: the key is there, as the certificate file would be.
+    assert_eq!(out.status.code(), Some(73), "{stderr}");
     assert!(
         stderr.contains("a key with the label or the id of") && stderr.contains("--force"),
         "{stderr}"
@@ -113,9 +114,10 @@ fn root_init_refuses_to_replace_a_root_certificate_file_unless_forced() {
     std::fs::write(&next, &edited).unwrap();
     let out = run(env.meshca().args(["root", "init", "--config"]).arg(&next));
     let stderr = text(&out.stderr);
+    // 73 (EX_CANTCREAT): already there, as a playbook tells it from a failure.
+    assert_eq!(out.status.code(), Some(73), "{stderr}");
     assert!(
-        !out.status.success()
-            && stderr.contains("root-cert.pem already exists")
+        stderr.contains("root-cert.pem already exists")
             && stderr.contains("name another file in [root] certificate")
             && stderr.contains("--force"),
         "{stderr}"
@@ -193,8 +195,10 @@ fn root_init_refuses_a_label_another_id_has_and_force_leaves_one_key_under_it() 
         .args(["root", "init", "--config"])
         .arg(&with_id));
     let stderr = text(&out.stderr);
+    // The token's key is there: 73, as for the certificate file.
+    assert_eq!(out.status.code(), Some(73), "{stderr}");
     assert!(
-        !out.status.success() && stderr.contains("already exists") && stderr.contains("--force"),
+        stderr.contains("already exists") && stderr.contains("--force"),
         "{stderr}"
     );
     assert_eq!(

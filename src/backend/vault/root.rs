@@ -21,6 +21,11 @@ pub enum VaultRootError {
     Vault(#[from] VaultError),
     #[error("{0}")]
     Refused(String),
+    /// Its own variant: `root init` exits 73 for it (the README's table).
+    #[error(
+        "an issuer named {issuer_ref} already exists in Vault mount {mount}; pass --force to generate a new root (the existing issuer is kept under a new name), or --adopt to use it as the root"
+    )]
+    IssuerExists { issuer_ref: String, mount: String },
 }
 
 /// What `root init` did.
@@ -131,9 +136,10 @@ async fn init_with(
                 ));
             }
             if existing.is_some() && !force {
-                return Err(VaultRootError::Refused(format!(
-                    "an issuer named {issuer_ref} already exists in Vault mount {mount}; pass --force to generate a new root (the existing issuer is kept under a new name), or --adopt to use it as the root"
-                )));
+                return Err(VaultRootError::IssuerExists {
+                    issuer_ref: issuer_ref.to_string(),
+                    mount: mount.to_string(),
+                });
             }
             let stamp = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
