@@ -244,6 +244,47 @@ fn issues_then_leaves_a_valid_bundle_alone_then_renews_when_due() {
     assert_eq!(after.entries.len(), 6, "{:?}", after.entries);
 }
 
+/// A write killed before its swap leaves a version directory holding a signed
+/// intermediate's key that istiod never used; a pass with nothing due removes it and names
+/// it, rather than keep the key until the next renewal. Another tool's names stay.
+#[test]
+fn a_pass_with_nothing_due_removes_what_a_killed_write_left() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("etc/cacerts");
+    let first = once(&env, &addr, &dir, &[]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let before = snapshot(&dir);
+
+    let leftover = dir.join("..1796110901.123456789.0");
+    std::fs::create_dir(&leftover).unwrap();
+    std::fs::write(leftover.join("ca-key.pem"), "not a key, a stand-in").unwrap();
+    let foreign = dir.join("..notes");
+    std::fs::create_dir(&foreign).unwrap();
+
+    let again = once(&env, &addr, &dir, &[]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stdout).contains("bundle valid and not due; nothing written"),
+        "{}",
+        text(&again.stdout)
+    );
+    assert!(!leftover.exists(), "the leftover version directory stays");
+    assert!(
+        foreign.is_dir(),
+        "a directory meshca did not name is removed"
+    );
+    let stderr = text(&again.stderr);
+    assert!(
+        stderr.contains("a write cut short") && stderr.contains("..1796110901.123456789.0"),
+        "{stderr}"
+    );
+    std::fs::remove_dir(&foreign).unwrap();
+    assert_eq!(snapshot(&dir), before, "the installed bundle changed");
+    assert_eq!(signer.issued_lines().len(), 1);
+}
+
 /// The public key of the installed intermediate, as openssl names it (`Public-Key: (256
 /// bit)`, `ASN1 OID: secp384r1`, ...).
 fn intermediate_key(dir: &Path) -> String {

@@ -189,12 +189,29 @@ pub fn check_writable(dir: &Path) -> io::Result<()> {
     probe.close().map_err(at(&probe_path))
 }
 
+/// Removes, under the writers' lock, what a writer killed before its swap left in `dir`
+/// (see [`remove_leftovers`]), and returns the version directories it removed. A pass
+/// with nothing due calls it: a signed intermediate's key that was never installed would
+/// otherwise stay on disk until the next renewal. A missing `dir` has none.
+pub fn clean_up_leftovers(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let lock = match fs::File::open(dir) {
+        Ok(lock) => lock,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(at(dir)(e)),
+    };
+    lock.lock().map_err(at(dir))?;
+    let current = fs::read_link(dir.join(DATA_LINK)).unwrap_or_default();
+    Ok(remove_leftovers(dir, &current))
+}
+
 /// Removes what a process killed between creating a version directory and the swap left
 /// behind: meshca's other version directories (each may hold a signed intermediate's key),
-/// its temporary links and write probes. Best effort; nothing another tool named is touched.
-fn remove_leftovers(dir: &Path, current: &Path) {
+/// its temporary links and write probes; returns the version directories removed. Best
+/// effort; nothing another tool named is touched.
+fn remove_leftovers(dir: &Path, current: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
     let Ok(entries) = fs::read_dir(dir) else {
-        return;
+        return removed;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -202,13 +219,16 @@ fn remove_leftovers(dir: &Path, current: &Path) {
             continue;
         };
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        let is_meshca_dir = is_meshca_version_name(name) || is_probe_name(name);
-        if is_dir && is_meshca_dir && Path::new(name) != current {
-            let _ = fs::remove_dir_all(entry.path());
+        let is_version = is_meshca_version_name(name);
+        if is_dir && (is_version || is_probe_name(name)) && Path::new(name) != current {
+            if fs::remove_dir_all(entry.path()).is_ok() && is_version {
+                removed.push(entry.path());
+            }
         } else if !is_dir && is_temporary_link_name(name) {
             let _ = fs::remove_file(entry.path());
         }
     }
+    removed
 }
 
 /// `..<seconds>.<nanoseconds, 9 digits>.<attempt>`, as [`new_version_dir`] names them.

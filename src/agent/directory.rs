@@ -200,6 +200,22 @@ pub fn classify(dir: &Path) -> Result<Installed, AgentError> {
     })
 }
 
+/// Takes away what a write killed before its swap left (a version directory whose key
+/// was signed and never installed), at every pass, and says so: the audit log shows that
+/// intermediate issued to this cluster, and this line says it was never in force.
+fn remove_leftovers(dir: &Path) {
+    match cacerts::clean_up_leftovers(dir) {
+        Ok(removed) => {
+            for path in removed {
+                tracing::warn!(removed = %path.display(), "a write cut short (the process killed before its swap) had left this version directory: its intermediate was never installed, and its key is now deleted");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot look for what a write cut short left behind")
+        }
+    }
+}
+
 fn write(dir: &Path, files: &BundleFiles) -> Result<(), AgentError> {
     cacerts::write_bundle(dir, files).map_err(|e| AgentError::Write {
         dir: dir.display().to_string(),
@@ -215,6 +231,7 @@ pub async fn reconcile(
     memory: &mut PassMemory,
     now: SystemTime,
 ) -> Result<DirOutcome, AgentError> {
+    remove_leftovers(&opts.target);
     let installed = classify(&opts.target)?;
     let trusted = TrustedRoots::of(&installed, &opts.retired_roots);
     // The policy tells the signer's current root; without it (signer unavailable) a valid

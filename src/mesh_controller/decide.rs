@@ -47,8 +47,13 @@ pub const NEXT_ROOT_TRUSTED: &str = "NextRootTrusted";
 // ---------------------------------------------------------------------------------------
 // Ownership and validation
 
-/// Which VirtualMesh owns each mesh: the oldest one listing it (then by namespace/name),
-/// valid or not, so that a newcomer never takes a mesh from a VirtualMesh with a typo.
+/// Which VirtualMesh owns each mesh. One whose status records it (a member, or a former
+/// member still being cleaned up) keeps it: an older VirtualMesh that lists it later
+/// does not take it, nor does any other before the cleanup ends, since both would act on
+/// the one cluster. A mesh no status records goes to the oldest VirtualMesh listing it
+/// (then by namespace/name), valid or not, so that a newcomer never takes a mesh from a
+/// VirtualMesh with a typo. Status is written by the controller alone (a subresource),
+/// so editing a spec cannot fake a claim.
 pub fn claims(virtual_meshes: &[VirtualMesh]) -> BTreeMap<ObjectRef, ObjectRef> {
     let mut order: Vec<&VirtualMesh> = virtual_meshes.iter().collect();
     order.sort_by_key(|vm| {
@@ -58,6 +63,11 @@ pub fn claims(virtual_meshes: &[VirtualMesh]) -> BTreeMap<ObjectRef, ObjectRef> 
         )
     });
     let mut owners = BTreeMap::new();
+    for vm in &order {
+        for member in vm.status.iter().flat_map(|s| &s.meshes) {
+            owners.entry(member.id()).or_insert_with(|| vm.id());
+        }
+    }
     for vm in order {
         for mesh in &vm.spec.document.meshes {
             if let Ok(id) = format!("{}/{}", mesh.namespace, mesh.name).parse::<ObjectRef>() {
@@ -221,7 +231,7 @@ pub fn validate<'m>(
                 problems.push((
                     "MeshConflict",
                     format!(
-                        "mesh {mesh_id} already belongs to VirtualMesh {owner} (a mesh is in one VirtualMesh at most)"
+                        "mesh {mesh_id} already belongs to VirtualMesh {owner} (a mesh is in one VirtualMesh at most, and stays with the one whose status records it until that one has cleaned its cluster up)"
                     ),
                 ));
                 continue;
@@ -1583,6 +1593,44 @@ mod tests {
             err.message
         );
         assert!(validate(&old, &by_id(&meshes), &claims(&all), "smh").is_ok());
+    }
+
+    /// A VirtualMesh holding a mesh keeps it when an older one lists it later, and while
+    /// it cleans up a mesh it left: another team's older VirtualMesh cannot take a
+    /// cluster (and its kubeconfig, and its Services) by adding it to its spec.
+    #[test]
+    fn a_mesh_stays_with_the_virtual_mesh_whose_status_records_it() {
+        let a = mesh("a", "a");
+        let holding = |vm: &mut VirtualMesh, phase: MemberPhase| {
+            vm.status = Some(VirtualMeshStatus {
+                meshes: vec![unrecorded_member(&r("smh/a"), &a, phase)],
+                ..Default::default()
+            });
+        };
+        let old = vm_with("old", "2024-01-01T00:00:00Z", &["a"], json!({}));
+        let mut holder = vm_with("holder", "2024-06-01T00:00:00Z", &["a"], json!({}));
+        holding(&mut holder, MemberPhase::Installed);
+        let all = [old.clone(), holder.clone()];
+        assert_eq!(claims(&all)[&r("smh/a")], r("smh/holder"));
+        let meshes = [a.clone()];
+        let err = validate(&old, &by_id(&meshes), &claims(&all), "smh").unwrap_err();
+        assert_eq!(err.reason, "MeshConflict");
+        assert!(
+            err.message
+                .contains("mesh smh/a already belongs to VirtualMesh smh/holder"),
+            "{}",
+            err.message
+        );
+        assert!(validate(&holder, &by_id(&meshes), &claims(&all), "smh").is_ok());
+
+        // Left the holder's spec, its cleanup not finished: still the holder's.
+        let mut leaving = vm_with("holder", "2024-06-01T00:00:00Z", &[], json!({}));
+        holding(&mut leaving, MemberPhase::Removing);
+        let all = [old.clone(), leaving];
+        assert_eq!(claims(&all)[&r("smh/a")], r("smh/holder"));
+        // Once cleaned (no longer recorded), the oldest listing it takes it.
+        let cleaned = vm_with("holder", "2024-06-01T00:00:00Z", &[], json!({}));
+        assert_eq!(claims(&[old, cleaned])[&r("smh/a")], r("smh/old"));
     }
 
     #[test]
