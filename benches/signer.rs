@@ -239,7 +239,7 @@ fn raw_signs_per_s(config: &SignerConfig, root: &RootCa, sessions: usize, second
         not_before: now,
         not_after: now + Duration::from_secs(86_400),
     };
-    let tbs = Arc::new(intermediate_tbs(&plan, root).unwrap());
+    let tbs = Arc::new(intermediate_tbs(&plan, root, &[]).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
     let warm = Arc::new(AtomicBool::new(false));

@@ -34,6 +34,7 @@ fn issue_request(root: &RootCa) -> IssueRequest {
         org_name: "acme".into(),
         latest_not_after: not_after,
         min_rsa_bits: 2048,
+        trust_domains: Vec::new(),
         csr_der: csr.to_der().unwrap(),
         client_gone: Default::default(),
     }

@@ -156,7 +156,8 @@ fn the_crds_are_structural_and_carry_the_seed_shape() {
             "federation",
             "limited",
             "meshes",
-            "shared"
+            "shared",
+            "trustDomains"
         ]
     );
     assert_eq!(spec["required"], json!(["certificateAuthority"]));

@@ -2379,3 +2379,159 @@ fn the_check_shows_the_settings_in_force() {
         assert!(report.contains(shown), "{shown:?} not in:\n{report}");
     }
 }
+
+/// A leaf signed as istiod would with the intermediate in `dir` (ca-cert.pem and
+/// ca-key.pem), with `san` as its subjectAltName; then `openssl verify` of it through
+/// cert-chain.pem to root-cert.pem, for a client certificate. Returns what openssl printed
+/// and whether it verified.
+fn leaf_verifies(dir: &Path, name: &str, san: &str) -> (String, bool) {
+    let key = format!("{name}.key");
+    let csr = format!("{name}.csr");
+    let cert = format!("{name}.pem");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/",
+        ],
+    );
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,{san}\n"
+        ),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-set_serial",
+            "0x4a1b2c3d4e5f",
+            "-days",
+            "1",
+            "-sha256",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &cert,
+        ],
+    );
+    let out = run(Command::new("openssl").current_dir(dir).args([
+        "verify",
+        "-CAfile",
+        "root-cert.pem",
+        "-untrusted",
+        "cert-chain.pem",
+        "-purpose",
+        "sslclient",
+        &cert,
+    ]));
+    (
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+        out.status.success(),
+    )
+}
+
+/// The review's finding: with `spec.trustDomains` a cluster's intermediate key signs
+/// workload identities of its own trust domains only. Without it, any (the default:
+/// intermediates carry no name constraints, as before).
+#[tokio::test]
+async fn an_intermediate_names_only_its_virtual_meshs_trust_domains() {
+    let mut spec = EnvSpec::default();
+    spec.virtual_meshes[0].push_str("  trustDomains: [pay.local]\n");
+    let env = Env::with(spec);
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
+    let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &request)).await;
+    assert_eq!(status, 200, "{body}");
+    let profile = openssl_verifies(&env, &body, "constrained");
+    assert!(
+        profile.contains("X509v3 Name Constraints: critical"),
+        "{profile}"
+    );
+    assert!(
+        profile.contains("Permitted:\n                  URI:pay.local\n"),
+        "{profile}"
+    );
+    assert!(!profile.contains("Excluded"), "{profile}");
+    let dir = env.path("constrained");
+    std::fs::write(
+        dir.join("ca-key.pem"),
+        key.to_pkcs8_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let (out, ok) = leaf_verifies(&dir, "pay", "URI:spiffe://pay.local/ns/a/sa/b");
+    assert!(ok && out.contains("pay.pem: OK"), "{out}");
+    let (out, ok) = leaf_verifies(&dir, "web", "URI:spiffe://web.local/ns/web/sa/frontend");
+    assert!(!ok && out.contains("permitted subtree violation"), "{out}");
+    // istiod's own serving certificate names DNS only: not constrained.
+    let (out, ok) = leaf_verifies(&dir, "istiod", "DNS:istiod.istio-system.svc");
+    assert!(ok && out.contains("istiod.pem: OK"), "{out}");
+    // What the agent and `meshca verify` check of an installed bundle takes it.
+    let verified = run_ok(env.meshca().arg("verify").arg(&dir));
+    assert!(
+        text(&verified.stdout).contains("is a valid plugged-in CA bundle"),
+        "{verified:?}"
+    );
+    // The rules name the trust domains (the audit's start record holds the rules).
+    let start = &signer.all_audit_lines()[0];
+    assert_eq!(start["event"], "start");
+    assert!(
+        start["rules"]
+            .as_str()
+            .unwrap()
+            .contains(" meshes=test/cluster-a, test/cluster-b trust_domains=pay.local\n"),
+        "{start}"
+    );
+
+    // Without the field: no name constraints, any URI.
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
+    let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &request)).await;
+    assert_eq!(status, 200, "{body}");
+    let profile = openssl_verifies(&env, &body, "unconstrained");
+    assert!(!profile.contains("Name Constraints"), "{profile}");
+    let dir = env.path("unconstrained");
+    std::fs::write(
+        dir.join("ca-key.pem"),
+        key.to_pkcs8_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let (out, ok) = leaf_verifies(&dir, "web", "URI:spiffe://web.local/ns/web/sa/frontend");
+    assert!(ok, "{out}");
+}
+
+/// Several virtual meshes on one signer without trust domains: said at start and by
+/// `serve --check`, not refused.
+#[tokio::test]
+async fn virtual_meshes_sharing_the_root_without_trust_domains_are_warned_of() {
+    let env = Env::with(EnvSpec::with_strict_mesh());
+    let warning = "the virtual meshes test/strict, test/vm share one root and trust each other's workloads: test/strict, test/vm are without spec.trustDomains";
+    let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
+    assert!(report.contains(warning), "{report}");
+    let signer = env.start_signer();
+    let line = signer.wait_for_log(warning).await;
+    assert!(line.contains("WARN"), "{line}");
+}

@@ -1462,3 +1462,24 @@ async fn a_root_vault_will_not_vouch_for_is_not_announced() {
         serde_json::from_str(&signer.get_text(&client, "/v1/virtualmeshes/test/vm").await).unwrap();
     assert!(policy["nextRootCrossCert"].is_string(), "{policy}");
 }
+
+/// OpenBao's `sign-intermediate` ignores `permitted_uri_domains`: under a VirtualMesh with
+/// `spec.trustDomains` what it signs lacks the name constraints, and the check of its
+/// answer refuses it by name instead of handing out an unconstrained intermediate.
+#[tokio::test]
+async fn an_intermediate_without_the_policys_name_constraints_is_refused() {
+    let mut spec = vault(VaultSpec::default());
+    spec.virtual_meshes[0].push_str("  trustDomains: [pay.local]\n");
+    let env = Env::with(spec);
+    let signer = env.start_signer();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "backend_out_of_policy");
+    for needle in [
+        "nameConstraints is missing; the virtual mesh permits only the trust domains pay.local",
+        "permitted_uri_domains",
+    ] {
+        assert!(message(&body).contains(needle), "{needle:?} not in {body}");
+    }
+    assert!(body.get("certificate").is_none());
+}

@@ -29,6 +29,9 @@ pub struct IssueRequest {
     /// Latest notAfter the policy allows (ttl and root expiry applied).
     pub latest_not_after: SystemTime,
     pub min_rsa_bits: u32,
+    /// The virtual mesh's trust domains: the URI hosts the intermediate's name
+    /// constraints permit (empty: no name constraints).
+    pub trust_domains: Vec<String>,
     /// The CSR as received (DER), for backends that sign a CSR rather than a TBS (Vault's
     /// sign-intermediate). Only its key is ever used; the PKCS#11 backend ignores it.
     pub csr_der: Vec<u8>,
@@ -51,6 +54,7 @@ impl IssueRequest {
             org_name: &self.org_name,
             latest_not_after: self.latest_not_after,
             min_rsa_bits: self.min_rsa_bits,
+            trust_domains: &self.trust_domains,
             plan: exact_plan.then_some(&self.plan),
         }
     }

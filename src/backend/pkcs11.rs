@@ -1308,7 +1308,7 @@ impl Inner {
             return Err(BackendError::ClientGone);
         }
         let root = &self.root;
-        let tbs = intermediate_tbs(&request.plan, root)
+        let tbs = intermediate_tbs(&request.plan, root, &request.trust_domains)
             .map_err(|e| BackendError::Check(e.to_string()))?;
         let decoded = decode_tbs(&tbs).map_err(|e| BackendError::Check(e.to_string()))?;
         lint_intermediate(&decoded, &request.expectations(root, true))?;

@@ -67,6 +67,18 @@ pub fn is_trust_domain(s: &str) -> bool {
         && !s.ends_with('.')
 }
 
+/// A trust domain an X.509 URI name constraint may name: [`is_trust_domain`], and as Go's
+/// crypto/x509 (istiod) parses such a constraint, no empty label and not an IP address
+/// (the last label not all digits). Go refuses to parse a certificate with any other, so
+/// istiod could not read a cacerts whose intermediate carried one.
+pub fn is_constraint_trust_domain(s: &str) -> bool {
+    is_trust_domain(s)
+        && s.split('.').all(|label| !label.is_empty())
+        && s.rsplit('.')
+            .next()
+            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +123,10 @@ mod tests {
         assert!(is_trust_domain("cluster.local"));
         assert!(!is_trust_domain("Cluster.local"));
         assert!(!is_trust_domain(".local"));
+        assert!(is_constraint_trust_domain("pay.local"));
+        assert!(is_constraint_trust_domain("td_1"));
+        for bad in ["a..b", "10.0.0.1", "pay.1", "", "Pay.local", "a/b"] {
+            assert!(!is_constraint_trust_domain(bad), "{bad:?}");
+        }
     }
 }

@@ -152,6 +152,20 @@ pub fn rejection(error: FederationError) -> Rejection {
 }
 
 /// Checks one Mesh beyond its inventory entry: what its request needs.
+/// A member's trust domain must be one the VirtualMesh's `spec.trustDomains` lists, if it
+/// lists any: its intermediate would permit no identity of its own workloads, and every
+/// workload certificate istiod issues after the next renewal would fail verification.
+fn check_trust_domain(mesh: &MeshSpec, trust_domains: &[String]) -> Result<(), String> {
+    if trust_domains.is_empty() || trust_domains.contains(&mesh.trust_domain) {
+        return Ok(());
+    }
+    Err(format!(
+        "trustDomain {} is not in the VirtualMesh's spec.trustDomains ({}): the intermediates the signer issues would not permit this cluster's workload identities",
+        mesh.trust_domain,
+        trust_domains.join(", ")
+    ))
+}
+
 fn check_mesh(mesh: &MeshSpec) -> Result<(), String> {
     if let Some(secret) = &mesh.kubeconfig_secret {
         if !is_dns1123_subdomain(&secret.name) {
@@ -202,6 +216,12 @@ pub fn validate<'m>(
     let config = FederationConfig::from_document(&vm.document(), "VirtualMesh resource")
         .map_err(rejection)?;
     let id = vm.id();
+    let trust_domains = vm
+        .spec
+        .document
+        .trust_domains
+        .as_deref()
+        .unwrap_or_default();
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     let mut members = Vec::with_capacity(config.members.len());
     for mesh_id in &config.members {
@@ -252,6 +272,7 @@ pub fn validate<'m>(
             .validate()
             .map_err(|e| e.to_string())
             .and_then(|()| check_mesh(&mesh.spec))
+            .and_then(|()| check_trust_domain(&mesh.spec, trust_domains))
         {
             problems.push(("InvalidMesh", format!("Mesh {mesh_id}: {e}")));
             continue;
@@ -1716,6 +1737,39 @@ mod tests {
             // The validation's own words, without a source prefix.
             assert!(!err.message.starts_with("VirtualMesh"), "{}", err.message);
         }
+    }
+
+    /// A member outside the VirtualMesh's trust domains would get intermediates that
+    /// permit none of its workloads' identities: refused by name, before any request.
+    #[test]
+    fn a_member_must_be_in_the_virtual_meshs_trust_domains() {
+        let constrained = |list: Value| {
+            vm_with(
+                "vm",
+                "2024-01-01T00:00:00Z",
+                &["a", "b"],
+                json!({"trustDomains": list}),
+            )
+        };
+        let meshes = [mesh("a", "a"), mesh("b", "b")];
+        assert_eq!(
+            check(&constrained(json!(["a.local", "b.local"])), &meshes).unwrap(),
+            ["smh/a", "smh/b"]
+        );
+        let err = check(&constrained(json!(["a.local"])), &meshes).unwrap_err();
+        assert_eq!(err.reason, "InvalidMesh");
+        assert_eq!(
+            err.message,
+            "Mesh smh/b: trustDomain b.local is not in the VirtualMesh's spec.trustDomains (a.local): the intermediates the signer issues would not permit this cluster's workload identities"
+        );
+        // The signer's own check of the list, by name.
+        let err = check(&constrained(json!(["A.local"])), &meshes).unwrap_err();
+        assert!(
+            err.message
+                .contains("spec.trustDomains: \"A.local\" is not a trust domain"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

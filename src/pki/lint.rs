@@ -11,6 +11,8 @@ use der::Encode;
 use spki::SubjectPublicKeyInfoOwned;
 use x509_cert::TbsCertificate;
 use x509_cert::certificate::Version;
+use x509_cert::ext::pkix::constraints::name::NameConstraints;
+use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectKeyIdentifier,
 };
@@ -64,6 +66,9 @@ pub struct IntermediateExpectations<'a> {
     /// Latest acceptable notAfter (policy ttl and root expiry already applied).
     pub latest_not_after: SystemTime,
     pub min_rsa_bits: u32,
+    /// The virtual mesh's trust domains: exactly the URI hosts the name constraints must
+    /// permit (empty: no name constraints).
+    pub trust_domains: &'a [String],
     /// When meshca built the TBS itself, the exact plan it must match.
     pub plan: Option<&'a IntermediatePlan>,
 }
@@ -117,6 +122,7 @@ pub fn lint_intermediate(
             path_len: 0,
             key_usage: intermediate_key_usage(),
             authority_key_id: &root.subject_key_id,
+            name_constraints: ExpectedConstraints::Exactly(expect.trust_domains),
         },
         &mut f,
     );
@@ -163,6 +169,7 @@ pub fn lint_root(
             path_len: ROOT_PATH_LEN,
             key_usage: root_key_usage(),
             authority_key_id: &ski,
+            name_constraints: ExpectedConstraints::Exactly(&[]),
         },
         &mut f,
     );
@@ -267,17 +274,33 @@ struct ExpectedExtensions<'a> {
     path_len: u8,
     key_usage: KeyUsage,
     authority_key_id: &'a [u8],
+    name_constraints: ExpectedConstraints<'a>,
+}
+
+/// The name constraints a CA certificate may carry.
+enum ExpectedConstraints<'a> {
+    /// Permitted URI subtrees of exactly these trust domains; none when empty (what the
+    /// signer issues, and a root).
+    Exactly(&'a [String]),
+    /// None, or meshca's shape with any trust domains: an installed intermediate, checked
+    /// by an agent or `meshca verify`, which do not know the signer's policy.
+    TrustDomainsOnly,
 }
 
 /// Exactly four extensions, each once: basicConstraints (critical, CA, path length),
-/// keyUsage (critical, the profile's bits), SKI (non-empty) and AKI (key id only).
+/// keyUsage (critical, the profile's bits), SKI (non-empty) and AKI (key id only); and
+/// for an intermediate under a virtual mesh with trust domains, nameConstraints.
 fn check_extensions(tbs: &TbsCertificate, expect: &ExpectedExtensions<'_>, f: &mut Findings) {
-    let allowed = [
+    let constrained = !matches!(expect.name_constraints, ExpectedConstraints::Exactly(&[]));
+    let mut allowed = vec![
         BasicConstraints::OID,
         KeyUsage::OID,
         SubjectKeyIdentifier::OID,
         AuthorityKeyIdentifier::OID,
     ];
+    if constrained {
+        allowed.push(NameConstraints::OID);
+    }
     let extensions = tbs.extensions().map(|e| e.as_slice()).unwrap_or_default();
     let mut seen = HashSet::new();
     for ext in extensions {
@@ -285,8 +308,11 @@ fn check_extensions(tbs: &TbsCertificate, expect: &ExpectedExtensions<'_>, f: &m
             format!("extension {} appears twice", ext.extn_id)
         });
         f.check(allowed.contains(&ext.extn_id), || {
-            format!("unexpected extension {} (the profile has only basicConstraints, keyUsage, SKI and AKI)", ext.extn_id)
+            format!("unexpected extension {} (the profile has only basicConstraints, keyUsage, SKI and AKI, and nameConstraints for an intermediate under a virtual mesh with trustDomains)", ext.extn_id)
         });
+    }
+    if constrained {
+        check_name_constraints(tbs, &expect.name_constraints, f);
     }
     match tbs.get_extension::<BasicConstraints>() {
         Ok(Some((critical, bc))) => {
@@ -343,6 +369,83 @@ fn check_extensions(tbs: &TbsCertificate, expect: &ExpectedExtensions<'_>, f: &m
         _ => {
             f.0.push("authorityKeyIdentifier is missing or malformed".into())
         }
+    }
+}
+
+/// meshca's name constraints: critical, permitted subtrees only, each a URI host that is a
+/// trust domain Go can parse, with no minimum or maximum; for the signer's own check,
+/// exactly the policy's trust domains.
+fn check_name_constraints(
+    tbs: &TbsCertificate,
+    expect: &ExpectedConstraints<'_>,
+    f: &mut Findings,
+) {
+    let (critical, constraints) = match tbs.get_extension::<NameConstraints>() {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            if let ExpectedConstraints::Exactly(domains) = expect {
+                f.0.push(format!(
+                    "nameConstraints is missing; the virtual mesh permits only the trust domains {}",
+                    domains.join(", ")
+                ));
+            }
+            return;
+        }
+        Err(_) => {
+            f.0.push("nameConstraints is malformed".into());
+            return;
+        }
+    };
+    f.check(critical, || "nameConstraints is not critical".into());
+    f.check(constraints.excluded_subtrees.is_none(), || {
+        "nameConstraints has excluded subtrees (meshca permits trust domains only)".into()
+    });
+    let subtrees = constraints.permitted_subtrees.unwrap_or_default();
+    f.check(!subtrees.is_empty(), || {
+        "nameConstraints permits no subtree".into()
+    });
+    let mut hosts = Vec::new();
+    for subtree in &subtrees {
+        f.check(subtree.minimum == 0 && subtree.maximum.is_none(), || {
+            "a nameConstraints subtree has a minimum or maximum".into()
+        });
+        match &subtree.base {
+            GeneralName::UniformResourceIdentifier(host) => {
+                let host = host.as_str();
+                f.check(crate::mesh::names::is_constraint_trust_domain(host), || {
+                    format!("nameConstraints permits URI host {host:?}, which is not a trust domain")
+                });
+                hosts.push(host.to_string());
+            }
+            other => f.0.push(format!(
+                "nameConstraints constrains a name other than a URI ({}): meshca constrains workload URIs only, so istiod's DNS-named certificates stay valid",
+                general_name_type(other)
+            )),
+        }
+    }
+    if let ExpectedConstraints::Exactly(domains) = expect {
+        hosts.sort();
+        f.check(hosts == *domains, || {
+            format!(
+                "nameConstraints permits the trust domains {}, the virtual mesh {}",
+                hosts.join(", "),
+                domains.join(", ")
+            )
+        });
+    }
+}
+
+/// A GeneralName's type, as RFC 5280 names it.
+fn general_name_type(name: &GeneralName) -> &'static str {
+    match name {
+        GeneralName::OtherName(_) => "otherName",
+        GeneralName::Rfc822Name(_) => "rfc822Name",
+        GeneralName::DnsName(_) => "dNSName",
+        GeneralName::DirectoryName(_) => "directoryName",
+        GeneralName::EdiPartyName(_) => "ediPartyName",
+        GeneralName::UniformResourceIdentifier(_) => "uniformResourceIdentifier",
+        GeneralName::IpAddress(_) => "iPAddress",
+        GeneralName::RegisteredId(_) => "registeredID",
     }
 }
 
@@ -468,6 +571,7 @@ pub fn lint_root_profile(
             path_len: ROOT_PATH_LEN,
             key_usage: root_key_usage(),
             authority_key_id: &ski,
+            name_constraints: ExpectedConstraints::Exactly(&[]),
         },
         &mut f,
     );
@@ -524,6 +628,7 @@ pub fn lint_intermediate_profile(
             path_len: 0,
             key_usage: intermediate_key_usage(),
             authority_key_id: issuer_key_id,
+            name_constraints: ExpectedConstraints::TrustDomainsOnly,
         },
         &mut f,
     );
@@ -564,13 +669,14 @@ mod tests {
             let (_root_key, root) = software_root(root_type, "acme", 100 * DAY);
             let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
             let plan = plan_for(&key, "acme");
-            let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+            let tbs = decode_tbs(&intermediate_tbs(&plan, &root, &[]).unwrap()).unwrap();
             let expect = IntermediateExpectations {
                 root: &root,
                 public_key: &plan.public_key,
                 org_name: "acme",
                 latest_not_after: plan.not_after,
                 min_rsa_bits: 2048,
+                trust_domains: &[],
                 plan: Some(&plan),
             };
             lint_intermediate(&tbs, &expect).unwrap();
@@ -599,7 +705,7 @@ mod tests {
                 subject,
                 ..plan_for(&key, "acme")
             };
-            let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+            let tbs = decode_tbs(&intermediate_tbs(&plan, &root, &[]).unwrap()).unwrap();
             let failure = lint_intermediate_profile(&tbs, &root.subject_key_id).unwrap_err();
             assert!(
                 failure.to_string().contains(needle),
@@ -610,7 +716,7 @@ mod tests {
             subject: name(&"o".repeat(64), &"é".repeat(64)),
             ..plan_for(&key, "acme")
         };
-        let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+        let tbs = decode_tbs(&intermediate_tbs(&plan, &root, &[]).unwrap()).unwrap();
         lint_intermediate_profile(&tbs, &root.subject_key_id).unwrap();
     }
 
@@ -621,13 +727,14 @@ mod tests {
         let other_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         let other_spki = other_key.public_key_info().unwrap();
         let plan = plan_for(&key, "acme");
-        let tbs = decode_tbs(&intermediate_tbs(&plan, &root).unwrap()).unwrap();
+        let tbs = decode_tbs(&intermediate_tbs(&plan, &root, &[]).unwrap()).unwrap();
         let base = || IntermediateExpectations {
             root: &root,
             public_key: &plan.public_key,
             org_name: "acme",
             latest_not_after: plan.not_after,
             min_rsa_bits: 2048,
+            trust_domains: &[],
             plan: None,
         };
         let cases: Vec<(IntermediateExpectations<'_>, &str)> = vec![
@@ -798,9 +905,159 @@ mod tests {
                 org_name: "acme",
                 latest_not_after: plan.not_after,
                 min_rsa_bits: 2048,
+                trust_domains: &[],
                 plan: Some(&plan),
             };
             let failure = lint_intermediate(&tbs, &expect).unwrap_err();
+            assert!(
+                failure.to_string().contains(needle),
+                "{needle:?} not in {failure}"
+            );
+        }
+    }
+
+    fn domains(list: &[&str]) -> Vec<String> {
+        list.iter().map(|d| d.to_string()).collect()
+    }
+
+    /// The signer's check wants exactly the policy's trust domains; an installed
+    /// intermediate (agent, `meshca verify`) may carry any, in meshca's shape only.
+    #[test]
+    fn name_constraints_are_the_policys_and_of_meshcas_shape() {
+        use x509_cert::ext::pkix::constraints::name::GeneralSubtree;
+        let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let plan = plan_for(&key, "acme");
+        let expect = |trust_domains| IntermediateExpectations {
+            root: &root,
+            public_key: &plan.public_key,
+            org_name: "acme",
+            latest_not_after: plan.not_after,
+            min_rsa_bits: 2048,
+            trust_domains,
+            plan: Some(&plan),
+        };
+        let pay = domains(&["pay.local", "pay.remote"]);
+        let pay_only = domains(&["pay.local"]);
+        let tbs = decode_tbs(&intermediate_tbs(&plan, &root, &pay).unwrap()).unwrap();
+        lint_intermediate(&tbs, &expect(&pay)).unwrap();
+        lint_intermediate_profile(&tbs, &root.subject_key_id).unwrap();
+        let web = domains(&["web.local"]);
+        for (expected, needle) in [
+            (
+                &web[..],
+                "nameConstraints permits the trust domains pay.local, pay.remote, the virtual mesh web.local",
+            ),
+            (&[][..], "unexpected extension 2.5.29.30"),
+        ] {
+            let failure = lint_intermediate(&tbs, &expect(expected)).unwrap_err();
+            assert!(
+                failure.to_string().contains(needle),
+                "{needle:?} not in {failure}"
+            );
+        }
+        // Unconstrained where the policy has trust domains.
+        let bare = decode_tbs(&intermediate_tbs(&plan, &root, &[]).unwrap()).unwrap();
+        let failure = lint_intermediate(&bare, &expect(&pay)).unwrap_err();
+        assert!(
+            failure.to_string().contains("nameConstraints is missing"),
+            "{failure}"
+        );
+        lint_intermediate_profile(&bare, &root.subject_key_id).unwrap();
+
+        // Shapes meshca never makes, refused by the agent's and verify's check too.
+        let PrivateKey::P384(root_signer) = &root_key else {
+            unreachable!()
+        };
+        let subtree = |base| GeneralSubtree {
+            base,
+            minimum: 0,
+            maximum: None,
+        };
+        let uri = |host: &str| {
+            GeneralName::UniformResourceIdentifier(der::asn1::Ia5String::new(host).unwrap())
+        };
+        let dns = GeneralName::DnsName(der::asn1::Ia5String::new("pay.local").unwrap());
+        let permitted = |subtrees| NameConstraints {
+            permitted_subtrees: Some(subtrees),
+            excluded_subtrees: None,
+        };
+        let cases: Vec<(NameConstraints, bool, &str)> = vec![
+            (
+                permitted(vec![subtree(uri("pay.local"))]),
+                false,
+                "nameConstraints is not critical",
+            ),
+            (
+                permitted(vec![subtree(dns)]),
+                true,
+                "constrains a name other than a URI (dNSName)",
+            ),
+            (
+                permitted(vec![subtree(uri("10.0.0.1"))]),
+                true,
+                "which is not a trust domain",
+            ),
+            (
+                NameConstraints {
+                    permitted_subtrees: Some(vec![subtree(uri("pay.local"))]),
+                    excluded_subtrees: Some(vec![subtree(uri("web.local"))]),
+                },
+                true,
+                "excluded subtrees",
+            ),
+            (
+                permitted(vec![GeneralSubtree {
+                    base: uri("pay.local"),
+                    minimum: 1,
+                    maximum: None,
+                }]),
+                true,
+                "minimum or maximum",
+            ),
+        ];
+        let ski = SubjectKeyIdentifier(der::asn1::OctetString::new(vec![1, 2, 3]).unwrap());
+        let aki = AuthorityKeyIdentifier {
+            key_identifier: Some(der::asn1::OctetString::new(root.subject_key_id.clone()).unwrap()),
+            authority_cert_issuer: None,
+            authority_cert_serial_number: None,
+        };
+        for (constraints, critical, needle) in cases {
+            let profile = Rogue {
+                subject: plan.subject.clone(),
+                issuer: root.subject.clone(),
+                extensions: vec![
+                    ext(
+                        &BasicConstraints {
+                            ca: true,
+                            path_len_constraint: Some(0),
+                        },
+                        true,
+                    ),
+                    ext(&intermediate_key_usage(), true),
+                    ext(&ski, false),
+                    ext(&aki, false),
+                    ext(&constraints, critical),
+                ],
+            };
+            let validity = Validity::new(
+                plan.not_before.try_into().unwrap(),
+                plan.not_after.try_into().unwrap(),
+            );
+            let mut builder = CertificateBuilder::new(
+                profile,
+                plan.serial.clone(),
+                validity,
+                plan.public_key.clone(),
+            )
+            .unwrap();
+            let rogue = decode_tbs(&builder.finalize(root_signer).unwrap()).unwrap();
+            let failure = lint_intermediate_profile(&rogue, &root.subject_key_id).unwrap_err();
+            assert!(
+                failure.to_string().contains(needle),
+                "{needle:?} not in {failure}"
+            );
+            let failure = lint_intermediate(&rogue, &expect(&pay_only)).unwrap_err();
             assert!(
                 failure.to_string().contains(needle),
                 "{needle:?} not in {failure}"
@@ -813,14 +1070,14 @@ mod tests {
         let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         let plan = plan_for(&key, "acme");
-        let tbs = intermediate_tbs(&plan, &root).unwrap();
+        let tbs = intermediate_tbs(&plan, &root, &[]).unwrap();
         let (alg, signature) = crate::pki::csr::sign_with(&root_key, &tbs).unwrap();
         let cert = crate::pki::profile::assemble(&tbs, alg, &signature).unwrap();
         check_signed_certificate(&cert, &tbs, &root).unwrap();
 
         let mut other_plan = plan.clone();
         other_plan.serial = random_serial().unwrap();
-        let other_tbs = intermediate_tbs(&other_plan, &root).unwrap();
+        let other_tbs = intermediate_tbs(&other_plan, &root, &[]).unwrap();
         assert!(matches!(
             check_signed_certificate(&cert, &other_tbs, &root),
             Err(SignedCheckError::TbsChanged)

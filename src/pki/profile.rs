@@ -6,7 +6,7 @@
 
 use std::time::SystemTime;
 
-use der::asn1::{Any, AnyRef, BitString, OctetString};
+use der::asn1::{Any, AnyRef, BitString, Ia5String, OctetString};
 use der::{Decode, Encode, Sequence, Tag};
 use sha2::Digest;
 use spki::{
@@ -16,6 +16,8 @@ use spki::{
 use x509_cert::Certificate;
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::builder::{Builder, CertificateBuilder, Profile as BuilderProfile};
+use x509_cert::ext::pkix::constraints::name::{GeneralSubtree, NameConstraints};
+use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, KeyUsage, KeyUsages, SubjectKeyIdentifier,
 };
@@ -208,8 +210,40 @@ pub fn random_serial() -> Result<SerialNumber, ProfileError> {
     Ok(SerialNumber::new(&bytes)?)
 }
 
-/// The exact DER TBSCertificate of an intermediate under `root`.
-pub fn intermediate_tbs(plan: &IntermediatePlan, root: &RootCa) -> Result<Vec<u8>, ProfileError> {
+/// The name constraints of an intermediate under a virtual mesh with `trust_domains`
+/// (none without): permitted subtrees of type URI, one per trust domain. RFC 5280
+/// 4.2.1.10 reads a URI constraint as a host, so `pay.local` permits
+/// `spiffe://pay.local/...` and no other URI; names of other types (istiod's DNS-named
+/// serving certificate) are not constrained.
+pub fn trust_domain_constraints(
+    trust_domains: &[String],
+) -> Result<Option<NameConstraints>, der::Error> {
+    if trust_domains.is_empty() {
+        return Ok(None);
+    }
+    let subtrees = trust_domains
+        .iter()
+        .map(|domain| {
+            Ok(GeneralSubtree {
+                base: GeneralName::UniformResourceIdentifier(Ia5String::new(domain)?),
+                minimum: 0,
+                maximum: None,
+            })
+        })
+        .collect::<Result<Vec<_>, der::Error>>()?;
+    Ok(Some(NameConstraints {
+        permitted_subtrees: Some(subtrees),
+        excluded_subtrees: None,
+    }))
+}
+
+/// The exact DER TBSCertificate of an intermediate under `root`, constrained to
+/// `trust_domains` (see [`trust_domain_constraints`]).
+pub fn intermediate_tbs(
+    plan: &IntermediatePlan,
+    root: &RootCa,
+    trust_domains: &[String],
+) -> Result<Vec<u8>, ProfileError> {
     let profile = CaProfile {
         subject: plan.subject.clone(),
         issuer: Some(root.subject.clone()),
@@ -220,6 +254,7 @@ pub fn intermediate_tbs(plan: &IntermediatePlan, root: &RootCa) -> Result<Vec<u8
         key_usage: intermediate_key_usage(),
         authority_key_id: Some(root.subject_key_id.clone()),
         subject_key_id: None,
+        name_constraints: trust_domain_constraints(trust_domains)?,
     };
     let issuer = IssuerKey {
         public_key: root.public_key.clone(),
@@ -266,6 +301,7 @@ fn cross_profile_tbs(
         key_usage: root_key_usage(),
         authority_key_id: Some(current.subject_key_id.clone()),
         subject_key_id: Some(announced.subject_key_id.clone()),
+        name_constraints: None,
     };
     let issuer = IssuerKey {
         public_key: current.public_key.clone(),
@@ -294,6 +330,7 @@ pub fn root_tbs(
         key_usage: root_key_usage(),
         authority_key_id: None,
         subject_key_id: None,
+        name_constraints: None,
     };
     let issuer = IssuerKey {
         public_key: plan.public_key.clone(),
@@ -357,6 +394,8 @@ struct CaProfile {
     /// The subject key identifier when it is not derived from the key here: a cross
     /// certificate carries the announced root's own, whoever computed it.
     subject_key_id: Option<Vec<u8>>,
+    /// An intermediate's, under a virtual mesh with trust domains; always critical.
+    name_constraints: Option<NameConstraints>,
 }
 
 impl BuilderProfile for CaProfile {
@@ -388,12 +427,18 @@ impl BuilderProfile for CaProfile {
             authority_cert_issuer: None,
             authority_cert_serial_number: None,
         };
-        Ok(vec![
+        let mut extensions = vec![
             extension(&self.basic_constraints, true, subject)?,
             extension(&self.key_usage, true, subject)?,
             extension(&ski, false, subject)?,
             extension(&aki, false, subject)?,
-        ])
+        ];
+        // Critical (RFC 5280 4.2.1.10): a verifier that cannot apply it must refuse the
+        // chain rather than accept names outside it.
+        if let Some(constraints) = &self.name_constraints {
+            extensions.push(extension(constraints, true, subject)?);
+        }
+        Ok(extensions)
     }
 }
 
@@ -466,6 +511,8 @@ pub fn serial_hex(serial: &SerialNumber) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     use crate::pki::testing::openssl_root;
@@ -518,6 +565,56 @@ mod tests {
             RootCa::from_certificate(certificate),
             Err(RootError::BadSelfSignature)
         ));
+    }
+
+    /// What the lint accepts is also what a decoder reads: a critical nameConstraints of
+    /// permitted URI hosts, one per trust domain, nothing excluded, nothing else.
+    #[test]
+    fn trust_domains_become_critical_permitted_uri_subtrees() {
+        use crate::pki::keys::{KeyType, PrivateKey};
+        use crate::pki::testing::software_root;
+        let (_key, root) = software_root(KeyType::EcdsaP384, "pay", Duration::from_secs(86_400));
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let now = SystemTime::now();
+        let plan = IntermediatePlan {
+            subject: subject_name("pay", "pay-1").unwrap(),
+            public_key: key.public_key_info().unwrap(),
+            serial: random_serial().unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+        };
+        let trust_domains = ["pay.local".to_string(), "pay.remote".to_string()];
+        let tbs = x509_cert::TbsCertificate::from_der(
+            &intermediate_tbs(&plan, &root, &trust_domains).unwrap(),
+        )
+        .unwrap();
+        let (critical, constraints) = tbs.get_extension::<NameConstraints>().unwrap().unwrap();
+        assert!(critical);
+        assert_eq!(constraints.excluded_subtrees, None);
+        let permitted: Vec<(String, u32, Option<u32>)> = constraints
+            .permitted_subtrees
+            .unwrap()
+            .into_iter()
+            .map(|subtree| match subtree.base {
+                GeneralName::UniformResourceIdentifier(host) => {
+                    (host.to_string(), subtree.minimum, subtree.maximum)
+                }
+                other => panic!("not a URI: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            permitted,
+            [
+                ("pay.local".to_string(), 0, None),
+                ("pay.remote".to_string(), 0, None)
+            ]
+        );
+        // Without trust domains: the four extensions, as before.
+        let bare =
+            x509_cert::TbsCertificate::from_der(&intermediate_tbs(&plan, &root, &[]).unwrap())
+                .unwrap();
+        assert_eq!(bare.extensions().unwrap().len(), 4);
+        assert!(bare.get_extension::<NameConstraints>().unwrap().is_none());
     }
 
     /// openssl makes a root with a negative serial when asked; Go's crypto/x509, and so

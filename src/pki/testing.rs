@@ -93,7 +93,7 @@ pub fn software_bundle(
         not_before,
         not_after,
     };
-    let tbs = intermediate_tbs(&plan, root).unwrap();
+    let tbs = intermediate_tbs(&plan, root, &[]).unwrap();
     let (algorithm, signature) = sign_with(root_key, &tbs).unwrap();
     let cert = Certificate::from_der(&assemble(&tbs, algorithm, &signature).unwrap()).unwrap();
     let cert_pem = super::pem::certificate_pem(&cert);

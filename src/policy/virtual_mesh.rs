@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{RSA_MAX_BITS, accepted_key_types, effective_min_rsa_bits};
-use crate::mesh::names::is_dns1123_label;
+use crate::mesh::names::{is_constraint_trust_domain, is_dns1123_label};
 use crate::pki::keys::KeyType;
 
 /// `<namespace>/<name>`: how virtual meshes and meshes are named everywhere in meshca.
@@ -161,6 +161,12 @@ pub struct VirtualMeshSpec {
     /// The member meshes.
     #[serde(default)]
     pub meshes: Vec<MeshReference>,
+    /// The SPIFFE trust domains of the members (each cluster's own and the ones in its
+    /// `trustDomainAliases`). Present: every intermediate carries a critical name
+    /// constraint permitting URIs of these hosts only, so that a cluster's intermediate
+    /// key cannot sign another virtual mesh's workload identities. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domains: Option<Vec<String>>,
     #[serde(flatten)]
     #[schemars(skip)]
     pub other: Unknown,
@@ -181,6 +187,7 @@ const SPEC_KEYS: &[&str] = &[
     "limited",
     "enforceAccessControl",
     "meshes",
+    "trustDomains",
 ];
 const CA_KEYS: &[&str] = &["builtin", "provided"];
 const BUILTIN_KEYS: &[&str] = &["ttlDays", "rsaKeySizeBytes", "orgName"];
@@ -360,6 +367,9 @@ pub struct VirtualMeshPolicy {
     pub min_rsa_bits: u32,
     /// Meshes that may receive an intermediate under this virtual mesh.
     pub meshes: BTreeSet<ObjectRef>,
+    /// `spec.trustDomains`, sorted: the URI hosts every intermediate's name constraints
+    /// permit. Empty: the field is absent and intermediates carry no name constraints.
+    pub trust_domains: Vec<String>,
     /// Where this policy was read from, for error messages.
     pub source: String,
 }
@@ -461,6 +471,10 @@ impl VirtualMeshDocument {
         if meshes.is_empty() {
             return Err(invalid("spec.meshes is empty".into()));
         }
+        let trust_domains = match &self.spec.trust_domains {
+            None => Vec::new(),
+            Some(listed) => checked_trust_domains(listed).map_err(invalid)?,
+        };
         Ok(VirtualMeshPolicy {
             id,
             display_name: self.spec.display_name.clone(),
@@ -468,9 +482,33 @@ impl VirtualMeshDocument {
             max_ttl: Duration::from_secs(u64::from(builtin.ttl_days) * 86_400),
             min_rsa_bits: effective_min_rsa_bits(builtin.rsa_key_size_bytes),
             meshes,
+            trust_domains,
             source: source_name.to_string(),
         })
     }
+}
+
+/// `spec.trustDomains` checked and sorted: each a SPIFFE trust domain, none twice, at
+/// least one (an empty list would permit no workload identity at all), and each one Go's
+/// crypto/x509 (istiod) parses in a name constraint ([`is_constraint_trust_domain`]).
+fn checked_trust_domains(listed: &[String]) -> Result<Vec<String>, String> {
+    if listed.is_empty() {
+        return Err(
+            "spec.trustDomains is empty: list the members' trust domains, or leave the field out for intermediates without name constraints".into(),
+        );
+    }
+    let mut sorted = BTreeSet::new();
+    for domain in listed {
+        if !is_constraint_trust_domain(domain) {
+            return Err(format!(
+                "spec.trustDomains: {domain:?} is not a trust domain (dot-separated labels of lowercase letters, digits, '-' and '_', none empty, the last not all digits, at most 255 in all)"
+            ));
+        }
+        if !sorted.insert(domain.clone()) {
+            return Err(format!("spec.trustDomains lists {domain:?} twice"));
+        }
+    }
+    Ok(sorted.into_iter().collect())
 }
 
 /// Document `number` (from 1) of `yaml`, already parsed into `doc`, as a VirtualMesh. An
@@ -595,6 +633,50 @@ impl PolicySet {
 
     pub fn is_empty(&self) -> bool {
         self.meshes.is_empty()
+    }
+
+    /// What the start and `serve --check` warn of when virtual meshes share this signer's
+    /// root without trust domains apart: every intermediate chains to that root, so a
+    /// cluster of one can sign workload identities the others accept, unless name
+    /// constraints keep it to its own trust domains. Not an error: several virtual meshes
+    /// of one tenant are legitimate.
+    pub fn shared_root_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.meshes.len() < 2 {
+            return warnings;
+        }
+        let unconstrained: Vec<String> = self
+            .iter()
+            .filter(|policy| policy.trust_domains.is_empty())
+            .map(|policy| policy.id.to_string())
+            .collect();
+        if !unconstrained.is_empty() {
+            let all: Vec<String> = self.iter().map(|policy| policy.id.to_string()).collect();
+            let (which, verb, them) = match unconstrained.as_slice() {
+                [one] => (one.clone(), "is", "it"),
+                several => (several.join(", "), "are", "them"),
+            };
+            warnings.push(format!(
+                "the virtual meshes {} share one root and trust each other's workloads: {which} {verb} without spec.trustDomains, so the intermediate key of any cluster of {them} can sign workload identities (SPIFFE IDs) in any trust domain; list each virtual mesh's trust domains in spec.trustDomains to keep them apart, or give each tenant its own root and signer",
+                all.join(", ")
+            ));
+        }
+        let mut listed_by: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for policy in self.iter() {
+            for domain in &policy.trust_domains {
+                listed_by
+                    .entry(domain)
+                    .or_default()
+                    .push(policy.id.to_string());
+            }
+        }
+        for (domain, ids) in listed_by.into_iter().filter(|(_, ids)| ids.len() > 1) {
+            warnings.push(format!(
+                "the virtual meshes {} all list the trust domain {domain} in spec.trustDomains: a cluster of any of them can sign the others' workload identities in it",
+                ids.join(", ")
+            ));
+        }
+        warnings
     }
 }
 
@@ -782,6 +864,116 @@ mod tests {
         assert_eq!(
             load(&with_status).unwrap().iter().count(),
             load(SEED).unwrap().iter().count()
+        );
+    }
+
+    #[test]
+    fn trust_domains_are_checked_and_sorted() {
+        let with = |list: &str| {
+            doc(
+                "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 2048\n      orgName: o",
+                &format!("  trustDomains: {list}\n"),
+            )
+        };
+        let policies = load(&with("[pay.remote, pay.local]")).unwrap();
+        let policy = policies.iter().next().unwrap();
+        assert_eq!(policy.trust_domains, ["pay.local", "pay.remote"]);
+        // Absent: none, and no name constraints.
+        let policies = load(&doc(
+            "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 2048\n      orgName: o",
+            "",
+        ))
+        .unwrap();
+        assert!(policies.iter().next().unwrap().trust_domains.is_empty());
+        for (list, needle) in [
+            (
+                "[Pay.local]",
+                "spec.trustDomains: \"Pay.local\" is not a trust domain",
+            ),
+            (
+                "[pay..local]",
+                "spec.trustDomains: \"pay..local\" is not a trust domain",
+            ),
+            (
+                "[10.0.0.1]",
+                "spec.trustDomains: \"10.0.0.1\" is not a trust domain",
+            ),
+            (
+                "['spiffe://pay.local']",
+                "\"spiffe://pay.local\" is not a trust domain",
+            ),
+            (
+                "[pay.local, pay.local]",
+                "spec.trustDomains lists \"pay.local\" twice",
+            ),
+            ("[]", "spec.trustDomains is empty"),
+            (
+                "pay.local",
+                "spec.trustDomains: invalid type: string, expected a sequence",
+            ),
+        ] {
+            let err = load(&with(list)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{list}: {needle:?} not in {err:?}");
+        }
+        let misspelled = SEED.replacen("  meshes:", "  trustDomain: [a.local]\n  meshes:", 1);
+        let err = load(&misspelled).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.trustDomain is not a VirtualMesh field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn virtual_meshes_sharing_the_root_without_trust_domains_are_warned_of() {
+        let vm = |name: &str, trust_domains: &str| {
+            format!(
+                "kind: VirtualMesh\nmetadata: {{name: {name}, namespace: tenants}}\nspec:\n  certificateAuthority:\n    builtin: {{ttlDays: 10, rsaKeySizeBytes: 2048, orgName: {name}}}\n  meshes:\n  - {{name: {name}-1, namespace: tenants}}\n{trust_domains}---\n"
+            )
+        };
+        // One virtual mesh: nothing to say.
+        assert!(
+            load(&vm("pay", ""))
+                .unwrap()
+                .shared_root_warnings()
+                .is_empty()
+        );
+        let both = load(&format!("{}{}", vm("pay", ""), vm("web", ""))).unwrap();
+        let warnings = both.shared_root_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("the virtual meshes tenants/pay, tenants/web share one root and trust each other's workloads: tenants/pay, tenants/web are without spec.trustDomains"),
+            "{}",
+            warnings[0]
+        );
+        let one = load(&format!(
+            "{}{}",
+            vm("pay", "  trustDomains: [pay.local]\n"),
+            vm("web", "")
+        ))
+        .unwrap();
+        let warnings = one.shared_root_warnings();
+        assert!(
+            warnings[0].contains("tenants/web is without spec.trustDomains, so the intermediate key of any cluster of it can sign"),
+            "{warnings:?}"
+        );
+        let apart = load(&format!(
+            "{}{}",
+            vm("pay", "  trustDomains: [pay.local]\n"),
+            vm("web", "  trustDomains: [web.local]\n")
+        ))
+        .unwrap();
+        assert!(apart.shared_root_warnings().is_empty());
+        let overlapping = load(&format!(
+            "{}{}",
+            vm("pay", "  trustDomains: [cluster.local, pay.local]\n"),
+            vm("web", "  trustDomains: [cluster.local]\n")
+        ))
+        .unwrap();
+        assert_eq!(
+            overlapping.shared_root_warnings(),
+            [
+                "the virtual meshes tenants/pay, tenants/web all list the trust domain cluster.local in spec.trustDomains: a cluster of any of them can sign the others' workload identities in it"
+            ]
         );
     }
 

@@ -96,7 +96,7 @@ proptest! {
             let mut facts = RequestFacts::default();
             match decide(&ctx, Some("c"), &request, now, random_serial().unwrap(), &mut facts) {
                 Ok(approval) => {
-                    let tbs = intermediate_tbs(&approval.issue.plan, root)
+                    let tbs = intermediate_tbs(&approval.issue.plan, root, &approval.issue.trust_domains)
                         .map_err(|e| TestCaseError::fail(format!("build: {e}")))?;
                     let tbs = TbsCertificate::from_der(&tbs).unwrap();
                     lint_intermediate(&tbs, &approval.issue.expectations(root, true))

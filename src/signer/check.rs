@@ -119,6 +119,7 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         warnings.push(format!("{superseded}; remove it from the file"));
     }
     warnings.extend(tls.client_ca_crl_problems.iter().cloned());
+    warnings.extend(config.policies.shared_root_warnings());
     if let Some(open) = &tls.key_readable_by_others {
         warnings.push(open.to_string());
     }

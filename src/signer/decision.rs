@@ -267,6 +267,7 @@ pub fn decide(
             org_name: policy.org_name.clone(),
             latest_not_after: window.not_after,
             min_rsa_bits: policy.min_rsa_bits,
+            trust_domains: policy.trust_domains.clone(),
             csr_der,
             client_gone: Default::default(),
         },

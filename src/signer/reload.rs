@@ -119,8 +119,14 @@ impl Rules {
                 .as_deref()
                 .map(|name| format!(" display_name={}", quoted(name)))
                 .unwrap_or_default();
+            // Only when set: the text (and digest) of rules without it stay as they were.
+            let trust_domains = if policy.trust_domains.is_empty() {
+                String::new()
+            } else {
+                format!(" trust_domains={}", policy.trust_domains.join(","))
+            };
             text.push_str(&format!(
-                "virtual_mesh {} org={} max_ttl_seconds={} min_rsa_bits={}{display_name} meshes={}\n",
+                "virtual_mesh {} org={} max_ttl_seconds={} min_rsa_bits={}{display_name} meshes={}{trust_domains}\n",
                 policy.id,
                 quoted(&policy.org_name),
                 policy.max_ttl.as_secs(),
@@ -242,6 +248,13 @@ fn compare_virtual_meshes(in_force: &PolicySet, read: &PolicySet, out: &mut Vec<
         if !removed.is_empty() {
             differences.push(format!("meshes removed: {removed}"));
         }
+        if old.trust_domains != new.trust_domains {
+            differences.push(format!(
+                "trust domains {} -> {}",
+                trust_domains(old),
+                trust_domains(new)
+            ));
+        }
         if old.display_name != new.display_name {
             differences.push(format!(
                 "display name {:?} -> {:?}",
@@ -265,13 +278,26 @@ fn compare_virtual_meshes(in_force: &PolicySet, read: &PolicySet, out: &mut Vec<
 }
 
 fn summary(policy: &VirtualMeshPolicy) -> String {
-    format!(
+    let mut summary = format!(
         "org {:?}, ttl {}, RSA minimum {} bits, meshes: {}",
         policy.org_name,
         human_duration(policy.max_ttl),
         policy.min_rsa_bits,
         names(policy.meshes.iter())
-    )
+    );
+    if !policy.trust_domains.is_empty() {
+        summary.push_str(&format!(", trust domains: {}", trust_domains(policy)));
+    }
+    summary
+}
+
+/// A virtual mesh's trust domains as a reload names them (`none`: unconstrained).
+fn trust_domains(policy: &VirtualMeshPolicy) -> String {
+    if policy.trust_domains.is_empty() {
+        "none".into()
+    } else {
+        policy.trust_domains.join(", ")
+    }
 }
 
 fn compare_clients(
@@ -583,6 +609,44 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
                 Rules::of(read, ROOT).summary()
             );
         }
+    }
+
+    /// Trust domains are rules: in the text (only when set, so rules without them keep
+    /// their digest), the summary, and a reload's statement.
+    #[test]
+    fn trust_domains_are_part_of_the_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
+        let constrained = MESHES.replace("spec:\n", "spec:\n  trustDomains: [b.local, a.local]\n");
+        let after = Rules::of(&config(dir.path(), &constrained, A_ONLY, ""), ROOT);
+        assert!(
+            after
+                .text()
+                .contains("meshes=test/cluster-a, test/cluster-b trust_domains=a.local,b.local\n"),
+            "{}",
+            after.text()
+        );
+        assert!(
+            !before.text().contains("trust_domains"),
+            "{}",
+            before.text()
+        );
+        assert_ne!(before.digest(), after.digest());
+        assert!(
+            after.summary().contains(
+                "meshes: test/cluster-a, test/cluster-b, trust domains: a.local, b.local)"
+            ),
+            "{}",
+            after.summary()
+        );
+        assert_eq!(
+            RulesChange::between(&before, &after).statements,
+            ["virtual mesh test/vm: trust domains none -> a.local, b.local"]
+        );
+        assert_eq!(
+            RulesChange::between(&after, &before).statements,
+            ["virtual mesh test/vm: trust domains a.local, b.local -> none"]
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub fn sign_intermediate_body(request: &IssueRequest, root: &RootCa) -> Result<V
     if request.csr_der.is_empty() {
         return Err("the request carries no CSR for Vault".into());
     }
-    Ok(json!({
+    let mut body = json!({
         "csr": encode("CERTIFICATE REQUEST", &request.csr_der),
         // Nothing from the CSR but its key: subject and extensions are meshca's.
         "use_csr_values": false,
@@ -77,7 +77,14 @@ pub fn sign_intermediate_body(request: &IssueRequest, root: &RootCa) -> Result<V
         "signature_bits": signature_bits(root.signature_algorithm),
         "use_pss": false,
         "format": "pem",
-    }))
+    });
+    // Only when the virtual mesh has trust domains: a Vault without the parameter (before
+    // 1.19) ignores it with a warning, and the check of its answer refuses the
+    // certificate without the constraint.
+    if !request.trust_domains.is_empty() {
+        body["permitted_uri_domains"] = json!(request.trust_domains);
+    }
+    Ok(body)
 }
 
 /// Vault's `key_type` and `key_bits` for a meshca key type.
@@ -311,6 +318,7 @@ mod tests {
             org_name: "acme".into(),
             latest_not_after: not_after.min(root.not_after),
             min_rsa_bits: 2048,
+            trust_domains: Vec::new(),
             csr_der: csr.to_der().unwrap(),
             client_gone: Default::default(),
         };
@@ -337,6 +345,17 @@ mod tests {
         );
         let csr = crate::pki::csr::ParsedCsr::from_pem(body["csr"].as_str().unwrap()).unwrap();
         assert_eq!(csr.public_key, request.plan.public_key);
+        // Name constraints only under a virtual mesh with trust domains.
+        assert!(body.get("permitted_uri_domains").is_none(), "{body}");
+        let constrained = IssueRequest {
+            trust_domains: vec!["pay.local".into()],
+            ..request.clone()
+        };
+        let body_constrained = sign_intermediate_body(&constrained, &root).unwrap();
+        assert_eq!(
+            body_constrained["permitted_uri_domains"],
+            json!(["pay.local"])
+        );
         // Vault's names map to exactly meshca's keyUsage bits.
         let mut bits = KeyUsages::KeyCertSign & KeyUsages::CRLSign;
         for name in INTERMEDIATE_KEY_USAGE {
