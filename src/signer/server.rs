@@ -58,6 +58,8 @@ pub enum StartError {
     Tls(#[from] crate::tlsutil::TlsError),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot handle signals: {0}")]
     Signals(String),
     /// The root key could not vouch for an announced root: the agents would not take it.
@@ -819,6 +821,7 @@ pub async fn start(
     listen_override: Option<SocketAddr>,
 ) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
+    config.check_listeners(listen_override)?;
     raise_open_files_limit(config.limits.max_connections);
     let root = load_root(&config)?;
     check_root_key_type(&config, &root)?;
