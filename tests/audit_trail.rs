@@ -351,3 +351,67 @@ async fn the_transport_trust_is_on_record_from_the_start_and_at_each_change() {
     let out = env.audit_verify_ok();
     assert!(out.contains("is intact"), "{out}");
 }
+
+/// The root key signs nothing before the audit log is open: a start that cannot open it (a
+/// second signer on the same log) does not reach the backend, so no cross certificate is
+/// made that no line names.
+#[tokio::test]
+async fn a_start_that_cannot_open_its_audit_log_makes_no_cross_certificate() {
+    let env = Env::new();
+    env.init_next_root();
+    env.announce_next_root(Some("next-root-cert.pem"));
+    let first = env.start_signer();
+    first.wait_for_log("cross certificate made").await;
+    let mut second = env.meshca_with_config(&["--log-format", "json", "serve"]);
+    let second = run(second.args(["--listen", "127.0.0.1:0"]));
+    assert!(!second.status.success());
+    let logged = text(&second.stderr);
+    assert!(
+        logged.contains("is locked by another meshca process"),
+        "{logged}"
+    );
+    for asked in [
+        "connecting to the root key backend",
+        "cross certificate made",
+    ] {
+        assert!(!logged.contains(asked), "{asked}:\n{logged}");
+    }
+}
+
+/// A start that fails after the root key made a cross certificate (its port taken) still
+/// leaves the certificate on record: a `start_failed` line names it.
+#[tokio::test]
+async fn a_start_that_fails_after_making_a_cross_certificate_records_it() {
+    let env = Env::new();
+    env.init_next_root();
+    env.announce_next_root(Some("next-root-cert.pem"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut serve = env.meshca_with_config(&["--log-format", "json", "serve"]);
+    let out = run(serve.args(["--listen", &addr]));
+    assert!(!out.status.success());
+    let logged = text(&out.stderr);
+    let made: Value = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cross certificate made"))
+        })
+        .unwrap_or_else(|| panic!("no cross certificate made:\n{logged}"));
+    let serial = made["cross_serial"].as_str().unwrap();
+    let audit = std::fs::read_to_string(env.path("audit.log")).unwrap_or_default();
+    let failed: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["event"] == "start_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{audit}");
+    let message = failed[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(serial) && message.contains(&format!("cannot listen on {addr}")),
+        "{message}"
+    );
+    env.audit_verify_ok();
+}

@@ -78,9 +78,10 @@ pub struct AuditRecord {
     /// `decision` for a signing decision; `start` for a start of the signer, with the
     /// rules it starts under; `stop` for a clean stop, after its last decision; `reload`
     /// for a change of the policies, client grants or limits (SIGHUP); `tls_reload` for a
-    /// change of the transport trust (SIGHUP), or a TLS reload that failed; `recovery` for
-    /// a repair of the log itself; `rotation` first in a file that continues one moved
-    /// away.
+    /// change of the transport trust (SIGHUP), or a TLS reload that failed;
+    /// `start_failed` for a start that failed after the root key made a cross
+    /// certificate; `recovery` for a repair of the log itself; `rotation` first in a file
+    /// that continues one moved away.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,

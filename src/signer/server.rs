@@ -895,29 +895,43 @@ pub async fn start(
     client_trust_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
     warn_of_ended_announced_roots(&config.root);
+    // Before the root key signs anything (the token's proof of the key, cross
+    // certificates): a second signer on this log stops here, and whatever the key signs
+    // from now on has a place to be recorded.
+    let (audit, report) = AuditLog::open(&config.audit_log)?;
+    metrics.watch_audit(&audit);
+    if let Some(side) = &report.torn_tail_saved_to {
+        tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
+    }
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = backend_started(&config, root, started).await?;
     // The agents take an announced root only with the root key's word for it.
     let mut rules = Rules::of(&config, &backend.root().fingerprint_sha256);
     if let Err(e) = vouch_for_announced(backend.as_ref(), &mut rules, None).await {
+        record_failed_start(&audit, &rules, &e).await;
         backend.close().await;
         return Err(StartError::CrossCert(e));
     }
     let backend_ready_ms = started.elapsed().as_millis();
     // Nothing to report if it did not run: the generator then seeds at first use instead.
     let _ = seeding.await;
-    let (audit, report) = AuditLog::open(&config.audit_log)?;
-    metrics.watch_audit(&audit);
-    if let Some(side) = &report.torn_tail_saved_to {
-        tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
-    }
 
     let api_addr = listen_override.unwrap_or(config.listen);
-    let api_listener = bind(api_addr).await?;
-    let ops_listener = match config.ops_listen {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
+    let listeners = async {
+        let api = bind(api_addr).await?;
+        let ops = match config.ops_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok::<_, StartError>((api, ops))
+    };
+    let (api_listener, ops_listener) = match listeners.await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            record_failed_start(&audit, &rules, &e.to_string()).await;
+            return Err(e);
+        }
     };
     let addresses = BoundAddresses {
         api: local(&api_listener, api_addr),
@@ -1030,6 +1044,37 @@ fn start_record(
         root_key_proof: root_key_proof(config),
         tls: Some(trust.clone()),
         ..Default::default()
+    }
+}
+
+/// Records a start that fails after the root key made cross certificates (a later
+/// announced root it could not vouch for, a port taken): no `start` record will name
+/// them, and the key's every certificate must be on record. Nothing when it made none.
+async fn record_failed_start(audit: &AuditLog, rules: &Rules, error: &str) {
+    let made: Vec<String> = rules
+        .announced_roots()
+        .filter(|root| root.cross_cert.is_some())
+        .map(|root| root.described())
+        .collect();
+    if made.is_empty() {
+        return;
+    }
+    let record = AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "start_failed".into(),
+        message: Some(format!(
+            "meshca {} on host {} did not start ({error}); the root key made cross certificates for the announced roots: {}; no other certificate",
+            crate::VERSION,
+            host_name(),
+            made.join("; ")
+        )),
+        ..Default::default()
+    };
+    if let Err(e) = audit.append(record, audit.expect_line()).await {
+        tracing::error!(
+            error = %e,
+            "the audit log cannot record the cross certificates this failed start made"
+        );
     }
 }
 
