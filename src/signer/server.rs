@@ -1063,7 +1063,7 @@ async fn record_failed_start(audit: &AuditLog, rules: &Rules, error: &str) {
         time: rfc3339(SystemTime::now()),
         event: "start_failed".into(),
         message: Some(format!(
-            "meshca {} on host {} did not start ({error}); the root key made cross certificates for the announced roots: {}; no other certificate",
+            "meshca {} on host {} did not start ({error}); the root key made cross certificates for the announced roots: {}, and no other certificate",
             crate::VERSION,
             host_name(),
             made.join("; ")
