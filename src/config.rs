@@ -439,6 +439,19 @@ pub struct SignerConfig {
 }
 
 impl SignerConfig {
+    /// Refuses an API listener (`listen_override`, `serve --listen`, else `listen`) and
+    /// `ops_listen` that cannot both bind. `serve` and `serve --check` check it on the
+    /// address the start uses, not the file's alone: `--listen` makes the file's `listen`
+    /// irrelevant, and may itself take `ops_listen`'s port.
+    pub fn check_listeners(&self, listen_override: Option<SocketAddr>) -> Result<(), ConfigError> {
+        listeners_fit(
+            listen_override.unwrap_or(self.listen),
+            listen_override.is_some(),
+            self.ops_listen,
+        )
+        .map_err(|message| invalid(&self.path, message))
+    }
+
     /// Reads, resolves and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = crate::fsutil::read_text(path).map_err(ConfigError::Unreadable)?;
@@ -466,13 +479,8 @@ impl SignerConfig {
             .map(|a| parse_addr(a, "ops_listen"))
             .transpose()
             .map_err(err)?;
-        if let Some(ops) = ops_listen
-            && listeners_collide(listen, ops)
-        {
-            return Err(err(format!(
-                "ops_listen {ops} and listen {listen} take the same port: the second listener could not bind (address already in use); give ops_listen another port"
-            )));
-        }
+        // Whether `listen` and `ops_listen` can both bind is checked on the address a start
+        // uses (`--listen` overrides the file's): `check_listeners`.
 
         let mut policies = PolicySet::default();
         if file.virtual_meshes.is_empty() {
@@ -872,6 +880,24 @@ fn parse_addr(value: &str, field: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{field}: {value:?} is not an address like 127.0.0.1:8443"))
 }
 
+/// Why the API listener at `listen` (given by `--listen` if `overridden`) and the ops
+/// listener cannot both bind, if they cannot.
+pub fn listeners_fit(
+    listen: SocketAddr,
+    overridden: bool,
+    ops_listen: Option<SocketAddr>,
+) -> Result<(), String> {
+    match ops_listen {
+        Some(ops) if listeners_collide(listen, ops) => {
+            let name = if overridden { "--listen" } else { "listen" };
+            Err(format!(
+                "ops_listen {ops} and {name} {listen} take the same port: the second listener could not bind (address already in use); give ops_listen another port"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Whether two listeners cannot both bind: the same port (not 0, which the system picks)
 /// on the same address, or on a wildcard that covers the other (`0.0.0.0` covers the IPv4
 /// addresses, `[::]` every address, as Linux binds it dual-stack by default).
@@ -1180,7 +1206,8 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
                 1,
             );
             std::fs::write(&path, text).unwrap();
-            SignerConfig::load(&path).map_err(|e| e.to_string())
+            let config = SignerConfig::load(&path).map_err(|e| e.to_string())?;
+            config.check_listeners(None).map_err(|e| e.to_string())
         };
         for (listen, ops) in [
             ("", "127.0.0.1:8443"),
@@ -1201,6 +1228,42 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         ] {
             load(listen, ops).unwrap();
         }
+    }
+
+    #[test]
+    fn the_listen_address_checked_against_ops_listen_is_the_one_used() {
+        let addr = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let ops = Some(addr("127.0.0.1:9443"));
+        // `--listen` on ops_listen's port: refused, naming the flag.
+        let err = listeners_fit(addr("0.0.0.0:9443"), true, ops).unwrap_err();
+        assert!(
+            err.starts_with(
+                "ops_listen 127.0.0.1:9443 and --listen 0.0.0.0:9443 take the same port"
+            ),
+            "{err}"
+        );
+        assert!(listeners_fit(addr("127.0.0.1:8443"), true, ops).is_ok());
+        assert!(listeners_fit(addr("127.0.0.1:9443"), false, None).is_ok());
+        // A file whose own listen collides is read; `--listen` elsewhere makes it fit.
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_fixture(dir.path(), "");
+        let text = std::fs::read_to_string(&path).unwrap().replacen(
+            "virtual_meshes",
+            "listen = \"127.0.0.1:9443\"\nops_listen = \"127.0.0.1:9443\"\nvirtual_meshes",
+            1,
+        );
+        std::fs::write(&path, text).unwrap();
+        let config = SignerConfig::load(&path).unwrap();
+        assert!(config.check_listeners(None).is_err());
+        config.check_listeners(Some(addr("127.0.0.1:0"))).unwrap();
+        let err = config
+            .check_listeners(Some(addr("[::]:9443")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("and --listen [::]:9443 take the same port"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -158,8 +158,9 @@ enum Command {
         listen: Option<SocketAddr>,
         /// Check every file the start reads (config, VirtualMeshes, root certificate, TLS
         /// files, backend secrets, audit log place), print what was found and exit: 0 if
-        /// they are fit for a start. Contacts neither the token nor Vault.
-        #[arg(long, conflicts_with = "listen")]
+        /// they are fit for a start (with --listen, on that address). Contacts neither the
+        /// token nor Vault.
+        #[arg(long)]
         check: bool,
         /// With --check: also start the backend as `serve` does (log in to the token and
         /// sign a test challenge with the root's key, or log in to Vault and find the
@@ -1350,14 +1351,15 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
         }
         Command::Serve {
             config,
+            listen,
             check: true,
             online,
-            ..
         } => {
             let config = load_config(&config)?;
             let not_ready = || format!("{} is not ready to serve", config.path.display());
-            let mut report = meshca::signer::check::check(&config, std::time::SystemTime::now())
-                .with_context(not_ready)?;
+            let now = std::time::SystemTime::now();
+            let mut report =
+                meshca::signer::check::check(&config, listen, now).with_context(not_ready)?;
             if online {
                 let checked = config.clone();
                 // On a blocking thread of a runtime, as the start runs it.

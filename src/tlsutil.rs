@@ -18,10 +18,12 @@ use x509_cert::ext::pkix::name::GeneralName;
 mod client_ca_apart;
 mod client_crls;
 mod refused_client;
+mod trust;
 pub use client_ca_apart::{ClientCaError, MeshRoot, check_client_ca_apart_from_mesh};
 pub use client_crls::SupersededCrl;
 pub(crate) use client_crls::read_with as read_crls_with;
 pub use refused_client::accept_noting_refused_client;
+pub use trust::{EnforcedCrl, ServerCertificate, Switched, TransportTrust, TrustChange, TrustedCa};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -203,7 +205,7 @@ fn trust_store(
 
 /// What a client handshake gets while the CRL that covers its certificate is past its
 /// `nextUpdate` (`[tls] client_crl_overdue`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CrlOverdue {
     /// Served, the CRL still enforced as loaded (revocations published since are not
@@ -216,6 +218,14 @@ pub enum CrlOverdue {
 }
 
 impl CrlOverdue {
+    /// Its value in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            CrlOverdue::Accept => "accept",
+            CrlOverdue::Refuse => "refuse",
+        }
+    }
+
     /// What an overdue CRL means for the clients it covers, for a warning.
     pub fn consequence(self) -> &'static str {
         match self {
@@ -270,6 +280,15 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier);
     let certificate = leaf_validity(&chain, cert)?;
+    let trust = TransportTrust {
+        server_certificate: ServerCertificate {
+            sha256: der_sha256(&chain[0]),
+            not_after: crate::pki::datetime::rfc3339(certificate.not_after),
+        },
+        client_cas: trusted_cas(&client_cas, client_ca)?,
+        client_crls: crls.enforced,
+        client_crl_overdue: overdue,
+    };
     let mut config = config
         .with_single_cert(chain, private_key)
         .map_err(|e| certificate_error("server", cert, key, e))?;
@@ -285,7 +304,29 @@ pub fn server_config(
         key_readable_by_others,
         fingerprint,
         client_verifier,
+        trust,
     })
+}
+
+/// SHA-256 of a DER item, lowercase hex.
+fn der_sha256(der: &[u8]) -> String {
+    use sha2::Digest;
+    crate::pki::csr::hex(&sha2::Sha256::digest(der))
+}
+
+/// The client CA certificates by subject and SHA-256, as the audit log names them.
+fn trusted_cas(cas: &[CertificateDer<'_>], path: &Path) -> Result<Vec<TrustedCa>, TlsError> {
+    cas.iter()
+        .map(|der| {
+            Ok(TrustedCa {
+                subject: parse_certificate(der, path)?
+                    .tbs_certificate()
+                    .subject()
+                    .to_string(),
+                sha256: der_sha256(der),
+            })
+        })
+        .collect()
 }
 
 /// With client CRLs configured, what in the client CA bundle gets clients refused at the
@@ -347,6 +388,8 @@ pub struct ServerTls {
     /// The verifier the handshakes use (client CAs and CRLs): a request under way when
     /// these settings replaced older ones is checked with it again before it is decided.
     pub client_verifier: Arc<dyn ClientCertVerifier>,
+    /// What it trusts and presents, as the audit log records it.
+    pub trust: TransportTrust,
 }
 
 /// When a client CRL file is due to be replaced: the earliest `nextUpdate` of the CRLs in

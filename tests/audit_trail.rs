@@ -223,3 +223,195 @@ async fn the_audit_log_head_is_logged_whatever_the_log_level() {
         assert!(text(&verified.stdout).contains("is intact"), "{verified:?}");
     }
 }
+
+/// SHA-256 of the first PEM block of `label` in `path`, as the audit log names it.
+fn pem_sha256(path: &std::path::Path, label: &str) -> String {
+    let pem = std::fs::read_to_string(path).unwrap();
+    let der = meshca::pki::pem::decode_single(&pem, &[label]).unwrap_or_else(|e| {
+        panic!("{}: {e}", path.display());
+    });
+    meshca::pki::csr::hex(&sha2::Sha256::digest(&der))
+}
+
+/// The audit log's `tls_reload` records.
+fn tls_reloads(signer: &Signer) -> Vec<Value> {
+    signer
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "tls_reload")
+        .collect()
+}
+
+/// Which client CAs and CRLs a decision was checked against is on record: the start names
+/// the transport trust in force, a SIGHUP that changes it records what changed (one line),
+/// one that changes nothing records nothing, one that fails records why (not the key).
+#[tokio::test]
+async fn the_transport_trust_is_on_record_from_the_start_and_at_each_change() {
+    let env = Env::new();
+    let mut signer = env.start_signer();
+    let start = signer.all_audit_lines()[0].clone();
+    assert_eq!(start["event"], "start");
+    let tls = &start["tls"];
+    let ca_sha256 = pem_sha256(&env.path("pki/ca.pem"), "CERTIFICATE");
+    assert_eq!(tls["clientCas"].as_array().unwrap().len(), 1, "{tls}");
+    assert_eq!(tls["clientCas"][0]["sha256"], ca_sha256.as_str(), "{tls}");
+    assert!(
+        tls["clientCas"][0]["subject"]
+            .as_str()
+            .is_some_and(|s| s.contains("CN=meshca transport CA")),
+        "{tls}"
+    );
+    let server_sha256 = pem_sha256(&env.path("pki/signer.pem"), "CERTIFICATE");
+    assert_eq!(tls["serverCertificate"]["sha256"], server_sha256.as_str());
+    assert!(tls["serverCertificate"]["notAfter"].is_string(), "{tls}");
+    assert_eq!(tls["clientCrls"], serde_json::json!([]), "{tls}");
+    assert_eq!(tls["clientCrlOverdue"], "accept", "{tls}");
+
+    // A second client CA in the bundle and a CRL in client_crls, at one SIGHUP.
+    let other = env.path("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    let other_ca = common::certs::openssl_self_signed_ca(
+        &other,
+        "ca",
+        "/O=meshca demo/CN=another transport CA",
+        0..30,
+    );
+    let bundle = std::fs::read_to_string(env.path("pki/ca.pem")).unwrap()
+        + &std::fs::read_to_string(&other_ca).unwrap();
+    std::fs::write(env.path("pki/ca.pem"), bundle).unwrap();
+    env.check_client_crls();
+    let other_sha256 = pem_sha256(&other_ca, "CERTIFICATE");
+    let crl_sha256 = pem_sha256(&env.path("pki/crl.pem"), "X509 CRL");
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("SIGHUP: TLS settings reloaded").await;
+    let reloads = tls_reloads(&signer);
+    assert_eq!(reloads.len(), 1, "{reloads:?}");
+    let reload = &reloads[0];
+    assert_eq!(reload["rule"], "tls_changed", "{reload}");
+    let change = &reload["tlsChange"];
+    assert_eq!(change["clientCasAdded"][0]["sha256"], other_sha256.as_str());
+    assert!(
+        change["clientCasAdded"][0]["subject"]
+            .as_str()
+            .is_some_and(|s| s.contains("CN=another transport CA")),
+        "{change}"
+    );
+    assert_eq!(change["clientCrlsAdded"][0]["sha256"], crl_sha256.as_str());
+    assert!(
+        change["clientCrlsAdded"][0]["crlNumber"].is_string(),
+        "{change}"
+    );
+    assert!(change.get("clientCasRemoved").is_none(), "{change}");
+    assert!(change.get("serverCertificate").is_none(), "{change}");
+    // And the trust in force from then on, in full.
+    assert_eq!(reload["tls"]["clientCas"].as_array().unwrap().len(), 2);
+    assert!(
+        reload["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&other_sha256) && m.contains(&crl_sha256)),
+        "{reload}"
+    );
+
+    // Nothing changed: nothing recorded.
+    send_signal(signer.child.id(), "HUP");
+    signer
+        .wait_for_log("TLS files read again, nothing in them changed")
+        .await;
+    signer.wait_for_nth_log("SIGHUP: rules", 2).await;
+    assert_eq!(tls_reloads(&signer).len(), 1, "{:?}", tls_reloads(&signer));
+
+    // A key that is not the certificate's: not reloaded, recorded with the problem, and
+    // nothing of the key in the log.
+    let key = env.path("pki/signer.key");
+    let in_force = std::fs::read(&key).unwrap();
+    run_ok(
+        Command::new("openssl")
+            .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-out", key.to_str().unwrap()]),
+    );
+    let wrong = std::fs::read_to_string(&key).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer.wait_for_log("TLS settings not reloaded").await;
+    let reloads = tls_reloads(&signer);
+    assert_eq!(reloads.len(), 2, "{reloads:?}");
+    assert_eq!(reloads[1]["rule"], "tls_reload_failed", "{}", reloads[1]);
+    assert!(
+        reloads[1]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pki/signer.key")),
+        "{}",
+        reloads[1]
+    );
+    let audit = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    for line in wrong.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!audit.contains(line), "the key is in the audit log");
+    }
+    std::fs::write(&key, in_force).unwrap();
+    assert!(signer.terminate());
+    let out = env.audit_verify_ok();
+    assert!(out.contains("is intact"), "{out}");
+}
+
+/// The root key signs nothing before the audit log is open: a start that cannot open it (a
+/// second signer on the same log) does not reach the backend, so no cross certificate is
+/// made that no line names.
+#[tokio::test]
+async fn a_start_that_cannot_open_its_audit_log_makes_no_cross_certificate() {
+    let env = Env::new();
+    env.init_next_root();
+    env.announce_next_root(Some("next-root-cert.pem"));
+    let first = env.start_signer();
+    first.wait_for_log("cross certificate made").await;
+    let mut second = env.meshca_with_config(&["--log-format", "json", "serve"]);
+    let second = run(second.args(["--listen", "127.0.0.1:0"]));
+    assert!(!second.status.success());
+    let logged = text(&second.stderr);
+    assert!(
+        logged.contains("is locked by another meshca process"),
+        "{logged}"
+    );
+    for asked in [
+        "connecting to the root key backend",
+        "cross certificate made",
+    ] {
+        assert!(!logged.contains(asked), "{asked}:\n{logged}");
+    }
+}
+
+/// A start that fails after the root key made a cross certificate (its port taken) still
+/// leaves the certificate on record: a `start_failed` line names it.
+#[tokio::test]
+async fn a_start_that_fails_after_making_a_cross_certificate_records_it() {
+    let env = Env::new();
+    env.init_next_root();
+    env.announce_next_root(Some("next-root-cert.pem"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut serve = env.meshca_with_config(&["--log-format", "json", "serve"]);
+    let out = run(serve.args(["--listen", &addr]));
+    assert!(!out.status.success());
+    let logged = text(&out.stderr);
+    let made: Value = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cross certificate made"))
+        })
+        .unwrap_or_else(|| panic!("no cross certificate made:\n{logged}"));
+    let serial = made["cross_serial"].as_str().unwrap();
+    let audit = std::fs::read_to_string(env.path("audit.log")).unwrap_or_default();
+    let failed: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["event"] == "start_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{audit}");
+    let message = failed[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(serial) && message.contains(&format!("cannot listen on {addr}")),
+        "{message}"
+    );
+    env.audit_verify_ok();
+}

@@ -2535,3 +2535,63 @@ async fn virtual_meshes_sharing_the_root_without_trust_domains_are_warned_of() {
     let line = signer.wait_for_log(warning).await;
     assert!(line.contains("WARN"), "{line}");
 }
+
+/// `--listen` replaces the file's `listen`: the address checked against `ops_listen` is the
+/// one used, by `serve` and by `serve --check` alike.
+#[tokio::test]
+async fn the_listen_address_checked_against_ops_listen_is_the_one_used() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ops = format!("127.0.0.1:{port}");
+    let with_listen = |listen: &str| {
+        let config = std::fs::read_to_string(&env.config).unwrap();
+        let config: Vec<&str> = config
+            .lines()
+            .filter(|l| !l.starts_with("listen = ") && !l.starts_with("ops_listen = "))
+            .collect();
+        std::fs::write(
+            &env.config,
+            format!(
+                "listen = \"{listen}\"\nops_listen = \"{ops}\"\n{}\n",
+                config.join("\n")
+            ),
+        )
+        .unwrap();
+    };
+    let same_port = format!("ops_listen {ops} and listen {ops} take the same port");
+    let flag_same_port = format!("ops_listen {ops} and --listen {ops} take the same port");
+
+    // The file's listen on ops_listen's port, overridden: the check and the start pass.
+    with_listen(&ops);
+    let refused = env.run_with_config(&["serve", "--check"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains(&same_port), "{refused:?}");
+    let report = env.run_with_config_ok(&["serve", "--check", "--listen", "127.0.0.1:0"]);
+    let report = text(&report.stdout);
+    assert!(
+        report.contains(&format!(
+            "  listen          127.0.0.1:0 (--listen), ops {ops}\n"
+        )),
+        "{report}"
+    );
+    let mut signer = env.start_signer_with(&["--listen", "127.0.0.1:0"]);
+    assert!(signer.terminate());
+
+    // The file's listen elsewhere, --listen on ops_listen's port: refused by name, before
+    // any port is bound.
+    with_listen("127.0.0.1:0");
+    for args in [
+        &["serve", "--check", "--listen", ops.as_str()][..],
+        &["serve", "--listen", ops.as_str()][..],
+    ] {
+        let refused = env.run_with_config(args);
+        assert!(!refused.status.success(), "{args:?}");
+        let stderr = text(&refused.stderr);
+        assert!(stderr.contains(&flag_same_port), "{args:?}: {stderr}");
+        assert!(!stderr.contains("cannot listen on"), "{args:?}: {stderr}");
+    }
+}

@@ -77,8 +77,11 @@ pub struct AuditRecord {
     pub time: String,
     /// `decision` for a signing decision; `start` for a start of the signer, with the
     /// rules it starts under; `stop` for a clean stop, after its last decision; `reload`
-    /// for a change of the policies, client grants or limits (SIGHUP); `recovery` for a
-    /// repair of the log itself; `rotation` first in a file that continues one moved away.
+    /// for a change of the policies, client grants or limits (SIGHUP); `tls_reload` for a
+    /// change of the transport trust (SIGHUP), or a TLS reload that failed;
+    /// `start_failed` for a start that failed after the root key made a cross
+    /// certificate; `recovery` for a repair of the log itself; `rotation` first in a file
+    /// that continues one moved away.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -144,6 +147,14 @@ pub struct AuditRecord {
     /// ([`super::reload::Rules::text`]), whose SHA-256 is `rules_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<String>,
+    /// On `start`, and on `tls_reload` with rule `tls_changed`: the transport trust in
+    /// force from this line on (the server certificate, each client CA and CRL, what an
+    /// overdue CRL means). Lines written before this field existed lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tlsutil::TransportTrust>,
+    /// On `tls_reload` with rule `tls_changed`: how `tls` differs from the trust before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_change: Option<crate::tlsutil::TrustChange>,
     /// SHA-256 of the previous line (without its newline), lowercase hex; [`GENESIS`] on
     /// the first.
     #[serde(default)]
@@ -987,7 +998,7 @@ impl FileIdentity {
 fn encode_line(mut record: AuditRecord, prev: &str, buf: &mut Vec<u8>) -> String {
     record.prev = prev.to_string();
     let start = buf.len();
-    // Serializing a struct of strings cannot fail.
+    // Serializing structs of strings (keys are field names) cannot fail.
     serde_json::to_writer(&mut *buf, &record).unwrap_or_default();
     let hash = hex(&sha2::Sha256::digest(&buf[start..]));
     buf.push(b'\n');

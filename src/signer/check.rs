@@ -5,6 +5,7 @@
 //! for a check before a restart.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -57,8 +58,15 @@ pub struct CheckReport {
 /// files (already loaded into `config`), the root certificate and its strength against
 /// every policy, the TLS files (server certificate and key, client CA, CRLs), the backend's
 /// local files and secrets (PKCS#11 module, PIN; Vault CA, credentials) and the audit log's
-/// place. Secrets are read and dropped, never shown. `now` dates the expiry warnings.
-pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, StartError> {
+/// place. Secrets are read and dropped, never shown. The listen addresses are checked
+/// as the start uses them, `listen_override` (`--listen`) in place of `listen`. `now`
+/// dates the expiry warnings.
+pub fn check(
+    config: &SignerConfig,
+    listen_override: Option<SocketAddr>,
+    now: SystemTime,
+) -> Result<CheckReport, StartError> {
+    config.check_listeners(listen_override)?;
     let root = load_root(config)?;
     check_root_key_type(config, &root)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
@@ -149,9 +157,15 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         root: describe_root(&root.key_kind, root.not_after, &root.fingerprint_sha256),
         rules_sha256: rules.digest().to_string(),
         rules: rules.text().to_string(),
-        listen: match config.ops_listen {
-            Some(ops) => format!("{}, ops {ops}", config.listen),
-            None => format!("{}, no ops listener (ops_listen unset)", config.listen),
+        listen: {
+            let listen = match listen_override {
+                Some(listen) => format!("{listen} (--listen)"),
+                None => config.listen.to_string(),
+            };
+            match config.ops_listen {
+                Some(ops) => format!("{listen}, ops {ops}"),
+                None => format!("{listen}, no ops listener (ops_listen unset)"),
+            }
         },
         client_crl_overdue: format!(
             "{}: while a client CRL is past its nextUpdate, {}",

@@ -35,7 +35,8 @@ use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
     ClientCaError, CrlNextUpdate, CrlOverdue, MaterialFingerprint, MeshRoot, SupersededCrl,
-    TlsError, Validity, check_client_ca_apart_from_mesh, server_config,
+    TlsError, TransportTrust, TrustChange, Validity, check_client_ca_apart_from_mesh,
+    server_config,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,8 @@ pub enum StartError {
     Tls(#[from] crate::tlsutil::TlsError),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot handle signals: {0}")]
     Signals(String),
     /// The root key could not vouch for an announced root: the agents would not take it.
@@ -455,6 +458,9 @@ pub(super) struct ServingTls {
     /// The acceptor's client verifier: a decision checks its client with the one in force
     /// once the body is in (a reload may have revoked it since the handshake).
     pub(super) client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// What it trusts and presents: the `start` record names it, a reload records how it
+    /// changed.
+    pub(super) trust: TransportTrust,
 }
 
 /// Fresh settings from the config's TLS files (read at start, again on reload, and by
@@ -482,6 +488,7 @@ pub(super) fn serving_tls(
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
         client_verifier: tls.client_verifier,
+        trust: tls.trust,
     })
 }
 
@@ -527,6 +534,17 @@ fn client_trust_in_force(metrics: &Metrics, tls: &ServingTls, overdue: CrlOverdu
             ),
         }
     }
+}
+
+/// Why a TLS reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsReloadError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "the audit log cannot record the change of the transport trust, so it is not applied: {0}"
+    )]
+    Audit(#[from] super::audit::AuditError),
 }
 
 /// What a TLS reload did.
@@ -653,8 +671,15 @@ impl RunningSigner {
     /// settings in force say. If anything in them changed, new handshakes use them at once
     /// and connections made before close after the request they are serving, so a newly
     /// revoked client keeps no kept-alive connection; if nothing changed, connections stay
-    /// open. On an error the previous settings, and their places, stay in force.
-    pub fn reload_tls(&self, read: Option<&SignerConfig>) -> Result<TlsReload, TlsError> {
+    /// open. A change of the transport trust (a client CA, a CRL, the server certificate,
+    /// `client_crl_overdue`) is written to the audit log first (`tls_reload`,
+    /// `tls_changed`), and not applied if it cannot be; a reload that fails is recorded
+    /// too (`tls_reload_failed`). On an error the previous settings, and their places,
+    /// stay in force.
+    pub async fn reload_tls(
+        &self,
+        read: Option<&SignerConfig>,
+    ) -> Result<TlsReload, TlsReloadError> {
         let in_force = self.tls_files_in_force();
         let files = read.map(TlsFiles::of).unwrap_or_else(|| in_force.clone());
         let rules = self.state.rules();
@@ -665,35 +690,71 @@ impl RunningSigner {
         )
         .map_err(TlsError::from)
         .and_then(|roots| serving_tls(&files, &roots));
-        match loaded {
-            Ok(read) => {
-                let certificate = read.certificate;
-                error_if_server_certificate_expired(certificate.not_after, &files.cert);
-                warn_of_open_key(&read);
-                client_trust_in_force(&self.state.metrics, &read, files.client_crl_overdue);
-                let settings_changed = in_force.changed_in(&files);
-                match self.tls_files.lock() {
-                    Ok(mut place) => *place = files,
-                    Err(poisoned) => *poisoned.into_inner() = files,
-                }
-                let changed = self.tls.send_if_modified(|in_force| {
-                    let changed = in_force.fingerprint != read.fingerprint;
-                    if changed {
-                        *in_force = read;
-                    }
-                    changed
-                });
-                self.state.metrics.tls_reloaded(Some(certificate));
-                Ok(TlsReload {
-                    certificate_not_after: certificate.not_after,
-                    changed,
-                    settings_changed,
-                })
-            }
+        let read = match loaded {
+            Ok(read) => read,
             Err(e) => {
                 self.state.metrics.tls_reloaded(None);
-                Err(e)
+                self.record_tls_reload_failure(&e).await;
+                return Err(e.into());
             }
+        };
+        let change = TrustChange::between(&self.tls.borrow().trust, &read.trust);
+        if !change.is_empty() {
+            let record = AuditRecord {
+                time: rfc3339(SystemTime::now()),
+                event: "tls_reload".into(),
+                rule: Some("tls_changed".into()),
+                message: Some(change.to_string()),
+                tls: Some(read.trust.clone()),
+                tls_change: Some(change),
+                ..Default::default()
+            };
+            let announced = self.state.audit.expect_line();
+            if let Err(e) = self.state.audit.append(record, announced).await {
+                self.state.metrics.tls_reloaded(None);
+                return Err(e.into());
+            }
+        }
+        let certificate = read.certificate;
+        error_if_server_certificate_expired(certificate.not_after, &files.cert);
+        warn_of_open_key(&read);
+        client_trust_in_force(&self.state.metrics, &read, files.client_crl_overdue);
+        let settings_changed = in_force.changed_in(&files);
+        match self.tls_files.lock() {
+            Ok(mut place) => *place = files,
+            Err(poisoned) => *poisoned.into_inner() = files,
+        }
+        let changed = self.tls.send_if_modified(|in_force| {
+            let changed = in_force.fingerprint != read.fingerprint;
+            if changed {
+                *in_force = read;
+            }
+            changed
+        });
+        self.state.metrics.tls_reloaded(Some(certificate));
+        Ok(TlsReload {
+            certificate_not_after: certificate.not_after,
+            changed,
+            settings_changed,
+        })
+    }
+
+    /// Records a TLS reload that failed: the trust in force stays, and the log says why
+    /// another was not put in force (the error names files, never a key's contents). A
+    /// line that cannot be written is logged: the reload has failed anyway.
+    async fn record_tls_reload_failure(&self, error: &TlsError) {
+        let record = AuditRecord {
+            time: rfc3339(SystemTime::now()),
+            event: "tls_reload".into(),
+            rule: Some("tls_reload_failed".into()),
+            message: Some(format!(
+                "TLS settings not reloaded, the ones in force stay: {error}"
+            )),
+            ..Default::default()
+        };
+        let announced = self.state.audit.expect_line();
+        if let Err(e) = self.state.audit.append(record, announced).await {
+            tracing::error!(error = %e, "the audit log cannot record the failed TLS reload");
         }
     }
 
@@ -819,6 +880,7 @@ pub async fn start(
     listen_override: Option<SocketAddr>,
 ) -> Result<RunningSigner, StartError> {
     let started = Instant::now();
+    config.check_listeners(listen_override)?;
     raise_open_files_limit(config.limits.max_connections);
     let root = load_root(&config)?;
     check_root_key_type(&config, &root)?;
@@ -836,29 +898,43 @@ pub async fn start(
     client_trust_in_force(&metrics, &tls, config.client_crl_overdue);
     metrics.announced_roots(config.root.announced());
     warn_of_ended_announced_roots(&config.root);
+    // Before the root key signs anything (the token's proof of the key, cross
+    // certificates): a second signer on this log stops here, and whatever the key signs
+    // from now on has a place to be recorded.
+    let (audit, report) = AuditLog::open(&config.audit_log)?;
+    metrics.watch_audit(&audit);
+    if let Some(side) = &report.torn_tail_saved_to {
+        tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
+    }
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = backend_started(&config, root, started).await?;
     // The agents take an announced root only with the root key's word for it.
     let mut rules = Rules::of(&config, &backend.root().fingerprint_sha256);
     if let Err(e) = vouch_for_announced(backend.as_ref(), &mut rules, None).await {
+        record_failed_start(&audit, &rules, &e).await;
         backend.close().await;
         return Err(StartError::CrossCert(e));
     }
     let backend_ready_ms = started.elapsed().as_millis();
     // Nothing to report if it did not run: the generator then seeds at first use instead.
     let _ = seeding.await;
-    let (audit, report) = AuditLog::open(&config.audit_log)?;
-    metrics.watch_audit(&audit);
-    if let Some(side) = &report.torn_tail_saved_to {
-        tracing::warn!(saved_to = %side.display(), "audit log ended in an incomplete line (a crash mid-write); moved it aside and recorded the recovery");
-    }
 
     let api_addr = listen_override.unwrap_or(config.listen);
-    let api_listener = bind(api_addr).await?;
-    let ops_listener = match config.ops_listen {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
+    let listeners = async {
+        let api = bind(api_addr).await?;
+        let ops = match config.ops_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok::<_, StartError>((api, ops))
+    };
+    let (api_listener, ops_listener) = match listeners.await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            record_failed_start(&audit, &rules, &e.to_string()).await;
+            return Err(e);
+        }
     };
     let addresses = BoundAddresses {
         api: local(&api_listener, api_addr),
@@ -870,7 +946,7 @@ pub async fn start(
     let rules_sha256 = rules.digest().to_string();
     metrics.rules_in_force(&rules);
     if let Err(e) = audit
-        .record_start(start_record(&rules, &rules_sha256, &config))
+        .record_start(start_record(&rules, &rules_sha256, &config, &tls.trust))
         .await
     {
         tracing::error!(
@@ -947,7 +1023,14 @@ pub async fn start(
 /// full with their digest.
 /// It names the host and the root too: two replicas' logs, or the logs before and after a
 /// root change, tell apart by their content, not only by where the file came from.
-fn start_record(rules: &Rules, rules_sha256: &str, config: &SignerConfig) -> AuditRecord {
+/// And the transport trust it starts with (`tls`): which client CAs and CRLs the
+/// handshakes of the decisions after it are checked against.
+fn start_record(
+    rules: &Rules,
+    rules_sha256: &str,
+    config: &SignerConfig,
+    trust: &TransportTrust,
+) -> AuditRecord {
     AuditRecord {
         time: rfc3339(SystemTime::now()),
         event: "start".into(),
@@ -962,7 +1045,39 @@ fn start_record(rules: &Rules, rules_sha256: &str, config: &SignerConfig) -> Aud
         rules_sha256: Some(rules_sha256.to_string()),
         rules: Some(rules.text().to_string()),
         root_key_proof: root_key_proof(config),
+        tls: Some(trust.clone()),
         ..Default::default()
+    }
+}
+
+/// Records a start that fails after the root key made cross certificates (a later
+/// announced root it could not vouch for, a port taken): no `start` record will name
+/// them, and the key's every certificate must be on record. Nothing when it made none.
+async fn record_failed_start(audit: &AuditLog, rules: &Rules, error: &str) {
+    let made: Vec<String> = rules
+        .announced_roots()
+        .filter(|root| root.cross_cert.is_some())
+        .map(|root| root.described())
+        .collect();
+    if made.is_empty() {
+        return;
+    }
+    let record = AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "start_failed".into(),
+        message: Some(format!(
+            "meshca {} on host {} did not start ({error}); the root key made cross certificates for the announced roots: {}, and no other certificate",
+            crate::VERSION,
+            host_name(),
+            made.join("; ")
+        )),
+        ..Default::default()
+    };
+    if let Err(e) = audit.append(record, audit.expect_line()).await {
+        tracing::error!(
+            error = %e,
+            "the audit log cannot record the cross certificates this failed start made"
+        );
     }
 }
 
@@ -1333,7 +1448,7 @@ pub async fn run(
 async fn reload(running: &RunningSigner) {
     crate::service_manager::reloading();
     let read = running.read_config().await;
-    let tls = running.reload_tls(read.as_ref().ok());
+    let tls = running.reload_tls(read.as_ref().ok()).await;
     let tls_failed = tls.is_err() || read.is_err();
     if let Err(e) = &read {
         // Whatever in the file failed (a VirtualMesh file, a limit), its [tls] is not in

@@ -16,7 +16,7 @@ use x509_cert::crl::CertificateList;
 use x509_cert::ext::pkix::CrlNumber;
 use x509_cert::time::Time;
 
-use super::{CrlNextUpdate, TlsError, load_pem_blocks};
+use super::{CrlNextUpdate, EnforcedCrl, TlsError, load_pem_blocks};
 
 /// What the CRL files hold, once the superseded lists are set aside.
 pub(crate) struct ClientCrls {
@@ -27,6 +27,8 @@ pub(crate) struct ClientCrls {
     pub superseded: Vec<SupersededCrl>,
     /// The issuers of the CRLs in force, as DER names.
     pub issuers: Vec<Vec<u8>>,
+    /// The CRLs in force, as the audit log names them.
+    pub enforced: Vec<EnforcedCrl>,
 }
 
 /// A CRL not enforced because a newer one of the same issuer and scope was also listed.
@@ -143,6 +145,17 @@ impl ReadCrl {
         }
     }
 
+    fn described(&self) -> EnforcedCrl {
+        use sha2::Digest;
+        EnforcedCrl {
+            issuer: self.issuer.clone(),
+            crl_number: self.number.as_deref().map(display_number),
+            this_update: crate::pki::datetime::rfc3339(self.this_update.to_system_time()),
+            next_update: self.next_update.map(crate::pki::datetime::rfc3339),
+            sha256: crate::pki::csr::hex(&sha2::Sha256::digest(&self.der)),
+        }
+    }
+
     fn edition(&self) -> String {
         match &self.number {
             Some(number) => format!(
@@ -223,11 +236,13 @@ pub(crate) fn read_with(
         })
         .collect();
     let issuers = in_force.iter().map(|crl| crl.scope.0.clone()).collect();
+    let enforced = in_force.iter().map(ReadCrl::described).collect();
     Ok(ClientCrls {
         in_force: in_force.into_iter().map(|crl| crl.der).collect(),
         next_updates,
         superseded,
         issuers,
+        enforced,
     })
 }
 
