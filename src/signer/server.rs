@@ -884,7 +884,7 @@ pub async fn start(
     raise_open_files_limit(config.limits.max_connections);
     let root = load_root(&config)?;
     check_root_key_type(&config, &root)?;
-    for shared in config.policies.shared_root_warnings() {
+    for shared in super::check::shared_root_warnings(&config) {
         tracing::warn!("{shared}");
     }
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
