@@ -19,7 +19,7 @@ use crate::policy::rules::check_root_strength;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 use crate::secret::SecretSource;
 use crate::signer::audit::rfc3339;
-use crate::tlsutil::CrlOverdue;
+use crate::tlsutil::{CrlOverdue, IssuerPin};
 
 /// Default address of the mTLS API.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
@@ -104,6 +104,9 @@ struct Pkcs11Section {
 struct ClientSection {
     identity: String,
     allow: Vec<GrantSection>,
+    /// The CA in `tls.client_ca` its certificate must chain to.
+    #[serde(default)]
+    issuer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +352,8 @@ impl AnnouncedRoot {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuthorizationTable {
     grants: BTreeMap<String, BTreeSet<(ObjectRef, ObjectRef)>>,
+    /// The client CA each identity that has an `issuer` must chain to.
+    issuers: BTreeMap<String, IssuerPin>,
 }
 
 impl AuthorizationTable {
@@ -370,6 +375,20 @@ impl AuthorizationTable {
     /// Every client identity with its `(virtual mesh, mesh)` grants, in identity order.
     pub fn clients(&self) -> impl Iterator<Item = (&str, &BTreeSet<(ObjectRef, ObjectRef)>)> {
         self.grants.iter().map(|(id, grants)| (id.as_str(), grants))
+    }
+
+    /// The CA `identity`'s certificate must chain to, if it is pinned to one.
+    pub fn issuer_of(&self, identity: &str) -> Option<&IssuerPin> {
+        self.issuers.get(identity)
+    }
+
+    /// Every pinned identity with its issuer, in identity order.
+    pub fn issuers(&self) -> impl Iterator<Item = (&str, &IssuerPin)> {
+        self.issuers.iter().map(|(id, pin)| (id.as_str(), pin))
+    }
+
+    pub fn pin_issuer(&mut self, identity: &str, issuer: IssuerPin) {
+        self.issuers.insert(identity.to_string(), issuer);
     }
 
     pub fn insert(&mut self, identity: &str, virtual_mesh: ObjectRef, mesh: ObjectRef) {
@@ -577,6 +596,11 @@ impl SignerConfig {
                 check_member(policy, &grant.mesh)
                     .map_err(|m| err(format!("clients: {identity:?}: {m}")))?;
                 authorization.insert(identity, grant.virtual_mesh.clone(), grant.mesh.clone());
+            }
+            if let Some(issuer) = &client.issuer {
+                let pin = IssuerPin::parse(issuer)
+                    .map_err(|m| err(format!("clients: {identity:?}: {m}")))?;
+                authorization.pin_issuer(identity, pin);
             }
         }
 
@@ -1085,7 +1109,7 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let shipped_pkcs11 = shipped.pkcs11.as_ref().unwrap();
         assert_eq!(shipped_pkcs11.timeout, DEFAULT_TOKEN_TIMEOUT);
 
-        // The optional settings commented out in [tls] and [pkcs11] (each key's first
+        // The optional settings commented out in [tls], [pkcs11] and [[clients]] (each key's first
         // occurrence: [vault] further down has a timeout_seconds too).
         let optional = [
             "client_crls",
@@ -1093,6 +1117,7 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
             "sessions",
             "timeout_seconds",
             "softhsm2_conf",
+            "issuer",
         ]
         .iter()
         .fold(text.clone(), |text, key| {
@@ -1105,6 +1130,11 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert_eq!(pkcs11.sessions, 8);
         assert_eq!(pkcs11.timeout, Duration::from_secs(30));
         assert!(pkcs11.softhsm2_conf.is_some());
+        assert_eq!(
+            config.authorization.issuers().count(),
+            1,
+            "the example's [[clients]] issuer"
+        );
 
         // The announced roots' keys are known (the files they name are read, so they
         // must exist).

@@ -17,10 +17,14 @@ use x509_cert::ext::pkix::name::GeneralName;
 
 mod client_ca_apart;
 mod client_crls;
+mod client_issuer;
 mod refused_client;
 pub use client_ca_apart::{ClientCaError, MeshRoot, check_client_ca_apart_from_mesh};
 pub use client_crls::SupersededCrl;
 pub(crate) use client_crls::read_with as read_crls_with;
+pub use client_issuer::{
+    ClientCa, IssuerPin, chained_to, check_issuer_pins, unpinned_clients_warning,
+};
 pub use refused_client::accept_noting_refused_client;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +64,7 @@ impl rustls::time_provider::TimeProvider for WallClock {
 }
 
 /// `at` as rustls counts time, or none if it is before 1970.
-fn unix_time(at: std::time::SystemTime) -> Option<rustls_pki_types::UnixTime> {
+pub fn unix_time(at: std::time::SystemTime) -> Option<rustls_pki_types::UnixTime> {
     at.duration_since(std::time::UNIX_EPOCH)
         .ok()
         .map(rustls_pki_types::UnixTime::since_unix_epoch)
