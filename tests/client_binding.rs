@@ -252,3 +252,37 @@ async fn an_identity_pinned_to_its_client_ca_is_refused_from_another() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_certificate_with_two_uri_sans_has_no_identity() {
+    let env = Env::new();
+    let pki = env.path("pki");
+    // From the trusted transport CA: cluster-a's URI first, cluster-b's second.
+    let sans = format!(
+        "URI:{},URI:{}",
+        identity("cluster-a"),
+        identity("cluster-b")
+    );
+    client_certificate(&pki, "two-uris", "ca", &sans);
+    let signer = env.start_signer();
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    for mesh in [MESH_A, MESH_B] {
+        let (status, body) =
+            post_sign(&env.client("two-uris"), &signer, &sign_body(VM, mesh, &csr)).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (403, "not_authorized"),
+            "{body}"
+        );
+        assert!(
+            error_message(&body).contains("has 2 URI SANs, and so no identity"),
+            "{body}"
+        );
+    }
+    let audit = signer.audit_lines();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    for line in &audit {
+        assert!(line["client"].is_null(), "{line}");
+        assert_eq!(line["rule"], "not_authorized", "{line}");
+    }
+}

@@ -41,6 +41,8 @@ pub struct ClientIdentity {
     /// The identity its certificate names ([`crate::tlsutil::client_identity`]), the
     /// name grants are given to.
     pub identity: Option<String>,
+    /// Why it has none, when it has none.
+    pub no_identity: Option<crate::tlsutil::NoIdentity>,
     /// SHA-256 of the client's certificate (DER), lowercase hex. Several certificates may
     /// name one identity (a replacement, a revoked one still valid): the audit log says
     /// which one made the request.
@@ -73,8 +75,14 @@ impl ClientIdentity {
         };
         // Decoded once, for the identity and the serial.
         let cert = x509_cert::Certificate::from_der(leaf).ok();
+        let identity = cert.as_ref().map(crate::tlsutil::identity_of);
         ClientIdentity {
-            identity: cert.as_ref().and_then(crate::tlsutil::identity_of),
+            no_identity: match &identity {
+                Some(Ok(_)) => None,
+                Some(Err(why)) => Some(*why),
+                None => Some(crate::tlsutil::NoIdentity::None),
+            },
+            identity: identity.and_then(Result::ok),
             certificate_sha256: Some(crate::pki::csr::hex(&sha2::Sha256::digest(leaf))),
             not_after: cert
                 .as_ref()
@@ -480,6 +488,7 @@ async fn sign_inner(
     facts.client_ca = client_ca.clone();
     let requester = Requester {
         identity: client.identity.as_deref(),
+        no_identity: client.no_identity,
         client_ca: client_ca.as_ref(),
     };
     let mut approval = decide(&ctx, requester, &request, SystemTime::now(), serial, facts)?;

@@ -14,7 +14,7 @@ use crate::pki::csr::ParsedCsr;
 use crate::pki::profile::{IntermediatePlan, RootCa, subject_name};
 use crate::policy::rules::{check_org, check_public_key, intermediate_validity};
 use crate::policy::{ObjectRef, PolicySet, Rule, ValidityError};
-use crate::tlsutil::ClientCa;
+use crate::tlsutil::{ClientCa, NoIdentity};
 
 /// The body of `POST /v1/sign`.
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +159,8 @@ pub struct Approval {
 pub struct Requester<'a> {
     /// The identity its certificate names, if it names one.
     pub identity: Option<&'a str>,
+    /// Why it names none (several URI SANs, ...), if known.
+    pub no_identity: Option<NoIdentity>,
     /// The CA in `tls.client_ca` its chain leads to (none: to none now).
     pub client_ca: Option<&'a ClientCa>,
 }
@@ -211,13 +213,13 @@ pub fn decide(
         ));
     }
 
-    let identity = requester.identity.filter(|i| !i.is_empty()).ok_or_else(|| {
-        Refusal::new(
-            Status::Forbidden,
-            "not_authorized",
-            "the client certificate carries no identity (a URI SAN; else a DNS SAN or CN without ':', which could pass for a URI)",
-        )
-    })?;
+    let identity = requester
+        .identity
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| {
+            let why = requester.no_identity.unwrap_or(NoIdentity::None);
+            Refusal::new(Status::Forbidden, "not_authorized", why.to_string())
+        })?;
     // Before the grants: an identity from a CA other than its own is not that client.
     if let Some(issuer) = ctx.authorization.issuer_of(identity) {
         issuer.admits(requester.client_ca).map_err(|mismatch| {
@@ -363,6 +365,7 @@ mod tests {
         let requester = Requester {
             identity,
             client_ca: f.client_ca.as_ref(),
+            ..Default::default()
         };
         let result = decide(
             &ctx,
