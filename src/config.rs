@@ -21,6 +21,8 @@ use crate::secret::SecretSource;
 use crate::signer::audit::rfc3339;
 use crate::tlsutil::{CrlOverdue, IssuerPin};
 
+mod identities;
+
 /// Default address of the mTLS API.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 
@@ -571,14 +573,26 @@ impl SignerConfig {
         };
 
         let mut authorization = AuthorizationTable::default();
+        // Each identity as compared for a collision, and as written.
+        let mut folded: BTreeMap<String, &str> = BTreeMap::new();
         for client in &file.clients {
             let identity = client.identity.trim();
             if identity.is_empty() {
                 return Err(err("clients: identity is empty".into()));
             }
+            if let Some(why) = identities::never_matches(identity) {
+                return Err(err(format!(
+                    "clients: identity {identity:?} can never be a client certificate's: {why}"
+                )));
+            }
             if authorization.knows(identity) {
                 return Err(err(format!(
                     "clients: identity {identity:?} is listed twice"
+                )));
+            }
+            if let Some(other) = folded.insert(identities::folded(identity), identity) {
+                return Err(err(format!(
+                    "clients: identities {other:?} and {identity:?} differ only in case where case does not count (a URI's scheme and host, a whole DNS or CN identity): one client's certificate could be either's; keep one"
                 )));
             }
             if client.allow.is_empty() {
@@ -1271,5 +1285,44 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
             assert!(err.contains(needle), "{needle:?} not in {err}");
             assert!(!err.contains("1234"), "secret echoed: {err}");
         }
+    }
+
+    #[test]
+    fn client_identities_that_never_match_or_collide_are_refused() {
+        let client = |identity: &str| {
+            format!(
+                "[[clients]]\nidentity = \"{identity}\"\nallow = [{{ virtual_mesh = \"service-mesh-hub/virtual-mesh\", mesh = \"service-mesh-hub/istio-istio-system-management-plane\" }}]\n"
+            )
+        };
+        let web = "spiffe://meshca.t/cluster/web-1";
+        let cases = [
+            (
+                client("web 1"),
+                "\"web 1\" can never be a client certificate's",
+            ),
+            (client("*"), "it has '*'"),
+            (
+                client("web-1:8443"),
+                "\"web-1:8443\" can never be a client certificate's",
+            ),
+            // A Cyrillic 'е'.
+            (client("spiffe://meshca.t/cluster/w\u{0435}b-1"), "U+0435"),
+            (
+                client("SPIFFE://MESHCA.T/cluster/web-1") + &client(web),
+                "identities \"SPIFFE://MESHCA.T/cluster/web-1\" and \"spiffe://meshca.t/cluster/web-1\" differ only in case",
+            ),
+            (client("Web-1") + &client("web-1"), "differ only in case"),
+        ];
+        for (extra, needle) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let err = SignerConfig::load(&write_fixture(dir.path(), &extra))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
+        // A path differs by case: two clients.
+        let dir = tempfile::tempdir().unwrap();
+        let two = client(web) + &client("spiffe://meshca.t/cluster/Web-1");
+        assert!(SignerConfig::load(&write_fixture(dir.path(), &two)).is_ok());
     }
 }
