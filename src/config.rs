@@ -21,6 +21,7 @@ use crate::secret::SecretSource;
 use crate::signer::audit::rfc3339;
 use crate::tlsutil::{CrlOverdue, IssuerPin};
 
+mod granted_meshes;
 mod identities;
 
 /// Default address of the mTLS API.
@@ -617,6 +618,8 @@ impl SignerConfig {
                 authorization.pin_issuer(identity, pin);
             }
         }
+
+        granted_meshes::check_granted_meshes(&policies, &authorization).map_err(err)?;
 
         let limits = limits(file.limits).map_err(err)?;
         Ok(SignerConfig {
@@ -1324,5 +1327,46 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let dir = tempfile::tempdir().unwrap();
         let two = client(web) + &client("spiffe://meshca.t/cluster/Web-1");
         assert!(SignerConfig::load(&write_fixture(dir.path(), &two)).is_ok());
+    }
+
+    #[test]
+    fn a_mesh_in_two_granted_virtual_meshes_or_two_of_one_subject_are_refused() {
+        let vm = |name: &str, org: &str, meshes: &str| {
+            format!(
+                "kind: VirtualMesh\nmetadata: {{name: {name}, namespace: tenants}}\nspec:\n  certificateAuthority:\n    builtin: {{ttlDays: 10, rsaKeySizeBytes: 4096, orgName: {org}}}\n  meshes: [{meshes}]\n"
+            )
+        };
+        let grant = |identity: &str, virtual_mesh: &str, mesh: &str| {
+            format!(
+                "[[clients]]\nidentity = \"{identity}\"\nallow = [{{ virtual_mesh = \"{virtual_mesh}\", mesh = \"{mesh}\" }}]\n"
+            )
+        };
+        let pay_1 = "{name: pay-1, namespace: pay}";
+        let cases = [
+            (
+                vm("web", "web", pay_1),
+                grant("spiffe://t/pay-1", "tenants/pay", "pay/pay-1")
+                    + &grant("spiffe://t/web-1", "tenants/web", "pay/pay-1"),
+                "mesh pay/pay-1 is granted in virtual mesh tenants/pay and in tenants/web",
+            ),
+            (
+                vm("pay2", "pay", "{name: pay-1, namespace: other}"),
+                grant("spiffe://t/pay-1", "tenants/pay", "pay/pay-1")
+                    + &grant("spiffe://t/other", "tenants/pay2", "other/pay-1"),
+                "would both have the subject O=pay, CN=pay-1",
+            ),
+        ];
+        for (second, clients, needle) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write_fixture(dir.path(), &clients);
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("service-mesh-hub/virtual-mesh", "tenants/pay");
+            std::fs::write(&path, text).unwrap();
+            let meshes = vm("pay", "pay", pay_1) + "---\n" + &second;
+            std::fs::write(dir.path().join("vm.yaml"), meshes).unwrap();
+            let err = SignerConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
     }
 }
