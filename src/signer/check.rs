@@ -125,6 +125,9 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         warnings.push(format!("{superseded}; remove it from the file"));
     }
     warnings.extend(tls.client_ca_crl_problems.iter().cloned());
+    if let Some(open) = &tls.key_readable_by_others {
+        warnings.push(open.to_string());
+    }
     let unpinned: Vec<&str> = config
         .authorization
         .clients()
@@ -135,9 +138,6 @@ pub fn check(config: &SignerConfig, now: SystemTime) -> Result<CheckReport, Star
         &tls.client_cas,
         &unpinned,
     ));
-    if let Some(open) = &tls.key_readable_by_others {
-        warnings.push(open.to_string());
-    }
     for crl in &tls.crl_next_updates {
         if let Some(due) = crl.overdue_since(now) {
             warnings.push(format!(
