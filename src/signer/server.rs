@@ -35,7 +35,7 @@ use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::tlsutil::{
     ClientCaError, CrlNextUpdate, CrlOverdue, MaterialFingerprint, MeshRoot, SupersededCrl,
-    TlsError, Validity, check_client_ca_apart_from_mesh, check_issuer_pins, server_config,
+    TlsError, Validity, check_client_ca_apart_from_mesh, server_config,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -606,7 +606,7 @@ impl RunningSigner {
         let client_ca = self.tls_files_in_force().client_ca;
         check_client_ca_apart_from_mesh(&client_ca, &self.tls.borrow().client_cas, &roots)?;
         // Each issuer named must be a CA of those in force (read by this SIGHUP first).
-        check_issuer_pins(
+        crate::tlsutil::check_issuer_pins(
             &client_ca,
             read.authorization.issuers(),
             &self.tls.borrow().client_cas,
@@ -831,7 +831,7 @@ pub async fn start(
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
     let tls = serving_tls(&TlsFiles::of(&config), &roots)?;
-    check_issuer_pins(
+    crate::tlsutil::check_issuer_pins(
         &config.client_ca,
         config.authorization.issuers(),
         &tls.client_cas,
