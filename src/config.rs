@@ -19,7 +19,10 @@ use crate::policy::rules::check_root_strength;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 use crate::secret::SecretSource;
 use crate::signer::audit::rfc3339;
-use crate::tlsutil::CrlOverdue;
+use crate::tlsutil::{CrlOverdue, IssuerPin};
+
+mod granted_meshes;
+mod identities;
 
 /// Default address of the mTLS API.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
@@ -104,6 +107,9 @@ struct Pkcs11Section {
 struct ClientSection {
     identity: String,
     allow: Vec<GrantSection>,
+    /// The CA in `tls.client_ca` its certificate must chain to.
+    #[serde(default)]
+    issuer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +355,8 @@ impl AnnouncedRoot {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuthorizationTable {
     grants: BTreeMap<String, BTreeSet<(ObjectRef, ObjectRef)>>,
+    /// The client CA each identity that has an `issuer` must chain to.
+    issuers: BTreeMap<String, IssuerPin>,
 }
 
 impl AuthorizationTable {
@@ -370,6 +378,20 @@ impl AuthorizationTable {
     /// Every client identity with its `(virtual mesh, mesh)` grants, in identity order.
     pub fn clients(&self) -> impl Iterator<Item = (&str, &BTreeSet<(ObjectRef, ObjectRef)>)> {
         self.grants.iter().map(|(id, grants)| (id.as_str(), grants))
+    }
+
+    /// The CA `identity`'s certificate must chain to, if it is pinned to one.
+    pub fn issuer_of(&self, identity: &str) -> Option<&IssuerPin> {
+        self.issuers.get(identity)
+    }
+
+    /// Every pinned identity with its issuer, in identity order.
+    pub fn issuers(&self) -> impl Iterator<Item = (&str, &IssuerPin)> {
+        self.issuers.iter().map(|(id, pin)| (id.as_str(), pin))
+    }
+
+    pub fn pin_issuer(&mut self, identity: &str, issuer: IssuerPin) {
+        self.issuers.insert(identity.to_string(), issuer);
     }
 
     pub fn insert(&mut self, identity: &str, virtual_mesh: ObjectRef, mesh: ObjectRef) {
@@ -560,14 +582,26 @@ impl SignerConfig {
         };
 
         let mut authorization = AuthorizationTable::default();
+        // Each identity as compared for a collision, and as written.
+        let mut folded: BTreeMap<String, &str> = BTreeMap::new();
         for client in &file.clients {
             let identity = client.identity.trim();
             if identity.is_empty() {
                 return Err(err("clients: identity is empty".into()));
             }
+            if let Some(why) = identities::never_matches(identity) {
+                return Err(err(format!(
+                    "clients: identity {identity:?} can never be a client certificate's: {why}"
+                )));
+            }
             if authorization.knows(identity) {
                 return Err(err(format!(
                     "clients: identity {identity:?} is listed twice"
+                )));
+            }
+            if let Some(other) = folded.insert(identities::folded(identity), identity) {
+                return Err(err(format!(
+                    "clients: identities {other:?} and {identity:?} differ only in case where case does not count (a URI's scheme and host, a whole DNS or CN identity): one client's certificate could be either's; keep one"
                 )));
             }
             if client.allow.is_empty() {
@@ -586,7 +620,14 @@ impl SignerConfig {
                     .map_err(|m| err(format!("clients: {identity:?}: {m}")))?;
                 authorization.insert(identity, grant.virtual_mesh.clone(), grant.mesh.clone());
             }
+            if let Some(issuer) = &client.issuer {
+                let pin = IssuerPin::parse(issuer)
+                    .map_err(|m| err(format!("clients: {identity:?}: {m}")))?;
+                authorization.pin_issuer(identity, pin);
+            }
         }
+
+        granted_meshes::check_granted_meshes(&policies, &authorization).map_err(err)?;
 
         let limits = limits(file.limits).map_err(err)?;
         Ok(SignerConfig {
@@ -1111,7 +1152,7 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let shipped_pkcs11 = shipped.pkcs11.as_ref().unwrap();
         assert_eq!(shipped_pkcs11.timeout, DEFAULT_TOKEN_TIMEOUT);
 
-        // The optional settings commented out in [tls] and [pkcs11] (each key's first
+        // The optional settings commented out in [tls], [pkcs11] and [[clients]] (each key's first
         // occurrence: [vault] further down has a timeout_seconds too).
         let optional = [
             "client_crls",
@@ -1119,6 +1160,7 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
             "sessions",
             "timeout_seconds",
             "softhsm2_conf",
+            "issuer",
         ]
         .iter()
         .fold(text.clone(), |text, key| {
@@ -1131,6 +1173,11 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert_eq!(pkcs11.sessions, 8);
         assert_eq!(pkcs11.timeout, Duration::from_secs(30));
         assert!(pkcs11.softhsm2_conf.is_some());
+        assert_eq!(
+            config.authorization.issuers().count(),
+            1,
+            "the example's [[clients]] issuer"
+        );
 
         // The announced roots' keys are known (the files they name are read, so they
         // must exist).
@@ -1303,6 +1350,86 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
                 .to_string();
             assert!(err.contains(needle), "{needle:?} not in {err}");
             assert!(!err.contains("1234"), "secret echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn client_identities_that_never_match_or_collide_are_refused() {
+        let client = |identity: &str| {
+            format!(
+                "[[clients]]\nidentity = \"{identity}\"\nallow = [{{ virtual_mesh = \"service-mesh-hub/virtual-mesh\", mesh = \"service-mesh-hub/istio-istio-system-management-plane\" }}]\n"
+            )
+        };
+        let web = "spiffe://meshca.t/cluster/web-1";
+        let cases = [
+            (
+                client("web 1"),
+                "\"web 1\" can never be a client certificate's",
+            ),
+            (client("*"), "it has '*'"),
+            (
+                client("web-1:8443"),
+                "\"web-1:8443\" can never be a client certificate's",
+            ),
+            // A Cyrillic 'е'.
+            (client("spiffe://meshca.t/cluster/w\u{0435}b-1"), "U+0435"),
+            (
+                client("SPIFFE://MESHCA.T/cluster/web-1") + &client(web),
+                "identities \"SPIFFE://MESHCA.T/cluster/web-1\" and \"spiffe://meshca.t/cluster/web-1\" differ only in case",
+            ),
+            (client("Web-1") + &client("web-1"), "differ only in case"),
+        ];
+        for (extra, needle) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let err = SignerConfig::load(&write_fixture(dir.path(), &extra))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
+        // A path differs by case: two clients.
+        let dir = tempfile::tempdir().unwrap();
+        let two = client(web) + &client("spiffe://meshca.t/cluster/Web-1");
+        assert!(SignerConfig::load(&write_fixture(dir.path(), &two)).is_ok());
+    }
+
+    #[test]
+    fn a_mesh_in_two_granted_virtual_meshes_or_two_of_one_subject_are_refused() {
+        let vm = |name: &str, org: &str, meshes: &str| {
+            format!(
+                "kind: VirtualMesh\nmetadata: {{name: {name}, namespace: tenants}}\nspec:\n  certificateAuthority:\n    builtin: {{ttlDays: 10, rsaKeySizeBytes: 4096, orgName: {org}}}\n  meshes: [{meshes}]\n"
+            )
+        };
+        let grant = |identity: &str, virtual_mesh: &str, mesh: &str| {
+            format!(
+                "[[clients]]\nidentity = \"{identity}\"\nallow = [{{ virtual_mesh = \"{virtual_mesh}\", mesh = \"{mesh}\" }}]\n"
+            )
+        };
+        let pay_1 = "{name: pay-1, namespace: pay}";
+        let cases = [
+            (
+                vm("web", "web", pay_1),
+                grant("spiffe://t/pay-1", "tenants/pay", "pay/pay-1")
+                    + &grant("spiffe://t/web-1", "tenants/web", "pay/pay-1"),
+                "mesh pay/pay-1 is granted in virtual mesh tenants/pay and in tenants/web",
+            ),
+            (
+                vm("pay2", "pay", "{name: pay-1, namespace: other}"),
+                grant("spiffe://t/pay-1", "tenants/pay", "pay/pay-1")
+                    + &grant("spiffe://t/other", "tenants/pay2", "other/pay-1"),
+                "would both have the subject O=pay, CN=pay-1",
+            ),
+        ];
+        for (second, clients, needle) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write_fixture(dir.path(), &clients);
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("service-mesh-hub/virtual-mesh", "tenants/pay");
+            std::fs::write(&path, text).unwrap();
+            let meshes = vm("pay", "pay", pay_1) + "---\n" + &second;
+            std::fs::write(dir.path().join("vm.yaml"), meshes).unwrap();
+            let err = SignerConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
         }
     }
 }

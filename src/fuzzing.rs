@@ -9,7 +9,7 @@ use crate::pki::csr::ParsedCsr;
 use crate::pki::profile::{RootCa, random_serial};
 use crate::policy::PolicySet;
 use crate::policy::rules::check_public_key;
-use crate::signer::decision::{DecisionContext, RequestFacts, SignRequest, decide};
+use crate::signer::decision::{DecisionContext, RequestFacts, Requester, SignRequest, decide};
 
 /// CSR parsing and validation, from DER and (if the input is text) from PEM.
 pub fn csr(data: &[u8]) {
@@ -76,7 +76,10 @@ pub fn sign_request(data: &[u8]) {
     let mut facts = RequestFacts::default();
     let _ = decide(
         &ctx,
-        Some("fuzzer"),
+        Requester {
+            identity: Some("fuzzer"),
+            ..Default::default()
+        },
         &request,
         SystemTime::now(),
         serial,

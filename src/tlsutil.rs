@@ -17,11 +17,15 @@ use x509_cert::ext::pkix::name::GeneralName;
 
 mod client_ca_apart;
 mod client_crls;
+mod client_issuer;
 mod refused_client;
 mod trust;
 pub use client_ca_apart::{ClientCaError, MeshRoot, check_client_ca_apart_from_mesh};
 pub use client_crls::SupersededCrl;
 pub(crate) use client_crls::read_with as read_crls_with;
+pub use client_issuer::{
+    ClientCa, IssuerPin, chained_to, check_issuer_pins, unpinned_clients_warning,
+};
 pub use refused_client::accept_noting_refused_client;
 pub use trust::{EnforcedCrl, ServerCertificate, Switched, TransportTrust, TrustChange, TrustedCa};
 
@@ -62,7 +66,7 @@ impl rustls::time_provider::TimeProvider for WallClock {
 }
 
 /// `at` as rustls counts time, or none if it is before 1970.
-fn unix_time(at: std::time::SystemTime) -> Option<rustls_pki_types::UnixTime> {
+pub fn unix_time(at: std::time::SystemTime) -> Option<rustls_pki_types::UnixTime> {
     at.duration_since(std::time::UNIX_EPOCH)
         .ok()
         .map(rustls_pki_types::UnixTime::since_unix_epoch)
@@ -556,33 +560,54 @@ fn certificate_error(side: &str, cert: &Path, key: &Path, e: rustls::Error) -> T
     }
 }
 
-/// The identity of a client certificate: its first URI SAN, else its first DNS SAN, else
-/// its subject common name. A DNS SAN or CN with a `:` gives none: every URI has one, and
-/// a certificate whose CN (or DNS SAN) reads as another client's URI identity would
+/// The identity of a client certificate: its URI SAN, else its first DNS SAN, else its
+/// subject common name. A DNS SAN or CN with a `:` gives none: every URI has one, and a
+/// certificate whose CN (or DNS SAN) reads as another client's URI identity would
 /// otherwise get that client's grants and rate-limit bucket (a transport CA that lets
 /// requesters choose their CN is common; one that lets them choose URI SANs is not).
 pub fn client_identity(cert_der: &[u8]) -> Option<String> {
-    identity_of(&Certificate::from_der(cert_der).ok()?)
+    identity_of(&Certificate::from_der(cert_der).ok()?).ok()
 }
 
-/// [`client_identity`] of a certificate already decoded.
-pub fn identity_of(cert: &Certificate) -> Option<String> {
+/// Why a client certificate has no identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoIdentity {
+    #[error(
+        "the client certificate carries no identity (a URI SAN; else a DNS SAN or CN without ':', which could pass for a URI)"
+    )]
+    None,
+    /// A SPIFFE X.509-SVID has exactly one URI SAN; of several, whichever the CA wrote
+    /// first is no more the client than the others.
+    #[error(
+        "the client certificate has {0} URI SANs, and so no identity: a SPIFFE X.509-SVID has exactly one, and the signer does not pick one of several"
+    )]
+    SeveralUriSans(usize),
+}
+
+/// [`client_identity`] of a certificate already decoded, or why it has none.
+pub fn identity_of(cert: &Certificate) -> Result<String, NoIdentity> {
     let tbs = cert.tbs_certificate();
     let not_uri_like = |name: String| (!name.contains(':')).then_some(name);
     if let Ok(Some((_, san))) = tbs.get_extension::<SubjectAltName>() {
-        let uri = san.0.iter().find_map(|n| match n {
-            GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
-            _ => None,
-        });
-        if uri.is_some() {
-            return uri;
+        let uris: Vec<String> = san
+            .0
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .collect();
+        match <[String; 1]>::try_from(uris) {
+            Ok([uri]) => return Ok(uri),
+            Err(uris) if uris.len() > 1 => return Err(NoIdentity::SeveralUriSans(uris.len())),
+            Err(_) => {}
         }
         let dns = san.0.iter().find_map(|n| match n {
             GeneralName::DnsName(d) => Some(d.to_string()),
             _ => None,
         });
         if let Some(dns) = dns {
-            return not_uri_like(dns);
+            return not_uri_like(dns).ok_or(NoIdentity::None);
         }
     }
     tbs.subject()
@@ -591,6 +616,7 @@ pub fn identity_of(cert: &Certificate) -> Option<String> {
         .flatten()
         .map(String::from)
         .and_then(not_uri_like)
+        .ok_or(NoIdentity::None)
 }
 
 /// Every reason [`handshake_refusal_reason`] gives, and `timeout` (the server's own
@@ -672,6 +698,69 @@ mod tests {
             Some(1)
         );
         assert_eq!(super::unix_time(UNIX_EPOCH).map(|t| t.as_secs()), Some(0));
+    }
+
+    /// A self-signed certificate made by openssl with the subjectAltName `san` (none if
+    /// empty) and the subject `/CN=<cn>`.
+    fn certificate_with(san: &str, cn: &str) -> x509_cert::Certificate {
+        use der::Decode;
+        let dir = tempfile::tempdir().unwrap();
+        let subject = format!("/CN={cn}");
+        let mut args = vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "k.pem",
+            "-out",
+            "c.der",
+            "-outform",
+            "DER",
+            "-days",
+            "1",
+            "-subj",
+            &subject,
+        ];
+        let extension = format!("subjectAltName={san}");
+        if !san.is_empty() {
+            args.extend_from_slice(&["-addext", &extension]);
+        }
+        crate::pki::testing::openssl(dir.path(), &args);
+        x509_cert::Certificate::from_der(&std::fs::read(dir.path().join("c.der")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_names_one_identity_or_none() {
+        use super::{NoIdentity, identity_of};
+        let web = "spiffe://meshca.t/cluster/web-1";
+        let pay = "spiffe://meshca.t/cluster/pay-1";
+        assert_eq!(
+            identity_of(&certificate_with(&format!("URI:{web},DNS:x"), "c")),
+            Ok(web.into())
+        );
+        // Two URI SANs: not whichever the CA wrote first.
+        assert_eq!(
+            identity_of(&certificate_with(&format!("URI:{web},URI:{pay}"), "c")),
+            Err(NoIdentity::SeveralUriSans(2))
+        );
+        let why = NoIdentity::SeveralUriSans(2).to_string();
+        assert!(why.contains("2 URI SANs"), "{why}");
+        assert_eq!(
+            identity_of(&certificate_with("DNS:web-1.t", "c")),
+            Ok("web-1.t".into())
+        );
+        assert_eq!(
+            identity_of(&certificate_with("", "web-1")),
+            Ok("web-1".into())
+        );
+        assert_eq!(
+            identity_of(&certificate_with("DNS:web-1:8443", "c")),
+            Err(NoIdentity::None)
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 const VM: &str = "test/vm";
 const STRICT: &str = "test/strict";
+const STRICT_MESH: &str = "test/cluster-strict";
 const MESH_A: &str = "test/cluster-a";
 
 struct Case {
@@ -97,13 +98,13 @@ fn cases(dir: &Path) -> Vec<Case> {
         ),
         case(
             "rsa under 4096",
-            sign_body(STRICT, MESH_A, &rsa_csr),
+            sign_body(STRICT, STRICT_MESH, &rsa_csr),
             403,
             "policy_key_size",
         ),
         case(
             "p256 under 4096",
-            sign_body(STRICT, MESH_A, &p256_csr),
+            sign_body(STRICT, STRICT_MESH, &p256_csr),
             403,
             "policy_key_algorithm",
         ),

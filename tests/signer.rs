@@ -173,7 +173,7 @@ async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
         ),
         (
             "rsa size",
-            sign_body("test/strict", MESH_A, &rsa2048),
+            sign_body("test/strict", "test/cluster-strict", &rsa2048),
             "policy_key_size",
             &["2048", "4096"],
         ),
@@ -185,7 +185,7 @@ async fn every_policy_rule_is_refused_with_its_own_code_and_message() {
         ),
         (
             "p256 under 4096",
-            sign_body("test/strict", MESH_A, &p256),
+            sign_body("test/strict", "test/cluster-strict", &p256),
             "policy_key_algorithm",
             &["P-256", "P-384"],
         ),

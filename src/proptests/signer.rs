@@ -94,7 +94,7 @@ proptest! {
             };
             let ctx = DecisionContext { policies: &policies, authorization: &authorization, root };
             let mut facts = RequestFacts::default();
-            match decide(&ctx, Some("c"), &request, now, random_serial().unwrap(), &mut facts) {
+            match decide(&ctx, Requester { identity: Some("c"), ..Default::default() }, &request, now, random_serial().unwrap(), &mut facts) {
                 Ok(approval) => {
                     let tbs = intermediate_tbs(&approval.issue.plan, root, &approval.issue.trust_domains)
                         .map_err(|e| TestCaseError::fail(format!("build: {e}")))?;

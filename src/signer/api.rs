@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::SignerState;
 use super::audit::{AuditRecord, rfc3339};
-use super::decision::{DecisionContext, Refusal, RequestFacts, SignRequest, Status, decide};
+use super::decision::{
+    DecisionContext, Refusal, RequestFacts, Requester, SignRequest, Status, decide,
+};
 use super::ratelimit::{RateLimit, RefusalRecord};
 use super::reload::Rules;
 use crate::backend::BackendError;
@@ -39,12 +41,17 @@ pub struct ClientIdentity {
     /// The identity its certificate names ([`crate::tlsutil::client_identity`]), the
     /// name grants are given to.
     pub identity: Option<String>,
+    /// Why it has none, when it has none.
+    pub no_identity: Option<crate::tlsutil::NoIdentity>,
     /// SHA-256 of the client's certificate (DER), lowercase hex. Several certificates may
     /// name one identity (a replacement, a revoked one still valid): the audit log says
     /// which one made the request.
     pub certificate_sha256: Option<String>,
     /// The certificate's serial number, lowercase hex.
     pub certificate_serial: Option<String>,
+    /// The certificate's issuer (RFC 4514): which CA vouched for the identity (a serial is
+    /// unique only per CA).
+    pub certificate_issuer: Option<String>,
     /// The chain the handshake presented, leaf first: checked again against the TLS
     /// settings in force once a signing request's body is in, if they changed since.
     pub chain: Vec<CertificateDer<'static>>,
@@ -68,12 +75,21 @@ impl ClientIdentity {
         };
         // Decoded once, for the identity and the serial.
         let cert = x509_cert::Certificate::from_der(leaf).ok();
+        let identity = cert.as_ref().map(crate::tlsutil::identity_of);
         ClientIdentity {
-            identity: cert.as_ref().and_then(crate::tlsutil::identity_of),
+            no_identity: match &identity {
+                Some(Ok(_)) => None,
+                Some(Err(why)) => Some(*why),
+                None => Some(crate::tlsutil::NoIdentity::None),
+            },
+            identity: identity.and_then(Result::ok),
             certificate_sha256: Some(crate::pki::csr::hex(&sha2::Sha256::digest(leaf))),
             not_after: cert
                 .as_ref()
                 .map(|cert| cert.tbs_certificate().validity().not_after.to_system_time()),
+            certificate_issuer: cert
+                .as_ref()
+                .map(|cert| cert.tbs_certificate().issuer().to_string()),
             certificate_serial: cert.map(|cert| serial_hex(cert.tbs_certificate().serial_number())),
             chain: chain.to_vec(),
             verified_under: None,
@@ -233,6 +249,13 @@ async fn decide_issue_and_audit(
         client: identity.clone(),
         client_certificate_sha256: client.certificate_sha256.clone(),
         client_certificate_serial: client.certificate_serial.clone(),
+        client_certificate_issuer: client.certificate_issuer.clone(),
+        // The client CA of the decision (one refused before it: of the TLS settings now).
+        client_ca_sha256: facts
+            .client_ca
+            .clone()
+            .or_else(|| state.client_ca_of(&client))
+            .map(|ca| ca.sha256),
         peer: client.peer.map(|peer| peer.to_string()),
         virtual_mesh: facts.virtual_mesh.clone(),
         mesh: facts.mesh.clone(),
@@ -460,8 +483,15 @@ async fn sign_inner(
         authorization: &rules.authorization,
         root: backend.root(),
     };
-    let identity = client.identity.as_deref();
-    let mut approval = decide(&ctx, identity, &request, SystemTime::now(), serial, facts)?;
+    // Of the TLS settings that passed it just now.
+    let client_ca = state.client_ca_of(client);
+    facts.client_ca = client_ca.clone();
+    let requester = Requester {
+        identity: client.identity.as_deref(),
+        no_identity: client.no_identity,
+        client_ca: client_ca.as_ref(),
+    };
+    let mut approval = decide(&ctx, requester, &request, SystemTime::now(), serial, facts)?;
     approval.issue.client_gone = client_gone;
     if approval.capped_by_root && !state.capped_by_root_noted.swap(true, Ordering::Relaxed) {
         tracing::info!(

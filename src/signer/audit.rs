@@ -95,6 +95,14 @@ pub struct AuditRecord {
     /// `serial` is written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate_serial: Option<String>,
+    /// On a decision: that certificate's issuer (RFC 4514), since a serial names a
+    /// certificate only together with its issuer. Lines written before it existed lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_issuer: Option<String>,
+    /// On a decision: SHA-256 (lowercase hex) of the CA certificate in `tls.client_ca` the
+    /// client's chain led to, which a `[[clients]] issuer` is checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_sha256: Option<String>,
     /// On a decision: the TCP peer address of the request's connection (`ip:port`, an
     /// IPv6 address in brackets), as the signer's socket saw it: a stolen client key
     /// used from another host names the same client and certificate, not the same

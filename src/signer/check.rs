@@ -72,6 +72,12 @@ pub fn check(
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(crate::tlsutil::TlsError::from)?;
     let tls = serving_tls(&TlsFiles::of(config), &roots)?;
+    crate::tlsutil::check_issuer_pins(
+        &config.client_ca,
+        config.authorization.issuers(),
+        &tls.client_cas,
+    )
+    .map_err(crate::tlsutil::TlsError::from)?;
     clock_reaches_certificates(&root, &tls.certificate, config, now)?;
     let backend = check_backend(config)?;
     let (audit_log, torn_tail, audit_mode) = check_audit_log(&config.audit_log)?;
@@ -131,6 +137,16 @@ pub fn check(
     if let Some(open) = &tls.key_readable_by_others {
         warnings.push(open.to_string());
     }
+    let unpinned: Vec<&str> = config
+        .authorization
+        .clients()
+        .map(|(identity, _)| identity)
+        .filter(|identity| config.authorization.issuer_of(identity).is_none())
+        .collect();
+    warnings.extend(crate::tlsutil::unpinned_clients_warning(
+        &tls.client_cas,
+        &unpinned,
+    ));
     for crl in &tls.crl_next_updates {
         if let Some(due) = crl.overdue_since(now) {
             warnings.push(format!(

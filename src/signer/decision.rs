@@ -14,6 +14,7 @@ use crate::pki::csr::ParsedCsr;
 use crate::pki::profile::{IntermediatePlan, RootCa, subject_name};
 use crate::policy::rules::{check_org, check_public_key, intermediate_validity};
 use crate::policy::{ObjectRef, PolicySet, Rule, ValidityError};
+use crate::tlsutil::{ClientCa, NoIdentity};
 
 /// The body of `POST /v1/sign`.
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +142,8 @@ pub struct RequestFacts {
     /// The serial the backend was asked to sign under, once it was asked (not when the
     /// client left before signing began): on the line of a request that then failed.
     pub signing_serial: Option<String>,
+    /// The CA in `tls.client_ca` the client's chain led to when the request was decided.
+    pub client_ca: Option<ClientCa>,
 }
 
 /// An approved request: the plan, ready for the backend.
@@ -151,6 +154,17 @@ pub struct Approval {
     pub capped_by_root: bool,
 }
 
+/// Who asks: what its certificate names, and which client CA vouched for it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Requester<'a> {
+    /// The identity its certificate names, if it names one.
+    pub identity: Option<&'a str>,
+    /// Why it names none (several URI SANs, ...), if known.
+    pub no_identity: Option<NoIdentity>,
+    /// The CA in `tls.client_ca` its chain leads to (none: to none now).
+    pub client_ca: Option<&'a ClientCa>,
+}
+
 /// Everything the decision reads, borrowed from the signer's state.
 pub struct DecisionContext<'a> {
     pub policies: &'a PolicySet,
@@ -159,10 +173,11 @@ pub struct DecisionContext<'a> {
 }
 
 /// Decides a signing request. Order: request shape, virtual mesh and membership (404),
-/// authorization (403), CSR syntax (400), key policy, proof of possession, org, ttl (403).
+/// the client's issuer and authorization (403), CSR syntax (400), key policy, proof of
+/// possession, org, ttl (403).
 pub fn decide(
     ctx: &DecisionContext<'_>,
-    identity: Option<&str>,
+    requester: Requester<'_>,
     request: &SignRequest,
     now: SystemTime,
     serial: SerialNumber,
@@ -198,13 +213,23 @@ pub fn decide(
         ));
     }
 
-    let identity = identity.filter(|i| !i.is_empty()).ok_or_else(|| {
-        Refusal::new(
-            Status::Forbidden,
-            "not_authorized",
-            "the client certificate carries no identity (a URI SAN; else a DNS SAN or CN without ':', which could pass for a URI)",
-        )
-    })?;
+    let identity = requester
+        .identity
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| {
+            let why = requester.no_identity.unwrap_or(NoIdentity::None);
+            Refusal::new(Status::Forbidden, "not_authorized", why.to_string())
+        })?;
+    // Before the grants: an identity from a CA other than its own is not that client.
+    if let Some(issuer) = ctx.authorization.issuer_of(identity) {
+        issuer.admits(requester.client_ca).map_err(|mismatch| {
+            Refusal::new(
+                Status::Forbidden,
+                "client_issuer",
+                format!("client {identity} is refused: {mismatch}"),
+            )
+        })?;
+    }
     if !ctx.authorization.allows(identity, &vm_ref, &mesh_ref) {
         return Err(Refusal::new(
             Status::Forbidden,
@@ -292,6 +317,7 @@ mod tests {
         policies: PolicySet,
         authorization: AuthorizationTable,
         root: RootCa,
+        client_ca: Option<ClientCa>,
     }
 
     fn fixture(root_ttl: Duration) -> Fixture {
@@ -308,6 +334,7 @@ mod tests {
             policies,
             authorization,
             root,
+            client_ca: None,
         }
     }
 
@@ -336,9 +363,14 @@ mod tests {
             root: &f.root,
         };
         let mut facts = RequestFacts::default();
+        let requester = Requester {
+            identity,
+            client_ca: f.client_ca.as_ref(),
+            ..Default::default()
+        };
         let result = decide(
             &ctx,
-            identity,
+            requester,
             req,
             SystemTime::now(),
             random_serial().unwrap(),
@@ -499,6 +531,50 @@ mod tests {
         assert_eq!(
             (refusal.status, refusal.code),
             (Status::Unavailable, "root_expired")
+        );
+    }
+
+    #[test]
+    fn a_pinned_identity_from_another_client_ca_is_refused() {
+        let mut f = fixture(Duration::from_secs(100 * 86_400));
+        let good = request("ns/a", KeyType::EcdsaP384, "acme");
+        let ca = |sha256: &str, subject: &str| ClientCa {
+            sha256: sha256.into(),
+            subject: subject.into(),
+            sharing_subject: 1,
+        };
+        // Not pinned: whichever client CA it chains to.
+        f.client_ca = Some(ca(&"11".repeat(32), "CN=team pay CA"));
+        assert!(run(&f, Some("client-a"), &good).0.is_ok());
+        f.authorization.pin_issuer(
+            "client-a",
+            crate::tlsutil::IssuerPin::Sha256("22".repeat(32)),
+        );
+        let refusal = run(&f, Some("client-a"), &good).0.unwrap_err();
+        assert_eq!(
+            (refusal.status, refusal.code),
+            (Status::Forbidden, "client_issuer")
+        );
+        assert!(
+            refusal
+                .message
+                .contains("chains to the client CA CN=team pay CA"),
+            "{}",
+            refusal.message
+        );
+        // Even for a mesh it is not granted: the identity itself is not proven.
+        let other = request("ns/b", KeyType::EcdsaP384, "acme");
+        assert_eq!(
+            run(&f, Some("client-a"), &other).0.unwrap_err().code,
+            "client_issuer"
+        );
+        f.client_ca = Some(ca(&"22".repeat(32), "CN=shared CA"));
+        assert!(run(&f, Some("client-a"), &good).0.is_ok());
+        // A chain that leads to no client CA now does not pass a pin.
+        f.client_ca = None;
+        assert_eq!(
+            run(&f, Some("client-a"), &good).0.unwrap_err().code,
+            "client_issuer"
         );
     }
 }

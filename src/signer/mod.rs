@@ -100,6 +100,12 @@ impl SignerState {
             .map_err(|e| (crate::tlsutil::certificate_refusal_reason(&e), e))
     }
 
+    /// The CA of the client CAs in force that the client's chain leads to now.
+    pub fn client_ca_of(&self, client: &api::ClientIdentity) -> Option<crate::tlsutil::ClientCa> {
+        let now = crate::tlsutil::unix_time(std::time::SystemTime::now())?;
+        crate::tlsutil::chained_to(&client.chain, &self.tls.borrow().client_cas, now)
+    }
+
     fn replace_rules(&self, rules: Rules) {
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(rules);
     }

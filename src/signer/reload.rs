@@ -141,6 +141,11 @@ impl Rules {
                     quoted(identity)
                 ));
             }
+            // Only where one is set: the rules of a config without one keep their digest.
+            if let Some(issuer) = self.authorization.issuer_of(identity) {
+                let issuer = quoted(&issuer.to_string());
+                text.push_str(&format!("issuer {} {issuer}\n", quoted(identity)));
+            }
         }
         for (name, value) in limit_settings(&self.limits) {
             text.push_str(&format!("limit {name}={value}\n"));
@@ -319,13 +324,28 @@ fn compare_clients(
         if !removed.is_empty() {
             differences.push(format!("may no longer ask for {removed}"));
         }
+        let issuers = (in_force.issuer_of(identity), read.issuer_of(identity));
+        if issuers.0 != issuers.1 {
+            let issuer = |pin: Option<&crate::tlsutil::IssuerPin>| {
+                pin.map_or("any client CA".to_string(), |pin| pin.to_string())
+            };
+            differences.push(format!(
+                "issuer {} -> {}",
+                issuer(issuers.0),
+                issuer(issuers.1)
+            ));
+        }
         if !differences.is_empty() {
             out.push(format!("client {identity}: {}", differences.join("; ")));
         }
     }
     for (identity, new) in read.clients().filter(|(id, _)| !in_force.knows(id)) {
+        let issuer = read
+            .issuer_of(identity)
+            .map(|pin| format!(", issued by {pin}"))
+            .unwrap_or_default();
         out.push(format!(
-            "client {identity} added (may ask for {})",
+            "client {identity} added (may ask for {}{issuer})",
             grants(new.iter())
         ));
     }
@@ -764,5 +784,38 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
         announced.root.next = Some(root(Announcement::Next, "aa"));
         announced.root.previous = Some(root(Announcement::Previous, "bb"));
         assert!(restart_only_changes(&read, &announced).is_empty());
+    }
+
+    #[test]
+    fn an_issuer_pin_is_in_the_rules_and_its_change_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
+        let pinned = format!("{A_ONLY}\nissuer = \"sha256:{}\"", "ab".repeat(32));
+        let after = Rules::of(&config(dir.path(), MESHES, &pinned, ""), ROOT);
+        assert!(
+            after.text().contains(&format!(
+                "grant \"spiffe://t/a\" test/vm test/cluster-a\nissuer \"spiffe://t/a\" \"sha256:{}\"\n",
+                "ab".repeat(32)
+            )),
+            "{}",
+            after.text()
+        );
+        assert_ne!(before.digest(), after.digest());
+        assert_eq!(
+            RulesChange::between(&before, &after).statements,
+            [format!(
+                "client spiffe://t/a: issuer any client CA -> sha256:{}",
+                "ab".repeat(32)
+            )]
+        );
+        let by_subject = format!("{A_ONLY}\nissuer = \"CN=team pay CA,O=pay\"");
+        let subject = Rules::of(&config(dir.path(), MESHES, &by_subject, ""), ROOT);
+        assert_eq!(
+            RulesChange::between(&after, &subject).statements,
+            [format!(
+                "client spiffe://t/a: issuer sha256:{} -> CN=team pay CA,O=pay",
+                "ab".repeat(32)
+            )]
+        );
     }
 }

@@ -451,8 +451,8 @@ pub(super) struct ServingTls {
     pub(super) client_ca_crl_problems: Vec<String>,
     pub(super) key_readable_by_others: Option<crate::tlsutil::KeyReadableByOthers>,
     /// The client CA certificates: a reload of the rules checks them against the roots
-    /// it announces.
-    client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// it announces and the clients' issuers; a decision finds its client's CA in them.
+    pub(super) client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     pub(super) fingerprint: MaterialFingerprint,
     /// The acceptor's client verifier: a decision checks its client with the one in force
@@ -623,6 +623,12 @@ impl RunningSigner {
         let roots = mesh_roots(root, &self.config.root.certificate, read.root.announced())?;
         let client_ca = self.tls_files_in_force().client_ca;
         check_client_ca_apart_from_mesh(&client_ca, &self.tls.borrow().client_cas, &roots)?;
+        // Each issuer named must be a CA of those in force (read by this SIGHUP first).
+        crate::tlsutil::check_issuer_pins(
+            &client_ca,
+            read.authorization.issuers(),
+            &self.tls.borrow().client_cas,
+        )?;
         let in_force = self.state.rules();
         let mut rules = Rules::reloaded(&read, &in_force);
         vouch_for_announced(self.state.backend.as_ref(), &mut rules, Some(&*in_force))
@@ -890,6 +896,12 @@ pub async fn start(
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
     let tls = serving_tls(&TlsFiles::of(&config), &roots)?;
+    crate::tlsutil::check_issuer_pins(
+        &config.client_ca,
+        config.authorization.issuers(),
+        &tls.client_cas,
+    )
+    .map_err(TlsError::from)?;
     clock_reaches_certificates(&root, &tls.certificate, &config, SystemTime::now())?;
     let mut metrics = Metrics::new(root.not_after, tls.certificate);
     error_if_server_certificate_expired(tls.certificate.not_after, &config.tls_cert);

@@ -36,6 +36,24 @@ pub enum ClientCaError {
     Unreadable { path: String, message: String },
     #[error("{root}: its key cannot check signatures: {message}")]
     UnusableRoot { root: String, message: String },
+    #[error(
+        "clients: {identity:?}: issuer {issuer} is no CA certificate in tls.client_ca {path}, so this client could never be served; it holds {held}"
+    )]
+    IssuerNotInClientCa {
+        identity: String,
+        issuer: String,
+        path: String,
+        held: String,
+    },
+    #[error(
+        "clients: {identity:?}: issuer {issuer}: {count} CA certificates in tls.client_ca {path} have that subject, and any of them could issue this identity; pin the CA by its sha256"
+    )]
+    IssuerSubjectShared {
+        identity: String,
+        issuer: String,
+        path: String,
+        count: usize,
+    },
 }
 
 /// Refuses a client CA certificate (of `client_cas`, read from `path`) that has the key

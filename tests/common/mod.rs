@@ -250,7 +250,8 @@ impl EnvSpec {
     }
 
     /// The default, plus virtual mesh `test/strict` (10 days, RSA minimum 4096) whose only
-    /// member `test/cluster-a` client `cluster-a` may also ask for.
+    /// member `test/cluster-strict` client `cluster-a` may also ask for (a mesh is granted
+    /// in one virtual mesh at most).
     pub fn with_strict_mesh() -> Self {
         let mut spec = EnvSpec::default();
         spec.virtual_meshes.push(virtual_mesh(
@@ -259,11 +260,11 @@ impl EnvSpec {
             10,
             4096,
             "acme",
-            &["test/cluster-a"],
+            &["test/cluster-strict"],
         ));
         spec.clients[0]
             .1
-            .push(("test/strict".into(), "test/cluster-a".into()));
+            .push(("test/strict".into(), "test/cluster-strict".into()));
         spec
     }
 }

@@ -1,0 +1,330 @@
+//! Which client CA a client's certificate chains to, and the `[[clients]] issuer` that pins
+//! an identity to one. With several CAs in `tls.client_ca` (a shared transport CA and a
+//! team's own), each could otherwise issue a certificate naming any client and get that
+//! client's grants: the identity alone does not say who vouched for it.
+
+use std::fmt;
+use std::path::Path;
+
+use der::Decode;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use sha2::Digest;
+use x509_cert::Certificate;
+
+use super::ClientCaError;
+
+/// The CA certificate in `tls.client_ca` a client's chain leads to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCa {
+    /// SHA-256 of its DER, lowercase hex.
+    pub sha256: String,
+    /// Its subject (RFC 4514, as `openssl x509 -noout -subject -nameopt RFC2253` prints it).
+    pub subject: String,
+    /// How many CA certificates in `tls.client_ca` have this subject, itself included: a
+    /// subject pin names a CA only while it is the one with that subject.
+    pub sharing_subject: usize,
+}
+
+/// What a `[[clients]] issuer` names: a CA certificate in `tls.client_ca`, by the SHA-256
+/// of its DER (unambiguous, changes when the CA is renewed) or by its subject (survives a
+/// renewal; refused while two CAs there have it, since a CA's subject is a label whoever
+/// makes one chooses).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IssuerPin {
+    /// Lowercase hex.
+    Sha256(String),
+    Subject(String),
+}
+
+impl IssuerPin {
+    /// `sha256:<64 hex digits>` (any case, byte pairs may be separated by `:` as openssl
+    /// prints a fingerprint), else an RFC 4514 subject (`CN=team pay CA,O=pay`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Some(hex) = text.strip_prefix("sha256:") {
+            let hex: String = hex.chars().filter(|c| *c != ':').collect();
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "issuer {text:?} is no SHA-256 fingerprint (sha256: and 64 hex digits, as `openssl x509 -noout -fingerprint -sha256` prints them)"
+                ));
+            }
+            return Ok(IssuerPin::Sha256(hex.to_ascii_lowercase()));
+        }
+        if !text.contains('=') {
+            return Err(format!(
+                "issuer {text:?} is neither sha256:<fingerprint> nor a subject (RFC 4514, as `openssl x509 -noout -subject -nameopt RFC2253` prints it: CN=...,O=...)"
+            ));
+        }
+        Ok(IssuerPin::Subject(text.to_string()))
+    }
+
+    /// Whether a chain that leads to `ca` (none: to no CA of `tls.client_ca` now) is
+    /// issued by the CA pinned; if not, why, in a sentence.
+    pub fn admits(&self, ca: Option<&ClientCa>) -> Result<(), String> {
+        let Some(ca) = ca else {
+            return Err(format!(
+                "the client certificate's chain leads to no CA in tls.client_ca now, and its identity is pinned to issuer {self}"
+            ));
+        };
+        let matches = match self {
+            IssuerPin::Sha256(sha256) => *sha256 == ca.sha256,
+            IssuerPin::Subject(subject) => {
+                if *subject == ca.subject && ca.sharing_subject > 1 {
+                    return Err(format!(
+                        "{} CAs in tls.client_ca have the subject {subject} its identity is pinned to: pin it by the CA's sha256",
+                        ca.sharing_subject
+                    ));
+                }
+                *subject == ca.subject
+            }
+        };
+        if matches {
+            return Ok(());
+        }
+        Err(format!(
+            "the client certificate chains to the client CA {} (sha256:{}), but its identity is pinned to issuer {self}",
+            ca.subject, ca.sha256
+        ))
+    }
+}
+
+impl fmt::Display for IssuerPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IssuerPin::Sha256(hex) => write!(f, "sha256:{hex}"),
+            IssuerPin::Subject(subject) => write!(f, "{subject}"),
+        }
+    }
+}
+
+/// A client CA certificate described for a pin: its SHA-256 and subject.
+struct CaName {
+    sha256: String,
+    subject: String,
+}
+
+fn ca_names(client_cas: &[CertificateDer<'_>]) -> Vec<CaName> {
+    client_cas
+        .iter()
+        .map(|der| CaName {
+            sha256: crate::pki::csr::hex(&sha2::Sha256::digest(der)),
+            subject: Certificate::from_der(der)
+                .map(|ca| ca.tbs_certificate().subject().to_string())
+                .unwrap_or_else(|_| "(a certificate that does not parse)".into()),
+        })
+        .collect()
+}
+
+/// The CA of `client_cas` that `chain` (leaf first, as the handshake presented it) leads
+/// to at `now`, as webpki builds the path (the CRLs aside: the handshake and the recheck
+/// once the body is in consult them). webpki tries the CAs before the intermediates a
+/// client sends, so a chain that leads to several ends at the nearest. None if it leads to
+/// none.
+pub fn chained_to(
+    chain: &[CertificateDer<'_>],
+    client_cas: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Option<ClientCa> {
+    let (leaf, intermediates) = chain.split_first()?;
+    let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
+    // A CA that does not parse as a trust anchor is left out, as rustls's store leaves it.
+    let (anchors, positions): (Vec<_>, Vec<usize>) = client_cas
+        .iter()
+        .enumerate()
+        .filter_map(|(at, der)| webpki::anchor_from_trusted_cert(der).ok().map(|a| (a, at)))
+        .unzip();
+    let algorithms = super::chosen_provider()
+        .signature_verification_algorithms
+        .all;
+    let path = leaf
+        .verify_for_usage(
+            algorithms,
+            &anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .ok()?;
+    let anchor = anchors
+        .iter()
+        .position(|a| std::ptr::eq(a, path.anchor()))?;
+    let names = ca_names(client_cas);
+    let name = names.get(*positions.get(anchor)?)?;
+    Some(ClientCa {
+        sha256: name.sha256.clone(),
+        subject: name.subject.clone(),
+        sharing_subject: names.iter().filter(|n| n.subject == name.subject).count(),
+    })
+}
+
+/// Refuses a pin (identity, issuer) that names no CA certificate of `client_cas` (read
+/// from `path`), or a subject more than one of them has: its client could never be served,
+/// or any of those CAs could issue its identity.
+pub fn check_issuer_pins<'a>(
+    path: &Path,
+    pins: impl IntoIterator<Item = (&'a str, &'a IssuerPin)>,
+    client_cas: &[CertificateDer<'_>],
+) -> Result<(), ClientCaError> {
+    let names = ca_names(client_cas);
+    for (identity, pin) in pins {
+        let matching = names
+            .iter()
+            .filter(|name| match pin {
+                IssuerPin::Sha256(sha256) => name.sha256 == *sha256,
+                IssuerPin::Subject(subject) => name.subject == *subject,
+            })
+            .count();
+        let (identity, issuer, path) = (
+            identity.to_string(),
+            pin.to_string(),
+            path.display().to_string(),
+        );
+        match matching {
+            1 => {}
+            0 => {
+                let held = names
+                    .iter()
+                    .map(|name| format!("sha256:{} ({})", name.sha256, name.subject))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(ClientCaError::IssuerNotInClientCa {
+                    identity,
+                    issuer,
+                    path,
+                    held,
+                });
+            }
+            count => {
+                return Err(ClientCaError::IssuerSubjectShared {
+                    identity,
+                    issuer,
+                    path,
+                    count,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// With more than one CA in `client_cas`, the clients of `unpinned` (identities without
+/// an `issuer`) in a warning.
+pub fn unpinned_clients_warning(
+    client_cas: &[CertificateDer<'_>],
+    unpinned: &[&str],
+) -> Option<String> {
+    if client_cas.len() < 2 || unpinned.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "tls.client_ca holds {} CA certificates and these clients have no issuer: any of those CAs can issue their identity ({}); pin each to its CA with [[clients]] issuer",
+        client_cas.len(),
+        unpinned.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "4f0c0000000000000000000000000000000000000000000000000000000000aa";
+
+    fn ca(sha256: &str, subject: &str, sharing_subject: usize) -> ClientCa {
+        ClientCa {
+            sha256: sha256.into(),
+            subject: subject.into(),
+            sharing_subject,
+        }
+    }
+
+    #[test]
+    fn an_issuer_is_a_fingerprint_or_a_subject() {
+        assert_eq!(
+            IssuerPin::parse(&format!("sha256:{}", HEX.to_uppercase())),
+            Ok(IssuerPin::Sha256(HEX.into()))
+        );
+        // As openssl prints a fingerprint: byte pairs separated by ':'.
+        let colons: Vec<String> = HEX
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| String::from_utf8_lossy(pair).into_owned())
+            .collect();
+        assert_eq!(
+            IssuerPin::parse(&format!("sha256:{}", colons.join(":"))),
+            Ok(IssuerPin::Sha256(HEX.into()))
+        );
+        assert_eq!(
+            IssuerPin::parse("CN=team pay CA,O=pay"),
+            Ok(IssuerPin::Subject("CN=team pay CA,O=pay".into()))
+        );
+        for wrong in ["sha256:4f0c", "sha256:zz", "team pay CA", ""] {
+            assert!(IssuerPin::parse(wrong).is_err(), "{wrong}");
+        }
+    }
+
+    #[test]
+    fn a_pin_admits_only_its_ca() {
+        let shared = ca(HEX, "CN=shared CA", 1);
+        let pay = ca(&"11".repeat(32), "CN=team pay CA,O=pay", 1);
+        let by_hash = IssuerPin::Sha256(HEX.into());
+        assert_eq!(by_hash.admits(Some(&shared)), Ok(()));
+        let refused = by_hash.admits(Some(&pay)).unwrap_err();
+        assert!(refused.contains("CN=team pay CA,O=pay"), "{refused}");
+        assert!(refused.contains(&format!("pinned to issuer sha256:{HEX}")));
+        assert!(by_hash.admits(None).is_err());
+        let by_subject = IssuerPin::Subject("CN=shared CA".into());
+        assert_eq!(by_subject.admits(Some(&shared)), Ok(()));
+        assert!(by_subject.admits(Some(&pay)).is_err());
+        // Another CA given the same subject since: no longer one CA.
+        let twin = ca(&"22".repeat(32), "CN=shared CA", 2);
+        let refused = by_subject.admits(Some(&twin)).unwrap_err();
+        assert!(refused.contains("2 CAs"), "{refused}");
+    }
+
+    #[test]
+    fn a_pin_must_name_one_ca_of_the_client_ca_file() {
+        use crate::pki::keys::KeyType;
+        use crate::pki::testing::software_root;
+        use rustls_pki_types::pem::PemObject;
+        let day = std::time::Duration::from_secs(86_400);
+        let der = |org: &str| {
+            let (_, root) = software_root(KeyType::EcdsaP256, org, day);
+            CertificateDer::from_pem_slice(root.pem.as_bytes()).unwrap()
+        };
+        let (shared, pay, pay_twin) = (der("shared"), der("pay"), der("pay"));
+        let cas = [shared.clone(), pay.clone(), pay_twin];
+        let names = ca_names(&cas);
+        let path = Path::new("clients-ca.pem");
+        let check = |pin: &IssuerPin| check_issuer_pins(path, [("spiffe://t/a", pin)], &cas);
+        let by_hash = IssuerPin::Sha256(names[0].sha256.clone());
+        assert!(check(&by_hash).is_ok());
+        let absent = IssuerPin::Sha256("00".repeat(32));
+        let refused = check(&absent).unwrap_err().to_string();
+        assert!(refused.contains("\"spiffe://t/a\""), "{refused}");
+        assert!(refused.contains(&names[1].sha256), "{refused}");
+        assert!(refused.contains("clients-ca.pem"), "{refused}");
+        let unique = IssuerPin::Subject(names[0].subject.clone());
+        assert!(check(&unique).is_ok());
+        let shared_subject = IssuerPin::Subject(names[1].subject.clone());
+        let refused = check(&shared_subject).unwrap_err().to_string();
+        assert!(refused.contains("2 CA certificates"), "{refused}");
+        // The CA a chain leads to is none for a chain of nothing.
+        assert_eq!(chained_to(&[], &cas, UnixTime::since_unix_epoch(day)), None);
+        let _ = (shared, pay);
+    }
+
+    #[test]
+    fn a_warning_names_unpinned_clients_only_with_several_cas() {
+        let one = [CertificateDer::from(vec![1u8])];
+        let two = [
+            CertificateDer::from(vec![1u8]),
+            CertificateDer::from(vec![2u8]),
+        ];
+        assert_eq!(unpinned_clients_warning(&one, &["a"]), None);
+        assert_eq!(unpinned_clients_warning(&two, &[]), None);
+        let warning = unpinned_clients_warning(&two, &["a", "b"]).unwrap();
+        assert!(warning.contains("any of those CAs can issue their identity (a, b)"));
+    }
+}
