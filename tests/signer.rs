@@ -2534,6 +2534,23 @@ async fn virtual_meshes_sharing_the_root_without_trust_domains_are_warned_of() {
     let signer = env.start_signer();
     let line = signer.wait_for_log(warning).await;
     assert!(line.contains("WARN"), "{line}");
+
+    // A reload says it again of the virtual meshes it loaded: here test/vm alone lacks
+    // trust domains now.
+    let meshes_file = env.path("virtual-meshes.yaml");
+    let meshes = std::fs::read_to_string(&meshes_file).unwrap();
+    let strict_member = "  - name: cluster-strict\n    namespace: test\n";
+    assert!(meshes.contains(strict_member), "{meshes}");
+    let constrained = meshes.replace(
+        strict_member,
+        &format!("{strict_member}  trustDomains: [strict.local]\n"),
+    );
+    std::fs::write(&meshes_file, constrained).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let line = signer
+        .wait_for_log("share one root and trust each other's workloads: test/vm is without")
+        .await;
+    assert!(line.contains("WARN") && line.contains("SIGHUP"), "{line}");
 }
 
 /// `--listen` replaces the file's `listen`: the address checked against `ops_listen` is the

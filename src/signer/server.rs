@@ -652,6 +652,10 @@ impl RunningSigner {
             self.state.replace_rules(rules);
         }
         warn_of_ended_announced_roots(&read.root);
+        // As at start: a reload may have added a virtual mesh beside the others.
+        for shared in super::check::shared_root_warnings(&read) {
+            tracing::warn!("SIGHUP: {shared}");
+        }
         let mut restart_only = restart_only_changes(&self.config, &read);
         if self.listen_overridden {
             restart_only.retain(|setting| *setting != "listen");
