@@ -63,6 +63,15 @@ pub struct ClientIdentity {
     /// The connection's TCP peer address: a stolen client key used from another host
     /// names the same identity and certificate as the agent, but not its address.
     pub peer: Option<std::net::SocketAddr>,
+    /// The client CA the chain leads to, found at the connection's first need of it under
+    /// the TLS settings of that fingerprint, and shared by the connection's requests: the
+    /// path is built (a signature checked) once per connection, not once per request.
+    pub client_ca_found: std::sync::Arc<
+        std::sync::OnceLock<(
+            crate::tlsutil::MaterialFingerprint,
+            Option<crate::tlsutil::ClientCa>,
+        )>,
+    >,
 }
 
 impl ClientIdentity {
@@ -94,6 +103,7 @@ impl ClientIdentity {
             chain: chain.to_vec(),
             verified_under: None,
             peer: None,
+            client_ca_found: Default::default(),
         }
     }
 }

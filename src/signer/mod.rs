@@ -100,10 +100,22 @@ impl SignerState {
             .map_err(|e| (crate::tlsutil::certificate_refusal_reason(&e), e))
     }
 
-    /// The CA of the client CAs in force that the client's chain leads to now.
+    /// The CA of the client CAs in force that the client's chain leads to now: found
+    /// once per connection while the TLS settings stay the same.
     pub fn client_ca_of(&self, client: &api::ClientIdentity) -> Option<crate::tlsutil::ClientCa> {
+        let in_force = self.tls.borrow();
+        if let Some((under, found)) = client.client_ca_found.get()
+            && *under == in_force.fingerprint
+        {
+            return found.clone();
+        }
         let now = crate::tlsutil::unix_time(std::time::SystemTime::now())?;
-        crate::tlsutil::chained_to(&client.chain, &self.tls.borrow().client_cas, now)
+        let found = crate::tlsutil::chained_to(&client.chain, &in_force.client_cas, now);
+        // Kept only if none was: settings reloaded since close this connection anyway.
+        let _ = client
+            .client_ca_found
+            .set((in_force.fingerprint, found.clone()));
+        found
     }
 
     fn replace_rules(&self, rules: Rules) {
