@@ -2385,56 +2385,8 @@ fn the_check_shows_the_settings_in_force() {
 /// cert-chain.pem to root-cert.pem, for a client certificate. Returns what openssl printed
 /// and whether it verified.
 fn leaf_verifies(dir: &Path, name: &str, san: &str) -> (String, bool) {
-    let key = format!("{name}.key");
-    let csr = format!("{name}.csr");
     let cert = format!("{name}.pem");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            "/",
-        ],
-    );
-    std::fs::write(
-        dir.join(format!("{name}.ext")),
-        format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,{san}\n"
-        ),
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-set_serial",
-            "0x4a1b2c3d4e5f",
-            "-days",
-            "1",
-            "-sha256",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &cert,
-        ],
-    );
+    Workload::issue_with_san(dir, dir, name, san);
     let out = run(Command::new("openssl").current_dir(dir).args([
         "verify",
         "-CAfile",

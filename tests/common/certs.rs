@@ -209,6 +209,12 @@ pub struct Workload {
 
 impl Workload {
     pub fn issue(dir: &Path, cacerts: &Path, name: &str) -> Workload {
+        let san = format!("URI:spiffe://cluster.local/ns/default/sa/{name}");
+        Workload::issue_with_san(dir, cacerts, name, &san)
+    }
+
+    /// [`Workload::issue`] with `san` (openssl's subjectAltName syntax) as its names.
+    pub fn issue_with_san(dir: &Path, cacerts: &Path, name: &str, san: &str) -> Workload {
         let key = format!("{name}.key");
         let csr = format!("{name}.csr");
         let cert = format!("{name}.pem");
@@ -234,7 +240,7 @@ impl Workload {
             dir,
             &format!("{name}.ext"),
             &format!(
-                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:spiffe://cluster.local/ns/default/sa/{name}\n"
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,{san}\n"
             ),
         );
         openssl(
