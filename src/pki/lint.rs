@@ -800,6 +800,33 @@ mod tests {
         }
     }
 
+    /// The TBS of an intermediate for `plan` under `root` with `extensions` exactly, as a
+    /// [`Rogue`] profile builds it.
+    fn rogue_tbs(
+        plan: &IntermediatePlan,
+        root: &RootCa,
+        root_signer: &p384::ecdsa::SigningKey,
+        extensions: Vec<Extension>,
+    ) -> TbsCertificate {
+        let profile = Rogue {
+            subject: plan.subject.clone(),
+            issuer: root.subject.clone(),
+            extensions,
+        };
+        let validity = Validity::new(
+            plan.not_before.try_into().unwrap(),
+            plan.not_after.try_into().unwrap(),
+        );
+        let mut builder = CertificateBuilder::new(
+            profile,
+            plan.serial.clone(),
+            validity,
+            plan.public_key.clone(),
+        )
+        .unwrap();
+        decode_tbs(&builder.finalize(root_signer).unwrap()).unwrap()
+    }
+
     fn ext<E: const_oid::AssociatedOid + der::Encode>(value: &E, critical: bool) -> Extension {
         use x509_cert::ext::ToExtension;
         (critical, value)
@@ -882,23 +909,7 @@ mod tests {
             ),
         ];
         for (extensions, needle) in cases {
-            let profile = Rogue {
-                subject: plan.subject.clone(),
-                issuer: root.subject.clone(),
-                extensions,
-            };
-            let validity = Validity::new(
-                plan.not_before.try_into().unwrap(),
-                plan.not_after.try_into().unwrap(),
-            );
-            let mut builder = CertificateBuilder::new(
-                profile,
-                plan.serial.clone(),
-                validity,
-                plan.public_key.clone(),
-            )
-            .unwrap();
-            let tbs = decode_tbs(&builder.finalize(root_signer).unwrap()).unwrap();
+            let tbs = rogue_tbs(&plan, &root, root_signer, extensions);
             let expect = IntermediateExpectations {
                 root: &root,
                 public_key: &plan.public_key,
@@ -1023,10 +1034,11 @@ mod tests {
             authority_cert_serial_number: None,
         };
         for (constraints, critical, needle) in cases {
-            let profile = Rogue {
-                subject: plan.subject.clone(),
-                issuer: root.subject.clone(),
-                extensions: vec![
+            let rogue = rogue_tbs(
+                &plan,
+                &root,
+                root_signer,
+                vec![
                     ext(
                         &BasicConstraints {
                             ca: true,
@@ -1039,19 +1051,7 @@ mod tests {
                     ext(&aki, false),
                     ext(&constraints, critical),
                 ],
-            };
-            let validity = Validity::new(
-                plan.not_before.try_into().unwrap(),
-                plan.not_after.try_into().unwrap(),
             );
-            let mut builder = CertificateBuilder::new(
-                profile,
-                plan.serial.clone(),
-                validity,
-                plan.public_key.clone(),
-            )
-            .unwrap();
-            let rogue = decode_tbs(&builder.finalize(root_signer).unwrap()).unwrap();
             let failure = lint_intermediate_profile(&rogue, &root.subject_key_id).unwrap_err();
             assert!(
                 failure.to_string().contains(needle),
