@@ -490,6 +490,38 @@ async fn an_approle_login_token_is_revoked_once_unused() {
     assert_eq!(live_approle_tokens(&env), 0);
 }
 
+/// A start that fails after its login (the listen port taken) revokes the token it got:
+/// under systemd's `Restart=on-failure` each failed start would otherwise leave one more
+/// live token until its TTL. One refused before the login (the audit log locked by a
+/// running signer) gets none.
+#[tokio::test]
+async fn a_start_that_fails_after_the_login_leaves_no_live_token() {
+    let env = approle_env("1h");
+    assert_eq!(live_approle_tokens(&env), 0);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    for _ in 0..3 {
+        let out = env.run_with_config(&["serve", "--listen", &listen]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&listen), "{stderr}");
+        assert_eq!(live_approle_tokens(&env), 0, "{stderr}");
+    }
+    drop(taken);
+
+    let signer = env.start_signer();
+    assert_eq!(live_approle_tokens(&env), 1);
+    let out = env.run_with_config(&["serve"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("locked by another meshca process"),
+        "{stderr}"
+    );
+    assert_eq!(live_approle_tokens(&env), 1);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+}
+
 /// `auth/token/lookup` for the token in `vault/token` (token via stdin, never argv),
 /// without the token itself (`id`), so no assertion message can print it.
 fn lookup_token(env: &Env) -> Value {
