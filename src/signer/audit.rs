@@ -134,7 +134,7 @@ pub struct AuditRecord {
     /// refusals counted since the client's last line (`rule` `rate_limited`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
-    /// On `start` and `reload`: the digest of the rules in force from this line on
+    /// On `start`, `reload` and `rotation`: the digest of the rules in force from this line on
     /// ([`super::reload::Rules::digest`]); on a decision, that of the rules it was made
     /// under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,11 +143,11 @@ pub struct AuditRecord {
     /// challenge, a signature of the root key no decision covers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_key_proof: Option<String>,
-    /// On `start` and `reload`: the rules in force from this line on, written out in full
+    /// On `start`, `reload` and `rotation`: the rules in force from this line on, in full
     /// ([`super::reload::Rules::text`]), whose SHA-256 is `rules_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<String>,
-    /// On `start`, and on `tls_reload` with rule `tls_changed`: the transport trust in
+    /// On `start`, `rotation`, and `tls_reload` with rule `tls_changed`: the transport trust in
     /// force from this line on (the server certificate, each client CA and CRL, what an
     /// overdue CRL means). Lines written before this field existed lack it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -374,6 +374,7 @@ impl AuditLog {
             head: head.clone(),
             commit_delay,
             second_writer_reports: SecondWriterReports::new(),
+            in_force: InForce::default(),
         };
         let thread = std::thread::Builder::new()
             .name("meshca-audit".into())
@@ -600,6 +601,63 @@ struct Writer {
     commit_delay: Duration,
     /// Holds back the ERRORs about another writer ([`SecondWriterReports`]).
     second_writer_reports: SecondWriterReports,
+    /// What the lines written so far put in force, for a rotation's record to restate.
+    in_force: InForce,
+}
+
+/// The rules and the transport trust the last `start`, `reload` and `tls_reload` lines
+/// written put in force. A `rotation` record restates them: logrotate deletes the oldest
+/// files, and a signer that runs unchanged for months states its rules only in its `start`
+/// line, so without it later files' decisions would name rules written in no file left.
+#[derive(Debug, Clone, Default)]
+struct InForce {
+    /// `rulesSha256` and `rules`.
+    rules: Option<(String, String)>,
+    tls: Option<crate::tlsutil::TransportTrust>,
+}
+
+impl InForce {
+    fn note(&mut self, record: &AuditRecord) {
+        if let (Some(digest), Some(text)) = (&record.rules_sha256, &record.rules) {
+            self.rules = Some((digest.clone(), text.clone()));
+        }
+        if let Some(tls) = &record.tls {
+            self.tls = Some(tls.clone());
+        }
+    }
+
+    fn states_anything(record: &AuditRecord) -> bool {
+        record.rules.is_some() || record.tls.is_some()
+    }
+
+    /// The `rotation` record at `time` beginning a new file at `path`.
+    fn rotation_record(&self, time: String, path: &Path) -> AuditRecord {
+        let mut message = format!(
+            "the log at {} was moved away (rotated); this file continues the chain from the moved file's last line, whose hash is this line's prev",
+            path.display()
+        );
+        if let Some((_, text)) = &self.rules {
+            let root = text
+                .lines()
+                .next()
+                .and_then(|line| line.strip_prefix("root "))
+                .unwrap_or("unknown");
+            message.push_str(&format!(
+                "; meshca {} on host {}, issuing under root sha256 {root}, restates the rules in force (and the transport trust) so that this file stands alone",
+                crate::VERSION,
+                super::server::host_name()
+            ));
+        }
+        AuditRecord {
+            time,
+            event: "rotation".into(),
+            message: Some(message),
+            rules_sha256: self.rules.as_ref().map(|(digest, _)| digest.clone()),
+            rules: self.rules.as_ref().map(|(_, text)| text.clone()),
+            tls: self.tls.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// What another writer did to the log, as the signer's next write found it.
@@ -705,16 +763,22 @@ impl Writer {
         let mut buf = Vec::with_capacity(batch.len() * 512);
         let mut hash = self.last_hash.clone();
         if self.rotation_to_record {
-            let record = AuditRecord {
-                time: rotation_time(batch, self.start_to_record.as_ref()),
-                event: "rotation".into(),
-                message: Some(format!(
-                    "the log at {} was moved away (rotated); this file continues the chain from the moved file's last line, whose hash is this line's prev",
-                    self.path.display()
-                )),
-                ..Default::default()
-            };
+            let time = rotation_time(batch, self.start_to_record.as_ref());
+            let record = self.in_force.rotation_record(time, &self.path);
             hash = encode_line(record, &hash, &mut buf);
+        }
+        // Taken over once the write succeeds (a reload whose line fails does not apply).
+        let mut in_force: Option<InForce> = None;
+        let records = self
+            .start_to_record
+            .iter()
+            .chain(batch.iter().filter(|p| !p.start).map(|p| &p.record));
+        for record in records {
+            if InForce::states_anything(record) {
+                in_force
+                    .get_or_insert_with(|| self.in_force.clone())
+                    .note(record);
+            }
         }
         if let Some(start) = &self.start_to_record {
             hash = encode_line(start.clone(), &hash, &mut buf);
@@ -745,6 +809,9 @@ impl Writer {
                 self.last_hash = hash;
                 self.rotation_to_record = false;
                 self.start_to_record = None;
+                if let Some(in_force) = in_force {
+                    self.in_force = in_force;
+                }
                 self.commits.inc();
                 Ok(())
             }

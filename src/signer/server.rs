@@ -1154,7 +1154,7 @@ fn stop_record(rules: &Rules) -> AuditRecord {
 }
 
 /// The kernel's host name (a pod's name in Kubernetes), or `unknown`.
-fn host_name() -> String {
+pub(super) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .ok()
