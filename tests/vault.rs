@@ -1515,3 +1515,75 @@ async fn an_intermediate_without_the_policys_name_constraints_is_refused() {
     }
     assert!(body.get("certificate").is_none());
 }
+
+/// The README's policy block that begins with `first_line`: the tests use the policy the
+/// README gives, not a copy that could drift from it.
+fn readme_policy(first_line: &str) -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find(&format!("```hcl\n{first_line}"))
+        .unwrap_or_else(|| panic!("no policy {first_line} in the README"));
+    let block = &readme[start + "```hcl\n".len()..];
+    block[..block.find("```").unwrap()].to_string()
+}
+
+/// How many certificates the mount keeps (`pki/certs`).
+fn stored_certificates(env: &Env) -> usize {
+    let listed = env.bao().cli_json(&["list", "pki/certs"]);
+    listed.as_array().map_or(0, Vec::len)
+}
+
+/// The README's serving policy alone (no `pki/key/*`, no `root/generate/internal`) is
+/// enough to serve, sign and check online, and a token holding it cannot make a root or
+/// read the mount's keys. Vault keeps each intermediate it signs (`pki/certs`), as the
+/// README says where it says to tidy them.
+#[tokio::test]
+async fn the_serving_policy_alone_serves_and_signs_but_makes_no_root() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let serving = readme_policy("# meshca-signer:");
+    assert!(!serving.contains("pki/key") && !serving.contains("root/generate"));
+    env.bao().write_policy("meshca", &serving);
+    let before = stored_certificates(&env);
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert_eq!(stored_certificates(&env), before + 2);
+    let online = env.run_with_config_ok(&["serve", "--check", "--online"]);
+    assert!(
+        !text(&online.stdout).contains("warning"),
+        "{}",
+        text(&online.stdout)
+    );
+    assert!(
+        !signer.logs().contains("cannot read pki/config/urls"),
+        "{}",
+        signer.logs()
+    );
+
+    let token = env.bao().create_token(&["meshca"], &[]);
+    for args in [
+        &["write", "pki/root/generate/internal", "common_name=other"][..],
+        &["write", "pki/keys/generate/internal", "key_type=ec"][..],
+        &["list", "pki/keys"][..],
+    ] {
+        let out = env
+            .bao()
+            .command(args)
+            .env("BAO_TOKEN", &token)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} allowed");
+        assert!(
+            text(&out.stderr).contains("permission denied"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // `root show` needs the ceremony's (the root's key), which `make demo-vault` also
+    // runs `root init` under.
+    let refused = env.run_with_config(&["root", "show"]);
+    assert!(!refused.status.success());
+    env.bao()
+        .write_policy("meshca", &readme_policy("# meshca-ceremony:"));
+    env.run_with_config_ok(&["root", "show"]);
+}
