@@ -102,7 +102,8 @@ else
   bao_port=$(free_port)
   step "1. OpenBao holds the root: bao server -dev on 127.0.0.1:$bao_port"
   echo "    (its root token comes from the environment and is kept in openbao/root-token, mode 0600;"
-  echo "     meshca logs in with AppRole: openbao/role-id and openbao/secret-id, mode 0600)"
+  echo "     meshca logs in with AppRole: openbao/role-id and openbao/secret-id, mode 0600;"
+  echo "     root init and root show with another AppRole: openbao/ceremony-*, ceremony.toml)"
   (umask 077; mkdir -p openbao)
   # The dev server prints its root token: its log is private too.
   (umask 077
@@ -127,21 +128,32 @@ else
   }
   run bao secrets enable pki
   run bao secrets tune -max-lease-ttl=87600h pki
-  # What the signer may do: generate the root (root init), read and use the root issuer.
+  # What the serving signer may do: read and use the root issuer, nothing more (it cannot
+  # make issuers or keys in the mount).
   printf '$ %s\n' "bao policy write meshca-signer - <<POLICY"
   bao policy write meshca-signer - <<'POLICY'
-path "pki/root/generate/internal" { capabilities = ["update"] }
 path "pki/issuer/meshca-root" { capabilities = ["read"] }
 path "pki/issuer/meshca-root/sign-intermediate" { capabilities = ["update"] }
 path "pki/issuer/meshca-root/sign-self-issued" { capabilities = ["update"] }
+path "pki/config/urls" { capabilities = ["read"] }
+POLICY
+  # The ceremony (root init, root show): generate the root, read the issuer and its key.
+  printf '$ %s\n' "bao policy write meshca-ceremony - <<POLICY"
+  bao policy write meshca-ceremony - <<'POLICY'
+path "pki/root/generate/internal" { capabilities = ["update"] }
+path "pki/issuer/meshca-root" { capabilities = ["read"] }
 path "pki/key/*" { capabilities = ["read"] }
 path "pki/config/urls" { capabilities = ["read"] }
 POLICY
   run bao auth enable approle
   run bao write auth/approle/role/meshca-signer token_policies=meshca-signer token_ttl=1h token_max_ttl=24h
+  run bao write auth/approle/role/meshca-ceremony token_policies=meshca-ceremony token_ttl=10m token_max_ttl=10m
   (umask 077
    bao read -field=role_id auth/approle/role/meshca-signer/role-id > openbao/role-id
-   bao write -f -field=secret_id auth/approle/role/meshca-signer/secret-id > openbao/secret-id)
+   bao write -f -field=secret_id auth/approle/role/meshca-signer/secret-id > openbao/secret-id
+   bao read -field=role_id auth/approle/role/meshca-ceremony/role-id > openbao/ceremony-role-id
+   bao write -f -field=secret_id auth/approle/role/meshca-ceremony/secret-id \
+     > openbao/ceremony-secret-id)
   ls -l openbao | sed 's/^/    /'
   backend_toml="backend = \"vault\"
 
@@ -197,8 +209,15 @@ if [ "$backend" = pkcs11 ]; then
 else
   step "   The root CA: RSA-4096 generated inside OpenBao (pki/root/generate/internal, never exported)"
 fi
-run "$meshca" root init --config signer.toml
-run "$meshca" root show --config signer.toml
+ceremony=signer.toml
+if [ "$backend" = vault ]; then
+  # The signer's config with the ceremony's AppRole: the serving one may not make a root.
+  ceremony=ceremony.toml
+  sed -e 's|"openbao/role-id"|"openbao/ceremony-role-id"|' \
+      -e 's|"openbao/secret-id"|"openbao/ceremony-secret-id"|' signer.toml > "$ceremony"
+fi
+run "$meshca" root init --config "$ceremony"
+run "$meshca" root show --config "$ceremony"
 
 step "2. The signer: mTLS on $listen, policy from config/virtual-mesh.yaml"
 # Every file the start reads, checked first (as the systemd unit does before a reload).
@@ -331,6 +350,7 @@ else
   cat <<EOF
     signer.toml                  the signer config; it points at the demo's OpenBao
                                  ($BAO_ADDR, a dev server, stopped now)
+    ceremony.toml                the same with the ceremony's AppRole (root init, root show)
     openbao/                     role-id and secret-id (AppRole), root-token, openbao.log (0600)
     root-cert.pem                the root; its key never left OpenBao
 EOF

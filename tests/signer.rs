@@ -1349,6 +1349,63 @@ async fn an_audit_log_moved_away_while_serving_is_continued_and_verified_across_
     );
 }
 
+/// A rotated file stands alone: its `rotation` record restates the rules in force (those
+/// of the last reload, not the start's), the host and root, and the transport trust, so
+/// every decision's `rulesSha256` names rules written in that file even once logrotate
+/// has deleted the file holding the `start` record.
+#[tokio::test]
+async fn a_rotated_audit_file_restates_the_rules_its_decisions_name() {
+    let env = Env::new();
+    let client = env.client("cluster-a");
+    let meshes_file = env.path("virtual-meshes.yaml");
+    let meshes = std::fs::read_to_string(&meshes_file).unwrap();
+    let mut signer = env.start_signer();
+    assert_still_issues(&client, &signer).await;
+    std::fs::write(&meshes_file, meshes.replace("ttlDays: 30", "ttlDays: 10")).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    signer
+        .wait_for_log("SIGHUP: rules reloaded (recorded in the audit log)")
+        .await;
+    let old = signer.all_audit_lines();
+    std::fs::rename(env.path("audit.log"), env.path("audit.log.1")).unwrap();
+    assert_still_issues(&client, &signer).await;
+    assert_still_issues(&client, &signer).await;
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+
+    let reload = old.iter().find(|l| l["event"] == "reload").unwrap();
+    let start = &old[0];
+    let lines = signer.all_audit_lines();
+    let rotation = &lines[0];
+    assert_eq!(rotation["event"], "rotation", "{lines:?}");
+    let rules = rotation["rules"].as_str().unwrap();
+    let digest = meshca::pki::csr::hex(&sha2::Sha256::digest(rules.as_bytes()));
+    assert_eq!(rotation["rulesSha256"], digest.as_str());
+    assert_eq!(rotation["rules"], reload["rules"]);
+    assert_eq!(rotation["tls"], start["tls"]);
+    assert!(rotation["tls"]["clientCas"].is_array(), "{rotation}");
+    let root_sha256 = openssl_fingerprint(env.dir.path(), &env.path("root-cert.pem"));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let message = rotation["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "on host {}, issuing under root sha256 {root_sha256}",
+            host.trim()
+        )),
+        "{message}"
+    );
+    let decisions: Vec<&Value> = lines.iter().filter(|l| l["event"] == "decision").collect();
+    assert_eq!(decisions.len(), 2, "{lines:?}");
+    for line in lines.iter().skip(1) {
+        assert_eq!(line["rulesSha256"], digest.as_str(), "{line}");
+    }
+    // Older logs (rotation records without these fields) and the new file verify alike.
+    env.audit_verify_ok();
+    run_ok(
+        env.meshca()
+            .args(["audit", "verify", "audit.log.1", "audit.log"]),
+    );
+}
+
 /// A log moved away while the signer is idle, then a clean stop: the stop record goes
 /// into a new file at the path, beginning with its `rotation` record, so the next start
 /// continues the chain there and the two files verify together.

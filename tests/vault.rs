@@ -490,6 +490,38 @@ async fn an_approle_login_token_is_revoked_once_unused() {
     assert_eq!(live_approle_tokens(&env), 0);
 }
 
+/// A start that fails after its login (the listen port taken) revokes the token it got:
+/// under systemd's `Restart=on-failure` each failed start would otherwise leave one more
+/// live token until its TTL. One refused before the login (the audit log locked by a
+/// running signer) gets none.
+#[tokio::test]
+async fn a_start_that_fails_after_the_login_leaves_no_live_token() {
+    let env = approle_env("1h");
+    assert_eq!(live_approle_tokens(&env), 0);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    for _ in 0..3 {
+        let out = env.run_with_config(&["serve", "--listen", &listen]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&listen), "{stderr}");
+        assert_eq!(live_approle_tokens(&env), 0, "{stderr}");
+    }
+    drop(taken);
+
+    let signer = env.start_signer();
+    assert_eq!(live_approle_tokens(&env), 1);
+    let out = env.run_with_config(&["serve"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("locked by another meshca process"),
+        "{stderr}"
+    );
+    assert_eq!(live_approle_tokens(&env), 1);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+}
+
 /// `auth/token/lookup` for the token in `vault/token` (token via stdin, never argv),
 /// without the token itself (`id`), so no assertion message can print it.
 fn lookup_token(env: &Env) -> Value {
@@ -1488,4 +1520,76 @@ async fn an_intermediate_without_the_policys_name_constraints_is_refused() {
         assert!(message(&body).contains(needle), "{needle:?} not in {body}");
     }
     assert!(body.get("certificate").is_none());
+}
+
+/// The README's policy block that begins with `first_line`: the tests use the policy the
+/// README gives, not a copy that could drift from it.
+fn readme_policy(first_line: &str) -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find(&format!("```hcl\n{first_line}"))
+        .unwrap_or_else(|| panic!("no policy {first_line} in the README"));
+    let block = &readme[start + "```hcl\n".len()..];
+    block[..block.find("```").unwrap()].to_string()
+}
+
+/// How many certificates the mount keeps (`pki/certs`).
+fn stored_certificates(env: &Env) -> usize {
+    let listed = env.bao().cli_json(&["list", "pki/certs"]);
+    listed.as_array().map_or(0, Vec::len)
+}
+
+/// The README's serving policy alone (no `pki/key/*`, no `root/generate/internal`) is
+/// enough to serve, sign and check online, and a token holding it cannot make a root or
+/// read the mount's keys. Vault keeps each intermediate it signs (`pki/certs`), as the
+/// README says where it says to tidy them.
+#[tokio::test]
+async fn the_serving_policy_alone_serves_and_signs_but_makes_no_root() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let serving = readme_policy("# meshca-signer:");
+    assert!(!serving.contains("pki/key") && !serving.contains("root/generate"));
+    env.bao().write_policy("meshca", &serving);
+    let before = stored_certificates(&env);
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert_eq!(stored_certificates(&env), before + 2);
+    let online = env.run_with_config_ok(&["serve", "--check", "--online"]);
+    assert!(
+        !text(&online.stdout).contains("warning"),
+        "{}",
+        text(&online.stdout)
+    );
+    assert!(
+        !signer.logs().contains("cannot read pki/config/urls"),
+        "{}",
+        signer.logs()
+    );
+
+    let token = env.bao().create_token(&["meshca"], &[]);
+    for args in [
+        &["write", "pki/root/generate/internal", "common_name=other"][..],
+        &["write", "pki/keys/generate/internal", "key_type=ec"][..],
+        &["list", "pki/keys"][..],
+    ] {
+        let out = env
+            .bao()
+            .command(args)
+            .env("BAO_TOKEN", &token)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} allowed");
+        assert!(
+            text(&out.stderr).contains("permission denied"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // `root show` needs the ceremony's (the root's key), which `make demo-vault` also
+    // runs `root init` under.
+    let refused = env.run_with_config(&["root", "show"]);
+    assert!(!refused.status.success());
+    env.bao()
+        .write_policy("meshca", &readme_policy("# meshca-ceremony:"));
+    env.run_with_config_ok(&["root", "show"]);
 }

@@ -142,7 +142,7 @@ pub struct AuditRecord {
     /// refusals counted since the client's last line (`rule` `rate_limited`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
-    /// On `start` and `reload`: the digest of the rules in force from this line on
+    /// On `start`, `reload` and `rotation`: the digest of the rules in force from this line on
     /// ([`super::reload::Rules::digest`]); on a decision, that of the rules it was made
     /// under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,11 +151,11 @@ pub struct AuditRecord {
     /// challenge, a signature of the root key no decision covers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_key_proof: Option<String>,
-    /// On `start` and `reload`: the rules in force from this line on, written out in full
+    /// On `start`, `reload` and `rotation`: the rules in force from this line on, in full
     /// ([`super::reload::Rules::text`]), whose SHA-256 is `rules_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<String>,
-    /// On `start`, and on `tls_reload` with rule `tls_changed`: the transport trust in
+    /// On `start`, `rotation`, and `tls_reload` with rule `tls_changed`: the transport trust in
     /// force from this line on (the server certificate, each client CA and CRL, what an
     /// overdue CRL means). Lines written before this field existed lack it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,12 +310,14 @@ impl AuditLog {
     /// so; it is looked for only once the lock is held, so that a line another writer has
     /// under way is never taken for one.
     pub fn open(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {
-        Self::open_with(path, COMMIT_DELAY)
+        Self::open_with(path, COMMIT_DELAY, SystemTime::now())
     }
 
+    /// [`AuditLog::open`] with the commit delay, and `now` for a torn tail's side file.
     fn open_with(
         path: &Path,
         commit_delay: Duration,
+        now: SystemTime,
     ) -> Result<(AuditLog, OpenReport), AuditError> {
         let io = |e: std::io::Error| AuditError::Io {
             path: path.display().to_string(),
@@ -331,8 +333,7 @@ impl AuditLog {
         };
         let mut last_hash = tail.last_line_hash.unwrap_or_else(|| GENESIS.to_string());
         if !tail.torn.is_empty() {
-            let side = torn_side_file(path, SystemTime::now());
-            crate::fsutil::write_private(&side, &tail.torn).map_err(io)?;
+            let side = save_torn_tail(path, &tail.torn, now).map_err(io)?;
             let len = file.metadata().map_err(io)?.len();
             file.set_len(len - tail.torn.len() as u64).map_err(io)?;
             let record = AuditRecord {
@@ -382,6 +383,7 @@ impl AuditLog {
             head: head.clone(),
             commit_delay,
             second_writer_reports: SecondWriterReports::new(),
+            in_force: InForce::default(),
         };
         let thread = std::thread::Builder::new()
             .name("meshca-audit".into())
@@ -608,6 +610,63 @@ struct Writer {
     commit_delay: Duration,
     /// Holds back the ERRORs about another writer ([`SecondWriterReports`]).
     second_writer_reports: SecondWriterReports,
+    /// What the lines written so far put in force, for a rotation's record to restate.
+    in_force: InForce,
+}
+
+/// The rules and the transport trust the last `start`, `reload` and `tls_reload` lines
+/// written put in force. A `rotation` record restates them: logrotate deletes the oldest
+/// files, and a signer that runs unchanged for months states its rules only in its `start`
+/// line, so without it later files' decisions would name rules written in no file left.
+#[derive(Debug, Clone, Default)]
+struct InForce {
+    /// `rulesSha256` and `rules`.
+    rules: Option<(String, String)>,
+    tls: Option<crate::tlsutil::TransportTrust>,
+}
+
+impl InForce {
+    fn note(&mut self, record: &AuditRecord) {
+        if let (Some(digest), Some(text)) = (&record.rules_sha256, &record.rules) {
+            self.rules = Some((digest.clone(), text.clone()));
+        }
+        if let Some(tls) = &record.tls {
+            self.tls = Some(tls.clone());
+        }
+    }
+
+    fn states_anything(record: &AuditRecord) -> bool {
+        record.rules.is_some() || record.tls.is_some()
+    }
+
+    /// The `rotation` record at `time` beginning a new file at `path`.
+    fn rotation_record(&self, time: String, path: &Path) -> AuditRecord {
+        let mut message = format!(
+            "the log at {} was moved away (rotated); this file continues the chain from the moved file's last line, whose hash is this line's prev",
+            path.display()
+        );
+        if let Some((_, text)) = &self.rules {
+            let root = text
+                .lines()
+                .next()
+                .and_then(|line| line.strip_prefix("root "))
+                .unwrap_or("unknown");
+            message.push_str(&format!(
+                "; meshca {} on host {}, issuing under root sha256 {root}, restates the rules in force (and the transport trust) so that this file stands alone",
+                crate::VERSION,
+                super::server::host_name()
+            ));
+        }
+        AuditRecord {
+            time,
+            event: "rotation".into(),
+            message: Some(message),
+            rules_sha256: self.rules.as_ref().map(|(digest, _)| digest.clone()),
+            rules: self.rules.as_ref().map(|(_, text)| text.clone()),
+            tls: self.tls.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// What another writer did to the log, as the signer's next write found it.
@@ -713,16 +772,22 @@ impl Writer {
         let mut buf = Vec::with_capacity(batch.len() * 512);
         let mut hash = self.last_hash.clone();
         if self.rotation_to_record {
-            let record = AuditRecord {
-                time: rotation_time(batch, self.start_to_record.as_ref()),
-                event: "rotation".into(),
-                message: Some(format!(
-                    "the log at {} was moved away (rotated); this file continues the chain from the moved file's last line, whose hash is this line's prev",
-                    self.path.display()
-                )),
-                ..Default::default()
-            };
+            let time = rotation_time(batch, self.start_to_record.as_ref());
+            let record = self.in_force.rotation_record(time, &self.path);
             hash = encode_line(record, &hash, &mut buf);
+        }
+        // Taken over once the write succeeds (a reload whose line fails does not apply).
+        let mut in_force: Option<InForce> = None;
+        let records = self
+            .start_to_record
+            .iter()
+            .chain(batch.iter().filter(|p| !p.start).map(|p| &p.record));
+        for record in records {
+            if InForce::states_anything(record) {
+                in_force
+                    .get_or_insert_with(|| self.in_force.clone())
+                    .note(record);
+            }
         }
         if let Some(start) = &self.start_to_record {
             hash = encode_line(start.clone(), &hash, &mut buf);
@@ -753,6 +818,9 @@ impl Writer {
                 self.last_hash = hash;
                 self.rotation_to_record = false;
                 self.start_to_record = None;
+                if let Some(in_force) = in_force {
+                    self.in_force = in_force;
+                }
                 self.commits.inc();
                 Ok(())
             }
@@ -932,15 +1000,45 @@ fn lock(file: &File, path: &Path) -> Result<(), AuditError> {
 }
 
 /// Where an incomplete last line found at `now` is moved: the log's name with
-/// `.torn-<Unix seconds>` appended (`audit.log` -> `audit.log.torn-1790000000`), beside it.
-fn torn_side_file(path: &Path, now: SystemTime) -> PathBuf {
+/// `.torn-<Unix seconds>` appended (`audit.log` -> `audit.log.torn-1790000000`), beside it;
+/// `n` > 0 adds `.<n>` (`audit.log.torn-1790000000.1`).
+fn torn_side_file(path: &Path, now: SystemTime, n: u32) -> PathBuf {
     let secs = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".torn-{secs}"));
+    if n > 0 {
+        name.push(format!(".{n}"));
+    }
     PathBuf::from(name)
+}
+
+/// Writes `torn` (mode 0600, fsynced) to a side file of its own ([`torn_side_file`]),
+/// never over one there: each `recovery` record names its side file's SHA-256, and a
+/// second recovery in the same second must not replace the first's. Written whole under a
+/// temporary name, then linked to the first free name.
+fn save_torn_tail(path: &Path, torn: &[u8], now: SystemTime) -> std::io::Result<PathBuf> {
+    let dir = crate::fsutil::parent_dir(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".meshca-tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)?;
+    tmp.write_all(torn)?;
+    tmp.as_file().sync_all()?;
+    let mut n = 0;
+    loop {
+        let side = torn_side_file(path, now, n);
+        match tmp.persist_noclobber(&side) {
+            Ok(_) => return Ok(side),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => {
+                tmp = e.file;
+                n += 1;
+            }
+            Err(e) => return Err(e.error),
+        }
+    }
 }
 
 /// Makes the log writable by the signer alone. Its chain has no key, so a line appended by
@@ -1503,7 +1601,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         // A delay far longer than the test: batching must end because the lines came.
-        let (log, _) = AuditLog::open_with(&path, Duration::from_secs(60)).unwrap();
+        let (log, _) =
+            AuditLog::open_with(&path, Duration::from_secs(60), SystemTime::now()).unwrap();
         let within = Duration::from_secs(20);
 
         tokio::time::timeout(within, log.append(record(0), log.expect_line()))
@@ -1578,6 +1677,47 @@ mod tests {
     /// A run of zeros after a crash, as a sparse file: no disk used. The start and
     /// `serve --check` refuse it by name after reading a bounded tail, instead of
     /// allocating the whole of it (which aborted the process).
+    /// Two torn tails recovered in the same second: two side files, each holding the
+    /// bytes its `recovery` record names by SHA-256 (the second does not replace the first).
+    #[tokio::test]
+    async fn two_recoveries_in_one_second_keep_two_side_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000);
+        let mut sides = vec![];
+        for torn in [&br#"{"time":"first"#[..], &br#"{"time":"second"#[..]] {
+            let mut f = crate::fsutil::open_append(&path, 0o600).unwrap();
+            f.write_all(torn).unwrap();
+            let (_log, report) = AuditLog::open_with(&path, COMMIT_DELAY, now).unwrap();
+            let side = report.torn_tail_saved_to.unwrap();
+            assert_eq!(std::fs::read(&side).unwrap(), torn);
+            sides.push(side);
+        }
+        let names: Vec<_> = sides.iter().map(|s| s.file_name().unwrap()).collect();
+        assert_eq!(
+            names,
+            ["audit.log.torn-1790000000", "audit.log.torn-1790000000.1"]
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let recoveries: Vec<AuditRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
+            .collect();
+        assert_eq!(recoveries.len(), 2);
+        for (record, side) in recoveries.iter().zip(&sides) {
+            let message = record.message.as_deref().unwrap();
+            let sha = hex(&sha2::Sha256::digest(std::fs::read(side).unwrap()));
+            assert!(
+                message.contains(&format!("(sha256 {sha}) moved to {}", side.display())),
+                "{message}"
+            );
+        }
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Intact { records: 2, .. }
+        ));
+    }
+
     #[tokio::test]
     async fn a_tail_longer_than_a_line_can_be_is_refused_without_reading_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -925,11 +925,36 @@ pub async fn start(
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
     let backend = backend_started(&config, root, started).await?;
+    let serving = serve_with(
+        config,
+        listen_override,
+        started,
+        (tls, metrics, audit),
+        seeding,
+        backend.clone(),
+    )
+    .await;
+    // Whatever fails after the login gives it back (a Vault token revoked): a signer
+    // restarted after each failed start would otherwise leave one live token per try.
+    if serving.is_err() {
+        backend.close().await;
+    }
+    serving
+}
+
+/// The rest of [`start`], once the backend is up: on an error the caller closes it.
+async fn serve_with(
+    config: SignerConfig,
+    listen_override: Option<SocketAddr>,
+    started: Instant,
+    (tls, metrics, audit): (ServingTls, Metrics, AuditLog),
+    seeding: tokio::task::JoinHandle<()>,
+    backend: Arc<dyn RootSigner>,
+) -> Result<RunningSigner, StartError> {
     // The agents take an announced root only with the root key's word for it.
     let mut rules = Rules::of(&config, &backend.root().fingerprint_sha256);
     if let Err(e) = vouch_for_announced(backend.as_ref(), &mut rules, None).await {
         record_failed_start(&audit, &rules, &e).await;
-        backend.close().await;
         return Err(StartError::CrossCert(e));
     }
     let backend_ready_ms = started.elapsed().as_millis();
@@ -1145,7 +1170,7 @@ fn stop_record(rules: &Rules) -> AuditRecord {
 }
 
 /// The kernel's host name (a pod's name in Kubernetes), or `unknown`.
-fn host_name() -> String {
+pub(super) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .ok()
