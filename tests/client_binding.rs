@@ -161,6 +161,12 @@ async fn an_identity_pinned_to_its_client_ca_is_refused_from_another() {
     let signer = env.start_signer();
     let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
 
+    // From 0 at start, so that the alert's increase() sees the first one.
+    let metrics = signer.metrics(&env.client("cluster-a")).await;
+    assert!(
+        metrics.contains("meshca_sign_requests_total{outcome=\"client_issuer\"} 0"),
+        "{metrics}"
+    );
     // Team pay's certificate naming cluster-a: 403, the mismatch named.
     let (status, body) = post_sign(
         &env.client("pay-as-a"),
@@ -180,6 +186,12 @@ async fn an_identity_pinned_to_its_client_ca_is_refused_from_another() {
     assert!(
         message.contains(&format!("pinned to issuer sha256:{shared_sha256}")),
         "{message}"
+    );
+    // Counted under its own outcome, which MeshcaClientIssuerRefused watches.
+    let metrics = signer.metrics(&env.client("cluster-a")).await;
+    assert!(
+        metrics.contains("meshca_sign_requests_total{outcome=\"client_issuer\"} 1"),
+        "{metrics}"
     );
     // cluster-a's own certificate, from the shared CA, and cluster-b's, from team pay's.
     let (status, body) = post_sign(

@@ -18,12 +18,13 @@ use crate::tlsutil::Validity;
 /// each shows in `increase()`: a series that appears at 1 has no earlier sample to
 /// differ from, and an alert on it would miss it. These are `issued` and the outcomes
 /// the rules in deploy/prometheus/meshca-alerts.yaml look at.
-const OUTCOMES_FROM_ZERO: [&str; 9] = [
+const OUTCOMES_FROM_ZERO: [&str; 10] = [
     "issued",
     "issuance_check_failed",
     "backend_out_of_policy",
     "root_expired",
     "not_authorized",
+    "client_issuer",
     "unknown_virtual_mesh",
     "unknown_mesh",
     "malformed_request",
