@@ -17,14 +17,6 @@ const MESH_A: &str = "test/cluster-a";
 const MESH_B: &str = "test/cluster-b";
 const PAY_CA_SUBJECT: &str = "CN=team pay transport CA,O=pay";
 
-fn error_code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("")
-}
-
-fn error_message(body: &Value) -> &str {
-    body["error"]["message"].as_str().unwrap_or("")
-}
-
 /// A second transport CA in `dir` (`pay-ca.pem`, `pay-ca.key`), with a subject of its own.
 fn pay_ca(dir: &Path) {
     openssl(

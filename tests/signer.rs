@@ -17,14 +17,6 @@ use sha2::Digest;
 const VM: &str = "test/vm";
 const MESH_A: &str = "test/cluster-a";
 
-fn error_code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("")
-}
-
-fn error_message(body: &Value) -> &str {
-    body["error"]["message"].as_str().unwrap_or("")
-}
-
 /// Writes the answer's PEMs to a directory and verifies them with openssl.
 fn openssl_verifies(env: &Env, body: &Value, tag: &str) -> String {
     let dir = env.path(tag);

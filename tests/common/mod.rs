@@ -60,6 +60,16 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// The `error.code` of a signer's error answer ("" if none).
+pub fn error_code(body: &serde_json::Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+/// The `error.message` of a signer's error answer ("" if none).
+pub fn error_message(body: &serde_json::Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or("")
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
