@@ -112,6 +112,27 @@ impl Cluster {
         agent
     }
 
+    /// `meshca agent --once` as replica `identity` of this cluster (cluster-a's client
+    /// certificate, no POD_NAME), with `extra` flags.
+    fn agent_once(&self, env: &Env, identity: &str, extra: &[&str]) -> std::process::Command {
+        let kubeconfig = env.path("kubeconfig");
+        std::fs::write(&kubeconfig, self.fake.kubeconfig("once-token")).unwrap();
+        let mut agent = env.meshca();
+        agent
+            .args(["agent", "--once", "--identity", identity])
+            .args(extra)
+            .args([
+                "--ca-cert",
+                "pki/ca.pem",
+                "--client-cert",
+                "pki/cluster-a.pem",
+            ])
+            .args(["--client-key", "pki/cluster-a.key"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("POD_NAME");
+        agent
+    }
+
     fn put_request(&self, signer_addr: &str, extra_spec: Value) {
         self.put(
             &format!("{VMCSR}/cluster-a"),
@@ -1348,22 +1369,7 @@ async fn a_once_pass_never_acts_beside_the_leader_and_gives_the_lease_back() {
     let env = Env::new();
     let cluster = Cluster::start(&env).await;
     cluster.put_request("127.0.0.1:1", json!({"restart": {"policy": "never"}}));
-    let kubeconfig = env.path("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("once-token")).unwrap();
-    let once = |identity: &str| {
-        let mut cmd = env.meshca();
-        cmd.args(["agent", "--once", "--identity", identity])
-            .args([
-                "--ca-cert",
-                "pki/ca.pem",
-                "--client-cert",
-                "pki/cluster-a.pem",
-            ])
-            .args(["--client-key", "pki/cluster-a.key"])
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("POD_NAME");
-        cmd.output().unwrap()
-    };
+    let once = |identity: &str| cluster.agent_once(&env, identity, &[]).output().unwrap();
     let now = meshca::signer::audit::rfc3339(std::time::SystemTime::now());
     cluster.put(
         LEASE,
@@ -1422,31 +1428,14 @@ async fn a_once_pass_that_loses_the_lease_midway_exits_3() {
         &signer.addr.to_string(),
         json!({"restart": {"policy": "never"}}),
     );
-    let kubeconfig = env.path("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.fake.kubeconfig("once-token")).unwrap();
     cluster
         .fake
         .after_write(SECRETS, another_replica_takes_the_lease);
-    let mut cmd = env.meshca();
     // A Lease this short is read again before each write (the writing margin is 5 s).
-    cmd.args([
-        "agent",
-        "--once",
-        "--identity",
-        "agent-0",
-        "--lease-seconds",
-        "6",
-    ])
-    .args([
-        "--ca-cert",
-        "pki/ca.pem",
-        "--client-cert",
-        "pki/cluster-a.pem",
-    ])
-    .args(["--client-key", "pki/cluster-a.key"])
-    .env("KUBECONFIG", &kubeconfig)
-    .env_remove("POD_NAME");
-    let out = cmd.output().unwrap();
+    let out = cluster
+        .agent_once(&env, "agent-0", &["--lease-seconds", "6"])
+        .output()
+        .unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("not the leader any more"), "{stderr}");
