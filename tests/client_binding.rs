@@ -19,30 +19,7 @@ const PAY_CA_SUBJECT: &str = "CN=team pay transport CA,O=pay";
 
 /// A second transport CA in `dir` (`pay-ca.pem`, `pay-ca.key`), with a subject of its own.
 fn pay_ca(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "pay-ca.key",
-            "-out",
-            "pay-ca.pem",
-            "-days",
-            "30",
-            "-subj",
-            "/O=pay/CN=team pay transport CA",
-            "-addext",
-            "basicConstraints=critical,CA:true,pathlen:0",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
+    openssl_self_signed_ca(dir, "pay-ca", "/O=pay/CN=team pay transport CA", 0..30);
 }
 
 /// A client certificate `name.pem` (and key) in `dir`, issued by the CA `ca` (`ca.pem`,
