@@ -701,21 +701,31 @@ impl SignerConfig {
     /// there is some root's certificate, perhaps the one in force (a root change's config
     /// copied without naming another file), and the signer would not start with it
     /// replaced. Only `--force` replaces it; checked before anything is made.
-    pub fn check_root_certificate_free(&self, force: bool) -> Result<(), String> {
+    pub fn check_root_certificate_free(&self, force: bool) -> Result<(), RootCertificateTaken> {
         let path = &self.root.certificate;
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!(
+            Err(e) => Err(RootCertificateTaken::Unknown(format!(
                 "cannot check whether the root certificate {} exists: {e}",
                 path.display()
-            )),
+            ))),
             Ok(_) if force => Ok(()),
-            Ok(_) => Err(format!(
+            Ok(_) => Err(RootCertificateTaken::Exists(format!(
                 "the root certificate {} already exists: root init would replace it with a new root's, and a signer whose key is that root's would not start again. For a new root (a root change), name another file in [root] certificate (README \"Changing the root\"); to replace this one, pass --force",
                 path.display()
-            )),
+            ))),
         }
     }
+}
+
+/// Why `root init` may not write the root certificate file: it is there (a script may
+/// take that as "already done"), or whether it is could not be told.
+#[derive(Debug, thiserror::Error)]
+pub enum RootCertificateTaken {
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    Unknown(String),
 }
 
 fn limits(section: Option<LimitsSection>) -> Result<Limits, String> {

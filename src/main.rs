@@ -19,7 +19,7 @@ use meshca::agent::rotation::{self, RotationSettings};
 use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
 use meshca::backend::vault::root::{self as vault_root, RootInitMode};
-use meshca::config::{BackendKind, SignerConfig};
+use meshca::config::{BackendKind, RootCertificateTaken, SignerConfig};
 use meshca::pki::bundle::verify_bundle;
 use meshca::pki::keys::KeyType;
 use meshca::pki::pem::decode_certificates;
@@ -735,15 +735,16 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         )
     });
     let root_exists = e.chain().any(|cause| {
-        cause.is::<RootExists>()
-            || matches!(
-                cause.downcast_ref::<TokenError>(),
-                Some(TokenError::KeyExists(_))
-            )
-            || matches!(
-                cause.downcast_ref::<VaultRootError>(),
-                Some(VaultRootError::IssuerExists { .. })
-            )
+        matches!(
+            cause.downcast_ref::<RootCertificateTaken>(),
+            Some(RootCertificateTaken::Exists(_))
+        ) || matches!(
+            cause.downcast_ref::<TokenError>(),
+            Some(TokenError::KeyExists(_))
+        ) || matches!(
+            cause.downcast_ref::<VaultRootError>(),
+            Some(VaultRootError::IssuerExists { .. })
+        )
     });
     match e.downcast_ref::<StartError>() {
         Some(start) => start.exit_status(),
@@ -753,11 +754,6 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         None => 1,
     }
 }
-
-/// `root init`'s root certificate file is already there (exit [`EXIT_ROOT_EXISTS`]).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct RootExists(String);
 
 /// A Kubernetes `--once` pass another replica's Lease kept from acting (exit
 /// [`EXIT_NOT_LEADER`]).
@@ -1269,14 +1265,8 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
         } => {
             let config = load_config(&config)?;
             // `--adopt` writes the issuer's own certificate: checked against the file's.
-            if !adopt && let Err(message) = config.check_root_certificate_free(force) {
-                // The check says "exists" or "cannot check"; only the first is 73.
-                let exists = std::fs::symlink_metadata(&config.root.certificate).is_ok();
-                return Err(if exists {
-                    anyhow!(RootExists(message))
-                } else {
-                    anyhow!(message)
-                });
+            if !adopt {
+                config.check_root_certificate_free(force)?;
             }
             if config.root.backend == BackendKind::Vault {
                 return vault_root_init(&config, force, adopt);
