@@ -2552,6 +2552,11 @@ async fn virtual_meshes_sharing_the_root_without_trust_domains_are_warned_of() {
         .wait_for_log("share one root and trust each other's workloads: test/vm is without")
         .await;
     assert!(line.contains("WARN") && line.contains("SIGHUP"), "{line}");
+    // And that rustls peers (ztunnel) refuse what test/strict's intermediates now carry.
+    let line = signer
+        .wait_for_log("virtual mesh test/strict sets spec.trustDomains: its intermediates carry URI name constraints, which rustls-webpki does not support")
+        .await;
+    assert!(line.contains("WARN") && line.contains("SIGHUP"), "{line}");
 }
 
 /// `--listen` replaces the file's `listen`: the address checked against `ops_listen` is the

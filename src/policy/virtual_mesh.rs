@@ -635,13 +635,25 @@ impl PolicySet {
         self.meshes.is_empty()
     }
 
-    /// What the start and `serve --check` warn of when virtual meshes share this signer's
-    /// root without trust domains apart: every intermediate chains to that root, so a
-    /// cluster of one can sign workload identities the others accept, unless name
-    /// constraints keep it to its own trust domains. Not an error: several virtual meshes
-    /// of one tenant are legitimate.
-    pub fn shared_root_warnings(&self) -> Vec<String> {
+    /// What the start, `serve --check` and a reload warn of about trust domains: name
+    /// constraints that rustls peers refuse, and virtual meshes sharing this signer's root
+    /// without trust domains apart (every intermediate chains to that root, so a cluster
+    /// of one can sign workload identities the others accept, unless name constraints
+    /// keep it to its own trust domains). Not errors: several virtual meshes of one tenant
+    /// are legitimate, and a mesh of sidecars only verifies name constraints.
+    pub fn trust_domain_warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        let constrained: Vec<String> = self
+            .iter()
+            .filter(|policy| !policy.trust_domains.is_empty())
+            .map(|policy| policy.id.to_string())
+            .collect();
+        if !constrained.is_empty() {
+            warnings.push(format!(
+                "virtual mesh {} sets spec.trustDomains: its intermediates carry URI name constraints, which rustls-webpki does not support, so rustls peers (Istio ambient mode's ztunnel among them) refuse every workload certificate under them, inside a cluster too; openssl and Go verify them: use spec.trustDomains only where no rustls peer verifies workload certificates",
+                constrained.join(", ")
+            ));
+        }
         if self.meshes.len() < 2 {
             return warnings;
         }
@@ -670,11 +682,29 @@ impl PolicySet {
                     .push(policy.id.to_string());
             }
         }
-        for (domain, ids) in listed_by.into_iter().filter(|(_, ids)| ids.len() > 1) {
+        for (domain, ids) in listed_by.iter().filter(|(_, ids)| ids.len() > 1) {
             warnings.push(format!(
                 "the virtual meshes {} all list the trust domain {domain} in spec.trustDomains: a cluster of any of them can sign the others' workload identities in it",
                 ids.join(", ")
             ));
+        }
+        // Go (istiod, proxyless gRPC) matches a URI constraint as a DNS one, subdomains
+        // included; openssl does not. So `pay.local` lets pay's clusters sign identities
+        // in `eu.pay.local` that Go accepts.
+        for (parent, parent_ids) in &listed_by {
+            let below = format!(".{parent}");
+            for (domain, ids) in &listed_by {
+                let others: Vec<&String> =
+                    ids.iter().filter(|id| !parent_ids.contains(id)).collect();
+                if domain.ends_with(&below) && !others.is_empty() {
+                    warnings.push(format!(
+                        "virtual mesh {} lists the trust domain {parent} and {} lists {domain}, a subdomain of it: Go (istiod, proxyless gRPC) reads a URI name constraint as covering subdomains, so a cluster of {} can sign workload identities in {domain} that Go accepts (openssl refuses them); use trust domains that are not subdomains of another virtual mesh's",
+                        parent_ids.join(", "),
+                        others.iter().map(|id| id.as_str()).collect::<Vec<_>>().join(", "),
+                        parent_ids.join(", ")
+                    ));
+                }
+            }
         }
         warnings
     }
@@ -923,22 +953,25 @@ mod tests {
         );
     }
 
+    /// A VirtualMesh `tenants/<name>` of org `name` and one member, with `trust_domains`
+    /// (YAML lines of its spec, or "").
+    fn tenant_vm(name: &str, trust_domains: &str) -> String {
+        format!(
+            "kind: VirtualMesh\nmetadata: {{name: {name}, namespace: tenants}}\nspec:\n  certificateAuthority:\n    builtin: {{ttlDays: 10, rsaKeySizeBytes: 2048, orgName: {name}}}\n  meshes:\n  - {{name: {name}-1, namespace: tenants}}\n{trust_domains}---\n"
+        )
+    }
+
     #[test]
     fn virtual_meshes_sharing_the_root_without_trust_domains_are_warned_of() {
-        let vm = |name: &str, trust_domains: &str| {
-            format!(
-                "kind: VirtualMesh\nmetadata: {{name: {name}, namespace: tenants}}\nspec:\n  certificateAuthority:\n    builtin: {{ttlDays: 10, rsaKeySizeBytes: 2048, orgName: {name}}}\n  meshes:\n  - {{name: {name}-1, namespace: tenants}}\n{trust_domains}---\n"
-            )
-        };
         // One virtual mesh: nothing to say.
         assert!(
-            load(&vm("pay", ""))
+            load(&tenant_vm("pay", ""))
                 .unwrap()
-                .shared_root_warnings()
+                .trust_domain_warnings()
                 .is_empty()
         );
-        let both = load(&format!("{}{}", vm("pay", ""), vm("web", ""))).unwrap();
-        let warnings = both.shared_root_warnings();
+        let both = load(&format!("{}{}", tenant_vm("pay", ""), tenant_vm("web", ""))).unwrap();
+        let warnings = both.trust_domain_warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
             warnings[0].starts_with("the virtual meshes tenants/pay, tenants/web share one root and trust each other's workloads: tenants/pay, tenants/web are without spec.trustDomains"),
@@ -947,34 +980,71 @@ mod tests {
         );
         let one = load(&format!(
             "{}{}",
-            vm("pay", "  trustDomains: [pay.local]\n"),
-            vm("web", "")
+            tenant_vm("pay", "  trustDomains: [pay.local]\n"),
+            tenant_vm("web", "")
         ))
         .unwrap();
-        let warnings = one.shared_root_warnings();
+        let warnings = one.trust_domain_warnings();
         assert!(
-            warnings[0].contains("tenants/web is without spec.trustDomains, so the intermediate key of any cluster of it can sign"),
+            warnings[1].contains("tenants/web is without spec.trustDomains, so the intermediate key of any cluster of it can sign"),
             "{warnings:?}"
         );
         let apart = load(&format!(
             "{}{}",
-            vm("pay", "  trustDomains: [pay.local]\n"),
-            vm("web", "  trustDomains: [web.local]\n")
+            tenant_vm("pay", "  trustDomains: [pay.local]\n"),
+            tenant_vm("web", "  trustDomains: [web.local]\n")
         ))
         .unwrap();
-        assert!(apart.shared_root_warnings().is_empty());
+        assert_eq!(apart.trust_domain_warnings().len(), 1, "only rustls's");
         let overlapping = load(&format!(
             "{}{}",
-            vm("pay", "  trustDomains: [cluster.local, pay.local]\n"),
-            vm("web", "  trustDomains: [cluster.local]\n")
+            tenant_vm("pay", "  trustDomains: [cluster.local, pay.local]\n"),
+            tenant_vm("web", "  trustDomains: [cluster.local]\n")
         ))
         .unwrap();
         assert_eq!(
-            overlapping.shared_root_warnings(),
+            overlapping.trust_domain_warnings()[1..],
             [
                 "the virtual meshes tenants/pay, tenants/web all list the trust domain cluster.local in spec.trustDomains: a cluster of any of them can sign the others' workload identities in it"
             ]
         );
+    }
+
+    #[test]
+    fn trust_domains_warn_that_rustls_peers_refuse_name_constraints() {
+        let one = load(&tenant_vm("pay", "  trustDomains: [pay.local]\n")).unwrap();
+        let warnings = one.trust_domain_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("virtual mesh tenants/pay sets spec.trustDomains: its intermediates carry URI name constraints, which rustls-webpki does not support, so rustls peers (Istio ambient mode's ztunnel among them) refuse every workload certificate"),
+            "{}",
+            warnings[0]
+        );
+    }
+
+    #[test]
+    fn a_trust_domain_below_another_virtual_meshs_is_warned_of() {
+        let nested = load(&format!(
+            "{}{}",
+            tenant_vm("pay", "  trustDomains: [pay.local]\n"),
+            tenant_vm("eu", "  trustDomains: [eu.pay.local]\n")
+        ))
+        .unwrap();
+        assert_eq!(
+            nested.trust_domain_warnings()[1..],
+            [
+                "virtual mesh tenants/pay lists the trust domain pay.local and tenants/eu lists eu.pay.local, a subdomain of it: Go (istiod, proxyless gRPC) reads a URI name constraint as covering subdomains, so a cluster of tenants/pay can sign workload identities in eu.pay.local that Go accepts (openssl refuses them); use trust domains that are not subdomains of another virtual mesh's"
+            ]
+        );
+        // Within one virtual mesh, a domain and its subdomain belong to the same tenant;
+        // a name that only ends like another (`xpay.local`) is no subdomain.
+        let own = load(&format!(
+            "{}{}",
+            tenant_vm("pay", "  trustDomains: [pay.local, eu.pay.local]\n"),
+            tenant_vm("web", "  trustDomains: [xpay.local]\n")
+        ))
+        .unwrap();
+        assert_eq!(own.trust_domain_warnings().len(), 1, "only rustls's");
     }
 
     #[test]

@@ -223,7 +223,7 @@ pub fn check(
 /// `permitted_uri_domains`, and the check of its answer then refuses every signing under
 /// such a virtual mesh): said at start, not found out at the first renewal.
 pub fn shared_root_warnings(config: &SignerConfig) -> Vec<String> {
-    let mut warnings = config.policies.shared_root_warnings();
+    let mut warnings = config.policies.trust_domain_warnings();
     if config.root.backend == crate::config::BackendKind::Vault {
         let constrained: Vec<String> = config
             .policies
