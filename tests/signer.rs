@@ -17,15 +17,6 @@ use sha2::Digest;
 const VM: &str = "test/vm";
 const MESH_A: &str = "test/cluster-a";
 
-/// Writes the answer's PEMs to a directory and verifies them with openssl.
-fn openssl_verifies(env: &Env, body: &Value, tag: &str) -> String {
-    let dir = env.path(tag);
-    write_answer(&dir, body);
-    let verified = openssl_verify_bundle(&dir);
-    assert!(verified.contains("ca-cert.pem: OK"), "{tag}: {verified}");
-    openssl(&dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"])
-}
-
 /// `--version` names the git commit (set by build.rs): the package version alone has
 /// been 0.1.0 for every build.
 #[test]
@@ -2427,29 +2418,6 @@ fn the_check_shows_the_settings_in_force() {
     ] {
         assert!(report.contains(shown), "{shown:?} not in:\n{report}");
     }
-}
-
-/// A leaf signed as istiod would with the intermediate in `dir` (ca-cert.pem and
-/// ca-key.pem), with `san` as its subjectAltName; then `openssl verify` of it through
-/// cert-chain.pem to root-cert.pem, for a client certificate. Returns what openssl printed
-/// and whether it verified.
-fn leaf_verifies(dir: &Path, name: &str, san: &str) -> (String, bool) {
-    let cert = format!("{name}.pem");
-    Workload::issue_with_san(dir, dir, name, san);
-    let out = run(Command::new("openssl").current_dir(dir).args([
-        "verify",
-        "-CAfile",
-        "root-cert.pem",
-        "-untrusted",
-        "cert-chain.pem",
-        "-purpose",
-        "sslclient",
-        &cert,
-    ]));
-    (
-        format!("{}{}", text(&out.stdout), text(&out.stderr)),
-        out.status.success(),
-    )
 }
 
 /// The review's finding: with `spec.trustDomains` a cluster's intermediate key signs

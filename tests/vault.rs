@@ -1495,31 +1495,147 @@ async fn a_root_vault_will_not_vouch_for_is_not_announced() {
     assert!(policy["nextRootCrossCert"].is_string(), "{policy}");
 }
 
-/// OpenBao's `sign-intermediate` ignores `permitted_uri_domains`: under a VirtualMesh with
-/// `spec.trustDomains` what it signs lacks the name constraints, and the check of its
-/// answer refuses it by name instead of handing out an unconstrained intermediate.
+/// Under a VirtualMesh with `spec.trustDomains` the intermediate carries the critical URI
+/// name constraints on the Vault backend too: meshca builds the TBS and has
+/// `sign-self-issued` sign it (OpenBao's `sign-intermediate` ignores
+/// `permitted_uri_domains`). Its key then signs workload identities of those trust domains
+/// only. Vault stores no copy (`pki/certs` does not grow); the audit log names the serial,
+/// which is meshca's own. The README's serving policy is enough (no `sudo`).
 #[tokio::test]
-async fn an_intermediate_without_the_policys_name_constraints_is_refused() {
+async fn an_intermediate_under_trust_domains_carries_the_name_constraints() {
     let mut spec = vault(VaultSpec::default());
     spec.virtual_meshes[0].push_str("  trustDomains: [pay.local]\n");
     let env = Env::with(spec);
-    // Said before the first renewal fails: by `serve --check` and at start.
-    let warning = "virtual mesh test/vm sets spec.trustDomains and the root is in Vault: OpenBao (2.7 at least) ignores sign-intermediate's permitted_uri_domains";
+    env.bao()
+        .write_policy("meshca", &readme_policy("# meshca-signer:"));
+    // Nothing left to warn of about Vault: `serve --check` and the start warn only that
+    // rustls peers refuse name constraints, as on any backend.
+    let rustls = "virtual mesh test/vm sets spec.trustDomains: its intermediates carry URI name constraints, which rustls-webpki does not support";
     let report = text(&env.run_with_config_ok(&["serve", "--check"]).stdout);
-    assert!(report.contains(warning), "{report}");
+    let warnings: Vec<&str> = report.lines().filter(|l| l.contains("warning")).collect();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains(rustls),
+        "{report}"
+    );
+    let before = stored_certificates(&env);
     let signer = env.start_signer();
-    let line = signer.wait_for_log(warning).await;
-    assert!(line.contains("WARN"), "{line}");
-    let (status, body) = sign(&env, &signer).await;
-    assert_eq!(status, 502, "{body}");
-    assert_eq!(body["error"]["code"], "backend_out_of_policy");
-    for needle in [
-        "nameConstraints is missing; the virtual mesh permits only the trust domains pay.local",
-        "permitted_uri_domains",
+    let (key, request) = csr(KeyType::EcdsaP256, "acme", "cluster-a");
+    let (status, body) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body("test/vm", "test/cluster-a", &request),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let logs = signer.logs();
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains(rustls),
+        "{logs}"
+    );
+
+    let profile = openssl_verifies(&env, &body, "constrained");
+    for shown in [
+        "X509v3 Name Constraints: critical\n",
+        "Permitted:\n                  URI:pay.local\n",
+        "X509v3 Basic Constraints: critical\n                CA:TRUE, pathlen:0\n",
+        "X509v3 Key Usage: critical\n                Digital Signature, Certificate Sign, CRL Sign\n",
+        "Subject: O = acme, CN = cluster-a\n",
     ] {
-        assert!(message(&body).contains(needle), "{needle:?} not in {body}");
+        assert!(profile.contains(shown), "{shown:?} not in {profile}");
     }
-    assert!(body.get("certificate").is_none());
+    // Vault put the root's name in as issuer (the template named the intermediate).
+    assert!(
+        !profile.contains("Issuer: O = acme, CN = cluster-a"),
+        "{profile}"
+    );
+    assert!(!profile.contains("Excluded"), "{profile}");
+    let dir = env.path("constrained");
+    std::fs::write(
+        dir.join("ca-key.pem"),
+        key.to_pkcs8_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let (out, ok) = leaf_verifies(&dir, "pay", "URI:spiffe://pay.local/ns/a/sa/b");
+    assert!(ok && out.contains("pay.pem: OK"), "{out}");
+    let (out, ok) = leaf_verifies(&dir, "web", "URI:spiffe://web.local/ns/web/sa/frontend");
+    assert!(!ok && out.contains("permitted subtree violation"), "{out}");
+
+    // sign-self-issued keeps nothing in the mount: the audit log is the record.
+    assert_eq!(stored_certificates(&env), before);
+    let serial = body["serial"].as_str().unwrap();
+    let audit = signer.audit_lines();
+    let issued = audit.last().unwrap();
+    assert_eq!(issued["rule"], "issued", "{audit:?}");
+    assert_eq!(issued["serial"], serial, "{audit:?}");
+    let shown_serial = openssl(&dir, &["x509", "-in", "ca-cert.pem", "-noout", "-serial"]);
+    assert_eq!(
+        shown_serial.trim().to_lowercase(),
+        format!("serial={serial}"),
+        "{shown_serial}"
+    );
+
+    // An RSA intermediate under the P-384 root: Vault signs it with the root's algorithm
+    // (`require_matching_certificate_algorithms` false), which the check demands.
+    let (_key, rsa) = csr(KeyType::Rsa2048, "acme", "cluster-a");
+    let (status, body) = post_sign(
+        &env.client("cluster-a"),
+        &signer,
+        &sign_body("test/vm", "test/cluster-a", &rsa),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let profile = openssl_verifies(&env, &body, "constrained-rsa");
+    assert!(
+        profile.contains("Signature Algorithm: ecdsa-with-SHA384")
+            && profile.contains("Public-Key: (2048 bit)")
+            && profile.contains("X509v3 Name Constraints: critical"),
+        "{profile}"
+    );
+    assert_eq!(stored_certificates(&env), before);
+
+    // A policy without sign-self-issued: those signings are refused by Vault, named.
+    let without: String = readme_policy("# meshca-signer:")
+        .lines()
+        .filter(|line| !line.contains("sign-self-issued"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    env.bao().write_policy("meshca", &without);
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        message(&body).contains("sign-self-issued")
+            && message(&body).contains("the policy of meshca's Vault identity must allow it"),
+        "{body}"
+    );
+}
+
+/// Without trust domains nothing changed: `sign-intermediate` signs, and Vault keeps the
+/// intermediate in `pki/certs` under the serial the audit log names (sign-self-issued
+/// would keep nothing).
+#[tokio::test]
+async fn an_intermediate_without_trust_domains_is_still_signed_by_sign_intermediate() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let before = stored_certificates(&env);
+    let signer = env.start_signer();
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stored_certificates(&env), before + 1);
+    let serial = body["serial"].as_str().unwrap();
+    // Vault lists serials as colon-separated hex.
+    let listed = env.bao().cli_json(&["list", "pki/certs"]);
+    let listed: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().replace(':', ""))
+        .collect();
+    assert!(
+        listed.iter().any(|s| s == serial),
+        "{serial} not in {listed:?}"
+    );
+    let profile = openssl_verifies(&env, &body, "unconstrained");
+    assert!(!profile.contains("Name Constraints"), "{profile}");
 }
 
 /// The README's policy block that begins with `first_line`: the tests use the policy the

@@ -244,9 +244,29 @@ pub fn intermediate_tbs(
     root: &RootCa,
     trust_domains: &[String],
 ) -> Result<Vec<u8>, ProfileError> {
+    intermediate_profile_tbs(plan, root, trust_domains, &root.subject)
+}
+
+/// [`intermediate_tbs`], but named as issued by the intermediate itself (its subject as
+/// issuer): the self-issued template Vault's `sign-self-issued` takes, which puts the
+/// root's name in as issuer and keeps everything else.
+pub fn intermediate_template_tbs(
+    plan: &IntermediatePlan,
+    root: &RootCa,
+    trust_domains: &[String],
+) -> Result<Vec<u8>, ProfileError> {
+    intermediate_profile_tbs(plan, root, trust_domains, &plan.subject)
+}
+
+fn intermediate_profile_tbs(
+    plan: &IntermediatePlan,
+    root: &RootCa,
+    trust_domains: &[String],
+    issuer: &Name,
+) -> Result<Vec<u8>, ProfileError> {
     let profile = CaProfile {
         subject: plan.subject.clone(),
-        issuer: Some(root.subject.clone()),
+        issuer: Some(issuer.clone()),
         basic_constraints: BasicConstraints {
             ca: true,
             path_len_constraint: Some(0),

@@ -133,7 +133,7 @@ pub fn check(
         warnings.push(format!("{superseded}; remove it from the file"));
     }
     warnings.extend(tls.client_ca_crl_problems.iter().cloned());
-    warnings.extend(shared_root_warnings(config));
+    warnings.extend(config.policies.trust_domain_warnings());
     if let Some(open) = &tls.key_readable_by_others {
         warnings.push(open.to_string());
     }
@@ -217,30 +217,6 @@ pub fn check(
 /// SHA-256 `fingerprint`, as the audit log last recorded it (`serial S sha256 F`): the
 /// signer makes one at each start and at the reload that announces the root, and names
 /// it in that record; the last such record names the one it serves.
-/// What the start and `serve --check` warn of about the virtual meshes' trust domains:
-/// virtual meshes sharing the root without them apart, and trust domains the Vault
-/// backend's `sign-intermediate` may not put in (OpenBao ignores
-/// `permitted_uri_domains`, and the check of its answer then refuses every signing under
-/// such a virtual mesh): said at start, not found out at the first renewal.
-pub fn shared_root_warnings(config: &SignerConfig) -> Vec<String> {
-    let mut warnings = config.policies.trust_domain_warnings();
-    if config.root.backend == crate::config::BackendKind::Vault {
-        let constrained: Vec<String> = config
-            .policies
-            .iter()
-            .filter(|policy| !policy.trust_domains.is_empty())
-            .map(|policy| policy.id.to_string())
-            .collect();
-        if !constrained.is_empty() {
-            warnings.push(format!(
-                "virtual mesh {} sets spec.trustDomains and the root is in Vault: OpenBao (2.7 at least) ignores sign-intermediate's permitted_uri_domains, and an intermediate without the name constraints is refused (502 backend_out_of_policy), so every signing under it fails unless this Vault honours the parameter; use the PKCS#11 backend for it",
-                constrained.join(", ")
-            ));
-        }
-    }
-    warnings
-}
-
 pub fn audited_cross_cert(audit_log: &Path, fingerprint: &str) -> Option<String> {
     use std::io::BufRead;
     let file = std::fs::File::open(audit_log).ok()?;

@@ -653,7 +653,7 @@ impl RunningSigner {
         }
         warn_of_ended_announced_roots(&read.root);
         // As at start: a reload may have added a virtual mesh beside the others.
-        for shared in super::check::shared_root_warnings(&read) {
+        for shared in read.policies.trust_domain_warnings() {
             tracing::warn!("SIGHUP: {shared}");
         }
         let mut restart_only = restart_only_changes(&self.config, &read);
@@ -894,7 +894,7 @@ pub async fn start(
     raise_open_files_limit(config.limits.max_connections);
     let root = load_root(&config)?;
     check_root_key_type(&config, &root)?;
-    for shared in super::check::shared_root_warnings(&config) {
+    for shared in config.policies.trust_domain_warnings() {
         tracing::warn!("{shared}");
     }
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())

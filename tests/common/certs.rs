@@ -14,7 +14,7 @@ use meshca::pki::keys::{KeyType, PrivateKey};
 use meshca::pki::profile::subject_name;
 use serde_json::Value;
 
-use super::{Env, EnvSpec, openssl, run_ok, send_signal, text, write};
+use super::{Env, EnvSpec, openssl, run, run_ok, send_signal, text, write};
 
 /// `genpkey` arguments of a P-256 key (a transport client certificate's).
 pub const KEYGEN_P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
@@ -94,6 +94,38 @@ pub fn openssl_verify_bundle(dir: &Path) -> String {
             "cert-chain.pem",
             "ca-cert.pem",
         ],
+    )
+}
+
+/// Writes the answer's PEMs to a directory and verifies them with openssl.
+pub fn openssl_verifies(env: &Env, body: &Value, tag: &str) -> String {
+    let dir = env.path(tag);
+    write_answer(&dir, body);
+    let verified = openssl_verify_bundle(&dir);
+    assert!(verified.contains("ca-cert.pem: OK"), "{tag}: {verified}");
+    openssl(&dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"])
+}
+
+/// A leaf signed as istiod would with the intermediate in `dir` (ca-cert.pem and
+/// ca-key.pem), with `san` as its subjectAltName; then `openssl verify` of it through
+/// cert-chain.pem to root-cert.pem, for a client certificate. Returns what openssl printed
+/// and whether it verified.
+pub fn leaf_verifies(dir: &Path, name: &str, san: &str) -> (String, bool) {
+    let cert = format!("{name}.pem");
+    Workload::issue_with_san(dir, dir, name, san);
+    let out = run(Command::new("openssl").current_dir(dir).args([
+        "verify",
+        "-CAfile",
+        "root-cert.pem",
+        "-untrusted",
+        "cert-chain.pem",
+        "-purpose",
+        "sslclient",
+        &cert,
+    ]));
+    (
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+        out.status.success(),
     )
 }
 

@@ -1,5 +1,7 @@
 //! The root key in Vault/OpenBao PKI: the key is generated inside Vault
-//! (`root/generate/internal`) and never leaves it; Vault's `sign-intermediate` signs.
+//! (`root/generate/internal`) and never leaves it; Vault's `sign-intermediate` signs, or,
+//! for an intermediate with name constraints, `sign-self-issued` signs the TBS meshca built
+//! ([`profile::issue_call`]).
 //!
 //! Vault applies no role policy to `sign-intermediate`, so the signer keeps owning the
 //! policy: the request is decided before Vault is asked, Vault is asked for exactly
@@ -119,8 +121,9 @@ pub struct VaultBackend {
     client: Arc<VaultClient>,
     root: RootCa,
     sign_path: String,
-    /// `<mount>/issuer/<ref>/sign-self-issued`: cross certificates for announced roots.
-    cross_sign_path: String,
+    /// `<mount>/issuer/<ref>/sign-self-issued`: cross certificates for announced roots,
+    /// and intermediates with name constraints.
+    self_issued_path: String,
     description: String,
     /// Why the configured issuer is no longer the root in force (renamed, replaced by
     /// another `root init --force`), as the last readiness check found; `None` while it
@@ -152,7 +155,7 @@ impl VaultBackend {
                 "{}/issuer/{}/sign-intermediate",
                 settings.mount, settings.issuer_ref
             ),
-            cross_sign_path: format!(
+            self_issued_path: format!(
                 "{}/issuer/{}/sign-self-issued",
                 settings.mount, settings.issuer_ref
             ),
@@ -282,14 +285,18 @@ impl RootSigner for VaultBackend {
             if let Some(why) = self.issuer_moved() {
                 return Err(BackendError::Unavailable(why));
             }
-            let body = profile::sign_intermediate_body(&request, &self.root)
-                .map_err(BackendError::Check)?;
+            let (endpoint, body) =
+                profile::issue_call(&request, &self.root).map_err(BackendError::Check)?;
+            let path = match endpoint {
+                profile::IssueEndpoint::SignIntermediate => &self.sign_path,
+                profile::IssueEndpoint::SignSelfIssued => &self.self_issued_path,
+            };
             let answer = self
                 .client
-                .call(Method::POST, &self.sign_path, Some(&body))
+                .call(Method::POST, path, Some(&body))
                 .await
                 .map_err(backend_error)?;
-            let checked = profile::check_intermediate(&answer, &request, &self.root);
+            let checked = profile::check_intermediate(&answer, &request, &self.root, endpoint);
             if matches!(checked, Err(BackendError::OutOfPolicy(_))) {
                 // Signed by name, as meshca's Vault policy names the issuer: a name moved
                 // to another root under this signer shows here first. Looked at now, so
@@ -321,7 +328,7 @@ impl RootSigner for VaultBackend {
             });
             let answer = self
                 .client
-                .call(Method::POST, &self.cross_sign_path, Some(&body))
+                .call(Method::POST, &self.self_issued_path, Some(&body))
                 .await
                 .map_err(backend_error)?;
             profile::check_cross(&answer, announced, &self.root)

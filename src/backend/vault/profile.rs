@@ -4,7 +4,9 @@
 //! the CSR's subject and extensions verbatim. So meshca asks for every field of its own
 //! profile explicitly (subject from the policy, pathlen 0, keyUsage, notAfter, signature
 //! algorithm), and re-checks each certificate Vault returns with the same linter the
-//! PKCS#11 path uses before anything leaves the signer.
+//! PKCS#11 path uses before anything leaves the signer. An intermediate with name
+//! constraints (a virtual mesh with trust domains) cannot be asked for so (OpenBao ignores
+//! `permitted_uri_domains`): meshca builds its whole TBS and has `sign-self-issued` sign it.
 
 use std::time::{Duration, SystemTime};
 
@@ -48,8 +50,69 @@ pub fn rfc3339_seconds(time: SystemTime) -> Result<String, String> {
         .map_err(|e| format!("time cannot be written: {e}"))
 }
 
-/// The body of `POST <mount>/issuer/<ref>/sign-intermediate` for an approved request.
+/// The Vault endpoint that signs an intermediate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueEndpoint {
+    /// `<mount>/issuer/<ref>/sign-intermediate`: Vault builds the certificate from the
+    /// CSR's key and the fields meshca names; it picks the serial, and stores the
+    /// certificate (`<mount>/certs`).
+    SignIntermediate,
+    /// `<mount>/issuer/<ref>/sign-self-issued`: meshca builds the whole certificate, Vault
+    /// puts in the root's name as issuer and signs; it stores nothing.
+    SignSelfIssued,
+}
+
+/// The endpoint and body that issue an approved request.
+///
+/// Under a virtual mesh with trust domains the intermediate needs critical URI name
+/// constraints, and `sign-intermediate` cannot be made to write them (OpenBao 2.x ignores
+/// `permitted_uri_domains`): `sign-self-issued`, given meshca's exact TBS, keeps them.
+/// Without trust domains `sign-intermediate` stays, as before: Vault then keeps each
+/// intermediate in `<mount>/certs` (listed, revocable by serial), a record the other
+/// endpoint does not leave.
+pub fn issue_call(request: &IssueRequest, root: &RootCa) -> Result<(IssueEndpoint, Value), String> {
+    if request.trust_domains.is_empty() {
+        Ok((
+            IssueEndpoint::SignIntermediate,
+            sign_intermediate_body(request, root)?,
+        ))
+    } else {
+        Ok((
+            IssueEndpoint::SignSelfIssued,
+            sign_self_issued_body(request, root)?,
+        ))
+    }
+}
+
+/// The body of `POST <mount>/issuer/<ref>/sign-self-issued` for an approved request: the
+/// intermediate's exact TBS ([`crate::pki::profile::intermediate_template_tbs`]: meshca's
+/// profile, the plan's subject, key, serial and dates, AKI the root's SKI, the name
+/// constraints), named as issued by itself, as the endpoint demands. Vault replaces the
+/// issuer name and the signature and keeps the rest. With
+/// `require_matching_certificate_algorithms` false an intermediate key of another type
+/// than the root's (RSA under an ECDSA root) is signed too, with the root's algorithm.
+pub fn sign_self_issued_body(request: &IssueRequest, root: &RootCa) -> Result<Value, String> {
+    let tbs =
+        crate::pki::profile::intermediate_template_tbs(&request.plan, root, &request.trust_domains)
+            .map_err(|e| e.to_string())?;
+    // Vault parses the template and never checks its signature; nobody here could make
+    // one anyway (the intermediate's key stays with the agent, and a self-issued
+    // certificate claims to be signed by it). So the template carries an empty one. The
+    // algorithm is the root's: Vault signs with the one the template names.
+    let der = crate::pki::profile::assemble(&tbs, root.signature_algorithm, &[])
+        .map_err(|e| e.to_string())?;
+    Ok(json!({
+        "certificate": encode("CERTIFICATE", &der),
+        "require_matching_certificate_algorithms": false,
+    }))
+}
+
+/// The body of `POST <mount>/issuer/<ref>/sign-intermediate` for an approved request
+/// without trust domains (the name constraints go through [`sign_self_issued_body`]).
 pub fn sign_intermediate_body(request: &IssueRequest, root: &RootCa) -> Result<Value, String> {
+    if !request.trust_domains.is_empty() {
+        return Err("name constraints cannot be asked of sign-intermediate (OpenBao ignores permitted_uri_domains); sign-self-issued writes them".into());
+    }
     let common_name = request
         .plan
         .subject
@@ -61,7 +124,7 @@ pub fn sign_intermediate_body(request: &IssueRequest, root: &RootCa) -> Result<V
     if request.csr_der.is_empty() {
         return Err("the request carries no CSR for Vault".into());
     }
-    let mut body = json!({
+    Ok(json!({
         "csr": encode("CERTIFICATE REQUEST", &request.csr_der),
         // Nothing from the CSR but its key: subject and extensions are meshca's.
         "use_csr_values": false,
@@ -77,14 +140,7 @@ pub fn sign_intermediate_body(request: &IssueRequest, root: &RootCa) -> Result<V
         "signature_bits": signature_bits(root.signature_algorithm),
         "use_pss": false,
         "format": "pem",
-    });
-    // Only when the virtual mesh has trust domains: a Vault without the parameter (before
-    // 1.19) ignores it with a warning, and the check of its answer refuses the
-    // certificate without the constraint.
-    if !request.trust_domains.is_empty() {
-        body["permitted_uri_domains"] = json!(request.trust_domains);
-    }
-    Ok(body)
+    }))
 }
 
 /// Vault's `key_type` and `key_bits` for a meshca key type.
@@ -159,10 +215,6 @@ fn one_certificate(pem: &str) -> Result<Certificate, String> {
     Ok(certs.remove(0))
 }
 
-/// Re-checks the intermediate Vault signed: one certificate, signed by the root key meshca
-/// knows, carrying exactly meshca's profile and the policy (org, subject, key, notAfter,
-/// extensions). Serial and notBefore are Vault's choice. Anything else is out of policy
-/// and never handed out.
 /// Vault's answer to `sign-self-issued` for `announced`: a cross certificate under
 /// `root` ([`crate::pki::cross::check_cross`]), or out of policy.
 pub fn check_cross(
@@ -205,22 +257,32 @@ pub fn cross_template(announced: &RootCa, root: &RootCa) -> Result<String, Backe
     Ok(crate::pki::pem::encode("CERTIFICATE", &der))
 }
 
+/// Re-checks the intermediate Vault signed: one certificate, signed by the root key meshca
+/// knows, carrying exactly meshca's profile and the policy (org, subject, key, notAfter,
+/// extensions, the name constraints). From `sign-intermediate` serial and notBefore are
+/// Vault's choice; from `sign-self-issued`, which keeps what meshca built, the serial,
+/// subject, key and dates must be the plan's exactly. Anything else is out of policy and
+/// never handed out.
 pub fn check_intermediate(
     answer: &Value,
     request: &IssueRequest,
     root: &RootCa,
+    endpoint: IssueEndpoint,
 ) -> Result<Certificate, BackendError> {
     let out = |m: String| BackendError::OutOfPolicy(m);
     let pem = data_str(answer, "certificate")
         .ok_or_else(|| out("Vault's answer has no data.certificate".into()))?;
     let certificate = one_certificate(pem).map_err(|e| out(format!("data.certificate: {e}")))?;
-    // Vault keeps what it signed: the refusal names it, so that Vault's list of issued
-    // certificates can be matched against the audit log.
+    // The refusal names what Vault signed, so that the audit log can be matched against
+    // Vault's list of issued certificates (`sign-intermediate` keeps each; what
+    // `sign-self-issued` signs is in the audit log only).
     let serial = crate::pki::profile::serial_hex(certificate.tbs_certificate().serial_number());
+    let kept = match endpoint {
+        IssueEndpoint::SignIntermediate => "Vault keeps it",
+        IssueEndpoint::SignSelfIssued => "sign-self-issued, Vault stores no copy",
+    };
     let out = |m: String| {
-        BackendError::OutOfPolicy(format!(
-            "Vault signed serial {serial} (Vault keeps it): {m}"
-        ))
+        BackendError::OutOfPolicy(format!("Vault signed serial {serial} ({kept}): {m}"))
     };
     verify_certificate_signature(&certificate, &root.verifier).map_err(|e| {
         out(format!(
@@ -229,7 +291,8 @@ pub fn check_intermediate(
     })?;
     let tbs = certificate.tbs_certificate();
     let mut findings = Vec::new();
-    if let Err(f) = lint_intermediate(tbs, &request.expectations(root, false)) {
+    let exact_plan = endpoint == IssueEndpoint::SignSelfIssued;
+    if let Err(f) = lint_intermediate(tbs, &request.expectations(root, exact_plan)) {
         findings.extend(f.0);
     }
     if let Err(f) = check_subject_values(tbs, &request.plan.subject) {
@@ -286,7 +349,8 @@ mod tests {
     use x509_cert::builder::{Builder, CertificateBuilder, Profile as BuilderProfile};
     use x509_cert::ext::Extension;
     use x509_cert::ext::pkix::{
-        AuthorityKeyIdentifier, BasicConstraints, KeyUsage, KeyUsages, SubjectKeyIdentifier,
+        AuthorityKeyIdentifier, BasicConstraints, KeyUsage, KeyUsages, NameConstraints,
+        SubjectKeyIdentifier,
     };
     use x509_cert::name::Name;
     use x509_cert::time::Validity;
@@ -345,17 +409,11 @@ mod tests {
         );
         let csr = crate::pki::csr::ParsedCsr::from_pem(body["csr"].as_str().unwrap()).unwrap();
         assert_eq!(csr.public_key, request.plan.public_key);
-        // Name constraints only under a virtual mesh with trust domains.
+        // Without trust domains: sign-intermediate, no name constraints asked for.
+        let (endpoint, called) = issue_call(&request, &root).unwrap();
+        assert_eq!(endpoint, IssueEndpoint::SignIntermediate);
+        assert_eq!(called, body);
         assert!(body.get("permitted_uri_domains").is_none(), "{body}");
-        let constrained = IssueRequest {
-            trust_domains: vec!["pay.local".into()],
-            ..request.clone()
-        };
-        let body_constrained = sign_intermediate_body(&constrained, &root).unwrap();
-        assert_eq!(
-            body_constrained["permitted_uri_domains"],
-            json!(["pay.local"])
-        );
         // Vault's names map to exactly meshca's keyUsage bits.
         let mut bits = KeyUsages::KeyCertSign & KeyUsages::CRLSign;
         for name in INTERMEDIATE_KEY_USAGE {
@@ -367,6 +425,140 @@ mod tests {
             };
         }
         assert_eq!(KeyUsage(bits), intermediate_key_usage());
+    }
+
+    fn constrained(request: &IssueRequest) -> IssueRequest {
+        IssueRequest {
+            trust_domains: vec!["pay.local".into(), "pay.remote".into()],
+            ..request.clone()
+        }
+    }
+
+    /// Under trust domains: sign-self-issued, given the intermediate meshca would sign on
+    /// the token path (the same TBS but for the issuer, which Vault puts in), self-issued
+    /// as the endpoint demands.
+    #[test]
+    fn name_constraints_go_to_sign_self_issued_in_meshcas_own_tbs() {
+        let (_root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let (request, _) = request(&root);
+        let request = constrained(&request);
+        let (endpoint, body) = issue_call(&request, &root).unwrap();
+        assert_eq!(endpoint, IssueEndpoint::SignSelfIssued);
+        assert_eq!(body, sign_self_issued_body(&request, &root).unwrap());
+        assert_eq!(body["require_matching_certificate_algorithms"], false);
+        assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+        // sign-intermediate is never asked for them (OpenBao would drop them).
+        let refused = sign_intermediate_body(&request, &root).unwrap_err();
+        assert!(refused.contains("permitted_uri_domains"), "{refused}");
+
+        let template = one_certificate(body["certificate"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            template.signature_algorithm(),
+            &root.signature_algorithm.algorithm_identifier()
+        );
+        let tbs = template.tbs_certificate();
+        assert_eq!(
+            tbs.to_der().unwrap(),
+            crate::pki::profile::intermediate_template_tbs(
+                &request.plan,
+                &root,
+                &request.trust_domains
+            )
+            .unwrap()
+        );
+        // Self-issued: the plan's subject as issuer too.
+        assert_eq!(tbs.issuer(), &request.plan.subject);
+        assert_eq!(tbs.subject(), &request.plan.subject);
+        // Everything but the issuer is the intermediate the token path signs.
+        let signed = crate::pki::profile::decode_tbs(
+            &crate::pki::profile::intermediate_tbs(&request.plan, &root, &request.trust_domains)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(signed.issuer(), &root.subject);
+        assert_eq!(tbs.serial_number(), &request.plan.serial);
+        assert_eq!(tbs.serial_number(), signed.serial_number());
+        assert_eq!(tbs.validity(), signed.validity());
+        assert_eq!(tbs.subject_public_key_info(), &request.plan.public_key);
+        assert_eq!(tbs.signature(), signed.signature());
+        assert_eq!(tbs.extensions(), signed.extensions());
+        let (critical, constraints) = tbs.get_extension::<NameConstraints>().unwrap().unwrap();
+        assert!(critical);
+        assert_eq!(constraints.permitted_subtrees.unwrap().len(), 2);
+        let (_, aki) = tbs
+            .get_extension::<AuthorityKeyIdentifier>()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            aki.key_identifier.unwrap().as_bytes(),
+            root.subject_key_id.as_slice()
+        );
+    }
+
+    /// What sign-self-issued returns must be exactly what meshca built (serial and dates
+    /// included, which sign-intermediate chooses itself), with the name constraints.
+    #[test]
+    fn a_self_issued_answer_must_be_the_plan_exactly() {
+        let (root_key, root) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        let (request, _) = request(&root);
+        let request = constrained(&request);
+        let signed = |plan: &IntermediatePlan, trust_domains: &[String]| {
+            let tbs = crate::pki::profile::intermediate_tbs(plan, &root, trust_domains).unwrap();
+            let (algorithm, signature) = crate::pki::csr::sign_with(&root_key, &tbs).unwrap();
+            let der = crate::pki::profile::assemble(&tbs, algorithm, &signature).unwrap();
+            let cert = Certificate::from_der(&der).unwrap();
+            json!({"data": {"certificate": certificate_pem(&cert)}})
+        };
+        let good = signed(&request.plan, &request.trust_domains);
+        check_intermediate(&good, &request, &root, IssueEndpoint::SignSelfIssued).unwrap();
+
+        let other_serial = IntermediatePlan {
+            serial: random_serial().unwrap(),
+            ..request.plan.clone()
+        };
+        let later = IntermediatePlan {
+            not_before: request.plan.not_before + Duration::from_secs(60),
+            ..request.plan.clone()
+        };
+        let cases = [
+            (
+                signed(&other_serial, &request.trust_domains),
+                "serial differs from the plan",
+            ),
+            (
+                signed(&later, &request.trust_domains),
+                "validity differs from the plan",
+            ),
+            (
+                signed(&request.plan, &[]),
+                "nameConstraints is missing; the virtual mesh permits only the trust domains pay.local, pay.remote",
+            ),
+            (
+                signed(&request.plan, &["pay.local".to_string()]),
+                "nameConstraints permits the trust domains pay.local, the virtual mesh",
+            ),
+        ];
+        for (answer, needle) in cases {
+            match check_intermediate(&answer, &request, &root, IssueEndpoint::SignSelfIssued) {
+                Err(BackendError::OutOfPolicy(m)) => {
+                    assert!(m.contains(needle), "{needle:?} not in {m}");
+                    assert!(m.contains("Vault stores no copy"), "{m}");
+                }
+                other => panic!("{needle}: {other:?}"),
+            }
+        }
+        // sign-intermediate picks serial and notBefore: not held to the plan's.
+        let unconstrained = IssueRequest {
+            trust_domains: Vec::new(),
+            ..request.clone()
+        };
+        check_intermediate(
+            &signed(&other_serial, &[]),
+            &unconstrained,
+            &root,
+            IssueEndpoint::SignIntermediate,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -477,7 +669,7 @@ mod tests {
             request.plan.subject.clone(),
             vec![],
         );
-        check_intermediate(&good, &request, &root).unwrap();
+        check_intermediate(&good, &request, &root, IssueEndpoint::SignIntermediate).unwrap();
 
         let aia = Extension {
             extn_id: const_oid::db::rfc5280::ID_PE_AUTHORITY_INFO_ACCESS,
@@ -529,7 +721,7 @@ mod tests {
             (json!({"data": {}}), "no data.certificate"),
         ];
         for (answer, needle) in cases {
-            match check_intermediate(&answer, &request, &root) {
+            match check_intermediate(&answer, &request, &root, IssueEndpoint::SignIntermediate) {
                 Err(BackendError::OutOfPolicy(m)) => {
                     assert!(m.contains(needle), "{needle:?} not in {m}")
                 }
