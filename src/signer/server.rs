@@ -889,6 +889,24 @@ pub async fn start(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
 ) -> Result<RunningSigner, StartError> {
+    let never = std::future::pending();
+    tokio::pin!(never);
+    match start_unless_stopped(config, listen_override, never).await? {
+        Some(running) => Ok(running),
+        None => unreachable!("a start that is never stopped ends running or failed"),
+    }
+}
+
+/// [`start`], or `None` once `stop` resolves first. A stop that comes after the backend
+/// started (the Vault login done, the token logged in) closes it before returning: a
+/// Vault token would otherwise stay live until its TTL. One that comes while the backend
+/// is still starting leaves that thread behind, as a backend that does not answer must
+/// not keep the signer from stopping.
+async fn start_unless_stopped(
+    config: SignerConfig,
+    listen_override: Option<SocketAddr>,
+    mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<RunningSigner>, StartError> {
     let started = Instant::now();
     config.check_listeners(listen_override)?;
     raise_open_files_limit(config.limits.max_connections);
@@ -924,22 +942,31 @@ pub async fn start(
     }
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
-    let backend = backend_started(&config, root, started).await?;
-    let serving = serve_with(
-        config,
-        listen_override,
-        started,
-        (tls, metrics, audit),
-        seeding,
-        backend.clone(),
-    )
-    .await;
+    let backend = tokio::select! {
+        backend = backend_started(&config, root, started) => backend?,
+        _ = stop.as_mut() => return Ok(None),
+    };
+    let serving = tokio::select! {
+        serving = serve_with(
+            config,
+            listen_override,
+            started,
+            (tls, metrics, audit),
+            seeding,
+            backend.clone(),
+        ) => serving,
+        _ = stop => {
+            tracing::info!("stop requested while starting; closing the root key backend");
+            backend.close().await;
+            return Ok(None);
+        }
+    };
     // Whatever fails after the login gives it back (a Vault token revoked): a signer
     // restarted after each failed start would otherwise leave one live token per try.
     if serving.is_err() {
         backend.close().await;
     }
-    serving
+    serving.map(Some)
 }
 
 /// The rest of [`start`], once the backend is up: on an error the caller closes it.
@@ -1454,14 +1481,16 @@ pub async fn run(
     let early_hangup = crate::signals::hangup_noted();
     let mut stops = crate::signals::StopSignals::take_over()
         .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
-    let running = tokio::select! {
-        running = start(config, listen_override) => running?,
-        // Nothing is served yet, so nothing to drain: a backend that does not answer at
-        // start does not keep the signer from stopping.
-        _ = stops.next() => {
-            tracing::info!("stop requested while starting; nothing was served, signer stopped");
-            return Ok(());
-        }
+    // Nothing is served yet, so nothing to drain: a backend that does not answer at start
+    // does not keep the signer from stopping, and one that did is closed.
+    let started = {
+        let stop = stops.next();
+        tokio::pin!(stop);
+        start_unless_stopped(config, listen_override, stop).await?
+    };
+    let Some(running) = started else {
+        tracing::info!("stop requested while starting; nothing was served, signer stopped");
+        return Ok(());
     };
     crate::service_manager::ready(&serving_status(&running));
     if early_hangup {
