@@ -35,8 +35,9 @@ pub struct SignerState {
     pub rate_limiter: ratelimit::RateLimiter,
     /// Rate-limit refusals counted for one audit line instead of one line each.
     pub refusal_tally: ratelimit::RefusalTally,
-    /// Log lines of refused TLS handshakes: a burst, then about one a second.
-    pub handshake_log: ratelimit::LogThrottle,
+    /// Log lines of refused TLS handshakes: a burst, then about one a second per reason,
+    /// and each refused client's first line of a reason in a minute.
+    pub handshake_log: ratelimit::ClientLogThrottle,
     /// Log lines saying a refused handshake met an expired serving certificate: one a
     /// minute.
     pub server_certificate_log: ratelimit::LogThrottle,

@@ -21,7 +21,9 @@ use tower::ServiceExt;
 use super::api::{self, ClientIdentity};
 use super::audit::{AuditLog, AuditRecord, HeadAnchor, rfc3339};
 use super::metrics::Metrics;
-use super::ratelimit::{LogThrottle, REFUSAL_TALLY_PERIOD, RateLimit, RateLimiter, RefusalTally};
+use super::ratelimit::{
+    ClientLogThrottle, LogThrottle, REFUSAL_TALLY_PERIOD, RateLimit, RateLimiter, RefusalTally,
+};
 use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
@@ -1032,7 +1034,11 @@ async fn serve_with(
         metrics,
         rate_limiter: RateLimiter::default(),
         refusal_tally: RefusalTally::default(),
-        handshake_log: LogThrottle::new(HANDSHAKE_LOG_LIMIT),
+        handshake_log: ClientLogThrottle::new(
+            HANDSHAKE_LOG_LIMIT,
+            HANDSHAKE_LOG_CLIENT_WINDOW,
+            HANDSHAKE_LOG_CLIENTS,
+        ),
         server_certificate_log: LogThrottle::new(SERVER_CERTIFICATE_LOG_LIMIT),
         capped_by_root_noted: AtomicBool::new(false),
         decisions: TaskTracker::new(),
@@ -1346,7 +1352,10 @@ fn handshake_refused(
             );
         }
     }
-    if let Some(not_logged) = state.handshake_log.admit(reason, Instant::now()) {
+    // By the client only when its chain leads to a client CA: anyone can claim an identity,
+    // and a flood of made-up ones would fill the clients remembered.
+    let verified = client.filter(|client| crate::tlsutil::verified_refused_client(client));
+    if let Some(not_logged) = state.handshake_log.admit(reason, verified, Instant::now()) {
         tracing::info!(
             %peer,
             reason,
@@ -1366,6 +1375,15 @@ const HANDSHAKE_LOG_LIMIT: RateLimit = RateLimit {
     per_minute: 60,
     burst: 20,
 };
+
+/// Beyond [`HANDSHAKE_LOG_LIMIT`], each refused client (its chain leading to a client CA)
+/// gets its first line of a reason in this window: one tenant's agent retrying with a
+/// revoked certificate does not hide another's.
+const HANDSHAKE_LOG_CLIENT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Refused clients remembered for [`HANDSHAKE_LOG_CLIENT_WINDOW`]; beyond them the
+/// reason's bucket alone decides (bounded memory, and lines).
+const HANDSHAKE_LOG_CLIENTS: usize = 1024;
 
 /// Refused handshakes while the serving certificate has expired: every client's is, so
 /// one line a minute says it (counting the others) without a line per handshake.
