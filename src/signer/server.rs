@@ -455,6 +455,8 @@ pub(super) struct ServingTls {
     /// The client CA certificates: a reload of the rules checks them against the roots
     /// it announces and the clients' issuers; a decision finds its client's CA in them.
     pub(super) client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The same, described once for every connection accepted under these settings.
+    pub(super) client_ca_set: Arc<crate::tlsutil::ClientCaSet>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     pub(super) fingerprint: MaterialFingerprint,
     /// The acceptor's client verifier: a decision checks its client with the one in force
@@ -487,6 +489,7 @@ pub(super) fn serving_tls(
         superseded_crls: tls.superseded_crls,
         client_ca_crl_problems: tls.client_ca_crl_problems,
         key_readable_by_others: tls.key_readable_by_others,
+        client_ca_set: Arc::new(crate::tlsutil::ClientCaSet::of(&tls.client_cas)),
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
         client_verifier: tls.client_verifier,
