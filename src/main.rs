@@ -318,6 +318,117 @@ enum AuditCommand {
     },
 }
 
+/// `meshca audit verify`: each file's chain, each continuing the one before; with `json`,
+/// one object on stdout, a break included (`intact: false`, with `error` and
+/// `exit_status` as every command's error has them, and where it broke).
+fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Result<ExitCode> {
+    let mut after: Option<String> = None;
+    let mut missing = expect_hashes.to_vec();
+    let mut verified = Vec::new();
+    let mut records_total = 0;
+    for file in files {
+        match audit::verify_file(file, after.as_deref(), expect_hashes)? {
+            VerifyOutcome::Intact {
+                records,
+                last_hash,
+                continues_from,
+                anchored,
+            } => {
+                if !json {
+                    say!(
+                        "meshca: audit log {} is intact: {records} records, last hash {last_hash}",
+                        file.display()
+                    );
+                    if let Some(earlier) = &continues_from {
+                        say!(
+                            "  it continues an earlier file (rotated away) whose last line hashes to {earlier}: verify them together, oldest first, to check the link"
+                        );
+                    }
+                    for (hash, line) in &anchored {
+                        say!(
+                            "  holds the expected line {hash}: line {line}, {} records after it",
+                            records - line
+                        );
+                    }
+                }
+                missing.retain(|m| !anchored.iter().any(|(hash, _)| hash == m));
+                records_total += records;
+                verified.push(serde_json::json!({
+                    "file": file.display().to_string(),
+                    "records": records,
+                    "last_hash": last_hash,
+                    "continues_from": continues_from,
+                    "expected_lines": anchored.iter().map(|(hash, line)| serde_json::json!({
+                        "hash": hash,
+                        "line": line,
+                        "records_after": records - line,
+                    })).collect::<Vec<_>>(),
+                }));
+                after = Some(last_hash);
+            }
+            VerifyOutcome::Broken { line, problem } => {
+                let error = format!(
+                    "audit log {} breaks at line {line}: {problem}",
+                    file.display()
+                );
+                if !json {
+                    bail!("{error}");
+                }
+                let broken = serde_json::json!({
+                    "file": file.display().to_string(),
+                    "line": line,
+                    "problem": problem,
+                });
+                return audit_verify_failed(&error, verified, Some(broken), &[]);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let error = format!(
+            "no line of {} hashes to {}: lines were cut from the end of the log after that hash was recorded (or the hash is another log's, or of a file not given)",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            missing.join(", ")
+        );
+        if !json {
+            bail!("{error}");
+        }
+        return audit_verify_failed(&error, verified, None, &missing);
+    }
+    if json {
+        say_json(&serde_json::json!({
+            "intact": true,
+            "records": records_total,
+            "last_hash": after,
+            "files": verified,
+        }));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit verify --output json` for a log that does not verify: its object on stdout, the
+/// error line on stderr, exit status 1.
+fn audit_verify_failed(
+    error: &str,
+    verified: Vec<serde_json::Value>,
+    broken: Option<serde_json::Value>,
+    missing: &[String],
+) -> Result<ExitCode> {
+    say_json(&serde_json::json!({
+        "intact": false,
+        "error": error,
+        "exit_status": 1,
+        "files": verified,
+        "broken": broken,
+        "missing_expected_hashes": missing,
+    }));
+    to_stderr!("meshca: error: {error}");
+    Ok(ExitCode::FAILURE)
+}
+
 /// A line's SHA-256 as the audit log writes it: 64 hex digits (either case is taken).
 fn parse_line_hash(text: &str) -> Result<String, String> {
     if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -692,7 +803,7 @@ fn main() -> ExitCode {
     if output == Output::Json && !cli.command.speaks_json() {
         usage_error(
             "",
-            "--output json is for root show, verify, serve --check, request and agent --once --target-dir",
+            "--output json is for root show, verify, audit verify, serve --check, request and agent --once --target-dir",
         );
     }
     match run(cli.command, output) {
@@ -1217,6 +1328,7 @@ impl Command {
                 command: RootCommand::Show { .. },
             }
             | Command::Verify { .. }
+            | Command::Audit { .. }
             | Command::Serve { check: true, .. }
             | Command::Request(_) => true,
             Command::Agent(args) => args.once && args.target_dir.is_some(),
@@ -1494,55 +1606,7 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
                     files,
                     expect_hashes,
                 },
-        } => {
-            let mut after: Option<String> = None;
-            let mut missing = expect_hashes.clone();
-            for file in &files {
-                match audit::verify_file(file, after.as_deref(), &expect_hashes)? {
-                    VerifyOutcome::Intact {
-                        records,
-                        last_hash,
-                        continues_from,
-                        anchored,
-                    } => {
-                        say!(
-                            "meshca: audit log {} is intact: {records} records, last hash {last_hash}",
-                            file.display()
-                        );
-                        if let Some(earlier) = continues_from {
-                            say!(
-                                "  it continues an earlier file (rotated away) whose last line hashes to {earlier}: verify them together, oldest first, to check the link"
-                            );
-                        }
-                        for (hash, line) in anchored {
-                            say!(
-                                "  holds the expected line {hash}: line {line}, {} records after it",
-                                records - line
-                            );
-                            missing.retain(|m| *m != hash);
-                        }
-                        after = Some(last_hash);
-                    }
-                    VerifyOutcome::Broken { line, problem } => {
-                        bail!(
-                            "audit log {} breaks at line {line}: {problem}",
-                            file.display()
-                        );
-                    }
-                }
-            }
-            if !missing.is_empty() {
-                bail!(
-                    "no line of {} hashes to {}: lines were cut from the end of the log after that hash was recorded (or the hash is another log's, or of a file not given)",
-                    files
-                        .iter()
-                        .map(|f| f.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    missing.join(", ")
-                );
-            }
-        }
+        } => return audit_verify(&files, &expect_hashes, json),
         Command::Federation {
             command:
                 FederationCommand::Render {

@@ -24,9 +24,9 @@ pub use client_ca_apart::{ClientCaError, MeshRoot, check_client_ca_apart_from_me
 pub use client_crls::SupersededCrl;
 pub(crate) use client_crls::read_with as read_crls_with;
 pub use client_issuer::{
-    ClientCa, IssuerPin, chained_to, check_issuer_pins, unpinned_clients_warning,
+    ClientCa, ClientCaSet, IssuerPin, check_issuer_pins, unpinned_clients_warning,
 };
-pub use refused_client::accept_noting_refused_client;
+pub use refused_client::{accept_noting_refused_client, verified_refused_client};
 pub use trust::{EnforcedCrl, ServerCertificate, Switched, TransportTrust, TrustChange, TrustedCa};
 
 #[derive(Debug, thiserror::Error)]

@@ -327,6 +327,44 @@ async fn a_client_hammering_its_rate_limit_costs_the_audit_log_a_few_lines_and_e
     assert_eq!(logged, own_lines, "{}", signer.logs());
 }
 
+/// Refusals of one reason are throttled per refused client too: an agent retrying with an
+/// expired certificate past the reason's burst does not hide another agent's refusal for
+/// the same reason, which is logged at once, naming it; the metric counts every one.
+#[tokio::test]
+async fn one_clients_refusals_do_not_hide_anothers_of_the_same_reason() {
+    let env = Env::new();
+    env.transport_pki("client", &["old-a", &identity("cluster-a"), "-1"]);
+    env.transport_pki("client", &["old-b", &identity("cluster-b"), "-1"]);
+    let signer = env.start_signer();
+    let refused = |client: &str| {
+        let client = env.client(client);
+        let url = signer.url("/healthz");
+        async move { assert!(client.get(url).send().await.is_err(), "served") }
+    };
+    for _ in 0..30 {
+        refused("old-a").await;
+    }
+    signer.wait_for_nth_log("TLS handshake refused", 20).await;
+    refused("old-b").await;
+    let line = signer
+        .wait_for_log(&format!("identity {}, serial", identity("cluster-b")))
+        .await;
+    assert!(line.contains("client_certificate_expired"), "{line}");
+    // Every refusal counted (a refused client can see its alert a moment before the
+    // signer counts it: asked until it is there).
+    let sample = "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"}";
+    let mut counted = None;
+    for _ in 0..100 {
+        let metrics = signer.metrics(&env.client("cluster-a")).await;
+        counted = metric_sample(&metrics, sample);
+        if counted == Some(31) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted, Some(31));
+}
+
 #[tokio::test]
 async fn a_flood_of_refused_handshakes_is_counted_in_full_and_logged_in_part() {
     let env = Env::new();

@@ -331,3 +331,88 @@ fn agent_once_json_says_what_the_pass_did() {
     assert_eq!(pass["result"], "signer_unavailable", "{pass}");
     assert!(pass["signer_error"].is_string(), "{pass}");
 }
+
+/// `audit verify --output json`: a log split in two files verifies as one chain, the
+/// expected line found; a file that does not continue the chain's start, an empty file and
+/// a hash no line has each fail with `intact: false`, the error and exit status 1.
+#[test]
+fn audit_verify_json_says_what_verified_and_where_it_broke() {
+    let env = Env::new();
+    let mut signer = env.start_signer();
+    assert!(signer.terminate());
+    let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 2, "{log}");
+    write(env.dir.path(), "part1.log", &format!("{}\n", lines[0]));
+    write(
+        env.dir.path(),
+        "part2.log",
+        &format!("{}\n", lines[1..].join("\n")),
+    );
+    write(env.dir.path(), "empty.log", "");
+    let verify = |args: &[&str]| {
+        let out = run(env
+            .meshca()
+            .args(["audit", "verify", "--output", "json"])
+            .args(args));
+        (out.status.code(), json_of(&out))
+    };
+
+    let (status, first) = verify(&["part1.log"]);
+    assert_eq!(status, Some(0), "{first}");
+    let line_one = first["last_hash"].as_str().unwrap().to_string();
+    let (status, both) = verify(&["part1.log", "part2.log", "--expect-hash", &line_one]);
+    assert_eq!(status, Some(0), "{both}");
+    assert_eq!(both["intact"], true, "{both}");
+    assert_eq!(both["records"], lines.len(), "{both}");
+    assert_eq!(both["files"][0]["file"], "part1.log", "{both}");
+    assert_eq!(both["files"][0]["records"], 1, "{both}");
+    assert_eq!(
+        both["files"][0]["expected_lines"][0]["hash"],
+        line_one.as_str()
+    );
+    assert_eq!(both["files"][0]["expected_lines"][0]["line"], 1, "{both}");
+    assert_eq!(both["files"][1]["records"], lines.len() - 1, "{both}");
+    assert_eq!(both["last_hash"], both["files"][1]["last_hash"], "{both}");
+    assert!(both.get("error").is_none(), "{both}");
+
+    for (args, file, says) in [
+        (
+            &["part2.log"][..],
+            "part2.log",
+            "the chain does not start here",
+        ),
+        (
+            &["part1.log", "empty.log"][..],
+            "empty.log",
+            "the file is empty",
+        ),
+    ] {
+        let (status, broken) = verify(args);
+        assert_eq!(status, Some(1), "{broken}");
+        assert_eq!(broken["intact"], false, "{broken}");
+        assert_eq!(broken["exit_status"], 1, "{broken}");
+        assert_eq!(broken["broken"]["file"], file, "{broken}");
+        assert_eq!(broken["broken"]["line"], 1, "{broken}");
+        assert!(
+            broken["broken"]["problem"].as_str().unwrap().contains(says)
+                && broken["error"].as_str().unwrap().contains(says),
+            "{broken}"
+        );
+    }
+    let absent = "ab".repeat(32);
+    let (status, missing) = verify(&["part1.log", "--expect-hash", &absent]);
+    assert_eq!(status, Some(1), "{missing}");
+    assert_eq!(missing["intact"], false, "{missing}");
+    assert_eq!(missing["missing_expected_hashes"][0], absent.as_str());
+    assert!(missing["broken"].is_null(), "{missing}");
+
+    // In text, an empty file fails the same way (exit 1, the reason on stderr).
+    let out = run(env.meshca().args(["audit", "verify", "empty.log"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("the file is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -522,6 +522,115 @@ async fn a_start_that_fails_after_the_login_leaves_no_live_token() {
     assert_eq!(sign(&env, &signer).await.0, 200);
 }
 
+/// A SIGTERM that comes while the start waits on Vault after its login (here for the
+/// cross certificate of an announced root, which a proxy holds unanswered) revokes the
+/// token it got, and the signer exits as a stop does (0).
+#[tokio::test]
+async fn a_stop_during_the_start_after_the_login_leaves_no_live_token() {
+    let env = approle_env("1h");
+    env.init_next_root();
+    env.announce_next_root(Some("next-root-cert.pem"));
+    assert_eq!(live_approle_tokens(&env), 0);
+    let (proxy, held) = holding_proxy(&env.bao().address(), "/sign-self-issued");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let through_proxy = config.replace(
+        &format!("address = \"{}\"", env.bao().address()),
+        &format!("address = \"{proxy}\""),
+    );
+    assert_ne!(through_proxy, config, "no Vault address in:\n{config}");
+    std::fs::write(&env.config, through_proxy).unwrap();
+
+    let mut serve = env
+        .meshca_with_config(&["serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = serve.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    if held.recv_timeout(EXIT_WAIT).is_err() {
+        let _ = serve.kill();
+        let _ = serve.wait();
+        panic!(
+            "the start never asked for the cross certificate: {}",
+            reader.join().unwrap()
+        );
+    }
+    assert_eq!(live_approle_tokens(&env), 1);
+    send_signal(serve.id(), "TERM");
+    let status = wait_within(&mut serve, EXIT_WAIT);
+    if status.is_none() {
+        let _ = serve.kill();
+        let _ = serve.wait();
+    }
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{stderr}");
+    assert!(stderr.contains("stop requested while starting"), "{stderr}");
+    assert_eq!(live_approle_tokens(&env), 0, "{stderr}");
+}
+
+/// A TCP proxy to `upstream` (`http://host:port`) that passes every request through but
+/// holds, unanswered, the connection whose request bytes contain `held_path` from that
+/// point on, and tells the receiver once it does. Its address, as `http://127.0.0.1:port`.
+fn holding_proxy(upstream: &str, held_path: &str) -> (String, std::sync::mpsc::Receiver<()>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (tell, held) = std::sync::mpsc::channel();
+    let held_path = held_path.as_bytes().to_vec();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (mut client_in, mut server_out) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server, &mut client);
+            });
+            let (tell, held_path) = (tell.clone(), held_path.clone());
+            std::thread::spawn(move || {
+                // Requests follow one another on a connection (no pipelining): the held
+                // one's bytes are the first seen with its path, kept from the server.
+                let mut seen: Vec<u8> = Vec::new();
+                let mut buf = [0u8; 8192];
+                let mut holding = false;
+                while let Ok(n) = client_in.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if holding {
+                        continue;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen
+                        .windows(held_path.len())
+                        .any(|w| w == held_path.as_slice())
+                    {
+                        holding = true;
+                        let _ = tell.send(());
+                        continue;
+                    }
+                    let keep = seen.len().saturating_sub(held_path.len());
+                    seen.drain(..keep);
+                    if server_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = server_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (address, held)
+}
+
 /// `auth/token/lookup` for the token in `vault/token` (token via stdin, never argv),
 /// without the token itself (`id`), so no assertion message can print it.
 fn lookup_token(env: &Env) -> Value {

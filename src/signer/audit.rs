@@ -1357,6 +1357,15 @@ pub fn verify(
             anchored.push((prev.clone(), number));
         }
     }
+    // A signer writes its first line (`start`, or `rotation` in a file a rotation began)
+    // before anything else: no line proves nothing, and a log emptied in place (a
+    // truncate to 0) must not pass as intact.
+    if number == 0 {
+        return Ok(VerifyOutcome::Broken {
+            line: 1,
+            problem: EMPTY_LOG.to_string(),
+        });
+    }
     Ok(VerifyOutcome::Intact {
         records,
         last_hash: prev,
@@ -1364,6 +1373,9 @@ pub fn verify(
         anchored,
     })
 }
+
+/// What `audit verify` says of a file with no line.
+const EMPTY_LOG: &str = "the file is empty, with no record: a signer's log begins with its `start` record (or a `rotation` record, in a file a rotation began), so either the log was emptied (truncated), or its signer has written nothing to it yet (its first start stopped before the `start` record, or a rotation moved the log away and no line came since)";
 
 /// Why line `number`, whose prev is `its_prev`, does not continue the line before it,
 /// which hashes to `before_hash`; `recent` holds the hashes of the lines before (line 0:
@@ -1484,6 +1496,26 @@ mod tests {
                     && message.contains(says),
                 "{message}"
             );
+        }
+    }
+
+    /// An empty file verified as intact with 0 records, and a lone torn line must not
+    /// either: each breaks at line 1, by name.
+    #[test]
+    fn an_empty_file_or_a_lone_torn_line_is_not_an_intact_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        for (contents, says) in [
+            (&b""[..], "the file is empty, with no record"),
+            (&b"{\"time\":\"2026"[..], "incomplete last line"),
+        ] {
+            std::fs::write(&path, contents).unwrap();
+            for after in [None, Some(GENESIS)] {
+                match verify_after(&path, after) {
+                    VerifyOutcome::Broken { line: 1, problem } if problem.contains(says) => {}
+                    other => panic!("{contents:?} after {after:?}: {other:?}"),
+                }
+            }
         }
     }
 

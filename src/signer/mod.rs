@@ -35,8 +35,9 @@ pub struct SignerState {
     pub rate_limiter: ratelimit::RateLimiter,
     /// Rate-limit refusals counted for one audit line instead of one line each.
     pub refusal_tally: ratelimit::RefusalTally,
-    /// Log lines of refused TLS handshakes: a burst, then about one a second.
-    pub handshake_log: ratelimit::LogThrottle,
+    /// Log lines of refused TLS handshakes: a burst, then about one a second per reason,
+    /// and each refused client's first line of a reason in a minute.
+    pub handshake_log: ratelimit::ClientLogThrottle,
     /// Log lines saying a refused handshake met an expired serving certificate: one a
     /// minute.
     pub server_certificate_log: ratelimit::LogThrottle,
@@ -101,20 +102,22 @@ impl SignerState {
     }
 
     /// The CA of the client CAs in force that the client's chain leads to now: found
-    /// once per connection while the TLS settings stay the same.
+    /// once per connection while the TLS settings stay the same, among the CAs described
+    /// once per TLS load.
     pub fn client_ca_of(&self, client: &api::ClientIdentity) -> Option<crate::tlsutil::ClientCa> {
-        let in_force = self.tls.borrow();
-        if let Some((under, found)) = client.client_ca_found.get()
-            && *under == in_force.fingerprint
-        {
-            return found.clone();
-        }
+        let (fingerprint, client_cas) = {
+            let in_force = self.tls.borrow();
+            if let Some((under, found)) = client.client_ca_found.get()
+                && *under == in_force.fingerprint
+            {
+                return found.clone();
+            }
+            (in_force.fingerprint, in_force.client_ca_set.clone())
+        };
         let now = crate::tlsutil::unix_time(std::time::SystemTime::now())?;
-        let found = crate::tlsutil::chained_to(&client.chain, &in_force.client_cas, now);
+        let found = client_cas.chained_to(&client.chain, now);
         // Kept only if none was: settings reloaded since close this connection anyway.
-        let _ = client
-            .client_ca_found
-            .set((in_force.fingerprint, found.clone()));
+        let _ = client.client_ca_found.set((fingerprint, found.clone()));
         found
     }
 

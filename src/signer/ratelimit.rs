@@ -235,17 +235,97 @@ impl LogThrottle {
     /// `Some(n)` if a line of `kind` may be written at `now` (`n`: lines of that kind not
     /// written since the last one let through), else `None` (and this one is counted).
     pub fn admit(&self, kind: &'static str, now: Instant) -> Option<u64> {
+        self.admit_or(kind, now, |by_kind| by_kind)
+    }
+
+    /// [`LogThrottle::admit`], where `decide` is told whether the kind's bucket let the
+    /// line through and says whether it is written.
+    fn admit_or(
+        &self,
+        kind: &'static str,
+        now: Instant,
+        decide: impl FnOnce(bool) -> bool,
+    ) -> Option<u64> {
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         let throttled = kinds.entry(kind).or_insert_with(|| ThrottledKind {
             bucket: Bucket::full(self.limit, now),
             not_logged: 0,
         });
-        if throttled.bucket.take(self.limit, now).is_ok() {
+        if decide(throttled.bucket.take(self.limit, now).is_ok()) {
             Some(std::mem::take(&mut throttled.not_logged))
         } else {
             throttled.not_logged += 1;
             None
         }
+    }
+}
+
+/// A [`LogThrottle`] of lines about clients (refused handshakes): beyond the kind's
+/// bucket, the first line of each client in a window is written too, so one client's
+/// flood of a kind (an agent retrying with a revoked certificate) does not hide another
+/// client's line of that kind. At most `max_clients` clients are remembered; past that,
+/// a client not remembered is left to the kind's bucket alone, so memory and the lines
+/// written stay bounded. `not_logged_since_last` stays per kind.
+pub struct ClientLogThrottle {
+    kinds: LogThrottle,
+    window: Duration,
+    max_clients: usize,
+    /// When each client's last line of each kind was written.
+    clients: Mutex<HashMap<&'static str, HashMap<String, Instant>>>,
+}
+
+impl ClientLogThrottle {
+    pub fn new(limit: RateLimit, window: Duration, max_clients: usize) -> Self {
+        ClientLogThrottle {
+            kinds: LogThrottle::new(limit),
+            window,
+            max_clients,
+            clients: Mutex::default(),
+        }
+    }
+
+    /// As [`LogThrottle::admit`], for a line about `client` (None: no client to name, so
+    /// the kind's bucket alone decides).
+    pub fn admit(&self, kind: &'static str, client: Option<&str>, now: Instant) -> Option<u64> {
+        self.kinds.admit_or(kind, now, |by_kind| match client {
+            Some(client) => self.client_due(kind, client, now, by_kind),
+            None => by_kind,
+        })
+    }
+
+    /// Whether a line of `kind` about `client` is written: the kind's bucket let it through
+    /// (`by_kind`), or the client has had no line of this kind for a window. Notes when.
+    fn client_due(&self, kind: &'static str, client: &str, now: Instant, by_kind: bool) -> bool {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window;
+        let due = |last: Instant| now.saturating_duration_since(last) >= window;
+        if let Some(last) = clients
+            .get_mut(kind)
+            .and_then(|of_kind| of_kind.get_mut(client))
+        {
+            let written = by_kind || due(*last);
+            if written {
+                *last = now;
+            }
+            return written;
+        }
+        let remembered = |clients: &HashMap<_, HashMap<String, Instant>>| -> usize {
+            clients.values().map(HashMap::len).sum()
+        };
+        if remembered(&clients) >= self.max_clients {
+            // A client whose window is over is due anyway: forgetting it changes nothing.
+            for of_kind in clients.values_mut() {
+                of_kind.retain(|_, last| !due(*last));
+            }
+        }
+        if remembered(&clients) >= self.max_clients {
+            return by_kind;
+        }
+        clients
+            .entry(kind)
+            .or_default()
+            .insert(client.to_owned(), now);
+        true
     }
 }
 
@@ -257,6 +337,45 @@ mod tests {
         per_minute: 60,
         burst: 3,
     };
+
+    /// One client's flood of a kind used up the kind's bucket and hid every other client's
+    /// line of that kind: now each client's first line in a window is written, up to the
+    /// clients remembered; beyond them the kind's bucket alone decides.
+    #[test]
+    fn each_client_gets_a_line_a_window_whatever_another_floods() {
+        let limit = RateLimit {
+            per_minute: 1,
+            burst: 2,
+        };
+        let minute = Duration::from_secs(60);
+        let throttle = ClientLogThrottle::new(limit, minute, 2);
+        let admit = |client: Option<&str>, at: Instant| throttle.admit("revoked", client, at);
+        let t0 = Instant::now();
+        assert_eq!(admit(Some("a"), t0), Some(0));
+        assert_eq!(admit(Some("a"), t0), Some(0));
+        for _ in 0..10 {
+            assert_eq!(admit(Some("a"), t0), None);
+        }
+        // Another client's first line, the kind's bucket empty, says what was held back.
+        assert_eq!(admit(Some("b"), t0), Some(10));
+        assert_eq!(admit(Some("b"), t0), None);
+        // A line with no client, or of a third client when two are remembered, waits for
+        // the kind's bucket.
+        assert_eq!(admit(None, t0), None);
+        assert_eq!(admit(Some("c"), t0), None);
+        // A window later: the bucket's one token goes to the flood, and the other clients
+        // are due again (the third one once the others' windows are over).
+        let t1 = t0 + minute;
+        assert_eq!(admit(Some("a"), t1), Some(3));
+        assert_eq!(admit(Some("b"), t1), Some(0));
+        assert_eq!(admit(Some("c"), t1), None);
+        let t2 = t1 + minute + Duration::from_secs(1);
+        assert_eq!(admit(Some("a"), t2), Some(1));
+        assert_eq!(admit(Some("a"), t2), None);
+        assert_eq!(admit(Some("c"), t2), Some(1));
+        // Kinds are apart: another kind has a bucket of its own.
+        assert_eq!(throttle.admit("expired", Some("a"), t2), Some(0));
+    }
 
     #[test]
     fn burst_then_refill_at_the_sustained_rate() {

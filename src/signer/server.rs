@@ -21,7 +21,9 @@ use tower::ServiceExt;
 use super::api::{self, ClientIdentity};
 use super::audit::{AuditLog, AuditRecord, HeadAnchor, rfc3339};
 use super::metrics::Metrics;
-use super::ratelimit::{LogThrottle, REFUSAL_TALLY_PERIOD, RateLimit, RateLimiter, RefusalTally};
+use super::ratelimit::{
+    ClientLogThrottle, LogThrottle, REFUSAL_TALLY_PERIOD, RateLimit, RateLimiter, RefusalTally,
+};
 use super::reload::{Rules, RulesChange, restart_only_changes};
 use super::{BoundAddresses, SignerState};
 use crate::backend::RootSigner;
@@ -453,6 +455,8 @@ pub(super) struct ServingTls {
     /// The client CA certificates: a reload of the rules checks them against the roots
     /// it announces and the clients' issuers; a decision finds its client's CA in them.
     pub(super) client_cas: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The same, described once for every connection accepted under these settings.
+    pub(super) client_ca_set: Arc<crate::tlsutil::ClientCaSet>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     pub(super) fingerprint: MaterialFingerprint,
     /// The acceptor's client verifier: a decision checks its client with the one in force
@@ -485,6 +489,7 @@ pub(super) fn serving_tls(
         superseded_crls: tls.superseded_crls,
         client_ca_crl_problems: tls.client_ca_crl_problems,
         key_readable_by_others: tls.key_readable_by_others,
+        client_ca_set: Arc::new(crate::tlsutil::ClientCaSet::of(&tls.client_cas)),
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
         client_verifier: tls.client_verifier,
@@ -889,6 +894,24 @@ pub async fn start(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
 ) -> Result<RunningSigner, StartError> {
+    let never = std::future::pending();
+    tokio::pin!(never);
+    match start_unless_stopped(config, listen_override, never).await? {
+        Some(running) => Ok(running),
+        None => unreachable!("a start that is never stopped ends running or failed"),
+    }
+}
+
+/// [`start`], or `None` once `stop` resolves first. A stop that comes after the backend
+/// started (the Vault login done, the token logged in) closes it before returning: a
+/// Vault token would otherwise stay live until its TTL. One that comes while the backend
+/// is still starting leaves that thread behind, as a backend that does not answer must
+/// not keep the signer from stopping.
+async fn start_unless_stopped(
+    config: SignerConfig,
+    listen_override: Option<SocketAddr>,
+    mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<RunningSigner>, StartError> {
     let started = Instant::now();
     config.check_listeners(listen_override)?;
     raise_open_files_limit(config.limits.max_connections);
@@ -924,22 +947,31 @@ pub async fn start(
     }
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
-    let backend = backend_started(&config, root, started).await?;
-    let serving = serve_with(
-        config,
-        listen_override,
-        started,
-        (tls, metrics, audit),
-        seeding,
-        backend.clone(),
-    )
-    .await;
+    let backend = tokio::select! {
+        backend = backend_started(&config, root, started) => backend?,
+        _ = stop.as_mut() => return Ok(None),
+    };
+    let serving = tokio::select! {
+        serving = serve_with(
+            config,
+            listen_override,
+            started,
+            (tls, metrics, audit),
+            seeding,
+            backend.clone(),
+        ) => serving,
+        _ = stop => {
+            tracing::info!("stop requested while starting; closing the root key backend");
+            backend.close().await;
+            return Ok(None);
+        }
+    };
     // Whatever fails after the login gives it back (a Vault token revoked): a signer
     // restarted after each failed start would otherwise leave one live token per try.
     if serving.is_err() {
         backend.close().await;
     }
-    serving
+    serving.map(Some)
 }
 
 /// The rest of [`start`], once the backend is up: on an error the caller closes it.
@@ -1005,7 +1037,11 @@ async fn serve_with(
         metrics,
         rate_limiter: RateLimiter::default(),
         refusal_tally: RefusalTally::default(),
-        handshake_log: LogThrottle::new(HANDSHAKE_LOG_LIMIT),
+        handshake_log: ClientLogThrottle::new(
+            HANDSHAKE_LOG_LIMIT,
+            HANDSHAKE_LOG_CLIENT_WINDOW,
+            HANDSHAKE_LOG_CLIENTS,
+        ),
         server_certificate_log: LogThrottle::new(SERVER_CERTIFICATE_LOG_LIMIT),
         capped_by_root_noted: AtomicBool::new(false),
         decisions: TaskTracker::new(),
@@ -1319,7 +1355,10 @@ fn handshake_refused(
             );
         }
     }
-    if let Some(not_logged) = state.handshake_log.admit(reason, Instant::now()) {
+    // By the client only when its chain leads to a client CA: anyone can claim an identity,
+    // and a flood of made-up ones would fill the clients remembered.
+    let verified = client.filter(|client| crate::tlsutil::verified_refused_client(client));
+    if let Some(not_logged) = state.handshake_log.admit(reason, verified, Instant::now()) {
         tracing::info!(
             %peer,
             reason,
@@ -1339,6 +1378,15 @@ const HANDSHAKE_LOG_LIMIT: RateLimit = RateLimit {
     per_minute: 60,
     burst: 20,
 };
+
+/// Beyond [`HANDSHAKE_LOG_LIMIT`], each refused client (its chain leading to a client CA)
+/// gets its first line of a reason in this window: one tenant's agent retrying with a
+/// revoked certificate does not hide another's.
+const HANDSHAKE_LOG_CLIENT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Refused clients remembered for [`HANDSHAKE_LOG_CLIENT_WINDOW`]; beyond them the
+/// reason's bucket alone decides (bounded memory, and lines).
+const HANDSHAKE_LOG_CLIENTS: usize = 1024;
 
 /// Refused handshakes while the serving certificate has expired: every client's is, so
 /// one line a minute says it (counting the others) without a line per handshake.
@@ -1454,14 +1502,16 @@ pub async fn run(
     let early_hangup = crate::signals::hangup_noted();
     let mut stops = crate::signals::StopSignals::take_over()
         .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
-    let running = tokio::select! {
-        running = start(config, listen_override) => running?,
-        // Nothing is served yet, so nothing to drain: a backend that does not answer at
-        // start does not keep the signer from stopping.
-        _ = stops.next() => {
-            tracing::info!("stop requested while starting; nothing was served, signer stopped");
-            return Ok(());
-        }
+    // Nothing is served yet, so nothing to drain: a backend that does not answer at start
+    // does not keep the signer from stopping, and one that did is closed.
+    let started = {
+        let stop = stops.next();
+        tokio::pin!(stop);
+        start_unless_stopped(config, listen_override, stop).await?
+    };
+    let Some(running) = started else {
+        tracing::info!("stop requested while starting; nothing was served, signer stopped");
+        return Ok(());
     };
     crate::service_manager::ready(&serving_status(&running));
     if early_hangup {

@@ -115,48 +115,65 @@ fn ca_names(client_cas: &[CertificateDer<'_>]) -> Vec<CaName> {
         .collect()
 }
 
-/// The CA of `client_cas` that `chain` (leaf first, as the handshake presented it) leads
-/// to at `now`, as webpki builds the path (the CRLs aside: the handshake and the recheck
-/// once the body is in consult them). webpki tries the CAs before the intermediates a
-/// client sends, so a chain that leads to several ends at the nearest. None if it leads to
-/// none.
-pub fn chained_to(
-    chain: &[CertificateDer<'_>],
-    client_cas: &[CertificateDer<'_>],
-    now: UnixTime,
-) -> Option<ClientCa> {
-    let (leaf, intermediates) = chain.split_first()?;
-    let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
-    // A CA that does not parse as a trust anchor is left out, as rustls's store leaves it.
-    let (anchors, positions): (Vec<_>, Vec<usize>) = client_cas
-        .iter()
-        .enumerate()
-        .filter_map(|(at, der)| webpki::anchor_from_trusted_cert(der).ok().map(|a| (a, at)))
-        .unzip();
-    let algorithms = super::chosen_provider()
-        .signature_verification_algorithms
-        .all;
-    let path = leaf
-        .verify_for_usage(
-            algorithms,
-            &anchors,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .ok()?;
-    let anchor = anchors
-        .iter()
-        .position(|a| std::ptr::eq(a, path.anchor()))?;
-    let names = ca_names(client_cas);
-    let name = names.get(*positions.get(anchor)?)?;
-    Some(ClientCa {
-        sha256: name.sha256.clone(),
-        subject: name.subject.clone(),
-        sharing_subject: names.iter().filter(|n| n.subject == name.subject).count(),
-    })
+/// The client CAs of one TLS load, as trust anchors each with its [`ClientCa`]: made once
+/// per load (start, reload) and shared by the connections accepted under it, so a
+/// connection's client CA is found without hashing and parsing every CA again.
+#[derive(Debug)]
+pub struct ClientCaSet {
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
+    /// Of each anchor, at the same place.
+    cas: Vec<ClientCa>,
+}
+
+impl ClientCaSet {
+    pub fn of(client_cas: &[CertificateDer<'_>]) -> Self {
+        let names = ca_names(client_cas);
+        // A CA that does not parse as a trust anchor is left out, as rustls's store leaves
+        // it; the subjects shared are counted over them all, as a pin is checked.
+        let (anchors, cas) = client_cas
+            .iter()
+            .zip(&names)
+            .filter_map(|(der, name)| {
+                let anchor = webpki::anchor_from_trusted_cert(der).ok()?.to_owned();
+                let ca = ClientCa {
+                    sha256: name.sha256.clone(),
+                    subject: name.subject.clone(),
+                    sharing_subject: names.iter().filter(|n| n.subject == name.subject).count(),
+                };
+                Some((anchor, ca))
+            })
+            .unzip();
+        ClientCaSet { anchors, cas }
+    }
+
+    /// The CA that `chain` (leaf first, as the handshake presented it) leads to at `now`,
+    /// as webpki builds the path (the CRLs aside: the handshake and the recheck once the
+    /// body is in consult them). webpki tries the CAs before the intermediates a client
+    /// sends, so a chain that leads to several ends at the nearest. None if it leads to
+    /// none.
+    pub fn chained_to(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Option<ClientCa> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
+        let algorithms = super::chosen_provider()
+            .signature_verification_algorithms
+            .all;
+        let path = leaf
+            .verify_for_usage(
+                algorithms,
+                &self.anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .ok()?;
+        let anchor = self
+            .anchors
+            .iter()
+            .position(|a| std::ptr::eq(a, path.anchor()))?;
+        self.cas.get(anchor).cloned()
+    }
 }
 
 /// Refuses a pin (identity, issuer) that names no CA certificate of `client_cas` (read
@@ -311,8 +328,47 @@ mod tests {
         let refused = check(&shared_subject).unwrap_err().to_string();
         assert!(refused.contains("2 CA certificates"), "{refused}");
         // The CA a chain leads to is none for a chain of nothing.
-        assert_eq!(chained_to(&[], &cas, UnixTime::since_unix_epoch(day)), None);
+        let set = ClientCaSet::of(&cas);
+        assert_eq!(set.chained_to(&[], UnixTime::since_unix_epoch(day)), None);
         let _ = (shared, pay);
+    }
+
+    /// The set made once per load describes each CA that is a trust anchor as a chain's
+    /// CA is described: its SHA-256, its subject and how many CAs of the file share it
+    /// (one that is no anchor left out, but counted). tests/client_binding.rs finds
+    /// chains' CAs with it.
+    #[test]
+    fn the_client_ca_set_describes_each_anchor_in_its_place() {
+        use crate::pki::keys::KeyType;
+        use crate::pki::testing::software_root;
+        use rustls_pki_types::pem::PemObject;
+        let day = std::time::Duration::from_secs(86_400);
+        let root = |org: &str| software_root(KeyType::EcdsaP256, org, day);
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let ((_, shared), (_, pay), (_, pay_twin)) = (root("shared"), root("pay"), root("pay"));
+        let not_a_ca = CertificateDer::from(vec![1u8, 2, 3]);
+        let cas = [
+            der(&shared.pem),
+            not_a_ca,
+            der(&pay.pem),
+            der(&pay_twin.pem),
+        ];
+        let names = ca_names(&cas);
+        let set = ClientCaSet::of(&cas);
+        let described: Vec<(&str, &str, usize)> = set
+            .cas
+            .iter()
+            .map(|ca| (ca.sha256.as_str(), ca.subject.as_str(), ca.sharing_subject))
+            .collect();
+        assert_eq!(
+            described,
+            [
+                (names[0].sha256.as_str(), names[0].subject.as_str(), 1),
+                (names[2].sha256.as_str(), names[2].subject.as_str(), 2),
+                (names[3].sha256.as_str(), names[3].subject.as_str(), 2),
+            ]
+        );
+        assert_eq!(set.anchors.len(), 3);
     }
 
     #[test]

@@ -286,6 +286,17 @@ impl ClientCertVerifier for NotingVerifier {
         self.deciding.requires_raw_public_keys()
     }
 }
+/// Whether a refused certificate's description (from [`accept_noting_refused_client`]) is
+/// of one whose chain leads to a client CA: a client the CA named, not an identity anyone
+/// can claim.
+pub fn verified_refused_client(description: &str) -> bool {
+    description.starts_with(VERIFIED)
+}
+
+/// How [`describe`] begins the description of a certificate whose chain leads to a client
+/// CA.
+const VERIFIED: &str = "identity ";
+
 /// Longest identity written: anyone who can reach the port can present a certificate.
 const IDENTITY_LIMIT: usize = 256;
 
@@ -301,7 +312,7 @@ fn describe(der: &[u8], chains_to_client_ca: bool) -> String {
         None => "none".into(),
     };
     let identity = if chains_to_client_ca {
-        format!("identity {identity}")
+        format!("{VERIFIED}{identity}")
     } else {
         format!("claimed identity {identity} (unverified)")
     };
