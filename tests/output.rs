@@ -333,8 +333,9 @@ fn agent_once_json_says_what_the_pass_did() {
 }
 
 /// `audit verify --output json`: a log split in two files verifies as one chain, the
-/// expected line found; a file that does not continue the chain's start, an empty file and
-/// a hash no line has each fail with `intact: false`, the error and exit status 1.
+/// expected line found, an empty file after it passing (a rotation's new one); a file that
+/// does not continue the chain's start, an empty file first and a hash no line has each
+/// fail with `intact: false`, the error and exit status 1.
 #[test]
 fn audit_verify_json_says_what_verified_and_where_it_broke() {
     let env = Env::new();
@@ -383,7 +384,7 @@ fn audit_verify_json_says_what_verified_and_where_it_broke() {
             "the chain does not start here",
         ),
         (
-            &["part1.log", "empty.log"][..],
+            &["empty.log", "part1.log"][..],
             "empty.log",
             "the file is empty",
         ),
@@ -400,6 +401,11 @@ fn audit_verify_json_says_what_verified_and_where_it_broke() {
             "{broken}"
         );
     }
+    // After the file it follows, an empty file is a rotation's new one with no line yet.
+    let (status, rotated) = verify(&["part1.log", "empty.log"]);
+    assert_eq!(status, Some(0), "{rotated}");
+    assert_eq!(rotated["files"][1]["records"], 0, "{rotated}");
+    assert_eq!(rotated["last_hash"], line_one.as_str(), "{rotated}");
     let absent = "ab".repeat(32);
     let (status, missing) = verify(&["part1.log", "--expect-hash", &absent]);
     assert_eq!(status, Some(1), "{missing}");

@@ -1359,8 +1359,10 @@ pub fn verify(
     }
     // A signer writes its first line (`start`, or `rotation` in a file a rotation began)
     // before anything else: no line proves nothing, and a log emptied in place (a
-    // truncate to 0) must not pass as intact.
-    if number == 0 {
+    // truncate to 0) must not pass as intact. Verified after the file it follows, an
+    // empty file is a rotation's new one with no line yet (logrotate's `create`): the
+    // chain ends with the file before, as one whose last lines were cut would.
+    if number == 0 && after.is_none() {
         return Ok(VerifyOutcome::Broken {
             line: 1,
             problem: EMPTY_LOG.to_string(),
@@ -1375,7 +1377,7 @@ pub fn verify(
 }
 
 /// What `audit verify` says of a file with no line.
-const EMPTY_LOG: &str = "the file is empty, with no record: a signer's log begins with its `start` record (or a `rotation` record, in a file a rotation began), so either the log was emptied (truncated), or its signer has written nothing to it yet (its first start stopped before the `start` record, or a rotation moved the log away and no line came since)";
+const EMPTY_LOG: &str = "the file is empty, with no record: a signer's log begins with its `start` record (or a `rotation` record, in a file a rotation began), so either the log was emptied (truncated), or its signer has written nothing to it yet (its first start stopped before the `start` record, or a rotation moved the log away and no line came since: verify it after the file it follows, `meshca audit verify audit.log.1 audit.log`, where it passes)";
 
 /// Why line `number`, whose prev is `its_prev`, does not continue the line before it,
 /// which hashes to `before_hash`; `recent` holds the hashes of the lines before (line 0:
@@ -1500,19 +1502,26 @@ mod tests {
     }
 
     /// An empty file verified as intact with 0 records, and a lone torn line must not
-    /// either: each breaks at line 1, by name.
+    /// either: each breaks at line 1, by name. Only after the file it follows is an
+    /// empty file a rotation's new one, with nothing written yet.
     #[test]
     fn an_empty_file_or_a_lone_torn_line_is_not_an_intact_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
+        let earlier = "ab".repeat(32);
         for (contents, says) in [
             (&b""[..], "the file is empty, with no record"),
             (&b"{\"time\":\"2026"[..], "incomplete last line"),
         ] {
             std::fs::write(&path, contents).unwrap();
-            for after in [None, Some(GENESIS)] {
+            for after in [None, Some(earlier.as_str())] {
                 match verify_after(&path, after) {
                     VerifyOutcome::Broken { line: 1, problem } if problem.contains(says) => {}
+                    VerifyOutcome::Intact {
+                        records: 0,
+                        last_hash,
+                        ..
+                    } if contents.is_empty() && after == Some(last_hash.as_str()) => {}
                     other => panic!("{contents:?} after {after:?}: {other:?}"),
                 }
             }
