@@ -12,6 +12,8 @@
 #   promtool (deploy/prometheus alert rules and their unit tests): taken out of Debian's
 #   prometheus package into var/tools/bin, without installing the server
 #   apt: faketime (libfaketime: a test runs the signer past its root's end)
+#   apt: golang-go (tests/interop_go.rs builds a Go checker, standard library only, that
+#   reads cacerts and verifies workload certificates as istiod's crypto/x509 does)
 #   apt: systemd, where systemd-analyze is missing (a container): systemd-analyze and
 #   systemd-sysusers check deploy/systemd offline (nothing is started or enabled)
 # Never skips: if something cannot be installed, this fails and says what is missing.
@@ -22,9 +24,9 @@
 set -euo pipefail
 scope=${1:-all}
 case "$scope" in
-  all) want_bao=true; want_validate=true; want_promtool=true; want_systemd=true; want_faketime=true ;;
-  demo) want_bao=false; want_validate=false; want_promtool=false; want_systemd=false; want_faketime=false ;;
-  demo-vault) want_bao=true; want_validate=false; want_promtool=false; want_systemd=false; want_faketime=false ;;
+  all) want_bao=true; want_validate=true; want_promtool=true; want_systemd=true; want_faketime=true; want_go=true ;;
+  demo) want_bao=false; want_validate=false; want_promtool=false; want_systemd=false; want_faketime=false; want_go=false ;;
+  demo-vault) want_bao=true; want_validate=false; want_promtool=false; want_systemd=false; want_faketime=false; want_go=false ;;
   *) echo "usage: install-deps.sh [all|demo|demo-vault]" >&2; exit 2 ;;
 esac
 
@@ -78,6 +80,9 @@ faketime_present() { compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/nul
   || compgen -G "/usr/lib*/faketime/libfaketime.so.1" >/dev/null; }
 if $want_faketime; then
   faketime_present || need_apt+=(faketime)
+fi
+if $want_go; then
+  command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
 fi
 if $want_systemd; then
   command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 \
