@@ -571,6 +571,19 @@ async fn a_stop_during_the_start_after_the_login_leaves_no_live_token() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{stderr}");
     assert!(stderr.contains("stop requested while starting"), "{stderr}");
     assert_eq!(live_approle_tokens(&env), 0, "{stderr}");
+    // The root key was asked to sign: the audit log says so, though no answer came.
+    let next = openssl_fingerprint(env.dir.path(), &env.path("next-root-cert.pem"));
+    let log = std::fs::read_to_string(env.path("audit.log")).unwrap();
+    let stopped: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(stopped["event"], "start_failed", "{log}");
+    let message = stopped["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "the root key was asked for the cross certificate that vouches for the next root sha256 {next} and its answer was not awaited: it may have made it"
+        )),
+        "{message}"
+    );
+    env.audit_verify_ok();
 }
 
 /// A TCP proxy to `upstream` (`http://host:port`) that passes every request through but

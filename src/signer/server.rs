@@ -951,19 +951,37 @@ async fn start_unless_stopped(
         backend = backend_started(&config, root, started) => backend?,
         _ = stop.as_mut() => return Ok(None),
     };
-    let serving = tokio::select! {
-        serving = serve_with(
-            config,
-            listen_override,
-            started,
-            (tls, metrics, audit),
-            seeding,
-            backend.clone(),
-        ) => serving,
-        _ = stop => {
+    // The agents take an announced root only with the root key's word for it. A stop may
+    // cut the asking short (a Vault or token that does not answer), but whatever the key
+    // was asked to sign is recorded first. What follows is short and not cut: a stop
+    // then comes after the `start` record, as a stop of the running signer.
+    let mut rules = Rules::of(&config, &backend.root().fingerprint_sha256);
+    let vouched = tokio::select! {
+        biased;
+        vouched = vouch_for_announced(backend.as_ref(), &mut rules, None) => Some(vouched),
+        _ = stop => None,
+    };
+    let serving = match vouched {
+        None => {
+            record_stopped_start(&audit, &rules).await;
             tracing::info!("stop requested while starting; closing the root key backend");
             backend.close().await;
             return Ok(None);
+        }
+        Some(Err(e)) => {
+            record_failed_start(&audit, &rules, &e).await;
+            Err(StartError::CrossCert(e))
+        }
+        Some(Ok(())) => {
+            serve_with(
+                config,
+                listen_override,
+                started,
+                (tls, metrics, audit),
+                seeding,
+                (backend.clone(), rules),
+            )
+            .await
         }
     };
     // Whatever fails after the login gives it back (a Vault token revoked): a signer
@@ -974,21 +992,16 @@ async fn start_unless_stopped(
     serving.map(Some)
 }
 
-/// The rest of [`start`], once the backend is up: on an error the caller closes it.
+/// The rest of [`start`], once the backend is up and has vouched for the announced roots
+/// (`rules`): on an error the caller closes it.
 async fn serve_with(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
     started: Instant,
     (tls, metrics, audit): (ServingTls, Metrics, AuditLog),
     seeding: tokio::task::JoinHandle<()>,
-    backend: Arc<dyn RootSigner>,
+    (backend, rules): (Arc<dyn RootSigner>, Rules),
 ) -> Result<RunningSigner, StartError> {
-    // The agents take an announced root only with the root key's word for it.
-    let mut rules = Rules::of(&config, &backend.root().fingerprint_sha256);
-    if let Err(e) = vouch_for_announced(backend.as_ref(), &mut rules, None).await {
-        record_failed_start(&audit, &rules, &e).await;
-        return Err(StartError::CrossCert(e));
-    }
     let backend_ready_ms = started.elapsed().as_millis();
     // Nothing to report if it did not run: the generator then seeds at first use instead.
     let _ = seeding.await;
@@ -1154,6 +1167,50 @@ async fn record_failed_start(audit: &AuditLog, rules: &Rules, error: &str) {
         tracing::error!(
             error = %e,
             "the audit log cannot record the cross certificates this failed start made"
+        );
+    }
+}
+
+/// Records a start stopped while the root key was asked for cross certificates: those it
+/// made, and the one it was asked for whose answer was not awaited (it may have made it,
+/// as Vault or the token may have signed before the stop). Nothing when it was asked for
+/// none.
+async fn record_stopped_start(audit: &AuditLog, rules: &Rules) {
+    let made: Vec<String> = rules
+        .announced_roots()
+        .filter(|root| root.cross_cert.is_some())
+        .map(|root| root.described())
+        .collect();
+    let unanswered = rules
+        .announced_roots()
+        .find(|root| root.cross_cert.is_none());
+    let Some(unanswered) = unanswered else {
+        return record_failed_start(audit, rules, "stop requested while starting").await;
+    };
+    let made = if made.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "the root key made cross certificates for {}; ",
+            made.join("; ")
+        )
+    };
+    let record = AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "start_failed".into(),
+        message: Some(format!(
+            "meshca {} on host {} did not start (stop requested while starting); {made}the root key was asked for the cross certificate that vouches for the {} sha256 {} and its answer was not awaited: it may have made it; no other certificate",
+            crate::VERSION,
+            host_name(),
+            unanswered.announcement.name(),
+            unanswered.fingerprint_sha256
+        )),
+        ..Default::default()
+    };
+    if let Err(e) = audit.append(record, audit.expect_line()).await {
+        tracing::error!(
+            error = %e,
+            "the audit log cannot record the cross certificates this stopped start asked for"
         );
     }
 }
