@@ -409,7 +409,9 @@ pub struct Limits {
     pub sign_requests_per_minute: u32,
     /// Signing requests a client may make at once.
     pub sign_burst: u32,
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections open at once on the API port, from their accept on; beyond it a new
+    /// one takes the slot of the one idle longest (see `ops_http::ConnectionBound`), and
+    /// those in their TLS handshake hold at most half.
     pub max_connections: usize,
     /// A TLS handshake must complete within this.
     pub handshake_timeout: Duration,

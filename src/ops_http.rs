@@ -6,7 +6,8 @@
 //! kubelet's probes out: a connection beyond the bound takes the slot of the one idle
 //! longest (no request under way), and is closed at once only if every slot is serving a
 //! request. [`OpsConnectionMetrics`] counts both. The accept loop with its connection
-//! bound ([`accept_bounded`]) is the API port's.
+//! bound ([`accept_admitted`], [`ConnectionBound`]) is the API port's too, which bounds
+//! its connections in their TLS handshake besides.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -39,35 +40,65 @@ pub const MAX_OPS_CONNECTIONS: usize = 64;
 /// out after 1 s by default), and a slot held idle is a slot a probe may need.
 pub const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Why a connection of the ops port was closed by the bound on connections.
-const CLOSED_IDLE: &str = "idle_for_new";
-const CLOSED_ALL_BUSY: &str = "all_busy";
+/// Why a connection was closed by a port's bound on connections.
+pub(crate) const CLOSED_IDLE: &str = "idle_for_new";
+pub(crate) const CLOSED_HANDSHAKE: &str = "handshake_for_new";
+pub(crate) const CLOSED_ALL_BUSY: &str = "all_busy";
+
+/// Where a connection is: in its TLS handshake (the API port only), open with no request
+/// under way, or serving one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Handshaking,
+    Idle,
+    Active,
+}
+
+impl Phase {
+    const ALL: [Phase; 3] = [Phase::Handshaking, Phase::Idle, Phase::Active];
+
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Handshaking => "handshaking",
+            Phase::Idle => "idle",
+            Phase::Active => "active",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
 
-/// The ops port's connections, for the registry of the process serving it: how many are
-/// open, and how many the bound closed (`idle_for_new`: idle, closed to serve a new one;
-/// `all_busy`: new, closed at once as every slot was serving a request). Many of either
-/// mean more clients than [`MAX_OPS_CONNECTIONS`] (or someone holding connections open).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+/// A port's connections, for the registry of the process serving it: how many are open
+/// (on the API port by state), and how many the bound closed, by reason.
 #[derive(Clone, Debug, Default)]
-pub struct OpsConnectionMetrics {
+pub struct ConnectionMetrics {
     open: Gauge,
+    /// The API port's open connections by [`Phase`] (None on an ops port).
+    by_state: Option<Family<StateLabels, Gauge>>,
+    max: Gauge,
     closed: Family<ReasonLabels, Counter>,
 }
 
-impl OpsConnectionMetrics {
-    /// Registers `ops_connections` and `ops_connections_closed_total` in `registry`.
+/// The ops port's: `ops_connections` and `ops_connections_closed_total`.
+pub type OpsConnectionMetrics = ConnectionMetrics;
+
+impl ConnectionMetrics {
+    /// Registers `ops_connections` and `ops_connections_closed_total` in `registry`: how
+    /// many are open, and how many the bound closed (`idle_for_new`: idle, closed to
+    /// serve a new one; `all_busy`: new, closed at once as every slot was serving a
+    /// request). Many of either mean more clients than [`MAX_OPS_CONNECTIONS`] (or
+    /// someone holding connections open).
     pub fn register(registry: &mut Registry) -> Self {
-        let metrics = OpsConnectionMetrics::default();
-        // Both series from zero, so an increase from the first closing shows.
-        for reason in [CLOSED_IDLE, CLOSED_ALL_BUSY] {
-            let _ = metrics.closed.get_or_create(&ReasonLabels {
-                reason: reason.into(),
-            });
-        }
+        let metrics = ConnectionMetrics::default();
+        metrics.closed_from_zero(&[CLOSED_IDLE, CLOSED_ALL_BUSY]);
         registry.register(
             "ops_connections",
             "Open connections on the ops port (metrics, health)",
@@ -81,12 +112,103 @@ impl OpsConnectionMetrics {
         metrics
     }
 
+    /// Registers the API port's `api_connections{state}`, `api_connections_max` and
+    /// `api_connections_closed_total{reason}` in `registry`.
+    pub fn register_api(registry: &mut Registry) -> Self {
+        let by_state = Family::<StateLabels, Gauge>::default();
+        for phase in Phase::ALL {
+            drop(by_state.get_or_create(&StateLabels {
+                state: phase.label().into(),
+            }));
+        }
+        let metrics = ConnectionMetrics {
+            by_state: Some(by_state.clone()),
+            ..ConnectionMetrics::default()
+        };
+        metrics.closed_from_zero(&[CLOSED_IDLE, CLOSED_HANDSHAKE, CLOSED_ALL_BUSY]);
+        registry.register(
+            "api_connections",
+            "Open connections on the API port by state (handshaking: TLS handshake under way, at most half of limits.max_connections; idle: no request under way; active: serving one)",
+            by_state,
+        );
+        registry.register(
+            "api_connections_max",
+            "The API port's bound on open connections (limits.max_connections)",
+            metrics.max.clone(),
+        );
+        registry.register(
+            "api_connections_closed",
+            "Connections of the API port closed by its connection bound, by reason (idle_for_new: idle longest, closed for a new one; handshake_for_new: in its TLS handshake longest, closed for a new one as handshakes held their share of the slots or every other slot was serving a request; all_busy: new, closed at once as every slot was serving a request)",
+            metrics.closed.clone(),
+        );
+        metrics
+    }
+
+    /// Each reason's series from zero, so an increase from the first closing shows.
+    fn closed_from_zero(&self, reasons: &[&str]) {
+        for reason in reasons {
+            drop(self.closed.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            }));
+        }
+    }
+
     fn closed(&self, reason: &str) {
         self.closed
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    fn state(&self, phase: Phase) -> Option<Gauge> {
+        let states = self.by_state.as_ref()?;
+        Some(
+            states
+                .get_or_create(&StateLabels {
+                    state: phase.label().into(),
+                })
+                .clone(),
+        )
+    }
+
+    fn entered(&self, phase: Phase) {
+        self.open.inc();
+        if let Some(gauge) = self.state(phase) {
+            gauge.inc();
+        }
+    }
+
+    fn left(&self, phase: Phase) {
+        self.open.dec();
+        if let Some(gauge) = self.state(phase) {
+            gauge.dec();
+        }
+    }
+
+    fn moved(&self, from: Phase, to: Phase) {
+        if let (Some(from), Some(to)) = (self.state(from), self.state(to)) {
+            from.dec();
+            to.inc();
+        }
+    }
+
+    /// Open connections in `state` (`handshaking`, `idle`, `active`) on the API port.
+    pub fn open_in(&self, state: &str) -> i64 {
+        Phase::ALL
+            .into_iter()
+            .find(|phase| phase.label() == state)
+            .and_then(|phase| self.state(phase))
+            .map_or(0, |gauge| gauge.get())
+    }
+
+    /// Connections the bound closed for `reason`.
+    pub fn closed_for(&self, reason: &str) -> u64 {
+        self.closed
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .get()
     }
 }
 
@@ -145,100 +267,296 @@ async fn accept_once(
     }
 }
 
-/// The next connection once a slot of `slots` is free, with the slot it holds until it
-/// ends; None once `stop` completes. Accept errors (EMFILE and friends) are logged
-/// through `error_log` and retried after a pause rather than spun on.
-pub(crate) async fn accept_bounded<F: Future<Output = ()>>(
-    listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-    error_log: &LogThrottle,
-    stop: &mut std::pin::Pin<&mut F>,
-) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
-    let permit = tokio::select! {
-        permit = slots.clone().acquire_owned() => permit.ok()?,
-        _ = stop.as_mut() => return None,
-    };
-    loop {
-        tokio::select! {
-            accepted = accept_once(listener, error_log) => {
-                if let Some((tcp, peer)) = accepted {
-                    return Some((permit, tcp, peer));
-                }
-            }
-            _ = stop.as_mut() => return None,
-        }
-    }
-}
-
 #[derive(Clone, Copy)]
 struct Bounds {
     max_connections: usize,
     header_timeout: Duration,
 }
 
-/// One open connection: whether it is serving a request, and how to close it.
-struct OpenConnection {
-    requests_under_way: Arc<AtomicUsize>,
+/// The connections in their TLS handshake may hold at most this many of `max` slots
+/// (half, at least one): peers that have not authenticated cannot keep the clients that
+/// have out of the rest.
+pub(crate) fn handshake_share(max: usize) -> usize {
+    (max / 2).max(1)
+}
+
+/// One open connection, as its port's bound sees it.
+struct Entry {
+    handshaking: bool,
+    requests_under_way: usize,
+    /// A tick of [`Open::clock`] when it was accepted or last became idle: the lowest of
+    /// the idle ones is the one idle longest.
+    since: u64,
     close: CancellationToken,
 }
 
-/// The open connections, by the order they were accepted in.
-#[derive(Default)]
-struct OpenConnections(Mutex<BTreeMap<u64, OpenConnection>>);
+impl Entry {
+    fn phase(&self) -> Phase {
+        if self.handshaking {
+            Phase::Handshaking
+        } else if self.requests_under_way > 0 {
+            Phase::Active
+        } else {
+            Phase::Idle
+        }
+    }
+}
 
-impl OpenConnections {
-    /// Closes the connection accepted first of those serving no request; false if every
-    /// one is serving one.
-    fn close_oldest_idle(&self) -> bool {
-        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let oldest = open
+#[derive(Default)]
+struct Open {
+    next_id: u64,
+    clock: u64,
+    entries: BTreeMap<u64, Entry>,
+}
+
+impl Open {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn count(&self, phase: Phase) -> usize {
+        self.entries.values().filter(|e| e.phase() == phase).count()
+    }
+
+    /// Closes the connection in `phase` there longest (for idle ones: idle longest);
+    /// false if none is.
+    fn close_oldest(&mut self, phase: Phase, metrics: &ConnectionMetrics) -> bool {
+        let oldest = self
+            .entries
             .iter()
-            .find(|(_, c)| c.requests_under_way.load(Ordering::SeqCst) == 0)
+            .filter(|(_, e)| e.phase() == phase)
+            .min_by_key(|(_, e)| e.since)
             .map(|(id, _)| *id);
-        match oldest.and_then(|id| open.remove(&id)) {
-            Some(connection) => {
-                connection.close.cancel();
+        match oldest.and_then(|id| self.entries.remove(&id)) {
+            Some(entry) => {
+                entry.close.cancel();
+                metrics.left(phase);
                 true
             }
             None => false,
         }
     }
+}
 
-    fn remove(&self, id: u64) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
+/// A port's bound on its open connections, shared by the ops ports and the API port. A
+/// connection beyond it takes the slot of the one idle longest (no request under way),
+/// which is closed for it; one that finds every slot serving a request is closed at once.
+/// On the API port a connection holds its slot from its accept, through its TLS
+/// handshake: those in a handshake hold at most [`handshake_share`] of the slots, and a
+/// new connection beyond that share takes the place of the one in its handshake longest.
+/// Every closing is counted by reason in its [`ConnectionMetrics`].
+pub(crate) struct ConnectionBound {
+    slots: Arc<Semaphore>,
+    max: usize,
+    max_handshaking: usize,
+    open: Mutex<Open>,
+    metrics: ConnectionMetrics,
+}
+
+/// What [`ConnectionBound::admit`] made of a connection just accepted.
+enum Admission {
+    Admitted(Connection),
+    /// Every slot is serving a request: closed at once (counted).
+    Refused,
+    Stopped,
+}
+
+impl ConnectionBound {
+    pub(crate) fn new(max: usize, metrics: ConnectionMetrics) -> Arc<Self> {
+        metrics.max.set(i64::try_from(max).unwrap_or(i64::MAX));
+        Arc::new(ConnectionBound {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            max_handshaking: handshake_share(max),
+            open: Mutex::default(),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A slot for a connection just accepted, `handshaking` (API port) or not (ops port):
+    /// a free one, or that of a connection closed for it.
+    async fn admit<F: Future<Output = ()>>(
+        self: &Arc<Self>,
+        handshaking: bool,
+        stop: &mut std::pin::Pin<&mut F>,
+    ) -> Admission {
+        let permit = {
+            let mut open = self.lock();
+            if handshaking && open.count(Phase::Handshaking) >= self.max_handshaking {
+                open.close_oldest(Phase::Handshaking, &self.metrics);
+                self.metrics.closed(CLOSED_HANDSHAKE);
+                self.slots.clone().try_acquire_owned().ok()
+            } else if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+                Some(permit)
+            } else if open.close_oldest(Phase::Idle, &self.metrics) {
+                self.metrics.closed(CLOSED_IDLE);
+                None
+            } else if open.close_oldest(Phase::Handshaking, &self.metrics) {
+                self.metrics.closed(CLOSED_HANDSHAKE);
+                None
+            } else {
+                self.metrics.closed(CLOSED_ALL_BUSY);
+                return Admission::Refused;
+            }
+        };
+        let permit = match permit {
+            Some(permit) => permit,
+            // The closed connection's task gives its slot back as it ends.
+            None => tokio::select! {
+                permit = self.slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return Admission::Stopped,
+                },
+                _ = stop.as_mut() => return Admission::Stopped,
+            },
+        };
+        let close = CancellationToken::new();
+        let mut open = self.lock();
+        let id = open.next_id;
+        open.next_id += 1;
+        let since = open.tick();
+        open.entries.insert(
+            id,
+            Entry {
+                handshaking,
+                requests_under_way: 0,
+                since,
+                close: close.clone(),
+            },
+        );
+        let phase = if handshaking {
+            Phase::Handshaking
+        } else {
+            Phase::Idle
+        };
+        self.metrics.entered(phase);
+        Admission::Admitted(Connection {
+            handle: ConnectionHandle {
+                bound: self.clone(),
+                id,
+                requests_under_way: Arc::new(AtomicUsize::new(0)),
+            },
+            close,
+            _slot: permit,
+        })
+    }
+
+    /// Changes the connection `id`'s entry, and its state's gauge with it; nothing if the
+    /// bound closed it already.
+    fn update(&self, id: u64, change: impl FnOnce(&mut Entry)) {
+        let mut open = self.lock();
+        let tick = open.tick();
+        let Some(entry) = open.entries.get_mut(&id) else {
+            return;
+        };
+        let before = entry.phase();
+        change(entry);
+        let after = entry.phase();
+        if before != after {
+            if after == Phase::Idle {
+                entry.since = tick;
+            }
+            self.metrics.moved(before, after);
+        }
+    }
+
+    /// Once every connection has ended (each holds a slot until then).
+    pub(crate) async fn drained(&self) {
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        let _ = self.slots.acquire_many(all).await;
     }
 }
 
-/// Counts a request under way on its connection while it lives.
-struct UnderWay(Arc<AtomicUsize>);
+/// A connection's slot, held until it is dropped (as the connection's task ends).
+pub(crate) struct Connection {
+    handle: ConnectionHandle,
+    close: CancellationToken,
+    _slot: OwnedSemaphorePermit,
+}
 
-impl UnderWay {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        UnderWay(count.clone())
+impl Connection {
+    /// Its TLS handshake completed: it is idle until its first request.
+    pub(crate) fn established(&self) {
+        self.handle
+            .bound
+            .update(self.handle.id, |entry| entry.handshaking = false);
+    }
+
+    /// What the connection's requests count themselves with.
+    pub(crate) fn handle(&self) -> ConnectionHandle {
+        self.handle.clone()
+    }
+
+    /// Completes once the bound closes this connection for a new one (never while it is
+    /// serving a request).
+    pub(crate) fn closed_for_new(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.close.cancelled()
+    }
+
+    /// Whether a request is under way on it (one may come in just as it is chosen to be
+    /// closed).
+    pub(crate) fn serving(&self) -> bool {
+        self.handle.requests_under_way.load(Ordering::SeqCst) > 0
     }
 }
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let bound = &self.handle.bound;
+        let mut open = bound.lock();
+        if let Some(entry) = open.entries.remove(&self.handle.id) {
+            bound.metrics.left(entry.phase());
+        }
+    }
+}
+
+/// Counts the requests under way on one connection.
+#[derive(Clone)]
+pub(crate) struct ConnectionHandle {
+    bound: Arc<ConnectionBound>,
+    id: u64,
+    requests_under_way: Arc<AtomicUsize>,
+}
+
+impl ConnectionHandle {
+    /// A request begins: the connection is active until the guard is dropped.
+    pub(crate) fn request(&self) -> UnderWay {
+        self.requests_under_way.fetch_add(1, Ordering::SeqCst);
+        self.bound
+            .update(self.id, |entry| entry.requests_under_way += 1);
+        UnderWay(self.clone())
+    }
+}
+
+/// A request under way on its connection while it lives.
+pub(crate) struct UnderWay(ConnectionHandle);
 
 impl Drop for UnderWay {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let handle = &self.0;
+        handle.requests_under_way.fetch_sub(1, Ordering::SeqCst);
+        handle.bound.update(handle.id, |entry| {
+            entry.requests_under_way = entry.requests_under_way.saturating_sub(1)
+        });
     }
 }
 
-/// The next connection with a slot for it: a free one, or that of the connection idle
-/// longest, closed for it; None once `stop` completes. A connection that finds every slot
-/// serving a request is closed at once (counted). Accept errors as [`accept_bounded`].
-async fn accept_evicting<F: Future<Output = ()>>(
+/// The next connection with a slot in `bound` for it (see [`ConnectionBound`]), in its TLS
+/// handshake if `handshaking`; None once `stop` completes. A connection that finds every
+/// slot serving a request is closed at once. Accept errors (EMFILE and friends) are
+/// logged through `error_log` and retried after a pause rather than spun on.
+pub(crate) async fn accept_admitted<F: Future<Output = ()>>(
     listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-    open: &OpenConnections,
-    metrics: &OpsConnectionMetrics,
+    bound: &Arc<ConnectionBound>,
+    handshaking: bool,
     error_log: &LogThrottle,
     stop: &mut std::pin::Pin<&mut F>,
-) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+) -> Option<(Connection, TcpStream, SocketAddr)> {
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = accept_once(listener, error_log) => match accepted {
@@ -247,21 +565,13 @@ async fn accept_evicting<F: Future<Output = ()>>(
             },
             _ = stop.as_mut() => return None,
         };
-        if let Ok(permit) = slots.clone().try_acquire_owned() {
-            return Some((permit, tcp, peer));
+        match bound.admit(handshaking, stop).await {
+            Admission::Admitted(connection) => return Some((connection, tcp, peer)),
+            Admission::Refused => {
+                tracing::debug!(%peer, "connection closed at once: every slot is serving a request");
+            }
+            Admission::Stopped => return None,
         }
-        if !open.close_oldest_idle() {
-            metrics.closed(CLOSED_ALL_BUSY);
-            tracing::debug!(%peer, "ops connection closed at once: every slot is serving a request");
-            continue;
-        }
-        metrics.closed(CLOSED_IDLE);
-        // The closed connection's task gives its slot back as it ends.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.ok()?,
-            _ = stop.as_mut() => return None,
-        };
-        return Some((permit, tcp, peer));
     }
 }
 
@@ -272,38 +582,19 @@ async fn serve_bounded(
     metrics: OpsConnectionMetrics,
     stop: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(bounds.max_connections));
-    let open = Arc::new(OpenConnections::default());
+    let bound = ConnectionBound::new(bounds.max_connections, metrics);
     let (stopping, _) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
     let error_log = accept_error_log();
-    let mut next_id = 0u64;
-    while let Some((permit, tcp, peer)) =
-        accept_evicting(&listener, &slots, &open, &metrics, &error_log, &mut stop).await
+    while let Some((connection, tcp, peer)) =
+        accept_admitted(&listener, &bound, false, &error_log, &mut stop).await
     {
-        let id = next_id;
-        next_id += 1;
-        let requests_under_way = Arc::new(AtomicUsize::new(0));
-        let close = CancellationToken::new();
-        open.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                id,
-                OpenConnection {
-                    requests_under_way: requests_under_way.clone(),
-                    close: close.clone(),
-                },
-            );
         let router = router.clone();
         let mut stop_connection = stopping.subscribe();
-        let open = open.clone();
-        let gauge = metrics.open.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            gauge.inc();
+            let handle = connection.handle();
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                let under_way = UnderWay::new(&requests_under_way);
+                let under_way = handle.request();
                 let router = router.clone();
                 async move {
                     let response = router.oneshot(request).await;
@@ -311,19 +602,20 @@ async fn serve_bounded(
                     response
                 }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(bounds.header_timeout)
                 .serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(connection);
+            tokio::pin!(served);
             let ended = tokio::select! {
-                ended = connection.as_mut() => Some(ended),
+                ended = served.as_mut() => Some(ended),
                 _ = stop_connection.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    Some(connection.await)
+                    served.as_mut().graceful_shutdown();
+                    Some(served.await)
                 }
-                // Idle, and its slot given to a new connection: dropped, so closed.
-                _ = close.cancelled() => None,
+                // Idle (perhaps half a request's headers in), its slot given to a new
+                // connection: dropped, so closed.
+                _ = connection.closed_for_new() => None,
             };
             match ended {
                 Some(Err(e)) => {
@@ -332,15 +624,12 @@ async fn serve_bounded(
                 Some(Ok(())) => {}
                 None => tracing::debug!(%peer, "idle ops connection closed for a new one"),
             }
-            open.remove(id);
-            gauge.dec();
+            drop(connection);
         });
     }
     drop(listener);
     let _ = stopping.send(true);
-    // Every connection holds a slot until it ends: all slots free means all finished.
-    let all = u32::try_from(bounds.max_connections).unwrap_or(u32::MAX);
-    let _ = slots.acquire_many(all).await;
+    bound.drained().await;
 }
 
 #[cfg(test)]
@@ -508,6 +797,89 @@ mod tests {
         }
         let _ = stop.send(());
         server.await.unwrap();
+    }
+
+    fn admitted(admission: Admission) -> Connection {
+        match admission {
+            Admission::Admitted(connection) => connection,
+            Admission::Refused => panic!("refused"),
+            Admission::Stopped => panic!("stopped"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_bound_closes_the_connection_idle_longest_and_never_one_serving() {
+        let metrics = ConnectionMetrics::register_api(&mut Registry::default());
+        let bound = ConnectionBound::new(3, metrics.clone());
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let first = admitted(bound.admit(false, &mut never).await);
+        let second = admitted(bound.admit(false, &mut never).await);
+        let third = admitted(bound.admit(false, &mut never).await);
+        // The first accepted has just answered a request: the second is idle longest.
+        drop(first.handle().request());
+        let serving = third.handle().request();
+        assert_eq!(metrics.open_in("active"), 1);
+        assert_eq!(metrics.open_in("idle"), 2);
+        let fourth = {
+            let admitting = bound.admit(false, &mut never);
+            tokio::pin!(admitting);
+            // Its first step closes the connection idle longest; then it waits for the slot.
+            tokio::select! {
+                biased;
+                _ = admitting.as_mut() => panic!("admitted before a slot was free"),
+                _ = std::future::ready(()) => {}
+            }
+            assert!(second.close.is_cancelled());
+            assert!(!first.close.is_cancelled() && !third.close.is_cancelled());
+            assert_eq!(metrics.closed_for(CLOSED_IDLE), 1);
+            drop(second);
+            admitted(admitting.await)
+        };
+        // Every slot serving a request: a new one is refused, none is closed for it.
+        let _first_serving = first.handle().request();
+        let _fourth_serving = fourth.handle().request();
+        assert!(matches!(
+            bound.admit(false, &mut never).await,
+            Admission::Refused
+        ));
+        assert_eq!(metrics.closed_for(CLOSED_ALL_BUSY), 1);
+        assert_eq!(metrics.open_in("active"), 3);
+        drop(serving);
+        assert_eq!(metrics.open_in("idle"), 1);
+    }
+
+    #[tokio::test]
+    async fn handshakes_hold_at_most_half_the_slots() {
+        let metrics = ConnectionMetrics::register_api(&mut Registry::default());
+        let bound = ConnectionBound::new(4, metrics.clone());
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let agent = admitted(bound.admit(true, &mut never).await);
+        agent.established();
+        // Each as its task would: ended (its slot given back) once closed for a new one.
+        let mut handshaking = Vec::new();
+        for _ in 0..5 {
+            let connection = admitted(bound.admit(true, &mut never).await);
+            handshaking.push(tokio::spawn(async move {
+                connection.closed_for_new().await;
+                drop(connection);
+            }));
+        }
+        assert_eq!(metrics.open_in("handshaking"), 2);
+        assert_eq!(metrics.open_in("idle"), 1);
+        assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 3);
+        assert_eq!(metrics.closed_for(CLOSED_IDLE), 0);
+        for closed in handshaking.drain(..3) {
+            closed.await.unwrap();
+        }
+        assert!(!agent.close.is_cancelled());
+        for open in handshaking {
+            open.abort();
+        }
+        drop(agent);
+        bound.drained().await;
+        assert_eq!(metrics.open.get(), 0);
     }
 
     #[tokio::test]

@@ -1338,8 +1338,8 @@ async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     assert!(read.is_ok(), "a slow-header client was kept forever");
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
 
-    // Many idle TCP connections (no TLS handshake) take at most max_connections slots,
-    // each for at most the handshake timeout; a real client still gets through.
+    // Many idle TCP connections (no TLS handshake) take at most half the slots, each for
+    // at most the handshake timeout; a real client still gets through.
     let mut idle = Vec::new();
     for _ in 0..40 {
         idle.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
@@ -1353,13 +1353,21 @@ async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     .await
     .expect("the signer stopped serving under idle connections");
     assert_eq!(answer.0, 200);
-    // The idle connections ahead of it ended at the handshake timeout, counted as such.
+    // The idle connections ahead of it were closed for newer ones (those in their
+    // handshake hold at most half the slots), or ended at the handshake timeout.
     let metrics = signer.metrics(&client).await;
+    let closed = metric_sample(
+        &metrics,
+        "meshca_api_connections_closed_total{reason=\"handshake_for_new\"}",
+    );
     let timeouts = metric_sample(
         &metrics,
         "meshca_tls_handshakes_refused_total{reason=\"timeout\"}",
     );
-    assert!(timeouts.is_some_and(|n| n >= 1), "{metrics}");
+    assert!(
+        closed.unwrap_or(0) + timeouts.unwrap_or(0) >= 38,
+        "{metrics}"
+    );
     drop(idle);
 }
 
@@ -1841,5 +1849,218 @@ async fn a_client_ca_of_the_mesh_pki_is_refused_at_start_reload_and_check() {
     assert!(
         metrics.contains("meshca_rules_last_reload_successful 0"),
         "{metrics}"
+    );
+}
+
+/// A signer with these `[limits]` and an ops port; returns it with the ops port's address
+/// (its metrics are read there, so reading them takes none of the API port's slots).
+async fn start_with_ops(limits: &str) -> (Env, Signer, String) {
+    let env = Env::with(EnvSpec {
+        extra_toml: format!("[limits]\n{limits}"),
+        ..EnvSpec::default()
+    });
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("ops_listen = \"127.0.0.1:0\"\n{config}"),
+    )
+    .unwrap();
+    let signer = env.start_signer();
+    let started = signer.wait_for_log("signer listening").await;
+    let line: Value = serde_json::from_str(&started).unwrap();
+    let ops = line["ops"]
+        .as_str()
+        .filter(|o| o.parse::<std::net::SocketAddr>().is_ok())
+        .unwrap_or_else(|| panic!("no ops address in {line}"))
+        .to_string();
+    (env, signer, ops)
+}
+
+/// A sample of the API port's connection metrics, read on the ops port.
+async fn api_connections(ops: &str, series: &str) -> i64 {
+    let metrics = ops_get(ops, "/metrics").await;
+    let name = format!("meshca_api_connections{series}");
+    metric_sample(&metrics, &name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
+/// A generous bound on a wait that must end: a signer that never ends it fails the test
+/// rather than hangs it.
+async fn within<T>(what: &str, wait: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+}
+
+/// Kept-alive mTLS connections, one per client, each idle after one answered request.
+async fn idle_connections(env: &Env, signer: &Signer, count: usize) -> Vec<reqwest::Client> {
+    let mut clients = Vec::new();
+    for _ in 0..count {
+        let client = env.client("cluster-b");
+        let answer = signer.get_text(&client, "/healthz").await;
+        assert!(!answer.is_empty());
+        clients.push(client);
+    }
+    clients
+}
+
+#[tokio::test]
+async fn idle_kept_alive_connections_up_to_the_bound_do_not_keep_a_new_agent_out() {
+    // No header timeout to end the idle connections: only the bound can.
+    let (env, signer, ops) =
+        start_with_ops("max_connections = 3\nheader_timeout_ms = 300000\n").await;
+    let idle = idle_connections(&env, &signer, 3).await;
+    assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 3);
+    assert_eq!(api_connections(&ops, "_max").await, 3);
+
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let agent = env.client("cluster-a");
+    let (status, answer) = within(
+        "idle connections kept the agent out",
+        post_sign(&agent, &signer, &sign_body(VM, MESH_A, &csr)),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // The slot was the one of the connection idle longest, closed for it.
+    assert_eq!(
+        api_connections(&ops, "_closed_total{reason=\"idle_for_new\"}").await,
+        1
+    );
+    assert_eq!(
+        api_connections(&ops, "_closed_total{reason=\"all_busy\"}").await,
+        0
+    );
+    assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 3);
+    assert_eq!(api_connections(&ops, "{state=\"active\"}").await, 0);
+    assert_eq!(api_connections(&ops, "{state=\"handshaking\"}").await, 0);
+    // The two left open are still served on their connections.
+    for client in &idle[1..] {
+        assert!(!signer.get_text(client, "/healthz").await.is_empty());
+    }
+    assert_eq!(
+        api_connections(&ops, "_closed_total{reason=\"idle_for_new\"}").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn half_open_connections_up_to_the_bound_do_not_keep_a_client_out() {
+    // No handshake timeout to end them: only the bound can.
+    let (env, signer, ops) =
+        start_with_ops("max_connections = 4\nhandshake_timeout_ms = 300000\n").await;
+    // TCP connections that never send a ClientHello.
+    let mut half_open = Vec::new();
+    for _ in 0..4 {
+        half_open.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
+    }
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let client = env.client("cluster-a");
+    let (status, answer) = within(
+        "connections in their handshake kept the client out",
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // Handshakes hold at most half the slots: the third and fourth connections each
+    // closed the one in its handshake longest, the client's the third.
+    assert_eq!(
+        api_connections(&ops, "_closed_total{reason=\"handshake_for_new\"}").await,
+        3
+    );
+    assert_eq!(api_connections(&ops, "{state=\"handshaking\"}").await, 1);
+    assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 1);
+    // Those closed were closed by the signer, without a word.
+    let mut rest = Vec::new();
+    within(
+        "a connection closed for a new one stayed open",
+        half_open[0].read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    drop(half_open);
+}
+
+#[tokio::test]
+async fn connections_in_their_handshake_hold_at_most_half_the_slots() {
+    let (env, signer, ops) = start_with_ops(
+        "max_connections = 4\nheader_timeout_ms = 300000\nhandshake_timeout_ms = 300000\n",
+    )
+    .await;
+    let idle = idle_connections(&env, &signer, 2).await;
+    // More half-open connections than slots: past the first two in their handshake, each
+    // takes the place of the one in its handshake longest, not an agent's.
+    let mut half_open = Vec::new();
+    for _ in 0..6 {
+        half_open.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
+    }
+    within("the half-open connections were not all taken in", async {
+        while api_connections(&ops, "_closed_total{reason=\"handshake_for_new\"}").await < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(api_connections(&ops, "{state=\"handshaking\"}").await, 2);
+    assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 2);
+    assert_eq!(
+        api_connections(&ops, "_closed_total{reason=\"idle_for_new\"}").await,
+        0
+    );
+    // The agents' connections are still open and served.
+    for client in &idle {
+        assert!(!signer.get_text(client, "/healthz").await.is_empty());
+    }
+    assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 2);
+    drop(half_open);
+}
+
+/// Reads `tls` until an answer's status line has arrived; returns what came.
+async fn answer_status(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        let n = within("no answer", tls.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed before an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_connection_mid_request_is_not_closed_for_a_new_one() {
+    let (env, signer, ops) = start_with_ops(
+        "max_connections = 2\nheader_timeout_ms = 300000\nbody_timeout_ms = 300000\n",
+    )
+    .await;
+    // One connection with a signing request under way (its body half sent), one idle.
+    let (_key, csr_b) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &csr_b)).unwrap();
+    let mut under_way = tls_connect(&env, &signer, "cluster-b").await;
+    begin_sign_request(&mut under_way, &body, 100).await;
+    let _idle = idle_connections(&env, &signer, 1).await;
+    assert_eq!(api_connections(&ops, "{state=\"active\"}").await, 1);
+    assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 1);
+
+    // A new client takes the idle one's slot, not the busy one's.
+    let (_key, csr_a) = csr(KeyType::EcdsaP256, "acme", "a");
+    let client = env.client("cluster-a");
+    let (status, answer) = within(
+        "the new client was kept out",
+        post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr_a)),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        api_connections(&ops, "_closed_total{reason=\"idle_for_new\"}").await,
+        1
+    );
+    assert_eq!(api_connections(&ops, "{state=\"active\"}").await, 1);
+
+    // The request under way is answered in full, on its connection.
+    under_way.write_all(&body[100..]).await.unwrap();
+    let answer = answer_status(&mut under_way).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        api_connections(&ops, "_closed_total{reason=\"all_busy\"}").await,
+        0
     );
 }

@@ -123,6 +123,8 @@ pub struct Metrics {
     rules_info: Family<RulesLabels, Gauge>,
     /// The plain ops port's connections (`ops_listen`).
     pub ops_connections: crate::ops_http::OpsConnectionMetrics,
+    /// The API port's connections by state, their bound, and those the bound closed.
+    pub api_connections: crate::ops_http::ConnectionMetrics,
 }
 
 impl Metrics {
@@ -130,6 +132,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("meshca");
         register_build_info(&mut registry);
         let ops_connections = crate::ops_http::OpsConnectionMetrics::register(&mut registry);
+        let api_connections = crate::ops_http::ConnectionMetrics::register_api(&mut registry);
         let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
         let requests = outcomes_from_zero(OUTCOMES_FROM_ZERO.iter().chain(&rule_codes));
         registry.register(
@@ -288,6 +291,7 @@ impl Metrics {
             announced_root_not_after,
             rules_info,
             ops_connections,
+            api_connections,
         }
     }
 
@@ -603,6 +607,14 @@ mod tests {
             "meshca_rules_reloads_total{outcome=\"error\"} 0",
             "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"} 1",
             "meshca_tls_handshakes_refused_total{reason=\"timeout\"} 0",
+            // The API port's connections: each state and each reason from 0.
+            "meshca_api_connections{state=\"handshaking\"} 0\n",
+            "meshca_api_connections{state=\"idle\"} 0\n",
+            "meshca_api_connections{state=\"active\"} 0\n",
+            "meshca_api_connections_max 0\n",
+            "meshca_api_connections_closed_total{reason=\"idle_for_new\"} 0\n",
+            "meshca_api_connections_closed_total{reason=\"handshake_for_new\"} 0\n",
+            "meshca_api_connections_closed_total{reason=\"all_busy\"} 0\n",
             "meshca_intermediates_issued_total{client=\"spiffe://a\",virtual_mesh=\"test/vm\"} 1",
             concat!(
                 "meshca_build_info{version=\"",

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -1295,13 +1295,16 @@ async fn serve_tls(
     shutdown: watch::Receiver<bool>,
 ) {
     let app = api::router(state.clone());
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let bound = crate::ops_http::ConnectionBound::new(
+        max_connections,
+        state.metrics.api_connections.clone(),
+    );
     let mut watching = shutdown.clone();
     let stop = stopped(&mut watching);
     tokio::pin!(stop);
     let accept_errors = crate::ops_http::accept_error_log();
-    while let Some((permit, tcp, peer)) =
-        crate::ops_http::accept_bounded(&listener, &slots, &accept_errors, &mut stop).await
+    while let Some((slot, tcp, peer)) =
+        crate::ops_http::accept_admitted(&listener, &bound, true, &accept_errors, &mut stop).await
     {
         let _ = tcp.set_nodelay(true);
         // Marks this acceptor's version seen, so a reload after it is noticed below.
@@ -1315,11 +1318,18 @@ async fn serve_tls(
         let state = state.clone();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let (handshake, refused_client) = crate::tlsutil::accept_noting_refused_client(
-                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)),
-            )
-            .await;
+            let handshaking = crate::tlsutil::accept_noting_refused_client(tokio::time::timeout(
+                limits.handshake_timeout,
+                acceptor.accept(tcp),
+            ));
+            let (handshake, refused_client) = tokio::select! {
+                handshake = handshaking => handshake,
+                // In its handshake longest, its slot given to a new connection: dropped.
+                _ = slot.closed_for_new() => {
+                    tracing::debug!(%peer, "connection in its TLS handshake closed for a new one");
+                    return;
+                }
+            };
             let tls = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
@@ -1344,10 +1354,18 @@ async fn serve_tls(
                 })
                 .unwrap_or_default();
             client.peer = Some(peer);
+            slot.established();
+            let requests = slot.handle();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                     request.extensions_mut().insert(client.clone());
-                    app.clone().oneshot(request)
+                    let under_way = requests.request();
+                    let answer = app.clone().oneshot(request);
+                    async move {
+                        let answer = answer.await;
+                        drop(under_way);
+                        answer
+                    }
                 });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -1361,6 +1379,18 @@ async fn serve_tls(
                     tracing::debug!(%peer, "TLS settings reloaded: closing this connection after its current request");
                     None
                 }
+                _ = slot.closed_for_new() => {
+                    tracing::debug!(%peer, "idle connection closed for a new one");
+                    connection.as_mut().graceful_shutdown();
+                    // Closes at once when idle (close_notify); half a request's headers
+                    // in are dropped after a moment, and a request that came in just as
+                    // it was chosen is answered first.
+                    match tokio::time::timeout(EVICTED_GRACE, connection.as_mut()).await {
+                        Ok(ended) => Some(ended),
+                        Err(_) if slot.serving() => Some(connection.as_mut().await),
+                        Err(_) => Some(Ok(())),
+                    }
+                }
             };
             let ended = match ended {
                 Some(ended) => ended,
@@ -1373,16 +1403,21 @@ async fn serve_tls(
             if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
     // Every connection holds a slot until it ends: all slots free means all drained.
-    let all_slots = u32::try_from(max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = slots.acquire_many(all_slots) => tracing::info!("all connections drained"),
+        _ = bound.drained() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(state.rules().limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
     }
 }
+
+/// How long an idle API connection closed for a new one may take to close after its
+/// graceful shutdown (one with half a request's headers in would otherwise hold its slot
+/// until the header timeout).
+const EVICTED_GRACE: Duration = Duration::from_secs(1);
 
 /// Counts a refused handshake, and logs it unless the log throttle holds back its reason;
 /// `client` is the refused certificate's identity, serial and notAfter, when it was one.
