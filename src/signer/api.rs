@@ -345,7 +345,7 @@ async fn decide_issue_and_audit(
                 client = identity.as_deref().unwrap_or(""),
                 peer = client.peer.map(tracing::field::display),
                 code = refusal.code,
-                message = %refusal.message,
+                detail = %refusal.message,
                 "refused signing request"
             );
             refusal.into_response()
