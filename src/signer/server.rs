@@ -344,6 +344,8 @@ pub struct RulesReload {
     pub change: RulesChange,
     /// Settings read only at start that differ in the file (left as they are).
     pub restart_only: Vec<&'static str>,
+    /// Files those settings name that are missing: a restart would fail.
+    pub restart_blockers: Vec<String>,
     /// The digest of the rules in force after the reload (changed or not): the value to
     /// compare between replicas.
     pub rules_sha256: String,
@@ -660,9 +662,11 @@ impl RunningSigner {
         if self.listen_overridden {
             restart_only.retain(|setting| *setting != "listen");
         }
+        let restart_blockers = super::reload::restart_blockers(&read, &restart_only);
         Ok(RulesReload {
             change,
             restart_only,
+            restart_blockers,
             rules_sha256: self.state.rules().digest().to_string(),
         })
     }
@@ -1569,9 +1573,12 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
                 );
             }
             if !reload.restart_only.is_empty() {
+                // A restart with a broken start-only setting exits 1, and systemd loops.
+                let blockers = &reload.restart_blockers;
                 tracing::warn!(
                     settings = reload.restart_only.join(", "),
-                    "SIGHUP: settings read only at start differ in the config file; they take effect at the next restart"
+                    restart_would_fail = (!blockers.is_empty()).then(|| blockers.join("; ")),
+                    "SIGHUP: settings read only at start differ in the config file; they take effect at the next restart (run `meshca serve --check --online` on the file first)"
                 );
             }
         }
