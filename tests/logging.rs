@@ -263,4 +263,7 @@ async fn no_signer_log_line_names_a_key_twice() {
         refused["detail"].as_str().is_some_and(|d| !d.is_empty()),
         "{refused}"
     );
+    // And it names the mesh asked for, as the audit line does.
+    assert_eq!(refused["virtual_mesh"], "test/vm", "{refused}");
+    assert_eq!(refused["mesh"], "test/cluster-b", "{refused}");
 }

@@ -344,6 +344,8 @@ async fn decide_issue_and_audit(
             tracing::info!(
                 client = identity.as_deref().unwrap_or(""),
                 peer = client.peer.map(tracing::field::display),
+                virtual_mesh = facts.virtual_mesh.as_deref().unwrap_or(""),
+                mesh = facts.mesh.as_deref().unwrap_or(""),
                 code = refusal.code,
                 detail = %refusal.message,
                 "refused signing request"

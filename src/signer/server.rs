@@ -1324,11 +1324,17 @@ fn handshake_refused(
         }
     }
     if let Some(not_logged) = state.handshake_log.admit(reason, Instant::now()) {
+        let certificate = client.map(crate::tlsutil::refused_client_fields);
+        let certificate = certificate.unwrap_or_default();
         tracing::info!(
             %peer,
             reason,
             error,
-            client,
+            client = certificate.client,
+            claimed_client = certificate.claimed_client,
+            client_serial = certificate.serial,
+            client_not_after = certificate.not_after,
+            client_certificate = certificate.unparsed,
             advice = crate::tlsutil::handshake_refusal_advice(reason),
             not_logged_since_last = not_logged,
             "TLS handshake refused"
