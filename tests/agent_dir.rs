@@ -644,6 +644,24 @@ fn an_unreachable_signer_leaves_files_untouched_and_the_loop_retries_until_it_is
     }
     assert_eq!(delays, vec![2, 4]);
     assert_runbook_quotes_the_agent(&not_due_line, &failed_lines[0]);
+    // The line names the directory (the metrics' `request`), and the runbook of the
+    // alert on those metrics sends the reader to it: directory mode has no status.
+    assert_eq!(
+        failed_lines[0]["dir"],
+        dir.display().to_string(),
+        "{}",
+        failed_lines[0]
+    );
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `MeshcaAgentRequestFailing`"))
+        .expect("the alert's row in the README");
+    let failed_message = failed_lines[0]["message"].as_str().unwrap();
+    assert!(
+        row.contains(failed_message),
+        "{failed_message} not in\n{row}"
+    );
     assert_eq!(snapshot(&dir), before);
     let failing = http_get(&metrics_addr, "/metrics");
     assert_ready_and_reachable(&failing, (0, 0));

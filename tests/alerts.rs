@@ -30,7 +30,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
     let checked = promtool(&["check", "rules", "meshca-alerts.yaml"]);
-    assert!(checked.contains("SUCCESS: 39 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 42 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "meshca-alerts.test.yaml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -77,6 +77,71 @@ fn names_in_rules() -> BTreeSet<String> {
     names
 }
 
+/// The refusal codes of a signing request that are neither a policy rule's nor a
+/// handshake reason's (the rules' `prefix_.*` matchers are checked against these too).
+const OTHER_OUTCOMES: [&str; 16] = [
+    "issued",
+    "issuance_check_failed",
+    "backend_out_of_policy",
+    "backend_refused",
+    "backend_unavailable",
+    "root_expired",
+    "not_authorized",
+    "client_issuer",
+    "unknown_virtual_mesh",
+    "unknown_mesh",
+    "malformed_request",
+    "malformed_csr",
+    "rate_limited",
+    "audit_unavailable",
+    "client_gone",
+    "internal",
+];
+
+/// Every `meshca_sign_requests_total` outcome a rule's matcher selects: its literal
+/// alternatives, and each known outcome a `prefix.*` alternative matches.
+fn outcomes_the_rules_select() -> BTreeSet<String> {
+    let rules = std::fs::read_to_string(rules_dir().join("meshca-alerts.yaml")).unwrap();
+    let known: Vec<&str> = OTHER_OUTCOMES
+        .into_iter()
+        .chain(meshca::policy::rules::Rule::ALL.map(|rule| rule.code()))
+        .chain(meshca::tlsutil::HANDSHAKE_REFUSAL_REASONS)
+        .collect();
+    let mut selected = BTreeSet::new();
+    let selector = "meshca_sign_requests_total{outcome=";
+    let mut rest = rules.as_str();
+    while let Some(at) = rest.find(selector) {
+        let tail = &rest[at + selector.len()..];
+        let tail = tail.strip_prefix('~').unwrap_or(tail);
+        let value = tail.strip_prefix('"').unwrap();
+        let value = &value[..value.find('"').unwrap()];
+        for alternative in value.split('|') {
+            if let Some(prefix) = alternative.strip_suffix(".*") {
+                let matched: Vec<&&str> = known.iter().filter(|o| o.starts_with(prefix)).collect();
+                assert!(
+                    !matched.is_empty(),
+                    "{alternative} matches no known outcome"
+                );
+                selected.extend(matched.into_iter().map(|o| o.to_string()));
+            } else {
+                assert!(
+                    alternative
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '_'),
+                    "a matcher this test does not read: {alternative}"
+                );
+                selected.insert(alternative.to_string());
+            }
+        }
+        rest = tail;
+    }
+    // The rate-limit alert's, and the policy and client certificate refusals'.
+    for outcome in ["rate_limited", "policy_org", "client_certificate_revoked"] {
+        assert!(selected.contains(outcome), "{outcome}: {selected:?}");
+    }
+    selected
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_alerts_use_is_exported() {
     let env = Env::new();
@@ -89,15 +154,7 @@ async fn every_metric_the_alerts_use_is_exported() {
     let fresh = signer.metrics(&env.client("cluster-a")).await;
     // Before any request, the outcomes the rules select are there at 0: a series that
     // first appeared at 1 would not show in increase(), and its alert would miss it.
-    for outcome in [
-        "issuance_check_failed",
-        "backend_out_of_policy",
-        "root_expired",
-        "not_authorized",
-        "policy_org",
-        "unknown_mesh",
-        "malformed_csr",
-    ] {
+    for outcome in outcomes_the_rules_select() {
         let zero = format!("meshca_sign_requests_total{{outcome=\"{outcome}\"}} 0");
         assert!(fresh.contains(&zero), "{zero} missing from\n{fresh}");
     }

@@ -2,6 +2,10 @@
 //! and so is the error a command ends with, not raw text on stderr among the JSON. Its
 //! own test binary: it sets the global subscriber and panic hook.
 
+mod common;
+
+use std::collections::HashSet;
+use std::fmt;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -165,4 +169,101 @@ fn a_usage_mistake_is_a_json_line_under_log_format_json() {
             .unwrap()
             .contains("Usage: meshca serve")
     );
+}
+
+/// A JSON value in which no object names a key twice (serde_json keeps the last of two,
+/// so a log line's second `message` would hide its first from every log pipeline).
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!("key {key:?} twice")));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(self)
+    }
+}
+
+/// Every JSON line a signer logs through an issuance, a refusal and a stop names each key
+/// once: a field called `message` beside the line's own message made two.
+#[tokio::test]
+async fn no_signer_log_line_names_a_key_twice() {
+    use common::*;
+    let env = Env::new();
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let (_k, csr) = csr(meshca::pki::keys::KeyType::EcdsaP256, "acme", "a");
+    let (status, answer) = post_sign(
+        &client,
+        &signer,
+        &sign_body("test/vm", "test/cluster-a", &csr),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // cluster-a asking for cluster-b's mesh: refused, and logged.
+    let (status, answer) = post_sign(
+        &client,
+        &signer,
+        &sign_body("test/vm", "test/cluster-b", &csr),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    let refused = signer.wait_for_log("refused signing request").await;
+    assert!(signer.terminate(), "{}", signer.logs());
+    let logs = signer.logs();
+    for line in logs.lines() {
+        if let Err(e) = serde_json::from_str::<NoDuplicateKeys>(line) {
+            panic!("{e}: {line}");
+        }
+    }
+    // The refusal's text is under a name of its own.
+    let refused: Value = serde_json::from_str(&refused).unwrap();
+    assert_eq!(refused["message"], "refused signing request", "{refused}");
+    assert!(
+        refused["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{refused}"
+    );
+    // And it names the mesh asked for, as the audit line does.
+    assert_eq!(refused["virtual_mesh"], "test/vm", "{refused}");
+    assert_eq!(refused["mesh"], "test/cluster-b", "{refused}");
 }

@@ -723,6 +723,39 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
     );
 }
 
+/// A start-only setting changed to a file that is not there: the reload's WARN says a
+/// restart would fail (a restart exits 1 and systemd restarts it in a loop), and names it.
+#[tokio::test]
+async fn a_pending_restart_onto_a_missing_pkcs11_module_is_named_at_the_sighup() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let module = config
+        .lines()
+        .find_map(|l| l.strip_prefix("module = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no pkcs11 module in:\n{config}"))
+        .to_string();
+    let gone = env.path("no-such-pkcs11-module.so");
+    let changed = config.replace(&module, &gone.display().to_string());
+    std::fs::write(&env.config, changed).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let warning = signer.wait_for_log("take effect at the next restart").await;
+    let warning: serde_json::Value = serde_json::from_str(&warning).unwrap();
+    assert_eq!(warning["settings"], "pkcs11", "{warning}");
+    let blocker = warning["restart_would_fail"].as_str().unwrap_or_default();
+    assert!(
+        blocker.starts_with("pkcs11.module ") && blocker.contains("no-such-pkcs11-module.so"),
+        "{warning}"
+    );
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("meshca serve --check --online")),
+        "{warning}"
+    );
+}
+
 #[tokio::test]
 async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     // A P-256 root: a policy demanding RSA-4096 strength is too much for it.

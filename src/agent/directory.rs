@@ -483,6 +483,7 @@ pub async fn run(
                 let delay =
                     backoff(failures, resync).max(e.retry_after(resync).unwrap_or_default());
                 tracing::error!(
+                    dir = %opts.target.display(),
                     error = %e,
                     // When istiod's intermediate stops (or stopped) working.
                     installed_expires_at = %installed.map_or_else(

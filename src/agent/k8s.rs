@@ -302,7 +302,7 @@ impl Kube {
                 source: kube::Error::Api(answer),
                 ..
             }) if answer.code == 400 && answer.message.contains("dry run") => {
-                tracing::debug!(secret = %format!("{ns}/{name}"), message = %answer.message, "the Secret's write cannot be tried with a dry run");
+                tracing::debug!(secret = %format!("{ns}/{name}"), detail = %answer.message, "the Secret's write cannot be tried with a dry run");
                 Ok(())
             }
             other => other,

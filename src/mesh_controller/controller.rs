@@ -382,7 +382,7 @@ impl MeshController {
             Ok(valid) => valid,
             Err(rejection) => {
                 if before.phase != Some(super::crd::VirtualMeshPhase::Invalid) {
-                    tracing::warn!(virtual_mesh = %id, reason = rejection.reason, message = %rejection.message, "VirtualMesh refused; clusters left as they are");
+                    tracing::warn!(virtual_mesh = %id, reason = rejection.reason, detail = %rejection.message, "VirtualMesh refused; clusters left as they are");
                 }
                 return Ok(After::Kept(Box::new(decide::rejected_status(
                     before, generation, &rejection, now,

@@ -344,8 +344,10 @@ async fn decide_issue_and_audit(
             tracing::info!(
                 client = identity.as_deref().unwrap_or(""),
                 peer = client.peer.map(tracing::field::display),
+                virtual_mesh = facts.virtual_mesh.as_deref().unwrap_or(""),
+                mesh = facts.mesh.as_deref().unwrap_or(""),
                 code = refusal.code,
-                message = %refusal.message,
+                detail = %refusal.message,
                 "refused signing request"
             );
             refusal.into_response()
@@ -693,27 +695,18 @@ impl ServingCertificates {
 /// line: once it lands (room made, the log rotated), the signer is ready again without
 /// waiting for a signing request, which a load balancer would not send it while it is not.
 /// A signing request tries it too, before it would be refused for the log.
-/// The free space is looked at first: a log short of room is not tried (its last write
-/// may have succeeded), and one given room again is writable at once.
+/// The free space is looked at first: a log short of room is not tried (a line would fit
+/// in the slack of a full disk, and the next one fail), and one given room again is
+/// writable at once.
 pub async fn probe_audit_log(state: &SignerState) {
     state.audit.check_free_space();
-    if state.audit.last_commit_ok() {
-        return;
-    }
-    let record = AuditRecord {
-        time: rfc3339(SystemTime::now()),
-        event: "recovery".into(),
-        message: Some("the audit log takes lines again after a failed write".into()),
-        ..Default::default()
-    };
-    match state.audit.append(record, state.audit.expect_line()).await {
-        // Written, but short of room for more: not ready yet (check_free_space said so).
-        Ok(()) if !state.audit.is_writable() => {}
-        Ok(()) => tracing::info!(
+    match state.audit.write_recovery().await {
+        None => {}
+        Some(Ok(())) => tracing::info!(
             path = %state.audit.path().display(),
             "the audit log takes lines again: ready"
         ),
-        Err(e) => tracing::debug!(error = %e, "the audit log still cannot be written"),
+        Some(Err(e)) => tracing::debug!(error = %e, "the audit log still cannot be written"),
     }
 }
 

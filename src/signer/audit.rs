@@ -206,6 +206,8 @@ pub struct AuditLog {
     foreign_appends: Counter,
     head: Arc<Mutex<String>>,
     path: PathBuf,
+    /// A `recovery` record is being written ([`AuditLog::write_recovery`]).
+    recovering: Arc<AtomicBool>,
 }
 
 /// Whether the log takes lines: its last commit succeeded, and its filesystem has room
@@ -400,6 +402,7 @@ impl AuditLog {
             foreign_appends,
             head,
             path: path.to_path_buf(),
+            recovering: Arc::default(),
         };
         // The free space is known (and exported) from the start.
         log.check_free_space();
@@ -462,6 +465,39 @@ impl AuditLog {
     /// could not be rolled back (the writer then refuses every line).
     pub fn last_commit_ok(&self) -> bool {
         self.writability.last_commit_ok.load(Ordering::Acquire)
+    }
+
+    /// Whether the log's filesystem had at least [`MIN_FREE_BYTES`] free when last looked
+    /// at ([`AuditLog::check_free_space`]).
+    pub fn has_room(&self) -> bool {
+        has_room(self.writability.free_bytes.load(Ordering::Acquire))
+    }
+
+    /// After a failed write, writes a `recovery` record once the filesystem has room again
+    /// (as last looked at): the record alone would fit in a full disk's slack and claim a
+    /// recovery the next line disproves. One probe at a time, so an outage gets one record.
+    /// None when there is nothing to recover, no room yet, or another probe is under way.
+    pub async fn write_recovery(&self) -> Option<Result<(), AuditError>> {
+        if self.last_commit_ok() || !self.has_room() {
+            return None;
+        }
+        if self.recovering.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // Another probe may have recovered the log while this one waited.
+        let result = if self.last_commit_ok() {
+            None
+        } else {
+            let record = AuditRecord {
+                time: rfc3339(SystemTime::now()),
+                event: "recovery".into(),
+                message: Some("the audit log takes lines again after a failed write".into()),
+                ..Default::default()
+            };
+            Some(self.append(record, self.expect_line()).await)
+        };
+        self.recovering.store(false, Ordering::Release);
+        result
     }
 
     /// Why the log takes no lines, or None while it does.
@@ -1950,6 +1986,43 @@ mod tests {
         assert!(log.is_writable());
         assert_eq!(log.writable().get(), 1);
         assert_eq!(log.unwritable_reason(), None);
+    }
+
+    #[tokio::test]
+    async fn a_recovery_is_recorded_once_and_only_once_the_filesystem_has_room_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let path = logs.join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        // Nothing failed: nothing to recover.
+        assert!(log.write_recovery().await.is_none());
+        // A write fails (rotated with its directory, a file where it was).
+        std::fs::rename(&logs, dir.path().join("logs.1")).unwrap();
+        std::fs::write(&logs, "").unwrap();
+        log.append(record(1), log.expect_line()).await.unwrap_err();
+        assert!(!log.last_commit_ok());
+        std::fs::remove_file(&logs).unwrap();
+        std::fs::create_dir(&logs).unwrap();
+        // A line would fit now, but the filesystem is short of room (a full disk's slack
+        // takes a line): no recovery is claimed, however often it is probed.
+        log.note_free_space(64 * 1024);
+        for _ in 0..3 {
+            assert!(log.write_recovery().await.is_none());
+        }
+        assert!(!path.exists(), "a recovery written while short of room");
+        assert!(!log.last_commit_ok());
+        // Room again: one recovery record, and no second for the same outage.
+        log.note_free_space(MIN_FREE_BYTES);
+        log.write_recovery().await.unwrap().unwrap();
+        assert!(log.is_writable());
+        assert!(log.write_recovery().await.is_none());
+        let events: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().event)
+            .collect();
+        assert_eq!(events, ["rotation", "recovery"]);
     }
 
     #[tokio::test]

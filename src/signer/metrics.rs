@@ -14,14 +14,16 @@ use prometheus_client::registry::Registry;
 use crate::config::AnnouncedRoot;
 use crate::tlsutil::Validity;
 
-/// Outcomes counted from 0 at start (with every policy rule's code), so that the first of
-/// each shows in `increase()`: a series that appears at 1 has no earlier sample to
-/// differ from, and an alert on it would miss it. These are `issued` and the outcomes
-/// the rules in deploy/prometheus/meshca-alerts.yaml look at.
-const OUTCOMES_FROM_ZERO: [&str; 10] = [
+/// Outcomes counted from 0 at start (with every policy rule's code and every
+/// `client_certificate_*` handshake reason, which a request refused after a TLS reload
+/// gets), so that the first of each shows in `increase()`: a series that appears at 1 has
+/// no earlier sample to differ from, and an alert on it would miss it. These are `issued`
+/// and the outcomes the rules in deploy/prometheus/meshca-alerts.yaml look at.
+const OUTCOMES_FROM_ZERO: [&str; 14] = [
     "issued",
     "issuance_check_failed",
     "backend_out_of_policy",
+    "backend_unavailable",
     "root_expired",
     "not_authorized",
     "client_issuer",
@@ -29,6 +31,9 @@ const OUTCOMES_FROM_ZERO: [&str; 10] = [
     "unknown_mesh",
     "malformed_request",
     "malformed_csr",
+    "rate_limited",
+    "audit_unavailable",
+    "client_gone",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,7 +139,15 @@ impl Metrics {
         let ops_connections = crate::ops_http::OpsConnectionMetrics::register(&mut registry);
         let api_connections = crate::ops_http::ConnectionMetrics::register_api(&mut registry);
         let rule_codes = crate::policy::rules::Rule::ALL.map(|rule| rule.code());
-        let requests = outcomes_from_zero(OUTCOMES_FROM_ZERO.iter().chain(&rule_codes));
+        let client_certificate = crate::tlsutil::HANDSHAKE_REFUSAL_REASONS
+            .iter()
+            .filter(|reason| reason.starts_with("client_certificate_"));
+        let requests = outcomes_from_zero(
+            OUTCOMES_FROM_ZERO
+                .iter()
+                .chain(&rule_codes)
+                .chain(client_certificate),
+        );
         registry.register(
             "sign_requests",
             "Signing requests by outcome (issued, or the refusal's error code)",
@@ -154,7 +167,7 @@ impl Metrics {
             }));
         registry.register(
             "tls_handshakes_refused",
-            "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _crl_overdue, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
+            "TLS handshakes on the API port that failed, by reason (client_certificate_expired, _revoked, _crl_overdue, _revocation_unknown, _unknown_issuer, _invalid; no_client_certificate, protocol, connection, timeout)",
             handshakes_refused.clone(),
         );
         // 1 ms .. 300 s: ECDSA on a fast token up to RSA-4096 on a busy one, and up to the
@@ -547,6 +560,30 @@ pub(crate) fn unix_seconds(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_handshake_refusals_help_names_every_reason() {
+        let m = Metrics::new(
+            SystemTime::now(),
+            Validity {
+                not_before: SystemTime::UNIX_EPOCH,
+                not_after: SystemTime::now(),
+            },
+        );
+        let text = m.render();
+        let help = text
+            .lines()
+            .find(|l| l.starts_with("# HELP meshca_tls_handshakes_refused "))
+            .unwrap();
+        for reason in crate::tlsutil::HANDSHAKE_REFUSAL_REASONS {
+            // Written `_revoked` after the first client_certificate_ one.
+            let short = reason.strip_prefix("client_certificate");
+            assert!(
+                help.contains(reason) || short.is_some_and(|s| help.contains(&format!(" {s}"))),
+                "{reason} not in {help}"
+            );
+        }
+    }
 
     #[test]
     fn signing_durations_have_buckets_up_to_the_longest_token_timeout() {

@@ -4,6 +4,7 @@
 //! file. Pure comparisons; the swap and its audit line are in `server`.
 
 use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
 use sha2::Digest;
@@ -447,6 +448,28 @@ pub fn restart_only_changes(in_force: &SignerConfig, read: &SignerConfig) -> Vec
         in_force.limits.max_connections == read.limits.max_connections,
     );
     changed
+}
+
+/// Files the changed start-only settings of `read` name that are missing: a restart with
+/// that config would fail (and systemd restart it again and again). Only what can be seen
+/// cheaply: `meshca serve --check --online` checks the rest.
+pub fn restart_blockers(read: &SignerConfig, changed: &[&'static str]) -> Vec<String> {
+    let mut missing = Vec::new();
+    let mut check = |setting: &str, path: &Path| {
+        if !path.exists() {
+            missing.push(format!("{setting} {} does not exist", path.display()));
+        }
+    };
+    if changed.contains(&"root") {
+        check("root.certificate", &read.root.certificate);
+    }
+    if let Some(pkcs11) = read.pkcs11.as_ref().filter(|_| changed.contains(&"pkcs11")) {
+        check("pkcs11.module", &pkcs11.module);
+        if let Some(conf) = &pkcs11.softhsm2_conf {
+            check("pkcs11.softhsm2_conf", conf);
+        }
+    }
+    missing
 }
 
 #[cfg(test)]

@@ -346,6 +346,8 @@ pub struct RulesReload {
     pub change: RulesChange,
     /// Settings read only at start that differ in the file (left as they are).
     pub restart_only: Vec<&'static str>,
+    /// Files those settings name that are missing: a restart would fail.
+    pub restart_blockers: Vec<String>,
     /// The digest of the rules in force after the reload (changed or not): the value to
     /// compare between replicas.
     pub rules_sha256: String,
@@ -665,9 +667,11 @@ impl RunningSigner {
         if self.listen_overridden {
             restart_only.retain(|setting| *setting != "listen");
         }
+        let restart_blockers = super::reload::restart_blockers(&read, &restart_only);
         Ok(RulesReload {
             change,
             restart_only,
+            restart_blockers,
             rules_sha256: self.state.rules().digest().to_string(),
         })
     }
@@ -1451,11 +1455,17 @@ fn handshake_refused(
     // and a flood of made-up ones would fill the clients remembered.
     let verified = client.filter(|client| crate::tlsutil::verified_refused_client(client));
     if let Some(not_logged) = state.handshake_log.admit(reason, verified, Instant::now()) {
+        let certificate = client.map(crate::tlsutil::refused_client_fields);
+        let certificate = certificate.unwrap_or_default();
         tracing::info!(
             %peer,
             reason,
             error,
-            client,
+            client = certificate.client,
+            claimed_client = certificate.claimed_client,
+            client_serial = certificate.serial,
+            client_not_after = certificate.not_after,
+            client_certificate = certificate.unparsed,
             advice = crate::tlsutil::handshake_refusal_advice(reason),
             not_logged_since_last = not_logged,
             "TLS handshake refused"
@@ -1711,9 +1721,12 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
                 );
             }
             if !reload.restart_only.is_empty() {
+                // A restart with a broken start-only setting exits 1, and systemd loops.
+                let blockers = &reload.restart_blockers;
                 tracing::warn!(
                     settings = reload.restart_only.join(", "),
-                    "SIGHUP: settings read only at start differ in the config file; they take effect at the next restart"
+                    restart_would_fail = (!blockers.is_empty()).then(|| blockers.join("; ")),
+                    "SIGHUP: settings read only at start differ in the config file; they take effect at the next restart (run `meshca serve --check --online` on the file first)"
                 );
             }
         }

@@ -324,6 +324,52 @@ fn describe(der: &[u8], chains_to_client_ca: bool) -> String {
     )
 }
 
+/// A refused certificate's description ([`describe`]) as log fields: `client` the bare
+/// identity of one whose chain leads to a client CA (as every other line's `client` is),
+/// `claimed_client` that of one not shown to (anyone can make a certificate naming any
+/// client), its serial and notAfter; `unparsed` for a certificate that does not parse.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RefusedClientFields<'a> {
+    pub client: Option<&'a str>,
+    pub claimed_client: Option<&'a str>,
+    pub serial: Option<&'a str>,
+    pub not_after: Option<&'a str>,
+    pub unparsed: Option<&'a str>,
+}
+
+/// Splits what [`describe`] wrote, from its end: the identity is whatever the certificate
+/// says, and may itself contain `, serial `.
+pub fn refused_client_fields(described: &str) -> RefusedClientFields<'_> {
+    let split = described
+        .rsplit_once(", notAfter ")
+        .and_then(|(head, not_after)| {
+            let (who, serial) = head.rsplit_once(", serial ")?;
+            Some((who, serial, not_after))
+        });
+    let Some((who, serial, not_after)) = split else {
+        return RefusedClientFields {
+            unparsed: Some(described),
+            ..Default::default()
+        };
+    };
+    let mut fields = RefusedClientFields {
+        serial: Some(serial),
+        not_after: Some(not_after),
+        ..Default::default()
+    };
+    if let Some(claimed) = who
+        .strip_prefix("claimed identity ")
+        .and_then(|rest| rest.strip_suffix(" (unverified)"))
+    {
+        fields.claimed_client = Some(claimed);
+    } else if let Some(identity) = who.strip_prefix("identity ") {
+        fields.client = Some(identity);
+    } else {
+        fields.unparsed = Some(described);
+    }
+    fields
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime};
@@ -366,5 +412,32 @@ mod tests {
             "{claimed}"
         );
         assert_eq!(describe(b"junk", true), "a certificate that does not parse");
+
+        // As log fields: the bare identity in `client` only when verified.
+        let fields = refused_client_fields(&described);
+        assert_eq!(fields.client, Some("cluster-a"));
+        assert_eq!(fields.claimed_client, None);
+        assert!(fields.serial.is_some_and(|s| !s.is_empty()));
+        assert_eq!(fields.not_after, Some("2033-05-18T03:33:20.000Z"));
+        let fields = refused_client_fields(&claimed);
+        assert_eq!(
+            (fields.client, fields.claimed_client),
+            (None, Some("cluster-a"))
+        );
+        let junk = refused_client_fields("a certificate that does not parse");
+        assert_eq!(junk.unparsed, Some("a certificate that does not parse"));
+        assert_eq!(junk.client, None);
+        // An identity made to look like the rest is split from the end.
+        let tricky =
+            "claimed identity x, serial 01, notAfter y (unverified), serial 0a, notAfter z";
+        assert_eq!(
+            refused_client_fields(tricky),
+            RefusedClientFields {
+                claimed_client: Some("x, serial 01, notAfter y"),
+                serial: Some("0a"),
+                not_after: Some("z"),
+                ..Default::default()
+            }
+        );
     }
 }
