@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use common::certs::*;
 use common::*;
@@ -980,18 +980,58 @@ async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until
     assert!(env.client("spare").get(&healthz).send().await.is_err());
 }
 
+/// A CRL that passes its nextUpdate while the signer runs is logged then, not only shown
+/// by the metric (the start and a reload log those already past it).
+#[tokio::test]
+async fn a_client_crl_that_passes_its_next_update_while_serving_is_logged() {
+    let env = Env::new();
+    env.check_client_crls();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let openssl_time = |unix: u64| {
+        let out =
+            run_ok(Command::new("date").args(["-u", "-d", &format!("@{unix}"), "+%Y%m%d%H%M%SZ"]));
+        text(&out.stdout).trim().to_string()
+    };
+    write_crl(
+        &env,
+        &env.path("pki/crl.pem"),
+        &openssl_time(now - 60),
+        &openssl_time(now + 10),
+    );
+    let signer = env.start_signer();
+    let overdue = signer
+        .wait_for_nth_log_within("client CRL past its nextUpdate", 1, Duration::from_secs(60))
+        .await;
+    assert!(overdue.contains("pki/crl.pem"), "{overdue}");
+    // Logged by the running signer, after it was ready: not by its start.
+    let logs = signer.logs();
+    let listening = logs.find("signer listening").unwrap();
+    assert!(
+        logs.find("client CRL past its nextUpdate").unwrap() > listening,
+        "{logs}"
+    );
+}
+
 /// Writes to `out` a CRL of the transport CA due to be replaced on 2020-01-02 (as if its
 /// publisher had stopped long ago), made by openssl.
 fn write_overdue_crl(env: &Env, out: &std::path::Path) {
+    write_crl(env, out, "20200101000000Z", "20200102000000Z");
+}
+
+/// Writes to `out` a CRL of the transport CA of these dates (openssl's `YYYYMMDDHHMMSSZ`).
+fn write_crl(env: &Env, out: &std::path::Path, last_update: &str, next_update: &str) {
     run_ok(Command::new("openssl").args([
         "ca",
         "-config",
         &env.path("pki/ca.cnf").display().to_string(),
         "-gencrl",
         "-crl_lastupdate",
-        "20200101000000Z",
+        last_update,
         "-crl_nextupdate",
-        "20200102000000Z",
+        next_update,
         "-out",
         &out.display().to_string(),
     ]));

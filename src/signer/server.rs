@@ -525,21 +525,48 @@ fn client_trust_in_force(metrics: &Metrics, tls: &ServingTls, overdue: CrlOverdu
     }
     let now = SystemTime::now();
     for crl in &tls.crl_next_updates {
-        let Some(due) = crl.overdue_since(now) else {
-            continue;
-        };
-        match overdue {
-            CrlOverdue::Accept => tracing::warn!(
-                crl = %crl.path.display(),
-                next_update = %rfc3339(due),
-                "client CRL past its nextUpdate: it is still enforced, but a newer one was due; revocations published since are not enforced until it is in place and the signer reloaded (SIGHUP)"
-            ),
-            CrlOverdue::Refuse => tracing::error!(
-                crl = %crl.path.display(),
-                next_update = %rfc3339(due),
-                "client CRL past its nextUpdate: the clients it covers are refused (client_crl_overdue = \"refuse\") until a newer one is in place and the signer reloaded (SIGHUP)"
-            ),
+        if let Some(due) = crl.overdue_since(now) {
+            warn_of_overdue_crl(&crl.path, due, overdue);
         }
+    }
+}
+
+fn warn_of_overdue_crl(path: &std::path::Path, due: SystemTime, overdue: CrlOverdue) {
+    match overdue {
+        CrlOverdue::Accept => tracing::warn!(
+            crl = %path.display(),
+            next_update = %rfc3339(due),
+            "client CRL past its nextUpdate: it is still enforced, but a newer one was due; revocations published since are not enforced until it is in place and the signer reloaded (SIGHUP)"
+        ),
+        CrlOverdue::Refuse => tracing::error!(
+            crl = %path.display(),
+            next_update = %rfc3339(due),
+            "client CRL past its nextUpdate: the clients it covers are refused (client_crl_overdue = \"refuse\") until a newer one is in place and the signer reloaded (SIGHUP)"
+        ),
+    }
+}
+
+/// The client CRLs in force that were past their `nextUpdate` when last looked at: one
+/// that passes it while the signer runs is warned of then, once (the start and each TLS
+/// reload warn of those overdue already).
+#[derive(Default)]
+struct OverdueCrls(Vec<(std::path::PathBuf, SystemTime)>);
+
+impl OverdueCrls {
+    /// Those of `tls` overdue at `now`, each warned of unless it was at the last look
+    /// (`warn`: false right after a load, which warned of them itself).
+    fn look(&mut self, tls: &ServingTls, now: SystemTime, warn: bool) {
+        let overdue: Vec<(std::path::PathBuf, SystemTime)> = tls
+            .crl_next_updates
+            .iter()
+            .filter_map(|crl| Some((crl.path.clone(), crl.overdue_since(now)?)))
+            .collect();
+        if warn {
+            for (path, due) in overdue.iter().filter(|crl| !self.0.contains(crl)) {
+                warn_of_overdue_crl(path, *due, tls.trust.client_crl_overdue);
+            }
+        }
+        self.0 = overdue;
     }
 }
 
@@ -1503,6 +1530,9 @@ const SERVER_CERTIFICATE_LOG_LIMIT: RateLimit = RateLimit {
 async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch::Receiver<bool>) {
     let mut head = HeadAnchor::default();
     head.log_if_moved(&state.audit);
+    let mut tls = state.tls.clone();
+    let mut overdue_crls = OverdueCrls::default();
+    overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), false);
     let mut ticks = tokio::time::interval(REFUSAL_TALLY_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // An interval's first tick is at once; the first counts are a period away.
@@ -1518,7 +1548,13 @@ async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch:
                 head.log_if_moved(&state.audit);
             }
             // Looks at the log's free space too: a full disk shows while no request comes.
-            _ = probes.tick() => api::probe_audit_log(&state).await,
+            // And at the client CRLs: one that passes its nextUpdate shows in the log, not
+            // in the metric alone.
+            _ = probes.tick() => {
+                api::probe_audit_log(&state).await;
+                let reloaded = tls.has_changed().unwrap_or(false);
+                overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), !reloaded);
+            }
             // Without it, a token pulled or a Vault sealed while no cluster is due shows
             // nowhere until a renewal fails, which may be months later.
             _ = backend_checks.tick() => {
