@@ -484,20 +484,26 @@ impl AuditLog {
         if self.recovering.swap(true, Ordering::AcqRel) {
             return None;
         }
+        // Cleared however this ends: a signing request that probes may be dropped
+        // mid-write (its client gone), and a flag left set would stop every later probe.
+        struct Clear<'a>(&'a AtomicBool);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _clear = Clear(&self.recovering);
         // Another probe may have recovered the log while this one waited.
-        let result = if self.last_commit_ok() {
-            None
-        } else {
-            let record = AuditRecord {
-                time: rfc3339(SystemTime::now()),
-                event: "recovery".into(),
-                message: Some("the audit log takes lines again after a failed write".into()),
-                ..Default::default()
-            };
-            Some(self.append(record, self.expect_line()).await)
+        if self.last_commit_ok() {
+            return None;
+        }
+        let record = AuditRecord {
+            time: rfc3339(SystemTime::now()),
+            event: "recovery".into(),
+            message: Some("the audit log takes lines again after a failed write".into()),
+            ..Default::default()
         };
-        self.recovering.store(false, Ordering::Release);
-        result
+        Some(self.append(record, self.expect_line()).await)
     }
 
     /// Why the log takes no lines, or None while it does.
@@ -2017,6 +2023,7 @@ mod tests {
         log.write_recovery().await.unwrap().unwrap();
         assert!(log.is_writable());
         assert!(log.write_recovery().await.is_none());
+        assert!(!log.recovering.load(Ordering::Acquire));
         let events: Vec<String> = std::fs::read_to_string(&path)
             .unwrap()
             .lines()
