@@ -410,8 +410,8 @@ pub struct Limits {
     /// Signing requests a client may make at once.
     pub sign_burst: u32,
     /// Connections open at once on the API port, from their accept on; beyond it a new
-    /// one takes the slot of the one idle longest (see `ops_http::ConnectionBound`), and
-    /// those in their TLS handshake hold at most half.
+    /// one takes the slot of the one idle longest, or, once those in their TLS handshake
+    /// hold half, of the one in its handshake longest (see `ops_http::ConnectionBound`).
     pub max_connections: usize,
     /// A TLS handshake must complete within this.
     pub handshake_timeout: Duration,

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper::body::Incoming;
@@ -44,6 +44,13 @@ pub const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const CLOSED_IDLE: &str = "idle_for_new";
 pub(crate) const CLOSED_HANDSHAKE: &str = "handshake_for_new";
 pub(crate) const CLOSED_ALL_BUSY: &str = "all_busy";
+
+/// What the bound closes is logged in a burst, then one a second per reason: a flood's
+/// peers are named without a line per connection.
+const CLOSING_LOG_LIMIT: RateLimit = RateLimit {
+    per_minute: 60,
+    burst: 20,
+};
 
 /// Where a connection is: in its TLS handshake (the API port only), open with no request
 /// under way, or serving one.
@@ -138,7 +145,7 @@ impl ConnectionMetrics {
         );
         registry.register(
             "api_connections_closed",
-            "Connections of the API port closed by its connection bound, by reason (idle_for_new: idle longest, closed for a new one; handshake_for_new: in its TLS handshake longest, closed for a new one as handshakes held their share of the slots or every other slot was serving a request; all_busy: new, closed at once as every slot was serving a request)",
+            "Connections of the API port closed by its connection bound, by reason (idle_for_new: idle longest, closed for a new one; handshake_for_new: in its TLS handshake longest, over a second, closed for a new one as every slot was taken and handshakes held half of them or none was idle; all_busy: new, closed at once as every slot was serving a request or in a handshake begun under a second ago)",
             metrics.closed.clone(),
         );
         metrics
@@ -254,7 +261,7 @@ async fn accept_once(
     match listener.accept().await {
         Ok(accepted) => Some(accepted),
         Err(e) => {
-            if let Some(not_logged) = error_log.admit("accept", std::time::Instant::now()) {
+            if let Some(not_logged) = error_log.admit("accept", Instant::now()) {
                 tracing::warn!(
                     error = %e,
                     failed_since_last_line = not_logged,
@@ -273,16 +280,26 @@ struct Bounds {
     header_timeout: Duration,
 }
 
-/// The connections in their TLS handshake may hold at most this many of `max` slots
-/// (half, at least one): peers that have not authenticated cannot keep the clients that
-/// have out of the rest.
+/// When every slot is taken, the connections in their TLS handshake give way first once
+/// they hold this many of `max` slots (half, at least one): peers that have not
+/// authenticated cannot keep the clients that have out of the rest.
 pub(crate) fn handshake_share(max: usize) -> usize {
     (max / 2).max(1)
 }
 
+/// A handshake younger than this is never closed for a new connection: a client's
+/// handshake completes within it (a WAN round trip or two), while the connections of a
+/// flood, which never complete one, grow older than it and are the ones closed. A new
+/// connection that finds every slot taken by requests and such young handshakes is
+/// closed at once instead.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
+
 /// One open connection, as its port's bound sees it.
 struct Entry {
     handshaking: bool,
+    /// When it was accepted: a handshake younger than the grace is not closed.
+    accepted: Instant,
+    peer: Option<SocketAddr>,
     requests_under_way: usize,
     /// A tick of [`Open::clock`] when it was accepted or last became idle: the lowest of
     /// the idle ones is the one idle longest.
@@ -319,39 +336,46 @@ impl Open {
         self.entries.values().filter(|e| e.phase() == phase).count()
     }
 
-    /// Closes the connection in `phase` there longest (for idle ones: idle longest);
-    /// false if none is.
-    fn close_oldest(&mut self, phase: Phase, metrics: &ConnectionMetrics) -> bool {
+    /// Closes the connection in `phase` there longest (for idle ones: idle longest), of
+    /// those accepted at `accepted_by` or before; its peer, or None if none is.
+    fn close_oldest(
+        &mut self,
+        phase: Phase,
+        accepted_by: Instant,
+        metrics: &ConnectionMetrics,
+    ) -> Option<Option<SocketAddr>> {
         let oldest = self
             .entries
             .iter()
-            .filter(|(_, e)| e.phase() == phase)
+            .filter(|(_, e)| e.phase() == phase && e.accepted <= accepted_by)
             .min_by_key(|(_, e)| e.since)
-            .map(|(id, _)| *id);
-        match oldest.and_then(|id| self.entries.remove(&id)) {
-            Some(entry) => {
-                entry.close.cancel();
-                metrics.left(phase);
-                true
-            }
-            None => false,
-        }
+            .map(|(id, _)| *id)?;
+        let entry = self.entries.remove(&oldest)?;
+        entry.close.cancel();
+        metrics.left(phase);
+        Some(entry.peer)
     }
 }
 
 /// A port's bound on its open connections, shared by the ops ports and the API port. A
-/// connection beyond it takes the slot of the one idle longest (no request under way),
-/// which is closed for it; one that finds every slot serving a request is closed at once.
-/// On the API port a connection holds its slot from its accept, through its TLS
-/// handshake: those in a handshake hold at most [`handshake_share`] of the slots, and a
-/// new connection beyond that share takes the place of the one in its handshake longest.
-/// Every closing is counted by reason in its [`ConnectionMetrics`].
+/// connection takes a free slot if there is one; beyond the bound it takes the slot of the
+/// one idle longest (no request under way), which is closed for it; one that finds every
+/// slot serving a request is closed at once. On the API port a connection holds its slot
+/// from its accept, through its TLS handshake: when every slot is taken and those in a
+/// handshake hold [`handshake_share`] of them or more, a new connection takes the place
+/// of the one in its handshake longest, never an idle client's; a handshake younger than
+/// [`HANDSHAKE_GRACE`] is never closed. Every closing is counted by reason in its
+/// [`ConnectionMetrics`] and logged (a burst, then one a second per reason) with the peer.
 pub(crate) struct ConnectionBound {
     slots: Arc<Semaphore>,
     max: usize,
     max_handshaking: usize,
+    handshake_grace: Duration,
     open: Mutex<Open>,
     metrics: ConnectionMetrics,
+    /// The port's name in the log lines of what the bound closed.
+    port: &'static str,
+    closing_log: LogThrottle,
 }
 
 /// What [`ConnectionBound::admit`] made of a connection just accepted.
@@ -363,45 +387,88 @@ enum Admission {
 }
 
 impl ConnectionBound {
-    pub(crate) fn new(max: usize, metrics: ConnectionMetrics) -> Arc<Self> {
+    pub(crate) fn new(port: &'static str, max: usize, metrics: ConnectionMetrics) -> Arc<Self> {
+        Self::with_grace(port, max, metrics, HANDSHAKE_GRACE)
+    }
+
+    fn with_grace(
+        port: &'static str,
+        max: usize,
+        metrics: ConnectionMetrics,
+        handshake_grace: Duration,
+    ) -> Arc<Self> {
         metrics.max.set(i64::try_from(max).unwrap_or(i64::MAX));
         Arc::new(ConnectionBound {
             slots: Arc::new(Semaphore::new(max)),
             max,
             max_handshaking: handshake_share(max),
+            handshake_grace,
             open: Mutex::default(),
             metrics,
+            port,
+            closing_log: LogThrottle::new(CLOSING_LOG_LIMIT),
         })
+    }
+
+    /// Counts a closing by the bound, and logs it unless the throttle holds its reason
+    /// back: `peer` is the connection closed (for one closed at once, the new one).
+    fn closed(&self, reason: &'static str, peer: Option<SocketAddr>) {
+        self.metrics.closed(reason);
+        if let Some(not_logged) = self.closing_log.admit(reason, Instant::now()) {
+            tracing::info!(
+                port = self.port,
+                peer = peer.map(tracing::field::display),
+                reason,
+                not_logged_since_last = not_logged,
+                "connection closed by the connection bound"
+            );
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A slot for a connection just accepted, `handshaking` (API port) or not (ops port):
-    /// a free one, or that of a connection closed for it.
+    /// A slot for a connection from `peer` just accepted, `handshaking` (API port) or not
+    /// (ops port): a free one, or that of a connection closed for it.
     async fn admit<F: Future<Output = ()>>(
         self: &Arc<Self>,
         handshaking: bool,
+        peer: Option<SocketAddr>,
         stop: &mut std::pin::Pin<&mut F>,
     ) -> Admission {
+        let now = Instant::now();
         let permit = {
             let mut open = self.lock();
-            if handshaking && open.count(Phase::Handshaking) >= self.max_handshaking {
-                open.close_oldest(Phase::Handshaking, &self.metrics);
-                self.metrics.closed(CLOSED_HANDSHAKE);
-                self.slots.clone().try_acquire_owned().ok()
-            } else if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            if let Ok(permit) = self.slots.clone().try_acquire_owned() {
                 Some(permit)
-            } else if open.close_oldest(Phase::Idle, &self.metrics) {
-                self.metrics.closed(CLOSED_IDLE);
-                None
-            } else if open.close_oldest(Phase::Handshaking, &self.metrics) {
-                self.metrics.closed(CLOSED_HANDSHAKE);
-                None
             } else {
-                self.metrics.closed(CLOSED_ALL_BUSY);
-                return Admission::Refused;
+                // Every slot taken: handshakes past their share give way first, and then
+                // only to another handshake; otherwise the connection idle longest, then
+                // a handshake. Never one younger than the grace.
+                let old = now.checked_sub(self.handshake_grace).unwrap_or(now);
+                let over_share = open.count(Phase::Handshaking) >= self.max_handshaking;
+                let closed = if over_share {
+                    open.close_oldest(Phase::Handshaking, old, &self.metrics)
+                        .map(|peer| (CLOSED_HANDSHAKE, peer))
+                } else {
+                    open.close_oldest(Phase::Idle, now, &self.metrics)
+                        .map(|peer| (CLOSED_IDLE, peer))
+                        .or_else(|| {
+                            open.close_oldest(Phase::Handshaking, old, &self.metrics)
+                                .map(|peer| (CLOSED_HANDSHAKE, peer))
+                        })
+                };
+                match closed {
+                    Some((reason, closed_peer)) => {
+                        self.closed(reason, closed_peer);
+                        None
+                    }
+                    None => {
+                        self.closed(CLOSED_ALL_BUSY, peer);
+                        return Admission::Refused;
+                    }
+                }
             }
         };
         let permit = match permit {
@@ -424,6 +491,8 @@ impl ConnectionBound {
             id,
             Entry {
                 handshaking,
+                accepted: now,
+                peer,
                 requests_under_way: 0,
                 since,
                 close: close.clone(),
@@ -565,11 +634,10 @@ pub(crate) async fn accept_admitted<F: Future<Output = ()>>(
             },
             _ = stop.as_mut() => return None,
         };
-        match bound.admit(handshaking, stop).await {
+        match bound.admit(handshaking, Some(peer), stop).await {
             Admission::Admitted(connection) => return Some((connection, tcp, peer)),
-            Admission::Refused => {
-                tracing::debug!(%peer, "connection closed at once: every slot is serving a request");
-            }
+            // Counted and logged by the bound; dropping the stream closes it.
+            Admission::Refused => {}
             Admission::Stopped => return None,
         }
     }
@@ -582,7 +650,7 @@ async fn serve_bounded(
     metrics: OpsConnectionMetrics,
     stop: impl Future<Output = ()>,
 ) {
-    let bound = ConnectionBound::new(bounds.max_connections, metrics);
+    let bound = ConnectionBound::new("ops", bounds.max_connections, metrics);
     let (stopping, _) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
     let error_log = accept_error_log();
@@ -810,19 +878,19 @@ mod tests {
     #[tokio::test]
     async fn the_bound_closes_the_connection_idle_longest_and_never_one_serving() {
         let metrics = ConnectionMetrics::register_api(&mut Registry::default());
-        let bound = ConnectionBound::new(3, metrics.clone());
+        let bound = ConnectionBound::new("ops", 3, metrics.clone());
         let never = std::future::pending::<()>();
         tokio::pin!(never);
-        let first = admitted(bound.admit(false, &mut never).await);
-        let second = admitted(bound.admit(false, &mut never).await);
-        let third = admitted(bound.admit(false, &mut never).await);
+        let first = admitted(bound.admit(false, None, &mut never).await);
+        let second = admitted(bound.admit(false, None, &mut never).await);
+        let third = admitted(bound.admit(false, None, &mut never).await);
         // The first accepted has just answered a request: the second is idle longest.
         drop(first.handle().request());
         let serving = third.handle().request();
         assert_eq!(metrics.open_in("active"), 1);
         assert_eq!(metrics.open_in("idle"), 2);
         let fourth = {
-            let admitting = bound.admit(false, &mut never);
+            let admitting = bound.admit(false, None, &mut never);
             tokio::pin!(admitting);
             // Its first step closes the connection idle longest; then it waits for the slot.
             tokio::select! {
@@ -840,7 +908,7 @@ mod tests {
         let _first_serving = first.handle().request();
         let _fourth_serving = fourth.handle().request();
         assert!(matches!(
-            bound.admit(false, &mut never).await,
+            bound.admit(false, None, &mut never).await,
             Admission::Refused
         ));
         assert_eq!(metrics.closed_for(CLOSED_ALL_BUSY), 1);
@@ -849,37 +917,86 @@ mod tests {
         assert_eq!(metrics.open_in("idle"), 1);
     }
 
+    /// Admits a connection in its TLS handshake that ends (giving its slot back) once the
+    /// bound closes it for a new one, as its task would.
+    async fn handshaking(
+        bound: &Arc<ConnectionBound>,
+        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let connection = admitted(bound.admit(true, None, never).await);
+        let close = connection.close.clone();
+        let ends = tokio::spawn(async move {
+            connection.closed_for_new().await;
+            drop(connection);
+        });
+        (close, ends)
+    }
+
     #[tokio::test]
-    async fn handshakes_hold_at_most_half_the_slots() {
+    async fn handshakes_past_their_share_give_way_to_one_another_not_to_idle_clients() {
         let metrics = ConnectionMetrics::register_api(&mut Registry::default());
-        let bound = ConnectionBound::new(4, metrics.clone());
+        // No grace: every handshake is old enough to be closed.
+        let bound = ConnectionBound::with_grace("api", 4, metrics.clone(), Duration::ZERO);
         let never = std::future::pending::<()>();
         tokio::pin!(never);
-        let agent = admitted(bound.admit(true, &mut never).await);
+        let agent = admitted(bound.admit(true, None, &mut never).await);
         agent.established();
-        // Each as its task would: ended (its slot given back) once closed for a new one.
-        let mut handshaking = Vec::new();
-        for _ in 0..5 {
-            let connection = admitted(bound.admit(true, &mut never).await);
-            handshaking.push(tokio::spawn(async move {
-                connection.closed_for_new().await;
-                drop(connection);
-            }));
+        // Free slots are taken whatever the handshakes hold: none is closed.
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(handshaking(&bound, &mut never).await);
         }
-        assert_eq!(metrics.open_in("handshaking"), 2);
+        assert_eq!(metrics.open_in("handshaking"), 3);
+        assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 0);
+        // Every slot taken, handshakes past their share (2 of 4): a new connection takes
+        // the place of the one in its handshake longest, never the idle agent's.
+        for _ in 0..2 {
+            open.push(handshaking(&bound, &mut never).await);
+        }
+        assert_eq!(metrics.open_in("handshaking"), 3);
         assert_eq!(metrics.open_in("idle"), 1);
-        assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 3);
+        assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 2);
         assert_eq!(metrics.closed_for(CLOSED_IDLE), 0);
-        for closed in handshaking.drain(..3) {
-            closed.await.unwrap();
+        assert!(open[0].0.is_cancelled() && open[1].0.is_cancelled());
+        assert!(!open[2].0.is_cancelled() && !agent.close.is_cancelled());
+        for (_, ends) in open.drain(..2) {
+            ends.await.unwrap();
         }
-        assert!(!agent.close.is_cancelled());
-        for open in handshaking {
-            open.abort();
+        for (_, ends) in open {
+            ends.abort();
         }
         drop(agent);
         bound.drained().await;
         assert_eq!(metrics.open.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_handshake_within_its_grace_is_never_closed_for_a_new_connection() {
+        let metrics = ConnectionMetrics::register_api(&mut Registry::default());
+        let bound =
+            ConnectionBound::with_grace("api", 4, metrics.clone(), Duration::from_secs(3600));
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let agent = admitted(bound.admit(true, None, &mut never).await);
+        agent.established();
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(handshaking(&bound, &mut never).await);
+        }
+        // Every slot taken, the handshakes young and past their share: the new connection
+        // is closed at once; neither a handshake nor the idle agent is closed for it.
+        assert!(matches!(
+            bound.admit(true, None, &mut never).await,
+            Admission::Refused
+        ));
+        assert_eq!(metrics.closed_for(CLOSED_ALL_BUSY), 1);
+        assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 0);
+        assert_eq!(metrics.closed_for(CLOSED_IDLE), 0);
+        assert!(open.iter().all(|(close, _)| !close.is_cancelled()));
+        assert!(!agent.close.is_cancelled());
+        for (_, ends) in open {
+            ends.abort();
+        }
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use common::certs::*;
 use common::*;
 use der::{Decode, Encode, EncodePem};
+use meshca::ops_http::HANDSHAKE_GRACE;
 use meshca::pki::keys::KeyType;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1380,12 +1381,14 @@ async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     assert!(read.is_ok(), "a slow-header client was kept forever");
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
 
-    // Many idle TCP connections (no TLS handshake) take at most half the slots, each for
-    // at most the handshake timeout; a real client still gets through.
+    // Many idle TCP connections (no TLS handshake): those beyond the free slots are closed
+    // at once (every slot held by a handshake within its grace), the others end at the
+    // handshake timeout or give way to newer ones; a real client then gets through.
     let mut idle = Vec::new();
     for _ in 0..40 {
         idle.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
     }
+    tokio::time::sleep(HANDSHAKE_GRACE).await;
     let (_k, csr) = csr(KeyType::EcdsaP256, "acme", "a");
     let client = env.client("cluster-a");
     let answer = tokio::time::timeout(
@@ -1395,21 +1398,17 @@ async fn slow_headers_and_idle_connections_are_cut_off_and_bounded() {
     .await
     .expect("the signer stopped serving under idle connections");
     assert_eq!(answer.0, 200);
-    // The idle connections ahead of it were closed for newer ones (those in their
-    // handshake hold at most half the slots), or ended at the handshake timeout.
+    // The idle connections were closed by the bound, or ended at the handshake timeout.
     let metrics = signer.metrics(&client).await;
-    let closed = metric_sample(
-        &metrics,
+    let ended: i64 = [
+        "meshca_api_connections_closed_total{reason=\"all_busy\"}",
         "meshca_api_connections_closed_total{reason=\"handshake_for_new\"}",
-    );
-    let timeouts = metric_sample(
-        &metrics,
         "meshca_tls_handshakes_refused_total{reason=\"timeout\"}",
-    );
-    assert!(
-        closed.unwrap_or(0) + timeouts.unwrap_or(0) >= 38,
-        "{metrics}"
-    );
+    ]
+    .into_iter()
+    .map(|series| metric_sample(&metrics, series).unwrap_or(0))
+    .sum();
+    assert!(ended >= 38, "{metrics}");
     drop(idle);
 }
 
@@ -1983,11 +1982,18 @@ async fn half_open_connections_up_to_the_bound_do_not_keep_a_client_out() {
     // No handshake timeout to end them: only the bound can.
     let (env, signer, ops) =
         start_with_ops("max_connections = 4\nhandshake_timeout_ms = 300000\n").await;
-    // TCP connections that never send a ClientHello.
+    // TCP connections that never send a ClientHello, past the handshake grace.
     let mut half_open = Vec::new();
     for _ in 0..4 {
         half_open.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
     }
+    within("the half-open connections were not all taken in", async {
+        while api_connections(&ops, "{state=\"handshaking\"}").await < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(HANDSHAKE_GRACE).await;
     let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
     let client = env.client("cluster-a");
     let (status, answer) = within(
@@ -1996,14 +2002,22 @@ async fn half_open_connections_up_to_the_bound_do_not_keep_a_client_out() {
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    // Handshakes hold at most half the slots: the third and fourth connections each
-    // closed the one in its handshake longest, the client's the third.
+    // The client's connection took the place of the one in its handshake longest.
     assert_eq!(
         api_connections(&ops, "_closed_total{reason=\"handshake_for_new\"}").await,
-        3
+        1
     );
-    assert_eq!(api_connections(&ops, "{state=\"handshaking\"}").await, 1);
+    assert_eq!(api_connections(&ops, "{state=\"handshaking\"}").await, 3);
     assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 1);
+    // Named in the log, so that a flood's peers can be blocked.
+    let line = signer
+        .wait_for_log("connection closed by the connection bound")
+        .await;
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["port"], "api", "{line}");
+    assert_eq!(line["reason"], "handshake_for_new", "{line}");
+    let first = half_open[0].local_addr().unwrap().to_string();
+    assert_eq!(line["peer"], first.as_str(), "{line}");
     // Those closed were closed by the signer, without a word.
     let mut rest = Vec::new();
     within(
@@ -2016,6 +2030,37 @@ async fn half_open_connections_up_to_the_bound_do_not_keep_a_client_out() {
     drop(half_open);
 }
 
+/// While a slot is free, nobody's connection is closed for a new one: handshakes take
+/// free slots past their share, and a client connecting beside them is served.
+#[tokio::test]
+async fn no_connection_is_closed_while_a_slot_is_free() {
+    let (env, signer, ops) = start_with_ops(
+        "max_connections = 4
+",
+    )
+    .await;
+    let mut half_open = Vec::new();
+    for _ in 0..3 {
+        half_open.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
+    }
+    within("the half-open connections were not all taken in", async {
+        while api_connections(&ops, "{state=\"handshaking\"}").await < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+    let client = env.client("cluster-a");
+    let (status, answer) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &csr)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(api_connections(&ops, "{state=\"handshaking\"}").await, 3);
+    for reason in ["handshake_for_new", "idle_for_new", "all_busy"] {
+        let series = format!("_closed_total{{reason=\"{reason}\"}}");
+        assert_eq!(api_connections(&ops, &series).await, 0, "{reason}");
+    }
+    drop(half_open);
+}
+
 #[tokio::test]
 async fn connections_in_their_handshake_hold_at_most_half_the_slots() {
     let (env, signer, ops) = start_with_ops(
@@ -2023,14 +2068,27 @@ async fn connections_in_their_handshake_hold_at_most_half_the_slots() {
     )
     .await;
     let idle = idle_connections(&env, &signer, 2).await;
-    // More half-open connections than slots: past the first two in their handshake, each
-    // takes the place of the one in its handshake longest, not an agent's.
+    // More half-open connections than slots: the first two take the free slots; every slot
+    // taken, handshakes at their share and all within their grace, the rest are closed at
+    // once, and no agent's connection is closed for them.
     let mut half_open = Vec::new();
     for _ in 0..6 {
         half_open.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
     }
     within("the half-open connections were not all taken in", async {
-        while api_connections(&ops, "_closed_total{reason=\"handshake_for_new\"}").await < 4 {
+        while api_connections(&ops, "_closed_total{reason=\"all_busy\"}").await < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(api_connections(&ops, "{state=\"handshaking\"}").await, 2);
+    assert_eq!(api_connections(&ops, "{state=\"idle\"}").await, 2);
+    // Past the grace, a new one takes the place of the one in its handshake longest, still
+    // not an agent's.
+    tokio::time::sleep(HANDSHAKE_GRACE).await;
+    half_open.push(tokio::net::TcpStream::connect(signer.addr).await.unwrap());
+    within("the half-open connection was not taken in", async {
+        while api_connections(&ops, "_closed_total{reason=\"handshake_for_new\"}").await < 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

@@ -1327,6 +1327,7 @@ async fn serve_tls(
 ) {
     let app = api::router(state.clone());
     let bound = crate::ops_http::ConnectionBound::new(
+        "api",
         max_connections,
         state.metrics.api_connections.clone(),
     );
