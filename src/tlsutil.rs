@@ -26,10 +26,7 @@ pub(crate) use client_crls::read_with as read_crls_with;
 pub use client_issuer::{
     ClientCa, ClientCaSet, IssuerPin, check_issuer_pins, unpinned_clients_warning,
 };
-pub use refused_client::{
-    RefusedClientFields, accept_noting_refused_client, refused_client_fields,
-    verified_refused_client,
-};
+pub use refused_client::{RefusedClient, accept_noting_refused_client};
 pub use trust::{EnforcedCrl, ServerCertificate, Switched, TransportTrust, TrustChange, TrustedCa};
 
 #[derive(Debug, thiserror::Error)]

@@ -1366,7 +1366,7 @@ async fn serve_tls(
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     let reason = crate::tlsutil::handshake_refusal_reason(&e);
-                    let client = refused_client.as_deref();
+                    let client = refused_client.as_ref();
                     return handshake_refused(&state, peer, reason, &e.to_string(), client);
                 }
                 Err(_) => {
@@ -1452,13 +1452,13 @@ async fn serve_tls(
 const EVICTED_GRACE: Duration = Duration::from_secs(1);
 
 /// Counts a refused handshake, and logs it unless the log throttle holds back its reason;
-/// `client` is the refused certificate's identity, serial and notAfter, when it was one.
+/// `client` is the refused certificate, when it was one.
 fn handshake_refused(
     state: &SignerState,
     peer: SocketAddr,
     reason: &'static str,
     error: &str,
-    client: Option<&str>,
+    client: Option<&crate::tlsutil::RefusedClient>,
 ) {
     state.metrics.handshake_refused(reason);
     // A client that refuses the signer's own certificate shows only as `protocol` (its
@@ -1481,19 +1481,18 @@ fn handshake_refused(
     }
     // By the client only when its chain leads to a client CA: anyone can claim an identity,
     // and a flood of made-up ones would fill the clients remembered.
-    let verified = client.filter(|client| crate::tlsutil::verified_refused_client(client));
+    let verified = client.and_then(|client| client.client());
     if let Some(not_logged) = state.handshake_log.admit(reason, verified, Instant::now()) {
-        let certificate = client.map(crate::tlsutil::refused_client_fields);
-        let certificate = certificate.unwrap_or_default();
+        let unparsed = matches!(client, Some(crate::tlsutil::RefusedClient::Unparsed));
         tracing::info!(
             %peer,
             reason,
             error,
-            client = certificate.client,
-            claimed_client = certificate.claimed_client,
-            client_serial = certificate.serial,
-            client_not_after = certificate.not_after,
-            client_certificate = certificate.unparsed,
+            client = verified,
+            claimed_client = client.and_then(|client| client.claimed_client()),
+            client_serial = client.and_then(|client| client.serial()),
+            client_not_after = client.and_then(|client| client.not_after()),
+            client_certificate = unparsed.then_some("a certificate that does not parse"),
             advice = crate::tlsutil::handshake_refusal_advice(reason),
             not_logged_since_last = not_logged,
             "TLS handshake refused"

@@ -28,13 +28,15 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use x509_cert::Certificate;
 
 tokio::task_local! {
-    /// The refused certificate of the handshake the current task runs, described.
-    static REFUSED: RefCell<Option<String>>;
+    /// The refused certificate of the handshake the current task runs.
+    static REFUSED: RefCell<Option<RefusedClient>>;
 }
 
-/// Runs `handshake`, and returns with its output the description of the client
-/// certificate refused in it, if one was.
-pub async fn accept_noting_refused_client<F: Future>(handshake: F) -> (F::Output, Option<String>) {
+/// Runs `handshake`, and returns with its output the client certificate refused in it,
+/// if one was.
+pub async fn accept_noting_refused_client<F: Future>(
+    handshake: F,
+) -> (F::Output, Option<RefusedClient>) {
     REFUSED
         .scope(RefCell::new(None), async {
             let output = handshake.await;
@@ -255,7 +257,10 @@ impl ClientCertVerifier for NotingVerifier {
         // Outside a handshake run by `accept_noting_refused_client` there is nowhere to
         // note it, and nothing to do.
         let _ = REFUSED.try_with(|refused| {
-            refused.replace(Some(describe(end_entity, refusal.chains_to_client_ca)));
+            refused.replace(Some(RefusedClient::of(
+                end_entity,
+                refusal.chains_to_client_ca,
+            )));
         });
         Err(refusal.error)
     }
@@ -286,88 +291,83 @@ impl ClientCertVerifier for NotingVerifier {
         self.deciding.requires_raw_public_keys()
     }
 }
-/// Whether a refused certificate's description (from [`accept_noting_refused_client`]) is
-/// of one whose chain leads to a client CA: a client the CA named, not an identity anyone
-/// can claim.
-pub fn verified_refused_client(description: &str) -> bool {
-    description.starts_with(VERIFIED)
-}
-
-/// How [`describe`] begins the description of a certificate whose chain leads to a client
-/// CA.
-const VERIFIED: &str = "identity ";
-
 /// Longest identity written: anyone who can reach the port can present a certificate.
 const IDENTITY_LIMIT: usize = 256;
 
-/// `identity <id>, serial <hex>, notAfter <time>` of a refused certificate whose chain leads
-/// to a client CA; `claimed identity <id> (unverified), ...` of one not shown to (anyone
-/// can put any identity in a certificate of their own).
-fn describe(der: &[u8], chains_to_client_ca: bool) -> String {
-    let Ok(cert) = Certificate::from_der(der) else {
-        return "a certificate that does not parse".into();
-    };
-    let identity = match super::client_identity(der) {
-        Some(id) => crate::logging::clip(&id, IDENTITY_LIMIT),
-        None => "none".into(),
-    };
-    let identity = if chains_to_client_ca {
-        format!("{VERIFIED}{identity}")
-    } else {
-        format!("claimed identity {identity} (unverified)")
-    };
-    let tbs = cert.tbs_certificate();
-    format!(
-        "{identity}, serial {}, notAfter {}",
-        crate::pki::csr::hex(tbs.serial_number().as_bytes()),
-        crate::signer::audit::rfc3339(tbs.validity().not_after.to_system_time()),
-    )
+/// A client certificate refused in a handshake, as the log names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusedClient {
+    /// A certificate that does not parse.
+    Unparsed,
+    Certificate {
+        /// The identity it names (clipped; `none` if it names none).
+        identity: String,
+        /// Whether its chain was shown to lead to a client CA: otherwise the identity is
+        /// only claimed (anyone can put any identity in a certificate of their own).
+        chains_to_client_ca: bool,
+        /// Its serial, hex.
+        serial: String,
+        /// Its notAfter, RFC 3339.
+        not_after: String,
+    },
 }
 
-/// A refused certificate's description ([`describe`]) as log fields: `client` the bare
-/// identity of one whose chain leads to a client CA (as every other line's `client` is),
-/// `claimed_client` that of one not shown to (anyone can make a certificate naming any
-/// client), its serial and notAfter; `unparsed` for a certificate that does not parse.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct RefusedClientFields<'a> {
-    pub client: Option<&'a str>,
-    pub claimed_client: Option<&'a str>,
-    pub serial: Option<&'a str>,
-    pub not_after: Option<&'a str>,
-    pub unparsed: Option<&'a str>,
-}
-
-/// Splits what [`describe`] wrote, from its end: the identity is whatever the certificate
-/// says, and may itself contain `, serial `.
-pub fn refused_client_fields(described: &str) -> RefusedClientFields<'_> {
-    let split = described
-        .rsplit_once(", notAfter ")
-        .and_then(|(head, not_after)| {
-            let (who, serial) = head.rsplit_once(", serial ")?;
-            Some((who, serial, not_after))
-        });
-    let Some((who, serial, not_after)) = split else {
-        return RefusedClientFields {
-            unparsed: Some(described),
-            ..Default::default()
+impl RefusedClient {
+    fn of(der: &[u8], chains_to_client_ca: bool) -> Self {
+        let Ok(cert) = Certificate::from_der(der) else {
+            return RefusedClient::Unparsed;
         };
-    };
-    let mut fields = RefusedClientFields {
-        serial: Some(serial),
-        not_after: Some(not_after),
-        ..Default::default()
-    };
-    if let Some(claimed) = who
-        .strip_prefix("claimed identity ")
-        .and_then(|rest| rest.strip_suffix(" (unverified)"))
-    {
-        fields.claimed_client = Some(claimed);
-    } else if let Some(identity) = who.strip_prefix("identity ") {
-        fields.client = Some(identity);
-    } else {
-        fields.unparsed = Some(described);
+        let identity = match super::client_identity(der) {
+            Some(id) => crate::logging::clip(&id, IDENTITY_LIMIT),
+            None => "none".into(),
+        };
+        let tbs = cert.tbs_certificate();
+        RefusedClient::Certificate {
+            identity,
+            chains_to_client_ca,
+            serial: crate::pki::csr::hex(tbs.serial_number().as_bytes()),
+            not_after: crate::signer::audit::rfc3339(tbs.validity().not_after.to_system_time()),
+        }
     }
-    fields
+
+    /// The identity of a certificate whose chain leads to a client CA: a client the CA
+    /// named, as every other log line's `client` is.
+    pub fn client(&self) -> Option<&str> {
+        match self {
+            RefusedClient::Certificate {
+                identity,
+                chains_to_client_ca: true,
+                ..
+            } => Some(identity),
+            _ => None,
+        }
+    }
+
+    /// The identity of a certificate not shown to come from a client CA: only claimed.
+    pub fn claimed_client(&self) -> Option<&str> {
+        match self {
+            RefusedClient::Certificate {
+                identity,
+                chains_to_client_ca: false,
+                ..
+            } => Some(identity),
+            _ => None,
+        }
+    }
+
+    pub fn serial(&self) -> Option<&str> {
+        match self {
+            RefusedClient::Certificate { serial, .. } => Some(serial),
+            RefusedClient::Unparsed => None,
+        }
+    }
+
+    pub fn not_after(&self) -> Option<&str> {
+        match self {
+            RefusedClient::Certificate { not_after, .. } => Some(not_after),
+            RefusedClient::Unparsed => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -379,7 +379,7 @@ mod tests {
     use crate::pki::testing::{software_bundle, software_root};
 
     #[test]
-    fn a_refused_certificate_is_described_by_what_names_its_client() {
+    fn a_refused_certificate_is_named_by_what_names_its_client() {
         let (root_key, root) = software_root(KeyType::EcdsaP256, "acme", Duration::from_secs(3600));
         let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
         let bundle = software_bundle(
@@ -395,49 +395,21 @@ mod tests {
             bundle.ca_cert.as_bytes(),
         )
         .unwrap();
-        let described = describe(&der, true);
+        let verified = RefusedClient::of(&der, true);
         // No SAN: the identity is the CN, as for a client the signer serves.
-        assert!(
-            described.starts_with("identity cluster-a, serial "),
-            "{described}"
-        );
-        assert!(
-            described.ends_with(", notAfter 2033-05-18T03:33:20.000Z"),
-            "{described}"
-        );
+        assert_eq!(verified.client(), Some("cluster-a"));
+        assert_eq!(verified.claimed_client(), None);
+        assert!(verified.serial().is_some_and(|s| !s.is_empty()));
+        assert_eq!(verified.not_after(), Some("2033-05-18T03:33:20.000Z"));
         // Not shown to chain to a client CA: only claimed.
-        let claimed = describe(&der, false);
-        assert!(
-            claimed.starts_with("claimed identity cluster-a (unverified), serial "),
-            "{claimed}"
-        );
-        assert_eq!(describe(b"junk", true), "a certificate that does not parse");
-
-        // As log fields: the bare identity in `client` only when verified.
-        let fields = refused_client_fields(&described);
-        assert_eq!(fields.client, Some("cluster-a"));
-        assert_eq!(fields.claimed_client, None);
-        assert!(fields.serial.is_some_and(|s| !s.is_empty()));
-        assert_eq!(fields.not_after, Some("2033-05-18T03:33:20.000Z"));
-        let fields = refused_client_fields(&claimed);
+        let claimed = RefusedClient::of(&der, false);
         assert_eq!(
-            (fields.client, fields.claimed_client),
+            (claimed.client(), claimed.claimed_client()),
             (None, Some("cluster-a"))
         );
-        let junk = refused_client_fields("a certificate that does not parse");
-        assert_eq!(junk.unparsed, Some("a certificate that does not parse"));
-        assert_eq!(junk.client, None);
-        // An identity made to look like the rest is split from the end.
-        let tricky =
-            "claimed identity x, serial 01, notAfter y (unverified), serial 0a, notAfter z";
-        assert_eq!(
-            refused_client_fields(tricky),
-            RefusedClientFields {
-                claimed_client: Some("x, serial 01, notAfter y"),
-                serial: Some("0a"),
-                not_after: Some("z"),
-                ..Default::default()
-            }
-        );
+        assert_eq!(claimed.serial(), verified.serial());
+        let junk = RefusedClient::of(b"junk", true);
+        assert_eq!(junk, RefusedClient::Unparsed);
+        assert_eq!((junk.client(), junk.serial()), (None, None));
     }
 }
