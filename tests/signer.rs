@@ -2477,15 +2477,7 @@ async fn an_intermediate_names_only_its_virtual_meshs_trust_domains() {
     );
     assert!(!profile.contains("Excluded"), "{profile}");
     let dir = env.path("constrained");
-    std::fs::write(
-        dir.join("ca-key.pem"),
-        key.to_pkcs8_pem().unwrap().as_bytes(),
-    )
-    .unwrap();
-    let (out, ok) = leaf_verifies(&dir, "pay", "URI:spiffe://pay.local/ns/a/sa/b");
-    assert!(ok && out.contains("pay.pem: OK"), "{out}");
-    let (out, ok) = leaf_verifies(&dir, "web", "URI:spiffe://web.local/ns/web/sa/frontend");
-    assert!(!ok && out.contains("permitted subtree violation"), "{out}");
+    assert_constrained_to_pay_local(&dir, &key);
     // istiod's own serving certificate names DNS only: not constrained.
     let (out, ok) = leaf_verifies(&dir, "istiod", "DNS:istiod.istio-system.svc");
     assert!(ok && out.contains("istiod.pem: OK"), "{out}");

@@ -1673,15 +1673,7 @@ async fn an_intermediate_under_trust_domains_carries_the_name_constraints() {
     );
     assert!(!profile.contains("Excluded"), "{profile}");
     let dir = env.path("constrained");
-    std::fs::write(
-        dir.join("ca-key.pem"),
-        key.to_pkcs8_pem().unwrap().as_bytes(),
-    )
-    .unwrap();
-    let (out, ok) = leaf_verifies(&dir, "pay", "URI:spiffe://pay.local/ns/a/sa/b");
-    assert!(ok && out.contains("pay.pem: OK"), "{out}");
-    let (out, ok) = leaf_verifies(&dir, "web", "URI:spiffe://web.local/ns/web/sa/frontend");
-    assert!(!ok && out.contains("permitted subtree violation"), "{out}");
+    assert_constrained_to_pay_local(&dir, &key);
 
     // sign-self-issued keeps nothing in the mount: the audit log is the record.
     assert_eq!(stored_certificates(&env), before);

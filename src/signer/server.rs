@@ -1183,21 +1183,30 @@ async fn record_failed_start(audit: &AuditLog, rules: &Rules, error: &str) {
     if made.is_empty() {
         return;
     }
-    let record = AuditRecord {
-        time: rfc3339(SystemTime::now()),
-        event: "start_failed".into(),
-        message: Some(format!(
+    record_start_failed(
+        audit,
+        format!(
             "meshca {} on host {} did not start ({error}); the root key made cross certificates for the announced roots: {}, and no other certificate",
             crate::VERSION,
             host_name(),
             made.join("; ")
-        )),
+        ),
+    )
+    .await;
+}
+
+/// Appends a `start_failed` record saying `message`.
+async fn record_start_failed(audit: &AuditLog, message: String) {
+    let record = AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        event: "start_failed".into(),
+        message: Some(message),
         ..Default::default()
     };
     if let Err(e) = audit.append(record, audit.expect_line()).await {
         tracing::error!(
             error = %e,
-            "the audit log cannot record the cross certificates this failed start made"
+            "the audit log cannot record the cross certificates this start made or asked for"
         );
     }
 }
@@ -1226,24 +1235,17 @@ async fn record_stopped_start(audit: &AuditLog, rules: &Rules) {
             made.join("; ")
         )
     };
-    let record = AuditRecord {
-        time: rfc3339(SystemTime::now()),
-        event: "start_failed".into(),
-        message: Some(format!(
+    record_start_failed(
+        audit,
+        format!(
             "meshca {} on host {} did not start (stop requested while starting); {made}the root key was asked for the cross certificate that vouches for the {} sha256 {} and its answer was not awaited: it may have made it; no other certificate",
             crate::VERSION,
             host_name(),
             unanswered.announcement.name(),
             unanswered.fingerprint_sha256
-        )),
-        ..Default::default()
-    };
-    if let Err(e) = audit.append(record, audit.expect_line()).await {
-        tracing::error!(
-            error = %e,
-            "the audit log cannot record the cross certificates this stopped start asked for"
-        );
-    }
+        ),
+    )
+    .await;
 }
 
 /// How the backend that just started showed it holds the root's key, for the `start`

@@ -129,6 +129,22 @@ pub fn leaf_verifies(dir: &Path, name: &str, san: &str) -> (String, bool) {
     )
 }
 
+/// The intermediate answered into `dir` (ca-cert.pem, cert-chain.pem, root-cert.pem),
+/// with `key` its key, carries the name constraints of `trustDomains: [pay.local]`: a leaf
+/// for `spiffe://pay.local/...` signed with it verifies, one for `spiffe://web.local/...`
+/// fails as outside the permitted subtree.
+pub fn assert_constrained_to_pay_local(dir: &Path, key: &PrivateKey) {
+    std::fs::write(
+        dir.join("ca-key.pem"),
+        key.to_pkcs8_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let (out, ok) = leaf_verifies(dir, "pay", "URI:spiffe://pay.local/ns/a/sa/b");
+    assert!(ok && out.contains("pay.pem: OK"), "{out}");
+    let (out, ok) = leaf_verifies(dir, "web", "URI:spiffe://web.local/ns/web/sa/frontend");
+    assert!(!ok && out.contains("permitted subtree violation"), "{out}");
+}
+
 /// A self-signed P-384 CA made by openssl, `<name>.pem` and `<name>.key` in `dir`, with
 /// meshca's root extensions and `subject`, valid over `days` counted from now (`0..30`: 30
 /// days from now; `-30..-1`: it ended yesterday). Made by `openssl ca -selfsign`, which
