@@ -379,7 +379,9 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                     "line": line,
                     "problem": problem,
                 });
-                return audit_verify_failed(&error, verified, Some(broken), &[]);
+                // The files after the break were not read: whether they hold the
+                // expected hashes is unknown, not "none missing".
+                return audit_verify_failed(&error, verified, Some(broken), None);
             }
         }
     }
@@ -396,7 +398,7 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
         if !json {
             bail!("{error}");
         }
-        return audit_verify_failed(&error, verified, None, &missing);
+        return audit_verify_failed(&error, verified, None, Some(&missing));
     }
     if json {
         say_json(&serde_json::json!({
@@ -410,12 +412,13 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
 }
 
 /// `audit verify --output json` for a log that does not verify: its object on stdout, the
-/// error line on stderr, exit status 1.
+/// error line on stderr, exit status 1. `missing` is None when the `--expect-hash` check
+/// did not run (a break stopped the reading).
 fn audit_verify_failed(
     error: &str,
     verified: Vec<serde_json::Value>,
     broken: Option<serde_json::Value>,
-    missing: &[String],
+    missing: Option<&[String]>,
 ) -> Result<ExitCode> {
     say_json(&serde_json::json!({
         "intact": false,

@@ -388,6 +388,12 @@ fn audit_verify_json_says_what_verified_and_where_it_broke() {
             "empty.log",
             "the file is empty",
         ),
+        // After a break the files are not read on: whether they hold the hash is unknown.
+        (
+            &["empty.log", "part1.log", "--expect-hash", &line_one][..],
+            "empty.log",
+            "the file is empty",
+        ),
     ] {
         let (status, broken) = verify(args);
         assert_eq!(status, Some(1), "{broken}");
@@ -400,6 +406,7 @@ fn audit_verify_json_says_what_verified_and_where_it_broke() {
                 && broken["error"].as_str().unwrap().contains(says),
             "{broken}"
         );
+        assert!(broken["missing_expected_hashes"].is_null(), "{broken}");
     }
     // After the file it follows, an empty file is a rotation's new one with no line yet.
     let (status, rotated) = verify(&["part1.log", "empty.log"]);

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use sha2::Digest;
 
+use crate::backend::vault::config::VaultAuth;
 use crate::config::{AnnouncedRoot, Announcement, AuthorizationTable, Limits, SignerConfig};
 use crate::pki::csr::hex;
 use crate::policy::rules::human_duration;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
+use crate::secret::SecretSource;
 
 /// The rules a signing decision is made under. A reload replaces them whole; a decision
 /// keeps the rules it started with, a connection the timeouts it was accepted with.
@@ -468,6 +470,31 @@ pub fn restart_blockers(read: &SignerConfig, changed: &[&'static str]) -> Vec<St
         if let Some(conf) = &pkcs11.softhsm2_conf {
             check("pkcs11.softhsm2_conf", conf);
         }
+        // A PIN file that is not there is the usual way such a restart fails.
+        if let SecretSource::File(pin) = &pkcs11.pin {
+            let setting = match pkcs11.key.pin_source {
+                Some(_) => "pkcs11.key pin-source",
+                None => "pkcs11.pin_file",
+            };
+            check(setting, pin);
+        }
+    }
+    if let Some(vault) = read.vault.as_ref().filter(|_| changed.contains(&"vault")) {
+        match &vault.auth {
+            VaultAuth::Token(SecretSource::File(token)) => check("vault.auth.token_file", token),
+            VaultAuth::AppRole {
+                role_id, secret_id, ..
+            } => {
+                if let SecretSource::File(role_id) = role_id {
+                    check("vault.auth.role_id_file", role_id);
+                }
+                if let SecretSource::File(secret_id) = secret_id {
+                    check("vault.auth.secret_id_file", secret_id);
+                }
+            }
+            VaultAuth::Kubernetes { jwt_file, .. } => check("vault.auth.jwt_file", jwt_file),
+            VaultAuth::Token(SecretSource::Env(_)) => {}
+        }
     }
     missing
 }
@@ -511,6 +538,101 @@ pin_env = "PIN"
 {extra}"#
         );
         SignerConfig::parse(&dir.join("signer.toml"), &text).unwrap()
+    }
+
+    /// A config in `dir` whose backend is `backend`, with that backend's section `rest`.
+    fn backend_config(dir: &Path, backend: &str, rest: &str) -> SignerConfig {
+        std::fs::write(dir.join("vm.yaml"), MESHES).unwrap();
+        let text = format!(
+            r#"virtual_meshes = ["vm.yaml"]
+audit_log = "audit.log"
+[tls]
+cert = "s.pem"
+key = "s.key"
+client_ca = "ca.pem"
+[root]
+certificate = "root.pem"
+virtual_mesh = "test/vm"
+key_type = "ecdsa-p384"
+backend = "{backend}"
+{rest}
+{A_ONLY}"#
+        );
+        SignerConfig::parse(&dir.join("signer.toml"), &text).unwrap()
+    }
+
+    /// The blockers of `read` whose text has `about` in it, with `dir` shown as `DIR`.
+    fn blockers_about(
+        read: &SignerConfig,
+        changed: &[&'static str],
+        about: &str,
+        dir: &Path,
+    ) -> Vec<String> {
+        restart_blockers(read, changed)
+            .into_iter()
+            .filter(|b| b.contains(about))
+            .map(|b| b.replace(&dir.display().to_string(), "DIR"))
+            .collect()
+    }
+
+    #[test]
+    fn a_missing_pin_file_blocks_a_restart_with_a_changed_pkcs11_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let read = backend_config(
+            d,
+            "pkcs11",
+            "[pkcs11]\nmodule = \"/lib/softhsm.so\"\nkey = \"pkcs11:token=t;object=k\"\npin_file = \"user-pin\"",
+        );
+        assert_eq!(
+            blockers_about(&read, &["pkcs11"], "pin", d),
+            ["pkcs11.pin_file DIR/user-pin does not exist"]
+        );
+        assert!(blockers_about(&read, &["root"], "pin", d).is_empty());
+        std::fs::write(d.join("user-pin"), "1234\n").unwrap();
+        assert!(blockers_about(&read, &["pkcs11"], "pin", d).is_empty());
+    }
+
+    #[test]
+    fn missing_vault_credential_files_block_a_restart_with_a_changed_vault_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let vault = |auth: &str| {
+            backend_config(
+                d,
+                "vault",
+                &format!(
+                    "[vault]\naddress = \"http://127.0.0.1:8200\"\nissuer_ref = \"root\"\n[vault.auth]\n{auth}"
+                ),
+            )
+        };
+        let approle = vault(
+            "method = \"approle\"\nrole_id_file = \"role-id\"\nsecret_id_file = \"secret-id\"",
+        );
+        assert_eq!(
+            blockers_about(&approle, &["vault"], "vault.auth", d),
+            [
+                "vault.auth.role_id_file DIR/role-id does not exist",
+                "vault.auth.secret_id_file DIR/secret-id does not exist"
+            ]
+        );
+        assert!(blockers_about(&approle, &["pkcs11"], "vault.auth", d).is_empty());
+        let token = vault("method = \"token\"\ntoken_file = \"token\"");
+        assert_eq!(
+            blockers_about(&token, &["vault"], "vault.auth", d),
+            ["vault.auth.token_file DIR/token does not exist"]
+        );
+        let kubernetes = vault("method = \"kubernetes\"\nrole = \"r\"\njwt_file = \"jwt\"");
+        assert_eq!(
+            blockers_about(&kubernetes, &["vault"], "vault.auth", d),
+            ["vault.auth.jwt_file DIR/jwt does not exist"]
+        );
+        for file in ["role-id", "secret-id", "token", "jwt"] {
+            std::fs::write(d.join(file), "x\n").unwrap();
+        }
+        for read in [&approle, &token, &kubernetes] {
+            assert!(blockers_about(read, &["vault"], "vault.auth", d).is_empty());
+        }
     }
 
     /// The root the signer of these tests issues under.

@@ -928,21 +928,59 @@ pub async fn start(
     let never = std::future::pending();
     tokio::pin!(never);
     match start_unless_stopped(config, listen_override, never).await? {
-        Some(running) => Ok(running),
-        None => unreachable!("a start that is never stopped ends running or failed"),
+        Started::Running(running) => Ok(*running),
+        Started::Stopped | Started::StoppedBackendAbandoned => {
+            unreachable!("a start that is never stopped ends running or failed")
+        }
     }
 }
 
-/// [`start`], or `None` once `stop` resolves first. A stop that comes after the backend
-/// started (the Vault login done, the token logged in) closes it before returning: a
-/// Vault token would otherwise stay live until its TTL. One that comes while the backend
-/// is still starting leaves that thread behind, as a backend that does not answer must
-/// not keep the signer from stopping.
+/// How [`start_unless_stopped`] ended, when it did not fail.
+enum Started {
+    Running(Box<RunningSigner>),
+    /// Stopped, the backend's start ended: the backend is closed if it started (the Vault
+    /// token revoked, the token's sessions ended).
+    Stopped,
+    /// Stopped while the backend's start did not end: its thread is left behind, inside
+    /// the PKCS#11 module or the Vault client.
+    StoppedBackendAbandoned,
+}
+
+/// A stop came while the backend was starting: its start is given `wait` to end (a token
+/// that answers takes milliseconds) and then closed. Ended mid-way, SoftHSM could be
+/// writing the token's files (the process ended that way left `token.object` empty: the
+/// token gone), or run its exit handlers under the start's thread (a segfault). A start
+/// that has not ended by then waits on a token that does not answer, and is left behind.
+async fn stopped_while_backend_starts(mut starting: BackendStart, wait: Duration) -> Started {
+    tracing::info!(
+        waiting_seconds = wait.as_secs(),
+        "stop requested while starting; letting the root key backend's start end first"
+    );
+    match tokio::time::timeout(wait, &mut starting).await {
+        Ok(Ok(Ok(backend))) => {
+            backend.close().await;
+            Started::Stopped
+        }
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "the root key backend's start, ended after the stop, failed");
+            Started::Stopped
+        }
+        // The thread ended without an answer (it logged why).
+        Ok(Err(_)) => Started::Stopped,
+        Err(_) => Started::StoppedBackendAbandoned,
+    }
+}
+
+/// [`start`], unless `stop` resolves first. A stop that comes after the backend started
+/// (the Vault login done, the token logged in) closes it before returning: a Vault token
+/// would otherwise stay live until its TTL. One that comes while the backend is still
+/// starting lets it end first, for a bounded time ([`stopped_while_backend_starts`]): a
+/// backend that does not answer must not keep the signer from stopping.
 async fn start_unless_stopped(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
     mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Result<Option<RunningSigner>, StartError> {
+) -> Result<Started, StartError> {
     let started = Instant::now();
     config.check_listeners(listen_override)?;
     raise_open_files_limit(config.limits.max_connections);
@@ -978,9 +1016,11 @@ async fn start_unless_stopped(
     }
     // Runs beside the token login (another core), so neither waits for the other.
     let seeding = tokio::task::spawn_blocking(crate::tlsutil::seed_random_generator);
+    let wait = backend_start_wait(&config);
+    let mut starting = spawn_backend_start(&config, root)?;
     let backend = tokio::select! {
-        backend = backend_started(&config, root, started) => backend?,
-        _ = stop.as_mut() => return Ok(None),
+        backend = backend_started(&mut starting, wait, started) => backend?,
+        _ = stop.as_mut() => return Ok(stopped_while_backend_starts(starting, wait).await),
     };
     // The agents take an announced root only with the root key's word for it. A stop may
     // cut the asking short (a Vault or token that does not answer), but whatever the key
@@ -997,7 +1037,7 @@ async fn start_unless_stopped(
             record_stopped_start(&audit, &rules).await;
             tracing::info!("stop requested while starting; closing the root key backend");
             backend.close().await;
-            return Ok(None);
+            return Ok(Started::Stopped);
         }
         Some(Err(e)) => {
             record_failed_start(&audit, &rules, &e).await;
@@ -1020,7 +1060,7 @@ async fn start_unless_stopped(
     if serving.is_err() {
         backend.close().await;
     }
-    serving.map(Some)
+    serving.map(|running| Started::Running(Box::new(running)))
 }
 
 /// The rest of [`start`], once the backend is up and has vouched for the announced roots
@@ -1579,21 +1619,25 @@ const AUDIT_PROBE_PERIOD: Duration = Duration::from_secs(5);
 /// timeout to go by (Vault).
 const BACKEND_START_REPORT: Duration = Duration::from_secs(10);
 
-/// Starts the backend (module, token, login, proof of the key; or Vault's login) on a
-/// thread of its own and waits for it, saying every `pkcs11.timeout_seconds` that it still
-/// waits. Not a runtime blocking thread: a token that never answers (a network HSM cut
-/// off, token files locked) must not hold up the exit that a stop signal asks for
-/// meanwhile; a plain thread is left to the process exit.
-async fn backend_started(
-    config: &SignerConfig,
-    root: RootCa,
-    since: Instant,
-) -> Result<Arc<dyn RootSigner>, StartError> {
-    let report_every = match config.backend() {
+/// The answer of a backend start running on its own thread ([`spawn_backend_start`]).
+type BackendStart = tokio::sync::oneshot::Receiver<Result<Arc<dyn RootSigner>, StartError>>;
+
+/// How long a start waits for its backend before saying it still waits, and how long a
+/// stop during the start waits for the backend's start to end: `pkcs11.timeout_seconds`,
+/// or [`BACKEND_START_REPORT`] for Vault.
+fn backend_start_wait(config: &SignerConfig) -> Duration {
+    match config.backend() {
         Ok(BackendSettings::Pkcs11(settings)) => settings.timeout,
         _ => BACKEND_START_REPORT,
-    };
-    let (answer, mut started) = tokio::sync::oneshot::channel();
+    }
+}
+
+/// Starts the backend (module, token, login, proof of the key; or Vault's login) on a
+/// thread of its own. Not a runtime blocking thread: a token that never answers (a network
+/// HSM cut off, token files locked) must not hold up the exit that a stop signal asks for
+/// meanwhile; such a thread is left to the process exit.
+fn spawn_backend_start(config: &SignerConfig, root: RootCa) -> Result<BackendStart, StartError> {
+    let (answer, started) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Handle::current();
     let thread_config = config.clone();
     std::thread::Builder::new()
@@ -1605,8 +1649,18 @@ async fn backend_started(
         })
         .map_err(|e| StartError::Backend(format!("cannot start a thread: {e}")))?;
     tracing::info!("connecting to the root key backend");
+    Ok(started)
+}
+
+/// Waits for the backend's start, saying every `pkcs11.timeout_seconds` that it still
+/// waits.
+async fn backend_started(
+    started: &mut BackendStart,
+    report_every: Duration,
+    since: Instant,
+) -> Result<Arc<dyn RootSigner>, StartError> {
     loop {
-        match tokio::time::timeout(report_every, &mut started).await {
+        match tokio::time::timeout(report_every, &mut *started).await {
             Ok(Ok(backend)) => return backend,
             Ok(Err(_)) => {
                 return Err(StartError::Backend(
@@ -1619,6 +1673,19 @@ async fn backend_started(
             ),
         }
     }
+}
+
+/// Ends the process, exit 0, without running exit handlers: the thread of a backend start
+/// that a stop abandoned is still inside the PKCS#11 module (waiting on a token that does
+/// not answer), and a normal exit runs the module's C++ static destructors (SoftHSM's)
+/// under it, a segfault (exit 139) now and then. Nothing else is pending: nothing was
+/// served, the audit log is closed, and the log lines are written once flushed.
+fn exit_leaving_backend_start() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` only ends the process; it touches no memory of this one.
+    unsafe { libc::_exit(0) }
 }
 
 /// Resolves once shutdown is requested (without holding the watch lock across awaits).
@@ -1649,9 +1716,18 @@ pub async fn run(
         tokio::pin!(stop);
         start_unless_stopped(config, listen_override, stop).await?
     };
-    let Some(running) = started else {
-        tracing::info!("stop requested while starting; nothing was served, signer stopped");
-        return Ok(());
+    let running = match started {
+        Started::Running(running) => *running,
+        Started::Stopped => {
+            tracing::info!("stop requested while starting; nothing was served, signer stopped");
+            return Ok(());
+        }
+        Started::StoppedBackendAbandoned => {
+            tracing::info!(
+                "stop requested while starting; nothing was served, signer stopped (the root key backend's start, which did not end, is left to the process exit)"
+            );
+            exit_leaving_backend_start();
+        }
     };
     crate::service_manager::ready(&serving_status(&running));
     if early_hangup {
