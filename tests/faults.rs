@@ -349,6 +349,74 @@ async fn sigterm_stops_a_signer_whose_token_stopped_answering() {
     assert_eq!(decisions[1]["rule"], "backend_unavailable");
 }
 
+/// `meshca serve` started with JSON logs, its stderr read line by line as it comes: for
+/// the tests that stop a signer at a point of its start.
+struct StartingSigner {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+    seen: Vec<String>,
+}
+
+impl StartingSigner {
+    fn spawn(env: &Env) -> StartingSigner {
+        let mut child = env
+            .meshca_with_config(&["--log-format", "json", "serve"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (send, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = send.send(line);
+            }
+        });
+        StartingSigner {
+            child,
+            lines,
+            reader,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 30 s for each line) for a line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(30)) {
+            self.seen.push(line);
+            if self.seen.last().is_some_and(|l| l.contains(needle)) {
+                return;
+            }
+        }
+        panic!("no log line with {needle:?} in:\n{}", self.seen.join("\n"));
+    }
+
+    /// Sends SIGTERM and waits for the exit (`what` names the case in a failure); its
+    /// status and every line it logged. `before_exit` runs once the signal is sent.
+    fn terminate(
+        mut self,
+        what: &str,
+        before_exit: impl FnOnce(),
+    ) -> (std::process::ExitStatus, Vec<String>) {
+        send_signal(self.child.id(), "TERM");
+        let status = wait_within(&mut self.child, EXIT_WAIT);
+        before_exit();
+        let status = status.unwrap_or_else(|| {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!("{what}: the signer did not exit within {EXIT_WAIT:?} of SIGTERM")
+        });
+        self.reader.join().unwrap();
+        let logs = self.seen.into_iter().chain(self.lines.try_iter()).collect();
+        (status, logs)
+    }
+}
+
 /// A token that does not answer at start (its files held before the signer starts): the
 /// start says every `pkcs11.timeout_seconds` that it still waits, and SIGTERM stops it,
 /// exit 0, instead of waiting for the token for as long as it stays away (before, the stop
@@ -358,46 +426,11 @@ fn sigterm_stops_a_signer_whose_token_does_not_answer_at_start() {
     let env = Env::new();
     set_token_timeout(&env, 2);
     let held = hold_token_files(&env.path("softhsm/tokens"));
-    let mut child = env
-        .meshca_with_config(&["--log-format", "json", "serve"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines, logs) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let mut wait_for = |needle: &str| {
-        while let Ok(line) = logs.recv_timeout(Duration::from_secs(30)) {
-            seen.push(line);
-            if seen.last().is_some_and(|l| l.contains(needle)) {
-                return;
-            }
-        }
-        panic!("no log line with {needle:?} in:\n{}", seen.join("\n"));
-    };
+    let mut signer = StartingSigner::spawn(&env);
     // Logged once the stop signals are taken over: SIGTERM from here on asks to stop.
-    wait_for("connecting to the root key backend");
-    wait_for("the root key backend has not answered yet");
-    send_signal(child.id(), "TERM");
-    let status = wait_within(&mut child, EXIT_WAIT);
-    drop(held);
-    let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the signer did not exit within {EXIT_WAIT:?} of SIGTERM")
-    });
-    reader.join().unwrap();
-    let logs: Vec<String> = seen.into_iter().chain(logs.try_iter()).collect();
+    signer.wait_for("connecting to the root key backend");
+    signer.wait_for("the root key backend has not answered yet");
+    let (status, logs) = signer.terminate("a token that does not answer", || drop(held));
     assert!(status.success(), "{status}:\n{}", logs.join("\n"));
     assert!(
         logs.iter()
@@ -416,42 +449,12 @@ fn sigterm_stops_a_signer_whose_token_does_not_answer_at_start() {
 fn sigterm_while_the_token_starts_exits_cleanly_every_time() {
     let env = Env::new();
     for round in 0..400u64 {
-        let mut child = env
-            .meshca_with_config(&["--log-format", "json", "serve"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (lines, logs) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = lines.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        while let Ok(line) = logs.recv_timeout(Duration::from_secs(30)) {
-            let connecting = line.contains("connecting to the root key backend");
-            seen.push(line);
-            if connecting {
-                break;
-            }
-        }
+        let mut signer = StartingSigner::spawn(&env);
+        signer.wait_for("connecting to the root key backend");
         // Spread over the token's start (module loaded, token found, login; a few ms):
         // where in it the stop lands is what varies, not what is asserted.
         std::thread::sleep(Duration::from_micros(round % 10 * 700));
-        send_signal(child.id(), "TERM");
-        let status = wait_within(&mut child, EXIT_WAIT).unwrap_or_else(|| {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("round {round}: the signer did not exit within {EXIT_WAIT:?} of SIGTERM")
-        });
-        reader.join().unwrap();
-        let logs: Vec<String> = seen.into_iter().chain(logs.try_iter()).collect();
+        let (status, logs) = signer.terminate(&format!("round {round}"), || {});
         assert!(
             status.success(),
             "round {round}: {status}:\n{}",

@@ -517,6 +517,23 @@ spec:
     /// A config in `dir` (relative paths resolve against it, so two configs in one dir
     /// differ only where the text does).
     fn config(dir: &Path, meshes_yaml: &str, clients: &str, extra: &str) -> SignerConfig {
+        let pkcs11 = "[pkcs11]\nmodule = \"/lib/softhsm.so\"\nkey = \"pkcs11:token=t;object=k\"\npin_env = \"PIN\"";
+        config_of(
+            dir,
+            meshes_yaml,
+            "pkcs11",
+            &format!("{pkcs11}\n{clients}\n{extra}"),
+        )
+    }
+
+    /// A config in `dir` whose backend is `backend`, with that backend's section `rest`.
+    fn backend_config(dir: &Path, backend: &str, rest: &str) -> SignerConfig {
+        config_of(dir, MESHES, backend, &format!("{rest}\n{A_ONLY}"))
+    }
+
+    /// A config in `dir` with the virtual meshes `meshes_yaml`, root backend `backend`,
+    /// and `rest` after its `[root]` section.
+    fn config_of(dir: &Path, meshes_yaml: &str, backend: &str, rest: &str) -> SignerConfig {
         std::fs::write(dir.join("vm.yaml"), meshes_yaml).unwrap();
         let text = format!(
             r#"virtual_meshes = ["vm.yaml"]
@@ -529,34 +546,8 @@ client_ca = "ca.pem"
 certificate = "root.pem"
 virtual_mesh = "test/vm"
 key_type = "ecdsa-p384"
-backend = "pkcs11"
-[pkcs11]
-module = "/lib/softhsm.so"
-key = "pkcs11:token=t;object=k"
-pin_env = "PIN"
-{clients}
-{extra}"#
-        );
-        SignerConfig::parse(&dir.join("signer.toml"), &text).unwrap()
-    }
-
-    /// A config in `dir` whose backend is `backend`, with that backend's section `rest`.
-    fn backend_config(dir: &Path, backend: &str, rest: &str) -> SignerConfig {
-        std::fs::write(dir.join("vm.yaml"), MESHES).unwrap();
-        let text = format!(
-            r#"virtual_meshes = ["vm.yaml"]
-audit_log = "audit.log"
-[tls]
-cert = "s.pem"
-key = "s.key"
-client_ca = "ca.pem"
-[root]
-certificate = "root.pem"
-virtual_mesh = "test/vm"
-key_type = "ecdsa-p384"
 backend = "{backend}"
-{rest}
-{A_ONLY}"#
+{rest}"#
         );
         SignerConfig::parse(&dir.join("signer.toml"), &text).unwrap()
     }
