@@ -480,6 +480,9 @@ pub fn restart_blockers(read: &SignerConfig, changed: &[&'static str]) -> Vec<St
         }
     }
     if let Some(vault) = read.vault.as_ref().filter(|_| changed.contains(&"vault")) {
+        if let Some(ca_cert) = &vault.ca_cert {
+            check("vault.ca_cert", ca_cert);
+        }
         match &vault.auth {
             VaultAuth::Token(SecretSource::File(token)) => check("vault.auth.token_file", token),
             VaultAuth::AppRole {
@@ -624,6 +627,24 @@ backend = "{backend}"
         for read in [&approle, &token, &kubernetes] {
             assert!(blockers_about(read, &["vault"], "vault.auth", d).is_empty());
         }
+    }
+
+    #[test]
+    fn a_missing_vault_ca_bundle_blocks_a_restart_with_a_changed_vault_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let read = backend_config(
+            d,
+            "vault",
+            "[vault]\naddress = \"https://vault.example.org:8200\"\nca_cert = \"vault-ca.pem\"\nissuer_ref = \"root\"\n[vault.auth]\nmethod = \"token\"\ntoken_env = \"VAULT_TOKEN\"",
+        );
+        assert_eq!(
+            blockers_about(&read, &["vault"], "vault.ca_cert", d),
+            ["vault.ca_cert DIR/vault-ca.pem does not exist"]
+        );
+        assert!(blockers_about(&read, &["root"], "vault.ca_cert", d).is_empty());
+        std::fs::write(d.join("vault-ca.pem"), "x\n").unwrap();
+        assert!(blockers_about(&read, &["vault"], "vault.ca_cert", d).is_empty());
     }
 
     /// The root the signer of these tests issues under.
