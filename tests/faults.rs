@@ -440,6 +440,27 @@ fn sigterm_stops_a_signer_whose_token_does_not_answer_at_start() {
     );
 }
 
+/// A second SIGTERM while the stop waits for a token that does not answer at start stops
+/// the signer then (exit 0), instead of after `pkcs11.timeout_seconds` (here 300 s, more
+/// than the test waits for the exit).
+#[test]
+fn a_second_sigterm_stops_without_waiting_for_a_token_that_does_not_answer() {
+    let env = Env::new();
+    set_token_timeout(&env, 300);
+    let held = hold_token_files(&env.path("softhsm/tokens"));
+    let mut signer = StartingSigner::spawn(&env);
+    signer.wait_for("connecting to the root key backend");
+    send_signal(signer.child.id(), "TERM");
+    signer.wait_for("letting the root key backend's start end first");
+    let (status, logs) = signer.terminate("a second SIGTERM", || drop(held));
+    assert!(status.success(), "{status}:\n{}", logs.join("\n"));
+    assert!(
+        logs.iter().any(|l| l.contains("a second stop request")),
+        "{}",
+        logs.join("\n")
+    );
+}
+
 /// SIGTERM within a few milliseconds of the start beginning to connect to the token, 400
 /// times (mostly while the token still starts, some once it has): each stop ends the
 /// signer with exit 0. A stop that left the token's start behind used to let the process

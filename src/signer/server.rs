@@ -925,9 +925,7 @@ pub async fn start(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
 ) -> Result<RunningSigner, StartError> {
-    let never = std::future::pending();
-    tokio::pin!(never);
-    match start_unless_stopped(config, listen_override, never).await? {
+    match start_unless_stopped(config, listen_override, &mut NeverStopped).await? {
         Started::Running(running) => Ok(*running),
         Started::Stopped | Started::StoppedBackendAbandoned => {
             unreachable!("a start that is never stopped ends running or failed")
@@ -946,17 +944,52 @@ enum Started {
     StoppedBackendAbandoned,
 }
 
+/// Where the requests to stop come from while the signer starts.
+trait StopRequests {
+    /// Resolves at the next request to stop.
+    async fn next(&mut self);
+}
+
+impl StopRequests for crate::signals::StopSignals {
+    async fn next(&mut self) {
+        crate::signals::StopSignals::next(self).await
+    }
+}
+
+/// No request to stop ever comes: [`start`]'s caller stops the signer once it runs.
+struct NeverStopped;
+
+impl StopRequests for NeverStopped {
+    async fn next(&mut self) {
+        std::future::pending().await
+    }
+}
+
 /// A stop came while the backend was starting: its start is given `wait` to end (a token
 /// that answers takes milliseconds) and then closed. Ended mid-way, SoftHSM could be
 /// writing the token's files (the process ended that way left `token.object` empty: the
 /// token gone), or run its exit handlers under the start's thread (a segfault). A start
-/// that has not ended by then waits on a token that does not answer, and is left behind.
-async fn stopped_while_backend_starts(mut starting: BackendStart, wait: Duration) -> Started {
+/// that has not ended by then waits on a token that does not answer, and is left behind;
+/// so is one a second request to stop comes for, as an operator's "stop now".
+async fn stopped_while_backend_starts(
+    mut starting: BackendStart,
+    wait: Duration,
+    stops: &mut impl StopRequests,
+) -> Started {
     tracing::info!(
         waiting_seconds = wait.as_secs(),
-        "stop requested while starting; letting the root key backend's start end first"
+        "stop requested while starting; letting the root key backend's start end first (a second SIGTERM or SIGINT stops without waiting)"
     );
-    match tokio::time::timeout(wait, &mut starting).await {
+    let ended = tokio::select! {
+        ended = tokio::time::timeout(wait, &mut starting) => ended,
+        () = stops.next() => {
+            tracing::warn!(
+                "a second stop request: stopping without waiting for the root key backend's start"
+            );
+            return Started::StoppedBackendAbandoned;
+        }
+    };
+    match ended {
         Ok(Ok(Ok(backend))) => {
             backend.close().await;
             Started::Stopped
@@ -971,7 +1004,7 @@ async fn stopped_while_backend_starts(mut starting: BackendStart, wait: Duration
     }
 }
 
-/// [`start`], unless `stop` resolves first. A stop that comes after the backend started
+/// [`start`], unless a request to stop comes from `stops` first. A stop that comes after the backend started
 /// (the Vault login done, the token logged in) closes it before returning: a Vault token
 /// would otherwise stay live until its TTL. One that comes while the backend is still
 /// starting lets it end first, for a bounded time ([`stopped_while_backend_starts`]): a
@@ -979,7 +1012,7 @@ async fn stopped_while_backend_starts(mut starting: BackendStart, wait: Duration
 async fn start_unless_stopped(
     config: SignerConfig,
     listen_override: Option<SocketAddr>,
-    mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+    stops: &mut impl StopRequests,
 ) -> Result<Started, StartError> {
     let started = Instant::now();
     config.check_listeners(listen_override)?;
@@ -1020,7 +1053,9 @@ async fn start_unless_stopped(
     let mut starting = spawn_backend_start(&config, root)?;
     let backend = tokio::select! {
         backend = backend_started(&mut starting, wait, started) => backend?,
-        _ = stop.as_mut() => return Ok(stopped_while_backend_starts(starting, wait).await),
+        () = stops.next() => {
+            return Ok(stopped_while_backend_starts(starting, wait, stops).await);
+        }
     };
     // The agents take an announced root only with the root key's word for it. A stop may
     // cut the asking short (a Vault or token that does not answer), but whatever the key
@@ -1030,7 +1065,7 @@ async fn start_unless_stopped(
     let vouched = tokio::select! {
         biased;
         vouched = vouch_for_announced(backend.as_ref(), &mut rules, None) => Some(vouched),
-        _ = stop => None,
+        () = stops.next() => None,
     };
     let serving = match vouched {
         None => {
@@ -1711,11 +1746,7 @@ pub async fn run(
         .map_err(|e| StartError::Signals(format!("SIGTERM/SIGINT: {e}")))?;
     // Nothing is served yet, so nothing to drain: a backend that does not answer at start
     // does not keep the signer from stopping, and one that did is closed.
-    let started = {
-        let stop = stops.next();
-        tokio::pin!(stop);
-        start_unless_stopped(config, listen_override, stop).await?
-    };
+    let started = start_unless_stopped(config, listen_override, &mut stops).await?;
     let running = match started {
         Started::Running(running) => *running,
         Started::Stopped => {
