@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -294,6 +294,23 @@ pub(crate) fn handshake_share(max: usize) -> usize {
 /// closed at once instead.
 pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
 
+/// The peers counted as one address when handshakes are weighed against each other: an
+/// IPv4 address, or an IPv6 /64 (one host or site gets a whole /64 and can pick from it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum AddressGroup {
+    V4(std::net::Ipv4Addr),
+    V6Prefix64(u64),
+}
+
+impl AddressGroup {
+    fn of(peer: SocketAddr) -> AddressGroup {
+        match peer.ip().to_canonical() {
+            IpAddr::V4(v4) => AddressGroup::V4(v4),
+            IpAddr::V6(v6) => AddressGroup::V6Prefix64((v6.to_bits() >> 64) as u64),
+        }
+    }
+}
+
 /// One open connection, as its port's bound sees it.
 struct Entry {
     handshaking: bool,
@@ -336,6 +353,40 @@ impl Open {
         self.entries.values().filter(|e| e.phase() == phase).count()
     }
 
+    /// Closes a handshake for a new connection from `newcomer`'s address: of those
+    /// accepted at `old` or before, and those of an address holding at least two more
+    /// handshakes than the newcomer's (however young), one of the address holding the
+    /// most, the one in its handshake longest. So a flood from one address gives way to
+    /// connections from any other, and what the flood's own new connections close is its
+    /// own, not a slow client's. Its peer, or None if none is closed.
+    fn close_handshake_for(
+        &mut self,
+        newcomer: Option<SocketAddr>,
+        old: Instant,
+        metrics: &ConnectionMetrics,
+    ) -> Option<Option<SocketAddr>> {
+        let mut held: BTreeMap<Option<AddressGroup>, usize> = BTreeMap::new();
+        for entry in self.entries.values() {
+            if entry.phase() == Phase::Handshaking {
+                *held.entry(entry.peer.map(AddressGroup::of)).or_default() += 1;
+            }
+        }
+        let holds =
+            |peer: Option<SocketAddr>| held.get(&peer.map(AddressGroup::of)).copied().unwrap_or(0);
+        let newcomer_holds = holds(newcomer);
+        let chosen = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.phase() == Phase::Handshaking)
+            .filter(|(_, e)| e.accepted <= old || holds(e.peer) >= newcomer_holds + 2)
+            .max_by_key(|(_, e)| (holds(e.peer), std::cmp::Reverse(e.since)))
+            .map(|(id, _)| *id)?;
+        let entry = self.entries.remove(&chosen)?;
+        entry.close.cancel();
+        metrics.left(Phase::Handshaking);
+        Some(entry.peer)
+    }
+
     /// Closes the connection in `phase` there longest (for idle ones: idle longest), of
     /// those accepted at `accepted_by` or before; its peer, or None if none is.
     fn close_oldest(
@@ -364,7 +415,10 @@ impl Open {
 /// from its accept, through its TLS handshake: when every slot is taken and those in a
 /// handshake hold [`handshake_share`] of them or more, a new connection takes the place
 /// of the one in its handshake longest, never an idle client's; a handshake younger than
-/// [`HANDSHAKE_GRACE`] is never closed. Every closing is counted by reason in its
+/// [`HANDSHAKE_GRACE`] is not closed, unless its address (an IPv4 address, an IPv6 /64)
+/// holds at least two more handshakes than the new connection's: then the address holding
+/// the most gives way first, so that a flood from one address cannot keep every other
+/// out. Every closing is counted by reason in its
 /// [`ConnectionMetrics`] and logged (a burst, then one a second per reason) with the peer.
 pub(crate) struct ConnectionBound {
     slots: Arc<Semaphore>,
@@ -449,13 +503,13 @@ impl ConnectionBound {
                 let old = now.checked_sub(self.handshake_grace).unwrap_or(now);
                 let over_share = open.count(Phase::Handshaking) >= self.max_handshaking;
                 let closed = if over_share {
-                    open.close_oldest(Phase::Handshaking, old, &self.metrics)
+                    open.close_handshake_for(peer, old, &self.metrics)
                         .map(|peer| (CLOSED_HANDSHAKE, peer))
                 } else {
                     open.close_oldest(Phase::Idle, now, &self.metrics)
                         .map(|peer| (CLOSED_IDLE, peer))
                         .or_else(|| {
-                            open.close_oldest(Phase::Handshaking, old, &self.metrics)
+                            open.close_handshake_for(peer, old, &self.metrics)
                                 .map(|peer| (CLOSED_HANDSHAKE, peer))
                         })
                 };
@@ -971,7 +1025,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_handshake_within_its_grace_is_never_closed_for_a_new_connection() {
+    async fn a_handshake_within_its_grace_is_not_closed_for_one_from_its_own_address() {
         let metrics = ConnectionMetrics::register_api(&mut Registry::default());
         let bound =
             ConnectionBound::with_grace("api", 4, metrics.clone(), Duration::from_secs(3600));
@@ -995,6 +1049,132 @@ mod tests {
         assert!(open.iter().all(|(close, _)| !close.is_cancelled()));
         assert!(!agent.close.is_cancelled());
         for (_, ends) in open {
+            ends.abort();
+        }
+    }
+
+    fn peer(address: &str) -> Option<SocketAddr> {
+        Some(address.parse().unwrap())
+    }
+
+    /// Admits a connection from `from` in its TLS handshake, as [`handshaking`] does.
+    async fn handshaking_from(
+        bound: &Arc<ConnectionBound>,
+        from: &str,
+        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let connection = admitted(bound.admit(true, peer(from), never).await);
+        let close = connection.close.clone();
+        let ends = tokio::spawn(async move {
+            connection.closed_for_new().await;
+            drop(connection);
+        });
+        (close, ends)
+    }
+
+    #[tokio::test]
+    async fn a_flood_from_one_address_gives_way_to_connections_from_others() {
+        let metrics = ConnectionMetrics::register_api(&mut Registry::default());
+        // Every handshake within its grace, as in a flood faster than the slots.
+        let bound =
+            ConnectionBound::with_grace("api", 6, metrics.clone(), Duration::from_secs(3600));
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let agent = admitted(bound.admit(true, peer("192.0.2.7:40000"), &mut never).await);
+        agent.established();
+        let mut flood = Vec::new();
+        for port in 0..5 {
+            flood.push(
+                handshaking_from(
+                    &bound,
+                    &format!("198.51.100.9:{}", 50000 + port),
+                    &mut never,
+                )
+                .await,
+            );
+        }
+        // The flood's own next connection finds only young handshakes: closed at once.
+        assert!(matches!(
+            bound
+                .admit(true, peer("198.51.100.9:50010"), &mut never)
+                .await,
+            Admission::Refused
+        ));
+        // A client from another address takes the place of the flood's oldest handshake.
+        let other = handshaking_from(&bound, "203.0.113.4:41000", &mut never).await;
+        assert!(flood[0].0.is_cancelled());
+        assert!(flood[1..].iter().all(|(close, _)| !close.is_cancelled()));
+        assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 1);
+        // An IPv6 /64 counts as one address: its hosts are one flood.
+        let mut flood6 = Vec::new();
+        for host in 1..=2 {
+            let from = format!("[2001:db8:0:1::{host}]:443");
+            let close = admitted_after(&bound, &from, &mut never).await;
+            flood6.push(close);
+        }
+        // Two more closed for them, both from the IPv4 flood (it holds the most).
+        assert!(flood[1].0.is_cancelled() && flood[2].0.is_cancelled());
+        // Now the /64 holds two handshakes, the IPv4 flood two, the other client one: a
+        // third from the /64 is not two below any address, so it is refused.
+        assert!(matches!(
+            bound
+                .admit(true, peer("[2001:db8:0:1::3]:443"), &mut never)
+                .await,
+            Admission::Refused
+        ));
+        // The idle agent and the other client were never closed.
+        assert!(!agent.close.is_cancelled() && !other.0.is_cancelled());
+        assert_eq!(metrics.closed_for(CLOSED_IDLE), 0);
+        for (_, ends) in flood.into_iter().chain([other]).chain(flood6) {
+            ends.abort();
+        }
+    }
+
+    /// Admits a handshake from `from` that waits for the slot of the one closed for it:
+    /// the closed one's task ends as a real connection's would.
+    async fn admitted_after(
+        bound: &Arc<ConnectionBound>,
+        from: &str,
+        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        within("no slot came free", handshaking_from(bound, from, never)).await
+    }
+
+    #[tokio::test]
+    async fn an_old_handshake_closed_for_a_flood_is_the_floods_own() {
+        let metrics = ConnectionMetrics::register_api(&mut Registry::default());
+        // No grace: every handshake is old enough to be closed.
+        let bound = ConnectionBound::with_grace("api", 4, metrics.clone(), Duration::ZERO);
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        // A slow client's handshake, the oldest, then the flood's.
+        let slow = handshaking_from(&bound, "192.0.2.7:40000", &mut never).await;
+        let mut flood = Vec::new();
+        for port in 0..3 {
+            flood.push(
+                handshaking_from(
+                    &bound,
+                    &format!("198.51.100.9:{}", 50000 + port),
+                    &mut never,
+                )
+                .await,
+            );
+        }
+        for port in 3..6 {
+            flood.push(
+                admitted_after(
+                    &bound,
+                    &format!("198.51.100.9:{}", 50000 + port),
+                    &mut never,
+                )
+                .await,
+            );
+        }
+        // Each of the flood's new connections closed the flood's oldest, not the slow one.
+        assert!(flood[..3].iter().all(|(close, _)| close.is_cancelled()));
+        assert!(!slow.0.is_cancelled());
+        assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 3);
+        for (_, ends) in flood.into_iter().chain([slow]) {
             ends.abort();
         }
     }
