@@ -333,6 +333,8 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                 last_hash,
                 continues_from,
                 anchored,
+                clock_steps_back,
+                clock_steps_back_total,
             } => {
                 if !json {
                     say!(
@@ -350,6 +352,22 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                             records - line
                         );
                     }
+                    for step in &clock_steps_back {
+                        say!(
+                            "  warning: line {} is timed {}, {} s before the record before it ({}): the signer's clock was set back there; check the host's time synchronisation (what was issued after it carries the earlier dates)",
+                            step.line,
+                            step.time,
+                            step.seconds,
+                            step.previous_time
+                        );
+                    }
+                    if clock_steps_back_total > clock_steps_back.len() {
+                        say!(
+                            "  warning: and {} more records timed over {} s before the record before them",
+                            clock_steps_back_total - clock_steps_back.len(),
+                            audit::CLOCK_STEP_NOTED.as_secs()
+                        );
+                    }
                 }
                 missing.retain(|m| !anchored.iter().any(|(hash, _)| hash == m));
                 records_total += records;
@@ -363,6 +381,13 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                         "line": line,
                         "records_after": records - line,
                     })).collect::<Vec<_>>(),
+                    "clock_steps_back": clock_steps_back.iter().map(|step| serde_json::json!({
+                        "line": step.line,
+                        "time": step.time,
+                        "previous_time": step.previous_time,
+                        "seconds": step.seconds,
+                    })).collect::<Vec<_>>(),
+                    "clock_steps_back_total": clock_steps_back_total,
                 }));
                 after = Some(last_hash);
             }

@@ -137,3 +137,50 @@ fn the_controllers_refuse_a_clock_before_1970_before_they_call_the_cluster() {
         );
     }
 }
+
+/// The signer's clock set back two hours while it runs (libfaketime reading its offset from
+/// a file at every call): `audit verify` passes the chain and names the record timed
+/// before the one before it, in text and in JSON.
+#[tokio::test]
+async fn audit_verify_names_the_record_where_the_signers_clock_went_back() {
+    let env = Env::new();
+    let offset = env.path("clock-offset");
+    std::fs::write(&offset, "+2h\n").unwrap();
+    let mut signer = env.start_signer_command(|cmd| {
+        cmd.env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME_TIMESTAMP_FILE", &offset)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    });
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    std::fs::write(&offset, "+0\n").unwrap();
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+
+    let text = env.audit_verify_ok();
+    // The start record, two decisions, the stop record: the second decision is line 3.
+    assert!(text.contains("intact: 4 records"), "{text}");
+    assert!(
+        text.contains("warning: line 3 is timed ")
+            && text.contains("before the record before it")
+            && text.contains("the signer's clock was set back there"),
+        "{text}"
+    );
+    let out = run(env
+        .meshca()
+        .args(["audit", "verify", "--output", "json", "audit.log"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = &json["files"][0];
+    assert_eq!(file["clock_steps_back_total"], 1, "{json}");
+    let step = &file["clock_steps_back"][0];
+    assert_eq!(step["line"], 3, "{json}");
+    // About two hours: the two signings are seconds apart in real time.
+    let seconds = step["seconds"].as_u64().unwrap();
+    assert!((7000..=7200).contains(&seconds), "{json}");
+}

@@ -1271,11 +1271,35 @@ pub enum VerifyOutcome {
         /// Of the hashes asked for ([`verify`]'s `anchors`), each one a line of this file
         /// hashes to, with that line's number.
         anchored: Vec<(String, usize)>,
+        /// Records whose time is more than [`CLOCK_STEP_NOTED`] before the record's
+        /// before them: the signer's clock was set back there (or a time was changed
+        /// before the line was written). The first [`CLOCK_STEPS_LISTED`] of them.
+        clock_steps_back: Vec<ClockStepBack>,
+        /// How many there are in all.
+        clock_steps_back_total: usize,
     },
     Broken {
         line: usize,
         problem: String,
     },
+}
+
+/// How far a record's time may be before the one before it without being named: records
+/// are timed as their decisions end and written in the order they reach the writer, so
+/// neighbours differ by the time a write waits, not by minutes.
+pub const CLOCK_STEP_NOTED: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How many steps back [`verify`] lists (it counts them all).
+pub const CLOCK_STEPS_LISTED: usize = 16;
+
+/// A record timed more than [`CLOCK_STEP_NOTED`] before the record before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockStepBack {
+    pub line: usize,
+    pub time: String,
+    pub previous_time: String,
+    /// How far back, in whole seconds.
+    pub seconds: u64,
 }
 
 /// Checks every line's `prev` against the hash of the line before it. The first line's
@@ -1284,7 +1308,8 @@ pub enum VerifyOutcome {
 /// Lines whose hash is one of `anchors` are named in the outcome. A last line without its
 /// newline is torn, as the signer's start takes it (it moves such a line aside): it breaks
 /// the file, and is neither counted nor the last hash. A compressed file is an error that
-/// says to decompress it first.
+/// says to decompress it first. Records timed well before the record before them are
+/// named (a clock set back), not a break.
 pub fn verify(
     mut reader: impl std::io::BufRead,
     after: Option<&str>,
@@ -1310,6 +1335,9 @@ pub fn verify(
     let mut recent: std::collections::VecDeque<(usize, String)> = std::collections::VecDeque::new();
     let mut continues_from = None;
     let mut anchored = Vec::new();
+    let mut clock_steps_back = Vec::new();
+    let mut clock_steps_back_total = 0;
+    let mut previous_time: Option<(i128, String)> = None;
     let mut records = 0;
     let mut number = 0;
     let mut line = Vec::new();
@@ -1391,6 +1419,22 @@ pub fn verify(
         }
         prev = hex(&sha2::Sha256::digest(&line));
         records += 1;
+        let time = rfc3339_millis(&record.time);
+        if let (Some(millis), Some((before, before_text))) = (time, &previous_time) {
+            let back = before - millis;
+            if back > CLOCK_STEP_NOTED.as_millis() as i128 {
+                clock_steps_back_total += 1;
+                if clock_steps_back.len() < CLOCK_STEPS_LISTED {
+                    clock_steps_back.push(ClockStepBack {
+                        line: number,
+                        time: record.time.clone(),
+                        previous_time: before_text.clone(),
+                        seconds: u64::try_from(back / 1000).unwrap_or(u64::MAX),
+                    });
+                }
+            }
+        }
+        previous_time = time.map(|millis| (millis, record.time));
         if recent.len() == VERIFY_LOOKBACK {
             recent.pop_front();
         }
@@ -1415,6 +1459,8 @@ pub fn verify(
         last_hash: prev,
         continues_from,
         anchored,
+        clock_steps_back,
+        clock_steps_back_total,
     })
 }
 
@@ -1499,8 +1545,8 @@ pub fn verify_file(
     verify(std::io::BufReader::new(file), after, anchors).map_err(|e| named(e.to_string()))
 }
 
-/// Where the audit log's times are written; used across meshca from here.
-pub use crate::pki::datetime::rfc3339;
+/// Where the audit log's times are written (and read back); used across meshca from here.
+pub use crate::pki::datetime::{rfc3339, rfc3339_millis};
 
 #[cfg(test)]
 mod tests {
@@ -1577,6 +1623,50 @@ mod tests {
             &[],
         )
         .unwrap()
+    }
+
+    /// A record timed hours before the one before it is named, and the records after it
+    /// are not (they follow it); seconds out of order, as writes waiting in turn leave, are
+    /// not named either. The chain stays intact.
+    #[tokio::test]
+    async fn records_timed_well_before_the_one_before_them_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let times = [
+            "2026-12-03T13:02:37.227Z",
+            "2026-12-03T13:02:32.000Z",
+            "2026-12-03T13:03:00.000Z",
+            "2026-12-01T14:49:47.283Z",
+            "2026-12-01T14:50:01.000Z",
+            "not a time",
+            "2026-11-30T00:00:00.000Z",
+        ];
+        for (n, time) in times.iter().enumerate() {
+            let timed = AuditRecord {
+                time: time.to_string(),
+                ..record(n)
+            };
+            log.append(timed, log.expect_line()).await.unwrap();
+        }
+        drop(log);
+        // A record after one whose time does not read is not compared (line 7).
+        match verify_file(&path) {
+            VerifyOutcome::Intact {
+                clock_steps_back,
+                clock_steps_back_total: 1,
+                ..
+            } => assert_eq!(
+                clock_steps_back,
+                [ClockStepBack {
+                    line: 4,
+                    time: "2026-12-01T14:49:47.283Z".into(),
+                    previous_time: "2026-12-03T13:03:00.000Z".into(),
+                    seconds: 166_392,
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -2166,6 +2256,8 @@ mod tests {
                 last_hash: third_last,
                 continues_from: Some(second_last),
                 anchored: vec![],
+                clock_steps_back: vec![],
+                clock_steps_back_total: 0,
             }
         );
         // Out of order, or with a file left out: refused at the first line.
