@@ -1867,3 +1867,35 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
         .and_then(|all| all.iter().find(|c| c["type"] == type_))
         .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
 }
+
+/// An API server answering 503 (a load balancer with no healthy backend): the `--once`
+/// pass asks once, fails (exit 1) instead of retrying inside the Kubernetes client for
+/// minutes (kube's default: 15 tries, following any Retry-After), and gives the Lease back
+/// so the replicas need not wait for it to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_once_pass_the_api_server_answers_503_fails_at_once_and_gives_the_lease_back() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request("127.0.0.1:1", json!({"restart": {"policy": "never"}}));
+    cluster.fake.refuse_reads(Some((
+        VMCSR,
+        503,
+        "ServiceUnavailable",
+        "no healthy upstream",
+    )));
+    cluster.fake.take();
+    let out = cluster
+        .agent_once(&env, "agent-x", &["--api-timeout-seconds", "2"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let sent = cluster.fake.take();
+    let lists = sent
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == VMCSR)
+        .count();
+    assert_eq!(lists, 1, "asked again: {stderr}");
+    let lease = cluster.get(LEASE).unwrap();
+    assert!(lease["spec"].get("holderIdentity").is_none(), "{lease}");
+}

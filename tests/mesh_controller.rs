@@ -1305,6 +1305,38 @@ async fn a_member_api_server_that_never_answers_fails_its_member_not_the_pass() 
     drop(silent);
 }
 
+/// A member API server answering 503 (a load balancer with no healthy backend, an API
+/// server mid-upgrade) is asked once per pass: its member fails, and the pass goes on to
+/// the others at once, instead of retrying inside the Kubernetes client for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_api_server_answering_503_is_asked_once_and_fails_its_member_only() {
+    let world = World::start(&["west", "east"]).await;
+    let sent = world.pass().await;
+    let first_read = sent["west"]
+        .iter()
+        .find(|r| r.method == "GET")
+        .map(|r| r.path.clone())
+        .expect("west was read");
+    world.member("west").refuse_reads(Some((
+        &first_read,
+        503,
+        "ServiceUnavailable",
+        "no healthy upstream",
+    )));
+    let sent = world.pass().await;
+    let asked = sent["west"]
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == first_read)
+        .count();
+    assert_eq!(asked, 1, "{first_read} asked again");
+    assert!(!sent["east"].is_empty(), "east was not reconciled");
+    let west = member_status(&world.status("vm"), "west").clone();
+    assert!(
+        west["message"].as_str().unwrap_or_default().contains("503"),
+        "{west}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_virtual_mesh_cleans_every_cluster_before_it_goes() {
     let world = World::start(&["east", "west"]).await;

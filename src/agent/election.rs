@@ -104,6 +104,7 @@ impl Elector {
     /// [`Elector::elect`], with no other round of this replica under way.
     async fn elect_alone(&self, now: SystemTime) -> Result<bool, KubeError> {
         let (ns, name) = (&self.namespace, &self.lease_name);
+        let was_leading = self.is_leader_for(Duration::ZERO);
         // Before the read: the Lease is ours for its duration from no later than this.
         let started = Instant::now();
         let current = self.kube.get_lease(ns, name).await?;
@@ -142,6 +143,9 @@ impl Elector {
             Ok(_) => {
                 if action != LeaseAction::Renew {
                     tracing::info!(identity = %self.identity, lease = %name, "became the leader");
+                } else if !was_leading {
+                    // After failed renewals (each a WARN): say it is over.
+                    tracing::info!(identity = %self.identity, lease = %name, "leading again: the Lease, still under this replica's name, is renewed");
                 }
                 // Keep a margin: act only while the Lease is surely ours.
                 self.set_leader_until(Some(started + self.duration * 2 / 3));
@@ -258,7 +262,8 @@ pub trait LeaderLoop: Sized {
     }
 
     /// [`LeaderLoop::run_once`], saying also whether this replica led (and so made the
-    /// pass).
+    /// pass). A pass that fails gives the Lease back (a successful one leaves that to the
+    /// caller, which checks first that it still leads).
     fn run_once_led(&self) -> impl Future<Output = Result<(bool, Duration), KubeError>> {
         async move {
             let elector = self.elector();
@@ -267,7 +272,17 @@ pub trait LeaderLoop: Sized {
             if !leading {
                 return Ok((false, Duration::from_secs(5).min(elector.duration() / 3)));
             }
-            self.pass().await.map(|next| (true, next))
+            match self.pass().await {
+                Ok(next) => Ok((true, next)),
+                // A one-off pass (a Job, a laptop) that failed must not keep the replicas
+                // waiting for the Lease to expire either.
+                Err(e) => {
+                    if let Err(release) = self.release().await {
+                        tracing::warn!(error = %release, "could not give the Lease up; it expires by itself");
+                    }
+                    Err(e)
+                }
+            }
         }
     }
 

@@ -514,12 +514,17 @@ pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bounds every call of clients made from `config`: connecting, sending, and each read.
 /// The read timer restarts at each write: without that, the time a kept-alive connection
-/// sat idle counted against the next call's answer.
+/// sat idle counted against the next call's answer. kube's own retries are off: on a 429,
+/// 503 or 504 (a load balancer with no healthy backend, an API server mid-upgrade) they
+/// try again up to 15 times, following any `Retry-After`, so one call took minutes
+/// whatever the timeout, and a write could land after the Lease had passed to another
+/// replica. meshca retries a failed pass itself, backing off.
 pub fn bound_calls(config: &mut kube::Config, timeout: Duration) {
     config.connect_timeout = Some(timeout);
     config.read_timeout = Some(timeout);
     config.write_timeout = Some(timeout);
     config.reset_reader_on_write = true;
+    config.default_retry = false;
 }
 
 /// A client for another cluster (the management plane reaching a remote cluster): from
