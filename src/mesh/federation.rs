@@ -220,8 +220,13 @@ pub fn parse_virtual_mesh(
         source_name: source_name.to_string(),
         message,
     };
-    let docs: Vec<serde_json::Value> =
-        crate::yaml::documents(yaml).map_err(|e| yaml_error(e.to_string()))?;
+    let docs: Vec<serde_json::Value> = crate::yaml::documents(yaml).map_err(|e| match e {
+        crate::yaml::YamlError::TooLarge(breach) => PolicyLoadError::TooLarge {
+            source_name: source_name.to_string(),
+            breach,
+        },
+        crate::yaml::YamlError::Parse(e) => yaml_error(e.to_string()),
+    })?;
     let mut docs: Vec<serde_json::Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
     if docs.len() != 1 {
         return Err(FederationError::DocumentCount {

@@ -22,6 +22,10 @@ pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Largest inventory file `federation render` reads.
 pub const MAX_INVENTORY_BYTES: u64 = 64 << 20;
+/// Most parser events an inventory may produce (serde-saphyr's default is 1,000,000).
+pub const MAX_INVENTORY_EVENTS: usize = 40_000_000;
+/// Most nodes (mappings, lists and values) an inventory may hold.
+pub const MAX_INVENTORY_NODES: usize = 20_000_000;
 
 /// `clusters: [...]`: every member cluster of one VirtualMesh.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,16 +256,16 @@ impl Inventory {
     pub fn from_yaml(source_name: &str, yaml: &str) -> Result<Inventory, InventoryError> {
         // Large meshes make large inventories: lift the parser's event and node budget
         // (the input size is capped by the caller).
-        let mut budget = serde_saphyr::Budget::default();
-        budget.max_events = 40_000_000;
-        budget.max_nodes = 20_000_000;
+        let mut budget = crate::yaml::budget();
+        budget.max_events = MAX_INVENTORY_EVENTS;
+        budget.max_nodes = MAX_INVENTORY_NODES;
         let mut options = crate::yaml::options();
-        options.budget = Some(budget);
+        options.budget = Some(budget.clone());
         let inventory: Inventory =
             serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
                 InventoryError::Yaml {
                     source_name: source_name.to_string(),
-                    message: e.to_string(),
+                    message: crate::yaml::YamlError::new(e, &budget).to_string(),
                 }
             })?;
         inventory.validate()?;

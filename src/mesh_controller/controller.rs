@@ -595,11 +595,7 @@ impl MeshController {
                                 exported: summary.exported as u64,
                                 imported: summary.imported as u64,
                                 objects: summary.objects as u64,
-                                conflicts: changes
-                                    .conflicts
-                                    .iter()
-                                    .map(|c| c.to_string())
-                                    .collect(),
+                                conflicts: changes.conflicts_listed(),
                                 not_federated: reads[i].not_federated.clone(),
                             });
                         }

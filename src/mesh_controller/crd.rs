@@ -258,7 +258,8 @@ pub struct MemberFederation {
     pub imported: u64,
     /// Objects it holds (Gateway, DestinationRule, ServiceEntries).
     pub objects: u64,
-    /// Objects of those names that belong to someone else (left alone).
+    /// Objects of those names that belong to someone else (left alone): the first 16, by
+    /// name, then how many more.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<String>,
     /// Services of this cluster the selector picks that cannot be federated, each with

@@ -646,6 +646,19 @@ pub struct ObjectChanges {
     pub unchanged: usize,
 }
 
+impl ObjectChanges {
+    /// The conflicts as a member's status lists them (and the Federated condition's message
+    /// after it): sorted, so that the same ones read the same at every pass and an unchanged
+    /// status is not written again, then [`bounded_list`]: thousands of hand-made objects
+    /// holding wanted names would otherwise take the VirtualMesh's status write past
+    /// etcd's request limit, and no status would be written at all.
+    pub fn conflicts_listed(&self) -> Vec<String> {
+        let mut listed: Vec<String> = self.conflicts.iter().map(ObjectId::to_string).collect();
+        listed.sort();
+        bounded_list(listed)
+    }
+}
+
 /// Whether an object found is the desired one: same spec, carrying the desired labels
 /// (labels others added do not count).
 fn same_object(desired: &IstioObject, existing: &IstioObject) -> bool {
@@ -3100,6 +3113,48 @@ mod tests {
             ("False", "MemberError")
         );
         assert_eq!(held.federation, ready.federation);
+
+        // Thousands of conflicting objects: the status and the message name the first
+        // 16 (in name order) and how many more.
+        let many = ObjectChanges {
+            conflicts: (0..2_000)
+                .rev()
+                .map(|n| ObjectId {
+                    kind: Kind::ServiceEntry,
+                    namespace: "istio-system".into(),
+                    name: format!("s{n:04}.shop.svc.east.mesh.internal"),
+                })
+                .collect(),
+            ..ObjectChanges::default()
+        };
+        let listed = many.conflicts_listed();
+        assert_eq!(listed.len(), 17);
+        assert_eq!(
+            listed[0],
+            "ServiceEntry istio-system/s0000.shop.svc.east.mesh.internal"
+        );
+        assert_eq!(
+            listed[15],
+            "ServiceEntry istio-system/s0015.shop.svc.east.mesh.internal"
+        );
+        assert_eq!(listed[16], "... and 1984 more");
+        let mut crowded = report("west", RequestView::Present(Some(&installed)), None);
+        crowded.federation.as_mut().unwrap().conflicts = listed;
+        let crowded = converged_status(
+            &ready,
+            Some(2),
+            observed(
+                vec![
+                    report("east", RequestView::Present(Some(&installed)), None),
+                    crowded,
+                ],
+                applied.clone(),
+            ),
+            t0,
+        );
+        let message = &condition(&crowded, FEDERATED).message;
+        assert!(message.ends_with(", ... and 1984 more"), "{message}");
+        assert!(message.len() < 2_048, "{} bytes", message.len());
 
         // Conflicting objects.
         let mut conflicted = report("west", RequestView::Present(Some(&installed)), None);

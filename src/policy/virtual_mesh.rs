@@ -332,6 +332,11 @@ pub enum PolicyLoadError {
         source_name: String,
         message: String,
     },
+    #[error("{source_name}: {breach}: split it into several files, all listed in `virtual_meshes`")]
+    TooLarge {
+        source_name: String,
+        breach: crate::yaml::Breach,
+    },
     #[error("{source_name}: document {index} has kind {kind:?}, expected VirtualMesh")]
     WrongKind {
         source_name: String,
@@ -584,11 +589,16 @@ pub struct PolicySet {
 impl PolicySet {
     /// Parses one multi-document YAML text and adds its VirtualMeshes.
     pub fn add_yaml(&mut self, source_name: &str, yaml: &str) -> Result<(), PolicyLoadError> {
-        let docs: Vec<serde_json::Value> =
-            crate::yaml::documents(yaml).map_err(|e| PolicyLoadError::Yaml {
+        let docs: Vec<serde_json::Value> = crate::yaml::documents(yaml).map_err(|e| match e {
+            crate::yaml::YamlError::TooLarge(breach) => PolicyLoadError::TooLarge {
+                source_name: source_name.to_string(),
+                breach,
+            },
+            crate::yaml::YamlError::Parse(e) => PolicyLoadError::Yaml {
                 source_name: source_name.to_string(),
                 message: e.to_string(),
-            })?;
+            },
+        })?;
         for (index, doc) in docs.into_iter().enumerate() {
             if doc.is_null() {
                 continue;
@@ -799,6 +809,28 @@ mod tests {
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
             assert!(err.contains("test.yaml"), "source missing in {err:?}");
         }
+    }
+
+    #[test]
+    fn a_file_of_thousands_of_virtual_meshes_loads_and_one_past_the_limit_says_so() {
+        let one = |n: usize| {
+            format!(
+                "---\nkind: VirtualMesh\nmetadata:\n  name: vm{n}\n  namespace: ns\nspec:\n  certificateAuthority:\n    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: o\n  meshes:\n  - name: m{n}\n    namespace: ns\n"
+            )
+        };
+        let many: String = (0..1_600).map(one).collect();
+        assert_eq!(load(&many).unwrap().iter().count(), 1_600);
+        // Past the bound, the message names the file, the limit and the way out.
+        let err = load(&"---\n".repeat(crate::yaml::MAX_DOCUMENTS + 1))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "test.yaml: it holds more than {} documents, the most one file may hold: split it into several files, all listed in `virtual_meshes`",
+                crate::yaml::MAX_DOCUMENTS
+            )
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Prometheus metrics of the signer, served as text at `/metrics`.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -97,6 +99,10 @@ pub struct Metrics {
     /// Intermediates issued per client and virtual mesh: a client given more than its
     /// renewals need is one whose key is used by someone else too.
     intermediates_issued: Family<IssuedLabels, Counter>,
+    /// The series of `intermediates_issued`, which the family does not list: a reload
+    /// removes those of the grants it removed. Held while one is counted too, so that an
+    /// issuance finishing under the rules a reload replaces cannot bring one back unseen.
+    issued_series: Mutex<HashSet<IssuedLabels>>,
     handshakes_refused: Family<ReasonLabels, Counter>,
     signing_seconds: Histogram,
     backend_errors: Counter,
@@ -283,6 +289,7 @@ impl Metrics {
             registry,
             requests,
             intermediates_issued,
+            issued_series: Mutex::default(),
             handshakes_refused,
             signing_seconds,
             backend_errors,
@@ -314,15 +321,17 @@ impl Metrics {
 
     /// An intermediate was issued to `client` for `virtual_mesh`. Only an identity the
     /// config grants that virtual mesh gets here (any other is refused `not_authorized`
-    /// before anything is signed), so the series are bounded by the grants of the configs
-    /// the signer has run under since its start: no label comes from the request alone.
+    /// before anything is signed), so the series are bounded by the grants in force (a
+    /// reload removes the others, see [`Metrics::rules_in_force`]): no label comes from
+    /// the request alone.
     pub fn issued(&self, client: &str, virtual_mesh: &str) {
-        self.intermediates_issued
-            .get_or_create(&IssuedLabels {
-                client: client.to_string(),
-                virtual_mesh: virtual_mesh.to_string(),
-            })
-            .inc();
+        let labels = IssuedLabels {
+            client: client.to_string(),
+            virtual_mesh: virtual_mesh.to_string(),
+        };
+        let mut series = self.issued_series.lock().unwrap_or_else(|p| p.into_inner());
+        self.intermediates_issued.get_or_create(&labels).inc();
+        series.insert(labels);
     }
 
     /// A handshake on the API port failed for `reason`.
@@ -406,16 +415,16 @@ impl Metrics {
 
     /// The rules in force, at start and after each reload that changed them. Each client's
     /// issuance counter per granted virtual mesh starts at 0 (see [`counters_from_zero`]);
-    /// a grant removed keeps its series, and its count, until the signer restarts.
+    /// a grant removed loses its series, so that the config in force bounds them however
+    /// many reloads renamed identities (one granted again starts from 0, a reset
+    /// `rate()` and `increase()` take as such).
     pub fn rules_in_force(&self, rules: &crate::signer::reload::Rules) {
-        for (client, grants) in rules.authorization.clients() {
-            for (virtual_mesh, _) in grants {
-                drop(self.intermediates_issued.get_or_create(&IssuedLabels {
-                    client: client.to_string(),
-                    virtual_mesh: virtual_mesh.to_string(),
-                }));
-            }
-        }
+        self.grants_in_force(rules.authorization.clients().flat_map(|(client, grants)| {
+            grants.iter().map(move |(virtual_mesh, _)| IssuedLabels {
+                client: client.to_string(),
+                virtual_mesh: virtual_mesh.to_string(),
+            })
+        }));
         self.rules_info.clear();
         self.rules_info
             .get_or_create(&RulesLabels {
@@ -423,6 +432,20 @@ impl Metrics {
                 root_sha256: rules.root_sha256.clone(),
             })
             .set(1);
+    }
+
+    /// Keeps the issuance series of `granted`, each from 0 if new, and removes the others.
+    fn grants_in_force(&self, granted: impl IntoIterator<Item = IssuedLabels>) {
+        let granted: HashSet<IssuedLabels> = granted.into_iter().collect();
+        let mut series = self.issued_series.lock().unwrap_or_else(|p| p.into_inner());
+        for labels in series.difference(&granted) {
+            self.intermediates_issued.remove(labels);
+        }
+        for labels in &granted {
+            // Creating the series is the point; the counter itself is not needed here.
+            drop(self.intermediates_issued.get_or_create(labels));
+        }
+        *series = granted;
     }
 
     /// A reload of the rules: `ok` (changed or not) or `error`.
@@ -606,6 +629,55 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn a_reload_removes_the_issuance_series_of_the_grants_it_removed() {
+        let now = SystemTime::now();
+        let m = Metrics::new(
+            now + Duration::from_secs(3600),
+            Validity {
+                not_before: now,
+                not_after: now + Duration::from_secs(3600),
+            },
+        );
+        let grants = |clients: std::ops::Range<usize>| {
+            clients.map(|n| IssuedLabels {
+                client: format!("spiffe://c{n}"),
+                virtual_mesh: "ns/vm".to_string(),
+            })
+        };
+        let series = |m: &Metrics| {
+            m.render()
+                .lines()
+                .filter(|l| l.starts_with("meshca_intermediates_issued_total{"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        m.grants_in_force(grants(0..500));
+        m.issued("spiffe://c0", "ns/vm");
+        m.issued("spiffe://c1", "ns/vm");
+        assert_eq!(series(&m).len(), 500);
+        // 499 of 500 identities renamed: the series follow the config, not its history.
+        m.grants_in_force(grants(1..2).chain(grants(1_000..1_499)));
+        let after = series(&m);
+        assert_eq!(after.len(), 500);
+        assert!(
+            !after.iter().any(|l| l.contains("\"spiffe://c0\"")),
+            "{after:?}"
+        );
+        assert!(
+            after.contains(&"meshca_intermediates_issued_total{client=\"spiffe://c1\",virtual_mesh=\"ns/vm\"} 1".to_string()),
+            "{after:?}"
+        );
+        // One granted again starts from 0; one counted after its grant went (an issuance
+        // decided under the rules replaced) goes at the next reload.
+        m.issued("spiffe://c7", "ns/vm");
+        m.grants_in_force(grants(0..1));
+        assert_eq!(
+            series(&m),
+            ["meshca_intermediates_issued_total{client=\"spiffe://c0\",virtual_mesh=\"ns/vm\"} 0"]
+        );
     }
 
     #[test]

@@ -655,6 +655,45 @@ identity = "spiffe://t/a"
 allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-a" }]"#;
 
     #[test]
+    fn a_reload_that_renames_clients_drops_their_issuance_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let hour = std::time::Duration::from_secs(3600);
+        let metrics = crate::signer::metrics::Metrics::new(
+            now + hour,
+            crate::tlsutil::Validity {
+                not_before: now,
+                not_after: now + hour,
+            },
+        );
+        let rules = |ids: &[&str]| {
+            let clients: String = ids
+                .iter()
+                .map(|id| {
+                    format!(
+                        "[[clients]]\nidentity = \"{id}\"\nallow = [{{ virtual_mesh = \"test/vm\", mesh = \"test/cluster-a\" }}]\n"
+                    )
+                })
+                .collect();
+            Rules::of(&config(dir.path(), MESHES, &clients, ""), ROOT)
+        };
+        let series = |name: &str, count: u32| {
+            format!(
+                "meshca_intermediates_issued_total{{client=\"spiffe://t/{name}\",virtual_mesh=\"test/vm\"}} {count}\n"
+            )
+        };
+        metrics.rules_in_force(&rules(&["spiffe://t/a", "spiffe://t/b"]));
+        metrics.issued("spiffe://t/a", "test/vm");
+        metrics.issued("spiffe://t/b", "test/vm");
+        assert!(metrics.render().contains(&series("a", 1)));
+        metrics.rules_in_force(&rules(&["spiffe://t/b", "spiffe://t/c"]));
+        let text = metrics.render();
+        assert!(!text.contains("spiffe://t/a"), "{text}");
+        assert!(text.contains(&series("b", 1)), "{text}");
+        assert!(text.contains(&series("c", 0)), "{text}");
+    }
+
+    #[test]
     fn the_same_rules_are_no_change() {
         let dir = tempfile::tempdir().unwrap();
         let rules = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
