@@ -1305,6 +1305,39 @@ async fn a_member_api_server_that_never_answers_fails_its_member_not_the_pass() 
     drop(silent);
 }
 
+/// When a member's kubeconfig credential ends is exported: a token that is a JWT with an
+/// `exp` (as `kubectl create token` makes) gives it; one that says none (east's token is
+/// not a JWT) gives no series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_members_kubeconfig_credential_ends_is_exported() {
+    let world = World::start(&["east", "west"]).await;
+    let b64 = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+    let exp = 1_900_000_000u64;
+    let jwt = format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(r#"{"alg":"RS256","kid":"k"}"#),
+        b64(&format!(
+            r#"{{"aud":["https://kubernetes.default.svc"],"exp":{exp},"sub":"system:serviceaccount:istio-system:meshca"}}"#
+        ))
+    );
+    let url = world.member("west").url();
+    world.mgmt.put(
+        "/api/v1/namespaces/smh/secrets/west-kubeconfig",
+        secret_object("west", &kubeconfig(&url, &jwt)),
+    );
+    world.pass().await;
+    let metrics = world.metrics.render();
+    assert!(
+        metrics.contains(&format!(
+            "meshca_mesh_controller_member_credential_expiration_timestamp_seconds{{mesh=\"smh/west\"}} {exp}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("{mesh=\"smh/east\"}"), "{metrics}");
+    // The token itself is in no series.
+    assert!(!metrics.contains("c2lnbmF0dXJl"), "{metrics}");
+}
+
 /// A member API server answering 503 (a load balancer with no healthy backend, an API
 /// server mid-upgrade) is asked once per pass: its member fails, and the pass goes on to
 /// the others at once, instead of retrying inside the Kubernetes client for minutes.

@@ -277,14 +277,17 @@ impl MeshController {
             .and_then(|mut d| d.remove(&secret_ref.key))
             .ok_or_else(|| format!("{what}: no such key"))?;
         let text = String::from_utf8(bytes.0).map_err(|_| format!("{what}: not UTF-8 text"))?;
-        member_client(
+        let (client, credential_expiry) = member_client(
             &text,
             secret_ref.context.as_deref(),
             &what,
             self.opts.member_api_timeout,
         )
-        .await
-        .map(MemberCluster::new)
+        .await?;
+        let name = mesh.metadata.name.as_deref().unwrap_or_default();
+        self.metrics
+            .member_credential(&format!("{ns}/{name}"), credential_expiry);
+        Ok(MemberCluster::new(client))
     }
 
     /// Reads what a member's decisions need: its requests (in its agent namespace and the

@@ -232,23 +232,81 @@ fn gone_is_fine(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
     }
 }
 
-/// A client for a member cluster from its kubeconfig text. The parser's own error is not
-/// passed on: it may quote the file, and the file holds credentials. A kubeconfig that
-/// would have the controller read its own files or run a command is refused
+/// A client for a member cluster from its kubeconfig text, and when the credentials it
+/// uses run out ([`credential_expiry`]). The parser's own error is not passed on: it may
+/// quote the file, and the file holds credentials. A kubeconfig that would have the
+/// controller read its own files or run a command is refused
 /// ([`refuse_local_credentials`]).
 pub async fn member_client(
     kubeconfig: &str,
     context: Option<&str>,
     source: &str,
     timeout: std::time::Duration,
-) -> Result<Client, String> {
+) -> Result<(Client, Option<std::time::SystemTime>), String> {
     let Ok(parsed) = kube::config::Kubeconfig::from_yaml(kubeconfig) else {
         return Err(format!("{source} is not a valid kubeconfig"));
     };
     refuse_local_credentials(&parsed).map_err(|e| format!("{source}: {e}"))?;
+    let expiry = credential_expiry(&parsed, context);
     crate::agent::k8s::client_from_kubeconfig(kubeconfig, context, timeout)
         .await
+        .map(|client| (client, expiry))
         .map_err(|e| format!("{source}: {e}"))
+}
+
+/// When the credentials of `context` (else the current context) run out, as far as they
+/// say: a bearer token's `exp` if it is a JWT (`kubectl create token` makes one that ends,
+/// 720 hours with `member-kubeconfig.sh`), a client certificate's notAfter; the earlier of
+/// the two. None when neither says: a token that is not a JWT or has no `exp` (a legacy
+/// ServiceAccount token Secret's), or a user with neither. Reads only the claim and the
+/// date; the token is not kept.
+pub fn credential_expiry(
+    kubeconfig: &kube::config::Kubeconfig,
+    context: Option<&str>,
+) -> Option<std::time::SystemTime> {
+    use base64::Engine;
+    use secrecy::ExposeSecret;
+    let context_name = context.or(kubeconfig.current_context.as_deref())?;
+    let user_name = kubeconfig
+        .contexts
+        .iter()
+        .find(|named| named.name == context_name)?
+        .context
+        .as_ref()?
+        .user
+        .as_deref()?;
+    let user = kubeconfig
+        .auth_infos
+        .iter()
+        .find(|named| named.name == user_name)?
+        .auth_info
+        .as_ref()?;
+    let token_end = user.token.as_ref().and_then(|token| {
+        let payload = token.expose_secret().split('.').nth(1)?;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .ok()?;
+        let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+        let exp = claims.get("exp")?.as_u64()?;
+        std::time::SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(exp))
+    });
+    let certificate_end = user.client_certificate_data.as_ref().and_then(|data| {
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .ok()?;
+        let certificate = <x509_cert::Certificate as der::DecodePem>::from_pem(&pem).ok()?;
+        Some(
+            certificate
+                .tbs_certificate()
+                .validity()
+                .not_after
+                .to_system_time(),
+        )
+    });
+    match (token_end, certificate_end) {
+        (Some(token), Some(certificate)) => Some(token.min(certificate)),
+        (one, other) => one.or(other),
+    }
 }
 
 /// A member's kubeconfig comes from a Secret anyone allowed to write Secrets in a Mesh's
