@@ -362,19 +362,53 @@ pub async fn reconcile(
     }
 }
 
-/// Retry delay after `failures` consecutive failures: 2 s doubling, capped at `max`.
+/// Retry delay after `failures` consecutive failures: 2 s doubling, capped at `max`
+/// (the nominal wait: [`spread_randomly`] spreads it).
 pub fn backoff(failures: u32, max: Duration) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
     Duration::from_secs(2u64 << exp).min(max)
 }
 
+/// `nominal` shortened by up to a tenth as `draw` (uniform over `u32`) says: between 0.9
+/// and 1.0 times `nominal`. Agents started together (a fleet rolled out at once, all
+/// retrying after a signer outage or a root change) drift apart instead of asking the
+/// signer in the same second forever; never longer than `nominal`, so the resync and the
+/// backoff's cap stay the longest waits.
+pub fn spread(nominal: Duration, draw: u32) -> Duration {
+    let cut = nominal.as_nanos() * u128::from(draw) / (u128::from(u32::MAX) + 1) / 10;
+    nominal.saturating_sub(Duration::from_nanos(u64::try_from(cut).unwrap_or(u64::MAX)))
+}
+
+/// [`spread`] with a draw from the system's random source (each process its own).
+pub fn spread_randomly(nominal: Duration) -> Duration {
+    spread(nominal, random_draw())
+}
+
+/// A uniform draw for [`spread`] from the system's random source.
+pub fn random_draw() -> u32 {
+    let mut bytes = [0u8; 4];
+    // Without a draw (it does not fail in practice) the wait is the nominal one.
+    match aws_lc_rs::rand::fill(&mut bytes) {
+        Ok(()) => u32::from_le_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
+/// A wait in whole seconds for a log line, rounded to the nearest: a spread 2 s backoff
+/// (1.8 s, say) is told as the 2 s it stands for.
+pub fn log_seconds(wait: Duration) -> u64 {
+    wait.saturating_add(Duration::from_millis(500)).as_secs()
+}
+
 /// How long to sleep after a success: until the renewal time, but at most `resync`
-/// (to notice a root change or a damaged directory), at least one second.
-pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration) -> Duration {
+/// spread by `draw` (see [`spread`]; to notice a root change or a damaged directory), at
+/// least one second. The renewal time is not spread: it is already spread by serial.
+pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration, draw: u32) -> Duration {
+    let most = spread(resync, draw).max(Duration::from_secs(1));
     renew_at
         .duration_since(now)
         .unwrap_or(Duration::ZERO)
-        .clamp(Duration::from_secs(1), resync.max(Duration::from_secs(1)))
+        .clamp(Duration::from_secs(1), most)
 }
 
 /// notAfter and renewal time of meshca's bundle in the directory, if there is one: what
@@ -462,9 +496,9 @@ pub async fn run(
                     }
                 ) {
                     // Past its renewal time and kept: look again a resync away.
-                    resync.max(Duration::from_secs(1))
+                    spread_randomly(resync).max(Duration::from_secs(1))
                 } else {
-                    next_check(outcome.renew_at(), SystemTime::now(), resync)
+                    next_check(outcome.renew_at(), SystemTime::now(), resync, random_draw())
                 }
             }
             Err(e) => {
@@ -480,8 +514,9 @@ pub async fn run(
                     },
                 );
                 failures += 1;
-                let delay =
-                    backoff(failures, resync).max(e.retry_after(resync).unwrap_or_default());
+                // Spread, but never shorter than what a busy signer asked.
+                let delay = spread_randomly(backoff(failures, resync))
+                    .max(e.retry_after(resync).unwrap_or_default());
                 tracing::error!(
                     dir = %opts.target.display(),
                     error = %e,
@@ -491,7 +526,7 @@ pub async fn run(
                         |(not_after, _)| crate::signer::audit::rfc3339(not_after),
                     ),
                     failures,
-                    retry_in_seconds = delay.as_secs(),
+                    retry_in_seconds = log_seconds(delay),
                     "reconcile failed; existing files left as they were, retrying"
                 );
                 delay
@@ -685,18 +720,69 @@ mod tests {
     fn next_check_sleeps_until_due_within_bounds() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let resync = Duration::from_secs(300);
+        for draw in [0, u32::MAX / 2, u32::MAX] {
+            // The renewal time is kept as it is, whatever the draw.
+            assert_eq!(
+                next_check(now + Duration::from_secs(60), now, resync, draw),
+                Duration::from_secs(60)
+            );
+            assert_eq!(next_check(now, now, resync, draw), Duration::from_secs(1));
+            assert_eq!(
+                next_check(now - Duration::from_secs(5), now, resync, draw),
+                Duration::from_secs(1)
+            );
+        }
+        // Nothing due within the resync: a resync away, spread.
+        let far = now + Duration::from_secs(9999);
+        assert_eq!(next_check(far, now, resync, 0), resync);
         assert_eq!(
-            next_check(now + Duration::from_secs(60), now, resync),
-            Duration::from_secs(60)
+            next_check(far, now, resync, 1 << 31),
+            Duration::from_secs(285)
         );
-        assert_eq!(
-            next_check(now + Duration::from_secs(9999), now, resync),
-            resync
+        let least = next_check(far, now, resync, u32::MAX);
+        assert!(
+            least > Duration::from_secs(270) && least < Duration::from_secs(271),
+            "{least:?}"
         );
-        assert_eq!(next_check(now, now, resync), Duration::from_secs(1));
+        // A renewal due just before the resync is not put off past it by the spread.
         assert_eq!(
-            next_check(now - Duration::from_secs(5), now, resync),
+            next_check(now + Duration::from_secs(280), now, resync, u32::MAX),
+            least
+        );
+        // The one-second floor holds under the smallest resync.
+        assert_eq!(
+            next_check(far, now, Duration::from_secs(1), u32::MAX),
             Duration::from_secs(1)
+        );
+    }
+
+    /// Agents started together draw different waits: a fleet does not ask the signer in
+    /// the same second on every cycle. Each wait lies within [0.9, 1.0] of its nominal, so
+    /// the resync and the backoff's cap stay the longest.
+    #[test]
+    fn waits_are_spread_within_a_tenth_below_their_nominal() {
+        let nominal = Duration::from_secs(300);
+        assert_eq!(spread(nominal, 0), nominal);
+        assert_eq!(spread(nominal, 1 << 31), Duration::from_secs(285));
+        assert_eq!(spread(nominal, 1 << 30), Duration::from_millis(292_500));
+        let least = spread(nominal, u32::MAX);
+        assert!(
+            least > Duration::from_secs(270) && least < Duration::from_secs(271),
+            "{least:?}"
+        );
+        // The first retry too (2 s): between 1.8 and 2 s, logged as the 2 s it stands for.
+        let first = spread(backoff(1, nominal), u32::MAX);
+        assert!(first > Duration::from_millis(1800) && first < Duration::from_secs(2));
+        assert_eq!(log_seconds(first), 2);
+        assert_eq!(spread(Duration::ZERO, u32::MAX), Duration::ZERO);
+        // Each wait draws anew: 64 of them all alike would take a broken random source.
+        let drawn: std::collections::BTreeSet<Duration> =
+            (0..64).map(|_| spread_randomly(nominal)).collect();
+        assert!(drawn.len() > 1, "{drawn:?}");
+        assert!(
+            drawn
+                .iter()
+                .all(|d| *d <= nominal && *d >= nominal * 9 / 10)
         );
     }
 
