@@ -1021,7 +1021,7 @@ fn verify_json(
                 | BundleError::NotSelfIssued(_)
                 | BundleError::BadAnchor(_)
                 | BundleError::UnexpectedRoot { .. } => Some(bundle::ROOT_CERT),
-                BundleError::Expired { .. } => None,
+                BundleError::Expired { .. } | BundleError::NotYetValid { .. } => None,
             };
             vec![serde_json::json!({"severity": "error", "file": file, "message": e.to_string()})]
         }

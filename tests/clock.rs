@@ -137,3 +137,45 @@ fn the_controllers_refuse_a_clock_before_1970_before_they_call_the_cluster() {
         );
     }
 }
+
+/// A clock behind the bundle in place (dated by a signer whose clock reads an hour ahead):
+/// the directory agent says its clock is behind and asks for nothing. Before, each pass
+/// had the root sign an intermediate that this clock then refused as not valid yet.
+#[test]
+fn a_directory_agent_behind_the_bundle_in_place_asks_for_no_intermediate() {
+    let env = Env::new();
+    let signer = env.start_signer_in_the_future("+1h");
+    let mut agent = env.meshca();
+    agent
+        .args(["agent", "--once", "--target-dir"])
+        .arg(env.path("cacerts"))
+        .args(env.signer_flags(signer.addr, "cluster-a"))
+        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    // Installed by an agent whose clock agrees with the signer's.
+    let installed = at_time(&agent, "+1h");
+    assert!(installed.status.success(), "{}", text(&installed.stderr));
+    assert_eq!(signer.issued_lines().len(), 1);
+    let ca_cert = std::fs::read(env.path("cacerts/ca-cert.pem")).unwrap();
+    // This machine's clock, an hour behind: each pass fails, nothing is issued.
+    for _ in 0..2 {
+        let out = agent.output().unwrap();
+        assert_refused(
+            &out,
+            &[
+                "this machine's clock is behind",
+                "check time synchronisation",
+                "Nothing was asked of the signer",
+            ],
+        );
+    }
+    assert_eq!(
+        signer.issued_lines().len(),
+        1,
+        "{:?}",
+        signer.issued_lines()
+    );
+    assert_eq!(
+        std::fs::read(env.path("cacerts/ca-cert.pem")).unwrap(),
+        ca_cert
+    );
+}

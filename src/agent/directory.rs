@@ -20,7 +20,8 @@ use super::{
     check_signer_root, choose_key_type, obtain_bundle, take_announced_roots,
 };
 use crate::pki::bundle::{
-    BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
+    BundleError, BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
+    verify_once_valid,
 };
 use crate::pki::keys::KeyType;
 use crate::policy::ObjectRef;
@@ -258,6 +259,11 @@ pub async fn reconcile(
     match decide(&installed, &desired, now) {
         Decision::Refuse { what } => Err(AgentError::Foreign(what)),
         Decision::Shadowed { what } => Err(AgentError::Shadowed(what)),
+        Decision::ClockBehind { which, not_before } => Err(AgentError::ClockBehind {
+            which,
+            not_before,
+            now,
+        }),
         Decision::UpToDate { summary, renew_at } => {
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
@@ -414,21 +420,20 @@ pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration, draw:
 /// notAfter and renewal time of meshca's bundle in the directory, if there is one: what
 /// the metrics report while reconciles fail (the signer down, say), also after a restart.
 /// One that has expired is reported too (judged at its own notAfter): that is when the
-/// alert on it matters most.
+/// alert on it matters most. So is one this clock finds not valid yet (judged from its
+/// notBefore): a clock behind the signer's does not make the bundle in place vanish.
 fn installed_times(opts: &DirOptions, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
     let Ok(Installed::Ours(files)) = classify(&opts.target) else {
         return None;
     };
-    let summary = verify_bundle(&files, None, now)
-        .or_else(|e| {
-            let (_, not_after) = crate::pki::bundle::validity(CA_CERT, &files.ca_cert)?;
-            if now > not_after {
-                verify_bundle(&files, None, not_after)
-            } else {
-                Err(e)
-            }
-        })
-        .ok()?;
+    let summary = match verify_bundle(&files, None, now) {
+        Ok(summary) => Some(summary),
+        Err(BundleError::NotYetValid { .. }) => verify_once_valid(&files, now),
+        Err(_) => crate::pki::bundle::validity(CA_CERT, &files.ca_cert)
+            .ok()
+            .filter(|(_, not_after)| now > *not_after)
+            .and_then(|(_, not_after)| verify_bundle(&files, None, not_after).ok()),
+    }?;
     let renew_at = super::rotation::renew_at(
         summary.not_before,
         summary.not_after,
@@ -660,6 +665,38 @@ mod tests {
         // Not meshca's bundle (damaged): nothing to tell.
         std::fs::write(target.join("..data").join(CA_CERT), "garbled").unwrap();
         assert_eq!(installed_times(&opts, issued + 60 * DAY), None);
+    }
+
+    /// A clock behind the bundle in place (before its notBefore, set by the signer's
+    /// clock): the bundle is still there, its times still told, and the error says why
+    /// nothing was asked.
+    #[test]
+    fn a_clock_behind_the_bundle_in_place_still_tells_its_times_and_says_so() {
+        let (issued, files) = bundle(30 * DAY);
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        cacerts::write_bundle(&target, &files).unwrap();
+        let opts = options(&target);
+        let behind = issued - Duration::from_secs(3600);
+        let times = installed_times(&opts, behind);
+        assert!(times.is_some());
+        assert_eq!(times, installed_times(&opts, issued + DAY));
+        let rfc = crate::signer::audit::rfc3339;
+        let message = AgentError::ClockBehind {
+            which: "cert-chain.pem certificate 1".into(),
+            not_before: issued,
+            now: behind,
+        }
+        .to_string();
+        for needle in [
+            "this machine's clock is behind",
+            &rfc(behind),
+            &rfc(issued),
+            "check time synchronisation",
+            "Nothing was asked of the signer",
+        ] {
+            assert!(message.contains(needle), "{message}");
+        }
     }
 
     /// A clock past the notAfter of what the signer just issued: the error names both

@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime};
 use sha2::Digest;
 use x509_cert::Certificate;
 
-use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, is_self_issued, verify_bundle};
+use crate::pki::bundle::{
+    BundleError, BundleFiles, BundleSummary, fingerprint, is_self_issued, verify_bundle,
+    verify_once_valid,
+};
 use crate::pki::keys::KeyType;
 use crate::pki::pem::{certificate_pem, decode_certificates, decode_readable_certificates};
 use crate::pki::profile::bounded_common_name;
@@ -372,6 +375,13 @@ pub enum Decision {
         summary: BundleSummary,
         renew_at: SystemTime,
     },
+    /// This clock reads before the notBefore of a certificate of meshca's bundle in place
+    /// (`which`): it is behind the signer's that issued it. An intermediate issued now
+    /// would not be valid by this clock either, so nothing is asked and nothing written.
+    ClockBehind {
+        which: String,
+        not_before: SystemTime,
+    },
     /// Valid and not due: no write at all.
     UpToDate {
         summary: BundleSummary,
@@ -413,7 +423,21 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
     };
     let summary = match verify_bundle(files, None, now) {
         Ok(summary) => summary,
-        Err(e) => return issue(IssueReason::Damaged(e.to_string())),
+        Err(e) => {
+            // A clock behind the signer's finds the bundle not valid yet: asking for another
+            // would have the root sign, at every pass, one not valid by this clock either.
+            if let BundleError::NotYetValid {
+                which, not_before, ..
+            } = &e
+                && verify_once_valid(files, now).is_some()
+            {
+                return Decision::ClockBehind {
+                    which: which.clone(),
+                    not_before: *not_before,
+                };
+            }
+            return issue(IssueReason::Damaged(e.to_string()));
+        }
     };
     let cn = decode_certificates(&files.ca_cert)
         .ok()
@@ -1614,6 +1638,39 @@ mod tests {
             Decision::Issue {
                 reason: IssueReason::Damaged(_),
                 previous_roots: Some(_)
+            }
+        ));
+    }
+
+    /// A clock behind the signer's that issued the bundle in place finds it not valid yet.
+    /// Nothing is asked: an intermediate issued now would not be valid by this clock
+    /// either, so the root would sign one for nothing at every pass.
+    #[test]
+    fn a_clock_behind_the_installed_bundle_asks_for_nothing() {
+        let f = fixture();
+        for behind in [f.issued - Duration::from_secs(1), f.issued - HOUR] {
+            match decide(&Installed::Ours(f.bundle.clone()), &desired(&f), behind) {
+                Decision::ClockBehind { which, not_before } => {
+                    assert_eq!(not_before, f.issued);
+                    assert_eq!(which, "cert-chain.pem certificate 1");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Damaged otherwise, it is replaced whatever this clock reads.
+        let mismatched = BundleFiles {
+            ca_key: PrivateKey::generate(KeyType::EcdsaP256)
+                .unwrap()
+                .to_pkcs8_pem()
+                .unwrap()
+                .to_string(),
+            ..f.bundle.clone()
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(mismatched), &desired(&f), f.issued - HOUR),
+            Decision::Issue {
+                reason: IssueReason::Damaged(_),
+                ..
             }
         ));
     }

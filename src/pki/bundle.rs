@@ -88,6 +88,21 @@ pub enum BundleError {
         /// expired, a clock ahead.
         hint: &'static str,
     },
+    /// This clock reads before a certificate's notBefore (see [`verify_once_valid`]).
+    #[error(
+        "{which} is not valid yet (valid {} to {}; this machine's clock reads {}){hint}",
+        super::datetime::rfc3339(*.not_before),
+        super::datetime::rfc3339(*.not_after),
+        super::datetime::rfc3339(*.now)
+    )]
+    NotYetValid {
+        which: String,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        now: SystemTime,
+        /// What a fresh certificate failing this way means: a clock behind.
+        hint: &'static str,
+    },
     #[error("ca-cert.pem does not follow meshca's intermediate profile: {0}")]
     Profile(String),
     #[error(
@@ -181,17 +196,22 @@ fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), 
         validity.not_before.to_system_time(),
         validity.not_after.to_system_time(),
     );
-    if now < nb || now > na {
+    if now < nb {
+        return Err(BundleError::NotYetValid {
+            which,
+            not_before: nb,
+            not_after: na,
+            now,
+            hint: ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation",
+        });
+    }
+    if now > na {
         return Err(BundleError::Expired {
             which,
             not_before: validity.not_before.to_string(),
             not_after: validity.not_after.to_string(),
             now: super::datetime::rfc3339(now),
-            hint: if now < nb {
-                ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation"
-            } else {
-                ": a certificate just issued that has already expired means this machine's clock is ahead of the signer's by more than its lifetime; check time synchronisation"
-            },
+            hint: ": a certificate just issued that has already expired means this machine's clock is ahead of the signer's by more than its lifetime; check time synchronisation",
         });
     }
     Ok(())
@@ -315,6 +335,22 @@ pub fn verify_bundle(
         root_fingerprints: roots.iter().map(fingerprint).collect(),
         anchor_fingerprint: fingerprint(anchor),
     })
+}
+
+/// A bundle `now` finds not valid yet ([`BundleError::NotYetValid`]: this clock behind the
+/// signer's that issued it), verified at the latest notBefore of its certificates, as it
+/// will stand once this clock reaches it: what it holds. None if it fails otherwise then.
+pub fn verify_once_valid(files: &BundleFiles, now: SystemTime) -> Option<BundleSummary> {
+    let mut at = now;
+    // Each step moves to a later notBefore: a few certificates, a few steps.
+    for _ in 0..16 {
+        match verify_bundle(files, None, at) {
+            Ok(summary) => return Some(summary),
+            Err(BundleError::NotYetValid { not_before, .. }) if not_before > at => at = not_before,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
