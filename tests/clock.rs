@@ -179,3 +179,24 @@ fn a_directory_agent_behind_the_bundle_in_place_asks_for_no_intermediate() {
         ca_cert
     );
 }
+
+/// `meshca verify` on a bundle past its notAfter says it expired, and when: it does not
+/// blame this machine's clock, as only a certificate just issued could.
+#[test]
+fn verify_says_an_old_bundle_expired_without_blaming_the_clock() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    run_ok(&mut env.request_command(signer.addr, "cluster-a"));
+    let mut verify = env.meshca();
+    verify.arg("verify").arg(env.path("out"));
+    // The virtual mesh's intermediates last 30 days.
+    let out = at_time(&verify, "+40d");
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("cert-chain.pem certificate 1 expired at ")
+            && !said.contains("just issued")
+            && !said.contains("clock is ahead"),
+        "{said}"
+    );
+}

@@ -708,7 +708,10 @@ mod tests {
         let now = issued + 365 * DAY;
         let rfc = crate::signer::audit::rfc3339;
         // What the signer's answer is checked with says so too.
-        let checked = verify_bundle(&fresh, None, now).unwrap_err().to_string();
+        let checked = verify_bundle(&fresh, None, now)
+            .unwrap_err()
+            .just_issued()
+            .to_string();
         assert!(
             checked.contains("clock is ahead of the signer's"),
             "{checked}"

@@ -502,7 +502,7 @@ pub async fn obtain_bundle(
         Err(e) => {
             return Err(match ClockAhead::of_fresh(&files, now) {
                 Some(ahead) => ahead.error(now, true),
-                None => e.into(),
+                None => e.just_issued().into(),
             });
         }
     };

@@ -317,6 +317,9 @@ pub enum IssueReason {
     Adopt(String),
     /// The installed bundle fails istiod's checks (or cannot be read).
     Damaged(String),
+    /// The installed bundle has expired (a certificate of its chain, or its root): not
+    /// damaged, only past its end.
+    Expired(String),
     /// Valid, but not what the spec asks for (mesh, key type).
     Mismatch(String),
     /// The signer's root changed; the old roots stay in root-cert.pem.
@@ -332,6 +335,7 @@ impl IssueReason {
             IssueReason::FirstInstall => "FirstInstall",
             IssueReason::Adopt(_) => "Adopt",
             IssueReason::Damaged(_) => "Damaged",
+            IssueReason::Expired(_) => "Expired",
             IssueReason::Mismatch(_) => "Mismatch",
             IssueReason::RootChanged { .. } => "RootChanged",
             IssueReason::Due { .. } => "Due",
@@ -345,6 +349,7 @@ impl std::fmt::Display for IssueReason {
             IssueReason::FirstInstall => f.write_str("no bundle installed yet"),
             IssueReason::Adopt(what) => write!(f, "adopting {what}"),
             IssueReason::Damaged(why) => write!(f, "installed bundle is damaged: {why}"),
+            IssueReason::Expired(why) => write!(f, "installed bundle has expired: {why}"),
             IssueReason::Mismatch(why) => write!(f, "installed bundle does not match: {why}"),
             IssueReason::RootChanged { from, to } => {
                 write!(f, "signer root changed from sha256 {from} to {to}")
@@ -436,7 +441,10 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
                     not_before: *not_before,
                 };
             }
-            return issue(IssueReason::Damaged(e.to_string()));
+            return issue(match e {
+                BundleError::Expired { .. } => IssueReason::Expired(e.to_string()),
+                _ => IssueReason::Damaged(e.to_string()),
+            });
         }
     };
     let cn = decode_certificates(&files.ca_cert)
@@ -1617,16 +1625,25 @@ mod tests {
                 other => panic!("{expect}: {other:?}"),
             }
         }
-        // Expired is damaged too (istiod would refuse it).
-        match decide(
-            &Installed::Ours(f.bundle.clone()),
-            &desired(&f),
-            f.issued + 31 * DAY,
-        ) {
-            Decision::Issue {
-                reason: IssueReason::Damaged(why),
-                ..
-            } => assert!(why.contains("not valid now"), "{why}"),
+        // Expired is replaced too (istiod would refuse it), said as expired: neither
+        // damaged nor blamed on this clock.
+        let expired_at = f.issued + 31 * DAY;
+        match decide(&Installed::Ours(f.bundle.clone()), &desired(&f), expired_at) {
+            Decision::Issue { reason, .. } => {
+                let said = reason.to_string();
+                assert_eq!(reason.code(), "Expired");
+                assert!(
+                    said.starts_with("installed bundle has expired: ")
+                        && said.contains(&format!(
+                            "expired at {}",
+                            crate::signer::audit::rfc3339(f.issued + 30 * DAY)
+                        ))
+                        && !said.contains("damaged")
+                        && !said.contains("just issued")
+                        && !said.contains("clock is ahead"),
+                    "{said}"
+                );
+            }
             other => panic!("{other:?}"),
         }
         let unreadable = Installed::Unreadable {
