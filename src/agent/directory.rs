@@ -99,6 +99,54 @@ impl DirOutcome {
         }
     }
 
+    /// Past its renewal time but kept, as it ends with the signer's root.
+    pub fn held_by_root(&self) -> bool {
+        matches!(
+            self,
+            DirOutcome::UpToDate {
+                held_by_root: true,
+                ..
+            }
+        )
+    }
+
+    /// `agent --once --output json`'s `result`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            DirOutcome::Installed { .. } => "installed",
+            DirOutcome::RootsRewritten { .. } => "roots_rewritten",
+            DirOutcome::UpToDate {
+                signer_error: Some(_),
+                ..
+            } => "signer_unavailable",
+            DirOutcome::UpToDate {
+                held_by_root: true, ..
+            } => "held_by_root",
+            DirOutcome::UpToDate { .. } => "nothing_due",
+        }
+    }
+
+    /// What the pass did, in a few words (`agent --once`'s first line and the loop's log
+    /// line when the signer answered).
+    pub fn what(&self) -> String {
+        let rfc = crate::signer::audit::rfc3339;
+        match self {
+            DirOutcome::Installed { reason, .. } => {
+                format!("installed a new intermediate ({reason})")
+            }
+            DirOutcome::RootsRewritten { .. } => "rewrote root-cert.pem".into(),
+            DirOutcome::UpToDate {
+                held_by_root: true,
+                summary,
+                ..
+            } => format!(
+                "renewal time reached, but held: the intermediate ends with the signer's root, at {} (a new one could not end later); nothing written; change the root before then",
+                rfc(summary.not_after)
+            ),
+            DirOutcome::UpToDate { .. } => "bundle valid and not due; nothing written".into(),
+        }
+    }
+
     pub fn summary(&self) -> &BundleSummary {
         match self {
             DirOutcome::Installed { summary, .. }
@@ -585,7 +633,8 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             dir = %dir.display(),
             serial = %summary.serial,
             renew_at = %rfc(*renew_at),
-            "bundle valid and not due; nothing written"
+            "{}",
+            outcome.what()
         ),
         DirOutcome::UpToDate {
             summary,
@@ -744,6 +793,41 @@ mod tests {
         assert!(memory.check_clock(issued + DAY, DAY).is_ok());
         assert!(memory.clock_ahead.is_none());
         assert!(memory.check_clock(now, Duration::ZERO).is_ok());
+    }
+
+    /// A renewal held because the intermediate ends with the signer's root is said as
+    /// such (and when it ends), with a `result` of its own: not "not due".
+    #[test]
+    fn a_renewal_held_by_the_root_is_not_reported_as_not_due() {
+        let (issued, files) = bundle(30 * DAY);
+        let summary = verify_bundle(&files, None, issued).unwrap();
+        let renew_at = issued + 20 * DAY;
+        let up_to_date = |held_by_root, signer_error: Option<&str>| DirOutcome::UpToDate {
+            summary: summary.clone(),
+            renew_at,
+            signer_error: signer_error.map(String::from),
+            held_by_root,
+            ends_with_root: Some(held_by_root),
+        };
+        let held = up_to_date(true, None);
+        assert_eq!(held.result(), "held_by_root");
+        assert!(held.held_by_root());
+        let said = held.what();
+        assert!(
+            said.contains("renewal time reached, but held")
+                && said.contains("ends with the signer's root")
+                && said.contains(&crate::signer::audit::rfc3339(summary.not_after))
+                && !said.contains("not due"),
+            "{said}"
+        );
+        let not_due = up_to_date(false, None);
+        assert_eq!(not_due.result(), "nothing_due");
+        assert!(!not_due.held_by_root());
+        assert_eq!(not_due.what(), "bundle valid and not due; nothing written");
+        assert_eq!(
+            up_to_date(false, Some("connection refused")).result(),
+            "signer_unavailable"
+        );
     }
 
     #[test]
