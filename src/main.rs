@@ -1046,7 +1046,7 @@ fn verify_json(
                 | BundleError::NotSelfIssued(_)
                 | BundleError::BadAnchor(_)
                 | BundleError::UnexpectedRoot { .. } => Some(bundle::ROOT_CERT),
-                BundleError::Expired { .. } => None,
+                BundleError::Expired { .. } | BundleError::NotYetValid { .. } => None,
             };
             vec![serde_json::json!({"severity": "error", "file": file, "message": e.to_string()})]
         }
@@ -1700,28 +1700,18 @@ fn agent(args: AgentArgs, json: bool) -> Result<ExitCode> {
         if json {
             let s = outcome.summary();
             let mut report = installed_json(&opts.target, s, outcome.roots_changed());
-            let (result, reason, signer_error) = match &outcome {
-                DirOutcome::Installed { reason, .. } => {
-                    ("installed", Some(reason.to_string()), None)
-                }
-                DirOutcome::RootsRewritten { .. } => ("roots_rewritten", None, None),
+            let (reason, signer_error) = match &outcome {
+                DirOutcome::Installed { reason, .. } => (Some(reason.to_string()), None),
                 DirOutcome::UpToDate {
                     signer_error: Some(error),
                     ..
-                } => ("signer_unavailable", None, Some(error.clone())),
-                DirOutcome::UpToDate { .. } => ("nothing_due", None, None),
+                } => (None, Some(error.clone())),
+                _ => (None, None),
             };
-            report["result"] = result.into();
+            report["result"] = outcome.result().into();
             report["reason"] = reason.into();
             report["renew_at"] = rfc3339(outcome.renew_at()).into();
-            report["held_by_root"] = matches!(
-                outcome,
-                DirOutcome::UpToDate {
-                    held_by_root: true,
-                    ..
-                }
-            )
-            .into();
+            report["held_by_root"] = outcome.held_by_root().into();
             report["signer_error"] = signer_error.clone().into();
             say_json(&report);
             return Ok(if signer_error.is_some() {
@@ -1730,15 +1720,8 @@ fn agent(args: AgentArgs, json: bool) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             });
         }
-        let what = match &outcome {
-            DirOutcome::Installed { reason, .. } => {
-                format!("installed a new intermediate ({reason})")
-            }
-            DirOutcome::RootsRewritten { .. } => "rewrote root-cert.pem".into(),
-            DirOutcome::UpToDate { .. } => "bundle valid and not due; nothing written".into(),
-        };
         let s = outcome.summary();
-        say!("meshca: {}: {what}", opts.target.display());
+        say!("meshca: {}: {}", opts.target.display(), outcome.what());
         say!("  serial       {}", s.serial);
         say!("  not after    {}", rfc3339(s.not_after));
         say!("  renew at     {}", rfc3339(outcome.renew_at()));

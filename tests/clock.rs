@@ -184,3 +184,66 @@ async fn audit_verify_names_the_record_where_the_signers_clock_went_back() {
     let seconds = step["seconds"].as_u64().unwrap();
     assert!((7000..=7200).contains(&seconds), "{json}");
 }
+
+/// A clock behind the bundle in place (dated by a signer whose clock reads an hour ahead):
+/// the directory agent says its clock is behind and asks for nothing. Before, each pass
+/// had the root sign an intermediate that this clock then refused as not valid yet.
+#[test]
+fn a_directory_agent_behind_the_bundle_in_place_asks_for_no_intermediate() {
+    let env = Env::new();
+    let signer = env.start_signer_in_the_future("+1h");
+    let mut agent = env.meshca();
+    agent
+        .args(["agent", "--once", "--target-dir"])
+        .arg(env.path("cacerts"))
+        .args(env.signer_flags(signer.addr, "cluster-a"))
+        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    // Installed by an agent whose clock agrees with the signer's.
+    let installed = at_time(&agent, "+1h");
+    assert!(installed.status.success(), "{}", text(&installed.stderr));
+    assert_eq!(signer.issued_lines().len(), 1);
+    let ca_cert = std::fs::read(env.path("cacerts/ca-cert.pem")).unwrap();
+    // This machine's clock, an hour behind: each pass fails, nothing is issued.
+    for _ in 0..2 {
+        let out = agent.output().unwrap();
+        assert_refused(
+            &out,
+            &[
+                "this machine's clock is behind",
+                "check time synchronisation",
+                "Nothing was asked of the signer",
+            ],
+        );
+    }
+    assert_eq!(
+        signer.issued_lines().len(),
+        1,
+        "{:?}",
+        signer.issued_lines()
+    );
+    assert_eq!(
+        std::fs::read(env.path("cacerts/ca-cert.pem")).unwrap(),
+        ca_cert
+    );
+}
+
+/// `meshca verify` on a bundle past its notAfter says it expired, and when: it does not
+/// blame this machine's clock, as only a certificate just issued could.
+#[test]
+fn verify_says_an_old_bundle_expired_without_blaming_the_clock() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    run_ok(&mut env.request_command(signer.addr, "cluster-a"));
+    let mut verify = env.meshca();
+    verify.arg("verify").arg(env.path("out"));
+    // The virtual mesh's intermediates last 30 days.
+    let out = at_time(&verify, "+40d");
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("cert-chain.pem certificate 1 expired at ")
+            && !said.contains("just issued")
+            && !said.contains("clock is ahead"),
+        "{said}"
+    );
+}

@@ -196,7 +196,8 @@ struct Failing {
     retry_at: Instant,
 }
 
-/// Shortest wait after a failed reconcile; then it doubles up to the resync interval.
+/// Shortest wait after a failed reconcile (before its spread); then it doubles up to the
+/// resync interval.
 const LEAST_RETRY: Duration = Duration::from_secs(15);
 
 impl LeaderLoop for Controller {
@@ -256,7 +257,8 @@ impl Controller {
     }
 
     /// Records a failed reconcile; returns the wait before the next: 15 s, doubling after
-    /// the third failure in a row, up to the resync interval, and at least what a busy
+    /// the third failure in a row, up to the resync interval, each shortened by up to a
+    /// tenth at random ([`super::directory::spread`]), and at least what a busy
     /// signer asked (`retry_after`). Each attempt may generate a key and ask the signer for
     /// an intermediate (an audit line there), so a request that keeps failing (a Secret
     /// its write is refused, a signer refusing it) must not do so every 15 s forever.
@@ -271,9 +273,12 @@ impl Controller {
                 Some(f) if f.generation == generation => f.count.saturating_add(1),
                 _ => 1,
             };
-            let wait = super::directory::backoff(count, self.opts.resync)
-                .max(LEAST_RETRY)
-                .max(retry_after.unwrap_or_default());
+            // Spread (requests failing together, as after a signer outage, drift apart),
+            // but never shorter than what a busy signer asked.
+            let wait = super::directory::spread_randomly(
+                super::directory::backoff(count, self.opts.resync).max(LEAST_RETRY),
+            )
+            .max(retry_after.unwrap_or_default());
             memory.failing = Some(Failing {
                 count,
                 generation,
@@ -291,7 +296,8 @@ impl Controller {
     /// One pass: every request in the namespace, once.
     async fn reconcile_all(&self) -> Result<Duration, KubeError> {
         let requests = self.kube.list_requests(&self.opts.namespace).await?;
-        let mut next = self.opts.resync;
+        // At most a resync away, spread: replicas of clusters started together drift apart.
+        let mut next = super::directory::spread_randomly(self.opts.resync);
         for request in &requests {
             let wait = match self.backing_off(request) {
                 Some(wait) => wait,
@@ -533,6 +539,14 @@ impl Controller {
         let renew_at = match decide(&installed, &desired, now) {
             Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
             Decision::Shadowed { what } => return Err(AgentError::Shadowed(what).into()),
+            Decision::ClockBehind { which, not_before } => {
+                return Err(AgentError::ClockBehind {
+                    which,
+                    not_before,
+                    now,
+                }
+                .into());
+            }
             Decision::UpToDate { summary, renew_at } => {
                 if let Ok(policy) = &policy {
                     check_renewable(

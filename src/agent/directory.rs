@@ -20,7 +20,8 @@ use super::{
     check_signer_root, choose_key_type, obtain_bundle, take_announced_roots,
 };
 use crate::pki::bundle::{
-    BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
+    BundleError, BundleFiles, BundleSummary, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, verify_bundle,
+    verify_once_valid,
 };
 use crate::pki::keys::KeyType;
 use crate::policy::ObjectRef;
@@ -95,6 +96,54 @@ impl DirOutcome {
             DirOutcome::Installed { ends_with_root, .. }
             | DirOutcome::RootsRewritten { ends_with_root, .. }
             | DirOutcome::UpToDate { ends_with_root, .. } => *ends_with_root,
+        }
+    }
+
+    /// Past its renewal time but kept, as it ends with the signer's root.
+    pub fn held_by_root(&self) -> bool {
+        matches!(
+            self,
+            DirOutcome::UpToDate {
+                held_by_root: true,
+                ..
+            }
+        )
+    }
+
+    /// `agent --once --output json`'s `result`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            DirOutcome::Installed { .. } => "installed",
+            DirOutcome::RootsRewritten { .. } => "roots_rewritten",
+            DirOutcome::UpToDate {
+                signer_error: Some(_),
+                ..
+            } => "signer_unavailable",
+            DirOutcome::UpToDate {
+                held_by_root: true, ..
+            } => "held_by_root",
+            DirOutcome::UpToDate { .. } => "nothing_due",
+        }
+    }
+
+    /// What the pass did, in a few words (`agent --once`'s first line and the loop's log
+    /// line when the signer answered).
+    pub fn what(&self) -> String {
+        let rfc = crate::signer::audit::rfc3339;
+        match self {
+            DirOutcome::Installed { reason, .. } => {
+                format!("installed a new intermediate ({reason})")
+            }
+            DirOutcome::RootsRewritten { .. } => "rewrote root-cert.pem".into(),
+            DirOutcome::UpToDate {
+                held_by_root: true,
+                summary,
+                ..
+            } => format!(
+                "renewal time reached, but held: the intermediate ends with the signer's root, at {} (a new one could not end later); nothing written; change the root before then",
+                rfc(summary.not_after)
+            ),
+            DirOutcome::UpToDate { .. } => "bundle valid and not due; nothing written".into(),
         }
     }
 
@@ -258,6 +307,11 @@ pub async fn reconcile(
     match decide(&installed, &desired, now) {
         Decision::Refuse { what } => Err(AgentError::Foreign(what)),
         Decision::Shadowed { what } => Err(AgentError::Shadowed(what)),
+        Decision::ClockBehind { which, not_before } => Err(AgentError::ClockBehind {
+            which,
+            not_before,
+            now,
+        }),
         Decision::UpToDate { summary, renew_at } => {
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
@@ -362,39 +416,72 @@ pub async fn reconcile(
     }
 }
 
-/// Retry delay after `failures` consecutive failures: 2 s doubling, capped at `max`.
+/// Retry delay after `failures` consecutive failures: 2 s doubling, capped at `max`
+/// (the nominal wait: [`spread_randomly`] spreads it).
 pub fn backoff(failures: u32, max: Duration) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
     Duration::from_secs(2u64 << exp).min(max)
 }
 
+/// `nominal` shortened by up to a tenth as `draw` (uniform over `u32`) says: between 0.9
+/// and 1.0 times `nominal`. Agents started together (a fleet rolled out at once, all
+/// retrying after a signer outage or a root change) drift apart instead of asking the
+/// signer in the same second forever; never longer than `nominal`, so the resync and the
+/// backoff's cap stay the longest waits.
+pub fn spread(nominal: Duration, draw: u32) -> Duration {
+    let cut = nominal.as_nanos() * u128::from(draw) / (u128::from(u32::MAX) + 1) / 10;
+    nominal.saturating_sub(Duration::from_nanos(u64::try_from(cut).unwrap_or(u64::MAX)))
+}
+
+/// [`spread`] with a draw from the system's random source (each process its own).
+pub fn spread_randomly(nominal: Duration) -> Duration {
+    spread(nominal, random_draw())
+}
+
+/// A uniform draw for [`spread`] from the system's random source.
+pub fn random_draw() -> u32 {
+    let mut bytes = [0u8; 4];
+    // Without a draw (it does not fail in practice) the wait is the nominal one.
+    match aws_lc_rs::rand::fill(&mut bytes) {
+        Ok(()) => u32::from_le_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
+/// A wait in whole seconds for a log line, rounded to the nearest: a spread 2 s backoff
+/// (1.8 s, say) is told as the 2 s it stands for.
+pub fn log_seconds(wait: Duration) -> u64 {
+    wait.saturating_add(Duration::from_millis(500)).as_secs()
+}
+
 /// How long to sleep after a success: until the renewal time, but at most `resync`
-/// (to notice a root change or a damaged directory), at least one second.
-pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration) -> Duration {
+/// spread by `draw` (see [`spread`]; to notice a root change or a damaged directory), at
+/// least one second. The renewal time is not spread: it is already spread by serial.
+pub fn next_check(renew_at: SystemTime, now: SystemTime, resync: Duration, draw: u32) -> Duration {
+    let most = spread(resync, draw).max(Duration::from_secs(1));
     renew_at
         .duration_since(now)
         .unwrap_or(Duration::ZERO)
-        .clamp(Duration::from_secs(1), resync.max(Duration::from_secs(1)))
+        .clamp(Duration::from_secs(1), most)
 }
 
 /// notAfter and renewal time of meshca's bundle in the directory, if there is one: what
 /// the metrics report while reconciles fail (the signer down, say), also after a restart.
 /// One that has expired is reported too (judged at its own notAfter): that is when the
-/// alert on it matters most.
+/// alert on it matters most. So is one this clock finds not valid yet (judged from its
+/// notBefore): a clock behind the signer's does not make the bundle in place vanish.
 fn installed_times(opts: &DirOptions, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
     let Ok(Installed::Ours(files)) = classify(&opts.target) else {
         return None;
     };
-    let summary = verify_bundle(&files, None, now)
-        .or_else(|e| {
-            let (_, not_after) = crate::pki::bundle::validity(CA_CERT, &files.ca_cert)?;
-            if now > not_after {
-                verify_bundle(&files, None, not_after)
-            } else {
-                Err(e)
-            }
-        })
-        .ok()?;
+    let summary = match verify_bundle(&files, None, now) {
+        Ok(summary) => Some(summary),
+        Err(BundleError::NotYetValid { .. }) => verify_once_valid(&files, now),
+        Err(_) => crate::pki::bundle::validity(CA_CERT, &files.ca_cert)
+            .ok()
+            .filter(|(_, not_after)| now > *not_after)
+            .and_then(|(_, not_after)| verify_bundle(&files, None, not_after).ok()),
+    }?;
     let renew_at = super::rotation::renew_at(
         summary.not_before,
         summary.not_after,
@@ -462,9 +549,9 @@ pub async fn run(
                     }
                 ) {
                     // Past its renewal time and kept: look again a resync away.
-                    resync.max(Duration::from_secs(1))
+                    spread_randomly(resync).max(Duration::from_secs(1))
                 } else {
-                    next_check(outcome.renew_at(), SystemTime::now(), resync)
+                    next_check(outcome.renew_at(), SystemTime::now(), resync, random_draw())
                 }
             }
             Err(e) => {
@@ -480,8 +567,9 @@ pub async fn run(
                     },
                 );
                 failures += 1;
-                let delay =
-                    backoff(failures, resync).max(e.retry_after(resync).unwrap_or_default());
+                // Spread, but never shorter than what a busy signer asked.
+                let delay = spread_randomly(backoff(failures, resync))
+                    .max(e.retry_after(resync).unwrap_or_default());
                 tracing::error!(
                     dir = %opts.target.display(),
                     error = %e,
@@ -491,7 +579,7 @@ pub async fn run(
                         |(not_after, _)| crate::signer::audit::rfc3339(not_after),
                     ),
                     failures,
-                    retry_in_seconds = delay.as_secs(),
+                    retry_in_seconds = log_seconds(delay),
                     "reconcile failed; existing files left as they were, retrying"
                 );
                 delay
@@ -545,7 +633,8 @@ pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
             dir = %dir.display(),
             serial = %summary.serial,
             renew_at = %rfc(*renew_at),
-            "bundle valid and not due; nothing written"
+            "{}",
+            outcome.what()
         ),
         DirOutcome::UpToDate {
             summary,
@@ -627,6 +716,38 @@ mod tests {
         assert_eq!(installed_times(&opts, issued + 60 * DAY), None);
     }
 
+    /// A clock behind the bundle in place (before its notBefore, set by the signer's
+    /// clock): the bundle is still there, its times still told, and the error says why
+    /// nothing was asked.
+    #[test]
+    fn a_clock_behind_the_bundle_in_place_still_tells_its_times_and_says_so() {
+        let (issued, files) = bundle(30 * DAY);
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cacerts");
+        cacerts::write_bundle(&target, &files).unwrap();
+        let opts = options(&target);
+        let behind = issued - Duration::from_secs(3600);
+        let times = installed_times(&opts, behind);
+        assert!(times.is_some());
+        assert_eq!(times, installed_times(&opts, issued + DAY));
+        let rfc = crate::signer::audit::rfc3339;
+        let message = AgentError::ClockBehind {
+            which: "cert-chain.pem certificate 1".into(),
+            not_before: issued,
+            now: behind,
+        }
+        .to_string();
+        for needle in [
+            "this machine's clock is behind",
+            &rfc(behind),
+            &rfc(issued),
+            "check time synchronisation",
+            "Nothing was asked of the signer",
+        ] {
+            assert!(message.contains(needle), "{message}");
+        }
+    }
+
     /// A clock past the notAfter of what the signer just issued: the error names both
     /// times, and until this clock agrees with the signer's nothing is asked again (each
     /// request would have the root sign an intermediate for nothing).
@@ -636,7 +757,10 @@ mod tests {
         let now = issued + 365 * DAY;
         let rfc = crate::signer::audit::rfc3339;
         // What the signer's answer is checked with says so too.
-        let checked = verify_bundle(&fresh, None, now).unwrap_err().to_string();
+        let checked = verify_bundle(&fresh, None, now)
+            .unwrap_err()
+            .just_issued()
+            .to_string();
         assert!(
             checked.contains("clock is ahead of the signer's"),
             "{checked}"
@@ -671,6 +795,41 @@ mod tests {
         assert!(memory.check_clock(now, Duration::ZERO).is_ok());
     }
 
+    /// A renewal held because the intermediate ends with the signer's root is said as
+    /// such (and when it ends), with a `result` of its own: not "not due".
+    #[test]
+    fn a_renewal_held_by_the_root_is_not_reported_as_not_due() {
+        let (issued, files) = bundle(30 * DAY);
+        let summary = verify_bundle(&files, None, issued).unwrap();
+        let renew_at = issued + 20 * DAY;
+        let up_to_date = |held_by_root, signer_error: Option<&str>| DirOutcome::UpToDate {
+            summary: summary.clone(),
+            renew_at,
+            signer_error: signer_error.map(String::from),
+            held_by_root,
+            ends_with_root: Some(held_by_root),
+        };
+        let held = up_to_date(true, None);
+        assert_eq!(held.result(), "held_by_root");
+        assert!(held.held_by_root());
+        let said = held.what();
+        assert!(
+            said.contains("renewal time reached, but held")
+                && said.contains("ends with the signer's root")
+                && said.contains(&crate::signer::audit::rfc3339(summary.not_after))
+                && !said.contains("not due"),
+            "{said}"
+        );
+        let not_due = up_to_date(false, None);
+        assert_eq!(not_due.result(), "nothing_due");
+        assert!(!not_due.held_by_root());
+        assert_eq!(not_due.what(), "bundle valid and not due; nothing written");
+        assert_eq!(
+            up_to_date(false, Some("connection refused")).result(),
+            "signer_unavailable"
+        );
+    }
+
     #[test]
     fn backoff_doubles_and_is_capped() {
         let max = Duration::from_secs(300);
@@ -685,18 +844,69 @@ mod tests {
     fn next_check_sleeps_until_due_within_bounds() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let resync = Duration::from_secs(300);
+        for draw in [0, u32::MAX / 2, u32::MAX] {
+            // The renewal time is kept as it is, whatever the draw.
+            assert_eq!(
+                next_check(now + Duration::from_secs(60), now, resync, draw),
+                Duration::from_secs(60)
+            );
+            assert_eq!(next_check(now, now, resync, draw), Duration::from_secs(1));
+            assert_eq!(
+                next_check(now - Duration::from_secs(5), now, resync, draw),
+                Duration::from_secs(1)
+            );
+        }
+        // Nothing due within the resync: a resync away, spread.
+        let far = now + Duration::from_secs(9999);
+        assert_eq!(next_check(far, now, resync, 0), resync);
         assert_eq!(
-            next_check(now + Duration::from_secs(60), now, resync),
-            Duration::from_secs(60)
+            next_check(far, now, resync, 1 << 31),
+            Duration::from_secs(285)
         );
-        assert_eq!(
-            next_check(now + Duration::from_secs(9999), now, resync),
-            resync
+        let least = next_check(far, now, resync, u32::MAX);
+        assert!(
+            least > Duration::from_secs(270) && least < Duration::from_secs(271),
+            "{least:?}"
         );
-        assert_eq!(next_check(now, now, resync), Duration::from_secs(1));
+        // A renewal due just before the resync is not put off past it by the spread.
         assert_eq!(
-            next_check(now - Duration::from_secs(5), now, resync),
+            next_check(now + Duration::from_secs(280), now, resync, u32::MAX),
+            least
+        );
+        // The one-second floor holds under the smallest resync.
+        assert_eq!(
+            next_check(far, now, Duration::from_secs(1), u32::MAX),
             Duration::from_secs(1)
+        );
+    }
+
+    /// Agents started together draw different waits: a fleet does not ask the signer in
+    /// the same second on every cycle. Each wait lies within [0.9, 1.0] of its nominal, so
+    /// the resync and the backoff's cap stay the longest.
+    #[test]
+    fn waits_are_spread_within_a_tenth_below_their_nominal() {
+        let nominal = Duration::from_secs(300);
+        assert_eq!(spread(nominal, 0), nominal);
+        assert_eq!(spread(nominal, 1 << 31), Duration::from_secs(285));
+        assert_eq!(spread(nominal, 1 << 30), Duration::from_millis(292_500));
+        let least = spread(nominal, u32::MAX);
+        assert!(
+            least > Duration::from_secs(270) && least < Duration::from_secs(271),
+            "{least:?}"
+        );
+        // The first retry too (2 s): between 1.8 and 2 s, logged as the 2 s it stands for.
+        let first = spread(backoff(1, nominal), u32::MAX);
+        assert!(first > Duration::from_millis(1800) && first < Duration::from_secs(2));
+        assert_eq!(log_seconds(first), 2);
+        assert_eq!(spread(Duration::ZERO, u32::MAX), Duration::ZERO);
+        // Each wait draws anew: 64 of them all alike would take a broken random source.
+        let drawn: std::collections::BTreeSet<Duration> =
+            (0..64).map(|_| spread_randomly(nominal)).collect();
+        assert!(drawn.len() > 1, "{drawn:?}");
+        assert!(
+            drawn
+                .iter()
+                .all(|d| *d <= nominal && *d >= nominal * 9 / 10)
         );
     }
 

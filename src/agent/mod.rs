@@ -107,6 +107,17 @@ pub enum AgentError {
         "the signer's answer chains to, or carries, root sha256 {root}, which is not in root-cert.pem and was never announced cross-signed by a root this cluster trusts, although its policy named a trusted one: nothing was installed; a signer whose policy does not match what it signs may be an impostor"
     )]
     IssuedUnderUntrustedRoot { root: String },
+    /// [`rotation::Decision::ClockBehind`]: nothing asked, nothing written.
+    #[error(
+        "this machine's clock is behind: it reads {}, before the notBefore {} of the installed bundle's {which} (dated by the signer's clock); check time synchronisation. Nothing was asked of the signer (an intermediate issued now would not be valid by this clock either), and the bundle in place is left as it is",
+        crate::signer::audit::rfc3339(*.now),
+        crate::signer::audit::rfc3339(*.not_before)
+    )]
+    ClockBehind {
+        which: String,
+        not_before: SystemTime,
+        now: SystemTime,
+    },
     #[error("{}", .ahead.describe(*.now, *.just_issued))]
     ClockAhead {
         /// What a directory agent remembers to ask nothing until the clock agrees.
@@ -491,7 +502,7 @@ pub async fn obtain_bundle(
         Err(e) => {
             return Err(match ClockAhead::of_fresh(&files, now) {
                 Some(ahead) => ahead.error(now, true),
-                None => e.into(),
+                None => e.just_issued().into(),
             });
         }
     };

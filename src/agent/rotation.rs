@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime};
 use sha2::Digest;
 use x509_cert::Certificate;
 
-use crate::pki::bundle::{BundleFiles, BundleSummary, fingerprint, is_self_issued, verify_bundle};
+use crate::pki::bundle::{
+    BundleError, BundleFiles, BundleSummary, fingerprint, is_self_issued, verify_bundle,
+    verify_once_valid,
+};
 use crate::pki::keys::KeyType;
 use crate::pki::pem::{certificate_pem, decode_certificates, decode_readable_certificates};
 use crate::pki::profile::bounded_common_name;
@@ -314,6 +317,9 @@ pub enum IssueReason {
     Adopt(String),
     /// The installed bundle fails istiod's checks (or cannot be read).
     Damaged(String),
+    /// The installed bundle has expired (a certificate of its chain, or its root): not
+    /// damaged, only past its end.
+    Expired(String),
     /// Valid, but not what the spec asks for (mesh, key type).
     Mismatch(String),
     /// The signer's root changed; the old roots stay in root-cert.pem.
@@ -329,6 +335,7 @@ impl IssueReason {
             IssueReason::FirstInstall => "FirstInstall",
             IssueReason::Adopt(_) => "Adopt",
             IssueReason::Damaged(_) => "Damaged",
+            IssueReason::Expired(_) => "Expired",
             IssueReason::Mismatch(_) => "Mismatch",
             IssueReason::RootChanged { .. } => "RootChanged",
             IssueReason::Due { .. } => "Due",
@@ -342,6 +349,7 @@ impl std::fmt::Display for IssueReason {
             IssueReason::FirstInstall => f.write_str("no bundle installed yet"),
             IssueReason::Adopt(what) => write!(f, "adopting {what}"),
             IssueReason::Damaged(why) => write!(f, "installed bundle is damaged: {why}"),
+            IssueReason::Expired(why) => write!(f, "installed bundle has expired: {why}"),
             IssueReason::Mismatch(why) => write!(f, "installed bundle does not match: {why}"),
             IssueReason::RootChanged { from, to } => {
                 write!(f, "signer root changed from sha256 {from} to {to}")
@@ -371,6 +379,13 @@ pub enum Decision {
         /// The bundle as it will be: its `root_fingerprints` are `root_cert`'s.
         summary: BundleSummary,
         renew_at: SystemTime,
+    },
+    /// This clock reads before the notBefore of a certificate of meshca's bundle in place
+    /// (`which`): it is behind the signer's that issued it. An intermediate issued now
+    /// would not be valid by this clock either, so nothing is asked and nothing written.
+    ClockBehind {
+        which: String,
+        not_before: SystemTime,
     },
     /// Valid and not due: no write at all.
     UpToDate {
@@ -413,7 +428,24 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
     };
     let summary = match verify_bundle(files, None, now) {
         Ok(summary) => summary,
-        Err(e) => return issue(IssueReason::Damaged(e.to_string())),
+        Err(e) => {
+            // A clock behind the signer's finds the bundle not valid yet: asking for another
+            // would have the root sign, at every pass, one not valid by this clock either.
+            if let BundleError::NotYetValid {
+                which, not_before, ..
+            } = &e
+                && verify_once_valid(files, now).is_some()
+            {
+                return Decision::ClockBehind {
+                    which: which.clone(),
+                    not_before: *not_before,
+                };
+            }
+            return issue(match e {
+                BundleError::Expired { .. } => IssueReason::Expired(e.to_string()),
+                _ => IssueReason::Damaged(e.to_string()),
+            });
+        }
     };
     let cn = decode_certificates(&files.ca_cert)
         .ok()
@@ -1593,16 +1625,25 @@ mod tests {
                 other => panic!("{expect}: {other:?}"),
             }
         }
-        // Expired is damaged too (istiod would refuse it).
-        match decide(
-            &Installed::Ours(f.bundle.clone()),
-            &desired(&f),
-            f.issued + 31 * DAY,
-        ) {
-            Decision::Issue {
-                reason: IssueReason::Damaged(why),
-                ..
-            } => assert!(why.contains("not valid now"), "{why}"),
+        // Expired is replaced too (istiod would refuse it), said as expired: neither
+        // damaged nor blamed on this clock.
+        let expired_at = f.issued + 31 * DAY;
+        match decide(&Installed::Ours(f.bundle.clone()), &desired(&f), expired_at) {
+            Decision::Issue { reason, .. } => {
+                let said = reason.to_string();
+                assert_eq!(reason.code(), "Expired");
+                assert!(
+                    said.starts_with("installed bundle has expired: ")
+                        && said.contains(&format!(
+                            "expired at {}",
+                            crate::signer::audit::rfc3339(f.issued + 30 * DAY)
+                        ))
+                        && !said.contains("damaged")
+                        && !said.contains("just issued")
+                        && !said.contains("clock is ahead"),
+                    "{said}"
+                );
+            }
             other => panic!("{other:?}"),
         }
         let unreadable = Installed::Unreadable {
@@ -1614,6 +1655,39 @@ mod tests {
             Decision::Issue {
                 reason: IssueReason::Damaged(_),
                 previous_roots: Some(_)
+            }
+        ));
+    }
+
+    /// A clock behind the signer's that issued the bundle in place finds it not valid yet.
+    /// Nothing is asked: an intermediate issued now would not be valid by this clock
+    /// either, so the root would sign one for nothing at every pass.
+    #[test]
+    fn a_clock_behind_the_installed_bundle_asks_for_nothing() {
+        let f = fixture();
+        for behind in [f.issued - Duration::from_secs(1), f.issued - HOUR] {
+            match decide(&Installed::Ours(f.bundle.clone()), &desired(&f), behind) {
+                Decision::ClockBehind { which, not_before } => {
+                    assert_eq!(not_before, f.issued);
+                    assert_eq!(which, "cert-chain.pem certificate 1");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Damaged otherwise, it is replaced whatever this clock reads.
+        let mismatched = BundleFiles {
+            ca_key: PrivateKey::generate(KeyType::EcdsaP256)
+                .unwrap()
+                .to_pkcs8_pem()
+                .unwrap()
+                .to_string(),
+            ..f.bundle.clone()
+        };
+        assert!(matches!(
+            decide(&Installed::Ours(mismatched), &desired(&f), f.issued - HOUR),
+            Decision::Issue {
+                reason: IssueReason::Damaged(_),
+                ..
             }
         ));
     }

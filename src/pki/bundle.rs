@@ -76,16 +76,35 @@ pub enum BundleError {
         "root-cert.pem: the root the chain ends at (certificate {0}) is not a self-signed CA whose signature meshca can verify"
     )]
     BadAnchor(usize),
+    /// This clock reads past a certificate's notAfter: usually it simply expired.
     #[error(
-        "{which} is not valid now (valid {not_before} to {not_after}; this machine's clock reads {now}){hint}"
+        "{which} expired at {} (valid from {}; this machine's clock reads {}){hint}",
+        super::datetime::rfc3339(*.not_after),
+        super::datetime::rfc3339(*.not_before),
+        super::datetime::rfc3339(*.now)
     )]
     Expired {
         which: String,
-        not_before: String,
-        not_after: String,
-        now: String,
-        /// What a fresh certificate failing this way means: not valid yet, a clock behind;
-        /// expired, a clock ahead.
+        not_before: SystemTime,
+        not_after: SystemTime,
+        now: SystemTime,
+        /// Empty, or [`BundleError::just_issued`]'s: only a certificate just issued
+        /// tells that this clock is ahead.
+        hint: &'static str,
+    },
+    /// This clock reads before a certificate's notBefore (see [`verify_once_valid`]).
+    #[error(
+        "{which} is not valid yet (valid {} to {}; this machine's clock reads {}){hint}",
+        super::datetime::rfc3339(*.not_before),
+        super::datetime::rfc3339(*.not_after),
+        super::datetime::rfc3339(*.now)
+    )]
+    NotYetValid {
+        which: String,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        now: SystemTime,
+        /// Empty, or [`BundleError::just_issued`]'s.
         hint: &'static str,
     },
     #[error("ca-cert.pem does not follow meshca's intermediate profile: {0}")]
@@ -181,20 +200,62 @@ fn check_time(which: String, cert: &Certificate, now: SystemTime) -> Result<(), 
         validity.not_before.to_system_time(),
         validity.not_after.to_system_time(),
     );
-    if now < nb || now > na {
+    if now < nb {
+        return Err(BundleError::NotYetValid {
+            which,
+            not_before: nb,
+            not_after: na,
+            now,
+            hint: "",
+        });
+    }
+    if now > na {
         return Err(BundleError::Expired {
             which,
-            not_before: validity.not_before.to_string(),
-            not_after: validity.not_after.to_string(),
-            now: super::datetime::rfc3339(now),
-            hint: if now < nb {
-                ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation"
-            } else {
-                ": a certificate just issued that has already expired means this machine's clock is ahead of the signer's by more than its lifetime; check time synchronisation"
-            },
+            not_before: nb,
+            not_after: na,
+            now,
+            hint: "",
         });
     }
     Ok(())
+}
+
+impl BundleError {
+    /// The error of a bundle the signer has just issued: one outside its validity then
+    /// tells of this machine's clock (not a bundle that simply expired, as an installed
+    /// one or one given to `meshca verify` usually is).
+    pub fn just_issued(self) -> Self {
+        match self {
+            BundleError::NotYetValid {
+                which,
+                not_before,
+                not_after,
+                now,
+                ..
+            } => BundleError::NotYetValid {
+                which,
+                not_before,
+                not_after,
+                now,
+                hint: ": a certificate just issued that is not valid yet means this machine's clock is behind the signer's by more than the notBefore backdating; check time synchronisation",
+            },
+            BundleError::Expired {
+                which,
+                not_before,
+                not_after,
+                now,
+                ..
+            } => BundleError::Expired {
+                which,
+                not_before,
+                not_after,
+                now,
+                hint: ": a certificate just issued that has already expired means this machine's clock is ahead of the signer's by more than its lifetime; check time synchronisation",
+            },
+            other => other,
+        }
+    }
 }
 
 fn subject_key_id(cert: &Certificate) -> Vec<u8> {
@@ -315,6 +376,22 @@ pub fn verify_bundle(
         root_fingerprints: roots.iter().map(fingerprint).collect(),
         anchor_fingerprint: fingerprint(anchor),
     })
+}
+
+/// A bundle `now` finds not valid yet ([`BundleError::NotYetValid`]: this clock behind the
+/// signer's that issued it), verified at the latest notBefore of its certificates, as it
+/// will stand once this clock reaches it: what it holds. None if it fails otherwise then.
+pub fn verify_once_valid(files: &BundleFiles, now: SystemTime) -> Option<BundleSummary> {
+    let mut at = now;
+    // Each step moves to a later notBefore: a few certificates, a few steps.
+    for _ in 0..16 {
+        match verify_bundle(files, None, at) {
+            Ok(summary) => return Some(summary),
+            Err(BundleError::NotYetValid { not_before, .. }) if not_before > at => at = not_before,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -461,28 +538,48 @@ mod tests {
         );
     }
 
+    /// Outside its validity a bundle is said to be expired (with when) or not valid yet,
+    /// with what this clock reads; only one just issued blames this clock (an installed
+    /// bundle, or one given to `meshca verify`, usually simply expired).
     #[test]
     fn a_bundle_outside_its_validity_names_this_clock_and_a_fresh_one_blames_it() {
+        use crate::pki::datetime::rfc3339;
         use std::time::Duration;
         let hour = Duration::from_secs(3600);
         let now = SystemTime::now();
         let (_root, files) = bundle_at(now);
         let clock_behind = now - Duration::from_secs(600);
-        let early = verify_bundle(&files, None, clock_behind)
-            .unwrap_err()
-            .to_string();
-        let reads = crate::pki::datetime::rfc3339(clock_behind);
+        let early = verify_bundle(&files, None, clock_behind).unwrap_err();
+        let said = early.to_string();
         assert!(
-            early.contains(&format!("this machine's clock reads {reads}"))
-                && early.contains("clock is behind the signer's"),
-            "{early}"
+            said.contains(&format!(
+                "this machine's clock reads {}",
+                rfc3339(clock_behind)
+            )) && said.contains("is not valid yet")
+                && !said.contains("just issued"),
+            "{said}"
         );
-        let late = verify_bundle(&files, None, now + 2 * hour)
-            .unwrap_err()
-            .to_string();
+        let said = early.just_issued().to_string();
+        assert!(said.contains("clock is behind the signer's"), "{said}");
+
+        let expired = verify_bundle(&files, None, now + 2 * hour).unwrap_err();
+        let said = expired.to_string();
+        let not_after = match &expired {
+            BundleError::Expired { not_after, .. } => *not_after,
+            other => panic!("{other:?}"),
+        };
         assert!(
-            late.contains("this machine's clock reads") && !late.contains("behind"),
-            "{late}"
+            said.contains(&format!("expired at {}", rfc3339(not_after)))
+                && said.contains("this machine's clock reads")
+                && !said.contains("just issued")
+                && !said.contains("ahead")
+                && !said.contains("behind"),
+            "{said}"
+        );
+        let said = expired.just_issued().to_string();
+        assert!(
+            said.contains("just issued") && said.contains("clock is ahead of the signer's"),
+            "{said}"
         );
         verify_bundle(&files, None, now).unwrap();
         // A clock set before 1970 is said as a date, not as Rust's `SystemTime { .. }`.
