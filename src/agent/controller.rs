@@ -539,14 +539,6 @@ impl Controller {
         let renew_at = match decide(&installed, &desired, now) {
             Decision::Refuse { what } => return Err(AgentError::Foreign(what).into()),
             Decision::Shadowed { what } => return Err(AgentError::Shadowed(what).into()),
-            Decision::ClockBehind { which, not_before } => {
-                return Err(AgentError::ClockBehind {
-                    which,
-                    not_before,
-                    now,
-                }
-                .into());
-            }
             Decision::UpToDate { summary, renew_at } => {
                 if let Ok(policy) = &policy {
                     check_renewable(

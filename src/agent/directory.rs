@@ -164,6 +164,9 @@ pub struct PassMemory {
     /// notAfter (and when, on the monotonic clock): the same installed state would have
     /// the root sign one for nothing at each retry.
     clock_ahead: Option<(ClockAhead, Instant)>,
+    /// The signer's last intermediate was refused because this clock read before its
+    /// notBefore (`which` of it, and when, on the monotonic clock): likewise.
+    clock_behind: Option<(String, SystemTime, Instant)>,
 }
 
 impl PassMemory {
@@ -178,7 +181,27 @@ impl PassMemory {
     /// Before asking the signer for an intermediate: refused while this clock still reads
     /// ahead of the signer's (as the system clock reads `now`), forgotten once it agrees.
     pub(crate) fn check_clock_at(&mut self, now: SystemTime) -> Result<(), AgentError> {
-        self.check_clock(now, self.since_refusal())
+        self.check_clock(now, self.since_refusal())?;
+        let behind_since = self.clock_behind.as_ref().map(|(_, _, at)| at.elapsed());
+        self.check_clock_behind(now, behind_since.unwrap_or_default())
+    }
+
+    /// Refused while this clock still reads before the notBefore of the intermediate the
+    /// signer issued `elapsed` ago (the signer's clock read at least that notBefore then,
+    /// so at least notBefore + `elapsed` now): one issued now would be refused too.
+    fn check_clock_behind(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
+        if let Some((which, not_before, _)) = &self.clock_behind {
+            if now < *not_before + elapsed {
+                return Err(AgentError::ClockBehind {
+                    which: which.clone(),
+                    not_before: *not_before,
+                    now,
+                    just_issued: false,
+                });
+            }
+            self.clock_behind = None;
+        }
+        Ok(())
     }
 
     fn check_clock(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
@@ -192,8 +215,14 @@ impl PassMemory {
     }
 
     pub(crate) fn remember(&mut self, error: &AgentError) {
-        if let AgentError::ClockAhead { ahead, .. } = error {
-            self.clock_ahead = Some((*ahead, Instant::now()));
+        match error {
+            AgentError::ClockAhead { ahead, .. } => {
+                self.clock_ahead = Some((*ahead, Instant::now()));
+            }
+            AgentError::ClockBehind {
+                which, not_before, ..
+            } => self.clock_behind = Some((which.clone(), *not_before, Instant::now())),
+            _ => {}
         }
     }
 }
@@ -307,11 +336,6 @@ pub async fn reconcile(
     match decide(&installed, &desired, now) {
         Decision::Refuse { what } => Err(AgentError::Foreign(what)),
         Decision::Shadowed { what } => Err(AgentError::Shadowed(what)),
-        Decision::ClockBehind { which, not_before } => Err(AgentError::ClockBehind {
-            which,
-            not_before,
-            now,
-        }),
         Decision::UpToDate { summary, renew_at } => {
             if let Ok(policy) = &policy {
                 check_renewable(policy, &opts.mesh, opts.key_type, opts.ttl_seconds)?;
@@ -717,10 +741,11 @@ mod tests {
     }
 
     /// A clock behind the bundle in place (before its notBefore, set by the signer's
-    /// clock): the bundle is still there, its times still told, and the error says why
-    /// nothing was asked.
+    /// clock): the bundle is still there and its times still told. A fresh answer this
+    /// clock finds not valid yet is refused, named, and not asked for again while this
+    /// clock stays behind (each request would have the root sign one for nothing).
     #[test]
-    fn a_clock_behind_the_bundle_in_place_still_tells_its_times_and_says_so() {
+    fn a_clock_behind_the_signer_keeps_the_bundles_times_and_asks_nothing_until_it_agrees() {
         let (issued, files) = bundle(30 * DAY);
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("cacerts");
@@ -730,23 +755,44 @@ mod tests {
         let times = installed_times(&opts, behind);
         assert!(times.is_some());
         assert_eq!(times, installed_times(&opts, issued + DAY));
+
         let rfc = crate::signer::audit::rfc3339;
-        let message = AgentError::ClockBehind {
+        let refused = AgentError::ClockBehind {
             which: "cert-chain.pem certificate 1".into(),
             not_before: issued,
             now: behind,
-        }
-        .to_string();
+            just_issued: true,
+        };
+        let message = refused.to_string();
         for needle in [
-            "this machine's clock is behind",
+            "this machine's clock is behind the signer's",
             &rfc(behind),
             &rfc(issued),
-            "check time synchronisation",
-            "Nothing was asked of the signer",
+            "the signer just issued",
+            "fix time synchronisation",
         ] {
             assert!(message.contains(needle), "{message}");
         }
+        let mut memory = PassMemory::default();
+        memory.remember(&refused);
+        // The next passes (the clock still behind, running on) ask nothing.
+        for (later, elapsed) in [(behind, Duration::ZERO), (behind + HOUR_HALF, HOUR_HALF)] {
+            let message = memory
+                .check_clock_behind(later, elapsed)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains("issued at an earlier try")
+                    && message.contains("nothing was asked of the signer"),
+                "{message}"
+            );
+        }
+        // The clock put right: the signer is asked again, and the refusal forgotten.
+        assert!(memory.check_clock_behind(issued + DAY, DAY).is_ok());
+        assert!(memory.clock_behind.is_none());
     }
+
+    const HOUR_HALF: Duration = Duration::from_secs(1800);
 
     /// A clock past the notAfter of what the signer just issued: the error names both
     /// times, and until this clock agrees with the signer's nothing is asked again (each

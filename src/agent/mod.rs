@@ -107,16 +107,21 @@ pub enum AgentError {
         "the signer's answer chains to, or carries, root sha256 {root}, which is not in root-cert.pem and was never announced cross-signed by a root this cluster trusts, although its policy named a trusted one: nothing was installed; a signer whose policy does not match what it signs may be an impostor"
     )]
     IssuedUnderUntrustedRoot { root: String },
-    /// [`rotation::Decision::ClockBehind`]: nothing asked, nothing written.
+    /// The signer's answer is not valid yet by this clock (`just_issued`), or an earlier
+    /// answer was not and this clock still reads before it: what a directory agent
+    /// remembers, as for [`AgentError::ClockAhead`], to ask nothing more until it agrees.
     #[error(
-        "this machine's clock is behind: it reads {}, before the notBefore {} of the installed bundle's {which} (dated by the signer's clock); check time synchronisation. Nothing was asked of the signer (an intermediate issued now would not be valid by this clock either), and the bundle in place is left as it is",
+        "this machine's clock is behind the signer's: it reads {}, before the notBefore {} of {which} of the intermediate the signer {}; fix time synchronisation. Nothing was installed (the bundle in place is left as it is), and the signer is not asked again while this clock stays behind{}",
         crate::signer::audit::rfc3339(*.now),
-        crate::signer::audit::rfc3339(*.not_before)
+        crate::signer::audit::rfc3339(*.not_before),
+        if *.just_issued { "just issued" } else { "issued at an earlier try" },
+        if *.just_issued { "" } else { ": nothing was asked of the signer" }
     )]
     ClockBehind {
         which: String,
         not_before: SystemTime,
         now: SystemTime,
+        just_issued: bool,
     },
     #[error("{}", .ahead.describe(*.now, *.just_issued))]
     ClockAhead {
@@ -500,9 +505,20 @@ pub async fn obtain_bundle(
     let summary = match verify_bundle(&files, None, now) {
         Ok(summary) => summary,
         Err(e) => {
-            return Err(match ClockAhead::of_fresh(&files, now) {
-                Some(ahead) => ahead.error(now, true),
-                None => e.just_issued().into(),
+            return Err(match (ClockAhead::of_fresh(&files, now), e) {
+                (Some(ahead), _) => ahead.error(now, true),
+                (
+                    None,
+                    BundleError::NotYetValid {
+                        which, not_before, ..
+                    },
+                ) => AgentError::ClockBehind {
+                    which,
+                    not_before,
+                    now,
+                    just_issued: true,
+                },
+                (None, e) => e.just_issued().into(),
             });
         }
     };

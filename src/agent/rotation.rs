@@ -320,6 +320,8 @@ pub enum IssueReason {
     /// The installed bundle has expired (a certificate of its chain, or its root): not
     /// damaged, only past its end.
     Expired(String),
+    /// Sound, but not valid yet by this clock (its notBefore ahead of it).
+    NotYetValid(String),
     /// Valid, but not what the spec asks for (mesh, key type).
     Mismatch(String),
     /// The signer's root changed; the old roots stay in root-cert.pem.
@@ -336,6 +338,7 @@ impl IssueReason {
             IssueReason::Adopt(_) => "Adopt",
             IssueReason::Damaged(_) => "Damaged",
             IssueReason::Expired(_) => "Expired",
+            IssueReason::NotYetValid(_) => "NotYetValid",
             IssueReason::Mismatch(_) => "Mismatch",
             IssueReason::RootChanged { .. } => "RootChanged",
             IssueReason::Due { .. } => "Due",
@@ -350,6 +353,9 @@ impl std::fmt::Display for IssueReason {
             IssueReason::Adopt(what) => write!(f, "adopting {what}"),
             IssueReason::Damaged(why) => write!(f, "installed bundle is damaged: {why}"),
             IssueReason::Expired(why) => write!(f, "installed bundle has expired: {why}"),
+            IssueReason::NotYetValid(why) => {
+                write!(f, "installed bundle is not valid yet by this clock: {why}")
+            }
             IssueReason::Mismatch(why) => write!(f, "installed bundle does not match: {why}"),
             IssueReason::RootChanged { from, to } => {
                 write!(f, "signer root changed from sha256 {from} to {to}")
@@ -379,13 +385,6 @@ pub enum Decision {
         /// The bundle as it will be: its `root_fingerprints` are `root_cert`'s.
         summary: BundleSummary,
         renew_at: SystemTime,
-    },
-    /// This clock reads before the notBefore of a certificate of meshca's bundle in place
-    /// (`which`): it is behind the signer's that issued it. An intermediate issued now
-    /// would not be valid by this clock either, so nothing is asked and nothing written.
-    ClockBehind {
-        which: String,
-        not_before: SystemTime,
     },
     /// Valid and not due: no write at all.
     UpToDate {
@@ -428,19 +427,14 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
     };
     let summary = match verify_bundle(files, None, now) {
         Ok(summary) => summary,
+        // Not valid yet by this clock: either it was issued by a signer whose clock ran
+        // ahead (put right since: a new one is valid), or this clock is behind the
+        // signer's (a new one is not valid either: refused as it arrives, and not asked
+        // for again while this clock stays behind, see `PassMemory`). One request tells.
+        Err(e @ BundleError::NotYetValid { .. }) if verify_once_valid(files, now).is_some() => {
+            return issue(IssueReason::NotYetValid(e.to_string()));
+        }
         Err(e) => {
-            // A clock behind the signer's finds the bundle not valid yet: asking for another
-            // would have the root sign, at every pass, one not valid by this clock either.
-            if let BundleError::NotYetValid {
-                which, not_before, ..
-            } = &e
-                && verify_once_valid(files, now).is_some()
-            {
-                return Decision::ClockBehind {
-                    which: which.clone(),
-                    not_before: *not_before,
-                };
-            }
             return issue(match e {
                 BundleError::Expired { .. } => IssueReason::Expired(e.to_string()),
                 _ => IssueReason::Damaged(e.to_string()),
@@ -1659,17 +1653,25 @@ mod tests {
         ));
     }
 
-    /// A clock behind the signer's that issued the bundle in place finds it not valid yet.
-    /// Nothing is asked: an intermediate issued now would not be valid by this clock
-    /// either, so the root would sign one for nothing at every pass.
+    /// A bundle in place this clock finds not valid yet is replaced, said as such: one
+    /// request tells whether the signer's clock ran ahead when it issued it (a new one is
+    /// valid) or this clock is behind (the new one is refused too, and `PassMemory` keeps
+    /// the next passes from asking).
     #[test]
-    fn a_clock_behind_the_installed_bundle_asks_for_nothing() {
+    fn a_bundle_in_place_not_valid_yet_by_this_clock_is_asked_for_again() {
         let f = fixture();
         for behind in [f.issued - Duration::from_secs(1), f.issued - HOUR] {
             match decide(&Installed::Ours(f.bundle.clone()), &desired(&f), behind) {
-                Decision::ClockBehind { which, not_before } => {
-                    assert_eq!(not_before, f.issued);
-                    assert_eq!(which, "cert-chain.pem certificate 1");
+                Decision::Issue {
+                    reason: reason @ IssueReason::NotYetValid(_),
+                    ..
+                } => {
+                    let said = reason.to_string();
+                    assert!(
+                        said.starts_with("installed bundle is not valid yet by this clock: ")
+                            && said.contains("cert-chain.pem certificate 1 is not valid yet"),
+                        "{said}"
+                    );
                 }
                 other => panic!("{other:?}"),
             }
