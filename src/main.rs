@@ -354,7 +354,7 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                     }
                     for step in &clock_steps_back {
                         say!(
-                            "  warning: line {} is timed {}, {} s before the record before it ({}): the signer's clock was set back there; check the host's time synchronisation (what was issued after it carries the earlier dates)",
+                            "  warning: line {} is timed {}, {} s before the record before it ({}): the signer's clock stepped back there: set back (what was issued after it carries dates too early), or put right after running ahead (what was issued before it carries dates too late); check the host's time synchronisation",
                             step.line,
                             step.time,
                             step.seconds,

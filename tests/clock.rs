@@ -164,7 +164,7 @@ async fn audit_verify_names_the_record_where_the_signers_clock_went_back() {
     assert!(
         text.contains("warning: line 3 is timed ")
             && text.contains("before the record before it")
-            && text.contains("the signer's clock was set back there"),
+            && text.contains("the signer's clock stepped back there"),
         "{text}"
     );
     let out = run(env

@@ -657,6 +657,12 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     let logged: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(logged["parsed"], true, "{line}");
     signer.wait_for_nth_log("SIGHUP: rules reloaded", 2).await;
+    // The rewritten bytes are those in force from then on: the next SIGHUP parses nothing.
+    send_signal(signer.child.id(), "HUP");
+    let line = signer.wait_for_nth_log("TLS files read again", 3).await;
+    let logged: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(logged["parsed"], false, "{line}");
+    signer.wait_for_nth_log("SIGHUP: rules reloaded", 3).await;
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
@@ -710,7 +716,7 @@ async fn sighup_reloads_revocations_and_the_server_certificate() {
     let metrics = signer.metrics(&client_a).await;
     for needle in [
         // One that parsed nothing counts as a reload too.
-        "meshca_tls_reloads_total{outcome=\"ok\"} 3",
+        "meshca_tls_reloads_total{outcome=\"ok\"} 4",
         "meshca_tls_reloads_total{outcome=\"error\"} 1",
         "meshca_tls_last_reload_successful 0",
         "meshca_tls_certificate_expiry_seconds ",

@@ -31,6 +31,10 @@ pub struct Elector {
     /// both read the Lease at one version, and the one whose write came second would
     /// take its own renewal's 409 for another replica's and stop leading.
     electing: Arc<tokio::sync::Mutex<()>>,
+    /// This process has led before: a renewal after the lead was lost says "leading
+    /// again", a first one (the Lease still in this name from before a restart) "became
+    /// the leader".
+    has_led: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A replica renews before a write when it would hold the Lease for less than this (with
@@ -54,6 +58,7 @@ impl Elector {
             leader_until: Arc::new(Mutex::new(None)),
             observed: Arc::new(Mutex::new(None)),
             electing: Arc::default(),
+            has_led: Arc::default(),
         }
     }
 
@@ -141,7 +146,8 @@ impl Elector {
         };
         match result {
             Ok(_) => {
-                if action != LeaseAction::Renew {
+                let led_before = self.has_led.swap(true, std::sync::atomic::Ordering::SeqCst);
+                if action != LeaseAction::Renew || !led_before {
                     tracing::info!(identity = %self.identity, lease = %name, "became the leader");
                 } else if !was_leading {
                     // After failed renewals (each a WARN): say it is over.

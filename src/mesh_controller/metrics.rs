@@ -157,9 +157,19 @@ impl MeshControllerMetrics {
         *last_pass = std::mem::take(this_pass);
     }
 
-    /// Whether this replica acts; one that stops drops its VirtualMesh series.
+    /// Whether this replica acts; one that stops drops its VirtualMesh series, and its
+    /// member credential series (the acting replica reads the Secrets from then on: an
+    /// end seen before a renewal would otherwise stay here and fire the alert).
     pub fn set_leading(&self, leading: bool) {
         self.forget(self.loop_metrics.set_leading(leading));
+        if !leading {
+            self.credential_expiration.clear();
+            let mut seen = self
+                .credentials_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *seen = Default::default();
+        }
     }
 
     /// The controller's `--resync-seconds`.
@@ -218,6 +228,10 @@ mod tests {
         );
         // A credential that stops saying when it ends loses its series at once.
         metrics.member_credential("smh/east", None);
+        assert!(series(&metrics).is_empty());
+        // A replica that stops acting drops them all: it no longer reads the Secrets.
+        metrics.member_credential("smh/east", at(400));
+        metrics.set_leading(false);
         assert!(series(&metrics).is_empty());
     }
 }

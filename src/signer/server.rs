@@ -840,6 +840,10 @@ impl RunningSigner {
             let changed = in_force.fingerprint != read.fingerprint;
             if changed {
                 *in_force = read;
+            } else {
+                // The same material from other bytes (a PEM rewritten, a key's mode): the
+                // next reload compares with these.
+                in_force.source_digest = read.source_digest;
             }
             changed
         });
