@@ -977,7 +977,16 @@ mod tests {
         bound: &Arc<ConnectionBound>,
         never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let connection = admitted(bound.admit(true, None, never).await);
+        handshaking_as(bound, None, never).await
+    }
+
+    /// [`handshaking`], from `peer`.
+    async fn handshaking_as(
+        bound: &Arc<ConnectionBound>,
+        peer: Option<SocketAddr>,
+        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let connection = admitted(bound.admit(true, peer, never).await);
         let close = connection.close.clone();
         let ends = tokio::spawn(async move {
             connection.closed_for_new().await;
@@ -1063,13 +1072,7 @@ mod tests {
         from: &str,
         never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let connection = admitted(bound.admit(true, peer(from), never).await);
-        let close = connection.close.clone();
-        let ends = tokio::spawn(async move {
-            connection.closed_for_new().await;
-            drop(connection);
-        });
-        (close, ends)
+        handshaking_as(bound, peer(from), never).await
     }
 
     #[tokio::test]

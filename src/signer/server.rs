@@ -1036,6 +1036,10 @@ impl StopRequests for NeverStopped {
     }
 }
 
+/// A stop request this long after the first, while a stop at start waits for the
+/// backend's start, stops at once; one sooner is taken for the first sent twice.
+const SECOND_STOP_AFTER: Duration = Duration::from_secs(1);
+
 /// A stop came while the backend was starting: its start is given `wait` to end (a token
 /// that answers takes milliseconds) and then closed. Ended mid-way, SoftHSM could be
 /// writing the token's files (the process ended that way left `token.object` empty: the
@@ -1051,13 +1055,23 @@ async fn stopped_while_backend_starts(
         waiting_seconds = wait.as_secs(),
         "stop requested while starting; letting the root key backend's start end first (a second SIGTERM or SIGINT stops without waiting)"
     );
-    let ended = tokio::select! {
-        ended = tokio::time::timeout(wait, &mut starting) => ended,
-        () = stops.next() => {
-            tracing::warn!(
-                "a second stop request: stopping without waiting for the root key backend's start"
-            );
-            return Started::StoppedBackendAbandoned;
+    let first = Instant::now();
+    let deadline = tokio::time::Instant::now() + wait;
+    let ended = loop {
+        tokio::select! {
+            // A start that ended is closed, even if a second request came meanwhile.
+            biased;
+            ended = tokio::time::timeout_at(deadline, &mut starting) => break ended,
+            () = stops.next() => {
+                if first.elapsed() >= SECOND_STOP_AFTER {
+                    tracing::warn!(
+                        "a second stop request: stopping without waiting for the root key backend's start"
+                    );
+                    return Started::StoppedBackendAbandoned;
+                }
+                // Within a moment of the first: the same request sent twice (a service
+                // manager and a wrapper both passing it on), not an operator's second.
+            }
         }
     };
     match ended {
