@@ -1087,14 +1087,7 @@ mod tests {
         agent.established();
         let mut flood = Vec::new();
         for port in 0..5 {
-            flood.push(
-                handshaking_from(
-                    &bound,
-                    &format!("198.51.100.9:{}", 50000 + port),
-                    &mut never,
-                )
-                .await,
-            );
+            flood.push(from_the_flood(&bound, port, &mut never).await);
         }
         // The flood's own next connection finds only young handshakes: closed at once.
         assert!(matches!(
@@ -1133,6 +1126,15 @@ mod tests {
         }
     }
 
+    /// A handshake from the flooding address, its `n`th connection.
+    async fn from_the_flood(
+        bound: &Arc<ConnectionBound>,
+        n: u16,
+        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        handshaking_from(bound, &format!("198.51.100.9:{}", 50000 + n), never).await
+    }
+
     /// Admits a handshake from `from` that waits for the slot of the one closed for it:
     /// the closed one's task ends as a real connection's would.
     async fn admitted_after(
@@ -1154,21 +1156,14 @@ mod tests {
         let slow = handshaking_from(&bound, "192.0.2.7:40000", &mut never).await;
         let mut flood = Vec::new();
         for port in 0..3 {
-            flood.push(
-                handshaking_from(
-                    &bound,
-                    &format!("198.51.100.9:{}", 50000 + port),
-                    &mut never,
-                )
-                .await,
-            );
+            flood.push(from_the_flood(&bound, port, &mut never).await);
         }
         for port in 3..6 {
+            // Each waits for the slot of the one closed for it.
             flood.push(
-                admitted_after(
-                    &bound,
-                    &format!("198.51.100.9:{}", 50000 + port),
-                    &mut never,
+                within(
+                    "no slot came free",
+                    from_the_flood(&bound, port, &mut never),
                 )
                 .await,
             );

@@ -96,12 +96,7 @@ fn a_request_whose_clock_is_set_back_says_so() {
     assert!(!env.path("out/ca-key.pem").exists());
 
     // The directory agent's pass fails the same way, said the same.
-    let mut agent = env.meshca();
-    agent
-        .args(["agent", "--once", "--target-dir"])
-        .arg(env.path("cacerts"))
-        .args(env.signer_flags(signer.addr, "cluster-a"))
-        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    let agent = directory_agent_once(&env, &signer);
     assert_refused(
         &at_time(&agent, "@1960-01-01 00:00:00"),
         &["this machine's clock reads before 1970"],
@@ -195,12 +190,7 @@ async fn audit_verify_names_the_record_where_the_signers_clock_went_back() {
 fn a_bundle_dated_ahead_of_this_clock_is_replaced_once_the_signer_agrees() {
     let env = Env::new();
     let mut signer = env.start_signer_in_the_future("+1h");
-    let mut agent = env.meshca();
-    agent
-        .args(["agent", "--once", "--target-dir"])
-        .arg(env.path("cacerts"))
-        .args(env.signer_flags(signer.addr, "cluster-a"))
-        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    let mut agent = directory_agent_once(&env, &signer);
     // Installed by an agent whose clock agrees with the signer's.
     let installed = at_time(&agent, "+1h");
     assert!(installed.status.success(), "{}", text(&installed.stderr));
@@ -223,12 +213,7 @@ fn a_bundle_dated_ahead_of_this_clock_is_replaced_once_the_signer_agrees() {
     // The signer's clock put right (restarted without the offset): installed, valid now.
     assert!(signer.terminate(), "SIGTERM must drain and exit 0");
     let signer = env.start_signer();
-    let mut agent = env.meshca();
-    agent
-        .args(["agent", "--once", "--target-dir"])
-        .arg(env.path("cacerts"))
-        .args(env.signer_flags(signer.addr, "cluster-a"))
-        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    let mut agent = directory_agent_once(&env, &signer);
     let out = agent.output().unwrap();
     let said = text(&out.stdout);
     assert!(out.status.success(), "{said}{}", text(&out.stderr));
@@ -264,4 +249,15 @@ fn verify_says_an_old_bundle_expired_without_blaming_the_clock() {
             && !said.contains("clock is ahead"),
         "{said}"
     );
+}
+
+/// `meshca agent --once` for cluster-a into `cacerts`, asking `signer`.
+fn directory_agent_once(env: &Env, signer: &Signer) -> Command {
+    let mut agent = env.meshca();
+    agent
+        .args(["agent", "--once", "--target-dir"])
+        .arg(env.path("cacerts"))
+        .args(env.signer_flags(signer.addr, "cluster-a"))
+        .args(["--virtual-mesh", "test/vm", "--mesh", "test/cluster-a"]);
+    agent
 }
