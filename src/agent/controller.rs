@@ -275,10 +275,11 @@ impl Controller {
             };
             // Spread (requests failing together, as after a signer outage, drift apart),
             // but never shorter than what a busy signer asked.
-            let wait = super::directory::spread_randomly(
+            let wait = super::directory::wait_after_failure(
                 super::directory::backoff(count, self.opts.resync).max(LEAST_RETRY),
-            )
-            .max(retry_after.unwrap_or_default());
+                retry_after,
+                self.opts.resync,
+            );
             memory.failing = Some(Failing {
                 count,
                 generation,

@@ -457,6 +457,31 @@ pub fn spread(nominal: Duration, draw: u32) -> Duration {
     nominal.saturating_sub(Duration::from_nanos(u64::try_from(cut).unwrap_or(u64::MAX)))
 }
 
+/// A busy signer's `Retry-After` (`asked`), lengthened by up to a tenth as `draw` says,
+/// at most `max`: agents told the same wait come back spread out, not all in the second it
+/// ends (and again at the next refusal), and never sooner than asked.
+pub fn spread_beyond(asked: Duration, draw: u32, max: Duration) -> Duration {
+    let added = asked.as_nanos() * u128::from(draw) / (u128::from(u32::MAX) + 1) / 10;
+    asked
+        .saturating_add(Duration::from_nanos(
+            u64::try_from(added).unwrap_or(u64::MAX),
+        ))
+        .min(max.max(asked))
+}
+
+/// The wait after a failure: `backoff` spread, and at least a busy signer's `retry_after`
+/// spread beyond it (see [`spread_beyond`]), at most `max` unless the signer asked more.
+pub fn wait_after_failure(
+    backoff: Duration,
+    retry_after: Option<Duration>,
+    max: Duration,
+) -> Duration {
+    let asked = retry_after.map_or(Duration::ZERO, |asked| {
+        spread_beyond(asked, random_draw(), max)
+    });
+    spread_randomly(backoff).max(asked)
+}
+
 /// [`spread`] with a draw from the system's random source (each process its own).
 pub fn spread_randomly(nominal: Duration) -> Duration {
     spread(nominal, random_draw())
@@ -592,8 +617,8 @@ pub async fn run(
                 );
                 failures += 1;
                 // Spread, but never shorter than what a busy signer asked.
-                let delay = spread_randomly(backoff(failures, resync))
-                    .max(e.retry_after(resync).unwrap_or_default());
+                let delay =
+                    wait_after_failure(backoff(failures, resync), e.retry_after(resync), resync);
                 tracing::error!(
                     dir = %opts.target.display(),
                     error = %e,
@@ -945,6 +970,26 @@ mod tests {
         assert!(first > Duration::from_millis(1800) && first < Duration::from_secs(2));
         assert_eq!(log_seconds(first), 2);
         assert_eq!(spread(Duration::ZERO, u32::MAX), Duration::ZERO);
+        // A busy signer's Retry-After is waited at least, plus up to a tenth, at most the
+        // cap (here the resync), unless the signer asked for more than that.
+        let asked = Duration::from_secs(30);
+        assert_eq!(spread_beyond(asked, 0, nominal), asked);
+        assert_eq!(
+            spread_beyond(asked, 1 << 31, nominal),
+            Duration::from_millis(31_500)
+        );
+        let most = spread_beyond(asked, u32::MAX, nominal);
+        assert!(most > Duration::from_millis(32_999) && most < Duration::from_secs(33));
+        assert_eq!(spread_beyond(nominal, u32::MAX, nominal), nominal);
+        assert_eq!(
+            spread_beyond(Duration::from_secs(400), u32::MAX, nominal),
+            Duration::from_secs(400)
+        );
+        let waits: std::collections::BTreeSet<Duration> = (0..64)
+            .map(|_| wait_after_failure(Duration::from_secs(2), Some(asked), nominal))
+            .collect();
+        assert!(waits.len() > 1, "{waits:?}");
+        assert!(waits.iter().all(|w| *w >= asked && *w <= asked * 11 / 10));
         // Each wait draws anew: 64 of them all alike would take a broken random source.
         let drawn: std::collections::BTreeSet<Duration> =
             (0..64).map(|_| spread_randomly(nominal)).collect();
