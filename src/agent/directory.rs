@@ -453,19 +453,21 @@ pub fn backoff(failures: u32, max: Duration) -> Duration {
 /// signer in the same second forever; never longer than `nominal`, so the resync and the
 /// backoff's cap stay the longest waits.
 pub fn spread(nominal: Duration, draw: u32) -> Duration {
-    let cut = nominal.as_nanos() * u128::from(draw) / (u128::from(u32::MAX) + 1) / 10;
-    nominal.saturating_sub(Duration::from_nanos(u64::try_from(cut).unwrap_or(u64::MAX)))
+    nominal.saturating_sub(up_to_a_tenth(nominal, draw))
+}
+
+/// Between none and a tenth of `of`, as `draw` (uniform over `u32`) says.
+fn up_to_a_tenth(of: Duration, draw: u32) -> Duration {
+    let part = of.as_nanos() * u128::from(draw) / (u128::from(u32::MAX) + 1) / 10;
+    Duration::from_nanos(u64::try_from(part).unwrap_or(u64::MAX))
 }
 
 /// A busy signer's `Retry-After` (`asked`), lengthened by up to a tenth as `draw` says,
 /// at most `max`: agents told the same wait come back spread out, not all in the second it
 /// ends (and again at the next refusal), and never sooner than asked.
 pub fn spread_beyond(asked: Duration, draw: u32, max: Duration) -> Duration {
-    let added = asked.as_nanos() * u128::from(draw) / (u128::from(u32::MAX) + 1) / 10;
     asked
-        .saturating_add(Duration::from_nanos(
-            u64::try_from(added).unwrap_or(u64::MAX),
-        ))
+        .saturating_add(up_to_a_tenth(asked, draw))
         .min(max.max(asked))
 }
 

@@ -294,7 +294,9 @@ pub fn credential_expiry(
         let pem = base64::engine::general_purpose::STANDARD
             .decode(data.trim())
             .ok()?;
-        let certificate = <x509_cert::Certificate as der::DecodePem>::from_pem(&pem).ok()?;
+        let pem = String::from_utf8(pem).ok()?;
+        let certificates = crate::pki::pem::decode_certificates(&pem).ok()?;
+        let certificate = certificates.first()?;
         Some(
             certificate
                 .tbs_certificate()

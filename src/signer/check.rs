@@ -71,7 +71,7 @@ pub fn check(
     check_root_key_type(config, &root)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(crate::tlsutil::TlsError::from)?;
-    let tls = serving_tls(&TlsFiles::of(config), &roots)?;
+    let tls = serving_tls(&TlsFiles::of(config), &roots, None)?;
     crate::tlsutil::check_issuer_pins(
         &config.client_ca,
         config.authorization.issuers(),

@@ -473,13 +473,14 @@ pub(super) struct ServingTls {
 
 /// Fresh settings from the config's TLS files (read at start, again on reload, and by
 /// `serve --check`), the client CA apart from `mesh_roots`.
+/// `source_digest`: [`tls_source_digest`] of them, taken before they are parsed (one
+/// rewritten meanwhile makes the next reload build again, never keep what it did not
+/// read), or None where no reload compares with it (`serve --check`).
 pub(super) fn serving_tls(
     files: &TlsFiles,
     mesh_roots: &[MeshRoot],
+    source_digest: Option<[u8; 32]>,
 ) -> Result<ServingTls, TlsError> {
-    // Taken before the files are parsed: one rewritten meanwhile makes the next reload
-    // build again, never keep what it did not read.
-    let source_digest = tls_source_digest(files, mesh_roots);
     let tls = server_config(
         &files.cert,
         &files.key,
@@ -796,7 +797,7 @@ impl RunningSigner {
             if digest.is_some() && digest == self.tls.borrow().source_digest {
                 return Ok(None);
             }
-            serving_tls(&files, &roots).map(Some)
+            serving_tls(&files, &roots, digest).map(Some)
         });
         let parsed = matches!(loaded, Ok(Some(_)));
         let read = match loaded {
@@ -1109,7 +1110,8 @@ async fn start_unless_stopped(
     }
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(TlsError::from)?;
-    let tls = serving_tls(&TlsFiles::of(&config), &roots)?;
+    let files = TlsFiles::of(&config);
+    let tls = serving_tls(&files, &roots, tls_source_digest(&files, &roots))?;
     crate::tlsutil::check_issuer_pins(
         &config.client_ca,
         config.authorization.issuers(),
