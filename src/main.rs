@@ -20,7 +20,7 @@ use meshca::agent::{RequestOptions, cacerts, request_intermediate};
 use meshca::backend::pkcs11;
 use meshca::backend::vault::root::{self as vault_root, RootInitMode};
 use meshca::config::{BackendKind, RootCertificateTaken, SignerConfig};
-use meshca::pki::bundle::verify_bundle;
+use meshca::pki::bundle::check_bundle;
 use meshca::pki::keys::KeyType;
 use meshca::pki::pem::decode_certificates;
 use meshca::pki::profile::RootCa;
@@ -1009,12 +1009,27 @@ fn installed_json(
     })
 }
 
-/// `verify --output json`: the files read, the findings (an error each: verify stops at
-/// the first), the result, and the certificates of cert-chain.pem and root-cert.pem.
+/// A bundle's findings on one line: the only one as it is, several numbered.
+fn list_findings(findings: &[meshca::pki::bundle::BundleError]) -> String {
+    match findings {
+        [only] => only.to_string(),
+        _ => {
+            let numbered: Vec<String> = findings
+                .iter()
+                .enumerate()
+                .map(|(index, finding)| format!("({}) {finding}", index + 1))
+                .collect();
+            format!("{} problems: {}", findings.len(), numbered.join("; "))
+        }
+    }
+}
+
+/// `verify --output json`: the files read, the findings (an error each, every one found),
+/// the result, and the certificates of cert-chain.pem and root-cert.pem.
 fn verify_json(
     dir: &Path,
     files: &meshca::pki::bundle::BundleFiles,
-    verified: &Result<meshca::pki::bundle::BundleSummary, meshca::pki::bundle::BundleError>,
+    verified: &Result<meshca::pki::bundle::BundleSummary, Vec<meshca::pki::bundle::BundleError>>,
 ) -> serde_json::Value {
     use meshca::pki::bundle::{self, BundleError};
     let certificates = |pem: &str| -> Vec<serde_json::Value> {
@@ -1036,20 +1051,25 @@ fn verify_json(
     };
     let findings: Vec<serde_json::Value> = match verified {
         Ok(_) => Vec::new(),
-        Err(e) => {
-            let file = match e {
-                BundleError::File { file, .. } => Some(*file),
-                BundleError::KeyMismatch => Some(bundle::CA_KEY),
-                BundleError::NotCa | BundleError::Profile(_) => Some(bundle::CA_CERT),
-                BundleError::ChainStart | BundleError::ChainLink { .. } => Some(bundle::CERT_CHAIN),
-                BundleError::NoTrustedRoot
-                | BundleError::NotSelfIssued(_)
-                | BundleError::BadAnchor(_)
-                | BundleError::UnexpectedRoot { .. } => Some(bundle::ROOT_CERT),
-                BundleError::Expired { .. } | BundleError::NotYetValid { .. } => None,
-            };
-            vec![serde_json::json!({"severity": "error", "file": file, "message": e.to_string()})]
-        }
+        Err(findings) => findings
+            .iter()
+            .map(|e| {
+                let file = match e {
+                    BundleError::File { file, .. } => Some(*file),
+                    BundleError::KeyMismatch => Some(bundle::CA_KEY),
+                    BundleError::NotCa | BundleError::Profile(_) => Some(bundle::CA_CERT),
+                    BundleError::ChainStart | BundleError::ChainLink { .. } => {
+                        Some(bundle::CERT_CHAIN)
+                    }
+                    BundleError::NoTrustedRoot
+                    | BundleError::NotSelfIssued(_)
+                    | BundleError::BadAnchor(_)
+                    | BundleError::UnexpectedRoot { .. } => Some(bundle::ROOT_CERT),
+                    BundleError::Expired { .. } | BundleError::NotYetValid { .. } => None,
+                };
+                serde_json::json!({"severity": "error", "file": file, "message": e.to_string()})
+            })
+            .collect(),
     };
     let summary = verified.as_ref().ok();
     let names = [
@@ -1580,20 +1600,25 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
                 }
                 None => None,
             };
-            let verified = verify_bundle(&files, expected.as_ref(), SystemTime::now());
+            let checked = check_bundle(&files, expected.as_ref(), SystemTime::now());
             if json {
-                say_json(&verify_json(&dir, &files, &verified));
-                if let Err(e) = &verified {
+                say_json(&verify_json(&dir, &files, &checked));
+                if let Err(findings) = &checked {
                     to_stderr!(
-                        "meshca: {} is not a valid Istio cacerts bundle: {e}",
-                        dir.display()
+                        "meshca: {} is not a valid Istio cacerts bundle: {}",
+                        dir.display(),
+                        list_findings(findings)
                     );
                     return Ok(ExitCode::FAILURE);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let s = verified.with_context(|| {
-                format!("{} is not a valid Istio cacerts bundle", dir.display())
+            let s = checked.map_err(|findings| {
+                anyhow!(
+                    "{} is not a valid Istio cacerts bundle: {}",
+                    dir.display(),
+                    list_findings(&findings)
+                )
             })?;
             say!("meshca: {} is a valid plugged-in CA bundle", dir.display());
             say!("  subject      {}", s.subject);

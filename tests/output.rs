@@ -258,6 +258,34 @@ fn request_and_verify_json_are_what_openssl_says_of_the_files() {
         "{verified}"
     );
     assert!(!text(&out.stdout).contains("PRIVATE KEY"));
+
+    // And the intermediate in place of the root: every problem is named, in order, in JSON
+    // and in the text an operator reads.
+    std::fs::copy(dir.join("ca-cert.pem"), dir.join("root-cert.pem")).unwrap();
+    let out = run(env.meshca().args(["verify", "--output", "json"]).arg(&dir));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let verified = json_of(&out);
+    let files: Vec<&str> = verified["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|finding| finding["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        ["ca-key.pem", "root-cert.pem", "root-cert.pem"],
+        "{verified}"
+    );
+    let out = run(env.meshca().arg("verify").arg(&dir));
+    assert_eq!(out.status.code(), Some(1));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains(
+            "is not a valid Istio cacerts bundle: 3 problems: (1) ca-key.pem does not match"
+        ) && said.contains("; (2) root-cert.pem: certificate 1 is not self-issued")
+            && said.contains("; (3) the chain does not end at a root in root-cert.pem"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -296,73 +296,138 @@ pub fn is_self_issued(cert: &Certificate) -> bool {
 /// ([`is_self_issued`]); the one the chain ends at must be a CA whose self-signature
 /// verifies and valid at `now`. With `expected_root`, the chain must be anchored at that
 /// certificate: trusting it (root-cert.pem holds an announced next root) is not having
-/// moved to it.
+/// moved to it. The error is the first of [`check_bundle`]'s findings.
 pub fn verify_bundle(
     files: &BundleFiles,
     expected_root: Option<&Certificate>,
     now: SystemTime,
 ) -> Result<BundleSummary, BundleError> {
-    let ca_cert = certs(CA_CERT, &files.ca_cert)?.remove(0);
-    let chain = certs(CERT_CHAIN, &files.cert_chain)?;
-    let roots = certs(ROOT_CERT, &files.root_cert)?;
-    let key = PrivateKey::from_pem(&files.ca_key).map_err(|e| BundleError::File {
-        file: CA_KEY,
-        message: e.to_string(),
-    })?;
+    check_bundle(files, expected_root, now).map_err(|mut findings| findings.remove(0))
+}
 
-    let tbs = ca_cert.tbs_certificate();
-    let key_spki = key.public_key_info().map_err(|e| BundleError::File {
-        file: CA_KEY,
-        message: e.to_string(),
-    })?;
-    if key_spki.to_der().ok() != tbs.subject_public_key_info().to_der().ok() {
-        return Err(BundleError::KeyMismatch);
-    }
-    if !is_ca(tbs) {
-        return Err(BundleError::NotCa);
-    }
-    if !same(&chain[0], &ca_cert) {
-        return Err(BundleError::ChainStart);
-    }
-    if let Some(index) = roots.iter().position(|root| !is_self_issued(root)) {
-        return Err(BundleError::NotSelfIssued(index + 1));
-    }
-    for index in 0..chain.len() - 1 {
-        if !signed_by(&chain[index], &chain[index + 1]) {
-            return Err(BundleError::ChainLink {
-                index: index + 1,
-                next: index + 2,
-                reason: link_problem(&chain[index], &chain[index + 1]),
+/// The bundle's summary, or everything wrong with it at time `now` (never an empty list),
+/// in the order [`verify_bundle`] checks it: its error is the first. Whoever mends a
+/// bundle by hand sees every problem at once, not one per run. A check that needs a file
+/// that did not parse is left out.
+pub fn check_bundle(
+    files: &BundleFiles,
+    expected_root: Option<&Certificate>,
+    now: SystemTime,
+) -> Result<BundleSummary, Vec<BundleError>> {
+    let mut findings = Vec::new();
+    let mut noted = |parsed: Result<Vec<Certificate>, BundleError>| match parsed {
+        Ok(certs) => Some(certs),
+        Err(e) => {
+            findings.push(e);
+            None
+        }
+    };
+    // decode_certificates refuses a file without a certificate, so each list has a first.
+    let ca_cert = noted(certs(CA_CERT, &files.ca_cert)).map(|mut certs| certs.remove(0));
+    let chain = noted(certs(CERT_CHAIN, &files.cert_chain));
+    let roots = noted(certs(ROOT_CERT, &files.root_cert));
+    let key_spki = PrivateKey::from_pem(&files.ca_key)
+        .map_err(|e| e.to_string())
+        .and_then(|key| key.public_key_info().map_err(|e| e.to_string()));
+    let key_spki = match key_spki {
+        Ok(spki) => Some(spki),
+        Err(message) => {
+            findings.push(BundleError::File {
+                file: CA_KEY,
+                message,
             });
+            None
+        }
+    };
+
+    if let Some(ca_cert) = &ca_cert {
+        let tbs = ca_cert.tbs_certificate();
+        if let Some(spki) = &key_spki
+            && spki.to_der().ok() != tbs.subject_public_key_info().to_der().ok()
+        {
+            findings.push(BundleError::KeyMismatch);
+        }
+        if !is_ca(tbs) {
+            findings.push(BundleError::NotCa);
+        }
+        if let Some(chain) = &chain
+            && !same(&chain[0], ca_cert)
+        {
+            findings.push(BundleError::ChainStart);
         }
     }
-    let top = &chain[chain.len() - 1];
-    let (anchor_index, anchor) = roots
-        .iter()
-        .enumerate()
-        .find(|(_, root)| same(root, top) || signed_by(top, root))
-        .ok_or(BundleError::NoTrustedRoot)?;
-    if !(signed_by(anchor, anchor) && is_ca(anchor.tbs_certificate())) {
-        return Err(BundleError::BadAnchor(anchor_index + 1));
+    if let Some(roots) = &roots {
+        for (index, root) in roots.iter().enumerate() {
+            if !is_self_issued(root) {
+                findings.push(BundleError::NotSelfIssued(index + 1));
+            }
+        }
     }
-    if let Some(expected) = expected_root
-        && !same(anchor, expected)
+    let mut anchor = None;
+    if let Some(chain) = &chain {
+        for (index, pair) in chain.windows(2).enumerate() {
+            if !signed_by(&pair[0], &pair[1]) {
+                findings.push(BundleError::ChainLink {
+                    index: index + 1,
+                    next: index + 2,
+                    reason: link_problem(&pair[0], &pair[1]),
+                });
+            }
+        }
+        if let Some(roots) = &roots {
+            let top = &chain[chain.len() - 1];
+            anchor = roots
+                .iter()
+                .enumerate()
+                .find(|(_, root)| same(root, top) || signed_by(top, root));
+            match anchor {
+                None => findings.push(BundleError::NoTrustedRoot),
+                Some((index, root)) => {
+                    if !(signed_by(root, root) && is_ca(root.tbs_certificate())) {
+                        findings.push(BundleError::BadAnchor(index + 1));
+                    }
+                    if let Some(expected) = expected_root
+                        && !same(root, expected)
+                    {
+                        findings.push(BundleError::UnexpectedRoot {
+                            anchor: fingerprint(root),
+                            expected: fingerprint(expected),
+                        });
+                    }
+                }
+            }
+        }
+        for (index, cert) in chain.iter().enumerate() {
+            let which = format!("{CERT_CHAIN} certificate {}", index + 1);
+            findings.extend(check_time(which, cert, now).err());
+        }
+    }
+    if let Some((_, root)) = anchor {
+        let which = format!("the anchoring root in {ROOT_CERT}");
+        findings.extend(check_time(which, root, now).err());
+    }
+    let issuer = match (&chain, anchor) {
+        (Some(chain), _) if chain.len() > 1 => Some(&chain[1]),
+        (_, Some((_, root))) => Some(root),
+        _ => None,
+    };
+    if let (Some(ca_cert), Some(issuer)) = (&ca_cert, issuer)
+        && let Err(e) =
+            lint_intermediate_profile(ca_cert.tbs_certificate(), &subject_key_id(issuer))
     {
-        return Err(BundleError::UnexpectedRoot {
-            anchor: fingerprint(anchor),
-            expected: fingerprint(expected),
-        });
+        findings.push(BundleError::Profile(e.0.join("; ")));
     }
 
-    for (index, cert) in chain.iter().enumerate() {
-        check_time(format!("{CERT_CHAIN} certificate {}", index + 1), cert, now)?;
-    }
-    check_time(format!("the anchoring root in {ROOT_CERT}"), anchor, now)?;
-
-    let issuer = if chain.len() > 1 { &chain[1] } else { anchor };
-    lint_intermediate_profile(tbs, &subject_key_id(issuer))
-        .map_err(|e| BundleError::Profile(e.0.join("; ")))?;
-
+    let (Some(ca_cert), Some(chain), Some(roots), Some((_, anchor)), true) =
+        (&ca_cert, &chain, &roots, anchor, findings.is_empty())
+    else {
+        // Without a finding every file parsed and the chain found its anchor.
+        if findings.is_empty() {
+            findings.push(BundleError::NoTrustedRoot);
+        }
+        return Err(findings);
+    };
+    let tbs = ca_cert.tbs_certificate();
     Ok(BundleSummary {
         subject: tbs.subject().to_string(),
         issuer: tbs.issuer().to_string(),
@@ -484,6 +549,53 @@ mod tests {
         assert_eq!(
             names_apart(&utf8, &printable("acme", "acme root")).unwrap(),
             "its issuer reads as the next one's subject (CN=acme root,O=acme) but is encoded otherwise (another string type): Go, and so istiod, matches names byte for byte"
+        );
+    }
+
+    /// Every problem is found, in [`verify_bundle`]'s order (its error is the first); a
+    /// file that does not parse leaves out only the checks that need it.
+    #[test]
+    fn check_bundle_names_every_problem_in_order() {
+        use std::time::Duration;
+        let now = SystemTime::now();
+        let (_root, files) = bundle_at(now);
+        assert!(check_bundle(&files, None, now).is_ok());
+        let (_, other) = bundle_at(now);
+        let later = now + Duration::from_secs(2 * 3600);
+        let another_key = BundleFiles {
+            ca_key: other.ca_key.clone(),
+            ..files.clone()
+        };
+        let findings = check_bundle(&another_key, None, later).unwrap_err();
+        assert!(
+            matches!(
+                findings.as_slice(),
+                [BundleError::KeyMismatch, BundleError::Expired { which, .. }]
+                    if which == "cert-chain.pem certificate 1"
+            ),
+            "{findings:?}"
+        );
+        assert_eq!(
+            verify_bundle(&another_key, None, later).unwrap_err(),
+            BundleError::KeyMismatch
+        );
+        let unreadable_key_and_roots = BundleFiles {
+            ca_key: "not a key".into(),
+            root_cert: files.ca_cert.clone(),
+            ..files.clone()
+        };
+        let findings = check_bundle(&unreadable_key_and_roots, None, later).unwrap_err();
+        assert!(
+            matches!(
+                findings.as_slice(),
+                [
+                    BundleError::File { file: CA_KEY, .. },
+                    BundleError::NotSelfIssued(1),
+                    BundleError::NoTrustedRoot,
+                    BundleError::Expired { .. },
+                ]
+            ),
+            "{findings:?}"
         );
     }
 
