@@ -297,6 +297,11 @@ pub fn server_config(
         .with_single_cert(chain, private_key)
         .map_err(|e| certificate_error("server", cert, key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No session resumption: a resumed session skips the client verifier, so a client
+    // certificate expired since, or one an overdue CRL covers under "refuse", would be
+    // taken unchecked. An agent makes one handshake per pass; a full one costs it little.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(ServerTls {
         config,
         certificate,

@@ -998,6 +998,98 @@ async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until
     assert!(env.client("spare").get(&healthz).send().await.is_err());
 }
 
+/// With `client_crl_overdue = "refuse"`, a CRL that passes its nextUpdate refuses its
+/// clients on connections made before, as at a new handshake: the connection kept alive
+/// is checked again at each request, and no session can be resumed past the check (the
+/// signer's clock moved two days on by libfaketime reading its offset from a file).
+#[tokio::test]
+async fn an_overdue_crl_under_refuse_reaches_kept_alive_and_resumed_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::new();
+    env.check_client_crls();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "client_crls = [\"pki/crl.pem\"]",
+        "client_crls = [\"pki/crl.pem\"]\nclient_crl_overdue = \"refuse\"",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    // Due to be replaced a day from now.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let openssl_time = |unix: u64| {
+        let out =
+            run_ok(Command::new("date").args(["-u", "-d", &format!("@{unix}"), "+%Y%m%d%H%M%SZ"]));
+        text(&out.stdout).trim().to_string()
+    };
+    write_crl(
+        &env,
+        &env.path("pki/crl.pem"),
+        &openssl_time(now - 60),
+        &openssl_time(now + 86_400),
+    );
+    let offset = env.path("clock-offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let signer = env.start_signer_command(|cmd| {
+        cmd.env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME_TIMESTAMP_FILE", &offset)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    });
+
+    // No session to resume: a second connection with the same client config (and so its
+    // session cache) makes a full handshake.
+    let config = Arc::new(
+        meshca::tlsutil::client_config(
+            &env.path("pki/ca.pem"),
+            &env.path("pki/cluster-a.pem"),
+            &env.path("pki/cluster-a.key"),
+        )
+        .unwrap(),
+    );
+    let connect = || async {
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        let tcp = tokio::net::TcpStream::connect(signer.addr).await.unwrap();
+        let server_name = rustls_pki_types::ServerName::IpAddress(signer.addr.ip().into());
+        connector.connect(server_name, tcp).await.unwrap()
+    };
+    let mut first = connect().await;
+    // An answer read to its end takes in any session ticket sent after the handshake.
+    first
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: signer\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = first.read_to_end(&mut answer).await;
+    assert!(
+        text(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        text(&answer)
+    );
+    let second = connect().await;
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    drop(second);
+
+    // A connection kept alive across the nextUpdate.
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    std::fs::write(&offset, "+2d\n").unwrap();
+    let (status, answer) = sign_fresh(&client, &signer).await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(
+        error_code(&answer),
+        "client_certificate_crl_overdue",
+        "{answer}"
+    );
+    assert!(
+        error_message(&answer).contains("its CRL is overdue since the handshake"),
+        "{answer}"
+    );
+}
+
 /// A CRL that passes its nextUpdate while the signer runs is logged then, not only shown
 /// by the metric (the start and a reload log those already past it).
 #[tokio::test]

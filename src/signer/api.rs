@@ -476,7 +476,7 @@ async fn sign_inner(
             Status::Forbidden,
             reason,
             format!(
-                "the client certificate is no longer accepted by the TLS settings in force (client CA and CRLs, reloaded while this request was under way): {e}"
+                "the client certificate is no longer accepted by the TLS settings in force (it has expired or its CRL is overdue since the handshake, or a reload changed the client CA or CRLs): {e}"
             ),
         )
     })?;
@@ -587,7 +587,9 @@ async fn virtual_mesh(
     };
     // The meshes of this virtual mesh the asking client may request (its own grants
     // only), so an agent whose grant went away learns it now, not at its next renewal.
+    // None for a kept-alive client the TLS settings in force no longer accept.
     let authorized_meshes: Vec<String> = identity
+        .filter(|axum::Extension(client)| state.client_still_trusted(client).is_ok())
         .and_then(|axum::Extension(client)| client.identity)
         .and_then(|identity| rules.authorization.grants_of(&identity))
         .into_iter()

@@ -461,6 +461,10 @@ pub(super) struct ServingTls {
     pub(super) client_ca_set: Arc<crate::tlsutil::ClientCaSet>,
     /// What the acceptor was built from: a reload that reads the same keeps it.
     pub(super) fingerprint: MaterialFingerprint,
+    /// With `client_crl_overdue = "refuse"`, the earliest `nextUpdate` of the CRLs in
+    /// force: from then on a kept-alive connection's client is checked again at each
+    /// request, as a new handshake would be (nothing in the fingerprint changes).
+    pub(super) crls_refuse_from: Option<SystemTime>,
     /// The acceptor's client verifier: a decision checks its client with the one in force
     /// once the body is in (a reload may have revoked it since the handshake).
     pub(super) client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -489,6 +493,14 @@ pub(super) fn serving_tls(
         files.client_crl_overdue,
     )?;
     check_client_ca_apart_from_mesh(&files.client_ca, &tls.client_cas, mesh_roots)?;
+    let crls_refuse_from = (files.client_crl_overdue == CrlOverdue::Refuse)
+        .then(|| {
+            tls.crl_next_updates
+                .iter()
+                .filter_map(|crl| crl.next_update)
+                .min()
+        })
+        .flatten();
     Ok(ServingTls {
         acceptor: TlsAcceptor::from(Arc::new(tls.config)),
         certificate: tls.certificate,
@@ -500,6 +512,7 @@ pub(super) fn serving_tls(
         client_ca_set: Arc::new(crate::tlsutil::ClientCaSet::of(&tls.client_cas)),
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
+        crls_refuse_from,
         client_verifier: tls.client_verifier,
         trust: tls.trust,
         source_digest,
