@@ -1954,7 +1954,7 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
             } else {
                 tracing::info!(
                     rules_sha256 = %reload.rules_sha256,
-                    changes = %reload.change,
+                    changes = %reload.change.log_line(),
                     "SIGHUP: rules reloaded (recorded in the audit log)"
                 );
             }
