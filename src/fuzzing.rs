@@ -99,9 +99,13 @@ fn texts<const N: usize>(data: &[u8]) -> Option<[String; N]> {
 
 /// `meshca audit verify` over a log someone may have edited: any bytes.
 pub fn audit_verify(data: &[u8]) {
-    use crate::signer::audit::{GENESIS, verify};
+    use crate::signer::audit::{Follows, GENESIS, verify};
     let _ = verify(data, None, &[GENESIS.to_string()]);
-    let _ = verify(data, Some(GENESIS), &[]);
+    let follows = Follows {
+        last_hash: GENESIS,
+        last_time: None,
+    };
+    let _ = verify(data, Some(follows), &[]);
 }
 
 /// The agent's reading of an installed `cacerts` set (a directory or a Secret another

@@ -322,12 +322,17 @@ enum AuditCommand {
 /// one object on stdout, a break included (`intact: false`, with `error` and
 /// `exit_status` as every command's error has them, and where it broke).
 fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Result<ExitCode> {
-    let mut after: Option<String> = None;
+    // The last hash and record time of the file before: the next file continues both.
+    let mut after: Option<(String, Option<String>)> = None;
     let mut missing = expect_hashes.to_vec();
     let mut verified = Vec::new();
     let mut records_total = 0;
     for file in files {
-        match audit::verify_file(file, after.as_deref(), expect_hashes)? {
+        let follows = after.as_ref().map(|(last_hash, last_time)| audit::Follows {
+            last_hash,
+            last_time: last_time.as_deref(),
+        });
+        match audit::verify_file(file, follows, expect_hashes)? {
             VerifyOutcome::Intact {
                 records,
                 last_hash,
@@ -335,6 +340,7 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                 anchored,
                 clock_steps_back,
                 clock_steps_back_total,
+                last_time,
             } => {
                 if !json {
                     say!(
@@ -353,8 +359,14 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                         );
                     }
                     for step in &clock_steps_back {
+                        // Line 1 of a file after another follows that file's last record.
+                        let before = if step.line == 1 && after.is_some() {
+                            "the last record of the file before"
+                        } else {
+                            "the record before it"
+                        };
                         say!(
-                            "  warning: line {} is timed {}, {} s before the record before it ({}): the signer's clock stepped back there: set back (what was issued after it carries dates too early), or put right after running ahead (what was issued before it carries dates too late); check the host's time synchronisation",
+                            "  warning: line {} is timed {}, {} s before {before} ({}): the signer's clock stepped back there: set back (what was issued after it carries dates too early), or put right after running ahead (what was issued before it carries dates too late); check the host's time synchronisation",
                             step.line,
                             step.time,
                             step.seconds,
@@ -389,7 +401,7 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
                     })).collect::<Vec<_>>(),
                     "clock_steps_back_total": clock_steps_back_total,
                 }));
-                after = Some(last_hash);
+                after = Some((last_hash, last_time));
             }
             VerifyOutcome::Broken { line, problem } => {
                 let error = format!(
@@ -429,7 +441,7 @@ fn audit_verify(files: &[PathBuf], expect_hashes: &[String], json: bool) -> Resu
         say_json(&serde_json::json!({
             "intact": true,
             "records": records_total,
-            "last_hash": after,
+            "last_hash": after.map(|(last_hash, _)| last_hash),
             "files": verified,
         }));
     }

@@ -180,6 +180,61 @@ async fn audit_verify_names_the_record_where_the_signers_clock_went_back() {
     assert!((7000..=7200).contains(&seconds), "{json}");
 }
 
+/// The signer's clock set back two hours just as its log was rotated (moved away): the
+/// new file's first record, the `rotation` one, is timed before the moved file's last.
+/// `audit verify` of the two, oldest first, names it (it compared within a file only).
+#[tokio::test]
+async fn audit_verify_names_a_clock_set_back_across_a_rotation() {
+    let env = Env::new();
+    let offset = env.path("clock-offset");
+    std::fs::write(&offset, "+2h\n").unwrap();
+    let mut signer = env.start_signer_command(|cmd| {
+        cmd.env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME_TIMESTAMP_FILE", &offset)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    });
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    std::fs::rename(env.path("audit.log"), env.path("audit.log.1")).unwrap();
+    std::fs::write(&offset, "+0\n").unwrap();
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    assert!(signer.terminate(), "SIGTERM must drain and exit 0");
+
+    let out = run_ok(
+        env.meshca()
+            .args(["audit", "verify", "audit.log.1", "audit.log"]),
+    );
+    let text = text(&out.stdout);
+    assert!(
+        text.contains("warning: line 1 is timed ")
+            && text.contains("before the last record of the file before")
+            && text.contains("the signer's clock stepped back there"),
+        "{text}"
+    );
+    let out = run(env.meshca().args([
+        "audit",
+        "verify",
+        "--output",
+        "json",
+        "audit.log.1",
+        "audit.log",
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["files"][0]["clock_steps_back_total"], 0, "{json}");
+    let file = &json["files"][1];
+    assert_eq!(file["clock_steps_back_total"], 1, "{json}");
+    assert_eq!(file["clock_steps_back"][0]["line"], 1, "{json}");
+    // About two hours: the two signings are seconds apart in real time.
+    let seconds = file["clock_steps_back"][0]["seconds"].as_u64().unwrap();
+    assert!((7000..=7200).contains(&seconds), "{json}");
+}
+
 /// A bundle in place dated by a signer whose clock read an hour ahead. With this machine's
 /// clock behind the signer's, a pass asks once and refuses the answer, not valid yet either
 /// (a running agent then asks nothing more until its clock agrees: unit-tested in

@@ -2546,10 +2546,20 @@ async fn virtual_meshes_sharing_the_root_without_trust_domains_are_warned_of() {
         .await;
     assert!(line.contains("WARN") && line.contains("SIGHUP"), "{line}");
     // And that rustls peers (ztunnel) refuse what test/strict's intermediates now carry.
-    let line = signer
-        .wait_for_log("virtual mesh test/strict sets spec.trustDomains: its intermediates carry URI name constraints, which rustls-webpki does not support")
-        .await;
+    let rustls = "virtual mesh test/strict sets spec.trustDomains: its intermediates carry URI name constraints, which rustls-webpki does not support";
+    let line = signer.wait_for_log(rustls).await;
     assert!(line.contains("WARN") && line.contains("SIGHUP"), "{line}");
+
+    // A SIGHUP that changes neither says them again (it repeated every warning): its
+    // warnings come before its "rules reloaded" line.
+    send_signal(signer.child.id(), "HUP");
+    signer
+        .wait_for_nth_log("SIGHUP: rules reloaded; nothing in them changed", 1)
+        .await;
+    let logs = signer.logs();
+    for warning in [rustls, "test/vm is without"] {
+        assert_eq!(logs.matches(warning).count(), 1, "{warning}: {logs}");
+    }
 }
 
 /// `--listen` replaces the file's `listen`: the address checked against `ops_listen` is the

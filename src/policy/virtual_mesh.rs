@@ -650,8 +650,29 @@ impl PolicySet {
     /// without trust domains apart (every intermediate chains to that root, so a cluster
     /// of one can sign workload identities the others accept, unless name constraints
     /// keep it to its own trust domains). Not errors: several virtual meshes of one tenant
-    /// are legitimate, and a mesh of sidecars only verifies name constraints.
+    /// are legitimate, and a mesh of sidecars only verifies name constraints. Each names
+    /// at most [`NAMES_LISTED`] virtual meshes per list, then counts the rest: a signer of
+    /// hundreds of them would otherwise log lines of kilobytes.
     pub fn trust_domain_warnings(&self) -> Vec<String> {
+        self.trust_domain_warnings_listing(listed)
+    }
+
+    /// The warnings of [`Self::trust_domain_warnings`] a reload repeats: those whose
+    /// virtual meshes (or trust domains) named differ from every warning of the policies
+    /// `in_force`, so that a SIGHUP that changes none of them says nothing again.
+    pub fn trust_domain_warnings_new_since(&self, in_force: &PolicySet) -> Vec<String> {
+        // Compared with every name: a change past the ones listed is a change too.
+        let before = in_force.trust_domain_warnings_listing(every);
+        self.trust_domain_warnings_listing(every)
+            .into_iter()
+            .zip(self.trust_domain_warnings())
+            .filter(|(whole, _)| !before.contains(whole))
+            .map(|(_, shown)| shown)
+            .collect()
+    }
+
+    /// The warnings, each list of virtual meshes written by `list`.
+    fn trust_domain_warnings_listing(&self, list: fn(&[String]) -> String) -> Vec<String> {
         let mut warnings = Vec::new();
         let constrained: Vec<String> = self
             .iter()
@@ -661,7 +682,7 @@ impl PolicySet {
         if !constrained.is_empty() {
             warnings.push(format!(
                 "virtual mesh {} sets spec.trustDomains: its intermediates carry URI name constraints, which rustls-webpki does not support, so rustls peers (Istio ambient mode's ztunnel among them) refuse every workload certificate under them, inside a cluster too; openssl and Go verify them: use spec.trustDomains only where no rustls peer verifies workload certificates",
-                constrained.join(", ")
+                list(&constrained)
             ));
         }
         if self.meshes.len() < 2 {
@@ -676,11 +697,11 @@ impl PolicySet {
             let all: Vec<String> = self.iter().map(|policy| policy.id.to_string()).collect();
             let (which, verb, them) = match unconstrained.as_slice() {
                 [one] => (one.clone(), "is", "it"),
-                several => (several.join(", "), "are", "them"),
+                several => (list(several), "are", "them"),
             };
             warnings.push(format!(
                 "the virtual meshes {} share one root and trust each other's workloads: {which} {verb} without spec.trustDomains, so the intermediate key of any cluster of {them} can sign workload identities (SPIFFE IDs) in any trust domain; list each virtual mesh's trust domains in spec.trustDomains to keep them apart, or give each tenant its own root and signer",
-                all.join(", ")
+                list(&all)
             ));
         }
         let mut listed_by: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -695,7 +716,7 @@ impl PolicySet {
         for (domain, ids) in listed_by.iter().filter(|(_, ids)| ids.len() > 1) {
             warnings.push(format!(
                 "the virtual meshes {} all list the trust domain {domain} in spec.trustDomains: a cluster of any of them can sign the others' workload identities in it",
-                ids.join(", ")
+                list(ids)
             ));
         }
         // Go (istiod, proxyless gRPC) matches a URI constraint as a DNS one, subdomains
@@ -704,20 +725,40 @@ impl PolicySet {
         for (parent, parent_ids) in &listed_by {
             let below = format!(".{parent}");
             for (domain, ids) in &listed_by {
-                let others: Vec<&String> =
-                    ids.iter().filter(|id| !parent_ids.contains(id)).collect();
+                let others: Vec<String> = ids
+                    .iter()
+                    .filter(|id| !parent_ids.contains(id))
+                    .cloned()
+                    .collect();
                 if domain.ends_with(&below) && !others.is_empty() {
                     warnings.push(format!(
                         "virtual mesh {} lists the trust domain {parent} and {} lists {domain}, a subdomain of it: Go (istiod, proxyless gRPC) reads a URI name constraint as covering subdomains, so a cluster of {} can sign workload identities in {domain} that Go accepts (openssl refuses them); use trust domains that are not subdomains of another virtual mesh's",
-                        parent_ids.join(", "),
-                        others.iter().map(|id| id.as_str()).collect::<Vec<_>>().join(", "),
-                        parent_ids.join(", ")
+                        list(parent_ids),
+                        list(&others),
+                        list(parent_ids)
                     ));
                 }
             }
         }
         warnings
     }
+}
+
+/// Most virtual meshes a list in a trust-domain warning names.
+pub const NAMES_LISTED: usize = 16;
+
+/// `names`, the first [`NAMES_LISTED`] of them, then how many more.
+fn listed(names: &[String]) -> String {
+    let shown = names[..names.len().min(NAMES_LISTED)].join(", ");
+    match names.len().saturating_sub(NAMES_LISTED) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// `names`, every one.
+fn every(names: &[String]) -> String {
+    names.join(", ")
 }
 
 #[cfg(test)]
@@ -1039,6 +1080,72 @@ mod tests {
             [
                 "the virtual meshes tenants/pay, tenants/web all list the trust domain cluster.local in spec.trustDomains: a cluster of any of them can sign the others' workload identities in it"
             ]
+        );
+    }
+
+    /// A reload warns again only of a warning whose virtual meshes changed (before, every
+    /// SIGHUP repeated them all), and a warning lists 16 of them, then a count (it listed
+    /// every one on one line).
+    #[test]
+    fn a_reload_repeats_only_changed_trust_domain_warnings_each_listing_16() {
+        let tenants = |names: &[&str]| {
+            load(
+                &names
+                    .iter()
+                    .map(|name| tenant_vm(name, ""))
+                    .collect::<String>(),
+            )
+            .unwrap()
+        };
+        let names: Vec<String> = (0..20).map(|n| format!("t{n:02}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let twenty = tenants(&names);
+        let warnings = twenty.trust_domain_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let sixteen = (0..16)
+            .map(|n| format!("tenants/t{n:02}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(
+            warnings[0].starts_with(&format!(
+                "the virtual meshes {sixteen} and 4 more share one root and trust each other's workloads: {sixteen} and 4 more are without"
+            )),
+            "{}",
+            warnings[0]
+        );
+        // Nothing changed, or only what no warning names: nothing to say again.
+        assert!(twenty.trust_domain_warnings_new_since(&twenty).is_empty());
+        let longer = load(
+            &names
+                .iter()
+                .map(|name| tenant_vm(name, "").replace("ttlDays: 10", "ttlDays: 20"))
+                .collect::<String>(),
+        )
+        .unwrap();
+        assert!(longer.trust_domain_warnings_new_since(&twenty).is_empty());
+        // One virtual mesh past the 16 listed replaced: the line reads the same, but the
+        // set it names changed.
+        let replaced = tenants(&[&names[..19], &["t99"]].concat());
+        assert_eq!(replaced.trust_domain_warnings(), warnings);
+        assert_eq!(replaced.trust_domain_warnings_new_since(&twenty), warnings);
+        // One given trust domains: both warnings are news.
+        let constrained = load(&format!(
+            "{}{}",
+            tenant_vm("t00", "  trustDomains: [t00.local]\n"),
+            names[1..]
+                .iter()
+                .map(|name| tenant_vm(name, ""))
+                .collect::<String>()
+        ))
+        .unwrap();
+        assert_eq!(
+            constrained.trust_domain_warnings_new_since(&twenty).len(),
+            2
+        );
+        assert!(
+            constrained
+                .trust_domain_warnings_new_since(&constrained)
+                .is_empty()
         );
     }
 

@@ -1277,6 +1277,9 @@ pub enum VerifyOutcome {
         clock_steps_back: Vec<ClockStepBack>,
         /// How many there are in all.
         clock_steps_back_total: usize,
+        /// The time of the last record, if it reads as one (after an empty file, that of
+        /// the file before): the next file's first record is compared with it.
+        last_time: Option<String>,
     },
     Broken {
         line: usize,
@@ -1302,19 +1305,31 @@ pub struct ClockStepBack {
     pub seconds: u64,
 }
 
+/// The end of the file a file of a rotated log follows, as [`verify`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Follows<'a> {
+    /// The hash of its last line, which the next file's first line continues.
+    pub last_hash: &'a str,
+    /// The time of its last record, if it read as one: a clock set back just as the log
+    /// rotated steps back between the two files.
+    pub last_time: Option<&'a str>,
+}
+
 /// Checks every line's `prev` against the hash of the line before it. The first line's
-/// `prev` must be `after` (the last hash of the file this one follows) when given; else
+/// `prev` must be `after`'s last hash (of the file this one follows) when given; else
 /// the chain's start, or the line is a `rotation` record continuing a file not given.
 /// Lines whose hash is one of `anchors` are named in the outcome. A last line without its
 /// newline is torn, as the signer's start takes it (it moves such a line aside): it breaks
 /// the file, and is neither counted nor the last hash. A compressed file is an error that
 /// says to decompress it first. Records timed well before the record before them are
-/// named (a clock set back), not a break.
+/// named (a clock set back), not a break, the first record against the last of the file
+/// before too.
 pub fn verify(
     mut reader: impl std::io::BufRead,
-    after: Option<&str>,
+    follows: Option<Follows<'_>>,
     anchors: &[String],
 ) -> std::io::Result<VerifyOutcome> {
+    let after = follows.map(|f| f.last_hash);
     let read_error = |e: std::io::Error, number: usize| {
         std::io::Error::new(e.kind(), format!("cannot read line {}: {e}", number + 1))
     };
@@ -1337,7 +1352,9 @@ pub fn verify(
     let mut anchored = Vec::new();
     let mut clock_steps_back = Vec::new();
     let mut clock_steps_back_total = 0;
-    let mut previous_time: Option<(i128, String)> = None;
+    let mut previous_time: Option<(i128, String)> = follows
+        .and_then(|f| f.last_time)
+        .and_then(|text| Some((rfc3339_millis(text)?, text.to_string())));
     let mut records = 0;
     let mut number = 0;
     let mut line = Vec::new();
@@ -1461,6 +1478,7 @@ pub fn verify(
         anchored,
         clock_steps_back,
         clock_steps_back_total,
+        last_time: previous_time.map(|(_, text)| text),
     })
 }
 
@@ -1534,7 +1552,7 @@ fn compression(start: &[u8]) -> Option<(&'static str, &'static str)> {
 /// be opened or read). Any file that reads is taken, a pipe too (`<(zcat audit.log.2.gz)`).
 pub fn verify_file(
     path: &Path,
-    after: Option<&str>,
+    follows: Option<Follows<'_>>,
     anchors: &[String],
 ) -> Result<VerifyOutcome, AuditError> {
     let named = |message: String| AuditError::Io {
@@ -1542,7 +1560,7 @@ pub fn verify_file(
         message,
     };
     let file = File::open(path).map_err(|e| named(format!("cannot open: {e}")))?;
-    verify(std::io::BufReader::new(file), after, anchors).map_err(|e| named(e.to_string()))
+    verify(std::io::BufReader::new(file), follows, anchors).map_err(|e| named(e.to_string()))
 }
 
 /// Where the audit log's times are written (and read back); used across meshca from here.
@@ -1617,9 +1635,13 @@ mod tests {
     }
 
     fn verify_after(path: &Path, after: Option<&str>) -> VerifyOutcome {
+        let follows = after.map(|last_hash| Follows {
+            last_hash,
+            last_time: None,
+        });
         verify(
             std::io::BufReader::new(File::open(path).unwrap()),
-            after,
+            follows,
             &[],
         )
         .unwrap()
@@ -1667,6 +1689,84 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The clock set back just as the log rotated: the new file's first record (the
+    /// `rotation` one) is timed two hours before the moved file's last. Verified after that
+    /// file, it is named; an empty file between them (a rotation with no line yet) carries
+    /// the time on. Alone, a file continuing one not given has nothing to compare with.
+    #[tokio::test]
+    async fn a_clock_set_back_as_the_log_rotated_is_named_across_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let moved = dir.path().join("audit.log.1");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        // Times long past: the rotation record takes the earliest of its batch's, or now.
+        for (n, time) in ["2020-06-01T12:00:00.000Z", "2020-06-01T12:00:01.000Z"]
+            .iter()
+            .enumerate()
+        {
+            let timed = AuditRecord {
+                time: time.to_string(),
+                ..record(n)
+            };
+            log.append(timed, log.expect_line()).await.unwrap();
+        }
+        std::fs::rename(&path, &moved).unwrap();
+        let set_back = AuditRecord {
+            time: "2020-06-01T10:00:00.000Z".into(),
+            ..record(2)
+        };
+        log.append(set_back, log.expect_line()).await.unwrap();
+        drop(log);
+
+        let VerifyOutcome::Intact {
+            last_hash,
+            last_time,
+            clock_steps_back_total: 0,
+            ..
+        } = verify_file(&moved)
+        else {
+            panic!("{:?}", verify_file(&moved));
+        };
+        assert_eq!(last_time.as_deref(), Some("2020-06-01T12:00:01.000Z"));
+        let follows = Follows {
+            last_hash: &last_hash,
+            last_time: last_time.as_deref(),
+        };
+        let empty = dir.path().join("empty.log");
+        std::fs::write(&empty, "").unwrap();
+        let VerifyOutcome::Intact {
+            last_time: carried, ..
+        } = super::verify_file(&empty, Some(follows), &[]).unwrap()
+        else {
+            panic!("an empty file after another is intact");
+        };
+        assert_eq!(carried, last_time);
+        match super::verify_file(&path, Some(follows), &[]).unwrap() {
+            VerifyOutcome::Intact {
+                records: 2,
+                clock_steps_back,
+                clock_steps_back_total: 1,
+                ..
+            } => assert_eq!(
+                clock_steps_back,
+                [ClockStepBack {
+                    line: 1,
+                    time: "2020-06-01T10:00:00.000Z".into(),
+                    previous_time: "2020-06-01T12:00:01.000Z".into(),
+                    seconds: 7201,
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            verify_file(&path),
+            VerifyOutcome::Intact {
+                clock_steps_back_total: 0,
+                ..
+            }
+        ));
     }
 
     #[tokio::test]
@@ -2249,6 +2349,8 @@ mod tests {
             panic!("{:?}", verify_after(&path, Some(&second_last)));
         };
         // Alone, a continuing file says what it continues.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: AuditRecord = serde_json::from_str(text.lines().last().unwrap()).unwrap();
         assert_eq!(
             verify_file(&path),
             VerifyOutcome::Intact {
@@ -2258,6 +2360,7 @@ mod tests {
                 anchored: vec![],
                 clock_steps_back: vec![],
                 clock_steps_back_total: 0,
+                last_time: Some(last.time),
             }
         );
         // Out of order, or with a file left out: refused at the first line.

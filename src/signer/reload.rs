@@ -73,7 +73,7 @@ impl Rules {
         let mut parts: Vec<String> = self
             .policies
             .iter()
-            .map(|policy| format!("virtual mesh {} ({})", policy.id, summary(policy)))
+            .map(|policy| format!("virtual mesh {} ({})", policy.id, summary(policy, every)))
             .collect();
         let clients = self.authorization.clients().count();
         let grants: usize = self.authorization.clients().map(|(_, g)| g.len()).sum();
@@ -134,7 +134,7 @@ impl Rules {
                 quoted(&policy.org_name),
                 policy.max_ttl.as_secs(),
                 policy.min_rsa_bits,
-                names(policy.meshes.iter())
+                names(policy.meshes.iter()).join(", ")
             ));
         }
         for (identity, grants) in self.authorization.clients() {
@@ -183,16 +183,50 @@ fn quoted(value: &str) -> String {
 /// meshes first, each group in name order. Empty when nothing that is enforced changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RulesChange {
+    /// Every change, every name in it: the `reload` record's message.
     pub statements: Vec<String>,
+    /// The same statements, each list in them cut at [`LOG_NAMES`] names and a count:
+    /// what [`RulesChange::log_line`] shows of them.
+    listed: Vec<String>,
+}
+
+/// How many names (and statements) a reload's log line lists of each list, the rest
+/// counted: 499 clients renamed made a line of 77 KB. The audit record keeps them all.
+pub const LOG_NAMES: usize = 16;
+
+/// How a statement writes a list of names.
+type List = fn(Vec<String>) -> String;
+
+/// Every name, as the audit record has them.
+fn every(names: Vec<String>) -> String {
+    names.join(", ")
+}
+
+/// The first [`LOG_NAMES`] names, then how many more.
+fn listed(mut names: Vec<String>) -> String {
+    let more = names.len().saturating_sub(LOG_NAMES);
+    names.truncate(LOG_NAMES);
+    match more {
+        0 => names.join(", "),
+        more => format!("{} and {more} more", names.join(", ")),
+    }
 }
 
 impl RulesChange {
     pub fn between(in_force: &Rules, read: &Rules) -> Self {
+        RulesChange {
+            statements: Self::statements(in_force, read, every),
+            listed: Self::statements(in_force, read, listed),
+        }
+    }
+
+    fn statements(in_force: &Rules, read: &Rules, list: List) -> Vec<String> {
         let mut statements = Vec::new();
-        compare_virtual_meshes(&in_force.policies, &read.policies, &mut statements);
+        compare_virtual_meshes(&in_force.policies, &read.policies, list, &mut statements);
         compare_clients(
             &in_force.authorization,
             &read.authorization,
+            list,
             &mut statements,
         );
         compare_limits(&in_force.limits, &read.limits, &mut statements);
@@ -211,11 +245,26 @@ impl RulesChange {
                 &mut statements,
             );
         }
-        RulesChange { statements }
+        statements
     }
 
     pub fn is_empty(&self) -> bool {
         self.statements.is_empty()
+    }
+
+    /// The change as a reload's log line says it: at most [`LOG_NAMES`] statements, each
+    /// naming at most as many of a list, then what was left out, which the audit log's
+    /// `reload` record (its `message`) holds in full.
+    pub fn log_line(&self) -> String {
+        let mut line = self.listed[..self.listed.len().min(LOG_NAMES)].join("; ");
+        let more = self.listed.len().saturating_sub(LOG_NAMES);
+        if more > 0 {
+            line.push_str(&format!("; and {more} more changes"));
+        }
+        if more > 0 || self.listed != self.statements {
+            line.push_str(" (the audit log's reload record names them all)");
+        }
+        line
     }
 }
 
@@ -225,7 +274,12 @@ impl fmt::Display for RulesChange {
     }
 }
 
-fn compare_virtual_meshes(in_force: &PolicySet, read: &PolicySet, out: &mut Vec<String>) {
+fn compare_virtual_meshes(
+    in_force: &PolicySet,
+    read: &PolicySet,
+    list: List,
+    out: &mut Vec<String>,
+) {
     for old in in_force.iter() {
         let Some(new) = read.get(&old.id) else {
             out.push(format!("virtual mesh {} removed", old.id));
@@ -250,17 +304,17 @@ fn compare_virtual_meshes(in_force: &PolicySet, read: &PolicySet, out: &mut Vec<
         }
         let added = names(new.meshes.difference(&old.meshes));
         if !added.is_empty() {
-            differences.push(format!("meshes added: {added}"));
+            differences.push(format!("meshes added: {}", list(added)));
         }
         let removed = names(old.meshes.difference(&new.meshes));
         if !removed.is_empty() {
-            differences.push(format!("meshes removed: {removed}"));
+            differences.push(format!("meshes removed: {}", list(removed)));
         }
         if old.trust_domains != new.trust_domains {
             differences.push(format!(
                 "trust domains {} -> {}",
-                trust_domains(old),
-                trust_domains(new)
+                trust_domains(old, list),
+                trust_domains(new, list)
             ));
         }
         if old.display_name != new.display_name {
@@ -281,36 +335,41 @@ fn compare_virtual_meshes(in_force: &PolicySet, read: &PolicySet, out: &mut Vec<
         }
     }
     for new in read.iter().filter(|p| in_force.get(&p.id).is_none()) {
-        out.push(format!("virtual mesh {} added ({})", new.id, summary(new)));
+        out.push(format!(
+            "virtual mesh {} added ({})",
+            new.id,
+            summary(new, list)
+        ));
     }
 }
 
-fn summary(policy: &VirtualMeshPolicy) -> String {
+fn summary(policy: &VirtualMeshPolicy, list: List) -> String {
     let mut summary = format!(
         "org {:?}, ttl {}, RSA minimum {} bits, meshes: {}",
         policy.org_name,
         human_duration(policy.max_ttl),
         policy.min_rsa_bits,
-        names(policy.meshes.iter())
+        list(names(policy.meshes.iter()))
     );
     if !policy.trust_domains.is_empty() {
-        summary.push_str(&format!(", trust domains: {}", trust_domains(policy)));
+        summary.push_str(&format!(", trust domains: {}", trust_domains(policy, list)));
     }
     summary
 }
 
 /// A virtual mesh's trust domains as a reload names them (`none`: unconstrained).
-fn trust_domains(policy: &VirtualMeshPolicy) -> String {
+fn trust_domains(policy: &VirtualMeshPolicy, list: List) -> String {
     if policy.trust_domains.is_empty() {
         "none".into()
     } else {
-        policy.trust_domains.join(", ")
+        list(policy.trust_domains.clone())
     }
 }
 
 fn compare_clients(
     in_force: &AuthorizationTable,
     read: &AuthorizationTable,
+    list: List,
     out: &mut Vec<String>,
 ) {
     for (identity, old) in in_force.clients() {
@@ -321,11 +380,11 @@ fn compare_clients(
         let mut differences = Vec::new();
         let added = grants(new.difference(old));
         if !added.is_empty() {
-            differences.push(format!("may now ask for {added}"));
+            differences.push(format!("may now ask for {}", list(added)));
         }
         let removed = grants(old.difference(new));
         if !removed.is_empty() {
-            differences.push(format!("may no longer ask for {removed}"));
+            differences.push(format!("may no longer ask for {}", list(removed)));
         }
         let issuers = (in_force.issuer_of(identity), read.issuer_of(identity));
         if issuers.0 != issuers.1 {
@@ -349,7 +408,7 @@ fn compare_clients(
             .unwrap_or_default();
         out.push(format!(
             "client {identity} added (may ask for {}{issuer})",
-            grants(new.iter())
+            list(grants(new.iter()))
         ));
     }
 }
@@ -409,15 +468,14 @@ fn compare_announced_root(
     }
 }
 
-fn names<'a>(refs: impl Iterator<Item = &'a ObjectRef>) -> String {
-    refs.map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+fn names<'a>(refs: impl Iterator<Item = &'a ObjectRef>) -> Vec<String> {
+    refs.map(|r| r.to_string()).collect()
 }
 
-fn grants<'a>(pairs: impl Iterator<Item = &'a (ObjectRef, ObjectRef)>) -> String {
+fn grants<'a>(pairs: impl Iterator<Item = &'a (ObjectRef, ObjectRef)>) -> Vec<String> {
     pairs
         .map(|(virtual_mesh, mesh)| format!("{mesh} in {virtual_mesh}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect()
 }
 
 /// The settings read only at start that differ between the config in force and the one
@@ -748,6 +806,77 @@ allow = [{ virtual_mesh = "test/vm", mesh = "test/cluster-c" }]"#;
             back.statements
                 .contains(&"client spiffe://t/c removed".to_string())
         );
+    }
+
+    /// 499 clients renamed made a log line of 77 KB: the line lists 16 statements and 16
+    /// names of each list, then counts; the audit record's statements keep every one.
+    #[test]
+    fn a_reloads_log_line_lists_16_of_each_list_and_the_record_keeps_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = Rules::of(&config(dir.path(), MESHES, A_ONLY, ""), ROOT);
+        let added: Vec<String> = (0..20).map(|n| format!("m{n:02}")).collect();
+        let members: String = added
+            .iter()
+            .map(|name| format!(", {{name: {name}, namespace: test}}"))
+            .collect();
+        let meshes = MESHES.replace(
+            "{name: cluster-b, namespace: test}]",
+            &format!("{{name: cluster-b, namespace: test}}{members}]"),
+        );
+        let allow = |names: &[String]| {
+            names
+                .iter()
+                .map(|name| format!("{{ virtual_mesh = \"test/vm\", mesh = \"test/{name}\" }}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut clients = format!(
+            "[[clients]]\nidentity = \"spiffe://t/a\"\nallow = [{{ virtual_mesh = \"test/vm\", mesh = \"test/cluster-a\" }}, {}]\n",
+            allow(&added)
+        );
+        for n in 0..20 {
+            clients.push_str(&format!(
+                "[[clients]]\nidentity = \"spiffe://t/c{n:02}\"\nallow = [{}]\n",
+                allow(&added[..1])
+            ));
+        }
+        let after = Rules::of(&config(dir.path(), &meshes, &clients, ""), ROOT);
+        let change = RulesChange::between(&before, &after);
+        // The record: 22 statements, every name.
+        assert_eq!(change.statements.len(), 22, "{change}");
+        let record = change.to_string();
+        assert!(
+            record.contains("test/m18, test/m19; ")
+                && record.contains("test/m19 in test/vm")
+                && record.contains("spiffe://t/c19 added"),
+            "{record}"
+        );
+        let sixteen = |each: fn(&String) -> String| {
+            added[..16].iter().map(each).collect::<Vec<_>>().join(", ")
+        };
+        let line = change.log_line();
+        assert!(
+            line.starts_with(&format!(
+                "virtual mesh test/vm: meshes added: {} and 4 more; client spiffe://t/a: may now ask for {} and 4 more; client spiffe://t/c00 added",
+                sixteen(|name| format!("test/{name}")),
+                sixteen(|name| format!("test/{name} in test/vm")),
+            )),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(
+                "; client spiffe://t/c13 added (may ask for test/m00 in test/vm); and 6 more changes (the audit log's reload record names them all)"
+            ),
+            "{line}"
+        );
+        assert!(!line.contains("m19") && !line.contains("c14"), "{line}");
+        // Nothing left out: the line is the record's message.
+        let small = RulesChange::between(
+            &before,
+            &Rules::of(&config(dir.path(), MESHES, "", ""), ROOT),
+        );
+        assert_eq!(small.log_line(), small.to_string());
+        assert_eq!(small.log_line(), "client spiffe://t/a removed");
     }
 
     #[test]

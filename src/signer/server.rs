@@ -756,8 +756,12 @@ impl RunningSigner {
             self.state.replace_rules(rules);
         }
         warn_of_ended_announced_roots(&read.root);
-        // As at start: a reload may have added a virtual mesh beside the others.
-        for shared in read.policies.trust_domain_warnings() {
+        // As at start, of what a reload changed: a virtual mesh added beside the others.
+        // The same warning at every SIGHUP would bury the one that is news.
+        for shared in read
+            .policies
+            .trust_domain_warnings_new_since(&in_force.policies)
+        {
             tracing::warn!("SIGHUP: {shared}");
         }
         let mut restart_only = restart_only_changes(&self.config, &read);
@@ -1963,7 +1967,7 @@ fn log_rules_reload(outcome: Result<RulesReload, ReloadError>) {
             } else {
                 tracing::info!(
                     rules_sha256 = %reload.rules_sha256,
-                    changes = %reload.change,
+                    changes = %reload.change.log_line(),
                     "SIGHUP: rules reloaded (recorded in the audit log)"
                 );
             }
