@@ -258,7 +258,7 @@ impl Controller {
 
     /// Records a failed reconcile; returns the wait before the next: 15 s, doubling after
     /// the third failure in a row, up to the resync interval, each shortened by up to a
-    /// tenth at random ([`super::directory::spread`]), and at least what a busy
+    /// tenth at random ([`super::timing::spread`]), and at least what a busy
     /// signer asked (`retry_after`). Each attempt may generate a key and ask the signer for
     /// an intermediate (an audit line there), so a request that keeps failing (a Secret
     /// its write is refused, a signer refusing it) must not do so every 15 s forever.
@@ -275,8 +275,8 @@ impl Controller {
             };
             // Spread (requests failing together, as after a signer outage, drift apart),
             // but never shorter than what a busy signer asked.
-            let wait = super::directory::wait_after_failure(
-                super::directory::backoff(count, self.opts.resync).max(LEAST_RETRY),
+            let wait = super::timing::wait_after_failure(
+                super::timing::backoff(count, self.opts.resync).max(LEAST_RETRY),
                 retry_after,
                 self.opts.resync,
             );
@@ -298,7 +298,7 @@ impl Controller {
     async fn reconcile_all(&self) -> Result<Duration, KubeError> {
         let requests = self.kube.list_requests(&self.opts.namespace).await?;
         // At most a resync away, spread: replicas of clusters started together drift apart.
-        let mut next = super::directory::spread_randomly(self.opts.resync);
+        let mut next = super::timing::spread_randomly(self.opts.resync);
         for request in &requests {
             let wait = match self.backing_off(request) {
                 Some(wait) => wait,

@@ -331,10 +331,11 @@ pub trait LeaderLoop: Sized {
                         }
                         Some(Err(e)) => {
                             failures += 1;
-                            let delay = super::directory::spread_randomly(
-                                super::directory::backoff(failures, self.resync()),
-                            );
-                            tracing::error!(error = %e, retry_in_seconds = super::directory::log_seconds(delay), "{}", Self::PASS_FAILED);
+                            let delay = super::timing::spread_randomly(super::timing::backoff(
+                                failures,
+                                self.resync(),
+                            ));
+                            tracing::error!(error = %e, retry_in_seconds = super::timing::log_seconds(delay), "{}", Self::PASS_FAILED);
                             delay
                         }
                         None => Duration::ZERO,
