@@ -33,8 +33,17 @@ use super::{
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
 
-/// How often a running restart plan is looked at again.
+/// How often a running restart plan is looked at again (spread: [`restart_poll`]).
 const RESTART_POLL: Duration = Duration::from_secs(10);
+
+/// When to look at a running restart plan again: [`RESTART_POLL`] shortened by up to a
+/// tenth as `draw` says ([`super::timing::spread`]). A root change runs the plans of many
+/// clusters at once, and each pass asks the signer for its policy: at a fixed interval,
+/// agents that met in one second would keep meeting. Never longer, so a namespace that
+/// carries the new root still waits at most that for its restarts.
+fn restart_poll(draw: u32) -> Duration {
+    super::timing::spread(RESTART_POLL, draw)
+}
 /// Bound on restart steps in one reconcile (each stage restarts, then advances).
 const MAX_RESTART_STEPS: usize = 16;
 
@@ -770,7 +779,7 @@ impl Controller {
                 now,
             );
             if !final_stage.is_final() {
-                next = next.min(RESTART_POLL);
+                next = next.min(restart_poll(super::timing::random_draw()));
             }
         }
         Ok(next)
@@ -880,6 +889,23 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Agents whose restart plans run together look again at different times, each within
+    /// [0.9, 1.0] of the poll: never later than it.
+    #[test]
+    fn restart_plans_are_looked_at_again_spread_below_the_poll() {
+        let draws = [0, 1 << 30, 1 << 31, u32::MAX];
+        let polls: std::collections::BTreeSet<Duration> =
+            draws.iter().map(|draw| restart_poll(*draw)).collect();
+        assert_eq!(polls.len(), draws.len(), "{polls:?}");
+        assert!(
+            polls
+                .iter()
+                .all(|p| *p <= RESTART_POLL && *p >= RESTART_POLL * 9 / 10),
+            "{polls:?}"
+        );
+        assert_eq!(restart_poll(0), RESTART_POLL);
+    }
 
     #[test]
     fn conditions_keep_their_transition_time_until_status_changes() {
