@@ -191,7 +191,7 @@ struct RequestMemory {
     /// Its last reconciles failed: it waits out its own backoff, whatever else makes a
     /// pass come sooner.
     failing: Option<Failing>,
-    /// A clock found ahead of the signer's.
+    /// A clock found ahead of the signer's, or behind it.
     pass: PassMemory,
 }
 

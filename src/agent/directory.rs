@@ -163,37 +163,55 @@ impl DirOutcome {
 /// Kubernetes agent's for each request).
 #[derive(Debug, Default)]
 pub struct PassMemory {
-    /// The signer's last intermediate was refused because this clock read past its
-    /// notAfter (and when, on the monotonic clock): the same installed state would have
-    /// the root sign one for nothing at each retry.
-    clock_ahead: Option<(ClockAhead, Instant)>,
-    /// The signer's last intermediate was refused because this clock read before its
-    /// notBefore (`which` of it, and when, on the monotonic clock): likewise.
-    clock_behind: Option<(String, SystemTime, Instant)>,
+    /// The signer's last intermediate was refused because this clock disagreed with the
+    /// signer's: the same installed state would have the root sign one for nothing at each
+    /// retry. One at a time: the signer is asked again only once it is forgotten.
+    refusal: Option<ClockRefusal>,
+}
+
+/// Why the signer's last intermediate was refused, and when (`since`, on the monotonic
+/// clock).
+#[derive(Debug)]
+enum ClockRefusal {
+    /// This clock read past its notAfter.
+    Ahead { ahead: ClockAhead, since: Instant },
+    /// This clock read before its notBefore (`which` of it).
+    Behind {
+        which: String,
+        not_before: SystemTime,
+        since: Instant,
+    },
 }
 
 impl PassMemory {
-    /// How long ago the clock-ahead refusal was remembered (zero without one), on the
-    /// monotonic clock: [`PassMemory::check_clock`]'s `elapsed`.
+    /// How long ago the refusal was remembered (zero without one), on the monotonic clock:
+    /// [`PassMemory::check_clock`]'s and [`PassMemory::check_clock_behind`]'s `elapsed`.
     fn since_refusal(&self) -> Duration {
-        self.clock_ahead
-            .map(|(_, since)| since.elapsed())
-            .unwrap_or_default()
+        match &self.refusal {
+            Some(ClockRefusal::Ahead { since, .. } | ClockRefusal::Behind { since, .. }) => {
+                since.elapsed()
+            }
+            None => Duration::ZERO,
+        }
     }
 
     /// Before asking the signer for an intermediate: refused while this clock still reads
-    /// ahead of the signer's (as the system clock reads `now`), forgotten once it agrees.
+    /// ahead of the signer's, or behind it (as the system clock reads `now`), forgotten
+    /// once it agrees.
     pub(crate) fn check_clock_at(&mut self, now: SystemTime) -> Result<(), AgentError> {
-        self.check_clock(now, self.since_refusal())?;
-        let behind_since = self.clock_behind.as_ref().map(|(_, _, at)| at.elapsed());
-        self.check_clock_behind(now, behind_since.unwrap_or_default())
+        let elapsed = self.since_refusal();
+        self.check_clock(now, elapsed)?;
+        self.check_clock_behind(now, elapsed)
     }
 
     /// Refused while this clock still reads before the notBefore of the intermediate the
     /// signer issued `elapsed` ago (the signer's clock read at least that notBefore then,
     /// so at least notBefore + `elapsed` now): one issued now would be refused too.
     fn check_clock_behind(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
-        if let Some((which, not_before, _)) = &self.clock_behind {
+        if let Some(ClockRefusal::Behind {
+            which, not_before, ..
+        }) = &self.refusal
+        {
             if now < *not_before + elapsed {
                 return Err(AgentError::ClockBehind {
                     which: which.clone(),
@@ -202,29 +220,41 @@ impl PassMemory {
                     just_issued: false,
                 });
             }
-            self.clock_behind = None;
+            self.refusal = None;
         }
         Ok(())
     }
 
     fn check_clock(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
-        if let Some((ahead, _)) = self.clock_ahead {
+        if let Some(ClockRefusal::Ahead { ahead, .. }) = &self.refusal {
             if ahead.still_ahead(now, elapsed) {
                 return Err(ahead.error(now, false));
             }
-            self.clock_ahead = None;
+            self.refusal = None;
         }
         Ok(())
     }
 
+    /// After a failed request: a clock refusal replaces whatever was remembered (the
+    /// request was made only once nothing was), other errors leave it as it is.
     pub(crate) fn remember(&mut self, error: &AgentError) {
+        let since = Instant::now();
         match error {
             AgentError::ClockAhead { ahead, .. } => {
-                self.clock_ahead = Some((*ahead, Instant::now()));
+                self.refusal = Some(ClockRefusal::Ahead {
+                    ahead: *ahead,
+                    since,
+                });
             }
             AgentError::ClockBehind {
                 which, not_before, ..
-            } => self.clock_behind = Some((which.clone(), *not_before, Instant::now())),
+            } => {
+                self.refusal = Some(ClockRefusal::Behind {
+                    which: which.clone(),
+                    not_before: *not_before,
+                    since,
+                });
+            }
             _ => {}
         }
     }
@@ -754,7 +784,7 @@ mod tests {
         }
         // The clock put right: the signer is asked again, and the refusal forgotten.
         assert!(memory.check_clock_behind(issued + DAY, DAY).is_ok());
-        assert!(memory.clock_behind.is_none());
+        assert!(memory.refusal.is_none());
     }
 
     const HOUR_HALF: Duration = Duration::from_secs(1800);
@@ -802,8 +832,40 @@ mod tests {
         }
         // The clock put right: the signer is asked again, and the refusal forgotten.
         assert!(memory.check_clock(issued + DAY, DAY).is_ok());
-        assert!(memory.clock_ahead.is_none());
+        assert!(memory.refusal.is_none());
         assert!(memory.check_clock(now, Duration::ZERO).is_ok());
+    }
+
+    /// One clock refusal is remembered at a time (a request, and so a refusal, comes only
+    /// once none is): were a second one remembered, it would replace the first, which then
+    /// neither refuses a pass nor outlives the clock put right.
+    #[test]
+    fn a_later_clock_refusal_replaces_the_earlier_one() {
+        let now = crate::pki::testing::whole_seconds(SystemTime::now());
+        let hour = 2 * HOUR_HALF;
+        let ahead = ClockAhead {
+            now,
+            not_before: now - 2 * hour,
+            not_after: now - hour,
+        };
+        let behind = AgentError::ClockBehind {
+            which: "ca-cert.pem".into(),
+            not_before: now + hour,
+            now,
+            just_issued: true,
+        };
+        let mut memory = PassMemory::default();
+        memory.remember(&ahead.error(now, true));
+        memory.remember(&behind);
+        match memory.check_clock_at(now) {
+            Err(AgentError::ClockBehind {
+                just_issued: false, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // The clock put right for the later refusal: the signer is asked again.
+        assert!(memory.check_clock_at(now + 2 * hour).is_ok());
+        assert!(memory.refusal.is_none());
     }
 
     /// A renewal held because the intermediate ends with the signer's root is said as
