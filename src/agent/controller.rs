@@ -33,8 +33,17 @@ use super::{
 use crate::pki::bundle::{BundleFiles, BundleSummary};
 use crate::signer::audit::rfc3339;
 
-/// How often a running restart plan is looked at again.
+/// How often a running restart plan is looked at again (spread: [`restart_poll`]).
 const RESTART_POLL: Duration = Duration::from_secs(10);
+
+/// When to look at a running restart plan again: [`RESTART_POLL`] shortened by up to a
+/// tenth as `draw` says ([`super::timing::spread`]). A root change runs the plans of many
+/// clusters at once, and each pass asks the signer for its policy: at a fixed interval,
+/// agents that met in one second would keep meeting. Never longer, so a namespace that
+/// carries the new root still waits at most that for its restarts.
+fn restart_poll(draw: u32) -> Duration {
+    super::timing::spread(RESTART_POLL, draw)
+}
 /// Bound on restart steps in one reconcile (each stage restarts, then advances).
 const MAX_RESTART_STEPS: usize = 16;
 
@@ -182,7 +191,7 @@ struct RequestMemory {
     /// Its last reconciles failed: it waits out its own backoff, whatever else makes a
     /// pass come sooner.
     failing: Option<Failing>,
-    /// A clock found ahead of the signer's.
+    /// A clock found ahead of the signer's, or behind it.
     pass: PassMemory,
 }
 
@@ -258,7 +267,7 @@ impl Controller {
 
     /// Records a failed reconcile; returns the wait before the next: 15 s, doubling after
     /// the third failure in a row, up to the resync interval, each shortened by up to a
-    /// tenth at random ([`super::directory::spread`]), and at least what a busy
+    /// tenth at random ([`super::timing::spread`]), and at least what a busy
     /// signer asked (`retry_after`). Each attempt may generate a key and ask the signer for
     /// an intermediate (an audit line there), so a request that keeps failing (a Secret
     /// its write is refused, a signer refusing it) must not do so every 15 s forever.
@@ -275,8 +284,8 @@ impl Controller {
             };
             // Spread (requests failing together, as after a signer outage, drift apart),
             // but never shorter than what a busy signer asked.
-            let wait = super::directory::wait_after_failure(
-                super::directory::backoff(count, self.opts.resync).max(LEAST_RETRY),
+            let wait = super::timing::wait_after_failure(
+                super::timing::backoff(count, self.opts.resync).max(LEAST_RETRY),
                 retry_after,
                 self.opts.resync,
             );
@@ -298,7 +307,7 @@ impl Controller {
     async fn reconcile_all(&self) -> Result<Duration, KubeError> {
         let requests = self.kube.list_requests(&self.opts.namespace).await?;
         // At most a resync away, spread: replicas of clusters started together drift apart.
-        let mut next = super::directory::spread_randomly(self.opts.resync);
+        let mut next = super::timing::spread_randomly(self.opts.resync);
         for request in &requests {
             let wait = match self.backing_off(request) {
                 Some(wait) => wait,
@@ -770,7 +779,7 @@ impl Controller {
                 now,
             );
             if !final_stage.is_final() {
-                next = next.min(RESTART_POLL);
+                next = next.min(restart_poll(super::timing::random_draw()));
             }
         }
         Ok(next)
@@ -880,6 +889,23 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Agents whose restart plans run together look again at different times, each within
+    /// [0.9, 1.0] of the poll: never later than it.
+    #[test]
+    fn restart_plans_are_looked_at_again_spread_below_the_poll() {
+        let draws = [0, 1 << 30, 1 << 31, u32::MAX];
+        let polls: std::collections::BTreeSet<Duration> =
+            draws.iter().map(|draw| restart_poll(*draw)).collect();
+        assert_eq!(polls.len(), draws.len(), "{polls:?}");
+        assert!(
+            polls
+                .iter()
+                .all(|p| *p <= RESTART_POLL && *p >= RESTART_POLL * 9 / 10),
+            "{polls:?}"
+        );
+        assert_eq!(restart_poll(0), RESTART_POLL);
+    }
 
     #[test]
     fn conditions_keep_their_transition_time_until_status_changes() {

@@ -15,6 +15,9 @@ use super::rotation::{
     Decision, Desired, Installed, IssueReason, RENEWAL_HELD_BY_ROOT, RootPin, RotationSettings,
     TLS_SIGNING_CERT, TrustedRoots, decide, ends_with_known_root, renewal_held_by_root,
 };
+use super::timing::{
+    backoff, log_seconds, random_draw, spread, spread_randomly, wait_after_failure,
+};
 use super::{
     AgentError, BundleRequest, ClockAhead, RootsPlan, cacerts, check_dir_writable, check_renewable,
     check_signer_root, choose_key_type, obtain_bundle, take_announced_roots,
@@ -160,37 +163,55 @@ impl DirOutcome {
 /// Kubernetes agent's for each request).
 #[derive(Debug, Default)]
 pub struct PassMemory {
-    /// The signer's last intermediate was refused because this clock read past its
-    /// notAfter (and when, on the monotonic clock): the same installed state would have
-    /// the root sign one for nothing at each retry.
-    clock_ahead: Option<(ClockAhead, Instant)>,
-    /// The signer's last intermediate was refused because this clock read before its
-    /// notBefore (`which` of it, and when, on the monotonic clock): likewise.
-    clock_behind: Option<(String, SystemTime, Instant)>,
+    /// The signer's last intermediate was refused because this clock disagreed with the
+    /// signer's: the same installed state would have the root sign one for nothing at each
+    /// retry. One at a time: the signer is asked again only once it is forgotten.
+    refusal: Option<ClockRefusal>,
+}
+
+/// Why the signer's last intermediate was refused, and when (`since`, on the monotonic
+/// clock).
+#[derive(Debug)]
+enum ClockRefusal {
+    /// This clock read past its notAfter.
+    Ahead { ahead: ClockAhead, since: Instant },
+    /// This clock read before its notBefore (`which` of it).
+    Behind {
+        which: String,
+        not_before: SystemTime,
+        since: Instant,
+    },
 }
 
 impl PassMemory {
-    /// How long ago the clock-ahead refusal was remembered (zero without one), on the
-    /// monotonic clock: [`PassMemory::check_clock`]'s `elapsed`.
+    /// How long ago the refusal was remembered (zero without one), on the monotonic clock:
+    /// [`PassMemory::check_clock`]'s and [`PassMemory::check_clock_behind`]'s `elapsed`.
     fn since_refusal(&self) -> Duration {
-        self.clock_ahead
-            .map(|(_, since)| since.elapsed())
-            .unwrap_or_default()
+        match &self.refusal {
+            Some(ClockRefusal::Ahead { since, .. } | ClockRefusal::Behind { since, .. }) => {
+                since.elapsed()
+            }
+            None => Duration::ZERO,
+        }
     }
 
     /// Before asking the signer for an intermediate: refused while this clock still reads
-    /// ahead of the signer's (as the system clock reads `now`), forgotten once it agrees.
+    /// ahead of the signer's, or behind it (as the system clock reads `now`), forgotten
+    /// once it agrees.
     pub(crate) fn check_clock_at(&mut self, now: SystemTime) -> Result<(), AgentError> {
-        self.check_clock(now, self.since_refusal())?;
-        let behind_since = self.clock_behind.as_ref().map(|(_, _, at)| at.elapsed());
-        self.check_clock_behind(now, behind_since.unwrap_or_default())
+        let elapsed = self.since_refusal();
+        self.check_clock(now, elapsed)?;
+        self.check_clock_behind(now, elapsed)
     }
 
     /// Refused while this clock still reads before the notBefore of the intermediate the
     /// signer issued `elapsed` ago (the signer's clock read at least that notBefore then,
     /// so at least notBefore + `elapsed` now): one issued now would be refused too.
     fn check_clock_behind(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
-        if let Some((which, not_before, _)) = &self.clock_behind {
+        if let Some(ClockRefusal::Behind {
+            which, not_before, ..
+        }) = &self.refusal
+        {
             if now < *not_before + elapsed {
                 return Err(AgentError::ClockBehind {
                     which: which.clone(),
@@ -199,29 +220,41 @@ impl PassMemory {
                     just_issued: false,
                 });
             }
-            self.clock_behind = None;
+            self.refusal = None;
         }
         Ok(())
     }
 
     fn check_clock(&mut self, now: SystemTime, elapsed: Duration) -> Result<(), AgentError> {
-        if let Some((ahead, _)) = self.clock_ahead {
+        if let Some(ClockRefusal::Ahead { ahead, .. }) = &self.refusal {
             if ahead.still_ahead(now, elapsed) {
                 return Err(ahead.error(now, false));
             }
-            self.clock_ahead = None;
+            self.refusal = None;
         }
         Ok(())
     }
 
+    /// After a failed request: a clock refusal replaces whatever was remembered (the
+    /// request was made only once nothing was), other errors leave it as it is.
     pub(crate) fn remember(&mut self, error: &AgentError) {
+        let since = Instant::now();
         match error {
             AgentError::ClockAhead { ahead, .. } => {
-                self.clock_ahead = Some((*ahead, Instant::now()));
+                self.refusal = Some(ClockRefusal::Ahead {
+                    ahead: *ahead,
+                    since,
+                });
             }
             AgentError::ClockBehind {
                 which, not_before, ..
-            } => self.clock_behind = Some((which.clone(), *not_before, Instant::now())),
+            } => {
+                self.refusal = Some(ClockRefusal::Behind {
+                    which: which.clone(),
+                    not_before: *not_before,
+                    since,
+                });
+            }
             _ => {}
         }
     }
@@ -438,71 +471,6 @@ pub async fn reconcile(
             })
         }
     }
-}
-
-/// Retry delay after `failures` consecutive failures: 2 s doubling, capped at `max`
-/// (the nominal wait: [`spread_randomly`] spreads it).
-pub fn backoff(failures: u32, max: Duration) -> Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    Duration::from_secs(2u64 << exp).min(max)
-}
-
-/// `nominal` shortened by up to a tenth as `draw` (uniform over `u32`) says: between 0.9
-/// and 1.0 times `nominal`. Agents started together (a fleet rolled out at once, all
-/// retrying after a signer outage or a root change) drift apart instead of asking the
-/// signer in the same second forever; never longer than `nominal`, so the resync and the
-/// backoff's cap stay the longest waits.
-pub fn spread(nominal: Duration, draw: u32) -> Duration {
-    nominal.saturating_sub(up_to_a_tenth(nominal, draw))
-}
-
-/// Between none and a tenth of `of`, as `draw` (uniform over `u32`) says.
-fn up_to_a_tenth(of: Duration, draw: u32) -> Duration {
-    let part = of.as_nanos() * u128::from(draw) / (u128::from(u32::MAX) + 1) / 10;
-    Duration::from_nanos(u64::try_from(part).unwrap_or(u64::MAX))
-}
-
-/// A busy signer's `Retry-After` (`asked`), lengthened by up to a tenth as `draw` says,
-/// at most `max`: agents told the same wait come back spread out, not all in the second it
-/// ends (and again at the next refusal), and never sooner than asked.
-pub fn spread_beyond(asked: Duration, draw: u32, max: Duration) -> Duration {
-    asked
-        .saturating_add(up_to_a_tenth(asked, draw))
-        .min(max.max(asked))
-}
-
-/// The wait after a failure: `backoff` spread, and at least a busy signer's `retry_after`
-/// spread beyond it (see [`spread_beyond`]), at most `max` unless the signer asked more.
-pub fn wait_after_failure(
-    backoff: Duration,
-    retry_after: Option<Duration>,
-    max: Duration,
-) -> Duration {
-    let asked = retry_after.map_or(Duration::ZERO, |asked| {
-        spread_beyond(asked, random_draw(), max)
-    });
-    spread_randomly(backoff).max(asked)
-}
-
-/// [`spread`] with a draw from the system's random source (each process its own).
-pub fn spread_randomly(nominal: Duration) -> Duration {
-    spread(nominal, random_draw())
-}
-
-/// A uniform draw for [`spread`] from the system's random source.
-pub fn random_draw() -> u32 {
-    let mut bytes = [0u8; 4];
-    // Without a draw (it does not fail in practice) the wait is the nominal one.
-    match aws_lc_rs::rand::fill(&mut bytes) {
-        Ok(()) => u32::from_le_bytes(bytes),
-        Err(_) => 0,
-    }
-}
-
-/// A wait in whole seconds for a log line, rounded to the nearest: a spread 2 s backoff
-/// (1.8 s, say) is told as the 2 s it stands for.
-pub fn log_seconds(wait: Duration) -> u64 {
-    wait.saturating_add(Duration::from_millis(500)).as_secs()
 }
 
 /// How long to sleep after a success: until the renewal time, but at most `resync`
@@ -816,7 +784,7 @@ mod tests {
         }
         // The clock put right: the signer is asked again, and the refusal forgotten.
         assert!(memory.check_clock_behind(issued + DAY, DAY).is_ok());
-        assert!(memory.clock_behind.is_none());
+        assert!(memory.refusal.is_none());
     }
 
     const HOUR_HALF: Duration = Duration::from_secs(1800);
@@ -864,8 +832,40 @@ mod tests {
         }
         // The clock put right: the signer is asked again, and the refusal forgotten.
         assert!(memory.check_clock(issued + DAY, DAY).is_ok());
-        assert!(memory.clock_ahead.is_none());
+        assert!(memory.refusal.is_none());
         assert!(memory.check_clock(now, Duration::ZERO).is_ok());
+    }
+
+    /// One clock refusal is remembered at a time (a request, and so a refusal, comes only
+    /// once none is): were a second one remembered, it would replace the first, which then
+    /// neither refuses a pass nor outlives the clock put right.
+    #[test]
+    fn a_later_clock_refusal_replaces_the_earlier_one() {
+        let now = crate::pki::testing::whole_seconds(SystemTime::now());
+        let hour = 2 * HOUR_HALF;
+        let ahead = ClockAhead {
+            now,
+            not_before: now - 2 * hour,
+            not_after: now - hour,
+        };
+        let behind = AgentError::ClockBehind {
+            which: "ca-cert.pem".into(),
+            not_before: now + hour,
+            now,
+            just_issued: true,
+        };
+        let mut memory = PassMemory::default();
+        memory.remember(&ahead.error(now, true));
+        memory.remember(&behind);
+        match memory.check_clock_at(now) {
+            Err(AgentError::ClockBehind {
+                just_issued: false, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // The clock put right for the later refusal: the signer is asked again.
+        assert!(memory.check_clock_at(now + 2 * hour).is_ok());
+        assert!(memory.refusal.is_none());
     }
 
     /// A renewal held because the intermediate ends with the signer's root is said as
@@ -901,16 +901,6 @@ mod tests {
             up_to_date(false, Some("connection refused")).result(),
             "signer_unavailable"
         );
-    }
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let max = Duration::from_secs(300);
-        let got: Vec<u64> = (1..=10).map(|n| backoff(n, max).as_secs()).collect();
-        assert_eq!(got, vec![2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
-        assert_eq!(backoff(0, max).as_secs(), 2);
-        assert_eq!(backoff(u32::MAX, max).as_secs(), 300);
-        assert_eq!(backoff(3, Duration::from_secs(5)).as_secs(), 5);
     }
 
     #[test]
@@ -950,56 +940,6 @@ mod tests {
         assert_eq!(
             next_check(far, now, Duration::from_secs(1), u32::MAX),
             Duration::from_secs(1)
-        );
-    }
-
-    /// Agents started together draw different waits: a fleet does not ask the signer in
-    /// the same second on every cycle. Each wait lies within [0.9, 1.0] of its nominal, so
-    /// the resync and the backoff's cap stay the longest.
-    #[test]
-    fn waits_are_spread_within_a_tenth_below_their_nominal() {
-        let nominal = Duration::from_secs(300);
-        assert_eq!(spread(nominal, 0), nominal);
-        assert_eq!(spread(nominal, 1 << 31), Duration::from_secs(285));
-        assert_eq!(spread(nominal, 1 << 30), Duration::from_millis(292_500));
-        let least = spread(nominal, u32::MAX);
-        assert!(
-            least > Duration::from_secs(270) && least < Duration::from_secs(271),
-            "{least:?}"
-        );
-        // The first retry too (2 s): between 1.8 and 2 s, logged as the 2 s it stands for.
-        let first = spread(backoff(1, nominal), u32::MAX);
-        assert!(first > Duration::from_millis(1800) && first < Duration::from_secs(2));
-        assert_eq!(log_seconds(first), 2);
-        assert_eq!(spread(Duration::ZERO, u32::MAX), Duration::ZERO);
-        // A busy signer's Retry-After is waited at least, plus up to a tenth, at most the
-        // cap (here the resync), unless the signer asked for more than that.
-        let asked = Duration::from_secs(30);
-        assert_eq!(spread_beyond(asked, 0, nominal), asked);
-        assert_eq!(
-            spread_beyond(asked, 1 << 31, nominal),
-            Duration::from_millis(31_500)
-        );
-        let most = spread_beyond(asked, u32::MAX, nominal);
-        assert!(most > Duration::from_millis(32_999) && most < Duration::from_secs(33));
-        assert_eq!(spread_beyond(nominal, u32::MAX, nominal), nominal);
-        assert_eq!(
-            spread_beyond(Duration::from_secs(400), u32::MAX, nominal),
-            Duration::from_secs(400)
-        );
-        let waits: std::collections::BTreeSet<Duration> = (0..64)
-            .map(|_| wait_after_failure(Duration::from_secs(2), Some(asked), nominal))
-            .collect();
-        assert!(waits.len() > 1, "{waits:?}");
-        assert!(waits.iter().all(|w| *w >= asked && *w <= asked * 11 / 10));
-        // Each wait draws anew: 64 of them all alike would take a broken random source.
-        let drawn: std::collections::BTreeSet<Duration> =
-            (0..64).map(|_| spread_randomly(nominal)).collect();
-        assert!(drawn.len() > 1, "{drawn:?}");
-        assert!(
-            drawn
-                .iter()
-                .all(|d| *d <= nominal && *d >= nominal * 9 / 10)
         );
     }
 

@@ -206,7 +206,8 @@ impl Elector {
         self.kube.replace_lease(ns, name, &lease).await.map(|_| ())
     }
 
-    /// Renews the Lease every third of its duration, until the task is aborted.
+    /// Renews the Lease (or, following, reads it) every third of its duration, spread
+    /// ([`renewal_interval`]), until the task is aborted.
     pub fn spawn_renewer(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
@@ -214,10 +215,21 @@ impl Elector {
                 if let Err(e) = this.elect(SystemTime::now()).await {
                     tracing::warn!(error = %e, "leader election failed");
                 }
-                tokio::time::sleep(this.duration / 3).await;
+                let wait = renewal_interval(this.duration, super::timing::random_draw());
+                tokio::time::sleep(wait).await;
             }
         })
     }
+}
+
+/// The wait between two rounds of the renewer (each reads the Lease, and the holder
+/// writes it): a third of the Lease's `duration`, shortened by up to a tenth as `draw`
+/// says ([`super::timing::spread`]), so that replicas started together (a rollout) do not
+/// read it in the same second for as long as they run. Never longer than the third: the
+/// holder acts for two thirds of the duration from each renewal, so that one round may
+/// fail and the next still renews in time.
+fn renewal_interval(duration: Duration, draw: u32) -> Duration {
+    super::timing::spread(duration / 3, draw)
 }
 
 /// How long the stop waits for the Lease to be given up: inside the 10 s the Deployments'
@@ -331,15 +343,18 @@ pub trait LeaderLoop: Sized {
                         }
                         Some(Err(e)) => {
                             failures += 1;
-                            let delay = super::directory::spread_randomly(
-                                super::directory::backoff(failures, self.resync()),
-                            );
-                            tracing::error!(error = %e, retry_in_seconds = super::directory::log_seconds(delay), "{}", Self::PASS_FAILED);
+                            let delay = super::timing::spread_randomly(super::timing::backoff(
+                                failures,
+                                self.resync(),
+                            ));
+                            tracing::error!(error = %e, retry_in_seconds = super::timing::log_seconds(delay), "{}", Self::PASS_FAILED);
                             delay
                         }
                         None => Duration::ZERO,
                     }
                 } else {
+                    // Not spread: this reads only the elector's memory (the renewer reads
+                    // the Lease), and 2 s is how soon a new leader makes its first pass.
                     Duration::from_secs(2)
                 };
                 if stopping {
@@ -365,5 +380,33 @@ pub trait LeaderLoop: Sized {
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replicas started together read the Lease at different times, each within
+    /// [0.9, 1.0] of a third of its duration: never later, so the holder still renews
+    /// well inside the two thirds it acts for.
+    #[test]
+    fn lease_rounds_are_spread_below_a_third_of_the_duration() {
+        let duration = Duration::from_secs(30);
+        let third = duration / 3;
+        let draws = [0, 1 << 30, 1 << 31, u32::MAX];
+        let waits: std::collections::BTreeSet<Duration> = draws
+            .iter()
+            .map(|draw| renewal_interval(duration, *draw))
+            .collect();
+        assert_eq!(waits.len(), draws.len(), "{waits:?}");
+        assert!(
+            waits.iter().all(|w| *w <= third && *w >= third * 9 / 10),
+            "{waits:?}"
+        );
+        assert_eq!(renewal_interval(duration, 0), third);
+        // The shortest Lease (3 s) too.
+        let short = renewal_interval(Duration::from_secs(3), u32::MAX);
+        assert!(short < Duration::from_secs(1) && short >= Duration::from_millis(900));
     }
 }

@@ -12,6 +12,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod restart;
 pub mod rotation;
+pub mod timing;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
