@@ -1524,3 +1524,122 @@ async fn a_once_pass_while_another_replica_leads_exits_3_and_writes_nothing() {
         writes(&sent)
     );
 }
+
+/// Services `shop/svc-0000` … in `member`, `n` of them.
+fn put_services(member: &FakeCluster, n: usize) {
+    for i in 0..n {
+        let (path, svc) = service("shop", &format!("svc-{i:04}"));
+        member.put(&path, svc);
+    }
+}
+
+/// The ServiceEntries in `member` for Services of `cluster`.
+fn imported_from(member: &FakeCluster, cluster: &str) -> usize {
+    member
+        .paths(&istio_path("serviceentries", ""))
+        .iter()
+        .filter(|p| p.ends_with(&format!(".svc.{cluster}.mesh.internal")))
+        .count()
+}
+
+/// The list requests in `sent` of `path`: (limit, continue).
+fn lists_of(sent: &[Recorded], path: &str) -> Vec<(Option<String>, Option<String>)> {
+    sent.iter()
+        .filter(|r| r.method == "GET" && r.path == path)
+        .map(|r| (r.param("limit"), r.param("continue")))
+        .collect()
+}
+
+/// Every list is read in pages of 500 (kubectl's), following `metadata.continue`: a member
+/// with more Services than one page has all of them federated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_more_services_than_a_list_page_is_fully_federated() {
+    let world = World::start(&["east", "west"]).await;
+    // With east-app and the three never federated: 1,104 Services, three pages.
+    put_services(world.member("east"), 1_100);
+    let sent = world.pass().await;
+    let pages = lists_of(&sent["east"], "/api/v1/services");
+    assert_eq!(pages.len(), 3, "{pages:?}");
+    assert_eq!(pages[0], (Some("500".into()), None));
+    assert!(
+        pages[1..]
+            .iter()
+            .all(|(limit, token)| limit.as_deref() == Some("500") && token.is_some()),
+        "{pages:?}"
+    );
+    // Every list, in every cluster, is paged.
+    for (cluster, requests) in &sent {
+        let collections = [
+            "virtualmeshes",
+            "meshes",
+            "virtualmeshcertificatesigningrequests",
+            "services",
+            "serviceentries",
+            "gateways",
+            "destinationrules",
+        ];
+        let lists: Vec<&Recorded> = requests
+            .iter()
+            .filter(|r| r.method == "GET")
+            .filter(|r| collections.contains(&r.path.rsplit('/').next().unwrap()))
+            .collect();
+        assert!(!lists.is_empty(), "{cluster}");
+        for r in lists {
+            assert_eq!(r.param("limit").as_deref(), Some("500"), "{cluster}: {r:?}");
+        }
+    }
+    assert_eq!(imported_from(world.member("west"), "east"), 1_101);
+    let st = world.status("vm");
+    assert_eq!(
+        member_status(&st, "east")["federation"]["exported"],
+        1_101,
+        "{st}"
+    );
+}
+
+/// A continue token the API server no longer honours (410 Expired) starts the list again
+/// from the beginning, once; expiring again fails the member's read with a clear message,
+/// and federation is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_continue_token_starts_the_list_again_once() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 600);
+    world.member("east").expire_continue_tokens(1);
+    let sent = world.pass().await;
+    let pages = lists_of(&sent["east"], "/api/v1/services");
+    let tokens: Vec<bool> = pages.iter().map(|(_, token)| token.is_some()).collect();
+    // The second page expired: the list started over.
+    assert_eq!(tokens, vec![false, true, false, true], "{pages:?}");
+    assert_eq!(imported_from(world.member("west"), "east"), 601);
+    let st = world.status("vm");
+    assert_eq!(
+        member_status(&st, "east")["federation"]["exported"],
+        601,
+        "{st}"
+    );
+
+    // Expiring again after the restart: the member is not read, nothing moves.
+    world.member("east").expire_continue_tokens(2);
+    let sent = world.pass().await;
+    let tokens: Vec<bool> = lists_of(&sent["east"], "/api/v1/services")
+        .iter()
+        .map(|(_, token)| token.is_some())
+        .collect();
+    assert_eq!(tokens, vec![false, true, false, true]);
+    assert!(
+        writes(&sent["west"]).is_empty(),
+        "{:?}",
+        writes(&sent["west"])
+    );
+    let st = world.status("vm");
+    let east = member_status(&st, "east");
+    assert_eq!(east["phase"], "Error", "{st}");
+    let message = east["message"].as_str().unwrap();
+    assert!(
+        message.contains("list Services in all namespaces")
+            && message.contains("continue token expired again"),
+        "{message}"
+    );
+    assert_eq!(condition(&st, "Federated")["reason"], "MemberError");
+    assert_eq!(imported_from(world.member("west"), "east"), 601);
+}

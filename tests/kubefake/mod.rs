@@ -1,6 +1,7 @@
 //! An HTTP fake of the Kubernetes API endpoints the mesh controller and the agent use, one
 //! per cluster (axum on 127.0.0.1): objects by path, lists (namespaced and across
-//! namespaces, with `k=v` and `k in (a,b)` label selectors), server-side apply (create,
+//! namespaces, with `k=v` and `k in (a,b)` label selectors, paged by `limit` and
+//! `continue`, whose tokens a test can make expire), server-side apply (create,
 //! merge of labels and annotations, `spec` replaced and `generation` bumped when it
 //! changes, `metadata.finalizers` as a set of which meshca owns its own, other maps such as
 //! a Secret's `data` merged key by key; refused 409 if it holds a resourceVersion the
@@ -160,6 +161,9 @@ struct Fake {
     refused_writes: Mutex<Option<Refusal>>,
     /// GETs of this path get this status (code, reason, message): RBAC refusing a read.
     refused_reads: Mutex<Option<(String, u16, String, String)>>,
+    /// The next this many lists given a continue token answer 410 Expired, as the API
+    /// server does once etcd compacted the revision the token reads at.
+    expire_continue_tokens: Mutex<usize>,
 }
 
 type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
@@ -412,14 +416,36 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
             }
             if PLURALS.contains(&last) {
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
-                let items: Vec<Value> = objects
+                // The continue token is the path of the last item served (the API server's
+                // is opaque): the next page starts after it, in path order.
+                let after = query_param(&query, "continue");
+                if after.is_some() {
+                    let mut expire = fake.expire_continue_tokens.lock().unwrap();
+                    if *expire > 0 {
+                        *expire -= 1;
+                        return status(
+                            410,
+                            "Expired",
+                            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                        );
+                    }
+                }
+                let mut items: Vec<(&String, &Value)> = objects
                     .iter()
                     .filter(|(k, _)| in_collection(k, &path))
-                    .map(|(_, v)| v.clone())
-                    .filter(|v| matches_selector(&v["metadata"]["labels"], &selector))
+                    .filter(|(k, _)| after.as_deref().is_none_or(|a| k.as_str() > a))
+                    .filter(|(_, v)| matches_selector(&v["metadata"]["labels"], &selector))
                     .collect();
+                let mut metadata = json!({"resourceVersion": "1"});
+                let limit = query_param(&query, "limit").and_then(|l| l.parse::<usize>().ok());
+                if let Some(limit) = limit.filter(|l| *l > 0 && items.len() > *l) {
+                    metadata["remainingItemCount"] = (items.len() - limit).into();
+                    items.truncate(limit);
+                    metadata["continue"] = items[limit - 1].0.clone().into();
+                }
+                let items: Vec<Value> = items.into_iter().map(|(_, v)| v.clone()).collect();
                 return axum::Json(json!({"apiVersion": "v1", "kind": "List",
-                    "metadata": {"resourceVersion": "1"}, "items": items}))
+                    "metadata": metadata, "items": items}))
                 .into_response();
             }
             status(404, "NotFound", &format!("{path} not found"))
@@ -745,6 +771,11 @@ impl FakeCluster {
         *self.fake.refused_reads.lock().unwrap() = refusal.map(|(path, code, reason, message)| {
             (path.into(), code, reason.into(), message.into())
         });
+    }
+
+    /// The next `n` lists given a continue token are answered 410 Expired.
+    pub fn expire_continue_tokens(&self, n: usize) {
+        *self.fake.expire_continue_tokens.lock().unwrap() = n;
     }
 
     /// Lets every write through again.
