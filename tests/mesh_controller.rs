@@ -19,6 +19,7 @@ use kubefake::{FINALIZER, FakeCluster, Policy, Recorded, kubeconfig, writes};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::metrics::Exposition;
 use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
+use meshca::mesh_controller::controller::WRITES_IN_FLIGHT;
 use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
 use meshca::mesh_controller::metrics::MeshControllerMetrics;
 
@@ -1642,4 +1643,56 @@ async fn an_expired_continue_token_starts_the_list_again_once() {
     );
     assert_eq!(condition(&st, "Federated")["reason"], "MemberError");
     assert_eq!(imported_from(world.member("west"), "east"), 601);
+}
+
+/// A member's federation objects are written several at once, never more than
+/// WRITES_IN_FLIGHT: the fake lets west's ServiceEntry applies go in batches of that many,
+/// each once all of it has arrived, so one-at-a-time writes never get there (and fail the
+/// count below), and more at once are counted while a batch waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_objects_are_written_several_at_once_within_the_bound() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 60);
+    let west = world.member("west");
+    // East's 60 and east-app.
+    west.hold_writes(&istio_path("serviceentries", ""), WRITES_IN_FLIGHT, 61);
+    world.pass().await;
+    let most = west.max_in_flight();
+    assert!(
+        most > 1 && most <= WRITES_IN_FLIGHT,
+        "{most} requests in flight at once in west"
+    );
+    assert_eq!(imported_from(west, "east"), 61);
+    let st = world.status("vm");
+    assert_eq!(member_status(&st, "west")["phase"], "Pending", "{st}");
+    assert!(member_status(&st, "west").get("message").is_none(), "{st}");
+}
+
+/// A write refused among many in flight is still the member's problem, by name, and the
+/// others are tried again at the next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_among_many_is_the_members_problem() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 60);
+    let west = world.member("west");
+    let refused = istio_path("serviceentries", "svc-0030.shop.svc.east.mesh.internal");
+    west.refuse_writes(&refused, 422, "Invalid", "denied by the admission webhook");
+    world.pass().await;
+    let st = world.status("vm");
+    let member = member_status(&st, "west");
+    assert_eq!(member["phase"], "Error", "{st}");
+    let message = member["message"].as_str().unwrap();
+    assert!(
+        message.contains("svc-0030.shop.svc.east.mesh.internal")
+            && message.contains("denied by the admission webhook"),
+        "{message}"
+    );
+    assert!(west.get(&refused).is_none());
+    west.accept_writes();
+    world.pass().await;
+    assert_eq!(imported_from(west, "east"), 61);
+    assert_eq!(
+        member_status(&world.status("vm"), "west")["phase"],
+        "Pending"
+    );
 }

@@ -8,7 +8,8 @@
 //! object has moved on from), status apply, merge and strategic-merge patches of existing
 //! objects (a workload's rolling restart), delete (404 when absent), create (409 if it
 //! exists), replace with a resourceVersion check, and a writer racing in after a read.
-//! Every request is recorded with its Authorization header. Each fake serves one identity
+//! It counts the requests in flight at once, and can hold writes until several have
+//! arrived (a client's concurrency, seen without timing it). Every request is recorded with its Authorization header. Each fake serves one identity
 //! whose RBAC, read from deploy/'s manifests ([`rbac::Policy`]), is applied as the API
 //! server would (a request it does not grant is answered 403 Forbidden) and must grant
 //! every request it receives, but those a test expects refused: checked when the fake is
@@ -164,6 +165,44 @@ struct Fake {
     /// The next this many lists given a continue token answer 410 Expired, as the API
     /// server does once etcd compacted the revision the token reads at.
     expire_continue_tokens: Mutex<usize>,
+    /// Requests being served now, and the most served at once since the start.
+    in_flight: Mutex<(usize, usize)>,
+    /// Writes of paths under a prefix wait here until enough have arrived.
+    hold: Mutex<Option<Hold>>,
+    hold_opened: tokio::sync::Notify,
+}
+
+/// Writes under `prefix` are held and let go in batches: each time `batch` more have
+/// arrived, and the last ones once `total` have (or, should they never come, after
+/// [`HOLD_FALLBACK`], from when on none is held).
+struct Hold {
+    prefix: String,
+    batch: usize,
+    total: usize,
+    arrived: usize,
+    open: bool,
+}
+
+/// How long a held write waits at most: only so that a client writing one at a time fails
+/// its test's assertion instead of hanging it; nothing is asserted about time.
+const HOLD_FALLBACK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One request counted in flight while it lives.
+struct InFlight(Arc<Fake>);
+
+impl InFlight {
+    fn enter(fake: &Arc<Fake>) -> InFlight {
+        let mut counts = fake.in_flight.lock().unwrap();
+        counts.0 += 1;
+        counts.1 = counts.1.max(counts.0);
+        InFlight(fake.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.lock().unwrap().0 -= 1;
+    }
 }
 
 type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
@@ -301,6 +340,10 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let _in_flight = InFlight::enter(&fake);
+    if method != Method::GET {
+        hold(&fake, uri.path()).await;
+    }
     // A dry run writes nothing: no other client acts after it.
     let dry_run = query_param(uri.query().unwrap_or_default(), "dryRun").is_some();
     let wrote = (method != Method::GET && !dry_run).then(|| uri.path().to_string());
@@ -325,6 +368,32 @@ async fn handle(
         }
     }
     response
+}
+
+/// Waits while writes of `path` are held (see [`Hold`]).
+async fn hold(fake: &Fake, path: &str) {
+    // Created before the check: it sees a notify_waiters that comes after it.
+    let opened = fake.hold_opened.notified();
+    {
+        let mut hold = fake.hold.lock().unwrap();
+        let Some(hold) = hold
+            .as_mut()
+            .filter(|h| !h.open && path.starts_with(&h.prefix))
+        else {
+            return;
+        };
+        hold.arrived += 1;
+        if hold.arrived % hold.batch == 0 || hold.arrived >= hold.total {
+            fake.hold_opened.notify_waiters();
+            return;
+        }
+    }
+    if tokio::time::timeout(HOLD_FALLBACK, opened).await.is_err()
+        && let Some(hold) = fake.hold.lock().unwrap().as_mut()
+    {
+        hold.open = true;
+        fake.hold_opened.notify_waiters();
+    }
 }
 
 fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
@@ -776,6 +845,24 @@ impl FakeCluster {
     /// The next `n` lists given a continue token are answered 410 Expired.
     pub fn expire_continue_tokens(&self, n: usize) {
         *self.fake.expire_continue_tokens.lock().unwrap() = n;
+    }
+
+    /// The most requests this fake served at once since the start.
+    pub fn max_in_flight(&self) -> usize {
+        self.fake.in_flight.lock().unwrap().1
+    }
+
+    /// From now on, writes of paths under `prefix`, `total` of them expected, are let go
+    /// in batches of `batch`: each waits until the batch it is in has arrived (they are
+    /// then in flight at once), the last one until all `total` have.
+    pub fn hold_writes(&self, prefix: &str, batch: usize, total: usize) {
+        *self.fake.hold.lock().unwrap() = Some(Hold {
+            prefix: prefix.into(),
+            batch: batch.max(1),
+            total,
+            arrived: 0,
+            open: false,
+        });
     }
 
     /// Lets every write through again.
