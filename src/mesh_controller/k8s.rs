@@ -414,3 +414,68 @@ pub fn refuse_local_credentials(kubeconfig: &kube::config::Kubeconfig) -> Result
         found.join("; ")
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use base64::Engine;
+
+    use super::credential_expiry;
+    use crate::pki::keys::KeyType;
+    use crate::pki::testing::software_root;
+
+    /// A kubeconfig whose current context's user is `user` (YAML lines of its fields).
+    fn kubeconfig(user: &[String]) -> kube::config::Kubeconfig {
+        let fields: String = user.iter().map(|f| format!("    {f}\n")).collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: member\nclusters:\n- name: member\n  cluster:\n    server: https://member.example:6443\ncontexts:\n- name: member\n  context:\n    cluster: member\n    user: controller\nusers:\n- name: controller\n  user:\n{fields}"
+        );
+        kube::config::Kubeconfig::from_yaml(&yaml).unwrap()
+    }
+
+    /// A JWT (unsigned: only its claims are read) whose `exp` is `end`.
+    fn token_ending(end: SystemTime) -> String {
+        let b64 = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let exp = end
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        format!(
+            "token: {}.{}.c2lnbmF0dXJl",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(&format!(
+                r#"{{"sub":"system:serviceaccount:x:y","exp":{exp}}}"#
+            ))
+        )
+    }
+
+    /// The client-certificate branch: a certificate's notAfter alone, and the earlier of it
+    /// and a token's `exp` when the user has both.
+    #[test]
+    fn a_client_certificate_ends_the_credential_at_its_not_after_or_a_token_before() {
+        let (_, certificate) =
+            software_root(KeyType::EcdsaP256, "acme", Duration::from_secs(10 * 86_400));
+        let not_after = certificate.not_after;
+        let certificate_data = format!(
+            "client-certificate-data: {}",
+            base64::engine::general_purpose::STANDARD.encode(&certificate.pem)
+        );
+        let key_data = "client-key-data: a2V5".to_string();
+
+        let certificate_only = kubeconfig(&[certificate_data.clone(), key_data.clone()]);
+        assert_eq!(credential_expiry(&certificate_only, None), Some(not_after));
+
+        let later = not_after + Duration::from_secs(86_400);
+        let both = kubeconfig(&[
+            certificate_data.clone(),
+            key_data.clone(),
+            token_ending(later),
+        ]);
+        assert_eq!(credential_expiry(&both, None), Some(not_after));
+
+        let earlier = not_after - Duration::from_secs(86_400);
+        let both = kubeconfig(&[certificate_data, key_data, token_ending(earlier)]);
+        assert_eq!(credential_expiry(&both, None), Some(earlier));
+    }
+}
