@@ -19,6 +19,7 @@ use kubefake::{FINALIZER, FakeCluster, Policy, Recorded, kubeconfig, writes};
 use meshca::agent::election::LeaderLoop;
 use meshca::agent::metrics::Exposition;
 use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
+use meshca::mesh_controller::controller::WRITES_IN_FLIGHT;
 use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
 use meshca::mesh_controller::metrics::MeshControllerMetrics;
 
@@ -1522,5 +1523,176 @@ async fn a_once_pass_while_another_replica_leads_exits_3_and_writes_nothing() {
         sent.iter().all(|r| r.method == "GET"),
         "{:?}",
         writes(&sent)
+    );
+}
+
+/// Services `shop/svc-0000` … in `member`, `n` of them.
+fn put_services(member: &FakeCluster, n: usize) {
+    for i in 0..n {
+        let (path, svc) = service("shop", &format!("svc-{i:04}"));
+        member.put(&path, svc);
+    }
+}
+
+/// The ServiceEntries in `member` for Services of `cluster`.
+fn imported_from(member: &FakeCluster, cluster: &str) -> usize {
+    member
+        .paths(&istio_path("serviceentries", ""))
+        .iter()
+        .filter(|p| p.ends_with(&format!(".svc.{cluster}.mesh.internal")))
+        .count()
+}
+
+/// The list requests in `sent` of `path`: (limit, continue).
+fn lists_of(sent: &[Recorded], path: &str) -> Vec<(Option<String>, Option<String>)> {
+    sent.iter()
+        .filter(|r| r.method == "GET" && r.path == path)
+        .map(|r| (r.param("limit"), r.param("continue")))
+        .collect()
+}
+
+/// Every list is read in pages of 500 (kubectl's), following `metadata.continue`: a member
+/// with more Services than one page has all of them federated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_more_services_than_a_list_page_is_fully_federated() {
+    let world = World::start(&["east", "west"]).await;
+    // With east-app and the three never federated: 1,104 Services, three pages.
+    put_services(world.member("east"), 1_100);
+    let sent = world.pass().await;
+    let pages = lists_of(&sent["east"], "/api/v1/services");
+    assert_eq!(pages.len(), 3, "{pages:?}");
+    assert_eq!(pages[0], (Some("500".into()), None));
+    assert!(
+        pages[1..]
+            .iter()
+            .all(|(limit, token)| limit.as_deref() == Some("500") && token.is_some()),
+        "{pages:?}"
+    );
+    // Every list, in every cluster, is paged.
+    for (cluster, requests) in &sent {
+        let collections = [
+            "virtualmeshes",
+            "meshes",
+            "virtualmeshcertificatesigningrequests",
+            "services",
+            "serviceentries",
+            "gateways",
+            "destinationrules",
+        ];
+        let lists: Vec<&Recorded> = requests
+            .iter()
+            .filter(|r| r.method == "GET")
+            .filter(|r| collections.contains(&r.path.rsplit('/').next().unwrap()))
+            .collect();
+        assert!(!lists.is_empty(), "{cluster}");
+        for r in lists {
+            assert_eq!(r.param("limit").as_deref(), Some("500"), "{cluster}: {r:?}");
+        }
+    }
+    assert_eq!(imported_from(world.member("west"), "east"), 1_101);
+    let st = world.status("vm");
+    assert_eq!(
+        member_status(&st, "east")["federation"]["exported"],
+        1_101,
+        "{st}"
+    );
+}
+
+/// A continue token the API server no longer honours (410 Expired) starts the list again
+/// from the beginning, once; expiring again fails the member's read with a clear message,
+/// and federation is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_continue_token_starts_the_list_again_once() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 600);
+    world.member("east").expire_continue_tokens(1);
+    let sent = world.pass().await;
+    let pages = lists_of(&sent["east"], "/api/v1/services");
+    let tokens: Vec<bool> = pages.iter().map(|(_, token)| token.is_some()).collect();
+    // The second page expired: the list started over.
+    assert_eq!(tokens, vec![false, true, false, true], "{pages:?}");
+    assert_eq!(imported_from(world.member("west"), "east"), 601);
+    let st = world.status("vm");
+    assert_eq!(
+        member_status(&st, "east")["federation"]["exported"],
+        601,
+        "{st}"
+    );
+
+    // Expiring again after the restart: the member is not read, nothing moves.
+    world.member("east").expire_continue_tokens(2);
+    let sent = world.pass().await;
+    let tokens: Vec<bool> = lists_of(&sent["east"], "/api/v1/services")
+        .iter()
+        .map(|(_, token)| token.is_some())
+        .collect();
+    assert_eq!(tokens, vec![false, true, false, true]);
+    assert!(
+        writes(&sent["west"]).is_empty(),
+        "{:?}",
+        writes(&sent["west"])
+    );
+    let st = world.status("vm");
+    let east = member_status(&st, "east");
+    assert_eq!(east["phase"], "Error", "{st}");
+    let message = east["message"].as_str().unwrap();
+    assert!(
+        message.contains("list Services in all namespaces")
+            && message.contains("continue token expired again"),
+        "{message}"
+    );
+    assert_eq!(condition(&st, "Federated")["reason"], "MemberError");
+    assert_eq!(imported_from(world.member("west"), "east"), 601);
+}
+
+/// A member's federation objects are written several at once, never more than
+/// WRITES_IN_FLIGHT: the fake lets west's ServiceEntry applies go in batches of that many,
+/// each once all of it has arrived, so one-at-a-time writes never get there (and fail the
+/// count below), and more at once are counted while a batch waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_objects_are_written_several_at_once_within_the_bound() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 60);
+    let west = world.member("west");
+    // East's 60 and east-app.
+    west.hold_writes(&istio_path("serviceentries", ""), WRITES_IN_FLIGHT, 61);
+    world.pass().await;
+    let most = west.max_in_flight();
+    assert!(
+        most > 1 && most <= WRITES_IN_FLIGHT,
+        "{most} requests in flight at once in west"
+    );
+    assert_eq!(imported_from(west, "east"), 61);
+    let st = world.status("vm");
+    assert_eq!(member_status(&st, "west")["phase"], "Pending", "{st}");
+    assert!(member_status(&st, "west").get("message").is_none(), "{st}");
+}
+
+/// A write refused among many in flight is still the member's problem, by name, and the
+/// others are tried again at the next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_among_many_is_the_members_problem() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 60);
+    let west = world.member("west");
+    let refused = istio_path("serviceentries", "svc-0030.shop.svc.east.mesh.internal");
+    west.refuse_writes(&refused, 422, "Invalid", "denied by the admission webhook");
+    world.pass().await;
+    let st = world.status("vm");
+    let member = member_status(&st, "west");
+    assert_eq!(member["phase"], "Error", "{st}");
+    let message = member["message"].as_str().unwrap();
+    assert!(
+        message.contains("svc-0030.shop.svc.east.mesh.internal")
+            && message.contains("denied by the admission webhook"),
+        "{message}"
+    );
+    assert!(west.get(&refused).is_none());
+    west.accept_writes();
+    world.pass().await;
+    assert_eq!(imported_from(west, "east"), 61);
+    assert_eq!(
+        member_status(&world.status("vm"), "west")["phase"],
+        "Pending"
     );
 }

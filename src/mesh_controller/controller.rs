@@ -8,10 +8,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use kube::Client;
 
+use super::bounded;
 use super::crd::{
     MemberFederation, MemberPhase, MemberStatus, Mesh, VirtualMesh, VirtualMeshPhase,
     VirtualMeshStatus,
@@ -29,6 +31,15 @@ use crate::mesh::federation::{DEFAULT_HOST_SUFFIX, FederationConfig, ServiceSele
 use crate::mesh::inventory::{Inventory, ServiceInventory};
 use crate::mesh::istio::Kind;
 use crate::policy::ObjectRef;
+
+/// Writes (applies, deletes) into one member cluster in flight at once. A first pass into a
+/// cluster importing 2,000 Services is as many applies: one at a time that is minutes per
+/// cluster, and many more at once would crowd its API server, which queues one client's
+/// burst (priority and fairness) behind everyone else's.
+pub const WRITES_IN_FLIGHT: usize = 8;
+
+/// Member clusters read at once (each read is its lists, one after another).
+pub const MEMBER_READS_IN_FLIGHT: usize = 4;
 
 /// The controller's settings (flags).
 #[derive(Debug, Clone)]
@@ -426,20 +437,22 @@ impl MeshController {
                 .await?;
         }
 
-        let mut reads = Vec::with_capacity(valid.members.len());
-        for member in &valid.members {
-            let read = self
-                .read_member(
+        let reads: Vec<MemberRead> = bounded::in_order(
+            valid.members.iter().map(|member| {
+                self.read_member(
                     member.mesh,
                     recorded.get(&member.id).copied(),
                     config,
                     &member.inventory,
                 )
-                .await;
+            }),
+            MEMBER_READS_IN_FLIGHT,
+        )
+        .await;
+        for (member, read) in valid.members.iter().zip(&reads) {
             if let Some(problem) = &read.problem {
                 tracing::warn!(virtual_mesh = %id, mesh = %member.id, %problem, "cannot read the member cluster");
             }
-            reads.push(read);
         }
 
         // Roots: only what the members' own requests report.
@@ -683,8 +696,8 @@ impl MeshController {
         ))))
     }
 
-    /// Applies and deletes in one cluster; the first failure is returned as the member's
-    /// problem (the rest is tried on the next pass).
+    /// Applies, then deletes, in one cluster, [`WRITES_IN_FLIGHT`] at a time; the first
+    /// failure is returned as the member's problem (the rest is tried on the next pass).
     async fn apply_changes(
         &self,
         cluster: &MemberCluster,
@@ -693,20 +706,54 @@ impl MeshController {
         virtual_mesh: &ObjectRef,
         cluster_name: &str,
     ) -> Result<Option<String>, StepError> {
-        for object in apply {
-            self.ensure_leader().await?;
-            if let Err(e) = cluster.apply_object(object).await {
-                return Ok(Some(e.to_string()));
-            }
+        let applied = apply.iter().map(|object| cluster.apply_object(object));
+        if let Some(problem) = self.write_all(applied).await? {
+            return Ok(Some(problem));
         }
-        for object in delete {
-            self.ensure_leader().await?;
-            if let Err(e) = cluster.delete_object(object).await {
-                return Ok(Some(e.to_string()));
-            }
+        let deleted = delete.iter().map(|id| cluster.delete_object(id));
+        if let Some(problem) = self.write_all(deleted).await? {
+            return Ok(Some(problem));
         }
         if !apply.is_empty() || !delete.is_empty() {
             tracing::info!(%virtual_mesh, cluster = %cluster_name, applied = apply.len(), deleted = delete.len(), "federation objects updated");
+        }
+        Ok(None)
+    }
+
+    /// Runs `writes`, [`WRITES_IN_FLIGHT`] at a time, each after a leadership check. What
+    /// came first in the order given decides, as if they ran one after another: a lost
+    /// Lease, or the first failed write's error (the member's problem). Once one fails no
+    /// other starts.
+    async fn write_all<F>(
+        &self,
+        writes: impl IntoIterator<Item = F>,
+    ) -> Result<Option<String>, StepError>
+    where
+        F: Future<Output = Result<(), KubeError>>,
+    {
+        let stop = AtomicBool::new(false);
+        let stop = &stop;
+        let outcomes = bounded::in_order(
+            writes.into_iter().map(|write| async move {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
+                let outcome = match self.ensure_leader().await {
+                    Ok(()) => Ok(write.await.err().map(|e| e.to_string())),
+                    Err(e) => Err(e),
+                };
+                if !matches!(outcome, Ok(None)) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                outcome
+            }),
+            WRITES_IN_FLIGHT,
+        )
+        .await;
+        for outcome in outcomes {
+            if let Some(problem) = outcome? {
+                return Ok(Some(problem));
+            }
         }
         Ok(None)
     }

@@ -4,7 +4,7 @@
 //! VirtualMesh's status and its finalizer (the Lease is the agent's code). Each member
 //! cluster: list, apply and delete requests; list Services; list, apply and delete
 //! Gateways, DestinationRules and ServiceEntries. Writes are server-side applies with field
-//! manager `meshca`.
+//! manager `meshca`. Lists are read in pages ([`list_all`]).
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch};
@@ -28,19 +28,19 @@ impl Management {
     }
 
     pub async fn list_virtual_meshes(&self, ns: &str) -> Result<Vec<VirtualMesh>, KubeError> {
-        Api::<VirtualMesh>::namespaced(self.client.clone(), ns)
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .map_err(ctx(|| format!("list VirtualMeshes in {ns}")))
+        let api = Api::<VirtualMesh>::namespaced(self.client.clone(), ns);
+        list_all(&api, &ListParams::default(), || {
+            format!("list VirtualMeshes in {ns}")
+        })
+        .await
     }
 
     pub async fn list_meshes(&self, ns: &str) -> Result<Vec<Mesh>, KubeError> {
-        Api::<Mesh>::namespaced(self.client.clone(), ns)
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .map_err(ctx(|| format!("list Meshes in {ns}")))
+        let api = Api::<Mesh>::namespaced(self.client.clone(), ns);
+        list_all(&api, &ListParams::default(), || {
+            format!("list Meshes in {ns}")
+        })
+        .await
     }
 
     /// `GET /api/v1/namespaces/{ns}/secrets/{name}` (404 is `None`): the agent's call.
@@ -120,13 +120,16 @@ impl MemberCluster {
         MemberCluster { client }
     }
 
-    /// Every request in `ns` (labelled or not: a foreign one may hold a wanted name): the
-    /// agent's call.
+    /// Every request in `ns` (labelled or not: a foreign one may hold a wanted name).
     pub async fn list_requests(
         &self,
         ns: &str,
     ) -> Result<Vec<VirtualMeshCertificateSigningRequest>, KubeError> {
-        Kube::new(self.client.clone()).list_requests(ns).await
+        let api = Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns);
+        list_all(&api, &ListParams::default(), || {
+            format!("list VirtualMeshCertificateSigningRequests in {ns}")
+        })
+        .await
     }
 
     pub async fn apply_request(&self, request: &DesiredRequest) -> Result<(), KubeError> {
@@ -163,21 +166,16 @@ impl MemberCluster {
             params = params.labels(label_selector);
         }
         if namespaces.is_empty() {
-            return Api::<Service>::all(self.client.clone())
-                .list(&params)
-                .await
-                .map(|l| l.items)
-                .map_err(ctx(|| "list Services in all namespaces".to_string()));
+            let api = Api::<Service>::all(self.client.clone());
+            return list_all(&api, &params, || {
+                "list Services in all namespaces".to_string()
+            })
+            .await;
         }
         let mut services = Vec::new();
         for ns in namespaces {
-            services.extend(
-                Api::<Service>::namespaced(self.client.clone(), ns)
-                    .list(&params)
-                    .await
-                    .map_err(ctx(|| format!("list Services in {ns}")))?
-                    .items,
-            );
+            let api = Api::<Service>::namespaced(self.client.clone(), ns);
+            services.extend(list_all(&api, &params, || format!("list Services in {ns}")).await?);
         }
         Ok(services)
     }
@@ -189,12 +187,12 @@ impl MemberCluster {
         ns: &str,
     ) -> Result<Vec<ExistingObject>, KubeError> {
         let resource = istio_resource(kind);
-        let list = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &resource)
-            .list(&ListParams::default())
-            .await
-            .map_err(ctx(|| format!("list {}s in {ns}", kind.as_str())))?;
-        Ok(list
-            .items
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &resource);
+        let items = list_all(&api, &ListParams::default(), || {
+            format!("list {}s in {ns}", kind.as_str())
+        })
+        .await?;
+        Ok(items
             .into_iter()
             .filter_map(|item| {
                 let value = serde_json::to_value(item).ok()?;
@@ -222,6 +220,60 @@ impl MemberCluster {
                 .delete(&id.name, &DeleteParams::default())
                 .await;
         gone_is_fine(result.map(|_| ())).map_err(ctx(|| format!("delete {id}")))
+    }
+}
+
+/// Objects per page of a list: kubectl's. One response with every object (2,000 Services
+/// in a namespace) is built at once by the API server, and may be refused by its request
+/// limits or priority and fairness.
+pub const LIST_PAGE_SIZE: u32 = 500;
+
+/// Every object `params` selects, read in pages of [`LIST_PAGE_SIZE`] following
+/// `metadata.continue`. A continue token the API server no longer honours (410 Gone,
+/// reason Expired: the list was paged slower than etcd compacts) starts the list again
+/// from the beginning, once; a second expiry fails the list, as a list that changes
+/// faster than it can be read cannot be read whole.
+pub(crate) async fn list_all<K>(
+    api: &Api<K>,
+    params: &ListParams,
+    action: impl Fn() -> String,
+) -> Result<Vec<K>, KubeError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut restarted = false;
+    'list: loop {
+        let mut items = Vec::new();
+        let mut page = params.clone().limit(LIST_PAGE_SIZE);
+        loop {
+            match api.list(&page).await {
+                Ok(list) => {
+                    items.extend(list.items);
+                    match list.metadata.continue_.filter(|token| !token.is_empty()) {
+                        Some(token) => page = page.continue_token(&token),
+                        None => return Ok(items),
+                    }
+                }
+                Err(kube::Error::Api(status))
+                    if status.code == 410
+                        && status.reason == "Expired"
+                        && page.continue_token.is_some() =>
+                {
+                    if !restarted {
+                        restarted = true;
+                        continue 'list;
+                    }
+                    return Err(KubeError {
+                        action: format!(
+                            "{} (its continue token expired again after the list was started over: the list changes faster than it can be read in pages of {LIST_PAGE_SIZE})",
+                            action()
+                        ),
+                        source: kube::Error::Api(status),
+                    });
+                }
+                Err(e) => return Err(ctx(&action)(e)),
+            }
+        }
     }
 }
 
@@ -361,4 +413,69 @@ pub fn refuse_local_credentials(kubeconfig: &kube::config::Kubeconfig) -> Result
         "{}: a member's kubeconfig must carry its credentials and CA inline (token, client-certificate-data and client-key-data, certificate-authority-data) with TLS verification on; file paths, exec and auth-provider plugins are refused, since the controller would read its own files or run the command",
         found.join("; ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use base64::Engine;
+
+    use super::credential_expiry;
+    use crate::pki::keys::KeyType;
+    use crate::pki::testing::software_root;
+
+    /// A kubeconfig whose current context's user is `user` (YAML lines of its fields).
+    fn kubeconfig(user: &[String]) -> kube::config::Kubeconfig {
+        let fields: String = user.iter().map(|f| format!("    {f}\n")).collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: member\nclusters:\n- name: member\n  cluster:\n    server: https://member.example:6443\ncontexts:\n- name: member\n  context:\n    cluster: member\n    user: controller\nusers:\n- name: controller\n  user:\n{fields}"
+        );
+        kube::config::Kubeconfig::from_yaml(&yaml).unwrap()
+    }
+
+    /// A JWT (unsigned: only its claims are read) whose `exp` is `end`.
+    fn token_ending(end: SystemTime) -> String {
+        let b64 = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let exp = end
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        format!(
+            "token: {}.{}.c2lnbmF0dXJl",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(&format!(
+                r#"{{"sub":"system:serviceaccount:x:y","exp":{exp}}}"#
+            ))
+        )
+    }
+
+    /// The client-certificate branch: a certificate's notAfter alone, and the earlier of it
+    /// and a token's `exp` when the user has both.
+    #[test]
+    fn a_client_certificate_ends_the_credential_at_its_not_after_or_a_token_before() {
+        let (_, certificate) =
+            software_root(KeyType::EcdsaP256, "acme", Duration::from_secs(10 * 86_400));
+        let not_after = certificate.not_after;
+        let certificate_data = format!(
+            "client-certificate-data: {}",
+            base64::engine::general_purpose::STANDARD.encode(&certificate.pem)
+        );
+        let key_data = "client-key-data: a2V5".to_string();
+
+        let certificate_only = kubeconfig(&[certificate_data.clone(), key_data.clone()]);
+        assert_eq!(credential_expiry(&certificate_only, None), Some(not_after));
+
+        let later = not_after + Duration::from_secs(86_400);
+        let both = kubeconfig(&[
+            certificate_data.clone(),
+            key_data.clone(),
+            token_ending(later),
+        ]);
+        assert_eq!(credential_expiry(&both, None), Some(not_after));
+
+        let earlier = not_after - Duration::from_secs(86_400);
+        let both = kubeconfig(&[certificate_data, key_data, token_ending(earlier)]);
+        assert_eq!(credential_expiry(&both, None), Some(earlier));
+    }
 }

@@ -1,13 +1,15 @@
 //! An HTTP fake of the Kubernetes API endpoints the mesh controller and the agent use, one
 //! per cluster (axum on 127.0.0.1): objects by path, lists (namespaced and across
-//! namespaces, with `k=v` and `k in (a,b)` label selectors), server-side apply (create,
+//! namespaces, with `k=v` and `k in (a,b)` label selectors, paged by `limit` and
+//! `continue`, whose tokens a test can make expire), server-side apply (create,
 //! merge of labels and annotations, `spec` replaced and `generation` bumped when it
 //! changes, `metadata.finalizers` as a set of which meshca owns its own, other maps such as
 //! a Secret's `data` merged key by key; refused 409 if it holds a resourceVersion the
 //! object has moved on from), status apply, merge and strategic-merge patches of existing
 //! objects (a workload's rolling restart), delete (404 when absent), create (409 if it
 //! exists), replace with a resourceVersion check, and a writer racing in after a read.
-//! Every request is recorded with its Authorization header. Each fake serves one identity
+//! It counts the requests in flight at once, and can hold writes until several have
+//! arrived (a client's concurrency, seen without timing it). Every request is recorded with its Authorization header. Each fake serves one identity
 //! whose RBAC, read from deploy/'s manifests ([`rbac::Policy`]), is applied as the API
 //! server would (a request it does not grant is answered 403 Forbidden) and must grant
 //! every request it receives, but those a test expects refused: checked when the fake is
@@ -160,6 +162,47 @@ struct Fake {
     refused_writes: Mutex<Option<Refusal>>,
     /// GETs of this path get this status (code, reason, message): RBAC refusing a read.
     refused_reads: Mutex<Option<(String, u16, String, String)>>,
+    /// The next this many lists given a continue token answer 410 Expired, as the API
+    /// server does once etcd compacted the revision the token reads at.
+    expire_continue_tokens: Mutex<usize>,
+    /// Requests being served now, and the most served at once since the start.
+    in_flight: Mutex<(usize, usize)>,
+    /// Writes of paths under a prefix wait here until enough have arrived.
+    hold: Mutex<Option<Hold>>,
+    hold_opened: tokio::sync::Notify,
+}
+
+/// Writes under `prefix` are held and let go in batches: each time `batch` more have
+/// arrived, and the last ones once `total` have (or, should they never come, after
+/// [`HOLD_FALLBACK`], from when on none is held).
+struct Hold {
+    prefix: String,
+    batch: usize,
+    total: usize,
+    arrived: usize,
+    open: bool,
+}
+
+/// How long a held write waits at most: only so that a client writing one at a time fails
+/// its test's assertion instead of hanging it; nothing is asserted about time.
+const HOLD_FALLBACK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One request counted in flight while it lives.
+struct InFlight(Arc<Fake>);
+
+impl InFlight {
+    fn enter(fake: &Arc<Fake>) -> InFlight {
+        let mut counts = fake.in_flight.lock().unwrap();
+        counts.0 += 1;
+        counts.1 = counts.1.max(counts.0);
+        InFlight(fake.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.lock().unwrap().0 -= 1;
+    }
 }
 
 type AfterWrite = Box<dyn FnOnce(&mut BTreeMap<String, Value>) + Send>;
@@ -297,6 +340,10 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let _in_flight = InFlight::enter(&fake);
+    if method != Method::GET {
+        hold(&fake, uri.path()).await;
+    }
     // A dry run writes nothing: no other client acts after it.
     let dry_run = query_param(uri.query().unwrap_or_default(), "dryRun").is_some();
     let wrote = (method != Method::GET && !dry_run).then(|| uri.path().to_string());
@@ -321,6 +368,32 @@ async fn handle(
         }
     }
     response
+}
+
+/// Waits while writes of `path` are held (see [`Hold`]).
+async fn hold(fake: &Fake, path: &str) {
+    // Created before the check: it sees a notify_waiters that comes after it.
+    let opened = fake.hold_opened.notified();
+    {
+        let mut hold = fake.hold.lock().unwrap();
+        let Some(hold) = hold
+            .as_mut()
+            .filter(|h| !h.open && path.starts_with(&h.prefix))
+        else {
+            return;
+        };
+        hold.arrived += 1;
+        if hold.arrived % hold.batch == 0 || hold.arrived >= hold.total {
+            fake.hold_opened.notify_waiters();
+            return;
+        }
+    }
+    if tokio::time::timeout(HOLD_FALLBACK, opened).await.is_err()
+        && let Some(hold) = fake.hold.lock().unwrap().as_mut()
+    {
+        hold.open = true;
+        fake.hold_opened.notify_waiters();
+    }
 }
 
 fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
@@ -412,14 +485,36 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
             }
             if PLURALS.contains(&last) {
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
-                let items: Vec<Value> = objects
+                // The continue token is the path of the last item served (the API server's
+                // is opaque): the next page starts after it, in path order.
+                let after = query_param(&query, "continue");
+                if after.is_some() {
+                    let mut expire = fake.expire_continue_tokens.lock().unwrap();
+                    if *expire > 0 {
+                        *expire -= 1;
+                        return status(
+                            410,
+                            "Expired",
+                            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                        );
+                    }
+                }
+                let mut items: Vec<(&String, &Value)> = objects
                     .iter()
                     .filter(|(k, _)| in_collection(k, &path))
-                    .map(|(_, v)| v.clone())
-                    .filter(|v| matches_selector(&v["metadata"]["labels"], &selector))
+                    .filter(|(k, _)| after.as_deref().is_none_or(|a| k.as_str() > a))
+                    .filter(|(_, v)| matches_selector(&v["metadata"]["labels"], &selector))
                     .collect();
+                let mut metadata = json!({"resourceVersion": "1"});
+                let limit = query_param(&query, "limit").and_then(|l| l.parse::<usize>().ok());
+                if let Some(limit) = limit.filter(|l| *l > 0 && items.len() > *l) {
+                    metadata["remainingItemCount"] = (items.len() - limit).into();
+                    items.truncate(limit);
+                    metadata["continue"] = items[limit - 1].0.clone().into();
+                }
+                let items: Vec<Value> = items.into_iter().map(|(_, v)| v.clone()).collect();
                 return axum::Json(json!({"apiVersion": "v1", "kind": "List",
-                    "metadata": {"resourceVersion": "1"}, "items": items}))
+                    "metadata": metadata, "items": items}))
                 .into_response();
             }
             status(404, "NotFound", &format!("{path} not found"))
@@ -744,6 +839,29 @@ impl FakeCluster {
     pub fn refuse_reads(&self, refusal: Option<(&str, u16, &str, &str)>) {
         *self.fake.refused_reads.lock().unwrap() = refusal.map(|(path, code, reason, message)| {
             (path.into(), code, reason.into(), message.into())
+        });
+    }
+
+    /// The next `n` lists given a continue token are answered 410 Expired.
+    pub fn expire_continue_tokens(&self, n: usize) {
+        *self.fake.expire_continue_tokens.lock().unwrap() = n;
+    }
+
+    /// The most requests this fake served at once since the start.
+    pub fn max_in_flight(&self) -> usize {
+        self.fake.in_flight.lock().unwrap().1
+    }
+
+    /// From now on, writes of paths under `prefix`, `total` of them expected, are let go
+    /// in batches of `batch`: each waits until the batch it is in has arrived (they are
+    /// then in flight at once), the last one until all `total` have.
+    pub fn hold_writes(&self, prefix: &str, batch: usize, total: usize) {
+        *self.fake.hold.lock().unwrap() = Some(Hold {
+            prefix: prefix.into(),
+            batch: batch.max(1),
+            total,
+            arrived: 0,
+            open: false,
         });
     }
 
