@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use kube::Client;
 
-use super::bounded;
+use futures::StreamExt as _;
+
 use super::crd::{
     MemberFederation, MemberPhase, MemberStatus, Mesh, VirtualMesh, VirtualMeshPhase,
     VirtualMeshStatus,
@@ -437,17 +438,17 @@ impl MeshController {
                 .await?;
         }
 
-        let reads: Vec<MemberRead> = bounded::in_order(
-            valid.members.iter().map(|member| {
-                self.read_member(
-                    member.mesh,
-                    recorded.get(&member.id).copied(),
-                    config,
-                    &member.inventory,
-                )
-            }),
-            MEMBER_READS_IN_FLIGHT,
-        )
+        // In the members' order, whatever order they finish in.
+        let reads: Vec<MemberRead> = futures::stream::iter(valid.members.iter().map(|member| {
+            self.read_member(
+                member.mesh,
+                recorded.get(&member.id).copied(),
+                config,
+                &member.inventory,
+            )
+        }))
+        .buffered(MEMBER_READS_IN_FLIGHT)
+        .collect()
         .await;
         for (member, read) in valid.members.iter().zip(&reads) {
             if let Some(problem) = &read.problem {
@@ -733,8 +734,10 @@ impl MeshController {
     {
         let stop = AtomicBool::new(false);
         let stop = &stop;
-        let outcomes = bounded::in_order(
-            writes.into_iter().map(|write| async move {
+        // In the order given, whatever order they finish in; each started only once a
+        // slot is free, so none starts after one has failed.
+        let outcomes: Vec<Result<Option<String>, StepError>> =
+            futures::stream::iter(writes.into_iter().map(|write| async move {
                 if stop.load(Ordering::SeqCst) {
                     return Ok(None);
                 }
@@ -746,10 +749,10 @@ impl MeshController {
                     stop.store(true, Ordering::SeqCst);
                 }
                 outcome
-            }),
-            WRITES_IN_FLIGHT,
-        )
-        .await;
+            }))
+            .buffered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
         for outcome in outcomes {
             if let Some(problem) = outcome? {
                 return Ok(Some(problem));

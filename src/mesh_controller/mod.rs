@@ -5,7 +5,6 @@
 //! [`decide`] holds every decision as pure functions; [`k8s`] is the thin layer of API
 //! calls; [`controller`] runs one against the other.
 
-mod bounded;
 pub mod controller;
 pub mod crd;
 pub mod decide;
