@@ -25,7 +25,7 @@ use meshca::pki::keys::KeyType;
 use meshca::pki::pem::decode_certificates;
 use meshca::pki::profile::RootCa;
 use meshca::policy::ObjectRef;
-use meshca::secret::SecretSource;
+use meshca::secret::{SecretFile, SecretSource};
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 
 /// Writes one line of a command's report to stdout. A reader that stopped reading (`| head`,
@@ -1423,7 +1423,12 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
         } => {
             let config = load_config(&config)?;
             let settings = pkcs11_settings(&config)?;
-            let so_pin = SecretSource::File(so_pin_file).read()?;
+            let so_pin = SecretSource::File(SecretFile::new(
+                "--so-pin-file",
+                &so_pin_file,
+                so_pin_file.clone(),
+            ))
+            .read()?;
             let user_pin = settings.pin.read()?;
             let label = pkcs11::init_token(settings, &so_pin, &user_pin)?;
             say!(

@@ -325,7 +325,7 @@ fn wrong_pin_fails_clearly_without_echoing_it() {
     // Where the PIN came from: the one place to correct it.
     assert!(
         stderr.contains(&format!(
-            "refused the user PIN (read from file {})",
+            "refused the user PIN (read from pkcs11.pin_file {})",
             env.path("softhsm/user-pin").display()
         )),
         "{stderr}"

@@ -90,7 +90,7 @@ impl From<CkError> for TokenError {
     }
 }
 
-/// " (read from file X)", for a refused PIN whose source is known.
+/// " (read from pkcs11.pin_file X)", for a refused PIN whose source is known.
 fn pin_origin(source: Option<&str>) -> String {
     source.map_or_else(String::new, |source| format!(" (read from {source})"))
 }
