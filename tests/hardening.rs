@@ -116,6 +116,9 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         ("deeply nested JSON", Send::Raw { content_type: "application/json", body: nested.into_bytes() }, 400, "malformed_request", "JSON"),
         ("empty body", Send::Raw { content_type: "application/json", body: Vec::new() }, 400, "malformed_request", "JSON"),
         ("JSON array", Send::Raw { content_type: "application/json", body: b"[1,2,3]".to_vec() }, 400, "malformed_request", "JSON"),
+        // serde takes a struct from an array of its fields too: the API is the object alone.
+        ("JSON array of the fields", Send::Json(json!([VM, MESH_A, good])), 400, "malformed_request", "not a JSON object"),
+        ("JSON array of the fields with a ttl", Send::Json(json!([VM, MESH_A, good, 86400])), 400, "malformed_request", "not a JSON object"),
         ("CSR is a number", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": 42})), 400, "malformed_request", "expected a string"),
         ("unknown field", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "pathLen": 5})), 400, "malformed_request", "pathLen"),
         ("field name with a newline (a forged log line)", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "x\nINFO forged": 5})), 400, "malformed_request", "x\\nINFO forged"),

@@ -480,13 +480,26 @@ async fn sign_inner(
             ),
         )
     })?;
-    let request: SignRequest = serde_json::from_slice(&bytes).map_err(|e| {
+    let malformed = |why: String| {
         Refusal::new(
             Status::BadRequest,
             "malformed_request",
-            format!("request body is not the expected JSON object {{virtualMesh, mesh, csr[, ttlSeconds]}}: {e}"),
+            format!(
+                "request body is not the expected JSON object {{virtualMesh, mesh, csr[, ttlSeconds]}}: {why}"
+            ),
         )
-    })?;
+    };
+    // serde's derived Deserialize takes a struct from a JSON array as well (the fields in
+    // order); the API is the object alone, so anything else is refused before it is read.
+    if bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        != Some(&b'{')
+    {
+        return Err(malformed("not a JSON object".into()));
+    }
+    let request: SignRequest =
+        serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
     let serial =
         random_serial().map_err(|e| Refusal::new(Status::Internal, "internal", e.to_string()))?;
     let backend = &state.backend;
