@@ -429,16 +429,23 @@ async fn sign_inner(
     client_gone: CancellationToken,
     facts: &mut RequestFacts,
 ) -> Result<SignResponse, Refusal> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
+    let content_type = headers.get(header::CONTENT_TYPE);
+    let media_type = content_type
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let media_type = content_type.split(';').next().unwrap_or("").trim();
+        .map_or("", |v| v.split(';').next().unwrap_or("").trim());
     if !media_type.eq_ignore_ascii_case("application/json") {
+        let got = match content_type {
+            None => "none".to_string(),
+            Some(v) => match v.to_str() {
+                Ok(text) => format!("{text:?}"),
+                // Shown escaped: read as "" it would look like no Content-Type at all.
+                Err(_) => format!("\"{}\" (not UTF-8)", v.as_bytes().escape_ascii()),
+            },
+        };
         return Err(Refusal::new(
             Status::UnsupportedMediaType,
             "unsupported_media_type",
-            format!("Content-Type must be application/json, got {content_type:?}"),
+            format!("Content-Type must be application/json, got {got}"),
         ));
     }
     let body_timeout = rules.limits.body_timeout;
