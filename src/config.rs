@@ -17,7 +17,7 @@ use crate::pki::lint::lint_root_profile;
 use crate::pki::profile::RootCa;
 use crate::policy::rules::check_root_strength;
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
-use crate::secret::SecretSource;
+use crate::secret::{SecretFile, SecretSource};
 use crate::signer::audit::rfc3339;
 use crate::tlsutil::{CrlOverdue, IssuerPin};
 
@@ -830,9 +830,15 @@ fn pkcs11_settings(
         .as_deref()
         .map(|p| PathBuf::from(p.strip_prefix("file:").unwrap_or(p)));
     let pin = match (section.pin_file, section.pin_env, uri_pin) {
-        (Some(file), None, None) => SecretSource::File(resolve(&file)),
+        (Some(file), None, None) => {
+            SecretSource::File(SecretFile::new("pkcs11.pin_file", &file, resolve(&file)))
+        }
         (None, Some(env), None) => SecretSource::env("pkcs11.pin_env", env)?,
-        (None, None, Some(file)) => SecretSource::File(resolve(&file)),
+        (None, None, Some(file)) => SecretSource::File(SecretFile::new(
+            "pkcs11.key pin-source",
+            &file,
+            resolve(&file),
+        )),
         (None, None, None) => {
             return Err("pkcs11: set pin_file or pin_env (PINs are never accepted inline or on the command line)".into());
         }
@@ -1227,6 +1233,35 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert!(config.pkcs11.is_none() && config.vault.is_some());
     }
 
+    /// A PIN typed where pin_file wants a path: an error names the setting, not the value
+    /// (which resolving against the config's directory would have shown with a '/').
+    #[test]
+    fn a_pin_file_without_a_slash_is_not_shown_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_fixture(dir.path(), "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let with = |pin_file: &str| {
+            let edited = text.replace(
+                "pin_file = \"user-pin\"",
+                &format!("pin_file = \"{pin_file}\""),
+            );
+            let config = SignerConfig::parse(&path, &edited).unwrap();
+            config.pkcs11.unwrap().pin.read().unwrap_err().to_string()
+        };
+        let err = with("8c1f2e7a9b3d4c5e6f708192");
+        assert!(
+            err.contains("pkcs11.pin_file") && err.contains("the value is not shown"),
+            "{err}"
+        );
+        assert!(!err.contains("8c1f2e7a9b3d4c5e6f708192"), "{err}");
+        let err = with("secrets/user-pin");
+        let shown = dir.path().join("secrets/user-pin").display().to_string();
+        assert!(
+            err.contains("pkcs11.pin_file") && err.contains(&shown),
+            "{err}"
+        );
+    }
+
     #[test]
     fn loads_and_resolves_relative_paths() {
         let dir = tempfile::tempdir().unwrap();
@@ -1235,7 +1270,11 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         assert_eq!(cfg.audit_log, dir.path().join("audit.log"));
         assert_eq!(cfg.root_common_name().unwrap(), "service-mesh-hub root CA");
         let pkcs11 = cfg.pkcs11.unwrap();
-        assert_eq!(pkcs11.pin, SecretSource::File(dir.path().join("user-pin")));
+        assert!(
+            matches!(&pkcs11.pin, SecretSource::File(f) if f.path == dir.path().join("user-pin")),
+            "{:?}",
+            pkcs11.pin
+        );
         let vm = "service-mesh-hub/virtual-mesh".parse().unwrap();
         let mgmt = "service-mesh-hub/istio-istio-system-management-plane"
             .parse()

@@ -25,7 +25,7 @@ use meshca::pki::keys::KeyType;
 use meshca::pki::pem::decode_certificates;
 use meshca::pki::profile::RootCa;
 use meshca::policy::ObjectRef;
-use meshca::secret::SecretSource;
+use meshca::secret::{SecretFile, SecretSource};
 use meshca::signer::audit::{self, VerifyOutcome, rfc3339};
 
 /// Writes one line of a command's report to stdout. A reader that stopped reading (`| head`,
@@ -1280,6 +1280,10 @@ fn print_key_attributes(settings: &meshca::config::Pkcs11Settings, attrs: &pkcs1
     say!("  CKA_EXTRACTABLE       {}", attrs.extractable);
     say!("  CKA_ALWAYS_SENSITIVE  {}", attrs.always_sensitive);
     say!("  CKA_NEVER_EXTRACTABLE {}", attrs.never_extractable);
+    say!("  CKA_DECRYPT           {}", attrs.decrypt);
+    say!("  CKA_UNWRAP            {}", attrs.unwrap);
+    say!("  CKA_SIGN_RECOVER      {}", attrs.sign_recover);
+    say!("  CKA_DERIVE            {}", attrs.derive);
     say!(
         "  CKA_VALUE readable    {}",
         if attrs.value_readable {
@@ -1419,7 +1423,12 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
         } => {
             let config = load_config(&config)?;
             let settings = pkcs11_settings(&config)?;
-            let so_pin = SecretSource::File(so_pin_file).read()?;
+            let so_pin = SecretSource::File(SecretFile::new(
+                "--so-pin-file",
+                &so_pin_file,
+                so_pin_file.clone(),
+            ))
+            .read()?;
             let user_pin = settings.pin.read()?;
             let label = pkcs11::init_token(settings, &so_pin, &user_pin)?;
             say!(
@@ -1496,6 +1505,10 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
                         "cka_extractable": attrs.extractable,
                         "cka_always_sensitive": attrs.always_sensitive,
                         "cka_never_extractable": attrs.never_extractable,
+                        "cka_decrypt": attrs.decrypt,
+                        "cka_unwrap": attrs.unwrap,
+                        "cka_sign_recover": attrs.sign_recover,
+                        "cka_derive": attrs.derive,
                         "value_readable": attrs.value_readable,
                         "is_root_certificate_key": attrs.not_the_root_key.is_none(),
                     },
@@ -1503,6 +1516,17 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
                 }));
             } else {
                 print_key_attributes(settings, &attrs);
+            }
+            // Not refused: an adopted key made elsewhere may allow these, and none lets it
+            // leave the token; but each lets the PIN's holder use it beyond signing.
+            let other_uses = attrs.other_uses();
+            if !other_uses.is_empty() {
+                to_stderr!(
+                    "meshca: warning: root key {}: allows more than signing ({} true): \
+                     whoever holds the PIN can use it for that too; set them false on the token",
+                    settings.key,
+                    other_uses.join(", ")
+                );
             }
             if !problems.is_empty() {
                 for problem in &problems {

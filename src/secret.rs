@@ -31,8 +31,44 @@ impl fmt::Debug for Secret {
 /// Where a secret comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretSource {
-    File(PathBuf),
+    File(SecretFile),
     Env(String),
+}
+
+/// A secret file, with the setting that names it for its errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretFile {
+    pub path: PathBuf,
+    /// `pkcs11.pin_file`, `--so-pin-file`, ...
+    pub setting: String,
+    /// Whether errors may show the path: a value written without a '/' may be the secret
+    /// itself, typed where its file's path belongs (resolving it against the config's
+    /// directory gives it one, so this is decided on the value as written).
+    pub path_shown: bool,
+}
+
+impl SecretFile {
+    /// The file `setting` names: `written` as the user wrote it, `path` where it resolves.
+    pub fn new(setting: &str, written: &Path, path: PathBuf) -> Self {
+        SecretFile {
+            path,
+            setting: setting.to_string(),
+            path_shown: written.as_os_str().as_encoded_bytes().contains(&b'/'),
+        }
+    }
+
+    /// The file as errors name it: the setting, and the path when it may be shown.
+    pub fn shown(&self) -> String {
+        if self.path_shown {
+            format!("{} {}", self.setting, self.path.display())
+        } else {
+            format!(
+                "{} (the value is not shown: without a '/' it may be the secret itself; give \
+                 a path)",
+                self.setting
+            )
+        }
+    }
 }
 
 impl SecretSource {
@@ -59,7 +95,7 @@ impl SecretSource {
 impl fmt::Display for SecretSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SecretSource::File(path) => write!(f, "file {}", path.display()),
+            SecretSource::File(file) => f.write_str(&file.shown()),
             SecretSource::Env(name) => write!(f, "environment variable {name}"),
         }
     }
@@ -74,15 +110,20 @@ pub enum SecretError {
     },
     #[error("secret from {0} is empty")]
     Empty(String),
-    #[error("secret file {path} can be read by other users (mode {mode:o}); run: chmod 600 {path}")]
-    TooOpen { path: String, mode: u32 },
+    #[error("secret from {file} can be read by other users (mode {mode:o}); {fix}")]
+    TooOpen {
+        file: String,
+        mode: u32,
+        /// `run: chmod 600 <path>`, without the path where it is not shown.
+        fix: String,
+    },
 }
 
 impl SecretSource {
     /// Reads the secret; surrounding whitespace (a trailing newline) is dropped.
     pub fn read(&self) -> Result<Secret, SecretError> {
         let raw = match self {
-            SecretSource::File(path) => read_secret_file(path)?,
+            SecretSource::File(file) => read_secret_file(file)?,
             SecretSource::Env(name) => {
                 Zeroizing::new(std::env::var(name).map_err(|e| SecretError::Unreadable {
                     source_name: self.to_string(),
@@ -106,10 +147,11 @@ impl SecretSource {
 /// file (a log, a device) must not be read whole and presented as a PIN.
 const MAX_SECRET_FILE: u64 = 64 * 1024;
 
-fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
+fn read_secret_file(secret_file: &SecretFile) -> Result<Zeroizing<String>, SecretError> {
     use std::io::Read;
+    let path = secret_file.path.as_path();
     let unreadable = |message: String| SecretError::Unreadable {
-        source_name: format!("file {}", path.display()),
+        source_name: secret_file.shown(),
         message,
     };
     let io = |e: std::io::Error| unreadable(e.to_string());
@@ -119,8 +161,13 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
     let mode = file.metadata().map_err(io)?.permissions().mode();
     if mode & 0o007 != 0 {
         return Err(SecretError::TooOpen {
-            path: path.display().to_string(),
+            file: secret_file.shown(),
             mode: mode & 0o777,
+            fix: if secret_file.path_shown {
+                format!("run: chmod 600 {}", path.display())
+            } else {
+                "make it chmod 600".into()
+            },
         });
     }
     let mut bytes = Zeroizing::new(Vec::new());
@@ -144,6 +191,10 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
 mod tests {
     use super::*;
 
+    fn file(path: &Path) -> SecretSource {
+        SecretSource::File(SecretFile::new("pin_file", path, path.to_path_buf()))
+    }
+
     #[test]
     fn secrets_never_print() {
         let s = Secret::new("1234".into());
@@ -156,23 +207,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pin");
         crate::fsutil::write_private(&path, b"s3cret\n").unwrap();
-        let secret = SecretSource::File(path.clone()).read().unwrap();
+        let secret = file(&path).read().unwrap();
         assert_eq!(secret.expose(), "s3cret");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = SecretSource::File(path.clone())
-            .read()
-            .unwrap_err()
-            .to_string();
+        let err = file(&path).read().unwrap_err().to_string();
         assert!(
             err.contains("chmod 600") && !err.contains("s3cret"),
             "{err}"
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(
-            SecretSource::File(path).read(),
-            Err(SecretError::Empty(_))
-        ));
+        assert!(matches!(file(&path).read(), Err(SecretError::Empty(_))));
     }
 
     #[test]
@@ -181,23 +226,17 @@ mod tests {
         let path = dir.path().join("pin");
         let large = "7".repeat(MAX_SECRET_FILE as usize + 1);
         crate::fsutil::write_private(&path, large.as_bytes()).unwrap();
-        let err = SecretSource::File(path.clone())
-            .read()
-            .unwrap_err()
-            .to_string();
+        let err = file(&path).read().unwrap_err().to_string();
         assert!(
             err.contains("larger than 64 KiB") && !err.contains("777"),
             "{err}"
         );
         crate::fsutil::write_private(&path, &large.as_bytes()[1..]).unwrap();
-        assert_eq!(
-            SecretSource::File(path).read().unwrap().expose(),
-            &large[1..]
-        );
+        assert_eq!(file(&path).read().unwrap().expose(), &large[1..]);
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let err = SecretSource::File(sub).read().unwrap_err().to_string();
+        let err = file(&sub).read().unwrap_err().to_string();
         assert!(err.contains("a directory, not a regular file"), "{err}");
     }
 
@@ -208,10 +247,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pin");
         let fifo = crate::fsutil::tests::FedFifo::new(&path, "piped-secret\n");
-        let err = SecretSource::File(path.clone())
-            .read()
-            .unwrap_err()
-            .to_string();
+        let err = file(&path).read().unwrap_err().to_string();
         drop(fifo);
         assert!(
             err.contains(&path.display().to_string())

@@ -28,6 +28,11 @@ enum Send {
         content_type: &'static str,
         body: Vec<u8>,
     },
+    /// A Content-Type of any bytes a header may carry (not only UTF-8), or none.
+    RawHeader {
+        content_type: Option<&'static [u8]>,
+        body: Vec<u8>,
+    },
 }
 
 /// An RSA CSR whose public key (SubjectPublicKeyInfo) was changed after the fact.
@@ -116,12 +121,17 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
         ("deeply nested JSON", Send::Raw { content_type: "application/json", body: nested.into_bytes() }, 400, "malformed_request", "JSON"),
         ("empty body", Send::Raw { content_type: "application/json", body: Vec::new() }, 400, "malformed_request", "JSON"),
         ("JSON array", Send::Raw { content_type: "application/json", body: b"[1,2,3]".to_vec() }, 400, "malformed_request", "JSON"),
+        // serde takes a struct from an array of its fields too: the API is the object alone.
+        ("JSON array of the fields", Send::Json(json!([VM, MESH_A, good])), 400, "malformed_request", "not a JSON object"),
+        ("JSON array of the fields with a ttl", Send::Json(json!([VM, MESH_A, good, 86400])), 400, "malformed_request", "not a JSON object"),
         ("CSR is a number", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": 42})), 400, "malformed_request", "expected a string"),
         ("unknown field", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "pathLen": 5})), 400, "malformed_request", "pathLen"),
         ("field name with a newline (a forged log line)", Send::Json(json!({"virtualMesh": VM, "mesh": MESH_A, "csr": good, "x\nINFO forged": 5})), 400, "malformed_request", "x\\nINFO forged"),
         // Messages and recorded references quote the request: a client must not choose the
         // size of the audit line.
         ("virtual mesh of 60 KB", Send::Json(sign_body(&"a".repeat(60_000), MESH_A, &good)), 400, "malformed_request", "bytes in all"),
+        ("content type not UTF-8", Send::RawHeader { content_type: Some(b"application/json\xff"), body: b"{}".to_vec() }, 415, "unsupported_media_type", "got \"application/json\\xff\" (not UTF-8)"),
+        ("no content type", Send::RawHeader { content_type: None, body: b"{}".to_vec() }, 415, "unsupported_media_type", "got none"),
         ("content type of 100 KB", Send::Raw { content_type: format!("text/{}", "a".repeat(100_000)).leak(), body: b"{}".to_vec() }, 415, "unsupported_media_type", "bytes in all"),
         ("duplicate field", Send::Raw { content_type: "application/json", body: format!("{{\"virtualMesh\":\"{VM}\",\"virtualMesh\":\"{VM}\",\"mesh\":\"{MESH_A}\",\"csr\":\"x\"}}").into_bytes() }, 400, "malformed_request", "duplicate"),
     ];
@@ -133,6 +143,20 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
             Send::Raw { content_type, body } => client
                 .post(&url)
                 .header("content-type", *content_type)
+                .body(body.clone()),
+            Send::RawHeader {
+                content_type: None,
+                body,
+            } => client.post(&url).body(body.clone()),
+            Send::RawHeader {
+                content_type: Some(content_type),
+                body,
+            } => client
+                .post(&url)
+                .header(
+                    "content-type",
+                    reqwest::header::HeaderValue::from_bytes(content_type).unwrap(),
+                )
                 .body(body.clone()),
         };
         let response = request
@@ -158,6 +182,47 @@ async fn thirty_plus_hostile_requests_get_their_documented_answer_and_the_signer
     }
     let (status, body) = post_sign(&client, &signer, &sign_body(VM, MESH_A, &good)).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A method other than POST on /v1/sign is answered 405 by the router, before the handler:
+/// no decision, so no audit line, and not counted among the sign requests.
+#[tokio::test]
+async fn another_method_on_sign_is_405_with_no_audit_line_and_not_counted() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    let counted = |metrics: &str| -> Vec<String> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("meshca_sign_requests_total"))
+            .map(str::to_string)
+            .collect()
+    };
+    let before = counted(&signer.metrics(&client).await);
+    assert!(!before.is_empty());
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let response = client
+            .request(method.clone(), signer.url("/v1/sign"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 405, "{method}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "method_not_allowed",
+            "{method}: {body}"
+        );
+    }
+    assert_eq!(counted(&signer.metrics(&client).await), before);
+    assert!(
+        signer.audit_lines().is_empty(),
+        "{:?}",
+        signer.audit_lines()
+    );
 }
 
 #[tokio::test]

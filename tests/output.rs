@@ -130,6 +130,14 @@ fn root_show_json_for(backend: Backend) {
         return;
     }
     assert_eq!(show["key"]["cka_extractable"], false, "{show}");
+    for signing_only in [
+        "cka_decrypt",
+        "cka_unwrap",
+        "cka_sign_recover",
+        "cka_derive",
+    ] {
+        assert_eq!(show["key"][signing_only], false, "{signing_only}: {show}");
+    }
     assert_eq!(show["key"]["is_root_certificate_key"], true, "{show}");
     assert!(show["key"]["uri"].as_str().unwrap().starts_with("pkcs11:"));
     // No PIN anywhere in what it printed.

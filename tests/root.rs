@@ -261,12 +261,21 @@ fn root_show_reports_a_key_that_cannot_leave_the_token() {
         "CKA_EXTRACTABLE       false",
         "CKA_ALWAYS_SENSITIVE  true",
         "CKA_NEVER_EXTRACTABLE true",
+        "CKA_DECRYPT           false",
+        "CKA_UNWRAP            false",
+        "CKA_SIGN_RECOVER      false",
+        "CKA_DERIVE            false",
         "CKA_VALUE readable    no",
         "root certificate's    yes",
     ] {
         assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
     }
     assert!(!stdout.contains(&env.user_pin()), "the PIN was printed");
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A config whose key is another root's than its certificate's (a root change's config
@@ -316,7 +325,7 @@ fn wrong_pin_fails_clearly_without_echoing_it() {
     // Where the PIN came from: the one place to correct it.
     assert!(
         stderr.contains(&format!(
-            "refused the user PIN (read from file {})",
+            "refused the user PIN (read from pkcs11.pin_file {})",
             env.path("softhsm/user-pin").display()
         )),
         "{stderr}"

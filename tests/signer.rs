@@ -1929,7 +1929,7 @@ fn serve_check_reads_what_a_start_reads_without_the_token_and_names_each_problem
         "clients         2",
         "ECDSA P-256, valid until",
         &root_sha256,
-        "2 sessions, PIN from file",
+        "2 sessions, PIN from pkcs11.pin_file ",
         &format!("SoftHSM tokens in {}", env.path("softhsm/tokens").display()),
         "audit.log (created at start)",
         "not checked: the token or Vault login",

@@ -34,6 +34,34 @@ fn the_root_private_key_cannot_be_read_or_wrapped_out_of_the_token() {
     assert_eq!(keys.len(), 1);
     let key = keys[0];
 
+    // Signing only: no decryption, unwrapping, sign-recover or derivation with it (SoftHSM's
+    // defaults allow unwrapping and sign-recover: an RSA decryption oracle for the PIN's
+    // holder).
+    let uses = [
+        AttributeType::Decrypt,
+        AttributeType::Unwrap,
+        AttributeType::SignRecover,
+        AttributeType::Derive,
+    ];
+    let values = session.get_attributes(key, &uses).unwrap();
+    assert_eq!(values.len(), uses.len(), "{values:?}");
+    for value in &values {
+        assert!(
+            matches!(
+                value,
+                Attribute::Decrypt(false)
+                    | Attribute::Unwrap(false)
+                    | Attribute::SignRecover(false)
+                    | Attribute::Derive(false)
+            ),
+            "the root key allows {value:?}"
+        );
+    }
+    assert!(matches!(
+        session.get_attributes(key, &[AttributeType::Sign]).unwrap()[..],
+        [Attribute::Sign(true)]
+    ));
+
     // Reading the secret value: the token answers CKR_ATTRIBUTE_SENSITIVE.
     let info = session
         .get_attribute_info(key, &[AttributeType::Value, AttributeType::PrivateExponent])
@@ -77,5 +105,19 @@ fn the_root_private_key_cannot_be_read_or_wrapped_out_of_the_token() {
         session
             .update_attributes(key, &[Attribute::Extractable(true)])
             .is_err()
+    );
+
+    // A key allowing unwrapping (as one made elsewhere and adopted may): `root show` names
+    // it on stderr, but does not fail, since the key still cannot leave the token.
+    session
+        .update_attributes(key, &[Attribute::Unwrap(true)])
+        .unwrap();
+    let out = env.run_with_config_ok(&["root", "show"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(stdout.contains("CKA_UNWRAP            true"), "{stdout}");
+    assert!(stdout.contains("CKA_DECRYPT           false"), "{stdout}");
+    assert!(
+        stderr.contains("warning: root key") && stderr.contains("(CKA_UNWRAP true)"),
+        "{stderr}"
     );
 }

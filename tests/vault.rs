@@ -1440,7 +1440,13 @@ async fn an_answer_over_4_mib_is_refused_by_name() {
         issuer_ref: "meshca-root".into(),
         timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
-        auth: VaultAuth::Token(meshca::secret::SecretSource::File(token_file)),
+        auth: VaultAuth::Token(meshca::secret::SecretSource::File(
+            meshca::secret::SecretFile::new(
+                "vault.auth.token_file",
+                &token_file,
+                token_file.clone(),
+            ),
+        )),
     })
     .unwrap();
     let err = match client

@@ -90,7 +90,7 @@ impl From<CkError> for TokenError {
     }
 }
 
-/// " (read from file X)", for a refused PIN whose source is known.
+/// " (read from pkcs11.pin_file X)", for a refused PIN whose source is known.
 fn pin_origin(source: Option<&str>) -> String {
     source.map_or_else(String::new, |source| format!(" (read from {source})"))
 }
@@ -290,7 +290,12 @@ impl Token {
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Sign(true),
+            // Signing only: left to the token's default, SoftHSM allows C_UnwrapKey and
+            // C_SignRecover, which make an RSA root key a decryption oracle for the PIN's
+            // holder.
             Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::SignRecover(false),
             Attribute::Derive(false),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id),
@@ -885,6 +890,12 @@ pub struct KeyAttributes {
     pub extractable: bool,
     pub always_sensitive: bool,
     pub never_extractable: bool,
+    /// Uses besides signing, which `root init` turns off: none lets the key leave the
+    /// token, but each lets the PIN's holder do more with it than sign.
+    pub decrypt: bool,
+    pub unwrap: bool,
+    pub sign_recover: bool,
+    pub derive: bool,
     /// What the token answered when asked for CKA_VALUE.
     pub value_readable: bool,
     /// Why the key is not shown to be the root certificate's (it signed a challenge that
@@ -915,6 +926,20 @@ impl KeyAttributes {
         .filter_map(|(weak, what)| weak.then_some(what))
         .collect()
     }
+
+    /// The uses besides signing the key allows (a key made elsewhere and adopted): warned
+    /// of, not refused, as the key cannot leave the token through them.
+    pub fn other_uses(&self) -> Vec<&'static str> {
+        [
+            (self.decrypt, "CKA_DECRYPT"),
+            (self.unwrap, "CKA_UNWRAP"),
+            (self.sign_recover, "CKA_SIGN_RECOVER"),
+            (self.derive, "CKA_DERIVE"),
+        ]
+        .into_iter()
+        .filter_map(|(allowed, name)| allowed.then_some(name))
+        .collect()
+    }
 }
 
 /// The root key's attributes, and whether it is `root`'s key (it signs a challenge).
@@ -933,6 +958,11 @@ pub fn inspect_key(
         extractable: true,
         always_sensitive: false,
         never_extractable: false,
+        // An attribute the token does not define for the key is a use it does not have.
+        decrypt: false,
+        unwrap: false,
+        sign_recover: false,
+        derive: false,
         value_readable: true,
         not_the_root_key: prove_root_key(&token, &session, key, root)
             .err()
@@ -947,6 +977,10 @@ pub fn inspect_key(
             AttributeType::Extractable,
             AttributeType::AlwaysSensitive,
             AttributeType::NeverExtractable,
+            AttributeType::Decrypt,
+            AttributeType::Unwrap,
+            AttributeType::SignRecover,
+            AttributeType::Derive,
         ],
     )? {
         match attr {
@@ -956,6 +990,10 @@ pub fn inspect_key(
             Attribute::Extractable(v) => attributes.extractable = v,
             Attribute::AlwaysSensitive(v) => attributes.always_sensitive = v,
             Attribute::NeverExtractable(v) => attributes.never_extractable = v,
+            Attribute::Decrypt(v) => attributes.decrypt = v,
+            Attribute::Unwrap(v) => attributes.unwrap = v,
+            Attribute::SignRecover(v) => attributes.sign_recover = v,
+            Attribute::Derive(v) => attributes.derive = v,
             _ => {}
         }
     }
@@ -1533,10 +1571,15 @@ mod tests {
             extractable: false,
             always_sensitive: true,
             never_extractable: true,
+            decrypt: false,
+            unwrap: false,
+            sign_recover: false,
+            derive: false,
             value_readable: false,
             not_the_root_key: None,
         };
         assert!(sound.weaknesses().is_empty());
+        assert!(sound.other_uses().is_empty());
         let imported = KeyAttributes {
             always_sensitive: false,
             never_extractable: false,
@@ -1555,10 +1598,43 @@ mod tests {
             extractable: true,
             always_sensitive: false,
             never_extractable: false,
+            decrypt: true,
+            unwrap: true,
+            sign_recover: true,
+            derive: true,
             value_readable: true,
             not_the_root_key: None,
         };
         assert_eq!(open.weaknesses().len(), 7, "{:?}", open.weaknesses());
+        assert_eq!(
+            open.other_uses(),
+            [
+                "CKA_DECRYPT",
+                "CKA_UNWRAP",
+                "CKA_SIGN_RECOVER",
+                "CKA_DERIVE"
+            ]
+        );
+    }
+
+    #[test]
+    fn uses_besides_signing_are_named_but_are_no_weakness() {
+        let sound = KeyAttributes {
+            token: true,
+            private: true,
+            sensitive: true,
+            extractable: false,
+            always_sensitive: true,
+            never_extractable: true,
+            decrypt: false,
+            unwrap: true,
+            sign_recover: false,
+            derive: false,
+            value_readable: false,
+            not_the_root_key: None,
+        };
+        assert!(sound.weaknesses().is_empty());
+        assert_eq!(sound.other_uses(), ["CKA_UNWRAP"]);
     }
 
     #[test]

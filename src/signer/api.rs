@@ -429,16 +429,23 @@ async fn sign_inner(
     client_gone: CancellationToken,
     facts: &mut RequestFacts,
 ) -> Result<SignResponse, Refusal> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
+    let content_type = headers.get(header::CONTENT_TYPE);
+    let media_type = content_type
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let media_type = content_type.split(';').next().unwrap_or("").trim();
+        .map_or("", |v| v.split(';').next().unwrap_or("").trim());
     if !media_type.eq_ignore_ascii_case("application/json") {
+        let got = match content_type {
+            None => "none".to_string(),
+            Some(v) => match v.to_str() {
+                Ok(text) => format!("{text:?}"),
+                // Shown escaped: read as "" it would look like no Content-Type at all.
+                Err(_) => format!("\"{}\" (not UTF-8)", v.as_bytes().escape_ascii()),
+            },
+        };
         return Err(Refusal::new(
             Status::UnsupportedMediaType,
             "unsupported_media_type",
-            format!("Content-Type must be application/json, got {content_type:?}"),
+            format!("Content-Type must be application/json, got {got}"),
         ));
     }
     let body_timeout = rules.limits.body_timeout;
@@ -480,13 +487,26 @@ async fn sign_inner(
             ),
         )
     })?;
-    let request: SignRequest = serde_json::from_slice(&bytes).map_err(|e| {
+    let malformed = |why: String| {
         Refusal::new(
             Status::BadRequest,
             "malformed_request",
-            format!("request body is not the expected JSON object {{virtualMesh, mesh, csr[, ttlSeconds]}}: {e}"),
+            format!(
+                "request body is not the expected JSON object {{virtualMesh, mesh, csr[, ttlSeconds]}}: {why}"
+            ),
         )
-    })?;
+    };
+    // serde's derived Deserialize takes a struct from a JSON array as well (the fields in
+    // order); the API is the object alone, so anything else is refused before it is read.
+    if bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        != Some(&b'{')
+    {
+        return Err(malformed("not a JSON object".into()));
+    }
+    let request: SignRequest =
+        serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
     let serial =
         random_serial().map_err(|e| Refusal::new(Status::Internal, "internal", e.to_string()))?;
     let backend = &state.backend;

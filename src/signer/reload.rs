@@ -515,6 +515,8 @@ pub fn restart_only_changes(in_force: &SignerConfig, read: &SignerConfig) -> Vec
 /// cheaply: `meshca serve --check --online` checks the rest.
 pub fn restart_blockers(read: &SignerConfig, changed: &[&'static str]) -> Vec<String> {
     let mut missing = Vec::new();
+    // Secret files are named as their errors name them (a value without a '/' not shown).
+    let mut secret_files = Vec::new();
     let mut check = |setting: &str, path: &Path| {
         if !path.exists() {
             missing.push(format!("{setting} {} does not exist", path.display()));
@@ -530,11 +532,7 @@ pub fn restart_blockers(read: &SignerConfig, changed: &[&'static str]) -> Vec<St
         }
         // A PIN file that is not there is the usual way such a restart fails.
         if let SecretSource::File(pin) = &pkcs11.pin {
-            let setting = match pkcs11.key.pin_source {
-                Some(_) => "pkcs11.key pin-source",
-                None => "pkcs11.pin_file",
-            };
-            check(setting, pin);
+            secret_files.push(pin);
         }
     }
     if let Some(vault) = read.vault.as_ref().filter(|_| changed.contains(&"vault")) {
@@ -542,19 +540,24 @@ pub fn restart_blockers(read: &SignerConfig, changed: &[&'static str]) -> Vec<St
             check("vault.ca_cert", ca_cert);
         }
         match &vault.auth {
-            VaultAuth::Token(SecretSource::File(token)) => check("vault.auth.token_file", token),
+            VaultAuth::Token(SecretSource::File(token)) => secret_files.push(token),
             VaultAuth::AppRole {
                 role_id, secret_id, ..
             } => {
                 if let SecretSource::File(role_id) = role_id {
-                    check("vault.auth.role_id_file", role_id);
+                    secret_files.push(role_id);
                 }
                 if let SecretSource::File(secret_id) = secret_id {
-                    check("vault.auth.secret_id_file", secret_id);
+                    secret_files.push(secret_id);
                 }
             }
             VaultAuth::Kubernetes { jwt_file, .. } => check("vault.auth.jwt_file", jwt_file),
             VaultAuth::Token(SecretSource::Env(_)) => {}
+        }
+    }
+    for file in secret_files {
+        if !file.path.exists() {
+            missing.push(format!("{} does not exist", file.shown()));
         }
     }
     missing
@@ -636,14 +639,27 @@ backend = "{backend}"
             "pkcs11",
             "[pkcs11]\nmodule = \"/lib/softhsm.so\"\nkey = \"pkcs11:token=t;object=k\"\npin_file = \"user-pin\"",
         );
+        // Without a '/' the value may be the PIN itself: not shown.
         assert_eq!(
             blockers_about(&read, &["pkcs11"], "pin", d),
-            ["pkcs11.pin_file DIR/user-pin does not exist"]
+            [format!("pkcs11.pin_file {HIDDEN} does not exist")]
         );
         assert!(blockers_about(&read, &["root"], "pin", d).is_empty());
         std::fs::write(d.join("user-pin"), "1234\n").unwrap();
         assert!(blockers_about(&read, &["pkcs11"], "pin", d).is_empty());
+        let read = backend_config(
+            d,
+            "pkcs11",
+            "[pkcs11]\nmodule = \"/lib/softhsm.so\"\nkey = \"pkcs11:token=t;object=k\"\npin_file = \"pins/user-pin\"",
+        );
+        assert_eq!(
+            blockers_about(&read, &["pkcs11"], "pin", d),
+            ["pkcs11.pin_file DIR/pins/user-pin does not exist"]
+        );
     }
+
+    const HIDDEN: &str =
+        "(the value is not shown: without a '/' it may be the secret itself; give a path)";
 
     #[test]
     fn missing_vault_credential_files_block_a_restart_with_a_changed_vault_section() {
@@ -664,15 +680,15 @@ backend = "{backend}"
         assert_eq!(
             blockers_about(&approle, &["vault"], "vault.auth", d),
             [
-                "vault.auth.role_id_file DIR/role-id does not exist",
-                "vault.auth.secret_id_file DIR/secret-id does not exist"
+                format!("vault.auth.role_id_file {HIDDEN} does not exist"),
+                format!("vault.auth.secret_id_file {HIDDEN} does not exist")
             ]
         );
         assert!(blockers_about(&approle, &["pkcs11"], "vault.auth", d).is_empty());
-        let token = vault("method = \"token\"\ntoken_file = \"token\"");
+        let token = vault("method = \"token\"\ntoken_file = \"./token\"");
         assert_eq!(
             blockers_about(&token, &["vault"], "vault.auth", d),
-            ["vault.auth.token_file DIR/token does not exist"]
+            ["vault.auth.token_file DIR/./token does not exist"]
         );
         let kubernetes = vault("method = \"kubernetes\"\nrole = \"r\"\njwt_file = \"jwt\"");
         assert_eq!(

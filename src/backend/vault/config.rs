@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::Deserialize;
 
-use crate::secret::SecretSource;
+use crate::secret::{SecretFile, SecretSource};
 
 /// Default bound on one Vault call (connect, send, answer).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,7 +118,7 @@ impl VaultSection {
                 "vault.auth (method token)",
                 "token_file",
                 "token_env",
-                token_file.map(|p| resolve(&p)),
+                token_file.map(|p| SecretFile::new("vault.auth.token_file", &p, resolve(&p))),
                 token_env,
             )?),
             AuthSection::Approle {
@@ -131,12 +131,17 @@ impl VaultSection {
                 check_path("vault.auth.mount", &mount)?;
                 VaultAuth::AppRole {
                     mount,
-                    role_id: SecretSource::File(resolve(&role_id_file)),
+                    role_id: SecretSource::File(SecretFile::new(
+                        "vault.auth.role_id_file",
+                        &role_id_file,
+                        resolve(&role_id_file),
+                    )),
                     secret_id: one_secret(
                         "vault.auth (method approle)",
                         "secret_id_file",
                         "secret_id_env",
-                        secret_id_file.map(|p| resolve(&p)),
+                        secret_id_file
+                            .map(|p| SecretFile::new("vault.auth.secret_id_file", &p, resolve(&p))),
                         secret_id_env,
                     )?,
                 }
@@ -223,7 +228,7 @@ fn one_secret(
     section: &str,
     file_key: &str,
     env_key: &str,
-    file: Option<PathBuf>,
+    file: Option<SecretFile>,
     env: Option<String>,
 ) -> Result<SecretSource, String> {
     match (file, env) {
@@ -292,7 +297,11 @@ mod tests {
         assert_eq!(token.timeout, DEFAULT_TIMEOUT);
         assert_eq!(
             token.auth,
-            VaultAuth::Token(SecretSource::File("/etc/meshca/vault-token".into()))
+            VaultAuth::Token(SecretSource::File(SecretFile::new(
+                "vault.auth.token_file",
+                Path::new("vault-token"),
+                "/etc/meshca/vault-token".into()
+            )))
         );
         let approle = parse(
             "address = \"https://vault.example.org:8200\"\nca_cert = \"ca.pem\"\nmount = \"pki/mesh\"\nissuer_ref = \"r\"\ntimeout_seconds = 4\n[auth]\nmethod = \"approle\"\nrole_id_file = \"role-id\"\nsecret_id_env = \"MESHCA_SECRET_ID\"\n",
@@ -304,7 +313,11 @@ mod tests {
             approle.auth,
             VaultAuth::AppRole {
                 mount: "approle".into(),
-                role_id: SecretSource::File("/etc/meshca/role-id".into()),
+                role_id: SecretSource::File(SecretFile::new(
+                    "vault.auth.role_id_file",
+                    Path::new("role-id"),
+                    "/etc/meshca/role-id".into()
+                )),
                 secret_id: SecretSource::Env("MESHCA_SECRET_ID".into()),
             }
         );
