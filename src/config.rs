@@ -630,6 +630,30 @@ impl SignerConfig {
         }
 
         granted_meshes::check_granted_meshes(&policies, &authorization).map_err(err)?;
+        // The root in force is read at start and reload ([`Self::check_apart_from_root`]);
+        // the announced ones are read here.
+        let announced: Vec<(String, x509_cert::Certificate)> = root
+            .announced()
+            .filter_map(|a| {
+                let certificate = crate::pki::pem::decode_certificates(&a.pem).ok()?;
+                let name = format!(
+                    "the {} ({} {})",
+                    a.announcement.name(),
+                    a.announcement.key(),
+                    a.path.display()
+                );
+                Some((name, certificate.into_iter().next()?))
+            })
+            .collect();
+        granted_meshes::check_apart_from_roots(
+            &policies,
+            &authorization,
+            announced
+                .iter()
+                .map(|(name, c)| (name.clone(), c.tbs_certificate().subject())),
+            " or announce a root of another common name",
+        )
+        .map_err(err)?;
 
         let limits = limits(file.limits).map_err(err)?;
         Ok(SignerConfig {
@@ -691,12 +715,38 @@ impl SignerConfig {
     }
 
     /// The name `root init` gives a new root: `root.common_name`, or `<orgName> root CA`,
-    /// refused if X.520 does not allow it (see `root_common_name` above).
+    /// refused if X.520 does not allow it (see `root_common_name` above), or if a granted
+    /// mesh's intermediate would carry the root's subject (`O=<orgName>, CN=<name>`).
     pub fn root_common_name(&self) -> Result<String, String> {
-        root_common_name(
-            self.root.common_name.as_deref(),
-            &self.root_policy().org_name,
+        let org = &self.root_policy().org_name;
+        let name = root_common_name(self.root.common_name.as_deref(), org)?;
+        let subject = crate::pki::profile::subject_name(org, &name)
+            .map_err(|e| format!("root.common_name {name:?}: {e}"))?;
+        granted_meshes::check_apart_from_roots(
+            &self.policies,
+            &self.authorization,
+            [("the new root".to_string(), &subject)],
+            " or set root.common_name to another name",
+        )?;
+        Ok(name)
+    }
+
+    /// Refuses a granted mesh whose intermediate would carry the subject of `root`, the
+    /// root in force (read at start and at each reload, not with the config).
+    pub fn check_apart_from_root(&self, root: &x509_cert::name::Name) -> Result<(), ConfigError> {
+        granted_meshes::check_apart_from_roots(
+            &self.policies,
+            &self.authorization,
+            [(
+                format!(
+                    "the root (root.certificate {})",
+                    self.root.certificate.display()
+                ),
+                root,
+            )],
+            " (a root's name cannot change)",
         )
+        .map_err(|message| invalid(&self.path, message))
     }
 
     /// `root init` writes the new root's certificate to `root.certificate`: a file already
@@ -1441,6 +1491,77 @@ allow = [{ virtual_mesh = "service-mesh-hub/virtual-mesh", mesh = "service-mesh-
         let dir = tempfile::tempdir().unwrap();
         let two = client(web) + &client("spiffe://meshca.t/cluster/Web-1");
         assert!(SignerConfig::load(&write_fixture(dir.path(), &two)).is_ok());
+    }
+
+    /// A granted mesh's intermediate would be `O=service-mesh-hub,
+    /// CN=istio-istio-system-management-plane`: no root may have that subject.
+    #[test]
+    fn a_mesh_whose_intermediate_would_carry_a_roots_subject_is_refused() {
+        let mesh = "istio-istio-system-management-plane";
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_fixture(dir.path(), GRANT);
+        let (_, same) = crate::pki::testing::software_root_named(
+            KeyType::EcdsaP384,
+            "service-mesh-hub",
+            mesh,
+            Duration::from_secs(86_400),
+        );
+        std::fs::write(dir.path().join("old.pem"), &same.pem).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let announced = text.replace(
+            "backend = \"pkcs11\"\n",
+            "backend = \"pkcs11\"\nprevious_certificate = \"old.pem\"\n",
+        );
+        assert_ne!(announced, text);
+        std::fs::write(&path, &announced).unwrap();
+        let refused = SignerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!(
+                "mesh service-mesh-hub/{mesh} (virtual mesh service-mesh-hub/virtual-mesh) is granted, and its intermediate would have the subject O=service-mesh-hub, CN={mesh}, which is the subject of the previous root (root.previous_certificate {}",
+                dir.path().join("old.pem").display()
+            )),
+            "{refused}"
+        );
+        assert!(
+            refused.ends_with("or announce a root of another common name"),
+            "{refused}"
+        );
+
+        // The root in force, read at start: the same check.
+        std::fs::write(&path, &text).unwrap();
+        let config = SignerConfig::load(&path).unwrap();
+        let refused = config
+            .check_apart_from_root(&same.subject)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("which is the subject of the root (root.certificate ")
+                && refused.ends_with("(a root's name cannot change)"),
+            "{refused}"
+        );
+        let (_, apart) = crate::pki::testing::software_root_named(
+            KeyType::EcdsaP384,
+            "service-mesh-hub",
+            "service-mesh-hub root CA",
+            Duration::from_secs(86_400),
+        );
+        config.check_apart_from_root(&apart.subject).unwrap();
+
+        // `root init` refuses to make such a root.
+        let named = text.replace(
+            "key_type = ",
+            &format!("common_name = \"{mesh}\"\nkey_type = "),
+        );
+        std::fs::write(&path, &named).unwrap();
+        let refused = SignerConfig::load(&path)
+            .unwrap()
+            .root_common_name()
+            .unwrap_err();
+        assert!(
+            refused.contains("which is the subject of the new root")
+                && refused.ends_with("or set root.common_name to another name"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -756,6 +756,55 @@ async fn a_pending_restart_onto_a_missing_pkcs11_module_is_named_at_the_sighup()
     );
 }
 
+/// `root.common_name` "cluster-a" under the root's org acme: test/cluster-a's intermediate
+/// would be `O=acme, CN=cluster-a`, the root's own subject, and read as self-issued.
+/// `root init` refuses to make that root; made before the mesh was granted, it refuses
+/// a reload that grants it, `serve --check` and the start, naming both.
+#[tokio::test]
+async fn a_mesh_whose_intermediate_would_carry_the_roots_subject_is_refused() {
+    let env = Env::prepare(&EnvSpec::default());
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let named = config.replace("key_type = ", "common_name = \"cluster-a\"\nkey_type = ");
+    std::fs::write(&env.config, &named).unwrap();
+    let mesh = "mesh test/cluster-a (virtual mesh test/vm) is granted, and its intermediate would have the subject O=acme, CN=cluster-a, which is the subject of";
+    let out = env.run_with_config(&["root", "init"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&format!("{mesh} the new root")),
+        "{stderr}"
+    );
+    assert!(!env.path("root-cert.pem").exists());
+
+    let a_block = format!(
+        "\n[[clients]]\nidentity = \"{}\"\nallow = [{{ virtual_mesh = \"test/vm\", mesh = \"test/cluster-a\" }}]\n",
+        identity("cluster-a")
+    );
+    assert!(named.contains(&a_block), "{named}");
+    std::fs::write(&env.config, named.replace(&a_block, "")).unwrap();
+    env.run_with_config_ok(&["root", "init"]);
+    let mut signer = env.start_signer();
+    std::fs::write(&env.config, &named).unwrap();
+    send_signal(signer.child.id(), "HUP");
+    let refused = signer
+        .wait_for_log("which is the subject of the root (root.certificate")
+        .await;
+    assert!(refused.contains(mesh), "{refused}");
+    assert!(signer.terminate());
+
+    let root = format!(
+        "{mesh} the root (root.certificate {})",
+        env.path("root-cert.pem").display()
+    );
+    for command in [&["serve", "--check"][..], &["serve"][..]] {
+        let out = env.run_with_config(command);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(&root),
+            "{command:?}: {stderr}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sighup_reloads_policies_and_clients_after_recording_the_change() {
     // A P-256 root: a policy demanding RSA-4096 strength is too much for it.

@@ -2,11 +2,16 @@
 //! mesh granted in two VirtualMeshes (the controller keeps a mesh in one VirtualMesh at
 //! most; a client would pick the weaker policy), and two meshes whose intermediates would
 //! carry the same subject (`O=<orgName>, CN=<mesh name>`: the namespace is no part of it),
-//! which no one reading a certificate could tell apart.
+//! which no one reading a certificate could tell apart; nor a mesh whose intermediate
+//! would carry a root's subject.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use const_oid::db::rfc4519;
+use x509_cert::name::Name;
+
 use super::AuthorizationTable;
+use crate::pki::lint::subject_values;
 use crate::pki::profile::bounded_common_name;
 use crate::policy::{ObjectRef, PolicySet};
 
@@ -16,11 +21,7 @@ pub(super) fn check_granted_meshes(
     policies: &PolicySet,
     authorization: &AuthorizationTable,
 ) -> Result<(), String> {
-    // Every (virtual mesh, mesh) pair some client is granted.
-    let granted: BTreeSet<&(ObjectRef, ObjectRef)> = authorization
-        .clients()
-        .flat_map(|(_, grants)| grants.iter())
-        .collect();
+    let granted = granted(authorization);
     let mut virtual_meshes_of: BTreeMap<&ObjectRef, Vec<&ObjectRef>> = BTreeMap::new();
     for (virtual_mesh, mesh) in &granted {
         virtual_meshes_of
@@ -35,9 +36,34 @@ pub(super) fn check_granted_meshes(
             ));
         }
     }
-    let mut meshes_of_subject: BTreeMap<(&str, String), Vec<(&ObjectRef, &ObjectRef)>> =
-        BTreeMap::new();
-    for (virtual_mesh, mesh) in &granted {
+    for ((org, common_name), meshes) in &planned_subjects(policies, &granted) {
+        if let [(first, first_vm), (second, second_vm), ..] = meshes.as_slice() {
+            return Err(format!(
+                "clients: meshes {first} (virtual mesh {first_vm}) and {second} (virtual mesh {second_vm}) are both granted, and their intermediates would both have the subject O={org}, CN={common_name}, which does not name the namespace: give one mesh another name or its VirtualMesh another orgName"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every (virtual mesh, mesh) pair some client is granted.
+fn granted(authorization: &AuthorizationTable) -> BTreeSet<&(ObjectRef, ObjectRef)> {
+    authorization
+        .clients()
+        .flat_map(|(_, grants)| grants.iter())
+        .collect()
+}
+
+/// The subject (org, CN) each granted mesh's intermediate would carry, and the meshes (with
+/// their virtual meshes) that would carry it.
+type PlannedSubjects<'a> = BTreeMap<(&'a str, String), Vec<(&'a ObjectRef, &'a ObjectRef)>>;
+
+fn planned_subjects<'a>(
+    policies: &'a PolicySet,
+    granted: &BTreeSet<&'a (ObjectRef, ObjectRef)>,
+) -> PlannedSubjects<'a> {
+    let mut meshes_of_subject = PlannedSubjects::new();
+    for (virtual_mesh, mesh) in granted {
         let Some(policy) = policies.get(virtual_mesh) else {
             continue;
         };
@@ -47,10 +73,38 @@ pub(super) fn check_granted_meshes(
             .or_default()
             .push((mesh, virtual_mesh));
     }
-    for ((org, common_name), meshes) in &meshes_of_subject {
-        if let [(first, first_vm), (second, second_vm), ..] = meshes.as_slice() {
+    meshes_of_subject
+}
+
+/// Refuses a granted mesh whose intermediate would carry the subject of one of `roots`
+/// (each named for the message): its issuer would be its own subject, so it would read as
+/// self-issued (RFC 5280 4.1.2.6) to whoever builds a path or reads a log. Values are
+/// compared as text, as exactly as two intermediates' are above: a Vault root has
+/// PrintableString where meshca writes UTF8String, and is the same name to a reader.
+pub(crate) fn check_apart_from_roots<'r>(
+    policies: &PolicySet,
+    authorization: &AuthorizationTable,
+    roots: impl IntoIterator<Item = (String, &'r Name)>,
+    advice: &str,
+) -> Result<(), String> {
+    let granted = granted(authorization);
+    let planned = planned_subjects(policies, &granted);
+    for (root, subject) in roots {
+        let Some(values) = subject_values(subject) else {
+            continue;
+        };
+        let named = planned.iter().find(|((org, common_name), _)| {
+            values
+                == [
+                    vec![(rfc4519::O, org.to_string())],
+                    vec![(rfc4519::CN, common_name.clone())],
+                ]
+        });
+        if let Some(((org, common_name), meshes)) = named
+            && let Some((mesh, virtual_mesh)) = meshes.first()
+        {
             return Err(format!(
-                "clients: meshes {first} (virtual mesh {first_vm}) and {second} (virtual mesh {second_vm}) are both granted, and their intermediates would both have the subject O={org}, CN={common_name}, which does not name the namespace: give one mesh another name or its VirtualMesh another orgName"
+                "clients: mesh {mesh} (virtual mesh {virtual_mesh}) is granted, and its intermediate would have the subject O={org}, CN={common_name}, which is the subject of {root}: the intermediate would name itself as its issuer and read as self-issued; give the mesh another name{advice}"
             ));
         }
     }
@@ -147,5 +201,69 @@ mod tests {
             "{refused}"
         );
         assert!(refused.contains("O=pay, CN=pay-1"), "{refused}");
+    }
+
+    #[test]
+    fn a_mesh_whose_intermediate_would_carry_a_roots_subject_is_refused() {
+        use crate::pki::profile::subject_name;
+        let documents = [yaml(
+            "service-mesh-hub",
+            "vm",
+            "service-mesh-hub",
+            &["service-mesh-hub/istio", "service-mesh-hub/other"],
+        )];
+        let mut policies = PolicySet::default();
+        policies.add_yaml("vm.yaml", &documents[0]).unwrap();
+        let mut authorization = AuthorizationTable::default();
+        authorization.insert(
+            "a",
+            "service-mesh-hub/vm".parse().unwrap(),
+            "service-mesh-hub/istio".parse().unwrap(),
+        );
+        let apart = |root: &Name| {
+            check_apart_from_roots(
+                &policies,
+                &authorization,
+                [("the root (root.certificate r.pem)".to_string(), root)],
+                " or else",
+            )
+        };
+        let root = subject_name("service-mesh-hub", "istio").unwrap();
+        let refused = apart(&root).unwrap_err();
+        assert!(
+            refused.contains(
+                "mesh service-mesh-hub/istio (virtual mesh service-mesh-hub/vm) is granted"
+            ),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("the subject O=service-mesh-hub, CN=istio, which is the subject of the root (root.certificate r.pem)"),
+            "{refused}"
+        );
+        assert!(
+            refused.ends_with("give the mesh another name or else"),
+            "{refused}"
+        );
+        // The same text as PrintableString (a root Go or Vault wrote) is the same name.
+        let mut rdns = x509_cert::name::RdnSequence::default();
+        for (oid, value) in [(rfc4519::O, "service-mesh-hub"), (rfc4519::CN, "istio")] {
+            let mut rdn = x509_cert::name::RelativeDistinguishedName::default();
+            rdn.insert(x509_cert::attr::AttributeTypeAndValue {
+                oid,
+                value: der::Any::new(der::Tag::PrintableString, value.as_bytes()).unwrap(),
+            })
+            .unwrap();
+            rdns.push(rdn);
+        }
+        let printable = <Name as der::Decode>::from_der(&der::Encode::to_der(&rdns).unwrap());
+        assert!(apart(&printable.unwrap()).is_err());
+        // Another CN, another org, a mesh listed but not granted: apart.
+        for (org, cn) in [
+            ("service-mesh-hub", "istio root CA"),
+            ("other", "istio"),
+            ("service-mesh-hub", "other"),
+        ] {
+            assert_eq!(apart(&subject_name(org, cn).unwrap()), Ok(()), "{org} {cn}");
+        }
     }
 }

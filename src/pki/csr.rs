@@ -62,6 +62,12 @@ pub struct ParsedCsr {
     pub requested_orgs: Vec<String>,
     /// OIDs of extensions the CSR asked for; recorded, never honoured.
     pub requested_extensions: Vec<ObjectIdentifier>,
+    /// The subject the CSR asked for; recorded, never honoured (the policy names the
+    /// intermediate).
+    pub requested_subject: Name,
+    /// OIDs of the CSR's attributes other than extensionRequest (a challengePassword,
+    /// 1.2.840.113549.1.9.7); recorded, never honoured.
+    pub other_attributes: Vec<ObjectIdentifier>,
     info_der: Vec<u8>,
     signature_algorithm: AlgorithmIdentifierOwned,
     signature: Vec<u8>,
@@ -100,6 +106,13 @@ impl ParsedCsr {
         Ok(ParsedCsr {
             requested_orgs: organizations(&info.subject)?,
             requested_extensions: requested_extensions(&info)?,
+            other_attributes: info
+                .attributes
+                .iter()
+                .map(|a| a.oid)
+                .filter(|oid| *oid != ID_EXTENSION_REQ)
+                .collect(),
+            requested_subject: info.subject.clone(),
             public_key: info.public_key,
             key_kind,
             info_der,

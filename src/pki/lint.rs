@@ -597,9 +597,9 @@ pub fn check_subject_values(tbs: &TbsCertificate, expected: &Name) -> Result<(),
 }
 
 /// Each RDN of a name as its (OID, text) pairs, or `None` if a value is not a string.
-type NameValues = Vec<Vec<(const_oid::ObjectIdentifier, String)>>;
+pub(crate) type NameValues = Vec<Vec<(const_oid::ObjectIdentifier, String)>>;
 
-fn subject_values(name: &Name) -> Option<NameValues> {
+pub(crate) fn subject_values(name: &Name) -> Option<NameValues> {
     name.iter_rdn()
         .map(|rdn| {
             rdn.iter()

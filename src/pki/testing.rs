@@ -56,10 +56,20 @@ pub fn openssl_root(signing: &[&str]) -> String {
 
 /// A self-signed root for `org`, valid for `ttl`, with a software key of `key_type`.
 pub fn software_root(key_type: KeyType, org: &str, ttl: Duration) -> (PrivateKey, RootCa) {
+    software_root_named(key_type, org, "test root", ttl)
+}
+
+/// [`software_root`] with the common name `cn`.
+pub fn software_root_named(
+    key_type: KeyType,
+    org: &str,
+    cn: &str,
+    ttl: Duration,
+) -> (PrivateKey, RootCa) {
     let key = PrivateKey::generate(key_type).unwrap();
     let now = SystemTime::now();
     let plan = IntermediatePlan {
-        subject: subject_name(org, "test root").unwrap(),
+        subject: subject_name(org, cn).unwrap(),
         public_key: key.public_key_info().unwrap(),
         serial: random_serial().unwrap(),
         not_before: now - Duration::from_secs(60),

@@ -138,6 +138,15 @@ pub struct AuditRecord {
     /// Extensions the CSR asked for, which were not honoured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_csr_extensions: Vec<String>,
+    /// The subject the CSR asked for, when its text is not the intermediate's (RFC 4514,
+    /// control characters escaped, cut): not honoured, recorded for a reviewer. Lines
+    /// written before it existed lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignored_csr_subject: Option<String>,
+    /// OIDs of the CSR's attributes other than extensionRequest (a challengePassword):
+    /// not honoured, recorded for a reviewer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_csr_attributes: Vec<String>,
     /// How many decisions the line stands for, when more than its own: rate-limit
     /// refusals counted since the client's last line (`rule` `rate_limited`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -69,6 +69,7 @@ pub fn check(
     config.check_listeners(listen_override)?;
     let root = load_root(config)?;
     check_root_key_type(config, &root)?;
+    config.check_apart_from_root(&root.subject)?;
     let roots = mesh_roots(&root, &config.root.certificate, config.root.announced())
         .map_err(crate::tlsutil::TlsError::from)?;
     let tls = serving_tls(&TlsFiles::of(config), &roots, None)?;

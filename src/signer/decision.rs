@@ -11,6 +11,7 @@ use x509_cert::serial_number::SerialNumber;
 use crate::backend::IssueRequest;
 use crate::config::AuthorizationTable;
 use crate::pki::csr::ParsedCsr;
+use crate::pki::lint::subject_values;
 use crate::pki::profile::{IntermediatePlan, RootCa, subject_name};
 use crate::policy::rules::{check_org, check_public_key, intermediate_validity};
 use crate::policy::{ObjectRef, PolicySet, Rule, ValidityError};
@@ -99,7 +100,11 @@ const MAX_RECORDED_REF: usize = 512;
 const MAX_RECORDED_EXTENSIONS: usize = 16;
 const MAX_RECORDED_OID: usize = 64;
 
-/// The OIDs of the extensions a CSR asked for, as recorded: the first
+/// Longest CSR subject recorded (RFC 4514 text): a CSR of 32 KiB can carry a subject of
+/// nearly as much.
+const MAX_RECORDED_SUBJECT: usize = 256;
+
+/// The OIDs of the extensions (or attributes) a CSR asked for, as recorded: the first
 /// [`MAX_RECORDED_EXTENSIONS`], each cut at [`MAX_RECORDED_OID`], then `"... and N more"`.
 fn recorded_extensions(oids: &[ObjectIdentifier]) -> Vec<String> {
     let mut recorded: Vec<String> = oids
@@ -139,6 +144,12 @@ pub struct RequestFacts {
     pub mesh: Option<String>,
     pub csr_public_key_sha256: Option<String>,
     pub ignored_csr_extensions: Vec<String>,
+    /// The subject the CSR asked for (RFC 4514, control characters escaped, cut at
+    /// [`MAX_RECORDED_SUBJECT`] bytes), when its text is not the intermediate's.
+    pub ignored_csr_subject: Option<String>,
+    /// The OIDs of the CSR's attributes other than extensionRequest (bounded as
+    /// `ignored_csr_extensions`).
+    pub ignored_csr_attributes: Vec<String>,
     /// The serial the backend was asked to sign under, once it was asked (not when the
     /// client left before signing began): on the line of a request that then failed.
     pub signing_serial: Option<String>,
@@ -244,6 +255,21 @@ pub fn decide(
         .map_err(|e| Refusal::new(Status::BadRequest, "malformed_csr", e.to_string()))?;
     facts.csr_public_key_sha256 = Some(csr.public_key_sha256());
     facts.ignored_csr_extensions = recorded_extensions(&csr.requested_extensions);
+    facts.ignored_csr_attributes = recorded_extensions(&csr.other_attributes);
+    let subject = subject_name(&policy.org_name, &mesh_ref.name).map_err(|e| {
+        Refusal::new(
+            Status::Internal,
+            "internal",
+            format!("cannot build subject: {e}"),
+        )
+    })?;
+    // As text, as a reader compares names: a PrintableString O=acme is what was issued.
+    if subject_values(&csr.requested_subject) != subject_values(&subject) {
+        facts.ignored_csr_subject = Some(clip(
+            &escape_control(csr.requested_subject.to_string()),
+            MAX_RECORDED_SUBJECT,
+        ));
+    }
 
     // Key policy before the signature check: a tiny or huge key is refused without
     // spending a verification on it.
@@ -271,13 +297,6 @@ pub fn decide(
             ValidityError::RootExpired(m) => Refusal::new(Status::Unavailable, "root_expired", m),
         })?;
 
-    let subject = subject_name(&policy.org_name, &mesh_ref.name).map_err(|e| {
-        Refusal::new(
-            Status::Internal,
-            "internal",
-            format!("cannot build subject: {e}"),
-        )
-    })?;
     let csr_der = csr.der().to_vec();
     Ok(Approval {
         capped_by_root: window.capped_by_root,
@@ -377,6 +396,88 @@ mod tests {
             &mut facts,
         );
         (result, facts)
+    }
+
+    /// A hostile CSR is issued as the policy says, and its line shows what it asked for:
+    /// another subject, a challengePassword, extensions.
+    #[test]
+    fn what_a_csr_asked_for_and_did_not_get_is_recorded() {
+        let f = fixture(Duration::from_secs(86_400 * 30));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("req.cnf"),
+            "[req]\ndistinguished_name = dn\nattributes = attrs\nprompt = no\n\
+             [dn]\nCN = *.evil.example\n[attrs]\nchallengePassword = hunter22\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| crate::pki::testing::openssl(dir.path(), args);
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-out",
+            "k",
+        ]);
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            "k",
+            "-config",
+            "req.cnf",
+            "-addext",
+            "subjectAltName=DNS:evil.example",
+            "-out",
+            "req.pem",
+        ]);
+        let mut req = request("ns/a", KeyType::EcdsaP384, "acme");
+        req.csr = std::fs::read_to_string(dir.path().join("req.pem")).unwrap();
+        let (result, facts) = run(&f, Some("client-a"), &req);
+        let approval = result.unwrap();
+        assert_eq!(approval.issue.plan.subject.to_string(), "CN=a,O=acme");
+        assert_eq!(
+            facts.ignored_csr_subject.as_deref(),
+            Some("CN=*.evil.example")
+        );
+        assert_eq!(facts.ignored_csr_attributes, ["1.2.840.113549.1.9.7"]);
+        assert_eq!(facts.ignored_csr_extensions, ["2.5.29.17"]);
+
+        // The subject that was issued (O=acme, CN=a) is not repeated.
+        let key = PrivateKey::generate(KeyType::EcdsaP384).unwrap();
+        req.csr = build_csr(&key, subject_name("acme", "a").unwrap())
+            .unwrap()
+            .to_pem(der::pem::LineEnding::LF)
+            .unwrap();
+        let (result, facts) = run(&f, Some("client-a"), &req);
+        assert!(result.is_ok());
+        assert_eq!(facts.ignored_csr_subject, None);
+        assert!(facts.ignored_csr_attributes.is_empty());
+
+        // A long subject with control characters: escaped, and cut.
+        let mut rdn = x509_cert::name::RelativeDistinguishedName::default();
+        let long = format!("x\u{1b}y{}", "z".repeat(1000));
+        rdn.insert(x509_cert::attr::AttributeTypeAndValue {
+            oid: const_oid::db::rfc4519::CN,
+            value: der::Any::new(der::Tag::Utf8String, long.as_bytes()).unwrap(),
+        })
+        .unwrap();
+        let mut rdns = x509_cert::name::RdnSequence::default();
+        rdns.push(rdn);
+        let name =
+            <x509_cert::name::Name as der::Decode>::from_der(&der::Encode::to_der(&rdns).unwrap())
+                .unwrap();
+        req.csr = build_csr(&key, name)
+            .unwrap()
+            .to_pem(der::pem::LineEnding::LF)
+            .unwrap();
+        let (_, facts) = run(&f, Some("client-a"), &req);
+        let recorded = facts.ignored_csr_subject.unwrap();
+        assert!(recorded.starts_with("CN=x"), "{recorded}");
+        assert!(!recorded.chars().any(char::is_control), "{recorded}");
+        assert!(recorded.ends_with("bytes in all)"), "{recorded}");
+        assert!(recorded.len() < MAX_RECORDED_SUBJECT + 32, "{recorded}");
     }
 
     #[test]

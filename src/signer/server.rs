@@ -723,6 +723,7 @@ impl RunningSigner {
         let root = self.state.backend.root();
         check_root_strength(&root.key_kind, &read.policies).map_err(ReloadError::RootTooWeak)?;
         check_announced_roots(root, &read.root).map_err(ReloadError::AnnouncedRoot)?;
+        read.check_apart_from_root(&root.subject)?;
         // The client CA in force must be apart from a root announced now too.
         let roots = mesh_roots(root, &self.config.root.certificate, read.root.announced())?;
         let client_ca = self.tls_files_in_force().client_ca;
@@ -1122,6 +1123,7 @@ async fn start_unless_stopped(
     raise_open_files_limit(config.limits.max_connections);
     let root = load_root(&config)?;
     check_root_key_type(&config, &root)?;
+    config.check_apart_from_root(&root.subject)?;
     for shared in config.policies.trust_domain_warnings() {
         tracing::warn!("{shared}");
     }
