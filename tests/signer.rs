@@ -227,7 +227,7 @@ async fn csr_extensions_are_recorded_and_never_copied() {
         env.dir.path(),
         "sneaky",
         &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-        "/O=acme/CN=a",
+        "/O=acme/CN=*.evil.example",
         &[
             "-addext",
             "basicConstraints=critical,CA:true,pathlen:5",
@@ -266,6 +266,16 @@ async fn csr_extensions_are_recorded_and_never_copied() {
     for oid in ["2.5.29.19", "2.5.29.17", "2.5.29.30", "2.5.29.37"] {
         assert!(ignored.contains(&oid), "{oid} not recorded: {ignored:?}");
     }
+    // The subject it asked for, which was not issued, is recorded too.
+    assert!(
+        !text.contains("*.evil.example"),
+        "the subject was copied:\n{text}"
+    );
+    assert_eq!(
+        audit[0]["ignoredCsrSubject"], "CN=*.evil.example,O=acme",
+        "{}",
+        audit[0]
+    );
 }
 
 /// A CSR asking for a hundred extensions of long OIDs: the line records the first 16, each

@@ -271,6 +271,8 @@ async fn decide_issue_and_audit(
         mesh: facts.mesh.clone(),
         csr_public_key_sha256: facts.csr_public_key_sha256.clone(),
         ignored_csr_extensions: facts.ignored_csr_extensions.clone(),
+        ignored_csr_subject: facts.ignored_csr_subject.clone(),
+        ignored_csr_attributes: facts.ignored_csr_attributes.clone(),
         // The rules it was decided under: a reload recorded between the decision and
         // this line (a body still arriving, a queue for the token) does not hide them.
         rules_sha256: Some(rules.digest().to_string()),
