@@ -1153,6 +1153,19 @@ async fn an_overdue_crl_under_refuse_reaches_kept_alive_and_resumed_connections(
         error_message(&answer).contains("its CRL is overdue since the handshake"),
         "{answer}"
     );
+    // Asking for its grants on that connection: refused alike, not told it has none.
+    let answer = client
+        .get(signer.url("/v1/virtualmeshes/test/vm"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(
+        error_code(&answer),
+        "client_certificate_crl_overdue",
+        "{answer}"
+    );
 }
 
 /// A CRL that passes its nextUpdate while the signer runs is logged then, not only shown

@@ -34,6 +34,10 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// How long readiness may take before it counts as "not ready".
 const READINESS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a request on a connection made earlier is refused once the client's certificate
+/// no longer passes the TLS settings in force.
+const NO_LONGER_ACCEPTED: &str = "the client certificate is no longer accepted by the TLS settings in force (it has expired or its CRL is overdue since the handshake, or a reload changed the client CA or CRLs)";
+
 /// The authenticated client of a connection (from its certificate), set per request by
 /// the TLS server.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -484,9 +488,7 @@ async fn sign_inner(
         Refusal::new(
             Status::Forbidden,
             reason,
-            format!(
-                "the client certificate is no longer accepted by the TLS settings in force (it has expired or its CRL is overdue since the handshake, or a reload changed the client CA or CRLs): {e}"
-            ),
+            format!("{NO_LONGER_ACCEPTED}: {e}"),
         )
     })?;
     let malformed = |why: String| {
@@ -598,6 +600,18 @@ async fn virtual_mesh(
     identity: Option<axum::Extension<ClientIdentity>>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
+    // A kept-alive client the TLS settings in force no longer accept (its certificate
+    // expired, or its CRL overdue under "refuse") is told so, as at a signing request:
+    // an empty grant list would send the agent's operator to the grants instead.
+    if let Some(axum::Extension(client)) = &identity
+        && let Err((reason, e)) = state.client_still_trusted(client)
+    {
+        return error_response(
+            Status::Forbidden,
+            reason,
+            &format!("{NO_LONGER_ACCEPTED}: {e}"),
+        );
+    }
     let id = ObjectRef::new(namespace, name);
     let rules = state.rules();
     let Some(policy) = rules.policies.get(&id) else {
@@ -609,9 +623,7 @@ async fn virtual_mesh(
     };
     // The meshes of this virtual mesh the asking client may request (its own grants
     // only), so an agent whose grant went away learns it now, not at its next renewal.
-    // None for a kept-alive client the TLS settings in force no longer accept.
     let authorized_meshes: Vec<String> = identity
-        .filter(|axum::Extension(client)| state.client_still_trusted(client).is_ok())
         .and_then(|axum::Extension(client)| client.identity)
         .and_then(|identity| rules.authorization.grants_of(&identity))
         .into_iter()
