@@ -21,6 +21,7 @@ use meshca::agent::metrics::Exposition;
 use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
 use meshca::mesh_controller::controller::WRITES_IN_FLIGHT;
 use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
+use meshca::mesh_controller::k8s::MAX_LIST_PAGES;
 use meshca::mesh_controller::metrics::MeshControllerMetrics;
 
 const MG: &str = "/apis/meshca.dev/v1alpha1/namespaces/smh";
@@ -1643,6 +1644,42 @@ async fn an_expired_continue_token_starts_the_list_again_once() {
     );
     assert_eq!(condition(&st, "Federated")["reason"], "MemberError");
     assert_eq!(imported_from(world.member("west"), "east"), 601);
+}
+
+/// A member whose lists never end (each page with a continue token: the one it was given,
+/// or a new one each time) fails its own step, named, instead of holding the pass and
+/// its memory for ever; the other member is still read, and the member reads again once
+/// its lists end.
+#[tokio::test]
+async fn a_list_that_never_ends_fails_the_member_not_the_pass() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 3);
+    for (same, says) in [
+        (true, "the list does not advance"),
+        (false, "still not at its end after 1000 pages of 500"),
+    ] {
+        world.member("east").endless_lists(Some(same));
+        let sent = world.pass().await;
+        // The first list it reads (its agent's requests) is given up, within the bound.
+        assert!(
+            sent["east"].len() <= MAX_LIST_PAGES + 2,
+            "{}",
+            sent["east"].len()
+        );
+        let st = world.status("vm");
+        let east = member_status(&st, "east");
+        assert_eq!(east["phase"], "Error", "{st}");
+        let message = east["message"].as_str().unwrap();
+        assert!(
+            message.contains(says) && message.contains("the list was given up"),
+            "{message}"
+        );
+        assert_ne!(member_status(&st, "west")["phase"], "Error", "{st}");
+    }
+    world.member("east").endless_lists(None);
+    world.pass().await;
+    let st = world.status("vm");
+    assert_ne!(member_status(&st, "east")["phase"], "Error", "{st}");
 }
 
 /// A member's federation objects are written several at once, never more than

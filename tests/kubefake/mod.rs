@@ -165,6 +165,9 @@ struct Fake {
     /// The next this many lists given a continue token answer 410 Expired, as the API
     /// server does once etcd compacted the revision the token reads at.
     expire_continue_tokens: Mutex<usize>,
+    /// Lists never end: every page carries a continue token, the one it was given (true)
+    /// or a new one (false), as a broken or hostile API server might.
+    endless_lists: Mutex<Option<bool>>,
     /// Requests being served now, and the most served at once since the start.
     in_flight: Mutex<(usize, usize)>,
     /// Writes of paths under a prefix wait here until enough have arrived.
@@ -512,6 +515,14 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                     items.truncate(limit);
                     metadata["continue"] = items[limit - 1].0.clone().into();
                 }
+                if let Some(same) = *fake.endless_lists.lock().unwrap() {
+                    let served = fake.requests.lock().unwrap().len();
+                    metadata["continue"] = match (same, after.as_deref()) {
+                        (true, Some(given)) => given.to_string(),
+                        _ => format!("page-{served}"),
+                    }
+                    .into();
+                }
                 let items: Vec<Value> = items.into_iter().map(|(_, v)| v.clone()).collect();
                 return axum::Json(json!({"apiVersion": "v1", "kind": "List",
                     "metadata": metadata, "items": items}))
@@ -840,6 +851,12 @@ impl FakeCluster {
         *self.fake.refused_reads.lock().unwrap() = refusal.map(|(path, code, reason, message)| {
             (path.into(), code, reason.into(), message.into())
         });
+    }
+
+    /// From now on every list page carries a continue token: the one given (`same`) or a
+    /// new one each time (None: lists end again).
+    pub fn endless_lists(&self, same: Option<bool>) {
+        *self.fake.endless_lists.lock().unwrap() = same;
     }
 
     /// The next `n` lists given a continue token are answered 410 Expired.
