@@ -724,7 +724,7 @@ impl MeshController {
     /// Runs `writes`, [`WRITES_IN_FLIGHT`] at a time, each after a leadership check. What
     /// came first in the order given decides, as if they ran one after another: a lost
     /// Lease, or the first failed write's error (the member's problem). Once one fails no
-    /// other starts.
+    /// other is sent.
     async fn write_all<F>(
         &self,
         writes: impl IntoIterator<Item = F>,
@@ -734,21 +734,26 @@ impl MeshController {
     {
         let stop = AtomicBool::new(false);
         let stop = &stop;
-        // In the order given, whatever order they finish in; each started only once a
-        // slot is free, so none starts after one has failed.
+        // In the order given, whatever order they finish in; none is sent once one has
+        // failed (those already sent finish).
         let outcomes: Vec<Result<Option<String>, StepError>> =
             futures::stream::iter(writes.into_iter().map(|write| async move {
                 if stop.load(Ordering::SeqCst) {
                     return Ok(None);
                 }
-                let outcome = match self.ensure_leader().await {
-                    Ok(()) => Ok(write.await.err().map(|e| e.to_string())),
-                    Err(e) => Err(e),
-                };
-                if !matches!(outcome, Ok(None)) {
+                if let Err(e) = self.ensure_leader().await {
+                    stop.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+                // Looked at again: the leadership check may have waited on an election.
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
+                let problem = write.await.err().map(|e| e.to_string());
+                if problem.is_some() {
                     stop.store(true, Ordering::SeqCst);
                 }
-                outcome
+                Ok(problem)
             }))
             .buffered(WRITES_IN_FLIGHT)
             .collect()
