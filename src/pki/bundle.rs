@@ -364,6 +364,7 @@ pub fn check_bundle(
         }
     }
     let mut anchor = None;
+    let mut anchor_sound = false;
     if let Some(chain) = &chain {
         for (index, pair) in chain.windows(2).enumerate() {
             if !signed_by(&pair[0], &pair[1]) {
@@ -383,7 +384,9 @@ pub fn check_bundle(
             match anchor {
                 None => findings.push(BundleError::NoTrustedRoot),
                 Some((index, root)) => {
-                    if !(signed_by(root, root) && is_ca(root.tbs_certificate())) {
+                    anchor_sound = signed_by(root, root) && is_ca(root.tbs_certificate());
+                    // Not named twice: a certificate that is not self-issued is no root.
+                    if !anchor_sound && !findings.contains(&BundleError::NotSelfIssued(index + 1)) {
                         findings.push(BundleError::BadAnchor(index + 1));
                     }
                     if let Some(expected) = expected_root
@@ -402,16 +405,31 @@ pub fn check_bundle(
             findings.extend(check_time(which, cert, now).err());
         }
     }
-    if let Some((_, root)) = anchor {
+    // Not when it closes cert-chain.pem: its dates were checked there.
+    let anchor_in_chain = matches!((&chain, anchor), (Some(chain), Some((_, root)))
+        if same(root, &chain[chain.len() - 1]));
+    if let Some((_, root)) = anchor
+        && !anchor_in_chain
+    {
         let which = format!("the anchoring root in {ROOT_CERT}");
         findings.extend(check_time(which, root, now).err());
     }
+    // The profile is checked against ca-cert.pem's issuer, known only when the chain holds
+    // together: against another certificate it would name problems ca-cert.pem has not.
+    let chain_holds = anchor_sound
+        && !findings.iter().any(|finding| {
+            matches!(
+                finding,
+                BundleError::ChainStart | BundleError::ChainLink { .. }
+            )
+        });
     let issuer = match (&chain, anchor) {
         (Some(chain), _) if chain.len() > 1 => Some(&chain[1]),
         (_, Some((_, root))) => Some(root),
         _ => None,
     };
-    if let (Some(ca_cert), Some(issuer)) = (&ca_cert, issuer)
+    if chain_holds
+        && let (Some(ca_cert), Some(issuer)) = (&ca_cert, issuer)
         && let Err(e) =
             lint_intermediate_profile(ca_cert.tbs_certificate(), &subject_key_id(issuer))
     {
@@ -597,6 +615,57 @@ mod tests {
             ),
             "{findings:?}"
         );
+    }
+
+    /// Nothing named twice, nor a problem ca-cert.pem does not have: the root that closes
+    /// cert-chain.pem is dated once, and the profile is not checked against a certificate
+    /// that is not ca-cert.pem's issuer.
+    #[test]
+    fn check_bundle_names_each_problem_once_and_none_it_has_not() {
+        use std::time::Duration;
+        let now = SystemTime::now();
+        let (_root, files) = bundle_at(now);
+        // Two days on the root (of a day) has expired too: in cert-chain.pem, and that is
+        // the anchor in root-cert.pem.
+        let findings =
+            check_bundle(&files, None, now + Duration::from_secs(48 * 3600)).unwrap_err();
+        let named: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+        assert!(
+            matches!(
+                findings.as_slice(),
+                [BundleError::Expired { which: first, .. }, BundleError::Expired { which: second, .. }]
+                    if first == "cert-chain.pem certificate 1" && second == "cert-chain.pem certificate 2"
+            ),
+            "{named:?}"
+        );
+        // ca-cert.pem chained to another root: the link is named, not the profile against
+        // that root (whose key identifier is not the one ca-cert.pem names).
+        let (other_root, _) = bundle_at(now);
+        let misplaced = BundleFiles {
+            cert_chain: format!("{}{}", files.ca_cert, other_root.pem),
+            root_cert: other_root.pem.clone(),
+            ..files.clone()
+        };
+        let findings = check_bundle(&misplaced, None, now).unwrap_err();
+        assert!(
+            matches!(
+                findings.as_slice(),
+                [BundleError::ChainLink {
+                    index: 1,
+                    next: 2,
+                    ..
+                }]
+            ),
+            "{findings:?}"
+        );
+        // An intermediate anchoring the chain from root-cert.pem: not self-issued, said once.
+        let intermediate_as_root = BundleFiles {
+            cert_chain: files.ca_cert.clone(),
+            root_cert: files.ca_cert.clone(),
+            ..files.clone()
+        };
+        let findings = check_bundle(&intermediate_as_root, None, now).unwrap_err();
+        assert_eq!(findings, [BundleError::NotSelfIssued(1)]);
     }
 
     /// A root istiod cannot read (a negative serial: Go refuses to parse it, and leaves it
