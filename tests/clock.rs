@@ -141,12 +141,7 @@ async fn audit_verify_names_the_record_where_the_signers_clock_went_back() {
     let env = Env::new();
     let offset = env.path("clock-offset");
     std::fs::write(&offset, "+2h\n").unwrap();
-    let mut signer = env.start_signer_command(|cmd| {
-        cmd.env("LD_PRELOAD", libfaketime())
-            .env("FAKETIME_TIMESTAMP_FILE", &offset)
-            .env("FAKETIME_NO_CACHE", "1")
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    });
+    let mut signer = env.start_signer_with_clock_file(&offset);
     let client = env.client("cluster-a");
     assert_eq!(sign_fresh(&client, &signer).await.0, 200);
     std::fs::write(&offset, "+0\n").unwrap();
@@ -188,12 +183,7 @@ async fn audit_verify_names_a_clock_set_back_across_a_rotation() {
     let env = Env::new();
     let offset = env.path("clock-offset");
     std::fs::write(&offset, "+2h\n").unwrap();
-    let mut signer = env.start_signer_command(|cmd| {
-        cmd.env("LD_PRELOAD", libfaketime())
-            .env("FAKETIME_TIMESTAMP_FILE", &offset)
-            .env("FAKETIME_NO_CACHE", "1")
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    });
+    let mut signer = env.start_signer_with_clock_file(&offset);
     let client = env.client("cluster-a");
     assert_eq!(sign_fresh(&client, &signer).await.0, 200);
     std::fs::rename(env.path("audit.log"), env.path("audit.log.1")).unwrap();

@@ -1082,11 +1082,6 @@ async fn an_overdue_crl_under_refuse_reaches_kept_alive_and_resumed_connections(
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let openssl_time = |unix: u64| {
-        let out =
-            run_ok(Command::new("date").args(["-u", "-d", &format!("@{unix}"), "+%Y%m%d%H%M%SZ"]));
-        text(&out.stdout).trim().to_string()
-    };
     write_crl(
         &env,
         &env.path("pki/crl.pem"),
@@ -1095,12 +1090,7 @@ async fn an_overdue_crl_under_refuse_reaches_kept_alive_and_resumed_connections(
     );
     let offset = env.path("clock-offset");
     std::fs::write(&offset, "+0\n").unwrap();
-    let signer = env.start_signer_command(|cmd| {
-        cmd.env("LD_PRELOAD", libfaketime())
-            .env("FAKETIME_TIMESTAMP_FILE", &offset)
-            .env("FAKETIME_NO_CACHE", "1")
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    });
+    let signer = env.start_signer_with_clock_file(&offset);
 
     // No session to resume: a second connection with the same client config (and so its
     // session cache) makes a full handshake.
@@ -1178,11 +1168,6 @@ async fn a_client_crl_that_passes_its_next_update_while_serving_is_logged() {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let openssl_time = |unix: u64| {
-        let out =
-            run_ok(Command::new("date").args(["-u", "-d", &format!("@{unix}"), "+%Y%m%d%H%M%SZ"]));
-        text(&out.stdout).trim().to_string()
-    };
     write_crl(
         &env,
         &env.path("pki/crl.pem"),
@@ -1201,6 +1186,13 @@ async fn a_client_crl_that_passes_its_next_update_while_serving_is_logged() {
         logs.find("client CRL past its nextUpdate").unwrap() > listening,
         "{logs}"
     );
+}
+
+/// `unix` (seconds) as openssl's `YYYYMMDDHHMMSSZ`, for a CRL's dates.
+fn openssl_time(unix: u64) -> String {
+    let out =
+        run_ok(Command::new("date").args(["-u", "-d", &format!("@{unix}"), "+%Y%m%d%H%M%SZ"]));
+    text(&out.stdout).trim().to_string()
 }
 
 /// Writes to `out` a CRL of the transport CA due to be replaced on 2020-01-02 (as if its

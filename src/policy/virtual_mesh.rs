@@ -744,11 +744,12 @@ impl PolicySet {
     }
 }
 
-/// Most virtual meshes a list in a trust-domain warning names.
+/// Most names a list in a log line names (a trust-domain warning's virtual meshes, a
+/// reload's changes): a signer of hundreds would otherwise log lines of kilobytes.
 pub const NAMES_LISTED: usize = 16;
 
 /// `names`, the first [`NAMES_LISTED`] of them, then how many more.
-fn listed(names: &[String]) -> String {
+pub(crate) fn listed(names: &[String]) -> String {
     let shown = names[..names.len().min(NAMES_LISTED)].join(", ");
     match names.len().saturating_sub(NAMES_LISTED) {
         0 => shown,
@@ -757,7 +758,7 @@ fn listed(names: &[String]) -> String {
 }
 
 /// `names`, every one.
-fn every(names: &[String]) -> String {
+pub(crate) fn every(names: &[String]) -> String {
     names.join(", ")
 }
 

@@ -13,6 +13,7 @@ use crate::backend::vault::config::VaultAuth;
 use crate::config::{AnnouncedRoot, Announcement, AuthorizationTable, Limits, SignerConfig};
 use crate::pki::csr::hex;
 use crate::policy::rules::human_duration;
+use crate::policy::virtual_mesh::{NAMES_LISTED, every, listed};
 use crate::policy::{ObjectRef, PolicySet, VirtualMeshPolicy};
 use crate::secret::SecretSource;
 
@@ -192,25 +193,11 @@ pub struct RulesChange {
 
 /// How many names (and statements) a reload's log line lists of each list, the rest
 /// counted: 499 clients renamed made a line of 77 KB. The audit record keeps them all.
-pub const LOG_NAMES: usize = 16;
+pub const LOG_NAMES: usize = NAMES_LISTED;
 
-/// How a statement writes a list of names.
-type List = fn(Vec<String>) -> String;
-
-/// Every name, as the audit record has them.
-fn every(names: Vec<String>) -> String {
-    names.join(", ")
-}
-
-/// The first [`LOG_NAMES`] names, then how many more.
-fn listed(mut names: Vec<String>) -> String {
-    let more = names.len().saturating_sub(LOG_NAMES);
-    names.truncate(LOG_NAMES);
-    match more {
-        0 => names.join(", "),
-        more => format!("{} and {more} more", names.join(", ")),
-    }
-}
+/// How a statement writes a list of names: [`every`] one (the audit record) or the first
+/// [`LOG_NAMES`] of them ([`listed`], the log line).
+type List = fn(&[String]) -> String;
 
 impl RulesChange {
     pub fn between(in_force: &Rules, read: &Rules) -> Self {
@@ -304,11 +291,11 @@ fn compare_virtual_meshes(
         }
         let added = names(new.meshes.difference(&old.meshes));
         if !added.is_empty() {
-            differences.push(format!("meshes added: {}", list(added)));
+            differences.push(format!("meshes added: {}", list(&added)));
         }
         let removed = names(old.meshes.difference(&new.meshes));
         if !removed.is_empty() {
-            differences.push(format!("meshes removed: {}", list(removed)));
+            differences.push(format!("meshes removed: {}", list(&removed)));
         }
         if old.trust_domains != new.trust_domains {
             differences.push(format!(
@@ -349,7 +336,7 @@ fn summary(policy: &VirtualMeshPolicy, list: List) -> String {
         policy.org_name,
         human_duration(policy.max_ttl),
         policy.min_rsa_bits,
-        list(names(policy.meshes.iter()))
+        list(&names(policy.meshes.iter()))
     );
     if !policy.trust_domains.is_empty() {
         summary.push_str(&format!(", trust domains: {}", trust_domains(policy, list)));
@@ -362,7 +349,7 @@ fn trust_domains(policy: &VirtualMeshPolicy, list: List) -> String {
     if policy.trust_domains.is_empty() {
         "none".into()
     } else {
-        list(policy.trust_domains.clone())
+        list(&policy.trust_domains)
     }
 }
 
@@ -380,11 +367,11 @@ fn compare_clients(
         let mut differences = Vec::new();
         let added = grants(new.difference(old));
         if !added.is_empty() {
-            differences.push(format!("may now ask for {}", list(added)));
+            differences.push(format!("may now ask for {}", list(&added)));
         }
         let removed = grants(old.difference(new));
         if !removed.is_empty() {
-            differences.push(format!("may no longer ask for {}", list(removed)));
+            differences.push(format!("may no longer ask for {}", list(&removed)));
         }
         let issuers = (in_force.issuer_of(identity), read.issuer_of(identity));
         if issuers.0 != issuers.1 {
@@ -408,7 +395,7 @@ fn compare_clients(
             .unwrap_or_default();
         out.push(format!(
             "client {identity} added (may ask for {}{issuer})",
-            list(grants(new.iter()))
+            list(&grants(new.iter()))
         ));
     }
 }

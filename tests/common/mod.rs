@@ -655,6 +655,19 @@ key_type = "{key_type}"
         self.spawn_signer(command)
     }
 
+    /// Starts the signer as [`Env::start_signer`] does, its clock offset by what the file
+    /// `offset` says (libfaketime's syntax, `+2h`), read again at every call: a test moves
+    /// the signer's clock while it runs by writing the file.
+    pub fn start_signer_with_clock_file(&self, offset: &Path) -> Signer {
+        let library = libfaketime();
+        self.start_signer_command(|cmd| {
+            cmd.env("LD_PRELOAD", &library)
+                .env("FAKETIME_TIMESTAMP_FILE", offset)
+                .env("FAKETIME_NO_CACHE", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        })
+    }
+
     /// Starts the signer as [`Env::start_signer`] does, with its clock `offset` ahead
     /// (libfaketime's FAKETIME syntax: `+31d`): libfaketime preloaded into the signer
     /// itself, so the [`Signer`] is the process that serves, and its token too.
