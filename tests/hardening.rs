@@ -985,12 +985,7 @@ async fn an_older_crl_listed_before_a_newer_one_does_not_hide_its_revocations() 
 #[tokio::test]
 async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until_replaced() {
     let env = Env::new();
-    env.check_client_crls();
-    let config = std::fs::read_to_string(&env.config).unwrap().replace(
-        "client_crls = [\"pki/crl.pem\"]",
-        "client_crls = [\"pki/crl.pem\"]\nclient_crl_overdue = \"refuse\"",
-    );
-    std::fs::write(&env.config, config).unwrap();
+    refuse_clients_of_overdue_crls(&env);
     let crl = env.path("pki/crl.pem");
     let fresh = std::fs::read_to_string(&crl).unwrap();
     let signer = env.start_signer();
@@ -1071,12 +1066,7 @@ async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until
 async fn an_overdue_crl_under_refuse_reaches_kept_alive_and_resumed_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = Env::new();
-    env.check_client_crls();
-    let config = std::fs::read_to_string(&env.config).unwrap().replace(
-        "client_crls = [\"pki/crl.pem\"]",
-        "client_crls = [\"pki/crl.pem\"]\nclient_crl_overdue = \"refuse\"",
-    );
-    std::fs::write(&env.config, config).unwrap();
+    refuse_clients_of_overdue_crls(&env);
     // Due to be replaced a day from now.
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -1186,6 +1176,16 @@ async fn a_client_crl_that_passes_its_next_update_while_serving_is_logged() {
         logs.find("client CRL past its nextUpdate").unwrap() > listening,
         "{logs}"
     );
+}
+
+/// Client CRLs checked, with `client_crl_overdue = "refuse"`.
+fn refuse_clients_of_overdue_crls(env: &Env) {
+    env.check_client_crls();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "client_crls = [\"pki/crl.pem\"]",
+        "client_crls = [\"pki/crl.pem\"]\nclient_crl_overdue = \"refuse\"",
+    );
+    std::fs::write(&env.config, config).unwrap();
 }
 
 /// `unix` (seconds) as openssl's `YYYYMMDDHHMMSSZ`, for a CRL's dates.

@@ -1562,9 +1562,9 @@ impl RootSigner for Pkcs11Backend {
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_way_a_key_could_leave_the_token_is_a_weakness() {
-        let sound = KeyAttributes {
+    /// A key made as `root init` makes it.
+    fn sound_key() -> KeyAttributes {
+        KeyAttributes {
             token: true,
             private: true,
             sensitive: true,
@@ -1577,7 +1577,12 @@ mod tests {
             derive: false,
             value_readable: false,
             not_the_root_key: None,
-        };
+        }
+    }
+
+    #[test]
+    fn each_way_a_key_could_leave_the_token_is_a_weakness() {
+        let sound = sound_key();
         assert!(sound.weaknesses().is_empty());
         assert!(sound.other_uses().is_empty());
         let imported = KeyAttributes {
@@ -1619,22 +1624,12 @@ mod tests {
 
     #[test]
     fn uses_besides_signing_are_named_but_are_no_weakness() {
-        let sound = KeyAttributes {
-            token: true,
-            private: true,
-            sensitive: true,
-            extractable: false,
-            always_sensitive: true,
-            never_extractable: true,
-            decrypt: false,
+        let unwraps = KeyAttributes {
             unwrap: true,
-            sign_recover: false,
-            derive: false,
-            value_readable: false,
-            not_the_root_key: None,
+            ..sound_key()
         };
-        assert!(sound.weaknesses().is_empty());
-        assert_eq!(sound.other_uses(), ["CKA_UNWRAP"]);
+        assert!(unwraps.weaknesses().is_empty());
+        assert_eq!(unwraps.other_uses(), ["CKA_UNWRAP"]);
     }
 
     #[test]
