@@ -62,7 +62,8 @@ pub struct ClientIdentity {
     /// The TLS settings the handshake checked the chain against (None: unknown, so
     /// always checked again).
     pub verified_under: Option<crate::tlsutil::MaterialFingerprint>,
-    /// The certificate's notAfter: a connection kept alive past it is checked again.
+    /// The earliest notAfter of the chain presented (the certificate's, or an
+    /// intermediate's that ends sooner): a connection kept alive past it is checked again.
     pub not_after: Option<std::time::SystemTime>,
     /// The connection's TCP peer address: a stolen client key used from another host
     /// names the same identity and certificate as the agent, but not its address.
@@ -88,6 +89,15 @@ impl ClientIdentity {
         };
         // Decoded once, for the identity and the serial.
         let cert = x509_cert::Certificate::from_der(leaf).ok();
+        let not_after = |der: &CertificateDer<'_>| {
+            x509_cert::Certificate::from_der(der)
+                .ok()
+                .map(|cert| cert.tbs_certificate().validity().not_after.to_system_time())
+        };
+        // Without a readable leaf, none: every request is checked again.
+        let chain_not_after = cert
+            .as_ref()
+            .and_then(|_| chain.iter().filter_map(not_after).min());
         let identity = cert.as_ref().map(crate::tlsutil::identity_of);
         ClientIdentity {
             no_identity: match &identity {
@@ -97,9 +107,7 @@ impl ClientIdentity {
             },
             identity: identity.and_then(Result::ok),
             certificate_sha256: Some(crate::pki::csr::hex(&sha2::Sha256::digest(leaf))),
-            not_after: cert
-                .as_ref()
-                .map(|cert| cert.tbs_certificate().validity().not_after.to_system_time()),
+            not_after: chain_not_after,
             certificate_issuer: cert
                 .as_ref()
                 .map(|cert| cert.tbs_certificate().issuer().to_string()),
@@ -791,6 +799,37 @@ async fn method_not_allowed() -> Response {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A kept-alive connection is checked again once any certificate it presented ends:
+    /// an intermediate that ends before the client's own certificate too.
+    #[test]
+    fn a_client_chain_ends_with_its_earliest_certificate() {
+        use crate::pki::keys::KeyType;
+        use crate::pki::testing::{software_bundle, software_root};
+        use der::{DecodePem, Encode};
+        let hour = Duration::from_secs(3600);
+        let (root_key, root) = software_root(KeyType::EcdsaP256, "org", 24 * hour);
+        let now = std::time::SystemTime::now();
+        let files = software_bundle(
+            &root_key,
+            &root,
+            "org",
+            "m",
+            KeyType::EcdsaP256,
+            now,
+            now + hour,
+        );
+        let short = x509_cert::Certificate::from_pem(&files.ca_cert).unwrap();
+        let der = |cert: &x509_cert::Certificate| CertificateDer::from(cert.to_der().unwrap());
+        let ends = |cert: &x509_cert::Certificate| {
+            cert.tbs_certificate().validity().not_after.to_system_time()
+        };
+        // The longer-lived certificate first, as a leaf, then one ending sooner.
+        let identity = ClientIdentity::of_chain(&[der(&root.certificate), der(&short)]);
+        assert_eq!(identity.not_after, Some(ends(&short)));
+        let alone = ClientIdentity::of_chain(&[der(&root.certificate)]);
+        assert_eq!(alone.not_after, Some(ends(&root.certificate)));
+    }
 
     #[test]
     fn an_expired_server_certificate_or_root_makes_the_signer_unready() {
