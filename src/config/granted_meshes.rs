@@ -36,10 +36,20 @@ pub(super) fn check_granted_meshes(
             ));
         }
     }
-    for ((org, common_name), meshes) in &planned_subjects(policies, &granted) {
-        if let [(first, first_vm), (second, second_vm), ..] = meshes.as_slice() {
+    for planned in planned_subjects(policies, &granted).values() {
+        if let [first, second, ..] = planned.as_slice() {
+            let (org, common_name) = (&first.org, &first.common_name);
+            let same = if (&second.org, &second.common_name) == (org, common_name) {
+                String::new()
+            } else {
+                format!(
+                    " (O={}, CN={} differs only in case, which X.500 names and openssl ignore)",
+                    second.org, second.common_name
+                )
+            };
             return Err(format!(
-                "clients: meshes {first} (virtual mesh {first_vm}) and {second} (virtual mesh {second_vm}) are both granted, and their intermediates would both have the subject O={org}, CN={common_name}, which does not name the namespace: give one mesh another name or its VirtualMesh another orgName"
+                "clients: meshes {} (virtual mesh {}) and {} (virtual mesh {}) are both granted, and their intermediates would both have the subject O={org}, CN={common_name}{same}, which does not name the namespace: give one mesh another name or its VirtualMesh another orgName",
+                first.mesh, first.virtual_mesh, second.mesh, second.virtual_mesh
             ));
         }
     }
@@ -54,9 +64,18 @@ fn granted(authorization: &AuthorizationTable) -> BTreeSet<&(ObjectRef, ObjectRe
         .collect()
 }
 
-/// The subject (org, CN) each granted mesh's intermediate would carry, and the meshes (with
-/// their virtual meshes) that would carry it.
-type PlannedSubjects<'a> = BTreeMap<(&'a str, String), Vec<(&'a ObjectRef, &'a ObjectRef)>>;
+/// A granted mesh's intermediate's subject, as it would be written.
+struct PlannedSubject<'a> {
+    org: &'a str,
+    common_name: String,
+    mesh: &'a ObjectRef,
+    virtual_mesh: &'a ObjectRef,
+}
+
+/// The granted meshes' intermediates, by their subject (org, CN) compared without case, as
+/// X.500 matches O and CN (and openssl compares names): `O=Acme` and `O=acme` are one name
+/// to whoever builds a path with openssl.
+type PlannedSubjects<'a> = BTreeMap<(String, String), Vec<PlannedSubject<'a>>>;
 
 fn planned_subjects<'a>(
     policies: &'a PolicySet,
@@ -67,11 +86,17 @@ fn planned_subjects<'a>(
         let Some(policy) = policies.get(virtual_mesh) else {
             continue;
         };
-        let subject = (policy.org_name.as_str(), bounded_common_name(&mesh.name));
+        let common_name = bounded_common_name(&mesh.name);
+        let key = (policy.org_name.to_lowercase(), common_name.to_lowercase());
         meshes_of_subject
-            .entry(subject)
+            .entry(key)
             .or_default()
-            .push((mesh, virtual_mesh));
+            .push(PlannedSubject {
+                org: &policy.org_name,
+                common_name,
+                mesh,
+                virtual_mesh,
+            });
     }
     meshes_of_subject
 }
@@ -79,7 +104,7 @@ fn planned_subjects<'a>(
 /// Refuses a granted mesh whose intermediate would carry the subject of one of `roots`
 /// (each named for the message): its issuer would be its own subject, so it would read as
 /// self-issued (RFC 5280 4.1.2.6) to whoever builds a path or reads a log. Values are
-/// compared as text, as exactly as two intermediates' are above: a Vault root has
+/// compared as text without case, as two intermediates' are above: a Vault root has
 /// PrintableString where meshca writes UTF8String, and is the same name to a reader.
 pub(crate) fn check_apart_from_roots<'r>(
     policies: &PolicySet,
@@ -93,18 +118,27 @@ pub(crate) fn check_apart_from_roots<'r>(
         let Some(values) = subject_values(subject) else {
             continue;
         };
+        let lowered: Vec<Vec<_>> = values
+            .iter()
+            .map(|rdn| {
+                rdn.iter()
+                    .map(|(oid, value)| (*oid, value.to_lowercase()))
+                    .collect()
+            })
+            .collect();
         let named = planned.iter().find(|((org, common_name), _)| {
-            values
+            lowered
                 == [
-                    vec![(rfc4519::O, org.to_string())],
+                    vec![(rfc4519::O, org.clone())],
                     vec![(rfc4519::CN, common_name.clone())],
                 ]
         });
-        if let Some(((org, common_name), meshes)) = named
-            && let Some((mesh, virtual_mesh)) = meshes.first()
+        if let Some((_, planned)) = named
+            && let Some(first) = planned.first()
         {
             return Err(format!(
-                "clients: mesh {mesh} (virtual mesh {virtual_mesh}) is granted, and its intermediate would have the subject O={org}, CN={common_name}, which is the subject of {root}: the intermediate would name itself as its issuer and read as self-issued; give the mesh another name{advice}"
+                "clients: mesh {} (virtual mesh {}) is granted, and its intermediate would have the subject O={}, CN={}, which is the subject of {root} (compared without case, as X.500 names and openssl compare them): the intermediate would name itself as its issuer and read as self-issued; give the mesh another name{advice}",
+                first.mesh, first.virtual_mesh, first.org, first.common_name
             ));
         }
     }
@@ -201,6 +235,23 @@ mod tests {
             "{refused}"
         );
         assert!(refused.contains("O=pay, CN=pay-1"), "{refused}");
+        // Orgs that differ only in case are one name to X.500 and openssl.
+        let documents = [
+            yaml("tenants", "pay", "pay", &["pay/pay-1"]),
+            yaml("tenants", "pay2", "PAY", &["other/pay-1"]),
+        ];
+        let refused = check(
+            &documents,
+            &[
+                ("a", "tenants/pay", "pay/pay-1"),
+                ("b", "tenants/pay2", "other/pay-1"),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            refused.contains("O=pay, CN=pay-1 (O=PAY, CN=pay-1 differs only in case"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -257,6 +308,10 @@ mod tests {
         }
         let printable = <Name as der::Decode>::from_der(&der::Encode::to_der(&rdns).unwrap());
         assert!(apart(&printable.unwrap()).is_err());
+        // A root named in other case (CN=Istio) is that name too.
+        let capitals = subject_name("Service-Mesh-Hub", "Istio").unwrap();
+        let refused = apart(&capitals).unwrap_err();
+        assert!(refused.contains("compared without case"), "{refused}");
         // Another CN, another org, a mesh listed but not granted: apart.
         for (org, cn) in [
             ("service-mesh-hub", "istio root CA"),
