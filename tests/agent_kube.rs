@@ -1416,6 +1416,35 @@ async fn a_once_pass_never_acts_beside_the_leader_and_gives_the_lease_back() {
     assert!(lease["spec"].get("holderIdentity").is_none(), "{lease}");
 }
 
+/// The agent reads its requests in pages of 500, as the mesh controller reads, and gives up
+/// a list that does not end (here each page answered with the token it was given) with a
+/// message saying so, instead of looping in the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_list_is_paged_and_a_list_that_does_not_end_is_given_up() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request("127.0.0.1:1", json!({"restart": {"policy": "never"}}));
+    cluster.fake.endless_lists(Some(true));
+    cluster.fake.take();
+    let out = cluster.agent_once(&env, "agent-x", &[]).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the list does not advance"), "{stderr}");
+    let sent = cluster.fake.take();
+    let lists: Vec<(Option<String>, Option<String>)> = sent
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == VMCSR)
+        .map(|r| (r.param("limit"), r.param("continue")))
+        .collect();
+    assert_eq!(lists.len(), 2, "{lists:?}");
+    assert!(
+        lists
+            .iter()
+            .all(|(limit, _)| limit.as_deref() == Some("500")),
+        "{lists:?}"
+    );
+}
+
 /// A `--once` pass that loses the Lease midway (another replica took it after the
 /// Secret was written) writes nothing more, and exits 3 as a pass that never led does: it
 /// used to exit 0, its request's failure only logged.

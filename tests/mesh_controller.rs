@@ -17,11 +17,11 @@ use serde_json::{Value, json};
 
 use kubefake::{FINALIZER, FakeCluster, Policy, Recorded, kubeconfig, writes};
 use meshca::agent::election::LeaderLoop;
+use meshca::agent::k8s::MAX_LIST_PAGES;
 use meshca::agent::metrics::Exposition;
 use meshca::mesh::{FederationConfig, Inventory, parse_virtual_mesh, translate};
 use meshca::mesh_controller::controller::WRITES_IN_FLIGHT;
 use meshca::mesh_controller::controller::{MeshController, MeshControllerOptions};
-use meshca::mesh_controller::k8s::MAX_LIST_PAGES;
 use meshca::mesh_controller::metrics::MeshControllerMetrics;
 
 const MG: &str = "/apis/meshca.dev/v1alpha1/namespaces/smh";

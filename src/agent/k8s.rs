@@ -457,13 +457,11 @@ impl Kube {
         &self,
         ns: &str,
     ) -> Result<Vec<VirtualMeshCertificateSigningRequest>, KubeError> {
-        Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns)
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .map_err(ctx(|| {
-                format!("list VirtualMeshCertificateSigningRequests in {ns}")
-            }))
+        let api = Api::<VirtualMeshCertificateSigningRequest>::namespaced(self.client.clone(), ns);
+        list_all(&api, &ListParams::default(), || {
+            format!("list VirtualMeshCertificateSigningRequests in {ns}")
+        })
+        .await
     }
 
     /// Server-side apply of the status subresource (fields meshca no longer sets go away).
@@ -659,6 +657,85 @@ impl Workload for DaemonSet {
 
 /// The `updateStrategy.type` of StatefulSets and DaemonSets that rolls no pod by itself.
 const ON_DELETE: &str = "OnDelete";
+
+/// Objects per page of a list: kubectl's. One response with every object (2,000 Services
+/// in a namespace) is built at once by the API server, and may be refused by its request
+/// limits or priority and fairness.
+pub const LIST_PAGE_SIZE: u32 = 500;
+
+/// Most pages one list reads: 1,000 pages of [`LIST_PAGE_SIZE`] are 500,000 objects,
+/// past any real collection. An API server (or whatever answers for one, behind a
+/// member's kubeconfig) that never ends a list fails that list instead of holding every
+/// pass, and growing the controller's memory, for ever.
+pub const MAX_LIST_PAGES: usize = 1_000;
+
+/// Every object `params` selects, read in pages of [`LIST_PAGE_SIZE`] following
+/// `metadata.continue`, at most [`MAX_LIST_PAGES`] of them, each token a new one. A
+/// continue token the API server no longer honours (410 Gone, reason Expired: the list was
+/// paged slower than etcd compacts) starts the list again from the beginning, once; a
+/// second expiry fails the list, as a list that changes faster than it can be read cannot
+/// be read whole.
+pub async fn list_all<K>(
+    api: &Api<K>,
+    params: &ListParams,
+    action: impl Fn() -> String,
+) -> Result<Vec<K>, KubeError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut restarted = false;
+    'list: loop {
+        let mut items = Vec::new();
+        let mut page = params.clone().limit(LIST_PAGE_SIZE);
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            match api.list(&page).await {
+                Ok(list) => {
+                    items.extend(list.items);
+                    let Some(token) = list.metadata.continue_.filter(|token| !token.is_empty())
+                    else {
+                        return Ok(items);
+                    };
+                    let endless = if page.continue_token.as_ref() == Some(&token) {
+                        "it answered a page with the continue token it was given, so the list does not advance".to_string()
+                    } else if pages >= MAX_LIST_PAGES {
+                        format!(
+                            "it was still not at its end after {MAX_LIST_PAGES} pages of {LIST_PAGE_SIZE}"
+                        )
+                    } else {
+                        page = page.continue_token(&token);
+                        continue;
+                    };
+                    return Err(KubeError {
+                        action: format!("{} ({endless}; the list was given up)", action()),
+                        source: kube::Error::Service(Box::new(std::io::Error::other(
+                            "a list that does not end",
+                        ))),
+                    });
+                }
+                Err(kube::Error::Api(status))
+                    if status.code == 410
+                        && status.reason == "Expired"
+                        && page.continue_token.is_some() =>
+                {
+                    if !restarted {
+                        restarted = true;
+                        continue 'list;
+                    }
+                    return Err(KubeError {
+                        action: format!(
+                            "{} (its continue token expired again after the list was started over: the list changes faster than it can be read in pages of {LIST_PAGE_SIZE})",
+                            action()
+                        ),
+                        source: kube::Error::Api(status),
+                    });
+                }
+                Err(e) => return Err(ctx(&action)(e)),
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
