@@ -538,7 +538,7 @@ pub fn restart_blockers(read: &SignerConfig, changed: &[&'static str]) -> Vec<St
                     secret_files.push(secret_id);
                 }
             }
-            VaultAuth::Kubernetes { jwt_file, .. } => check("vault.auth.jwt_file", jwt_file),
+            VaultAuth::Kubernetes { jwt_file, .. } => secret_files.push(jwt_file),
             VaultAuth::Token(SecretSource::Env(_)) => {}
         }
     }
@@ -680,7 +680,7 @@ backend = "{backend}"
         let kubernetes = vault("method = \"kubernetes\"\nrole = \"r\"\njwt_file = \"jwt\"");
         assert_eq!(
             blockers_about(&kubernetes, &["vault"], "vault.auth", d),
-            ["vault.auth.jwt_file DIR/jwt does not exist"]
+            [format!("vault.auth.jwt_file {HIDDEN} does not exist")]
         );
         for file in ["role-id", "secret-id", "token", "jwt"] {
             std::fs::write(d.join(file), "x\n").unwrap();

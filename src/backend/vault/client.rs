@@ -918,16 +918,17 @@ fn clean_errors(errors: &[String]) -> String {
 /// other secrets it is not refused for being readable by others. Only a regular file is
 /// opened (a FIFO's open would wait for a writer: the check and the login would hang), and
 /// every copy of the token is wiped on drop.
-fn read_jwt(path: &std::path::Path) -> Result<Secret, VaultError> {
+fn read_jwt(jwt_file: &crate::secret::SecretFile) -> Result<Secret, VaultError> {
     use std::io::Read;
+    let path = jwt_file.path.as_path();
     let login_error = |message: String| VaultError::Login {
         method: "kubernetes",
         message,
     };
     let unreadable = |e: std::io::Error| {
         login_error(format!(
-            "cannot read the service account token {}: {e}",
-            path.display()
+            "cannot read the service account token from {}: {e}",
+            jwt_file.shown()
         ))
     };
     let file = crate::fsutil::open_regular(path).map_err(unreadable)?;
@@ -939,16 +940,16 @@ fn read_jwt(path: &std::path::Path) -> Result<Secret, VaultError> {
         .map_err(unreadable)?;
     if bytes.len() as u64 > MAX_JWT {
         return Err(login_error(format!(
-            "cannot read the service account token {}: larger than {} KiB",
-            path.display(),
+            "cannot read the service account token from {}: larger than {} KiB",
+            jwt_file.shown(),
             MAX_JWT / 1024
         )));
     }
     let text = std::str::from_utf8(&bytes)
-        .map_err(|_| login_error(format!("{} is not a JWT", path.display())))?;
+        .map_err(|_| login_error(format!("{} is not a JWT", jwt_file.shown())))?;
     let jwt = text.trim();
     if jwt.is_empty() {
-        return Err(login_error(format!("{} is empty", path.display())));
+        return Err(login_error(format!("{} is empty", jwt_file.shown())));
     }
     Ok(Secret::new(jwt.to_string()))
 }
@@ -1040,7 +1041,7 @@ mod tests {
         let settings = offline_settings(VaultAuth::Kubernetes {
             mount: "kubernetes".into(),
             role: "meshca".into(),
-            jwt_file: jwt_file.clone(),
+            jwt_file: token_file(&jwt_file),
         });
         let err = VaultClient::check_offline(&settings)
             .unwrap_err()
@@ -1059,9 +1060,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let jwt_file = dir.path().join("token");
         std::fs::write(&jwt_file, "eyJ.a.jwt\n").unwrap();
-        assert_eq!(read_jwt(&jwt_file).unwrap().expose(), "eyJ.a.jwt");
+        assert_eq!(
+            read_jwt(&token_file(&jwt_file)).unwrap().expose(),
+            "eyJ.a.jwt"
+        );
         std::fs::write(&jwt_file, vec![b'x'; MAX_JWT as usize + 1]).unwrap();
-        let err = read_jwt(&jwt_file).unwrap_err().to_string();
+        let err = read_jwt(&token_file(&jwt_file)).unwrap_err().to_string();
         assert!(err.contains("larger than 64 KiB"), "{err}");
+    }
+
+    /// `vault.auth.jwt_file` as the config names it.
+    fn token_file(path: &std::path::Path) -> crate::secret::SecretFile {
+        crate::secret::SecretFile::new("vault.auth.jwt_file", path, path.to_path_buf())
+    }
+
+    /// A token pasted where its file's path belongs (a JWT has no '/') is not shown in
+    /// the error, which names the setting.
+    #[test]
+    fn a_service_account_token_written_in_place_of_its_path_is_not_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let pasted = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtZXNoY2EifQ.c2lnbmF0dXJl";
+        let jwt_file = crate::secret::SecretFile::new(
+            "vault.auth.jwt_file",
+            std::path::Path::new(pasted),
+            dir.path().join(pasted),
+        );
+        let err = read_jwt(&jwt_file).unwrap_err().to_string();
+        assert!(
+            err.contains("vault.auth.jwt_file") && !err.contains(pasted),
+            "{err}"
+        );
     }
 }

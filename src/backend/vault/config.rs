@@ -65,8 +65,9 @@ pub enum VaultAuth {
         mount: String,
         role: String,
         /// The service account token; Kubernetes manages its mode, so it is not required
-        /// to be 0600.
-        jwt_file: PathBuf,
+        /// to be 0600. Named in errors as a secret file is: a token pasted where its
+        /// path belongs is not shown.
+        jwt_file: SecretFile,
     },
 }
 
@@ -159,9 +160,10 @@ impl VaultSection {
                 VaultAuth::Kubernetes {
                     mount,
                     role,
-                    jwt_file: jwt_file
-                        .map(|p| resolve(&p))
-                        .unwrap_or_else(|| PathBuf::from(DEFAULT_JWT_FILE)),
+                    jwt_file: {
+                        let written = jwt_file.unwrap_or_else(|| PathBuf::from(DEFAULT_JWT_FILE));
+                        SecretFile::new("vault.auth.jwt_file", &written, resolve(&written))
+                    },
                 }
             }
         };
@@ -330,7 +332,11 @@ mod tests {
             VaultAuth::Kubernetes {
                 mount: "kubernetes".into(),
                 role: "meshca".into(),
-                jwt_file: DEFAULT_JWT_FILE.into(),
+                jwt_file: SecretFile::new(
+                    "vault.auth.jwt_file",
+                    Path::new(DEFAULT_JWT_FILE),
+                    DEFAULT_JWT_FILE.into()
+                ),
             }
         );
     }
