@@ -43,7 +43,7 @@ pub(super) fn check_granted_meshes(
                 String::new()
             } else {
                 format!(
-                    " (O={}, CN={} differs only in case, which X.500 names and openssl ignore)",
+                    " (O={}, CN={} differs only in the case of ASCII letters or in spaces, which openssl ignores when it compares names)",
                     second.org, second.common_name
                 )
             };
@@ -64,6 +64,17 @@ fn granted(authorization: &AuthorizationTable) -> BTreeSet<&(ObjectRef, ObjectRe
         .collect()
 }
 
+/// A name's value as openssl compares it (its canonical encoding, as `x509 -subject_hash`
+/// reads names): ASCII letters in lower case, leading and trailing spaces dropped, each
+/// run of spaces one. Other letters keep their case: openssl tells `Ä` from `ä`.
+fn canonical(value: &str) -> String {
+    value
+        .split_ascii_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_ascii_lowercase()
+}
+
 /// A granted mesh's intermediate's subject, as it would be written.
 struct PlannedSubject<'a> {
     org: &'a str,
@@ -72,9 +83,9 @@ struct PlannedSubject<'a> {
     virtual_mesh: &'a ObjectRef,
 }
 
-/// The granted meshes' intermediates, by their subject (org, CN) compared without case, as
-/// X.500 matches O and CN (and openssl compares names): `O=Acme` and `O=acme` are one name
-/// to whoever builds a path with openssl.
+/// The granted meshes' intermediates, by their subject (org, CN) compared as openssl
+/// compares names ([`canonical`]): `O=Acme` and `O=acme` are one name to whoever builds a
+/// path with openssl (Envoy's BoringSSL too).
 type PlannedSubjects<'a> = BTreeMap<(String, String), Vec<PlannedSubject<'a>>>;
 
 fn planned_subjects<'a>(
@@ -87,7 +98,7 @@ fn planned_subjects<'a>(
             continue;
         };
         let common_name = bounded_common_name(&mesh.name);
-        let key = (policy.org_name.to_lowercase(), common_name.to_lowercase());
+        let key = (canonical(&policy.org_name), canonical(&common_name));
         meshes_of_subject
             .entry(key)
             .or_default()
@@ -104,8 +115,9 @@ fn planned_subjects<'a>(
 /// Refuses a granted mesh whose intermediate would carry the subject of one of `roots`
 /// (each named for the message): its issuer would be its own subject, so it would read as
 /// self-issued (RFC 5280 4.1.2.6) to whoever builds a path or reads a log. Values are
-/// compared as text without case, as two intermediates' are above: a Vault root has
-/// PrintableString where meshca writes UTF8String, and is the same name to a reader.
+/// compared as text as openssl compares them, as two intermediates' are above: a Vault
+/// root has PrintableString where meshca writes UTF8String, and is the same name to a
+/// reader.
 pub(crate) fn check_apart_from_roots<'r>(
     policies: &PolicySet,
     authorization: &AuthorizationTable,
@@ -122,7 +134,7 @@ pub(crate) fn check_apart_from_roots<'r>(
             .iter()
             .map(|rdn| {
                 rdn.iter()
-                    .map(|(oid, value)| (*oid, value.to_lowercase()))
+                    .map(|(oid, value)| (*oid, canonical(value)))
                     .collect()
             })
             .collect();
@@ -137,7 +149,7 @@ pub(crate) fn check_apart_from_roots<'r>(
             && let Some(first) = planned.first()
         {
             return Err(format!(
-                "clients: mesh {} (virtual mesh {}) is granted, and its intermediate would have the subject O={}, CN={}, which is the subject of {root} (compared without case, as X.500 names and openssl compare them): the intermediate would name itself as its issuer and read as self-issued; give the mesh another name{advice}",
+                "clients: mesh {} (virtual mesh {}) is granted, and its intermediate would have the subject O={}, CN={}, which is the subject of {root} (compared as openssl compares names: ASCII case and runs of spaces aside): the intermediate would name itself as its issuer and read as self-issued; give the mesh another name{advice}",
                 first.mesh, first.virtual_mesh, first.org, first.common_name
             ));
         }
@@ -235,7 +247,7 @@ mod tests {
             "{refused}"
         );
         assert!(refused.contains("O=pay, CN=pay-1"), "{refused}");
-        // Orgs that differ only in case are one name to X.500 and openssl.
+        // Orgs that differ only in case are one name to openssl.
         let documents = [
             yaml("tenants", "pay", "pay", &["pay/pay-1"]),
             yaml("tenants", "pay2", "PAY", &["other/pay-1"]),
@@ -249,9 +261,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            refused.contains("O=pay, CN=pay-1 (O=PAY, CN=pay-1 differs only in case"),
+            refused.contains("O=pay, CN=pay-1 (O=PAY, CN=pay-1 differs only in the case"),
             "{refused}"
         );
+        // So are orgs that differ in runs of spaces; letters beyond ASCII keep their case,
+        // as openssl keeps it.
+        let grants = [
+            ("a", "tenants/pay", "pay/pay-1"),
+            ("b", "tenants/pay2", "other/pay-1"),
+        ];
+        let orgs = |first: &str, second: &str| {
+            [
+                yaml("tenants", "pay", &format!("'{first}'"), &["pay/pay-1"]),
+                yaml("tenants", "pay2", &format!("'{second}'"), &["other/pay-1"]),
+            ]
+        };
+        assert!(check(&orgs("acme corp", "acme  corp"), &grants).is_err());
+        assert_eq!(check(&orgs("Ärzte", "ärzte"), &grants), Ok(()));
     }
 
     #[test]
@@ -311,7 +337,10 @@ mod tests {
         // A root named in other case (CN=Istio) is that name too.
         let capitals = subject_name("Service-Mesh-Hub", "Istio").unwrap();
         let refused = apart(&capitals).unwrap_err();
-        assert!(refused.contains("compared without case"), "{refused}");
+        assert!(
+            refused.contains("compared as openssl compares names"),
+            "{refused}"
+        );
         // Another CN, another org, a mesh listed but not granted: apart.
         for (org, cn) in [
             ("service-mesh-hub", "istio root CA"),
