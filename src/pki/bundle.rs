@@ -364,7 +364,6 @@ pub fn check_bundle(
         }
     }
     let mut anchor = None;
-    let mut anchor_sound = false;
     if let Some(chain) = &chain {
         for (index, pair) in chain.windows(2).enumerate() {
             if !signed_by(&pair[0], &pair[1]) {
@@ -384,9 +383,9 @@ pub fn check_bundle(
             match anchor {
                 None => findings.push(BundleError::NoTrustedRoot),
                 Some((index, root)) => {
-                    anchor_sound = signed_by(root, root) && is_ca(root.tbs_certificate());
+                    let sound = signed_by(root, root) && is_ca(root.tbs_certificate());
                     // Not named twice: a certificate that is not self-issued is no root.
-                    if !anchor_sound && !findings.contains(&BundleError::NotSelfIssued(index + 1)) {
+                    if !sound && !findings.contains(&BundleError::NotSelfIssued(index + 1)) {
                         findings.push(BundleError::BadAnchor(index + 1));
                     }
                     if let Some(expected) = expected_root
@@ -414,22 +413,24 @@ pub fn check_bundle(
         let which = format!("the anchoring root in {ROOT_CERT}");
         findings.extend(check_time(which, root, now).err());
     }
-    // The profile is checked against ca-cert.pem's issuer, known only when the chain holds
-    // together: against another certificate it would name problems ca-cert.pem has not.
-    let chain_holds = anchor_sound
-        && !findings.iter().any(|finding| {
-            matches!(
-                finding,
-                BundleError::ChainStart | BundleError::ChainLink { .. }
-            )
-        });
+    // The profile is checked against ca-cert.pem's issuer, where it is known: the next
+    // certificate of cert-chain.pem once that one is shown to have signed it, or for a
+    // chain of one the root found to have. Against another certificate it would name
+    // problems ca-cert.pem has not.
+    let starts_with_ca_cert = !findings.contains(&BundleError::ChainStart);
+    let first_link_holds = !findings
+        .iter()
+        .any(|finding| matches!(finding, BundleError::ChainLink { index: 1, .. }));
     let issuer = match (&chain, anchor) {
-        (Some(chain), _) if chain.len() > 1 => Some(&chain[1]),
-        (_, Some((_, root))) => Some(root),
+        (Some(chain), _) if chain.len() > 1 => {
+            (starts_with_ca_cert && first_link_holds).then(|| &chain[1])
+        }
+        (Some(chain), Some((_, root))) if starts_with_ca_cert && signed_by(&chain[0], root) => {
+            Some(root)
+        }
         _ => None,
     };
-    if chain_holds
-        && let (Some(ca_cert), Some(issuer)) = (&ca_cert, issuer)
+    if let (Some(ca_cert), Some(issuer)) = (&ca_cert, issuer)
         && let Err(e) =
             lint_intermediate_profile(ca_cert.tbs_certificate(), &subject_key_id(issuer))
     {
@@ -495,6 +496,62 @@ mod tests {
             shown.contains("CERT") && shown.contains("<redacted>"),
             "{shown}"
         );
+    }
+
+    /// An intermediate under `root` without keyUsage (outside meshca's profile), made by
+    /// openssl: its certificate and key, PEM.
+    fn openssl_intermediate_without_key_usage(
+        root_key: &PrivateKey,
+        root: &crate::pki::profile::RootCa,
+    ) -> (String, String) {
+        use crate::pki::testing::openssl;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("root.pem"), &root.pem).unwrap();
+        std::fs::write(
+            d.join("root.key"),
+            root_key.to_pkcs8_pem().unwrap().as_bytes(),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("ext"),
+            "basicConstraints=critical,CA:TRUE,pathlen:0\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "int.key",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-key",
+                "int.key",
+                "-subj",
+                "/O=org/CN=mesh",
+                "-out",
+                "int.csr",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509", "-req", "-in", "int.csr", "-CA", "root.pem", "-CAkey", "root.key", "-days",
+                "1", "-extfile", "ext", "-out", "int.pem",
+            ],
+        );
+        let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap();
+        (read("int.pem"), read("int.key"))
     }
 
     /// A root of a day and a bundle under it valid from 5 minutes before `now` for an hour.
@@ -625,6 +682,11 @@ mod tests {
         use std::time::Duration;
         let now = SystemTime::now();
         let (_root, files) = bundle_at(now);
+        let (root_key, root) = crate::pki::testing::software_root(
+            crate::pki::keys::KeyType::EcdsaP256,
+            "org",
+            Duration::from_secs(24 * 3600),
+        );
         // Two days on the root (of a day) has expired too: in cert-chain.pem, and that is
         // the anchor in root-cert.pem.
         let findings =
@@ -655,6 +717,29 @@ mod tests {
                     next: 2,
                     ..
                 }]
+            ),
+            "{findings:?}"
+        );
+        // A ca-cert.pem outside the profile, whose issuer is cert-chain.pem's next, chained
+        // to a root root-cert.pem lacks: both are named (the profile is checked against
+        // that issuer, which signed it).
+        let (ca_cert, ca_key) = openssl_intermediate_without_key_usage(&root_key, &root);
+        let (_, unrelated) = crate::pki::testing::software_root(
+            crate::pki::keys::KeyType::EcdsaP256,
+            "org",
+            Duration::from_secs(24 * 3600),
+        );
+        let unanchored = BundleFiles {
+            cert_chain: format!("{ca_cert}{}", root.pem),
+            ca_cert,
+            ca_key,
+            root_cert: unrelated.pem.clone(),
+        };
+        let findings = check_bundle(&unanchored, None, now).unwrap_err();
+        assert!(
+            matches!(
+                findings.as_slice(),
+                [BundleError::NoTrustedRoot, BundleError::Profile(_)]
             ),
             "{findings:?}"
         );
