@@ -666,7 +666,8 @@ pub const LIST_PAGE_SIZE: u32 = 500;
 /// Most pages one list reads: 1,000 pages of [`LIST_PAGE_SIZE`] are 500,000 objects,
 /// past any real collection. An API server (or whatever answers for one, behind a
 /// member's kubeconfig) that never ends a list fails that list instead of holding every
-/// pass, and growing the controller's memory, for ever.
+/// pass, and growing the controller's memory, for ever. It bounds the pages, not what each
+/// holds: `limit` is a request, which a server may answer with more.
 pub const MAX_LIST_PAGES: usize = 1_000;
 
 /// Every object `params` selects, read in pages of [`LIST_PAGE_SIZE`] following

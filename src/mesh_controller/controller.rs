@@ -42,6 +42,26 @@ pub const WRITES_IN_FLIGHT: usize = 8;
 /// Member clusters read at once (each read is its lists, one after another).
 pub const MEMBER_READS_IN_FLIGHT: usize = 4;
 
+/// The outputs of `futures`, at most `limit` of them running at once, in the order given
+/// whatever order they finish in. Unordered underneath (`buffered` would wait for the
+/// first before starting another, so one slow member or write would hold the rest).
+async fn in_order<T>(
+    futures: impl IntoIterator<Item = impl Future<Output = T>>,
+    limit: usize,
+) -> Vec<T> {
+    let mut done: Vec<(usize, T)> = futures::stream::iter(
+        futures
+            .into_iter()
+            .enumerate()
+            .map(|(index, future)| async move { (index, future.await) }),
+    )
+    .buffer_unordered(limit)
+    .collect()
+    .await;
+    done.sort_by_key(|(index, _)| *index);
+    done.into_iter().map(|(_, output)| output).collect()
+}
+
 /// The controller's settings (flags).
 #[derive(Debug, Clone)]
 pub struct MeshControllerOptions {
@@ -438,17 +458,17 @@ impl MeshController {
                 .await?;
         }
 
-        // In the members' order, whatever order they finish in.
-        let reads: Vec<MemberRead> = futures::stream::iter(valid.members.iter().map(|member| {
-            self.read_member(
-                member.mesh,
-                recorded.get(&member.id).copied(),
-                config,
-                &member.inventory,
-            )
-        }))
-        .buffered(MEMBER_READS_IN_FLIGHT)
-        .collect()
+        let reads: Vec<MemberRead> = in_order(
+            valid.members.iter().map(|member| {
+                self.read_member(
+                    member.mesh,
+                    recorded.get(&member.id).copied(),
+                    config,
+                    &member.inventory,
+                )
+            }),
+            MEMBER_READS_IN_FLIGHT,
+        )
         .await;
         for (member, read) in valid.members.iter().zip(&reads) {
             if let Some(problem) = &read.problem {
@@ -734,10 +754,9 @@ impl MeshController {
     {
         let stop = AtomicBool::new(false);
         let stop = &stop;
-        // In the order given, whatever order they finish in; none is sent once one has
-        // failed (those already sent finish).
-        let outcomes: Vec<Result<Option<String>, StepError>> =
-            futures::stream::iter(writes.into_iter().map(|write| async move {
+        // None is sent once one has failed (those already sent finish).
+        let outcomes: Vec<Result<Option<String>, StepError>> = in_order(
+            writes.into_iter().map(|write| async move {
                 if stop.load(Ordering::SeqCst) {
                     return Ok(None);
                 }
@@ -754,10 +773,10 @@ impl MeshController {
                     stop.store(true, Ordering::SeqCst);
                 }
                 Ok(problem)
-            }))
-            .buffered(WRITES_IN_FLIGHT)
-            .collect()
-            .await;
+            }),
+            WRITES_IN_FLIGHT,
+        )
+        .await;
         for outcome in outcomes {
             if let Some(problem) = outcome? {
                 return Ok(Some(problem));
@@ -904,4 +923,39 @@ fn service_query(selector: &ServiceSelector) -> (Vec<String>, String) {
         .collect::<Vec<_>>()
         .join(",");
     (namespaces, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow first future does not hold the others: the fifth of five, with four at once,
+    /// starts while the first still waits (here the first waits for the fifth to start, so
+    /// running them head-first, as `buffered` does, never ends), and the outputs keep the
+    /// order given.
+    #[tokio::test]
+    async fn one_slow_future_does_not_hold_the_rest_and_the_order_is_kept() {
+        let (fifth_started, first_may_end) = tokio::sync::oneshot::channel::<()>();
+        let fifth_started = std::sync::Mutex::new(Some(fifth_started));
+        let first_may_end = std::sync::Mutex::new(Some(first_may_end));
+        let (started, waiting) = (&fifth_started, &first_may_end);
+        let futures = (0..5usize).map(|index| async move {
+            match index {
+                0 => {
+                    let waiting = waiting.lock().unwrap().take().unwrap();
+                    waiting.await.unwrap();
+                }
+                4 => {
+                    let _ = started.lock().unwrap().take().unwrap().send(());
+                }
+                _ => {}
+            }
+            index
+        });
+        // Only a guard against hanging.
+        let outputs = tokio::time::timeout(Duration::from_secs(30), in_order(futures, 4))
+            .await
+            .expect("the first future held the fifth back");
+        assert_eq!(outputs, [0, 1, 2, 3, 4]);
+    }
 }
