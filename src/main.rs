@@ -299,6 +299,13 @@ enum RootCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// PKCS#11: set the root key's uses besides signing false (decrypt, unwrap,
+    /// sign-recover, derive), as `root init` makes keys now.
+    RestrictKey {
+        /// The signer's config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1473,6 +1480,32 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
                 root.key_kind
             );
             print_new_root(root, &config);
+        }
+        Command::Root {
+            command: RootCommand::RestrictKey { config },
+        } => {
+            let config = load_config(&config)?;
+            if config.root.backend == BackendKind::Vault {
+                bail!(
+                    "root restrict-key is for a PKCS#11 root key: Vault's key has no such attributes"
+                );
+            }
+            let settings = pkcs11_settings(&config)?;
+            let root = meshca::signer::server::load_root(&config)?;
+            let pin = settings.pin.read()?;
+            let cleared = pkcs11::restrict_key_uses(settings, &pin, &root)?;
+            if cleared.is_empty() {
+                say!(
+                    "meshca: root key {} allows only signing already",
+                    settings.key
+                );
+            } else {
+                say!(
+                    "meshca: root key {} now allows only signing ({} set false)",
+                    settings.key,
+                    cleared.join(", ")
+                );
+            }
         }
         Command::Root {
             command: RootCommand::Show { config },

@@ -942,6 +942,50 @@ impl KeyAttributes {
     }
 }
 
+/// Sets the root key's uses besides signing false (CKA_DECRYPT, CKA_UNWRAP,
+/// CKA_SIGN_RECOVER, CKA_DERIVE: what [`KeyAttributes::other_uses`] names), as `root init`
+/// makes keys now; older builds left CKA_UNWRAP and CKA_SIGN_RECOVER to the token, which
+/// SoftHSM sets true. Returns those that were allowed. Only after `root` is shown to be
+/// its certificate's key: the wrong key is left alone.
+pub fn restrict_key_uses(
+    settings: &Pkcs11Settings,
+    pin: &Secret,
+    root: &RootCa,
+) -> Result<Vec<&'static str>, TokenError> {
+    let before = inspect_key(settings, pin, root)?;
+    if let Some(why) = before.not_the_root_key {
+        return Err(TokenError::Other(format!(
+            "the key {} is not the root certificate's ({why}); nothing was changed",
+            settings.key
+        )));
+    }
+    let allowed = before.other_uses();
+    if allowed.is_empty() {
+        return Ok(allowed);
+    }
+    let token = Token::open(settings)?;
+    let session = token.logged_in_session(pin, true)?;
+    let key = token.find_private_key(&session)?;
+    session.update_attributes(
+        key,
+        &[
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::SignRecover(false),
+            Attribute::Derive(false),
+        ],
+    )?;
+    let after = inspect_key(settings, pin, root)?;
+    if !after.other_uses().is_empty() {
+        return Err(TokenError::Other(format!(
+            "the token kept {} true on {}",
+            after.other_uses().join(", "),
+            settings.key
+        )));
+    }
+    Ok(allowed)
+}
+
 /// The root key's attributes, and whether it is `root`'s key (it signs a challenge).
 pub fn inspect_key(
     settings: &Pkcs11Settings,

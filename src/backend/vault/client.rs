@@ -184,6 +184,20 @@ impl Session {
         self.refresh_at.is_some_and(|at| Instant::now() >= at)
     }
 
+    /// The session kept after a fresh login failed near the max TTL: the next refresh,
+    /// which tries the login again, no sooner than [`LOGIN_RETRY`] from `now`. Each renewal
+    /// there grants half the lease before it, so refreshing at half the lease tried the
+    /// login again within seconds: 5 refused logins in 7 s, which is Vault's and OpenBao's
+    /// default lockout (the AppRole locked for 15 minutes, for every replica, even after
+    /// the credentials are mended).
+    fn retrying_login_from(mut self, now: Instant) -> Session {
+        let earliest = now + LOGIN_RETRY;
+        if self.refresh_at.is_some_and(|at| at < earliest) {
+            self.refresh_at = Some(earliest);
+        }
+        self
+    }
+
     fn expired(&self) -> bool {
         self.expires_at.is_some_and(|at| Instant::now() >= at)
     }
@@ -512,9 +526,10 @@ impl VaultClient {
                             tracing::warn!(
                                 error = %e,
                                 remaining_seconds = current_lease_seconds(&renewed),
-                                "cannot log in to Vault for a fresh token; signing with the renewed one until it ends, and trying the login again"
+                                retry_in_seconds = LOGIN_RETRY.as_secs(),
+                                "cannot log in to Vault for a fresh token; signing with the renewed one until it ends, and trying the login again (Vault locks a login out after 5 refusals by default: once the credentials are mended, `sys/locked-users` shows and unlocks it)"
                             );
-                            Ok(renewed)
+                            Ok(renewed.retrying_login_from(Instant::now()))
                         }
                     };
                 }
@@ -1001,6 +1016,33 @@ mod tests {
         assert!(!session.due() && !session.expired());
         let session = Session::new(token, Duration::from_secs(600), true, huge);
         assert!(!session.due() && !session.expired() && session.expires_at.is_some());
+    }
+
+    /// After a failed fresh login near the max TTL the next try waits LOGIN_RETRY, however
+    /// short the renewed lease: renewals there halve it, and refreshing at half of it tried
+    /// the login again within seconds, locking the AppRole out.
+    #[test]
+    fn a_failed_fresh_login_is_tried_again_no_sooner_than_the_login_retry() {
+        let client = offline_client();
+        let token = Arc::new(client.token_client(Secret::new("s.t".into())).unwrap());
+        let now = Instant::now();
+        let short = Session::new(
+            token.clone(),
+            Duration::from_secs(6),
+            true,
+            Duration::from_secs(30),
+        );
+        let held = short.retrying_login_from(now);
+        assert!(held.refresh_at.is_some_and(|at| at >= now + LOGIN_RETRY));
+        // A refresh already later than that is left as it is.
+        let long = Session::new(
+            token,
+            Duration::from_secs(600),
+            true,
+            Duration::from_secs(3600),
+        );
+        let at = long.refresh_at;
+        assert_eq!(long.retrying_login_from(now).refresh_at, at);
     }
 
     #[test]
