@@ -1556,7 +1556,8 @@ fn run(command: Command, output: Output) -> Result<ExitCode> {
             if !other_uses.is_empty() {
                 to_stderr!(
                     "meshca: warning: root key {}: allows more than signing ({} true): \
-                     whoever holds the PIN can use it for that too; set them false on the token",
+                     whoever holds the PIN can use it for that too; `meshca root restrict-key` \
+                     sets them false",
                     settings.key,
                     other_uses.join(", ")
                 );

@@ -120,4 +120,26 @@ fn the_root_private_key_cannot_be_read_or_wrapped_out_of_the_token() {
         stderr.contains("warning: root key") && stderr.contains("(CKA_UNWRAP true)"),
         "{stderr}"
     );
+
+    // `root restrict-key` (for keys made by older builds, or adopted) sets it false again;
+    // `root show` then warns of nothing, and a second run has nothing to do.
+    let out = env.run_with_config_ok(&["root", "restrict-key"]);
+    assert!(
+        text(&out.stdout).contains("now allows only signing (CKA_UNWRAP set false)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = env.run_with_config_ok(&["root", "show"]);
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("CKA_UNWRAP            false"));
+    let out = env.run_with_config_ok(&["root", "restrict-key"]);
+    assert!(
+        text(&out.stdout).contains("allows only signing already"),
+        "{}",
+        text(&out.stdout)
+    );
 }
