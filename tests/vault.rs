@@ -1775,6 +1775,61 @@ fn stored_certificates(env: &Env) -> usize {
     listed.as_array().map_or(0, Vec::len)
 }
 
+/// A root that can no longer sign under a running signer (its issuer's usage without
+/// issuing-certificates; the token's policy without `sign-intermediate`) makes it unready,
+/// naming why, as signing would fail (before, `/readyz` said ready while every signing
+/// failed); `serve --check --online` refuses such a policy; put back, it serves again.
+#[tokio::test]
+async fn a_root_that_cannot_sign_makes_the_signer_unready_and_the_check_fail() {
+    let env = Env::with(vault(VaultSpec::default()));
+    let serving = readme_policy("# meshca-signer:");
+    env.bao().write_policy("meshca", &serving);
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let bao = env.bao();
+
+    bao.cli_ok(&[
+        "patch",
+        "pki/issuer/meshca-root",
+        "usage=read-only,crl-signing",
+    ]);
+    let (status, body) = readyz(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        message(&body).contains("may not issue certificates"),
+        "{body}"
+    );
+    bao.cli_ok(&[
+        "patch",
+        "pki/issuer/meshca-root",
+        "usage=read-only,issuing-certificates,crl-signing",
+    ]);
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+
+    let without_sign: String = serving
+        .lines()
+        .filter(|line| !line.contains("sign-intermediate"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    bao.write_policy("meshca", &without_sign);
+    let (status, body) = readyz(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        message(&body).contains("needs \"update\" on pki/issuer/meshca-root/sign-intermediate"),
+        "{body}"
+    );
+    let check = env.run_with_config(&["serve", "--check", "--online"]);
+    assert!(!check.status.success());
+    assert!(
+        text(&check.stderr).contains("pki/issuer/meshca-root/sign-intermediate"),
+        "{}",
+        text(&check.stderr)
+    );
+    bao.write_policy("meshca", &serving);
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+    assert_eq!(sign(&env, &signer).await.0, 200);
+}
+
 /// The README's serving policy alone (no `pki/key/*`, no `root/generate/internal`) is
 /// enough to serve, sign and check online, and a token holding it cannot make a root or
 /// read the mount's keys. Vault keeps each intermediate it signs (`pki/certs`), as the

@@ -201,6 +201,9 @@ impl VaultBackend {
                 issuer.usage
             )));
         }
+        if let Some(why) = cannot_sign(client, settings).await {
+            return Err(VaultStartError::Mismatch(why));
+        }
         match urls_vault_adds(client, &issuer).await {
             Ok((urls, _)) if urls.is_empty() => {}
             Ok((urls, configured_at)) => tracing::warn!(
@@ -224,7 +227,12 @@ impl VaultBackend {
             .await
             .map_err(backend_error)?
         {
-            Some(issuer) if holds_root(&issuer, &self.root) => None,
+            // Still the root, but changed so that it cannot sign, or the token's policy no
+            // longer lets it: every signing would fail while the signer looked ready.
+            Some(issuer) if holds_root(&issuer, &self.root) => match issuer_cannot_sign(&issuer) {
+                Some(why) => Some(why),
+                None => cannot_sign(&self.client, settings).await,
+            },
             Some(_) => Some(format!(
                 "Vault issuer {issuer_ref} in mount {mount} is no longer the root this signer serves (renamed or replaced since the start): signing refused until it is again, or the signer is restarted with the new root's certificate"
             )),
@@ -251,6 +259,53 @@ impl VaultBackend {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// Why `issuer` (the root in force) can no longer sign: its key gone, or its usage without
+/// issuing-certificates (`bao patch ... usage=read-only,crl-signing`); None if it can.
+fn issuer_cannot_sign(issuer: &IssuerInfo) -> Option<String> {
+    let name = &issuer.issuer_name;
+    if issuer.key_id.is_empty() {
+        return Some(format!(
+            "Vault holds no private key for issuer {name} any more: it cannot sign"
+        ));
+    }
+    (!issuer.usage.split(',').any(|u| u == "issuing-certificates")).then(|| {
+        format!(
+            "Vault issuer {name} may not issue certificates (usage: {}): signing refused until its usage includes issuing-certificates",
+            issuer.usage
+        )
+    })
+}
+
+/// Why this token may not sign intermediates (`update` on
+/// `<mount>/issuer/<ref>/sign-intermediate`, as Vault's `sys/capabilities-self` answers),
+/// or None: it may, or that cannot be asked (a token without Vault's `default` policy),
+/// which is left to the first signing to show.
+async fn cannot_sign(client: &VaultClient, settings: &VaultSettings) -> Option<String> {
+    let path = format!(
+        "{}/issuer/{}/sign-intermediate",
+        settings.mount, settings.issuer_ref
+    );
+    let body = serde_json::json!({ "paths": [path] });
+    let answer = client
+        .call(Method::POST, "sys/capabilities-self", Some(&body))
+        .await
+        .ok()?;
+    let capabilities = answer
+        .get("data")
+        .and_then(|data| data.get(&path))
+        .or_else(|| answer.get(&path))?
+        .as_array()?;
+    let allowed = capabilities
+        .iter()
+        .filter_map(|c| c.as_str())
+        .any(|c| matches!(c, "update" | "root" | "sudo"));
+    (!allowed).then(|| {
+        format!(
+            "the Vault token's policy does not let meshca sign: it needs \"update\" on {path} (see meshca's Vault policy in the README)"
+        )
+    })
 }
 
 /// Whether `issuer`'s certificate is `root`'s.
