@@ -1068,16 +1068,7 @@ async fn an_overdue_crl_under_refuse_reaches_kept_alive_and_resumed_connections(
     let env = Env::new();
     refuse_clients_of_overdue_crls(&env);
     // Due to be replaced a day from now.
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    write_crl(
-        &env,
-        &env.path("pki/crl.pem"),
-        &openssl_time(now - 60),
-        &openssl_time(now + 86_400),
-    );
+    write_crl_due_in(&env, 86_400);
     let offset = env.path("clock-offset");
     std::fs::write(&offset, "+0\n").unwrap();
     let signer = env.start_signer_with_clock_file(&offset);
@@ -1154,16 +1145,7 @@ async fn an_overdue_crl_under_refuse_reaches_kept_alive_and_resumed_connections(
 async fn a_client_crl_that_passes_its_next_update_while_serving_is_logged() {
     let env = Env::new();
     env.check_client_crls();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    write_crl(
-        &env,
-        &env.path("pki/crl.pem"),
-        &openssl_time(now - 60),
-        &openssl_time(now + 10),
-    );
+    write_crl_due_in(&env, 10);
     let signer = env.start_signer();
     let overdue = signer
         .wait_for_nth_log_within("client CRL past its nextUpdate", 1, Duration::from_secs(60))
@@ -1186,6 +1168,20 @@ fn refuse_clients_of_overdue_crls(env: &Env) {
         "client_crls = [\"pki/crl.pem\"]\nclient_crl_overdue = \"refuse\"",
     );
     std::fs::write(&env.config, config).unwrap();
+}
+
+/// Writes pki/crl.pem, of a minute ago, due to be replaced `seconds` from now.
+fn write_crl_due_in(env: &Env, seconds: u64) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    write_crl(
+        env,
+        &env.path("pki/crl.pem"),
+        &openssl_time(now - 60),
+        &openssl_time(now + seconds),
+    );
 }
 
 /// `unix` (seconds) as openssl's `YYYYMMDDHHMMSSZ`, for a CRL's dates.
