@@ -69,6 +69,12 @@ fn main() {
     let mut ready_ms: u64 = 0;
     let mut backend_ready_ms: u64 = 0;
     let bao = Bao::start(&work, &runtime);
+    // The disk's reference, as raw is the token's: every answer waits for an audit write
+    // and its fsync, and on a shared host their latency moves from run to run.
+    let (fsync_p50_ms, fsync_p99_ms) = fsync_ms(&work, 500);
+    eprintln!(
+        "disk: write + fdatasync of an audit line p50 {fsync_p50_ms} ms, p99 {fsync_p99_ms} ms"
+    );
     // MESHCA_BENCH_CASES=ecdsa_p256 (comma-separated) runs a subset while tuning.
     let only = std::env::var("MESHCA_BENCH_CASES").ok();
     for case in CASES.iter().filter(|c| {
@@ -98,16 +104,29 @@ fn main() {
                 .collect(),
         );
         let mut e2e = BTreeMap::new();
+        let mut inside = BTreeMap::new();
+        let pid = signer.child.id();
         for c in CONCURRENCY {
-            let (client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
+            let before = runtime.block_on(SignerCounters::read(pid, &client, &signer.addr));
+            let (load_client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
             let result = runtime.block_on(load(c, seconds, bodies.len(), move |i| {
-                client.post(&url).json(&bodies[i])
+                load_client.post(&url).json(&bodies[i])
             }));
+            let after = runtime.block_on(SignerCounters::read(pid, &client, &signer.addr));
+            let signer_side = before.since(&after);
             eprintln!(
-                "   meshca  c={c:<2} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
-                result.per_s, result.p50_ms, result.p99_ms, result.errors
+                "   meshca  c={c:<2} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}  (per signing: CPU {} µs, signing {} ms; audit: {} lines per fsync, {} ms each)",
+                result.per_s,
+                result.p50_ms,
+                result.p99_ms,
+                result.errors,
+                signer_side["signer_cpu_us_per_signing"],
+                signer_side["signing_mean_ms"],
+                signer_side["audit_lines_per_commit"],
+                signer_side["audit_commit_mean_ms"],
             );
             e2e.insert(c, result);
+            inside.insert(c, signer_side);
         }
         let rss = peak_rss_mib_of(signer.child.id());
         peak_rss_mib = peak_rss_mib.max(rss);
@@ -139,9 +158,15 @@ fn main() {
 
         let top = &e2e[&32];
         let bao_top = &openbao[&32];
-        let by = |m: &BTreeMap<usize, LoadResult>| -> Value {
+        let by = |m: &BTreeMap<usize, LoadResult>, signer: &BTreeMap<usize, Value>| -> Value {
             m.iter()
-                .map(|(c, r)| (c.to_string(), json!({"signs_per_s": r.per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "requests": r.count})))
+                .map(|(c, r)| {
+                    let mut point = json!({"signs_per_s": r.per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "requests": r.count});
+                    if let Some(Value::Object(inside)) = signer.get(c) {
+                        point.as_object_mut().unwrap().extend(inside.clone());
+                    }
+                    (c.to_string(), point)
+                })
                 .collect::<serde_json::Map<_, _>>()
                 .into()
         };
@@ -158,8 +183,8 @@ fn main() {
                 "ratio_e2e_to_openbao": round(top.per_s / bao_top.per_s),
                 "pool_sessions": sessions,
                 "csr_key_type": case.csr_key_type.name(),
-                "e2e_by_concurrency": by(&e2e),
-                "openbao_by_concurrency": by(&openbao),
+                "e2e_by_concurrency": by(&e2e, &inside),
+                "openbao_by_concurrency": by(&openbao, &BTreeMap::new()),
             }),
         );
     }
@@ -167,6 +192,8 @@ fn main() {
     report.insert("signer_peak_rss_mib".into(), json!(round(peak_rss_mib)));
     report.insert("signer_ready_ms".into(), json!(ready_ms));
     report.insert("signer_backend_ready_ms".into(), json!(backend_ready_ms));
+    report.insert("disk_fsync_p50_ms".into(), json!(fsync_p50_ms));
+    report.insert("disk_fsync_p99_ms".into(), json!(fsync_p99_ms));
     report.insert("machine".into(), machine());
     report.insert("seconds_per_point".into(), json!(seconds));
     report.insert(
@@ -218,6 +245,10 @@ fn print_table(report: &Value) {
     println!(
         "signer peak RSS {} MiB; start to ready {} ms (token login and key check: {} ms)",
         report["signer_peak_rss_mib"], report["signer_ready_ms"], report["signer_backend_ready_ms"]
+    );
+    println!(
+        "disk: write + fdatasync of an audit line p50 {} ms, p99 {} ms",
+        report["disk_fsync_p50_ms"], report["disk_fsync_p99_ms"]
     );
     println!(
         "targets: rsa4096 e2e/raw >= 0.90, e2e/openbao >= 1.3; ecdsa_p256 e2e >= 5000/s, e2e/openbao >= 2.0; p99 <= openbao p99 / 2; RSS <= 32 MiB"

@@ -721,6 +721,8 @@ async fn public_endpoints_policy_trust_bundle_health_and_metrics() {
         // The start record, then one request at a time: each decision is its own write
         // and fsync.
         "meshca_audit_commits_total 3",
+        // Each of them timed.
+        "meshca_audit_commit_duration_seconds_count 3",
         "meshca_root_expiry_seconds 25",
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");

@@ -486,3 +486,106 @@ pub fn free_port_pair() -> u16 {
     }
     panic!("no free port pair")
 }
+
+/// What the signer itself saw over a stretch of load: its CPU time (from `/proc`) and
+/// the counters of its `/metrics`, so that a run says where an issuance's time went.
+#[derive(Debug, Clone, Default)]
+pub struct SignerCounters {
+    cpu_s: f64,
+    signings: f64,
+    signing_s: f64,
+    commits: f64,
+    commit_s: f64,
+}
+
+impl SignerCounters {
+    pub async fn read(pid: u32, client: &reqwest::Client, addr: &str) -> SignerCounters {
+        let text = client
+            .get(format!("https://{addr}/metrics"))
+            .send()
+            .await
+            .expect("the signer's /metrics")
+            .text()
+            .await
+            .expect("the signer's /metrics");
+        let sample = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+                // An older build without it (when builds are compared): null in the report.
+                .unwrap_or(f64::NAN)
+        };
+        SignerCounters {
+            cpu_s: process_cpu_seconds(pid),
+            signings: sample("meshca_signing_duration_seconds_count"),
+            signing_s: sample("meshca_signing_duration_seconds_sum"),
+            commits: sample("meshca_audit_commit_duration_seconds_count"),
+            commit_s: sample("meshca_audit_commit_duration_seconds_sum"),
+        }
+    }
+
+    /// Per issuance between `self` (before) and `after`: the signer's CPU in µs, the
+    /// signing itself (build, token, check) in ms, the audit lines per write + fsync, and
+    /// a write + fsync's mean time in ms.
+    pub fn since(&self, after: &SignerCounters) -> Value {
+        let signings = (after.signings - self.signings).max(1.0);
+        let commits = (after.commits - self.commits).max(1.0);
+        json!({
+            "signer_cpu_us_per_signing": round2((after.cpu_s - self.cpu_s) / signings * 1e6),
+            "signing_mean_ms": round2((after.signing_s - self.signing_s) / signings * 1e3),
+            "audit_lines_per_commit": round2(signings / commits),
+            "audit_commit_mean_ms": round2((after.commit_s - self.commit_s) / commits * 1e3),
+        })
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// User + system CPU seconds a process has used so far.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf reads a constant of the system.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / per_s
+}
+
+/// The disk the audit log is on, as the signer uses it: `n` appends of an audit-line-sized
+/// record, each followed by fdatasync, in `dir`. Returns p50 and p99 in ms.
+pub fn fsync_ms(dir: &Path, n: usize) -> (f64, f64) {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    let line = [b'x'; 700];
+    let mut took: Vec<Duration> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            file.write_all(&line).unwrap();
+            file.sync_data().unwrap();
+            started.elapsed()
+        })
+        .collect();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    took.sort();
+    let at = |p: f64| took[((n as f64 * p).ceil() as usize).clamp(1, n) - 1].as_secs_f64() * 1e3;
+    (round2(at(0.50)), round2(at(0.99)))
+}

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::sync::oneshot;
@@ -67,6 +68,13 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 /// lines of about 700 bytes, some 350 KiB) and the stop record, with a margin. Below it
 /// the signer stops issuing before a write fails, and says so while no request comes.
 pub const MIN_FREE_BYTES: u64 = 1024 * 1024;
+/// Buckets of `meshca_audit_commit_duration_seconds`, 50 µs .. 10 s: a local SSD's fsync
+/// takes well under a millisecond, a network disk's several, a failing disk seconds, and
+/// every request answered meanwhile waits for it.
+const COMMIT_BUCKETS: [f64; 17] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
 
 /// One decision. Field names are the log's stable format.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -211,6 +219,7 @@ pub struct AuditLog {
     writability: Arc<Writability>,
     announced: Arc<Announced>,
     commits: Counter,
+    commit_seconds: Histogram,
     truncations: Counter,
     foreign_appends: Counter,
     head: Arc<Mutex<String>>,
@@ -372,6 +381,7 @@ impl AuditLog {
             writer: OnceLock::new(),
         });
         let commits = Counter::default();
+        let commit_seconds = Histogram::new(COMMIT_BUCKETS);
         let truncations = Counter::default();
         let foreign_appends = Counter::default();
         let head = Arc::new(Mutex::new(last_hash.clone()));
@@ -389,6 +399,7 @@ impl AuditLog {
             stopped: false,
             announced: announced.clone(),
             commits: commits.clone(),
+            commit_seconds: commit_seconds.clone(),
             truncations: truncations.clone(),
             foreign_appends: foreign_appends.clone(),
             head: head.clone(),
@@ -407,6 +418,7 @@ impl AuditLog {
             writability,
             announced,
             commits,
+            commit_seconds,
             truncations,
             foreign_appends,
             head,
@@ -581,6 +593,11 @@ impl AuditLog {
         &self.commits
     }
 
+    /// Time of each successful commit's write and fsync: the disk's share of an answer.
+    pub fn commit_seconds(&self) -> &Histogram {
+        &self.commit_seconds
+    }
+
     /// Counts the times a write found the file shorter than the writer had left it: its
     /// end was cut by something else while the signer ran.
     pub fn truncations(&self) -> &Counter {
@@ -654,6 +671,7 @@ struct Writer {
     stopped: bool,
     announced: Arc<Announced>,
     commits: Counter,
+    commit_seconds: Histogram,
     truncations: Counter,
     foreign_appends: Counter,
     /// Shared with [`AuditLog::head`]; follows `last_hash` after each commit.
@@ -855,12 +873,14 @@ impl Writer {
         } else if metadata.is_file() && before > self.end {
             self.appended_by_another(before);
         }
+        let writing = Instant::now();
         let written = self
             .file
             .write_all(&buf)
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
+                self.commit_seconds.observe(writing.elapsed().as_secs_f64());
                 self.end = before + buf.len() as u64;
                 *self
                     .head

@@ -471,6 +471,11 @@ impl Metrics {
             audit.commits().clone(),
         );
         self.registry.register(
+            "audit_commit_duration_seconds",
+            "Time of each audit log write with its fsync (successful ones): every decision in that write waits for it before its answer, so a slow disk shows here before it shows as slow signings",
+            audit.commit_seconds().clone(),
+        );
+        self.registry.register(
             "audit_truncations",
             "Times the audit log was found shorter than the signer had written it (lines cut from its end in place while the signer ran): its chain breaks there; the signer's log names the bytes missing",
             audit.truncations().clone(),
