@@ -9,6 +9,11 @@
 //!   root of the same key type, the same load client, concurrency and CSRs;
 //! - the signer's peak RSS under that load and its time from start to ready.
 //!
+//! Measured in turns: each of [`ROUNDS`] rounds takes a share of every point's time, raw
+//! first, then meshca and OpenBao one after the other at each concurrency. The host's
+//! speed moves over tens of seconds on a shared machine; taken in turns, the signer and
+//! its references see the same host and their ratios keep.
+//!
 //! For rsa4096 (the demo's policy, P-384 CSRs) and ecdsa_p256 (RSA minimum 2048, P-256
 //! CSRs). Prints a table and writes `target/bench/report.json`. Run through `make bench`,
 //! which builds the release binary first. `MESHCA_BENCH_SECONDS` scales the measuring time
@@ -21,6 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
 use meshca::backend::pkcs11::{Token, token_sign};
 use meshca::config::SignerConfig;
 use meshca::pki::keys::{KeyType, PrivateKey};
@@ -34,6 +41,8 @@ use support::*;
 
 const CONCURRENCY: [usize; 3] = [1, 8, 32];
 const CSRS_PER_CASE: usize = 256;
+/// Turns each point's measuring time is split into.
+const ROUNDS: usize = 4;
 
 fn main() {
     // Only the harness-less run does work; `cargo test --benches` style invocations pass
@@ -90,30 +99,113 @@ fn main() {
         let csrs = make_csrs(case.csr_key_type, CSRS_PER_CASE);
 
         let sessions = config.pkcs11.as_ref().unwrap().sessions;
-        let raw = raw_signs_per_s(&config, &root, sessions, seconds);
-        eprintln!("   raw C_Sign with {sessions} sessions: {raw:.0}/s");
-
+        let mut raw = RawSigner::new(&config, &root, sessions);
         let mut signer = env.start_signer(case);
         ready_ms = ready_ms.max(signer.ready_ms);
         backend_ready_ms = backend_ready_ms.max(signer.backend_ready_ms);
         let client = env.client();
+        let pid = signer.child.id();
         let url = format!("https://{}/v1/sign", signer.addr);
         let bodies: Arc<Vec<Value>> = Arc::new(
             csrs.iter()
                 .map(|csr| json!({"virtualMesh": case.virtual_mesh, "mesh": "bench/cluster", "csr": csr}))
                 .collect(),
         );
-        let mut e2e = BTreeMap::new();
-        let mut inside = BTreeMap::new();
-        let pid = signer.child.id();
+        let mount = bao.mount_root(case, &runtime);
+        let bao_url = format!("{}/v1/{mount}/root/sign-intermediate", bao.addr);
+        let bao_bodies: Arc<Vec<Value>> = Arc::new(
+            csrs.iter()
+                .map(|csr| json!({"csr": csr, "common_name": "cluster", "organization": "bench", "ttl": "720h", "use_csr_values": false, "max_path_length": 0, "exclude_cn_from_sans": true}))
+                .collect(),
+        );
+
+        // Taken in turns, so that the host's speed, which moves over tens of seconds on
+        // a shared machine, moves every measurement alike and the ratios keep: each round
+        // measures raw, then at each concurrency meshca and OpenBao one after the other
+        // (which goes first alternates from round to round).
+        let slice = seconds / ROUNDS as f64;
+        let mut raw_signs = 0usize;
+        let mut raw_seconds = 0.0;
+        let mut e2e: BTreeMap<usize, LoadSample> = BTreeMap::new();
+        let mut openbao: BTreeMap<usize, LoadSample> = BTreeMap::new();
+        let mut inside: BTreeMap<usize, SignerCounters> = BTreeMap::new();
+        for round in 0..ROUNDS {
+            // The first round opens the connections (the TLS handshakes of c=32) and
+            // warms every path; later ones only settle the load.
+            let warmup = if round == 0 {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(250)
+            };
+            let (signs, took) = raw.measure(warmup.min(Duration::from_millis(500)), slice);
+            raw_signs += signs;
+            raw_seconds += took;
+            let meshca_first = round % 2 == 0;
+            let mut line = format!(
+                "   round {} ({} first): raw {:.0}/s",
+                round + 1,
+                if meshca_first { "meshca" } else { "openbao" },
+                signs as f64 / took
+            );
+            for c in CONCURRENCY {
+                let (mut meshca_rate, mut openbao_rate) = (0.0, 0.0);
+                for meshca_now in [meshca_first, !meshca_first] {
+                    if meshca_now {
+                        let before =
+                            runtime.block_on(SignerCounters::read(pid, &client, &signer.addr));
+                        let (load_client, url, bodies) =
+                            (client.clone(), url.clone(), bodies.clone());
+                        let sample =
+                            runtime.block_on(load(c, warmup, slice, bodies.len(), move |i| {
+                                load_client.post(&url).json(&bodies[i])
+                            }));
+                        let after =
+                            runtime.block_on(SignerCounters::read(pid, &client, &signer.addr));
+                        inside.entry(c).or_default().add(&before.until(&after));
+                        meshca_rate = sample.per_s();
+                        e2e.entry(c).or_default().add(sample);
+                    } else {
+                        let (http, url, token, bodies) = (
+                            bao.client.clone(),
+                            bao_url.clone(),
+                            bao.token.clone(),
+                            bao_bodies.clone(),
+                        );
+                        let sample =
+                            runtime.block_on(load(c, warmup, slice, bodies.len(), move |i| {
+                                http.post(&url)
+                                    .header("X-Vault-Token", token.as_str())
+                                    .json(&bodies[i])
+                            }));
+                        openbao_rate = sample.per_s();
+                        openbao.entry(c).or_default().add(sample);
+                    }
+                }
+                line += &format!(", c={c} meshca {meshca_rate:.0} openbao {openbao_rate:.0}");
+            }
+            eprintln!("{line}");
+        }
+        let rss = peak_rss_mib_of(pid);
+        peak_rss_mib = peak_rss_mib.max(rss);
+        signer.stop();
+        drop(raw);
+
+        let raw = raw_signs as f64 / raw_seconds;
+        eprintln!("   raw C_Sign with {sessions} sessions: {raw:.0}/s");
+        let e2e: BTreeMap<usize, LoadResult> = e2e
+            .iter()
+            .map(|(c, sample)| (*c, sample.result()))
+            .collect();
+        let openbao: BTreeMap<usize, LoadResult> = openbao
+            .iter()
+            .map(|(c, sample)| (*c, sample.result()))
+            .collect();
+        let inside: BTreeMap<usize, Value> = inside
+            .iter()
+            .map(|(c, counters)| (*c, counters.per_signing()))
+            .collect();
         for c in CONCURRENCY {
-            let before = runtime.block_on(SignerCounters::read(pid, &client, &signer.addr));
-            let (load_client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
-            let result = runtime.block_on(load(c, seconds, bodies.len(), move |i| {
-                load_client.post(&url).json(&bodies[i])
-            }));
-            let after = runtime.block_on(SignerCounters::read(pid, &client, &signer.addr));
-            let signer_side = before.since(&after);
+            let (result, signer_side) = (&e2e[&c], &inside[&c]);
             eprintln!(
                 "   meshca  c={c:<2} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}  (per signing: CPU {} µs, signing {} ms; audit: {} lines per fsync, {} ms each)",
                 result.per_s,
@@ -125,35 +217,13 @@ fn main() {
                 signer_side["audit_lines_per_commit"],
                 signer_side["audit_commit_mean_ms"],
             );
-            e2e.insert(c, result);
-            inside.insert(c, signer_side);
         }
-        let rss = peak_rss_mib_of(signer.child.id());
-        peak_rss_mib = peak_rss_mib.max(rss);
-        signer.stop();
-
-        let mount = bao.mount_root(case, &runtime);
-        let bao_bodies: Arc<Vec<Value>> = Arc::new(
-            csrs.iter()
-                .map(|csr| json!({"csr": csr, "common_name": "cluster", "organization": "bench", "ttl": "720h", "use_csr_values": false, "max_path_length": 0, "exclude_cn_from_sans": true}))
-                .collect(),
-        );
-        let mut openbao = BTreeMap::new();
         for c in CONCURRENCY {
-            let http = bao.client.clone();
-            let url = format!("{}/v1/{mount}/root/sign-intermediate", bao.addr);
-            let token = bao.token.clone();
-            let bodies = bao_bodies.clone();
-            let result = runtime.block_on(load(c, seconds, bodies.len(), move |i| {
-                http.post(&url)
-                    .header("X-Vault-Token", token.as_str())
-                    .json(&bodies[i])
-            }));
+            let result = &openbao[&c];
             eprintln!(
                 "   openbao c={c:<2} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
                 result.per_s, result.p50_ms, result.p99_ms, result.errors
             );
-            openbao.insert(c, result);
         }
 
         let top = &e2e[&32];
@@ -196,6 +266,7 @@ fn main() {
     report.insert("disk_fsync_p99_ms".into(), json!(fsync_p99_ms));
     report.insert("machine".into(), machine());
     report.insert("seconds_per_point".into(), json!(seconds));
+    report.insert("rounds".into(), json!(ROUNDS));
     report.insert(
         "notes".into(),
         json!("OpenBao is measured over plain HTTP on 127.0.0.1 (its dev listener); meshca over HTTPS with mTLS."),
@@ -255,62 +326,88 @@ fn print_table(report: &Value) {
     );
 }
 
-/// C_Sign throughput on the signer's root key: one thread per session, each signing an
-/// intermediate-sized TBS as fast as it can.
-fn raw_signs_per_s(config: &SignerConfig, root: &RootCa, sessions: usize, seconds: f64) -> f64 {
-    let settings = config.pkcs11.as_ref().unwrap();
-    let pin = settings.pin.read().unwrap();
-    let token = Arc::new(Token::open(settings).unwrap());
-    let key = PrivateKey::generate(KeyType::EcdsaP384).unwrap();
-    let now = SystemTime::now();
-    let plan = IntermediatePlan {
-        subject: subject_name("bench", "cluster").unwrap(),
-        public_key: key.public_key_info().unwrap(),
-        serial: random_serial().unwrap(),
-        not_before: now,
-        not_after: now + Duration::from_secs(86_400),
-    };
-    let tbs = Arc::new(intermediate_tbs(&plan, root, &[]).unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicUsize::new(0));
-    let warm = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..sessions)
-        .map(|_| {
-            let session = token.logged_in_session(&pin, false).unwrap();
-            let key = token.find_private_key(&session).unwrap();
-            let (stop, count, warm, tbs, root) = (
-                stop.clone(),
-                count.clone(),
-                warm.clone(),
-                tbs.clone(),
-                root.clone(),
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    token_sign(
-                        &session,
-                        key,
-                        &root.key_kind,
-                        root.signature_algorithm,
-                        &tbs,
-                    )
-                    .unwrap();
-                    if warm.load(Ordering::Relaxed) {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+/// C_Sign on the signer's root key, from this process: one thread per session (as many
+/// as the signer's pool), each signing an intermediate-sized TBS as fast as it can.
+struct RawSigner {
+    /// Declared before `_token`: the sessions close before the module is finalized.
+    sessions: Vec<(Session, ObjectHandle)>,
+    _token: Token,
+    root: RootCa,
+    tbs: Vec<u8>,
+}
+
+impl RawSigner {
+    fn new(config: &SignerConfig, root: &RootCa, sessions: usize) -> RawSigner {
+        let settings = config.pkcs11.as_ref().unwrap();
+        let pin = settings.pin.read().unwrap();
+        let token = Token::open(settings).unwrap();
+        let key = PrivateKey::generate(KeyType::EcdsaP384).unwrap();
+        let now = SystemTime::now();
+        let plan = IntermediatePlan {
+            subject: subject_name("bench", "cluster").unwrap(),
+            public_key: key.public_key_info().unwrap(),
+            serial: random_serial().unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(86_400),
+        };
+        let tbs = intermediate_tbs(&plan, root, &[]).unwrap();
+        let sessions = (0..sessions)
+            .map(|_| {
+                let session = token.logged_in_session(&pin, false).unwrap();
+                let key = token.find_private_key(&session).unwrap();
+                (session, key)
             })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
-    warm.store(true, Ordering::SeqCst);
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    let done = count.load(Ordering::SeqCst);
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().unwrap();
+            .collect();
+        RawSigner {
+            sessions,
+            _token: token,
+            root: root.clone(),
+            tbs,
+        }
     }
-    done as f64 / elapsed
+
+    /// Signs on every session for `warmup`, then counts for `seconds`: (signatures,
+    /// seconds counted).
+    fn measure(&mut self, warmup: Duration, seconds: f64) -> (usize, f64) {
+        let stop = AtomicBool::new(false);
+        let count = AtomicUsize::new(0);
+        let counting = AtomicBool::new(false);
+        let (root, tbs) = (&self.root, &self.tbs);
+        let (stop, count, counting) = (&stop, &count, &counting);
+        let sessions = std::mem::take(&mut self.sessions);
+        let (sessions, done, elapsed) = std::thread::scope(|scope| {
+            let threads: Vec<_> = sessions
+                .into_iter()
+                .map(|(session, key)| {
+                    scope.spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            token_sign(
+                                &session,
+                                key,
+                                &root.key_kind,
+                                root.signature_algorithm,
+                                tbs,
+                            )
+                            .unwrap();
+                            if counting.load(Ordering::Relaxed) {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        (session, key)
+                    })
+                })
+                .collect();
+            std::thread::sleep(warmup);
+            counting.store(true, Ordering::SeqCst);
+            let started = Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(seconds));
+            let done = count.load(Ordering::SeqCst);
+            let elapsed = started.elapsed().as_secs_f64();
+            stop.store(true, Ordering::SeqCst);
+            let sessions: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            (sessions, done, elapsed)
+        });
+        self.sessions = sessions;
+        (done, elapsed)
+    }
 }

@@ -78,14 +78,61 @@ pub struct LoadResult {
     pub count: usize,
 }
 
+/// What stretches of closed-loop load at one point gave: each answered request's
+/// latency, the failures, and the time measured (warm-ups excluded). The stretches of one
+/// point, taken in turns with the other points' and the references', add up.
+#[derive(Debug, Clone, Default)]
+pub struct LoadSample {
+    latencies: Vec<Duration>,
+    errors: usize,
+    seconds: f64,
+}
+
+impl LoadSample {
+    pub fn add(&mut self, other: LoadSample) {
+        self.latencies.extend(other.latencies);
+        self.errors += other.errors;
+        self.seconds += other.seconds;
+    }
+
+    pub fn per_s(&self) -> f64 {
+        self.latencies.len() as f64 / self.seconds
+    }
+
+    pub fn result(&self) -> LoadResult {
+        let mut latencies = self.latencies.clone();
+        latencies.sort();
+        let pct = |p: f64| -> f64 {
+            if latencies.is_empty() {
+                return f64::NAN;
+            }
+            let idx = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+            latencies[idx].as_secs_f64() * 1000.0
+        };
+        LoadResult {
+            per_s: self.per_s(),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            errors: self.errors,
+            count: latencies.len(),
+        }
+    }
+}
+
 /// Closed-loop load: `concurrency` tasks each send a request, wait for the answer, send
-/// the next, for `seconds` after a one-second warm-up.
-pub async fn load<F>(concurrency: usize, seconds: f64, bodies: usize, request: F) -> LoadResult
+/// the next, for `seconds` after `warmup` (whose requests are not counted).
+pub async fn load<F>(
+    concurrency: usize,
+    warmup: Duration,
+    seconds: f64,
+    bodies: usize,
+    request: F,
+) -> LoadSample
 where
     F: Fn(usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
     let request = Arc::new(request);
-    let warmup_end = Instant::now() + Duration::from_secs(1);
+    let warmup_end = Instant::now() + warmup;
     let end = warmup_end + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..concurrency)
         .map(|task| {
@@ -121,29 +168,14 @@ where
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut sample = LoadSample::default();
     for t in tasks {
-        let (l, e) = t.await.unwrap();
-        latencies.extend(l);
-        errors += e;
+        let (latencies, errors) = t.await.unwrap();
+        sample.latencies.extend(latencies);
+        sample.errors += errors;
     }
-    let elapsed = Instant::now().duration_since(warmup_end).as_secs_f64();
-    latencies.sort();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let idx = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[idx].as_secs_f64() * 1000.0
-    };
-    LoadResult {
-        per_s: latencies.len() as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        errors,
-        count: latencies.len(),
-    }
+    sample.seconds = Instant::now().duration_since(warmup_end).as_secs_f64();
+    sample
 }
 
 pub fn peak_rss_mib_of(pid: u32) -> f64 {
@@ -524,17 +556,37 @@ impl SignerCounters {
         }
     }
 
-    /// Per issuance between `self` (before) and `after`: the signer's CPU in µs, the
-    /// signing itself (build, token, check) in ms, the audit lines per write + fsync, and
-    /// a write + fsync's mean time in ms.
-    pub fn since(&self, after: &SignerCounters) -> Value {
-        let signings = (after.signings - self.signings).max(1.0);
-        let commits = (after.commits - self.commits).max(1.0);
+    /// What happened between `self` (read before) and `after`.
+    pub fn until(&self, after: &SignerCounters) -> SignerCounters {
+        SignerCounters {
+            cpu_s: after.cpu_s - self.cpu_s,
+            signings: after.signings - self.signings,
+            signing_s: after.signing_s - self.signing_s,
+            commits: after.commits - self.commits,
+            commit_s: after.commit_s - self.commit_s,
+        }
+    }
+
+    /// Adds the stretch `other` (an [`SignerCounters::until`]) to this one.
+    pub fn add(&mut self, other: &SignerCounters) {
+        self.cpu_s += other.cpu_s;
+        self.signings += other.signings;
+        self.signing_s += other.signing_s;
+        self.commits += other.commits;
+        self.commit_s += other.commit_s;
+    }
+
+    /// Per issuance over the stretches added up (warm-ups included): the signer's CPU in
+    /// µs, the signing itself (build, token, check) in ms, the audit lines per write +
+    /// fsync, and a write + fsync's mean time in ms.
+    pub fn per_signing(&self) -> Value {
+        let signings = self.signings.max(1.0);
+        let commits = self.commits.max(1.0);
         json!({
-            "signer_cpu_us_per_signing": round2((after.cpu_s - self.cpu_s) / signings * 1e6),
-            "signing_mean_ms": round2((after.signing_s - self.signing_s) / signings * 1e3),
+            "signer_cpu_us_per_signing": round2(self.cpu_s / signings * 1e6),
+            "signing_mean_ms": round2(self.signing_s / signings * 1e3),
             "audit_lines_per_commit": round2(signings / commits),
-            "audit_commit_mean_ms": round2((after.commit_s - self.commit_s) / commits * 1e3),
+            "audit_commit_mean_ms": round2(self.commit_s / commits * 1e3),
         })
     }
 }
