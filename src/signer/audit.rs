@@ -68,6 +68,13 @@ pub const COMMIT_DELAY: Duration = Duration::from_millis(1);
 /// lines of about 700 bytes, some 350 KiB) and the stop record, with a margin. Below it
 /// the signer stops issuing before a write fails, and says so while no request comes.
 pub const MIN_FREE_BYTES: u64 = 1024 * 1024;
+/// How long a write (with its fsync) may be under way before the log counts as not
+/// writable: a disk that stops answering (a failing drive, a network disk cut off) blocks
+/// the write, and every answer behind it, without an error. Meanwhile the signer is not
+/// ready (`/readyz` 503, `meshca_audit_writable` 0, an ERROR in its log), so that a load
+/// balancer sends clients to another replica, and signs nothing new (a refusal is a
+/// decision too, and waits for the log like every other).
+pub const STUCK_WRITE: Duration = Duration::from_secs(10);
 /// Buckets of `meshca_audit_commit_duration_seconds`, 50 µs .. 10 s: a local SSD's fsync
 /// takes well under a millisecond, a network disk's several, a failing disk seconds, and
 /// every request answered meanwhile waits for it.
@@ -228,34 +235,82 @@ pub struct AuditLog {
     recovering: Arc<AtomicBool>,
 }
 
-/// Whether the log takes lines: its last commit succeeded, and its filesystem has room
-/// for more ([`MIN_FREE_BYTES`]). A full disk shows without waiting for a write to fail:
-/// the signer looks at the free space every few seconds ([`AuditLog::check_free_space`]).
+/// Whether the log takes lines: its last commit succeeded, its filesystem has room for
+/// more ([`MIN_FREE_BYTES`]), and no write has been under way for [`STUCK_WRITE`] or
+/// longer. A full disk shows without waiting for a write to fail: the signer looks at the
+/// free space every few seconds ([`AuditLog::check_free_space`]).
 struct Writability {
     last_commit_ok: AtomicBool,
     /// Free bytes last seen on the log's filesystem; `u64::MAX` before the first look.
     free_bytes: AtomicU64,
-    /// `meshca_audit_writable`: 1 while both hold.
+    /// When the write under way began, in ms since `epoch` plus one; 0 while none is.
+    write_began: AtomicU64,
+    epoch: Instant,
+    /// [`STUCK_WRITE`], shorter in tests.
+    stuck_after: Duration,
+    /// The write under way was said (logged) to be stuck.
+    stuck_said: AtomicBool,
+    /// `meshca_audit_writable`: 1 while all three hold.
     writable: Gauge,
     /// `meshca_audit_free_bytes`.
     free_gauge: Gauge,
 }
 
 impl Writability {
-    fn new() -> Self {
+    fn new(stuck_after: Duration) -> Self {
         let writable = Gauge::default();
         writable.set(1);
         Writability {
             last_commit_ok: AtomicBool::new(true),
             free_bytes: AtomicU64::new(u64::MAX),
+            write_began: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stuck_after,
+            stuck_said: AtomicBool::new(false),
             writable,
             free_gauge: Gauge::default(),
         }
     }
 
     fn is_writable(&self) -> bool {
+        if self.write_stuck_for().is_some() {
+            // The writer, blocked, publishes nothing: whoever asks (a signing request,
+            // /readyz, the 5-second probe) puts the gauge in step.
+            self.writable.set(0);
+            return false;
+        }
         self.last_commit_ok.load(Ordering::Acquire)
             && has_room(self.free_bytes.load(Ordering::Acquire))
+    }
+
+    fn write_begins(&self) {
+        let since_epoch = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.write_began.store(since_epoch + 1, Ordering::Release);
+    }
+
+    /// The write under way ended; returns how long it took.
+    fn write_ends(&self) -> Duration {
+        let took = self.write_under_way_for().unwrap_or_default();
+        self.write_began.store(0, Ordering::Release);
+        self.stuck_said.store(false, Ordering::Release);
+        took
+    }
+
+    fn write_under_way_for(&self) -> Option<Duration> {
+        match self.write_began.load(Ordering::Acquire) {
+            0 => None,
+            began => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(began - 1)),
+            ),
+        }
+    }
+
+    /// How long the write under way has been, once that is [`STUCK_WRITE`] or longer.
+    fn write_stuck_for(&self) -> Option<Duration> {
+        self.write_under_way_for()
+            .filter(|under_way| *under_way >= self.stuck_after)
     }
 
     fn publish(&self) {
@@ -330,13 +385,15 @@ impl AuditLog {
     /// so; it is looked for only once the lock is held, so that a line another writer has
     /// under way is never taken for one.
     pub fn open(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {
-        Self::open_with(path, COMMIT_DELAY, SystemTime::now())
+        Self::open_with(path, COMMIT_DELAY, STUCK_WRITE, SystemTime::now())
     }
 
-    /// [`AuditLog::open`] with the commit delay, and `now` for a torn tail's side file.
+    /// [`AuditLog::open`] with the commit delay, the time after which a write counts as
+    /// stuck, and `now` for a torn tail's side file.
     fn open_with(
         path: &Path,
         commit_delay: Duration,
+        stuck_after: Duration,
         now: SystemTime,
     ) -> Result<(AuditLog, OpenReport), AuditError> {
         let io = |e: std::io::Error| AuditError::Io {
@@ -375,7 +432,7 @@ impl AuditLog {
         }
         crate::fsutil::sync_dir(crate::fsutil::parent_dir(path)).map_err(io)?;
         let (tx, rx) = mpsc::channel::<Pending>();
-        let writability = Arc::new(Writability::new());
+        let writability = Arc::new(Writability::new(stuck_after));
         let announced = Arc::new(Announced {
             lines: AtomicUsize::new(0),
             writer: OnceLock::new(),
@@ -529,6 +586,12 @@ impl AuditLog {
 
     /// Why the log takes no lines, or None while it does.
     pub fn unwritable_reason(&self) -> Option<String> {
+        if let Some(under_way) = self.writability.write_stuck_for() {
+            return Some(format!(
+                "an audit log write has not returned for {} s: its disk does not answer (see the kernel log); nothing is issued until it returns",
+                under_way.as_secs()
+            ));
+        }
         if !self.last_commit_ok() {
             return Some("the audit log cannot be written".into());
         }
@@ -543,6 +606,17 @@ impl AuditLog {
     /// Looks at the free space of the log's filesystem (of its directory: where a rotation
     /// puts the next file), records it, and says when the log gains or loses room.
     pub fn check_free_space(&self) {
+        if let Some(under_way) = self.writability.write_stuck_for()
+            && !self.writability.stuck_said.swap(true, Ordering::AcqRel)
+        {
+            self.writability.publish();
+            tracing::error!(
+                audit_log = %self.path.display(),
+                under_way_s = under_way.as_secs(),
+                "an audit log write has not returned for {} s: its disk does not answer; nothing is issued and the signer is not ready until it returns",
+                under_way.as_secs()
+            );
+        }
         let dir = crate::fsutil::parent_dir(&self.path);
         match crate::fsutil::free_bytes(dir) {
             Ok(free) => self.note_free_space(free),
@@ -816,7 +890,17 @@ impl Writer {
 
     /// Writes the batch, and publishes whether that worked ([`AuditLog::is_writable`]).
     fn commit(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
+        self.writability.write_begins();
         let result = self.write_batch(batch);
+        let took = self.writability.write_ends();
+        if took >= self.writability.stuck_after {
+            tracing::warn!(
+                path = %self.path.display(),
+                took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                "an audit log write returned after {} s (its disk did not answer meanwhile)",
+                took.as_secs()
+            );
+        }
         self.writability.committed(result.is_ok());
         result
     }
@@ -1903,8 +1987,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         // A delay far longer than the test: batching must end because the lines came.
-        let (log, _) =
-            AuditLog::open_with(&path, Duration::from_secs(60), SystemTime::now()).unwrap();
+        let (log, _) = AuditLog::open_with(
+            &path,
+            Duration::from_secs(60),
+            STUCK_WRITE,
+            SystemTime::now(),
+        )
+        .unwrap();
         let within = Duration::from_secs(20);
 
         tokio::time::timeout(within, log.append(record(0), log.expect_line()))
@@ -1990,7 +2079,8 @@ mod tests {
         for torn in [&br#"{"time":"first"#[..], &br#"{"time":"second"#[..]] {
             let mut f = crate::fsutil::open_append(&path, 0o600).unwrap();
             f.write_all(torn).unwrap();
-            let (_log, report) = AuditLog::open_with(&path, COMMIT_DELAY, now).unwrap();
+            let (_log, report) =
+                AuditLog::open_with(&path, COMMIT_DELAY, STUCK_WRITE, now).unwrap();
             let side = report.torn_tail_saved_to.unwrap();
             assert_eq!(std::fs::read(&side).unwrap(), torn);
             sides.push(side);
@@ -2211,6 +2301,78 @@ mod tests {
         assert!(log.is_writable());
         assert_eq!(log.writable().get(), 1);
         assert_eq!(log.unwritable_reason(), None);
+    }
+
+    /// A write that does not return (here: the path, after a rotation, is a FIFO nobody
+    /// reads, so opening it blocks as a dead disk's fsync would): the log stops counting as
+    /// writable and says why, and counts again once the write returns.
+    #[tokio::test]
+    async fn a_write_that_does_not_return_makes_the_log_unwritable_until_it_does() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let stuck_after = Duration::from_millis(200);
+        let (log, _) =
+            AuditLog::open_with(&path, COMMIT_DELAY, stuck_after, SystemTime::now()).unwrap();
+        log.append(record(1), log.expect_line()).await.unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
+        let fifo = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Whatever happens below, the writer is let go before the log is dropped (which
+        // waits for it): a failing assertion must fail the test, not hang it.
+        struct LetGo<'a>(&'a Path);
+        impl Drop for LetGo<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(self.0);
+            }
+        }
+        let _let_go = LetGo(&path);
+        let blocked = {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(record(2), log.expect_line()).await })
+        };
+        // Bounded only so that a broken build fails instead of hanging.
+        let reason = async {
+            loop {
+                if let Some(reason) = log.unwritable_reason() {
+                    return reason;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let reason = tokio::time::timeout(Duration::from_secs(60), reason)
+            .await
+            .expect("a write blocked for a minute was never counted as stuck");
+        assert!(
+            reason.contains("an audit log write has not returned for"),
+            "{reason}"
+        );
+        assert!(reason.contains("its disk does not answer"), "{reason}");
+        assert!(!log.is_writable());
+        assert_eq!(log.writable().get(), 0);
+        log.check_free_space();
+        assert_eq!(log.writable().get(), 0);
+        assert!(!blocked.is_finished());
+        // A reader comes: the write returns (a FIFO takes no fsync: it fails), and the log
+        // is no longer stuck, only failed.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let returned = tokio::time::timeout(Duration::from_secs(60), blocked)
+            .await
+            .expect("the write did not return once the FIFO had a reader")
+            .unwrap();
+        assert!(returned.is_err());
+        let reason = log.unwritable_reason().unwrap();
+        assert!(!reason.contains("has not returned"), "{reason}");
+        assert!(log.writability.write_under_way_for().is_none());
     }
 
     #[tokio::test]

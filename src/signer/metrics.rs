@@ -487,7 +487,7 @@ impl Metrics {
         );
         self.registry.register(
             "audit_writable",
-            "1 while the audit log takes lines (its last write succeeded, and its filesystem has at least 1 MiB free), 0 otherwise: nothing is issued and /readyz is 503 meanwhile",
+            "1 while the audit log takes lines (its last write succeeded, its filesystem has at least 1 MiB free, and no write has been under way for 10 s or more), 0 otherwise: nothing is issued and /readyz is 503 meanwhile",
             audit.writable().clone(),
         );
         self.registry.register(
