@@ -2305,7 +2305,8 @@ mod tests {
 
     /// A write that does not return (here: the path, after a rotation, is a FIFO nobody
     /// reads, so opening it blocks as a dead disk's fsync would): the log stops counting as
-    /// writable and says why, and counts again once the write returns.
+    /// writable and says why, and is no longer stuck once the write returns (here failed:
+    /// a FIFO takes no fsync).
     #[tokio::test]
     async fn a_write_that_does_not_return_makes_the_log_unwritable_until_it_does() {
         use std::os::unix::ffi::OsStrExt;
