@@ -89,15 +89,17 @@ impl ClientIdentity {
         };
         // Decoded once, for the identity and the serial.
         let cert = x509_cert::Certificate::from_der(leaf).ok();
-        let not_after = |der: &CertificateDer<'_>| {
-            x509_cert::Certificate::from_der(der)
-                .ok()
-                .map(|cert| cert.tbs_certificate().validity().not_after.to_system_time())
+        let ends = |cert: &x509_cert::Certificate| {
+            cert.tbs_certificate().validity().not_after.to_system_time()
         };
         // Without a readable leaf, none: every request is checked again.
-        let chain_not_after = cert
-            .as_ref()
-            .and_then(|_| chain.iter().filter_map(not_after).min());
+        let chain_not_after = cert.as_ref().map(|leaf_cert| {
+            chain[1..]
+                .iter()
+                .filter_map(|der| x509_cert::Certificate::from_der(der).ok())
+                .map(|issuer| ends(&issuer))
+                .fold(ends(leaf_cert), std::cmp::min)
+        });
         let identity = cert.as_ref().map(crate::tlsutil::identity_of);
         ClientIdentity {
             no_identity: match &identity {

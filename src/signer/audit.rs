@@ -243,7 +243,7 @@ struct Writability {
     last_commit_ok: AtomicBool,
     /// Free bytes last seen on the log's filesystem; `u64::MAX` before the first look.
     free_bytes: AtomicU64,
-    /// When the write under way began, in ms since `epoch` plus one; 0 while none is.
+    /// When the write under way began, in ns since `epoch` plus one; 0 while none is.
     write_began: AtomicU64,
     epoch: Instant,
     /// [`STUCK_WRITE`], shorter in tests.
@@ -284,7 +284,7 @@ impl Writability {
     }
 
     fn write_begins(&self) {
-        let since_epoch = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        let since_epoch = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
         self.write_began.store(since_epoch + 1, Ordering::Release);
     }
 
@@ -302,7 +302,7 @@ impl Writability {
             began => Some(
                 self.epoch
                     .elapsed()
-                    .saturating_sub(Duration::from_millis(began - 1)),
+                    .saturating_sub(Duration::from_nanos(began - 1)),
             ),
         }
     }
@@ -667,7 +667,8 @@ impl AuditLog {
         &self.commits
     }
 
-    /// Time of each successful commit's write and fsync: the disk's share of an answer.
+    /// Time of each successful commit (its lines encoded, written and fsynced): mostly the
+    /// disk's share of an answer.
     pub fn commit_seconds(&self) -> &Histogram {
         &self.commit_seconds
     }
@@ -893,6 +894,9 @@ impl Writer {
         self.writability.write_begins();
         let result = self.write_batch(batch);
         let took = self.writability.write_ends();
+        if result.is_ok() {
+            self.commit_seconds.observe(took.as_secs_f64());
+        }
         if took >= self.writability.stuck_after {
             tracing::warn!(
                 path = %self.path.display(),
@@ -957,14 +961,12 @@ impl Writer {
         } else if metadata.is_file() && before > self.end {
             self.appended_by_another(before);
         }
-        let writing = Instant::now();
         let written = self
             .file
             .write_all(&buf)
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
-                self.commit_seconds.observe(writing.elapsed().as_secs_f64());
                 self.end = before + buf.len() as u64;
                 *self
                     .head

@@ -472,7 +472,7 @@ impl Metrics {
         );
         self.registry.register(
             "audit_commit_duration_seconds",
-            "Time of each audit log write with its fsync (successful ones): every decision in that write waits for it before its answer, and signing_duration_seconds does not count it",
+            "Time of each audit log commit (its lines encoded, written and fsynced; successful ones): every decision in that write waits for it before its answer, and signing_duration_seconds does not count it",
             audit.commit_seconds().clone(),
         );
         self.registry.register(
