@@ -9,10 +9,11 @@
 //!   root of the same key type, the same load client, concurrency and CSRs;
 //! - the signer's peak RSS under that load and its time from start to ready.
 //!
-//! Measured in turns: each of [`ROUNDS`] rounds takes a share of every point's time, raw
-//! first, then meshca and OpenBao one after the other at each concurrency. The host's
-//! speed moves over tens of seconds on a shared machine; taken in turns, the signer and
-//! its references see the same host and their ratios keep.
+//! Measured in turns: each of [`ROUNDS`] rounds takes a share of every point's time: raw in
+//! two halves around meshca and OpenBao at concurrency 32 (one after the other), then the
+//! two at each other concurrency. The host's speed moves over tens of seconds on a shared
+//! machine; taken in turns, the signer and its references see the same host and their
+//! ratios keep.
 //!
 //! For rsa4096 (the demo's policy, P-384 CSRs) and ecdsa_p256 (RSA minimum 2048, P-256
 //! CSRs). Prints a table and writes `target/bench/report.json`. Run through `make bench`,
@@ -120,15 +121,16 @@ fn main() {
         );
 
         // Taken in turns, so that the host's speed, which moves over tens of seconds on
-        // a shared machine, moves every measurement alike and the ratios keep: each round
-        // measures raw, then at each concurrency meshca and OpenBao one after the other
-        // (which goes first alternates from round to round).
+        // a shared machine, moves every measurement alike and the ratios keep. Each round
+        // measures raw in two halves around the pair at the top concurrency (the ratio
+        // the targets name), then the other pairs; in a pair meshca and OpenBao go one
+        // after the other, and which goes first alternates from round to round.
         let slice = seconds / ROUNDS as f64;
-        let mut raw_signs = 0usize;
-        let mut raw_seconds = 0.0;
+        let mut raw_total = RawSample::default();
         let mut e2e: BTreeMap<usize, LoadSample> = BTreeMap::new();
         let mut openbao: BTreeMap<usize, LoadSample> = BTreeMap::new();
         let mut inside: BTreeMap<usize, SignerCounters> = BTreeMap::new();
+        let top_concurrency = CONCURRENCY[CONCURRENCY.len() - 1];
         for round in 0..ROUNDS {
             // The first round opens the connections (the TLS handshakes of c=32) and
             // warms every path; later ones only settle the load.
@@ -137,17 +139,9 @@ fn main() {
             } else {
                 Duration::from_millis(250)
             };
-            let (signs, took) = raw.measure(warmup.min(Duration::from_millis(500)), slice);
-            raw_signs += signs;
-            raw_seconds += took;
             let meshca_first = round % 2 == 0;
-            let mut line = format!(
-                "   round {} ({} first): raw {:.0}/s",
-                round + 1,
-                if meshca_first { "meshca" } else { "openbao" },
-                signs as f64 / took
-            );
-            for c in CONCURRENCY {
+            // One pair at concurrency `c`: (meshca's rate, OpenBao's).
+            let mut pair = |c: usize| -> (f64, f64) {
                 let (mut meshca_rate, mut openbao_rate) = (0.0, 0.0);
                 for meshca_now in [meshca_first, !meshca_first] {
                     if meshca_now {
@@ -181,8 +175,25 @@ fn main() {
                         openbao.entry(c).or_default().add(sample);
                     }
                 }
+                (meshca_rate, openbao_rate)
+            };
+            let raw_warmup = warmup.min(Duration::from_millis(500));
+            let mut raw_round = raw.measure(raw_warmup, slice / 2.0);
+            let mut rates = BTreeMap::from([(top_concurrency, pair(top_concurrency))]);
+            raw_round.add(raw.measure(raw_warmup, slice / 2.0));
+            for c in CONCURRENCY.into_iter().filter(|c| *c != top_concurrency) {
+                rates.insert(c, pair(c));
+            }
+            let mut line = format!(
+                "   round {} ({} first): raw {:.0}/s",
+                round + 1,
+                if meshca_first { "meshca" } else { "openbao" },
+                raw_round.per_s()
+            );
+            for (c, (meshca_rate, openbao_rate)) in rates {
                 line += &format!(", c={c} meshca {meshca_rate:.0} openbao {openbao_rate:.0}");
             }
+            raw_total.add(raw_round);
             eprintln!("{line}");
         }
         let rss = peak_rss_mib_of(pid);
@@ -190,8 +201,12 @@ fn main() {
         signer.stop();
         drop(raw);
 
-        let raw = raw_signs as f64 / raw_seconds;
-        eprintln!("   raw C_Sign with {sessions} sessions: {raw:.0}/s");
+        let raw = raw_total.per_s();
+        let raw_host_cpu_us = raw_total.host.busy_s / raw_total.signs.max(1) as f64 * 1e6;
+        eprintln!(
+            "   raw C_Sign with {sessions} sessions: {raw:.0}/s  (per signature: host CPU {raw_host_cpu_us:.0} µs, host idle {:.1}%)",
+            raw_total.host.idle_pct()
+        );
         let e2e: BTreeMap<usize, LoadResult> = e2e
             .iter()
             .map(|(c, sample)| (*c, sample.result()))
@@ -207,12 +222,16 @@ fn main() {
         for c in CONCURRENCY {
             let (result, signer_side) = (&e2e[&c], &inside[&c]);
             eprintln!(
-                "   meshca  c={c:<2} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}  (per signing: CPU {} µs, signing {} ms; audit: {} lines per fsync, {} ms each)",
+                "   meshca  c={c:<2} {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}  (per signing: CPU signer {} µs (token threads {}), client {} µs, host {} µs, host idle {}%; signing {} ms; audit: {} lines per fsync, {} ms each)",
                 result.per_s,
                 result.p50_ms,
                 result.p99_ms,
                 result.errors,
                 signer_side["signer_cpu_us_per_signing"],
+                signer_side["token_threads_cpu_us_per_signing"],
+                signer_side["client_cpu_us_per_signing"],
+                signer_side["host_cpu_us_per_signing"],
+                signer_side["host_idle_pct"],
                 signer_side["signing_mean_ms"],
                 signer_side["audit_lines_per_commit"],
                 signer_side["audit_commit_mean_ms"],
@@ -244,6 +263,8 @@ fn main() {
             case.name.into(),
             json!({
                 "raw_signs_per_s": round(raw),
+                "raw_host_cpu_us_per_sign": round(raw_host_cpu_us),
+                "raw_host_idle_pct": round(raw_total.host.idle_pct()),
                 "e2e_signs_per_s": round(top.per_s),
                 "e2e_p50_ms": round(top.p50_ms),
                 "e2e_p99_ms": round(top.p99_ms),
@@ -326,6 +347,26 @@ fn print_table(report: &Value) {
     );
 }
 
+/// Signatures counted over a stretch, and the host's CPU time meanwhile.
+#[derive(Debug, Default)]
+struct RawSample {
+    signs: usize,
+    seconds: f64,
+    host: HostCpu,
+}
+
+impl RawSample {
+    fn add(&mut self, other: RawSample) {
+        self.signs += other.signs;
+        self.seconds += other.seconds;
+        self.host.add(&other.host);
+    }
+
+    fn per_s(&self) -> f64 {
+        self.signs as f64 / self.seconds
+    }
+}
+
 /// C_Sign on the signer's root key, from this process: one thread per session (as many
 /// as the signer's pool), each signing an intermediate-sized TBS as fast as it can.
 struct RawSigner {
@@ -366,16 +407,15 @@ impl RawSigner {
         }
     }
 
-    /// Signs on every session for `warmup`, then counts for `seconds`: (signatures,
-    /// seconds counted).
-    fn measure(&mut self, warmup: Duration, seconds: f64) -> (usize, f64) {
+    /// Signs on every session for `warmup`, then counts for `seconds`.
+    fn measure(&mut self, warmup: Duration, seconds: f64) -> RawSample {
         let stop = AtomicBool::new(false);
         let count = AtomicUsize::new(0);
         let counting = AtomicBool::new(false);
         let (root, tbs) = (&self.root, &self.tbs);
         let (stop, count, counting) = (&stop, &count, &counting);
         let sessions = std::mem::take(&mut self.sessions);
-        let (sessions, done, elapsed) = std::thread::scope(|scope| {
+        let (sessions, sample) = std::thread::scope(|scope| {
             let threads: Vec<_> = sessions
                 .into_iter()
                 .map(|(session, key)| {
@@ -399,15 +439,23 @@ impl RawSigner {
                 .collect();
             std::thread::sleep(warmup);
             counting.store(true, Ordering::SeqCst);
-            let started = Instant::now();
+            let (started, host_before) = (Instant::now(), HostCpu::now());
             std::thread::sleep(Duration::from_secs_f64(seconds));
             let done = count.load(Ordering::SeqCst);
             let elapsed = started.elapsed().as_secs_f64();
+            let host = host_before.until(&HostCpu::now());
             stop.store(true, Ordering::SeqCst);
             let sessions: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-            (sessions, done, elapsed)
+            (
+                sessions,
+                RawSample {
+                    signs: done,
+                    seconds: elapsed,
+                    host,
+                },
+            )
         });
         self.sessions = sessions;
-        (done, elapsed)
+        sample
     }
 }

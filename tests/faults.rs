@@ -750,6 +750,52 @@ async fn an_audit_log_that_cannot_be_made_again_after_a_rotation_makes_the_signe
     assert_eq!(events, ["\"rotation\"", "\"recovery\"", "\"decision\""]);
 }
 
+/// An audit write that hangs while a count line of rate-limit refusals waits behind it:
+/// the signer's 5 s probe still reports the hung write (the ERROR, `meshca_audit_writable`
+/// 0) with no request coming. The count line is written by a loop of its own; when the
+/// probe shared that loop, it waited behind the count line as long as the disk hung.
+#[tokio::test]
+async fn a_hung_audit_write_is_reported_while_a_count_line_waits_behind_it() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\nsign_requests_per_minute = 1\nsign_burst = 1\n".into(),
+        ..EnvSpec::default()
+    });
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    // The first refusal has its own line; the next is counted, for the line written at
+    // the end of the signer's first minute.
+    assert_eq!(sign_fresh(&client, &signer).await.0, 429);
+    assert_eq!(sign_fresh(&client, &signer).await.0, 429);
+
+    // Rotated, with a FIFO where the new file would be: the writer's open of it blocks
+    // as a write to a disk that stopped answering does. The process is killed at the end.
+    let log = env.path("audit.log");
+    std::fs::rename(&log, env.path("audit.log.1")).unwrap();
+    let fifo = std::ffi::CString::new(log.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+    // The count line at about 60 s, stuck for 10 s, a probe within 5 s of that: a bounded
+    // wait, not a timing assertion.
+    let line = signer
+        .wait_for_nth_log_within(
+            "an audit log write has not returned",
+            1,
+            Duration::from_secs(150),
+        )
+        .await;
+    let logged: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(logged["level"], "ERROR", "{line}");
+    let metrics = signer.metrics(&client).await;
+    assert!(metrics.contains("meshca_audit_writable 0"), "{metrics}");
+    assert!(
+        !signer.logs().contains("rate-limit refusals are kept"),
+        "the count line failed rather than waited: {}",
+        signer.logs()
+    );
+}
+
 /// The last line cut from the audit log in place while the signer runs: the next write
 /// finds the file shorter than the signer left it, says so in the log (the bytes missing)
 /// and in `meshca_audit_truncations_total`, and goes on; verify shows the break.

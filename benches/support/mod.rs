@@ -520,10 +520,15 @@ pub fn free_port_pair() -> u16 {
 }
 
 /// What the signer itself saw over a stretch of load: its CPU time (from `/proc`) and
-/// the counters of its `/metrics`, so that a run says where an issuance's time went.
+/// the counters of its `/metrics`, so that a run says where an issuance's time went; with
+/// the load client's CPU time and the whole host's, so that it says where the rest went.
 #[derive(Debug, Clone, Default)]
 pub struct SignerCounters {
     cpu_s: f64,
+    /// The part of `cpu_s` spent on the token threads (build, sign, check).
+    token_cpu_s: f64,
+    client_cpu_s: f64,
+    host: HostCpu,
     signings: f64,
     signing_s: f64,
     commits: f64,
@@ -549,6 +554,9 @@ impl SignerCounters {
         };
         SignerCounters {
             cpu_s: process_cpu_seconds(pid),
+            token_cpu_s: threads_cpu_seconds(pid, "meshca-token"),
+            client_cpu_s: process_cpu_seconds(std::process::id()),
+            host: HostCpu::now(),
             signings: sample("meshca_signing_duration_seconds_count"),
             signing_s: sample("meshca_signing_duration_seconds_sum"),
             commits: sample("meshca_audit_commit_duration_seconds_count"),
@@ -560,6 +568,9 @@ impl SignerCounters {
     pub fn until(&self, after: &SignerCounters) -> SignerCounters {
         SignerCounters {
             cpu_s: after.cpu_s - self.cpu_s,
+            token_cpu_s: after.token_cpu_s - self.token_cpu_s,
+            client_cpu_s: after.client_cpu_s - self.client_cpu_s,
+            host: self.host.until(&after.host),
             signings: after.signings - self.signings,
             signing_s: after.signing_s - self.signing_s,
             commits: after.commits - self.commits,
@@ -570,6 +581,9 @@ impl SignerCounters {
     /// Adds the stretch `other` (an [`SignerCounters::until`]) to this one.
     pub fn add(&mut self, other: &SignerCounters) {
         self.cpu_s += other.cpu_s;
+        self.token_cpu_s += other.token_cpu_s;
+        self.client_cpu_s += other.client_cpu_s;
+        self.host.add(&other.host);
         self.signings += other.signings;
         self.signing_s += other.signing_s;
         self.commits += other.commits;
@@ -577,17 +591,72 @@ impl SignerCounters {
     }
 
     /// Per issuance over the stretches added up (warm-ups included): the signer's CPU in
-    /// µs, the signing itself (build, token, check) in ms, the audit lines per write +
-    /// fsync, and a write + fsync's mean time in ms.
+    /// µs (and its token threads' part), the load client's and the whole host's (every
+    /// process and the kernel), the share of the host's CPU left idle, the signing itself
+    /// (build, token, check) in ms, the audit lines per write + fsync, and a write +
+    /// fsync's mean time in ms.
     pub fn per_signing(&self) -> Value {
         let signings = self.signings.max(1.0);
         let commits = self.commits.max(1.0);
         json!({
             "signer_cpu_us_per_signing": round2(self.cpu_s / signings * 1e6),
+            "token_threads_cpu_us_per_signing": round2(self.token_cpu_s / signings * 1e6),
+            "client_cpu_us_per_signing": round2(self.client_cpu_s / signings * 1e6),
+            "host_cpu_us_per_signing": round2(self.host.busy_s / signings * 1e6),
+            "host_idle_pct": round2(self.host.idle_pct()),
             "signing_mean_ms": round2(self.signing_s / signings * 1e3),
             "audit_lines_per_commit": round2(signings / commits),
             "audit_commit_mean_ms": round2(self.commit_s / commits * 1e3),
         })
+    }
+}
+
+/// The host's CPU time, all CPUs together, from `/proc/stat`: busy (everything but idle
+/// and I/O wait) and in all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCpu {
+    pub busy_s: f64,
+    pub total_s: f64,
+}
+
+impl HostCpu {
+    pub fn now() -> HostCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // user nice system idle iowait irq softirq steal (guest time is in user already).
+        let ticks: Vec<f64> = stat
+            .lines()
+            .find_map(|line| line.strip_prefix("cpu "))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .take(8)
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // SAFETY: sysconf reads a constant of the system.
+        let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let total: f64 = ticks.iter().sum();
+        let idle = ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0);
+        HostCpu {
+            busy_s: (total - idle) / per_s,
+            total_s: total / per_s,
+        }
+    }
+
+    pub fn until(&self, after: &HostCpu) -> HostCpu {
+        HostCpu {
+            busy_s: after.busy_s - self.busy_s,
+            total_s: after.total_s - self.total_s,
+        }
+    }
+
+    pub fn add(&mut self, other: &HostCpu) {
+        self.busy_s += other.busy_s;
+        self.total_s += other.total_s;
+    }
+
+    pub fn idle_pct(&self) -> f64 {
+        100.0 * (1.0 - self.busy_s / self.total_s.max(f64::MIN_POSITIVE))
     }
 }
 
@@ -597,7 +666,28 @@ fn round2(x: f64) -> f64 {
 
 /// User + system CPU seconds a process has used so far.
 pub fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// User + system CPU seconds the threads named `name` of a process have used so far (those
+/// that ended meanwhile are not counted: the signer's token threads live as long as it).
+pub fn threads_cpu_seconds(pid: u32, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return f64::NAN;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .map(|task| {
+            stat_cpu_seconds(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default())
+        })
+        .sum()
+}
+
+/// utime + stime of a `/proc/.../stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str) -> f64 {
     // Fields after the command name (which may hold spaces) start at the state, field 3;
     // utime and stime are fields 14 and 15.
     let fields: Vec<&str> = stat

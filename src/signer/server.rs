@@ -1280,7 +1280,15 @@ async fn serve_with(
         config.limits.max_connections,
         shutdown_rx.clone(),
     ))];
-    tasks.push(tokio::spawn(audit_upkeep_periodically(
+    tasks.push(tokio::spawn(count_refusals_periodically(
+        state.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(probe_audit_log_periodically(
+        state.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(check_backend_periodically(
         state.clone(),
         shutdown_rx.clone(),
     )));
@@ -1707,39 +1715,63 @@ const SERVER_CERTIFICATE_LOG_LIMIT: RateLimit = RateLimit {
     burst: 1,
 };
 
-/// Every period until shutdown (which does both once more, after the last decision):
-/// writes the counted rate-limit refusals, then logs the audit log's head if it moved (at
-/// once too, for a log that already has lines).
-async fn audit_upkeep_periodically(state: Arc<SignerState>, mut shutdown: watch::Receiver<bool>) {
+/// Every period until shutdown: writes the counted rate-limit refusals (once more at
+/// shutdown, after the last decision), then logs the audit log's head if it moved (at
+/// once too, for a log that already has lines). This and the two loops below are tasks of
+/// their own: one held up (a count line queued behind an audit write that hangs, the
+/// free space of a disk that does not answer, a backend check) does not hold up the
+/// others, so the probe still reports a hung audit write while a count line waits on it.
+async fn count_refusals_periodically(state: Arc<SignerState>, mut shutdown: watch::Receiver<bool>) {
     let mut head = HeadAnchor::default();
     head.log_if_moved(&state.audit);
-    let mut tls = state.tls.clone();
-    let mut overdue_crls = OverdueCrls::default();
-    overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), false);
     let mut ticks = tokio::time::interval(REFUSAL_TALLY_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // An interval's first tick is at once; the first counts are a period away.
     ticks.tick().await;
-    let mut probes = tokio::time::interval(AUDIT_PROBE_PERIOD);
-    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backend_checks = tokio::time::interval(BACKEND_CHECK_PERIOD);
-    backend_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticks.tick() => {
                 api::audit_counted_refusals(&state).await;
                 head.log_if_moved(&state.audit);
             }
-            // Looks at the log's free space too: a full disk shows while no request comes.
-            // And at the client CRLs: one that passes its nextUpdate shows in the log, not
-            // in the metric alone.
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Probes the audit log every period until shutdown ([`api::probe_audit_log`]), looking
+/// at the log's free space too: a full disk shows while no request comes. And at the
+/// client CRLs: one that passes its nextUpdate shows in the log, not in the metric
+/// alone.
+async fn probe_audit_log_periodically(
+    state: Arc<SignerState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tls = state.tls.clone();
+    let mut overdue_crls = OverdueCrls::default();
+    overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), false);
+    let mut probes = tokio::time::interval(AUDIT_PROBE_PERIOD);
+    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
             _ = probes.tick() => {
                 api::probe_audit_log(&state).await;
                 let reloaded = tls.has_changed().unwrap_or(false);
                 overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), !reloaded);
             }
-            // Without it, a token pulled or a Vault sealed while no cluster is due shows
-            // nowhere until a renewal fails, which may be months later.
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Checks the root key backend every period until shutdown. Without it, a token pulled
+/// or a Vault sealed while no cluster is due shows nowhere until a renewal fails, which
+/// may be months later.
+async fn check_backend_periodically(state: Arc<SignerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut backend_checks = tokio::time::interval(BACKEND_CHECK_PERIOD);
+    backend_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
             _ = backend_checks.tick() => {
                 if let Err(problem) = api::backend_readiness(&state).await {
                     tracing::warn!(%problem, "the root key backend cannot sign");
