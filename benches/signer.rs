@@ -202,7 +202,7 @@ fn main() {
         drop(raw);
 
         let raw = raw_total.per_s();
-        let raw_host_cpu_us = raw_total.host.busy_s / raw_total.signs.max(1) as f64 * 1e6;
+        let raw_host_cpu_us = raw_total.host_cpu_us_per_sign();
         eprintln!(
             "   raw C_Sign with {sessions} sessions: {raw:.0}/s  (per signature: host CPU {raw_host_cpu_us:.0} µs, host idle {:.1}%)",
             raw_total.host.idle_pct()
@@ -364,6 +364,11 @@ impl RawSample {
 
     fn per_s(&self) -> f64 {
         self.signs as f64 / self.seconds
+    }
+
+    /// The host's busy CPU time per signature counted, in µs.
+    fn host_cpu_us_per_sign(&self) -> f64 {
+        self.host.busy_s / self.signs.max(1) as f64 * 1e6
     }
 }
 

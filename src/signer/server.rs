@@ -1715,27 +1715,42 @@ const SERVER_CERTIFICATE_LOG_LIMIT: RateLimit = RateLimit {
     burst: 1,
 };
 
+/// The ticks of a periodic job of the signer: every `period`, the first `first` from now,
+/// until shutdown. Each such job is a task of its own: one held up (a count line queued
+/// behind an audit write that hangs, the free space of a disk that does not answer, a
+/// backend check) does not hold up the others, so the probe still reports a hung audit
+/// write while a count line waits on it.
+struct Every {
+    ticks: tokio::time::Interval,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Every {
+    fn new(first: Duration, period: Duration, shutdown: watch::Receiver<bool>) -> Every {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Every { ticks, shutdown }
+    }
+
+    /// Waits for the next tick: true, or false once shutdown begins.
+    async fn tick(&mut self) -> bool {
+        tokio::select! {
+            _ = self.ticks.tick() => true,
+            _ = stopped(&mut self.shutdown) => false,
+        }
+    }
+}
+
 /// Every period until shutdown: writes the counted rate-limit refusals (once more at
-/// shutdown, after the last decision), then logs the audit log's head if it moved (at
-/// once too, for a log that already has lines). This and the two loops below are tasks of
-/// their own: one held up (a count line queued behind an audit write that hangs, the
-/// free space of a disk that does not answer, a backend check) does not hold up the
-/// others, so the probe still reports a hung audit write while a count line waits on it.
-async fn count_refusals_periodically(state: Arc<SignerState>, mut shutdown: watch::Receiver<bool>) {
+/// shutdown, after the last decision; the first counts are a period away), then logs the
+/// audit log's head if it moved (at once too, for a log that already has lines).
+async fn count_refusals_periodically(state: Arc<SignerState>, shutdown: watch::Receiver<bool>) {
     let mut head = HeadAnchor::default();
     head.log_if_moved(&state.audit);
-    let mut ticks = tokio::time::interval(REFUSAL_TALLY_PERIOD);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // An interval's first tick is at once; the first counts are a period away.
-    ticks.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {
-                api::audit_counted_refusals(&state).await;
-                head.log_if_moved(&state.audit);
-            }
-            _ = stopped(&mut shutdown) => return,
-        }
+    let mut every = Every::new(REFUSAL_TALLY_PERIOD, REFUSAL_TALLY_PERIOD, shutdown);
+    while every.tick().await {
+        api::audit_counted_refusals(&state).await;
+        head.log_if_moved(&state.audit);
     }
 }
 
@@ -1743,41 +1758,26 @@ async fn count_refusals_periodically(state: Arc<SignerState>, mut shutdown: watc
 /// at the log's free space too: a full disk shows while no request comes. And at the
 /// client CRLs: one that passes its nextUpdate shows in the log, not in the metric
 /// alone.
-async fn probe_audit_log_periodically(
-    state: Arc<SignerState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn probe_audit_log_periodically(state: Arc<SignerState>, shutdown: watch::Receiver<bool>) {
     let mut tls = state.tls.clone();
     let mut overdue_crls = OverdueCrls::default();
     overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), false);
-    let mut probes = tokio::time::interval(AUDIT_PROBE_PERIOD);
-    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = probes.tick() => {
-                api::probe_audit_log(&state).await;
-                let reloaded = tls.has_changed().unwrap_or(false);
-                overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), !reloaded);
-            }
-            _ = stopped(&mut shutdown) => return,
-        }
+    let mut every = Every::new(Duration::ZERO, AUDIT_PROBE_PERIOD, shutdown);
+    while every.tick().await {
+        api::probe_audit_log(&state).await;
+        let reloaded = tls.has_changed().unwrap_or(false);
+        overdue_crls.look(&tls.borrow_and_update(), SystemTime::now(), !reloaded);
     }
 }
 
 /// Checks the root key backend every period until shutdown. Without it, a token pulled
 /// or a Vault sealed while no cluster is due shows nowhere until a renewal fails, which
 /// may be months later.
-async fn check_backend_periodically(state: Arc<SignerState>, mut shutdown: watch::Receiver<bool>) {
-    let mut backend_checks = tokio::time::interval(BACKEND_CHECK_PERIOD);
-    backend_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = backend_checks.tick() => {
-                if let Err(problem) = api::backend_readiness(&state).await {
-                    tracing::warn!(%problem, "the root key backend cannot sign");
-                }
-            }
-            _ = stopped(&mut shutdown) => return,
+async fn check_backend_periodically(state: Arc<SignerState>, shutdown: watch::Receiver<bool>) {
+    let mut every = Every::new(Duration::ZERO, BACKEND_CHECK_PERIOD, shutdown);
+    while every.tick().await {
+        if let Err(problem) = api::backend_readiness(&state).await {
+            tracing::warn!(%problem, "the root key backend cannot sign");
         }
     }
 }
