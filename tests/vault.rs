@@ -449,6 +449,82 @@ async fn with_no_valid_token_a_failed_login_is_not_retried_per_request() {
     assert_secret_id_not_logged(&signer, &secret_id);
 }
 
+/// AppRole credentials Vault refused twice are not sent again until they change: before,
+/// once its token had ended the signer sent them every 30 s, locked its own role out in
+/// about 2.5 minutes (Vault's default: 5 refusals), and stayed refused for 15 minutes after
+/// the operator had written a good secret ID. Here the role locks after 3 refusals; the
+/// signer stops at 2, and logs in at its next try once a new secret ID is in the file.
+#[tokio::test]
+async fn refused_approle_credentials_are_held_back_before_they_lock_the_role_out() {
+    const TTL: u64 = 10;
+    let env = approle_env(&format!("{TTL}s"));
+    let bao = env.bao();
+    bao.cli_ok(&[
+        "write",
+        "auth/approle/role/meshca",
+        &format!("token_max_ttl={TTL}s"),
+    ]);
+    bao.cli_ok(&[
+        "auth",
+        "tune",
+        "-user-lockout-threshold=3",
+        "-user-lockout-duration=15m",
+        "approle/",
+    ]);
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let secret_id = destroy_secret_id(&env);
+    // The token ends TTL after the login; the tries after it come 30 s apart: two
+    // refused, the third held back (on the old code, the third locked the role).
+    let held = signer
+        .wait_for_nth_log_within(
+            "Vault login (approle) not sent",
+            1,
+            Duration::from_secs(TTL + 4 * 30),
+        )
+        .await;
+    assert!(
+        held.contains("refused this role ID and secret ID 2 times in a row"),
+        "{held}"
+    );
+    assert_eq!(locked_logins(&env), 0);
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(message(&body).contains("not sent"), "{body}");
+    // The operator writes a new secret ID: the next try (30 s at most) sends it, and the
+    // role is not locked.
+    let fresh =
+        bao.cli_json(&["write", "-f", "auth/approle/role/meshca/secret-id"])["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    openbao::write_secret(&env.path("vault/secret-id"), &fresh);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = sign(&env, &signer).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no login with the new secret ID: {body}\n{}",
+            signer.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(locked_logins(&env), 0);
+    assert_secret_id_not_logged(&signer, &secret_id);
+    assert_secret_id_not_logged(&signer, &fresh);
+}
+
+/// How many logins OpenBao has locked out (`sys/locked-users`).
+fn locked_logins(env: &Env) -> u64 {
+    let locked = env.bao().cli_json(&["read", "sys/locked-users"]);
+    locked["data"]["total"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("sys/locked-users: {locked}"))
+}
+
 /// How many tokens AppRole handed out are still live: their leases under
 /// `auth/approle/login`.
 fn live_approle_tokens(env: &Env) -> usize {

@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use super::config::{VaultAuth, VaultSettings};
+use super::lockout::{self, RefusedLogins};
 use crate::secret::{Secret, SecretError};
 
 /// How long the background renewer waits after a failed renewal before trying again.
@@ -63,6 +64,17 @@ pub enum VaultError {
     LoginRefused {
         method: &'static str,
         message: String,
+    },
+    /// AppRole credentials Vault refused [`lockout::TRIES`] times in a row are not sent
+    /// again until they change or [`lockout::PAUSE`] has passed: more refusals would lock
+    /// the role out, for longer than it takes to mend them.
+    #[error(
+        "Vault login (approle) not sent: Vault refused this role ID and secret ID {refusals} times in a row, the last {last_refused_seconds_ago} s ago; they are sent again as soon as either changes (both are read again at each try), or in {retry_in_seconds} s (Vault and OpenBao lock a role out after 5 refused logins by default)"
+    )]
+    LoginHeld {
+        refusals: u32,
+        last_refused_seconds_ago: u64,
+        retry_in_seconds: u64,
     },
     #[error("{0}")]
     Secret(#[from] SecretError),
@@ -236,6 +248,8 @@ pub struct VaultClient {
     /// this each would cost Vault a login (an AppRole secret ID use, a TokenReview) and
     /// the log a warning.
     failed_refresh: std::sync::Mutex<Option<FailedRefresh>>,
+    /// AppRole credentials Vault refused, held back before they lock the role out.
+    refused_logins: std::sync::Mutex<RefusedLogins>,
 }
 
 struct FailedRefresh {
@@ -282,6 +296,7 @@ impl VaultClient {
             closed: std::sync::atomic::AtomicBool::new(false),
             login_failing: std::sync::atomic::AtomicBool::new(false),
             failed_refresh: std::sync::Mutex::new(None),
+            refused_logins: std::sync::Mutex::new(RefusedLogins::default()),
         })
     }
 
@@ -463,6 +478,12 @@ impl VaultClient {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    fn refused_logins_guard(&self) -> std::sync::MutexGuard<'_, RefusedLogins> {
+        self.refused_logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The last failure to get a token, while its next try is not due yet.
     fn retry_later(&self) -> Option<VaultError> {
         let failed = self.failed_refresh_guard();
@@ -600,7 +621,14 @@ impl VaultClient {
                 status, message, ..
             } if (400..500).contains(&status) => VaultError::LoginRefused {
                 method,
-                message: format!("Vault answered {status}: {message}"),
+                // Vault answers a locked-out AppRole login with a bare "permission denied".
+                message: if status == 403 && method == "approle" {
+                    format!(
+                        "Vault answered 403: {message} (the role may be locked out after refused logins: `bao read sys/locked-users` shows it, and `bao write -f sys/locked-users/<mount accessor>/unlock/<role ID>` lifts it once the credentials are mended)"
+                    )
+                } else {
+                    format!("Vault answered {status}: {message}")
+                },
             },
             other => other,
         };
@@ -628,8 +656,16 @@ impl VaultClient {
                 secret_id,
             } => {
                 let (role_id, secret_id) = (role_id.read()?, secret_id.read()?);
+                let credentials = lockout::Credentials::of(&role_id, &secret_id);
+                self.refused_logins_guard()
+                    .may_send(credentials, Instant::now())
+                    .map_err(|held| VaultError::LoginHeld {
+                        refusals: held.refusals,
+                        last_refused_seconds_ago: held.last_refused_seconds_ago,
+                        retry_in_seconds: held.retry_in_seconds,
+                    })?;
                 let anonymous = self.anonymous_client();
-                let info = vaultrs::auth::approle::login(
+                let answer = vaultrs::auth::approle::login(
                     &anonymous,
                     mount,
                     role_id.expose(),
@@ -637,8 +673,18 @@ impl VaultClient {
                 )
                 .await
                 .map_err(|e| self.vaultrs_error(&format!("POST auth/{mount}/login"), e))
-                .map_err(login_error)?;
-                self.session_from(info)?
+                .map_err(login_error);
+                let mut refused_logins = self.refused_logins_guard();
+                match &answer {
+                    Ok(_) => refused_logins.accepted(),
+                    Err(VaultError::LoginRefused { .. }) => {
+                        refused_logins.refused(credentials, Instant::now())
+                    }
+                    // Vault down or slow: nothing was refused.
+                    Err(_) => {}
+                }
+                drop(refused_logins);
+                self.session_from(answer?)?
             }
             VaultAuth::Kubernetes {
                 mount,

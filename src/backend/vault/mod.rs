@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod config;
+pub mod lockout;
 pub mod profile;
 pub mod root;
 
