@@ -757,7 +757,9 @@ async fn an_audit_log_that_cannot_be_made_again_after_a_rotation_makes_the_signe
 #[tokio::test]
 async fn a_hung_audit_write_is_reported_while_a_count_line_waits_behind_it() {
     let env = Env::with(EnvSpec {
-        extra_toml: "[limits]\nsign_requests_per_minute = 1\nsign_burst = 1\n".into(),
+        extra_toml:
+            "[limits]\nsign_requests_per_minute = 1\nsign_burst = 1\ndrain_timeout_ms = 1000\n"
+                .into(),
         ..EnvSpec::default()
     });
     let signer = env.start_signer();
@@ -792,6 +794,18 @@ async fn a_hung_audit_write_is_reported_while_a_count_line_waits_behind_it() {
     assert!(
         !signer.logs().contains("rate-limit refusals are kept"),
         "the count line failed rather than waited: {}",
+        signer.logs()
+    );
+    // Stopped, the drain names the task it cuts short (before, it spoke of connections
+    // still open). The exit itself waits for the disk: the process is killed after.
+    send_signal(signer.child.id(), "TERM");
+    let cut = signer
+        .wait_for_log("drain time is over: the periodic count of rate-limit refusals")
+        .await;
+    assert!(cut.contains("waiting for the disk"), "{cut}");
+    assert!(
+        !signer.logs().contains("connections still open are closed"),
+        "{}",
         signer.logs()
     );
 }

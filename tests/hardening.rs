@@ -1448,7 +1448,7 @@ async fn a_request_left_half_sent_on_the_ops_port_does_not_hold_up_the_exit() {
     assert!(
         signer
             .logs()
-            .contains("drain time is over: connections still open are closed"),
+            .contains("drain time is over: the ops port's connections still open are closed"),
         "{}",
         signer.logs()
     );

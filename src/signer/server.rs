@@ -666,11 +666,18 @@ pub struct TlsReload {
     pub parsed: bool,
 }
 
+/// A task the signer runs until it stops, and what the drain's warning says if it must be
+/// cut short.
+struct Background {
+    cut: &'static str,
+    handle: tokio::task::JoinHandle<()>,
+}
+
 /// A running signer: its addresses and the handles that reload and stop it.
 pub struct RunningSigner {
     pub addresses: BoundAddresses,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<Background>,
     tls: watch::Sender<ServingTls>,
     state: Arc<SignerState>,
     /// The config as started: where to read it again, and what only a restart changes.
@@ -927,17 +934,18 @@ impl RunningSigner {
         let _ = self.shutdown.send(true);
         for mut task in self.tasks {
             // A listener waits for its open connections; one that a peer holds open (a
-            // request line sent to the ops port, then nothing) must not hold up the exit.
+            // request line sent to the ops port, then nothing) must not hold up the exit,
+            // nor a periodic job waiting on a hung disk or backend.
             let drained = tokio::select! {
-                _ = &mut task => true,
+                // A task already done is not reported as cut once the drain is over.
+                biased;
+                _ = &mut task.handle => true,
                 _ = over.cancelled() => false,
             };
             if !drained {
-                tracing::warn!(
-                    "drain time is over: connections still open are closed (a client or scraper that stopped mid-request)"
-                );
-                task.abort();
-                let _ = task.await;
+                tracing::warn!("drain time is over: {}", task.cut);
+                task.handle.abort();
+                let _ = task.handle.await;
             }
         }
         let decisions = &self.state.decisions;
@@ -1273,33 +1281,50 @@ async fn serve_with(
         stop_deciding: CancellationToken::new(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = vec![tokio::spawn(serve_tls(
-        api_listener,
-        tls_rx,
-        state.clone(),
-        config.limits.max_connections,
-        shutdown_rx.clone(),
-    ))];
-    tasks.push(tokio::spawn(count_refusals_periodically(
-        state.clone(),
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(probe_audit_log_periodically(
-        state.clone(),
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(check_backend_periodically(
-        state.clone(),
-        shutdown_rx.clone(),
-    )));
+    let mut tasks = vec![
+        Background {
+            cut: "the API port's connections still open are closed (a client that stopped mid-request)",
+            handle: tokio::spawn(serve_tls(
+                api_listener,
+                tls_rx,
+                state.clone(),
+                config.limits.max_connections,
+                shutdown_rx.clone(),
+            )),
+        },
+        Background {
+            cut: "the periodic count of rate-limit refusals is stopped (its audit line was waiting for the disk)",
+            handle: tokio::spawn(count_refusals_periodically(
+                state.clone(),
+                shutdown_rx.clone(),
+            )),
+        },
+        Background {
+            cut: "the audit log's periodic probe is stopped (it was waiting for the disk)",
+            handle: tokio::spawn(probe_audit_log_periodically(
+                state.clone(),
+                shutdown_rx.clone(),
+            )),
+        },
+        Background {
+            cut: "the root key backend's periodic check is stopped (it was waiting for the backend)",
+            handle: tokio::spawn(check_backend_periodically(
+                state.clone(),
+                shutdown_rx.clone(),
+            )),
+        },
+    ];
     if let Some(listener) = ops_listener {
         let router = api::ops_router(state.clone());
         let mut rx = shutdown_rx.clone();
         let metrics = state.metrics.ops_connections.clone();
-        tasks.push(tokio::spawn(async move {
-            let stop = async move { stopped(&mut rx).await };
-            crate::ops_http::serve(listener, router, metrics, stop).await;
-        }));
+        tasks.push(Background {
+            cut: "the ops port's connections still open are closed (a scraper that stopped mid-request)",
+            handle: tokio::spawn(async move {
+                let stop = async move { stopped(&mut rx).await };
+                crate::ops_http::serve(listener, router, metrics, stop).await;
+            }),
+        });
     }
     tracing::info!(
         api = %addresses.api,
