@@ -538,7 +538,10 @@ impl VaultClient {
                     return Ok(renewed);
                 }
                 Ok(Renewal::NearMaxTtl(renewed)) => {
-                    let login = self.login().await;
+                    let login = match &self.settings.auth {
+                        VaultAuth::Token(source) => self.replacement_token(source, &renewed).await,
+                        _ => self.login().await,
+                    };
                     self.login_failing
                         .store(login.is_err(), std::sync::atomic::Ordering::SeqCst);
                     return match login {
@@ -548,7 +551,7 @@ impl VaultClient {
                                 error = %e,
                                 remaining_seconds = current_lease_seconds(&renewed),
                                 retry_in_seconds = LOGIN_RETRY.as_secs(),
-                                "cannot log in to Vault for a fresh token; signing with the renewed one until it ends, and trying the login again (Vault locks a login out after 5 refusals by default: once the credentials are mended, `sys/locked-users` shows and unlocks it)"
+                                "cannot log in to Vault for a fresh token; signing with the renewed one until it ends, and trying the login again"
                             );
                             Ok(renewed.retrying_login_from(Instant::now()))
                         }
@@ -564,6 +567,26 @@ impl VaultClient {
         self.login().await
     }
 
+    /// The token method's fresh login, for a token near its max TTL: the one in
+    /// `token_file` (or `token_env`) once it is not the one in use. Until someone puts a
+    /// new token there this fails, so `meshca_backend_login_failing` says so while the
+    /// token in use still signs (before, nothing did until it ended).
+    async fn replacement_token(
+        &self,
+        source: &crate::secret::SecretSource,
+        current: &Session,
+    ) -> Result<Session, VaultError> {
+        if source.read()?.expose() == current.token.secret.expose() {
+            return Err(VaultError::Login {
+                method: "token",
+                message: format!(
+                    "{source} still holds the token in use, which nears its max TTL: put a new token there before it ends"
+                ),
+            });
+        }
+        self.login().await
+    }
+
     /// The renewed token, and whether its lease is too short to be worth keeping when a
     /// fresh login can do better.
     async fn renew(&self, current: &Session) -> Result<Renewal, VaultError> {
@@ -571,20 +594,13 @@ impl VaultClient {
             .await
             .map_err(|e| self.vaultrs_error("POST auth/token/renew-self", e))?;
         let lease = Duration::from_secs(info.lease_duration);
-        let can_login = !matches!(self.settings.auth, VaultAuth::Token(_));
         let renewed = Session::renewed(current, lease, info.renewable);
         if lease < current.issued_lease / 2 {
-            if can_login {
-                tracing::info!(
-                    lease_seconds = info.lease_duration,
-                    "Vault token is nearing its max TTL; logging in for a fresh one"
-                );
-                return Ok(Renewal::NearMaxTtl(renewed));
-            }
-            tracing::warn!(
+            tracing::info!(
                 lease_seconds = info.lease_duration,
-                "Vault token is nearing its max TTL and cannot be renewed much longer; put a new token in its file before it expires"
+                "Vault token is nearing its max TTL; logging in for a fresh one"
             );
+            return Ok(Renewal::NearMaxTtl(renewed));
         }
         tracing::debug!(lease_seconds = info.lease_duration, "renewed Vault token");
         Ok(Renewal::Enough(renewed))
