@@ -596,9 +596,13 @@ impl VaultClient {
         let lease = Duration::from_secs(info.lease_duration);
         let renewed = Session::renewed(current, lease, info.renewable);
         if lease < current.issued_lease / 2 {
+            let fresh = match self.settings.auth {
+                VaultAuth::Token(_) => "reading its file again for a new one",
+                _ => "logging in for a fresh one",
+            };
             tracing::info!(
                 lease_seconds = info.lease_duration,
-                "Vault token is nearing its max TTL; logging in for a fresh one"
+                "Vault token is nearing its max TTL; {fresh}"
             );
             return Ok(Renewal::NearMaxTtl(renewed));
         }
