@@ -31,6 +31,17 @@ fn approle_env(token_ttl: &str) -> Env {
     }))
 }
 
+/// An AppRole environment whose tokens live `seconds` and are not renewed past it.
+fn approle_env_ending_in(seconds: u64) -> Env {
+    let env = approle_env(&format!("{seconds}s"));
+    env.bao().cli_ok(&[
+        "write",
+        "auth/approle/role/meshca",
+        &format!("token_max_ttl={seconds}s"),
+    ]);
+    env
+}
+
 async fn sign(env: &Env, signer: &Signer) -> (u16, Value) {
     sign_fresh(&env.client("cluster-a"), signer).await
 }
@@ -410,13 +421,7 @@ async fn a_renewal_that_succeeds_again_clears_login_failing() {
 #[tokio::test]
 async fn with_no_valid_token_a_failed_login_is_not_retried_per_request() {
     const TTL: u64 = 10;
-    let env = approle_env(&format!("{TTL}s"));
-    let bao = env.bao();
-    bao.cli_ok(&[
-        "write",
-        "auth/approle/role/meshca",
-        &format!("token_max_ttl={TTL}s"),
-    ]);
+    let env = approle_env_ending_in(TTL);
     let signer = env.start_signer();
     assert_eq!(sign(&env, &signer).await.0, 200);
     let secret_id = destroy_secret_id(&env);
@@ -457,13 +462,8 @@ async fn with_no_valid_token_a_failed_login_is_not_retried_per_request() {
 #[tokio::test]
 async fn refused_approle_credentials_are_held_back_before_they_lock_the_role_out() {
     const TTL: u64 = 10;
-    let env = approle_env(&format!("{TTL}s"));
+    let env = approle_env_ending_in(TTL);
     let bao = env.bao();
-    bao.cli_ok(&[
-        "write",
-        "auth/approle/role/meshca",
-        &format!("token_max_ttl={TTL}s"),
-    ]);
     bao.cli_ok(&[
         "auth",
         "tune",
