@@ -1963,8 +1963,8 @@ fn run_in_cluster<C: LeaderLoop>(
             .await
             .context("cannot find a Kubernetes configuration (in-cluster or kubeconfig)")?;
         meshca::agent::k8s::bound_calls(&mut config, api_timeout);
-        let client =
-            kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
+        let client = meshca::agent::k8s::bounded_client(config)
+            .context("cannot build the Kubernetes client")?;
         let controller = controller(client);
         serve_metrics(metrics_listen, metrics).await?;
         match stop {

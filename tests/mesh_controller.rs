@@ -1682,6 +1682,31 @@ async fn a_list_that_never_ends_fails_the_member_not_the_pass() {
     assert_ne!(member_status(&st, "east")["phase"], "Error", "{st}");
 }
 
+/// A member whose API server answers a list with a body that never ends (each read gets
+/// data, so no timeout ends it) fails its own step, named, once the answer passes
+/// MAX_API_ANSWER, instead of growing the controller's memory until it is killed; the
+/// other member is still read, and the member reads again once its answers end.
+#[tokio::test]
+async fn an_answer_that_never_ends_fails_the_member_not_the_pass() {
+    let world = World::start(&["east", "west"]).await;
+    put_services(world.member("east"), 3);
+    world.member("east").endless_answers(true);
+    world.pass().await;
+    let st = world.status("vm");
+    let east = member_status(&st, "east");
+    assert_eq!(east["phase"], "Error", "{st}");
+    let message = east["message"].as_str().unwrap();
+    assert!(
+        message.contains("answer is larger than 64 MiB; meshca reads no more of it"),
+        "{message}"
+    );
+    assert_ne!(member_status(&st, "west")["phase"], "Error", "{st}");
+    world.member("east").endless_answers(false);
+    world.pass().await;
+    let st = world.status("vm");
+    assert_ne!(member_status(&st, "east")["phase"], "Error", "{st}");
+}
+
 /// A member's federation objects are written several at once, never more than
 /// WRITES_IN_FLIGHT: the fake lets west's ServiceEntry applies go in batches of that many,
 /// each once all of it has arrived, so one-at-a-time writes never get there (and fail the

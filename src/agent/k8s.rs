@@ -525,6 +525,74 @@ pub fn bound_calls(config: &mut kube::Config, timeout: Duration) {
     config.default_retry = false;
 }
 
+/// Most of one answer from an API server that meshca reads. A page of a list is
+/// [`LIST_PAGE_SIZE`] objects, a few megabytes at most; an API server (or whatever answers
+/// behind a member's kubeconfig) sending more, or a body that never ends, fails that call
+/// instead of growing the controller's memory until it is killed. The timeouts do not end
+/// such an answer: each read gets data.
+pub const MAX_API_ANSWER: usize = 64 * 1024 * 1024;
+
+/// A client from `config` whose every answer is read up to [`MAX_API_ANSWER`] bytes.
+pub fn bounded_client(config: kube::Config) -> Result<Client, kube::Error> {
+    let layer = tower::util::MapResponseLayer::new(|response: hyper::Response<_>| {
+        response.map(|body| BoundedAnswer {
+            body,
+            left: MAX_API_ANSWER,
+        })
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&layer)
+        .build())
+}
+
+/// An answer's body that fails once more than its bound has come.
+struct BoundedAnswer<B> {
+    body: B,
+    left: usize,
+}
+
+/// The error that ends an answer past [`MAX_API_ANSWER`].
+#[derive(Debug, thiserror::Error)]
+#[error("the API server's answer is larger than {} MiB; meshca reads no more of it", MAX_API_ANSWER / (1024 * 1024))]
+pub struct AnswerTooLarge;
+
+impl<B> hyper::body::Body for BoundedAnswer<B>
+where
+    B: hyper::body::Body<Data = hyper::body::Bytes> + Unpin,
+    B::Error: Into<tower::BoxError>,
+{
+    type Data = hyper::body::Bytes;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = match std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return std::task::Poll::Ready(Some(Err(e.into()))),
+            None => return std::task::Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            if data.len() > this.left {
+                this.left = 0;
+                return std::task::Poll::Ready(Some(Err(Box::new(AnswerTooLarge))));
+            }
+            this.left -= data.len();
+        }
+        std::task::Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A client for another cluster (the management plane reaching a remote cluster): from
 /// kubeconfig YAML and an optional context name, each call bounded by `timeout`.
 pub async fn client_from_kubeconfig(
@@ -542,7 +610,7 @@ pub async fn client_from_kubeconfig(
         .await
         .map_err(|e| format!("kubeconfig: {e}"))?;
     bound_calls(&mut config, timeout);
-    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+    bounded_client(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
 /// What this replica should do with the Lease.

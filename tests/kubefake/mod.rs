@@ -19,6 +19,7 @@
 
 pub mod rbac;
 
+use futures::StreamExt as _;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -168,6 +169,9 @@ struct Fake {
     /// Lists never end: every page carries a continue token, the one it was given (true)
     /// or a new one (false), as a broken or hostile API server might.
     endless_lists: Mutex<Option<bool>>,
+    /// Lists answer with a body that never ends, as a broken or hostile API server might:
+    /// every read gets data, so no timeout ends it.
+    endless_answers: Mutex<bool>,
     /// Requests being served now, and the most served at once since the start.
     in_flight: Mutex<(usize, usize)>,
     /// Writes of paths under a prefix wait here until enough have arrived.
@@ -485,6 +489,16 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                     obj["metadata"]["resourceVersion"] = "changed-by-another-writer".into();
                 }
                 return axum::Json(served).into_response();
+            }
+            if PLURALS.contains(&last) && *fake.endless_answers.lock().unwrap() {
+                let opening = futures::stream::once(async {
+                    Ok::<_, std::convert::Infallible>(Bytes::from_static(
+                        b"{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [",
+                    ))
+                });
+                let padding =
+                    futures::stream::repeat_with(|| Ok(Bytes::from_static(&[b' '; 64 * 1024])));
+                return axum::body::Body::from_stream(opening.chain(padding)).into_response();
             }
             if PLURALS.contains(&last) {
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
@@ -857,6 +871,11 @@ impl FakeCluster {
     /// new one each time (None: lists end again).
     pub fn endless_lists(&self, same: Option<bool>) {
         *self.fake.endless_lists.lock().unwrap() = same;
+    }
+
+    /// From now on lists answer with a body that never ends (false: they end again).
+    pub fn endless_answers(&self, endless: bool) {
+        *self.fake.endless_answers.lock().unwrap() = endless;
     }
 
     /// The next `n` lists given a continue token are answered 410 Expired.
