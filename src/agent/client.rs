@@ -538,11 +538,33 @@ impl SignerClient {
         if !response.status().is_success() {
             return Err(refusal(response).await);
         }
-        response
-            .text()
-            .await
-            .map_err(|e| ClientError::BadResponse(e.to_string()))
+        String::from_utf8(body_of(response).await?)
+            .map_err(|_| ClientError::BadResponse("the trust bundle is not UTF-8".into()))
     }
+}
+
+/// Largest answer read from the signer: its answers are a few kilobytes (a chain, the
+/// roots). A proxy in front of it, or a broken one, sending more, or a body that never
+/// ends, fails the call instead of filling the agent's memory within the timeout.
+const MAX_SIGNER_ANSWER: usize = 4 * 1024 * 1024;
+
+/// The answer's body, up to [`MAX_SIGNER_ANSWER`].
+async fn body_of(mut response: reqwest::Response) -> Result<Vec<u8>, ClientError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| ClientError::BadResponse(e.to_string()))?
+    {
+        if body.len() + chunk.len() > MAX_SIGNER_ANSWER {
+            return Err(ClientError::BadResponse(format!(
+                "the answer is larger than {} MiB",
+                MAX_SIGNER_ANSWER / (1024 * 1024)
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Sends the request `build` makes, and once more on a new connection when the first
@@ -650,14 +672,15 @@ fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls:
 async fn refusal(response: reqwest::Response) -> ClientError {
     let status = response.status().as_u16();
     let retry_after = retry_after_header(response.headers());
-    match response.json::<ErrorBody>().await {
-        Ok(body) => ClientError::Refused {
+    let body = body_of(response).await.ok();
+    match body.and_then(|body| serde_json::from_slice::<ErrorBody>(&body).ok()) {
+        Some(body) => ClientError::Refused {
             status,
             code: body.error.code,
             message: body.error.message,
             retry_after,
         },
-        Err(_) => ClientError::Refused {
+        None => ClientError::Refused {
             status,
             code: "unknown".into(),
             message: "the signer answered with an error but no error body".into(),
@@ -691,9 +714,7 @@ async fn decode<T: serde::de::DeserializeOwned>(
     if !response.status().is_success() {
         return Err(refusal(response).await);
     }
-    response
-        .json::<T>()
-        .await
+    serde_json::from_slice(&body_of(response).await?)
         .map_err(|e| ClientError::BadResponse(e.to_string()))
 }
 
@@ -752,6 +773,39 @@ mod tests {
         ] {
             assert!(!lasting.is_transient(), "{lasting}");
         }
+    }
+
+    /// An answer past MAX_SIGNER_ANSWER fails by name, whether a success or a refusal;
+    /// one at the bound is read.
+    #[tokio::test]
+    async fn an_answer_larger_than_the_bound_is_refused_by_name() {
+        let answer = |status: u16, body: Vec<u8>| {
+            reqwest::Response::from(
+                axum::http::Response::builder()
+                    .status(status)
+                    .body(body)
+                    .unwrap(),
+            )
+        };
+        let mut json = b"[\"".to_vec();
+        json.resize(MAX_SIGNER_ANSWER - 1, b'a');
+        json.push(b'"');
+        json.push(b']');
+        let over = decode::<Vec<String>>(answer(200, json.clone())).await;
+        assert!(
+            matches!(&over, Err(ClientError::BadResponse(m)) if m == "the answer is larger than 4 MiB"),
+            "{over:?}"
+        );
+        json.truncate(MAX_SIGNER_ANSWER - 2);
+        json.extend_from_slice(b"\"]");
+        let read = decode::<Vec<String>>(answer(200, json)).await.unwrap();
+        assert_eq!(read[0].len(), MAX_SIGNER_ANSWER - 4);
+        // A refusal whose body is too large is still a refusal, without its message.
+        let refused = decode::<Vec<String>>(answer(503, vec![b' '; MAX_SIGNER_ANSWER + 1])).await;
+        assert!(
+            matches!(&refused, Err(ClientError::Refused { status: 503, code, .. }) if code == "unknown"),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]
