@@ -1707,6 +1707,43 @@ async fn an_answer_that_never_ends_fails_the_member_not_the_pass() {
     assert_ne!(member_status(&st, "east")["phase"], "Error", "{st}");
 }
 
+/// A member whose API server answers the Services list with the same large page again and
+/// again, each with a new continue token, fails its own step once the list holds more
+/// than MAX_LIST_BYTES, not after MAX_LIST_PAGES pages (a thousand answers just under
+/// MAX_API_ANSWER would be 64 GiB); the other member is still read.
+#[tokio::test]
+async fn a_list_that_never_runs_dry_is_given_up_by_its_size() {
+    let world = World::start(&["east", "west"]).await;
+    let east = world.member("east");
+    // 60 Services of about 1 MiB each: a page of just under 64 MiB.
+    put_services(east, 60);
+    let padding = "x".repeat(1024 * 1024 - 4096);
+    for path in east.paths("/api/v1/namespaces/shop/services/") {
+        east.edit(&path, |svc| {
+            svc["metadata"]["annotations"]["padding"] = padding.clone().into();
+        });
+    }
+    east.repeated_pages(Some("services"));
+    let sent = world.pass().await;
+    let pages = sent["east"]
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/services"))
+        .count();
+    assert!((5..=6).contains(&pages), "{pages} pages read");
+    let st = world.status("vm");
+    let message = member_status(&st, "east")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&format!("it held more than 256 MiB after {pages} pages"))
+            && message.contains("the list was given up"),
+        "{message}"
+    );
+    assert_ne!(member_status(&st, "west")["phase"], "Error", "{st}");
+    east.repeated_pages(None);
+}
+
 /// A member's federation objects are written several at once, never more than
 /// WRITES_IN_FLIGHT: the fake lets west's ServiceEntry applies go in batches of that many,
 /// each once all of it has arrived, so one-at-a-time writes never get there (and fail the

@@ -2,7 +2,8 @@
 //! Secret, then create it or server-side apply it as read; list and patch Deployments,
 //! StatefulSets and DaemonSets; get a ConfigMap; list requests and apply their status; a
 //! Lease for leader election), plus the pure reading of what comes back (is this Secret
-//! ours, who holds the Lease).
+//! ours, who holds the Lease), and the clients' bounds: every call timed, every answer
+//! read up to a size.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -735,11 +736,33 @@ pub const LIST_PAGE_SIZE: u32 = 500;
 /// past any real collection. An API server (or whatever answers for one, behind a
 /// member's kubeconfig) that never ends a list fails that list instead of holding every
 /// pass, and growing the controller's memory, for ever. It bounds the pages, not what each
-/// holds: `limit` is a request, which a server may answer with more.
+/// holds (`limit` is a request, which a server may answer with more): [`MAX_API_ANSWER`]
+/// bounds each, [`MAX_LIST_BYTES`] all of them together.
 pub const MAX_LIST_PAGES: usize = 1_000;
 
+/// Most one list holds, all its pages together, counted as its objects' JSON: a hundred
+/// times a large real collection (10,000 Services are about 50 MiB). With
+/// [`MAX_API_ANSWER`] alone a server answering every page with just under that, and a new
+/// continue token, would fill a thousand of them before [`MAX_LIST_PAGES`] gave up.
+pub const MAX_LIST_BYTES: usize = 256 * 1024 * 1024;
+
+/// Counts what is written to it, keeping nothing.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Every object `params` selects, read in pages of [`LIST_PAGE_SIZE`] following
-/// `metadata.continue`, at most [`MAX_LIST_PAGES`] of them, each token a new one. A
+/// `metadata.continue`, at most [`MAX_LIST_PAGES`] of them and [`MAX_LIST_BYTES`] in all,
+/// each token a new one. A
 /// continue token the API server no longer honours (410 Gone, reason Expired: the list was
 /// paged slower than etcd compacts) starts the list again from the beginning, once; a
 /// second expiry fails the list, as a list that changes faster than it can be read cannot
@@ -750,36 +773,47 @@ pub async fn list_all<K>(
     action: impl Fn() -> String,
 ) -> Result<Vec<K>, KubeError>
 where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
     let mut restarted = false;
     'list: loop {
         let mut items = Vec::new();
         let mut page = params.clone().limit(LIST_PAGE_SIZE);
         let mut pages = 0;
+        let mut held = ByteCount(0);
         loop {
             pages += 1;
             match api.list(&page).await {
                 Ok(list) => {
+                    // Objects that were read as JSON are written as JSON again.
+                    let _ = serde_json::to_writer(&mut held, &list.items);
                     items.extend(list.items);
-                    let Some(token) = list.metadata.continue_.filter(|token| !token.is_empty())
-                    else {
-                        return Ok(items);
-                    };
-                    let endless = if page.continue_token.as_ref() == Some(&token) {
-                        "it answered a page with the continue token it was given, so the list does not advance".to_string()
-                    } else if pages >= MAX_LIST_PAGES {
+                    let token = list.metadata.continue_.filter(|token| !token.is_empty());
+                    let endless = if held.0 > MAX_LIST_BYTES {
                         format!(
-                            "it was still not at its end after {MAX_LIST_PAGES} pages of {LIST_PAGE_SIZE}"
+                            "it held more than {} MiB after {pages} pages",
+                            MAX_LIST_BYTES / (1024 * 1024)
                         )
+                    } else if let Some(token) = &token
+                        && page.continue_token.as_ref() == Some(token)
+                    {
+                        "it answered a page with the continue token it was given, so the list does not advance".to_string()
+                    } else if let Some(token) = token {
+                        if pages >= MAX_LIST_PAGES {
+                            format!(
+                                "it was still not at its end after {MAX_LIST_PAGES} pages of {LIST_PAGE_SIZE}"
+                            )
+                        } else {
+                            page = page.continue_token(&token);
+                            continue;
+                        }
                     } else {
-                        page = page.continue_token(&token);
-                        continue;
+                        return Ok(items);
                     };
                     return Err(KubeError {
                         action: format!("{} ({endless}; the list was given up)", action()),
                         source: kube::Error::Service(Box::new(std::io::Error::other(
-                            "a list that does not end",
+                            "a list too long to read",
                         ))),
                     });
                 }

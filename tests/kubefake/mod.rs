@@ -172,6 +172,9 @@ struct Fake {
     /// Lists answer with a body that never ends, as a broken or hostile API server might:
     /// every read gets data, so no timeout ends it.
     endless_answers: Mutex<bool>,
+    /// Lists of this plural (`services`) answer their first page again and again, each
+    /// with a new continue token: a list that never ends and never runs dry.
+    repeated_pages: Mutex<Option<String>>,
     /// Requests being served now, and the most served at once since the start.
     in_flight: Mutex<(usize, usize)>,
     /// Writes of paths under a prefix wait here until enough have arrived.
@@ -504,7 +507,8 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
                 // The continue token is the path of the last item served (the API server's
                 // is opaque): the next page starts after it, in path order.
-                let after = query_param(&query, "continue");
+                let repeated = fake.repeated_pages.lock().unwrap().as_deref() == Some(last);
+                let after = query_param(&query, "continue").filter(|_| !repeated);
                 if after.is_some() {
                     let mut expire = fake.expire_continue_tokens.lock().unwrap();
                     if *expire > 0 {
@@ -528,6 +532,10 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                     metadata["remainingItemCount"] = (items.len() - limit).into();
                     items.truncate(limit);
                     metadata["continue"] = items[limit - 1].0.clone().into();
+                }
+                if repeated {
+                    let served = fake.requests.lock().unwrap().len();
+                    metadata["continue"] = format!("page-{served}").into();
                 }
                 if let Some(same) = *fake.endless_lists.lock().unwrap() {
                     let served = fake.requests.lock().unwrap().len();
@@ -876,6 +884,12 @@ impl FakeCluster {
     /// From now on lists answer with a body that never ends (false: they end again).
     pub fn endless_answers(&self, endless: bool) {
         *self.fake.endless_answers.lock().unwrap() = endless;
+    }
+
+    /// From now on lists of `plural` answer their first page again and again, each with a
+    /// new continue token (None: they end again).
+    pub fn repeated_pages(&self, plural: Option<&str>) {
+        *self.fake.repeated_pages.lock().unwrap() = plural.map(String::from);
     }
 
     /// The next `n` lists given a continue token are answered 410 Expired.
