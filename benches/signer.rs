@@ -149,7 +149,7 @@ fn main() {
                 let (mut meshca_rate, mut openbao_rate) = (0.0, 0.0);
                 // The same load client for both: only the endpoint differs.
                 let run = |endpoint: &Endpoint| {
-                    let endpoint = Arc::new(endpoint.clone());
+                    let endpoint = endpoint.clone();
                     let bodies = endpoint.bodies.len();
                     runtime.block_on(load(c, warmup, slice, bodies, move |i| endpoint.request(i)))
                 };

@@ -39,6 +39,7 @@ pub mod config;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http_answer;
 pub mod logging;
 pub mod mesh;
 pub mod mesh_controller;

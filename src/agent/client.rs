@@ -550,21 +550,16 @@ const MAX_SIGNER_ANSWER: usize = 4 * 1024 * 1024;
 
 /// The answer's body, up to [`MAX_SIGNER_ANSWER`].
 async fn body_of(mut response: reqwest::Response) -> Result<Vec<u8>, ClientError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
+    use crate::http_answer::{BodyError, body_up_to};
+    body_up_to(&mut response, MAX_SIGNER_ANSWER)
         .await
-        .map_err(|e| ClientError::BadResponse(e.to_string()))?
-    {
-        if body.len() + chunk.len() > MAX_SIGNER_ANSWER {
-            return Err(ClientError::BadResponse(format!(
+        .map_err(|e| match e {
+            BodyError::Transport(e) => ClientError::BadResponse(e.to_string()),
+            BodyError::TooLarge => ClientError::BadResponse(format!(
                 "the answer is larger than {} MiB",
                 MAX_SIGNER_ANSWER / (1024 * 1024)
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+            )),
+        })
 }
 
 /// Sends the request `build` makes, and once more on a new connection when the first

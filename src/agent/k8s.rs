@@ -762,11 +762,10 @@ impl std::io::Write for ByteCount {
 
 /// Every object `params` selects, read in pages of [`LIST_PAGE_SIZE`] following
 /// `metadata.continue`, at most [`MAX_LIST_PAGES`] of them and [`MAX_LIST_BYTES`] in all,
-/// each token a new one. A
-/// continue token the API server no longer honours (410 Gone, reason Expired: the list was
-/// paged slower than etcd compacts) starts the list again from the beginning, once; a
-/// second expiry fails the list, as a list that changes faster than it can be read cannot
-/// be read whole.
+/// each token a new one. A continue token the API server no longer honours (410 Gone,
+/// reason Expired: the list was paged slower than etcd compacts) starts the list again
+/// from the beginning, once; a second expiry fails the list, as a list that changes faster
+/// than it can be read cannot be read whole.
 pub async fn list_all<K>(
     api: &Api<K>,
     params: &ListParams,
@@ -789,26 +788,22 @@ where
                     let _ = serde_json::to_writer(&mut held, &list.items);
                     items.extend(list.items);
                     let token = list.metadata.continue_.filter(|token| !token.is_empty());
-                    let endless = if held.0 > MAX_LIST_BYTES {
-                        format!(
+                    let endless = match token {
+                        _ if held.0 > MAX_LIST_BYTES => format!(
                             "it held more than {} MiB after {pages} pages",
                             MAX_LIST_BYTES / (1024 * 1024)
-                        )
-                    } else if let Some(token) = &token
-                        && page.continue_token.as_ref() == Some(token)
-                    {
-                        "it answered a page with the continue token it was given, so the list does not advance".to_string()
-                    } else if let Some(token) = token {
-                        if pages >= MAX_LIST_PAGES {
-                            format!(
-                                "it was still not at its end after {MAX_LIST_PAGES} pages of {LIST_PAGE_SIZE}"
-                            )
-                        } else {
+                        ),
+                        None => return Ok(items),
+                        Some(token) if page.continue_token.as_ref() == Some(&token) => {
+                            "it answered a page with the continue token it was given, so the list does not advance".to_string()
+                        }
+                        Some(_) if pages >= MAX_LIST_PAGES => format!(
+                            "it was still not at its end after {MAX_LIST_PAGES} pages of {LIST_PAGE_SIZE}"
+                        ),
+                        Some(token) => {
                             page = page.continue_token(&token);
                             continue;
                         }
-                    } else {
-                        return Ok(items);
                     };
                     return Err(KubeError {
                         action: format!("{} ({endless}; the list was given up)", action()),

@@ -673,6 +673,15 @@ struct Background {
     handle: tokio::task::JoinHandle<()>,
 }
 
+impl Background {
+    fn spawn(cut: &'static str, task: impl Future<Output = ()> + Send + 'static) -> Background {
+        Background {
+            cut,
+            handle: tokio::spawn(task),
+        }
+    }
+}
+
 /// A running signer: its addresses and the handles that reload and stop it.
 pub struct RunningSigner {
     pub addresses: BoundAddresses,
@@ -1282,49 +1291,40 @@ async fn serve_with(
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = vec![
-        Background {
-            cut: "the API port's connections still open are closed (a client that stopped mid-request)",
-            handle: tokio::spawn(serve_tls(
+        Background::spawn(
+            "the API port's connections still open are closed (a client that stopped mid-request)",
+            serve_tls(
                 api_listener,
                 tls_rx,
                 state.clone(),
                 config.limits.max_connections,
                 shutdown_rx.clone(),
-            )),
-        },
-        Background {
-            cut: "the periodic count of rate-limit refusals is stopped (its audit line was waiting for the disk)",
-            handle: tokio::spawn(count_refusals_periodically(
-                state.clone(),
-                shutdown_rx.clone(),
-            )),
-        },
-        Background {
-            cut: "the audit log's periodic probe is stopped (it was waiting for the disk)",
-            handle: tokio::spawn(probe_audit_log_periodically(
-                state.clone(),
-                shutdown_rx.clone(),
-            )),
-        },
-        Background {
-            cut: "the root key backend's periodic check is stopped (it was waiting for the backend)",
-            handle: tokio::spawn(check_backend_periodically(
-                state.clone(),
-                shutdown_rx.clone(),
-            )),
-        },
+            ),
+        ),
+        Background::spawn(
+            "the periodic count of rate-limit refusals is stopped (its audit line was waiting for the disk)",
+            count_refusals_periodically(state.clone(), shutdown_rx.clone()),
+        ),
+        Background::spawn(
+            "the audit log's periodic probe is stopped (it was waiting for the disk)",
+            probe_audit_log_periodically(state.clone(), shutdown_rx.clone()),
+        ),
+        Background::spawn(
+            "the root key backend's periodic check is stopped (it was waiting for the backend)",
+            check_backend_periodically(state.clone(), shutdown_rx.clone()),
+        ),
     ];
     if let Some(listener) = ops_listener {
         let router = api::ops_router(state.clone());
         let mut rx = shutdown_rx.clone();
         let metrics = state.metrics.ops_connections.clone();
-        tasks.push(Background {
-            cut: "the ops port's connections still open are closed (a scraper that stopped mid-request)",
-            handle: tokio::spawn(async move {
+        tasks.push(Background::spawn(
+            "the ops port's connections still open are closed (a scraper that stopped mid-request)",
+            async move {
                 let stop = async move { stopped(&mut rx).await };
                 crate::ops_http::serve(listener, router, metrics, stop).await;
-            }),
-        });
+            },
+        ));
     }
     tracing::info!(
         api = %addresses.api,

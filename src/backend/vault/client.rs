@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 
 use super::config::{VaultAuth, VaultSettings};
 use super::lockout::{self, RefusedLogins};
+use crate::http_answer::BodyError;
 use crate::secret::{Secret, SecretError};
 
 /// How long the background renewer waits after a failed renewal before trying again.
@@ -69,13 +70,10 @@ pub enum VaultError {
     /// again until they change or [`lockout::PAUSE`] has passed: more refusals would lock
     /// the role out, for longer than it takes to mend them.
     #[error(
-        "Vault login (approle) not sent: Vault refused this role ID and secret ID {refusals} times in a row, the last {last_refused_seconds_ago} s ago; they are sent again as soon as either changes (both are read again at each try), or in {retry_in_seconds} s (Vault and OpenBao lock a role out after 5 refused logins by default)"
+        "Vault login (approle) not sent: Vault refused this role ID and secret ID {} times in a row, the last {} s ago; they are sent again as soon as either changes (both are read again at each try), or in {} s (Vault and OpenBao lock a role out after 5 refused logins by default)",
+        .0.refusals, .0.last_refused_seconds_ago, .0.retry_in_seconds
     )]
-    LoginHeld {
-        refusals: u32,
-        last_refused_seconds_ago: u64,
-        retry_in_seconds: u64,
-    },
+    LoginHeld(lockout::Held),
     #[error("{0}")]
     Secret(#[from] SecretError),
     #[error("unexpected answer from Vault to {what}: {message}")]
@@ -679,11 +677,7 @@ impl VaultClient {
                 let credentials = lockout::Credentials::of(&role_id, &secret_id);
                 self.refused_logins_guard()
                     .may_send(credentials, Instant::now())
-                    .map_err(|held| VaultError::LoginHeld {
-                        refusals: held.refusals,
-                        last_refused_seconds_ago: held.last_refused_seconds_ago,
-                        retry_in_seconds: held.retry_in_seconds,
-                    })?;
+                    .map_err(VaultError::LoginHeld)?;
                 let anonymous = self.anonymous_client();
                 let answer = vaultrs::auth::approle::login(
                     &anonymous,
@@ -818,22 +812,16 @@ impl VaultClient {
         if response.status().is_redirection() {
             return Err(redirected(what, &response));
         }
-        // Read with a bound: a broken or hostile Vault must not make the signer hold an
-        // answer of any size (the timeout bounds only its duration).
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.transport_error(&e))?
-        {
-            if bytes.len() + chunk.len() > MAX_ANSWER {
+        let bytes = match crate::http_answer::body_up_to(&mut response, MAX_ANSWER).await {
+            Ok(bytes) => bytes,
+            Err(BodyError::Transport(e)) => return Err(self.transport_error(&e)),
+            Err(BodyError::TooLarge) => {
                 return Err(VaultError::Protocol {
                     what,
                     message: format!("the answer is larger than {} KiB", MAX_ANSWER / 1024),
                 });
             }
-            bytes.extend_from_slice(&chunk);
-        }
+        };
         if (200..300).contains(&status) {
             if bytes.is_empty() {
                 return Ok(Value::Null);
