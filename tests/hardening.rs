@@ -48,10 +48,9 @@ fn csr_with_rsa_key_changed(change: impl FnOnce(&mut spki::SubjectPublicKeyInfoO
 /// An RSA CSR whose public key was given another exponent after the fact.
 fn csr_with_rsa_exponent(exponent: &[u8]) -> String {
     csr_with_rsa_key_changed(|key| {
-        let rsa =
-            rsa::pkcs1::RsaPublicKeyRef::from_der(key.subject_public_key.raw_bytes()).unwrap();
+        let rsa = pkcs1::RsaPublicKeyRef::from_der(key.subject_public_key.raw_bytes()).unwrap();
         let modulus = rsa.modulus.as_bytes().to_vec();
-        let changed = rsa::pkcs1::RsaPublicKeyRef {
+        let changed = pkcs1::RsaPublicKeyRef {
             modulus: der::asn1::UintRef::new(&modulus).unwrap(),
             public_exponent: der::asn1::UintRef::new(exponent).unwrap(),
         }

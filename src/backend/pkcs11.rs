@@ -355,7 +355,7 @@ impl Token {
             let (Some(n), Some(e)) = (modulus, exponent) else {
                 return Err(other("RSA key lacks modulus or exponent".into()));
             };
-            let key = rsa::pkcs1::RsaPublicKeyRef {
+            let key = pkcs1::RsaPublicKeyRef {
                 modulus: der::asn1::UintRef::new(&n).map_err(|e| other(e.to_string()))?,
                 public_exponent: der::asn1::UintRef::new(&e).map_err(|e| other(e.to_string()))?,
             };

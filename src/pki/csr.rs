@@ -16,7 +16,7 @@ use x509_cert::ext::pkix::name::DirectoryString;
 use x509_cert::name::Name;
 use x509_cert::request::{CertReq, CertReqInfo, Version};
 
-use super::keys::{KeyError, PrivateKey, PublicKeyKind, describe_public_key, system_rng};
+use super::keys::{KeyError, PrivateKey, PublicKeyKind, describe_public_key};
 use super::pem::{PemError, decode_single};
 use super::sigalg::{PublicKeyVerifier, SignatureAlgorithm, SignatureError};
 
@@ -218,19 +218,23 @@ pub fn sign_with(
     key: &PrivateKey,
     message: &[u8],
 ) -> Result<(SignatureAlgorithm, Vec<u8>), CsrBuildError> {
-    use signature::{RandomizedSigner, Signer};
+    use signature::Signer;
     let signing = |e: signature::Error| CsrBuildError::Signing(e.to_string());
     Ok(match key {
         PrivateKey::Rsa(rsa_key) => {
-            // Randomized signing blinds the RSA private operation.
-            let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new((**rsa_key).clone());
-            let sig = signer
-                .try_sign_with_rng(&mut system_rng(), message)
-                .map_err(signing)?;
-            (
-                SignatureAlgorithm::RsaPkcs1Sha256,
-                Box::<[u8]>::from(sig).to_vec(),
-            )
+            // aws-lc blinds the private operation itself.
+            let mut sig = vec![0u8; rsa_key.public_modulus_len()];
+            rsa_key
+                .sign(
+                    &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                    &aws_lc_rs::rand::SystemRandom::new(),
+                    message,
+                    &mut sig,
+                )
+                .map_err(|_| {
+                    CsrBuildError::Signing("aws-lc could not sign with the RSA key".into())
+                })?;
+            (SignatureAlgorithm::RsaPkcs1Sha256, sig)
         }
         PrivateKey::P256(k) => {
             let sig: p256::ecdsa::DerSignature = k.try_sign(message).map_err(signing)?;

@@ -225,7 +225,7 @@ pub fn describe_public_key(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey
                 "the rsaEncryption algorithm parameters must be NULL (RFC 3279)".into(),
             ));
         }
-        let key = rsa::pkcs1::RsaPublicKeyRef::from_der(spki.subject_public_key.raw_bytes())
+        let key = pkcs1::RsaPublicKeyRef::from_der(spki.subject_public_key.raw_bytes())
             .map_err(|e| KeyError::MalformedRsa(e.to_string()))?;
         let modulus = key.modulus.as_bytes();
         let modulus_bits = bit_length(modulus).ok_or_else(|| {
@@ -303,9 +303,11 @@ fn significant_bits(significant_bytes: usize, top: u8) -> Option<u32> {
     rest.checked_mul(8)?.checked_add(8 - top.leading_zeros())
 }
 
-/// A private key held in this process (the agent's intermediate key).
+/// A private key held in this process (the agent's intermediate key). RSA keys are
+/// aws-lc-rs's (blinded, constant-time arithmetic), not RustCrypto's rsa crate, whose
+/// private-key operations leak timing (RUSTSEC-2023-0071, no fixed release).
 pub enum PrivateKey {
-    Rsa(Box<rsa::PrivateKey>),
+    Rsa(Box<aws_lc_rs::rsa::KeyPair>),
     P256(p256::ecdsa::SigningKey),
     P384(p384::ecdsa::SigningKey),
 }
@@ -335,20 +337,25 @@ impl PrivateKey {
                 PrivateKey::P384(p384::ecdsa::SigningKey::generate_from_rng(&mut rng))
             }
             rsa_type => {
-                let bits = rsa_type.rsa_bits().unwrap_or(4096) as usize;
-                let key = rsa::PrivateKey::new(&mut rng, bits)
-                    .map_err(|e| KeyError::Generation(e.to_string()))?;
+                use aws_lc_rs::rsa::{KeyPair, KeySize};
+                let size = match rsa_type.rsa_bits() {
+                    Some(2048) => KeySize::Rsa2048,
+                    Some(3072) => KeySize::Rsa3072,
+                    _ => KeySize::Rsa4096,
+                };
+                let key = KeyPair::generate(size).map_err(|_| {
+                    KeyError::Generation(format!("aws-lc could not generate an {rsa_type} key"))
+                })?;
                 PrivateKey::Rsa(Box::new(key))
             }
         })
     }
 
     pub fn key_type(&self) -> KeyType {
-        use rsa::traits::PublicKeyParts;
         match self {
             PrivateKey::P256(_) => KeyType::EcdsaP256,
             PrivateKey::P384(_) => KeyType::EcdsaP384,
-            PrivateKey::Rsa(key) => match key.n().bit_width() {
+            PrivateKey::Rsa(key) => match key.public_modulus_len() * 8 {
                 0..=2048 => KeyType::Rsa2048,
                 2049..=3072 => KeyType::Rsa3072,
                 _ => KeyType::Rsa4096,
@@ -359,40 +366,62 @@ impl PrivateKey {
     /// The SubjectPublicKeyInfo of this key.
     pub fn public_key_info(&self) -> Result<SubjectPublicKeyInfoOwned, KeyError> {
         let der = match self {
-            PrivateKey::Rsa(key) => key.to_public_key().to_public_key_der(),
-            PrivateKey::P256(key) => key.verifying_key().to_public_key_der(),
-            PrivateKey::P384(key) => key.verifying_key().to_public_key_der(),
-        }
-        .map_err(|e| KeyError::Encoding(e.to_string()))?;
-        SubjectPublicKeyInfoOwned::from_der(der.as_bytes())
-            .map_err(|e| KeyError::Encoding(e.to_string()))
+            PrivateKey::Rsa(key) => {
+                use aws_lc_rs::encoding::{AsDer, PublicKeyX509Der};
+                use aws_lc_rs::signature::KeyPair;
+                let der: PublicKeyX509Der = key.public_key().as_der().map_err(|_| {
+                    KeyError::Encoding("aws-lc could not encode the RSA public key".into())
+                })?;
+                der.as_ref().to_vec()
+            }
+            PrivateKey::P256(key) => ec_public_key_der(key.verifying_key().to_public_key_der())?,
+            PrivateKey::P384(key) => ec_public_key_der(key.verifying_key().to_public_key_der())?,
+        };
+        SubjectPublicKeyInfoOwned::from_der(&der).map_err(|e| KeyError::Encoding(e.to_string()))
     }
 
     /// PKCS#8 PEM (`PRIVATE KEY`), which istiod reads for RSA and ECDSA alike.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
         let line_ending = p256::pkcs8::LineEnding::LF;
         match self {
-            PrivateKey::Rsa(key) => key.to_pkcs8_pem(line_ending),
-            PrivateKey::P256(key) => key.to_pkcs8_pem(line_ending),
-            PrivateKey::P384(key) => key.to_pkcs8_pem(line_ending),
+            PrivateKey::Rsa(key) => {
+                use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+                // Zeroed by aws-lc-rs when dropped, as the PEM is by Zeroizing.
+                let der: Pkcs8V1Der = key.as_der().map_err(|_| {
+                    KeyError::Encoding("aws-lc could not encode the RSA private key".into())
+                })?;
+                pem_rfc7468::encode_string("PRIVATE KEY", line_ending, der.as_ref())
+                    .map(Zeroizing::new)
+                    .map_err(|e| KeyError::Encoding(e.to_string()))
+            }
+            PrivateKey::P256(key) => key
+                .to_pkcs8_pem(line_ending)
+                .map_err(|e| KeyError::Encoding(e.to_string())),
+            PrivateKey::P384(key) => key
+                .to_pkcs8_pem(line_ending)
+                .map_err(|e| KeyError::Encoding(e.to_string())),
         }
-        .map_err(|e| KeyError::Encoding(e.to_string()))
     }
 
     /// Reads a private key PEM: PKCS#8, PKCS#1 RSA or SEC1 EC.
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
-        use rsa::pkcs1::DecodeRsaPrivateKey;
         if let Ok(key) = p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
             return Ok(PrivateKey::P256(key));
         }
         if let Ok(key) = p384::ecdsa::SigningKey::from_pkcs8_pem(pem) {
             return Ok(PrivateKey::P384(key));
         }
-        if let Ok(key) = rsa::PrivateKey::from_pkcs8_pem(pem) {
-            return Ok(PrivateKey::Rsa(Box::new(key)));
-        }
-        if let Ok(key) = rsa::PrivateKey::from_pkcs1_pem(pem) {
-            return Ok(PrivateKey::Rsa(Box::new(key)));
+        if let Ok((label, der)) = pem_rfc7468::decode_vec(pem.as_bytes()) {
+            use aws_lc_rs::rsa::KeyPair;
+            let der = Zeroizing::new(der);
+            let rsa = match label {
+                "PRIVATE KEY" => KeyPair::from_pkcs8(&der).ok(),
+                "RSA PRIVATE KEY" => KeyPair::from_der(&der).ok(),
+                _ => None,
+            };
+            if let Some(key) = rsa {
+                return Ok(PrivateKey::Rsa(Box::new(key)));
+            }
         }
         if let Ok(key) = p256::SecretKey::from_sec1_pem(pem) {
             return Ok(PrivateKey::P256(key.into()));
@@ -402,6 +431,13 @@ impl PrivateKey {
         }
         Err(KeyError::UnreadablePrivateKey)
     }
+}
+
+/// An EC key's SubjectPublicKeyInfo DER, as the RustCrypto curve crates encode it.
+fn ec_public_key_der(encoded: spki::Result<spki::Document>) -> Result<Vec<u8>, KeyError> {
+    encoded
+        .map(|der| der.as_bytes().to_vec())
+        .map_err(|e| KeyError::Encoding(e.to_string()))
 }
 
 /// The DER encoding of a SubjectPublicKeyInfo (what key fingerprints are taken over).
@@ -500,20 +536,62 @@ mod tests {
     }
 
     #[test]
-    fn generated_rsa_key_describes_itself() {
-        let key = PrivateKey::generate(KeyType::Rsa2048).unwrap();
-        let kind = describe_public_key(&key.public_key_info().unwrap()).unwrap();
+    fn generated_rsa_keys_are_whole_and_sign_csrs_openssl_verifies() {
+        use der::EncodePem;
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| crate::pki::testing::openssl(dir.path(), args);
+        for (key_type, bits) in [(KeyType::Rsa2048, 2048), (KeyType::Rsa3072, 3072)] {
+            let key = PrivateKey::generate(key_type).unwrap();
+            assert_eq!(key.key_type(), key_type);
+            let kind = describe_public_key(&key.public_key_info().unwrap()).unwrap();
+            assert_eq!(
+                kind,
+                PublicKeyKind::Rsa {
+                    modulus_bits: bits,
+                    exponent: RsaExponent::F4
+                }
+            );
+            let pem = key.to_pkcs8_pem().unwrap();
+            assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+            // openssl checks the key's parts agree (p*q = n, d*e = 1, the CRT values)...
+            std::fs::write(dir.path().join("key.pem"), pem.as_bytes()).unwrap();
+            openssl(&["pkey", "-in", "key.pem", "-check", "-noout"]);
+            // ...and that a CSR it signed verifies under its own key.
+            let subject = crate::pki::profile::subject_name("acme", "mesh").unwrap();
+            let csr = crate::pki::csr::build_csr(&key, subject)
+                .unwrap()
+                .to_pem(der::pem::LineEnding::LF)
+                .unwrap();
+            std::fs::write(dir.path().join("csr.pem"), csr).unwrap();
+            openssl(&["req", "-in", "csr.pem", "-verify", "-noout"]);
+            let again = PrivateKey::from_pem(&pem).unwrap();
+            assert_eq!(
+                again.public_key_info().unwrap(),
+                key.public_key_info().unwrap()
+            );
+        }
+        // A PKCS#1 key (`RSA PRIVATE KEY`, openssl's traditional form) is read too.
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "openssl.pem",
+        ]);
+        openssl(&[
+            "rsa",
+            "-in",
+            "openssl.pem",
+            "-traditional",
+            "-out",
+            "pkcs1.pem",
+        ]);
+        let pkcs1 = std::fs::read_to_string(dir.path().join("pkcs1.pem")).unwrap();
+        assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
         assert_eq!(
-            kind,
-            PublicKeyKind::Rsa {
-                modulus_bits: 2048,
-                exponent: RsaExponent::F4
-            }
-        );
-        let pem = key.to_pkcs8_pem().unwrap();
-        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
-        assert_eq!(
-            PrivateKey::from_pem(&pem).unwrap().key_type(),
+            PrivateKey::from_pem(&pkcs1).unwrap().key_type(),
             KeyType::Rsa2048
         );
     }
