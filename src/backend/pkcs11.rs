@@ -1295,17 +1295,19 @@ impl Inner {
     /// rebuilt (at most once per second) and the signature tried once more.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, BackendError> {
         let generation = self.generation.load(Ordering::SeqCst);
-        match self.try_sign(message) {
+        let signed = match self.try_sign(message) {
             Ok(signature) => Ok(signature),
             Err((BackendError::PinRejected, _)) => Err(BackendError::PinRejected),
             Err((e, false)) => Err(e),
             Err((e, true)) => {
-                if !self.reconnect(generation) {
-                    return Err(self.explained(e));
+                if self.reconnect(generation) {
+                    self.try_sign(message).map_err(|(e, _)| e)
+                } else {
+                    Err(self.explained(e))
                 }
-                self.try_sign(message).map_err(|(e, _)| e)
             }
-        }
+        };
+        signed.map_err(with_open_files)
     }
 
     /// Drops every session, finalizes the module, loads it again and finds the token.
@@ -1450,7 +1452,7 @@ impl Inner {
 
     fn ready(&self) -> Result<(), BackendError> {
         let generation = self.generation.load(Ordering::SeqCst);
-        match self.try_ready() {
+        let ready = match self.try_ready() {
             Ok(()) => Ok(()),
             Err((BackendError::PinRejected, _)) => Err(BackendError::PinRejected),
             Err((e, _)) => {
@@ -1460,7 +1462,24 @@ impl Inner {
                     Err(self.explained(e))
                 }
             }
-        }
+        };
+        ready.map_err(with_open_files)
+    }
+}
+
+/// A token that could not be used, led by what this process's open files say when they
+/// are used up: the module's own error names another cause or none (SoftHSM, unable to
+/// open its object files, finds no key, or answers "general error", as its C_Initialize
+/// at a reconnect does), so the operator would look at the token, not at the files.
+fn with_open_files(e: BackendError) -> BackendError {
+    match e {
+        BackendError::Unavailable(message) => match crate::process::open_files_used_up() {
+            Some(used_up) => BackendError::Unavailable(format!(
+                "{used_up}; a PKCS#11 module that cannot open a file fails as the token did here: {message}"
+            )),
+            None => BackendError::Unavailable(message),
+        },
+        other => other,
     }
 }
 
