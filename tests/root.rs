@@ -300,6 +300,28 @@ fn root_show_fails_for_a_key_that_is_not_the_certificates() {
 }
 
 #[test]
+fn a_root_key_not_on_the_token_is_not_answered_with_root_init() {
+    let env = Env::new();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let elsewhere = env.path("elsewhere.toml");
+    let edited = config.replace("object=root-ca\"", "object=root-ca-gone\"");
+    assert_ne!(edited, config);
+    std::fs::write(&elsewhere, edited).unwrap();
+    for args in [&["root", "show"][..], &["serve", "--check", "--online"]] {
+        let out = run(env.meshca().args(args).arg("--config").arg(&elsewhere));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no private key matches pkcs11:token=meshca-test;object=root-ca-gone")
+                && stderr.contains("though the root certificate was made with one")
+                && stderr.contains("`meshca root init` would make a new root")
+                && !stderr.contains("root init` first"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_module_that_loads_but_cannot_initialize_is_not_reported_as_missing() {
     let env = Env::new();
     // SoftHSM's C_Initialize fails without its token directory; the library is there.

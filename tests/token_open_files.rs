@@ -1,8 +1,8 @@
 //! A token that fails because this process has used up its open files says so: SoftHSM,
-//! unable to open its object files, finds no key ("run `meshca root init` first") or
+//! unable to open its object files, finds no key (so the error reads as a key deleted) or
 //! answers CKR_GENERAL_ERROR, as its C_Initialize at the reconnect does, which reads like
-//! a broken or empty token. Its own test
-//! binary: it lowers this process's open-file limit and uses up every descriptor.
+//! a broken or empty token. Its own test binary: it lowers this process's open-file limit
+//! and uses up every descriptor.
 
 mod common;
 

@@ -51,7 +51,11 @@ pub enum TokenError {
     NoToken { uri: String, present: String },
     #[error("more than one token matches {uri}; add serial= or slot-id= to the URI")]
     AmbiguousToken { uri: String },
-    #[error("no private key matches {0} on the token; run `meshca root init` first")]
+    /// Only ever looked for under a root certificate that was made with the key, so
+    /// `root init` is not the answer: it would make a new root, which no cluster trusts.
+    #[error(
+        "no private key matches {0} on the token, though the root certificate was made with one: the URI names another key (object=, id=) or another token (token=; SoftHSM: SOFTHSM2_CONF and its tokendir), the PKCS#11 module cannot read it (its files' owner and mode), or it was deleted (restore the token from its backup); `meshca root init` would make a new root, which no cluster trusts"
+    )]
     NoKey(String),
     #[error("more than one private key matches {0}; add id= to the URI")]
     AmbiguousKey(String),
