@@ -1273,6 +1273,28 @@ fn the_signer_refuses_to_start_against_a_root_vault_does_not_hold() {
     );
 }
 
+#[test]
+fn an_issuer_gone_from_the_mount_is_not_answered_with_root_init() {
+    let env = Env::with(vault(VaultSpec::default()));
+    env.bao().cli_ok(&[
+        "patch",
+        "pki/issuer/meshca-root",
+        "issuer_name=meshca-root-renamed",
+    ]);
+    for args in [&["serve", "--check", "--online"][..], &["root", "show"]] {
+        let out = env.run_with_config(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("Vault mount pki has no issuer meshca-root, though the root certificate was made by one")
+                && stderr.contains("`bao patch pki/issuer/<id> issuer_name=meshca-root` names it back")
+                && stderr.contains("`meshca root init` would make a new root")
+                && !stderr.contains("root init` first"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn vault_secrets_stay_out_of_logs_errors_and_output() {
     let env = Env::with(vault(VaultSpec::default()));

@@ -38,6 +38,15 @@ pub struct IssuerInfo {
     pub urls: Vec<String>,
 }
 
+/// The configured issuer is not in the mount, asked under a root certificate that one
+/// made: `root init` is not the answer (it would make a new root, which no cluster
+/// trusts); where the root's issuer went is.
+pub fn no_issuer(mount: &str, issuer_ref: &str) -> String {
+    format!(
+        "Vault mount {mount} has no issuer {issuer_ref}, though the root certificate was made by one: vault.address names another Vault (or one emptied, such as a dev server restarted), vault.mount or vault.issuer_ref another place, or the issuer was renamed or deleted (`bao list {mount}/issuers` and `bao read {mount}/issuer/<id>` find the root's; `bao patch {mount}/issuer/<id> issuer_name={issuer_ref}` names it back); `meshca root init` would make a new root, which no cluster trusts"
+    )
+}
+
 /// `<mount>/issuer/<ref>`, or `None` if the mount has no such issuer.
 pub async fn read_issuer(
     client: &VaultClient,
@@ -181,11 +190,9 @@ impl VaultBackend {
     ) -> Result<(), VaultStartError> {
         client.health().await?;
         let (mount, issuer_ref) = (&settings.mount, &settings.issuer_ref);
-        let issuer = read_issuer(client, issuer_ref).await?.ok_or_else(|| {
-            VaultStartError::Mismatch(format!(
-                "Vault mount {mount} has no issuer {issuer_ref} (run `meshca root init` first)"
-            ))
-        })?;
+        let issuer = read_issuer(client, issuer_ref)
+            .await?
+            .ok_or_else(|| VaultStartError::Mismatch(no_issuer(mount, issuer_ref)))?;
         if !holds_root(&issuer, root) {
             return Err(VaultStartError::Mismatch(format!(
                 "Vault issuer {issuer_ref} in mount {mount} is not the root in the certificate file: was the root re-initialized without updating the certificate file?"

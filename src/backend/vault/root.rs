@@ -392,10 +392,7 @@ async fn inspect_with(
     let issuer = read_issuer(client, &settings.issuer_ref)
         .await?
         .ok_or_else(|| {
-            VaultRootError::Refused(format!(
-                "there is no issuer {} in Vault mount {}",
-                settings.issuer_ref, settings.mount
-            ))
+            VaultRootError::Refused(super::no_issuer(&settings.mount, &settings.issuer_ref))
         })?;
     let (mut key_type, mut key_name) = (String::from("none"), String::new());
     if !issuer.key_id.is_empty() {
