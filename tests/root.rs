@@ -55,12 +55,22 @@ fn root_init_refuses_to_replace_a_key_unless_forced() {
     let stderr = text(&out.stderr);
     // 73: the key is there, as the certificate file would be.
     assert_eq!(out.status.code(), Some(73), "{stderr}");
+    // Perhaps a root's whose certificate file was lost: where to find that comes first.
     assert!(
-        stderr.contains("a key with the label or the id of") && stderr.contains("--force"),
+        stderr.contains("a key with the label or the id of")
+            && stderr.contains("its certificate is in every cluster's root-cert.pem")
+            && stderr.contains("pass --force only for a key no root in use has"),
         "{stderr}"
     );
     assert!(!certificate.exists(), "a refused init wrote a certificate");
+    // Put back (a cluster's root-cert.pem holds the same certificate), it is the key's.
     std::fs::rename(&aside, &certificate).unwrap();
+    let shown = env.run_with_config_ok(&["root", "show"]);
+    assert!(
+        text(&shown.stdout).contains("root certificate's    yes"),
+        "{}",
+        text(&shown.stdout)
+    );
 
     let out = env.run_with_config_ok(&["root", "init", "--force"]);
     assert!(text(&out.stdout).contains("replaced the previous key"));

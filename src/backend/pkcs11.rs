@@ -59,8 +59,10 @@ pub enum TokenError {
     NoKey(String),
     #[error("more than one private key matches {0}; add id= to the URI")]
     AmbiguousKey(String),
+    /// Only ever met with no root certificate file (one there refuses `root init`
+    /// first): the key may be a root's whose file was lost, which `--force` would destroy.
     #[error(
-        "a key with the label or the id of {0} already exists on the token; pass --force to replace it"
+        "a key with the label or the id of {0} already exists on the token: if it is the key of a root in use (its certificate file lost), do not replace it: its certificate is in every cluster's root-cert.pem (cacerts), to put back at root.certificate (`meshca root show` then checks it is this key's); pass --force only for a key no root in use has: it destroys the key and makes a new root, which no cluster trusts"
     )]
     KeyExists(String),
     /// `pin_source` says where the PIN was read (a file, an environment variable), never
