@@ -964,6 +964,61 @@ async fn a_follower_does_nothing_and_takes_over_an_expired_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_deleted_by_hand_is_left_to_its_holder_until_it_would_have_expired() {
+    let env = Env::new();
+    let cluster = Cluster::start(&env).await;
+    let now = meshca::signer::audit::rfc3339(std::time::SystemTime::now());
+    cluster.put(
+        LEASE,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "meshca-agent", "namespace": NS, "resourceVersion": "41"},
+            "spec": {"holderIdentity": "agent-1", "leaseDurationSeconds": 1,
+                     "renewTime": now, "leaseTransitions": 3}}),
+    );
+    cluster.put_request("127.0.0.1:1", json!({}));
+    let sent = cluster.pass().await;
+    assert_eq!(sent.len(), 1, "a follower only reads the Lease: {sent:?}");
+
+    // `kubectl delete lease`: agent-1 may still be acting for the rest of its duration
+    // (its next renewal creates the Lease again), so this replica does not create one
+    // beside it.
+    cluster.fake.remove(LEASE);
+    let sent = cluster.pass().await;
+    let methods: Vec<(&str, &str)> = sent
+        .iter()
+        .map(|r| (r.method.as_str(), r.path.as_str()))
+        .collect();
+    assert_eq!(methods, [("GET", LEASE)], "{sent:?}");
+    assert!(cluster.get(LEASE).is_none());
+
+    // Once agent-1 would have expired (it never came back), the Lease is created and held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = cluster.pass().await;
+    assert!(
+        sent.iter()
+            .any(|r| r.method == "POST" && r.path.ends_with("/leases")),
+        "{sent:?}"
+    );
+    assert_eq!(
+        cluster.get(LEASE).unwrap()["spec"]["holderIdentity"],
+        "agent-0"
+    );
+    assert!(
+        sent.iter().any(|r| r.path == VMCSR),
+        "the new leader reconciles"
+    );
+
+    // Its own Lease deleted, the leader creates it again at once.
+    cluster.fake.remove(LEASE);
+    let sent = cluster.pass().await;
+    assert!(
+        sent.iter()
+            .any(|r| r.method == "POST" && r.path.ends_with("/leases")),
+        "{sent:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ttl_too_short_for_the_renewal_fraction_is_an_invalid_spec() {
     let env = Env::new();
     let cluster = Cluster::start(&env).await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::k8s::{Kube, KubeError, LeaseAction, lease_action, lease_spec};
+use super::k8s::{Kube, KubeError, LeaseAction, lease_action, lease_spec, vanished_lease_action};
 
 /// One replica's view of a Lease.
 #[derive(Clone)]
@@ -25,7 +25,8 @@ pub struct Elector {
     /// The Lease as last read, and since when it has read so (client-go's observed
     /// record and time). Another replica's Lease is expired once it has not changed for its
     /// duration, measured here: its renewTime is the holder's clock, and comparing that
-    /// with this host's would let a skew of the clocks make two leaders at once.
+    /// with this host's would let a skew of the clocks make two leaders at once. Kept
+    /// while the Lease is gone: its holder may still be acting on it.
     observed: Arc<Mutex<Option<(LeaseSpec, Instant)>>>,
     /// One round at a time: the renewer and a pass's check before a write would otherwise
     /// both read the Lease at one version, and the one whose write came second would
@@ -82,12 +83,8 @@ impl Elector {
     }
 
     /// How long the Lease has read as `spec` here (zero when it just changed).
-    fn unchanged_for(&self, spec: Option<&LeaseSpec>) -> Duration {
+    fn unchanged_for(&self, spec: &LeaseSpec) -> Duration {
         let Ok(mut observed) = self.observed.lock() else {
-            return Duration::ZERO;
-        };
-        let Some(spec) = spec else {
-            *observed = None;
             return Duration::ZERO;
         };
         match &*observed {
@@ -96,6 +93,19 @@ impl Elector {
                 *observed = Some((spec.clone(), Instant::now()));
                 Duration::ZERO
             }
+        }
+    }
+
+    /// With no Lease to read: what the last one read here says ([`vanished_lease_action`]).
+    fn vanished(&self) -> LeaseAction {
+        let Ok(observed) = self.observed.lock() else {
+            return LeaseAction::Create;
+        };
+        match &*observed {
+            Some((last, since)) => {
+                vanished_lease_action(Some(last), &self.identity, since.elapsed())
+            }
+            None => LeaseAction::Create,
         }
     }
 
@@ -114,9 +124,16 @@ impl Elector {
         let started = Instant::now();
         let current = self.kube.get_lease(ns, name).await?;
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
-        let action = lease_action(spec, &self.identity, self.unchanged_for(spec));
+        let action = match spec {
+            Some(spec) => lease_action(Some(spec), &self.identity, self.unchanged_for(spec)),
+            None => self.vanished(),
+        };
         if let LeaseAction::Follow { holder } = &action {
-            tracing::debug!(%holder, "another replica leads");
+            if spec.is_none() {
+                tracing::info!(%holder, lease = %name, "the Lease is gone while another replica held it: left for that replica to create again, or taken once it would have expired");
+            } else {
+                tracing::debug!(%holder, "another replica leads");
+            }
             self.set_leader_until(None);
             return Ok(false);
         }

@@ -651,6 +651,22 @@ pub fn lease_action(spec: Option<&LeaseSpec>, me: &str, unchanged_for: Duration)
     }
 }
 
+/// No Lease now, where `last` was read (for `unchanged_for` since it last changed, on this
+/// replica's clock): deleted by hand, say. Another replica that held it may go on acting
+/// for the rest of its duration, as its renewal does not come before then: it is left to
+/// create it again (its next renewal does), not created beside it, which would make two
+/// leaders at once. Once that holder would have expired, or when none was seen, create.
+pub fn vanished_lease_action(
+    last: Option<&LeaseSpec>,
+    me: &str,
+    unchanged_for: Duration,
+) -> LeaseAction {
+    match last.map(|spec| lease_action(Some(spec), me, unchanged_for)) {
+        Some(LeaseAction::Follow { holder }) => LeaseAction::Follow { holder },
+        _ => LeaseAction::Create,
+    }
+}
+
 /// The Lease spec this replica writes for `action` (transitions counted on takeover).
 pub fn lease_spec(
     previous: Option<&LeaseSpec>,
@@ -856,6 +872,23 @@ mod tests {
     fn lease_rules() {
         let secs = Duration::from_secs;
         assert_eq!(lease_action(None, "a", secs(0)), LeaseAction::Create);
+        // Gone after another replica held it: followed until it would have expired.
+        assert_eq!(
+            vanished_lease_action(Some(&held("b", 0, 15)), "a", secs(14)),
+            LeaseAction::Follow { holder: "b".into() }
+        );
+        for (last, unchanged_for) in [
+            (Some(held("b", 0, 15)), 15),
+            (Some(held("a", 0, 15)), 0),
+            (Some(held("", 0, 15)), 0),
+            (None, 0),
+        ] {
+            assert_eq!(
+                vanished_lease_action(last.as_ref(), "a", secs(unchanged_for)),
+                LeaseAction::Create,
+                "{last:?}"
+            );
+        }
         assert_eq!(
             lease_action(Some(&held("a", 0, 15)), "a", secs(100)),
             LeaseAction::Renew
