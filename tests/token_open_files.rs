@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
+
 use common::*;
 use meshca::backend::pkcs11::Pkcs11Backend;
 use meshca::backend::{BackendError, RootSigner};
@@ -25,6 +27,27 @@ fn ready_again(runtime: &tokio::runtime::Runtime, backend: &Pkcs11Backend) {
     panic!("the token never came back: {last:?}");
 }
 
+/// This process's log lines, kept to be read back.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 fn unavailable(outcome: Result<(), BackendError>) -> String {
     match outcome {
         Err(BackendError::Unavailable(message)) => message,
@@ -34,6 +57,12 @@ fn unavailable(outcome: Result<(), BackendError>) -> String {
 
 #[test]
 fn a_token_failing_for_want_of_open_files_is_reported_with_them() {
+    let log = Log::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
     let env = Env::new();
     // SAFETY: this binary's only test, before it starts any thread of its own.
     unsafe { std::env::set_var("SOFTHSM2_CONF", env.path("softhsm/softhsm2.conf")) };
@@ -54,6 +83,8 @@ fn a_token_failing_for_want_of_open_files_is_reported_with_them() {
     std::fs::rename(&away, &tokens).unwrap();
     ready_again(&runtime, &backend);
 
+    // Past the shortest interval between two reconnects, so the failure below tries one.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     // Every descriptor the (lowered) limit allows is taken.
     let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
     rlimit::setrlimit(rlimit::Resource::NOFILE, 256.min(soft), hard).unwrap();
@@ -67,14 +98,23 @@ fn a_token_failing_for_want_of_open_files_is_reported_with_them() {
     assert_eq!(exhausted.raw_os_error(), Some(libc::EMFILE), "{exhausted}");
     let failed = unavailable(runtime.block_on(backend.readiness()));
     drop(held);
-    // SoftHSM, unable to open its object files, finds no key (or fails to initialize at
-    // the reconnect): the open files come first, as the likelier cause.
+    // SoftHSM, unable to open its object files, finds no key, and fails to initialize at
+    // the reconnect: the open files come first, as the likelier cause.
     assert!(
         failed.starts_with(
             "this process cannot open another file: its 256 open files (RLIMIT_NOFILE) are in use"
         ) && failed.contains("raise the limit, systemd LimitNOFILE")
             && failed.contains("fails as the token did here: "),
         "{failed}"
+    );
+
+    // The reconnect that failed (SoftHSM's C_Initialize) is logged with them.
+    let lines = log.text();
+    assert!(
+        lines.lines().any(|line| line
+            .contains("PKCS#11 token still unavailable, perhaps for want of open files")
+            && line.contains("RLIMIT_NOFILE")),
+        "{lines}"
     );
 
     // With descriptors free again the token is back, and its errors say nothing of them.

@@ -1346,7 +1346,12 @@ impl Inner {
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "PKCS#11 token still unavailable");
+                match crate::process::open_files_used_up() {
+                    Some(used_up) => {
+                        tracing::warn!(error = %e, open_files = %used_up, "PKCS#11 token still unavailable, perhaps for want of open files")
+                    }
+                    None => tracing::warn!(error = %e, "PKCS#11 token still unavailable"),
+                }
                 *lock(&self.reconnect_failure) = Some(e.to_string());
                 false
             }
