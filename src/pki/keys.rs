@@ -374,8 +374,8 @@ impl PrivateKey {
                 })?;
                 der.as_ref().to_vec()
             }
-            PrivateKey::P256(key) => ec_public_key_der(key.verifying_key().to_public_key_der())?,
-            PrivateKey::P384(key) => ec_public_key_der(key.verifying_key().to_public_key_der())?,
+            PrivateKey::P256(key) => ec_der(key.verifying_key().to_public_key_der())?,
+            PrivateKey::P384(key) => ec_der(key.verifying_key().to_public_key_der())?,
         };
         SubjectPublicKeyInfoOwned::from_der(&der).map_err(|e| KeyError::Encoding(e.to_string()))
     }
@@ -394,12 +394,8 @@ impl PrivateKey {
                     .map(Zeroizing::new)
                     .map_err(|e| KeyError::Encoding(e.to_string()))
             }
-            PrivateKey::P256(key) => key
-                .to_pkcs8_pem(line_ending)
-                .map_err(|e| KeyError::Encoding(e.to_string())),
-            PrivateKey::P384(key) => key
-                .to_pkcs8_pem(line_ending)
-                .map_err(|e| KeyError::Encoding(e.to_string())),
+            PrivateKey::P256(key) => key.to_pkcs8_pem(line_ending).map_err(ec_encoding),
+            PrivateKey::P384(key) => key.to_pkcs8_pem(line_ending).map_err(ec_encoding),
         }
     }
 
@@ -434,10 +430,15 @@ impl PrivateKey {
 }
 
 /// An EC key's SubjectPublicKeyInfo DER, as the RustCrypto curve crates encode it.
-fn ec_public_key_der(encoded: spki::Result<spki::Document>) -> Result<Vec<u8>, KeyError> {
+fn ec_der(encoded: spki::Result<spki::Document>) -> Result<Vec<u8>, KeyError> {
     encoded
         .map(|der| der.as_bytes().to_vec())
         .map_err(|e| KeyError::Encoding(e.to_string()))
+}
+
+/// Why the RustCrypto curve crates could not encode a private key.
+fn ec_encoding(e: p256::pkcs8::Error) -> KeyError {
+    KeyError::Encoding(e.to_string())
 }
 
 /// The DER encoding of a SubjectPublicKeyInfo (what key fingerprints are taken over).
