@@ -576,6 +576,8 @@ where
             None => return std::task::Poll::Ready(None),
         };
         if let Some(data) = frame.data_ref() {
+            // Outside a list the count is not asked for.
+            let _ = LIST_BYTES.try_with(|read| read.set(read.get().saturating_add(data.len())));
             if data.len() > this.left {
                 this.left = 0;
                 return std::task::Poll::Ready(Some(Err(Box::new(AnswerTooLarge))));
@@ -756,24 +758,18 @@ pub const LIST_PAGE_SIZE: u32 = 500;
 /// bounds each, [`MAX_LIST_BYTES`] all of them together.
 pub const MAX_LIST_PAGES: usize = 1_000;
 
-/// Most one list holds, all its pages together, counted as its objects' JSON: a hundred
-/// times a large real collection (10,000 Services are about 50 MiB). With
+/// Most one list reads, all its pages' answers together (through [`bounded_client`]'s
+/// clients, which every controller uses): a hundred times a large real collection
+/// (10,000 Services are about 50 MiB). With
 /// [`MAX_API_ANSWER`] alone a server answering every page with just under that, and a new
 /// continue token, would fill a thousand of them before [`MAX_LIST_PAGES`] gave up.
 pub const MAX_LIST_BYTES: usize = 256 * 1024 * 1024;
 
-/// Counts what is written to it, keeping nothing.
-struct ByteCount(usize);
-
-impl std::io::Write for ByteCount {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0 += bytes.len();
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+tokio::task_local! {
+    /// The bytes of the answers read so far by the [`list_all`] being polled, its pages
+    /// together: counted by [`BoundedAnswer`] as they come (kube reads an answer's body
+    /// in the future that asked for it), so a list is not measured a second time.
+    static LIST_BYTES: std::cell::Cell<usize>;
 }
 
 /// Every object `params` selects, read in pages of [`LIST_PAGE_SIZE`] following
@@ -788,24 +784,36 @@ pub async fn list_all<K>(
     action: impl Fn() -> String,
 ) -> Result<Vec<K>, KubeError>
 where
-    K: Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    LIST_BYTES
+        .scope(std::cell::Cell::new(0), list_pages(api, params, action))
+        .await
+}
+
+/// [`list_all`], within the scope of its byte count.
+async fn list_pages<K>(
+    api: &Api<K>,
+    params: &ListParams,
+    action: impl Fn() -> String,
+) -> Result<Vec<K>, KubeError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let mut restarted = false;
     'list: loop {
         let mut items = Vec::new();
         let mut page = params.clone().limit(LIST_PAGE_SIZE);
         let mut pages = 0;
-        let mut held = ByteCount(0);
+        LIST_BYTES.with(|read| read.set(0));
         loop {
             pages += 1;
             match api.list(&page).await {
                 Ok(list) => {
-                    // Objects that were read as JSON are written as JSON again.
-                    let _ = serde_json::to_writer(&mut held, &list.items);
                     items.extend(list.items);
                     let token = list.metadata.continue_.filter(|token| !token.is_empty());
                     let endless = match token {
-                        _ if held.0 > MAX_LIST_BYTES => format!(
+                        _ if LIST_BYTES.with(std::cell::Cell::get) > MAX_LIST_BYTES => format!(
                             "it held more than {} MiB after {pages} pages",
                             MAX_LIST_BYTES / (1024 * 1024)
                         ),
