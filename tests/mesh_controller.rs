@@ -140,6 +140,7 @@ struct World {
 fn controller(
     mgmt: &FakeCluster,
     retire_after: Duration,
+    member_api_timeout: Duration,
     metrics: Arc<MeshControllerMetrics>,
 ) -> MeshController {
     MeshController::new(
@@ -151,7 +152,7 @@ fn controller(
             lease_duration: Duration::from_secs(30),
             resync: Duration::from_secs(30),
             retire_after,
-            member_api_timeout: MEMBER_API_TIMEOUT,
+            member_api_timeout,
         },
         metrics,
     )
@@ -195,7 +196,7 @@ impl World {
             vm_object("vm", "2024-01-01T00:00:00Z", vm_spec(clusters)),
         );
         let metrics = Arc::new(MeshControllerMetrics::new());
-        let controller = controller(&mgmt, Duration::ZERO, metrics.clone());
+        let controller = controller(&mgmt, Duration::ZERO, MEMBER_API_TIMEOUT, metrics.clone());
         World {
             mgmt,
             members,
@@ -1154,6 +1155,7 @@ async fn old_roots_are_retired_once_every_member_reports_the_new_one() {
     let patient = controller(
         &world.mgmt,
         Duration::from_secs(86_400),
+        MEMBER_API_TIMEOUT,
         Arc::new(MeshControllerMetrics::new()),
     );
     let sent = world.pass_with(&patient).await;
@@ -1370,6 +1372,94 @@ async fn a_member_api_server_answering_503_is_asked_once_and_fails_its_member_on
         west["message"].as_str().unwrap_or_default().contains("503"),
         "{west}"
     );
+}
+
+/// Points `cluster`'s kubeconfig at an API server that takes the request and never answers,
+/// then runs one pass of a controller that would wait a minute for it, while `other` is
+/// cleaned. Whether `other` was clean (no `/apis/` object left) while `cluster`'s request
+/// still waited; once it is, or once the controller gives up, the hung server hangs up.
+async fn clean_while_one_member_hangs(world: &World, cluster: &str, other: &str) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", hung.local_addr().unwrap());
+    world.mgmt.put(
+        &format!("/api/v1/namespaces/smh/secrets/{cluster}-kubeconfig"),
+        secret_object(cluster, &kubeconfig(&address, &token(cluster))),
+    );
+    let controller = controller(
+        &world.mgmt,
+        Duration::ZERO,
+        Duration::from_secs(60),
+        Arc::new(MeshControllerMetrics::new()),
+    );
+    let hold = async move {
+        let (mut connection, _) = hung.accept().await.unwrap();
+        let mut request = [0u8; 4096];
+        loop {
+            tokio::select! {
+                read = connection.read(&mut request) => {
+                    // The controller hung up first: it gave up on the request.
+                    if read.unwrap_or(0) == 0 {
+                        return false;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if world.member(other).paths("/apis/").is_empty() {
+                        return true;
+                    }
+                }
+            }
+        }
+    };
+    // Only a guard against hanging.
+    let (_, other_clean_while_waiting) = tokio::time::timeout(
+        Duration::from_secs(300),
+        futures::future::join(world.pass_with(&controller), hold),
+    )
+    .await
+    .expect("the pass never ended");
+    other_clean_while_waiting
+}
+
+/// Former members are cleaned several at once: one whose API server hangs does not hold
+/// the others' cleanup for its timeout, when leaving the VirtualMesh and when it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_former_member_does_not_hold_the_others_cleanup() {
+    let world = World::start(&["east", "north", "west"]).await;
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+    world.mgmt.edit(&vm_path("vm"), |v| {
+        v["spec"] = vm_spec(&["north"]);
+        v["metadata"]["generation"] = 2.into();
+    });
+    // East comes first in the status, so one at a time it would be first, and alone.
+    assert!(
+        clean_while_one_member_hangs(&world, "east", "west").await,
+        "west was cleaned only after the controller gave up on east"
+    );
+    let st = world.status("vm");
+    let east = member_status(&st, "east");
+    assert_eq!(east["phase"], "Removing", "{st}");
+    assert!(world.member("west").get(&vmcsr_path("west")).is_none());
+
+    // Deleted: north is cleaned while east still hangs.
+    world.mgmt.edit(&vm_path("vm"), |v| {
+        v["metadata"]["deletionTimestamp"] = "2024-02-01T00:00:00Z".into();
+    });
+    assert!(
+        clean_while_one_member_hangs(&world, "east", "north").await,
+        "north was cleaned only after the controller gave up on east"
+    );
+    let st = world.status("vm");
+    assert_eq!(st["phase"], "Deleting");
+    let left: Vec<&str> = st["meshes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, ["east"], "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

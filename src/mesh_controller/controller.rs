@@ -39,7 +39,8 @@ use crate::policy::ObjectRef;
 /// burst (priority and fairness) behind everyone else's.
 pub const WRITES_IN_FLIGHT: usize = 8;
 
-/// Member clusters read at once (each read is its lists, one after another).
+/// Member clusters read, or former members cleaned, at once (each its lists and writes,
+/// one after another): a member whose API server hangs holds only its own slot.
 pub const MEMBER_READS_IN_FLIGHT: usize = 4;
 
 /// The outputs of `futures`, at most `limit` of them running at once, in the order given
@@ -659,16 +660,21 @@ impl MeshController {
         // Former members: their request and objects go (their services in the other
         // clusters went with the plan above).
         let member_ids: BTreeSet<ObjectRef> = valid.members.iter().map(|m| m.id.clone()).collect();
-        let mut removing = Vec::new();
-        for former in decide::departed(before, &member_ids) {
-            match self
-                .clean_member(
+        let departed = decide::departed(before, &member_ids);
+        let cleanups = in_order(
+            departed.iter().map(|former| {
+                self.clean_member(
                     former,
                     meshes.get(&former.id()).copied(),
                     &config.virtual_mesh,
                 )
-                .await
-            {
+            }),
+            MEMBER_READS_IN_FLIGHT,
+        )
+        .await;
+        let mut removing = Vec::new();
+        for (former, cleanup) in departed.into_iter().zip(cleanups) {
+            match cleanup {
                 Ok(()) => {
                     tracing::info!(virtual_mesh = %id, mesh = %former.id(), "former member cleaned up")
                 }
@@ -868,12 +874,16 @@ impl MeshController {
                 decide::unrecorded_member(&mesh_id, mesh, MemberPhase::Removing),
             );
         }
+        let cleanups = in_order(
+            targets.iter().map(|(mesh_id, target)| {
+                self.clean_member(target, meshes.get(mesh_id).copied(), &id)
+            }),
+            MEMBER_READS_IN_FLIGHT,
+        )
+        .await;
         let mut remaining = Vec::new();
-        for (mesh_id, target) in targets {
-            match self
-                .clean_member(&target, meshes.get(&mesh_id).copied(), &id)
-                .await
-            {
+        for (target, cleanup) in targets.into_values().zip(cleanups) {
+            match cleanup {
                 Ok(()) => {}
                 Err(StepError::NotLeader) => return Err(StepError::NotLeader),
                 Err(StepError::Problem(problem)) => remaining.push(MemberStatus {
