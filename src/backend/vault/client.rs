@@ -33,6 +33,10 @@ const RENEW_CHECK: Duration = Duration::from_secs(60);
 /// Largest service account JWT meshca reads.
 const MAX_JWT: u64 = 64 * 1024;
 
+/// A refused login's other cause: the Vault at the address is not the one the
+/// credentials were made in. Vault answers both with a bare 403.
+const NOT_THIS_VAULT: &str = "a Vault that lost its storage, as a `-dev` server does at each restart, or another Vault at this address";
+
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
     #[error("Vault at {address} is unreachable: {detail}")]
@@ -639,10 +643,13 @@ impl VaultClient {
                 status, message, ..
             } if (400..500).contains(&status) => VaultError::LoginRefused {
                 method,
-                // Vault answers a locked-out AppRole login with a bare "permission denied".
-                message: if status == 403 && method == "approle" {
+                // Vault answers a locked-out AppRole login with a bare "permission denied",
+                // and so it does a login to a mount it does not have (an emptied Vault).
+                message: if let (403, VaultAuth::AppRole { mount, .. }) =
+                    (status, &self.settings.auth)
+                {
                     format!(
-                        "Vault answered 403: {message} (the role may be locked out after refused logins: `bao read sys/locked-users` shows it, and `bao write -f sys/locked-users/<mount accessor>/unlock/<role ID>` lifts it once the credentials are mended)"
+                        "Vault answered 403: {message} (the role may be locked out after refused logins: `bao read sys/locked-users` shows it, and `bao write -f sys/locked-users/<mount accessor>/unlock/<role ID>` lifts it once the credentials are mended; or this Vault has no AppRole auth at auth/{mount}, being {NOT_THIS_VAULT}: `bao auth list` shows its mounts)"
                     )
                 } else {
                     format!("Vault answered {status}: {message}")
@@ -660,7 +667,7 @@ impl VaultClient {
                         VaultError::Api { status: 403, .. } => VaultError::LoginRefused {
                             method,
                             message: format!(
-                                "Vault refused the token from {source} (403): it has expired, was revoked or is wrong"
+                                "Vault refused the token from {source} (403): it has expired, was revoked or is wrong, or this Vault never issued it ({NOT_THIS_VAULT})"
                             ),
                         },
                         other => login_error(other),
