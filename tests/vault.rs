@@ -154,6 +154,30 @@ async fn approle_login_and_exactly_one_relogin_after_a_403() {
     assert_eq!(audit[2]["rule"], "backend_unavailable");
 }
 
+/// A role whose tokens lack Vault's `default` policy (`token_no_default_policy`): the
+/// readiness checks' question whether the token may sign (`sys/capabilities-self`, which
+/// only that policy grants) is answered 403, as is the token's look at itself; that is
+/// "cannot tell", not a dead token to replace by a fresh login at every check.
+#[tokio::test]
+async fn a_token_without_the_default_policy_is_not_replaced_at_each_readiness_check() {
+    let env = approle_env("1h");
+    env.bao().cli_ok(&[
+        "write",
+        "auth/approle/role/meshca",
+        "token_no_default_policy=true",
+    ]);
+    let signer = env.start_signer();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    for _ in 0..3 {
+        let (ready, body) = readyz(&env, &signer).await;
+        assert_eq!(ready, 200, "{body}");
+    }
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    let logs = signer.logs();
+    assert_eq!(count(&logs, "logged in to Vault"), 1, "{logs}");
+    assert_eq!(live_approle_tokens(&env), 1);
+}
+
 /// A Vault that no longer has the AppRole mount (emptied, as a `-dev` server is at each
 /// restart, or another Vault at the address) answers the login with a bare 403, as it
 /// answers a locked-out role: the refusal names both causes and where to look, at a

@@ -401,12 +401,19 @@ impl VaultClient {
             .is_ok()
     }
 
-    /// An authenticated read of something meshca can do without: a 403 means the policy
-    /// does not grant it, so no fresh login is tried (that would cost a login, and with
-    /// an AppRole a use of its secret ID, for nothing).
-    pub async fn read_optional(&self, path: &str) -> Result<Value, VaultError> {
+    /// An authenticated call meshca can do without (a read of the mount's URLs, a question
+    /// about the token's capabilities): a 403 means the policy does not grant it, so no
+    /// fresh login is tried. That would cost a login, and with an AppRole a use of its
+    /// secret ID, for nothing; and a token without Vault's `default` policy cannot look
+    /// itself up either, so [`VaultClient::call`] would take it for dead each time.
+    pub async fn call_optional(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, VaultError> {
         let token = self.token().await?;
-        self.request(Some(&token), Method::GET, path, None).await
+        self.request(Some(&token), method, path, body).await
     }
 
     /// A valid token: the current one, renewed or replaced by a fresh login when due.

@@ -100,7 +100,7 @@ pub async fn urls_vault_adds(
         ));
     }
     let path = format!("{}/config/urls", client.settings().mount);
-    let answer = client.read_optional(&path).await?;
+    let answer = client.call_optional(Method::GET, &path, None).await?;
     Ok((url_fields(&answer), path))
 }
 
@@ -288,8 +288,9 @@ fn issuer_cannot_sign(issuer: &IssuerInfo) -> Option<String> {
 
 /// Why this token may not sign intermediates (`update` on
 /// `<mount>/issuer/<ref>/sign-intermediate`, as Vault's `sys/capabilities-self` answers),
-/// or None: it may, or that cannot be asked (a token without Vault's `default` policy),
-/// which is left to the first signing to show.
+/// or None: it may, or that cannot be asked (a token without Vault's `default` policy,
+/// whose 403 here is no reason for a fresh login), which is left to the first signing to
+/// show.
 async fn cannot_sign(client: &VaultClient, settings: &VaultSettings) -> Option<String> {
     let path = format!(
         "{}/issuer/{}/sign-intermediate",
@@ -297,7 +298,7 @@ async fn cannot_sign(client: &VaultClient, settings: &VaultSettings) -> Option<S
     );
     let body = serde_json::json!({ "paths": [path] });
     let answer = client
-        .call(Method::POST, "sys/capabilities-self", Some(&body))
+        .call_optional(Method::POST, "sys/capabilities-self", Some(&body))
         .await
         .ok()?;
     let capabilities = answer
