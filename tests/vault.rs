@@ -823,6 +823,54 @@ async fn the_token_is_renewed_before_its_ttl_runs_out() {
     assert_eq!(count(&signer.logs(), "logged in to Vault"), 1);
 }
 
+/// A token from `token_file` that cannot be renewed: at half its TTL the file still holds
+/// it, which is no fresh login (before, it was read again and again as one, nothing was
+/// flagged, and the token met its end unwarned); a new token written there is taken once
+/// the old one ends, without a restart.
+#[tokio::test]
+async fn a_file_token_that_cannot_be_renewed_is_flagged_until_a_new_one_is_in_the_file() {
+    const TTL: u64 = 20;
+    let env = Env::with(vault(VaultSpec {
+        auth: VaultAuthSpec::Token { ttl: None },
+        ..VaultSpec::default()
+    }));
+    let bao = env.bao();
+    let ending = bao.create_token(&["meshca"], &[&format!("-ttl={TTL}s"), "-renewable=false"]);
+    openbao::write_secret(&env.path("vault/token"), &ending);
+    let signer = env.start_signer();
+    let started = Instant::now();
+    assert_eq!(sign(&env, &signer).await.0, 200);
+    assert_eq!(login_failing(&env, &signer).await, Some(0));
+    let line = signer
+        .wait_for_nth_log_within(
+            "cannot log in to Vault for a fresh token",
+            1,
+            Duration::from_secs(TTL),
+        )
+        .await;
+    assert!(
+        line.contains("still holds the token in use, which cannot be renewed"),
+        "{line}"
+    );
+    assert_eq!(readyz(&env, &signer).await.0, 200);
+    assert_eq!(login_failing(&env, &signer).await, Some(1));
+    assert_eq!(sign(&env, &signer).await.0, 200);
+
+    let fresh = bao.create_token(&["meshca"], &["-ttl=1h"]);
+    openbao::write_secret(&env.path("vault/token"), &fresh);
+    tokio::time::sleep(Duration::from_secs(TTL + 1).saturating_sub(started.elapsed())).await;
+    let (status, body) = sign(&env, &signer).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(login_failing(&env, &signer).await, Some(0));
+    let logs = signer.logs();
+    assert!(
+        !logs.contains(ending.trim()) && !logs.contains(fresh.trim()),
+        "a token was logged"
+    );
+    // The file's first token, then its second: no login in between.
+    assert_eq!(count(&logs, "logged in to Vault"), 2, "{logs}");
+}
+
 /// A token from `token_file` near its max TTL: `meshca_backend_login_failing` says so while
 /// it still signs (before, nothing did until it ended), and a new token written into the
 /// file is taken up without a restart.

@@ -201,7 +201,7 @@ impl Metrics {
         let backend_login_failing = Gauge::default();
         registry.register(
             "backend_login_failing",
-            "1 if the signer's Vault token is near its max TTL and a fresh login failed: it signs until that token ends, then not at all (0 otherwise, and for a token)",
+            "1 if the signer's Vault token is near its max TTL or cannot be renewed, and a fresh login failed: it signs until that token ends, then not at all (0 otherwise, and for a token)",
             backend_login_failing.clone(),
         );
         let audit_errors = Counter::default();

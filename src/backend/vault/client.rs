@@ -207,9 +207,15 @@ impl Session {
     fn retrying_login_from(mut self, now: Instant) -> Session {
         let earliest = now + LOGIN_RETRY;
         if self.refresh_at.is_some_and(|at| at < earliest) {
-            self.refresh_at = Some(earliest);
+            self.refresh_at = Some(self.until_it_ends(earliest));
         }
         self
+    }
+
+    /// `at`, or the token's end if that comes first: an ended token is never handed out
+    /// while its next refresh is still to come.
+    fn until_it_ends(&self, at: Instant) -> Instant {
+        self.expires_at.map_or(at, |end| end.min(at))
     }
 
     fn expired(&self) -> bool {
@@ -302,8 +308,9 @@ impl VaultClient {
         })
     }
 
-    /// Whether the signer's token is near its max TTL and a fresh login failed: it signs
-    /// on until that token ends, then not at all, unless the credentials are mended.
+    /// Whether the signer's token is near its max TTL or cannot be renewed, and a fresh
+    /// login failed: it signs on until that token ends, then not at all, unless the
+    /// credentials are mended.
     pub fn login_failing(&self) -> bool {
         self.login_failing.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -442,7 +449,8 @@ impl VaultClient {
                         current.refresh_at = Some(Instant::now() + RENEW_RETRY);
                         tracing::warn!(error = %e, "cannot renew the Vault token now; retrying shortly");
                     } else {
-                        current.refresh_at = Some(Instant::now() + LOGIN_RETRY);
+                        current.refresh_at =
+                            Some(current.until_it_ends(Instant::now() + LOGIN_RETRY));
                         self.login_failing
                             .store(true, std::sync::atomic::Ordering::SeqCst);
                         tracing::warn!(
@@ -535,6 +543,16 @@ impl VaultClient {
     /// its max TTL is replaced by a fresh login, or kept while that login fails (its
     /// remaining lease still signs; the next refresh tries the login again).
     async fn refresh(&self, current: Option<Session>) -> Result<Session, VaultError> {
+        // A token from a file that cannot be renewed (a batch token) is replaced by the
+        // next one put there; reading the same one again and again would look like a
+        // login each time, hide that nothing will replace it, and meet its end unwarned.
+        if let (Some(current), VaultAuth::Token(source)) = (&current, &self.settings.auth)
+            && !current.renewable
+        {
+            return self
+                .replacement_token(source, current, "cannot be renewed")
+                .await;
+        }
         if let Some(current) = current
             && current.renewable
         {
@@ -548,7 +566,10 @@ impl VaultClient {
                 }
                 Ok(Renewal::NearMaxTtl(renewed)) => {
                     let login = match &self.settings.auth {
-                        VaultAuth::Token(source) => self.replacement_token(source, &renewed).await,
+                        VaultAuth::Token(source) => {
+                            self.replacement_token(source, &renewed, "nears its max TTL")
+                                .await
+                        }
                         _ => self.login().await,
                     };
                     self.login_failing
@@ -576,20 +597,22 @@ impl VaultClient {
         self.login().await
     }
 
-    /// The token method's fresh login, for a token near its max TTL: the one in
-    /// `token_file` (or `token_env`) once it is not the one in use. Until someone puts a
-    /// new token there this fails, so `meshca_backend_login_failing` says so while the
-    /// token in use still signs (before, nothing did until it ended).
+    /// The token method's fresh login, for a token near its max TTL or one that cannot be
+    /// renewed (`why`): the one in `token_file` (or `token_env`) once it is not the one in
+    /// use. Until someone puts a new token there this fails, so
+    /// `meshca_backend_login_failing` says so while the token in use still signs (before,
+    /// nothing did until it ended).
     async fn replacement_token(
         &self,
         source: &crate::secret::SecretSource,
         current: &Session,
+        why: &str,
     ) -> Result<Session, VaultError> {
         if source.read()?.expose() == current.token.secret.expose() {
             return Err(VaultError::Login {
                 method: "token",
                 message: format!(
-                    "{source} still holds the token in use, which nears its max TTL: put a new token there before it ends"
+                    "{source} still holds the token in use, which {why}: put a new token there before it ends"
                 ),
             });
         }
@@ -679,6 +702,14 @@ impl VaultClient {
                         },
                         other => login_error(other),
                     })?;
+                // A TTL of 0 is a token that never ends (a root token) only without an
+                // end time; with one, it has ended.
+                if info.ttl == 0 && info.expire_time.is_some() {
+                    return Err(VaultError::LoginRefused {
+                        method,
+                        message: format!("the token from {source} has ended (its TTL is 0)"),
+                    });
+                }
                 let lease = Duration::from_secs(info.ttl);
                 Session::new(token, lease, info.renewable.unwrap_or(false), lease)
             }
@@ -1087,13 +1118,23 @@ mod tests {
     }
 
     /// After a failed fresh login near the max TTL the next try waits LOGIN_RETRY, however
-    /// short the renewed lease: renewals there halve it, and refreshing at half of it tried
-    /// the login again within seconds, locking the AppRole out.
+    /// short the renewed lease (renewals there halve it, and refreshing at half of it tried
+    /// the login again within seconds, locking the AppRole out), or until the token ends,
+    /// if that comes first: an ended token is not handed out until the retry.
     #[test]
     fn a_failed_fresh_login_is_tried_again_no_sooner_than_the_login_retry() {
         let client = offline_client();
         let token = Arc::new(client.token_client(Secret::new("s.t".into())).unwrap());
         let now = Instant::now();
+        let renewed = Session::new(
+            token.clone(),
+            LOGIN_RETRY + Duration::from_secs(10),
+            true,
+            Duration::from_secs(3600),
+        );
+        let held = renewed.retrying_login_from(now);
+        assert!(held.refresh_at.is_some_and(|at| at >= now + LOGIN_RETRY));
+        assert!(held.refresh_at < held.expires_at);
         let short = Session::new(
             token.clone(),
             Duration::from_secs(6),
@@ -1101,7 +1142,7 @@ mod tests {
             Duration::from_secs(30),
         );
         let held = short.retrying_login_from(now);
-        assert!(held.refresh_at.is_some_and(|at| at >= now + LOGIN_RETRY));
+        assert!(held.refresh_at.is_some() && held.refresh_at == held.expires_at);
         // A refresh already later than that is left as it is.
         let long = Session::new(
             token,
