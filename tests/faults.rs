@@ -212,6 +212,24 @@ async fn a_token_that_comes_back_with_another_key_is_refused_until_the_right_one
     assert_eq!(sign_fresh(&client, &signer).await.0, 200);
 }
 
+/// The root's key replaced on the token under a running signer (a `root init --force` run
+/// beside it, against the same token): the readiness check proves the key it finds again
+/// instead of trusting the handle it proved before, so the signer is unready, naming the
+/// mismatch, rather than ready while every signing fails.
+#[tokio::test]
+async fn a_root_key_replaced_under_a_running_signer_makes_it_unready() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+    assert_eq!(readyz_status(&client, &signer).await, 200);
+    env.run_with_config_ok(&["root", "init", "--force"]);
+    wait_readyz_message(&client, &signer, "does not match the root certificate").await;
+    let (status, answer) = sign_fresh(&client, &signer).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "backend_unavailable");
+}
+
 /// Every file of the SoftHSM token directory `dir`, held under an exclusive POSIX lock by
 /// this process until dropped. SoftHSM waits for its own locks on them, so the signer's
 /// token calls wait the way they do on a token that stops answering (a network HSM cut

@@ -1452,6 +1452,14 @@ impl Inner {
         let found = token
             .find_private_key(&session)
             .map_err(|e| BackendError::Unavailable(e.to_string()));
+        if let Ok(found) = &found {
+            // Another key than the one proven (a `root init --force` run beside the
+            // signer): proven again, or the check would pass on the handle in hand.
+            let mut proven = lock(&self.key);
+            if proven.is_some_and(|key| key != *found) {
+                *proven = None;
+            }
+        }
         match found.and_then(|_| self.key(&token, &session)) {
             Ok(_) => {
                 self.checkin(session);
