@@ -868,6 +868,14 @@ fn pkcs11_settings(
         .parse()
         .map_err(|e| format!("pkcs11.key: {e}"))?;
     let module = match (&section.module, &key.module_path) {
+        (Some(m), Some(uri)) if resolve(m) != resolve(Path::new(uri)) => {
+            // Which one wins would decide the token `root init` makes the root in.
+            return Err(format!(
+                "pkcs11.module ({}) and the key URI's module-path ({}) name different modules: set one",
+                m.display(),
+                uri
+            ));
+        }
         (Some(m), _) => resolve(m),
         (None, Some(m)) => resolve(Path::new(m)),
         (None, None) => {
@@ -1085,6 +1093,23 @@ pin_file = "user-pin"
         assert_eq!(
             never_searched(PathBuf::from("/usr/lib/x.so")),
             PathBuf::from("/usr/lib/x.so")
+        );
+
+        // Both set: the same module is fine; two modules are refused, naming both.
+        let both = |uri_module: &str| {
+            let text = std::fs::read_to_string(&path).unwrap().replace(
+                "key = \"pkcs11:token=meshca;object=root-ca\"",
+                &format!("key = \"pkcs11:token=meshca;object=root-ca?module-path={uri_module}\""),
+            );
+            SignerConfig::parse(&path, &text).map(|_| ())
+        };
+        assert!(both("/usr/lib/softhsm/libsofthsm2.so").is_ok());
+        let err = both("/usr/lib/vendor-hsm.so").unwrap_err().to_string();
+        assert!(
+            err.contains("/usr/lib/softhsm/libsofthsm2.so")
+                && err.contains("/usr/lib/vendor-hsm.so")
+                && err.contains("name different modules"),
+            "{err}"
         );
     }
 
