@@ -359,6 +359,41 @@ fn a_key_type_the_policy_refuses_is_refused_before_anything_says_requesting() {
     assert!(text(&accepted.stderr).contains("requesting a new intermediate"));
 }
 
+/// A set that lost its key (pruned, partly restored): replaced, and istiod named for a
+/// restart although root-cert.pem is the same bytes: one started meanwhile found no
+/// ca-key.pem and runs on its self-signed CA, which only a restart undoes.
+#[test]
+fn a_set_missing_its_key_is_replaced_and_istiod_named_for_a_restart() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("cacerts");
+    assert!(once(&env, &addr, &dir, &[]).status.success());
+    let roots = std::fs::read(dir.join("root-cert.pem")).unwrap();
+    std::fs::remove_file(dir.join("..data").join("ca-key.pem")).unwrap();
+
+    let repaired = once(&env, &addr, &dir, &[]);
+    assert!(repaired.status.success(), "{}", text(&repaired.stderr));
+    assert_valid(&env, &dir);
+    assert_eq!(std::fs::read(dir.join("root-cert.pem")).unwrap(), roots);
+    let (stdout, stderr) = (text(&repaired.stdout), text(&repaired.stderr));
+    assert!(
+        stdout.contains("then         restart istiod: the files replaced could not be read"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("the files replaced could not be read: restart istiod (one started meanwhile found no usable ca-key.pem"),
+        "{stderr}"
+    );
+    // Once: the next pass finds the set whole.
+    let again = once(&env, &addr, &dir, &[]);
+    assert!(
+        !text(&again.stdout).contains("restart istiod"),
+        "{}",
+        text(&again.stdout)
+    );
+}
+
 #[test]
 fn a_damaged_set_is_replaced_whole_and_foreign_files_need_adopt() {
     let env = Env::new();

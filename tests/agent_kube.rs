@@ -653,6 +653,49 @@ async fn a_foreign_secret_is_left_alone_until_adopted_and_its_root_stays_trusted
     assert!(restarted_paths(&sent).is_empty());
 }
 
+/// meshca's Secret losing a file (`ca-key.pem` pruned by a GitOps tool, a partial
+/// restore): an istiod started since found no key and runs on its self-signed CA, which
+/// the same root-cert.pem written back would not undo. The repair restarts as a first
+/// install does: istiod, then gateways and workloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_that_lost_its_key_is_repaired_with_a_first_installs_restarts() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
+    cluster.put_deployment("shop", "web", json!({"app": "web"}));
+    for ns in ["istio-system", "shop"] {
+        let (path, cm) = configmap(ns, &env.root_pem());
+        cluster.put(&path, cm);
+    }
+    for _ in 0..3 {
+        cluster.pass().await;
+    }
+    let installed = vmcsr_status(&cluster);
+    assert_eq!(installed["restart"]["stage"], "Complete", "{installed}");
+
+    cluster.fake.edit(SECRET, |secret| {
+        secret["data"].as_object_mut().unwrap().remove("ca-key.pem");
+    });
+    let sent = cluster.pass().await;
+    assert!(
+        sent.iter().any(is_secret_write),
+        "the Secret was not repaired"
+    );
+    let st = vmcsr_status(&cluster);
+    assert_ne!(st["serial"], installed["serial"]);
+    assert_eq!(st["restart"]["serial"], st["serial"], "{st}");
+    assert!(
+        st["restart"].get("scope").is_none(),
+        "not a full plan: {st}"
+    );
+    assert_eq!(
+        restarted_paths(&sent).first(),
+        Some(&deployments_path("istio-system", "istiod"))
+    );
+}
+
 /// A cacerts Secret as another client (kubectl, a GitOps tool) writes it.
 fn someone_elses_secret(version: &str, root_cert: &str) -> Value {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);

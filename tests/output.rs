@@ -205,6 +205,7 @@ fn request_and_verify_json_are_what_openssl_says_of_the_files() {
     assert_eq!(request["root_sha256"], root_sha256, "{request}");
     assert_eq!(request["trusted_roots"], serde_json::json!([root_sha256]));
     assert_eq!(request["roots_changed"], true, "{request}");
+    assert_eq!(request["restart_istiod"], true, "{request}");
     let written: Vec<&str> = request["files_written"]
         .as_array()
         .unwrap()
@@ -358,6 +359,7 @@ fn agent_once_json_says_what_the_pass_did() {
     let pass = json_of(&out);
     assert_eq!(pass["result"], "nothing_due", "{pass}");
     assert_eq!(pass["roots_changed"], false, "{pass}");
+    assert_eq!(pass["restart_istiod"], false, "{pass}");
 
     // The signer gone: nothing due, but it is named, and the exit status is 75.
     signer.terminate();

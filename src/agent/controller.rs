@@ -672,15 +672,17 @@ impl Controller {
                 status.phase = Some(Phase::Issued);
                 status.serial = Some(summary.serial.clone());
                 let kind = match &installed {
-                    Installed::None => InstallKind::FirstInstall,
+                    // Files missing from meshca's Secret: an istiod started since found no
+                    // ca-key.pem and runs on its self-signed CA, which only a restart (and
+                    // the workloads' new certificates) undoes, as at a first install.
+                    Installed::None | Installed::Unreadable { .. } => InstallKind::FirstInstall,
                     Installed::Ours(files) => InstallKind::Replacement {
                         roots_changed: files.root_cert != obtained.files.root_cert,
                     },
                     Installed::Shadowed { .. } => InstallKind::Replacement {
                         roots_changed: true,
                     },
-                    Installed::Foreign { root_cert, .. }
-                    | Installed::Unreadable { root_cert, .. } => InstallKind::Replacement {
+                    Installed::Foreign { root_cert, .. } => InstallKind::Replacement {
                         roots_changed: root_cert.as_deref() != Some(&obtained.files.root_cert),
                     },
                 };

@@ -54,6 +54,10 @@ pub enum DirOutcome {
         /// root-cert.pem is not the bytes it was (or there was none): istiod takes the
         /// new files only when it starts.
         roots_changed: bool,
+        /// The files replaced were meshca's but could not be read (one missing, say): an
+        /// istiod started meanwhile found no usable ca-key.pem and runs on its
+        /// self-signed CA until it starts again.
+        replaced_unreadable: bool,
         /// See [`DirOutcome::ends_with_root`].
         ends_with_root: Option<bool>,
     },
@@ -81,6 +85,25 @@ impl DirOutcome {
             DirOutcome::Installed { roots_changed, .. } => *roots_changed,
             DirOutcome::RootsRewritten { .. } => true,
             DirOutcome::UpToDate { .. } => false,
+        }
+    }
+
+    /// Why istiod must start again to use what was written, if it must (root-cert.pem
+    /// changed, or the files replaced could not be read), and how that comes to be.
+    pub fn istiod_restart(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            _ if self.roots_changed() => Some((
+                "root-cert.pem changed",
+                "it takes a changed root-cert.pem, and the intermediate with it, only when it starts",
+            )),
+            DirOutcome::Installed {
+                replaced_unreadable: true,
+                ..
+            } => Some((
+                "the files replaced could not be read",
+                "one started meanwhile found no usable ca-key.pem and runs on its self-signed CA until it starts again",
+            )),
+            _ => None,
         }
     }
 
@@ -455,6 +478,7 @@ pub async fn reconcile(
                 }
                 Installed::None | Installed::Shadowed { .. } => true,
             };
+            let replaced_unreadable = matches!(installed, Installed::Unreadable { .. });
             let summary = obtained.summary;
             let renew_at = super::rotation::renew_at(
                 summary.not_before,
@@ -468,6 +492,7 @@ pub async fn reconcile(
                 summary,
                 renew_at,
                 roots_changed,
+                replaced_unreadable,
             })
         }
     }
@@ -612,14 +637,11 @@ pub async fn run(
     }
 }
 
-/// What the directory agent says when istiod must start again to take the files.
-const RESTART_ISTIOD: &str = "root-cert.pem changed: restart istiod (it takes a changed root-cert.pem, and the intermediate with it, only when it starts)";
-
 /// One line per outcome (and the restart istiod needs), for both `--once` and the loop.
 pub fn log_outcome(dir: &Path, outcome: &DirOutcome) {
     let rfc = crate::signer::audit::rfc3339;
-    if outcome.roots_changed() {
-        tracing::warn!(dir = %dir.display(), "{RESTART_ISTIOD}");
+    if let Some((why, how)) = outcome.istiod_restart() {
+        tracing::warn!(dir = %dir.display(), "{why}: restart istiod ({how})");
     }
     match outcome {
         DirOutcome::Installed {

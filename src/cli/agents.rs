@@ -103,7 +103,12 @@ pub(crate) fn agent(args: AgentArgs, json: bool) -> Result<ExitCode> {
         directory::log_outcome(&opts.target, &outcome);
         if json {
             let s = outcome.summary();
-            let mut report = installed_json(&opts.target, s, outcome.roots_changed());
+            let mut report = installed_json(
+                &opts.target,
+                s,
+                outcome.roots_changed(),
+                outcome.istiod_restart().is_some(),
+            );
             let (reason, signer_error) = match &outcome {
                 DirOutcome::Installed { reason, .. } => (Some(reason.to_string()), None),
                 DirOutcome::UpToDate {
@@ -131,8 +136,8 @@ pub(crate) fn agent(args: AgentArgs, json: bool) -> Result<ExitCode> {
         say!("  renew at     {}", rfc3339(outcome.renew_at()));
         say!("  root sha256  {}", s.anchor_fingerprint);
         say!("  trusts       {}", s.root_fingerprints.join(", "));
-        if outcome.roots_changed() {
-            say!("  then         restart istiod: root-cert.pem changed");
+        if let Some((why, _)) = outcome.istiod_restart() {
+            say!("  then         restart istiod: {why}");
         }
         if let DirOutcome::UpToDate {
             signer_error: Some(error),

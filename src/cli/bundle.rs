@@ -32,11 +32,18 @@ pub(crate) fn request(args: RequestArgs, json: bool) -> Result<ExitCode> {
     };
     let root_cert = opts.out_dir.join(meshca::pki::bundle::ROOT_CERT);
     let roots_before = std::fs::read(&root_cert).ok();
+    let key_before = opts.out_dir.join(meshca::pki::bundle::CA_KEY).exists();
     let outcome = runtime()?.block_on(request_intermediate(&client, &opts))?;
     let s = &outcome.summary;
     let roots_changed = std::fs::read(&root_cert).ok() != roots_before;
+    // Without a ca-key.pem, an istiod started meanwhile runs on its self-signed CA.
+    let restart_istiod = match (roots_changed, key_before) {
+        (true, _) => Some("root-cert.pem changed"),
+        (false, false) => Some("there was no ca-key.pem"),
+        (false, true) => None,
+    };
     if json {
-        let mut report = installed_json(&opts.out_dir, s, roots_changed);
+        let mut report = installed_json(&opts.out_dir, s, roots_changed, restart_istiod.is_some());
         report["mesh"] = opts.mesh.to_string().into();
         report["virtual_mesh"] = opts.virtual_mesh.to_string().into();
         use meshca::pki::bundle::{CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT};
@@ -63,8 +70,8 @@ pub(crate) fn request(args: RequestArgs, json: bool) -> Result<ExitCode> {
     say!("  root sha256  {}", s.anchor_fingerprint);
     say!("  trusts       {}", s.root_fingerprints.join(", "));
     // As `agent --once` says it: istiod takes a new root set only when it starts.
-    if roots_changed {
-        say!("  then         restart istiod: root-cert.pem changed");
+    if let Some(why) = restart_istiod {
+        say!("  then         restart istiod: {why}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -129,6 +136,7 @@ pub(crate) fn installed_json(
     dir: &Path,
     s: &meshca::pki::bundle::BundleSummary,
     roots_changed: bool,
+    restart_istiod: bool,
 ) -> serde_json::Value {
     let sha256 = std::fs::read_to_string(dir.join(meshca::pki::bundle::CA_CERT))
         .ok()
@@ -149,6 +157,8 @@ pub(crate) fn installed_json(
         "trusted_roots": s.root_fingerprints,
         // True: istiod takes the new root set only when it starts again.
         "roots_changed": roots_changed,
+        // That, or the files replaced could not be read: istiod must start again.
+        "restart_istiod": restart_istiod,
     })
 }
 
