@@ -185,7 +185,10 @@ impl RotationSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestartSpec {
-    /// auto (only the first switch from Istio's self-signed CA), always, never.
+    /// auto: everything at the first switch from Istio's self-signed CA (and at the repair
+    /// of a bundle missing a file), istiod alone whenever root-cert.pem changes, nothing
+    /// for a renewal under the same roots; always: everything after every new
+    /// intermediate; never.
     #[serde(default)]
     pub policy: RestartPolicy,
     /// Label selector of the istiod Deployments, in the target Secret's namespace.
