@@ -696,6 +696,45 @@ async fn a_secret_that_lost_its_key_is_repaired_with_a_first_installs_restarts()
     );
 }
 
+/// An istiod selector that matches no Deployment (a custom install's labels): a first
+/// install does not report its restarts complete while istiod runs on its self-signed CA;
+/// the plan waits, naming the selector, and goes on once a Deployment matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istiod_selector_matching_nothing_holds_the_plan_naming_it() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod-custom"}));
+    let sent = cluster.pass().await;
+    assert!(sent.iter().any(is_secret_write));
+    assert!(restarted_paths(&sent).is_empty());
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["restart"]["stage"], "Istiod", "{st}");
+    let restarted = condition(&st, "Restarted");
+    assert_eq!(
+        (&restarted["status"], &restarted["reason"]),
+        (&json!("False"), &json!("InProgress"))
+    );
+    assert!(
+        restarted["message"].as_str().unwrap().contains(
+            "no Deployment in istio-system matches restart.istiodSelector \"app=istiod\""
+        ),
+        "{st}"
+    );
+
+    cluster.edit_request(|request| {
+        request["spec"]["restart"] = json!({"istiodSelector": "app=istiod-custom"});
+    });
+    let sent = cluster.pass().await;
+    assert_eq!(
+        restarted_paths(&sent),
+        [deployments_path("istio-system", "istiod")]
+    );
+    // No gateways or workloads here: the plan is done.
+    assert_eq!(vmcsr_status(&cluster)["restart"]["stage"], "Complete");
+}
+
 /// A cacerts Secret as another client (kubectl, a GitOps tool) writes it.
 fn someone_elses_secret(version: &str, root_cert: &str) -> Value {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);

@@ -881,6 +881,21 @@ impl Controller {
                     ));
                     return Ok(());
                 }
+                Step::NoIstiod { timed_out } => {
+                    let selector = &spec.istiod_selector;
+                    record.message = Some(if timed_out {
+                        record.stage = Stage::TimedOut;
+                        format!(
+                            "no Deployment in {istiod_namespace} matched restart.istiodSelector {selector:?} within {}s; no restarts for serial {} (restart istiod by hand, and after a first install its gateways and workloads)",
+                            spec.wait_seconds, record.serial
+                        )
+                    } else {
+                        format!(
+                            "no Deployment in {istiod_namespace} matches restart.istiodSelector {selector:?}: istiod keeps the CA it started with (its self-signed one before a first install) until it restarts; correct the selector, or set restart.policy never and restart istiod by hand"
+                        )
+                    });
+                    return Ok(());
+                }
                 Step::Done => return Ok(()),
             }
         }

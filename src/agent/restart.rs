@@ -306,6 +306,10 @@ pub enum Step {
     Advance(Stage),
     /// Waited longer than the bound for these namespaces: stop for this serial.
     TimeOut { namespaces: Vec<String> },
+    /// No istiod Deployment matches the selector: istiod not restarted is no success (at
+    /// a first install it stays on its self-signed CA), so the plan waits for one, the
+    /// same bound as a namespace (`timed_out` past it: stop for this serial).
+    NoIstiod { timed_out: bool },
     /// Nothing more, ever, for this serial.
     Done,
 }
@@ -324,6 +328,12 @@ pub fn next_step(
 ) -> Step {
     if record.stage.is_final() {
         return Step::Done;
+    }
+    let waited_too_long = now.duration_since(stage_started).unwrap_or(Duration::ZERO) > bound;
+    if record.stage == Stage::Istiod && view.targets.is_empty() {
+        return Step::NoIstiod {
+            timed_out: waited_too_long,
+        };
     }
     let key = record.plan_key();
     let pending: Vec<&Target> = view
@@ -347,7 +357,7 @@ pub fn next_step(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    if now.duration_since(stage_started).unwrap_or(Duration::ZERO) > bound {
+    if waited_too_long {
         Step::TimeOut { namespaces }
     } else {
         Step::Wait { namespaces }
@@ -560,6 +570,27 @@ mod tests {
         );
     }
 
+    /// An istiod selector that matches nothing is not a restart done: the plan waits for
+    /// one as long as for a namespace's ConfigMap, then stops (before, it advanced, and a
+    /// first install reported Complete with istiod still on its self-signed CA).
+    #[test]
+    fn no_istiod_to_restart_holds_the_plan_then_times_it_out() {
+        let view = StageView::default();
+        let start = SystemTime::UNIX_EPOCH;
+        for scope in [RestartScope::Full, RestartScope::Istiod] {
+            let mut plan = record(Stage::Istiod);
+            plan.scope = scope;
+            assert_eq!(
+                next_step(&plan, &view, start, start + MIN, 10 * MIN),
+                Step::NoIstiod { timed_out: false }
+            );
+            assert_eq!(
+                next_step(&plan, &view, start, start + 11 * MIN, 10 * MIN),
+                Step::NoIstiod { timed_out: true }
+            );
+        }
+    }
+
     #[test]
     fn a_full_plan_runs_in_order_and_then_never_acts_again() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -607,6 +638,7 @@ mod tests {
                 Step::Wait { .. } => {}
                 Step::Done => break,
                 Step::TimeOut { .. } => panic!("no time passes here"),
+                Step::NoIstiod { .. } => panic!("istiod is there"),
             }
             steps += 1;
         }
@@ -699,11 +731,12 @@ mod tests {
         );
     }
 
+    /// No gateways or no workloads is nothing to wait for (no istiod is: see
+    /// [`no_istiod_to_restart_holds_the_plan_then_times_it_out`]).
     #[test]
-    fn an_empty_stage_advances() {
+    fn an_empty_gateway_or_workload_stage_advances() {
         let start = SystemTime::UNIX_EPOCH;
         for (stage, next) in [
-            (Stage::Istiod, Stage::Gateways),
             (Stage::Gateways, Stage::Workloads),
             (Stage::Workloads, Stage::Complete),
         ] {
