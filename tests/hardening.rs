@@ -1307,6 +1307,41 @@ async fn a_request_body_that_stalls_is_answered_408_and_audited() {
     assert_still_issues(&env.client("cluster-a"), &signer).await;
 }
 
+/// A client that leaves part way through its body (a load balancer's reset, a pod
+/// killed) is audited and counted as gone, not as a body over the limit: that would send
+/// whoever reads the log looking for an oversized CSR.
+#[tokio::test]
+async fn a_client_that_leaves_part_way_through_its_body_is_audited_as_gone() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let (_key, csr_b) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body(VM, "test/cluster-b", &csr_b)).unwrap();
+    let mut leaving = tls_connect(&env, &signer, "cluster-b").await;
+    begin_sign_request(&mut leaving, &body, 40).await;
+    leaving.shutdown().await.unwrap();
+    drop(leaving);
+
+    let line = decision_of(&signer, "cluster-b").await;
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["rule"], "client_gone", "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("the request body could not be read"),
+        "{line}"
+    );
+    let client_a = env.client("cluster-a");
+    assert_still_issues(&client_a, &signer).await;
+    let metrics = signer.metrics(&client_a).await;
+    assert!(
+        metrics.contains("meshca_sign_requests_total{outcome=\"client_gone\"} 1")
+            && !metrics.contains("outcome=\"body_too_large\"} 1"),
+        "{metrics}"
+    );
+    env.audit_verify_ok();
+}
+
 #[tokio::test]
 async fn a_client_revoked_by_a_reload_while_its_request_is_under_way_is_refused() {
     let env = Env::with(EnvSpec {

@@ -468,13 +468,23 @@ async fn sign_inner(
     let read = tokio::time::timeout(body_timeout, axum::body::to_bytes(body, MAX_BODY));
     let bytes: Bytes = match read.await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => {
+        Ok(Err(e)) if over_the_limit(&e) => {
             return Err(Refusal::new(
                 Status::PayloadTooLarge,
                 "body_too_large",
+                format!("request body is larger than {} KiB", MAX_BODY / 1024),
+            ));
+        }
+        // The connection ended (or broke its framing) before the body was all there:
+        // nobody reads the answer, but the audit line should not send anyone looking for
+        // an oversized CSR.
+        Ok(Err(e)) => {
+            return Err(Refusal::new(
+                Status::ClientClosedRequest,
+                "client_gone",
                 format!(
-                    "request body is larger than {} KiB (or could not be read)",
-                    MAX_BODY / 1024
+                    "the request body could not be read ({}): the connection ended before it all came; nothing was signed",
+                    crate::logging::clip(&e.to_string(), 200)
                 ),
             ));
         }
@@ -603,6 +613,19 @@ async fn sign_inner(
         serial: serial_hex(tbs.serial_number()),
         not_after: rfc3339(tbs.validity().not_after.to_system_time()),
     })
+}
+
+/// Whether reading a body failed on [`MAX_BODY`] (anything else: the connection ended or
+/// broke its framing before the body was all there).
+fn over_the_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = cause {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 async fn virtual_mesh(
