@@ -1043,6 +1043,8 @@ async fn a_vault_answer_outside_policy_is_refused_with_502_and_audited() {
             })
         });
     assert!(kept.is_some(), "{}", audit[1]);
+    // Vault picked that serial: the one meshca planned is on no certificate.
+    assert!(audit[1].get("signingSerial").is_none(), "{}", audit[1]);
 
     let metrics = signer.metrics(&env.client("cluster-a")).await;
     assert!(

@@ -106,6 +106,13 @@ pub trait RootSigner: Send + Sync {
         announced: &'a RootCa,
     ) -> BoxFuture<'a, Result<Certificate, BackendError>>;
 
+    /// Whether a certificate signed for `request` carries its planned serial. Not with
+    /// Vault's `sign-intermediate`, which picks its own: an audit line naming the planned
+    /// serial would send someone looking for a certificate that does not exist.
+    fn signs_planned_serial(&self, _request: &IssueRequest) -> bool {
+        true
+    }
+
     /// Whether the backend can sign right now (token reachable and logged in).
     fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 

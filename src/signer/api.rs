@@ -570,7 +570,9 @@ async fn sign_inner(
         ));
     }
     let started = Instant::now();
-    facts.signing_serial = Some(serial_hex(&approval.issue.plan.serial));
+    facts.signing_serial = backend
+        .signs_planned_serial(&approval.issue)
+        .then(|| serial_hex(&approval.issue.plan.serial));
     let certificate = backend.issue(approval.issue).await.map_err(|e| {
         if !matches!(e, BackendError::ClientGone) {
             state.metrics.backend_error();

@@ -337,6 +337,11 @@ fn backend_error(e: VaultError) -> BackendError {
 }
 
 impl RootSigner for VaultBackend {
+    fn signs_planned_serial(&self, request: &IssueRequest) -> bool {
+        // sign-self-issued signs meshca's TBS as it is; sign-intermediate picks its own.
+        profile::endpoint_for(request) == profile::IssueEndpoint::SignSelfIssued
+    }
+
     fn root(&self) -> &RootCa {
         &self.root
     }

@@ -71,16 +71,20 @@ pub enum IssueEndpoint {
 /// intermediate in `<mount>/certs` (listed, revocable by serial), a record the other
 /// endpoint does not leave.
 pub fn issue_call(request: &IssueRequest, root: &RootCa) -> Result<(IssueEndpoint, Value), String> {
+    let endpoint = endpoint_for(request);
+    let body = match endpoint {
+        IssueEndpoint::SignIntermediate => sign_intermediate_body(request, root)?,
+        IssueEndpoint::SignSelfIssued => sign_self_issued_body(request, root)?,
+    };
+    Ok((endpoint, body))
+}
+
+/// Which endpoint signs `request` (see [`issue_call`]).
+pub fn endpoint_for(request: &IssueRequest) -> IssueEndpoint {
     if request.trust_domains.is_empty() {
-        Ok((
-            IssueEndpoint::SignIntermediate,
-            sign_intermediate_body(request, root)?,
-        ))
+        IssueEndpoint::SignIntermediate
     } else {
-        Ok((
-            IssueEndpoint::SignSelfIssued,
-            sign_self_issued_body(request, root)?,
-        ))
+        IssueEndpoint::SignSelfIssued
     }
 }
 
