@@ -587,13 +587,23 @@ pub enum NoIdentity {
         "the client certificate has {0} URI SANs, and so no identity: a SPIFFE X.509-SVID has exactly one, and the signer does not pick one of several"
     )]
     SeveralUriSans(usize),
+    /// A subjectAltName that does not decode (a name x509-cert does not read, such as a
+    /// non-ASCII one) may hold a URI: falling back to a DNS name or the CN would pass over
+    /// it, and the one-URI rule with it.
+    #[error(
+        "the client certificate's subjectAltName cannot be read, and so it has no identity: the signer does not fall back to its DNS name or CN"
+    )]
+    UnreadableSan,
 }
 
 /// [`client_identity`] of a certificate already decoded, or why it has none.
 pub fn identity_of(cert: &Certificate) -> Result<String, NoIdentity> {
     let tbs = cert.tbs_certificate();
     let not_uri_like = |name: String| (!name.contains(':')).then_some(name);
-    if let Ok(Some((_, san))) = tbs.get_extension::<SubjectAltName>() {
+    let san = tbs
+        .get_extension::<SubjectAltName>()
+        .map_err(|_| NoIdentity::UnreadableSan)?;
+    if let Some((_, san)) = san {
         let uris: Vec<String> = san
             .0
             .iter()
@@ -730,7 +740,11 @@ mod tests {
             "-subj",
             &subject,
         ];
-        let extension = format!("subjectAltName={san}");
+        // `DER:<hex>`: the extension's bytes as given, however malformed.
+        let extension = match san.strip_prefix("DER:") {
+            Some(_) => format!("2.5.29.17={san}"),
+            None => format!("subjectAltName={san}"),
+        };
         if !san.is_empty() {
             args.extend_from_slice(&["-addext", &extension]);
         }
@@ -765,6 +779,21 @@ mod tests {
         assert_eq!(
             identity_of(&certificate_with("DNS:web-1:8443", "c")),
             Err(NoIdentity::None)
+        );
+        // A URI beside a DNS name x509-cert does not read (non-ASCII in an IA5String):
+        // not the CN, which the one-URI rule never meant to reach.
+        let uri = web.as_bytes();
+        let dns = "w\u{e9}b".as_bytes();
+        let mut names = vec![0x86, uri.len() as u8];
+        names.extend_from_slice(uri);
+        names.extend_from_slice(&[0x82, dns.len() as u8]);
+        names.extend_from_slice(dns);
+        let mut san = vec![0x30, names.len() as u8];
+        san.extend_from_slice(&names);
+        let hex: String = san.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(
+            identity_of(&certificate_with(&format!("DER:{hex}"), "web-1")),
+            Err(NoIdentity::UnreadableSan)
         );
     }
 
