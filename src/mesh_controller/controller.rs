@@ -577,7 +577,14 @@ impl MeshController {
             .iter()
             .zip(&reads)
             .filter(|(_, r)| r.services.is_none() || r.objects.is_none())
-            .map(|(m, r)| format!("{} ({})", m.id, r.problem.as_deref().unwrap_or("not read")))
+            .map(|(m, r)| {
+                let problem = r.problem.as_deref().unwrap_or("not read");
+                format!(
+                    "{} ({})",
+                    m.id,
+                    crate::logging::clip(problem, decide::MAX_MEMBER_MESSAGE)
+                )
+            })
             .collect();
         let outcome = if !unread.is_empty() {
             FederationOutcome::Held {

@@ -761,8 +761,9 @@ pub struct MemberTrust {
 /// three at once).
 const MAX_REPORTED_ROOTS: usize = 16;
 
-/// Longest member message (an agent's `lastError`) copied into the VirtualMesh's status.
-const MAX_MEMBER_MESSAGE: usize = 1024;
+/// Longest member message (an agent's `lastError`, the controller's own problem with the
+/// member) copied into the VirtualMesh's status.
+pub const MAX_MEMBER_MESSAGE: usize = 1024;
 
 /// A SHA-256 fingerprint a member's status reports, normalized, if it is one: a member
 /// cluster's status is written by whoever holds that cluster, and what it says goes into
@@ -1019,7 +1020,12 @@ pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
         trusted_root_fingerprints: vec![],
         next_root_fingerprint: None,
         federation: report.federation.clone(),
-        message: report.problem.clone(),
+        // Bounded too: a member API server's error page is copied into it whole, and a
+        // status past etcd's limit would stop every write of the VirtualMesh's status.
+        message: report
+            .problem
+            .as_deref()
+            .map(|p| clip(p, MAX_MEMBER_MESSAGE)),
     };
     match report.request {
         RequestView::Error => status.phase = MemberPhase::Error,
@@ -1270,10 +1276,20 @@ pub fn converged_status(
     };
     condition(&mut status, FEDERATED, fed_ok, fed_reason, &fed_message);
 
+    // Ready says what the phase says: a member in trouble (an Installed one whose
+    // intermediate ran out, in conflict) or one not cleaned up is not Ready, though its
+    // root is shared and federation applied.
+    let troubled: Vec<&MemberStatus> = members
+        .iter()
+        .filter(|m| is_trouble(m.phase))
+        .chain(&observed.removing)
+        .collect();
     let (ready, ready_reason, ready_message) = if !trust_ok {
         (false, trust_reason, trust_message)
     } else if !fed_ok {
         (false, fed_reason, fed_message)
+    } else if !troubled.is_empty() {
+        (false, "MemberFailed", describe(&troubled))
     } else {
         (
             true,
@@ -1360,9 +1376,8 @@ pub fn converged_status(
         }
     }
 
-    let troubled =
-        members.iter().any(|m| is_trouble(m.phase)) || !observed.removing.is_empty() || !fed_ok;
-    status.phase = Some(if ready && !troubled {
+    let troubled = !troubled.is_empty() || !fed_ok;
+    status.phase = Some(if ready {
         VirtualMeshPhase::Ready
     } else if troubled {
         VirtualMeshPhase::Degraded
@@ -2937,6 +2952,47 @@ mod tests {
         );
     }
 
+    /// A member whose intermediate ran out while its request still reads Installed shares
+    /// the root all the same, and federation is applied: Ready is False all the same, as
+    /// the phase is Degraded (before, Ready said True, and `kubectl wait` believed it).
+    #[test]
+    fn a_member_in_trouble_under_the_shared_root_is_not_ready() {
+        let installed = agent(Phase::Installed, R1, None);
+        let ended = VmcsrStatus {
+            renew_at: Some(rfc3339(
+                SystemTime::now() - Duration::from_secs(10 * 86_400),
+            )),
+            not_after: Some(rfc3339(SystemTime::now() - Duration::from_secs(60))),
+            ..installed.clone()
+        };
+        let mut seen = observed(
+            vec![
+                report("east", RequestView::Present(Some(&installed)), None),
+                report("west", RequestView::Present(Some(&ended)), None),
+            ],
+            FederationOutcome::Applied {
+                services: 2,
+                moved_addresses: 0,
+            },
+        );
+        // As decide_roots sees it: both requests read Installed under R1.
+        seen.roots.common_root = Some(R1.into());
+        let status = converged_status(&VirtualMeshStatus::default(), Some(1), seen, at(0));
+        assert_eq!(condition(&status, TRUST_ESTABLISHED).status, "True");
+        assert_eq!(condition(&status, FEDERATED).status, "True");
+        let ready = condition(&status, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "MemberFailed")
+        );
+        assert!(
+            ready.message.starts_with("smh/west (Failed: "),
+            "{}",
+            ready.message
+        );
+        assert_eq!(status.phase, Some(VirtualMeshPhase::Degraded));
+    }
+
     #[test]
     fn what_a_member_reports_is_taken_bounded_and_fingerprints_only() {
         // Whoever holds a member cluster writes its request's status.
@@ -2953,6 +3009,11 @@ mod tests {
         assert_eq!(s.next_root_fingerprint, None);
         assert!(s.message.as_deref().unwrap().len() < MAX_MEMBER_MESSAGE + 40);
         assert!(s.serial.as_deref().unwrap().len() < 100);
+        // So is the controller's own problem with the member, which may carry a member
+        // API server's whole error page.
+        let page = "<html>".repeat(100_000);
+        let s = report("east", RequestView::Error, Some(&page));
+        assert!(s.message.as_deref().unwrap().len() < MAX_MEMBER_MESSAGE + 40);
         let request = VirtualMeshCertificateSigningRequest {
             metadata: Default::default(),
             spec: serde_json::from_value(json!({
