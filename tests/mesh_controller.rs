@@ -168,10 +168,19 @@ impl World {
 
     /// As [`World::start`], the controller granted `policy` in the management cluster.
     async fn start_with(clusters: &[&'static str], policy: Policy) -> World {
+        World::start_granted(clusters, policy, member_policy).await
+    }
+
+    /// As [`World::start_with`], the controller granted `member` in each member cluster.
+    async fn start_granted(
+        clusters: &[&'static str],
+        policy: Policy,
+        member: fn() -> Policy,
+    ) -> World {
         let mgmt = FakeCluster::start(policy).await;
         let mut members = BTreeMap::new();
         for (i, cluster) in clusters.iter().enumerate() {
-            let member = FakeCluster::start(member_policy()).await;
+            let member = FakeCluster::start(member()).await;
             mgmt.put(
                 &format!("/api/v1/namespaces/smh/secrets/{cluster}-kubeconfig"),
                 secret_object(cluster, &member.kubeconfig(&token(cluster))),
@@ -622,6 +631,105 @@ async fn a_removed_member_loses_its_request_and_objects_and_its_services_go_else
     }
     // Once it is no one's member, the controller does not even read north.
     assert!(sent["north"].is_empty());
+}
+
+/// A Mesh's agent namespace changed to one where another client's request holds the
+/// name: the request in the old namespace, the one the running agent uses, stays until
+/// the new one is in place (before, it was deleted at once, and nothing renewed the
+/// cluster's intermediate any more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_moving_namespace_stays_until_the_new_one_is_in_place() {
+    // The operator granted the controller the new namespace too.
+    let granted = || member_policy().and(member_policy().moved("service-mesh-hub", "agents-2"));
+    let clusters = ["east", "west"];
+    let world = World::start_granted(&clusters, management_policy(&clusters), granted).await;
+    world.pass().await;
+    let moved =
+        "/apis/meshca.dev/v1alpha1/namespaces/agents-2/virtualmeshcertificatesigningrequests/east";
+    world.member("east").put(
+        moved,
+        json!({"apiVersion": "meshca.dev/v1alpha1", "kind": "VirtualMeshCertificateSigningRequest",
+               "metadata": {"name": "east", "namespace": "agents-2"},
+               "spec": {"virtualMesh": {"namespace": "smh", "name": "other"},
+                        "mesh": {"namespace": "smh", "name": "east"},
+                        "signer": {"url": "https://signer.example:8443"}}}),
+    );
+    world.mgmt.edit(&mesh_path("east"), |mesh| {
+        mesh["spec"]["agent"]["namespace"] = "agents-2".into();
+    });
+    let sent = world.pass().await;
+    assert!(
+        world.member("east").get(&vmcsr_path("east")).is_some(),
+        "the request the agent uses was deleted: {:?}",
+        writes(&sent["east"])
+    );
+    let st = world.status("vm");
+    assert_eq!(member_status(&st, "east")["phase"], "Conflict", "{st}");
+
+    // The other client's request gone: the new one is applied, then the old one goes.
+    world.member("east").remove(moved);
+    world.pass().await;
+    let applied = world
+        .member("east")
+        .get(moved)
+        .expect("the request in agents-2");
+    assert_eq!(applied["spec"]["virtualMesh"]["name"], "vm");
+    assert!(world.member("east").get(&vmcsr_path("east")).is_none());
+}
+
+/// A Mesh's Istio namespace changed while federation is held (another member cannot be
+/// read): the status keeps the old namespace until its objects are gone, so the pass after
+/// the hold still finds and deletes them (before, the new one was recorded at once, and
+/// the old namespace's Gateway, DestinationRule and ServiceEntries stayed for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_in_an_istio_namespace_left_during_a_hold_are_still_cleaned() {
+    let granted = || member_policy().and(member_policy().moved("istio-system", "istio-2"));
+    let clusters = ["east", "west"];
+    let world = World::start_granted(&clusters, management_policy(&clusters), granted).await;
+    world.pass().await;
+    let old_objects = world.member("east").paths("/apis/networking.istio.io");
+    assert!(!old_objects.is_empty());
+
+    let secret = "/api/v1/namespaces/smh/secrets/west-kubeconfig";
+    world.mgmt.put(
+        secret,
+        secret_object("west", &kubeconfig("http://127.0.0.1:1", &token("west"))),
+    );
+    world.mgmt.edit(&mesh_path("east"), |mesh| {
+        mesh["spec"]["istioNamespace"] = "istio-2".into();
+    });
+    world.pass().await;
+    let st = world.status("vm");
+    assert_eq!(condition(&st, "Federated")["reason"], "MemberError", "{st}");
+    assert_eq!(
+        member_status(&st, "east")["istioNamespace"],
+        "istio-system",
+        "{st}"
+    );
+
+    world.mgmt.put(
+        secret,
+        secret_object("west", &world.member("west").kubeconfig(&token("west"))),
+    );
+    world.pass().await;
+    let left: Vec<String> = world
+        .member("east")
+        .paths("/apis/networking.istio.io")
+        .into_iter()
+        .filter(|p| p.contains("/namespaces/istio-system/"))
+        .collect();
+    assert!(left.is_empty(), "left in the old namespace: {left:?}");
+    assert!(
+        world
+            .member("east")
+            .paths("/apis/networking.istio.io/v1/namespaces/istio-2/")
+            .len()
+            >= old_objects.len()
+    );
+    assert_eq!(
+        member_status(&world.status("vm"), "east")["istioNamespace"],
+        "istio-2"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -514,6 +514,12 @@ impl MeshController {
         // Requests.
         let mut views: Vec<RequestView<'_>> = Vec::with_capacity(reads.len());
         let mut problems: Vec<Option<String>> = reads.iter().map(|r| r.problem.clone()).collect();
+        // Whether each member's request, and its federation objects, are where its Mesh now
+        // says, nothing left under an older namespace: only then does its status record the
+        // new namespaces. Recorded earlier is what makes the next passes read, and clean,
+        // the old ones (a Mesh's namespace changed while a member could not be written).
+        let mut request_moved = vec![false; reads.len()];
+        let mut objects_moved = vec![false; reads.len()];
         for (i, member) in valid.members.iter().enumerate() {
             let read = &reads[i];
             let Ok(cluster) = &read.cluster else {
@@ -548,11 +554,17 @@ impl MeshController {
                     }
                 }
             }
+            // The request under another name (an old agent namespace) is the one the
+            // running agent uses: it goes only once the wanted one is in place.
+            if !matches!(views.last(), Some(RequestView::Present(_))) {
+                continue;
+            }
             let stale = decide::stale_requests(
                 &read.requests,
                 &desired.labels,
                 Some((&desired.namespace, &desired.name)),
             );
+            request_moved[i] = true;
             for request in stale {
                 self.ensure_leader().await?;
                 let (ns, name) = (
@@ -564,6 +576,7 @@ impl MeshController {
                         tracing::info!(virtual_mesh = %id, mesh = %member.id, request = %format!("{ns}/{name}"), "stale request deleted")
                     }
                     Err(e) => {
+                        request_moved[i] = false;
                         problems[i].get_or_insert(e.to_string());
                     }
                 }
@@ -621,7 +634,7 @@ impl MeshController {
                         };
                         let cluster_name = &member.inventory.name;
                         let changes = decide::object_changes(&plan, cluster_name, objects, &labels);
-                        if let Some(problem) = self
+                        match self
                             .apply_changes(
                                 cluster,
                                 &changes.apply,
@@ -631,7 +644,10 @@ impl MeshController {
                             )
                             .await?
                         {
-                            problems[i].get_or_insert(problem);
+                            Some(problem) => {
+                                problems[i].get_or_insert(problem);
+                            }
+                            None => objects_moved[i] = true,
                         }
                         let summary = plan.summary(cluster_name).unwrap_or_default();
                         services += summary.exported as u64;
@@ -703,11 +719,24 @@ impl MeshController {
             .iter()
             .enumerate()
             .map(|(i, member)| {
+                let before = recorded.get(&member.id);
+                let (agent_now, istio_now) = (
+                    &member.spec().agent.namespace,
+                    &member.inventory.istio_namespace,
+                );
                 decide::member_status(&MemberReport {
                     id: member.id.clone(),
                     cluster: member.inventory.name.clone(),
-                    agent_namespace: member.spec().agent.namespace.clone(),
-                    istio_namespace: member.inventory.istio_namespace.clone(),
+                    agent_namespace: decide::namespace_to_record(
+                        agent_now,
+                        before.map(|b| b.agent_namespace.as_str()),
+                        request_moved[i],
+                    ),
+                    istio_namespace: decide::namespace_to_record(
+                        istio_now,
+                        before.map(|b| b.istio_namespace.as_str()),
+                        objects_moved[i],
+                    ),
                     request: views[i],
                     federation: federation[i].clone(),
                     problem: problems[i].clone(),

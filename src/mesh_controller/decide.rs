@@ -1005,6 +1005,16 @@ pub struct MemberReport<'a> {
 /// counts as failing: a failing agent retries for a while, then someone should look.
 const RENEWAL_GRACE: Duration = Duration::from_secs(86_400);
 
+/// The namespace a member's status records (its request's, or its federation objects'):
+/// the Mesh's `now` once nothing is left under the one recorded `before` (`moved`), else
+/// still that one, so that the next passes read and clean it.
+pub fn namespace_to_record(now: &str, before: Option<&str>, moved: bool) -> String {
+    match before {
+        Some(before) if !moved => before.to_string(),
+        _ => now.to_string(),
+    }
+}
+
 /// A member's status line.
 pub fn member_status(report: &MemberReport<'_>) -> MemberStatus {
     let mut status = MemberStatus {
