@@ -602,6 +602,35 @@ async fn a_policy_change_the_audit_log_cannot_record_is_not_applied() {
     assert_eq!(max_ttl().await, 30 * 86_400, "an unrecorded change applied");
 }
 
+/// A reload announcing a next root, which the audit log cannot record: the root key made
+/// the cross certificate before the reload failed, so no `reload` line will name it; a
+/// line of its own would, and when that cannot be written either, an ERROR in the log
+/// names it (serial and SHA-256), as the info line that it was made does.
+#[tokio::test]
+async fn a_cross_certificate_made_for_a_failed_reload_is_named() {
+    let env = Env::new();
+    env.init_next_root();
+    std::os::unix::fs::symlink("/dev/full", env.path("audit.log")).unwrap();
+    let signer = env.start_signer();
+    env.announce_next_root(Some("next-root-cert.pem"));
+    send_signal(signer.child.id(), "HUP");
+    let made = signer.wait_for_log("cross certificate made").await;
+    let line = signer.wait_for_log("SIGHUP: rules not reloaded").await;
+    assert!(
+        line.contains("the audit log cannot record the change"),
+        "{line}"
+    );
+    let named = signer
+        .wait_for_log("the audit log cannot record the cross certificates a failed reload made")
+        .await;
+    let made: Value = serde_json::from_str(&made).unwrap();
+    for field in ["cross_serial", "cross_sha256"] {
+        let value = made[field].as_str().unwrap();
+        assert!(named.contains(value), "{field} {value} not in {named}");
+    }
+    assert!(named.contains("\"level\":\"ERROR\""), "{named}");
+}
+
 /// Largest file the signer of [`a_full_audit_disk_makes_the_signer_unready_until_a_write_succeeds_again_by_itself`]
 /// may write: room for a few dozen audit lines, well above the token's files.
 const FILE_SIZE_LIMIT: u64 = 16 * 1024;

@@ -752,9 +752,24 @@ impl RunningSigner {
         )?;
         let in_force = self.state.rules();
         let mut rules = Rules::reloaded(&read, &in_force);
-        vouch_for_announced(self.state.backend.as_ref(), &mut rules, Some(&*in_force))
-            .await
-            .map_err(ReloadError::CrossCert)?;
+        let vouched =
+            vouch_for_announced(self.state.backend.as_ref(), &mut rules, Some(&*in_force)).await;
+        // Cross certificates the root key made for this reload (not kept from those in
+        // force): if the reload fails from here, only a line of their own names them.
+        let made: Vec<String> = rules
+            .announced_roots()
+            .filter(|root| root.cross_cert.is_some())
+            .filter(|root| {
+                !in_force.announced_roots().any(|kept| {
+                    kept.fingerprint_sha256 == root.fingerprint_sha256 && kept.cross_cert.is_some()
+                })
+            })
+            .map(|root| root.described())
+            .collect();
+        if let Err(e) = vouched {
+            self.record_failed_reload(&made, &e).await;
+            return Err(ReloadError::CrossCert(e));
+        }
         let change = RulesChange::between(&in_force, &rules);
         if !change.is_empty() {
             let record = AuditRecord {
@@ -767,7 +782,10 @@ impl RunningSigner {
                 ..Default::default()
             };
             let announced = self.state.audit.expect_line();
-            self.state.audit.append(record, announced).await?;
+            if let Err(e) = self.state.audit.append(record, announced).await {
+                self.record_failed_reload(&made, &e.to_string()).await;
+                return Err(e.into());
+            }
             self.state.metrics.announced_roots(rules.announced_roots());
             self.state.metrics.rules_in_force(&rules);
             self.state.replace_rules(rules);
@@ -889,6 +907,31 @@ impl RunningSigner {
             settings_changed,
             parsed,
         })
+    }
+
+    /// Records a rules reload that failed after the root key made cross certificates for
+    /// it (`made`), which no `reload` line will name: every signature of the root key is
+    /// on record. A line that cannot be written (the reason the reload failed, perhaps)
+    /// leaves them to an ERROR in the log, serials and digests included.
+    async fn record_failed_reload(&self, made: &[String], error: &str) {
+        if made.is_empty() {
+            return;
+        }
+        let message = format!(
+            "rules not reloaded, the ones in force stay ({error}); the root key made cross certificates for the announced roots: {}, which no rule in force names",
+            made.join("; ")
+        );
+        let record = AuditRecord {
+            time: rfc3339(SystemTime::now()),
+            event: "reload".into(),
+            rule: Some("rules_reload_failed".into()),
+            message: Some(message.clone()),
+            ..Default::default()
+        };
+        let announced = self.state.audit.expect_line();
+        if let Err(e) = self.state.audit.append(record, announced).await {
+            tracing::error!(error = %e, made = %message, "the audit log cannot record the cross certificates a failed reload made");
+        }
     }
 
     /// Records a TLS reload that failed: the trust in force stays, and the log says why
