@@ -770,7 +770,7 @@ impl ServingCertificates {
 /// in the slack of a full disk, and the next one fail), and one given room again is
 /// writable at once.
 pub async fn probe_audit_log(state: &SignerState) {
-    state.audit.check_free_space();
+    state.audit.check_free_space_off_the_runtime().await;
     match state.audit.write_recovery().await {
         None => {}
         Some(Ok(())) => tracing::info!(

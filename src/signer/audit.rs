@@ -44,6 +44,9 @@ use tokio::sync::oneshot;
 use super::ratelimit::{LogThrottle, RateLimit};
 use crate::pki::csr::hex;
 
+/// How long an async caller waits for the free space of the audit log's filesystem.
+const FREE_SPACE_WAIT: Duration = Duration::from_secs(2);
+
 /// `prev` of the first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Most lines committed by one write + fsync.
@@ -233,6 +236,8 @@ pub struct AuditLog {
     path: PathBuf,
     /// A `recovery` record is being written ([`AuditLog::write_recovery`]).
     recovering: Arc<AtomicBool>,
+    /// A read of the free space under way ([`AuditLog::check_free_space_off_the_runtime`]).
+    free_space_read_under_way: Arc<AtomicBool>,
 }
 
 /// Whether the log takes lines: its last commit succeeded, its filesystem has room for
@@ -481,6 +486,7 @@ impl AuditLog {
             head,
             path: path.to_path_buf(),
             recovering: Arc::default(),
+            free_space_read_under_way: Arc::default(),
         };
         // The free space is known (and exported) from the start.
         log.check_free_space();
@@ -606,6 +612,50 @@ impl AuditLog {
     /// Looks at the free space of the log's filesystem (of its directory: where a rotation
     /// puts the next file), records it, and says when the log gains or loses room.
     pub fn check_free_space(&self) {
+        self.note_stuck_write();
+        match crate::fsutil::free_bytes(crate::fsutil::parent_dir(&self.path)) {
+            Ok(free) => self.note_free_space(free),
+            Err(e) => self.free_space_unknown(&e.to_string()),
+        }
+    }
+
+    /// [`AuditLog::check_free_space`] from async code. `statvfs` on a network filesystem
+    /// whose server stopped answering does not return, and a runtime worker held in it is
+    /// one of two: so it runs on a blocking thread, one at a time (a read still under way
+    /// is not joined by another), and is given up on after [`FREE_SPACE_WAIT`].
+    pub async fn check_free_space_off_the_runtime(&self) {
+        self.note_stuck_write();
+        if self.free_space_read_under_way.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let dir = crate::fsutil::parent_dir(&self.path).to_path_buf();
+        let under_way = self.free_space_read_under_way.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let free = crate::fsutil::free_bytes(&dir);
+            under_way.store(false, Ordering::Release);
+            free
+        });
+        match tokio::time::timeout(FREE_SPACE_WAIT, read).await {
+            Ok(Ok(Ok(free))) => self.note_free_space(free),
+            Ok(Ok(Err(e))) => self.free_space_unknown(&e.to_string()),
+            Ok(Err(e)) => self.free_space_unknown(&e.to_string()),
+            Err(_) => self.free_space_unknown(&format!(
+                "statvfs did not return within {} s (a network filesystem that does not answer?)",
+                FREE_SPACE_WAIT.as_secs()
+            )),
+        }
+    }
+
+    fn free_space_unknown(&self, error: &str) {
+        tracing::debug!(
+            audit_log = %self.path.display(),
+            error,
+            "cannot read the free space of the audit log's filesystem"
+        );
+    }
+
+    /// Says once that a write has not returned for a while (its disk does not answer).
+    fn note_stuck_write(&self) {
         if let Some(under_way) = self.writability.write_stuck_for()
             && !self.writability.stuck_said.swap(true, Ordering::AcqRel)
         {
@@ -616,15 +666,6 @@ impl AuditLog {
                 "an audit log write has not returned for {} s: its disk does not answer; nothing is issued and the signer is not ready until it returns",
                 under_way.as_secs()
             );
-        }
-        let dir = crate::fsutil::parent_dir(&self.path);
-        match crate::fsutil::free_bytes(dir) {
-            Ok(free) => self.note_free_space(free),
-            Err(e) => tracing::debug!(
-                audit_log = %self.path.display(),
-                error = %e,
-                "cannot read the free space of the audit log's filesystem"
-            ),
         }
     }
 
@@ -2303,6 +2344,18 @@ mod tests {
         assert!(log.is_writable());
         assert_eq!(log.writable().get(), 1);
         assert_eq!(log.unwritable_reason(), None);
+
+        // Read off the runtime's threads, it finds the room again; while another such
+        // read is under way (a filesystem that does not answer), none is started.
+        log.note_free_space(64 * 1024);
+        log.free_space_read_under_way.store(true, Ordering::Release);
+        log.check_free_space_off_the_runtime().await;
+        assert!(!log.is_writable());
+        log.free_space_read_under_way
+            .store(false, Ordering::Release);
+        log.check_free_space_off_the_runtime().await;
+        assert!(log.is_writable());
+        assert!(!log.free_space_read_under_way.load(Ordering::Acquire));
     }
 
     /// A write that does not return (here: the path, after a rotation, is a FIFO nobody
