@@ -270,11 +270,13 @@ pub fn server_config(
         // Refusing or accepting the clients of an overdue CRL is a different verifier.
         .part("crl_overdue", &[format!("{overdue:?}")])
         .finish();
+    let client_ca_set = Arc::new(ClientCaSet::of(&client_cas));
     let verifier = refused_client::NotingVerifier::new(
         Arc::new(trust_store(client_ca, client_cas.clone())?),
         crls.in_force,
         overdue == CrlOverdue::Refuse,
         provider.clone(),
+        (client_ca_set.clone(), client_ca_not_after),
     )
     .map_err(|e| TlsError::Config(format!("client CA {}: {e}", client_ca.display())))?;
     let verifier = Arc::new(verifier);
@@ -307,6 +309,7 @@ pub fn server_config(
         certificate,
         client_ca_not_after,
         client_cas,
+        client_ca_set,
         crl_next_updates: crls.next_updates,
         superseded_crls: crls.superseded,
         client_ca_crl_problems,
@@ -385,6 +388,8 @@ pub struct ServerTls {
     pub client_ca_not_after: std::time::SystemTime,
     /// The client CA certificates, as read.
     pub client_cas: Vec<CertificateDer<'static>>,
+    /// The same, described once for every connection accepted under these settings.
+    pub client_ca_set: Arc<ClientCaSet>,
     pub crl_next_updates: Vec<CrlNextUpdate>,
     /// CRLs listed but not enforced: a newer one of their issuer was listed too.
     pub superseded_crls: Vec<SupersededCrl>,

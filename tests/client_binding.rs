@@ -267,3 +267,45 @@ async fn a_certificate_with_two_uri_sans_has_no_identity() {
         assert_eq!(line["rule"], "not_authorized", "{line}");
     }
 }
+
+/// A client CA that has ended: its clients are refused at the handshake, as Go and OpenSSL
+/// refuse them, though webpki takes a chain to a trust anchor whatever the anchor's dates
+/// (before, a client certificate that outlived its CA, which `openssl x509 -req` does not
+/// prevent, kept signing in). The other CA's clients are served.
+#[tokio::test]
+async fn the_clients_of_a_client_ca_that_has_ended_are_refused_at_the_handshake() {
+    let env = Env::new();
+    let pki = env.path("pki");
+    openssl_self_signed_ca(&pki, "pay-ca", "/O=pay/CN=team pay transport CA", -30..-1);
+    client_certificate(
+        &pki,
+        "pay-b",
+        "pay-ca",
+        &format!("URI:{}", identity("cluster-b")),
+    );
+    let shared = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
+    let pay = std::fs::read_to_string(pki.join("pay-ca.pem")).unwrap();
+    std::fs::write(pki.join("ca.pem"), format!("{shared}{pay}")).unwrap();
+    let signer = env.start_signer();
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "b");
+
+    let refused = env
+        .client("pay-b")
+        .post(signer.url("/v1/sign"))
+        .json(&sign_body(VM, MESH_B, &csr))
+        .send()
+        .await;
+    assert!(refused.is_err(), "served: {refused:?}");
+    let client_a = env.client("cluster-a");
+    let (status, body) = post_sign(&client_a, &signer, &sign_body(VM, MESH_A, &csr)).await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = signer.metrics(&client_a).await;
+    assert!(
+        metrics.contains(
+            "meshca_tls_handshakes_refused_total{reason=\"client_certificate_expired\"} 1"
+        ),
+        "{metrics}"
+    );
+    let logs = signer.logs();
+    assert!(logs.contains(&identity("cluster-b")), "{logs}");
+}

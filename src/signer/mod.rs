@@ -77,13 +77,14 @@ impl SignerState {
         };
         let verifier = {
             let in_force = self.tls.borrow();
-            // Unchanged since the handshake checked it, the certificate not past its end
-            // and no CRL refusing its clients overdue (a connection kept alive): nothing
-            // to check again (a signature check per request would cost the signing path
-            // for nothing).
+            // Unchanged since the handshake checked it, the certificate not past its end,
+            // no client CA ended and no CRL refusing its clients overdue (a connection
+            // kept alive): nothing to check again (a signature check per request would
+            // cost the signing path for nothing).
             let now = std::time::SystemTime::now();
             if client.verified_under == Some(in_force.fingerprint)
                 && client.not_after.is_some_and(|end| now < end)
+                && now < in_force.client_ca_not_after
                 && in_force.crls_refuse_from.is_none_or(|due| now < due)
             {
                 return Ok(());

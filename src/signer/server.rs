@@ -509,7 +509,7 @@ pub(super) fn serving_tls(
         superseded_crls: tls.superseded_crls,
         client_ca_crl_problems: tls.client_ca_crl_problems,
         key_readable_by_others: tls.key_readable_by_others,
-        client_ca_set: Arc::new(crate::tlsutil::ClientCaSet::of(&tls.client_cas)),
+        client_ca_set: tls.client_ca_set,
         client_cas: tls.client_cas,
         fingerprint: tls.fingerprint,
         crls_refuse_from,

@@ -123,6 +123,9 @@ pub struct ClientCaSet {
     anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
     /// Of each anchor, at the same place.
     cas: Vec<ClientCa>,
+    /// When each anchor's certificate ends, at the same place (None: its dates do not
+    /// parse). webpki never looks at a trust anchor's dates.
+    ends: Vec<Option<std::time::SystemTime>>,
 }
 
 impl ClientCaSet {
@@ -130,20 +133,42 @@ impl ClientCaSet {
         let names = ca_names(client_cas);
         // A CA that does not parse as a trust anchor is left out, as rustls's store leaves
         // it; the subjects shared are counted over them all, as a pin is checked.
-        let (anchors, cas) = client_cas
-            .iter()
-            .zip(&names)
-            .filter_map(|(der, name)| {
-                let anchor = webpki::anchor_from_trusted_cert(der).ok()?.to_owned();
-                let ca = ClientCa {
-                    sha256: name.sha256.clone(),
-                    subject: name.subject.clone(),
-                    sharing_subject: names.iter().filter(|n| n.subject == name.subject).count(),
-                };
-                Some((anchor, ca))
-            })
-            .unzip();
-        ClientCaSet { anchors, cas }
+        let mut set = ClientCaSet {
+            anchors: Vec::new(),
+            cas: Vec::new(),
+            ends: Vec::new(),
+        };
+        for (der, name) in client_cas.iter().zip(&names) {
+            let Ok(anchor) = webpki::anchor_from_trusted_cert(der) else {
+                continue;
+            };
+            set.anchors.push(anchor.to_owned());
+            set.cas.push(ClientCa {
+                sha256: name.sha256.clone(),
+                subject: name.subject.clone(),
+                sharing_subject: names.iter().filter(|n| n.subject == name.subject).count(),
+            });
+            set.ends.push(
+                Certificate::from_der(der)
+                    .ok()
+                    .map(|ca| ca.tbs_certificate().validity().not_after.to_system_time()),
+            );
+        }
+        set
+    }
+
+    /// The CA that `chain` leads to at `now` (as [`ClientCaSet::chained_to`]) if it has
+    /// ended, with its end: webpki takes a chain to an ended CA, which Go and OpenSSL
+    /// refuse, and the README promises the signer refuses.
+    pub fn ended_ca_of(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Option<(ClientCa, std::time::SystemTime)> {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
+        let index = self.anchor_of(chain, now)?;
+        let end = self.ends.get(index).copied().flatten()?;
+        (end < at).then(|| (self.cas[index].clone(), end))
     }
 
     /// The CA that `chain` (leaf first, as the handshake presented it) leads to at `now`,
@@ -152,6 +177,11 @@ impl ClientCaSet {
     /// sends, so a chain that leads to several ends at the nearest. None if it leads to
     /// none.
     pub fn chained_to(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Option<ClientCa> {
+        self.cas.get(self.anchor_of(chain, now)?).cloned()
+    }
+
+    /// The place of the anchor `chain` leads to at `now` (see [`ClientCaSet::chained_to`]).
+    fn anchor_of(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Option<usize> {
         let (leaf, intermediates) = chain.split_first()?;
         let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
         let algorithms = super::chosen_provider()
@@ -168,11 +198,9 @@ impl ClientCaSet {
                 None,
             )
             .ok()?;
-        let anchor = self
-            .anchors
+        self.anchors
             .iter()
-            .position(|a| std::ptr::eq(a, path.anchor()))?;
-        self.cas.get(anchor).cloned()
+            .position(|a| std::ptr::eq(a, path.anchor()))
     }
 }
 

@@ -27,6 +27,8 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use x509_cert::Certificate;
 
+use super::ClientCaSet;
+
 tokio::task_local! {
     /// The refused certificate of the handshake the current task runs.
     static REFUSED: RefCell<Option<RefusedClient>>;
@@ -59,6 +61,11 @@ pub struct NotingVerifier {
     /// CRLs right after its signature, so a revoked (or unlisted) intermediate is reported
     /// before the end entity's signature is checked.
     revocation_aside: Arc<dyn ClientCertVerifier>,
+    /// The client CAs, to refuse a chain that leads to one that has ended (webpki never
+    /// looks at a trust anchor's dates), and when the first of them ends: until then
+    /// there is nothing to look for.
+    client_cas: Arc<ClientCaSet>,
+    first_ca_end: std::time::SystemTime,
 }
 
 impl NotingVerifier {
@@ -70,6 +77,7 @@ impl NotingVerifier {
         crls: Vec<CertificateRevocationListDer<'static>>,
         enforce_crl_next_update: bool,
         provider: Arc<rustls::crypto::CryptoProvider>,
+        (client_ca_set, first_ca_end): (Arc<ClientCaSet>, std::time::SystemTime),
     ) -> Result<Self, VerifierBuilderError> {
         let builder =
             || WebPkiClientVerifier::builder_with_provider(client_cas.clone(), provider.clone());
@@ -81,7 +89,39 @@ impl NotingVerifier {
             deciding: deciding.build()?,
             dates_aside: builder().with_crls(crls).build()?,
             revocation_aside: builder().build()?,
+            client_cas: client_ca_set,
+            first_ca_end,
         })
+    }
+
+    /// Why a chain webpki took is refused all the same: it leads to a client CA that has
+    /// ended, as Go and OpenSSL see it (and the README's `MeshcaClientCaExpiresSoon` says).
+    fn ended_client_ca(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Option<rustls::Error> {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        if at <= self.first_ca_end {
+            return None;
+        }
+        let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity.clone())
+            .chain(intermediates.iter().cloned())
+            .collect();
+        let (ca, ended) = self.client_cas.ended_ca_of(&chain, now)?;
+        tracing::debug!(client_ca = %ca.subject, client_ca_sha256 = %ca.sha256, "a client chain leads to a client CA that has ended");
+        let not_after = UnixTime::since_unix_epoch(
+            ended
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::ExpiredContext {
+                time: now,
+                not_after,
+            },
+        ))
     }
 
     /// What a refused certificate is refused with, and whether its chain was shown to lead
@@ -246,14 +286,19 @@ impl ClientCertVerifier for NotingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let error = match self
+        let refusal = match self
             .deciding
             .verify_client_cert(end_entity, intermediates, now)
         {
-            Ok(verified) => return Ok(verified),
-            Err(error) => error,
+            Ok(verified) => match self.ended_client_ca(end_entity, intermediates, now) {
+                None => return Ok(verified),
+                Some(error) => Refusal {
+                    error,
+                    chains_to_client_ca: true,
+                },
+            },
+            Err(error) => self.explain(error, end_entity, intermediates, now),
         };
-        let refusal = self.explain(error, end_entity, intermediates, now);
         // Outside a handshake run by `accept_noting_refused_client` there is nowhere to
         // note it, and nothing to do.
         let _ = REFUSED.try_with(|refused| {
