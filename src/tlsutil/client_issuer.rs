@@ -168,7 +168,19 @@ impl ClientCaSet {
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
         let index = self.anchor_of(chain, now)?;
         let end = self.ends.get(index).copied().flatten()?;
-        (end < at).then(|| (self.cas[index].clone(), end))
+        // A CA renewed with the same name and key (its new certificate beside the old)
+        // vouches for the same chain: webpki may have ended the path at the old one.
+        let anchor = &self.anchors[index];
+        let renewed = self
+            .anchors
+            .iter()
+            .zip(&self.ends)
+            .any(|(other, other_end)| {
+                other.subject == anchor.subject
+                    && other.subject_public_key_info == anchor.subject_public_key_info
+                    && other_end.is_some_and(|other_end| at <= other_end)
+            });
+        (end < at && !renewed).then(|| (self.cas[index].clone(), end))
     }
 
     /// The CA that `chain` (leaf first, as the handshake presented it) leads to at `now`,
@@ -397,6 +409,74 @@ mod tests {
             ]
         );
         assert_eq!(set.anchors.len(), 3);
+    }
+
+    /// A chain to a CA that has ended is found ended, unless that CA was renewed under the
+    /// same name and key (its new certificate beside the old one in the file): webpki may
+    /// end the path at either. A CA of the same name but another key renews nothing.
+    #[test]
+    fn a_chain_to_an_ended_ca_is_found_unless_the_ca_was_renewed_with_its_key() {
+        use crate::pki::testing::openssl;
+        use rustls_pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &str| openssl(dir.path(), &args.split(' ').collect::<Vec<_>>());
+        let ca_ext =
+            "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign";
+        for key in ["ca.key", "other.key", "client.key"] {
+            run(&format!(
+                "genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {key}"
+            ));
+        }
+        run(&format!(
+            "req -x509 -key ca.key -subj /CN=clients -days 1 {ca_ext} -out old.pem"
+        ));
+        run(&format!(
+            "req -x509 -key ca.key -subj /CN=clients -days 30 {ca_ext} -out renewed.pem"
+        ));
+        run(&format!(
+            "req -x509 -key other.key -subj /CN=clients -days 30 {ca_ext} -out twin.pem"
+        ));
+        run("req -new -key client.key -subj /CN=c -out client.csr");
+        std::fs::write(
+            dir.path().join("client.ext"),
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\nsubjectAltName=URI:spiffe://t/c\n",
+        )
+        .unwrap();
+        run(
+            "x509 -req -in client.csr -CA old.pem -CAkey ca.key -set_serial 7 -days 10 -extfile client.ext -out client.pem",
+        );
+        let der = |name: &str| CertificateDer::from_pem_file(dir.path().join(name)).unwrap();
+        let chain = [der("client.pem")];
+        // Five days on: the old certificate has ended, the renewed one and the client not.
+        let later = UnixTime::since_unix_epoch(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                + std::time::Duration::from_secs(5 * 86_400),
+        );
+        let ended = ClientCaSet::of(&[der("old.pem")]).ended_ca_of(&chain, later);
+        assert_eq!(
+            ended.map(|(ca, _)| ca.subject),
+            Some("CN=clients".to_string())
+        );
+        for renewed in [
+            [der("old.pem"), der("renewed.pem")],
+            [der("renewed.pem"), der("old.pem")],
+        ] {
+            assert_eq!(ClientCaSet::of(&renewed).ended_ca_of(&chain, later), None);
+        }
+        let twin = ClientCaSet::of(&[der("old.pem"), der("twin.pem")]);
+        assert!(twin.ended_ca_of(&chain, later).is_some());
+        // Today, nothing has ended.
+        let today = UnixTime::since_unix_epoch(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap(),
+        );
+        assert_eq!(
+            ClientCaSet::of(&[der("old.pem")]).ended_ca_of(&chain, today),
+            None
+        );
     }
 
     #[test]
