@@ -808,12 +808,24 @@ struct InForce {
     /// `rulesSha256` and `rules`.
     rules: Option<(String, String)>,
     tls: Option<crate::tlsutil::TransportTrust>,
+    /// The cross certificate of each root announced, by its SHA-256, as the line that made
+    /// it named it (the rules name announced roots only by their SHA-256): `serve --check`
+    /// and `root show` look for it in the current file.
+    cross_certs: std::collections::BTreeMap<String, String>,
 }
 
 impl InForce {
     fn note(&mut self, record: &AuditRecord) {
         if let (Some(digest), Some(text)) = (&record.rules_sha256, &record.rules) {
             self.rules = Some((digest.clone(), text.clone()));
+            // Those of roots still announced stay; a line naming one anew replaces it.
+            self.cross_certs
+                .retain(|fingerprint, _| text.contains(fingerprint.as_str()));
+            for (fingerprint, cross) in cross_certs_named(record.message.as_deref().unwrap_or("")) {
+                if text.contains(fingerprint.as_str()) {
+                    self.cross_certs.insert(fingerprint, cross);
+                }
+            }
         }
         if let Some(tls) = &record.tls {
             self.tls = Some(tls.clone());
@@ -842,6 +854,17 @@ impl InForce {
                 super::server::host_name()
             ));
         }
+        if !self.cross_certs.is_empty() {
+            let named: Vec<String> = self
+                .cross_certs
+                .iter()
+                .map(|(fingerprint, cross)| format!("sha256 {fingerprint} ({cross})"))
+                .collect();
+            message.push_str(&format!(
+                "; the root key vouches for the announced roots with these cross certificates, as the lines that made them named them: {}",
+                named.join(", ")
+            ));
+        }
         AuditRecord {
             time,
             event: "rotation".into(),
@@ -852,6 +875,30 @@ impl InForce {
             ..Default::default()
         }
     }
+}
+
+/// Each cross certificate `message` names for an announced root, as the `start`, `reload`
+/// and `rotation` lines name them (`... sha256 <root> [announced ](cross certificate
+/// serial <s> sha256 <h>)`): the root's SHA-256 and `cross certificate serial <s> sha256
+/// <h>`.
+pub fn cross_certs_named(message: &str) -> Vec<(String, String)> {
+    const OPEN: &str = "(cross certificate ";
+    let mut named = Vec::new();
+    let mut from = 0;
+    while let Some(at) = message[from..].find(OPEN).map(|at| from + at) {
+        let inside = &message[at + 1..];
+        let Some(end) = inside.find(')') else {
+            break;
+        };
+        from = at + 1 + end;
+        let before = message[..at].trim_end();
+        let before = before.strip_suffix(" announced").unwrap_or(before);
+        let mut words = before.rsplit(' ');
+        if let (Some(fingerprint), Some("sha256")) = (words.next(), words.next()) {
+            named.push((fingerprint.to_string(), inside[..end].to_string()));
+        }
+    }
+    named
 }
 
 /// What another writer did to the log, as the signer's next write found it.
@@ -2962,6 +3009,52 @@ mod tests {
 
     /// The lines written with a `rotation` record were stamped before the writer noticed
     /// the rotation: its time is theirs at the latest, so time does not go back after it.
+    /// The rules name an announced root by its SHA-256 only: a rotation restates the cross
+    /// certificate that vouches for it too, as the line that made it named it, so that
+    /// `serve --check` and `root show` still find it in the current file; one no longer
+    /// announced is not restated.
+    #[tokio::test]
+    async fn a_rotation_restates_the_cross_certificates_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let next = "ab".repeat(32);
+        let rules = |text: String| AuditRecord {
+            event: "reload".into(),
+            rule: Some("rules_changed".into()),
+            rules_sha256: Some("d1".into()),
+            rules: Some(text),
+            ..record(0)
+        };
+        let announced = AuditRecord {
+            message: Some(format!(
+                "next root sha256 {next} announced (cross certificate serial 0a sha256 c1)"
+            )),
+            ..rules(format!("root r\nnext root sha256 {next}\n"))
+        };
+        log.append(announced, log.expect_line()).await.unwrap();
+        // A reload that changes something else keeps it.
+        let other = AuditRecord {
+            message: Some("limits changed".into()),
+            ..rules(format!("root r\nnext root sha256 {next}\nlimits y\n"))
+        };
+        log.append(other, log.expect_line()).await.unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
+        log.append(record(1), log.expect_line()).await.unwrap();
+        assert_eq!(
+            super::super::check::audited_cross_cert(&path, &next).as_deref(),
+            Some("serial 0a sha256 c1")
+        );
+        // No longer announced: the next rotation does not name it.
+        log.append(rules("root r\n".into()), log.expect_line())
+            .await
+            .unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.2")).unwrap();
+        log.append(record(2), log.expect_line()).await.unwrap();
+        assert_eq!(super::super::check::audited_cross_cert(&path, &next), None);
+        assert!(matches!(verify_file(&path), VerifyOutcome::Intact { .. }));
+    }
+
     #[tokio::test]
     async fn a_rotation_record_is_stamped_no_later_than_the_lines_after_it() {
         let dir = tempfile::tempdir().unwrap();

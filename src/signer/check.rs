@@ -224,14 +224,15 @@ pub fn audited_cross_cert(audit_log: &Path, fingerprint: &str) -> Option<String>
     let mut last = None;
     for line in std::io::BufReader::new(file).lines() {
         let Ok(line) = line else { break };
-        let mut rest = line.as_str();
-        while let Some(at) = rest.find(fingerprint) {
-            rest = &rest[at + fingerprint.len()..];
-            let after = rest.strip_prefix(" announced").unwrap_or(rest);
-            if let Some(cross) = after.strip_prefix(" (cross certificate ")
-                && let Some(end) = cross.find(')')
-            {
-                last = Some(cross[..end].to_string());
+        // A start or reload that failed made it, but put nothing in force.
+        if line.contains(r#""event":"start_failed""#)
+            || line.contains(r#""rule":"rules_reload_failed""#)
+        {
+            continue;
+        }
+        for (root, cross) in super::audit::cross_certs_named(&line) {
+            if root == fingerprint {
+                last = cross.strip_prefix("cross certificate ").map(String::from);
             }
         }
     }
@@ -498,6 +499,11 @@ mod tests {
                 r#"{"event":"start","message":"rules in force: limits: x; next root sha256 aa (cross certificate serial 02 sha256 f2) announced"}"#,
                 "\n",
                 r#"{"event":"reload","message":"previous root sha256 aa no longer announced; next root sha256 bb announced"}"#,
+                "\n",
+                // Made by a start or reload that failed: not in force.
+                r#"{"event":"start_failed","message":"made cross certificates: next root sha256 aa (cross certificate serial 03 sha256 f3)"}"#,
+                "\n",
+                r#"{"event":"reload","rule":"rules_reload_failed","message":"made: next root sha256 bb (cross certificate serial 04 sha256 f4)"}"#,
                 "\n",
             ),
         )
