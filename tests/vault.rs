@@ -823,19 +823,21 @@ async fn the_token_is_renewed_before_its_ttl_runs_out() {
     assert_eq!(count(&signer.logs(), "logged in to Vault"), 1);
 }
 
-/// A token from `token_file` that cannot be renewed: at half its TTL the file still holds
-/// it, which is no fresh login (before, it was read again and again as one, nothing was
-/// flagged, and the token met its end unwarned); a new token written there is taken once
-/// the old one ends, without a restart.
-#[tokio::test]
-async fn a_file_token_that_cannot_be_renewed_is_flagged_until_a_new_one_is_in_the_file() {
-    const TTL: u64 = 20;
+/// A token from `token_file`, made with `token_args` and ending `ends` seconds after: at
+/// a refresh the file still holds it, which is no fresh login, so the warning says why
+/// (`why`) and `meshca_backend_login_failing` is 1 while it still signs; a new token
+/// written there is taken once the old one has ended, without a restart. The signer's log.
+async fn file_token_flagged_until_a_new_one_is_in_the_file(
+    token_args: &[&str],
+    ends: u64,
+    why: &str,
+) -> String {
     let env = Env::with(vault(VaultSpec {
         auth: VaultAuthSpec::Token { ttl: None },
         ..VaultSpec::default()
     }));
     let bao = env.bao();
-    let ending = bao.create_token(&["meshca"], &[&format!("-ttl={TTL}s"), "-renewable=false"]);
+    let ending = bao.create_token(&["meshca"], token_args);
     openbao::write_secret(&env.path("vault/token"), &ending);
     let signer = env.start_signer();
     let started = Instant::now();
@@ -845,87 +847,60 @@ async fn a_file_token_that_cannot_be_renewed_is_flagged_until_a_new_one_is_in_th
         .wait_for_nth_log_within(
             "cannot log in to Vault for a fresh token",
             1,
-            Duration::from_secs(TTL),
+            Duration::from_secs(ends),
         )
         .await;
     assert!(
-        line.contains("still holds the token in use, which cannot be renewed"),
+        line.contains(&format!("still holds the token in use, which {why}")),
         "{line}"
     );
     assert_eq!(readyz(&env, &signer).await.0, 200);
     assert_eq!(login_failing(&env, &signer).await, Some(1));
     assert_eq!(sign(&env, &signer).await.0, 200);
 
+    // A new token in the file: taken once the old one has ended (at its end, or a
+    // request's 403), or at the next try, whichever comes first; signing goes on.
     let fresh = bao.create_token(&["meshca"], &["-ttl=1h"]);
     openbao::write_secret(&env.path("vault/token"), &fresh);
-    tokio::time::sleep(Duration::from_secs(TTL + 1).saturating_sub(started.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(ends + 1).saturating_sub(started.elapsed())).await;
     let (status, body) = sign(&env, &signer).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(readyz(&env, &signer).await.0, 200);
     assert_eq!(login_failing(&env, &signer).await, Some(0));
     let logs = signer.logs();
     assert!(
         !logs.contains(ending.trim()) && !logs.contains(fresh.trim()),
         "a token was logged"
     );
+    logs
+}
+
+/// A token from `token_file` that cannot be renewed: at half its TTL the file still holds
+/// it (before, it was read again and again as a fresh login, nothing was flagged, and the
+/// token met its end unwarned).
+#[tokio::test]
+async fn a_file_token_that_cannot_be_renewed_is_flagged_until_a_new_one_is_in_the_file() {
+    let logs = file_token_flagged_until_a_new_one_is_in_the_file(
+        &["-ttl=20s", "-renewable=false"],
+        20,
+        "cannot be renewed",
+    )
+    .await;
     // The file's first token, then its second: no login in between.
     assert_eq!(count(&logs, "logged in to Vault"), 2, "{logs}");
 }
 
-/// A token from `token_file` near its max TTL: `meshca_backend_login_failing` says so while
-/// it still signs (before, nothing did until it ended), and a new token written into the
-/// file is taken up without a restart.
+/// A token from `token_file` near its max TTL (before, nothing said so until it ended).
 #[tokio::test]
 async fn a_file_token_near_its_max_ttl_is_flagged_until_a_new_one_is_in_the_file() {
     // Renewed at 15 s (25 s granted, what is left of 40), then at 27.5 s (12.5 s: under
     // half the first lease), when the file still holds the same token; it ends at 40 s.
-    const TTL: u64 = 30;
-    const MAX_TTL: u64 = 40;
-    let env = Env::with(vault(VaultSpec {
-        auth: VaultAuthSpec::Token { ttl: None },
-        ..VaultSpec::default()
-    }));
-    let bao = env.bao();
-    let expiring = bao.create_token(
-        &["meshca"],
-        &[
-            &format!("-ttl={TTL}s"),
-            &format!("-explicit-max-ttl={MAX_TTL}s"),
-        ],
-    );
-    openbao::write_secret(&env.path("vault/token"), &expiring);
-    let signer = env.start_signer();
-    let started = Instant::now();
-    assert_eq!(sign(&env, &signer).await.0, 200);
-    assert_eq!(login_failing(&env, &signer).await, Some(0));
-    let line = signer
-        .wait_for_nth_log_within(
-            "cannot log in to Vault for a fresh token",
-            1,
-            Duration::from_secs(MAX_TTL),
-        )
-        .await;
-    assert!(
-        line.contains("still holds the token in use, which nears its max TTL"),
-        "{line}"
-    );
-    assert_eq!(readyz(&env, &signer).await.0, 200);
-    assert_eq!(login_failing(&env, &signer).await, Some(1));
-    assert_eq!(sign(&env, &signer).await.0, 200);
-
-    // A new token in the file: taken once the old one has ended (a request's 403), or
-    // at the next try, whichever comes first; signing goes on.
-    let fresh = bao.create_token(&["meshca"], &["-ttl=1h"]);
-    openbao::write_secret(&env.path("vault/token"), &fresh);
-    tokio::time::sleep(Duration::from_secs(MAX_TTL + 1).saturating_sub(started.elapsed())).await;
-    let (status, body) = sign(&env, &signer).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(readyz(&env, &signer).await.0, 200);
-    assert_eq!(login_failing(&env, &signer).await, Some(0));
-    let logs = signer.logs();
-    assert!(
-        !logs.contains(expiring.trim()) && !logs.contains(fresh.trim()),
-        "a token was logged"
-    );
+    file_token_flagged_until_a_new_one_is_in_the_file(
+        &["-ttl=30s", "-explicit-max-ttl=40s"],
+        40,
+        "nears its max TTL",
+    )
+    .await;
 }
 
 #[tokio::test]
