@@ -3007,8 +3007,6 @@ mod tests {
         }
     }
 
-    /// The lines written with a `rotation` record were stamped before the writer noticed
-    /// the rotation: its time is theirs at the latest, so time does not go back after it.
     /// The rules name an announced root by its SHA-256 only: a rotation restates the cross
     /// certificate that vouches for it too, as the line that made it named it, so that
     /// `serve --check` and `root show` still find it in the current file; one no longer
@@ -3055,6 +3053,8 @@ mod tests {
         assert!(matches!(verify_file(&path), VerifyOutcome::Intact { .. }));
     }
 
+    /// The lines written with a `rotation` record were stamped before the writer noticed
+    /// the rotation: its time is theirs at the latest, so time does not go back after it.
     #[tokio::test]
     async fn a_rotation_record_is_stamped_no_later_than_the_lines_after_it() {
         let dir = tempfile::tempdir().unwrap();
