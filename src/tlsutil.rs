@@ -669,6 +669,20 @@ pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
     certificate_refusal_reason(tls)
 }
 
+/// A failed handshake's error in words. rustls shows an error of meshca's own verifier
+/// (a client CA that has ended, say) with its Debug form: that error's own words instead.
+pub fn handshake_error_text(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// Why a client certificate (chain) was refused, from the verifier's error: one of
 /// [`HANDSHAKE_REFUSAL_REASONS`].
 pub fn certificate_refusal_reason(e: &rustls::Error) -> &'static str {
@@ -677,6 +691,9 @@ pub fn certificate_refusal_reason(e: &rustls::Error) -> &'static str {
         rustls::Error::NoCertificatesPresented => "no_client_certificate",
         rustls::Error::InvalidCertificate(cert) => match cert {
             Cert::Expired | Cert::ExpiredContext { .. } => "client_certificate_expired",
+            Cert::Other(other) if other.0.is::<refused_client::ClientCaEnded>() => {
+                "client_certificate_expired"
+            }
             Cert::Revoked => "client_certificate_revoked",
             // Only with `client_crl_overdue = "refuse"`.
             Cert::ExpiredRevocationList | Cert::ExpiredRevocationListContext { .. } => {

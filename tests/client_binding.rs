@@ -306,6 +306,16 @@ async fn the_clients_of_a_client_ca_that_has_ended_are_refused_at_the_handshake(
         ),
         "{metrics}"
     );
+    // The log names the client and the CA that ended, not only "expired" beside a
+    // client certificate that is valid.
     let logs = signer.logs();
-    assert!(logs.contains(&identity("cluster-b")), "{logs}");
+    let refused = logs
+        .lines()
+        .find(|line| line.contains("TLS handshake refused"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(refused.contains(&identity("cluster-b")), "{refused}");
+    assert!(
+        refused.contains(&format!("the client CA it chains to, {PAY_CA_SUBJECT}")),
+        "{refused}"
+    );
 }

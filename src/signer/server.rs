@@ -1626,7 +1626,8 @@ async fn serve_tls(
                 Ok(Err(e)) => {
                     let reason = crate::tlsutil::handshake_refusal_reason(&e);
                     let client = refused_client.as_ref();
-                    return handshake_refused(&state, peer, reason, &e.to_string(), client);
+                    let error = crate::tlsutil::handshake_error_text(&e);
+                    return handshake_refused(&state, peer, reason, &error, client);
                 }
                 Err(_) => {
                     let error = "no handshake within the handshake timeout";

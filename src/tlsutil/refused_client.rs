@@ -110,18 +110,13 @@ impl NotingVerifier {
             .chain(intermediates.iter().cloned())
             .collect();
         let (ca, ended) = self.client_cas.ended_ca_of(&chain, now)?;
-        tracing::debug!(client_ca = %ca.subject, client_ca_sha256 = %ca.sha256, "a client chain leads to a client CA that has ended");
-        let not_after = UnixTime::since_unix_epoch(
-            ended
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default(),
-        );
-        Some(rustls::Error::InvalidCertificate(
-            CertificateError::ExpiredContext {
-                time: now,
-                not_after,
-            },
-        ))
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(ClientCaEnded {
+                subject: ca.subject,
+                sha256: ca.sha256,
+                ended,
+            })),
+        )))
     }
 
     /// What a refused certificate is refused with, and whether its chain was shown to lead
@@ -194,6 +189,20 @@ impl Refusal {
             chains_to_client_ca: false,
         }
     }
+}
+
+/// A chain that leads to a client CA that has ended: refused as `client_certificate_expired`
+/// ([`super::certificate_refusal_reason`]), named so, since the client's own certificate
+/// may well be valid.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the client CA it chains to, {subject} (sha256 {sha256}), ended at {}: its clients are refused; reissue them under its successor in tls.client_ca",
+    crate::pki::datetime::rfc3339(*ended)
+)]
+pub struct ClientCaEnded {
+    subject: String,
+    sha256: String,
+    ended: std::time::SystemTime,
 }
 
 /// A refusal made when asking again at a time the chain is valid.
