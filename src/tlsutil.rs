@@ -669,14 +669,22 @@ pub fn handshake_refusal_reason(e: &std::io::Error) -> &'static str {
     certificate_refusal_reason(tls)
 }
 
-/// A failed handshake's error in words. rustls shows an error of meshca's own verifier
-/// (a client CA that has ended, say) with its Debug form: that error's own words instead.
+/// A failed handshake's error in words (see [`certificate_error_text`]).
 pub fn handshake_error_text(e: &std::io::Error) -> String {
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+        Some(tls) => certificate_error_text(tls),
+        None => e.to_string(),
+    }
+}
+
+/// A certificate refusal in words. rustls shows an error of meshca's own verifier (a
+/// client CA that has ended, say) in its Debug form: that error's own words instead.
+pub fn certificate_error_text(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
             format!("invalid peer certificate: {}", other.0)
         }
         _ => e.to_string(),

@@ -508,7 +508,10 @@ async fn sign_inner(
         Refusal::new(
             Status::Forbidden,
             reason,
-            format!("{NO_LONGER_ACCEPTED}: {e}"),
+            format!(
+                "{NO_LONGER_ACCEPTED}: {}",
+                crate::tlsutil::certificate_error_text(&e)
+            ),
         )
     })?;
     let malformed = |why: String| {
@@ -644,7 +647,10 @@ async fn virtual_mesh(
         return error_response(
             Status::Forbidden,
             reason,
-            &format!("{NO_LONGER_ACCEPTED}: {e}"),
+            &format!(
+                "{NO_LONGER_ACCEPTED}: {}",
+                crate::tlsutil::certificate_error_text(&e)
+            ),
         );
     }
     let id = ObjectRef::new(namespace, name);
