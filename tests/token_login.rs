@@ -51,7 +51,7 @@ fn burst(runtime: &tokio::runtime::Runtime, backend: &Arc<Pkcs11Backend>) -> usi
             .join_all()
             .await
             .into_iter()
-            .filter(|r| matches!(r, Err(BackendError::PinRejected)))
+            .filter(|r| matches!(r, Err(BackendError::PinRejected { locked: false })))
             .count()
     })
 }

@@ -60,17 +60,25 @@ impl IssueRequest {
     }
 }
 
+/// What a refused PIN is answered with: a wrong PIN is mended in the configuration, a
+/// locked one only with the security officer PIN (a restart meets the same lock).
+fn pin_refusal(locked: bool) -> &'static str {
+    if locked {
+        "the token's user PIN is locked (too many refused logins); meshca does not log in with it again: unlock it with the security officer PIN (for a SoftHSM or OpenSC token, `pkcs11-tool --login --login-type so --init-pin`; an HSM's own tool otherwise), then restart the signer"
+    } else {
+        "the token refused the user PIN; meshca does not retry a refused PIN (that would lock the token): fix the PIN and restart the signer"
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The token (or Vault) cannot be used right now; the request may be retried.
     #[error("root key backend unavailable: {0}")]
     Unavailable(String),
-    /// The token refused the PIN. meshca never retries a refused PIN: each try counts
-    /// towards locking the token.
-    #[error(
-        "the token refused the user PIN; meshca does not retry a refused PIN (that would lock the token): fix the PIN and restart the signer"
-    )]
-    PinRejected,
+    /// The token refused the PIN (`locked`: as locked, after too many refusals). meshca
+    /// never retries a refused PIN: each try counts towards locking the token.
+    #[error("{}", pin_refusal(*locked))]
+    PinRejected { locked: bool },
     /// The certificate about to be signed (or returned) failed lint: a meshca defect or a
     /// backend that does not do what it was asked. Nothing was issued.
     #[error("issuance stopped: {0}")]
@@ -137,5 +145,24 @@ pub trait RootSigner: Send + Sync {
     /// token), once nothing will be signed any more. The token's sessions end with it.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackendError;
+
+    /// A PIN the token locked is not answered as a wrong one: correcting the PIN and
+    /// restarting, the advice for a wrong PIN, meets the same lock.
+    #[test]
+    fn a_locked_pin_is_not_answered_as_a_wrong_one() {
+        let wrong = BackendError::PinRejected { locked: false }.to_string();
+        assert!(wrong.contains("fix the PIN and restart"), "{wrong}");
+        let locked = BackendError::PinRejected { locked: true }.to_string();
+        assert!(
+            locked.contains("is locked") && locked.contains("security officer PIN"),
+            "{locked}"
+        );
+        assert!(!locked.contains("fix the PIN"), "{locked}");
     }
 }

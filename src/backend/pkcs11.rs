@@ -1099,7 +1099,7 @@ impl RecentSigning {
         let latest = |slot: &mut Option<Instant>| *slot = Some(slot.map_or(at, |t| t.max(at)));
         match outcome {
             Ok(_) => latest(&mut answers.signed),
-            Err(BackendError::Unavailable(_) | BackendError::PinRejected) => {
+            Err(BackendError::Unavailable(_) | BackendError::PinRejected { .. }) => {
                 latest(&mut answers.gone)
             }
             Err(_) => {}
@@ -1134,7 +1134,8 @@ struct Inner {
     /// try per thread towards its lockout. In turn, each finds the login already done
     /// (login state is the application's, not the session's) or the PIN refused.
     login: Mutex<()>,
-    pin_rejected: AtomicBool,
+    /// Set once the token refused the PIN (never sent again): whether it said locked.
+    pin_refusal: std::sync::OnceLock<bool>,
     last_reconnect: Mutex<Option<Instant>>,
     /// Why the last reconnect failed, until one succeeds: errors on the connection left
     /// behind (finalized) say only "not initialized", so this is what callers are told.
@@ -1172,7 +1173,7 @@ impl Pkcs11Backend {
             key: Mutex::new(Some(key)),
             sessions: Mutex::new(sessions),
             login: Mutex::new(()),
-            pin_rejected: AtomicBool::new(false),
+            pin_refusal: std::sync::OnceLock::new(),
             last_reconnect: Mutex::new(None),
             reconnect_failure: Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -1227,17 +1228,26 @@ impl Inner {
             return Ok(session);
         }
         let _one_login_at_a_time = lock(&self.login);
-        if self.pin_rejected.load(Ordering::SeqCst) {
-            return Err(BackendError::PinRejected);
+        if let Some(refused) = self.refused_pin() {
+            return Err(refused);
         }
         match token.logged_in_session(&self.pin, false) {
             Ok(session) => Ok(session),
-            Err(TokenError::PinIncorrect { .. } | TokenError::PinLocked) => {
-                self.pin_rejected.store(true, Ordering::SeqCst);
-                Err(BackendError::PinRejected)
+            Err(e @ (TokenError::PinIncorrect { .. } | TokenError::PinLocked)) => {
+                let locked = *self
+                    .pin_refusal
+                    .get_or_init(|| matches!(e, TokenError::PinLocked));
+                Err(BackendError::PinRejected { locked })
             }
             Err(e) => Err(BackendError::Unavailable(e.to_string())),
         }
+    }
+
+    /// The refusal of the PIN, once the token refused it.
+    fn refused_pin(&self) -> Option<BackendError> {
+        self.pin_refusal
+            .get()
+            .map(|&locked| BackendError::PinRejected { locked })
     }
 
     fn checkin(&self, session: Session) {
@@ -1303,7 +1313,7 @@ impl Inner {
         let generation = self.generation.load(Ordering::SeqCst);
         let signed = match self.try_sign(message) {
             Ok(signature) => Ok(signature),
-            Err((BackendError::PinRejected, _)) => Err(BackendError::PinRejected),
+            Err((refused @ BackendError::PinRejected { .. }, _)) => Err(refused),
             Err((e, false)) => Err(e),
             Err((e, true)) => {
                 if self.reconnect(generation) {
@@ -1319,7 +1329,7 @@ impl Inner {
     /// Drops every session, finalizes the module, loads it again and finds the token.
     /// Returns whether there is a newer connection than `seen` to retry on.
     fn reconnect(&self, seen: u64) -> bool {
-        if self.pin_rejected.load(Ordering::SeqCst) {
+        if self.pin_refusal.get().is_some() {
             return false;
         }
         let mut token = self.token.write().unwrap_or_else(|p| p.into_inner());
@@ -1363,8 +1373,8 @@ impl Inner {
     /// on a finalized connection hides.
     fn explained(&self, e: BackendError) -> BackendError {
         // Refused by a thread that reconnected first: nothing else will be tried.
-        if self.pin_rejected.load(Ordering::SeqCst) {
-            return BackendError::PinRejected;
+        if let Some(refused) = self.refused_pin() {
+            return refused;
         }
         match lock(&self.reconnect_failure).as_deref() {
             Some(failure) => BackendError::Unavailable(format!(
@@ -1473,7 +1483,7 @@ impl Inner {
         let generation = self.generation.load(Ordering::SeqCst);
         let ready = match self.try_ready() {
             Ok(()) => Ok(()),
-            Err((BackendError::PinRejected, _)) => Err(BackendError::PinRejected),
+            Err((refused @ BackendError::PinRejected { .. }, _)) => Err(refused),
             Err((e, _)) => {
                 if self.reconnect(generation) {
                     self.try_ready().map_err(|(e, _)| e)
@@ -1735,7 +1745,7 @@ mod tests {
         assert!(!signed.within(SIGNED_RECENTLY, start));
         signed.record(&signature, start);
         signed.record(
-            &Err(BackendError::PinRejected),
+            &Err(BackendError::PinRejected { locked: false }),
             start + Duration::from_millis(1),
         );
         assert!(!signed.within(SIGNED_RECENTLY, start + Duration::from_millis(2)));

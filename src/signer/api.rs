@@ -586,7 +586,7 @@ async fn sign_inner(
                 facts.signing_serial = None;
                 Refusal::new(Status::ClientClosedRequest, "client_gone", e.to_string())
             }
-            BackendError::Unavailable(_) | BackendError::PinRejected => {
+            BackendError::Unavailable(_) | BackendError::PinRejected { .. } => {
                 Refusal::new(Status::Unavailable, "backend_unavailable", e.to_string())
             }
             BackendError::Lint(_) | BackendError::Check(_) => {
