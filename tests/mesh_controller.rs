@@ -1992,4 +1992,22 @@ async fn a_refused_write_among_many_is_the_members_problem() {
         member_status(&world.status("vm"), "west")["phase"],
         "Pending"
     );
+
+    // A member whose request name someone else holds: a refused federation write there is
+    // said beside the conflict, and federation is not reported applied.
+    world.member("west").edit(&vmcsr_path("west"), |request| {
+        request["metadata"]["labels"] = json!({});
+    });
+    west.refuse_writes(&refused, 422, "Invalid", "denied by the admission webhook");
+    west.remove(&refused);
+    world.pass().await;
+    let st = world.status("vm");
+    let member = member_status(&st, "west");
+    let message = member["message"].as_str().unwrap();
+    assert!(
+        message.contains("and its federation objects were not all written")
+            && message.contains("denied by the admission webhook"),
+        "{message}"
+    );
+    assert_eq!(condition(&st, "Federated")["status"], "False", "{st}");
 }

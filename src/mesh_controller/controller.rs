@@ -644,9 +644,18 @@ impl MeshController {
                             )
                             .await?
                         {
-                            Some(problem) => {
-                                problems[i].get_or_insert(problem);
-                            }
+                            // Said beside a problem the member already has (its request
+                            // held by someone else, a stale request not deleted), and counted
+                            // as a federation error: a conflict alone is not one.
+                            Some(problem) => match &mut problems[i] {
+                                Some(earlier) => {
+                                    earlier.push_str(&format!(
+                                        "; and its federation objects were not all written: {problem}"
+                                    ));
+                                    views[i] = RequestView::Error;
+                                }
+                                None => problems[i] = Some(problem),
+                            },
                             None => objects_moved[i] = true,
                         }
                         let summary = plan.summary(cluster_name).unwrap_or_default();
