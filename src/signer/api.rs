@@ -404,7 +404,8 @@ pub(crate) fn retry_after_secs(wait: std::time::Duration) -> u64 {
 /// [`super::ratelimit::REFUSAL_TALLY_PERIOD`] and once more at shutdown, after the last
 /// decision.
 pub async fn audit_counted_refusals(state: &SignerState) {
-    for counted in state.refusal_tally.take_counts(Instant::now()) {
+    let mut counts = state.refusal_tally.counts_to_write(Instant::now());
+    while let Some(counted) = counts.next_to_write() {
         let record = AuditRecord {
             time: rfc3339(SystemTime::now()),
             event: "decision".into(),
@@ -423,15 +424,18 @@ pub async fn audit_counted_refusals(state: &SignerState) {
             rules_sha256: Some(state.rules().digest().to_string()),
             ..Default::default()
         };
-        if let Err(e) = state.audit.append(record, state.audit.expect_line()).await {
-            state.metrics.audit_error();
-            tracing::error!(
-                error = %e,
-                client = %counted.client,
-                count = counted.count,
-                "audit log write failed: these rate-limit refusals are kept for the next count line"
-            );
-            state.refusal_tally.put_back(counted, Instant::now());
+        match state.audit.append(record, state.audit.expect_line()).await {
+            Ok(()) => counts.written(),
+            Err(e) => {
+                state.metrics.audit_error();
+                tracing::error!(
+                    error = %e,
+                    client = %counted.client,
+                    count = counted.count,
+                    "audit log write failed: these rate-limit refusals are kept for the next count line"
+                );
+                counts.not_written(Instant::now());
+            }
         }
     }
 }

@@ -187,6 +187,17 @@ impl RefusalTally {
         counts
     }
 
+    /// [`RefusalTally::take_counts`] for a task that writes them one line at a time and may
+    /// be stopped in between (the drain's end): what it has not written is put back when
+    /// it is dropped.
+    pub fn counts_to_write(&self, now: Instant) -> CountsToWrite<'_> {
+        CountsToWrite {
+            tally: self,
+            left: self.take_counts(now).into(),
+            writing: None,
+        }
+    }
+
     /// Puts back a count whose line could not be written, merged with what was counted
     /// since, so the next tick writes it: "every refusal is on record" holds through an
     /// audit disk that was full for a while. At `now`, for a client forgotten meanwhile.
@@ -204,6 +215,53 @@ impl RefusalTally {
             ),
             None => (lost.count, lost.first, lost.last),
         });
+    }
+}
+
+/// Counts being written, one line each ([`RefusalTally::counts_to_write`]). Dropped before
+/// the end (its task stopped), those not yet handed to the audit log go back to the tally
+/// for the last count lines the stop writes, and the one being written, which may or may
+/// not have reached the log, is named in a warning: so "every refusal is on record" holds
+/// through a drain cut short, as it does through a failed write.
+pub struct CountsToWrite<'a> {
+    tally: &'a RefusalTally,
+    left: std::collections::VecDeque<CountedRefusals>,
+    writing: Option<CountedRefusals>,
+}
+
+impl CountsToWrite<'_> {
+    /// The next count to write, now being written.
+    pub fn next_to_write(&mut self) -> Option<CountedRefusals> {
+        self.writing = self.left.pop_front();
+        self.writing.clone()
+    }
+
+    /// The count being written is in the log.
+    pub fn written(&mut self) {
+        self.writing = None;
+    }
+
+    /// The count being written could not be: back to the tally, for the next tick.
+    pub fn not_written(&mut self, now: Instant) {
+        if let Some(counted) = self.writing.take() {
+            self.tally.put_back(counted, now);
+        }
+    }
+}
+
+impl Drop for CountsToWrite<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        for counted in self.left.drain(..) {
+            self.tally.put_back(counted, now);
+        }
+        if let Some(counted) = self.writing.take() {
+            tracing::warn!(
+                client = %counted.client,
+                count = counted.count,
+                "the count line of these rate-limit refusals was being written when its task was stopped: it may be missing from the audit log"
+            );
+        }
     }
 }
 
@@ -534,9 +592,36 @@ mod tests {
                     first: at(101).1,
                     last: at(103).1,
                 },
-                lost_b
+                lost_b.clone()
             ]
         );
+
+        // Counts taken to be written by a task stopped part way (the drain's end): the one
+        // written stays written, the one that failed and those not reached go back.
+        for client in ["a", "c", "d"] {
+            tally.put_back(
+                CountedRefusals {
+                    client: client.into(),
+                    ..lost_b.clone()
+                },
+                at(106).0,
+            );
+        }
+        {
+            let mut counts = tally.counts_to_write(at(107).0);
+            assert_eq!(counts.next_to_write().unwrap().client, "a");
+            counts.written();
+            assert_eq!(counts.next_to_write().unwrap().client, "c");
+            counts.not_written(at(108).0);
+            assert_eq!(counts.next_to_write().unwrap().client, "d");
+            // Stopped while d's line is under way: d is named, not put back.
+        }
+        let back: Vec<String> = tally
+            .take_counts(at(109).0)
+            .into_iter()
+            .map(|c| c.client)
+            .collect();
+        assert_eq!(back, ["c"]);
     }
 
     #[test]
