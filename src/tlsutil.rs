@@ -72,6 +72,11 @@ pub fn unix_time(at: std::time::SystemTime) -> Option<rustls_pki_types::UnixTime
         .map(rustls_pki_types::UnixTime::since_unix_epoch)
 }
 
+/// [`unix_time`] back: the moment `at` as a [`std::time::SystemTime`].
+pub fn system_time(at: rustls_pki_types::UnixTime) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(at.as_secs())
+}
+
 /// [`WallClock`], for a rustls configuration builder.
 pub fn wall_clock() -> Arc<dyn rustls::time_provider::TimeProvider> {
     Arc::new(WallClock)

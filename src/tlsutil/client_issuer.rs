@@ -97,20 +97,27 @@ impl fmt::Display for IssuerPin {
     }
 }
 
-/// A client CA certificate described for a pin: its SHA-256 and subject.
+/// A client CA certificate described for a pin (its SHA-256 and subject), and when it
+/// ends (None: it does not parse).
 struct CaName {
     sha256: String,
     subject: String,
+    ends: Option<std::time::SystemTime>,
 }
 
 fn ca_names(client_cas: &[CertificateDer<'_>]) -> Vec<CaName> {
     client_cas
         .iter()
-        .map(|der| CaName {
-            sha256: crate::pki::csr::hex(&sha2::Sha256::digest(der)),
-            subject: Certificate::from_der(der)
-                .map(|ca| ca.tbs_certificate().subject().to_string())
-                .unwrap_or_else(|_| "(a certificate that does not parse)".into()),
+        .map(|der| {
+            let ca = Certificate::from_der(der).ok();
+            CaName {
+                sha256: crate::pki::csr::hex(&sha2::Sha256::digest(der)),
+                subject: ca.as_ref().map_or_else(
+                    || "(a certificate that does not parse)".into(),
+                    |ca| ca.tbs_certificate().subject().to_string(),
+                ),
+                ends: ca.map(|ca| ca.tbs_certificate().validity().not_after.to_system_time()),
+            }
         })
         .collect()
 }
@@ -148,11 +155,7 @@ impl ClientCaSet {
                 subject: name.subject.clone(),
                 sharing_subject: names.iter().filter(|n| n.subject == name.subject).count(),
             });
-            set.ends.push(
-                Certificate::from_der(der)
-                    .ok()
-                    .map(|ca| ca.tbs_certificate().validity().not_after.to_system_time()),
-            );
+            set.ends.push(name.ends);
         }
         set
     }
@@ -165,7 +168,7 @@ impl ClientCaSet {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Option<(ClientCa, std::time::SystemTime)> {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
+        let at = super::system_time(now);
         let index = self.anchor_of(chain, now)?;
         let end = self.ends.get(index).copied().flatten()?;
         // A CA renewed with the same name and key (its new certificate beside the old)
@@ -448,12 +451,9 @@ mod tests {
         let der = |name: &str| CertificateDer::from_pem_file(dir.path().join(name)).unwrap();
         let chain = [der("client.pem")];
         // Five days on: the old certificate has ended, the renewed one and the client not.
-        let later = UnixTime::since_unix_epoch(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                + std::time::Duration::from_secs(5 * 86_400),
-        );
+        let now = std::time::SystemTime::now();
+        let later =
+            super::super::unix_time(now + std::time::Duration::from_secs(5 * 86_400)).unwrap();
         let ended = ClientCaSet::of(&[der("old.pem")]).ended_ca_of(&chain, later);
         assert_eq!(
             ended.map(|(ca, _)| ca.subject),
@@ -468,11 +468,7 @@ mod tests {
         let twin = ClientCaSet::of(&[der("old.pem"), der("twin.pem")]);
         assert!(twin.ended_ca_of(&chain, later).is_some());
         // Today, nothing has ended.
-        let today = UnixTime::since_unix_epoch(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap(),
-        );
+        let today = super::super::unix_time(now).unwrap();
         assert_eq!(
             ClientCaSet::of(&[der("old.pem")]).ended_ca_of(&chain, today),
             None

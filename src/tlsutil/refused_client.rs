@@ -102,8 +102,7 @@ impl NotingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Option<rustls::Error> {
-        let at = std::time::UNIX_EPOCH + Duration::from_secs(now.as_secs());
-        if at <= self.first_ca_end {
+        if super::system_time(now) <= self.first_ca_end {
             return None;
         }
         let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity.clone())
