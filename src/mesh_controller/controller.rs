@@ -534,29 +534,31 @@ impl MeshController {
                 decide::desired_request(config, &member.id, member.spec(), &roots.retired);
             let existing = decide::find_request(&read.requests, &desired.namespace, &desired.name);
             let agent_status: Option<&VmcsrStatus> = existing.and_then(|r| r.status.as_ref());
-            match decide::request_action(&desired, existing) {
+            let view = match decide::request_action(&desired, existing) {
                 RequestAction::Conflict(message) => {
-                    views.push(RequestView::Conflict);
                     problems[i] = Some(message);
+                    RequestView::Conflict
                 }
-                RequestAction::UpToDate => views.push(RequestView::Present(agent_status)),
+                RequestAction::UpToDate => RequestView::Present(agent_status),
                 RequestAction::Apply => {
                     self.ensure_leader().await?;
                     match cluster.apply_request(&desired).await {
                         Ok(()) => {
                             tracing::info!(virtual_mesh = %id, mesh = %member.id, request = %format!("{}/{}", desired.namespace, desired.name), "request applied");
-                            views.push(RequestView::Present(agent_status));
+                            RequestView::Present(agent_status)
                         }
                         Err(e) => {
-                            views.push(RequestView::Error);
                             problems[i] = Some(e.to_string());
+                            RequestView::Error
                         }
                     }
                 }
-            }
+            };
+            let in_place = matches!(view, RequestView::Present(_));
+            views.push(view);
             // The request under another name (an old agent namespace) is the one the
             // running agent uses: it goes only once the wanted one is in place.
-            if !matches!(views.last(), Some(RequestView::Present(_))) {
+            if !in_place {
                 continue;
             }
             let stale = decide::stale_requests(
