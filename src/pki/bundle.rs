@@ -735,7 +735,10 @@ mod tests {
             ca_key,
             root_cert: unrelated.pem.clone(),
         };
-        let findings = check_bundle(&unanchored, None, now).unwrap_err();
+        // Checked once it is valid: openssl dates it from its own now, which may be in the
+        // second after the test's `now` (it was then "not valid yet" by a few milliseconds).
+        let issued = SystemTime::now();
+        let findings = check_bundle(&unanchored, None, issued).unwrap_err();
         assert!(
             matches!(
                 findings.as_slice(),
