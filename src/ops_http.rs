@@ -624,7 +624,7 @@ impl Connection {
     /// Whether a request is under way on it (one may come in just as it is chosen to be
     /// closed).
     pub(crate) fn serving(&self) -> bool {
-        self.handle.requests_under_way.load(Ordering::SeqCst) > 0
+        self.handle.serving()
     }
 }
 
@@ -647,6 +647,11 @@ pub(crate) struct ConnectionHandle {
 }
 
 impl ConnectionHandle {
+    /// Whether a request is under way on the connection.
+    pub(crate) fn serving(&self) -> bool {
+        self.requests_under_way.load(Ordering::SeqCst) > 0
+    }
+
     /// A request begins: the connection is active until the guard is dropped.
     pub(crate) fn request(&self) -> UnderWay {
         self.requests_under_way.fetch_add(1, Ordering::SeqCst);

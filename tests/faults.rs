@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use common::*;
 use meshca::pki::keys::KeyType;
 use serde_json::Value;
@@ -365,6 +367,92 @@ async fn sigterm_stops_a_signer_whose_token_stopped_answering() {
     let decisions: Vec<Value> = signer.audit_lines();
     assert_eq!(decisions.len(), 2, "{decisions:?}");
     assert_eq!(decisions[1]["rule"], "backend_unavailable");
+}
+
+/// A connection still open when the drain time is over (half a request's head in) is
+/// closed before the stop is recorded: the rest of its request, sent while the exit waits
+/// for a token call, gets no answer and no decision. Before, it outlived the drain, and its
+/// request was decided after the `stop` line, which says every decision is before it.
+#[tokio::test]
+async fn a_connection_open_when_the_drain_time_is_over_is_closed_before_the_stop_record() {
+    let env = Env::with(EnvSpec {
+        extra_toml: "[limits]\ndrain_timeout_ms = 2000\nheader_timeout_ms = 300000\n".into(),
+        ..EnvSpec::default()
+    });
+    // The exit waits this long for the token call held below: the time to send the rest.
+    set_token_timeout(&env, 60);
+    let mut signer = env.start_signer();
+    let client = env.client("cluster-a");
+    assert_eq!(sign_fresh(&client, &signer).await.0, 200);
+
+    let mut late = tls_connect(&env, &signer, "cluster-b").await;
+    let (_key, late_csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    let body = serde_json::to_vec(&sign_body("test/vm", "test/cluster-b", &late_csr)).unwrap();
+    let head = format!(
+        "POST /v1/sign HTTP/1.1\r\nHost: meshca\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first_half, second_half) = head.as_bytes().split_at(20);
+    late.write_all(first_half).await.unwrap();
+    late.flush().await.unwrap();
+
+    // A signing held in the token, so the exit waits for its call after the stop line.
+    let held = hold_token_files(&env.path("softhsm/tokens"));
+    let stuck = {
+        let (client, url) = (client.clone(), signer.url("/v1/sign"));
+        let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "a");
+        let body = sign_body("test/vm", "test/cluster-a", &csr);
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    // Under way: its connection and the one asking are both active.
+    let active = "meshca_api_connections{state=\"active\"} 2";
+    while !signer.metrics(&client).await.contains(active) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    send_signal(signer.child.id(), "TERM");
+    while !signer
+        .all_audit_lines()
+        .iter()
+        .any(|l| l["event"] == "stop")
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Written and read as the signer waits for the held token call.
+    let sent = async {
+        late.write_all(second_half).await?;
+        late.write_all(&body).await?;
+        late.flush().await
+    };
+    let _ = sent.await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), late.read_to_end(&mut answer))
+        .await
+        .expect("the connection was neither answered nor closed");
+    assert!(
+        answer.is_empty(),
+        "answered after the stop line ({read:?}): {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    drop(held);
+    let status = wait_within(&mut signer.child, EXIT_WAIT).expect("the signer did not exit");
+    signer.read_all_logs();
+    assert!(status.success(), "{status}:\n{}", signer.logs());
+    assert_eq!(stuck.await.unwrap().unwrap(), 503);
+    let lines = signer.all_audit_lines();
+    assert_eq!(lines.last().unwrap()["event"], "stop", "{lines:?}");
+    assert!(
+        !lines.iter().any(|l| l["client"] == identity("cluster-b")),
+        "{lines:?}"
+    );
 }
 
 /// `meshca serve` started with JSON logs, its stderr read line by line as it comes: for

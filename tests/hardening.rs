@@ -1212,24 +1212,6 @@ fn write_crl(env: &Env, out: &std::path::Path, last_update: &str, next_update: &
     ]));
 }
 
-/// A raw TLS connection presenting the named client's certificate.
-async fn tls_connect(
-    env: &Env,
-    signer: &Signer,
-    name: &str,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let config = meshca::tlsutil::client_config(
-        &env.path("pki/ca.pem"),
-        &env.path(&format!("pki/{name}.pem")),
-        &env.path(&format!("pki/{name}.key")),
-    )
-    .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(signer.addr).await.unwrap();
-    let server_name = rustls_pki_types::ServerName::IpAddress(signer.addr.ip().into());
-    connector.connect(server_name, tcp).await.unwrap()
-}
-
 /// Sends the head of a signing request with `Expect: 100-continue`, waits for the signer's
 /// "100 Continue" (sent when the handler starts reading the body, so the request is now
 /// being handled), then sends the first `sent` bytes of `body`.

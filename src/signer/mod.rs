@@ -51,6 +51,13 @@ pub struct SignerState {
     /// Cancelled when the drain time is over: decisions still waiting (for a body, for the
     /// token) stop, and are audited as `signer_stopping`.
     pub stop_deciding: CancellationToken,
+    /// The API connections until each ends or is seen serving a request once the drain
+    /// time is over: shutdown waits for them before it waits for the decisions, so that no
+    /// request comes in after those.
+    pub connections: TaskTracker,
+    /// Cancelled when the drain time is over: the API connections still open and not
+    /// serving a request (in a handshake, idle, half a request's head in) are closed.
+    pub cut_connections: CancellationToken,
 }
 
 impl SignerState {

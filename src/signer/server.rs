@@ -1000,6 +1000,13 @@ impl RunningSigner {
                 let _ = task.handle.await;
             }
         }
+        // Those still open and not serving a request are closed, and waited for (they end
+        // at their next poll): one holding half a request's head, or in its handshake,
+        // would otherwise send a signing request after the decisions were waited for,
+        // decided while, or after, the stop is recorded.
+        self.state.cut_connections.cancel();
+        self.state.connections.close();
+        self.state.connections.wait().await;
         let decisions = &self.state.decisions;
         decisions.close();
         let decided = tokio::select! {
@@ -1331,6 +1338,8 @@ async fn serve_with(
         capped_by_root_noted: AtomicBool::new(false),
         decisions: TaskTracker::new(),
         stop_deciding: CancellationToken::new(),
+        connections: TaskTracker::new(),
+        cut_connections: CancellationToken::new(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = vec![
@@ -1606,9 +1615,12 @@ async fn serve_tls(
         };
         let limits = state.rules().limits;
         let app = app.clone();
+        let cut = state.cut_connections.clone();
+        let tracked = state.connections.token();
+        let requests_here = slot.handle();
         let state = state.clone();
         let mut stop = shutdown.clone();
-        tokio::spawn(async move {
+        let served = async move {
             let handshaking = crate::tlsutil::accept_noting_refused_client(tokio::time::timeout(
                 limits.handshake_timeout,
                 acceptor.accept(tcp),
@@ -1696,13 +1708,34 @@ async fn serve_tls(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(slot);
+        };
+        tokio::spawn(async move {
+            tokio::pin!(served);
+            tokio::select! {
+                () = &mut served => return,
+                () = cut.cancelled() => {}
+            }
+            // Cut between requests (in its handshake, idle, half a head in): closed, so it
+            // sends no request once the decisions are waited for.
+            if !requests_here.serving() {
+                tracing::debug!(%peer, "connection closed: the drain time is over");
+                return;
+            }
+            // Serving a request: it starts no other (the stop turned keep-alive off), and
+            // its request's decision is waited for, or stopped, with the others; its answer
+            // is not waited for.
+            drop(tracked);
+            served.await;
         });
     }
     drop(listener);
     // Every connection holds a slot until it ends: all slots free means all drained.
     tokio::select! {
         _ = bound.drained() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(state.rules().limits.drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
+        _ = tokio::time::sleep(state.rules().limits.drain_timeout) => {
+            tracing::warn!("drain timed out; closing remaining connections");
+            state.cut_connections.cancel();
+        }
     }
 }
 

@@ -1065,6 +1065,24 @@ pub async fn sign_fresh(client: &reqwest::Client, signer: &Signer) -> (u16, serd
     .await
 }
 
+/// A raw TLS connection presenting the named client's certificate.
+pub async fn tls_connect(
+    env: &Env,
+    signer: &Signer,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = meshca::tlsutil::client_config(
+        &env.path("pki/ca.pem"),
+        &env.path(&format!("pki/{name}.pem")),
+        &env.path(&format!("pki/{name}.key")),
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(signer.addr).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::IpAddress(signer.addr.ip().into());
+    connector.connect(server_name, tcp).await.unwrap()
+}
+
 /// The signer still issues: a fresh `test/cluster-a` request by `client` (cluster-a's)
 /// gets its intermediate.
 pub async fn assert_still_issues(client: &reqwest::Client, signer: &Signer) {
