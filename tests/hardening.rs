@@ -981,6 +981,58 @@ async fn an_older_crl_listed_before_a_newer_one_does_not_hide_its_revocations() 
     assert!(signer.logs().contains("client_certificate_revoked"));
 }
 
+/// A full list, then a newer partition (issuingDistributionPoint, user certificates only)
+/// of the same CA that revokes cluster-b: both are in force, and the newer one is the one
+/// consulted for what both cover. Before, the file's order decided: webpki consults the
+/// first list covering a certificate, and the older full one kept cluster-b served.
+#[tokio::test]
+async fn a_newer_partitioned_crl_listed_after_an_older_full_one_is_the_one_consulted() {
+    let env = Env::new();
+    env.check_client_crls();
+    let full = env.path("pki/full-crl.pem");
+    let an_hour_ago =
+        text(&run_ok(Command::new("date").args(["-u", "-d", "-1 hour", "+%Y%m%d%H%M%SZ"])).stdout);
+    let in_a_month =
+        text(&run_ok(Command::new("date").args(["-u", "-d", "+30 days", "+%Y%m%d%H%M%SZ"])).stdout);
+    write_crl(&env, &full, an_hour_ago.trim(), in_a_month.trim());
+    env.transport_pki("revoke", &["cluster-b"]);
+    let config = env.path("pki/ca.cnf");
+    let mut cnf = std::fs::read_to_string(&config).unwrap();
+    cnf.push_str("[ user_partition ]\nissuingDistributionPoint = critical, @user_idp\n[ user_idp ]\nfullname = URI:http://crl.example/users.crl\nonlyuser = TRUE\n");
+    std::fs::write(&config, cnf).unwrap();
+    let partition = env.path("pki/partition-crl.pem");
+    run_ok(Command::new("openssl").args([
+        "ca",
+        "-config",
+        &config.display().to_string(),
+        "-gencrl",
+        "-crlexts",
+        "user_partition",
+        "-out",
+        &partition.display().to_string(),
+    ]));
+    let crls =
+        std::fs::read_to_string(&full).unwrap() + &std::fs::read_to_string(&partition).unwrap();
+    std::fs::write(env.path("pki/crl.pem"), crls).unwrap();
+
+    let signer = env.start_signer();
+    let healthz = signer.url("/healthz");
+    assert!(env.client("cluster-a").get(&healthz).send().await.is_ok());
+    assert!(env.client("cluster-b").get(&healthz).send().await.is_err());
+    signer.wait_for_log("TLS handshake refused").await;
+    assert!(
+        signer.logs().contains("client_certificate_revoked"),
+        "{}",
+        signer.logs()
+    );
+    // Both in force: neither is named as superseded.
+    assert!(
+        !signer.logs().contains("client CRL superseded"),
+        "{}",
+        signer.logs()
+    );
+}
+
 #[tokio::test]
 async fn with_client_crl_overdue_refuse_an_overdue_crl_refuses_its_clients_until_replaced() {
     let env = Env::new();

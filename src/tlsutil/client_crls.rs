@@ -1,6 +1,8 @@
 //! The client CRLs a server enforces: read from their files, one per issuer and scope (the
 //! newest), and when each file is due to be replaced. webpki consults the first CRL of an
-//! issuer it finds, so an older list before a newer one would hide what was revoked since.
+//! issuer that covers a certificate, so an older list before a newer one would hide what
+//! was revoked since: of one scope only the newest is kept, and lists of different scopes
+//! that both cover a certificate (a full one and a partition) go newest first.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -20,7 +22,8 @@ use super::{CrlNextUpdate, EnforcedCrl, TlsError, load_pem_blocks};
 
 /// What the CRL files hold, once the superseded lists are set aside.
 pub(crate) struct ClientCrls {
-    /// The newest CRL of each issuer and scope, in the order first met.
+    /// The newest CRL of each issuer and scope, the most recent thisUpdate first (files'
+    /// order between lists of the same date).
     pub in_force: Vec<CertificateRevocationListDer<'static>>,
     /// Per file, in the configured order: the earliest `nextUpdate` of its CRLs in force.
     pub next_updates: Vec<CrlNextUpdate>,
@@ -96,6 +99,21 @@ impl ReadCrl {
             })
         })?;
         let tbs = crl.tbs_cert_list;
+        if tbs.crl_extensions.as_ref().is_none_or(Vec::is_empty) {
+            return Err(invalid(format!(
+                "the CRL of {} has no extensions, which the TLS library requires (RFC 5280 asks every CRL for a CRL number and an authority key identifier); make it again with a crlnumber file in the CA's config",
+                tbs.issuer
+            )));
+        }
+        if tbs.next_update.is_none() {
+            return Err(invalid(format!(
+                "the CRL of {} has no nextUpdate, which the TLS library requires (RFC 5280 asks every CRL for one); make it again with one (openssl ca -gencrl sets it from default_crl_days)",
+                tbs.issuer
+            )));
+        }
+        // Refused here in words rather than by the verifier's builder in its Debug form.
+        webpki::BorrowedCertRevocationList::from_der(&der)
+            .map_err(|e| invalid(refused_by_webpki(&tbs.issuer, &e)))?;
         let extension = |oid| {
             tbs.crl_extensions
                 .iter()
@@ -223,6 +241,9 @@ pub(crate) fn read_with(
             });
         }
     }
+    // A full list and a partition of one issuer may both cover a certificate: the one
+    // consulted is the more recent.
+    in_force.sort_by_key(|crl| std::cmp::Reverse(crl.this_update.to_system_time()));
     let next_updates = paths
         .iter()
         .enumerate()
@@ -244,6 +265,31 @@ pub(crate) fn read_with(
         issuers,
         enforced,
     })
+}
+
+/// Why the TLS library (webpki), which enforces the lists in the handshake, refuses one
+/// that reads as a CRL, and what to do.
+fn refused_by_webpki(issuer: &x509_cert::name::Name, e: &webpki::Error) -> String {
+    use webpki::Error;
+    let why = match e {
+        Error::UnsupportedCrlIssuingDistributionPoint => {
+            "its issuingDistributionPoint names no distribution point, or one relative to the issuer; the TLS library takes a partitioned CRL only when a full name names its partition (openssl: fullname = URI:... in the issuingDistributionPoint section)"
+        }
+        Error::UnsupportedRevocationReasonsPartitioning => {
+            "it is partitioned by revocation reason (onlySomeReasons), which the TLS library does not take; make it cover every reason"
+        }
+        Error::UnsupportedIndirectCrl => {
+            "it is an indirect CRL (it may list other issuers' certificates), which the TLS library does not take"
+        }
+        Error::UnsupportedDeltaCrl => {
+            "it is a delta CRL (a change to a base list), which the TLS library does not take; give the full list"
+        }
+        Error::UnsupportedCriticalExtension => {
+            "it has a critical extension the TLS library does not know"
+        }
+        other => return format!("the TLS library refuses the CRL of {issuer}: {other}"),
+    };
+    format!("the CRL of {issuer} cannot be enforced: {why}")
 }
 
 fn magnitude(bytes: &[u8]) -> Vec<u8> {
@@ -313,15 +359,24 @@ mod tests {
         this_update: u64,
         next_update: Option<u64>,
         partition: Option<&'static [u8]>,
+        /// No extension at all (not even the authority key identifier the others have).
+        bare: bool,
     }
 
     const CRL: Crl = Crl {
         issuer: "CN=transport CA",
         number: None,
         this_update: 0,
-        next_update: None,
+        next_update: Some(365),
         partition: None,
+        bare: false,
     };
+
+    /// An issuing distribution point: user certificates only, the partition named by the
+    /// URI "u" (webpki takes no partition without a full name).
+    const USER_PARTITION: Option<&[u8]> = Some(&[
+        0x30, 0x0A, 0xA0, 0x05, 0xA0, 0x03, 0x86, 0x01, b'u', 0x81, 0x01, 0xFF,
+    ]);
 
     fn day(n: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600 + n * 86_400)
@@ -332,7 +387,13 @@ mod tests {
     }
 
     fn pem(crl: &Crl) -> String {
-        let mut extensions = Vec::new();
+        // An authority key identifier, keyIdentifier 01: webpki takes no CRL without
+        // extensions.
+        let mut extensions = vec![Extension {
+            extn_id: const_oid::db::rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER,
+            critical: false,
+            extn_value: OctetString::new([0x30, 0x03, 0x80, 0x01, 0x01]).unwrap(),
+        }];
         if let Some(number) = crl.number {
             let value = CrlNumber::try_from(number).unwrap().to_der().unwrap();
             extensions.push(Extension {
@@ -360,7 +421,7 @@ mod tests {
                 this_update: time(crl.this_update),
                 next_update: crl.next_update.map(time),
                 revoked_certificates: None,
-                crl_extensions: (!extensions.is_empty()).then_some(extensions),
+                crl_extensions: (!crl.bare).then_some(extensions),
             },
             signature_algorithm: algorithm,
             signature: BitString::from_bytes(&[0; 8]).unwrap(),
@@ -561,7 +622,7 @@ mod tests {
                 ..CRL
             },
             Crl {
-                partition: Some(&[0x30, 0x03, 0x81, 0x01, 0xFF]),
+                partition: USER_PARTITION,
                 next_update: Some(25),
                 ..CRL
             },
@@ -570,6 +631,77 @@ mod tests {
         assert_eq!(read.in_force.len(), 3);
         assert!(read.superseded.is_empty());
         assert_eq!(read.next_updates[0].next_update, Some(day(20)));
+    }
+
+    /// A full list and a newer partition of the same issuer, the full one first in the
+    /// files: the partition comes first among those in force (webpki consults the first
+    /// list covering a certificate); lists of the same date keep the files' order.
+    #[test]
+    fn lists_of_different_scopes_go_newest_first() {
+        let (_dir, read) = read_files(&[
+            &[CRL],
+            &[Crl {
+                issuer: "CN=other CA",
+                ..CRL
+            }],
+            &[Crl {
+                partition: USER_PARTITION,
+                this_update: 2,
+                ..CRL
+            }],
+        ]);
+        let read = read.unwrap();
+        assert_eq!(
+            in_force(&read),
+            [
+                "CN=transport CA 2026-01-03T00:00:00Z",
+                "CN=transport CA 2026-01-01T00:00:00Z",
+                "CN=other CA 2026-01-01T00:00:00Z",
+            ]
+        );
+        assert!(read.superseded.is_empty());
+    }
+
+    /// What webpki would refuse is refused when the files are read, naming the list and
+    /// what to change, not by the verifier's builder in its Debug form.
+    #[test]
+    fn a_crl_the_tls_library_cannot_enforce_is_named_with_the_reason() {
+        let refused = |crl: Crl| read_files(&[&[crl]]).1.err().unwrap().to_string();
+        let unnamed_partition = refused(Crl {
+            partition: Some(&[0x30, 0x03, 0x81, 0x01, 0xFF]),
+            ..CRL
+        });
+        assert!(
+            unnamed_partition.contains(
+                "the CRL of CN=transport CA cannot be enforced: its issuingDistributionPoint names no distribution point"
+            ) && unnamed_partition.contains("fullname = URI:"),
+            "{unnamed_partition}"
+        );
+        let by_reason = refused(Crl {
+            // onlySomeReasons (keyCompromise) beside the named partition.
+            partition: Some(&[
+                0x30, 0x0B, 0xA0, 0x05, 0xA0, 0x03, 0x86, 0x01, b'u', 0x83, 0x02, 0x06, 0x40,
+            ]),
+            ..CRL
+        });
+        assert!(
+            by_reason.contains("partitioned by revocation reason (onlySomeReasons)"),
+            "{by_reason}"
+        );
+        let undated = refused(Crl {
+            next_update: None,
+            ..CRL
+        });
+        assert!(
+            undated.contains("the CRL of CN=transport CA has no nextUpdate"),
+            "{undated}"
+        );
+        let bare = refused(Crl { bare: true, ..CRL });
+        assert!(
+            bare.contains("the CRL of CN=transport CA has no extensions")
+                && bare.contains("crlnumber file"),
+            "{bare}"
+        );
     }
 
     #[test]
