@@ -23,8 +23,13 @@ fn pay_ca(dir: &Path) {
 }
 
 /// A client certificate `name.pem` (and key) in `dir`, issued by the CA `ca` (`ca.pem`,
-/// `ca.key`) with the subjectAltName `san`.
+/// `ca.key`) with the subjectAltName `san`, valid for a day.
 fn client_certificate(dir: &Path, name: &str, ca: &str, san: &str) {
+    client_certificate_for_days(dir, name, ca, san, 1);
+}
+
+/// [`client_certificate`], valid for `days`.
+fn client_certificate_for_days(dir: &Path, name: &str, ca: &str, san: &str, days: u32) {
     openssl_csr(dir, name, KEYGEN_P256, &format!("/CN={name}"), &[]);
     let ext = format!("{name}.ext");
     write(
@@ -54,7 +59,7 @@ fn client_certificate(dir: &Path, name: &str, ca: &str, san: &str) {
             "-set_serial",
             "0x4c1e",
             "-days",
-            "1",
+            &days.to_string(),
             "-sha256",
             "-extfile",
             &ext,
@@ -318,4 +323,43 @@ async fn the_clients_of_a_client_ca_that_has_ended_are_refused_at_the_handshake(
         refused.contains(&format!("the client CA it chains to, {PAY_CA_SUBJECT}")),
         "{refused}"
     );
+}
+
+/// A client CA that ends while its client's connection is kept alive: the next request on
+/// that connection is refused and audited, though the handshake, made while the CA was
+/// valid, is not repeated (the client's own certificate outlives the CA).
+#[tokio::test]
+async fn a_kept_alive_connection_is_refused_once_its_client_ca_has_ended() {
+    let env = Env::new();
+    let pki = env.path("pki");
+    openssl_self_signed_ca(&pki, "pay-ca", "/O=pay/CN=team pay transport CA", -1..1);
+    let san = format!("URI:{}", identity("cluster-b"));
+    client_certificate_for_days(&pki, "pay-b", "pay-ca", &san, 30);
+    let shared = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
+    let pay = std::fs::read_to_string(pki.join("pay-ca.pem")).unwrap();
+    std::fs::write(pki.join("ca.pem"), format!("{shared}{pay}")).unwrap();
+    let offset = env.path("clock-offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let signer = env.start_signer_with_clock_file(&offset);
+    let pay_b = env.client("pay-b");
+    let (_key, csr) = csr(KeyType::EcdsaP256, "acme", "b");
+    let (status, body) = post_sign(&pay_b, &signer, &sign_body(VM, MESH_B, &csr)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Two days on, on the same connection (a new one would be refused at its handshake,
+    // and reqwest would fail rather than see a status).
+    std::fs::write(&offset, "+2d\n").unwrap();
+    let (status, body) = post_sign(&pay_b, &signer, &sign_body(VM, MESH_B, &csr)).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        body["error"]["code"], "client_certificate_expired",
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(PAY_CA_SUBJECT), "{message}");
+    let audit = signer.audit_lines();
+    let refused = audit.last().unwrap();
+    assert_eq!(refused["decision"], "deny", "{refused}");
+    assert_eq!(refused["rule"], "client_certificate_expired", "{refused}");
+    assert_eq!(refused["client"], identity("cluster-b"), "{refused}");
 }
