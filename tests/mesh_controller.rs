@@ -1482,6 +1482,56 @@ async fn a_member_api_server_answering_503_is_asked_once_and_fails_its_member_on
     );
 }
 
+/// A member whose Istio objects or Services cannot be read still gets its request (and so
+/// its intermediate): only federation waits. A cluster without Istio's CRDs yet (Istio's
+/// plug-in CA has cacerts made before Istio is installed) lists its Istio kinds 404, which
+/// is nothing of ours there. Before, either failed the member: no request, no intermediate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_federation_reads_fail_still_gets_its_request() {
+    let world = World::start(&["east", "west"]).await;
+    world.member("west").refuse_reads(Some((
+        "/apis/networking.istio.io/v1/namespaces/istio-system/serviceentries",
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )));
+    world.member("east").refuse_reads(Some((
+        "/api/v1/services",
+        403,
+        "Forbidden",
+        "services is forbidden: cannot list resource \"services\"",
+    )));
+    world.pass().await;
+    for cluster in ["east", "west"] {
+        assert!(
+            world.member(cluster).get(&vmcsr_path(cluster)).is_some(),
+            "{cluster} got no request"
+        );
+    }
+    let st = world.status("vm");
+    let federated = condition(&st, "Federated");
+    assert_eq!(federated["reason"], "MemberError", "{st}");
+    let message = federated["message"].as_str().unwrap();
+    assert!(
+        message.contains("cannot read smh/east") && message.contains("list Services"),
+        "{message}"
+    );
+    // East's own status names it; west's missing Istio kinds are no problem.
+    let east = member_status(&st, "east");
+    assert!(
+        east["message"].as_str().unwrap().contains("list Services"),
+        "{east}"
+    );
+    assert!(!message.contains("smh/west"), "{message}");
+    assert!(member_status(&st, "west")["message"].is_null(), "{st}");
+
+    // East's Services readable again: federation goes on, into west too.
+    world.member("east").refuse_reads(None);
+    world.pass().await;
+    let st = world.status("vm");
+    assert_eq!(condition(&st, "Federated")["status"], "True", "{st}");
+}
+
 /// Points `cluster`'s kubeconfig at an API server that takes the request and never answers,
 /// then runs one pass of a controller that would wait a minute for it, while `other` is
 /// cleaned. Whether `other` was clean (no `/apis/` object left) while `cluster`'s request

@@ -111,7 +111,12 @@ struct MemberRead {
     /// The Services left out of it, each with why.
     not_federated: Vec<String>,
     objects: Option<Vec<ExistingObject>>,
+    /// Why the cluster or its requests could not be read: nothing is written there.
     problem: Option<String>,
+    /// Why its Services or Istio objects could not be read: federation is held, its
+    /// request is still applied (a cluster without Istio's CRDs yet, or without the
+    /// controller's access to its Services, still gets its intermediate).
+    federation_problem: Option<String>,
 }
 
 /// The management plane controller.
@@ -340,6 +345,7 @@ impl MeshController {
             not_federated: vec![],
             objects: None,
             problem: None,
+            federation_problem: None,
         };
         let cluster = match &read.cluster {
             Ok(cluster) => cluster.clone(),
@@ -348,14 +354,20 @@ impl MeshController {
                 return read;
             }
         };
-        let result: Result<(), KubeError> = async {
-            let agent_namespaces = dedup(
-                std::iter::once(mesh.spec.agent.namespace.clone())
-                    .chain(recorded.map(|r| r.agent_namespace.clone())),
-            );
-            for ns in &agent_namespaces {
-                read.requests.extend(cluster.list_requests(ns).await?);
+        let agent_namespaces = dedup(
+            std::iter::once(mesh.spec.agent.namespace.clone())
+                .chain(recorded.map(|r| r.agent_namespace.clone())),
+        );
+        for ns in &agent_namespaces {
+            match cluster.list_requests(ns).await {
+                Ok(requests) => read.requests.extend(requests),
+                Err(e) => {
+                    read.problem = Some(e.to_string());
+                    return read;
+                }
             }
+        }
+        let result: Result<(), KubeError> = async {
             let services = if config.mode.is_some() {
                 let (namespaces, selector) = service_query(&config.selector);
                 let listed = cluster.list_services(&namespaces, &selector).await?;
@@ -390,7 +402,7 @@ impl MeshController {
         }
         .await;
         if let Err(e) = result {
-            read.problem = Some(e.to_string());
+            read.federation_problem = Some(e.to_string());
             read.services = None;
             read.objects = None;
         }
@@ -474,6 +486,8 @@ impl MeshController {
         for (member, read) in valid.members.iter().zip(&reads) {
             if let Some(problem) = &read.problem {
                 tracing::warn!(virtual_mesh = %id, mesh = %member.id, %problem, "cannot read the member cluster");
+            } else if let Some(problem) = &read.federation_problem {
+                tracing::warn!(virtual_mesh = %id, mesh = %member.id, %problem, "cannot read the member cluster's Services or Istio objects: federation held");
             }
         }
 
@@ -513,7 +527,12 @@ impl MeshController {
 
         // Requests.
         let mut views: Vec<RequestView<'_>> = Vec::with_capacity(reads.len());
-        let mut problems: Vec<Option<String>> = reads.iter().map(|r| r.problem.clone()).collect();
+        // A federation read's problem is the member's too (phase Error, named), though its
+        // request is still applied.
+        let mut problems: Vec<Option<String>> = reads
+            .iter()
+            .map(|r| r.problem.clone().or_else(|| r.federation_problem.clone()))
+            .collect();
         // Whether each member's request, and its federation objects, are where its Mesh now
         // says, nothing left under an older namespace: only then does its status record the
         // new namespaces. Recorded earlier is what makes the next passes read, and clean,
@@ -593,7 +612,9 @@ impl MeshController {
             .zip(&reads)
             .filter(|(_, r)| r.services.is_none() || r.objects.is_none())
             .map(|(m, r)| {
-                let problem = r.problem.as_deref().unwrap_or("not read");
+                let problem = (r.problem.as_ref())
+                    .or(r.federation_problem.as_ref())
+                    .map_or("not read", String::as_str);
                 format!(
                     "{} ({})",
                     m.id,
