@@ -1309,6 +1309,40 @@ async fn old_roots_are_retired_once_every_member_reports_the_new_one() {
     assert_eq!(writes(&sent["mgmt"]), vec![w("PUT", LEASE)]);
 }
 
+/// A root rotation held past its retireAt (a member has not acted on its latest request
+/// yet) leaves the next pass at the resync. Before, a retireAt in the past made every pass
+/// the next second's, reading every member cluster, for as long as the member lagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_held_past_its_retire_time_waits_the_resync() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+    world.report_all(R2, &[R2, R1]);
+    let patient = controller(
+        &world.mgmt,
+        Duration::from_secs(86_400),
+        MEMBER_API_TIMEOUT,
+        Arc::new(MeshControllerMetrics::new()),
+    );
+    patient.run_once().await.unwrap();
+    assert_eq!(world.status("vm")["rootRotation"]["root"], R2);
+    world.mgmt.edit(&vm_path("vm"), |vm| {
+        vm["status"]["rootRotation"]["retireAt"] = "2020-01-01T00:00:00Z".into();
+    });
+    world.member("west").edit(&vmcsr_path("west"), |request| {
+        request["status"]["observedGeneration"] = 0.into();
+    });
+    let next = patient.run_once().await.unwrap();
+    assert_eq!(next, Duration::from_secs(30));
+    let st = world.status("vm");
+    assert_eq!(
+        st["rootRotation"]["retireAt"], "2020-01-01T00:00:00Z",
+        "{st}"
+    );
+    assert!(st.get("retiredRootFingerprints").is_none(), "{st}");
+}
+
 /// The roots each member's request was told to retire in a pass's writes.
 fn retired_in(sent: &[Recorded]) -> Vec<Value> {
     sent.iter()

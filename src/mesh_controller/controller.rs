@@ -266,8 +266,12 @@ impl MeshController {
             .as_ref()
             .and_then(|r| r.retire_at.parse::<k8s_openapi::jiff::Timestamp>().ok())
         {
-            let at = SystemTime::from(at);
-            next = next.min(at.duration_since(now).unwrap_or(Duration::ZERO));
+            // Only a time still to come: one past (the rotation held by a member that has
+            // not acted on its request yet, or copied by a refused VirtualMesh's status)
+            // would make every pass the next second's, against every member API server.
+            if let Ok(wait) = SystemTime::from(at).duration_since(now) {
+                next = next.min(wait);
+            }
         }
         if status != before {
             let written = match self.ensure_leader().await {
