@@ -1423,6 +1423,63 @@ async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
     failed_with(&cluster, "clock is ahead of the signer's");
 }
 
+/// The agent's clock 50 minutes ahead of the signer's, under an hour's intermediate: each
+/// one the signer issues is valid by that clock but already past its renewal time on
+/// arrival. It is installed, the agent says why it will not renew it at once, and looks
+/// again a resync away. Before, the next look was a second away and found it due: one
+/// intermediate (and one audit line) a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_due_on_arrival_by_a_clock_ahead_is_not_renewed_every_second() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request_restarting_nothing(&signer);
+    let mut agent = cluster
+        .agent_daemon(&env, &["--resync-seconds", "600"])
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", "+50m")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .spawn()
+        .unwrap();
+    let (lines, said_now) = std::sync::mpsc::channel();
+    let stderr = agent.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    // Only a guard against waiting for ever (the agent before this fix never said it).
+    let give_up = std::time::Instant::now() + Duration::from_secs(120);
+    let mut said = Vec::new();
+    while let Ok(line) =
+        said_now.recv_timeout(give_up.saturating_duration_since(std::time::Instant::now()))
+    {
+        said.push(line);
+        if said
+            .last()
+            .is_some_and(|l| l.contains("already past its renewal time by this machine's clock"))
+        {
+            break;
+        }
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let warning = said.last().unwrap();
+    assert!(
+        warning.contains("already past its renewal time")
+            && warning.contains("\"resync_seconds\":600"),
+        "{}",
+        said.join("\n")
+    );
+    // The one it got is installed; no other was asked for.
+    assert!(cluster.get(SECRET).is_some());
+    assert_eq!(signer.issued_lines().len(), 1, "{:?}", signer.audit_lines());
+}
+
 /// SIGTERM during a pass held up by a signer that never answers: the pass may finish for
 /// `--stop-grace-seconds`, then it is cut short, the Lease given up and the agent exits 0.
 /// (Waiting for the pass instead outlasts the pod's grace period: the kubelet's kill then

@@ -60,6 +60,9 @@ struct PassNotes {
     /// Whether the intermediate installed after the pass ends with the signer's root (None:
     /// the signer's root was not learnt in this pass).
     ends_with_root: Option<bool>,
+    /// The intermediate installed in this pass was already past its renewal time by this
+    /// clock ([`super::due_on_arrival`]).
+    due_on_arrival: bool,
 }
 
 /// The agent's settings (flags).
@@ -729,6 +732,14 @@ impl Controller {
                 });
                 self.metrics.issued();
                 record_bundle(status, summary, renew_at);
+                notes.due_on_arrival = super::due_on_arrival(
+                    &owner.to_string(),
+                    summary,
+                    renew_at,
+                    notes.ends_with_root,
+                    now,
+                    self.opts.resync,
+                );
                 renew_at
             }
         };
@@ -742,10 +753,13 @@ impl Controller {
             now,
         );
 
-        let mut next = renew_at
-            .duration_since(now)
-            .unwrap_or(Duration::ZERO)
-            .min(self.opts.resync);
+        let mut next = match notes.due_on_arrival {
+            true => self.opts.resync,
+            false => renew_at
+                .duration_since(now)
+                .unwrap_or(Duration::ZERO)
+                .min(self.opts.resync),
+        };
         // `never` also stops a plan already under way.
         let restarts_allowed = spec.settings.restart.policy != super::restart::RestartPolicy::Never;
         if restarts_allowed && let Some(mut record) = status.restart.take() {

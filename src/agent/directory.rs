@@ -585,14 +585,32 @@ pub async fn run(
                 // Logged after the metrics (as a failure is): whoever reads the line
                 // finds them already telling the same.
                 log_outcome(&opts.target, outcome);
-                if matches!(
+                let held = matches!(
                     outcome,
                     DirOutcome::UpToDate {
                         held_by_root: true,
                         ..
                     }
-                ) {
-                    // Past its renewal time and kept: look again a resync away.
+                );
+                let due_on_arrival = match outcome {
+                    DirOutcome::Installed {
+                        summary,
+                        renew_at,
+                        ends_with_root,
+                        ..
+                    } => super::due_on_arrival(
+                        &opts.target.display().to_string(),
+                        summary,
+                        *renew_at,
+                        *ends_with_root,
+                        SystemTime::now(),
+                        resync,
+                    ),
+                    _ => false,
+                };
+                if held || due_on_arrival {
+                    // Past its renewal time and kept, or a new one would be as due: look
+                    // again a resync away.
                     spread_randomly(resync).max(Duration::from_secs(1))
                 } else {
                     next_check(outcome.renew_at(), SystemTime::now(), resync, random_draw())

@@ -559,6 +559,34 @@ pub(crate) fn log_roots_left_out(left_out: &[rotation::RootLeftOut]) {
     }
 }
 
+/// Whether an intermediate just installed is already past its renewal time by this clock
+/// (and does not end with the signer's root, which holds it): this clock is ahead of the
+/// signer's by more than the renewal margin, so every intermediate issued would be due on
+/// arrival. Said in a warning; the caller looks again a resync away, not at the renewal
+/// time, lest one be issued every second.
+pub(crate) fn due_on_arrival(
+    whose: &str,
+    summary: &BundleSummary,
+    renew_at: SystemTime,
+    ends_with_root: Option<bool>,
+    now: SystemTime,
+    resync: Duration,
+) -> bool {
+    if now < renew_at || ends_with_root == Some(true) {
+        return false;
+    }
+    let rfc = crate::signer::audit::rfc3339;
+    tracing::warn!(
+        request = whose,
+        serial = %summary.serial,
+        renew_at = %rfc(renew_at),
+        now = %rfc(now),
+        resync_seconds = resync.as_secs(),
+        "the intermediate just installed is already past its renewal time by this machine's clock: this clock is likely ahead of the signer's (by more than the renewal margin); renewing now would get another one due on arrival, so the next look is a resync away; fix time synchronisation"
+    );
+    true
+}
+
 /// [`cacerts::check_writable`]: before the signer is asked for a bundle for `dir`.
 fn check_dir_writable(dir: &std::path::Path) -> Result<(), AgentError> {
     cacerts::check_writable(dir).map_err(|e| AgentError::NotWritable {
