@@ -327,11 +327,23 @@ pub fn classify(dir: &Path) -> Result<Installed, AgentError> {
     }
     Ok(match cacerts::read_bundle(dir) {
         Ok(files) => Installed::Ours(files),
-        Err(e) => Installed::Unreadable {
+        Err(e) if is_damage(&e) => Installed::Unreadable {
             problem: e.to_string(),
             root_cert,
         },
+        Err(e) => return Err(cannot_look(dir, e)),
     })
+}
+
+/// Whether a file of meshca's bundle that cannot be read is damaged (missing, not text,
+/// not a regular file), which a new bundle repairs. One the agent may not read (its owner
+/// or mode changed for istiod) or an I/O error is not: a new bundle would replace a valid
+/// one, and be as unreadable.
+fn is_damage(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::NotFound | ErrorKind::InvalidData | ErrorKind::InvalidInput
+    )
 }
 
 /// Takes away what a write killed before its swap left (a version directory whose key
@@ -716,6 +728,29 @@ mod tests {
     use crate::pki::testing::{software_bundle, software_root};
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A file of the bundle the agent may not read, or that an I/O error keeps from it, is
+    /// not damage: the pass fails by name (before, a new bundle replaced the valid one, at
+    /// every pass after an owner or mode was changed for istiod). One missing, not text or
+    /// not a regular file is.
+    #[test]
+    fn only_damage_makes_the_bundle_in_place_unreadable() {
+        use std::io::Error;
+        for kind in [
+            ErrorKind::NotFound,
+            ErrorKind::InvalidData,
+            ErrorKind::InvalidInput,
+        ] {
+            assert!(is_damage(&Error::from(kind)), "{kind:?}");
+        }
+        for error in [
+            Error::from(ErrorKind::PermissionDenied),
+            Error::from_raw_os_error(libc::EIO),
+            Error::from_raw_os_error(libc::EMFILE),
+        ] {
+            assert!(!is_damage(&error), "{error}");
+        }
+    }
 
     /// A bundle for mesh "cluster-a" valid from `issued` for `ttl`, under a 400-day root.
     fn bundle(ttl: Duration) -> (SystemTime, BundleFiles) {
