@@ -551,10 +551,13 @@ const MAX_SIGNER_ANSWER: usize = 4 * 1024 * 1024;
 /// The answer's body, up to [`MAX_SIGNER_ANSWER`].
 async fn body_of(mut response: reqwest::Response) -> Result<Vec<u8>, ClientError> {
     use crate::http_answer::{BodyError, body_up_to};
+    let url = response.url().to_string();
     body_up_to(&mut response, MAX_SIGNER_ANSWER)
         .await
         .map_err(|e| match e {
-            BodyError::Transport(e) => ClientError::BadResponse(e.to_string()),
+            // The connection cut while the answer came (the signer restarting, a load
+            // balancer's idle timeout): a transport error, tried again, not a bad answer.
+            BodyError::Transport(e) => transport(&url, e),
             BodyError::TooLarge => ClientError::BadResponse(format!(
                 "the answer is larger than {} MiB",
                 MAX_SIGNER_ANSWER / (1024 * 1024)
@@ -801,6 +804,32 @@ mod tests {
             matches!(&refused, Err(ClientError::Refused { status: 503, code, .. }) if code == "unknown"),
             "{refused:?}"
         );
+    }
+
+    /// The connection cut while the answer's body comes (the signer restarting, a load
+    /// balancer's idle timeout) is a transport error, naming the URL and the cause, and
+    /// tried again; before, it was a "bad answer", which fails the pass for good.
+    #[tokio::test]
+    async fn an_answer_cut_short_is_a_transport_error_tried_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/trust-bundle", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut connection, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = connection.read(&mut request).await;
+            connection
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n[\"part")
+                .await
+                .unwrap();
+        });
+        crate::tlsutil::install_default_provider();
+        let response = reqwest::get(&url).await.unwrap();
+        server.await.unwrap();
+        let cut = decode::<Vec<String>>(response).await.unwrap_err();
+        assert!(cut.is_transient(), "{cut:?}");
+        let said = cut.to_string();
+        assert!(said.contains(&url), "{said}");
     }
 
     #[tokio::test]
