@@ -378,11 +378,13 @@ fn a_set_missing_its_key_is_replaced_and_istiod_named_for_a_restart() {
     assert_eq!(std::fs::read(dir.join("root-cert.pem")).unwrap(), roots);
     let (stdout, stderr) = (text(&repaired.stdout), text(&repaired.stderr));
     assert!(
-        stdout.contains("then         restart istiod: the files replaced could not be read"),
+        stdout.contains(
+            "then         restart istiod: the files replaced held no CA istiod could sign with"
+        ),
         "{stdout}"
     );
     assert!(
-        stderr.contains("the files replaced could not be read: restart istiod (one started meanwhile found no usable ca-key.pem"),
+        stderr.contains("the files replaced held no CA istiod could sign with: restart istiod (one started meanwhile found no usable ca-key.pem"),
         "{stderr}"
     );
     // Once: the next pass finds the set whole.
@@ -391,6 +393,29 @@ fn a_set_missing_its_key_is_replaced_and_istiod_named_for_a_restart() {
         !text(&again.stdout).contains("restart istiod"),
         "{}",
         text(&again.stdout)
+    );
+}
+
+/// Another tool's directory holding meshca's root-cert.pem alone (a GitOps repo that
+/// ships the trust first), adopted: istiod had no CA to sign with there and runs on its
+/// self-signed one, so it is named for a restart although root-cert.pem stays the same
+/// bytes. Before, only a changed root-cert.pem named it.
+#[test]
+fn adopting_a_directory_without_a_ca_key_names_istiod_for_a_restart() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let addr = signer.addr.to_string();
+    let dir = env.path("cacerts");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("root-cert.pem"), env.root_pem()).unwrap();
+
+    let adopted = once(&env, &addr, &dir, &["--adopt"]);
+    assert!(adopted.status.success(), "{}", text(&adopted.stderr));
+    assert_valid(&env, &dir);
+    let stdout = text(&adopted.stdout);
+    assert!(
+        stdout.contains("restart istiod: the files replaced held no CA istiod could sign with"),
+        "{stdout}"
     );
 }
 

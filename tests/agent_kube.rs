@@ -797,6 +797,37 @@ async fn a_secret_created_by_another_client_during_an_issuance_is_not_overwritte
     assert_eq!(signer.audit_lines().len(), 1);
 }
 
+/// A `cacerts` adopted that holds no CA istiod could sign with (root-cert.pem alone, as a
+/// GitOps repo may ship the trust first): istiod runs on its self-signed CA, as before a
+/// first install, so the plan is a first install's, gateways and workloads included.
+/// Before, it was taken for a plugged-in CA replaced: istiod alone was restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopting_a_secret_without_a_ca_key_plans_a_first_install() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    cluster.put(
+        SECRET,
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "cacerts", "namespace": "istio-system", "resourceVersion": "7"},
+            "data": {"root-cert.pem": b64(&other_root(&env))}
+        }),
+    );
+    cluster.put_request(&signer.addr.to_string(), json!({"adopt": true}));
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
+    cluster.pass().await;
+    let st = vmcsr_status(&cluster);
+    assert_eq!(st["phase"], "Installed", "{st}");
+    assert_eq!(st["restart"]["serial"], st["serial"], "{st}");
+    // A full plan carries no scope (only an istiod-only one says "Istiod").
+    assert!(
+        st["restart"].get("scope").is_none(),
+        "not a full plan: {st}"
+    );
+}
+
 /// A Secret being adopted is changed by its old owner while the agent gets the
 /// intermediate that replaces it: the apply, which holds the version the pass read, is
 /// refused, and the change stays; the next pass reads it and adopts what is there now.

@@ -678,7 +678,10 @@ impl Controller {
                     // Files missing from meshca's Secret: an istiod started since found no
                     // ca-key.pem and runs on its self-signed CA, which only a restart (and
                     // the workloads' new certificates) undoes, as at a first install.
-                    Installed::None | Installed::Unreadable { .. } => InstallKind::FirstInstall,
+                    // So does a Secret adopted without a CA istiod could sign with.
+                    Installed::None
+                    | Installed::Unreadable { .. }
+                    | Installed::Foreign { plugged: false, .. } => InstallKind::FirstInstall,
                     Installed::Ours(files) => InstallKind::Replacement {
                         roots_changed: files.root_cert != obtained.files.root_cert,
                     },

@@ -54,10 +54,10 @@ pub enum DirOutcome {
         /// root-cert.pem is not the bytes it was (or there was none): istiod takes the
         /// new files only when it starts.
         roots_changed: bool,
-        /// The files replaced were meshca's but could not be read (one missing, say): an
-        /// istiod started meanwhile found no usable ca-key.pem and runs on its
-        /// self-signed CA until it starts again.
-        replaced_unreadable: bool,
+        /// The files replaced held no CA istiod could sign with (meshca's with one
+        /// missing, say; another tool's without ca-key.pem): an istiod started meanwhile
+        /// runs on its self-signed CA until it starts again.
+        replaced_unusable: bool,
         /// See [`DirOutcome::ends_with_root`].
         ends_with_root: Option<bool>,
     },
@@ -89,7 +89,8 @@ impl DirOutcome {
     }
 
     /// Why istiod must start again to use what was written, if it must (root-cert.pem
-    /// changed, or the files replaced could not be read), and how that comes to be.
+    /// changed, or the files replaced held no CA it could sign with), and how that comes to
+    /// be.
     pub fn istiod_restart(&self) -> Option<(&'static str, &'static str)> {
         match self {
             _ if self.roots_changed() => Some((
@@ -97,10 +98,10 @@ impl DirOutcome {
                 "it takes a changed root-cert.pem, and the intermediate with it, only when it starts",
             )),
             DirOutcome::Installed {
-                replaced_unreadable: true,
+                replaced_unusable: true,
                 ..
             } => Some((
-                "the files replaced could not be read",
+                "the files replaced held no CA istiod could sign with",
                 "one started meanwhile found no usable ca-key.pem and runs on its self-signed CA until it starts again",
             )),
             _ => None,
@@ -303,10 +304,14 @@ pub fn classify(dir: &Path) -> Result<Installed, AgentError> {
             what: dir.display().to_string(),
         });
     }
-    let mut any_file = false;
+    let mut present = Vec::new();
     for name in [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT] {
-        any_file |= look(&dir.join(name))?.is_some();
+        if look(&dir.join(name))?.is_some() {
+            present.push(name);
+        }
     }
+    let any_file = !present.is_empty();
+    let plugged = present.contains(&CA_CERT) && present.contains(&CA_KEY);
     let root_path = dir.join(ROOT_CERT);
     // A missing or garbled root-cert.pem is part of what is found (damaged, or foreign
     // roots to keep when there are any); one that cannot be read is not.
@@ -320,6 +325,7 @@ pub fn classify(dir: &Path) -> Result<Installed, AgentError> {
             Installed::Foreign {
                 what: format!("{} (files not written by meshca)", dir.display()),
                 root_cert,
+                plugged,
             }
         } else {
             Installed::None
@@ -490,7 +496,11 @@ pub async fn reconcile(
                 }
                 Installed::None | Installed::Shadowed { .. } => true,
             };
-            let replaced_unreadable = matches!(installed, Installed::Unreadable { .. });
+            // istiod found no CA it could sign with there: it runs on its self-signed one.
+            let replaced_unusable = matches!(
+                installed,
+                Installed::Unreadable { .. } | Installed::Foreign { plugged: false, .. }
+            );
             let summary = obtained.summary;
             let renew_at = super::rotation::renew_at(
                 summary.not_before,
@@ -504,7 +514,7 @@ pub async fn reconcile(
                 summary,
                 renew_at,
                 roots_changed,
-                replaced_unreadable,
+                replaced_unusable,
             })
         }
     }

@@ -165,11 +165,13 @@ pub fn classify_secret(secret: Option<&Secret>, owner: &str) -> Installed {
         return Installed::Shadowed { what: id };
     }
     let root_cert = text(ROOT_CERT);
+    let plugged = text(CA_CERT).is_some() && text(CA_KEY).is_some();
     let labels = secret.metadata.labels.clone().unwrap_or_default();
     if labels.get(MANAGED_BY).map(String::as_str) != Some(FIELD_MANAGER) {
         return Installed::Foreign {
             what: format!("{id} (not created by meshca)"),
             root_cert,
+            plugged,
         };
     }
     let annotations = secret.metadata.annotations.clone().unwrap_or_default();
@@ -178,6 +180,7 @@ pub fn classify_secret(secret: Option<&Secret>, owner: &str) -> Installed {
         return Installed::Foreign {
             what: format!("{id} (managed by meshca request {holder:?})"),
             root_cert,
+            plugged,
         };
     }
     let mut missing = Vec::new();
@@ -997,9 +1000,14 @@ mod tests {
         assert!(matches!(classify_secret(None, owner), Installed::None));
         let all = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
         match classify_secret(Some(&secret(&[], &[], &all)), owner) {
-            Installed::Foreign { what, root_cert } => {
+            Installed::Foreign {
+                what,
+                root_cert,
+                plugged,
+            } => {
                 assert!(what.contains("istio-system/cacerts"), "{what}");
                 assert_eq!(root_cert.as_deref(), Some("root-cert.pem text"));
+                assert!(plugged);
             }
             other => panic!("{other:?}"),
         }

@@ -256,6 +256,9 @@ pub enum Installed {
     Foreign {
         what: String,
         root_cert: Option<String>,
+        /// It holds both ca-cert.pem and ca-key.pem: istiod signs with it. Without them
+        /// istiod runs on its self-signed CA, and adopting it is a first install.
+        plugged: bool,
     },
     /// meshca's, but the four files cannot even be read.
     Unreadable {
@@ -402,7 +405,9 @@ pub fn decide(installed: &Installed, desired: &Desired, now: SystemTime) -> Deci
                 previous_roots: None,
             };
         }
-        Installed::Foreign { what, root_cert } => {
+        Installed::Foreign {
+            what, root_cert, ..
+        } => {
             return if desired.adopt {
                 Decision::Issue {
                     reason: IssueReason::Adopt(what.clone()),
@@ -1257,6 +1262,7 @@ mod tests {
         let foreign = Installed::Foreign {
             what: "x".into(),
             root_cert: Some(o.pem.clone()),
+            plugged: true,
         };
         assert!(TrustedRoots::of(&foreign, &[]).first_use());
     }
@@ -1409,6 +1415,7 @@ mod tests {
         let foreign = Installed::Foreign {
             what: "Secret istio-system/cacerts without meshca's label".into(),
             root_cert: Some(f.bundle.root_cert.clone()),
+            plugged: true,
         };
         match decide(&foreign, &desired(&f), f.issued) {
             Decision::Refuse { what } => assert!(what.contains("without meshca's label")),

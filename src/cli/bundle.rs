@@ -157,7 +157,7 @@ pub(crate) fn installed_json(
         "trusted_roots": s.root_fingerprints,
         // True: istiod takes the new root set only when it starts again.
         "roots_changed": roots_changed,
-        // That, or the files replaced could not be read: istiod must start again.
+        // That, or the files replaced held no CA istiod could sign with: it must start again.
         "restart_istiod": restart_istiod,
     })
 }
