@@ -161,6 +161,16 @@ async fn an_identity_pinned_to_its_client_ca_is_refused_from_another() {
         message.contains(&format!("pinned to issuer sha256:{shared_sha256}")),
         "{message}"
     );
+    // Nor is it shown cluster-a's grants: the policy answers 403 too.
+    let policy = env
+        .client("pay-as-a")
+        .get(signer.url("/v1/virtualmeshes/test/vm"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(policy.status(), 403);
+    let body: Value = policy.json().await.unwrap();
+    assert_eq!(error_code(&body), "client_issuer", "{body}");
     // Counted under its own outcome, which MeshcaClientIssuerRefused watches.
     let metrics = signer.metrics(&env.client("cluster-a")).await;
     assert!(

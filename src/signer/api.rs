@@ -659,6 +659,19 @@ async fn virtual_mesh(
     }
     let id = ObjectRef::new(namespace, name);
     let rules = state.rules();
+    // An identity pinned to another client CA is not that client, as at a signing
+    // request: it is not shown that client's grants (nor told a renewal would pass).
+    if let Some(axum::Extension(client)) = &identity
+        && let Some(who) = client.identity.as_deref()
+        && let Some(issuer) = rules.authorization.issuer_of(who)
+        && let Err(mismatch) = issuer.admits(state.client_ca_of(client).as_ref())
+    {
+        return error_response(
+            Status::Forbidden,
+            "client_issuer",
+            &format!("client {who} is refused: {mismatch}"),
+        );
+    }
     let Some(policy) = rules.policies.get(&id) else {
         return error_response(
             Status::NotFound,
