@@ -444,7 +444,8 @@ impl VirtualMeshDocument {
         }
         let org_name = builtin.org_name.trim();
         if org_name.is_empty()
-            || org_name.len() > MAX_ORG_NAME_LEN
+            // Characters, as X.520 bounds the name (and the lint counts), not UTF-8 bytes.
+            || org_name.chars().count() > MAX_ORG_NAME_LEN
             || org_name.chars().any(char::is_control)
         {
             return Err(invalid(format!(
@@ -851,6 +852,29 @@ mod tests {
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
             assert!(err.contains("test.yaml"), "source missing in {err:?}");
         }
+    }
+
+    /// 64 characters at most, counted as characters: 22 Japanese ones (66 bytes of UTF-8)
+    /// are a valid orgName, 65 letters are not.
+    #[test]
+    fn the_org_name_is_bounded_in_characters_not_bytes() {
+        let with_org = |org: &str| {
+            doc(
+                &format!(
+                    "    builtin:\n      ttlDays: 10\n      rsaKeySizeBytes: 4096\n      orgName: {org}"
+                ),
+                "",
+            )
+        };
+        let japanese = "株式会社メッシュ認証局".repeat(2);
+        assert_eq!(japanese.chars().count(), 22);
+        let set = load(&with_org(&japanese)).unwrap();
+        assert_eq!(set.iter().next().unwrap().org_name, japanese);
+        let err = load(&with_org(&"a".repeat(65))).unwrap_err().to_string();
+        assert!(
+            err.contains("orgName must be 1 to 64 printable characters"),
+            "{err}"
+        );
     }
 
     #[test]
