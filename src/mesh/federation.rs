@@ -570,6 +570,26 @@ fn cluster_local_overlap(suffix: &str, domain: &str) -> Option<(String, String)>
     Some((why, taken))
 }
 
+/// Longest SNI Envoy takes (`UpstreamTlsContext.sni`: at most 255 bytes): a longer one
+/// makes every importing sidecar refuse the cluster (a NACK at each push).
+pub const MAX_SNI_LEN: usize = 255;
+
+/// Why `service` of `cluster` cannot be federated under `suffix`, if it cannot: the SNI a
+/// client sends for its highest port, `outbound_.<port>_._.<host>` (what the exporting
+/// gateway routes by), would be longer than Envoy takes. The suffix's own bound keeps the
+/// host within 253; a host near that, with the SNI's 19 more, is not.
+pub fn sni_problem(service: &ServiceInventory, cluster: &str, suffix: &str) -> Option<String> {
+    let host = federated_host(service, cluster, suffix);
+    let port = service.ports.iter().map(|p| p.number).max()?;
+    let sni = format!("outbound_.{port}_._.{host}");
+    (sni.len() > MAX_SNI_LEN).then(|| {
+        format!(
+            "the SNI its clients would send, outbound_.{port}_._.{host}, is {} bytes, over the {MAX_SNI_LEN} Envoy takes: shorten its name, its namespace's, the cluster's or the hostSuffix",
+            sni.len()
+        )
+    })
+}
+
 fn federated_host(service: &ServiceInventory, cluster: &str, suffix: &str) -> String {
     let mut host = String::with_capacity(
         service.name.len() + service.namespace.len() + cluster.len() + suffix.len() + 7,
@@ -1092,6 +1112,28 @@ clusters:
         let host = federated_host(&service, &label, &longest);
         assert_eq!(host.len(), 253);
         assert!(is_dns1123_subdomain(&host));
+        // Its SNI, though, would be longer than Envoy takes: such a service is left out,
+        // named; one of ordinary names is not.
+        let with_port = ServiceInventory {
+            ports: vec![crate::mesh::inventory::PortInventory {
+                number: 8080,
+                protocol: None,
+                name: None,
+                target_port: None,
+            }],
+            ..service
+        };
+        let problem = sni_problem(&with_port, &label, &longest).unwrap();
+        assert!(
+            problem.contains("is 271 bytes, over the 255 Envoy takes"),
+            "{problem}"
+        );
+        let ordinary = ServiceInventory {
+            name: "reviews".into(),
+            namespace: "bookinfo".into(),
+            ..with_port
+        };
+        assert_eq!(sni_problem(&ordinary, "east", &longest), None);
 
         for (suffix, needle) in [
             (".global", "is not a DNS name"),

@@ -375,7 +375,8 @@ impl MeshController {
             let services = if config.mode.is_some() {
                 let (namespaces, selector) = service_query(&config.selector);
                 let listed = cluster.list_services(&namespaces, &selector).await?;
-                let (services, skipped) = decide::federated_services(&listed, inventory);
+                let (services, skipped) =
+                    decide::federated_services(&listed, inventory, &config.host_suffix);
                 let skipped = decide::bounded_list(skipped);
                 // Said when it changes (the status keeps it), not at every pass.
                 let recorded_skipped = recorded

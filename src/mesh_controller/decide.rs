@@ -519,6 +519,7 @@ pub fn bounded_list(mut list: Vec<String>) -> Vec<String> {
 pub fn federated_services(
     services: &[Service],
     cluster: &ClusterInventory,
+    host_suffix: &str,
 ) -> (Vec<ServiceInventory>, Vec<String>) {
     let mut out = Vec::with_capacity(services.len());
     let mut skipped = Vec::new();
@@ -592,9 +593,13 @@ pub fn federated_services(
             headless,
             ports,
         };
-        match candidate.validate(cluster) {
-            Ok(()) => out.push(candidate),
-            Err(e) => skipped.push(e.to_string()),
+        if let Err(e) = candidate.validate(cluster) {
+            skipped.push(e.to_string());
+            continue;
+        }
+        match crate::mesh::federation::sni_problem(&candidate, &cluster.name, host_suffix) {
+            Some(problem) => skipped.push(format!("{namespace}/{name}: {problem}")),
+            None => out.push(candidate),
         }
     }
     (out, skipped)
@@ -1550,6 +1555,7 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    use crate::mesh::federation::DEFAULT_HOST_SUFFIX;
     use crate::mesh::translate;
 
     const R1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
@@ -2129,7 +2135,7 @@ mod tests {
                 json!({"metadata": {"labels": {"a": "-x"}}}),
             ),
         ];
-        let (inventory, skipped) = federated_services(&services, &cluster);
+        let (inventory, skipped) = federated_services(&services, &cluster, DEFAULT_HOST_SUFFIX);
         let names: Vec<String> = inventory
             .iter()
             .map(|s| format!("{}/{}", s.namespace, s.name))
@@ -2181,7 +2187,7 @@ mod tests {
                 json!({"spec": {"clusterIP": "10.0.0.7", "ports": [{"port": 80, "name": "http", "targetPort": 8080}]}}),
             ),
         ];
-        let (services, skipped) = federated_services(&services, &east);
+        let (services, skipped) = federated_services(&services, &east, DEFAULT_HOST_SUFFIX);
         let targets: Vec<(&str, Option<u16>, bool)> = services
             .iter()
             .map(|s| (s.name.as_str(), s.ports[0].target_port, s.headless))
