@@ -633,6 +633,49 @@ async fn a_removed_member_loses_its_request_and_objects_and_its_services_go_else
     assert!(sent["north"].is_empty());
 }
 
+/// A Mesh replaced by another for the same cluster (renamed, say): the former member's
+/// cleanup deletes its request but leaves the federation objects in that cluster's Istio
+/// namespace, which the new member holds now (the same names and labels). Before, the
+/// cleanup deleted them right after the new member found them in place, and federation
+/// was down in that cluster until the next pass (or for as long as it was held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_replaced_for_the_same_cluster_keeps_its_federation_objects() {
+    let world = World::start(&["east", "west"]).await;
+    world.pass().await;
+    world.report_all(R1, &[R1]);
+    world.pass().await;
+    assert_eq!(world.status("vm")["phase"], "Ready");
+    let objects = world.member("east").paths("/apis/networking.istio.io");
+    assert!(!objects.is_empty());
+
+    let mut renamed = mesh_object("east");
+    renamed["metadata"]["name"] = "east-new".into();
+    world.mgmt.put(&mesh_path("east-new"), renamed);
+    world.mgmt.edit(&vm_path("vm"), |v| {
+        v["spec"] = vm_spec(&["east-new", "west"]);
+        v["metadata"]["generation"] = 2.into();
+    });
+    let sent = world.pass().await;
+    let deleted: Vec<(String, String)> = writes(&sent["east"])
+        .into_iter()
+        .filter(|(method, _)| method == "DELETE")
+        .collect();
+    assert_eq!(deleted, vec![w("DELETE", &vmcsr_path("east"))]);
+    assert_eq!(
+        world.member("east").paths("/apis/networking.istio.io"),
+        objects
+    );
+    assert!(world.member("east").get(&vmcsr_path("east-new")).is_some());
+    let st = world.status("vm");
+    let members: Vec<&str> = st["meshes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["east-new", "west"], "{st}");
+}
+
 /// A Mesh's agent namespace changed to one where another client's request holds the
 /// name: the request in the old namespace, the one the running agent uses, stays until
 /// the new one is in place (before, it was deleted at once, and nothing renewed the

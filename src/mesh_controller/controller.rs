@@ -721,12 +721,29 @@ impl MeshController {
         // clusters went with the plan above).
         let member_ids: BTreeSet<ObjectRef> = valid.members.iter().map(|m| m.id.clone()).collect();
         let departed = decide::departed(before, &member_ids);
+        // A former member whose cluster a member covers now (a Mesh replaced by another for
+        // the same cluster) leaves the federation objects of that member's Istio
+        // namespaces alone: they are the member's now (the same names, the same labels),
+        // and deleting them would take its federation down until the next pass, or for as
+        // long as federation is held.
+        let kept_namespaces = |former: &MemberStatus| -> Vec<String> {
+            valid
+                .members
+                .iter()
+                .filter(|m| m.inventory.name == former.cluster)
+                .flat_map(|m| {
+                    std::iter::once(m.mesh.spec.istio_namespace.clone())
+                        .chain(recorded.get(&m.id).map(|r| r.istio_namespace.clone()))
+                })
+                .collect()
+        };
         let cleanups = in_order(
             departed.iter().map(|former| {
                 self.clean_member(
                     former,
                     meshes.get(&former.id()).copied(),
                     &config.virtual_mesh,
+                    kept_namespaces(former),
                 )
             }),
             MEMBER_READS_IN_FLIGHT,
@@ -865,12 +882,14 @@ impl MeshController {
     }
 
     /// Removes what this VirtualMesh made in a (former) member's cluster: its requests
-    /// and every labelled federation object, in the namespaces recorded and current.
+    /// and every labelled federation object, in the namespaces recorded and current, but
+    /// `kept_namespaces` (a member's now, for the same cluster).
     async fn clean_member(
         &self,
         member: &MemberStatus,
         mesh: Option<&Mesh>,
         virtual_mesh: &ObjectRef,
+        kept_namespaces: Vec<String>,
     ) -> Result<(), StepError> {
         let id = member.id();
         let Some(mesh) = mesh else {
@@ -903,6 +922,9 @@ impl MeshController {
             member.istio_namespace.clone(),
             mesh.spec.istio_namespace.clone(),
         ]) {
+            if kept_namespaces.contains(&ns) {
+                continue;
+            }
             let mut existing = Vec::new();
             for kind in Kind::ALL {
                 existing.extend(cluster.list_objects(kind, &ns).await?);
@@ -949,7 +971,7 @@ impl MeshController {
         }
         let cleanups = in_order(
             targets.iter().map(|(mesh_id, target)| {
-                self.clean_member(target, meshes.get(mesh_id).copied(), &id)
+                self.clean_member(target, meshes.get(mesh_id).copied(), &id, vec![])
             }),
             MEMBER_READS_IN_FLIGHT,
         )
