@@ -584,13 +584,19 @@ pub fn ends_with_known_root(summary: &BundleSummary, desired: &Desired) -> Optio
 }
 
 /// Whether `summary`'s intermediate ends no earlier than the root the signer issues under
-/// (the same root it chains to): a renewal could not end later.
+/// (the same root it chains to), or, the signer not heard from, than the root its chain
+/// ends at: a renewal could not end later.
 pub fn ends_with_signer_root(summary: &BundleSummary, desired: &Desired) -> bool {
-    let same_root = desired
-        .signer_root
-        .as_deref()
-        .is_some_and(|root| root.eq_ignore_ascii_case(&summary.anchor_fingerprint));
-    same_root
+    let signer_heard = desired.accepted_key_types.is_some();
+    let Some(signer_root) = desired.signer_root.as_deref() else {
+        // The signer not heard from (unreachable, or refusing): the installed chain's own
+        // root says whether a renewal under it could end later. One under another root
+        // waits for the signer anyway; failing each pass meanwhile would only raise the
+        // alarm over a bundle nothing can better. A signer that answers without naming
+        // its root (an older one) may have changed it: renewed as before.
+        return !signer_heard && summary.not_after >= summary.anchor_not_after;
+    };
+    signer_root.eq_ignore_ascii_case(&summary.anchor_fingerprint)
         && desired
             .signer_root_not_after
             .is_some_and(|root_end| summary.not_after >= root_end)
@@ -1471,6 +1477,33 @@ mod tests {
             &summary,
             &d,
             due - Duration::from_secs(1)
+        ));
+        // The signer not heard from: its own root holds it too (failing every pass of an
+        // outage would change nothing but the alarms).
+        let unreachable = Desired {
+            signer_root: None,
+            signer_root_not_after: None,
+            ..d.clone()
+        };
+        assert!(matches!(
+            decide(&installed, &unreachable, due),
+            Decision::UpToDate { .. }
+        ));
+        assert!(renewal_held_by_root(&summary, &unreachable, due));
+        // One ending before its root is renewed at its time, the signer heard or not.
+        let early = verify_bundle(&f.bundle, None, f.issued).unwrap();
+        assert!(!ends_with_signer_root(&early, &unreachable));
+        // A signer that answers without naming its root may have changed it: renewed.
+        let unnamed_root = Desired {
+            accepted_key_types: Some(vec![KeyType::EcdsaP256.to_string()]),
+            ..unreachable.clone()
+        };
+        assert!(matches!(
+            decide(&installed, &unnamed_root, due),
+            Decision::Issue {
+                reason: IssueReason::Due { .. },
+                ..
+            }
         ));
         // Renewed as before when the signer cannot say when its root ends, and replaced
         // when its root changes.

@@ -129,6 +129,8 @@ pub struct BundleSummary {
     pub root_fingerprints: Vec<String>,
     /// Fingerprint of the root the chain ends at.
     pub anchor_fingerprint: String,
+    /// When that root ends.
+    pub anchor_not_after: SystemTime,
 }
 
 /// SHA-256 of a certificate's DER, lowercase hex.
@@ -459,6 +461,11 @@ pub fn check_bundle(
         chain_length: chain.len(),
         root_fingerprints: roots.iter().map(fingerprint).collect(),
         anchor_fingerprint: fingerprint(anchor),
+        anchor_not_after: anchor
+            .tbs_certificate()
+            .validity()
+            .not_after
+            .to_system_time(),
     })
 }
 
