@@ -1407,7 +1407,6 @@ async fn a_replica_that_loses_the_lease_between_two_restarts_makes_no_more() {
 /// clock does not agree, saying why: the root signs one intermediate, not one per retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
-    use std::io::BufRead;
     let env = Env::new();
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
@@ -1419,16 +1418,7 @@ async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .spawn()
         .unwrap();
-    let (lines, said) = std::sync::mpsc::channel();
-    let stderr = agent.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines.send(line);
-        }
-    });
+    let said = stderr_lines(&mut agent);
     // The first refusal (it asked), then a retry that asked nothing.
     let mut refusals = Vec::new();
     while refusals.len() < 2 {
@@ -1461,7 +1451,6 @@ async fn an_agent_whose_clock_is_ahead_asks_for_no_intermediate_per_retry() {
 /// intermediate (and one audit line) a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intermediate_due_on_arrival_by_a_clock_ahead_is_not_renewed_every_second() {
-    use std::io::BufRead;
     let env = Env::new();
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
@@ -1473,16 +1462,7 @@ async fn an_intermediate_due_on_arrival_by_a_clock_ahead_is_not_renewed_every_se
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .spawn()
         .unwrap();
-    let (lines, said_now) = std::sync::mpsc::channel();
-    let stderr = agent.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines.send(line);
-        }
-    });
+    let said_now = stderr_lines(&mut agent);
     // Only a guard against waiting for ever (the agent before this fix never said it).
     let give_up = std::time::Instant::now() + Duration::from_secs(120);
     let mut said = Vec::new();

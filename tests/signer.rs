@@ -1001,17 +1001,7 @@ fn a_sighup_right_after_the_start_does_not_end_the_signer() {
                 None => panic!("the signer ended before it caught SIGHUP"),
             }
         };
-        let (lines, read) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = lines.send(line);
-            }
-        });
+        let read = stderr_lines(&mut child);
         // The reload the SIGHUP asked for (a generous bound: the start connects to the
         // token first; a signer the SIGHUP ended says nothing more).
         let mut seen = Vec::new();

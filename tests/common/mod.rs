@@ -1108,6 +1108,19 @@ pub fn installed_tool(in_repo: &str, name: &str) -> PathBuf {
     PathBuf::from(text(&on_path.stdout).trim())
 }
 
+/// The lines `child` writes to its piped stderr, as they come (read on a thread of their
+/// own, so that the child never blocks on a full pipe).
+pub fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (send, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = send.send(line);
+        }
+    });
+    lines
+}
+
 /// libfaketime's library (`scripts/install-deps.sh` installs the faketime package);
 /// missing, the test fails saying so (it is never skipped).
 pub fn libfaketime() -> PathBuf {
