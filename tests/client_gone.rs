@@ -37,6 +37,7 @@ fn issue_request(root: &RootCa) -> IssueRequest {
         trust_domains: Vec::new(),
         csr_der: csr.to_der().unwrap(),
         client_gone: Default::default(),
+        signing_asked: Default::default(),
     }
 }
 

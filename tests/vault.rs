@@ -1967,6 +1967,11 @@ async fn an_intermediate_under_trust_domains_carries_the_name_constraints() {
             && message(&body).contains("the policy of meshca's Vault identity must allow it"),
         "{body}"
     );
+    // Vault signed nothing: the audit line names no serial as signed (before, it named
+    // the planned one, as if a signature were on record).
+    let refused = signer.audit_lines().pop().unwrap();
+    assert_eq!(refused["rule"], "backend_unavailable", "{refused}");
+    assert!(refused.get("signingSerial").is_none(), "{refused}");
 }
 
 /// Without trust domains nothing changed: `sign-intermediate` signs, and Vault keeps the

@@ -11,6 +11,8 @@ pub mod vault;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
@@ -39,7 +41,42 @@ pub struct IssueRequest {
     /// before it starts signing and then signs nothing ([`BackendError::ClientGone`]): under
     /// overload, clients that gave up must not keep the token busy.
     pub client_gone: CancellationToken,
+    /// Noted by the backend once the root key was asked to sign: the audit line of a
+    /// request that failed names the planned serial only then.
+    pub signing_asked: SigningAsked,
 }
+
+/// Whether the root key was asked to sign a request's certificate (C_Sign called, Vault's
+/// sign call sent), shared by the request and its audit line: a refusal before that (a
+/// lint, a job dropped from the token's queue, an issuer Vault no longer holds) signed
+/// nothing and names no serial; one after it may have a signature made, or still to come.
+#[derive(Debug, Clone, Default)]
+pub struct SigningAsked(Arc<AtomicBool>);
+
+impl SigningAsked {
+    /// The root key is about to be asked.
+    pub fn note(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// The backend answered that it signed nothing after all (Vault refusing the call).
+    pub fn withdraw(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+
+    pub fn was_asked(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Facts compare by what they say: asked or not.
+impl PartialEq for SigningAsked {
+    fn eq(&self, other: &Self) -> bool {
+        self.was_asked() == other.was_asked()
+    }
+}
+
+impl Eq for SigningAsked {}
 
 impl IssueRequest {
     /// What the linter checks this request's certificate against.

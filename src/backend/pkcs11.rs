@@ -1407,8 +1407,13 @@ impl Inner {
         ))
     }
 
-    /// Build, lint, sign, check: the whole issuance of one intermediate.
-    fn issue_blocking(&self, request: &IssueRequest) -> Result<Certificate, BackendError> {
+    /// Build, lint, sign, check: the whole issuance of one intermediate. `caller_gave_up`
+    /// is set once its caller has answered without waiting for it (timed out).
+    fn issue_blocking(
+        &self,
+        request: &IssueRequest,
+        caller_gave_up: &AtomicBool,
+    ) -> Result<Certificate, BackendError> {
         if request.client_gone.is_cancelled() {
             return Err(BackendError::ClientGone);
         }
@@ -1417,6 +1422,16 @@ impl Inner {
             .map_err(|e| BackendError::Check(e.to_string()))?;
         let decoded = decode_tbs(&tbs).map_err(|e| BackendError::Check(e.to_string()))?;
         lint_intermediate(&decoded, &request.expectations(root, true))?;
+        // Noted before the look at the caller (both SeqCst): a caller that gave up first
+        // gets nothing signed; one that gives up after finds the signing on record.
+        request.signing_asked.note();
+        if caller_gave_up.load(Ordering::SeqCst) {
+            request.signing_asked.withdraw();
+            return Err(BackendError::Unavailable(
+                "the request timed out before the token was asked to sign; nothing was signed"
+                    .into(),
+            ));
+        }
         let signature = self.sign(&tbs)?;
         let cert_der = assemble(&tbs, root.signature_algorithm, &signature)
             .map_err(|e| BackendError::Check(e.to_string()))?;
@@ -1529,6 +1544,15 @@ impl Pkcs11Backend {
     }
 }
 
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 impl RootSigner for Pkcs11Backend {
     fn root(&self) -> &RootCa {
         &self.inner.root
@@ -1538,19 +1562,21 @@ impl RootSigner for Pkcs11Backend {
         Box::pin(async move {
             let limit = self.inner.settings.timeout;
             let queued = Instant::now();
-            // Set by whichever comes first: the token's answer or the caller giving up on it.
+            // Set by whichever comes first: the token's answer or the caller giving up on it
+            // (timed out, or this future dropped: the signer stopping).
             let settled = Arc::new(AtomicBool::new(false));
+            let _settled_when_dropped = SetOnDrop(settled.clone());
             let answered = settled.clone();
             let what = format!("signing serial {}", serial_hex(&request.plan.serial));
             let signing = self.on_session(what, move |inner| {
-                let outcome = inner.issue_blocking(&request);
+                let outcome = inner.issue_blocking(&request, &answered);
                 let ended = Instant::now();
                 if answered.swap(true, Ordering::SeqCst) && outcome.is_ok() {
                     // Its caller has answered 503 and gone: the certificate dies here.
                     tracing::warn!(
                         serial = %serial_hex(&request.plan.serial),
                         seconds = ended.duration_since(queued).as_secs(),
-                        "the token signed after the request had timed out; the certificate is thrown away, never handed out"
+                        "the token signed after the request had timed out (or the signer stopped waiting for it); the certificate is thrown away, never handed out"
                     );
                 }
                 Ok((outcome, ended))

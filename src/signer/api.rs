@@ -303,7 +303,7 @@ async fn decide_issue_and_audit(
             record.decision = Some(refusal.decision().into());
             record.rule = Some(refusal.code.into());
             record.message = Some(refusal.message.clone());
-            record.signing_serial = facts.signing_serial.clone();
+            record.signing_serial = facts.signing_serial_asked();
         }
     }
     // Nothing is answered, and no certificate leaves, before its audit line is on disk.
@@ -577,17 +577,17 @@ async fn sign_inner(
         ));
     }
     let started = Instant::now();
+    // Set before the wait, which a stop may end: the backend notes whether it asked.
     facts.signing_serial = backend
         .signs_planned_serial(&approval.issue)
         .then(|| serial_hex(&approval.issue.plan.serial));
+    facts.signing_asked = approval.issue.signing_asked.clone();
     let certificate = backend.issue(approval.issue).await.map_err(|e| {
         if !matches!(e, BackendError::ClientGone) {
             state.metrics.backend_error();
         }
         match e {
             BackendError::ClientGone => {
-                // Nothing was signed: the client left before signing began.
-                facts.signing_serial = None;
                 Refusal::new(Status::ClientClosedRequest, "client_gone", e.to_string())
             }
             BackendError::Unavailable(_) | BackendError::PinRejected { .. } => {

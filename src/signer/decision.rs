@@ -150,11 +150,23 @@ pub struct RequestFacts {
     /// The OIDs of the CSR's attributes other than extensionRequest (bounded as
     /// `ignored_csr_extensions`).
     pub ignored_csr_attributes: Vec<String>,
-    /// The serial the backend was asked to sign under, once it was asked (not when the
-    /// client left before signing began): on the line of a request that then failed.
+    /// The serial the backend signs under, where it is the planned one: on the line of a
+    /// request that then failed, once the root key was asked ([`Self::signing_asked`]).
     pub signing_serial: Option<String>,
+    /// Whether the root key was asked to sign (noted by the backend as it asks).
+    pub signing_asked: crate::backend::SigningAsked,
     /// The CA in `tls.client_ca` the client's chain led to when the request was decided.
     pub client_ca: Option<ClientCa>,
+}
+
+impl RequestFacts {
+    /// The serial for the audit line of a request that failed: only once the root key was
+    /// asked to sign under it (before, nothing was signed, and no certificate has it).
+    pub fn signing_serial_asked(&self) -> Option<String> {
+        self.signing_serial
+            .clone()
+            .filter(|_| self.signing_asked.was_asked())
+    }
 }
 
 /// An approved request: the plan, ready for the backend.
@@ -314,6 +326,7 @@ pub fn decide(
             trust_domains: policy.trust_domains.clone(),
             csr_der,
             client_gone: Default::default(),
+            signing_asked: Default::default(),
         },
     })
 }
@@ -329,6 +342,23 @@ mod tests {
     use crate::pki::keys::{KeyType, PrivateKey};
     use crate::pki::profile::random_serial;
     use crate::pki::testing::software_root;
+
+    /// The planned serial goes on a failed request's line only once the backend noted
+    /// asking the root key (the note shared with the request it was given), and not if it
+    /// withdrew it (Vault refusing the call).
+    #[test]
+    fn the_planned_serial_is_on_record_only_once_the_root_key_was_asked() {
+        let facts = RequestFacts {
+            signing_serial: Some("0a".into()),
+            ..Default::default()
+        };
+        assert_eq!(facts.signing_serial_asked(), None);
+        let given_to_the_backend = facts.signing_asked.clone();
+        given_to_the_backend.note();
+        assert_eq!(facts.signing_serial_asked().as_deref(), Some("0a"));
+        given_to_the_backend.withdraw();
+        assert_eq!(facts.signing_serial_asked(), None);
+    }
 
     const YAML: &str = "kind: VirtualMesh\nmetadata: {name: vm, namespace: ns}\nspec:\n  certificateAuthority:\n    builtin: {ttlDays: 10, rsaKeySizeBytes: 4096, orgName: acme}\n  meshes:\n  - {name: a, namespace: ns}\n  - {name: b, namespace: ns}\n";
 

@@ -106,6 +106,18 @@ pub enum VaultError {
 }
 
 impl VaultError {
+    /// Vault certainly signed nothing for the call that failed so: it refused it, or it
+    /// was never sent. Not so when the call went unanswered, or its answer was garbled.
+    pub fn signed_nothing(&self) -> bool {
+        match self {
+            VaultError::Unreachable { .. }
+            | VaultError::Timeout { .. }
+            | VaultError::Protocol { .. } => false,
+            VaultError::Api { status, .. } => (400..500).contains(status),
+            _ => true,
+        }
+    }
+
     /// Vault could not be asked at all (down, sealed, slow): keep what we have, retry later.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -1071,6 +1083,46 @@ fn read_jwt(jwt_file: &crate::secret::SecretFile) -> Result<Secret, VaultError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an answer saying no, or a call never sent, clears a signing from the record:
+    /// a call unanswered, garbled or failing inside Vault may have signed.
+    #[test]
+    fn only_a_refusal_or_a_call_not_sent_signed_nothing() {
+        let api = |status| VaultError::Api {
+            status,
+            what: "sign".into(),
+            message: "no".into(),
+        };
+        let address = || "https://vault:8200".to_string();
+        for nothing in [
+            api(400),
+            api(403),
+            VaultError::Denied {
+                what: "sign".into(),
+                message: "permission denied".into(),
+            },
+            VaultError::Sealed { address: address() },
+        ] {
+            assert!(nothing.signed_nothing(), "{nothing}");
+        }
+        for maybe in [
+            api(500),
+            VaultError::Timeout {
+                address: address(),
+                seconds: 10,
+            },
+            VaultError::Unreachable {
+                address: address(),
+                detail: "connection reset".into(),
+            },
+            VaultError::Protocol {
+                what: "sign".into(),
+                message: "not JSON".into(),
+            },
+        ] {
+            assert!(!maybe.signed_nothing(), "{maybe}");
+        }
+    }
 
     #[test]
     fn vault_error_lists_read_as_one_line() {

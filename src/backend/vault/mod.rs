@@ -360,11 +360,19 @@ impl RootSigner for VaultBackend {
                 profile::IssueEndpoint::SignIntermediate => &self.sign_path,
                 profile::IssueEndpoint::SignSelfIssued => &self.self_issued_path,
             };
+            // Noted before the call: a stop while it is under way leaves the signature in
+            // doubt, and the serial on record.
+            request.signing_asked.note();
             let answer = self
                 .client
                 .call(Method::POST, path, Some(&body))
                 .await
-                .map_err(backend_error)?;
+                .map_err(|e| {
+                    if e.signed_nothing() {
+                        request.signing_asked.withdraw();
+                    }
+                    backend_error(e)
+                })?;
             let checked = profile::check_intermediate(&answer, &request, &self.root, endpoint);
             if matches!(checked, Err(BackendError::OutOfPolicy(_))) {
                 // Signed by name, as meshca's Vault policy names the issuer: a name moved

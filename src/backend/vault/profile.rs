@@ -389,6 +389,7 @@ mod tests {
             trust_domains: Vec::new(),
             csr_der: csr.to_der().unwrap(),
             client_gone: Default::default(),
+            signing_asked: Default::default(),
         };
         (request, key)
     }
