@@ -1972,6 +1972,19 @@ async fn an_intermediate_under_trust_domains_carries_the_name_constraints() {
     let refused = signer.audit_lines().pop().unwrap();
     assert_eq!(refused["rule"], "backend_unavailable", "{refused}");
     assert!(refused.get("signingSerial").is_none(), "{refused}");
+    // A reload says so before a cluster's renewal finds out (the start says it too;
+    // above, with the README's policy, it did not).
+    send_signal(signer.child.id(), "HUP");
+    let warned = signer
+        .wait_for_log("SIGHUP: the Vault token's policy does not let meshca sign intermediates with name constraints")
+        .await;
+    assert!(
+        warned.contains("pki/issuer/meshca-root/sign-self-issued")
+            && warned
+                .contains("every signing for a virtual mesh with spec.trustDomains is refused")
+            && warned.contains("test/vm"),
+        "{warned}"
+    );
 }
 
 /// Without trust domains nothing changed: `sign-intermediate` signs, and Vault keeps the

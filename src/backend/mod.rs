@@ -158,6 +158,13 @@ pub trait RootSigner: Send + Sync {
         true
     }
 
+    /// Why the root key cannot sign intermediates with name constraints (a VirtualMesh's
+    /// `trustDomains`), where the backend can tell before a signing is refused: a Vault
+    /// policy without `update` on `sign-self-issued`. None otherwise.
+    fn cannot_sign_constrained(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(std::future::ready(None))
+    }
+
     /// Whether the backend can sign right now (token reachable and logged in).
     fn readiness(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 

@@ -178,6 +178,31 @@ pub async fn vouch_for_announced(
     Ok(())
 }
 
+/// Warns, naming why, when virtual meshes of `policies` set `spec.trustDomains` and the
+/// backend can tell it cannot sign intermediates with name constraints: each of their
+/// signings would be refused, found only when a cluster asks (at its renewal, months on).
+pub async fn warn_if_constrained_unsignable(
+    backend: &dyn RootSigner,
+    policies: &crate::policy::PolicySet,
+    prefix: &str,
+) {
+    let constrained: Vec<String> = policies
+        .iter()
+        .filter(|policy| !policy.trust_domains.is_empty())
+        .map(|policy| policy.id.to_string())
+        .collect();
+    let Some(first) = constrained.first() else {
+        return;
+    };
+    if let Some(why) = backend.cannot_sign_constrained().await {
+        tracing::warn!(
+            virtual_meshes = constrained.len(),
+            first = %first,
+            "{prefix}{why}: every signing for a virtual mesh with spec.trustDomains is refused (503 backend_unavailable) until it does"
+        );
+    }
+}
+
 /// Each announced root must be another root than the one in force and than the other
 /// announced one: a next root left in place after the switch, or a previous root named
 /// before it, would announce nothing.
@@ -791,6 +816,8 @@ impl RunningSigner {
             self.state.replace_rules(rules);
         }
         warn_of_ended_announced_roots(&read.root);
+        warn_if_constrained_unsignable(self.state.backend.as_ref(), &read.policies, "SIGHUP: ")
+            .await;
         // As at start, of what a reload changed: a virtual mesh added beside the others.
         // The same warning at every SIGHUP would bury the one that is news.
         for shared in read
@@ -1252,6 +1279,7 @@ async fn start_unless_stopped(
             Err(StartError::CrossCert(e))
         }
         Some(Ok(())) => {
+            warn_if_constrained_unsignable(backend.as_ref(), &config.policies, "").await;
             serve_with(
                 config,
                 listen_override,

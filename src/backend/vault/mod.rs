@@ -287,34 +287,43 @@ fn issuer_cannot_sign(issuer: &IssuerInfo) -> Option<String> {
 }
 
 /// Why this token may not sign intermediates (`update` on
-/// `<mount>/issuer/<ref>/sign-intermediate`, as Vault's `sys/capabilities-self` answers),
-/// or None: it may, or that cannot be asked (a token without Vault's `default` policy,
-/// whose 403 here is no reason for a fresh login), which is left to the first signing to
-/// show.
+/// `<mount>/issuer/<ref>/sign-intermediate`), or None: see [`lacks_update`].
 async fn cannot_sign(client: &VaultClient, settings: &VaultSettings) -> Option<String> {
     let path = format!(
         "{}/issuer/{}/sign-intermediate",
         settings.mount, settings.issuer_ref
     );
-    let body = serde_json::json!({ "paths": [path] });
-    let answer = client
-        .call_optional(Method::POST, "sys/capabilities-self", Some(&body))
-        .await
-        .ok()?;
-    let capabilities = answer
-        .get("data")
-        .and_then(|data| data.get(&path))
-        .or_else(|| answer.get(&path))?
-        .as_array()?;
-    let allowed = capabilities
-        .iter()
-        .filter_map(|c| c.as_str())
-        .any(|c| matches!(c, "update" | "root" | "sudo"));
-    (!allowed).then(|| {
+    lacks_update(client, &path).await.then(|| {
         format!(
             "the Vault token's policy does not let meshca sign: it needs \"update\" on {path} (see meshca's Vault policy in the README)"
         )
     })
+}
+
+/// Whether this token lacks `update` on `path`, as Vault's `sys/capabilities-self`
+/// answers; false when that cannot be asked (a token without Vault's `default` policy,
+/// whose 403 here is no reason for a fresh login), which is left to the first signing to
+/// show.
+async fn lacks_update(client: &VaultClient, path: &str) -> bool {
+    let body = serde_json::json!({ "paths": [path] });
+    let Ok(answer) = client
+        .call_optional(Method::POST, "sys/capabilities-self", Some(&body))
+        .await
+    else {
+        return false;
+    };
+    let Some(capabilities) = answer
+        .get("data")
+        .and_then(|data| data.get(path))
+        .or_else(|| answer.get(path))
+        .and_then(Value::as_array)
+    else {
+        return false;
+    };
+    !capabilities
+        .iter()
+        .filter_map(|c| c.as_str())
+        .any(|c| matches!(c, "update" | "root" | "sudo"))
 }
 
 /// Whether `issuer`'s certificate is `root`'s.
@@ -409,6 +418,17 @@ impl RootSigner for VaultBackend {
                 .await
                 .map_err(backend_error)?;
             profile::check_cross(&answer, announced, &self.root)
+        })
+    }
+
+    fn cannot_sign_constrained(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            let path = &self.self_issued_path;
+            lacks_update(&self.client, path).await.then(|| {
+                format!(
+                    "the Vault token's policy does not let meshca sign intermediates with name constraints: it needs \"update\" on {path} (see meshca's Vault policy in the README)"
+                )
+            })
         })
     }
 
