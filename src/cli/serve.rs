@@ -34,7 +34,8 @@ pub(crate) fn check(
             })
             .context("the online check stopped")?
             .with_context(not_ready)?;
-        report.online = Some(found);
+        report.online = Some(found.found);
+        report.warnings.extend(found.warnings);
     }
     if json {
         say_json(&check_json(&config, &report));

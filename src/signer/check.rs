@@ -466,18 +466,36 @@ impl fmt::Display for CheckReport {
 /// pool's (a live signer holds those, and small tokens allow few); it closes when this
 /// returns, and a Vault login's token is revoked. Runs on a blocking thread of a runtime
 /// (the Vault start waits on it).
-pub fn check_online(config: &SignerConfig) -> Result<String, StartError> {
+pub fn check_online(config: &SignerConfig) -> Result<OnlineCheck, StartError> {
     let root = load_root(config)?;
     let mut config = config.clone();
     if let Some(pkcs11) = config.pkcs11.as_mut() {
         pkcs11.sessions = 1;
     }
     let backend = start_backend(&config, root)?;
-    tokio::runtime::Handle::current().block_on(backend.close());
-    Ok(format!(
-        "{}: logged in, the root's key answers for the root certificate",
-        backend.describe()
-    ))
+    let runtime = tokio::runtime::Handle::current();
+    let warnings = runtime
+        .block_on(super::server::constrained_unsignable(
+            backend.as_ref(),
+            &config.policies,
+        ))
+        .into_iter()
+        .collect();
+    runtime.block_on(backend.close());
+    Ok(OnlineCheck {
+        found: format!(
+            "{}: logged in, the root's key answers for the root certificate",
+            backend.describe()
+        ),
+        warnings,
+    })
+}
+
+/// What `serve --check --online` found of the backend.
+pub struct OnlineCheck {
+    pub found: String,
+    /// What the backend says would fail a signing, not the start.
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]

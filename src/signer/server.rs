@@ -178,28 +178,37 @@ pub async fn vouch_for_announced(
     Ok(())
 }
 
-/// Warns, naming why, when virtual meshes of `policies` set `spec.trustDomains` and the
-/// backend can tell it cannot sign intermediates with name constraints: each of their
-/// signings would be refused, found only when a cluster asks (at its renewal, months on).
-pub async fn warn_if_constrained_unsignable(
+/// Why the signings of virtual meshes of `policies` that set `spec.trustDomains` would all
+/// be refused, when the backend can tell it cannot sign intermediates with name
+/// constraints: found otherwise only when a cluster asks (at its renewal, months on).
+pub async fn constrained_unsignable(
     backend: &dyn RootSigner,
     policies: &crate::policy::PolicySet,
-    prefix: &str,
-) {
+) -> Option<String> {
     let constrained: Vec<String> = policies
         .iter()
         .filter(|policy| !policy.trust_domains.is_empty())
         .map(|policy| policy.id.to_string())
         .collect();
-    let Some(first) = constrained.first() else {
-        return;
+    let first = constrained.first()?;
+    let why = backend.cannot_sign_constrained().await?;
+    let others = match constrained.len() - 1 {
+        0 => String::new(),
+        n => format!(" and {n} more"),
     };
-    if let Some(why) = backend.cannot_sign_constrained().await {
-        tracing::warn!(
-            virtual_meshes = constrained.len(),
-            first = %first,
-            "{prefix}{why}: every signing for a virtual mesh with spec.trustDomains is refused (503 backend_unavailable) until it does"
-        );
+    Some(format!(
+        "{why}: every signing for a virtual mesh with spec.trustDomains ({first}{others}) is refused (503 backend_unavailable) until it does"
+    ))
+}
+
+/// [`constrained_unsignable`], said as a warning.
+async fn warn_if_constrained_unsignable(
+    backend: &dyn RootSigner,
+    policies: &crate::policy::PolicySet,
+    prefix: &str,
+) {
+    if let Some(problem) = constrained_unsignable(backend, policies).await {
+        tracing::warn!("{prefix}{problem}");
     }
 }
 
