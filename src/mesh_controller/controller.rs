@@ -518,7 +518,10 @@ impl MeshController {
             .iter()
             .zip(&current)
             .map(|(read, request)| match read.problem {
-                Some(_) => MemberTrust::default(),
+                Some(_) => MemberTrust {
+                    unread: true,
+                    ..MemberTrust::default()
+                },
                 None => MemberTrust::of(*request),
             })
             .collect();

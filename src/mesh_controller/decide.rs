@@ -760,6 +760,8 @@ pub struct MemberTrust {
     /// Its restart plan is under way: istiod may still run with the roots it had (it takes
     /// a changed root-cert.pem only when it starts), whatever the Secret holds.
     pub restarting: bool,
+    /// Its cluster could not be read in this pass: what it reports is not known.
+    pub unread: bool,
 }
 
 /// Most roots taken from one member's `trustedRootFingerprints` (a root change has two or
@@ -815,6 +817,7 @@ impl MemberTrust {
                     .restart
                     .as_ref()
                     .is_some_and(|plan| !plan.stage.is_final()),
+            unread: false,
         }
     }
 
@@ -867,6 +870,16 @@ pub fn decide_roots(
         .map(|fp| normalize_fingerprint(fp))
         .filter(|fp| !kept(fp))
         .collect();
+    if members.iter().any(|m| m.unread) {
+        // Nothing is decided from the others alone, and a rotation under way keeps its
+        // clock: one API server's blip would otherwise start its wait over (and blips
+        // more often than the wait would put retirement off for ever).
+        return RootDecision {
+            retired: retired.into_iter().collect(),
+            rotation: previous.root_rotation.clone(),
+            ..RootDecision::default()
+        };
+    }
     let agreed = !members.is_empty()
         && in_use.len() == 1
         && members.iter().all(|m| m.installed && m.root.is_some());
@@ -2344,6 +2357,7 @@ mod tests {
             trusted: trusted.iter().map(|s| s.to_string()).collect(),
             next: None,
             restarting: false,
+            unread: false,
         }
     }
 
@@ -2404,6 +2418,26 @@ mod tests {
         assert_eq!(
             decide_roots(&moved, &previous, at(3_600), DAY).rotation,
             Some(rotation.clone())
+        );
+        // A member whose cluster could not be read holds it back too, and the wait goes on
+        // from when it began: once it is read again, R1 is retired at the time set.
+        let unread = [
+            trust(true, true, R2, &[R2, R1]),
+            MemberTrust {
+                unread: true,
+                ..MemberTrust::default()
+            },
+        ];
+        let blip = decide_roots(&unread, &previous, at(7_200), DAY);
+        assert_eq!(blip.rotation, Some(rotation.clone()));
+        assert!(blip.retired.is_empty() && blip.newly_retired.is_empty());
+        let after_blip = VirtualMeshStatus {
+            root_rotation: blip.rotation.clone(),
+            ..none.clone()
+        };
+        assert_eq!(
+            decide_roots(&moved, &after_blip, at(86_400), DAY).newly_retired,
+            [R1]
         );
         // A member that has not acted on its latest spec holds retirement back.
         let stale = [

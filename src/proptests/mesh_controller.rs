@@ -57,15 +57,24 @@ fn member() -> impl Strategy<Value = MemberTrust> {
         proptest::collection::vec(0u8..4, 0..4),
         proptest::option::of(0u8..4),
         any::<bool>(),
+        // A cluster not read in the pass now and then: nothing known of it.
+        proptest::bool::weighted(0.1),
     )
         .prop_map(
-            |(installed, current, root, trusted, next, restarting)| MemberTrust {
-                installed,
-                current,
-                root: root.map(fp),
-                trusted: trusted.into_iter().map(fp).collect(),
-                next: next.map(fp),
-                restarting,
+            |(installed, current, root, trusted, next, restarting, unread)| match unread {
+                true => MemberTrust {
+                    unread,
+                    ..MemberTrust::default()
+                },
+                false => MemberTrust {
+                    installed,
+                    current,
+                    root: root.map(fp),
+                    trusted: trusted.into_iter().map(fp).collect(),
+                    next: next.map(fp),
+                    restarting,
+                    unread,
+                },
             },
         )
 }
