@@ -69,6 +69,10 @@ pub enum RootError {
     NoSubjectKeyId,
     #[error("root certificate is not a CA (basicConstraints cA is not true)")]
     NotCa,
+    /// Verifiers (Go's crypto/x509 in istiod, openssl) refuse every chain through an
+    /// intermediate it signed.
+    #[error("root certificate cannot have intermediates: {0}")]
+    NoIntermediates(&'static str),
     #[error("root certificate self-signature does not verify")]
     BadSelfSignature,
     #[error("root certificate {}", NEGATIVE_SERIAL)]
@@ -153,6 +157,9 @@ impl RootCa {
             .ok_or(RootError::NoSubjectKeyId)?;
         if !is_ca(tbs) {
             return Err(RootError::NotCa);
+        }
+        if let Some(why) = intermediates_refused(tbs) {
+            return Err(RootError::NoIntermediates(why));
         }
         verify_certificate_signature(&certificate, &verifier).map_err(|e| match e {
             SignatureError::Invalid => RootError::BadSelfSignature,
@@ -506,6 +513,28 @@ pub fn decode_tbs(tbs_der: &[u8]) -> Result<x509_cert::TbsCertificate, der::Erro
 }
 
 /// Whether a certificate's basicConstraints say CA (absent or unreadable: no).
+/// Why a CA certificate cannot sign CA certificates that verifiers accept, if it cannot:
+/// a path length of 0, or a keyUsage without keyCertSign.
+fn intermediates_refused(tbs: &x509_cert::TbsCertificate) -> Option<&'static str> {
+    let path_len = tbs
+        .get_extension::<BasicConstraints>()
+        .ok()
+        .flatten()
+        .and_then(|(_, bc)| bc.path_len_constraint);
+    if path_len == Some(0) {
+        return Some(
+            "its basicConstraints pathLenConstraint is 0 (no CA below it): make it again with none, or 1 or more",
+        );
+    }
+    match tbs.get_extension::<KeyUsage>() {
+        Ok(Some((_, usage))) if !usage.key_cert_sign() => Some(
+            "its keyUsage lacks keyCertSign (it may sign no certificate): make it again with keyCertSign and cRLSign",
+        ),
+        Ok(_) => None,
+        Err(_) => Some("its keyUsage cannot be read"),
+    }
+}
+
 pub fn is_ca(tbs: &x509_cert::TbsCertificate) -> bool {
     tbs.get_extension::<BasicConstraints>()
         .ok()
@@ -635,6 +664,38 @@ mod tests {
                 .unwrap();
         assert_eq!(bare.extensions().unwrap().len(), 4);
         assert!(bare.get_extension::<NameConstraints>().unwrap().is_none());
+    }
+
+    /// A root that cannot have intermediates (pathlen 0, a keyUsage without keyCertSign):
+    /// refused by name, since every chain through an intermediate under it would be
+    /// refused by istiod and openssl alike. Without keyUsage or a path length it is taken.
+    #[test]
+    fn a_root_that_cannot_have_intermediates_is_refused_by_name() {
+        use crate::pki::testing::openssl_root_with;
+        let refused = |extensions: &str| {
+            RootCa::from_pem(&openssl_root_with(extensions, &["-sha256"]))
+                .unwrap_err()
+                .to_string()
+        };
+        let leaf_only = refused(
+            "basicConstraints = critical,CA:true,pathlen:0\nkeyUsage = critical,keyCertSign,cRLSign\n",
+        );
+        assert!(
+            leaf_only
+                .contains("cannot have intermediates: its basicConstraints pathLenConstraint is 0"),
+            "{leaf_only}"
+        );
+        let no_cert_sign =
+            refused("basicConstraints = critical,CA:true\nkeyUsage = critical,cRLSign\n");
+        assert!(
+            no_cert_sign.contains("cannot have intermediates: its keyUsage lacks keyCertSign"),
+            "{no_cert_sign}"
+        );
+        RootCa::from_pem(&openssl_root_with(
+            "basicConstraints = critical,CA:true\n",
+            &["-sha256"],
+        ))
+        .unwrap();
     }
 
     /// openssl makes a root with a negative serial when asked; Go's crypto/x509, and so

@@ -36,13 +36,23 @@ pub fn openssl(dir: &std::path::Path, args: &[&str]) {
 /// A self-signed RSA-2048 CA (O=acme) made by openssl with `signing` options (`-sha1`, PSS
 /// padding, `-set_serial`).
 pub fn openssl_root(signing: &[&str]) -> String {
+    openssl_root_with(
+        "basicConstraints = critical,CA:true,pathlen:1\nkeyUsage = critical,keyCertSign,cRLSign\n",
+        signing,
+    )
+}
+
+/// [`openssl_root`] with the extensions `extensions` (openssl config lines) besides a
+/// subject key identifier.
+pub fn openssl_root_with(extensions: &str, signing: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("root.cnf"),
-        "[req]\ndistinguished_name = dn\nx509_extensions = root_ext\nprompt = no\n\
-         [dn]\nO = acme\nCN = acme root\n\
-         [root_ext]\nbasicConstraints = critical,CA:true,pathlen:1\n\
-         keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n",
+        format!(
+            "[req]\ndistinguished_name = dn\nx509_extensions = root_ext\nprompt = no\n\
+             [dn]\nO = acme\nCN = acme root\n\
+             [root_ext]\n{extensions}subjectKeyIdentifier = hash\n"
+        ),
     )
     .unwrap();
     let mut args = vec![
