@@ -512,7 +512,6 @@ pub fn decode_tbs(tbs_der: &[u8]) -> Result<x509_cert::TbsCertificate, der::Erro
     x509_cert::TbsCertificate::from_der(tbs_der)
 }
 
-/// Whether a certificate's basicConstraints say CA (absent or unreadable: no).
 /// Why a CA certificate cannot sign CA certificates that verifiers accept, if it cannot:
 /// a path length of 0, or a keyUsage without keyCertSign.
 fn intermediates_refused(tbs: &x509_cert::TbsCertificate) -> Option<&'static str> {
@@ -535,6 +534,7 @@ fn intermediates_refused(tbs: &x509_cert::TbsCertificate) -> Option<&'static str
     }
 }
 
+/// Whether a certificate's basicConstraints say CA (absent or unreadable: no).
 pub fn is_ca(tbs: &x509_cert::TbsCertificate) -> bool {
     tbs.get_extension::<BasicConstraints>()
         .ok()
