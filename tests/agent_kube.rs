@@ -209,12 +209,17 @@ fn request_object(signer_addr: &str, extra_spec: Value) -> Value {
     })
 }
 
+/// A workload as its controller leaves it: rolled out.
 fn workload(kind: &str, ns: &str, name: &str, labels: Value) -> Value {
-    json!({
+    let mut workload = json!({
         "apiVersion": "apps/v1", "kind": kind,
-        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "generation": 1},
         "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}}
-    })
+    });
+    if kind == "Deployment" {
+        kubefake::roll_out(&mut workload);
+    }
+    workload
 }
 
 /// The path of a Deployment, StatefulSet or DaemonSet.
@@ -287,6 +292,59 @@ fn restarted_paths(sent: &[Recorded]) -> Vec<String> {
 
 fn vmcsr_status(cluster: &Cluster) -> Value {
     cluster.get(&format!("{VMCSR}/cluster-a")).unwrap()["status"].clone()
+}
+
+/// istiod's restart is done once its rollout is: while its new pods are not all up, the
+/// plan stays at istiod, saying so, and restarts no gateway; once they are, it goes on.
+/// Before, the gateways followed the patch at once, and a plan of istiod alone was
+/// reported Complete (letting a root be retired) while the old istiod still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_wait_for_istiods_rollout() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request(&signer.addr.to_string(), json!({}));
+    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
+    cluster.put_deployment(
+        "istio-system",
+        "istio-ingressgateway",
+        json!({"istio": "ingressgateway"}),
+    );
+    let istiod = deployments_path("istio-system", "istiod");
+    cluster.fake.hold_rollout(&istiod);
+
+    for _ in 0..2 {
+        let sent = cluster.pass().await;
+        let patched: Vec<String> = workload_patches(&sent)
+            .iter()
+            .map(|p| p.path.clone())
+            .collect();
+        let restart = &vmcsr_status(&cluster)["restart"];
+        assert_eq!(restart["stage"], "Istiod", "{restart}");
+        assert_eq!(
+            restart["restarted"],
+            json!(["Deployment istio-system/istiod"])
+        );
+        let message = restart["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("waiting for the rollout of Deployment istio-system/istiod (its controller has not taken the restart yet)"),
+            "{restart}"
+        );
+        // Patched once, in the first pass; the gateway not at all.
+        assert!(patched.iter().all(|p| *p == istiod), "{patched:?}");
+    }
+
+    cluster.fake.finish_rollout(&istiod);
+    cluster.pass().await;
+    let restart = &vmcsr_status(&cluster)["restart"];
+    assert_eq!(restart["stage"], "Gateways", "{restart}");
+    assert!(
+        restart["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("waiting for istio-ca-root-cert in istio-system"),
+        "{restart}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

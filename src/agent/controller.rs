@@ -898,6 +898,23 @@ impl Controller {
                     ));
                     return Ok(());
                 }
+                Step::WaitRollout { workloads } => {
+                    record.message = Some(format!(
+                        "waiting for the rollout of {}: the new pods serve with the new files once it is done",
+                        workloads.join(", ")
+                    ));
+                    return Ok(());
+                }
+                Step::RolloutTimeOut { workloads } => {
+                    record.stage = Stage::TimedOut;
+                    record.message = Some(format!(
+                        "the rollout of {} did not finish within {}s; no further restarts for serial {} (see `kubectl rollout status`; restart the gateways and workloads by hand once it has)",
+                        workloads.join(", "),
+                        spec.wait_seconds,
+                        record.serial
+                    ));
+                    return Ok(());
+                }
                 Step::NoIstiod { timed_out } => {
                     let selector = &spec.istiod_selector;
                     record.message = Some(if timed_out {

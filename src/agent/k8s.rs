@@ -406,6 +406,7 @@ impl Kube {
                     name: workload.meta().name.clone()?,
                     restarted_for,
                     rolls_on_delete: workload.rolls_on_delete(),
+                    rollout_pending: workload.rollout_pending(),
                 })
             })
             .collect())
@@ -715,11 +716,49 @@ trait Workload:
     fn rolls_on_delete(&self) -> bool {
         false
     }
+
+    /// How its rollout stands while one is under way ([`Target::rollout_pending`]). Only
+    /// istiod's is waited for, and istiod is a Deployment.
+    fn rollout_pending(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Workload for Deployment {
     fn pod_template(&self) -> Option<&PodTemplateSpec> {
         self.spec.as_ref().map(|s| &s.template)
+    }
+
+    fn rollout_pending(&self) -> Option<String> {
+        deployment_rollout_pending(self)
+    }
+}
+
+/// `kubectl rollout status`'s test of a Deployment: its controller has seen the current
+/// spec, and every pod is of the current pod template and available. None once it holds.
+pub fn deployment_rollout_pending(deployment: &Deployment) -> Option<String> {
+    let generation = deployment.metadata.generation.unwrap_or(0);
+    let status = deployment.status.clone().unwrap_or_default();
+    if status.observed_generation.unwrap_or(0) < generation {
+        return Some("its controller has not taken the restart yet".into());
+    }
+    // A Deployment's replicas default to 1.
+    let wanted = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let running = status.replicas.unwrap_or(0);
+    let available = status.available_replicas.unwrap_or(0);
+    if updated < wanted {
+        Some(format!("{updated} of {wanted} pods updated"))
+    } else if running > updated {
+        Some(format!("{} old pods still running", running - updated))
+    } else if available < updated {
+        Some(format!("{available} of {updated} updated pods available"))
+    } else {
+        None
     }
 }
 
@@ -865,6 +904,65 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As `kubectl rollout status` reads a Deployment: the restart not yet seen by its
+    /// controller, pods not yet of the new template, old ones still running, new ones not
+    /// yet available; then done (replicas default to 1).
+    #[test]
+    fn a_deployments_rollout_is_done_once_every_pod_is_new_and_available() {
+        let deployment = |replicas: Option<i32>, status: serde_json::Value| -> Deployment {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "istiod", "namespace": "istio-system", "generation": 4},
+                "spec": {
+                    "replicas": replicas,
+                    "selector": {},
+                    "template": {},
+                },
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let status = |observed: i64, running: i32, updated: i32, available: i32| {
+            serde_json::json!({
+                "observedGeneration": observed,
+                "replicas": running,
+                "updatedReplicas": updated,
+                "availableReplicas": available,
+            })
+        };
+        for (replicas, status, pending) in [
+            (
+                Some(2),
+                status(3, 2, 2, 2),
+                Some("its controller has not taken the restart yet"),
+            ),
+            (Some(2), status(4, 3, 1, 2), Some("1 of 2 pods updated")),
+            (
+                Some(2),
+                status(4, 3, 2, 2),
+                Some("1 old pods still running"),
+            ),
+            (
+                Some(2),
+                status(4, 2, 2, 1),
+                Some("1 of 2 updated pods available"),
+            ),
+            (Some(2), status(4, 2, 2, 2), None),
+            (None, status(4, 1, 1, 1), None),
+            (Some(0), status(4, 0, 0, 0), None),
+            (
+                Some(1),
+                serde_json::Value::Null,
+                Some("its controller has not taken the restart yet"),
+            ),
+        ] {
+            assert_eq!(
+                deployment_rollout_pending(&deployment(replicas, status.clone())).as_deref(),
+                pending,
+                "{status}"
+            );
+        }
+    }
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)

@@ -142,8 +142,8 @@ pub enum Stage {
     Workloads,
     /// Everything restarted.
     Complete,
-    /// A namespace's ConfigMap did not carry the new root in time; nothing more happens
-    /// for this serial.
+    /// istiod's rollout did not finish, or a namespace's ConfigMap did not carry the new
+    /// root, in time; nothing more happens for this serial.
     TimedOut,
 }
 
@@ -278,6 +278,9 @@ pub struct Target {
     /// A StatefulSet or DaemonSet with `updateStrategy: OnDelete`: a patched pod template
     /// rolls no pod.
     pub rolls_on_delete: bool,
+    /// How a Deployment's rollout stands while its pods are not all of its current pod
+    /// template and available (`kubectl rollout status`'s test); None once they are.
+    pub rollout_pending: Option<String>,
 }
 
 impl Target {
@@ -306,6 +309,11 @@ pub enum Step {
     Advance(Stage),
     /// Waited longer than the bound for these namespaces: stop for this serial.
     TimeOut { namespaces: Vec<String> },
+    /// istiod restarted, its new pods not all serving yet (each `<workload> (how it
+    /// stands)`): the next stage, or the plan's end, waits for them.
+    WaitRollout { workloads: Vec<String> },
+    /// Waited longer than the bound for istiod's rollout: stop for this serial.
+    RolloutTimeOut { workloads: Vec<String> },
     /// No istiod Deployment matches the selector: istiod not restarted is no success (at
     /// a first install it stays on its self-signed CA), so the plan waits for one, the
     /// same bound as a namespace (`timed_out` past it: stop for this serial).
@@ -342,6 +350,25 @@ pub fn next_step(
         .filter(|t| !record.restarted.contains(&t.id()) && t.restarted_for.as_deref() != Some(&key))
         .collect();
     if pending.is_empty() {
+        // istiod's restart is done once its new pods serve: the gateways restarted before
+        // would get their certificates from the old ones, and a plan reported complete
+        // would let a root be retired (or switched to) while the old istiod still runs.
+        if record.stage == Stage::Istiod {
+            let rolling: Vec<String> = view
+                .targets
+                .iter()
+                .filter_map(|t| {
+                    let how = t.rollout_pending.as_ref()?;
+                    Some(format!("{} ({how})", t.id()))
+                })
+                .collect();
+            if !rolling.is_empty() {
+                return match waited_too_long {
+                    true => Step::RolloutTimeOut { workloads: rolling },
+                    false => Step::WaitRollout { workloads: rolling },
+                };
+            }
+        }
         return Step::Advance(record.after(record.stage));
     }
     let gated = record.stage != Stage::Istiod;
@@ -388,6 +415,7 @@ mod tests {
             name: name.into(),
             restarted_for: None,
             rolls_on_delete: false,
+            rollout_pending: None,
         }
     }
 
@@ -570,6 +598,67 @@ mod tests {
         );
     }
 
+    /// istiod restarted is done once its rollout is: the gateways (or, for a plan of istiod
+    /// alone, the plan's end) wait for its new pods, as long as for a namespace's
+    /// ConfigMap, then the plan stops naming how the rollout stood.
+    #[test]
+    fn the_istiod_stage_ends_once_its_rollout_has() {
+        let mut istiod = t("istio-system", "istiod");
+        istiod.restarted_for = Some("aa01".into());
+        istiod.rollout_pending = Some("1 of 2 pods updated".into());
+        let rolling = StageView {
+            targets: vec![istiod.clone()],
+            ready_namespaces: ready(&[]),
+        };
+        let start = SystemTime::UNIX_EPOCH;
+        let waiting = vec!["Deployment istio-system/istiod (1 of 2 pods updated)".to_string()];
+        for scope in [RestartScope::Full, RestartScope::Istiod] {
+            let plan = RestartRecord {
+                scope,
+                ..record(Stage::Istiod)
+            };
+            assert_eq!(
+                next_step(&plan, &rolling, start, start + MIN, 10 * MIN),
+                Step::WaitRollout {
+                    workloads: waiting.clone()
+                }
+            );
+            assert_eq!(
+                next_step(&plan, &rolling, start, start + 11 * MIN, 10 * MIN),
+                Step::RolloutTimeOut {
+                    workloads: waiting.clone()
+                }
+            );
+            let rolled = StageView {
+                targets: vec![Target {
+                    rollout_pending: None,
+                    ..istiod.clone()
+                }],
+                ready_namespaces: ready(&[]),
+            };
+            let next = match scope {
+                RestartScope::Istiod => Stage::Complete,
+                _ => Stage::Gateways,
+            };
+            assert_eq!(
+                next_step(&plan, &rolled, start, start + MIN, 10 * MIN),
+                Step::Advance(next)
+            );
+        }
+        // Gateways and workloads are not waited for: the plan ends once they are asked.
+        let mut gateway = t("istio-system", "istio-ingressgateway");
+        gateway.restarted_for = Some("aa01".into());
+        gateway.rollout_pending = Some("0 of 1 updated pods available".into());
+        let gateways = StageView {
+            targets: vec![gateway],
+            ready_namespaces: ready(&["istio-system"]),
+        };
+        assert_eq!(
+            next_step(&record(Stage::Gateways), &gateways, start, start, 10 * MIN),
+            Step::Advance(Stage::Workloads)
+        );
+    }
+
     /// An istiod selector that matches nothing is not a restart done: the plan waits for
     /// one as long as for a namespace's ConfigMap, then stops (before, it advanced, and a
     /// first install reported Complete with istiod still on its self-signed CA).
@@ -637,7 +726,10 @@ mod tests {
                 Step::Advance(stage) => rec.stage = stage,
                 Step::Wait { .. } => {}
                 Step::Done => break,
-                Step::TimeOut { .. } => panic!("no time passes here"),
+                Step::TimeOut { .. } | Step::RolloutTimeOut { .. } => {
+                    panic!("no time passes here")
+                }
+                Step::WaitRollout { .. } => panic!("istiod's rollout is done here"),
                 Step::NoIstiod { .. } => panic!("istiod is there"),
             }
             steps += 1;

@@ -20,7 +20,7 @@
 pub mod rbac;
 
 use futures::StreamExt as _;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -179,6 +179,9 @@ struct Fake {
     in_flight: Mutex<(usize, usize)>,
     /// Writes of paths under a prefix wait here until enough have arrived.
     hold: Mutex<Option<Hold>>,
+    /// Deployments whose rollout does not finish by itself (see
+    /// [`FakeCluster::hold_rollout`]); the others' finishes as soon as it starts.
+    held_rollouts: Mutex<BTreeSet<String>>,
     hold_opened: tokio::sync::Notify,
 }
 
@@ -589,6 +592,12 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
                 if obj["spec"] != spec {
                     let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
                     obj["metadata"]["generation"] = (generation + 1).into();
+                    // The deployment controller, done at once unless held.
+                    if path.contains("/deployments/")
+                        && !fake.held_rollouts.lock().unwrap().contains(&path)
+                    {
+                        roll_out(obj);
+                    }
                 }
                 obj["metadata"]["resourceVersion"] = version.into();
                 return axum::Json(obj.clone()).into_response();
@@ -685,6 +694,19 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
         },
         _ => status(405, "MethodNotAllowed", "not in the fake"),
     }
+}
+
+/// A Deployment's status once its rollout is done: every pod of its current generation,
+/// available (its replicas default to 1).
+pub fn roll_out(deployment: &mut Value) {
+    let replicas = deployment["spec"]["replicas"].as_i64().unwrap_or(1);
+    deployment["status"] = json!({
+        "observedGeneration": deployment["metadata"]["generation"].as_i64().unwrap_or(0),
+        "replicas": replicas,
+        "updatedReplicas": replicas,
+        "readyReplicas": replicas,
+        "availableReplicas": replicas,
+    });
 }
 
 /// One fake API server, serving one identity.
@@ -798,6 +820,18 @@ impl FakeCluster {
 
     /// Changes an object in place (as another client would: it gets a new
     /// resourceVersion).
+    /// The Deployment at `path` rolls out only once [`FakeCluster::finish_rollout`] says
+    /// so: its status stays what it was, behind its generation, as while new pods start.
+    pub fn hold_rollout(&self, path: &str) {
+        self.fake.held_rollouts.lock().unwrap().insert(path.into());
+    }
+
+    /// The Deployment at `path` finishes its rollout, and rolls out at once from now on.
+    pub fn finish_rollout(&self, path: &str) {
+        self.fake.held_rollouts.lock().unwrap().remove(path);
+        self.edit(path, roll_out);
+    }
+
     pub fn edit(&self, path: &str, change: impl FnOnce(&mut Value)) {
         let version = self.fake.next_version();
         let mut objects = self.fake.objects.lock().unwrap();
