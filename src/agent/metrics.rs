@@ -199,7 +199,7 @@ impl AgentMetrics {
         let restart_timed_out = Family::<RequestLabels, Gauge>::default();
         registry.register(
             "restart_timed_out",
-            "1 if the request's restart plan stopped waiting for a namespace's istio-ca-root-cert (status.restart.message names them; the rest of its workloads were not restarted), 0 otherwise",
+            "1 if the request's restart plan stopped waiting for istiod's rollout or a namespace's istio-ca-root-cert (status.restart.message names which; the rest of its workloads were not restarted), 0 otherwise",
             restart_timed_out.clone(),
         );
         let ends_with_root = Family::<RequestLabels, Gauge>::default();
