@@ -362,13 +362,21 @@ struct ClosingSigner {
 }
 
 /// An answer both `policy` and `sign` accept (each ignores the other's fields; both
-/// read `rootCert`, which the policy checks against its `rootFingerprintSha256`: the
-/// transport CA stands in for the root).
+/// read `rootCert`, which the policy checks against its `rootFingerprintSha256`: a root
+/// made once in `pki` stands in for the mesh's; the transport CA cannot, having no room
+/// for intermediates).
 fn stand_in_answer(pki: &Path) -> String {
-    let root = meshca::pki::profile::RootCa::from_pem(
-        &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
-    )
-    .unwrap();
+    let made = pki.join("stand-in-root.pem");
+    if !made.exists() {
+        openssl_self_signed_ca(
+            pki,
+            "stand-in-root",
+            "/O=meshca-test/CN=stand-in root",
+            -1..30,
+        );
+    }
+    let root =
+        meshca::pki::profile::RootCa::from_pem(&std::fs::read_to_string(made).unwrap()).unwrap();
     serde_json::json!({
         "virtualMesh": "test/vm", "orgName": "meshca-test", "maxTtlSeconds": 3600,
         "minRsaBits": 2048, "acceptedKeyTypes": ["ecdsa_p256"], "meshes": [],
