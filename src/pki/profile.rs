@@ -553,9 +553,17 @@ pub fn is_negative_serial(serial: &SerialNumber) -> bool {
 /// What is wrong with a negative serial, for errors.
 pub const NEGATIVE_SERIAL: &str = "serial number is negative (RFC 5280 wants a positive integer; Go's crypto/x509, with which istiod reads certificates, refuses to parse it)";
 
-/// Reads the serial of a certificate as uppercase-free hex, as the API reports it.
+/// A certificate's serial as lowercase hex of its value, as the API and the audit log
+/// report it: without the zero octet DER puts before a first octet of 0x80 or more (a
+/// Vault serial of 19 octets, say), as `openssl x509 -serial` and Vault's `pki/certs`
+/// show it, so that either can be matched against the log.
 pub fn serial_hex(serial: &SerialNumber) -> String {
-    hex(serial.as_bytes())
+    let bytes = serial.as_bytes();
+    let start = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
+    hex(&bytes[start..])
 }
 
 #[cfg(test)]
@@ -664,6 +672,16 @@ mod tests {
                 .unwrap();
         assert_eq!(bare.extensions().unwrap().len(), 4);
         assert!(bare.get_extension::<NameConstraints>().unwrap().is_none());
+    }
+
+    /// Serials read as their value, as openssl and Vault show them: DER's sign octet is
+    /// not part of it.
+    #[test]
+    fn a_serial_is_shown_without_its_sign_octet() {
+        let serial = |der: &[u8]| serial_hex(&SerialNumber::new(der).unwrap());
+        assert_eq!(serial(&[0x00, 0xbe, 0x21]), "be21");
+        assert_eq!(serial(&[0x40, 0x01]), "4001");
+        assert_eq!(serial(&[0x00]), "00");
     }
 
     /// A root that cannot have intermediates (pathlen 0, a keyUsage without keyCertSign):

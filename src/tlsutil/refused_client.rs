@@ -378,7 +378,7 @@ impl RefusedClient {
         RefusedClient::Certificate {
             identity,
             chains_to_client_ca,
-            serial: crate::pki::csr::hex(tbs.serial_number().as_bytes()),
+            serial: crate::pki::profile::serial_hex(tbs.serial_number()),
             not_after: crate::signer::audit::rfc3339(tbs.validity().not_after.to_system_time()),
         }
     }
