@@ -162,6 +162,16 @@ impl Cluster {
         });
     }
 
+    /// istiod and the ingress gateway, as an Istio install has them in istio-system.
+    fn put_istiod_and_gateway(&self) {
+        self.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
+        self.put_deployment(
+            "istio-system",
+            "istio-ingressgateway",
+            json!({"istio": "ingressgateway"}),
+        );
+    }
+
     fn put_deployment(&self, ns: &str, name: &str, labels: Value) {
         self.put_workload("Deployment", ns, name, labels);
     }
@@ -304,12 +314,7 @@ async fn the_gateways_wait_for_istiods_rollout() {
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
     cluster.put_request(&signer.addr.to_string(), json!({}));
-    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
-    cluster.put_deployment(
-        "istio-system",
-        "istio-ingressgateway",
-        json!({"istio": "ingressgateway"}),
-    );
+    cluster.put_istiod_and_gateway();
     let istiod = deployments_path("istio-system", "istiod");
     cluster.fake.hold_rollout(&istiod);
 
@@ -353,12 +358,7 @@ async fn first_install_creates_the_secret_and_restarts_in_order_exactly_once() {
     let signer = env.start_signer();
     let cluster = Cluster::start(&env).await;
     cluster.put_request(&signer.addr.to_string(), json!({}));
-    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
-    cluster.put_deployment(
-        "istio-system",
-        "istio-ingressgateway",
-        json!({"istio": "ingressgateway"}),
-    );
+    cluster.put_istiod_and_gateway();
     cluster.put_deployment("shop", "web", json!({"app": "web"}));
     cluster.put_workload("StatefulSet", "shop", "db", json!({"app": "db"}));
     // A DaemonSet that rolls its pods only when they are deleted: patched all the same,
@@ -2114,12 +2114,7 @@ async fn at_a_root_switch_gateways_wait_for_the_configmap_to_put_the_new_root_fi
     );
     let istiod = deployments_path("istio-system", "istiod");
     let gateway = deployments_path("istio-system", "istio-ingressgateway");
-    cluster.put_deployment("istio-system", "istiod", json!({"app": "istiod"}));
-    cluster.put_deployment(
-        "istio-system",
-        "istio-ingressgateway",
-        json!({"istio": "ingressgateway"}),
-    );
+    cluster.put_istiod_and_gateway();
     // What istiod wrote after that install: R1 first, the announced R2 second.
     let (path, cm) = configmap("istio-system", &format!("{r1}{r2}"));
     cluster.put(&path, cm);

@@ -738,7 +738,8 @@ impl Workload for Deployment {
 /// spec, and every pod is of the current pod template and available. None once it holds.
 pub fn deployment_rollout_pending(deployment: &Deployment) -> Option<String> {
     let generation = deployment.metadata.generation.unwrap_or(0);
-    let status = deployment.status.clone().unwrap_or_default();
+    let none = k8s_openapi::api::apps::v1::DeploymentStatus::default();
+    let status = deployment.status.as_ref().unwrap_or(&none);
     if status.observed_generation.unwrap_or(0) < generation {
         return Some("its controller has not taken the restart yet".into());
     }
