@@ -263,8 +263,8 @@ pub fn cross_template(announced: &RootCa, root: &RootCa) -> Result<String, Backe
 
 /// Re-checks the intermediate Vault signed: one certificate, signed by the root key meshca
 /// knows, carrying exactly meshca's profile and the policy (org, subject, key, notAfter,
-/// extensions, the name constraints). From `sign-intermediate` serial and notBefore are
-/// Vault's choice; from `sign-self-issued`, which keeps what meshca built, the serial,
+/// extensions, the name constraints). From `sign-intermediate` the serial is Vault's
+/// choice and notBefore its clock's, within [`not_before_finding`]'s bounds; from `sign-self-issued`, which keeps what meshca built, the serial,
 /// subject, key and dates must be the plan's exactly. Anything else is out of policy and
 /// never handed out.
 pub fn check_intermediate(
@@ -302,6 +302,14 @@ pub fn check_intermediate(
     if let Err(f) = check_subject_values(tbs, &request.plan.subject) {
         findings.extend(f.0);
     }
+    if !exact_plan {
+        let not_before = tbs.validity().not_before.to_system_time();
+        findings.extend(not_before_finding(
+            not_before,
+            request.plan.not_before,
+            SystemTime::now(),
+        ));
+    }
     if findings.is_empty() {
         return Ok(certificate);
     }
@@ -315,6 +323,45 @@ pub fn check_intermediate(
         message.push_str(&format!(" (Vault warned: {})", ignored.join("; ")));
     }
     Err(out(message))
+}
+
+/// How much earlier than meshca's planned notBefore Vault's may be (its clock behind):
+/// beyond that the clocks disagree by more than any NTP-kept pair does.
+pub const VAULT_CLOCK_BEHIND_LEEWAY: Duration = Duration::from_secs(60 * 60);
+
+/// `sign-intermediate` takes its notBefore from Vault's clock (less the [`BACKDATE`]
+/// asked). Later than this signer's clock, no verifier whose clock agrees would take the
+/// intermediate yet: istiod would sign with a CA its workloads refuse. Far earlier, the
+/// intermediate claims a validity from before it was asked for. Either names the clocks.
+pub fn not_before_finding(
+    not_before: SystemTime,
+    planned: SystemTime,
+    now: SystemTime,
+) -> Option<String> {
+    let stamp = crate::pki::datetime::rfc3339;
+    if let Ok(ahead) = not_before.duration_since(now)
+        && ahead >= Duration::from_secs(1)
+    {
+        return Some(format!(
+            "notBefore {} is {}s after this signer's clock ({}): a verifier whose clock agrees would not take the intermediate yet; is Vault's clock ahead by more than the {}s of backdating asked?",
+            stamp(not_before),
+            ahead.as_secs(),
+            stamp(now),
+            BACKDATE.as_secs()
+        ));
+    }
+    if let Ok(behind) = planned.duration_since(not_before)
+        && behind > VAULT_CLOCK_BEHIND_LEEWAY
+    {
+        return Some(format!(
+            "notBefore {} is {}s before the {} meshca planned, more than the {}s allowed: is Vault's clock behind?",
+            stamp(not_before),
+            behind.as_secs(),
+            stamp(planned),
+            VAULT_CLOCK_BEHIND_LEEWAY.as_secs()
+        ));
+    }
+    None
 }
 
 /// Checks a root certificate Vault generated or holds: self-signed, meshca's root profile,
@@ -610,6 +657,19 @@ mod tests {
         subject: Name,
         extra: Vec<Extension>,
     ) -> Value {
+        let not_before = SystemTime::now() - Duration::from_secs(30);
+        vault_answer_from(signer, root, request, subject, extra, not_before)
+    }
+
+    /// Vault's answer with the notBefore its clock would give.
+    fn vault_answer_from(
+        signer: &PrivateKey,
+        root: &RootCa,
+        request: &IssueRequest,
+        subject: Name,
+        extra: Vec<Extension>,
+        not_before: SystemTime,
+    ) -> Value {
         let mut extensions = vec![
             ext(
                 &BasicConstraints {
@@ -641,9 +701,7 @@ mod tests {
             extensions,
         };
         let validity = Validity::new(
-            (SystemTime::now() - Duration::from_secs(30))
-                .try_into()
-                .unwrap(),
+            not_before.try_into().unwrap(),
             request.plan.not_after.try_into().unwrap(),
         );
         let PrivateKey::P384(issuer_key) = signer else {
@@ -724,6 +782,29 @@ mod tests {
                 "not signed by the root key",
             ),
             (json!({"data": {}}), "no data.certificate"),
+            // Vault's clock ten minutes ahead: its 300 s of backdating still in the future.
+            (
+                vault_answer_from(
+                    &root_key,
+                    &root,
+                    &request,
+                    request.plan.subject.clone(),
+                    vec![],
+                    SystemTime::now() + Duration::from_secs(300),
+                ),
+                "after this signer's clock",
+            ),
+            (
+                vault_answer_from(
+                    &root_key,
+                    &root,
+                    &request,
+                    request.plan.subject.clone(),
+                    vec![],
+                    request.plan.not_before - 2 * VAULT_CLOCK_BEHIND_LEEWAY,
+                ),
+                "is Vault's clock behind?",
+            ),
         ];
         for (answer, needle) in cases {
             match check_intermediate(&answer, &request, &root, IssueEndpoint::SignIntermediate) {
@@ -733,6 +814,27 @@ mod tests {
                 other => panic!("{needle}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn vaults_not_before_may_lag_within_the_leeway_never_lead() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let planned = now - BACKDATE;
+        // Vault's clock as meshca's, a little ahead, or behind within the leeway.
+        for not_before in [
+            planned,
+            now,
+            planned - VAULT_CLOCK_BEHIND_LEEWAY,
+            now + Duration::from_millis(999),
+        ] {
+            assert_eq!(not_before_finding(not_before, planned, now), None);
+        }
+        let ahead = not_before_finding(now + Duration::from_secs(61), planned, now).unwrap();
+        assert!(ahead.contains("61s after this signer's clock"), "{ahead}");
+        assert!(ahead.contains("(2027-01-15T08:00:00.000Z)"), "{ahead}");
+        let behind = planned - VAULT_CLOCK_BEHIND_LEEWAY - Duration::from_secs(1);
+        let behind = not_before_finding(behind, planned, now).unwrap();
+        assert!(behind.contains("3601s before"), "{behind}");
     }
 
     #[test]
