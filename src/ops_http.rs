@@ -35,6 +35,11 @@ use crate::signer::ratelimit::{LogThrottle, RateLimit};
 /// connection idle longest is closed for the new one.
 pub const MAX_OPS_CONNECTIONS: usize = 64;
 
+/// New connections a port's bound lets wait at once for the slots of those it closed for
+/// them (each closed one ends within a moment); beyond, a new one is closed at once. Each
+/// waiting one holds a file beside the slots' (see `open_files_needed`).
+pub const MAX_WAITING_FOR_SLOT: usize = 16;
+
 /// Longest wait for a request's headers, the first one or the next on a kept-alive
 /// connection. Short: probes and scrapers send theirs at once (the kubelet's probes time
 /// out after 1 s by default), and a slot held idle is a slot a probe may need.
@@ -318,6 +323,8 @@ struct Entry {
     accepted: Instant,
     peer: Option<SocketAddr>,
     requests_under_way: usize,
+    /// Admitted for the slot of a connection closed for it, not yet ended.
+    waiting: bool,
     /// A tick of [`Open::clock`] when it was accepted or last became idle: the lowest of
     /// the idle ones is the one idle longest.
     since: u64,
@@ -418,7 +425,8 @@ impl Open {
 /// [`HANDSHAKE_GRACE`] is not closed, unless its address (an IPv4 address, an IPv6 /64)
 /// holds at least two more handshakes than the new connection's: then the address holding
 /// the most gives way first, so that a flood from one address cannot keep every other
-/// out. Every closing is counted by reason in its
+/// out. The new connection takes the closed one's slot once that one ends
+/// ([`PendingSlot`]). Every closing is counted by reason in its
 /// [`ConnectionMetrics`] and logged (a burst, then one a second per reason) with the peer.
 pub(crate) struct ConnectionBound {
     slots: Arc<Semaphore>,
@@ -434,10 +442,37 @@ pub(crate) struct ConnectionBound {
 
 /// What [`ConnectionBound::admit`] made of a connection just accepted.
 enum Admission {
-    Admitted(Connection),
-    /// Every slot is serving a request: closed at once (counted).
+    Admitted(PendingSlot),
+    /// Every slot is serving a request (or in a young handshake it may not take), or
+    /// [`MAX_WAITING_FOR_SLOT`] new ones already wait: closed at once (counted).
     Refused,
-    Stopped,
+}
+
+/// A connection admitted by the bound, perhaps before it holds its slot: at once when one
+/// was free, else once the connection closed for it has ended. That can take a moment (an
+/// evicted API connection with half a request's head in is given a second), so it is
+/// waited for in the new connection's own task, never in the accept loop: a peer holding
+/// half-sent requests must not slow every accept down to one a second.
+pub(crate) struct PendingSlot(Connection);
+
+impl PendingSlot {
+    /// The connection with its slot; None if the bound closed it for a newer one while it
+    /// waited. The semaphore hands freed slots to those waiting first, in order, so a
+    /// later connection that finds a free slot does not overtake.
+    pub(crate) async fn taken(self) -> Option<Connection> {
+        let mut connection = self.0;
+        if connection.slot.is_none() {
+            let slots = connection.handle.bound.slots.clone();
+            let permit = tokio::select! {
+                permit = slots.acquire_owned() => permit.ok()?,
+                _ = connection.close.cancelled() => return None,
+            };
+            connection.slot = Some(permit);
+            let bound = &connection.handle.bound;
+            bound.update(connection.handle.id, |entry| entry.waiting = false);
+        }
+        Some(connection)
+    }
 }
 
 impl ConnectionBound {
@@ -484,60 +519,46 @@ impl ConnectionBound {
     }
 
     /// A slot for a connection from `peer` just accepted, `handshaking` (API port) or not
-    /// (ops port): a free one, or that of a connection closed for it.
-    async fn admit<F: Future<Output = ()>>(
-        self: &Arc<Self>,
-        handshaking: bool,
-        peer: Option<SocketAddr>,
-        stop: &mut std::pin::Pin<&mut F>,
-    ) -> Admission {
+    /// (ops port): a free one, or that of a connection closed for it, which the new one
+    /// takes once that one has ended ([`PendingSlot::taken`]). Entered at once either way,
+    /// so the next admission counts it.
+    fn admit(self: &Arc<Self>, handshaking: bool, peer: Option<SocketAddr>) -> Admission {
         let now = Instant::now();
-        let permit = {
-            let mut open = self.lock();
-            if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-                Some(permit)
+        let mut open = self.lock();
+        let permit = if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            Some(permit)
+        } else {
+            // Every slot taken: handshakes past their share give way first, and then only
+            // to another handshake; otherwise the connection idle longest, then a
+            // handshake. Never one younger than the grace. Nor while as many already wait
+            // for the slots of those closed for them as may: each holds a file.
+            let waiting = open.entries.values().filter(|e| e.waiting).count();
+            let old = now.checked_sub(self.handshake_grace).unwrap_or(now);
+            let over_share = open.count(Phase::Handshaking) >= self.max_handshaking;
+            let closed = if waiting >= MAX_WAITING_FOR_SLOT {
+                None
+            } else if over_share {
+                open.close_handshake_for(peer, old, &self.metrics)
+                    .map(|peer| (CLOSED_HANDSHAKE, peer))
             } else {
-                // Every slot taken: handshakes past their share give way first, and then
-                // only to another handshake; otherwise the connection idle longest, then
-                // a handshake. Never one younger than the grace.
-                let old = now.checked_sub(self.handshake_grace).unwrap_or(now);
-                let over_share = open.count(Phase::Handshaking) >= self.max_handshaking;
-                let closed = if over_share {
-                    open.close_handshake_for(peer, old, &self.metrics)
-                        .map(|peer| (CLOSED_HANDSHAKE, peer))
-                } else {
-                    open.close_oldest(Phase::Idle, now, &self.metrics)
-                        .map(|peer| (CLOSED_IDLE, peer))
-                        .or_else(|| {
-                            open.close_handshake_for(peer, old, &self.metrics)
-                                .map(|peer| (CLOSED_HANDSHAKE, peer))
-                        })
-                };
-                match closed {
-                    Some((reason, closed_peer)) => {
-                        self.closed(reason, closed_peer);
-                        None
-                    }
-                    None => {
-                        self.closed(CLOSED_ALL_BUSY, peer);
-                        return Admission::Refused;
-                    }
-                }
-            }
-        };
-        let permit = match permit {
-            Some(permit) => permit,
-            // The closed connection's task gives its slot back as it ends.
-            None => tokio::select! {
-                permit = self.slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return Admission::Stopped,
-                },
-                _ = stop.as_mut() => return Admission::Stopped,
-            },
+                open.close_oldest(Phase::Idle, now, &self.metrics)
+                    .map(|peer| (CLOSED_IDLE, peer))
+                    .or_else(|| {
+                        open.close_handshake_for(peer, old, &self.metrics)
+                            .map(|peer| (CLOSED_HANDSHAKE, peer))
+                    })
+            };
+            let Some((reason, closed_peer)) = closed else {
+                drop(open);
+                self.closed(CLOSED_ALL_BUSY, peer);
+                return Admission::Refused;
+            };
+            drop(open);
+            self.closed(reason, closed_peer);
+            open = self.lock();
+            None
         };
         let close = CancellationToken::new();
-        let mut open = self.lock();
         let id = open.next_id;
         open.next_id += 1;
         let since = open.tick();
@@ -548,6 +569,7 @@ impl ConnectionBound {
                 accepted: now,
                 peer,
                 requests_under_way: 0,
+                waiting: permit.is_none(),
                 since,
                 close: close.clone(),
             },
@@ -558,15 +580,15 @@ impl ConnectionBound {
             Phase::Idle
         };
         self.metrics.entered(phase);
-        Admission::Admitted(Connection {
+        Admission::Admitted(PendingSlot(Connection {
             handle: ConnectionHandle {
                 bound: self.clone(),
                 id,
                 requests_under_way: Arc::new(AtomicUsize::new(0)),
             },
             close,
-            _slot: permit,
-        })
+            slot: permit,
+        }))
     }
 
     /// Changes the connection `id`'s entry, and its state's gauge with it; nothing if the
@@ -595,11 +617,12 @@ impl ConnectionBound {
     }
 }
 
-/// A connection's slot, held until it is dropped (as the connection's task ends).
+/// A connection's entry in the bound and its slot, held until it is dropped (as the
+/// connection's task ends); without a slot only while [`PendingSlot::taken`] waits.
 pub(crate) struct Connection {
     handle: ConnectionHandle,
     close: CancellationToken,
-    _slot: OwnedSemaphorePermit,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Connection {
@@ -674,17 +697,17 @@ impl Drop for UnderWay {
     }
 }
 
-/// The next connection with a slot in `bound` for it (see [`ConnectionBound`]), in its TLS
-/// handshake if `handshaking`; None once `stop` completes. A connection that finds every
-/// slot serving a request is closed at once. Accept errors (EMFILE and friends) are
-/// logged through `error_log` and retried after a pause rather than spun on.
+/// The next connection admitted by `bound` (see [`ConnectionBound`]), in its TLS handshake
+/// if `handshaking`, with the slot it is to take; None once `stop` completes. A connection
+/// that finds every slot serving a request is closed at once. Accept errors (EMFILE and
+/// friends) are logged through `error_log` and retried after a pause rather than spun on.
 pub(crate) async fn accept_admitted<F: Future<Output = ()>>(
     listener: &TcpListener,
     bound: &Arc<ConnectionBound>,
     handshaking: bool,
     error_log: &LogThrottle,
     stop: &mut std::pin::Pin<&mut F>,
-) -> Option<(Connection, TcpStream, SocketAddr)> {
+) -> Option<(PendingSlot, TcpStream, SocketAddr)> {
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = accept_once(listener, error_log) => match accepted {
@@ -693,11 +716,10 @@ pub(crate) async fn accept_admitted<F: Future<Output = ()>>(
             },
             _ = stop.as_mut() => return None,
         };
-        match bound.admit(handshaking, Some(peer), stop).await {
-            Admission::Admitted(connection) => return Some((connection, tcp, peer)),
+        match bound.admit(handshaking, Some(peer)) {
+            Admission::Admitted(slot) => return Some((slot, tcp, peer)),
             // Counted and logged by the bound; dropping the stream closes it.
             Admission::Refused => {}
-            Admission::Stopped => return None,
         }
     }
 }
@@ -713,12 +735,19 @@ async fn serve_bounded(
     let (stopping, _) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
     let error_log = accept_error_log();
-    while let Some((connection, tcp, peer)) =
+    while let Some((slot, tcp, peer)) =
         accept_admitted(&listener, &bound, false, &error_log, &mut stop).await
     {
         let router = router.clone();
         let mut stop_connection = stopping.subscribe();
         tokio::spawn(async move {
+            let connection = tokio::select! {
+                connection = slot.taken() => connection,
+                _ = stop_connection.changed() => None,
+            };
+            let Some(connection) = connection else {
+                return;
+            };
             let handle = connection.handle();
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
                 let under_way = handle.request();
@@ -926,11 +955,10 @@ mod tests {
         server.await.unwrap();
     }
 
-    fn admitted(admission: Admission) -> Connection {
+    async fn admitted(admission: Admission) -> Connection {
         match admission {
-            Admission::Admitted(connection) => connection,
+            Admission::Admitted(slot) => slot.taken().await.expect("the bound is closed"),
             Admission::Refused => panic!("refused"),
-            Admission::Stopped => panic!("stopped"),
         }
     }
 
@@ -938,60 +966,136 @@ mod tests {
     async fn the_bound_closes_the_connection_idle_longest_and_never_one_serving() {
         let metrics = ConnectionMetrics::register_api(&mut Registry::default());
         let bound = ConnectionBound::new("ops", 3, metrics.clone());
-        let never = std::future::pending::<()>();
-        tokio::pin!(never);
-        let first = admitted(bound.admit(false, None, &mut never).await);
-        let second = admitted(bound.admit(false, None, &mut never).await);
-        let third = admitted(bound.admit(false, None, &mut never).await);
+        let first = admitted(bound.admit(false, None)).await;
+        let second = admitted(bound.admit(false, None)).await;
+        let third = admitted(bound.admit(false, None)).await;
         // The first accepted has just answered a request: the second is idle longest.
         drop(first.handle().request());
         let serving = third.handle().request();
         assert_eq!(metrics.open_in("active"), 1);
         assert_eq!(metrics.open_in("idle"), 2);
         let fourth = {
-            let admitting = bound.admit(false, None, &mut never);
-            tokio::pin!(admitting);
-            // Its first step closes the connection idle longest; then it waits for the slot.
-            tokio::select! {
-                biased;
-                _ = admitting.as_mut() => panic!("admitted before a slot was free"),
-                _ = std::future::ready(()) => {}
-            }
+            // Admitting it closes the connection idle longest; it takes that one's slot
+            // once that one has ended.
+            let Admission::Admitted(slot) = bound.admit(false, None) else {
+                panic!("refused")
+            };
             assert!(second.close.is_cancelled());
             assert!(!first.close.is_cancelled() && !third.close.is_cancelled());
             assert_eq!(metrics.closed_for(CLOSED_IDLE), 1);
+            let taking = slot.taken();
+            tokio::pin!(taking);
+            tokio::select! {
+                biased;
+                _ = taking.as_mut() => panic!("a slot taken before one was free"),
+                _ = std::future::ready(()) => {}
+            }
             drop(second);
-            admitted(admitting.await)
+            taking.await.expect("the bound is closed")
         };
         // Every slot serving a request: a new one is refused, none is closed for it.
         let _first_serving = first.handle().request();
         let _fourth_serving = fourth.handle().request();
-        assert!(matches!(
-            bound.admit(false, None, &mut never).await,
-            Admission::Refused
-        ));
+        assert!(matches!(bound.admit(false, None), Admission::Refused));
         assert_eq!(metrics.closed_for(CLOSED_ALL_BUSY), 1);
         assert_eq!(metrics.open_in("active"), 3);
         drop(serving);
         assert_eq!(metrics.open_in("idle"), 1);
     }
 
+    #[tokio::test]
+    async fn the_accept_loop_goes_on_while_connections_closed_for_new_ones_end() {
+        let metrics = ConnectionMetrics::register_api(&mut Registry::default());
+        let bound = ConnectionBound::new("ops", 2, metrics.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let errors = accept_error_log();
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let mut sockets = Vec::new();
+        let mut accept = async || {
+            sockets.push(TcpStream::connect(addr).await.unwrap());
+            let accepted = accept_admitted(&listener, &bound, false, &errors, &mut never);
+            let (slot, tcp, _) = within("the accept loop waited", accepted).await.unwrap();
+            sockets.push(tcp);
+            slot
+        };
+        // Two connections take the free slots, and are idle.
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            open.push(accept().await.taken().await.unwrap());
+        }
+        // Each of the next two closes one of them, which (as an API connection with half a
+        // request's head in may) has not ended yet: the accept loop does not wait for it.
+        let waiting = [accept().await, accept().await];
+        assert!(
+            open.iter()
+                .all(|connection| connection.close.is_cancelled())
+        );
+        assert_eq!(metrics.closed_for(CLOSED_IDLE), 2);
+        let mut taken = Vec::new();
+        for (closed, slot) in open.into_iter().zip(waiting) {
+            drop(closed);
+            taken.push(within("no slot came free", slot.taken()).await.unwrap());
+        }
+        assert_eq!(metrics.open_in("idle"), 2);
+    }
+
+    #[tokio::test]
+    async fn new_connections_waiting_for_closed_ones_slots_are_bounded() {
+        let metrics = ConnectionMetrics::register_api(&mut Registry::default());
+        let bound =
+            ConnectionBound::with_grace("api", 40, metrics.clone(), Duration::from_secs(3600));
+        let mut agents = Vec::new();
+        for _ in 0..40 {
+            let agent = admitted(bound.admit(true, None)).await;
+            agent.established();
+            agents.push(agent);
+        }
+        // Handshakes under their share (20 of 40) close idle agents' connections for them,
+        // which have not ended yet: 16 may wait so, a 17th is closed at once.
+        let mut waiting = Vec::new();
+        for n in 0..MAX_WAITING_FOR_SLOT {
+            let from = peer(&format!("192.0.2.{n}:443"));
+            let Admission::Admitted(slot) = bound.admit(true, from) else {
+                panic!("connection {n} refused")
+            };
+            waiting.push(slot);
+        }
+        assert_eq!(metrics.closed_for(CLOSED_IDLE), 16);
+        assert!(matches!(
+            bound.admit(true, peer("192.0.2.99:443")),
+            Admission::Refused
+        ));
+        assert_eq!(metrics.closed_for(CLOSED_ALL_BUSY), 1);
+        assert_eq!(metrics.closed_for(CLOSED_IDLE), 16);
+        // As the closed ones end, those waiting take their slots; none holds a new one back.
+        let closed: Vec<Connection> = agents.drain(..16).collect();
+        assert!(closed.iter().all(|agent| agent.close.is_cancelled()));
+        drop(closed);
+        for slot in waiting {
+            within("no slot came free", slot.taken()).await.unwrap();
+        }
+        assert!(matches!(
+            bound.admit(true, peer("192.0.2.99:443")),
+            Admission::Admitted(_)
+        ));
+    }
+
     /// Admits a connection in its TLS handshake that ends (giving its slot back) once the
     /// bound closes it for a new one, as its task would.
     async fn handshaking(
         bound: &Arc<ConnectionBound>,
-        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        handshaking_as(bound, None, never).await
+        handshaking_as(bound, None).await
     }
 
     /// [`handshaking`], from `peer`.
     async fn handshaking_as(
         bound: &Arc<ConnectionBound>,
         peer: Option<SocketAddr>,
-        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let connection = admitted(bound.admit(true, peer, never).await);
+        let connection = admitted(bound.admit(true, peer)).await;
         let close = connection.close.clone();
         let ends = tokio::spawn(async move {
             connection.closed_for_new().await;
@@ -1005,21 +1109,19 @@ mod tests {
         let metrics = ConnectionMetrics::register_api(&mut Registry::default());
         // No grace: every handshake is old enough to be closed.
         let bound = ConnectionBound::with_grace("api", 4, metrics.clone(), Duration::ZERO);
-        let never = std::future::pending::<()>();
-        tokio::pin!(never);
-        let agent = admitted(bound.admit(true, None, &mut never).await);
+        let agent = admitted(bound.admit(true, None)).await;
         agent.established();
         // Free slots are taken whatever the handshakes hold: none is closed.
         let mut open = Vec::new();
         for _ in 0..3 {
-            open.push(handshaking(&bound, &mut never).await);
+            open.push(handshaking(&bound).await);
         }
         assert_eq!(metrics.open_in("handshaking"), 3);
         assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 0);
         // Every slot taken, handshakes past their share (2 of 4): a new connection takes
         // the place of the one in its handshake longest, never the idle agent's.
         for _ in 0..2 {
-            open.push(handshaking(&bound, &mut never).await);
+            open.push(handshaking(&bound).await);
         }
         assert_eq!(metrics.open_in("handshaking"), 3);
         assert_eq!(metrics.open_in("idle"), 1);
@@ -1043,20 +1145,15 @@ mod tests {
         let metrics = ConnectionMetrics::register_api(&mut Registry::default());
         let bound =
             ConnectionBound::with_grace("api", 4, metrics.clone(), Duration::from_secs(3600));
-        let never = std::future::pending::<()>();
-        tokio::pin!(never);
-        let agent = admitted(bound.admit(true, None, &mut never).await);
+        let agent = admitted(bound.admit(true, None)).await;
         agent.established();
         let mut open = Vec::new();
         for _ in 0..3 {
-            open.push(handshaking(&bound, &mut never).await);
+            open.push(handshaking(&bound).await);
         }
         // Every slot taken, the handshakes young and past their share: the new connection
         // is closed at once; neither a handshake nor the idle agent is closed for it.
-        assert!(matches!(
-            bound.admit(true, None, &mut never).await,
-            Admission::Refused
-        ));
+        assert!(matches!(bound.admit(true, None), Admission::Refused));
         assert_eq!(metrics.closed_for(CLOSED_ALL_BUSY), 1);
         assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 0);
         assert_eq!(metrics.closed_for(CLOSED_IDLE), 0);
@@ -1075,9 +1172,8 @@ mod tests {
     async fn handshaking_from(
         bound: &Arc<ConnectionBound>,
         from: &str,
-        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        handshaking_as(bound, peer(from), never).await
+        handshaking_as(bound, peer(from)).await
     }
 
     #[tokio::test]
@@ -1086,23 +1182,19 @@ mod tests {
         // Every handshake within its grace, as in a flood faster than the slots.
         let bound =
             ConnectionBound::with_grace("api", 6, metrics.clone(), Duration::from_secs(3600));
-        let never = std::future::pending::<()>();
-        tokio::pin!(never);
-        let agent = admitted(bound.admit(true, peer("192.0.2.7:40000"), &mut never).await);
+        let agent = admitted(bound.admit(true, peer("192.0.2.7:40000"))).await;
         agent.established();
         let mut flood = Vec::new();
         for port in 0..5 {
-            flood.push(from_the_flood(&bound, port, &mut never).await);
+            flood.push(from_the_flood(&bound, port).await);
         }
         // The flood's own next connection finds only young handshakes: closed at once.
         assert!(matches!(
-            bound
-                .admit(true, peer("198.51.100.9:50010"), &mut never)
-                .await,
+            bound.admit(true, peer("198.51.100.9:50010")),
             Admission::Refused
         ));
         // A client from another address takes the place of the flood's oldest handshake.
-        let other = handshaking_from(&bound, "203.0.113.4:41000", &mut never).await;
+        let other = handshaking_from(&bound, "203.0.113.4:41000").await;
         assert!(flood[0].0.is_cancelled());
         assert!(flood[1..].iter().all(|(close, _)| !close.is_cancelled()));
         assert_eq!(metrics.closed_for(CLOSED_HANDSHAKE), 1);
@@ -1110,7 +1202,7 @@ mod tests {
         let mut flood6 = Vec::new();
         for host in 1..=2 {
             let from = format!("[2001:db8:0:1::{host}]:443");
-            let close = admitted_after(&bound, &from, &mut never).await;
+            let close = admitted_after(&bound, &from).await;
             flood6.push(close);
         }
         // Two more closed for them, both from the IPv4 flood (it holds the most).
@@ -1118,9 +1210,7 @@ mod tests {
         // Now the /64 holds two handshakes, the IPv4 flood two, the other client one: a
         // third from the /64 is not two below any address, so it is refused.
         assert!(matches!(
-            bound
-                .admit(true, peer("[2001:db8:0:1::3]:443"), &mut never)
-                .await,
+            bound.admit(true, peer("[2001:db8:0:1::3]:443")),
             Admission::Refused
         ));
         // The idle agent and the other client were never closed.
@@ -1135,9 +1225,8 @@ mod tests {
     async fn from_the_flood(
         bound: &Arc<ConnectionBound>,
         n: u16,
-        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        handshaking_from(bound, &format!("198.51.100.9:{}", 50000 + n), never).await
+        handshaking_from(bound, &format!("198.51.100.9:{}", 50000 + n)).await
     }
 
     /// Admits a handshake from `from` that waits for the slot of the one closed for it:
@@ -1145,9 +1234,8 @@ mod tests {
     async fn admitted_after(
         bound: &Arc<ConnectionBound>,
         from: &str,
-        never: &mut std::pin::Pin<&mut std::future::Pending<()>>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        within("no slot came free", handshaking_from(bound, from, never)).await
+        within("no slot came free", handshaking_from(bound, from)).await
     }
 
     #[tokio::test]
@@ -1155,23 +1243,15 @@ mod tests {
         let metrics = ConnectionMetrics::register_api(&mut Registry::default());
         // No grace: every handshake is old enough to be closed.
         let bound = ConnectionBound::with_grace("api", 4, metrics.clone(), Duration::ZERO);
-        let never = std::future::pending::<()>();
-        tokio::pin!(never);
         // A slow client's handshake, the oldest, then the flood's.
-        let slow = handshaking_from(&bound, "192.0.2.7:40000", &mut never).await;
+        let slow = handshaking_from(&bound, "192.0.2.7:40000").await;
         let mut flood = Vec::new();
         for port in 0..3 {
-            flood.push(from_the_flood(&bound, port, &mut never).await);
+            flood.push(from_the_flood(&bound, port).await);
         }
         for port in 3..6 {
             // Each waits for the slot of the one closed for it.
-            flood.push(
-                within(
-                    "no slot came free",
-                    from_the_flood(&bound, port, &mut never),
-                )
-                .await,
-            );
+            flood.push(within("no slot came free", from_the_flood(&bound, port)).await);
         }
         // Each of the flood's new connections closed the flood's oldest, not the slow one.
         assert!(flood[..3].iter().all(|(close, _)| close.is_cancelled()));

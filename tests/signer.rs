@@ -2206,7 +2206,8 @@ async fn the_log_level_flag_wins_over_rust_log_and_a_bad_filter_is_refused() {
 }
 
 /// A shell's or a container runtime's limit on open files (often 1024) is under what the
-/// default `max_connections` needs (1024 API connections, 64 ops ones and a reserve), so
+/// default `max_connections` needs (1024 API connections, 64 ops ones, 16 per port
+/// waiting for a closed connection's slot and a reserve), so
 /// unauthenticated connections could use up the signer's descriptors. The start raises
 /// the soft limit up to the hard one; a hard limit too low is named at start and by
 /// `serve --check`.
@@ -2226,7 +2227,7 @@ async fn the_limit_on_open_files_is_raised_at_start_and_one_too_low_is_named() {
             .to_string();
         line.split_whitespace().nth(3).unwrap().parse().unwrap()
     };
-    let needed = 1024 + 64 + 64;
+    let needed = 1024 + 64 + 2 * 16 + 64;
     let shortfall = "the limit on open files";
 
     // SAFETY: the closure only calls setrlimit, which is async-signal-safe, between fork

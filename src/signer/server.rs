@@ -1080,9 +1080,14 @@ const OPEN_FILES_RESERVE: u64 = 64;
 /// `LimitNOFILE`), when the hard limit allows it.
 const OPEN_FILES_WANTED: u64 = 65536;
 
-/// Open files `max_connections` API connections need, the ops port's and the reserve.
+/// Open files `max_connections` API connections need, the ops port's, those of both
+/// ports waiting for the slot of a connection closed for them, and the reserve.
 pub fn open_files_needed(max_connections: usize) -> u64 {
-    max_connections as u64 + crate::ops_http::MAX_OPS_CONNECTIONS as u64 + OPEN_FILES_RESERVE
+    let waiting = 2 * crate::ops_http::MAX_WAITING_FOR_SLOT as u64;
+    max_connections as u64
+        + crate::ops_http::MAX_OPS_CONNECTIONS as u64
+        + waiting
+        + OPEN_FILES_RESERVE
 }
 
 /// Why `limit` open files are too few for `max_connections`, if they are: connections
@@ -1092,8 +1097,9 @@ pub fn open_files_shortfall(limit: u64, max_connections: usize) -> Option<String
     let needed = open_files_needed(max_connections);
     (limit < needed).then(|| {
         format!(
-            "the limit on open files ({limit}) is below what limits.max_connections ({max_connections}) needs ({needed}, with the ops port's {} and {OPEN_FILES_RESERVE} for the token, the audit log and Vault): unauthenticated connections could use up the signer's file descriptors; raise it (systemd LimitNOFILE, ulimit -n, the container runtime's nofile) or lower limits.max_connections",
-            crate::ops_http::MAX_OPS_CONNECTIONS
+            "the limit on open files ({limit}) is below what limits.max_connections ({max_connections}) needs ({needed}, with the ops port's {}, {} for new connections waiting for a closed one's slot and {OPEN_FILES_RESERVE} for the token, the audit log and Vault): unauthenticated connections could use up the signer's file descriptors; raise it (systemd LimitNOFILE, ulimit -n, the container runtime's nofile) or lower limits.max_connections",
+            crate::ops_http::MAX_OPS_CONNECTIONS,
+            2 * crate::ops_http::MAX_WAITING_FOR_SLOT
         )
     })
 }
@@ -1640,7 +1646,7 @@ async fn serve_tls(
     let stop = stopped(&mut watching);
     tokio::pin!(stop);
     let accept_errors = crate::ops_http::accept_error_log();
-    while let Some((slot, tcp, peer)) =
+    while let Some((pending, tcp, peer)) =
         crate::ops_http::accept_admitted(&listener, &bound, true, &accept_errors, &mut stop).await
     {
         let _ = tcp.set_nodelay(true);
@@ -1654,99 +1660,108 @@ async fn serve_tls(
         let app = app.clone();
         let cut = state.cut_connections.clone();
         let tracked = state.connections.token();
-        let requests_here = slot.handle();
         let state = state.clone();
         let mut stop = shutdown.clone();
-        let served = async move {
-            let handshaking = crate::tlsutil::accept_noting_refused_client(tokio::time::timeout(
-                limits.handshake_timeout,
-                acceptor.accept(tcp),
-            ));
-            let (handshake, refused_client) = tokio::select! {
-                handshake = handshaking => handshake,
-                // In its handshake longest, its slot given to a new connection: dropped.
-                _ = slot.closed_for_new() => {
-                    tracing::debug!(%peer, "connection in its TLS handshake closed for a new one");
-                    return;
-                }
-            };
-            let tls = match handshake {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    let reason = crate::tlsutil::handshake_refusal_reason(&e);
-                    let client = refused_client.as_ref();
-                    let error = crate::tlsutil::handshake_error_text(&e);
-                    return handshake_refused(&state, peer, reason, &error, client);
-                }
-                Err(_) => {
-                    let error = "no handshake within the handshake timeout";
-                    return handshake_refused(&state, peer, "timeout", error, None);
-                }
-            };
-            // The identity, which certificate it came with, and from where: the audit log
-            // names all three.
-            let mut client = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|chain| ClientIdentity {
-                    verified_under: Some(settings),
-                    ..ClientIdentity::of_chain(chain)
-                })
-                .unwrap_or_default();
-            client.peer = Some(peer);
-            slot.established();
-            let requests = slot.handle();
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(client.clone());
-                    let under_way = requests.request();
-                    let answer = app.clone().oneshot(request);
-                    async move {
-                        let answer = answer.await;
-                        drop(under_way);
-                        answer
-                    }
-                });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => Some(ended),
-                _ = stopped(&mut stop) => None,
-                _ = reloads.changed() => {
-                    tracing::debug!(%peer, "TLS settings reloaded: closing this connection after its current request");
-                    None
-                }
-                _ = slot.closed_for_new() => {
-                    tracing::debug!(%peer, "idle connection closed for a new one");
-                    connection.as_mut().graceful_shutdown();
-                    // Closes at once when idle (close_notify); half a request's headers
-                    // in are dropped after a moment, and a request that came in just as
-                    // it was chosen is answered first.
-                    match tokio::time::timeout(EVICTED_GRACE, connection.as_mut()).await {
-                        Ok(ended) => Some(ended),
-                        Err(_) if slot.serving() => Some(connection.as_mut().await),
-                        Err(_) => Some(Ok(())),
-                    }
-                }
-            };
-            let ended = match ended {
-                Some(ended) => ended,
-                None => {
-                    // Finishes the request in flight, if any, then closes.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(slot);
-        };
         tokio::spawn(async move {
+            // The slot of a connection closed for this one is free once that one ends:
+            // waited for here, so the accept loop goes on meanwhile.
+            let slot = tokio::select! {
+                slot = pending.taken() => slot,
+                _ = stopped(&mut stop) => None,
+            };
+            let Some(slot) = slot else {
+                return;
+            };
+            let requests_here = slot.handle();
+            let served = async move {
+                let handshaking = crate::tlsutil::accept_noting_refused_client(
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)),
+                );
+                let (handshake, refused_client) = tokio::select! {
+                    handshake = handshaking => handshake,
+                    // In its handshake longest, its slot given to a new connection:
+                    // dropped.
+                    _ = slot.closed_for_new() => {
+                        tracing::debug!(%peer, "connection in its TLS handshake closed for a new one");
+                        return;
+                    }
+                };
+                let tls = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        let reason = crate::tlsutil::handshake_refusal_reason(&e);
+                        let client = refused_client.as_ref();
+                        let error = crate::tlsutil::handshake_error_text(&e);
+                        return handshake_refused(&state, peer, reason, &error, client);
+                    }
+                    Err(_) => {
+                        let error = "no handshake within the handshake timeout";
+                        return handshake_refused(&state, peer, "timeout", error, None);
+                    }
+                };
+                // The identity, which certificate it came with, and from where: the
+                // audit log names all three.
+                let mut client = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|chain| ClientIdentity {
+                        verified_under: Some(settings),
+                        ..ClientIdentity::of_chain(chain)
+                    })
+                    .unwrap_or_default();
+                client.peer = Some(peer);
+                slot.established();
+                let requests = slot.handle();
+                let service =
+                    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                        request.extensions_mut().insert(client.clone());
+                        let under_way = requests.request();
+                        let answer = app.clone().oneshot(request);
+                        async move {
+                            let answer = answer.await;
+                            drop(under_way);
+                            answer
+                        }
+                    });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(connection);
+                let ended = tokio::select! {
+                    ended = connection.as_mut() => Some(ended),
+                    _ = stopped(&mut stop) => None,
+                    _ = reloads.changed() => {
+                        tracing::debug!(%peer, "TLS settings reloaded: closing this connection after its current request");
+                        None
+                    }
+                    _ = slot.closed_for_new() => {
+                        tracing::debug!(%peer, "idle connection closed for a new one");
+                        connection.as_mut().graceful_shutdown();
+                        // Closes at once when idle (close_notify); half a request's headers
+                        // in are dropped after a moment, and a request that came in just as
+                        // it was chosen is answered first.
+                        match tokio::time::timeout(EVICTED_GRACE, connection.as_mut()).await {
+                            Ok(ended) => Some(ended),
+                            Err(_) if slot.serving() => Some(connection.as_mut().await),
+                            Err(_) => Some(Ok(())),
+                        }
+                    }
+                };
+                let ended = match ended {
+                    Some(ended) => ended,
+                    None => {
+                        // Finishes the request in flight, if any, then closes.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                drop(slot);
+            };
             tokio::pin!(served);
             tokio::select! {
                 () = &mut served => return,
