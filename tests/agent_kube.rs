@@ -1799,6 +1799,66 @@ async fn a_secret_the_api_server_refuses_costs_no_intermediate_and_is_retried_wi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_a_signing_outlast_a_failing_api_server_without_a_second_signing() {
+    let env = Env::new();
+    let signer = env.start_signer();
+    let cluster = Cluster::start(&env).await;
+    cluster.put_request_restarting_nothing(&signer);
+    // The `Requested` status goes through; then the API server fails for a moment (500:
+    // kube's own retries, off in the agent, would take a 503 in this test's client).
+    let status = format!("{VMCSR}/cluster-a/status");
+    let failing = (500, "InternalError", "etcdserver: request timed out");
+    cluster.fake.refuse_writes_between(&status, 1, 2, failing);
+    let sent = cluster.pass().await;
+    assert_eq!(vmcsr_status(&cluster)["phase"], "Installed");
+    assert_eq!(signer.audit_lines().len(), 1, "{:?}", signer.audit_lines());
+    assert_eq!(
+        status_phases(&sent, &status),
+        ["Requested", "Issued", "Issued", "Issued", "Installed"]
+    );
+    assert_secret_is_the_issued_one(&cluster);
+    // The Secret's write (after its dry run) fails once too: sent again, the same
+    // intermediate.
+    cluster.fake.remove(SECRET);
+    cluster.fake.refuse_writes_between(SECRETS, 1, 1, failing);
+    cluster.pass().await;
+    assert_eq!(vmcsr_status(&cluster)["phase"], "Installed");
+    assert_eq!(signer.audit_lines().len(), 2, "{:?}", signer.audit_lines());
+    assert_secret_is_the_issued_one(&cluster);
+    // An answer that is the API server's word (403: RBAC) is not sent again.
+    cluster.fake.remove(SECRET);
+    cluster
+        .fake
+        .refuse_writes_between(&status, 1, 1, (403, "Forbidden", "cannot patch resource"));
+    let sent = cluster.pass().await;
+    assert_eq!(
+        status_phases(&sent, &status),
+        ["Requested", "Issued", "Failed"]
+    );
+    failed_with(&cluster, "cannot patch resource");
+}
+
+/// The phases of the status writes to `path` among `sent`, in order.
+fn status_phases(sent: &[Recorded], path: &str) -> Vec<String> {
+    sent.iter()
+        .filter(|r| r.method == "PATCH" && r.path == path)
+        .map(|r| {
+            r.body["status"]["phase"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+/// The Secret holds the intermediate the request's status names.
+fn assert_secret_is_the_issued_one(cluster: &Cluster) {
+    let secret = cluster.fake.get(SECRET).expect("no Secret written");
+    let summary = verify_bundle(&secret_files(&secret), None, SystemTime::now()).unwrap();
+    assert_eq!(vmcsr_status(cluster)["serial"], summary.serial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_request_waits_what_the_signer_asks() {
     // One intermediate a minute: the second in a row is refused with `Retry-After` ~60 s.
     let env = Env::with(EnvSpec {

@@ -212,6 +212,12 @@ struct Failing {
 /// resync interval.
 const LEAST_RETRY: Duration = Duration::from_secs(15);
 
+/// Tries of a write that follows a signing (see `written_after_signing`), and the pause
+/// before the second (doubling): together about what a brief API server hiccup (a leader
+/// election of etcd, a restart of one API server behind a load balancer) takes.
+const WRITE_AFTER_SIGNING_TRIES: u32 = 4;
+const WRITE_AFTER_SIGNING_PAUSE: Duration = Duration::from_millis(500);
+
 impl LeaderLoop for Controller {
     const PASS_FAILED: &'static str = "cannot list requests";
 
@@ -304,6 +310,40 @@ impl Controller {
     /// Before any write: still the leader (renewing if the margin ran out)?
     async fn ensure_leader(&self) -> Result<(), ReconcileError> {
         self.elector.require(ReconcileError::NotLeader).await
+    }
+
+    /// A write that follows a signing, sent again (at most [`WRITE_AFTER_SIGNING_TRIES`]
+    /// times in all, a moment apart, the leadership checked before each) while the API
+    /// server fails or does not answer: a pass that gave up would throw the new
+    /// intermediate away, and the next pass sign another. Any other answer is final, and
+    /// `failed` makes its error.
+    async fn written_after_signing<T, Fut>(
+        &self,
+        what: &str,
+        mut write: impl FnMut() -> Fut,
+        failed: impl Fn(KubeError) -> ReconcileError,
+    ) -> Result<T, ReconcileError>
+    where
+        Fut: Future<Output = Result<T, KubeError>>,
+    {
+        let mut pause = WRITE_AFTER_SIGNING_PAUSE;
+        let mut tries = 1;
+        loop {
+            self.ensure_leader().await?;
+            match write().await {
+                Err(e) if tries < WRITE_AFTER_SIGNING_TRIES && e.is_transient() => {
+                    tracing::warn!(
+                        error = %e,
+                        "{what} after a signing failed; trying again in {} ms",
+                        pause.as_millis()
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    tries += 1;
+                }
+                done => return done.map_err(failed),
+            }
+        }
     }
 
     /// One pass: every request in the namespace, once.
@@ -706,21 +746,30 @@ impl Controller {
                 ) {
                     status.restart = Some(plan);
                 }
-                self.ensure_leader().await?;
-                self.kube.apply_status(&ns, &name, status).await?;
+                let status_now = &*status;
+                self.written_after_signing(
+                    "the status write",
+                    || self.kube.apply_status(&ns, &name, status_now),
+                    ReconcileError::Kube,
+                )
+                .await?;
                 // The status write may have outlasted the Lease's margin (a slow API
-                // server): a replica no longer leading leaves the Secret to the new leader.
-                self.ensure_leader().await?;
-                self.kube
-                    .write_secret(
-                        &target.namespace,
-                        &target.name,
-                        &owner,
-                        &obtained.files,
-                        &as_read,
-                    )
-                    .await
-                    .map_err(secret_changed)?;
+                // server): a replica no longer leading leaves the Secret to the new leader
+                // (the leadership is looked at before each try).
+                self.written_after_signing(
+                    "the Secret write",
+                    || {
+                        self.kube.write_secret(
+                            &target.namespace,
+                            &target.name,
+                            &owner,
+                            &obtained.files,
+                            &as_read,
+                        )
+                    },
+                    secret_changed,
+                )
+                .await?;
                 super::log_roots_left_out(&obtained.roots_left_out);
                 let renew_at = super::rotation::renew_at(
                     summary.not_before,

@@ -56,6 +56,12 @@ impl KubeError {
     pub fn changed_since_read(&self) -> bool {
         self.code() == Some(409)
     }
+
+    /// Whether the same call may well succeed if sent again in a moment: no answer, or the
+    /// API server failing or busy (5xx, 429). Any other answer was its word on the call.
+    pub fn is_transient(&self) -> bool {
+        self.code().is_none_or(|code| code >= 500 || code == 429)
+    }
 }
 
 /// The cacerts Secret as a pass read it, made the precondition of the pass's write: the

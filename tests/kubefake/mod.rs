@@ -234,6 +234,8 @@ struct Refusal {
     path: String,
     /// Writes still let through before the refusals begin.
     let_pass: usize,
+    /// Refusals still to make (None: every write from then on).
+    times: Option<usize>,
     dry_runs_only: bool,
     code: u16,
     reason: String,
@@ -460,7 +462,8 @@ fn serve(fake: Arc<Fake>, method: Method, uri: Uri, headers: HeaderMap, body: By
     {
         if refusal.let_pass > 0 {
             refusal.let_pass -= 1;
-        } else {
+        } else if refusal.times != Some(0) {
+            refusal.times = refusal.times.map(|left| left - 1);
             return status(refusal.code, &refusal.reason, &refusal.message);
         }
     }
@@ -897,6 +900,21 @@ impl FakeCluster {
         self.refuse(path, n, false, (code, reason, message));
     }
 
+    /// As [`FakeCluster::refuse_writes_after`], `times` writes only: an API server failing
+    /// for a moment.
+    pub fn refuse_writes_between(
+        &self,
+        path: &str,
+        n: usize,
+        times: usize,
+        answer: (u16, &str, &str),
+    ) {
+        self.refuse(path, n, false, answer);
+        if let Some(refusal) = self.fake.refused_writes.lock().unwrap().as_mut() {
+            refusal.times = Some(times);
+        }
+    }
+
     /// From now on, dry runs of writes of `path` are refused with this status.
     pub fn refuse_dry_runs(&self, path: &str, code: u16, reason: &str, message: &str) {
         self.refuse(path, 0, true, (code, reason, message));
@@ -959,6 +977,7 @@ impl FakeCluster {
         *self.fake.refused_writes.lock().unwrap() = Some(Refusal {
             path: path.into(),
             let_pass,
+            times: None,
             dry_runs_only,
             code,
             reason: reason.into(),
