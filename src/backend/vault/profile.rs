@@ -264,9 +264,9 @@ pub fn cross_template(announced: &RootCa, root: &RootCa) -> Result<String, Backe
 /// Re-checks the intermediate Vault signed: one certificate, signed by the root key meshca
 /// knows, carrying exactly meshca's profile and the policy (org, subject, key, notAfter,
 /// extensions, the name constraints). From `sign-intermediate` the serial is Vault's
-/// choice and notBefore its clock's, within [`not_before_finding`]'s bounds; from `sign-self-issued`, which keeps what meshca built, the serial,
-/// subject, key and dates must be the plan's exactly. Anything else is out of policy and
-/// never handed out.
+/// choice and notBefore its clock's, within [`not_before_finding`]'s bounds; from
+/// `sign-self-issued`, which keeps what meshca built, the serial, subject, key and dates
+/// must be the plan's exactly. Anything else is out of policy and never handed out.
 pub fn check_intermediate(
     answer: &Value,
     request: &IssueRequest,
