@@ -1825,6 +1825,14 @@ async fn writes_after_a_signing_outlast_a_failing_api_server_without_a_second_si
     assert_eq!(vmcsr_status(&cluster)["phase"], "Installed");
     assert_eq!(signer.audit_lines().len(), 2, "{:?}", signer.audit_lines());
     assert_secret_is_the_issued_one(&cluster);
+    // A Secret write that landed but whose answer was lost: the next try's precondition
+    // fails on the agent's own write, which it recognises.
+    cluster.fake.remove(SECRET);
+    cluster.fake.lose_answers(SECRETS, 1);
+    cluster.pass().await;
+    assert_eq!(vmcsr_status(&cluster)["phase"], "Installed");
+    assert_eq!(signer.audit_lines().len(), 3, "{:?}", signer.audit_lines());
+    assert_secret_is_the_issued_one(&cluster);
     // An answer that is the API server's word (403: RBAC) is not sent again.
     cluster.fake.remove(SECRET);
     cluster

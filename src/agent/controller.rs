@@ -346,6 +346,18 @@ impl Controller {
         }
     }
 
+    /// Whether the Secret is meshca's for `owner` and holds exactly `files` (a read that
+    /// fails says no).
+    async fn secret_holds(&self, ns: &str, name: &str, owner: &str, files: &BundleFiles) -> bool {
+        match self.kube.get_secret(ns, name).await {
+            Ok(secret) => matches!(
+                classify_secret(secret.as_ref(), owner),
+                Installed::Ours(held) if held == *files
+            ),
+            Err(_) => false,
+        }
+    }
+
     /// One pass: every request in the namespace, once.
     async fn reconcile_all(&self) -> Result<Duration, KubeError> {
         let requests = self.kube.list_requests(&self.opts.namespace).await?;
@@ -756,20 +768,32 @@ impl Controller {
                 // The status write may have outlasted the Lease's margin (a slow API
                 // server): a replica no longer leading leaves the Secret to the new leader
                 // (the leadership is looked at before each try).
-                self.written_after_signing(
-                    "the Secret write",
-                    || {
-                        self.kube.write_secret(
-                            &target.namespace,
-                            &target.name,
-                            &owner,
-                            &obtained.files,
-                            &as_read,
-                        )
-                    },
-                    secret_changed,
-                )
-                .await?;
+                let written = self
+                    .written_after_signing(
+                        "the Secret write",
+                        || {
+                            self.kube.write_secret(
+                                &target.namespace,
+                                &target.name,
+                                &owner,
+                                &obtained.files,
+                                &as_read,
+                            )
+                        },
+                        secret_changed,
+                    )
+                    .await;
+                // A try whose answer was lost may have written it: the next try's
+                // precondition then fails on this pass's own write, not another client's.
+                if let Err(ReconcileError::SecretChanged { .. }) = &written
+                    && self
+                        .secret_holds(&target.namespace, &target.name, &owner, &obtained.files)
+                        .await
+                {
+                    tracing::info!(request = %owner, "the Secret holds this pass's bundle: a write whose answer was lost had landed");
+                } else {
+                    written?;
+                }
                 super::log_roots_left_out(&obtained.roots_left_out);
                 let renew_at = super::rotation::renew_at(
                     summary.not_before,

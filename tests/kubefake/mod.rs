@@ -183,6 +183,9 @@ struct Fake {
     /// [`FakeCluster::hold_rollout`]); the others' finishes as soon as it starts.
     held_rollouts: Mutex<BTreeSet<String>>,
     hold_opened: tokio::sync::Notify,
+    /// Writes of this path, this many more, are done but answered 504 (see
+    /// [`FakeCluster::lose_answers`]).
+    lost_answers: Mutex<Option<(String, usize)>>,
 }
 
 /// Writes under `prefix` are held and let go in batches: each time `batch` more have
@@ -366,7 +369,15 @@ async fn handle(
         Some((path, delay)) if method == Method::GET && uri.path() == path => Some(*delay),
         _ => None,
     };
-    let response = serve(fake.clone(), method, uri, headers, body);
+    let mut response = serve(fake.clone(), method, uri, headers, body);
+    if let Some(path) = &wrote
+        && let Some((lost, left)) = fake.lost_answers.lock().unwrap().as_mut()
+        && lost == path
+        && *left > 0
+    {
+        *left -= 1;
+        response = status(504, "Timeout", "the answer was lost on its way back");
+    }
     if let Some(delay) = slow {
         tokio::time::sleep(delay).await;
     }
@@ -965,6 +976,12 @@ impl FakeCluster {
             arrived: 0,
             open: false,
         });
+    }
+
+    /// The next `times` writes of `path` (dry runs aside) are done, but answered 504: a
+    /// write that landed whose answer the client never saw.
+    pub fn lose_answers(&self, path: &str, times: usize) {
+        *self.fake.lost_answers.lock().unwrap() = Some((path.into(), times));
     }
 
     /// Lets every write through again.
