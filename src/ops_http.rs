@@ -525,6 +525,8 @@ impl ConnectionBound {
     fn admit(self: &Arc<Self>, handshaking: bool, peer: Option<SocketAddr>) -> Admission {
         let now = Instant::now();
         let mut open = self.lock();
+        // The connection closed for this one (reason, peer), logged once the lock is let go.
+        let mut closed_for_it = None;
         let permit = if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             Some(permit)
         } else {
@@ -548,14 +550,12 @@ impl ConnectionBound {
                             .map(|peer| (CLOSED_HANDSHAKE, peer))
                     })
             };
-            let Some((reason, closed_peer)) = closed else {
+            let Some(closed) = closed else {
                 drop(open);
                 self.closed(CLOSED_ALL_BUSY, peer);
                 return Admission::Refused;
             };
-            drop(open);
-            self.closed(reason, closed_peer);
-            open = self.lock();
+            closed_for_it = Some(closed);
             None
         };
         let close = CancellationToken::new();
@@ -580,6 +580,10 @@ impl ConnectionBound {
             Phase::Idle
         };
         self.metrics.entered(phase);
+        drop(open);
+        if let Some((reason, closed_peer)) = closed_for_it {
+            self.closed(reason, closed_peer);
+        }
         Admission::Admitted(PendingSlot(Connection {
             handle: ConnectionHandle {
                 bound: self.clone(),

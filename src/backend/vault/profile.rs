@@ -740,6 +740,11 @@ mod tests {
             extn_value: der::asn1::OctetString::new(vec![0x30, 0x00]).unwrap(),
         };
         let (impostor, _) = software_root(KeyType::EcdsaP384, "acme", 100 * DAY);
+        // A conforming answer but for the notBefore Vault's clock gave it.
+        let dated = |not_before: SystemTime| {
+            let subject = request.plan.subject.clone();
+            vault_answer_from(&root_key, &root, &request, subject, vec![], not_before)
+        };
         let cases: Vec<(Value, &str)> = vec![
             (
                 vault_answer(
@@ -784,25 +789,11 @@ mod tests {
             (json!({"data": {}}), "no data.certificate"),
             // Vault's clock ten minutes ahead: its 300 s of backdating still in the future.
             (
-                vault_answer_from(
-                    &root_key,
-                    &root,
-                    &request,
-                    request.plan.subject.clone(),
-                    vec![],
-                    SystemTime::now() + Duration::from_secs(300),
-                ),
+                dated(SystemTime::now() + Duration::from_secs(300)),
                 "after this signer's clock",
             ),
             (
-                vault_answer_from(
-                    &root_key,
-                    &root,
-                    &request,
-                    request.plan.subject.clone(),
-                    vec![],
-                    request.plan.not_before - 2 * VAULT_CLOCK_BEHIND_LEEWAY,
-                ),
+                dated(request.plan.not_before - 2 * VAULT_CLOCK_BEHIND_LEEWAY),
                 "is Vault's clock behind?",
             ),
         ];
